@@ -1,0 +1,806 @@
+"""The RFC 3261 transaction-stateful proxy, sans-I/O.
+
+Theory of operation
+-------------------
+The shell hands every received message to :meth:`Proxy.receive` with its :class:`Flow` and
+the current time, calls :meth:`Proxy.handle_timer` when :meth:`Proxy.next_deadline` passes,
+and after each call drains ``proxy.outbox`` (``(Flow, bytes)`` pairs to send) and
+``proxy.events`` (decisions, dialog starts and ends, parse errors, drops). Nothing in here
+touches a socket or reads a clock.
+
+Requests (RFC 3261 §16):
+
+* A request that matches a live server transaction is a retransmission: the last response is
+  sent again, or it is absorbed. A retransmitted INVITE therefore never reaches the core twice,
+  even while its policy decision is still pending.
+* A new request is validated (§16.3: scheme 416, Max-Forwards 483, loop 482, Proxy-Require
+  420), its Route pre-processed (§16.4: our own Route entries removed, strict routing undone),
+  and its target chosen: the next Route, else — for an initial request from a peer — the core,
+  else the Request-URI.
+* An initial INVITE gets ``100 Trying`` at once and goes through the policy hook. A reject is
+  answered from our own server transaction; an accept creates the dialog and a client
+  transaction toward the core, with our Via on top, Record-Route (``;lr``; two entries when the
+  call changes listener or transport, RFC 5658), Max-Forwards decremented.
+* CANCEL is answered 200 and, once the branch has a provisional response, forwarded with the
+  INVITE's branch (§9.1, §16.10). ACK for a non-2xx is absorbed by the server transaction it
+  belongs to; ACK for a 2xx is routed end to end.
+
+Responses (§16.7) match client transactions by our branch; 100 stops there, other responses go
+upstream on the server transaction with our Via removed. A non-2xx final response is ACKed
+hop-by-hop. Timers A/B/C/D/E/F/G/H/I/J/K (§17) and L/M (RFC 6026) run over UDP; over TCP the
+retransmission timers do not.
+
+Dialogs are created when an initial INVITE is accepted and end on BYE, CANCEL, a final non-2xx,
+a transaction timeout, or their maximum lifetime — whichever comes first, exactly once.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from sipguard.policy.verdict import ACCEPT, Verdict
+from sipguard.proxy import build
+from sipguard.proxy.events import (
+    CallInfo,
+    Dialog,
+    DialogEnded,
+    DialogStarted,
+    Dropped,
+    Event,
+    InviteDecided,
+    ParseFailed,
+)
+from sipguard.proxy.flows import Flow, Local
+from sipguard.proxy.timers import TimerEntry, TimerQueue
+from sipguard.sip.errors import SipParseError
+from sipguard.sip.message import Message, header_line, parse_message
+from sipguard.sip.nameaddr import NameAddr
+from sipguard.sip.uri import Uri
+from sipguard.sip.via import parse_via_list
+
+Decide = Callable[[CallInfo, float], Verdict | None]
+
+SUPPORTED_SCHEMES = frozenset({"sip", "sips", "tel"})
+DIALOG_CREATING = frozenset({"INVITE", "SUBSCRIBE", "REFER"})
+
+
+@dataclass(frozen=True, slots=True)
+class ProxySettings:
+    """What the core needs from the config (times in seconds)."""
+
+    locals: tuple[Local, ...]
+    core: Flow
+    max_message_size: int = 65535
+    max_dialog_lifetime: float = 14400.0
+    answer_options: bool = True
+    record_route: bool = True
+    t1: float = 0.5
+    t2: float = 4.0
+    t4: float = 5.0
+    timer_c: float = 180.0
+
+
+@dataclass(slots=True, eq=False)
+class ServerTxn:
+    key: str
+    method: str
+    msg: Message
+    flow: Flow  # where the request came from (TCP: the connection)
+    reply_to: Flow  # where responses go (RFC 3261 §18.2.2 / RFC 3581)
+    state: str = "proceeding"
+    last: bytes | None = None  # the last response sent (resent on retransmissions)
+    client: ClientTxn | None = None
+    call: CallInfo | None = None
+    dialog: Dialog | None = None
+    to_tag: str = ""
+    timer: TimerEntry | None = None  # G (retransmit final)
+    timeout: TimerEntry | None = None  # H / I / J / L
+    interval: float = 0.0
+
+
+@dataclass(slots=True, eq=False)
+class ClientTxn:
+    branch: str
+    method: str
+    data: bytes
+    flow: Flow
+    server: ServerTxn | None
+    state: str = "calling"
+    provisional: bool = False
+    cancel_wanted: bool = False
+    cancel_sent: bool = False
+    timer: TimerEntry | None = None  # A / E (retransmit)
+    timeout: TimerEntry | None = None  # B / F / C / D / K / M
+    interval: float = 0.0
+    sent: Message | None = None  # ``data`` parsed, on demand (ACK and CANCEL building)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def sent_msg(self) -> Message:
+        if self.sent is None:
+            self.sent = parse_message(self.data, max_size=1 << 30, datagram=True)
+        return self.sent
+
+
+def _kind(method: str) -> str:
+    return "INVITE" if method == "ACK" else method
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    return True
+
+
+class Proxy:
+    """One proxy instance: transactions, dialogs and the policy hook."""
+
+    def __init__(self, settings: ProxySettings, decide: Decide | None, secret: bytes) -> None:
+        self.settings = settings
+        self.decide: Decide = decide or (lambda call, now: ACCEPT)
+        self.ids = build.Ids(secret)
+        self.timers = TimerQueue()
+        self.outbox: list[tuple[Flow, bytes]] = []
+        self.events: list[Event] = []
+        self.servers: dict[tuple[str, str], ServerTxn] = {}
+        self.clients: dict[tuple[str, str], ClientTxn] = {}
+        self.dialogs: dict[tuple[str, str], Dialog] = {}
+        self.pending: dict[int, ServerTxn] = {}
+        self._sweep: TimerEntry | None = None
+        self.configure(settings)
+
+    # ------------------------------------------------------------------ configuration
+    def configure(self, settings: ProxySettings) -> None:
+        """Apply new settings (reload): transactions and dialogs carry on untouched."""
+        self.settings = settings
+        names: set[str] = set()
+        for loc in settings.locals:
+            host = loc.host.strip("[]").lower()
+            names.add(f"{host}:{loc.port}")
+        self._ours = names
+
+    def is_ours(self, uri: Uri) -> bool:
+        if uri.scheme not in ("sip", "sips"):
+            return False
+        host = uri.host.strip("[]").lower()
+        port = uri.port or (5061 if uri.scheme == "sips" else 5060)
+        return f"{host}:{port}" in self._ours
+
+    def _local_for(self, transport: str) -> Local:
+        for loc in self.settings.locals:
+            if loc.transport == transport:
+                return loc
+        return self.settings.locals[0]
+
+    def _flow_for_uri(self, uri: Uri) -> Flow:
+        transport = (uri.param("transport") or "udp").lower()
+        if uri.scheme == "sips" or transport == "tls":
+            transport = "tcp"  # TLS listeners are not available yet; TCP is the closest fit
+        if transport not in ("udp", "tcp"):
+            raise SipParseError(416, f"unsupported transport {transport}")
+        host = (uri.param("maddr") or uri.host).strip("[]")
+        if not host:
+            raise SipParseError(416, "URI without a host cannot be routed")
+        port = uri.port or 5060
+        return Flow(transport, (host, port), self._local_for(transport).index)
+
+    # ------------------------------------------------------------------ entry points
+    def next_deadline(self) -> float | None:
+        return self.timers.next_deadline()
+
+    def handle_timer(self, now: float) -> None:
+        for callback, args in self.timers.pop_due(now):
+            callback(*args, now)
+
+    def receive(self, data: bytes, flow: Flow, now: float) -> None:
+        """Process one received message (a UDP datagram or one framed TCP message)."""
+        try:
+            msg = parse_message(
+                data, max_size=self.settings.max_message_size, datagram=flow.transport == "udp"
+            )
+        except SipParseError as err:
+            self._parse_failed(err, getattr(err, "partial", None), flow)
+            return
+        try:
+            if msg.method is not None:
+                self._on_request(msg, flow, now)
+            else:
+                self._on_response(msg, flow, now)
+        except SipParseError as err:
+            self._parse_failed(err, msg, flow)
+
+    def resolve(self, call: CallInfo, verdict: Verdict, now: float) -> None:
+        """Deliver a policy decision that ``decide`` left pending (returned None)."""
+        st = self.pending.pop(id(call), None)
+        if st is None or st.state != "deciding":
+            return  # cancelled or timed out meanwhile
+        self._apply_verdict(st, call, verdict, now)
+
+    # ------------------------------------------------------------------ errors
+    def _parse_failed(self, err: SipParseError, msg: Message | None, flow: Flow) -> None:
+        answered = False
+        if msg is not None and msg.method not in (None, "ACK") and msg.has("via"):
+            try:
+                via = msg.top_via
+                extra = ("Unsupported: " + ", ".join(msg.option_tags("proxy-require")),) if (
+                    err.status == 420
+                ) else ()
+                data = build.response(
+                    msg,
+                    err.status,
+                    err.reason,
+                    to_tag=self.ids.to_tag(msg) if msg.has("to") and msg.has("from") else None,
+                    top_via=build.stamped_via(via, flow.addr),
+                    extra=extra,
+                )
+                self.outbox.append((self._reply_flow(msg, flow), data))
+                answered = True
+            except SipParseError:
+                answered = False
+        self.events.append(ParseFailed(err.status, err.detail, flow, answered))
+
+    def _reply_flow(self, msg: Message, flow: Flow) -> Flow:
+        """Where responses to ``msg`` go: the connection, or RFC 3261 §18.2.2 + RFC 3581."""
+        if flow.transport != "udp":
+            return flow
+        via = msg.top_via
+        if via.has_rport:
+            return flow
+        return Flow("udp", (flow.addr[0], via.port or 5060), flow.local)
+
+    # ------------------------------------------------------------------ requests
+    def _on_request(self, msg: Message, flow: Flow, now: float) -> None:
+        method = msg.method or ""
+        key = build.txn_id(msg)
+        if method == "ACK":
+            st = self.servers.get((key, "INVITE"))
+            if st is not None and st.state in ("completed", "confirmed"):
+                self._ack_absorbed(st, now)
+                return
+            self._route_ack(msg, flow, now)
+            return
+        st = self.servers.get((key, method))
+        if st is not None:
+            if st.last is not None:
+                self.outbox.append((st.reply_to, st.last))
+            return  # retransmission: answered again or absorbed
+        if method == "CANCEL":
+            self._on_cancel(msg, flow, key, now)
+            return
+        st = ServerTxn(key, method, msg, flow, self._reply_flow(msg, flow))
+        self.servers[(key, method)] = st
+        if method == "INVITE":
+            self._respond(st, 100, now)
+        status = self._validate(msg)
+        if status:
+            if status == 200:
+                self._respond(st, 200, now, extra=("Accept: application/sdp",))
+            else:
+                extra: tuple[str, ...] = ()
+                if status == 420:
+                    extra = ("Unsupported: " + ", ".join(msg.option_tags("proxy-require")),)
+                self._respond(st, status, now, extra=extra)
+            return
+        initial = msg.to_tag is None
+        target, start_line, route_line = self._preprocess_route(msg, flow, initial)
+        if target is None:
+            self._respond(st, 404, now)
+            return
+        if method == "INVITE" and initial:
+            call = CallInfo(msg, flow, now)
+            st.call = call
+            st.state = "deciding"
+            self.pending[id(call)] = st
+            verdict = self.decide(call, now)
+            if verdict is not None:
+                self.pending.pop(id(call), None)
+                self._apply_verdict(st, call, verdict, now)
+            return
+        if method == "BYE":
+            self._end_dialog_by(msg, "bye", flow, now)
+        self._forward(st, target, start_line, route_line, now, record_route=initial
+                      and method in DIALOG_CREATING)
+
+    def _validate(self, msg: Message) -> int:
+        """RFC 3261 §16.3: the status to answer with, 200 for a local OPTIONS, or 0 to go on."""
+        uri = msg.request_uri
+        if uri.scheme not in SUPPORTED_SCHEMES:
+            return 416
+        mf = msg.max_forwards
+        local_options = (
+            msg.method == "OPTIONS"
+            and self.settings.answer_options
+            and msg.to_tag is None
+            and not msg.has("route")
+            and (uri.user is None or mf == 0)
+            and (self.is_ours(uri) or mf == 0)
+        )
+        if local_options:
+            return 200
+        if mf == 0:
+            return 483
+        if msg.has("proxy-require") and msg.option_tags("proxy-require"):
+            return 420
+        if self._is_loop(msg):
+            return 482
+        return 0
+
+    def _is_loop(self, msg: Message) -> bool:
+        """RFC 3261 §16.3 step 4: our own Via with the same loop hash means a loop, not a spiral."""
+        if not any(build.OUR_PREFIX.encode() in msg.lines[i] for i in msg.indexes("via")):
+            return False
+        loop = build.loop_hash(self.ids, msg)
+        for via in msg.vias:
+            branch = via.branch or ""
+            if branch.startswith(build.OUR_PREFIX) and branch.endswith("." + loop):
+                host = via.host.strip("[]").lower()
+                if f"{host}:{via.port or 5060}" in self._ours:
+                    return True
+        return False
+
+    def _preprocess_route(
+        self, msg: Message, flow: Flow, initial: bool
+    ) -> tuple[Flow | None, bytes | None, list[NameAddr] | None]:
+        """RFC 3261 §16.4 and §16.5: drop our own Route entries, pick the next hop.
+
+        Returns (target, new start line or None, remaining routes or None when unchanged).
+        """
+        start_line = None
+        routes: list[NameAddr] | None = None
+        uri = msg.request_uri
+        if msg.has("route"):
+            routes = list(msg.routes)
+            if uri.has_param("lr") and self.is_ours(uri) and routes:
+                # The previous hop was a strict router: the real target is the last Route.
+                last = routes.pop()
+                uri = last.uri
+                start_line = f"{msg.method} {last.uri} SIP/2.0".encode()
+            popped = 0
+            while routes and popped < 2 and self.is_ours(routes[0].uri):
+                routes.pop(0)
+                popped += 1
+            if not popped and start_line is None:
+                routes = None  # untouched
+        remaining = routes if routes is not None else (msg.routes if msg.has("route") else [])
+        if remaining:
+            return self._flow_for_uri(remaining[0].uri), start_line, routes
+        if flow_is_core(flow, self.settings.core):
+            if self.is_ours(uri):
+                return None, None, None
+            return self._flow_for_uri(uri), start_line, routes
+        if initial or self.is_ours(uri):
+            return self.settings.core, start_line, routes
+        return self._flow_for_uri(uri), start_line, routes
+
+    def _apply_verdict(self, st: ServerTxn, call: CallInfo, verdict: Verdict, now: float) -> None:
+        self.events.append(InviteDecided(call, verdict))
+        if verdict.action == "reject":
+            self._respond(st, verdict.status or 403, now, verdict.phrase or None, verdict.headers)
+            return
+        if verdict.action == "drop":
+            self._terminate_server(st)
+            return
+        msg = st.msg
+        target, start_line, routes = self._preprocess_route(msg, st.flow, True)
+        if target is None:
+            self._respond(st, 404, now)
+            return
+        st.state = "proceeding"
+        dialog = Dialog(
+            call_id=call.call_id,
+            caller_tag=msg.from_tag or "",
+            callee_tag=None,
+            caller=call.caller,
+            callee=call.callee,
+            diverters=call.diverters,
+            peer=call.peer,
+            source=st.flow.addr,
+            started=now,
+            expires=now + self.settings.max_dialog_lifetime,
+        )
+        st.dialog = dialog
+        self.dialogs[(dialog.call_id, dialog.caller_tag)] = dialog
+        self.events.append(DialogStarted(dialog))
+        self._arm_sweep(now)
+        self._forward(st, target, start_line, routes, now, record_route=True,
+                      extra=verdict.forward_headers)
+
+    # ------------------------------------------------------------------ forwarding
+    def _forward(
+        self,
+        st: ServerTxn,
+        target: Flow,
+        start_line: bytes | None,
+        routes: list[NameAddr] | None,
+        now: float,
+        *,
+        record_route: bool,
+        extra: tuple[str, ...] = (),
+    ) -> None:
+        msg = st.msg
+        branch = self.ids.branch(st.key + "|" + st.method, build.loop_hash(self.ids, msg))
+        data = self._forwarded_bytes(msg, st.flow, target, branch, start_line, routes,
+                                     record_route, extra)
+        ct = ClientTxn(branch, st.method, data, target, st)
+        st.client = ct
+        self.clients[(branch, st.method)] = ct
+        self.outbox.append((target, data))
+        s = self.settings
+        if st.method == "INVITE":
+            if target.transport == "udp":
+                ct.interval = s.t1
+                ct.timer = self.timers.add(now + s.t1, self._timer_a, ct)
+            ct.timeout = self.timers.add(now + 64 * s.t1, self._timer_b, ct)
+        else:
+            if target.transport == "udp":
+                ct.interval = s.t1
+                ct.timer = self.timers.add(now + s.t1, self._timer_e, ct)
+            ct.timeout = self.timers.add(now + 64 * s.t1, self._timer_f, ct)
+
+    def _forwarded_bytes(
+        self,
+        msg: Message,
+        source: Flow,
+        target: Flow,
+        branch: str,
+        start_line: bytes | None,
+        routes: list[NameAddr] | None,
+        record_route: bool,
+        extra: tuple[str, ...],
+    ) -> bytes:
+        """The request as it leaves: RFC 3261 §16.6 steps 3–8 spliced into the raw lines."""
+        out_local = self._local_for(target.transport)
+        prepend = [build.our_via(out_local, target.transport, branch)]
+        if record_route and self.settings.record_route:
+            in_local = self.settings.locals[source.local]
+            # RFC 5658 double Record-Route when the call changes listener or transport: the
+            # entry on top faces the callee, the one below faces the caller.
+            if (out_local.index, target.transport) != (in_local.index, source.transport):
+                prepend.append(build.record_route(out_local, target.transport))
+            prepend.append(build.record_route(in_local, source.transport))
+        replace: dict[int, bytes | None] = {}
+        append: list[bytes] = []
+        # Top Via: received / rport (RFC 3261 §18.2.1, RFC 3581 §4).
+        via_idx = msg.indexes("via")[0]
+        top = msg.top_via
+        stamped = build.stamped_via(top, source.addr)
+        if stamped != str(top):
+            rest = [str(v) for v in parse_via_list(msg.value_at(via_idx))[1:]]
+            replace[via_idx] = header_line("Via", ", ".join([stamped, *rest]))
+        mf = msg.max_forwards
+        if mf is None:
+            append.append(b"Max-Forwards: 70")
+        else:
+            replace[msg.indexes("max-forwards")[0]] = f"Max-Forwards: {mf - 1}".encode()
+        if routes is not None:
+            route_idx = msg.indexes("route")
+            for i in route_idx[1:]:
+                replace[i] = None
+            replace[route_idx[0]] = (
+                header_line("Route", ", ".join(str(r) for r in routes)) if routes else None
+            )
+        if msg.content_length is None:
+            append.append(f"Content-Length: {len(msg.body)}".encode())
+        append.extend(e.encode("utf-8", "surrogateescape") for e in extra)
+        return msg.serialize(prepend=prepend, replace=replace, append=append,
+                             start_line=start_line)
+
+    def _route_ack(self, msg: Message, flow: Flow, now: float) -> None:
+        """ACK for a 2xx: its own end-to-end transaction, forwarded statelessly (§16.11)."""
+        if msg.max_forwards == 0:
+            self.events.append(Dropped("ack_too_many_hops", msg.call_id, flow))
+            return
+        target, start_line, routes = self._preprocess_route(msg, flow, False)
+        if target is None:
+            self.events.append(Dropped("ack_unroutable", msg.call_id, flow))
+            return
+        key = build.txn_id(msg)
+        branch = self.ids.branch(key + "|ACK", build.loop_hash(self.ids, msg))
+        data = self._forwarded_bytes(msg, flow, target, branch, start_line, routes, False, ())
+        self.outbox.append((target, data))
+
+    # ------------------------------------------------------------------ CANCEL and ACK
+    def _on_cancel(self, msg: Message, flow: Flow, key: str, now: float) -> None:
+        cst = ServerTxn(key, "CANCEL", msg, flow, self._reply_flow(msg, flow))
+        invite = self.servers.get((key, "INVITE"))
+        self.servers[(key, "CANCEL")] = cst
+        if invite is None:
+            self._respond(cst, 481, now)
+            return
+        self._respond(cst, 200, now)
+        if invite.state == "deciding":
+            if invite.call is not None:
+                self.pending.pop(id(invite.call), None)
+            self._respond(invite, 487, now)
+            return
+        ct = invite.client
+        if invite.state != "proceeding" or ct is None or ct.state not in ("calling", "proceeding"):
+            return  # already answered: nothing to cancel
+        if ct.provisional:
+            self._send_cancel(ct, now)
+        else:
+            ct.cancel_wanted = True  # RFC 3261 §9.1: wait for a provisional response
+
+    def _send_cancel(self, ct: ClientTxn, now: float) -> None:
+        if ct.cancel_sent:
+            return
+        ct.cancel_sent = True
+        data = build.cancel_for(ct.sent_msg())
+        cancel = ClientTxn(ct.branch, "CANCEL", data, ct.flow, None)
+        self.clients[(ct.branch, "CANCEL")] = cancel
+        self.outbox.append((ct.flow, data))
+        s = self.settings
+        if ct.flow.transport == "udp":
+            cancel.interval = s.t1
+            cancel.timer = self.timers.add(now + s.t1, self._timer_e, cancel)
+        cancel.timeout = self.timers.add(now + 64 * s.t1, self._timer_f, cancel)
+
+    def _ack_absorbed(self, st: ServerTxn, now: float) -> None:
+        if st.state == "confirmed":
+            return
+        st.state = "confirmed"
+        TimerQueue.cancel(st.timer)
+        TimerQueue.cancel(st.timeout)
+        st.timer = None
+        wait = self.settings.t4 if st.flow.transport == "udp" else 0.0
+        st.timeout = self.timers.add(now + wait, self._timer_terminate_server, st)
+
+    # ------------------------------------------------------------------ responses
+    def _respond(
+        self,
+        st: ServerTxn,
+        status: int,
+        now: float,
+        phrase: str | None = None,
+        extra: tuple[str, ...] | list[str] = (),
+    ) -> None:
+        """Answer ``st`` with a response sipguard builds itself."""
+        msg = st.msg
+        if not st.to_tag and status > 100:
+            st.to_tag = self.ids.to_tag(msg)
+        data = build.response(
+            msg,
+            status,
+            phrase,
+            to_tag=st.to_tag or None,
+            top_via=build.stamped_via(msg.top_via, st.flow.addr),
+            extra=extra,
+        )
+        self._send_upstream(st, status, data, now)
+
+    def _send_upstream(self, st: ServerTxn, status: int, data: bytes, now: float) -> None:
+        """Send a response on a server transaction and move it along (RFC 3261 §17.2)."""
+        self.outbox.append((st.reply_to, data))
+        st.last = data
+        if status < 200:
+            return
+        s = self.settings
+        udp = st.flow.transport == "udp"
+        TimerQueue.cancel(st.timeout)
+        if st.method == "INVITE":
+            if status < 300:
+                st.state = "accepted"  # RFC 6026: absorb INVITE retransmissions for 64*T1
+                st.last = None
+                st.timeout = self.timers.add(now + 64 * s.t1, self._timer_terminate_server, st)
+            else:
+                st.state = "completed"
+                if udp:
+                    st.interval = s.t1
+                    st.timer = self.timers.add(now + s.t1, self._timer_g, st)
+                st.timeout = self.timers.add(now + 64 * s.t1, self._timer_terminate_server, st)
+                if st.dialog is not None:
+                    self._end_dialog(st.dialog, "cancelled" if status == 487 else "failed", now)
+        else:
+            st.state = "completed"
+            wait = 64 * s.t1 if udp else 0.0
+            st.timeout = self.timers.add(now + wait, self._timer_terminate_server, st)
+
+    def _on_response(self, msg: Message, flow: Flow, now: float) -> None:
+        via = msg.top_via
+        branch = via.branch or ""
+        method = msg.cseq[1]
+        ct = self.clients.get((branch, method)) if branch.startswith(build.OUR_PREFIX) else None
+        if ct is None:
+            self.events.append(Dropped("stray_response", f"{msg.status} {msg.call_id}", flow))
+            return
+        status = msg.status
+        if ct.state in ("completed", "terminated"):
+            if ct.method == "INVITE" and status >= 300 and ct.state == "completed":
+                self.outbox.append((ct.flow, build.ack_for(ct.sent_msg(), msg)))
+            return  # retransmitted final response: absorbed
+        if ct.state == "accepted":
+            if 200 <= status < 300 and ct.server is not None:
+                self.outbox.append((ct.server.reply_to, self._strip_via(msg)))
+            return
+        TimerQueue.cancel(ct.timer)
+        ct.timer = None
+        if status < 200:
+            if ct.method == "INVITE":
+                if not ct.provisional:
+                    ct.provisional = True
+                    TimerQueue.cancel(ct.timeout)
+                    ct.timeout = self.timers.add(now + self.settings.timer_c, self._timer_c, ct)
+                ct.state = "proceeding"
+                if ct.cancel_wanted:
+                    self._send_cancel(ct, now)
+            elif ct.state == "calling" and flow.transport == "udp":
+                ct.state = "proceeding"
+                ct.interval = self.settings.t2
+                ct.timer = self.timers.add(now + ct.interval, self._timer_e, ct)
+            if status == 100 or ct.server is None:
+                return
+            st = ct.server
+            if st.dialog is not None and st.dialog.callee_tag is None and msg.to_tag:
+                st.dialog.callee_tag = msg.to_tag
+            self.outbox.append((st.reply_to, data := self._strip_via(msg)))
+            st.last = data
+            return
+        # Final response.
+        TimerQueue.cancel(ct.timeout)
+        s = self.settings
+        if ct.method == "INVITE":
+            if status < 300:
+                ct.state = "accepted"
+                ct.timeout = self.timers.add(now + 64 * s.t1, self._timer_drop_client, ct)
+                st = ct.server
+                if st is not None and st.dialog is not None and st.dialog.state == "early":
+                    st.dialog.state = "confirmed"
+                    st.dialog.confirmed_at = now
+                    st.dialog.callee_tag = msg.to_tag or st.dialog.callee_tag
+            else:
+                ct.state = "completed"
+                self.outbox.append((ct.flow, build.ack_for(ct.sent_msg(), msg)))
+                wait = 32.0 if ct.flow.transport == "udp" else 0.0
+                ct.timeout = self.timers.add(now + wait, self._timer_drop_client, ct)
+        else:
+            ct.state = "completed"
+            wait = s.t4 if ct.flow.transport == "udp" else 0.0
+            ct.timeout = self.timers.add(now + wait, self._timer_drop_client, ct)
+        st = ct.server
+        if st is None or st.state not in ("proceeding", "deciding"):
+            return  # CANCEL's own answer, or the upstream side already has a final answer
+        self._send_upstream(st, status, self._strip_via(msg), now)
+
+    def _strip_via(self, msg: Message) -> bytes:
+        """The response with our (top) Via value removed (RFC 3261 §16.7 step 3)."""
+        idx = msg.indexes("via")[0]
+        line = msg.lines[idx]
+        if b"," not in line:
+            return msg.serialize(replace={idx: None})
+        rest = parse_via_list(msg.value_at(idx))[1:]
+        new = header_line("Via", ", ".join(str(v) for v in rest)) if rest else None
+        return msg.serialize(replace={idx: new})
+
+    # ------------------------------------------------------------------ timers
+    def _timer_a(self, ct: ClientTxn, now: float) -> None:
+        """Timer A: retransmit the INVITE over UDP until a response arrives."""
+        if ct.state != "calling":
+            return
+        self.outbox.append((ct.flow, ct.data))
+        ct.interval *= 2
+        ct.timer = self.timers.add(now + ct.interval, self._timer_a, ct)
+
+    def _timer_e(self, ct: ClientTxn, now: float) -> None:
+        """Timer E: retransmit a non-INVITE request (capped at T2)."""
+        if ct.state not in ("calling", "proceeding"):
+            return
+        self.outbox.append((ct.flow, ct.data))
+        ct.interval = min(ct.interval * 2, self.settings.t2)
+        ct.timer = self.timers.add(now + ct.interval, self._timer_e, ct)
+
+    def _timer_b(self, ct: ClientTxn, now: float) -> None:
+        """Timer B: no answer to the INVITE at all — 408 upstream."""
+        self._client_timed_out(ct, now)
+
+    def _timer_c(self, ct: ClientTxn, now: float) -> None:
+        """Timer C (RFC 3261 §16.8): ringing too long — CANCEL, then give up after 64*T1."""
+        if ct.state not in ("calling", "proceeding"):
+            return
+        self._send_cancel(ct, now)
+        ct.timeout = self.timers.add(now + 64 * self.settings.t1, self._timer_b, ct)
+
+    def _timer_f(self, ct: ClientTxn, now: float) -> None:
+        """Timer F: a non-INVITE got no final answer (RFC 4320: no 408 upstream)."""
+        if ct.state in ("calling", "proceeding"):
+            TimerQueue.cancel(ct.timer)
+            ct.state = "terminated"
+            self._drop_client(ct)
+            if ct.server is not None:
+                self._terminate_server(ct.server)
+
+    def _client_timed_out(self, ct: ClientTxn, now: float) -> None:
+        if ct.state not in ("calling", "proceeding"):
+            return
+        TimerQueue.cancel(ct.timer)
+        ct.state = "terminated"
+        self._drop_client(ct)
+        st = ct.server
+        if st is not None and st.state == "proceeding":
+            if st.dialog is not None:
+                self._end_dialog(st.dialog, "timeout", now)
+            self._respond(st, 408, now)
+
+    def _timer_g(self, st: ServerTxn, now: float) -> None:
+        """Timer G: retransmit our final non-2xx answer until the ACK arrives."""
+        if st.state != "completed" or st.last is None:
+            return
+        self.outbox.append((st.reply_to, st.last))
+        st.interval = min(st.interval * 2, self.settings.t2)
+        st.timer = self.timers.add(now + st.interval, self._timer_g, st)
+
+    def _timer_terminate_server(self, st: ServerTxn, now: float) -> None:
+        self._terminate_server(st)
+
+    def _timer_drop_client(self, ct: ClientTxn, now: float) -> None:
+        ct.state = "terminated"
+        self._drop_client(ct)
+
+    def _terminate_server(self, st: ServerTxn) -> None:
+        st.state = "terminated"
+        TimerQueue.cancel(st.timer)
+        TimerQueue.cancel(st.timeout)
+        if self.servers.get((st.key, st.method)) is st:
+            del self.servers[(st.key, st.method)]
+        if st.call is not None:
+            self.pending.pop(id(st.call), None)
+
+    def _drop_client(self, ct: ClientTxn) -> None:
+        TimerQueue.cancel(ct.timer)
+        TimerQueue.cancel(ct.timeout)
+        if self.clients.get((ct.branch, ct.method)) is ct:
+            del self.clients[(ct.branch, ct.method)]
+
+    # ------------------------------------------------------------------ dialogs
+    def _end_dialog_by(self, msg: Message, reason: str, flow: Flow, now: float) -> None:
+        call_id = msg.call_id
+        ftag, ttag = msg.from_tag or "", msg.to_tag or ""
+        dialog = self.dialogs.get((call_id, ftag))
+        side = "caller"
+        if dialog is None:
+            dialog = self.dialogs.get((call_id, ttag))
+            side = "callee"
+        if dialog is not None:
+            self._end_dialog(dialog, f"{reason}_{side}", now)
+
+    def _end_dialog(self, dialog: Dialog, reason: str, now: float) -> None:
+        """End a dialog exactly once, whatever ends it."""
+        if dialog.state == "terminated":
+            return
+        dialog.state = "terminated"
+        dialog.ended_at = now
+        dialog.end_reason = reason
+        key = (dialog.call_id, dialog.caller_tag)
+        if self.dialogs.get(key) is dialog:
+            del self.dialogs[key]
+        self.events.append(DialogEnded(dialog, reason))
+
+    def _arm_sweep(self, now: float) -> None:
+        if self._sweep is None:
+            self._sweep = self.timers.add(now + 1.0, self._sweep_dialogs)
+
+    def _sweep_dialogs(self, now: float) -> None:
+        """End dialogs past their maximum lifetime (oldest first: the dict keeps creation order)."""
+        self._sweep = None
+        expired = []
+        for dialog in self.dialogs.values():
+            if dialog.expires > now:
+                break
+            expired.append(dialog)
+        for dialog in expired:
+            self._end_dialog(dialog, "lifetime", now)
+        if self.dialogs:
+            self._arm_sweep(now)
+
+    def live_dialogs(self) -> int:
+        return len(self.dialogs)
+
+
+def flow_is_core(flow: Flow, core: Flow) -> bool:
+    """True when ``flow`` comes from the configured core address."""
+    return flow.addr[0] == core.addr[0] and (
+        flow.addr[1] == core.addr[1] or flow.transport == "tcp"
+    )

@@ -1,0 +1,322 @@
+"""The asyncio shell around the sans-I/O proxy: sockets, the clock, one timer, logs and counters.
+
+:class:`Server` owns the listeners, the TCP connection pool and one :class:`Proxy`. Every
+received message goes to ``proxy.receive(data, flow, now)``; afterwards the shell drains the
+proxy's outbox (datagrams and stream writes) and its events (log lines and counters, made here
+and only here), and re-arms the single loop timer to the proxy's next deadline.
+
+Start-up and shut-down are one async context: :meth:`Server.start` binds every listener or
+raises :class:`StartupError` with one clear line; :meth:`Server.stop` closes them in reverse.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import os
+import socket
+import time
+from collections import Counter
+from typing import Any
+
+from sipguard.ops.config import Config
+from sipguard.ops.logging import SampledLogger, get_logger
+from sipguard.policy.pipeline import Pipeline
+from sipguard.policy.verdict import Verdict
+from sipguard.proxy.core import Proxy, ProxySettings
+from sipguard.proxy.events import (
+    CallInfo,
+    DialogEnded,
+    DialogStarted,
+    Dropped,
+    InviteDecided,
+    ParseFailed,
+)
+from sipguard.proxy.flows import Flow, Local
+from sipguard.sip.errors import SipParseError
+from sipguard.transport.tcp import TcpPool
+from sipguard.transport.udp import UdpEndpoint, open_udp
+
+
+class StartupError(Exception):
+    """sipguard cannot start (a port in use, an address not on this host, ...)."""
+
+
+def _unspecified(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        return False
+
+
+def _primary_address(toward: str) -> str:
+    """The local address the kernel would use to reach ``toward`` (no packet is sent)."""
+    family = socket.AF_INET6 if ":" in toward else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect((toward, 9))
+            return str(s.getsockname()[0])
+        except OSError:
+            return "127.0.0.1" if family == socket.AF_INET else "::1"
+
+
+def proxy_settings(cfg: Config) -> ProxySettings:
+    """Translate the config file into what the sans-I/O core needs."""
+    sip = cfg.sip
+    adv_host: str | None = None
+    adv_port: int | None = None
+    if sip.advertise:
+        text = sip.advertise
+        if text.startswith("["):
+            host, _, rest = text[1:].partition("]")
+            adv_host, adv_port = host, int(rest[1:]) if rest.startswith(":") else None
+        else:
+            host, _, port = text.partition(":")
+            adv_host, adv_port = host, int(port) if port else None
+    locals_ = []
+    for i, ep in enumerate(cfg.listen):
+        host = adv_host or (_primary_address(cfg.core.host) if _unspecified(ep.host) else ep.host)
+        locals_.append(Local(i, ep.transport, host, adv_port or ep.port))
+    core = cfg.core
+    core_local = next((loc.index for loc in locals_ if loc.transport == core.transport), 0)
+    return ProxySettings(
+        locals=tuple(locals_),
+        core=Flow(core.transport, (core.host, core.port), core_local),
+        max_message_size=sip.max_message_size,
+        max_dialog_lifetime=sip.max_dialog_lifetime_s,
+        answer_options=sip.answer_options,
+        record_route=sip.record_route,
+        t1=sip.t1_ms / 1000,
+        t2=sip.t2_ms / 1000,
+        t4=sip.t4_ms / 1000,
+        timer_c=sip.timer_c_s,
+    )
+
+
+class Server:
+    """One running sipguard: listeners + proxy + observability."""
+
+    def __init__(self, cfg: Config, pipeline: Pipeline | None = None) -> None:
+        self.cfg = cfg
+        self.loop = asyncio.get_running_loop()
+        self.pipeline = pipeline or Pipeline()
+        self.proxy = Proxy(proxy_settings(cfg), self._decide, os.urandom(32))
+        self.udp: dict[int, UdpEndpoint] = {}
+        self.tcp = TcpPool(self.loop, self._on_stream_message, self._on_stream_error,
+                           cfg.sip.max_message_size)
+        self.counters: Counter[str] = Counter()
+        self.log = get_logger("sipguard")
+        sample = cfg.log.parse_error_sample_s
+        self.sampled = SampledLogger(self.log, sample, clock=self.loop.time)
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._housekeeping: asyncio.TimerHandle | None = None
+        self._resolved: dict[str, str] = {}
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        for i, ep in enumerate(self.cfg.listen):
+            try:
+                if ep.transport == "udp":
+                    self.udp[i] = await open_udp(
+                        self.loop, ep.host, ep.port, i, self._on_datagram,
+                        self.cfg.sip.udp_receive_buffer,
+                    )
+                else:
+                    await self.tcp.listen(ep.host, ep.port, i)
+            except OSError as exc:
+                await self.stop()
+                raise StartupError(f"cannot listen on {ep}: {exc.strerror or exc}") from None
+        self._housekeeping = self.loop.call_later(10.0, self._housekeep)
+        self.log.info(
+            "sipguard_started",
+            listen=[str(ep) for ep in self.cfg.listen],
+            core=str(self.cfg.core),
+            mode=self.cfg.mode,
+            rules=[r.name for r in self.pipeline.rules],
+        )
+
+    async def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._housekeeping is not None:
+            self._housekeeping.cancel()
+        await self.tcp.close()
+        for ep in self.udp.values():
+            if ep.transport is not None:
+                ep.transport.close()
+        self.udp.clear()
+
+    def reconfigure(self, cfg: Config, pipeline: Pipeline) -> None:
+        """Swap in a new config and rule set; transactions and dialogs carry on."""
+        self.cfg = cfg
+        self.pipeline = pipeline
+        self.proxy.configure(proxy_settings(cfg))
+
+    # ------------------------------------------------------------------ input
+    def _on_datagram(self, data: bytes, addr: tuple[str, int], local: int) -> None:
+        if len(data) <= 4 and not data.strip(b"\r\n"):
+            return  # CRLF keep-alive over UDP
+        self._receive(data, Flow("udp", addr, local))
+
+    def _on_stream_message(self, data: bytes, addr: tuple[str, int], local: int, conn: int) -> None:
+        self._receive(data, Flow("tcp", addr, local, conn))
+
+    def _on_stream_error(self, err: SipParseError, addr: tuple[str, int], local: int) -> None:
+        self.counters["parse_errors"] += 1
+        self.sampled.log("warning", "stream_closed", key=f"stream:{addr[0]}", source=addr[0],
+                         status=err.status, detail=err.detail)
+
+    def _receive(self, data: bytes, flow: Flow) -> None:
+        proxy = self.proxy
+        try:
+            proxy.receive(data, flow, self.loop.time())
+        except Exception:  # a bug must cost one message, never the process
+            self.counters["internal_errors"] += 1
+            self.log.exception("message_failed", source=flow.addr[0], size=len(data))
+            proxy.outbox.clear()
+        self._flush()
+
+    def _decide(self, call: CallInfo, now: float) -> Verdict | None:
+        started = time.perf_counter()
+        verdict = self.pipeline.decide(call, now)
+        call.decision_us = (time.perf_counter() - started) * 1e6
+        return verdict
+
+    # ------------------------------------------------------------------ output
+    def _flush(self) -> None:
+        proxy = self.proxy
+        if proxy.outbox:
+            for flow, data in proxy.outbox:
+                self._send(flow, data)
+            proxy.outbox.clear()
+        if proxy.events:
+            events = proxy.events
+            proxy.events = []
+            for event in events:
+                self._observe(event)
+        deadline = proxy.next_deadline()
+        if deadline is not None and (self._timer_at is None or deadline < self._timer_at):
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer_at = deadline
+            self._timer = self.loop.call_at(deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        try:
+            self.proxy.handle_timer(self.loop.time())
+        except Exception:
+            self.counters["internal_errors"] += 1
+            self.log.exception("timer_failed")
+            self.proxy.outbox.clear()
+        self._flush()
+
+    def _send(self, flow: Flow, data: bytes) -> None:
+        host = flow.addr[0]
+        if not _is_ip(host):
+            resolved = self._resolved.get(host)
+            if resolved is None:
+                self.loop.create_task(self._resolve_and_send(flow, data))
+                return
+            flow = flow._replace(addr=(resolved, flow.addr[1]))
+        if flow.transport == "udp":
+            ep = self.udp.get(flow.local) or next(iter(self.udp.values()), None)
+            if ep is None:
+                self.counters["send_failed"] += 1
+                return
+            ep.send(data, flow.addr)
+        else:
+            self.tcp.send(data, flow.addr, flow.local, flow.conn)
+
+    async def _resolve_and_send(self, flow: Flow, data: bytes) -> None:
+        host = flow.addr[0]
+        try:
+            infos = await self.loop.getaddrinfo(host, flow.addr[1], type=socket.SOCK_DGRAM)
+        except OSError as exc:
+            self.counters["send_failed"] += 1
+            self.sampled.log("warning", "resolve_failed", key=f"dns:{host}", host=host,
+                             error=str(exc))
+            return
+        addr = str(infos[0][4][0])
+        self._resolved[host] = addr
+        self._send(flow._replace(addr=(addr, flow.addr[1])), data)
+
+    def _housekeep(self) -> None:
+        self.tcp.close_idle(self.cfg.sip.tcp_idle_timeout_s)
+        self._resolved.clear()  # re-resolve names now and then (no TTLs from getaddrinfo)
+        self._housekeeping = self.loop.call_later(10.0, self._housekeep)
+
+    # ------------------------------------------------------------------ observability
+    def _observe(self, event: Any) -> None:
+        """Turn a core event into a log line and counters (the one place that does)."""
+        c = self.counters
+        if isinstance(event, InviteDecided):
+            call, v = event.call, event.verdict
+            c[f"invites_{v.action}"] += 1
+            if v.monitored:
+                c["invites_monitored"] += 1
+            self.log.info(
+                "invite_decided",
+                call_id=call.call_id,
+                source=f"{call.flow.addr[0]}:{call.flow.addr[1]}",
+                transport=call.flow.transport,
+                peer=call.peer,
+                caller=call.caller,
+                callee=call.callee,
+                diverters=list(call.diverters) or None,
+                verdict=v.action,
+                monitored=v.monitored or None,
+                rule=v.rule or None,
+                reason=v.reason or None,
+                status=v.status or None,
+                decision_us=round(call.decision_us, 1),
+            )
+        elif isinstance(event, DialogStarted):
+            c["dialogs_started"] += 1
+        elif isinstance(event, DialogEnded):
+            d = event.dialog
+            c["dialogs_ended"] += 1
+            c[f"dialogs_ended_{event.reason}"] += 1
+            end = d.ended_at or d.started
+            self.log.info(
+                "dialog_ended",
+                call_id=d.call_id,
+                caller=d.caller,
+                callee=d.callee,
+                peer=d.peer,
+                reason=event.reason,
+                duration_s=round(end - (d.confirmed_at or end), 3),
+                lifetime_s=round(end - d.started, 3),
+            )
+        elif isinstance(event, ParseFailed):
+            c["parse_errors"] += 1
+            self.sampled.log(
+                "warning",
+                "parse_error",
+                key=f"parse:{event.flow.addr[0]}:{event.status}",
+                source=event.flow.addr[0],
+                status=event.status,
+                detail=event.detail,
+                answered=event.answered,
+            )
+        elif isinstance(event, Dropped):
+            c[f"dropped_{event.kind}"] += 1
+            self.sampled.log(
+                "info",
+                "message_dropped",
+                key=f"drop:{event.kind}",
+                kind=event.kind,
+                source=event.flow.addr[0],
+                detail=event.detail,
+            )
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+

@@ -1,0 +1,85 @@
+"""Stream framing for SIP over TCP/TLS (RFC 3261 §18.3), apart from parsing.
+
+Bytes from a connection go in with :meth:`StreamFramer.feed`; whole messages (header block plus
+exactly Content-Length body bytes) come out, ready for ``parse_message(..., datagram=False)``.
+CRLF keep-alives between messages (RFC 5626 §3.5.1: a client sends CRLFCRLF "ping", the server
+answers CRLF "pong") are reported so the shell can answer them.
+
+A stream that cannot be framed — a header block larger than the maximum message size, a
+missing or malformed Content-Length, a body above the limit — raises :class:`SipParseError`;
+the connection must then be closed, since there is no way to find where the next message starts.
+"""
+
+from __future__ import annotations
+
+from sipguard.sip.errors import SipParseError
+
+PING = object()  # marker yielded for a CRLFCRLF keep-alive
+
+
+def _content_length(head: bytes) -> int:
+    """Find Content-Length (or its compact form ``l``) in a raw header block."""
+    found: int | None = None
+    for line in head.split(b"\r\n")[1:]:
+        if not line or line[0] in b" \t":
+            continue
+        name, colon, value = line.partition(b":")
+        if not colon:
+            continue
+        name = name.rstrip(b" \t").lower()
+        if name == b"content-length" or name == b"l":
+            value = value.strip()
+            if not value.isdigit() or len(value) > 10:
+                raise SipParseError(400, "malformed Content-Length on a stream")
+            if found is not None and found != int(value):
+                raise SipParseError(400, "conflicting Content-Length on a stream")
+            found = int(value)
+    if found is None:
+        raise SipParseError(400, "missing Content-Length on a stream transport")
+    return found
+
+
+class StreamFramer:
+    """Cuts a byte stream into SIP messages; one instance per connection."""
+
+    __slots__ = ("_buf", "max_size")
+
+    def __init__(self, max_size: int = 65535) -> None:
+        self._buf = bytearray()
+        self.max_size = max_size
+
+    def feed(self, data: bytes) -> list[bytes | object]:
+        """Add received bytes; return complete messages (bytes) and PING markers, in order."""
+        buf = self._buf
+        buf += data
+        out: list[bytes | object] = []
+        while buf:
+            # Leading CRLFs: keep-alive ping (CRLFCRLF) or stray line ends before a message.
+            if buf[0] in b"\r\n":
+                if buf.startswith(b"\r\n\r\n"):
+                    del buf[:4]
+                    out.append(PING)
+                    continue
+                if buf == b"\r\n" or buf == b"\r" or buf == b"\r\n\r":
+                    break  # maybe the start of a ping; wait for more
+                while buf and buf[0] in b"\r\n":
+                    del buf[:1]
+                continue
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                if len(buf) > self.max_size:
+                    raise SipParseError(513, "header block exceeds the maximum message size")
+                break
+            length = _content_length(bytes(buf[:end]))
+            total = end + 4 + length
+            if total > self.max_size:
+                raise SipParseError(513, f"message of {total} bytes exceeds {self.max_size}")
+            if len(buf) < total:
+                break
+            out.append(bytes(buf[:total]))
+            del buf[:total]
+        return out
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf)

@@ -1,0 +1,74 @@
+"""The Identity header of STIR (RFC 8224 §4.1 with errata 6499; PASSporT, RFC 8225).
+
+Grammar (RFC 8224 §4.1, errata 6499 replaces base64-char by base64url-char)::
+
+    Identity = "Identity" HCOLON signed-identity-digest SEMI
+               ident-info *( SEMI ident-info-params )
+    signed-identity-digest = 1*(base64url-char / ".")
+    ident-info = "info" EQUAL ident-info-uri
+    ident-info-uri = LAQUOT absoluteURI RAQUOT
+    ident-info-params = ident-info-alg / ident-type / ident-info-extension
+    ident-info-alg = "alg" EQUAL token
+    ident-type = "ppt" EQUAL token
+    ident-info-extension = generic-param
+    base64url-char = ALPHA / DIGIT / "-" / "_"
+
+The digest must be a JWS compact serialisation, ``header.payload.signature``, or the RFC 8225
+§7 compact form with the payload left out, ``header..signature``. Parameters may come in any
+order. A missing ``info`` is not a parse error (``info`` is None): RFC 8224 §6.2.2 answers it
+with 436 Bad Identity Info, which is the verifier's call. ``ppt`` is commonly sent quoted
+(``ppt="shaken"``, RFC 8588), so quotes are accepted and stripped; ``info`` is given without
+its angle brackets (or quotes).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from sipguard.sip.errors import SipParseError
+from sipguard.sip.params import Params, expect_end, get_param, scan_params, unquote
+
+# JWS compact serialisation: BASE64URL(header) "." [BASE64URL(payload)] "." BASE64URL(sig)
+_JWS = re.compile(r"[A-Za-z0-9_\-]++\.[A-Za-z0-9_\-]*+\.[A-Za-z0-9_\-]++")
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """One Identity header value; ``str()`` gives back the original text."""
+
+    token: str
+    info: str | None
+    alg: str | None
+    ppt: str | None
+    params: Params
+    raw: str
+
+    def param(self, name: str) -> str | None:
+        """The value of parameter ``name`` as written; None when absent or valueless."""
+        return get_param(self.params, name.lower())
+
+    def __str__(self) -> str:
+        return self.raw
+
+
+def parse_identity(text: str) -> Identity:
+    """Parse one Identity header value."""
+    m = _JWS.match(text)
+    if m is None:
+        raise SipParseError(400, "Identity is not a JWS compact serialisation")
+    params, end = scan_params(text, m.end(), angle=True)
+    expect_end(text, end, "Identity")
+    info = get_param(params, "info")
+    if info is not None:
+        info = info[1:-1] if info.startswith("<") else unquote(info)
+    alg = get_param(params, "alg")
+    ppt = get_param(params, "ppt")
+    return Identity(
+        m.group(),
+        info,
+        unquote(alg) if alg is not None else None,
+        unquote(ppt) if ppt is not None else None,
+        params,
+        text,
+    )

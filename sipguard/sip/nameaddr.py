@@ -1,0 +1,163 @@
+"""name-addr / addr-spec headers: From, To, Contact, Route, Record-Route, P-Asserted-Identity,
+Diversion, History-Info entries (RFC 3261 §20, §25.1; RFC 3325; RFC 5806; RFC 7044).
+
+Grammar (RFC 3261 §25.1)::
+
+    ( name-addr / addr-spec ) *( SEMI generic-param )
+    name-addr      =  [ display-name ] LAQUOT addr-spec RAQUOT
+    addr-spec      =  SIP-URI / SIPS-URI / absoluteURI
+    display-name   =  *(token LWS)/ quoted-string
+    LAQUOT         =  SWS "<"
+    RAQUOT         =  ">" SWS
+
+RFC 3261 §20.10: without angle brackets, parameters after the URI belong to the header, not the
+URI, and a URI containing a comma, question mark or semicolon MUST be enclosed in angle
+brackets. So a bare addr-spec ends at the first ``;``, ``,`` or whitespace, and a ``?`` in it is
+a 400. Whitespace inside ``< >`` is a 400 too (RFC 4475 §3.1.2.9 allows rejecting it).
+
+``str(na)`` gives back the element exactly as received (without surrounding whitespace or the
+separating comma of a list).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from sipguard.sip.errors import SipParseError
+from sipguard.sip.params import (
+    QUOTED_RE,
+    TOKEN_CHARS,
+    Params,
+    expect_end,
+    get_param,
+    has_param,
+    scan_params,
+    unquote,
+)
+from sipguard.sip.uri import Uri, parse_uri
+
+# display-name  =  *(token LWS) / quoted-string ; LAQUOT = SWS "<"
+# RFC 4475 §3.1.1.6 (lwsdisp): no whitespace is needed between the last token and "<".
+_DISPLAY_TOKENS = re.compile(rf"([{TOKEN_CHARS}]++(?:[ \t]++[{TOKEN_CHARS}]++)*+)[ \t]*+<")
+# A bare addr-spec runs to the first ";", "," or whitespace (RFC 3261 §20.10).
+_BARE_URI = re.compile(r"[^;, \t]++")
+
+
+@dataclass(frozen=True, slots=True)
+class NameAddr:
+    """One ``(name-addr / addr-spec) *(SEMI generic-param)`` value; ``str()`` is the original."""
+
+    display: str | None
+    uri: Uri
+    params: Params
+    raw: str
+
+    @property
+    def tag(self) -> str | None:
+        """The ``tag`` header parameter (From / To)."""
+        return get_param(self.params, "tag")
+
+    def param(self, name: str) -> str | None:
+        """The value of header parameter ``name``; None when absent or valueless."""
+        return get_param(self.params, name.lower())
+
+    def has_param(self, name: str) -> bool:
+        """True when header parameter ``name`` is present, with or without a value."""
+        return has_param(self.params, name.lower())
+
+    def __str__(self) -> str:
+        return self.raw
+
+
+def scan_name_addr(text: str, pos: int) -> tuple[NameAddr, int, bool]:
+    """Scan one value from ``pos``; return it, the end position and whether it had ``< >``."""
+    n = len(text)
+    while pos < n and text[pos] in " \t":
+        pos += 1
+    start = pos
+    if pos >= n:
+        raise SipParseError(400, "empty name-addr")
+    first = text[pos]
+    display: str | None = None
+    if first == '"':
+        m = QUOTED_RE.match(text, pos)
+        if m is None:
+            raise SipParseError(400, "unterminated or malformed quoted display name")
+        display = unquote(m.group())
+        pos = m.end()
+        while pos < n and text[pos] in " \t":
+            pos += 1
+        if pos >= n or text[pos] != "<":
+            raise SipParseError(400, "quoted display name not followed by <URI>")
+    elif first != "<":
+        m = _DISPLAY_TOKENS.match(text, pos)
+        if m is not None:
+            display = m.group(1)
+            pos = m.end() - 1
+    bracketed = pos < n and text[pos] == "<"
+    if bracketed:
+        close = text.find(">", pos + 1)
+        if close < 0:
+            raise SipParseError(400, "unbalanced < in name-addr")
+        uri = parse_uri(text[pos + 1 : close])
+        pos = close + 1
+    else:
+        m = _BARE_URI.match(text, pos)
+        if m is None:
+            raise SipParseError(400, f"malformed name-addr near {text[pos : pos + 20]!r}")
+        if "?" in m.group():
+            raise SipParseError(400, "addr-spec with headers must be enclosed in <>")
+        uri = parse_uri(m.group())
+        pos = m.end()
+    params, pos = scan_params(text, pos)
+    raw = text[start:pos]
+    return NameAddr(display, uri, params, raw), pos, bracketed
+
+
+def parse_name_addr(text: str, *, name_addr_only: bool = False) -> NameAddr:
+    """Parse exactly one value (From, To, P-Asserted-Identity element, ...).
+
+    With ``name_addr_only`` a bare addr-spec is a 400 (Route, Record-Route, History-Info).
+    """
+    na, end, bracketed = scan_name_addr(text, 0)
+    if name_addr_only and not bracketed:
+        raise SipParseError(400, "URI must be enclosed in <>")
+    expect_end(text, end, "name-addr")
+    return na
+
+
+def parse_name_addr_list(text: str, *, name_addr_only: bool = False) -> list[NameAddr]:
+    """Parse a comma-separated list (Contact, Route, Record-Route, PAI, Diversion, ...).
+
+    Commas inside quoted display names, quoted parameter values and ``< >`` do not split.
+    ``Contact: *`` is for the caller to recognise; here it is a 400 like any other non-URI.
+    """
+    out: list[NameAddr] = []
+    n = len(text)
+    pos = 0
+    while True:
+        na, pos, bracketed = scan_name_addr(text, pos)
+        if name_addr_only and not bracketed:
+            raise SipParseError(400, "URI must be enclosed in <>")
+        out.append(na)
+        while pos < n and text[pos] in " \t":
+            pos += 1
+        if pos >= n:
+            return out
+        if text[pos] != ",":
+            raise SipParseError(400, f"malformed name-addr list near {text[pos : pos + 20]!r}")
+        pos += 1
+
+
+# diversion-counter  = "counter" EQUAL 1*2DIGIT          (RFC 5806 §4)
+def diversion_counter(na: NameAddr) -> int:
+    """The Diversion ``counter`` parameter: 1 when absent, 400 when not a number."""
+    value = get_param(na.params, "counter")
+    if value is None:
+        if has_param(na.params, "counter"):
+            raise SipParseError(400, "Diversion counter without a value")
+        return 1
+    if not 0 < len(value) <= 3 or not value.isascii() or not value.isdigit():
+        raise SipParseError(400, f"malformed Diversion counter {value[:20]!r}")
+    return int(value)

@@ -1,0 +1,95 @@
+"""Header parameters, ``*( SEMI generic-param )``, shared by every header grammar.
+
+A parameter list is scanned one parameter per regex match, from a position in the header value,
+and the scan stops at the first position where no further ``; name[=value]`` starts. The caller
+then decides what may follow (the end of the value, or a comma before the next list element), so
+a comma or semicolon inside a quoted-string value never splits anything.
+
+Names are lower-cased (they are tokens, compared case-insensitively); values are kept exactly
+as written, quoted-strings with their quotes (use :func:`unquote` to get the text inside).
+"""
+
+from __future__ import annotations
+
+import re
+
+from sipguard.sip.errors import SipParseError
+
+Params = tuple[tuple[str, str | None], ...]
+
+# token       =  1*(alphanum / "-" / "." / "!" / "%" / "*" / "_" / "+" / "`" / "'" / "~" )
+TOKEN_CHARS = r"A-Za-z0-9\-.!%*_+`'~"
+# gen-value   =  token / host / quoted-string      (host adds "[" ":" "]" for IPv6 references;
+#                                                    Via received= carries a bare IPv6address)
+_VALUE_CHARS = TOKEN_CHARS + r"\[\]:"
+# quoted-string  =  SWS DQUOTE *(qdtext / quoted-pair ) DQUOTE
+# qdtext         =  LWS / %x21 / %x23-5B / %x5D-7E / UTF8-NONASCII
+# quoted-pair    =  "\" (%x00-09 / %x0B-0C / %x0E-7F)
+_QDTEXT = r"[^\"\\\x00-\x08\x0a-\x1f\x7f]"
+QUOTED = rf'"{_QDTEXT}*+(?:\\[\x00-\x09\x0b\x0c\x0e-\x7f]{_QDTEXT}*+)*+"'
+QUOTED_RE = re.compile(QUOTED)
+
+# SEMI           =  SWS ";" SWS
+# EQUAL          =  SWS "=" SWS
+# generic-param  =  token [ EQUAL gen-value ]
+_PARAM = re.compile(
+    rf"[ \t]*+;[ \t]*+([{TOKEN_CHARS}]++)(?:[ \t]*+=[ \t]*+([{_VALUE_CHARS}]++|{QUOTED}))?+"
+)
+# The same, where a value may also be an angle-bracketed URI (RFC 8224 ident-info-uri =
+# LAQUOT absoluteURI RAQUOT).
+_PARAM_ANGLE = re.compile(
+    rf"[ \t]*+;[ \t]*+([{TOKEN_CHARS}]++)"
+    rf"(?:[ \t]*+=[ \t]*+([{_VALUE_CHARS}]++|{QUOTED}|<[^<>\"\x00-\x20\x7f]*+>))?+"
+)
+_QUOTED_PAIR = re.compile(r"\\(.)", re.DOTALL)
+
+
+def scan_params(text: str, pos: int, *, angle: bool = False) -> tuple[Params, int]:
+    """Scan ``*( SEMI generic-param )`` from ``pos``; return the params and the end position.
+
+    The end position is just after the last parameter (trailing whitespace not consumed). An
+    empty or malformed parameter stops the scan where it starts; the caller reports it.
+    """
+    match = (_PARAM_ANGLE if angle else _PARAM).match
+    out: list[tuple[str, str | None]] = []
+    while True:
+        m = match(text, pos)
+        if m is None:
+            return tuple(out), pos
+        name, value = m.group(1, 2)
+        out.append((name.lower(), value))
+        pos = m.end()
+
+
+def expect_end(text: str, pos: int, what: str) -> None:
+    """Raise 400 unless only whitespace remains after ``pos``."""
+    if text[pos:].strip(" \t"):
+        raise SipParseError(400, f"malformed {what} near {text[pos : pos + 20]!r}")
+
+
+def parse_params(text: str) -> Params:
+    """Parse a whole string of ``*( SEMI generic-param )`` (possibly empty)."""
+    params, end = scan_params(text, 0)
+    expect_end(text, end, "parameters")
+    return params
+
+
+def get_param(params: Params, name: str) -> str | None:
+    """The value of the first parameter ``name`` (lower-case), None if absent or valueless."""
+    for key, value in params:
+        if key == name:
+            return value
+    return None
+
+
+def has_param(params: Params, name: str) -> bool:
+    """True when parameter ``name`` (lower-case) is present, with or without a value."""
+    return any(key == name for key, _ in params)
+
+
+def unquote(value: str) -> str:
+    """The text of a quoted-string (quotes removed, quoted-pairs resolved); others as-is."""
+    if len(value) >= 2 and value[0] == '"' and value[-1] == '"':
+        body = value[1:-1]
+        return _QUOTED_PAIR.sub(r"\1", body) if "\\" in body else body
+    return value

@@ -1,0 +1,264 @@
+"""URIs: SIP and SIPS (RFC 3261 §19.1, §25.1), tel (RFC 3966), and any other absolute URI.
+
+``parse_uri`` splits a URI into its parts and keeps the original text: ``str(uri)`` is the URI
+exactly as received. What it accepts and rejects:
+
+* sip/sips: userinfo is everything up to the first ``@`` (a user may contain ``;``, ``?``, ``/``
+  and the other user-unreserved characters), the password follows the first ``:`` of it. The
+  user and password are kept as written (still %-escaped); the host is lower-cased (IPv6
+  references keep their brackets); URI parameter names and values are %-unescaped (RFC 3261
+  §19.1.4: ``;%6C%72`` is ``;lr``) and names lower-cased; the ``?`` headers are kept raw.
+* tel: the telephone-subscriber before the first ``;`` is ``user``; the rest are tel params.
+* any other ``scheme ":" 1*char``: kept opaque (scheme as written, no host); whether the scheme is
+  acceptable is for the proxy to decide (416).
+* 400 for: no scheme, a character no URI may contain (whitespace, controls, non-ASCII,
+  ``" < > \\ ^ ` { | }``), sip/sips without a host, an empty user before ``@``, a malformed
+  host, a bad port (not digits, or above 65535), unbalanced brackets, malformed parameters.
+
+Deliberately lenient: user, password and headers are not checked beyond the character set above
+(``#`` in dial strings is common in the wild), and malformed %-escapes are left as written.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from urllib.parse import unquote as _pct_unquote
+
+from sipguard.sip.errors import SipParseError
+from sipguard.sip.params import Params, get_param, has_param
+
+# scheme = ALPHA *( ALPHA / DIGIT / "+" / "-" / "." )
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*+")
+
+# Every character a URI may hold: reserved / unreserved / escaped (RFC 3261 §25.1), plus "[" "]"
+# for IPv6 references and "#" (unescaped in dial strings by many devices).
+#   reserved    =  ";" / "/" / "?" / ":" / "@" / "&" / "=" / "+" / "$" / ","
+#   unreserved  =  alphanum / mark
+#   mark        =  "-" / "_" / "." / "!" / "~" / "*" / "'" / "(" / ")"
+#   escaped     =  "%" HEXDIG HEXDIG
+_BAD_CHAR = re.compile(r"[^!#-;=?-\[\]_a-z~]")
+
+# hostname     =  *( domainlabel "." ) toplabel [ "." ]
+# domainlabel  =  alphanum / alphanum *( alphanum / "-" ) alphanum
+# toplabel     =  ALPHA / ALPHA *( alphanum / "-" ) alphanum
+# IPv4address  =  1*3DIGIT "." 1*3DIGIT "." 1*3DIGIT "." 1*3DIGIT
+# (checked loosely: labels of alphanum, "-" and "_", which also covers IPv4 addresses)
+_HOSTNAME = re.compile(r"(?:[a-z0-9_\-]+\.)*[a-z0-9_\-]+\.?")
+# IPv6reference  =  "[" IPv6address "]"
+_IPV6_CHARS = re.compile(r"[0-9a-f:.]++")
+
+# uri-parameters    =  *( ";" uri-parameter)
+# uri-parameter     =  transport-param / user-param / method-param / ttl-param / maddr-param
+#                      / lr-param / other-param
+# other-param       =  pname [ "=" pvalue ]
+# pname             =  1*paramchar
+# pvalue            =  1*paramchar
+# paramchar         =  param-unreserved / unreserved / escaped
+# param-unreserved  =  "[" / "]" / "/" / ":" / "&" / "+" / "$"
+# (RFC 3966 tel parameters, ";" pname [ "=" pvalue ], use the same characters)
+_PARAMCHAR = r"[A-Za-z0-9\-_.!~*'()\[\]/:&+$%]"
+_URI_PARAMS = re.compile(rf"(?:;{_PARAMCHAR}++(?:={_PARAMCHAR}++)?+)*+")
+
+# telephone-subscriber  = global-number / local-number
+# global-number-digits  = "+" *phonedigit DIGIT *phonedigit
+# local-number-digits   = *phonedigit-hex (HEXDIG / "*" / "#")*phonedigit-hex
+# phonedigit            = DIGIT / [ visual-separator ]
+# phonedigit-hex        = HEXDIG / "*" / "#" / [ visual-separator ]
+# visual-separator      = "-" / "." / "(" / ")"
+_TEL_SUBSCRIBER = re.compile(r"\+[0-9().\-]*+|[0-9A-Fa-f*#().\-]++")
+
+_DROP_SEPARATORS = str.maketrans("", "", "-.() ")
+_DROP_DIALCHARS = str.maketrans("", "", "0123456789*#")
+
+
+@dataclass(frozen=True, slots=True)
+class Uri:
+    """A parsed URI; ``str()`` gives back the original text."""
+
+    scheme: str
+    user: str | None
+    password: str | None
+    host: str
+    port: int | None
+    params: Params
+    headers: str | None
+    raw: str
+    number: str | None = None
+
+    def param(self, name: str) -> str | None:
+        """The value of URI parameter ``name``; None when absent or valueless."""
+        return get_param(self.params, name.lower())
+
+    def has_param(self, name: str) -> bool:
+        """True when URI parameter ``name`` is present, with or without a value."""
+        return has_param(self.params, name.lower())
+
+    def __str__(self) -> str:
+        return self.raw
+
+
+def parse_uri(text: str) -> Uri:
+    """Parse a SIP, SIPS, tel or other absolute URI (see the module docstring)."""
+    if not text:
+        raise SipParseError(400, "empty URI")
+    colon = text.find(":")
+    if colon <= 0 or _SCHEME.fullmatch(text, 0, colon) is None:
+        raise SipParseError(400, f"URI without a scheme: {text[:40]!r}")
+    bad = _BAD_CHAR.search(text)
+    if bad is not None:
+        raise SipParseError(400, f"illegal character {bad.group()!r} in URI")
+    scheme = text[:colon]
+    lower = scheme.lower()
+    if lower == "sip" or lower == "sips":
+        return _parse_sip(text, lower, colon + 1)
+    if lower == "tel":
+        return _parse_tel(text, colon + 1)
+    # absoluteURI = scheme ":" ( hier-part / opaque-part )  -- kept opaque
+    if colon + 1 == len(text):
+        raise SipParseError(400, "URI with nothing after the scheme")
+    return Uri(scheme, None, None, "", None, (), None, text, None)
+
+
+# SIP-URI   =  "sip:" [ userinfo ] hostport uri-parameters [ headers ]
+# SIPS-URI  =  "sips:" [ userinfo ] hostport uri-parameters [ headers ]
+# userinfo  =  ( user / telephone-subscriber ) [ ":" password ] "@"
+# user      =  1*( unreserved / escaped / user-unreserved )
+# user-unreserved  =  "&" / "=" / "+" / "$" / "," / ";" / "?" / "/"
+# password  =  *( unreserved / escaped / "&" / "=" / "+" / "$" / "," )
+# headers   =  "?" header *( "&" header )
+def _parse_sip(text: str, scheme: str, start: int) -> Uri:
+    at = text.find("@", start)
+    user: str | None = None
+    password: str | None = None
+    hp = start
+    if at >= 0:
+        user, sep, pw = text[start:at].partition(":")
+        if not user:
+            raise SipParseError(400, "empty user part in URI")
+        if sep:
+            password = pw
+        hp = at + 1
+    query = text.find("?", hp)
+    params_end = query if query >= 0 else len(text)
+    semi = text.find(";", hp, params_end)
+    hp_end = semi if semi >= 0 else params_end
+    host, port = _hostport(text[hp:hp_end])
+    params: Params = ()
+    if hp_end < params_end:
+        params = _uri_params(text[hp_end:params_end])
+    headers = text[query + 1 :] if query >= 0 else None
+    number = None
+    if user is not None:
+        phone = get_param(params, "user")
+        number = _number(user, phone is not None and phone.lower() == "phone")
+    return Uri(scheme, user, password, host, port, params, headers, text, number)
+
+
+# telephone-uri  = "tel:" telephone-subscriber
+# global-number  = global-number-digits *par
+# local-number   = local-number-digits *par context *par
+# par            = parameter / extension / isdn-subaddress
+def _parse_tel(text: str, start: int) -> Uri:
+    semi = text.find(";", start)
+    end = semi if semi >= 0 else len(text)
+    subscriber = text[start:end]
+    if _TEL_SUBSCRIBER.fullmatch(subscriber) is None:
+        raise SipParseError(400, f"malformed telephone-subscriber {subscriber[:40]!r}")
+    if not subscriber.translate(_DROP_SEPARATORS).lstrip("+"):
+        raise SipParseError(400, "telephone-subscriber without digits")
+    params = _uri_params(text[end:]) if semi >= 0 else ()
+    return Uri("tel", subscriber, None, "", None, params, None, text, _number(subscriber, True))
+
+
+def _uri_params(text: str) -> Params:
+    if _URI_PARAMS.fullmatch(text) is None:
+        raise SipParseError(400, f"malformed URI parameters {text[:40]!r}")
+    out: list[tuple[str, str | None]] = []
+    for item in text[1:].split(";"):
+        name, eq, value = item.partition("=")
+        if "%" in name:
+            name = _pct_unquote(name, encoding="latin-1")
+        if "%" in value:
+            value = _pct_unquote(value, encoding="latin-1")
+        out.append((name.lower(), value if eq else None))
+    return tuple(out)
+
+
+# hostport  =  host [ ":" port ]
+# host      =  hostname / IPv4address / IPv6reference
+# port      =  1*DIGIT
+def _hostport(text: str) -> tuple[str, int | None]:
+    if text.startswith("["):
+        close = text.find("]")
+        if close < 0:
+            raise SipParseError(400, "unbalanced brackets in host")
+        host = check_host(text[: close + 1])
+        rest = text[close + 1 :]
+        if not rest:
+            return host, None
+        if rest[0] != ":":
+            raise SipParseError(400, f"malformed hostport {text[:60]!r}")
+        return host, check_port(rest[1:])
+    host, sep, port = text.partition(":")
+    return check_host(host), (check_port(port) if sep else None)
+
+
+@lru_cache(maxsize=4096)
+def check_host(text: str) -> str:
+    """Validate a host (hostname, IPv4 address or bracketed IPv6 reference); lower-case it."""
+    host = text.lower()
+    if host.startswith("["):
+        inner = host[1:-1]
+        if (
+            not host.endswith("]")
+            or _IPV6_CHARS.fullmatch(inner) is None
+            or ":" not in inner
+            or not _is_ipv6(inner)
+        ):
+            raise SipParseError(400, f"malformed IPv6 reference {text[:60]!r}")
+        return host
+    if _HOSTNAME.fullmatch(host) is None:
+        raise SipParseError(400, f"malformed host {text[:60]!r}" if text else "missing host")
+    return host
+
+
+def _is_ipv6(text: str) -> bool:
+    try:
+        ipaddress.IPv6Address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def check_port(text: str) -> int:
+    """Validate a port (1*DIGIT, at most 65535)."""
+    if not 0 < len(text) <= 5 or not text.isascii() or not text.isdigit():
+        raise SipParseError(400, f"malformed port {text[:20]!r}")
+    port = int(text)
+    if port > 65535:
+        raise SipParseError(400, f"port {port} out of range")
+    return port
+
+
+def _number(user: str, phone: bool) -> str | None:
+    """The telephone number in a user part / telephone-subscriber, normalised, or None.
+
+    The user is %-unescaped, cut at the first ``;`` (isub, ext, phone-context...) and stripped
+    of visual separators ``- . ( )`` and spaces; the leading ``+`` of a global number stays.
+    Where the URI says it is a telephone number (tel:, or sip with ``user=phone``) digits, ``*``
+    and ``#`` are accepted; a plain SIP user must be digits only.
+    """
+    if "%" in user:
+        user = _pct_unquote(user, encoding="latin-1")
+    digits = user.partition(";")[0].translate(_DROP_SEPARATORS)
+    body = digits[1:] if digits.startswith("+") else digits
+    if not body:
+        return None
+    if body.isascii() and body.isdigit():
+        return digits
+    if phone and not body.translate(_DROP_DIALCHARS) and any(c.isdigit() for c in body):
+        return digits
+    return None

@@ -1,0 +1,143 @@
+"""The Via header (RFC 3261 §20.42, §25.1; RFC 3581 rport).
+
+Grammar::
+
+    Via               =  ( "Via" / "v" ) HCOLON via-parm *(COMMA via-parm)
+    via-parm          =  sent-protocol LWS sent-by *( SEMI via-params )
+    via-params        =  via-ttl / via-maddr / via-received / via-branch / via-extension
+    via-ttl           =  "ttl" EQUAL ttl
+    via-maddr         =  "maddr" EQUAL host
+    via-received      =  "received" EQUAL (IPv4address / IPv6address)
+    via-branch        =  "branch" EQUAL token
+    via-extension     =  generic-param
+    sent-protocol     =  protocol-name SLASH protocol-version SLASH transport
+    protocol-name     =  "SIP" / token
+    protocol-version  =  token
+    transport         =  "UDP" / "TCP" / "TLS" / "SCTP" / other-transport
+    sent-by           =  host [ COLON port ]
+    ttl               =  1*3DIGIT ; 0 to 255
+    response-port     =  "rport" [EQUAL 1*DIGIT]            ; RFC 3581
+    SLASH = SWS "/" SWS ; COLON = SWS ":" SWS ; SEMI = SWS ";" SWS ; EQUAL = SWS "=" SWS
+
+The protocol name must be SIP (else 400); the version is kept in ``protocol`` (``"SIP/2.0"``)
+for the caller to check. ``str(via)`` is the via-parm exactly as received.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from sipguard.sip.errors import SipParseError
+from sipguard.sip.params import TOKEN_CHARS, Params, get_param, has_param, scan_params
+from sipguard.sip.uri import check_host, check_port
+
+# sent-protocol LWS sent-by, with SWS around "/" and ":" (RFC 4475 §3.1.1.1 wsinv, lwsdisp).
+_T = f"[{TOKEN_CHARS}]++"
+_VIA_HEAD = re.compile(
+    rf"[ \t]*+({_T})[ \t]*+/[ \t]*+({_T})[ \t]*+/[ \t]*+({_T})[ \t]++"
+    r"(\[[^\]]*+\]|[^ \t;,:\[\]]++)(?:[ \t]*+(:)[ \t]*+([0-9]*+))?"
+)
+# IPv4address  =  1*3DIGIT "." 1*3DIGIT "." 1*3DIGIT "." 1*3DIGIT
+_IPV4 = re.compile(r"[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}")
+
+
+@dataclass(frozen=True, slots=True)
+class Via:
+    """One via-parm; ``str()`` gives back the original text."""
+
+    protocol: str
+    transport: str
+    host: str
+    port: int | None
+    params: Params
+    raw: str
+
+    @property
+    def branch(self) -> str | None:
+        return get_param(self.params, "branch")
+
+    @property
+    def received(self) -> str | None:
+        return get_param(self.params, "received")
+
+    @property
+    def has_rport(self) -> bool:
+        """True when ``rport`` is present, with or without a value."""
+        return has_param(self.params, "rport")
+
+    @property
+    def rport(self) -> int | None:
+        """The ``rport`` value; None when absent or bare (see :attr:`has_rport`)."""
+        value = get_param(self.params, "rport")
+        return int(value) if value is not None else None
+
+    @property
+    def maddr(self) -> str | None:
+        return get_param(self.params, "maddr")
+
+    @property
+    def ttl(self) -> int | None:
+        value = get_param(self.params, "ttl")
+        return int(value) if value is not None else None
+
+    def param(self, name: str) -> str | None:
+        """The value of parameter ``name``; None when absent or valueless."""
+        return get_param(self.params, name.lower())
+
+    def __str__(self) -> str:
+        return self.raw
+
+
+def _scan_via(text: str, pos: int) -> tuple[Via, int]:
+    m = _VIA_HEAD.match(text, pos)
+    if m is None:
+        raise SipParseError(400, f"malformed Via near {text[pos : pos + 30]!r}")
+    name, version, transport, host_text, colon, port_text = m.groups()
+    if name.upper() != "SIP":
+        raise SipParseError(400, f"Via protocol {name[:20]!r} is not SIP")
+    host = check_host(host_text)
+    port = check_port(port_text) if colon else None
+    params, end = scan_params(text, m.end())
+    for key, value in params:
+        if key == "branch" or key == "received" or key == "maddr":
+            if not value:
+                raise SipParseError(400, f"Via {key} without a value")
+            if key == "received":
+                _check_received(value)
+            elif key == "maddr":
+                check_host(value)
+        elif key == "rport":
+            if value is not None:
+                check_port(value)
+        elif key == "ttl" and (
+            value is None or not value.isdigit() or len(value) > 3 or int(value) > 255
+        ):
+            raise SipParseError(400, "malformed Via ttl")
+    via = Via(f"SIP/{version}", transport.upper(), host, port, params, text[m.start(1) : end])
+    return via, end
+
+
+def _check_received(value: str) -> None:
+    # via-received = "received" EQUAL (IPv4address / IPv6address); a bracketed IPv6 reference
+    # is tolerated.
+    if _IPV4.fullmatch(value) is not None:
+        return
+    check_host(value if value.startswith("[") else f"[{value}]")
+
+
+def parse_via_list(text: str) -> list[Via]:
+    """Parse every via-parm of one Via header value (comma separated), top first."""
+    out: list[Via] = []
+    n = len(text)
+    pos = 0
+    while True:
+        via, pos = _scan_via(text, pos)
+        out.append(via)
+        while pos < n and text[pos] in " \t":
+            pos += 1
+        if pos >= n:
+            return out
+        if text[pos] != ",":
+            raise SipParseError(400, f"malformed Via near {text[pos : pos + 30]!r}")
+        pos += 1

@@ -1,0 +1,112 @@
+"""Helpers for driving the sans-I/O proxy in memory: bytes in, bytes out, a fake clock."""
+
+from __future__ import annotations
+
+from sipguard.policy.verdict import Verdict
+from sipguard.proxy.core import Decide, Proxy, ProxySettings
+from sipguard.proxy.events import CallInfo
+from sipguard.proxy.flows import Flow, Local
+from sipguard.sip.message import Message, parse_message
+
+PROXY = ("192.0.2.1", 5060)
+CORE = ("10.0.0.10", 5080)
+CALLER = ("198.51.100.7", 5062)
+
+LOCALS = (Local(0, "udp", "192.0.2.1", 5060), Local(1, "tcp", "192.0.2.1", 5060))
+
+
+def settings(**kw: object) -> ProxySettings:
+    base: dict[str, object] = {"locals": LOCALS, "core": Flow("udp", CORE, 0)}
+    base.update(kw)
+    return ProxySettings(**base)  # type: ignore[arg-type]
+
+
+class Harness:
+    """A proxy plus a clock; ``send`` feeds bytes and returns what the proxy sent."""
+
+    def __init__(self, decide: Decide | None = None, **kw: object) -> None:
+        self.proxy = Proxy(settings(**kw), decide, b"k" * 32)
+        self.now = 1000.0
+        self.events: list[object] = []
+
+    def send(self, data: bytes, src: tuple[str, int] = CALLER, transport: str = "udp",
+             conn: int | None = None) -> list[tuple[Flow, Message]]:
+        self.proxy.receive(data, Flow(transport, src, 0 if transport == "udp" else 1, conn),
+                           self.now)
+        return self._drain()
+
+    def advance(self, seconds: float) -> list[tuple[Flow, Message]]:
+        """Move the clock forward, firing every timer on the way in order."""
+        end = self.now + seconds
+        out: list[tuple[Flow, Message]] = []
+        while True:
+            deadline = self.proxy.next_deadline()
+            if deadline is None or deadline > end:
+                break
+            self.now = max(self.now, deadline)
+            self.proxy.handle_timer(self.now)
+            out.extend(self._drain())
+        self.now = end
+        return out
+
+    def _drain(self) -> list[tuple[Flow, Message]]:
+        out = [(flow, parse_message(data)) for flow, data in self.proxy.outbox]
+        self.raw = [data for _, data in self.proxy.outbox]
+        self.proxy.outbox.clear()
+        self.events.extend(self.proxy.events)
+        self.proxy.events.clear()
+        return out
+
+
+def invite(
+    *,
+    branch: str = "z9hG4bK-caller-1",
+    call_id: str = "call-1@caller",
+    caller: str = "+12125550100",
+    callee: str = "+18005550199",
+    extra: str = "",
+    max_forwards: int | None = 70,
+    uri: str | None = None,
+    via_host: str = "198.51.100.7:5062",
+    cseq: int = 1,
+) -> bytes:
+    body = "v=0\r\no=- 1 1 IN IP4 198.51.100.7\r\ns=-\r\nc=IN IP4 198.51.100.7\r\nt=0 0\r\nm=audio 4000 RTP/AVP 0\r\n"
+    mf = f"Max-Forwards: {max_forwards}\r\n" if max_forwards is not None else ""
+    ruri = uri or f"sip:{callee}@192.0.2.1:5060;user=phone"
+    return (
+        f"INVITE {ruri} SIP/2.0\r\n"
+        f"Via: SIP/2.0/UDP {via_host};branch={branch}\r\n"
+        f"{mf}"
+        f"From: <sip:{caller}@198.51.100.7>;tag=ftag1\r\n"
+        f"To: <sip:{callee}@192.0.2.1>\r\n"
+        f"Call-ID: {call_id}\r\n"
+        f"CSeq: {cseq} INVITE\r\n"
+        f"Contact: <sip:{caller}@198.51.100.7:5062>\r\n"
+        f"X-Custom:   kept   exactly\r\n"
+        f"{extra}"
+        f"Content-Type: application/sdp\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n{body}"
+    ).encode()
+
+
+def answer(req: Message, status: int, phrase: str, *, to_tag: str | None = "ttag9",
+           extra: str = "") -> bytes:
+    """A response from the core to the request the proxy forwarded (all Vias copied)."""
+    vias = "".join(f"Via: {v}\r\n" for v in req.values("via"))
+    rr = "".join(f"Record-Route: {v}\r\n" for v in req.values("record-route"))
+    to = req.get("to") or ""
+    if to_tag and ";tag=" not in to:
+        to += f";tag={to_tag}"
+    return (
+        f"SIP/2.0 {status} {phrase}\r\n{vias}{rr}"
+        f"From: {req.get('from')}\r\nTo: {to}\r\nCall-ID: {req.call_id}\r\n"
+        f"CSeq: {req.get('cseq')}\r\nContact: <sip:core@10.0.0.10:5080>\r\n{extra}"
+        f"Content-Length: 0\r\n\r\n"
+    ).encode()
+
+
+def reject_all(status: int) -> Decide:
+    def decide(call: CallInfo, now: float) -> Verdict:
+        return Verdict("reject", rule="test", reason="test", status=status)
+
+    return decide

@@ -1,0 +1,263 @@
+"""Tests for the config file: schema, error reports with field path and line, overrides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pydantic
+import pytest
+import yaml
+
+from sipguard.ops.config import (
+    Config,
+    ConfigError,
+    ConfigIssue,
+    ConfigPath,
+    Endpoint,
+    LogSettings,
+    SipSettings,
+    config_with_overrides,
+    load_config,
+    parse_config,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+MINIMAL = "listen:\n  - udp://127.0.0.1:5060\ncore: udp://127.0.0.1:5080\n"
+
+
+def issues_of(text: str) -> list[ConfigIssue]:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text, source="test.yaml")
+    return caught.value.issues
+
+
+def test_minimal_text_takes_defaults() -> None:
+    """A config holding only listen and core is valid and every other setting is its default."""
+    cfg = parse_config(MINIMAL)
+    assert cfg.listen == (Endpoint("udp", "127.0.0.1", 5060),)
+    assert cfg.core == Endpoint("udp", "127.0.0.1", 5080)
+    assert cfg.mode == "enforce"
+    assert cfg.sip == SipSettings()
+    assert cfg.sip.max_message_size == 65535 and cfg.sip.timer_c_s == 180
+    assert cfg.log == LogSettings(level="info", format="json", parse_error_sample_s=1.0)
+
+
+def test_minimal_file_loads() -> None:
+    """config/minimal.yaml loads from disk."""
+    cfg = load_config(REPO / "config" / "minimal.yaml")
+    assert cfg.core == Endpoint("udp", "127.0.0.1", 5080)
+
+
+def test_example_file_loads() -> None:
+    """config/sipguard.yaml loads and listens on UDP and TCP 127.0.0.1:5060."""
+    cfg = load_config(REPO / "config" / "sipguard.yaml")
+    assert cfg.listen == (
+        Endpoint("udp", "127.0.0.1", 5060),
+        Endpoint("tcp", "127.0.0.1", 5060),
+    )
+    assert cfg.core == Endpoint.parse("udp://127.0.0.1:5080")
+
+
+def test_example_file_writes_out_every_setting_at_its_default() -> None:
+    """The example names every setting of every section, each set to its default."""
+    path = REPO / "config" / "sipguard.yaml"
+    raw = yaml.safe_load(path.read_text())
+    assert set(raw) == set(Config.model_fields)
+    assert set(raw["sip"]) == set(SipSettings.model_fields)
+    assert set(raw["log"]) == set(LogSettings.model_fields)
+    cfg = load_config(path)
+    assert cfg.sip == SipSettings() and cfg.log == LogSettings() and cfg.mode == "enforce"
+
+
+def test_unknown_top_level_key_reports_path_and_line() -> None:
+    """An unknown top-level key is an error naming the key and its line."""
+    (issue,) = issues_of(MINIMAL + "\nbogus: 1\n")
+    assert issue.path == "bogus"
+    assert issue.line == 5
+    assert "unknown key 'bogus'" in issue.message
+
+
+def test_unknown_nested_key_reports_dotted_path_line_and_suggestion() -> None:
+    """A misspelt nested key reports sip.<key>, its own line, and the likely intended name."""
+    text = MINIMAL + "sip:\n  record_route: false\n  max_mesage_size: 2000\n"
+    (issue,) = issues_of(text)
+    assert issue.path == "sip.max_mesage_size"
+    assert issue.line == 6
+    assert "did you mean 'max_message_size'" in issue.message
+
+
+def test_bad_port_in_second_listen_entry_reports_index_and_line() -> None:
+    """A bad port in listen[1] is reported as listen[1] at that item's line."""
+    text = (
+        "listen:\n  - udp://127.0.0.1:5060\n  - tcp://127.0.0.1:70000\ncore: udp://10.0.0.1:5060\n"
+    )
+    (issue,) = issues_of(text)
+    assert issue == ConfigIssue("listen[1]", 3, "port must be 1..65535, got '70000'")
+
+
+def test_out_of_range_value_reports_path_and_line() -> None:
+    """A value outside its range names the field and the line it is on."""
+    (issue,) = issues_of(MINIMAL + "sip:\n  max_message_size: 100\n")
+    assert (issue.path, issue.line) == ("sip.max_message_size", 5)
+    assert "1024" in issue.message
+
+
+def test_all_issues_reported_at_once_and_rendered_file_line_field() -> None:
+    """Every problem is listed, one `FILE:LINE: FIELD: message` line each, in file order."""
+    text = "listen: [udp://1.2.3.4:0]\ncore: udp://1.2.3.4:6\nmode: block\n"
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text, source="edge.yaml")
+    lines = str(caught.value).splitlines()
+    assert lines == [
+        "edge.yaml:1: listen[0]: port must be 1..65535, got '0'",
+        "edge.yaml:3: mode: Input should be 'enforce' or 'monitor'",
+    ]
+
+
+def test_missing_core_points_at_parent_mapping() -> None:
+    """A missing required field is reported by name at the line of its parent mapping."""
+    (issue,) = issues_of("# comment\nlisten: [udp://127.0.0.1:5060]\n")
+    assert issue == ConfigIssue("core", 2, "required setting is missing")
+
+
+def test_empty_listen_list_is_rejected() -> None:
+    """listen needs at least one address."""
+    (issue,) = issues_of("listen: []\ncore: udp://127.0.0.1:5080\n")
+    assert (issue.path, issue.line) == ("listen", 1)
+
+
+def test_yaml_syntax_error_reports_line() -> None:
+    """Broken YAML becomes a ConfigError carrying the line of the problem."""
+    (issue,) = issues_of("listen:\n  - udp://127.0.0.1:5060\ncore: [udp://127.0.0.1:5080\n")
+    assert issue.path == ""
+    assert issue.line == 4
+    assert issue.message.startswith("YAML syntax:")
+
+
+def test_duplicate_key_is_an_error_with_both_lines() -> None:
+    """A key given twice in one mapping is reported at the second, naming the first."""
+    text = MINIMAL + "sip:\n  t1_ms: 400\n  t1_ms: 600\n"
+    (issue,) = issues_of(text)
+    assert issue == ConfigIssue("sip.t1_ms", 6, "duplicate key 't1_ms' (first at line 5)")
+
+
+@pytest.mark.parametrize("text", ["", "# only a comment\n", "- udp://127.0.0.1:5060\n", "5\n"])
+def test_empty_or_non_mapping_file_is_an_error(text: str) -> None:
+    """An empty file or one whose top level is not a mapping is a ConfigError."""
+    (issue,) = issues_of(text)
+    assert issue.path == ""
+
+
+def test_unreadable_file_is_a_config_error(tmp_path: Path) -> None:
+    """A missing file is reported as a ConfigError naming the file."""
+    with pytest.raises(ConfigError, match="absent.yaml: cannot read"):
+        load_config(tmp_path / "absent.yaml")
+
+
+def test_tls_listener_rejected_with_clear_message() -> None:
+    """tls:// listeners are refused with a message saying they are not supported yet."""
+    (issue,) = issues_of("listen: [tls://127.0.0.1:5061]\ncore: udp://127.0.0.1:5080\n")
+    assert issue == ConfigIssue("listen[0]", 1, "tls listeners are not supported yet")
+    with pytest.raises(ValueError, match="tls listeners are not supported yet"):
+        Endpoint.parse("tls://127.0.0.1:5061")
+
+
+def test_ipv6_endpoint_parses_and_prints_with_brackets() -> None:
+    """Bracketed IPv6 parses to a bare compressed host and prints back as a URI."""
+    endpoint = Endpoint.parse("tcp://[2001:DB8:0::1]:5070")
+    assert endpoint == Endpoint("tcp", "2001:db8::1", 5070)
+    assert str(endpoint) == "tcp://[2001:db8::1]:5070"
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("udp://::1:5060", "in brackets"),
+        ("udp://host.example", "port is missing"),
+        ("udp://10.0.0.1:0", "1..65535"),
+        ("udp://10.0.0.300:5060", "not an IPv4 address"),
+        ("udp://bad_host:5060", "not an IP address or hostname"),
+        ("sctp://10.0.0.1:5060", "use udp:// or tcp://"),
+        ("10.0.0.1:5060", "expected a URI"),
+        ("udp://user@10.0.0.1:5060", "only HOST:PORT"),
+    ],
+)
+def test_endpoint_parse_rejects_with_clear_message(text: str, needle: str) -> None:
+    """Endpoint.parse raises ValueError saying what is wrong with the URI."""
+    with pytest.raises(ValueError, match=needle):
+        Endpoint.parse(text)
+
+
+def test_core_must_not_be_a_listen_address() -> None:
+    """A core equal to a listen address is refused (calls would loop)."""
+    (issue,) = issues_of("listen: udp://127.0.0.1:5060\ncore: udp://127.0.0.1:5060\n")
+    assert (issue.path, issue.line) == ("core", 2)
+    assert "loop" in issue.message
+
+
+def test_timer_order_checked() -> None:
+    """t2_ms below t1_ms is rejected against the sip section."""
+    (issue,) = issues_of(MINIMAL + "sip: {t1_ms: 5000, t2_ms: 4000}\n")
+    assert (issue.path, issue.line) == ("sip", 4)
+
+
+def test_advertise_normalised_and_ipv6_needs_brackets() -> None:
+    """advertise accepts host[:port], bracketing IPv6, and refuses bare IPv6 with a port."""
+    cfg = parse_config(MINIMAL + "sip: {advertise: '[2001:db8::1]:5060'}\n")
+    assert cfg.sip.advertise == "[2001:db8::1]:5060"
+    (issue,) = issues_of(MINIMAL + "sip: {advertise: '2001:db8::1'}\n")
+    assert issue.path == "sip.advertise"
+
+
+def test_overrides_replace_listen_and_core() -> None:
+    """CLI overrides replace listen and core and keep everything else."""
+    cfg = parse_config(MINIMAL + "mode: monitor\n")
+    new = config_with_overrides(
+        cfg, [Endpoint.parse("tcp://[::1]:5062")], Endpoint.parse("udp://10.0.0.9:5060")
+    )
+    assert new.listen == (Endpoint("tcp", "::1", 5062),)
+    assert new.core == Endpoint("udp", "10.0.0.9", 5060)
+    assert new.mode == "monitor"
+    assert config_with_overrides(cfg, None, None) == cfg
+    assert cfg.core == Endpoint("udp", "127.0.0.1", 5080)  # the original is untouched
+
+
+def test_overrides_are_validated() -> None:
+    """An override that makes the config invalid raises ConfigError naming the field."""
+    cfg = parse_config(MINIMAL)
+    with pytest.raises(ConfigError) as caught:
+        config_with_overrides(cfg, None, Endpoint.parse("udp://127.0.0.1:5060"))
+    assert caught.value.issues[0].path == "core"
+    assert str(caught.value).startswith("<command line>: core: ")
+
+
+def test_config_is_frozen() -> None:
+    """Assigning to a loaded config or its sections or endpoints raises."""
+    cfg = parse_config(MINIMAL)
+    with pytest.raises(pydantic.ValidationError):
+        cfg.mode = "monitor"
+    with pytest.raises(pydantic.ValidationError):
+        cfg.sip.t1_ms = 1
+    with pytest.raises(AttributeError):
+        cfg.core.port = 1  # type: ignore[misc]
+
+
+def test_dump_round_trips() -> None:
+    """A dumped config (endpoints as URI strings) validates back to an equal config."""
+    cfg = parse_config(MINIMAL)
+    dumped = cfg.model_dump()
+    assert dumped["core"] == "udp://127.0.0.1:5080"
+    assert Config.model_validate(dumped) == cfg
+
+
+def test_config_path_resolves_against_base_dir(tmp_path: Path) -> None:
+    """A ConfigPath setting is resolved against base_dir; absolute paths are kept."""
+
+    class WithFile(pydantic.BaseModel):
+        dno_file: ConfigPath
+
+    ctx = {"base_dir": tmp_path}
+    assert WithFile.model_validate({"dno_file": "dno.txt"}, context=ctx).dno_file == (
+        tmp_path / "dno.txt"
+    )
+    assert WithFile.model_validate({"dno_file": "/etc/x"}, context=ctx).dno_file == Path("/etc/x")

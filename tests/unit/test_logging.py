@@ -1,0 +1,124 @@
+"""Tests for structured logging: JSON lines, level filtering, sampled flood logging."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterator
+from datetime import datetime
+from typing import Any
+
+import pytest
+import structlog
+
+from sipguard.ops.config import LogSettings
+from sipguard.ops.logging import SampledLogger, configure_logging, get_logger
+
+
+@pytest.fixture(autouse=True)
+def _reset_structlog() -> Iterator[None]:
+    yield
+    structlog.reset_defaults()
+
+
+def json_lines(stream: io.StringIO) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in stream.getvalue().splitlines()]
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_json_lines_carry_ts_level_event_and_fields() -> None:
+    """Each log call writes one JSON object with ts (UTC ISO), level, event and the fields."""
+    stream = io.StringIO()
+    configure_logging(LogSettings(format="json"), stream=stream)
+    get_logger("sipguard.test").info("invite_decided", call_id="abc", status=603)
+    (line,) = json_lines(stream)
+    assert line["event"] == "invite_decided"
+    assert line["level"] == "info"
+    assert line["call_id"] == "abc" and line["status"] == 603
+    assert line["logger_name"] == "sipguard.test"
+    assert line["ts"].endswith("Z")
+    assert datetime.fromisoformat(line["ts"].replace("Z", "+00:00")).utcoffset() is not None
+
+
+def test_level_filtering_drops_lower_levels() -> None:
+    """With level warning, debug and info are dropped and warning and error are written."""
+    stream = io.StringIO()
+    configure_logging(LogSettings(level="warning"), stream=stream)
+    log = get_logger("t")
+    log.debug("dialog_ended")
+    log.info("dialog_ended")
+    log.warning("parse_error", reason="bad")
+    log.error("core_unreachable")
+    assert [(x["level"], x["event"]) for x in json_lines(stream)] == [
+        ("warning", "parse_error"),
+        ("error", "core_unreachable"),
+    ]
+
+
+def test_logger_fetched_before_configuration_uses_it() -> None:
+    """A logger made at import time (before configure_logging) follows the configuration."""
+    early = get_logger("early")
+    stream = io.StringIO()
+    configure_logging(LogSettings(level="debug"), stream=stream)
+    early.debug("dialog_ended")
+    assert json_lines(stream)[0]["event"] == "dialog_ended"
+
+
+def test_console_format_is_not_json() -> None:
+    """The console format writes a readable line with the event name and fields."""
+    stream = io.StringIO()
+    configure_logging(LogSettings(format="console"), stream=stream)
+    get_logger("t").info("dialog_ended", call_id="abc")
+    text = stream.getvalue()
+    assert "dialog_ended" in text and "call_id=abc" in text
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(text)
+
+
+def test_sampled_logger_suppresses_and_reports_count() -> None:
+    """Within the interval only the first event logs; the next line reports suppressed=N."""
+    stream = io.StringIO()
+    configure_logging(LogSettings(), stream=stream)
+    clock = FakeClock()
+    sampled = SampledLogger(get_logger("t"), interval_s=1.0, clock=clock)
+    assert sampled.log("warning", "parse_error", key="10.0.0.1", reason="a") is True
+    clock.now += 0.5
+    assert sampled.log("warning", "parse_error", key="10.0.0.1", reason="b") is False
+    assert sampled.log("warning", "parse_error", key="10.0.0.1", reason="c") is False
+    clock.now += 0.5
+    assert sampled.log("warning", "parse_error", key="10.0.0.1", reason="d") is True
+    lines = json_lines(stream)
+    assert [(x["reason"], x["suppressed"]) for x in lines] == [("a", 0), ("d", 2)]
+    assert lines[1]["level"] == "warning"
+    assert sampled.suppressed_total == 2
+
+
+def test_sampled_logger_keys_are_independent() -> None:
+    """Each key has its own window; the default key is the event name."""
+    stream = io.StringIO()
+    configure_logging(LogSettings(), stream=stream)
+    sampled = SampledLogger(get_logger("t"), interval_s=10.0, clock=FakeClock())
+    assert sampled.log("info", "parse_error", key="a")
+    assert sampled.log("info", "parse_error", key="b")
+    assert not sampled.log("info", "parse_error", key="a")
+    assert sampled.log("info", "dialog_ended")
+    assert not sampled.log("info", "dialog_ended")
+    assert len(json_lines(stream)) == 3
+
+
+def test_sampled_logger_memory_is_bounded() -> None:
+    """Past max_keys the longest-quiet key is forgotten, so it logs again at once."""
+    stream = io.StringIO()
+    configure_logging(LogSettings(), stream=stream)
+    sampled = SampledLogger(get_logger("t"), interval_s=10.0, clock=FakeClock(), max_keys=2)
+    for key in ("a", "b", "c"):
+        assert sampled.log("info", "parse_error", key=key)
+    assert not sampled.log("info", "parse_error", key="c")
+    assert sampled.log("info", "parse_error", key="a")

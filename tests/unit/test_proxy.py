@@ -1,0 +1,292 @@
+"""The RFC 3261 proxy core in memory: bytes in, bytes and events out, a fake clock."""
+
+from __future__ import annotations
+
+from sipguard.policy.verdict import Verdict
+from sipguard.proxy.events import CallInfo, DialogEnded, DialogStarted, Dropped, InviteDecided
+from tests.unit.proxy_helpers import CALLER, CORE, Harness, answer, invite, reject_all
+
+
+def _to(out, addr):  # type: ignore[no-untyped-def]
+    return [m for f, m in out if f.addr == addr]
+
+
+def test_invite_gets_100_and_is_forwarded_with_via_rr_and_max_forwards() -> None:
+    """An initial INVITE is answered 100 at once and forwarded to the core with our edits."""
+    h = Harness()
+    out = h.send(invite())
+    trying = _to(out, CALLER)
+    assert [m.status for m in trying] == [100]
+    fwd = _to(out, CORE)
+    assert len(fwd) == 1
+    req = fwd[0]
+    assert req.method == "INVITE"
+    assert req.top_via.branch and req.top_via.branch.startswith("z9hG4bKsg")
+    assert req.top_via.host == "192.0.2.1"
+    assert len(req.vias) == 2 and req.vias[1].branch == "z9hG4bK-caller-1"
+    assert req.max_forwards == 69
+    assert req.values("record-route") == ["<sip:192.0.2.1:5060;lr>"]
+    raw = h.raw[1]
+    assert b"\r\nX-Custom:   kept   exactly\r\n" in raw
+    assert req.body.startswith(b"v=0")
+
+
+def test_retransmitted_invite_never_reaches_core_twice() -> None:
+    """INVITE retransmissions are absorbed by the server transaction."""
+    h = Harness()
+    h.send(invite())
+    for _ in range(3):
+        out = h.send(invite())
+        assert _to(out, CORE) == []
+        assert [m.status for m in _to(out, CALLER)] == [100]
+
+
+def test_invite_without_max_forwards_gets_70() -> None:
+    """A request without Max-Forwards is forwarded with Max-Forwards: 70 (RFC 3261 §16.6)."""
+    h = Harness()
+    fwd = _to(h.send(invite(max_forwards=None)), CORE)[0]
+    assert fwd.max_forwards == 70
+
+
+def test_full_call_flows_both_ways_and_dialog_ends_on_bye() -> None:
+    """180/200 go back without our Via, ACK and BYE follow the Record-Route, dialog ends once."""
+    h = Harness()
+    req = _to(h.send(invite()), CORE)[0]
+    assert _to(h.send(answer(req, 100, "Trying"), src=CORE), CALLER) == []
+    ringing = _to(h.send(answer(req, 180, "Ringing"), src=CORE), CALLER)
+    assert [m.status for m in ringing] == [180]
+    assert len(ringing[0].vias) == 1 and ringing[0].top_via.branch == "z9hG4bK-caller-1"
+    ok = _to(h.send(answer(req, 200, "OK"), src=CORE), CALLER)
+    assert [m.status for m in ok] == [200]
+    assert ok[0].values("record-route") == ["<sip:192.0.2.1:5060;lr>"]
+    # Retransmitted 200 from the core is forwarded again (RFC 6026 Accepted state).
+    assert [m.status for m in _to(h.send(answer(req, 200, "OK"), src=CORE), CALLER)] == [200]
+    ack = (
+        "ACK sip:core@10.0.0.10:5080 SIP/2.0\r\n"
+        "Via: SIP/2.0/UDP 198.51.100.7:5062;branch=z9hG4bK-ack-1\r\n"
+        "Route: <sip:192.0.2.1:5060;lr>\r\nMax-Forwards: 70\r\n"
+        "From: <sip:+12125550100@198.51.100.7>;tag=ftag1\r\n"
+        "To: <sip:+18005550199@192.0.2.1>;tag=ttag9\r\nCall-ID: call-1@caller\r\n"
+        "CSeq: 1 ACK\r\nContent-Length: 0\r\n\r\n"
+    ).encode()
+    fwd_ack = _to(h.send(ack), CORE)
+    assert len(fwd_ack) == 1 and fwd_ack[0].method == "ACK"
+    assert not fwd_ack[0].has("route")
+    assert fwd_ack[0].uri_text == "sip:core@10.0.0.10:5080"
+    bye = ack.replace(b"ACK sip", b"BYE sip").replace(b"CSeq: 1 ACK", b"CSeq: 2 BYE")
+    bye = bye.replace(b"z9hG4bK-ack-1", b"z9hG4bK-bye-1")
+    fwd_bye = _to(h.send(bye), CORE)
+    assert [m.method for m in fwd_bye] == ["BYE"]
+    ended = [e for e in h.events if isinstance(e, DialogEnded)]
+    assert [e.reason for e in ended] == ["bye_caller"]
+    ok_bye = _to(h.send(answer(fwd_bye[0], 200, "OK"), src=CORE), CALLER)
+    assert [m.status for m in ok_bye] == [200]
+    # A late BYE retransmission is answered from the transaction, and ends nothing again.
+    again = h.send(bye)
+    assert [m.status for m in _to(again, CALLER)] == [200]
+    assert len([e for e in h.events if isinstance(e, DialogEnded)]) == 1
+
+
+def test_bye_from_core_reaches_caller_contact() -> None:
+    """A BYE sent by the core (Route: us) goes to the caller's Contact and ends the dialog."""
+    h = Harness()
+    req = _to(h.send(invite()), CORE)[0]
+    h.send(answer(req, 200, "OK"), src=CORE)
+    bye = (
+        "BYE sip:+12125550100@198.51.100.7:5062 SIP/2.0\r\n"
+        "Via: SIP/2.0/UDP 10.0.0.10:5080;branch=z9hG4bK-core-bye\r\n"
+        "Route: <sip:192.0.2.1:5060;lr>\r\nMax-Forwards: 70\r\n"
+        "From: <sip:+18005550199@192.0.2.1>;tag=ttag9\r\n"
+        "To: <sip:+12125550100@198.51.100.7>;tag=ftag1\r\nCall-ID: call-1@caller\r\n"
+        "CSeq: 7 BYE\r\nContent-Length: 0\r\n\r\n"
+    ).encode()
+    out = h.send(bye, src=CORE)
+    fwd = _to(out, CALLER)
+    assert [m.method for m in fwd] == ["BYE"]
+    assert [e.reason for e in h.events if isinstance(e, DialogEnded)] == ["bye_callee"]
+
+
+def test_core_busy_is_acked_hop_by_hop_and_passed_back() -> None:
+    """A 486 from the core is ACKed by sipguard and forwarded; the caller's ACK is absorbed."""
+    h = Harness()
+    req = _to(h.send(invite()), CORE)[0]
+    out = h.send(answer(req, 486, "Busy Here"), src=CORE)
+    acks = _to(out, CORE)
+    assert [m.method for m in acks] == ["ACK"]
+    assert acks[0].top_via.branch == req.top_via.branch
+    assert acks[0].to_tag == "ttag9"
+    busy = _to(out, CALLER)
+    assert [m.status for m in busy] == [486]
+    # The core retransmits the 486: ACKed again, not forwarded again.
+    out = h.send(answer(req, 486, "Busy Here"), src=CORE)
+    assert [m.method for m in _to(out, CORE)] == ["ACK"] and _to(out, CALLER) == []
+    # Until the caller ACKs, the 486 is retransmitted on Timer G.
+    assert [m.status for m in _to(h.advance(0.6), CALLER)] == [486]
+    ack = invite().replace(b"INVITE sip", b"ACK sip", 1).replace(b"CSeq: 1 INVITE", b"CSeq: 1 ACK")
+    ack = ack.replace(b"To: <sip:+18005550199@192.0.2.1>", b"To: <sip:+18005550199@192.0.2.1>;tag=ttag9")
+    assert h.send(ack) == []
+    assert _to(h.advance(10), CALLER) == []
+    assert [e.reason for e in h.events if isinstance(e, DialogEnded)] == ["failed"]
+
+
+def test_cancel_waits_for_provisional_then_487_flows_back() -> None:
+    """CANCEL is answered 200, sent to the core after its first provisional, and 487 returns."""
+    h = Harness()
+    req = _to(h.send(invite()), CORE)[0]
+    cancel = (
+        "CANCEL sip:+18005550199@192.0.2.1:5060;user=phone SIP/2.0\r\n"
+        "Via: SIP/2.0/UDP 198.51.100.7:5062;branch=z9hG4bK-caller-1\r\n"
+        "Max-Forwards: 70\r\nFrom: <sip:+12125550100@198.51.100.7>;tag=ftag1\r\n"
+        "To: <sip:+18005550199@192.0.2.1>\r\nCall-ID: call-1@caller\r\n"
+        "CSeq: 1 CANCEL\r\nContent-Length: 0\r\n\r\n"
+    ).encode()
+    out = h.send(cancel)
+    assert [(m.status, m.cseq[1]) for m in _to(out, CALLER)] == [(200, "CANCEL")]
+    assert _to(out, CORE) == []  # no provisional yet: RFC 3261 §9.1
+    out = h.send(answer(req, 180, "Ringing"), src=CORE)
+    fwd_cancel = [m for m in _to(out, CORE) if m.method == "CANCEL"]
+    assert len(fwd_cancel) == 1 and fwd_cancel[0].top_via.branch == req.top_via.branch
+    h.send(answer(fwd_cancel[0], 200, "OK"), src=CORE)
+    out = h.send(answer(req, 487, "Request Terminated"), src=CORE)
+    assert [m.status for m in _to(out, CALLER)] == [487]
+    assert [e.reason for e in h.events if isinstance(e, DialogEnded)] == ["cancelled"]
+
+
+def test_cancel_for_unknown_transaction_gets_481() -> None:
+    """A CANCEL that matches no INVITE is answered 481."""
+    h = Harness()
+    cancel = invite().replace(b"INVITE sip", b"CANCEL sip", 1).replace(b"1 INVITE", b"1 CANCEL")
+    out = h.send(cancel)
+    assert [m.status for m in _to(out, CALLER)] == [481]
+
+
+def test_policy_reject_is_answered_locally_and_retransmitted_until_ack() -> None:
+    """A rejected INVITE never reaches the core; its answer repeats on Timer G until ACK."""
+    h = Harness(decide=reject_all(603))
+    out = h.send(invite())
+    assert _to(out, CORE) == []
+    assert [m.status for m in _to(out, CALLER)] == [100, 603]
+    rej = _to(out, CALLER)[1]
+    assert rej.to_tag
+    assert [m.status for m in _to(h.advance(0.5), CALLER)] == [603]
+    assert [m.status for m in _to(h.advance(1.0), CALLER)] == [603]
+    assert [m.status for m in _to(h.send(invite()), CALLER)] == [603]
+    decided = [e for e in h.events if isinstance(e, InviteDecided)]
+    assert len(decided) == 1 and decided[0].verdict.status == 603
+    assert not [e for e in h.events if isinstance(e, DialogStarted)]
+
+
+def test_pending_decision_absorbs_retransmissions_and_forwards_once() -> None:
+    """While a decision is pending, retransmissions wait; the resolved call is forwarded once."""
+    calls: list[CallInfo] = []
+
+    def later(call: CallInfo, now: float) -> Verdict | None:
+        calls.append(call)
+        return None
+
+    h = Harness(decide=later)
+    h.send(invite())
+    for _ in range(2):
+        assert _to(h.send(invite()), CORE) == []
+    assert len(calls) == 1
+    h.proxy.resolve(calls[0], Verdict("accept"), h.now)
+    assert len([m for m in h._drain() if m[0].addr == CORE]) == 1
+
+
+def test_validation_statuses() -> None:
+    """Max-Forwards 0 → 483, Proxy-Require → 420, unknown scheme → 416, OPTIONS to us → 200."""
+    h = Harness()
+    out = h.send(invite(max_forwards=0))
+    assert [m.status for m in _to(out, CALLER)] == [100, 483]
+    out = h.send(invite(branch="z9hG4bK-2", extra="Proxy-Require: foo, bar\r\n"))
+    statuses = _to(out, CALLER)
+    assert [m.status for m in statuses] == [100, 420]
+    assert statuses[1].get("unsupported") == "foo, bar"
+    out = h.send(invite(branch="z9hG4bK-3", uri="name:John_Doe"))
+    assert [m.status for m in _to(out, CALLER)] == [100, 416]
+    options = (
+        "OPTIONS sip:192.0.2.1:5060 SIP/2.0\r\n"
+        "Via: SIP/2.0/UDP 198.51.100.7:5062;branch=z9hG4bK-opt;rport\r\n"
+        "Max-Forwards: 70\r\nFrom: <sip:ping@198.51.100.7>;tag=a\r\nTo: <sip:192.0.2.1>\r\n"
+        "Call-ID: opt-1\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n"
+    ).encode()
+    out = h.send(options)
+    assert [m.status for m in _to(out, CALLER)] == [200]
+    assert _to(out, CALLER)[0].top_via.rport == CALLER[1]
+
+
+def test_loop_is_detected_but_spiral_is_not() -> None:
+    """A request carrying our own Via with the same loop hash gets 482."""
+    h = Harness()
+    h.send(invite())
+    fwd_raw = h.raw[1]
+    # The core sends the very same request back to us: a loop.
+    out = h.send(fwd_raw, src=CORE)
+    assert [m.status for m in _to(out, CORE)] == [100, 482]
+    # Retargeted (new Request-URI) and sent back by another hop: a spiral, forwarded.
+    spiral = fwd_raw.replace(b"INVITE sip:+18005550199@192.0.2.1:5060;user=phone",
+                             b"INVITE sip:+18005550100@192.0.2.1:5060;user=phone", 1)
+    spiral = spiral.replace(b"branch=z9hG4bKsg", b"branch=z9hG4bKsgX", 1)
+    out = h.send(spiral, src=("203.0.113.5", 5060))
+    assert [m.status for m in _to(out, ("203.0.113.5", 5060))] == [100]
+    assert [m.method for m in _to(out, CORE)] == ["INVITE"]
+
+
+def test_timer_b_answers_408_when_core_is_silent() -> None:
+    """With no answer at all, the INVITE is retransmitted on Timer A and 408 sent at Timer B."""
+    h = Harness()
+    h.send(invite())
+    out = h.advance(31.0)
+    assert len(_to(out, CORE)) == 5  # retransmitted at 0.5, 1.5, 3.5, 7.5, 15.5 s
+    out = h.advance(1.0)
+    assert [m.status for m in _to(out, CALLER)] == [408]
+    assert [e.reason for e in h.events if isinstance(e, DialogEnded)] == ["timeout"]
+
+
+def test_dialog_lifetime_frees_a_lost_call() -> None:
+    """A confirmed dialog whose BYE is lost ends at its maximum lifetime."""
+    h = Harness(max_dialog_lifetime=60.0)
+    req = _to(h.send(invite()), CORE)[0]
+    h.send(answer(req, 200, "OK"), src=CORE)
+    h.advance(59.0)
+    assert not [e for e in h.events if isinstance(e, DialogEnded)]
+    h.advance(2.0)
+    assert [e.reason for e in h.events if isinstance(e, DialogEnded)] == ["lifetime"]
+    assert h.proxy.live_dialogs() == 0
+
+
+def test_stray_response_is_dropped_and_reported() -> None:
+    """A response for no transaction of ours is dropped and reported."""
+    h = Harness()
+    resp = (
+        "SIP/2.0 200 OK\r\nVia: SIP/2.0/UDP 192.0.2.1:5060;branch=z9hG4bKsgdead.beef\r\n"
+        "From: <sip:a@b>;tag=1\r\nTo: <sip:c@d>;tag=2\r\nCall-ID: x\r\nCSeq: 1 INVITE\r\n"
+        "Content-Length: 0\r\n\r\n"
+    ).encode()
+    assert h.send(resp, src=CORE) == []
+    assert [e.kind for e in h.events if isinstance(e, Dropped)] == ["stray_response"]
+
+
+def test_malformed_request_gets_400_and_is_not_forwarded() -> None:
+    """A request with two CSeq headers is answered 400 statelessly and never forwarded."""
+    h = Harness()
+    bad = invite().replace(b"CSeq: 1 INVITE\r\n", b"CSeq: 1 INVITE\r\nCSeq: 2 INVITE\r\n")
+    out = h.send(bad)
+    assert [m.status for m in _to(out, CALLER)] == [400]
+    assert _to(out, CORE) == []
+
+
+def test_tcp_responses_go_back_on_the_same_connection() -> None:
+    """Over TCP the 100 and the forwarded answer use the connection the INVITE came on."""
+    h = Harness()
+    data = invite().replace(b"SIP/2.0/UDP", b"SIP/2.0/TCP")
+    out = h.send(data, transport="tcp", conn=42)
+    assert [(f.transport, f.conn, m.status) for f, m in out if m.status] == [("tcp", 42, 100)]
+    req = _to(out, CORE)[0]
+    # Double Record-Route: caller side TCP listener, core side UDP listener.
+    assert req.values("record-route") == [
+        "<sip:192.0.2.1:5060;lr>",
+        "<sip:192.0.2.1:5060;transport=tcp;lr>",
+    ]
+    out = h.send(answer(req, 200, "OK"), src=CORE)
+    assert [(f.transport, f.conn) for f, m in out] == [("tcp", 42)]
