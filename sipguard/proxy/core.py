@@ -800,7 +800,10 @@ class Proxy:
 
 
 def flow_is_core(flow: Flow, core: Flow) -> bool:
-    """True when ``flow`` comes from the configured core address."""
-    return flow.addr[0] == core.addr[0] and (
-        flow.addr[1] == core.addr[1] or flow.transport == "tcp"
-    )
+    """True when ``flow`` comes from the configured core address.
+
+    Over TCP this holds for the connection sipguard opened to the core (which the core reuses
+    for its own requests, RFC 5923 style) — a connection the core opens from an ephemeral port
+    counts as an outside source.
+    """
+    return flow.addr == core.addr and flow.transport == core.transport

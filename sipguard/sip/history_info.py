@@ -1,6 +1,6 @@
 """The History-Info header (RFC 7044) and the retargeting cause of its entries (RFC 4458).
 
-Grammar (RFC 7044 §9)::
+Grammar (RFC 7044)::
 
     History-Info = "History-Info" HCOLON hi-entry *(COMMA hi-entry)
     hi-entry = hi-targeted-to-uri *(SEMI hi-param)
@@ -20,7 +20,7 @@ Grammar (RFC 7044 §9)::
 
 The ``cause`` of an entry is the RFC 4458 ``cause`` URI parameter of its hi-targeted-to-uri
 (``<sip:vm@example.com;cause=486>``), or failing that the SIP cause of a Reason header escaped
-into that URI (RFC 7044 §10.2: ``<sip:bob@example.com?Reason=SIP%3Bcause%3D486>``). A cause
+into that URI (RFC 7044: ``<sip:bob@example.com?Reason=SIP%3Bcause%3D486>``). A cause
 that is not three digits is ignored (None), not an error: it is informational.
 """
 
@@ -29,6 +29,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import lru_cache
 from urllib.parse import unquote as _pct_unquote
 
 from sipguard.sip.errors import SipParseError
@@ -42,9 +43,9 @@ _INDEX_VAL = re.compile(r"[0-9]++(?:\.[0-9]++)*+")
 # protocol     = "SIP" / "Q.850" / token
 _PROTOCOL = re.compile(rf"[ \t]*+([{TOKEN_CHARS}]++)")
 
-# RFC 4458 §3 cause values for call forwarding / voicemail: 404 unknown/not available,
-# 486 user busy, 408 no reply, 302 unconditional, 487 deflection during alerting,
-# 480 deflection immediate response / not reachable, 503 service unavailable.
+# RFC 4458 cause values for call forwarding: 404 unknown / not available, 486 user busy,
+# 408 no reply, 302 unconditional, 487 deflection during alerting, 480 deflection immediate
+# response, 503 mobile subscriber not reachable.
 FORWARDING_CAUSES = frozenset({302, 404, 408, 480, 486, 487, 503})
 
 
@@ -68,7 +69,15 @@ class HistoryInfoEntry:
 
 
 def parse_history_info(text: str) -> list[HistoryInfoEntry]:
-    """Parse one History-Info header value (comma-separated hi-entries)."""
+    """Parse one History-Info header value (comma-separated hi-entries).
+
+    Results are memoised by text; each call returns a new list.
+    """
+    return list(_parse_entries(text))
+
+
+@lru_cache(maxsize=1024)
+def _parse_entries(text: str) -> tuple[HistoryInfoEntry, ...]:
     out: list[HistoryInfoEntry] = []
     for na in parse_name_addr_list(text, name_addr_only=True):
         index = get_param(na.params, "index")
@@ -84,7 +93,7 @@ def parse_history_info(text: str) -> list[HistoryInfoEntry]:
             if na.has_param(key) and get_param(na.params, key) is None:
                 raise SipParseError(400, f"History-Info {key} without a value")
         out.append(HistoryInfoEntry(na, index, rc, mp, np, _cause(na.uri)))
-    return out
+    return tuple(out)
 
 
 def _status(value: str | None) -> int | None:

@@ -14,8 +14,8 @@ Grammar (RFC 8224 §4.1, errata 6499 replaces base64-char by base64url-char)::
     base64url-char = ALPHA / DIGIT / "-" / "_"
 
 The digest must be a JWS compact serialisation, ``header.payload.signature``, or the RFC 8225
-§7 compact form with the payload left out, ``header..signature``. Parameters may come in any
-order. A missing ``info`` is not a parse error (``info`` is None): RFC 8224 §6.2.2 answers it
+compact form with the payload left out, ``header..signature``. Parameters may come in any
+order. A missing ``info`` is not a parse error (``info`` is None): RFC 8224 answers it
 with 436 Bad Identity Info, which is the verifier's call. ``ppt`` is commonly sent quoted
 (``ppt="shaken"``, RFC 8588), so quotes are accepted and stripped; ``info`` is given without
 its angle brackets (or quotes).
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 
 from sipguard.sip.errors import SipParseError
 from sipguard.sip.params import Params, expect_end, get_param, scan_params, unquote
@@ -53,7 +54,12 @@ class Identity:
 
 
 def parse_identity(text: str) -> Identity:
-    """Parse one Identity header value."""
+    """Parse one Identity header value (memoised by text: retransmissions repeat it)."""
+    return _parse_identity(text)
+
+
+@lru_cache(maxsize=1024)
+def _parse_identity(text: str) -> Identity:
     m = _JWS.match(text)
     if m is None:
         raise SipParseError(400, "Identity is not a JWS compact serialisation")
@@ -70,5 +76,5 @@ def parse_identity(text: str) -> Identity:
         unquote(alg) if alg is not None else None,
         unquote(ppt) if ppt is not None else None,
         params,
-        text,
+        text[:end],
     )

@@ -61,18 +61,32 @@ REQUIRED_ONCE = ("from", "to", "call-id", "cseq")
 AT_MOST_ONCE = ("max-forwards", "content-length")
 
 # token = 1*(alphanum / "-" / "." / "!" / "%" / "*" / "_" / "+" / "`" / "'" / "~")
-_TOKEN_CHARS = frozenset(
-    b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-.!%*_+`'~"
-)
+_TOKEN_BYTES = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-.!%*_+`'~"
 _DIGITS = frozenset(b"0123456789")
 _WS = b" \t"
 CRLF = b"\r\n"
 MAX_CSEQ = 2**31 - 1  # RFC 3261 §8.1.1.5: the sequence number MUST be less than 2**31
 
+# Raw header name (as it appeared, e.g. b"Via", b"v", b"CALL-ID ") -> canonical name. Names
+# repeat across messages, so a bounded cache turns validation and lower-casing into one lookup.
+_NAME_CACHE: dict[bytes, str] = {}
+_NAME_CACHE_MAX = 2048
+
 
 def is_token(data: bytes) -> bool:
     """True when ``data`` is a non-empty RFC 3261 token."""
-    return bool(data) and all(c in _TOKEN_CHARS for c in data)
+    return bool(data) and not data.translate(None, _TOKEN_BYTES)
+
+
+def _canonical_name(raw: bytes) -> str:
+    name = raw.rstrip(b" \t")
+    if not is_token(name):
+        raise SipParseError(400, f"malformed header name {name[:40]!r}")
+    text = name.decode("ascii").lower()
+    text = COMPACT.get(text, text)
+    if len(_NAME_CACHE) < _NAME_CACHE_MAX:
+        _NAME_CACHE[raw] = text
+    return text
 
 
 def _decode(raw: bytes) -> str:
@@ -393,24 +407,24 @@ def parse_message(data: bytes, *, max_size: int = 65535, datagram: bool = True) 
 
     names: list[str] = []
     lines: list[bytes] = []
-    compact = COMPACT
+    cache = _NAME_CACHE
     for line in head[1:]:
-        if not line:
+        colon = line.find(b":")
+        if colon > 0 and line[0] not in (32, 9):
+            key = line[:colon]
+            name = cache.get(key)
+            if name is None:
+                name = _canonical_name(key)
+            names.append(name)
+            lines.append(line)
+        elif not line:
             continue
-        if line[0] in b" \t":
+        elif line[0] in (32, 9):
             if not lines:
                 raise SipParseError(400, "continuation line before the first header")
             lines[-1] = lines[-1] + CRLF + line
-            continue
-        colon = line.find(b":")
-        if colon <= 0:
+        else:
             raise SipParseError(400, f"header line without a name: {line[:40]!r}")
-        raw_name = line[:colon].rstrip(b" \t")
-        if not is_token(raw_name):
-            raise SipParseError(400, f"malformed header name {raw_name[:40]!r}")
-        name = raw_name.decode("ascii").lower()
-        names.append(compact.get(name, name))
-        lines.append(line)
     body = data[end + 4 :]
     msg = Message(start_line, names, lines, body, method, uri_text, status, reason)
     try:

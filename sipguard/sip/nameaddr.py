@@ -13,7 +13,7 @@ Grammar (RFC 3261 §25.1)::
 RFC 3261 §20.10: without angle brackets, parameters after the URI belong to the header, not the
 URI, and a URI containing a comma, question mark or semicolon MUST be enclosed in angle
 brackets. So a bare addr-spec ends at the first ``;``, ``,`` or whitespace, and a ``?`` in it is
-a 400. Whitespace inside ``< >`` is a 400 too (RFC 4475 §3.1.2.9 allows rejecting it).
+a 400. Whitespace inside ``< >`` is a 400 too (RFC 4475 badaspec allows rejecting it).
 
 ``str(na)`` gives back the element exactly as received (without surrounding whitespace or the
 separating comma of a list).
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 
 from sipguard.sip.errors import SipParseError
 from sipguard.sip.params import (
@@ -38,7 +39,7 @@ from sipguard.sip.params import (
 from sipguard.sip.uri import Uri, parse_uri
 
 # display-name  =  *(token LWS) / quoted-string ; LAQUOT = SWS "<"
-# RFC 4475 §3.1.1.6 (lwsdisp): no whitespace is needed between the last token and "<".
+# RFC 4475 lwsdisp: no whitespace is needed between the last token and "<".
 _DISPLAY_TOKENS = re.compile(rf"([{TOKEN_CHARS}]++(?:[ \t]++[{TOKEN_CHARS}]++)*+)[ \t]*+<")
 # A bare addr-spec runs to the first ";", "," or whitespace (RFC 3261 §20.10).
 _BARE_URI = re.compile(r"[^;, \t]++")
@@ -119,12 +120,19 @@ def parse_name_addr(text: str, *, name_addr_only: bool = False) -> NameAddr:
     """Parse exactly one value (From, To, P-Asserted-Identity element, ...).
 
     With ``name_addr_only`` a bare addr-spec is a 400 (Route, Record-Route, History-Info).
+    Results are memoised by text: the same From / To comes back in every message of a dialog.
     """
-    na, end, bracketed = scan_name_addr(text, 0)
+    na, bracketed = _parse_one(text)
     if name_addr_only and not bracketed:
         raise SipParseError(400, "URI must be enclosed in <>")
-    expect_end(text, end, "name-addr")
     return na
+
+
+@lru_cache(maxsize=4096)
+def _parse_one(text: str) -> tuple[NameAddr, bool]:
+    na, end, bracketed = scan_name_addr(text, 0)
+    expect_end(text, end, "name-addr")
+    return na, bracketed
 
 
 def parse_name_addr_list(text: str, *, name_addr_only: bool = False) -> list[NameAddr]:
@@ -132,25 +140,34 @@ def parse_name_addr_list(text: str, *, name_addr_only: bool = False) -> list[Nam
 
     Commas inside quoted display names, quoted parameter values and ``< >`` do not split.
     ``Contact: *`` is for the caller to recognise; here it is a 400 like any other non-URI.
+    Results are memoised by text; each call returns a new list.
     """
+    items, all_bracketed = _parse_list(text)
+    if name_addr_only and not all_bracketed:
+        raise SipParseError(400, "URI must be enclosed in <>")
+    return list(items)
+
+
+@lru_cache(maxsize=4096)
+def _parse_list(text: str) -> tuple[tuple[NameAddr, ...], bool]:
     out: list[NameAddr] = []
+    all_bracketed = True
     n = len(text)
     pos = 0
     while True:
         na, pos, bracketed = scan_name_addr(text, pos)
-        if name_addr_only and not bracketed:
-            raise SipParseError(400, "URI must be enclosed in <>")
+        all_bracketed = all_bracketed and bracketed
         out.append(na)
         while pos < n and text[pos] in " \t":
             pos += 1
         if pos >= n:
-            return out
+            return tuple(out), all_bracketed
         if text[pos] != ",":
             raise SipParseError(400, f"malformed name-addr list near {text[pos : pos + 20]!r}")
         pos += 1
 
 
-# diversion-counter  = "counter" EQUAL 1*2DIGIT          (RFC 5806 §4)
+# diversion-counter  = "counter" EQUAL 1*2DIGIT          (RFC 5806)
 def diversion_counter(na: NameAddr) -> int:
     """The Diversion ``counter`` parameter: 1 when absent, 400 when not a number."""
     value = get_param(na.params, "counter")

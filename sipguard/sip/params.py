@@ -1,9 +1,11 @@
 """Header parameters, ``*( SEMI generic-param )``, shared by every header grammar.
 
-A parameter list is scanned one parameter per regex match, from a position in the header value,
-and the scan stops at the first position where no further ``; name[=value]`` starts. The caller
-then decides what may follow (the end of the value, or a comma before the next list element), so
-a comma or semicolon inside a quoted-string value never splits anything.
+A parameter list is scanned from a position in the header value: one regex match finds the run
+of well-formed ``; name[=value]`` parameters (quoted-strings included) and the scan stops where
+no further parameter starts. The caller then decides what may follow (the end of the value, or
+a comma before the next list element), so a comma or semicolon inside a quoted-string value
+never splits anything. The run is then split with ``str.split`` when it holds no whitespace or
+quotes (the common case), else by ``findall`` with the per-parameter regex.
 
 Names are lower-cased (they are tokens, compared case-insensitively); values are kept exactly
 as written, quoted-strings with their quotes (use :func:`unquote` to get the text inside).
@@ -21,7 +23,7 @@ Params = tuple[tuple[str, str | None], ...]
 TOKEN_CHARS = r"A-Za-z0-9\-.!%*_+`'~"
 # gen-value   =  token / host / quoted-string      (host adds "[" ":" "]" for IPv6 references;
 #                                                    Via received= carries a bare IPv6address)
-_VALUE_CHARS = TOKEN_CHARS + r"\[\]:"
+VALUE_CHARS = TOKEN_CHARS + r"\[\]:"
 # quoted-string  =  SWS DQUOTE *(qdtext / quoted-pair ) DQUOTE
 # qdtext         =  LWS / %x21 / %x23-5B / %x5D-7E / UTF8-NONASCII
 # quoted-pair    =  "\" (%x00-09 / %x0B-0C / %x0E-7F)
@@ -33,14 +35,16 @@ QUOTED_RE = re.compile(QUOTED)
 # EQUAL          =  SWS "=" SWS
 # generic-param  =  token [ EQUAL gen-value ]
 _PARAM = re.compile(
-    rf"[ \t]*+;[ \t]*+([{TOKEN_CHARS}]++)(?:[ \t]*+=[ \t]*+([{_VALUE_CHARS}]++|{QUOTED}))?+"
+    rf"[ \t]*+;[ \t]*+([{TOKEN_CHARS}]++)(?:[ \t]*+=[ \t]*+([{VALUE_CHARS}]++|{QUOTED}))?+"
 )
 # The same, where a value may also be an angle-bracketed URI (RFC 8224 ident-info-uri =
 # LAQUOT absoluteURI RAQUOT).
 _PARAM_ANGLE = re.compile(
     rf"[ \t]*+;[ \t]*+([{TOKEN_CHARS}]++)"
-    rf"(?:[ \t]*+=[ \t]*+([{_VALUE_CHARS}]++|{QUOTED}|<[^<>\"\x00-\x20\x7f]*+>))?+"
+    rf"(?:[ \t]*+=[ \t]*+([{VALUE_CHARS}]++|{QUOTED}|<[^<>\"\x00-\x20\x7f]*+>))?+"
 )
+_RUN = re.compile(rf"(?:{_PARAM.pattern})*+")
+_RUN_ANGLE = re.compile(rf"(?:{_PARAM_ANGLE.pattern})*+")
 _QUOTED_PAIR = re.compile(r"\\(.)", re.DOTALL)
 
 
@@ -50,20 +54,33 @@ def scan_params(text: str, pos: int, *, angle: bool = False) -> tuple[Params, in
     The end position is just after the last parameter (trailing whitespace not consumed). An
     empty or malformed parameter stops the scan where it starts; the caller reports it.
     """
-    match = (_PARAM_ANGLE if angle else _PARAM).match
+    if pos == len(text):
+        return (), pos
+    one, run = (_PARAM_ANGLE, _RUN_ANGLE) if angle else (_PARAM, _RUN)
+    m = run.match(text, pos)
+    end = m.end() if m is not None else pos
+    if end == pos:
+        return (), pos
+    run_text = text[pos:end]
+    if angle or '"' in run_text or " " in run_text or "\t" in run_text:
+        # An empty group from findall is an absent value: a gen-value is never empty.
+        found = one.findall(text, pos, end)
+        return tuple([(name.lower(), value or None) for name, value in found]), end
+    return split_plain(run_text), end
+
+
+def split_plain(run: str) -> Params:
+    """Split an already validated ``;a=b;c`` run that has no whitespace and no quoted-string."""
     out: list[tuple[str, str | None]] = []
-    while True:
-        m = match(text, pos)
-        if m is None:
-            return tuple(out), pos
-        name, value = m.group(1, 2)
-        out.append((name.lower(), value))
-        pos = m.end()
+    for item in run[1:].split(";"):
+        name, eq, value = item.partition("=")
+        out.append((name.lower(), value if eq else None))
+    return tuple(out)
 
 
 def expect_end(text: str, pos: int, what: str) -> None:
     """Raise 400 unless only whitespace remains after ``pos``."""
-    if text[pos:].strip(" \t"):
+    if pos != len(text) and text[pos:].strip(" \t"):
         raise SipParseError(400, f"malformed {what} near {text[pos : pos + 20]!r}")
 
 

@@ -72,6 +72,7 @@ _TEL_SUBSCRIBER = re.compile(r"\+[0-9().\-]*+|[0-9A-Fa-f*#().\-]++")
 
 _DROP_SEPARATORS = str.maketrans("", "", "-.() ")
 _DROP_DIALCHARS = str.maketrans("", "", "0123456789*#")
+_NUMBER_START = frozenset("+0123456789-.() ")
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,7 +102,19 @@ class Uri:
 
 
 def parse_uri(text: str) -> Uri:
-    """Parse a SIP, SIPS, tel or other absolute URI (see the module docstring)."""
+    """Parse a SIP, SIPS, tel or other absolute URI (see the module docstring).
+
+    Results are memoised by text (URIs repeat across the messages of a call); a Uri is
+    immutable, so sharing one is safe.
+    """
+    return _parse_uri_cached(text)
+
+
+@lru_cache(maxsize=8192)
+def _parse_uri_cached(text: str) -> Uri:
+    m = _SIP_FAST.fullmatch(text)
+    if m is not None:
+        return _sip_from_match(text, m)
     if not text:
         raise SipParseError(400, "empty URI")
     colon = text.find(":")
@@ -120,6 +133,37 @@ def parse_uri(text: str) -> Uri:
     if colon + 1 == len(text):
         raise SipParseError(400, "URI with nothing after the scheme")
     return Uri(scheme, None, None, "", None, (), None, text, None)
+
+
+# The common shape of a SIP/SIPS URI in one match (a strict subset of what _parse_sip takes,
+# with the same results): scheme, [user [":" password] "@"], host, [":" port], params, [headers].
+# No "@" may appear but the one ending the userinfo, as in _parse_sip where the first "@" ends
+# it. Anything else goes the long way, which also produces the precise error.
+_SIP_FAST = re.compile(
+    r"((?i:sips?)):"
+    r"(?:([!#-9;=?A-Z_a-z~]++)(?::([!#-;=?A-Z_a-z~]*+))?+@)?+"
+    r"([A-Za-z0-9_.\-]++|\[[0-9A-Fa-f:.]++\])"
+    r"(?::([0-9]{1,5}+))?+"
+    rf"((?:;{_PARAMCHAR}++(?:={_PARAMCHAR}++)?+)*+)"
+    r"(?:\?([!#-;=?A-\[\]_a-z~]*+))?+"
+)
+
+
+def _sip_from_match(text: str, m: re.Match[str]) -> Uri:
+    scheme, user, password, host, port_text, ptext, headers = m.groups()
+    port: int | None = None
+    if port_text is not None:
+        port = int(port_text)
+        if port > 65535:
+            raise SipParseError(400, f"port {port} out of range")
+    params = _split_uri_params(ptext) if ptext else ()
+    number = None
+    if user is not None:
+        phone = get_param(params, "user") if params else None
+        number = _number(user, phone is not None and phone.lower() == "phone")
+    return Uri(
+        scheme.lower(), user, password, check_host(host), port, params, headers, text, number
+    )
 
 
 # SIP-URI   =  "sip:" [ userinfo ] hostport uri-parameters [ headers ]
@@ -176,6 +220,10 @@ def _parse_tel(text: str, start: int) -> Uri:
 def _uri_params(text: str) -> Params:
     if _URI_PARAMS.fullmatch(text) is None:
         raise SipParseError(400, f"malformed URI parameters {text[:40]!r}")
+    return _split_uri_params(text)
+
+
+def _split_uri_params(text: str) -> Params:
     out: list[tuple[str, str | None]] = []
     for item in text[1:].split(";"):
         name, eq, value = item.partition("=")
@@ -253,6 +301,11 @@ def _number(user: str, phone: bool) -> str | None:
     """
     if "%" in user:
         user = _pct_unquote(user, encoding="latin-1")
+    elif user[0] not in _NUMBER_START:
+        if not phone:
+            return None  # fast exit for the usual "alice"
+    elif (user[1:] if user[0] == "+" else user).isdigit() and user.isascii():
+        return user  # fast exit for an already normal number
     digits = user.partition(";")[0].translate(_DROP_SEPARATORS)
     body = digits[1:] if digits.startswith("+") else digits
     if not body:

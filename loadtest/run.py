@@ -1,0 +1,586 @@
+"""sipguard load test: SIPp call load at a series of rates, direct vs through sipguard.
+
+    python loadtest/run.py [--rates 200,500,1000,1500] [--duration 10] [--hold-ms 1000]
+                           [--transport udp|tcp] [--probe-rate 20] [--only direct|sipguard]
+                           [--proxy-cmd "python -m sipguard"] [--config FILE]
+
+For every rate it runs (a) the baseline SIPp UAC -> SIPp UAS and (b) SIPp UAC -> sipguard ->
+SIPp UAS, each for --duration seconds of call generation with --hold-ms long calls, while a
+Python probe UAC places --probe-rate calls/s alongside and times INVITE -> 200 with
+time.perf_counter() (SIPp's own response times tick in 4 ms steps).  sipguard's CPU use is
+read from /proc/PID/stat (utime+stime) before and after the step.  It prints one table and
+writes the same numbers as JSON into loadtest/results/.  See loadtest/README.md.
+
+Everything runs on 127.0.0.1; every process is bounded by a call count and a hard timeout and
+is stopped by its PID.  ``run.py probe ...`` is the probe itself (started as a subprocess).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from tests.e2e.harness import (  # noqa: E402
+    HOST,
+    SipguardProcess,
+    SippProcess,
+    cpu_seconds,
+    free_port,
+    sipguard_command,
+    sipp_binary,
+    stop_pid,
+)
+
+SCENARIOS = HERE / "scenarios"
+NUMBERS = HERE / "numbers.csv"
+RESULTS = HERE / "results"
+
+
+# ============================================================================ probe
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """q-th percentile (0..100), linear interpolation between closest ranks."""
+    if not values:
+        return None
+    v = sorted(values)
+    if len(v) == 1:
+        return v[0]
+    pos = (len(v) - 1) * q / 100.0
+    lo = int(pos)
+    hi = min(lo + 1, len(v) - 1)
+    return v[lo] + (v[hi] - v[lo]) * (pos - lo)
+
+
+@dataclass
+class ProbeCall:
+    call_id: str
+    tag: str
+    invite: bytes
+    t_invite: float = 0.0
+    t_first: float | None = None
+    t_200: float | None = None
+    to_hdr: str = ""
+    ack: bytes = b""
+    bye: bytes = b""
+    done: bool = False
+    failed: str | None = None
+    invite_sends: int = 0
+    bye_sends: int = 0
+
+
+def _hdrs(head: list[str]) -> dict[str, list[str]]:
+    compact = {"v": "via", "f": "from", "t": "to", "i": "call-id", "m": "contact"}
+    out: dict[str, list[str]] = {}
+    for line in head[1:]:
+        n, _, v = line.partition(":")
+        n = n.strip().lower()
+        out.setdefault(compact.get(n, n), []).append(v.strip())
+    return out
+
+
+def _split(value: str) -> list[str]:
+    out, depth, cur = [], 0, ""
+    for ch in value:
+        depth += ch == "<"
+        depth -= ch == ">"
+        if ch == "," and depth == 0:
+            out.append(cur.strip())
+            cur = ""
+        else:
+            cur += ch
+    if cur.strip():
+        out.append(cur.strip())
+    return out
+
+
+class Probe(asyncio.DatagramProtocol):
+    """Low-rate UDP UAC: INVITE -> (1xx) -> 200 -> ACK -> hold -> BYE -> 200, with RFC 3261
+    style retransmissions (INVITE until a response, BYE until its final response)."""
+
+    def __init__(self, target: tuple[str, int], local_port: int, hold: float) -> None:
+        self.target = target
+        self.local_port = local_port
+        self.hold = hold
+        self.calls: dict[str, ProbeCall] = {}
+        self.transport: asyncio.DatagramTransport | None = None
+        self.n = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def _send(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.sendto(data, self.target)
+
+    def _via(self) -> str:
+        return f"SIP/2.0/UDP {HOST}:{self.local_port};branch=z9hG4bK-probe-{uuid.uuid4().hex[:16]}"
+
+    def start_call(self) -> None:
+        self.n += 1
+        caller = f"+1212559{self.n % 10000:04d}"
+        callee = f"+1646559{self.n % 10000:04d}"
+        call_id = f"probe-{uuid.uuid4().hex}@{HOST}"
+        tag = uuid.uuid4().hex[:12]
+        sdp = (
+            f"v=0\r\no=probe 1 1 IN IP4 {HOST}\r\ns=-\r\nc=IN IP4 {HOST}\r\nt=0 0\r\n"
+            "m=audio 40000 RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\n"
+        )
+        invite = (
+            f"INVITE sip:{callee}@{self.target[0]}:{self.target[1]} SIP/2.0\r\n"
+            f"Via: {self._via()}\r\n"
+            f"From: <sip:{caller}@{HOST}:{self.local_port}>;tag={tag}\r\n"
+            f"To: <sip:{callee}@{self.target[0]}:{self.target[1]}>\r\n"
+            f"Call-ID: {call_id}\r\nCSeq: 1 INVITE\r\n"
+            f"Contact: <sip:{caller}@{HOST}:{self.local_port};transport=UDP>\r\n"
+            f"Max-Forwards: 70\r\nContent-Type: application/sdp\r\n"
+            f"Content-Length: {len(sdp)}\r\n\r\n{sdp}"
+        ).encode()
+        c = ProbeCall(call_id, tag, invite)
+        self.calls[call_id] = c
+        c.t_invite = time.perf_counter()
+        self._send(invite)
+        c.invite_sends = 1
+        asyncio.get_running_loop().call_later(0.5, self._retrans_invite, c, 0.5)
+
+    def _retrans_invite(self, c: ProbeCall, interval: float) -> None:
+        if c.t_first is not None or c.done:
+            return
+        if c.invite_sends >= 7:
+            c.failed, c.done = "INVITE timeout", True
+            return
+        self._send(c.invite)
+        c.invite_sends += 1
+        nxt = min(interval * 2, 4.0)
+        asyncio.get_running_loop().call_later(nxt, self._retrans_invite, c, nxt)
+
+    def _send_bye(self, c: ProbeCall) -> None:
+        if c.done:
+            return
+        if c.bye_sends >= 7:
+            c.failed, c.done = "BYE timeout", True
+            return
+        self._send(c.bye)
+        c.bye_sends += 1
+        asyncio.get_running_loop().call_later(0.5 * min(2**c.bye_sends, 8), self._send_bye, c)
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        now = time.perf_counter()
+        head = data.split(b"\r\n\r\n", 1)[0].decode("utf-8", "replace").split("\r\n")
+        if not head or not head[0].startswith("SIP/2.0 "):
+            return
+        code = int(head[0].split()[1])
+        h = _hdrs(head)
+        c = self.calls.get((h.get("call-id") or [""])[0])
+        if c is None:
+            return
+        cseq = (h.get("cseq") or ["1 ?"])[0].split()
+        method = cseq[1] if len(cseq) > 1 else "?"
+        if method == "INVITE":
+            if c.t_first is None:
+                c.t_first = now
+            if 200 <= code < 300:
+                if c.t_200 is None:
+                    c.t_200 = now
+                    self._prepare_dialog(c, h)
+                    asyncio.get_running_loop().call_later(self.hold, self._send_bye, c)
+                self._send(c.ack)  # first 2xx or a retransmission of it
+            elif code >= 300 and not c.done:
+                c.failed, c.done = f"INVITE {code}", True
+        elif method == "BYE" and code >= 200 and not c.done:
+            c.done = True
+            if code >= 300:
+                c.failed = f"BYE {code}"
+
+    def _prepare_dialog(self, c: ProbeCall, h: dict[str, list[str]]) -> None:
+        rr: list[str] = []
+        for v in h.get("record-route", []):
+            rr.extend(_split(v))
+        routes = list(reversed(rr))
+        contact = _split((h.get("contact") or [""])[0] or "")
+        m = re.search(r"<([^>]+)>", contact[0] if contact else "")
+        target_uri = m.group(1) if m else f"sip:{self.target[0]}:{self.target[1]}"
+        c.to_hdr = (h.get("to") or [""])[0]
+        route = f"Route: {', '.join(routes)}\r\n" if routes else ""
+        from_hdr = f"<sip:probe@{HOST}:{self.local_port}>;tag={c.tag}"
+        caller = re.search(r"^From: (.*)$", c.invite.decode(), re.M)
+        if caller:
+            from_hdr = caller.group(1)
+
+        def req(method: str, cseq: int) -> bytes:
+            return (
+                f"{method} {target_uri} SIP/2.0\r\nVia: {self._via()}\r\n{route}"
+                f"From: {from_hdr}\r\nTo: {c.to_hdr}\r\nCall-ID: {c.call_id}\r\n"
+                f"CSeq: {cseq} {method}\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n"
+            ).encode()
+
+        c.ack = req("ACK", 1)
+        c.bye = req("BYE", 2)
+
+
+async def run_probe(
+    target: tuple[str, int], local_port: int, rate: float, duration: float, hold: float
+) -> dict[str, Any]:
+    loop = asyncio.get_running_loop()
+    transport, probe = await loop.create_datagram_endpoint(
+        lambda: Probe(target, local_port, hold), local_addr=(HOST, local_port)
+    )
+    try:
+        t0 = time.perf_counter()
+        n_total = max(int(rate * duration), 1)
+        for i in range(n_total):
+            delay = t0 + i / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            probe.start_call()
+        deadline = time.perf_counter() + hold + 15.0
+        while time.perf_counter() < deadline and not all(c.done for c in probe.calls.values()):
+            await asyncio.sleep(0.05)
+    finally:
+        transport.close()
+    calls = list(probe.calls.values())
+    to200 = [(c.t_200 - c.t_invite) * 1000 for c in calls if c.t_200 is not None]
+    first = [(c.t_first - c.t_invite) * 1000 for c in calls if c.t_first is not None]
+    ok = [c for c in calls if c.done and c.failed is None and c.t_200 is not None]
+    failures: dict[str, int] = {}
+    for c in calls:
+        if c not in ok:
+            reason = c.failed or "unfinished"
+            failures[reason] = failures.get(reason, 0) + 1
+    return {
+        "calls": len(calls),
+        "completed": len(ok),
+        "failed": len(calls) - len(ok),
+        "failures": failures,
+        "invite_retransmissions": sum(max(c.invite_sends - 1, 0) for c in calls),
+        "to200_ms": {
+            "p50": percentile(to200, 50),
+            "p90": percentile(to200, 90),
+            "p99": percentile(to200, 99),
+            "max": max(to200, default=None),
+            "n": len(to200),
+        },
+        "first_response_ms": {
+            "p50": percentile(first, 50),
+            "p99": percentile(first, 99),
+            "n": len(first),
+        },
+    }
+
+
+def probe_main(argv: list[str]) -> None:
+    ap = argparse.ArgumentParser(prog="run.py probe", description="latency probe UAC (UDP)")
+    ap.add_argument("--target", required=True, help="HOST:PORT")
+    ap.add_argument("--local-port", type=int, required=True)
+    ap.add_argument("--rate", type=float, default=20)
+    ap.add_argument("--duration", type=float, default=10)
+    ap.add_argument("--hold-ms", type=int, default=100)
+    ap.add_argument("--out", type=Path, required=True)
+    a = ap.parse_args(argv)
+    host, _, port = a.target.rpartition(":")
+    res = asyncio.run(
+        run_probe((host, int(port)), a.local_port, a.rate, a.duration, a.hold_ms / 1000)
+    )
+    a.out.write_text(json.dumps(res, indent=2))
+
+
+# ======================================================================= load steps
+
+
+@dataclass
+class Step:
+    rate: int
+    path: str  # "direct" | "sipguard"
+    duration: float
+    attempted: int = 0
+    completed: int = 0
+    failed: int = 0
+    success_pct: float = 0.0
+    achieved_cps: float = 0.0
+    uac_elapsed_s: float = 0.0
+    uac_timed_out: bool = False
+    uac_returncode: int | None = None
+    retransmissions: int = 0
+    uas_completed: int = 0
+    uas_failed: int = 0
+    probe: dict[str, Any] = field(default_factory=dict)
+    p50_ms: float | None = None
+    p99_ms: float | None = None
+    sipguard_cpu_s: float | None = None
+    cpu_ms_per_call: float | None = None
+    sipguard_returncode: int | None = None
+    error: str | None = None
+    workdir: str = ""
+
+
+def run_step(args: argparse.Namespace, rate: int, path: str, root: Path) -> Step:
+    step = Step(rate=rate, path=path, duration=args.duration)
+    workdir = root / f"{rate:05d}-{path}"
+    workdir.mkdir(parents=True, exist_ok=True)
+    step.workdir = str(workdir)
+    hold_s = args.hold_ms / 1000
+    attempted = max(int(rate * args.duration), 1)
+    probe_calls = int(args.probe_rate * args.duration)
+    limit = args.duration + hold_s + 40  # hard bound of one step's SIPp runs, seconds
+    log_cap = ["-max_log_size", "5000000", "-ringbuffer_files", "1"]
+    uas = SippProcess(
+        "uas",
+        SCENARIOS / "uas_load.xml",
+        workdir,
+        local_port=free_port(),
+        transport=args.transport,
+        calls=(attempted + probe_calls) * 2 + 100,
+        timeout=limit + 15,
+        inf=None,
+        trace_msg=False,
+        extra=log_cap,
+    )
+    guard: SipguardProcess | None = None
+    probe_proc: subprocess.Popen[bytes] | None = None
+    try:
+        uas.start()
+        uas.wait_bound()
+        target = uas.local_port
+        if path == "sipguard":
+            port = free_port()
+            guard = SipguardProcess(
+                workdir,
+                listen=[f"{args.transport}://{HOST}:{port}"],
+                core=f"{args.transport}://{HOST}:{uas.local_port}",
+                config_path=args.config,
+                command=shlex.split(args.proxy_cmd) if args.proxy_cmd else None,
+                stdout_events=False,
+            )
+            guard.start(ready_timeout=10)
+            target = port
+        cpu0 = cpu_seconds(guard.pid) if guard else 0.0
+        probe_out = workdir / "probe.json"
+        if args.probe_rate > 0:
+            probe_cmd = [
+                sys.executable,
+                str(Path(__file__).resolve()),
+                "probe",
+                "--target",
+                f"{HOST}:{target}",
+                "--local-port",
+                str(free_port()),
+                "--rate",
+                str(args.probe_rate),
+                "--duration",
+                str(args.duration),
+                "--hold-ms",
+                "100",
+                "--out",
+                str(probe_out),
+            ]
+            with open(workdir / "probe_stderr.txt", "wb") as perr:
+                probe_proc = subprocess.Popen(
+                    probe_cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=perr
+                )
+        uac = SippProcess(
+            "uac",
+            SCENARIOS / "uac_load.xml",
+            workdir,
+            local_port=free_port(),
+            transport=args.transport,
+            remote=(HOST, target),
+            calls=attempted,
+            rate=rate,
+            duration_ms=args.hold_ms,
+            timeout=limit,
+            inf=NUMBERS,
+            trace_msg=False,
+            extra=log_cap,
+        )
+        t0 = time.monotonic()
+        uac.start()
+        res = uac.wait()
+        step.uac_elapsed_s = time.monotonic() - t0
+        if probe_proc is not None:
+            try:
+                probe_proc.wait(max(args.duration + 25 - step.uac_elapsed_s, 5))
+            except subprocess.TimeoutExpired:
+                stop_pid(probe_proc, grace=2)
+        if guard is not None:
+            step.sipguard_cpu_s = cpu_seconds(guard.pid) - cpu0
+        step.attempted = res.created or attempted
+        step.completed = res.successful
+        step.failed = res.failed
+        step.uac_timed_out = res.timed_out
+        step.uac_returncode = res.returncode
+        step.retransmissions = res.retransmissions
+        step.success_pct = 100.0 * step.completed / step.attempted if step.attempted else 0.0
+        gen_window = max(step.uac_elapsed_s - hold_s, 1e-3)
+        step.achieved_cps = step.completed / gen_window
+        if probe_out.exists():
+            step.probe = json.loads(probe_out.read_text())
+            step.p50_ms = step.probe["to200_ms"]["p50"]
+            step.p99_ms = step.probe["to200_ms"]["p99"]
+        if step.sipguard_cpu_s is not None:
+            handled = step.attempted + int(step.probe.get("calls", 0))
+            step.cpu_ms_per_call = 1000 * step.sipguard_cpu_s / max(handled, 1)
+    except Exception as exc:  # noqa: BLE001 - report and go on with the next step
+        step.error = f"{type(exc).__name__}: {exc}"
+    finally:
+        if probe_proc is not None and probe_proc.poll() is None:
+            stop_pid(probe_proc, grace=2)
+        if guard is not None:
+            step.sipguard_returncode = guard.stop()
+        if uas.proc is not None:
+            ures = uas.stop(grace=5)
+            step.uas_completed, step.uas_failed = ures.successful, ures.failed
+    return step
+
+
+# ========================================================================== report
+
+
+def fmt(v: float | None, spec: str = ".2f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b == 0:
+        return None
+    return a / b
+
+
+HEADER = (
+    f"{'rate':>6} {'path':<9} {'attempted':>9} {'completed':>9} {'failed':>6} {'ok%':>7} "
+    f"{'calls/s':>8} {'p50ms':>7} {'p99ms':>7} {'cpu_ms/call':>11} {'x_cps':>6} {'x_p50':>6} {'x_p99':>6}"
+)
+
+
+def row(s: Step, base: Step | None) -> str:
+    xs = (
+        (
+            ratio(s.achieved_cps, base.achieved_cps),
+            ratio(s.p50_ms, base.p50_ms),
+            ratio(s.p99_ms, base.p99_ms),
+        )
+        if base and s is not base
+        else (None, None, None)
+    )
+    line = (
+        f"{s.rate:>6} {s.path:<9} {s.attempted:>9} {s.completed:>9} {s.failed:>6} {s.success_pct:>7.2f} "
+        f"{s.achieved_cps:>8.1f} {fmt(s.p50_ms, '.3f'):>7} {fmt(s.p99_ms, '.3f'):>7} {fmt(s.cpu_ms_per_call, '.3f'):>11} "
+        f"{fmt(xs[0]):>6} {fmt(xs[1]):>6} {fmt(xs[2]):>6}"
+    )
+    if s.error:
+        line += f"  ERROR {s.error}"
+    elif s.uac_timed_out:
+        line += "  (UAC hit its time limit)"
+    return line
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["probe"]:
+        probe_main(argv[1:])
+        return 0
+    ap = argparse.ArgumentParser(
+        description="sipguard load test: direct baseline vs through sipguard"
+    )
+    ap.add_argument(
+        "--rates", default="200,500,1000,1500", help="comma-separated call rates (calls/s)"
+    )
+    ap.add_argument(
+        "--duration", type=float, default=10, help="seconds of call generation per step"
+    )
+    ap.add_argument("--hold-ms", type=int, default=1000, help="call duration (SIPp -d)")
+    ap.add_argument("--transport", choices=["udp", "tcp"], default="udp")
+    ap.add_argument(
+        "--probe-rate", type=float, default=20, help="latency probe calls/s (0: no probe)"
+    )
+    ap.add_argument("--only", choices=["direct", "sipguard"], help="run one path only")
+    ap.add_argument(
+        "--proxy-cmd",
+        help="command replacing `python -m sipguard` (then `run --config ... --listen ... --core ...` is appended)",
+    )
+    ap.add_argument(
+        "--config", type=Path, help="sipguard config file to use (listen/core overridden by flags)"
+    )
+    ap.add_argument("--results-dir", type=Path, default=RESULTS)
+    args = ap.parse_args(argv)
+    if sipp_binary() is None:
+        print(
+            "sipp not on PATH: install SIPp (Debian package sip-tester, `make sipp`)",
+            file=sys.stderr,
+        )
+        return 2
+    rates = [int(r) for r in args.rates.split(",") if r.strip()]
+    if args.transport != "udp" and args.probe_rate > 0:
+        print("note: the latency probe is UDP only; no probe (and no p50/p99) with --transport tcp")
+        args.probe_rate = 0
+    if args.config is not None:
+        args.config = args.config.resolve()
+    run_id = time.strftime("%Y%m%d-%H%M%S")
+    root = args.results_dir / run_id
+    root.mkdir(parents=True, exist_ok=True)
+    paths = [args.only] if args.only else ["direct", "sipguard"]
+    proxy = args.proxy_cmd or shlex.join(sipguard_command())
+    print(
+        f"sipguard load test {run_id}: rates {rates} cps, {args.duration:g} s each, calls {args.hold_ms} ms, "
+        f"{args.transport}, probe {args.probe_rate:g} cps; proxy: {proxy}",
+        flush=True,
+    )
+    print(HEADER, flush=True)
+    steps: list[Step] = []
+    for rate in rates:
+        base: Step | None = None
+        for path in paths:
+            s = run_step(args, rate, path, root)
+            steps.append(s)
+            if path == "direct":
+                base = s
+            print(row(s, base), flush=True)
+    sipp_ver = subprocess.run(
+        [sipp_binary() or "sipp", "-v"], capture_output=True, text=True, timeout=10
+    ).stdout
+    report = {
+        "run_id": run_id,
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "proxy_cmd": proxy,
+        "host": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+            "sipp": " ".join(sipp_ver.split())[:80],
+            "sipp_path": shutil.which("sipp"),
+        },
+        "columns": {
+            "attempted": "calls the SIPp UAC started",
+            "completed": "calls that went INVITE..BYE/200 as scripted",
+            "calls/s": "completed / (UAC wall time - hold time)",
+            "p50ms/p99ms": "probe INVITE->200 latency",
+            "cpu_ms/call": "sipguard utime+stime / (load + probe calls)",
+            "x_*": "sipguard / direct, same rate, same run",
+        },
+        "steps": [asdict(s) for s in steps],
+    }
+    out = args.results_dir / f"{run_id}.json"
+    out.write_text(json.dumps(report, indent=2))
+    print(f"results: {out} (traces in {root})")
+    return 0 if all(s.error is None for s in steps) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
