@@ -646,11 +646,11 @@ class Proxy:
             if status < 300:
                 ct.state = "accepted"
                 ct.timeout = self.timers.add(now + 64 * s.t1, self._timer_drop_client, ct)
-                st = ct.server
-                if st is not None and st.dialog is not None and st.dialog.state == "early":
-                    st.dialog.state = "confirmed"
-                    st.dialog.confirmed_at = now
-                    st.dialog.callee_tag = msg.to_tag or st.dialog.callee_tag
+                dialog = ct.server.dialog if ct.server is not None else None
+                if dialog is not None and dialog.state == "early":
+                    dialog.state = "confirmed"
+                    dialog.confirmed_at = now
+                    dialog.callee_tag = msg.to_tag or dialog.callee_tag
             else:
                 ct.state = "completed"
                 self.outbox.append((ct.flow, build.ack_for(ct.sent_msg(), msg)))
@@ -660,10 +660,10 @@ class Proxy:
             ct.state = "completed"
             wait = s.t4 if ct.flow.transport == "udp" else 0.0
             ct.timeout = self.timers.add(now + wait, self._timer_drop_client, ct)
-        st = ct.server
-        if st is None or st.state not in ("proceeding", "deciding"):
+        server = ct.server
+        if server is None or server.state not in ("proceeding", "deciding"):
             return  # CANCEL's own answer, or the upstream side already has a final answer
-        self._send_upstream(st, status, self._strip_via(msg), now)
+        self._send_upstream(server, status, self._strip_via(msg), now)
 
     def _strip_via(self, msg: Message) -> bytes:
         """The response with our (top) Via value removed (RFC 3261 §16.7 step 3)."""

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import NamedTuple
 
 
-class Local(NamedTuple):
+@dataclass(frozen=True, slots=True)
+class Local:
     """One listening endpoint of sipguard, as the proxy core sees it."""
 
     index: int

@@ -184,7 +184,7 @@ class Message:
         if v is None:
             v = self.get("call-id") or ""
             self._cache["call-id"] = v
-        return v  # type: ignore[no-any-return]
+        return v
 
     @property
     def cseq(self) -> tuple[int, str]:

@@ -35,13 +35,13 @@ class TcpConnection(asyncio.Protocol):
         self.closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
+        self.transport = tr = transport  # type: ignore[assignment]  # uvloop's is no subclass
         peer = transport.get_extra_info("peername")
         self.addr = (peer[0], peer[1])
         self.last_active = self.pool.loop.time()
         self.pool.register(self)
         for data in self.pending:
-            transport.write(data)
+            tr.write(data)  # type: ignore[attr-defined]
         self.pending.clear()
 
     def data_received(self, data: bytes) -> None:

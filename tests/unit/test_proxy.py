@@ -62,13 +62,13 @@ def test_full_call_flows_both_ways_and_dialog_ends_on_bye() -> None:
     # Retransmitted 200 from the core is forwarded again (RFC 6026 Accepted state).
     assert [m.status for m in _to(h.send(answer(req, 200, "OK"), src=CORE), CALLER)] == [200]
     ack = (
-        "ACK sip:core@10.0.0.10:5080 SIP/2.0\r\n"
-        "Via: SIP/2.0/UDP 198.51.100.7:5062;branch=z9hG4bK-ack-1\r\n"
-        "Route: <sip:192.0.2.1:5060;lr>\r\nMax-Forwards: 70\r\n"
-        "From: <sip:+12125550100@198.51.100.7>;tag=ftag1\r\n"
-        "To: <sip:+18005550199@192.0.2.1>;tag=ttag9\r\nCall-ID: call-1@caller\r\n"
-        "CSeq: 1 ACK\r\nContent-Length: 0\r\n\r\n"
-    ).encode()
+        b"ACK sip:core@10.0.0.10:5080 SIP/2.0\r\n"
+        b"Via: SIP/2.0/UDP 198.51.100.7:5062;branch=z9hG4bK-ack-1\r\n"
+        b"Route: <sip:192.0.2.1:5060;lr>\r\nMax-Forwards: 70\r\n"
+        b"From: <sip:+12125550100@198.51.100.7>;tag=ftag1\r\n"
+        b"To: <sip:+18005550199@192.0.2.1>;tag=ttag9\r\nCall-ID: call-1@caller\r\n"
+        b"CSeq: 1 ACK\r\nContent-Length: 0\r\n\r\n"
+    )
     fwd_ack = _to(h.send(ack), CORE)
     assert len(fwd_ack) == 1 and fwd_ack[0].method == "ACK"
     assert not fwd_ack[0].has("route")
@@ -93,13 +93,13 @@ def test_bye_from_core_reaches_caller_contact() -> None:
     req = _to(h.send(invite()), CORE)[0]
     h.send(answer(req, 200, "OK"), src=CORE)
     bye = (
-        "BYE sip:+12125550100@198.51.100.7:5062 SIP/2.0\r\n"
-        "Via: SIP/2.0/UDP 10.0.0.10:5080;branch=z9hG4bK-core-bye\r\n"
-        "Route: <sip:192.0.2.1:5060;lr>\r\nMax-Forwards: 70\r\n"
-        "From: <sip:+18005550199@192.0.2.1>;tag=ttag9\r\n"
-        "To: <sip:+12125550100@198.51.100.7>;tag=ftag1\r\nCall-ID: call-1@caller\r\n"
-        "CSeq: 7 BYE\r\nContent-Length: 0\r\n\r\n"
-    ).encode()
+        b"BYE sip:+12125550100@198.51.100.7:5062 SIP/2.0\r\n"
+        b"Via: SIP/2.0/UDP 10.0.0.10:5080;branch=z9hG4bK-core-bye\r\n"
+        b"Route: <sip:192.0.2.1:5060;lr>\r\nMax-Forwards: 70\r\n"
+        b"From: <sip:+18005550199@192.0.2.1>;tag=ttag9\r\n"
+        b"To: <sip:+12125550100@198.51.100.7>;tag=ftag1\r\nCall-ID: call-1@caller\r\n"
+        b"CSeq: 7 BYE\r\nContent-Length: 0\r\n\r\n"
+    )
     out = h.send(bye, src=CORE)
     fwd = _to(out, CALLER)
     assert [m.method for m in fwd] == ["BYE"]
@@ -134,12 +134,12 @@ def test_cancel_waits_for_provisional_then_487_flows_back() -> None:
     h = Harness()
     req = _to(h.send(invite()), CORE)[0]
     cancel = (
-        "CANCEL sip:+18005550199@192.0.2.1:5060;user=phone SIP/2.0\r\n"
-        "Via: SIP/2.0/UDP 198.51.100.7:5062;branch=z9hG4bK-caller-1\r\n"
-        "Max-Forwards: 70\r\nFrom: <sip:+12125550100@198.51.100.7>;tag=ftag1\r\n"
-        "To: <sip:+18005550199@192.0.2.1>\r\nCall-ID: call-1@caller\r\n"
-        "CSeq: 1 CANCEL\r\nContent-Length: 0\r\n\r\n"
-    ).encode()
+        b"CANCEL sip:+18005550199@192.0.2.1:5060;user=phone SIP/2.0\r\n"
+        b"Via: SIP/2.0/UDP 198.51.100.7:5062;branch=z9hG4bK-caller-1\r\n"
+        b"Max-Forwards: 70\r\nFrom: <sip:+12125550100@198.51.100.7>;tag=ftag1\r\n"
+        b"To: <sip:+18005550199@192.0.2.1>\r\nCall-ID: call-1@caller\r\n"
+        b"CSeq: 1 CANCEL\r\nContent-Length: 0\r\n\r\n"
+    )
     out = h.send(cancel)
     assert [(m.status, m.cseq[1]) for m in _to(out, CALLER)] == [(200, "CANCEL")]
     assert _to(out, CORE) == []  # no provisional yet: RFC 3261 §9.1
@@ -205,11 +205,11 @@ def test_validation_statuses() -> None:
     out = h.send(invite(branch="z9hG4bK-3", uri="name:John_Doe"))
     assert [m.status for m in _to(out, CALLER)] == [100, 416]
     options = (
-        "OPTIONS sip:192.0.2.1:5060 SIP/2.0\r\n"
-        "Via: SIP/2.0/UDP 198.51.100.7:5062;branch=z9hG4bK-opt;rport\r\n"
-        "Max-Forwards: 70\r\nFrom: <sip:ping@198.51.100.7>;tag=a\r\nTo: <sip:192.0.2.1>\r\n"
-        "Call-ID: opt-1\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n"
-    ).encode()
+        b"OPTIONS sip:192.0.2.1:5060 SIP/2.0\r\n"
+        b"Via: SIP/2.0/UDP 198.51.100.7:5062;branch=z9hG4bK-opt;rport\r\n"
+        b"Max-Forwards: 70\r\nFrom: <sip:ping@198.51.100.7>;tag=a\r\nTo: <sip:192.0.2.1>\r\n"
+        b"Call-ID: opt-1\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n"
+    )
     out = h.send(options)
     assert [m.status for m in _to(out, CALLER)] == [200]
     assert _to(out, CALLER)[0].top_via.rport == CALLER[1]
@@ -259,10 +259,10 @@ def test_stray_response_is_dropped_and_reported() -> None:
     """A response for no transaction of ours is dropped and reported."""
     h = Harness()
     resp = (
-        "SIP/2.0 200 OK\r\nVia: SIP/2.0/UDP 192.0.2.1:5060;branch=z9hG4bKsgdead.beef\r\n"
-        "From: <sip:a@b>;tag=1\r\nTo: <sip:c@d>;tag=2\r\nCall-ID: x\r\nCSeq: 1 INVITE\r\n"
-        "Content-Length: 0\r\n\r\n"
-    ).encode()
+        b"SIP/2.0 200 OK\r\nVia: SIP/2.0/UDP 192.0.2.1:5060;branch=z9hG4bKsgdead.beef\r\n"
+        b"From: <sip:a@b>;tag=1\r\nTo: <sip:c@d>;tag=2\r\nCall-ID: x\r\nCSeq: 1 INVITE\r\n"
+        b"Content-Length: 0\r\n\r\n"
+    )
     assert h.send(resp, src=CORE) == []
     assert [e.kind for e in h.events if isinstance(e, Dropped)] == ["stray_response"]
 
