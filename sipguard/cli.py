@@ -61,21 +61,31 @@ async def _serve(path: str, args: argparse.Namespace, cfg: Config) -> int:
         return EXIT_STARTUP
     stop = asyncio.Event()
 
-    def reload() -> None:
+    async def reload() -> None:
         try:
             new = _load(path, args)
+            if new.listen != server.cfg.listen:
+                log.warning("config_listen_unchanged", detail="listener changes need a restart")
+                new = config_with_overrides(new, listen=server.cfg.listen)
+            await server.reload(new)
         except ConfigError as exc:
             log.error("config_reload_failed", errors=str(exc).splitlines())
             return
-        if new.listen != server.cfg.listen:
-            log.warning("config_listen_unchanged", detail="listener changes need a restart")
-            new = new.model_copy(update={"listen": server.cfg.listen})
-        server.reconfigure(new, server.pipeline)
+        except OSError as exc:
+            log.error("config_reload_failed", errors=[str(exc)])
+            return
         log.info("config_reloaded", file=path)
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, reload)
+    reloads: set[asyncio.Task[None]] = set()
+
+    def on_hup() -> None:
+        task = loop.create_task(reload())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
     try:
         await stop.wait()
     finally:

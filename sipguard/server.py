@@ -17,11 +17,12 @@ import os
 import socket
 import time
 from collections import Counter
+from collections.abc import Awaitable
 from typing import Any
 
 from sipguard.ops.config import Config
 from sipguard.ops.logging import SampledLogger, get_logger
-from sipguard.policy.pipeline import Pipeline
+from sipguard.policy.engine import Policy
 from sipguard.policy.verdict import Verdict
 from sipguard.proxy.core import Proxy, ProxySettings
 from sipguard.proxy.events import (
@@ -96,10 +97,12 @@ def proxy_settings(cfg: Config) -> ProxySettings:
 class Server:
     """One running sipguard: listeners + proxy + observability."""
 
-    def __init__(self, cfg: Config, pipeline: Pipeline | None = None) -> None:
+    def __init__(self, cfg: Config, policy: Policy | None = None) -> None:
         self.cfg = cfg
         self.loop = asyncio.get_running_loop()
-        self.pipeline = pipeline or Pipeline()
+        self.shared: dict[str, Any] = {}  # rule state that outlives reloads
+        self.policy = policy or Policy(cfg, self.shared)
+        self.shared = self.policy.ctx.shared
         self.proxy = Proxy(proxy_settings(cfg), self._decide, os.urandom(32))
         self.udp: dict[int, UdpEndpoint] = {}
         self.tcp = TcpPool(self.loop, self._on_stream_message, self._on_stream_error,
@@ -112,6 +115,7 @@ class Server:
         self._timer_at: float | None = None
         self._housekeeping: asyncio.TimerHandle | None = None
         self._resolved: dict[str, str] = {}
+        self._decisions: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -133,7 +137,8 @@ class Server:
             listen=[str(ep) for ep in self.cfg.listen],
             core=str(self.cfg.core),
             mode=self.cfg.mode,
-            rules=[r.name for r in self.pipeline.rules],
+            peers=len(self.policy.peers.peers),
+            rules=[r.name for r in self.policy.rules],
         )
 
     async def stop(self) -> None:
@@ -147,11 +152,16 @@ class Server:
                 ep.transport.close()
         self.udp.clear()
 
-    def reconfigure(self, cfg: Config, pipeline: Pipeline) -> None:
-        """Swap in a new config and rule set; transactions and dialogs carry on."""
+    def reconfigure(self, cfg: Config, policy: Policy) -> None:
+        """Swap in a new config and policy; transactions, dialogs and counters carry on."""
         self.cfg = cfg
-        self.pipeline = pipeline
+        self.policy = policy
         self.proxy.configure(proxy_settings(cfg))
+
+    async def reload(self, cfg: Config) -> None:
+        """Build the new policy off the event loop (big number lists), then swap it in."""
+        policy = await asyncio.to_thread(Policy, cfg, self.shared)
+        self.reconfigure(cfg, policy)
 
     # ------------------------------------------------------------------ input
     def _on_datagram(self, data: bytes, addr: tuple[str, int], local: int) -> None:
@@ -179,9 +189,29 @@ class Server:
 
     def _decide(self, call: CallInfo, now: float) -> Verdict | None:
         started = time.perf_counter()
-        verdict = self.pipeline.decide(call, now)
+        verdict = self.policy.decide(call, now)
+        if isinstance(verdict, Verdict):
+            call.decision_us = (time.perf_counter() - started) * 1e6
+            return verdict
+        # A rule needs I/O: the INVITE waits in its server transaction (retransmissions are
+        # absorbed) until the verdict arrives.
+        task = self.loop.create_task(self._decide_later(call, verdict, started))
+        self._decisions.add(task)
+        task.add_done_callback(self._decisions.discard)
+        return None
+
+    async def _decide_later(
+        self, call: CallInfo, pending: Awaitable[Verdict], started: float
+    ) -> None:
+        try:
+            verdict = await pending
+        except Exception:
+            self.counters["internal_errors"] += 1
+            self.log.exception("decision_failed", call_id=call.call_id)
+            verdict = Verdict("reject", rule="internal", reason="decision_failed", status=500)
         call.decision_us = (time.perf_counter() - started) * 1e6
-        return verdict
+        self.proxy.resolve(call, verdict, self.loop.time())
+        self._flush()
 
     # ------------------------------------------------------------------ output
     def _flush(self) -> None:
@@ -275,10 +305,12 @@ class Server:
             )
         elif isinstance(event, DialogStarted):
             c["dialogs_started"] += 1
+            self.policy.dialog_started(event.dialog, self.loop.time())
         elif isinstance(event, DialogEnded):
             d = event.dialog
             c["dialogs_ended"] += 1
             c[f"dialogs_ended_{event.reason}"] += 1
+            self.policy.dialog_ended(d, self.loop.time())
             end = d.ended_at or d.started
             self.log.info(
                 "dialog_ended",

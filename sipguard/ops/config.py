@@ -29,21 +29,26 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeAlias
+from typing import Any, Literal, TypeAlias
 
 import yaml
 from pydantic import (
-    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
     GetCoreSchemaHandler,
+    PrivateAttr,
     ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
 )
 from pydantic_core import CoreSchema, core_schema
+
+from sipguard.policy.callerid import Settings as CallerIdSettings
+from sipguard.policy.concurrency import Settings as ConcurrencySettings
+from sipguard.policy.settings import FROZEN as _RULE_FROZEN
+from sipguard.policy.settings import ConfigPath
 
 __all__ = [
     "Config",
@@ -172,20 +177,6 @@ ListenUri: TypeAlias = Endpoint
 # --------------------------------------------------------------------------- file paths
 
 
-def _resolve_path(value: Path, info: ValidationInfo) -> Path:
-    context = info.context if isinstance(info.context, dict) else {}
-    base = context.get("base_dir")
-    path = value.expanduser()
-    if not path.is_absolute():
-        path = (Path(base) if base is not None else Path.cwd()) / path
-    return path
-
-
-ConfigPath = Annotated[Path, AfterValidator(_resolve_path)]
-"""A file path setting. Relative paths are resolved against ``base_dir`` from the validation
-context (the config file's folder; the working directory when there is none). Declare future
-file settings as ``dno_file: ConfigPath | None = None``."""
-
 # --------------------------------------------------------------------------- schema
 
 _FROZEN = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
@@ -273,6 +264,101 @@ class LogSettings(BaseModel):
     )
 
 
+class RulesConfig(BaseModel):
+    """The ``rules:`` section: one key per rule, evaluated in the order the file lists them.
+
+    A rule that is absent is off. Each rule's parameters, with defaults, are documented in its
+    module under ``sipguard/policy/`` and in ``docs/rules.md``.
+    """
+
+    model_config = _RULE_FROZEN
+
+    callerid: CallerIdSettings | None = Field(default=None, description="Caller-ID spoofing.")
+    concurrency: ConcurrencySettings | None = Field(
+        default=None, description="Per-number concurrent call limits."
+    )
+    _order: tuple[str, ...] = PrivateAttr(default=())
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _keep_order(cls, data: Any, handler: Any) -> Any:
+        model = handler(data)
+        if isinstance(data, dict):
+            model._order = tuple(k for k in data if data[k] is not None)
+        elif isinstance(data, RulesConfig):
+            model._order = data._order
+        return model
+
+    @property
+    def order(self) -> tuple[str, ...]:
+        """Names of the configured rules, in file order."""
+        return tuple(n for n in self._order if getattr(self, n, None) is not None)
+
+
+def _deep_merge(base: Any, over: Any) -> Any:
+    """``over`` merged into ``base`` (mappings recursively; anything else replaced)."""
+    if isinstance(base, dict) and isinstance(over, dict):
+        out = dict(base)
+        for key, value in over.items():
+            out[key] = _deep_merge(base.get(key), value) if key in base else value
+        return out
+    return over
+
+
+class PeerConfig(BaseModel):
+    """One peer (``peers:`` list item): who it is and what caller numbers it may present.
+
+    - ``name`` (required): a label used in logs, metrics and the admin API.
+    - ``networks`` (required): source CIDRs (IPv4/IPv6) this peer sends from.
+    - ``numbers``: caller numbers it may present: exact E.164 numbers or ``+1212555*`` prefix
+      patterns; ``numbers_file``: the same, one a line, ``#`` comments (up to millions of
+      lines). Neither given: the peer may present any number.
+    - ``default_region``: ISO country code (``US``) to read national-format numbers.
+    - ``trust_pai`` (``true``): take the caller from P-Asserted-Identity when present.
+    - ``rules``: overrides merged over the top-level ``rules:`` for this peer's traffic.
+    """
+
+    model_config = _FROZEN
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")
+    networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = Field(min_length=1)
+    numbers: tuple[str, ...] = ()
+    numbers_file: ConfigPath | None = None
+    default_region: str | None = Field(default=None, pattern=r"^[A-Z]{2}$")
+    trust_pai: bool = True
+    rules: RulesConfig = Field(default=RulesConfig())
+
+    @field_validator("networks", mode="before")
+    @classmethod
+    def _strict_networks(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = [value]
+        if isinstance(value, list | tuple):
+            out = []
+            for item in value:
+                try:
+                    out.append(ipaddress.ip_network(str(item), strict=False))
+                except ValueError as exc:
+                    raise ValueError(f"{item!r} is not an IP network: {exc}") from None
+            return tuple(out)
+        return value
+
+    @field_validator("numbers")
+    @classmethod
+    def _check_numbers(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for item in value:
+            if not re.fullmatch(r"\+?[0-9 ().-]+\*?|\*", item.strip()):
+                raise ValueError(f"{item!r} is not a number or a prefix pattern like '+1212555*'")
+        return value
+
+    @field_validator("numbers_file")
+    @classmethod
+    def _file_exists(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"file not found: {value}")
+        return value
+
+
 class Config(BaseModel):
     """The whole configuration file.
 
@@ -292,6 +378,53 @@ class Config(BaseModel):
     )
     sip: SipSettings = Field(default=SipSettings(), description="SIP behaviour and limits.")
     log: LogSettings = Field(default=LogSettings(), description="Logging.")
+    peers: tuple[PeerConfig, ...] = Field(
+        default=(), description="Known peers; empty: every source is accepted."
+    )
+    unknown_source: Literal["reject", "drop"] = Field(
+        default="reject",
+        description="Traffic from an address in no peer's networks: 403, or dropped silently.",
+    )
+    suspended: tuple[str, ...] = Field(
+        default=(), description="Numbers suspended at once: INVITEs from or to them get 403."
+    )
+    rules: RulesConfig = Field(default=RulesConfig(), description="Rules, in evaluation order.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _merge_peer_rules(cls, data: Any) -> Any:
+        """Each peer's ``rules`` become the top-level rules with the peer's overrides merged in."""
+        if not isinstance(data, dict) or not isinstance(data.get("peers"), list):
+            return data
+        top = data.get("rules") or {}
+        peers = []
+        for peer in data["peers"]:
+            if isinstance(peer, dict) and isinstance(top, dict):
+                over = peer.get("rules") or {}
+                if isinstance(over, dict):
+                    merged = _deep_merge(top, over)
+                    # keep the file order of the top level, then rules only the peer adds
+                    peer = {**peer, "rules": merged}
+            peers.append(peer)
+        return {**data, "peers": peers}
+
+    @field_validator("peers")
+    @classmethod
+    def _unique_peers(cls, value: tuple[PeerConfig, ...]) -> tuple[PeerConfig, ...]:
+        seen: set[str] = set()
+        for peer in value:
+            if peer.name in seen:
+                raise ValueError(f"peer name {peer.name!r} is used twice")
+            seen.add(peer.name)
+        return value
+
+    @field_validator("suspended")
+    @classmethod
+    def _check_suspended(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for item in value:
+            if not re.fullmatch(r"\+?[0-9 ().-]+", item.strip()):
+                raise ValueError(f"{item!r} is not a telephone number")
+        return value
 
     @field_validator("sip", "log", mode="before")
     @classmethod
@@ -465,6 +598,14 @@ def _issues(exc: ValidationError, root: yaml.Node | None) -> list[ConfigIssue]:
             path = _join(path, part)
         line = None if root is None else _line_of(root, loc)
         issues.append(ConfigIssue(path, line, _message(error, loc)))
+    # A peer's rules are the top-level rules with its overrides merged in: a problem in the
+    # top-level rules shows up once per peer too. Report it once, where it is written.
+    top = {(i.path, i.message) for i in issues if i.path.startswith("rules.")}
+    issues = [
+        i for i in issues
+        if not (i.path.startswith("peers[") and (re.sub(r"^peers\[\d+\]\.", "", i.path),
+                                                 i.message) in top)
+    ]
     return sorted(issues, key=lambda issue: issue.line or 0)
 
 
@@ -507,12 +648,25 @@ def _message(error: Any, loc: tuple[int | str, ...]) -> str:
 
 
 def _model_at(loc: tuple[int | str, ...]) -> type[BaseModel]:
+    """The model that the mapping at ``loc`` is validated against (list indexes skipped)."""
     model: type[BaseModel] = Config
     for part in loc:
+        if isinstance(part, int):
+            continue
         field = model.model_fields.get(str(part))
-        if field is None or not (
-            isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
-        ):
+        sub = _submodel(field.annotation) if field is not None else None
+        if sub is None:
             break
-        model = field.annotation
+        model = sub
     return model
+
+
+def _submodel(annotation: Any) -> type[BaseModel] | None:
+    """The model class inside ``Model``, ``Model | None`` or ``tuple[Model, ...]``."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _submodel(arg)
+        if found is not None:
+            return found
+    return None

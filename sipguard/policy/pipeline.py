@@ -1,26 +1,65 @@
 """The rule pipeline: runs rules in order over an initial INVITE and returns one verdict.
 
-Each rule is an object with a ``name``, a ``mode`` (``enforce`` or ``monitor``) and a pure
+Each rule is an object with a ``name``, a ``mode`` (``enforce`` or ``monitor``) and
 ``decide(call, now) -> Verdict | None`` (None: no objection). The first rule that rejects or
-drops in enforce mode decides; a rule in monitor mode is evaluated and reported exactly the
-same way, but the call goes on (the verdict comes back marked ``monitored``). With no rules,
-every call is accepted.
+drops in enforce mode decides; a rule in monitor mode is evaluated and reported the same way,
+but the call goes on (the final verdict is an accept marked ``monitored``, naming the first
+monitored rule that objected). Headers that rules want on the forwarded INVITE are collected
+from every rule that ran. With no rules, every call is accepted.
+
+A rule whose answer needs I/O (a certificate fetch, a Redis round trip) returns an awaitable
+instead of a verdict; the pipeline then returns an awaitable too, which resumes with the
+remaining rules. Rules that answer at once never pay for that.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import inspect
+from collections.abc import Awaitable, Sequence
 from typing import Protocol
 
 from sipguard.policy.verdict import ACCEPT, Verdict
 from sipguard.proxy.events import CallInfo
+
+Decision = Verdict | None | Awaitable[Verdict | None]
 
 
 class Rule(Protocol):
     name: str
     mode: str  # "enforce" | "monitor"
 
-    def decide(self, call: CallInfo, now: float) -> Verdict | None: ...
+    def decide(self, call: CallInfo, now: float) -> Decision: ...
+
+
+class _Run:
+    """The state of one evaluation: what monitored rules said, headers to add."""
+
+    __slots__ = ("monitored", "forward")
+
+    def __init__(self) -> None:
+        self.monitored: Verdict | None = None
+        self.forward: list[str] = []
+
+    def take(self, rule: Rule, verdict: Verdict | None) -> Verdict | None:
+        """Fold one rule's verdict in; return it when it ends the evaluation."""
+        if verdict is None:
+            return None
+        self.forward.extend(verdict.forward_headers)
+        if verdict.action == "accept":
+            return None
+        if rule.mode == "monitor":
+            self.monitored = self.monitored or verdict
+            return None
+        return verdict
+
+    def result(self) -> Verdict:
+        m = self.monitored
+        if m is not None:
+            return Verdict("accept", rule=m.rule, reason=m.reason, status=m.status,
+                           phrase=m.phrase, forward_headers=tuple(self.forward), monitored=True)
+        if self.forward:
+            return Verdict("accept", forward_headers=tuple(self.forward))
+        return ACCEPT
 
 
 class Pipeline:
@@ -29,30 +68,28 @@ class Pipeline:
     def __init__(self, rules: Sequence[Rule] = ()) -> None:
         self.rules = tuple(rules)
 
-    def decide(self, call: CallInfo, now: float) -> Verdict:
-        monitored: Verdict | None = None
-        forward: list[str] = []
-        for rule in self.rules:
-            verdict = rule.decide(call, now)
-            if verdict is None:
-                continue
-            forward.extend(verdict.forward_headers)
-            if verdict.action == "accept":
-                continue
-            if rule.mode == "monitor":
-                monitored = monitored or verdict
-                continue
-            return verdict
-        if monitored is not None:
-            return Verdict(
-                "accept",
-                rule=monitored.rule,
-                reason=monitored.reason,
-                status=monitored.status,
-                phrase=monitored.phrase,
-                forward_headers=tuple(forward),
-                monitored=True,
-            )
-        if forward:
-            return Verdict("accept", forward_headers=tuple(forward))
-        return ACCEPT
+    def decide(self, call: CallInfo, now: float) -> Verdict | Awaitable[Verdict]:
+        run = _Run()
+        for i, rule in enumerate(self.rules):
+            answer = rule.decide(call, now)
+            if inspect.isawaitable(answer):
+                return self._resume(run, i, answer, call, now)
+            final = run.take(rule, answer)
+            if final is not None:
+                return final
+        return run.result()
+
+    async def _resume(
+        self, run: _Run, i: int, pending: Awaitable[Verdict | None], call: CallInfo, now: float
+    ) -> Verdict:
+        final = run.take(self.rules[i], await pending)
+        if final is not None:
+            return final
+        for rule in self.rules[i + 1 :]:
+            answer = rule.decide(call, now)
+            if inspect.isawaitable(answer):
+                answer = await answer
+            final = run.take(rule, answer)
+            if final is not None:
+                return final
+        return run.result()

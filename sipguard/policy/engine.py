@@ -1,0 +1,137 @@
+"""The policy as a whole: peer classification, suspended numbers, then the peer's rule pipeline.
+
+:func:`build_policy` turns a loaded config into a :class:`Policy`: the peer table, one
+:class:`Pipeline` for traffic from no configured peer and one per peer (the top-level rules
+with that peer's overrides merged in), each rule built by its module's ``build()``. A reload
+builds a new Policy and swaps one reference; ``shared`` — the state that must outlive a reload
+(live-call counters, rate-limit buckets) — is passed in by the shell and handed to every build.
+
+Order of decisions for an initial INVITE:
+
+1. the source address is matched to a peer; with peers configured, an unknown source gets
+   ``403 Forbidden`` (or silence, ``unknown_source: drop``) — rule ``peers``;
+2. a suspended caller or called number gets ``403 Forbidden`` — rule ``suspended``;
+3. the peer's rules, in file order (see :mod:`sipguard.policy.pipeline`).
+
+In ``mode: monitor`` steps 1 and 2 are decided and reported the same way but forwarded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from sipguard.ops.config import Config, PeerConfig, RulesConfig
+from sipguard.policy import callerid, concurrency
+from sipguard.policy.peers import NumberSet, Peer, PeerTable, read_number_file
+from sipguard.policy.pipeline import Pipeline, Rule
+from sipguard.policy.verdict import Verdict
+from sipguard.proxy.events import CallInfo, Dialog
+
+# rule name -> build(settings, ctx, peer) -> Rule | None
+RuleBuilder = Callable[[Any, "BuildContext", Peer | None], Rule | None]
+BUILDERS: dict[str, RuleBuilder] = {
+    "callerid": callerid.build,
+    "concurrency": concurrency.build,
+}
+
+
+@dataclass(slots=True)
+class BuildContext:
+    """What a rule's ``build()`` gets besides its settings."""
+
+    cfg: Config
+    shared: dict[str, Any]  # survives reloads: counters, buckets (keyed by rule name)
+    observers: list[Any] = field(default_factory=list)  # get dialog_started / dialog_ended
+
+    def mode_of(self, settings: Any) -> str:
+        return str(getattr(settings, "mode", None) or self.cfg.mode)
+
+    def observe(self, observer: Any) -> None:
+        """Register an object for dialog start/end events (once, however many peers use it)."""
+        if all(o is not observer for o in self.observers):
+            self.observers.append(observer)
+
+
+def build_peer(pc: PeerConfig) -> Peer:
+    numbers: NumberSet | None = None
+    if pc.numbers or pc.numbers_file is not None:
+        numbers = NumberSet(pc.numbers)
+        if pc.numbers_file is not None:
+            for pattern in read_number_file(pc.numbers_file):
+                numbers.add(pattern)
+    return Peer(pc.name, pc.networks, numbers, pc.default_region, pc.trust_pai)
+
+
+def build_pipeline(rules: RulesConfig, ctx: BuildContext, peer: Peer | None) -> Pipeline:
+    built: list[Rule] = []
+    for name in rules.order:
+        settings = getattr(rules, name)
+        if settings is None or not settings.enabled:
+            continue
+        rule = BUILDERS[name](settings, ctx, peer)
+        if rule is not None:
+            built.append(rule)
+    return Pipeline(built)
+
+
+class Policy:
+    """Decides initial INVITEs; receives dialog starts and ends for the stateful rules."""
+
+    def __init__(self, cfg: Config, shared: dict[str, Any] | None = None) -> None:
+        self.cfg = cfg
+        self.monitor = cfg.mode == "monitor"
+        self.ctx = BuildContext(cfg, shared if shared is not None else {})
+        peers = [(pc, build_peer(pc)) for pc in cfg.peers]
+        self.peers = PeerTable(p for _, p in peers)
+        self.default = build_pipeline(cfg.rules, self.ctx, None)
+        self.by_peer = {p.name: build_pipeline(pc.rules, self.ctx, p) for pc, p in peers}
+        self.suspended = NumberSet(cfg.suspended)
+        self.unknown_drop = cfg.unknown_source == "drop"
+
+    @property
+    def rules(self) -> tuple[Rule, ...]:
+        return self.default.rules
+
+    def decide(self, call: CallInfo, now: float) -> Verdict | Awaitable[Verdict]:
+        pipeline = self.default
+        if self.peers:
+            peer = self.peers.lookup(call.flow.addr[0])
+            if peer is None:
+                verdict = Verdict(
+                    "drop" if self.unknown_drop else "reject",
+                    rule="peers",
+                    reason="unknown_source",
+                    status=403,
+                    phrase="Forbidden",
+                )
+                return self._global(verdict)
+            call.peer = peer.name
+            pipeline = self.by_peer[peer.name]
+        if self.suspended and (call.caller in self.suspended or call.callee in self.suspended):
+            which = "caller" if call.caller in self.suspended else "callee"
+            verdict = Verdict(
+                "reject",
+                rule="suspended",
+                reason=f"{which}_suspended",
+                status=403,
+                phrase="Forbidden",
+                headers=(f'Reason: SIP;cause=403;text="{which.title()} number suspended"',),
+            )
+            return self._global(verdict)
+        return pipeline.decide(call, now)
+
+    def _global(self, verdict: Verdict) -> Verdict:
+        if not self.monitor:
+            return verdict
+        return Verdict("accept", rule=verdict.rule, reason=verdict.reason,
+                       status=verdict.status, phrase=verdict.phrase, monitored=True)
+
+    def dialog_started(self, dialog: Dialog, now: float) -> None:
+        for observer in self.ctx.observers:
+            observer.dialog_started(dialog, now)
+
+    def dialog_ended(self, dialog: Dialog, now: float) -> None:
+        for observer in self.ctx.observers:
+            observer.dialog_ended(dialog, now)

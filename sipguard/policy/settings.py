@@ -1,0 +1,51 @@
+"""Settings shared by every rule: the base model each rule's own ``Settings`` extends.
+
+Every rule section in the config (``rules.<name>``) accepts these keys besides its own:
+
+- ``enabled`` (default ``true``): ``false`` switches the rule off (useful in a peer override).
+- ``mode`` (default: the top-level ``mode``): ``enforce`` or ``monitor``. In monitor mode the
+  rule decides, logs and counts exactly as in enforce mode, but the call is forwarded.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo
+
+FROZEN = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+def _resolve_path(value: Path, info: ValidationInfo) -> Path:
+    context = info.context if isinstance(info.context, dict) else {}
+    base = context.get("base_dir")
+    path = value.expanduser()
+    if not path.is_absolute():
+        path = (Path(base) if base is not None else Path.cwd()) / path
+    return path
+
+
+ConfigPath = Annotated[Path, AfterValidator(_resolve_path)]
+"""A file path setting. Relative paths are resolved against ``base_dir`` from the validation
+context (the config file's folder; the working directory when there is none). Declare file
+settings as ``dno_file: ConfigPath | None = None``."""
+
+
+class RuleSettings(BaseModel):
+    model_config = FROZEN
+
+    enabled: bool = Field(default=True, description="false switches the rule off.")
+    mode: Literal["enforce", "monitor"] | None = Field(
+        default=None, description="enforce or monitor; default: the top-level mode."
+    )
+
+
+class Answer(BaseModel):
+    """The SIP answer a rule gives when it rejects: status, reason phrase, extra headers."""
+
+    model_config = FROZEN
+
+    status: int = Field(ge=300, le=699, description="SIP status code (300-699).")
+    phrase: str | None = Field(default=None, description="Reason phrase; default per status.")
+    headers: tuple[str, ...] = Field(default=(), description="Extra header lines, 'Name: value'.")
