@@ -47,6 +47,10 @@ from pydantic_core import CoreSchema, core_schema
 
 from sipguard.policy.callerid import Settings as CallerIdSettings
 from sipguard.policy.concurrency import Settings as ConcurrencySettings
+from sipguard.policy.dialer import Settings as DialerSettings
+from sipguard.policy.flood import Settings as FloodSettings
+from sipguard.policy.identity import Settings as IdentitySettings
+from sipguard.policy.rate import Settings as RateSettings
 from sipguard.policy.settings import FROZEN as _RULE_FROZEN
 from sipguard.policy.settings import ConfigPath
 
@@ -274,8 +278,16 @@ class RulesConfig(BaseModel):
     model_config = _RULE_FROZEN
 
     callerid: CallerIdSettings | None = Field(default=None, description="Caller-ID spoofing.")
+    identity: IdentitySettings | None = Field(
+        default=None, description="STIR/SHAKEN Identity verification."
+    )
     concurrency: ConcurrencySettings | None = Field(
         default=None, description="Per-number concurrent call limits."
+    )
+    rate: RateSettings | None = Field(default=None, description="Call-rate limits (GCRA).")
+    dialer: DialerSettings | None = Field(default=None, description="Dialer analytics.")
+    flood: FloodSettings | None = Field(
+        default=None, description="Flood and scanner defence (before parsing)."
     )
     _order: tuple[str, ...] = PrivateAttr(default=())
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sipguard.ops.config import Config, PeerConfig, RulesConfig
-from sipguard.policy import callerid, concurrency
+from sipguard.policy import callerid, concurrency, dialer, flood, identity, rate
 from sipguard.policy.peers import NumberSet, Peer, PeerTable, read_number_file
 from sipguard.policy.pipeline import Pipeline, Rule
 from sipguard.policy.verdict import Verdict
@@ -34,6 +34,10 @@ RuleBuilder = Callable[[Any, "BuildContext", Peer | None], Rule | None]
 BUILDERS: dict[str, RuleBuilder] = {
     "callerid": callerid.build,
     "concurrency": concurrency.build,
+    "identity": identity.build,
+    "rate": rate.build,
+    "dialer": dialer.build,
+    "flood": flood.build,
 }
 
 
