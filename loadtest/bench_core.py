@@ -1,0 +1,151 @@
+"""Micro-benchmark of the sans-I/O hot path: a whole call through the proxy core in memory.
+
+Drives N complete calls (INVITE, 100, 180, 200, ACK, BYE, 200 — seven messages in, eight out)
+through ``Proxy.receive`` with no sockets, and reports CPU µs per call and per message. The
+baseline, measured in the same run over the same bytes, is ``parse_message`` alone: the ratio
+says how much the proxy logic costs on top of parsing. Machines are noisy, so compare ratios.
+
+    .venv/bin/python loadtest/bench_core.py [--calls 20000] [--repeat 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sipguard.proxy.core import Proxy, ProxySettings  # noqa: E402
+from sipguard.proxy.flows import Flow, Local  # noqa: E402
+from sipguard.sip.message import parse_message  # noqa: E402
+
+CALLER = ("198.51.100.7", 5062)
+CORE = ("10.0.0.10", 5080)
+SDP = (
+    "v=0\r\no=- 1 1 IN IP4 198.51.100.7\r\ns=-\r\nc=IN IP4 198.51.100.7\r\nt=0 0\r\n"
+    "m=audio 4000 RTP/AVP 0 8 101\r\na=rtpmap:0 PCMU/8000\r\na=rtpmap:8 PCMA/8000\r\n"
+    "a=rtpmap:101 telephone-event/8000\r\na=fmtp:101 0-16\r\na=ptime:20\r\na=sendrecv\r\n"
+)
+
+
+def invite(i: int) -> bytes:
+    return (
+        f"INVITE sip:+18005550199@192.0.2.1:5060;user=phone SIP/2.0\r\n"
+        f"Via: SIP/2.0/UDP 198.51.100.7:5062;branch=z9hG4bK-{i}-a;rport\r\n"
+        f"Max-Forwards: 70\r\n"
+        f'From: "Agent {i}" <sip:+1212555{i % 10000:04d}@198.51.100.7>;tag=f{i}\r\n'
+        f"To: <sip:+18005550199@192.0.2.1>\r\n"
+        f"Call-ID: {i}-bench@198.51.100.7\r\nCSeq: 1 INVITE\r\n"
+        f"Contact: <sip:+1212555{i % 10000:04d}@198.51.100.7:5062>\r\n"
+        f"User-Agent: bench/1.0\r\nAllow: INVITE, ACK, CANCEL, BYE, OPTIONS, UPDATE\r\n"
+        f"Supported: timer, replaces\r\nContent-Type: application/sdp\r\n"
+        f"Content-Length: {len(SDP)}\r\n\r\n{SDP}"
+    ).encode()
+
+
+def response(req: bytes, status: int, phrase: str) -> bytes:
+    msg = parse_message(req)
+    vias = "".join(f"Via: {v}\r\n" for v in msg.values("via"))
+    rr = "".join(f"Record-Route: {v}\r\n" for v in msg.values("record-route"))
+    to = msg.get("to") or ""
+    if status > 100:
+        to += ";tag=core1"
+    return (
+        f"SIP/2.0 {status} {phrase}\r\n{vias}{rr}From: {msg.get('from')}\r\nTo: {to}\r\n"
+        f"Call-ID: {msg.call_id}\r\nCSeq: {msg.get('cseq')}\r\n"
+        f"Contact: <sip:core@10.0.0.10:5080>\r\nContent-Length: 0\r\n\r\n"
+    ).encode()
+
+
+def in_dialog(method: str, i: int, cseq: int) -> bytes:
+    return (
+        f"{method} sip:core@10.0.0.10:5080 SIP/2.0\r\n"
+        f"Via: SIP/2.0/UDP 198.51.100.7:5062;branch=z9hG4bK-{i}-{method};rport\r\n"
+        f"Route: <sip:192.0.2.1:5060;lr>\r\nMax-Forwards: 70\r\n"
+        f'From: "Agent {i}" <sip:+1212555{i % 10000:04d}@198.51.100.7>;tag=f{i}\r\n'
+        f"To: <sip:+18005550199@192.0.2.1>;tag=core1\r\n"
+        f"Call-ID: {i}-bench@198.51.100.7\r\nCSeq: {cseq} {method}\r\nContent-Length: 0\r\n\r\n"
+    ).encode()
+
+
+def new_proxy() -> Proxy:
+    settings = ProxySettings(
+        locals=(Local(0, "udp", "192.0.2.1", 5060),), core=Flow("udp", CORE, 0)
+    )
+    return Proxy(settings, None, b"k" * 32)
+
+
+def run(calls: int) -> tuple[float, float, int]:
+    """(seconds in the proxy, seconds parsing the same inputs, messages in)."""
+    proxy = new_proxy()
+    src, core = Flow("udp", CALLER, 0), Flow("udp", CORE, 0)
+    now = 1000.0
+    spent = 0.0
+    inputs: list[bytes] = []
+    for i in range(calls):
+        t0 = time.perf_counter()
+        proxy.receive(invite(i), src, now)
+        spent += time.perf_counter() - t0
+        fwd = proxy.outbox[-1][1]
+        proxy.outbox.clear()
+        proxy.events.clear()
+        script = [
+            (response(fwd, 100, "Trying"), core),
+            (response(fwd, 180, "Ringing"), core),
+            (response(fwd, 200, "OK"), core),
+            (in_dialog("ACK", i, 1), src),
+            (in_dialog("BYE", i, 2), src),
+        ]
+        inputs.append(invite(i))
+        for data, flow in script:
+            t0 = time.perf_counter()
+            proxy.receive(data, flow, now)
+            spent += time.perf_counter() - t0
+            inputs.append(data)
+            if data.startswith(b"BYE"):
+                bye = proxy.outbox[-1][1]
+                proxy.outbox.clear()
+                ok = response(bye, 200, "OK")
+                t0 = time.perf_counter()
+                proxy.receive(ok, core, now)
+                spent += time.perf_counter() - t0
+                inputs.append(ok)
+            proxy.outbox.clear()
+            proxy.events.clear()
+        now += 0.001
+        proxy.handle_timer(now)
+        proxy.outbox.clear()
+    t0 = time.perf_counter()
+    for data in inputs:
+        parse_message(data)
+    parse = time.perf_counter() - t0
+    return spent, parse, len(inputs)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--calls", type=int, default=20000)
+    ap.add_argument("--repeat", type=int, default=5)
+    args = ap.parse_args()
+    best: tuple[float, float, int] | None = None
+    for _ in range(args.repeat):
+        gc.collect()
+        result = run(args.calls)
+        if best is None or result[0] < best[0]:
+            best = result
+    assert best is not None
+    spent, parse, msgs = best
+    per_call = spent / args.calls * 1e6
+    print(f"calls                 {args.calls}")
+    print(f"proxy µs per call     {per_call:8.1f}   ({msgs // args.calls} messages in)")
+    print(f"proxy µs per message  {spent / msgs * 1e6:8.1f}")
+    print(f"parse µs per message  {parse / msgs * 1e6:8.1f}   (baseline, same inputs)")
+    print(f"proxy / parse ratio   {spent / parse:8.2f}")
+    print(f"calls/s per core      {1e6 / per_call:8.0f}   (proxy logic only, no syscalls)")
+
+
+if __name__ == "__main__":
+    main()

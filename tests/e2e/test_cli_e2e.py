@@ -1,0 +1,88 @@
+"""The command line over real processes: check-config, start-up errors, SIGHUP reload."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .harness import HOST, REPO, E2EStack, SippProcess, free_port
+
+pytestmark = pytest.mark.e2e
+
+
+def sipguard(*args: str, timeout: float = 20) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "sipguard", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_check_config_accepts_the_example_and_minimal_files() -> None:
+    """check-config exits 0 for the shipped example configs."""
+    for name in ("sipguard.yaml", "minimal.yaml"):
+        res = sipguard("check-config", str(REPO / "config" / name))
+        assert res.returncode == 0, res.stderr
+        assert "OK" in res.stdout
+
+
+def test_check_config_names_field_and_line(tmp_path: Path) -> None:
+    """An invalid file exits 2 with FILE:LINE: FIELD: message for every problem."""
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(
+        "listen: [udp://127.0.0.1:5060]\ncore: udp://127.0.0.1:5080\n"
+        "sip:\n  max_message_size: 10\n  bogus_key: 1\n"
+    )
+    res = sipguard("check-config", str(cfg))
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert f"{cfg}:4: sip.max_message_size:" in lines[0]
+    assert f"{cfg}:5: sip.bogus_key: unknown key" in lines[1]
+    assert "Traceback" not in res.stderr
+
+
+def test_port_in_use_is_one_clear_line(tmp_path: Path) -> None:
+    """A listen port already taken stops start-up with exit 1 and one line, no traceback."""
+    port = free_port()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+        taken.bind((HOST, port))
+        cfg = tmp_path / "c.yaml"
+        cfg.write_text(f"listen: [udp://{HOST}:{port}]\ncore: udp://{HOST}:{free_port()}\n")
+        res = sipguard("run", "--config", str(cfg))
+    assert res.returncode == 1
+    assert res.stderr.strip().splitlines() == [
+        f"sipguard: cannot listen on udp://{HOST}:{port}: Address already in use"
+    ]
+
+
+def test_reload_keeps_live_calls_and_rejects_a_bad_file(stack: E2EStack) -> None:
+    """SIGHUP swaps a valid config in and keeps the old one for a bad file; calls survive."""
+    uas = stack.uas("uas_basic.xml", calls=20, duration_ms=3000, timeout=40)
+    guard, port = stack.sipguard(core_port=uas.local_port)
+    uac = SippProcess(
+        "uac", "uac_basic.xml", stack.workdir, local_port=free_port(),
+        remote=(HOST, port), calls=20, rate=10, duration_ms=3000, timeout=40,
+    ).start()
+    stack.sipps.append(uac)
+    guard.wait_event("invite_decided", 5, timeout=10)
+    assert guard.proc is not None
+    text = guard.config.read_text()
+    guard.config.write_text(text + "log: {level: info, parse_error_sample_s: 2.0}\n")
+    os.kill(guard.proc.pid, signal.SIGHUP)
+    guard.wait_event("config_reloaded", 1, timeout=10)
+    guard.config.write_text(text + "sip: {max_message_size: 1}\n")
+    os.kill(guard.proc.pid, signal.SIGHUP)
+    guard.wait_event("config_reload_failed", 1, timeout=10)
+    res = uac.wait()
+    assert res.successful == 20 and res.failed == 0, res.describe()
+    assert guard.proc.poll() is None  # still running
+    failed = [e for e in guard.events if e.get("event") == "config_reload_failed"]
+    assert any("sip.max_message_size" in line for line in failed[0]["errors"])
