@@ -221,7 +221,7 @@ class Probe(asyncio.DatagramProtocol):
         c.to_hdr = (h.get("to") or [""])[0]
         route = f"Route: {', '.join(routes)}\r\n" if routes else ""
         from_hdr = f"<sip:probe@{HOST}:{self.local_port}>;tag={c.tag}"
-        caller = re.search(r"^From: (.*)$", c.invite.decode(), re.M)
+        caller = re.search(r"^From: ([^\r\n]*)", c.invite.decode(), re.M)
         if caller:
             from_hdr = caller.group(1)
 
@@ -340,7 +340,7 @@ def run_step(args: argparse.Namespace, rate: int, path: str, root: Path) -> Step
     attempted = max(int(rate * args.duration), 1)
     probe_calls = int(args.probe_rate * args.duration)
     limit = args.duration + hold_s + 40  # hard bound of one step's SIPp runs, seconds
-    log_cap = ["-max_log_size", "5000000", "-ringbuffer_files", "1"]
+    log_cap = ["-max_log_size", "2000000", "-ringbuffer_files", "1"]
     uas = SippProcess(
         "uas",
         SCENARIOS / "uas_load.xml",
@@ -465,7 +465,8 @@ def ratio(a: float | None, b: float | None) -> float | None:
 
 HEADER = (
     f"{'rate':>6} {'path':<9} {'attempted':>9} {'completed':>9} {'failed':>6} {'ok%':>7} "
-    f"{'calls/s':>8} {'p50ms':>7} {'p99ms':>7} {'cpu_ms/call':>11} {'x_cps':>6} {'x_p50':>6} {'x_p99':>6}"
+    f"{'calls/s':>8} {'probe':>9} {'p50ms':>8} {'p99ms':>8} {'cpu_ms/call':>11} "
+    f"{'x_cps':>6} {'x_p50':>6} {'x_p99':>6}"
 )
 
 
@@ -479,9 +480,11 @@ def row(s: Step, base: Step | None) -> str:
         if base and s is not base
         else (None, None, None)
     )
+    probe = f"{s.probe.get('completed', 0)}/{s.probe.get('calls', 0)}" if s.probe else "-"
     line = (
-        f"{s.rate:>6} {s.path:<9} {s.attempted:>9} {s.completed:>9} {s.failed:>6} {s.success_pct:>7.2f} "
-        f"{s.achieved_cps:>8.1f} {fmt(s.p50_ms, '.3f'):>7} {fmt(s.p99_ms, '.3f'):>7} {fmt(s.cpu_ms_per_call, '.3f'):>11} "
+        f"{s.rate:>6} {s.path:<9} {s.attempted:>9} {s.completed:>9} {s.failed:>6} "
+        f"{s.success_pct:>7.2f} {s.achieved_cps:>8.1f} {probe:>9} {fmt(s.p50_ms, '.3f'):>8} "
+        f"{fmt(s.p99_ms, '.3f'):>8} {fmt(s.cpu_ms_per_call, '.3f'):>11} "
         f"{fmt(xs[0]):>6} {fmt(xs[1]):>6} {fmt(xs[2]):>6}"
     )
     if s.error:
