@@ -12,17 +12,20 @@ raises :class:`StartupError` with one clear line; :meth:`Server.stop` closes the
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import os
 import socket
 import time
 from collections import Counter
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from sipguard.ops.config import Config
 from sipguard.ops.logging import SampledLogger, get_logger
+from sipguard.policy import flood
 from sipguard.policy.engine import Policy
+from sipguard.policy.identity import FETCHER_KEY, WALL_OFFSET_KEY
 from sipguard.policy.verdict import Verdict
 from sipguard.proxy.core import Proxy, ProxySettings
 from sipguard.proxy.events import (
@@ -35,6 +38,7 @@ from sipguard.proxy.events import (
 )
 from sipguard.proxy.flows import Flow, Local
 from sipguard.sip.errors import SipParseError
+from sipguard.transport.https_fetch import HttpsFetcher
 from sipguard.transport.tcp import TcpPool
 from sipguard.transport.udp import UdpEndpoint, open_udp
 
@@ -103,7 +107,11 @@ class Server:
         self.shared: dict[str, Any] = {}  # rule state that outlives reloads
         self.policy = policy or Policy(cfg, self.shared)
         self.shared = self.policy.ctx.shared
+        # identity rule: Unix time = loop time + wall_offset; certificate fetches over HTTPS
+        self.shared[WALL_OFFSET_KEY] = time.time() - self.loop.time()
+        self.shared.setdefault(FETCHER_KEY, HttpsFetcher(clock=self.loop.time))
         self.proxy = Proxy(proxy_settings(cfg), self._decide, os.urandom(32))
+        self.flood = self._flood_guard(cfg, self.policy)
         self.udp: dict[int, UdpEndpoint] = {}
         self.tcp = TcpPool(self.loop, self._on_stream_message, self._on_stream_error,
                            cfg.sip.max_message_size)
@@ -131,6 +139,7 @@ class Server:
             except OSError as exc:
                 await self.stop()
                 raise StartupError(f"cannot listen on {ep}: {exc.strerror or exc}") from None
+        self.shared[WALL_OFFSET_KEY] = time.time() - self.loop.time()  # follow NTP steps
         self._housekeeping = self.loop.call_later(10.0, self._housekeep)
         self.log.info(
             "sipguard_started",
@@ -146,6 +155,9 @@ class Server:
             self._timer.cancel()
         if self._housekeeping is not None:
             self._housekeeping.cancel()
+        fetcher = self.shared.get(FETCHER_KEY)
+        if isinstance(fetcher, HttpsFetcher):
+            await fetcher.close()
         await self.tcp.close()
         for ep in self.udp.values():
             if ep.transport is not None:
@@ -155,8 +167,34 @@ class Server:
     def reconfigure(self, cfg: Config, policy: Policy) -> None:
         """Swap in a new config and policy; transactions, dialogs and counters carry on."""
         self.cfg = cfg
-        self.policy = policy
+        previous, self.policy = self.policy, policy
         self.proxy.configure(proxy_settings(cfg))
+        self.flood = self._flood_guard(cfg, policy)
+        # A rule turned on by this reload starts from the calls that are up now.
+        self._run_later(policy.adopt(previous, self.proxy.dialogs.values(), self.loop.time()))
+
+    def _run_later(self, pending: list[Awaitable[None]]) -> None:
+        """Run what the policy could not do at once (a remote state backend) as tasks."""
+        for aw in pending:
+            task = self.loop.create_task(self._settle(aw))
+            self._decisions.add(task)
+            task.add_done_callback(self._decisions.discard)
+
+    async def _settle(self, pending: Awaitable[None]) -> None:
+        try:
+            await pending
+        except Exception:
+            self.counters["internal_errors"] += 1
+            self.log.exception("policy_update_failed")
+
+    def _flood_guard(self, cfg: Config, policy: Policy) -> flood.FloodGuard | None:
+        """The pre-parse flood and scanner check (rule ``flood``); bans live in ``shared``."""
+        peers = policy.peers
+        return flood.guard(
+            cfg.rules.flood, cfg.mode, self.shared, peers,
+            [(peers.peers[pc.name], pc.rules.flood) for pc in cfg.peers],
+            trusted=((cfg.core.host, cfg.core.port),),
+        )
 
     async def reload(self, cfg: Config) -> None:
         """Build the new policy off the event loop (big number lists), then swap it in."""
@@ -165,12 +203,34 @@ class Server:
 
     # ------------------------------------------------------------------ input
     def _on_datagram(self, data: bytes, addr: tuple[str, int], local: int) -> None:
+        guard = self.flood
+        if guard is not None and (why := guard.check(addr, data, self.loop.time())) and (
+            self._flooded(why, addr)
+        ):
+            return
         if len(data) <= 4 and not data.strip(b"\r\n"):
             return  # CRLF keep-alive over UDP
         self._receive(data, Flow("udp", addr, local))
 
     def _on_stream_message(self, data: bytes, addr: tuple[str, int], local: int, conn: int) -> None:
+        guard = self.flood
+        if guard is not None and (why := guard.check(addr, data, self.loop.time())) and (
+            self._flooded(why, addr)
+        ):
+            return
         self._receive(data, Flow("tcp", addr, local, conn))
+
+    def _flooded(self, why: str, addr: tuple[str, int]) -> bool:
+        """Count (and for a new ban, log) a message the flood guard objects to; True to drop."""
+        guard = self.flood
+        assert guard is not None
+        self.counters[f"flood_dropped_{why}"] += 1
+        if why == flood.FLOOD or (why == flood.SCANNER and guard.banned(addr)):
+            self.counters[f"flood_banned_{why}"] += 1
+            self.sampled.log("warning", "source_banned", key=f"ban:{addr[0]}", source=addr[0],
+                             port=addr[1], reason=why, ban_s=guard.ban_s,
+                             monitored=guard.monitor or None)
+        return not guard.monitor
 
     def _on_stream_error(self, err: SipParseError, addr: tuple[str, int], local: int) -> None:
         self.counters["parse_errors"] += 1
@@ -245,12 +305,16 @@ class Server:
 
     def _send(self, flow: Flow, data: bytes) -> None:
         host = flow.addr[0]
-        if not _is_ip(host):
-            resolved = self._resolved.get(host)
-            if resolved is None:
+        ip = self._resolved.get(host)
+        if ip is None:
+            if not _is_ip(host):
                 self.loop.create_task(self._resolve_and_send(flow, data))
                 return
-            flow = flow._replace(addr=(resolved, flow.addr[1]))
+            if len(self._resolved) > 65536:
+                self._resolved.clear()
+            self._resolved[host] = ip = host
+        if ip is not host:
+            flow = flow._replace(addr=(ip, flow.addr[1]))
         if flow.transport == "udp":
             ep = self.udp.get(flow.local) or next(iter(self.udp.values()), None)
             if ep is None:
@@ -276,6 +340,8 @@ class Server:
     def _housekeep(self) -> None:
         self.tcp.close_idle(self.cfg.sip.tcp_idle_timeout_s)
         self._resolved.clear()  # re-resolve names now and then (no TTLs from getaddrinfo)
+        if self.flood is not None:
+            self.flood.state.sweep(self.loop.time())
         self._housekeeping = self.loop.call_later(10.0, self._housekeep)
 
     # ------------------------------------------------------------------ observability
@@ -285,9 +351,16 @@ class Server:
         if isinstance(event, InviteDecided):
             call, v = event.call, event.verdict
             c[f"invites_{v.action}"] += 1
+            for label, value in call.labels.items():
+                c[f"{label}_{value}"] += 1
             if v.monitored:
                 c["invites_monitored"] += 1
-            self.log.info(
+            if v.reason:
+                c[f"rule_{v.rule}_{v.reason}"] += 1
+            emit: Callable[..., Any] = self.log.info
+            if v.sample:  # a verdict that comes in floods: one line per key and interval
+                emit = functools.partial(self.sampled.log, "info", key=v.sample)
+            emit(
                 "invite_decided",
                 call_id=call.call_id,
                 source=f"{call.flow.addr[0]}:{call.flow.addr[1]}",
@@ -301,16 +374,18 @@ class Server:
                 rule=v.rule or None,
                 reason=v.reason or None,
                 status=v.status or None,
+                detail=dict(v.detail) if v.detail else None,
                 decision_us=round(call.decision_us, 1),
+                **call.labels,
             )
         elif isinstance(event, DialogStarted):
             c["dialogs_started"] += 1
-            self.policy.dialog_started(event.dialog, self.loop.time())
+            self._run_later(self.policy.dialog_started(event.dialog, self.loop.time()))
         elif isinstance(event, DialogEnded):
             d = event.dialog
             c["dialogs_ended"] += 1
             c[f"dialogs_ended_{event.reason}"] += 1
-            self.policy.dialog_ended(d, self.loop.time())
+            self._run_later(self.policy.dialog_ended(d, self.loop.time()))
             end = d.ended_at or d.started
             self.log.info(
                 "dialog_ended",

@@ -33,6 +33,7 @@ class TimerQueue:
     def cancel(entry: TimerEntry | None) -> None:
         if entry is not None:
             entry[2] = None
+            entry[3] = ()  # drop the references, so no cycle outlives the timer
 
     def next_deadline(self) -> float | None:
         heap = self._heap
@@ -45,7 +46,9 @@ class TimerQueue:
         heap = self._heap
         due = []
         while heap and heap[0][0] <= now:
-            when, _, cb, args = heapq.heappop(heap)
+            entry = heapq.heappop(heap)
+            cb, args = entry[2], entry[3]
+            entry[2], entry[3] = None, ()  # fired: its owner may still hold the entry
             if cb is not None:
                 due.append((cb, args))
         return due

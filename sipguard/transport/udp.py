@@ -16,10 +16,12 @@ Handler = Callable[[bytes, tuple[str, int], int], None]
 
 
 class UdpEndpoint(asyncio.DatagramProtocol):
-    def __init__(self, index: int, handler: Handler) -> None:
+    def __init__(self, index: int, handler: Handler, sock: socket.socket) -> None:
         self.index = index
         self.handler = handler
+        self.sock = sock
         self.transport: asyncio.DatagramTransport | None = None
+        self.send_errors = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
@@ -32,8 +34,20 @@ class UdpEndpoint(asyncio.DatagramProtocol):
         pass
 
     def send(self, data: bytes, addr: tuple[str, int]) -> None:
-        if self.transport is not None:
-            self.transport.sendto(data, addr)
+        """Send at once with one syscall; when the socket buffer is full, let the transport
+        queue it (it then drains on writability, in order)."""
+        transport = self.transport
+        if transport is None:
+            return
+        if transport.get_write_buffer_size():  # type: ignore[attr-defined]
+            transport.sendto(data, addr)  # keep order behind what is already queued
+            return
+        try:
+            self.sock.sendto(data, addr)
+        except BlockingIOError:
+            transport.sendto(data, addr)
+        except OSError:
+            self.send_errors += 1  # unreachable address, ICMP error: a datagram is lost
 
 
 async def open_udp(
@@ -50,5 +64,5 @@ async def open_udp(
         sock.close()
         raise
     sock.setblocking(False)
-    _, protocol = await loop.create_datagram_endpoint(lambda: UdpEndpoint(index, handler), sock=sock)
+    _, protocol = await loop.create_datagram_endpoint(lambda: UdpEndpoint(index, handler, sock), sock=sock)
     return protocol
