@@ -17,7 +17,7 @@ import sys
 from collections.abc import Sequence
 
 from sipguard.ops.config import Config, ConfigError, Endpoint, config_with_overrides, load_config
-from sipguard.ops.logging import configure_logging, get_logger
+from sipguard.ops.logging import configure_logging, flush_logs, get_logger
 from sipguard.server import Server, StartupError
 
 EXIT_CONFIG = 2
@@ -102,6 +102,7 @@ async def _serve(path: str, args: argparse.Namespace, cfg: Config) -> int:
     finally:
         await server.stop()
         log.info("sipguard_stopped", counters=dict(server.counters))
+        flush_logs()
     return 0
 
 

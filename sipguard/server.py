@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from sipguard.ops.config import Config
-from sipguard.ops.logging import SampledLogger, get_logger
+from sipguard.ops.logging import SampledLogger, flush_logs, get_logger
 from sipguard.policy import flood
 from sipguard.policy.engine import Policy
 from sipguard.policy.identity import FETCHER_KEY, WALL_OFFSET_KEY
@@ -122,6 +122,7 @@ class Server:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._housekeeping: asyncio.TimerHandle | None = None
+        self._log_flusher: asyncio.TimerHandle | None = None
         self._resolved: dict[str, str] = {}
         self._decisions: set[asyncio.Task[None]] = set()
 
@@ -141,6 +142,7 @@ class Server:
                 raise StartupError(f"cannot listen on {ep}: {exc.strerror or exc}") from None
         self.shared[WALL_OFFSET_KEY] = time.time() - self.loop.time()  # follow NTP steps
         self._housekeeping = self.loop.call_later(10.0, self._housekeep)
+        self._log_flusher = self.loop.call_later(0.1, self._flush_logs)
         self.log.info(
             "sipguard_started",
             listen=[str(ep) for ep in self.cfg.listen],
@@ -150,7 +152,13 @@ class Server:
             rules=[r.name for r in self.policy.rules],
         )
 
+    def _flush_logs(self) -> None:
+        flush_logs()
+        self._log_flusher = self.loop.call_later(0.1, self._flush_logs)
+
     async def stop(self) -> None:
+        if self._log_flusher is not None:
+            self._log_flusher.cancel()
         if self._timer is not None:
             self._timer.cancel()
         if self._housekeeping is not None:
