@@ -8,6 +8,11 @@ answers CRLF "pong") are reported so the shell can answer them.
 A stream that cannot be framed — a header block larger than the maximum message size, a
 missing or malformed Content-Length, a body above the limit — raises :class:`SipParseError`;
 the connection must then be closed, since there is no way to find where the next message starts.
+
+Work per :meth:`~StreamFramer.feed` is proportional to the bytes fed, not to the bytes buffered:
+the search for the end of the header block resumes where it stopped, and the Content-Length of a
+message whose body is still arriving is read once. A peer trickling a message byte by byte
+therefore costs linear time, and never more than ``max_size`` bytes are held.
 """
 
 from __future__ import annotations
@@ -18,22 +23,34 @@ PING = object()  # marker yielded for a CRLFCRLF keep-alive
 
 
 def _content_length(head: bytes) -> int:
-    """Find Content-Length (or its compact form ``l``) in a raw header block."""
+    """Find Content-Length (or its compact form ``l``) in a raw header block.
+
+    ``Content-Length = ( "Content-Length" / "l" ) HCOLON 1*DIGIT``; the value may be folded onto
+    a continuation line (HCOLON ends in SWS, which may hold a CRLF).
+    """
     found: int | None = None
-    for line in head.split(b"\r\n")[1:]:
+    lines = head.split(b"\r\n")[1:]
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        i += 1
         if not line or line[0] in b" \t":
             continue
         name, colon, value = line.partition(b":")
         if not colon:
             continue
         name = name.rstrip(b" \t").lower()
-        if name == b"content-length" or name == b"l":
-            value = value.strip()
-            if not value.isdigit() or len(value) > 10:
-                raise SipParseError(400, "malformed Content-Length on a stream")
-            if found is not None and found != int(value):
-                raise SipParseError(400, "conflicting Content-Length on a stream")
-            found = int(value)
+        if name != b"content-length" and name != b"l":
+            continue
+        while i < len(lines) and lines[i][:1] in (b" ", b"\t"):
+            value += b" " + lines[i]  # folded value
+            i += 1
+        value = value.strip(b" \t")
+        if not value.isdigit() or len(value) > 10:
+            raise SipParseError(400, "malformed Content-Length on a stream")
+        if found is not None and found != int(value):
+            raise SipParseError(400, "conflicting Content-Length on a stream")
+        found = int(value)
     if found is None:
         raise SipParseError(400, "missing Content-Length on a stream transport")
     return found
@@ -42,10 +59,12 @@ def _content_length(head: bytes) -> int:
 class StreamFramer:
     """Cuts a byte stream into SIP messages; one instance per connection."""
 
-    __slots__ = ("_buf", "max_size")
+    __slots__ = ("_buf", "_scanned", "_total", "max_size")
 
     def __init__(self, max_size: int = 65535) -> None:
         self._buf = bytearray()
+        self._scanned = 0  # bytes of _buf already searched for CRLFCRLF without success
+        self._total = 0  # size of the message at the head of _buf once its headers are in
         self.max_size = max_size
 
     def feed(self, data: bytes) -> list[bytes | object]:
@@ -54,30 +73,35 @@ class StreamFramer:
         buf += data
         out: list[bytes | object] = []
         while buf:
-            # Leading CRLFs: keep-alive ping (CRLFCRLF) or stray line ends before a message.
-            if buf[0] in b"\r\n":
-                if buf.startswith(b"\r\n\r\n"):
-                    del buf[:4]
-                    out.append(PING)
+            total = self._total
+            if not total:
+                # Leading CRLFs: keep-alive ping (CRLFCRLF) or stray line ends before a message.
+                if buf[0] in b"\r\n":
+                    if buf.startswith(b"\r\n\r\n"):
+                        del buf[:4]
+                        out.append(PING)
+                        continue
+                    if buf == b"\r\n" or buf == b"\r" or buf == b"\r\n\r":
+                        break  # maybe the start of a ping; wait for more
+                    while buf and buf[0] in b"\r\n":
+                        del buf[:1]
                     continue
-                if buf == b"\r\n" or buf == b"\r" or buf == b"\r\n\r":
-                    break  # maybe the start of a ping; wait for more
-                while buf and buf[0] in b"\r\n":
-                    del buf[:1]
-                continue
-            end = buf.find(b"\r\n\r\n")
-            if end < 0:
-                if len(buf) > self.max_size:
-                    raise SipParseError(513, "header block exceeds the maximum message size")
-                break
-            length = _content_length(bytes(buf[:end]))
-            total = end + 4 + length
-            if total > self.max_size:
-                raise SipParseError(513, f"message of {total} bytes exceeds {self.max_size}")
+                end = buf.find(b"\r\n\r\n", max(self._scanned - 3, 0))
+                if end < 0:
+                    if len(buf) > self.max_size:
+                        raise SipParseError(513, "header block exceeds the maximum message size")
+                    self._scanned = len(buf)
+                    break
+                self._scanned = 0
+                total = end + 4 + _content_length(bytes(buf[:end]))
+                if total > self.max_size:
+                    raise SipParseError(513, f"message of {total} bytes exceeds {self.max_size}")
+                self._total = total
             if len(buf) < total:
                 break
             out.append(bytes(buf[:total]))
             del buf[:total]
+            self._total = 0
         return out
 
     @property

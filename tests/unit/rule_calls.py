@@ -1,0 +1,73 @@
+"""Helpers for rule tests that need no proxy: CallInfo and Dialog objects made cheaply, and a
+Policy built from a YAML ``rules:`` snippet."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sipguard.ops.config import parse_config
+from sipguard.policy.engine import Policy
+from sipguard.policy.verdict import Verdict
+from sipguard.proxy.events import CallInfo, Dialog
+from sipguard.proxy.flows import Flow
+from sipguard.sip.message import parse_message
+from tests.unit.proxy_helpers import invite
+
+MINIMAL = "listen: [udp://192.0.2.1:5060]\ncore: udp://10.0.0.10:5080\n"
+SOURCE = ("198.51.100.7", 5062)
+_MSG = parse_message(invite())
+
+
+def make_call(
+    caller: str | None = "+12125550100",
+    callee: str | None = "+18005550199",
+    *,
+    source: tuple[str, int] = SOURCE,
+    transport: str = "udp",
+    now: float = 0.0,
+    call_id: str = "call-1@caller",
+) -> CallInfo:
+    """A CallInfo for an INVITE from ``source`` with the given numbers (the message is shared)."""
+    call = CallInfo(_MSG, Flow(transport, source, 0), now)
+    call.caller, call.callee = caller, callee
+    call.call_id = call_id
+    return call
+
+
+def policy(rules_yaml: str, shared: dict[str, Any] | None = None, extra: str = "") -> Policy:
+    """A Policy from the minimal config plus ``extra`` (e.g. peers) and a ``rules:`` block."""
+    return Policy(parse_config(MINIMAL + extra + rules_yaml), {} if shared is None else shared)
+
+
+def decide(p: Policy, call: CallInfo, now: float) -> Verdict:
+    verdict = p.decide(call, now)
+    assert isinstance(verdict, Verdict)
+    return verdict
+
+
+def dialog(
+    caller: str | None,
+    callee: str | None,
+    *,
+    started: float,
+    answered: float | None,
+    ended: float,
+    peer: str | None = None,
+) -> Dialog:
+    """A finished dialog: answered at ``answered`` (None: never), ended at ``ended``."""
+    d = Dialog(
+        call_id=f"d-{caller}-{callee}-{started}",
+        caller_tag="t",
+        callee_tag=None,
+        caller=caller,
+        callee=callee,
+        diverters=(),
+        peer=peer,
+        source=SOURCE,
+        started=started,
+        expires=started + 14400,
+    )
+    d.confirmed_at = answered
+    d.ended_at = ended
+    d.state = "terminated"
+    return d

@@ -1,0 +1,550 @@
+"""Rule callerid through the real Policy and the in-memory proxy: bytes in, answers and forwarded bytes out."""
+
+from __future__ import annotations
+
+import itertools
+import textwrap
+from pathlib import Path
+
+import phonenumbers
+import pytest
+
+from sipguard.ops.config import ConfigError, parse_config
+from sipguard.policy import callerid, numbers
+from sipguard.policy.engine import Policy
+from sipguard.proxy.events import CallInfo, InviteDecided
+from sipguard.proxy.flows import Flow
+from sipguard.sip.message import Message, parse_message
+from tests.unit.proxy_helpers import CALLER, CORE, Harness, invite
+
+BASE = "listen: [udp://192.0.2.1:5060]\ncore: udp://10.0.0.10:5080\n"
+PEERS = """
+peers:
+  - name: carrier-a
+    networks: [198.51.100.0/24]
+    numbers: ["+1212555*"]
+  - name: pbx-b
+    networks: [203.0.113.0/24]
+"""
+PBX = ("203.0.113.5", 5060)
+NETWORK_BLOCKED_REASON = 'SIP;cause=603;text="v=analytics1";location=RPN'
+_ids = itertools.count()
+
+
+def make_policy(text: str, base_dir: Path | None = None) -> Policy:
+    return Policy(parse_config(BASE + textwrap.dedent(text), base_dir=base_dir))
+
+
+class Call:
+    """One INVITE through a Harness: what the caller heard and what the core got."""
+
+    def __init__(self, h: Harness, src: tuple[str, int] = CALLER, **kw: str) -> None:
+        n = next(_ids)
+        out = h.send(invite(branch=f"z9hG4bK-t{n}", call_id=f"t{n}@test", **kw), src=src)
+        self.answers = [m for f, m in out if f.addr != CORE]  # to src IP, Via port
+        self.forwarded = [m for f, m in out if f.addr == CORE]
+        decided = [e for e in h.events if isinstance(e, InviteDecided)]
+        self.decision = decided[-1]
+
+    @property
+    def status(self) -> int:
+        """The final status the caller heard (0: forwarded)."""
+        finals = [m.status for m in self.answers if m.status >= 200]
+        return finals[-1] if finals else 0
+
+    @property
+    def final(self) -> Message:
+        return [m for m in self.answers if m.status >= 200][-1]
+
+    @property
+    def core(self) -> Message:
+        assert len(self.forwarded) == 1, self.answers
+        return self.forwarded[0]
+
+
+def harness(text: str, base_dir: Path | None = None) -> Harness:
+    return Harness(make_policy(text, base_dir).decide)  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------ ownership and verstat
+
+
+def test_owned_caller_is_forwarded_with_verstat_passed_on_an_added_pai() -> None:
+    """A caller the peer owns reaches the core with P-Asserted-Identity tel URI verstat=TN-Validation-Passed."""
+    h = harness(PEERS + "rules: {callerid: {}}\n")
+    call = Call(h, caller="+12125550100")
+    assert call.status == 0
+    assert call.core.values("p-asserted-identity") == [
+        "<tel:+12125550100;verstat=TN-Validation-Passed>"
+    ]
+    assert not call.core.has("x-sipguard-verdict")
+    assert call.decision.call.labels["verstat"] == "passed"
+
+
+def test_not_owned_caller_hears_603_network_blocked_with_the_603plus_reason() -> None:
+    """A caller number outside the peer's numbers gets 603 Network Blocked + ATIS-1000099 Reason and never reaches the core."""
+    h = harness(PEERS + "rules: {callerid: {}}\n")
+    call = Call(h, caller="+16465550100")
+    assert call.status == 603 and call.forwarded == []
+    assert call.final.start_line == b"SIP/2.0 603 Network Blocked"
+    assert call.final.values("reason") == [NETWORK_BLOCKED_REASON]
+    v = call.decision.verdict
+    assert (v.rule, v.reason, v.action) == ("callerid", "caller_not_owned", "reject")
+
+
+def test_redress_contacts_and_location_go_into_the_reason_text() -> None:
+    """redress url, tel, email and location are rendered as the 603+ text AVPs and location parameter."""
+    h = harness(PEERS + textwrap.dedent("""
+        rules:
+          callerid:
+            redress: {url: "https://example.com/redress", tel: "+18005550100",
+                      email: blocks@example.com, location: RLN}
+        """))
+    call = Call(h, caller="+16465550100")
+    assert call.final.values("reason") == [
+        'SIP;cause=603;text="v=analytics1;url=https://example.com/redress;tel=+18005550100;'
+        'email=blocks@example.com";location=RLN'
+    ]
+
+
+def test_answer_status_phrase_and_headers_are_configurable() -> None:
+    """answers.not_owned can turn the answer into 608 Rejected with its own headers and no 603+ Reason."""
+    h = harness(PEERS + textwrap.dedent("""
+        rules:
+          callerid:
+            answers: {not_owned: {status: 608, phrase: Rejected, headers: ["X-Why: not yours"]}}
+        """))
+    call = Call(h, caller="+16465550100")
+    assert call.final.start_line == b"SIP/2.0 608 Rejected"
+    assert call.final.values("x-why") == ["not yours"] and not call.final.has("reason")
+
+
+def test_peer_without_numbers_may_present_any_number_without_verstat_passed() -> None:
+    """A peer with no numbers list is not checked for ownership; verstat says No-TN-Validation."""
+    h = harness(PEERS + "rules: {callerid: {}}\n")
+    call = Call(h, src=PBX, caller="+16465550100")
+    assert call.status == 0
+    assert call.core.values("p-asserted-identity") == [
+        "<tel:+16465550100;verstat=No-TN-Validation>"
+    ]
+
+
+def test_ownership_off_lets_any_valid_number_through() -> None:
+    """ownership: false accepts a caller outside the peer's numbers."""
+    h = harness(PEERS + "rules: {callerid: {ownership: false}}\n")
+    assert Call(h, caller="+16465550100").status == 0
+
+
+def test_numbers_file_with_thousands_of_entries(tmp_path: Path) -> None:
+    """A numbers_file of 5000 exact numbers and prefixes (with comments) decides ownership."""
+    lines = ["# carrier-a DIDs", ""]
+    lines += [f"+1718555{i:04d}   # line {i}" for i in range(0, 5000, 2)]
+    lines += [f"+1917{i:03d}*" for i in range(2500)]
+    (tmp_path / "a-numbers.txt").write_text("\n".join(lines) + "\n")
+    h = harness("""
+        peers:
+          - name: carrier-a
+            networks: [198.51.100.0/24]
+            numbers_file: a-numbers.txt
+        rules: {callerid: {}}
+        """, base_dir=tmp_path)
+    assert Call(h, caller="+17185550998").status == 0  # exact entry
+    assert Call(h, caller="+19172495555").status == 0  # prefix +1917249*
+    assert Call(h, caller="+17185550999").status == 603  # odd: not listed
+    assert Call(h, caller="+12125550100").status == 603
+
+
+def test_national_format_is_read_with_the_peer_default_region() -> None:
+    """With default_region US a national 2125550100 caller is +12125550100: owned, logged and asserted in E.164."""
+    h = harness("""
+        peers:
+          - name: carrier-a
+            networks: [198.51.100.0/24]
+            numbers: ["+1212555*"]
+            default_region: US
+        rules: {callerid: {}}
+        """)
+    call = Call(h, caller="2125550100", callee="8005550199")
+    assert call.status == 0
+    assert call.decision.call.caller == "+12125550100"
+    assert call.decision.call.callee == "+18005550199"
+    assert call.core.values("p-asserted-identity") == [
+        "<tel:+12125550100;verstat=TN-Validation-Passed>"
+    ]
+
+
+def test_national_format_without_a_region_is_not_e164() -> None:
+    """Without default_region a national number is caller_not_e164 (603)."""
+    h = harness(PEERS + "rules: {callerid: {}}\n")
+    call = Call(h, caller="2125550100")
+    assert call.status == 603 and call.decision.verdict.reason == "caller_not_e164"
+
+
+def test_require_e164_off_accepts_a_non_e164_caller_without_verstat_pai() -> None:
+    """require_e164 and reject_invalid off accept an extension; no PAI is invented for it."""
+    h = harness(PEERS + "rules: {callerid: {require_e164: false, reject_invalid: false}}\n")
+    call = Call(h, src=PBX, caller="4711")
+    assert call.status == 0 and not call.core.has("p-asserted-identity")
+
+
+def test_caller_without_any_number_is_not_e164() -> None:
+    """A From of sip:alice@host (no number) is rejected as caller_not_e164."""
+    h = harness(PEERS + "rules: {callerid: {}}\n")
+    call = Call(h, src=PBX, caller="alice")
+    assert call.status == 603 and call.decision.verdict.reason == "caller_not_e164"
+
+
+@pytest.mark.parametrize(
+    "number",
+    ["+12115550100", "+19115550100", "+1212911", "+4420718387500", "+0012125550100"],
+)
+def test_invalid_numbers_are_rejected(number: str) -> None:
+    """N11 area codes, impossible lengths and a zero country code are caller_not_e164 / caller_invalid (603)."""
+    h = harness(PEERS + "rules: {callerid: {}}\n")
+    call = Call(h, src=PBX, caller=number)
+    assert call.status == 603
+    assert call.decision.verdict.reason in ("caller_invalid", "caller_not_e164")
+    assert call.final.values("reason") == [NETWORK_BLOCKED_REASON]
+
+
+def test_reject_invalid_off_accepts_a_possible_but_unallocated_number() -> None:
+    """With reject_invalid: false an N11 number of the right length passes (it is still E.164)."""
+    h = harness(PEERS + "rules: {callerid: {reject_invalid: false}}\n")
+    assert Call(h, src=PBX, caller="+12115550100").status == 0
+
+
+# ------------------------------------------------------------------ Do-Not-Originate
+
+
+def test_dno_number_hears_603_with_the_dno_reason(tmp_path: Path) -> None:
+    """Numbers on the inline dno list or in dno_file (exact or prefix, '#' comments) get 603 Decline."""
+    (tmp_path / "dno.txt").write_text(
+        "# our inbound-only numbers\n+18005550100\n\n+1212555099*  # a whole block\n"
+    )
+    h = harness(PEERS + textwrap.dedent("""
+        rules:
+          callerid: {dno: ["+12125550123"], dno_file: dno.txt}
+        """), base_dir=tmp_path)
+    for number in ("+12125550123", "+12125550991"):
+        call = Call(h, caller=number)
+        assert call.status == 603 and call.decision.verdict.reason == "caller_dno"
+        assert call.final.start_line == b"SIP/2.0 603 Decline"
+        assert call.final.values("reason") == ['SIP;cause=603;text="Do Not Originate"']
+    call = Call(h, src=PBX, caller="+18005550100")
+    assert call.decision.verdict.reason == "caller_dno"
+    assert Call(h, caller="+12125550100").status == 0
+
+
+def test_dno_file_is_shared_across_peers_and_reread_only_when_changed(tmp_path: Path) -> None:
+    """load_list returns the same NumberSet while the file is unchanged and a new one after it changes."""
+    path = tmp_path / "dno.txt"
+    path.write_text("+18005550100\n")
+    shared: dict[str, object] = {}
+    first = callerid.load_list(shared, path)
+    assert callerid.load_list(shared, path) is first
+    path.write_text("+18005550100\n+18005550101\n")
+    second = callerid.load_list(shared, path)
+    assert second is not first and "+18005550101" in second
+
+
+def test_dno_file_with_a_bad_line_names_file_and_line(tmp_path: Path) -> None:
+    """A dno_file line that is not a number fails the build with FILE:LINE in the message."""
+    (tmp_path / "dno.txt").write_text("+18005550100\nnot-a-number\n")
+    with pytest.raises(ValueError, match=r"dno.txt:2: 'not-a-number'"):
+        make_policy("rules: {callerid: {dno_file: dno.txt}}\n", base_dir=tmp_path)
+
+
+def test_missing_dno_file_and_bad_settings_are_config_errors(tmp_path: Path) -> None:
+    """A missing dno_file, a bad dno entry and a non-https redress url are reported with their paths."""
+    with pytest.raises(ConfigError) as caught:
+        parse_config(BASE + textwrap.dedent("""
+            rules:
+              callerid:
+                dno_file: absent.txt
+                dno: ["call me"]
+                redress: {url: "http://example.com"}
+            """), base_dir=tmp_path)
+    paths = {i.path for i in caught.value.issues}
+    assert paths == {"rules.callerid.dno_file", "rules.callerid.dno", "rules.callerid.redress.url"}
+
+
+# ------------------------------------------------------------------ PAI and From
+
+
+def pai(value: str) -> str:
+    return f"P-Asserted-Identity: {value}\r\n"
+
+
+@pytest.mark.parametrize(
+    ("mode", "status", "tag"),
+    [("reject", 603, None), ("tag", 0, "callerid.pai_mismatch"), ("ignore", 0, None)],
+)
+def test_pai_from_mismatch_reject_tag_ignore(mode: str, status: int, tag: str | None) -> None:
+    """PAI and From with different numbers: reject answers 603, tag forwards with the verdict header, ignore forwards silently."""
+    h = harness(PEERS + f"rules: {{callerid: {{pai_mismatch: {mode}}}}}\n")
+    call = Call(h, caller="+12125550100", extra=pai("<tel:+12125550111>"))
+    assert call.status == status
+    if status:
+        assert call.decision.verdict.reason == "pai_mismatch"
+        assert call.final.values("reason") == [NETWORK_BLOCKED_REASON]
+    else:
+        assert call.core.values("x-sipguard-verdict") == ([tag] if tag else [])
+
+
+def test_pai_is_the_caller_for_a_trusted_peer() -> None:
+    """From a trusted peer the PAI number is the caller: an owned PAI passes though From is foreign."""
+    h = harness(PEERS + "rules: {callerid: {pai_mismatch: ignore}}\n")
+    call = Call(h, caller="+16465550100", extra=pai("<sip:+12125550100@carrier.example;user=phone>"))
+    assert call.status == 0
+    assert call.core.values("p-asserted-identity") == [
+        "<sip:+12125550100;verstat=TN-Validation-Passed@carrier.example;user=phone>"
+    ]
+
+
+def test_pai_of_an_untrusted_peer_is_replaced_by_the_from_number() -> None:
+    """With trust_pai: false the From number is the caller and the peer's PAI is replaced by it."""
+    h = harness("""
+        peers:
+          - name: carrier-a
+            networks: [198.51.100.0/24]
+            numbers: ["+1212555*"]
+            trust_pai: false
+        rules: {callerid: {pai_mismatch: ignore}}
+        """)
+    spoof = Call(h, caller="+16465550100", extra=pai("<tel:+12125550100>"))
+    assert spoof.status == 603 and spoof.decision.verdict.reason == "caller_not_owned"
+    assert spoof.decision.call.caller == "+16465550100"
+    ok = Call(h, caller="+12125550100", extra=pai("<tel:+16465550100>"))
+    assert ok.core.values("p-asserted-identity") == [
+        "<tel:+12125550100;verstat=TN-Validation-Passed>"
+    ]
+
+
+def test_same_number_in_two_formats_is_not_a_mismatch() -> None:
+    """PAI +12125550100 and From 2125550100 (peer region US) are the same caller."""
+    h = harness("""
+        peers:
+          - name: carrier-a
+            networks: [198.51.100.0/24]
+            default_region: US
+        rules: {callerid: {pai_mismatch: reject}}
+        """)
+    assert Call(h, caller="2125550100", extra=pai("<tel:+1-212-555-0100>")).status == 0
+
+
+def test_forged_verstat_and_verdict_header_from_a_peer_are_replaced() -> None:
+    """A peer's own verstat (URI or header parameter) and X-Sipguard-Verdict never reach the core."""
+    h = harness(PEERS + "rules: {callerid: {}}\n")
+    extra = (
+        '"Alice" <sip:+16465550100;verstat=TN-Validation-Passed@x.example;user=phone>;'
+        "verstat=TN-Validation-Passed, tel:+16465550100;verstat=TN-Validation-Passed"
+    )
+    call = Call(h, src=PBX, caller="+16465550100",
+                extra=pai(extra) + "X-Sipguard-Verdict: all good\r\n")
+    assert call.core.values("p-asserted-identity") == [
+        '"Alice" <sip:+16465550100;verstat=No-TN-Validation@x.example;user=phone>, '
+        "<tel:+16465550100;verstat=No-TN-Validation>"
+    ]
+    assert not call.core.has("x-sipguard-verdict")
+
+
+def test_verstat_off_leaves_the_pai_alone() -> None:
+    """verstat: false forwards a trusted PAI byte for byte and adds none."""
+    h = harness(PEERS + "rules: {callerid: {verstat: false}}\n")
+    call = Call(h, caller="+12125550100", extra=pai("<tel:+12125550100>;foo=bar"))
+    assert call.core.values("p-asserted-identity") == ["<tel:+12125550100>;foo=bar"]
+    assert not Call(h, caller="+12125550100").core.has("p-asserted-identity")
+
+
+# ------------------------------------------------------------------ anonymous callers
+
+
+@pytest.mark.parametrize(
+    ("caller", "extra"),
+    [
+        ("+12125550100", "Privacy: id\r\n"),
+        ("+12125550100", "Privacy: user;critical\r\n"),
+        ("anonymous", ""),  # sip:anonymous@198.51.100.7
+        ("Restricted", ""),
+    ],
+)
+def test_anonymous_callers_hear_433_when_rejected(caller: str, extra: str) -> None:
+    """Privacy id/user and anonymous From users are answered 433 Anonymity Disallowed with anonymous: reject."""
+    h = harness(PEERS + "rules: {callerid: {anonymous: reject}}\n")
+    call = Call(h, caller=caller, extra=extra)
+    assert call.final.start_line == b"SIP/2.0 433 Anonymity Disallowed"
+    assert call.decision.verdict.reason == "caller_anonymous"
+
+
+def test_anonymous_invalid_from_host_is_anonymous() -> None:
+    """From "Anonymous" <sip:anonymous@anonymous.invalid> (RFC 3323) is anonymous: 433 with reject, forwarded with allow."""
+    msg = invite().replace(b"<sip:+12125550100@198.51.100.7>",
+                           b'"Anonymous" <sip:anonymous@anonymous.invalid>')
+    for mode, status in (("reject", 433), ("allow", 0)):
+        h = harness(PEERS + f"rules: {{callerid: {{anonymous: {mode}}}}}\n")
+        out = h.send(msg)
+        finals = [m.status for f, m in out if f.addr == CALLER and m.status >= 200]
+        assert finals == ([status] if status else [])
+        if not status:
+            (fwd,) = [m for f, m in out if f.addr == CORE]
+            assert not fwd.has("p-asserted-identity")
+
+
+def test_privacy_none_is_not_anonymous() -> None:
+    """Privacy: none does not make a caller anonymous."""
+    h = harness(PEERS + "rules: {callerid: {anonymous: reject}}\n")
+    assert Call(h, caller="+12125550100", extra="Privacy: none\r\n").status == 0
+
+
+def test_allowed_anonymous_caller_with_a_pai_is_still_checked() -> None:
+    """Under Privacy: id the trusted PAI number is checked like any caller (owned passes, foreign gets 603)."""
+    h = harness(PEERS + "rules: {callerid: {}}\n")
+    ok = Call(h, caller="anonymous", extra="Privacy: id\r\n" + pai("<tel:+12125550100>"))
+    assert ok.status == 0
+    assert ok.core.values("p-asserted-identity") == [
+        "<tel:+12125550100;verstat=TN-Validation-Passed>"
+    ]
+    assert ok.core.values("privacy") == ["id"]
+    bad = Call(h, caller="anonymous", extra="Privacy: id\r\n" + pai("<tel:+16465550100>"))
+    assert bad.status == 603 and bad.decision.verdict.reason == "caller_not_owned"
+
+
+# ------------------------------------------------------------------ neighbor spoofing
+
+
+def test_neighbor_spoofing_is_off_by_default_and_tags_when_enabled() -> None:
+    """A caller sharing the callee's NPA-NXX is untouched by default and tagged with neighbor_spoofing enabled."""
+    off = harness(PEERS + "rules: {callerid: {}}\n")
+    assert not Call(off, caller="+12125550100", callee="+12125550177").core.has(
+        "x-sipguard-verdict")
+    on = harness(PEERS + "rules: {callerid: {neighbor_spoofing: {enabled: true}}}\n")
+    call = Call(on, caller="+12125550100", callee="+12125550177")
+    assert call.core.values("x-sipguard-verdict") == ["callerid.neighbor_spoofing"]
+    assert not Call(on, caller="+12125550100", callee="+12135550177").core.has(
+        "x-sipguard-verdict")
+
+
+def test_neighbor_spoofing_reject_and_digits() -> None:
+    """action: reject answers 603; digits: 3 compares the area code only."""
+    h = harness(PEERS + textwrap.dedent("""
+        rules: {callerid: {neighbor_spoofing: {enabled: true, action: reject, digits: 3}}}
+        """))
+    call = Call(h, caller="+12125550100", callee="+12124440177")
+    assert call.status == 603 and call.decision.verdict.reason == "neighbor_spoofing"
+    assert Call(h, caller="+12125550100", callee="+16465550177").status == 0
+
+
+# ------------------------------------------------------------------ monitor mode and peers
+
+
+def test_rule_in_monitor_mode_forwards_and_reports_what_it_would_do() -> None:
+    """mode: monitor on the rule forwards a not-owned caller, marked monitored, with verstat Failed and the would-be reason."""
+    h = harness(PEERS + "rules: {callerid: {mode: monitor}}\n")
+    call = Call(h, caller="+16465550100")
+    assert call.status == 0
+    v = call.decision.verdict
+    assert (v.action, v.monitored, v.rule, v.reason, v.status) == (
+        "accept", True, "callerid", "caller_not_owned", 603)
+    assert call.core.values("p-asserted-identity") == [
+        "<tel:+16465550100;verstat=TN-Validation-Failed>"
+    ]
+    assert call.core.values("x-sipguard-verdict") == ["callerid.caller_not_owned;monitored"]
+    assert call.decision.call.labels["verstat"] == "failed"
+
+
+def test_global_monitor_mode_applies_to_the_rule() -> None:
+    """The top-level mode: monitor makes the rule forward what it would reject."""
+    h = harness("mode: monitor\n" + PEERS + "rules: {callerid: {anonymous: reject}}\n")
+    call = Call(h, caller="anonymous")
+    assert call.status == 0 and call.decision.verdict.monitored
+    assert call.decision.verdict.reason == "caller_anonymous"
+    assert call.core.values("x-sipguard-verdict") == ["callerid.caller_anonymous;monitored"]
+
+
+def test_enforce_rule_overrides_global_monitor() -> None:
+    """A rule with mode: enforce rejects even when the top-level mode is monitor."""
+    h = harness("mode: monitor\n" + PEERS + "rules: {callerid: {mode: enforce}}\n")
+    assert Call(h, caller="+16465550100").status == 603
+
+
+def test_per_peer_override_merges_over_the_top_level_rule() -> None:
+    """peers[].rules changes the rule for that peer only: reject mismatches there, switch it off elsewhere."""
+    h = harness("""
+        peers:
+          - name: carrier-a
+            networks: [198.51.100.0/24]
+            numbers: ["+1212555*"]
+            rules: {callerid: {pai_mismatch: reject}}
+          - name: pbx-b
+            networks: [203.0.113.0/24]
+            rules: {callerid: {enabled: false}}
+        rules: {callerid: {pai_mismatch: tag}}
+        """)
+    extra = pai("<tel:+12125550111>")
+    assert Call(h, caller="+12125550100", extra=extra).status == 603
+    off = Call(h, src=PBX, caller="not-a-number", extra=extra)
+    assert off.status == 0 and off.core.values("p-asserted-identity") == ["<tel:+12125550111>"]
+
+
+def test_identity_outcome_from_an_earlier_rule_sets_verstat() -> None:
+    """A STIR/SHAKEN outcome left in CallInfo.labels by rule identity decides verstat when the number is not otherwise vouched for."""
+    policy = make_policy(PEERS + "rules: {callerid: {}}\n")
+    rule = policy.by_peer["pbx-b"].rules[0]
+    assert isinstance(rule, callerid.CallerId)
+    for label, verstat in (("passed", "TN-Validation-Passed"), ("failed", "TN-Validation-Failed"),
+                           ("none", "No-TN-Validation")):
+        call = CallInfo(parse_message(invite(caller="+16465550100")), Flow("udp", PBX, 0), 0.0)
+        call.labels["identity"] = label
+        verdict = rule.decide(call, 0.0)
+        assert verdict.accepted
+        assert dict(verdict.replace_headers)["p-asserted-identity"] == (
+            f"P-Asserted-Identity: <tel:+16465550100;verstat={verstat}>")
+
+
+def test_no_peers_configured_checks_every_source_with_pai_trusted() -> None:
+    """Without peers the rule still checks number plausibility, trusting PAI from any source."""
+    h = harness("rules: {callerid: {}}\n")
+    assert Call(h, caller="+12115550100").status == 603
+    call = Call(h, caller="+16465550100", extra=pai("<tel:+12125550100>"))
+    assert call.status == 0
+    assert call.core.values("p-asserted-identity") == [
+        "<tel:+12125550100;verstat=No-TN-Validation>"
+    ]
+    assert call.core.values("x-sipguard-verdict") == ["callerid.pai_mismatch"]
+
+
+# ------------------------------------------------------------------ numbers
+
+
+def test_global_number_reading_agrees_with_phonenumbers_parse() -> None:
+    """numbers.lookup without parse() gives the same E.164 and validity as phonenumbers.parse for every region's example numbers."""
+    checked = 0
+    for region in sorted(phonenumbers.SUPPORTED_REGIONS):
+        for kind in (phonenumbers.PhoneNumberType.FIXED_LINE, phonenumbers.PhoneNumberType.MOBILE):
+            example = phonenumbers.example_number_for_type(region, kind)
+            if example is None:
+                continue
+            text = phonenumbers.format_number(example, phonenumbers.PhoneNumberFormat.E164)
+            info = numbers.lookup(text)
+            assert (info.e164, info.valid) == (text, phonenumbers.is_valid_number(example)), text
+            checked += 1
+    assert checked > 400
+
+
+@pytest.mark.parametrize(
+    ("number", "region", "e164"),
+    [
+        ("+12125550100", None, "+12125550100"),
+        ("2125550100", "US", "+12125550100"),
+        ("12125550100", "US", "+12125550100"),
+        ("02071838750", "GB", "+442071838750"),
+        ("2125550100", None, None),
+        ("+0123", None, None),
+        ("+1", None, None),
+        ("+1234567890123456", None, None),
+        ("12", "US", None),
+    ],
+)
+def test_lookup_normalises_or_refuses(number: str, region: str | None, e164: str | None) -> None:
+    """lookup reads global numbers, national numbers with a region, and refuses bad shapes."""
+    assert numbers.lookup(number, region).e164 == e164

@@ -1,0 +1,298 @@
+"""Rule ``flood``: per-source density bans, scanners, REGISTER from unknown sources, peer
+exemptions, ban operations, and the shell dropping before parsing."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from typing import Any
+
+import pytest
+
+from sipguard.ops.config import ConfigError, parse_config
+from sipguard.policy import flood
+from sipguard.policy.engine import Policy
+from sipguard.policy.flood import FloodGuard, FloodState
+from sipguard.server import Server
+from tests.unit.rule_calls import MINIMAL
+
+OPTIONS = (
+    b"OPTIONS sip:192.0.2.1:5060 SIP/2.0\r\nVia: SIP/2.0/UDP 203.0.113.9:5060;branch=z9hG4bK1\r\n"
+    b"From: <sip:x@203.0.113.9>;tag=1\r\nTo: <sip:192.0.2.1>\r\nCall-ID: c1\r\n"
+    b"CSeq: 1 OPTIONS\r\nMax-Forwards: 70\r\nUser-Agent: Acme PBX 1.0\r\nContent-Length: 0\r\n"
+    b"\r\n"
+)
+SCAN = OPTIONS.replace(b"User-Agent: Acme PBX 1.0", b"user-agent:  Friendly-Scanner 0.9")
+REGISTER = OPTIONS.replace(b"OPTIONS sip:", b"REGISTER sip:").replace(b"1 OPTIONS", b"1 REGISTER")
+SRC = ("203.0.113.9", 5060)
+
+
+def make_guard(
+    rules: str = "{sampling_s: 1, density: 10, ban_s: 30}",
+    peers: str = "",
+    shared: dict[str, Any] | None = None,
+    mode: str = "enforce",
+) -> FloodGuard:
+    cfg = parse_config(MINIMAL + peers + f"rules:\n  flood: {rules}\n")
+    shared = {} if shared is None else shared
+    policy = Policy(cfg, shared)
+    g = flood.guard(cfg.rules.flood, mode, shared, policy.peers,
+                    [(policy.peers.peers[pc.name], pc.rules.flood) for pc in cfg.peers],
+                    trusted=((cfg.core.host, cfg.core.port),))
+    assert g is not None
+    return g
+
+
+def test_density_bans_the_source_for_ban_s() -> None:
+    """The 11th message in one sampling unit (density 10) bans the source: it and every
+    later one is dropped until ban_s passes; other sources are untouched."""
+    g = make_guard()
+    got = [g.check(SRC, OPTIONS, 100.0 + i * 0.01) for i in range(12)]
+    assert got == [None] * 10 + [flood.FLOOD, flood.BANNED]
+    assert g.check(("203.0.113.10", 5060), OPTIONS, 100.5) is None
+    assert g.check(SRC, OPTIONS, 129.0) == flood.BANNED
+    assert g.check(SRC, OPTIONS, 130.2) is None
+    assert g.state.bans == {}
+
+
+def test_burst_across_a_unit_boundary_is_seen() -> None:
+    """8 messages at the end of one unit and 8 at the start of the next exceed density 10
+    (the previous unit counts in proportion)."""
+    g = make_guard()
+    got = [g.check(SRC, OPTIONS, 100.9 + i * 0.01) for i in range(8)]
+    got += [g.check(SRC, OPTIONS, 101.0 + i * 0.01) for i in range(8)]
+    assert flood.FLOOD in got
+
+
+def test_steady_rate_below_density_is_never_banned() -> None:
+    """A source at 9 messages per unit for a minute is never banned."""
+    g = make_guard()
+    assert all(g.check(SRC, OPTIONS, 100.0 + i / 9) is None for i in range(9 * 60))
+
+
+def test_core_is_never_checked() -> None:
+    """Messages from the core address are never counted or dropped."""
+    g = make_guard()
+    assert all(g.check(("10.0.0.10", 5080), SCAN, 100.0) is None for _ in range(100))
+
+
+def test_exempt_peer_and_peer_with_own_density() -> None:
+    """A peer with flood disabled is never banned; a peer with its own density is banned only
+    above it; exempt networks are never banned."""
+    peers = (
+        "peers:\n"
+        "  - {name: pbx, networks: [203.0.113.0/24], rules: {flood: {density: 100}}}\n"
+        "  - {name: carrier, networks: [198.51.100.0/24], rules: {flood: {enabled: false}}}\n"
+    )
+    g = make_guard(peers=peers,
+                   rules="{sampling_s: 1, density: 10, ban_s: 30, exempt: [192.0.2.0/28]}")
+    got = [g.check(SRC, OPTIONS, 100.0 + i * 0.001) for i in range(101)]
+    assert got[:100] == [None] * 100 and got[100] == flood.FLOOD
+    carrier = ("198.51.100.1", 5060)
+    assert all(g.check(carrier, OPTIONS, 100.0) is None for _ in range(1000))
+    assert all(g.check(("192.0.2.5", 5060), OPTIONS, 100.0) is None for _ in range(1000))
+    assert g.check(("192.0.2.17", 5060), OPTIONS, 100.0) is None
+
+
+def test_scanner_user_agent_is_dropped_and_banned() -> None:
+    """A friendly-scanner User-Agent (any case) is dropped and its source banned; a plain
+    message from it then counts as banned."""
+    g = make_guard()
+    assert g.check(SRC, SCAN, 100.0) == flood.SCANNER
+    assert g.banned(SRC)
+    assert g.check(SRC, OPTIONS, 100.1) == flood.BANNED
+
+
+@pytest.mark.parametrize("agent", [b"sipvicious", b"sipcli/v1.8", b"VaxSIPUserAgent/3.1",
+                                   b"iWar", b"sundayddr", b"sip-scan"])
+def test_known_scanners(agent: bytes) -> None:
+    """Each default scanner User-Agent is recognised."""
+    g = make_guard()
+    assert g.check(SRC, OPTIONS.replace(b"Acme PBX 1.0", agent), 100.0) == flood.SCANNER
+
+
+def test_scanner_name_in_the_body_or_other_headers_is_ignored() -> None:
+    """Only the User-Agent header of the header block is read: the word in Subject or the
+    body does not count."""
+    g = make_guard()
+    msg = OPTIONS.replace(b"Content-Length: 0\r\n\r\n",
+                          b"Subject: friendly-scanner\r\nContent-Length: 30\r\n\r\n"
+                          b"\nUser-Agent: friendly-scanner\r\n")
+    assert g.check(SRC, msg, 100.0) is None
+
+
+def test_configurable_scanner_list_and_no_ban() -> None:
+    """scanners replaces the list; scanner_ban: false drops without banning."""
+    g = make_guard("{scanners: [evil-bot], scanner_ban: false}")
+    assert g.check(SRC, SCAN, 100.0) is None
+    evil = OPTIONS.replace(b"Acme PBX 1.0", b"Evil-Bot 2")
+    assert g.check(SRC, evil, 100.0) == flood.SCANNER
+    assert not g.banned(SRC)
+
+
+def test_scanner_through_a_peer_is_dropped_not_banned() -> None:
+    """A scanner's message relayed by a configured peer is dropped, but the peer is not
+    banned."""
+    g = make_guard(peers="peers:\n  - {name: carrier, networks: [203.0.113.0/24]}\n")
+    assert g.check(SRC, SCAN, 100.0) == flood.SCANNER
+    assert g.check(SRC, OPTIONS, 100.0) is None
+
+
+def test_register_from_unknown_source_dropped_only_with_peers() -> None:
+    """With peers configured a REGISTER from elsewhere is dropped (not banned) and one from a
+    peer passes; without peers REGISTER passes."""
+    g = make_guard(peers="peers:\n  - {name: pbx, networks: [198.51.100.0/24]}\n")
+    assert g.check(SRC, REGISTER, 100.0) == flood.REGISTER_UNKNOWN
+    assert not g.banned(SRC)
+    assert g.check(("198.51.100.4", 5060), REGISTER, 100.0) is None
+    assert make_guard().check(SRC, REGISTER, 100.0) is None
+    g = make_guard("{register_from_unknown: pass}",
+                   peers="peers:\n  - {name: pbx, networks: [198.51.100.0/24]}\n")
+    assert g.check(SRC, REGISTER, 100.0) is None
+
+
+def test_key_ip_port_bans_one_port_only() -> None:
+    """With key: ip_port, a flood from one port bans that port, not the address."""
+    g = make_guard("{sampling_s: 1, density: 10, key: ip_port}")
+    for i in range(11):
+        g.check(SRC, OPTIONS, 100.0 + i * 0.01)
+    assert g.check(SRC, OPTIONS, 100.5) == flood.BANNED
+    assert g.check(("203.0.113.9", 5062), OPTIONS, 100.5) is None
+
+
+def test_ban_operations_list_lift_sweep() -> None:
+    """Bans are listed with reason, age, time left and drops; lifted one by one or all; swept
+    once ended."""
+    g = make_guard()
+    g.check(SRC, SCAN, 100.0)
+    g.check(SRC, OPTIONS, 101.0)
+    g.check(("203.0.113.20", 5070), SCAN, 102.0)
+    state = g.state
+    assert state.list_bans(110.0) == [
+        {"source": "203.0.113.9", "reason": "scanner", "banned_s": 10.0, "left_s": 20.0,
+         "dropped": 1},
+        {"source": "203.0.113.20", "reason": "scanner", "banned_s": 8.0, "left_s": 22.0,
+         "dropped": 0},
+    ]
+    assert state.lift("203.0.113.9") and not state.lift("203.0.113.9")
+    assert g.check(SRC, OPTIONS, 110.0) is None
+    assert state.sweep(200.0) == 1 and state.bans == {}
+    g.check(SRC, SCAN, 300.0)
+    assert state.lift_all() == 1
+
+
+def test_lift_by_address_and_port() -> None:
+    """With key: ip_port a ban is lifted by 'ip:port'."""
+    g = make_guard("{key: ip_port}")
+    g.check(SRC, SCAN, 100.0)
+    assert g.state.list_bans(100.0)[0]["source"] == "203.0.113.9:5060"
+    assert g.state.lift("203.0.113.9:5060")
+
+
+def test_bans_are_capped() -> None:
+    """More banned sources than max_bans keep at most max_bans bans."""
+    g = make_guard("{max_bans: 10}")
+    for i in range(50):
+        g.check((f"203.0.113.{i}", 5060), SCAN, 100.0)
+    assert len(g.state.bans) <= 10
+
+
+def test_reload_keeps_bans() -> None:
+    """A guard rebuilt on the same shared state (a reload) keeps the bans."""
+    shared: dict[str, Any] = {}
+    g = make_guard(shared=shared)
+    g.check(SRC, SCAN, 100.0)
+    g2 = make_guard("{sampling_s: 2, density: 50}", shared=shared)
+    assert g2.check(SRC, OPTIONS, 101.0) == flood.BANNED
+
+
+def test_absent_or_disabled_builds_no_guard_and_no_pipeline_rule() -> None:
+    """No rules.flood (or enabled: false) means no guard; the rule never joins the pipeline."""
+    cfg = parse_config(MINIMAL)
+    assert flood.guard(cfg.rules.flood, "enforce", {}) is None
+    cfg = parse_config(MINIMAL + "rules:\n  flood: {enabled: false}\n")
+    assert flood.guard(cfg.rules.flood, "enforce", {}) is None
+    assert Policy(parse_config(MINIMAL + "rules:\n  flood: {}\n"), {}).rules == ()
+
+
+def test_monitor_mode_flag() -> None:
+    """mode: monitor (rule or top level) marks the guard as not dropping."""
+    assert make_guard("{mode: monitor}").monitor
+    assert make_guard(mode="monitor").monitor
+    assert not make_guard().monitor
+
+
+@pytest.mark.parametrize("snippet", ["{density: 0}", "{exempt: [not-a-net]}", "{key: port}",
+                                     "{scanners: ['']}", "{densty: 5}"])
+def test_bad_settings_are_config_errors(snippet: str) -> None:
+    """Bad densities, networks, keys, empty scanner names and unknown keys are config errors."""
+    with pytest.raises(ConfigError) as caught:
+        parse_config(MINIMAL + f"rules:\n  flood: {snippet}\n")
+    assert all(issue.path.startswith("rules.flood") for issue in caught.value.issues)
+
+
+def test_state_unit_change_restarts_counting() -> None:
+    """A new sampling_s on reload starts counts afresh (units of different lengths do not
+    mix)."""
+    state = FloodState()
+    state.cur[SRC[0]] = 99
+    shared = {flood.SHARED_KEY: state}
+    make_guard("{sampling_s: 3}", shared=shared)
+    assert state.cur == {}
+
+
+# --------------------------------------------------------------------------- the shell
+
+
+async def test_shell_drops_scanner_and_flood_before_parsing() -> None:
+    """A running sipguard on 127.0.0.1 answers a normal OPTIONS, drops a scanner's silently
+    and bans it, bans a flooding port (key: ip_port), and counts each reason."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    cfg = parse_config(
+        f"listen: [udp://127.0.0.1:{port}]\ncore: udp://127.0.0.1:9\n"
+        "rules:\n  flood: {sampling_s: 5, density: 20, key: ip_port}\n"
+    )
+    server = Server(cfg)
+    await server.start()
+    try:
+        loop = asyncio.get_running_loop()
+
+        async def exchange(sock: socket.socket, data: bytes, count: int = 1) -> bytes | None:
+            for _ in range(count):
+                sock.sendto(data, ("127.0.0.1", port))
+            try:
+                return await asyncio.wait_for(loop.sock_recv(sock, 65535), 0.3)
+            except TimeoutError:
+                return None
+
+        # answered by sipguard itself, to the source port (rport)
+        ping = OPTIONS.replace(b"Max-Forwards: 70", b"Max-Forwards: 0").replace(
+            b"branch=z9hG4bK1", b"branch=z9hG4bK1;rport")
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as good, \
+                socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as scanner, \
+                socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as flooder:
+            for s in (good, scanner, flooder):
+                s.bind(("127.0.0.1", 0))
+                s.setblocking(False)
+            reply = await exchange(good, ping)
+            assert reply is not None and reply.startswith(b"SIP/2.0 200")
+            assert await exchange(scanner, SCAN) is None
+            assert await exchange(scanner, ping) is None
+            await exchange(flooder, ping, 60)
+            while True:  # drain the answers to the first 20
+                try:
+                    await asyncio.wait_for(loop.sock_recv(flooder, 65535), 0.1)
+                except TimeoutError:
+                    break
+            assert await exchange(flooder, ping) is None
+            reply = await exchange(good, ping)
+            assert reply is not None and reply.startswith(b"SIP/2.0 200")
+        c = server.counters
+        assert c["flood_dropped_scanner"] == 1 and c["flood_banned_scanner"] == 1
+        assert c["flood_banned_flood"] == 1
+        assert c["flood_dropped_banned"] >= 40
+        assert server.flood is not None and len(server.flood.state.list_bans(loop.time())) == 2
+    finally:
+        await server.stop()

@@ -1,0 +1,619 @@
+"""Tests for rule ``identity``: STIR/SHAKEN verification through the proxy, against a real test
+PKI and a real HTTPS x5u server on 127.0.0.1 (see ``stir_pki.py``).
+
+Each call goes through the sans-I/O proxy (``Harness``) with the real policy; an asynchronous
+decision (certificate fetch) is awaited the way the shell does, then ``proxy.resolve`` carries
+on. Assertions are on what the caller hears and on whether the core saw the INVITE.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sipguard.ops.config import ConfigError, parse_config
+from sipguard.policy.engine import Policy
+from sipguard.policy.identity import FETCHER_KEY, WALL_OFFSET_KEY
+from sipguard.policy.verdict import Verdict
+from sipguard.proxy.events import CallInfo, InviteDecided
+from sipguard.proxy.flows import Flow
+from sipguard.sip.message import Message
+from sipguard.transport.https_fetch import HttpsFetcher
+
+from .proxy_helpers import CALLER, CORE, Harness, invite
+from .stir_pki import (
+    DEST,
+    ORIG,
+    Pki,
+    X5uServer,
+    b64,
+    identity_value,
+    sign_passport,
+    standard_routes,
+)
+
+CALLER_NUMBER = "+" + ORIG
+CALLEE_NUMBER = "+" + DEST
+
+
+@pytest.fixture(scope="module")
+def pki() -> Pki:
+    return Pki()
+
+
+@pytest.fixture(scope="module")
+def x5u(pki: Pki) -> Iterator[X5uServer]:
+    server = X5uServer(pki.server_context(), standard_routes(pki)).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def fetcher() -> AsyncIterator[HttpsFetcher]:
+    f = HttpsFetcher()
+    yield f
+    await f.close()
+
+
+class PolicyHarness(Harness):
+    """The proxy harness deciding with a real Policy; pending (async) decisions are awaited
+    together by :meth:`settle`, as the shell's tasks would run them."""
+
+    def __init__(self, policy: Policy) -> None:
+        self.policy = policy
+        self.pending: list[tuple[CallInfo, Awaitable[Verdict]]] = []
+        self.sync_decisions = 0
+        super().__init__(self._decide)
+
+    def _decide(self, call: CallInfo, now: float) -> Verdict | None:
+        verdict = self.policy.decide(call, now)
+        if isinstance(verdict, Verdict):
+            self.sync_decisions += 1
+            return verdict
+        self.pending.append((call, verdict))
+        return None
+
+    async def settle(self) -> list[tuple[Flow, Message]]:
+        pending, self.pending = self.pending, []
+        verdicts = await asyncio.gather(*(aw for _, aw in pending))
+        for (call, _), verdict in zip(pending, verdicts, strict=True):
+            self.proxy.resolve(call, verdict, self.now)
+        return self._drain()
+
+
+@dataclass
+class Outcome:
+    status: int | None  # the final status the caller heard (None: forwarded, no answer yet)
+    phrase: str
+    forwarded: Message | None  # the INVITE as the core saw it
+    labels: dict[str, str] = field(default_factory=dict)
+    sync: bool = False  # decided without awaiting anything
+
+    @property
+    def identity_header(self) -> str | None:
+        return self.forwarded.get("x-sipguard-identity") if self.forwarded else None
+
+
+def outcome(out: list[tuple[Flow, Message]], h: PolicyHarness, sync: bool) -> Outcome:
+    finals = [m for f, m in out if f.addr == CALLER and m.status >= 200]
+    invites = [m for f, m in out if f.addr == CORE and m.method == "INVITE"]
+    decided = [e for e in h.events if isinstance(e, InviteDecided)]
+    return Outcome(
+        finals[-1].status if finals else None,
+        finals[-1].reason if finals else "",
+        invites[-1] if invites else None,
+        dict(decided[-1].call.labels) if decided else {},
+        sync,
+    )
+
+
+class Stir:
+    """One test's setting: a test PKI, the x5u server, a policy built from YAML settings."""
+
+    def __init__(self, tmp: Path, pki: Pki, server: X5uServer, fetcher: HttpsFetcher) -> None:
+        self.pki = pki
+        self.server = server
+        self.fetcher = fetcher
+        self.anchors, self.bundle = pki.write(tmp)
+        self.tmp = tmp
+        self.wall = float(int(time.time()))  # whole seconds: iat arithmetic is exact
+        self.shared: dict[str, Any] = {FETCHER_KEY: fetcher, WALL_OFFSET_KEY: self.wall - 1000.0}
+        self._hits = dict(server.hits)  # the server is shared by the module's tests
+        self.policy = self.use()
+
+    def hits(self, path: str) -> int:
+        """Requests the x5u server got for ``path`` during this test."""
+        return self.server.hits[path] - self._hits.get(path, 0)
+
+    def settings(self, **over: Any) -> dict[str, Any]:
+        base: dict[str, Any] = {
+            "trust_anchors": str(self.anchors),
+            "fetch_ca_bundle": str(self.bundle),
+            "allow_private_x5u": True,
+            "x5u_ports": [self.server.port, 443],
+        }
+        base.update(over)
+        return base
+
+    def use(self, mode: str = "enforce", **over: Any) -> Policy:
+        """Build the policy with rules.identity = test defaults + ``over`` (shared state kept)."""
+        cfg = {
+            "listen": ["udp://192.0.2.1:5060"],
+            "core": "udp://10.0.0.10:5080",
+            "mode": mode,
+            "rules": {"identity": self.settings(**over)},
+        }
+        self.policy = Policy(parse_config(json.dumps(cfg), base_dir=self.tmp), self.shared)
+        return self.policy
+
+    def url(self, path: str = "/good.pem") -> str:
+        return self.server.url(path)
+
+    def token(self, path: str = "/good.pem", *, age: float = 0, **kw: Any) -> str:
+        kw.setdefault("iat", int(self.wall - age))
+        return sign_passport(self.pki.leaf_key, self.url(path), **kw)
+
+    def header(self, path: str = "/good.pem", **kw: Any) -> str:
+        return identity_value(self.token(path, **kw), self.url(path))
+
+    async def call(
+        self,
+        identity: str | list[str] | None,
+        *,
+        n: int = 1,
+        caller: str = CALLER_NUMBER,
+        callee: str = CALLEE_NUMBER,
+        extra: str = "",
+    ) -> Outcome:
+        h = PolicyHarness(self.policy)
+        values = [identity] if isinstance(identity, str) else identity or []
+        lines = "".join(f"Identity: {v}\r\n" for v in values) + extra
+        out = h.send(invite(caller=caller, callee=callee, extra=lines))
+        sync = h.sync_decisions == 1
+        out += await h.settle()
+        return outcome(out, h, sync)
+
+
+@pytest.fixture
+def stir(tmp_path: Path, pki: Pki, x5u: X5uServer, fetcher: HttpsFetcher) -> Stir:
+    return Stir(tmp_path, pki, x5u, fetcher)
+
+
+# ----------------------------------------------------------------------------- passes
+
+
+@pytest.mark.parametrize("attest", ["A", "B", "C"])
+async def test_valid_passport_is_forwarded_with_passed_verstat(stir: Stir, attest: str) -> None:
+    """A valid PASSporT of each attestation level is forwarded marked passed with its level."""
+    res = await stir.call(stir.header(attest=attest))
+    assert res.status is None and res.forwarded is not None
+    assert res.identity_header == (
+        f"TN-Validation-Passed;attest={attest};origid=123e4567-e89b-12d3-a456-426655440000"
+    )
+    assert res.labels == {"identity": "passed", "identity_attest": attest}
+
+
+async def test_second_call_is_decided_synchronously_from_the_cache(stir: Stir) -> None:
+    """The first call fetches the certificate; the next one for the same x5u needs no await."""
+    first = await stir.call(stir.header())
+    second = await stir.call(stir.header())
+    assert not first.sync and second.sync
+    assert second.forwarded is not None and stir.fetcher.requests == 1
+
+
+async def test_critical_tnauthlist_is_accepted(stir: Stir) -> None:
+    """A leaf whose TNAuthList is marked critical (RFC 8226 allows it) still verifies."""
+    res = await stir.call(stir.header("/crit.pem"))
+    assert res.forwarded is not None, res
+
+
+async def test_shaken_identity_is_picked_among_several(stir: Stir) -> None:
+    """With a div PASSporT and a malformed header beside it, the shaken Identity is used."""
+    div = identity_value(stir.token(), stir.url(), ppt="div")
+    res = await stir.call(["garbage!!", div, stir.header()])
+    assert res.labels["identity"] == "passed"
+
+
+# ----------------------------------------------------------------------------- claims
+
+
+async def test_tampered_payload_is_438(stir: Stir) -> None:
+    """A payload changed after signing (attest C -> A) fails the signature: 438."""
+    header, payload, sig = stir.token(attest="C").split(".")
+    claims = json.loads(b64_decode(payload))
+    claims["attest"] = "A"
+    forged = f"{header}.{b64(json.dumps(claims).encode())}.{sig}"
+    res = await stir.call(identity_value(forged, stir.url()))
+    assert (res.status, res.forwarded) == (438, None)
+    assert res.labels["identity_reason"] == "bad_signature"
+
+
+async def test_wrong_key_is_438(stir: Stir) -> None:
+    """A PASSporT signed with a key other than the certificate's is 438."""
+    from .stir_pki import new_key
+
+    token = sign_passport(new_key(), stir.url(), iat=int(stir.wall))
+    res = await stir.call(identity_value(token, stir.url()))
+    assert (res.status, res.phrase, res.forwarded) == (438, "Invalid Identity Header", None)
+
+
+async def test_orig_not_the_caller_is_438(stir: Stir) -> None:
+    """orig.tn other than the caller's number is 438, before any fetch."""
+    res = await stir.call(stir.header(orig="12125550111"))
+    assert (res.status, res.labels["identity_reason"]) == (438, "orig_mismatch")
+    assert stir.fetcher.requests == 0 and res.sync
+
+
+async def test_dest_not_the_callee_is_438(stir: Stir) -> None:
+    """dest.tn without the called number is 438."""
+    res = await stir.call(stir.header(dest=("18005550100",)))
+    assert (res.status, res.labels["identity_reason"]) == (438, "dest_mismatch")
+
+
+async def test_dest_check_can_be_switched_off(stir: Stir) -> None:
+    """check_dest: false lets a retargeted call (dest.tn not the callee) pass."""
+    stir.use(check_dest=False)
+    res = await stir.call(stir.header(dest=("18005550100",)))
+    assert res.forwarded is not None
+
+
+async def test_iat_61s_old_is_403_stale_date(stir: Stir) -> None:
+    """iat 61 s before now is outside the 60 s window: 403 Stale Date."""
+    res = await stir.call(stir.header(age=61))
+    assert (res.status, res.phrase, res.forwarded) == (403, "Stale Date", None)
+    assert res.labels["identity_reason"] == "stale"
+
+
+async def test_iat_60s_old_still_passes(stir: Stir) -> None:
+    """iat exactly 60 s old is inside the window."""
+    res = await stir.call(stir.header(age=60))
+    assert res.forwarded is not None
+
+
+async def test_iat_61s_in_the_future_is_403_stale_date(stir: Stir) -> None:
+    """A future-dated iat fails too (other verifiers accept it)."""
+    res = await stir.call(stir.header(age=-61))
+    assert (res.status, res.phrase) == (403, "Stale Date")
+    assert res.labels["identity_reason"] == "future"
+
+
+async def test_garbage_identity_header_is_438(stir: Stir) -> None:
+    """An Identity header that is not a JWS is 438."""
+    res = await stir.call("this is not a jws;info=<https://x/y>")
+    assert (res.status, res.labels["identity_reason"]) == (438, "malformed")
+
+
+async def test_unsigned_header_claims_are_438(stir: Stir) -> None:
+    """A PASSporT with typ/alg wrong is 438 (bad_header); one without info is 436."""
+    res = await stir.call(stir.header(header={"alg": "RS256"}))
+    assert (res.status, res.labels["identity_reason"]) == (438, "bad_header")
+    res = await stir.call(stir.token())
+    assert (res.status, res.labels["identity_reason"]) == (436, "no_info")
+
+
+async def test_x5u_other_than_info_is_438(stir: Stir) -> None:
+    """x5u must equal the info URL of the header."""
+    res = await stir.call(identity_value(stir.token(), stir.url("/other.pem")))
+    assert (res.status, res.labels["identity_reason"]) == (438, "x5u_mismatch")
+
+
+async def test_compact_form_is_438(stir: Stir) -> None:
+    """The RFC 8224 compact form (payload left out) cannot carry SHAKEN claims: 438."""
+    h, _, s = stir.token().split(".")
+    res = await stir.call(identity_value(f"{h}..{s}", stir.url()))
+    assert (res.status, res.labels["identity_reason"]) == (438, "compact_form")
+
+
+# ----------------------------------------------------------------------------- certificates
+
+
+async def test_unknown_ca_is_437(stir: Stir) -> None:
+    """A chain that ends at a root that is not a trust anchor is 437 Unsupported Credential."""
+    res = await stir.call(stir.header("/rogue.pem"))
+    assert (res.status, res.phrase, res.forwarded) == (437, "Unsupported Credential", None)
+    assert res.labels["identity_reason"] == "untrusted"
+
+
+async def test_expired_leaf_is_437(stir: Stir) -> None:
+    """An expired SP certificate is 437."""
+    res = await stir.call(stir.header("/expired.pem"))
+    assert (res.status, res.labels["identity_reason"]) == (437, "expired")
+
+
+async def test_leaf_without_tnauthlist_is_437(stir: Stir) -> None:
+    """An SP certificate without TNAuthList is 437 even though its chain is trusted."""
+    res = await stir.call(stir.header("/notn.pem"))
+    assert (res.status, res.labels["identity_reason"]) == (437, "no_tnauthlist")
+
+
+async def test_unparsable_certificate_is_436(stir: Stir) -> None:
+    """A body that is not a certificate chain is 436 Bad Identity Info."""
+    res = await stir.call(stir.header("/junk.pem"))
+    assert (res.status, res.labels["identity_reason"]) == (436, "bad_certificate")
+
+
+async def test_x5u_over_http_is_refused_without_fetching(stir: Stir) -> None:
+    """An http:// x5u is 436 and nothing is fetched."""
+    url = f"http://127.0.0.1:{stir.server.port}/good.pem"
+    token = sign_passport(stir.pki.leaf_key, url, iat=int(stir.wall))
+    res = await stir.call(identity_value(token, url))
+    assert (res.status, res.labels["identity_reason"]) == (436, "x5u_refused")
+    assert stir.fetcher.requests == 0 and stir.hits("/good.pem") == 0
+
+
+async def test_x5u_port_not_allowed_is_refused(stir: Stir) -> None:
+    """An x5u on a port outside x5u_ports is 436 without a fetch."""
+    stir.use(x5u_ports=[443])
+    res = await stir.call(stir.header())
+    assert (res.status, res.labels["identity_reason"]) == (436, "x5u_refused")
+    assert stir.fetcher.requests == 0
+
+
+async def test_x5u_to_unreachable_port_is_436(stir: Stir) -> None:
+    """A closed port answers 436 (fetch_connect), and the failure is cached briefly."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    stir.use(x5u_ports=[port])
+    url = f"https://127.0.0.1:{port}/good.pem"
+    token = sign_passport(stir.pki.leaf_key, url, iat=int(stir.wall))
+    res = await stir.call(identity_value(token, url))
+    assert (res.status, res.labels["identity_reason"]) == (436, "fetch_connect")
+    again = await stir.call(identity_value(token, url))
+    assert again.status == 436 and again.sync and stir.fetcher.requests == 1
+
+
+async def test_x5u_returning_10mb_is_436(stir: Stir) -> None:
+    """A 10 MB answer is refused at the size limit, with or without Content-Length."""
+    for path in ("/big.pem", "/big-stream.pem"):
+        res = await stir.call(stir.header(path))
+        assert (res.status, res.labels["identity_reason"]) == (436, "fetch_too_large"), path
+
+
+async def test_x5u_slower_than_the_timeout_is_436(stir: Stir) -> None:
+    """An x5u server slower than fetch_timeout_s is 436 after the timeout, not later."""
+    stir.use(fetch_timeout_s=0.3)
+    started = time.monotonic()
+    res = await stir.call(stir.header("/slow.pem"))
+    assert (res.status, res.labels["identity_reason"]) == (436, "fetch_timeout")
+    assert time.monotonic() - started < 0.9
+
+
+async def test_http_error_and_redirect_are_436(stir: Stir) -> None:
+    """A 404 and a 302 (redirects are not followed) are 436 fetch_http_status."""
+    for path in ("/missing.pem", "/moved.pem"):
+        res = await stir.call(stir.header(path))
+        assert (res.status, res.labels["identity_reason"]) == (436, "fetch_http_status"), path
+    assert stir.hits("/good.pem") == 0
+
+
+async def test_untrusted_tls_server_is_436(stir: Stir) -> None:
+    """Without fetch_ca_bundle the test server's TLS certificate is not trusted: 436."""
+    stir.use(fetch_ca_bundle=None)
+    res = await stir.call(stir.header())
+    assert (res.status, res.labels["identity_reason"]) == (436, "fetch_tls")
+
+
+async def test_private_address_refused_without_allow_private(stir: Stir) -> None:
+    """127.0.0.1 as an IP literal, and localhost after resolution, are refused (SSRF)."""
+    stir.use(allow_private_x5u=False)
+    res = await stir.call(stir.header())
+    assert (res.status, res.labels["identity_reason"]) == (436, "x5u_refused")
+    url = stir.server.url("/good.pem", host="localhost")
+    token = sign_passport(stir.pki.leaf_key, url, iat=int(stir.wall))
+    res = await stir.call(identity_value(token, url))
+    assert (res.status, res.labels["identity_reason"]) == (436, "fetch_refused")
+    assert stir.hits("/good.pem") == 0
+
+
+async def test_localhost_allowed_with_allow_private(stir: Stir) -> None:
+    """With allow_private_x5u a host name resolving to 127.0.0.1 is fetched and verified."""
+    url = stir.server.url("/good.pem", host="localhost")
+    token = sign_passport(stir.pki.leaf_key, url, iat=int(stir.wall))
+    res = await stir.call(identity_value(token, url))
+    assert res.labels == {"identity": "passed", "identity_attest": "A"}
+
+
+async def test_cache_control_max_age_is_honoured(stir: Stir) -> None:
+    """A chain served with max-age=120 is fetched again only after 120 s."""
+    stir.fetcher.linger_s = 0  # the fetcher's own short reuse window is real time
+    await stir.call(stir.header("/maxage.pem"))
+    stir.shared[WALL_OFFSET_KEY] -= 100  # keep iat fresh while the loop clock moves on
+    h = PolicyHarness(stir.policy)
+    h.now += 100
+    token = identity_value(stir.token("/maxage.pem"), stir.url("/maxage.pem"))
+    h.send(invite(caller=CALLER_NUMBER, callee=CALLEE_NUMBER, extra=f"Identity: {token}\r\n"))
+    assert h.sync_decisions == 1
+    h2 = PolicyHarness(stir.policy)
+    h2.now += 121
+    stir.shared[WALL_OFFSET_KEY] -= 21
+    h2.send(invite(caller=CALLER_NUMBER, callee=CALLEE_NUMBER, extra=f"Identity: {token}\r\n"))
+    assert h2.sync_decisions == 0
+    await h2.settle()
+    assert stir.hits("/maxage.pem") == 2
+
+
+# ----------------------------------------------------------------------------- I/O behaviour
+
+
+async def test_concurrent_invites_share_one_fetch(stir: Stir) -> None:
+    """Twenty INVITEs arriving while the certificate is being fetched cause one request."""
+    h = PolicyHarness(stir.policy)
+    value = stir.header("/slowish.pem")
+    for i in range(20):
+        h.send(invite(caller=CALLER_NUMBER, callee=CALLEE_NUMBER, call_id=f"c{i}@x",
+                      branch=f"z9hG4bK-sf-{i}", extra=f"Identity: {value}\r\n"))
+    assert len(h.pending) == 20
+    out = await h.settle()
+    assert stir.hits("/slowish.pem") == 1 and stir.fetcher.requests == 1
+    assert sum(1 for f, m in out if f.addr == CORE and m.method == "INVITE") == 20
+
+
+async def test_fetches_beyond_the_limit_fail_fast_uncached(stir: Stir) -> None:
+    """With max_concurrent_fetches: 1 a second URL fetched meanwhile is 436 fetch_busy at
+    once, and is not remembered as a failure."""
+    stir.use(max_concurrent_fetches=1)
+    h = PolicyHarness(stir.policy)
+    for i, path in enumerate(("/slowish.pem", "/good.pem")):
+        h.send(invite(caller=CALLER_NUMBER, callee=CALLEE_NUMBER, call_id=f"b{i}@x",
+                      branch=f"z9hG4bK-busy-{i}", extra=f"Identity: {stir.header(path)}\r\n"))
+    out = await h.settle()
+    finals = sorted(m.status for f, m in out if f.addr == CALLER and m.status >= 200)
+    assert finals == [436]
+    assert [e.call.labels.get("identity_reason") for e in h.events
+            if isinstance(e, InviteDecided)] == [None, "fetch_busy"]
+    res = await stir.call(stir.header("/good.pem"))
+    assert res.labels["identity"] == "passed"
+
+
+async def test_retransmission_during_fetch_is_absorbed(stir: Stir) -> None:
+    """An INVITE retransmitted while its certificate is fetched gets 100 again; the core
+    sees one INVITE, carrying the identity outcome."""
+    h = PolicyHarness(stir.policy)
+    data = invite(caller=CALLER_NUMBER, callee=CALLEE_NUMBER,
+                  extra=f"Identity: {stir.header('/slowish.pem')}\r\n")
+    first = h.send(data)
+    h.now += 0.5
+    again = h.send(data)
+    assert [m.status for _, m in first] == [100] and [m.status for _, m in again] == [100]
+    assert len(h.pending) == 1
+    out = await h.settle()
+    invites = [m for f, m in out if f.addr == CORE and m.method == "INVITE"]
+    assert len(invites) == 1
+    assert (invites[0].get("x-sipguard-identity") or "").startswith("TN-Validation-Passed")
+
+
+async def test_cancel_during_fetch_answers_487(stir: Stir) -> None:
+    """A CANCEL while the fetch runs ends the call with 487; the late verdict is dropped."""
+    h = PolicyHarness(stir.policy)
+    data = invite(caller=CALLER_NUMBER, callee=CALLEE_NUMBER,
+                  extra=f"Identity: {stir.header('/slowish.pem')}\r\n")
+    h.send(data)
+    cancel = data.split(b"\r\n\r\n")[0].replace(b"INVITE sip", b"CANCEL sip").replace(
+        b"CSeq: 1 INVITE", b"CSeq: 1 CANCEL")
+    cancel = cancel.replace(b"Content-Type: application/sdp\r\n", b"")
+    cancel = cancel.split(b"Content-Length")[0] + b"Content-Length: 0\r\n\r\n"
+    out = h.send(cancel)
+    assert sorted(m.status for _, m in out) == [200, 487]
+    out = await h.settle()
+    assert not any(f.addr == CORE for f, _ in out)
+
+
+# ----------------------------------------------------------------------------- outcomes
+
+
+async def test_missing_identity_with_require_is_428(stir: Stir) -> None:
+    """require: true answers a call without Identity 428 Use Identity Header."""
+    stir.use(require=True)
+    res = await stir.call(None)
+    assert (res.status, res.phrase, res.forwarded) == (428, "Use Identity Header", None)
+
+
+async def test_missing_identity_without_require_is_forwarded_unvalidated(stir: Stir) -> None:
+    """Without require a call without Identity goes on, marked No-TN-Validation."""
+    res = await stir.call(None)
+    assert res.identity_header == "No-TN-Validation" and res.sync
+    assert res.labels == {"identity": "none"}
+
+
+async def test_forged_outcome_header_from_peer_is_replaced(stir: Stir) -> None:
+    """An X-Sipguard-Identity sent by the peer never reaches the core."""
+    res = await stir.call(None, extra="X-Sipguard-Identity: TN-Validation-Passed;attest=A\r\n")
+    assert res.forwarded is not None
+    assert res.forwarded.values("x-sipguard-identity") == ["No-TN-Validation"]
+
+
+async def test_on_fail_tag_forwards_failed_calls_marked(stir: Stir) -> None:
+    """on_fail: tag forwards a failing call with TN-Validation-Failed and the reason."""
+    stir.use(on_fail="tag")
+    res = await stir.call(stir.header(age=61, attest="B"))
+    assert res.status is None
+    assert res.identity_header == "TN-Validation-Failed;reason=stale;attest=B"
+    assert res.labels == {"identity": "failed", "identity_reason": "stale",
+                          "identity_attest": "B"}
+
+
+async def test_below_min_attestation_follows_on_low_attestation(stir: Stir) -> None:
+    """min_attestation B: a C call is rejected 403 by default and tagged when so configured."""
+    stir.use(min_attestation="B")
+    res = await stir.call(stir.header(attest="C"))
+    assert (res.status, res.labels["identity_reason"]) == (403, "low_attestation")
+    assert (await stir.call(stir.header(attest="B"))).forwarded is not None
+    stir.use(min_attestation="B", on_low_attestation="tag")
+    res = await stir.call(stir.header(attest="C"))
+    assert res.identity_header == "TN-Validation-Failed;reason=low_attestation;attest=C"
+
+
+async def test_answers_are_configurable(stir: Stir) -> None:
+    """answers.stale can change the status, phrase and headers of a stale-date reject."""
+    stir.use(answers={"stale": {"status": 438, "phrase": "Too Old",
+                                "headers": ['Reason: SIP;cause=438;text="stale"']}})
+    res = await stir.call(stir.header(age=100))
+    assert (res.status, res.phrase) == (438, "Too Old")
+
+
+async def test_monitor_mode_forwards_failures_with_the_outcome(stir: Stir) -> None:
+    """In monitor mode a failing call reaches the core, marked failed."""
+    stir.use(mode="monitor")
+    res = await stir.call(stir.header("/rogue.pem"))
+    assert res.status is None
+    assert res.identity_header == "TN-Validation-Failed;reason=untrusted;attest=A"
+
+
+async def test_cache_survives_a_reload(stir: Stir) -> None:
+    """A policy rebuilt from the same shared state keeps the fetched certificates."""
+    await stir.call(stir.header())
+    stir.use(freshness_s=30)
+    res = await stir.call(stir.header())
+    assert res.sync and res.forwarded is not None and stir.fetcher.requests == 1
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def test_identity_needs_trust_anchors(tmp_path: Path) -> None:
+    """An enabled identity rule without trust_anchors is a config error naming the field."""
+    text = "listen: udp://127.0.0.1:5060\ncore: udp://127.0.0.1:5080\nrules:\n  identity: {}\n"
+    with pytest.raises(ConfigError, match=r"rules.identity: .*trust_anchors is required"):
+        parse_config(text, base_dir=tmp_path)
+
+
+def test_identity_trust_anchors_must_be_certificates(tmp_path: Path) -> None:
+    """A trust_anchors file that holds no certificate is a config error."""
+    (tmp_path / "bad.pem").write_text("hello\n")
+    text = ("listen: udp://127.0.0.1:5060\ncore: udp://127.0.0.1:5080\nrules:\n"
+            "  identity: {trust_anchors: bad.pem}\n")
+    with pytest.raises(ConfigError, match="bad.pem"):
+        parse_config(text, base_dir=tmp_path)
+
+
+def test_example_config_identity_section_is_valid(tmp_path: Path, pki: Pki) -> None:
+    """The commented identity example in config/sipguard.yaml validates once uncommented."""
+    example = Path(__file__).parents[2] / "config" / "sipguard.yaml"
+    lines = example.read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("#   identity:"))
+    block = []
+    for line in lines[start:]:
+        if not line.startswith("#  "):
+            break
+        block.append(line[1:])
+    anchors, _ = pki.write(tmp_path)
+    text = ("listen: udp://127.0.0.1:5060\ncore: udp://127.0.0.1:5080\nrules:\n"
+            + "\n".join(block).replace("sti-ca/", str(anchors)) + "\n")
+    cfg = parse_config(text, base_dir=tmp_path)
+    assert cfg.rules.identity is not None and cfg.rules.identity.trust_anchors == anchors
+
+
+def b64_decode(part: str) -> bytes:
+    import base64
+
+    return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))

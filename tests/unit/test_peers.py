@@ -1,0 +1,170 @@
+"""Peers: source address to peer, caller-number patterns, unknown sources and suspended numbers."""
+
+from __future__ import annotations
+
+import ipaddress
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from sipguard.ops.config import parse_config
+from sipguard.policy.engine import Policy
+from sipguard.policy.peers import NumberSet, Peer, PeerTable, read_number_file
+from sipguard.proxy.events import InviteDecided
+from tests.unit.proxy_helpers import CALLER, CORE, Harness, invite
+
+BASE = "listen: [udp://192.0.2.1:5060]\ncore: udp://10.0.0.10:5080\n"
+
+
+def peer(name: str, *networks: str) -> Peer:
+    nets = tuple(ipaddress.ip_network(n) for n in networks)
+    return Peer(name, nets, None, None, True)
+
+
+def harness(text: str) -> Harness:
+    return Harness(Policy(parse_config(BASE + textwrap.dedent(text))).decide)  # type: ignore[arg-type]
+
+
+def statuses(h: Harness, src: tuple[str, int] = CALLER, **kw: str) -> tuple[list[int], int]:
+    """(statuses the caller heard, INVITEs the core got) for one INVITE."""
+    out = h.send(invite(**kw), src=src)
+    return [m.status for f, m in out if f.addr != CORE], sum(f.addr == CORE for f, _ in out)
+
+
+# ------------------------------------------------------------------ PeerTable
+
+
+def test_most_specific_network_wins() -> None:
+    """A /24 inside another peer's /8 decides for its addresses; the /8 keeps the rest."""
+    table = PeerTable([peer("wide", "10.0.0.0/8"), peer("narrow", "10.1.2.0/24"),
+                       peer("host", "10.1.2.3/32")])
+    assert table.lookup("10.1.2.3").name == "host"  # type: ignore[union-attr]
+    assert table.lookup("10.1.2.4").name == "narrow"  # type: ignore[union-attr]
+    assert table.lookup("10.9.9.9").name == "wide"  # type: ignore[union-attr]
+    assert table.lookup("11.0.0.1") is None
+
+
+def test_ipv6_and_ipv4_mapped_addresses() -> None:
+    """IPv6 sources match IPv6 networks; an IPv4-mapped IPv6 source matches the IPv4 network."""
+    table = PeerTable([peer("v4", "198.51.100.0/24"), peer("v6", "2001:db8:a::/48")])
+    assert table.lookup("2001:db8:a:1::7").name == "v6"  # type: ignore[union-attr]
+    assert table.lookup("2001:db8:b::1") is None
+    assert table.lookup("::ffff:198.51.100.7").name == "v4"  # type: ignore[union-attr]
+    assert table.lookup("::ffff:203.0.113.1") is None
+
+
+def test_garbage_address_is_no_peer_and_the_memo_stays_bounded() -> None:
+    """An unparsable address maps to no peer; the per-address memo never exceeds its cap."""
+    table = PeerTable([peer("v4", "0.0.0.0/0")])
+    assert table.lookup("not-an-ip") is None
+    for i in range(PeerTable.SEEN_MAX + 10):
+        assert table.lookup(f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}") is not None
+    assert len(table._seen) <= PeerTable.SEEN_MAX
+
+
+# ------------------------------------------------------------------ NumberSet
+
+
+def test_number_set_exact_and_prefix() -> None:
+    """Exact numbers match only themselves; prefix patterns match every longer number."""
+    ns = NumberSet(["+12125550100", "+1646555*", "+1 (718) 555-01*"])
+    assert "+12125550100" in ns and "+12125550101" not in ns
+    assert "+16465550000" in ns and "+1646555" in ns and "+164655" not in ns
+    assert "+17185550199" in ns and "+17185550299" not in ns
+    assert None not in ns
+    assert len(ns) == 3 and ns
+
+
+def test_number_set_star_matches_all_and_garbage_never_does() -> None:
+    """A lone '*' matches every number; a pattern without digits is ignored, never a match-all."""
+    assert "+999" in NumberSet(["*"])
+    junk = NumberSet(["abc*", "   ", "+*"])
+    assert not junk and "+12125550100" not in junk
+
+
+def test_read_number_file_comments_blank_lines_and_errors(tmp_path: Path) -> None:
+    """Comments and blank lines are skipped; a line that is not a number names file and line."""
+    path = tmp_path / "n.txt"
+    path.write_text("# header\n\n+12125550100  # office\n+1646555*\n")
+    assert read_number_file(path) == ["+12125550100", "+1646555*"]
+    path.write_text("+12125550100\nsip:alice@example.com\n")
+    with pytest.raises(ValueError, match="n.txt:2"):
+        read_number_file(path)
+
+
+# ------------------------------------------------------------------ the policy
+
+
+PEERS = """
+peers:
+  - name: carrier-a
+    networks: [198.51.100.0/24]
+"""
+
+
+def test_unknown_source_gets_403_and_never_reaches_the_core() -> None:
+    """With peers configured, an INVITE from outside every network is answered 403."""
+    h = harness(PEERS)
+    assert statuses(h, src=("192.0.2.99", 5062)) == ([100, 403], 0)
+    (decided,) = [e for e in h.events if isinstance(e, InviteDecided)]
+    assert (decided.verdict.rule, decided.verdict.reason) == ("peers", "unknown_source")
+    assert statuses(h, call_id="known@x", branch="z9hG4bK-known") == ([100], 1)
+
+
+def test_unknown_source_drop_answers_nothing_final() -> None:
+    """unknown_source: drop gives no final answer (only the immediate 100) and forwards nothing."""
+    h = harness(PEERS + "unknown_source: drop\n")
+    assert statuses(h, src=("192.0.2.99", 5062)) == ([100], 0)
+
+
+def test_no_peers_accepts_every_source() -> None:
+    """Without peers sipguard is a plain proxy: any source is forwarded."""
+    assert statuses(harness(""), src=("192.0.2.99", 5062)) == ([100], 1)
+
+
+def test_monitor_mode_forwards_unknown_sources_marked_monitored() -> None:
+    """In mode: monitor an unknown source is forwarded and its verdict says what would have happened."""
+    h = harness("mode: monitor\n" + PEERS)
+    assert statuses(h, src=("192.0.2.99", 5062)) == ([100], 1)
+    (decided,) = [e for e in h.events if isinstance(e, InviteDecided)]
+    assert decided.verdict.monitored and decided.verdict.reason == "unknown_source"
+
+
+def test_suspended_caller_and_callee_get_403_with_reason() -> None:
+    """A suspended calling or called number is answered 403 with a Reason header."""
+    h = harness(PEERS + "suspended: ['+12125550100', '+18005550111']\n")
+    out = h.send(invite())
+    (final,) = [m for f, m in out if f.addr != CORE and m.status >= 200]
+    assert final.status == 403
+    assert final.values("reason") == ['SIP;cause=403;text="Caller number suspended"']
+    st, core = statuses(h, caller="+12125550199", callee="+18005550111", call_id="c2@x",
+                        branch="z9hG4bK-c2")
+    assert (st, core) == ([100, 403], 0)
+
+
+def test_suspended_national_number_matches_with_default_region() -> None:
+    """A caller presented in national format matches an E.164 suspended entry when the peer has default_region."""
+    h = harness("""
+        peers:
+          - name: carrier-a
+            networks: [198.51.100.0/24]
+            default_region: US
+        suspended: ['+12125550100']
+        """)
+    assert statuses(h, caller="2125550100") == ([100, 403], 0)
+
+
+def test_untrusted_peer_caller_is_the_from_number() -> None:
+    """With trust_pai: false the decision's caller is From, not P-Asserted-Identity."""
+    h = harness("""
+        peers:
+          - name: carrier-a
+            networks: [198.51.100.0/24]
+            trust_pai: false
+        suspended: ['+12125550100']
+        """)
+    pai = "P-Asserted-Identity: <tel:+16465550100>\r\n"
+    assert statuses(h, caller="+12125550100", extra=pai) == ([100, 403], 0)
+    (decided,) = [e for e in h.events if isinstance(e, InviteDecided)]
+    assert decided.call.caller == "+12125550100" and decided.call.peer == "carrier-a"
