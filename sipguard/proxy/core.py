@@ -31,7 +31,16 @@ hop-by-hop. Timers A/B/C/D/E/F/G/H/I/J/K (§17) and L/M (RFC 6026) run over UDP;
 retransmission timers do not.
 
 Dialogs are created when an initial INVITE is accepted and end on BYE, CANCEL, a final non-2xx,
-a transaction timeout, or their maximum lifetime — whichever comes first, exactly once.
+a transaction timeout, session-timer expiry or their maximum lifetime — whichever comes first,
+exactly once.
+
+Session timers (RFC 4028): a 2xx to the initial INVITE, or to a re-INVITE / UPDATE in the
+dialog (a refresh), that carries ``Session-Expires`` sets the dialog's expiry to that many
+seconds later (at least 90, the RFC's floor for Min-SE); a 2xx refresh without it turns the
+timer off. A dialog whose session interval passes with no refresh ends (``session_expired``,
+no BYE is sent). The maximum lifetime, counted from the INVITE, caps every expiry. Expiry
+times therefore move and come in any order: they live in a one-second
+:class:`~sipguard.state.expiry.ExpiryWheel`, swept once a second while dialogs exist.
 """
 
 from __future__ import annotations
@@ -60,11 +69,18 @@ from sipguard.sip.message import Message, header_line, parse_message
 from sipguard.sip.nameaddr import NameAddr
 from sipguard.sip.uri import Uri
 from sipguard.sip.via import parse_via_list
+from sipguard.state.expiry import ExpiryWheel
 
 Decide = Callable[[CallInfo, float], Verdict | None]
 
 SUPPORTED_SCHEMES = frozenset({"sip", "sips", "tel"})
+MIN_SESSION_EXPIRES = 90.0  # RFC 4028 §4: Min-SE is never below 90 s
 DIALOG_CREATING = frozenset({"INVITE", "SUBSCRIBE", "REFER"})
+# Headers only the proxy edits; a verdict's replace_headers cannot touch them.
+PROXY_OWNED = frozenset(
+    {"via", "route", "record-route", "max-forwards", "from", "to", "call-id", "cseq",
+     "content-length"}
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +167,7 @@ class Proxy:
         self.dialogs: dict[tuple[str, str], Dialog] = {}
         self.pending: dict[int, ServerTxn] = {}
         self._sweep: TimerEntry | None = None
+        self._expiry: ExpiryWheel[tuple[str, str]] = ExpiryWheel()
         self.configure(settings)
 
     # ------------------------------------------------------------------ configuration
@@ -224,20 +241,28 @@ class Proxy:
     def _parse_failed(self, err: SipParseError, msg: Message | None, flow: Flow) -> None:
         answered = False
         if msg is not None and msg.method not in (None, "ACK") and msg.has("via"):
+            # Answer what can be answered (RFC 4475 §3.1.2): a From or To that does not parse is
+            # echoed without a tag added; a top Via that does not parse is echoed and the answer
+            # goes to the source address.
+            top_via: str | None
+            to_tag: str | None
             try:
-                via = msg.top_via
+                top_via = build.stamped_via(msg.top_via, flow.addr)
+                reply = self._reply_flow(msg, flow)
+            except SipParseError:
+                top_via, reply = None, flow
+            try:
+                to_tag = self.ids.to_tag(msg) if msg.to_tag is None else None
+            except SipParseError:
+                to_tag = None
+            try:
                 extra = ("Unsupported: " + ", ".join(msg.option_tags("proxy-require")),) if (
                     err.status == 420
                 ) else ()
                 data = build.response(
-                    msg,
-                    err.status,
-                    err.reason,
-                    to_tag=self.ids.to_tag(msg) if msg.has("to") and msg.has("from") else None,
-                    top_via=build.stamped_via(via, flow.addr),
-                    extra=extra,
+                    msg, err.status, err.reason, to_tag=to_tag, top_via=top_via, extra=extra
                 )
-                self.outbox.append((self._reply_flow(msg, flow), data))
+                self.outbox.append((reply, data))
                 answered = True
             except SipParseError:
                 answered = False
@@ -268,6 +293,7 @@ class Proxy:
             if st.last is not None:
                 self.outbox.append((st.reply_to, st.last))
             return  # retransmission: answered again or absorbed
+        msg.check_request()  # a malformed R-URI, From or To: 400 before any state exists
         if method == "CANCEL":
             self._on_cancel(msg, flow, key, now)
             return
@@ -275,6 +301,20 @@ class Proxy:
         self.servers[(key, method)] = st
         if method == "INVITE":
             self._respond(st, 100, now)
+        try:
+            self._on_new_request(st, msg, flow, now)
+        except SipParseError as err:
+            # Found bad only now (a Route, Diversion, ...): answer on the transaction, so its
+            # timers clean it up like any other.
+            if st.state in ("proceeding", "deciding"):
+                if st.call is not None:
+                    self.pending.pop(id(st.call), None)
+                self._respond(st, err.status, now, err.reason)
+            self.events.append(ParseFailed(err.status, err.detail, flow, True))
+
+    def _on_new_request(self, st: ServerTxn, msg: Message, flow: Flow, now: float) -> None:
+        """A request that opened a new server transaction: validate, route, decide, forward."""
+        method = st.method
         status = self._validate(msg)
         if status:
             if status == 200:
@@ -366,15 +406,26 @@ class Proxy:
             if not popped and start_line is None:
                 routes = None  # untouched
         remaining = routes if routes is not None else (msg.routes if msg.has("route") else [])
-        if remaining:
-            return self._flow_for_uri(remaining[0].uri), start_line, routes
         if flow_is_core(flow, self.settings.core):
+            if remaining:
+                return self._flow_for_uri(remaining[0].uri), start_line, routes
             if self.is_ours(uri):
                 return None, None, None
             return self._flow_for_uri(uri), start_line, routes
-        if initial or self.is_ours(uri):
+        # From the outside sipguard is no open relay: an initial request, or one that claims a
+        # dialog sipguard does not know, goes to the core whatever Route or Request-URI it
+        # carries; only requests inside a dialog sipguard set up follow their route set.
+        if initial or not self._known_dialog(msg) or (not remaining and self.is_ours(uri)):
             return self.settings.core, start_line, routes
+        if remaining:
+            return self._flow_for_uri(remaining[0].uri), start_line, routes
         return self._flow_for_uri(uri), start_line, routes
+
+    def _known_dialog(self, msg: Message) -> bool:
+        call_id = msg.call_id
+        return (call_id, msg.from_tag or "") in self.dialogs or (
+            call_id, msg.to_tag or ""
+        ) in self.dialogs
 
     def _apply_verdict(self, st: ServerTxn, call: CallInfo, verdict: Verdict, now: float) -> None:
         self.events.append(InviteDecided(call, verdict))
@@ -404,10 +455,11 @@ class Proxy:
         )
         st.dialog = dialog
         self.dialogs[(dialog.call_id, dialog.caller_tag)] = dialog
+        self._expiry.set((dialog.call_id, dialog.caller_tag), dialog.expires)
         self.events.append(DialogStarted(dialog))
         self._arm_sweep(now)
         self._forward(st, target, start_line, routes, now, record_route=True,
-                      extra=verdict.forward_headers)
+                      extra=verdict.forward_headers, edits=verdict.replace_headers)
 
     # ------------------------------------------------------------------ forwarding
     def _forward(
@@ -420,11 +472,12 @@ class Proxy:
         *,
         record_route: bool,
         extra: tuple[str, ...] = (),
+        edits: tuple[tuple[str, str | None], ...] = (),
     ) -> None:
         msg = st.msg
         branch = self.ids.branch(st.key + "|" + st.method, build.loop_hash(self.ids, msg))
         data = self._forwarded_bytes(msg, st.flow, target, branch, start_line, routes,
-                                     record_route, extra)
+                                     record_route, extra, edits)
         ct = ClientTxn(branch, st.method, data, target, st)
         st.client = ct
         self.clients[(branch, st.method)] = ct
@@ -451,8 +504,10 @@ class Proxy:
         routes: list[NameAddr] | None,
         record_route: bool,
         extra: tuple[str, ...],
+        edits: tuple[tuple[str, str | None], ...] = (),
     ) -> bytes:
-        """The request as it leaves: RFC 3261 §16.6 steps 3–8 spliced into the raw lines."""
+        """The request as it leaves: RFC 3261 §16.6 steps 3–8 spliced into the raw lines,
+        then a verdict's header edits (``edits`` replaced or removed, ``extra`` appended)."""
         out_local = self._local_for(target.transport)
         prepend = [build.our_via(out_local, target.transport, branch)]
         if record_route and self.settings.record_route:
@@ -485,6 +540,17 @@ class Proxy:
             )
         if msg.content_length is None:
             append.append(f"Content-Length: {len(msg.body)}".encode())
+        for name, line in edits:
+            if name in PROXY_OWNED:
+                continue
+            new = None if line is None else line.encode("utf-8", "surrogateescape")
+            idx = msg.indexes(name)
+            if idx:
+                replace[idx[0]] = new
+                for i in idx[1:]:
+                    replace[i] = None
+            elif new is not None:
+                append.append(new)
         append.extend(e.encode("utf-8", "surrogateescape") for e in extra)
         return msg.serialize(prepend=prepend, replace=replace, append=append,
                              start_line=start_line)
@@ -660,6 +726,8 @@ class Proxy:
             ct.state = "completed"
             wait = s.t4 if ct.flow.transport == "udp" else 0.0
             ct.timeout = self.timers.add(now + wait, self._timer_drop_client, ct)
+        if status < 300 and ct.method in ("INVITE", "UPDATE") and ct.server is not None:
+            self._session_timer(ct.server, msg, now)
         server = ct.server
         if server is None or server.state not in ("proceeding", "deciding"):
             return  # CANCEL's own answer, or the upstream side already has a final answer
@@ -743,6 +811,9 @@ class Proxy:
         st.state = "terminated"
         TimerQueue.cancel(st.timer)
         TimerQueue.cancel(st.timeout)
+        if st.client is not None:  # break the server <-> client cycle: freed by refcount
+            st.client.server = None
+            st.client = None
         if self.servers.get((st.key, st.method)) is st:
             del self.servers[(st.key, st.method)]
         if st.call is not None:
@@ -751,20 +822,42 @@ class Proxy:
     def _drop_client(self, ct: ClientTxn) -> None:
         TimerQueue.cancel(ct.timer)
         TimerQueue.cancel(ct.timeout)
+        if ct.server is not None and ct.server.state == "terminated":
+            ct.server.client = None
+            ct.server = None
         if self.clients.get((ct.branch, ct.method)) is ct:
             del self.clients[(ct.branch, ct.method)]
 
     # ------------------------------------------------------------------ dialogs
-    def _end_dialog_by(self, msg: Message, reason: str, flow: Flow, now: float) -> None:
+    def _dialog_of(self, msg: Message) -> tuple[Dialog | None, str]:
+        """The live dialog an in-dialog request belongs to, and who sent it."""
         call_id = msg.call_id
-        ftag, ttag = msg.from_tag or "", msg.to_tag or ""
-        dialog = self.dialogs.get((call_id, ftag))
-        side = "caller"
-        if dialog is None:
-            dialog = self.dialogs.get((call_id, ttag))
-            side = "callee"
+        dialog = self.dialogs.get((call_id, msg.from_tag or ""))
+        if dialog is not None:
+            return dialog, "caller"
+        return self.dialogs.get((call_id, msg.to_tag or "")), "callee"
+
+    def _end_dialog_by(self, msg: Message, reason: str, flow: Flow, now: float) -> None:
+        dialog, side = self._dialog_of(msg)
         if dialog is not None:
             self._end_dialog(dialog, f"{reason}_{side}", now)
+
+    def _session_timer(self, st: ServerTxn, response: Message, now: float) -> None:
+        """A 2xx to an INVITE or UPDATE: (re)start or stop the dialog's session timer."""
+        dialog = st.dialog
+        if dialog is None:
+            if st.msg.to_tag is None:
+                return  # an initial request that is not a call of ours
+            dialog = self._dialog_of(st.msg)[0]
+        if dialog is None or dialog.state == "terminated":
+            return
+        interval = session_interval(response)
+        dialog.session_interval = interval
+        expires = dialog.hard_expires
+        if interval is not None:
+            expires = min(now + interval, expires)
+        dialog.expires = expires
+        self._expiry.set((dialog.call_id, dialog.caller_tag), expires)
 
     def _end_dialog(self, dialog: Dialog, reason: str, now: float) -> None:
         """End a dialog exactly once, whatever ends it."""
@@ -776,6 +869,7 @@ class Proxy:
         key = (dialog.call_id, dialog.caller_tag)
         if self.dialogs.get(key) is dialog:
             del self.dialogs[key]
+            self._expiry.discard(key)
         self.events.append(DialogEnded(dialog, reason))
 
     def _arm_sweep(self, now: float) -> None:
@@ -783,15 +877,13 @@ class Proxy:
             self._sweep = self.timers.add(now + 1.0, self._sweep_dialogs)
 
     def _sweep_dialogs(self, now: float) -> None:
-        """End dialogs past their maximum lifetime (oldest first: the dict keeps creation order)."""
+        """End dialogs whose session timer or maximum lifetime has passed."""
         self._sweep = None
-        expired = []
-        for dialog in self.dialogs.values():
-            if dialog.expires > now:
-                break
-            expired.append(dialog)
-        for dialog in expired:
-            self._end_dialog(dialog, "lifetime", now)
+        for key in self._expiry.pop_due(now):
+            dialog = self.dialogs.get(key)
+            if dialog is not None:
+                reason = "lifetime" if dialog.expires >= dialog.hard_expires else "session_expired"
+                self._end_dialog(dialog, reason, now)
         if self.dialogs:
             self._arm_sweep(now)
 
@@ -807,3 +899,18 @@ def flow_is_core(flow: Flow, core: Flow) -> bool:
     counts as an outside source.
     """
     return flow.addr == core.addr and flow.transport == core.transport
+
+
+def session_interval(msg: Message) -> float | None:
+    """The RFC 4028 session interval a 2xx sets, in seconds (at least 90), or None.
+
+    ``Session-Expires = ("Session-Expires" / "x") HCOLON delta-seconds *(SEMI se-params)``;
+    a value that is not delta-seconds is ignored (no timer), never an error.
+    """
+    value = msg.get("session-expires")
+    if value is None:
+        return None
+    delta = value.split(";", 1)[0].strip()
+    if not delta or not delta.isascii() or not delta.isdigit():
+        return None
+    return max(float(int(delta[:10])), MIN_SESSION_EXPIRES)

@@ -69,6 +69,7 @@ def invite(
     uri: str | None = None,
     via_host: str = "198.51.100.7:5062",
     cseq: int = 1,
+    to_tag: bool = False,
 ) -> bytes:
     body = "v=0\r\no=- 1 1 IN IP4 198.51.100.7\r\ns=-\r\nc=IN IP4 198.51.100.7\r\nt=0 0\r\nm=audio 4000 RTP/AVP 0\r\n"
     mf = f"Max-Forwards: {max_forwards}\r\n" if max_forwards is not None else ""
@@ -78,7 +79,7 @@ def invite(
         f"Via: SIP/2.0/UDP {via_host};branch={branch}\r\n"
         f"{mf}"
         f"From: <sip:{caller}@198.51.100.7>;tag=ftag1\r\n"
-        f"To: <sip:{callee}@192.0.2.1>\r\n"
+        f"To: <sip:{callee}@192.0.2.1>{';tag=ttag9' if to_tag else ''}\r\n"
         f"Call-ID: {call_id}\r\n"
         f"CSeq: {cseq} INVITE\r\n"
         f"Contact: <sip:{caller}@198.51.100.7:5062>\r\n"

@@ -290,3 +290,32 @@ def test_tcp_responses_go_back_on_the_same_connection() -> None:
     ]
     out = h.send(answer(req, 200, "OK"), src=CORE)
     assert [(f.transport, f.conn) for f, m in out] == [("tcp", 42)]
+
+
+def test_outside_requests_never_relay_through_a_foreign_route() -> None:
+    """A preloaded Route or an unknown dialog from outside still goes to the core only."""
+    h = Harness()
+    out = h.send(invite(extra="Route: <sip:203.0.113.99:5060;lr>\r\n"))
+    assert [m.method for m in _to(out, CORE)] == ["INVITE"]
+    assert _to(out, ("203.0.113.99", 5060)) == []
+    bye = (
+        b"BYE sip:victim@203.0.113.99:5060 SIP/2.0\r\n"
+        b"Via: SIP/2.0/UDP 198.51.100.7:5062;branch=z9hG4bK-fake-bye\r\n"
+        b"Route: <sip:203.0.113.99:5060;lr>\r\nMax-Forwards: 70\r\n"
+        b"From: <sip:a@198.51.100.7>;tag=nope\r\nTo: <sip:b@192.0.2.1>;tag=nope2\r\n"
+        b"Call-ID: unknown-dialog\r\nCSeq: 2 BYE\r\nContent-Length: 0\r\n\r\n"
+    )
+    out = h.send(bye)
+    assert [m.method for m in _to(out, CORE)] == ["BYE"]
+    assert _to(out, ("203.0.113.99", 5060)) == []
+
+
+def test_error_found_after_the_transaction_exists_is_answered_and_cleaned_up() -> None:
+    """An INVITE whose Route names an unsupported transport gets 416 and leaves no state."""
+    h = Harness()
+    req = invite(extra="Route: <sip:192.0.2.1:5060;lr>, <sip:10.9.9.9;transport=sctp;lr>\r\n",
+                 to_tag=True, via_host="10.0.0.10:5080")
+    out = h.send(req, src=CORE)  # the core's route set is followed, and this one is bad
+    assert [m.status for m in _to(out, CORE)] == [100, 416]
+    h.advance(100.0)
+    assert h.proxy.servers == {}

@@ -28,13 +28,11 @@ FORWARD = "forward"  # forwarded once to the given next hop, nothing but 100 Try
 ANSWER = "answer"  # answered with exactly the given statuses, never forwarded
 DROP = "drop"  # nothing sent at all
 
-SERVICES = ("services.example.com", 5060)  # wsinv's Route
-MPART_ROUTE = ("127.0.0.1", 5080)  # mpart01's Route
 
 # file -> (outcome, next hop or statuses)
 CASES: dict[str, tuple[str, Any]] = {
     # 3.1.1 Valid messages
-    "wsinv": (FORWARD, SERVICES),  # §3.1.1.1 short tortuous INVITE: valid; Route names the next hop (RFC 3261 §16.6 step 6)
+    "wsinv": (FORWARD, CORE),  # §3.1.1.1 short tortuous INVITE: valid; its dialog is unknown to us, so it goes to the core (no open relay)
     "intmeth": (FORWARD, CORE),  # §3.1.1.2 wide range of valid characters: valid, unknown method proxied
     "esc01": (FORWARD, CORE),  # §3.1.1.3 valid use of % escaping: valid
     "escnull": (FORWARD, CORE),  # §3.1.1.4 escaped NULs in URIs: valid
@@ -44,7 +42,7 @@ CASES: dict[str, tuple[str, Any]] = {
     "dblreq": (FORWARD, CORE),  # §3.1.1.8 extra trailing octets in a UDP datagram: REGISTER only, INVITE octets ignored
     "semiuri": (FORWARD, CORE),  # §3.1.1.9 semicolon-separated parameters in URI user part: valid
     "transports": (FORWARD, CORE),  # §3.1.1.10 varied and unknown transport types: valid
-    "mpart01": (FORWARD, MPART_ROUTE),  # §3.1.1.11 multipart MIME MESSAGE: valid; sent to its Route
+    "mpart01": (FORWARD, CORE),  # §3.1.1.11 multipart MIME MESSAGE: valid; a preloaded Route from outside is not followed (no open relay)
     "unreason": (DROP, None),  # §3.1.1.12 unusual reason phrase: valid response, but no transaction of ours (RFC 3261 §16.7, §18.1.2)
     "noreason": (DROP, None),  # §3.1.1.13 empty reason phrase: valid response, no transaction of ours
     # 3.1.2 Invalid messages
@@ -279,7 +277,7 @@ def test_valid_requests_survive_a_reparse_with_only_proxy_edits() -> None:
         # RFC 3261 §16.6 step 3: minus one, or 70 added when absent.
         assert fwd.max_forwards == (70 if orig.max_forwards is None else orig.max_forwards - 1)
         # Record-Route: ours on top of the request's own for initial dialog-creating requests
-        # (wsinv carries a To tag: a mid-dialog request, routed by its Route, not recorded).
+        # (wsinv carries a To tag: a mid-dialog request, not recorded).
         initial = orig.to_tag is None and orig.method in ("INVITE", "SUBSCRIBE", "REFER")
         rr_ours = ["<sip:192.0.2.1:5060;lr>"] if initial else []
         assert [str(r) for r in fwd.record_routes] == rr_ours + [
