@@ -6,7 +6,7 @@ when the test ends, pass or fail (and at interpreter exit as a last resort).
 
 The proxy under test is started as ``python -m sipguard run --config FILE --listen ...
 --core ...``; the environment variable ``SIPGUARD_E2E_CMD`` replaces ``python -m sipguard``
-(e.g. ``SIPGUARD_E2E_CMD="python tests/e2e/mock_proxy.py"``).
+(e.g. to test another installed build).
 """
 
 from __future__ import annotations
