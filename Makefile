@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 CONFIG ?= config/sipguard.yaml
 
-.PHONY: install run test lint typecheck loadtest clean sipp
+.PHONY: install run test lint typecheck loadtest clean tools sipp
 
 install: $(STAMP)
 
@@ -15,17 +15,22 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
-# SIPp (Debian package sip-tester) for the end-to-end tests and the load kit.
-sipp:
-	@command -v sipp >/dev/null 2>&1 || { \
-	  echo "installing SIPp (Debian package sip-tester)"; \
+# Test tools (Debian packages): SIPp (sip-tester) for the end-to-end tests and the load kit;
+# sipvicious (svmap, svwar) and sipsak, real attack tools for the flood/scanner e2e test.
+TOOL_PACKAGES := sip-tester sipvicious sipsak
+tools:
+	@command -v sipp >/dev/null 2>&1 && command -v svmap >/dev/null 2>&1 && \
+	  command -v svwar >/dev/null 2>&1 && command -v sipsak >/dev/null 2>&1 || { \
+	  echo "installing test tools (Debian packages $(TOOL_PACKAGES))"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq sip-tester >/dev/null; }
+	  $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(TOOL_PACKAGES) >/dev/null; }
+
+sipp: tools  # the old name
 
 run: install
 	$(VENV)/bin/sipguard run --config $(CONFIG)
 
-test: install sipp
+test: install tools
 	$(VENV)/bin/ruff check sipguard tests loadtest
 	$(VENV)/bin/mypy
 	$(PY) -m pytest -q
@@ -36,7 +41,7 @@ lint: install
 typecheck: install
 	$(VENV)/bin/mypy
 
-loadtest: install sipp
+loadtest: install tools
 	$(PY) loadtest/run.py
 
 clean:

@@ -232,10 +232,11 @@ class Server:
         """Count (and for a new ban, log) a message the flood guard objects to; True to drop."""
         guard = self.flood
         assert guard is not None
-        self.counters[f"flood_dropped_{why}"] += 1
+        self.counters[f"flood_{'monitored' if guard.monitor else 'dropped'}_{why}"] += 1
         if why == flood.FLOOD or (why == flood.SCANNER and guard.banned(addr)):
             self.counters[f"flood_banned_{why}"] += 1
-            self.sampled.log("warning", "source_banned", key=f"ban:{addr[0]}", source=addr[0],
+            key = addr[0] if guard.by_ip else f"{addr[0]}:{addr[1]}"
+            self.sampled.log("warning", "source_banned", key=f"ban:{key}", source=addr[0],
                              port=addr[1], reason=why, ban_s=guard.ban_s,
                              monitored=guard.monitor or None)
         return not guard.monitor

@@ -9,7 +9,10 @@ builds a new Policy and swaps one reference; ``shared`` — the state that must 
 Order of decisions for an initial INVITE:
 
 1. the source address is matched to a peer; with peers configured, an unknown source gets
-   ``403 Forbidden`` (or silence, ``unknown_source: drop``) — rule ``peers``;
+   ``403 Forbidden`` (or silence, ``unknown_source: drop``) — rule ``peers``. The caller is
+   then the peer's view of it: the From number when the peer has ``trust_pai: false`` (else
+   P-Asserted-Identity first, as :class:`CallInfo` reads it), and caller and callee in
+   national format are brought to E.164 with the peer's ``default_region``;
 2. a suspended caller or called number gets ``403 Forbidden`` — rule ``suspended``;
 3. the peer's rules, in file order (see :mod:`sipguard.policy.pipeline`).
 
@@ -18,12 +21,13 @@ In ``mode: monitor`` steps 1 and 2 are decided and reported the same way but for
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from sipguard.ops.config import Config, PeerConfig, RulesConfig
 from sipguard.policy import callerid, concurrency, dialer, flood, identity, rate
+from sipguard.policy.numbers import to_e164
 from sipguard.policy.peers import NumberSet, Peer, PeerTable, read_number_file
 from sipguard.policy.pipeline import Pipeline, Rule
 from sipguard.policy.verdict import Verdict
@@ -112,6 +116,11 @@ class Policy:
                 )
                 return self._global(verdict)
             call.peer = peer.name
+            if not peer.trust_pai:
+                call.caller = call.msg.from_.uri.number
+            if peer.default_region is not None:
+                call.caller = to_e164(call.caller, peer.default_region)
+                call.callee = to_e164(call.callee, peer.default_region)
             pipeline = self.by_peer[peer.name]
         if self.suspended and (call.caller in self.suspended or call.callee in self.suspended):
             which = "caller" if call.caller in self.suspended else "callee"
@@ -132,10 +141,37 @@ class Policy:
         return Verdict("accept", rule=verdict.rule, reason=verdict.reason,
                        status=verdict.status, phrase=verdict.phrase, monitored=True)
 
-    def dialog_started(self, dialog: Dialog, now: float) -> None:
+    def dialog_started(self, dialog: Dialog, now: float) -> list[Awaitable[None]]:
+        """Tell the stateful rules; what they could not do at once is returned to be run."""
+        pending = []
         for observer in self.ctx.observers:
-            observer.dialog_started(dialog, now)
+            later = observer.dialog_started(dialog, now)
+            if later is not None:
+                pending.append(later)
+        return pending
 
-    def dialog_ended(self, dialog: Dialog, now: float) -> None:
+    def dialog_ended(self, dialog: Dialog, now: float) -> list[Awaitable[None]]:
+        pending = []
         for observer in self.ctx.observers:
-            observer.dialog_ended(dialog, now)
+            later = observer.dialog_ended(dialog, now)
+            if later is not None:
+                pending.append(later)
+        return pending
+
+    def adopt(
+        self, previous: Policy | None, dialogs: Iterable[Dialog], now: float
+    ) -> list[Awaitable[None]]:
+        """After a reload: observers the previous policy did not have (a rule turned on, or
+        back on) are brought up to date with the live ``dialogs`` (their ``resync``)."""
+        old = previous.ctx.observers if previous is not None else []
+        live: list[Dialog] | None = None
+        pending = []
+        for observer in self.ctx.observers:
+            if any(o is observer for o in old) or not hasattr(observer, "resync"):
+                continue
+            if live is None:
+                live = list(dialogs)
+            later = observer.resync(live, now)
+            if later is not None:
+                pending.append(later)
+        return pending

@@ -1,14 +1,490 @@
-"""Rule `identity` (being written)."""
+"""Rule ``identity``: STIR/SHAKEN verification of the Identity header (RFC 8224, RFC 8225,
+RFC 8588, ATIS-1000074), as the terminating verification service.
+
+Checks, in this order; the first that fails decides (``reason`` in the decision log; the
+answer from ``answers.<key>``):
+
+1. an Identity header is present — else ``missing`` with ``require: true`` (``missing``, 428);
+   without ``require`` the call goes on as ``No-TN-Validation``;
+2. header syntax (RFC 8224 §4.1 with errata 6499): several Identity headers may come, the one
+   with ``ppt=shaken`` (or without ppt) is used — ``malformed`` / ``compact_form`` /
+   ``bad_header`` / ``bad_passport`` (``invalid``, 438); no ``info`` — ``no_info`` (``bad_info``,
+   436);
+3. PASSporT header ``alg`` ES256, ``ppt`` shaken, ``typ`` passport, ``x5u`` equal to ``info``
+   (``x5u_mismatch``), claims ``attest``, ``orig.tn``, ``dest.tn``, ``iat``, ``origid`` present
+   and well typed (``invalid``, 438);
+4. freshness: ``|now - iat| <= freshness_s`` — ``stale`` (too old) or ``future`` (``stale``,
+   403 Stale Date);
+5. numbers: ``orig.tn`` is the caller (P-Asserted-Identity, else From; digits only) —
+   ``orig_mismatch``; ``dest.tn`` holds the called number (Request-URI or To) —
+   ``dest_mismatch`` (``invalid``, 438);
+6. the certificate at ``x5u``: the URL passes the fetch policy (https, ``x5u_ports``, no
+   userinfo/query/fragment, public address unless ``allow_private_x5u``) — ``x5u_refused``;
+   fetched (cached per URL) — ``fetch_<why>`` (timeout, too_large, connect, tls, http_status,
+   refused, busy); parsed — ``bad_certificate`` (``bad_info``, 436);
+7. the chain leads to a ``trust_anchors`` root at the current time and the leaf carries
+   TNAuthList with a service provider code — ``untrusted`` / ``expired`` / ``no_tnauthlist`` /
+   ``unsupported_key`` (``untrusted``, 437);
+8. the ES256 signature verifies with the leaf's key — ``bad_signature`` (``invalid``, 438);
+9. ``attest`` is at least ``min_attestation`` — ``low_attestation`` (``low_attestation``, 403),
+   handled by ``on_low_attestation`` (default: as ``on_fail``).
+
+Cheap checks come before the fetch, so a junk header never makes sipguard fetch anything.
+
+Outcome. ``on_fail: reject`` answers the caller; ``on_fail: tag`` forwards the call marked
+failed. Every INVITE that reaches the core carries ``identity_header`` (default
+``X-Sipguard-Identity``; copies a peer sent are removed)::
+
+    X-Sipguard-Identity: TN-Validation-Passed;attest=A;origid=123e4567-e89b-12d3-a456-426655440000
+    X-Sipguard-Identity: TN-Validation-Failed;reason=stale;attest=B
+    X-Sipguard-Identity: No-TN-Validation
+
+The value is the 3GPP ``verstat`` (TS 24.229 §7.2A.20). The decision log line and the counters
+get ``identity`` (``passed``/``failed``/``none``), ``identity_attest`` and ``identity_reason``
+through ``CallInfo.labels``, where a later rule (callerid's verstat) can read them too.
+
+I/O. On a certificate cache hit the rule answers at once (no await). On a miss it returns an
+awaitable that fetches through the shell's :class:`~sipguard.policy.stircert.CertFetcher`
+(``shared["cert_fetcher"]``; one request per URL however many INVITEs wait) while the INVITE
+waits in its server transaction. Unix time for ``iat`` and certificate validity is ``now`` plus
+``shared["wall_offset"]`` (set by the shell; 0 when absent, i.e. ``now`` is Unix time).
+
+Fails closed: anything that cannot be verified is a failure, answered per ``on_fail``.
+
+Known limitations: the RFC 8224 compact form (payload left out) is refused (SHAKEN claims
+cannot be rebuilt from SIP); no CRL or OCSP check; ``div`` / ``rcd`` PASSporTs are ignored;
+caller and callee are compared as digits, so a national-format From (no country code) does
+not match an E.164 ``orig.tn`` unless the peer has ``default_region``.
+"""
 
 from __future__ import annotations
 
-from sipguard.policy.settings import RuleSettings
+import contextlib
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import BaseModel, Field, field_validator, model_validator
+
+from sipguard.policy.passport import (
+    ATTESTATIONS,
+    Passport,
+    PassportError,
+    canonical_tn,
+    decode_passport,
+    safe_origid,
+    verify_signature,
+)
+from sipguard.policy.settings import FROZEN, Answer, ConfigPath, RuleSettings
+from sipguard.policy.stircert import (
+    CertCache,
+    CertFetcher,
+    FetchError,
+    FetchLimits,
+    TrustAnchors,
+    UrlEntry,
+    X5uRefused,
+    cache_ttl,
+    check_x5u,
+    load_trust_anchors,
+    parse_chain,
+)
+from sipguard.policy.verdict import Verdict
+from sipguard.sip.errors import SipParseError
+from sipguard.sip.identity import Identity, parse_identity
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable
+
+    from sipguard.policy.engine import BuildContext
+    from sipguard.policy.peers import Peer
+    from sipguard.proxy.events import CallInfo
+
+PASSED = "TN-Validation-Passed"
+FAILED = "TN-Validation-Failed"
+NO_VALIDATION = "No-TN-Validation"
+FETCHER_KEY = "cert_fetcher"  # shared[...]: the shell's CertFetcher
+WALL_OFFSET_KEY = "wall_offset"  # shared[...]: Unix time minus the loop clock
+CACHE_KEY = "identity"  # shared[...]: the CertCache
+
+# reason code -> answers.<key>
+ANSWER_OF = {
+    "missing": "missing",
+    "malformed": "invalid",
+    "compact_form": "invalid",
+    "bad_header": "invalid",
+    "bad_passport": "invalid",
+    "x5u_mismatch": "invalid",
+    "orig_mismatch": "invalid",
+    "dest_mismatch": "invalid",
+    "bad_signature": "invalid",
+    "stale": "stale",
+    "future": "stale",
+    "no_info": "bad_info",
+    "x5u_refused": "bad_info",
+    "bad_certificate": "bad_info",
+    "untrusted": "untrusted",
+    "expired": "untrusted",
+    "no_tnauthlist": "untrusted",
+    "unsupported_key": "untrusted",
+    "low_attestation": "low_attestation",
+}  # and fetch_* -> bad_info
+
+_TOKEN = r"^[A-Za-z0-9][A-Za-z0-9.!%*_+`'~-]*$"
+
+# ------------------------------------------------------------------------------- settings
+
+
+class Answers(BaseModel):
+    """What the caller hears for each kind of failure (defaults per RFC 8224, ATIS-1000074)."""
+
+    model_config = FROZEN
+
+    missing: Answer = Field(
+        default=Answer(status=428, phrase="Use Identity Header"),
+        description="No Identity header and require: true.",
+    )
+    invalid: Answer = Field(
+        default=Answer(status=438, phrase="Invalid Identity Header"),
+        description="Bad syntax, claims, signature, or orig/dest not the call's numbers.",
+    )
+    bad_info: Answer = Field(
+        default=Answer(status=436, phrase="Bad Identity Info"),
+        description="No info, x5u refused, certificate not fetched or unreadable.",
+    )
+    untrusted: Answer = Field(
+        default=Answer(status=437, phrase="Unsupported Credential"),
+        description="Chain not to a trust anchor, expired, no TNAuthList, not an ES256 key.",
+    )
+    stale: Answer = Field(
+        default=Answer(status=403, phrase="Stale Date"),
+        description="iat outside the freshness window (either side).",
+    )
+    low_attestation: Answer = Field(
+        default=Answer(status=403, phrase="Forbidden"),
+        description="attest below min_attestation, with on_low_attestation: reject.",
+    )
 
 
 class Settings(RuleSettings):
-    """Parameters of rule `identity`."""
+    """Parameters of rule ``identity`` (``rules.identity`` in the config)."""
+
+    require: bool = Field(
+        default=False, description="A call without an Identity header is answered 428."
+    )
+    min_attestation: Literal["A", "B", "C"] = Field(
+        default="C", description="Lowest attestation that passes (A > B > C)."
+    )
+    on_fail: Literal["reject", "tag"] = Field(
+        default="reject",
+        description="reject: answer per answers.*; tag: forward as TN-Validation-Failed.",
+    )
+    on_low_attestation: Literal["reject", "tag"] | None = Field(
+        default=None, description="Attestation below min_attestation; null: as on_fail."
+    )
+    freshness_s: float = Field(
+        default=60, gt=0, le=3600, description="Largest |now - iat|, seconds (either side)."
+    )
+    check_dest: bool = Field(
+        default=True, description="dest.tn must hold the called number (Request-URI or To)."
+    )
+    trust_anchors: ConfigPath | None = Field(
+        default=None,
+        description="STI-CA root certificates: a PEM file or a folder of *.pem/*.crt/*.cer "
+        "(required while the rule is enabled).",
+    )
+    x5u_ports: tuple[int, ...] = Field(
+        default=(443, 8443), min_length=1, description="Ports an x5u URL may name."
+    )
+    allow_private_x5u: bool = Field(
+        default=False,
+        description="Fetch from loopback/private/link-local addresses too (tests, labs).",
+    )
+    fetch_ca_bundle: ConfigPath | None = Field(
+        default=None,
+        description="PEM file of CAs trusted for the HTTPS fetch, besides the system CAs.",
+    )
+    fetch_timeout_s: float = Field(
+        default=2.0, gt=0, le=30, description="Whole certificate fetch, seconds."
+    )
+    fetch_max_bytes: int = Field(
+        default=65536, ge=1024, le=1048576, description="Largest certificate chain fetched."
+    )
+    max_concurrent_fetches: int = Field(
+        default=64, ge=1, le=10000,
+        description="Distinct URLs fetched at once; beyond it a call fails as fetch_busy.",
+    )
+    cache_max_s: float = Field(
+        default=86400, gt=0, description="Longest a fetched chain is kept (Cache-Control capped)."
+    )
+    cache_min_s: float = Field(
+        default=60, ge=0, description="Shortest a fetched chain is kept (no-cache raised to it)."
+    )
+    negative_cache_s: float = Field(
+        default=30, ge=0, description="How long a failed fetch or chain is remembered."
+    )
+    cache_entries: int = Field(
+        default=10000, ge=16, description="URLs (and verified chains) kept at most."
+    )
+    identity_header: str | None = Field(
+        default="X-Sipguard-Identity",
+        pattern=_TOKEN,
+        description="Header carrying the outcome to the core; null: none.",
+    )
+    answers: Answers = Field(default=Answers(), description="What the caller hears.")
+
+    @field_validator("x5u_ports")
+    @classmethod
+    def _ports(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        for port in value:
+            if not 1 <= port <= 65535:
+                raise ValueError(f"port must be 1..65535, got {port}")
+        return value
+
+    @field_validator("fetch_ca_bundle")
+    @classmethod
+    def _bundle(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"file not found: {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _anchors(self) -> Settings:
+        if self.cache_min_s > self.cache_max_s:
+            raise ValueError("cache_min_s must not exceed cache_max_s")
+        if not self.enabled:
+            return self
+        if self.trust_anchors is None:
+            raise ValueError("trust_anchors is required: the STI-CA root certificate(s)")
+        if not self.trust_anchors.exists():
+            raise ValueError(f"trust_anchors: not found: {self.trust_anchors}")
+        load_trust_anchors(self.trust_anchors)  # ValueError names the bad file
+        return self
 
 
-def build(settings: Settings, ctx: object, peer: object) -> None:
-    """Not written yet: the rule is accepted in the config and does nothing."""
+# ------------------------------------------------------------------------------- the rule
+
+
+class _Failure(Exception):
+    def __init__(self, reason: str, detail: str, passport: Passport | None = None) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+        self.passport = passport
+
+
+class IdentityRule:
+    """The built rule (one per peer; the certificate cache is shared by all and by reloads)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        mode: str,
+        anchors: TrustAnchors,
+        cache: CertCache,
+        shared: dict[str, Any],
+    ) -> None:
+        self.name = "identity"
+        self.mode = mode
+        self.s = settings
+        self.anchors = anchors
+        self.cache = cache
+        self.shared = shared
+        self.min_rank = ATTESTATIONS.index(settings.min_attestation)
+        self.limits = FetchLimits(
+            ports=frozenset(settings.x5u_ports),
+            allow_private=settings.allow_private_x5u,
+            max_bytes=settings.fetch_max_bytes,
+            timeout_s=settings.fetch_timeout_s,
+            ca_bundle=str(settings.fetch_ca_bundle) if settings.fetch_ca_bundle else None,
+            max_inflight=settings.max_concurrent_fetches,
+        )
+        header = settings.identity_header
+        self.header_key = header.lower() if header else None
+
+    # ------------------------------------------------------------------ decide
+    def decide(self, call: CallInfo, now: float) -> Verdict | Awaitable[Verdict]:
+        wall = now + float(self.shared.get(WALL_OFFSET_KEY, 0.0))
+        msg = call.msg
+        if not msg.has("identity"):
+            return self._absent(call)
+        try:
+            identity = _select(msg.values("identity"))
+            if identity is None:
+                return self._absent(call)
+            passport = self._check_token(identity, call, wall)
+        except _Failure as f:
+            return self._fail(call, f)
+        entry = self.cache.lookup(passport.x5u, now)
+        if entry is None:
+            return self._fetch_then_finish(call, passport, now, wall)
+        return self._finish(call, passport, entry, now, wall)
+
+    def _check_token(self, identity: Identity, call: CallInfo, wall: float) -> Passport:
+        """Steps 2–6 up to the fetch: everything that needs no certificate."""
+        if identity.alg is not None and identity.alg != "ES256":
+            raise _Failure("bad_header", f"Identity alg={identity.alg}, expected ES256")
+        try:
+            passport = decode_passport(identity.token)
+        except PassportError as exc:
+            raise _Failure(exc.reason, exc.detail) from None
+        if identity.info is None:
+            raise _Failure("no_info", "Identity header without info", passport)
+        if passport.x5u != identity.info:
+            raise _Failure("x5u_mismatch", "x5u is not the info URL", passport)
+        age = wall - passport.iat
+        if age > self.s.freshness_s:
+            raise _Failure("stale", f"iat {age:.0f} s old", passport)
+        if -age > self.s.freshness_s:
+            raise _Failure("future", f"iat {-age:.0f} s in the future", passport)
+        caller = canonical_tn(call.caller) if call.caller else None
+        if caller is None or caller != passport.orig:
+            raise _Failure("orig_mismatch", "orig.tn is not the caller", passport)
+        if self.s.check_dest and not _dest_matches(call, passport):
+            raise _Failure("dest_mismatch", "dest.tn does not hold the called number", passport)
+        try:
+            check_x5u(passport.x5u, self.limits.ports, self.limits.allow_private)
+        except X5uRefused as exc:
+            raise _Failure("x5u_refused", str(exc), passport) from None
+        return passport
+
+    async def _fetch_then_finish(
+        self, call: CallInfo, passport: Passport, now: float, wall: float
+    ) -> Verdict:
+        url = passport.x5u
+        fetcher: CertFetcher | None = self.shared.get(FETCHER_KEY)
+        if fetcher is None:
+            return self._fail(call, _Failure("fetch_unavailable", "no fetcher", passport))
+        s = self.s
+        try:
+            fetched = await fetcher.fetch(url, self.limits)
+        except FetchError as exc:
+            entry = self.cache.lookup(url, now)  # another call may have stored it meanwhile
+            if entry is None:
+                entry = UrlEntry(None, f"fetch_{exc.reason}", exc.detail,
+                                 now + s.negative_cache_s)
+                if exc.cacheable and s.negative_cache_s > 0:
+                    self.cache.store(url, entry, now)
+            return self._finish(call, passport, entry, now, wall)
+        entry = self.cache.lookup(url, now)
+        if entry is None:
+            try:
+                chain = parse_chain(fetched.body)
+            except ValueError as exc:
+                entry = UrlEntry(None, "bad_certificate", f"not a certificate chain ({exc})",
+                                 now + s.negative_cache_s)
+            else:
+                ttl = cache_ttl(fetched.cache_control, s.cache_min_s, s.cache_max_s)
+                entry = UrlEntry(chain, "", "", now + ttl)
+            if entry.expires > now:
+                self.cache.store(url, entry, now)
+        return self._finish(call, passport, entry, now, wall)
+
+    def _finish(
+        self, call: CallInfo, passport: Passport, entry: UrlEntry, now: float, wall: float
+    ) -> Verdict:
+        """Steps 6–9 with the certificate in hand: CPU only."""
+        if entry.chain is None:
+            return self._fail(call, _Failure(entry.reason, entry.detail, passport))
+        result = self.cache.verdict(self.anchors, entry.chain, wall, now, self.s.negative_cache_s)
+        if not result.ok or result.key is None:
+            return self._fail(call, _Failure(result.reason, result.detail, passport))
+        if not verify_signature(passport, result.key):
+            return self._fail(call, _Failure("bad_signature", "ES256 signature", passport))
+        if ATTESTATIONS.index(passport.attest) > self.min_rank:
+            action = self.s.on_low_attestation or self.s.on_fail
+            failure = _Failure("low_attestation", f"attest {passport.attest}", passport)
+            return self._fail(call, failure, action)
+        return self._pass(call, passport)
+
+    # ------------------------------------------------------------------ verdicts
+    def _edits(self, value: str | None) -> tuple[tuple[str, str | None], ...]:
+        if self.header_key is None:
+            return ()
+        line = None if value is None else f"{self.s.identity_header}: {value}"
+        return ((self.header_key, line),)
+
+    def _absent(self, call: CallInfo) -> Verdict:
+        if self.s.require:
+            return self._fail(call, _Failure("missing", "no Identity header"))
+        call.labels["identity"] = "none"
+        return Verdict("accept", rule=self.name, replace_headers=self._edits(NO_VALIDATION))
+
+    def _pass(self, call: CallInfo, passport: Passport) -> Verdict:
+        call.labels["identity"] = "passed"
+        call.labels["identity_attest"] = passport.attest
+        value = f"{PASSED};attest={passport.attest}"
+        origid = safe_origid(passport)
+        if origid is not None:
+            value += f";origid={origid}"
+        return Verdict("accept", rule=self.name, replace_headers=self._edits(value))
+
+    def _fail(self, call: CallInfo, failure: _Failure, action: str | None = None) -> Verdict:
+        reason = failure.reason
+        call.labels["identity"] = "failed"
+        call.labels["identity_reason"] = reason
+        value = f"{FAILED};reason={reason}"
+        if failure.passport is not None:
+            call.labels["identity_attest"] = failure.passport.attest
+            value += f";attest={failure.passport.attest}"
+        edits = self._edits(value)
+        if (action or self.s.on_fail) == "tag":
+            return Verdict("accept", rule=self.name, replace_headers=edits)
+        answer: Answer = getattr(self.s.answers, ANSWER_OF.get(reason, "bad_info"))
+        return Verdict(
+            "reject",
+            rule=self.name,
+            reason=reason,
+            status=answer.status,
+            phrase=answer.phrase or "",
+            headers=answer.headers,
+            replace_headers=edits,  # reaches the core when the rule is monitored
+            detail={"identity_detail": failure.detail},
+        )
+
+
+def _select(values: list[str]) -> Identity | None:
+    """The SHAKEN Identity among several: ``ppt=shaken`` first, else one without ppt. None
+    when only other PASSporT types came; ``malformed`` when none parses."""
+    parsed: list[Identity] = []
+    error: str | None = None
+    for text in values:
+        try:
+            parsed.append(parse_identity(text))
+        except SipParseError as exc:
+            error = exc.detail
+    for identity in parsed:
+        if identity.ppt is not None and identity.ppt.lower() == "shaken":
+            return identity
+    for identity in parsed:
+        if identity.ppt is None:
+            return identity
+    if error is not None:
+        raise _Failure("malformed", error)
     return None
+
+
+def _dest_matches(call: CallInfo, passport: Passport) -> bool:
+    """dest.tn holds the called number: the Request-URI's (as CallInfo has it), else To's."""
+    callee = canonical_tn(call.callee) if call.callee else None
+    if callee is not None and callee in passport.dest:
+        return True
+    to_number = None
+    with contextlib.suppress(SipParseError):
+        to_number = call.msg.to.uri.number
+    tn = canonical_tn(to_number) if to_number else None
+    return tn is not None and tn in passport.dest
+
+
+# ------------------------------------------------------------------------------- build
+
+
+def build(settings: Settings, ctx: BuildContext, peer: Peer | None) -> IdentityRule:
+    """The rule for ``peer``; the certificate cache lives in ``ctx.shared`` (kept on reload)."""
+    assert settings.trust_anchors is not None  # the settings validator insists
+    anchors = load_trust_anchors(settings.trust_anchors)
+    cache = ctx.shared.get(CACHE_KEY)
+    if not isinstance(cache, CertCache):
+        cache = CertCache(settings.cache_entries)
+        ctx.shared[CACHE_KEY] = cache
+    cache.max_entries = max(cache.max_entries, settings.cache_entries)
+    return IdentityRule(settings, ctx.mode_of(settings), anchors, cache, ctx.shared)

@@ -12,7 +12,9 @@ never change afterwards: a reload builds new ones and swaps the reference.
 
 from __future__ import annotations
 
+import bisect
 import ipaddress
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,21 +31,29 @@ class NumberSet:
         self.exact: set[str] = set()
         self.prefixes: set[str] = set()
         self.match_all = False
+        self._lengths: list[int] = []  # distinct prefix lengths, ascending
         for raw in patterns:
             self.add(raw)
-        self._lengths = sorted({len(p) for p in self.prefixes})
 
     def add(self, raw: str) -> None:
+        """Add one number or ``prefix*``; a pattern without a digit is ignored (never a
+        match-all by accident: only a lone ``*`` matches every number)."""
         pattern = raw.strip()
         if not pattern:
             return
         if pattern == "*":
             self.match_all = True
-        elif pattern.endswith("*"):
-            self.prefixes.add(normalise_pattern(pattern[:-1]))
-        else:
-            self.exact.add(normalise_pattern(pattern))
-        self._lengths = sorted({len(p) for p in self.prefixes})
+            return
+        prefix = pattern.endswith("*")
+        text = normalise_pattern(pattern[:-1] if prefix else pattern)
+        if not text.lstrip("+"):
+            return
+        if not prefix:
+            self.exact.add(text)
+            return
+        self.prefixes.add(text)
+        if len(text) not in self._lengths:
+            bisect.insort(self._lengths, len(text))
 
     def __contains__(self, number: object) -> bool:
         if not isinstance(number, str):
@@ -70,13 +80,26 @@ def normalise_pattern(text: str) -> str:
     return "".join(c for c in text if c.isdigit() or c == "+")
 
 
+# A configured number or pattern: "+12125550100", "+1 (212) 555-0100", "+1212555*", "*".
+NUMBER_PATTERN = re.compile(r"\+?[0-9 ().-]*[0-9][0-9 ().-]*\*?|\*")
+
+
 def read_number_file(path: Path) -> list[str]:
-    """One number or ``prefix*`` per line; ``#`` starts a comment; blank lines ignored."""
+    """One number or ``prefix*`` per line; ``#`` starts a comment; blank lines ignored.
+
+    Raises ValueError naming ``FILE:LINE`` for a line that is not a number or pattern (a typo
+    in a block list must not pass unnoticed), OSError when the file cannot be read.
+    """
     out = []
     with path.open(encoding="utf-8") as fh:
-        for line in fh:
+        for lineno, line in enumerate(fh, 1):
             text = line.split("#", 1)[0].strip()
             if text:
+                if NUMBER_PATTERN.fullmatch(text) is None:
+                    raise ValueError(
+                        f"{path}:{lineno}: {text[:40]!r} is not a number or a prefix pattern "
+                        "like '+1212555*'"
+                    )
                 out.append(text)
     return out
 
@@ -93,10 +116,15 @@ class Peer:
 class PeerTable:
     """Source address → :class:`Peer`, most specific network first."""
 
-    __slots__ = ("peers", "_by_len")
+    __slots__ = ("peers", "_by_len", "_seen")
+
+    # Source addresses are few (a peer's SBCs), so answers are remembered per address string;
+    # the memo is emptied when it reaches this size (an address spray cannot grow it).
+    SEEN_MAX = 4096
 
     def __init__(self, peers: Iterable[Peer]) -> None:
         self.peers: dict[str, Peer] = {}
+        self._seen: dict[str, Peer | None] = {}
         by_len: dict[tuple[int, int], dict[int, Peer]] = {}
         for peer in peers:
             self.peers[peer.name] = peer
@@ -110,6 +138,17 @@ class PeerTable:
         return bool(self.peers)
 
     def lookup(self, address: str) -> Peer | None:
+        """The peer owning ``address`` (IPv4, IPv6 or IPv4-mapped IPv6), or None."""
+        seen = self._seen
+        if address in seen:
+            return seen[address]
+        peer = self._lookup(address)
+        if len(seen) >= self.SEEN_MAX:
+            seen.clear()
+        seen[address] = peer
+        return peer
+
+    def _lookup(self, address: str) -> Peer | None:
         try:
             ip = ipaddress.ip_address(address)
         except ValueError:

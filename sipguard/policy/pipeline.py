@@ -4,8 +4,10 @@ Each rule is an object with a ``name``, a ``mode`` (``enforce`` or ``monitor``) 
 ``decide(call, now) -> Verdict | None`` (None: no objection). The first rule that rejects or
 drops in enforce mode decides; a rule in monitor mode is evaluated and reported the same way,
 but the call goes on (the final verdict is an accept marked ``monitored``, naming the first
-monitored rule that objected). Headers that rules want on the forwarded INVITE are collected
-from every rule that ran. With no rules, every call is accepted.
+monitored rule that objected). Headers that rules want on the forwarded INVITE
+(``forward_headers`` to append, ``replace_headers`` to replace or strip) are collected from every
+rule that ran, rejecting ones included, so a monitored rule's findings reach the core. With no
+rules, every call is accepted.
 
 A rule whose answer needs I/O (a certificate fetch, a Redis round trip) returns an awaitable
 instead of a verdict; the pipeline then returns an awaitable too, which resumes with the
@@ -34,17 +36,20 @@ class Rule(Protocol):
 class _Run:
     """The state of one evaluation: what monitored rules said, headers to add."""
 
-    __slots__ = ("monitored", "forward")
+    __slots__ = ("monitored", "forward", "replace")
 
     def __init__(self) -> None:
         self.monitored: Verdict | None = None
         self.forward: list[str] = []
+        self.replace: dict[str, str | None] = {}
 
     def take(self, rule: Rule, verdict: Verdict | None) -> Verdict | None:
         """Fold one rule's verdict in; return it when it ends the evaluation."""
         if verdict is None:
             return None
         self.forward.extend(verdict.forward_headers)
+        if verdict.replace_headers:
+            self.replace.update(verdict.replace_headers)
         if verdict.action == "accept":
             return None
         if rule.mode == "monitor":
@@ -54,11 +59,14 @@ class _Run:
 
     def result(self) -> Verdict:
         m = self.monitored
+        replace = tuple(self.replace.items())
         if m is not None:
             return Verdict("accept", rule=m.rule, reason=m.reason, status=m.status,
-                           phrase=m.phrase, forward_headers=tuple(self.forward), monitored=True)
-        if self.forward:
-            return Verdict("accept", forward_headers=tuple(self.forward))
+                           phrase=m.phrase, forward_headers=tuple(self.forward),
+                           replace_headers=replace, monitored=True, detail=m.detail,
+                           sample=m.sample)
+        if self.forward or replace:
+            return Verdict("accept", forward_headers=tuple(self.forward), replace_headers=replace)
         return ACCEPT
 
 

@@ -18,6 +18,10 @@ class CallInfo:
 
     Numbers are normalised by the URI grammar (visual separators removed, leading ``+`` kept)
     and None when the URI carries no telephone number.
+
+    ``labels`` are low-cardinality facts rules report about the call whatever the verdict
+    (``identity=passed``, ``identity_attest=A``): the shell adds them to the decision log line
+    and counts each ``name_value``; a later rule may read what an earlier one found.
     """
 
     __slots__ = (
@@ -30,6 +34,7 @@ class CallInfo:
         "peer",
         "decision_us",
         "received_at",
+        "labels",
     )
 
     def __init__(self, msg: Message, flow: Flow, now: float) -> None:
@@ -44,6 +49,7 @@ class CallInfo:
         self.peer: str | None = None
         self.decision_us: float = 0.0
         self.received_at = now
+        self.labels: dict[str, str] = {}
 
 
 def _diverters(msg: Message) -> tuple[str, ...]:
@@ -73,12 +79,18 @@ class Dialog:
     peer: str | None
     source: tuple[str, int]
     started: float
-    expires: float
+    expires: float  # when it ends unless a BYE/CANCEL/failure comes first (session timer or cap)
     state: str = "early"  # early -> confirmed -> terminated
     confirmed_at: float | None = None
     ended_at: float | None = None
     end_reason: str = ""
     labels: dict[str, str] = field(default_factory=dict)
+    hard_expires: float = 0.0  # started + maximum lifetime (0: expires): no refresh goes past it
+    session_interval: float | None = None  # RFC 4028 Session-Expires of the last 2xx, seconds
+
+    def __post_init__(self) -> None:
+        if not self.hard_expires:
+            self.hard_expires = self.expires
 
 
 @dataclass(slots=True)
@@ -95,7 +107,8 @@ class DialogStarted:
 @dataclass(slots=True)
 class DialogEnded:
     dialog: Dialog
-    reason: str  # bye_caller, bye_callee, rejected, cancelled, failed, timeout, lifetime
+    # bye_caller, bye_callee, cancelled, failed, timeout, session_expired, lifetime
+    reason: str
 
 
 @dataclass(slots=True)

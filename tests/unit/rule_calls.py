@@ -3,6 +3,7 @@ Policy built from a YAML ``rules:`` snippet."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from sipguard.ops.config import parse_config
@@ -71,3 +72,16 @@ def dialog(
     d.ended_at = ended
     d.state = "terminated"
     return d
+
+
+def config_example(marker: str, rule: str) -> str:
+    """The commented example of ``rule`` after ``# Example: <marker>`` in config/sipguard.yaml,
+    uncommented, as a whole config text."""
+    text = (Path(__file__).resolve().parents[2] / "config" / "sipguard.yaml").read_text()
+    block = text.split(f"# Example: {marker}", 1)[1].split(f"#   {rule}:", 1)[1]
+    lines = [f"{rule}:"]
+    for line in block.splitlines()[1:]:
+        if not line.startswith("#   "):
+            break
+        lines.append(line[4:])
+    return MINIMAL + "rules:\n" + "".join(f"  {line}\n" for line in lines)

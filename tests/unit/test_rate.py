@@ -6,7 +6,7 @@ import pytest
 
 from sipguard.ops.config import ConfigError, parse_config
 from sipguard.policy.rate import SHARED_KEY, Buckets
-from tests.unit.rule_calls import MINIMAL, decide, make_call, policy
+from tests.unit.rule_calls import MINIMAL, config_example, decide, make_call, policy
 
 PER_CALLER = "rules:\n  rate: {per_caller: {rate: 1, burst: 3}}\n"
 
@@ -203,3 +203,17 @@ def test_bad_settings_are_config_errors(snippet: str) -> None:
     with pytest.raises(ConfigError) as caught:
         parse_config(MINIMAL + f"rules:\n  rate: {snippet}\n")
     assert all(issue.path.startswith("rules.rate") for issue in caught.value.issues)
+
+
+def test_commented_examples_in_the_config_file_are_valid() -> None:
+    """The rate, dialer and flood examples in config/sipguard.yaml parse once uncommented;
+    the dialer and flood ones show exactly the defaults."""
+    from sipguard.policy import dialer, flood
+
+    cfg = parse_config(config_example("call-rate limits", "rate"))
+    assert cfg.rules.rate is not None and cfg.rules.rate.per_caller is not None
+    assert (cfg.rules.rate.per_caller.rate, cfg.rules.rate.per_caller.burst) == (1, 3)
+    cfg = parse_config(config_example("dialer analytics", "dialer"))
+    assert cfg.rules.dialer == dialer.Settings()
+    cfg = parse_config(config_example("flood and scanner defence", "flood"))
+    assert cfg.rules.flood == flood.Settings()

@@ -1,0 +1,180 @@
+"""SHAKEN PASSporTs (RFC 8225, RFC 8588, ATIS-1000074): decode, check the claims, verify ES256.
+
+A PASSporT is a JWS in compact serialisation, ``BASE64URL(header).BASE64URL(payload).
+BASE64URL(signature)``. For SHAKEN (RFC 8588 §4–6, ATIS-1000074 §5.2)::
+
+    header  = {"alg":"ES256", "ppt":"shaken", "typ":"passport", "x5u":"https://..."}
+    payload = {"attest":"A"|"B"|"C", "dest":{"tn":["12155551213"]}, "iat":1443208345,
+               "orig":{"tn":"12155551212"}, "origid":"123e4567-e89b-12d3-a456-426655440000"}
+
+and the signature is ES256 (ECDSA P-256 / SHA-256, RFC 7518 §3.4) over the ASCII bytes of
+``header "." payload`` as they were sent, given as the raw 64-byte ``r || s``.
+
+:func:`decode_passport` does everything that needs no certificate and raises
+:class:`PassportError` with a reason code naming what is wrong; :func:`verify_signature`
+checks the signature with the public key of the certificate ``x5u`` points to. Both are pure
+(no clock, no I/O): freshness is the caller's comparison of ``iat`` with its own clock.
+
+Telephone numbers are compared in the canonical form of RFC 8224 §8.3: visual separators
+(`` -.()``) and a leading ``+`` removed, digits only (:func:`canonical_tn`).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+
+ATTESTATIONS = ("A", "B", "C")  # strongest first
+
+_VISUAL = str.maketrans("", "", " -.()")
+_ORIGID = re.compile(r"[A-Za-z0-9._\-]{1,128}")
+_ECDSA_SHA256 = ec.ECDSA(hashes.SHA256())
+
+
+class PassportError(Exception):
+    """The PASSporT cannot be accepted; ``reason`` is a short code for logs and metrics."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True, slots=True)
+class Passport:
+    """A decoded SHAKEN PASSporT whose header and claims are well formed (not yet verified)."""
+
+    x5u: str
+    attest: str  # "A" | "B" | "C"
+    orig: str  # canonical telephone number (digits only)
+    dest: tuple[str, ...]  # canonical telephone numbers
+    iat: int  # seconds since the Unix epoch
+    origid: str
+    signing_input: bytes  # b"header.payload" as sent: what the signature covers
+    signature: bytes  # raw r || s, 64 bytes
+
+
+def canonical_tn(text: str) -> str | None:
+    """``text`` as RFC 8224 §8.3 canonical digits (separators and a leading + dropped), or
+    None when anything but digits is left."""
+    tn = text.translate(_VISUAL)
+    if tn.startswith("+"):
+        tn = tn[1:]
+    return tn if tn.isdigit() and tn.isascii() else None
+
+
+def _b64(part: str) -> bytes:
+    try:
+        return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
+    except (binascii.Error, ValueError):
+        raise PassportError("bad_passport", "invalid base64url") from None
+
+
+def _json(part: str, what: str) -> dict[str, Any]:
+    """A base64url JSON object. A duplicate member name keeps its lexically last value, one of
+    the two behaviours RFC 7515 §4 allows (the other, rejecting, costs a Python hook per object
+    on the per-call path)."""
+    try:
+        obj = json.loads(_b64(part))
+    except (ValueError, RecursionError):
+        raise PassportError("bad_passport", f"{what} is not JSON") from None
+    if not isinstance(obj, dict):
+        raise PassportError("bad_passport", f"{what} is not a JSON object")
+    return obj
+
+
+@lru_cache(maxsize=256)
+def _header(part: str) -> str:
+    """The x5u of a checked SHAKEN PASSporT header (memoised: one originating carrier sends the
+    same protected header on every call)."""
+    header = _json(part, "header")
+    if header.get("alg") != "ES256":
+        raise PassportError("bad_header", f"alg {header.get('alg')!r}, expected ES256")
+    if header.get("typ") != "passport":
+        raise PassportError("bad_header", f"typ {header.get('typ')!r}, expected passport")
+    if header.get("ppt") != "shaken":
+        raise PassportError("bad_header", f"ppt {header.get('ppt')!r}, expected shaken")
+    x5u = header.get("x5u")
+    if not isinstance(x5u, str) or not x5u:
+        raise PassportError("bad_header", "x5u missing")
+    return x5u
+
+
+def _tn(value: object, what: str) -> str:
+    tn = canonical_tn(value) if isinstance(value, str) else None
+    if not tn:
+        raise PassportError("bad_passport", f"{what} is not a telephone number")
+    return tn
+
+
+def decode_passport(token: str) -> Passport:
+    """Decode a SHAKEN PASSporT and check its header and claims; raise :class:`PassportError`.
+
+    Reason codes: ``compact_form`` (payload left out, RFC 8224 §4.1: SHAKEN claims cannot be
+    rebuilt from SIP), ``bad_header`` (alg, typ, ppt or x5u wrong), ``bad_passport`` (not
+    base64url JSON, a claim missing or of the wrong type).
+    """
+    parts = token.split(".")
+    if len(parts) != 3 or not parts[0] or not parts[2]:
+        raise PassportError("bad_passport", "not a JWS compact serialisation")
+    if not parts[1]:
+        raise PassportError("compact_form", "payload left out (RFC 8224 compact form)")
+    x5u = _header(parts[0])
+    claims = _json(parts[1], "payload")
+    attest = claims.get("attest")
+    if attest not in ATTESTATIONS:
+        raise PassportError("bad_passport", f"attest {attest!r}, expected A, B or C")
+    orig = claims.get("orig")
+    if not isinstance(orig, dict):
+        raise PassportError("bad_passport", "orig missing")
+    dest = claims.get("dest")
+    dest_tns = dest.get("tn") if isinstance(dest, dict) else None
+    if not isinstance(dest_tns, list) or not dest_tns:
+        raise PassportError("bad_passport", "dest.tn missing or not a list")
+    iat = claims.get("iat")
+    if not isinstance(iat, int) or isinstance(iat, bool) or iat < 0:
+        raise PassportError("bad_passport", "iat missing or not an integer")
+    origid = claims.get("origid")
+    if not isinstance(origid, str) or not origid:
+        raise PassportError("bad_passport", "origid missing")
+    signature = _b64(parts[2])
+    if len(signature) != 64:
+        raise PassportError("bad_passport", f"ES256 signature of {len(signature)} bytes, not 64")
+    return Passport(
+        x5u=x5u,
+        attest=str(attest),
+        orig=_tn(orig.get("tn"), "orig.tn"),
+        dest=tuple(_tn(tn, "dest.tn") for tn in dest_tns),
+        iat=iat,
+        origid=origid,
+        signing_input=f"{parts[0]}.{parts[1]}".encode("ascii"),
+        signature=signature,
+    )
+
+
+def safe_origid(passport: Passport) -> str | None:
+    """``origid`` when it is safe to copy into a header parameter (UUID-like), else None."""
+    return passport.origid if _ORIGID.fullmatch(passport.origid) else None
+
+
+def verify_signature(passport: Passport, key: ec.EllipticCurvePublicKey) -> bool:
+    """True when the ES256 signature over the header and payload verifies with ``key``."""
+    if not isinstance(key.curve, ec.SECP256R1):
+        return False
+    r = int.from_bytes(passport.signature[:32], "big")
+    s = int.from_bytes(passport.signature[32:], "big")
+    try:
+        key.verify(encode_dss_signature(r, s), passport.signing_input, _ECDSA_SHA256)
+    except InvalidSignature:
+        return False
+    return True

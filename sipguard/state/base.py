@@ -1,0 +1,78 @@
+"""The state interface rules use for shared counters: live-call slots as leases.
+
+A *lease* is one live call's hold on a set of counter *keys* (``caller:+12125550100``,
+``callee:+18005550199``, ``peer:carrier-a`` ...). Acquiring a lease adds one to each of its keys,
+releasing it takes that one away again, and a lease that is never released lapses at its expiry
+(which its holder may push back with :meth:`LeaseStore.refresh`). Because a count is only ever
+the number of live leases naming the key, it cannot leak or underflow the way a bare integer
+does: releasing twice, or releasing a lease that was never acquired, changes nothing.
+
+Every method is async so that a networked backend (Redis, in a later issue: a hash per lease,
+``INCR``/``DECR`` in one script, key TTLs for expiry) fits the same shape. A backend that lives
+in this process also offers the :class:`SyncLeaseStore` methods (``*_now``), which callers on the
+hot path use to avoid creating a coroutine per call.
+
+Times are the caller's ``now`` (seconds, the shell's loop clock); nothing here reads a clock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Protocol, runtime_checkable
+
+
+class LeaseStore(Protocol):
+    async def acquire(self, lease: str, keys: Sequence[str], expires: float, now: float) -> bool:
+        """Take a lease on ``keys`` until ``expires``; False (and only a refresh) when the
+        lease is already held."""
+        ...
+
+    async def refresh(self, lease: str, expires: float, now: float) -> bool:
+        """Move a held lease's expiry; False when no such lease is held."""
+        ...
+
+    async def release(self, lease: str, now: float) -> bool:
+        """Give a lease back; False (and no change) when no such lease is held."""
+        ...
+
+    async def counts(self, keys: Sequence[str], now: float) -> list[int]:
+        """The number of live leases naming each key."""
+        ...
+
+    async def snapshot(self, prefix: str, now: float) -> dict[str, int]:
+        """Every key starting with ``prefix`` that has live leases, with its count."""
+        ...
+
+    async def lease_ids(self, now: float) -> list[str]:
+        """Every lease held."""
+        ...
+
+    async def expire(self, now: float) -> int:
+        """Release leases whose expiry has passed; how many were."""
+        ...
+
+
+@runtime_checkable
+class SyncLeaseStore(LeaseStore, Protocol):
+    """A :class:`LeaseStore` in this process: the same operations without awaiting."""
+
+    def acquire_now(self, lease: str, keys: Sequence[str], expires: float, now: float) -> bool:
+        ...
+
+    def refresh_now(self, lease: str, expires: float, now: float) -> bool:
+        ...
+
+    def release_now(self, lease: str, now: float) -> bool:
+        ...
+
+    def count_now(self, key: str) -> int:
+        ...
+
+    def snapshot_now(self, prefix: str = "") -> dict[str, int]:
+        ...
+
+    def lease_ids_now(self) -> Iterable[str]:
+        ...
+
+    def expire_now(self, now: float) -> int:
+        ...
