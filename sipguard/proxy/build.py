@@ -61,11 +61,8 @@ class Ids:
         self._key = secret[:64]
 
     def digest(self, *parts: str) -> str:
-        h = hashlib.blake2b(digest_size=10, key=self._key)
-        for p in parts:
-            h.update(p.encode("utf-8", "surrogateescape"))
-            h.update(b"\x00")
-        return h.hexdigest()
+        data = "\x00".join(parts).encode("utf-8", "surrogateescape")
+        return hashlib.blake2b(data, digest_size=10, key=self._key).hexdigest()
 
     def branch(self, txn_key: str, loop: str) -> str:
         """RFC 3261 §16.6 step 8: magic cookie, a transaction part and a loop-detection part."""
@@ -84,8 +81,8 @@ def loop_hash(ids: Ids, msg: Message) -> str:
         msg.to_tag or "",
         msg.call_id,
         str(msg.cseq[0]),
-        ",".join(msg.values("proxy-require")),
-        ",".join(msg.values("route")),
+        ",".join(msg.values("proxy-require")) if msg.has("proxy-require") else "",
+        ",".join(msg.values("route")) if msg.has("route") else "",
     )[:8]
 
 
