@@ -140,7 +140,6 @@ class Server:
             except OSError as exc:
                 await self.stop()
                 raise StartupError(f"cannot listen on {ep}: {exc.strerror or exc}") from None
-        self.shared[WALL_OFFSET_KEY] = time.time() - self.loop.time()  # follow NTP steps
         self._housekeeping = self.loop.call_later(10.0, self._housekeep)
         self._log_flusher = self.loop.call_later(0.1, self._flush_logs)
         self.log.info(
@@ -351,6 +350,7 @@ class Server:
         self._resolved.clear()  # re-resolve names now and then (no TTLs from getaddrinfo)
         if self.flood is not None:
             self.flood.state.sweep(self.loop.time())
+        self.shared[WALL_OFFSET_KEY] = time.time() - self.loop.time()  # follow NTP steps
         self._housekeeping = self.loop.call_later(10.0, self._housekeep)
 
     # ------------------------------------------------------------------ observability
