@@ -21,8 +21,12 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
 from sipguard.ops.config import Config
 from sipguard.ops.logging import SampledLogger, flush_logs, get_logger
+from sipguard.ops.metrics import Metrics, MetricsCollector
 from sipguard.policy import flood
 from sipguard.policy.engine import Policy
 from sipguard.policy.identity import FETCHER_KEY, WALL_OFFSET_KEY
@@ -115,7 +119,10 @@ class Server:
         self.udp: dict[int, UdpEndpoint] = {}
         self.tcp = TcpPool(self.loop, self._on_stream_message, self._on_stream_error,
                            cfg.sip.max_message_size)
-        self.counters: Counter[str] = Counter()
+        self.metrics = Metrics()
+        self.metrics.config_loaded = time.time()
+        self.counters: Counter[str] = self.metrics.events  # every counter is exported too
+        self._metrics_runner: web.AppRunner | None = None
         self.log = get_logger("sipguard")
         sample = cfg.log.parse_error_sample_s
         self.sampled = SampledLogger(self.log, sample, clock=self.loop.time)
@@ -140,6 +147,14 @@ class Server:
             except OSError as exc:
                 await self.stop()
                 raise StartupError(f"cannot listen on {ep}: {exc.strerror or exc}") from None
+        if self.cfg.metrics.host_port is not None:
+            try:
+                await self._start_metrics(*self.cfg.metrics.host_port)
+            except OSError as exc:
+                await self.stop()
+                raise StartupError(
+                    f"cannot serve metrics on {self.cfg.metrics.listen}: {exc.strerror or exc}"
+                ) from None
         self._housekeeping = self.loop.call_later(10.0, self._housekeep)
         self._log_flusher = self.loop.call_later(0.1, self._flush_logs)
         self.log.info(
@@ -150,6 +165,39 @@ class Server:
             peers=len(self.policy.peers.peers),
             rules=[r.name for r in self.policy.rules],
         )
+
+    async def _start_metrics(self, host: str, port: int) -> None:
+        """GET /metrics (Prometheus text format) and /healthz, served on the event loop."""
+        registry = CollectorRegistry()
+        registry.register(MetricsCollector(self.metrics, self._gauges))
+
+        async def metrics(request: web.Request) -> web.Response:
+            body = generate_latest(registry)
+            return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+        async def healthz(request: web.Request) -> web.Response:
+            return web.Response(text="ok\n")
+
+        app = web.Application()
+        app.router.add_get("/metrics", metrics)
+        app.router.add_get("/healthz", healthz)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, host, port, reuse_address=True).start()
+        except OSError:
+            await runner.cleanup()
+            raise
+        self._metrics_runner = runner
+
+    def _gauges(self) -> dict[str, float]:
+        proxy = self.proxy
+        return {
+            "live_dialogs": proxy.live_dialogs(),
+            "server_transactions": len(proxy.servers),
+            "client_transactions": len(proxy.clients),
+            "tcp_connections": len(self.tcp.by_id),
+        }
 
     def _flush_logs(self) -> None:
         flush_logs()
@@ -162,6 +210,9 @@ class Server:
             self._timer.cancel()
         if self._housekeeping is not None:
             self._housekeeping.cancel()
+        if self._metrics_runner is not None:
+            await self._metrics_runner.cleanup()
+            self._metrics_runner = None
         fetcher = self.shared.get(FETCHER_KEY)
         if isinstance(fetcher, HttpsFetcher):
             await fetcher.close()
@@ -259,7 +310,9 @@ class Server:
         started = time.perf_counter()
         verdict = self.policy.decide(call, now)
         if isinstance(verdict, Verdict):
-            call.decision_us = (time.perf_counter() - started) * 1e6
+            elapsed = time.perf_counter() - started
+            call.decision_us = elapsed * 1e6
+            self.metrics.decision(elapsed)
             return verdict
         # A rule needs I/O: the INVITE waits in its server transaction (retransmissions are
         # absorbed) until the verdict arrives.
@@ -277,7 +330,9 @@ class Server:
             self.counters["internal_errors"] += 1
             self.log.exception("decision_failed", call_id=call.call_id)
             verdict = Verdict("reject", rule="internal", reason="decision_failed", status=500)
-        call.decision_us = (time.perf_counter() - started) * 1e6
+        elapsed = time.perf_counter() - started
+        call.decision_us = elapsed * 1e6
+        self.metrics.decision(elapsed)
         self.proxy.resolve(call, verdict, self.loop.time())
         self._flush()
 
@@ -360,6 +415,8 @@ class Server:
         if isinstance(event, InviteDecided):
             call, v = event.call, event.verdict
             c[f"invites_{v.action}"] += 1
+            verdict = "monitored" if v.monitored else v.action
+            self.metrics.invites[(verdict, v.rule, call.peer or "")] += 1
             for label, value in call.labels.items():
                 c[f"{label}_{value}"] += 1
             if v.monitored:
@@ -394,6 +451,7 @@ class Server:
             d = event.dialog
             c["dialogs_ended"] += 1
             c[f"dialogs_ended_{event.reason}"] += 1
+            self.metrics.ended[(event.reason, d.peer or "")] += 1
             self._run_later(self.policy.dialog_ended(d, self.loop.time()))
             end = d.ended_at or d.started
             self.log.info(

@@ -252,6 +252,33 @@ class SipSettings(BaseModel):
         return self
 
 
+class MetricsSettings(BaseModel):
+    """Prometheus metrics (the ``metrics:`` section)."""
+
+    model_config = _FROZEN
+
+    listen: str | None = Field(
+        default=None,
+        description="host:port of the HTTP endpoint serving /metrics (and /healthz); "
+        "null: no endpoint.",
+    )
+
+    @field_validator("listen")
+    @classmethod
+    def _check_listen(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        host, port = _split_hostport(value.strip(), port_required=True)
+        return _format_host(host) + f":{port}"
+
+    @property
+    def host_port(self) -> tuple[str, int] | None:
+        if self.listen is None:
+            return None
+        host, _, port = self.listen.rpartition(":")
+        return host.strip("[]"), int(port)
+
+
 class LogSettings(BaseModel):
     """Logging (the ``log:`` section)."""
 
@@ -390,6 +417,9 @@ class Config(BaseModel):
     )
     sip: SipSettings = Field(default=SipSettings(), description="SIP behaviour and limits.")
     log: LogSettings = Field(default=LogSettings(), description="Logging.")
+    metrics: MetricsSettings = Field(
+        default=MetricsSettings(), description="Prometheus metrics endpoint."
+    )
     peers: tuple[PeerConfig, ...] = Field(
         default=(), description="Known peers; empty: every source is accepted."
     )
@@ -438,7 +468,7 @@ class Config(BaseModel):
                 raise ValueError(f"{item!r} is not a telephone number")
         return value
 
-    @field_validator("sip", "log", mode="before")
+    @field_validator("sip", "log", "metrics", mode="before")
     @classmethod
     def _empty_section_is_defaults(cls, value: object) -> object:
         return {} if value is None else value

@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -86,3 +87,24 @@ def test_reload_keeps_live_calls_and_rejects_a_bad_file(stack: E2EStack) -> None
     assert guard.proc.poll() is None  # still running
     failed = [e for e in guard.events if e.get("event") == "config_reload_failed"]
     assert any("sip.max_message_size" in line for line in failed[0]["errors"])
+
+
+def test_metrics_endpoint_counts_decisions_and_dialogs(stack: E2EStack) -> None:
+    """GET /metrics exports INVITE decisions, ended dialogs, the decision histogram, gauges."""
+    metrics_port = free_port()
+    uas = stack.uas("uas_basic.xml", calls=10, duration_ms=100)
+    guard, port = stack.sipguard(
+        core_port=uas.local_port, config_extra=f"metrics: {{listen: {HOST}:{metrics_port}}}\n"
+    )
+    res = stack.uac("uac_basic.xml", remote_port=port, calls=10, rate=20, duration_ms=100)
+    assert res.successful == 10, res.describe()
+    guard.wait_event("dialog_ended", 10, timeout=10)
+    base = f"http://{HOST}:{metrics_port}"
+    with urllib.request.urlopen(f"{base}/healthz", timeout=5) as resp:
+        assert resp.read() == b"ok\n"
+    with urllib.request.urlopen(f"{base}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    assert 'sipguard_invites_total{peer="",rule="",verdict="accept"} 10.0' in text
+    assert 'sipguard_dialogs_ended_total{peer="",reason="bye_caller"} 10.0' in text
+    assert "sipguard_decision_seconds_count 10.0" in text
+    assert "sipguard_live_dialogs 0.0" in text
