@@ -576,7 +576,7 @@ class Dialer:
             table.need(s.block_s, s.max_numbers)
 
     # ------------------------------------------------------------------ decide
-    def decide(self, call: CallInfo, now: float) -> Verdict:
+    def decide(self, call: CallInfo, now: float) -> Verdict | None:
         state = self.state
         caller, callee = call.caller, call.callee
         origin = call.peer or call.flow.addr[0]
@@ -667,7 +667,8 @@ class Dialer:
                                     now)
             return self._blocked(call, analytic, scope, key, block, tags)
         if not tags:
-            return self.plain
+            # Nothing to say: no verdict at all, unless a peer sent a verdict header to strip.
+            return self.plain if self.strip and call.msg.has(self.strip[0][0]) else None
         names = [f"dialer.{t[0]}" for t in tags]
         call.labels["dialer"] = tags[0][0]
         forward = (f"{self.header}: {', '.join(names)}",) if self.header else ()

@@ -10,6 +10,8 @@ import pytest
 from sipguard.ops.config import ConfigError, parse_config
 from sipguard.policy.dialer import SHARED_KEY, DialerState
 from sipguard.policy.engine import Policy
+from sipguard.sip.message import parse_message
+from tests.unit.proxy_helpers import invite
 from tests.unit.rule_calls import MINIMAL, decide, dialog, make_call, policy
 
 OFF = "distinct_callees: null, short_calls: null, asr: null, sequential: null"
@@ -227,9 +229,13 @@ def test_monitor_mode_forwards_with_monitored_tag() -> None:
 
 
 def test_forged_verdict_header_is_stripped() -> None:
-    """A peer's own X-Sipguard-Verdict is removed from every forwarded call."""
+    """A peer's own X-Sipguard-Verdict is removed from the forwarded call; a call without one
+    gets no header edits at all."""
     p = policy(only("distinct_callees: {}"))
-    v = decide(p, make_call(), 0.0)
+    assert decide(p, make_call(), 0.0).replace_headers == ()
+    forged = make_call()
+    forged.msg = parse_message(invite(extra="X-Sipguard-Verdict: dialer.none\r\n"))
+    v = decide(p, forged, 1.0)
     assert ("x-sipguard-verdict", None) in v.replace_headers
 
 
