@@ -136,3 +136,76 @@ def test_monitor_mode_forwards_everything_and_logs_what_would_have_happened(
         ("callerid", "caller_dno", "accept", True): 1,
         ("suspended", "caller_suspended", "accept", True): 1,
     }), detail
+
+
+STRICT = """
+peers:
+  - name: lab
+    networks: [127.0.0.1/32]
+    numbers: ["+1212555*"]
+rules:
+  callerid:
+    pai_mismatch: reject
+    anonymous: reject
+    redress: {url: "https://example.com/blocked"}
+"""
+
+
+def test_invalid_mismatched_anonymous_and_unknown_callers_are_turned_away(
+    stack: E2EStack,
+) -> None:
+    """An invalid number and a PAI/From mismatch hear 603, an anonymous caller 433, a source outside every peer 403; the core sees only the legitimate call."""
+    uas = stack.uas("uas_basic.xml", calls=1)
+    guard, port = stack.sipguard(core_port=uas.local_port, listen=("udp",), config_extra=STRICT)
+    cases = {
+        "invalid": ("+12120555100", ""),
+        "mismatch": ("+12125551001", "P-Asserted-Identity: <sip:+12125551002@127.0.0.1>"),
+        "anonymous": ("anonymous", "Privacy: id"),
+    }
+    procs = {}
+    for name, (caller, header) in cases.items():
+        csv = stack.workdir / f"{name}.csv"
+        csv.write_text(f"SEQUENTIAL\n{caller};{CALLEE};{header};\n")
+        procs[name] = SippProcess(
+            name, "uac_rejected_hdr.xml", stack.workdir, local_port=free_port(),
+            remote=("127.0.0.1", port), calls=1, rate=5, duration_ms=100, timeout=20, inf=csv,
+        )
+    # A caller from 127.0.0.2: loopback, but in no peer's networks.
+    outsider = SippProcess(
+        "outsider", "uac_rejected.xml", stack.workdir, local_port=free_port(),
+        remote=("127.0.0.1", port), calls=1, rate=5, duration_ms=100, timeout=20,
+        inf=write_csv(stack.workdir / "outsider.csv", [OWNED[0]]),
+    )
+    outsider.cmd[outsider.cmd.index("-i") + 1] = "127.0.0.2"
+    procs["outsider"] = outsider
+    legit = start_uac(stack, "legit", "uac_basic.xml", port, [OWNED[1]])
+    for p in procs.values():
+        stack.sipps.append(p)
+        p.start()
+    results = {name: p.wait() for name, p in procs.items()}
+    legit_res = legit.wait()
+    uas_res = stack.finish_uas(uas)
+    detail = "\n\n".join(r.describe() for r in (*results.values(), legit_res, uas_res))
+    detail += "\n" + guard.diagnostics()
+    assert legit_res.successful == 1, detail
+    assert uas_res.received("INVITE") == 1, detail
+    status = {name: [line.split(" | ")[0] for line in final_responses(res)]
+              for name, res in results.items()}
+    assert status == {
+        "invalid": ["SIP/2.0 603 Network Blocked"],
+        "mismatch": ["SIP/2.0 603 Network Blocked"],
+        "anonymous": ["SIP/2.0 433 Anonymity Disallowed"],
+        "outsider": ["SIP/2.0 403 Forbidden"],
+    }, detail
+    guard.settle("invite_decided")
+    reasons = Counter(
+        (e.get("rule"), e.get("reason"))
+        for e in guard.events if e.get("event") == "invite_decided"
+    )
+    assert reasons == Counter({
+        (None, None): 1,
+        ("callerid", "caller_invalid"): 1,
+        ("callerid", "pai_mismatch"): 1,
+        ("callerid", "caller_anonymous"): 1,
+        ("peers", "unknown_source"): 1,
+    }), detail
