@@ -17,10 +17,11 @@ down to one line per interval, counting what it drops.
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, MutableMapping
 from typing import Any, Literal, TextIO, cast
 
 import structlog
@@ -70,6 +71,15 @@ def flush_logs() -> None:
         stream.flush()
 
 
+_encode = json.JSONEncoder(default=repr, check_circular=False).encode
+
+
+def render_json(_logger: Any, _name: str, event_dict: MutableMapping[str, Any]) -> str:
+    """The event as one JSON object, fields that are None left out (shorter lines, and about
+    twice as fast as structlog's JSONRenderer, which builds an encoder per line)."""
+    return _encode({k: v for k, v in event_dict.items() if v is not None})
+
+
 def configure_logging(settings: LogSettings, stream: TextIO | None = None) -> None:
     """Send log lines to ``stream`` (default: ``sys.stdout`` at call time) per ``settings``."""
     out = sys.stdout if stream is None else stream
@@ -79,7 +89,7 @@ def configure_logging(settings: LogSettings, stream: TextIO | None = None) -> No
         structlog.processors.TimeStamper(fmt="iso", utc=True, key="ts"),
     ]
     if settings.format == "json":
-        processors += [structlog.processors.format_exc_info, structlog.processors.JSONRenderer()]
+        processors += [structlog.processors.format_exc_info, render_json]
     else:
         colors = bool(getattr(out, "isatty", lambda: False)())
         processors.append(structlog.dev.ConsoleRenderer(colors=colors, timestamp_key="ts"))
