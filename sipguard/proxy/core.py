@@ -46,6 +46,7 @@ times therefore move and come in any order: they live in a one-second
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -74,6 +75,8 @@ from sipguard.state.expiry import ExpiryWheel
 Decide = Callable[[CallInfo, float], Verdict | None]
 
 SUPPORTED_SCHEMES = frozenset({"sip", "sips", "tel"})
+# ";branch=z9hG4bKsg..." in a raw Via line: the first one is the top value's.
+_OUR_BRANCH = re.compile(rb";[ \t]*branch[ \t]*=[ \t]*(" + build.OUR_PREFIX.encode() + rb"[0-9a-z.]+)")
 MIN_SESSION_EXPIRES = 90.0  # RFC 4028 §4: Min-SE is never below 90 s
 DIALOG_CREATING = frozenset({"INVITE", "SUBSCRIBE", "REFER"})
 # Headers only the proxy edits; a verdict's replace_headers cannot touch them.
@@ -668,8 +671,10 @@ class Proxy:
             st.timeout = self.timers.add(now + wait, self._timer_terminate_server, st)
 
     def _on_response(self, msg: Message, flow: Flow, now: float) -> None:
-        via = msg.top_via
-        branch = via.branch or ""
+        # The top Via of a response for us is the one sipguard wrote: read its branch straight
+        # from the raw line (a response whose top Via is not ours is stray either way).
+        m = _OUR_BRANCH.search(msg.lines[msg.indexes("via")[0]])
+        branch = m.group(1).decode("ascii") if m is not None else ""
         method = msg.cseq[1]
         ct = self.clients.get((branch, method)) if branch.startswith(build.OUR_PREFIX) else None
         if ct is None:
