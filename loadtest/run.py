@@ -42,6 +42,7 @@ from tests.e2e.harness import (  # noqa: E402
     HOST,
     SipguardProcess,
     SippProcess,
+    _split_header_values,
     cpu_seconds,
     free_port,
     sipguard_command,
@@ -94,21 +95,6 @@ def _hdrs(head: list[str]) -> dict[str, list[str]]:
         n, _, v = line.partition(":")
         n = n.strip().lower()
         out.setdefault(compact.get(n, n), []).append(v.strip())
-    return out
-
-
-def _split(value: str) -> list[str]:
-    out, depth, cur = [], 0, ""
-    for ch in value:
-        depth += ch == "<"
-        depth -= ch == ">"
-        if ch == "," and depth == 0:
-            out.append(cur.strip())
-            cur = ""
-        else:
-            cur += ch
-    if cur.strip():
-        out.append(cur.strip())
     return out
 
 
@@ -213,9 +199,9 @@ class Probe(asyncio.DatagramProtocol):
     def _prepare_dialog(self, c: ProbeCall, h: dict[str, list[str]]) -> None:
         rr: list[str] = []
         for v in h.get("record-route", []):
-            rr.extend(_split(v))
+            rr.extend(_split_header_values(v))
         routes = list(reversed(rr))
-        contact = _split((h.get("contact") or [""])[0] or "")
+        contact = _split_header_values((h.get("contact") or [""])[0] or "")
         m = re.search(r"<([^>]+)>", contact[0] if contact else "")
         target_uri = m.group(1) if m else f"sip:{self.target[0]}:{self.target[1]}"
         c.to_hdr = (h.get("to") or [""])[0]

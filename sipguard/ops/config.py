@@ -52,7 +52,7 @@ from sipguard.policy.flood import Settings as FloodSettings
 from sipguard.policy.identity import Settings as IdentitySettings
 from sipguard.policy.rate import Settings as RateSettings
 from sipguard.policy.settings import FROZEN as _RULE_FROZEN
-from sipguard.policy.settings import ConfigPath
+from sipguard.policy.settings import ConfigPath, networks
 
 __all__ = [
     "Config",
@@ -370,17 +370,7 @@ class PeerConfig(BaseModel):
     @field_validator("networks", mode="before")
     @classmethod
     def _strict_networks(cls, value: object) -> object:
-        if isinstance(value, str):
-            value = [value]
-        if isinstance(value, list | tuple):
-            out = []
-            for item in value:
-                try:
-                    out.append(ipaddress.ip_network(str(item), strict=False))
-                except ValueError as exc:
-                    raise ValueError(f"{item!r} is not an IP network: {exc}") from None
-            return tuple(out)
-        return value
+        return networks(value)
 
     @field_validator("numbers")
     @classmethod

@@ -58,7 +58,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, field_validator
 
-from sipguard.policy.settings import RuleSettings
+from sipguard.policy.settings import RuleSettings, networks
 
 if TYPE_CHECKING:
     from sipguard.policy.engine import BuildContext
@@ -126,17 +126,7 @@ class Settings(RuleSettings):
     @field_validator("exempt", mode="before")
     @classmethod
     def _networks(cls, value: object) -> object:
-        if isinstance(value, str):
-            value = [value]
-        if isinstance(value, list | tuple):
-            out = []
-            for item in value:
-                try:
-                    out.append(ipaddress.ip_network(str(item), strict=False))
-                except ValueError as exc:
-                    raise ValueError(f"{item!r} is not an IP network: {exc}") from None
-            return tuple(out)
-        return value
+        return networks(value)
 
 
 class Ban:

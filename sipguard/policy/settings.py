@@ -9,6 +9,7 @@ Every rule section in the config (``rules.<name>``) accepts these keys besides i
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -49,3 +50,19 @@ class Answer(BaseModel):
     status: int = Field(ge=300, le=699, description="SIP status code (300-699).")
     phrase: str | None = Field(default=None, description="Reason phrase; default per status.")
     headers: tuple[str, ...] = Field(default=(), description="Extra header lines, 'Name: value'.")
+
+
+def networks(value: object) -> object:
+    """A "before" validator for CIDR lists: one string or a list of them, each turned into an
+    ``ip_network`` (host bits allowed) with an error naming the bad item; else left for pydantic."""
+    if isinstance(value, str):
+        value = [value]
+    if isinstance(value, list | tuple):
+        out = []
+        for item in value:
+            try:
+                out.append(ipaddress.ip_network(str(item), strict=False))
+            except ValueError as exc:
+                raise ValueError(f"{item!r} is not an IP network: {exc}") from None
+        return tuple(out)
+    return value
