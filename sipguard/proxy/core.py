@@ -48,8 +48,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 from sipguard.policy.verdict import ACCEPT, Verdict
 from sipguard.proxy import build
@@ -135,7 +134,6 @@ class ClientTxn:
     timeout: TimerEntry | None = None  # B / F / C / D / K / M
     interval: float = 0.0
     sent: Message | None = None  # ``data`` parsed, on demand (ACK and CANCEL building)
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def sent_msg(self) -> Message:
         if self.sent is None:
@@ -418,17 +416,12 @@ class Proxy:
         # From the outside sipguard is no open relay: an initial request, or one that claims a
         # dialog sipguard does not know, goes to the core whatever Route or Request-URI it
         # carries; only requests inside a dialog sipguard set up follow their route set.
-        if initial or not self._known_dialog(msg) or (not remaining and self.is_ours(uri)):
+        if initial or self._dialog_of(msg)[0] is None or (not remaining and self.is_ours(uri)):
             return self.settings.core, start_line, routes
         if remaining:
             return self._flow_for_uri(remaining[0].uri), start_line, routes
         return self._flow_for_uri(uri), start_line, routes
 
-    def _known_dialog(self, msg: Message) -> bool:
-        call_id = msg.call_id
-        return (call_id, msg.from_tag or "") in self.dialogs or (
-            call_id, msg.to_tag or ""
-        ) in self.dialogs
 
     def _apply_verdict(self, st: ServerTxn, call: CallInfo, verdict: Verdict, now: float) -> None:
         self.events.append(InviteDecided(call, verdict))
