@@ -18,7 +18,6 @@ and, once per certificate (cache miss), ``chain``: PEM parse + chain validation 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import sys
 import tempfile
@@ -27,6 +26,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchutil import quiet_gc  # noqa: E402
 
 from sipguard.ops.config import parse_config  # noqa: E402
 from sipguard.policy.engine import Policy  # noqa: E402
@@ -70,13 +71,11 @@ def per_call_us(fn: Callable[[int], object], n: int, repeat: int) -> float:
     other processes on a shared machine do not inflate it)."""
     best = float("inf")
     for _ in range(repeat):
-        gc.collect()
-        gc.disable()
-        started = time.process_time()
-        for i in range(n):
-            fn(i)
-        best = min(best, (time.process_time() - started) / n * 1e6)
-        gc.enable()
+        with quiet_gc():
+            started = time.process_time()
+            for i in range(n):
+                fn(i)
+            best = min(best, (time.process_time() - started) / n * 1e6)
     return best
 
 

@@ -28,11 +28,11 @@ import sys
 import time
 import tracemalloc
 from collections import deque
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchutil import quiet_gc  # noqa: E402
 
 from sipguard.ops.config import parse_config  # noqa: E402
 from sipguard.policy.concurrency import Concurrency, Settings, Tracker  # noqa: E402
@@ -53,17 +53,6 @@ SDP = (
     "v=0\r\no=- 1 1 IN IP4 198.51.100.7\r\ns=-\r\nc=IN IP4 198.51.100.7\r\nt=0 0\r\n"
     "m=audio 4000 RTP/AVP 0 8 101\r\na=rtpmap:0 PCMU/8000\r\na=rtpmap:8 PCMA/8000\r\n"
 )
-
-
-@contextmanager
-def quiet_gc() -> Iterator[None]:
-    """Time without the cyclic GC: its passes cost by total heap size, whatever is timed."""
-    gc.collect()
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.enable()
 
 
 def number(pool: int, rng: random.Random, base: int) -> str:

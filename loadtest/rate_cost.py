@@ -32,12 +32,12 @@ import gc
 import random
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchutil import quiet_gc  # noqa: E402
 
 from sipguard.ops.config import parse_config  # noqa: E402
 from sipguard.policy.engine import Policy  # noqa: E402
@@ -72,16 +72,6 @@ PLAIN = parse_message(
 )
 FLOW = Flow("udp", SRC, 0)
 BATCH = 10_000
-
-
-@contextmanager
-def quiet_gc() -> Iterator[None]:
-    gc.collect()
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.enable()
 
 
 def policy(rules: str) -> Policy:
