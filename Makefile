@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 CONFIG ?= config/sipguard.yaml
 
-.PHONY: install run test lint typecheck loadtest clean tools sipp
+.PHONY: install native run test lint typecheck loadtest clean tools sipp
 
 install: $(STAMP)
 
@@ -17,6 +17,18 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
+
+# The hot-path modules (parser, proxy core) compiled to C with mypyc; see sipguard/native.py.
+# Needs a C compiler and the Python headers (installed here when missing, Debian gcc and
+# python3-dev); if the build still fails, sipguard runs the same modules as Python.
+native: install
+	@command -v cc >/dev/null 2>&1 && $(PY) -c 'import os, sysconfig, sys; \
+	  sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' || { \
+	  echo "installing a C compiler and the Python headers (Debian gcc python3-dev)"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive \
+	    apt-get install -y -qq gcc python3-dev >/dev/null || true; }
+	@$(PY) -m sipguard.native ensure || true
 
 # Test tools (Debian packages): SIPp (sip-tester) for the end-to-end tests and the load kit;
 # sipvicious (svmap, svwar) and sipsak, real attack tools for the flood/scanner e2e test.
@@ -30,10 +42,10 @@ tools:
 
 sipp: tools  # the old name
 
-run: install
+run: install native
 	$(VENV)/bin/sipguard run --config $(CONFIG)
 
-test: install tools
+test: install native tools
 	$(VENV)/bin/ruff check sipguard tests loadtest
 	$(VENV)/bin/mypy
 	$(PY) -m pytest -q
@@ -44,8 +56,9 @@ lint: install
 typecheck: install
 	$(VENV)/bin/mypy
 
-loadtest: install tools
+loadtest: install native tools
 	$(PY) loadtest/run.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	-$(PY) -m sipguard.native clean
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build

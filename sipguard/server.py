@@ -25,6 +25,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from sipguard import native
 from sipguard.ops.config import Config
 from sipguard.ops.logging import SampledLogger, flush_logs, get_logger
 from sipguard.ops.metrics import Metrics, MetricsCollector
@@ -162,6 +163,7 @@ class Server:
         self._housekeeping = self.loop.call_later(10.0, self._housekeep)
         self._log_flusher = self.loop.call_later(0.1, self._flush_logs)
         self._gc_timer = self.loop.call_later(GC_INTERVAL_S, self.collect_garbage)
+        compiled, stale = native.status()
         self.log.info(
             "sipguard_started",
             listen=[str(ep) for ep in self.cfg.listen],
@@ -169,7 +171,11 @@ class Server:
             mode=self.cfg.mode,
             peers=len(self.policy.peers.peers),
             rules=[r.name for r in self.policy.rules],
+            compiled=len(compiled) == len(native.HOT_MODULES),
         )
+        if stale:
+            self.log.warning("compiled_modules_stale", modules=stale,
+                             fix="run `make` or `python -m sipguard.native build`")
 
     async def _start_metrics(self, host: str, port: int) -> None:
         """GET /metrics (Prometheus text format) and /healthz, served on the event loop."""

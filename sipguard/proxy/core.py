@@ -221,7 +221,7 @@ class Proxy:
                 data, max_size=self.settings.max_message_size, datagram=flow.transport == "udp"
             )
         except SipParseError as err:
-            self._parse_failed(err, getattr(err, "partial", None), flow)
+            self._parse_failed(err, err.partial, flow)
             return
         try:
             if msg.method is not None:

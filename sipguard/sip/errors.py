@@ -7,6 +7,11 @@ request it can still answer, and the reason phrase is sent as-is.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from sipguard.sip.message import Message
+
 REASONS: dict[int, str] = {
     400: "Bad Request",
     413: "Request Entity Too Large",
@@ -26,6 +31,8 @@ class SipParseError(Exception):
         super().__init__(f"{status} {detail}")
         self.status = status
         self.detail = detail
+        # What could be split of a request that failed (see sipguard.sip.message._fail).
+        self.partial: Message | None = None
 
     @property
     def reason(self) -> str:

@@ -534,7 +534,7 @@ def _fail(err: SipParseError, start_line: bytes, raw_lines: list[bytes], body: b
 
 
 def _attach(err: SipParseError, msg: Message) -> None:
-    err.partial = msg  # type: ignore[attr-defined]
+    err.partial = msg
 
 
 def parse_message(data: bytes, *, max_size: int = 65535, datagram: bool = True) -> Message:
@@ -564,7 +564,8 @@ def parse_message(data: bytes, *, max_size: int = 65535, datagram: bool = True) 
     try:
         method, uri_text, status, reason = _parse_start_line(start_line)
     except SipParseError as err:
-        _fail(err, start_line, data[eol + 2 : end].split(CRLF), data[end + 4 :])
+        _fail(err, start_line, data[eol + 2 : end].split(CRLF) if eol < end else [],
+              data[end + 4 :])
 
     # Fast path: every line is "known-name: value" (one dict lookup per line; the name cache is
     # keyed by everything before the colon). Anything else — folding, a new name, junk — takes
