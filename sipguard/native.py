@@ -103,8 +103,8 @@ def clean() -> None:
 def build() -> int:
     """Compile HOT_MODULES in place; 0 on success. On failure nothing compiled is left."""
     try:
-        import setuptools  # noqa: F401  (mypyc builds through setuptools)
-        from mypyc.build import mypycify  # noqa: F401
+        importlib.import_module("setuptools")  # mypyc builds through setuptools
+        importlib.import_module("mypyc.build")
     except ImportError as exc:
         print(f"sipguard.native: not compiled ({exc.name} missing): running as Python")
         return 1

@@ -27,7 +27,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from sipguard import native
 from sipguard.ops.config import Config
-from sipguard.ops.logging import SampledLogger, flush_logs, get_logger
+from sipguard.ops.logging import CallLogger, SampledLogger, flush_logs, get_logger
 from sipguard.ops.metrics import Metrics, MetricsCollector
 from sipguard.policy import flood
 from sipguard.policy.engine import Policy
@@ -128,6 +128,7 @@ class Server:
         self.counters: Counter[str] = self.metrics.events  # every counter is exported too
         self._metrics_runner: web.AppRunner | None = None
         self.log = get_logger("sipguard")
+        self.call_log = CallLogger("sipguard")
         sample = cfg.log.parse_error_sample_s
         self.sampled = SampledLogger(self.log, sample, clock=self.loop.time)
         self._timer: asyncio.TimerHandle | None = None
@@ -397,7 +398,7 @@ class Server:
             if len(self._resolved) > 65536:
                 self._resolved.clear()
             self._resolved[host] = ip = host
-        if ip is not host:
+        if ip is not host and ip != host:
             flow = flow._replace(addr=(ip, flow.addr[1]))
         if flow.transport == "udp":
             ep = self.udp.get(flow.local) or next(iter(self.udp.values()), None)
@@ -444,7 +445,7 @@ class Server:
                 c["invites_monitored"] += 1
             if v.reason:
                 c[f"rule_{v.rule}_{v.reason}"] += 1
-            emit: Callable[..., Any] = self.log.info
+            emit: Callable[..., Any] = self.call_log.info
             if v.sample:  # a verdict that comes in floods: one line per key and interval
                 emit = functools.partial(self.sampled.log, "info", key=v.sample)
             emit(
@@ -475,7 +476,7 @@ class Server:
             self.metrics.ended[(event.reason, d.peer or "")] += 1
             self._run_later(self.policy.dialog_ended(d, self.loop.time()))
             end = d.ended_at or d.started
-            self.log.info(
+            self.call_log.info(
                 "dialog_ended",
                 call_id=d.call_id,
                 caller=d.caller,

@@ -101,44 +101,60 @@ class ProxySettings:
     timer_c: float = 180.0
 
 
-@dataclass(slots=True, eq=False)
+# Transactions are plain classes with hand-written __init__s: mypyc compiles those, where
+# dataclass-made ones would run as Python for every transaction.
 class ServerTxn:
-    key: str
-    method: str
-    msg: Message
-    flow: Flow  # where the request came from (TCP: the connection)
-    reply_to: Flow  # where responses go (RFC 3261 §18.2.2 / RFC 3581)
-    state: str = "proceeding"
-    last: bytes | None = None  # the last response sent (resent on retransmissions)
-    client: ClientTxn | None = None
-    call: CallInfo | None = None
-    dialog: Dialog | None = None
-    to_tag: str = ""
-    timer: TimerEntry | None = None  # G (retransmit final)
-    timeout: TimerEntry | None = None  # H / I / J / L
-    interval: float = 0.0
+    __slots__ = ("key", "method", "msg", "flow", "reply_to", "state", "last", "client", "call",
+                 "dialog", "to_tag", "timer", "timeout", "interval")
+
+    def __init__(self, key: str, method: str, msg: Message, flow: Flow, reply_to: Flow) -> None:
+        self.key = key
+        self.method = method
+        self.msg = msg
+        self.flow = flow  # where the request came from (TCP: the connection)
+        self.reply_to = reply_to  # where responses go (RFC 3261 §18.2.2 / RFC 3581)
+        self.state = "proceeding"
+        self.last: bytes | None = None  # the last response sent (resent on retransmissions)
+        self.client: ClientTxn | None = None
+        self.call: CallInfo | None = None
+        self.dialog: Dialog | None = None
+        self.to_tag = ""
+        self.timer: TimerEntry | None = None  # G (retransmit final)
+        self.timeout: TimerEntry | None = None  # H / I / J / L
+        self.interval = 0.0
+
+    def __repr__(self) -> str:
+        return f"<ServerTxn {self.method} {self.key} {self.state}>"
 
 
-@dataclass(slots=True, eq=False)
 class ClientTxn:
-    branch: str
-    method: str
-    data: bytes
-    flow: Flow
-    server: ServerTxn | None
-    state: str = "calling"
-    provisional: bool = False
-    cancel_wanted: bool = False
-    cancel_sent: bool = False
-    timer: TimerEntry | None = None  # A / E (retransmit)
-    timeout: TimerEntry | None = None  # B / F / C / D / K / M
-    interval: float = 0.0
-    sent: Message | None = None  # ``data`` parsed, on demand (ACK and CANCEL building)
+    __slots__ = ("branch", "method", "data", "flow", "server", "state", "provisional",
+                 "cancel_wanted", "cancel_sent", "timer", "timeout", "interval", "sent")
+
+    def __init__(
+        self, branch: str, method: str, data: bytes, flow: Flow, server: ServerTxn | None
+    ) -> None:
+        self.branch = branch
+        self.method = method
+        self.data = data
+        self.flow = flow
+        self.server = server
+        self.state = "calling"
+        self.provisional = False
+        self.cancel_wanted = False
+        self.cancel_sent = False
+        self.timer: TimerEntry | None = None  # A / E (retransmit)
+        self.timeout: TimerEntry | None = None  # B / F / C / D / K / M
+        self.interval = 0.0
+        self.sent: Message | None = None  # ``data`` parsed, on demand (ACK and CANCEL building)
 
     def sent_msg(self) -> Message:
         if self.sent is None:
             self.sent = parse_message(self.data, max_size=1 << 30, datagram=True)
         return self.sent
+
+    def __repr__(self) -> str:
+        return f"<ClientTxn {self.method} {self.branch} {self.state}>"
 
 
 def _kind(method: str) -> str:

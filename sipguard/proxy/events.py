@@ -6,7 +6,7 @@ to ``Proxy.events``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from sipguard.policy.verdict import Verdict
 from sipguard.proxy.flows import Flow
@@ -66,7 +66,7 @@ def _diverters(msg: Message) -> tuple[str, ...]:
     return tuple(dict.fromkeys(out))
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class Dialog:
     """One call through sipguard, from the accepted INVITE to its end."""
 
@@ -80,52 +80,105 @@ class Dialog:
     source: tuple[str, int]
     started: float
     expires: float  # when it ends unless a BYE/CANCEL/failure comes first (session timer or cap)
-    state: str = "early"  # early -> confirmed -> terminated
-    confirmed_at: float | None = None
-    ended_at: float | None = None
-    end_reason: str = ""
-    labels: dict[str, str] = field(default_factory=dict)
-    hard_expires: float = 0.0  # started + maximum lifetime (0: expires): no refresh goes past it
-    session_interval: float | None = None  # RFC 4028 Session-Expires of the last 2xx, seconds
+    state: str  # early -> confirmed -> terminated
+    confirmed_at: float | None
+    ended_at: float | None
+    end_reason: str
+    labels: dict[str, str]
+    hard_expires: float  # started + maximum lifetime: no refresh goes past it
+    session_interval: float | None  # RFC 4028 Session-Expires of the last 2xx, seconds
 
-    def __post_init__(self) -> None:
-        if not self.hard_expires:
-            self.hard_expires = self.expires
+    # Hand-written __init__s in this module: mypyc compiles them, where dataclass-made ones run
+    # as Python (these objects are made for every call).
+    def __init__(
+        self,
+        call_id: str,
+        caller_tag: str,
+        callee_tag: str | None,
+        caller: str | None,
+        callee: str | None,
+        diverters: tuple[str, ...],
+        peer: str | None,
+        source: tuple[str, int],
+        started: float,
+        expires: float,
+        state: str = "early",
+        hard_expires: float = 0.0,
+    ) -> None:
+        self.call_id = call_id
+        self.caller_tag = caller_tag
+        self.callee_tag = callee_tag
+        self.caller = caller
+        self.callee = callee
+        self.diverters = diverters
+        self.peer = peer
+        self.source = source
+        self.started = started
+        self.expires = expires
+        self.state = state
+        self.confirmed_at = None
+        self.ended_at = None
+        self.end_reason = ""
+        self.labels = {}
+        self.hard_expires = hard_expires or expires
+        self.session_interval = None
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class InviteDecided:
     call: CallInfo
     verdict: Verdict
 
+    def __init__(self, call: CallInfo, verdict: Verdict) -> None:
+        self.call = call
+        self.verdict = verdict
 
-@dataclass(slots=True)
+
+@dataclass(slots=True, init=False)
 class DialogStarted:
     dialog: Dialog
 
+    def __init__(self, dialog: Dialog) -> None:
+        self.dialog = dialog
 
-@dataclass(slots=True)
+
+@dataclass(slots=True, init=False)
 class DialogEnded:
     dialog: Dialog
     # bye_caller, bye_callee, cancelled, failed, timeout, session_expired, lifetime
     reason: str
 
+    def __init__(self, dialog: Dialog, reason: str) -> None:
+        self.dialog = dialog
+        self.reason = reason
 
-@dataclass(slots=True)
+
+@dataclass(slots=True, init=False)
 class ParseFailed:
     status: int
     detail: str
     flow: Flow
     answered: bool
 
+    def __init__(self, status: int, detail: str, flow: Flow, answered: bool) -> None:
+        self.status = status
+        self.detail = detail
+        self.flow = flow
+        self.answered = answered
 
-@dataclass(slots=True)
+
+@dataclass(slots=True, init=False)
 class Dropped:
     """A message the proxy discarded on purpose (stray response, unroutable, ...)."""
 
     kind: str
     detail: str
     flow: Flow
+
+    def __init__(self, kind: str, detail: str, flow: Flow) -> None:
+        self.kind = kind
+        self.detail = detail
+        self.flow = flow
 
 
 Event = InviteDecided | DialogStarted | DialogEnded | ParseFailed | Dropped

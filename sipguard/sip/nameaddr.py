@@ -45,7 +45,7 @@ _DISPLAY_TOKENS = re.compile(rf"([{TOKEN_CHARS}]++(?:[ \t]++[{TOKEN_CHARS}]++)*+
 _BARE_URI = re.compile(r"[^;, \t]++")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, init=False, unsafe_hash=True)
 class NameAddr:
     """One ``(name-addr / addr-spec) *(SEMI generic-param)`` value; ``str()`` is the original."""
 
@@ -53,6 +53,13 @@ class NameAddr:
     uri: Uri
     params: Params
     raw: str
+
+    # A hand-written __init__: mypyc compiles it, where a dataclass-made one runs as Python.
+    def __init__(self, display: str | None, uri: Uri, params: Params, raw: str) -> None:
+        self.display = display
+        self.uri = uri
+        self.params = params
+        self.raw = raw
 
     @property
     def tag(self) -> str | None:

@@ -75,7 +75,7 @@ _DROP_DIALCHARS = str.maketrans("", "", "0123456789*#")
 _NUMBER_START = frozenset("+0123456789-.() ")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, init=False, unsafe_hash=True)
 class Uri:
     """A parsed URI; ``str()`` gives back the original text."""
 
@@ -87,7 +87,30 @@ class Uri:
     params: Params
     headers: str | None
     raw: str
-    number: str | None = None
+    number: str | None
+
+    # A hand-written __init__: mypyc compiles it, where a dataclass-made one runs as Python.
+    def __init__(
+        self,
+        scheme: str,
+        user: str | None,
+        password: str | None,
+        host: str,
+        port: int | None,
+        params: Params,
+        headers: str | None,
+        raw: str,
+        number: str | None = None,
+    ) -> None:
+        self.scheme = scheme
+        self.user = user
+        self.password = password
+        self.host = host
+        self.port = port
+        self.params = params
+        self.headers = headers
+        self.raw = raw
+        self.number = number
 
     def param(self, name: str) -> str | None:
         """The value of URI parameter ``name``; None when absent or valueless."""

@@ -57,7 +57,7 @@ _VIA_FAST = re.compile(
 _IPV4 = re.compile(r"[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, init=False, unsafe_hash=True)
 class Via:
     """One via-parm; ``str()`` gives back the original text."""
 
@@ -67,6 +67,17 @@ class Via:
     port: int | None
     params: Params
     raw: str
+
+    # A hand-written __init__: mypyc compiles it, where a dataclass-made one runs as Python.
+    def __init__(
+        self, protocol: str, transport: str, host: str, port: int | None, params: Params, raw: str
+    ) -> None:
+        self.protocol = protocol
+        self.transport = transport
+        self.host = host
+        self.port = port
+        self.params = params
+        self.raw = raw
 
     @property
     def branch(self) -> str | None:

@@ -12,7 +12,7 @@ import pytest
 import structlog
 
 from sipguard.ops.config import LogSettings
-from sipguard.ops.logging import SampledLogger, configure_logging, get_logger
+from sipguard.ops.logging import CallLogger, SampledLogger, configure_logging, get_logger
 
 
 @pytest.fixture(autouse=True)
@@ -122,3 +122,33 @@ def test_sampled_logger_memory_is_bounded() -> None:
         assert sampled.log("info", "parse_error", key=key)
     assert not sampled.log("info", "parse_error", key="c")
     assert sampled.log("info", "parse_error", key="a")
+
+
+def test_call_logger_writes_the_same_line_as_structlog() -> None:
+    """The per-call fast path writes the fields, logger_name, event, level and ts structlog
+    would, with None fields left out, and a timestamp in the same format."""
+    stream = io.StringIO()
+    configure_logging(LogSettings(format="json"), stream=stream)
+    get_logger("sipguard").info("dialog_ended", call_id="c1", peer=None, duration_s=1.5)
+    CallLogger("sipguard").info("dialog_ended", call_id="c1", peer=None, duration_s=1.5)
+    slow, fast = json_lines(stream)
+    assert slow.keys() == fast.keys()
+    assert {k: v for k, v in fast.items() if k != "ts"} == {
+        k: v for k, v in slow.items() if k != "ts"
+    }
+    assert len(fast["ts"]) == len(slow["ts"]) and fast["ts"].endswith("Z")
+    parsed = datetime.fromisoformat(fast["ts"].replace("Z", "+00:00"))
+    assert abs(parsed.timestamp() - datetime.fromisoformat(
+        slow["ts"].replace("Z", "+00:00")).timestamp()) < 5
+
+
+def test_call_logger_follows_level_and_console_format() -> None:
+    """Level warning silences the per-call lines; the console format goes through structlog."""
+    stream = io.StringIO()
+    configure_logging(LogSettings(level="warning"), stream=stream)
+    CallLogger("sipguard").info("invite_decided", call_id="c2")
+    assert stream.getvalue() == ""
+    configure_logging(LogSettings(format="console"), stream=stream)
+    CallLogger("sipguard").info("invite_decided", call_id="c3")
+    text = stream.getvalue()
+    assert "invite_decided" in text and "c3" in text and not text.startswith("{")
