@@ -101,11 +101,15 @@ class ProxySettings:
     timer_c: float = 180.0
 
 
+# (next hop, rewritten start line or None, remaining Route entries or None when unchanged)
+Route = tuple[Flow | None, bytes | None, list[NameAddr] | None]
+
+
 # Transactions are plain classes with hand-written __init__s: mypyc compiles those, where
 # dataclass-made ones would run as Python for every transaction.
 class ServerTxn:
     __slots__ = ("key", "method", "msg", "flow", "reply_to", "state", "last", "client", "call",
-                 "dialog", "to_tag", "timer", "timeout", "interval")
+                 "dialog", "to_tag", "timer", "timeout", "interval", "stamped", "route")
 
     def __init__(self, key: str, method: str, msg: Message, flow: Flow, reply_to: Flow) -> None:
         self.key = key
@@ -122,6 +126,8 @@ class ServerTxn:
         self.timer: TimerEntry | None = None  # G (retransmit final)
         self.timeout: TimerEntry | None = None  # H / I / J / L
         self.interval = 0.0
+        self.stamped = ""  # the top Via with received/rport, made once (see Proxy._stamped)
+        self.route: Route | None = None  # an initial INVITE's next hop while it is decided
 
     def __repr__(self) -> str:
         return f"<ServerTxn {self.method} {self.key} {self.state}>"
@@ -348,6 +354,7 @@ class Proxy:
             self._respond(st, 404, now)
             return
         if method == "INVITE" and initial:
+            st.route = (target, start_line, route_line)
             call = CallInfo(msg, flow, now)
             st.call = call
             st.state = "deciding"
@@ -399,9 +406,7 @@ class Proxy:
                     return True
         return False
 
-    def _preprocess_route(
-        self, msg: Message, flow: Flow, initial: bool
-    ) -> tuple[Flow | None, bytes | None, list[NameAddr] | None]:
+    def _preprocess_route(self, msg: Message, flow: Flow, initial: bool) -> Route:
         """RFC 3261 §16.4 and §16.5: drop our own Route entries, pick the next hop.
 
         Returns (target, new start line or None, remaining routes or None when unchanged).
@@ -448,7 +453,9 @@ class Proxy:
             self._terminate_server(st)
             return
         msg = st.msg
-        target, start_line, routes = self._preprocess_route(msg, st.flow, True)
+        route = st.route if st.route is not None else self._preprocess_route(msg, st.flow, True)
+        st.route = None
+        target, start_line, routes = route
         if target is None:
             self._respond(st, 404, now)
             return
@@ -488,8 +495,8 @@ class Proxy:
     ) -> None:
         msg = st.msg
         branch = self.ids.branch(st.key + "|" + st.method, build.loop_hash(self.ids, msg))
-        data = self._forwarded_bytes(msg, st.flow, target, branch, start_line, routes,
-                                     record_route, extra, edits)
+        data = self._forwarded_bytes(msg, st.flow, self._stamped(st), target, branch, start_line,
+                                     routes, record_route, extra, edits)
         ct = ClientTxn(branch, st.method, data, target, st)
         st.client = ct
         self.clients[(branch, st.method)] = ct
@@ -510,6 +517,7 @@ class Proxy:
         self,
         msg: Message,
         source: Flow,
+        stamped: str,
         target: Flow,
         branch: str,
         start_line: bytes | None,
@@ -519,7 +527,8 @@ class Proxy:
         edits: tuple[tuple[str, str | None], ...] = (),
     ) -> bytes:
         """The request as it leaves: RFC 3261 §16.6 steps 3–8 spliced into the raw lines,
-        then a verdict's header edits (``edits`` replaced or removed, ``extra`` appended)."""
+        then a verdict's header edits (``edits`` replaced or removed, ``extra`` appended).
+        ``stamped`` is the top Via with received/rport filled in."""
         out_local = self._local_for(target.transport)
         prepend = [build.our_via(out_local, target.transport, branch)]
         if record_route and self.settings.record_route:
@@ -533,9 +542,7 @@ class Proxy:
         append: list[bytes] = []
         # Top Via: received / rport (RFC 3261 §18.2.1, RFC 3581 §4).
         via_idx = msg.indexes("via")[0]
-        top = msg.top_via
-        stamped = build.stamped_via(top, source.addr)
-        if stamped != str(top):
+        if stamped != msg.top_via.raw:
             rest = [str(v) for v in parse_via_list(msg.value_at(via_idx))[1:]]
             replace[via_idx] = header_line("Via", ", ".join([stamped, *rest]))
         mf = msg.max_forwards
@@ -580,7 +587,9 @@ class Proxy:
         # An ACK gets no response, so a loop of ACKs is cut by Max-Forwards alone: its branch
         # needs no loop-detection part.
         branch = self.ids.branch(key + "|ACK", "ack")
-        data = self._forwarded_bytes(msg, flow, target, branch, start_line, routes, False, ())
+        stamped = build.stamped_via(msg.top_via, flow.addr)
+        data = self._forwarded_bytes(msg, flow, stamped, target, branch, start_line, routes, False,
+                                     ())
         self.outbox.append((target, data))
 
     # ------------------------------------------------------------------ CANCEL and ACK
@@ -647,10 +656,17 @@ class Proxy:
             status,
             phrase,
             to_tag=st.to_tag or None,
-            top_via=build.stamped_via(msg.top_via, st.flow.addr),
+            top_via=self._stamped(st),
             extra=extra,
         )
         self._send_upstream(st, status, data, now)
+
+    @staticmethod
+    def _stamped(st: ServerTxn) -> str:
+        """The request's top Via with received/rport filled in (made once per transaction)."""
+        if not st.stamped:
+            st.stamped = build.stamped_via(st.msg.top_via, st.flow.addr)
+        return st.stamped
 
     def _send_upstream(self, st: ServerTxn, status: int, data: bytes, now: float) -> None:
         """Send a response on a server transaction and move it along (RFC 3261 §17.2)."""

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, init=False, unsafe_hash=True)
 class Local:
     """One listening endpoint of sipguard, as the proxy core sees it."""
 
@@ -14,11 +14,15 @@ class Local:
     transport: str  # "udp" | "tcp"
     host: str  # address written into Via and Record-Route (advertised)
     port: int
+    hostport: str  # "host:port" as written in Via and Record-Route (IPv6 in brackets)
 
-    @property
-    def hostport(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host and not self.host.startswith("[") else self.host
-        return f"{host}:{self.port}"
+    def __init__(self, index: int, transport: str, host: str, port: int) -> None:
+        self.index = index
+        self.transport = transport
+        self.host = host
+        self.port = port
+        bracketed = ":" in host and not host.startswith("[")
+        self.hostport = f"[{host}]:{port}" if bracketed else f"{host}:{port}"
 
 
 class Flow(NamedTuple):
