@@ -47,6 +47,8 @@ HOT_MODULES: tuple[str, ...] = (
     "sipguard.proxy.core",
     "sipguard.state.expiry",
     "sipguard.policy.verdict",
+    "sipguard.transport.udp",
+    "sipguard.server",
 )
 
 
