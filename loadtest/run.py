@@ -11,6 +11,12 @@ time.perf_counter() (SIPp's own response times tick in 4 ms steps).  sipguard's 
 read from /proc/PID/stat (utime+stime) before and after the step.  It prints one table and
 writes the same numbers as JSON into loadtest/results/.  See loadtest/README.md.
 
+On a machine with two or more CPUs sipguard gets the last CPU to itself and SIPp, the probe and
+this runner share the others (``--no-pin`` turns that off): in production the proxy does not
+share its core with the load generator, and a SIPp process scheduled onto sipguard's core
+measures the scheduler rather than the proxy.  The direct baseline runs on the same CPUs as
+SIPp does in the sipguard step.
+
 Everything runs on 127.0.0.1; every process is bounded by a call count and a hard timeout and
 is stopped by its PID.  ``run.py probe ...`` is the probe itself (started as a subprocess).
 """
@@ -356,6 +362,8 @@ def run_step(args: argparse.Namespace, rate: int, path: str, root: Path) -> Step
                 stdout_events=False,
             )
             guard.start(ready_timeout=10)
+            if args.proxy_cpu is not None:
+                os.sched_setaffinity(guard.pid, {args.proxy_cpu})
             target = port
         cpu0 = cpu_seconds(guard.pid) if guard else 0.0
         probe_out = workdir / "probe.json"
@@ -508,7 +516,16 @@ def main(argv: list[str] | None = None) -> int:
         "--config", type=Path, help="sipguard config file to use (listen/core overridden by flags)"
     )
     ap.add_argument("--results-dir", type=Path, default=RESULTS)
+    ap.add_argument(
+        "--no-pin", dest="pin", action="store_false",
+        help="do not give sipguard a CPU of its own (default: the last CPU, when there are 2+)",
+    )
     args = ap.parse_args(argv)
+    args.proxy_cpu = None
+    cpus = sorted(os.sched_getaffinity(0))
+    if args.pin and len(cpus) >= 2:
+        args.proxy_cpu = cpus[-1]
+        os.sched_setaffinity(0, set(cpus[:-1]))  # SIPp and the probe inherit the rest
     if sipp_binary() is None:
         print(
             "sipp not on PATH: install SIPp (Debian package sip-tester, `make sipp`)",
@@ -528,7 +545,8 @@ def main(argv: list[str] | None = None) -> int:
     proxy = args.proxy_cmd or shlex.join(sipguard_command())
     print(
         f"sipguard load test {run_id}: rates {rates} cps, {args.duration:g} s each, calls {args.hold_ms} ms, "
-        f"{args.transport}, probe {args.probe_rate:g} cps; proxy: {proxy}",
+        f"{args.transport}, probe {args.probe_rate:g} cps; proxy: {proxy}"
+        + (f" on CPU {args.proxy_cpu}" if args.proxy_cpu is not None else ""),
         flush=True,
     )
     print(HEADER, flush=True)

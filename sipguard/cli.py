@@ -122,7 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(str(exc), file=sys.stderr)
         return EXIT_CONFIG
-    configure_logging(cfg.log)
+    configure_logging(cfg.log, batch=True)
     run = asyncio.run
     with contextlib.suppress(ImportError):
         import uvloop  # the faster event loop when installed (it is a dependency)
@@ -132,6 +132,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run(_serve(args.config, args, cfg))
     except KeyboardInterrupt:
         return 0
+    finally:
+        flush_logs()  # lines still waiting in the batch (start-up errors included)
 
 
 if __name__ == "__main__":

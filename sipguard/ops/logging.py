@@ -31,6 +31,7 @@ from sipguard.ops.config import LogSettings
 
 __all__ = [
     "CallLogger",
+    "LineBatch",
     "LineWriter",
     "SampledLogger",
     "configure_logging",
@@ -48,33 +49,73 @@ _LEVELS: dict[str, int] = {
 }
 
 
-class LineWriter:
-    """structlog's output: one line per event, written without a flush per line.
+class LineBatch:
+    """Log lines waiting for the next :func:`flush_logs`: one write per flush, not per line.
 
-    structlog's own WriteLogger flushes after every line — a system call per log line, which
-    costs more than the rest of the line on the hot path. Lines are buffered by the stream and
-    flushed by :func:`flush_logs` (the server calls it every 100 ms and at shut-down) or when the
-    stream's buffer fills.
+    Every line goes through here in order (structlog's and :class:`CallLogger`'s alike), so
+    batching never reorders them. More than ``limit`` waiting lines are written at once, so a
+    late flush cannot grow memory.
     """
 
-    __slots__ = ("_write",)
+    __slots__ = ("_stream", "_lines", "_limit")
 
-    def __init__(self, stream: TextIO) -> None:
-        self._write = stream.write
+    def __init__(self, stream: TextIO, limit: int = 1024) -> None:
+        self._stream = stream
+        self._lines: list[str] = []
+        self._limit = limit
+
+    def add(self, line: str) -> None:
+        lines = self._lines
+        lines.append(line)
+        if len(lines) >= self._limit:
+            self.write_out()
+
+    def write_out(self) -> None:
+        if self._lines:
+            self._stream.write("\n".join(self._lines) + "\n")
+            self._lines.clear()
+
+
+class LineWriter:
+    """structlog's output: one line per event, never a flush per line.
+
+    structlog's own WriteLogger flushes after every line — a system call per log line, which
+    costs more than the rest of the line on the hot path. With a :class:`LineBatch` (what
+    ``sipguard run`` uses) lines wait in it; without one they are written to the stream's
+    buffer at once. Either way :func:`flush_logs` (the server calls it every 100 ms and at
+    shut-down) writes them out.
+    """
+
+    __slots__ = ("_add",)
+
+    def __init__(self, stream: TextIO, batch: LineBatch | None = None) -> None:
+        self._add = batch.add if batch is not None else _line_writer(stream)
 
     def msg(self, message: str) -> None:
-        self._write(message + "\n")
+        self._add(message)
 
     log = debug = info = warn = warning = msg
     fatal = failure = err = error = critical = exception = msg
 
 
+def _line_writer(stream: TextIO) -> Callable[[str], None]:
+    write = stream.write
+
+    def add(line: str) -> None:
+        write(line + "\n")
+
+    return add
+
+
 _streams: list[TextIO] = []
+_batches: list[LineBatch] = []
 _settings: list[LogSettings] = []  # the configuration in force (empty before configure_logging)
 
 
 def flush_logs() -> None:
-    """Write out buffered log lines."""
+    """Write out waiting and buffered log lines."""
+    for batch in _batches:
+        batch.write_out()
     for stream in _streams:
         stream.flush()
 
@@ -88,10 +129,18 @@ def render_json(_logger: Any, _name: str, event_dict: MutableMapping[str, Any]) 
     return _encode({k: v for k, v in event_dict.items() if v is not None})
 
 
-def configure_logging(settings: LogSettings, stream: TextIO | None = None) -> None:
-    """Send log lines to ``stream`` (default: ``sys.stdout`` at call time) per ``settings``."""
+def configure_logging(
+    settings: LogSettings, stream: TextIO | None = None, *, batch: bool = False
+) -> None:
+    """Send log lines to ``stream`` (default: ``sys.stdout`` at call time) per ``settings``.
+
+    ``batch=True`` keeps lines in a :class:`LineBatch` until :func:`flush_logs` (the server
+    flushes every 100 ms); otherwise each line goes to the stream's buffer at once.
+    """
     out = sys.stdout if stream is None else stream
+    lines = LineBatch(out) if batch else None
     _streams[:] = [out]
+    _batches[:] = [lines] if lines is not None else []
     _settings[:] = [settings]
     processors: list[Processor] = [
         structlog.processors.add_log_level,
@@ -105,7 +154,7 @@ def configure_logging(settings: LogSettings, stream: TextIO | None = None) -> No
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[settings.level]),
-        logger_factory=lambda *args: LineWriter(out),
+        logger_factory=lambda *args: LineWriter(out, lines),
         cache_logger_on_first_use=True,
     )
 
@@ -176,15 +225,16 @@ class CallLogger:
     format, or before :func:`configure_logging`, lines go through structlog as usual.
     """
 
-    __slots__ = ("_fallback", "_name", "_write", "_enabled", "_second", "_prefix")
+    __slots__ = ("_fallback", "_name", "_add", "_enabled", "_second", "_prefix")
 
     def __init__(self, name: str) -> None:
         self._name = name
         self._fallback = get_logger(name)
         settings = _settings[0] if _settings else None
         self._enabled = settings is None or _LEVELS[settings.level] <= logging.INFO
-        out = _streams[0] if settings is not None and settings.format == "json" else None
-        self._write = out.write if out is not None else None
+        self._add: Callable[[str], None] | None = None
+        if settings is not None and settings.format == "json":
+            self._add = _batches[0].add if _batches else _line_writer(_streams[0])
         self._second = -1
         self._prefix = ""
 
@@ -199,8 +249,8 @@ class CallLogger:
     def info(self, event: str, /, **fields: Any) -> None:
         if not self._enabled:
             return
-        write = self._write
-        if write is None:
+        add = self._add
+        if add is None:
             self._fallback.info(event, **fields)
             return
         line: dict[str, Any] = {"logger_name": self._name}
@@ -210,4 +260,4 @@ class CallLogger:
         line["event"] = event
         line["level"] = "info"
         line["ts"] = self._ts()
-        write(_encode(line) + "\n")
+        add(_encode(line))

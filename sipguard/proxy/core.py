@@ -770,7 +770,7 @@ class Proxy:
         idx = msg.indexes("via")[0]
         line = msg.lines[idx]
         if b"," not in line:
-            return msg.serialize(replace={idx: None})
+            return msg.without_line(idx)
         rest = parse_via_list(msg.value_at(idx))[1:]
         new = header_line("Via", ", ".join(str(v) for v in rest)) if rest else None
         return msg.serialize(replace={idx: new})

@@ -141,6 +141,7 @@ class Message:
         "reason",
         "_index",
         "_cache",
+        "_frame",
     )
 
     def __init__(
@@ -165,6 +166,9 @@ class Message:
         self.reason = reason
         self._index = _build_index(names) if index is None else index
         self._cache: dict[str, Any] = {}
+        # (received bytes, start line at, first header line at, body at) when ``lines`` are
+        # exactly the received header lines, so a line can be cut out of the bytes directly.
+        self._frame: tuple[bytes, int, int, int] | None = None
 
     # ----------------------------------------------------------------- raw header access
     @property
@@ -381,6 +385,22 @@ class Message:
         out.append(self.body if body is None else body)
         return CRLF.join(out)
 
+    def without_line(self, i: int) -> bytes:
+        """The message with header line ``i`` removed and everything else byte for byte.
+
+        Cut straight out of the received bytes when they are intact (the usual case: a
+        response losing our Via); rebuilt with :meth:`serialize` otherwise.
+        """
+        frame = self._frame
+        if frame is not None:
+            data, start, pos, body_at = frame
+            if len(data) - body_at == len(self.body):  # the body was not cut to Content-Length
+                lines = self.lines
+                for k in range(i):
+                    pos += len(lines[k]) + 2
+                return data[start:pos] + data[pos + len(lines[i]) + 2 :]
+        return self.serialize(replace={i: None})
+
     def __bytes__(self) -> bytes:
         return self.serialize()
 
@@ -595,6 +615,8 @@ def parse_message(data: bytes, *, max_size: int = 65535, datagram: bool = True) 
             slot.append(i)
     else:
         msg = Message(start_line, names, raw_lines, body, method, uri_text, status, reason, index)
+        if raw_lines:
+            msg._frame = (data, start, eol + 2, end + 4)
         try:
             _validate(msg, datagram)
         except SipParseError as err:

@@ -12,7 +12,13 @@ import pytest
 import structlog
 
 from sipguard.ops.config import LogSettings
-from sipguard.ops.logging import CallLogger, SampledLogger, configure_logging, get_logger
+from sipguard.ops.logging import (
+    CallLogger,
+    SampledLogger,
+    configure_logging,
+    flush_logs,
+    get_logger,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -152,3 +158,16 @@ def test_call_logger_follows_level_and_console_format() -> None:
     CallLogger("sipguard").info("invite_decided", call_id="c3")
     text = stream.getvalue()
     assert "invite_decided" in text and "c3" in text and not text.startswith("{")
+
+
+def test_batched_lines_wait_for_flush_and_keep_their_order() -> None:
+    """With batch=True nothing is written until flush_logs; structlog lines and per-call lines
+    come out in the order they were logged."""
+    stream = io.StringIO()
+    configure_logging(LogSettings(), stream=stream, batch=True)
+    get_logger("sipguard").warning("first")
+    CallLogger("sipguard").info("second", call_id="c4")
+    get_logger("sipguard").info("third")
+    assert stream.getvalue() == ""
+    flush_logs()
+    assert [x["event"] for x in json_lines(stream)] == ["first", "second", "third"]

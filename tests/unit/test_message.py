@@ -539,3 +539,24 @@ def test_serialize_with_prepend_replace_and_append() -> None:
     # A new start line and body.
     out = msg.serialize(start_line=b"ACK sip:bob@192.0.2.1 SIP/2.0", body=b"")
     assert out.startswith(b"ACK sip:bob@192.0.2.1 SIP/2.0\r\nVia:") and out.endswith(b"\r\n\r\n")
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        RESPONSE,
+        request(),
+        b"\r\n\r\n" + RESPONSE,  # CRLFs before the start line are not kept
+        request(body=BODY + b"excess after Content-Length"),  # UDP: the excess is cut
+        RESPONSE.replace(b"CSeq: 1 INVITE\r\n", b"CSeq: 1\r\n INVITE\r\n"),  # folded line
+    ],
+    ids=["response", "request", "leading-crlf", "udp-excess", "folded"],
+)
+def test_without_line_equals_serialize_without_that_line(data: bytes) -> None:
+    """Cutting a header line out of the received bytes gives exactly what rebuilding the
+    message without that line gives, for every line."""
+    msg = parse_message(data)
+    for i in range(len(msg.lines)):
+        assert msg.without_line(i) == msg.serialize(replace={i: None})
+    if msg.count("via") > 1:  # a response losing its top Via, as the proxy sends it on
+        assert parse_message(msg.without_line(0)).count("via") == msg.count("via") - 1
