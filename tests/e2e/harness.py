@@ -398,17 +398,23 @@ class SipguardProcess:
         (self.workdir / "sipguard_cmd.txt").write_text(shlex.join(self.cmd) + "\n")
         err = open(self.stderr_path, "wb")  # noqa: SIM115
         env = dict(os.environ, PYTHONUNBUFFERED="1", **(self.env or {}))
+        # Under load (stdout_events=False) the log goes straight to a file: a pipe would make
+        # sipguard wait for this process to read it, and that wait is not sipguard's latency.
+        out = subprocess.PIPE if self.stdout_events else open(self.stdout_path, "wb")  # noqa: SIM115
         self.proc = subprocess.Popen(
             self.cmd,
             stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
+            stdout=out,
             stderr=err,
             cwd=REPO,
             env=env,
         )
         err.close()
+        if not isinstance(out, int):
+            out.close()
         _live[self.proc.pid] = self.proc
-        self._reader = threading.Thread(target=self._read, name="sipguard-stdout", daemon=True)
+        reader = self._read if self.stdout_events else self._watch_file
+        self._reader = threading.Thread(target=reader, name="sipguard-stdout", daemon=True)
         self._reader.start()
         try:
             self.wait_event("sipguard_started", 1, ready_timeout)
@@ -416,6 +422,34 @@ class SipguardProcess:
             self.stop()
             raise
         return self
+
+    def _watch_file(self) -> None:
+        """stdout_events=False: wait for `sipguard_started` in the log file, then stop."""
+        assert self.proc is not None
+        with open(self.stdout_path, "rb") as log:
+            pending = b""
+            while True:
+                chunk = log.read()
+                if not chunk:
+                    if self.proc.poll() is not None:
+                        break
+                    time.sleep(0.02)
+                    continue
+                pending += chunk
+                *complete, pending = pending.split(b"\n")
+                started = [line for line in complete if b"sipguard_started" in line]
+                for raw in started:
+                    with contextlib.suppress(ValueError):
+                        obj = json.loads(raw)
+                        with self._cv:
+                            self.lines.append(raw.decode("utf-8", "replace"))
+                            if isinstance(obj, dict):
+                                self.events.append(obj)
+                            self._cv.notify_all()
+                if started:
+                    return
+        with self._cv:
+            self._cv.notify_all()
 
     def _read(self) -> None:
         assert self.proc is not None and self.proc.stdout is not None
