@@ -94,6 +94,7 @@ def test_five_simultaneous_calls_two_admitted_then_one_more_after_a_hangup(
     guard.wait_event("dialog_ended", 1)
     later = start_caller(stack, "uac_later", port, rows[5:], hold_ms=100)
     ok(later.wait(), 1)
+    guard.wait_event("invite_decided", 6)  # log lines are written every 100 ms
     assert len(decisions(guard, "accept")) == 3
     burst_res = burst.wait()
     ok(burst_res, 4)
@@ -127,6 +128,7 @@ def test_per_diverter_rejects_another_call_forwarded_by_the_same_number(
     ok(second_res, 1)
     refused = finals(second_res, 403)
     assert len(refused) == 1 and "per_diverter" in refused[0]
+    guard.wait_event("invite_decided", 2)  # log lines are written every 100 ms
     (line,) = decisions(guard, "reject")
     assert line["detail"] == {"limit": "per_diverter", "number": DIVERTER, "count": 1, "max": 1}
     assert line["diverters"] == [DIVERTER]
@@ -148,6 +150,7 @@ def test_max_diversions_refuses_a_longer_forwarding_chain(stack: E2EStack) -> No
     once = "Diversion: <sip:+13125559001@a.example.com>"
     ok(start_caller(stack, "uac_once", port, [("+12125552001", "+16465552001")],
                     hold_ms=100, extra=once).wait(), 1)
+    guard.wait_event("invite_decided", 2)
     assert [d["verdict"] for d in decisions(guard)] == ["reject", "accept"]
     assert stack.finish_uas(uas).received("INVITE") == 1
 
@@ -174,4 +177,5 @@ def test_lost_bye_slot_is_freed_by_the_maximum_dialog_lifetime(stack: E2EStack) 
     again_res = again.wait()
     ok(again_res, 1)
     assert len(finals(again_res, 200)) == 1
+    guard.wait_event("invite_decided", 3)
     assert [d["verdict"] for d in decisions(guard)] == ["accept", "reject", "accept"]
