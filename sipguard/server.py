@@ -49,6 +49,7 @@ from sipguard.transport.tcp import TcpPool
 from sipguard.transport.udp import UdpEndpoint, open_udp
 
 GC_INTERVAL_S = 60.0  # how often the cyclic garbage collector runs (see cli.py)
+LOAD_WATCH_S = 0.05  # how often the UDP receive queues are read (overload protection)
 
 
 class StartupError(Exception):
@@ -137,6 +138,11 @@ class Server:
         self._housekeeping: asyncio.TimerHandle | None = None
         self._log_flusher: asyncio.TimerHandle | None = None
         self._gc_timer: asyncio.TimerHandle | None = None
+        self._load_watch: asyncio.TimerHandle | None = None
+        self.overloaded = False  # new calls get 503 while a UDP receive queue is too full
+        self.queue_fill = 0.0  # the fullest UDP receive queue, share of its buffer
+        self._udp_drops = 0  # the kernel's drop count at the last look
+        self._overload_verdict = overload_verdict(cfg)
         self._resolved: dict[str, str] = {}
         self._decisions: set[asyncio.Task[None]] = set()
 
@@ -145,10 +151,16 @@ class Server:
         for i, ep in enumerate(self.cfg.listen):
             try:
                 if ep.transport == "udp":
-                    self.udp[i] = await open_udp(
+                    udp = self.udp[i] = await open_udp(
                         self.loop, ep.host, ep.port, i, self._on_datagram,
                         self.cfg.sip.udp_receive_buffer,
                     )
+                    if udp.receive_buffer < self.cfg.sip.udp_receive_buffer:
+                        self.log.warning(
+                            "udp_receive_buffer_capped", listen=str(ep),
+                            wanted=self.cfg.sip.udp_receive_buffer, got=udp.receive_buffer // 2,
+                            fix="raise net.core.rmem_max (sysctl) or run with CAP_NET_ADMIN",
+                        )
                 else:
                     await self.tcp.listen(ep.host, ep.port, i)
             except OSError as exc:
@@ -165,6 +177,7 @@ class Server:
         self._housekeeping = self.loop.call_later(10.0, self._housekeep)
         self._log_flusher = self.loop.call_later(0.1, self._flush_logs)
         self._gc_timer = self.loop.call_later(GC_INTERVAL_S, self.collect_garbage)
+        self._load_watch = self.loop.call_later(LOAD_WATCH_S, self._watch_load)
         compiled, stale = native.status()
         self.log.info(
             "sipguard_started",
@@ -210,7 +223,43 @@ class Server:
             "server_transactions": len(proxy.servers),
             "client_transactions": len(proxy.clients),
             "tcp_connections": len(self.tcp.by_id),
+            "udp_receive_queue_ratio": self.queue_fill,
+            "overloaded": float(self.overloaded),
         }
+
+    def _watch_load(self) -> None:
+        """Overload protection, every 50 ms: how full the UDP receive queues are.
+
+        A queue that fills means sipguard reads datagrams slower than they come. Past
+        ``sip.overload_shed_above`` new calls are answered 503 + Retry-After straight away (no
+        rules, no dialog, nothing sent to the core), which costs a fraction of a call, so the
+        calls already up keep getting their ACKs, BYEs and answers through instead of losing
+        them to kernel drops. It ends when every queue is below ``overload_resume_below``.
+        The kernel's drops are counted as ``udp_receive_dropped``.
+        """
+        fill = 0.0
+        drops = 0
+        for ep in self.udp.values():
+            state = ep.receive_queue()
+            if state is not None:
+                fill = max(fill, state[0])
+                drops += state[1]
+        self.queue_fill = fill
+        if drops > self._udp_drops:
+            self.counters["udp_receive_dropped"] += drops - self._udp_drops
+        self._udp_drops = drops
+        sip = self.cfg.sip
+        shed = sip.overload_shed_above
+        if not self.overloaded and shed is not None and fill > shed:
+            self.overloaded = True
+            self.counters["overload_started"] += 1
+            self.log.warning("overload_started", queue_ratio=round(fill, 3),
+                             udp_receive_dropped=self.counters["udp_receive_dropped"])
+        elif self.overloaded and (shed is None or fill < sip.overload_resume_below):
+            self.overloaded = False
+            self.log.info("overload_ended", queue_ratio=round(fill, 3),
+                          rejected=self.counters["overload_rejected"])
+        self._load_watch = self.loop.call_later(LOAD_WATCH_S, self._watch_load)
 
     def collect_garbage(self) -> None:
         """Run the cyclic garbage collector (disabled for automatic runs by the CLI): only
@@ -227,6 +276,8 @@ class Server:
     async def stop(self) -> None:
         if self._gc_timer is not None:
             self._gc_timer.cancel()
+        if self._load_watch is not None:
+            self._load_watch.cancel()
         if self._log_flusher is not None:
             self._log_flusher.cancel()
         if self._timer is not None:
@@ -248,6 +299,7 @@ class Server:
     def reconfigure(self, cfg: Config, policy: Policy) -> None:
         """Swap in a new config and policy; transactions, dialogs and counters carry on."""
         self.cfg = cfg
+        self._overload_verdict = overload_verdict(cfg)
         previous, self.policy = self.policy, policy
         self.proxy.configure(proxy_settings(cfg))
         self.flood = self._flood_guard(cfg, policy)
@@ -337,6 +389,9 @@ class Server:
             self.loop.call_soon(self._flush)
 
     def _decide(self, call: CallInfo, now: float) -> Verdict | None:
+        if self.overloaded:
+            self.counters["overload_rejected"] += 1
+            return self._overload_verdict
         started = time.perf_counter()
         verdict = self.policy.decide(call, now)
         if isinstance(verdict, Verdict):
@@ -516,6 +571,16 @@ class Server:
                 source=event.flow.addr[0],
                 detail=event.detail,
             )
+
+
+def overload_verdict(cfg: Config) -> Verdict:
+    """The answer to a new call while sipguard is overloaded: 503 with Retry-After (RFC 3261
+    §21.5.4), its log line sampled."""
+    return Verdict(
+        "reject", rule="overload", reason="overloaded", status=503,
+        phrase="Service Unavailable",
+        headers=(f"Retry-After: {cfg.sip.overload_retry_after_s}",), sample="overload",
+    )
 
 
 def _is_ip(host: str) -> bool:

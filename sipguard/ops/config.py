@@ -231,6 +231,23 @@ class SipSettings(BaseModel):
         description="SO_RCVBUF of each UDP socket, bytes: the queue that absorbs bursts "
         "(the kernel drops and counts datagrams beyond it).",
     )
+    overload_shed_above: float | None = Field(
+        default=0.5,
+        gt=0,
+        le=1,
+        description="Overload protection: when a UDP receive queue is fuller than this share "
+        "of udp_receive_buffer, new calls get 503 + Retry-After at once, so the calls in "
+        "progress keep their messages. None: off.",
+    )
+    overload_resume_below: float = Field(
+        default=0.1,
+        ge=0,
+        lt=1,
+        description="Overload protection ends when every UDP receive queue is below this share.",
+    )
+    overload_retry_after_s: int = Field(
+        default=5, ge=0, description="Retry-After on the 503 answers while overloaded, seconds."
+    )
     advertise: str | None = Field(
         default=None,
         description="host[:port] for Via/Record-Route instead of the listen address "
@@ -249,6 +266,12 @@ class SipSettings(BaseModel):
     def _check_timers(self) -> SipSettings:
         if self.t2_ms < self.t1_ms:
             raise ValueError(f"t2_ms ({self.t2_ms}) must not be below t1_ms ({self.t1_ms})")
+        shed = self.overload_shed_above
+        if shed is not None and self.overload_resume_below >= shed:
+            raise ValueError(
+                f"overload_resume_below ({self.overload_resume_below}) must be below "
+                f"overload_shed_above ({shed})"
+            )
         return self
 
 

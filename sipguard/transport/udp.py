@@ -9,10 +9,18 @@ never holds more than one datagram at a time.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
+import struct
 from collections.abc import Callable
 
 Handler = Callable[[bytes, tuple[str, int], int], None]
+
+# Linux getsockopt(SOL_SOCKET, SO_MEMINFO): nine u32, [0] receive queue bytes in use,
+# [1] receive buffer size, [8] datagrams dropped (queue full). Not in the socket module.
+SO_MEMINFO = 55
+_MEMINFO = struct.Struct("9I")
+SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33  # Linux: past net.core.[rw]mem_max (CAP_NET_ADMIN)
 
 
 class UdpEndpoint(asyncio.DatagramProtocol):
@@ -28,6 +36,21 @@ class UdpEndpoint(asyncio.DatagramProtocol):
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         self.handler(data, (addr[0], addr[1]), self.index)
+
+    @property
+    def receive_buffer(self) -> int:
+        """The receive buffer the kernel granted, bytes (Linux: twice the size set)."""
+        return int(self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF))
+
+    def receive_queue(self) -> tuple[float, int] | None:
+        """(share of the receive buffer in use, datagrams the kernel dropped so far), or None
+        where the kernel cannot tell (not Linux)."""
+        try:
+            raw = self.sock.getsockopt(socket.SOL_SOCKET, SO_MEMINFO, _MEMINFO.size)
+        except OSError:
+            return None
+        used, size, *_, drops = _MEMINFO.unpack(raw)
+        return (used / size if size else 0.0), drops
 
     def error_received(self, exc: Exception) -> None:
         # ICMP port unreachable and friends: nothing to do for a datagram proxy.
@@ -50,6 +73,16 @@ class UdpEndpoint(asyncio.DatagramProtocol):
             self.send_errors += 1  # unreachable address, ICMP error: a datagram is lost
 
 
+def _set_buffer(sock: socket.socket, option: int, force: int, size: int) -> None:
+    """Set a socket buffer; the kernel caps SO_RCVBUF/SO_SNDBUF at net.core.rmem_max /
+    wmem_max, so when capped and allowed (root), force the configured size."""
+    sock.setsockopt(socket.SOL_SOCKET, option, size)
+    if sock.getsockopt(socket.SOL_SOCKET, option) < size:  # Linux reports twice the size set
+        # Not permitted: the capped size stays (see UdpEndpoint.receive_buffer).
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, force, size)
+
+
 async def open_udp(
     loop: asyncio.AbstractEventLoop, host: str, port: int, index: int, handler: Handler,
     rcvbuf: int,
@@ -57,8 +90,8 @@ async def open_udp(
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, rcvbuf)
+        _set_buffer(sock, socket.SO_RCVBUF, SO_RCVBUFFORCE, rcvbuf)
+        _set_buffer(sock, socket.SO_SNDBUF, SO_SNDBUFFORCE, rcvbuf)
         sock.bind((host, port))
     except OSError:
         sock.close()

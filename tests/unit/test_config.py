@@ -261,3 +261,13 @@ def test_config_path_resolves_against_base_dir(tmp_path: Path) -> None:
         tmp_path / "dno.txt"
     )
     assert WithFile.model_validate({"dno_file": "/etc/x"}, context=ctx).dno_file == Path("/etc/x")
+
+
+def test_overload_thresholds_checked() -> None:
+    """Overload protection is on by default; resume must sit below shed; null turns it off."""
+    assert parse_config(MINIMAL).sip.overload_shed_above == 0.5
+    (issue,) = issues_of(MINIMAL + "sip: {overload_shed_above: 0.3, overload_resume_below: 0.4}\n")
+    assert (issue.path, issue.line) == ("sip", 4) and "overload_resume_below" in issue.message
+    (issue,) = issues_of(MINIMAL + "sip: {overload_shed_above: 1.5}\n")
+    assert issue.path == "sip.overload_shed_above"
+    assert parse_config(MINIMAL + "sip: {overload_shed_above: null}\n").sip.overload_shed_above is None

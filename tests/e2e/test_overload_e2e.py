@@ -1,0 +1,81 @@
+"""Overload protection end to end: a full UDP receive queue turns new calls into 503s.
+
+sipguard is frozen (SIGSTOP) while a burst of new INVITEs fills its receive queue past the
+kernel's limit, then thawed: the queue is over ``sip.overload_shed_above``, so the INVITEs
+still queued are answered 503 with Retry-After and none of them is sent to the core; once the
+queue has drained, a new call is proxied again. The core is a UDP socket of the test, so what
+reached it can be counted.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+
+import pytest
+
+from .harness import HOST, E2EStack, RawUdpCaller, _parse_response
+
+pytestmark = pytest.mark.e2e
+
+BURST = 3000  # far more than a 256 KiB receive buffer holds: the kernel drops the rest
+
+
+def _drain(sock: socket.socket, seconds: float) -> list[bytes]:
+    out: list[bytes] = []
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        sock.settimeout(left)
+        try:
+            out.append(sock.recv(65535))
+        except TimeoutError:
+            break
+    return out
+
+
+def test_full_receive_queue_answers_new_calls_503_then_recovers(stack: E2EStack) -> None:
+    core = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    core.bind((HOST, 0))
+    caller = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    caller.bind((HOST, 0))
+    caller.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    with core, caller:
+        guard, port = stack.sipguard(
+            core_port=core.getsockname()[1], listen=("udp",),
+            config_extra="sip: {udp_receive_buffer: 262144, overload_retry_after_s: 7}\n",
+        )
+        target = (HOST, port)
+        local = caller.getsockname()[1]
+        os.kill(guard.pid, signal.SIGSTOP)
+        try:
+            for _ in range(BURST):
+                caller.sendto(RawUdpCaller(local, target).invite_bytes(), target)
+        finally:
+            os.kill(guard.pid, signal.SIGCONT)
+        guard.wait_event("overload_started", 1, timeout=10)
+        guard.wait_event("overload_ended", 1, timeout=20)
+        answers = [_parse_response(d) for d in _drain(caller, 3.0)]
+        finals = [a for a in answers if a is not None and a[0] >= 200]
+        # One per call: the 503s are retransmitted (Timer G) as nobody ACKs them here.
+        shed = list({h["call-id"][0]: h for status, h in finals if status == 503}.values())
+        forwarded = [d for d in _drain(core, 0.5) if d.startswith(b"INVITE ")]
+        detail = guard.diagnostics()
+        assert len(shed) > BURST // 10, detail
+        assert all(h.get("retry-after") == ["7"] for h in shed), shed[:2]
+        assert {status for status, _ in finals} == {503}, detail
+        # Only what sipguard read before it noticed the full queue went on to the core.
+        assert len(forwarded) + len(shed) <= BURST and len(forwarded) < BURST // 10, detail
+
+        # Drained: a new call is proxied again.
+        call = RawUdpCaller(local, target)
+        caller.sendto(call.invite_bytes(), target)
+        got = _drain(core, 2.0)
+        assert any(call.call_id.encode() in d and d.startswith(b"INVITE ") for d in got), detail
+        stopped = guard.stop()
+        assert stopped == 0
+        final = [e for e in guard.events if e.get("event") == "sipguard_stopped"]
+        counters = final[0]["counters"] if final else {}
+        assert counters.get("overload_rejected", 0) == len(shed), counters
+        assert counters.get("udp_receive_dropped", 0) > 0, counters
