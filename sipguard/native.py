@@ -2,7 +2,7 @@
 
 Every INVITE, response, ACK and BYE runs through the SIP parser and the proxy core. Those
 modules are plain, strictly typed Python; mypyc (part of mypy) compiles them to C extension
-modules next to their sources, which runs the same code about 1.7 times faster. Nothing else
+modules next to their sources, which runs the same code in about half the time. Nothing else
 changes: without a C compiler the build is skipped and sipguard runs the very same modules as
 Python (slower, but identical in behaviour).
 
