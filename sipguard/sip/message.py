@@ -166,8 +166,8 @@ class Message:
         self.reason = reason
         self._index = _build_index(names) if index is None else index
         self._cache: dict[str, Any] = {}
-        # (received bytes, start line at, first header line at, body at) when ``lines`` are
-        # exactly the received header lines, so a line can be cut out of the bytes directly.
+        # (received bytes, start line at, first header line at, body at) for a response whose
+        # ``lines`` are exactly the received header lines: a line can be cut out of the bytes.
         self._frame: tuple[bytes, int, int, int] | None = None
 
     # ----------------------------------------------------------------- raw header access
@@ -388,8 +388,8 @@ class Message:
     def without_line(self, i: int) -> bytes:
         """The message with header line ``i`` removed and everything else byte for byte.
 
-        Cut straight out of the received bytes when they are intact (the usual case: a
-        response losing our Via); rebuilt with :meth:`serialize` otherwise.
+        Cut straight out of the received bytes when they are intact (a response losing our
+        Via, the case this is for); rebuilt with :meth:`serialize` otherwise (requests too).
         """
         frame = self._frame
         if frame is not None:
@@ -615,7 +615,9 @@ def parse_message(data: bytes, *, max_size: int = 65535, datagram: bool = True) 
             slot.append(i)
     else:
         msg = Message(start_line, names, raw_lines, body, method, uri_text, status, reason, index)
-        if raw_lines:
+        if raw_lines and status:
+            # Responses only: they pass through at once, where a request is kept by its
+            # transaction (for 32 s), and keeping its whole datagram too would cost memory.
             msg._frame = (data, start, eol + 2, end + 4)
         try:
             _validate(msg, datagram)
