@@ -62,11 +62,8 @@ def test_full_receive_queue_answers_new_calls_503_then_recovers(stack: E2EStack)
         shed = list({h["call-id"][0]: h for status, h in finals if status == 503}.values())
         forwarded = [d for d in _drain(core, 0.5) if d.startswith(b"INVITE ")]
         detail = guard.diagnostics()
-        assert len(shed) > BURST // 10, detail
         assert all(h.get("retry-after") == ["7"] for h in shed), shed[:2]
         assert {status for status, _ in finals} == {503}, detail
-        # Only what sipguard read before it noticed the full queue went on to the core.
-        assert len(forwarded) + len(shed) <= BURST and len(forwarded) < BURST // 10, detail
 
         # Drained: a new call is proxied again.
         call = RawUdpCaller(local, target)
@@ -78,4 +75,12 @@ def test_full_receive_queue_answers_new_calls_503_then_recovers(stack: E2EStack)
         final = [e for e in guard.events if e.get("event") == "sipguard_stopped"]
         counters = final[0]["counters"] if final else {}
         assert counters.get("overload_rejected", 0) == len(shed), counters
-        assert counters.get("udp_receive_dropped", 0) > 0, counters
+        dropped = counters.get("udp_receive_dropped", 0)
+        held = BURST - dropped  # what the kernel queue held when sipguard was thawed
+        assert dropped > 0 and held > 0, counters
+        # The queue was full: from the first read on (a pass reads up to 32 datagrams) until
+        # it was below a tenth again, every new call was shed, and only what sipguard read
+        # before it noticed went on to the core.
+        assert len(shed) + len(forwarded) <= held, (len(shed), len(forwarded), held)
+        assert len(shed) >= held // 2 and len(forwarded) <= held // 4, (
+            len(shed), len(forwarded), held)
