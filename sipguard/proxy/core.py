@@ -102,14 +102,14 @@ class ProxySettings:
 
 
 # (next hop, rewritten start line or None, remaining Route entries or None when unchanged)
-Route = tuple[Flow | None, bytes | None, list[NameAddr] | None]
+NextHop = tuple[Flow | None, bytes | None, list[NameAddr] | None]
 
 
 # Transactions are plain classes with hand-written __init__s: mypyc compiles those, where
 # dataclass-made ones would run as Python for every transaction.
 class ServerTxn:
     __slots__ = ("key", "method", "msg", "flow", "reply_to", "state", "last", "client", "call",
-                 "dialog", "to_tag", "timer", "timeout", "interval", "stamped", "route")
+                 "dialog", "to_tag", "timer", "timeout", "interval", "stamped", "next_hop")
 
     def __init__(self, key: str, method: str, msg: Message, flow: Flow, reply_to: Flow) -> None:
         self.key = key
@@ -127,7 +127,10 @@ class ServerTxn:
         self.timeout: TimerEntry | None = None  # H / I / J / L
         self.interval = 0.0
         self.stamped = ""  # the top Via with received/rport, made once (see Proxy._stamped)
-        self.route: Route | None = None  # an initial INVITE's next hop while it is decided
+        # An initial INVITE's next hop, worked out before its decision and used when that
+        # comes at once (a decision that waited for I/O works it out again: a reload may
+        # have changed the core meanwhile).
+        self.next_hop: NextHop | None = None
 
     def __repr__(self) -> str:
         return f"<ServerTxn {self.method} {self.key} {self.state}>"
@@ -258,6 +261,7 @@ class Proxy:
         st = self.pending.pop(id(call), None)
         if st is None or st.state != "deciding":
             return  # cancelled or timed out meanwhile
+        st.next_hop = None  # worked out again, under the settings in force now
         self._apply_verdict(st, call, verdict, now)
 
     # ------------------------------------------------------------------ errors
@@ -354,7 +358,7 @@ class Proxy:
             self._respond(st, 404, now)
             return
         if method == "INVITE" and initial:
-            st.route = (target, start_line, route_line)
+            st.next_hop = (target, start_line, route_line)
             call = CallInfo(msg, flow, now)
             st.call = call
             st.state = "deciding"
@@ -406,7 +410,7 @@ class Proxy:
                     return True
         return False
 
-    def _preprocess_route(self, msg: Message, flow: Flow, initial: bool) -> Route:
+    def _preprocess_route(self, msg: Message, flow: Flow, initial: bool) -> NextHop:
         """RFC 3261 §16.4 and §16.5: drop our own Route entries, pick the next hop.
 
         Returns (target, new start line or None, remaining routes or None when unchanged).
@@ -453,9 +457,11 @@ class Proxy:
             self._terminate_server(st)
             return
         msg = st.msg
-        route = st.route if st.route is not None else self._preprocess_route(msg, st.flow, True)
-        st.route = None
-        target, start_line, routes = route
+        hop = st.next_hop
+        st.next_hop = None
+        if hop is None:
+            hop = self._preprocess_route(msg, st.flow, True)
+        target, start_line, routes = hop
         if target is None:
             self._respond(st, 404, now)
             return

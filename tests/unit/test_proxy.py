@@ -4,7 +4,16 @@ from __future__ import annotations
 
 from sipguard.policy.verdict import Verdict
 from sipguard.proxy.events import CallInfo, DialogEnded, DialogStarted, Dropped, InviteDecided
-from tests.unit.proxy_helpers import CALLER, CORE, Harness, answer, invite, reject_all
+from sipguard.proxy.flows import Flow
+from tests.unit.proxy_helpers import (
+    CALLER,
+    CORE,
+    Harness,
+    answer,
+    invite,
+    reject_all,
+    settings,
+)
 
 
 def _to(out, addr):  # type: ignore[no-untyped-def]
@@ -191,6 +200,23 @@ def test_pending_decision_absorbs_retransmissions_and_forwards_once() -> None:
     assert len(calls) == 1
     h.proxy.resolve(calls[0], Verdict("accept"), h.now)
     assert len([m for m in h._drain() if m[0].addr == CORE]) == 1
+
+
+def test_pending_decision_goes_to_the_core_in_force_when_it_resolves() -> None:
+    """A reload that moves the core while a decision waits for I/O: the call goes to the new
+    core; a decision made at once goes where the core was when the INVITE arrived."""
+    calls: list[CallInfo] = []
+
+    def later(call: CallInfo, now: float) -> Verdict | None:
+        calls.append(call)
+        return None
+
+    h = Harness(decide=later)
+    h.send(invite())
+    moved = ("10.0.0.20", 5080)
+    h.proxy.configure(settings(core=Flow("udp", moved, 0)))
+    h.proxy.resolve(calls[0], Verdict("accept"), h.now)
+    assert [f.addr for f, m in h._drain() if m.method == "INVITE"] == [moved]
 
 
 def test_validation_statuses() -> None:
