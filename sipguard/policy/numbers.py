@@ -2,7 +2,7 @@
 
 :func:`lookup` reads a number as the URI grammar left it (``+12125550100``, or national digits
 such as ``2125550100``) and answers what the caller-ID rule needs: the E.164 form, whether
-`phonenumbers <https://pypi.org/project/phonenumbers/>`_ (Google's libphonenumber metadata)
+the ``phonenumbers`` package (Google's libphonenumber metadata)
 calls it valid — an allocated range of a known country, with a length that country uses; N11
 area codes, unassigned country codes and impossible lengths are not — and the country code and
 national significant number (for the neighbor-spoofing comparison).
