@@ -32,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchutil import quiet_gc  # noqa: E402
+from benchutil import invite, quiet_gc  # noqa: E402
 
 from sipguard.ops.config import parse_config  # noqa: E402
 from sipguard.policy.concurrency import Concurrency, Settings, Tracker  # noqa: E402
@@ -49,10 +49,6 @@ BIG = 10**9  # limits that are checked but never reached, so every call goes the
 BASE = "listen: [udp://192.0.2.1:5060]\ncore: udp://10.0.0.10:5080\n"
 RULES = (f"rules:\n  concurrency: {{per_caller: {BIG}, per_callee: {BIG}, per_diverter: {BIG}, "
          f"per_peer: {BIG}, max_diversions: 5}}\n")
-SDP = (
-    "v=0\r\no=- 1 1 IN IP4 198.51.100.7\r\ns=-\r\nc=IN IP4 198.51.100.7\r\nt=0 0\r\n"
-    "m=audio 4000 RTP/AVP 0 8 101\r\na=rtpmap:0 PCMU/8000\r\na=rtpmap:8 PCMA/8000\r\n"
-)
 
 
 def number(pool: int, rng: random.Random, base: int) -> str:
@@ -119,17 +115,6 @@ def bench_rule(live: int, n: int, pool: int, seed: int) -> tuple[float, float]:
         alone = (time.process_time() - t0) / n * 1e6
     assert tracker.stats()["live_calls"] == live
     return whole, alone
-
-
-def invite(i: int, caller: str, callee: str) -> bytes:
-    return (
-        f"INVITE sip:{callee}@192.0.2.1:5060;user=phone SIP/2.0\r\n"
-        f"Via: SIP/2.0/UDP 198.51.100.7:5062;branch=z9hG4bK-{i}-a;rport\r\nMax-Forwards: 70\r\n"
-        f"From: <sip:{caller}@198.51.100.7>;tag=f{i}\r\nTo: <sip:{callee}@192.0.2.1>\r\n"
-        f"Call-ID: {i}-bench@198.51.100.7\r\nCSeq: 1 INVITE\r\n"
-        f"Contact: <sip:{caller}@198.51.100.7:5062>\r\nContent-Type: application/sdp\r\n"
-        f"Content-Length: {len(SDP)}\r\n\r\n{SDP}"
-    ).encode()
 
 
 def bench_invite(n: int, rules: str, seed: int) -> float:

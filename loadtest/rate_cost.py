@@ -37,7 +37,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchutil import quiet_gc  # noqa: E402
+from benchutil import invite, quiet_gc  # noqa: E402
 
 from sipguard.ops.config import parse_config  # noqa: E402
 from sipguard.policy.engine import Policy  # noqa: E402
@@ -61,10 +61,6 @@ DIALER = (f"  dialer: {{distinct_callees: {{tag: {NEVER}, block: {NEVER}}}, "
 # The defaults, as an operator would run them (memory measurement).
 DEFAULT_RATE = "  rate: {per_caller: {rate: 1, burst: 3}, per_callee: {rate: 1, burst: 5}}\n"
 DEFAULT_DIALER = "  dialer: {pumping: {}}\n"  # caller_rotation is off by default
-SDP = (
-    "v=0\r\no=- 1 1 IN IP4 198.51.100.7\r\ns=-\r\nc=IN IP4 198.51.100.7\r\nt=0 0\r\n"
-    "m=audio 4000 RTP/AVP 0 8 101\r\na=rtpmap:0 PCMU/8000\r\na=rtpmap:8 PCMA/8000\r\n"
-)
 PLAIN = parse_message(
     b"INVITE sip:+18005550199@192.0.2.1 SIP/2.0\r\nVia: SIP/2.0/UDP 198.51.100.7;branch=z9hG4bK1"
     b"\r\nFrom: <sip:+12125550100@198.51.100.7>;tag=1\r\nTo: <sip:+18005550199@192.0.2.1>\r\n"
@@ -181,17 +177,6 @@ def bench_memory(numbers: int, cps: float | None) -> tuple[dict[str, int], dict[
              "dialer.origins": len(dialer.origins)}
     gc.collect()
     return state_size(p), keys, spent / numbers * 1e6
-
-
-def invite(i: int, caller: str, callee: str) -> bytes:
-    return (
-        f"INVITE sip:{callee}@192.0.2.1:5060;user=phone SIP/2.0\r\n"
-        f"Via: SIP/2.0/UDP 198.51.100.7:5062;branch=z9hG4bK-{i}-a;rport\r\nMax-Forwards: 70\r\n"
-        f"From: <sip:{caller}@198.51.100.7>;tag=f{i}\r\nTo: <sip:{callee}@192.0.2.1>\r\n"
-        f"Call-ID: {i}-bench@198.51.100.7\r\nCSeq: 1 INVITE\r\n"
-        f"Contact: <sip:{caller}@198.51.100.7:5062>\r\nContent-Type: application/sdp\r\n"
-        f"Content-Length: {len(SDP)}\r\n\r\n{SDP}"
-    ).encode()
 
 
 def bench_invite(n: int, rules: str) -> float:
