@@ -462,7 +462,7 @@ class Server:
             if len(self._resolved) > 65536:
                 self._resolved.clear()
             self._resolved[host] = ip = host
-        if ip is not host and ip != host:
+        if ip != host:
             flow = flow._replace(addr=(ip, flow.addr[1]))
         if flow.transport == "udp":
             ep = self.udp.get(flow.local) or next(iter(self.udp.values()), None)
