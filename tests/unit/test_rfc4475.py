@@ -4,8 +4,8 @@ Every message is fed, as one UDP datagram from ``CALLER``, to a fresh proxy. A v
 must leave exactly once, towards the core (or the next hop its Route names), with every header
 the proxy does not own byte for byte and the body cut to Content-Length; an invalid request gets
 the status RFC 4475 names and is never forwarded; a response no transaction of ours sent is
-dropped. The files come from the RFC's bit-exact archive (CRLF, NULs and all); without them
-(a clone without ``/work/shared``) the module is skipped.
+dropped. The files are the RFC's bit-exact archive (CRLF, NULs and all), kept in the repository
+under ``tests/data/rfc4475`` (see its README); a missing file fails the tests, never skips them.
 """
 
 from __future__ import annotations
@@ -20,9 +20,7 @@ from sipguard.proxy.flows import Flow
 from sipguard.sip.message import Message, parse_message
 from tests.unit.proxy_helpers import CALLER, CORE, PROXY, Harness, answer
 
-TORTURE = Path(__file__).resolve().parents[3] / "shared" / "testdata" / "rfc4475"
-if not TORTURE.is_dir():
-    pytest.skip(f"RFC 4475 torture messages not found at {TORTURE}", allow_module_level=True)
+TORTURE = Path(__file__).resolve().parents[1] / "data" / "rfc4475"
 
 FORWARD = "forward"  # forwarded once to the given next hop, nothing but 100 Trying back
 ANSWER = "answer"  # answered with exactly the given statuses, never forwarded
@@ -98,7 +96,9 @@ def _files() -> list[str]:
 
 
 def _load(name: str) -> bytes:
-    return (TORTURE / f"{name}.dat").read_bytes()
+    path = TORTURE / f"{name}.dat"
+    assert path.is_file(), f"RFC 4475 torture message missing: {path}"
+    return path.read_bytes()
 
 
 def _dest(flow: Any) -> tuple[str, int]:
