@@ -16,7 +16,9 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from sipguard.ops.config import Config, ConfigError, Endpoint, config_with_overrides, load_config
+from sipguard.ops.config import Config
+from sipguard.ops.config_load import ConfigError, config_with_overrides, load_config
+from sipguard.ops.endpoints import Endpoint
 from sipguard.ops.logging import configure_logging, flush_logs, get_logger
 from sipguard.server import Server, StartupError
 

@@ -8,18 +8,16 @@ import pydantic
 import pytest
 import yaml
 
-from sipguard.ops.config import (
-    Config,
+from sipguard.ops.config import Config, LogSettings, SipSettings
+from sipguard.ops.config_load import (
     ConfigError,
     ConfigIssue,
-    ConfigPath,
-    Endpoint,
-    LogSettings,
-    SipSettings,
     config_with_overrides,
     load_config,
     parse_config,
 )
+from sipguard.ops.endpoints import Endpoint
+from sipguard.policy.settings import ConfigPath
 
 REPO = Path(__file__).resolve().parents[2]
 MINIMAL = "listen:\n  - udp://127.0.0.1:5060\ncore: udp://127.0.0.1:5080\n"

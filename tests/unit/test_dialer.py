@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from sipguard.ops.config import ConfigError, parse_config
+from sipguard.ops.config_load import ConfigError, parse_config
 from sipguard.policy.dialer import SHARED_KEY, DialerState
 from sipguard.policy.engine import Policy
 from sipguard.sip.message import parse_message

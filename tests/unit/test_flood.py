@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from sipguard.ops.config import ConfigError, parse_config
+from sipguard.ops.config_load import ConfigError, parse_config
 from sipguard.policy import flood
 from sipguard.policy.engine import Policy
 from sipguard.policy.flood import FloodGuard, FloodState

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sipguard.ops.config import ConfigError, parse_config
+from sipguard.ops.config_load import ConfigError, parse_config
 from sipguard.policy.rate import SHARED_KEY, Buckets
 from tests.unit.rule_calls import MINIMAL, config_example, decide, make_call, policy
 

@@ -1,0 +1,251 @@
+"""Reading the config file, and error reports an operator can act on.
+
+:func:`load_config` reads a YAML file, :func:`parse_config` validates YAML text and
+:func:`config_with_overrides` applies ``--listen`` / ``--core`` from the command line, each
+giving a :class:`~sipguard.ops.config.Config`. Every problem is reported at once as a
+:class:`ConfigError` whose lines read ``FILE:LINE: FIELD: message``, e.g.
+``sipguard.yaml:7: sip.max_message_size: Input should be less than or equal to 1048576``:
+the YAML is read with node line numbers, keys given twice are caught before YAML would keep the
+last one, and pydantic's errors are mapped back to the line of the key they are about (with
+a "did you mean" for misspelt keys).
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from sipguard.ops.config import Config
+from sipguard.ops.endpoints import Endpoint
+
+__all__ = [
+    "ConfigError",
+    "ConfigIssue",
+    "config_with_overrides",
+    "load_config",
+    "parse_config",
+]
+
+# --------------------------------------------------------------------------- errors
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigIssue:
+    """One problem: dotted field ``path`` (``sip.t1_ms``, ``listen[1]``; empty for the whole
+    file), the 1-based ``line`` in the file when known, and what is wrong."""
+
+    path: str
+    line: int | None
+    message: str
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; ``issues`` lists every problem found."""
+
+    def __init__(self, source: str, issues: Sequence[ConfigIssue]) -> None:
+        self.source = source
+        self.issues = list(issues)
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        lines = []
+        for issue in self.issues:
+            where = self.source if issue.line is None else f"{self.source}:{issue.line}"
+            field = f" {issue.path}:" if issue.path else ""
+            lines.append(f"{where}:{field} {issue.message}")
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate the config file at ``path``; relative paths in it resolve against
+    its folder. Raises :class:`ConfigError`."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigError(str(path), [ConfigIssue("", None, f"cannot read: {reason}")]) from None
+    return parse_config(text, source=str(path), base_dir=path.resolve().parent)
+
+
+def parse_config(text: str, source: str = "<string>", base_dir: Path | None = None) -> Config:
+    """Validate YAML ``text``; ``source`` names it in errors, ``base_dir`` anchors relative
+    paths (default: the working directory). Raises :class:`ConfigError`."""
+    loader = yaml.SafeLoader(text)
+    try:
+        root = loader.get_single_node()
+        if root is None:
+            raise ConfigError(source, [ConfigIssue("", None, "the file is empty")])
+        if not isinstance(root, yaml.MappingNode):
+            raise ConfigError(source, [ConfigIssue("", _line(root), "expected a mapping of keys")])
+        duplicates = _duplicate_keys(root, "", set())
+        if duplicates:
+            raise ConfigError(source, duplicates)
+        data = loader.construct_document(root)
+    except yaml.YAMLError as exc:
+        raise ConfigError(source, [_yaml_issue(exc)]) from None
+    finally:
+        loader.dispose()
+    context = {"base_dir": base_dir if base_dir is not None else Path.cwd()}
+    try:
+        return Config.model_validate(data, context=context)
+    except ValidationError as exc:
+        raise ConfigError(source, _issues(exc, root)) from None
+
+
+def config_with_overrides(
+    cfg: Config, listen: Sequence[Endpoint] | None = None, core: Endpoint | None = None
+) -> Config:
+    """Return ``cfg`` with command-line ``--listen`` (replaces the whole list; None or empty
+    keeps the file's) and ``--core`` applied, validated again. Raises :class:`ConfigError`."""
+    data: dict[str, Any] = {name: getattr(cfg, name) for name in Config.model_fields}
+    if listen:
+        data["listen"] = tuple(listen)
+    if core is not None:
+        data["core"] = core
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError("<command line>", _issues(exc, None)) from None
+
+
+def _line(node: yaml.Node) -> int:
+    return int(node.start_mark.line) + 1
+
+
+def _yaml_issue(exc: yaml.YAMLError) -> ConfigIssue:
+    if not isinstance(exc, yaml.MarkedYAMLError):
+        return ConfigIssue("", None, f"YAML syntax: {exc}")
+    mark = exc.problem_mark or exc.context_mark
+    problem, context = exc.problem or "invalid YAML", exc.context
+    if context:  # PyYAML phrases these as "while parsing X" / "expected X, but found Y"
+        problem = f"{context} {problem}" if problem.startswith("but") else f"{problem} ({context})"
+    return ConfigIssue("", None if mark is None else mark.line + 1, f"YAML syntax: {problem}")
+
+
+def _duplicate_keys(node: yaml.Node, path: str, seen: set[int]) -> list[ConfigIssue]:
+    """Keys given twice in one mapping, anywhere in the tree (YAML would keep the last)."""
+    if id(node) in seen:
+        return []
+    seen.add(id(node))
+    issues: list[ConfigIssue] = []
+    if isinstance(node, yaml.MappingNode):
+        first: dict[tuple[str, str], int] = {}
+        for key, value in node.value:
+            child = _join(path, key.value if isinstance(key, yaml.ScalarNode) else "?")
+            if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                if (key.tag, key.value) in first:
+                    message = (
+                        f"duplicate key {key.value!r} (first at line {first[key.tag, key.value]})"
+                    )
+                    issues.append(ConfigIssue(child, _line(key), message))
+                else:
+                    first[key.tag, key.value] = _line(key)
+            issues += _duplicate_keys(value, child, seen)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            issues += _duplicate_keys(item, f"{path}[{i}]", seen)
+    return issues
+
+
+def _join(path: str, part: str | int) -> str:
+    if isinstance(part, int):
+        return f"{path}[{part}]"
+    return f"{path}.{part}" if path else part
+
+
+def _issues(exc: ValidationError, root: yaml.Node | None) -> list[ConfigIssue]:
+    errors = exc.errors(include_url=False)
+    bad_items = {e["loc"][:-1] for e in errors if e["loc"] and isinstance(e["loc"][-1], int)}
+    issues = []
+    for error in errors:
+        loc = tuple(error["loc"])
+        if error["type"] == "too_short" and loc in bad_items:
+            continue  # "no items left" only because an item was rejected: say that instead
+        path = ""
+        for part in loc:
+            path = _join(path, part)
+        line = None if root is None else _line_of(root, loc)
+        issues.append(ConfigIssue(path, line, _message(error, loc)))
+    # A peer's rules are the top-level rules with its overrides merged in: a problem in the
+    # top-level rules shows up once per peer too. Report it once, where it is written.
+    top = {(i.path, i.message) for i in issues if i.path.startswith("rules.")}
+    issues = [
+        i for i in issues
+        if not (i.path.startswith("peers[") and (re.sub(r"^peers\[\d+\]\.", "", i.path),
+                                                 i.message) in top)
+    ]
+    return sorted(issues, key=lambda issue: issue.line or 0)
+
+
+def _line_of(node: yaml.Node, loc: tuple[int | str, ...]) -> int:
+    """Line of the key (or list item) at ``loc``; of the deepest existing parent if missing."""
+    line = _line(node)
+    for part in loc:
+        child: yaml.Node | None = None
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                if isinstance(key, yaml.ScalarNode) and key.value == str(part):
+                    line, child = _line(key), value
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int):
+            child = node.value[part] if 0 <= part < len(node.value) else None
+            line = line if child is None else _line(child)
+        if child is None:
+            break
+        node = child
+    return line
+
+
+def _message(error: Any, loc: tuple[int | str, ...]) -> str:
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        known = list(_model_at(loc[:-1]).model_fields)
+        hint = difflib.get_close_matches(str(loc[-1]), known, n=1)
+        suffix = f" (did you mean {hint[0]!r}?)" if hint else f" (known: {', '.join(known)})"
+        return f"unknown key {str(loc[-1])!r}{suffix}"
+    if kind == "missing":
+        return "required setting is missing"
+    if kind == "too_short":
+        return "needs at least one entry"
+    if kind == "value_error":
+        return str(error["ctx"]["error"])
+    if kind in ("tuple_type", "list_type"):
+        return "should be a list"
+    if kind in ("model_type", "model_attributes_type", "dict_type"):
+        return "should be a mapping of settings"
+    return str(error["msg"])
+
+
+def _model_at(loc: tuple[int | str, ...]) -> type[BaseModel]:
+    """The model that the mapping at ``loc`` is validated against (list indexes skipped)."""
+    model: type[BaseModel] = Config
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(str(part))
+        sub = _submodel(field.annotation) if field is not None else None
+        if sub is None:
+            break
+        model = sub
+    return model
+
+
+def _submodel(annotation: Any) -> type[BaseModel] | None:
+    """The model class inside ``Model``, ``Model | None`` or ``tuple[Model, ...]``."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _submodel(arg)
+        if found is not None:
+            return found
+    return None

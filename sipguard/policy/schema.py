@@ -1,0 +1,165 @@
+"""The policy part of the config schema: the ``rules:`` tree and the ``peers:`` list.
+
+:class:`RulesConfig` holds one optional section per rule (each rule's ``Settings`` class lives
+in its module, next to its code) and remembers the order the file lists them in, which is the
+order they are evaluated in. :class:`PeerConfig` is one ``peers:`` item; its ``rules`` are the
+top-level rules with the peer's overrides merged in (:func:`merge_peer_rules`, which the root
+config runs before validation).
+
+The root of the file (``sipguard.ops.config.Config``) embeds these models; the policy never
+imports it. What the policy reads of the whole configuration is :class:`PolicyConfig`, a
+protocol the root config satisfies.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+from pydantic import BaseModel, Field, PrivateAttr, field_validator, model_validator
+
+from sipguard.policy.callerid import Settings as CallerIdSettings
+from sipguard.policy.concurrency import Settings as ConcurrencySettings
+from sipguard.policy.dialer import Settings as DialerSettings
+from sipguard.policy.flood import Settings as FloodSettings
+from sipguard.policy.identity import Settings as IdentitySettings
+from sipguard.policy.rate import Settings as RateSettings
+from sipguard.policy.settings import FROZEN, ConfigPath, networks
+
+__all__ = ["PeerConfig", "PolicyConfig", "RulesConfig", "merge_peer_rules"]
+
+
+class RulesConfig(BaseModel):
+    """The ``rules:`` section: one key per rule, evaluated in the order the file lists them.
+
+    A rule that is absent is off. Each rule's parameters, with defaults, are documented in its
+    module under ``sipguard/policy/`` and in ``docs/rules.md``.
+    """
+
+    model_config = FROZEN
+
+    callerid: CallerIdSettings | None = Field(default=None, description="Caller-ID spoofing.")
+    identity: IdentitySettings | None = Field(
+        default=None, description="STIR/SHAKEN Identity verification."
+    )
+    concurrency: ConcurrencySettings | None = Field(
+        default=None, description="Per-number concurrent call limits."
+    )
+    rate: RateSettings | None = Field(default=None, description="Call-rate limits (GCRA).")
+    dialer: DialerSettings | None = Field(default=None, description="Dialer analytics.")
+    flood: FloodSettings | None = Field(
+        default=None, description="Flood and scanner defence (before parsing)."
+    )
+    _order: tuple[str, ...] = PrivateAttr(default=())
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _keep_order(cls, data: Any, handler: Any) -> Any:
+        model = handler(data)
+        if isinstance(data, dict):
+            model._order = tuple(k for k in data if data[k] is not None)
+        elif isinstance(data, RulesConfig):
+            model._order = data._order
+        return model
+
+    @property
+    def order(self) -> tuple[str, ...]:
+        """Names of the configured rules, in file order."""
+        return tuple(n for n in self._order if getattr(self, n, None) is not None)
+
+
+def _deep_merge(base: Any, over: Any) -> Any:
+    """``over`` merged into ``base`` (mappings recursively; anything else replaced)."""
+    if isinstance(base, dict) and isinstance(over, dict):
+        out = dict(base)
+        for key, value in over.items():
+            out[key] = _deep_merge(base.get(key), value) if key in base else value
+        return out
+    return over
+
+
+def merge_peer_rules(data: Any) -> Any:
+    """The raw config mapping with each peer's ``rules`` replaced by the top-level ``rules``
+    with that peer's overrides merged in; anything not shaped like that is returned as is
+    (validation then reports it)."""
+    if not isinstance(data, dict) or not isinstance(data.get("peers"), list):
+        return data
+    top = data.get("rules") or {}
+    peers = []
+    for peer in data["peers"]:
+        if isinstance(peer, dict) and isinstance(top, dict):
+            over = peer.get("rules") or {}
+            if isinstance(over, dict):
+                merged = _deep_merge(top, over)
+                # keep the file order of the top level, then rules only the peer adds
+                peer = {**peer, "rules": merged}
+        peers.append(peer)
+    return {**data, "peers": peers}
+
+
+class PeerConfig(BaseModel):
+    """One peer (``peers:`` list item): who it is and what caller numbers it may present.
+
+    - ``name`` (required): a label used in logs, metrics and the admin API.
+    - ``networks`` (required): source CIDRs (IPv4/IPv6) this peer sends from.
+    - ``numbers``: caller numbers it may present: exact E.164 numbers or ``+1212555*`` prefix
+      patterns; ``numbers_file``: the same, one a line, ``#`` comments (up to millions of
+      lines). Neither given: the peer may present any number.
+    - ``default_region``: ISO country code (``US``) to read national-format numbers.
+    - ``trust_pai`` (``true``): take the caller from P-Asserted-Identity when present.
+    - ``rules``: overrides merged over the top-level ``rules:`` for this peer's traffic.
+    """
+
+    model_config = FROZEN
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")
+    networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = Field(min_length=1)
+    numbers: tuple[str, ...] = ()
+    numbers_file: ConfigPath | None = None
+    default_region: str | None = Field(default=None, pattern=r"^[A-Z]{2}$")
+    trust_pai: bool = True
+    rules: RulesConfig = Field(default=RulesConfig())
+
+    @field_validator("networks", mode="before")
+    @classmethod
+    def _strict_networks(cls, value: object) -> object:
+        return networks(value)
+
+    @field_validator("numbers")
+    @classmethod
+    def _check_numbers(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for item in value:
+            if not re.fullmatch(r"\+?[0-9 ().-]+\*?|\*", item.strip()):
+                raise ValueError(f"{item!r} is not a number or a prefix pattern like '+1212555*'")
+        return value
+
+    @field_validator("numbers_file")
+    @classmethod
+    def _file_exists(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"file not found: {value}")
+        return value
+
+
+class PolicyConfig(Protocol):
+    """What the policy reads of the whole configuration (``sipguard.ops.config.Config``)."""
+
+    @property
+    def mode(self) -> Literal["enforce", "monitor"]:
+        """``monitor``: decide and report, but forward; a rule's own ``mode`` overrides it."""
+        ...
+
+    @property
+    def peers(self) -> Sequence[PeerConfig]: ...
+
+    @property
+    def unknown_source(self) -> Literal["reject", "drop"]: ...
+
+    @property
+    def suspended(self) -> Sequence[str]: ...
+
+    @property
+    def rules(self) -> RulesConfig: ...
