@@ -3,19 +3,36 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
+import types
+from pathlib import Path
 
 import pytest
 
 from sipguard import native
 
 
-def test_status_lists_only_hot_modules_and_nothing_stale() -> None:
-    """Every module reported compiled is a hot-path module, and none is older than its source
-    (the session would not have started otherwise)."""
+def test_status_tells_compiled_and_stale_modules_by_the_file_they_were_loaded_from(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """status() reports a hot module as compiled exactly when it was loaded from a file other
+    than its .py source, and as stale exactly when that file is older than the source."""
+    fresh, old, plain = native.HOT_MODULES[:3]
+    for name, offset in ((fresh, 60.0), (old, -60.0)):
+        built = tmp_path / (name + native._ext_suffix())
+        built.write_bytes(b"")
+        when = native._source(name).stat().st_mtime + offset
+        os.utime(built, (when, when))
+        module = types.ModuleType(name)
+        module.__file__ = str(built)
+        monkeypatch.setitem(sys.modules, name, module)
+    module = types.ModuleType(plain)
+    module.__file__ = str(native._source(plain))
+    monkeypatch.setitem(sys.modules, plain, module)
     compiled, stale = native.status()
-    assert set(compiled) <= set(native.HOT_MODULES)
-    assert stale == []
+    assert fresh in compiled and old in compiled and plain not in compiled
+    assert old in stale and fresh not in stale and plain not in stale
 
 
 def test_an_edited_source_makes_its_compiled_module_stale() -> None:
