@@ -31,7 +31,7 @@ from sipguard.policy.engine import Policy  # noqa: E402
 from sipguard.proxy.core import Proxy, ProxySettings  # noqa: E402
 from sipguard.proxy.events import CallInfo  # noqa: E402
 from sipguard.proxy.flows import Flow, Local  # noqa: E402
-from sipguard.sip.message import parse_message  # noqa: E402
+from sipguard.sip.parser import parse_message  # noqa: E402
 
 SRC = ("198.51.100.7", 5062)
 BASE = """

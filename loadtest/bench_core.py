@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sipguard.proxy.core import Proxy, ProxySettings  # noqa: E402
 from sipguard.proxy.flows import Flow, Local  # noqa: E402
-from sipguard.sip.message import parse_message  # noqa: E402
+from sipguard.sip.parser import parse_message  # noqa: E402
 
 CALLER = ("198.51.100.7", 5062)
 CORE = ("10.0.0.10", 5080)

@@ -42,7 +42,7 @@ from sipguard.policy.stircert import (  # noqa: E402
 from sipguard.proxy.core import Proxy, ProxySettings  # noqa: E402
 from sipguard.proxy.events import CallInfo  # noqa: E402
 from sipguard.proxy.flows import Flow, Local  # noqa: E402
-from sipguard.sip.message import parse_message  # noqa: E402
+from sipguard.sip.parser import parse_message  # noqa: E402
 from tests.unit.stir_pki import Pki, identity_value, pem, sign_passport  # noqa: E402
 
 URL = "https://cert.example.org/709J.pem"

@@ -40,6 +40,7 @@ HOT_MODULES: tuple[str, ...] = (
     "sipguard.sip.history_info",
     "sipguard.sip.identity",
     "sipguard.sip.message",
+    "sipguard.sip.parser",
     "sipguard.proxy.flows",
     "sipguard.proxy.events",
     "sipguard.proxy.timers",

@@ -65,8 +65,9 @@ from sipguard.proxy.events import (
 from sipguard.proxy.flows import Flow, Local
 from sipguard.proxy.timers import TimerEntry, TimerQueue
 from sipguard.sip.errors import SipParseError
-from sipguard.sip.message import Message, header_line, parse_message
+from sipguard.sip.message import Message, header_line
 from sipguard.sip.nameaddr import NameAddr
+from sipguard.sip.parser import parse_message
 from sipguard.sip.uri import Uri
 from sipguard.sip.via import parse_via_list
 from sipguard.state.expiry import ExpiryWheel

@@ -31,7 +31,7 @@ class SipParseError(Exception):
         super().__init__(f"{status} {detail}")
         self.status = status
         self.detail = detail
-        # What could be split of a request that failed (see sipguard.sip.message._fail).
+        # What could be split of a request that failed (see sipguard.sip.parser._fail).
         self.partial: Message | None = None
 
     @property

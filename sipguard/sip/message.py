@@ -1,41 +1,33 @@
-"""SIP message model: bytes in, a frozen view over the original bytes out.
+"""SIP message model: a parsed message as a frozen view over its original bytes.
 
 Theory of operation
 -------------------
-``parse_message(data)`` does the minimum every message needs and nothing more: it splits the
-start line and the header block into raw lines (folded continuation lines stay attached to their
-header, byte for byte), maps each header name to its canonical lower-case long form (compact
-forms expanded), indexes them by name, checks the handful of things a proxy must check on every
-message (start line, version, mandatory single-instance headers, Content-Length, CSeq) and
-slices the body. Everything else — Via, From, To, Route, Identity, History-Info and the rest —
-is parsed on first access by the grammar modules and cached on the message.
+A :class:`Message` keeps the start line and the header lines exactly as they arrived:
+``lines[i]`` is a raw header line (folded continuation lines attached, byte for byte) and
+``names[i]`` its canonical lower-case name, indexed by name; the body is kept as bytes.
+:func:`sipguard.sip.parser.parse_message` builds it and checks only what every message needs;
+everything else — Via, From, To, Route, Identity, History-Info and the rest — is parsed here on
+first access by the grammar modules and cached on the message.
 
 A forwarded message is rebuilt from the original raw lines with a few lines inserted, replaced
 or removed (:meth:`Message.serialize`), so every header sipguard does not touch passes through
 unchanged, in order.
 
-Only :class:`~sipguard.sip.errors.SipParseError` ever escapes. When the error concerns a
-request — even one whose start line is malformed (400, 505) or whose empty line is missing — the
-header lines that could be split ride on the error as a partial message (``err.partial``), so
-the proxy can still answer with the caller's Via, From, To, Call-ID and CSeq copied (RFC 4475
-§3.1.2). Responses are never answered, so they carry no partial.
+The accessors raise nothing but :class:`~sipguard.sip.errors.SipParseError`. Stricter than the
+bare grammar in one place, about what a proxy may forward: a sip/sips Request-URI with
+``?headers`` is a 400 when it is read (RFC 3261 §19.1.1; RFC 4475 escruri).
+:meth:`Message.check_request` parses the Request-URI, From and To at once, for the proxy to call
+before it creates any state.
 
-Stricter than the bare grammar in two places, both about what a proxy may forward: a CR or LF
-in the header part other than a CRLF line end is a 400 (a lenient next hop would see a header
-sipguard did not), and a sip/sips Request-URI with ``?headers`` is a 400 when it is read
-(RFC 3261 §19.1.1; RFC 4475 escruri). :meth:`Message.check_request` parses the Request-URI,
-From and To at once, for the proxy to call before it creates any state.
-
-Speed: ``parse_message`` is on the hot path. Header names are looked up in a bounded cache keyed
-by the raw name (one dict lookup per line, seeded with the usual names); a line the cache does
-not know — folding, a new name, junk — sends the whole block through the general splitter.
+The raw-value, text and CSeq helpers at the end belong to the model (its accessors use them);
+the parser shares them rather than keeping copies.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from typing import Any, NoReturn
+from typing import Any
 
 from sipguard.sip.errors import SipParseError
 from sipguard.sip.history_info import HistoryInfoEntry, parse_history_info
@@ -44,81 +36,13 @@ from sipguard.sip.nameaddr import NameAddr, parse_name_addr, parse_name_addr_lis
 from sipguard.sip.uri import Uri, parse_uri
 from sipguard.sip.via import Via, parse_via_list
 
-# RFC 3261 §7.3.3 and the registry of compact forms (RFC 3262, 3515, 3840, 3841, 4028, 8224, ...)
-COMPACT: dict[str, str] = {
-    "a": "accept-contact",
-    "b": "referred-by",
-    "c": "content-type",
-    "d": "request-disposition",
-    "e": "content-encoding",
-    "f": "from",
-    "i": "call-id",
-    "j": "reject-contact",
-    "k": "supported",
-    "l": "content-length",
-    "m": "contact",
-    "o": "event",
-    "r": "refer-to",
-    "s": "subject",
-    "t": "to",
-    "u": "allow-events",
-    "v": "via",
-    "x": "session-expires",
-    "y": "identity",
-}
-
-# Headers that a request must carry exactly once (RFC 3261 §8.1.1, §20); Max-Forwards and
-# Content-Length may be absent but not repeated.
-REQUIRED_ONCE = ("from", "to", "call-id", "cseq")
-AT_MOST_ONCE = ("max-forwards", "content-length")
-
-# token = 1*(alphanum / "-" / "." / "!" / "%" / "*" / "_" / "+" / "`" / "'" / "~")
-_TOKEN_BYTES = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-.!%*_+`'~"
-_WS = b" \t"
+WS = b" \t"
 CRLF = b"\r\n"
 MAX_CSEQ = 2**31 - 1  # RFC 3261 §8.1.1.5: the sequence number MUST be less than 2**31
 
-# Raw header name, everything before the colon (as it appeared, e.g. b"Via", b"v", b"CALL-ID "),
-# -> canonical name. Names repeat across messages, so a bounded cache turns validation and
-# lower-casing into one lookup. Only valid names are ever stored: a name that is not in the cache
-# (a new name, a continuation line, junk) takes the slow path.
-_NAME_CACHE: dict[bytes, str] = {}
-_NAME_CACHE_MAX = 2048
-# Seeded with the usual spellings, so a flood of made-up names cannot keep them out.
-_COMMON_NAMES = (
-    "Via", "From", "To", "Call-ID", "CSeq", "Contact", "Max-Forwards", "Content-Length",
-    "Content-Type", "Route", "Record-Route", "Allow", "Supported", "Require", "Proxy-Require",
-    "Unsupported", "User-Agent", "Server", "Expires", "Session-Expires", "Min-SE", "Accept",
-    "Allow-Events", "Event", "Subscription-State", "Refer-To", "Referred-By", "Replaces",
-    "P-Asserted-Identity", "P-Preferred-Identity", "Privacy", "Diversion", "History-Info",
-    "Identity", "Reason", "RSeq", "RAck", "Date", "Timestamp", "Authorization",
-    "Proxy-Authorization", "WWW-Authenticate", "Proxy-Authenticate", "Warning", "Organization",
-    "Subject", "Content-Disposition", "Content-Encoding", "Retry-After", "Call-Id", "Cseq",
-)
 
-
-def is_token(data: bytes) -> bool:
-    """True when ``data`` is a non-empty RFC 3261 token."""
-    return bool(data) and not data.translate(None, _TOKEN_BYTES)
-
-
-def _canonical_name(key: bytes) -> str:
-    """Canonical name for ``key`` (a raw header name: everything before the colon)."""
-    name = key.rstrip(b" \t")
-    if not is_token(name):
-        raise SipParseError(400, f"malformed header name {name[:40]!r}")
-    text = name.decode("ascii").lower()
-    text = COMPACT.get(text, text)
-    if len(_NAME_CACHE) < _NAME_CACHE_MAX:
-        _NAME_CACHE[key] = text
-    return text
-
-
-for _name in (*_COMMON_NAMES, *(c.upper() for c in COMPACT), *COMPACT):
-    _canonical_name(_name.encode())
-
-
-def _decode(raw: bytes) -> str:
+def decode(raw: bytes) -> str:
+    """Bytes from the wire as text: UTF-8, with undecodable bytes kept as surrogates."""
     return raw.decode("utf-8", "surrogateescape")
 
 
@@ -183,7 +107,7 @@ class Message:
 
     def value_at(self, i: int) -> str:
         """The value of header line ``i``: after the colon, unfolded, stripped."""
-        return _decode(_raw_value(self.lines[i]))
+        return decode(raw_value(self.lines[i]))
 
     def values(self, name: str) -> list[str]:
         """Every value of header ``name`` (canonical lower-case), one per header line."""
@@ -218,7 +142,7 @@ class Message:
             idx = self._index.get("cseq")
             if not idx:
                 raise SipParseError(400, "missing cseq")
-            v = self._cache["cseq"] = _parse_cseq(self.lines[idx[0]])
+            v = self._cache["cseq"] = parse_cseq(self.lines[idx[0]])
         return v
 
     @property
@@ -411,7 +335,8 @@ class Message:
 _MISSING = object()
 
 
-_METHODS = {
+# The usual methods, raw -> text: one dict lookup instead of a decode (start line, CSeq).
+METHODS = {
     m.encode(): m
     for m in (
         "INVITE", "ACK", "BYE", "CANCEL", "OPTIONS", "REGISTER", "PRACK", "UPDATE", "INFO",
@@ -419,73 +344,27 @@ _METHODS = {
     )
 }
 
-
-def _parse_start_line(line: bytes) -> tuple[str | None, str | None, int, str]:
-    """Parse the start line: (method, uri, 0, "") for requests, (None, None, code, reason)."""
-    parts = line.split(b" ", 2)
-    first = parts[0]
-    # Status-Line = SIP-Version SP Status-Code SP Reason-Phrase CRLF  (a "/" never is in a method)
-    if len(first) > 3 and first[3] == 47 and first[:3].upper() == b"SIP":
-        if len(parts) < 2:
-            raise SipParseError(400, "malformed status line")
-        if first != b"SIP/2.0" and first.upper() != b"SIP/2.0":
-            raise SipParseError(505, "unsupported SIP version in response")
-        code = parts[1]
-        if len(code) != 3 or not code.isdigit() or code[0] not in b"123456":
-            raise SipParseError(400, "malformed status code")
-        return None, None, int(code), _decode(parts[2]) if len(parts) == 3 else ""
-    # Request-Line = Method SP Request-URI SP SIP-Version CRLF  (single SP, RFC 3261 §7.1)
-    if len(parts) != 3:
-        raise SipParseError(400, "malformed request line")
-    uri, version = parts[1], parts[2]
-    if version != b"SIP/2.0":
-        if b" " in version:
-            raise SipParseError(400, "malformed request line")
-        if version.upper() != b"SIP/2.0":
-            if version[:4].upper() == b"SIP/":
-                raise SipParseError(505, "unsupported SIP version")
-            raise SipParseError(400, "malformed SIP version")
-    method = _METHODS.get(first)
-    if method is None:
-        if not is_token(first):
-            raise SipParseError(400, "malformed method")
-        method = first.decode("ascii")
-    if not uri or b"\t" in uri:
-        raise SipParseError(400, "malformed Request-URI")
-    return method, _decode(uri), 0, ""
-
-
 # CSeq = "CSeq" HCOLON 1*DIGIT LWS Method (the value is unfolded and stripped first)
 _CSEQ = re.compile(rb"([0-9]++)[ \t]++([A-Za-z0-9.!%*_+`'~\-]++)")
-# The same over a whole unfolded header line, in one regex call (the usual case).
-_CSEQ_LINE = re.compile(rb"[^:]++:[ \t]*+([0-9]{1,10}+)[ \t]++([A-Za-z0-9.!%*_+`'~\-]++)[ \t]*+")
 
 
-def _raw_value(line: bytes) -> bytes:
+def raw_value(line: bytes) -> bytes:
     """The value of a raw header line: after the colon, unfolded, stripped."""
     value = line.partition(b":")[2]
     if b"\r\n" in value:
-        value = b" ".join(part.strip(_WS) for part in value.split(CRLF))
-    return value.strip(_WS)
+        value = b" ".join(part.strip(WS) for part in value.split(CRLF))
+    return value.strip(WS)
 
 
-def _parse_cseq(line: bytes) -> tuple[int, str]:
-    m = _CSEQ.fullmatch(_raw_value(line))
+def parse_cseq(line: bytes) -> tuple[int, str]:
+    """(sequence number, method) of a raw CSeq header line, folded or not."""
+    m = _CSEQ.fullmatch(raw_value(line))
     if m is None:
         raise SipParseError(400, "malformed CSeq")
     num, method = m.groups()
     if len(num) > 10 or (seq := int(num)) > MAX_CSEQ:
         raise SipParseError(400, "CSeq out of range")
-    return seq, _METHODS.get(method) or method.decode("ascii")
-
-
-def _digits(value: bytes, what: str, limit: int) -> int:
-    # bytes.isdigit() is ASCII-only and False for b"".
-    if not value.isdigit():
-        raise SipParseError(400, f"malformed {what}")
-    if len(value) > 10 or (n := int(value)) > limit:
-        raise SipParseError(400, f"{what} out of range")
-    return n
+    return seq, METHODS.get(method) or method.decode("ascii")
 
 
 def _build_index(names: list[str]) -> dict[str, list[int]]:
@@ -497,197 +376,6 @@ def _build_index(names: list[str]) -> dict[str, list[int]]:
         else:
             slot.append(i)
     return index
-
-
-def _split_headers(raw_lines: list[bytes]) -> tuple[list[str], list[bytes], SipParseError | None]:
-    """The general header splitter: folded lines, new names, malformed lines.
-
-    Returns (names, lines, first error). A malformed line is left out and its error returned,
-    so that the caller can still attach what it could split to the error.
-    """
-    names: list[str] = []
-    lines: list[bytes] = []
-    error: SipParseError | None = None
-    cache = _NAME_CACHE
-    for line in raw_lines:
-        if not line:
-            continue
-        if line[0] in (32, 9):  # continuation of the previous header line (LWS)
-            if lines:
-                lines[-1] = lines[-1] + CRLF + line
-            elif error is None:
-                error = SipParseError(400, "continuation line before the first header")
-            continue
-        colon = line.find(b":")
-        if colon <= 0:
-            if error is None:
-                error = SipParseError(400, f"header line without a name: {line[:40]!r}")
-            continue
-        key = line[:colon]
-        name = cache.get(key)
-        if name is None:
-            try:
-                name = _canonical_name(key)
-            except SipParseError as err:
-                if error is None:
-                    error = err
-                continue
-        names.append(name)
-        lines.append(line)
-    return names, lines, error
-
-
-def _fail(err: SipParseError, start_line: bytes, raw_lines: list[bytes], body: bytes) -> NoReturn:
-    """Raise ``err`` with whatever could be split attached as ``err.partial``.
-
-    The partial message lets the proxy answer a request it cannot accept (400, 505) with the
-    caller's Via, From, To, Call-ID and CSeq copied. It is only built when the start line is
-    not a status line (responses are never answered); its method is the first word as written.
-    """
-    if start_line[:4].upper() != b"SIP/":
-        parts = start_line.split(b" ")
-        if parts[0]:
-            names, lines, _ = _split_headers(raw_lines)
-            uri = _decode(parts[1]) if len(parts) > 1 and parts[1] else None
-            _attach(err, Message(start_line, names, lines, body, _decode(parts[0]), uri, 0, ""))
-    raise err
-
-
-def _attach(err: SipParseError, msg: Message) -> None:
-    err.partial = msg
-
-
-def parse_message(data: bytes, *, max_size: int = 65535, datagram: bool = True) -> Message:
-    """Parse one SIP message from ``data``.
-
-    Over UDP (``datagram=True``) the body is what follows the header block, cut to
-    Content-Length (RFC 3261 §18.3: extra bytes are discarded, missing bytes are an error).
-    Over a stream the framer has already cut exactly one message, and Content-Length is required.
-    """
-    if len(data) > max_size:
-        raise SipParseError(513, f"message of {len(data)} bytes exceeds {max_size}")
-    # RFC 3261 §7.5: implementations SHOULD ignore CRLFs preceding the start line.
-    start = 0
-    while data.startswith(CRLF, start):
-        start += 2
-    end = data.find(b"\r\n\r\n", start)
-    if end < 0:
-        # RFC 3261 §7: the empty line MUST be present even without a body (RFC 4475 baddn).
-        head = data[start:].split(CRLF)
-        try:
-            _parse_start_line(head[0])
-        except SipParseError as err:
-            _fail(err, head[0], head[1:], b"")
-        _fail(SipParseError(400, "no empty line after the headers"), head[0], head[1:], b"")
-    eol = data.find(CRLF, start)  # <= end: the empty line's CRLF at the latest
-    start_line = data[start:eol]
-    try:
-        method, uri_text, status, reason = _parse_start_line(start_line)
-    except SipParseError as err:
-        _fail(err, start_line, data[eol + 2 : end].split(CRLF) if eol < end else [],
-              data[end + 4 :])
-
-    # Fast path: every line is "known-name: value" (one dict lookup per line; the name cache is
-    # keyed by everything before the colon). Anything else — folding, a new name, junk — takes
-    # _split_headers. Slices build slice objects in Python 3.11, so partition() is used instead.
-    body = data[end + 4 :]
-    raw_lines = data[eol + 2 : end].split(CRLF) if eol < end else []
-    joined = b"".join(raw_lines)
-    if b"\n" in joined or b"\r" in joined or b"\n" in start_line or b"\r" in start_line:
-        # RFC 3261 §7, §25.1: CR and LF appear in the header part only as CRLF line ends (and in
-        # LWS folding). A bare one would end a line for some parsers and not for others, so a
-        # forwarded message could smuggle headers past sipguard; reject it.
-        _fail(SipParseError(400, "bare CR or LF in the header part"), start_line, raw_lines, body)
-    get = _NAME_CACHE.get
-    names: list[str] = []
-    index: dict[str, list[int]] = {}
-    append = names.append
-    for i, line in enumerate(raw_lines):
-        key, colon, _ = line.partition(b":")
-        name = get(key)
-        if name is None or not colon:
-            break
-        append(name)
-        slot = index.get(name)
-        if slot is None:
-            index[name] = [i]
-        else:
-            slot.append(i)
-    else:
-        msg = Message(start_line, names, raw_lines, body, method, uri_text, status, reason, index)
-        if raw_lines and status:
-            # Responses only: they pass through at once, where a request is kept by its
-            # transaction (for 32 s), and keeping its whole datagram too would cost memory.
-            msg._frame = (data, start, eol + 2, end + 4)
-        try:
-            _validate(msg, datagram)
-        except SipParseError as err:
-            _attach(err, msg)
-            raise
-        return msg
-    names, lines, error = _split_headers(raw_lines)
-    msg = Message(start_line, names, lines, body, method, uri_text, status, reason)
-    if error is None:
-        try:
-            _validate(msg, datagram)
-        except SipParseError as err:
-            error = err
-    if error is not None:
-        _attach(error, msg)
-        raise error
-    return msg
-
-
-def _validate(msg: Message, datagram: bool) -> None:
-    """The checks every message passes before the proxy looks at it."""
-    index = msg._index
-    get = index.get
-    for name in REQUIRED_ONCE:
-        slot = get(name)
-        if slot is None or len(slot) != 1:
-            raise SipParseError(400, f"{'missing' if slot is None else 'repeated'} {name}")
-    if "via" not in index:
-        raise SipParseError(400, "missing Via")
-    mf = get("max-forwards")
-    cl = get("content-length")
-    if mf is not None and len(mf) > 1:
-        raise SipParseError(400, "repeated max-forwards")
-    if cl is not None and len(cl) > 1:
-        raise SipParseError(400, "repeated content-length")
-    lines = msg.lines
-    cache = msg._cache
-    line = lines[index["cseq"][0]]
-    m = _CSEQ_LINE.fullmatch(line)
-    if m is not None and int(m[1]) <= MAX_CSEQ:
-        cseq = (int(m[1]), _METHODS.get(m[2]) or m[2].decode("ascii"))
-    else:
-        cseq = _parse_cseq(line)  # folded, or an error to report
-    if msg.method is not None and cseq[1] != msg.method:
-        raise SipParseError(400, "CSeq method does not match the request method")
-    cache["cseq"] = cseq
-    if mf is not None and msg.method is not None:
-        value = lines[mf[0]].partition(b":")[2].strip(_WS)
-        if not value.isdigit() or len(value) > 3 or (hops := int(value)) > 255:
-            hops = _digits(_raw_value(lines[mf[0]]), "Max-Forwards", 255)
-        cache["max-forwards"] = hops
-    if cl is not None:
-        value = lines[cl[0]].partition(b":")[2].strip(_WS)
-        if not value.isdigit() or len(value) > 10 or (length := int(value)) > 2**31:
-            length = _digits(_raw_value(lines[cl[0]]), "Content-Length", 2**31)
-        cache["content-length"] = length
-        body = msg.body
-        if len(body) != length:
-            if len(body) < length:
-                raise SipParseError(400, "body shorter than Content-Length")
-            msg.body = body[:length]  # RFC 3261 §18.3: discard the excess (UDP)
-    elif not datagram:
-        raise SipParseError(400, "missing Content-Length on a stream transport")
-    call_id = lines[index["call-id"][0]].partition(b":")[2].strip(_WS)
-    if b"\r" in call_id:
-        call_id = _raw_value(lines[index["call-id"][0]])
-    if not call_id:
-        raise SipParseError(400, "empty Call-ID")
-    cache["call-id"] = _decode(call_id)
 
 
 def header_line(name: str, value: str) -> bytes:

@@ -6,7 +6,8 @@ from sipguard.policy.verdict import Verdict
 from sipguard.proxy.core import Decide, Proxy, ProxySettings
 from sipguard.proxy.events import CallInfo
 from sipguard.proxy.flows import Flow, Local
-from sipguard.sip.message import Message, parse_message
+from sipguard.sip.message import Message
+from sipguard.sip.parser import parse_message
 
 PROXY = ("192.0.2.1", 5060)
 CORE = ("10.0.0.10", 5080)

@@ -11,7 +11,7 @@ from sipguard.policy.engine import Policy
 from sipguard.policy.verdict import Verdict
 from sipguard.proxy.events import CallInfo, Dialog
 from sipguard.proxy.flows import Flow
-from sipguard.sip.message import parse_message
+from sipguard.sip.parser import parse_message
 from tests.unit.proxy_helpers import invite
 
 MINIMAL = "listen: [udp://192.0.2.1:5060]\ncore: udp://10.0.0.10:5080\n"

@@ -14,7 +14,8 @@ from sipguard.policy import callerid, numbers
 from sipguard.policy.engine import Policy
 from sipguard.proxy.events import CallInfo, InviteDecided
 from sipguard.proxy.flows import Flow
-from sipguard.sip.message import Message, parse_message
+from sipguard.sip.message import Message
+from sipguard.sip.parser import parse_message
 from tests.unit.proxy_helpers import CALLER, CORE, Harness, invite
 
 BASE = "listen: [udp://192.0.2.1:5060]\ncore: udp://10.0.0.10:5080\n"

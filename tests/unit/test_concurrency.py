@@ -20,7 +20,7 @@ from sipguard.policy.pipeline import Pipeline
 from sipguard.policy.verdict import Verdict
 from sipguard.proxy.events import CallInfo, Dialog, DialogStarted
 from sipguard.proxy.flows import Flow
-from sipguard.sip.message import parse_message
+from sipguard.sip.parser import parse_message
 from sipguard.state.memory import MemoryLeases
 from tests.unit.dialog_helpers import PolicyHarness, cancel, in_dialog, to
 from tests.unit.proxy_helpers import CALLER, CORE, Harness, invite

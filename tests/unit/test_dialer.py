@@ -10,7 +10,7 @@ import pytest
 from sipguard.ops.config_load import ConfigError, parse_config
 from sipguard.policy.dialer import SHARED_KEY, DialerState
 from sipguard.policy.engine import Policy
-from sipguard.sip.message import parse_message
+from sipguard.sip.parser import parse_message
 from tests.unit.proxy_helpers import invite
 from tests.unit.rule_calls import MINIMAL, decide, dialog, make_call, policy
 

@@ -8,7 +8,7 @@ import pytest
 
 from sipguard.sip.errors import SipParseError
 from sipguard.sip.framing import PING, StreamFramer
-from sipguard.sip.message import parse_message
+from sipguard.sip.parser import parse_message
 
 
 def msg(n: int = 1, body: bytes = b"hello", *, cl: bytes | None = None) -> bytes:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from sipguard.sip.errors import SipParseError
-from sipguard.sip.message import COMPACT, Message, parse_message
+from sipguard.sip.message import Message
+from sipguard.sip.parser import COMPACT, parse_message
 
 BODY = b"v=0\r\no=- 1 1 IN IP4 192.0.2.7\r\ns=-\r\nc=IN IP4 192.0.2.7\r\nt=0 0\r\nm=audio 4000 RTP/AVP 0\r\n"
 

@@ -17,7 +17,8 @@ import pytest
 
 from sipguard.proxy.events import ParseFailed
 from sipguard.proxy.flows import Flow
-from sipguard.sip.message import Message, parse_message
+from sipguard.sip.message import Message
+from sipguard.sip.parser import parse_message
 from tests.unit.proxy_helpers import CALLER, CORE, PROXY, Harness, answer
 
 TORTURE = Path(__file__).resolve().parents[1] / "data" / "rfc4475"

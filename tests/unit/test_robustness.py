@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 from sipguard.proxy.flows import Flow
 from sipguard.sip.errors import SipParseError
 from sipguard.sip.framing import PING, StreamFramer
-from sipguard.sip.message import Message, parse_message
+from sipguard.sip.message import Message
+from sipguard.sip.parser import parse_message
 from tests.unit.proxy_helpers import CALLER, Harness, invite
 
 SETTINGS = settings(

@@ -6,7 +6,8 @@ import pytest
 
 from sipguard.proxy.core import session_interval
 from sipguard.proxy.events import DialogEnded
-from sipguard.sip.message import Message, parse_message
+from sipguard.sip.message import Message
+from sipguard.sip.parser import parse_message
 from tests.unit.dialog_helpers import in_dialog, to
 from tests.unit.proxy_helpers import CALLER, CORE, Harness, answer, invite
 
