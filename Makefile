@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 CONFIG ?= config/sipguard.yaml
 
-.PHONY: install native run test lint typecheck loadtest clean tools sipp
+.PHONY: install native run test lint typecheck loadtest clean tools sipp docs
 
 install: $(STAMP)
 
@@ -55,6 +55,12 @@ lint: install
 
 typecheck: install
 	$(VENV)/bin/mypy
+
+# The parameter tables in docs/rules.md and the commented defaults in config/sipguard.yaml,
+# written from the config schema (each Field's default and description=); CI-style check:
+# $(PY) -m sipguard.ops.docgen --check
+docs: install
+	$(PY) -m sipguard.ops.docgen
 
 loadtest: install native tools
 	$(PY) loadtest/run.py

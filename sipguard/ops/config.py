@@ -46,63 +46,80 @@ class SipSettings(BaseModel):
         default=65535,
         ge=1024,
         le=1048576,
-        description="Largest SIP message accepted, bytes (513 above).",
+        description="Largest SIP message accepted, bytes; a larger one gets 513 Message Too "
+        "Large.",
     )
     max_dialog_lifetime_s: float = Field(
         default=14400,
         gt=0,
-        description="A dialog older than this is forgotten (no BYE seen), seconds.",
+        description="Forget a dialog after this many seconds even without a BYE (4 h): a lost "
+        "BYE never leaks a call.",
     )
     answer_options: bool = Field(
         default=True,
-        description="Answer out-of-dialog OPTIONS addressed to sipguard itself with 200.",
+        description="Answer out-of-dialog OPTIONS to sipguard itself with 200 (peer "
+        "keep-alives). OPTIONS with a user part go to the core.",
     )
     record_route: bool = Field(
-        default=True, description="Add Record-Route so in-dialog requests pass us."
+        default=True,
+        description="Add Record-Route so in-dialog requests (ACK, BYE, re-INVITE) also pass "
+        "sipguard.",
     )
-    t1_ms: int = Field(default=500, ge=1, description="RFC 3261 T1, RTT estimate, milliseconds.")
+    t1_ms: int = Field(
+        default=500, ge=1,
+        description="RFC 3261 T1: round-trip estimate and first retransmit interval, ms.",
+    )
     t2_ms: int = Field(
-        default=4000, ge=1, description="RFC 3261 T2, max non-INVITE retransmit interval."
+        default=4000, ge=1,
+        description="RFC 3261 T2: longest retransmit interval for non-INVITE requests, ms; not "
+        "below `t1_ms`.",
     )
     t4_ms: int = Field(
-        default=5000, ge=1, description="RFC 3261 T4, max time a message stays in network."
+        default=5000, ge=1,
+        description="RFC 3261 T4: longest time a message stays in the network, ms.",
     )
     timer_c_s: float = Field(
         default=180,
         gt=0,
-        description="RFC 3261 §16.6 Timer C, proxy INVITE timeout; > 180 s advised.",
+        description="RFC 3261 §16.6 Timer C: give up on an unanswered INVITE after this many "
+        "seconds. More than 180 is advised; sipguard then sends CANCEL toward the core.",
     )
     tcp_idle_timeout_s: float = Field(
-        default=600, gt=0, description="Close idle TCP connections, seconds."
+        default=600, gt=0,
+        description="Close a TCP connection with no traffic for this many seconds.",
     )
     udp_receive_buffer: int = Field(
         default=4194304,
         ge=65536,
         le=268435456,
-        description="SO_RCVBUF of each UDP socket, bytes: the queue that absorbs bursts "
-        "(the kernel drops and counts datagrams beyond it).",
+        description="UDP socket receive buffer, bytes: absorbs bursts; the kernel drops "
+        "datagrams beyond it. It is SO_RCVBUF: the kernel caps it at `net.core.rmem_max` unless sipguard "
+        "may force it (root / CAP_NET_ADMIN); `udp_receive_buffer_capped` is logged then.",
     )
     overload_shed_above: float | None = Field(
         default=0.5,
         gt=0,
         le=1,
-        description="Overload protection: when a UDP receive queue is fuller than this share "
-        "of udp_receive_buffer, new calls get 503 + Retry-After at once, so the calls in "
-        "progress keep their messages. None: off.",
+        description="A UDP receive queue fuller than this share: new calls get 503 at once "
+        "(null: off). The share is of `udp_receive_buffer`; those 503s carry Retry-After, no "
+        "rules run for them and nothing goes to the core, so the ACKs and BYEs of calls in "
+        "progress are still read.",
     )
     overload_resume_below: float = Field(
         default=0.1,
         ge=0,
         lt=1,
-        description="Overload protection ends when every UDP receive queue is below this share.",
+        description="Overload ends once every UDP receive queue is below this share again. "
+        "It must be below `overload_shed_above`.",
     )
     overload_retry_after_s: int = Field(
-        default=5, ge=0, description="Retry-After on the 503 answers while overloaded, seconds."
+        default=5, ge=0,
+        description="Retry-After on the 503 answers sent while overloaded, seconds.",
     )
     advertise: str | None = Field(
         default=None,
-        description="host[:port] for Via/Record-Route instead of the listen address "
-        "(NAT, 0.0.0.0 binds). None: use the listen address.",
+        description="host[:port] to put in Via and Record-Route (NAT, 0.0.0.0 binds); null: "
+        "the listen address.",
     )
 
     @field_validator("advertise")
@@ -159,13 +176,16 @@ class LogSettings(BaseModel):
     model_config = _FROZEN
 
     level: Literal["debug", "info", "warning", "error"] = Field(
-        default="info", description="Lowest level written."
+        default="info", description="Lowest level written: debug, info, warning, error."
     )
     format: Literal["json", "console"] = Field(
-        default="json", description="json: one JSON object a line; console: human-readable."
+        default="json",
+        description="json = one JSON object a line (for collectors); console = for people.",
     )
     parse_error_sample_s: float = Field(
-        default=1.0, ge=0, description="At most one log line per error kind per this many seconds."
+        default=1.0, ge=0,
+        description="At most one sampled log line per kind and source per this many seconds; "
+        "the rest are counted. Sampled: parse errors, dropped messages, rate-limited calls.",
     )
 
 
@@ -196,10 +216,13 @@ class Config(BaseModel):
     )
     unknown_source: Literal["reject", "drop"] = Field(
         default="reject",
-        description="Traffic from an address in no peer's networks: 403, or dropped silently.",
+        description="Traffic from an address in no peer's networks (with peers configured): "
+        "`reject` = 403 Forbidden, `drop` = no final answer. With `drop` the INVITE's "
+        "immediate 100 Trying has already gone.",
     )
     suspended: tuple[str, ...] = Field(
-        default=(), description="Numbers suspended at once: INVITEs from or to them get 403."
+        default=(),
+        description="Numbers suspended at once: INVITEs from or to them get 403 Forbidden.",
     )
     rules: RulesConfig = Field(default=RulesConfig(), description="Rules, in evaluation order.")
 

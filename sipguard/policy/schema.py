@@ -115,13 +115,45 @@ class PeerConfig(BaseModel):
 
     model_config = FROZEN
 
-    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")
-    networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = Field(min_length=1)
-    numbers: tuple[str, ...] = ()
-    numbers_file: ConfigPath | None = None
-    default_region: str | None = Field(default=None, pattern=r"^[A-Z]{2}$")
-    trust_pai: bool = True
-    rules: RulesConfig = Field(default=RulesConfig())
+    name: str = Field(
+        min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$",
+        description="Label in logs, metrics and the decision line (`peer`): letters, digits, "
+        "`_.:-`.",
+    )
+    networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = Field(
+        min_length=1,
+        description="Source addresses of this peer, IPv4 and IPv6 CIDRs. An IPv4-mapped IPv6 "
+        "source matches the IPv4 network; where networks of two peers overlap the most "
+        "specific one wins.",
+    )
+    numbers: tuple[str, ...] = Field(
+        default=(),
+        description="Caller numbers the peer may present: numbers or `prefix*` (rule `callerid`, "
+        "`ownership`). With neither `numbers` nor `numbers_file`, any number; visual separators "
+        "are dropped (`+1 (212) 555-*`); a lone `*` is every number.",
+    )
+    numbers_file: ConfigPath | None = Field(
+        default=None,
+        description="The same, one a line, `#` comments; relative to the config file. A line "
+        "that is not a number is an error naming `FILE:LINE`.",
+    )
+    default_region: str | None = Field(
+        default=None, pattern=r"^[A-Z]{2}$",
+        description="ISO 3166 country code (e.g. `US`) to read national-format numbers in; "
+        "null: none. Applies to every rule, the suspended list and the log "
+        "(`2125550100` → `+12125550100`).",
+    )
+    trust_pai: bool = Field(
+        default=True,
+        description="The caller is P-Asserted-Identity when present; `false`: From. With "
+        "`false`, rule `callerid` replaces the peer's PAI (RFC 3325 §5).",
+    )
+    rules: RulesConfig = Field(
+        default=RulesConfig(),
+        description="Overrides merged over the top-level `rules:` for this peer's traffic. "
+        "Switch a rule off (`enabled: false`), change a value, or turn a rule on for this peer "
+        "only.",
+    )
 
     @field_validator("networks", mode="before")
     @classmethod

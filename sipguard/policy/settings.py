@@ -36,9 +36,11 @@ settings as ``dno_file: ConfigPath | None = None``."""
 class RuleSettings(BaseModel):
     model_config = FROZEN
 
-    enabled: bool = Field(default=True, description="false switches the rule off.")
+    enabled: bool = Field(
+        default=True, description="false switches the rule off (e.g. for one peer)."
+    )
     mode: Literal["enforce", "monitor"] | None = Field(
-        default=None, description="enforce or monitor; default: the top-level mode."
+        default=None, description="enforce or monitor; null: the top-level mode."
     )
 
 
