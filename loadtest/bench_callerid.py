@@ -5,8 +5,8 @@ Measures, over the same INVITE bytes:
 * ``decide``: ``Policy.decide`` alone — peer lookup, suspended check and the rule pipeline —
   with no rules, and with ``callerid`` and every check on (E.164, validity, a DNO list,
   ownership, PAI/From comparison, neighbor spoofing, verstat, verdict header);
-* ``invite``: a whole initial INVITE through ``Proxy.receive`` (parse, 100 Trying, decision,
-  forwarding with the header edits) with no rules and with ``callerid``;
+* ``invite``: a whole initial INVITE through ``EdgeCore.receive`` (the proxy: parse, 100
+  Trying, decision, forwarding with the header edits) with no rules and with ``callerid``;
 
 each with callers the number cache has seen (``warm``) and with a new caller number on every
 INVITE (``cold``: phonenumbers runs each time, the worst case — a dialer rotating numbers).
@@ -25,12 +25,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sipguard.ops.config import parse_config  # noqa: E402
+from sipguard.contract import CallInfo, Flow, Local  # noqa: E402
+from sipguard.edge import EdgeCore  # noqa: E402
+from sipguard.ops.config_load import parse_config  # noqa: E402
 from sipguard.policy import numbers  # noqa: E402
 from sipguard.policy.engine import Policy  # noqa: E402
-from sipguard.proxy.core import Proxy, ProxySettings  # noqa: E402
-from sipguard.proxy.events import CallInfo  # noqa: E402
-from sipguard.proxy.flows import Flow, Local  # noqa: E402
+from sipguard.proxy.core import ProxySettings  # noqa: E402
 from sipguard.sip.parser import parse_message  # noqa: E402
 
 SRC = ("198.51.100.7", 5062)
@@ -109,14 +109,16 @@ def main() -> int:
         offset += n
         if cold:
             numbers.clear_cache()
-        proxy = Proxy(settings, policy.decide, b"k" * 32)  # type: ignore[arg-type]
+        core = EdgeCore(settings, policy, b"k" * 32)
         gc.collect()
         t0 = time.process_time()
         for d in data:
-            proxy.receive(d, flow, 0.0)
-            proxy.outbox.clear()
-            proxy.events.clear()
-        return (time.process_time() - t0) / n * 1e6
+            core.receive(d, flow, 0.0)
+            core.outbox.clear()
+            core.drain_events()
+        spent = time.process_time() - t0
+        assert len(core.proxy.dialogs) == n  # every INVITE accepted and forwarded
+        return spent / n * 1e6
 
     # Interleaved repeats, best of each: a busy machine slows every case alike.
     cases = [(cache, name, policy) for cache in ("warm", "cold")

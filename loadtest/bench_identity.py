@@ -7,8 +7,8 @@ a day), measures over N distinct signed PASSporTs (distinct ``iat``/``origid``, 
 * ``verify``: the ES256 signature check alone;
 * ``decide``: ``Policy.decide`` with only the identity rule (header selection, decode, freshness,
   numbers, x5u policy, cache lookups, signature, verdict) — the verification cost per INVITE;
-* ``invite``: a whole initial INVITE through ``Proxy.receive`` (parse, 100 Trying, decision,
-  forwarding with the outcome header), with no rules and with ``identity``;
+* ``invite``: a whole initial INVITE through ``EdgeCore.receive`` (the proxy: parse, 100
+  Trying, decision, forwarding with the outcome header), with no rules and with ``identity``;
 
 and, once per certificate (cache miss), ``chain``: PEM parse + chain validation to the anchor.
 
@@ -29,19 +29,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchutil import quiet_gc  # noqa: E402
 
-from sipguard.ops.config import parse_config  # noqa: E402
+from sipguard.contract import CallInfo, Flow, Local  # noqa: E402
+from sipguard.edge import EdgeCore  # noqa: E402
+from sipguard.ops.config_load import parse_config  # noqa: E402
 from sipguard.policy.engine import Policy  # noqa: E402
-from sipguard.policy.identity import CACHE_KEY, WALL_OFFSET_KEY  # noqa: E402
 from sipguard.policy.passport import decode_passport, verify_signature  # noqa: E402
+from sipguard.policy.state import RuleState  # noqa: E402
 from sipguard.policy.stircert import (  # noqa: E402
     UrlEntry,
     load_trust_anchors,
     parse_chain,
     verify_chain,
 )
-from sipguard.proxy.core import Proxy, ProxySettings  # noqa: E402
-from sipguard.proxy.events import CallInfo  # noqa: E402
-from sipguard.proxy.flows import Flow, Local  # noqa: E402
+from sipguard.proxy.core import ProxySettings  # noqa: E402
 from sipguard.sip.parser import parse_message  # noqa: E402
 from tests.unit.stir_pki import Pki, identity_value, pem, sign_passport  # noqa: E402
 
@@ -97,8 +97,9 @@ def main() -> None:
         "listen": ["udp://192.0.2.1:5060"], "core": "udp://10.0.0.10:5080",
         "rules": {"identity": {"trust_anchors": str(anchors_dir)}},
     })
-    policy = Policy(parse_config(cfg_text, base_dir=tmp), {WALL_OFFSET_KEY: wall - 1000.0})
-    cache = policy.ctx.shared[CACHE_KEY]
+    policy = Policy(parse_config(cfg_text, base_dir=tmp), RuleState(wall_offset=wall - 1000.0))
+    policy.activate()  # swapped in, as the edge core does (sizes the certificate cache)
+    cache = policy.state.certs
     chain_pem = pem(pki.leaf, pki.inter)
     cache.store(URL, UrlEntry(parse_chain(chain_pem), "", "", 1e12), 1000.0)
     plain = Policy(parse_config("listen: [udp://192.0.2.1:5060]\ncore: udp://10.0.0.10:5080\n"))
@@ -132,14 +133,15 @@ def main() -> None:
         datas = [invite(i, values[i] if with_identity else None) for i in range(n)]
 
         def run(i: int) -> None:
-            proxy.receive(datas[i], flow, 1000.0)
-            proxy.outbox.clear()
-            proxy.events.clear()
+            core.receive(datas[i], flow, 1000.0)
+            core.outbox.clear()
+            core.drain_events()
 
         best = float("inf")
         for _ in range(args.repeat):
-            proxy = Proxy(settings, pol.decide, b"k" * 32)  # type: ignore[arg-type]
+            core = EdgeCore(settings, pol, b"k" * 32)
             best = min(best, per_call_us(run, n, 1))
+            assert len(core.proxy.dialogs) == n, "every INVITE decided at once and forwarded"
         return best
 
     results["invite, no rules"] = through_proxy(plain, False)

@@ -3,14 +3,17 @@
 In memory, no sockets. Three measurements:
 
 * ``rule``: per INVITE, ``decide`` (every limit on: per_caller, per_callee, per_diverter,
-  per_peer, max_diversions) plus the dialog's start and, for an older dialog, its end — with
+  per_peer, max_diversions; an admitted call takes its slot there) plus the dialog's start
+  (the slot handed to it) and, for an older dialog, its end — with
   ``--live`` dialogs up all the time, and caller / callee / diverter numbers drawn from a pool
   of 1 k and of 1 M distinct numbers. O(1) means the two columns are about equal.
-* ``invite``: a whole initial INVITE through ``Proxy.receive`` (parse, 100 Trying, decision,
-  forwarding, dialog start delivered to the policy) with no rules and with ``concurrency``.
+* ``invite``: a whole initial INVITE through ``EdgeCore.receive`` (the proxy: parse, 100
+  Trying, decision, forwarding, dialog start delivered to the policy) with no rules and with
+  ``concurrency``.
 * ``memory``: bytes per live dialog (tracemalloc) held by the concurrency tracker (its lease,
-  keys, counts and expiry entry) and by the proxy's dialog table (the Dialog, its table entry
-  and its expiry entry) — transactions, which live ~32 s, are not counted.
+  keys, counts and expiry entry) and by the proxy's dialog table (the Dialog, its lease id —
+  shared with the tracker —, its table entry and its expiry entry) — transactions, which live
+  ~32 s, are not counted.
 
     .venv/bin/python loadtest/concurrency_cost.py [--live 100000] [--n 100000] [--repeat 2]
 
@@ -34,12 +37,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchutil import invite, quiet_gc  # noqa: E402
 
-from sipguard.ops.config import parse_config  # noqa: E402
+from sipguard.contract import Dialog, Flow, Local  # noqa: E402
+from sipguard.edge import EdgeCore  # noqa: E402
+from sipguard.ops.config_load import parse_config  # noqa: E402
 from sipguard.policy.concurrency import Concurrency, Settings, Tracker  # noqa: E402
 from sipguard.policy.engine import Policy  # noqa: E402
-from sipguard.proxy.core import Proxy, ProxySettings  # noqa: E402
-from sipguard.proxy.events import CallInfo, Dialog, DialogStarted  # noqa: E402
-from sipguard.proxy.flows import Flow, Local  # noqa: E402
+from sipguard.policy.state import RuleState  # noqa: E402
+from sipguard.proxy.core import ProxySettings  # noqa: E402
 from sipguard.sip.parser import parse_message  # noqa: E402
 from sipguard.state.expiry import ExpiryWheel  # noqa: E402
 
@@ -56,13 +60,16 @@ def number(pool: int, rng: random.Random, base: int) -> str:
 
 
 class Call:
-    """What ``Concurrency.decide`` reads from a CallInfo (no parsing in the timed loop)."""
+    """What ``Concurrency.decide`` reads from (and writes to) a CallInfo (no parsing in the
+    timed loop); ``lease`` is the id the call's slot is taken under."""
 
-    __slots__ = ("caller", "callee", "diverters", "peer", "msg")
+    __slots__ = ("caller", "callee", "diverters", "peer", "msg", "lease", "held")
 
-    def __init__(self, caller: str, callee: str, diverters: tuple[str, ...]) -> None:
+    def __init__(self, caller: str, callee: str, diverters: tuple[str, ...], lease: str) -> None:
         self.caller, self.callee, self.diverters, self.peer = caller, callee, diverters, None
         self.msg = PLAIN
+        self.lease = lease
+        self.held = False
 
 
 PLAIN = parse_message(
@@ -72,17 +79,25 @@ PLAIN = parse_message(
 )
 
 
+def lease_of(i: int) -> str:
+    """The lease id the proxy gives call number ``i``: Call-ID, From tag, transaction key."""
+    return f"{i:x}-bench@198.51.100.7\nf{i:x}\nz9hG4bK-{i}-a|198.51.100.7:5062"
+
+
 def dialog(i: int, call: Call, now: float) -> Dialog:
+    """Call number ``i`` as a dialog, holding the call's lease (as the proxy hands it on)."""
     return Dialog(f"{i:x}-bench@198.51.100.7", f"f{i:x}", None, call.caller, call.callee,
-                  call.diverters, None, SRC, now, now + 14400.0)
+                  call.diverters, None, SRC, now, now + 14400.0, lease=call.lease)
 
 
-def calls(n: int, pool: int, rng: random.Random) -> list[Call]:
+def calls(n: int, pool: int, rng: random.Random, first: int = 0) -> list[Call]:
+    """``n`` calls numbered from ``first``, each with a lease id as the proxy makes it (Call-ID,
+    From tag and server transaction)."""
     out = []
-    for _ in range(n):
+    for i in range(first, first + n):
         diverters = (number(pool, rng, 3_000_000_000),) if rng.random() < 0.1 else ()
         out.append(Call(number(pool, rng, 2_000_000_000), number(pool, rng, 8_000_000_000),
-                        diverters))
+                        diverters, lease_of(i)))
     return out
 
 
@@ -98,36 +113,38 @@ def bench_rule(live: int, n: int, pool: int, seed: int) -> tuple[float, float]:
         d = dialog(i, c, now)
         tracker.dialog_started(d, now)
         up.append(d)
-    todo = calls(n, pool, rng)
+    todo = calls(n, pool, rng, live)
     fresh = [dialog(live + i, c, now) for i, c in enumerate(todo)]
+    again = calls(n, pool, rng, live + n)  # new attempts: decide alone takes their slots
     with quiet_gc():
         t0 = time.process_time()
         for c, d in zip(todo, fresh, strict=True):
             verdict = rule.decide(c, now)  # type: ignore[arg-type]
-            assert verdict is None
+            assert verdict is None and c.held
             tracker.dialog_started(d, now)
             tracker.dialog_ended(up.popleft(), now)
             up.append(d)
         whole = (time.process_time() - t0) / n * 1e6
         t0 = time.process_time()
-        for c in todo:
+        for c in again:
             rule.decide(c, now)  # type: ignore[arg-type]
         alone = (time.process_time() - t0) / n * 1e6
-    assert tracker.stats()["live_calls"] == live
+    assert tracker.stats()["live_calls"] == live + n
+    for c in again:  # none became a dialog: their slots go back
+        assert c.held
+        tracker.call_abandoned(c, now)  # type: ignore[arg-type]
+    stats = tracker.stats()
+    assert stats["live_calls"] == live and stats["unmatched_ends"] == 0
     return whole, alone
 
 
 def bench_invite(n: int, rules: str, seed: int) -> float:
     """µs per initial INVITE through the proxy with a Policy built from ``rules``."""
     rng = random.Random(seed)
-    policy = Policy(parse_config(BASE + rules), {})
-
-    def decide(call: CallInfo, now: float) -> object:
-        return policy.decide(call, now)
-
+    policy = Policy(parse_config(BASE + rules), RuleState())
     settings = ProxySettings(locals=(Local(0, "udp", "192.0.2.1", 5060),),
                              core=Flow("udp", CORE, 0))
-    proxy = Proxy(settings, decide, b"k" * 32)  # type: ignore[arg-type]
+    core = EdgeCore(settings, policy, b"k" * 32)  # delivers dialog starts to the policy
     data = [invite(i, number(1_000_000, rng, 2_000_000_000), number(1_000_000, rng, 8_000_000_000))
             for i in range(n)]
     src = Flow("udp", SRC, 0)
@@ -135,13 +152,14 @@ def bench_invite(n: int, rules: str, seed: int) -> float:
     with quiet_gc():
         t0 = time.process_time()
         for raw in data:
-            proxy.receive(raw, src, now)
-            for event in proxy.events:
-                if isinstance(event, DialogStarted):
-                    policy.dialog_started(event.dialog, now)
-            proxy.events.clear()
-            proxy.outbox.clear()
-        return (time.process_time() - t0) / n * 1e6
+            core.receive(raw, src, now)
+            core.drain_events()
+            core.outbox.clear()
+        spent = time.process_time() - t0
+    assert len(core.proxy.dialogs) == n  # every INVITE accepted and forwarded
+    if rules:
+        assert policy.state.tracker.stats()["live_calls"] == n
+    return spent / n * 1e6
 
 
 def bench_memory(live: int, pool: int, seed: int) -> tuple[float, float]:
@@ -165,8 +183,10 @@ def bench_memory(live: int, pool: int, seed: int) -> tuple[float, float]:
     table: dict[tuple[str, str], Dialog] = {}
     wheel: ExpiryWheel[tuple[str, str]] = ExpiryWheel()
     for i, c in enumerate(cs):  # what Proxy._apply_verdict keeps per dialog
+        # its lease id (made per call by the proxy, shared with the tracker) is counted here
         d = Dialog(f"{i:x}-bench@198.51.100.7", f"f{i:x}", None, c.caller, c.callee,
-                   c.diverters, None, SRC, now + i * 0.01, now + i * 0.01 + 14400.0)
+                   c.diverters, None, SRC, now + i * 0.01, now + i * 0.01 + 14400.0,
+                   lease=lease_of(i))
         d.hard_expires = d.expires
         key = (d.call_id, d.caller_tag)
         table[key] = d
@@ -196,7 +216,7 @@ def main() -> None:
         offs.append(bench_invite(args.invites, "", seed))
         ons.append(bench_invite(args.invites, RULES, seed))
     off, on = min(offs), min(ons)
-    print(f"invite: whole initial INVITE through Proxy.receive, {args.invites} INVITEs, "
+    print(f"invite: whole initial INVITE through EdgeCore.receive, {args.invites} INVITEs, "
           "1 M distinct numbers")
     print(f"  no rules           {off:9.1f} µs")
     print(f"  concurrency on     {on:9.1f} µs   (+{on - off:.1f} µs, {on / off - 1:+.1%})")

@@ -10,14 +10,15 @@ In memory, no sockets. Measurements:
   and again) and from an endless supply of one-off numbers (every call a new caller and
   callee). O(1) means the columns are about equal. Limits and thresholds are set so that no
   call is rejected: every call takes the whole path.
-* ``memory``: bytes held by the rules' shared state (walked object by object) after
+* ``memory``: bytes held by the rules' state (``RuleState``, walked object by object) after
   ``--numbers`` one-off callers (default 1 M), each calling once and hanging up, at
   ``--cps`` calls per second of simulated time (default 1,000: 1,000 s), with the default
   ``max_keys`` / ``max_numbers``; and after the same numbers all at one instant (the caps
   hold).
-* ``invite``: a whole initial INVITE through ``Proxy.receive`` (parse, 100 Trying, decision,
-  forwarding) plus its dialog end, without rules and with rate + dialer: the single-core
-  ceiling of calls per second with these rules on.
+* ``invite``: a whole initial INVITE through ``EdgeCore.receive`` (the proxy: parse, 100
+  Trying, decision, forwarding, dialog start delivered to the policy) plus its dialog end,
+  without rules and with rate + dialer: the single-core ceiling of calls per second with these
+  rules on.
 
     .venv/bin/python loadtest/rate_cost.py [--numbers 1000000] [--cps 1000] [--n 50000]
 
@@ -39,11 +40,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchutil import invite, quiet_gc  # noqa: E402
 
-from sipguard.ops.config import parse_config  # noqa: E402
+from sipguard.contract import CallInfo, Dialog, DialogStarted, Flow, InviteDecided, Local  # noqa: E402
+from sipguard.edge import EdgeCore  # noqa: E402
+from sipguard.ops.config_load import parse_config  # noqa: E402
 from sipguard.policy.engine import Policy  # noqa: E402
-from sipguard.proxy.core import Proxy, ProxySettings  # noqa: E402
-from sipguard.proxy.events import CallInfo, Dialog, InviteDecided  # noqa: E402
-from sipguard.proxy.flows import Flow, Local  # noqa: E402
+from sipguard.policy.state import RuleState  # noqa: E402
+from sipguard.proxy.core import ProxySettings  # noqa: E402
 from sipguard.sip.parser import parse_message  # noqa: E402
 
 SRC = ("198.51.100.7", 5062)
@@ -71,7 +73,9 @@ BATCH = 10_000
 
 
 def policy(rules: str) -> Policy:
-    return Policy(parse_config(BASE + ("rules:\n" + rules if rules else "")), {})
+    p = Policy(parse_config(BASE + ("rules:\n" + rules if rules else "")), RuleState())
+    p.activate()
+    return p
 
 
 def make_calls(start: int, n: int, pool: int | None, rng: random.Random, now: float,
@@ -142,15 +146,11 @@ def deep_size(obj: Any, seen: set[int] | None = None) -> int:
 
 
 def state_size(p: Policy) -> dict[str, int]:
-    shared = p.ctx.shared
     seen: set[int] = set()
     for rule in (*p.rules,):  # rule objects (settings) are not per-number state
         seen.add(id(rule))
-    out = {}
-    for key in ("rate.buckets", "dialer.state"):
-        if key in shared:
-            out[key] = deep_size(shared[key], seen)
-    return out
+    return {"rate.buckets": deep_size(p.state.buckets, seen),
+            "dialer.state": deep_size(p.state.dialer, seen)}
 
 
 def bench_memory(numbers: int, cps: float | None) -> tuple[dict[str, int], dict[str, int], float]:
@@ -170,9 +170,8 @@ def bench_memory(numbers: int, cps: float | None) -> tuple[dict[str, int], dict[
                 p.dialog_ended(d, now)
             spent += time.process_time() - t0
         done += len(batch)
-    shared = p.ctx.shared
-    keys = {f"rate.{k}": v for k, v in shared["rate.buckets"].size().items() if v}
-    dialer = shared["dialer.state"]
+    keys = {f"rate.{k}": v for k, v in p.state.buckets.size().items() if v}
+    dialer = p.state.dialer
     keys |= {"dialer.callers": len(dialer.callers), "dialer.callees": len(dialer.callees),
              "dialer.origins": len(dialer.origins)}
     gc.collect()
@@ -184,23 +183,27 @@ def bench_invite(n: int, rules: str) -> float:
     p = policy(rules)
     settings = ProxySettings(locals=(Local(0, "udp", "192.0.2.1", 5060),),
                              core=Flow("udp", CORE, 0))
-    proxy = Proxy(settings, p.decide, b"k" * 32)  # type: ignore[arg-type]
+    core = EdgeCore(settings, p, b"k" * 32)
     data = [invite(i, f"+1{2_000_000_000 + i:010d}", f"+1{8_000_000_000 + 7 * i:010d}")
             for i in range(n)]
+    ended = 0
     with quiet_gc():
         t0 = time.process_time()
         for i, raw in enumerate(data):
             now = 1000.0 + i / 100.0
-            proxy.receive(raw, FLOW, now)
-            for event in proxy.events:
+            core.receive(raw, FLOW, now)
+            core.outbox.clear()
+            for event in core.drain_events():
                 if isinstance(event, InviteDecided):
                     assert event.verdict.accepted, event.verdict
-            proxy.events.clear()
-            proxy.outbox.clear()
-            for d in list(proxy.dialogs.values())[-1:]:
-                d.ended_at = now
-                p.dialog_ended(d, now)
-        return (time.process_time() - t0) / n * 1e6
+                elif isinstance(event, DialogStarted):
+                    d = event.dialog
+                    d.ended_at = now
+                    p.dialog_ended(d, now)
+                    ended += 1
+        spent = time.process_time() - t0
+    assert ended == n, ended
+    return spent / n * 1e6
 
 
 def main() -> int:

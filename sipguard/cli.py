@@ -81,14 +81,17 @@ async def _serve(path: str, args: argparse.Namespace, cfg: Config) -> int:
             if new.listen != server.cfg.listen:
                 log.warning("config_listen_unchanged", detail="listener changes need a restart")
                 new = config_with_overrides(new, listen=server.cfg.listen)
-            await server.reload(new)
+            applied = await server.reload(new)
         except ConfigError as exc:
             log.error("config_reload_failed", errors=str(exc).splitlines())
             return
         except (OSError, ValueError) as exc:  # e.g. a bad line in a dno_file
             log.error("config_reload_failed", errors=[str(exc)])
             return
-        log.info("config_reloaded", file=path)
+        if applied:
+            log.info("config_reloaded", file=path)
+        else:
+            log.info("config_reload_superseded", file=path, detail="a newer reload won")
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)

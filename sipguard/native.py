@@ -41,14 +41,14 @@ HOT_MODULES: tuple[str, ...] = (
     "sipguard.sip.identity",
     "sipguard.sip.message",
     "sipguard.sip.parser",
-    "sipguard.proxy.flows",
-    "sipguard.proxy.events",
+    "sipguard.contract",
     "sipguard.proxy.timers",
     "sipguard.proxy.build",
     "sipguard.proxy.core",
+    "sipguard.edge",
     "sipguard.state.expiry",
-    "sipguard.policy.verdict",
     "sipguard.transport.udp",
+    "sipguard.ops.observe",
     "sipguard.server",
 )
 

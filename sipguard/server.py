@@ -1,48 +1,42 @@
-"""The asyncio shell around the sans-I/O proxy: sockets, the clock, one timer, logs and counters.
+"""The asyncio shell around the edge core: sockets, the clock, one timer, sends, lifecycle.
 
-:class:`Server` owns the listeners, the TCP connection pool and one :class:`Proxy`. Every
-received message goes to ``proxy.receive(data, flow, now)``; afterwards the shell drains the
-proxy's outbox (datagrams and stream writes) and its events (log lines and counters, made here
-and only here), and re-arms the single loop timer to the proxy's next deadline.
+:class:`Server` owns the listeners, the TCP connection pool and one
+:class:`~sipguard.edge.EdgeCore`. Every received message goes to ``core.receive(data, flow,
+now)``; at the end of the event-loop pass the shell sends what the core put in its outbox,
+hands the core's events to the :class:`~sipguard.ops.observe.Observer` (log lines, counters)
+and runs the work some events ask for (a decision or state update that needs I/O, finished
+through ``core.resolve``), and re-arms the single loop timer to the core's next deadline. The
+shell never decides anything and never changes policy state.
 
 Start-up and shut-down are one async context: :meth:`Server.start` binds every listener or
 raises :class:`StartupError` with one clear line; :meth:`Server.stop` closes them in reverse.
+The HTTP endpoint is :mod:`sipguard.ops.http`, overload protection :mod:`sipguard.ops.overload`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import gc
 import ipaddress
 import os
 import socket
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Coroutine
 from typing import Any
 
-from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-
 from sipguard import native
+from sipguard.contract import CallInfo, DecisionPending, Deferred, Flow, Local, Verdict
+from sipguard.edge import DECISION_FAILED, EdgeCore
 from sipguard.ops.config import Config
+from sipguard.ops.http import HttpEndpoint
 from sipguard.ops.logging import CallLogger, SampledLogger, flush_logs, get_logger
-from sipguard.ops.metrics import Metrics, MetricsCollector
-from sipguard.policy import flood
+from sipguard.ops.metrics import Metrics
+from sipguard.ops.observe import Observer
+from sipguard.ops.overload import OverloadWatcher
 from sipguard.policy.engine import Policy
-from sipguard.policy.identity import FETCHER_KEY, WALL_OFFSET_KEY
-from sipguard.policy.verdict import Verdict
+from sipguard.policy.state import RuleState
 from sipguard.proxy.core import Proxy, ProxySettings
-from sipguard.proxy.events import (
-    CallInfo,
-    DialogEnded,
-    DialogStarted,
-    Dropped,
-    InviteDecided,
-    ParseFailed,
-)
-from sipguard.proxy.flows import Flow, Local
 from sipguard.sip.errors import SipParseError
 from sipguard.transport.https_fetch import HttpsFetcher
 from sipguard.transport.tcp import TcpPool
@@ -108,30 +102,34 @@ def proxy_settings(cfg: Config) -> ProxySettings:
 
 
 class Server:
-    """One running sipguard: listeners + proxy + observability."""
+    """One running sipguard: listeners + edge core + observability."""
 
     def __init__(self, cfg: Config, policy: Policy | None = None) -> None:
         self.cfg = cfg
         self.loop = asyncio.get_running_loop()
-        self.shared: dict[str, Any] = {}  # rule state that outlives reloads
-        self.policy = policy or Policy(cfg, self.shared)
-        self.shared = self.policy.ctx.shared
-        # identity rule: Unix time = loop time + wall_offset; certificate fetches over HTTPS
-        self.shared[WALL_OFFSET_KEY] = time.time() - self.loop.time()
-        self.shared.setdefault(FETCHER_KEY, HttpsFetcher(clock=self.loop.time))
-        self.proxy = Proxy(proxy_settings(cfg), self._decide, os.urandom(32))
-        self.flood = self._flood_guard(cfg, self.policy)
+        # The rules' state, made once and kept across reloads. Identity: Unix time = loop
+        # time + wall_offset; certificates fetched over HTTPS.
+        self.state = policy.state if policy is not None else RuleState()
+        self.state.wall_offset = time.time() - self.loop.time()
+        if self.state.fetcher is None:
+            self.state.fetcher = HttpsFetcher(clock=self.loop.time)
+        policy = policy or Policy(cfg, self.state, _trusted(cfg))
+        self.core = EdgeCore(proxy_settings(cfg), policy, os.urandom(32),
+                             overload_retry_after_s=cfg.sip.overload_retry_after_s,
+                             perf=time.perf_counter)
         self.udp: dict[int, UdpEndpoint] = {}
         self.tcp = TcpPool(self.loop, self._on_stream_message, self._on_stream_error,
                            cfg.sip.max_message_size)
         self.metrics = Metrics()
         self.metrics.config_loaded = time.time()
         self.counters: Counter[str] = self.metrics.events  # every counter is exported too
-        self._metrics_runner: web.AppRunner | None = None
         self.log = get_logger("sipguard")
-        self.call_log = CallLogger("sipguard")
         sample = cfg.log.parse_error_sample_s
         self.sampled = SampledLogger(self.log, sample, clock=self.loop.time)
+        self.observer = Observer(self.metrics, self.log, CallLogger("sipguard"), self.sampled)
+        self.observer.flood = policy.flood
+        self.overload = OverloadWatcher(self.counters, self.log)
+        self.http: HttpEndpoint | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._flush_pending = False
@@ -139,12 +137,17 @@ class Server:
         self._log_flusher: asyncio.TimerHandle | None = None
         self._gc_timer: asyncio.TimerHandle | None = None
         self._load_watch: asyncio.TimerHandle | None = None
-        self.overloaded = False  # new calls get 503 while a UDP receive queue is too full
-        self.queue_fill = 0.0  # the fullest UDP receive queue, share of its buffer
-        self._udp_drops = 0  # the kernel's drop count at the last look
-        self._overload_verdict = overload_verdict(cfg)
         self._resolved: dict[str, str] = {}
-        self._decisions: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._reloads = 0  # reloads started; only the newest one's result is swapped in
+
+    @property
+    def policy(self) -> Policy:
+        return self.core.policy
+
+    @property
+    def proxy(self) -> Proxy:
+        return self.core.proxy
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -167,9 +170,11 @@ class Server:
                 await self.stop()
                 raise StartupError(f"cannot listen on {ep}: {exc.strerror or exc}") from None
         if self.cfg.metrics.host_port is not None:
+            self.http = HttpEndpoint(self.metrics, self._gauges)
             try:
-                await self._start_metrics(*self.cfg.metrics.host_port)
+                await self.http.start(*self.cfg.metrics.host_port)
             except OSError as exc:
+                self.http = None
                 await self.stop()
                 raise StartupError(
                     f"cannot serve metrics on {self.cfg.metrics.listen}: {exc.strerror or exc}"
@@ -192,30 +197,6 @@ class Server:
             self.log.warning("compiled_modules_stale", modules=stale,
                              fix="run `make` or `python -m sipguard.native build`")
 
-    async def _start_metrics(self, host: str, port: int) -> None:
-        """GET /metrics (Prometheus text format) and /healthz, served on the event loop."""
-        registry = CollectorRegistry()
-        registry.register(MetricsCollector(self.metrics, self._gauges))
-
-        async def metrics(request: web.Request) -> web.Response:
-            body = generate_latest(registry)
-            return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-        async def healthz(request: web.Request) -> web.Response:
-            return web.Response(text="ok\n")
-
-        app = web.Application()
-        app.router.add_get("/metrics", metrics)
-        app.router.add_get("/healthz", healthz)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        try:
-            await web.TCPSite(runner, host, port, reuse_address=True).start()
-        except OSError:
-            await runner.cleanup()
-            raise
-        self._metrics_runner = runner
-
     def _gauges(self) -> dict[str, float]:
         proxy = self.proxy
         return {
@@ -223,42 +204,20 @@ class Server:
             "server_transactions": len(proxy.servers),
             "client_transactions": len(proxy.clients),
             "tcp_connections": len(self.tcp.by_id),
-            "udp_receive_queue_ratio": self.queue_fill,
-            "overloaded": float(self.overloaded),
+            "udp_receive_queue_ratio": self.overload.queue_fill,
+            "overloaded": float(self.core.overloaded),
         }
 
-    def _watch_load(self) -> None:
-        """Overload protection, every 50 ms: how full the UDP receive queues are.
+    @property
+    def overloaded(self) -> bool:
+        return self.core.overloaded
 
-        A queue that fills means sipguard reads datagrams slower than they come. Past
-        ``sip.overload_shed_above`` new calls are answered 503 + Retry-After straight away (no
-        rules, no dialog, nothing sent to the core), which costs a fraction of a call, so the
-        calls already up keep getting their ACKs, BYEs and answers through instead of losing
-        them to kernel drops. It ends when every queue is below ``overload_resume_below``.
-        The kernel's drops are counted as ``udp_receive_dropped``.
-        """
-        fill = 0.0
-        drops = 0
-        for ep in self.udp.values():
-            state = ep.receive_queue()
-            if state is not None:
-                fill = max(fill, state[0])
-                drops += state[1]
-        self.queue_fill = fill
-        if drops > self._udp_drops:
-            self.counters["udp_receive_dropped"] += drops - self._udp_drops
-        self._udp_drops = drops
+    def _watch_load(self) -> None:
+        """Overload protection, every 50 ms (see :mod:`sipguard.ops.overload`)."""
         sip = self.cfg.sip
-        shed = sip.overload_shed_above
-        if not self.overloaded and shed is not None and fill > shed:
-            self.overloaded = True
-            self.counters["overload_started"] += 1
-            self.log.warning("overload_started", queue_ratio=round(fill, 3),
-                             udp_receive_dropped=self.counters["udp_receive_dropped"])
-        elif self.overloaded and (shed is None or fill < sip.overload_resume_below):
-            self.overloaded = False
-            self.log.info("overload_ended", queue_ratio=round(fill, 3),
-                          rejected=self.counters["overload_rejected"])
+        self.core.overloaded = self.overload.check(
+            self.udp.values(), sip.overload_shed_above, sip.overload_resume_below
+        )
         self._load_watch = self.loop.call_later(LOAD_WATCH_S, self._watch_load)
 
     def collect_garbage(self) -> None:
@@ -270,24 +229,21 @@ class Server:
         self._gc_timer = self.loop.call_later(GC_INTERVAL_S, self.collect_garbage)
 
     def _flush_logs(self) -> None:
-        flush_logs()
+        try:
+            flush_logs()
+        except Exception:  # a log line that cannot be written must not stop the flusher
+            self.counters["log_write_failed"] += 1
         self._log_flusher = self.loop.call_later(0.1, self._flush_logs)
 
     async def stop(self) -> None:
-        if self._gc_timer is not None:
-            self._gc_timer.cancel()
-        if self._load_watch is not None:
-            self._load_watch.cancel()
-        if self._log_flusher is not None:
-            self._log_flusher.cancel()
-        if self._timer is not None:
-            self._timer.cancel()
-        if self._housekeeping is not None:
-            self._housekeeping.cancel()
-        if self._metrics_runner is not None:
-            await self._metrics_runner.cleanup()
-            self._metrics_runner = None
-        fetcher = self.shared.get(FETCHER_KEY)
+        for handle in (self._gc_timer, self._load_watch, self._log_flusher, self._timer,
+                       self._housekeeping):
+            if handle is not None:
+                handle.cancel()
+        if self.http is not None:
+            await self.http.stop()
+            self.http = None
+        fetcher = self.state.fetcher
         if isinstance(fetcher, HttpsFetcher):
             await fetcher.close()
         await self.tcp.close()
@@ -297,88 +253,41 @@ class Server:
         self.udp.clear()
 
     def reconfigure(self, cfg: Config, policy: Policy) -> None:
-        """Swap in a new config and policy; transactions, dialogs and counters carry on."""
+        """Swap in a new config and policy; transactions, dialogs and the rules' state carry
+        on."""
         self.cfg = cfg
-        self._overload_verdict = overload_verdict(cfg)
-        previous, self.policy = self.policy, policy
-        self.proxy.configure(proxy_settings(cfg))
-        self.flood = self._flood_guard(cfg, policy)
-        # A rule turned on by this reload starts from the calls that are up now.
-        self._run_later(policy.adopt(previous, self.proxy.dialogs.values(), self.loop.time()))
+        self.core.set_overload_retry_after(cfg.sip.overload_retry_after_s)
+        self.core.reconfigure(proxy_settings(cfg), policy, self.loop.time())
+        self.observer.flood = policy.flood
+        self._schedule_flush()
 
-    def _run_later(self, pending: list[Awaitable[None]]) -> None:
-        """Run what the policy could not do at once (a remote state backend) as tasks."""
-        for aw in pending:
-            task = self.loop.create_task(self._settle(aw))
-            self._decisions.add(task)
-            task.add_done_callback(self._decisions.discard)
-
-    async def _settle(self, pending: Awaitable[None]) -> None:
-        try:
-            await pending
-        except Exception:
-            self.counters["internal_errors"] += 1
-            self.log.exception("policy_update_failed")
-
-    def _flood_guard(self, cfg: Config, policy: Policy) -> flood.FloodGuard | None:
-        """The pre-parse flood and scanner check (rule ``flood``); bans live in ``shared``."""
-        peers = policy.peers
-        return flood.guard(
-            cfg.rules.flood, cfg.mode, self.shared, peers,
-            [(peers.peers[pc.name], pc.rules.flood) for pc in cfg.peers],
-            trusted=((cfg.core.host, cfg.core.port),),
-        )
-
-    async def reload(self, cfg: Config) -> None:
-        """Build the new policy off the event loop (big number lists), then swap it in."""
-        policy = await asyncio.to_thread(Policy, cfg, self.shared)
+    async def reload(self, cfg: Config) -> bool:
+        """Build the new policy off the event loop (big number lists), then swap it in —
+        unless a newer reload started meanwhile (newest wins). True when swapped in."""
+        self._reloads += 1
+        mine = self._reloads
+        policy = await asyncio.to_thread(Policy, cfg, self.state, _trusted(cfg))
+        if mine != self._reloads:
+            self.counters["reloads_superseded"] += 1
+            return False
         self.reconfigure(cfg, policy)
+        return True
 
     # ------------------------------------------------------------------ input
     def _on_datagram(self, data: bytes, addr: tuple[str, int], local: int) -> None:
-        guard = self.flood
-        if guard is not None and (why := guard.check(addr, data, self.loop.time())) and (
-            self._flooded(why, addr)
-        ):
-            return
-        if len(data) <= 4 and not data.strip(b"\r\n"):
-            return  # CRLF keep-alive over UDP
-        self._receive(data, Flow("udp", addr, local))
+        self.core.receive(data, Flow("udp", addr, local), self.loop.time())
+        self._schedule_flush()
 
     def _on_stream_message(self, data: bytes, addr: tuple[str, int], local: int, conn: int) -> None:
-        guard = self.flood
-        if guard is not None and (why := guard.check(addr, data, self.loop.time())) and (
-            self._flooded(why, addr)
-        ):
-            return
-        self._receive(data, Flow("tcp", addr, local, conn))
-
-    def _flooded(self, why: str, addr: tuple[str, int]) -> bool:
-        """Count (and for a new ban, log) a message the flood guard objects to; True to drop."""
-        guard = self.flood
-        assert guard is not None
-        self.counters[f"flood_{'monitored' if guard.monitor else 'dropped'}_{why}"] += 1
-        if why == flood.FLOOD or (why == flood.SCANNER and guard.banned(addr)):
-            self.counters[f"flood_banned_{why}"] += 1
-            key = addr[0] if guard.by_ip else f"{addr[0]}:{addr[1]}"
-            self.sampled.log("warning", "source_banned", key=f"ban:{key}", source=addr[0],
-                             port=addr[1], reason=why, ban_s=guard.ban_s,
-                             monitored=guard.monitor or None)
-        return not guard.monitor
+        self.core.receive(data, Flow("tcp", addr, local, conn), self.loop.time())
+        self._schedule_flush()
 
     def _on_stream_error(self, err: SipParseError, addr: tuple[str, int], local: int) -> None:
         self.counters["parse_errors"] += 1
         self.sampled.log("warning", "stream_closed", key=f"stream:{addr[0]}", source=addr[0],
                          status=err.status, detail=err.detail)
 
-    def _receive(self, data: bytes, flow: Flow) -> None:
-        proxy = self.proxy
-        try:
-            proxy.receive(data, flow, self.loop.time())
-        except Exception:  # a bug must cost one message, never the process
-            self.counters["internal_errors"] += 1
-            self.log.exception("message_failed", source=flow.addr[0], size=len(data))
-            proxy.outbox.clear()
+    def _schedule_flush(self) -> None:
         # Sends wait for the end of this event-loop pass: the datagrams read in one pass are
         # all processed first, then their answers go out back to back. A peer woken by the
         # first datagram is still awake for the next, so one wake-up serves several sends —
@@ -388,53 +297,49 @@ class Server:
             self._flush_pending = True
             self.loop.call_soon(self._flush)
 
-    def _decide(self, call: CallInfo, now: float) -> Verdict | None:
-        if self.overloaded:
-            self.counters["overload_rejected"] += 1
-            return self._overload_verdict
-        started = time.perf_counter()
-        verdict = self.policy.decide(call, now)
-        if isinstance(verdict, Verdict):
-            elapsed = time.perf_counter() - started
-            call.decision_us = elapsed * 1e6
-            self.metrics.decision(elapsed)
-            return verdict
-        # A rule needs I/O: the INVITE waits in its server transaction (retransmissions are
-        # absorbed) until the verdict arrives.
-        task = self.loop.create_task(self._decide_later(call, verdict, started))
-        self._decisions.add(task)
-        task.add_done_callback(self._decisions.discard)
-        return None
+    # ------------------------------------------------------------------ work events ask for
+    def _start(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = self.loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
-    async def _decide_later(
-        self, call: CallInfo, pending: Awaitable[Verdict], started: float
-    ) -> None:
+    async def _decide_later(self, call: CallInfo, pending: Awaitable[Verdict]) -> None:
         try:
             verdict = await pending
         except Exception:
             self.counters["internal_errors"] += 1
             self.log.exception("decision_failed", call_id=call.call_id)
-            verdict = Verdict("reject", rule="internal", reason="decision_failed", status=500)
-        elapsed = time.perf_counter() - started
-        call.decision_us = elapsed * 1e6
-        self.metrics.decision(elapsed)
-        self.proxy.resolve(call, verdict, self.loop.time())
+            verdict = DECISION_FAILED
+        self.core.resolve(call, verdict, self.loop.time())
         self._flush()
+
+    async def _settle(self, pending: Awaitable[None], what: str) -> None:
+        try:
+            await pending
+        except Exception:
+            self.counters["internal_errors"] += 1
+            self.log.exception("policy_update_failed", what=what)
 
     # ------------------------------------------------------------------ output
     def _flush(self) -> None:
         self._flush_pending = False
-        proxy = self.proxy
-        if proxy.outbox:
-            for flow, data in proxy.outbox:
+        core = self.core
+        outbox = core.outbox
+        if outbox:
+            for flow, data in outbox:
                 self._send(flow, data)
-            proxy.outbox.clear()
-        if proxy.events:
-            events = proxy.events
-            proxy.events = []
+            outbox.clear()
+        events = core.drain_events()
+        if events:
+            observe = self.observer.observe
             for event in events:
-                self._observe(event)
-        deadline = proxy.next_deadline()
+                if isinstance(event, DecisionPending):
+                    self._start(self._decide_later(event.call, event.pending))
+                elif isinstance(event, Deferred):
+                    self._start(self._settle(event.pending, event.what))
+                else:
+                    observe(event)
+        deadline = core.next_deadline()
         if deadline is not None and (self._timer_at is None or deadline < self._timer_at):
             if self._timer is not None:
                 self._timer.cancel()
@@ -444,12 +349,7 @@ class Server:
     def _on_timer(self) -> None:
         self._timer = None
         self._timer_at = None
-        try:
-            self.proxy.handle_timer(self.loop.time())
-        except Exception:
-            self.counters["internal_errors"] += 1
-            self.log.exception("timer_failed")
-            self.proxy.outbox.clear()
+        self.core.handle_timer(self.loop.time())
         self._flush()
 
     def _send(self, flow: Flow, data: bytes) -> None:
@@ -489,98 +389,14 @@ class Server:
     def _housekeep(self) -> None:
         self.tcp.close_idle(self.cfg.sip.tcp_idle_timeout_s)
         self._resolved.clear()  # re-resolve names now and then (no TTLs from getaddrinfo)
-        if self.flood is not None:
-            self.flood.state.sweep(self.loop.time())
-        self.shared[WALL_OFFSET_KEY] = time.time() - self.loop.time()  # follow NTP steps
+        self.core.housekeep(self.loop.time())
+        self.state.wall_offset = time.time() - self.loop.time()  # follow NTP steps
         self._housekeeping = self.loop.call_later(10.0, self._housekeep)
 
-    # ------------------------------------------------------------------ observability
-    def _observe(self, event: Any) -> None:
-        """Turn a core event into a log line and counters (the one place that does)."""
-        c = self.counters
-        if isinstance(event, InviteDecided):
-            call, v = event.call, event.verdict
-            c[f"invites_{v.action}"] += 1
-            verdict = "monitored" if v.monitored else v.action
-            self.metrics.invites[(verdict, v.rule, call.peer or "")] += 1
-            for label, value in call.labels.items():
-                c[f"{label}_{value}"] += 1
-            if v.monitored:
-                c["invites_monitored"] += 1
-            if v.reason:
-                c[f"rule_{v.rule}_{v.reason}"] += 1
-            emit: Callable[..., Any] = self.call_log.info
-            if v.sample:  # a verdict that comes in floods: one line per key and interval
-                emit = functools.partial(self.sampled.log, "info", key=v.sample)
-            emit(
-                "invite_decided",
-                call_id=call.call_id,
-                source=f"{call.flow.addr[0]}:{call.flow.addr[1]}",
-                transport=call.flow.transport,
-                peer=call.peer,
-                caller=call.caller,
-                callee=call.callee,
-                diverters=list(call.diverters) or None,
-                verdict=v.action,
-                monitored=v.monitored or None,
-                rule=v.rule or None,
-                reason=v.reason or None,
-                status=v.status or None,
-                detail=dict(v.detail) if v.detail else None,
-                decision_us=round(call.decision_us, 1),
-                **call.labels,
-            )
-        elif isinstance(event, DialogStarted):
-            c["dialogs_started"] += 1
-            self._run_later(self.policy.dialog_started(event.dialog, self.loop.time()))
-        elif isinstance(event, DialogEnded):
-            d = event.dialog
-            c["dialogs_ended"] += 1
-            c[f"dialogs_ended_{event.reason}"] += 1
-            self.metrics.ended[(event.reason, d.peer or "")] += 1
-            self._run_later(self.policy.dialog_ended(d, self.loop.time()))
-            end = d.ended_at or d.started
-            self.call_log.info(
-                "dialog_ended",
-                call_id=d.call_id,
-                caller=d.caller,
-                callee=d.callee,
-                peer=d.peer,
-                reason=event.reason,
-                duration_s=round(end - (d.confirmed_at or end), 3),
-                lifetime_s=round(end - d.started, 3),
-            )
-        elif isinstance(event, ParseFailed):
-            c["parse_errors"] += 1
-            self.sampled.log(
-                "warning",
-                "parse_error",
-                key=f"parse:{event.flow.addr[0]}:{event.status}",
-                source=event.flow.addr[0],
-                status=event.status,
-                detail=event.detail,
-                answered=event.answered,
-            )
-        elif isinstance(event, Dropped):
-            c[f"dropped_{event.kind}"] += 1
-            self.sampled.log(
-                "info",
-                "message_dropped",
-                key=f"drop:{event.kind}",
-                kind=event.kind,
-                source=event.flow.addr[0],
-                detail=event.detail,
-            )
 
-
-def overload_verdict(cfg: Config) -> Verdict:
-    """The answer to a new call while sipguard is overloaded: 503 with Retry-After (RFC 3261
-    §21.5.4), its log line sampled."""
-    return Verdict(
-        "reject", rule="overload", reason="overloaded", status=503,
-        phrase="Service Unavailable",
-        headers=(f"Retry-After: {cfg.sip.overload_retry_after_s}",), sample="overload",
-    )
+def _trusted(cfg: Config) -> tuple[tuple[str, int], ...]:
+    """Sources the flood guard never checks: the core."""
+    return ((cfg.core.host, cfg.core.port),)
 
 
 def _is_ip(host: str) -> bool:

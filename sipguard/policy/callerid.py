@@ -58,18 +58,18 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, Field, field_validator
 
+from sipguard.contract import Verdict
 from sipguard.policy import numbers
 from sipguard.policy.peers import NUMBER_PATTERN, NumberSet, Peer, read_number_file
 from sipguard.policy.settings import FROZEN, Answer, ConfigPath, RuleSettings
-from sipguard.policy.verdict import Verdict
 
 if TYPE_CHECKING:
+    from sipguard.contract import CallInfo
     from sipguard.policy.engine import BuildContext
-    from sipguard.proxy.events import CallInfo
     from sipguard.sip.message import Message
     from sipguard.sip.nameaddr import NameAddr
     from sipguard.sip.uri import Uri
@@ -99,25 +99,27 @@ class Answers(BaseModel):
 
     invalid: Answer = Field(
         default=Answer(status=603, phrase="Network Blocked"),
-        description="caller_not_e164, caller_invalid.",
+        description="`caller_not_e164`, `caller_invalid` (603 Network Blocked: sent as 603+).",
     )
     not_owned: Answer = Field(
-        default=Answer(status=603, phrase="Network Blocked"), description="caller_not_owned."
+        default=Answer(status=603, phrase="Network Blocked"),
+        description="`caller_not_owned` (603+).",
     )
     spoofed: Answer = Field(
         default=Answer(status=603, phrase="Network Blocked"),
-        description="pai_mismatch and neighbor_spoofing when set to reject.",
+        description="`pai_mismatch` and `neighbor_spoofing` when set to reject (603+).",
     )
     dno: Answer = Field(
         default=Answer(
             status=603, phrase="Decline",
             headers=('Reason: SIP;cause=603;text="Do Not Originate"',),
         ),
-        description="caller_dno (DNO blocking is not analytics-based: a plain 603).",
+        description="`caller_dno`: a plain 603, DNO blocking is not analytics-based. "
+        "`{status: 603, phrase: Network Blocked}` sends 603+ for DNO hits too.",
     )
     anonymous: Answer = Field(
         default=Answer(status=433, phrase="Anonymity Disallowed"),
-        description="caller_anonymous (RFC 5079).",
+        description="`caller_anonymous` (RFC 5079).",
     )
 
 
@@ -130,12 +132,20 @@ class Redress(BaseModel):
 
     location: Location = Field(
         default="RPN",
-        description="RFC 8606 location of the blocking: RPN = private network serving the "
-        "called party (a contact center's edge); RLN for a carrier serving it, TN in transit.",
+        description="RFC 8606 location of the block: RPN = private network serving the called "
+        "party. That is a contact center's own edge; a carrier serving the called party uses "
+        "RLN, a transit network TN.",
     )
-    url: str | None = Field(default=None, description="HTTPS URL for redress requests.")
-    tel: str | None = Field(default=None, description="E.164 number for redress requests.")
-    email: str | None = Field(default=None, description="Email address for redress requests.")
+    url: str | None = Field(
+        default=None,
+        description="https URL for redress requests, e.g. https://example.com/call-blocking.",
+    )
+    tel: str | None = Field(
+        default=None, description="E.164 number for redress requests, e.g. +18005550100."
+    )
+    email: str | None = Field(
+        default=None, description="Email address for redress requests, e.g. blocking@example.com."
+    )
 
     @field_validator("url")
     @classmethod
@@ -172,11 +182,15 @@ class NeighborSpoofing(BaseModel):
 
     model_config = FROZEN
 
-    enabled: bool = Field(default=False, description="Check at all (off by default).")
-    action: Literal["tag", "reject"] = Field(default="tag", description="tag or reject.")
+    enabled: bool = Field(default=False, description="Run the check (off by default).")
+    action: Literal["tag", "reject"] = Field(
+        default="tag",
+        description="tag: report it to the core; reject: answer `answers.spoofed`.",
+    )
     digits: int = Field(
         default=6, ge=1, le=14,
-        description="National digits compared: 6 = NANP area code + exchange (NPA-NXX).",
+        description="National digits compared: 6 = NANP area code + exchange (NPA-NXX), "
+        "3 = area code only.",
     )
 
 
@@ -185,48 +199,67 @@ class Settings(RuleSettings):
 
     require_e164: bool = Field(
         default=True,
-        description="Reject a caller without a number that normalises to E.164 "
-        "(national numbers are read with the peer's default_region).",
+        description="The caller must normalise to E.164 (`caller_not_e164`); `false` e.g. for "
+        "a PBX sending extensions. National numbers are read with the peer's `default_region`; "
+        "an allowed anonymous caller without a number skips the number checks.",
     )
     reject_invalid: bool = Field(
         default=True,
-        description="Reject numbers phonenumbers says are not valid (unallocated ranges, "
-        "impossible lengths, N11 area codes).",
+        description="Reject numbers phonenumbers calls invalid: unallocated, N11, wrong length "
+        "(`caller_invalid`).",
     )
     ownership: bool = Field(
         default=True,
-        description="The caller must match the sending peer's numbers (peers without "
-        "numbers may present any number).",
+        description="The caller must match the peer's `numbers` / `numbers_file`, if it has "
+        "any (`caller_not_owned`). Matched in E.164 or as received.",
     )
     dno: tuple[str, ...] = Field(
-        default=(), description="Do-Not-Originate numbers or prefix* patterns, never a caller."
+        default=(),
+        description="Do-Not-Originate numbers or `prefix*`, never accepted as caller "
+        "(`caller_dno`). E.g. the contact center's own inbound-only numbers; matched in E.164 "
+        "or as received.",
     )
     dno_file: ConfigPath | None = Field(
         default=None,
-        description="The same, one a line, '#' comments (e.g. an industry DNO list); "
-        "re-read on reload when it changed.",
+        description="The same, one a line, `#` comments (an industry DNO list); relative to "
+        "the config file. Shared by every peer and re-read on reload only when its size or "
+        "mtime changed.",
     )
     pai_mismatch: Literal["reject", "tag", "ignore"] = Field(
         default="tag",
-        description="P-Asserted-Identity and From carry different numbers.",
+        description="PAI and From carry different numbers (compared in E.164): reject, tag or "
+        "ignore. Not `reject` by default: PAI ≠ From is legitimate for forwarded calls and for "
+        "contact centers presenting a main number.",
     )
     anonymous: Literal["allow", "reject"] = Field(
-        default="allow", description="Withheld callers: allow, or reject with 433."
+        default="allow",
+        description="Withheld callers (Privacy: id, anonymous@anonymous.invalid): allow, or "
+        "reject (433). Rejected callers hear `answers.anonymous`.",
     )
     neighbor_spoofing: NeighborSpoofing = Field(
-        default=NeighborSpoofing(), description="Neighbor-spoofing heuristic."
+        default=NeighborSpoofing(),
+        description="Caller sharing the callee's leading national digits: a heuristic for "
+        "tagging. Both numbers E.164, of one country, not equal; `digits` says how many.",
     )
     verstat: bool = Field(
-        default=True, description="Put verstat on P-Asserted-Identity for the core."
+        default=True,
+        description="Put verstat (TN-Validation-Passed/-Failed, No-TN-Validation) on PAI for "
+        "the core.",
     )
     verdict_header: str | None = Field(
         default="X-Sipguard-Verdict",
         pattern=r"^[A-Za-z0-9][A-Za-z0-9.!%*_+`'~-]*$",
-        description="Header listing the rule's tags for the core; null: none.",
+        description="Header listing the rule's findings for the core; null: none. E.g. "
+        "`callerid.pai_mismatch`; copies a peer sent are removed; rule `dialer` uses the same "
+        "header.",
     )
-    answers: Answers = Field(default=Answers(), description="What the caller hears.")
+    answers: Answers = Field(
+        default=Answers(), description="What the caller hears, each `{status, phrase, headers}`."
+    )
     redress: Redress = Field(
-        default=Redress(), description="The 603+ Reason on '603 Network Blocked' answers."
+        default=Redress(),
+        description="The 603+ Reason (ATIS-1000099) on 603 Network Blocked: set `url`, `tel` or "
+        "`email` in production.",
     )
 
     @field_validator("dno")
@@ -504,23 +537,22 @@ def _uri_with_verstat(uri: Uri, verstat: str) -> str | None:
 # ------------------------------------------------------------------------------- build
 
 
-def load_list(shared: dict[str, Any], path: Path) -> NumberSet:
+def load_list(ctx: BuildContext, path: Path) -> NumberSet:
     """A number list file as a NumberSet, reused across peers and reloads while the file is
-    unchanged (same mtime and size): a million-line DNO list is read once, not per peer."""
-    cache: dict[str, tuple[tuple[int, int], NumberSet]] = shared.setdefault(
-        "callerid.list_files", {}
-    )
+    unchanged (same mtime and size): a million-line DNO list is read once, not per peer. A
+    list read anew is remembered when the policy that read it is activated."""
     st = path.stat()
     stamp = (st.st_mtime_ns, st.st_size)
-    hit = cache.get(str(path))
+    key = str(path)
+    hit = ctx.pending_lists.get(key) or ctx.state.list_files.get(key)
     if hit is not None and hit[0] == stamp:
         return hit[1]
     numbers_set = NumberSet(read_number_file(path))
-    cache[str(path)] = (stamp, numbers_set)
+    ctx.pending_lists[key] = (stamp, numbers_set)
     return numbers_set
 
 
 def build(settings: Settings, ctx: BuildContext, peer: Peer | None) -> CallerId:
     """The rule for ``peer`` (None: traffic from no configured peer)."""
-    dno_file = load_list(ctx.shared, settings.dno_file) if settings.dno_file else None
+    dno_file = load_list(ctx, settings.dno_file) if settings.dno_file else None
     return CallerId(settings, ctx.mode_of(settings), peer, dno_file)

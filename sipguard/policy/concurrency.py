@@ -28,22 +28,26 @@ first limit reached decides, and the verdict carries ``detail`` = ``{limit, numb
 max}`` for the decision log line. ``mode: monitor`` decides and logs the same way but forwards.
 
 How counting stays exact
-    The rule only reads counts. The slot is taken when the proxy reports the dialog started
-    (right after the accept, in the same turn of the event loop, so a later rule that rejects
-    the call never takes one) and given back when it reports the dialog ended — BYE from
-    either side, CANCEL/487, a final non-2xx, Timer B/C, session-timer expiry (RFC 4028) or the
-    maximum lifetime, whichever comes first, exactly once. Every live call holds one *lease*
-    (:mod:`sipguard.state.base`) on its keys (``caller:N``, ``callee:N``, ``diverter:N``,
-    ``peer:P``), so a count is the number of live leases naming the key: a late BYE, a
-    retransmitted 2xx or a second end report release nothing, and no count goes below zero.
-    Every kind is counted for every call whatever limits are set, so enabling a limit (or a
-    peer override) by reload sees the calls already up. A lease also expires on its own a
-    minute after its dialog's maximum lifetime, a backstop that should never fire (counted as
-    ``leases_expired``).
+    Check and take are one step. When every limit has room, ``decide`` takes the call's slot
+    at once (a *lease*, :mod:`sipguard.state.base`, on ``caller:N``, ``callee:N``,
+    ``diverter:N``, ``peer:P``) under the call's lease id, before the next INVITE is looked at
+    — so twenty INVITEs read in one pass of the event loop are counted exactly like twenty
+    spaced out, and a decision that later waits for I/O (a certificate fetch) already holds its
+    slot. The edge core then either hands the lease to the dialog (the call was accepted) or
+    gives it back (a later rule rejected it, it was cancelled while deciding, it could not be
+    routed), exactly once. The dialog's lease is released when the dialog ends — BYE from
+    either side, CANCEL/487, a final non-2xx, Timer B/C, session-timer expiry (RFC 4028) or
+    the maximum lifetime, whichever comes first, exactly once. A count is the number of live
+    leases naming the key: a late BYE, a retransmitted 2xx or a second end report release
+    nothing, and no count goes below zero. Every kind is counted for every call whatever
+    limits are set (a dialog takes its lease when it starts if the rule had not), so enabling
+    a limit (or a peer override) by reload sees the calls already up. A lease also expires on
+    its own a minute after its dialog's maximum lifetime, a backstop that should never fire
+    (counted as ``leases_expired``).
 
-    The counts live in a :class:`Tracker` kept in the policy's ``shared`` state, so a reload
-    keeps them; when a reload turns the rule on (or back on), the shell hands it the live
-    dialogs and it rebuilds its leases from them (:meth:`Tracker.resync`).
+    The counts live in a :class:`Tracker` in ``RuleState.tracker``, so a reload keeps them;
+    when a reload turns the rule on (or back on), the edge core hands it the live dialogs and
+    it rebuilds its leases from them (:meth:`Tracker.resync`).
 
 Fails open: a call without a caller (callee) number is not limited per caller (callee).
 
@@ -51,10 +55,8 @@ Cost: a dict lookup per configured limit per INVITE and one lease per live call,
 number of distinct numbers (measured in ``loadtest/concurrency_cost.py``).
 
 Known limitations
-    * With a backend that needs I/O (Redis, a later issue) the check (in ``decide``) and the
-      take (at dialog start) are separated by awaits, so two INVITEs for the same number that
-      overlap can both pass at ``limit - 1``; that backend needs an atomic check-and-take.
-      The same holds with the memory backend if a rule *after* this one awaits (put it last).
+    * A backend that needs I/O (Redis, a later issue) must implement ``LeaseStore.take``
+      atomically on its side (one script); the memory backend's is one synchronous step.
     * Calls are counted on this instance only (the memory backend).
     * A dialog whose BYE is lost holds its slot until its session timer (when the 2xx
       negotiated one) or ``sip.max_dialog_lifetime_s`` expires; no in-dialog OPTIONS probing.
@@ -63,27 +65,30 @@ Known limitations
 from __future__ import annotations
 
 from collections.abc import Awaitable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, Field
 
+from sipguard.contract import Verdict
 from sipguard.policy.settings import FROZEN, Answer, RuleSettings
-from sipguard.policy.verdict import Verdict
 from sipguard.sip.history_info import diverting_entries
 from sipguard.sip.params import get_param
 from sipguard.state.base import LeaseStore, SyncLeaseStore
 from sipguard.state.memory import MemoryLeases
 
 if TYPE_CHECKING:
+    from sipguard.contract import CallInfo, Dialog
     from sipguard.policy.engine import BuildContext
     from sipguard.policy.peers import Peer
-    from sipguard.proxy.events import CallInfo, Dialog
     from sipguard.sip.message import Message
 
-SHARED_KEY = "concurrency.tracker"
 KINDS = ("caller", "callee", "diverter", "peer")
+_Check = tuple[str, str, str, int]  # (limit, key, number, max)
 NO_PEER = "-"  # the peer key of traffic from no configured peer
 LEASE_GRACE = 60.0  # a lease outlives its dialog's maximum lifetime by this much (backstop)
+# A slot taken by a decision is handed to its dialog or given back within one decision; this
+# expiry is only a backstop for a decision that never finishes.
+DECISION_LEASE_S = 600.0
 
 
 def _reason(limit: str, text: str) -> tuple[str, ...]:
@@ -101,25 +106,27 @@ class Answers(BaseModel):
     per_caller: Answer = Field(
         default=Answer(status=403, phrase="Forbidden",
                        headers=_reason("per_caller", "Too many concurrent calls from caller")),
-        description="per_caller reached.",
+        description="`per_caller` reached (`per_caller_exceeded`).",
     )
     per_callee: Answer = Field(
-        default=Answer(status=486, phrase="Busy Here"), description="per_callee reached."
+        default=Answer(status=486, phrase="Busy Here"),
+        description="`per_callee` reached (`per_callee_exceeded`).",
     )
     per_diverter: Answer = Field(
         default=Answer(status=403, phrase="Forbidden",
                        headers=_reason("per_diverter",
                                        "Too many concurrent calls forwarded by a number")),
-        description="per_diverter reached.",
+        description="`per_diverter` reached (`per_diverter_exceeded`).",
     )
     max_diversions: Answer = Field(
         default=Answer(status=403, phrase="Forbidden",
                        headers=_reason("max_diversions", "Call forwarded too many times")),
-        description="max_diversions exceeded.",
+        description="Forwarded more than `max_diversions` times (`max_diversions_exceeded`).",
     )
     per_peer: Answer = Field(
         default=Answer(status=503, phrase="Service Unavailable", headers=("Retry-After: 5",)),
-        description="per_peer reached.",
+        description="`per_peer` reached (`per_peer_exceeded`). An upstream proxy may send "
+        "nothing to sipguard for Retry-After seconds (RFC 3261 §21.5.4): keep it short.",
     )
 
 
@@ -127,41 +134,71 @@ class Settings(RuleSettings):
     """Parameters of rule ``concurrency`` (``rules.concurrency`` in the config)."""
 
     per_caller: int | None = Field(
-        default=None, ge=1, description="Live calls per caller number; null: no limit."
+        default=None, ge=1,
+        description="Live calls from one caller number; null: no limit. The caller is "
+        "P-Asserted-Identity when trusted, else From, after the peer's `default_region` "
+        "normalisation.",
     )
     per_callee: int | None = Field(
-        default=None, ge=1, description="Live calls per called number; null: no limit."
+        default=None, ge=1,
+        description="Live calls to one called number (a DID used as a trunk); null: no limit. "
+        "The called number is the Request-URI's, else To's.",
     )
     per_diverter: int | None = Field(
         default=None, ge=1,
-        description="Live calls per diverting number (Diversion, History-Info); null: no limit.",
+        description="Live calls forwarded by one number (PBX forwarding); null: no limit. "
+        "Every number in Diversion (RFC 5806) counts, and every diverting History-Info "
+        "entry (RFC 7044: the entry an `mp` tag names, or the one before an entry with an "
+        "RFC 4458 forwarding `cause`).",
     )
     max_diversions: int | None = Field(
-        default=None, ge=0, description="Most times a call may have been forwarded; null: any."
+        default=None, ge=0,
+        description="A call forwarded more times than this is refused; null: any. "
+        "Counted as the larger of the Diversion hop count (each entry its `counter`, default "
+        "1) and the diverting History-Info entries (one forwarding often shows in both; not "
+        "summed); `0` refuses every forwarded call.",
     )
     per_peer: int | None = Field(
-        default=None, ge=1, description="Live calls per peer; null: no limit."
+        default=None, ge=1,
+        description="Live calls from one peer (call admission control); null: no limit. "
+        "With no peers configured all traffic is one peer, `-`.",
     )
-    answers: Answers = Field(default=Answers(), description="What the caller hears.")
+    answers: Answers = Field(
+        default=Answers(),
+        description="What the caller hears, each `{status, phrase, headers}`, given whole.",
+    )
 
 
 # ------------------------------------------------------------------------------- counting
 
 
 def lease_id(dialog: Dialog) -> str:
-    """The lease of one dialog: its Call-ID and caller tag (neither can hold a line break)."""
-    return f"{dialog.call_id}\n{dialog.caller_tag}"
+    """The lease of one dialog: the id its accepted call took its slot under (Call-ID, caller
+    tag and server transaction; none can hold a line break)."""
+    return dialog.lease
+
+
+def lease_keys(
+    caller: str | None, callee: str | None, diverters: Sequence[str], peer: str | None
+) -> tuple[str, ...]:
+    """The counter keys a live call holds a slot on."""
+    keys = [f"peer:{peer or NO_PEER}"]
+    if caller:
+        keys.append(f"caller:{caller}")
+    if callee:
+        keys.append(f"callee:{callee}")
+    keys.extend(f"diverter:{d}" for d in diverters)
+    return tuple(keys)
 
 
 def dialog_keys(dialog: Dialog) -> tuple[str, ...]:
     """The counter keys a live dialog holds a slot on."""
-    keys = [f"peer:{dialog.peer or NO_PEER}"]
-    if dialog.caller:
-        keys.append(f"caller:{dialog.caller}")
-    if dialog.callee:
-        keys.append(f"callee:{dialog.callee}")
-    keys.extend(f"diverter:{d}" for d in dialog.diverters)
-    return tuple(keys)
+    return lease_keys(dialog.caller, dialog.callee, dialog.diverters, dialog.peer)
+
+
+def call_keys(call: CallInfo) -> tuple[str, ...]:
+    """The counter keys a call being decided takes (the same its dialog will hold)."""
+    return lease_keys(call.caller, call.callee, call.diverters, call.peer)
 
 
 class Tracker:
@@ -192,6 +229,43 @@ class Tracker:
         sync.expire_now(now)
         sync.acquire_now(lease, keys, expires, now)
         return None
+
+    def call_abandoned(self, call: CallInfo, now: float) -> Awaitable[None] | None:
+        """A call whose decision took a slot did not become a dialog: give the slot back."""
+        sync = self.sync
+        if sync is None:
+            return self._release(call.lease, now)
+        if not sync.release_now(call.lease, now):
+            self.unmatched_ends += 1
+        return None
+
+    def try_take(
+        self, call: CallInfo, checks: Sequence[_Check], now: float
+    ) -> tuple[_Check, int] | None | Awaitable[tuple[_Check, int] | None]:
+        """Check every limit and, when all have room, take the call's slot — one step. The
+        first limit reached and its count, or None (taken; ``call.held`` is set)."""
+        keys = call_keys(call)
+        limits = [(c[1], c[3]) for c in checks]
+        expires = now + DECISION_LEASE_S
+        sync = self.sync
+        if sync is None:
+            return self._try_take_later(call, checks, keys, limits, expires, now)
+        sync.expire_now(now)
+        full, count = sync.take_now(call.lease, keys, limits, expires, now)
+        if full < 0:
+            call.held = True
+            return None
+        return checks[full], count
+
+    async def _try_take_later(
+        self, call: CallInfo, checks: Sequence[_Check], keys: Sequence[str],
+        limits: Sequence[tuple[str, int]], expires: float, now: float,
+    ) -> tuple[_Check, int] | None:
+        full, count = await self.store.take(call.lease, keys, limits, expires, now)
+        if full < 0:
+            call.held = True
+            return None
+        return checks[full], count
 
     def dialog_ended(self, dialog: Dialog, now: float) -> Awaitable[None] | None:
         sync = self.sync
@@ -298,7 +372,6 @@ def diversion_hops(msg: Message) -> int:
 
 # ------------------------------------------------------------------------------- the rule
 
-_Check = tuple[str, str, str, int]  # (limit, key, number, max)
 
 
 class Concurrency:
@@ -337,22 +410,22 @@ class Concurrency:
             checks.append(("per_peer", f"peer:{peer}", peer, s.per_peer))
         if not checks:
             return None
-        sync = self.tracker.sync
-        if sync is None:
-            return self._decide_later(checks, now)
-        sync.expire_now(now)
-        for limit, key, number, most in checks:
-            count = sync.count_now(key)
-            if count >= most:
-                return self._reject(limit, number, count, most)
-        return None
+        full = self.tracker.try_take(call, checks, now)
+        if full is None:
+            return None
+        if isinstance(full, tuple):
+            (limit, _, number, most), count = full
+            return self._reject(limit, number, count, most)
+        return self._decide_later(full)
 
-    async def _decide_later(self, checks: list[_Check], now: float) -> Verdict | None:
-        counts = await self.tracker.store.counts([c[1] for c in checks], now)
-        for (limit, _, number, most), count in zip(checks, counts, strict=True):
-            if count >= most:
-                return self._reject(limit, number, count, most)
-        return None
+    async def _decide_later(
+        self, pending: Awaitable[tuple[_Check, int] | None]
+    ) -> Verdict | None:
+        full = await pending
+        if full is None:
+            return None
+        (limit, _, number, most), count = full
+        return self._reject(limit, number, count, most)
 
     def _reject(self, limit: str, number: str | None, count: int, most: int) -> Verdict:
         answer = self.answers[limit]
@@ -367,17 +440,8 @@ class Concurrency:
         )
 
 
-def tracker_of(shared: dict[str, Any]) -> Tracker:
-    """The tracker kept in the policy's shared state (created on first use)."""
-    tracker = shared.get(SHARED_KEY)
-    if not isinstance(tracker, Tracker):
-        tracker = Tracker()
-        shared[SHARED_KEY] = tracker
-    return tracker
-
-
 def build(settings: Settings, ctx: BuildContext, peer: Peer | None) -> Concurrency:
     """The rule for ``peer`` (None: traffic from no configured peer); one tracker for all."""
-    tracker = tracker_of(ctx.shared)
+    tracker = ctx.state.tracker
     ctx.observe(tracker)
     return Concurrency(settings, ctx.mode_of(settings), tracker)

@@ -84,18 +84,17 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, Field, model_validator
 
+from sipguard.contract import Verdict
 from sipguard.policy.callerid import Redress
 from sipguard.policy.peers import NUMBER_PATTERN, NumberSet
 from sipguard.policy.settings import FROZEN, Answer, RuleSettings
-from sipguard.policy.verdict import Verdict
 from sipguard.policy.windows import Count, Generations, Pair
 
 if TYPE_CHECKING:
+    from sipguard.contract import CallInfo, Dialog
     from sipguard.policy.engine import BuildContext
     from sipguard.policy.peers import Peer
-    from sipguard.proxy.events import CallInfo, Dialog
 
-SHARED_KEY = "dialer.state"
 ORIGIN_RUNS = 8  # interleaved sequential runs tracked per peer/source
 SCOPES = ("caller", "origin", "callee", "high_cost")
 
@@ -120,27 +119,42 @@ class _Counted(BaseModel):
 class DistinctCallees(_Counted):
     """Distinct called numbers per caller in the window."""
 
-    tag: int | None = Field(default=30, ge=1, le=100_000, description="Tag at this many.")
-    block: int | None = Field(default=60, ge=1, le=100_000, description="Block at this many.")
+    tag: int | None = Field(
+        default=30, ge=1, le=100_000, description="Tag at this many callees; null: no tag."
+    )
+    block: int | None = Field(
+        default=60, ge=1, le=100_000, description="Block at this many; null: no block."
+    )
 
 
 class Sequential(_Counted):
     """Runs of called numbers each one higher than the one before."""
 
-    tag: int | None = Field(default=5, ge=2, le=100_000, description="Tag at a run this long.")
-    block: int | None = Field(default=10, ge=2, le=100_000, description="Block at this long.")
+    tag: int | None = Field(
+        default=5, ge=2, le=100_000, description="Tag at a run this long; null: no tag."
+    )
+    block: int | None = Field(
+        default=10, ge=2, le=100_000, description="Block at a run this long; null: no block."
+    )
     per_origin: bool = Field(
-        default=True, description="Also track runs per peer/source (rotating caller numbers)."
+        default=True,
+        description="Also track runs per peer/source: a scan that rotates caller numbers. Up "
+        "to 8 interleaved runs per peer/source."
     )
 
 
 class ShortCalls(_Counted):
     """Share of answered calls shorter than short_call_s."""
 
-    tag: float | None = Field(default=0.2, ge=0, le=1, description="Tag above this share.")
-    block: float | None = Field(default=0.35, ge=0, le=1, description="Block above this share.")
+    tag: float | None = Field(
+        default=0.2, ge=0, le=1, description="Tag above this share; null: no tag."
+    )
+    block: float | None = Field(
+        default=0.35, ge=0, le=1, description="Block above this share; null: no block."
+    )
     min_calls: int = Field(
-        default=10, ge=1, le=100_000, description="Answered calls needed in the window."
+        default=10, ge=1, le=100_000,
+        description="Answered calls ended in the window before the share counts.",
     )
 
 
@@ -149,10 +163,16 @@ class Asr(BaseModel):
 
     model_config = FROZEN
 
-    tag: float | None = Field(default=0.2, ge=0, le=1, description="Tag below this ratio.")
-    block: float | None = Field(default=0.1, ge=0, le=1, description="Block below this ratio.")
+    tag: float | None = Field(
+        default=0.2, ge=0, le=1, description="Tag below this ratio; null: no tag."
+    )
+    block: float | None = Field(
+        default=0.1, ge=0, le=1,
+        description="Block below this ratio (not above tag); null: no block.",
+    )
     min_calls: int = Field(
-        default=30, ge=1, le=100_000, description="Ended calls needed in the window."
+        default=30, ge=1, le=100_000,
+        description="Calls ended in the window before the ratio counts.",
     )
     window_s: float | None = Field(
         default=None, gt=0, le=86400, description="Window, seconds; null: the rule's window_s."
@@ -169,9 +189,16 @@ class Asr(BaseModel):
 class CallerRotation(_Counted):
     """Distinct caller numbers used at most max_uses times, per peer/source, in the window."""
 
-    tag: int | None = Field(default=50, ge=1, le=100_000, description="Tag at this many.")
-    block: int | None = Field(default=100, ge=1, le=100_000, description="Block at this many.")
-    max_uses: int = Field(default=2, ge=1, le=1000, description="'Used once or twice'.")
+    tag: int | None = Field(
+        default=50, ge=1, le=100_000, description="Tag at this many one-off numbers; null: no tag."
+    )
+    block: int | None = Field(
+        default=100, ge=1, le=100_000, description="Block at this many; null: no block."
+    )
+    max_uses: int = Field(
+        default=2, ge=1, le=1000,
+        description="A caller number presented at most this often in the window is one-off.",
+    )
 
 
 class Threshold(BaseModel):
@@ -203,17 +230,19 @@ class Pumping(BaseModel):
         default=None, gt=0, le=86400, description="Window, seconds; null: the rule's window_s."
     )
     per_callee: Threshold | None = Field(
-        default=Threshold(tag=30, block=60), description="Calls to one number, from anyone."
+        default=Threshold(tag=30, block=60),
+        description="Calls to one called number from anywhere, `{tag, block}`; null: off.",
     )
     exempt: tuple[str, ...] = Field(
-        default=(), description="Called numbers / prefix* never counted (your own DIDs)."
+        default=(), description="Called numbers / `prefix*` never counted (list your own DIDs)."
     )
     high_cost_prefixes: tuple[str, ...] = Field(
-        default=(), description="High-cost destinations, e.g. '+1900*'."
+        default=(), description="High-cost destinations, numbers or `prefix*`, e.g. `'+1900*'`."
     )
     high_cost: Threshold | None = Field(
         default=Threshold(tag=10, block=20),
-        description="Calls from one peer/source to high_cost_prefixes.",
+        description="Calls from one peer/source to `high_cost_prefixes`, `{tag, block}`; null: "
+        "off.",
     )
 
     @model_validator(mode="after")
@@ -226,34 +255,71 @@ class Pumping(BaseModel):
 class Settings(RuleSettings):
     """Parameters of rule ``dialer`` (``rules.dialer`` in the config)."""
 
-    window_s: float = Field(default=60, gt=0, le=86400, description="Sliding window, seconds.")
+    window_s: float = Field(
+        default=60, gt=0, le=86400,
+        description="Sliding window of every analytic, seconds (each may set its own `window_s`).",
+    )
     short_call_s: float = Field(
-        default=6, gt=0, le=3600, description="An answered call shorter than this is short."
+        default=6, gt=0, le=3600,
+        description="An answered call shorter than this is short, seconds.",
     )
     block_s: float = Field(
-        default=300, gt=0, le=30 * 86400, description="Cooldown after a block, seconds."
+        default=300, gt=0, le=30 * 86400,
+        description="Cooldown after a block, seconds. The blocked number, peer/source or called "
+        "number is answered at once this long.",
     )
-    distinct_callees: DistinctCallees | None = Field(default=DistinctCallees())
-    short_calls: ShortCalls | None = Field(default=ShortCalls())
-    asr: Asr | None = Field(default=Asr())
-    sequential: Sequential | None = Field(default=Sequential())
-    caller_rotation: CallerRotation | None = Field(default=None)
-    pumping: Pumping | None = Field(default=None)
+    distinct_callees: DistinctCallees | None = Field(
+        default=DistinctCallees(),
+        description="Distinct numbers one caller dials in the window (bulk calling); null: off. "
+        "A predictive dialer's pattern; a block cools down the caller.",
+    )
+    short_calls: ShortCalls | None = Field(
+        default=ShortCalls(),
+        description="Share of a caller's answered calls shorter than `short_call_s`; null: off. "
+        "Industry filters flag above ~20 %; a block cools down the caller.",
+    )
+    asr: Asr | None = Field(
+        default=Asr(),
+        description="A caller's answer-seizure ratio (answered / ended calls) below the floors; "
+        "null: off. A block cools down the caller.",
+    )
+    sequential: Sequential | None = Field(
+        default=Sequential(),
+        description="Runs of called numbers each one higher than the last (number scanning); "
+        "null: off. Per caller and, with `per_origin`, per peer/source; a block cools down the "
+        "caller or the peer/source.",
+    )
+    caller_rotation: CallerRotation | None = Field(
+        default=None,
+        description="One peer/source presenting many one-off caller numbers (snowshoe "
+        "dialing); null: off. Enable it for dialer peers only: a carrier delivering calls from "
+        "the public looks exactly like rotation.",
+    )
+    pumping: Pumping | None = Field(
+        default=None,
+        description="Traffic pumping: calls concentrated on one number or on high-cost "
+        "prefixes; null: off. A contact center's own DIDs receive concentrated calls: list "
+        "them in `exempt`.",
+    )
     answer: Answer = Field(
         default=Answer(status=603, phrase="Network Blocked"),
-        description="What a blocked call hears; a '603 Network Blocked' gets the 603+ Reason.",
+        description="What a blocked call hears; 603 Network Blocked is sent as 603+. The 603+ "
+        "Reason is added unless the answer brings its own Reason.",
     )
     redress: Redress = Field(
-        default=Redress(), description="The 603+ Reason on '603 Network Blocked' answers."
+        default=Redress(),
+        description="The 603+ redress contact, as in rule `callerid`: set `url`, `tel` or "
+        "`email` in production.",
     )
     verdict_header: str | None = Field(
         default="X-Sipguard-Verdict",
         pattern=r"^[A-Za-z0-9][A-Za-z0-9.!%*_+`'~-]*$",
-        description="Header listing tags for the core; null: none.",
+        description="Header listing tags for the core (dialer.sequential, …); null: none. "
+        "Shared with rule `callerid`; copies a peer sent are removed.",
     )
     max_numbers: int = Field(
         default=200_000, ge=100, le=100_000_000,
-        description="Caller (and called) numbers remembered.",
+        description="Caller and called numbers remembered (each table): bounds memory.",
     )
     max_origins: int = Field(
         default=10_000, ge=10, le=10_000_000, description="Peers / source addresses remembered."
@@ -445,15 +511,6 @@ class DialerState:
         return True
 
 
-def state_of(shared: dict[str, Any]) -> DialerState:
-    """The dialer state in ``shared`` (created on first use)."""
-    state = shared.get(SHARED_KEY)
-    if not isinstance(state, DialerState):
-        state = DialerState()
-        shared[SHARED_KEY] = state
-    return state
-
-
 def _expire_front(d: OrderedDict[str, float], horizon: float) -> None:
     """Drop up to four entries older than ``horizon`` from the front (least recent first)."""
     for _ in range(4):
@@ -485,6 +542,7 @@ class Dialer:
     """The built rule for one peer (or for traffic from no configured peer)."""
 
     __slots__ = (
+        "_settings",
         "name", "mode", "monitor", "state", "block_s", "short_call_s", "short_w", "asr_w",
         "distinct", "distinct_w", "seq", "seq_w", "short", "asr", "rotation", "rotation_w",
         "pumping", "pumping_w", "exempt", "high_cost", "status", "phrase", "headers",
@@ -568,6 +626,13 @@ class Dialer:
         self.b_origin = state.blocks["origin"]
         self.b_callee = state.blocks["callee"]
         self.b_high_cost = state.blocks["high_cost"]
+        self._settings = s
+
+    def claim(self) -> None:
+        """When the policy is activated: make the shared tables keep entries as long as this
+        rule's windows need and cap them at its ``max_*`` (not at build: a build that is
+        never swapped in must change nothing)."""
+        s, state = self._settings, self.state
         caller_h = max(self.distinct_w, self.seq_w, self.short_w, self.asr_w)
         state.callers.need(caller_h, s.max_numbers)
         state.origins.need(max(self.seq_w, self.rotation_w, self.pumping_w), s.max_origins)
@@ -744,6 +809,8 @@ def _ratio(
 
 def build(settings: Settings, ctx: BuildContext, peer: Peer | None) -> Dialer:
     """The rule for ``peer`` (None: traffic from no configured peer); one state for all."""
-    state = state_of(ctx.shared)
+    state = ctx.state.dialer
     ctx.observe(state)
-    return Dialer(settings, ctx.mode_of(settings), state)
+    rule = Dialer(settings, ctx.mode_of(settings), state)
+    ctx.on_activate(rule.claim)
+    return rule

@@ -1,10 +1,17 @@
 """The policy as a whole: peer classification, suspended numbers, then the peer's rule pipeline.
 
-:func:`build_policy` turns a loaded config into a :class:`Policy`: the peer table, one
-:class:`Pipeline` for traffic from no configured peer and one per peer (the top-level rules
-with that peer's overrides merged in), each rule built by its module's ``build()``. A reload
-builds a new Policy and swaps one reference; ``shared`` — the state that must outlive a reload
-(live-call counters, rate-limit buckets) — is passed in by the shell and handed to every build.
+:class:`Policy` turns a loaded config into the peer table, one :class:`Pipeline` for
+traffic from no configured peer and one per peer (the top-level rules with that peer's
+overrides merged in), each rule built by its module's ``build()``, and the pre-parse flood
+guard. The state that must outlive a reload (live-call leases, rate buckets, bans, ...) is one
+:class:`~sipguard.policy.state.RuleState` made once by the shell and handed to every build.
+Building writes nothing to it; what a build wants changed there is applied by
+:meth:`Policy.activate` when the edge core swaps the new policy in.
+
+The edge core (:mod:`sipguard.edge`) asks :meth:`Policy.decide` about every initial INVITE and
+tells the policy, in the same synchronous step, what became of each call: a dialog started
+(:meth:`Policy.dialog_started`), or the call was given up (:meth:`Policy.abandoned`: whatever
+its decision took from the limits goes back), and later the dialog's end.
 
 Order of decisions for an initial INVITE:
 
@@ -25,13 +32,14 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from sipguard.ops.config import Config, PeerConfig, RulesConfig
+from sipguard.contract import CallInfo, Dialog, Verdict
 from sipguard.policy import callerid, concurrency, dialer, flood, identity, rate
 from sipguard.policy.numbers import to_e164
 from sipguard.policy.peers import NumberSet, Peer, PeerTable, read_number_file
 from sipguard.policy.pipeline import Pipeline, Rule
-from sipguard.policy.verdict import Verdict
-from sipguard.proxy.events import CallInfo, Dialog
+from sipguard.policy.schema import PeerConfig, RulesConfig
+from sipguard.policy.schema import PolicyConfig as Config
+from sipguard.policy.state import RuleState
 
 # rule name -> build(settings, ctx, peer) -> Rule | None
 RuleBuilder = Callable[[Any, "BuildContext", Peer | None], Rule | None]
@@ -50,8 +58,16 @@ class BuildContext:
     """What a rule's ``build()`` gets besides its settings."""
 
     cfg: Config
-    shared: dict[str, Any]  # survives reloads: counters, buckets (keyed by rule name)
+    state: RuleState  # survives reloads: leases, buckets, windows, bans, certificates
     observers: list[Any] = field(default_factory=list)  # get dialog_started / dialog_ended
+    # changes to ``state`` the build wants, applied when the policy is activated
+    activations: list[Callable[[], None]] = field(default_factory=list)
+    # number list files read by this build: path -> ((mtime_ns, size), numbers)
+    pending_lists: dict[str, tuple[tuple[int, int], NumberSet]] = field(default_factory=dict)
+
+    def on_activate(self, change: Callable[[], None]) -> None:
+        """Run ``change`` (a change to the live state) when this policy is swapped in."""
+        self.activations.append(change)
 
     def mode_of(self, settings: Any) -> str:
         return str(getattr(settings, "mode", None) or self.cfg.mode)
@@ -85,18 +101,41 @@ def build_pipeline(rules: RulesConfig, ctx: BuildContext, peer: Peer | None) -> 
 
 
 class Policy:
-    """Decides initial INVITEs; receives dialog starts and ends for the stateful rules."""
+    """Decides initial INVITEs; receives dialog starts and ends for the stateful rules.
 
-    def __init__(self, cfg: Config, shared: dict[str, Any] | None = None) -> None:
+    ``trusted`` lists (address, port) pairs the flood guard never checks (the core)."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        state: RuleState | None = None,
+        trusted: Iterable[tuple[str, int]] = (),
+    ) -> None:
         self.cfg = cfg
         self.monitor = cfg.mode == "monitor"
-        self.ctx = BuildContext(cfg, shared if shared is not None else {})
+        self.state = state if state is not None else RuleState()
+        self.ctx = BuildContext(cfg, self.state)
         peers = [(pc, build_peer(pc)) for pc in cfg.peers]
         self.peers = PeerTable(p for _, p in peers)
         self.default = build_pipeline(cfg.rules, self.ctx, None)
         self.by_peer = {p.name: build_pipeline(pc.rules, self.ctx, p) for pc, p in peers}
         self.suspended = NumberSet(cfg.suspended)
         self.unknown_drop = cfg.unknown_source == "drop"
+        # the pre-parse flood and scanner check (rule ``flood``), run by the edge core
+        self.flood = flood.guard(
+            cfg.rules.flood, cfg.mode, self.state.flood, self.peers,
+            [(self.peers.peers[pc.name], pc.rules.flood) for pc in cfg.peers],
+            trusted=tuple(trusted),
+        )
+
+    def activate(self) -> None:
+        """This policy is being swapped in: apply the changes its build queued for the live
+        state (grown caches, number lists read anew). Called once, by the edge core."""
+        self.state.list_files.update(self.ctx.pending_lists)
+        for change in self.ctx.activations:
+            change()
+        if self.flood is not None:
+            self.flood.activate()
 
     @property
     def rules(self) -> tuple[Rule, ...]:
@@ -157,6 +196,15 @@ class Policy:
             if later is not None:
                 pending.append(later)
         return pending
+
+    def abandoned(self, call: CallInfo, now: float) -> list[Awaitable[None]]:
+        """A decided call that did not become a dialog: what its decision took goes back
+        (whatever policy is in force now: the slot lives in the state, not in a rule)."""
+        if not call.held:
+            return []
+        call.held = False
+        later = self.state.tracker.call_abandoned(call, now)
+        return [later] if later is not None else []
 
     def adopt(
         self, previous: Policy | None, dialogs: Iterable[Dialog], now: float

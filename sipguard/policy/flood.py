@@ -36,7 +36,8 @@ through), ``scanners``, ``scanner_ban`` (true), ``register_from_unknown`` (``dro
 sources go uncounted until the next unit), ``max_bans`` (100000: the oldest ban is lifted when
 full). ``mode: monitor`` decides, bans and counts the same way, but nothing is dropped.
 
-State (counts and bans) lives in the policy's ``shared`` dict, so a reload keeps the bans.
+State (counts and bans) lives in ``RuleState.flood`` (:mod:`sipguard.policy.state`), so a
+reload keeps the bans.
 :class:`FloodState` holds the ban operations (list, lift, lift all, sweep) for the admin API.
 
 Known limitations
@@ -64,7 +65,6 @@ if TYPE_CHECKING:
     from sipguard.policy.engine import BuildContext
     from sipguard.policy.peers import Peer, PeerTable
 
-SHARED_KEY = "flood.state"
 
 BANNED = "banned"
 FLOOD = "flood"
@@ -92,28 +92,51 @@ Key = str | tuple[str, int]
 class Settings(RuleSettings):
     """Parameters of rule ``flood`` (``rules.flood`` in the config)."""
 
-    sampling_s: float = Field(default=2.0, gt=0, le=3600, description="Sampling unit, seconds.")
-    density: int = Field(
-        default=300, ge=1, le=10_000_000, description="Messages per sampling unit before a ban."
+    sampling_s: float = Field(
+        default=2.0, gt=0, le=3600, description="Sampling unit, seconds (like Kamailio pike)."
     )
-    ban_s: float = Field(default=300, gt=0, le=30 * 86400, description="Ban length, seconds.")
+    density: int = Field(
+        default=300, ge=1, le=10_000_000,
+        description="Messages per sampling unit from one source before it is banned. The "
+        "previous unit counts in proportion to its overlap with the last `sampling_s`, so a "
+        "burst across a boundary is not missed.",
+    )
+    ban_s: float = Field(
+        default=300, gt=0, le=30 * 86400,
+        description="How long a banned source is dropped, seconds.",
+    )
     key: Literal["ip", "ip_port"] = Field(
-        default="ip", description="Count and ban per address, or per address and port."
+        default="ip",
+        description="Count and ban per address (ip) or per address and port (ip_port). "
+        "Per address and port suits many parties behind one address or a lab on 127.0.0.1, but a scanner "
+        "that changes ports then gets through.",
     )
     scanners: tuple[str, ...] = Field(
-        default=DEFAULT_SCANNERS, description="User-Agent substrings of known scanners."
+        default=DEFAULT_SCANNERS,
+        description="User-Agent substrings of known scanners, any case. Only the header block "
+        "is read.",
     )
-    scanner_ban: bool = Field(default=True, description="Ban a scanner's address too.")
+    scanner_ban: bool = Field(
+        default=True, description="Ban a scanner's source too (never a configured peer's)."
+    )
     register_from_unknown: Literal["drop", "pass"] = Field(
-        default="drop", description="REGISTER from no configured peer (only with peers)."
+        default="drop",
+        description="REGISTER from an address in no peer's networks (with peers configured): "
+        "drop or pass.",
     )
     exempt: tuple[IPNetwork, ...] = Field(
-        default=(), description="Networks never counted, dropped or banned."
+        default=(),
+        description="CIDRs never counted, dropped or banned (monitoring, a second core).",
     )
     max_sources: int = Field(
-        default=100_000, ge=100, le=100_000_000, description="Sources counted per unit."
+        default=100_000, ge=100, le=100_000_000,
+        description="Sources counted per sampling unit. Beyond it new sources go uncounted "
+        "until the next unit.",
     )
-    max_bans: int = Field(default=100_000, ge=10, le=100_000_000, description="Bans kept.")
+    max_bans: int = Field(
+        default=100_000, ge=10, le=100_000_000,
+        description="Bans kept; ended bans are swept first, then the oldest lifted.",
+    )
 
     @field_validator("scanners")
     @classmethod
@@ -210,8 +233,6 @@ class FloodGuard:
         self.state = state
         self.monitor = mode == "monitor"
         self.unit = settings.sampling_s
-        if state.unit != self.unit:  # a new sampling unit: start counting afresh
-            state.cur, state.prev, state.epoch, state.unit = {}, {}, 0, self.unit
         self.density = settings.density
         self.half = settings.density // 2
         self.ban_s = settings.ban_s
@@ -280,6 +301,13 @@ class FloodGuard:
             return REGISTER_UNKNOWN
         return None
 
+    def activate(self) -> None:
+        """When the policy that built this guard is swapped in: a new sampling unit starts
+        counting afresh (bans are kept)."""
+        state = self.state
+        if state.unit != self.unit:
+            state.cur, state.prev, state.epoch, state.unit = {}, {}, 0, self.unit
+
     def banned(self, addr: tuple[str, int]) -> bool:
         """Whether the source of ``addr`` is banned now (whatever the time)."""
         return (addr[0] if self.by_ip else addr) in self.state.bans
@@ -315,34 +343,26 @@ class FloodGuard:
         bans[key] = Ban(now, now + self.ban_s, reason)
 
 
-def state_of(shared: dict[str, Any]) -> FloodState:
-    """The flood state in ``shared`` (created on first use)."""
-    state = shared.get(SHARED_KEY)
-    if not isinstance(state, FloodState):
-        state = FloodState()
-        shared[SHARED_KEY] = state
-    return state
-
-
 def guard(
     settings: Settings | None,
     mode: str,
-    shared: dict[str, Any],
+    state: FloodState,
     peers: PeerTable | None = None,
     peer_settings: Iterable[tuple[Peer, Settings | None]] = (),
     trusted: Iterable[tuple[str, int]] = (),
 ) -> FloodGuard | None:
-    """The shell's guard for the top-level ``rules.flood`` (None when absent or disabled).
+    """The edge core's guard for the top-level ``rules.flood`` (None when absent or disabled).
 
     ``peer_settings`` pairs each configured peer with its merged ``rules.flood``; ``trusted``
     lists (address, port) pairs never checked (the core).
     """
     if settings is None or not settings.enabled:
         return None
-    return FloodGuard(settings, settings.mode or mode, state_of(shared), peers, peer_settings,
+    return FloodGuard(settings, settings.mode or mode, state, peers, peer_settings,
                       trusted)
 
 
 def build(settings: Settings, ctx: BuildContext, peer: Peer | None) -> None:
-    """Not an INVITE pipeline rule: the shell runs the :class:`FloodGuard` instead."""
+    """Not an INVITE pipeline rule: the edge core runs the :class:`FloodGuard` on every
+    message before it is parsed (``Policy.flood``)."""
     return None

@@ -45,9 +45,9 @@ through ``CallInfo.labels``, where a later rule (callerid's verstat) can read th
 
 I/O. On a certificate cache hit the rule answers at once (no await). On a miss it returns an
 awaitable that fetches through the shell's :class:`~sipguard.policy.stircert.CertFetcher`
-(``shared["cert_fetcher"]``; one request per URL however many INVITEs wait) while the INVITE
+(``RuleState.fetcher``; one request per URL however many INVITEs wait) while the INVITE
 waits in its server transaction. Unix time for ``iat`` and certificate validity is ``now`` plus
-``shared["wall_offset"]`` (set by the shell; 0 when absent, i.e. ``now`` is Unix time).
+``RuleState.wall_offset`` (kept current by the shell; 0 when ``now`` is Unix time).
 
 Fails closed: anything that cannot be verified is a failure, answered per ``on_fail``.
 
@@ -61,10 +61,11 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
+from sipguard.contract import Verdict
 from sipguard.policy.passport import (
     ATTESTATIONS,
     Passport,
@@ -88,23 +89,20 @@ from sipguard.policy.stircert import (
     load_trust_anchors,
     parse_chain,
 )
-from sipguard.policy.verdict import Verdict
 from sipguard.sip.errors import SipParseError
 from sipguard.sip.identity import Identity, parse_identity
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable
 
+    from sipguard.contract import CallInfo
     from sipguard.policy.engine import BuildContext
     from sipguard.policy.peers import Peer
-    from sipguard.proxy.events import CallInfo
+    from sipguard.policy.state import RuleState
 
 PASSED = "TN-Validation-Passed"
 FAILED = "TN-Validation-Failed"
 NO_VALIDATION = "No-TN-Validation"
-FETCHER_KEY = "cert_fetcher"  # shared[...]: the shell's CertFetcher
-WALL_OFFSET_KEY = "wall_offset"  # shared[...]: Unix time minus the loop clock
-CACHE_KEY = "identity"  # shared[...]: the CertCache
 
 # reason code -> answers.<key>
 ANSWER_OF = {
@@ -141,7 +139,7 @@ class Answers(BaseModel):
 
     missing: Answer = Field(
         default=Answer(status=428, phrase="Use Identity Header"),
-        description="No Identity header and require: true.",
+        description="No Identity header while `require` is true (`missing`).",
     )
     invalid: Answer = Field(
         default=Answer(status=438, phrase="Invalid Identity Header"),
@@ -157,11 +155,11 @@ class Answers(BaseModel):
     )
     stale: Answer = Field(
         default=Answer(status=403, phrase="Stale Date"),
-        description="iat outside the freshness window (either side).",
+        description="`iat` outside the freshness window, either side (`stale`, `future`).",
     )
     low_attestation: Answer = Field(
         default=Answer(status=403, phrase="Forbidden"),
-        description="attest below min_attestation, with on_low_attestation: reject.",
+        description="`attest` below `min_attestation`, with `on_low_attestation: reject`.",
     )
 
 
@@ -169,58 +167,77 @@ class Settings(RuleSettings):
     """Parameters of rule ``identity`` (``rules.identity`` in the config)."""
 
     require: bool = Field(
-        default=False, description="A call without an Identity header is answered 428."
+        default=False,
+        description="true: a call without an Identity header gets `answers.missing` (428).",
     )
     min_attestation: Literal["A", "B", "C"] = Field(
-        default="C", description="Lowest attestation that passes (A > B > C)."
+        default="C", description="Lowest attestation that passes: A, B or C (A is the highest)."
     )
     on_fail: Literal["reject", "tag"] = Field(
         default="reject",
-        description="reject: answer per answers.*; tag: forward as TN-Validation-Failed.",
+        description="reject: answer the caller (`answers`); tag: forward the call marked "
+        "`TN-Validation-Failed`.",
     )
     on_low_attestation: Literal["reject", "tag"] | None = Field(
-        default=None, description="Attestation below min_attestation; null: as on_fail."
+        default=None,
+        description="Attestation below `min_attestation`: reject or tag; null: as `on_fail`.",
     )
     freshness_s: float = Field(
-        default=60, gt=0, le=3600, description="Largest |now - iat|, seconds (either side)."
+        default=60, gt=0, le=3600,
+        description="Largest |now − iat|, seconds; tokens from the future fail as well.",
     )
     check_dest: bool = Field(
-        default=True, description="dest.tn must hold the called number (Request-URI or To)."
+        default=True,
+        description="`dest.tn` must hold the called number (Request-URI, else To).",
     )
     trust_anchors: ConfigPath | None = Field(
         default=None,
-        description="STI-CA root certificates: a PEM file or a folder of *.pem/*.crt/*.cer "
-        "(required while the rule is enabled).",
+        description="STI-CA root certificate(s): a PEM file or a folder of `*.pem`/`*.crt`/"
+        "`*.cer`. "
+        "Required while the rule is enabled; relative to the config file.",
     )
     x5u_ports: tuple[int, ...] = Field(
-        default=(443, 8443), min_length=1, description="Ports an x5u URL may name."
+        default=(443, 8443), min_length=1,
+        description="Ports an x5u URL may name (https only, always).",
     )
     allow_private_x5u: bool = Field(
         default=False,
-        description="Fetch from loopback/private/link-local addresses too (tests, labs).",
+        description="Fetch from loopback, private, link-local … addresses too (labs and tests "
+        "only).",
     )
     fetch_ca_bundle: ConfigPath | None = Field(
         default=None,
-        description="PEM file of CAs trusted for the HTTPS fetch, besides the system CAs.",
+        description="PEM file of extra CAs trusted for the HTTPS fetch (the system CAs "
+        "always); null: none.",
     )
     fetch_timeout_s: float = Field(
-        default=2.0, gt=0, le=30, description="Whole certificate fetch, seconds."
+        default=2.0, gt=0, le=30,
+        description="Whole certificate fetch (connect, TLS, body), seconds; the INVITE waits "
+        "meanwhile.",
     )
     fetch_max_bytes: int = Field(
-        default=65536, ge=1024, le=1048576, description="Largest certificate chain fetched."
+        default=65536, ge=1024, le=1048576,
+        description="Largest certificate chain fetched, bytes. Content-Length is checked "
+        "first, then the body as read.",
     )
     max_concurrent_fetches: int = Field(
         default=64, ge=1, le=10000,
-        description="Distinct URLs fetched at once; beyond it a call fails as fetch_busy.",
+        description="Distinct URLs fetched at once; beyond it a call fails at once as "
+        "`fetch_busy`. That is `answers.bad_info` (436), not cached.",
     )
     cache_max_s: float = Field(
-        default=86400, gt=0, description="Longest a fetched chain is kept (Cache-Control capped)."
+        default=86400, gt=0,
+        description="Longest a fetched chain is kept, seconds. Cache-Control max-age "
+        "(s-maxage first) is capped at it.",
     )
     cache_min_s: float = Field(
-        default=60, ge=0, description="Shortest a fetched chain is kept (no-cache raised to it)."
+        default=60, ge=0,
+        description="Shortest a fetched chain is kept, seconds. A no-store, no-cache or "
+        "smaller max-age is raised to it.",
     )
     negative_cache_s: float = Field(
-        default=30, ge=0, description="How long a failed fetch or chain is remembered."
+        default=30, ge=0,
+        description="How long a failed fetch or an untrusted chain is remembered, seconds.",
     )
     cache_entries: int = Field(
         default=10000, ge=16, description="URLs (and verified chains) kept at most."
@@ -228,9 +245,12 @@ class Settings(RuleSettings):
     identity_header: str | None = Field(
         default="X-Sipguard-Identity",
         pattern=_TOKEN,
-        description="Header carrying the outcome to the core; null: none.",
+        description="Outcome header for the core (copies a peer sent are removed); null: "
+        "none.",
     )
-    answers: Answers = Field(default=Answers(), description="What the caller hears.")
+    answers: Answers = Field(
+        default=Answers(), description="What the caller hears, each `{status, phrase, headers}`."
+    )
 
     @field_validator("x5u_ports")
     @classmethod
@@ -281,14 +301,14 @@ class IdentityRule:
         mode: str,
         anchors: TrustAnchors,
         cache: CertCache,
-        shared: dict[str, Any],
+        state: RuleState,
     ) -> None:
         self.name = "identity"
         self.mode = mode
         self.s = settings
         self.anchors = anchors
         self.cache = cache
-        self.shared = shared
+        self.state = state
         self.min_rank = ATTESTATIONS.index(settings.min_attestation)
         self.limits = FetchLimits(
             ports=frozenset(settings.x5u_ports),
@@ -303,7 +323,7 @@ class IdentityRule:
 
     # ------------------------------------------------------------------ decide
     def decide(self, call: CallInfo, now: float) -> Verdict | Awaitable[Verdict]:
-        wall = now + float(self.shared.get(WALL_OFFSET_KEY, 0.0))
+        wall = now + self.state.wall_offset
         msg = call.msg
         if not msg.has("identity"):
             return self._absent(call)
@@ -351,7 +371,7 @@ class IdentityRule:
         self, call: CallInfo, passport: Passport, now: float, wall: float
     ) -> Verdict:
         url = passport.x5u
-        fetcher: CertFetcher | None = self.shared.get(FETCHER_KEY)
+        fetcher: CertFetcher | None = self.state.fetcher
         if fetcher is None:
             return self._fail(call, _Failure("fetch_unavailable", "no fetcher", passport))
         s = self.s
@@ -479,12 +499,11 @@ def _dest_matches(call: CallInfo, passport: Passport) -> bool:
 
 
 def build(settings: Settings, ctx: BuildContext, peer: Peer | None) -> IdentityRule:
-    """The rule for ``peer``; the certificate cache lives in ``ctx.shared`` (kept on reload)."""
+    """The rule for ``peer``; the certificate cache is ``RuleState.certs`` (kept on reload),
+    grown to ``cache_entries`` when this policy is activated."""
     assert settings.trust_anchors is not None  # the settings validator insists
     anchors = load_trust_anchors(settings.trust_anchors)
-    cache = ctx.shared.get(CACHE_KEY)
-    if not isinstance(cache, CertCache):
-        cache = CertCache(settings.cache_entries)
-        ctx.shared[CACHE_KEY] = cache
-    cache.max_entries = max(cache.max_entries, settings.cache_entries)
-    return IdentityRule(settings, ctx.mode_of(settings), anchors, cache, ctx.shared)
+    cache = ctx.state.certs
+    entries = settings.cache_entries
+    ctx.on_activate(lambda: setattr(cache, "max_entries", max(cache.max_entries, entries)))
+    return IdentityRule(settings, ctx.mode_of(settings), anchors, cache, ctx.state)

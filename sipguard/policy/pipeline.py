@@ -20,8 +20,7 @@ import inspect
 from collections.abc import Awaitable, Sequence
 from typing import Protocol
 
-from sipguard.policy.verdict import ACCEPT, Verdict
-from sipguard.proxy.events import CallInfo
+from sipguard.contract import ACCEPT, CallInfo, Verdict
 
 Decision = Verdict | None | Awaitable[Verdict | None]
 

@@ -63,16 +63,15 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, Field
 
+from sipguard.contract import Verdict
 from sipguard.policy.settings import FROZEN, Answer, RuleSettings
-from sipguard.policy.verdict import Verdict
 from sipguard.policy.windows import Generations
 
 if TYPE_CHECKING:
+    from sipguard.contract import CallInfo
     from sipguard.policy.engine import BuildContext
     from sipguard.policy.peers import Peer
-    from sipguard.proxy.events import CallInfo
 
-SHARED_KEY = "rate.buckets"
 PER_CALLER, PER_CALLEE, PER_PEER, PER_SOURCE_IP = LIMITS = (
     "per_caller", "per_callee", "per_peer", "per_source_ip")
 NO_PEER = "-"  # the per_peer key of traffic from no configured peer
@@ -84,9 +83,16 @@ class Limit(BaseModel):
 
     model_config = FROZEN
 
-    rate: float = Field(gt=0, description="Calls per per_s seconds (average).")
-    burst: int = Field(default=1, ge=1, le=1_000_000, description="Calls at once after a pause.")
-    per_s: float = Field(default=1.0, gt=0, le=86400, description="The period of rate, seconds.")
+    rate: float = Field(
+        gt=0, description="Calls every `per_s` seconds on average (required in a limit)."
+    )
+    burst: int = Field(
+        default=1, ge=1, le=1_000_000, description="Calls let through at once after a pause."
+    )
+    per_s: float = Field(
+        default=1.0, gt=0, le=86400,
+        description="The period of `rate`, seconds: `{rate: 10, per_s: 60}` is ten a minute.",
+    )
 
     @property
     def interval(self) -> float:
@@ -102,20 +108,39 @@ class Limit(BaseModel):
 class Settings(RuleSettings):
     """Parameters of rule ``rate`` (``rules.rate`` in the config)."""
 
-    per_caller: Limit | None = Field(default=None, description="Per caller number.")
-    per_callee: Limit | None = Field(default=None, description="Per called number.")
-    per_peer: Limit | None = Field(default=None, description="Per peer.")
-    per_source_ip: Limit | None = Field(default=None, description="Per source IP address.")
+    per_caller: Limit | None = Field(
+        default=None,
+        description="INVITEs per caller number; null: no limit. The caller is "
+        "P-Asserted-Identity when trusted, else From, after the peer's `default_region` "
+        "normalisation.",
+    )
+    per_callee: Limit | None = Field(
+        default=None,
+        description="INVITEs per called number (a flooded DID); null: no limit. The called "
+        "number is the Request-URI's, else To's.",
+    )
+    per_peer: Limit | None = Field(
+        default=None,
+        description="INVITEs per peer; null: no limit. With no peers configured all traffic "
+        "is one peer, `-`.",
+    )
+    per_source_ip: Limit | None = Field(
+        default=None,
+        description="INVITEs per source IP address; null: no limit.",
+    )
     answer: Answer = Field(
         default=Answer(status=503, phrase="Service Unavailable"),
-        description="What a limited call hears.",
+        description="What a limited call hears. For a peer that backs off from every 503, use "
+        "e.g. `{status: 486, phrase: Busy Here}` in its override.",
     )
     retry_after_s: int | None = Field(
         default=None, ge=0, le=86400,
-        description="Retry-After seconds; null: computed (time to wait, >= 1); 0: none.",
+        description="Retry-After: null = the real wait, rounded up (at least 1 s); 0 = none.",
     )
     max_keys: int = Field(
-        default=100_000, ge=100, le=100_000_000, description="Keys remembered per limit."
+        default=100_000, ge=100, le=100_000_000,
+        description="Numbers / addresses / peers remembered per limit. Beyond it the older half "
+        "is forgotten early (fail open for those keys).",
     )
 
 
@@ -136,7 +161,7 @@ class Buckets:
 class Rate:
     """The built rule for one peer (or for traffic from no configured peer)."""
 
-    __slots__ = ("name", "mode", "limits", "answer", "retry_after", "headers")
+    __slots__ = ("name", "mode", "limits", "answer", "retry_after", "headers", "max_keys")
 
     def __init__(self, settings: Settings, mode: str, buckets: Buckets) -> None:
         self.name = "rate"
@@ -148,13 +173,18 @@ class Rate:
             if limit is None:
                 continue
             table = buckets.tables[name]
-            # A bucket drains completely within tau + T of its last pass: then it is the same
-            # as an absent one and may be forgotten.
-            table.need(limit.tolerance + limit.interval, settings.max_keys)
             self.limits.append((name, table, limit.interval, limit.tolerance))
+        self.max_keys = settings.max_keys
         self.answer = settings.answer
         self.retry_after = settings.retry_after_s
         self.headers = settings.answer.headers
+
+    def claim(self) -> None:
+        """When the policy is activated (not at build): a bucket drains completely within
+        tau + T of its last pass — then it is the same as an absent one and may be
+        forgotten — so each table keeps keys that long, up to ``max_keys``."""
+        for _, table, interval, tau in self.limits:
+            table.need(tau + interval, self.max_keys)
 
     def decide(self, call: CallInfo, now: float) -> Verdict | None:
         passed: list[tuple[Generations[float], str, float]] = []
@@ -205,17 +235,10 @@ class Rate:
         )
 
 
-def buckets_of(shared: dict[str, object]) -> Buckets:
-    """The rate state in ``shared`` (created on first use)."""
-    buckets = shared.get(SHARED_KEY)
-    if not isinstance(buckets, Buckets):
-        buckets = Buckets()
-        shared[SHARED_KEY] = buckets
-    return buckets
-
-
 def build(settings: Settings, ctx: BuildContext, peer: Peer | None) -> Rate | None:
     """The rule for one pipeline, or None when no limit is set."""
     if not any(getattr(settings, name) is not None for name in LIMITS):
         return None
-    return Rate(settings, ctx.mode_of(settings), buckets_of(ctx.shared))
+    rule = Rate(settings, ctx.mode_of(settings), ctx.state.buckets)
+    ctx.on_activate(rule.claim)
+    return rule

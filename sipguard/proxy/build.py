@@ -10,7 +10,7 @@ import hashlib
 import re
 from collections.abc import Iterable
 
-from sipguard.proxy.flows import Local
+from sipguard.contract import Local
 from sipguard.sip.errors import REASONS
 from sipguard.sip.message import CRLF, Message, header_line
 from sipguard.sip.via import Via

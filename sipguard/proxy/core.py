@@ -47,22 +47,24 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
-from sipguard.policy.verdict import ACCEPT, Verdict
-from sipguard.proxy import build
-from sipguard.proxy.events import (
+from sipguard.contract import (
+    ACCEPT,
     CallInfo,
     Dialog,
     DialogEnded,
     DialogStarted,
     Dropped,
     Event,
+    Flow,
     InviteDecided,
+    Local,
     ParseFailed,
+    Verdict,
 )
-from sipguard.proxy.flows import Flow, Local
+from sipguard.proxy import build
 from sipguard.proxy.timers import TimerEntry, TimerQueue
 from sipguard.sip.errors import SipParseError
 from sipguard.sip.message import Message, header_line
@@ -72,7 +74,43 @@ from sipguard.sip.uri import Uri
 from sipguard.sip.via import parse_via_list
 from sipguard.state.expiry import ExpiryWheel
 
-Decide = Callable[[CallInfo, float], Verdict | None]
+
+class Admission(Protocol):
+    """What the proxy asks of the policy side (the edge core, :mod:`sipguard.edge`).
+
+    Every initial INVITE is handed to :meth:`decide`; for each call decided, exactly one of
+    :meth:`dialog_started` (it was accepted and forwarded) or :meth:`abandoned` (rejected,
+    dropped, cancelled while deciding, unroutable) follows, in the same synchronous step as
+    the verdict when the verdict came at once. :meth:`dialog_ended` follows a started dialog
+    exactly once. So whatever a decision takes from the limits is either handed to the dialog
+    or given back before the next message is read.
+    """
+
+    def decide(self, call: CallInfo, now: float) -> Verdict | None:
+        """The verdict, or None when it needs I/O (the proxy waits for :meth:`Proxy.resolve`)."""
+        ...
+
+    def dialog_started(self, dialog: Dialog, now: float) -> None: ...
+
+    def dialog_ended(self, dialog: Dialog, now: float) -> None: ...
+
+    def abandoned(self, call: CallInfo, now: float) -> None: ...
+
+
+class AcceptAll:
+    """An :class:`Admission` with no policy: every call is accepted, nothing is counted."""
+
+    def decide(self, call: CallInfo, now: float) -> Verdict | None:
+        return ACCEPT
+
+    def dialog_started(self, dialog: Dialog, now: float) -> None:
+        return None
+
+    def dialog_ended(self, dialog: Dialog, now: float) -> None:
+        return None
+
+    def abandoned(self, call: CallInfo, now: float) -> None:
+        return None
 
 SUPPORTED_SCHEMES = frozenset({"sip", "sips", "tel"})
 # ";branch=z9hG4bKsg..." in a raw Via line: the first one is the top value's.
@@ -180,11 +218,11 @@ def _is_ip(host: str) -> bool:
 
 
 class Proxy:
-    """One proxy instance: transactions, dialogs and the policy hook."""
+    """One proxy instance: transactions, dialogs and the admission hook."""
 
-    def __init__(self, settings: ProxySettings, decide: Decide | None, secret: bytes) -> None:
+    def __init__(self, settings: ProxySettings, admission: Admission | None, secret: bytes) -> None:
         self.settings = settings
-        self.decide: Decide = decide or (lambda call, now: ACCEPT)
+        self.admission: Admission = admission if admission is not None else AcceptAll()
         self.ids = build.Ids(secret)
         self.timers = TimerQueue()
         self.outbox: list[tuple[Flow, bytes]] = []
@@ -193,6 +231,9 @@ class Proxy:
         self.clients: dict[tuple[str, str], ClientTxn] = {}
         self.dialogs: dict[tuple[str, str], Dialog] = {}
         self.pending: dict[int, ServerTxn] = {}
+        # (Call-ID, From tag) of every initial INVITE being decided: a second one with the same
+        # dialog id is a merged request (482), never a second slot under one lease
+        self.deciding: set[tuple[str, str]] = set()
         self._sweep: TimerEntry | None = None
         self._expiry: ExpiryWheel[tuple[str, str]] = ExpiryWheel()
         self.configure(settings)
@@ -261,9 +302,25 @@ class Proxy:
         """Deliver a policy decision that ``decide`` left pending (returned None)."""
         st = self.pending.pop(id(call), None)
         if st is None or st.state != "deciding":
-            return  # cancelled or timed out meanwhile
+            self._abandon(call, now)  # cancelled or failed meanwhile (a no-op when done)
+            return
         st.next_hop = None  # worked out again, under the settings in force now
         self._apply_verdict(st, call, verdict, now)
+
+    def _abandon(self, call: CallInfo, now: float) -> None:
+        """A decided (or deciding) call that will not become a dialog: give back what its
+        decision took, exactly once."""
+        self.deciding.discard((call.call_id, call.msg.from_tag or ""))
+        if call.settled:
+            return
+        call.settled = True
+        self.admission.abandoned(call, now)
+
+    def _forget_pending(self, st: ServerTxn, now: float) -> None:
+        """``st`` will get no verdict applied (cancelled, failed): its decision is abandoned."""
+        if st.call is not None:
+            self.pending.pop(id(st.call), None)
+            self._abandon(st.call, now)
 
     # ------------------------------------------------------------------ errors
     def _parse_failed(self, err: SipParseError, msg: Message | None, flow: Flow) -> None:
@@ -335,8 +392,8 @@ class Proxy:
             # Found bad only now (a Route, Diversion, ...): answer on the transaction, so its
             # timers clean it up like any other.
             if st.state in ("proceeding", "deciding"):
-                if st.call is not None:
-                    self.pending.pop(id(st.call), None)
+                if st.call is not None and st.dialog is None:
+                    self._forget_pending(st, now)
                 self._respond(st, err.status, now, err.reason)
             self.events.append(ParseFailed(err.status, err.detail, flow, True))
 
@@ -359,12 +416,22 @@ class Proxy:
             self._respond(st, 404, now)
             return
         if method == "INVITE" and initial:
+            dialog_id = (msg.call_id, msg.from_tag or "")
+            if (dialog_id in self.dialogs or dialog_id in self.deciding) and not (
+                self._is_spiral(msg)
+            ):
+                # RFC 3261 §8.2.2.2: the same Call-ID and From tag as a call in progress, on
+                # another transaction — a merged request, not a second call.
+                self._respond(st, 482, now, "Loop Detected")
+                self.events.append(Dropped("merged_request", msg.call_id, flow))
+                return
             st.next_hop = (target, start_line, route_line)
-            call = CallInfo(msg, flow, now)
+            call = CallInfo(msg, flow, now, f"{dialog_id[0]}\n{dialog_id[1]}\n{st.key}")
             st.call = call
             st.state = "deciding"
             self.pending[id(call)] = st
-            verdict = self.decide(call, now)
+            self.deciding.add(dialog_id)
+            verdict = self.admission.decide(call, now)
             if verdict is not None:
                 self.pending.pop(id(call), None)
                 self._apply_verdict(st, call, verdict, now)
@@ -411,6 +478,17 @@ class Proxy:
                     return True
         return False
 
+    def _is_spiral(self, msg: Message) -> bool:
+        """The request carries a Via of a transaction sipguard itself sent: it has come back
+        through us (a spiral, RFC 3261 §16.3 step 4), not a second call with the same id."""
+        if not any(build.OUR_PREFIX.encode() in msg.lines[i] for i in msg.indexes("via")):
+            return False
+        for via in msg.vias:
+            branch = via.branch or ""
+            if branch.startswith(build.OUR_PREFIX) and (branch, "INVITE") in self.clients:
+                return True
+        return False
+
     def _preprocess_route(self, msg: Message, flow: Flow, initial: bool) -> NextHop:
         """RFC 3261 §16.4 and §16.5: drop our own Route entries, pick the next hop.
 
@@ -451,11 +529,13 @@ class Proxy:
 
     def _apply_verdict(self, st: ServerTxn, call: CallInfo, verdict: Verdict, now: float) -> None:
         self.events.append(InviteDecided(call, verdict))
-        if verdict.action == "reject":
-            self._respond(st, verdict.status or 403, now, verdict.phrase or None, verdict.headers)
-            return
-        if verdict.action == "drop":
-            self._terminate_server(st)
+        if verdict.action != "accept":
+            self._abandon(call, now)
+            if verdict.action == "reject":
+                self._respond(st, verdict.status or 403, now, verdict.phrase or None,
+                              verdict.headers)
+            else:
+                self._terminate_server(st, now)
             return
         msg = st.msg
         hop = st.next_hop
@@ -464,9 +544,12 @@ class Proxy:
             hop = self._preprocess_route(msg, st.flow, True)
         target, start_line, routes = hop
         if target is None:
+            self._abandon(call, now)
             self._respond(st, 404, now)
             return
         st.state = "proceeding"
+        self.deciding.discard((call.call_id, msg.from_tag or ""))
+        call.settled = True
         dialog = Dialog(
             call_id=call.call_id,
             caller_tag=msg.from_tag or "",
@@ -478,10 +561,12 @@ class Proxy:
             source=st.flow.addr,
             started=now,
             expires=now + self.settings.max_dialog_lifetime,
+            lease=call.lease,
         )
         st.dialog = dialog
         self.dialogs[(dialog.call_id, dialog.caller_tag)] = dialog
         self._expiry.set((dialog.call_id, dialog.caller_tag), dialog.expires)
+        self.admission.dialog_started(dialog, now)
         self.events.append(DialogStarted(dialog))
         self._arm_sweep(now)
         self._forward(st, target, start_line, routes, now, record_route=True,
@@ -609,8 +694,7 @@ class Proxy:
             return
         self._respond(cst, 200, now)
         if invite.state == "deciding":
-            if invite.call is not None:
-                self.pending.pop(id(invite.call), None)
+            self._forget_pending(invite, now)
             self._respond(invite, 487, now)
             return
         ct = invite.client
@@ -817,7 +901,7 @@ class Proxy:
             ct.state = "terminated"
             self._drop_client(ct)
             if ct.server is not None:
-                self._terminate_server(ct.server)
+                self._terminate_server(ct.server, now)
 
     def _client_timed_out(self, ct: ClientTxn, now: float) -> None:
         if ct.state not in ("calling", "proceeding"):
@@ -840,13 +924,13 @@ class Proxy:
         st.timer = self.timers.add(now + st.interval, self._timer_g, st)
 
     def _timer_terminate_server(self, st: ServerTxn, now: float) -> None:
-        self._terminate_server(st)
+        self._terminate_server(st, now)
 
     def _timer_drop_client(self, ct: ClientTxn, now: float) -> None:
         ct.state = "terminated"
         self._drop_client(ct)
 
-    def _terminate_server(self, st: ServerTxn) -> None:
+    def _terminate_server(self, st: ServerTxn, now: float) -> None:
         st.state = "terminated"
         TimerQueue.cancel(st.timer)
         TimerQueue.cancel(st.timeout)
@@ -857,6 +941,8 @@ class Proxy:
             del self.servers[(st.key, st.method)]
         if st.call is not None:
             self.pending.pop(id(st.call), None)
+            if st.dialog is None:  # (a no-op unless its decision never settled)
+                self._abandon(st.call, now)
 
     def _drop_client(self, ct: ClientTxn) -> None:
         TimerQueue.cancel(ct.timer)
@@ -909,6 +995,7 @@ class Proxy:
         if self.dialogs.get(key) is dialog:
             del self.dialogs[key]
             self._expiry.discard(key)
+        self.admission.dialog_ended(dialog, now)
         self.events.append(DialogEnded(dialog, reason))
 
     def _arm_sweep(self, now: float) -> None:

@@ -27,6 +27,20 @@ class LeaseStore(Protocol):
         lease is already held."""
         ...
 
+    async def take(
+        self,
+        lease: str,
+        keys: Sequence[str],
+        limits: Sequence[tuple[str, int]],
+        expires: float,
+        now: float,
+    ) -> tuple[int, int]:
+        """Check and take in one atomic step: when every ``(key, most)`` in ``limits`` has
+        fewer than ``most`` live leases, take ``lease`` on ``keys`` and return ``(-1, 0)``;
+        otherwise take nothing and return the index of the first full limit and its count.
+        A lease already held counts as taken (its expiry moves)."""
+        ...
+
     async def refresh(self, lease: str, expires: float, now: float) -> bool:
         """Move a held lease's expiry; False when no such lease is held."""
         ...
@@ -57,6 +71,16 @@ class SyncLeaseStore(LeaseStore, Protocol):
     """A :class:`LeaseStore` in this process: the same operations without awaiting."""
 
     def acquire_now(self, lease: str, keys: Sequence[str], expires: float, now: float) -> bool:
+        ...
+
+    def take_now(
+        self,
+        lease: str,
+        keys: Sequence[str],
+        limits: Sequence[tuple[str, int]],
+        expires: float,
+        now: float,
+    ) -> tuple[int, int]:
         ...
 
     def refresh_now(self, lease: str, expires: float, now: float) -> bool:

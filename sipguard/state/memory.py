@@ -42,6 +42,23 @@ class MemoryLeases:
         self._expiry.set(lease, expires)
         return True
 
+    def take_now(
+        self,
+        lease: str,
+        keys: Sequence[str],
+        limits: Sequence[tuple[str, int]],
+        expires: float,
+        now: float,
+    ) -> tuple[int, int]:
+        if lease not in self._leases:
+            counts = self._counts
+            for i, (key, most) in enumerate(limits):
+                count = counts.get(key, 0)
+                if count >= most:
+                    return i, count
+        self.acquire_now(lease, keys, expires, now)
+        return -1, 0
+
     def refresh_now(self, lease: str, expires: float, now: float) -> bool:
         if lease not in self._leases:
             return False
@@ -91,6 +108,16 @@ class MemoryLeases:
     # ------------------------------------------------------------------ LeaseStore
     async def acquire(self, lease: str, keys: Sequence[str], expires: float, now: float) -> bool:
         return self.acquire_now(lease, keys, expires, now)
+
+    async def take(
+        self,
+        lease: str,
+        keys: Sequence[str],
+        limits: Sequence[tuple[str, int]],
+        expires: float,
+        now: float,
+    ) -> tuple[int, int]:
+        return self.take_now(lease, keys, limits, expires, now)
 
     async def refresh(self, lease: str, expires: float, now: float) -> bool:
         return self.refresh_now(lease, expires, now)

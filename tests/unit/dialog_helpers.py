@@ -1,19 +1,18 @@
-"""Helpers for whole calls through the in-memory proxy with a real Policy: in-dialog requests
-(ACK, BYE, re-INVITE, UPDATE, CANCEL) and a Harness that delivers dialog events to the policy
-the way the asyncio shell does."""
+"""Helpers for whole calls through the in-memory edge core with a real Policy: in-dialog
+requests (ACK, BYE, re-INVITE, UPDATE, CANCEL) and a Harness around :class:`EdgeCore`."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from sipguard.ops.config import parse_config
-from sipguard.policy.concurrency import SHARED_KEY, Tracker
+from sipguard.contract import DialogEnded, Flow, InviteDecided, Verdict
+from sipguard.edge import EdgeCore
+from sipguard.ops.config_load import parse_config
+from sipguard.policy.concurrency import Tracker
 from sipguard.policy.engine import Policy
-from sipguard.policy.verdict import Verdict
-from sipguard.proxy.events import CallInfo, DialogEnded, DialogStarted, InviteDecided
-from sipguard.proxy.flows import Flow
+from sipguard.policy.state import RuleState
 from sipguard.sip.message import Message
-from tests.unit.proxy_helpers import CALLER, CORE, Harness, answer, invite
+from tests.unit.proxy_helpers import CALLER, CORE, Harness, answer, invite, settings
 
 MINIMAL = "listen: [udp://192.0.2.1:5060]\ncore: udp://10.0.0.10:5080\n"
 ROUTE = "Route: <sip:192.0.2.1:5060;lr>\r\n"
@@ -64,43 +63,48 @@ def to(out: list[tuple[Flow, Message]], addr: tuple[str, int]) -> list[Message]:
 
 
 class PolicyHarness(Harness):
-    """The in-memory proxy deciding with a Policy built from YAML, and dialog starts / ends
-    delivered to it after every message and timer, as the shell does."""
+    """The in-memory edge core deciding with a Policy built from YAML: dialog starts and ends
+    reach the policy inside the core, exactly as in sipguard."""
 
-    def __init__(self, rules_yaml: str = "", *, shared: dict[str, Any] | None = None,
+    def __init__(self, rules_yaml: str = "", *, state: RuleState | None = None,
                  extra_yaml: str = "", **kw: object) -> None:
-        self.shared: dict[str, Any] = {} if shared is None else shared
-        self.policy = Policy(parse_config(MINIMAL + extra_yaml + rules_yaml), self.shared)
+        self.state = RuleState() if state is None else state
+        policy = Policy(parse_config(MINIMAL + extra_yaml + rules_yaml), self.state)
         self.verdicts: list[Verdict] = []
         self.counts_seen: list[int] = []
-        super().__init__(decide=self._decide, **kw)
+        self.core = EdgeCore(settings(**kw), policy, b"k" * 32)
+        self.admission = None
+        self.proxy = self.core.proxy
+        self.now = 1000.0
+        self.events: list[object] = []
+
+    @property
+    def policy(self) -> Policy:
+        return self.core.policy
 
     def reload(self, rules_yaml: str, extra_yaml: str = "") -> None:
-        """Build a new Policy on the same shared state and swap it in, as a reload does."""
-        previous = self.policy
-        self.policy = Policy(parse_config(MINIMAL + extra_yaml + rules_yaml), self.shared)
-        assert not self.policy.adopt(previous, self.proxy.dialogs.values(), self.now)
+        """Build a new Policy on the same state and swap it in, as a reload does."""
+        policy = Policy(parse_config(MINIMAL + extra_yaml + rules_yaml), self.state)
+        self.core.reconfigure(self.proxy.settings, policy, self.now)
 
-    def _decide(self, call: CallInfo, now: float) -> Verdict:
-        verdict = self.policy.decide(call, now)
-        assert isinstance(verdict, Verdict)
-        return verdict
+    def feed(self, data: bytes, src: tuple[str, int] = CALLER, transport: str = "udp",
+             conn: int | None = None) -> None:
+        self.core.receive(data, Flow(transport, src, 0 if transport == "udp" else 1, conn),
+                          self.now)
 
-    def _drain(self) -> list[tuple[Flow, Message]]:
-        for event in self.proxy.events:
-            if isinstance(event, DialogStarted):
-                assert not self.policy.dialog_started(event.dialog, self.now)
-            elif isinstance(event, DialogEnded):
-                assert not self.policy.dialog_ended(event.dialog, self.now)
-            elif isinstance(event, InviteDecided):
+    def fire_timers(self) -> None:
+        self.core.handle_timer(self.now)
+
+    def take_events(self) -> list[object]:
+        events: list[object] = list(self.core.drain_events())
+        for event in events:
+            if isinstance(event, InviteDecided):
                 self.verdicts.append(event.verdict)
-        return super()._drain()
+        return events
 
     @property
     def tracker(self) -> Tracker:
-        tracker = self.shared[SHARED_KEY]
-        assert isinstance(tracker, Tracker)
-        return tracker
+        return self.state.tracker
 
     def count(self, kind: str, number: str) -> int:
         return self.tracker.counts(kind, number)

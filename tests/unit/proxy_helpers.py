@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from sipguard.policy.verdict import Verdict
-from sipguard.proxy.core import Decide, Proxy, ProxySettings
-from sipguard.proxy.events import CallInfo
-from sipguard.proxy.flows import Flow, Local
+from collections.abc import Callable
+
+from sipguard.contract import CallInfo, Dialog, Flow, Local, Verdict
+from sipguard.proxy.core import Proxy, ProxySettings
 from sipguard.sip.message import Message
 from sipguard.sip.parser import parse_message
+
+Decide = Callable[[CallInfo, float], Verdict | None]
 
 PROXY = ("192.0.2.1", 5060)
 CORE = ("10.0.0.10", 5080)
@@ -22,19 +24,47 @@ def settings(**kw: object) -> ProxySettings:
     return ProxySettings(**base)  # type: ignore[arg-type]
 
 
+class DecideOnly:
+    """An admission that asks one function for verdicts and keeps no state (proxy tests)."""
+
+    def __init__(self, decide: Decide) -> None:
+        self.decide = decide
+        self.started: list[Dialog] = []
+        self.ended: list[Dialog] = []
+        self.abandoned_calls: list[CallInfo] = []
+
+    def dialog_started(self, dialog: Dialog, now: float) -> None:
+        self.started.append(dialog)
+
+    def dialog_ended(self, dialog: Dialog, now: float) -> None:
+        self.ended.append(dialog)
+
+    def abandoned(self, call: CallInfo, now: float) -> None:
+        self.abandoned_calls.append(call)
+
+
 class Harness:
     """A proxy plus a clock; ``send`` feeds bytes and returns what the proxy sent."""
 
     def __init__(self, decide: Decide | None = None, **kw: object) -> None:
-        self.proxy = Proxy(settings(**kw), decide, b"k" * 32)
+        self.admission = DecideOnly(decide) if decide is not None else None
+        self.proxy = Proxy(settings(**kw), self.admission, b"k" * 32)
         self.now = 1000.0
         self.events: list[object] = []
 
     def send(self, data: bytes, src: tuple[str, int] = CALLER, transport: str = "udp",
              conn: int | None = None) -> list[tuple[Flow, Message]]:
+        self.feed(data, src, transport, conn)
+        return self._drain()
+
+    def feed(self, data: bytes, src: tuple[str, int] = CALLER, transport: str = "udp",
+             conn: int | None = None) -> None:
+        """Hand one message to the core without draining what it sends (a burst)."""
         self.proxy.receive(data, Flow(transport, src, 0 if transport == "udp" else 1, conn),
                            self.now)
-        return self._drain()
+
+    def fire_timers(self) -> None:
+        self.proxy.handle_timer(self.now)
 
     def advance(self, seconds: float) -> list[tuple[Flow, Message]]:
         """Move the clock forward, firing every timer on the way in order."""
@@ -45,7 +75,7 @@ class Harness:
             if deadline is None or deadline > end:
                 break
             self.now = max(self.now, deadline)
-            self.proxy.handle_timer(self.now)
+            self.fire_timers()
             out.extend(self._drain())
         self.now = end
         return out
@@ -54,9 +84,13 @@ class Harness:
         out = [(flow, parse_message(data)) for flow, data in self.proxy.outbox]
         self.raw = [data for _, data in self.proxy.outbox]
         self.proxy.outbox.clear()
-        self.events.extend(self.proxy.events)
-        self.proxy.events.clear()
+        self.events.extend(self.take_events())
         return out
+
+    def take_events(self) -> list[object]:
+        events = list(self.proxy.events)
+        self.proxy.events.clear()
+        return events
 
 
 def invite(

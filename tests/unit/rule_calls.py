@@ -4,13 +4,11 @@ Policy built from a YAML ``rules:`` snippet."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
-from sipguard.ops.config import parse_config
+from sipguard.contract import CallInfo, Dialog, Flow, Verdict
+from sipguard.ops.config_load import parse_config
 from sipguard.policy.engine import Policy
-from sipguard.policy.verdict import Verdict
-from sipguard.proxy.events import CallInfo, Dialog
-from sipguard.proxy.flows import Flow
+from sipguard.policy.state import RuleState
 from sipguard.sip.parser import parse_message
 from tests.unit.proxy_helpers import invite
 
@@ -32,12 +30,17 @@ def make_call(
     call = CallInfo(_MSG, Flow(transport, source, 0), now)
     call.caller, call.callee = caller, callee
     call.call_id = call_id
+    call.lease = f"{call_id}\n{_MSG.from_tag or ''}"  # as CallInfo derives it from the message
     return call
 
 
-def policy(rules_yaml: str, shared: dict[str, Any] | None = None, extra: str = "") -> Policy:
-    """A Policy from the minimal config plus ``extra`` (e.g. peers) and a ``rules:`` block."""
-    return Policy(parse_config(MINIMAL + extra + rules_yaml), {} if shared is None else shared)
+def policy(rules_yaml: str, state: RuleState | None = None, extra: str = "") -> Policy:
+    """A Policy from the minimal config plus ``extra`` (e.g. peers) and a ``rules:`` block,
+    built on ``state`` (a fresh RuleState when None) and activated, as the edge core does when
+    it swaps a policy in."""
+    p = Policy(parse_config(MINIMAL + extra + rules_yaml), RuleState() if state is None else state)
+    p.activate()
+    return p
 
 
 def decide(p: Policy, call: CallInfo, now: float) -> Verdict:

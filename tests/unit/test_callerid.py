@@ -9,11 +9,11 @@ from pathlib import Path
 import phonenumbers
 import pytest
 
-from sipguard.ops.config import ConfigError, parse_config
+from sipguard.contract import CallInfo, Flow, InviteDecided
+from sipguard.ops.config_load import ConfigError, parse_config
 from sipguard.policy import callerid, numbers
 from sipguard.policy.engine import Policy
-from sipguard.proxy.events import CallInfo, InviteDecided
-from sipguard.proxy.flows import Flow
+from sipguard.policy.state import RuleState
 from sipguard.sip.message import Message
 from sipguard.sip.parser import parse_message
 from tests.unit.proxy_helpers import CALLER, CORE, Harness, invite
@@ -32,8 +32,8 @@ NETWORK_BLOCKED_REASON = 'SIP;cause=603;text="v=analytics1";location=RPN'
 _ids = itertools.count()
 
 
-def make_policy(text: str, base_dir: Path | None = None) -> Policy:
-    return Policy(parse_config(BASE + textwrap.dedent(text), base_dir=base_dir))
+def make_policy(text: str, base_dir: Path | None = None, state: RuleState | None = None) -> Policy:
+    return Policy(parse_config(BASE + textwrap.dedent(text), base_dir=base_dir), state)
 
 
 class Call:
@@ -240,11 +240,15 @@ def test_dno_file_is_shared_across_peers_and_reread_only_when_changed(tmp_path: 
     """load_list returns the same NumberSet while the file is unchanged and a new one after it changes."""
     path = tmp_path / "dno.txt"
     path.write_text("+18005550100\n")
-    shared: dict[str, object] = {}
-    first = callerid.load_list(shared, path)
-    assert callerid.load_list(shared, path) is first
+    state = RuleState()
+    build = make_policy("", state=state)
+    first = callerid.load_list(build.ctx, path)
+    assert callerid.load_list(build.ctx, path) is first  # another peer in the same build
+    build.activate()
+    reload = make_policy("", state=state)  # a reload on the same RuleState
+    assert callerid.load_list(reload.ctx, path) is first
     path.write_text("+18005550100\n+18005550101\n")
-    second = callerid.load_list(shared, path)
+    second = callerid.load_list(reload.ctx, path)
     assert second is not first and "+18005550101" in second
 
 

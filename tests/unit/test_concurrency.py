@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from sipguard.ops.config import parse_config
+from sipguard.contract import CallInfo, Dialog, DialogStarted, Flow, Verdict
+from sipguard.ops.config_load import parse_config
 from sipguard.policy.concurrency import (
     Concurrency,
     Settings,
@@ -17,13 +18,10 @@ from sipguard.policy.concurrency import (
     lease_id,
 )
 from sipguard.policy.pipeline import Pipeline
-from sipguard.policy.verdict import Verdict
-from sipguard.proxy.events import CallInfo, Dialog, DialogStarted
-from sipguard.proxy.flows import Flow
 from sipguard.sip.parser import parse_message
 from sipguard.state.memory import MemoryLeases
 from tests.unit.dialog_helpers import PolicyHarness, cancel, in_dialog, to
-from tests.unit.proxy_helpers import CALLER, CORE, Harness, invite
+from tests.unit.proxy_helpers import CALLER, CORE, invite
 
 A = "+12125550100"
 B = "+12125550101"
@@ -294,8 +292,9 @@ def test_reinvite_and_retransmitted_invite_take_no_slot() -> None:
 
 def test_a_later_rule_rejecting_the_call_takes_no_slot() -> None:
     """When a rule after concurrency rejects, no dialog starts, so no slot is taken."""
-    tracker = Tracker()
-    rule = Concurrency(Settings(per_caller=1), "enforce", tracker)
+    h = PolicyHarness(rules("{per_caller: 1}"))
+    (rule,) = h.policy.default.rules
+    assert isinstance(rule, Concurrency)
 
     class RejectAll:
         name, mode = "later", "enforce"
@@ -303,17 +302,14 @@ def test_a_later_rule_rejecting_the_call_takes_no_slot() -> None:
         def decide(self, call: CallInfo, now: float) -> Verdict:
             return Verdict("reject", rule="later", status=603)
 
-    pipeline = Pipeline([rule, RejectAll()])
-
-    def decide(call: CallInfo, now: float) -> Verdict:
-        v = pipeline.decide(call, now)
-        assert isinstance(v, Verdict)
-        return v
-
-    h = Harness(decide=decide)
-    h.send(invite())
+    h.policy.default = Pipeline([rule, RejectAll()])
+    got, fwd = h.call(1)
+    assert fwd is None and statuses(got) == [100, 603] and h.verdicts[-1].rule == "later"
     assert not [e for e in h.events if isinstance(e, DialogStarted)]
-    assert tracker.snapshot() == {}
+    # concurrency took the slot when it admitted the call; the reject gave it back at once
+    assert h.tracker.snapshot() == {}
+    stats = h.tracker.stats()
+    assert stats["live_calls"] == 0 and stats["unmatched_ends"] == 0
 
 
 def test_monitor_mode_forwards_reports_and_counts() -> None:
@@ -346,8 +342,8 @@ def test_per_peer_override_changes_the_limit_for_that_peer_only() -> None:
     assert h.count("peer", "a") == 1 and h.count("peer", "b") == 2
 
 
-def test_counters_survive_a_policy_rebuild_on_the_same_shared_state() -> None:
-    """A reload builds a new Policy on the same shared dict: counts go on, ends still release."""
+def test_counters_survive_a_policy_rebuild_on_the_same_rule_state() -> None:
+    """A reload builds a new Policy on the same RuleState: counts go on, ends still release."""
     h = PolicyHarness(rules("{per_caller: 2}"))
     _answered(h, 1)
     _answered(h, 2)
@@ -399,6 +395,16 @@ class AsyncOnly:
     async def snapshot(self, prefix: str, now: float) -> dict[str, int]:
         return await self.inner.snapshot(prefix, now)
 
+    async def take(
+        self,
+        lease: str,
+        keys: Sequence[str],
+        limits: Sequence[tuple[str, int]],
+        expires: float,
+        now: float,
+    ) -> tuple[int, int]:
+        return await self.inner.take(lease, keys, limits, expires, now)
+
     async def lease_ids(self, now: float) -> list[str]:
         return await self.inner.lease_ids(now)
 
@@ -414,22 +420,36 @@ def test_async_backend_decides_and_counts_through_awaitables() -> None:
     """With a backend that must be awaited, decide and the dialog events return awaitables."""
     tracker = Tracker(AsyncOnly())
     rule = Concurrency(Settings(per_caller=1), "enforce", tracker)
-    call = CallInfo(parse_message(invite()), Flow("udp", CALLER, 0), 0.0)
+
+    def new_call(call_id: str) -> CallInfo:
+        return CallInfo(parse_message(invite(call_id=call_id)), Flow("udp", CALLER, 0), 0.0)
 
     async def run() -> None:
+        call = new_call("c1")
         first = rule.decide(call, 0.0)
         assert not isinstance(first, Verdict) and first is not None
         assert await first is None
-        started = tracker.dialog_started(_dialog("c1", A), 0.0)
+        assert call.held  # admitted: the slot is taken already
+        assert await tracker.snapshot_async() == {"caller": {A: 1}, "callee": {DID: 1},
+                                                  "peer": {"-": 1}}
+        dialog = _dialog("c1", A)
+        dialog.lease = call.lease  # the proxy hands the call's lease to its dialog
+        started = tracker.dialog_started(dialog, 0.0)
         assert started is not None
         await started
-        second = rule.decide(call, 1.0)
+        second = rule.decide(new_call("c2"), 1.0)
         verdict = await second  # type: ignore[misc]
         assert isinstance(verdict, Verdict) and verdict.status == 403
-        ended = tracker.dialog_ended(_dialog("c1", A), 2.0)
+        ended = tracker.dialog_ended(dialog, 2.0)
         assert ended is not None
         await ended
         assert await tracker.snapshot_async() == {}
+        third = new_call("c3")
+        assert await rule.decide(third, 3.0) is None  # type: ignore[misc]
+        abandoned = tracker.call_abandoned(third, 3.0)  # not a dialog: the slot goes back
+        assert abandoned is not None
+        await abandoned
+        assert await tracker.snapshot_async() == {} and tracker.unmatched_ends == 0
 
     asyncio.run(run())
 

@@ -10,9 +10,8 @@ from collections.abc import Generator
 
 import pytest
 
+from sipguard.contract import DialogEnded, DialogStarted, Flow
 from sipguard.policy.concurrency import dialog_keys
-from sipguard.proxy.events import DialogEnded, DialogStarted
-from sipguard.proxy.flows import Flow
 from sipguard.sip.message import Message
 from tests.unit.dialog_helpers import PolicyHarness, cancel, in_dialog, to
 from tests.unit.proxy_helpers import CORE, answer, invite

@@ -8,8 +8,9 @@ import random
 import pytest
 
 from sipguard.ops.config_load import ConfigError, parse_config
-from sipguard.policy.dialer import SHARED_KEY, DialerState
+from sipguard.policy.dialer import DialerState
 from sipguard.policy.engine import Policy
+from sipguard.policy.state import RuleState
 from sipguard.sip.parser import parse_message
 from tests.unit.proxy_helpers import invite
 from tests.unit.rule_calls import MINIMAL, decide, dialog, make_call, policy
@@ -26,7 +27,7 @@ def only(analytic: str, block_s: float = 300) -> str:
 
 
 def state(p: Policy) -> DialerState:
-    s = p.ctx.shared[SHARED_KEY]
+    s = p.state.dialer
     assert isinstance(s, DialerState)
     return s
 
@@ -214,17 +215,17 @@ def test_high_cost_prefixes_block_the_source_for_those_only() -> None:
 def test_monitor_mode_forwards_with_monitored_tag() -> None:
     """In monitor mode a block is forwarded marked monitored with 'dialer.<reason>;monitored';
     its cooldown is honoured in monitor mode only."""
-    shared: dict[str, object] = {}
+    rule_state = RuleState()
     rules = only("distinct_callees: {tag: 2, block: 3}").replace("block_s: 300",
                                                                  "block_s: 300, mode: monitor")
-    p = policy(rules, shared)
+    p = policy(rules, rule_state)
     got = [decide(p, make_call(callee=f"+1646555{i:04d}"), float(i)) for i in range(3)]
     v = got[2]
     assert v.accepted and v.monitored and (v.rule, v.reason) == ("dialer", "distinct_callees")
     assert v.forward_headers == ("X-Sipguard-Verdict: dialer.distinct_callees;monitored",)
     assert decide(p, make_call(callee="+16465559999"), 4.0).reason == (
         "distinct_callees_cooldown")
-    enforce = policy(only("distinct_callees: {tag: 2, block: 30}"), shared)
+    enforce = policy(only("distinct_callees: {tag: 2, block: 30}"), rule_state)
     assert decide(enforce, make_call(callee="+16465550000"), 5.0).accepted
 
 
@@ -240,14 +241,14 @@ def test_forged_verdict_header_is_stripped() -> None:
 
 
 def test_reload_keeps_windows_and_cooldowns() -> None:
-    """A rebuilt Policy on the same shared state keeps the counts and an active cooldown."""
-    shared: dict[str, object] = {}
-    p = policy(only("distinct_callees: {tag: 3, block: 4}"), shared)
+    """A rebuilt Policy on the same RuleState keeps the counts and an active cooldown."""
+    rule_state = RuleState()
+    p = policy(only("distinct_callees: {tag: 3, block: 4}"), rule_state)
     for i in range(3):
         decide(p, make_call(callee=f"+1646555{i:04d}"), float(i))
-    p2 = policy(only("distinct_callees: {tag: 3, block: 4}"), shared)
+    p2 = policy(only("distinct_callees: {tag: 3, block: 4}"), rule_state)
     assert decide(p2, make_call(callee="+16465559999"), 3.0).reason == "distinct_callees"
-    p3 = policy(only("distinct_callees: {tag: 30, block: 40}"), shared)
+    p3 = policy(only("distinct_callees: {tag: 30, block: 40}"), rule_state)
     assert decide(p3, make_call(callee="+16465559998"), 4.0).reason == (
         "distinct_callees_cooldown")
 
@@ -299,15 +300,14 @@ def test_legitimate_agents_are_never_touched() -> None:
 def test_memory_is_bounded_under_one_off_numbers() -> None:
     """60,000 one-off callers at 1,000 calls/s with a 5 s window keep at most two windows of
     numbers (10,000); at one instant the max_numbers cap holds."""
-    shared: dict[str, object] = {}
-    p = policy("rules:\n  dialer: {window_s: 5, pumping: {}}\n", shared)
+    p = policy("rules:\n  dialer: {window_s: 5, pumping: {}}\n")
     biggest = 0
     for i in range(60_000):
         decide(p, make_call(f"+1{i:010d}", f"+1{(i * 7919) % 10**10:010d}"), i / 1000)
         if i % 1000 == 0:
             biggest = max(biggest, len(state(p).callers), len(state(p).callees))
     assert 5000 <= biggest <= 10_000 + 1000
-    p = policy("rules:\n  dialer: {window_s: 10, max_numbers: 1000}\n", {})
+    p = policy("rules:\n  dialer: {window_s: 10, max_numbers: 1000}\n", RuleState())
     for i in range(5000):
         decide(p, make_call(f"+1{i:010d}", "+16465550000"), 1.0)
     assert len(state(p).callers) <= 1000

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from typing import Any
 
 import pytest
 
@@ -13,6 +12,7 @@ from sipguard.ops.config_load import ConfigError, parse_config
 from sipguard.policy import flood
 from sipguard.policy.engine import Policy
 from sipguard.policy.flood import FloodGuard, FloodState
+from sipguard.policy.state import RuleState
 from sipguard.server import Server
 from tests.unit.rule_calls import MINIMAL
 
@@ -30,15 +30,16 @@ SRC = ("203.0.113.9", 5060)
 def make_guard(
     rules: str = "{sampling_s: 1, density: 10, ban_s: 30}",
     peers: str = "",
-    shared: dict[str, Any] | None = None,
+    state: RuleState | None = None,
     mode: str = "enforce",
 ) -> FloodGuard:
-    cfg = parse_config(MINIMAL + peers + f"rules:\n  flood: {rules}\n")
-    shared = {} if shared is None else shared
-    policy = Policy(cfg, shared)
-    g = flood.guard(cfg.rules.flood, mode, shared, policy.peers,
-                    [(policy.peers.peers[pc.name], pc.rules.flood) for pc in cfg.peers],
+    """The guard a Policy builds (``policy.flood``) with ``mode`` as the top-level mode and the
+    core trusted, as the shell builds it."""
+    cfg = parse_config(MINIMAL + f"mode: {mode}\n" + peers + f"rules:\n  flood: {rules}\n")
+    policy = Policy(cfg, RuleState() if state is None else state,
                     trusted=((cfg.core.host, cfg.core.port),))
+    policy.activate()  # as the edge core does when it swaps the policy in
+    g = policy.flood
     assert g is not None
     return g
 
@@ -198,21 +199,23 @@ def test_bans_are_capped() -> None:
 
 
 def test_reload_keeps_bans() -> None:
-    """A guard rebuilt on the same shared state (a reload) keeps the bans."""
-    shared: dict[str, Any] = {}
-    g = make_guard(shared=shared)
+    """A guard rebuilt on the same RuleState (a reload) keeps the bans."""
+    state = RuleState()
+    g = make_guard(state=state)
     g.check(SRC, SCAN, 100.0)
-    g2 = make_guard("{sampling_s: 2, density: 50}", shared=shared)
+    g2 = make_guard("{sampling_s: 2, density: 50}", state=state)
     assert g2.check(SRC, OPTIONS, 101.0) == flood.BANNED
 
 
 def test_absent_or_disabled_builds_no_guard_and_no_pipeline_rule() -> None:
     """No rules.flood (or enabled: false) means no guard; the rule never joins the pipeline."""
     cfg = parse_config(MINIMAL)
-    assert flood.guard(cfg.rules.flood, "enforce", {}) is None
+    assert flood.guard(cfg.rules.flood, "enforce", FloodState()) is None
+    assert Policy(cfg).flood is None
     cfg = parse_config(MINIMAL + "rules:\n  flood: {enabled: false}\n")
-    assert flood.guard(cfg.rules.flood, "enforce", {}) is None
-    assert Policy(parse_config(MINIMAL + "rules:\n  flood: {}\n"), {}).rules == ()
+    assert flood.guard(cfg.rules.flood, "enforce", FloodState()) is None
+    assert Policy(cfg).flood is None
+    assert Policy(parse_config(MINIMAL + "rules:\n  flood: {}\n"), RuleState()).rules == ()
 
 
 def test_monitor_mode_flag() -> None:
@@ -234,11 +237,26 @@ def test_bad_settings_are_config_errors(snippet: str) -> None:
 def test_state_unit_change_restarts_counting() -> None:
     """A new sampling_s on reload starts counts afresh (units of different lengths do not
     mix)."""
-    state = FloodState()
+    rule_state = RuleState()
+    state = rule_state.flood
     state.cur[SRC[0]] = 99
-    shared = {flood.SHARED_KEY: state}
-    make_guard("{sampling_s: 3}", shared=shared)
+    make_guard("{sampling_s: 3}", state=rule_state)
     assert state.cur == {}
+
+
+def test_a_build_that_is_never_activated_changes_no_state() -> None:
+    """A reload's build that is never swapped in (failed, or overtaken by a newer reload)
+    leaves the live flood counts, rate tables and dialer tables as they were."""
+    rule_state = RuleState()
+    rule_state.flood.cur[SRC[0]] = 99
+    horizon = rule_state.buckets.tables["per_caller"].horizon
+    cfg = parse_config(MINIMAL + "rules:\n  flood: {sampling_s: 3}\n"
+                       "  rate: {per_caller: {rate: 1, burst: 50}, max_keys: 777}\n"
+                       "  dialer: {window_s: 600}\n")
+    Policy(cfg, rule_state)
+    assert rule_state.flood.cur == {SRC[0]: 99}
+    assert rule_state.buckets.tables["per_caller"].horizon == horizon
+    assert rule_state.buckets.tables["per_caller"].max_keys != 777
 
 
 # --------------------------------------------------------------------------- the shell
@@ -293,6 +311,7 @@ async def test_shell_drops_scanner_and_flood_before_parsing() -> None:
         assert c["flood_dropped_scanner"] == 1 and c["flood_banned_scanner"] == 1
         assert c["flood_banned_flood"] == 1
         assert c["flood_dropped_banned"] >= 40
-        assert server.flood is not None and len(server.flood.state.list_bans(loop.time())) == 2
+        guard = server.policy.flood
+        assert guard is not None and len(guard.state.list_bans(loop.time())) == 2
     finally:
         await server.stop()

@@ -18,12 +18,10 @@ from typing import Any
 
 import pytest
 
-from sipguard.ops.config import ConfigError, parse_config
+from sipguard.contract import CallInfo, Flow, InviteDecided, Verdict
+from sipguard.ops.config_load import ConfigError, parse_config
 from sipguard.policy.engine import Policy
-from sipguard.policy.identity import FETCHER_KEY, WALL_OFFSET_KEY
-from sipguard.policy.verdict import Verdict
-from sipguard.proxy.events import CallInfo, InviteDecided
-from sipguard.proxy.flows import Flow
+from sipguard.policy.state import RuleState
 from sipguard.sip.message import Message
 from sipguard.transport.https_fetch import HttpsFetcher
 
@@ -124,7 +122,7 @@ class Stir:
         self.anchors, self.bundle = pki.write(tmp)
         self.tmp = tmp
         self.wall = float(int(time.time()))  # whole seconds: iat arithmetic is exact
-        self.shared: dict[str, Any] = {FETCHER_KEY: fetcher, WALL_OFFSET_KEY: self.wall - 1000.0}
+        self.state = RuleState(fetcher=fetcher, wall_offset=self.wall - 1000.0)
         self._hits = dict(server.hits)  # the server is shared by the module's tests
         self.policy = self.use()
 
@@ -143,14 +141,16 @@ class Stir:
         return base
 
     def use(self, mode: str = "enforce", **over: Any) -> Policy:
-        """Build the policy with rules.identity = test defaults + ``over`` (shared state kept)."""
+        """Build the policy with rules.identity = test defaults + ``over`` on the same
+        RuleState, and swap it in (activate) as a reload does."""
         cfg = {
             "listen": ["udp://192.0.2.1:5060"],
             "core": "udp://10.0.0.10:5080",
             "mode": mode,
             "rules": {"identity": self.settings(**over)},
         }
-        self.policy = Policy(parse_config(json.dumps(cfg), base_dir=self.tmp), self.shared)
+        self.policy = Policy(parse_config(json.dumps(cfg), base_dir=self.tmp), self.state)
+        self.policy.activate()
         return self.policy
 
     def url(self, path: str = "/good.pem") -> str:
@@ -427,7 +427,7 @@ async def test_cache_control_max_age_is_honoured(stir: Stir) -> None:
     """A chain served with max-age=120 is fetched again only after 120 s."""
     stir.fetcher.linger_s = 0  # the fetcher's own short reuse window is real time
     await stir.call(stir.header("/maxage.pem"))
-    stir.shared[WALL_OFFSET_KEY] -= 100  # keep iat fresh while the loop clock moves on
+    stir.state.wall_offset -= 100  # keep iat fresh while the loop clock moves on
     h = PolicyHarness(stir.policy)
     h.now += 100
     token = identity_value(stir.token("/maxage.pem"), stir.url("/maxage.pem"))
@@ -435,7 +435,7 @@ async def test_cache_control_max_age_is_honoured(stir: Stir) -> None:
     assert h.sync_decisions == 1
     h2 = PolicyHarness(stir.policy)
     h2.now += 121
-    stir.shared[WALL_OFFSET_KEY] -= 21
+    stir.state.wall_offset -= 21
     h2.send(invite(caller=CALLER_NUMBER, callee=CALLEE_NUMBER, extra=f"Identity: {token}\r\n"))
     assert h2.sync_decisions == 0
     await h2.settle()
@@ -570,7 +570,7 @@ async def test_monitor_mode_forwards_failures_with_the_outcome(stir: Stir) -> No
 
 
 async def test_cache_survives_a_reload(stir: Stir) -> None:
-    """A policy rebuilt from the same shared state keeps the fetched certificates."""
+    """A policy rebuilt from the same RuleState keeps the fetched certificates."""
     await stir.call(stir.header())
     stir.use(freshness_s=30)
     res = await stir.call(stir.header())

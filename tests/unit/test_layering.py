@@ -38,8 +38,9 @@ def _imports(path: Path) -> set[str]:
 
 @pytest.mark.parametrize(
     "path",
-    [p for pkg in CORE_PACKAGES for p in sorted((PACKAGE / pkg).glob("*.py"))],
-    ids=lambda p: f"{p.parent.name}/{p.name}",
+    [p for pkg in CORE_PACKAGES for p in sorted((PACKAGE / pkg).glob("*.py"))]
+    + [PACKAGE / "edge.py", PACKAGE / "contract.py"],
+    ids=lambda p: f"{p.parent.name}/{p.name}" if p.parent != PACKAGE else p.name,
 )
 def test_core_module_imports_no_io(path: Path) -> None:
     """A module of the sans-I/O core imports no sockets, event loop, clock or logging."""
@@ -127,11 +128,17 @@ def _cycles(graph: dict[str, dict[str, set[str]]]) -> list[set[str]]:
 
 
 GRAPH = _package_graph()
+SHELL = ("sipguard.ops", "sipguard.transport", "sipguard.server", "sipguard.cli")
 MUST_NOT_IMPORT = [
     (importer, imported)
     for importers, forbidden in (
-        (("sipguard.policy", "sipguard.state"),
-         ("sipguard.ops", "sipguard.transport", "sipguard.server", "sipguard.cli")),
+        # the contract is what proxy and policy share: it stands on sip/ alone
+        (("sipguard.contract",),
+         ("sipguard.proxy", "sipguard.policy", "sipguard.state", "sipguard.edge", *SHELL)),
+        # proxy and policy meet only inside the edge core, through the contract types
+        (("sipguard.proxy",), ("sipguard.policy", "sipguard.edge", *SHELL)),
+        (("sipguard.policy", "sipguard.state"), ("sipguard.proxy", "sipguard.edge", *SHELL)),
+        (("sipguard.edge",), SHELL),
         (("sipguard.ops",), ("sipguard.server", "sipguard.cli", "sipguard.transport")),
     )
     for importer in importers
@@ -143,7 +150,8 @@ def test_package_graph_sees_the_layers() -> None:
     """The graph is built from real imports (guards the tests below against passing vacuously)."""
     assert {"sipguard.sip", "sipguard.policy", "sipguard.ops", "sipguard.server"} <= set(GRAPH)
     assert "sipguard.sip" in GRAPH["sipguard.policy"]
-    assert "sipguard.policy" in GRAPH["sipguard.server"]
+    assert "sipguard.edge" in GRAPH["sipguard.server"]
+    assert {"sipguard.proxy", "sipguard.policy"} <= set(GRAPH["sipguard.edge"])
 
 
 def test_sip_imports_nothing_else_of_sipguard() -> None:
@@ -157,20 +165,11 @@ def test_sip_imports_nothing_else_of_sipguard() -> None:
     ids=[f"{a.removeprefix('sipguard.')}-x-{b.removeprefix('sipguard.')}" for a, b in MUST_NOT_IMPORT],
 )
 def test_lower_layer_does_not_import_higher(importer: str, imported: str) -> None:
-    """policy/ and state/ never reach the shell or ops/; ops/ never reaches the shell."""
+    """Data flows shell -> edge core -> (proxy, policy) -> contract -> sip, never back up."""
     files = GRAPH.get(importer, {}).get(imported, set())
     assert not files, f"{importer} imports {imported} in {sorted(files)}"
 
 
-@pytest.mark.xfail(
-    strict=False, reason="proxy<->policy contract types being moved to sipguard/contract.py"
-)
 def test_no_cycle_between_packages() -> None:
     """The units import each other in one direction only (TYPE_CHECKING imports included)."""
     assert _cycles(GRAPH) == []
-
-
-def test_no_cycle_between_packages_but_proxy_policy() -> None:
-    """Until the contract types have moved, proxy<->policy is the only cycle tolerated."""
-    allowed = {"sipguard.proxy", "sipguard.policy"}
-    assert [c for c in _cycles(GRAPH) if c != allowed] == []

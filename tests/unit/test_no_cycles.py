@@ -12,8 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from sipguard.ops.config import parse_config
-from sipguard.policy.engine import Policy
+from tests.unit.dialog_helpers import PolicyHarness
 from tests.unit.proxy_helpers import CALLER, CORE, Harness, answer, invite
 
 
@@ -60,27 +59,13 @@ def test_plain_proxy_calls_leave_no_cycles(no_auto_gc: None) -> None:
 
 def test_calls_with_stateful_rules_leave_no_cycles(no_auto_gc: None) -> None:
     """With the concurrency, rate and callerid rules deciding, calls still leave no cycles."""
-    cfg = parse_config(
-        "listen: [udp://192.0.2.1:5060]\ncore: udp://10.0.0.10:5080\n"
+    # the edge core: the policy decides every INVITE and gets each dialog's start and end
+    h = PolicyHarness(
         "rules:\n  concurrency: {per_caller: 100, per_callee: 100}\n"
         "  rate: {per_caller: {rate: 100, burst: 100}}\n  callerid: {}\n"
     )
-    policy = Policy(cfg, {})
-    h = Harness(decide=policy.decide)
-    original = h._drain
-
-    def drain():  # type: ignore[no-untyped-def]
-        out = original()
-        from sipguard.proxy.events import DialogEnded, DialogStarted
-
-        for event in h.events:
-            if isinstance(event, DialogStarted):
-                policy.dialog_started(event.dialog, h.now)
-            elif isinstance(event, DialogEnded):
-                policy.dialog_ended(event.dialog, h.now)
-        h.events.clear()
-        return out
-
-    h._drain = drain  # type: ignore[method-assign]
+    assert [r.name for r in h.policy.rules] == ["concurrency", "rate", "callerid"]
     _calls(h, 60)
+    assert h.proxy.servers == {} and h.proxy.clients == {} and h.proxy.dialogs == {}
+    assert h.tracker.snapshot() == {}  # every slot went back: the events reached the policy
     assert gc.collect() == 0

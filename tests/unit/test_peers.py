@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from sipguard.ops.config import parse_config
+from sipguard.contract import InviteDecided
+from sipguard.ops.config_load import parse_config
 from sipguard.policy.engine import Policy
 from sipguard.policy.peers import NumberSet, Peer, PeerTable, read_number_file
-from sipguard.proxy.events import InviteDecided
 from tests.unit.proxy_helpers import CALLER, CORE, Harness, invite
 
 BASE = "listen: [udp://192.0.2.1:5060]\ncore: udp://10.0.0.10:5080\n"

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
-from sipguard.policy.verdict import Verdict
-from sipguard.proxy.events import CallInfo, DialogEnded, DialogStarted, Dropped, InviteDecided
-from sipguard.proxy.flows import Flow
+from sipguard.contract import (
+    CallInfo,
+    DialogEnded,
+    DialogStarted,
+    Dropped,
+    Flow,
+    InviteDecided,
+    Verdict,
+)
 from tests.unit.proxy_helpers import (
     CALLER,
     CORE,
@@ -249,10 +255,12 @@ def test_loop_is_detected_but_spiral_is_not() -> None:
     # The core sends the very same request back to us: a loop.
     out = h.send(fwd_raw, src=CORE)
     assert [m.status for m in _to(out, CORE)] == [100, 482]
-    # Retargeted (new Request-URI) and sent back by another hop: a spiral, forwarded.
+    # Retargeted (new Request-URI) and sent back by another hop (its Via on top of ours): a
+    # spiral — forwarded, not a loop and not a merged request (same Call-ID and From tag).
     spiral = fwd_raw.replace(b"INVITE sip:+18005550199@192.0.2.1:5060;user=phone",
                              b"INVITE sip:+18005550100@192.0.2.1:5060;user=phone", 1)
-    spiral = spiral.replace(b"branch=z9hG4bKsg", b"branch=z9hG4bKsgX", 1)
+    spiral = spiral.replace(b"\r\nVia: ", b"\r\nVia: SIP/2.0/UDP 203.0.113.5:5060;branch=z9hG4bK-hop1"
+                            b"\r\nVia: ", 1)
     out = h.send(spiral, src=("203.0.113.5", 5060))
     assert [m.status for m in _to(out, ("203.0.113.5", 5060))] == [100]
     assert [m.method for m in _to(out, CORE)] == ["INVITE"]

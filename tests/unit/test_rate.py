@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from sipguard.ops.config_load import ConfigError, parse_config
-from sipguard.policy.rate import SHARED_KEY, Buckets
+from sipguard.policy.rate import Buckets
+from sipguard.policy.state import RuleState
 from tests.unit.rule_calls import MINIMAL, config_example, decide, make_call, policy
 
 PER_CALLER = "rules:\n  rate: {per_caller: {rate: 1, burst: 3}}\n"
@@ -142,12 +143,12 @@ def test_monitor_mode_forwards_and_reports() -> None:
 
 
 def test_reload_keeps_the_buckets() -> None:
-    """A Policy rebuilt on the same shared state (a reload) keeps every bucket."""
-    shared: dict[str, object] = {}
-    p = policy(PER_CALLER, shared)
+    """A Policy rebuilt on the same RuleState (a reload) keeps every bucket."""
+    state = RuleState()
+    p = policy(PER_CALLER, state)
     for _ in range(3):
         decide(p, make_call(), 0.0)
-    p2 = policy(PER_CALLER.replace("burst: 3", "burst: 4"), shared)
+    p2 = policy(PER_CALLER.replace("burst: 3", "burst: 4"), state)
     assert decide(p2, make_call(), 0.0).accepted  # the 4th of the new burst
     assert not decide(p2, make_call(), 0.0).accepted
 
@@ -167,14 +168,13 @@ def test_no_limit_builds_no_rule() -> None:
 def test_memory_follows_active_keys_under_churn() -> None:
     """100,000 one-off callers at 1,000 calls/s leave only the last few seconds' keys (rate 1/s
     burst 3: a key matters 3 s after its call)."""
-    shared: dict[str, object] = {}
-    p = policy(PER_CALLER, shared)
+    p = policy(PER_CALLER)
     biggest = 0
     for i in range(100_000):
         now = i / 1000
         decide(p, make_call(f"+1{i:010d}"), now)
         if i % 1000 == 0:
-            buckets = shared[SHARED_KEY]
+            buckets = p.state.buckets
             assert isinstance(buckets, Buckets)
             biggest = max(biggest, buckets.size()["per_caller"])
     assert biggest <= 2 * 3 * 1000 + 1000
@@ -183,11 +183,10 @@ def test_memory_follows_active_keys_under_churn() -> None:
 def test_table_is_capped() -> None:
     """20,000 distinct callers at the same instant keep at most max_keys entries; the overflow
     is counted as dropped."""
-    shared: dict[str, object] = {}
-    p = policy("rules:\n  rate: {per_caller: {rate: 1, burst: 3}, max_keys: 1000}\n", shared)
+    p = policy("rules:\n  rate: {per_caller: {rate: 1, burst: 3}, max_keys: 1000}\n")
     for i in range(20_000):
         assert decide(p, make_call(f"+1{i:010d}"), 5.0).accepted
-    buckets = shared[SHARED_KEY]
+    buckets = p.state.buckets
     assert isinstance(buckets, Buckets)
     table = buckets.tables["per_caller"]
     assert len(table) <= 1000 and table.dropped >= 19_000 - 1000

@@ -15,8 +15,7 @@ from typing import Any
 
 import pytest
 
-from sipguard.proxy.events import ParseFailed
-from sipguard.proxy.flows import Flow
+from sipguard.contract import Flow, ParseFailed
 from sipguard.sip.message import Message
 from sipguard.sip.parser import parse_message
 from tests.unit.proxy_helpers import CALLER, CORE, PROXY, Harness, answer

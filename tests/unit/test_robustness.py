@@ -11,7 +11,7 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sipguard.proxy.flows import Flow
+from sipguard.contract import Flow
 from sipguard.sip.errors import SipParseError
 from sipguard.sip.framing import PING, StreamFramer
 from sipguard.sip.message import Message
@@ -48,9 +48,9 @@ HISTORY = invite(extra=(
     "Subject: folded\r\n  subject line\r\n"
 ))
 SEEDS = [invite(), RESPONSE, REGISTER, HISTORY]
-_TORTURE = Path(__file__).resolve().parents[3] / "shared" / "testdata" / "rfc4475"
-if _TORTURE.is_dir():
-    SEEDS += [p.read_bytes() for p in sorted(_TORTURE.glob("*.dat"))]
+_TORTURE = Path(__file__).resolve().parents[1] / "data" / "rfc4475"  # RFC 4475 messages
+SEEDS += [p.read_bytes() for p in sorted(_TORTURE.glob("*.dat"))]
+assert len(SEEDS) > 50, f"the RFC 4475 seeds are missing from {_TORTURE}"
 
 # Bytes that matter to a SIP parser, inserted more often than chance would.
 INTERESTING = [b"\r\n", b"\r\n ", b"\r\n\r\n", b":", b" ", b"\t", b";", b",", b"<", b">", b'"',

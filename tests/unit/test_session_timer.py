@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from sipguard.contract import DialogEnded
 from sipguard.proxy.core import session_interval
-from sipguard.proxy.events import DialogEnded
 from sipguard.sip.message import Message
 from sipguard.sip.parser import parse_message
 from tests.unit.dialog_helpers import in_dialog, to

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from sipguard.policy.verdict import Verdict
-from sipguard.proxy.events import CallInfo
+from sipguard.contract import CallInfo, Verdict
 from tests.unit.proxy_helpers import CORE, Harness, invite
 
 

@@ -1,0 +1,359 @@
+"""The contract between the proxy and the policy: the types both sides speak.
+
+Neither ``sipguard.proxy`` nor ``sipguard.policy`` imports the other; both import this module.
+It holds where messages come from and go to (:class:`Local`, :class:`Flow`), what the policy is
+asked about (:class:`CallInfo`) and what it answers (:class:`Verdict`), the live call
+(:class:`Dialog`), and the events the edge core reports to the shell (decisions, dialog life,
+parse errors, drops, work that needs I/O).
+
+Verdicts
+--------
+What a rule says about a call, and what the proxy does with it.
+
+A rule never answers a call itself: it returns a :class:`Verdict`, and the proxy turns a
+``reject`` into a SIP response from its own server transaction (retransmitted over UDP until
+ACKed), an ``accept`` into forwarding to the core, and a ``drop`` into silence.
+
+On the forwarded INVITE, ``replace_headers`` are applied first: each ``(name, line)`` removes
+every received line of header ``name`` (canonical lower-case long name, e.g.
+``p-asserted-identity``) and puts ``line`` in the place of the first one — appended when the
+header was absent; ``None`` only removes. That is how a rule strips headers a peer must not be
+able to forge and rewrites P-Asserted-Identity. Then ``forward_headers`` are appended. Headers
+the proxy itself owns (Via, Route, Record-Route, Max-Forwards, From, To, Call-ID, CSeq,
+Content-Length) cannot be replaced; such entries are ignored. When several rules replace the
+same header, the later rule in the pipeline wins.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Mapping
+from dataclasses import dataclass, field
+from typing import Literal, NamedTuple
+
+from sipguard.sip.message import Message
+
+# ---------------------------------------------------------------------- flows
+
+@dataclass(slots=True, init=False, unsafe_hash=True)
+class Local:
+    """One listening endpoint of sipguard, as the proxy core sees it."""
+
+    index: int
+    transport: str  # "udp" | "tcp"
+    host: str  # address written into Via and Record-Route (advertised)
+    port: int
+    hostport: str  # "host:port" as written in Via and Record-Route (IPv6 in brackets)
+
+    def __init__(self, index: int, transport: str, host: str, port: int) -> None:
+        self.index = index
+        self.transport = transport
+        self.host = host
+        self.port = port
+        bracketed = ":" in host and not host.startswith("[")
+        self.hostport = f"[{host}]:{port}" if bracketed else f"{host}:{port}"
+
+
+class Flow(NamedTuple):
+    """A remote peer on one transport: the source of a received message or a send target.
+
+    ``conn`` identifies a TCP connection (responses go back on the connection the request
+    came on); None means "any connection to ``addr``, opened if needed". ``local`` is the index
+    of the listener the message arrived on / should leave from.
+    """
+
+    transport: str
+    addr: tuple[str, int]
+    local: int
+    conn: int | None = None
+
+
+class Target(NamedTuple):
+    """A next hop named by a URI: the shell resolves ``host`` when it is not an IP literal."""
+
+    transport: str
+    host: str
+    port: int
+
+
+# ---------------------------------------------------------------------- verdicts
+
+Action = Literal["accept", "reject", "drop"]
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    action: Action
+    rule: str = ""  # the rule that decided ("" for the default accept)
+    reason: str = ""  # machine-readable reason code, e.g. "caller_not_owned"
+    status: int = 0  # SIP status for a reject
+    phrase: str = ""  # reason phrase for a reject
+    headers: tuple[str, ...] = ()  # extra header lines on the reject ("Retry-After: 5")
+    forward_headers: tuple[str, ...] = ()  # extra header lines on the forwarded INVITE
+    # (lower-case header name, new line or None): replaces / removes received headers on the
+    # forwarded INVITE (see the module docstring)
+    replace_headers: tuple[tuple[str, str | None], ...] = ()
+    monitored: bool = False  # decided as reject/drop by a rule in monitor mode, but forwarded
+    # facts for the decision log line, e.g. {"limit": "per_caller", "number": ..., "count": 2}
+    detail: Mapping[str, str | int | None] | None = field(default=None, hash=False)
+    # log this decision sampled under this key (one line per key per log.parse_error_sample_s,
+    # the rest counted): for verdicts that come in floods, e.g. "rate:per_caller:+1212..."
+    sample: str = ""
+
+    @property
+    def accepted(self) -> bool:
+        return self.action == "accept"
+
+
+ACCEPT = Verdict("accept")
+
+
+# ---------------------------------------------------------------------- calls, dialogs, events
+
+class CallInfo:
+    """The facts about an initial INVITE that rules decide on.
+
+    Numbers are normalised by the URI grammar (visual separators removed, leading ``+`` kept)
+    and None when the URI carries no telephone number.
+
+    ``labels`` are low-cardinality facts rules report about the call whatever the verdict
+    (``identity=passed``, ``identity_attest=A``): the shell adds them to the decision log line
+    and counts each ``name_value``; a later rule may read what an earlier one found.
+
+    ``lease`` names what the decision takes from the limits for this call attempt (a
+    concurrency slot is taken under this id the moment the rule admits the call) and the
+    dialog carries it on. ``held`` says a rule took something under it; ``settled`` that it
+    was handed on to a dialog or given back, which happens exactly once.
+    """
+
+    __slots__ = (
+        "msg",
+        "flow",
+        "call_id",
+        "caller",
+        "callee",
+        "diverters",
+        "peer",
+        "decision_us",
+        "received_at",
+        "labels",
+        "lease",
+        "held",
+        "settled",
+        "started_perf",
+    )
+
+    def __init__(self, msg: Message, flow: Flow, now: float, lease: str = "") -> None:
+        self.msg = msg
+        self.flow = flow
+        self.call_id = msg.call_id
+        pais = msg.p_asserted_identities if msg.has("p-asserted-identity") else []
+        caller_uri = pais[0].uri if pais else msg.from_.uri
+        self.caller: str | None = caller_uri.number
+        self.callee: str | None = msg.request_uri.number or msg.to.uri.number
+        self.diverters: tuple[str, ...] = _diverters(msg)
+        self.peer: str | None = None
+        self.decision_us: float = 0.0
+        self.received_at = now
+        self.labels: dict[str, str] = {}
+        # Unique per attempt (Call-ID, From tag and the server transaction), so that two
+        # INVITEs with one Call-ID never share or free each other's slots.
+        self.lease = lease or f"{self.call_id}\n{msg.from_tag or ''}"
+        self.held = False
+        self.settled = False
+        self.started_perf = 0.0
+
+
+def _diverters(msg: Message) -> tuple[str, ...]:
+    """Numbers that forwarded this call: Diversion (RFC 5806) and History-Info (RFC 7044)."""
+    out: list[str] = []
+    if msg.has("diversion"):
+        out.extend(n for na in msg.diversions if (n := na.uri.number))
+    if msg.has("history-info"):
+        from sipguard.sip.history_info import diverting_entries
+
+        out.extend(
+            n for e in diverting_entries(msg.history_info) if (n := e.name_addr.uri.number)
+        )
+    return tuple(dict.fromkeys(out))
+
+
+@dataclass(slots=True, init=False)
+class Dialog:
+    """One call through sipguard, from the accepted INVITE to its end."""
+
+    call_id: str
+    caller_tag: str
+    callee_tag: str | None
+    caller: str | None
+    callee: str | None
+    diverters: tuple[str, ...]
+    peer: str | None
+    source: tuple[str, int]
+    started: float
+    expires: float  # when it ends unless a BYE/CANCEL/failure comes first (session timer or cap)
+    state: str  # early -> confirmed -> terminated
+    confirmed_at: float | None
+    ended_at: float | None
+    end_reason: str
+    labels: dict[str, str]
+    hard_expires: float  # started + maximum lifetime: no refresh goes past it
+    session_interval: float | None  # RFC 4028 Session-Expires of the last 2xx, seconds
+    lease: str  # the id its limits are held under (the accepted CallInfo's lease)
+
+    # Hand-written __init__s in this module: mypyc compiles them, where dataclass-made ones run
+    # as Python (these objects are made for every call).
+    def __init__(
+        self,
+        call_id: str,
+        caller_tag: str,
+        callee_tag: str | None,
+        caller: str | None,
+        callee: str | None,
+        diverters: tuple[str, ...],
+        peer: str | None,
+        source: tuple[str, int],
+        started: float,
+        expires: float,
+        state: str = "early",
+        hard_expires: float = 0.0,
+        lease: str = "",
+    ) -> None:
+        self.call_id = call_id
+        self.caller_tag = caller_tag
+        self.callee_tag = callee_tag
+        self.caller = caller
+        self.callee = callee
+        self.diverters = diverters
+        self.peer = peer
+        self.source = source
+        self.started = started
+        self.expires = expires
+        self.state = state
+        self.confirmed_at = None
+        self.ended_at = None
+        self.end_reason = ""
+        self.labels = {}
+        self.hard_expires = hard_expires or expires
+        self.session_interval = None
+        self.lease = lease or f"{call_id}\n{caller_tag}"
+
+
+@dataclass(slots=True, init=False)
+class InviteDecided:
+    call: CallInfo
+    verdict: Verdict
+
+    def __init__(self, call: CallInfo, verdict: Verdict) -> None:
+        self.call = call
+        self.verdict = verdict
+
+
+@dataclass(slots=True, init=False)
+class DialogStarted:
+    dialog: Dialog
+
+    def __init__(self, dialog: Dialog) -> None:
+        self.dialog = dialog
+
+
+@dataclass(slots=True, init=False)
+class DialogEnded:
+    dialog: Dialog
+    # bye_caller, bye_callee, cancelled, failed, timeout, session_expired, lifetime
+    reason: str
+
+    def __init__(self, dialog: Dialog, reason: str) -> None:
+        self.dialog = dialog
+        self.reason = reason
+
+
+@dataclass(slots=True, init=False)
+class ParseFailed:
+    status: int
+    detail: str
+    flow: Flow
+    answered: bool
+
+    def __init__(self, status: int, detail: str, flow: Flow, answered: bool) -> None:
+        self.status = status
+        self.detail = detail
+        self.flow = flow
+        self.answered = answered
+
+
+@dataclass(slots=True, init=False)
+class Dropped:
+    """A message the proxy discarded on purpose (stray response, unroutable, ...)."""
+
+    kind: str
+    detail: str
+    flow: Flow
+
+    def __init__(self, kind: str, detail: str, flow: Flow) -> None:
+        self.kind = kind
+        self.detail = detail
+        self.flow = flow
+
+
+@dataclass(slots=True, init=False)
+class DecisionPending:
+    """A decision that needs I/O (a certificate fetch, a remote store): the shell awaits
+    ``pending`` and hands the verdict to the edge core's ``resolve`` (an exception too)."""
+
+    call: CallInfo
+    pending: Awaitable[Verdict]
+
+    def __init__(self, call: CallInfo, pending: Awaitable[Verdict]) -> None:
+        self.call = call
+        self.pending = pending
+
+
+@dataclass(slots=True, init=False)
+class Deferred:
+    """State work the policy could not do at once (a remote backend): the shell runs it."""
+
+    pending: Awaitable[None]
+    what: str
+
+    def __init__(self, pending: Awaitable[None], what: str) -> None:
+        self.pending = pending
+        self.what = what
+
+
+@dataclass(slots=True, init=False)
+class SourceFlagged:
+    """The flood guard objected to a message from ``addr`` before it was parsed.
+
+    ``reason`` is ``flood`` / ``scanner`` / ``banned``; ``new_ban`` when this message started a
+    ban; ``dropped`` is False in monitor mode (the message was processed anyway)."""
+
+    reason: str
+    addr: tuple[str, int]
+    new_ban: bool
+    dropped: bool
+
+    def __init__(self, reason: str, addr: tuple[str, int], new_ban: bool, dropped: bool) -> None:
+        self.reason = reason
+        self.addr = addr
+        self.new_ban = new_ban
+        self.dropped = dropped
+
+
+@dataclass(slots=True, init=False)
+class Failed:
+    """Handling one message or timer raised (a bug): only that message was lost."""
+
+    where: str
+    detail: str
+    flow: Flow | None
+
+    def __init__(self, where: str, detail: str, flow: Flow | None) -> None:
+        self.where = where
+        self.detail = detail
+        self.flow = flow
+
+
+Event = (
+    InviteDecided | DialogStarted | DialogEnded | ParseFailed | Dropped | DecisionPending
+    | Deferred | SourceFlagged | Failed
+)

@@ -1,0 +1,195 @@
+"""The edge core: the RFC 3261 proxy and the policy as one sans-I/O state machine.
+
+Theory of operation
+-------------------
+The shell feeds it bytes and time and drains what it produces — the aioquic shape::
+
+    core.receive(data, flow, now)      # one datagram, or one framed TCP message
+    core.handle_timer(now)             # when core.next_deadline() has passed
+    core.resolve(call, verdict, now)   # a decision that waited for I/O is in
+    core.outbox -> [(Flow, bytes)]     # to send, in order
+    core.drain_events() -> [Event]     # to log and count (sipguard.contract)
+
+Inside, one message goes one way: the flood guard looks at the raw bytes; the proxy
+(:mod:`sipguard.proxy.core`) parses it and runs the transaction machinery; for an initial
+INVITE the proxy asks this core (its :class:`~sipguard.proxy.core.Admission`) for a verdict,
+which asks the policy (:mod:`sipguard.policy.engine`). A rule that admits the call *takes*
+what it counts — a concurrency lease, rate tokens, dialer window entries — in that same
+synchronous step, and the proxy reports, still in that step, whether the call became a dialog
+(the lease is handed to it) or was given up (the lease goes back). Dialog ends reach the
+policy the same way. So the INVITEs read in one pass of the event loop are counted exactly as
+if they had come one by one, and the shell never changes policy state.
+
+A decision that needs I/O (an uncached STIR/SHAKEN certificate; a remote state store) comes
+back from the policy as an awaitable. The core leaves the INVITE in its server transaction
+(retransmissions absorbed, a CANCEL answered) and reports :class:`DecisionPending`; the shell
+awaits it and calls :meth:`EdgeCore.resolve` — the one way back in. Whatever the decision took
+before it waited stays taken until the verdict is applied or the call is given up.
+
+Failure stays local: an exception while handling one message or timer rolls back what that
+message had queued to send, is reported as :class:`Failed`, and the next message is handled
+as usual. Nothing in here reads a clock or touches a socket; ``perf`` (a monotonic counter
+the shell passes in) is read only to report how long decisions took.
+"""
+
+from __future__ import annotations
+
+import traceback
+from collections.abc import Awaitable, Callable, Iterable
+
+from sipguard.contract import (
+    CallInfo,
+    DecisionPending,
+    Deferred,
+    Dialog,
+    Event,
+    Failed,
+    Flow,
+    SourceFlagged,
+    Verdict,
+)
+from sipguard.policy import flood
+from sipguard.policy.engine import Policy
+from sipguard.proxy.core import Proxy, ProxySettings
+
+
+def _no_perf() -> float:
+    return 0.0
+
+
+def overload_verdict(retry_after_s: int) -> Verdict:
+    """The answer to a new call while sipguard is overloaded: 503 with Retry-After (RFC 3261
+    §21.5.4), its log line sampled."""
+    return Verdict(
+        "reject", rule="overload", reason="overloaded", status=503,
+        phrase="Service Unavailable",
+        headers=(f"Retry-After: {retry_after_s}",), sample="overload",
+    )
+
+
+# What a call hears when deciding it raised (a bug in a rule): fails closed.
+DECISION_FAILED = Verdict("reject", rule="internal", reason="decision_failed", status=500,
+                          phrase="Server Internal Error")
+
+
+class EdgeCore:
+    """One sipguard instance's protocol and policy logic, with no I/O."""
+
+    def __init__(
+        self,
+        settings: ProxySettings,
+        policy: Policy,
+        secret: bytes,
+        *,
+        overload_retry_after_s: int = 5,
+        perf: Callable[[], float] = _no_perf,
+    ) -> None:
+        self.policy = policy
+        self.perf = perf
+        # Set by the shell's overload watcher: new calls are answered 503 at once meanwhile.
+        self.overloaded = False
+        self._overload = overload_verdict(overload_retry_after_s)
+        self.proxy = Proxy(settings, self, secret)
+        policy.activate()
+
+    # ------------------------------------------------------------------ the shell's side
+    @property
+    def outbox(self) -> list[tuple[Flow, bytes]]:
+        """What to send, in order; the shell empties it (``outbox.clear()``) after sending."""
+        return self.proxy.outbox
+
+    def drain_events(self) -> list[Event]:
+        """The events since the last drain, oldest first."""
+        events = self.proxy.events
+        if not events:
+            return events
+        self.proxy.events = []
+        return events
+
+    def next_deadline(self) -> float | None:
+        return self.proxy.next_deadline()
+
+    def receive(self, data: bytes, flow: Flow, now: float) -> None:
+        """One received message: flood guard, then the proxy (and through it the policy)."""
+        guard = self.policy.flood
+        if guard is not None and (why := guard.check(flow.addr, data, now)) is not None:
+            dropped = not guard.monitor
+            new_ban = why == flood.FLOOD or (why == flood.SCANNER and guard.banned(flow.addr))
+            self.proxy.events.append(SourceFlagged(why, flow.addr, new_ban, dropped))
+            if dropped:
+                return
+        if flow.transport == "udp" and len(data) <= 4 and not data.strip(b"\r\n"):
+            return  # CRLF keep-alive over UDP (RFC 5626 §4.4.1): nothing to answer
+        mark = len(self.proxy.outbox)
+        try:
+            self.proxy.receive(data, flow, now)
+        except Exception:  # a bug must cost this one message, never the others or the process
+            del self.proxy.outbox[mark:]
+            self.proxy.events.append(Failed("receive", traceback.format_exc(limit=8), flow))
+
+    def handle_timer(self, now: float) -> None:
+        mark = len(self.proxy.outbox)
+        try:
+            self.proxy.handle_timer(now)
+        except Exception:
+            del self.proxy.outbox[mark:]
+            self.proxy.events.append(Failed("timer", traceback.format_exc(limit=8), None))
+
+    def resolve(self, call: CallInfo, verdict: Verdict, now: float) -> None:
+        """Apply a decision that waited for I/O (or the verdict for its failure)."""
+        if call.started_perf:
+            call.decision_us = (self.perf() - call.started_perf) * 1e6
+        mark = len(self.proxy.outbox)
+        try:
+            self.proxy.resolve(call, verdict, now)
+        except Exception:
+            del self.proxy.outbox[mark:]
+            self.proxy.events.append(Failed("resolve", traceback.format_exc(limit=8), call.flow))
+
+    def reconfigure(self, settings: ProxySettings, policy: Policy, now: float) -> None:
+        """Swap in a new config's settings and policy (reload). Transactions, dialogs and the
+        rules' state carry on; a rule the reload turned on starts from the calls up now."""
+        previous, self.policy = self.policy, policy
+        policy.activate()
+        self.proxy.configure(settings)
+        self._defer(policy.adopt(previous, list(self.proxy.dialogs.values()), now), "resync")
+
+    def housekeep(self, now: float) -> None:
+        """Every few seconds: forget flood bans that have run out."""
+        guard = self.policy.flood
+        if guard is not None:
+            guard.state.sweep(now)
+
+    def set_overload_retry_after(self, retry_after_s: int) -> None:
+        self._overload = overload_verdict(retry_after_s)
+
+    # ------------------------------------------------------------------ Admission (the proxy's side)
+    def decide(self, call: CallInfo, now: float) -> Verdict | None:
+        if self.overloaded:
+            return self._overload
+        perf = self.perf
+        started = perf()
+        call.started_perf = started
+        try:
+            answer = self.policy.decide(call, now)
+        except Exception:  # a rule's bug costs this call (500), never the others in the pass
+            self.proxy.events.append(Failed("decide", traceback.format_exc(limit=8), call.flow))
+            answer = DECISION_FAILED
+        if isinstance(answer, Verdict):
+            call.decision_us = (perf() - started) * 1e6
+            return answer
+        self.proxy.events.append(DecisionPending(call, answer))
+        return None
+
+    def dialog_started(self, dialog: Dialog, now: float) -> None:
+        self._defer(self.policy.dialog_started(dialog, now), "dialog_started")
+
+    def dialog_ended(self, dialog: Dialog, now: float) -> None:
+        self._defer(self.policy.dialog_ended(dialog, now), "dialog_ended")
+
+    def abandoned(self, call: CallInfo, now: float) -> None:
+        self._defer(self.policy.abandoned(call, now), "abandoned")
+
+    def _defer(self, pending: Iterable[Awaitable[None]], what: str) -> None:
+        for aw in pending:
+            self.proxy.events.append(Deferred(aw, what))

@@ -1,0 +1,147 @@
+"""Observability: the edge core's events turned into log lines and counters, in one place.
+
+The edge core (:mod:`sipguard.edge`) reports what happened as events
+(:mod:`sipguard.contract`); :class:`Observer` is the only code that turns them into the
+decision log (``invite_decided``, ``dialog_ended``), the sampled warnings (``parse_error``,
+``message_dropped``, ``source_banned``, ``message_failed``) and the counters behind
+``/metrics``. Events that ask for work (``DecisionPending``, ``Deferred``) are the shell's, not
+this module's.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+from sipguard.contract import (
+    DialogEnded,
+    DialogStarted,
+    Dropped,
+    Event,
+    Failed,
+    InviteDecided,
+    ParseFailed,
+    SourceFlagged,
+)
+from sipguard.ops.logging import CallLogger, SampledLogger
+from sipguard.ops.metrics import Metrics
+from sipguard.policy.flood import FloodGuard
+
+
+class Observer:
+    """Log lines and counters from events."""
+
+    def __init__(
+        self, metrics: Metrics, log: Any, call_log: CallLogger, sampled: SampledLogger
+    ) -> None:
+        self.metrics = metrics
+        self.counters: Counter[str] = metrics.events  # every counter is exported too
+        self.log = log
+        self.call_log = call_log
+        self.sampled = sampled
+        self.flood: FloodGuard | None = None  # for the ban length in source_banned lines
+
+    def observe(self, event: Event) -> None:
+        c = self.counters
+        if isinstance(event, InviteDecided):
+            self._decided(event)
+        elif isinstance(event, DialogStarted):
+            c["dialogs_started"] += 1
+        elif isinstance(event, DialogEnded):
+            d = event.dialog
+            c["dialogs_ended"] += 1
+            c[f"dialogs_ended_{event.reason}"] += 1
+            self.metrics.ended[(event.reason, d.peer or "")] += 1
+            end = d.ended_at or d.started
+            self.call_log.info(
+                "dialog_ended",
+                call_id=d.call_id,
+                caller=d.caller,
+                callee=d.callee,
+                peer=d.peer,
+                reason=event.reason,
+                duration_s=round(end - (d.confirmed_at or end), 3),
+                lifetime_s=round(end - d.started, 3),
+            )
+        elif isinstance(event, ParseFailed):
+            c["parse_errors"] += 1
+            self.sampled.log(
+                "warning",
+                "parse_error",
+                key=f"parse:{event.flow.addr[0]}:{event.status}",
+                source=event.flow.addr[0],
+                status=event.status,
+                detail=event.detail,
+                answered=event.answered,
+            )
+        elif isinstance(event, Dropped):
+            c[f"dropped_{event.kind}"] += 1
+            self.sampled.log(
+                "info",
+                "message_dropped",
+                key=f"drop:{event.kind}",
+                kind=event.kind,
+                source=event.flow.addr[0],
+                detail=event.detail,
+            )
+        elif isinstance(event, SourceFlagged):
+            self._flagged(event)
+        elif isinstance(event, Failed):
+            c["internal_errors"] += 1
+            source = event.flow.addr[0] if event.flow is not None else None
+            self.sampled.log("error", "message_failed", key=f"failed:{event.where}",
+                             where=event.where, source=source, traceback=event.detail)
+
+    def _decided(self, event: InviteDecided) -> None:
+        c = self.counters
+        call, v = event.call, event.verdict
+        c[f"invites_{v.action}"] += 1
+        verdict = "monitored" if v.monitored else v.action
+        self.metrics.invites[(verdict, v.rule, call.peer or "")] += 1
+        self.metrics.decision(call.decision_us / 1e6)
+        for label, value in call.labels.items():
+            c[f"{label}_{value}"] += 1
+        if v.monitored:
+            c["invites_monitored"] += 1
+        if v.rule == "overload":
+            c["overload_rejected"] += 1
+        if v.reason:
+            c[f"rule_{v.rule}_{v.reason}"] += 1
+        emit: Callable[..., Any] = self.call_log.info
+        if v.sample:  # a verdict that comes in floods: one line per key and interval
+            emit = functools.partial(self.sampled.log, "info", key=v.sample)
+        emit(
+            "invite_decided",
+            call_id=call.call_id,
+            source=f"{call.flow.addr[0]}:{call.flow.addr[1]}",
+            transport=call.flow.transport,
+            peer=call.peer,
+            caller=call.caller,
+            callee=call.callee,
+            diverters=list(call.diverters) or None,
+            verdict=v.action,
+            monitored=v.monitored or None,
+            rule=v.rule or None,
+            reason=v.reason or None,
+            status=v.status or None,
+            detail=dict(v.detail) if v.detail else None,
+            decision_us=round(call.decision_us, 1),
+            **call.labels,
+        )
+
+    def _flagged(self, event: SourceFlagged) -> None:
+        """A message the flood guard objected to: counted; a new ban is logged (sampled)."""
+        why, addr = event.reason, event.addr
+        self.counters[f"flood_{'dropped' if event.dropped else 'monitored'}_{why}"] += 1
+        if not event.new_ban:
+            return
+        self.counters[f"flood_banned_{why}"] += 1
+        guard = self.flood
+        by_ip = guard.by_ip if guard is not None else True
+        key = addr[0] if by_ip else f"{addr[0]}:{addr[1]}"
+        self.sampled.log("warning", "source_banned", key=f"ban:{key}", source=addr[0],
+                         port=addr[1], reason=why,
+                         ban_s=guard.ban_s if guard is not None else None,
+                         monitored=(not event.dropped) or None)

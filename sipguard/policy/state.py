@@ -1,0 +1,38 @@
+"""The rules' live state: one typed object, made once per process, outliving every reload.
+
+What the rules count and remember — live-call leases, rate buckets, dialer windows and
+cooldowns, flood counts and bans, verified certificates — lives here, not in the rules. The
+shell makes one :class:`RuleState` at start-up and hands it to every policy build; a reload
+builds a new policy on the same state. Building never writes to it: whatever a build wants to
+change in it (a bigger certificate cache, a newly read number list) is queued on the
+:class:`~sipguard.policy.engine.BuildContext` and applied by ``Policy.activate()`` when the new
+policy is swapped in, so a build that fails, or is overtaken by a newer reload, changes nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from sipguard.policy.concurrency import Tracker
+from sipguard.policy.dialer import DialerState
+from sipguard.policy.flood import FloodState
+from sipguard.policy.peers import NumberSet
+from sipguard.policy.rate import Buckets
+from sipguard.policy.stircert import CertCache, CertFetcher
+
+
+@dataclass(slots=True)
+class RuleState:
+    """Every kind of rule state, one typed field each."""
+
+    tracker: Tracker = field(default_factory=Tracker)  # concurrency: live-call leases
+    buckets: Buckets = field(default_factory=Buckets)  # rate: GCRA state per limit
+    dialer: DialerState = field(default_factory=DialerState)  # dialer: windows, cooldowns
+    flood: FloodState = field(default_factory=FloodState)  # flood: counts and bans
+    certs: CertCache = field(default_factory=CertCache)  # identity: chains and verdicts
+    # identity: the shell's HTTPS fetcher (None: every uncached certificate fails, 436)
+    fetcher: CertFetcher | None = None
+    # identity: Unix time minus the loop clock ``now`` (kept current by the shell)
+    wall_offset: float = 0.0
+    # callerid / peers: number list files already read, path -> ((mtime_ns, size), numbers)
+    list_files: dict[str, tuple[tuple[int, int], NumberSet]] = field(default_factory=dict)

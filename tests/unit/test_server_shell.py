@@ -1,0 +1,209 @@
+"""The asyncio shell without SIPp: a real Server on 127.0.0.1 sockets, driven by plain UDP
+sockets in the test — the decide-later path, reloads, and events turned into counters and
+log lines."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import socket
+from collections.abc import AsyncIterator, Awaitable, Iterator
+from typing import Any
+
+import pytest
+import structlog
+
+from sipguard.contract import CallInfo, Failed, Flow, SourceFlagged, Verdict
+from sipguard.ops.config import LogSettings
+from sipguard.ops.config_load import parse_config
+from sipguard.ops.logging import CallLogger, SampledLogger, configure_logging, flush_logs
+from sipguard.ops.metrics import Metrics
+from sipguard.ops.observe import Observer
+from sipguard.policy.pipeline import Pipeline
+from sipguard.server import Server
+
+
+@pytest.fixture(autouse=True)
+def _reset_structlog() -> Iterator[None]:
+    yield
+    structlog.reset_defaults()
+
+
+def _free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Peer:
+    """A non-blocking UDP socket on 127.0.0.1 read through the event loop."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.setblocking(False)
+        self.port = int(self.sock.getsockname()[1])
+
+    async def recv(self, timeout: float = 2.0) -> bytes:
+        loop = asyncio.get_running_loop()
+        return await asyncio.wait_for(loop.sock_recv(self.sock, 65535), timeout)
+
+    async def recv_until(self, prefix: bytes, timeout: float = 2.0) -> bytes:
+        """The first datagram starting with ``prefix`` (others are skipped)."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout
+        while True:
+            data = await self.recv(max(0.01, end - loop.time()))
+            if data.startswith(prefix):
+                return data
+
+
+def invite(peer: Peer, target: int, call_id: str, caller: str = "+12125550100") -> bytes:
+    return (
+        f"INVITE sip:+18005550199@127.0.0.1:{target} SIP/2.0\r\n"
+        f"Via: SIP/2.0/UDP 127.0.0.1:{peer.port};branch=z9hG4bK-{call_id};rport\r\n"
+        f"Max-Forwards: 70\r\nFrom: <sip:{caller}@127.0.0.1>;tag=t{call_id}\r\n"
+        f"To: <sip:+18005550199@127.0.0.1>\r\nCall-ID: {call_id}\r\nCSeq: 1 INVITE\r\n"
+        f"Contact: <sip:{caller}@127.0.0.1:{peer.port}>\r\nContent-Length: 0\r\n\r\n"
+    ).encode()
+
+
+@pytest.fixture
+async def peers() -> AsyncIterator[tuple[Peer, Peer]]:
+    caller, core = Peer(), Peer()
+    yield caller, core
+    caller.sock.close()
+    core.sock.close()
+
+
+async def start(core: Peer, rules: str = "") -> tuple[Server, int]:
+    port = _free_udp_port()
+    cfg = parse_config(f"listen: [udp://127.0.0.1:{port}]\ncore: udp://127.0.0.1:{core.port}\n"
+                       f"{rules}")
+    server = Server(cfg)
+    await server.start()
+    return server, port
+
+
+class Later:
+    """A rule that answers after a real await (like a certificate fetch)."""
+
+    name = "later"
+    mode = "enforce"
+
+    def __init__(self, fail: bool = False) -> None:
+        self.fail = fail
+
+    def decide(self, call: CallInfo, now: float) -> Awaitable[Verdict | None]:
+        async def fetch() -> Verdict | None:
+            await asyncio.sleep(0.01)
+            if self.fail:
+                raise RuntimeError("fetch blew up")
+            return None
+
+        return fetch()
+
+
+async def test_a_decision_that_waits_for_io_is_resolved_through_the_core(
+    peers: tuple[Peer, Peer],
+) -> None:
+    """An INVITE whose rule awaits reaches the core once the awaitable finishes."""
+    caller, core = peers
+    server, port = await start(core)
+    try:
+        server.policy.default = Pipeline([Later()])
+        caller.sock.sendto(invite(caller, port, "io-1"), ("127.0.0.1", port))
+        got = await core.recv_until(b"INVITE ")
+        assert b"Call-ID: io-1" in got
+    finally:
+        await server.stop()
+
+
+async def test_a_decision_that_raises_is_answered_500(peers: tuple[Peer, Peer]) -> None:
+    """An awaited rule that raises: the caller hears 500, nothing reaches the core."""
+    caller, core = peers
+    server, port = await start(core)
+    try:
+        server.policy.default = Pipeline([Later(fail=True)])
+        caller.sock.sendto(invite(caller, port, "io-2"), ("127.0.0.1", port))
+        answer = await caller.recv_until(b"SIP/2.0 5")
+        assert answer.startswith(b"SIP/2.0 500 ")
+        with pytest.raises(TimeoutError):
+            await core.recv_until(b"INVITE ", timeout=0.3)
+        assert server.counters["internal_errors"] == 1
+    finally:
+        await server.stop()
+
+
+async def test_concurrent_reloads_newest_wins(peers: tuple[Peer, Peer]) -> None:
+    """Two reloads at once: only the newer one is swapped in, the older reports it lost."""
+    caller, core = peers
+    server, port = await start(core)
+    try:
+        base = f"listen: [udp://127.0.0.1:{port}]\ncore: udp://127.0.0.1:{core.port}\n"
+        older = parse_config(base + "rules:\n  concurrency: {per_caller: 5}\n")
+        newer = parse_config(base + "rules:\n  concurrency: {per_caller: 1}\n")
+        results = await asyncio.gather(server.reload(older), server.reload(newer))
+        assert results == [False, True]
+        assert server.cfg is newer
+        assert server.counters["reloads_superseded"] == 1
+        # The newer limit is the one in force: one call passes, the second is refused.
+        caller.sock.sendto(invite(caller, port, "r-1"), ("127.0.0.1", port))
+        await core.recv_until(b"INVITE ")
+        caller.sock.sendto(invite(caller, port, "r-2"), ("127.0.0.1", port))
+        assert (await caller.recv_until(b"SIP/2.0 4")).startswith(b"SIP/2.0 403 ")
+    finally:
+        await server.stop()
+
+
+async def test_reload_keeps_live_calls_counted(peers: tuple[Peer, Peer]) -> None:
+    """A call admitted before a reload still holds its slot under the new policy."""
+    caller, core = peers
+    server, port = await start(core, "rules:\n  concurrency: {per_caller: 1}\n")
+    try:
+        caller.sock.sendto(invite(caller, port, "k-1"), ("127.0.0.1", port))
+        await core.recv_until(b"INVITE ")
+        assert await server.reload(server.cfg)
+        caller.sock.sendto(invite(caller, port, "k-2"), ("127.0.0.1", port))
+        assert (await caller.recv_until(b"SIP/2.0 4")).startswith(b"SIP/2.0 403 ")
+    finally:
+        await server.stop()
+
+
+def _observer() -> tuple[Observer, io.StringIO]:
+    out = io.StringIO()
+    configure_logging(LogSettings(), out)
+    from sipguard.ops.logging import get_logger
+
+    log = get_logger("test")
+    clock = [0.0]
+    metrics = Metrics()
+    return Observer(metrics, log, CallLogger("test"), SampledLogger(log, 1.0,
+                                                                    clock=lambda: clock[0])), out
+
+
+def _lines(out: io.StringIO) -> list[dict[str, Any]]:
+    flush_logs()
+    return [json.loads(line) for line in out.getvalue().splitlines()]
+
+
+def test_observer_logs_a_new_ban_once_and_counts_every_flagged_message() -> None:
+    """SourceFlagged events: each is counted; a new ban also writes one source_banned line."""
+    obs, out = _observer()
+    obs.observe(SourceFlagged("flood", ("203.0.113.9", 5060), True, True))
+    obs.observe(SourceFlagged("banned", ("203.0.113.9", 5060), False, True))
+    assert obs.counters["flood_dropped_flood"] == 1
+    assert obs.counters["flood_dropped_banned"] == 1
+    assert obs.counters["flood_banned_flood"] == 1
+    banned = [e for e in _lines(out) if e["event"] == "source_banned"]
+    assert len(banned) == 1 and banned[0]["source"] == "203.0.113.9"
+
+
+def test_observer_counts_and_logs_a_failure() -> None:
+    """A Failed event is counted as internal_errors and logged with where it happened."""
+    obs, out = _observer()
+    obs.observe(Failed("decide", "Traceback ...", Flow("udp", ("198.51.100.7", 5062), 0)))
+    assert obs.counters["internal_errors"] == 1
+    lines = [e for e in _lines(out) if e["event"] == "message_failed"]
+    assert lines and lines[0]["where"] == "decide" and lines[0]["source"] == "198.51.100.7"
