@@ -25,7 +25,7 @@ from sipguard.contract import Flow, Local  # noqa: E402
 from sipguard.edge import EdgeCore  # noqa: E402
 from sipguard.ops.config_load import parse_config  # noqa: E402
 from sipguard.policy.engine import Policy  # noqa: E402
-from sipguard.proxy.core import ProxySettings  # noqa: E402
+from sipguard.proxy.settings import ProxySettings  # noqa: E402
 from sipguard.sip.parser import parse_message  # noqa: E402
 
 CALLER = ("198.51.100.7", 5062)

@@ -41,7 +41,7 @@ from sipguard.policy.stircert import (  # noqa: E402
     parse_chain,
     verify_chain,
 )
-from sipguard.proxy.core import ProxySettings  # noqa: E402
+from sipguard.proxy.settings import ProxySettings  # noqa: E402
 from sipguard.sip.parser import parse_message  # noqa: E402
 from tests.unit.stir_pki import Pki, identity_value, pem, sign_passport  # noqa: E402
 

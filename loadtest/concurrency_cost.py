@@ -43,7 +43,7 @@ from sipguard.ops.config_load import parse_config  # noqa: E402
 from sipguard.policy.concurrency import Concurrency, Settings, Tracker  # noqa: E402
 from sipguard.policy.engine import Policy  # noqa: E402
 from sipguard.policy.state import RuleState  # noqa: E402
-from sipguard.proxy.core import ProxySettings  # noqa: E402
+from sipguard.proxy.settings import ProxySettings  # noqa: E402
 from sipguard.sip.parser import parse_message  # noqa: E402
 from sipguard.state.expiry import ExpiryWheel  # noqa: E402
 

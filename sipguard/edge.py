@@ -50,7 +50,8 @@ from sipguard.contract import (
 )
 from sipguard.policy import flood
 from sipguard.policy.engine import Policy
-from sipguard.proxy.core import Proxy, ProxySettings
+from sipguard.proxy.core import Proxy
+from sipguard.proxy.settings import ProxySettings
 
 
 def _no_perf() -> float:

@@ -36,7 +36,8 @@ from sipguard.ops.observe import Observer
 from sipguard.ops.overload import OverloadWatcher
 from sipguard.policy.engine import Policy
 from sipguard.policy.state import RuleState
-from sipguard.proxy.core import Proxy, ProxySettings
+from sipguard.proxy.core import Proxy
+from sipguard.proxy.settings import ProxySettings
 from sipguard.sip.errors import SipParseError
 from sipguard.transport.https_fetch import HttpsFetcher
 from sipguard.transport.tcp import TcpPool

@@ -2,11 +2,18 @@
 
 Theory of operation
 -------------------
-The shell hands every received message to :meth:`Proxy.receive` with its :class:`Flow` and
-the current time, calls :meth:`Proxy.handle_timer` when :meth:`Proxy.next_deadline` passes,
-and after each call drains ``proxy.outbox`` (``(Flow, bytes)`` pairs to send) and
-``proxy.events`` (decisions, dialog starts and ends, parse errors, drops). Nothing in here
+The edge core (:mod:`sipguard.edge`) hands every received message to :meth:`Proxy.receive`
+with its :class:`Flow` and the current time, calls :meth:`Proxy.handle_timer` when
+:meth:`Proxy.next_deadline` passes, and drains ``proxy.outbox`` (``(Flow, bytes)`` pairs to
+send) and ``proxy.events`` (decisions, dialog starts and ends, parse errors, drops). The
+policy is reached through the :class:`Admission` the core is built with. Nothing in here
 touches a socket or reads a clock.
+
+The proxy is split by job: this module drives requests, responses, CANCEL/ACK, forwarding
+and timers; :mod:`~sipguard.proxy.transactions` holds the transaction records and their
+states, :mod:`~sipguard.proxy.routing` validation and next-hop choice,
+:mod:`~sipguard.proxy.dialogs` the dialog table, :mod:`~sipguard.proxy.build` the bytes
+sipguard writes itself (Via, Record-Route, responses, ACK, CANCEL).
 
 Requests (RFC 3261 §16):
 
@@ -45,9 +52,7 @@ times therefore move and come in any order: they live in a one-second
 
 from __future__ import annotations
 
-import ipaddress
 import re
-from dataclasses import dataclass
 from typing import Protocol
 
 from sipguard.contract import (
@@ -60,19 +65,30 @@ from sipguard.contract import (
     Event,
     Flow,
     InviteDecided,
-    Local,
     ParseFailed,
     Verdict,
 )
 from sipguard.proxy import build
+from sipguard.proxy.dialogs import DialogTable, session_interval
+from sipguard.proxy.routing import Router
+from sipguard.proxy.settings import ProxySettings
 from sipguard.proxy.timers import TimerEntry, TimerQueue
+from sipguard.proxy.transactions import (
+    ACCEPTED,
+    CALLING,
+    COMPLETED,
+    CONFIRMED,
+    DECIDING,
+    PROCEEDING,
+    TERMINATED,
+    ClientTxn,
+    ServerTxn,
+)
 from sipguard.sip.errors import SipParseError
 from sipguard.sip.message import Message, header_line
 from sipguard.sip.nameaddr import NameAddr
 from sipguard.sip.parser import parse_message
-from sipguard.sip.uri import Uri
 from sipguard.sip.via import parse_via_list
-from sipguard.state.expiry import ExpiryWheel
 
 
 class Admission(Protocol):
@@ -112,109 +128,14 @@ class AcceptAll:
     def abandoned(self, call: CallInfo, now: float) -> None:
         return None
 
-SUPPORTED_SCHEMES = frozenset({"sip", "sips", "tel"})
 # ";branch=z9hG4bKsg..." in a raw Via line: the first one is the top value's.
 _OUR_BRANCH = re.compile(rb";[ \t]*branch[ \t]*=[ \t]*(" + build.OUR_PREFIX.encode() + rb"[0-9a-z.]+)")
-MIN_SESSION_EXPIRES = 90.0  # RFC 4028 §4: Min-SE is never below 90 s
 DIALOG_CREATING = frozenset({"INVITE", "SUBSCRIBE", "REFER"})
 # Headers only the proxy edits; a verdict's replace_headers cannot touch them.
 PROXY_OWNED = frozenset(
     {"via", "route", "record-route", "max-forwards", "from", "to", "call-id", "cseq",
      "content-length"}
 )
-
-
-@dataclass(frozen=True, slots=True)
-class ProxySettings:
-    """What the core needs from the config (times in seconds)."""
-
-    locals: tuple[Local, ...]
-    core: Flow
-    max_message_size: int = 65535
-    max_dialog_lifetime: float = 14400.0
-    answer_options: bool = True
-    record_route: bool = True
-    t1: float = 0.5
-    t2: float = 4.0
-    t4: float = 5.0
-    timer_c: float = 180.0
-
-
-# (next hop, rewritten start line or None, remaining Route entries or None when unchanged)
-NextHop = tuple[Flow | None, bytes | None, list[NameAddr] | None]
-
-
-# Transactions are plain classes with hand-written __init__s: mypyc compiles those, where
-# dataclass-made ones would run as Python for every transaction.
-class ServerTxn:
-    __slots__ = ("key", "method", "msg", "flow", "reply_to", "state", "last", "client", "call",
-                 "dialog", "to_tag", "timer", "timeout", "interval", "stamped", "next_hop")
-
-    def __init__(self, key: str, method: str, msg: Message, flow: Flow, reply_to: Flow) -> None:
-        self.key = key
-        self.method = method
-        self.msg = msg
-        self.flow = flow  # where the request came from (TCP: the connection)
-        self.reply_to = reply_to  # where responses go (RFC 3261 §18.2.2 / RFC 3581)
-        self.state = "proceeding"
-        self.last: bytes | None = None  # the last response sent (resent on retransmissions)
-        self.client: ClientTxn | None = None
-        self.call: CallInfo | None = None
-        self.dialog: Dialog | None = None
-        self.to_tag = ""
-        self.timer: TimerEntry | None = None  # G (retransmit final)
-        self.timeout: TimerEntry | None = None  # H / I / J / L
-        self.interval = 0.0
-        self.stamped = ""  # the top Via with received/rport, made once (see Proxy._stamped)
-        # An initial INVITE's next hop, worked out before its decision and used when that
-        # comes at once (a decision that waited for I/O works it out again: a reload may
-        # have changed the core meanwhile).
-        self.next_hop: NextHop | None = None
-
-    def __repr__(self) -> str:
-        return f"<ServerTxn {self.method} {self.key} {self.state}>"
-
-
-class ClientTxn:
-    __slots__ = ("branch", "method", "data", "flow", "server", "state", "provisional",
-                 "cancel_wanted", "cancel_sent", "timer", "timeout", "interval", "sent")
-
-    def __init__(
-        self, branch: str, method: str, data: bytes, flow: Flow, server: ServerTxn | None
-    ) -> None:
-        self.branch = branch
-        self.method = method
-        self.data = data
-        self.flow = flow
-        self.server = server
-        self.state = "calling"
-        self.provisional = False
-        self.cancel_wanted = False
-        self.cancel_sent = False
-        self.timer: TimerEntry | None = None  # A / E (retransmit)
-        self.timeout: TimerEntry | None = None  # B / F / C / D / K / M
-        self.interval = 0.0
-        self.sent: Message | None = None  # ``data`` parsed, on demand (ACK and CANCEL building)
-
-    def sent_msg(self) -> Message:
-        if self.sent is None:
-            self.sent = parse_message(self.data, max_size=1 << 30, datagram=True)
-        return self.sent
-
-    def __repr__(self) -> str:
-        return f"<ClientTxn {self.method} {self.branch} {self.state}>"
-
-
-def _kind(method: str) -> str:
-    return "INVITE" if method == "ACK" else method
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host.strip("[]"))
-    except ValueError:
-        return False
-    return True
 
 
 class Proxy:
@@ -229,49 +150,20 @@ class Proxy:
         self.events: list[Event] = []
         self.servers: dict[tuple[str, str], ServerTxn] = {}
         self.clients: dict[tuple[str, str], ClientTxn] = {}
-        self.dialogs: dict[tuple[str, str], Dialog] = {}
+        self.table = DialogTable()
+        self.dialogs = self.table.by_id  # (Call-ID, caller tag) -> live dialog
         self.pending: dict[int, ServerTxn] = {}
         # (Call-ID, From tag) of every initial INVITE being decided: a second one with the same
         # dialog id is a merged request (482), never a second slot under one lease
         self.deciding: set[tuple[str, str]] = set()
         self._sweep: TimerEntry | None = None
-        self._expiry: ExpiryWheel[tuple[str, str]] = ExpiryWheel()
-        self.configure(settings)
+        self.router = Router(settings, self.ids, self.clients, self.table)
 
     # ------------------------------------------------------------------ configuration
     def configure(self, settings: ProxySettings) -> None:
         """Apply new settings (reload): transactions and dialogs carry on untouched."""
         self.settings = settings
-        names: set[str] = set()
-        for loc in settings.locals:
-            host = loc.host.strip("[]").lower()
-            names.add(f"{host}:{loc.port}")
-        self._ours = names
-
-    def is_ours(self, uri: Uri) -> bool:
-        if uri.scheme not in ("sip", "sips"):
-            return False
-        host = uri.host.strip("[]").lower()
-        port = uri.port or (5061 if uri.scheme == "sips" else 5060)
-        return f"{host}:{port}" in self._ours
-
-    def _local_for(self, transport: str) -> Local:
-        for loc in self.settings.locals:
-            if loc.transport == transport:
-                return loc
-        return self.settings.locals[0]
-
-    def _flow_for_uri(self, uri: Uri) -> Flow:
-        transport = (uri.param("transport") or "udp").lower()
-        if uri.scheme == "sips" or transport == "tls":
-            transport = "tcp"  # TLS listeners are not available yet; TCP is the closest fit
-        if transport not in ("udp", "tcp"):
-            raise SipParseError(416, f"unsupported transport {transport}")
-        host = (uri.param("maddr") or uri.host).strip("[]")
-        if not host:
-            raise SipParseError(416, "URI without a host cannot be routed")
-        port = uri.port or 5060
-        return Flow(transport, (host, port), self._local_for(transport).index)
+        self.router.configure(settings)
 
     # ------------------------------------------------------------------ entry points
     def next_deadline(self) -> float | None:
@@ -301,7 +193,7 @@ class Proxy:
     def resolve(self, call: CallInfo, verdict: Verdict, now: float) -> None:
         """Deliver a policy decision that ``decide`` left pending (returned None)."""
         st = self.pending.pop(id(call), None)
-        if st is None or st.state != "deciding":
+        if st is None or st.state != DECIDING:
             self._abandon(call, now)  # cancelled or failed meanwhile (a no-op when done)
             return
         st.next_hop = None  # worked out again, under the settings in force now
@@ -333,7 +225,7 @@ class Proxy:
             to_tag: str | None
             try:
                 top_via = build.stamped_via(msg.top_via, flow.addr)
-                reply = self._reply_flow(msg, flow)
+                reply = self.router.reply_flow(msg, flow)
             except SipParseError:
                 top_via, reply = None, flow
             try:
@@ -353,22 +245,13 @@ class Proxy:
                 answered = False
         self.events.append(ParseFailed(err.status, err.detail, flow, answered))
 
-    def _reply_flow(self, msg: Message, flow: Flow) -> Flow:
-        """Where responses to ``msg`` go: the connection, or RFC 3261 §18.2.2 + RFC 3581."""
-        if flow.transport != "udp":
-            return flow
-        via = msg.top_via
-        if via.has_rport:
-            return flow
-        return Flow("udp", (flow.addr[0], via.port or 5060), flow.local)
-
     # ------------------------------------------------------------------ requests
     def _on_request(self, msg: Message, flow: Flow, now: float) -> None:
         method = msg.method or ""
         key = build.txn_id(msg)
         if method == "ACK":
             st = self.servers.get((key, "INVITE"))
-            if st is not None and st.state in ("completed", "confirmed"):
+            if st is not None and st.state in (COMPLETED, CONFIRMED):
                 self._ack_absorbed(st, now)
                 return
             self._route_ack(msg, flow, now)
@@ -382,7 +265,7 @@ class Proxy:
         if method == "CANCEL":
             self._on_cancel(msg, flow, key, now)
             return
-        st = ServerTxn(key, method, msg, flow, self._reply_flow(msg, flow))
+        st = ServerTxn(key, method, msg, flow, self.router.reply_flow(msg, flow))
         self.servers[(key, method)] = st
         if method == "INVITE":
             self._respond(st, 100, now)
@@ -391,7 +274,7 @@ class Proxy:
         except SipParseError as err:
             # Found bad only now (a Route, Diversion, ...): answer on the transaction, so its
             # timers clean it up like any other.
-            if st.state in ("proceeding", "deciding"):
+            if st.state in (PROCEEDING, DECIDING):
                 if st.call is not None and st.dialog is None:
                     self._forget_pending(st, now)
                 self._respond(st, err.status, now, err.reason)
@@ -400,7 +283,7 @@ class Proxy:
     def _on_new_request(self, st: ServerTxn, msg: Message, flow: Flow, now: float) -> None:
         """A request that opened a new server transaction: validate, route, decide, forward."""
         method = st.method
-        status = self._validate(msg)
+        status = self.router.validate(msg)
         if status:
             if status == 200:
                 self._respond(st, 200, now, extra=("Accept: application/sdp",))
@@ -411,14 +294,14 @@ class Proxy:
                 self._respond(st, status, now, extra=extra)
             return
         initial = msg.to_tag is None
-        target, start_line, route_line = self._preprocess_route(msg, flow, initial)
+        target, start_line, route_line = self.router.preprocess_route(msg, flow, initial)
         if target is None:
             self._respond(st, 404, now)
             return
         if method == "INVITE" and initial:
             dialog_id = (msg.call_id, msg.from_tag or "")
             if (dialog_id in self.dialogs or dialog_id in self.deciding) and not (
-                self._is_spiral(msg)
+                self.router.is_spiral(msg)
             ):
                 # RFC 3261 §8.2.2.2: the same Call-ID and From tag as a call in progress, on
                 # another transaction — a merged request, not a second call.
@@ -428,7 +311,7 @@ class Proxy:
             st.next_hop = (target, start_line, route_line)
             call = CallInfo(msg, flow, now, f"{dialog_id[0]}\n{dialog_id[1]}\n{st.key}")
             st.call = call
-            st.state = "deciding"
+            st.state = DECIDING
             self.pending[id(call)] = st
             self.deciding.add(dialog_id)
             verdict = self.admission.decide(call, now)
@@ -440,92 +323,6 @@ class Proxy:
             self._end_dialog_by(msg, "bye", flow, now)
         self._forward(st, target, start_line, route_line, now, record_route=initial
                       and method in DIALOG_CREATING)
-
-    def _validate(self, msg: Message) -> int:
-        """RFC 3261 §16.3: the status to answer with, 200 for a local OPTIONS, or 0 to go on."""
-        uri = msg.request_uri
-        if uri.scheme not in SUPPORTED_SCHEMES:
-            return 416
-        mf = msg.max_forwards
-        local_options = (
-            msg.method == "OPTIONS"
-            and self.settings.answer_options
-            and msg.to_tag is None
-            and not msg.has("route")
-            and (uri.user is None or mf == 0)
-            and (self.is_ours(uri) or mf == 0)
-        )
-        if local_options:
-            return 200
-        if mf == 0:
-            return 483
-        if msg.has("proxy-require") and msg.option_tags("proxy-require"):
-            return 420
-        if self._is_loop(msg):
-            return 482
-        return 0
-
-    def _is_loop(self, msg: Message) -> bool:
-        """RFC 3261 §16.3 step 4: our own Via with the same loop hash means a loop, not a spiral."""
-        if not any(build.OUR_PREFIX.encode() in msg.lines[i] for i in msg.indexes("via")):
-            return False
-        loop = build.loop_hash(self.ids, msg)
-        for via in msg.vias:
-            branch = via.branch or ""
-            if branch.startswith(build.OUR_PREFIX) and branch.endswith("." + loop):
-                host = via.host.strip("[]").lower()
-                if f"{host}:{via.port or 5060}" in self._ours:
-                    return True
-        return False
-
-    def _is_spiral(self, msg: Message) -> bool:
-        """The request carries a Via of a transaction sipguard itself sent: it has come back
-        through us (a spiral, RFC 3261 §16.3 step 4), not a second call with the same id."""
-        if not any(build.OUR_PREFIX.encode() in msg.lines[i] for i in msg.indexes("via")):
-            return False
-        for via in msg.vias:
-            branch = via.branch or ""
-            if branch.startswith(build.OUR_PREFIX) and (branch, "INVITE") in self.clients:
-                return True
-        return False
-
-    def _preprocess_route(self, msg: Message, flow: Flow, initial: bool) -> NextHop:
-        """RFC 3261 §16.4 and §16.5: drop our own Route entries, pick the next hop.
-
-        Returns (target, new start line or None, remaining routes or None when unchanged).
-        """
-        start_line = None
-        routes: list[NameAddr] | None = None
-        uri = msg.request_uri
-        if msg.has("route"):
-            routes = list(msg.routes)
-            if uri.has_param("lr") and self.is_ours(uri) and routes:
-                # The previous hop was a strict router: the real target is the last Route.
-                last = routes.pop()
-                uri = last.uri
-                start_line = f"{msg.method} {last.uri} SIP/2.0".encode()
-            popped = 0
-            while routes and popped < 2 and self.is_ours(routes[0].uri):
-                routes.pop(0)
-                popped += 1
-            if not popped and start_line is None:
-                routes = None  # untouched
-        remaining = routes if routes is not None else (msg.routes if msg.has("route") else [])
-        if flow_is_core(flow, self.settings.core):
-            if remaining:
-                return self._flow_for_uri(remaining[0].uri), start_line, routes
-            if self.is_ours(uri):
-                return None, None, None
-            return self._flow_for_uri(uri), start_line, routes
-        # From the outside sipguard is no open relay: an initial request, or one that claims a
-        # dialog sipguard does not know, goes to the core whatever Route or Request-URI it
-        # carries; only requests inside a dialog sipguard set up follow their route set.
-        if initial or self._dialog_of(msg)[0] is None or (not remaining and self.is_ours(uri)):
-            return self.settings.core, start_line, routes
-        if remaining:
-            return self._flow_for_uri(remaining[0].uri), start_line, routes
-        return self._flow_for_uri(uri), start_line, routes
-
 
     def _apply_verdict(self, st: ServerTxn, call: CallInfo, verdict: Verdict, now: float) -> None:
         self.events.append(InviteDecided(call, verdict))
@@ -541,13 +338,13 @@ class Proxy:
         hop = st.next_hop
         st.next_hop = None
         if hop is None:
-            hop = self._preprocess_route(msg, st.flow, True)
+            hop = self.router.preprocess_route(msg, st.flow, True)
         target, start_line, routes = hop
         if target is None:
             self._abandon(call, now)
             self._respond(st, 404, now)
             return
-        st.state = "proceeding"
+        st.state = PROCEEDING
         self.deciding.discard((call.call_id, msg.from_tag or ""))
         call.settled = True
         dialog = Dialog(
@@ -564,8 +361,7 @@ class Proxy:
             lease=call.lease,
         )
         st.dialog = dialog
-        self.dialogs[(dialog.call_id, dialog.caller_tag)] = dialog
-        self._expiry.set((dialog.call_id, dialog.caller_tag), dialog.expires)
+        self.table.add(dialog)
         self.admission.dialog_started(dialog, now)
         self.events.append(DialogStarted(dialog))
         self._arm_sweep(now)
@@ -621,7 +417,7 @@ class Proxy:
         """The request as it leaves: RFC 3261 §16.6 steps 3–8 spliced into the raw lines,
         then a verdict's header edits (``edits`` replaced or removed, ``extra`` appended).
         ``stamped`` is the top Via with received/rport filled in."""
-        out_local = self._local_for(target.transport)
+        out_local = self.router.local_for(target.transport)
         prepend = [build.our_via(out_local, target.transport, branch)]
         if record_route and self.settings.record_route:
             in_local = self.settings.locals[source.local]
@@ -671,7 +467,7 @@ class Proxy:
         if msg.max_forwards == 0:
             self.events.append(Dropped("ack_too_many_hops", msg.call_id, flow))
             return
-        target, start_line, routes = self._preprocess_route(msg, flow, False)
+        target, start_line, routes = self.router.preprocess_route(msg, flow, False)
         if target is None:
             self.events.append(Dropped("ack_unroutable", msg.call_id, flow))
             return
@@ -686,19 +482,19 @@ class Proxy:
 
     # ------------------------------------------------------------------ CANCEL and ACK
     def _on_cancel(self, msg: Message, flow: Flow, key: str, now: float) -> None:
-        cst = ServerTxn(key, "CANCEL", msg, flow, self._reply_flow(msg, flow))
+        cst = ServerTxn(key, "CANCEL", msg, flow, self.router.reply_flow(msg, flow))
         invite = self.servers.get((key, "INVITE"))
         self.servers[(key, "CANCEL")] = cst
         if invite is None:
             self._respond(cst, 481, now)
             return
         self._respond(cst, 200, now)
-        if invite.state == "deciding":
+        if invite.state == DECIDING:
             self._forget_pending(invite, now)
             self._respond(invite, 487, now)
             return
         ct = invite.client
-        if invite.state != "proceeding" or ct is None or ct.state not in ("calling", "proceeding"):
+        if invite.state != PROCEEDING or ct is None or ct.state not in (CALLING, PROCEEDING):
             return  # already answered: nothing to cancel
         if ct.provisional:
             self._send_cancel(ct, now)
@@ -720,9 +516,9 @@ class Proxy:
         cancel.timeout = self.timers.add(now + 64 * s.t1, self._timer_f, cancel)
 
     def _ack_absorbed(self, st: ServerTxn, now: float) -> None:
-        if st.state == "confirmed":
+        if st.state == CONFIRMED:
             return
-        st.state = "confirmed"
+        st.state = CONFIRMED
         TimerQueue.cancel(st.timer)
         TimerQueue.cancel(st.timeout)
         st.timer = None
@@ -770,11 +566,11 @@ class Proxy:
         TimerQueue.cancel(st.timeout)
         if st.method == "INVITE":
             if status < 300:
-                st.state = "accepted"  # RFC 6026: absorb INVITE retransmissions for 64*T1
+                st.state = ACCEPTED  # RFC 6026: absorb INVITE retransmissions for 64*T1
                 st.last = None
                 st.timeout = self.timers.add(now + 64 * s.t1, self._timer_terminate_server, st)
             else:
-                st.state = "completed"
+                st.state = COMPLETED
                 if udp:
                     st.interval = s.t1
                     st.timer = self.timers.add(now + s.t1, self._timer_g, st)
@@ -782,7 +578,7 @@ class Proxy:
                 if st.dialog is not None:
                     self._end_dialog(st.dialog, "cancelled" if status == 487 else "failed", now)
         else:
-            st.state = "completed"
+            st.state = COMPLETED
             wait = 64 * s.t1 if udp else 0.0
             st.timeout = self.timers.add(now + wait, self._timer_terminate_server, st)
 
@@ -797,11 +593,11 @@ class Proxy:
             self.events.append(Dropped("stray_response", f"{msg.status} {msg.call_id}", flow))
             return
         status = msg.status
-        if ct.state in ("completed", "terminated"):
-            if ct.method == "INVITE" and status >= 300 and ct.state == "completed":
+        if ct.state in (COMPLETED, TERMINATED):
+            if ct.method == "INVITE" and status >= 300 and ct.state == COMPLETED:
                 self.outbox.append((ct.flow, build.ack_for(ct.sent_msg(), msg)))
             return  # retransmitted final response: absorbed
-        if ct.state == "accepted":
+        if ct.state == ACCEPTED:
             if 200 <= status < 300 and ct.server is not None:
                 self.outbox.append((ct.server.reply_to, self._strip_via(msg)))
             return
@@ -813,11 +609,11 @@ class Proxy:
                     ct.provisional = True
                     TimerQueue.cancel(ct.timeout)
                     ct.timeout = self.timers.add(now + self.settings.timer_c, self._timer_c, ct)
-                ct.state = "proceeding"
+                ct.state = PROCEEDING
                 if ct.cancel_wanted:
                     self._send_cancel(ct, now)
-            elif ct.state == "calling" and flow.transport == "udp":
-                ct.state = "proceeding"
+            elif ct.state == CALLING and flow.transport == "udp":
+                ct.state = PROCEEDING
                 ct.interval = self.settings.t2
                 ct.timer = self.timers.add(now + ct.interval, self._timer_e, ct)
             if status == 100 or ct.server is None:
@@ -833,26 +629,26 @@ class Proxy:
         s = self.settings
         if ct.method == "INVITE":
             if status < 300:
-                ct.state = "accepted"
+                ct.state = ACCEPTED
                 ct.timeout = self.timers.add(now + 64 * s.t1, self._timer_drop_client, ct)
                 dialog = ct.server.dialog if ct.server is not None else None
                 if dialog is not None and dialog.state == "early":
-                    dialog.state = "confirmed"
+                    dialog.state = CONFIRMED
                     dialog.confirmed_at = now
                     dialog.callee_tag = msg.to_tag or dialog.callee_tag
             else:
-                ct.state = "completed"
+                ct.state = COMPLETED
                 self.outbox.append((ct.flow, build.ack_for(ct.sent_msg(), msg)))
                 wait = 32.0 if ct.flow.transport == "udp" else 0.0
                 ct.timeout = self.timers.add(now + wait, self._timer_drop_client, ct)
         else:
-            ct.state = "completed"
+            ct.state = COMPLETED
             wait = s.t4 if ct.flow.transport == "udp" else 0.0
             ct.timeout = self.timers.add(now + wait, self._timer_drop_client, ct)
         if status < 300 and ct.method in ("INVITE", "UPDATE") and ct.server is not None:
             self._session_timer(ct.server, msg, now)
         server = ct.server
-        if server is None or server.state not in ("proceeding", "deciding"):
+        if server is None or server.state not in (PROCEEDING, DECIDING):
             return  # CANCEL's own answer, or the upstream side already has a final answer
         self._send_upstream(server, status, self._strip_via(msg), now)
 
@@ -869,7 +665,7 @@ class Proxy:
     # ------------------------------------------------------------------ timers
     def _timer_a(self, ct: ClientTxn, now: float) -> None:
         """Timer A: retransmit the INVITE over UDP until a response arrives."""
-        if ct.state != "calling":
+        if ct.state != CALLING:
             return
         self.outbox.append((ct.flow, ct.data))
         ct.interval *= 2
@@ -877,7 +673,7 @@ class Proxy:
 
     def _timer_e(self, ct: ClientTxn, now: float) -> None:
         """Timer E: retransmit a non-INVITE request (capped at T2)."""
-        if ct.state not in ("calling", "proceeding"):
+        if ct.state not in (CALLING, PROCEEDING):
             return
         self.outbox.append((ct.flow, ct.data))
         ct.interval = min(ct.interval * 2, self.settings.t2)
@@ -889,35 +685,35 @@ class Proxy:
 
     def _timer_c(self, ct: ClientTxn, now: float) -> None:
         """Timer C (RFC 3261 §16.8): ringing too long — CANCEL, then give up after 64*T1."""
-        if ct.state not in ("calling", "proceeding"):
+        if ct.state not in (CALLING, PROCEEDING):
             return
         self._send_cancel(ct, now)
         ct.timeout = self.timers.add(now + 64 * self.settings.t1, self._timer_b, ct)
 
     def _timer_f(self, ct: ClientTxn, now: float) -> None:
         """Timer F: a non-INVITE got no final answer (RFC 4320: no 408 upstream)."""
-        if ct.state in ("calling", "proceeding"):
+        if ct.state in (CALLING, PROCEEDING):
             TimerQueue.cancel(ct.timer)
-            ct.state = "terminated"
+            ct.state = TERMINATED
             self._drop_client(ct)
             if ct.server is not None:
                 self._terminate_server(ct.server, now)
 
     def _client_timed_out(self, ct: ClientTxn, now: float) -> None:
-        if ct.state not in ("calling", "proceeding"):
+        if ct.state not in (CALLING, PROCEEDING):
             return
         TimerQueue.cancel(ct.timer)
-        ct.state = "terminated"
+        ct.state = TERMINATED
         self._drop_client(ct)
         st = ct.server
-        if st is not None and st.state == "proceeding":
+        if st is not None and st.state == PROCEEDING:
             if st.dialog is not None:
                 self._end_dialog(st.dialog, "timeout", now)
             self._respond(st, 408, now)
 
     def _timer_g(self, st: ServerTxn, now: float) -> None:
         """Timer G: retransmit our final non-2xx answer until the ACK arrives."""
-        if st.state != "completed" or st.last is None:
+        if st.state != COMPLETED or st.last is None:
             return
         self.outbox.append((st.reply_to, st.last))
         st.interval = min(st.interval * 2, self.settings.t2)
@@ -927,11 +723,11 @@ class Proxy:
         self._terminate_server(st, now)
 
     def _timer_drop_client(self, ct: ClientTxn, now: float) -> None:
-        ct.state = "terminated"
+        ct.state = TERMINATED
         self._drop_client(ct)
 
     def _terminate_server(self, st: ServerTxn, now: float) -> None:
-        st.state = "terminated"
+        st.state = TERMINATED
         TimerQueue.cancel(st.timer)
         TimerQueue.cancel(st.timeout)
         if st.client is not None:  # break the server <-> client cycle: freed by refcount
@@ -947,23 +743,15 @@ class Proxy:
     def _drop_client(self, ct: ClientTxn) -> None:
         TimerQueue.cancel(ct.timer)
         TimerQueue.cancel(ct.timeout)
-        if ct.server is not None and ct.server.state == "terminated":
+        if ct.server is not None and ct.server.state == TERMINATED:
             ct.server.client = None
             ct.server = None
         if self.clients.get((ct.branch, ct.method)) is ct:
             del self.clients[(ct.branch, ct.method)]
 
     # ------------------------------------------------------------------ dialogs
-    def _dialog_of(self, msg: Message) -> tuple[Dialog | None, str]:
-        """The live dialog an in-dialog request belongs to, and who sent it."""
-        call_id = msg.call_id
-        dialog = self.dialogs.get((call_id, msg.from_tag or ""))
-        if dialog is not None:
-            return dialog, "caller"
-        return self.dialogs.get((call_id, msg.to_tag or "")), "callee"
-
     def _end_dialog_by(self, msg: Message, reason: str, flow: Flow, now: float) -> None:
-        dialog, side = self._dialog_of(msg)
+        dialog, side = self.table.of(msg)
         if dialog is not None:
             self._end_dialog(dialog, f"{reason}_{side}", now)
 
@@ -973,28 +761,24 @@ class Proxy:
         if dialog is None:
             if st.msg.to_tag is None:
                 return  # an initial request that is not a call of ours
-            dialog = self._dialog_of(st.msg)[0]
-        if dialog is None or dialog.state == "terminated":
+            dialog = self.table.of(st.msg)[0]
+        if dialog is None or dialog.state == TERMINATED:
             return
         interval = session_interval(response)
         dialog.session_interval = interval
         expires = dialog.hard_expires
         if interval is not None:
             expires = min(now + interval, expires)
-        dialog.expires = expires
-        self._expiry.set((dialog.call_id, dialog.caller_tag), expires)
+        self.table.expire_at(dialog, expires)
 
     def _end_dialog(self, dialog: Dialog, reason: str, now: float) -> None:
         """End a dialog exactly once, whatever ends it."""
-        if dialog.state == "terminated":
+        if dialog.state == TERMINATED:
             return
-        dialog.state = "terminated"
+        dialog.state = TERMINATED
         dialog.ended_at = now
         dialog.end_reason = reason
-        key = (dialog.call_id, dialog.caller_tag)
-        if self.dialogs.get(key) is dialog:
-            del self.dialogs[key]
-            self._expiry.discard(key)
+        self.table.remove(dialog)
         self.admission.dialog_ended(dialog, now)
         self.events.append(DialogEnded(dialog, reason))
 
@@ -1005,38 +789,11 @@ class Proxy:
     def _sweep_dialogs(self, now: float) -> None:
         """End dialogs whose session timer or maximum lifetime has passed."""
         self._sweep = None
-        for key in self._expiry.pop_due(now):
-            dialog = self.dialogs.get(key)
-            if dialog is not None:
-                reason = "lifetime" if dialog.expires >= dialog.hard_expires else "session_expired"
-                self._end_dialog(dialog, reason, now)
+        for dialog in self.table.due(now):
+            reason = "lifetime" if dialog.expires >= dialog.hard_expires else "session_expired"
+            self._end_dialog(dialog, reason, now)
         if self.dialogs:
             self._arm_sweep(now)
 
     def live_dialogs(self) -> int:
         return len(self.dialogs)
-
-
-def flow_is_core(flow: Flow, core: Flow) -> bool:
-    """True when ``flow`` comes from the configured core address.
-
-    Over TCP this holds for the connection sipguard opened to the core (which the core reuses
-    for its own requests, RFC 5923 style) — a connection the core opens from an ephemeral port
-    counts as an outside source.
-    """
-    return flow.addr == core.addr and flow.transport == core.transport
-
-
-def session_interval(msg: Message) -> float | None:
-    """The RFC 4028 session interval a 2xx sets, in seconds (at least 90), or None.
-
-    ``Session-Expires = ("Session-Expires" / "x") HCOLON delta-seconds *(SEMI se-params)``;
-    a value that is not delta-seconds is ignored (no timer), never an error.
-    """
-    value = msg.get("session-expires")
-    if value is None:
-        return None
-    delta = value.split(";", 1)[0].strip()
-    if not delta or not delta.isascii() or not delta.isdigit():
-        return None
-    return max(float(int(delta[:10])), MIN_SESSION_EXPIRES)

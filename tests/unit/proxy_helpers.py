@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from sipguard.contract import CallInfo, Dialog, Flow, Local, Verdict
-from sipguard.proxy.core import Proxy, ProxySettings
+from sipguard.proxy.core import Proxy
+from sipguard.proxy.settings import ProxySettings
 from sipguard.sip.message import Message
 from sipguard.sip.parser import parse_message
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from sipguard.contract import DialogEnded
-from sipguard.proxy.core import session_interval
+from sipguard.proxy.dialogs import session_interval
 from sipguard.sip.message import Message
 from sipguard.sip.parser import parse_message
 from tests.unit.dialog_helpers import in_dialog, to
@@ -118,7 +118,7 @@ def test_bye_before_expiry_leaves_no_timer_behind() -> None:
     h = Harness()
     start(h)
     h.send(in_dialog("BYE", call_id="call-1", cseq=2, branch="z9hG4bK-b"))
-    assert len(h.proxy._expiry) == 0
+    assert h.proxy.table.expiries() == 0
     h.advance(200)
     assert ended(h) == [("call-1", "bye_caller")]
 

@@ -1,0 +1,178 @@
+"""Where a request goes: RFC 3261 §16.3–16.5 validation, Route pre-processing, next hop.
+
+:class:`Router` knows sipguard's own addresses (the listeners) and the core, tells a loop from
+a spiral, and picks the next hop. From the outside sipguard is no open relay: an initial
+request, or one claiming a dialog sipguard does not know, goes to the core whatever Route or
+Request-URI it carries; only requests inside a dialog sipguard set up follow their route set.
+Requests from the core follow their Route, else their Request-URI.
+"""
+
+from __future__ import annotations
+
+from sipguard.contract import Flow, Local
+from sipguard.proxy import build
+from sipguard.proxy.dialogs import DialogTable
+from sipguard.proxy.settings import NextHop, ProxySettings
+from sipguard.proxy.transactions import ClientTxn
+from sipguard.sip.errors import SipParseError
+from sipguard.sip.message import Message
+from sipguard.sip.nameaddr import NameAddr
+from sipguard.sip.uri import Uri
+
+SUPPORTED_SCHEMES = frozenset({"sip", "sips", "tel"})
+
+
+class Router:
+    """Validation and next-hop choice for one proxy; ``configure`` on reload."""
+
+    def __init__(
+        self,
+        settings: ProxySettings,
+        ids: build.Ids,
+        clients: dict[tuple[str, str], ClientTxn],
+        dialogs: DialogTable,
+    ) -> None:
+        self.ids = ids
+        self.clients = clients  # the proxy's client transactions (spiral detection)
+        self.dialogs = dialogs  # the proxy's dialog table (in-dialog routing)
+        self.settings = settings
+        self._ours: set[str] = set()
+        self.configure(settings)
+
+    def configure(self, settings: ProxySettings) -> None:
+        """Apply new settings (reload)."""
+        self.settings = settings
+        names: set[str] = set()
+        for loc in settings.locals:
+            host = loc.host.strip("[]").lower()
+            names.add(f"{host}:{loc.port}")
+        self._ours = names
+
+    def is_ours(self, uri: Uri) -> bool:
+        if uri.scheme not in ("sip", "sips"):
+            return False
+        host = uri.host.strip("[]").lower()
+        port = uri.port or (5061 if uri.scheme == "sips" else 5060)
+        return f"{host}:{port}" in self._ours
+
+    def local_for(self, transport: str) -> Local:
+        for loc in self.settings.locals:
+            if loc.transport == transport:
+                return loc
+        return self.settings.locals[0]
+
+    def flow_for_uri(self, uri: Uri) -> Flow:
+        transport = (uri.param("transport") or "udp").lower()
+        if uri.scheme == "sips" or transport == "tls":
+            transport = "tcp"  # TLS listeners are not available yet; TCP is the closest fit
+        if transport not in ("udp", "tcp"):
+            raise SipParseError(416, f"unsupported transport {transport}")
+        host = (uri.param("maddr") or uri.host).strip("[]")
+        if not host:
+            raise SipParseError(416, "URI without a host cannot be routed")
+        port = uri.port or 5060
+        return Flow(transport, (host, port), self.local_for(transport).index)
+
+    def reply_flow(self, msg: Message, flow: Flow) -> Flow:
+        """Where responses to ``msg`` go: the connection, or RFC 3261 §18.2.2 + RFC 3581."""
+        if flow.transport != "udp":
+            return flow
+        via = msg.top_via
+        if via.has_rport:
+            return flow
+        return Flow("udp", (flow.addr[0], via.port or 5060), flow.local)
+
+    def validate(self, msg: Message) -> int:
+        """RFC 3261 §16.3: the status to answer with, 200 for a local OPTIONS, or 0 to go on."""
+        uri = msg.request_uri
+        if uri.scheme not in SUPPORTED_SCHEMES:
+            return 416
+        mf = msg.max_forwards
+        local_options = (
+            msg.method == "OPTIONS"
+            and self.settings.answer_options
+            and msg.to_tag is None
+            and not msg.has("route")
+            and (uri.user is None or mf == 0)
+            and (self.is_ours(uri) or mf == 0)
+        )
+        if local_options:
+            return 200
+        if mf == 0:
+            return 483
+        if msg.has("proxy-require") and msg.option_tags("proxy-require"):
+            return 420
+        if self.is_loop(msg):
+            return 482
+        return 0
+
+    def is_loop(self, msg: Message) -> bool:
+        """RFC 3261 §16.3 step 4: our own Via with the same loop hash means a loop, not a spiral."""
+        if not any(build.OUR_PREFIX.encode() in msg.lines[i] for i in msg.indexes("via")):
+            return False
+        loop = build.loop_hash(self.ids, msg)
+        for via in msg.vias:
+            branch = via.branch or ""
+            if branch.startswith(build.OUR_PREFIX) and branch.endswith("." + loop):
+                host = via.host.strip("[]").lower()
+                if f"{host}:{via.port or 5060}" in self._ours:
+                    return True
+        return False
+
+    def is_spiral(self, msg: Message) -> bool:
+        """The request carries a Via of a transaction sipguard itself sent: it has come back
+        through us (a spiral, RFC 3261 §16.3 step 4), not a second call with the same id."""
+        if not any(build.OUR_PREFIX.encode() in msg.lines[i] for i in msg.indexes("via")):
+            return False
+        for via in msg.vias:
+            branch = via.branch or ""
+            if branch.startswith(build.OUR_PREFIX) and (branch, "INVITE") in self.clients:
+                return True
+        return False
+
+    def preprocess_route(self, msg: Message, flow: Flow, initial: bool) -> NextHop:
+        """RFC 3261 §16.4 and §16.5: drop our own Route entries, pick the next hop.
+
+        Returns (target, new start line or None, remaining routes or None when unchanged).
+        """
+        start_line = None
+        routes: list[NameAddr] | None = None
+        uri = msg.request_uri
+        if msg.has("route"):
+            routes = list(msg.routes)
+            if uri.has_param("lr") and self.is_ours(uri) and routes:
+                # The previous hop was a strict router: the real target is the last Route.
+                last = routes.pop()
+                uri = last.uri
+                start_line = f"{msg.method} {last.uri} SIP/2.0".encode()
+            popped = 0
+            while routes and popped < 2 and self.is_ours(routes[0].uri):
+                routes.pop(0)
+                popped += 1
+            if not popped and start_line is None:
+                routes = None  # untouched
+        remaining = routes if routes is not None else (msg.routes if msg.has("route") else [])
+        if flow_is_core(flow, self.settings.core):
+            if remaining:
+                return self.flow_for_uri(remaining[0].uri), start_line, routes
+            if self.is_ours(uri):
+                return None, None, None
+            return self.flow_for_uri(uri), start_line, routes
+        # From the outside sipguard is no open relay: an initial request, or one that claims a
+        # dialog sipguard does not know, goes to the core whatever Route or Request-URI it
+        # carries; only requests inside a dialog sipguard set up follow their route set.
+        if initial or self.dialogs.of(msg)[0] is None or (not remaining and self.is_ours(uri)):
+            return self.settings.core, start_line, routes
+        if remaining:
+            return self.flow_for_uri(remaining[0].uri), start_line, routes
+        return self.flow_for_uri(uri), start_line, routes
+
+
+def flow_is_core(flow: Flow, core: Flow) -> bool:
+    """True when ``flow`` comes from the configured core address.
+
+    Over TCP this holds for the connection sipguard opened to the core (which the core reuses
+    for its own requests, RFC 5923 style) — a connection the core opens from an ephemeral port
+    counts as an outside source.
+    """
+    return flow.addr == core.addr and flow.transport == core.transport

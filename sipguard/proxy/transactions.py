@@ -1,0 +1,99 @@
+"""Server and client transactions (RFC 3261 §17), as plain records the proxy core drives.
+
+States (names, not bare strings; RFC 6026 adds "accepted" for INVITE 2xx):
+
+==================  =========================================================================
+server INVITE       proceeding -> deciding (initial INVITE, policy pending) -> proceeding
+                    (forwarded) -> completed (non-2xx final sent, Timer G/H) -> confirmed
+                    (ACK, Timer I) -> terminated; proceeding -> accepted (2xx, Timer L)
+                    -> terminated
+server non-INVITE   proceeding -> completed (final sent, Timer J) -> terminated
+client INVITE       calling (Timer A/B) -> proceeding (1xx, Timer C) -> completed (non-2xx,
+                    ACKed, Timer D) / accepted (2xx, Timer M) -> terminated
+client non-INVITE   calling (Timer E/F) -> proceeding (1xx) -> completed (Timer K)
+                    -> terminated
+==================  =========================================================================
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from sipguard.contract import CallInfo, Dialog, Flow
+from sipguard.proxy.settings import NextHop
+from sipguard.proxy.timers import TimerEntry
+from sipguard.sip.message import Message
+from sipguard.sip.parser import parse_message
+
+CALLING: Final = "calling"
+PROCEEDING: Final = "proceeding"
+DECIDING: Final = "deciding"
+COMPLETED: Final = "completed"
+CONFIRMED: Final = "confirmed"
+ACCEPTED: Final = "accepted"
+TERMINATED: Final = "terminated"
+
+
+# Transactions are plain classes with hand-written __init__s: mypyc compiles those, where
+# dataclass-made ones would run as Python for every transaction.
+class ServerTxn:
+    __slots__ = ("key", "method", "msg", "flow", "reply_to", "state", "last", "client", "call",
+                 "dialog", "to_tag", "timer", "timeout", "interval", "stamped", "next_hop")
+
+    def __init__(self, key: str, method: str, msg: Message, flow: Flow, reply_to: Flow) -> None:
+        self.key = key
+        self.method = method
+        self.msg = msg
+        self.flow = flow  # where the request came from (TCP: the connection)
+        self.reply_to = reply_to  # where responses go (RFC 3261 §18.2.2 / RFC 3581)
+        self.state = PROCEEDING
+        self.last: bytes | None = None  # the last response sent (resent on retransmissions)
+        self.client: ClientTxn | None = None
+        self.call: CallInfo | None = None
+        self.dialog: Dialog | None = None
+        self.to_tag = ""
+        self.timer: TimerEntry | None = None  # G (retransmit final)
+        self.timeout: TimerEntry | None = None  # H / I / J / L
+        self.interval = 0.0
+        self.stamped = ""  # the top Via with received/rport, made once (see Proxy._stamped)
+        # An initial INVITE's next hop, worked out before its decision and used when that
+        # comes at once (a decision that waited for I/O works it out again: a reload may
+        # have changed the core meanwhile).
+        self.next_hop: NextHop | None = None
+
+    def __repr__(self) -> str:
+        return f"<ServerTxn {self.method} {self.key} {self.state}>"
+
+
+class ClientTxn:
+    __slots__ = ("branch", "method", "data", "flow", "server", "state", "provisional",
+                 "cancel_wanted", "cancel_sent", "timer", "timeout", "interval", "sent")
+
+    def __init__(
+        self, branch: str, method: str, data: bytes, flow: Flow, server: ServerTxn | None
+    ) -> None:
+        self.branch = branch
+        self.method = method
+        self.data = data
+        self.flow = flow
+        self.server = server
+        self.state = CALLING
+        self.provisional = False
+        self.cancel_wanted = False
+        self.cancel_sent = False
+        self.timer: TimerEntry | None = None  # A / E (retransmit)
+        self.timeout: TimerEntry | None = None  # B / F / C / D / K / M
+        self.interval = 0.0
+        self.sent: Message | None = None  # ``data`` parsed, on demand (ACK and CANCEL building)
+
+    def sent_msg(self) -> Message:
+        if self.sent is None:
+            self.sent = parse_message(self.data, max_size=1 << 30, datagram=True)
+        return self.sent
+
+    def __repr__(self) -> str:
+        return f"<ClientTxn {self.method} {self.branch} {self.state}>"
+
+
+def _kind(method: str) -> str:
+    return "INVITE" if method == "ACK" else method
