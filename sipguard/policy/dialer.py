@@ -1,45 +1,22 @@
 """Rule ``dialer``: dialer analytics over sliding windows, with a tag and a block threshold each.
 
+This module is the rule: :class:`Dialer` decides each initial INVITE, :func:`build` makes it
+for a peer. Its parameters — every analytic with its thresholds and defaults — are
+:class:`~sipguard.policy.dialer_settings.Settings`; what it counts and remembers is
+:class:`~sipguard.policy.dialer_state.DialerState`.
+
 What it looks for (each analytic its own section; ``null`` turns it off; each overridable per
-peer). A *tag* threshold marks the call for the core (``verdict_header``) and the decision log;
-a *block* threshold answers ``603 Network Blocked`` with the ATIS-1000099 ("603+") Reason header
-of the ``callerid`` rule (``redress``) and puts the number, peer/source or called number on a
-cooldown of ``block_s`` seconds, during which its INVITEs are answered at once without being
-evaluated again. Like OpenSIPS fraud_detection's warning / critical pairs, and the traffic
-patterns the FCC lists as reasonable analytics.
-
-Per caller number (P-Asserted-Identity, else From):
-
-- ``distinct_callees`` ({tag: 30, block: 60}): distinct called numbers in the window — one
-  number dialing many destinations, a predictive dialer or bulk calling. Blocks the caller.
-- ``short_calls`` ({tag: 0.2, block: 0.35, min_calls: 10}): share of answered calls shorter
-  than ``short_call_s`` (6 s) among the answered calls that ended in the window, once there are
-  ``min_calls`` of them (industry filters flag above ~20 %). Blocks the caller.
-- ``asr`` ({tag: 0.2, block: 0.1, min_calls: 30}): answer-seizure ratio — answered calls over
-  calls that ended in the window — *below* the floors, once ``min_calls`` ended. Blocks the
-  caller.
-- ``sequential`` ({tag: 5, block: 10, per_origin: true}): a run of called numbers each one
-  higher than the last (+12125550100, …0101, …0102: number scanning). Runs are tracked per
-  caller and, with ``per_origin``, per peer/source as well (a scan that rotates caller numbers;
-  up to 8 interleaved runs per peer). Blocks the caller, or the peer/source.
-
-Per peer (with no peers configured: per source IP address), off unless configured:
-
-- ``caller_rotation`` ({tag: 50, block: 100, max_uses: 2}): distinct caller numbers used at
-  most ``max_uses`` times each in the window — snowshoe dialing, circumventing per-number
-  limits. A carrier delivering calls from the public looks exactly like this: enable it for
-  dialer / PBX peers only (``peers[].rules.dialer.caller_rotation: {}``). Blocks the peer.
-- ``pumping``: targeted traffic pumping. ``per_callee`` ({tag: 30, block: 60}): calls to one
-  called number in the window, from anywhere (``exempt``: your own DIDs, numbers or ``prefix*``);
-  blocks calls to that number. ``high_cost`` ({tag: 10, block: 20}) with ``high_cost_prefixes``
-  (``["+1900*", "+882*"]``): calls from one peer/source to those prefixes in the window; blocks
-  that peer/source's calls to them.
-
-General: ``window_s`` (60; each analytic may set its own), ``short_call_s`` (6), ``block_s``
-(300), ``answer`` (603 Network Blocked), ``redress`` (the 603+ Reason contact, as in rule
-``callerid``), ``verdict_header`` (``X-Sipguard-Verdict``; values ``dialer.<analytic>``, with
-``;monitored`` for a block in monitor mode; copies a peer sent are removed), ``max_numbers``
-(200000 callers and called numbers each), ``max_origins`` (10000).
+peer): per caller number, the distinct numbers it calls (``distinct_callees``), its share of
+short answered calls (``short_calls``), its answer-seizure ratio (``asr``) and runs of called
+numbers each one higher than the last (``sequential``, also per peer/source); per peer (with no
+peers configured: per source IP address), one-off caller numbers (``caller_rotation``) and
+calls concentrated on one called number or on high-cost prefixes (``pumping``). A *tag*
+threshold marks the call for the core (``verdict_header``) and the decision log; a *block*
+threshold answers ``603 Network Blocked`` with the ATIS-1000099 ("603+") Reason header of the
+``callerid`` rule (``redress``) and puts the number, peer/source or called number on a cooldown
+of ``block_s`` seconds, during which its INVITEs are answered at once without being evaluated
+again. Like OpenSIPS fraud_detection's warning / critical pairs, and the traffic patterns the
+FCC lists as reasonable analytics.
 
 Decision log reasons: the analytic (``distinct_callees``, ``short_calls``, ``asr``,
 ``sequential``, ``sequential_origin``, ``caller_rotation``, ``pumping``, ``high_cost``) for the
@@ -49,17 +26,8 @@ has the scope, key and measured value. Tags go to ``CallInfo.labels["dialer"]``.
 Monitor mode decides, tags and starts cooldowns the same way but forwards the call; a cooldown
 started in monitor mode is honoured only by pipelines in monitor mode.
 
-How it stays O(1) and bounded
-    Per caller: the called numbers of the window in a small OrderedDict (once there are two; one
-    inline otherwise), capped at the block threshold; one sequential run; two
-    sliding-window counters (:class:`~sipguard.policy.windows.Pair`) fed at dialog end. Per
-    peer/source: up to 8 runs, a dict of caller numbers capped at twice the rotation block
-    threshold, a counter. Per called number: one counter. All of them live in
-    :class:`~sipguard.policy.windows.Generations` tables that drop a number a window or two
-    after its last call, capped at ``max_numbers`` / ``max_origins``; cooldowns likewise, with
-    a ``block_s`` horizon. Each INVITE costs a handful of dict operations whatever the number
-    of numbers seen (``loadtest/rate_cost.py``). The state is kept in the policy's ``shared``
-    dict, so it survives reloads.
+Cost: a handful of dict operations per INVITE, whatever the number of numbers seen; how the
+tables stay O(1) and bounded is told in :mod:`sipguard.policy.dialer_state`.
 
 Fails open: a call without a caller (called) number skips the per-caller (per-callee)
 analytics; a number forgotten because a table was full, or silent for a whole window, starts
@@ -78,448 +46,21 @@ Known limitations
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
-
-from pydantic import BaseModel, Field, model_validator
+from typing import TYPE_CHECKING
 
 from sipguard.contract import Verdict
-from sipguard.policy.callerid import Redress
-from sipguard.policy.peers import NUMBER_PATTERN, NumberSet
-from sipguard.policy.settings import FROZEN, Answer, RuleSettings
-from sipguard.policy.windows import Count, Generations, Pair
+from sipguard.policy.dialer_state import Block, CallerStats, OriginStats
+from sipguard.policy.peers import NumberSet
+from sipguard.policy.windows import Count
 
 if TYPE_CHECKING:
-    from sipguard.contract import CallInfo, Dialog
+    from sipguard.contract import CallInfo
+    from sipguard.policy.dialer_settings import Settings
+    from sipguard.policy.dialer_state import DialerState
     from sipguard.policy.engine import BuildContext
     from sipguard.policy.peers import Peer
-
-ORIGIN_RUNS = 8  # interleaved sequential runs tracked per peer/source
-SCOPES = ("caller", "origin", "callee", "high_cost")
-
-# ------------------------------------------------------------------------------- settings
-
-
-class _Counted(BaseModel):
-    model_config = FROZEN
-
-    window_s: float | None = Field(
-        default=None, gt=0, le=86400, description="Window, seconds; null: the rule's window_s."
-    )
-
-    @model_validator(mode="after")
-    def _ordered(self) -> Any:
-        tag, block = getattr(self, "tag", None), getattr(self, "block", None)
-        if tag is not None and block is not None and tag > block:
-            raise ValueError(f"tag ({tag}) must not be above block ({block})")
-        return self
-
-
-class DistinctCallees(_Counted):
-    """Distinct called numbers per caller in the window."""
-
-    tag: int | None = Field(
-        default=30, ge=1, le=100_000, description="Tag at this many callees; null: no tag."
-    )
-    block: int | None = Field(
-        default=60, ge=1, le=100_000, description="Block at this many; null: no block."
-    )
-
-
-class Sequential(_Counted):
-    """Runs of called numbers each one higher than the one before."""
-
-    tag: int | None = Field(
-        default=5, ge=2, le=100_000, description="Tag at a run this long; null: no tag."
-    )
-    block: int | None = Field(
-        default=10, ge=2, le=100_000, description="Block at a run this long; null: no block."
-    )
-    per_origin: bool = Field(
-        default=True,
-        description="Also track runs per peer/source: a scan that rotates caller numbers. Up "
-        "to 8 interleaved runs per peer/source."
-    )
-
-
-class ShortCalls(_Counted):
-    """Share of answered calls shorter than short_call_s."""
-
-    tag: float | None = Field(
-        default=0.2, ge=0, le=1, description="Tag above this share; null: no tag."
-    )
-    block: float | None = Field(
-        default=0.35, ge=0, le=1, description="Block above this share; null: no block."
-    )
-    min_calls: int = Field(
-        default=10, ge=1, le=100_000,
-        description="Answered calls ended in the window before the share counts.",
-    )
-
-
-class Asr(BaseModel):
-    """Answer-seizure ratio floors (answered / ended calls)."""
-
-    model_config = FROZEN
-
-    tag: float | None = Field(
-        default=0.2, ge=0, le=1, description="Tag below this ratio; null: no tag."
-    )
-    block: float | None = Field(
-        default=0.1, ge=0, le=1,
-        description="Block below this ratio (not above tag); null: no block.",
-    )
-    min_calls: int = Field(
-        default=30, ge=1, le=100_000,
-        description="Calls ended in the window before the ratio counts.",
-    )
-    window_s: float | None = Field(
-        default=None, gt=0, le=86400, description="Window, seconds; null: the rule's window_s."
-    )
-
-    @model_validator(mode="after")
-    def _ordered(self) -> Asr:
-        if self.tag is not None and self.block is not None and self.block > self.tag:
-            raise ValueError(f"block ({self.block}) must not be above tag ({self.tag}): "
-                             "both are floors")
-        return self
-
-
-class CallerRotation(_Counted):
-    """Distinct caller numbers used at most max_uses times, per peer/source, in the window."""
-
-    tag: int | None = Field(
-        default=50, ge=1, le=100_000, description="Tag at this many one-off numbers; null: no tag."
-    )
-    block: int | None = Field(
-        default=100, ge=1, le=100_000, description="Block at this many; null: no block."
-    )
-    max_uses: int = Field(
-        default=2, ge=1, le=1000,
-        description="A caller number presented at most this often in the window is one-off.",
-    )
-
-
-class Threshold(BaseModel):
-    model_config = FROZEN
-
-    tag: int | None = Field(default=None, ge=1, le=10_000_000, description="Tag at this many.")
-    block: int | None = Field(default=None, ge=1, le=10_000_000, description="Block at this.")
-
-    @model_validator(mode="after")
-    def _ordered(self) -> Threshold:
-        if self.tag is not None and self.block is not None and self.tag > self.block:
-            raise ValueError(f"tag ({self.tag}) must not be above block ({self.block})")
-        return self
-
-
-def _patterns(value: tuple[str, ...]) -> tuple[str, ...]:
-    for item in value:
-        if NUMBER_PATTERN.fullmatch(item.strip()) is None:
-            raise ValueError(f"{item!r} is not a number or a prefix pattern like '+1900*'")
-    return value
-
-
-class Pumping(BaseModel):
-    """Calls concentrated on one called number, or on high-cost prefixes."""
-
-    model_config = FROZEN
-
-    window_s: float | None = Field(
-        default=None, gt=0, le=86400, description="Window, seconds; null: the rule's window_s."
-    )
-    per_callee: Threshold | None = Field(
-        default=Threshold(tag=30, block=60),
-        description="Calls to one called number from anywhere, `{tag, block}`; null: off.",
-    )
-    exempt: tuple[str, ...] = Field(
-        default=(), description="Called numbers / `prefix*` never counted (list your own DIDs)."
-    )
-    high_cost_prefixes: tuple[str, ...] = Field(
-        default=(), description="High-cost destinations, numbers or `prefix*`, e.g. `'+1900*'`."
-    )
-    high_cost: Threshold | None = Field(
-        default=Threshold(tag=10, block=20),
-        description="Calls from one peer/source to `high_cost_prefixes`, `{tag, block}`; null: "
-        "off.",
-    )
-
-    @model_validator(mode="after")
-    def _check(self) -> Pumping:
-        _patterns(self.exempt)
-        _patterns(self.high_cost_prefixes)
-        return self
-
-
-class Settings(RuleSettings):
-    """Parameters of rule ``dialer`` (``rules.dialer`` in the config)."""
-
-    window_s: float = Field(
-        default=60, gt=0, le=86400,
-        description="Sliding window of every analytic, seconds (each may set its own `window_s`).",
-    )
-    short_call_s: float = Field(
-        default=6, gt=0, le=3600,
-        description="An answered call shorter than this is short, seconds.",
-    )
-    block_s: float = Field(
-        default=300, gt=0, le=30 * 86400,
-        description="Cooldown after a block, seconds. The blocked number, peer/source or called "
-        "number is answered at once this long.",
-    )
-    distinct_callees: DistinctCallees | None = Field(
-        default=DistinctCallees(),
-        description="Distinct numbers one caller dials in the window (bulk calling); null: off. "
-        "A predictive dialer's pattern; a block cools down the caller.",
-    )
-    short_calls: ShortCalls | None = Field(
-        default=ShortCalls(),
-        description="Share of a caller's answered calls shorter than `short_call_s`; null: off. "
-        "Industry filters flag above ~20 %; a block cools down the caller.",
-    )
-    asr: Asr | None = Field(
-        default=Asr(),
-        description="A caller's answer-seizure ratio (answered / ended calls) below the floors; "
-        "null: off. A block cools down the caller.",
-    )
-    sequential: Sequential | None = Field(
-        default=Sequential(),
-        description="Runs of called numbers each one higher than the last (number scanning); "
-        "null: off. Per caller and, with `per_origin`, per peer/source; a block cools down the "
-        "caller or the peer/source.",
-    )
-    caller_rotation: CallerRotation | None = Field(
-        default=None,
-        description="One peer/source presenting many one-off caller numbers (snowshoe "
-        "dialing); null: off. Enable it for dialer peers only: a carrier delivering calls from "
-        "the public looks exactly like rotation.",
-    )
-    pumping: Pumping | None = Field(
-        default=None,
-        description="Traffic pumping: calls concentrated on one number or on high-cost "
-        "prefixes; null: off. A contact center's own DIDs receive concentrated calls: list "
-        "them in `exempt`.",
-    )
-    answer: Answer = Field(
-        default=Answer(status=603, phrase="Network Blocked"),
-        description="What a blocked call hears; 603 Network Blocked is sent as 603+. The 603+ "
-        "Reason is added unless the answer brings its own Reason.",
-    )
-    redress: Redress = Field(
-        default=Redress(),
-        description="The 603+ redress contact, as in rule `callerid`: set `url`, `tel` or "
-        "`email` in production.",
-    )
-    verdict_header: str | None = Field(
-        default="X-Sipguard-Verdict",
-        pattern=r"^[A-Za-z0-9][A-Za-z0-9.!%*_+`'~-]*$",
-        description="Header listing tags for the core (dialer.sequential, …); null: none. "
-        "Shared with rule `callerid`; copies a peer sent are removed.",
-    )
-    max_numbers: int = Field(
-        default=200_000, ge=100, le=100_000_000,
-        description="Caller and called numbers remembered (each table): bounds memory.",
-    )
-    max_origins: int = Field(
-        default=10_000, ge=10, le=10_000_000, description="Peers / source addresses remembered."
-    )
-
-
-# ------------------------------------------------------------------------------- state
-
-
-class CallerStats:
-    """What the rule remembers about one caller number."""
-
-    __slots__ = ("callees", "callee_t", "seq_next", "seq_run", "seq_t", "short", "asr", "rule")
-
-    def __init__(self) -> None:
-        # one inline, then an OrderedDict (least recent first; O(1) at the front, unlike a dict)
-        self.callees: str | OrderedDict[str, float] | None = None
-        self.callee_t = 0.0
-        self.seq_next = -1
-        self.seq_run = 0
-        self.seq_t = 0.0
-        self.short: Pair | None = None  # (short, answered) calls ended in the window
-        self.asr: Pair | None = None  # (answered, ended) calls in the window
-        self.rule: Dialer | None = None  # the rule that saw its last call (for dialog ends)
-
-    def add_callee(self, callee: str, now: float, window: float, cap: int) -> int:
-        """Record a call to ``callee``; the distinct called numbers in the window."""
-        c = self.callees
-        if c is None or isinstance(c, str):
-            if c is None or c == callee or now - self.callee_t > window:
-                self.callees, self.callee_t = callee, now
-                return 1
-            self.callees = OrderedDict(((c, self.callee_t), (callee, now)))
-            return 2
-        _expire_front(c, now - window)
-        if callee in c:
-            c.move_to_end(callee)
-        c[callee] = now
-        if len(c) > cap:
-            c.popitem(last=False)
-        return len(c)
-
-    def step(self, value: int, now: float, window: float) -> int:
-        """Record a call to the number ``value``; the length of the +1 run it is part of."""
-        if now - self.seq_t <= window:
-            if value == self.seq_next:
-                self.seq_next, self.seq_t = value + 1, now
-                self.seq_run += 1
-                return self.seq_run
-            if value == self.seq_next - 1:  # the same number again
-                self.seq_t = now
-                return self.seq_run
-        self.seq_next, self.seq_run, self.seq_t = value + 1, 1, now
-        return 1
-
-
-class OriginStats:
-    """What the rule remembers about one peer (or source address)."""
-
-    __slots__ = ("runs", "callers", "one_offs", "high_cost")
-
-    def __init__(self) -> None:
-        self.runs: dict[int, list[float]] = {}  # next number -> [run length, last time]
-        # caller -> [uses, last time], least recently used first
-        self.callers: OrderedDict[str, list[float]] | None = None
-        self.one_offs = 0  # callers in ``callers`` used at most max_uses times
-        self.high_cost: Count | None = None
-
-    def step(self, value: int, now: float, window: float) -> int:
-        """Like :meth:`CallerStats.step`, with up to ORIGIN_RUNS interleaved runs, each kept
-        under the number that would continue it."""
-        runs = self.runs
-        run = runs.pop(value, None)
-        if run is not None and now - run[1] <= window:
-            run[0] += 1
-            run[1] = now
-            runs[value + 1] = run
-            return int(run[0])
-        same = runs.get(value + 1)  # the last number of a run, again
-        if same is not None and now - same[1] <= window:
-            same[1] = now
-            return int(same[0])
-        runs[value + 1] = [1.0, now]
-        if len(runs) > ORIGIN_RUNS:
-            del runs[next(iter(runs))]  # the run that went longest without a step
-        return 1
-
-    def rotate(self, caller: str, now: float, window: float, max_uses: int, cap: int) -> int:
-        """Record a call from ``caller``; the callers used at most ``max_uses`` times."""
-        d = self.callers
-        if d is None:
-            d = self.callers = OrderedDict()
-        horizon = now - window
-        for _ in range(4):  # expire a few of the least recently used
-            if not d:
-                break
-            first = next(iter(d))
-            entry = d[first]
-            if entry[1] >= horizon:
-                break
-            d.popitem(last=False)
-            if entry[0] <= max_uses:
-                self.one_offs -= 1
-        known = d.get(caller)
-        if known is None:
-            d[caller] = [1.0, now]
-            self.one_offs += 1
-        else:
-            d.move_to_end(caller)
-            known[0] += 1
-            known[1] = now
-            if known[0] == max_uses + 1:
-                self.one_offs -= 1
-        if len(d) > cap:
-            old = d.popitem(last=False)[1]
-            if old[0] <= max_uses:
-                self.one_offs -= 1
-        return self.one_offs
-
-
-class Block:
-    __slots__ = ("until", "reason", "monitor", "since")
-
-    def __init__(self, since: float, until: float, reason: str, monitor: bool) -> None:
-        self.since = since
-        self.until = until
-        self.reason = reason
-        self.monitor = monitor
-
-
-class DialerState:
-    """Every table of the rule; shared by every peer's rule, kept over reloads, and told about
-    dialog ends (it is a policy observer)."""
-
-    def __init__(self) -> None:
-        self.callers: Generations[CallerStats] = Generations(1.0, 200_000)
-        self.origins: Generations[OriginStats] = Generations(1.0, 10_000)
-        self.callees: Generations[Count] = Generations(1.0, 200_000)
-        self.blocks: dict[str, Generations[Block]] = {
-            scope: Generations(1.0, 200_000) for scope in SCOPES
-        }
-
-    # -------------------------------------------------------------- policy observer
-    def dialog_started(self, dialog: Dialog, now: float) -> None:
-        return None
-
-    def dialog_ended(self, dialog: Dialog, now: float) -> None:
-        """Feed short-call ratio and ASR of the caller (when the rule saw its calls)."""
-        if dialog.caller is None:
-            return None
-        stats = self.callers.get(dialog.caller, now)
-        if stats is None or stats.rule is None:
-            return None
-        rule = stats.rule
-        answered = dialog.confirmed_at is not None
-        if rule.short_w and answered and dialog.confirmed_at is not None:
-            duration = (dialog.ended_at or now) - dialog.confirmed_at
-            if stats.short is None:
-                stats.short = Pair()
-            stats.short.add(now, rule.short_w, 1 if duration < rule.short_call_s else 0, 1)
-        if rule.asr_w:
-            if stats.asr is None:
-                stats.asr = Pair()
-            stats.asr.add(now, rule.asr_w, 1 if answered else 0, 1)
-        return None
-
-    # -------------------------------------------------------------- operations
-    def list_blocks(self, now: float) -> list[dict[str, Any]]:
-        """Cooldowns in force: scope, key, reason, seconds left (for the admin API)."""
-        out = []
-        for scope, table in self.blocks.items():
-            for key, block in table.items():
-                if block.until > now:
-                    out.append({"scope": scope, "key": key, "reason": block.reason,
-                                "monitor": block.monitor, "left_s": round(block.until - now, 1)})
-        return out
-
-    def lift(self, scope: str, key: str) -> bool:
-        """End a cooldown early and forget what was counted for ``key`` (a fresh start, or the
-        next call would block again); False when there was no cooldown."""
-        table = self.blocks.get(scope)
-        if table is None or table.pop(key) is None:
-            return False
-        stats: Generations[Any] = (
-            self.callers if scope == "caller" else self.callees if scope == "callee"
-            else self.origins
-        )
-        stats.pop(key)
-        return True
-
-
-def _expire_front(d: OrderedDict[str, float], horizon: float) -> None:
-    """Drop up to four entries older than ``horizon`` from the front (least recent first)."""
-    for _ in range(4):
-        if not d:
-            return
-        first = next(iter(d))
-        if d[first] >= horizon:
-            return
-        d.popitem(last=False)
+    from sipguard.policy.windows import Generations
 
 
 def _as_int(number: str | None) -> int | None:
@@ -531,8 +72,6 @@ def _as_int(number: str | None) -> int | None:
     except ValueError:
         return None
 
-
-# ------------------------------------------------------------------------------- the rule
 
 # A finding: (analytic, scope, key, value, threshold)
 _Finding = tuple[str, str, str, str, str]

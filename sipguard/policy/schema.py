@@ -1,10 +1,10 @@
 """The policy part of the config schema: the ``rules:`` tree and the ``peers:`` list.
 
 :class:`RulesConfig` holds one optional section per rule (each rule's ``Settings`` class lives
-in its module, next to its code) and remembers the order the file lists them in, which is the
-order they are evaluated in. :class:`PeerConfig` is one ``peers:`` item; its ``rules`` are the
-top-level rules with the peer's overrides merged in (:func:`merge_peer_rules`, which the root
-config runs before validation).
+in its module, next to its code; the dialer's beside it, in ``dialer_settings``) and remembers
+the order the file lists them in, which is the order they are evaluated in. :class:`PeerConfig`
+is one ``peers:`` item; its ``rules`` are the top-level rules with the peer's overrides merged
+in (:func:`merge_peer_rules`, which the root config runs before validation).
 
 The root of the file (``sipguard.ops.config.Config``) embeds these models; the policy never
 imports it. What the policy reads of the whole configuration is :class:`PolicyConfig`, a
@@ -23,7 +23,7 @@ from pydantic import BaseModel, Field, PrivateAttr, field_validator, model_valid
 
 from sipguard.policy.callerid import Settings as CallerIdSettings
 from sipguard.policy.concurrency import Settings as ConcurrencySettings
-from sipguard.policy.dialer import Settings as DialerSettings
+from sipguard.policy.dialer_settings import Settings as DialerSettings
 from sipguard.policy.flood import Settings as FloodSettings
 from sipguard.policy.identity import Settings as IdentitySettings
 from sipguard.policy.rate import Settings as RateSettings

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from sipguard.policy.concurrency import Tracker
-from sipguard.policy.dialer import DialerState
+from sipguard.policy.dialer_state import DialerState
 from sipguard.policy.flood import FloodState
 from sipguard.policy.peers import NumberSet
 from sipguard.policy.rate import Buckets

@@ -8,7 +8,7 @@ import random
 import pytest
 
 from sipguard.ops.config_load import ConfigError, parse_config
-from sipguard.policy.dialer import DialerState
+from sipguard.policy.dialer_state import DialerState
 from sipguard.policy.engine import Policy
 from sipguard.policy.state import RuleState
 from sipguard.sip.parser import parse_message

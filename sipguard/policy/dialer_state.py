@@ -1,0 +1,230 @@
+"""What rule ``dialer`` remembers: its tables per number and per peer, and its cooldowns.
+
+:class:`DialerState` holds every table. The process has one (``RuleState.dialer``), shared by
+every peer's :class:`~sipguard.policy.dialer.Dialer` and kept over reloads; it is a policy
+observer, told about dialog ends, which feed a caller's short-call ratio and ASR.
+:class:`CallerStats` is what it keeps about one caller number, :class:`OriginStats` about one
+peer (or source address), :class:`Block` one cooldown. The rule's parameters are in
+:mod:`sipguard.policy.dialer_settings`.
+
+How it stays O(1) and bounded
+    Per caller: the called numbers of the window in a small OrderedDict (once there are two; one
+    inline otherwise), capped at the block threshold; one sequential run; two
+    sliding-window counters (:class:`~sipguard.policy.windows.Pair`) fed at dialog end. Per
+    peer/source: up to 8 runs, a dict of caller numbers capped at twice the rotation block
+    threshold, a counter. Per called number: one counter. All of them live in
+    :class:`~sipguard.policy.windows.Generations` tables that drop a number a window or two
+    after its last call, capped at ``max_numbers`` / ``max_origins``; cooldowns likewise, with
+    a ``block_s`` horizon. Each INVITE costs a handful of dict operations whatever the number
+    of numbers seen (``loadtest/rate_cost.py``). The state is kept in ``RuleState.dialer``, so
+    it survives reloads.
+
+A number forgotten because a table was full, or silent for a whole window, starts from zero.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Any
+
+from sipguard.policy.windows import Count, Generations, Pair
+
+if TYPE_CHECKING:
+    from sipguard.contract import Dialog
+    from sipguard.policy.dialer import Dialer
+
+ORIGIN_RUNS = 8  # interleaved sequential runs tracked per peer/source
+SCOPES = ("caller", "origin", "callee", "high_cost")
+
+
+class CallerStats:
+    """What the rule remembers about one caller number."""
+
+    __slots__ = ("callees", "callee_t", "seq_next", "seq_run", "seq_t", "short", "asr", "rule")
+
+    def __init__(self) -> None:
+        # one inline, then an OrderedDict (least recent first; O(1) at the front, unlike a dict)
+        self.callees: str | OrderedDict[str, float] | None = None
+        self.callee_t = 0.0
+        self.seq_next = -1
+        self.seq_run = 0
+        self.seq_t = 0.0
+        self.short: Pair | None = None  # (short, answered) calls ended in the window
+        self.asr: Pair | None = None  # (answered, ended) calls in the window
+        self.rule: Dialer | None = None  # the rule that saw its last call (for dialog ends)
+
+    def add_callee(self, callee: str, now: float, window: float, cap: int) -> int:
+        """Record a call to ``callee``; the distinct called numbers in the window."""
+        c = self.callees
+        if c is None or isinstance(c, str):
+            if c is None or c == callee or now - self.callee_t > window:
+                self.callees, self.callee_t = callee, now
+                return 1
+            self.callees = OrderedDict(((c, self.callee_t), (callee, now)))
+            return 2
+        _expire_front(c, now - window)
+        if callee in c:
+            c.move_to_end(callee)
+        c[callee] = now
+        if len(c) > cap:
+            c.popitem(last=False)
+        return len(c)
+
+    def step(self, value: int, now: float, window: float) -> int:
+        """Record a call to the number ``value``; the length of the +1 run it is part of."""
+        if now - self.seq_t <= window:
+            if value == self.seq_next:
+                self.seq_next, self.seq_t = value + 1, now
+                self.seq_run += 1
+                return self.seq_run
+            if value == self.seq_next - 1:  # the same number again
+                self.seq_t = now
+                return self.seq_run
+        self.seq_next, self.seq_run, self.seq_t = value + 1, 1, now
+        return 1
+
+
+class OriginStats:
+    """What the rule remembers about one peer (or source address)."""
+
+    __slots__ = ("runs", "callers", "one_offs", "high_cost")
+
+    def __init__(self) -> None:
+        self.runs: dict[int, list[float]] = {}  # next number -> [run length, last time]
+        # caller -> [uses, last time], least recently used first
+        self.callers: OrderedDict[str, list[float]] | None = None
+        self.one_offs = 0  # callers in ``callers`` used at most max_uses times
+        self.high_cost: Count | None = None
+
+    def step(self, value: int, now: float, window: float) -> int:
+        """Like :meth:`CallerStats.step`, with up to ORIGIN_RUNS interleaved runs, each kept
+        under the number that would continue it."""
+        runs = self.runs
+        run = runs.pop(value, None)
+        if run is not None and now - run[1] <= window:
+            run[0] += 1
+            run[1] = now
+            runs[value + 1] = run
+            return int(run[0])
+        same = runs.get(value + 1)  # the last number of a run, again
+        if same is not None and now - same[1] <= window:
+            same[1] = now
+            return int(same[0])
+        runs[value + 1] = [1.0, now]
+        if len(runs) > ORIGIN_RUNS:
+            del runs[next(iter(runs))]  # the run that went longest without a step
+        return 1
+
+    def rotate(self, caller: str, now: float, window: float, max_uses: int, cap: int) -> int:
+        """Record a call from ``caller``; the callers used at most ``max_uses`` times."""
+        d = self.callers
+        if d is None:
+            d = self.callers = OrderedDict()
+        horizon = now - window
+        for _ in range(4):  # expire a few of the least recently used
+            if not d:
+                break
+            first = next(iter(d))
+            entry = d[first]
+            if entry[1] >= horizon:
+                break
+            d.popitem(last=False)
+            if entry[0] <= max_uses:
+                self.one_offs -= 1
+        known = d.get(caller)
+        if known is None:
+            d[caller] = [1.0, now]
+            self.one_offs += 1
+        else:
+            d.move_to_end(caller)
+            known[0] += 1
+            known[1] = now
+            if known[0] == max_uses + 1:
+                self.one_offs -= 1
+        if len(d) > cap:
+            old = d.popitem(last=False)[1]
+            if old[0] <= max_uses:
+                self.one_offs -= 1
+        return self.one_offs
+
+
+class Block:
+    __slots__ = ("until", "reason", "monitor", "since")
+
+    def __init__(self, since: float, until: float, reason: str, monitor: bool) -> None:
+        self.since = since
+        self.until = until
+        self.reason = reason
+        self.monitor = monitor
+
+
+class DialerState:
+    """Every table of the rule; shared by every peer's rule, kept over reloads, and told about
+    dialog ends (it is a policy observer)."""
+
+    def __init__(self) -> None:
+        self.callers: Generations[CallerStats] = Generations(1.0, 200_000)
+        self.origins: Generations[OriginStats] = Generations(1.0, 10_000)
+        self.callees: Generations[Count] = Generations(1.0, 200_000)
+        self.blocks: dict[str, Generations[Block]] = {
+            scope: Generations(1.0, 200_000) for scope in SCOPES
+        }
+
+    # -------------------------------------------------------------- policy observer
+    def dialog_started(self, dialog: Dialog, now: float) -> None:
+        return None
+
+    def dialog_ended(self, dialog: Dialog, now: float) -> None:
+        """Feed short-call ratio and ASR of the caller (when the rule saw its calls)."""
+        if dialog.caller is None:
+            return None
+        stats = self.callers.get(dialog.caller, now)
+        if stats is None or stats.rule is None:
+            return None
+        rule = stats.rule
+        answered = dialog.confirmed_at is not None
+        if rule.short_w and answered and dialog.confirmed_at is not None:
+            duration = (dialog.ended_at or now) - dialog.confirmed_at
+            if stats.short is None:
+                stats.short = Pair()
+            stats.short.add(now, rule.short_w, 1 if duration < rule.short_call_s else 0, 1)
+        if rule.asr_w:
+            if stats.asr is None:
+                stats.asr = Pair()
+            stats.asr.add(now, rule.asr_w, 1 if answered else 0, 1)
+        return None
+
+    # -------------------------------------------------------------- operations
+    def list_blocks(self, now: float) -> list[dict[str, Any]]:
+        """Cooldowns in force: scope, key, reason, seconds left (for the admin API)."""
+        out = []
+        for scope, table in self.blocks.items():
+            for key, block in table.items():
+                if block.until > now:
+                    out.append({"scope": scope, "key": key, "reason": block.reason,
+                                "monitor": block.monitor, "left_s": round(block.until - now, 1)})
+        return out
+
+    def lift(self, scope: str, key: str) -> bool:
+        """End a cooldown early and forget what was counted for ``key`` (a fresh start, or the
+        next call would block again); False when there was no cooldown."""
+        table = self.blocks.get(scope)
+        if table is None or table.pop(key) is None:
+            return False
+        stats: Generations[Any] = (
+            self.callers if scope == "caller" else self.callees if scope == "callee"
+            else self.origins
+        )
+        stats.pop(key)
+        return True
+
+
+def _expire_front(d: OrderedDict[str, float], horizon: float) -> None:
+    """Drop up to four entries older than ``horizon`` from the front (least recent first)."""
+    for _ in range(4):
+        if not d:
+            return
+        first = next(iter(d))
+        if d[first] >= horizon:
+            return
+        d.popitem(last=False)
