@@ -13,6 +13,12 @@ What it drops
       (like Kamailio pike's sampling unit and density; the previous sampling unit counts in
       proportion to its overlap with the last ``sampling_s`` seconds, so a burst across a unit
       boundary is not missed). The message that crosses the line starts a ban of ``ban_s``.
+    * ``peer_limited``: the same, from an address in a configured peer's networks: with
+      ``ban_peers: false`` (the default) a peer is never banned for a flood, only rate-limited —
+      the messages over its density in the sampling unit are dropped, the rest pass. A flood
+      with spoofed carrier addresses then costs the carrier what exceeds its density while
+      the flood lasts, not its calls for ``ban_s`` after. Dropped messages are not counted, so
+      a peer flooded without end still gets ``density`` messages per ``sampling_s`` through.
     * ``scanner``: a message whose ``User-Agent`` contains one of ``scanners``
       (case-insensitive; friendly-scanner, sipvicious, sipcli, sip-scan, iWar, sundayddr,
       VaxSIPUserAgent, …). With ``scanner_ban`` the source is banned too — unless it is a
@@ -25,10 +31,12 @@ Who is never dropped
     ``exempt`` (CIDRs), and peers whose own ``rules.flood`` is ``enabled: false``. A peer's
     own ``rules.flood.density`` replaces the default for its addresses (a PBX sending OPTIONS
     for 2,000 extensions); of a peer override only ``enabled`` and ``density`` apply. The peer
-    table is consulted only when a source crosses the default density or sends a REGISTER, so
-    the common path is a dict lookup or two (about 1 µs with the User-Agent test).
+    table is consulted only when a source crosses the default density or sends a REGISTER
+    (and remembered per address), so the common path is a dict lookup or two (about 1 µs with
+    the User-Agent test).
 
 Parameters (``rules.flood``): ``sampling_s`` (2), ``density`` (300), ``ban_s`` (300),
+``ban_peers`` (false: configured peers are rate-limited, never banned, for a flood),
 ``key`` (``ip``: ban addresses; ``ip_port``: address and port, for many parties behind one
 address — a lab on 127.0.0.1 — at the price of letting a scanner that changes ports
 through), ``scanners``, ``scanner_ban`` (true), ``register_from_unknown`` (``drop``),
@@ -44,6 +52,8 @@ Known limitations
     * Spoofed source addresses: a UDP flood from random addresses is counted per address and
       none may cross the density; the kernel socket buffer (``sip.udp_receive_buffer``) is then
       the only bound. TCP connection floods (many connections, no messages) are not counted.
+    * A flood spoofing a peer's address is limited, not told apart: the peer's own messages
+      share its ``density`` with the attacker's for as long as the flood lasts.
     * The ``User-Agent`` test reads the header block as bytes; a folded (multi-line)
       User-Agent is only matched on its first line.
     * Only REGISTER is checked against the peer table here; other requests from unknown
@@ -69,6 +79,9 @@ if TYPE_CHECKING:
 BANNED = "banned"
 FLOOD = "flood"
 SCANNER = "scanner"
+# A configured peer over its density (ban_peers: false): dropped, never banned. The edge core
+# bans only on FLOOD (and SCANNER), so this is "drop, no new ban" (flood_dropped_peer_limited).
+PEER_LIMITED = "peer_limited"
 REGISTER_UNKNOWN = "register_unknown"
 
 DEFAULT_SCANNERS = (
@@ -97,13 +110,20 @@ class Settings(RuleSettings):
     )
     density: int = Field(
         default=300, ge=1, le=10_000_000,
-        description="Messages per sampling unit from one source before it is banned. The "
-        "previous unit counts in proportion to its overlap with the last `sampling_s`, so a "
-        "burst across a boundary is not missed.",
+        description="Messages per sampling unit from one source before it is banned (a "
+        "configured peer is only limited to it, see `ban_peers`). The previous unit counts in "
+        "proportion to its overlap with the last `sampling_s`, so a burst across a boundary is "
+        "not missed.",
     )
     ban_s: float = Field(
         default=300, gt=0, le=30 * 86400,
         description="How long a banned source is dropped, seconds.",
+    )
+    ban_peers: bool = Field(
+        default=False,
+        description="Ban configured peers too when they exceed their density. Off, a peer's "
+        "messages over the density are dropped (`peer_limited`) but it is never banned, so a "
+        "flood spoofing a carrier's address cannot cut its calls off for `ban_s`.",
     )
     key: Literal["ip", "ip_port"] = Field(
         default="ip",
@@ -216,9 +236,9 @@ class FloodGuard:
     """The pre-parse check the shell runs on every message; built per config."""
 
     __slots__ = (
-        "state", "monitor", "unit", "density", "half", "ban_s", "by_ip", "scanner",
-        "scanner_ban", "register_drop", "trusted", "exempt", "peers", "peer_limits",
-        "max_sources", "max_bans", "_limits",
+        "state", "monitor", "unit", "density", "half", "ban_s", "ban_peers", "by_ip",
+        "scanner", "scanner_ban", "register_drop", "trusted", "exempt", "peers", "peer_limits",
+        "max_sources", "max_bans", "_sources",
     )
 
     def __init__(
@@ -236,6 +256,7 @@ class FloodGuard:
         self.density = settings.density
         self.half = settings.density // 2
         self.ban_s = settings.ban_s
+        self.ban_peers = settings.ban_peers
         self.by_ip = settings.key == "ip"
         names = [re.escape(s.strip().lower().encode()) for s in settings.scanners]
         self.scanner = (
@@ -256,7 +277,8 @@ class FloodGuard:
             self.peer_limits[peer.name] = None if own is None or not own.enabled else own.density
         self.max_sources = settings.max_sources
         self.max_bans = settings.max_bans
-        self._limits: dict[str, int | None] = {}  # address -> density that applies (cache)
+        # address -> (density that applies or None when exempt, in a peer's networks): cache
+        self._sources: dict[str, tuple[int | None, bool]] = {}
 
     def check(self, addr: tuple[str, int], data: bytes, now: float) -> str | None:
         """None to let the message through, else why it is dropped (a reason constant)."""
@@ -286,18 +308,28 @@ class FloodGuard:
         if n > self.half:
             estimate = n + int(state.prev.get(key, 0) * (1.0 - (position - epoch)))
             if estimate > self.density:
-                limit = self.limit_for(ip)
+                limit, peer = self.source(ip)
                 if limit is not None and estimate > limit:
+                    if peer and not self.ban_peers:
+                        # rate-limited: only what passes counts, so a peer flooded without
+                        # end still gets `limit` messages per sampling unit through
+                        if n > 1:
+                            cur[key] = n - 1
+                        else:
+                            cur.pop(key, None)
+                        return PEER_LIMITED
                     self._ban(key, now, FLOOD)
                     return FLOOD
         scanner = self.scanner
         if scanner is not None:
             end = data.find(b"\r\n\r\n")
             if scanner.search(data, 0, end if end >= 0 else len(data)) is not None:
-                if self.scanner_ban and self.limit_for(ip) is not None and self.peer_of(ip) is None:
-                    self._ban(key, now, SCANNER)
+                if self.scanner_ban:
+                    limit, peer = self.source(ip)
+                    if limit is not None and not peer:
+                        self._ban(key, now, SCANNER)
                 return SCANNER
-        if self.register_drop and data.startswith(b"REGISTER ") and self.peer_of(ip) is None:
+        if self.register_drop and data.startswith(b"REGISTER ") and not self.source(ip)[1]:
             return REGISTER_UNKNOWN
         return None
 
@@ -317,24 +349,29 @@ class FloodGuard:
 
     def limit_for(self, ip: str) -> int | None:
         """The density that applies to ``ip``; None when it is exempt."""
-        limits = self._limits
-        if ip in limits:
-            return limits[ip]
+        return self.source(ip)[0]
+
+    def source(self, ip: str) -> tuple[int | None, bool]:
+        """What applies to ``ip``: its density (None when exempt) and whether it is in a
+        configured peer's networks. Remembered per address (up to 10,000, then afresh)."""
+        sources = self._sources
+        known = sources.get(ip)
+        if known is not None:
+            return known
         limit: int | None = self.density
         try:
             address = ipaddress.ip_address(ip)
         except ValueError:
             address = None
+        peer = self.peer_of(ip)
         if address is not None and any(address in net for net in self.exempt):
             limit = None
-        else:
-            peer = self.peer_of(ip)
-            if peer is not None and peer.name in self.peer_limits:
-                limit = self.peer_limits[peer.name]
-        if len(limits) >= 10_000:
-            limits.clear()
-        limits[ip] = limit
-        return limit
+        elif peer is not None and peer.name in self.peer_limits:
+            limit = self.peer_limits[peer.name]
+        if len(sources) >= 10_000:
+            sources.clear()
+        known = sources[ip] = (limit, peer is not None)
+        return known
 
     def _ban(self, key: Key, now: float, reason: str) -> None:
         bans = self.state.bans

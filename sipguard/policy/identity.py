@@ -21,7 +21,10 @@ answer from ``answers.<key>``):
 6. the certificate at ``x5u``: the URL passes the fetch policy (https, ``x5u_ports``, no
    userinfo/query/fragment, public address unless ``allow_private_x5u``) — ``x5u_refused``;
    fetched (cached per URL) — ``fetch_<why>`` (timeout, too_large, connect, tls, http_status,
-   refused, busy); parsed — ``bad_certificate`` (``bad_info``, 436);
+   refused, busy); parsed — ``bad_certificate`` (``bad_info``, 436). With ``on_fetch_error:
+   no_validation`` a fetch that could not be made — ``fetch_timeout``, ``fetch_connect``,
+   ``fetch_busy`` (no fetch slot), ``fetch_unavailable`` — is not a failure: the call goes on
+   as ``No-TN-Validation`` with that reason;
 7. the chain leads to a ``trust_anchors`` root at the current time and the leaf carries
    TNAuthList with a service provider code — ``untrusted`` / ``expired`` / ``no_tnauthlist`` /
    ``unsupported_key`` (``untrusted``, 437);
@@ -38,6 +41,7 @@ failed. Every INVITE that reaches the core carries ``identity_header`` (default
     X-Sipguard-Identity: TN-Validation-Passed;attest=A;origid=123e4567-e89b-12d3-a456-426655440000
     X-Sipguard-Identity: TN-Validation-Failed;reason=stale;attest=B
     X-Sipguard-Identity: No-TN-Validation
+    X-Sipguard-Identity: No-TN-Validation;reason=fetch_timeout   (on_fetch_error: no_validation)
 
 The value is the 3GPP ``verstat`` (TS 24.229 §7.2A.20). The decision log line and the counters
 get ``identity`` (``passed``/``failed``/``none``), ``identity_attest`` and ``identity_reason``
@@ -46,10 +50,18 @@ through ``CallInfo.labels``, where a later rule (callerid's verstat) can read th
 I/O. On a certificate cache hit the rule answers at once (no await). On a miss it returns an
 awaitable that fetches through the shell's :class:`~sipguard.policy.stircert.CertFetcher`
 (``RuleState.fetcher``; one request per URL however many INVITEs wait) while the INVITE
-waits in its server transaction. Unix time for ``iat`` and certificate validity is ``now`` plus
-``RuleState.wall_offset`` (kept current by the shell; 0 when ``now`` is Unix time).
+waits in its server transaction. At most ``max_concurrent_fetches`` URLs are fetched at once,
+``max_fetches_per_host`` of them from one host; a fetch beyond either fails at once
+(``fetch_busy``). Fetched chains that verify are cached apart from failures (failed fetches,
+unreadable or untrusted chains, ``negative_cache_entries``), both least recently used first
+out, so failures never push a good chain out. Unix time for ``iat`` and certificate validity is
+``now`` plus ``RuleState.wall_offset`` (kept current by the shell; 0 when ``now`` is Unix time).
 
-Fails closed: anything that cannot be verified is a failure, answered per ``on_fail``.
+Fails closed: anything that cannot be verified is a failure, answered per ``on_fail`` — except,
+with ``on_fetch_error: no_validation``, a certificate that could not be fetched (the server
+unreachable or slow, or no fetch slot), which leaves the call unvalidated, as if it carried no
+Identity header. That option cannot go with ``require: true``: naming an unreachable x5u
+would then be a way round ``require``.
 
 Known limitations: the RFC 8224 compact form (payload left out) is refused (SHAKEN claims
 cannot be rebuilt from SIP); no CRL or OCSP check; ``div`` / ``rcd`` PASSporTs are ignored;
@@ -126,6 +138,11 @@ ANSWER_OF = {
     "unsupported_key": "untrusted",
     "low_attestation": "low_attestation",
 }  # and fetch_* -> bad_info
+
+# A certificate that could not be fetched at all (the server unreachable or too slow, no fetch
+# slot, no fetcher): with on_fetch_error: no_validation the call goes on unvalidated. Anything
+# the server did answer (TLS, HTTP status, size) or the URL policy refused stays a failure.
+UNREACHABLE = frozenset({"fetch_timeout", "fetch_connect", "fetch_busy", "fetch_unavailable"})
 
 _TOKEN = r"^[A-Za-z0-9][A-Za-z0-9.!%*_+`'~-]*$"
 
@@ -223,7 +240,20 @@ class Settings(RuleSettings):
     max_concurrent_fetches: int = Field(
         default=64, ge=1, le=10000,
         description="Distinct URLs fetched at once; beyond it a call fails at once as "
-        "`fetch_busy`. That is `answers.bad_info` (436), not cached.",
+        "`fetch_busy`. That is `answers.bad_info` (436) or, with `on_fetch_error: "
+        "no_validation`, unvalidated; never cached.",
+    )
+    max_fetches_per_host: int = Field(
+        default=2, ge=1, le=10000,
+        description="Distinct URLs fetched at once from one x5u host (name or IP literal); "
+        "beyond it a call fails at once as `fetch_busy`, so one slow host cannot hold every "
+        "fetch slot.",
+    )
+    on_fetch_error: Literal["reject", "no_validation"] = Field(
+        default="reject",
+        description="A certificate that cannot be fetched (`fetch_timeout`, `fetch_connect`, "
+        "`fetch_busy`): reject (a failure, per `on_fail`) or no_validation (forwarded as "
+        "`No-TN-Validation` with the reason). Not with `require: true`.",
     )
     cache_max_s: float = Field(
         default=86400, gt=0,
@@ -240,7 +270,14 @@ class Settings(RuleSettings):
         description="How long a failed fetch or an untrusted chain is remembered, seconds.",
     )
     cache_entries: int = Field(
-        default=10000, ge=16, description="URLs (and verified chains) kept at most."
+        default=10000, ge=16,
+        description="URLs with a trusted chain (and chain verdicts) kept at most; least "
+        "recently used first out. Failures never take their place.",
+    )
+    negative_cache_entries: int = Field(
+        default=1000, ge=16,
+        description="Failures kept at most (failed fetches, unreadable or untrusted chains), "
+        "apart from the trusted chains; least recently used first out.",
     )
     identity_header: str | None = Field(
         default="X-Sipguard-Identity",
@@ -271,6 +308,11 @@ class Settings(RuleSettings):
     def _anchors(self) -> Settings:
         if self.cache_min_s > self.cache_max_s:
             raise ValueError("cache_min_s must not exceed cache_max_s")
+        if self.require and self.on_fetch_error == "no_validation":
+            raise ValueError(
+                "on_fetch_error: no_validation cannot go with require: true (an x5u naming an "
+                "unreachable server would get any call past require)"
+            )
         if not self.enabled:
             return self
         if self.trust_anchors is None:
@@ -317,6 +359,7 @@ class IdentityRule:
             timeout_s=settings.fetch_timeout_s,
             ca_bundle=str(settings.fetch_ca_bundle) if settings.fetch_ca_bundle else None,
             max_inflight=settings.max_concurrent_fetches,
+            max_per_host=settings.max_fetches_per_host,
         )
         header = settings.identity_header
         self.header_key = header.lower() if header else None
@@ -387,6 +430,7 @@ class IdentityRule:
             return self._finish(call, passport, entry, now, wall)
         entry = self.cache.lookup(url, now)
         if entry is None:
+            trusted = False
             try:
                 chain = parse_chain(fetched.body)
             except ValueError as exc:
@@ -394,9 +438,14 @@ class IdentityRule:
                                  now + s.negative_cache_s)
             else:
                 ttl = cache_ttl(fetched.cache_control, s.cache_min_s, s.cache_max_s)
+                # a chain that does not verify is kept with the failures, and as briefly
+                trusted = self.cache.verdict(self.anchors, chain, wall, now,
+                                             s.negative_cache_s).ok
+                if not trusted:
+                    ttl = min(ttl, s.negative_cache_s)
                 entry = UrlEntry(chain, "", "", now + ttl)
             if entry.expires > now:
-                self.cache.store(url, entry, now)
+                self.cache.store(url, entry, now, trusted)
         return self._finish(call, passport, entry, now, wall)
 
     def _finish(
@@ -404,7 +453,10 @@ class IdentityRule:
     ) -> Verdict:
         """Steps 6–9 with the certificate in hand: CPU only."""
         if entry.chain is None:
-            return self._fail(call, _Failure(entry.reason, entry.detail, passport))
+            failure = _Failure(entry.reason, entry.detail, passport)
+            if self.s.on_fetch_error == "no_validation" and entry.reason in UNREACHABLE:
+                return self._unvalidated(call, failure)
+            return self._fail(call, failure)
         result = self.cache.verdict(self.anchors, entry.chain, wall, now, self.s.negative_cache_s)
         if not result.ok or result.key is None:
             return self._fail(call, _Failure(result.reason, result.detail, passport))
@@ -428,6 +480,15 @@ class IdentityRule:
             return self._fail(call, _Failure("missing", "no Identity header"))
         call.labels["identity"] = "none"
         return Verdict("accept", rule=self.name, replace_headers=self._edits(NO_VALIDATION))
+
+    def _unvalidated(self, call: CallInfo, failure: _Failure) -> Verdict:
+        """The certificate could not be fetched (on_fetch_error: no_validation): forwarded as
+        if unsigned, the reason kept; the PASSporT's claims, unverified, are not reported."""
+        call.labels["identity"] = "none"
+        call.labels["identity_reason"] = failure.reason
+        value = f"{NO_VALIDATION};reason={failure.reason}"
+        return Verdict("accept", rule=self.name, replace_headers=self._edits(value),
+                       detail={"identity_detail": failure.detail})
 
     def _pass(self, call: CallInfo, passport: Passport) -> Verdict:
         call.labels["identity"] = "passed"
@@ -500,10 +561,21 @@ def _dest_matches(call: CallInfo, passport: Passport) -> bool:
 
 def build(settings: Settings, ctx: BuildContext, peer: Peer | None) -> IdentityRule:
     """The rule for ``peer``; the certificate cache is ``RuleState.certs`` (kept on reload),
-    grown to ``cache_entries`` when this policy is activated."""
+    bounded when this policy is activated by the largest ``cache_entries`` and
+    ``negative_cache_entries`` of the config's identity sections (top level and peers), which
+    the cache shares."""
     assert settings.trust_anchors is not None  # the settings validator insists
     anchors = load_trust_anchors(settings.trust_anchors)
     cache = ctx.state.certs
-    entries = settings.cache_entries
-    ctx.on_activate(lambda: setattr(cache, "max_entries", max(cache.max_entries, entries)))
+    sections = [s for s in (ctx.cfg.rules.identity, *(p.rules.identity for p in ctx.cfg.peers))
+                if s is not None and s.enabled]
+    entries = max((s.cache_entries for s in sections), default=settings.cache_entries)
+    failures = max((s.negative_cache_entries for s in sections),
+                   default=settings.negative_cache_entries)
+
+    def bound() -> None:
+        cache.max_entries = entries
+        cache.max_failures = failures
+
+    ctx.on_activate(bound)
     return IdentityRule(settings, ctx.mode_of(settings), anchors, cache, ctx.state)

@@ -11,11 +11,16 @@ Theory of operation:
 - ``CertCache.lookup(url)`` gives the parsed chain behind an x5u URL, or the failure of the
   last attempt (negative caching), until the entry expires (``Cache-Control`` clamped to
   ``[cache_min_s, cache_max_s]``; failures for ``negative_cache_s``). Entries live in the
-  policy's ``shared`` state, so a reload keeps them.
+  rules' state (``RuleState.certs``), so a reload keeps them.
+- Trusted chains and failures (failed fetches, unreadable or untrusted chains) are kept in two
+  tables, each bounded and least-recently-used first out (a hit refreshes an entry): whatever
+  a caller makes us fail on — a thousand unique x5u URLs — only ever pushes out other
+  failures, never a carrier's certificate.
 - ``CertCache.verdict(anchors, chain, wall)`` gives the result of validating that chain
   against that set of trust anchors (~0.2–0.4 ms with ``cryptography``), computed once per
   (anchors, chain) pair; the validity window of the verified chain is kept with it and checked
-  on every use, so an expiring certificate fails from the second it expires.
+  on every use, so an expiring certificate fails from the second it expires. Trusted and
+  failed verdicts are kept apart the same way.
 - Chain validation uses ``cryptography.x509.verification``'s client verifier with the WebPKI
   defaults, except that the end-entity certificate need not carry subjectAltName (SHAKEN
   certificates identify a service provider by TNAuthList, not by name), may carry any
@@ -28,6 +33,7 @@ import datetime as dt
 import hashlib
 import ipaddress
 import re
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from functools import lru_cache
@@ -158,6 +164,7 @@ class FetchLimits:
     timeout_s: float
     ca_bundle: str | None  # PEM file trusted for the HTTPS connection, besides the system CAs
     max_inflight: int  # distinct URLs fetched at once; beyond it a fetch fails at once
+    max_per_host: int = 2  # ... of them from one x5u host; beyond it a fetch fails at once
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,8 +177,9 @@ class Fetched:
 
 class FetchError(Exception):
     """A fetch failed. ``reason``: ``refused`` (URL or address policy), ``connect``, ``tls``,
-    ``timeout``, ``too_large``, ``http_status``, ``busy``. ``cacheable`` is False for failures
-    that say nothing about the URL (``busy``)."""
+    ``timeout``, ``too_large``, ``http_status``, ``busy`` (no fetch slot: ``max_inflight`` in
+    all, or ``max_per_host`` for the URL's host). ``cacheable`` is False for failures that say
+    nothing about the URL (``busy``)."""
 
     def __init__(self, reason: str, detail: str, cacheable: bool = True) -> None:
         super().__init__(detail)
@@ -422,27 +430,49 @@ class UrlEntry:
 
 
 class CertCache:
-    """x5u URL -> chain, and (anchors, chain) -> verdict; bounded, shared across reloads."""
+    """x5u URL -> chain, and (anchors, chain) -> verdict; bounded, shared across reloads.
 
-    def __init__(self, max_entries: int = 10000) -> None:
+    Two tables each: trusted chains (``urls``, ``verdicts``; at most ``max_entries``) and
+    failures (``failures``: failed fetches, unreadable or untrusted chains; ``bad_verdicts``;
+    at most ``max_failures``). Both are least recently used first out, so unique failing URLs
+    only ever evict other failures."""
+
+    def __init__(self, max_entries: int = 10000, max_failures: int = 1000) -> None:
         self.max_entries = max_entries
-        self.urls: dict[str, UrlEntry] = {}
-        self.verdicts: dict[tuple[bytes, bytes], tuple[ChainResult, float]] = {}
+        self.max_failures = max_failures
+        self.urls: OrderedDict[str, UrlEntry] = OrderedDict()
+        self.failures: OrderedDict[str, UrlEntry] = OrderedDict()
+        self.verdicts: OrderedDict[tuple[bytes, bytes], tuple[ChainResult, float]] = OrderedDict()
+        self.bad_verdicts: OrderedDict[tuple[bytes, bytes], tuple[ChainResult, float]] = (
+            OrderedDict()
+        )
 
     def lookup(self, url: str, now: float) -> UrlEntry | None:
-        entry = self.urls.get(url)
-        if entry is None:
-            return None
-        if entry.expires <= now:
-            del self.urls[url]
-            return None
-        return entry
+        """The entry for ``url`` until it expires (a hit makes it the most recently used)."""
+        for table in (self.urls, self.failures):
+            entry = table.get(url)
+            if entry is None:
+                continue
+            if entry.expires <= now:
+                del table[url]
+                return None
+            table.move_to_end(url)
+            return entry
+        return None
 
-    def store(self, url: str, entry: UrlEntry, now: float) -> None:
+    def store(self, url: str, entry: UrlEntry, now: float, trusted: bool | None = None) -> None:
+        """Remember ``entry`` for ``url``: with the trusted chains when ``trusted`` (default:
+        whether it holds a chain), else with the failures."""
+        if trusted is None:
+            trusted = entry.chain is not None
         self.urls.pop(url, None)
-        self.urls[url] = entry
-        if len(self.urls) > self.max_entries:
-            _trim(self.urls, self.max_entries, lambda e: e.expires <= now)
+        self.failures.pop(url, None)
+        table, limit = (
+            (self.urls, self.max_entries) if trusted else (self.failures, self.max_failures)
+        )
+        table[url] = entry
+        if len(table) > limit:
+            _trim(table, limit, lambda e: e.expires <= now)
 
     def verdict(
         self, anchors: TrustAnchors, chain: CertChain, wall: float, now: float, retry_s: float
@@ -450,15 +480,21 @@ class CertCache:
         """The cached verdict on ``chain`` (computed on first use); failures are computed
         again after ``retry_s`` and successes after a day, whatever happens meanwhile."""
         key = (anchors.fingerprint, chain.fingerprint)
-        hit = self.verdicts.get(key)
+        hit = self.verdicts.get(key) or self.bad_verdicts.get(key)
         if hit is not None and hit[1] > now:
             result = hit[0]
+            (self.verdicts if result.ok else self.bad_verdicts).move_to_end(key)
         else:
             result = verify_chain(chain, anchors, wall)
             self.verdicts.pop(key, None)
-            self.verdicts[key] = (result, now + (86400.0 if result.ok else retry_s))
-            if len(self.verdicts) > self.max_entries:
-                _trim(self.verdicts, self.max_entries, lambda v: v[1] <= now)
+            self.bad_verdicts.pop(key, None)
+            if result.ok:
+                table, limit, until = self.verdicts, self.max_entries, now + 86400.0
+            else:
+                table, limit, until = self.bad_verdicts, self.max_failures, now + retry_s
+            table[key] = (result, until)
+            if len(table) > limit:
+                _trim(table, limit, lambda v: v[1] <= now)
         if result.ok and not result.not_before <= wall <= result.not_after:
             state = "not yet valid" if wall < result.not_before else "expired"
             return ChainResult(False, "expired", f"certificate chain {state}")
@@ -466,7 +502,8 @@ class CertCache:
 
 
 def _trim(table: dict[Any, Any], limit: int, expired: Callable[[Any], bool]) -> None:
-    """Drop expired entries, then the oldest, until ``table`` is at 90% of ``limit``."""
+    """Drop expired entries, then the least recently used (the front), until ``table`` is at
+    90% of ``limit``."""
     for key in [k for k, v in table.items() if expired(v)]:
         del table[key]
     excess = len(table) - int(limit * 0.9)

@@ -12,8 +12,11 @@
 - the whole fetch is bounded by ``timeout_s``, the body by ``max_bytes`` (counted as read;
   a larger Content-Length is refused before reading);
 - concurrent fetches of one URL share one request (single flight; a finished fetch keeps
-  answering for ``LINGER_S``), and at most ``max_inflight`` distinct URLs are fetched at once
-  (more fail at once as ``busy``).
+  answering for ``LINGER_S``); at most ``max_inflight`` distinct URLs are fetched at once, and
+  at most ``max_per_host`` of them from one x5u host (the URL's host name or IP literal), so
+  a slow host — an attacker's, answering nothing — holds a few slots, never all of them. A
+  fetch beyond either limit fails at once as ``busy`` (logged ``x5u_fetch_busy``, sampled per
+  host).
 
 Failures raise :class:`~sipguard.policy.stircert.FetchError` and are logged here
 (``x5u_fetch_failed``, sampled per host); successes are logged as ``x5u_fetched``.
@@ -26,7 +29,7 @@ import ipaddress
 import socket
 import ssl
 import time
-from typing import Any
+from typing import Any, NoReturn
 
 import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
@@ -82,6 +85,7 @@ class HttpsFetcher:
         self.linger_s = linger_s
         self._sessions: dict[tuple[str | None, bool], aiohttp.ClientSession] = {}
         self._inflight: dict[tuple[str, FetchLimits], asyncio.Task[Fetched]] = {}
+        self._per_host: dict[str, int] = {}  # x5u host -> fetches not finished yet
         self.log = get_logger("sipguard.certfetch")
         self.sampled = SampledLogger(self.log, 10.0, clock=clock)
         self.requests = 0  # HTTP requests made (tests and metrics)
@@ -91,15 +95,28 @@ class HttpsFetcher:
         key = (url, limits)
         task = self._inflight.get(key)
         if task is None:
+            try:
+                host = check_x5u(url, limits.ports, limits.allow_private).host
+            except X5uRefused:
+                host = ""  # refused by _fetch at once, without a request
+            on_host = self._per_host.get(host, 0)
+            if host and on_host >= limits.max_per_host:
+                self._busy(url, host, f"{on_host} fetches in flight to {host}")
             if self.running >= limits.max_inflight:
-                raise FetchError("busy", f"{self.running} fetches in flight", cacheable=False)
+                self._busy(url, host, f"{self.running} fetches in flight")
             loop = asyncio.get_running_loop()
             task = loop.create_task(self._fetch(url, limits))
             self._inflight[key] = task
             self.running += 1
+            self._per_host[host] = on_host + 1
 
             def finished(t: asyncio.Task[Fetched]) -> None:
                 self.running -= 1
+                left = self._per_host.get(host, 1) - 1
+                if left > 0:
+                    self._per_host[host] = left
+                else:
+                    self._per_host.pop(host, None)
                 if not t.cancelled():
                     t.exception()  # retrieved: the waiters get it; no "never retrieved" noise
                 loop.call_later(self.linger_s, self._forget, key, t)
@@ -107,6 +124,15 @@ class HttpsFetcher:
             task.add_done_callback(finished)
         # shield: a waiter that goes away (CANCEL) must not cancel the others' fetch
         return await asyncio.shield(task)
+
+    def in_flight(self, host: str) -> int:
+        """Fetches from ``host`` not finished yet (tests and metrics)."""
+        return self._per_host.get(host, 0)
+
+    def _busy(self, url: str, host: str, detail: str) -> NoReturn:
+        self.sampled.log("warning", "x5u_fetch_busy", key=f"busy:{host}", url=url[:200],
+                         host=host, detail=detail)
+        raise FetchError("busy", detail, cacheable=False)
 
     def _forget(self, key: tuple[str, FetchLimits], task: asyncio.Task[Fetched]) -> None:
         if self._inflight.get(key) is task:

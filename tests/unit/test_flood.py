@@ -78,8 +78,8 @@ def test_core_is_never_checked() -> None:
 
 
 def test_exempt_peer_and_peer_with_own_density() -> None:
-    """A peer with flood disabled is never banned; a peer with its own density is banned only
-    above it; exempt networks are never banned."""
+    """A peer with flood disabled is never limited; a peer with its own density is limited
+    only above it (ban_peers: true bans it there); exempt networks are never banned."""
     peers = (
         "peers:\n"
         "  - {name: pbx, networks: [203.0.113.0/24], rules: {flood: {density: 100}}}\n"
@@ -88,11 +88,74 @@ def test_exempt_peer_and_peer_with_own_density() -> None:
     g = make_guard(peers=peers,
                    rules="{sampling_s: 1, density: 10, ban_s: 30, exempt: [192.0.2.0/28]}")
     got = [g.check(SRC, OPTIONS, 100.0 + i * 0.001) for i in range(101)]
-    assert got[:100] == [None] * 100 and got[100] == flood.FLOOD
+    assert got[:100] == [None] * 100 and got[100] == flood.PEER_LIMITED
     carrier = ("198.51.100.1", 5060)
     assert all(g.check(carrier, OPTIONS, 100.0) is None for _ in range(1000))
     assert all(g.check(("192.0.2.5", 5060), OPTIONS, 100.0) is None for _ in range(1000))
     assert g.check(("192.0.2.17", 5060), OPTIONS, 100.0) is None
+    g = make_guard(peers=peers, rules="{sampling_s: 1, density: 10, ban_peers: true}")
+    got = [g.check(SRC, OPTIONS, 100.0 + i * 0.001) for i in range(101)]
+    assert got[:100] == [None] * 100 and got[100] == flood.FLOOD
+
+
+CARRIER = "peers:\n  - {name: carrier, networks: [203.0.113.0/24]}\n"
+
+
+def test_peer_over_the_density_is_limited_never_banned() -> None:
+    """A flood from a configured peer's address (spoofed or not) drops what exceeds the
+    density in the sampling unit as peer_limited, and bans nothing: the peer's next message
+    after the unit passes, where a ban would hold it for ban_s. Others are still banned."""
+    g = make_guard(peers=CARRIER)
+    got = [g.check(SRC, OPTIONS, 100.0 + i * 0.001) for i in range(50)]
+    assert got == [None] * 10 + [flood.PEER_LIMITED] * 40
+    assert g.state.bans == {} and not g.banned(SRC)
+    assert g.check(SRC, OPTIONS, 102.0) is None  # ban_s is 30: no ban held it
+    stranger = ("192.0.2.77", 5060)
+    got = [g.check(stranger, OPTIONS, 100.0 + i * 0.001) for i in range(12)]
+    assert got[10:] == [flood.FLOOD, flood.BANNED] and g.banned(stranger)
+
+
+def test_endless_flood_on_a_peer_still_lets_density_per_unit_through() -> None:
+    """Dropped messages are not counted: a peer flooded at 10x its density for 10 units
+    still gets about density messages per unit through (a rate limit, not a blackout), and
+    the first message after the flood passes."""
+    g = make_guard(peers=CARRIER)
+    passed = [0] * 10
+    for i in range(1000):  # 100 messages per 1 s unit, density 10
+        t = 100.0 + i * 0.01
+        if g.check(SRC, OPTIONS, t) is None:
+            passed[int(t) - 100] += 1
+    assert passed[0] == 10
+    assert all(8 <= n <= 11 for n in passed[1:]), passed
+    assert 95 <= sum(passed) <= 105
+    assert g.check(SRC, OPTIONS, 110.05) is None
+    assert g.state.bans == {}
+
+
+def test_peer_limit_with_key_ip_port_and_own_density() -> None:
+    """With key: ip_port the limit is per address and port; a peer's own density is the
+    limit for its addresses."""
+    g = make_guard("{sampling_s: 1, density: 10, key: ip_port}",
+                   peers="peers:\n  - {name: pbx, networks: [203.0.113.0/24], "
+                         "rules: {flood: {density: 20}}}\n")
+    got = [g.check(SRC, OPTIONS, 100.0 + i * 0.001) for i in range(25)]
+    assert got == [None] * 20 + [flood.PEER_LIMITED] * 5
+    assert g.check(("203.0.113.9", 5062), OPTIONS, 100.1) is None
+    assert g.state.bans == {}
+
+
+def test_ban_peers_restores_banning_peers() -> None:
+    """ban_peers: true bans a configured peer that exceeds its density, as before."""
+    g = make_guard("{sampling_s: 1, density: 10, ban_s: 30, ban_peers: true}", peers=CARRIER)
+    got = [g.check(SRC, OPTIONS, 100.0 + i * 0.001) for i in range(12)]
+    assert got[10:] == [flood.FLOOD, flood.BANNED]
+    assert g.check(SRC, OPTIONS, 102.0) == flood.BANNED
+
+
+def test_peer_limited_is_no_new_ban_for_the_edge_core() -> None:
+    """The reason is neither FLOOD nor SCANNER, which is what the edge core reads as "drop,
+    no new ban" (counted flood_dropped_peer_limited)."""
+    assert flood.PEER_LIMITED not in (flood.FLOOD, flood.SCANNER, flood.BANNED)
 
 
 def test_scanner_user_agent_is_dropped_and_banned() -> None:
@@ -226,7 +289,7 @@ def test_monitor_mode_flag() -> None:
 
 
 @pytest.mark.parametrize("snippet", ["{density: 0}", "{exempt: [not-a-net]}", "{key: port}",
-                                     "{scanners: ['']}", "{densty: 5}"])
+                                     "{scanners: ['']}", "{densty: 5}", "{ban_peers: maybe}"])
 def test_bad_settings_are_config_errors(snippet: str) -> None:
     """Bad densities, networks, keys, empty scanner names and unknown keys are config errors."""
     with pytest.raises(ConfigError) as caught:
@@ -313,5 +376,54 @@ async def test_shell_drops_scanner_and_flood_before_parsing() -> None:
         assert c["flood_dropped_banned"] >= 40
         guard = server.policy.flood
         assert guard is not None and len(guard.state.list_bans(loop.time())) == 2
+    finally:
+        await server.stop()
+
+
+async def test_shell_limits_a_flooding_peer_without_banning_it() -> None:
+    """A running sipguard with 127.0.0.1 as a configured peer: a flood of 60 OPTIONS from one
+    peer port (density 20) is answered about 20 times, the rest dropped silently and counted
+    flood_dropped_peer_limited; nothing is banned, and the same port is answered again once
+    the sampling unit has passed (a ban would hold it for ban_s, 300 s)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    cfg = parse_config(
+        f"listen: [udp://127.0.0.1:{port}]\ncore: udp://127.0.0.1:9\n"
+        "peers:\n  - {name: lab, networks: [127.0.0.1/32]}\n"
+        "rules:\n  flood: {sampling_s: 0.5, density: 20, key: ip_port}\n"
+    )
+    server = Server(cfg)
+    await server.start()
+    try:
+        loop = asyncio.get_running_loop()
+        ping = OPTIONS.replace(b"Max-Forwards: 70", b"Max-Forwards: 0").replace(
+            b"branch=z9hG4bK1", b"branch=z9hG4bK1;rport")
+
+        async def answers(sock: socket.socket, wait: float = 0.3) -> list[bytes]:
+            got = []
+            while True:
+                try:
+                    got.append(await asyncio.wait_for(loop.sock_recv(sock, 65535), wait))
+                except TimeoutError:
+                    return got
+
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as flooder:
+            flooder.bind(("127.0.0.1", 0))
+            flooder.setblocking(False)
+            for _ in range(60):
+                flooder.sendto(ping, ("127.0.0.1", port))
+            answered = await answers(flooder)
+            assert 18 <= len(answered) <= 24, len(answered)
+            assert all(a.startswith(b"SIP/2.0 200") for a in answered)
+            c = server.counters
+            assert c["flood_dropped_peer_limited"] == 60 - len(answered)
+            assert c["flood_banned_flood"] == 0 and c["flood_dropped_banned"] == 0
+            guard = server.policy.flood
+            assert guard is not None and guard.state.list_bans(loop.time()) == []
+            await asyncio.sleep(0.6)
+            flooder.sendto(ping, ("127.0.0.1", port))
+            again = await answers(flooder)
+            assert len(again) == 1 and again[0].startswith(b"SIP/2.0 200")
     finally:
         await server.stop()

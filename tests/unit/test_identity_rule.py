@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Iterator
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from sipguard.contract import CallInfo, Flow, InviteDecided, Verdict
 from sipguard.ops.config_load import ConfigError, parse_config
 from sipguard.policy.engine import Policy
 from sipguard.policy.state import RuleState
+from sipguard.policy.stircert import FetchError, FetchLimits, parse_chain
 from sipguard.sip.message import Message
 from sipguard.transport.https_fetch import HttpsFetcher
 
@@ -30,9 +32,11 @@ from .stir_pki import (
     DEST,
     ORIG,
     Pki,
+    Route,
     X5uServer,
     b64,
     identity_value,
+    pem,
     sign_passport,
     standard_routes,
 )
@@ -506,6 +510,196 @@ async def test_cancel_during_fetch_answers_487(stir: Stir) -> None:
     assert sorted(m.status for _, m in out) == [200, 487]
     out = await h.settle()
     assert not any(f.addr == CORE for f, _ in out)
+
+
+def closed_port() -> int:
+    """A local TCP port nothing listens on (a connection is refused)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def header_at(stir: Stir, url: str) -> str:
+    """A valid Identity header whose x5u and info are ``url``."""
+    return identity_value(sign_passport(stir.pki.leaf_key, url, iat=int(stir.wall)), url)
+
+
+def slow_routes(stir: Stir, *names: str, delay_s: float) -> None:
+    """Good chains at /slow-<name>.pem answered after ``delay_s`` (the handler sleeps)."""
+    for name in names:
+        stir.server.routes[f"/slow-{name}.pem"] = Route(
+            body=pem(stir.pki.leaf, stir.pki.inter), delay_s=delay_s)
+
+
+async def test_slow_host_holding_its_slots_does_not_stop_another_host(stir: Stir) -> None:
+    """max_concurrent_fetches 3, max_fetches_per_host 2: three slow x5u URLs on 127.0.0.1 get
+    two fetch slots (the third fails at once, fetch_busy), and a call whose certificate is
+    on another host (localhost) is fetched and passes while the slow ones still hang. Before
+    per-host slots the slow host took all three slots and that call failed fetch_busy."""
+    stir.use(max_concurrent_fetches=3, max_fetches_per_host=2, fetch_timeout_s=5)
+    slow_routes(stir, "a", "b", "c", delay_s=1.5)
+    urls = [stir.url(f"/slow-{n}.pem") for n in "abc"]
+    urls.append(stir.server.url("/good.pem", host="localhost"))
+    h = PolicyHarness(stir.policy)
+    for i, url in enumerate(urls):
+        h.send(invite(caller=CALLER_NUMBER, callee=CALLEE_NUMBER, call_id=f"host{i}@x",
+                      branch=f"z9hG4bK-host-{i}", extra=f"Identity: {header_at(stir, url)}\r\n"))
+    assert len(h.pending) == 4
+    calls = [call for call, _ in h.pending]
+    tasks = [asyncio.ensure_future(aw) for _, aw in h.pending]
+    h.pending = []
+    started = time.monotonic()
+    other = await asyncio.wait_for(asyncio.shield(tasks[3]), 1.0)
+    assert other.action == "accept" and calls[3].labels["identity"] == "passed"
+    assert time.monotonic() - started < 1.0
+    assert stir.fetcher.in_flight("127.0.0.1") == 2 and not tasks[0].done()
+    assert tasks[2].done() and tasks[2].result().status == 436
+    assert calls[2].labels["identity_reason"] == "fetch_busy"
+    verdicts = await asyncio.gather(*tasks)
+    assert [v.action for v in verdicts] == ["accept", "accept", "reject", "accept"]
+    assert stir.hits("/slow-c.pem") == 0 and stir.fetcher.in_flight("127.0.0.1") == 0
+
+
+async def test_fetcher_per_host_slots_over_https(stir: Stir) -> None:
+    """HttpsFetcher alone: two slow fetches hold 127.0.0.1's two slots; a third URL there
+    fails at once as busy (not cacheable) while localhost is fetched meanwhile; with one
+    global limit only (the old behaviour) localhost would be busy too; once the slow ones
+    end the host's slots are free again."""
+    slow_routes(stir, "d", "e", delay_s=1.0)
+    limits = FetchLimits(ports=frozenset({stir.server.port}), allow_private=True,
+                         max_bytes=65536, timeout_s=5.0, ca_bundle=str(stir.bundle),
+                         max_inflight=64, max_per_host=2)
+    f = stir.fetcher
+    slow = [asyncio.ensure_future(f.fetch(stir.url(f"/slow-{n}.pem"), limits)) for n in "de"]
+    await asyncio.sleep(0)
+    assert f.in_flight("127.0.0.1") == 2
+    with pytest.raises(FetchError) as caught:
+        await f.fetch(stir.url("/good.pem"), limits)
+    assert caught.value.reason == "busy" and not caught.value.cacheable
+    assert "to 127.0.0.1" in caught.value.detail
+    global_only = FetchLimits(ports=limits.ports, allow_private=True, max_bytes=65536,
+                              timeout_s=5.0, ca_bundle=str(stir.bundle), max_inflight=2,
+                              max_per_host=64)
+    other = stir.server.url("/good.pem", host="localhost")
+    with pytest.raises(FetchError, match="2 fetches in flight"):
+        await f.fetch(other, global_only)
+    started = time.monotonic()
+    fetched = await f.fetch(other, limits)
+    assert parse_chain(fetched.body).leaf == stir.pki.leaf
+    assert time.monotonic() - started < 0.8 and f.in_flight("127.0.0.1") == 2
+    await asyncio.gather(*slow)
+    assert f.in_flight("127.0.0.1") == 0 and f.running == 0
+    assert (await f.fetch(stir.url("/crit.pem"), limits)).body
+
+
+async def test_a_thousand_failing_x5u_urls_do_not_evict_a_good_chain(stir: Stir) -> None:
+    """With the smallest caches (16 each), 1,000 calls naming 1,000 unique x5u URLs that
+    fail (connection refused) leave the carrier's chain cached: its next call is decided at
+    once, without a fetch. Failures are kept in their own table."""
+    port = closed_port()
+    stir.use(x5u_ports=[stir.server.port, port], cache_entries=16, negative_cache_entries=16)
+    assert (await stir.call(stir.header())).labels["identity"] == "passed"
+    for i in range(1000):
+        res = await stir.call(header_at(stir, f"https://127.0.0.1:{port}/junk-{i}.pem"))
+        assert (res.status, res.labels["identity_reason"]) == (436, "fetch_connect")
+    certs = stir.state.certs
+    assert len(certs.failures) <= 16 and list(certs.urls) == [stir.url()]
+    res = await stir.call(stir.header())
+    assert res.sync and res.labels["identity"] == "passed"
+    assert stir.hits("/good.pem") == 1
+
+
+async def test_untrusted_chain_is_cached_with_the_failures(stir: Stir) -> None:
+    """A fetched chain that does not verify (rogue CA) is remembered with the failures, not
+    among the trusted chains, so it cannot push one out either."""
+    await stir.call(stir.header("/rogue.pem"))
+    await stir.call(stir.header())
+    certs = stir.state.certs
+    assert stir.url("/rogue.pem") in certs.failures and stir.url("/rogue.pem") not in certs.urls
+    assert stir.url() in certs.urls
+
+
+def test_cache_bounds_follow_the_config(stir: Stir) -> None:
+    """cache_entries and negative_cache_entries set the shared cache's bounds when the policy
+    is activated, smaller than the built-in defaults too."""
+    stir.use(cache_entries=16, negative_cache_entries=32)
+    assert (stir.state.certs.max_entries, stir.state.certs.max_failures) == (16, 32)
+    stir.use()
+    assert (stir.state.certs.max_entries, stir.state.certs.max_failures) == (10000, 1000)
+
+
+async def test_on_fetch_error_no_validation_forwards_a_refused_fetch(stir: Stir) -> None:
+    """on_fetch_error: no_validation — an x5u whose server refuses the connection leaves the
+    call unvalidated: forwarded as No-TN-Validation with the reason, labelled identity none
+    (counted identity_none, identity_reason_fetch_connect); the failure is cached, so the next
+    call is decided at once the same way."""
+    port = closed_port()
+    stir.use(x5u_ports=[stir.server.port, port], on_fetch_error="no_validation")
+    url = f"https://127.0.0.1:{port}/good.pem"
+    res = await stir.call(header_at(stir, url))
+    assert res.status is None and res.forwarded is not None
+    assert res.identity_header == "No-TN-Validation;reason=fetch_connect"
+    assert res.labels == {"identity": "none", "identity_reason": "fetch_connect"}
+    again = await stir.call(header_at(stir, url))
+    assert again.sync and again.identity_header == "No-TN-Validation;reason=fetch_connect"
+    assert stir.fetcher.requests == 1
+
+
+async def test_on_fetch_error_no_validation_covers_timeout_and_busy(stir: Stir) -> None:
+    """A fetch that times out, and one that finds no free fetch slot, are unvalidated too."""
+    stir.use(on_fetch_error="no_validation", fetch_timeout_s=0.3)
+    res = await stir.call(stir.header("/slow.pem"))
+    assert res.forwarded is not None
+    assert res.identity_header == "No-TN-Validation;reason=fetch_timeout"
+    stir.use(on_fetch_error="no_validation", max_concurrent_fetches=1)
+    h = PolicyHarness(stir.policy)
+    for i, path in enumerate(("/slowish.pem", "/good.pem")):
+        h.send(invite(caller=CALLER_NUMBER, callee=CALLEE_NUMBER, call_id=f"nv{i}@x",
+                      branch=f"z9hG4bK-nv-{i}", extra=f"Identity: {stir.header(path)}\r\n"))
+    out = await h.settle()
+    assert not [m for f, m in out if f.addr == CALLER and m.status >= 200]
+    forwarded = [m.get("x-sipguard-identity") for f, m in out
+                 if f.addr == CORE and m.method == "INVITE"]
+    assert sorted(forwarded, key=str) == [
+        "No-TN-Validation;reason=fetch_busy",
+        "TN-Validation-Passed;attest=A;origid=123e4567-e89b-12d3-a456-426655440000",
+    ]
+
+
+async def test_on_fetch_error_no_validation_keeps_bad_answers_failures(stir: Stir) -> None:
+    """Only an unreachable or busy fetch is let through: a server that answers 404, a body
+    that is no certificate, an untrusted chain, and a TLS failure still fail (436/437)."""
+    stir.use(on_fetch_error="no_validation")
+    for path, want in (("/missing.pem", (436, "fetch_http_status")),
+                       ("/junk.pem", (436, "bad_certificate")),
+                       ("/rogue.pem", (437, "untrusted"))):
+        res = await stir.call(stir.header(path))
+        assert (res.status, res.labels["identity_reason"]) == want, path
+    stir.use(on_fetch_error="no_validation", fetch_ca_bundle=None)
+    res = await stir.call(stir.header())
+    assert (res.status, res.labels["identity_reason"]) == (436, "fetch_tls")
+
+
+async def test_on_fetch_error_reject_is_the_default(stir: Stir) -> None:
+    """Without on_fetch_error a fetch that times out is 436, as before."""
+    stir.use(fetch_timeout_s=0.3)
+    res = await stir.call(stir.header("/slow.pem"))
+    assert (res.status, res.labels["identity_reason"]) == (436, "fetch_timeout")
+
+
+def test_no_validation_on_fetch_error_cannot_go_with_require(tmp_path: Path, pki: Pki) -> None:
+    """require: true with on_fetch_error: no_validation is a config error (an unreachable
+    x5u would get any call past require), also when a peer override makes the pair."""
+    anchors, _ = pki.write(tmp_path)
+    base = ("listen: udp://127.0.0.1:5060\ncore: udp://127.0.0.1:5080\n")
+    rules = f"rules:\n  identity: {{trust_anchors: {anchors}, on_fetch_error: no_validation"
+    with pytest.raises(ConfigError, match="cannot go with require"):
+        parse_config(base + rules + ", require: true}\n", base_dir=tmp_path)
+    peer = ("peers:\n  - {name: c, networks: [203.0.113.0/24], "
+            "rules: {identity: {require: true}}}\n")
+    with pytest.raises(ConfigError, match=r"peers\[0\]|peers\.0|cannot go with require"):
+        parse_config(base + peer + rules + "}\n", base_dir=tmp_path)
+    assert parse_config(base + rules + "}\n", base_dir=tmp_path).rules.identity is not None
 
 
 # ----------------------------------------------------------------------------- outcomes

@@ -151,11 +151,78 @@ def test_cache_keeps_verdicts_and_rechecks_validity(pki: Pki, anchors: TrustAnch
 
 
 def test_url_cache_expiry_and_bound() -> None:
-    """URL entries expire at their time and the table stays within its bound."""
-    cache = CertCache(20)
+    """URL entries expire at their time and the failure table stays within its bound."""
+    cache = CertCache(20, max_failures=20)
     for i in range(30):
         cache.store(f"https://x/{i}", UrlEntry(None, "fetch_timeout", "", 10.0 + i), 0.0)
-    assert len(cache.urls) <= 20
+    assert len(cache.failures) <= 20 and not cache.urls
     assert cache.lookup("https://x/29", 5.0) is not None
-    assert cache.lookup("https://x/29", 39.0) is None and "https://x/29" not in cache.urls
+    assert cache.lookup("https://x/29", 39.0) is None and "https://x/29" not in cache.failures
+
+
+def _good(pki: Pki, expires: float = 1e9) -> UrlEntry:
+    return UrlEntry(parse_chain(pem(pki.leaf, pki.inter)), "", "", expires)
+
+
+def test_a_thousand_failing_urls_do_not_evict_a_good_chain(pki: Pki) -> None:
+    """Failures are kept apart from trusted chains: 1,000 unique failing URLs fill (and
+    churn) the failure table, and the good chain is still there."""
+    cache = CertCache(16, max_failures=16)
+    cache.store("https://cr.carrier.example/709J.pem", _good(pki), 0.0)
+    for i in range(1000):
+        cache.store(f"https://junk{i}.example/x.pem",
+                    UrlEntry(None, "fetch_timeout", "", 100.0), 1.0)
+    assert len(cache.failures) <= 16 and "https://junk999.example/x.pem" in cache.failures
+    entry = cache.lookup("https://cr.carrier.example/709J.pem", 2.0)
+    assert entry is not None and entry.chain is not None
+
+
+def test_untrusted_chain_is_stored_with_the_failures(pki: Pki) -> None:
+    """store(..., trusted=False) keeps a chain with the failures; a later trusted store of the
+    same URL moves it (one table holds a URL at a time)."""
+    cache = CertCache(16, max_failures=16)
+    cache.store("https://a/x.pem", _good(pki), 0.0, trusted=False)
+    assert "https://a/x.pem" in cache.failures and not cache.urls
+    cache.store("https://a/x.pem", _good(pki), 0.0, trusted=True)
+    assert "https://a/x.pem" in cache.urls and not cache.failures
+
+
+def test_chain_cache_is_least_recently_used(pki: Pki) -> None:
+    """A hit refreshes an entry: the carrier looked up all along survives a table full of
+    newer chains; the oldest not looked up go first."""
+    cache = CertCache(16, max_failures=16)
+    for i in range(16):
+        cache.store(f"https://c{i}/x.pem", _good(pki), 0.0)
+    assert cache.lookup("https://c0/x.pem", 1.0) is not None
+    cache.store("https://c16/x.pem", _good(pki), 1.0)  # over the bound: trimmed to 90%
+    assert "https://c0/x.pem" in cache.urls
+    assert "https://c1/x.pem" not in cache.urls and "https://c16/x.pem" in cache.urls
+    assert len(cache.urls) <= 16
+
+
+def test_failure_cache_is_least_recently_used() -> None:
+    """The failure table is bounded and least recently used first out as well."""
+    cache = CertCache(16, max_failures=16)
+    for i in range(16):
+        cache.store(f"https://f{i}/x.pem", UrlEntry(None, "fetch_connect", "", 100.0), 0.0)
+    assert cache.lookup("https://f0/x.pem", 1.0) is not None
+    cache.store("https://f16/x.pem", UrlEntry(None, "fetch_connect", "", 100.0), 1.0)
+    assert "https://f0/x.pem" in cache.failures and "https://f1/x.pem" not in cache.failures
+
+
+def test_untrusted_verdicts_do_not_evict_a_trusted_one(pki: Pki, anchors: TrustAnchors) -> None:
+    """Verdicts on chains that do not verify are kept apart too: 40 distinct rogue chains
+    leave the good chain's verdict cached."""
+    from .stir_pki import make_cert
+
+    cache = CertCache(16, max_failures=16)
+    now = time.time()
+    good = parse_chain(pem(pki.leaf, pki.inter))
+    first = cache.verdict(anchors, good, now, 0.0, 30.0)
+    for i in range(40):
+        rogue = make_cert(f"SHAKEN rogue {i}", pki.leaf_key, "Rogue Root", pki.rogue_key,
+                          ca=False)
+        assert not cache.verdict(anchors, parse_chain(pem(rogue)), now, 1.0, 30.0).ok
+    assert len(cache.bad_verdicts) <= 16 and len(cache.verdicts) == 1
+    assert cache.verdict(anchors, good, now, 2.0, 30.0) is first
 
