@@ -30,7 +30,7 @@ from sipguard.contract import CallInfo, DecisionPending, Deferred, Flow, Local, 
 from sipguard.edge import DECISION_FAILED, EdgeCore
 from sipguard.ops.config import Config
 from sipguard.ops.http import HttpEndpoint
-from sipguard.ops.logging import CallLogger, SampledLogger, flush_logs, get_logger
+from sipguard.ops.logging import CallLogger, Level, SampledLogger, flush_logs, get_logger
 from sipguard.ops.metrics import Metrics
 from sipguard.ops.observe import Observer
 from sipguard.ops.overload import OverloadWatcher
@@ -40,7 +40,7 @@ from sipguard.proxy.core import Proxy
 from sipguard.proxy.settings import ProxySettings
 from sipguard.sip.errors import SipParseError
 from sipguard.transport.https_fetch import HttpsFetcher
-from sipguard.transport.tcp import TcpPool
+from sipguard.transport.tcp import TcpLimits, TcpPool
 from sipguard.transport.udp import UdpEndpoint, open_udp
 
 GC_INTERVAL_S = 60.0  # how often the cyclic garbage collector runs (see cli.py)
@@ -120,7 +120,7 @@ class Server:
                              perf=time.perf_counter)
         self.udp: dict[int, UdpEndpoint] = {}
         self.tcp = TcpPool(self.loop, self._on_stream_message, self._on_stream_error,
-                           cfg.sip.max_message_size)
+                           cfg.sip.max_message_size, tcp_limits(cfg), self._on_tcp_event)
         self.metrics = Metrics()
         self.metrics.config_loaded = time.time()
         self.counters: Counter[str] = self.metrics.events  # every counter is exported too
@@ -257,6 +257,7 @@ class Server:
         """Swap in a new config and policy; transactions, dialogs and the rules' state carry
         on."""
         self.cfg = cfg
+        self.tcp.limits = tcp_limits(cfg)
         self.core.set_overload_retry_after(cfg.sip.overload_retry_after_s)
         self.core.reconfigure(proxy_settings(cfg), policy, self.loop.time())
         self.observer.flood = policy.flood
@@ -287,6 +288,13 @@ class Server:
         self.counters["parse_errors"] += 1
         self.sampled.log("warning", "stream_closed", key=f"stream:{addr[0]}", source=addr[0],
                          status=err.status, detail=err.detail)
+
+    def _on_tcp_event(self, kind: str, addr: tuple[str, int], n: int) -> None:
+        # A TCP limit bit, or an outbound connect failed (transport/tcp.py): counted, and
+        # logged at most once per kind per sample interval.
+        self.counters[kind] += n
+        level: Level = "info" if kind in ("tcp_idle_closed", "tcp_write_paused") else "warning"
+        self.sampled.log(level, kind, key=kind, source=addr[0], port=addr[1], count=n)
 
     def _schedule_flush(self) -> None:
         # Sends wait for the end of this event-loop pass: the datagrams read in one pass are
@@ -388,11 +396,25 @@ class Server:
         self._send(flow._replace(addr=(addr, flow.addr[1])), data)
 
     def _housekeep(self) -> None:
-        self.tcp.close_idle(self.cfg.sip.tcp_idle_timeout_s)
         self._resolved.clear()  # re-resolve names now and then (no TTLs from getaddrinfo)
         self.core.housekeep(self.loop.time())
         self.state.wall_offset = time.time() - self.loop.time()  # follow NTP steps
         self._housekeeping = self.loop.call_later(10.0, self._housekeep)
+
+
+def tcp_limits(cfg: Config) -> TcpLimits:
+    """The TCP pool's limits from the config; the core's address is exempt from the caps."""
+    sip = cfg.sip
+    return TcpLimits(
+        max_connections=sip.tcp_max_connections,
+        max_connections_per_ip=sip.tcp_max_connections_per_ip,
+        message_timeout_s=sip.tcp_message_timeout_s,
+        idle_timeout_s=sip.tcp_idle_timeout_s,
+        write_buffer_max=sip.tcp_write_buffer_max,
+        write_stall_timeout_s=sip.tcp_write_stall_timeout_s,
+        connect_timeout_s=sip.tcp_connect_timeout_s,
+        exempt=frozenset((cfg.core.host,)) if _is_ip(cfg.core.host) else frozenset(),
+    )
 
 
 def _trusted(cfg: Config) -> tuple[tuple[str, int], ...]:

@@ -86,7 +86,39 @@ class SipSettings(BaseModel):
     )
     tcp_idle_timeout_s: float = Field(
         default=600, gt=0,
-        description="Close a TCP connection with no traffic for this many seconds.",
+        description="Close a TCP connection with no complete SIP message either way for this "
+        "many seconds. CRLF keep-alives are answered but do not count as traffic.",
+    )
+    tcp_max_connections: int = Field(
+        default=4096, ge=1,
+        description="Inbound TCP connections at most; a new one beyond is closed at once "
+        "(`tcp_refused_total`). The core's and sipguard's own outbound ones do not count.",
+    )
+    tcp_max_connections_per_ip: int = Field(
+        default=64, ge=1,
+        description="Inbound TCP connections from one IP address at most; a new one beyond is "
+        "closed at once (`tcp_refused_per_ip`). The core's address is exempt.",
+    )
+    tcp_message_timeout_s: float = Field(
+        default=10, gt=0,
+        description="Close a TCP connection that holds a partial SIP message for longer than "
+        "this, seconds (`tcp_message_timeout`; slowloris).",
+    )
+    tcp_write_buffer_max: int = Field(
+        default=1048576, ge=16384,
+        description="Stop reading from a TCP connection whose unsent answers exceed this, "
+        "bytes, until a quarter of it is left (`tcp_write_paused`). Past four times this the "
+        "connection is aborted (`tcp_write_overflow`).",
+    )
+    tcp_write_stall_timeout_s: float = Field(
+        default=30, gt=0,
+        description="Abort a TCP connection whose reading has stayed paused for a full write "
+        "buffer this long, seconds (`tcp_write_stalled`).",
+    )
+    tcp_connect_timeout_s: float = Field(
+        default=5, gt=0,
+        description="Give up an outbound TCP connection not open after this many seconds "
+        "(`tcp_connect_failed`); the messages waiting for it are dropped (`tcp_queued_dropped`).",
     )
     udp_receive_buffer: int = Field(
         default=4194304,

@@ -5,6 +5,40 @@ proxy with the connection's id, so responses travel back on the connection the r
 on. Requests toward an address reuse any live connection to it (inbound or outbound) before
 opening a new one; bytes sent while a connection is still opening wait in its buffer. A CRLFCRLF
 keep-alive is answered with CRLF (RFC 5626 §3.5.1). A stream that cannot be framed is closed.
+
+Limits (:class:`TcpLimits`, the ``sip.tcp_*`` settings), each reported through
+``on_event(kind, addr, n)`` when it bites — the shell counts ``kind`` and logs it sampled:
+
+- **connections**: at most ``max_connections`` inbound connections in all and
+  ``max_connections_per_ip`` from one IP address. Beyond, the new connection is accepted and
+  closed at once (``tcp_refused_total``, ``tcp_refused_per_ip``): the kernel has finished the
+  handshake already, and a connection left in the backlog would hold its place there. The
+  ``exempt`` addresses (the core's) are neither capped nor counted, nor are sipguard's own
+  outbound connections.
+- **slow messages**: a connection holding a partial message (bytes buffered, no complete
+  message) for longer than ``message_timeout_s`` is closed (``tcp_message_timeout``; slowloris).
+  Up to three buffered bytes do not count: they may be the start of a CRLFCRLF ping.
+- **idle**: a connection with no complete SIP message, in either direction, for
+  ``idle_timeout_s`` — counted from the last one, or from connect — is closed
+  (``tcp_idle_closed``). CRLF keep-alives are answered but are not traffic here: otherwise a
+  client sending nothing but pings would hold a connection (and its buffers) for ever. A peer
+  that keeps a quiet connection on purpose (an RFC 5626 flow between REGISTERs, a long call
+  without session timers) loses it after the timeout and opens a new one when it next sends;
+  set ``idle_timeout_s`` above the longest quiet period such peers need.
+- **write back-pressure**: when a connection's transport buffer holds more than
+  ``write_buffer_max`` bytes (asyncio's ``pause_writing``), sipguard stops reading from it until
+  the buffer is back under a quarter of that (``resume_writing``), so a client that never reads
+  its answers cannot make sipguard queue more (``tcp_write_paused``). Still paused after
+  ``write_stall_timeout_s``, or its buffer past four times ``write_buffer_max``, the connection
+  is aborted, its buffer dropped (``tcp_write_stalled``, ``tcp_write_overflow``). Bytes waiting
+  for an outbound connection to open are held up to ``write_buffer_max``; more are dropped
+  (``tcp_send_dropped``).
+- **outbound connect**: an outbound connection not open within ``connect_timeout_s``, or
+  refused, is given up (``tcp_connect_failed``), and the messages that were waiting for it are
+  dropped (``tcp_queued_dropped``, counted per message); the next send tries again.
+
+The time-based limits are checked by :meth:`TcpPool.sweep`, which the pool runs every
+:data:`SWEEP_S` seconds on its own.
 """
 
 from __future__ import annotations
@@ -12,67 +46,150 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from sipguard.sip.errors import SipParseError
 from sipguard.sip.framing import PING, StreamFramer
 
 MessageHandler = Callable[[bytes, tuple[str, int], int, int], None]  # data, addr, local, conn
 ErrorHandler = Callable[[SipParseError, tuple[str, int], int], None]
+EventHandler = Callable[[str, tuple[str, int], int], None]  # kind, remote address, count
+
+SWEEP_S = 1.0  # how often the time-based limits are checked
+PARTIAL_MIN = 3  # buffered bytes that may be a ping's first half, not a partial message
+HARD_CAP_FACTOR = 4  # abort a paused connection whose buffer passes this × write_buffer_max
 
 _ids = itertools.count(1)
 
 
+@dataclass(frozen=True, slots=True)
+class TcpLimits:
+    """The pool's limits; the defaults are the config's (``sip.tcp_*``)."""
+
+    max_connections: int = 4096
+    max_connections_per_ip: int = 64
+    message_timeout_s: float = 10.0
+    idle_timeout_s: float = 600.0
+    write_buffer_max: int = 1048576
+    write_stall_timeout_s: float = 30.0
+    connect_timeout_s: float = 5.0
+    exempt: frozenset[str] = frozenset()  # remote IPs neither capped nor counted (the core)
+
+
 class TcpConnection(asyncio.Protocol):
-    def __init__(self, pool: TcpPool, local: int, max_size: int) -> None:
+    def __init__(self, pool: TcpPool, local: int, max_size: int, inbound: bool = True) -> None:
         self.pool = pool
         self.local = local
         self.id = next(_ids)
         self.framer = StreamFramer(max_size)
         self.transport: asyncio.Transport | None = None
         self.addr: tuple[str, int] = ("", 0)
+        self.inbound = inbound
+        self.counted = False  # holds a place in the pool's inbound counts
         self.pending: list[bytes] = []
-        self.last_active = 0.0
+        self.pending_bytes = 0
+        self.last_message = 0.0  # loop time of the last complete message either way, or connect
+        self.partial_since: float | None = None  # a partial message is buffered since then
+        self.paused_since: float | None = None  # reading paused for a full write buffer since
+        self.closed_at = 0.0
         self.closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = tr = transport  # type: ignore[assignment]  # uvloop's is no subclass
         peer = transport.get_extra_info("peername")
         self.addr = (peer[0], peer[1])
-        self.last_active = self.pool.loop.time()
-        self.pool.register(self)
+        pool = self.pool
+        self.last_message = pool.loop.time()
+        if self.inbound and not pool.admit(self):
+            self.closed = True
+            self.closed_at = self.last_message
+            tr.close()
+            return
+        high = pool.limits.write_buffer_max
+        tr.set_write_buffer_limits(high=high, low=high // 4)  # type: ignore[attr-defined]
+        pool.register(self)
         for data in self.pending:
             tr.write(data)  # type: ignore[attr-defined]
         self.pending.clear()
+        self.pending_bytes = 0
 
     def data_received(self, data: bytes) -> None:
-        self.last_active = self.pool.loop.time()
+        pool = self.pool
         try:
             items = self.framer.feed(data)
         except SipParseError as err:
-            self.pool.on_error(err, self.addr, self.local)
+            pool.on_error(err, self.addr, self.local)
             self.close()
             return
+        now = -1.0
         for item in items:
             if item is PING:
-                self.write(b"\r\n")
+                self._write(b"\r\n")  # a pong is no traffic for the idle timeout
             else:
                 assert isinstance(item, bytes)
-                self.pool.on_message(item, self.addr, self.local, self.id)
+                if now < 0:
+                    now = self.last_message = pool.loop.time()
+                pool.on_message(item, self.addr, self.local, self.id)
+        if self.framer.buffered <= PARTIAL_MIN:
+            self.partial_since = None
+        elif items or self.partial_since is None:
+            self.partial_since = now if now >= 0 else pool.loop.time()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.pool.unregister(self)
 
+    def pause_writing(self) -> None:
+        pool = self.pool
+        self.paused_since = pool.loop.time()
+        tr = self.transport
+        if tr is not None and not tr.is_closing():
+            tr.pause_reading()
+        pool.event("tcp_write_paused", self.addr)
+
+    def resume_writing(self) -> None:
+        self.paused_since = None
+        tr = self.transport
+        if tr is not None and not tr.is_closing():
+            tr.resume_reading()
+
     def write(self, data: bytes) -> None:
-        if self.transport is None:
+        """Send a SIP message: traffic for the idle timeout."""
+        self.last_message = self.pool.loop.time()
+        self._write(data)
+
+    def _write(self, data: bytes) -> None:
+        tr = self.transport
+        if tr is None:
+            if self.closed:
+                return
+            limit = self.pool.limits.write_buffer_max
+            if self.pending_bytes + len(data) > limit:
+                self.pool.event("tcp_send_dropped", self.addr)
+                return
             self.pending.append(data)
-        else:
-            self.last_active = self.pool.loop.time()
-            self.transport.write(data)
+            self.pending_bytes += len(data)
+            return
+        if self.closed:
+            return
+        tr.write(data)
+        if self.paused_since is not None and tr.get_write_buffer_size() > (
+            HARD_CAP_FACTOR * self.pool.limits.write_buffer_max
+        ):
+            self.pool.event("tcp_write_overflow", self.addr)
+            self.abort()
 
     def close(self) -> None:
+        """Close after what is buffered is sent (the sweep aborts it if that never happens)."""
         if self.transport is not None and not self.closed:
+            self.closed_at = self.pool.loop.time()
             self.transport.close()
+        self.closed = True
+
+    def abort(self) -> None:
+        """Close at once, dropping whatever is buffered."""
+        if self.transport is not None:
+            self.transport.abort()
         self.closed = True
 
 
@@ -85,14 +202,44 @@ class TcpPool:
         on_message: MessageHandler,
         on_error: ErrorHandler,
         max_size: int,
+        limits: TcpLimits | None = None,
+        on_event: EventHandler | None = None,
     ) -> None:
         self.loop = loop
         self.on_message = on_message
         self.on_error = on_error
+        self.on_event = on_event
         self.max_size = max_size
+        self.limits = limits or TcpLimits()
         self.by_id: dict[int, TcpConnection] = {}
         self.by_addr: dict[tuple[str, int], TcpConnection] = {}
         self.servers: list[asyncio.Server] = []
+        self.inbound = 0  # inbound connections holding a place (exempt ones not included)
+        self.per_ip: dict[str, int] = {}
+        self._connecting: set[asyncio.Task[None]] = set()
+        self._sweeper: asyncio.TimerHandle | None = loop.call_later(SWEEP_S, self._tick)
+
+    def event(self, kind: str, addr: tuple[str, int], n: int = 1) -> None:
+        if self.on_event is not None:
+            self.on_event(kind, addr, n)
+
+    def admit(self, conn: TcpConnection) -> bool:
+        """Take a place for a new inbound connection, or report why there is none."""
+        ip = conn.addr[0]
+        limits = self.limits
+        if ip in limits.exempt:
+            return True
+        if self.inbound >= limits.max_connections:
+            self.event("tcp_refused_total", conn.addr)
+            return False
+        n = self.per_ip.get(ip, 0)
+        if n >= limits.max_connections_per_ip:
+            self.event("tcp_refused_per_ip", conn.addr)
+            return False
+        self.per_ip[ip] = n + 1
+        self.inbound += 1
+        conn.counted = True
+        return True
 
     def register(self, conn: TcpConnection) -> None:
         self.by_id[conn.id] = conn
@@ -102,6 +249,15 @@ class TcpPool:
         self.by_id.pop(conn.id, None)
         if self.by_addr.get(conn.addr) is conn:
             del self.by_addr[conn.addr]
+        if conn.counted:
+            conn.counted = False
+            self.inbound -= 1
+            ip = conn.addr[0]
+            left = self.per_ip.get(ip, 1) - 1
+            if left > 0:
+                self.per_ip[ip] = left
+            else:
+                self.per_ip.pop(ip, None)
 
     async def listen(self, host: str, port: int, local: int) -> None:
         server = await self.loop.create_server(
@@ -115,30 +271,73 @@ class TcpPool:
         if conn is None or conn.closed:
             conn = self.by_addr.get(addr)
         if conn is None or conn.closed:
-            conn = TcpConnection(self, local, self.max_size)
+            conn = TcpConnection(self, local, self.max_size, inbound=False)
             conn.addr = addr
             self.by_addr[addr] = conn
-            conn.pending.append(data)
-            self.loop.create_task(self._connect(conn, addr))
+            conn.write(data)
+            task = self.loop.create_task(self._connect(conn, addr))
+            self._connecting.add(task)
+            task.add_done_callback(self._connecting.discard)
             return
         conn.write(data)
 
     async def _connect(self, conn: TcpConnection, addr: tuple[str, int]) -> None:
         try:
-            await self.loop.create_connection(lambda: conn, addr[0], addr[1])
-        except OSError:
+            async with asyncio.timeout(self.limits.connect_timeout_s):
+                await self.loop.create_connection(lambda: conn, addr[0], addr[1])
+        except OSError:  # refused, unreachable, or TimeoutError (a subclass)
             conn.closed = True
             if self.by_addr.get(addr) is conn:
                 del self.by_addr[addr]
+            self.event("tcp_connect_failed", addr)
+            if conn.pending:
+                self.event("tcp_queued_dropped", addr, len(conn.pending))
+                conn.pending.clear()
+                conn.pending_bytes = 0
+
+    def _tick(self) -> None:
+        self.sweep()
+        self._sweeper = self.loop.call_later(SWEEP_S, self._tick)
+
+    def sweep(self) -> None:
+        """Apply the time-based limits: write stalls, slow messages, idle connections, and
+        closed connections whose last bytes never drained (aborted after the message timeout)."""
+        now = self.loop.time()
+        limits = self.limits
+        stall_cut = now - limits.write_stall_timeout_s
+        message_cut = now - limits.message_timeout_s
+        idle_cut = now - limits.idle_timeout_s
+        for conn in list(self.by_id.values()):
+            if conn.closed:
+                if conn.closed_at < message_cut:
+                    conn.abort()
+            elif conn.paused_since is not None:
+                if conn.paused_since < stall_cut:
+                    self.event("tcp_write_stalled", conn.addr)
+                    conn.abort()
+            elif conn.partial_since is not None and conn.partial_since < message_cut:
+                self.event("tcp_message_timeout", conn.addr)
+                conn.close()
+            elif conn.last_message < idle_cut:
+                self.event("tcp_idle_closed", conn.addr)
+                conn.close()
 
     def close_idle(self, idle_s: float) -> int:
+        """Close the connections with no complete message for ``idle_s`` seconds (keep-alives
+        do not count); return how many."""
         cutoff = self.loop.time() - idle_s
-        idle = [c for c in self.by_id.values() if c.last_active < cutoff]
+        idle = [c for c in self.by_id.values() if not c.closed and c.last_message < cutoff]
         for conn in idle:
+            self.event("tcp_idle_closed", conn.addr)
             conn.close()
         return len(idle)
 
     async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        for task in list(self._connecting):
+            task.cancel()
         for server in self.servers:
             server.close()
         for conn in list(self.by_id.values()):

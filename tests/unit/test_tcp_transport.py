@@ -1,7 +1,11 @@
-"""TcpPool over real sockets on 127.0.0.1: framing per connection, errors, reuse, idle close.
+"""TcpPool over real sockets on 127.0.0.1: framing per connection, errors, reuse, idle close,
+and the limits (connection caps, message and idle timeouts, write back-pressure, connect
+timeout).
 
-No SIPp: the far ends are plain asyncio streams. The pool listens on port 0 (the kernel picks a
-free port); every wait is bounded, so a missing message fails the test instead of hanging it.
+No SIPp: the far ends are plain asyncio streams or sockets. The pool listens on port 0 (the
+kernel picks a free port); clients bind 127.0.0.2 and up when a test needs other source
+addresses (any 127/8 address is local on Linux). Every wait is bounded, so a missing message
+fails the test instead of hanging it.
 """
 
 from __future__ import annotations
@@ -14,7 +18,8 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 
 from sipguard.sip.errors import SipParseError
-from sipguard.transport.tcp import TcpPool
+from sipguard.transport import tcp
+from sipguard.transport.tcp import TcpLimits, TcpPool
 
 LOCAL = 3  # the listener's index, as the shell numbers its endpoints
 MAX_SIZE = 2048
@@ -34,11 +39,18 @@ def msg(n: int, body: bytes = b"hello") -> bytes:
 
 
 class Recorder:
-    """The pool's two callbacks, recording what they were called with."""
+    """The pool's three callbacks, recording what they were called with."""
 
     def __init__(self) -> None:
         self.messages: list[tuple[bytes, tuple[str, int], int, int]] = []
         self.errors: list[tuple[SipParseError, tuple[str, int], int]] = []
+        self.events: list[tuple[str, tuple[str, int], int]] = []
+
+    def on_event(self, kind: str, addr: tuple[str, int], n: int) -> None:
+        self.events.append((kind, addr, n))
+
+    def count(self, kind: str) -> int:
+        return sum(n for k, _, n in self.events if k == kind)
 
     def on_message(self, data: bytes, addr: tuple[str, int], local: int, conn: int) -> None:
         self.messages.append((data, addr, local, conn))
@@ -56,8 +68,12 @@ class Listening:
         self.port = port
         self.writers: list[asyncio.StreamWriter] = []  # every client, closed at teardown
 
-    async def connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+    async def connect(
+        self, source: str = "127.0.0.1"
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", self.port, local_addr=(source, 0)
+        )
         self.writers.append(writer)
         return reader, writer
 
@@ -78,19 +94,36 @@ async def closed_by_peer(reader: asyncio.StreamReader) -> bool:
         return True
 
 
-@pytest.fixture
-async def listening() -> AsyncIterator[Listening]:
+@contextlib.asynccontextmanager
+async def listening_with(limits: TcpLimits) -> AsyncIterator[Listening]:
+    """A pool with these limits listening on 127.0.0.1; every client closed at the end."""
     rec = Recorder()
-    pool = TcpPool(asyncio.get_running_loop(), rec.on_message, rec.on_error, MAX_SIZE)
+    pool = TcpPool(
+        asyncio.get_running_loop(), rec.on_message, rec.on_error, MAX_SIZE, limits, rec.on_event
+    )
     await pool.listen("127.0.0.1", 0, LOCAL)
     port = pool.servers[0].sockets[0].getsockname()[1]
     ends = Listening(pool, rec, port)
-    yield ends
-    for writer in ends.writers:
-        writer.close()
-        with contextlib.suppress(ConnectionError):
-            await writer.wait_closed()
-    await pool.close()
+    try:
+        yield ends
+    finally:
+        for writer in ends.writers:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+        await pool.close()
+
+
+@pytest.fixture
+async def listening() -> AsyncIterator[Listening]:
+    async with listening_with(TcpLimits()) as ends:
+        yield ends
+
+
+@pytest.fixture
+def fast_sweep(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pool checks its time-based limits every 20 ms instead of every second."""
+    monkeypatch.setattr(tcp, "SWEEP_S", 0.02)
 
 
 async def test_pipelined_messages_in_one_write_come_out_one_by_one(listening: Listening) -> None:
@@ -261,19 +294,304 @@ async def test_a_failed_connect_is_forgotten_and_the_next_send_tries_again(
 async def test_close_idle_closes_only_connections_idle_for_longer_than_the_limit(
     listening: Listening,
 ) -> None:
-    """close_idle(s) closes the connections with no traffic in the last s seconds, returns how
-    many it closed, and leaves a recently active connection open and working."""
+    """close_idle(s) closes the connections with no complete message in the last s seconds,
+    returns how many it closed, and leaves a recently active connection open and working."""
     idle_reader, idle_writer = await listening.connect()
     busy_reader, busy_writer = await listening.connect()
     await until(lambda: len(listening.pool.by_id) == 2)
     assert listening.pool.close_idle(60.0) == 0
     await asyncio.sleep(0.5)
-    busy_writer.write(b"\r\n\r\n")  # a keep-alive is traffic too
-    async with asyncio.timeout(TIMEOUT):
-        assert await busy_reader.readexactly(2) == b"\r\n"
+    busy_writer.write(msg(1))  # a message is traffic
+    await until(lambda: len(listening.rec.messages) == 1)
     assert listening.pool.close_idle(0.4) == 1
     assert await closed_by_peer(idle_reader)
     await until(lambda: len(listening.pool.by_id) == 1)
-    busy_writer.write(msg(1))
-    await until(lambda: len(listening.rec.messages) == 1)
-    assert listening.rec.messages[0][0] == msg(1)
+    assert listening.rec.count("tcp_idle_closed") == 1
+    busy_writer.write(msg(2))
+    await until(lambda: len(listening.rec.messages) == 2)
+    assert listening.rec.messages[1][0] == msg(2)
+
+
+# ------------------------------------------------------------------------------ limits
+
+
+async def test_connections_beyond_the_per_ip_cap_are_closed_at_once() -> None:
+    """With a cap of 3 per IP, a 4th and 5th connection from 127.0.0.1 are closed at once and
+    counted, while one from 127.0.0.2 is still accepted and served; closing one from 127.0.0.1
+    frees its place."""
+    async with listening_with(TcpLimits(max_connections_per_ip=3)) as ends:
+        first = [await ends.connect() for _ in range(3)]
+        await until(lambda: ends.pool.per_ip.get("127.0.0.1") == 3)
+        for _ in range(2):
+            reader, _ = await ends.connect()
+            assert await closed_by_peer(reader)
+        assert ends.rec.count("tcp_refused_per_ip") == 2
+        assert ends.pool.per_ip == {"127.0.0.1": 3} and len(ends.pool.by_id) == 3
+        reader, writer = await ends.connect("127.0.0.2")
+        writer.write(msg(1))
+        await until(lambda: len(ends.rec.messages) == 1)
+        assert ends.rec.messages[0][1][0] == "127.0.0.2"
+        assert ends.pool.per_ip == {"127.0.0.1": 3, "127.0.0.2": 1} and ends.pool.inbound == 4
+        first[0][1].close()
+        await until(lambda: ends.pool.per_ip.get("127.0.0.1") == 2)
+        reader, writer = await ends.connect()
+        writer.write(msg(2))
+        await until(lambda: len(ends.rec.messages) == 2)
+        assert ends.rec.count("tcp_refused_per_ip") == 2
+
+
+async def test_connections_beyond_the_total_cap_are_closed_but_the_exempt_address_gets_in() -> None:
+    """With a cap of 4 inbound connections in all, a 5th from a third address is closed and
+    counted as tcp_refused_total; the exempt address (the core's) still connects and is not
+    counted."""
+    limits = TcpLimits(max_connections=4, exempt=frozenset({"127.0.0.4"}))
+    async with listening_with(limits) as ends:
+        for source in ("127.0.0.1", "127.0.0.1", "127.0.0.2", "127.0.0.2"):
+            await ends.connect(source)
+        await until(lambda: ends.pool.inbound == 4)
+        reader, _ = await ends.connect("127.0.0.3")
+        assert await closed_by_peer(reader)
+        assert ends.rec.count("tcp_refused_total") == 1
+        assert ends.rec.events[0][1][0] == "127.0.0.3"
+        reader, writer = await ends.connect("127.0.0.4")
+        writer.write(msg(1))
+        await until(lambda: len(ends.rec.messages) == 1)
+        assert ends.pool.inbound == 4 and "127.0.0.4" not in ends.pool.per_ip
+        assert len(ends.pool.by_id) == 5
+
+
+@pytest.mark.usefixtures("fast_sweep")
+async def test_a_slow_sender_is_closed_after_the_message_timeout() -> None:
+    """A client trickling a header block a few bytes at a time is closed once its partial
+    message is older than the message timeout (tcp_message_timeout), though bytes keep
+    arriving; a client sending whole messages at the same pace stays open."""
+    async with listening_with(TcpLimits(message_timeout_s=0.3)) as ends:
+        slow_reader, slow_writer = await ends.connect()
+        busy_reader, busy_writer = await ends.connect("127.0.0.2")
+        data = msg(1)
+        start = asyncio.get_running_loop().time()
+        closed = asyncio.ensure_future(closed_by_peer(slow_reader))
+        for i in range(60):  # at most 3 s
+            if closed.done():
+                break
+            with contextlib.suppress(ConnectionError):
+                slow_writer.write(data[i * 4 : i * 4 + 4])
+            busy_writer.write(msg(100 + i))
+            await asyncio.sleep(0.05)
+        assert await closed
+        elapsed = asyncio.get_running_loop().time() - start
+        assert 0.3 <= elapsed < 2.0
+        assert ends.rec.count("tcp_message_timeout") == 1
+        assert all(m[1][0] == "127.0.0.2" for m in ends.rec.messages)
+        assert len(ends.pool.by_id) == 1  # the busy client's connection
+        busy_writer.write(msg(999))
+        await until(lambda: ends.rec.messages[-1][0] == msg(999))
+
+
+@pytest.mark.usefixtures("fast_sweep")
+async def test_keepalives_are_answered_but_do_not_hold_an_idle_connection_open() -> None:
+    """CRLFCRLF pings every 50 ms are each answered with CRLF, yet the connection is closed
+    once the idle timeout has passed since its last complete message (tcp_idle_closed); a
+    client sending a message every 100 ms stays open."""
+    async with listening_with(TcpLimits(idle_timeout_s=0.5)) as ends:
+        reader, writer = await ends.connect()
+        busy_reader, busy_writer = await ends.connect("127.0.0.2")
+        writer.write(msg(1))
+        await until(lambda: len(ends.rec.messages) == 1)
+        last_message = asyncio.get_running_loop().time()
+        pongs = 0
+        closed_at = None
+        for i in range(60):  # at most 60 pings, about 3 s
+            try:
+                writer.write(b"\r\n\r\n")
+                async with asyncio.timeout(1.0):
+                    got = await reader.read(2)
+            except (ConnectionError, TimeoutError):
+                got = b""
+            if got == b"":
+                closed_at = asyncio.get_running_loop().time()
+                break
+            assert got == b"\r\n"
+            pongs += 1
+            if i % 2 == 0:
+                busy_writer.write(msg(100 + i))
+            await asyncio.sleep(0.05)
+        assert closed_at is not None, "pings kept the idle connection open"
+        assert 0.5 <= closed_at - last_message < 2.0
+        assert pongs >= 5
+        assert ends.rec.count("tcp_idle_closed") == 1
+        assert [c.addr[0] for c in ends.pool.by_id.values()] == ["127.0.0.2"]
+
+
+def _stuffed_client(port: int) -> socket.socket:
+    """A client socket with a tiny receive buffer that will never read: its window fills at
+    once, so what the pool sends stays in the pool's buffers."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    sock.connect_ex(("127.0.0.1", port))
+    return sock
+
+
+async def _fill_until(
+    pool: TcpPool, conn_id: int, addr: tuple[str, int], done: Callable[[], bool]
+) -> int:
+    """Send 64 KiB chunks on the connection until ``done()`` (at most 400 of them); the count."""
+    chunk = b"x" * 65536
+    for n in range(1, 401):
+        pool.send(chunk, addr, LOCAL, conn_id)
+        if done():
+            return n
+        await asyncio.sleep(0)
+    raise AssertionError("the limit never bit")
+
+
+async def test_a_full_write_buffer_pauses_reading_until_it_drains() -> None:
+    """A client that does not read makes the pool's write buffer pass its high-water mark:
+    the pool stops reading from it (a message sent meanwhile is not delivered) and counts
+    tcp_write_paused; once the client reads everything, reading resumes and the message
+    arrives."""
+    async with listening_with(TcpLimits(write_buffer_max=65536)) as ends:
+        loop = asyncio.get_running_loop()
+        sock = _stuffed_client(ends.port)
+        try:
+            await until(lambda: len(ends.pool.by_id) == 1)
+            await loop.sock_sendall(sock, msg(1))
+            await until(lambda: len(ends.rec.messages) == 1)
+            _, addr, _, conn_id = ends.rec.messages[0]
+            conn = ends.pool.by_id[conn_id]
+            sent = await _fill_until(
+                ends.pool, conn_id, addr, lambda: conn.paused_since is not None
+            )
+            assert ends.rec.count("tcp_write_paused") == 1
+            assert conn.transport is not None and not conn.transport.is_reading()
+            await loop.sock_sendall(sock, msg(2))
+            await asyncio.sleep(0.2)
+            assert len(ends.rec.messages) == 1  # not read while paused
+            want = sent * 65536
+            got = 0
+            async with asyncio.timeout(TIMEOUT):
+                while got < want:
+                    got += len(await loop.sock_recv(sock, 1 << 20))
+            assert conn.paused_since is None and conn.transport.is_reading()
+            await until(lambda: len(ends.rec.messages) == 2)
+            assert ends.rec.messages[1][0] == msg(2)
+            assert not conn.closed
+        finally:
+            sock.close()
+
+
+@pytest.mark.usefixtures("fast_sweep")
+async def test_a_client_that_never_reads_is_aborted_on_overflow_or_stall() -> None:
+    """A paused connection whose buffer keeps growing past four times the high-water mark is
+    aborted at once (tcp_write_overflow); one left paused past the stall timeout is aborted by
+    the sweep (tcp_write_stalled). Both leave the pool."""
+    limits = TcpLimits(write_buffer_max=65536, write_stall_timeout_s=0.3)
+    async with listening_with(limits) as ends:
+        socks = [_stuffed_client(ends.port), _stuffed_client(ends.port)]
+        try:
+            loop = asyncio.get_running_loop()
+            await until(lambda: len(ends.pool.by_id) == 2)
+            for i, sock in enumerate(socks):
+                await loop.sock_sendall(sock, msg(i))
+            await until(lambda: len(ends.rec.messages) == 2)
+            (_, addr_a, _, id_a), (_, addr_b, _, id_b) = ends.rec.messages
+            a, b = ends.pool.by_id[id_a], ends.pool.by_id[id_b]
+            await _fill_until(ends.pool, id_a, addr_a, lambda: a.closed)
+            assert ends.rec.count("tcp_write_overflow") == 1
+            await _fill_until(ends.pool, id_b, addr_b, lambda: b.paused_since is not None)
+            start = loop.time()
+            await until(lambda: b.closed)
+            assert loop.time() - start >= 0.25
+            assert ends.rec.count("tcp_write_stalled") == 1
+            await until(lambda: not ends.pool.by_id)
+        finally:
+            for sock in socks:
+                sock.close()
+
+
+async def test_a_refused_connect_is_counted_and_its_queued_messages_dropped(
+    listening: Listening,
+) -> None:
+    """Three sends to a port where nothing listens: one tcp_connect_failed, and the three
+    messages that waited for the connection are dropped and counted (tcp_queued_dropped)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        addr = probe.getsockname()
+    for i in range(3):
+        listening.pool.send(msg(i), addr, LOCAL, None)
+    await until(lambda: listening.rec.count("tcp_connect_failed") == 1)
+    assert listening.rec.events == [
+        ("tcp_connect_failed", addr, 1),
+        ("tcp_queued_dropped", addr, 3),
+    ]
+    assert addr not in listening.pool.by_addr
+
+
+async def test_a_connect_that_hangs_times_out() -> None:
+    """A connect to a listener whose accept queue is full (the kernel drops the SYN, as a
+    blackholed address would) is given up after the connect timeout and counted."""
+    async with listening_with(TcpLimits(connect_timeout_s=0.3)) as ends:
+        loop = asyncio.get_running_loop()
+        with socket.socket() as full:
+            full.bind(("127.0.0.1", 0))
+            full.listen(0)
+            addr = full.getsockname()
+            fillers = []
+            try:
+                for _ in range(3):  # fill the accept queue (nobody accepts)
+                    filler = socket.socket()
+                    filler.setblocking(False)
+                    filler.connect_ex(addr)
+                    fillers.append(filler)
+                await asyncio.sleep(0.1)
+                start = loop.time()
+                ends.pool.send(msg(1), addr, LOCAL, None)
+                await until(lambda: ends.rec.count("tcp_connect_failed") == 1)
+                assert 0.25 <= loop.time() - start < 2.0
+                assert ends.rec.count("tcp_queued_dropped") == 1
+                assert addr not in ends.pool.by_addr
+            finally:
+                for filler in fillers:
+                    filler.close()
+
+
+async def test_bytes_waiting_for_a_connection_are_capped() -> None:
+    """While an outbound connection opens, at most write_buffer_max bytes wait for it; a send
+    beyond is dropped and counted (tcp_send_dropped)."""
+    async with listening_with(TcpLimits(write_buffer_max=16384, connect_timeout_s=0.3)) as ends:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            addr = probe.getsockname()
+        for _ in range(3):
+            ends.pool.send(b"x" * 6000, addr, LOCAL, None)
+        assert ends.rec.count("tcp_send_dropped") == 1
+        await until(lambda: ends.rec.count("tcp_queued_dropped") == 2)
+
+
+def test_the_shell_takes_the_limits_from_the_config_and_exempts_the_core() -> None:
+    """tcp_limits() maps every sip.tcp_* setting onto TcpLimits and exempts the core's IP
+    address from the caps; a core named by hostname exempts nothing."""
+    from sipguard.ops.config_load import parse_config
+    from sipguard.server import tcp_limits
+
+    cfg = parse_config(
+        "listen: [tcp://127.0.0.1:5060]\ncore: tcp://10.0.0.10:5060\n"
+        "sip: {tcp_max_connections: 10, tcp_max_connections_per_ip: 2, "
+        "tcp_message_timeout_s: 3, tcp_idle_timeout_s: 30, tcp_write_buffer_max: 65536, "
+        "tcp_write_stall_timeout_s: 7, tcp_connect_timeout_s: 2}\n"
+    )
+    assert tcp_limits(cfg) == TcpLimits(
+        max_connections=10,
+        max_connections_per_ip=2,
+        message_timeout_s=3,
+        idle_timeout_s=30,
+        write_buffer_max=65536,
+        write_stall_timeout_s=7,
+        connect_timeout_s=2,
+        exempt=frozenset({"10.0.0.10"}),
+    )
+    named = parse_config("listen: [tcp://127.0.0.1:5060]\ncore: udp://core.example:5060\n")
+    assert tcp_limits(named).exempt == frozenset()
+    defaults = tcp_limits(parse_config("listen: [udp://127.0.0.1:5060]\ncore: udp://[::1]:5080\n"))
+    assert defaults == TcpLimits(exempt=frozenset({"::1"}))  # the config's defaults are the pool's
