@@ -199,6 +199,11 @@ class Dialog:
     hard_expires: float  # started + maximum lifetime: no refresh goes past it
     session_interval: float | None  # RFC 4028 Session-Expires of the last 2xx, seconds
     lease: str  # the id its limits are held under (the accepted CallInfo's lease)
+    # The outside party: where its in-dialog requests must come from (and, over TCP, the
+    # connection requests toward it reuse). For a call the core placed (``outbound``), the
+    # party the INVITE was sent to.
+    party: Flow | None
+    outbound: bool  # the core placed the call: no policy, no limits
 
     # Hand-written __init__s in this module: mypyc compiles them, where dataclass-made ones run
     # as Python (these objects are made for every call).
@@ -217,6 +222,8 @@ class Dialog:
         state: str = "early",
         hard_expires: float = 0.0,
         lease: str = "",
+        party: Flow | None = None,
+        outbound: bool = False,
     ) -> None:
         self.call_id = call_id
         self.caller_tag = caller_tag
@@ -236,6 +243,8 @@ class Dialog:
         self.hard_expires = hard_expires or expires
         self.session_interval = None
         self.lease = lease or f"{call_id}\n{caller_tag}"
+        self.party = party
+        self.outbound = outbound
 
 
 @dataclass(slots=True, init=False)
@@ -284,6 +293,36 @@ class ParseFailed:
 @dataclass(slots=True, init=False)
 class Dropped:
     """A message the proxy discarded on purpose (stray response, unroutable, ...)."""
+
+    kind: str
+    detail: str
+    flow: Flow
+
+    def __init__(self, kind: str, detail: str, flow: Flow) -> None:
+        self.kind = kind
+        self.detail = detail
+        self.flow = flow
+
+
+@dataclass(slots=True, init=False)
+class Screened:
+    """An out-of-dialog request from outside refused before any transaction (unknown source,
+    method not allowed, suspended number): answered once, statelessly, or dropped."""
+
+    method: str
+    flow: Flow
+    verdict: Verdict
+
+    def __init__(self, method: str, flow: Flow, verdict: Verdict) -> None:
+        self.method = method
+        self.flow = flow
+        self.verdict = verdict
+
+
+@dataclass(slots=True, init=False)
+class Noticed:
+    """Something the operator should know that is not an error of this message (e.g. the
+    core's 2xx lacks sipguard's Record-Route: its BYE will go around sipguard)."""
 
     kind: str
     detail: str
@@ -355,5 +394,5 @@ class Failed:
 
 Event = (
     InviteDecided | DialogStarted | DialogEnded | ParseFailed | Dropped | DecisionPending
-    | Deferred | SourceFlagged | Failed
+    | Deferred | SourceFlagged | Failed | Screened | Noticed
 )

@@ -52,6 +52,7 @@ from sipguard.policy import flood
 from sipguard.policy.engine import Policy
 from sipguard.proxy.core import Proxy
 from sipguard.proxy.settings import ProxySettings
+from sipguard.sip.message import Message
 
 
 def _no_perf() -> float:
@@ -190,6 +191,16 @@ class EdgeCore:
 
     def abandoned(self, call: CallInfo, now: float) -> None:
         self._defer(self.policy.abandoned(call, now), "abandoned")
+
+    def screen(self, msg: Message, flow: Flow, now: float) -> Verdict | None:
+        try:
+            return self.policy.screen(msg, flow, now)
+        except Exception:  # fails closed, like a rule that raises
+            self.proxy.events.append(Failed("screen", traceback.format_exc(limit=8), flow))
+            return DECISION_FAILED
+
+    def same_party(self, dialog: Dialog, flow: Flow) -> bool:
+        return self.policy.same_party(dialog, flow)
 
     def _defer(self, pending: Iterable[Awaitable[None]], what: str) -> None:
         for aw in pending:

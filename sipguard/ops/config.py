@@ -49,6 +49,31 @@ class SipSettings(BaseModel):
         description="Largest SIP message accepted, bytes; a larger one gets 513 Message Too "
         "Large.",
     )
+    max_headers: int = Field(
+        default=256, ge=32,
+        description="Header lines in one message at most (a folded one counts once); more: "
+        "400 `too many headers`. A large INVITE has 40.",
+    )
+    max_header_line: int = Field(
+        default=16384, ge=1024,
+        description="Longest header line with its folds, and start line, bytes; longer: 513 "
+        "(414 for a request line). An Identity header has about 900.",
+    )
+    max_continuation_lines: int = Field(
+        default=64, ge=1,
+        description="Continuation (folded) lines of one header at most; more: 400 `too many "
+        "continuation lines`.",
+    )
+    max_list_entries: int = Field(
+        default=100, ge=8,
+        description="Entries of one list header (Via, Route, Record-Route, Contact, PAI, "
+        "Diversion, History-Info) at most; more: 400. Max-Forwards 70 allows 71 Vias.",
+    )
+    max_header_params: int = Field(
+        default=512, ge=32,
+        description="Parameters of one header at most, over its entries and their URIs; "
+        "more: 400. Bounds what a parsed header costs (130 bytes a parameter).",
+    )
     max_dialog_lifetime_s: float = Field(
         default=14400,
         gt=0,
@@ -64,6 +89,33 @@ class SipSettings(BaseModel):
         default=True,
         description="Add Record-Route so in-dialog requests (ACK, BYE, re-INVITE) also pass "
         "sipguard.",
+    )
+    allow_methods: tuple[str, ...] = Field(
+        default=("INVITE", "OPTIONS"),
+        min_length=1,
+        description="Out-of-dialog methods accepted from peers (ACK and CANCEL that match a "
+        "call always are); others are answered 405 with Allow. `[\"*\"]`: every method.",
+    )
+    strip_headers: tuple[str, ...] = Field(
+        default=(),
+        description="More header names removed from every request from outside, besides "
+        "sipguard's own verdict headers (which always are).",
+    )
+    max_transactions: int = Field(
+        default=100000, ge=100,
+        description="Live server transactions at most; a new request beyond is answered 503 "
+        "+ Retry-After (`dropped_limit_transactions`), calls in progress go on.",
+    )
+    dialog_keepalive_s: float | None = Field(
+        default=None, ge=10,
+        description="Send in-dialog OPTIONS to both sides of every answered call this often, "
+        "seconds (null: off); a side answering 481/408 or not at all ends the call and frees "
+        "its slots (`dialogs_ended_keepalive_failed`).",
+    )
+    max_dialogs: int = Field(
+        default=100000, ge=1,
+        description="Live calls at most; a new INVITE beyond is answered 503 + Retry-After "
+        "(`dropped_limit_dialogs`), calls in progress go on.",
     )
     t1_ms: int = Field(
         default=500, ge=1,

@@ -72,8 +72,9 @@ class LineBatch:
 
     def write_out(self) -> None:
         if self._lines:
-            self._stream.write("\n".join(self._lines) + "\n")
-            self._lines.clear()
+            text = "\n".join(self._lines) + "\n"
+            self._lines.clear()  # first: a line that cannot be written is never retried
+            _write(self._stream, text)
 
 
 class LineWriter:
@@ -99,12 +100,21 @@ class LineWriter:
 
 
 def _line_writer(stream: TextIO) -> Callable[[str], None]:
-    write = stream.write
-
     def add(line: str) -> None:
-        write(line + "\n")
+        _write(stream, line + "\n")
 
     return add
+
+
+def _write(stream: TextIO, text: str) -> None:
+    """Write ``text``; bytes the stream cannot encode (a Call-ID holding 0xFF, kept as a
+    surrogate escape, in the console format) are written as backslash escapes instead of
+    stopping the writer."""
+    try:
+        stream.write(text)
+    except UnicodeEncodeError:
+        encoding = getattr(stream, "encoding", None) or "utf-8"
+        stream.write(text.encode(encoding, "backslashreplace").decode(encoding, "replace"))
 
 
 _streams: list[TextIO] = []

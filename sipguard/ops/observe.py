@@ -22,7 +22,9 @@ from sipguard.contract import (
     Event,
     Failed,
     InviteDecided,
+    Noticed,
     ParseFailed,
+    Screened,
     SourceFlagged,
 )
 from sipguard.ops.logging import CallLogger, SampledLogger
@@ -88,6 +90,12 @@ class Observer:
             )
         elif isinstance(event, SourceFlagged):
             self._flagged(event)
+        elif isinstance(event, Screened):
+            self._screened(event)
+        elif isinstance(event, Noticed):
+            c[f"noticed_{event.kind}"] += 1
+            self.sampled.log("warning", event.kind, key=f"noticed:{event.kind}",
+                             source=event.flow.addr[0], detail=event.detail)
         elif isinstance(event, Failed):
             c["internal_errors"] += 1
             source = event.flow.addr[0] if event.flow is not None else None
@@ -130,6 +138,30 @@ class Observer:
             decision_us=round(call.decision_us, 1),
             **call.labels,
         )
+
+    def _screened(self, event: Screened) -> None:
+        """An out-of-dialog request refused (or, monitored, let through) before it got a
+        transaction. INVITEs are logged as ``invite_decided`` like every other call decision,
+        other methods as ``request_screened``; both sampled per source and reason."""
+        c = self.counters
+        v, flow = event.verdict, event.flow
+        verdict = "monitored" if v.monitored else v.action
+        c[f"rule_{v.rule}_{v.reason}"] += 1
+        source = f"{flow.addr[0]}:{flow.addr[1]}"
+        key = f"screen:{v.rule}:{v.reason}:{flow.addr[0]}"
+        if event.method == "INVITE":
+            c[f"invites_{v.action}"] += 1
+            self.metrics.invites[(verdict, v.rule, "")] += 1
+            self.sampled.log("info", "invite_decided", key=key, source=source,
+                             transport=flow.transport, verdict=v.action,
+                             monitored=v.monitored or None, rule=v.rule, reason=v.reason,
+                             status=v.status or None)
+            return
+        c[f"requests_{verdict}"] += 1
+        self.sampled.log("info", "request_screened", key=key, method=event.method,
+                         source=source, transport=flow.transport, verdict=v.action,
+                         monitored=v.monitored or None, rule=v.rule, reason=v.reason,
+                         status=v.status or None)
 
     def _flagged(self, event: SourceFlagged) -> None:
         """A message the flood guard objected to: counted; a new ban is logged (sampled)."""

@@ -478,6 +478,17 @@ _PAI_LINES: dict[tuple[tuple[str, ...], str], str] = {}
 _PAI_LINES_MAX = 4096
 
 
+def pai_with_verstat(msg: Message, verstat: str, caller: str | None) -> str | None:
+    """The P-Asserted-Identity line that carries ``verstat``: the received values with it set,
+    or, when the INVITE has none, ``<tel:caller>`` for an E.164 caller; None otherwise. Used by
+    rule ``identity`` when rule ``callerid`` does not put verstat on."""
+    if msg.has("p-asserted-identity"):
+        return _pai_line(msg, verstat)
+    if caller is not None and caller.startswith("+") and caller[1:].isdigit():
+        return f"P-Asserted-Identity: <tel:{caller};verstat={verstat}>"
+    return None
+
+
 def _pai_line(msg: Message, verstat: str) -> str:
     """The P-Asserted-Identity line for the received values with ``verstat`` set, memoised by
     the received text (a caller's PAI comes back call after call); the memo is emptied when

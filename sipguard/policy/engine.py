@@ -32,7 +32,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from sipguard.contract import CallInfo, Dialog, Verdict
+from sipguard.contract import CallInfo, Dialog, Flow, Verdict
 from sipguard.policy import callerid, concurrency, dialer, flood, identity, rate
 from sipguard.policy.numbers import to_e164
 from sipguard.policy.peers import NumberSet, Peer, PeerTable, read_number_file
@@ -40,6 +40,7 @@ from sipguard.policy.pipeline import Pipeline, Rule
 from sipguard.policy.schema import PeerConfig, RulesConfig
 from sipguard.policy.schema import PolicyConfig as Config
 from sipguard.policy.state import RuleState
+from sipguard.sip.message import Message
 
 # rule name -> build(settings, ctx, peer) -> Rule | None
 RuleBuilder = Callable[[Any, "BuildContext", Peer | None], Rule | None]
@@ -64,6 +65,9 @@ class BuildContext:
     activations: list[Callable[[], None]] = field(default_factory=list)
     # number list files read by this build: path -> ((mtime_ns, size), numbers)
     pending_lists: dict[str, tuple[tuple[int, int], NumberSet]] = field(default_factory=dict)
+
+    # the rules of the pipeline being built (a rule may depend on which others are on)
+    rules: RulesConfig | None = None
 
     def on_activate(self, change: Callable[[], None]) -> None:
         """Run ``change`` (a change to the live state) when this policy is swapped in."""
@@ -90,6 +94,7 @@ def build_peer(pc: PeerConfig) -> Peer:
 
 def build_pipeline(rules: RulesConfig, ctx: BuildContext, peer: Peer | None) -> Pipeline:
     built: list[Rule] = []
+    ctx.rules = rules
     for name in rules.order:
         settings = getattr(rules, name)
         if settings is None or not settings.enabled:
@@ -121,6 +126,14 @@ class Policy:
         self.by_peer = {p.name: build_pipeline(pc.rules, self.ctx, p) for pc, p in peers}
         self.suspended = NumberSet(cfg.suspended)
         self.unknown_drop = cfg.unknown_source == "drop"
+        self._unknown_source = Verdict(
+            "drop" if self.unknown_drop else "reject",
+            rule="peers",
+            reason="unknown_source",
+            status=403,
+            phrase="Forbidden",
+            sample="peers:unknown_source",
+        )
         # the pre-parse flood and scanner check (rule ``flood``), run by the edge core
         self.flood = flood.guard(
             cfg.rules.flood, cfg.mode, self.state.flood, self.peers,
@@ -141,19 +154,58 @@ class Policy:
     def rules(self) -> tuple[Rule, ...]:
         return self.default.rules
 
+    def screen(self, msg: Message, flow: Flow, now: float) -> Verdict | None:
+        """An out-of-dialog request from outside, before sipguard keeps or sends anything:
+        the unknown-source check (every method), and for requests other than INVITE (whose
+        pipeline does it) the suspended numbers. None: go on."""
+        peer: Peer | None = None
+        if self.peers:
+            peer = self.peers.lookup(flow.addr[0])
+            if peer is None:
+                return self._global(self._unknown_source)
+        if self.suspended and msg.method != "INVITE":
+            caller: str | None = None
+            if peer is None or peer.trust_pai:
+                pais = msg.p_asserted_identities if msg.has("p-asserted-identity") else []
+                caller = pais[0].uri.number if pais else None
+            caller = caller or msg.from_.uri.number
+            callee = msg.request_uri.number or msg.to.uri.number
+            if peer is not None and peer.default_region is not None:
+                caller = to_e164(caller, peer.default_region)
+                callee = to_e164(callee, peer.default_region)
+            verdict = self._suspension(caller, callee)
+            if verdict is not None:
+                return self._global(verdict)
+        return None
+
+    def same_party(self, dialog: Dialog, flow: Flow) -> bool:
+        """An in-dialog request from another address of the peer the call came from (a
+        carrier's second SBC) speaks for the call's outside party."""
+        if dialog.peer is None or not self.peers:
+            return False
+        peer = self.peers.lookup(flow.addr[0])
+        return peer is not None and peer.name == dialog.peer
+
+    def _suspension(self, caller: str | None, callee: str | None) -> Verdict | None:
+        suspended = self.suspended
+        if caller not in suspended and callee not in suspended:
+            return None
+        which = "caller" if caller in suspended else "callee"
+        return Verdict(
+            "reject",
+            rule="suspended",
+            reason=f"{which}_suspended",
+            status=403,
+            phrase="Forbidden",
+            headers=(f'Reason: SIP;cause=403;text="{which.title()} number suspended"',),
+        )
+
     def decide(self, call: CallInfo, now: float) -> Verdict | Awaitable[Verdict]:
         pipeline = self.default
         if self.peers:
             peer = self.peers.lookup(call.flow.addr[0])
             if peer is None:
-                verdict = Verdict(
-                    "drop" if self.unknown_drop else "reject",
-                    rule="peers",
-                    reason="unknown_source",
-                    status=403,
-                    phrase="Forbidden",
-                )
-                return self._global(verdict)
+                return self._global(self._unknown_source)
             call.peer = peer.name
             if not peer.trust_pai:
                 call.caller = call.msg.from_.uri.number
@@ -161,17 +213,10 @@ class Policy:
                 call.caller = to_e164(call.caller, peer.default_region)
                 call.callee = to_e164(call.callee, peer.default_region)
             pipeline = self.by_peer[peer.name]
-        if self.suspended and (call.caller in self.suspended or call.callee in self.suspended):
-            which = "caller" if call.caller in self.suspended else "callee"
-            verdict = Verdict(
-                "reject",
-                rule="suspended",
-                reason=f"{which}_suspended",
-                status=403,
-                phrase="Forbidden",
-                headers=(f'Reason: SIP;cause=403;text="{which.title()} number suspended"',),
-            )
-            return self._global(verdict)
+        if self.suspended:
+            verdict = self._suspension(call.caller, call.callee)
+            if verdict is not None:
+                return self._global(verdict)
         return pipeline.decide(call, now)
 
     def _global(self, verdict: Verdict) -> Verdict:

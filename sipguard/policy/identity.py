@@ -78,6 +78,7 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from sipguard.contract import Verdict
+from sipguard.policy import callerid
 from sipguard.policy.passport import (
     ATTESTATIONS,
     Passport,
@@ -363,6 +364,7 @@ class IdentityRule:
         )
         header = settings.identity_header
         self.header_key = header.lower() if header else None
+        self.pai_verstat = True  # put verstat on P-Asserted-Identity (see build())
 
     # ------------------------------------------------------------------ decide
     def decide(self, call: CallInfo, now: float) -> Verdict | Awaitable[Verdict]:
@@ -469,17 +471,27 @@ class IdentityRule:
         return self._pass(call, passport)
 
     # ------------------------------------------------------------------ verdicts
-    def _edits(self, value: str | None) -> tuple[tuple[str, str | None], ...]:
-        if self.header_key is None:
-            return ()
-        line = None if value is None else f"{self.s.identity_header}: {value}"
-        return ((self.header_key, line),)
+    def _edits(
+        self, value: str | None, call: CallInfo | None = None
+    ) -> tuple[tuple[str, str | None], ...]:
+        """The identity header (and, when rule ``callerid`` does not do it, verstat on
+        P-Asserted-Identity) for the forwarded INVITE."""
+        edits: tuple[tuple[str, str | None], ...] = ()
+        if self.header_key is not None:
+            line = None if value is None else f"{self.s.identity_header}: {value}"
+            edits = ((self.header_key, line),)
+        if self.pai_verstat and call is not None and value is not None:
+            pai = callerid.pai_with_verstat(call.msg, value.split(";", 1)[0], call.caller)
+            if pai is not None:
+                edits = (*edits, ("p-asserted-identity", pai))
+        return edits
 
     def _absent(self, call: CallInfo) -> Verdict:
         if self.s.require:
             return self._fail(call, _Failure("missing", "no Identity header"))
         call.labels["identity"] = "none"
-        return Verdict("accept", rule=self.name, replace_headers=self._edits(NO_VALIDATION))
+        return Verdict("accept", rule=self.name,
+                       replace_headers=self._edits(NO_VALIDATION, call))
 
     def _unvalidated(self, call: CallInfo, failure: _Failure) -> Verdict:
         """The certificate could not be fetched (on_fetch_error: no_validation): forwarded as
@@ -487,7 +499,7 @@ class IdentityRule:
         call.labels["identity"] = "none"
         call.labels["identity_reason"] = failure.reason
         value = f"{NO_VALIDATION};reason={failure.reason}"
-        return Verdict("accept", rule=self.name, replace_headers=self._edits(value),
+        return Verdict("accept", rule=self.name, replace_headers=self._edits(value, call),
                        detail={"identity_detail": failure.detail})
 
     def _pass(self, call: CallInfo, passport: Passport) -> Verdict:
@@ -497,7 +509,7 @@ class IdentityRule:
         origid = safe_origid(passport)
         if origid is not None:
             value += f";origid={origid}"
-        return Verdict("accept", rule=self.name, replace_headers=self._edits(value))
+        return Verdict("accept", rule=self.name, replace_headers=self._edits(value, call))
 
     def _fail(self, call: CallInfo, failure: _Failure, action: str | None = None) -> Verdict:
         reason = failure.reason
@@ -507,7 +519,7 @@ class IdentityRule:
         if failure.passport is not None:
             call.labels["identity_attest"] = failure.passport.attest
             value += f";attest={failure.passport.attest}"
-        edits = self._edits(value)
+        edits = self._edits(value, call)
         if (action or self.s.on_fail) == "tag":
             return Verdict("accept", rule=self.name, replace_headers=edits)
         answer: Answer = getattr(self.s.answers, ANSWER_OF.get(reason, "bad_info"))
@@ -578,4 +590,8 @@ def build(settings: Settings, ctx: BuildContext, peer: Peer | None) -> IdentityR
         cache.max_failures = failures
 
     ctx.on_activate(bound)
-    return IdentityRule(settings, ctx.mode_of(settings), anchors, cache, ctx.state)
+    rule = IdentityRule(settings, ctx.mode_of(settings), anchors, cache, ctx.state)
+    # verstat on P-Asserted-Identity is callerid's job when it is on with verstat; else ours
+    cid = ctx.rules.callerid if ctx.rules is not None else None
+    rule.pai_verstat = not (cid is not None and cid.enabled and cid.verstat)
+    return rule

@@ -65,12 +65,14 @@ from sipguard.contract import (
     Event,
     Flow,
     InviteDecided,
+    Noticed,
     ParseFailed,
+    Screened,
     Verdict,
 )
-from sipguard.proxy import build
+from sipguard.proxy import build, keepalive
 from sipguard.proxy.dialogs import DialogTable, session_interval
-from sipguard.proxy.routing import Router
+from sipguard.proxy.routing import Router, flow_is_core
 from sipguard.proxy.settings import ProxySettings
 from sipguard.proxy.timers import TimerEntry, TimerQueue
 from sipguard.proxy.transactions import (
@@ -112,6 +114,16 @@ class Admission(Protocol):
 
     def abandoned(self, call: CallInfo, now: float) -> None: ...
 
+    def screen(self, msg: Message, flow: Flow, now: float) -> Verdict | None:
+        """An out-of-dialog request from outside, before anything is sent or kept: None to go
+        on, or the verdict (reject: one stateless answer; drop: silence)."""
+        ...
+
+    def same_party(self, dialog: Dialog, flow: Flow) -> bool:
+        """Whether ``flow`` may speak for ``dialog``'s outside party although it is not the
+        exact address the call came from (e.g. another address of the same peer)."""
+        ...
+
 
 class AcceptAll:
     """An :class:`Admission` with no policy: every call is accepted, nothing is counted."""
@@ -128,8 +140,16 @@ class AcceptAll:
     def abandoned(self, call: CallInfo, now: float) -> None:
         return None
 
+    def screen(self, msg: Message, flow: Flow, now: float) -> Verdict | None:
+        return None
+
+    def same_party(self, dialog: Dialog, flow: Flow) -> bool:
+        return False
+
 # ";branch=z9hG4bKsg..." in a raw Via line: the first one is the top value's.
 _OUR_BRANCH = re.compile(rb";[ \t]*branch[ \t]*=[ \t]*(" + build.OUR_PREFIX.encode() + rb"[0-9a-z.]+)")
+# A verstat parameter (3GPP TS 24.229 §7.2A.20) anywhere in a From or P-Asserted-Identity line.
+_VERSTAT = re.compile(rb";[ \t]*verstat[ \t]*=[ \t]*[^;>,\s]*", re.IGNORECASE)
 DIALOG_CREATING = frozenset({"INVITE", "SUBSCRIBE", "REFER"})
 # Headers only the proxy edits; a verdict's replace_headers cannot touch them.
 PROXY_OWNED = frozenset(
@@ -157,7 +177,8 @@ class Proxy:
         # dialog id is a merged request (482), never a second slot under one lease
         self.deciding: set[tuple[str, str]] = set()
         self._sweep: TimerEntry | None = None
-        self.router = Router(settings, self.ids, self.clients, self.table)
+        self.probes: dict[tuple[str, str], keepalive.Probe] = {}  # dialogs kept alive
+        self.router = Router(settings, self.ids, self.clients)
 
     # ------------------------------------------------------------------ configuration
     def configure(self, settings: ProxySettings) -> None:
@@ -177,7 +198,8 @@ class Proxy:
         """Process one received message (a UDP datagram or one framed TCP message)."""
         try:
             msg = parse_message(
-                data, max_size=self.settings.max_message_size, datagram=flow.transport == "udp"
+                data, max_size=self.settings.max_message_size, datagram=flow.transport == "udp",
+                limits=self.settings.parse_limits,
             )
         except SipParseError as err:
             self._parse_failed(err, err.partial, flow)
@@ -265,6 +287,16 @@ class Proxy:
         if method == "CANCEL":
             self._on_cancel(msg, flow, key, now)
             return
+        from_core = flow_is_core(flow, self.settings.core)
+        if not from_core and msg.to_tag is None and not self._admitted(msg, flow, now):
+            return  # refused before any transaction: nothing kept, nothing retransmitted
+        s = self.settings
+        if len(self.servers) >= s.max_transactions or (
+            method == "INVITE" and msg.to_tag is None and len(self.dialogs) >= s.max_dialogs
+        ):
+            self._busy(msg, flow, "transactions" if len(self.servers) >= s.max_transactions
+                       else "dialogs")
+            return
         st = ServerTxn(key, method, msg, flow, self.router.reply_flow(msg, flow))
         self.servers[(key, method)] = st
         if method == "INVITE":
@@ -294,9 +326,29 @@ class Proxy:
                 self._respond(st, status, now, extra=extra)
             return
         initial = msg.to_tag is None
+        from_core = flow_is_core(flow, self.settings.core)
+        dialog: Dialog | None = None
+        side = ""
+        if not initial:
+            dialog, side = self.table.of(msg)
+            if not from_core:
+                refusal = self._not_party(dialog, side, flow)
+                if refusal:
+                    self._respond(st, refusal, now)
+                    self.events.append(Dropped("in_dialog_refused", f"{refusal} {msg.call_id}",
+                                               flow))
+                    return
         target, start_line, route_line = self.router.preprocess_route(msg, flow, initial)
         if target is None:
             self._respond(st, 404, now)
+            return
+        if from_core and dialog is not None and dialog.party is not None:
+            target = self._toward_party(dialog.party, target)
+        if method == "INVITE" and initial and from_core:
+            # A call the core places: no policy, no limits; the dialog is kept so that the
+            # outside party's in-dialog requests are recognised.
+            self._start_dialog(st, CallInfo(msg, flow, now), now, target, outbound=True)
+            self._forward(st, target, start_line, route_line, now, record_route=True)
             return
         if method == "INVITE" and initial:
             dialog_id = (msg.call_id, msg.from_tag or "")
@@ -319,10 +371,79 @@ class Proxy:
                 self.pending.pop(id(call), None)
                 self._apply_verdict(st, call, verdict, now)
             return
-        if method == "BYE":
-            self._end_dialog_by(msg, "bye", flow, now)
+        if method == "BYE" and dialog is not None:
+            reason = f"bye_{side}"
+            if from_core:
+                self._end_dialog(dialog, reason, now)  # the core has ended its side already
+            else:
+                # The outside party's BYE ends the call once the core has answered it: a BYE
+                # the core never takes frees no slot while the call is still up there.
+                st.ends, st.end_reason = dialog, reason
         self._forward(st, target, start_line, route_line, now, record_route=initial
                       and method in DIALOG_CREATING)
+
+    def _admitted(self, msg: Message, flow: Flow, now: float) -> bool:
+        """Screen an out-of-dialog request from outside before it gets a transaction: the
+        policy first (unknown source, suspended number), then the allowed methods. A refusal
+        is one stateless answer (or none), never retransmitted: a spoofed source gets at
+        most one message back, about the size of the one it sent."""
+        method = msg.method or ""
+        verdict = self.admission.screen(msg, flow, now)
+        allowed = self.settings.allow_methods
+        if verdict is None and method not in allowed and "*" not in allowed:
+            allow = ", ".join(sorted({*self.settings.allow_methods, "ACK", "CANCEL"}))
+            verdict = Verdict("reject", rule="methods", reason="method_not_allowed",
+                              status=405, phrase="Method Not Allowed",
+                              headers=(f"Allow: {allow}",), sample=f"methods:{flow.addr[0]}")
+        if verdict is None or verdict.action == "accept":
+            if verdict is not None:
+                self.events.append(Screened(method, flow, verdict))  # monitored
+            return True
+        self.events.append(Screened(method, flow, verdict))
+        if verdict.action == "reject":
+            self._stateless(msg, flow, verdict.status or 403, verdict.phrase or None,
+                            verdict.headers)
+        return False
+
+    def _stateless(self, msg: Message, flow: Flow, status: int, phrase: str | None,
+                   extra: tuple[str, ...] = ()) -> None:
+        """One response, sent once, with no transaction behind it."""
+        data = build.response(msg, status, phrase, to_tag=self.ids.to_tag(msg),
+                              top_via=build.stamped_via(msg.top_via, flow.addr), extra=extra)
+        self.outbox.append((self.router.reply_flow(msg, flow), data))
+
+    def _busy(self, msg: Message, flow: Flow, table: str) -> None:
+        """A table is full: the new request hears 503 + Retry-After; calls in progress go on."""
+        self.events.append(Dropped(f"limit_{table}", msg.call_id, flow))
+        self._stateless(msg, flow, 503, "Service Unavailable",
+                        (f"Retry-After: {self.settings.busy_retry_after_s}",))
+
+    def _not_party(self, dialog: Dialog | None, side: str, flow: Flow) -> int:
+        """0 when an in-dialog request from outside may go on; else the status to refuse it
+        with: 481 for a dialog sipguard did not set up, 403 when it does not come from that
+        dialog's outside party (its address; over TCP its host, as connections are renewed)."""
+        if dialog is None:
+            return 481
+        outside = "callee" if dialog.outbound else "caller"
+        if side != outside:
+            return 403  # speaks as the core's side, but from outside
+        party = dialog.party
+        if party is None:
+            return 0
+        if flow.transport == party.transport and (
+            flow.addr == party.addr or (flow.transport != "udp" and flow.addr[0] == party.addr[0])
+        ):
+            return 0
+        return 0 if self.admission.same_party(dialog, flow) else 403
+
+    @staticmethod
+    def _toward_party(party: Flow, target: Flow) -> Flow:
+        """A request from the core to a party that came in over TCP reuses that party's own
+        connection while it is open (a phone or PBX behind NAT accepts nothing else); the
+        pool falls back to ``target`` when it has closed."""
+        if party.transport != "tcp" or party.conn is None:
+            return target
+        return Flow("tcp", target.addr, party.local, party.conn)
 
     def _apply_verdict(self, st: ServerTxn, call: CallInfo, verdict: Verdict, now: float) -> None:
         self.events.append(InviteDecided(call, verdict))
@@ -347,6 +468,13 @@ class Proxy:
         st.state = PROCEEDING
         self.deciding.discard((call.call_id, msg.from_tag or ""))
         call.settled = True
+        self._start_dialog(st, call, now, st.flow, outbound=False)
+        self._forward(st, target, start_line, routes, now, record_route=True,
+                      extra=verdict.forward_headers, edits=verdict.replace_headers)
+
+    def _start_dialog(self, st: ServerTxn, call: CallInfo, now: float, party: Flow,
+                      outbound: bool) -> None:
+        msg = st.msg
         dialog = Dialog(
             call_id=call.call_id,
             caller_tag=msg.from_tag or "",
@@ -359,14 +487,15 @@ class Proxy:
             started=now,
             expires=now + self.settings.max_dialog_lifetime,
             lease=call.lease,
+            party=party,
+            outbound=outbound,
         )
         st.dialog = dialog
         self.table.add(dialog)
-        self.admission.dialog_started(dialog, now)
+        if not outbound:
+            self.admission.dialog_started(dialog, now)
         self.events.append(DialogStarted(dialog))
         self._arm_sweep(now)
-        self._forward(st, target, start_line, routes, now, record_route=True,
-                      extra=verdict.forward_headers, edits=verdict.replace_headers)
 
     # ------------------------------------------------------------------ forwarding
     def _forward(
@@ -447,6 +576,8 @@ class Proxy:
             )
         if msg.content_length is None:
             append.append(f"Content-Length: {len(msg.body)}".encode())
+        if not flow_is_core(source, self.settings.core):
+            self._strip_owned(msg, replace)
         for name, line in edits:
             if name in PROXY_OWNED:
                 continue
@@ -462,15 +593,36 @@ class Proxy:
         return msg.serialize(prepend=prepend, replace=replace, append=append,
                              start_line=start_line)
 
+    def _strip_owned(self, msg: Message, replace: dict[int, bytes | None]) -> None:
+        """What only sipguard may say, removed from a request from outside whatever rules are
+        on: its verdict headers (and ``sip.strip_headers``), and any ``verstat`` parameter
+        in From or P-Asserted-Identity (a rule that vouches for the caller puts its own)."""
+        for name in self.settings.strip_headers:
+            for i in msg.indexes(name):
+                replace[i] = None
+        for name in ("from", "p-asserted-identity"):
+            for i in msg.indexes(name):
+                line = msg.lines[i]
+                new = _VERSTAT.sub(b"", line)
+                if new != line:
+                    replace[i] = new
+
     def _route_ack(self, msg: Message, flow: Flow, now: float) -> None:
         """ACK for a 2xx: its own end-to-end transaction, forwarded statelessly (§16.11)."""
         if msg.max_forwards == 0:
             self.events.append(Dropped("ack_too_many_hops", msg.call_id, flow))
             return
+        dialog, side = self.table.of(msg)
+        from_core = flow_is_core(flow, self.settings.core)
+        if not from_core and self._not_party(dialog, side, flow):
+            self.events.append(Dropped("ack_refused", msg.call_id, flow))
+            return
         target, start_line, routes = self.router.preprocess_route(msg, flow, False)
         if target is None:
             self.events.append(Dropped("ack_unroutable", msg.call_id, flow))
             return
+        if from_core and dialog is not None and dialog.party is not None:
+            target = self._toward_party(dialog.party, target)
         key = build.txn_id(msg)
         # An ACK gets no response, so a loop of ACKs is cut by Max-Forwards alone: its branch
         # needs no loop-detection part.
@@ -484,6 +636,11 @@ class Proxy:
     def _on_cancel(self, msg: Message, flow: Flow, key: str, now: float) -> None:
         cst = ServerTxn(key, "CANCEL", msg, flow, self.router.reply_flow(msg, flow))
         invite = self.servers.get((key, "INVITE"))
+        if invite is not None and not (
+            flow.addr == invite.flow.addr
+            or (flow.transport != "udp" and flow.addr[0] == invite.flow.addr[0])
+        ):
+            invite = None  # RFC 3261 §9.2: a CANCEL comes from the INVITE's sender
         self.servers[(key, "CANCEL")] = cst
         if invite is None:
             self._respond(cst, 481, now)
@@ -597,9 +754,13 @@ class Proxy:
             if ct.method == "INVITE" and status >= 300 and ct.state == COMPLETED:
                 self.outbox.append((ct.flow, build.ack_for(ct.sent_msg(), msg)))
             return  # retransmitted final response: absorbed
+        upstream = self._strip_via(msg)
+        if upstream is None and ct.server is not None:
+            # RFC 3261 §16.7 step 3: no Via left once ours is gone — nothing to send it to.
+            self.events.append(Dropped("no_via_left", f"{status} {msg.call_id}", flow))
         if ct.state == ACCEPTED:
-            if 200 <= status < 300 and ct.server is not None:
-                self.outbox.append((ct.server.reply_to, self._strip_via(msg)))
+            if 200 <= status < 300 and ct.server is not None and upstream is not None:
+                self.outbox.append((ct.server.reply_to, upstream))
             return
         TimerQueue.cancel(ct.timer)
         ct.timer = None
@@ -621,8 +782,9 @@ class Proxy:
             st = ct.server
             if st.dialog is not None and st.dialog.callee_tag is None and msg.to_tag:
                 st.dialog.callee_tag = msg.to_tag
-            self.outbox.append((st.reply_to, data := self._strip_via(msg)))
-            st.last = data
+            if upstream is not None:
+                self.outbox.append((st.reply_to, upstream))
+                st.last = upstream
             return
         # Final response.
         TimerQueue.cancel(ct.timeout)
@@ -636,6 +798,14 @@ class Proxy:
                     dialog.state = CONFIRMED
                     dialog.confirmed_at = now
                     dialog.callee_tag = msg.to_tag or dialog.callee_tag
+                    if self.settings.dialog_keepalive and ct.server is not None:
+                        self._start_keepalive(dialog, ct.server.msg, msg, now)
+                    if self.settings.record_route and not self._recorded(msg):
+                        # The core dropped our Record-Route: its in-dialog requests (the BYE)
+                        # will go around sipguard and the call's slots stay held until a
+                        # timer frees them. A deployment error worth a warning.
+                        self.events.append(Noticed("core_without_record_route",
+                                                   msg.call_id, flow))
             else:
                 ct.state = COMPLETED
                 self.outbox.append((ct.flow, build.ack_for(ct.sent_msg(), msg)))
@@ -647,18 +817,39 @@ class Proxy:
             ct.timeout = self.timers.add(now + wait, self._timer_drop_client, ct)
         if status < 300 and ct.method in ("INVITE", "UPDATE") and ct.server is not None:
             self._session_timer(ct.server, msg, now)
+        if ct.probe is not None:
+            self._probe_answered(ct.probe, status, now)
         server = ct.server
+        if server is not None and server.ends is not None and (status < 300 or status == 481):
+            self._end_dialog(server.ends, server.end_reason, now)
+            server.ends = None
         if server is None or server.state not in (PROCEEDING, DECIDING):
             return  # CANCEL's own answer, or the upstream side already has a final answer
-        self._send_upstream(server, status, self._strip_via(msg), now)
+        if upstream is None:
+            self._respond(server, 502, now, "Bad Gateway")
+            return
+        self._send_upstream(server, status, upstream, now)
 
-    def _strip_via(self, msg: Message) -> bytes:
-        """The response with our (top) Via value removed (RFC 3261 §16.7 step 3)."""
-        idx = msg.indexes("via")[0]
+    def _recorded(self, msg: Message) -> bool:
+        """The response carries a Record-Route naming one of sipguard's own addresses."""
+        for i in msg.indexes("record-route"):
+            line = msg.lines[i]
+            for local in self.settings.locals:
+                if local.hostport.encode() in line:
+                    return True
+        return False
+
+    def _strip_via(self, msg: Message) -> bytes | None:
+        """The response with our (top) Via value removed (RFC 3261 §16.7 step 3); None when
+        no Via would be left."""
+        indexes = msg.indexes("via")
+        idx = indexes[0]
         line = msg.lines[idx]
         if b"," not in line:
-            return msg.without_line(idx)
+            return msg.without_line(idx) if len(indexes) > 1 else None
         rest = parse_via_list(msg.value_at(idx))[1:]
+        if not rest and len(indexes) == 1:
+            return None
         new = header_line("Via", ", ".join(str(v) for v in rest)) if rest else None
         return msg.serialize(replace={idx: new})
 
@@ -698,6 +889,8 @@ class Proxy:
             self._drop_client(ct)
             if ct.server is not None:
                 self._terminate_server(ct.server, now)
+            if ct.probe is not None:
+                self._probe_answered(ct.probe, 408, now)  # no answer at all
 
     def _client_timed_out(self, ct: ClientTxn, now: float) -> None:
         if ct.state not in (CALLING, PROCEEDING):
@@ -750,11 +943,6 @@ class Proxy:
             del self.clients[(ct.branch, ct.method)]
 
     # ------------------------------------------------------------------ dialogs
-    def _end_dialog_by(self, msg: Message, reason: str, flow: Flow, now: float) -> None:
-        dialog, side = self.table.of(msg)
-        if dialog is not None:
-            self._end_dialog(dialog, f"{reason}_{side}", now)
-
     def _session_timer(self, st: ServerTxn, response: Message, now: float) -> None:
         """A 2xx to an INVITE or UPDATE: (re)start or stop the dialog's session timer."""
         dialog = st.dialog
@@ -779,8 +967,61 @@ class Proxy:
         dialog.ended_at = now
         dialog.end_reason = reason
         self.table.remove(dialog)
+        probe = self.probes.pop((dialog.call_id, dialog.caller_tag), None)
+        if probe is not None:
+            TimerQueue.cancel(probe.timer)
         self.admission.dialog_ended(dialog, now)
         self.events.append(DialogEnded(dialog, reason))
+
+    # ------------------------------------------------------------------ keep-alives
+    def _start_keepalive(self, dialog: Dialog, invite: Message, answer: Message,
+                         now: float) -> None:
+        probe = keepalive.probe_for(dialog, invite, answer)
+        interval = self.settings.dialog_keepalive
+        if probe is None or not interval:
+            return
+        self.probes[(dialog.call_id, dialog.caller_tag)] = probe
+        probe.timer = self.timers.add(now + interval, self._keepalive, probe)
+
+    def _keepalive(self, probe: keepalive.Probe, now: float) -> None:
+        """Every interval: an in-dialog OPTIONS to each side (see proxy/keepalive.py)."""
+        dialog = probe.dialog
+        interval = self.settings.dialog_keepalive
+        if dialog.state == TERMINATED or not interval:
+            return
+        probe.rounds += 1
+        core = self.settings.core
+        outside = dialog.party
+        # (toward the caller?, where it goes): the core's side and the outside party's side
+        sides = ((True, outside), (False, core)) if not dialog.outbound else (
+            (False, outside), (True, core))
+        for toward_caller, flow in sides:
+            if flow is None:
+                continue
+            local = self.settings.locals[flow.local] if flow.local < len(
+                self.settings.locals) else self.router.local_for(flow.transport)
+            branch = self.ids.branch(
+                f"{dialog.call_id}|{dialog.caller_tag}|ka{probe.rounds}|{int(toward_caller)}",
+                "ka")
+            data = keepalive.options(probe, toward_caller, local, flow.transport, branch)
+            if data is None:
+                continue
+            ct = ClientTxn(branch, "OPTIONS", data, flow, None)
+            ct.probe = probe
+            self.clients[(branch, "OPTIONS")] = ct
+            self.outbox.append((flow, data))
+            s = self.settings
+            if flow.transport == "udp":
+                ct.interval = s.t1
+                ct.timer = self.timers.add(now + s.t1, self._timer_e, ct)
+            ct.timeout = self.timers.add(now + 64 * s.t1, self._timer_f, ct)
+        probe.timer = self.timers.add(now + interval, self._keepalive, probe)
+
+    def _probe_answered(self, probe: keepalive.Probe, status: int, now: float) -> None:
+        """A keep-alive's final answer: 481 or 408 (or none) ends the call; anything else is
+        a side that still knows it."""
+        if status in (408, 481):
+            self._end_dialog(probe.dialog, "keepalive_failed", now)
 
     def _arm_sweep(self, now: float) -> None:
         if self._sweep is None:

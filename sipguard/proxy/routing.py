@@ -1,17 +1,15 @@
 """Where a request goes: RFC 3261 §16.3–16.5 validation, Route pre-processing, next hop.
 
 :class:`Router` knows sipguard's own addresses (the listeners) and the core, tells a loop from
-a spiral, and picks the next hop. From the outside sipguard is no open relay: an initial
-request, or one claiming a dialog sipguard does not know, goes to the core whatever Route or
-Request-URI it carries; only requests inside a dialog sipguard set up follow their route set.
-Requests from the core follow their Route, else their Request-URI.
+a spiral, and picks the next hop. From the outside sipguard is no open relay: every request
+goes to the core whatever Route or Request-URI it carries. Requests from the core follow their
+Route, else their Request-URI.
 """
 
 from __future__ import annotations
 
 from sipguard.contract import Flow, Local
 from sipguard.proxy import build
-from sipguard.proxy.dialogs import DialogTable
 from sipguard.proxy.settings import NextHop, ProxySettings
 from sipguard.proxy.transactions import ClientTxn
 from sipguard.sip.errors import SipParseError
@@ -30,11 +28,9 @@ class Router:
         settings: ProxySettings,
         ids: build.Ids,
         clients: dict[tuple[str, str], ClientTxn],
-        dialogs: DialogTable,
     ) -> None:
         self.ids = ids
         self.clients = clients  # the proxy's client transactions (spiral detection)
-        self.dialogs = dialogs  # the proxy's dialog table (in-dialog routing)
         self.settings = settings
         self._ours: set[str] = set()
         self.configure(settings)
@@ -158,14 +154,11 @@ class Router:
             if self.is_ours(uri):
                 return None, None, None
             return self.flow_for_uri(uri), start_line, routes
-        # From the outside sipguard is no open relay: an initial request, or one that claims a
-        # dialog sipguard does not know, goes to the core whatever Route or Request-URI it
-        # carries; only requests inside a dialog sipguard set up follow their route set.
-        if initial or self.dialogs.of(msg)[0] is None or (not remaining and self.is_ours(uri)):
-            return self.settings.core, start_line, routes
-        if remaining:
-            return self.flow_for_uri(remaining[0].uri), start_line, routes
-        return self.flow_for_uri(uri), start_line, routes
+        # From the outside sipguard is no open relay: every request goes to the core, whatever
+        # Route or Request-URI it carries (the core routes in-dialog requests on by them).
+        # Whether an in-dialog request may come from this source at all is the proxy core's
+        # check (the dialog's outside party).
+        return self.settings.core, start_line, routes
 
 
 def flow_is_core(flow: Flow, core: Flow) -> bool:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from sipguard.contract import Flow, Local
 from sipguard.sip.nameaddr import NameAddr
+from sipguard.sip.parser import DEFAULT_LIMITS, ParseLimits
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,6 +20,7 @@ class ProxySettings:
     locals: tuple[Local, ...]
     core: Flow
     max_message_size: int = 65535
+    parse_limits: ParseLimits = DEFAULT_LIMITS
     max_dialog_lifetime: float = 14400.0
     answer_options: bool = True
     record_route: bool = True
@@ -26,6 +28,16 @@ class ProxySettings:
     t2: float = 4.0
     t4: float = 5.0
     timer_c: float = 180.0
+    # Out-of-dialog methods accepted from outside (ACK and CANCEL that match always are);
+    # others are answered 405 with Allow. "*": every method (a general-purpose proxy).
+    allow_methods: frozenset[str] = frozenset({"INVITE", "OPTIONS"})
+    # Header names (lower case) removed from every request from outside: sipguard's own
+    # verdict headers and whatever the operator adds (sip.strip_headers).
+    strip_headers: frozenset[str] = frozenset({"x-sipguard-verdict", "x-sipguard-identity"})
+    max_transactions: int = 100_000  # live server transactions; beyond, new requests get 503
+    max_dialogs: int = 100_000  # live dialogs; beyond, new INVITEs get 503
+    busy_retry_after_s: int = 5  # Retry-After on those 503s
+    dialog_keepalive: float | None = None  # in-dialog OPTIONS every this many s (None: off)
 
 
 # (next hop, rewritten start line or None, remaining Route entries or None when unchanged)

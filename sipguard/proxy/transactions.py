@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import Final
 
 from sipguard.contract import CallInfo, Dialog, Flow
+from sipguard.proxy.keepalive import Probe
 from sipguard.proxy.settings import NextHop
 from sipguard.proxy.timers import TimerEntry
 from sipguard.sip.message import Message
@@ -38,7 +39,8 @@ TERMINATED: Final = "terminated"
 # dataclass-made ones would run as Python for every transaction.
 class ServerTxn:
     __slots__ = ("key", "method", "msg", "flow", "reply_to", "state", "last", "client", "call",
-                 "dialog", "to_tag", "timer", "timeout", "interval", "stamped", "next_hop")
+                 "dialog", "to_tag", "timer", "timeout", "interval", "stamped", "next_hop",
+                 "ends", "end_reason")
 
     def __init__(self, key: str, method: str, msg: Message, flow: Flow, reply_to: Flow) -> None:
         self.key = key
@@ -60,6 +62,9 @@ class ServerTxn:
         # comes at once (a decision that waited for I/O works it out again: a reload may
         # have changed the core meanwhile).
         self.next_hop: NextHop | None = None
+        # A BYE from outside: the dialog it ends once the core has answered it (2xx or 481)
+        self.ends: Dialog | None = None
+        self.end_reason = ""
 
     def __repr__(self) -> str:
         return f"<ServerTxn {self.method} {self.key} {self.state}>"
@@ -67,7 +72,7 @@ class ServerTxn:
 
 class ClientTxn:
     __slots__ = ("branch", "method", "data", "flow", "server", "state", "provisional",
-                 "cancel_wanted", "cancel_sent", "timer", "timeout", "interval", "sent")
+                 "cancel_wanted", "cancel_sent", "timer", "timeout", "interval", "sent", "probe")
 
     def __init__(
         self, branch: str, method: str, data: bytes, flow: Flow, server: ServerTxn | None
@@ -85,6 +90,7 @@ class ClientTxn:
         self.timeout: TimerEntry | None = None  # B / F / C / D / K / M
         self.interval = 0.0
         self.sent: Message | None = None  # ``data`` parsed, on demand (ACK and CANCEL building)
+        self.probe: Probe | None = None  # a keep-alive OPTIONS of sipguard's own
 
     def sent_msg(self) -> Message:
         if self.sent is None:

@@ -1,7 +1,7 @@
 """The one exception the SIP layer raises: a parse error that carries the answer to send.
 
 Whatever bytes arrive, parsing either succeeds or raises :class:`SipParseError`; the status
-tells the proxy what to answer (400, 413, 416, 420, 482, 483, 505, 513) when the message is a
+tells the proxy what to answer (400, 413, 414, 416, 420, 482, 483, 505, 513) when the message is a
 request it can still answer, and the reason phrase is sent as-is.
 """
 
@@ -15,6 +15,7 @@ if TYPE_CHECKING:
 REASONS: dict[int, str] = {
     400: "Bad Request",
     413: "Request Entity Too Large",
+    414: "Request-URI Too Long",
     416: "Unsupported URI Scheme",
     420: "Bad Extension",
     482: "Loop Detected",

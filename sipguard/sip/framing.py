@@ -11,8 +11,11 @@ the connection must then be closed, since there is no way to find where the next
 
 Work per :meth:`~StreamFramer.feed` is proportional to the bytes fed, not to the bytes buffered:
 the search for the end of the header block resumes where it stopped, and the Content-Length of a
-message whose body is still arriving is read once. A peer trickling a message byte by byte
-therefore costs linear time, and never more than ``max_size`` bytes are held.
+message whose body is still arriving is read once (a folded one joined once, not copied again
+for each continuation line). A peer trickling a message byte by byte therefore costs linear
+time, and never more than ``max_size`` bytes are held. The per-line limits (number of headers,
+line length, folding: :class:`~sipguard.sip.message.ParseLimits`) are the parser's, checked on
+each framed message; the framer needs none, since what it holds is bounded by ``max_size``.
 """
 
 from __future__ import annotations
@@ -42,9 +45,11 @@ def _content_length(head: bytes) -> int:
         name = name.rstrip(b" \t").lower()
         if name != b"content-length" and name != b"l":
             continue
+        first = i
         while i < len(lines) and lines[i][:1] in (b" ", b"\t"):
-            value += b" " + lines[i]  # folded value
             i += 1
+        if i > first:  # folded value: one join
+            value = b" ".join([value, *lines[first:i]])
         value = value.strip(b" \t")
         if not value.isdigit() or len(value) > 10:
             raise SipParseError(400, "malformed Content-Length on a stream")

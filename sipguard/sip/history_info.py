@@ -29,12 +29,18 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from functools import lru_cache
 from urllib.parse import unquote as _pct_unquote
 
 from sipguard.sip.errors import SipParseError
-from sipguard.sip.nameaddr import NameAddr, parse_name_addr_list
-from sipguard.sip.params import TOKEN_CHARS, get_param, scan_params
+from sipguard.sip.nameaddr import NameAddr, parse_name_addr_list, parts
+from sipguard.sip.params import (
+    CACHE_PARTS_MAX,
+    CACHE_TEXT_MAX,
+    TOKEN_CHARS,
+    get_param,
+    remember,
+    scan_params,
+)
 from sipguard.sip.uri import Uri
 
 # index-val = number *("." number)   (leading zeros tolerated, RFC 4244)
@@ -68,18 +74,31 @@ class HistoryInfoEntry:
         return self.name_addr.raw
 
 
-def parse_history_info(text: str) -> list[HistoryInfoEntry]:
+# Memo cache, bounded in size and count (sipguard.sip.params, "Memo caches").
+_ENTRIES: dict[str, tuple[HistoryInfoEntry, ...]] = {}
+ENTRIES_MAX = 256
+
+
+def parse_history_info(text: str, stop: int = 0) -> list[HistoryInfoEntry]:
     """Parse one History-Info header value (comma-separated hi-entries).
 
-    Results are memoised by text; each call returns a new list.
+    ``stop`` > 0 may end the scan once that many entries are parsed, the rest unread: for a
+    caller that rejects a list that long (``max_list_entries``). Short results are memoised by
+    text; each call returns a new list.
     """
-    return list(_parse_entries(text))
+    if len(text) > CACHE_TEXT_MAX:
+        return list(_parse_entries(text, stop))
+    entries = _ENTRIES.get(text)
+    if entries is None:
+        entries = _parse_entries(text, 0)
+        if sum([parts(e.name_addr) for e in entries]) <= CACHE_PARTS_MAX:
+            remember(_ENTRIES, text, entries, ENTRIES_MAX)
+    return list(entries)
 
 
-@lru_cache(maxsize=1024)
-def _parse_entries(text: str) -> tuple[HistoryInfoEntry, ...]:
+def _parse_entries(text: str, stop: int) -> tuple[HistoryInfoEntry, ...]:
     out: list[HistoryInfoEntry] = []
-    for na in parse_name_addr_list(text, name_addr_only=True):
+    for na in parse_name_addr_list(text, name_addr_only=True, stop=stop):
         index = get_param(na.params, "index")
         if index is None:
             raise SipParseError(400, "History-Info entry without index")
@@ -146,12 +165,16 @@ def diverting_entries(entries: Iterable[HistoryInfoEntry]) -> list[HistoryInfoEn
     in the list, else the entry just before E. ``rc`` entries (retargeting to a registered
     contact of the same user) are not diversions; a Reason-derived cause on its own is not
     either, since RFC 7044 puts it on the target that answered, not on the new target.
+
+    Linear in the number of entries: whether an entry is listed already is a set lookup, not
+    a search of the entries listed so far.
     """
     listed = list(entries)
     by_index: dict[str, HistoryInfoEntry] = {}
     for entry in listed:
         by_index.setdefault(entry.index, entry)
     out: list[HistoryInfoEntry] = []
+    taken: set[int] = set()  # id() of the entries in ``out`` (all alive in ``listed``)
     for i, entry in enumerate(listed):
         if entry.mp is None and (
             _status(entry.name_addr.uri.param("cause")) not in FORWARDING_CAUSES
@@ -160,6 +183,7 @@ def diverting_entries(entries: Iterable[HistoryInfoEntry]) -> list[HistoryInfoEn
         source = by_index.get(entry.mp) if entry.mp is not None else None
         if source is None and i > 0:
             source = listed[i - 1]
-        if source is not None and source is not entry and all(source is not o for o in out):
+        if source is not None and source is not entry and id(source) not in taken:
+            taken.add(id(source))
             out.append(source)
     return out

@@ -25,10 +25,17 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from functools import lru_cache
 
 from sipguard.sip.errors import SipParseError
-from sipguard.sip.params import Params, expect_end, get_param, scan_params, unquote
+from sipguard.sip.params import (
+    CACHE_PARTS_MAX,
+    Params,
+    expect_end,
+    get_param,
+    remember,
+    scan_params,
+    unquote,
+)
 
 # JWS compact serialisation: BASE64URL(header) "." [BASE64URL(payload)] "." BASE64URL(sig)
 _JWS = re.compile(r"[A-Za-z0-9_\-]++\.[A-Za-z0-9_\-]*+\.[A-Za-z0-9_\-]++")
@@ -53,12 +60,27 @@ class Identity:
         return self.raw
 
 
+# Memo cache, bounded in size and count (sipguard.sip.params, "Memo caches"). An Identity
+# value is longer than other headers (a signed PASSporT: 400 to 900 characters), so it has its
+# own text cap, and few entries: each call signs its own.
+_IDENTITIES: dict[str, Identity] = {}
+IDENTITIES_MAX = 128
+IDENTITY_TEXT_MAX = 1024
+
+
 def parse_identity(text: str) -> Identity:
-    """Parse one Identity header value (memoised by text: retransmissions repeat it)."""
-    return _parse_identity(text)
+    """Parse one Identity header value (short ones memoised by text: a call attempted again
+    repeats it)."""
+    if len(text) > IDENTITY_TEXT_MAX:
+        return _parse_identity(text)
+    identity = _IDENTITIES.get(text)
+    if identity is None:
+        identity = _parse_identity(text)
+        if len(identity.params) <= CACHE_PARTS_MAX:
+            remember(_IDENTITIES, text, identity, IDENTITIES_MAX)
+    return identity
 
 
-@lru_cache(maxsize=1024)
 def _parse_identity(text: str) -> Identity:
     m = _JWS.match(text)
     if m is None:

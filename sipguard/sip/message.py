@@ -16,6 +16,11 @@ unchanged, in order.
 The accessors raise nothing but :class:`~sipguard.sip.errors.SipParseError`. Stricter than the
 bare grammar in one place, about what a proxy may forward: a sip/sips Request-URI with
 ``?headers`` is a 400 when it is read (RFC 3261 §19.1.1; RFC 4475 escruri).
+
+Input is hostile, so what one message may hold is bounded (:class:`ParseLimits`): the parser
+checks the number of headers and the length and folding of each line while it splits them, and
+the accessors here the number of entries of a list header and the parameters of a header when
+they first parse it.
 :meth:`Message.check_request` parses the Request-URI, From and To at once, for the proxy to call
 before it creates any state.
 
@@ -32,7 +37,7 @@ from typing import Any
 from sipguard.sip.errors import SipParseError
 from sipguard.sip.history_info import HistoryInfoEntry, parse_history_info
 from sipguard.sip.identity import Identity, parse_identity
-from sipguard.sip.nameaddr import NameAddr, parse_name_addr, parse_name_addr_list
+from sipguard.sip.nameaddr import NameAddr, parse_name_addr, parse_name_addr_list, parts
 from sipguard.sip.uri import Uri, parse_uri
 from sipguard.sip.via import Via, parse_via_list
 
@@ -46,12 +51,146 @@ def decode(raw: bytes) -> str:
     return raw.decode("utf-8", "surrogateescape")
 
 
+class ParseLimits:
+    """How much one message may hold before sipguard refuses it; frozen.
+
+    Every default is far above what a real carrier or PBX sends, and every check is a
+    ``len()`` where the parser already is (config keys of the same names under ``sip:``):
+
+    ``max_headers`` (256)
+        Header lines in one message, a folded header counted once; checked while the header
+        block is split, which stops there. A large INVITE has 30 to 40.
+    ``max_header_line`` (16384 bytes)
+        One header line with its continuation lines (CRLFs included), and the start line;
+        checked while the header block is split. The longest real ones are an Identity
+        (about 900 bytes) or a long Contact with feature tags (a few hundred).
+    ``max_continuation_lines`` (64)
+        Continuation lines of one folded header (RFC 3261 §7.3.1 folding is rare and was
+        deprecated by RFC 7230 for HTTP; a folded header has one or two); checked while
+        splitting.
+    ``max_list_entries`` (100)
+        Entries of one list header over all its lines: Via, Route, Record-Route, Contact,
+        P-Asserted-Identity, Diversion, History-Info; checked by the message's accessor
+        when it first parses the header, whose grammar stops scanning one entry past the
+        limit. 100, not 64: a request gains one Via per hop and Max-Forwards starts at 70
+        (RFC 3261 §8.1.1.6), so a request that obeys it may carry 71 Vias (and its response
+        as many), and a Record-Route has at most one entry per proxy on that path; real
+        paths have fewer than 15 hops and a call is forwarded a handful of times.
+    ``max_header_params`` (512)
+        Parameters of one header over all its entries, their URIs' included (``;lr``,
+        ``;tag=``, ``;branch=``...), and of the Request-URI; checked by the accessors when
+        they first parse it. A parsed parameter costs some 130 bytes where ``;ab`` takes 3,
+        and the parse of a Via or From lives as long as its transaction: without this, a
+        60 KB Via of ``;p1;p2...`` kept 1.4 MB for each INVITE. 512: 100 Vias of 5
+        parameters fit; real headers have 1 to 20.
+
+    What a message over a limit is answered (requests; responses are dropped), always with
+    a detail that names the limit, as in ``too many headers (max_headers 256)``, which the
+    ``parse_error`` log line carries:
+
+    * counts (headers, continuation lines, list entries, parameters): ``400 Bad Request``.
+      RFC 3261 has no status for "too many"; ``513 Message Too Large`` is about length
+      (§21.5.14) and would tell the sender that fewer bytes would do, when it is the count
+      that is wrong.
+    * a header line too long: ``513 Message Too Large``: it is a length the server cannot
+      process (§21.5.14), and the remedy, a shorter message, is the sender's.
+    * a request line too long: ``414 Request-URI Too Long`` (§21.4.12): the Request-URI is
+      the only part of it without a bound.
+
+    A hand-written class with ``__slots__`` (mypyc compiles this module); assigning to an
+    attribute raises ``AttributeError``.
+    """
+
+    __slots__ = ("max_headers", "max_header_line", "max_continuation_lines", "max_list_entries",
+                 "max_header_params")
+
+    max_headers: int
+    max_header_line: int
+    max_continuation_lines: int
+    max_list_entries: int
+    max_header_params: int
+
+    def __init__(
+        self,
+        max_headers: int = 256,
+        max_header_line: int = 16384,
+        max_continuation_lines: int = 64,
+        max_list_entries: int = 100,
+        max_header_params: int = 512,
+    ) -> None:
+        if min(max_headers, max_header_line, max_continuation_lines, max_list_entries,
+               max_header_params) < 1:
+            raise ValueError("every parse limit must be at least 1")
+        object.__setattr__(self, "max_headers", max_headers)
+        object.__setattr__(self, "max_header_line", max_header_line)
+        object.__setattr__(self, "max_continuation_lines", max_continuation_lines)
+        object.__setattr__(self, "max_list_entries", max_list_entries)
+        object.__setattr__(self, "max_header_params", max_header_params)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"ParseLimits is frozen: cannot set {name}")
+
+    def _key(self) -> tuple[int, int, int, int, int]:
+        return (self.max_headers, self.max_header_line, self.max_continuation_lines,
+                self.max_list_entries, self.max_header_params)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ParseLimits) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        return (
+            f"ParseLimits(max_headers={self.max_headers}, "
+            f"max_header_line={self.max_header_line}, "
+            f"max_continuation_lines={self.max_continuation_lines}, "
+            f"max_list_entries={self.max_list_entries}, "
+            f"max_header_params={self.max_header_params})"
+        )
+
+
+DEFAULT_LIMITS = ParseLimits()
+# For re-parsing what sipguard itself built (a forwarded INVITE, to make its CANCEL or ACK):
+# our own Via and Record-Route lines may take a message that was just within the limits past
+# them.
+UNLIMITED = ParseLimits(1 << 30, 1 << 30, 1 << 30, 1 << 30, 1 << 30)
+
+# Header names as written in details ("too many Via entries (max_list_entries 100)").
+_TITLES = {
+    "via": "Via",
+    "route": "Route",
+    "record-route": "Record-Route",
+    "contact": "Contact",
+    "p-asserted-identity": "P-Asserted-Identity",
+    "diversion": "Diversion",
+    "history-info": "History-Info",
+    "from": "From",
+    "to": "To",
+    "identity": "Identity",
+    "ruri": "Request-URI",
+}
+
+
+def _too_many(name: str, limit: int) -> SipParseError:
+    return SipParseError(
+        400, f"too many {_TITLES.get(name, name)} entries (max_list_entries {limit})"
+    )
+
+
+def _too_many_params(name: str, limit: int) -> SipParseError:
+    return SipParseError(
+        400, f"too many {_TITLES.get(name, name)} parameters (max_header_params {limit})"
+    )
+
+
 class Message:
     """A parsed SIP request or response over its original bytes.
 
     ``names[i]`` is the canonical lower-case name of header line ``lines[i]``; ``lines[i]`` is
     the raw header line (folded continuation lines included, CRLF between them, no trailing
-    CRLF). Typed accessors parse on first use and cache the result.
+    CRLF). Typed accessors parse on first use and cache the result; ``limits`` are those it
+    was parsed under (the list accessors check ``max_list_entries``).
     """
 
     __slots__ = (
@@ -66,6 +205,7 @@ class Message:
         "_index",
         "_cache",
         "_frame",
+        "limits",
     )
 
     def __init__(
@@ -79,6 +219,7 @@ class Message:
         status: int,
         reason: str,
         index: dict[str, list[int]] | None = None,
+        limits: ParseLimits = DEFAULT_LIMITS,
     ) -> None:
         self.start_line = start_line
         self.names = names
@@ -93,6 +234,7 @@ class Message:
         # (received bytes, start line at, first header line at, body at) for a response whose
         # ``lines`` are exactly the received header lines: a line can be cut out of the bytes.
         self._frame: tuple[bytes, int, int, int] | None = None
+        self.limits = limits
 
     # ----------------------------------------------------------------- raw header access
     @property
@@ -155,21 +297,44 @@ class Message:
 
     @property
     def vias(self) -> list[Via]:
-        """Every Via value, top first, across all Via header lines."""
+        """Every Via value, top first, across all Via header lines (at most
+        ``limits.max_list_entries``, else SipParseError 400)."""
         v = self._cached("via")
         if v is _MISSING:
-            v = [via for text in self.values("via") for via in parse_via_list(text)]
-            self._cache["via"] = v
+            limit = self.limits.max_list_entries
+            budget = self.limits.max_header_params
+            vias: list[Via] = []
+            for i in self._index.get("via", ()):
+                more = parse_via_list(self.value_at(i), limit + 1 - len(vias))
+                vias.extend(more)
+                if len(vias) > limit:
+                    raise _too_many("via", limit)
+                for via in more:
+                    budget -= len(via.params)
+                if budget < 0:
+                    raise _too_many_params("via", self.limits.max_header_params)
+            self._cache["via"] = v = vias
         return v  # type: ignore[no-any-return]
 
     @property
     def top_via(self) -> Via:
+        """The first Via value; its header line is checked against
+        ``limits.max_list_entries`` and ``max_header_params`` as well."""
         v = self._cached("top-via")
         if v is _MISSING:
             idx = self._index.get("via")
             if not idx:
                 raise SipParseError(400, "missing Via")
-            v = parse_via_list(self.value_at(idx[0]))[0]
+            limit = self.limits.max_list_entries
+            first = parse_via_list(self.value_at(idx[0]), limit + 1)
+            if len(first) > limit:
+                raise _too_many("via", limit)
+            budget = self.limits.max_header_params
+            for via in first:
+                budget -= len(via.params)
+            if budget < 0:
+                raise _too_many_params("via", self.limits.max_header_params)
+            v = first[0]
             self._cache["top-via"] = v
         return v  # type: ignore[no-any-return]
 
@@ -180,14 +345,27 @@ class Message:
             if text is None:
                 raise SipParseError(400, f"missing {name}")
             v = parse_name_addr(text)
+            if parts(v) - 1 > self.limits.max_header_params:
+                raise _too_many_params(name, self.limits.max_header_params)
             self._cache[name] = v
         return v  # type: ignore[no-any-return]
 
     def _name_addr_list(self, name: str) -> list[NameAddr]:
         v = self._cached(name)
         if v is _MISSING:
-            v = [na for text in self.values(name) for na in parse_name_addr_list(text)]
-            self._cache[name] = v
+            limit = self.limits.max_list_entries
+            budget = self.limits.max_header_params
+            items: list[NameAddr] = []
+            for i in self._index.get(name, ()):
+                more = parse_name_addr_list(self.value_at(i), stop=limit + 1 - len(items))
+                items.extend(more)
+                if len(items) > limit:
+                    raise _too_many(name, limit)
+                for na in more:
+                    budget -= parts(na) - 1
+                if budget < 0:
+                    raise _too_many_params(name, self.limits.max_header_params)
+            self._cache[name] = v = items
         return v  # type: ignore[no-any-return]
 
     @property
@@ -233,8 +411,19 @@ class Message:
     def history_info(self) -> list[HistoryInfoEntry]:
         v = self._cached("history-info")
         if v is _MISSING:
-            v = [e for text in self.values("history-info") for e in parse_history_info(text)]
-            self._cache["history-info"] = v
+            limit = self.limits.max_list_entries
+            budget = self.limits.max_header_params
+            entries: list[HistoryInfoEntry] = []
+            for i in self._index.get("history-info", ()):
+                more = parse_history_info(self.value_at(i), limit + 1 - len(entries))
+                entries.extend(more)
+                if len(entries) > limit:
+                    raise _too_many("history-info", limit)
+                for entry in more:
+                    budget -= parts(entry.name_addr) - 1
+                if budget < 0:
+                    raise _too_many_params("history-info", self.limits.max_header_params)
+            self._cache["history-info"] = v = entries
         return v  # type: ignore[no-any-return]
 
     @property
@@ -242,6 +431,9 @@ class Message:
         v = self._cached("identity")
         if v is _MISSING:
             v = [parse_identity(text) for text in self.values("identity")]
+            for identity in v:
+                if len(identity.params) > self.limits.max_header_params:
+                    raise _too_many_params("identity", self.limits.max_header_params)
             self._cache["identity"] = v
         return v  # type: ignore[no-any-return]
 
@@ -255,6 +447,8 @@ class Message:
             if self.uri_text is None:
                 raise SipParseError(400, "responses have no Request-URI")
             v = parse_uri(self.uri_text)
+            if len(v.params) > self.limits.max_header_params:
+                raise _too_many_params("ruri", self.limits.max_header_params)
             if v.headers is not None and v.scheme in ("sip", "sips"):
                 # RFC 3261 §19.1.1 (Table 1): headers are not allowed in a Request-URI; RFC 4475
                 # §3.1.2.11: a proxy may reject it, and must never forward them.

@@ -23,16 +23,18 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from functools import lru_cache
 
 from sipguard.sip.errors import SipParseError
 from sipguard.sip.params import (
+    CACHE_PARTS_MAX,
+    CACHE_TEXT_MAX,
     QUOTED_RE,
     TOKEN_CHARS,
     Params,
     expect_end,
     get_param,
     has_param,
+    remember,
     scan_params,
     unquote,
 )
@@ -123,40 +125,73 @@ def scan_name_addr(text: str, pos: int) -> tuple[NameAddr, int, bool]:
     return NameAddr(display, uri, params, raw), pos, bracketed
 
 
+# Memo caches, bounded in size and count (sipguard.sip.params, "Memo caches").
+_ONES: dict[str, tuple[NameAddr, bool]] = {}
+ONES_MAX = 2048
+_LISTS: dict[str, tuple[tuple[NameAddr, ...], bool]] = {}
+LISTS_MAX = 512
+
+
+def parts(na: NameAddr) -> int:
+    """How many parts a parsed value holds (itself and its header and URI parameters): what
+    the memo caches count (sipguard.sip.params, "Memo caches")."""
+    return 1 + len(na.params) + len(na.uri.params)
+
+
 def parse_name_addr(text: str, *, name_addr_only: bool = False) -> NameAddr:
     """Parse exactly one value (From, To, P-Asserted-Identity element, ...).
 
     With ``name_addr_only`` a bare addr-spec is a 400 (Route, Record-Route, History-Info).
-    Results are memoised by text: the same From / To comes back in every message of a dialog.
+    Short results are memoised by text: the same From / To comes back in every message of a
+    dialog.
     """
-    na, bracketed = _parse_one(text)
-    if name_addr_only and not bracketed:
+    if len(text) > CACHE_TEXT_MAX:
+        one = _parse_one(text)
+    else:
+        cached = _ONES.get(text)
+        if cached is None:
+            one = _parse_one(text)
+            if parts(one[0]) <= CACHE_PARTS_MAX:
+                remember(_ONES, text, one, ONES_MAX)
+        else:
+            one = cached
+    if name_addr_only and not one[1]:
         raise SipParseError(400, "URI must be enclosed in <>")
-    return na
+    return one[0]
 
 
-@lru_cache(maxsize=4096)
 def _parse_one(text: str) -> tuple[NameAddr, bool]:
     na, end, bracketed = scan_name_addr(text, 0)
     expect_end(text, end, "name-addr")
     return na, bracketed
 
 
-def parse_name_addr_list(text: str, *, name_addr_only: bool = False) -> list[NameAddr]:
+def parse_name_addr_list(
+    text: str, *, name_addr_only: bool = False, stop: int = 0
+) -> list[NameAddr]:
     """Parse a comma-separated list (Contact, Route, Record-Route, PAI, Diversion, ...).
 
     Commas inside quoted display names, quoted parameter values and ``< >`` do not split.
     ``Contact: *`` is for the caller to recognise; here it is a 400 like any other non-URI.
-    Results are memoised by text; each call returns a new list.
+    ``stop`` > 0 may end the scan once that many values are parsed, the rest unread: for a
+    caller that rejects a list that long (``max_list_entries``). Short results are memoised
+    by text; each call returns a new list.
     """
-    items, all_bracketed = _parse_list(text)
+    if len(text) > CACHE_TEXT_MAX:
+        items, all_bracketed = _parse_list(text, stop)
+    else:
+        cached = _LISTS.get(text)
+        if cached is None:
+            cached = _parse_list(text, 0)
+            if sum([parts(na) for na in cached[0]]) <= CACHE_PARTS_MAX:
+                remember(_LISTS, text, cached, LISTS_MAX)
+        items, all_bracketed = cached
     if name_addr_only and not all_bracketed:
         raise SipParseError(400, "URI must be enclosed in <>")
     return list(items)
 
 
-@lru_cache(maxsize=4096)
-def _parse_list(text: str) -> tuple[tuple[NameAddr, ...], bool]:
+def _parse_list(text: str, stop: int) -> tuple[tuple[NameAddr, ...], bool]:
     out: list[NameAddr] = []
     all_bracketed = True
     n = len(text)
@@ -165,6 +200,8 @@ def _parse_list(text: str) -> tuple[tuple[NameAddr, ...], bool]:
         na, pos, bracketed = scan_name_addr(text, pos)
         all_bracketed = all_bracketed and bracketed
         out.append(na)
+        if len(out) == stop:
+            return tuple(out), all_bracketed
         while pos < n and text[pos] in " \t":
             pos += 1
         if pos >= n:

@@ -20,9 +20,21 @@ Stricter than the bare grammar in one place, about what a proxy may forward: a C
 header part other than a CRLF line end is a 400 (a lenient next hop would see a header sipguard
 did not).
 
+Bounded and linear: ``limits`` (:class:`~sipguard.sip.message.ParseLimits`, see there for the
+statuses) caps the number of headers, the length of a line with its folds, and the number of
+continuation lines of a header, all checked while the lines are split; the splitter stops at the
+first header over ``max_headers`` and drops a line over a limit from the partial message, so no
+work or memory is spent on what will be refused. A folded header is joined once, whatever the
+number of its continuation lines. A limit error is raised like any other, and no parse error
+leaves a reference cycle behind (an exception held by a local of a frame in its own traceback):
+the cyclic garbage collector runs once a minute, and a cycle would keep the message's bytes
+until then.
+
 Speed: ``parse_message`` is on the hot path. Header names are looked up in a bounded cache keyed
-by the raw name (one dict lookup per line, seeded with the usual names); a line the cache does
-not know — folding, a new name, junk — sends the whole block through the general splitter. The
+by the raw name (one dict lookup per line, seeded with the usual names; names up to 64 bytes);
+a line the cache does not know — folding, a new name, junk — or a block that may break a limit
+sends the whole block through the general splitter. The limits cost the fast path two ``len()``
+comparisons. The
 parser fills in the message's index and parsed-value cache itself (``Message._index``,
 ``_cache``, ``_frame``) rather than going through accessors: the two modules are one unit, split
 for reading, and compiled together (``sipguard/native.py``).
@@ -36,14 +48,19 @@ from typing import NoReturn
 from sipguard.sip.errors import SipParseError
 from sipguard.sip.message import (
     CRLF,
+    DEFAULT_LIMITS,
     MAX_CSEQ,
     METHODS,
+    UNLIMITED,
     WS,
     Message,
+    ParseLimits,
     decode,
     parse_cseq,
     raw_value,
 )
+
+__all__ = ["DEFAULT_LIMITS", "UNLIMITED", "ParseLimits", "SipParseError", "parse_message"]
 
 # RFC 3261 §7.3.3 and the registry of compact forms (RFC 3262, 3515, 3840, 3841, 4028, 8224, ...)
 COMPACT: dict[str, str] = {
@@ -79,9 +96,12 @@ _TOKEN_BYTES = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-
 # Raw header name, everything before the colon (as it appeared, e.g. b"Via", b"v", b"CALL-ID "),
 # -> canonical name. Names repeat across messages, so a bounded cache turns validation and
 # lower-casing into one lookup. Only valid names are ever stored: a name that is not in the cache
-# (a new name, a continuation line, junk) takes the slow path.
+# (a new name, a continuation line, junk) takes the slow path. Bounded in count and, since a
+# token may be as long as the line, in size: a name longer than _NAME_KEY_MAX is never stored
+# (the longest registered header name has 30 characters). At most 2048 * ~250 bytes.
 _NAME_CACHE: dict[bytes, str] = {}
 _NAME_CACHE_MAX = 2048
+_NAME_KEY_MAX = 64
 # Seeded with the usual spellings, so a flood of made-up names cannot keep them out.
 _COMMON_NAMES = (
     "Via", "From", "To", "Call-ID", "CSeq", "Contact", "Max-Forwards", "Content-Length",
@@ -100,14 +120,15 @@ def is_token(data: bytes) -> bool:
     return bool(data) and not data.translate(None, _TOKEN_BYTES)
 
 
-def _canonical_name(key: bytes) -> str:
-    """Canonical name for ``key`` (a raw header name: everything before the colon)."""
+def _canonical_name(key: bytes) -> str | None:
+    """Canonical name for ``key`` (a raw header name: everything before the colon); None when
+    it is no token."""
     name = key.rstrip(b" \t")
     if not is_token(name):
-        raise SipParseError(400, f"malformed header name {name[:40]!r}")
+        return None
     text = name.decode("ascii").lower()
     text = COMPACT.get(text, text)
-    if len(_NAME_CACHE) < _NAME_CACHE_MAX:
+    if len(key) <= _NAME_KEY_MAX and len(_NAME_CACHE) < _NAME_CACHE_MAX:
         _NAME_CACHE[key] = text
     return text
 
@@ -165,25 +186,42 @@ def _digits(value: bytes, what: str, limit: int) -> int:
     return n
 
 
-def _split_headers(raw_lines: list[bytes]) -> tuple[list[str], list[bytes], SipParseError | None]:
-    """The general header splitter: folded lines, new names, malformed lines.
+def _split_headers(
+    raw_lines: list[bytes], limits: ParseLimits
+) -> tuple[list[str], list[bytes], SipParseError | None]:
+    """The general header splitter: folded lines, new names, malformed lines, limits.
 
-    Returns (names, lines, first error). A malformed line is left out and its error returned,
-    so that the caller can still attach what it could split to the error.
+    Returns (names, lines, first error). A malformed line, or one over a limit, is left out
+    with its continuation lines and its error returned, so that the caller can still attach
+    what it could split to the error; past ``max_headers`` headers it stops. A folded header
+    is one join of its lines (linear, however many there are).
     """
     names: list[str] = []
     lines: list[bytes] = []
     error: SipParseError | None = None
     cache = _NAME_CACHE
-    for line in raw_lines:
+    max_line = limits.max_header_line
+    max_folds = limits.max_continuation_lines
+    left = limits.max_headers
+    n = len(raw_lines)
+    i = 0
+    while i < n:
+        line = raw_lines[i]
+        i += 1
         if not line:
             continue
-        if line[0] in (32, 9):  # continuation of the previous header line (LWS)
-            if lines:
-                lines[-1] = lines[-1] + CRLF + line
-            elif error is None:
+        if line[0] == 32 or line[0] == 9:  # continuation line (LWS) with no header above it
+            if error is None:
                 error = SipParseError(400, "continuation line before the first header")
             continue
+        start = i - 1
+        while i < n and (nxt := raw_lines[i]) and (nxt[0] == 32 or nxt[0] == 9):
+            i += 1  # continuation lines of this header
+        if not left:
+            if error is None:
+                error = SipParseError(400, f"too many headers (max_headers {limits.max_headers})")
+            break
+        left -= 1
         colon = line.find(b":")
         if colon <= 0:
             if error is None:
@@ -192,18 +230,38 @@ def _split_headers(raw_lines: list[bytes]) -> tuple[list[str], list[bytes], SipP
         key = line[:colon]
         name = cache.get(key)
         if name is None:
-            try:
-                name = _canonical_name(key)
-            except SipParseError as err:
+            name = _canonical_name(key)
+            if name is None:
                 if error is None:
-                    error = err
+                    bad = key.rstrip(WS)[:40]
+                    error = SipParseError(400, f"malformed header name {bad!r}")
                 continue
+        folds = i - start - 1
+        if folds:
+            if folds > max_folds:
+                if error is None:
+                    error = SipParseError(
+                        400,
+                        f"too many continuation lines in {name}: {folds} "
+                        f"(max_continuation_lines {max_folds})",
+                    )
+                continue
+            line = CRLF.join(raw_lines[start:i])
+        if len(line) > max_line:
+            if error is None:
+                error = SipParseError(
+                    513, f"{name} line of {len(line)} bytes (max_header_line {max_line})"
+                )
+            continue
         names.append(name)
         lines.append(line)
     return names, lines, error
 
 
-def _fail(err: SipParseError, start_line: bytes, raw_lines: list[bytes], body: bytes) -> NoReturn:
+def _fail(
+    err: SipParseError, start_line: bytes, raw_lines: list[bytes], body: bytes,
+    limits: ParseLimits,
+) -> NoReturn:
     """Raise ``err`` with whatever could be split attached as ``err.partial``.
 
     The partial message lets the proxy answer a request it cannot accept (400, 505) with the
@@ -213,22 +271,48 @@ def _fail(err: SipParseError, start_line: bytes, raw_lines: list[bytes], body: b
     if start_line[:4].upper() != b"SIP/":
         parts = start_line.split(b" ")
         if parts[0]:
-            names, lines, _ = _split_headers(raw_lines)
+            names, lines, _ = _split_headers(raw_lines, limits)
             uri = decode(parts[1]) if len(parts) > 1 and parts[1] else None
-            _attach(err, Message(start_line, names, lines, body, decode(parts[0]), uri, 0, ""))
-    raise err
+            _attach(err, Message(start_line, names, lines, body, decode(parts[0]), uri, 0, "",
+                                 None, limits))
+    # A frame whose local holds the exception it raises is in that exception's traceback: a
+    # cycle, which only the cyclic collector (once a minute) would free, message and all. So
+    # no local of this frame, nor of parse_message (which passes the error in, or holds it
+    # only as an ``except ... as`` name, cleared on the way out), holds it once it is raised.
+    try:
+        raise err
+    finally:
+        del err
 
 
 def _attach(err: SipParseError, msg: Message) -> None:
     err.partial = msg
 
 
-def parse_message(data: bytes, *, max_size: int = 65535, datagram: bool = True) -> Message:
+def _start_line_error(start_line: bytes, limit: int) -> SipParseError:
+    """A start line over ``max_header_line``: 414 for a request (its Request-URI is the only
+    part without a bound, RFC 3261 §21.4.12), 513 for a status line."""
+    if start_line[:4].upper() == b"SIP/":
+        return SipParseError(
+            513, f"status line of {len(start_line)} bytes (max_header_line {limit})"
+        )
+    return SipParseError(414, f"request line of {len(start_line)} bytes (max_header_line {limit})")
+
+
+def parse_message(
+    data: bytes,
+    *,
+    max_size: int = 65535,
+    datagram: bool = True,
+    limits: ParseLimits = DEFAULT_LIMITS,
+) -> Message:
     """Parse one SIP message from ``data``.
 
     Over UDP (``datagram=True``) the body is what follows the header block, cut to
     Content-Length (RFC 3261 §18.3: extra bytes are discarded, missing bytes are an error).
     Over a stream the framer has already cut exactly one message, and Content-Length is required.
+    ``limits`` bound what one message may hold (:class:`~sipguard.sip.message.ParseLimits`);
+    the message keeps them for its list accessors. ``UNLIMITED`` is for bytes sipguard built.
     """
     if len(data) > max_size:
         raise SipParseError(513, f"message of {len(data)} bytes exceeds {max_size}")
@@ -240,22 +324,31 @@ def parse_message(data: bytes, *, max_size: int = 65535, datagram: bool = True) 
     if end < 0:
         # RFC 3261 §7: the empty line MUST be present even without a body (RFC 4475 baddn).
         head = data[start:].split(CRLF)
+        if len(head[0]) > limits.max_header_line:
+            _fail(_start_line_error(head[0], limits.max_header_line), head[0], head[1:], b"",
+                  limits)
         try:
             _parse_start_line(head[0])
         except SipParseError as err:
-            _fail(err, head[0], head[1:], b"")
-        _fail(SipParseError(400, "no empty line after the headers"), head[0], head[1:], b"")
+            _fail(err, head[0], head[1:], b"", limits)
+        _fail(SipParseError(400, "no empty line after the headers"), head[0], head[1:], b"",
+              limits)
     eol = data.find(CRLF, start)  # <= end: the empty line's CRLF at the latest
     start_line = data[start:eol]
+    if len(start_line) > limits.max_header_line:
+        _fail(_start_line_error(start_line, limits.max_header_line), start_line,
+              data[eol + 2 : end].split(CRLF) if eol < end else [], data[end + 4 :], limits)
     try:
         method, uri_text, status, reason = _parse_start_line(start_line)
     except SipParseError as err:
         _fail(err, start_line, data[eol + 2 : end].split(CRLF) if eol < end else [],
-              data[end + 4 :])
+              data[end + 4 :], limits)
 
     # Fast path: every line is "known-name: value" (one dict lookup per line; the name cache is
-    # keyed by everything before the colon). Anything else — folding, a new name, junk — takes
-    # _split_headers. Slices build slice objects in Python 3.11, so partition() is used instead.
+    # keyed by everything before the colon), and the block is within the limits (two len()
+    # checks; a line can only be too long when the block is). Anything else — folding, a new
+    # name, junk, a block that may break a limit — takes _split_headers. Slices build slice
+    # objects in Python 3.11, so partition() is used instead.
     body = data[end + 4 :]
     raw_lines = data[eol + 2 : end].split(CRLF) if eol < end else []
     joined = b"".join(raw_lines)
@@ -263,45 +356,54 @@ def parse_message(data: bytes, *, max_size: int = 65535, datagram: bool = True) 
         # RFC 3261 §7, §25.1: CR and LF appear in the header part only as CRLF line ends (and in
         # LWS folding). A bare one would end a line for some parsers and not for others, so a
         # forwarded message could smuggle headers past sipguard; reject it.
-        _fail(SipParseError(400, "bare CR or LF in the header part"), start_line, raw_lines, body)
-    get = _NAME_CACHE.get
-    names: list[str] = []
-    index: dict[str, list[int]] = {}
-    append = names.append
-    for i, line in enumerate(raw_lines):
-        key, colon, _ = line.partition(b":")
-        name = get(key)
-        if name is None or not colon:
-            break
-        append(name)
-        slot = index.get(name)
-        if slot is None:
-            index[name] = [i]
+        _fail(SipParseError(400, "bare CR or LF in the header part"), start_line, raw_lines, body,
+              limits)
+    max_line = limits.max_header_line
+    if len(raw_lines) <= limits.max_headers and (
+        end - eol - 2 <= max_line or max(map(len, raw_lines)) <= max_line
+    ):
+        get = _NAME_CACHE.get
+        names: list[str] = []
+        index: dict[str, list[int]] = {}
+        append = names.append
+        for i, line in enumerate(raw_lines):
+            key, colon, _ = line.partition(b":")
+            name = get(key)
+            if name is None or not colon:
+                break
+            append(name)
+            slot = index.get(name)
+            if slot is None:
+                index[name] = [i]
+            else:
+                slot.append(i)
         else:
-            slot.append(i)
-    else:
-        msg = Message(start_line, names, raw_lines, body, method, uri_text, status, reason, index)
-        if raw_lines and status:
-            # Responses only: they pass through at once, where a request is kept by its
-            # transaction (for 32 s), and keeping its whole datagram too would cost memory.
-            msg._frame = (data, start, eol + 2, end + 4)
+            msg = Message(start_line, names, raw_lines, body, method, uri_text, status, reason,
+                          index, limits)
+            if raw_lines and status:
+                # Responses only: they pass through at once, where a request is kept by its
+                # transaction (for 32 s), and keeping its whole datagram too would cost memory.
+                msg._frame = (data, start, eol + 2, end + 4)
+            try:
+                _validate(msg, datagram)
+            except SipParseError as err:
+                _attach(err, msg)
+                raise
+            return msg
+    names, lines, error = _split_headers(raw_lines, limits)
+    msg = Message(start_line, names, lines, body, method, uri_text, status, reason, None, limits)
+    if error is None:
         try:
             _validate(msg, datagram)
         except SipParseError as err:
             _attach(err, msg)
             raise
         return msg
-    names, lines, error = _split_headers(raw_lines)
-    msg = Message(start_line, names, lines, body, method, uri_text, status, reason)
-    if error is None:
-        try:
-            _validate(msg, datagram)
-        except SipParseError as err:
-            error = err
-    if error is not None:
-        _attach(error, msg)
+    _attach(error, msg)
+    try:
         raise error
-    return msg
+    finally:
+        error = None  # no cycle (see _fail)
 
 
 def _validate(msg: Message, datagram: bool) -> None:

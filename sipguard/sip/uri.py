@@ -24,11 +24,17 @@ from __future__ import annotations
 import ipaddress
 import re
 from dataclasses import dataclass
-from functools import lru_cache
 from urllib.parse import unquote as _pct_unquote
 
 from sipguard.sip.errors import SipParseError
-from sipguard.sip.params import Params, get_param, has_param
+from sipguard.sip.params import (
+    CACHE_PARTS_MAX,
+    CACHE_TEXT_MAX,
+    Params,
+    get_param,
+    has_param,
+    remember,
+)
 
 # scheme = ALPHA *( ALPHA / DIGIT / "+" / "-" / "." )
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*+")
@@ -124,17 +130,30 @@ class Uri:
         return self.raw
 
 
+# Memo caches, bounded in size and count (sipguard.sip.params, "Memo caches").
+_URIS: dict[str, Uri] = {}
+URIS_MAX = 2048
+_HOSTS: dict[str, str] = {}
+HOSTS_MAX = 4096
+
+
 def parse_uri(text: str) -> Uri:
     """Parse a SIP, SIPS, tel or other absolute URI (see the module docstring).
 
-    Results are memoised by text (URIs repeat across the messages of a call); a Uri is
+    Short results are memoised by text (URIs repeat across the messages of a call); a Uri is
     immutable, so sharing one is safe.
     """
-    return _parse_uri_cached(text)
+    if len(text) > CACHE_TEXT_MAX:
+        return _parse_uri(text)
+    uri = _URIS.get(text)
+    if uri is None:
+        uri = _parse_uri(text)
+        if len(uri.params) <= CACHE_PARTS_MAX:
+            remember(_URIS, text, uri, URIS_MAX)
+    return uri
 
 
-@lru_cache(maxsize=8192)
-def _parse_uri_cached(text: str) -> Uri:
+def _parse_uri(text: str) -> Uri:
     m = _SIP_FAST.fullmatch(text)
     if m is not None:
         return _sip_from_match(text, m)
@@ -277,9 +296,21 @@ def _hostport(text: str) -> tuple[str, int | None]:
     return check_host(host), (check_port(port) if sep else None)
 
 
-@lru_cache(maxsize=4096)
 def check_host(text: str) -> str:
-    """Validate a host (hostname, IPv4 address or bracketed IPv6 reference); lower-case it."""
+    """Validate a host (hostname, IPv4 address or bracketed IPv6 reference); lower-case it.
+
+    Memoised for short hosts (a DNS name has at most 253 characters).
+    """
+    if len(text) > CACHE_TEXT_MAX:
+        return _check_host(text)
+    host = _HOSTS.get(text)
+    if host is None:
+        host = _check_host(text)
+        remember(_HOSTS, text, host, HOSTS_MAX)
+    return host
+
+
+def _check_host(text: str) -> str:
     host = text.lower()
     if host.startswith("["):
         inner = host[1:-1]

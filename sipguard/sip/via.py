@@ -27,15 +27,17 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from functools import lru_cache
 
 from sipguard.sip.errors import SipParseError
 from sipguard.sip.params import (
+    CACHE_PARTS_MAX,
+    CACHE_TEXT_MAX,
     TOKEN_CHARS,
     VALUE_CHARS,
     Params,
     get_param,
     has_param,
+    remember,
     scan_params,
     split_plain,
 )
@@ -166,17 +168,30 @@ def _check_received(value: str) -> None:
     check_host(value if value.startswith("[") else f"[{value}]")
 
 
-def parse_via_list(text: str) -> list[Via]:
+# Memo cache, bounded in size and count (sipguard.sip.params, "Memo caches").
+_VIAS: dict[str, tuple[Via, ...]] = {}
+VIAS_MAX = 2048
+
+
+def parse_via_list(text: str, stop: int = 0) -> list[Via]:
     """Parse every via-parm of one Via header value (comma separated), top first.
 
-    Results are memoised by text (a response carries the Vias of its request); each call
-    returns a new list.
+    ``stop`` > 0 may end the scan once that many via-parms are parsed, the rest of the value
+    unread: for a caller that rejects a list that long (``max_list_entries``), so that a
+    hostile list costs no more than the limit. Short values are memoised by text (a response
+    carries the Vias of its request); each call returns a new list.
     """
-    return list(_parse_vias(text))
+    if len(text) > CACHE_TEXT_MAX:
+        return list(_parse_vias(text, stop))
+    vias = _VIAS.get(text)
+    if vias is None:
+        vias = _parse_vias(text, 0)
+        if len(vias) + sum([len(v.params) for v in vias]) <= CACHE_PARTS_MAX:
+            remember(_VIAS, text, vias, VIAS_MAX)
+    return list(vias)
 
 
-@lru_cache(maxsize=4096)
-def _parse_vias(text: str) -> tuple[Via, ...]:
+def _parse_vias(text: str, stop: int) -> tuple[Via, ...]:
     out: list[Via] = []
     n = len(text)
     pos = 0
@@ -185,6 +200,8 @@ def _parse_vias(text: str) -> tuple[Via, ...]:
             pos += 1
         via, pos = _scan_via(text, pos)
         out.append(via)
+        if len(out) == stop:
+            return tuple(out)
         while pos < n and text[pos] in " \t":
             pos += 1
         if pos >= n:

@@ -126,9 +126,14 @@ class PolicyHarness(Harness):
     ]:
         return to(self.send(answer(req, status, phrase, extra=extra), src=CORE), CALLER)
 
-    def bye(self, n: int, *, cseq: int = 2, from_callee: bool = False, **kw: Any) -> list[
-        tuple[Flow, Message]
-    ]:
+    def bye(self, n: int, *, cseq: int = 2, from_callee: bool = False, answered: bool = True,
+            **kw: Any) -> list[tuple[Flow, Message]]:
+        """A BYE from the caller (or the core); a caller's BYE that reaches the core is
+        answered 200 by it unless ``answered`` is False (the call ends on that answer)."""
         data = in_dialog("BYE", call_id=f"call-{n}", cseq=cseq, branch=f"z9hG4bK-bye{n}-{cseq}",
                          from_callee=from_callee, **kw)
-        return self.send(data, src=CORE if from_callee else CALLER)
+        out = self.send(data, src=CORE if from_callee else CALLER)
+        byes = [m for m in to(out, CORE) if m.method == "BYE"]
+        if answered and byes and not from_callee:
+            out += self.send(answer(byes[0], 200, "OK"), src=CORE)
+        return out

@@ -43,6 +43,12 @@ class DecideOnly:
     def abandoned(self, call: CallInfo, now: float) -> None:
         self.abandoned_calls.append(call)
 
+    def screen(self, msg: Message, flow: Flow, now: float) -> Verdict | None:
+        return None
+
+    def same_party(self, dialog: Dialog, flow: Flow) -> bool:
+        return False
+
 
 class Harness:
     """A proxy plus a clock; ``send`` feeds bytes and returns what the proxy sent."""

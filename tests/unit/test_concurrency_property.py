@@ -149,10 +149,10 @@ def lifecycle(h: Checked, n: int, rng: random.Random, tally: Counter[str]) -> St
     end = rng.choice(["bye_caller", "bye_callee", "lost"])
     tally[end] += 1
     if end == "bye_caller":
-        out = h.bye(n, cseq=cseq, caller=caller, callee=callee)
+        out = h.bye(n, cseq=cseq, caller=caller, callee=callee, answered=False)
         byes = [m for m in to(out, CORE) if m.method == "BYE"]
         if rng.random() < 0.3:
-            h.bye(n, cseq=cseq, caller=caller, callee=callee)  # retransmission
+            h.bye(n, cseq=cseq, caller=caller, callee=callee, answered=False)  # retransmission
         if byes and rng.random() < 0.9:
             h.answer(byes[0], 200, "OK")
     elif end == "bye_callee":

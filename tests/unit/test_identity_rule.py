@@ -204,6 +204,20 @@ async def test_valid_passport_is_forwarded_with_passed_verstat(stir: Stir, attes
     assert res.labels == {"identity": "passed", "identity_attest": attest}
 
 
+async def test_identity_alone_puts_verstat_on_p_asserted_identity(stir: Stir) -> None:
+    """With rule identity on and callerid off, the core still gets verstat: on the received
+    P-Asserted-Identity, or on a tel: one for the E.164 caller when there was none."""
+    pai = f"P-Asserted-Identity: <sip:{CALLER_NUMBER}@198.51.100.7;user=phone>\r\n"
+    res = await stir.call(stir.header(), extra=pai)
+    assert res.forwarded is not None
+    assert "verstat=TN-Validation-Passed" in (res.forwarded.get("p-asserted-identity") or "")
+    res = await stir.call(None)
+    assert res.forwarded is not None
+    assert res.forwarded.get("p-asserted-identity") == (
+        f"<tel:{CALLER_NUMBER};verstat=No-TN-Validation>"
+    )
+
+
 async def test_second_call_is_decided_synchronously_from_the_cache(stir: Stir) -> None:
     """The first call fetches the certificate; the next one for the same x5u needs no await."""
     first = await stir.call(stir.header())

@@ -171,3 +171,18 @@ def test_batched_lines_wait_for_flush_and_keep_their_order() -> None:
     assert stream.getvalue() == ""
     flush_logs()
     assert [x["event"] for x in json_lines(stream)] == ["first", "second", "third"]
+
+
+def test_a_line_the_stream_cannot_encode_is_escaped_and_the_writer_goes_on() -> None:
+    """Console format, a Call-ID holding byte 0xFF (a surrogate escape): the line is written
+    with a backslash escape, and the lines after it are written too."""
+    raw = io.BytesIO()
+    stream = io.TextIOWrapper(raw, encoding="utf-8", errors="strict")
+    configure_logging(LogSettings(format="console"), stream, batch=True)
+    log = get_logger("t")
+    log.info("invite_decided", call_id=b"bad\xff".decode("utf-8", "surrogateescape"))
+    flush_logs()
+    log.info("after")
+    flush_logs()
+    text = raw.getvalue().decode("utf-8")
+    assert "bad\\udcff" in text and "after" in text

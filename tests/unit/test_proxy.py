@@ -92,10 +92,12 @@ def test_full_call_flows_both_ways_and_dialog_ends_on_bye() -> None:
     bye = bye.replace(b"z9hG4bK-ack-1", b"z9hG4bK-bye-1")
     fwd_bye = _to(h.send(bye), CORE)
     assert [m.method for m in fwd_bye] == ["BYE"]
-    ended = [e for e in h.events if isinstance(e, DialogEnded)]
-    assert [e.reason for e in ended] == ["bye_caller"]
+    # The call ends when the core has taken the BYE, not on the caller's word alone.
+    assert [e for e in h.events if isinstance(e, DialogEnded)] == []
     ok_bye = _to(h.send(answer(fwd_bye[0], 200, "OK"), src=CORE), CALLER)
     assert [m.status for m in ok_bye] == [200]
+    ended = [e for e in h.events if isinstance(e, DialogEnded)]
+    assert [e.reason for e in ended] == ["bye_caller"]
     # A late BYE retransmission is answered from the transaction, and ends nothing again.
     again = h.send(bye)
     assert [m.status for m in _to(again, CALLER)] == [200]
@@ -327,7 +329,8 @@ def test_tcp_responses_go_back_on_the_same_connection() -> None:
 
 
 def test_outside_requests_never_relay_through_a_foreign_route() -> None:
-    """A preloaded Route or an unknown dialog from outside still goes to the core only."""
+    """A preloaded Route goes to the core only; a request for a dialog sipguard did not set
+    up is refused (481) and goes nowhere."""
     h = Harness()
     out = h.send(invite(extra="Route: <sip:203.0.113.99:5060;lr>\r\n"))
     assert [m.method for m in _to(out, CORE)] == ["INVITE"]
@@ -340,7 +343,8 @@ def test_outside_requests_never_relay_through_a_foreign_route() -> None:
         b"Call-ID: unknown-dialog\r\nCSeq: 2 BYE\r\nContent-Length: 0\r\n\r\n"
     )
     out = h.send(bye)
-    assert [m.method for m in _to(out, CORE)] == ["BYE"]
+    assert _to(out, CORE) == []
+    assert [m.status for m in _to(out, CALLER)] == [481]
     assert _to(out, ("203.0.113.99", 5060)) == []
 
 

@@ -103,13 +103,16 @@ def test_expiries_out_of_creation_order_each_end_on_time() -> None:
     assert ended(h) == [("call-2", "session_expired"), ("call-1", "lifetime")]
 
 
-def test_bye_after_session_expiry_is_forwarded_and_ends_nothing_again() -> None:
-    """A late BYE after the session expired is still routed, but no second end is reported."""
+def test_bye_after_session_expiry_is_refused_and_ends_nothing_again() -> None:
+    """A late BYE after the session expired belongs to no live dialog: 481, nothing reaches
+    the core, and no second end is reported."""
     h = Harness()
     start(h)
     h.advance(125)
     bye = in_dialog("BYE", call_id="call-1", cseq=3, branch="z9hG4bK-late")
-    assert [m.method for m in to(h.send(bye), CORE)] == ["BYE"]
+    out = h.send(bye)
+    assert to(out, CORE) == []
+    assert [m.status for m in to(out, CALLER)] == [481]
     assert ended(h) == [("call-1", "session_expired")]
 
 
@@ -117,7 +120,8 @@ def test_bye_before_expiry_leaves_no_timer_behind() -> None:
     """A dialog that ends by BYE is removed from the expiry wheel at once."""
     h = Harness()
     start(h)
-    h.send(in_dialog("BYE", call_id="call-1", cseq=2, branch="z9hG4bK-b"))
+    fwd = to(h.send(in_dialog("BYE", call_id="call-1", cseq=2, branch="z9hG4bK-b")), CORE)
+    h.send(answer(fwd[0], 200, "OK"), src=CORE)
     assert h.proxy.table.expiries() == 0
     h.advance(200)
     assert ended(h) == [("call-1", "bye_caller")]

@@ -1,0 +1,296 @@
+"""No way around the policy: in-dialog requests, every initial request, sipguard's own
+headers, responses — through the in-memory edge core with a real Policy."""
+
+from __future__ import annotations
+
+from sipguard.contract import DialogEnded, Dropped, Flow, Noticed, Screened
+from sipguard.sip.message import Message
+from tests.unit.dialog_helpers import PolicyHarness, in_dialog, to
+from tests.unit.proxy_helpers import CALLER, CORE, answer, invite
+
+PEERS = "peers:\n  - name: carrier-a\n    networks: [198.51.100.0/24]\n"
+STRANGER = ("203.0.113.5", 5060)
+THIRD = ("203.0.113.99", 5060)
+OTHER_PORT = (CALLER[0], CALLER[1] + 1)
+
+
+def statuses(out: list[tuple[Flow, Message]]) -> list[int]:
+    """The statuses of every response sipguard sent, wherever it went."""
+    return [m.status for _, m in out if m.status is not None]
+
+
+def up(h: PolicyHarness, n: int = 1) -> Message:
+    """Call ``n`` from CALLER answered 200 and ACKed; the INVITE as the core got it."""
+    _, fwd = h.call(n)
+    assert fwd is not None
+    h.answer(fwd, 200, "OK")
+    h.send(in_dialog("ACK", call_id=f"call-{n}", cseq=1, branch=f"z9hG4bK-a{n}"))
+    return fwd
+
+
+def out_of_dialog(method: str, *, call_id: str = "ood-1", extra: str = "") -> bytes:
+    return (
+        f"{method} sip:+18005550199@192.0.2.1:5060 SIP/2.0\r\n"
+        f"Via: SIP/2.0/UDP 203.0.113.5:5060;branch=z9hG4bK-{call_id}\r\nMax-Forwards: 70\r\n"
+        f"From: <sip:+12125550100@203.0.113.5>;tag=o1\r\nTo: <sip:+18005550199@192.0.2.1>\r\n"
+        f"Call-ID: {call_id}\r\nCSeq: 1 {method}\r\n{extra}Content-Length: 0\r\n\r\n"
+    ).encode()
+
+
+def test_bye_from_another_port_naming_a_third_party_is_refused() -> None:
+    """A BYE with a live call's Call-ID and tags, from another source port and aimed at a third
+    party: 403, nothing reaches the third party or the core, the call and its slot stay."""
+    h = PolicyHarness("rules:\n  concurrency: {per_caller: 1}\n")
+    up(h)
+    bye = in_dialog("BYE", call_id="call-1", cseq=2, branch="z9hG4bK-evil")
+    bye = bye.replace(b"BYE sip:core@10.0.0.10:5080", b"BYE sip:victim@203.0.113.99:5060")
+    out = h.send(bye, src=OTHER_PORT)
+    assert to(out, THIRD) == [] and to(out, CORE) == []
+    assert statuses(out) == [403]  # to the Via's port (RFC 3261 §18.2.2)
+    assert h.ended() == [] and h.count("caller", "+12125550100") == 1
+    resp, fwd = h.call(2)
+    assert fwd is None and [m.status for m in resp if m.status and m.status >= 200] == [403]
+
+
+def test_in_dialog_requests_from_the_caller_go_to_the_core_whatever_their_route() -> None:
+    """The caller's INFO with a Route to a third party over TCP, and its BYE naming a third
+    party, both go to the core and nowhere else."""
+    h = PolicyHarness()
+    up(h)
+    info = in_dialog("INFO", call_id="call-1", cseq=2, branch="z9hG4bK-i",
+                     extra="Route: <sip:203.0.113.99:5060;transport=tcp;lr>\r\n")
+    out = h.send(info)
+    assert [(f.addr, m.method) for f, m in out if m.method] == [(CORE, "INFO")]
+    bye = in_dialog("BYE", call_id="call-1", cseq=3, branch="z9hG4bK-b")
+    bye = bye.replace(b"BYE sip:core@10.0.0.10:5080", b"BYE sip:victim@203.0.113.99:5060")
+    out = h.send(bye)
+    assert [(f.addr, m.method) for f, m in out if m.method] == [(CORE, "BYE")]
+
+
+def test_the_call_ends_when_the_core_answers_the_bye_not_before() -> None:
+    """The caller's BYE frees the slot only once the core has answered it; a BYE the core
+    refuses (e.g. 403) frees nothing."""
+    h = PolicyHarness("rules:\n  concurrency: {per_caller: 1}\n")
+    up(h)
+    out = h.send(in_dialog("BYE", call_id="call-1", cseq=2, branch="z9hG4bK-b1"))
+    fwd = [m for m in to(out, CORE) if m.method == "BYE"]
+    assert h.count("caller", "+12125550100") == 1
+    h.send(answer(fwd[0], 403, "Forbidden"), src=CORE)
+    assert h.ended() == [] and h.count("caller", "+12125550100") == 1
+    out = h.send(in_dialog("BYE", call_id="call-1", cseq=3, branch="z9hG4bK-b2"))
+    fwd = [m for m in to(out, CORE) if m.method == "BYE"]
+    h.send(answer(fwd[0], 200, "OK"), src=CORE)
+    assert h.ended() == ["bye_caller"] and h.count("caller", "+12125550100") == 0
+
+
+def test_unknown_dialog_and_core_side_tags_from_outside_are_refused() -> None:
+    """An in-dialog request for a dialog sipguard did not set up gets 481; one from outside
+    that speaks with the core's tag gets 403; neither reaches the core."""
+    h = PolicyHarness()
+    up(h)
+    out = h.send(in_dialog("BYE", call_id="nope", cseq=2, branch="z9hG4bK-n"))
+    assert to(out, CORE) == [] and statuses(out) == [481]
+    reversed_tags = in_dialog("BYE", call_id="call-1", cseq=9, branch="z9hG4bK-r",
+                              from_callee=True)
+    out = h.send(reversed_tags, src=CALLER)
+    assert to(out, CORE) == [] and statuses(out) == [403]
+
+
+def test_another_address_of_the_same_peer_speaks_for_the_call() -> None:
+    """A carrier's second SBC (same peer networks) may send the BYE; a stranger may not."""
+    h = PolicyHarness(extra_yaml=PEERS)
+    up(h)
+    bye = in_dialog("BYE", call_id="call-1", cseq=2, branch="z9hG4bK-s")
+    assert [m.method for m in to(h.send(bye, src=("198.51.100.8", 5060)), CORE)] == ["BYE"]
+
+
+def test_out_of_dialog_requests_from_unknown_sources_are_refused_once() -> None:
+    """With peers configured, MESSAGE and SUBSCRIBE from an unknown address get one 403 each,
+    statelessly (no retransmission), and nothing reaches the core; an INVITE gets no 100."""
+    h = PolicyHarness(extra_yaml=PEERS)
+    for i, method in enumerate(("MESSAGE", "SUBSCRIBE", "INVITE")):
+        out = h.send(out_of_dialog(method, call_id=f"u{i}"), src=STRANGER)
+        assert to(out, CORE) == []
+        assert [m.status for m in to(out, STRANGER)] == [403], method
+    assert h.proxy.servers == {}
+    assert to(h.advance(10.0), STRANGER) == []
+    screened = [e for e in h.events if isinstance(e, Screened)]
+    assert [(e.method, e.verdict.reason) for e in screened] == [
+        ("MESSAGE", "unknown_source"), ("SUBSCRIBE", "unknown_source"),
+        ("INVITE", "unknown_source")]
+
+
+def test_unknown_source_drop_sends_nothing_at_all() -> None:
+    """unknown_source: drop — not even 100 Trying goes back to an unknown address."""
+    h = PolicyHarness(extra_yaml=PEERS + "unknown_source: drop\n")
+    out = h.send(out_of_dialog("INVITE"), src=STRANGER)
+    assert out == []
+
+
+def test_methods_a_trunk_does_not_use_get_405_with_allow() -> None:
+    """A peer's out-of-dialog MESSAGE is answered 405 with Allow; OPTIONS and INVITE pass."""
+    h = PolicyHarness(extra_yaml=PEERS)
+    out = h.send(out_of_dialog("MESSAGE").replace(b"203.0.113.5", b"198.51.100.7"))
+    [resp] = [m for _, m in out if m.status]
+    assert resp.status == 405 and resp.get("allow") == "ACK, CANCEL, INVITE, OPTIONS"
+    assert to(out, CORE) == []
+
+
+def test_suspended_numbers_apply_to_every_initial_request() -> None:
+    """A MESSAGE from a suspended caller is refused like its INVITE would be."""
+    h = PolicyHarness(extra_yaml="suspended: ['+12125550100']\n",
+                      allow_methods=frozenset({"INVITE", "OPTIONS", "MESSAGE"}))
+    out = h.send(out_of_dialog("MESSAGE"), src=STRANGER)
+    assert [m.status for m in to(out, STRANGER)] == [403] and to(out, CORE) == []
+
+
+def test_a_cancel_from_another_source_cancels_nothing() -> None:
+    """Only the INVITE's sender may cancel it (RFC 3261 §9.2): others get 481."""
+    h = PolicyHarness()
+    _, fwd = h.call(1)
+    assert fwd is not None
+    h.answer(fwd, 180, "Ringing")
+    from tests.unit.dialog_helpers import cancel
+
+    out = h.send(cancel(call_id="call-1", branch="z9hG4bK-c1"), src=OTHER_PORT)
+    assert statuses(out) == [481]
+    assert [m for m in to(out, CORE) if m.method == "CANCEL"] == []
+
+
+def test_sipguards_own_headers_and_verstat_never_come_from_outside() -> None:
+    """With no rule on, forged verdict headers and verstat in From / P-Asserted-Identity are
+    removed from the initial INVITE and from a re-INVITE."""
+    h = PolicyHarness()
+    forged = (
+        "X-Sipguard-Identity: TN-Validation-Passed;attest=A\r\n"
+        "X-Sipguard-Verdict: passed\r\n"
+        "P-Asserted-Identity: <sip:+12125550100;verstat=TN-Validation-Passed@198.51.100.7;"
+        "user=phone>\r\n"
+    )
+    _, fwd = h.call(1, extra=forged)
+    assert fwd is not None
+    assert not fwd.has("x-sipguard-identity") and not fwd.has("x-sipguard-verdict")
+    assert "verstat" not in (fwd.get("p-asserted-identity") or "").lower()
+    h.answer(fwd, 200, "OK")
+    reinvite = in_dialog("INVITE", call_id="call-1", cseq=2, branch="z9hG4bK-re",
+                         extra=forged.replace("<sip:+1212", "<sip:+1212"))
+    reinvite = reinvite.replace(b"From: <sip:+12125550100@198.51.100.7>",
+                                b"From: <sip:+12125550100@198.51.100.7;VerStat=TN-Validation-Passed>")
+    fwd2 = [m for m in to(h.send(reinvite), CORE) if m.method == "INVITE"]
+    assert fwd2 and not fwd2[0].has("x-sipguard-identity")
+    assert "verstat" not in (fwd2[0].get("from") or "").lower()
+    assert "verstat" not in (fwd2[0].get("p-asserted-identity") or "").lower()
+
+
+def test_a_response_with_no_via_left_is_not_forwarded() -> None:
+    """RFC 3261 §16.7 step 3: a core response carrying only sipguard's Via goes nowhere; the
+    caller hears 502 for the INVITE instead of nothing at all."""
+    h = PolicyHarness()
+    _, fwd = h.call(1)
+    assert fwd is not None
+    ours = fwd.values("via")[0]
+    data = answer(fwd, 486, "Busy Here")
+    head, _, rest = data.partition(b"\r\n")
+    lines = [ln for ln in rest.split(b"\r\n") if not ln.startswith(b"Via:")]
+    data = b"\r\n".join([head, b"Via: " + ours.encode(), *lines])
+    out = h.send(data, src=CORE)
+    assert [m.status for m in to(out, CALLER)] == [502]
+    assert any(isinstance(e, Dropped) and e.kind == "no_via_left" for e in h.events)
+
+
+def test_a_2xx_without_our_record_route_is_noticed() -> None:
+    """A core that drops sipguard's Record-Route is a deployment error: reported once."""
+    h = PolicyHarness()
+    _, fwd = h.call(1)
+    assert fwd is not None
+    data = answer(fwd, 200, "OK")
+    data = b"".join(ln for ln in data.splitlines(keepends=True)
+                    if not ln.startswith(b"Record-Route"))
+    h.send(data, src=CORE)
+    assert [e.kind for e in h.events if isinstance(e, Noticed)] == ["core_without_record_route"]
+
+
+def test_a_full_transaction_table_sheds_new_calls_with_503() -> None:
+    """Past sip.max_dialogs new INVITEs hear 503 + Retry-After; the calls up go on."""
+    h = PolicyHarness(max_dialogs=2)
+    up(h, 1)
+    up(h, 2)
+    resp, fwd = h.call(3)
+    assert fwd is None
+    [busy] = [m for m in resp if m.status == 503]
+    assert busy.get("retry-after") is not None
+    out = h.send(in_dialog("BYE", call_id="call-1", cseq=2, branch="z9hG4bK-b"))
+    assert [m.method for m in to(out, CORE)] == ["BYE"]
+
+
+def test_calls_the_core_places_pass_no_policy_and_are_tracked() -> None:
+    """With peers configured, an INVITE from the core goes out (no unknown-source 403), and
+    the remote party's BYE from where the INVITE went is routed back to the core."""
+    h = PolicyHarness(extra_yaml=PEERS)
+    remote = ("203.0.113.50", 5060)
+    inv = invite(branch="z9hG4bK-out1", call_id="out-1", uri="sip:+447700900123@203.0.113.50:5060",
+                 via_host="10.0.0.10:5080")
+    out = h.send(inv, src=CORE)
+    reqs = [m for f, m in out if m.method == "INVITE" and f.addr == remote]
+    assert len(reqs) == 1
+    assert not [e for e in h.events if isinstance(e, Screened)]
+    ok = answer(reqs[0], 200, "OK", to_tag="rt1")
+    h.send(ok, src=remote)
+    bye = (
+        b"BYE sip:+12125550100@10.0.0.10:5080 SIP/2.0\r\n"
+        b"Via: SIP/2.0/UDP 203.0.113.50:5060;branch=z9hG4bK-rb\r\n"
+        b"Route: <sip:192.0.2.1:5060;lr>\r\nMax-Forwards: 70\r\n"
+        b"From: <sip:+18005550199@192.0.2.1>;tag=rt1\r\n"
+        b"To: <sip:+12125550100@198.51.100.7>;tag=ftag1\r\n"
+        b"Call-ID: out-1\r\nCSeq: 5 BYE\r\nContent-Length: 0\r\n\r\n"
+    )
+    out = h.send(bye, src=remote)
+    assert [m.method for m in to(out, CORE)] == ["BYE"]
+
+
+def test_requests_from_the_core_reuse_a_tcp_callers_connection() -> None:
+    """A BYE from the core to a caller that came in over TCP goes out on the caller's own
+    connection (a phone behind NAT accepts nothing else)."""
+    h = PolicyHarness()
+    out = h.send(invite(call_id="call-7", branch="z9hG4bK-t7"), transport="tcp", conn=42)
+    fwd = [m for m in to(out, CORE) if m.method == "INVITE"][0]
+    h.send(answer(fwd, 200, "OK"), src=CORE)
+    bye = in_dialog("BYE", call_id="call-7", cseq=5, branch="z9hG4bK-cb", from_callee=True)
+    out = h.send(bye, src=CORE)
+    flows: list[Flow] = [f for f, m in out if m.method == "BYE"]
+    assert [(f.transport, f.conn) for f in flows] == [("tcp", 42)]
+    assert any(isinstance(e, DialogEnded) for e in h.events)
+
+
+def test_keepalive_frees_the_slot_of_a_call_whose_bye_the_core_lost() -> None:
+    """dialog_keepalive 30 s: the core lost the caller's BYE (never answered it) and no
+    longer knows the call; its 481 to the next keep-alive ends the call and frees the slot
+    within 3 x 30 s. The caller's side is probed too, in the dialog, on its own flow."""
+    h = PolicyHarness("rules:\n  concurrency: {per_caller: 1}\n", dialog_keepalive=30.0)
+    up(h)
+    h.send(in_dialog("BYE", call_id="call-1", cseq=2, branch="z9hG4bK-lost"))
+    assert h.count("caller", "+12125550100") == 1
+    out = h.advance(30.0)
+    probes = [(f.addr, m) for f, m in out if m.method == "OPTIONS"]
+    assert sorted(a for a, _ in probes) == sorted([CORE, CALLER])
+    for _, m in probes:
+        assert m.call_id == "call-1" and m.to_tag and m.from_tag
+        assert m.cseq[1] == "OPTIONS"
+    to_core = [m for a, m in probes if a == CORE][0]
+    h.send(answer(to_core, 481, "Call/Transaction Does Not Exist"), src=CORE)
+    assert h.ended() == ["keepalive_failed"]
+    assert h.count("caller", "+12125550100") == 0
+
+
+def test_keepalive_keeps_a_live_call_and_a_silent_side_ends_it() -> None:
+    """A side that answers (200, or 405/500) keeps the call; a side that never answers ends
+    it when the OPTIONS times out (Timer F)."""
+    h = PolicyHarness(dialog_keepalive=30.0)
+    up(h)
+    out = h.advance(30.0)
+    for f, m in out:
+        if m.method == "OPTIONS":
+            h.send(answer(m, 200 if f.addr == CORE else 405, "X"), src=f.addr)
+    assert h.ended() == []
+    h.advance(30.0 + 33.0)  # the next round gets no answer at all
+    assert h.ended() == ["keepalive_failed"]
