@@ -156,6 +156,16 @@ class EdgeCore:
         self.proxy.configure(settings)
         self._defer(policy.adopt(previous, list(self.proxy.dialogs.values()), now), "resync")
 
+    def end_calls(self, matches: Callable[[str | None], bool], reason: str, now: float) -> int:
+        """End at once every answered call whose caller, called or diverting number
+        ``matches`` (a BYE to both sides, slots freed); how many were ended."""
+        ended = 0
+        for dialog in list(self.proxy.dialogs.values()):
+            numbers = (dialog.caller, dialog.callee, *dialog.diverters)
+            if any(matches(n) for n in numbers) and self.proxy.end_call(dialog, reason, now):
+                ended += 1
+        return ended
+
     def housekeep(self, now: float) -> None:
         """Every few seconds: forget flood bans that have run out."""
         guard = self.policy.flood

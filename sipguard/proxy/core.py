@@ -331,6 +331,8 @@ class Proxy:
         side = ""
         if not initial:
             dialog, side = self.table.of(msg)
+            if dialog is not None:
+                self._saw_cseq(dialog, side, msg)
             if not from_core:
                 refusal = self._not_party(dialog, side, flow)
                 if refusal:
@@ -798,7 +800,7 @@ class Proxy:
                     dialog.state = CONFIRMED
                     dialog.confirmed_at = now
                     dialog.callee_tag = msg.to_tag or dialog.callee_tag
-                    if self.settings.dialog_keepalive and ct.server is not None:
+                    if ct.server is not None:
                         self._start_keepalive(dialog, ct.server.msg, msg, now)
                     if self.settings.record_route and not self._recorded(msg):
                         # The core dropped our Record-Route: its in-dialog requests (the BYE)
@@ -976,12 +978,15 @@ class Proxy:
     # ------------------------------------------------------------------ keep-alives
     def _start_keepalive(self, dialog: Dialog, invite: Message, answer: Message,
                          now: float) -> None:
+        """Remember what sipguard needs to speak in this answered call (keep-alives, ending it
+        at once), and arm the keep-alive when on."""
         probe = keepalive.probe_for(dialog, invite, answer)
-        interval = self.settings.dialog_keepalive
-        if probe is None or not interval:
+        if probe is None:
             return
         self.probes[(dialog.call_id, dialog.caller_tag)] = probe
-        probe.timer = self.timers.add(now + interval, self._keepalive, probe)
+        interval = self.settings.dialog_keepalive
+        if interval:
+            probe.timer = self.timers.add(now + interval, self._keepalive, probe)
 
     def _keepalive(self, probe: keepalive.Probe, now: float) -> None:
         """Every interval: an in-dialog OPTIONS to each side (see proxy/keepalive.py)."""
@@ -990,6 +995,15 @@ class Proxy:
         if dialog.state == TERMINATED or not interval:
             return
         probe.rounds += 1
+        self._send_both_ways(probe, "OPTIONS", f"ka{probe.rounds}", now)
+        probe.timer = self.timers.add(now + interval, self._keepalive, probe)
+
+    def _send_both_ways(self, probe: keepalive.Probe, method: str, tag: str,
+                        now: float) -> None:
+        """An in-dialog request of sipguard's own toward each side of the call, each its
+        own client transaction (OPTIONS answers feed the keep-alive; BYE answers are only
+        absorbed)."""
+        dialog = probe.dialog
         core = self.settings.core
         outside = dialog.party
         # (toward the caller?, where it goes): the core's side and the outside party's side
@@ -1001,21 +1015,45 @@ class Proxy:
             local = self.settings.locals[flow.local] if flow.local < len(
                 self.settings.locals) else self.router.local_for(flow.transport)
             branch = self.ids.branch(
-                f"{dialog.call_id}|{dialog.caller_tag}|ka{probe.rounds}|{int(toward_caller)}",
-                "ka")
-            data = keepalive.options(probe, toward_caller, local, flow.transport, branch)
+                f"{dialog.call_id}|{dialog.caller_tag}|{tag}|{int(toward_caller)}", tag)
+            if method == "BYE":
+                data = keepalive.bye(probe, toward_caller, local, flow.transport, branch)
+            else:
+                data = keepalive.options(probe, toward_caller, local, flow.transport, branch)
             if data is None:
                 continue
-            ct = ClientTxn(branch, "OPTIONS", data, flow, None)
-            ct.probe = probe
-            self.clients[(branch, "OPTIONS")] = ct
+            ct = ClientTxn(branch, method, data, flow, None)
+            if method == "OPTIONS":
+                ct.probe = probe
+            self.clients[(branch, method)] = ct
             self.outbox.append((flow, data))
             s = self.settings
             if flow.transport == "udp":
                 ct.interval = s.t1
                 ct.timer = self.timers.add(now + s.t1, self._timer_e, ct)
             ct.timeout = self.timers.add(now + 64 * s.t1, self._timer_f, ct)
-        probe.timer = self.timers.add(now + interval, self._keepalive, probe)
+
+    def _saw_cseq(self, dialog: Dialog, side: str, msg: Message) -> None:
+        """Remember the highest CSeq each side used: a BYE sipguard sends for it goes above."""
+        probe = self.probes.get((dialog.call_id, dialog.caller_tag))
+        if probe is None:
+            return
+        n = msg.cseq[0]
+        if side == "caller":
+            probe.caller_cseq = max(probe.caller_cseq, n)
+        else:
+            probe.callee_cseq = max(probe.callee_cseq, n)
+
+    def end_call(self, dialog: Dialog, reason: str, now: float) -> bool:
+        """End an answered call at once (a suspended number): a BYE to each side, then the
+        dialog ends (``reason``) and its slots are freed. False for a call not answered yet
+        (a ringing call goes on; the suspension stops the next INVITE)."""
+        probe = self.probes.get((dialog.call_id, dialog.caller_tag))
+        if probe is None or dialog.state == TERMINATED:
+            return False
+        self._send_both_ways(probe, "BYE", "end", now)
+        self._end_dialog(dialog, reason, now)
+        return True
 
     def _probe_answered(self, probe: keepalive.Probe, status: int, now: float) -> None:
         """A keep-alive's final answer: 481 or 408 (or none) ends the call; anything else is

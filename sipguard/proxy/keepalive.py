@@ -1,5 +1,8 @@
-"""Dialog keep-alives: in-dialog OPTIONS toward both sides of a call, so a call whose BYE went
-around sipguard (or was lost) ends and frees its slots within minutes, not hours.
+"""Requests sipguard sends inside a call of its own accord: keep-alive OPTIONS, and the BYEs
+that end a call at once (a number suspended with ``end_calls``).
+
+Keep-alives: in-dialog OPTIONS toward both sides of a call, so a call whose BYE went around
+sipguard (or was lost) ends and frees its slots within minutes, not hours.
 
 Off by default (``sip.dialog_keepalive_s``). Once a call is answered, every interval sipguard
 sends an OPTIONS inside the dialog to the core (Request-URI: the core's Contact from the 2xx)
@@ -38,10 +41,12 @@ def contact_uri(value: str | None) -> str | None:
 
 
 class Probe:
-    """What sipguard needs to send in-dialog OPTIONS for one confirmed call."""
+    """What sipguard needs to send in-dialog requests for one answered call: both sides'
+    tagged From/To, their Contacts, and the highest CSeq each side has used (a BYE sipguard
+    sends on a side's behalf uses the next one)."""
 
     __slots__ = ("dialog", "caller_from", "callee_to", "caller_contact", "callee_contact",
-                 "timer", "rounds")
+                 "timer", "rounds", "caller_cseq", "callee_cseq")
 
     def __init__(self, dialog: Dialog, caller_from: str, callee_to: str,
                  caller_contact: str | None, callee_contact: str | None) -> None:
@@ -52,11 +57,27 @@ class Probe:
         self.callee_contact = callee_contact
         self.timer: TimerEntry | None = None
         self.rounds = 0
+        self.caller_cseq = 1  # the INVITE's
+        self.callee_cseq = 0
 
 
 def options(probe: Probe, toward_caller: bool, local: Local, transport: str,
             branch: str) -> bytes | None:
     """The in-dialog OPTIONS toward one side, or None when that side's Contact is unknown."""
+    return request("OPTIONS", PROBE_CSEQ, probe, toward_caller, local, transport, branch)
+
+
+def bye(probe: Probe, toward_caller: bool, local: Local, transport: str,
+        branch: str) -> bytes | None:
+    """A BYE toward one side on behalf of the other (its next CSeq), or None."""
+    cseq = (probe.callee_cseq if toward_caller else probe.caller_cseq) + 1
+    return request("BYE", cseq, probe, toward_caller, local, transport, branch,
+                   b"Reason: SIP;cause=403;text=\"Call ended by sipguard\"")
+
+
+def request(method: str, cseq: int, probe: Probe, toward_caller: bool, local: Local,
+            transport: str, branch: str, extra: bytes = b"") -> bytes | None:
+    """An in-dialog request sipguard itself sends toward one side of the call."""
     if toward_caller:
         uri, frm, to = probe.caller_contact, probe.callee_to, probe.caller_from
     else:
@@ -64,17 +85,17 @@ def options(probe: Probe, toward_caller: bool, local: Local, transport: str,
     if uri is None:
         return None
     lines = [
-        f"OPTIONS {uri} SIP/2.0".encode(),
+        f"{method} {uri} SIP/2.0".encode(),
         build.our_via(local, transport, branch),
         b"Max-Forwards: 70",
         f"From: {frm}".encode("utf-8", "surrogateescape"),
         f"To: {to}".encode("utf-8", "surrogateescape"),
         f"Call-ID: {probe.dialog.call_id}".encode("utf-8", "surrogateescape"),
-        f"CSeq: {PROBE_CSEQ} OPTIONS".encode(),
-        b"Content-Length: 0",
-        b"",
-        b"",
+        f"CSeq: {cseq} {method}".encode(),
     ]
+    if extra:
+        lines.append(extra)
+    lines += [b"Content-Length: 0", b"", b""]
     return CRLF.join(lines)
 
 

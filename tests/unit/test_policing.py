@@ -294,3 +294,19 @@ def test_keepalive_keeps_a_live_call_and_a_silent_side_ends_it() -> None:
     assert h.ended() == []
     h.advance(30.0 + 33.0)  # the next round gets no answer at all
     assert h.ended() == ["keepalive_failed"]
+
+
+def test_end_calls_sends_bye_to_both_sides_and_frees_the_slot() -> None:
+    """Ending a number's calls at once: a BYE in the dialog to the core and to the caller
+    (above the CSeqs each side used), the call ends as `suspended`, its slot is free."""
+    h = PolicyHarness("rules:\n  concurrency: {per_caller: 1}\n")
+    up(h)
+    h.send(in_dialog("INFO", call_id="call-1", cseq=7, branch="z9hG4bK-i7"))
+    n = h.core.end_calls(lambda number: number == "+12125550100", "suspended", h.now)
+    out = h._drain()
+    byes = {f.addr: m for f, m in out if m.method == "BYE"}
+    assert set(byes) == {CORE, CALLER} and n == 1
+    assert byes[CORE].cseq[0] == 8 and byes[CORE].from_tag == "ftag1"
+    assert byes[CALLER].to_tag == "ftag1" and byes[CALLER].from_tag == "ttag9"
+    assert h.ended() == ["suspended"] and h.count("caller", "+12125550100") == 0
+    assert h.core.end_calls(lambda number: True, "suspended", h.now) == 0
