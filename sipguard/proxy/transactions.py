@@ -24,7 +24,7 @@ from sipguard.proxy.keepalive import Probe
 from sipguard.proxy.settings import NextHop
 from sipguard.proxy.timers import TimerEntry
 from sipguard.sip.message import Message
-from sipguard.sip.parser import parse_message
+from sipguard.sip.parser import UNLIMITED, parse_message
 
 CALLING: Final = "calling"
 PROCEEDING: Final = "proceeding"
@@ -94,7 +94,10 @@ class ClientTxn:
 
     def sent_msg(self) -> Message:
         if self.sent is None:
-            self.sent = parse_message(self.data, max_size=1 << 30, datagram=True)
+            # bytes sipguard built itself: our Via and Record-Route may take an accepted
+            # message past a parse limit, which must not stop its CANCEL or ACK
+            self.sent = parse_message(self.data, max_size=1 << 30, datagram=True,
+                                      limits=UNLIMITED)
         return self.sent
 
     def __repr__(self) -> str:

@@ -514,3 +514,35 @@ def test_parse_errors_leave_no_reference_cycle() -> None:
         assert gc.collect() == 0
     finally:
         gc.enable()
+
+
+def test_an_invite_at_the_header_limit_can_still_be_cancelled() -> None:
+    """An INVITE with exactly max_headers headers is forwarded with more (our Via and
+    Record-Route): its CANCEL still reaches the core, since sipguard re-reads its own bytes
+    without limits."""
+    from sipguard.contract import Flow
+    from tests.unit.dialog_helpers import cancel
+    from tests.unit.proxy_helpers import CALLER, CORE, Harness, invite
+
+    def sent() -> list[tuple[Flow, bytes]]:
+        out = list(h.proxy.outbox)
+        h.proxy.outbox.clear()
+        return out
+
+    h = Harness()
+    base = invite()
+    count = base.split(b"\r\n\r\n", 1)[0].count(b"\r\n")  # header lines
+    h.feed(invite(extra="".join(f"X-Pad-{i}: {i}\r\n" for i in range(256 - count))))
+    fwd = [d for f, d in sent() if f.addr == CORE]
+    assert len(fwd) == 1
+    via = next(ln for ln in fwd[0].split(b"\r\n") if ln.startswith(b"Via: "))
+    ringing = (b"SIP/2.0 180 Ringing\r\n" + via + b"\r\nVia: SIP/2.0/UDP "
+               b"198.51.100.7:5062;branch=z9hG4bK-caller-1\r\nFrom: <sip:a@b>;tag=ftag1\r\n"
+               b"To: <sip:c@d>;tag=t\r\nCall-ID: call-1@caller\r\nCSeq: 1 INVITE\r\n"
+               b"Content-Length: 0\r\n\r\n")
+    h.feed(ringing, src=CORE)
+    sent()
+    h.feed(cancel(call_id="call-1@caller", branch="z9hG4bK-caller-1"))
+    out = sent()
+    assert [d.split(b" ", 1)[0] for f, d in out if f.addr == CORE] == [b"CANCEL"]
+    assert [d[:11] for f, d in out if f.addr == CALLER] == [b"SIP/2.0 200"]
