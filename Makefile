@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 CONFIG ?= config/sipguard.yaml
 
-.PHONY: install native run test lint typecheck loadtest clean tools sipp docs
+.PHONY: install native run test lint typecheck loadtest clean tools sipp docs demo
 
 install: $(STAMP)
 
@@ -64,6 +64,12 @@ docs: install
 
 loadtest: install native tools
 	$(PY) loadtest/run.py
+
+# sipguard in front of a SIPp UAS on 127.0.0.1, and a labelled mix of calls through it:
+# legitimate, spoofed, over the concurrency limit, a dialer and a rate burst, a number
+# suspended live (loadtest/demo.py). Stops what it started.
+demo: install native tools
+	$(PY) loadtest/demo.py
 
 clean:
 	-$(PY) -m sipguard.native clean
