@@ -1,9 +1,24 @@
-"""Command line: ``sipguard run`` and ``sipguard check-config``.
+"""Command line: ``sipguard run``, ``check-config`` and the operator verbs over the admin API.
 
 ``run`` loads the config (flags override the file), binds every listener and proxies until
-SIGINT/SIGTERM. SIGHUP reloads the config file: a valid file is swapped in without touching
-live calls; an invalid one is reported and the running config stays. ``check-config`` exits 0
-for a valid file and 2 with one ``FILE:LINE: FIELD: message`` line per problem otherwise.
+SIGINT/SIGTERM. SIGHUP reloads the config file (``Server.reload_config``, the same path as
+``sipguard reload`` and ``POST /reload``): a valid file is swapped in without touching live
+calls; an invalid one is reported and the running config stays. ``check-config`` exits 0 for a
+valid file and 2 with one ``FILE:LINE: FIELD: message`` line per problem otherwise.
+
+The operator verbs talk to a running sipguard's admin API (``--admin URL``, default
+``http://127.0.0.1:9090``; the token from ``--token-file`` or ``$SIPGUARD_TOKEN``)::
+
+    sipguard reload
+    sipguard suspend +31201234567 --reason fraud --end-calls --expires 3600 --by alice
+    sipguard suspend '+3120*'            # a prefix
+    sipguard unsuspend +31201234567
+    sipguard suspensions
+    sipguard calls +31201234567
+    sipguard bans [--lift SOURCE]
+
+They print JSON and exit 0; on failure one ``sipguard: ...`` line and exit 1 (2 for a reload
+the file's errors refused, one ``LINE: FIELD: message`` line each).
 """
 
 from __future__ import annotations
@@ -12,14 +27,21 @@ import argparse
 import asyncio
 import contextlib
 import gc
+import json
+import os
 import signal
 import sys
+import urllib.error
+import urllib.parse
+import urllib.request
 from collections.abc import Sequence
+from typing import Any
 
 from sipguard.ops.config import Config
 from sipguard.ops.config_load import ConfigError, config_with_overrides, load_config
 from sipguard.ops.endpoints import Endpoint
 from sipguard.ops.logging import configure_logging, flush_logs, get_logger
+from sipguard.ops.reload import ReloadResult
 from sipguard.server import Server, StartupError
 
 EXIT_CONFIG = 2
@@ -43,7 +65,122 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--core", type=_endpoint, metavar="URI", help="core URI (replaces the file's)")
     check = sub.add_parser("check-config", help="validate a config file")
     check.add_argument("file")
+    verbs = [
+        sub.add_parser("reload", help="reload the running sipguard's config file"),
+        suspend := sub.add_parser("suspend", help="suspend a number or prefix (ending in *)"),
+        unsuspend := sub.add_parser("unsuspend", help="lift a suspension"),
+        sub.add_parser("suspensions", help="list suspended numbers"),
+        calls := sub.add_parser("calls", help="live calls of a number"),
+        bans := sub.add_parser("bans", help="list flood bans, or lift one"),
+    ]
+    for verb in verbs:
+        verb.add_argument("--admin", default=DEFAULT_ADMIN, metavar="URL",
+                          help=f"admin API base URL (default {DEFAULT_ADMIN})")
+        verb.add_argument("--token-file", metavar="FILE",
+                          help="file holding the admin token (default: $SIPGUARD_TOKEN)")
+    suspend.add_argument("number", help="+E164 number, or a prefix like '+3120*'")
+    suspend.add_argument("--reason", default="", help="why (logged and listed)")
+    suspend.add_argument("--by", default=os.environ.get("USER", "cli"), help="who (logged)")
+    suspend.add_argument("--expires", type=float, metavar="S", help="lift after S seconds")
+    suspend.add_argument("--end-calls", action="store_true", help="end its answered calls now")
+    unsuspend.add_argument("number")
+    calls.add_argument("number")
+    bans.add_argument("--lift", metavar="SOURCE", help="lift the ban on SOURCE (ip or ip:port)")
     return parser
+
+
+DEFAULT_ADMIN = "http://127.0.0.1:9090"
+
+
+class AdminError(Exception):
+    """A verb failed: the one line to print, and the exit code."""
+
+    def __init__(self, line: str, code: int = EXIT_STARTUP) -> None:
+        super().__init__(line)
+        self.code = code
+
+
+def _token(args: argparse.Namespace) -> str | None:
+    if args.token_file:
+        try:
+            with open(args.token_file, encoding="utf-8") as fh:
+                return fh.read().strip() or None
+        except OSError as exc:
+            raise AdminError(f"cannot read {args.token_file}: {exc.strerror or exc}") from None
+    return os.environ.get("SIPGUARD_TOKEN") or None
+
+
+def _call(args: argparse.Namespace, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+    """One admin API request: (status, JSON answer). Raises AdminError for no answer or a
+    401; other error answers are returned for the verb to report."""
+    url = args.admin.rstrip("/") + path
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method=method)
+    request.add_header("Accept", "application/json")
+    if data is not None:
+        request.add_header("Content-Type", "application/json")
+    token = _token(args)
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            status, raw = response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        status, raw = exc.code, exc.read()
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        reason = getattr(reason, "strerror", None) or reason
+        raise AdminError(f"cannot reach the admin API at {args.admin}: {reason}") from None
+    try:
+        answer = json.loads(raw) if raw else {}
+    except ValueError:
+        answer = {"error": raw.decode("utf-8", "replace").strip()[:200]}
+    if status == 401:
+        raise AdminError("admin API refused the request (401): give --token-file or "
+                         "$SIPGUARD_TOKEN")
+    return status, answer
+
+
+def _ok(status: int, answer: Any) -> Any:
+    if status >= 400:
+        error = answer.get("error") if isinstance(answer, dict) else None
+        raise AdminError(f"admin API answered {status}: {error or answer}")
+    return answer
+
+
+def _number_path(number: str) -> str:
+    return urllib.parse.quote(number, safe="")
+
+
+def _verb(args: argparse.Namespace) -> int:
+    cmd = args.command
+    if cmd == "reload":
+        status, answer = _call(args, "POST", "/reload")
+        if status == 422 and isinstance(answer, dict):
+            for err in answer.get("errors", []):
+                line = err.get("line") or "-"
+                print(f"sipguard: reload refused: {line}: {err.get('field')}: "
+                      f"{err.get('message')}", file=sys.stderr)
+            return EXIT_CONFIG
+        result: Any = _ok(status, answer)
+    elif cmd == "suspend":
+        text = args.number.strip()
+        body = {("prefix" if text.endswith("*") else "number"): text, "reason": args.reason,
+                "by": args.by, "expires": args.expires, "end_calls": args.end_calls}
+        result = _ok(*_call(args, "POST", "/suspensions", body))
+    elif cmd == "unsuspend":
+        result = _ok(*_call(args, "DELETE", f"/suspensions/{_number_path(args.number)}"))
+    elif cmd == "suspensions":
+        result = _ok(*_call(args, "GET", "/suspensions"))
+    elif cmd == "calls":
+        result = _ok(*_call(args, "GET", f"/calls?number={_number_path(args.number)}"))
+    else:  # bans
+        if args.lift:
+            result = _ok(*_call(args, "DELETE", f"/bans/{_number_path(args.lift)}"))
+        else:
+            result = _ok(*_call(args, "GET", "/bans"))
+    print(json.dumps(result, indent=2))
+    return 0
 
 
 def _load(path: str, args: argparse.Namespace) -> Config:
@@ -56,7 +193,7 @@ def _load(path: str, args: argparse.Namespace) -> Config:
 async def _serve(path: str, args: argparse.Namespace, cfg: Config) -> int:
     loop = asyncio.get_running_loop()
     try:
-        server = Server(cfg)
+        server = Server(cfg, load=lambda: _load(path, args))
     except (OSError, ValueError) as exc:  # a number list (numbers_file, dno_file) is unreadable
         print(f"sipguard: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -76,22 +213,9 @@ async def _serve(path: str, args: argparse.Namespace, cfg: Config) -> int:
     stop = asyncio.Event()
 
     async def reload() -> None:
-        try:
-            new = _load(path, args)
-            if new.listen != server.cfg.listen:
-                log.warning("config_listen_unchanged", detail="listener changes need a restart")
-                new = config_with_overrides(new, listen=server.cfg.listen)
-            applied = await server.reload(new)
-        except ConfigError as exc:
-            log.error("config_reload_failed", errors=str(exc).splitlines())
-            return
-        except (OSError, ValueError) as exc:  # e.g. a bad line in a dno_file
-            log.error("config_reload_failed", errors=[str(exc)])
-            return
-        if applied:
-            log.info("config_reloaded", file=path)
-        else:
-            log.info("config_reload_superseded", file=path, detail="a newer reload won")
+        result: ReloadResult = await server.reload_config()  # logs what it did
+        if result.applied:
+            log.info("config_reload_done", file=path, trigger="SIGHUP")
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
@@ -114,6 +238,12 @@ async def _serve(path: str, args: argparse.Namespace, cfg: Config) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command not in ("run", "check-config"):
+        try:
+            return _verb(args)
+        except AdminError as exc:
+            print(f"sipguard: {exc}", file=sys.stderr)
+            return exc.code
     if args.command == "check-config":
         try:
             load_config(args.file)

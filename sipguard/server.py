@@ -10,33 +10,42 @@ shell never decides anything and never changes policy state.
 
 Start-up and shut-down are one async context: :meth:`Server.start` binds every listener or
 raises :class:`StartupError` with one clear line; :meth:`Server.stop` closes them in reverse.
-The HTTP endpoint is :mod:`sipguard.ops.http`, overload protection :mod:`sipguard.ops.overload`.
+The HTTP admin API is :mod:`sipguard.ops.admin` (this class implements its ``Control``: one
+reload path for SIGHUP, ``sipguard reload`` and ``POST /reload``; live calls; bans;
+suspensions, kept in ``state_dir``), overload protection :mod:`sipguard.ops.overload`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import gc
 import ipaddress
+import json
 import os
 import socket
+import tempfile
 import time
 from collections import Counter
-from collections.abc import Awaitable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
+from pathlib import Path
 from typing import Any
 
 from sipguard import native
 from sipguard.contract import CallInfo, DecisionPending, Deferred, Flow, Local, Verdict
 from sipguard.edge import DECISION_FAILED, EdgeCore
+from sipguard.ops.admin import AdminEndpoint, read_token
 from sipguard.ops.config import Config
-from sipguard.ops.http import HttpEndpoint
+from sipguard.ops.config_load import ConfigError
 from sipguard.ops.logging import CallLogger, Level, SampledLogger, flush_logs, get_logger
 from sipguard.ops.metrics import Metrics
 from sipguard.ops.observe import Observer
 from sipguard.ops.overload import OverloadWatcher
+from sipguard.ops.reload import RESTART_KEYS, ReloadResult, changed_keys, failure
 from sipguard.policy.engine import Policy
 from sipguard.policy.state import RuleState
+from sipguard.policy.suspensions import SuspensionStore
 from sipguard.proxy.core import Proxy
 from sipguard.proxy.settings import ProxySettings
 from sipguard.sip.errors import SipParseError
@@ -47,6 +56,8 @@ from sipguard.transport.udp import UdpEndpoint, open_udp
 
 GC_INTERVAL_S = 60.0  # how often the cyclic garbage collector runs (see cli.py)
 LOAD_WATCH_S = 0.05  # how often the UDP receive queues are read (overload protection)
+SUSPENSIONS_FILE = "suspensions.json"  # in state_dir
+REDACTED = "<redacted>"
 
 
 def _glibc_malloc_trim() -> Any:
@@ -151,8 +162,15 @@ def owned_headers(cfg: Config) -> frozenset[str]:
 class Server:
     """One running sipguard: listeners + edge core + observability."""
 
-    def __init__(self, cfg: Config, policy: Policy | None = None) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        policy: Policy | None = None,
+        load: Callable[[], Config] | None = None,
+    ) -> None:
         self.cfg = cfg
+        # reads the config file anew for a reload (None: nothing to reload from)
+        self.load = load
         self.loop = asyncio.get_running_loop()
         # The rules' state, made once and kept across reloads. Identity: Unix time = loop
         # time + wall_offset; certificates fetched over HTTPS.
@@ -176,7 +194,10 @@ class Server:
         self.observer = Observer(self.metrics, self.log, CallLogger("sipguard"), self.sampled)
         self.observer.flood = policy.flood
         self.overload = OverloadWatcher(self.counters, self.log)
-        self.http: HttpEndpoint | None = None
+        self.http: AdminEndpoint | None = None
+        self.listening = False  # every listener is up (GET /readyz)
+        self._reload_lock = asyncio.Lock()  # one reload at a time, whoever asked
+        self._save_lock = asyncio.Lock()  # one suspensions file write at a time
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._flush_pending = False
@@ -216,16 +237,13 @@ class Server:
             except OSError as exc:
                 await self.stop()
                 raise StartupError(f"cannot listen on {ep}: {exc.strerror or exc}") from None
-        if self.cfg.metrics.host_port is not None:
-            self.http = HttpEndpoint(self.metrics, self._gauges)
-            try:
-                await self.http.start(*self.cfg.metrics.host_port)
-            except OSError as exc:
-                self.http = None
-                await self.stop()
-                raise StartupError(
-                    f"cannot serve metrics on {self.cfg.metrics.listen}: {exc.strerror or exc}"
-                ) from None
+        try:
+            await self._load_suspensions()
+            await self._start_admin()
+        except StartupError:
+            await self.stop()
+            raise
+        self.listening = True
         self._housekeeping = self.loop.call_later(10.0, self._housekeep)
         self._log_flusher = self.loop.call_later(0.1, self._flush_logs)
         self._gc_timer = self.loop.call_later(GC_INTERVAL_S, self.collect_garbage)
@@ -243,6 +261,31 @@ class Server:
         if stale:
             self.log.warning("compiled_modules_stale", modules=stale,
                              fix="run `make` or `python -m sipguard.native build`")
+
+    async def _start_admin(self) -> None:
+        http = self.cfg.http
+        if http.host_port is None:
+            return
+        token: str | None = None
+        if http.token_file is not None:
+            try:
+                token = await asyncio.to_thread(read_token, str(http.token_file))
+            except (OSError, ValueError) as exc:
+                why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+                raise StartupError(f"cannot read admin token_file {http.token_file}: {why}") \
+                    from None
+        elif not http.loopback:
+            raise StartupError(
+                f"admin API on {http.listen} is not loopback-only: set admin.token_file"
+            )
+        admin = AdminEndpoint(self.metrics, self._gauges, self, token)
+        try:
+            await admin.start(*http.host_port)
+        except OSError as exc:
+            raise StartupError(
+                f"cannot serve the admin API on {http.listen}: {exc.strerror or exc}"
+            ) from None
+        self.http = admin
 
     def _gauges(self) -> dict[str, float]:
         proxy = self.proxy
@@ -283,6 +326,7 @@ class Server:
         self._log_flusher = self.loop.call_later(0.1, self._flush_logs)
 
     async def stop(self) -> None:
+        self.listening = False
         for handle in (self._gc_timer, self._load_watch, self._log_flusher, self._timer,
                        self._housekeeping):
             if handle is not None:
@@ -320,6 +364,170 @@ class Server:
             return False
         self.reconfigure(cfg, policy)
         return True
+
+    async def reload_config(self) -> ReloadResult:
+        """The one reload path (SIGHUP, ``sipguard reload``, ``POST /reload``): read the
+        config file, build the policy off the loop and swap it in. Reloads run one at a time;
+        keys that need a restart (``listen``, the admin endpoint, ``state_dir``) keep their
+        running values and are reported."""
+        async with self._reload_lock:
+            if self.load is None:
+                return failure(ValueError("no config file to reload from"))
+            try:
+                new = await asyncio.to_thread(self.load)
+                changed = changed_keys(self.cfg, new)
+                restart = [k for k in RESTART_KEYS if k in changed]
+                if restart:
+                    new = new.model_copy(update={k: getattr(self.cfg, k) for k in restart})
+                applied = await self.reload(new)
+            except (ConfigError, OSError, ValueError) as exc:  # OSError: e.g. a dno_file
+                result = failure(exc)
+                self.counters["config_reload_failed"] += 1
+                self.log.error(
+                    "config_reload_failed",
+                    errors=[f"{e.line or '-'}: {e.path}: {e.message}" for e in result.errors],
+                )
+                return result
+            if not applied:
+                self.log.info("config_reload_superseded", detail="a newer reload won")
+                return ReloadResult(False, changed, restart, superseded=True)
+            if restart:
+                self.log.warning("config_restart_needed", keys=restart,
+                                 detail="these settings take effect at the next start")
+            self.log.info("config_reloaded", changed=changed, restart_needed=restart)
+            return ReloadResult(True, changed, restart)
+
+    # ------------------------------------------------------------------ operator control
+    @property
+    def ready(self) -> bool:
+        return self.listening
+
+    def config_view(self) -> dict[str, Any]:
+        """The effective config as JSON data, secrets' file paths and URL passwords hidden."""
+        return dict(_redact(self.cfg.model_dump(mode="json")))
+
+    def calls_view(self, key: str) -> dict[str, Any]:
+        """Live calls whose caller, called or diverting number is ``key`` (or in the prefix
+        ``key``), and the number's live-call counts (exact numbers, local state backend)."""
+        now = self.loop.time()
+        matches = _matcher(key)
+        calls = []
+        for d in self.proxy.dialogs.values():
+            if any(matches(n) for n in (d.caller, d.callee, *d.diverters)):
+                calls.append({
+                    "call_id": d.call_id,
+                    "caller": d.caller,
+                    "callee": d.callee,
+                    "diverters": list(d.diverters),
+                    "peer": d.peer,
+                    "source": f"{d.source[0]}:{d.source[1]}",
+                    "state": d.state,
+                    "age_s": round(now - d.started, 1),
+                    "confirmed_s": None if d.confirmed_at is None
+                    else round(now - d.confirmed_at, 1),
+                })
+        counts: dict[str, int] | None = None
+        tracker = self.state.tracker
+        if not key.endswith("*") and tracker.sync is not None:
+            counts = {kind: tracker.counts(kind, key) for kind in ("caller", "callee", "diverter")}
+        return {"number": key, "calls": calls, "counts": counts}
+
+    def bans_view(self) -> list[dict[str, Any]]:
+        if self.policy.flood is None:
+            return []
+        return self.state.flood.list_bans(self.loop.time())
+
+    def lift_ban(self, source: str) -> bool:
+        lifted = self.state.flood.lift(source)
+        if lifted:
+            self.log.info("ban_lifted", source=source)
+        return lifted
+
+    def suspensions_view(self) -> list[dict[str, Any]]:
+        now = self.loop.time()
+        out = [e.as_dict(now) for e in self.state.suspensions.entries() if e.live(now)]
+        out += [{"number": n, "source": "config"} for n in self.cfg.suspended]
+        return out
+
+    async def suspend(
+        self, key: str, reason: str, by: str, ttl: float | None, end_calls: bool
+    ) -> dict[str, Any]:
+        """Suspend a number or prefix from the next INVITE on; with ``end_calls`` its answered
+        calls are ended at once (BYE both ways, ``reason=suspended``)."""
+        now = self.loop.time()
+        entry = self.state.suspensions.add(key, reason, by, now, ttl)
+        ended = 0
+        if end_calls:
+            ended = self.core.end_calls(_matcher(key), "suspended", now)
+            self._schedule_flush()
+        self.log.info(
+            "suspension_added", **{"prefix" if entry.prefix else "number": key}, by=by,
+            reason=reason, expires=ttl, end_calls=end_calls, calls_ended=ended,
+        )
+        saved = await self.save_suspensions()
+        return {"suspension": entry.as_dict(now), "calls_ended": ended, "saved": saved}
+
+    async def unsuspend(self, key: str, by: str) -> dict[str, Any] | None:
+        entry = self.state.suspensions.lift(key)
+        if entry is None:
+            return None
+        self.log.info(
+            "suspension_lifted", **{"prefix" if entry.prefix else "number": key}, by=by,
+            reason=entry.reason, expires=None, end_calls=False, calls_ended=0,
+        )
+        saved = await self.save_suspensions()
+        return {"lifted": key, "saved": saved}
+
+    def _suspensions_path(self) -> Path | None:
+        state_dir = self.cfg.state_dir
+        return None if state_dir is None else Path(state_dir) / SUSPENSIONS_FILE
+
+    async def save_suspensions(self) -> bool:
+        """Write the API's suspensions to ``state_dir`` (atomically, off the loop); False when
+        there is no state_dir or the write failed (logged)."""
+        path = self._suspensions_path()
+        if path is None:
+            return False
+        data = self.state.suspensions.dump(self.state.wall_offset)
+        async with self._save_lock:
+            try:
+                await asyncio.to_thread(_write_atomic, path, {"suspensions": data})
+            except OSError as exc:
+                self.counters["state_save_failed"] += 1
+                self.log.error("suspensions_save_failed", file=str(path), error=str(exc))
+                return False
+        return True
+
+    async def _load_suspensions(self) -> None:
+        path = self._suspensions_path()
+        if path is None:
+            return
+        try:
+            text = await asyncio.to_thread(_read_state, path)
+        except OSError as exc:
+            raise StartupError(f"cannot use state_dir {path.parent}: {exc.strerror or exc}") \
+                from None
+        if text is None:
+            return
+        try:
+            items = json.loads(text)["suspensions"]
+            loaded = self.state.suspensions.load(items, self.state.wall_offset, self.loop.time())
+        except (ValueError, KeyError, TypeError) as exc:
+            raise StartupError(f"cannot read suspensions from {path}: {exc}") from None
+        self.log.info("suspensions_loaded", file=str(path), count=loaded)
+
+    def _expire_suspensions(self) -> None:
+        ended = self.state.suspensions.sweep(self.loop.time())
+        for entry in ended:
+            self.log.info(
+                "suspension_lifted", **{"prefix" if entry.prefix else "number": entry.key},
+                by="expiry", reason=entry.reason, expires=None, end_calls=False, calls_ended=0,
+            )
+        if ended:
+            self._start(self._save_quietly())
+
+    async def _save_quietly(self) -> None:
+        await self.save_suspensions()
 
     # ------------------------------------------------------------------ input
     def _on_datagram(self, data: bytes, addr: tuple[str, int], local: int) -> None:
@@ -450,6 +658,8 @@ class Server:
     def _housekeep(self) -> None:
         self._resolved.clear()  # re-resolve names now and then (no TTLs from getaddrinfo)
         self.core.housekeep(self.loop.time())
+        if self.state.suspensions:
+            self._expire_suspensions()
         self.state.wall_offset = time.time() - self.loop.time()  # follow NTP steps
         if _MALLOC_TRIM is not None:
             _MALLOC_TRIM(0)  # freed heap pages back to the OS (see _glibc_malloc_trim)
@@ -474,6 +684,57 @@ def tcp_limits(cfg: Config) -> TcpLimits:
 def _trusted(cfg: Config) -> tuple[tuple[str, int], ...]:
     """Sources the flood guard never checks: the core."""
     return ((cfg.core.host, cfg.core.port),)
+
+
+def _matcher(key: str) -> Callable[[str | None], bool]:
+    """A number test for a suspension key: the number itself, or ``prefix*``."""
+    store = SuspensionStore()
+    store.add(key, "", "", 0.0)
+    return lambda number: store.match(number, 0.0) is not None
+
+
+_SECRET_WORDS = ("token", "password", "secret", "key_file")
+
+
+def _redact(value: Any, name: str = "") -> Any:
+    """Config data with secrets hidden: values of keys naming a token, password, secret or key
+    file, and the password of a URL."""
+    if isinstance(value, dict):
+        return {k: _redact(v, str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redact(v, name) for v in value]
+    if value is not None and any(word in name for word in _SECRET_WORDS):
+        return REDACTED
+    if isinstance(value, str) and "://" in value and "@" in value.split("://", 1)[1]:
+        scheme, rest = value.split("://", 1)
+        userinfo, _, host = rest.rpartition("@")
+        return f"{scheme}://{userinfo.split(':', 1)[0]}:{REDACTED}@{host}"
+    return value
+
+
+def _write_atomic(path: Path, data: Any) -> None:
+    """Write JSON to ``path`` through a temporary file in its folder and os.replace."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(data, fh, indent=1)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _read_state(path: Path) -> str | None:
+    """The state file's text, None when there is none yet (the folder is made)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
 
 
 def _is_ip(host: str) -> bool:

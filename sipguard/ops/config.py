@@ -7,7 +7,8 @@ The file is YAML. Only ``listen`` and ``core`` are required; every other setting
     core: udp://127.0.0.1:5080
 
 This module holds the root model and the sections the shell reads (``sip``, ``log``,
-``metrics``). The ``rules:`` tree and the ``peers:`` list are the policy's
+``admin`` — ``metrics`` is accepted as its old name, giving both is an error — and
+``state_dir``). The ``rules:`` tree and the ``peers:`` list are the policy's
 (:mod:`sipguard.policy.schema`); the endpoint syntax is :mod:`sipguard.ops.endpoints`; reading
 the file and reporting its errors with line numbers is :mod:`sipguard.ops.config_load`.
 
@@ -24,6 +25,7 @@ process's working directory, so ``sipguard run --config /etc/sipguard/sipguard.y
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from typing import Any, Literal
 
@@ -31,8 +33,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from sipguard.ops.endpoints import Endpoint, ListenUri, format_host, split_hostport
 from sipguard.policy.schema import PeerConfig, RulesConfig, merge_peer_rules
+from sipguard.policy.settings import ConfigPath
 
-__all__ = ["Config", "LogSettings", "MetricsSettings", "SipSettings"]
+__all__ = ["AdminSettings", "Config", "LogSettings", "MetricsSettings", "SipSettings"]
 
 _FROZEN = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
@@ -227,15 +230,20 @@ class SipSettings(BaseModel):
         return self
 
 
-class MetricsSettings(BaseModel):
-    """Prometheus metrics (the ``metrics:`` section)."""
+class AdminSettings(BaseModel):
+    """The HTTP admin API (the ``admin:`` section; ``metrics:`` is its old name)."""
 
     model_config = _FROZEN
 
     listen: str | None = Field(
         default=None,
-        description="host:port of the HTTP endpoint serving /metrics (and /healthz); "
-        "null: no endpoint.",
+        description="host:port of the HTTP endpoint: /metrics, /healthz, /readyz and the admin "
+        "API; null: no endpoint. Off loopback a token_file is required.",
+    )
+    token_file: ConfigPath | None = Field(
+        default=None,
+        description="File holding the bearer token the admin API asks for (not /healthz, "
+        "/readyz, /metrics); null: no token (loopback only).",
     )
 
     @field_validator("listen")
@@ -252,6 +260,22 @@ class MetricsSettings(BaseModel):
             return None
         host, _, port = self.listen.rpartition(":")
         return host.strip("[]"), int(port)
+
+    @property
+    def loopback(self) -> bool:
+        """The endpoint binds a loopback address only (``localhost`` counts)."""
+        hp = self.host_port
+        if hp is None:
+            return True
+        if hp[0] == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(hp[0]).is_loopback
+        except ValueError:
+            return False
+
+
+MetricsSettings = AdminSettings  # the section's old name
 
 
 class LogSettings(BaseModel):
@@ -292,8 +316,18 @@ class Config(BaseModel):
     )
     sip: SipSettings = Field(default=SipSettings(), description="SIP behaviour and limits.")
     log: LogSettings = Field(default=LogSettings(), description="Logging.")
-    metrics: MetricsSettings = Field(
-        default=MetricsSettings(), description="Prometheus metrics endpoint."
+    admin: AdminSettings | None = Field(
+        default=None,
+        description="HTTP admin API and metrics endpoint (listen, token_file); null: none.",
+    )
+    metrics: AdminSettings | None = Field(
+        default=None,
+        description="Old name of `admin:` (the same keys); giving both is an error.",
+    )
+    state_dir: ConfigPath | None = Field(
+        default=None,
+        description="Folder where suspensions made through the admin API are kept across "
+        "restarts; null: they last until the process ends.",
     )
     peers: tuple[PeerConfig, ...] = Field(
         default=(), description="Known peers; empty: every source is accepted."
@@ -334,7 +368,21 @@ class Config(BaseModel):
                 raise ValueError(f"{item!r} is not a telephone number")
         return value
 
-    @field_validator("sip", "log", "metrics", mode="before")
+    @property
+    def http(self) -> AdminSettings:
+        """The effective admin / metrics endpoint settings (``admin:`` or its old name)."""
+        return self.admin or self.metrics or _NO_ADMIN
+
+    @field_validator("metrics")
+    @classmethod
+    def _one_admin_section(
+        cls, value: AdminSettings | None, info: ValidationInfo
+    ) -> AdminSettings | None:
+        if value is not None and info.data.get("admin") is not None:
+            raise ValueError("give `admin:` only (`metrics:` is its old name), not both")
+        return value
+
+    @field_validator("sip", "log", mode="before")
     @classmethod
     def _empty_section_is_defaults(cls, value: object) -> object:
         return {} if value is None else value
@@ -360,3 +408,6 @@ class Config(BaseModel):
         if value in info.data.get("listen", ()):
             raise ValueError(f"core {value} is also a listen address: calls would loop")
         return value
+
+
+_NO_ADMIN = AdminSettings()

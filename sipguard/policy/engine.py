@@ -20,7 +20,9 @@ Order of decisions for an initial INVITE:
    then the peer's view of it: the From number when the peer has ``trust_pai: false`` (else
    P-Asserted-Identity first, as :class:`CallInfo` reads it), and caller and callee in
    national format are brought to E.164 with the peer's ``default_region``;
-2. a suspended caller or called number gets ``403 Forbidden`` — rule ``suspended``;
+2. a suspended caller or called number gets ``403 Forbidden`` with a Reason header — rule
+   ``suspended``: the config's ``suspended:`` list and the numbers and prefixes suspended
+   through the admin API (:mod:`sipguard.policy.suspensions`, kept in the rules' state);
 3. the peer's rules, in file order (see :mod:`sipguard.policy.pipeline`).
 
 In ``mode: monitor`` steps 1 and 2 are decided and reported the same way but forwarded.
@@ -163,7 +165,7 @@ class Policy:
             peer = self.peers.lookup(flow.addr[0])
             if peer is None:
                 return self._global(self._unknown_source)
-        if self.suspended and msg.method != "INVITE":
+        if (self.suspended or self.state.suspensions) and msg.method != "INVITE":
             caller: str | None = None
             if peer is None or peer.trust_pai:
                 pais = msg.p_asserted_identities if msg.has("p-asserted-identity") else []
@@ -173,7 +175,7 @@ class Policy:
             if peer is not None and peer.default_region is not None:
                 caller = to_e164(caller, peer.default_region)
                 callee = to_e164(callee, peer.default_region)
-            verdict = self._suspension(caller, callee)
+            verdict = self._suspension(caller, callee, now)
             if verdict is not None:
                 return self._global(verdict)
         return None
@@ -186,11 +188,15 @@ class Policy:
         peer = self.peers.lookup(flow.addr[0])
         return peer is not None and peer.name == dialog.peer
 
-    def _suspension(self, caller: str | None, callee: str | None) -> Verdict | None:
-        suspended = self.suspended
-        if caller not in suspended and callee not in suspended:
+    def _suspension(self, caller: str | None, callee: str | None, now: float) -> Verdict | None:
+        """The config's ``suspended:`` list and the admin API's store, caller first."""
+        suspended, store = self.suspended, self.state.suspensions
+        if caller in suspended or (store and store.match(caller, now) is not None):
+            which = "caller"
+        elif callee in suspended or (store and store.match(callee, now) is not None):
+            which = "callee"
+        else:
             return None
-        which = "caller" if caller in suspended else "callee"
         return Verdict(
             "reject",
             rule="suspended",
@@ -213,8 +219,8 @@ class Policy:
                 call.caller = to_e164(call.caller, peer.default_region)
                 call.callee = to_e164(call.callee, peer.default_region)
             pipeline = self.by_peer[peer.name]
-        if self.suspended:
-            verdict = self._suspension(call.caller, call.callee)
+        if self.suspended or self.state.suspensions:
+            verdict = self._suspension(call.caller, call.callee, now)
             if verdict is not None:
                 return self._global(verdict)
         return pipeline.decide(call, now)

@@ -19,6 +19,7 @@ from sipguard.policy.flood import FloodState
 from sipguard.policy.peers import NumberSet
 from sipguard.policy.rate import Buckets
 from sipguard.policy.stircert import CertCache, CertFetcher
+from sipguard.policy.suspensions import SuspensionStore
 
 
 @dataclass(slots=True)
@@ -30,6 +31,8 @@ class RuleState:
     dialer: DialerState = field(default_factory=DialerState)  # dialer: windows, cooldowns
     flood: FloodState = field(default_factory=FloodState)  # flood: counts and bans
     certs: CertCache = field(default_factory=CertCache)  # identity: chains and verdicts
+    # suspended numbers and prefixes made through the admin API (with the config's list)
+    suspensions: SuspensionStore = field(default_factory=SuspensionStore)
     # identity: the shell's HTTPS fetcher (None: every uncached certificate fails, 436)
     fetcher: CertFetcher | None = None
     # identity: Unix time minus the loop clock ``now`` (kept current by the shell)

@@ -61,13 +61,13 @@ def test_every_rule_and_the_peers_have_a_table_and_a_reference() -> None:
 
 
 def test_example_config_active_settings_are_the_make_run_ones() -> None:
-    """The example config still listens on 127.0.0.1:5060, sends to :5080, serves metrics on
-    :9090 and leaves every other setting at its default."""
+    """The example config still listens on 127.0.0.1:5060, sends to :5080, serves the admin API
+    and metrics on :9090 and leaves every other setting at its default."""
     cfg = load_config(REPO / docgen.CONFIG_YAML)
     expected = Config.model_validate({
         "listen": ["udp://127.0.0.1:5060", "tcp://127.0.0.1:5060"],
         "core": "udp://127.0.0.1:5080",
-        "metrics": {"listen": "127.0.0.1:9090"},
+        "admin": {"listen": "127.0.0.1:9090"},
     })
     assert cfg == expected
     raw = yaml.safe_load((REPO / docgen.CONFIG_YAML).read_text(encoding="utf-8"))

@@ -1,0 +1,278 @@
+"""The HTTP admin API: metrics, health, readiness, reload, config, calls, bans, suspensions.
+
+One aiohttp site on the event loop (``admin: {listen: 127.0.0.1:9090, token_file: ...}``;
+``metrics:`` is the section's old name). ``GET /metrics`` (Prometheus), ``GET /healthz`` and
+``GET /readyz`` are open; every other endpoint — everything that changes state or shows
+numbers — asks for ``Authorization: Bearer <token>`` when a token file is configured
+(compared with :func:`hmac.compare_digest`). Bodies are JSON both ways; a bad request is a 4xx
+with ``{"error": "..."}``, never a traceback.
+
+=======================  ==================================================================
+``GET /readyz``          200 ``{"ready": true}`` while the listeners are up, else 503
+``POST /reload``         re-read the config file: ``{"applied", "changed", "restart_needed"}``
+                         or 422 ``{"applied": false, "errors": [{"line", "field", "message"}]}``
+``GET /config``          the effective config, file paths of secrets redacted
+``GET /calls?number=N``  live calls of a number (or ``prefix*``) and its live-call counts
+``GET /bans``            flood bans in force; ``DELETE /bans/{source}`` lifts one
+``GET /suspensions``     suspended numbers (API and config); ``POST`` adds, ``DELETE
+                         /suspensions/{number}`` lifts
+=======================  ==================================================================
+
+What the endpoints do is the shell's (:class:`Control`, implemented by ``sipguard.server``);
+this module is HTTP only: routing, authentication, JSON and request validation.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+from urllib.parse import unquote
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from sipguard.ops.metrics import Metrics, MetricsCollector
+from sipguard.ops.reload import ReloadResult
+from sipguard.policy.suspensions import suspension_key
+
+__all__ = ["AdminEndpoint", "Control", "read_token"]
+
+MAX_BODY = 64 * 1024
+OPEN_PATHS = frozenset({"/metrics", "/healthz", "/readyz"})
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class Control(Protocol):
+    """What the admin API asks of the running sipguard."""
+
+    @property
+    def ready(self) -> bool: ...
+
+    async def reload_config(self) -> ReloadResult: ...
+
+    def config_view(self) -> dict[str, Any]: ...
+
+    def calls_view(self, key: str) -> dict[str, Any]: ...
+
+    def bans_view(self) -> list[dict[str, Any]]: ...
+
+    def lift_ban(self, source: str) -> bool: ...
+
+    def suspensions_view(self) -> list[dict[str, Any]]: ...
+
+    async def suspend(
+        self, key: str, reason: str, by: str, ttl: float | None, end_calls: bool
+    ) -> dict[str, Any]: ...
+
+    async def unsuspend(self, key: str, by: str) -> dict[str, Any] | None: ...
+
+
+class HttpError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def read_token(path: str) -> str:
+    """The token in ``path`` (surrounding whitespace dropped). Raises OSError, or ValueError
+    for an empty file."""
+    with open(path, encoding="utf-8") as fh:
+        token = fh.read().strip()
+    if not token:
+        raise ValueError(f"token file {path} is empty")
+    return token
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.json_response(data, status=status, dumps=lambda d: json.dumps(d, default=str))
+
+
+def _error(status: int, message: str) -> web.Response:
+    return _json({"error": message}, status)
+
+
+async def _body(request: web.Request) -> dict[str, Any]:
+    if request.content_length is not None and request.content_length > MAX_BODY:
+        raise HttpError(413, "request body too large")
+    raw = await request.read()
+    try:
+        data = json.loads(raw or b"{}")
+    except (ValueError, UnicodeDecodeError):
+        raise HttpError(400, "body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise HttpError(400, "body must be a JSON object")
+    return data
+
+
+def _key(text: str) -> str:
+    try:
+        return suspension_key(text)
+    except ValueError as exc:
+        raise HttpError(400, str(exc)) from None
+
+
+def _text(data: dict[str, Any], name: str, default: str) -> str:
+    value = data.get(name, default)
+    if value is None:
+        return default
+    if not isinstance(value, str) or len(value) > 200:
+        raise HttpError(400, f"{name} must be a string of at most 200 characters")
+    return value
+
+
+def _query_number(request: web.Request) -> str:
+    """``number`` from the raw query: a literal ``+`` stays a plus (not a space)."""
+    for part in request.rel_url.raw_query_string.split("&"):
+        name, _, value = part.partition("=")
+        if name == "number" and value:
+            return unquote(value)
+    raise HttpError(400, "give ?number=+E164 (or a prefix ending in *)")
+
+
+class AdminEndpoint:
+    """One aiohttp site; :meth:`start` binds it (raises OSError), :meth:`stop` closes it."""
+
+    def __init__(
+        self,
+        metrics: Metrics,
+        gauges: Callable[[], dict[str, float]],
+        control: Control,
+        token: str | None = None,
+    ) -> None:
+        self.registry = CollectorRegistry()
+        self.registry.register(MetricsCollector(metrics, gauges))
+        self.control = control
+        self.token = token.encode() if token else None
+        self._runner: web.AppRunner | None = None
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[self._guard], client_max_size=MAX_BODY)
+        r = app.router
+        r.add_get("/metrics", self._metrics)
+        r.add_get("/healthz", self._healthz)
+        r.add_get("/readyz", self._readyz)
+        r.add_post("/reload", self._reload)
+        r.add_get("/config", self._config)
+        r.add_get("/calls", self._calls)
+        r.add_get("/bans", self._bans)
+        r.add_delete("/bans/{source}", self._lift_ban)
+        r.add_get("/suspensions", self._suspensions)
+        r.add_post("/suspensions", self._suspend)
+        r.add_delete("/suspensions/{number}", self._unsuspend)
+        return app
+
+    async def start(self, host: str, port: int) -> None:
+        runner = web.AppRunner(self.app(), access_log=None)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, host, port, reuse_address=True).start()
+        except OSError:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    # ------------------------------------------------------------------ auth and errors
+    def authorized(self, header: str | None) -> bool:
+        if self.token is None:
+            return True
+        scheme, _, given = (header or "").partition(" ")
+        if scheme.lower() != "bearer":
+            return False
+        return hmac.compare_digest(given.strip().encode(), self.token)
+
+    @web.middleware
+    async def _guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path not in OPEN_PATHS and not self.authorized(
+            request.headers.get("Authorization")
+        ):
+            return _error(401, "missing or wrong token (Authorization: Bearer ...)")
+        try:
+            return await handler(request)
+        except HttpError as exc:
+            return _error(exc.status, exc.message)
+        except web.HTTPException as exc:  # 404 / 405 from the router: JSON too
+            if exc.status < 400:
+                raise
+            return _error(exc.status, exc.reason)
+
+    # ------------------------------------------------------------------ open endpoints
+    async def _metrics(self, request: web.Request) -> web.Response:
+        body = generate_latest(self.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    async def _readyz(self, request: web.Request) -> web.Response:
+        ready = self.control.ready
+        return _json({"ready": ready}, 200 if ready else 503)
+
+    # ------------------------------------------------------------------ operator endpoints
+    async def _reload(self, request: web.Request) -> web.Response:
+        result = await self.control.reload_config()
+        return _json(result.as_dict(), 422 if result.errors else 200)
+
+    async def _config(self, request: web.Request) -> web.Response:
+        return _json(self.control.config_view())
+
+    async def _calls(self, request: web.Request) -> web.Response:
+        return _json(self.control.calls_view(_key(_query_number(request))))
+
+    async def _bans(self, request: web.Request) -> web.Response:
+        return _json({"bans": self.control.bans_view()})
+
+    async def _lift_ban(self, request: web.Request) -> web.Response:
+        source = request.match_info["source"]
+        if not self.control.lift_ban(source):
+            raise HttpError(404, f"{source} is not banned")
+        return _json({"lifted": source})
+
+    async def _suspensions(self, request: web.Request) -> web.Response:
+        return _json({"suspensions": self.control.suspensions_view()})
+
+    async def _suspend(self, request: web.Request) -> web.Response:
+        data = await _body(request)
+        unknown = set(data) - {"number", "prefix", "reason", "by", "expires", "end_calls"}
+        if unknown:
+            raise HttpError(400, f"unknown field(s): {', '.join(sorted(unknown))}")
+        number, prefix = data.get("number"), data.get("prefix")
+        if (number is None) == (prefix is None):
+            raise HttpError(400, "give exactly one of number, prefix")
+        text = number if number is not None else prefix
+        if not isinstance(text, str):
+            raise HttpError(400, "number / prefix must be a string")
+        if prefix is not None and not text.strip().endswith("*"):
+            text = text.strip() + "*"
+        if number is not None and text.strip().endswith("*"):
+            raise HttpError(400, "a pattern ending in * goes in prefix, not number")
+        key = _key(text)
+        expires = data.get("expires")
+        if expires is not None and (
+            isinstance(expires, bool) or not isinstance(expires, int | float) or expires <= 0
+        ):
+            raise HttpError(400, "expires must be null or a positive number of seconds")
+        end_calls = data.get("end_calls", False)
+        if not isinstance(end_calls, bool):
+            raise HttpError(400, "end_calls must be true or false")
+        reason = _text(data, "reason", "")
+        by = _text(data, "by", "admin-api")
+        result = await self.control.suspend(
+            key, reason, by, None if expires is None else float(expires), end_calls
+        )
+        return _json(result, 201)
+
+    async def _unsuspend(self, request: web.Request) -> web.Response:
+        key = _key(request.match_info["number"])
+        by = request.query.get("by", "admin-api")[:200]
+        result = await self.control.unsuspend(key, by)
+        if result is None:
+            raise HttpError(404, f"{key} is not suspended through the API")
+        return _json(result)

@@ -1,0 +1,57 @@
+"""What a reload reports: applied or not, the errors, what changed and what needs a restart.
+
+SIGHUP, ``sipguard reload`` and ``POST /reload`` all end in ``Server.reload_config`` (one
+``asyncio.Lock``: reloads run one after the other); this module holds the pieces that need no
+server: the result and how two configs differ.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from sipguard.ops.config import Config
+from sipguard.ops.config_load import ConfigError, ConfigIssue
+
+# Top-level keys a running sipguard cannot take over: sockets and files opened at start.
+RESTART_KEYS = ("listen", "admin", "metrics", "state_dir")
+
+
+@dataclass(slots=True)
+class ReloadResult:
+    """The outcome of one reload."""
+
+    applied: bool
+    changed: list[str] = field(default_factory=list)
+    restart_needed: list[str] = field(default_factory=list)
+    errors: list[ConfigIssue] = field(default_factory=list)
+    superseded: bool = False  # a newer reload won (only when reloads bypass the lock)
+
+    def as_dict(self) -> dict[str, Any]:
+        if self.errors:
+            return {
+                "applied": False,
+                "errors": [
+                    {"line": e.line, "field": e.path, "message": e.message} for e in self.errors
+                ],
+            }
+        out: dict[str, Any] = {
+            "applied": self.applied,
+            "changed": self.changed,
+            "restart_needed": self.restart_needed,
+        }
+        if self.superseded:
+            out["superseded"] = True
+        return out
+
+
+def changed_keys(old: Config, new: Config) -> list[str]:
+    """Top-level keys whose value differs between two configs, in schema order."""
+    return [name for name in Config.model_fields if getattr(old, name) != getattr(new, name)]
+
+
+def failure(exc: ConfigError | OSError | ValueError) -> ReloadResult:
+    """A reload that could not build a config (a bad file, an unreadable number list)."""
+    if isinstance(exc, ConfigError):
+        return ReloadResult(False, errors=list(exc.issues))
+    return ReloadResult(False, errors=[ConfigIssue("", None, str(exc))])

@@ -1,0 +1,172 @@
+"""Numbers suspended by an operator at run time (the admin API), besides the config's list.
+
+A :class:`SuspensionStore` holds exact numbers (``+31201234567``) and prefix patterns
+(``+3120*``), each with who made it, why, when, and when it runs out (loop time; ``None``:
+until lifted). It is matched the way :class:`~sipguard.policy.peers.NumberSet` matches: a dict
+lookup for the exact number, then one per distinct prefix length in the store — cheap enough
+for every INVITE. It lives in :class:`~sipguard.policy.state.RuleState`, so it outlives every
+reload; the policy consults it together with the config's ``suspended:`` list.
+
+No clock is read here: every method that cares about time is given ``now``. Saving to and
+loading from disk is the shell's (:meth:`SuspensionStore.dump` / :meth:`SuspensionStore.load`
+give and take plain data with Unix times).
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from sipguard.policy.peers import NUMBER_PATTERN, normalise_pattern
+
+
+@dataclass(frozen=True, slots=True)
+class Suspension:
+    """One suspended number or prefix. ``key`` is the normalised pattern (``+3120*`` for a
+    prefix); ``created`` and ``expires`` are loop times."""
+
+    key: str
+    reason: str
+    by: str
+    created: float
+    expires: float | None
+
+    @property
+    def prefix(self) -> bool:
+        return self.key.endswith("*")
+
+    def live(self, now: float) -> bool:
+        return self.expires is None or self.expires > now
+
+    def as_dict(self, now: float) -> dict[str, Any]:
+        """For the admin API: ``number`` or ``prefix``, reason, by, age and time left."""
+        return {
+            ("prefix" if self.prefix else "number"): self.key,
+            "reason": self.reason,
+            "by": self.by,
+            "age_s": round(now - self.created, 1),
+            "expires_in_s": None if self.expires is None else round(self.expires - now, 1),
+            "source": "api",
+        }
+
+
+def suspension_key(text: str) -> str:
+    """The store key for a number or ``prefix*`` as given (separators dropped). Raises
+    ValueError for anything else (a lone ``*`` is refused: it would suspend every number)."""
+    raw = text.strip()
+    if raw == "*" or NUMBER_PATTERN.fullmatch(raw) is None:
+        raise ValueError(f"{text[:40]!r} is not a number or a prefix pattern like '+3120*'")
+    prefix = raw.endswith("*")
+    key = normalise_pattern(raw[:-1] if prefix else raw)
+    return key + "*" if prefix else key
+
+
+class SuspensionStore:
+    """Suspended numbers and prefixes, matched in O(len(number))."""
+
+    __slots__ = ("exact", "prefixes", "_lengths")
+
+    def __init__(self) -> None:
+        self.exact: dict[str, Suspension] = {}
+        self.prefixes: dict[str, Suspension] = {}  # keyed without the trailing "*"
+        self._lengths: list[int] = []  # distinct prefix lengths, ascending
+
+    def __bool__(self) -> bool:
+        return bool(self.exact) or bool(self.prefixes)
+
+    def __len__(self) -> int:
+        return len(self.exact) + len(self.prefixes)
+
+    def entries(self) -> list[Suspension]:
+        return [*self.exact.values(), *self.prefixes.values()]
+
+    def get(self, key: str) -> Suspension | None:
+        if key.endswith("*"):
+            return self.prefixes.get(key[:-1])
+        return self.exact.get(key)
+
+    def match(self, number: str | None, now: float) -> Suspension | None:
+        """The live suspension covering ``number`` (exact first, then the longest prefix)."""
+        if number is None:
+            return None
+        found = self.exact.get(number)
+        if found is not None and found.live(now):
+            return found
+        if self.prefixes:
+            best: Suspension | None = None
+            for n in self._lengths:
+                if n > len(number):
+                    break
+                entry = self.prefixes.get(number[:n])
+                if entry is not None and entry.live(now):
+                    best = entry
+            return best
+        return None
+
+    def add(
+        self, key: str, reason: str, by: str, now: float, ttl: float | None = None
+    ) -> Suspension:
+        """Suspend ``key`` (from :func:`suspension_key`); replaces an entry for the same key."""
+        entry = Suspension(key, reason, by, now, None if ttl is None else now + ttl)
+        self._put(entry)
+        return entry
+
+    def _put(self, entry: Suspension) -> None:
+        if entry.prefix:
+            text = entry.key[:-1]
+            self.prefixes[text] = entry
+            if len(text) not in self._lengths:
+                bisect.insort(self._lengths, len(text))
+        else:
+            self.exact[entry.key] = entry
+
+    def lift(self, key: str) -> Suspension | None:
+        """Remove ``key``; the entry removed, or None when it was not suspended."""
+        if not key.endswith("*"):
+            return self.exact.pop(key, None)
+        text = key[:-1]
+        entry = self.prefixes.pop(text, None)
+        if entry is not None and all(len(p) != len(text) for p in self.prefixes):
+            self._lengths.remove(len(text))
+        return entry
+
+    def sweep(self, now: float) -> list[Suspension]:
+        """Remove the suspensions that have run out; the ones removed."""
+        ended = [e for e in self.entries() if not e.live(now)]
+        for entry in ended:
+            self.lift(entry.key)
+        return ended
+
+    # ------------------------------------------------------------------ persistence (data only)
+    def dump(self, wall_offset: float) -> list[dict[str, Any]]:
+        """Every entry as plain data with Unix times (``wall_offset`` = Unix time − loop time)."""
+        return [
+            {
+                "key": e.key,
+                "reason": e.reason,
+                "by": e.by,
+                "created": e.created + wall_offset,
+                "expires": None if e.expires is None else e.expires + wall_offset,
+            }
+            for e in self.entries()
+        ]
+
+    def load(self, items: Iterable[dict[str, Any]], wall_offset: float, now: float) -> int:
+        """Add the entries of a :meth:`dump` that have not run out; how many. Raises ValueError
+        (or KeyError / TypeError) for data that is not a dump."""
+        added = 0
+        for item in items:
+            expires = item["expires"]
+            entry = Suspension(
+                suspension_key(str(item["key"])),
+                str(item["reason"]),
+                str(item["by"]),
+                float(item["created"]) - wall_offset,
+                None if expires is None else float(expires) - wall_offset,
+            )
+            if entry.live(now):
+                self._put(entry)
+                added += 1
+        return added
