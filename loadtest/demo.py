@@ -47,7 +47,7 @@ CONFIG = """\
 listen: [udp://{host}:{sip_port}]
 core: udp://{host}:{core_port}
 mode: enforce
-metrics: {{listen: "{host}:{admin_port}"}}
+admin: {{listen: "{host}:{admin_port}"}}
 log: {{level: info, format: json, parse_error_sample_s: 1.0}}
 peers:
   - name: demo-carrier
