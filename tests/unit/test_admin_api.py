@@ -1,0 +1,381 @@
+"""The admin API over real sockets: a Server on 127.0.0.1 with its admin endpoint, driven by
+aiohttp client requests and plain UDP sockets for the SIP side."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import socket
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import structlog
+
+from sipguard.ops.config_load import ConfigError, load_config, parse_config
+from sipguard.policy.flood import Ban
+from sipguard.policy.suspensions import SuspensionStore, suspension_key
+from sipguard.server import Server, StartupError
+
+from .test_server_shell import Peer, _free_udp_port, invite
+
+
+@pytest.fixture(autouse=True)
+def _reset_structlog() -> Iterator[None]:
+    yield
+    structlog.reset_defaults()
+
+
+def _free_tcp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Guard:
+    """A running Server with its config file, SIP port and admin base URL."""
+
+    def __init__(self, server: Server, config: Path, sip_port: int, admin_port: int) -> None:
+        self.server = server
+        self.config = config
+        self.port = sip_port
+        self.admin_port = admin_port
+        self.url = f"http://127.0.0.1:{admin_port}"
+
+
+def _config_text(core: Peer, sip_port: int, admin_port: int, extra: str = "") -> str:
+    return (
+        f"listen: [udp://127.0.0.1:{sip_port}]\ncore: udp://127.0.0.1:{core.port}\n"
+        f"admin: {{listen: 127.0.0.1:{admin_port}}}\n{extra}"
+    )
+
+
+async def start_guard(
+    tmp_path: Path, core: Peer, extra: str = "", *, ports: tuple[int, int] | None = None
+) -> Guard:
+    sip_port, admin_port = ports or (_free_udp_port(), _free_tcp_port())
+    path = tmp_path / "sipguard.yaml"
+    path.write_text(_config_text(core, sip_port, admin_port, extra))
+    server = Server(load_config(path), load=lambda: load_config(path))
+    await server.start()
+    return Guard(server, path, sip_port, admin_port)
+
+
+@pytest.fixture
+async def peers() -> AsyncIterator[tuple[Peer, Peer]]:
+    caller, core = Peer(), Peer()
+    yield caller, core
+    caller.sock.close()
+    core.sock.close()
+
+
+async def request(
+    method: str, url: str, body: Any = None, token: str | None = None, raw: bytes | None = None
+) -> tuple[int, Any]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with aiohttp.ClientSession() as session:
+        kwargs: dict[str, Any] = {"headers": headers}
+        if raw is not None:
+            kwargs["data"] = raw
+        elif body is not None:
+            kwargs["json"] = body
+        async with session.request(method, url, **kwargs) as response:
+            if response.content_type == "application/json":
+                return response.status, await response.json()
+            return response.status, await response.text()
+
+
+def answer_ok(forwarded: bytes, core: Peer) -> bytes:
+    """The core's 200 OK to an INVITE it received through sipguard."""
+    text = forwarded.decode()
+    head = text.split("\r\n\r\n", 1)[0].split("\r\n")[1:]
+    keep = ("via:", "from:", "to:", "call-id:", "cseq:", "record-route:")
+    lines = [h + (";tag=core1" if h.lower().startswith("to:") else "")
+             for h in head if h.lower().startswith(keep)]
+    return (
+        "SIP/2.0 200 OK\r\n" + "\r\n".join(lines)
+        + f"\r\nContact: <sip:core@127.0.0.1:{core.port}>\r\nContent-Length: 0\r\n\r\n"
+    ).encode()
+
+
+async def answered_call(guard: Guard, caller: Peer, core: Peer, call_id: str,
+                        number: str) -> None:
+    caller.sock.sendto(invite(caller, guard.port, call_id, caller=number),
+                       ("127.0.0.1", guard.port))
+    forwarded = await core.recv_until(b"INVITE ")
+    core.sock.sendto(answer_ok(forwarded, core), ("127.0.0.1", guard.port))
+    assert (await caller.recv_until(b"SIP/2.0 200")).startswith(b"SIP/2.0 200 ")
+
+
+# --------------------------------------------------------------------------- auth and errors
+
+
+async def test_token_is_required_when_configured(
+    tmp_path: Path, peers: tuple[Peer, Peer]
+) -> None:
+    """With a token file, operator endpoints answer 401 without the token, metrics stay open."""
+    _, core = peers
+    (tmp_path / "token").write_text("s3cret\n")
+    sip_port, admin_port = _free_udp_port(), _free_tcp_port()
+    path = tmp_path / "sipguard.yaml"
+    path.write_text(
+        f"listen: [udp://127.0.0.1:{sip_port}]\ncore: udp://127.0.0.1:{core.port}\n"
+        f"admin: {{listen: 127.0.0.1:{admin_port}, token_file: token}}\n"
+    )
+    server = Server(load_config(path))
+    await server.start()
+    url = f"http://127.0.0.1:{admin_port}"
+    try:
+        status, body = await request("GET", url + "/suspensions")
+        assert status == 401 and "token" in body["error"]
+        status, _ = await request("GET", url + "/suspensions", token="wrong")
+        assert status == 401
+        status, body = await request("GET", url + "/suspensions", token="s3cret")
+        assert status == 200 and body == {"suspensions": []}
+        assert (await request("GET", url + "/healthz"))[0] == 200
+        assert (await request("GET", url + "/metrics"))[0] == 200
+        status, body = await request("GET", url + "/readyz")
+        assert status == 200 and body == {"ready": True}
+        status, body = await request("GET", url + "/config", token="s3cret")
+        assert body["admin"]["token_file"] == "<redacted>"
+    finally:
+        await server.stop()
+
+
+async def test_non_loopback_admin_without_token_refuses_to_start(
+    peers: tuple[Peer, Peer],
+) -> None:
+    """An admin API on a non-loopback address with no token file is a one-line StartupError."""
+    _, core = peers
+    cfg = parse_config(
+        f"listen: [udp://127.0.0.1:{_free_udp_port()}]\ncore: udp://127.0.0.1:{core.port}\n"
+        f"admin: {{listen: 0.0.0.0:{_free_tcp_port()}}}\n"
+    )
+    server = Server(cfg)
+    with pytest.raises(StartupError, match="not loopback-only: set admin.token_file"):
+        await server.start()
+    assert not server.listening
+
+
+def test_metrics_is_the_old_name_of_admin_and_both_is_an_error() -> None:
+    """`metrics:` alone configures the admin endpoint; `admin:` and `metrics:` together is an
+    error naming the field and its line."""
+    base = "listen: [udp://127.0.0.1:5060]\ncore: udp://127.0.0.1:5080\n"
+    cfg = parse_config(base + "metrics: {listen: 127.0.0.1:9999}\n")
+    assert cfg.http.host_port == ("127.0.0.1", 9999)
+    with pytest.raises(ConfigError) as err:
+        parse_config(base + "admin: {listen: 127.0.0.1:9999}\nmetrics: {listen: 127.0.0.1:9}\n")
+    (issue,) = err.value.issues
+    assert issue.path == "metrics" and issue.line == 4 and "admin" in issue.message
+
+
+async def test_bad_requests_are_json_4xx(tmp_path: Path, peers: tuple[Peer, Peer]) -> None:
+    """Bad JSON, missing or bad fields and unknown paths are 4xx with {"error": ...}."""
+    _, core = peers
+    guard = await start_guard(tmp_path, core)
+    url = guard.url
+    try:
+        status, body = await request("POST", url + "/suspensions", raw=b"{not json")
+        assert status == 400 and body == {"error": "body is not valid JSON"}
+        status, body = await request("POST", url + "/suspensions", {"reason": "x"})
+        assert status == 400 and "exactly one of number, prefix" in body["error"]
+        status, body = await request("POST", url + "/suspensions", {"number": "bob"})
+        assert status == 400 and "not a number" in body["error"]
+        status, body = await request("POST", url + "/suspensions",
+                                     {"number": "+31201234567", "expires": -1})
+        assert status == 400 and "expires" in body["error"]
+        status, body = await request("DELETE", url + "/suspensions/%2B31209999999")
+        assert status == 404 and "not suspended" in body["error"]
+        status, body = await request("GET", url + "/nope")
+        assert status == 404 and "error" in body
+        status, body = await request("GET", url + "/calls")
+        assert status == 400 and "number" in body["error"]
+    finally:
+        await guard.server.stop()
+
+
+# --------------------------------------------------------------------------- suspensions
+
+
+async def test_suspend_then_unsuspend_gates_the_next_invite(
+    tmp_path: Path, peers: tuple[Peer, Peer]
+) -> None:
+    """A suspended caller's next INVITE gets 403 with a Reason header; once lifted it passes."""
+    caller, core = peers
+    guard = await start_guard(tmp_path, core)
+    try:
+        status, body = await request("POST", guard.url + "/suspensions", {
+            "number": "+31201234567", "reason": "fraud", "by": "alice",
+        })
+        assert status == 201 and body["suspension"]["number"] == "+31201234567"
+        caller.sock.sendto(invite(caller, guard.port, "s-1", caller="+31201234567"),
+                           ("127.0.0.1", guard.port))
+        refused = await caller.recv_until(b"SIP/2.0 4")
+        assert refused.startswith(b"SIP/2.0 403 ")
+        assert b'Reason: SIP;cause=403;text="Caller number suspended"' in refused
+        status, body = await request("GET", guard.url + "/suspensions")
+        assert [s["number"] for s in body["suspensions"]] == ["+31201234567"]
+        status, body = await request("DELETE", guard.url + "/suspensions/%2B31201234567")
+        assert status == 200 and body["lifted"] == "+31201234567"
+        caller.sock.sendto(invite(caller, guard.port, "s-2", caller="+31201234567"),
+                           ("127.0.0.1", guard.port))
+        assert b"Call-ID: s-2" in await core.recv_until(b"INVITE ")
+    finally:
+        await guard.server.stop()
+
+
+async def test_prefix_suspension_covers_the_called_number(
+    tmp_path: Path, peers: tuple[Peer, Peer]
+) -> None:
+    """A prefix suspension refuses an INVITE to a number under it (callee_suspended)."""
+    caller, core = peers
+    guard = await start_guard(tmp_path, core)
+    try:
+        status, _ = await request("POST", guard.url + "/suspensions", {"prefix": "+1800555*"})
+        assert status == 201
+        caller.sock.sendto(invite(caller, guard.port, "p-1"), ("127.0.0.1", guard.port))
+        refused = await caller.recv_until(b"SIP/2.0 4")
+        assert b'text="Callee number suspended"' in refused
+    finally:
+        await guard.server.stop()
+
+
+async def test_end_calls_sends_bye_to_both_sides(
+    tmp_path: Path, peers: tuple[Peer, Peer]
+) -> None:
+    """Suspending with end_calls ends the number's answered call: the core and the caller
+    each get a BYE, and the answer counts the call."""
+    caller, core = peers
+    guard = await start_guard(tmp_path, core)
+    try:
+        await answered_call(guard, caller, core, "e-1", "+31201234567")
+        status, body = await request("GET", guard.url + "/calls?number=+31201234567")
+        assert status == 200 and [c["call_id"] for c in body["calls"]] == ["e-1"]
+        status, body = await request("POST", guard.url + "/suspensions", {
+            "number": "+31201234567", "end_calls": True, "reason": "fraud",
+        })
+        assert status == 201 and body["calls_ended"] == 1
+        assert b"Call-ID: e-1" in await core.recv_until(b"BYE ")
+        assert b"Call-ID: e-1" in await caller.recv_until(b"BYE ")
+        status, body = await request("GET", guard.url + "/calls?number=+31201234567")
+        assert body["calls"] == []
+    finally:
+        await guard.server.stop()
+
+
+async def test_suspension_survives_a_restart(tmp_path: Path, peers: tuple[Peer, Peer]) -> None:
+    """With state_dir set, an API suspension is saved and is in force after a restart; an
+    expired one is dropped on load."""
+    caller, core = peers
+    extra = f"state_dir: {tmp_path / 'state'}\n"
+    guard = await start_guard(tmp_path, core, extra)
+    try:
+        status, body = await request("POST", guard.url + "/suspensions", {
+            "number": "+31201234567", "reason": "fraud", "by": "alice",
+        })
+        assert status == 201 and body["saved"] is True
+        status, body = await request("POST", guard.url + "/suspensions",
+                                     {"number": "+31207654321", "expires": 0.05})
+        assert status == 201
+        await asyncio.sleep(0.1)
+    finally:
+        await guard.server.stop()
+    assert (tmp_path / "state" / "suspensions.json").exists()
+    guard = await start_guard(tmp_path, core, extra)  # a new process: new ports
+    try:
+        status, body = await request("GET", guard.url + "/suspensions")
+        (entry,) = body["suspensions"]
+        assert entry["number"] == "+31201234567" and entry["by"] == "alice"
+        caller.sock.sendto(invite(caller, guard.port, "r-1", caller="+31201234567"),
+                           ("127.0.0.1", guard.port))
+        assert (await caller.recv_until(b"SIP/2.0 4")).startswith(b"SIP/2.0 403 ")
+    finally:
+        await guard.server.stop()
+
+
+# --------------------------------------------------------------------------- reload
+
+
+async def test_reload_reports_errors_and_applies_a_valid_file(
+    tmp_path: Path, peers: tuple[Peer, Peer]
+) -> None:
+    """POST /reload: a broken file is 422 with field and line and changes nothing; a valid
+    changed one is applied and its new limit holds for the next INVITE."""
+    caller, core = peers
+    guard = await start_guard(tmp_path, core)
+    good = guard.config.read_text()
+    try:
+        guard.config.write_text(good + "sip:\n  max_message_size: 10\n")
+        status, body = await request("POST", guard.url + "/reload")
+        assert status == 422 and body["applied"] is False
+        (error,) = body["errors"]
+        assert error["field"] == "sip.max_message_size" and error["line"] == 5
+        guard.config.write_text(good + "rules:\n  concurrency: {per_caller: 1}\n")
+        status, body = await request("POST", guard.url + "/reload")
+        assert status == 200
+        assert body == {"applied": True, "changed": ["rules"], "restart_needed": []}
+        caller.sock.sendto(invite(caller, guard.port, "l-1"), ("127.0.0.1", guard.port))
+        await core.recv_until(b"INVITE ")
+        caller.sock.sendto(invite(caller, guard.port, "l-2"), ("127.0.0.1", guard.port))
+        assert (await caller.recv_until(b"SIP/2.0 4")).startswith(b"SIP/2.0 403 ")
+        moved = re.sub(r"udp://127\.0\.0\.1:\d+\]", f"udp://127.0.0.1:{_free_udp_port()}]",
+                       guard.config.read_text(), count=1)
+        guard.config.write_text(moved)
+        status, body = await request("POST", guard.url + "/reload")
+        assert body["applied"] is True and body["restart_needed"] == ["listen"]
+        assert guard.server.cfg.listen[0].port == guard.port
+    finally:
+        await guard.server.stop()
+
+
+# --------------------------------------------------------------------------- views
+
+
+async def test_calls_and_bans_shapes(tmp_path: Path, peers: tuple[Peer, Peer]) -> None:
+    """GET /calls lists a live call with its fields and counts; GET /bans lists bans with the
+    flood rule on, DELETE /bans/{source} lifts one."""
+    caller, core = peers
+    guard = await start_guard(tmp_path, core,
+                              "rules:\n  concurrency: {per_caller: 5}\n  flood: {}\n")
+    try:
+        await answered_call(guard, caller, core, "c-1", "+31201234567")
+        status, body = await request("GET", guard.url + "/calls?number=+31201234567")
+        assert status == 200 and body["number"] == "+31201234567"
+        (call,) = body["calls"]
+        assert set(call) == {"call_id", "caller", "callee", "diverters", "peer", "source",
+                             "state", "age_s", "confirmed_s"}
+        assert call["caller"] == "+31201234567" and call["callee"] == "+18005550199"
+        assert body["counts"] == {"caller": 1, "callee": 0, "diverter": 0}
+        status, body = await request("GET", guard.url + "/calls?number=%2B3120*")
+        assert len(body["calls"]) == 1 and body["counts"] is None
+        status, body = await request("GET", guard.url + "/bans")
+        assert status == 200 and body == {"bans": []}
+        guard.server.state.flood.bans.clear()
+        now = guard.server.loop.time()
+        guard.server.state.flood.bans["192.0.2.7"] = Ban(now, now + 60, "flood")
+        status, body = await request("GET", guard.url + "/bans")
+        (ban,) = body["bans"]
+        assert ban["source"] == "192.0.2.7" and ban["reason"] == "flood"
+        status, body = await request("DELETE", guard.url + "/bans/192.0.2.7")
+        assert status == 200 and body == {"lifted": "192.0.2.7"}
+        assert (await request("DELETE", guard.url + "/bans/192.0.2.7"))[0] == 404
+    finally:
+        await guard.server.stop()
+
+
+def test_store_matches_exact_and_prefix_and_expires() -> None:
+    """The store matches exact numbers and the longest live prefix; expired entries stop
+    matching and are swept."""
+    store = SuspensionStore()
+    store.add(suspension_key("+31 20 123 4567"), "r", "a", 0.0)
+    store.add(suspension_key("+3120*"), "p", "a", 0.0, ttl=10)
+    assert store.match("+31201234567", 5.0) is not None
+    assert store.match("+31209999999", 5.0) is not None
+    assert store.match("+31209999999", 11.0) is None
+    assert store.match("+3130", 5.0) is None and store.match(None, 5.0) is None
+    assert [e.key for e in store.sweep(11.0)] == ["+3120*"]
+    assert len(store) == 1
+    with pytest.raises(ValueError):
+        suspension_key("*")
