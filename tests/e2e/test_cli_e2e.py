@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
@@ -108,3 +110,68 @@ def test_metrics_endpoint_counts_decisions_and_dialogs(stack: E2EStack) -> None:
     assert 'sipguard_dialogs_ended_total{peer="",reason="bye_caller"} 10.0' in text
     assert "sipguard_decision_seconds_count 10.0" in text
     assert "sipguard_live_dialogs 0.0" in text
+
+
+def _wait_ready(url: str, proc: subprocess.Popen[str], timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else "sipguard exited"
+        try:
+            with urllib.request.urlopen(url + "/readyz", timeout=1) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError("sipguard's admin API never became ready")
+
+
+def test_operator_verbs_against_a_running_sipguard(tmp_path: Path) -> None:
+    """suspend / suspensions / unsuspend / reload work against a running sipguard through its
+    admin API; an unreachable admin API is exit 1 and one line."""
+    admin_port = free_port()
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        f"listen: [udp://{HOST}:{free_port()}]\ncore: udp://{HOST}:{free_port()}\n"
+        f"admin: {{listen: {HOST}:{admin_port}}}\nstate_dir: state\n"
+    )
+    url = f"http://{HOST}:{admin_port}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sipguard", "run", "--config", str(cfg)],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        _wait_ready(url, proc)
+        res = sipguard("suspend", "+31201234567", "--reason", "fraud", "--by", "alice",
+                       "--admin", url)
+        assert res.returncode == 0, res.stderr
+        assert json.loads(res.stdout)["suspension"]["number"] == "+31201234567"
+        res = sipguard("suspend", "+3130*", "--expires", "600", "--admin", url)
+        assert res.returncode == 0, res.stderr
+        res = sipguard("suspensions", "--admin", url)
+        listed = json.loads(res.stdout)["suspensions"]
+        assert {s.get("number") or s.get("prefix") for s in listed} == {"+31201234567", "+3130*"}
+        res = sipguard("unsuspend", "+31201234567", "--admin", url)
+        assert res.returncode == 0 and json.loads(res.stdout) == {
+            "lifted": "+31201234567", "saved": True}
+        res = sipguard("unsuspend", "+31201234567", "--admin", url)
+        assert res.returncode == 1
+        assert res.stderr.strip().splitlines() == [
+            "sipguard: admin API answered 404: +31201234567 is not suspended through the API"
+        ]
+        cfg.write_text(cfg.read_text() + "rules:\n  concurrency: {per_caller: 2}\n")
+        res = sipguard("reload", "--admin", url)
+        assert res.returncode == 0, res.stderr
+        assert json.loads(res.stdout)["changed"] == ["rules"]
+        cfg.write_text(cfg.read_text() + "sip: {max_message_size: 10}\n")
+        res = sipguard("reload", "--admin", url)
+        assert res.returncode == 2
+        assert "sip.max_message_size" in res.stderr and "Traceback" not in res.stderr
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=15)
+    assert (tmp_path / "state" / "suspensions.json").exists()
+    res = sipguard("suspensions", "--admin", url)
+    assert res.returncode == 1
+    (line,) = res.stderr.strip().splitlines()
+    assert line.startswith(f"sipguard: cannot reach the admin API at {url}: ")
