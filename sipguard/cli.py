@@ -41,7 +41,6 @@ from sipguard.ops.config import Config
 from sipguard.ops.config_load import ConfigError, config_with_overrides, load_config
 from sipguard.ops.endpoints import Endpoint
 from sipguard.ops.logging import configure_logging, flush_logs, get_logger
-from sipguard.ops.reload import ReloadResult
 from sipguard.server import Server, StartupError
 
 EXIT_CONFIG = 2
@@ -213,9 +212,7 @@ async def _serve(path: str, args: argparse.Namespace, cfg: Config) -> int:
     stop = asyncio.Event()
 
     async def reload() -> None:
-        result: ReloadResult = await server.reload_config()  # logs what it did
-        if result.applied:
-            log.info("config_reload_done", file=path, trigger="SIGHUP")
+        await server.reload_config()  # the one reload path; it logs what it did
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
