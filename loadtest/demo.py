@@ -340,6 +340,10 @@ class Demo:
             if p.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
                     p.send_signal(signal.SIGTERM)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    p.wait(0.5)
+                with contextlib.suppress(ProcessLookupError):
+                    p.send_signal(signal.SIGTERM)  # sipguard: a second signal ends its drain
                 try:
                     p.wait(5)
                 except subprocess.TimeoutExpired:

@@ -214,8 +214,21 @@ async def _serve(path: str, args: argparse.Namespace, cfg: Config) -> int:
     async def reload() -> None:
         await server.reload_config()  # the one reload path; it logs what it did
 
+    drains: list[asyncio.Task[None]] = []
+
+    async def drain_then_stop() -> None:
+        await server.drain()
+        stop.set()
+
+    def on_stop() -> None:
+        # First signal: drain (new calls 503, calls up finish); a second one: stop at once.
+        if drains:
+            stop.set()
+            return
+        drains.append(loop.create_task(drain_then_stop()))
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_stop)
     reloads: set[asyncio.Task[None]] = set()
 
     def on_hup() -> None:

@@ -91,6 +91,12 @@ class EdgeCore:
         # Set by the shell's overload watcher: new calls are answered 503 at once meanwhile.
         self.overloaded = False
         self._overload = overload_verdict(overload_retry_after_s)
+        # Set by the shell on SIGTERM: new calls hear 503 while the calls up finish.
+        self.draining = False
+        self._draining = Verdict(
+            "reject", rule="drain", reason="draining", status=503, phrase="Service Unavailable",
+            headers=(f"Retry-After: {overload_retry_after_s}",), sample="drain",
+        )
         self.proxy = Proxy(settings, self, secret)
         policy.activate()
 
@@ -179,6 +185,8 @@ class EdgeCore:
     def decide(self, call: CallInfo, now: float) -> Verdict | None:
         if self.overloaded:
             return self._overload
+        if self.draining:
+            return self._draining
         perf = self.perf
         started = perf()
         call.started_perf = started

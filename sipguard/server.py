@@ -400,7 +400,24 @@ class Server:
     # ------------------------------------------------------------------ operator control
     @property
     def ready(self) -> bool:
-        return self.listening
+        return self.listening and not self.core.draining
+
+    async def drain(self, timeout: float | None = None) -> int:
+        """Graceful stop: new INVITEs hear 503 + Retry-After (``/readyz`` is unready at once,
+        so a load balancer moves new calls away) while in-dialog requests keep flowing and
+        transactions finish, until no call is up or ``drain_timeout_s`` passes. How many
+        calls were still up at the end."""
+        limit = self.cfg.drain_timeout_s if timeout is None else timeout
+        self.core.draining = True
+        proxy = self.proxy
+        self.log.info("drain_started", live_calls=len(proxy.dialogs), timeout_s=limit)
+        deadline = self.loop.time() + limit
+        while (proxy.dialogs or proxy.pending) and self.loop.time() < deadline:
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(0.05)  # the last answers of the pass go out
+        left = len(proxy.dialogs)
+        self.log.info("drain_ended", live_calls=left)
+        return left
 
     def config_view(self) -> dict[str, Any]:
         """The effective config as JSON data, secrets' file paths and URL passwords hidden."""

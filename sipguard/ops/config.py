@@ -7,7 +7,7 @@ The file is YAML. Only ``listen`` and ``core`` are required; every other setting
     core: udp://127.0.0.1:5080
 
 This module holds the root model and the sections the shell reads (``sip``, ``log``,
-``admin`` — ``metrics`` is accepted as its old name, giving both is an error — and
+``admin`` — ``metrics`` is accepted as its old name, giving both is an error — ``tls`` and
 ``state_dir``). The ``rules:`` tree and the ``peers:`` list are the policy's
 (:mod:`sipguard.policy.schema`); the endpoint syntax is :mod:`sipguard.ops.endpoints`; reading
 the file and reporting its errors with line numbers is :mod:`sipguard.ops.config_load`.
@@ -35,7 +35,9 @@ from sipguard.ops.endpoints import Endpoint, ListenUri, format_host, split_hostp
 from sipguard.policy.schema import PeerConfig, RulesConfig, merge_peer_rules
 from sipguard.policy.settings import ConfigPath
 
-__all__ = ["AdminSettings", "Config", "LogSettings", "MetricsSettings", "SipSettings"]
+__all__ = [
+    "AdminSettings", "Config", "LogSettings", "MetricsSettings", "SipSettings", "TlsSettings",
+]
 
 _FROZEN = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
@@ -297,11 +299,58 @@ class LogSettings(BaseModel):
     )
 
 
+class TlsSettings(BaseModel):
+    """TLS (the ``tls:`` section): certificates for ``tls://`` listeners and toward a
+    ``tls://`` core (RFC 3261 §26, RFC 5630). Read at start and again on every reload: new
+    connections use the new files, open ones keep theirs."""
+
+    model_config = _FROZEN
+
+    cert_file: ConfigPath | None = Field(
+        default=None,
+        description="PEM certificate chain (leaf first) sipguard presents on `tls://` "
+        "listeners, and to a `tls://` core that asks for one; required with a `tls://` listener.",
+    )
+    key_file: ConfigPath | None = Field(
+        default=None,
+        description="PEM private key of `cert_file`; required with a `tls://` listener.",
+    )
+    ca_file: ConfigPath | None = Field(
+        default=None,
+        description="PEM CA certificates client certificates are verified against; set: a "
+        "client that presents a certificate must chain to one of them (null: none asked for).",
+    )
+    verify_clients: bool = Field(
+        default=False,
+        description="Refuse TLS clients without a certificate that chains to `ca_file` "
+        "(mutual TLS); needs `ca_file`.",
+    )
+    core_ca_file: ConfigPath | None = Field(
+        default=None,
+        description="PEM CA certificates the core's certificate is verified against when "
+        "`core` is `tls://`; null: the system's CAs.",
+    )
+    core_server_name: str | None = Field(
+        default=None,
+        description="Name the core's certificate must carry (and SNI) when `core` is "
+        "`tls://`; null: the core's host.",
+    )
+
+    @model_validator(mode="after")
+    def _check_verify(self) -> TlsSettings:
+        if self.verify_clients and self.ca_file is None:
+            raise ValueError("tls.verify_clients needs tls.ca_file (the CA to verify against)")
+        if (self.cert_file is None) != (self.key_file is None):
+            missing = "key_file" if self.key_file is None else "cert_file"
+            raise ValueError(f"tls.{missing} is missing: give cert_file and key_file together")
+        return self
+
+
 class Config(BaseModel):
     """The whole configuration file.
 
-    - ``listen`` (required): one or more ``udp://HOST:PORT`` / ``tcp://HOST:PORT`` to accept
-      SIP on; a single string is accepted as a one-item list.
+    - ``listen`` (required): one or more ``udp://HOST:PORT`` / ``tcp://HOST:PORT`` /
+      ``tls://HOST:PORT`` to accept SIP on; a single string is accepted as a one-item list.
     - ``core`` (required): where accepted calls are sent, same URI syntax.
     - ``mode`` (``enforce``): ``enforce`` rejects what policy rejects; ``monitor`` only logs.
     - ``sip``: :class:`SipSettings`; ``log``: :class:`LogSettings` (all defaults if omitted).
@@ -316,6 +365,10 @@ class Config(BaseModel):
     )
     sip: SipSettings = Field(default=SipSettings(), description="SIP behaviour and limits.")
     log: LogSettings = Field(default=LogSettings(), description="Logging.")
+    tls: TlsSettings = Field(
+        default=TlsSettings(),
+        description="TLS certificates: `tls://` listeners, a `tls://` core, client certificates.",
+    )
     admin: AdminSettings | None = Field(
         default=None,
         description="HTTP admin API and metrics endpoint (listen, token_file); null: none.",
@@ -329,14 +382,20 @@ class Config(BaseModel):
         description="Folder where suspensions made through the admin API are kept across "
         "restarts; null: they last until the process ends.",
     )
+    drain_timeout_s: float = Field(
+        default=30, ge=0,
+        description="On SIGTERM / SIGINT: new INVITEs hear 503 + Retry-After and /readyz turns "
+        "unready at once; calls in progress go on until they end or this many seconds pass, "
+        "then sipguard exits 0. A second signal stops at once.",
+    )
     peers: tuple[PeerConfig, ...] = Field(
         default=(), description="Known peers; empty: every source is accepted."
     )
     unknown_source: Literal["reject", "drop"] = Field(
         default="reject",
         description="Traffic from an address in no peer's networks (with peers configured): "
-        "`reject` = 403 Forbidden, `drop` = no final answer. With `drop` the INVITE's "
-        "immediate 100 Trying has already gone.",
+        "`reject` = one stateless 403 Forbidden, `drop` = no answer at all (not even 100 "
+        "Trying); for every method.",
     )
     suspended: tuple[str, ...] = Field(
         default=(),
@@ -408,6 +467,16 @@ class Config(BaseModel):
         if value in info.data.get("listen", ()):
             raise ValueError(f"core {value} is also a listen address: calls would loop")
         return value
+
+    @model_validator(mode="after")
+    def _tls_listener_has_certificate(self) -> Config:
+        tls_listeners = [str(ep) for ep in self.listen if ep.transport == "tls"]
+        if tls_listeners and self.tls.cert_file is None:
+            raise ValueError(
+                f"tls.cert_file and tls.key_file are required by the tls:// listener "
+                f"{tls_listeners[0]}"
+            )
+        return self
 
 
 _NO_ADMIN = AdminSettings()

@@ -538,9 +538,17 @@ class SipguardProcess:
             + "\n".join(err)
         )
 
-    def stop(self) -> int | None:
+    def stop(self, drain: float | None = None) -> int | None:
+        """Stop sipguard. By default at once: SIGTERM starts its graceful drain, a second
+        SIGTERM right after ends it. ``drain``: one SIGTERM, then up to that many seconds for
+        the drain to finish by itself (calls up end, new ones hear 503)."""
         if self.proc is None:
             return None
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.proc.pid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(0.3 if drain is None else drain)
         stop_pid(self.proc, grace=5.0)
         if self._reader is not None:
             self._reader.join(5)

@@ -1,0 +1,50 @@
+"""Graceful stop, end to end: SIGTERM while a call is up — new INVITEs hear 503 + Retry-After,
+the call up finishes its BYE through sipguard, and sipguard then exits 0 on its own."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+
+import pytest
+
+from .harness import E2EStack
+from .scripted import Caller, Core, header
+
+pytestmark = pytest.mark.e2e
+
+
+def test_sigterm_drains_calls_up_and_refuses_new_ones(stack: E2EStack) -> None:
+    """A call up at SIGTERM completes its BYE (the core gets it, the caller its 200); a new
+    INVITE meanwhile hears 503 with Retry-After; sipguard exits 0 once the call has ended."""
+    core = Core()
+    guard, port = stack.sipguard(core_port=core.port, listen=("udp",),
+                                 config_extra="drain_timeout_s: 20\n")
+    caller = Caller(port)
+    try:
+        caller.send(caller.request("INVITE", "drain-1"))
+        [ok] = caller.finals(call_id="drain-1")
+        m = re.search(r"tag=([^;>\s]+)", header(ok, "To"))
+        assert m is not None
+        to_tag, route = m.group(1), f"Route: {header(ok, 'Record-Route')}\r\n"
+        caller.send(caller.request("ACK", "drain-1", to_tag=to_tag, extra=route))
+        os.kill(guard.pid, signal.SIGTERM)
+        guard.wait_event("drain_started", 1, timeout=5)
+        caller.send(caller.request("INVITE", "drain-new"))
+        [refused] = caller.finals(call_id="drain-new")
+        assert refused.startswith(b"SIP/2.0 503 ") and header(refused, "Retry-After")
+        assert guard.proc is not None and guard.proc.poll() is None  # still draining
+        caller.send(caller.request("BYE", "drain-1", cseq=2, to_tag=to_tag, extra=route))
+        [bye_ok] = caller.finals(call_id="drain-1")
+        assert bye_ok.startswith(b"SIP/2.0 200 ")
+        assert "BYE" in core.methods("drain-1") and "drain-new" not in str(core.methods())
+        deadline = time.monotonic() + 10
+        while guard.proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert guard.proc.returncode == 0
+        assert guard.count("drain_ended") == 1
+    finally:
+        caller.close()
+        core.close()
