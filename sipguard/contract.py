@@ -39,7 +39,7 @@ class Local:
     """One listening endpoint of sipguard, as the proxy core sees it."""
 
     index: int
-    transport: str  # "udp" | "tcp"
+    transport: str  # "udp" | "tcp" | "tls"
     host: str  # address written into Via and Record-Route (advertised)
     port: int
     hostport: str  # "host:port" as written in Via and Record-Route (IPv6 in brackets)

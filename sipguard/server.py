@@ -52,6 +52,7 @@ from sipguard.sip.errors import SipParseError
 from sipguard.sip.parser import ParseLimits
 from sipguard.transport.https_fetch import HttpsFetcher
 from sipguard.transport.tcp import TcpLimits, TcpPool
+from sipguard.transport.tls import TlsContexts, build_contexts
 from sipguard.transport.udp import UdpEndpoint, open_udp
 
 GC_INTERVAL_S = 60.0  # how often the cyclic garbage collector runs (see cli.py)
@@ -219,6 +220,10 @@ class Server:
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
+        try:
+            self.tcp.tls = await asyncio.to_thread(tls_contexts, self.cfg)
+        except (OSError, ValueError) as exc:
+            raise StartupError(str(exc)) from None
         for i, ep in enumerate(self.cfg.listen):
             try:
                 if ep.transport == "udp":
@@ -233,7 +238,7 @@ class Server:
                             fix="raise net.core.rmem_max (sysctl) or run with CAP_NET_ADMIN",
                         )
                 else:
-                    await self.tcp.listen(ep.host, ep.port, i)
+                    await self.tcp.listen(ep.host, ep.port, i, tls=ep.transport == "tls")
             except OSError as exc:
                 await self.stop()
                 raise StartupError(f"cannot listen on {ep}: {exc.strerror or exc}") from None
@@ -343,11 +348,13 @@ class Server:
                 ep.transport.close()
         self.udp.clear()
 
-    def reconfigure(self, cfg: Config, policy: Policy) -> None:
-        """Swap in a new config and policy; transactions, dialogs and the rules' state carry
-        on."""
+    def reconfigure(self, cfg: Config, policy: Policy, tls: TlsContexts | None = None) -> None:
+        """Swap in a new config and policy (and TLS contexts, read from ``cfg`` when not
+        given: new TLS connections use the new certificates); transactions, dialogs and the
+        rules' state carry on."""
         self.cfg = cfg
         self.tcp.limits = tcp_limits(cfg)
+        self.tcp.tls = tls if tls is not None else tls_contexts(cfg)
         self.core.set_overload_retry_after(cfg.sip.overload_retry_after_s)
         self.core.reconfigure(proxy_settings(cfg), policy, self.loop.time())
         self.observer.flood = policy.flood
@@ -358,11 +365,12 @@ class Server:
         unless a newer reload started meanwhile (newest wins). True when swapped in."""
         self._reloads += 1
         mine = self._reloads
+        tls = await asyncio.to_thread(tls_contexts, cfg)  # a bad certificate fails the reload
         policy = await asyncio.to_thread(Policy, cfg, self.state, _trusted(cfg))
         if mine != self._reloads:
             self.counters["reloads_superseded"] += 1
             return False
-        self.reconfigure(cfg, policy)
+        self.reconfigure(cfg, policy, tls)
         return True
 
     async def reload_config(self) -> ReloadResult:
@@ -552,7 +560,9 @@ class Server:
         self._schedule_flush()
 
     def _on_stream_message(self, data: bytes, addr: tuple[str, int], local: int, conn: int) -> None:
-        self.core.receive(data, Flow("tcp", addr, local, conn), self.loop.time())
+        c = self.tcp.by_id.get(conn)
+        transport = "tls" if c is not None and c.tls else "tcp"
+        self.core.receive(data, Flow(transport, addr, local, conn), self.loop.time())
         self._schedule_flush()
 
     def _on_stream_error(self, err: SipParseError, addr: tuple[str, int], local: int) -> None:
@@ -657,7 +667,8 @@ class Server:
                 return
             ep.send(data, flow.addr)
         else:
-            self.tcp.send(data, flow.addr, flow.local, flow.conn)
+            self.tcp.send(data, flow.addr, flow.local, flow.conn, tls=flow.transport == "tls",
+                          host=host)
 
     async def _resolve_and_send(self, flow: Flow, data: bytes) -> None:
         host = flow.addr[0]
@@ -670,7 +681,7 @@ class Server:
             return
         addr = str(infos[0][4][0])
         self._resolved[host] = addr
-        self._send(flow._replace(addr=(addr, flow.addr[1])), data)
+        self._send(flow, data)  # resolved now; the name stays for a TLS server's certificate
 
     def _housekeep(self) -> None:
         self._resolved.clear()  # re-resolve names now and then (no TTLs from getaddrinfo)
@@ -681,6 +692,16 @@ class Server:
         if _MALLOC_TRIM is not None:
             _MALLOC_TRIM(0)  # freed heap pages back to the OS (see _glibc_malloc_trim)
         self._housekeeping = self.loop.call_later(10.0, self._housekeep)
+
+
+def tls_contexts(cfg: Config) -> TlsContexts:
+    """The TLS contexts of a config (certificate files read now; OSError naming the file)."""
+    tls = cfg.tls
+    return build_contexts(
+        cert_file=tls.cert_file, key_file=tls.key_file, ca_file=tls.ca_file,
+        verify_clients=tls.verify_clients, core_ca_file=tls.core_ca_file,
+        core_server_name=tls.core_server_name, core_addr=(cfg.core.host, cfg.core.port),
+    )
 
 
 def tcp_limits(cfg: Config) -> TcpLimits:

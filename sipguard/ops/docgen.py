@@ -7,7 +7,7 @@ module renders them into the files people read, between marker lines:
 - ``docs/rules.md``: one parameter table per rule (key, type, default, meaning), between
   ``<!-- BEGIN GENERATED: rules.<rule> -->`` and ``<!-- END GENERATED: rules.<rule> -->``, and
   the ``peers`` table;
-- ``config/sipguard.yaml``: the active ``sip:`` and ``log:`` sections written out at their
+- ``config/sipguard.yaml``: the active ``sip:``, ``log:`` and ``tls:`` sections written out at their
   defaults, and a commented reference of ``peers:`` and of every rule, every key with its default
   and the first sentence of its description, between ``# BEGIN GENERATED: config.<name>`` and
   ``# END GENERATED: config.<name>``. Required keys show a placeholder (:data:`PLACEHOLDERS`);
@@ -521,7 +521,7 @@ def _key_value(name: str, value: Any, indent: int) -> str:
 
 
 def _section_yaml(name: str) -> str:
-    """An active top-level section (``sip:``, ``log:``) written out at its defaults."""
+    """An active top-level section (``sip:``, ``log:``, ``tls:``) written out at its defaults."""
     model = _field_model(Config, name)
     return f"{name}:\n" + _render_yaml(list(_yaml_lines(model, f"{name}.", None, 2)), "")
 
@@ -539,7 +539,8 @@ def _rule_yaml(rule: str, model: type[BaseModel]) -> str:
 
 
 def _config_yaml_blocks() -> list[Block]:
-    blocks = [Block(CONFIG_YAML, f"config.{name}", _section_yaml(name)) for name in ("sip", "log")]
+    blocks = [Block(CONFIG_YAML, f"config.{name}", _section_yaml(name))
+              for name in ("sip", "log", "tls")]
     blocks.append(Block(CONFIG_YAML, "config.peers", _peers_yaml()))
     for rule, model in _rule_models().items():
         blocks.append(Block(CONFIG_YAML, f"config.rules.{rule}", _rule_yaml(rule, model)))

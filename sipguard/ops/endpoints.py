@@ -1,6 +1,6 @@
 """Transport addresses as the config file and the command line write them.
 
-The endpoint grammar: ``udp://HOST:PORT`` / ``tcp://[::1]:5060`` parsed into an
+The endpoint grammar: ``udp://HOST:PORT`` / ``tcp://[::1]:5060`` / ``tls://HOST:5061`` parsed into an
 :class:`Endpoint` (a pydantic field type too, written in the file as that string), and the
 ``HOST[:PORT]`` pieces the ``sip.advertise`` and ``metrics.listen`` settings use
 (:func:`split_hostport`, :func:`format_host`). Errors are ``ValueError`` with a message saying
@@ -69,13 +69,14 @@ def format_host(host: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Endpoint:
-    """A transport address written as a URI: ``udp://HOST:PORT``, ``tcp://[::1]:5060``.
+    """A transport address written as a URI: ``udp://HOST:PORT``, ``tcp://[::1]:5060``,
+    ``tls://HOST:5061`` (TCP with TLS, RFC 3261 §26).
 
     ``host`` is an IP literal (IPv6 stored without brackets, compressed) or a hostname.
     ``str(endpoint)`` gives the URI back. In a config file it is written as that string.
     """
 
-    transport: Literal["udp", "tcp"]
+    transport: Literal["udp", "tcp", "tls"]
     host: str
     port: int
 
@@ -89,19 +90,23 @@ class Endpoint:
         match = _URI.fullmatch(text.strip())
         if match is None:
             raise ValueError(
-                f"expected a URI like udp://HOST:PORT or tcp://HOST:PORT, got {text!r}"
+                f"expected a URI like udp://HOST:PORT, tcp://HOST:PORT or tls://HOST:PORT, "
+                f"got {text!r}"
             )
         scheme = match["scheme"].lower()
-        if scheme == "tls":
-            raise ValueError("tls listeners are not supported yet")
-        if scheme not in ("udp", "tcp"):
-            raise ValueError(f"unknown transport {scheme + '://'!r}: use udp:// or tcp://")
+        if scheme not in ("udp", "tcp", "tls"):
+            raise ValueError(
+                f"unknown transport {scheme + '://'!r}: use udp://, tcp:// or tls://"
+            )
         rest = match["rest"]
         if any(c in rest for c in "/@?#; \t"):
             raise ValueError(f"expected only HOST:PORT after {scheme}://, got {rest!r}")
         host, port = split_hostport(rest, port_required=True)
         assert port is not None
-        return cls("udp" if scheme == "udp" else "tcp", host, port)
+        transport: Literal["udp", "tcp", "tls"] = (
+            "udp" if scheme == "udp" else "tls" if scheme == "tls" else "tcp"
+        )
+        return cls(transport, host, port)
 
     def __str__(self) -> str:
         return f"{self.transport}://{format_host(self.host)}:{self.port}"
@@ -126,4 +131,5 @@ class Endpoint:
 
 
 ListenUri: TypeAlias = Endpoint
-"""A listen address: an :class:`Endpoint` written as ``udp://HOST:PORT`` / ``tcp://HOST:PORT``."""
+"""A listen address: an :class:`Endpoint` written as ``udp://HOST:PORT`` / ``tcp://HOST:PORT`` /
+``tls://HOST:PORT``."""

@@ -115,7 +115,7 @@ def our_via(local: Local, transport: str, branch: str) -> bytes:
 
 def record_route(local: Local, transport: str) -> bytes:
     """A Record-Route entry for one of our listeners (loose routing, RFC 3261 §16.6 step 4)."""
-    tp = ";transport=tcp" if transport == "tcp" else ""
+    tp = f";transport={transport}" if transport in ("tcp", "tls") else ""
     return f"Record-Route: <sip:{local.hostport}{tp};lr>".encode()
 
 

@@ -443,9 +443,9 @@ class Proxy:
         """A request from the core to a party that came in over TCP reuses that party's own
         connection while it is open (a phone or PBX behind NAT accepts nothing else); the
         pool falls back to ``target`` when it has closed."""
-        if party.transport != "tcp" or party.conn is None:
+        if party.transport == "udp" or party.conn is None:
             return target
-        return Flow("tcp", target.addr, party.local, party.conn)
+        return Flow(party.transport, target.addr, party.local, party.conn)
 
     def _apply_verdict(self, st: ServerTxn, call: CallInfo, verdict: Verdict, now: float) -> None:
         self.events.append(InviteDecided(call, verdict))

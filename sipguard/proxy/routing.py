@@ -57,16 +57,26 @@ class Router:
                 return loc
         return self.settings.locals[0]
 
+    def has_tls(self) -> bool:
+        return any(loc.transport == "tls" for loc in self.settings.locals)
+
     def flow_for_uri(self, uri: Uri) -> Flow:
+        """The next hop a URI names (RFC 3263 without DNS): ``sips:`` and ``transport=tls`` go
+        over TLS (default port 5061) when sipguard has a ``tls://`` listener, over TCP (port
+        5060 unless given) when it has none."""
         transport = (uri.param("transport") or "udp").lower()
+        default_port = 5060
         if uri.scheme == "sips" or transport == "tls":
-            transport = "tcp"  # TLS listeners are not available yet; TCP is the closest fit
-        if transport not in ("udp", "tcp"):
+            if self.has_tls():
+                transport, default_port = "tls", 5061
+            else:
+                transport = "tcp"  # no tls:// listener: TCP is the closest fit
+        if transport not in ("udp", "tcp", "tls"):
             raise SipParseError(416, f"unsupported transport {transport}")
         host = (uri.param("maddr") or uri.host).strip("[]")
         if not host:
             raise SipParseError(416, "URI without a host cannot be routed")
-        port = uri.port or 5060
+        port = uri.port or default_port
         return Flow(transport, (host, port), self.local_for(transport).index)
 
     def reply_flow(self, msg: Message, flow: Flow) -> Flow:

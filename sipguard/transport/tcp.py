@@ -39,17 +39,29 @@ Limits (:class:`TcpLimits`, the ``sip.tcp_*`` settings), each reported through
 
 The time-based limits are checked by :meth:`TcpPool.sweep`, which the pool runs every
 :data:`SWEEP_S` seconds on its own.
+
+TLS (RFC 3261 §26, RFC 5630) is TCP with an SSL context (:mod:`sipguard.transport.tls`, the
+pool's ``tls``, replaced on reload): ``tls://`` listeners accept a TCP connection — the limits
+above apply to it as to any — and then run the server handshake with the context current at
+that moment (``loop.start_tls``), so a reloaded certificate serves every new connection. A
+handshake not done within ``message_timeout_s``, or failed (no client certificate where one is
+required, a bad one), closes the connection (``tls_handshake_failed``). Outbound TLS connections
+verify the far end's certificate and name; a failure counts as ``tcp_connect_failed``. TLS and
+TCP connections to one address are kept apart (``TcpConnection.tls``); a verified peer
+certificate's subject CN and SAN DNS names are kept in ``TcpConnection.peer_names``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from sipguard.sip.errors import SipParseError
 from sipguard.sip.framing import PING, StreamFramer
+from sipguard.transport.tls import TlsContexts, peer_names
 
 MessageHandler = Callable[[bytes, tuple[str, int], int, int], None]  # data, addr, local, conn
 ErrorHandler = Callable[[SipParseError, tuple[str, int], int], None]
@@ -77,7 +89,9 @@ class TcpLimits:
 
 
 class TcpConnection(asyncio.Protocol):
-    def __init__(self, pool: TcpPool, local: int, max_size: int, inbound: bool = True) -> None:
+    def __init__(
+        self, pool: TcpPool, local: int, max_size: int, inbound: bool = True, tls: bool = False
+    ) -> None:
         self.pool = pool
         self.local = local
         self.id = next(_ids)
@@ -85,6 +99,9 @@ class TcpConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.addr: tuple[str, int] = ("", 0)
         self.inbound = inbound
+        self.tls = tls
+        self.peer_names: tuple[str, ...] = ()  # a verified TLS peer certificate's CN, SAN DNS
+        self.raw: asyncio.BaseTransport | None = None  # the TCP transport of a TLS handshake
         self.counted = False  # holds a place in the pool's inbound counts
         self.pending: list[bytes] = []
         self.pending_bytes = 0
@@ -95,7 +112,6 @@ class TcpConnection(asyncio.Protocol):
         self.closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = tr = transport  # type: ignore[assignment]  # uvloop's is no subclass
         peer = transport.get_extra_info("peername")
         self.addr = (peer[0], peer[1])
         pool = self.pool
@@ -103,8 +119,23 @@ class TcpConnection(asyncio.Protocol):
         if self.inbound and not pool.admit(self):
             self.closed = True
             self.closed_at = self.last_message
-            tr.close()
+            transport.close()
             return
+        if self.inbound and self.tls:
+            # TCP is up: the TLS handshake follows; until it is done sends wait in pending.
+            self.raw = transport
+            pool.register(self)
+            pool.start_handshake(self, transport)
+            return
+        self.tls_ready(transport)
+
+    def tls_ready(self, transport: asyncio.BaseTransport) -> None:
+        """The connection carries SIP from now on (TCP connected, or TLS handshake done)."""
+        self.transport = tr = transport  # type: ignore[assignment]  # uvloop's is no subclass
+        self.raw = None
+        pool = self.pool
+        if self.tls:
+            self.peer_names = peer_names(transport.get_extra_info("peercert"))
         high = pool.limits.write_buffer_max
         tr.set_write_buffer_limits(high=high, low=high // 4)  # type: ignore[attr-defined]
         pool.register(self)
@@ -181,15 +212,17 @@ class TcpConnection(asyncio.Protocol):
 
     def close(self) -> None:
         """Close after what is buffered is sent (the sweep aborts it if that never happens)."""
-        if self.transport is not None and not self.closed:
+        tr = self.transport or self.raw
+        if tr is not None and not self.closed:
             self.closed_at = self.pool.loop.time()
-            self.transport.close()
+            tr.close()
         self.closed = True
 
     def abort(self) -> None:
         """Close at once, dropping whatever is buffered."""
-        if self.transport is not None:
-            self.transport.abort()
+        tr = self.transport or self.raw
+        if tr is not None:
+            tr.abort()  # type: ignore[attr-defined]
         self.closed = True
 
 
@@ -213,6 +246,8 @@ class TcpPool:
         self.limits = limits or TcpLimits()
         self.by_id: dict[int, TcpConnection] = {}
         self.by_addr: dict[tuple[str, int], TcpConnection] = {}
+        self.tls_by_addr: dict[tuple[str, int], TcpConnection] = {}
+        self.tls: TlsContexts | None = None  # set by the shell; replaced on reload
         self.servers: list[asyncio.Server] = []
         self.inbound = 0  # inbound connections holding a place (exempt ones not included)
         self.per_ip: dict[str, int] = {}
@@ -243,12 +278,13 @@ class TcpPool:
 
     def register(self, conn: TcpConnection) -> None:
         self.by_id[conn.id] = conn
-        self.by_addr[conn.addr] = conn
+        (self.tls_by_addr if conn.tls else self.by_addr)[conn.addr] = conn
 
     def unregister(self, conn: TcpConnection) -> None:
         self.by_id.pop(conn.id, None)
-        if self.by_addr.get(conn.addr) is conn:
-            del self.by_addr[conn.addr]
+        table = self.tls_by_addr if conn.tls else self.by_addr
+        if table.get(conn.addr) is conn:
+            del table[conn.addr]
         if conn.counted:
             conn.counted = False
             self.inbound -= 1
@@ -259,36 +295,90 @@ class TcpPool:
             else:
                 self.per_ip.pop(ip, None)
 
-    async def listen(self, host: str, port: int, local: int) -> None:
+    async def listen(self, host: str, port: int, local: int, tls: bool = False) -> None:
+        """Listen for TCP (``tls``: TCP, then a TLS handshake with ``self.tls.server``)."""
+        if tls and (self.tls is None or self.tls.server is None):
+            raise ValueError("a tls listener needs a server certificate (tls.cert_file)")
         server = await self.loop.create_server(
-            lambda: TcpConnection(self, local, self.max_size), host, port, reuse_address=True
+            lambda: TcpConnection(self, local, self.max_size, tls=tls), host, port,
+            reuse_address=True,
         )
         self.servers.append(server)
 
-    def send(self, data: bytes, addr: tuple[str, int], local: int, conn_id: int | None) -> None:
-        """Send on connection ``conn_id`` if alive, else any connection to ``addr``, else a new one."""
+    def start_handshake(self, conn: TcpConnection, raw: asyncio.BaseTransport) -> None:
+        task = self.loop.create_task(self._handshake(conn, raw))
+        self._connecting.add(task)
+        task.add_done_callback(self._connecting.discard)
+
+    async def _handshake(self, conn: TcpConnection, raw: asyncio.BaseTransport) -> None:
+        ctx = self.tls.server if self.tls is not None else None
+        try:
+            if ctx is None:
+                raise ssl.SSLError("no server certificate")
+            tr = await self.loop.start_tls(
+                raw, conn, ctx, server_side=True,  # type: ignore[arg-type]
+                ssl_handshake_timeout=self.limits.message_timeout_s,
+            )
+        except OSError:  # a TLS error, the connection reset, or the handshake timed out
+            self.event("tls_handshake_failed", conn.addr)
+            conn.closed = True
+            raw.abort()  # type: ignore[attr-defined]
+            self.unregister(conn)
+            return
+        if tr is None or conn.closed:  # closed by a limit meanwhile
+            if tr is not None:
+                tr.abort()
+            self.unregister(conn)
+            return
+        conn.tls_ready(tr)
+
+    def send(
+        self,
+        data: bytes,
+        addr: tuple[str, int],
+        local: int,
+        conn_id: int | None,
+        tls: bool = False,
+        host: str | None = None,
+    ) -> None:
+        """Send on connection ``conn_id`` if alive, else any connection to ``addr`` (a TLS one
+        when ``tls``), else a new one (``host``: the name ``addr`` was resolved from, the name
+        a TLS server's certificate must carry unless the contexts say otherwise)."""
         conn = self.by_id.get(conn_id) if conn_id is not None else None
+        table = self.tls_by_addr if tls else self.by_addr
         if conn is None or conn.closed:
-            conn = self.by_addr.get(addr)
+            conn = table.get(addr)
         if conn is None or conn.closed:
-            conn = TcpConnection(self, local, self.max_size, inbound=False)
+            conn = TcpConnection(self, local, self.max_size, inbound=False, tls=tls)
             conn.addr = addr
-            self.by_addr[addr] = conn
+            table[addr] = conn
             conn.write(data)
-            task = self.loop.create_task(self._connect(conn, addr))
+            task = self.loop.create_task(self._connect(conn, addr, host))
             self._connecting.add(task)
             task.add_done_callback(self._connecting.discard)
             return
         conn.write(data)
 
-    async def _connect(self, conn: TcpConnection, addr: tuple[str, int]) -> None:
+    async def _connect(
+        self, conn: TcpConnection, addr: tuple[str, int], host: str | None = None
+    ) -> None:
+        table = self.tls_by_addr if conn.tls else self.by_addr
         try:
             async with asyncio.timeout(self.limits.connect_timeout_s):
-                await self.loop.create_connection(lambda: conn, addr[0], addr[1])
-        except OSError:  # refused, unreachable, or TimeoutError (a subclass)
+                if conn.tls:
+                    if self.tls is None:
+                        raise ssl.SSLError("no TLS contexts configured")
+                    ctx, name = self.tls.for_target(addr, host)
+                    await self.loop.create_connection(
+                        lambda: conn, addr[0], addr[1], ssl=ctx, server_hostname=name,
+                        ssl_handshake_timeout=self.limits.connect_timeout_s,
+                    )
+                else:
+                    await self.loop.create_connection(lambda: conn, addr[0], addr[1])
+        except OSError:  # refused, unreachable, a TLS failure, or TimeoutError (a subclass)
             conn.closed = True
-            if self.by_addr.get(addr) is conn:
-                del self.by_addr[addr]
+            if table.get(addr) is conn:
+                del table[addr]
             self.event("tcp_connect_failed", addr)
             if conn.pending:
                 self.event("tcp_queued_dropped", addr, len(conn.pending))

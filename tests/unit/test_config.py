@@ -152,12 +152,32 @@ def test_unreadable_file_is_a_config_error(tmp_path: Path) -> None:
         load_config(tmp_path / "absent.yaml")
 
 
-def test_tls_listener_rejected_with_clear_message() -> None:
-    """tls:// listeners are refused with a message saying they are not supported yet."""
+def test_tls_listener_needs_certificate_and_key() -> None:
+    """A tls:// listener without tls.cert_file / tls.key_file is an error naming the fields."""
     (issue,) = issues_of("listen: [tls://127.0.0.1:5061]\ncore: udp://127.0.0.1:5080\n")
-    assert issue == ConfigIssue("listen[0]", 1, "tls listeners are not supported yet")
-    with pytest.raises(ValueError, match="tls listeners are not supported yet"):
-        Endpoint.parse("tls://127.0.0.1:5061")
+    assert "tls.cert_file and tls.key_file are required" in issue.message
+    assert "tls://127.0.0.1:5061" in issue.message
+    assert Endpoint.parse("tls://127.0.0.1:5061") == Endpoint("tls", "127.0.0.1", 5061)
+
+
+def test_tls_section_paths_are_relative_to_the_config_file(tmp_path: Path) -> None:
+    """tls files resolve against the config file's folder; verify_clients needs ca_file, and
+    cert_file and key_file come together."""
+    path = tmp_path / "sg.yaml"
+    path.write_text(
+        "listen: [tls://127.0.0.1:5061, udp://127.0.0.1:5060]\ncore: tls://10.0.0.10:5061\n"
+        "tls: {cert_file: c.pem, key_file: k.pem, ca_file: ca.pem, verify_clients: true,\n"
+        "      core_ca_file: core-ca.pem, core_server_name: core.example.net}\n"
+    )
+    cfg = load_config(path)
+    assert cfg.tls.cert_file == tmp_path / "c.pem" and cfg.tls.key_file == tmp_path / "k.pem"
+    assert cfg.tls.ca_file == tmp_path / "ca.pem" and cfg.tls.verify_clients
+    assert cfg.tls.core_ca_file == tmp_path / "core-ca.pem"
+    assert cfg.core == Endpoint("tls", "10.0.0.10", 5061)
+    (issue,) = issues_of(MINIMAL + "tls: {verify_clients: true}\n")
+    assert "tls.verify_clients needs tls.ca_file" in issue.message
+    (issue,) = issues_of(MINIMAL + "tls: {cert_file: c.pem}\n")
+    assert "tls.key_file is missing" in issue.message
 
 
 def test_ipv6_endpoint_parses_and_prints_with_brackets() -> None:
@@ -175,7 +195,7 @@ def test_ipv6_endpoint_parses_and_prints_with_brackets() -> None:
         ("udp://10.0.0.1:0", "1..65535"),
         ("udp://10.0.0.300:5060", "not an IPv4 address"),
         ("udp://bad_host:5060", "not an IP address or hostname"),
-        ("sctp://10.0.0.1:5060", "use udp:// or tcp://"),
+        ("sctp://10.0.0.1:5060", "use udp://, tcp:// or tls://"),
         ("10.0.0.1:5060", "expected a URI"),
         ("udp://user@10.0.0.1:5060", "only HOST:PORT"),
     ],
