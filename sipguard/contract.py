@@ -22,6 +22,18 @@ able to forge and rewrites P-Asserted-Identity. Then ``forward_headers`` are app
 the proxy itself owns (Via, Route, Record-Route, Max-Forwards, From, To, Call-ID, CSeq,
 Content-Length) cannot be replaced; such entries are ignored. When several rules replace the
 same header, the later rule in the pipeline wins.
+
+The one way a verdict changes From is ``anonymise`` (an :class:`Anonymise`, rule
+``national_cli``): withhold the caller's identity (RFC 3323 §4.1.1.3, RFC 3325 §9.3). The proxy
+applies it after every other edit, so no rule later in the pipeline can put a number back:
+From becomes ``"Anonymous" <sip:anonymous@anonymous.invalid>`` with the received ``tag`` kept
+(the dialog is still identified by it), the user part of every Contact URI becomes
+``anonymous`` (host, port and parameters kept: the core's in-dialog requests still reach the
+caller, with ``anonymous`` as the Request-URI user), P-Asserted-Identity is removed unless
+``keep_pai`` (then the edited PAI stays, for a core inside the trust domain),
+P-Preferred-Identity and Remote-Party-ID are removed, and every Privacy line is replaced by
+``Privacy: id``. The original number may still appear in headers the proxy does not know
+(a peer's own X- headers), in Call-ID, and in the SDP (``o=`` user name).
 """
 
 from __future__ import annotations
@@ -81,6 +93,13 @@ Action = Literal["accept", "reject", "drop"]
 
 
 @dataclass(frozen=True, slots=True)
+class Anonymise:
+    """Withhold the caller's identity on the forwarded INVITE (see the module docstring)."""
+
+    keep_pai: bool = False  # keep P-Asserted-Identity toward the core (with Privacy: id)
+
+
+@dataclass(frozen=True, slots=True)
 class Verdict:
     action: Action
     rule: str = ""  # the rule that decided ("" for the default accept)
@@ -92,6 +111,8 @@ class Verdict:
     # (lower-case header name, new line or None): replaces / removes received headers on the
     # forwarded INVITE (see the module docstring)
     replace_headers: tuple[tuple[str, str | None], ...] = ()
+    # withhold the caller's identity on the forwarded INVITE (rule national_cli)
+    anonymise: Anonymise | None = None
     monitored: bool = False  # decided as reject/drop by a rule in monitor mode, but forwarded
     # facts for the decision log line, e.g. {"limit": "per_caller", "number": ..., "count": 2}
     detail: Mapping[str, str | int | None] | None = field(default=None, hash=False)

@@ -50,6 +50,7 @@ from sipguard.proxy.core import Proxy
 from sipguard.proxy.settings import ProxySettings
 from sipguard.sip.errors import SipParseError
 from sipguard.sip.parser import ParseLimits
+from sipguard.transport.http_get import JsonGetter
 from sipguard.transport.https_fetch import HttpsFetcher
 from sipguard.transport.tcp import TcpLimits, TcpPool
 from sipguard.transport.tls import TlsContexts, build_contexts
@@ -179,6 +180,8 @@ class Server:
         self.state.wall_offset = time.time() - self.loop.time()
         if self.state.fetcher is None:
             self.state.fetcher = HttpsFetcher(clock=self.loop.time)
+        if self.state.http is None:  # national_cli: roaming lookups
+            self.state.http = JsonGetter()
         policy = policy or Policy(cfg, self.state, _trusted(cfg))
         self.core = EdgeCore(proxy_settings(cfg), policy, os.urandom(32),
                              overload_retry_after_s=cfg.sip.overload_retry_after_s,
@@ -342,6 +345,8 @@ class Server:
         fetcher = self.state.fetcher
         if isinstance(fetcher, HttpsFetcher):
             await fetcher.close()
+        if isinstance(self.state.http, JsonGetter):
+            await self.state.http.close()
         await self.tcp.close()
         for ep in self.udp.values():
             if ep.transport is not None:

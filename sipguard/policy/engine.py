@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sipguard.contract import CallInfo, Dialog, Flow, Verdict
-from sipguard.policy import callerid, concurrency, dialer, flood, identity, rate
+from sipguard.policy import callerid, concurrency, dialer, flood, identity, national_cli, rate
 from sipguard.policy.numbers import to_e164
 from sipguard.policy.peers import NumberSet, Peer, PeerTable, read_number_file
 from sipguard.policy.pipeline import Pipeline, Rule
@@ -50,6 +50,7 @@ BUILDERS: dict[str, RuleBuilder] = {
     "callerid": callerid.build,
     "concurrency": concurrency.build,
     "identity": identity.build,
+    "national_cli": national_cli.build,
     "rate": rate.build,
     "dialer": dialer.build,
     "flood": flood.build,
@@ -91,7 +92,7 @@ def build_peer(pc: PeerConfig) -> Peer:
         if pc.numbers_file is not None:
             for pattern in read_number_file(pc.numbers_file):
                 numbers.add(pattern)
-    return Peer(pc.name, pc.networks, numbers, pc.default_region, pc.trust_pai)
+    return Peer(pc.name, pc.networks, numbers, pc.default_region, pc.trust_pai, pc.interconnect)
 
 
 def build_pipeline(rules: RulesConfig, ctx: BuildContext, peer: Peer | None) -> Pipeline:

@@ -128,3 +128,22 @@ def cache_info() -> str:
 def clear_cache() -> None:
     """Empty the lookup cache (benchmarks measure the cold path with it)."""
     _lookup.cache_clear()
+
+
+# phonenumbers' PhoneNumberType -> the kinds rule ``national_cli`` has an action for
+_KINDS = {
+    phonenumbers.PhoneNumberType.FIXED_LINE: "fixed",
+    phonenumbers.PhoneNumberType.MOBILE: "mobile",
+    phonenumbers.PhoneNumberType.FIXED_LINE_OR_MOBILE: "fixed_or_mobile",
+}
+
+
+@lru_cache(maxsize=CACHE_SIZE)
+def number_kind(e164: str) -> str:
+    """``fixed``, ``mobile``, ``fixed_or_mobile`` (countries whose plan does not tell them
+    apart, e.g. NANP) or ``other`` (toll-free, VoIP, premium, unknown ...) for an E.164
+    number, from phonenumbers' numbering-plan metadata. Memoised like :func:`lookup`."""
+    parsed = _global(e164) if e164.startswith("+") else None
+    if parsed is None:
+        return "other"
+    return _KINDS.get(phonenumbers.number_type(parsed), "other")

@@ -111,6 +111,8 @@ class Peer:
     numbers: NumberSet | None  # None: may present any number
     default_region: str | None
     trust_pai: bool
+    # "international": traffic arriving over an international interconnection (rule national_cli)
+    interconnect: str = "domestic"
 
 
 class PeerTable:

@@ -6,8 +6,9 @@ drops in enforce mode decides; a rule in monitor mode is evaluated and reported 
 but the call goes on (the final verdict is an accept marked ``monitored``, naming the first
 monitored rule that objected). Headers that rules want on the forwarded INVITE
 (``forward_headers`` to append, ``replace_headers`` to replace or strip) are collected from every
-rule that ran, rejecting ones included, so a monitored rule's findings reach the core. With no
-rules, every call is accepted.
+rule that ran, rejecting ones included, so a monitored rule's findings reach the core; so is
+the first ``anonymise`` (rule ``national_cli``), which the proxy applies after every edit. With
+no rules, every call is accepted.
 
 A rule whose answer needs I/O (a certificate fetch, a Redis round trip) returns an awaitable
 instead of a verdict; the pipeline then returns an awaitable too, which resumes with the
@@ -20,7 +21,7 @@ import inspect
 from collections.abc import Awaitable, Sequence
 from typing import Protocol
 
-from sipguard.contract import ACCEPT, CallInfo, Verdict
+from sipguard.contract import ACCEPT, Anonymise, CallInfo, Verdict
 
 Decision = Verdict | None | Awaitable[Verdict | None]
 
@@ -35,12 +36,13 @@ class Rule(Protocol):
 class _Run:
     """The state of one evaluation: what monitored rules said, headers to add."""
 
-    __slots__ = ("monitored", "forward", "replace")
+    __slots__ = ("monitored", "forward", "replace", "anonymise")
 
     def __init__(self) -> None:
         self.monitored: Verdict | None = None
         self.forward: list[str] = []
         self.replace: dict[str, str | None] = {}
+        self.anonymise: Anonymise | None = None
 
     def take(self, rule: Rule, verdict: Verdict | None) -> Verdict | None:
         """Fold one rule's verdict in; return it when it ends the evaluation."""
@@ -49,6 +51,8 @@ class _Run:
         self.forward.extend(verdict.forward_headers)
         if verdict.replace_headers:
             self.replace.update(verdict.replace_headers)
+        if verdict.anonymise is not None:
+            self.anonymise = self.anonymise or verdict.anonymise
         if verdict.action == "accept":
             return None
         if rule.mode == "monitor":
@@ -63,9 +67,10 @@ class _Run:
             return Verdict("accept", rule=m.rule, reason=m.reason, status=m.status,
                            phrase=m.phrase, forward_headers=tuple(self.forward),
                            replace_headers=replace, monitored=True, detail=m.detail,
-                           sample=m.sample)
-        if self.forward or replace:
-            return Verdict("accept", forward_headers=tuple(self.forward), replace_headers=replace)
+                           sample=m.sample, anonymise=self.anonymise)
+        if self.forward or replace or self.anonymise is not None:
+            return Verdict("accept", forward_headers=tuple(self.forward), replace_headers=replace,
+                           anonymise=self.anonymise)
         return ACCEPT
 
 

@@ -26,6 +26,7 @@ from sipguard.policy.concurrency import Settings as ConcurrencySettings
 from sipguard.policy.dialer_settings import Settings as DialerSettings
 from sipguard.policy.flood import Settings as FloodSettings
 from sipguard.policy.identity import Settings as IdentitySettings
+from sipguard.policy.national_cli import Settings as NationalCliSettings
 from sipguard.policy.rate import Settings as RateSettings
 from sipguard.policy.settings import FROZEN, ConfigPath, networks
 
@@ -44,6 +45,10 @@ class RulesConfig(BaseModel):
     callerid: CallerIdSettings | None = Field(default=None, description="Caller-ID spoofing.")
     identity: IdentitySettings | None = Field(
         default=None, description="STIR/SHAKEN Identity verification."
+    )
+    national_cli: NationalCliSettings | None = Field(
+        default=None,
+        description="National caller numbers arriving over international interconnects.",
     )
     concurrency: ConcurrencySettings | None = Field(
         default=None, description="Per-number concurrent call limits."
@@ -110,6 +115,8 @@ class PeerConfig(BaseModel):
       lines). Neither given: the peer may present any number.
     - ``default_region``: ISO country code (``US``) to read national-format numbers.
     - ``trust_pai`` (``true``): take the caller from P-Asserted-Identity when present.
+    - ``interconnect`` (``domestic``): ``international`` for an international interconnection
+      (rule ``national_cli`` acts on its calls only).
     - ``rules``: overrides merged over the top-level ``rules:`` for this peer's traffic.
     """
 
@@ -147,6 +154,12 @@ class PeerConfig(BaseModel):
         default=True,
         description="The caller is P-Asserted-Identity when present; `false`: From. With "
         "`false`, rule `callerid` replaces the peer's PAI (RFC 3325 §5).",
+    )
+    interconnect: Literal["domestic", "international"] = Field(
+        default="domestic",
+        description="`international`: this peer hands over calls from abroad (an international "
+        "interconnection); rule `national_cli` acts on its calls presenting a home-country "
+        "number. `domestic`: a national carrier or a customer; `national_cli` never applies.",
     )
     rules: RulesConfig = Field(
         default=RulesConfig(),

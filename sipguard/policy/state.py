@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from sipguard.policy.concurrency import Tracker
 from sipguard.policy.dialer_state import DialerState
 from sipguard.policy.flood import FloodState
+from sipguard.policy.national_cli import HttpGetter, RoamingCache
 from sipguard.policy.peers import NumberSet
 from sipguard.policy.rate import Buckets
 from sipguard.policy.stircert import CertCache, CertFetcher
@@ -35,6 +36,10 @@ class RuleState:
     suspensions: SuspensionStore = field(default_factory=SuspensionStore)
     # identity: the shell's HTTPS fetcher (None: every uncached certificate fails, 436)
     fetcher: CertFetcher | None = None
+    # national_cli: the shell's HTTP client for roaming lookups (None: lookups fail, on_error)
+    http: HttpGetter | None = None
+    # national_cli: roaming answers per number (bounded, each kept cache_s)
+    roaming: RoamingCache = field(default_factory=RoamingCache)
     # identity: Unix time minus the loop clock ``now`` (kept current by the shell)
     wall_offset: float = 0.0
     # callerid / peers: number list files already read, path -> ((mtime_ns, size), numbers)

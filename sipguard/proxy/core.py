@@ -57,6 +57,7 @@ from typing import Protocol
 
 from sipguard.contract import (
     ACCEPT,
+    Anonymise,
     CallInfo,
     Dialog,
     DialogEnded,
@@ -156,6 +157,42 @@ PROXY_OWNED = frozenset(
     {"via", "route", "record-route", "max-forwards", "from", "to", "call-id", "cseq",
      "content-length"}
 )
+
+
+ANONYMOUS_FROM = 'From: "Anonymous" <sip:anonymous@anonymous.invalid>'
+# Headers that name the caller, removed when a verdict anonymises (PAI: unless keep_pai).
+_IDENTITY_HEADERS = ("p-preferred-identity", "remote-party-id")
+
+
+def _anonymised_edits(
+    msg: Message, edits: tuple[tuple[str, str | None], ...], anonymise: Anonymise
+) -> tuple[tuple[str, str | None], ...]:
+    """``edits`` with the caller's identity withheld on top (RFC 3323 §4.1.1.3, RFC 3325):
+    the only edit of From a verdict can make, and it keeps From's tag."""
+    out = dict(edits)
+    out.pop("from", None)
+    tag = msg.from_tag
+    out["from"] = ANONYMOUS_FROM + (f";tag={tag}" if tag else "")
+    if msg.has("contact"):
+        out["contact"] = "Contact: " + ", ".join(_anonymous_contact(na) for na in msg.contacts)
+    if not anonymise.keep_pai:
+        out["p-asserted-identity"] = None
+    for name in _IDENTITY_HEADERS:
+        out[name] = None
+    out["privacy"] = "Privacy: id"
+    return tuple(out.items())
+
+
+def _anonymous_contact(na: NameAddr) -> str:
+    """A Contact value with no display name and ``anonymous`` as the URI's user part (host,
+    port and parameters kept, so requests still reach the caller)."""
+    raw = na.uri.raw
+    start = raw.find(":") + 1
+    at = raw.find("@", start)
+    if na.uri.scheme in ("sip", "sips") and at > 0:
+        raw = raw[:start] + "anonymous" + raw[at:]
+    params = "".join(f";{k}" if v is None else f";{k}={v}" for k, v in na.params)
+    return f"<{raw}>{params}"
 
 
 class Proxy:
@@ -472,7 +509,8 @@ class Proxy:
         call.settled = True
         self._start_dialog(st, call, now, st.flow, outbound=False)
         self._forward(st, target, start_line, routes, now, record_route=True,
-                      extra=verdict.forward_headers, edits=verdict.replace_headers)
+                      extra=verdict.forward_headers, edits=verdict.replace_headers,
+                      anonymise=verdict.anonymise)
 
     def _start_dialog(self, st: ServerTxn, call: CallInfo, now: float, party: Flow,
                       outbound: bool) -> None:
@@ -511,11 +549,12 @@ class Proxy:
         record_route: bool,
         extra: tuple[str, ...] = (),
         edits: tuple[tuple[str, str | None], ...] = (),
+        anonymise: Anonymise | None = None,
     ) -> None:
         msg = st.msg
         branch = self.ids.branch(st.key + "|" + st.method, build.loop_hash(self.ids, msg))
         data = self._forwarded_bytes(msg, st.flow, self._stamped(st), target, branch, start_line,
-                                     routes, record_route, extra, edits)
+                                     routes, record_route, extra, edits, anonymise)
         ct = ClientTxn(branch, st.method, data, target, st)
         st.client = ct
         self.clients[(branch, st.method)] = ct
@@ -544,10 +583,14 @@ class Proxy:
         record_route: bool,
         extra: tuple[str, ...],
         edits: tuple[tuple[str, str | None], ...] = (),
+        anonymise: Anonymise | None = None,
     ) -> bytes:
         """The request as it leaves: RFC 3261 §16.6 steps 3–8 spliced into the raw lines,
-        then a verdict's header edits (``edits`` replaced or removed, ``extra`` appended).
+        then a verdict's header edits (``edits`` replaced or removed, ``extra`` appended), then
+        ``anonymise`` (the caller's identity withheld; see :mod:`sipguard.contract`).
         ``stamped`` is the top Via with received/rport filled in."""
+        if anonymise is not None:
+            edits = _anonymised_edits(msg, edits, anonymise)
         out_local = self.router.local_for(target.transport)
         prepend = [build.our_via(out_local, target.transport, branch)]
         if record_route and self.settings.record_route:
@@ -581,7 +624,7 @@ class Proxy:
         if not flow_is_core(source, self.settings.core):
             self._strip_owned(msg, replace)
         for name, line in edits:
-            if name in PROXY_OWNED:
+            if name in PROXY_OWNED and (anonymise is None or name != "from"):
                 continue
             new = None if line is None else line.encode("utf-8", "surrogateescape")
             idx = msg.indexes(name)

@@ -1,0 +1,241 @@
+"""Rule national_cli: national caller numbers over international interconnects, roaming, anonymise."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+from aiohttp import web
+
+from sipguard.contract import CallInfo, Verdict
+from sipguard.policy.engine import Policy
+from sipguard.policy.state import RuleState
+from sipguard.transport.http_get import JsonGetter
+from tests.unit.proxy_helpers import CORE, Harness, invite
+from tests.unit.rule_calls import decide, make_call, policy
+
+DUTCH_FIXED = "+31201234567"
+DUTCH_MOBILE = "+31612345678"
+
+
+def peers(interconnect: str = "international") -> str:
+    return (
+        "peers:\n"
+        "  - name: carrier-x\n"
+        "    networks: [198.51.100.0/24]\n"
+        f"    interconnect: {interconnect}\n"
+    )
+
+
+def rules(extra: str = "", mobile: str = "anonymise") -> str:
+    return (
+        "rules:\n"
+        "  national_cli:\n"
+        "    home_countries: ['31']\n"
+        "    fixed: block\n"
+        f"    mobile: {mobile}\n"
+        f"{extra}"
+    )
+
+
+def test_international_peer_with_dutch_fixed_number_hears_603_network_blocked() -> None:
+    """A Dutch fixed number over an international interconnect is blocked with 603+."""
+    call = make_call(DUTCH_FIXED)
+    v = decide(policy(rules(), extra=peers()), call, 0.0)
+    assert (v.action, v.status, v.phrase, v.rule) == ("reject", 603, "Network Blocked",
+                                                        "national_cli")
+    assert v.reason == "national_cli_fixed"
+    assert any(h.startswith("Reason: SIP;cause=603;text=\"v=analytics1") for h in v.headers)
+    assert call.labels["national_cli"] == "blocked"
+
+
+def test_dutch_mobile_number_follows_its_own_action() -> None:
+    """A Dutch mobile number gets the mobile action: anonymise here, allow when so configured."""
+    call = make_call(DUTCH_MOBILE)
+    v = decide(policy(rules(), extra=peers()), call, 0.0)
+    assert v.accepted and v.anonymise is not None and not v.anonymise.keep_pai
+    assert "X-Sipguard-Verdict: national_cli.anonymised;mobile" in v.forward_headers
+    v = decide(policy(rules(mobile="allow"), extra=peers()), make_call(DUTCH_MOBILE), 0.0)
+    assert v.accepted and v.anonymise is None
+
+
+def test_domestic_peer_and_foreign_numbers_pass() -> None:
+    """A domestic peer passes Dutch numbers; an international peer passes non-home numbers."""
+    p = policy(rules(), extra=peers("domestic"))
+    assert decide(p, make_call(DUTCH_FIXED), 0.0).accepted
+    p = policy(rules(), extra=peers())
+    assert decide(p, make_call("+4930123456"), 0.0).accepted
+    assert decide(p, make_call(None), 0.0).accepted
+
+
+def test_fixed_or_mobile_takes_the_stricter_action() -> None:
+    """A number whose plan does not tell fixed from mobile (NANP) gets the stricter action."""
+    rule = rules().replace("['31']", "['1']").replace("fixed: block", "fixed: allow")
+    v = decide(policy(rule, extra=peers()), make_call("+12125550100"), 0.0)
+    assert v.accepted and v.anonymise is not None
+
+
+def test_roaming_allow_list_passes() -> None:
+    """A number or prefix on roaming_allow passes, labelled roaming."""
+    p = policy(rules("    roaming_allow: ['+3120123*']\n"), extra=peers())
+    call = make_call(DUTCH_FIXED)
+    assert decide(p, call, 0.0).accepted
+    assert call.labels["national_cli"] == "roaming"
+
+
+def test_monitor_mode_reports_but_forwards() -> None:
+    """In monitor mode a block is forwarded as monitored and an anonymisation is only reported."""
+    p = policy(rules("    mode: monitor\n"), extra=peers())
+    v = decide(p, make_call(DUTCH_FIXED), 0.0)
+    assert v.accepted and v.monitored and v.rule == "national_cli"
+    v = decide(p, make_call(DUTCH_MOBILE), 0.0)
+    assert v.accepted and v.anonymise is None
+    assert "X-Sipguard-Verdict: national_cli.anonymised;mobile;monitored" in v.forward_headers
+
+
+def test_config_rejects_bad_home_countries() -> None:
+    """A home country that is not digits is a config error."""
+    with pytest.raises(Exception, match="home_countries"):
+        policy(rules().replace("['31']", "['NL']"), extra=peers())
+
+
+# ------------------------------------------------------------------ roaming lookup, real HTTP
+
+
+class Lookup:
+    """An aiohttp server on 127.0.0.1 answering the roaming query."""
+
+    def __init__(self) -> None:
+        self.roaming = True
+        self.delay = 0.0
+        self.asked: list[str] = []
+        self.url = ""
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.asked.append(request.query.get("number", ""))
+        await asyncio.sleep(self.delay)
+        return web.json_response({"roaming": self.roaming})
+
+
+@pytest.fixture
+async def lookup() -> AsyncIterator[Lookup]:
+    server = Lookup()
+    app = web.Application()
+    app.router.add_get("/roaming", server.handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    server.url = f"http://127.0.0.1:{port}/roaming"
+    yield server
+    await runner.cleanup()
+
+
+@pytest.fixture
+async def getter() -> AsyncIterator[JsonGetter]:
+    g = JsonGetter()
+    yield g
+    await g.close()
+
+
+def lookup_policy(url: str, state: RuleState, timeout_ms: int = 300) -> Policy:
+    return policy(rules(
+        "    roaming_lookup:\n"
+        f"      url: {url}\n"
+        f"      timeout_ms: {timeout_ms}\n"
+        "      on_error: anonymise\n"
+        "      cache_s: 60\n"
+    ), state, extra=peers())
+
+
+async def decide_async(p: Policy, call: CallInfo, now: float) -> Verdict:
+    answer = p.decide(call, now)
+    if isinstance(answer, Verdict):
+        return answer
+    return await answer
+
+
+async def test_lookup_answering_roaming_lets_the_call_through_and_is_cached(
+    lookup: Lookup, getter: JsonGetter
+) -> None:
+    """A lookup answering roaming passes the call; the answer is cached for the next one."""
+    state = RuleState(http=getter)
+    p = lookup_policy(lookup.url, state)
+    call = make_call(DUTCH_FIXED)
+    pending = p.decide(call, 0.0)
+    assert not isinstance(pending, Verdict)  # needs I/O
+    v = await pending
+    assert v.accepted and call.labels["national_cli"] == "roaming"
+    assert lookup.asked[-1] == DUTCH_FIXED
+    asked = len(lookup.asked)
+    assert isinstance(p.decide(make_call(DUTCH_FIXED), 1.0), Verdict)  # cache hit, no I/O
+    assert len(lookup.asked) == asked
+    lookup.roaming = False
+    v = await decide_async(p, make_call(DUTCH_FIXED), 100.0)  # cache expired: asked again
+    assert v.status == 603
+
+
+async def test_lookup_past_timeout_applies_on_error_within_the_timeout(
+    lookup: Lookup, getter: JsonGetter
+) -> None:
+    """A lookup slower than timeout_ms applies on_error (anonymise) within the timeout."""
+    lookup.delay = 2.0
+    p = lookup_policy(lookup.url, RuleState(http=getter), timeout_ms=200)
+    started = time.monotonic()
+    v = await decide_async(p, make_call(DUTCH_FIXED), 0.0)
+    elapsed = time.monotonic() - started
+    assert v.accepted and v.anonymise is not None
+    assert 0.15 < elapsed < 0.6
+
+
+async def test_lookup_without_a_server_applies_on_error(getter: JsonGetter) -> None:
+    """A lookup endpoint that refuses connections applies on_error."""
+    p = lookup_policy("http://127.0.0.1:9/roaming", RuleState(http=getter))
+    v = await decide_async(p, make_call(DUTCH_FIXED), 0.0)
+    assert v.accepted and v.anonymise is not None
+
+
+# ------------------------------------------------------------------ anonymise, through the proxy
+
+
+def test_anonymised_invite_reaches_the_core_without_the_number() -> None:
+    """The core gets the anonymous From with the tag kept, Privacy: id, no PAI, no number."""
+    p = policy(rules("    keep_pai_to_core: false\n"), extra=peers())
+
+    def decide_call(call: CallInfo, now: float) -> Verdict:
+        return decide(p, call, now)
+
+    h = Harness(decide_call)
+    extra = (f"P-Asserted-Identity: <sip:{DUTCH_MOBILE}@198.51.100.7;user=phone>\r\n"
+             f'Remote-Party-ID: "{DUTCH_MOBILE}" <sip:{DUTCH_MOBILE}@198.51.100.7>\r\n'
+             "Privacy: none\r\n")
+    out = h.send(invite(caller=DUTCH_MOBILE, extra=extra))
+    (data,) = [raw for (flow, _), raw in zip(out, h.raw, strict=True) if flow.addr == CORE]
+    head = data.split(b"\r\n\r\n", 1)[0].split(b"\r\n")
+    assert b'From: "Anonymous" <sip:anonymous@anonymous.invalid>;tag=ftag1' in head
+    assert b"Privacy: id" in head and b"Privacy: none" not in head
+    assert not [ln for ln in head if ln.lower().startswith(b"p-asserted-identity")]
+    assert b"Contact: <sip:anonymous@198.51.100.7:5062>" in head
+    assert b"X-Sipguard-Verdict: national_cli.anonymised;mobile" in head
+    assert DUTCH_MOBILE.encode() not in data and DUTCH_MOBILE[1:].encode() not in data
+
+
+def test_anonymise_with_keep_pai_keeps_pai_and_beats_a_later_rule() -> None:
+    """keep_pai_to_core keeps PAI; callerid after national_cli cannot put a number back in From."""
+    p = policy(rules("    keep_pai_to_core: true\n") + "  callerid: {ownership: false}\n",
+               extra=peers())
+
+    def decide_call(call: CallInfo, now: float) -> Verdict:
+        return decide(p, call, now)
+
+    h = Harness(decide_call)
+    out = h.send(invite(caller=DUTCH_MOBILE,
+                        extra=f"P-Asserted-Identity: <tel:{DUTCH_MOBILE}>\r\n"))
+    (data,) = [raw for (flow, _), raw in zip(out, h.raw, strict=True) if flow.addr == CORE]
+    head = data.split(b"\r\n\r\n", 1)[0].split(b"\r\n")
+    assert b'From: "Anonymous" <sip:anonymous@anonymous.invalid>;tag=ftag1' in head
+    assert [ln for ln in head if ln.startswith(b"P-Asserted-Identity: <tel:+31612345678")]
+    assert b"Privacy: id" in head

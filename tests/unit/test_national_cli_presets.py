@@ -1,0 +1,52 @@
+"""The national_cli presets in config/examples/ load, build and behave as their names say."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sipguard.contract import Verdict
+from sipguard.ops.config_load import load_config
+from sipguard.policy.engine import Policy
+from sipguard.policy.state import RuleState
+from tests.unit.rule_calls import make_call
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "config" / "examples"
+PRESETS = sorted(EXAMPLES.glob("national_cli_*.yaml"))
+INTL = ("203.0.113.9", 5060)
+
+
+def test_there_are_three_presets() -> None:
+    """fixed only, fixed and mobile, anonymise."""
+    assert [p.stem for p in PRESETS] == [
+        "national_cli_anonymise", "national_cli_fixed_and_mobile", "national_cli_fixed_only",
+    ]
+
+
+@pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.stem)
+def test_preset_passes_check_config_and_says_it_is_no_legal_advice(path: Path) -> None:
+    """`sipguard check-config` accepts the preset, which is marked as an example to check."""
+    done = subprocess.run([sys.executable, "-m", "sipguard", "check-config", str(path)],
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "NOT LEGAL ADVICE" in path.read_text(encoding="utf-8")
+
+
+def _verdict(path: Path, caller: str) -> Verdict:
+    policy = Policy(load_config(path), RuleState())
+    policy.activate()
+    verdict = policy.decide(make_call(caller, source=INTL), 0.0)
+    assert isinstance(verdict, Verdict)
+    return verdict
+
+
+def test_presets_act_on_their_number_types() -> None:
+    """Fixed only blocks a French fixed number but not a mobile; anonymise anonymises."""
+    fixed_only = EXAMPLES / "national_cli_fixed_only.yaml"
+    assert _verdict(fixed_only, "+33123456789").status == 603
+    assert _verdict(fixed_only, "+33612345678").accepted
+    anonymise = _verdict(EXAMPLES / "national_cli_anonymise.yaml", "+31201234567")
+    assert anonymise.accepted and anonymise.anonymise is not None
