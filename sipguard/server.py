@@ -42,6 +42,7 @@ from sipguard.ops.logging import CallLogger, Level, SampledLogger, flush_logs, g
 from sipguard.ops.metrics import Metrics
 from sipguard.ops.observe import Observer
 from sipguard.ops.overload import OverloadWatcher
+from sipguard.ops.privacy import NumberPrivacy, number_privacy
 from sipguard.ops.reload import RESTART_KEYS, ReloadResult, changed_keys, failure
 from sipguard.policy.engine import Policy
 from sipguard.policy.state import RuleState
@@ -197,6 +198,9 @@ class Server:
         self.sampled = SampledLogger(self.log, sample, clock=self.loop.time)
         self.observer = Observer(self.metrics, self.log, CallLogger("sipguard"), self.sampled)
         self.observer.flood = policy.flood
+        self.privacy: NumberPrivacy | None = number_privacy(cfg.log.numbers,
+                                                            cfg.log.hash_key_file)
+        self.observer.privacy = self.privacy
         self.overload = OverloadWatcher(self.counters, self.log)
         self.http: AdminEndpoint | None = None
         self.listening = False  # every listener is up (GET /readyz)
@@ -363,6 +367,9 @@ class Server:
         self.core.set_overload_retry_after(cfg.sip.overload_retry_after_s)
         self.core.reconfigure(proxy_settings(cfg), policy, self.loop.time())
         self.observer.flood = policy.flood
+        # the key file was read by the config's validation moments ago
+        self.observer.privacy = self.privacy = number_privacy(cfg.log.numbers,
+                                                              cfg.log.hash_key_file)
         self._schedule_flush()
 
     async def reload(self, cfg: Config) -> bool:
@@ -441,14 +448,15 @@ class Server:
         ``key``), and the number's live-call counts (exact numbers, local state backend)."""
         now = self.loop.time()
         matches = _matcher(key)
+        p = self.privacy  # log.numbers: the answer shows numbers as the log lines do
         calls = []
         for d in self.proxy.dialogs.values():
             if any(matches(n) for n in (d.caller, d.callee, *d.diverters)):
                 calls.append({
                     "call_id": d.call_id,
-                    "caller": d.caller,
-                    "callee": d.callee,
-                    "diverters": list(d.diverters),
+                    "caller": d.caller if p is None else p(d.caller),
+                    "callee": d.callee if p is None else p(d.callee),
+                    "diverters": list(d.diverters) if p is None else p.many(d.diverters),
                     "peer": d.peer,
                     "source": f"{d.source[0]}:{d.source[1]}",
                     "state": d.state,
@@ -460,7 +468,7 @@ class Server:
         tracker = self.state.tracker
         if not key.endswith("*") and tracker.sync is not None:
             counts = {kind: tracker.counts(kind, key) for kind in ("caller", "callee", "diverter")}
-        return {"number": key, "calls": calls, "counts": counts}
+        return {"number": self._shown(key), "calls": calls, "counts": counts}
 
     def bans_view(self) -> list[dict[str, Any]]:
         if self.policy.flood is None:
@@ -477,7 +485,17 @@ class Server:
         now = self.loop.time()
         out = [e.as_dict(now) for e in self.state.suspensions.entries() if e.live(now)]
         out += [{"number": n, "source": "config"} for n in self.cfg.suspended]
+        p = self.privacy
+        if p is not None:
+            for item in out:
+                for name in ("number", "prefix"):
+                    if name in item:
+                        item[name] = p.text(item[name])
         return out
+
+    def _shown(self, key: str) -> str:
+        """A number or prefix as log lines and API answers show it (``log.numbers``)."""
+        return key if self.privacy is None else self.privacy.text(key)
 
     async def suspend(
         self, key: str, reason: str, by: str, ttl: float | None, end_calls: bool
@@ -491,22 +509,27 @@ class Server:
             ended = self.core.end_calls(_matcher(key), "suspended", now)
             self._schedule_flush()
         self.log.info(
-            "suspension_added", **{"prefix" if entry.prefix else "number": key}, by=by,
+            "suspension_added", **{"prefix" if entry.prefix else "number": self._shown(key)},
+            by=by,
             reason=reason, expires=ttl, end_calls=end_calls, calls_ended=ended,
         )
         saved = await self.save_suspensions()
-        return {"suspension": entry.as_dict(now), "calls_ended": ended, "saved": saved}
+        shown = entry.as_dict(now)
+        field = "prefix" if entry.prefix else "number"
+        shown[field] = self._shown(shown[field])
+        return {"suspension": shown, "calls_ended": ended, "saved": saved}
 
     async def unsuspend(self, key: str, by: str) -> dict[str, Any] | None:
         entry = self.state.suspensions.lift(key)
         if entry is None:
             return None
         self.log.info(
-            "suspension_lifted", **{"prefix" if entry.prefix else "number": key}, by=by,
+            "suspension_lifted", **{"prefix" if entry.prefix else "number": self._shown(key)},
+            by=by,
             reason=entry.reason, expires=None, end_calls=False, calls_ended=0,
         )
         saved = await self.save_suspensions()
-        return {"lifted": key, "saved": saved}
+        return {"lifted": self._shown(key), "saved": saved}
 
     def _suspensions_path(self) -> Path | None:
         state_dir = self.cfg.state_dir
@@ -550,7 +573,8 @@ class Server:
         ended = self.state.suspensions.sweep(self.loop.time())
         for entry in ended:
             self.log.info(
-                "suspension_lifted", **{"prefix" if entry.prefix else "number": entry.key},
+                "suspension_lifted",
+                **{"prefix" if entry.prefix else "number": self._shown(entry.key)},
                 by="expiry", reason=entry.reason, expires=None, end_calls=False, calls_ended=0,
             )
         if ended:

@@ -32,6 +32,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from sipguard.ops.endpoints import Endpoint, ListenUri, format_host, split_hostport
+from sipguard.ops.privacy import read_hash_key
 from sipguard.policy.schema import PeerConfig, RulesConfig, merge_peer_rules
 from sipguard.policy.settings import ConfigPath
 
@@ -297,6 +298,29 @@ class LogSettings(BaseModel):
         description="At most one sampled log line per kind and source per this many seconds; "
         "the rest are counted. Sampled: parse errors, dropped messages, rate-limited calls.",
     )
+    numbers: Literal["full", "masked", "hashed"] = Field(
+        default="full",
+        description="Telephone numbers in log lines and admin API answers: full; masked (country "
+        "code and last 3 digits, `+31*******567`); hashed (HMAC-SHA256 with `hash_key_file`, "
+        "16 hex digits: one number can be followed across lines). See docs/privacy.md.",
+    )
+    hash_key_file: ConfigPath | None = Field(
+        default=None,
+        description="File holding the secret key of `numbers: hashed` (at least 16 bytes; "
+        "relative to the config file); required with `hashed`.",
+    )
+
+    @model_validator(mode="after")
+    def _check_hash_key(self) -> LogSettings:
+        if self.numbers == "hashed" and self.hash_key_file is None:
+            raise ValueError("log.hash_key_file is required with log.numbers: hashed")
+        if self.numbers == "hashed" and self.hash_key_file is not None:
+            try:
+                read_hash_key(self.hash_key_file)
+            except OSError as exc:
+                raise ValueError(f"log.hash_key_file: cannot read {self.hash_key_file}: "
+                                 f"{exc.strerror or exc}") from None
+        return self
 
 
 class TlsSettings(BaseModel):

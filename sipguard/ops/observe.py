@@ -2,7 +2,8 @@
 
 The edge core (:mod:`sipguard.edge`) reports what happened as events
 (:mod:`sipguard.contract`); :class:`Observer` is the only code that turns them into the
-decision log (``invite_decided``, ``dialog_ended``), the sampled warnings (``parse_error``,
+decision log (``invite_decided``, ``dialog_ended``; numbers per ``log.numbers``,
+:mod:`sipguard.ops.privacy`), the sampled warnings (``parse_error``,
 ``message_dropped``, ``source_banned``, ``message_failed``) and the counters behind
 ``/metrics``. Events that ask for work (``DecisionPending``, ``Deferred``) are the shell's, not
 this module's.
@@ -29,6 +30,7 @@ from sipguard.contract import (
 )
 from sipguard.ops.logging import CallLogger, SampledLogger
 from sipguard.ops.metrics import Metrics
+from sipguard.ops.privacy import NumberPrivacy
 from sipguard.policy.flood import FloodGuard
 
 
@@ -44,6 +46,8 @@ class Observer:
         self.call_log = call_log
         self.sampled = sampled
         self.flood: FloodGuard | None = None  # for the ban length in source_banned lines
+        # log.numbers masked / hashed: numbers go through it; None (full): written as they are
+        self.privacy: NumberPrivacy | None = None
 
     def observe(self, event: Event) -> None:
         c = self.counters
@@ -57,11 +61,14 @@ class Observer:
             c[f"dialogs_ended_{event.reason}"] += 1
             self.metrics.ended[(event.reason, d.peer or "")] += 1
             end = d.ended_at or d.started
+            caller, callee, p = d.caller, d.callee, self.privacy
+            if p is not None:
+                caller, callee = p(caller), p(callee)
             self.call_log.info(
                 "dialog_ended",
                 call_id=d.call_id,
-                caller=d.caller,
-                callee=d.callee,
+                caller=caller,
+                callee=callee,
                 peer=d.peer,
                 reason=event.reason,
                 duration_s=round(end - (d.confirmed_at or end), 3),
@@ -117,6 +124,14 @@ class Observer:
             c["overload_rejected"] += 1
         if v.reason:
             c[f"rule_{v.rule}_{v.reason}"] += 1
+        caller, callee = call.caller, call.callee
+        diverters: list[str] | None = list(call.diverters) or None
+        detail = dict(v.detail) if v.detail else None
+        p = self.privacy
+        if p is not None:
+            caller, callee = p(caller), p(callee)
+            diverters = p.many(diverters) if diverters else None
+            detail = p.detail(detail) if detail else None
         emit: Callable[..., Any] = self.call_log.info
         if v.sample:  # a verdict that comes in floods: one line per key and interval
             emit = functools.partial(self.sampled.log, "info", key=v.sample)
@@ -126,15 +141,15 @@ class Observer:
             source=f"{call.flow.addr[0]}:{call.flow.addr[1]}",
             transport=call.flow.transport,
             peer=call.peer,
-            caller=call.caller,
-            callee=call.callee,
-            diverters=list(call.diverters) or None,
+            caller=caller,
+            callee=callee,
+            diverters=diverters,
             verdict=v.action,
             monitored=v.monitored or None,
             rule=v.rule or None,
             reason=v.reason or None,
             status=v.status or None,
-            detail=dict(v.detail) if v.detail else None,
+            detail=detail,
             decision_us=round(call.decision_us, 1),
             **call.labels,
         )
