@@ -225,6 +225,8 @@ class Dialog:
     # party the INVITE was sent to.
     party: Flow | None
     outbound: bool  # the core placed the call: no policy, no limits
+    # the caller's identity is withheld from the core for the whole call (rule national_cli)
+    anonymise: Anonymise | None
 
     # Hand-written __init__s in this module: mypyc compiles them, where dataclass-made ones run
     # as Python (these objects are made for every call).
@@ -266,6 +268,7 @@ class Dialog:
         self.lease = lease or f"{call_id}\n{caller_tag}"
         self.party = party
         self.outbound = outbound
+        self.anonymise: Anonymise | None = None
 
 
 @dataclass(slots=True, init=False)

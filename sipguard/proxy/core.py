@@ -419,7 +419,16 @@ class Proxy:
                 # the core never takes frees no slot while the call is still up there.
                 st.ends, st.end_reason = dialog, reason
         self._forward(st, target, start_line, route_line, now, record_route=initial
-                      and method in DIALOG_CREATING)
+                      and method in DIALOG_CREATING,
+                      anonymise=self._withheld(dialog, side, from_core))
+
+    @staticmethod
+    def _withheld(dialog: Dialog | None, side: str, from_core: bool) -> Anonymise | None:
+        """The anonymisation of a call whose caller's identity is withheld from the core,
+        for an in-dialog request of the caller's (ACK, BYE, re-INVITE ...): as on its INVITE."""
+        if dialog is None or from_core or dialog.anonymise is None:
+            return None
+        return dialog.anonymise if side == ("callee" if dialog.outbound else "caller") else None
 
     def _admitted(self, msg: Message, flow: Flow, now: float) -> bool:
         """Screen an out-of-dialog request from outside before it gets a transaction: the
@@ -508,6 +517,8 @@ class Proxy:
         self.deciding.discard((call.call_id, msg.from_tag or ""))
         call.settled = True
         self._start_dialog(st, call, now, st.flow, outbound=False)
+        if st.dialog is not None:
+            st.dialog.anonymise = verdict.anonymise  # every later request of the caller too
         self._forward(st, target, start_line, routes, now, record_route=True,
                       extra=verdict.forward_headers, edits=verdict.replace_headers,
                       anonymise=verdict.anonymise)
@@ -674,7 +685,7 @@ class Proxy:
         branch = self.ids.branch(key + "|ACK", "ack")
         stamped = build.stamped_via(msg.top_via, flow.addr)
         data = self._forwarded_bytes(msg, flow, stamped, target, branch, start_line, routes, False,
-                                     ())
+                                     (), anonymise=self._withheld(dialog, side, from_core))
         self.outbox.append((target, data))
 
     # ------------------------------------------------------------------ CANCEL and ACK

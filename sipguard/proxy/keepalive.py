@@ -106,6 +106,10 @@ def probe_for(dialog: Dialog, invite: Message, answer: Message) -> Probe | None:
     callee_to = answer.get("to")
     if not caller_from or not callee_to or answer.to_tag is None:
         return None
+    if dialog.anonymise is not None and not dialog.outbound:
+        # the core knows the caller as anonymous: so do sipguard's own requests (tags match)
+        caller_from = f'"Anonymous" <sip:anonymous@anonymous.invalid>;tag={invite.from_tag}'
+
     return Probe(dialog, caller_from, callee_to, contact_uri(invite.get("contact")),
                  contact_uri(answer.get("contact")))
 

@@ -223,6 +223,30 @@ def test_anonymised_invite_reaches_the_core_without_the_number() -> None:
     assert DUTCH_MOBILE.encode() not in data and DUTCH_MOBILE[1:].encode() not in data
 
 
+def test_the_callers_later_requests_are_anonymised_too() -> None:
+    """ACK, re-INVITE and BYE of an anonymised call reach the core with the anonymous From
+    (tag kept) and Privacy: id; the number is in none of them."""
+    from tests.unit.dialog_helpers import in_dialog
+    from tests.unit.proxy_helpers import answer
+
+    p = policy(rules("    keep_pai_to_core: false\n"), extra=peers())
+
+    def decide_call(call: CallInfo, now: float) -> Verdict:
+        return decide(p, call, now)
+
+    h = Harness(decide_call)
+    out = h.send(invite(caller=DUTCH_MOBILE))
+    fwd = [m for f, m in out if f.addr == CORE][0]
+    h.send(answer(fwd, 200, "OK"), src=CORE)
+    for method, cseq in (("ACK", 1), ("INVITE", 2), ("BYE", 3)):
+        h.send(in_dialog(method, call_id="call-1@caller", cseq=cseq,
+                         branch=f"z9hG4bK-{method}{cseq}", caller=DUTCH_MOBILE))
+        sent = [raw for raw in h.raw if raw.startswith(method.encode())]  # to the core
+        assert sent, method
+        assert b'"Anonymous" <sip:anonymous@anonymous.invalid>;tag=ftag1' in sent[0], method
+        assert b"Privacy: id" in sent[0] and DUTCH_MOBILE[1:].encode() not in sent[0], method
+
+
 def test_anonymise_with_keep_pai_keeps_pai_and_beats_a_later_rule() -> None:
     """keep_pai_to_core keeps PAI; callerid after national_cli cannot put a number back in From."""
     p = policy(rules("    keep_pai_to_core: true\n") + "  callerid: {ownership: false}\n",
