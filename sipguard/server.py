@@ -190,6 +190,7 @@ class Server:
         self.udp: dict[int, UdpEndpoint] = {}
         self.tcp = TcpPool(self.loop, self._on_stream_message, self._on_stream_error,
                            cfg.sip.max_message_size, tcp_limits(cfg), self._on_tcp_event)
+        self.state.tls_names = self._tls_names  # peers matched by their TLS certificate
         self.metrics = Metrics()
         self.metrics.config_loaded = time.time()
         self.counters: Counter[str] = self.metrics.events  # every counter is exported too
@@ -416,6 +417,11 @@ class Server:
                                  detail="these settings take effect at the next start")
             self.log.info("config_reloaded", changed=changed, restart_needed=restart)
             return ReloadResult(True, changed, restart)
+
+    def _tls_names(self, conn: int) -> tuple[str, ...]:
+        """The verified client certificate names of TLS connection ``conn`` (empty: none)."""
+        connection = self.tcp.by_id.get(conn)
+        return connection.peer_names if connection is not None else ()
 
     # ------------------------------------------------------------------ operator control
     @property

@@ -92,7 +92,8 @@ def build_peer(pc: PeerConfig) -> Peer:
         if pc.numbers_file is not None:
             for pattern in read_number_file(pc.numbers_file):
                 numbers.add(pattern)
-    return Peer(pc.name, pc.networks, numbers, pc.default_region, pc.trust_pai, pc.interconnect)
+    return Peer(pc.name, pc.networks, numbers, pc.default_region, pc.trust_pai, pc.interconnect,
+                pc.tls_subject.lower() if pc.tls_subject else None)
 
 
 def build_pipeline(rules: RulesConfig, ctx: BuildContext, peer: Peer | None) -> Pipeline:
@@ -163,7 +164,7 @@ class Policy:
         pipeline does it) the suspended numbers. None: go on."""
         peer: Peer | None = None
         if self.peers:
-            peer = self.peers.lookup(flow.addr[0])
+            peer = self._peer_of(flow)
             if peer is None:
                 return self._global(self._unknown_source)
         if (self.suspended or self.state.suspensions) and msg.method != "INVITE":
@@ -186,8 +187,19 @@ class Policy:
         carrier's second SBC) speaks for the call's outside party."""
         if dialog.peer is None or not self.peers:
             return False
-        peer = self.peers.lookup(flow.addr[0])
+        peer = self._peer_of(flow)
         return peer is not None and peer.name == dialog.peer
+
+    def _peer_of(self, flow: Flow) -> Peer | None:
+        """The peer a message comes from: by source address, and — for a peer with
+        ``tls_subject`` — only over TLS with a verified client certificate naming it."""
+        peer = self.peers.lookup(flow.addr[0])
+        if peer is None or peer.tls_subject is None:
+            return peer
+        names = self.state.tls_names
+        if flow.transport != "tls" or flow.conn is None or names is None:
+            return None
+        return peer if peer.tls_subject in names(flow.conn) else None
 
     def _suspension(self, caller: str | None, callee: str | None, now: float) -> Verdict | None:
         """The config's ``suspended:`` list and the admin API's store, caller first."""
@@ -210,7 +222,7 @@ class Policy:
     def decide(self, call: CallInfo, now: float) -> Verdict | Awaitable[Verdict]:
         pipeline = self.default
         if self.peers:
-            peer = self.peers.lookup(call.flow.addr[0])
+            peer = self._peer_of(call.flow)
             if peer is None:
                 return self._global(self._unknown_source)
             call.peer = peer.name

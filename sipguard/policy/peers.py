@@ -113,6 +113,8 @@ class Peer:
     trust_pai: bool
     # "international": traffic arriving over an international interconnection (rule national_cli)
     interconnect: str = "domestic"
+    # set: the peer must also present a verified TLS client certificate naming this
+    tls_subject: str | None = None
 
 
 class PeerTable:

@@ -161,6 +161,14 @@ class PeerConfig(BaseModel):
         "interconnection); rule `national_cli` acts on its calls presenting a home-country "
         "number. `domestic`: a national carrier or a customer; `national_cli` never applies.",
     )
+    tls_subject: str | None = Field(
+        default=None,
+        min_length=1,
+        description="The peer is also matched by its TLS client certificate: a request from "
+        "its networks counts as this peer only when it comes over TLS with a verified "
+        "certificate naming this (subject CN or a SAN DNS name; needs `tls.ca_file`); "
+        "otherwise it is an unknown source.",
+    )
     rules: RulesConfig = Field(
         default=RulesConfig(),
         description="Overrides merged over the top-level `rules:` for this peer's traffic. "

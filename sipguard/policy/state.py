@@ -11,6 +11,7 @@ policy is swapped in, so a build that fails, or is overtaken by a newer reload, 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from sipguard.policy.concurrency import Tracker
@@ -40,6 +41,9 @@ class RuleState:
     http: HttpGetter | None = None
     # national_cli: roaming answers per number (bounded, each kept cache_s)
     roaming: RoamingCache = field(default_factory=RoamingCache)
+    # peers with tls_subject: a TLS connection id -> its verified client certificate's names
+    # (subject CN, SAN DNS names, lower case), a lookup the shell gives (None: no TLS)
+    tls_names: Callable[[int], tuple[str, ...]] | None = None
     # identity: Unix time minus the loop clock ``now`` (kept current by the shell)
     wall_offset: float = 0.0
     # callerid / peers: number list files already read, path -> ((mtime_ns, size), numbers)

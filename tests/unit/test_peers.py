@@ -168,3 +168,30 @@ def test_untrusted_peer_caller_is_the_from_number() -> None:
     assert statuses(h, caller="+12125550100", extra=pai) == ([100, 403], 0)
     (decided,) = [e for e in h.events if isinstance(e, InviteDecided)]
     assert decided.call.caller == "+12125550100" and decided.call.peer == "carrier-a"
+
+
+def test_a_peer_with_tls_subject_is_matched_only_by_its_certificate() -> None:
+    """peers[].tls_subject: from the peer's networks, only a TLS connection whose verified
+    client certificate names the subject counts as the peer; plain TCP/UDP or another
+    certificate is an unknown source."""
+    from sipguard.contract import Flow
+    from sipguard.ops.config_load import parse_config
+    from sipguard.policy.engine import Policy
+    from sipguard.policy.state import RuleState
+    from sipguard.sip.parser import parse_message
+    from tests.unit.proxy_helpers import invite
+
+    names = {1: ("sbc1.carrier-a.example",), 2: ("someone-else.example",)}
+    state = RuleState(tls_names=lambda conn: names.get(conn, ()))
+    cfg = parse_config(
+        "listen: [udp://192.0.2.1:5060]\ncore: udp://10.0.0.10:5080\n"
+        "peers:\n  - name: carrier-a\n    networks: [198.51.100.0/24]\n"
+        "    tls_subject: SBC1.carrier-a.example\n"
+    )
+    policy = Policy(cfg, state)
+    msg = parse_message(invite())
+    src = ("198.51.100.7", 5061)
+    assert policy.screen(msg, Flow("tls", src, 1, 1), 0.0) is None
+    for flow in (Flow("tls", src, 1, 2), Flow("tcp", src, 1, 1), Flow("udp", src, 0)):
+        verdict = policy.screen(msg, flow, 0.0)
+        assert verdict is not None and verdict.reason == "unknown_source", flow

@@ -1,0 +1,42 @@
+"""A peer matched by its TLS client certificate (peers[].tls_subject), end to end: the
+certificate's name makes the connection the peer; the same address with a certificate that
+names something else is an unknown source."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.unit.tls_pki import write_pki
+
+from .harness import E2EStack
+from .test_tls_e2e import TlsUac, _context
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.mark.parametrize(("subject", "expected"), [("peer-a.test", 200), ("peer-b.test", 403)])
+def test_a_tls_peer_is_known_by_its_certificate(
+    stack: E2EStack, tmp_path: Path, subject: str, expected: int
+) -> None:
+    """With peers [{networks: 127.0.0.1/32, tls_subject: S}] and a client certificate for
+    peer-a.test: S = peer-a.test lets the call through to the core; S = peer-b.test makes the
+    same client an unknown source (403)."""
+    pki = write_pki(tmp_path / "pki", client_cn="peer-a.test")
+    uas = stack.uas("uas_basic.xml", transport="udp", calls=1, duration_ms=50)
+    _, port = stack.sipguard(
+        core_port=uas.local_port,
+        listen=("udp", "tls"),
+        config_extra=(
+            f"tls: {{cert_file: {pki.server_cert}, key_file: {pki.server_key}, "
+            f"ca_file: {pki.ca}, verify_clients: true}}\n"
+            f"peers:\n  - name: sbc\n    networks: [127.0.0.1/32]\n    tls_subject: {subject}\n"
+        ),
+    )
+    uac = TlsUac(port, _context(pki, with_cert=True))
+    try:
+        invite_status, _, _ = uac.call()
+    finally:
+        uac.close()
+    assert invite_status == expected
