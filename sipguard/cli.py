@@ -269,10 +269,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_CONFIG
     configure_logging(cfg.log, batch=True)
     run = asyncio.run
-    with contextlib.suppress(ImportError):
-        import uvloop  # the faster event loop when installed (it is a dependency)
+    # uvloop is the faster loop (a dependency). With a tls:// listener sipguard runs asyncio's
+    # own loop: uvloop's server-side start_tls hands the client's first TLS record to the
+    # plain protocol now and then, and that handshake hangs until its timeout.
+    if not any(ep.transport == "tls" for ep in cfg.listen):
+        with contextlib.suppress(ImportError):
+            import uvloop
 
-        run = uvloop.run
+            run = uvloop.run
     try:
         return run(_serve(args.config, args, cfg))
     except KeyboardInterrupt:

@@ -123,6 +123,10 @@ class TcpConnection(asyncio.Protocol):
             return
         if self.inbound and self.tls:
             # TCP is up: the TLS handshake follows; until it is done sends wait in pending.
+            # Reading stops at once: the handshake starts on a later pass of the loop, and a
+            # ClientHello read before then would reach this (plain) protocol and be lost —
+            # start_tls resumes reading under TLS.
+            transport.pause_reading()  # type: ignore[attr-defined]
             self.raw = transport
             pool.register(self)
             pool.start_handshake(self, transport)
