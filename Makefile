@@ -31,11 +31,13 @@ native: install
 	@$(PY) -m sipguard.native ensure || true
 
 # Test tools (Debian packages): SIPp (sip-tester) for the end-to-end tests and the load kit;
-# sipvicious (svmap, svwar) and sipsak, real attack tools for the flood/scanner e2e test.
-TOOL_PACKAGES := sip-tester sipvicious sipsak
+# sipvicious (svmap, svwar) and sipsak, real attack tools for the flood/scanner e2e test;
+# socat, the TLS layer under SIPp (Debian's SIPp has no TLS) in the TLS e2e test.
+TOOL_PACKAGES := sip-tester sipvicious sipsak socat
 tools:
 	@command -v sipp >/dev/null 2>&1 && command -v svmap >/dev/null 2>&1 && \
-	  command -v svwar >/dev/null 2>&1 && command -v sipsak >/dev/null 2>&1 || { \
+	  command -v svwar >/dev/null 2>&1 && command -v sipsak >/dev/null 2>&1 && \
+	  command -v socat >/dev/null 2>&1 || { \
 	  echo "installing test tools (Debian packages $(TOOL_PACKAGES))"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(TOOL_PACKAGES) >/dev/null; }

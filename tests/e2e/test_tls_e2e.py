@@ -2,16 +2,19 @@
 verified) -> SIPp UAS over UDP as the core, on 127.0.0.1.
 
 The installed SIPp (``SIPp v3.6.1-SCTP-PCAP-RTPSTREAM``) is built without TLS (no ``-t l1``,
-no ``-tls_cert``), so the caller is a small Python ``ssl`` UAC here: INVITE, 200, ACK and BYE
-over one TLS connection, the in-dialog requests routed by the Record-Route set. The PKI is made
-with ``cryptography`` (:mod:`tests.unit.tls_pki`).
+no ``-tls_cert``), so the callers here are a small Python ``ssl`` UAC (INVITE, 200, ACK and BYE
+over one TLS connection, the in-dialog requests routed by the Record-Route set) and a real SIPp
+UAC over TCP behind ``socat``, which wraps its one TCP connection into one TLS connection with
+the client certificate. The PKI is made with ``cryptography`` (:mod:`tests.unit.tls_pki`).
 """
 
 from __future__ import annotations
 
 import re
+import shutil
 import socket
 import ssl
+import subprocess
 import uuid
 from pathlib import Path
 
@@ -19,11 +22,21 @@ import pytest
 
 from tests.unit.tls_pki import TlsFiles, write_pki
 
-from .harness import HOST, E2EStack, _parse_response, _split_header_values
+from .harness import (
+    HOST,
+    E2EStack,
+    _live,
+    _parse_response,
+    _split_header_values,
+    free_port,
+    stop_pid,
+    wait_port_bound,
+)
 
 pytestmark = pytest.mark.e2e
 
 CALLS = 5
+SIPP_CALLS = 20
 
 
 class TlsUac:
@@ -154,3 +167,68 @@ def test_calls_over_tls_reach_a_udp_core(stack: E2EStack, tmp_path: Path) -> Non
         uac.close()
     res = stack.finish_uas(uas)
     assert res.successful == CALLS and res.failed == 0, res.describe()
+
+
+def _start_socat(listen_port: int, tls_port: int, pki: TlsFiles, workdir: Path) -> subprocess.Popen[bytes]:
+    """socat: TCP on 127.0.0.1:listen_port -> TLS to sipguard, the client certificate presented
+    and sipguard's certificate verified against the test CA (one TLS connection per TCP one)."""
+    socat = shutil.which("socat")
+    assert socat is not None
+    cmd = [
+        socat,
+        "-d",
+        f"TCP-LISTEN:{listen_port},bind={HOST},reuseaddr,fork",
+        f"OPENSSL:{HOST}:{tls_port},cafile={pki.ca},cert={pki.client_cert},"
+        f"key={pki.client_key},verify=1",
+    ]
+    log = open(workdir / "socat_stderr.txt", "wb")  # noqa: SIM115
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+    log.close()
+    _live[proc.pid] = proc  # killed at interpreter exit should the finally below be skipped
+    return proc
+
+
+@pytest.mark.skipif(shutil.which("socat") is None, reason="socat not on PATH (`make tools`)")
+def test_sipp_calls_over_tls_via_socat(stack: E2EStack, tmp_path: Path) -> None:
+    """Real SIPp calls over TLS: SIPp UAC over TCP -> socat (TLS client with the client
+    certificate) -> sipguard's tls:// listener (verify_clients) -> SIPp UAS over UDP. Every
+    call completes and sipguard decided every INVITE as arriving over TLS."""
+    pki = write_pki(tmp_path / "pki")
+    uas = stack.uas("uas_basic.xml", transport="udp", calls=SIPP_CALLS, duration_ms=50)
+    guard, tls_port = stack.sipguard(
+        core_port=uas.local_port,
+        listen=("udp", "tls"),  # the udp:// listener is the socket toward the UDP core
+        config_extra=(
+            f"tls: {{cert_file: {pki.server_cert}, key_file: {pki.server_key}, "
+            f"ca_file: {pki.ca}, verify_clients: true}}\n"
+        ),
+    )
+    wait_port_bound(tls_port, "tcp", timeout=5.0, proc=guard.proc)
+    socat_port = free_port()
+    socat = _start_socat(socat_port, tls_port, pki, tmp_path)
+    try:
+        wait_port_bound(socat_port, "tcp", timeout=5.0, proc=socat)
+        uac = stack.uac(
+            "uac_basic.xml",
+            remote_port=socat_port,
+            transport="tcp",
+            calls=SIPP_CALLS,
+            rate=20,
+            duration_ms=50,
+            timeout=30.0,
+        )
+        uas_res = stack.finish_uas(uas)
+    finally:
+        stop_pid(socat, grace=3.0)
+    socat_log = (tmp_path / "socat_stderr.txt").read_text(errors="replace")
+    detail = f"{uac.describe()}\n\n{uas_res.describe()}\n--- socat\n{socat_log[-3000:]}"
+    assert not uac.timed_out, detail
+    assert uac.successful == SIPP_CALLS and uac.failed == 0, detail
+    assert uac.returncode == 0, detail
+    assert uas_res.successful == SIPP_CALLS and uas_res.failed == 0, detail
+
+    decided = guard.settle("invite_decided", timeout=5.0)
+    assert decided == SIPP_CALLS, guard.diagnostics()
+    events = [e for e in list(guard.events) if e.get("event") == "invite_decided"]
+    transports = [e.get("transport") for e in events]
+    assert transports == ["tls"] * SIPP_CALLS, guard.diagnostics()
