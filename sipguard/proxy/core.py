@@ -577,10 +577,16 @@ class Proxy:
                 ct.timer = self.timers.add(now + s.t1, self._timer_a, ct)
             ct.timeout = self.timers.add(now + 64 * s.t1, self._timer_b, ct)
         else:
-            if target.transport == "udp":
-                ct.interval = s.t1
-                ct.timer = self.timers.add(now + s.t1, self._timer_e, ct)
-            ct.timeout = self.timers.add(now + 64 * s.t1, self._timer_f, ct)
+            self._arm_non_invite(ct, now)
+
+    def _arm_non_invite(self, ct: ClientTxn, now: float) -> None:
+        """A non-INVITE client transaction just sent: Timer E (UDP) and Timer F (RFC 3261
+        §17.1.2)."""
+        s = self.settings
+        if ct.flow.transport == "udp":
+            ct.interval = s.t1
+            ct.timer = self.timers.add(now + s.t1, self._timer_e, ct)
+        ct.timeout = self.timers.add(now + 64 * s.t1, self._timer_f, ct)
 
     def _forwarded_bytes(
         self,
@@ -722,11 +728,7 @@ class Proxy:
         cancel = ClientTxn(ct.branch, "CANCEL", data, ct.flow, None)
         self.clients[(ct.branch, "CANCEL")] = cancel
         self.outbox.append((ct.flow, data))
-        s = self.settings
-        if ct.flow.transport == "udp":
-            cancel.interval = s.t1
-            cancel.timer = self.timers.add(now + s.t1, self._timer_e, cancel)
-        cancel.timeout = self.timers.add(now + 64 * s.t1, self._timer_f, cancel)
+        self._arm_non_invite(cancel, now)
 
     def _ack_absorbed(self, st: ServerTxn, now: float) -> None:
         if st.state == CONFIRMED:
@@ -1081,11 +1083,7 @@ class Proxy:
                 ct.probe = probe
             self.clients[(branch, method)] = ct
             self.outbox.append((flow, data))
-            s = self.settings
-            if flow.transport == "udp":
-                ct.interval = s.t1
-                ct.timer = self.timers.add(now + s.t1, self._timer_e, ct)
-            ct.timeout = self.timers.add(now + 64 * s.t1, self._timer_f, ct)
+            self._arm_non_invite(ct, now)
 
     def _saw_cseq(self, dialog: Dialog, side: str, msg: Message) -> None:
         """Remember the highest CSeq each side used: a BYE sipguard sends for it goes above."""

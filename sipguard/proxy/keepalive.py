@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import re
 
-from sipguard.contract import Dialog, Flow, Local
+from sipguard.contract import Dialog, Local
 from sipguard.proxy import build
 from sipguard.proxy.timers import TimerEntry
 from sipguard.sip.message import CRLF, Message
@@ -112,8 +112,3 @@ def probe_for(dialog: Dialog, invite: Message, answer: Message) -> Probe | None:
 
     return Probe(dialog, caller_from, callee_to, contact_uri(invite.get("contact")),
                  contact_uri(answer.get("contact")))
-
-
-def target_toward_caller(dialog: Dialog) -> Flow | None:
-    """Where an OPTIONS to the outside party goes: the flow its call came from."""
-    return dialog.party
