@@ -37,7 +37,8 @@ from sipguard.policy.schema import PeerConfig, RulesConfig, merge_peer_rules
 from sipguard.policy.settings import ConfigPath
 
 __all__ = [
-    "AdminSettings", "Config", "LogSettings", "MetricsSettings", "SipSettings", "TlsSettings",
+    "AdminSettings", "Config", "LogSettings", "MetricsSettings", "SentinelSettings", "SipSettings",
+    "StateSettings", "TlsSettings",
 ]
 
 _FROZEN = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
@@ -370,6 +371,100 @@ class TlsSettings(BaseModel):
         return self
 
 
+class SentinelSettings(BaseModel):
+    """Redis Sentinel: where the sentinels are and the name of the master they watch."""
+
+    model_config = _FROZEN
+
+    master: str = Field(min_length=1, description="The monitored master's name (`mymaster`).")
+    nodes: tuple[str, ...] = Field(
+        min_length=1, description="Sentinels as `HOST:PORT`, one or more.",
+    )
+
+    @field_validator("nodes")
+    @classmethod
+    def _hostports(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for node in value:
+            split_hostport(node, True)
+        return value
+
+
+class StateSettings(BaseModel):
+    """Where the limits' counters live: this process (``memory``) or a Redis / Valkey shared by
+    every sipguard instance (``redis``). Read at start-up; a reload that changes it is refused."""
+
+    model_config = _FROZEN
+
+    backend: Literal["memory", "redis"] = Field(
+        default="memory",
+        description="`memory`: counters in this process (one instance, no server needed); "
+        "`redis`: shared through Redis / Valkey, so limits hold across instances.",
+    )
+    url: str | None = Field(
+        default=None,
+        description="The Redis server: `redis://[:PASSWORD@]HOST:PORT/DB`, `rediss://` for "
+        "TLS, `unix:///path/redis.sock`; with `cluster: true`, any node of the cluster. "
+        "Required for `redis` unless `sentinel` is given.",
+    )
+    cluster: bool = Field(
+        default=False,
+        description="`url` is a Redis Cluster node: keys are hash-tagged per number, so one "
+        "number's checks touch one slot.",
+    )
+    sentinel: SentinelSettings | None = Field(
+        default=None,
+        description="Find the master through Redis Sentinel `{master, nodes}` instead of `url`.",
+    )
+    key_prefix: str = Field(
+        default="sipguard:", min_length=1, max_length=64,
+        description="Prefix of every key sipguard writes (several deployments can share one "
+        "Redis with different prefixes).",
+    )
+    timeout_ms: int = Field(
+        default=50, ge=1, le=10_000,
+        description="Longest wait for Redis per INVITE; beyond it the call is decided as if "
+        "Redis were down (`fail`).",
+    )
+    fail: Literal["open", "closed"] = Field(
+        default="open",
+        description="While Redis cannot be reached: `open` = calls pass unlimited by the shared "
+        "limits (counted `state_fail_open`, logged, tagged `X-Sipguard-Verdict: "
+        "state.unavailable` to the core); `closed` = they hear `503` + Retry-After.",
+    )
+    retry_after_s: int = Field(
+        default=5, ge=0, le=3600,
+        description="Retry-After of the 503 with `fail: closed` (0: none).",
+    )
+    lease_s: int = Field(
+        default=60, ge=3, le=86_400,
+        description="A live call's slot lapses this long after its instance last refreshed it "
+        "(every `lease_s / 3`): a crashed instance's calls free their slots after at most this.",
+    )
+    breaker_failures: int = Field(
+        default=3, ge=1, le=1000,
+        description="Failed or late round trips in a row that open the circuit breaker: then "
+        "no call waits for Redis until a background probe reaches it again.",
+    )
+    max_pending_releases: int = Field(
+        default=100_000, ge=0, le=10_000_000,
+        description="Slot releases kept to retry when Redis is back; beyond it they lapse "
+        "after `lease_s` instead.",
+    )
+
+    @model_validator(mode="after")
+    def _where(self) -> StateSettings:
+        if self.backend == "redis":
+            if self.url is None and self.sentinel is None:
+                raise ValueError("backend redis needs `url` (or `sentinel`)")
+            if self.url is not None and self.sentinel is not None:
+                raise ValueError("give `url` or `sentinel`, not both")
+            if self.cluster and self.sentinel is not None:
+                raise ValueError("`cluster` works with `url`, not with `sentinel`")
+        if self.url is not None and not re.match(r"(rediss?|unix|valkeys?)://", self.url):
+            raise ValueError(f"url {self.url[:60]!r} is not redis://, rediss:// or unix://")
+        return self
+
+
 class Config(BaseModel):
     """The whole configuration file.
 
@@ -405,6 +500,11 @@ class Config(BaseModel):
         default=None,
         description="Folder where suspensions made through the admin API are kept across "
         "restarts; null: they last until the process ends.",
+    )
+    state: StateSettings = Field(
+        default=StateSettings(),
+        description="Where the limits' counters live: this process, or Redis / Valkey shared "
+        "by several instances.",
     )
     drain_timeout_s: float = Field(
         default=30, ge=0,
@@ -465,7 +565,7 @@ class Config(BaseModel):
             raise ValueError("give `admin:` only (`metrics:` is its old name), not both")
         return value
 
-    @field_validator("sip", "log", mode="before")
+    @field_validator("sip", "log", "state", mode="before")
     @classmethod
     def _empty_section_is_defaults(cls, value: object) -> object:
         return {} if value is None else value

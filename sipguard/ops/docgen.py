@@ -540,7 +540,7 @@ def _rule_yaml(rule: str, model: type[BaseModel]) -> str:
 
 def _config_yaml_blocks() -> list[Block]:
     blocks = [Block(CONFIG_YAML, f"config.{name}", _section_yaml(name))
-              for name in ("sip", "log", "tls")]
+              for name in ("sip", "log", "tls", "state")]
     blocks.append(Block(CONFIG_YAML, "config.peers", _peers_yaml()))
     for rule, model in _rule_models().items():
         blocks.append(Block(CONFIG_YAML, f"config.rules.{rule}", _rule_yaml(rule, model)))
