@@ -64,7 +64,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, field_validator
@@ -185,7 +185,7 @@ class Ban:
 class FloodState:
     """Counts and bans, kept over reloads; the ban operations of the admin API."""
 
-    __slots__ = ("bans", "cur", "prev", "epoch", "unit")
+    __slots__ = ("bans", "cur", "prev", "epoch", "unit", "on_ban")
 
     def __init__(self) -> None:
         self.bans: dict[Key, Ban] = {}
@@ -193,6 +193,9 @@ class FloodState:
         self.prev: dict[Key, int] = {}  # ... in the previous one
         self.epoch = 0
         self.unit = 0.0
+        # told of every new ban in enforce mode (the shell shares bans between instances);
+        # must be O(1)
+        self.on_ban: Callable[[Key, Ban], None] | None = None
 
     def list_bans(self, now: float) -> list[dict[str, Any]]:
         """Bans in force: address, reason, since, seconds left, messages dropped."""
@@ -211,13 +214,22 @@ class FloodState:
     def lift(self, source: str) -> bool:
         """Lift the ban on ``source`` (``ip``, or ``ip:port`` / ``[v6]:port`` for ``key:
         ip_port``); False when it was not banned."""
-        if self.bans.pop(source, None) is not None:
-            return True
+        key = self.key_of(source)
+        if key is None:
+            return False
+        del self.bans[key]
+        return True
+
+    def key_of(self, source: str) -> Key | None:
+        """The key of the ban ``source`` names (as :meth:`lift` takes it); None: not banned."""
+        if source in self.bans:
+            return source
         host, sep, port = source.rpartition(":")
         if sep and port.isdigit():
             key = (host.strip("[]"), int(port))
-            return self.bans.pop(key, None) is not None
-        return False
+            if key in self.bans:
+                return key
+        return None
 
     def lift_all(self) -> int:
         n = len(self.bans)
@@ -377,7 +389,10 @@ class FloodGuard:
         bans = self.state.bans
         if len(bans) >= self.max_bans and not self.state.sweep(now):
             del bans[next(iter(bans))]
-        bans[key] = Ban(now, now + self.ban_s, reason)
+        ban = bans[key] = Ban(now, now + self.ban_s, reason)
+        on_ban = self.state.on_ban
+        if on_ban is not None and not self.monitor:  # a monitor-mode ban stays here
+            on_ban(key, ban)
 
 
 def guard(
