@@ -6,6 +6,10 @@ SIGINT/SIGTERM. SIGHUP reloads the config file (``Server.reload_config``, the sa
 calls; an invalid one is reported and the running config stays. ``check-config`` exits 0 for a
 valid file and 2 with one ``FILE:LINE: FIELD: message`` line per problem otherwise.
 
+With ``workers: N`` (or ``--workers N``) above 1, ``run`` is the supervisor of N worker
+processes (:mod:`sipguard.supervisor`): each is this command line again plus the hidden
+``--worker-index i --supervisor-fd FD``, and its log lines carry ``worker=i``.
+
 The operator verbs talk to a running sipguard's admin API (``--admin URL``, default
 ``http://127.0.0.1:9090``; the token from ``--token-file`` or ``$SIPGUARD_TOKEN``)::
 
@@ -34,7 +38,7 @@ import sys
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from sipguard.ops.config import Config
@@ -42,6 +46,7 @@ from sipguard.ops.config_load import ConfigError, config_with_overrides, load_co
 from sipguard.ops.endpoints import Endpoint
 from sipguard.ops.logging import configure_logging, flush_logs, get_logger
 from sipguard.server import Server, StartupError
+from sipguard.supervisor import SupervisorLink, supervise
 
 EXIT_CONFIG = 2
 EXIT_STARTUP = 1
@@ -62,6 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--listen", action="append", type=_endpoint, metavar="URI",
                      help="listen URI, e.g. udp://0.0.0.0:5060 (repeatable; replaces the file's)")
     run.add_argument("--core", type=_endpoint, metavar="URI", help="core URI (replaces the file's)")
+    run.add_argument("--workers", type=int, metavar="N",
+                     help="worker processes (replaces the file's `workers`; more than 1 "
+                          "needs state.backend: redis)")
+    # set by the supervisor on the command lines of its workers (sipguard/supervisor.py)
+    run.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
+    run.add_argument("--supervisor-fd", type=int, help=argparse.SUPPRESS)
     check = sub.add_parser("check-config", help="validate a config file")
     check.add_argument("file")
     verbs = [
@@ -184,15 +195,32 @@ def _verb(args: argparse.Namespace) -> int:
 
 def _load(path: str, args: argparse.Namespace) -> Config:
     cfg = load_config(path)
-    if args.listen or args.core:
-        cfg = config_with_overrides(cfg, listen=args.listen, core=args.core)
+    if args.listen or args.core or args.workers is not None:
+        cfg = config_with_overrides(cfg, listen=args.listen, core=args.core,
+                                    workers=args.workers)
     return cfg
+
+
+def _worker_command(args: argparse.Namespace, workers: int) -> Callable[[int, int], list[str]]:
+    """The command line of worker i: this one's, plus --workers N --worker-index i."""
+    base = [sys.executable, "-m", "sipguard", "run", "--config", args.config]
+    for ep in args.listen or ():
+        base += ["--listen", str(ep)]
+    if args.core is not None:
+        base += ["--core", str(args.core)]
+    base += ["--workers", str(workers)]
+
+    def command(index: int, fd: int) -> list[str]:
+        return [*base, "--worker-index", str(index), "--supervisor-fd", str(fd)]
+
+    return command
 
 
 async def _serve(path: str, args: argparse.Namespace, cfg: Config) -> int:
     loop = asyncio.get_running_loop()
+    link = SupervisorLink(args.supervisor_fd) if args.supervisor_fd is not None else None
     try:
-        server = Server(cfg, load=lambda: _load(path, args))
+        server = Server(cfg, load=lambda: _load(path, args), worker=args.worker_index)
     except (OSError, ValueError) as exc:  # a number list (numbers_file, dno_file) is unreadable
         print(f"sipguard: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -237,9 +265,15 @@ async def _serve(path: str, args: argparse.Namespace, cfg: Config) -> int:
         task.add_done_callback(reloads.discard)
 
     loop.add_signal_handler(signal.SIGHUP, on_hup)
+    if link is not None:
+        link.ready()  # the supervisor counts the worker started (signals are handled now)
+        # the supervisor is gone (killed): drain and exit rather than outlive it
+        link.on_gone(lambda: None if drains else on_stop())
     try:
         await stop.wait()
     finally:
+        if link is not None:
+            link.close()
         await server.stop()
         log.info("sipguard_stopped", counters=dict(server.counters))
         flush_logs()
@@ -267,7 +301,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(str(exc), file=sys.stderr)
         return EXIT_CONFIG
-    configure_logging(cfg.log, batch=True)
+    worker = args.worker_index
+    if worker is None and cfg.workers > 1:
+        # the supervisor: starts the workers, passes signals on, restarts a worker that died
+        configure_logging(cfg.log)
+        try:
+            return supervise(cfg.workers, _worker_command(args, cfg.workers))
+        finally:
+            flush_logs()
+    if worker is not None and not 0 <= worker < cfg.workers:
+        print(f"sipguard: --worker-index {worker} is not below workers ({cfg.workers})",
+              file=sys.stderr)
+        return EXIT_CONFIG
+    configure_logging(cfg.log, batch=True, fields=None if worker is None else {"worker": worker})
     run = asyncio.run
     # uvloop is the faster loop (a dependency). With a tls:// listener sipguard runs asyncio's
     # own loop: uvloop's server-side start_tls hands the client's first TLS record to the
@@ -282,7 +328,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 0
     finally:
-        flush_logs()  # lines still waiting in the batch (start-up errors included)
+        try:
+            flush_logs()  # lines still waiting in the batch (start-up errors included)
+        except BrokenPipeError:  # stdout's reader is gone (a worker whose supervisor died)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 if __name__ == "__main__":

@@ -43,6 +43,9 @@ __all__ = [
 
 _FROZEN = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
+MAX_WORKERS = 64
+WORKER_PORT_OFFSET = 100  # default worker_port_base: the highest listen port + this
+
 
 class SipSettings(BaseModel):
     """SIP protocol behaviour and limits (the ``sip:`` section)."""
@@ -512,6 +515,20 @@ class Config(BaseModel):
         "unready at once; calls in progress go on until they end or this many seconds pass, "
         "then sipguard exits 0. A second signal stops at once.",
     )
+    workers: int = Field(
+        default=1, ge=1, le=MAX_WORKERS,
+        description="Worker processes on this host (`sipguard run --workers N` overrides): "
+        "each binds every `listen` address with SO_REUSEPORT (the kernel spreads new callers "
+        "over them) and a port of its own per listener that its Via and Record-Route name, so "
+        "a call's later messages reach the worker holding it. More than 1 needs "
+        "`state.backend: redis`.",
+    )
+    worker_port_base: int | None = Field(
+        default=None, ge=1, le=65535, validate_default=True,
+        description="With several workers, worker i's own port on the listener at position "
+        "L of `listen` is `worker_port_base + L * workers + i`; null: the highest listen port "
+        "+ 100 (5160 for 5060).",
+    )
     peers: tuple[PeerConfig, ...] = Field(
         default=(), description="Known peers; empty: every source is accepted."
     )
@@ -592,6 +609,58 @@ class Config(BaseModel):
             raise ValueError(f"core {value} is also a listen address: calls would loop")
         return value
 
+    @field_validator("workers")
+    @classmethod
+    def _workers_share_state(cls, value: int, info: ValidationInfo) -> int:
+        if value == 1:
+            return value
+        state = info.data.get("state")
+        if isinstance(state, StateSettings) and state.backend == "memory":
+            raise ValueError("more than one worker needs state.backend: redis (each worker "
+                             "would count its own calls)")
+        sip = info.data.get("sip")
+        if isinstance(sip, SipSettings) and sip.advertise and _has_port(sip.advertise):
+            raise ValueError("with more than one worker sip.advertise takes a host only: each "
+                             "worker advertises a port of its own")
+        return value
+
+    @field_validator("worker_port_base")
+    @classmethod
+    def _worker_ports_are_free(cls, value: int | None, info: ValidationInfo) -> int | None:
+        workers, listen = info.data.get("workers"), info.data.get("listen")
+        if not isinstance(workers, int) or workers == 1 or not listen:
+            return value
+        base = _worker_base(value, listen)
+        # every port one host would bind: UDP ones, and TCP ones (tcp, tls, the admin API)
+        owners: dict[tuple[str, int], str] = {}
+
+        def take(kind: str, port: int, owner: str) -> None:
+            other = owners.setdefault((kind, port), owner)
+            if other != owner:
+                raise ValueError(f"port {port} would be both {other} and {owner}")
+
+        for ep in listen:
+            take("udp" if ep.transport == "udp" else "tcp", ep.port, f"listen {ep}")
+        admin = info.data.get("admin") or info.data.get("metrics")
+        if isinstance(admin, AdminSettings) and admin.host_port is not None and \
+                admin.host_port[1]:
+            for i in range(workers):
+                take("tcp", admin.host_port[1] + i, f"worker {i}'s admin API")
+        for index, ep in enumerate(listen):
+            for i in range(workers):
+                port = base + index * workers + i
+                if port > 65535:
+                    raise ValueError(f"worker {i}'s own port for {ep} would be {port}, past "
+                                     "65535: give a lower worker_port_base")
+                take("udp" if ep.transport == "udp" else "tcp", port,
+                     f"worker {i}'s own port for {ep}")
+        return value
+
+    def worker_port(self, listener: int, worker: int) -> int:
+        """Worker ``worker``'s own port on ``listen[listener]`` (several workers): its Via and
+        Record-Route name it, so what belongs to its calls comes back to it."""
+        return _worker_base(self.worker_port_base, self.listen) + listener * self.workers + worker
+
     @model_validator(mode="after")
     def _tls_listener_has_certificate(self) -> Config:
         tls_listeners = [str(ep) for ep in self.listen if ep.transport == "tls"]
@@ -604,3 +673,11 @@ class Config(BaseModel):
 
 
 _NO_ADMIN = AdminSettings()
+
+
+def _worker_base(base: int | None, listen: tuple[Endpoint, ...]) -> int:
+    return base if base is not None else max(ep.port for ep in listen) + WORKER_PORT_OFFSET
+
+
+def _has_port(hostport: str) -> bool:
+    return split_hostport(hostport, port_required=False)[1] is not None

@@ -104,15 +104,19 @@ def parse_config(text: str, source: str = "<string>", base_dir: Path | None = No
 
 
 def config_with_overrides(
-    cfg: Config, listen: Sequence[Endpoint] | None = None, core: Endpoint | None = None
+    cfg: Config, listen: Sequence[Endpoint] | None = None, core: Endpoint | None = None,
+    workers: int | None = None,
 ) -> Config:
     """Return ``cfg`` with command-line ``--listen`` (replaces the whole list; None or empty
-    keeps the file's) and ``--core`` applied, validated again. Raises :class:`ConfigError`."""
+    keeps the file's), ``--core`` and ``--workers`` applied, validated again. Raises
+    :class:`ConfigError`."""
     data: dict[str, Any] = {name: getattr(cfg, name) for name in Config.model_fields}
     if listen:
         data["listen"] = tuple(listen)
     if core is not None:
         data["core"] = core
+    if workers is not None:
+        data["workers"] = workers
     try:
         return Config.model_validate(data)
     except ValidationError as exc:

@@ -21,7 +21,7 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Callable, Hashable, MutableMapping
+from collections.abc import Callable, Hashable, Mapping, MutableMapping
 from typing import Any, Literal, TextIO, cast
 
 import structlog
@@ -118,8 +118,17 @@ def _write(stream: TextIO, text: str) -> None:
 
 
 _streams: list[TextIO] = []
+_fields: dict[str, Any] = {}  # on every line (configure_logging's ``fields``)
 _batches: list[LineBatch] = []
 _settings: list[LogSettings] = []  # the configuration in force (empty before configure_logging)
+
+
+def _add_fields(
+    _logger: Any, _name: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    for key, value in _fields.items():
+        event_dict.setdefault(key, value)
+    return event_dict
 
 
 def flush_logs() -> None:
@@ -140,22 +149,28 @@ def render_json(_logger: Any, _name: str, event_dict: MutableMapping[str, Any]) 
 
 
 def configure_logging(
-    settings: LogSettings, stream: TextIO | None = None, *, batch: bool = False
+    settings: LogSettings, stream: TextIO | None = None, *, batch: bool = False,
+    fields: Mapping[str, Any] | None = None,
 ) -> None:
     """Send log lines to ``stream`` (default: ``sys.stdout`` at call time) per ``settings``.
 
     ``batch=True`` keeps lines in a :class:`LineBatch` until :func:`flush_logs` (the server
     flushes every 100 ms); otherwise each line goes to the stream's buffer at once.
+    ``fields`` go on every line (``worker=i`` in a worker process).
     """
     out = sys.stdout if stream is None else stream
     lines = LineBatch(out) if batch else None
     _streams[:] = [out]
     _batches[:] = [lines] if lines is not None else []
     _settings[:] = [settings]
+    _fields.clear()
+    _fields.update(fields or {})
     processors: list[Processor] = [
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True, key="ts"),
     ]
+    if _fields:
+        processors.insert(0, _add_fields)
     if settings.format == "json":
         processors += [structlog.processors.format_exc_info, render_json]
     else:
@@ -263,7 +278,7 @@ class CallLogger:
         if add is None:
             self._fallback.info(event, **fields)
             return
-        line: dict[str, Any] = {"logger_name": self._name}
+        line: dict[str, Any] = {"logger_name": self._name, **_fields}
         for key, value in fields.items():
             if value is not None:
                 line[key] = value

@@ -299,13 +299,17 @@ class TcpPool:
             else:
                 self.per_ip.pop(ip, None)
 
-    async def listen(self, host: str, port: int, local: int, tls: bool = False) -> None:
-        """Listen for TCP (``tls``: TCP, then a TLS handshake with ``self.tls.server``)."""
+    async def listen(
+        self, host: str, port: int, local: int, tls: bool = False, reuse_port: bool = False
+    ) -> None:
+        """Listen for TCP (``tls``: TCP, then a TLS handshake with ``self.tls.server``).
+        ``reuse_port``: SO_REUSEPORT, the address shared by the worker processes (the kernel
+        spreads new connections over them)."""
         if tls and (self.tls is None or self.tls.server is None):
             raise ValueError("a tls listener needs a server certificate (tls.cert_file)")
         server = await self.loop.create_server(
             lambda: TcpConnection(self, local, self.max_size, tls=tls), host, port,
-            reuse_address=True,
+            reuse_address=True, reuse_port=reuse_port or None,
         )
         self.servers.append(server)
 

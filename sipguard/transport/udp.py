@@ -85,11 +85,16 @@ def _set_buffer(sock: socket.socket, option: int, force: int, size: int) -> None
 
 async def open_udp(
     loop: asyncio.AbstractEventLoop, host: str, port: int, index: int, handler: Handler,
-    rcvbuf: int,
+    rcvbuf: int, reuse_port: bool = False,
 ) -> UdpEndpoint:
+    """Bind a UDP endpoint. ``reuse_port``: SO_REUSEPORT, so the worker processes of one
+    sipguard share the address and the kernel spreads datagrams over them by source address
+    and port (one source always reaches the same socket while the group is unchanged)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         _set_buffer(sock, socket.SO_RCVBUF, SO_RCVBUFFORCE, rcvbuf)
         _set_buffer(sock, socket.SO_SNDBUF, SO_SNDBUFFORCE, rcvbuf)
         sock.bind((host, port))

@@ -1,0 +1,271 @@
+"""Several worker processes on one host: ``sipguard run`` with ``workers: N`` (N > 1).
+
+The process started by the operator is the supervisor. It handles no SIP itself: it starts N
+workers, each ``python -m sipguard run ... --workers N --worker-index i`` (the same command
+line, so the same config file and flags), and then only watches them:
+
+- every worker binds the public ``listen`` addresses with SO_REUSEPORT and a port of its own
+  per listener (``Config.worker_port``; see ``server.proxy_settings`` and
+  docs/architecture.md, "Several worker processes on one host");
+- SIGTERM / SIGINT are passed to every worker (graceful drain; a second one, passed on too,
+  stops them at once); SIGHUP is passed to every worker (each reloads the config file);
+- a worker that exits while no stop was asked for is started again, after 1 s, doubling up
+  to 30 s while it keeps failing within a minute of its start (``worker_exited``,
+  ``worker_restarted``, counted in ``restarts``);
+- the supervisor exits once every worker has exited after a stop: 0 when all exited 0. When a
+  worker cannot start at first (a port in use, a bad config), the others are stopped and the
+  supervisor exits with that worker's code (1 or 2), as a single process would.
+
+Each worker has one end of a socket pair with the supervisor (``--supervisor-fd``): it writes
+``ready`` there once its listeners are up, and it drains and exits when the supervisor's end
+closes (the supervisor was killed), so no worker outlives it. The workers' stdout goes through
+the supervisor, which writes whole lines only: the log lines of N processes never interleave
+mid-line. Workers run in their own session, so a terminal's Ctrl-C reaches the supervisor only,
+which passes it on once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from sipguard.ops.logging import flush_logs, get_logger
+
+READY = b"ready\n"
+RESTART_FIRST_S = 1.0  # a worker that died is started again after this
+RESTART_MAX_S = 30.0  # ... doubling while it keeps dying, up to this
+STABLE_S = 60.0  # a worker up this long that dies starts from RESTART_FIRST_S again
+RELAY_CHUNK = 65536
+
+Command = Callable[[int, int], Sequence[str]]  # (worker index, its socket fd) -> argv
+
+
+@dataclass(slots=True)
+class Worker:
+    index: int
+    proc: asyncio.subprocess.Process | None = None
+    link: socket.socket | None = None
+    started: float = 0.0
+    ready: bool = False
+    restarts: int = 0
+    failures: int = 0  # exits in a row within STABLE_S of their start
+    relay: asyncio.Task[None] | None = None
+
+
+class Supervisor:
+    """Starts ``count`` workers with ``command`` and keeps them running until told to stop."""
+
+    def __init__(self, count: int, command: Command) -> None:
+        self.count = count
+        self.command = command
+        self.workers = [Worker(i) for i in range(count)]
+        self.log = get_logger("sipguard.supervisor")
+        self.stopping = False
+        self.signals = 0  # stop signals received
+        self.failed_start: int | None = None  # exit code of a worker that could not start
+        self._wake = asyncio.Event()  # a stop was asked for: restarts waiting give up
+        self._out = sys.stdout.buffer
+
+    # ------------------------------------------------------------------ logging
+    def _note(self, level: str, event: str, **fields: object) -> None:
+        getattr(self.log, level)(event, **fields)
+        with contextlib.suppress(OSError, ValueError):
+            flush_logs()
+
+    def _write(self, data: bytes) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            sys.stdout.flush()  # our own lines first, in order
+            self._out.write(data)
+            self._out.flush()
+
+    async def _relay(self, stream: asyncio.StreamReader) -> None:
+        """Copy a worker's stdout to ours, whole lines only."""
+        pending = b""
+        while True:
+            chunk = await stream.read(RELAY_CHUNK)
+            if not chunk:
+                break
+            pending += chunk
+            cut = pending.rfind(b"\n") + 1
+            if cut:
+                self._write(pending[:cut])
+                pending = pending[cut:]
+        if pending:
+            self._write(pending + b"\n")
+
+    # ------------------------------------------------------------------ one worker
+    async def _start(self, w: Worker) -> bool:
+        """Start worker ``w``; True once it reports ready, False when it exited first."""
+        ours, theirs = socket.socketpair()
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *self.command(w.index, theirs.fileno()),
+                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+                pass_fds=(theirs.fileno(),), start_new_session=True,
+            )
+        except OSError as exc:
+            ours.close()
+            self._note("error", "worker_start_failed", worker=w.index, error=str(exc))
+            return False
+        finally:
+            theirs.close()
+        w.proc, w.link, w.started, w.ready = proc, ours, time.monotonic(), False
+        assert proc.stdout is not None
+        w.relay = asyncio.get_running_loop().create_task(self._relay(proc.stdout))
+        ours.setblocking(False)
+        loop = asyncio.get_running_loop()
+        line = b""
+        with contextlib.suppress(OSError):
+            while not line.endswith(b"\n"):
+                got = await loop.sock_recv(ours, 64)
+                if not got:
+                    break
+                line += got
+        w.ready = line == READY
+        if not w.ready:
+            await proc.wait()  # it closed its end on its way out: let it finish
+        return w.ready
+
+    async def _ended(self, w: Worker) -> int:
+        """Wait for worker ``w`` to exit; its exit code (negative: killed by that signal)."""
+        assert w.proc is not None
+        code = await w.proc.wait()
+        if w.relay is not None:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(w.relay, 5.0)
+        if w.link is not None:
+            w.link.close()
+            w.link = None
+        return code
+
+    async def _keep(self, w: Worker, first: asyncio.Future[bool]) -> None:
+        """Run worker ``w`` until a stop: start it, wait for its end, start it again."""
+        while True:
+            ready = await self._start(w)
+            if not first.done():
+                first.set_result(ready)
+            elif ready:
+                self._note("info", "worker_restarted", worker=w.index, pid=self._pid(w),
+                           restarts=w.restarts)
+            code = await self._ended(w) if w.proc is not None else 1
+            if self.stopping:
+                return
+            if not ready and w.restarts == 0 and not self._all_started:
+                self.failed_start = code if code > 0 else 1
+                self._note("error", "worker_start_failed", worker=w.index, pid=self._pid(w),
+                           code=code)
+                return
+            up = time.monotonic() - w.started
+            w.failures = 0 if up >= STABLE_S else w.failures + 1
+            delay = min(RESTART_MAX_S, RESTART_FIRST_S * 2 ** max(w.failures - 1, 0))
+            w.restarts += 1
+            self._note("error", "worker_exited", worker=w.index, pid=self._pid(w), code=code,
+                       up_s=round(up, 1), restart_in_s=delay, restarts=w.restarts)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), delay)
+            if self.stopping:
+                return
+
+    @staticmethod
+    def _pid(w: Worker) -> int | None:
+        return w.proc.pid if w.proc is not None else None
+
+    # ------------------------------------------------------------------ signals
+    def _forward(self, sig: int) -> None:
+        for w in self.workers:
+            proc = w.proc
+            if proc is not None and proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, sig)
+
+    def _on_stop(self) -> None:
+        self.signals += 1
+        if not self.stopping:
+            self.stopping = True
+            self._wake.set()
+            self._note("info", "workers_stopping", workers=self.count)
+        self._forward(signal.SIGTERM)  # the second one: the workers stop at once
+
+    def _on_hup(self) -> None:
+        self._note("info", "workers_reloading", workers=self.count)
+        self._forward(signal.SIGHUP)
+
+    # ------------------------------------------------------------------ the whole
+    _all_started = False
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self._on_stop)
+        loop.add_signal_handler(signal.SIGHUP, self._on_hup)
+        firsts = [loop.create_future() for _ in self.workers]
+        keepers = [loop.create_task(self._keep(w, f)) for w, f in zip(self.workers, firsts,
+                                                                       strict=True)]
+        started = await asyncio.gather(*firsts)
+        if all(started):
+            self._all_started = True
+            self._note("info", "workers_started", workers=self.count,
+                       pids=[self._pid(w) for w in self.workers], supervisor=os.getpid())
+        else:
+            # one could not start: stop the others at once, exit as a single process would
+            if not self.stopping:
+                self.stopping = True
+                self._wake.set()
+                self._forward(signal.SIGTERM)
+                await asyncio.sleep(0.2)
+                self._forward(signal.SIGTERM)
+        await asyncio.gather(*keepers)
+        codes = [w.proc.returncode for w in self.workers if w.proc is not None]
+        self._note("info", "workers_stopped", workers=self.count, codes=codes,
+                   restarts=sum(w.restarts for w in self.workers))
+        if not all(started):
+            return self.failed_start or next((c for c in codes if c and c > 0), 1)
+        return 0 if all(c == 0 for c in codes) else 1
+
+
+def supervise(count: int, command: Command) -> int:
+    """Run the supervisor of ``count`` workers to the end; the exit code."""
+    return asyncio.run(Supervisor(count, command).run())
+
+
+# ---------------------------------------------------------------------- the worker's side
+class SupervisorLink:
+    """A worker's end of the socket pair: report ready; notice the supervisor is gone."""
+
+    def __init__(self, fd: int) -> None:
+        self.sock = socket.socket(fileno=fd)
+        self.sock.setblocking(False)
+        self._watch: asyncio.Task[None] | None = None
+
+    def ready(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.send(READY)
+
+    def on_gone(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once the supervisor's end closes (it exited or was killed). Our
+        stdout went through it: from then on it goes to /dev/null, not to a broken pipe."""
+        loop = asyncio.get_running_loop()
+
+        async def watch() -> None:
+            with contextlib.suppress(OSError):
+                while await loop.sock_recv(self.sock, 64):
+                    pass
+            with contextlib.suppress(OSError, ValueError):
+                null = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(null, sys.stdout.fileno())
+                os.close(null)
+            callback()
+
+        self._watch = loop.create_task(watch())
+
+    def close(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+        self.sock.close()

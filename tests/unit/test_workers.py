@@ -1,0 +1,126 @@
+"""Several worker processes on one host: the config rules (`workers`, `worker_port_base`),
+the ports each worker advertises, and the command line of a worker."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import pytest
+
+from sipguard import cli
+from sipguard.ops.config_load import ConfigError, ConfigIssue, config_with_overrides, parse_config
+from sipguard.ops.reload import RESTART_KEYS
+from sipguard.server import proxy_settings
+
+REDIS = "state: {backend: redis, url: 'redis://127.0.0.1:6379/0'}\n"
+TWO = "listen: [udp://127.0.0.1:5060, tcp://127.0.0.1:5060]\ncore: udp://127.0.0.1:5080\n"
+
+
+def issues_of(text: str) -> list[ConfigIssue]:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text, source="test.yaml")
+    return caught.value.issues
+
+
+def test_one_worker_is_the_default() -> None:
+    cfg = parse_config(TWO)
+    assert cfg.workers == 1 and cfg.worker_port_base is None
+    assert {"workers", "worker_port_base"} <= set(RESTART_KEYS)
+
+
+def test_several_workers_need_the_redis_backend() -> None:
+    """With the memory backend each worker would count its own calls: an error naming
+    `workers` at its line."""
+    (issue,) = issues_of(TWO + "workers: 4\n")
+    assert (issue.path, issue.line) == ("workers", 3)
+    assert issue.message == ("more than one worker needs state.backend: redis (each worker "
+                             "would count its own calls)")
+    assert parse_config(TWO + REDIS + "workers: 4\n").workers == 4
+
+
+def test_workers_range() -> None:
+    assert issues_of(TWO + REDIS + "workers: 0\n")[0].path == "workers"
+    assert issues_of(TWO + REDIS + "workers: 65\n")[0].path == "workers"
+
+
+def test_command_line_workers_override_is_validated() -> None:
+    """`--workers N` replaces the file's value and is checked like it."""
+    cfg = parse_config(TWO)
+    with pytest.raises(ConfigError) as caught:
+        config_with_overrides(cfg, workers=2)
+    (issue,) = caught.value.issues
+    assert issue.path == "workers" and "state.backend: redis" in issue.message
+    assert config_with_overrides(parse_config(TWO + REDIS), workers=3).workers == 3
+
+
+def test_cli_refuses_workers_with_memory_state(tmp_path: object,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    path = f"{tmp_path}/sipguard.yaml"
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(TWO)
+    assert cli.main(["run", "--config", path, "--workers", "2"]) == cli.EXIT_CONFIG
+    err = capsys.readouterr().err
+    assert "<command line>: workers: more than one worker needs state.backend: redis" in err
+
+
+def test_worker_ports_default_and_explicit() -> None:
+    """Worker i on the listener at position L: base + L * workers + i; base defaults to the
+    highest listen port + 100."""
+    cfg = parse_config(TWO + REDIS + "workers: 3\n")
+    assert [cfg.worker_port(0, i) for i in range(3)] == [5160, 5161, 5162]
+    assert [cfg.worker_port(1, i) for i in range(3)] == [5163, 5164, 5165]
+    cfg = parse_config(TWO + REDIS + "workers: 2\nworker_port_base: 7000\n")
+    assert [cfg.worker_port(li, i) for li in (0, 1) for i in (0, 1)] == [7000, 7001, 7002, 7003]
+
+
+def test_worker_ports_must_not_collide() -> None:
+    """A worker's own port equal to a listen port or an admin port, or past 65535: an error
+    naming worker_port_base."""
+    text = ("listen: [udp://127.0.0.1:5060, tcp://127.0.0.1:5060, tls://127.0.0.1:5061]\n"
+            "core: udp://127.0.0.1:5080\ntls: {cert_file: c.pem, key_file: k.pem}\n" + REDIS)
+    (issue,) = [i for i in issues_of(text + "workers: 2\nworker_port_base: 5057\n")
+                if i.path == "worker_port_base"]
+    assert issue.message == ("port 5060 would be both listen tcp://127.0.0.1:5060 and worker "
+                             "1's own port for tcp://127.0.0.1:5060")
+    # UDP and TCP ports are apart: udp 5060's workers may use TCP ports of the same number
+    ok = parse_config(TWO + REDIS + "workers: 2\nworker_port_base: 5061\n")
+    assert ok.worker_port(1, 1) == 5064
+    (issue,) = issues_of(TWO + REDIS + "workers: 2\nworker_port_base: 9000\n"
+                         "admin: {listen: '127.0.0.1:9002'}\n")
+    assert issue.path == "worker_port_base" and "admin API" in issue.message
+    (issue,) = issues_of(TWO + REDIS + "workers: 2\nworker_port_base: 65534\n")
+    assert issue.path == "worker_port_base" and "past 65535" in issue.message
+
+
+def test_advertised_port_and_workers_do_not_mix() -> None:
+    (issue,) = issues_of(TWO + REDIS + "workers: 2\nsip: {advertise: '192.0.2.1:5060'}\n")
+    assert issue.path == "workers" and "sip.advertise" in issue.message
+    cfg = parse_config(TWO + REDIS + "workers: 2\nsip: {advertise: 192.0.2.1}\n")
+    locals_ = proxy_settings(cfg, worker=1).locals
+    assert [(loc.host, loc.port) for loc in locals_[:2]] == [("192.0.2.1", 5161),
+                                                            ("192.0.2.1", 5163)]
+
+
+def test_a_worker_advertises_its_own_ports() -> None:
+    """Worker i's Via / Record-Route name its own port; the shared public sockets are locals
+    len(listen) + L, named like listener L (answers leave from where the request came)."""
+    cfg = parse_config(TWO + REDIS + "workers: 2\n")
+    one = proxy_settings(cfg)
+    assert [(loc.index, loc.transport, loc.port) for loc in one.locals] == [
+        (0, "udp", 5060), (1, "tcp", 5060)]
+    w1 = proxy_settings(cfg, worker=1)
+    assert [(loc.index, loc.transport, loc.hostport) for loc in w1.locals] == [
+        (0, "udp", "127.0.0.1:5161"), (1, "tcp", "127.0.0.1:5163"),
+        (0, "udp", "127.0.0.1:5161"), (1, "tcp", "127.0.0.1:5163")]
+    assert w1.core.local == 0  # toward the core: from the worker's own UDP port
+
+
+def test_worker_command_line_repeats_the_supervisors() -> None:
+    args = argparse.Namespace(config="/etc/sipguard.yaml", listen=None, core=None)
+    command = cli._worker_command(args, 4)
+    assert command(2, 9) == [sys.executable, "-m", "sipguard", "run", "--config",
+                             "/etc/sipguard.yaml", "--workers", "4", "--worker-index", "2",
+                             "--supervisor-fd", "9"]
+    parsed = cli.build_parser().parse_args(command(2, 9)[3:])
+    assert (parsed.workers, parsed.worker_index, parsed.supervisor_fd) == (4, 2, 9)
