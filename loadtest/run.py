@@ -2,6 +2,7 @@
 
     python loadtest/run.py [--rates 200,500,1000,1500] [--duration 10] [--hold-ms 1000]
                            [--transport udp|tcp] [--probe-rate 20] [--only direct|sipguard]
+                           [--paths direct,sipguard,redis,redis-workers] [--workers 2]
                            [--proxy-cmd "python -m sipguard"] [--config FILE]
 
 For every rate it runs (a) the baseline SIPp UAC -> SIPp UAS and (b) SIPp UAC -> sipguard ->
@@ -16,6 +17,13 @@ this runner share the others (``--no-pin`` turns that off): in production the pr
 share its core with the load generator, and a SIPp process scheduled onto sipguard's core
 measures the scheduler rather than the proxy.  The direct baseline runs on the same CPUs as
 SIPp does in the sipguard step.
+
+``--paths`` picks the systems measured at every rate, in one run: ``direct``, ``sipguard`` (the
+config as given, memory state), ``redis`` (the same config with ``state.backend: redis`` on a
+redis-server this runner starts on a free loopback port for the run, emptied before each step)
+and ``redis-workers`` (that, with ``--workers`` processes; unpinned — they share the CPUs).
+sipguard's CPU is summed over its process tree (the supervisor and its workers); Redis's CPU is
+reported apart (``redis_cpu_ms/call``).
 
 Everything runs on 127.0.0.1; every process is bounded by a call count and a hard timeout and
 is stopped by its PID.  ``run.py probe ...`` is the probe itself (started as a subprocess).
@@ -318,9 +326,53 @@ class Step:
     p99_ms: float | None = None
     sipguard_cpu_s: float | None = None
     cpu_ms_per_call: float | None = None
+    redis_cpu_ms_per_call: float | None = None
     sipguard_returncode: int | None = None
     error: str | None = None
     workdir: str = ""
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """utime+stime of ``pid`` and every live descendant (a supervisor and its workers)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            raw = stat.read_text()
+        except OSError:
+            continue
+        ppid = int(raw[raw.rindex(")") + 2 :].split()[1])
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            total += cpu_seconds(p)
+        except OSError:
+            continue
+        todo.extend(children.get(p, ()))
+    return total
+
+
+def redis_configs(args: argparse.Namespace, root: Path, url: str) -> dict[str, Path]:
+    """The config of each Redis path: the given config (or a minimal one) with the state
+    section, and for ``redis-workers`` the worker count; written next to the given config so
+    its relative paths still resolve."""
+    import yaml
+
+    base: dict[str, Any] = (
+        yaml.safe_load(args.config.read_text()) if args.config is not None
+        else {"listen": [f"udp://{HOST}:5060"], "core": f"udp://{HOST}:5080"}
+    )
+    folder = args.config.parent if args.config is not None else root
+    out = {}
+    for path in ("redis", "redis-workers"):
+        cfg = dict(base, state={"backend": "redis", "url": url})
+        if path == "redis-workers":
+            cfg["workers"] = args.workers
+        file = folder / f".loadtest-{root.name}-{path}.yaml"
+        file.write_text(yaml.safe_dump(cfg))
+        out[path] = file
+    return out
 
 
 def run_step(args: argparse.Namespace, rate: int, path: str, root: Path) -> Step:
@@ -347,25 +399,33 @@ def run_step(args: argparse.Namespace, rate: int, path: str, root: Path) -> Step
     )
     guard: SipguardProcess | None = None
     probe_proc: subprocess.Popen[bytes] | None = None
+    redis = args.redis if path.startswith("redis") else None
     try:
         uas.start()
         uas.wait_bound()
         target = uas.local_port
-        if path == "sipguard":
+        if path != "direct":
             port = free_port()
+            config = args.config
+            if redis is not None:
+                redis.flush()
+                config = args.redis_configs[path]
             guard = SipguardProcess(
                 workdir,
                 listen=[f"{args.transport}://{HOST}:{port}"],
                 core=f"{args.transport}://{HOST}:{uas.local_port}",
-                config_path=args.config,
+                config_path=config,
                 command=shlex.split(args.proxy_cmd) if args.proxy_cmd else None,
                 stdout_events=False,
             )
-            guard.start(ready_timeout=10)
-            if args.proxy_cpu is not None:
+            guard.start(ready_timeout=20)
+            if path == "redis-workers":
+                time.sleep(2.0)  # every worker up (the supervisor reports ready first)
+            elif args.proxy_cpu is not None:
                 os.sched_setaffinity(guard.pid, {args.proxy_cpu})
             target = port
-        cpu0 = cpu_seconds(guard.pid) if guard else 0.0
+        cpu0 = tree_cpu_seconds(guard.pid) if guard else 0.0
+        rcpu0 = cpu_seconds(redis.proc.pid) if redis is not None and redis.proc else 0.0
         probe_out = workdir / "probe.json"
         if args.probe_rate > 0:
             probe_cmd = [
@@ -414,7 +474,10 @@ def run_step(args: argparse.Namespace, rate: int, path: str, root: Path) -> Step
             except subprocess.TimeoutExpired:
                 stop_pid(probe_proc, grace=2)
         if guard is not None:
-            step.sipguard_cpu_s = cpu_seconds(guard.pid) - cpu0
+            step.sipguard_cpu_s = tree_cpu_seconds(guard.pid) - cpu0
+        if redis is not None and redis.proc is not None:
+            rcpu = cpu_seconds(redis.proc.pid) - rcpu0
+            step.redis_cpu_ms_per_call = 1000 * rcpu / max(res.created or attempted, 1)
         step.attempted = res.created or attempted
         step.completed = res.successful
         step.failed = res.failed
@@ -458,7 +521,7 @@ def ratio(a: float | None, b: float | None) -> float | None:
 
 
 HEADER = (
-    f"{'rate':>6} {'path':<9} {'attempted':>9} {'completed':>9} {'failed':>6} {'ok%':>7} "
+    f"{'rate':>6} {'path':<13} {'attempted':>9} {'completed':>9} {'failed':>6} {'ok%':>7} "
     f"{'calls/s':>8} {'probe':>9} {'p50ms':>8} {'p99ms':>8} {'cpu_ms/call':>11} "
     f"{'x_cps':>6} {'x_p50':>6} {'x_p99':>6}"
 )
@@ -476,11 +539,13 @@ def row(s: Step, base: Step | None) -> str:
     )
     probe = f"{s.probe.get('completed', 0)}/{s.probe.get('calls', 0)}" if s.probe else "-"
     line = (
-        f"{s.rate:>6} {s.path:<9} {s.attempted:>9} {s.completed:>9} {s.failed:>6} "
+        f"{s.rate:>6} {s.path:<13} {s.attempted:>9} {s.completed:>9} {s.failed:>6} "
         f"{s.success_pct:>7.2f} {s.achieved_cps:>8.1f} {probe:>9} {fmt(s.p50_ms, '.3f'):>8} "
         f"{fmt(s.p99_ms, '.3f'):>8} {fmt(s.cpu_ms_per_call, '.3f'):>11} "
         f"{fmt(xs[0]):>6} {fmt(xs[1]):>6} {fmt(xs[2]):>6}"
     )
+    if s.redis_cpu_ms_per_call is not None:
+        line += f"  redis {s.redis_cpu_ms_per_call:.3f} ms/call"
     if s.error:
         line += f"  ERROR {s.error}"
     elif s.uac_timed_out:
@@ -508,6 +573,11 @@ def main(argv: list[str] | None = None) -> int:
         "--probe-rate", type=float, default=20, help="latency probe calls/s (0: no probe)"
     )
     ap.add_argument("--only", choices=["direct", "sipguard"], help="run one path only")
+    ap.add_argument(
+        "--paths", help="systems to measure, comma-separated, in order: direct, sipguard, "
+        "redis (state on a local redis-server), redis-workers (--workers processes on it)",
+    )
+    ap.add_argument("--workers", type=int, default=2, help="processes of the redis-workers path")
     ap.add_argument(
         "--proxy-cmd",
         help="command replacing `python -m sipguard` (then `run --config ... --listen ... --core ...` is appended)",
@@ -542,6 +612,18 @@ def main(argv: list[str] | None = None) -> int:
     root = args.results_dir / run_id
     root.mkdir(parents=True, exist_ok=True)
     paths = [args.only] if args.only else ["direct", "sipguard"]
+    if args.paths:
+        paths = [p.strip() for p in args.paths.split(",") if p.strip()]
+        unknown = set(paths) - {"direct", "sipguard", "redis", "redis-workers"}
+        if unknown:
+            print(f"unknown --paths: {sorted(unknown)}", file=sys.stderr)
+            return 2
+    args.redis = None
+    if any(p.startswith("redis") for p in paths):
+        from tests.redis_server import RedisServer
+
+        args.redis = RedisServer(root / "redis").start()
+        args.redis_configs = redis_configs(args, root, args.redis.url)
     proxy = args.proxy_cmd or shlex.join(sipguard_command())
     print(
         f"sipguard load test {run_id}: rates {rates} cps, {args.duration:g} s each, calls {args.hold_ms} ms, "
@@ -551,20 +633,27 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(HEADER, flush=True)
     steps: list[Step] = []
-    for rate in rates:
-        base: Step | None = None
-        for path in paths:
-            s = run_step(args, rate, path, root)
-            steps.append(s)
-            if path == "direct":
-                base = s
-            print(row(s, base), flush=True)
+    try:
+        for rate in rates:
+            base: Step | None = None
+            for path in paths:
+                s = run_step(args, rate, path, root)
+                steps.append(s)
+                if path == "direct":
+                    base = s
+                print(row(s, base), flush=True)
+    finally:
+        if args.redis is not None:
+            args.redis.stop()
+            for file in args.redis_configs.values():
+                file.unlink(missing_ok=True)
     sipp_ver = subprocess.run(
         [sipp_binary() or "sipp", "-v"], capture_output=True, text=True, timeout=10
     ).stdout
     report = {
         "run_id": run_id,
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                 if k not in ("redis", "redis_configs")},
         "proxy_cmd": proxy,
         "host": {
             "cpus": os.cpu_count(),
@@ -579,6 +668,7 @@ def main(argv: list[str] | None = None) -> int:
             "calls/s": "completed / (UAC wall time - hold time)",
             "p50ms/p99ms": "probe INVITE->200 latency",
             "cpu_ms/call": "sipguard utime+stime / (load + probe calls)",
+            "redis_cpu_ms_per_call": "redis-server utime+stime / load calls (redis paths)",
             "x_*": "sipguard / direct, same rate, same run",
         },
         "steps": [asdict(s) for s in steps],

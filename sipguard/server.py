@@ -36,23 +36,28 @@ from sipguard import native
 from sipguard.contract import CallInfo, DecisionPending, Deferred, Flow, Local, Verdict
 from sipguard.edge import DECISION_FAILED, EdgeCore
 from sipguard.ops.admin import AdminEndpoint, read_token
-from sipguard.ops.config import Config
+from sipguard.ops.config import Config, StateSettings
 from sipguard.ops.config_load import ConfigError
+from sipguard.ops.endpoints import split_hostport
 from sipguard.ops.logging import CallLogger, Level, SampledLogger, flush_logs, get_logger
 from sipguard.ops.metrics import Metrics
 from sipguard.ops.observe import Observer
 from sipguard.ops.overload import OverloadWatcher
 from sipguard.ops.privacy import NumberPrivacy, number_privacy
 from sipguard.ops.reload import RESTART_KEYS, ReloadResult, changed_keys, failure
+from sipguard.ops.shared_lists import SharedLists
 from sipguard.policy.engine import Policy
 from sipguard.policy.state import RuleState
-from sipguard.policy.suspensions import SuspensionStore
+from sipguard.policy.suspensions import Suspension, SuspensionStore
 from sipguard.proxy.core import Proxy
 from sipguard.proxy.settings import ProxySettings
 from sipguard.sip.errors import SipParseError
 from sipguard.sip.parser import ParseLimits
 from sipguard.transport.http_get import JsonGetter
 from sipguard.transport.https_fetch import HttpsFetcher
+from sipguard.transport.redis_client import Where, connect
+from sipguard.transport.redis_pipe import RespPipe
+from sipguard.transport.redis_state import SharedStore
 from sipguard.transport.tcp import TcpLimits, TcpPool
 from sipguard.transport.tls import TlsContexts, build_contexts
 from sipguard.transport.udp import UdpEndpoint, open_udp
@@ -80,6 +85,10 @@ def _glibc_malloc_trim() -> Any:
 _MALLOC_TRIM = _glibc_malloc_trim()
 
 
+# a socket to bind: (local index, transport, host, port, shared (SO_REUSEPORT), what it is)
+_Socket = tuple[int, str, str, int, bool, str]
+
+
 class StartupError(Exception):
     """sipguard cannot start (a port in use, an address not on this host, ...)."""
 
@@ -102,8 +111,15 @@ def _primary_address(toward: str) -> str:
             return "127.0.0.1" if family == socket.AF_INET else "::1"
 
 
-def proxy_settings(cfg: Config) -> ProxySettings:
-    """Translate the config file into what the sans-I/O core needs."""
+def proxy_settings(cfg: Config, worker: int | None = None) -> ProxySettings:
+    """Translate the config file into what the sans-I/O core needs.
+
+    ``worker``: this process is worker ``worker`` of several (``workers``). Listener ``i``
+    then advertises the worker's own port (``Config.worker_port``) in Via and Record-Route,
+    and the shared public socket of listener ``i`` is one more local at position
+    ``len(listen) + i``, advertising the same: a request that came in there is recorded and
+    answered as listener ``i``'s, and the shell answers it from the socket it came on.
+    """
     sip = cfg.sip
     adv_host: str | None = None
     adv_port: int | None = None
@@ -118,7 +134,10 @@ def proxy_settings(cfg: Config) -> ProxySettings:
     locals_ = []
     for i, ep in enumerate(cfg.listen):
         host = adv_host or (_primary_address(cfg.core.host) if _unspecified(ep.host) else ep.host)
-        locals_.append(Local(i, ep.transport, host, adv_port or ep.port))
+        own = adv_port or ep.port if worker is None else cfg.worker_port(i, worker)
+        locals_.append(Local(i, ep.transport, host, own))
+    if worker is not None:
+        locals_ += [Local(loc.index, loc.transport, loc.host, loc.port) for loc in locals_]
     core = cfg.core
     core_local = next((loc.index for loc in locals_ if loc.transport == core.transport), 0)
     return ProxySettings(
@@ -162,6 +181,38 @@ def owned_headers(cfg: Config) -> frozenset[str]:
     return frozenset(names)
 
 
+
+def shared_store(settings: StateSettings, counters: Counter[str], log: Any) -> SharedStore:
+    """The Redis-backed store of the ``state:`` section (connections open on first use)."""
+    sentinel = settings.sentinel
+    where = Where(
+        url=settings.url, cluster=settings.cluster,
+        sentinel_master=sentinel.master if sentinel is not None else None,
+        sentinel_nodes=tuple(_node(n) for n in sentinel.nodes) if sentinel is not None else (),
+        timeout_s=settings.timeout_ms / 1000,
+    )
+
+    def note(event: str, **fields: Any) -> None:
+        level = "info" if event == "state_reachable" else "warning"
+        getattr(log, level)(event, backend="redis", **fields)
+
+    pipe = None
+    if settings.url is not None and not settings.cluster:
+        pipe = RespPipe(settings.url.replace("valkey", "redis", 1),
+                        connect_timeout_s=max(0.25, settings.timeout_ms / 1000 * 4))
+    return SharedStore(
+        connect(where), pipe=pipe, prefix=settings.key_prefix, cluster=settings.cluster,
+        timeout_s=settings.timeout_ms / 1000, lease_s=settings.lease_s,
+        fail_open=settings.fail == "open", retry_after_s=settings.retry_after_s,
+        breaker_failures=settings.breaker_failures,
+        max_pending=settings.max_pending_releases, counters=counters, log=note,
+    )
+
+
+def _node(text: str) -> tuple[str, int]:
+    host, port = split_hostport(text, True)
+    return host.strip("[]"), int(port or 26379)
+
 class Server:
     """One running sipguard: listeners + edge core + observability."""
 
@@ -170,31 +221,42 @@ class Server:
         cfg: Config,
         policy: Policy | None = None,
         load: Callable[[], Config] | None = None,
+        worker: int | None = None,
     ) -> None:
         self.cfg = cfg
         # reads the config file anew for a reload (None: nothing to reload from)
         self.load = load
+        # worker ``worker`` of ``cfg.workers`` (None: the only process): listener i is its
+        # own port, the shared public socket of listener i is local len(listen) + i
+        self.worker = worker
+        self._shared_from = len(cfg.listen) if worker is not None else 1 << 30
         self.loop = asyncio.get_running_loop()
         # The rules' state, made once and kept across reloads. Identity: Unix time = loop
         # time + wall_offset; certificates fetched over HTTPS.
         self.state = policy.state if policy is not None else RuleState()
+        self.metrics = Metrics()
+        self.counters: Counter[str] = self.metrics.events  # every counter is exported too
+        self.log = get_logger("sipguard")
+        # state.backend redis: the counts every instance shares (None: all in this process)
+        self.shared_store: SharedStore | None = None
+        if cfg.state.backend == "redis" and self.state.shared is None:
+            self.shared_store = shared_store(cfg.state, self.counters, self.log)
+            self.state.shared = self.shared_store
+            self.state.tracker.share(self.shared_store)
         self.state.wall_offset = time.time() - self.loop.time()
         if self.state.fetcher is None:
             self.state.fetcher = HttpsFetcher(clock=self.loop.time)
         if self.state.http is None:  # national_cli: roaming lookups
             self.state.http = JsonGetter()
         policy = policy or Policy(cfg, self.state, _trusted(cfg))
-        self.core = EdgeCore(proxy_settings(cfg), policy, os.urandom(32),
+        self.core = EdgeCore(proxy_settings(cfg, worker), policy, os.urandom(32),
                              overload_retry_after_s=cfg.sip.overload_retry_after_s,
                              perf=time.perf_counter)
         self.udp: dict[int, UdpEndpoint] = {}
         self.tcp = TcpPool(self.loop, self._on_stream_message, self._on_stream_error,
                            cfg.sip.max_message_size, tcp_limits(cfg), self._on_tcp_event)
         self.state.tls_names = self._tls_names  # peers matched by their TLS certificate
-        self.metrics = Metrics()
         self.metrics.config_loaded = time.time()
-        self.counters: Counter[str] = self.metrics.events  # every counter is exported too
-        self.log = get_logger("sipguard")
         sample = cfg.log.parse_error_sample_s
         self.sampled = SampledLogger(self.log, sample, clock=self.loop.time)
         self.observer = Observer(self.metrics, self.log, CallLogger("sipguard"), self.sampled)
@@ -207,6 +269,8 @@ class Server:
         self.listening = False  # every listener is up (GET /readyz)
         self._reload_lock = asyncio.Lock()  # one reload at a time, whoever asked
         self._save_lock = asyncio.Lock()  # one suspensions file write at a time
+        # state.backend redis: suspensions and flood bans kept equal on every instance
+        self.shared_lists: SharedLists | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._flush_pending = False
@@ -232,31 +296,17 @@ class Server:
             self.tcp.tls = await asyncio.to_thread(tls_contexts, self.cfg)
         except (OSError, ValueError) as exc:
             raise StartupError(str(exc)) from None
-        for i, ep in enumerate(self.cfg.listen):
-            try:
-                if ep.transport == "udp":
-                    udp = self.udp[i] = await open_udp(
-                        self.loop, ep.host, ep.port, i, self._on_datagram,
-                        self.cfg.sip.udp_receive_buffer,
-                    )
-                    if udp.receive_buffer < self.cfg.sip.udp_receive_buffer:
-                        self.log.warning(
-                            "udp_receive_buffer_capped", listen=str(ep),
-                            wanted=self.cfg.sip.udp_receive_buffer, got=udp.receive_buffer // 2,
-                            fix="raise net.core.rmem_max (sysctl) or run with CAP_NET_ADMIN",
-                        )
-                else:
-                    await self.tcp.listen(ep.host, ep.port, i, tls=ep.transport == "tls")
-            except OSError as exc:
-                await self.stop()
-                raise StartupError(f"cannot listen on {ep}: {exc.strerror or exc}") from None
+        await self._listen()
         try:
             await self._load_suspensions()
+            await self._start_shared_lists()
             await self._start_admin()
         except StartupError:
             await self.stop()
             raise
         self.listening = True
+        if self.shared_store is not None:
+            self.shared_store.start()
         self._housekeeping = self.loop.call_later(10.0, self._housekeep)
         self._log_flusher = self.loop.call_later(0.1, self._flush_logs)
         self._gc_timer = self.loop.call_later(GC_INTERVAL_S, self.collect_garbage)
@@ -275,6 +325,50 @@ class Server:
             self.log.warning("compiled_modules_stale", modules=stale,
                              fix="run `make` or `python -m sipguard.native build`")
 
+    def _sockets(self) -> list[_Socket]:
+        """What to bind: (local index, transport, host, port, shared with SO_REUSEPORT, what
+        it is, for messages).
+
+        One process: every listener at its index. Worker w of several: first its own port of
+        listener i at index i (nobody else's: a port taken is an error), then the public
+        address, shared by every worker, at index len(listen) + i."""
+        listen = self.cfg.listen
+        w = self.worker
+        if w is None:
+            return [(i, ep.transport, ep.host, ep.port, False, str(ep))
+                    for i, ep in enumerate(listen)]
+        out: list[_Socket] = []
+        for i, ep in enumerate(listen):
+            port = self.cfg.worker_port(i, w)
+            out.append((i, ep.transport, ep.host, port, False,
+                        f"{ep.transport}://{_bracketed(ep.host)}:{port} (worker {w}'s own port "
+                        f"for {ep})"))
+        n = len(listen)
+        return out + [(n + i, ep.transport, ep.host, ep.port, True, str(ep))
+                      for i, ep in enumerate(listen)]
+
+    async def _listen(self) -> None:
+        """Bind every listening socket, or stop and raise :class:`StartupError`."""
+        wanted = self.cfg.sip.udp_receive_buffer
+        for i, transport, host, port, shared, what in self._sockets():
+            try:
+                if transport == "udp":
+                    udp = self.udp[i] = await open_udp(
+                        self.loop, host, port, i, self._on_datagram, wanted, reuse_port=shared,
+                    )
+                    if udp.receive_buffer < wanted:
+                        self.log.warning(
+                            "udp_receive_buffer_capped", listen=what,
+                            wanted=wanted, got=udp.receive_buffer // 2,
+                            fix="raise net.core.rmem_max (sysctl) or run with CAP_NET_ADMIN",
+                        )
+                else:
+                    await self.tcp.listen(host, port, i, tls=transport == "tls",
+                                          reuse_port=shared)
+            except OSError as exc:
+                await self.stop()
+                raise StartupError(f"cannot listen on {what}: {exc.strerror or exc}") from None
+
     async def _start_admin(self) -> None:
         http = self.cfg.http
         if http.host_port is None:
@@ -292,11 +386,15 @@ class Server:
                 f"admin API on {http.listen} is not loopback-only: set admin.token_file"
             )
         admin = AdminEndpoint(self.metrics, self._gauges, self, token)
+        host, port = http.host_port
+        if port and self.worker is not None:
+            port += self.worker  # worker i: the admin port + i
         try:
-            await admin.start(*http.host_port)
+            await admin.start(host, port)
         except OSError as exc:
             raise StartupError(
-                f"cannot serve the admin API on {http.listen}: {exc.strerror or exc}"
+                f"cannot serve the admin API on {_bracketed(host)}:{port}: "
+                f"{exc.strerror or exc}"
             ) from None
         self.http = admin
 
@@ -309,6 +407,7 @@ class Server:
             "tcp_connections": len(self.tcp.by_id),
             "udp_receive_queue_ratio": self.overload.queue_fill,
             "overloaded": float(self.core.overloaded),
+            **(self.shared_store.stats() if self.shared_store is not None else {}),
         }
 
     @property
@@ -352,6 +451,9 @@ class Server:
             await fetcher.close()
         if isinstance(self.state.http, JsonGetter):
             await self.state.http.close()
+        await self._stop_shared_lists()
+        if self.shared_store is not None:
+            await self.shared_store.close()
         await self.tcp.close()
         for ep in self.udp.values():
             if ep.transport is not None:
@@ -366,7 +468,7 @@ class Server:
         self.tcp.limits = tcp_limits(cfg)
         self.tcp.tls = tls if tls is not None else tls_contexts(cfg)
         self.core.set_overload_retry_after(cfg.sip.overload_retry_after_s)
-        self.core.reconfigure(proxy_settings(cfg), policy, self.loop.time())
+        self.core.reconfigure(proxy_settings(cfg, self.worker), policy, self.loop.time())
         self.observer.flood = policy.flood
         # the key file was read by the config's validation moments ago
         self.observer.privacy = self.privacy = number_privacy(cfg.log.numbers,
@@ -425,7 +527,20 @@ class Server:
 
     # ------------------------------------------------------------------ operator control
     @property
+    def state_status(self) -> str | None:
+        """The shared store's reachability (None: memory backend)."""
+        store = self.shared_store
+        if store is None:
+            return None
+        return "ok" if store.available else "unreachable"
+
+    @property
     def ready(self) -> bool:
+        """Listening, not draining, and — with ``state.fail: closed`` — the shared store
+        reachable (with ``fail: open`` calls still pass while it is not)."""
+        shared = self.state.shared
+        if shared is not None and not shared.available and not shared.fail_open:
+            return False
         return self.listening and not self.core.draining
 
     async def drain(self, timeout: float | None = None) -> int:
@@ -448,6 +563,16 @@ class Server:
     def config_view(self) -> dict[str, Any]:
         """The effective config as JSON data, secrets' file paths and URL passwords hidden."""
         return dict(_redact(self.cfg.model_dump(mode="json")))
+
+    async def shared_counts(self, key: str) -> dict[str, int] | None:
+        """With the Redis backend: ``key``'s live calls as caller, callee and diverter on
+        every instance (None: memory backend, a prefix, or Redis unreachable)."""
+        store = self.shared_store
+        if store is None or key.endswith("*"):
+            return None
+        kinds = ("caller", "callee", "diverter")
+        counts = await store.counts([f"{kind}:{key}" for kind in kinds])
+        return None if counts is None else dict(zip(kinds, counts, strict=True))
 
     def calls_view(self, key: str) -> dict[str, Any]:
         """Live calls whose caller, called or diverting number is ``key`` (or in the prefix
@@ -482,9 +607,12 @@ class Server:
         return self.state.flood.list_bans(self.loop.time())
 
     def lift_ban(self, source: str) -> bool:
+        key = self.state.flood.key_of(source)
         lifted = self.state.flood.lift(source)
         if lifted:
             self.log.info("ban_lifted", source=source)
+            if self.shared_lists is not None and key is not None:
+                self.shared_lists.ban_changed(key)
         return lifted
 
     def suspensions_view(self) -> list[dict[str, Any]]:
@@ -510,6 +638,8 @@ class Server:
         calls are ended at once (BYE both ways, ``reason=suspended``)."""
         now = self.loop.time()
         entry = self.state.suspensions.add(key, reason, by, now, ttl)
+        if self.shared_lists is not None:
+            self.shared_lists.suspension_changed(key)
         ended = 0
         if end_calls:
             ended = self.core.end_calls(_matcher(key), "suspended", now)
@@ -529,6 +659,8 @@ class Server:
         entry = self.state.suspensions.lift(key)
         if entry is None:
             return None
+        if self.shared_lists is not None:
+            self.shared_lists.suspension_changed(key)
         self.log.info(
             "suspension_lifted", **{"prefix" if entry.prefix else "number": self._shown(key)},
             by=by,
@@ -574,6 +706,51 @@ class Server:
         except (ValueError, KeyError, TypeError) as exc:
             raise StartupError(f"cannot read suspensions from {path}: {exc}") from None
         self.log.info("suspensions_loaded", file=str(path), count=loaded)
+
+    async def _start_shared_lists(self) -> None:
+        """With ``state.backend: redis``: share the suspensions and flood bans with every other
+        instance (:mod:`sipguard.ops.shared_lists`) through the shared store's client. Redis
+        supersedes the ``state_dir`` file, which is still written: it is what an instance
+        starting while Redis cannot be reached goes by until Redis answers."""
+        shared = self.shared_store
+        if shared is None:
+            return
+        flood = self.state.flood
+        lists = SharedLists(
+            shared.client, self.cfg.state.key_prefix, self.state.suspensions, flood,
+            self.loop.time, lambda: self.state.wall_offset,
+            max_bans=lambda: self.policy.flood.max_bans if self.policy.flood else 100_000,
+            counters=self.counters, log=self.log, sampled=self.sampled,
+            on_suspensions=self._shared_suspensions,
+        )
+        self.shared_lists = lists
+        flood.on_ban = lists.ban_added
+        if not await lists.start(wait_s=2.0):
+            self.log.warning("shared_lists_not_loaded",
+                             detail="Redis did not answer: local lists until it does")
+
+    async def _stop_shared_lists(self) -> None:
+        lists, self.shared_lists = self.shared_lists, None
+        if lists is None:
+            return
+        self.state.flood.on_ban = None
+        if lists.connected:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(1.0):
+                    await lists.flush()  # what changed here last
+        await lists.stop()
+
+    def _shared_suspensions(self, added: list[Suspension], lifted: list[Suspension]) -> None:
+        """Suspensions changed on another instance (or found changed in Redis): logged like
+        local ones, and the state_dir file rewritten."""
+        for entry, event in [(e, "suspension_added") for e in added] + \
+                [(e, "suspension_lifted") for e in lifted]:
+            self.log.info(
+                event, **{"prefix" if entry.prefix else "number": self._shown(entry.key)},
+                by=entry.by, reason=entry.reason, via="shared",
+            )
+        if self.cfg.state_dir is not None:
+            self._start(self._save_quietly())
 
     def _expire_suspensions(self) -> None:
         ended = self.state.suspensions.sweep(self.loop.time())
@@ -696,7 +873,12 @@ class Server:
         if ip != host:
             flow = flow._replace(addr=(ip, flow.addr[1]))
         if flow.transport == "udp":
-            ep = self.udp.get(flow.local) or next(iter(self.udp.values()), None)
+            local = flow.local
+            if local >= self._shared_from and not data.startswith(b"SIP/2.0 "):
+                # a worker's requests leave from its own port, whatever socket the party
+                # came in on: the answers (rport, or the Via port) come back to this worker
+                local -= self._shared_from
+            ep = self.udp.get(local) or next(iter(self.udp.values()), None)
             if ep is None:
                 self.counters["send_failed"] += 1
                 return
@@ -808,6 +990,10 @@ def _read_state(path: Path) -> str | None:
         return path.read_text(encoding="utf-8")
     except FileNotFoundError:
         return None
+
+
+def _bracketed(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
 
 
 def _is_ip(host: str) -> bool:

@@ -20,10 +20,20 @@ def server_binary() -> str | None:
     return shutil.which("redis-server") or shutil.which("valkey-server")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def _free_port(below: int = 65536) -> int:
+    """A free loopback port (below ``below``: a cluster node's bus port is its port + 10000)."""
+    for _ in range(200):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port < below:
+            with socket.socket() as bus:
+                try:
+                    bus.bind(("127.0.0.1", port + 10000)) if below < 65536 else None
+                except OSError:
+                    continue
+            return port
+    raise RuntimeError("no free port")
 
 
 class RedisServer:
@@ -68,7 +78,8 @@ class RedisServer:
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
                 s.sendall(b"PING\r\n")
-                return s.recv(16).startswith(b"+PONG")
+                reply = s.recv(64)
+                return reply.startswith((b"+PONG", b"-NOAUTH"))  # up (with a password)
         except OSError:
             return False
 
@@ -101,3 +112,79 @@ class RedisServer:
             proc.kill()
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(5)
+
+
+class RedisCluster:
+    """A three-master Redis Cluster on 127.0.0.1 (no replicas), made with ``redis-cli
+    --cluster create``; stopped by PID."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.nodes = [RedisServer(workdir / f"node{i}", _free_port(55536), "--cluster-enabled", "yes",
+                                  "--cluster-node-timeout", "2000") for i in range(3)]
+        for node in self.nodes:
+            node.extra = (*node.extra, "--cluster-config-file", f"nodes-{node.port}.conf")
+
+    @property
+    def url(self) -> str:
+        return self.nodes[0].url
+
+    def start(self) -> RedisCluster:
+        cli = shutil.which("redis-cli") or shutil.which("valkey-cli")
+        if cli is None:
+            raise RuntimeError("redis-cli not found (Debian package redis-tools)")
+        for node in self.nodes:
+            node.start()
+        subprocess.run(
+            [cli, "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in self.nodes),
+             "--cluster-replicas", "0", "--cluster-yes"],
+            check=True, capture_output=True, timeout=30,
+        )
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if all(b"cluster_state:ok" in n.command("CLUSTER", "INFO") for n in self.nodes):
+                return self
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError("the cluster did not reach cluster_state:ok within 15 s")
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+
+class RedisSentinel:
+    """One Redis master and one Sentinel watching it (``redis-server --sentinel``) as
+    ``mymaster``, on 127.0.0.1; stopped by PID."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.master = RedisServer(workdir / "master")
+        self.port = _free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> RedisSentinel:
+        binary = server_binary()
+        assert binary is not None
+        self.master.start()
+        conf = self.workdir / "sentinel.conf"
+        conf.write_text(f"port {self.port}\nbind 127.0.0.1\ndir {self.workdir}\n"
+                        f"sentinel monitor mymaster 127.0.0.1 {self.master.port} 1\n")
+        log = open(self.workdir / "sentinel.log", "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen([binary, str(conf), "--sentinel"], stdout=log,
+                                     stderr=subprocess.STDOUT)
+        log.close()
+        probe = RedisServer(self.workdir, self.port)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if probe.ping():
+                return self
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError("redis sentinel did not start")
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            proc.wait(5)
+        self.master.stop()

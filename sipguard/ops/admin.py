@@ -9,10 +9,13 @@ with ``{"error": "..."}``, never a traceback.
 
 =======================  ==================================================================
 ``GET /readyz``          200 ``{"ready": true}`` while the listeners are up, else 503
+                         (with ``state.backend: redis`` also ``"state": "ok"|"unreachable"``;
+                         unready while unreachable with ``state.fail: closed``)
 ``POST /reload``         re-read the config file: ``{"applied", "changed", "restart_needed"}``
                          or 422 ``{"applied": false, "errors": [{"line", "field", "message"}]}``
 ``GET /config``          the effective config, file paths of secrets redacted
-``GET /calls?number=N``  live calls of a number (or ``prefix*``) and its live-call counts
+``GET /calls?number=N``  live calls of a number (or ``prefix*``) and its live-call counts (this
+                         instance; with Redis also ``counts_all_instances``)
 ``GET /bans``            flood bans in force; ``DELETE /bans/{source}`` lifts one
 ``GET /suspensions``     suspended numbers (API and config); ``POST`` adds, ``DELETE
                          /suspensions/{number}`` lifts
@@ -213,7 +216,11 @@ class AdminEndpoint:
 
     async def _readyz(self, request: web.Request) -> web.Response:
         ready = self.control.ready
-        return _json({"ready": ready}, 200 if ready else 503)
+        body: dict[str, Any] = {"ready": ready}
+        state = getattr(self.control, "state_status", None)
+        if state is not None:  # the shared store: "ok" or "unreachable"
+            body["state"] = state
+        return _json(body, 200 if ready else 503)
 
     # ------------------------------------------------------------------ operator endpoints
     async def _reload(self, request: web.Request) -> web.Response:
@@ -224,7 +231,12 @@ class AdminEndpoint:
         return _json(self.control.config_view())
 
     async def _calls(self, request: web.Request) -> web.Response:
-        return _json(self.control.calls_view(_key(_query_number(request))))
+        key = _key(_query_number(request))
+        view = self.control.calls_view(key)
+        shared = getattr(self.control, "shared_counts", None)
+        if shared is not None:  # Redis backend: the counts every instance shares
+            view["counts_all_instances"] = await shared(key)
+        return _json(view)
 
     async def _bans(self, request: web.Request) -> web.Response:
         return _json({"bans": self.control.bans_view()})

@@ -54,10 +54,16 @@ Fails open: a call without a caller (callee) number is not limited per caller (c
 Cost: a dict lookup per configured limit per INVITE and one lease per live call, whatever the
 number of distinct numbers (measured in ``loadtest/concurrency_cost.py``).
 
+Shared across instances (``state.backend: redis``)
+    The tracker's memory store then holds only this process's leases (a mirror, for refresh,
+    release and the local views); the counts that decide are in Redis
+    (:mod:`sipguard.transport.redis_state`). :meth:`Concurrency.plan` adds the rule's limits and the
+    call's counters to the pipeline's one round trip, which checks and takes atomically on the
+    Redis side; the lease is released in Redis when the dialog ends (retried when Redis was
+    away), re-scored every ``state.lease_s / 3`` while it lives, and lapses ``lease_s`` after
+    its instance stopped re-scoring it (a crash).
+
 Known limitations
-    * A backend that needs I/O (Redis, a later issue) must implement ``LeaseStore.take``
-      atomically on its side (one script); the memory backend's is one synchronous step.
-    * Calls are counted on this instance only (the memory backend).
     * A dialog whose BYE is lost holds its slot until its session timer (when the 2xx
       negotiated one) or ``sip.max_dialog_lifetime_s`` expires; no in-dialog OPTIONS probing.
 """
@@ -73,13 +79,14 @@ from sipguard.contract import Verdict
 from sipguard.policy.settings import FROZEN, Answer, RuleSettings
 from sipguard.sip.history_info import diverting_entries
 from sipguard.sip.params import get_param
-from sipguard.state.base import LeaseStore, SyncLeaseStore
+from sipguard.state.base import LeaseStore, SharedCounts, SyncLeaseStore
 from sipguard.state.memory import MemoryLeases
 
 if TYPE_CHECKING:
     from sipguard.contract import CallInfo, Dialog
     from sipguard.policy.engine import BuildContext
     from sipguard.policy.peers import Peer
+    from sipguard.policy.pipeline import Plan
     from sipguard.sip.message import Message
 
 KINDS = ("caller", "callee", "diverter", "peer")
@@ -210,19 +217,60 @@ class Tracker:
     shell runs.
     """
 
-    __slots__ = ("store", "sync", "grace", "unmatched_ends")
+    __slots__ = ("store", "sync", "grace", "unmatched_ends", "shared", "mirror")
 
-    def __init__(self, store: LeaseStore | None = None, grace: float = LEASE_GRACE) -> None:
+    def __init__(self, store: LeaseStore | None = None, grace: float = LEASE_GRACE,
+                 shared: SharedCounts | None = None) -> None:
         self.store: LeaseStore = store if store is not None else MemoryLeases()
         self.sync: SyncLeaseStore | None = (
             self.store if isinstance(self.store, SyncLeaseStore) else None
         )
         self.grace = grace
         self.unmatched_ends = 0  # dialog ends without a lease (must stay 0 after a resync)
+        # With a shared store the counts that decide are in Redis and ``mirror`` holds this
+        # process's own leases (what it re-scores and releases).
+        self.shared: SharedCounts | None = None
+        self.mirror = MemoryLeases()
+        if shared is not None:
+            self.share(shared)
+
+    def share(self, shared: SharedCounts) -> None:
+        """Count in ``shared`` from now on (the shell, at start-up)."""
+        self.shared = shared
+        mirror = self.mirror
+        shared.live = mirror.items_now
+        shared.held = mirror.holds
+
+    # ------------------------------------------------------------------ shared store
+    def hold(self, call: CallInfo, take: tuple[str, ...]) -> None:
+        """The shared store took (or will be told of) ``call``'s lease on ``take``."""
+        self.mirror.acquire_now(call.lease, take, call.received_at + DECISION_LEASE_S,
+                                call.received_at)
+        call.held = True
+
+    def give_back(self, call: CallInfo) -> Awaitable[None] | None:
+        call.held = False
+        return self._shared_release(call.lease, call.received_at)
+
+    def _shared_release(self, lease: str, now: float) -> Awaitable[None] | None:
+        mirror = self.mirror
+        keys = mirror.keys_of(lease)
+        if not mirror.release_now(lease, now):
+            self.unmatched_ends += 1
+            return None
+        assert self.shared is not None
+        return self.shared.release(lease, keys)
 
     # ------------------------------------------------------------------ dialog events
     def dialog_started(self, dialog: Dialog, now: float) -> Awaitable[None] | None:
         lease, keys, expires = lease_id(dialog), dialog_keys(dialog), dialog.expires + self.grace
+        if self.shared is not None:
+            mirror = self.mirror
+            mirror.expire_now(now)
+            if mirror.refresh_now(lease, expires, now):
+                return None  # the decision took it in Redis already
+            mirror.acquire_now(lease, keys, expires, now)
+            return self.shared.add(lease, keys)
         sync = self.sync
         if sync is None:
             return self._acquire(lease, keys, expires, now)
@@ -232,6 +280,8 @@ class Tracker:
 
     def call_abandoned(self, call: CallInfo, now: float) -> Awaitable[None] | None:
         """A call whose decision took a slot did not become a dialog: give the slot back."""
+        if self.shared is not None:
+            return self._shared_release(call.lease, now)
         sync = self.sync
         if sync is None:
             return self._release(call.lease, now)
@@ -268,6 +318,10 @@ class Tracker:
         return checks[full], count
 
     def dialog_ended(self, dialog: Dialog, now: float) -> Awaitable[None] | None:
+        if self.shared is not None:
+            later = self._shared_release(lease_id(dialog), now)
+            self.mirror.expire_now(now)
+            return later
         sync = self.sync
         if sync is None:
             return self._release(lease_id(dialog), now)
@@ -287,6 +341,8 @@ class Tracker:
         """Make the leases exactly the live ``dialogs``: release leases of dialogs that ended
         while nobody told us (the rule was off), take leases for dialogs that started then."""
         live = {lease_id(d): d for d in dialogs}
+        if self.shared is not None:
+            return self._resync_shared(live, now)
         sync = self.sync
         if sync is None:
             return self._resync(live, now)
@@ -304,6 +360,19 @@ class Tracker:
                 await store.release(lease, now)
         for lease, d in live.items():
             await store.acquire(lease, dialog_keys(d), d.expires + self.grace, now)
+
+    async def _resync_shared(self, live: dict[str, Dialog], now: float) -> None:
+        mirror, shared = self.mirror, self.shared
+        assert shared is not None
+        for lease, keys in mirror.items_now():
+            if lease not in live:
+                mirror.release_now(lease, now)
+                await shared.release(lease, keys)
+        for lease, d in live.items():
+            if not mirror.holds(lease):
+                keys = dialog_keys(d)
+                mirror.acquire_now(lease, keys, d.expires + self.grace, now)
+                await shared.add(lease, keys)
 
     # ------------------------------------------------------------------ queries
     def counts(self, kind: str, number: str) -> int:
@@ -333,7 +402,7 @@ class Tracker:
         stats = {f"numbers_{k}": n for k, n in out.items()}
         stats["unmatched_ends"] = self.unmatched_ends
         if isinstance(store, MemoryLeases):
-            stats["live_calls"] = len(store)
+            stats["live_calls"] = len(store)  # with a shared store: this process's
             stats["leases_expired"] = store.expired
             stats["underflows"] = store.underflows
         else:
@@ -341,6 +410,8 @@ class Tracker:
         return stats
 
     def _sync(self) -> SyncLeaseStore:
+        if self.shared is not None:
+            return self.mirror  # this process's calls (the shared counts are in Redis)
         if self.sync is None:
             raise RuntimeError("this state backend is remote: use the async queries")
         return self.sync
@@ -425,6 +496,39 @@ class Concurrency:
         if full is None:
             return None
         (limit, _, number, most), count = full
+        return self._reject(limit, number, count, most)
+
+    def plan(self, call: CallInfo, now: float, plan: Plan) -> Verdict | None:
+        """The shared-store form of :meth:`decide`: the limits and the call's counters go into
+        the pipeline's one round trip (see :mod:`sipguard.policy.pipeline`)."""
+        s = self.settings
+        if s.max_diversions is not None and (
+            call.diverters or call.msg.has("diversion") or call.msg.has("history-info")
+        ):
+            hops = diversion_hops(call.msg)
+            if hops > s.max_diversions:
+                first = call.diverters[0] if call.diverters else None
+                return self._reject("max_diversions", first, hops, s.max_diversions)
+        monitor = self.mode == "monitor"
+        if s.per_caller is not None and call.caller:
+            plan.add(("c", f"caller:{call.caller}", s.per_caller, 0, monitor), self,
+                     ("per_caller", call.caller, s.per_caller))
+        if s.per_diverter is not None:
+            for d in call.diverters:
+                plan.add(("c", f"diverter:{d}", s.per_diverter, 0, monitor), self,
+                         ("per_diverter", d, s.per_diverter))
+        if s.per_callee is not None and call.callee:
+            plan.add(("c", f"callee:{call.callee}", s.per_callee, 0, monitor), self,
+                     ("per_callee", call.callee, s.per_callee))
+        if s.per_peer is not None:
+            peer = call.peer or NO_PEER
+            plan.add(("c", f"peer:{peer}", s.per_peer, 0, monitor), self,
+                     ("per_peer", peer, s.per_peer))
+        plan.take = call_keys(call)
+        return None
+
+    def refused(self, info: tuple[str, str, int], count: int) -> Verdict:
+        limit, number, most = info
         return self._reject(limit, number, count, most)
 
     def _reject(self, limit: str, number: str | None, count: int, most: int) -> Verdict:

@@ -38,7 +38,7 @@ from sipguard.contract import CallInfo, Dialog, Flow, Verdict
 from sipguard.policy import callerid, concurrency, dialer, flood, identity, national_cli, rate
 from sipguard.policy.numbers import to_e164
 from sipguard.policy.peers import NumberSet, Peer, PeerTable, read_number_file
-from sipguard.policy.pipeline import Pipeline, Rule
+from sipguard.policy.pipeline import Pipeline, Rule, Shared
 from sipguard.policy.schema import PeerConfig, RulesConfig
 from sipguard.policy.schema import PolicyConfig as Config
 from sipguard.policy.state import RuleState
@@ -97,6 +97,7 @@ def build_peer(pc: PeerConfig) -> Peer:
 
 
 def build_pipeline(rules: RulesConfig, ctx: BuildContext, peer: Peer | None) -> Pipeline:
+    """The rules of one pipeline, in order; linked to the shared store when there is one."""
     built: list[Rule] = []
     ctx.rules = rules
     for name in rules.order:
@@ -106,7 +107,12 @@ def build_pipeline(rules: RulesConfig, ctx: BuildContext, peer: Peer | None) -> 
         rule = BUILDERS[name](settings, ctx, peer)
         if rule is not None:
             built.append(rule)
-    return Pipeline(built)
+    shared: Shared | None = None
+    store = ctx.state.shared
+    if store is not None:
+        tracker = ctx.state.tracker
+        shared = Shared(store, store.retry_after_s, tracker.hold, tracker.give_back)
+    return Pipeline(built, shared)
 
 
 class Policy:

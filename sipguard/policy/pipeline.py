@@ -10,18 +10,28 @@ rule that ran, rejecting ones included, so a monitored rule's findings reach the
 the first ``anonymise`` (rule ``national_cli``), which the proxy applies after every edit. With
 no rules, every call is accepted.
 
-A rule whose answer needs I/O (a certificate fetch, a Redis round trip) returns an awaitable
-instead of a verdict; the pipeline then returns an awaitable too, which resumes with the
-remaining rules. Rules that answer at once never pay for that.
+A rule whose answer needs I/O (a certificate fetch) returns an awaitable instead of a
+verdict; the pipeline then returns an awaitable too, which resumes with the remaining rules.
+Rules that answer at once never pay for that.
+
+With a shared state store (``state.backend: redis``, :mod:`sipguard.transport.redis_state`) the rules
+that count across instances (``concurrency``, ``rate``) do not decide on their own: their
+``plan(call, now, plan)`` adds their checks to one :class:`Plan` for the call, and after the
+last rule the pipeline sends the whole plan to Redis in one round trip, then folds each
+refusal back through the rule that asked (``refused(info, value)``), in rule order. While Redis
+cannot answer, ``state.fail`` decides: ``open`` forwards the call tagged ``X-Sipguard-Verdict:
+state.unavailable`` (reported like a monitored rule, ``state:state_unavailable``), ``closed``
+answers ``503`` with Retry-After.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Awaitable, Sequence
-from typing import Protocol
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Protocol
 
 from sipguard.contract import ACCEPT, Anonymise, CallInfo, Verdict
+from sipguard.state.base import Check, SharedCounts
 
 Decision = Verdict | None | Awaitable[Verdict | None]
 
@@ -31,6 +41,59 @@ class Rule(Protocol):
     mode: str  # "enforce" | "monitor"
 
     def decide(self, call: CallInfo, now: float) -> Decision: ...
+
+
+class Plan:
+    """What one INVITE asks of the shared store: checks in rule order, who asked each, and the
+    counters the call's lease goes on."""
+
+    __slots__ = ("checks", "owners", "take")
+
+    def __init__(self) -> None:
+        self.checks: list[Check] = []
+        self.owners: list[tuple[Any, Any]] = []  # (rule, what it needs to word a refusal)
+        self.take: tuple[str, ...] = ()
+
+    def add(self, check: Check, rule: Any, info: Any) -> None:
+        self.checks.append(check)
+        self.owners.append((rule, info))
+
+
+class _StateRule:
+    """Stands for the shared store in a verdict when it cannot answer."""
+
+    __slots__ = ("name", "mode")
+
+    def __init__(self, mode: str) -> None:
+        self.name = "state"
+        self.mode = mode
+
+    def decide(self, call: CallInfo, now: float) -> Decision:
+        return None  # never in a pipeline's rules
+
+
+def unavailable_verdict(retry_after_s: int) -> Verdict:
+    headers = (f"Retry-After: {retry_after_s}",) if retry_after_s else ()
+    return Verdict("reject", rule="state", reason="state_unavailable", status=503,
+                   phrase="Service Unavailable", headers=headers,
+                   forward_headers=("X-Sipguard-Verdict: state.unavailable",),
+                   sample="state:unavailable")
+
+
+class Shared:
+    """A pipeline's link to the shared store: the store, what to do while it cannot answer,
+    and how to give a lease back (the concurrency tracker's)."""
+
+    __slots__ = ("store", "rule", "verdict", "hold", "give_back")
+
+    def __init__(self, store: SharedCounts, retry_after_s: int,
+                 hold: Callable[[CallInfo, tuple[str, ...]], None],
+                 give_back: Callable[[CallInfo], Awaitable[None] | None]) -> None:
+        self.store = store
+        self.rule = _StateRule("monitor" if store.fail_open else "enforce")
+        self.verdict = unavailable_verdict(retry_after_s)
+        self.hold = hold  # record a lease this process holds (call.held set)
+        self.give_back = give_back  # release a held call's lease
 
 
 class _Run:
@@ -75,33 +138,85 @@ class _Run:
 
 
 class Pipeline:
-    __slots__ = ("rules",)
+    __slots__ = ("rules", "shared", "planners")
 
-    def __init__(self, rules: Sequence[Rule] = ()) -> None:
+    def __init__(self, rules: Sequence[Rule] = (), shared: Shared | None = None) -> None:
         self.rules = tuple(rules)
+        self.shared = shared
+        # per rule: its plan() when it counts in the shared store, else None
+        self.planners: tuple[Callable[[CallInfo, float, Plan], Verdict | None] | None, ...] = (
+            tuple(getattr(r, "plan", None) if shared is not None else None for r in self.rules)
+        )
 
     def decide(self, call: CallInfo, now: float) -> Verdict | Awaitable[Verdict]:
         run = _Run()
+        plan: Plan | None = None
+        planners = self.planners
         for i, rule in enumerate(self.rules):
-            answer = rule.decide(call, now)
+            planner = planners[i]
+            if planner is not None:
+                if plan is None:
+                    plan = Plan()
+                answer: Decision = planner(call, now, plan)
+            else:
+                answer = rule.decide(call, now)
             if inspect.isawaitable(answer):
-                return self._resume(run, i, answer, call, now)
+                return self._resume(run, i, answer, call, now, plan)
             final = run.take(rule, answer)
             if final is not None:
                 return final
+        if plan is not None and (plan.checks or plan.take):
+            return self._admit(run, plan, call)
         return run.result()
 
     async def _resume(
-        self, run: _Run, i: int, pending: Awaitable[Verdict | None], call: CallInfo, now: float
+        self, run: _Run, i: int, pending: Awaitable[Verdict | None], call: CallInfo, now: float,
+        plan: Plan | None,
     ) -> Verdict:
         final = run.take(self.rules[i], await pending)
         if final is not None:
             return final
-        for rule in self.rules[i + 1 :]:
-            answer = rule.decide(call, now)
+        for j in range(i + 1, len(self.rules)):
+            rule = self.rules[j]
+            planner = self.planners[j]
+            if planner is not None:
+                if plan is None:
+                    plan = Plan()
+                answer: Decision = planner(call, now, plan)
+            else:
+                answer = rule.decide(call, now)
             if inspect.isawaitable(answer):
                 answer = await answer
             final = run.take(rule, answer)
+            if final is not None:
+                return final
+        if plan is not None and (plan.checks or plan.take):
+            return await self._admit(run, plan, call)
+        return run.result()
+
+    async def _admit(self, run: _Run, plan: Plan, call: CallInfo) -> Verdict:
+        """The plan's one round trip, its refusals folded back through their rules."""
+        shared = self.shared
+        assert shared is not None
+        result = await shared.store.admit(call.lease, plan.checks, plan.take)
+        if result is None:  # Redis cannot answer: state.fail decides
+            if shared.store.fail_open and plan.take:
+                shared.hold(call, plan.take)  # counted when Redis is back (refresh)
+            final = run.take(shared.rule, shared.verdict)
+            return final if final is not None else run.result()
+        taken, refused, value, monitored = result
+        if taken and plan.take:
+            shared.hold(call, plan.take)
+            if call.settled:  # cancelled while Redis answered: give the slot back now
+                later = shared.give_back(call)
+                if later is not None:
+                    await later
+        for index, mvalue in monitored:
+            rule, info = plan.owners[index]
+            run.take(rule, rule.refused(info, mvalue))
+        if refused >= 0:
+            rule, info = plan.owners[refused]
+            final = run.take(rule, rule.refused(info, value))
             if final is not None:
                 return final
         return run.result()

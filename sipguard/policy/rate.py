@@ -48,8 +48,13 @@ table over ``max_keys`` forgets its older half (counted as ``dropped``).
 Cost: one dict lookup and one float write per configured limit per INVITE; memory about 150
 bytes per key active within its ``burst * per_s / rate`` seconds (``loadtest/rate_cost.py``).
 
+Shared across instances (``state.backend: redis``)
+    Each key's TAT is a Redis string (``sipguard:{+12125550100}:rate.per_caller``, in
+    microseconds of Redis's clock, with a TTL of its drain time); :meth:`Rate.plan` adds the
+    limits to the pipeline's one round trip, where the same GCRA runs as Lua. There a call
+    consumes only when the whole call is admitted (no later shared check refused it).
+
 Known limitations
-    * Counted on this instance only (no shared backend yet).
     * A call counts against its rates once it passes this rule, even if a later rule rejects
       it (put ``rate`` after the rules that reject for cheap reasons).
     * Anonymous callers (no number) share no per-caller limit; use ``per_source_ip`` or
@@ -71,6 +76,7 @@ if TYPE_CHECKING:
     from sipguard.contract import CallInfo
     from sipguard.policy.engine import BuildContext
     from sipguard.policy.peers import Peer
+    from sipguard.policy.pipeline import Plan
 
 PER_CALLER, PER_CALLEE, PER_PEER, PER_SOURCE_IP = LIMITS = (
     "per_caller", "per_callee", "per_peer", "per_source_ip")
@@ -216,6 +222,27 @@ class Rate:
                 table.put(key, tat, now)
             return None
         return self._limited(limited[0], limited[1], worst)
+
+    def plan(self, call: CallInfo, now: float, plan: Plan) -> Verdict | None:
+        """The shared-store form of :meth:`decide` (see :mod:`sipguard.policy.pipeline`)."""
+        monitor = self.mode == "monitor"
+        for name, _, interval, tau in self.limits:
+            if name is PER_CALLER:
+                key = call.caller
+            elif name is PER_CALLEE:
+                key = call.callee
+            elif name is PER_PEER:
+                key = call.peer or NO_PEER
+            else:
+                key = call.flow.addr[0]
+            if key is None:
+                continue
+            plan.add(("r", f"rate.{name}:{key}", interval, tau, monitor), self, (name, key))
+        return None
+
+    def refused(self, info: tuple[str, str], ahead_us: int) -> Verdict:
+        name, key = info
+        return self._limited(name, key, ahead_us / 1e6)
 
     def _limited(self, name: str, key: str, wait: float) -> Verdict:
         retry = self.retry_after

@@ -22,6 +22,7 @@ from sipguard.policy.peers import NumberSet
 from sipguard.policy.rate import Buckets
 from sipguard.policy.stircert import CertCache, CertFetcher
 from sipguard.policy.suspensions import SuspensionStore
+from sipguard.state.base import SharedCounts
 
 
 @dataclass(slots=True)
@@ -29,6 +30,8 @@ class RuleState:
     """Every kind of rule state, one typed field each."""
 
     tracker: Tracker = field(default_factory=Tracker)  # concurrency: live-call leases
+    # state.backend redis: the counts shared by every instance (concurrency, rate); None: memory
+    shared: SharedCounts | None = None
     buckets: Buckets = field(default_factory=Buckets)  # rate: GCRA state per limit
     dialer: DialerState = field(default_factory=DialerState)  # dialer: windows, cooldowns
     flood: FloodState = field(default_factory=FloodState)  # flood: counts and bans

@@ -17,7 +17,7 @@ Times are the caller's ``now`` (seconds, the shell's loop clock); nothing here r
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol, runtime_checkable
 
 
@@ -99,4 +99,45 @@ class SyncLeaseStore(LeaseStore, Protocol):
         ...
 
     def expire_now(self, now: float) -> int:
+        ...
+
+
+# --------------------------------------------------------------------------- shared counts
+
+# One check of a call against a shared counter: (kind, counter, a, b, monitor). ``kind`` "c":
+# fewer than ``a`` live leases on ``counter`` (``kind:ident``, e.g. ``caller:+12125550100``);
+# "r": the GCRA cell ``counter`` with emission interval ``a`` and tolerance ``b`` seconds.
+# ``monitor``: a failure is reported but does not refuse the call.
+Check = tuple[str, str, float, float, bool]
+# (taken, refused check index or -1, its value, [(failed monitored check, value)]); value: a
+# count, or the microseconds a rate cell is ahead of schedule.
+Admitted = tuple[bool, int, int, list[tuple[int, int]]]
+
+
+class SharedCounts(Protocol):
+    """Counts shared by every sipguard instance (live-call leases and rate cells) in a store
+    reached over the network — :class:`sipguard.transport.redis_state.SharedStore`. The policy
+    sees only this; the round trips are the shell's I/O."""
+
+    fail_open: bool  # state.fail: open (pass calls) or closed (503) while unreachable
+    retry_after_s: int  # Retry-After of the 503 with fail: closed
+    # this process's leases (for re-scoring) and whether one is still held; set by the tracker
+    live: Callable[[], Iterable[tuple[str, tuple[str, ...]]]]
+    held: Callable[[str], bool]
+
+    @property
+    def available(self) -> bool: ...
+
+    async def admit(self, lease: str, checks: Sequence[Check], take: Sequence[str]) -> \
+            Admitted | None:
+        """Every check and, when no enforced one fails, ``lease`` taken on ``take`` — one
+        atomic step; None: the store could not answer."""
+        ...
+
+    async def add(self, lease: str, take: Sequence[str]) -> None:
+        """Take ``lease`` on ``take`` whatever the counts."""
+        ...
+
+    async def release(self, lease: str, take: Sequence[str]) -> None:
+        """Give ``lease`` back (idempotent; kept and retried while unreachable)."""
         ...

@@ -101,6 +101,17 @@ class MemoryLeases:
         self.expired += n
         return n
 
+    def holds(self, lease: str) -> bool:
+        return lease in self._leases
+
+    def keys_of(self, lease: str) -> tuple[str, ...]:
+        """The keys ``lease`` holds (empty when not held)."""
+        return self._leases.get(lease, ())
+
+    def items_now(self) -> list[tuple[str, tuple[str, ...]]]:
+        """Every lease held with its keys."""
+        return list(self._leases.items())
+
     def __len__(self) -> int:
         """The number of leases held."""
         return len(self._leases)

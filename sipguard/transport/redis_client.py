@@ -45,8 +45,11 @@ def connect(where: Where) -> Redis | RedisCluster:
         "decode_responses": False,
     }
     if where.sentinel_master is not None:
-        sentinel = Sentinel(list(where.sentinel_nodes), sentinel_kwargs=dict(common), **common)
-        return sentinel.master_for(where.sentinel_master)
+        sentinel = Sentinel(  # type: ignore[no-untyped-call]
+            list(where.sentinel_nodes), sentinel_kwargs=dict(common), **common
+        )
+        master: Redis = sentinel.master_for(where.sentinel_master)
+        return master
     assert where.url is not None
     url = where.url.replace("valkey://", "redis://", 1).replace("valkeys://", "rediss://", 1)
     if where.cluster:

@@ -1,0 +1,568 @@
+"""The shared state store (:class:`sipguard.state.base.SharedCounts` for Redis / Valkey):
+live-call slots and rate buckets, one round trip per INVITE, with a circuit breaker in front.
+
+What lives in Redis
+    * A live-call count is a sorted set per number and kind (``sipguard:{+12125550100}:caller``)
+      of lease ids scored by their expiry (milliseconds, Redis's own clock). A lease is taken
+      by adding its id to every key it counts on; it is released by removing it (idempotent:
+      removing twice changes nothing); it lapses by itself at its score, so the slots of an
+      instance that died come back after ``lease_s`` at most. Each instance re-scores the
+      leases of its live calls every ``lease_s / 3`` (:meth:`SharedStore.refresh`).
+    * A rate limit is one GCRA cell per key (``sipguard:{+12125550100}:rate.per_caller``): its
+      theoretical arrival time in microseconds, with a TTL so that a drained bucket vanishes.
+
+One INVITE, one round trip
+    The policy collects every check the call's rules need (``c``: fewer than N live leases on a
+    key; ``r``: a rate cell not ahead of schedule) and the keys its lease goes on, and
+    :meth:`SharedStore.admit` runs them as one Lua script (``ADMIT``): checks in rule order;
+    the first failure of a rule in enforce mode refuses the call and *nothing* is taken;
+    otherwise every passing rate cell advances and the lease is added to its keys — check and
+    take in one atomic step, so two instances admitting at once can never both take the last
+    slot. Failures of rules in monitor mode are reported and take nothing. With Redis Cluster
+    the keys are grouped by hash slot (all of one number's keys share one, see
+    :mod:`sipguard.transport.redis_client`) and one script per slot runs, concurrently; if one
+    group refuses, what the others took is released again (rate cells they advanced stay
+    advanced).
+
+When Redis cannot be reached
+    Every call has ``timeout_ms``; ``breaker_failures`` failures in a row open the breaker:
+    no call waits for Redis any more, :meth:`admit` answers ``None`` at once and the policy
+    applies ``fail: open | closed``. A background probe (backoff 0.2 s doubling to 5 s) closes
+    the breaker when a PING comes back, then releases retried and leases re-scored make the
+    counts converge: a lease id is a set member, so a call re-added after the outage is
+    counted once, and a call that ended meanwhile is removed (its release was kept) or lapses.
+
+Nothing here reads the event loop's clock for the data (Redis's ``TIME`` scores everything);
+``clock`` only paces the probe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, MutableMapping, Sequence
+from typing import Any
+
+import hiredis
+from redis.exceptions import NoScriptError, RedisError
+
+from sipguard.state.base import Admitted, Check
+from sipguard.transport.redis_client import by_slot, key
+from sipguard.transport.redis_pipe import RespPipe
+
+# KEYS: the keys of the checks and of the take.
+# ARGV: lease, lease_ms, n, then n checks of 5 fields (kind c|r, key index, a, b, monitor 0|1),
+#       then the number of take keys and their key indices.
+# c: a = most live leases (the lease itself already there counts as room).
+# r: a = emission interval us, b = tolerance us.
+# Returns {taken 1|0, refused check (0-based) or -1, value, monitored check, value, ...};
+# value: a count (c) or the microseconds the cell is ahead of schedule (r).
+ADMIT = """
+local t = redis.call('TIME')
+local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local now_ms = math.floor(now_us / 1000)
+local lease = ARGV[1]
+local lease_ms = tonumber(ARGV[2])
+local n = tonumber(ARGV[3])
+local pos = 4
+local cells = {}
+local out = {1, -1, 0}
+for i = 1, n do
+  local kind = ARGV[pos]
+  local k = KEYS[tonumber(ARGV[pos + 1])]
+  local a = tonumber(ARGV[pos + 2])
+  local b = tonumber(ARGV[pos + 3])
+  local monitor = ARGV[pos + 4] == '1'
+  pos = pos + 5
+  local failed = false
+  local value = 0
+  if kind == 'c' then
+    redis.call('ZREMRANGEBYSCORE', k, '-inf', now_ms)
+    if not redis.call('ZSCORE', k, lease) then
+      local count = redis.call('ZCARD', k)
+      if count >= a then
+        failed = true
+        value = count
+      end
+    end
+  else
+    local tat = tonumber(redis.call('GET', k) or '0') or 0
+    if tat < now_us then tat = now_us end
+    local ahead = tat - now_us - b
+    if ahead > 0 then
+      failed = true
+      value = math.ceil(ahead)
+    else
+      cells[#cells + 1] = {k, tat + a}
+    end
+  end
+  if failed then
+    if not monitor then
+      return {0, i - 1, value}
+    end
+    out[#out + 1] = i - 1
+    out[#out + 1] = value
+  end
+end
+for _, c in ipairs(cells) do
+  redis.call('SET', c[1], string.format('%.0f', c[2]), 'PX',
+             math.max(1, math.ceil((c[2] - now_us) / 1000)))
+end
+local m = tonumber(ARGV[pos])
+for j = 1, m do
+  local k = KEYS[tonumber(ARGV[pos + j])]
+  redis.call('ZADD', k, now_ms + lease_ms, lease)
+  redis.call('PEXPIRE', k, lease_ms)
+end
+return out
+"""
+
+# KEYS: keys; ARGV: lease_ms, then the member for each key. Adds or re-scores each member.
+REFRESH = """
+local t = redis.call('TIME')
+local expires = math.floor((tonumber(t[1]) * 1000000 + tonumber(t[2])) / 1000) + tonumber(ARGV[1])
+for i, k in ipairs(KEYS) do
+  redis.call('ZADD', k, expires, ARGV[i + 1])
+  redis.call('PEXPIRE', k, ARGV[1])
+end
+return #KEYS
+"""
+
+# KEYS: keys; ARGV: the member for each key. Removes each; how many were there.
+RELEASE = """
+local n = 0
+for i, k in ipairs(KEYS) do
+  n = n + redis.call('ZREM', k, ARGV[i])
+end
+return n
+"""
+
+REFRESH_CHUNK = 256  # leases per refresh script
+PROBE_MIN_S, PROBE_MAX_S = 0.2, 5.0
+
+_FAILURES = (RedisError, OSError, asyncio.TimeoutError, ConnectionError)
+
+
+class SharedStore:
+    """Leases and rate cells in Redis for one sipguard process."""
+
+    def __init__(
+        self,
+        client: Any,
+        *,
+        prefix: str = "sipguard:",
+        cluster: bool = False,
+        timeout_s: float = 0.05,
+        lease_s: float = 60.0,
+        fail_open: bool = True,
+        retry_after_s: int = 5,
+        breaker_failures: int = 3,
+        max_pending: int = 100_000,
+        counters: MutableMapping[str, int] | None = None,
+        log: Callable[..., None] | None = None,
+        pipe: RespPipe | None = None,
+    ) -> None:
+        self.client = client
+        # the INVITE path's own pipelined connection (a single server); None: redis-py's
+        self.pipe = pipe
+        self.prefix = prefix
+        self.cluster = cluster
+        self.timeout_s = timeout_s
+        self.lease_s = lease_s
+        self.lease_ms = int(lease_s * 1000)
+        self.fail_open = fail_open
+        self.retry_after_s = retry_after_s
+        self.breaker_failures = breaker_failures
+        self.counters: MutableMapping[str, int] = counters if counters is not None else Counter()
+        self._log = log
+        self._admit = client.register_script(ADMIT)
+        self._refresh = client.register_script(REFRESH)
+        self._release = client.register_script(RELEASE)
+        self._keys: dict[str, str] = {}  # "kind:ident" -> Redis key (bounded cache)
+        self.failures = 0  # failed round trips in a row
+        self.open = False  # the breaker: no call waits for Redis while open
+        self.pending: deque[tuple[str, tuple[str, ...]]] = deque(maxlen=max_pending or None)
+        self.max_pending = max_pending
+        # the leases this process holds, for re-scoring (set by the concurrency tracker)
+        self.live: Callable[[], Iterable[tuple[str, tuple[str, ...]]]] = tuple
+        self.held: Callable[[str], bool] = lambda lease: False
+        # ADMITs of this event-loop pass, sent together (one pipeline) at its end
+        self._queue: list[tuple[list[str], list[Any], asyncio.Future[Any]]] = []
+        self._flush_scheduled = False
+        self._sending: set[asyncio.Task[None]] = set()
+        self._probe: asyncio.Task[None] | None = None
+        self._refresher: asyncio.Task[None] | None = None
+        self.closed = False
+
+    # ------------------------------------------------------------------ keys
+    def rkey(self, counter: str) -> str:
+        """The Redis key of a counter named ``kind:ident`` (``caller:+1212...``,
+        ``rate.per_caller:+1212...``)."""
+        found = self._keys.get(counter)
+        if found is None:
+            kind, _, ident = counter.partition(":")
+            found = key(self.prefix, ident, kind)
+            if len(self._keys) >= 65536:
+                self._keys.clear()
+            self._keys[counter] = found
+        return found
+
+    @property
+    def available(self) -> bool:
+        return not self.open
+
+    # ------------------------------------------------------------------ the INVITE path
+    async def admit(self, lease: str, checks: Sequence[Check], take: Sequence[str]) -> \
+            Admitted | None:
+        """Run ``checks`` and, when no enforced one fails, take ``lease`` on ``take`` (counter
+        names) — one round trip. None: Redis could not answer (breaker open, error, timeout)."""
+        if self.open:
+            return None
+        keys: list[str] = []
+        index: dict[str, int] = {}
+        for c in checks:
+            k = self.rkey(c[1])
+            if k not in index:
+                index[k] = len(keys)
+                keys.append(k)
+        for counter in take:
+            k = self.rkey(counter)
+            if k not in index:
+                index[k] = len(keys)
+                keys.append(k)
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                if not self.cluster:
+                    answer = await self._admit_group(lease, keys, checks, take, index, None)
+                    result = _admitted(answer, None)
+                else:
+                    result = await self._admit_cluster(lease, keys, checks, take, index)
+        except _FAILURES as exc:
+            self._failed("admit", exc)
+            return None
+        self._ok()
+        return result
+
+    async def _admit_group(
+        self, lease: str, keys: list[str], checks: Sequence[Check], take: Sequence[str],
+        index: dict[str, int], only: set[int] | None,
+    ) -> Any:
+        """One script over the keys with indices in ``only`` (None: all)."""
+        local: dict[int, int] = {}
+        group_keys: list[str] = []
+        for i, k in enumerate(keys):
+            if only is None or i in only:
+                local[i] = len(group_keys) + 1
+                group_keys.append(k)
+        args: list[Any] = [lease, self.lease_ms, 0]
+        n = 0
+        for c in checks:
+            i = index[self.rkey(c[1])]
+            if i not in local:
+                continue
+            n += 1
+            if c[0] == "c":
+                args += ("c", local[i], int(c[2]), 0, 1 if c[4] else 0)
+            else:
+                args += ("r", local[i], round(c[2] * 1e6), round(c[3] * 1e6), 1 if c[4] else 0)
+        args[2] = n
+        takes = [local[index[self.rkey(t)]] for t in take if index[self.rkey(t)] in local]
+        args.append(len(takes))
+        args.extend(takes)
+        if self.cluster:
+            self.counters["state_round_trips"] += 1
+            return await self._admit(keys=group_keys, args=args)
+        pipe = self.pipe
+        if pipe is None:
+            return await self._batched(group_keys, args)
+        self.counters["state_round_trips"] += 1
+        reply = await pipe.call("EVALSHA", self._admit.sha, len(group_keys), *group_keys, *args)
+        if isinstance(reply, hiredis.ReplyError):
+            if not str(reply).startswith("NOSCRIPT"):
+                raise RedisError(str(reply))
+            await pipe.call("SCRIPT", "LOAD", ADMIT)  # a Redis restarted empty
+            reply = await pipe.call("EVALSHA", self._admit.sha, len(group_keys), *group_keys,
+                                    *args)
+            if isinstance(reply, hiredis.ReplyError):
+                raise RedisError(str(reply))
+        return reply
+
+    # ------------------------------------------------------------------ batching
+    async def _batched(self, keys: list[str], args: list[Any]) -> Any:
+        """Queue one ADMIT for the batch of this event-loop pass: the INVITEs read in one
+        pass go to Redis as one pipeline (one write, one read), each still its own atomic
+        script; the caller awaits only its own answer."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Any] = loop.create_future()
+        self._queue.append((keys, args, fut))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            loop.call_soon(self._flush_batch)
+        return await fut
+
+    def _flush_batch(self) -> None:
+        self._flush_scheduled = False
+        batch, self._queue = self._queue, []
+        if batch:
+            task = asyncio.get_running_loop().create_task(self._send_batch(batch))
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
+
+    async def _send_batch(self, batch: list[tuple[list[str], list[Any], asyncio.Future[Any]]]) \
+            -> None:
+        self.counters["state_round_trips"] += 1
+        self.counters["state_batched_admits"] += len(batch)
+        try:
+            replies = await self._pipeline(batch)
+            if any(isinstance(r, NoScriptError) for r in replies):  # Redis restarted empty
+                await self.client.script_load(ADMIT)
+                replies = await self._pipeline(batch)
+        except BaseException as exc:
+            for _, _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(exc if isinstance(exc, Exception) else RedisError("x"))
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for (_, _, fut), reply in zip(batch, replies, strict=True):
+            if fut.done():  # its caller stopped waiting (timeout)
+                continue
+            if isinstance(reply, Exception):
+                fut.set_exception(reply)
+            else:
+                fut.set_result(reply)
+
+    async def _pipeline(self, batch: list[tuple[list[str], list[Any], asyncio.Future[Any]]]) \
+            -> list[Any]:
+        pipe = self.client.pipeline(transaction=False)
+        sha = self._admit.sha
+        for keys, args, _ in batch:
+            pipe.evalsha(sha, len(keys), *keys, *args)
+        replies: list[Any] = await pipe.execute(raise_on_error=False)
+        return replies
+
+    async def _admit_cluster(
+        self, lease: str, keys: list[str], checks: Sequence[Check], take: Sequence[str],
+        index: dict[str, int],
+    ) -> Admitted:
+        groups = [set(g) for g in by_slot(keys, True)]
+        # each group numbers its checks from 0: map back to the checks' global order
+        orders: list[list[int]] = []
+        for g in groups:
+            orders.append([j for j, c in enumerate(checks) if index[self.rkey(c[1])] in g])
+        answers = await asyncio.gather(
+            *(self._admit_group(lease, keys, checks, take, index, g) for g in groups)
+        )
+        taken_any, refused, value, monitored = False, -1, 0, []
+        for answer, order in zip(answers, orders, strict=True):
+            part = _admitted(answer, order)
+            taken_any = taken_any or part[0]
+            if part[1] >= 0 and (refused < 0 or part[1] < refused):
+                refused, value = part[1], part[2]
+            monitored.extend(part[3])
+        if refused >= 0 and taken_any:
+            # another group refused: give back what the others took (not atomic across slots)
+            await self._release_now(lease, [self.rkey(t) for t in take])
+        monitored.sort()
+        return (refused < 0, refused, value, monitored)
+
+    # ------------------------------------------------------------------ dialogs
+    async def add(self, lease: str, take: Sequence[str]) -> None:
+        """Take ``lease`` on ``take`` whatever the counts (a call admitted while Redis was
+        away, or without a check); a failure leaves it to the next refresh."""
+        if self.open or not take:
+            return
+        try:
+            async with asyncio.timeout(self.timeout_s * 4):
+                await self._rescore([(lease, tuple(take))])
+        except _FAILURES as exc:
+            self._failed("add", exc)
+            return
+        self._ok()
+
+    async def release(self, lease: str, take: Sequence[str]) -> None:
+        """Give ``lease`` back on ``take``; kept for later when Redis cannot answer."""
+        if not take:
+            return
+        if self.open:
+            self._keep(lease, tuple(take))
+            return
+        try:
+            async with asyncio.timeout(self.timeout_s * 4):
+                await self._release_now(lease, [self.rkey(t) for t in take])
+        except _FAILURES as exc:
+            self._keep(lease, tuple(take))
+            self._failed("release", exc)
+            return
+        self._ok()
+
+    def _keep(self, lease: str, take: tuple[str, ...]) -> None:
+        if self.max_pending == 0:
+            self.counters["state_releases_lapsed"] += 1
+            return
+        if len(self.pending) == self.pending.maxlen:
+            self.counters["state_releases_lapsed"] += 1
+        self.pending.append((lease, take))
+
+    async def _release_now(self, lease: str, keys: list[str]) -> None:
+        for group in by_slot(keys, self.cluster):
+            ks = [keys[i] for i in group]
+            self.counters["state_round_trips"] += 1
+            await self._release(keys=ks, args=[lease] * len(ks))
+
+    async def _rescore(self, leases: Sequence[tuple[str, tuple[str, ...]]]) -> None:
+        keys: list[str] = []
+        members: list[str] = []
+        for lease, take in leases:
+            for t in take:
+                keys.append(self.rkey(t))
+                members.append(lease)
+        for group in by_slot(keys, self.cluster):
+            self.counters["state_round_trips"] += 1
+            await self._refresh(keys=[keys[i] for i in group],
+                                args=[self.lease_ms, *(members[i] for i in group)])
+
+    # ------------------------------------------------------------------ background
+    async def refresh(self) -> int:
+        """Re-score every lease this process holds (and retry kept releases first); how many
+        leases were re-scored. A lease released while this ran is released again after, so
+        a refresh can never bring back an ended call."""
+        if self.open:
+            return 0
+        await self._flush_pending()
+        leases = list(self.live())
+        done = 0
+        for start in range(0, len(leases), REFRESH_CHUNK):
+            chunk = leases[start:start + REFRESH_CHUNK]
+            try:
+                async with asyncio.timeout(max(1.0, self.timeout_s * 10)):
+                    await self._rescore(chunk)
+            except _FAILURES as exc:
+                self._failed("refresh", exc)
+                return done
+            self._ok()
+            done += len(chunk)
+            for lease, take in chunk:
+                if not self.held(lease):  # ended while its refresh was on the way
+                    await self.release(lease, take)
+        self.counters["state_leases_refreshed"] += done
+        return done
+
+    async def _flush_pending(self) -> None:
+        while self.pending and not self.open:
+            lease, take = self.pending.popleft()
+            try:
+                async with asyncio.timeout(self.timeout_s * 4):
+                    await self._release_now(lease, [self.rkey(t) for t in take])
+            except _FAILURES as exc:
+                self.pending.appendleft((lease, take))
+                self._failed("release", exc)
+                return
+            self.counters["state_releases_retried"] += 1
+
+    def start(self) -> None:
+        """Start re-scoring the live leases every ``lease_s / 3``."""
+        if self._refresher is None:
+            self._refresher = asyncio.get_running_loop().create_task(self._refresh_loop())
+
+    async def _refresh_loop(self) -> None:
+        while not self.closed:
+            await asyncio.sleep(self.lease_s / 3)
+            try:
+                await self.refresh()
+            except Exception as exc:  # never let the loop die
+                self._note("state_refresh_failed", error=repr(exc))
+
+    async def close(self) -> None:
+        self.closed = True
+        for task in (self._refresher, self._probe):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        if self.pipe is not None:
+            self.pipe.close()
+        with contextlib.suppress(Exception):
+            await self.client.aclose()
+
+    # ------------------------------------------------------------------ the breaker
+    def _ok(self) -> None:
+        self.failures = 0
+
+    def _failed(self, what: str, exc: BaseException) -> None:
+        self.counters["state_failures"] += 1
+        if isinstance(exc, asyncio.TimeoutError | TimeoutError):
+            self.counters["state_timeouts"] += 1
+        self.failures += 1
+        if not self.open and self.failures >= self.breaker_failures:
+            self.open = True
+            if self.pipe is not None:
+                self.pipe.close()  # what is in flight fails now; a new connection later
+            self.counters["state_breaker_opened"] += 1
+            self._note("state_unreachable", what=what, error=repr(exc) or type(exc).__name__,
+                       failures=self.failures)
+            if self._probe is None or self._probe.done():
+                with contextlib.suppress(RuntimeError):
+                    self._probe = asyncio.get_running_loop().create_task(self._probe_loop())
+
+    async def _probe_loop(self) -> None:
+        wait = PROBE_MIN_S
+        while self.open and not self.closed:
+            await asyncio.sleep(wait)
+            try:
+                async with asyncio.timeout(max(0.25, self.timeout_s * 4)):
+                    await self.client.ping()
+            except _FAILURES:
+                wait = min(PROBE_MAX_S, wait * 2)
+                continue
+            self.open = False
+            self.failures = 0
+            self.counters["state_reconnected"] += 1
+            self._note("state_reachable", pending_releases=len(self.pending))
+            try:
+                await self.refresh()  # kept releases, then every live lease re-scored
+            except Exception as exc:
+                self._note("state_refresh_failed", error=repr(exc))
+
+    async def counts(self, counters: Sequence[str]) -> list[int] | None:
+        """Live leases on each counter across every instance (for the admin API); None when
+        Redis cannot answer."""
+        if self.open:
+            return None
+        out: list[int] = []
+        try:
+            async with asyncio.timeout(max(0.5, self.timeout_s * 10)):
+                now_ms = await self._now_ms()
+                for counter in counters:
+                    out.append(int(await self.client.zcount(self.rkey(counter),
+                                                            now_ms + 1, "+inf")))
+        except _FAILURES as exc:
+            self._failed("counts", exc)
+            return None
+        return out
+
+    async def _now_ms(self) -> int:
+        seconds, micros = await self.client.time()
+        return int(seconds) * 1000 + int(micros) // 1000
+
+    def _note(self, event: str, **fields: Any) -> None:
+        if self._log is not None:
+            self._log(event, **fields)
+
+    def stats(self) -> dict[str, float]:
+        return {"state_available": 0.0 if self.open else 1.0,
+                "state_pending_releases": float(len(self.pending))}
+
+
+def _admitted(answer: Any, order: list[int] | None) -> Admitted:
+    """The script's reply as (taken, refused, value, monitored), check indices mapped through
+    ``order`` (a cluster group's checks in the global order)."""
+    items = [int(x) for x in answer]
+    refused = items[1]
+    monitored = [(items[i], items[i + 1]) for i in range(3, len(items) - 1, 2)]
+    if order is not None:
+        if refused >= 0:
+            refused = order[refused]
+        monitored = [(order[i], v) for i, v in monitored]
+    return (items[0] == 1, refused, items[2], monitored)

@@ -1,0 +1,178 @@
+"""The policy on the shared store, through the edge core, against a real redis-server:
+one round trip per INVITE for all its shared rules, the verdicts they give (enforce and
+monitor), fail open / closed, and every lease given back exactly once (ended, rejected,
+cancelled while Redis answered)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from sipguard.contract import DecisionPending, Deferred, Flow, Verdict
+from sipguard.policy.concurrency import Tracker
+from sipguard.policy.state import RuleState
+from sipguard.sip.message import Message
+from sipguard.transport.redis_client import Where, connect
+from sipguard.transport.redis_pipe import RespPipe
+from sipguard.transport.redis_state import SharedStore
+from tests.unit.dialog_helpers import PolicyHarness, cancel, to
+from tests.unit.proxy_helpers import CORE, answer, invite
+
+CALLER_NO = "+12125550100"
+
+
+class SharedHarness(PolicyHarness):
+    """PolicyHarness whose pending decisions and deferred updates are awaited (the shell's
+    part), so a test sees what sipguard would send."""
+
+    def __init__(self, rules: str, store: SharedStore) -> None:
+        state = RuleState(shared=store, tracker=Tracker(shared=store))
+        super().__init__(rules, state=state)
+        self.store = store
+
+    async def settle(self) -> list[tuple[Flow, Message]]:
+        out = []
+        for _ in range(10):
+            events = self.core.drain_events()
+            busy = False
+            for event in events:
+                if isinstance(event, DecisionPending):
+                    verdict = await event.pending
+                    assert isinstance(verdict, Verdict)
+                    self.core.resolve(event.call, verdict, self.now)
+                    busy = True
+                elif isinstance(event, Deferred):
+                    await event.pending
+                    busy = True
+                else:
+                    self.events.append(event)
+                    if hasattr(event, "verdict"):
+                        self.verdicts.append(event.verdict)
+            out.extend(self._drain())
+            if not busy:
+                break
+        return out
+
+    async def invite(self, n: int, caller: str = CALLER_NO, callee: str = "+18005550199",
+                     extra: str = "") -> tuple[list[Message], Message | None]:
+        self.feed(invite(branch=f"z9hG4bK-c{n}", call_id=f"call-{n}", caller=caller,
+                         callee=callee, extra=extra))
+        out = await self.settle()
+        fwd = to(out, CORE)
+        return [m for f, m in out if f.addr != CORE], (fwd[0] if fwd else None)
+
+
+def new_store(url: str, **kw: object) -> SharedStore:
+    params: dict[str, object] = {"timeout_s": 0.5, "counters": Counter(), "pipe": RespPipe(url)}
+    params.update(kw)
+    return SharedStore(connect(Where(url=url)), **params)  # type: ignore[arg-type]
+
+
+async def members(store: SharedStore, counter: str) -> list[bytes]:
+    return list(await store.client.zrange(store.rkey(counter), 0, -1))
+
+
+async def test_all_shared_rules_cost_one_round_trip_and_limit_across_instances(
+    redis_url: str,
+) -> None:
+    rules = ("rules:\n  rate: {per_caller: {rate: 100, burst: 100}}\n"
+             "  concurrency: {per_caller: 2, per_callee: 5}\n")
+    sa, sb = new_store(redis_url), new_store(redis_url)
+    a, b = SharedHarness(rules, sa), SharedHarness(rules, sb)
+    try:
+        _, fwd = await a.invite(1)
+        assert fwd is not None and sa.counters["state_round_trips"] == 1
+        _, fwd = await b.invite(2)
+        assert fwd is not None and sb.counters["state_round_trips"] == 1
+        got, fwd = await a.invite(3)
+        assert fwd is None and [m.status for m in got if m.status >= 200] == [403]
+        assert a.verdicts[-1].reason == "per_caller_exceeded"
+        assert a.verdicts[-1].detail == {"limit": "per_caller", "number": CALLER_NO,
+                                         "count": 2, "max": 2}
+        assert len(await members(sa, f"caller:{CALLER_NO}")) == 2
+        # the refused call took nothing (one lease per admitted call on the callee too)
+        assert len(await members(sa, "callee:+18005550199")) == 2
+    finally:
+        await sa.close()
+        await sb.close()
+
+
+async def test_rejected_and_cancelled_calls_give_their_slot_back(redis_url: str) -> None:
+    store = new_store(redis_url)
+    h = SharedHarness("rules:\n  concurrency: {per_caller: 1}\n", store)
+    try:
+        # the core refuses the call: the slot comes back
+        _, fwd = await h.invite(1)
+        assert fwd is not None
+        h.feed(h_answer(fwd, 486))
+        await h.settle()
+        assert await members(store, f"caller:{CALLER_NO}") == []
+        # cancelled while Redis was answering: given back when the answer comes
+        h.feed(invite(branch="z9hG4bK-c2", call_id="call-2", caller=CALLER_NO,
+                      callee="+18005550199"))
+        events = h.core.drain_events()
+        h.feed(cancel(call_id="call-2", branch="z9hG4bK-c2"))
+        for event in events + h.core.drain_events():
+            if isinstance(event, DecisionPending):
+                h.core.resolve(event.call, await event.pending, h.now)
+        await h.settle()
+        assert await members(store, f"caller:{CALLER_NO}") == []
+        assert len(h.tracker.mirror) == 0
+    finally:
+        await store.close()
+
+
+def h_answer(req: Message, status: int) -> bytes:
+    return answer(req, status, "X")
+
+
+async def test_monitor_mode_forwards_and_reports(redis_url: str) -> None:
+    store = new_store(redis_url)
+    h = SharedHarness("rules:\n  concurrency: {per_caller: 1, mode: monitor}\n", store)
+    try:
+        assert (await h.invite(1))[1] is not None
+        _, fwd = await h.invite(2)
+        assert fwd is not None
+        v = h.verdicts[-1]
+        assert v.action == "accept" and v.monitored and v.reason == "per_caller_exceeded"
+        assert len(await members(store, f"caller:{CALLER_NO}")) == 2  # counted all the same
+    finally:
+        await store.close()
+
+
+async def test_fail_open_tags_the_call_and_counts_it_later(redis_url: str) -> None:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    store = SharedStore(connect(Where(url=f"redis://127.0.0.1:{dead}/0")), timeout_s=0.05,
+                        fail_open=True, counters=Counter())
+    h = SharedHarness("rules:\n  concurrency: {per_caller: 1}\n", store)
+    try:
+        _, fwd = await h.invite(1)
+        assert fwd is not None
+        assert fwd.get("x-sipguard-verdict") == "state.unavailable"
+        v = h.verdicts[-1]
+        assert v.monitored and v.rule == "state" and v.reason == "state_unavailable"
+        assert h.tracker.mirror.holds(next(iter(h.tracker.mirror.lease_ids_now())))
+    finally:
+        await store.close()
+
+
+async def test_fail_closed_answers_503_with_retry_after(redis_url: str) -> None:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    store = SharedStore(connect(Where(url=f"redis://127.0.0.1:{dead}/0")), timeout_s=0.05,
+                        fail_open=False, retry_after_s=9, counters=Counter())
+    h = SharedHarness("rules:\n  rate: {per_caller: {rate: 1}}\n", store)
+    try:
+        got, fwd = await h.invite(1)
+        assert fwd is None
+        final = [m for m in got if m.status >= 200]
+        assert [m.status for m in final] == [503]
+        assert final[0].get("retry-after") == "9"
+        assert final[0].get("x-sipguard-verdict") is None  # the tag is for the core only
+    finally:
+        await store.close()
+

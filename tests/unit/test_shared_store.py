@@ -1,0 +1,264 @@
+"""The Redis state store against a real redis-server: check-and-take, release, lapse,
+GCRA, monitor checks, re-scoring, the circuit breaker and convergence after an outage."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from sipguard.transport.redis_client import Where, connect
+from sipguard.transport.redis_pipe import RespPipe
+from sipguard.transport.redis_state import SharedStore
+from tests.redis_server import RedisServer
+
+
+def store(url: str, **kw: object) -> SharedStore:
+    """A store as sipguard makes it for one server: redis-py plus the INVITE path's pipe."""
+    params: dict[str, object] = {"timeout_s": 0.5, "lease_s": 60.0, "counters": Counter(),
+                                 "pipe": RespPipe(url)}
+    params.update(kw)
+    return SharedStore(connect(Where(url=url, timeout_s=0.5)), **params)  # type: ignore[arg-type]
+
+
+def caller_limit(most: int, monitor: bool = False) -> tuple[str, str, float, float, bool]:
+    return ("c", "caller:+12125550100", most, 0, monitor)
+
+
+TAKE = ("peer:-", "caller:+12125550100", "callee:+18005550199")
+
+
+async def test_check_and_take_is_shared_between_instances(redis_url: str) -> None:
+    a, b = store(redis_url), store(redis_url)
+    try:
+        assert (await a.admit("L1", [caller_limit(2)], TAKE))[:2] == (True, -1)
+        assert (await b.admit("L2", [caller_limit(2)], TAKE))[:2] == (True, -1)
+        refused = await a.admit("L3", [caller_limit(2)], TAKE)
+        assert refused == (False, 0, 2, [])  # the first check refused, with its count
+        # a lease already held counts as room (a retried decision takes nothing twice)
+        assert (await b.admit("L2", [caller_limit(2)], TAKE))[0] is True
+        await a.release("L1", TAKE)
+        await a.release("L1", TAKE)  # idempotent
+        assert (await b.admit("L3", [caller_limit(2)], TAKE))[0] is True
+        assert (await a.admit("L4", [caller_limit(2)], TAKE))[0] is False
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_refused_call_takes_nothing_anywhere(redis_url: str) -> None:
+    a = store(redis_url)
+    try:
+        callee = ("c", "callee:+18005550199", 1, 0, False)
+        assert (await a.admit("L1", [callee], TAKE))[0]
+        # the caller has room, the callee not: nothing taken, not even the caller's slot,
+        # and no rate cell advanced
+        rate = ("r", "rate.per_caller:+12125550100", 1.0, 0.0, False)
+        assert (await a.admit("L2", [caller_limit(5), rate, callee], TAKE))[:2] == (False, 2)
+        assert (await a.admit("L3", [rate], ()))[0] is True  # the cell was still fresh
+        raw = await a.client.zcard(a.rkey("caller:+12125550100"))
+        assert raw == 1
+    finally:
+        await a.close()
+
+
+async def test_leases_lapse_without_refresh_and_live_with_it(redis_url: str) -> None:
+    a = store(redis_url, lease_s=0.6)
+    b = store(redis_url, lease_s=0.6)
+    try:
+        assert (await a.admit("dead", [caller_limit(1)], TAKE))[0]
+        assert (await b.admit("other", [caller_limit(1)], TAKE))[0] is False
+        await asyncio.sleep(0.75)  # "dead"'s instance never re-scored it: its slot came back
+        assert (await b.admit("live", [caller_limit(1)], TAKE))[0] is True
+        b.live = lambda: [("live", TAKE)]
+        b.held = lambda lease: True
+        for _ in range(3):  # re-scored every 0.3 s, it outlives lease_s
+            await asyncio.sleep(0.3)
+            assert await b.refresh() == 1
+        assert (await a.admit("late", [caller_limit(1)], TAKE))[0] is False
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_gcra_rate_across_instances(redis_url: str) -> None:
+    a, b = store(redis_url), store(redis_url)
+    try:
+        limit = ("r", "rate.per_caller:+1", 1.0, 2.0, False)  # 1/s, burst 3
+        results = [await (a if i % 2 else b).admit(f"x{i}", [limit], ()) for i in range(5)]
+        assert [r[0] for r in results if r] == [True, True, True, False, False]
+        refused = results[3]
+        assert refused is not None and 900_000 < refused[2] <= 1_000_000  # µs to wait
+        ttl = await a.client.pttl(a.rkey("rate.per_caller:+1"))
+        assert 0 < ttl <= 3000  # the cell vanishes once drained
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_monitor_checks_report_and_do_not_stop(redis_url: str) -> None:
+    a = store(redis_url)
+    try:
+        assert (await a.admit("L1", [caller_limit(1)], TAKE))[0]
+        taken, refused, _, monitored = await a.admit("L2", [caller_limit(1, True)], TAKE)
+        assert (taken, refused, monitored) == (True, -1, [(0, 1)])
+        assert await a.client.zcard(a.rkey("caller:+12125550100")) == 2
+    finally:
+        await a.close()
+
+
+async def test_breaker_opens_and_closes_and_counts_converge(
+    redis_server: RedisServer,
+) -> None:
+    redis_server.flush()
+    counters: Counter[str] = Counter()
+    a = store(redis_server.url, timeout_s=0.1, breaker_failures=2, counters=counters)
+    mirror = {"up": TAKE}
+    a.live = lambda: list(mirror.items())
+    a.held = lambda lease: lease in mirror
+    try:
+        assert (await a.admit("gone", [caller_limit(5)], TAKE))[0]
+        redis_server.stop()
+        for _ in range(2):
+            assert await a.admit("x", [caller_limit(5)], TAKE) is None
+        assert a.open and counters["state_breaker_opened"] == 1
+        started = asyncio.get_running_loop().time()
+        assert await a.admit("y", [caller_limit(5)], TAKE) is None  # at once while open
+        assert asyncio.get_running_loop().time() - started < 0.01
+        await a.release("gone", TAKE)  # the call ended during the outage: kept
+        assert len(a.pending) == 1
+        redis_server.start()
+        for _ in range(100):
+            if not a.open:
+                break
+            await asyncio.sleep(0.1)
+        assert not a.open and counters["state_reconnected"] == 1
+        for _ in range(50):  # the probe's refresh: "gone" released, "up" (admitted meanwhile)
+            members = await a.client.zrange(a.rkey("caller:+12125550100"), 0, -1)
+            if members == [b"up"]:
+                break
+            await asyncio.sleep(0.05)
+        assert members == [b"up"]
+        assert not a.pending
+        # the restarted Redis has no scripts cached: the next admit loads it and goes on
+        assert (await a.admit("z", [caller_limit(5)], TAKE))[0] is True
+    finally:
+        if redis_server.proc is None:
+            redis_server.start()
+        await a.close()
+
+
+async def test_unreachable_store_answers_within_its_timeout() -> None:
+    with __import__("socket").socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    a = store(f"redis://127.0.0.1:{port}/0", timeout_s=0.05)
+    try:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        assert await a.admit("x", [caller_limit(1)], TAKE) is None
+        assert loop.time() - started < 0.5
+    finally:
+        await a.close()
+
+
+@pytest.mark.parametrize("n", [20])
+async def test_concurrent_burst_from_two_instances_takes_exactly_the_limit(
+    redis_url: str, n: int
+) -> None:
+    a, b = store(redis_url), store(redis_url)
+    try:
+        results = await asyncio.gather(*(
+            (a if i % 2 else b).admit(f"L{i}", [caller_limit(2)], TAKE) for i in range(n)
+        ))
+        assert sum(1 for r in results if r and r[0]) == 2
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_redis_cluster_checks_per_slot_and_gives_back_a_partial_take(
+    tmp_path: Path,
+) -> None:
+    """On a real three-node cluster: a caller's and a callee's keys sit in different slots;
+    when the callee is full, what the caller's slot took is given back, and no key ever
+    counts more than its limit."""
+    from sipguard.transport.redis_client import by_slot
+    from tests.redis_server import RedisCluster
+
+    cluster = RedisCluster(tmp_path).start()
+    a = SharedStore(connect(Where(url=cluster.url, cluster=True, timeout_s=1.0)),
+                    cluster=True, timeout_s=2.0, counters=Counter())
+    b = SharedStore(connect(Where(url=cluster.url, cluster=True, timeout_s=1.0)),
+                    cluster=True, timeout_s=2.0, counters=Counter())
+    try:
+        callee = ("c", "callee:+18005550199", 1, 0, False)
+        take_1 = ("caller:+12125550100", "callee:+18005550199")
+        take_2 = ("caller:+13035550100", "callee:+18005550199")
+        assert len(by_slot([a.rkey(k) for k in take_2], True)) == 2  # two slots really
+        assert (await a.admit("L1", [caller_limit(1), callee], take_1))[0] is True
+        caller_2 = ("c", "caller:+13035550100", 1, 0, False)
+        refused = await b.admit("L2", [caller_2, callee], take_2)
+        assert refused is not None and refused[:3] == (False, 1, 1)
+        assert await b.client.zcard(b.rkey("caller:+13035550100")) == 0  # given back
+        await a.release("L1", take_1)
+        assert (await b.admit("L2", [caller_2, callee], take_2))[0] is True
+        # the same burst from both instances: exactly one
+        other = ("c", "callee:+18005550100", 1, 0, False)
+        results = await asyncio.gather(*(
+            (a if i % 2 else b).admit(f"M{i}", [other], ("callee:+18005550100",))
+            for i in range(10)
+        ))
+        assert sum(1 for r in results if r and r[0]) == 1
+        limit = ("r", "rate.per_caller:+1", 1.0, 1.0, False)
+        assert [(await a.admit(f"r{i}", [limit], ()))[0] for i in range(3)] == [  # type: ignore[index]
+            True, True, False]
+    finally:
+        await a.close()
+        await b.close()
+        cluster.stop()
+
+
+async def test_sentinel_finds_the_master(tmp_path: Path) -> None:
+    """Through a real Sentinel: the store asks it for ``mymaster`` and counts there."""
+    from tests.redis_server import RedisSentinel
+
+    sentinel = RedisSentinel(tmp_path).start()
+    where = Where(sentinel_master="mymaster", sentinel_nodes=(("127.0.0.1", sentinel.port),),
+                  timeout_s=1.0)
+    a = SharedStore(connect(where), timeout_s=2.0, counters=Counter())
+    try:
+        assert (await a.admit("L1", [caller_limit(1)], TAKE))[0] is True
+        assert (await a.admit("L2", [caller_limit(1)], TAKE))[0] is False
+        raw = sentinel.master.command("ZCARD", a.rkey("caller:+12125550100"))
+        assert raw == b":1\r\n"
+    finally:
+        await a.close()
+        sentinel.stop()
+
+
+async def test_redis_py_batch_path_and_password_and_db(tmp_path: Path) -> None:
+    """Without the pipe (as with Sentinel) the admits of one pass go as one redis-py
+    pipeline; the pipe logs in with the URL's password and selects its database."""
+    server = RedisServer(tmp_path, None, "--requirepass", "s3cret").start()
+    url = f"redis://:s3cret@127.0.0.1:{server.port}/3"
+    plain = store(url, pipe=None)
+    piped = store(url)
+    try:
+        results = await asyncio.gather(*(
+            (plain if i % 2 else piped).admit(f"L{i}", [caller_limit(3)], TAKE)
+            for i in range(10)
+        ))
+        assert sum(1 for r in results if r and r[0]) == 3
+        assert plain.counters["state_batched_admits"] == 5  # in one or two pipelines
+        assert plain.counters["state_round_trips"] <= 2
+        assert await piped.client.zcard(piped.rkey("caller:+12125550100")) == 3
+        bad = store(f"redis://:wrong@127.0.0.1:{server.port}/0")
+        assert await bad.admit("x", [caller_limit(3)], TAKE) is None
+        await bad.close()
+    finally:
+        await plain.close()
+        await piped.close()
+        server.stop()
