@@ -431,7 +431,7 @@ class StateSettings(BaseModel):
     fail: Literal["open", "closed"] = Field(
         default="open",
         description="While Redis cannot be reached: `open` = calls pass unlimited by the shared "
-        "limits (counted `state_fail_open`, logged, tagged `X-Sipguard-Verdict: "
+        "limits (counted `rule_state_state_unavailable`, logged, tagged `X-Sipguard-Verdict: "
         "state.unavailable` to the core); `closed` = they hear `503` + Retry-After.",
     )
     retry_after_s: int = Field(

@@ -511,23 +511,24 @@ class Concurrency:
                 return self._reject("max_diversions", first, hops, s.max_diversions)
         monitor = self.mode == "monitor"
         if s.per_caller is not None and call.caller:
-            plan.add(("c", f"caller:{call.caller}", s.per_caller, 0, monitor), self,
+            plan.add(("c", f"caller:{call.caller}", s.per_caller, 0, monitor, ""), self,
                      ("per_caller", call.caller, s.per_caller))
         if s.per_diverter is not None:
             for d in call.diverters:
-                plan.add(("c", f"diverter:{d}", s.per_diverter, 0, monitor), self,
+                plan.add(("c", f"diverter:{d}", s.per_diverter, 0, monitor, ""), self,
                          ("per_diverter", d, s.per_diverter))
         if s.per_callee is not None and call.callee:
-            plan.add(("c", f"callee:{call.callee}", s.per_callee, 0, monitor), self,
+            plan.add(("c", f"callee:{call.callee}", s.per_callee, 0, monitor, ""), self,
                      ("per_callee", call.callee, s.per_callee))
         if s.per_peer is not None:
             peer = call.peer or NO_PEER
-            plan.add(("c", f"peer:{peer}", s.per_peer, 0, monitor), self,
+            plan.add(("c", f"peer:{peer}", s.per_peer, 0, monitor, ""), self,
                      ("per_peer", peer, s.per_peer))
         plan.take = call_keys(call)
         return None
 
-    def refused(self, info: tuple[str, str, int], count: int) -> Verdict:
+    def refused(self, info: tuple[str, str, int], count: int, call: CallInfo, now: float) -> \
+            Verdict:
         limit, number, most = info
         return self._reject(limit, number, count, most)
 

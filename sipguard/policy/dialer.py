@@ -33,9 +33,20 @@ Fails open: a call without a caller (called) number skips the per-caller (per-ca
 analytics; a number forgotten because a table was full, or silent for a whole window, starts
 from zero.
 
+Shared across instances (``state.backend: redis``)
+    ``distinct_callees`` (a HyperLogLog per caller), ``pumping.per_callee`` and
+    ``pumping.high_cost`` (counters) are counted in Redis, in time buckets of a quarter window
+    that expire by themselves (the count covers the last 1 to 1.25 windows), within the call's
+    one round trip (:mod:`sipguard.transport.redis_state`); so are the cooldowns an enforcing
+    rule starts (a key with ``block_s`` TTL): a caller blocked on one instance is blocked on
+    all, the others keeping a local copy for the time left. ``sequential``, ``caller_rotation``,
+    ``short_calls`` and ``asr`` stay per instance (they follow one caller's or peer's calls in
+    order, which a single instance mostly sees anyway); a cooldown started in monitor mode
+    stays local.
+
 Known limitations
-    * Counted on this instance only. Short-call ratio and ASR count calls when they *end*, so a
-      number's first answered calls count only after they hang up.
+    * With the memory backend counted on this instance only. Short-call ratio and ASR count
+      calls when they *end*, so a number's first answered calls count only after they hang up.
     * ``sequential`` sees only exact +1 steps (a scan with step 2, or in random order, is caught
       by ``distinct_callees`` instead); a single repeated number neither breaks nor extends a
       run.
@@ -60,6 +71,7 @@ if TYPE_CHECKING:
     from sipguard.policy.dialer_state import DialerState
     from sipguard.policy.engine import BuildContext
     from sipguard.policy.peers import Peer
+    from sipguard.policy.pipeline import Plan
     from sipguard.policy.windows import Generations
 
 
@@ -75,6 +87,9 @@ def _as_int(number: str | None) -> int | None:
 
 # A finding: (analytic, scope, key, value, threshold)
 _Finding = tuple[str, str, str, str, str]
+# Analytics by the code a shared cooldown carries in Redis.
+ANALYTICS = ("distinct_callees", "sequential", "sequential_origin", "short_calls", "asr",
+             "caller_rotation", "pumping", "high_cost")
 
 
 class Dialer:
@@ -181,6 +196,16 @@ class Dialer:
 
     # ------------------------------------------------------------------ decide
     def decide(self, call: CallInfo, now: float) -> Verdict | None:
+        return self._evaluate(call, now, None)
+
+    def plan(self, call: CallInfo, now: float, plan: Plan) -> Verdict | None:
+        """The shared-store form (``state.backend: redis``): cooldowns, distinct called
+        numbers, calls per called number and high-cost calls are counted in Redis within the
+        pipeline's one round trip; the other analytics here. The verdict comes in
+        :meth:`settle`, once the shared counts are back."""
+        return self._evaluate(call, now, plan)
+
+    def _evaluate(self, call: CallInfo, now: float, plan: Plan | None) -> Verdict | None:
         state = self.state
         caller, callee = call.caller, call.callee
         origin = call.peer or call.flow.addr[0]
@@ -209,6 +234,9 @@ class Dialer:
             hit = self._cooldown(blocks, origin, now)
             if hit is not None:
                 return self._blocked(call, hit.reason + "_cooldown", "high_cost", origin, None)
+        if plan is not None:  # the cooldowns other instances started
+            self._shared_cooldowns(plan, caller, origin, callee if counted else None,
+                                   high_cost)
         # 2. Record this call and measure; a finding only when a count reaches a threshold.
         tags: list[_Finding] = []
         block: _Finding | None = None
@@ -216,7 +244,10 @@ class Dialer:
         if caller is not None and self.per_caller:
             stats = state.callers.obtain(caller, CallerStats, now)
             stats.rule = self
-            if self.d_on and callee is not None:
+            if plan is not None and self.d_on and callee is not None:
+                plan.add(("h", f"dialer.callees:{caller}", self.distinct_w * 1000, 0,
+                          self.monitor, callee), self, ("distinct_callees", "caller", caller))
+            elif self.d_on and callee is not None:
                 n = stats.add_callee(callee, now, self.distinct_w, self.d_cap)
                 if n >= self.d_lo:
                     block = _count("distinct_callees", "caller", caller, n, self.d_tag,
@@ -251,24 +282,39 @@ class Dialer:
                 if n >= self.r_lo:
                     block = _count("caller_rotation", "origin", origin, n, self.r_tag,
                                    self.r_block, tags, block)
-            if high_cost and self.h_on:
+            if high_cost and self.h_on and plan is not None:
+                plan.add(("n", f"dialer.high_cost:{origin}", self.pumping_w * 1000, 0,
+                          self.monitor, ""), self, ("high_cost", "high_cost", origin))
+            elif high_cost and self.h_on:
                 if ostats.high_cost is None:
                     ostats.high_cost = Count()
                 n = int(ostats.high_cost.add(now, self.pumping_w) + 1e-9)
                 if n >= self.h_lo:
                     block = _count("high_cost", "high_cost", origin, n, self.h_tag,
                                    self.h_block, tags, block)
-        if counted and callee is not None and self.pc_on:
+        if counted and callee is not None and self.pc_on and plan is not None:
+            plan.add(("n", f"dialer.calls:{callee}", self.pumping_w * 1000, 0, self.monitor, ""),
+                     self, ("pumping", "callee", callee))
+        elif counted and callee is not None and self.pc_on:
             count = state.callees.obtain(callee, Count, now)
             n = int(count.add(now, self.pumping_w) + 1e-9)
             if n >= self.pc_lo:
                 block = _count("pumping", "callee", callee, n, self.pc_tag, self.pc_block, tags,
                                block)
+        if plan is not None:
+            plan.later(self, (tags, block))
+            return None
+        return self._verdict(call, tags, block, now)
+
+    def _verdict(
+        self, call: CallInfo, tags: list[_Finding], block: _Finding | None, now: float
+    ) -> Verdict | None:
         # 3. Verdict.
         if block is not None:
             analytic, scope, key, _, _ = block
-            state.blocks[scope].put(key, Block(now, now + self.block_s, analytic, self.monitor),
-                                    now)
+            self.state.blocks[scope].put(
+                key, Block(now, now + self.block_s, analytic, self.monitor), now
+            )
             return self._blocked(call, analytic, scope, key, block, tags)
         if not tags:
             # Nothing to say: no verdict at all, unless a peer sent a verdict header to strip.
@@ -278,6 +324,58 @@ class Dialer:
         forward = (f"{self.header}: {', '.join(names)}",) if self.header else ()
         return Verdict("accept", rule=self.name, forward_headers=forward,
                        replace_headers=self.strip)
+
+    # ------------------------------------------------------------------ shared store
+    def _shared_cooldowns(self, plan: Plan, caller: str | None, origin: str,
+                          callee: str | None, high_cost: bool) -> None:
+        """Checks of the cooldowns started on any instance, for the scopes this rule
+        blocks."""
+        monitor = self.monitor
+        if caller is not None and self.per_caller:
+            plan.add(("b", f"dialer.block.caller:{caller}", 0, 0, monitor, ""), self,
+                     ("caller", caller))
+        if self.seq_origin or self.r_on:
+            plan.add(("b", f"dialer.block.origin:{origin}", 0, 0, monitor, ""), self,
+                     ("origin", origin))
+        if callee is not None and self.pc_on:
+            plan.add(("b", f"dialer.block.callee:{callee}", 0, 0, monitor, ""), self,
+                     ("callee", callee))
+        if high_cost and self.h_on:
+            plan.add(("b", f"dialer.block.high_cost:{origin}", 0, 0, monitor, ""), self,
+                     ("high_cost", origin))
+
+    def refused(self, info: tuple[str, str], value: int, call: CallInfo, now: float) -> Verdict:
+        """A cooldown another instance (or this one) started is in force in Redis: kept
+        locally for the time it has left, so the next calls need not ask."""
+        scope, key = info
+        left_ms, code = divmod(value, 16)
+        analytic = ANALYTICS[code] if code < len(ANALYTICS) else "dialer"
+        self.state.blocks[scope].put(key, Block(now, now + left_ms / 1000, analytic, False),
+                                     now)
+        return self._blocked(call, analytic + "_cooldown", scope, key, None)
+
+    def settle(
+        self, call: CallInfo, found: tuple[list[_Finding], _Finding | None],
+        measured: Sequence[tuple[tuple[str, str, str], int]], now: float,
+    ) -> tuple[Verdict | None, tuple[str, int, float] | None]:
+        """The verdict once the shared counts are in: ``measured`` is ((analytic, scope, key),
+        count) per shared measure. Also what to mark in Redis when this call starts an
+        enforced cooldown (counter, value, seconds) so every instance honours it."""
+        tags, block = found
+        for (analytic, scope, key), n in measured:
+            if analytic == "distinct_callees":
+                block = _count(analytic, scope, key, n, self.d_tag, self.d_block, tags, block)
+            elif analytic == "pumping":
+                block = _count(analytic, scope, key, n, self.pc_tag, self.pc_block, tags,
+                               block)
+            else:
+                block = _count(analytic, scope, key, n, self.h_tag, self.h_block, tags, block)
+        mark = None
+        if block is not None and not self.monitor:
+            analytic, scope, key, _, _ = block
+            code = ANALYTICS.index(analytic) if analytic in ANALYTICS else 0
+            mark = (f"dialer.block.{scope}:{key}", code, self.block_s)
+        return self._verdict(call, tags, block, now), mark
 
     def _cooldown(self, table: Generations[Block], key: str, now: float) -> Block | None:
         if not table.cur and not table.prev:

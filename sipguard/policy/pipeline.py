@@ -34,6 +34,7 @@ from sipguard.contract import ACCEPT, Anonymise, CallInfo, Verdict
 from sipguard.state.base import Check, SharedCounts
 
 Decision = Verdict | None | Awaitable[Verdict | None]
+MEASURES = ("h", "n")  # check kinds that report a count and never refuse
 
 
 class Rule(Protocol):
@@ -47,16 +48,26 @@ class Plan:
     """What one INVITE asks of the shared store: checks in rule order, who asked each, and the
     counters the call's lease goes on."""
 
-    __slots__ = ("checks", "owners", "take")
+    __slots__ = ("checks", "owners", "take", "settlers")
 
     def __init__(self) -> None:
         self.checks: list[Check] = []
         self.owners: list[tuple[Any, Any]] = []  # (rule, what it needs to word a refusal)
         self.take: tuple[str, ...] = ()
+        # rules whose verdict waits for their measures: (rule, what it found meanwhile)
+        self.settlers: list[tuple[Any, Any]] = []
 
     def add(self, check: Check, rule: Any, info: Any) -> None:
         self.checks.append(check)
         self.owners.append((rule, info))
+
+    def later(self, rule: Any, found: Any) -> None:
+        """``rule`` gives its verdict in ``rule.settle(call, found, measured, now)`` once the
+        shared store answered (``measured``: its measures' (info, value))."""
+        self.settlers.append((rule, found))
+
+    def pending(self) -> bool:
+        return bool(self.checks or self.take or self.settlers)
 
 
 class _StateRule:
@@ -165,8 +176,8 @@ class Pipeline:
             final = run.take(rule, answer)
             if final is not None:
                 return final
-        if plan is not None and (plan.checks or plan.take):
-            return self._admit(run, plan, call)
+        if plan is not None and plan.pending():
+            return self._admit(run, plan, call, now)
         return run.result()
 
     async def _resume(
@@ -190,33 +201,52 @@ class Pipeline:
             final = run.take(rule, answer)
             if final is not None:
                 return final
-        if plan is not None and (plan.checks or plan.take):
-            return await self._admit(run, plan, call)
+        if plan is not None and plan.pending():
+            return await self._admit(run, plan, call, now)
         return run.result()
 
-    async def _admit(self, run: _Run, plan: Plan, call: CallInfo) -> Verdict:
+    async def _admit(self, run: _Run, plan: Plan, call: CallInfo, now: float) -> Verdict:
         """The plan's one round trip, its refusals folded back through their rules."""
         shared = self.shared
         assert shared is not None
-        result = await shared.store.admit(call.lease, plan.checks, plan.take)
-        if result is None:  # Redis cannot answer: state.fail decides
-            if shared.store.fail_open and plan.take:
-                shared.hold(call, plan.take)  # counted when Redis is back (refresh)
-            final = run.take(shared.rule, shared.verdict)
-            return final if final is not None else run.result()
-        taken, refused, value, monitored = result
-        if taken and plan.take:
-            shared.hold(call, plan.take)
-            if call.settled:  # cancelled while Redis answered: give the slot back now
-                later = shared.give_back(call)
-                if later is not None:
-                    await later
-        for index, mvalue in monitored:
-            rule, info = plan.owners[index]
-            run.take(rule, rule.refused(info, mvalue))
-        if refused >= 0:
-            rule, info = plan.owners[refused]
-            final = run.take(rule, rule.refused(info, value))
+        store = shared.store
+        result = None
+        if plan.checks or plan.take:
+            result = await store.admit(call.lease, plan.checks, plan.take)
+            if result is None:  # Redis cannot answer: state.fail decides
+                if store.fail_open and plan.take:
+                    shared.hold(call, plan.take)  # counted when Redis is back (refresh)
+                final = run.take(shared.rule, shared.verdict)
+                if final is not None:
+                    return final
+        measured: dict[int, int] = {}
+        if result is not None:
+            taken, refused, value, reported = result
+            if taken and plan.take:
+                shared.hold(call, plan.take)
+                if call.settled:  # cancelled while Redis answered: give the slot back now
+                    later = shared.give_back(call)
+                    if later is not None:
+                        await later
+            checks = plan.checks
+            for index, rvalue in reported:
+                rule, info = plan.owners[index]
+                if checks[index][0] in MEASURES:
+                    measured[index] = rvalue
+                else:  # a rule in monitor mode over its limit
+                    run.take(rule, rule.refused(info, rvalue, call, now))
+            if refused >= 0:
+                rule, info = plan.owners[refused]
+                final = run.take(rule, rule.refused(info, value, call, now))
+                if final is not None:
+                    return final
+        for rule, found in plan.settlers:
+            mine = [(plan.owners[i][1], v) for i, v in measured.items()
+                    if plan.owners[i][0] is rule]
+            verdict, mark = rule.settle(call, found, mine, now)
+            if mark is not None and result is not None:
+                await store.mark(*mark)  # a cooldown every instance honours
+            final = run.take(rule, verdict)
             if final is not None:
                 return final
         return run.result()

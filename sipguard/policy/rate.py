@@ -237,10 +237,11 @@ class Rate:
                 key = call.flow.addr[0]
             if key is None:
                 continue
-            plan.add(("r", f"rate.{name}:{key}", interval, tau, monitor), self, (name, key))
+            plan.add(("r", f"rate.{name}:{key}", interval, tau, monitor, ""), self, (name, key))
         return None
 
-    def refused(self, info: tuple[str, str], ahead_us: int) -> Verdict:
+    def refused(self, info: tuple[str, str], ahead_us: int, call: CallInfo, now: float) -> \
+            Verdict:
         name, key = info
         return self._limited(name, key, ahead_us / 1e6)
 

@@ -104,13 +104,19 @@ class SyncLeaseStore(LeaseStore, Protocol):
 
 # --------------------------------------------------------------------------- shared counts
 
-# One check of a call against a shared counter: (kind, counter, a, b, monitor). ``kind`` "c":
-# fewer than ``a`` live leases on ``counter`` (``kind:ident``, e.g. ``caller:+12125550100``);
-# "r": the GCRA cell ``counter`` with emission interval ``a`` and tolerance ``b`` seconds.
+# One check of a call against a shared counter: (kind, counter, a, b, monitor, member).
+# ``counter`` is ``kind:ident`` (``caller:+12125550100``). Kinds that can refuse:
+#   "c": fewer than ``a`` live leases on ``counter``;
+#   "r": the GCRA cell ``counter`` (emission interval ``a``, tolerance ``b`` seconds) on time;
+#   "b": no cooldown mark on ``counter`` (its value: ms left * 16 + a code).
+# Kinds that only measure (the value is reported, never a refusal), over a window of ``a`` ms
+# kept as 4 buckets plus the current one (so between 1 and 1.25 windows):
+#   "h": distinct ``member`` values (HyperLogLog) — the call's own added;
+#   "n": calls — this one counted.
 # ``monitor``: a failure is reported but does not refuse the call.
-Check = tuple[str, str, float, float, bool]
-# (taken, refused check index or -1, its value, [(failed monitored check, value)]); value: a
-# count, or the microseconds a rate cell is ahead of schedule.
+Check = tuple[str, str, float, float, bool, str]
+# (taken, refused check index or -1, its value, [(check, value)] for failed monitored checks
+# and for every measure); value: a count, or the microseconds a rate cell is ahead of schedule.
 Admitted = tuple[bool, int, int, list[tuple[int, int]]]
 
 
@@ -140,4 +146,9 @@ class SharedCounts(Protocol):
 
     async def release(self, lease: str, take: Sequence[str]) -> None:
         """Give ``lease`` back (idempotent; kept and retried while unreachable)."""
+        ...
+
+    async def mark(self, counter: str, value: int, seconds: float) -> None:
+        """Set ``counter`` to ``value`` for ``seconds`` (a cooldown every instance honours);
+        best effort."""
         ...

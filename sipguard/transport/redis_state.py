@@ -52,12 +52,15 @@ from sipguard.transport.redis_client import by_slot, key
 from sipguard.transport.redis_pipe import RespPipe
 
 # KEYS: the keys of the checks and of the take.
-# ARGV: lease, lease_ms, n, then n checks of 5 fields (kind c|r, key index, a, b, monitor 0|1),
-#       then the number of take keys and their key indices.
+# ARGV: lease, lease_ms, n, then n checks of 6 fields (kind, key index, a, b, monitor 0|1,
+#       member), then the number of take keys and their key indices.
 # c: a = most live leases (the lease itself already there counts as room).
 # r: a = emission interval us, b = tolerance us.
-# Returns {taken 1|0, refused check (0-based) or -1, value, monitored check, value, ...};
-# value: a count (c) or the microseconds the cell is ahead of schedule (r).
+# b: a cooldown mark (a string: its code); value = ms left * 16 + code.
+# h / n: a = window ms; distinct members (HyperLogLog) / calls in 4 buckets of a/4 ms plus the
+#        current one, this call included; they only measure.
+# Returns {taken 1|0, refused check (0-based) or -1, value, then (check, value) pairs for failed
+# monitored checks and for measures}; value: a count, or the microseconds a rate cell is ahead.
 ADMIT = """
 local t = redis.call('TIME')
 local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -74,7 +77,8 @@ for i = 1, n do
   local a = tonumber(ARGV[pos + 2])
   local b = tonumber(ARGV[pos + 3])
   local monitor = ARGV[pos + 4] == '1'
-  pos = pos + 5
+  local member = ARGV[pos + 5]
+  pos = pos + 6
   local failed = false
   local value = 0
   if kind == 'c' then
@@ -86,7 +90,7 @@ for i = 1, n do
         value = count
       end
     end
-  else
+  elseif kind == 'r' then
     local tat = tonumber(redis.call('GET', k) or '0') or 0
     if tat < now_us then tat = now_us end
     local ahead = tat - now_us - b
@@ -96,6 +100,28 @@ for i = 1, n do
     else
       cells[#cells + 1] = {k, tat + a}
     end
+  elseif kind == 'b' then
+    local code = redis.call('GET', k)
+    if code then
+      failed = true
+      value = math.max(0, redis.call('PTTL', k)) * 16 + (tonumber(code) or 0)
+    end
+  else
+    local width = math.max(1, math.floor(a / 4))
+    local bucket = math.floor(now_ms / width)
+    local cur = k .. ':' .. bucket
+    if kind == 'h' then redis.call('PFADD', cur, member) else redis.call('INCR', cur) end
+    redis.call('PEXPIRE', cur, a + 2 * width)
+    local names = {}
+    for j = 0, 4 do names[#names + 1] = k .. ':' .. (bucket - j) end
+    local count = 0
+    if kind == 'h' then
+      count = redis.call('PFCOUNT', unpack(names))
+    else
+      for _, name in ipairs(names) do count = count + (tonumber(redis.call('GET', name)) or 0) end
+    end
+    out[#out + 1] = i - 1
+    out[#out + 1] = count
   end
   if failed then
     if not monitor then
@@ -262,10 +288,12 @@ class SharedStore:
             if i not in local:
                 continue
             n += 1
-            if c[0] == "c":
-                args += ("c", local[i], int(c[2]), 0, 1 if c[4] else 0)
+            kind = c[0]
+            if kind == "r":
+                args += ("r", local[i], round(c[2] * 1e6), round(c[3] * 1e6), 1 if c[4] else 0,
+                         "")
             else:
-                args += ("r", local[i], round(c[2] * 1e6), round(c[3] * 1e6), 1 if c[4] else 0)
+                args += (kind, local[i], int(c[2]), 0, 1 if c[4] else 0, c[5])
         args[2] = n
         takes = [local[index[self.rkey(t)]] for t in take if index[self.rkey(t)] in local]
         args.append(len(takes))
@@ -378,6 +406,19 @@ class SharedStore:
                 await self._rescore([(lease, tuple(take))])
         except _FAILURES as exc:
             self._failed("add", exc)
+            return
+        self._ok()
+
+    async def mark(self, counter: str, value: int, seconds: float) -> None:
+        """Set ``counter`` to ``value`` for ``seconds`` (a dialer cooldown); best effort."""
+        if self.open:
+            return
+        try:
+            async with asyncio.timeout(self.timeout_s * 4):
+                await self.client.set(self.rkey(counter), value,
+                                      px=max(1, int(seconds * 1000)))
+        except _FAILURES as exc:
+            self._failed("mark", exc)
             return
         self._ok()
 

@@ -176,3 +176,56 @@ async def test_fail_closed_answers_503_with_retry_after(redis_url: str) -> None:
     finally:
         await store.close()
 
+
+
+DIALER = ("rules:\n  dialer:\n    distinct_callees: {tag: 3, block: 5}\n"
+          "    pumping: {per_callee: {tag: 2, block: 4}}\n")
+CALLEES = ["+16465550107", "+13035550142", "+17205550199", "+14155550123", "+12065550178",
+           "+15125550111", "+16175550144"]
+
+
+async def test_dialer_distinct_callees_and_cooldown_are_shared(redis_url: str) -> None:
+    """One caller dialing distinct numbers through two instances: the tag at the third, the
+    block at the fifth (counted across both), then the cooldown holds on the other instance
+    too — answered from Redis, then from its local copy without asking again."""
+    sa, sb = new_store(redis_url), new_store(redis_url)
+    a, b = SharedHarness(DIALER, sa), SharedHarness(DIALER, sb)
+    try:
+        forwarded = []
+        for i, callee in enumerate(CALLEES[:4]):
+            h = a if i % 2 == 0 else b
+            _, fwd = await h.invite(i, callee=callee)
+            forwarded.append(fwd)
+        assert all(f is not None for f in forwarded)
+        assert forwarded[2] is not None and \
+            forwarded[2].get("x-sipguard-verdict") == "dialer.distinct_callees"
+        got, fwd = await a.invite(10, callee=CALLEES[4])  # the fifth distinct: blocked
+        assert fwd is None and [m.status for m in got if m.status >= 200] == [603]
+        assert a.verdicts[-1].reason == "distinct_callees"
+        got, fwd = await b.invite(11, callee=CALLEES[0])  # B never counted five itself
+        assert fwd is None and b.verdicts[-1].reason == "distinct_callees_cooldown"
+        trips = sb.counters["state_round_trips"]
+        got, fwd = await b.invite(12, callee=CALLEES[1])
+        assert fwd is None and sb.counters["state_round_trips"] == trips  # local copy now
+        ttl = await sa.client.pttl(sa.rkey("dialer.block.caller:+12125550100"))
+        assert 290_000 < ttl <= 300_000  # block_s default 300
+    finally:
+        await sa.close()
+        await sb.close()
+
+
+async def test_dialer_pumping_per_callee_counts_across_instances(redis_url: str) -> None:
+    sa, sb = new_store(redis_url), new_store(redis_url)
+    a, b = SharedHarness(DIALER, sa), SharedHarness(DIALER, sb)
+    try:
+        callers = [f"+1212555{i:04d}" for i in (11, 23, 37, 41, 59)]
+        results = []
+        for i, caller in enumerate(callers):
+            h = a if i % 2 == 0 else b
+            _, fwd = await h.invite(20 + i, caller=caller, callee="+19005550100")
+            results.append(fwd is not None)
+        assert results == [True, True, True, False, False]
+        assert (a.verdicts + b.verdicts)[-1].reason in ("pumping", "pumping_cooldown")
+    finally:
+        await sa.close()
+        await sb.close()

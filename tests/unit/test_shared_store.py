@@ -23,8 +23,8 @@ def store(url: str, **kw: object) -> SharedStore:
     return SharedStore(connect(Where(url=url, timeout_s=0.5)), **params)  # type: ignore[arg-type]
 
 
-def caller_limit(most: int, monitor: bool = False) -> tuple[str, str, float, float, bool]:
-    return ("c", "caller:+12125550100", most, 0, monitor)
+def caller_limit(most: int, monitor: bool = False) -> tuple[str, str, float, float, bool, str]:
+    return ("c", "caller:+12125550100", most, 0, monitor, "")
 
 
 TAKE = ("peer:-", "caller:+12125550100", "callee:+18005550199")
@@ -51,11 +51,11 @@ async def test_check_and_take_is_shared_between_instances(redis_url: str) -> Non
 async def test_refused_call_takes_nothing_anywhere(redis_url: str) -> None:
     a = store(redis_url)
     try:
-        callee = ("c", "callee:+18005550199", 1, 0, False)
+        callee = ("c", "callee:+18005550199", 1, 0, False, "")
         assert (await a.admit("L1", [callee], TAKE))[0]
         # the caller has room, the callee not: nothing taken, not even the caller's slot,
         # and no rate cell advanced
-        rate = ("r", "rate.per_caller:+12125550100", 1.0, 0.0, False)
+        rate = ("r", "rate.per_caller:+12125550100", 1.0, 0.0, False, "")
         assert (await a.admit("L2", [caller_limit(5), rate, callee], TAKE))[:2] == (False, 2)
         assert (await a.admit("L3", [rate], ()))[0] is True  # the cell was still fresh
         raw = await a.client.zcard(a.rkey("caller:+12125550100"))
@@ -86,7 +86,7 @@ async def test_leases_lapse_without_refresh_and_live_with_it(redis_url: str) -> 
 async def test_gcra_rate_across_instances(redis_url: str) -> None:
     a, b = store(redis_url), store(redis_url)
     try:
-        limit = ("r", "rate.per_caller:+1", 1.0, 2.0, False)  # 1/s, burst 3
+        limit = ("r", "rate.per_caller:+1", 1.0, 2.0, False, "")  # 1/s, burst 3
         results = [await (a if i % 2 else b).admit(f"x{i}", [limit], ()) for i in range(5)]
         assert [r[0] for r in results if r] == [True, True, True, False, False]
         refused = results[3]
@@ -194,27 +194,36 @@ async def test_redis_cluster_checks_per_slot_and_gives_back_a_partial_take(
     b = SharedStore(connect(Where(url=cluster.url, cluster=True, timeout_s=1.0)),
                     cluster=True, timeout_s=2.0, counters=Counter())
     try:
-        callee = ("c", "callee:+18005550199", 1, 0, False)
+        callee = ("c", "callee:+18005550199", 1, 0, False, "")
         take_1 = ("caller:+12125550100", "callee:+18005550199")
         take_2 = ("caller:+13035550100", "callee:+18005550199")
         assert len(by_slot([a.rkey(k) for k in take_2], True)) == 2  # two slots really
         assert (await a.admit("L1", [caller_limit(1), callee], take_1))[0] is True
-        caller_2 = ("c", "caller:+13035550100", 1, 0, False)
+        caller_2 = ("c", "caller:+13035550100", 1, 0, False, "")
         refused = await b.admit("L2", [caller_2, callee], take_2)
         assert refused is not None and refused[:3] == (False, 1, 1)
         assert await b.client.zcard(b.rkey("caller:+13035550100")) == 0  # given back
         await a.release("L1", take_1)
         assert (await b.admit("L2", [caller_2, callee], take_2))[0] is True
         # the same burst from both instances: exactly one
-        other = ("c", "callee:+18005550100", 1, 0, False)
+        other = ("c", "callee:+18005550100", 1, 0, False, "")
         results = await asyncio.gather(*(
             (a if i % 2 else b).admit(f"M{i}", [other], ("callee:+18005550100",))
             for i in range(10)
         ))
         assert sum(1 for r in results if r and r[0]) == 1
-        limit = ("r", "rate.per_caller:+1", 1.0, 1.0, False)
+        limit = ("r", "rate.per_caller:+1", 1.0, 1.0, False, "")
         assert [(await a.admit(f"r{i}", [limit], ()))[0] for i in range(3)] == [  # type: ignore[index]
             True, True, False]
+        # the dialer's measures keep their buckets in the number's slot
+        seen = []
+        for i, callee in enumerate(("+1646", "+1303", "+1646", "+1720")):
+            distinct = ("h", "dialer.callees:+12125550100", 60_000, 0, False, callee)
+            calls = ("n", "dialer.calls:+12125550100", 60_000, 0, False, "")
+            result = await (a if i % 2 else b).admit(f"d{i}", [distinct, calls], ())
+            assert result is not None
+            seen.append(result[3])
+        assert seen[-1] == [(0, 3), (1, 4)]
     finally:
         await a.close()
         await b.close()
@@ -262,3 +271,43 @@ async def test_redis_py_batch_path_and_password_and_db(tmp_path: Path) -> None:
         await plain.close()
         await piped.close()
         server.stop()
+
+
+async def test_measures_and_cooldown_marks(redis_url: str) -> None:
+    """The dialer's kinds: distinct members and calls over a window (this call included),
+    a cooldown mark refusing with its time left and code."""
+    a = store(redis_url)
+    try:
+        for i, callee in enumerate(("+1646", "+1303", "+1646")):
+            distinct = ("h", "dialer.callees:+1", 60_000, 0, False, callee)
+            calls = ("n", "dialer.calls:+1", 60_000, 0, False, "")
+            result = await a.admit(f"m{i}", [distinct, calls], ())
+            assert result is not None and result[0]
+        assert result[3] == [(0, 2), (1, 3)]
+        block = ("b", "dialer.block.caller:+1", 0, 0, False, "")
+        assert (await a.admit("x", [block], ()))[0] is True
+        await a.mark("dialer.block.caller:+1", 6, 300)
+        refused = await a.admit("y", [block], ())
+        assert refused is not None and refused[:2] == (False, 0)
+        left_ms, code = divmod(refused[2], 16)
+        assert code == 6 and 299_000 < left_ms <= 300_000
+    finally:
+        await a.close()
+
+
+def test_pipe_works_on_uvloop(redis_url: str) -> None:
+    """sipguard runs on uvloop, whose transports are not asyncio's classes."""
+    import uvloop
+
+    async def admits() -> list[bool]:
+        a = store(redis_url)
+        try:
+            out = []
+            for i in range(3):
+                result = await a.admit(f"U{i}", [caller_limit(2)], TAKE)
+                out.append(bool(result and result[0]))
+            return out
+        finally:
+            await a.close()
+
+    assert uvloop.run(admits()) == [True, True, False]
