@@ -244,3 +244,58 @@ def test_redis_down_fail_closed_answers_503(stack: E2EStack) -> None:
         caller.close()
         core.close()
         redis.stop()
+
+
+def test_limit_holds_across_two_worker_processes(stack: E2EStack, redis_url: str) -> None:
+    """`sipguard run --workers 2` (SO_REUSEPORT): twenty INVITEs of one caller, each from a
+    socket of its own so the kernel spreads them over both workers — exactly two reach the
+    core, and both workers decided some."""
+    from .test_workers_e2e import start_workers
+
+    core = CoreSocket()
+    callers: list[Caller] = []
+    try:
+        g, port, _, _ = start_workers(stack, redis_url, core.port, PER_CALLER_2)
+        for i in range(20):
+            c = Caller()
+            callers.append(c)
+            c.send(i, port)
+        reached = core.collect(1.5)
+        refused = sum(len(c.finals(1, seconds=0.1)) for c in callers)
+        assert len(reached) == 2, sorted(reached)
+        assert refused == 18
+        workers = {e.get("worker") for e in g.events if e.get("event") == "invite_decided"}
+        assert workers == {0, 1}, workers  # (decision lines are sampled per key and worker)
+    finally:
+        for c in callers:
+            c.close()
+        core.close()
+
+
+def test_redis_outage_under_load_fail_closed(stack: E2EStack) -> None:
+    """SIPp at 20 calls/s (fail: closed); Redis stopped a second in and started again two
+    seconds later: the calls of the outage hear 503 + Retry-After (the scenario accepts
+    that), every other call completes, nothing hangs and sipguard stays up."""
+    redis = _isolated_redis(stack.workdir)
+    try:
+        uas = stack.uas("uas_basic.xml", calls=10_000)
+        g, a = guard(stack, "a", uas.local_port, redis.url,
+                     "rules:\n  concurrency: {per_caller: 50}\n",
+                     ", fail: closed, breaker_failures: 2")
+        rows = [(f"+1303555{i:04d}", "+17205550100") for i in range(100)]
+        uac = start_uac(stack, "uac", rows, port=a, calls=100, rate=20)
+        time.sleep(1.0)
+        redis.stop()
+        time.sleep(2.0)
+        redis.start()
+        res = uac.wait()
+        uas_res = stack.finish_uas(uas, grace=1.0)
+        check_ok(res, 100)  # every call ended as the scenario allows: completed or 503
+        assert g.proc is not None and g.proc.poll() is None
+        c = counters(g)
+        refused = c.get("rule_state_state_unavailable", 0)
+        assert refused >= 10, c  # about 2 s of 20 calls/s
+        assert uas_res.successful + refused == 100, (uas_res.describe(), c)
+        assert c.get("state_reconnected", 0) >= 1, c
+    finally:
+        redis.stop()
