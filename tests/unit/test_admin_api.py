@@ -379,3 +379,41 @@ def test_store_matches_exact_and_prefix_and_expires() -> None:
     assert len(store) == 1
     with pytest.raises(ValueError):
         suspension_key("*")
+
+
+# --------------------------------------------------------------------------- shared state
+
+
+async def test_readyz_and_calls_report_the_shared_state(
+    tmp_path: Path, peers: tuple[Peer, Peer], redis_url: str
+) -> None:
+    """With Redis: /calls adds the counts of every instance; with fail: closed and Redis
+    unreachable, calls hear 503 and /readyz is unready, naming the state."""
+    caller, core = peers
+    guard = await start_guard(
+        tmp_path, core,
+        f"state: {{backend: redis, url: '{redis_url}'}}\n"
+        "rules:\n  concurrency: {per_caller: 5}\n",
+    )
+    try:
+        await answered_call(guard, caller, core, "shared-1", "+12125550100")
+        status, body = await request("GET", f"{guard.url}/calls?number=%2B12125550100")
+        assert status == 200 and body["counts_all_instances"]["caller"] == 1
+        status, body = await request("GET", f"{guard.url}/readyz")
+        assert (status, body) == (200, {"ready": True, "state": "ok"})
+    finally:
+        await guard.server.stop()
+    dead = _free_tcp_port()
+    (tmp_path / "closed").mkdir()
+    guard = await start_guard(
+        tmp_path / "closed", core,
+        f"state: {{backend: redis, url: 'redis://127.0.0.1:{dead}/0', fail: closed, "
+        "breaker_failures: 1, timeout_ms: 100}\nrules:\n  concurrency: {per_caller: 5}\n",
+    )
+    try:
+        caller.sock.sendto(invite(caller, guard.port, "shared-2"), ("127.0.0.1", guard.port))
+        assert (await caller.recv_until(b"SIP/2.0 503")).startswith(b"SIP/2.0 503 ")
+        status, body = await request("GET", f"{guard.url}/readyz")
+        assert (status, body) == (503, {"ready": False, "state": "unreachable"})
+    finally:
+        await guard.server.stop()
