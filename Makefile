@@ -34,17 +34,21 @@ native: install
 # sipvicious (svmap, svwar) and sipsak, real attack tools for the flood/scanner e2e test;
 # socat, the TLS layer under SIPp (Debian's SIPp has no TLS) in the TLS e2e test;
 # redis-server, the shared state backend the Redis tests start on a free loopback port (the
-# package's own service is stopped and disabled: the tests run their own servers).
-TOOL_PACKAGES := sip-tester sipvicious sipsak socat redis-server
+# package's own service is stopped and disabled: the tests run their own servers);
+# kamailio, the proxy the load kit's comparison mode (loadtest/run.py --compare) measures
+# sipguard against (its service too is stopped and disabled: the kit starts its own).
+TOOL_PACKAGES := sip-tester sipvicious sipsak socat redis-server kamailio
 tools:
 	@command -v sipp >/dev/null 2>&1 && command -v svmap >/dev/null 2>&1 && \
 	  command -v svwar >/dev/null 2>&1 && command -v sipsak >/dev/null 2>&1 && \
 	  command -v socat >/dev/null 2>&1 && \
+	  { command -v kamailio >/dev/null 2>&1 || test -x /usr/sbin/kamailio; } && \
 	  { command -v redis-server >/dev/null 2>&1 || command -v valkey-server >/dev/null 2>&1; } || { \
 	  echo "installing test tools (Debian packages $(TOOL_PACKAGES))"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(TOOL_PACKAGES) >/dev/null; \
-	  { $$SUDO systemctl disable --now redis-server >/dev/null 2>&1 || $$SUDO service redis-server stop >/dev/null 2>&1 || true; }; }
+	  { $$SUDO systemctl disable --now redis-server >/dev/null 2>&1 || $$SUDO service redis-server stop >/dev/null 2>&1 || true; }; \
+	  { $$SUDO systemctl disable --now kamailio >/dev/null 2>&1 || $$SUDO service kamailio stop >/dev/null 2>&1 || true; }; }
 
 sipp: tools  # the old name
 

@@ -2,8 +2,10 @@
 
     python loadtest/run.py [--rates 200,500,1000,1500] [--duration 10] [--hold-ms 1000]
                            [--transport udp|tcp] [--probe-rate 20] [--only direct|sipguard]
-                           [--paths direct,sipguard,redis,redis-workers] [--workers 2]
+                           [--paths direct,kamailio,sipguard,redis,redis-workers] [--workers 2]
                            [--proxy-cmd "python -m sipguard"] [--config FILE]
+    python loadtest/run.py --compare [--rates 1000,2000,3000,4000] [--duration 15]
+                           [--paths direct,kamailio,sipguard,redis-workers] [--no-pin]
 
 For every rate it runs (a) the baseline SIPp UAC -> SIPp UAS and (b) SIPp UAC -> sipguard ->
 SIPp UAS, each for --duration seconds of call generation with --hold-ms long calls, while a
@@ -23,7 +25,15 @@ config as given, memory state), ``redis`` (the same config with ``state.backend:
 redis-server this runner starts on a free loopback port for the run, emptied before each step)
 and ``redis-workers`` (that, with ``--workers`` processes; unpinned — they share the CPUs).
 sipguard's CPU is summed over its process tree (the supervisor and its workers); Redis's CPU is
-reported apart (``redis_cpu_ms/call``).
+reported apart (``redis_cpu_ms/call``).  ``kamailio`` is Kamailio (``loadtest/kamailio/kamailio.cfg``)
+as the proxy, its CPU summed over its processes.
+
+``--compare`` is the comparison mode: direct, Kamailio and sipguard with every rule on
+(``loadtest/all_rules.yaml``, plus STIR/SHAKEN verification of the Identity header a share of
+the calls carry) at 1000..4000 calls/s, 15 s each; every step passes or fails (>= 99.9 %
+completed, SIPp retransmissions < 0.1 % of the calls), and the summary gives each system's
+highest passing rate and sipguard / Kamailio ratios, also as a markdown table
+(``loadtest/compare.py``).
 
 Everything runs on 127.0.0.1; every process is bounded by a call count and a hard timeout and
 is stopped by its PID.  ``run.py probe ...`` is the probe itself (started as a subprocess).
@@ -52,6 +62,7 @@ REPO = HERE.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from loadtest import compare  # noqa: E402
 from tests.e2e.harness import (  # noqa: E402
     HOST,
     SipguardProcess,
@@ -67,6 +78,8 @@ from tests.e2e.harness import (  # noqa: E402
 SCENARIOS = HERE / "scenarios"
 NUMBERS = HERE / "numbers.csv"
 RESULTS = HERE / "results"
+ALL_RULES = HERE / "all_rules.yaml"
+PATHS = ("direct", "kamailio", "sipguard", "redis", "redis-workers")
 
 
 # ============================================================================ probe
@@ -318,16 +331,24 @@ class Step:
     uac_elapsed_s: float = 0.0
     uac_timed_out: bool = False
     uac_returncode: int | None = None
-    retransmissions: int = 0
+    retransmissions: int = 0  # the UAC's (SIPp Retransmissions(C))
+    uas_retransmissions: int = 0
+    retrans_total: int = 0  # UAC + UAS
+    retrans_pct: float = 0.0  # of the calls attempted
+    passed: bool = False  # >= 99.9 % completed and retrans_pct < 0.1
     uas_completed: int = 0
     uas_failed: int = 0
     probe: dict[str, Any] = field(default_factory=dict)
     p50_ms: float | None = None
     p99_ms: float | None = None
     sipguard_cpu_s: float | None = None
+    proxy_cpu_s: float | None = None  # the proxy's process tree (sipguard or Kamailio)
+    proxy_processes: int = 0
     cpu_ms_per_call: float | None = None
     redis_cpu_ms_per_call: float | None = None
     sipguard_returncode: int | None = None
+    proxy_returncode: int | None = None
+    identity_fetches: int | None = None  # x5u fetches during the step (compare mode)
     error: str | None = None
     workdir: str = ""
 
@@ -353,26 +374,80 @@ def tree_cpu_seconds(pid: int) -> float:
     return total
 
 
-def redis_configs(args: argparse.Namespace, root: Path, url: str) -> dict[str, Path]:
-    """The config of each Redis path: the given config (or a minimal one) with the state
-    section, and for ``redis-workers`` the worker count; written next to the given config so
-    its relative paths still resolve."""
+def tree_pids(pid: int) -> list[int]:
+    """pid and its live descendants."""
+    return [pid, *compare._children_of(pid)]
+
+
+def base_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The sipguard config of the run (the given file, or a minimal one), with rules.identity
+    added first when the run verifies STIR/SHAKEN (--identity-share > 0)."""
     import yaml
 
     base: dict[str, Any] = (
         yaml.safe_load(args.config.read_text()) if args.config is not None
         else {"listen": [f"udp://{HOST}:5060"], "core": f"udp://{HOST}:5080"}
     )
+    if args.identity is not None:
+        freshness = args.duration + args.hold_ms / 1000 + 60
+        rules = dict(base.get("rules") or {})
+        rules.pop("identity", None)
+        base["rules"] = {"identity": args.identity.settings(freshness), **rules}
+    return base
+
+
+def sipguard_configs(args: argparse.Namespace, root: Path, url: str | None) -> dict[str, Path]:
+    """The config file of each sipguard path: for ``sipguard`` the given one as is (or, with
+    identity, a copy with rules.identity); for the Redis paths that with the state section,
+    and for ``redis-workers`` the worker count. Written next to the given config so its
+    relative paths still resolve; removed at the end of the run."""
+    import yaml
+
+    base = base_config(args)
     folder = args.config.parent if args.config is not None else root
-    out = {}
-    for path in ("redis", "redis-workers"):
-        cfg = dict(base, state={"backend": "redis", "url": url})
+    out: dict[str, Path] = {}
+    for path in ("sipguard", "redis", "redis-workers"):
+        if path == "sipguard" and args.identity is None:
+            continue
+        if path != "sipguard" and url is None:
+            continue
+        cfg = dict(base)
+        if path != "sipguard":
+            cfg["state"] = {"backend": "redis", "url": url}
         if path == "redis-workers":
             cfg["workers"] = args.workers
         file = folder / f".loadtest-{root.name}-{path}.yaml"
-        file.write_text(yaml.safe_dump(cfg))
+        file.write_text(yaml.safe_dump(cfg, sort_keys=False))
         out[path] = file
     return out
+
+
+def proxy_command(args: argparse.Namespace, pin: bool) -> list[str] | None:
+    """The sipguard command; pinned: under ``taskset`` so every thread and child process of
+    it starts on the proxy's CPU."""
+    cmd = shlex.split(args.proxy_cmd) if args.proxy_cmd else None
+    if pin and args.proxy_cpu is not None and shutil.which("taskset"):
+        return ["taskset", "-c", str(args.proxy_cpu), *(cmd or sipguard_command())]
+    return cmd
+
+
+def run_warmup(args: argparse.Namespace, workdir: Path, target: int, inf: Path,
+               scenario: Path, extra: list[str]) -> None:
+    """A few calls before the measured ones (compare mode): the certificate cache of the
+    identity rule is warm, every proxy has seen traffic. Not counted."""
+    calls = args.warmup_calls
+    if calls <= 0:
+        return
+    warm = SippProcess(
+        "warmup", scenario, workdir, local_port=free_port(), transport=args.transport,
+        remote=(HOST, target), calls=calls, rate=min(calls, 50), duration_ms=100, timeout=20,
+        inf=inf, trace_msg=False, extra=extra,
+    )
+    warm.start()
+    res = warm.wait()
+    if res.successful < calls:
+        print(f"  note: warm-up {res.successful}/{calls} calls completed ({workdir.name})",
+              flush=True)
 
 
 def run_step(args: argparse.Namespace, rate: int, path: str, root: Path) -> Step:
@@ -391,40 +466,57 @@ def run_step(args: argparse.Namespace, rate: int, path: str, root: Path) -> Step
         workdir,
         local_port=free_port(),
         transport=args.transport,
-        calls=(attempted + probe_calls) * 2 + 100,
-        timeout=limit + 15,
+        calls=(attempted + probe_calls + args.warmup_calls) * 2 + 100,
+        timeout=limit + 40,
         inf=None,
         trace_msg=False,
         extra=log_cap,
     )
     guard: SipguardProcess | None = None
+    kam: compare.KamailioProcess | None = None
+    proxy_pid: int | None = None
     probe_proc: subprocess.Popen[bytes] | None = None
     redis = args.redis if path.startswith("redis") else None
+    inf, scenario = NUMBERS, SCENARIOS / "uac_load.xml"
+    uac_extra = list(log_cap)
     try:
+        if args.identity is not None:
+            inf = args.identity.write_csv(workdir / "numbers_identity.csv")
+            scenario = SCENARIOS / "uac_load_identity.xml"
+            # a 180 forwarded after its 200 (Kamailio's parallel UDP workers) is ignored
+            uac_extra += ["-default_behaviors", "all,-abortunexp"]
         uas.start()
         uas.wait_bound()
         target = uas.local_port
-        if path != "direct":
+        if path == "kamailio":
             port = free_port()
-            config = args.config
+            kam = compare.KamailioProcess(
+                workdir, port=port, core=(HOST, uas.local_port), transport=args.transport,
+                cpu=args.proxy_cpu, children=args.kamailio_children,
+                defines=args.kamailio_define,
+            ).start()
+            proxy_pid, target = kam.pid, port
+        elif path != "direct":
+            port = free_port()
+            config = args.sipguard_configs.get(path, args.config)
             if redis is not None:
                 redis.flush()
-                config = args.redis_configs[path]
             guard = SipguardProcess(
                 workdir,
                 listen=[f"{args.transport}://{HOST}:{port}"],
                 core=f"{args.transport}://{HOST}:{uas.local_port}",
                 config_path=config,
-                command=shlex.split(args.proxy_cmd) if args.proxy_cmd else None,
+                command=proxy_command(args, pin=path != "redis-workers"),
                 stdout_events=False,
             )
             guard.start(ready_timeout=20)
             if path == "redis-workers":
                 time.sleep(2.0)  # every worker up (the supervisor reports ready first)
-            elif args.proxy_cpu is not None:
-                os.sched_setaffinity(guard.pid, {args.proxy_cpu})
-            target = port
-        cpu0 = tree_cpu_seconds(guard.pid) if guard else 0.0
+            proxy_pid, target = guard.pid, port
+        fetches0 = args.identity.fetches() if args.identity is not None else 0
+        if args.compare:
+            run_warmup(args, workdir, target, inf, scenario, uac_extra[len(log_cap):])
+        cpu0 = tree_cpu_seconds(proxy_pid) if proxy_pid else 0.0
         rcpu0 = cpu_seconds(redis.proc.pid) if redis is not None and redis.proc else 0.0
         probe_out = workdir / "probe.json"
         if args.probe_rate > 0:
@@ -451,7 +543,7 @@ def run_step(args: argparse.Namespace, rate: int, path: str, root: Path) -> Step
                 )
         uac = SippProcess(
             "uac",
-            SCENARIOS / "uac_load.xml",
+            scenario,
             workdir,
             local_port=free_port(),
             transport=args.transport,
@@ -460,9 +552,9 @@ def run_step(args: argparse.Namespace, rate: int, path: str, root: Path) -> Step
             rate=rate,
             duration_ms=args.hold_ms,
             timeout=limit,
-            inf=NUMBERS,
+            inf=inf,
             trace_msg=False,
-            extra=log_cap,
+            extra=uac_extra,
         )
         t0 = time.monotonic()
         uac.start()
@@ -473,8 +565,13 @@ def run_step(args: argparse.Namespace, rate: int, path: str, root: Path) -> Step
                 probe_proc.wait(max(args.duration + 25 - step.uac_elapsed_s, 5))
             except subprocess.TimeoutExpired:
                 stop_pid(probe_proc, grace=2)
-        if guard is not None:
-            step.sipguard_cpu_s = tree_cpu_seconds(guard.pid) - cpu0
+        if proxy_pid is not None:
+            step.proxy_processes = len(tree_pids(proxy_pid))
+            step.proxy_cpu_s = tree_cpu_seconds(proxy_pid) - cpu0
+            if guard is not None:
+                step.sipguard_cpu_s = step.proxy_cpu_s
+        if args.identity is not None:
+            step.identity_fetches = args.identity.fetches() - fetches0
         if redis is not None and redis.proc is not None:
             rcpu = cpu_seconds(redis.proc.pid) - rcpu0
             step.redis_cpu_ms_per_call = 1000 * rcpu / max(res.created or attempted, 1)
@@ -491,19 +588,25 @@ def run_step(args: argparse.Namespace, rate: int, path: str, root: Path) -> Step
             step.probe = json.loads(probe_out.read_text())
             step.p50_ms = step.probe["to200_ms"]["p50"]
             step.p99_ms = step.probe["to200_ms"]["p99"]
-        if step.sipguard_cpu_s is not None:
+        if step.proxy_cpu_s is not None:
             handled = step.attempted + int(step.probe.get("calls", 0))
-            step.cpu_ms_per_call = 1000 * step.sipguard_cpu_s / max(handled, 1)
+            step.cpu_ms_per_call = 1000 * step.proxy_cpu_s / max(handled, 1)
     except Exception as exc:  # noqa: BLE001 - report and go on with the next step
         step.error = f"{type(exc).__name__}: {exc}"
     finally:
         if probe_proc is not None and probe_proc.poll() is None:
             stop_pid(probe_proc, grace=2)
         if guard is not None:
-            step.sipguard_returncode = guard.stop()
+            step.sipguard_returncode = step.proxy_returncode = guard.stop()
+        if kam is not None:
+            step.proxy_returncode = kam.stop()
         if uas.proc is not None:
             ures = uas.stop(grace=5)
             step.uas_completed, step.uas_failed = ures.successful, ures.failed
+            step.uas_retransmissions = ures.retransmissions
+    step.retrans_total = step.retransmissions + step.uas_retransmissions
+    step.retrans_pct = 100.0 * step.retrans_total / step.attempted if step.attempted else 0.0
+    step.passed = compare.passed(asdict(step))
     return step
 
 
@@ -522,8 +625,8 @@ def ratio(a: float | None, b: float | None) -> float | None:
 
 HEADER = (
     f"{'rate':>6} {'path':<13} {'attempted':>9} {'completed':>9} {'failed':>6} {'ok%':>7} "
-    f"{'calls/s':>8} {'probe':>9} {'p50ms':>8} {'p99ms':>8} {'cpu_ms/call':>11} "
-    f"{'x_cps':>6} {'x_p50':>6} {'x_p99':>6}"
+    f"{'calls/s':>8} {'retrans':>7} {'retr%':>6} {'probe':>9} {'p50ms':>8} {'p99ms':>8} "
+    f"{'cpu_ms/call':>11} {'x_cps':>6} {'x_p50':>6} {'x_p99':>6} {'pass':>4}"
 )
 
 
@@ -540,9 +643,10 @@ def row(s: Step, base: Step | None) -> str:
     probe = f"{s.probe.get('completed', 0)}/{s.probe.get('calls', 0)}" if s.probe else "-"
     line = (
         f"{s.rate:>6} {s.path:<13} {s.attempted:>9} {s.completed:>9} {s.failed:>6} "
-        f"{s.success_pct:>7.2f} {s.achieved_cps:>8.1f} {probe:>9} {fmt(s.p50_ms, '.3f'):>8} "
+        f"{s.success_pct:>7.2f} {s.achieved_cps:>8.1f} {s.retrans_total:>7} "
+        f"{s.retrans_pct:>6.2f} {probe:>9} {fmt(s.p50_ms, '.3f'):>8} "
         f"{fmt(s.p99_ms, '.3f'):>8} {fmt(s.cpu_ms_per_call, '.3f'):>11} "
-        f"{fmt(xs[0]):>6} {fmt(xs[1]):>6} {fmt(xs[2]):>6}"
+        f"{fmt(xs[0]):>6} {fmt(xs[1]):>6} {fmt(xs[2]):>6} {'yes' if s.passed else 'NO':>4}"
     )
     if s.redis_cpu_ms_per_call is not None:
         line += f"  redis {s.redis_cpu_ms_per_call:.3f} ms/call"
@@ -559,14 +663,17 @@ def main(argv: list[str] | None = None) -> int:
         probe_main(argv[1:])
         return 0
     ap = argparse.ArgumentParser(
-        description="sipguard load test: direct baseline vs through sipguard"
+        description="sipguard load test: direct baseline vs through sipguard (and Kamailio)"
     )
     ap.add_argument(
-        "--rates", default="200,500,1000,1500", help="comma-separated call rates (calls/s)"
+        "--compare", action="store_true",
+        help="comparison mode: direct, Kamailio and sipguard with every rule on "
+        f"({ALL_RULES.name} + STIR/SHAKEN); defaults rates 1000,2000,3000,4000, 15 s steps",
     )
-    ap.add_argument(
-        "--duration", type=float, default=10, help="seconds of call generation per step"
-    )
+    ap.add_argument("--rates", help="comma-separated call rates (calls/s); default "
+                    "200,500,1000,1500 (compare: 1000,2000,3000,4000)")
+    ap.add_argument("--duration", type=float,
+                    help="seconds of call generation per step; default 10 (compare: 15)")
     ap.add_argument("--hold-ms", type=int, default=1000, help="call duration (SIPp -d)")
     ap.add_argument("--transport", choices=["udp", "tcp"], default="udp")
     ap.add_argument(
@@ -574,8 +681,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--only", choices=["direct", "sipguard"], help="run one path only")
     ap.add_argument(
-        "--paths", help="systems to measure, comma-separated, in order: direct, sipguard, "
-        "redis (state on a local redis-server), redis-workers (--workers processes on it)",
+        "--paths", help="systems to measure, comma-separated, in order: direct, kamailio, "
+        "sipguard, redis (state on a local redis-server), redis-workers (--workers processes "
+        "on it); default direct,sipguard (compare: direct,kamailio,sipguard)",
     )
     ap.add_argument("--workers", type=int, default=2, help="processes of the redis-workers path")
     ap.add_argument(
@@ -583,14 +691,38 @@ def main(argv: list[str] | None = None) -> int:
         help="command replacing `python -m sipguard` (then `run --config ... --listen ... --core ...` is appended)",
     )
     ap.add_argument(
-        "--config", type=Path, help="sipguard config file to use (listen/core overridden by flags)"
+        "--config", type=Path, help="sipguard config file to use (listen/core overridden by "
+        f"flags); compare: loadtest/{ALL_RULES.name}",
     )
+    ap.add_argument(
+        "--identity-share", type=float,
+        help="share of the calls carrying a signed Identity header (STIR/SHAKEN) that "
+        "sipguard verifies; default 0 (compare: 0.5)",
+    )
+    ap.add_argument("--warmup-calls", type=int,
+                    help="calls placed before each measured step; default 0 (compare: 20)")
+    ap.add_argument("--kamailio-children", type=int, default=2,
+                    help="Kamailio UDP worker processes (children=)")
+    ap.add_argument("--kamailio-define", action="append", default=[], metavar="NAME=VALUE",
+                    help="extra -A define for kamailio.cfg (e.g. CALLER_LIMIT=10), repeatable")
+    ap.add_argument("--no-install", dest="install", action="store_false",
+                    help="do not apt-get install kamailio when it is missing")
     ap.add_argument("--results-dir", type=Path, default=RESULTS)
     ap.add_argument(
         "--no-pin", dest="pin", action="store_false",
-        help="do not give sipguard a CPU of its own (default: the last CPU, when there are 2+)",
+        help="do not give the proxy a CPU of its own (default: the last CPU, when there are 2+)",
     )
     args = ap.parse_args(argv)
+    if args.rates is None:
+        args.rates = "1000,2000,3000,4000" if args.compare else "200,500,1000,1500"
+    if args.duration is None:
+        args.duration = 15.0 if args.compare else 10.0
+    if args.compare and args.config is None:
+        args.config = ALL_RULES
+    if args.identity_share is None:
+        args.identity_share = 0.5 if args.compare else 0.0
+    if args.warmup_calls is None:
+        args.warmup_calls = 20 if args.compare else 0
     args.proxy_cpu = None
     cpus = sorted(os.sched_getaffinity(0))
     if args.pin and len(cpus) >= 2:
@@ -608,73 +740,138 @@ def main(argv: list[str] | None = None) -> int:
         args.probe_rate = 0
     if args.config is not None:
         args.config = args.config.resolve()
-    run_id = time.strftime("%Y%m%d-%H%M%S")
-    root = args.results_dir / run_id
-    root.mkdir(parents=True, exist_ok=True)
     paths = [args.only] if args.only else ["direct", "sipguard"]
+    if args.compare and not args.only:
+        paths = ["direct", "kamailio", "sipguard"]
     if args.paths:
         paths = [p.strip() for p in args.paths.split(",") if p.strip()]
-        unknown = set(paths) - {"direct", "sipguard", "redis", "redis-workers"}
+        unknown = set(paths) - set(PATHS)
         if unknown:
             print(f"unknown --paths: {sorted(unknown)}", file=sys.stderr)
             return 2
+    if "kamailio" in paths and compare.ensure_kamailio(args.install) is None:
+        print("kamailio not installed (Debian package kamailio): drop it from --paths or "
+              "allow the install", file=sys.stderr)
+        return 2
+    run_id = time.strftime("%Y%m%d-%H%M%S")
+    root = args.results_dir / run_id
+    root.mkdir(parents=True, exist_ok=True)
     args.redis = None
-    if any(p.startswith("redis") for p in paths):
-        from tests.redis_server import RedisServer
+    args.identity = None
+    args.sipguard_configs = {}
+    try:
+        if args.identity_share > 0:
+            args.identity = compare.IdentityKit(root / "identity", args.identity_share)
+        if any(p.startswith("redis") for p in paths):
+            from tests.redis_server import RedisServer
 
-        args.redis = RedisServer(root / "redis").start()
-        args.redis_configs = redis_configs(args, root, args.redis.url)
+            args.redis = RedisServer(root / "redis").start()
+        args.sipguard_configs = sipguard_configs(
+            args, root, args.redis.url if args.redis is not None else None
+        )
+        steps = run_all(args, rates, paths, run_id, root)
+    finally:
+        if args.redis is not None:
+            args.redis.stop()
+        if args.identity is not None:
+            args.identity.stop()
+        for file in args.sipguard_configs.values():
+            file.unlink(missing_ok=True)
+    return report(args, steps, paths, run_id, root)
+
+
+def run_all(
+    args: argparse.Namespace, rates: list[int], paths: list[str], run_id: str, root: Path
+) -> list[Step]:
     proxy = args.proxy_cmd or shlex.join(sipguard_command())
+    args.proxy_desc = proxy
     print(
-        f"sipguard load test {run_id}: rates {rates} cps, {args.duration:g} s each, calls {args.hold_ms} ms, "
-        f"{args.transport}, probe {args.probe_rate:g} cps; proxy: {proxy}"
-        + (f" on CPU {args.proxy_cpu}" if args.proxy_cpu is not None else ""),
+        f"sipguard load test {run_id}: rates {rates} cps, {args.duration:g} s each, calls "
+        f"{args.hold_ms} ms, {args.transport}, probe {args.probe_rate:g} cps, systems "
+        f"{','.join(paths)}; proxy: {proxy}"
+        + (f"; config {args.config}" if args.config else "")
+        + (f"; identity on {args.identity_share:.0%} of calls" if args.identity else "")
+        + (f"; proxies on CPU {args.proxy_cpu}" if args.proxy_cpu is not None else "; unpinned"),
         flush=True,
     )
     print(HEADER, flush=True)
     steps: list[Step] = []
-    try:
-        for rate in rates:
-            base: Step | None = None
-            for path in paths:
-                s = run_step(args, rate, path, root)
-                steps.append(s)
-                if path == "direct":
-                    base = s
-                print(row(s, base), flush=True)
-    finally:
-        if args.redis is not None:
-            args.redis.stop()
-            for file in args.redis_configs.values():
-                file.unlink(missing_ok=True)
+    for rate in rates:
+        base: Step | None = None
+        for path in paths:
+            s = run_step(args, rate, path, root)
+            steps.append(s)
+            if path == "direct":
+                base = s
+            print(row(s, base), flush=True)
+    return steps
+
+
+def report(
+    args: argparse.Namespace, steps: list[Step], paths: list[str], run_id: str, root: Path
+) -> int:
     sipp_ver = subprocess.run(
         [sipp_binary() or "sipp", "-v"], capture_output=True, text=True, timeout=10
     ).stdout
-    report = {
+    kam_ver = ""
+    if "kamailio" in paths and compare.kamailio_binary():
+        kam_ver = subprocess.run(
+            [compare.kamailio_binary() or "kamailio", "-v"], capture_output=True, text=True,
+            timeout=10,
+        ).stdout.splitlines()[0]
+    dicts = [asdict(s) for s in steps]
+    summ = compare.summary(dicts, paths)
+    skip = ("redis", "identity", "sipguard_configs")
+    result = {
         "run_id": run_id,
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-                 if k not in ("redis", "redis_configs")},
-        "proxy_cmd": proxy,
+                 if k not in skip},
+        "proxy_cmd": args.proxy_desc,
+        "sipguard_configs": {k: str(v) for k, v in args.sipguard_configs.items()},
+        "kamailio_cfg": str(compare.KAMAILIO_CFG) if "kamailio" in paths else None,
         "host": {
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
             "platform": platform.platform(),
             "sipp": " ".join(sipp_ver.split())[:80],
             "sipp_path": shutil.which("sipp"),
+            "kamailio": kam_ver,
         },
         "columns": {
             "attempted": "calls the SIPp UAC started",
             "completed": "calls that went INVITE..BYE/200 as scripted",
             "calls/s": "completed / (UAC wall time - hold time)",
+            "retrans": "SIPp retransmissions, UAC + UAS (retr%: of the calls attempted)",
             "p50ms/p99ms": "probe INVITE->200 latency",
-            "cpu_ms/call": "sipguard utime+stime / (load + probe calls)",
+            "cpu_ms/call": "proxy process tree utime+stime / (load + probe calls)",
             "redis_cpu_ms_per_call": "redis-server utime+stime / load calls (redis paths)",
-            "x_*": "sipguard / direct, same rate, same run",
+            "x_*": "system / direct, same rate, same run",
+            "pass": f">= {compare.PASS_COMPLETED_PCT} % completed and retransmissions "
+                    f"< {compare.PASS_RETRANS_PCT} % of the calls",
         },
-        "steps": [asdict(s) for s in steps],
+        "summary": summ,
+        "steps": dicts,
     }
     out = args.results_dir / f"{run_id}.json"
-    out.write_text(json.dumps(report, indent=2))
+    best = summ["highest_passing_rate"]
+    print("highest passing rate: " + ", ".join(
+        f"{p} {best[p] if best.get(p) else 'none'}" for p in paths))
+    for p, c in summ["vs_kamailio"].items():
+        hr, cr = c.get("highest_passing_rate_ratio"), c.get("cpu_per_call_ratio")
+        print(f"{p} / kamailio: highest passing rate {fmt(hr)}x, CPU per call {fmt(cr)}x"
+              + (f" at {c['cpu_rate']} calls/s" if cr is not None else ""))
+    if args.compare or "kamailio" in paths:
+        pin = (f"proxy pinned to CPU {args.proxy_cpu}, load on the others" if args.proxy_cpu
+               is not None else "unpinned")
+        note = (f"({run_id}: {args.duration:g} s per step, {args.hold_ms} ms calls, "
+                f"{args.transport}, {pin}"
+                + (f", Identity on {args.identity_share:.0%} of the calls" if args.identity_share
+                   else "") + ")")
+        result["markdown"] = compare.markdown(dicts, paths, summ, note)
+        print("\nmarkdown:\n")
+        print(result["markdown"])
+        print()
+    out.write_text(json.dumps(result, indent=2))
     print(f"results: {out} (traces in {root})")
     return 0 if all(s.error is None for s in steps) else 1
 

@@ -1,4 +1,5 @@
-"""The load kit itself runs: loadtest/run.py at a small rate, direct and through sipguard.
+"""The load kit itself runs: loadtest/run.py at a small rate, direct and through sipguard, and
+its comparison mode with Kamailio (when kamailio is installed).
 
 Not a performance test (that is loadtest/, by hand): it checks that the runner, its SIPp
 scenarios, the latency probe and the CPU accounting work end to end, so the figures in the
@@ -18,6 +19,8 @@ pytestmark = pytest.mark.e2e
 
 RUNNER = Path(__file__).resolve().parents[2] / "loadtest" / "run.py"
 
+from loadtest import compare  # noqa: E402
+
 
 def test_runner_measures_both_paths(tmp_path: Path) -> None:
     done = subprocess.run(
@@ -36,3 +39,39 @@ def test_runner_measures_both_paths(tmp_path: Path) -> None:
     guard = steps[1]
     assert guard["cpu_ms_per_call"] > 0 and guard["sipguard_returncode"] == 0, guard
     assert "sipguard" in done.stdout and "100.00" in done.stdout
+
+
+@pytest.mark.skipif(
+    compare.kamailio_binary() is None, reason="kamailio not installed (Debian package kamailio)"
+)
+def test_compare_mode_runs_kamailio_and_sipguard_with_every_rule(tmp_path: Path) -> None:
+    """--compare at a low rate: direct, Kamailio (loadtest/kamailio/kamailio.cfg) and sipguard
+    with loadtest/all_rules.yaml and STIR/SHAKEN on half the calls; every call completes and
+    passes, the summary and the markdown table are there."""
+    done = subprocess.run(
+        [sys.executable, str(RUNNER), "--compare", "--rates", "20", "--duration", "2",
+         "--hold-ms", "200", "--probe-rate", "5", "--warmup-calls", "4", "--no-install",
+         "--results-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    (report,) = tmp_path.glob("*.json")
+    result = json.loads(report.read_text())
+    steps = result["steps"]
+    assert [s["path"] for s in steps] == ["direct", "kamailio", "sipguard"], done.stdout
+    for step in steps:
+        assert step["attempted"] == 40 and step["success_pct"] == 100.0, step
+        assert step["passed"] and step["retrans_pct"] == 0.0, step
+        assert step["probe"]["completed"] == step["probe"]["calls"] > 0, step["probe"]
+    kam, guard = steps[1], steps[2]
+    assert kam["proxy_processes"] > 2 and kam["cpu_ms_per_call"] > 0, kam
+    assert kam["proxy_returncode"] is not None, kam
+    assert guard["sipguard_returncode"] == 0 and guard["cpu_ms_per_call"] > 0, guard
+    log = (Path(guard["workdir"]) / "sipguard_stdout.jsonl").read_text()
+    assert log.count('"identity": "passed"') >= 20, "half of the 44 calls carry an Identity"
+    assert '"verdict": "reject"' not in log
+    summary = result["summary"]
+    assert summary["highest_passing_rate"] == {"direct": 20, "kamailio": 20, "sipguard": 20}
+    assert summary["vs_kamailio"]["sipguard"]["cpu_per_call_ratio"] > 0
+    assert "| 20 | kamailio | 100.00 % |" in result["markdown"], result["markdown"]
+    assert "sipguard / Kamailio" in done.stdout
