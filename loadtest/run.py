@@ -479,6 +479,10 @@ def run_step(args: argparse.Namespace, rate: int, path: str, root: Path) -> Step
     redis = args.redis if path.startswith("redis") else None
     inf, scenario = NUMBERS, SCENARIOS / "uac_load.xml"
     uac_extra = list(log_cap)
+    if args.uac_sockets == "per-call":
+        # one UDP socket per call (SIPp -t un): many source ports, as many callers would send
+        # from; the kernel's SO_REUSEPORT spreading over workers needs that to spread at all
+        uac_extra += ["-t", "un", "-max_socket", "16000"]
     try:
         if args.identity is not None:
             inf = args.identity.write_csv(workdir / "numbers_identity.csv")
@@ -686,6 +690,11 @@ def main(argv: list[str] | None = None) -> int:
         "on it); default direct,sipguard (compare: direct,kamailio,sipguard)",
     )
     ap.add_argument("--workers", type=int, default=2, help="processes of the redis-workers path")
+    ap.add_argument(
+        "--uac-sockets", choices=["one", "per-call"], default="one",
+        help="the load UAC sends from one socket (default) or one per call (SIPp -t un: many "
+        "source ports, needed for the kernel to spread calls over --workers processes)",
+    )
     ap.add_argument(
         "--proxy-cmd",
         help="command replacing `python -m sipguard` (then `run --config ... --listen ... --core ...` is appended)",

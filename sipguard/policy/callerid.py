@@ -357,7 +357,7 @@ class CallerId:
             tags.append("callerid.pai_mismatch")
         ns = s.neighbor_spoofing
         if ns.enabled and e164 is not None and call.callee is not None:
-            callee = numbers.lookup(call.callee, region)
+            callee = numbers.parts(call.callee, region)  # compared, not judged: no validity
             if (
                 callee.e164 is not None
                 and callee.e164 != e164

@@ -258,8 +258,11 @@ class Tracker:
         if not mirror.release_now(lease, now):
             self.unmatched_ends += 1
             return None
-        assert self.shared is not None
-        return self.shared.release(lease, keys)
+        shared = self.shared
+        assert shared is not None
+        if shared.release_soon(lease, keys):
+            return None
+        return shared.release(lease, keys)
 
     # ------------------------------------------------------------------ dialog events
     def dialog_started(self, dialog: Dialog, now: float) -> Awaitable[None] | None:

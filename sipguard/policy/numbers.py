@@ -61,6 +61,28 @@ def lookup(number: str, region: str | None = None) -> NumberInfo:
     return _lookup(number, region)
 
 
+def parts(number: str, region: str | None = None) -> NumberInfo:
+    """Like :func:`lookup` without the validity check (``valid`` is False): E.164 form,
+    country code and national number only — a tenth of the cost on a cache miss, for a
+    number that is compared, not judged (the called number in neighbor-spoofing)."""
+    if number.startswith("+"):
+        return _parts(number) if 1 < len(number) <= 16 else NOT_A_NUMBER
+    return lookup(number, region)
+
+
+@lru_cache(maxsize=CACHE_SIZE)
+def _parts(number: str) -> NumberInfo:
+    digits = number[1:]
+    if not (digits.isdigit() and digits.isascii()) or digits[0] == "0":
+        return NOT_A_NUMBER
+    parsed = _global(number)
+    if parsed is None:
+        return NOT_A_NUMBER
+    cc = parsed.country_code or 0
+    national = phonenumbers.national_significant_number(parsed)
+    return NumberInfo(f"+{cc}{national}", False, cc, national)
+
+
 def to_e164(number: str | None, region: str | None) -> str | None:
     """``number`` in E.164 when it can be read so, else ``number`` unchanged (None stays None).
 
@@ -126,8 +148,9 @@ def cache_info() -> str:
 
 
 def clear_cache() -> None:
-    """Empty the lookup cache (benchmarks measure the cold path with it)."""
+    """Empty the lookup caches (benchmarks measure the cold path with them)."""
     _lookup.cache_clear()
+    _parts.cache_clear()
 
 
 # phonenumbers' PhoneNumberType -> the kinds rule ``national_cli`` has an action for

@@ -171,7 +171,7 @@ class Pipeline:
                 answer: Decision = planner(call, now, plan)
             else:
                 answer = rule.decide(call, now)
-            if inspect.isawaitable(answer):
+            if answer is not None and not isinstance(answer, Verdict):  # awaitable: I/O
                 return self._resume(run, i, answer, call, now, plan)
             final = run.take(rule, answer)
             if final is not None:

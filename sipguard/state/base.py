@@ -148,6 +148,11 @@ class SharedCounts(Protocol):
         """Give ``lease`` back (idempotent; kept and retried while unreachable)."""
         ...
 
+    def release_soon(self, lease: str, take: Sequence[str]) -> bool:
+        """:meth:`release` without waiting, when the store can (False: it cannot, await
+        :meth:`release` instead)."""
+        ...
+
     async def mark(self, counter: str, value: int, seconds: float) -> None:
         """Set ``counter`` to ``value`` for ``seconds`` (a cooldown every instance honours);
         best effort."""

@@ -61,6 +61,14 @@ class RespPipe(asyncio.Protocol):
         """Send one command; its reply (a ``hiredis.ReplyError`` is returned, not raised)."""
         if self._transport is None:
             await self._connect()
+        return await self.send(*args)
+
+    def send(self, *args: Any) -> asyncio.Future[Any]:
+        """Queue one command on the open connection without a coroutine; the future gets the
+        reply. Raises PipeError when the connection is not open (use :meth:`call` to open
+        it) or too much is in flight."""
+        if self._transport is None:
+            raise PipeError("Redis connection not open")
         if len(self._waiting) >= self.max_inflight:
             raise PipeError(f"{len(self._waiting)} Redis commands in flight")
         loop = asyncio.get_running_loop()
@@ -70,7 +78,11 @@ class RespPipe(asyncio.Protocol):
         if not self._flush_scheduled:
             self._flush_scheduled = True
             loop.call_soon(self._flush)
-        return await fut
+        return fut
+
+    @property
+    def connected(self) -> bool:
+        return self._transport is not None
 
     def _flush(self) -> None:
         self._flush_scheduled = False

@@ -49,7 +49,7 @@ from redis.exceptions import NoScriptError, RedisError
 
 from sipguard.state.base import Admitted, Check
 from sipguard.transport.redis_client import by_slot, key
-from sipguard.transport.redis_pipe import RespPipe
+from sipguard.transport.redis_pipe import PipeError, RespPipe
 
 # KEYS: the keys of the checks and of the take.
 # ARGV: lease, lease_ms, n, then n checks of 6 fields (kind, key index, a, b, monitor 0|1,
@@ -247,23 +247,24 @@ class SharedStore:
             return None
         keys: list[str] = []
         index: dict[str, int] = {}
-        for c in checks:
-            k = self.rkey(c[1])
-            if k not in index:
-                index[k] = len(keys)
-                keys.append(k)
-        for counter in take:
-            k = self.rkey(counter)
-            if k not in index:
-                index[k] = len(keys)
-                keys.append(k)
+        cidx: list[int] = []  # each check's key, as an index into keys
+        tidx: list[int] = []  # each take counter's key
+        rkey = self.rkey
+        for counters, out in ((tuple(c[1] for c in checks), cidx), (take, tidx)):
+            for counter in counters:
+                k = rkey(counter)
+                i = index.get(k)
+                if i is None:
+                    i = index[k] = len(keys)
+                    keys.append(k)
+                out.append(i)
         try:
             async with asyncio.timeout(self.timeout_s):
                 if not self.cluster:
-                    answer = await self._admit_group(lease, keys, checks, take, index, None)
+                    answer = await self._admit_group(lease, keys, checks, cidx, tidx, None)
                     result = _admitted(answer, None)
                 else:
-                    result = await self._admit_cluster(lease, keys, checks, take, index)
+                    result = await self._admit_cluster(lease, keys, checks, cidx, tidx)
         except _FAILURES as exc:
             self._failed("admit", exc)
             return None
@@ -271,47 +272,58 @@ class SharedStore:
         return result
 
     async def _admit_group(
-        self, lease: str, keys: list[str], checks: Sequence[Check], take: Sequence[str],
-        index: dict[str, int], only: set[int] | None,
+        self, lease: str, keys: list[str], checks: Sequence[Check], cidx: list[int],
+        tidx: list[int], only: set[int] | None,
     ) -> Any:
         """One script over the keys with indices in ``only`` (None: all)."""
-        local: dict[int, int] = {}
-        group_keys: list[str] = []
-        for i, k in enumerate(keys):
-            if only is None or i in only:
-                local[i] = len(group_keys) + 1
-                group_keys.append(k)
+        if only is None:
+            group_keys = keys
+            local = None
+        else:
+            local = {}
+            group_keys = []
+            for i, k in enumerate(keys):
+                if i in only:
+                    local[i] = len(group_keys) + 1
+                    group_keys.append(k)
         args: list[Any] = [lease, self.lease_ms, 0]
         n = 0
-        for c in checks:
-            i = index[self.rkey(c[1])]
-            if i not in local:
+        for c, i in zip(checks, cidx, strict=True):
+            if local is None:
+                pos = i + 1
+            elif i in local:
+                pos = local[i]
+            else:
                 continue
             n += 1
             kind = c[0]
             if kind == "r":
-                args += ("r", local[i], round(c[2] * 1e6), round(c[3] * 1e6), 1 if c[4] else 0,
-                         "")
+                args += ("r", pos, round(c[2] * 1e6), round(c[3] * 1e6), 1 if c[4] else 0, "")
             else:
-                args += (kind, local[i], int(c[2]), 0, 1 if c[4] else 0, c[5])
+                args += (kind, pos, int(c[2]), 0, 1 if c[4] else 0, c[5])
         args[2] = n
-        takes = [local[index[self.rkey(t)]] for t in take if index[self.rkey(t)] in local]
+        takes = ([i + 1 for i in tidx] if local is None
+                 else [local[i] for i in tidx if i in local])
         args.append(len(takes))
         args.extend(takes)
         if self.cluster:
             self.counters["state_round_trips"] += 1
             return await self._admit(keys=group_keys, args=args)
-        pipe = self.pipe
-        if pipe is None:
+        if self.pipe is None:
             return await self._batched(group_keys, args)
         self.counters["state_round_trips"] += 1
-        reply = await pipe.call("EVALSHA", self._admit.sha, len(group_keys), *group_keys, *args)
+        return await self._piped(self.pipe, self._admit.sha, ADMIT, group_keys, args)
+
+    @staticmethod
+    async def _piped(pipe: RespPipe, sha: str, script: str, keys: Sequence[str],
+                     args: Sequence[Any]) -> Any:
+        """EVALSHA on the pipelined connection (loading the script when Redis lost it)."""
+        reply = await pipe.call("EVALSHA", sha, len(keys), *keys, *args)
         if isinstance(reply, hiredis.ReplyError):
             if not str(reply).startswith("NOSCRIPT"):
                 raise RedisError(str(reply))
-            await pipe.call("SCRIPT", "LOAD", ADMIT)  # a Redis restarted empty
-            reply = await pipe.call("EVALSHA", self._admit.sha, len(group_keys), *group_keys,
-                                    *args)
+            await pipe.call("SCRIPT", "LOAD", script)  # a Redis restarted empty
+            reply = await pipe.call("EVALSHA", sha, len(keys), *keys, *args)
             if isinstance(reply, hiredis.ReplyError):
                 raise RedisError(str(reply))
         return reply
@@ -371,16 +383,16 @@ class SharedStore:
         return replies
 
     async def _admit_cluster(
-        self, lease: str, keys: list[str], checks: Sequence[Check], take: Sequence[str],
-        index: dict[str, int],
+        self, lease: str, keys: list[str], checks: Sequence[Check], cidx: list[int],
+        tidx: list[int],
     ) -> Admitted:
         groups = [set(g) for g in by_slot(keys, True)]
         # each group numbers its checks from 0: map back to the checks' global order
         orders: list[list[int]] = []
         for g in groups:
-            orders.append([j for j, c in enumerate(checks) if index[self.rkey(c[1])] in g])
+            orders.append([j for j, i in enumerate(cidx) if i in g])
         answers = await asyncio.gather(
-            *(self._admit_group(lease, keys, checks, take, index, g) for g in groups)
+            *(self._admit_group(lease, keys, checks, cidx, tidx, g) for g in groups)
         )
         taken_any, refused, value, monitored = False, -1, 0, []
         for answer, order in zip(answers, orders, strict=True):
@@ -391,7 +403,7 @@ class SharedStore:
             monitored.extend(part[3])
         if refused >= 0 and taken_any:
             # another group refused: give back what the others took (not atomic across slots)
-            await self._release_now(lease, [self.rkey(t) for t in take])
+            await self._release_now(lease, [keys[i] for i in tidx])
         monitored.sort()
         return (refused < 0, refused, value, monitored)
 
@@ -415,12 +427,41 @@ class SharedStore:
             return
         try:
             async with asyncio.timeout(self.timeout_s * 4):
-                await self.client.set(self.rkey(counter), value,
-                                      px=max(1, int(seconds * 1000)))
+                px = max(1, int(seconds * 1000))
+                if self.pipe is not None:
+                    reply = await self.pipe.call("SET", self.rkey(counter), value, "PX", px)
+                    if isinstance(reply, hiredis.ReplyError):
+                        raise RedisError(str(reply))
+                else:
+                    await self.client.set(self.rkey(counter), value, px=px)
         except _FAILURES as exc:
             self._failed("mark", exc)
             return
         self._ok()
+
+    def release_soon(self, lease: str, take: Sequence[str]) -> bool:
+        """Send the release of ``lease`` on the open pipelined connection without waiting
+        (no task, no coroutine: a call's end costs one queued command); an error keeps it
+        for the next refresh. False when that is not possible (use :meth:`release`)."""
+        pipe = self.pipe
+        if pipe is None or self.cluster or self.open or not pipe.connected or not take:
+            return False
+        keys = [self.rkey(t) for t in take]
+        try:
+            fut = pipe.send("EVALSHA", self._release.sha, len(keys), *keys,
+                            *([lease] * len(keys)))
+        except PipeError:
+            return False
+        self.counters["state_round_trips"] += 1
+        kept = (lease, tuple(take))
+
+        def done(f: asyncio.Future[Any]) -> None:
+            if f.cancelled() or f.exception() is not None or \
+                    isinstance(f.result(), hiredis.ReplyError):
+                self._keep(*kept)  # (NOSCRIPT included: the refresh loads it again)
+
+        fut.add_done_callback(done)
+        return True
 
     async def release(self, lease: str, take: Sequence[str]) -> None:
         """Give ``lease`` back on ``take``; kept for later when Redis cannot answer."""
@@ -447,10 +488,14 @@ class SharedStore:
         self.pending.append((lease, take))
 
     async def _release_now(self, lease: str, keys: list[str]) -> None:
+        pipe = self.pipe
         for group in by_slot(keys, self.cluster):
             ks = [keys[i] for i in group]
             self.counters["state_round_trips"] += 1
-            await self._release(keys=ks, args=[lease] * len(ks))
+            if pipe is not None:
+                await self._piped(pipe, self._release.sha, RELEASE, ks, [lease] * len(ks))
+            else:
+                await self._release(keys=ks, args=[lease] * len(ks))
 
     async def _rescore(self, leases: Sequence[tuple[str, tuple[str, ...]]]) -> None:
         keys: list[str] = []
@@ -459,10 +504,15 @@ class SharedStore:
             for t in take:
                 keys.append(self.rkey(t))
                 members.append(lease)
+        pipe = self.pipe
         for group in by_slot(keys, self.cluster):
             self.counters["state_round_trips"] += 1
-            await self._refresh(keys=[keys[i] for i in group],
-                                args=[self.lease_ms, *(members[i] for i in group)])
+            ks = [keys[i] for i in group]
+            args = [self.lease_ms, *(members[i] for i in group)]
+            if pipe is not None:
+                await self._piped(pipe, self._refresh.sha, REFRESH, ks, args)
+            else:
+                await self._refresh(keys=ks, args=args)
 
     # ------------------------------------------------------------------ background
     async def refresh(self) -> int:
