@@ -21,6 +21,7 @@ import json
 import logging
 import sys
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Hashable, Mapping, MutableMapping
 from typing import Any, Literal, TextIO, cast
 
@@ -216,7 +217,8 @@ class SampledLogger:
         self._interval = interval_s
         self._clock = clock
         self._max_keys = max_keys
-        self._keys: dict[Hashable, tuple[float, int]] = {}  # key -> (last logged, dropped since)
+        # key -> (last logged, dropped since), least recently logged first
+        self._keys: OrderedDict[Hashable, tuple[float, int]] = OrderedDict()
         self.suppressed_total = 0
         """Events dropped by sampling since this logger was made."""
 
@@ -232,10 +234,11 @@ class SampledLogger:
             self._keys[key] = (last[0], last[1] + 1)
             self.suppressed_total += 1
             return False
-        self._keys.pop(key, None)  # re-insert at the end: dict order is least recently logged
-        self._keys[key] = (now, 0)
-        if len(self._keys) > self._max_keys:
-            del self._keys[next(iter(self._keys))]
+        keys = self._keys
+        keys[key] = (now, 0)
+        keys.move_to_end(key)  # least recently logged first
+        if len(keys) > self._max_keys:
+            keys.popitem(last=False)  # O(1), unlike a dict's first key after deletions
         getattr(self._logger, level)(event, suppressed=0 if last is None else last[1], **fields)
         return True
 

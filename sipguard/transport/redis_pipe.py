@@ -35,7 +35,7 @@ class RespPipe(asyncio.Protocol):
     """A lazily (re)connected, pipelined RESP connection."""
 
     def __init__(self, url: str, *, connect_timeout_s: float = 1.0,
-                 max_inflight: int = 10_000) -> None:
+                 max_inflight: int = 10_000, scripts: tuple[str, ...] = ()) -> None:
         opts = parse_url(url)
         self.path: str | None = opts.get("path")
         self.host: str = opts.get("host", "127.0.0.1")
@@ -49,7 +49,11 @@ class RespPipe(asyncio.Protocol):
             raise ValueError("unix:// URL without a path")
         self.connect_timeout_s = connect_timeout_s
         self.max_inflight = max_inflight
+        self.scripts = scripts  # loaded on every (re)connect: EVALSHA then finds them
         self._transport: asyncio.Transport | None = None
+        # set once the connection is logged in and the scripts are loaded: only then may
+        # commands be queued (the replies of the set-up commands come first, in order)
+        self._ready = False
         self._connecting: asyncio.Future[None] | None = None
         self._reader = hiredis.Reader()
         self._waiting: deque[asyncio.Future[Any]] = deque()
@@ -59,7 +63,7 @@ class RespPipe(asyncio.Protocol):
     # ------------------------------------------------------------------ calls
     async def call(self, *args: Any) -> Any:
         """Send one command; its reply (a ``hiredis.ReplyError`` is returned, not raised)."""
-        if self._transport is None:
+        if not self._ready:
             await self._connect()
         return await self.send(*args)
 
@@ -67,7 +71,7 @@ class RespPipe(asyncio.Protocol):
         """Queue one command on the open connection without a coroutine; the future gets the
         reply. Raises PipeError when the connection is not open (use :meth:`call` to open
         it) or too much is in flight."""
-        if self._transport is None:
+        if not self._ready:
             raise PipeError("Redis connection not open")
         if len(self._waiting) >= self.max_inflight:
             raise PipeError(f"{len(self._waiting)} Redis commands in flight")
@@ -82,7 +86,7 @@ class RespPipe(asyncio.Protocol):
 
     @property
     def connected(self) -> bool:
-        return self._transport is not None
+        return self._ready
 
     def _flush(self) -> None:
         self._flush_scheduled = False
@@ -93,7 +97,7 @@ class RespPipe(asyncio.Protocol):
     async def _connect(self) -> None:
         if self._connecting is not None:
             await asyncio.shield(self._connecting)
-            if self._transport is None:
+            if not self._ready:
                 raise PipeError("cannot connect to Redis")
             return
         loop = asyncio.get_running_loop()
@@ -112,10 +116,14 @@ class RespPipe(asyncio.Protocol):
                                  else ("AUTH", self.password))
                 if self.db:
                     hello.append(("SELECT", self.db))
+                hello.extend(("SCRIPT", "LOAD", script) for script in self.scripts)
                 for command in hello:
                     reply = await self._raw(command)
                     if isinstance(reply, hiredis.ReplyError):
                         raise PipeError(f"{command[0]}: {reply}")
+                if self._transport is None:
+                    raise PipeError("connection lost while setting up")
+                self._ready = True
         except (OSError, TimeoutError, PipeError) as exc:
             self.close()
             raise PipeError(f"cannot connect to Redis: {exc!r}") from None
@@ -131,6 +139,7 @@ class RespPipe(asyncio.Protocol):
         return await fut
 
     def close(self) -> None:
+        self._ready = False
         transport, self._transport = self._transport, None
         if transport is not None:
             transport.abort()
@@ -169,5 +178,6 @@ class RespPipe(asyncio.Protocol):
                 fut.set_result(reply)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._ready = False
         self._transport = None
         self._fail_all()

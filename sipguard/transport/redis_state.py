@@ -192,6 +192,8 @@ class SharedStore:
         self.client = client
         # the INVITE path's own pipelined connection (a single server); None: redis-py's
         self.pipe = pipe
+        if pipe is not None:
+            pipe.scripts = (ADMIT, RELEASE, REFRESH)
         self.prefix = prefix
         self.cluster = cluster
         self.timeout_s = timeout_s

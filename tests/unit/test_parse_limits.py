@@ -403,12 +403,16 @@ IDS = [c[0] for c in CACHES]
 
 @pytest.mark.parametrize("case", CACHES, ids=IDS)
 def test_caches_stay_within_their_count(case: CacheCase) -> None:
-    """Unique small values fill a cache to its count and no further; the oldest go first."""
+    """Unique small values fill a cache to its count and no further; a full cache starts
+    again empty (no per-entry eviction scan)."""
     _, cache, count, parse, text = case
     cache.clear()
-    for i in range(count + 50):
+    for i in range(count):
         parse(text(i))
     assert len(cache) == count
+    for i in range(count, count + 50):
+        parse(text(i))
+    assert len(cache) == 50
     assert text(0) not in cache and text(count + 49) in cache
 
 

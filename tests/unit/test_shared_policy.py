@@ -67,7 +67,11 @@ def new_store(url: str, **kw: object) -> SharedStore:
     return SharedStore(connect(Where(url=url)), **params)  # type: ignore[arg-type]
 
 
-async def members(store: SharedStore, counter: str) -> list[bytes]:
+async def members(store: SharedStore, counter: str, settle: bool = True) -> list[bytes]:
+    """The lease ids on ``counter``; releases are sent without waiting (release_soon), so
+    first let the pipelined connection's queue drain (bounded)."""
+    if settle and store.pipe is not None and store.pipe.connected:
+        await store.pipe.call("PING")  # answered after every command queued before it
     return list(await store.client.zrange(store.rkey(counter), 0, -1))
 
 

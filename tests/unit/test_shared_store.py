@@ -311,3 +311,19 @@ def test_pipe_works_on_uvloop(redis_url: str) -> None:
             await a.close()
 
     assert uvloop.run(admits()) == [True, True, False]
+
+
+async def test_commands_queued_while_connecting_keep_their_replies(redis_url: str) -> None:
+    """Thirty admits at once on a pipe that is not connected yet (it selects a database and
+    loads three scripts first): every admit gets its own reply, exactly the limit is taken."""
+    url = redis_url.rsplit("/", 1)[0] + "/5"
+    a = store(url)
+    try:
+        results = await asyncio.gather(*(
+            a.admit(f"Q{i}", [caller_limit(4)], TAKE) for i in range(30)
+        ))
+        assert all(r is not None and len(r) == 4 for r in results)
+        assert sum(1 for r in results if r and r[0]) == 4
+        assert a.counters["state_failures"] == 0
+    finally:
+        await a.close()
