@@ -463,6 +463,22 @@ class Concurrency:
         }
 
     def decide(self, call: CallInfo, now: float) -> Verdict | None | Awaitable[Verdict | None]:
+        checks = self._checks(call)
+        if isinstance(checks, Verdict):
+            return checks
+        if not checks:
+            return None
+        full = self.tracker.try_take(call, checks, now)
+        if full is None:
+            return None
+        if isinstance(full, tuple):
+            (limit, _, number, most), count = full
+            return self._reject(limit, number, count, most)
+        return self._decide_later(full)
+
+    def _checks(self, call: CallInfo) -> Verdict | list[_Check]:
+        """The limits this call is checked against, in order, or the verdict when it was
+        forwarded too many times."""
         s = self.settings
         if s.max_diversions is not None and (
             call.diverters or call.msg.has("diversion") or call.msg.has("history-info")
@@ -482,15 +498,7 @@ class Concurrency:
         if s.per_peer is not None:
             peer = call.peer or NO_PEER
             checks.append(("per_peer", f"peer:{peer}", peer, s.per_peer))
-        if not checks:
-            return None
-        full = self.tracker.try_take(call, checks, now)
-        if full is None:
-            return None
-        if isinstance(full, tuple):
-            (limit, _, number, most), count = full
-            return self._reject(limit, number, count, most)
-        return self._decide_later(full)
+        return checks
 
     async def _decide_later(
         self, pending: Awaitable[tuple[_Check, int] | None]
@@ -504,29 +512,12 @@ class Concurrency:
     def plan(self, call: CallInfo, now: float, plan: Plan) -> Verdict | None:
         """The shared-store form of :meth:`decide`: the limits and the call's counters go into
         the pipeline's one round trip (see :mod:`sipguard.policy.pipeline`)."""
-        s = self.settings
-        if s.max_diversions is not None and (
-            call.diverters or call.msg.has("diversion") or call.msg.has("history-info")
-        ):
-            hops = diversion_hops(call.msg)
-            if hops > s.max_diversions:
-                first = call.diverters[0] if call.diverters else None
-                return self._reject("max_diversions", first, hops, s.max_diversions)
+        checks = self._checks(call)
+        if isinstance(checks, Verdict):
+            return checks
         monitor = self.mode == "monitor"
-        if s.per_caller is not None and call.caller:
-            plan.add(("c", f"caller:{call.caller}", s.per_caller, 0, monitor, ""), self,
-                     ("per_caller", call.caller, s.per_caller))
-        if s.per_diverter is not None:
-            for d in call.diverters:
-                plan.add(("c", f"diverter:{d}", s.per_diverter, 0, monitor, ""), self,
-                         ("per_diverter", d, s.per_diverter))
-        if s.per_callee is not None and call.callee:
-            plan.add(("c", f"callee:{call.callee}", s.per_callee, 0, monitor, ""), self,
-                     ("per_callee", call.callee, s.per_callee))
-        if s.per_peer is not None:
-            peer = call.peer or NO_PEER
-            plan.add(("c", f"peer:{peer}", s.per_peer, 0, monitor, ""), self,
-                     ("per_peer", peer, s.per_peer))
+        for limit, key, number, most in checks:
+            plan.add(("c", key, most, 0, monitor, ""), self, (limit, number, most))
         plan.take = call_keys(call)
         return None
 

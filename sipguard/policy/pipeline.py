@@ -161,16 +161,10 @@ class Pipeline:
 
     def decide(self, call: CallInfo, now: float) -> Verdict | Awaitable[Verdict]:
         run = _Run()
-        plan: Plan | None = None
+        plan = Plan() if self.shared is not None else None
         planners = self.planners
         for i, rule in enumerate(self.rules):
-            planner = planners[i]
-            if planner is not None:
-                if plan is None:
-                    plan = Plan()
-                answer: Decision = planner(call, now, plan)
-            else:
-                answer = rule.decide(call, now)
+            answer = self._ask(rule, planners[i], call, now, plan)
             if answer is not None and not isinstance(answer, Verdict):  # awaitable: I/O
                 return self._resume(run, i, answer, call, now, plan)
             final = run.take(rule, answer)
@@ -189,13 +183,7 @@ class Pipeline:
             return final
         for j in range(i + 1, len(self.rules)):
             rule = self.rules[j]
-            planner = self.planners[j]
-            if planner is not None:
-                if plan is None:
-                    plan = Plan()
-                answer: Decision = planner(call, now, plan)
-            else:
-                answer = rule.decide(call, now)
+            answer = self._ask(rule, self.planners[j], call, now, plan)
             if inspect.isawaitable(answer):
                 answer = await answer
             final = run.take(rule, answer)
@@ -204,6 +192,16 @@ class Pipeline:
         if plan is not None and plan.pending():
             return await self._admit(run, plan, call, now)
         return run.result()
+
+    @staticmethod
+    def _ask(
+        rule: Rule, planner: Callable[[CallInfo, float, Plan], Verdict | None] | None,
+        call: CallInfo, now: float, plan: Plan | None,
+    ) -> Decision:
+        """One rule's answer: its plan() into the shared plan when it has one, else decide()."""
+        if planner is not None and plan is not None:
+            return planner(call, now, plan)
+        return rule.decide(call, now)
 
     async def _admit(self, run: _Run, plan: Plan, call: CallInfo, now: float) -> Verdict:
         """The plan's one round trip, its refusals folded back through their rules."""

@@ -197,14 +197,7 @@ class Rate:
         worst = 0.0
         limited: tuple[str, str] | None = None
         for name, table, interval, tau in self.limits:
-            if name is PER_CALLER:
-                key = call.caller
-            elif name is PER_CALLEE:
-                key = call.callee
-            elif name is PER_PEER:
-                key = call.peer or NO_PEER
-            else:
-                key = call.flow.addr[0]
+            key = _key_of(name, call)
             if key is None:
                 continue
             tat = table.cur.get(key)
@@ -227,14 +220,7 @@ class Rate:
         """The shared-store form of :meth:`decide` (see :mod:`sipguard.policy.pipeline`)."""
         monitor = self.mode == "monitor"
         for name, _, interval, tau in self.limits:
-            if name is PER_CALLER:
-                key = call.caller
-            elif name is PER_CALLEE:
-                key = call.callee
-            elif name is PER_PEER:
-                key = call.peer or NO_PEER
-            else:
-                key = call.flow.addr[0]
+            key = _key_of(name, call)
             if key is None:
                 continue
             plan.add(("r", f"rate.{name}:{key}", interval, tau, monitor, ""), self, (name, key))
@@ -261,6 +247,17 @@ class Rate:
             detail={"limit": name, "key": key, "retry_after": retry or None},
             sample=f"rate:{name}:{key}",
         )
+
+
+def _key_of(name: str, call: CallInfo) -> str | None:
+    """What limit ``name`` counts the call under (None: not counted, e.g. no caller number)."""
+    if name is PER_CALLER:
+        return call.caller
+    if name is PER_CALLEE:
+        return call.callee
+    if name is PER_PEER:
+        return call.peer or NO_PEER
+    return call.flow.addr[0]
 
 
 def build(settings: Settings, ctx: BuildContext, peer: Peer | None) -> Rate | None:
