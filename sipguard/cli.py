@@ -233,7 +233,8 @@ async def _serve(path: str, args: argparse.Namespace, cfg: Config) -> int:
     # The proxy frees transactions and dialogs by reference counting (it breaks its own cycles;
     # tests/unit/test_no_cycles.py keeps it so). The cyclic collector's automatic runs scanned
     # every live transaction and were the 20-40 ms pauses behind the p99 latency; it now runs
-    # from the server's housekeeping once a minute instead (Server.collect_garbage).
+    # from the server's housekeeping once a minute instead, young generations only but every
+    # tenth time (Server.collect_garbage).
     gc.collect()
     gc.freeze()
     gc.disable()

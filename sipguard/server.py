@@ -63,6 +63,7 @@ from sipguard.transport.tls import TlsContexts, build_contexts
 from sipguard.transport.udp import UdpEndpoint, open_udp
 
 GC_INTERVAL_S = 60.0  # how often the cyclic garbage collector runs (see cli.py)
+GC_FULL_EVERY = 10  # every 10th run (10 minutes) is a full collection, the others young only
 LOAD_WATCH_S = 0.05  # how often the UDP receive queues are read (overload protection)
 SUSPENSIONS_FILE = "suspensions.json"  # in state_dir
 REDACTED = "<redacted>"
@@ -280,6 +281,7 @@ class Server:
         self._flush_pending = False
         self._housekeeping: asyncio.TimerHandle | None = None
         self._trim_peak = 0  # most calls + transactions held since the last malloc_trim
+        self._gc_runs = 0  # garbage collector runs so far (every GC_FULL_EVERY-th is full)
         self._log_flusher: asyncio.TimerHandle | None = None
         self._gc_timer: asyncio.TimerHandle | None = None
         self._load_watch: asyncio.TimerHandle | None = None
@@ -429,8 +431,17 @@ class Server:
 
     def collect_garbage(self) -> None:
         """Run the cyclic garbage collector (disabled for automatic runs by the CLI): only
-        leftovers of rare cycles (exceptions, tasks) are found; counted as ``gc_collected``."""
-        found = gc.collect()
+        leftovers of rare cycles (exceptions, tasks) are found; counted as ``gc_collected``.
+
+        Every minute only the young generations: the objects made since the last run, of
+        which the survivors (live calls, caches) then move to the old generation. Every
+        ``GC_FULL_EVERY``-th run a full collection, for cycles that became garbage after
+        they had moved. A full run scans every live object — ~100 ms with a few hundred
+        thousand, a stall that shows in the p99 — while a young one takes a millisecond or
+        two (measured: 107 ms against 1.3 ms with 300,000 old and 20,000 new containers)."""
+        self._gc_runs += 1
+        full = self._gc_runs % GC_FULL_EVERY == 0
+        found = gc.collect() if full else gc.collect(1)
         if found:
             self.counters["gc_collected"] += found
         self._gc_timer = self.loop.call_later(GC_INTERVAL_S, self.collect_garbage)

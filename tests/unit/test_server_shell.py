@@ -207,3 +207,42 @@ def test_observer_counts_and_logs_a_failure() -> None:
     assert obs.counters["internal_errors"] == 1
     lines = [e for e in _lines(out) if e["event"] == "message_failed"]
     assert lines and lines[0]["where"] == "decide" and lines[0]["source"] == "198.51.100.7"
+
+
+async def test_garbage_collection_is_young_every_minute_and_full_every_tenth(
+    peers: tuple[Peer, Peer],
+) -> None:
+    """A cycle made since the last run goes at the next (young) run; a cycle that had already
+    moved to the old generation waits for the full run, every GC_FULL_EVERY-th."""
+    import gc
+
+    from sipguard.server import GC_FULL_EVERY
+
+    _, core = peers
+    server, _ = await start(core)
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        class Node:
+            def __init__(self) -> None:
+                self.me = self
+
+        young = Node()
+        del young
+        server.collect_garbage()  # run 1: young
+        assert server.counters["gc_collected"] >= 1
+        old = Node()
+        gc.collect()  # it survives a full collection: now in the oldest generation
+        ref = [old]
+        del old
+        ref.clear()  # garbage now, but old
+        before = server.counters["gc_collected"]
+        for _ in range(GC_FULL_EVERY - 2):  # runs 2..9: young only
+            server.collect_garbage()
+        assert server.counters["gc_collected"] == before
+        server.collect_garbage()  # run 10: full
+        assert server.counters["gc_collected"] > before
+    finally:
+        if enabled:
+            gc.enable()
+        await server.stop()
