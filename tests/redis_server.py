@@ -132,13 +132,17 @@ class RedisCluster:
         cli = shutil.which("redis-cli") or shutil.which("valkey-cli")
         if cli is None:
             raise RuntimeError("redis-cli not found (Debian package redis-tools)")
-        for node in self.nodes:
-            node.start()
-        subprocess.run(
-            [cli, "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in self.nodes),
-             "--cluster-replicas", "0", "--cluster-yes"],
-            check=True, capture_output=True, timeout=30,
-        )
+        try:  # a node that does not start, or a create that fails, stops the others
+            for node in self.nodes:
+                node.start()
+            subprocess.run(
+                [cli, "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in self.nodes),
+                 "--cluster-replicas", "0", "--cluster-yes"],
+                check=True, capture_output=True, timeout=30,
+            )
+        except BaseException:
+            self.stop()
+            raise
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             if all(b"cluster_state:ok" in n.command("CLUSTER", "INFO") for n in self.nodes):
@@ -163,9 +167,17 @@ class RedisSentinel:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> RedisSentinel:
+        self.master.start()
+        try:
+            self._start_sentinel()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start_sentinel(self) -> None:
         binary = server_binary()
         assert binary is not None
-        self.master.start()
         conf = self.workdir / "sentinel.conf"
         conf.write_text(f"port {self.port}\nbind 127.0.0.1\ndir {self.workdir}\n"
                         f"sentinel monitor mymaster 127.0.0.1 {self.master.port} 1\n")
@@ -177,9 +189,8 @@ class RedisSentinel:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             if probe.ping():
-                return self
+                return
             time.sleep(0.05)
-        self.stop()
         raise RuntimeError("redis sentinel did not start")
 
     def stop(self) -> None:
