@@ -355,22 +355,12 @@ class Step:
 
 def tree_cpu_seconds(pid: int) -> float:
     """utime+stime of ``pid`` and every live descendant (a supervisor and its workers)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            raw = stat.read_text()
-        except OSError:
-            continue
-        ppid = int(raw[raw.rindex(")") + 2 :].split()[1])
-        children.setdefault(ppid, []).append(int(stat.parent.name))
-    total, todo = 0.0, [pid]
-    while todo:
-        p = todo.pop()
+    total = 0.0
+    for p in tree_pids(pid):
         try:
             total += cpu_seconds(p)
-        except OSError:
+        except OSError:  # ended since the scan
             continue
-        todo.extend(children.get(p, ()))
     return total
 
 
