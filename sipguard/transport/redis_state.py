@@ -41,7 +41,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, MutableMapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping, Sequence
 from typing import Any
 
 import hiredis
@@ -168,6 +168,7 @@ REFRESH_CHUNK = 256  # leases per refresh script
 PROBE_MIN_S, PROBE_MAX_S = 0.2, 5.0
 
 _FAILURES = (RedisError, OSError, asyncio.TimeoutError, ConnectionError)
+_FAILED = object()  # what _guarded returns for a round trip that failed
 
 
 class SharedStore:
@@ -260,18 +261,35 @@ class SharedStore:
                     i = index[k] = len(keys)
                     keys.append(k)
                 out.append(i)
+        if self.cluster:
+            result = await self._guarded(
+                "admit", self._admit_cluster(lease, keys, checks, cidx, tidx), self.timeout_s)
+        else:
+            result = await self._guarded(
+                "admit", self._admit_group(lease, keys, checks, cidx, tidx, None),
+                self.timeout_s)
+            if result is not _FAILED:
+                result = _admitted(result, None)
+        return None if result is _FAILED else result
+
+    async def _guarded(self, what: str, work: Awaitable[Any], timeout: float) -> Any:
+        """``work`` within ``timeout``, through the breaker: its result, or ``_FAILED``."""
         try:
-            async with asyncio.timeout(self.timeout_s):
-                if not self.cluster:
-                    answer = await self._admit_group(lease, keys, checks, cidx, tidx, None)
-                    result = _admitted(answer, None)
-                else:
-                    result = await self._admit_cluster(lease, keys, checks, cidx, tidx)
+            async with asyncio.timeout(timeout):
+                result = await work
         except _FAILURES as exc:
-            self._failed("admit", exc)
-            return None
+            self._failed(what, exc)
+            return _FAILED
         self._ok()
         return result
+
+    async def _eval(self, script: Any, text: str, keys: Sequence[str],
+                    args: Sequence[Any]) -> Any:
+        """One script on the pipelined connection when there is one, else redis-py's."""
+        self.counters["state_round_trips"] += 1
+        if self.pipe is not None:
+            return await self._piped(self.pipe, script.sha, text, keys, args)
+        return await script(keys=keys, args=args)
 
     async def _admit_group(
         self, lease: str, keys: list[str], checks: Sequence[Check], cidx: list[int],
@@ -415,31 +433,22 @@ class SharedStore:
         away, or without a check); a failure leaves it to the next refresh."""
         if self.open or not take:
             return
-        try:
-            async with asyncio.timeout(self.timeout_s * 4):
-                await self._rescore([(lease, tuple(take))])
-        except _FAILURES as exc:
-            self._failed("add", exc)
-            return
-        self._ok()
+        await self._guarded("add", self._rescore([(lease, tuple(take))]), self.timeout_s * 4)
 
     async def mark(self, counter: str, value: int, seconds: float) -> None:
         """Set ``counter`` to ``value`` for ``seconds`` (a dialer cooldown); best effort."""
         if self.open:
             return
-        try:
-            async with asyncio.timeout(self.timeout_s * 4):
-                px = max(1, int(seconds * 1000))
-                if self.pipe is not None:
-                    reply = await self.pipe.call("SET", self.rkey(counter), value, "PX", px)
-                    if isinstance(reply, hiredis.ReplyError):
-                        raise RedisError(str(reply))
-                else:
-                    await self.client.set(self.rkey(counter), value, px=px)
-        except _FAILURES as exc:
-            self._failed("mark", exc)
+        await self._guarded("mark", self._set(self.rkey(counter), value,
+                                              max(1, int(seconds * 1000))), self.timeout_s * 4)
+
+    async def _set(self, key_: str, value: int, px: int) -> None:
+        if self.pipe is None:
+            await self.client.set(key_, value, px=px)
             return
-        self._ok()
+        reply = await self.pipe.call("SET", key_, value, "PX", px)
+        if isinstance(reply, hiredis.ReplyError):
+            raise RedisError(str(reply))
 
     def release_soon(self, lease: str, take: Sequence[str]) -> bool:
         """Send the release of ``lease`` on the open pipelined connection without waiting
@@ -472,14 +481,10 @@ class SharedStore:
         if self.open:
             self._keep(lease, tuple(take))
             return
-        try:
-            async with asyncio.timeout(self.timeout_s * 4):
-                await self._release_now(lease, [self.rkey(t) for t in take])
-        except _FAILURES as exc:
+        done = await self._guarded("release", self._release_now(
+            lease, [self.rkey(t) for t in take]), self.timeout_s * 4)
+        if done is _FAILED:
             self._keep(lease, tuple(take))
-            self._failed("release", exc)
-            return
-        self._ok()
 
     def _keep(self, lease: str, take: tuple[str, ...]) -> None:
         if self.max_pending == 0:
@@ -490,14 +495,9 @@ class SharedStore:
         self.pending.append((lease, take))
 
     async def _release_now(self, lease: str, keys: list[str]) -> None:
-        pipe = self.pipe
         for group in by_slot(keys, self.cluster):
             ks = [keys[i] for i in group]
-            self.counters["state_round_trips"] += 1
-            if pipe is not None:
-                await self._piped(pipe, self._release.sha, RELEASE, ks, [lease] * len(ks))
-            else:
-                await self._release(keys=ks, args=[lease] * len(ks))
+            await self._eval(self._release, RELEASE, ks, [lease] * len(ks))
 
     async def _rescore(self, leases: Sequence[tuple[str, tuple[str, ...]]]) -> None:
         keys: list[str] = []
@@ -506,15 +506,9 @@ class SharedStore:
             for t in take:
                 keys.append(self.rkey(t))
                 members.append(lease)
-        pipe = self.pipe
         for group in by_slot(keys, self.cluster):
-            self.counters["state_round_trips"] += 1
-            ks = [keys[i] for i in group]
-            args = [self.lease_ms, *(members[i] for i in group)]
-            if pipe is not None:
-                await self._piped(pipe, self._refresh.sha, REFRESH, ks, args)
-            else:
-                await self._refresh(keys=ks, args=args)
+            await self._eval(self._refresh, REFRESH, [keys[i] for i in group],
+                             [self.lease_ms, *(members[i] for i in group)])
 
     # ------------------------------------------------------------------ background
     async def refresh(self) -> int:
@@ -528,13 +522,9 @@ class SharedStore:
         done = 0
         for start in range(0, len(leases), REFRESH_CHUNK):
             chunk = leases[start:start + REFRESH_CHUNK]
-            try:
-                async with asyncio.timeout(max(1.0, self.timeout_s * 10)):
-                    await self._rescore(chunk)
-            except _FAILURES as exc:
-                self._failed("refresh", exc)
+            if await self._guarded("refresh", self._rescore(chunk),
+                                   max(1.0, self.timeout_s * 10)) is _FAILED:
                 return done
-            self._ok()
             done += len(chunk)
             for lease, take in chunk:
                 if not self.held(lease):  # ended while its refresh was on the way
@@ -545,12 +535,9 @@ class SharedStore:
     async def _flush_pending(self) -> None:
         while self.pending and not self.open:
             lease, take = self.pending.popleft()
-            try:
-                async with asyncio.timeout(self.timeout_s * 4):
-                    await self._release_now(lease, [self.rkey(t) for t in take])
-            except _FAILURES as exc:
+            if await self._guarded("release", self._release_now(
+                    lease, [self.rkey(t) for t in take]), self.timeout_s * 4) is _FAILED:
                 self.pending.appendleft((lease, take))
-                self._failed("release", exc)
                 return
             self.counters["state_releases_retried"] += 1
 
