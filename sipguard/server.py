@@ -363,6 +363,7 @@ class Server:
                     udp = self.udp[i] = await open_udp(
                         self.loop, host, port, i, self._on_datagram, wanted, reuse_port=shared,
                     )
+                    udp.watch = self._check_load
                     if udp.receive_buffer < wanted:
                         self.log.warning(
                             "udp_receive_buffer_capped", listen=what,
@@ -421,12 +422,16 @@ class Server:
     def overloaded(self) -> bool:
         return self.core.overloaded
 
-    def _watch_load(self) -> None:
-        """Overload protection, every 50 ms (see :mod:`sipguard.ops.overload`)."""
+    def _check_load(self) -> None:
+        """Overload protection (see :mod:`sipguard.ops.overload`): every 50 ms, and after
+        every ``WATCH_EVERY`` datagrams read (:class:`sipguard.transport.udp.UdpEndpoint`)."""
         sip = self.cfg.sip
         self.core.overloaded = self.overload.check(
             self.udp.values(), sip.overload_shed_above, sip.overload_resume_below
         )
+
+    def _watch_load(self) -> None:
+        self._check_load()
         self._load_watch = self.loop.call_later(LOAD_WATCH_S, self._watch_load)
 
     def collect_garbage(self) -> None:

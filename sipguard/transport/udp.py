@@ -16,6 +16,11 @@ from collections.abc import Callable
 
 Handler = Callable[[bytes, tuple[str, int], int], None]
 
+# Besides its 50 ms timer, the overload watcher looks at the queues after every this many
+# datagrams read: a burst that fills the queue between two ticks is noticed within one read
+# pass (the loop reads up to 32 datagrams per wake-up), not after a tick's worth of calls.
+WATCH_EVERY = 32
+
 # Linux getsockopt(SOL_SOCKET, SO_MEMINFO): nine u32, [0] receive queue bytes in use,
 # [1] receive buffer size, [8] datagrams dropped (queue full). Not in the socket module.
 SO_MEMINFO = 55
@@ -30,11 +35,17 @@ class UdpEndpoint(asyncio.DatagramProtocol):
         self.sock = sock
         self.transport: asyncio.DatagramTransport | None = None
         self.send_errors = 0
+        self.watch: Callable[[], None] | None = None  # the overload check, see WATCH_EVERY
+        self._unwatched = 0  # datagrams read since the last overload check
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        self._unwatched += 1
+        if self._unwatched >= WATCH_EVERY and self.watch is not None:
+            self._unwatched = 0
+            self.watch()
         self.handler(data, (addr[0], addr[1]), self.index)
 
     @property

@@ -34,3 +34,23 @@ def test_receive_queue_reports_fill_and_drops() -> None:
             except BlockingIOError:
                 break
         assert ep.receive_queue() == (0.0, drops)
+
+
+def test_overload_check_runs_every_watch_every_datagrams_before_the_handler() -> None:
+    """The watcher is asked after every WATCH_EVERY datagrams, before that datagram is handled,
+    so a burst that fills the queue between two timer ticks is shed from that datagram on."""
+    from sipguard.transport.udp import WATCH_EVERY
+
+    order: list[str] = []
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with sock:
+        ep = UdpEndpoint(0, lambda data, addr, local: order.append(data.decode()), sock)
+        ep.datagram_received(b"unwatched", ("127.0.0.1", 5060))  # no watcher yet: handled only
+        ep.watch = lambda: order.append("check")
+        for i in range(2 * WATCH_EVERY):
+            ep.datagram_received(str(i).encode(), ("127.0.0.1", 5060))
+    checks = [i for i, what in enumerate(order) if what == "check"]
+    assert len(checks) == 2, order
+    # The check comes before the WATCH_EVERY-th datagram read (the unwatched one counts).
+    assert order[checks[0] + 1] == str(WATCH_EVERY - 2)
+    assert order.count("check") == 2 and len(order) == 2 * WATCH_EVERY + 1 + 2
