@@ -2,56 +2,146 @@
 
 The proxy never reads the clock. It schedules callbacks at absolute times (``now`` values the
 shell passed in), the shell asks :meth:`TimerQueue.next_deadline` when to wake it up, and calls
-:meth:`TimerQueue.pop_due` with the current time. Cancelling is O(1): the entry is marked dead
-and skipped when it reaches the head of the heap.
+:meth:`TimerQueue.pop_due` with the current time.
+
+Structure: a heap of ``(when, seq, entry)`` tuples for the timers of the current second, and
+one-second buckets (``floor(when)`` -> unordered list, plus a small heap of the bucket keys)
+for everything later. Most long timers (B/F/C 32-180 s) are cancelled long before they are
+due, and a bucketed timer is cancelled by a swap-remove from its bucket: O(1), and it is gone
+at once, so cancelled far timers never touch the heap or linger in memory. When
+:meth:`~TimerQueue.pop_due` reaches a bucket's start it moves that bucket's (live) entries into
+the heap, and a timer added for a second that has already been reached goes straight into the
+heap; the heap thus stays small and its float-first tuples compare cheaply. Firing stays exact:
+a callback comes out of the first ``pop_due(now)`` with ``now >= when``, never earlier, and
+callbacks due in the same call come out in (``when``, order added) order. Cancelling an entry
+already in the heap marks it dead; it is skipped when it reaches the top. A bucket start
+counts as a deadline (a wake-up there only moves the bucket): at most one extra wake-up per
+second that still holds a live far timer.
 """
 
 from __future__ import annotations
 
-import heapq
+import math
 from collections.abc import Callable
+from heapq import heappop, heappush
 from typing import Any
 
-TimerEntry = list[Any]  # [when, seq, callback | None, args]
+
+class TimerEntry:
+    """The handle :meth:`TimerQueue.add` returns; only :meth:`TimerQueue.cancel` uses it.
+
+    ``callback`` is None once the timer fired or was cancelled (``args`` is then empty).
+    ``bucket`` is the bucket list holding the entry, at position ``index``, while it waits in a
+    bucket; None once it is in the heap, fired or cancelled.
+    """
+
+    __slots__ = ("when", "seq", "callback", "args", "bucket", "index")
+
+    def __init__(self, when: float, seq: int, callback: Callable[..., None],
+                 args: tuple[Any, ...]) -> None:
+        self.when = when
+        self.seq = seq
+        self.callback: Callable[..., None] | None = callback
+        self.args = args
+        self.bucket: list[TimerEntry] | None = None
+        self.index = 0
+
+
+_NEVER = -(1 << 62)  # below every bucket: nothing has been moved yet
 
 
 class TimerQueue:
-    __slots__ = ("_heap", "_seq")
+    __slots__ = ("_heap", "_buckets", "_keys", "_moved", "_seq")
 
     def __init__(self) -> None:
-        self._heap: list[TimerEntry] = []
+        self._heap: list[tuple[float, int, TimerEntry]] = []  # due this second or earlier
+        self._buckets: dict[int, list[TimerEntry]] = {}  # second -> its timers, live only
+        self._keys: list[int] = []  # heap of the keys of _buckets, each once
+        self._moved = _NEVER  # the last pop_due's second: every bucket up to it is in the heap
         self._seq = 0
 
     def add(self, when: float, callback: Callable[..., None], *args: Any) -> TimerEntry:
         """Schedule ``callback(*args, now)`` at ``when``; return a handle for :meth:`cancel`."""
-        self._seq += 1
-        entry: TimerEntry = [when, self._seq, callback, args]
-        heapq.heappush(self._heap, entry)
+        seq = self._seq + 1
+        self._seq = seq
+        entry = TimerEntry(when, seq, callback, args)
+        key = math.floor(when)
+        if key <= self._moved:
+            heappush(self._heap, (when, seq, entry))
+            return entry
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            bucket = []
+            self._buckets[key] = bucket
+            heappush(self._keys, key)
+        entry.bucket = bucket
+        entry.index = len(bucket)
+        bucket.append(entry)
         return entry
 
     @staticmethod
     def cancel(entry: TimerEntry | None) -> None:
-        if entry is not None:
-            entry[2] = None
-            entry[3] = ()  # drop the references, so no cycle outlives the timer
+        """Cancel the timer (no-op for None or a timer that already fired or was cancelled)."""
+        if entry is None:
+            return
+        bucket = entry.bucket
+        if bucket is not None:  # swap-remove: the bucket's order does not matter
+            last = bucket.pop()
+            if last is not entry:
+                index = entry.index
+                bucket[index] = last
+                last.index = index
+            entry.bucket = None
+        entry.callback = None
+        entry.args = ()  # drop the references, so no cycle outlives the timer
 
     def next_deadline(self) -> float | None:
+        """The earliest live deadline, or an earlier bucket start; None when nothing is held."""
         heap = self._heap
-        while heap and heap[0][2] is None:
-            heapq.heappop(heap)
+        while heap and heap[0][2].callback is None:
+            heappop(heap)
+        keys = self._keys
+        buckets = self._buckets
+        while keys and not buckets[keys[0]]:  # every timer in it was cancelled
+            del buckets[heappop(keys)]
+        if keys:
+            start = float(keys[0])
+            if not heap or start < heap[0][0]:
+                return start
         return heap[0][0] if heap else None
 
     def pop_due(self, now: float) -> list[tuple[Callable[..., None], tuple[Any, ...]]]:
         """Remove and return the live callbacks whose deadline is at or before ``now``."""
+        until = math.floor(now)
+        if until > self._moved:
+            self._move(until)
         heap = self._heap
-        due = []
+        due: list[tuple[Callable[..., None], tuple[Any, ...]]] = []
         while heap and heap[0][0] <= now:
-            entry = heapq.heappop(heap)
-            cb, args = entry[2], entry[3]
-            entry[2], entry[3] = None, ()  # fired: its owner may still hold the entry
-            if cb is not None:
-                due.append((cb, args))
+            entry = heappop(heap)[2]
+            callback = entry.callback
+            if callback is not None:
+                due.append((callback, entry.args))
+                entry.callback = None  # fired: its owner may still hold the entry
+                entry.args = ()
         return due
 
+    def _move(self, until: int) -> None:
+        """Move every bucket up to second ``until`` into the heap: only the buckets held are
+        visited, however far the clock jumped."""
+        self._moved = until  # from now on, add() puts timers up to ``until`` in the heap
+        heap = self._heap
+        keys = self._keys
+        buckets = self._buckets
+        while keys and keys[0] <= until:
+            for entry in buckets.pop(heappop(keys)):
+                entry.bucket = None
+                heappush(heap, (entry.when, entry.seq, entry))
+
     def __len__(self) -> int:
-        return len(self._heap)
+        """Entries held: every one in the heap (live, or cancelled and not yet skipped) and
+        every one waiting in a bucket (always live: cancelling removes it)."""
+        n = len(self._heap)
+        for bucket in self._buckets.values():
+            n += len(bucket)
+        return n
