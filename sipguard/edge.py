@@ -183,7 +183,7 @@ class EdgeCore:
 
     # ------------------------------------------------------------------ Admission (the proxy's side)
     def decide(self, call: CallInfo, now: float) -> Verdict | None:
-        if self.overloaded:
+        if self.overloaded:  # came on while this call's INVITE was being read
             return self._overload
         if self.draining:
             return self._draining
@@ -211,6 +211,11 @@ class EdgeCore:
         self._defer(self.policy.abandoned(call, now), "abandoned")
 
     def screen(self, msg: Message, flow: Flow, now: float) -> Verdict | None:
+        if self.overloaded and msg.method == "INVITE":
+            # Shed before the proxy keeps anything: a stateless 503 (no transaction, no 100,
+            # no timers, not retransmitted — a retransmitted INVITE is answered again), the
+            # cheapest answer there is, while sipguard is behind.
+            return self._overload
         try:
             return self.policy.screen(msg, flow, now)
         except Exception:  # fails closed, like a rule that raises

@@ -162,6 +162,8 @@ class Observer:
         v, flow = event.verdict, event.flow
         verdict = "monitored" if v.monitored else v.action
         c[f"rule_{v.rule}_{v.reason}"] += 1
+        if v.rule == "overload":
+            c["overload_rejected"] += 1
         source = f"{flow.addr[0]}:{flow.addr[1]}"
         key = f"screen:{v.rule}:{v.reason}:{flow.addr[0]}"
         if event.method == "INVITE":

@@ -18,8 +18,8 @@ from sipguard.contract import (
 )
 from sipguard.policy.pipeline import Pipeline
 from sipguard.sip.message import Message
-from tests.unit.dialog_helpers import PolicyHarness, cancel, to
-from tests.unit.proxy_helpers import CALLER, CORE, invite
+from tests.unit.dialog_helpers import PolicyHarness, cancel, in_dialog, to
+from tests.unit.proxy_helpers import CALLER, CORE, answer, invite
 
 PER_CALLER_2 = "rules:\n  concurrency: {per_caller: 2}\n"
 
@@ -197,3 +197,37 @@ def test_a_rule_that_raises_costs_exactly_that_invite() -> None:
     assert h.count("caller", "+19995550000") == 0
     decided = [e.verdict.reason for e in h.events if isinstance(e, InviteDecided)]
     assert "decision_failed" in decided
+
+
+def test_overloaded_sheds_new_calls_statelessly_and_lets_calls_up_go_on() -> None:
+    """While overloaded, a new INVITE gets one 503 + Retry-After and leaves nothing behind (no
+    transaction, no 100, no timer); its retransmission is answered again, the same way; a call
+    already up still gets its BYE through; once the load is gone the same call is proxied."""
+    h = PolicyHarness()
+    h.feed(invite(branch="z9hG4bK-up", call_id="up", caller="+12125550100"))
+    out = h._drain()
+    up = [m for m in to(out, CORE) if m.method == "INVITE"]
+    assert len(up) == 1
+    h.core.overloaded = True
+    servers, timers = len(h.proxy.servers), len(h.proxy.timers)
+    shed = invite(branch="z9hG4bK-shed", call_id="shed", caller="+12125550101")
+    answers = []
+    for _ in range(2):  # the INVITE and its retransmission
+        h.feed(shed)
+        out = h._drain()
+        assert not [m for m in to(out, CORE)], "nothing reaches the core"
+        answers += [m for m in to(out, CALLER)]
+    assert [m.status for m in answers] == [503, 503]
+    assert all(m.get("retry-after") == "5" for m in answers)
+    assert answers[0].to_tag and answers[0].to_tag == answers[1].to_tag
+    assert (len(h.proxy.servers), len(h.proxy.timers)) == (servers, timers)
+    # The call that was up goes on: the core's 200 reaches the caller, the caller's ACK and
+    # BYE reach the core.
+    h.feed(answer(up[0], 200, "OK"), src=CORE)
+    assert [m.status for m in to(h._drain(), CALLER)] == [200]
+    h.feed(in_dialog("ACK", call_id="up", cseq=1, branch="z9hG4bK-upack"))
+    h.feed(in_dialog("BYE", call_id="up", cseq=2, branch="z9hG4bK-upbye"))
+    assert [m.method for m in to(h._drain(), CORE)] == ["ACK", "BYE"]
+    h.core.overloaded = False
+    h.feed(shed)
+    assert [m.method for m in to(h._drain(), CORE)] == ["INVITE"]
