@@ -246,3 +246,27 @@ async def test_garbage_collection_is_young_every_minute_and_full_every_tenth(
         if enabled:
             gc.enable()
         await server.stop()
+
+
+async def test_a_long_pass_sends_every_flush_every_datagrams(peers: tuple[Peer, Peer]) -> None:
+    """Answers wait for the end of the event-loop pass, but no longer than FLUSH_EVERY
+    datagrams: the INVITEs read early in a long pass reach the core while it goes on."""
+    from sipguard.server import FLUSH_EVERY
+
+    caller, core = peers
+    server, port = await start(core)
+    try:
+        n = FLUSH_EVERY + 3
+        for i in range(n):  # one pass of the loop: datagrams handed over back to back
+            server._on_datagram(invite(caller, port, f"pass-{i}", f"+1212555{i:04d}"),
+                                ("127.0.0.1", caller.port), 0)
+            # the 100 Trying and the forwarded INVITE of every datagram since the last send
+            assert len(server.core.outbox) == 2 * ((i + 1) % FLUSH_EVERY), i
+        got = [await core.recv_until(b"INVITE ") for _ in range(FLUSH_EVERY)]
+        assert len(got) == FLUSH_EVERY
+        await asyncio.sleep(0.05)  # the pass ends: the rest goes out
+        assert not server.core.outbox
+        rest = [await core.recv_until(b"INVITE ") for _ in range(n - FLUSH_EVERY)]
+        assert len(rest) == n - FLUSH_EVERY
+    finally:
+        await server.stop()
