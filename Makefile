@@ -18,7 +18,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
-# The hot-path modules (parser, proxy core) compiled to C with mypyc; see sipguard/native.py.
+# The hot-path modules (parser, proxy core, policy rules) compiled to C with mypyc; see
+# sipguard/native.py.
 # Needs a C compiler and the Python headers (installed here when missing, Debian gcc and
 # python3-dev); if the build still fails, sipguard runs the same modules as Python.
 native: install

@@ -40,7 +40,8 @@ from benchutil import invite, quiet_gc  # noqa: E402
 from sipguard.contract import Dialog, Flow, Local  # noqa: E402
 from sipguard.edge import EdgeCore  # noqa: E402
 from sipguard.ops.config_load import parse_config  # noqa: E402
-from sipguard.policy.concurrency import Concurrency, Settings, Tracker  # noqa: E402
+from sipguard.policy.concurrency import Concurrency, Tracker  # noqa: E402
+from sipguard.policy.concurrency_settings import Settings  # noqa: E402
 from sipguard.policy.engine import Policy  # noqa: E402
 from sipguard.policy.state import RuleState  # noqa: E402
 from sipguard.proxy.settings import ProxySettings  # noqa: E402

@@ -73,10 +73,8 @@ from __future__ import annotations
 from collections.abc import Awaitable, Iterable, Sequence
 from typing import TYPE_CHECKING
 
-from pydantic import BaseModel, Field
-
 from sipguard.contract import Verdict
-from sipguard.policy.settings import FROZEN, Answer, RuleSettings
+from sipguard.policy.concurrency_settings import Answers
 from sipguard.sip.history_info import diverting_entries
 from sipguard.sip.params import get_param
 from sipguard.state.base import LeaseStore, SharedCounts, SyncLeaseStore
@@ -84,9 +82,11 @@ from sipguard.state.memory import MemoryLeases
 
 if TYPE_CHECKING:
     from sipguard.contract import CallInfo, Dialog
+    from sipguard.policy.concurrency_settings import Settings
     from sipguard.policy.engine import BuildContext
     from sipguard.policy.peers import Peer
     from sipguard.policy.pipeline import Plan
+    from sipguard.policy.settings import Answer
     from sipguard.sip.message import Message
 
 KINDS = ("caller", "callee", "diverter", "peer")
@@ -96,84 +96,6 @@ LEASE_GRACE = 60.0  # a lease outlives its dialog's maximum lifetime by this muc
 # A slot taken by a decision is handed to its dialog or given back within one decision; this
 # expiry is only a backstop for a decision that never finishes.
 DECISION_LEASE_S = 600.0
-
-
-def _reason(limit: str, text: str) -> tuple[str, ...]:
-    return (f'Reason: SIP;cause=403;text="{text} ({limit})"',)
-
-
-# ------------------------------------------------------------------------------- settings
-
-
-class Answers(BaseModel):
-    """What the caller hears when a limit is reached."""
-
-    model_config = FROZEN
-
-    per_caller: Answer = Field(
-        default=Answer(status=403, phrase="Forbidden",
-                       headers=_reason("per_caller", "Too many concurrent calls from caller")),
-        description="`per_caller` reached (`per_caller_exceeded`).",
-    )
-    per_callee: Answer = Field(
-        default=Answer(status=486, phrase="Busy Here"),
-        description="`per_callee` reached (`per_callee_exceeded`).",
-    )
-    per_diverter: Answer = Field(
-        default=Answer(status=403, phrase="Forbidden",
-                       headers=_reason("per_diverter",
-                                       "Too many concurrent calls forwarded by a number")),
-        description="`per_diverter` reached (`per_diverter_exceeded`).",
-    )
-    max_diversions: Answer = Field(
-        default=Answer(status=403, phrase="Forbidden",
-                       headers=_reason("max_diversions", "Call forwarded too many times")),
-        description="Forwarded more than `max_diversions` times (`max_diversions_exceeded`).",
-    )
-    per_peer: Answer = Field(
-        default=Answer(status=503, phrase="Service Unavailable", headers=("Retry-After: 5",)),
-        description="`per_peer` reached (`per_peer_exceeded`). An upstream proxy may send "
-        "nothing to sipguard for Retry-After seconds (RFC 3261 §21.5.4): keep it short.",
-    )
-
-
-class Settings(RuleSettings):
-    """Parameters of rule ``concurrency`` (``rules.concurrency`` in the config)."""
-
-    per_caller: int | None = Field(
-        default=None, ge=1,
-        description="Live calls from one caller number; null: no limit. The caller is "
-        "P-Asserted-Identity when trusted, else From, after the peer's `default_region` "
-        "normalisation.",
-    )
-    per_callee: int | None = Field(
-        default=None, ge=1,
-        description="Live calls to one called number (a DID used as a trunk); null: no limit. "
-        "The called number is the Request-URI's, else To's.",
-    )
-    per_diverter: int | None = Field(
-        default=None, ge=1,
-        description="Live calls forwarded by one number (PBX forwarding); null: no limit. "
-        "Every number in Diversion (RFC 5806) counts, and every diverting History-Info "
-        "entry (RFC 7044: the entry an `mp` tag names, or the one before an entry with an "
-        "RFC 4458 forwarding `cause`).",
-    )
-    max_diversions: int | None = Field(
-        default=None, ge=0,
-        description="A call forwarded more times than this is refused; null: any. "
-        "Counted as the larger of the Diversion hop count (each entry its `counter`, default "
-        "1) and the diverting History-Info entries (one forwarding often shows in both; not "
-        "summed); `0` refuses every forwarded call.",
-    )
-    per_peer: int | None = Field(
-        default=None, ge=1,
-        description="Live calls from one peer (call admission control); null: no limit. "
-        "With no peers configured all traffic is one peer, `-`.",
-    )
-    answers: Answers = Field(
-        default=Answers(),
-        description="What the caller hears, each `{status, phrase, headers}`, given whole.",
-    )
 
 
 # ------------------------------------------------------------------------------- counting

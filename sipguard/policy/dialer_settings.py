@@ -46,7 +46,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field, model_validator
 
-from sipguard.policy.callerid import Redress
+from sipguard.policy.callerid_settings import Redress
 from sipguard.policy.peers import NUMBER_PATTERN
 from sipguard.policy.settings import FROZEN, Answer, RuleSettings
 

@@ -52,22 +52,20 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Awaitable, Mapping
-from typing import TYPE_CHECKING, Any, Literal, Protocol
-
-from pydantic import BaseModel, Field, field_validator
+from typing import TYPE_CHECKING, Any, Protocol
 
 from sipguard.contract import Anonymise, Verdict
 from sipguard.policy import numbers
-from sipguard.policy.callerid import Redress, _answer
-from sipguard.policy.peers import NUMBER_PATTERN, NumberSet, Peer
-from sipguard.policy.settings import FROZEN, Answer, RuleSettings
+from sipguard.policy.callerid import _answer
+from sipguard.policy.callerid_settings import Redress
+from sipguard.policy.peers import NumberSet, Peer
 
 if TYPE_CHECKING:
     from sipguard.contract import CallInfo
     from sipguard.policy.engine import BuildContext
+    from sipguard.policy.national_cli_settings import Action, RoamingLookup, Settings
     from sipguard.policy.state import RuleState
 
-Action = Literal["block", "anonymise", "allow"]
 STRICTNESS = {"allow": 0, "anonymise": 1, "block": 2}
 
 
@@ -107,111 +105,6 @@ class RoamingCache:
 
     def __len__(self) -> int:
         return len(self.entries)
-
-
-# ------------------------------------------------------------------------------- settings
-
-
-class RoamingLookup(BaseModel):
-    """An HTTP endpoint that tells whether a number is a subscriber roaming abroad."""
-
-    model_config = FROZEN
-
-    url: str = Field(
-        pattern=r"^https?://[^\s?#]+$",
-        description="Asked `GET url?number=+E164`; answers JSON `{\"roaming\": true|false}` "
-        "(an operator's HLR / number-portability service behind a small HTTP front).",
-    )
-    timeout_ms: int = Field(
-        default=300, ge=10, le=10_000,
-        description="Longest wait for an answer; past it `on_error` applies.",
-    )
-    on_error: Action = Field(
-        default="allow",
-        description="Action when the lookup fails, times out or answers something else than "
-        "`{\"roaming\": bool}`: block, anonymise or allow.",
-    )
-    cache_s: float = Field(
-        default=300.0, ge=0, le=86_400,
-        description="How long an answer is kept per number (up to 10,000 numbers); 0: not "
-        "cached. Failures are not cached.",
-    )
-    max_concurrent: int = Field(
-        default=64, ge=1, le=10_000,
-        description="Lookups running at once at most; beyond, `on_error` applies at once.",
-    )
-
-
-class Settings(RuleSettings):
-    """Parameters of rule ``national_cli`` (``rules.national_cli`` in the config)."""
-
-    home_countries: tuple[str, ...] = Field(
-        default=(),
-        description="E.164 country codes (`31`, `\"44\"`) or longer number prefixes "
-        "(`+3120`) whose numbers must not arrive over an international interconnect; empty: "
-        "the rule never acts.",
-    )
-    fixed: Action = Field(
-        default="block", description="Action for fixed-line numbers: block, anonymise, allow."
-    )
-    mobile: Action = Field(
-        default="block", description="Action for mobile numbers: block, anonymise, allow."
-    )
-    other: Action = Field(
-        default="allow",
-        description="Action for every other type (toll-free, VoIP, premium, shared cost, "
-        "unknown): block, anonymise, allow.",
-    )
-    answer: Answer = Field(
-        default=Answer(status=603, phrase="Network Blocked"),
-        description="What a blocked caller hears (603 Network Blocked: sent as 603+ with the "
-        "redress Reason).",
-    )
-    redress: Redress | None = Field(
-        default=None,
-        description="The 603+ Reason (ATIS-1000099); null: rule `callerid`'s `redress` when "
-        "that rule is configured, else its defaults.",
-    )
-    keep_pai_to_core: bool = Field(
-        default=False,
-        description="On `anonymise`, keep P-Asserted-Identity toward the core (with `Privacy: "
-        "id`, RFC 3325); false: removed.",
-    )
-    roaming_allow: tuple[str, ...] = Field(
-        default=(),
-        description="Numbers and `prefix*` of subscribers roaming abroad: always allowed.",
-    )
-    roaming_lookup: RoamingLookup | None = Field(
-        default=None,
-        description="Ask an HTTP endpoint whether the number is roaming (`{url, timeout_ms, "
-        "on_error, cache_s}`); null: no lookup.",
-    )
-    verdict_header: str | None = Field(
-        default="X-Sipguard-Verdict",
-        pattern=r"^[A-Za-z0-9][A-Za-z0-9.!%*_+`'~-]*$",
-        description="Header telling the core why a call was anonymised; null: none.",
-    )
-
-    @field_validator("home_countries")
-    @classmethod
-    def _check_home(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        out = []
-        for item in value:
-            text = str(item).strip()
-            digits = text[1:] if text.startswith("+") else text
-            if not (digits.isdigit() and digits.isascii() and digits[0] != "0"
-                    and len(digits) <= 15):
-                raise ValueError(f"{item!r} is not a country code or number prefix like '31'")
-            out.append(digits)
-        return tuple(out)
-
-    @field_validator("roaming_allow")
-    @classmethod
-    def _check_roaming(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        for item in value:
-            if NUMBER_PATTERN.fullmatch(item.strip()) is None:
-                raise ValueError(f"{item!r} is not a number or a prefix pattern like '+316*'")
-        return value
 
 
 # ------------------------------------------------------------------------------- the rule

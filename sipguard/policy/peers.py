@@ -18,6 +18,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -124,7 +125,7 @@ class PeerTable:
 
     # Source addresses are few (a peer's SBCs), so answers are remembered per address string;
     # the memo is emptied when it reaches this size (an address spray cannot grow it).
-    SEEN_MAX = 4096
+    SEEN_MAX: ClassVar[int] = 4096
 
     def __init__(self, peers: Iterable[Peer]) -> None:
         self.peers: dict[str, Peer] = {}

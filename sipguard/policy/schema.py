@@ -1,7 +1,8 @@
 """The policy part of the config schema: the ``rules:`` tree and the ``peers:`` list.
 
 :class:`RulesConfig` holds one optional section per rule (each rule's ``Settings`` class lives
-in its module, next to its code; the dialer's beside it, in ``dialer_settings``) and remembers
+beside the rule's module, in ``<rule>_settings``: the rules are compiled, pydantic models stay
+Python) and remembers
 the order the file lists them in, which is the order they are evaluated in. :class:`PeerConfig`
 is one ``peers:`` item; its ``rules`` are the top-level rules with the peer's overrides merged
 in (:func:`merge_peer_rules`, which the root config runs before validation).
@@ -21,13 +22,13 @@ from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, Field, PrivateAttr, field_validator, model_validator
 
-from sipguard.policy.callerid import Settings as CallerIdSettings
-from sipguard.policy.concurrency import Settings as ConcurrencySettings
+from sipguard.policy.callerid_settings import Settings as CallerIdSettings
+from sipguard.policy.concurrency_settings import Settings as ConcurrencySettings
 from sipguard.policy.dialer_settings import Settings as DialerSettings
-from sipguard.policy.flood import Settings as FloodSettings
-from sipguard.policy.identity import Settings as IdentitySettings
-from sipguard.policy.national_cli import Settings as NationalCliSettings
-from sipguard.policy.rate import Settings as RateSettings
+from sipguard.policy.flood_settings import Settings as FloodSettings
+from sipguard.policy.identity_settings import Settings as IdentitySettings
+from sipguard.policy.national_cli_settings import Settings as NationalCliSettings
+from sipguard.policy.rate_settings import Settings as RateSettings
 from sipguard.policy.settings import FROZEN, ConfigPath, networks
 
 __all__ = ["PeerConfig", "PolicyConfig", "RulesConfig", "merge_peer_rules"]

@@ -12,11 +12,11 @@ from sipguard.contract import CallInfo, Dialog, DialogStarted, Flow, Verdict
 from sipguard.ops.config_load import parse_config
 from sipguard.policy.concurrency import (
     Concurrency,
-    Settings,
     Tracker,
     diversion_hops,
     lease_id,
 )
+from sipguard.policy.concurrency_settings import Settings
 from sipguard.policy.pipeline import Pipeline
 from sipguard.sip.parser import parse_message
 from sipguard.state.memory import MemoryLeases

@@ -180,7 +180,7 @@ def test_a_setting_without_description_stops_the_generator(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A schema field without description= is an error naming its config path, not a blank cell."""
-    from sipguard.policy.flood import Settings as FloodSettings
+    from sipguard.policy.flood_settings import Settings as FloodSettings
 
     monkeypatch.setattr(FloodSettings.model_fields["ban_s"], "description", None)
     with pytest.raises(ValueError, match=r"rules\.flood\.ban_s: the schema has no description="):

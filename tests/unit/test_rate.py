@@ -207,7 +207,7 @@ def test_bad_settings_are_config_errors(snippet: str) -> None:
 def test_commented_examples_in_the_config_file_are_valid() -> None:
     """The rate, dialer and flood examples in config/sipguard.yaml parse once uncommented;
     the dialer and flood ones show exactly the defaults."""
-    from sipguard.policy import dialer_settings, flood
+    from sipguard.policy import dialer_settings, flood_settings
 
     cfg = parse_config(config_example("call-rate limits", "rate"))
     assert cfg.rules.rate is not None and cfg.rules.rate.per_caller is not None
@@ -215,4 +215,4 @@ def test_commented_examples_in_the_config_file_are_valid() -> None:
     cfg = parse_config(config_example("dialer analytics", "dialer"))
     assert cfg.rules.dialer == dialer_settings.Settings()
     cfg = parse_config(config_example("flood and scanner defence", "flood"))
-    assert cfg.rules.flood == flood.Settings()
+    assert cfg.rules.flood == flood_settings.Settings()

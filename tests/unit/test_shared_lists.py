@@ -14,7 +14,8 @@ import pytest
 from redis.asyncio import Redis
 
 from sipguard.ops.shared_lists import SharedLists, ban_field, ban_key
-from sipguard.policy.flood import FloodGuard, FloodState, Settings
+from sipguard.policy.flood import FloodGuard, FloodState
+from sipguard.policy.flood_settings import Settings
 from sipguard.policy.suspensions import SuspensionStore
 
 from ..redis_server import RedisServer

@@ -56,8 +56,8 @@ def test_count_is_exact_within_a_window_and_slides() -> None:
 def test_pair_holds_two_counts_over_one_window() -> None:
     """A Pair keeps numerator and denominator over the same sliding window."""
     p = Pair()
-    p.add(0.0, 10.0, 1.0, 1.0)
-    p.add(1.0, 10.0, 0.0, 1.0)
+    p.add(0.0, 10.0, 1, 1)
+    p.add(1.0, 10.0, 0, 1)
     assert p.values(5.0, 10.0) == (1.0, 2.0)
     assert p.values(15.0, 10.0) == (0.5, 1.0)
     assert p.values(30.0, 10.0) == (0.0, 0.0)
