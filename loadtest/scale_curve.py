@@ -450,8 +450,11 @@ def main() -> int:
     if big_live is not None:
         print(f"  per live dialog    {big_live.rss_each:7,.0f} B RSS growth ({big_live.label}, "
               "distinct callers, transactions expired)")
-    print(f"  per live dialog    {traced:7,.0f} B tracemalloc ({fmt(mem_n)} dialogs; "
-          f"{traced_policy:,.0f} B of it allocated in sipguard/policy)")
+    # tracemalloc names the Python line that allocated; compiled modules have none, so what
+    # the compiled rules and proxy allocate is counted at the (Python) caller that led there
+    where = ("compiled: allocations of compiled modules are filed under their Python caller"
+             if compiled else f"{traced_policy:,.0f} B of it allocated in sipguard/policy")
+    print(f"  per live dialog    {traced:7,.0f} B tracemalloc ({fmt(mem_n)} dialogs; {where})")
     print("    by allocating file: " + ", ".join(f"{k} {v:,.0f}" for k, v in top))
     print(f"  per tracked number {big_tracked.rss_each:7,.0f} B RSS growth "
           f"({big_tracked.label}, after their calls ended)")
@@ -474,8 +477,9 @@ def main() -> int:
     print()
     live_note = (f"{big_live.rss_each:,.0f} B RSS at {big_live.label}, "
                  if big_live is not None else "")
-    print(f"Memory per live dialog: {live_note}{traced:,.0f} B tracemalloc "
-          f"({traced_policy:,.0f} B in the rules' state); per tracked number "
+    rules_share = "" if compiled else f" ({traced_policy:,.0f} B in the rules' state)"
+    print(f"Memory per live dialog: {live_note}{traced:,.0f} B tracemalloc"
+          f"{rules_share}; per tracked number "
           f"{big_tracked.rss_each:,.0f} B RSS at {fmt(big_tracked.size)}.")
     return 0
 
