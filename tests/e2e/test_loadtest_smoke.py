@@ -75,3 +75,33 @@ def test_compare_mode_runs_kamailio_and_sipguard_with_every_rule(tmp_path: Path)
     assert summary["vs_kamailio"]["sipguard"]["cpu_per_call_ratio"] > 0
     assert "| 20 | kamailio | 100.00 % |" in result["markdown"], result["markdown"]
     assert "sipguard / Kamailio" in done.stdout
+
+
+def test_overload_run_tells_accepted_shed_and_lost_calls_apart(tmp_path: Path) -> None:
+    """loadtest/overload.py at a low rate, with a per-source rate limit standing in for
+    overload (it answers 503 + Retry-After too): its counting — calls accepted and completed,
+    shed by a 503 that carries Retry-After, failed — adds up, and the verdicts say why."""
+    config = tmp_path / "limited.yaml"
+    config.write_text(
+        "listen: [udp://127.0.0.1:5060]\ncore: udp://127.0.0.1:5080\n"
+        "rules:\n  rate: {per_source_ip: {rate: 15, burst: 5}}\n"
+    )
+    done = subprocess.run(
+        [sys.executable, str(RUNNER.parent / "overload.py"), "--rate", "20", "--duration", "2",
+         "--recover-duration", "2", "--hold-ms", "200", "--config", str(config),
+         "--results-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=180,
+    )
+    (report,) = tmp_path.glob("*-overload.json")
+    result = json.loads(report.read_text())
+    over, rec = result["phases"]
+    assert (over["attempted"], rec["attempted"]) == (80, 20), done.stdout
+    for phase in (over, rec):
+        assert phase["accepted"] + phase["shed"] == phase["attempted"], phase
+        assert phase["completed"] == phase["accepted"] and phase["lost"] == 0, phase
+        assert phase["failed"] == 0, phase
+    assert 0 < over["shed"] < over["attempted"], over  # 40 calls/s against 15/s allowed
+    checks = result["checks"]
+    assert checks["calls shed with 503 + Retry-After in the overload"]
+    # the rate limit shed them, not overload protection: never on, so the run does not pass
+    assert result["overload_spans"] == [] and done.returncode == 1, done.stdout
