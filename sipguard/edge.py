@@ -183,8 +183,8 @@ class EdgeCore:
 
     # ------------------------------------------------------------------ Admission (the proxy's side)
     def decide(self, call: CallInfo, now: float) -> Verdict | None:
-        if self.overloaded:  # came on while this call's INVITE was being read
-            return self._overload
+        # (Overload is answered earlier, in screen: the same INVITE passed there first, in
+        # the same synchronous receive.)
         if self.draining:
             return self._draining
         perf = self.perf

@@ -120,8 +120,6 @@ class Observer:
             c[f"{label}_{value}"] += 1
         if v.monitored:
             c["invites_monitored"] += 1
-        if v.rule == "overload":
-            c["overload_rejected"] += 1
         if v.reason:
             c[f"rule_{v.rule}_{v.reason}"] += 1
         caller, callee = call.caller, call.callee
