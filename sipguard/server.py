@@ -418,6 +418,7 @@ class Server:
             "client_transactions": len(proxy.clients),
             "tcp_connections": len(self.tcp.by_id),
             "udp_receive_queue_ratio": self.overload.queue_fill,
+            "udp_receive_queue_delay_seconds": self.overload.queue_delay,
             "overloaded": float(self.core.overloaded),
             **(self.shared_store.stats() if self.shared_store is not None else {}),
         }
@@ -430,8 +431,10 @@ class Server:
         """Overload protection (see :mod:`sipguard.ops.overload`): every 50 ms, and after
         every ``WATCH_EVERY`` datagrams read (:class:`sipguard.transport.udp.UdpEndpoint`)."""
         sip = self.cfg.sip
+        delay_ms = sip.overload_delay_ms
         self.core.overloaded = self.overload.check(
-            self.udp.values(), sip.overload_shed_above, sip.overload_resume_below
+            self.udp.values(), sip.overload_shed_above, sip.overload_resume_below,
+            None if delay_ms is None else delay_ms / 1000,
         )
 
     def _watch_load(self) -> None:

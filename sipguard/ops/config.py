@@ -203,8 +203,19 @@ class SipSettings(BaseModel):
         default=0.1,
         ge=0,
         lt=1,
-        description="Overload ends once every UDP receive queue is below this share again. "
-        "It must be below `overload_shed_above`.",
+        description="Overload ends once every UDP receive queue is below this share again "
+        "(and its delay under a quarter of `overload_delay_ms`). It must be below "
+        "`overload_shed_above`.",
+    )
+    overload_delay_ms: int | None = Field(
+        default=200,
+        ge=10,
+        le=10000,
+        description="A datagram that waited longer than this in a UDP receive queue (from its "
+        "arrival in the kernel to its reading, measured every 32 datagrams): new calls get "
+        "503 at once, as for `overload_shed_above` (null: off). Keep it below SIP's T1 "
+        "(500 ms): a queue that far behind makes callers retransmit, which adds load. Linux "
+        "only (kernel receive timestamps); elsewhere only the share counts.",
     )
     overload_retry_after_s: int = Field(
         default=5, ge=0,

@@ -1,11 +1,16 @@
-"""Overload protection: how full the UDP receive queues are, read every 50 ms.
+"""Overload protection: how full the UDP receive queues are and how long datagrams wait in
+them, read every 50 ms and after every 32 datagrams.
 
 A queue that fills means sipguard reads datagrams slower than they come. Past
-``sip.overload_shed_above`` the watcher sets ``EdgeCore.overloaded``: new calls are answered
-503 + Retry-After straight away (no rules, no dialog, nothing sent to the core), which costs a
-fraction of a call, so the calls already up keep getting their ACKs, BYEs and answers through
-instead of losing them to kernel drops. It ends when every queue is below
-``sip.overload_resume_below``. The kernel's drops are counted as ``udp_receive_dropped``.
+``sip.overload_shed_above`` (share of the buffer), or once a datagram has waited longer than
+``sip.overload_delay_ms`` between its arrival in the kernel and its reading, the watcher sets
+``EdgeCore.overloaded``: new calls are answered 503 + Retry-After straight away (no rules, no
+dialog, nothing sent to the core), which costs a fraction of a call, so the calls already up
+keep getting their ACKs, BYEs and answers through instead of losing them to kernel drops or to
+retransmission timers. The delay mark matters because a large buffer holds far more than T1
+(500 ms) of work: filled halfway, the callers' retransmissions would start before shedding
+did. Overload ends when every queue is below ``sip.overload_resume_below`` and waits under a
+quarter of the delay mark. The kernel's drops are counted as ``udp_receive_dropped``.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from typing import Any, Protocol
 
 class ReceiveQueue(Protocol):
     """A UDP endpoint as the watcher sees it (:class:`sipguard.transport.udp.UdpEndpoint`)."""
+
+    delay: float  # seconds the datagram read at the last look had waited in the queue
 
     def receive_queue(self) -> tuple[float, int] | None:
         """(share of the receive buffer in use, datagrams the kernel dropped), or None."""
@@ -31,30 +38,43 @@ class OverloadWatcher:
         self.log = log
         self.overloaded = False
         self.queue_fill = 0.0  # the fullest UDP receive queue, share of its buffer
+        self.queue_delay = 0.0  # the longest wait measured in one, seconds
         self._drops = 0  # the kernel's drop count at the last look
 
     def check(
-        self, endpoints: Iterable[ReceiveQueue], shed_above: float | None, resume_below: float
+        self, endpoints: Iterable[ReceiveQueue], shed_above: float | None, resume_below: float,
+        delay_mark: float | None = None,
     ) -> bool:
-        """Look at every queue once; True while overloaded."""
+        """Look at every queue once; True while overloaded. ``delay_mark``: seconds of queue
+        delay past which new calls are shed too (None: off)."""
         fill = 0.0
+        delay = 0.0
         drops = 0
         for ep in endpoints:
             state = ep.receive_queue()
             if state is not None:
                 fill = max(fill, state[0])
                 drops += state[1]
+            delay = max(delay, ep.delay)
         self.queue_fill = fill
+        self.queue_delay = delay
         if drops > self._drops:
             self.counters["udp_receive_dropped"] += drops - self._drops
         self._drops = drops
-        if not self.overloaded and shed_above is not None and fill > shed_above:
+        full = shed_above is not None and fill > shed_above
+        late = delay_mark is not None and delay > delay_mark
+        if not self.overloaded and (full or late):
             self.overloaded = True
             self.counters["overload_started"] += 1
             self.log.warning("overload_started", queue_ratio=round(fill, 3),
+                             queue_delay_ms=round(delay * 1000, 1),
+                             cause="queue_full" if full else "queue_delay",
                              udp_receive_dropped=self.counters["udp_receive_dropped"])
-        elif self.overloaded and (shed_above is None or fill < resume_below):
+        elif self.overloaded and (shed_above is None or fill < resume_below) and (
+            delay_mark is None or delay < delay_mark / 4
+        ):
             self.overloaded = False
             self.log.info("overload_ended", queue_ratio=round(fill, 3),
+                          queue_delay_ms=round(delay * 1000, 1),
                           rejected=self.counters["overload_rejected"])
         return self.overloaded

@@ -12,7 +12,12 @@ import asyncio
 import contextlib
 import socket
 import struct
+import sys
+import time
 from collections.abc import Callable
+
+if sys.platform == "linux":
+    from fcntl import ioctl
 
 Handler = Callable[[bytes, tuple[str, int], int], None]
 
@@ -26,6 +31,23 @@ WATCH_EVERY = 32
 SO_MEMINFO = 55
 _MEMINFO = struct.Struct("9I")
 SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33  # Linux: past net.core.[rw]mem_max (CAP_NET_ADMIN)
+# Linux ioctl SIOCGSTAMP: when the kernel received the datagram read last (struct timeval,
+# wall clock). The first call turns the socket's receive timestamps on.
+SIOCGSTAMP = 0x8906
+_TIMEVAL = struct.Struct("@ll")  # time_t, suseconds_t: C longs
+_NO_STAMP = bytes(_TIMEVAL.size)
+
+
+def enable_arrival_stamps(sock: socket.socket) -> bool:
+    """Ask the kernel to note when each datagram arrives (read by
+    :meth:`UdpEndpoint.arrival_delay`); False where it cannot (not Linux)."""
+    if sys.platform != "linux":
+        return False
+    try:
+        ioctl(sock.fileno(), SIOCGSTAMP, _NO_STAMP)
+    except OSError:
+        pass  # ENOENT: nothing read yet; the stamps are on from now on
+    return True
 
 
 class UdpEndpoint(asyncio.DatagramProtocol):
@@ -37,6 +59,11 @@ class UdpEndpoint(asyncio.DatagramProtocol):
         self.send_errors = 0
         self.watch: Callable[[], None] | None = None  # the overload check, see WATCH_EVERY
         self._unwatched = 0  # datagrams read since the last overload check
+        # How long the datagram read at the last overload check had waited in the receive
+        # queue, seconds (0.0 once the queue was seen empty, or without arrival stamps).
+        self.delay = 0.0
+        self._measured = False  # delay was measured for the check under way
+        self.stamped = enable_arrival_stamps(sock)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
@@ -45,8 +72,20 @@ class UdpEndpoint(asyncio.DatagramProtocol):
         self._unwatched += 1
         if self._unwatched >= WATCH_EVERY and self.watch is not None:
             self._unwatched = 0
+            if self.stamped:
+                self.delay = self.arrival_delay()
+                self._measured = True
             self.watch()
         self.handler(data, (addr[0], addr[1]), self.index)
+
+    def arrival_delay(self) -> float:
+        """Seconds the datagram read last waited between its arrival in the kernel and now:
+        the queue delay that new datagrams face too. 0.0 if the kernel cannot tell."""
+        try:
+            sec, usec = _TIMEVAL.unpack(ioctl(self.sock.fileno(), SIOCGSTAMP, _NO_STAMP))
+        except OSError:
+            return 0.0
+        return max(0.0, time.time() - (sec + usec * 1e-6))
 
     @property
     def receive_buffer(self) -> int:
@@ -55,12 +94,16 @@ class UdpEndpoint(asyncio.DatagramProtocol):
 
     def receive_queue(self) -> tuple[float, int] | None:
         """(share of the receive buffer in use, datagrams the kernel dropped so far), or None
-        where the kernel cannot tell (not Linux)."""
+        where the kernel cannot tell (not Linux). An empty queue, seen by a check that did not
+        just measure :attr:`delay` (the 50 ms timer's), resets it: nothing is waiting."""
         try:
             raw = self.sock.getsockopt(socket.SOL_SOCKET, SO_MEMINFO, _MEMINFO.size)
         except OSError:
             return None
         used, size, *_, drops = _MEMINFO.unpack(raw)
+        if not used and not self._measured:
+            self.delay = 0.0
+        self._measured = False
         return (used / size if size else 0.0), drops
 
     def error_received(self, exc: Exception) -> None:

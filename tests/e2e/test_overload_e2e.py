@@ -92,3 +92,66 @@ def test_full_receive_queue_answers_new_calls_503_then_recovers(stack: E2EStack)
         assert len(shed) + len(forwarded) <= held, (len(shed), len(forwarded), held)
         assert len(shed) >= held // 2 and len(forwarded) <= WATCH_EVERY + held // 8, (
             len(shed), len(forwarded), held)
+
+
+SMALL_BURST = 200  # ~150 KB: a few per cent of the default 4 MiB receive buffer
+
+
+@pytest.mark.parametrize("delay_ms", [200, None], ids=["delay_mark", "delay_mark_off"])
+def test_queue_delay_sheds_new_calls_long_before_the_queue_fills(
+    stack: E2EStack, delay_ms: int | None
+) -> None:
+    """INVITEs that waited 0.6 s in a queue far from full: with ``sip.overload_delay_ms`` the
+    check at the WATCH_EVERY-th read sees the wait, so the calls still queued hear 503 +
+    Retry-After rather than being forwarded 0.6 s late (their callers retransmit from 0.5 s
+    on); with the mark off (null) every one is forwarded."""
+    core = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    core.bind((HOST, 0))
+    caller = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    caller.bind((HOST, 0))
+    caller.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    core.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    mark = "null" if delay_ms is None else str(delay_ms)
+    with core, caller:
+        guard, port = stack.sipguard(
+            core_port=core.getsockname()[1], listen=("udp",),
+            config_extra=f"sip: {{overload_delay_ms: {mark}, overload_retry_after_s: 7}}\n",
+        )
+        target = (HOST, port)
+        local = caller.getsockname()[1]
+        calls = [RawUdpCaller(local, target) for _ in range(SMALL_BURST)]
+        os.kill(guard.pid, signal.SIGSTOP)
+        try:
+            for call in calls:
+                caller.sendto(call.invite_bytes(), target)
+            time.sleep(0.6)
+        finally:
+            os.kill(guard.pid, signal.SIGCONT)
+        if delay_ms is not None:
+            guard.wait_event("overload_started", 1, timeout=10)
+            guard.wait_event("overload_ended", 1, timeout=10)
+        forwarded = {
+            m.group(1).decode() for d in _drain(core, 1.5) if d.startswith(b"INVITE ")
+            and (m := re.search(rb"\r\nCall-ID: *([^\r\n]+)", d, re.I)) is not None
+        }
+        answers = [_parse_response(d) for d in _drain(caller, 0.5)]
+        shed = {h["call-id"][0]: h for status, h in (a for a in answers if a is not None)
+                if status == 503}
+        detail = guard.diagnostics()
+        assert not set(shed) & forwarded, detail
+        if delay_ms is None:
+            assert len(forwarded) == SMALL_BURST and not shed, (len(forwarded), len(shed))
+            assert not [e for e in guard.events if e.get("event") == "overload_started"]
+        else:
+            started = [e for e in guard.events if e.get("event") == "overload_started"][0]
+            assert started["cause"] == "queue_delay" and started["queue_delay_ms"] > 400, started
+            assert started["queue_ratio"] < 0.5, started
+            assert len(forwarded) < WATCH_EVERY, (len(forwarded), len(shed))
+            assert len(shed) + len(forwarded) == SMALL_BURST, (len(forwarded), len(shed))
+            assert all(h.get("retry-after") == ["7"] for h in shed.values())
+        # Recovered: a new call is proxied.
+        call = RawUdpCaller(local, target)
+        caller.sendto(call.invite_bytes(), target)
+        assert any(call.call_id.encode() in d and d.startswith(b"INVITE ")
+                   for d in _drain(core, 2.0)), detail
+        assert guard.stop() == 0
