@@ -43,10 +43,8 @@ def enable_arrival_stamps(sock: socket.socket) -> bool:
     :meth:`UdpEndpoint.arrival_delay`); False where it cannot (not Linux)."""
     if sys.platform != "linux":
         return False
-    try:
+    with contextlib.suppress(OSError):  # ENOENT: nothing read yet; stamps are on from now
         ioctl(sock.fileno(), SIOCGSTAMP, _NO_STAMP)
-    except OSError:
-        pass  # ENOENT: nothing read yet; the stamps are on from now on
     return True
 
 
@@ -85,7 +83,7 @@ class UdpEndpoint(asyncio.DatagramProtocol):
             sec, usec = _TIMEVAL.unpack(ioctl(self.sock.fileno(), SIOCGSTAMP, _NO_STAMP))
         except OSError:
             return 0.0
-        return max(0.0, time.time() - (sec + usec * 1e-6))
+        return max(0.0, time.time() - (float(sec) + float(usec) * 1e-6))
 
     @property
     def receive_buffer(self) -> int:

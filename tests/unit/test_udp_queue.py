@@ -59,16 +59,6 @@ def test_overload_check_runs_every_watch_every_datagrams_before_the_handler() ->
     assert order.count("check") == 2 and len(order) == 2 * WATCH_EVERY + 1 + 2
 
 
-def _read_all(sock: socket.socket) -> list[bytes]:
-    got: list[bytes] = []
-    sock.setblocking(False)
-    while True:
-        try:
-            got.append(sock.recv(2048))
-        except BlockingIOError:
-            return got
-
-
 def test_arrival_delay_is_the_wait_in_the_kernel_queue() -> None:
     """The kernel's arrival stamp of the datagram read last: a datagram left unread for
     0.25 s waited that long; one read at once did not; an empty queue resets the delay."""
@@ -90,7 +80,10 @@ def test_arrival_delay_is_the_wait_in_the_kernel_queue() -> None:
         assert ep.receive_queue() == (0.0, 0) and ep.delay == 0.0  # nothing waits
 
 
-def test_queue_delay_past_the_mark_starts_overload_and_an_empty_queue_ends_it() -> None:
+@pytest.mark.parametrize("mark", [0.2, None], ids=["delay_mark", "delay_mark_off"])
+def test_queue_delay_past_the_mark_starts_overload_and_an_empty_queue_ends_it(
+    mark: float | None,
+) -> None:
     """Datagrams that waited 0.3 s, far below any fill mark: the check made at the
     WATCH_EVERY-th read measures the wait and turns overload on (cause queue_delay); once
     the queue is read empty it ends. With the delay mark off the same wait does nothing."""
@@ -99,26 +92,25 @@ def test_queue_delay_past_the_mark_starts_overload_and_an_empty_queue_ends_it() 
     from sipguard.ops.overload import OverloadWatcher
     from sipguard.transport.udp import WATCH_EVERY
 
-    for mark in (0.2, None):
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        with sock, sender, capture_logs() as logs:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
-            sock.bind(("127.0.0.1", 0))
-            ep = UdpEndpoint(0, lambda data, addr, local: None, sock)
-            watcher = OverloadWatcher(Counter(), structlog.get_logger())
-            states: list[bool] = []
-            ep.watch = lambda: states.append(watcher.check([ep], 0.5, 0.1, mark))
-            for _ in range(2 * WATCH_EVERY):
-                sender.sendto(b"x" * 500, sock.getsockname())
-            time.sleep(0.3)
-            for _ in range(2 * WATCH_EVERY):  # read as the loop does: each handled at once
-                ep.datagram_received(sock.recv(2048), ("127.0.0.1", 5060))
-            assert states == [mark is not None] * 2, states
-            if mark is not None:
-                assert watcher.queue_delay > 0.25 and watcher.queue_fill < 0.5
-                started = [e for e in logs if e["event"] == "overload_started"]
-                assert len(started) == 1 and started[0]["cause"] == "queue_delay", logs
-            assert watcher.check([ep], 0.5, 0.1, mark) is False  # read empty: over
-            assert watcher.queue_delay == 0.0
-            assert watcher.counters["overload_started"] == (1 if mark is not None else 0)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with sock, sender, capture_logs() as logs:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        sock.bind(("127.0.0.1", 0))
+        ep = UdpEndpoint(0, lambda data, addr, local: None, sock)
+        watcher = OverloadWatcher(Counter(), structlog.get_logger())
+        states: list[bool] = []
+        ep.watch = lambda: states.append(watcher.check([ep], 0.5, 0.1, mark))
+        for _ in range(2 * WATCH_EVERY):
+            sender.sendto(b"x" * 500, sock.getsockname())
+        time.sleep(0.3)
+        for _ in range(2 * WATCH_EVERY):  # read as the loop does: each handled at once
+            ep.datagram_received(sock.recv(2048), ("127.0.0.1", 5060))
+        assert states == [mark is not None] * 2, states
+        if mark is not None:
+            assert watcher.queue_delay > 0.25 and watcher.queue_fill < 0.5
+            started = [e for e in logs if e["event"] == "overload_started"]
+            assert len(started) == 1 and started[0]["cause"] == "queue_delay", logs
+        assert watcher.check([ep], 0.5, 0.1, mark) is False  # read empty: over
+        assert watcher.queue_delay == 0.0
+        assert watcher.counters["overload_started"] == (1 if mark is not None else 0)
