@@ -208,7 +208,7 @@ class SipSettings(BaseModel):
         "`overload_shed_above`.",
     )
     overload_delay_ms: int | None = Field(
-        default=200,
+        default=300,
         ge=10,
         le=10000,
         description="A datagram that waited longer than this in a UDP receive queue (from its "
