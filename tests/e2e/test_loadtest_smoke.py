@@ -105,3 +105,21 @@ def test_overload_run_tells_accepted_shed_and_lost_calls_apart(tmp_path: Path) -
     assert checks["calls shed with 503 + Retry-After in the overload"]
     # the rate limit shed them, not overload protection: never on, so the run does not pass
     assert result["overload_spans"] == [] and done.returncode == 1, done.stdout
+
+
+def test_core_benchmark_runs_calls_one_after_another_and_overlapping() -> None:
+    """bench_core.py drives whole calls through the edge core with every rule on, in turn and
+    with 100 calls up at once (--interleave): each call is seven messages in, and every call
+    ends (the overlapping run asserts no dialog is left)."""
+    bench = RUNNER.parent / "bench_core.py"
+    config = RUNNER.parent / "all_rules.yaml"
+    for extra in ([], ["--interleave", "100"]):
+        done = subprocess.run(
+            [sys.executable, str(bench), "--calls", "300", "--repeat", "1", "--config",
+             str(config), *extra],
+            capture_output=True, text=True, timeout=120, check=False,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        per_call = [ln for ln in done.stdout.splitlines() if ln.startswith("core µs per call")]
+        assert len(per_call) == 1 and "(7 messages in)" in per_call[0], done.stdout
+        assert float(per_call[0].split()[4]) > 0, per_call
