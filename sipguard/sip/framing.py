@@ -6,8 +6,11 @@ CRLF keep-alives between messages (RFC 5626 §3.5.1: a client sends CRLFCRLF "pi
 answers CRLF "pong") are reported so the shell can answer them.
 
 A stream that cannot be framed — a header block larger than the maximum message size, a
-missing or malformed Content-Length, a body above the limit — raises :class:`SipParseError`;
-the connection must then be closed, since there is no way to find where the next message starts.
+missing or malformed Content-Length, a body above the limit — sets :attr:`StreamFramer.error`
+(a :class:`SipParseError` with the status to report); the connection must then be closed, since
+there is no way to find where the next message starts. The messages cut before that point in the
+same read are still returned: whether a whole message and the garbage behind it arrive in one
+read or two is up to TCP segmenting, and it must not decide whether the message is delivered.
 
 Work per :meth:`~StreamFramer.feed` is proportional to the bytes fed, not to the bytes buffered:
 the search for the end of the header block resumes where it stopped, and the Content-Length of a
@@ -64,19 +67,35 @@ def _content_length(head: bytes) -> int:
 class StreamFramer:
     """Cuts a byte stream into SIP messages; one instance per connection."""
 
-    __slots__ = ("_buf", "_scanned", "_total", "max_size")
+    __slots__ = ("_buf", "_scanned", "_total", "error", "max_size")
 
     def __init__(self, max_size: int = 65535) -> None:
         self._buf = bytearray()
         self._scanned = 0  # bytes of _buf already searched for CRLFCRLF without success
         self._total = 0  # size of the message at the head of _buf once its headers are in
         self.max_size = max_size
+        # Set once the stream cannot be framed; from then on nothing is buffered or returned.
+        self.error: SipParseError | None = None
 
     def feed(self, data: bytes) -> list[bytes | object]:
-        """Add received bytes; return complete messages (bytes) and PING markers, in order."""
+        """Add received bytes; return complete messages (bytes) and PING markers, in order.
+
+        When the rest of the stream cannot be framed, what was cut before it is returned and
+        :attr:`error` is set (check it after handling the items, then close the connection)."""
+        out: list[bytes | object] = []
+        if self.error is not None:
+            return out
+        try:
+            self._frame(data, out)
+        except SipParseError as err:
+            self.error = err
+            self._buf.clear()
+            self._total = self._scanned = 0
+        return out
+
+    def _frame(self, data: bytes, out: list[bytes | object]) -> None:
         buf = self._buf
         buf += data
-        out: list[bytes | object] = []
         while buf:
             total = self._total
             if not total:
@@ -107,7 +126,6 @@ class StreamFramer:
             out.append(bytes(buf[:total]))
             del buf[:total]
             self._total = 0
-        return out
 
     @property
     def buffered(self) -> int:

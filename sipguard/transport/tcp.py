@@ -150,12 +150,8 @@ class TcpConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         pool = self.pool
-        try:
-            items = self.framer.feed(data)
-        except SipParseError as err:
-            pool.on_error(err, self.addr, self.local)
-            self.close()
-            return
+        framer = self.framer
+        items = framer.feed(data)
         now = -1.0
         for item in items:
             if item is PING:
@@ -165,7 +161,11 @@ class TcpConnection(asyncio.Protocol):
                 if now < 0:
                     now = self.last_message = pool.loop.time()
                 pool.on_message(item, self.addr, self.local, self.id)
-        if self.framer.buffered <= PARTIAL_MIN:
+        if framer.error is not None:  # what came before it is delivered; the rest is lost
+            pool.on_error(framer.error, self.addr, self.local)
+            self.close()
+            return
+        if framer.buffered <= PARTIAL_MIN:
             self.partial_since = None
         elif items or self.partial_since is None:
             self.partial_since = now if now >= 0 else pool.loop.time()

@@ -198,11 +198,6 @@ async def test_garbage_without_content_length_closes_the_connection_with_400(
     assert [e.status for e, _, _ in listening.rec.errors] == [400]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="StreamFramer.feed raises on the unframeable part and loses the messages it had "
-    "already cut from the same read, so whether msg(1) is delivered depends on TCP segmenting",
-)
 async def test_a_message_read_together_with_garbage_after_it_is_still_delivered(
     listening: Listening,
 ) -> None:
