@@ -22,6 +22,7 @@ FLOWS = {
     "uas_bye": ("uas_sends_bye.xml", "uac_wait_bye.xml"),
     "cancel": ("uas_ring_no_answer.xml", "uac_cancel.xml"),
     "busy": ("uas_busy.xml", "uac_expect_486.xml"),
+    "prack": ("uas_prack.xml", "uac_prack.xml"),
 }
 
 
@@ -116,6 +117,14 @@ def test_cancel_before_answer_yields_487(stack: E2EStack, transport: str) -> Non
 def test_busy_486_passes_back(stack: E2EStack, transport: str) -> None:
     """A 486 Busy Here from the core reaches the caller as 486 for every call."""
     run_flow(stack, "busy", transport=transport, via_sipguard=True)
+
+
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+def test_reliable_provisional_prack_in_the_early_dialog(stack: E2EStack, transport: str) -> None:
+    """RFC 3262 (100rel): the core's reliable 183 reaches the caller with the Record-Route set,
+    the caller's PRACK is routed through sipguard in the early dialog, and the call completes
+    (PRACK's 200 and the INVITE's 200 apart) — carriers' SBCs dial this way."""
+    run_flow(stack, "prack", transport=transport, via_sipguard=True)
 
 
 def test_slow_uas_sipp_client_one_invite_per_call(stack: E2EStack) -> None:
