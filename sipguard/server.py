@@ -263,6 +263,7 @@ class Server:
         self.udp: dict[int, UdpEndpoint] = {}
         self.tcp = TcpPool(self.loop, self._on_stream_message, self._on_stream_error,
                            cfg.sip.max_message_size, tcp_limits(cfg), self._on_tcp_event)
+        self.tcp.watch = self._check_load
         self.state.tls_names = self._tls_names  # peers matched by their TLS certificate
         self.metrics.config_loaded = time.time()
         sample = cfg.log.parse_error_sample_s
@@ -419,6 +420,7 @@ class Server:
             "tcp_connections": len(self.tcp.by_id),
             "udp_receive_queue_ratio": self.overload.queue_fill,
             "udp_receive_queue_delay_seconds": self.overload.queue_delay,
+            "tcp_reader_behind_seconds": self.overload.stream_behind,
             "overloaded": float(self.core.overloaded),
             **(self.shared_store.stats() if self.shared_store is not None else {}),
         }
@@ -428,13 +430,14 @@ class Server:
         return self.core.overloaded
 
     def _check_load(self) -> None:
-        """Overload protection (see :mod:`sipguard.ops.overload`): every 50 ms, and after
-        every ``WATCH_EVERY`` datagrams read (:class:`sipguard.transport.udp.UdpEndpoint`)."""
+        """Overload protection (see :mod:`sipguard.ops.overload`): every 50 ms, after every
+        ``WATCH_EVERY`` datagrams read (:class:`sipguard.transport.udp.UdpEndpoint`) and,
+        while a TCP/TLS reader is behind, every ``BEHIND_WATCH_S`` (``TcpPool.watch``)."""
         sip = self.cfg.sip
         delay_ms = sip.overload_delay_ms
         self.core.overloaded = self.overload.check(
             self.udp.values(), sip.overload_shed_above, sip.overload_resume_below,
-            None if delay_ms is None else delay_ms / 1000,
+            None if delay_ms is None else delay_ms / 1000, self.tcp.behind_for(),
         )
 
     def _watch_load(self) -> None:

@@ -212,10 +212,12 @@ class SipSettings(BaseModel):
         ge=10,
         le=10000,
         description="A datagram that waited longer than this in a UDP receive queue (from its "
-        "arrival in the kernel to its reading, measured every 32 datagrams): new calls get "
-        "503 at once, as for `overload_shed_above` (null: off). Keep it below SIP's T1 "
-        "(500 ms): a queue that far behind makes callers retransmit, which adds load. Linux "
-        "only (kernel receive timestamps); elsewhere only the share counts.",
+        "arrival in the kernel to its reading, measured every 32 datagrams), or a TCP/TLS "
+        "connection that has had bytes left waiting after every read for longer than this: "
+        "new calls get 503 at once, as for `overload_shed_above` (null: off; then calls "
+        "over TCP/TLS are never shed). Keep it below SIP's T1 (500 ms): a queue that far "
+        "behind makes callers retransmit, which adds load. Linux only (kernel receive "
+        "timestamps, FIONREAD); elsewhere only the UDP share counts.",
     )
     overload_retry_after_s: int = Field(
         default=5, ge=0,
@@ -616,8 +618,13 @@ class Config(BaseModel):
     def _core_is_elsewhere(cls, value: Endpoint, info: ValidationInfo) -> Endpoint:
         if value.host in ("0.0.0.0", "::"):
             raise ValueError(f"core must be a concrete address, not {format_host(value.host)}")
-        if value in info.data.get("listen", ()):
+        listen = info.data.get("listen", ())
+        if value in listen:
             raise ValueError(f"core {value} is also a listen address: calls would loop")
+        if value.transport == "udp" and listen and all(ep.transport != "udp" for ep in listen):
+            raise ValueError(f"core {value} is UDP but no listen address is: sipguard sends "
+                             "UDP from a udp:// listener's socket (add one, or reach the core "
+                             "over tcp://)")
         return value
 
     @field_validator("workers")

@@ -37,6 +37,16 @@ Limits (:class:`TcpLimits`, the ``sip.tcp_*`` settings), each reported through
   refused, is given up (``tcp_connect_failed``), and the messages that were waiting for it are
   dropped (``tcp_queued_dropped``, counted per message); the next send tries again.
 
+- **reader behind** (overload): after every read the connection asks the kernel how many
+  bytes are still waiting on its socket (``FIONREAD``, one ioctl). More waiting after every
+  read means sipguard reads that stream slower than it comes; the pool keeps since when each
+  such connection has been behind (:meth:`TcpPool.behind_for`), and the overload watcher
+  (:mod:`sipguard.ops.overload`) sheds new calls once one has been behind for longer than
+  ``sip.overload_delay_ms`` — the stream's counterpart of a UDP queue's delay. TCP flow
+  control keeps the backlog in the sender's buffers, where no fill share can be read, so
+  time behind is what is measured. A connection paused for its own write back-pressure is not
+  behind: a peer that does not read its answers cannot set off overload for everyone.
+
 The time-based limits are checked by :meth:`TcpPool.sweep`, which the pool runs every
 :data:`SWEEP_S` seconds on its own.
 
@@ -56,6 +66,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import ssl
+import struct
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -67,7 +79,16 @@ MessageHandler = Callable[[bytes, tuple[str, int], int, int], None]  # data, add
 ErrorHandler = Callable[[SipParseError, tuple[str, int], int], None]
 EventHandler = Callable[[str, tuple[str, int], int], None]  # kind, remote address, count
 
+if sys.platform == "linux":
+    from fcntl import ioctl
+    from termios import FIONREAD
+
 SWEEP_S = 1.0  # how often the time-based limits are checked
+# A reader behind calls the overload check at most this often (besides its 50 ms timer), so
+# overload starts within a long pass of reads rather than after it.
+BEHIND_WATCH_S = 0.01
+_INT = struct.Struct("i")
+_NO_INT = bytes(_INT.size)
 PARTIAL_MIN = 3  # buffered bytes that may be a ping's first half, not a partial message
 HARD_CAP_FACTOR = 4  # abort a paused connection whose buffer passes this × write_buffer_max
 
@@ -108,6 +129,8 @@ class TcpConnection(asyncio.Protocol):
         self.last_message = 0.0  # loop time of the last complete message either way, or connect
         self.partial_since: float | None = None  # a partial message is buffered since then
         self.paused_since: float | None = None  # reading paused for a full write buffer since
+        self.fd = -1  # the socket's descriptor, for FIONREAD (-1: not asked)
+        self.behind_since: float | None = None  # bytes were left waiting after every read since
         self.closed_at = 0.0
         self.closed = False
 
@@ -137,6 +160,9 @@ class TcpConnection(asyncio.Protocol):
         """The connection carries SIP from now on (TCP connected, or TLS handshake done)."""
         self.transport = tr = transport  # type: ignore[assignment]  # uvloop's is no subclass
         self.raw = None
+        sock = tr.get_extra_info("socket")
+        if sock is not None and sys.platform == "linux":
+            self.fd = sock.fileno()
         pool = self.pool
         if self.tls:
             self.peer_names = peer_names(transport.get_extra_info("peercert"))
@@ -150,6 +176,8 @@ class TcpConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         pool = self.pool
+        if self.fd >= 0:
+            self._note_backlog()
         framer = self.framer
         items = framer.feed(data)
         now = -1.0
@@ -170,6 +198,23 @@ class TcpConnection(asyncio.Protocol):
         elif items or self.partial_since is None:
             self.partial_since = now if now >= 0 else pool.loop.time()
 
+    def _note_backlog(self) -> None:
+        """After a read: bytes still waiting on the socket mean the reader is behind (see
+        "reader behind" above); none, that it has caught up."""
+        try:
+            waiting = _INT.unpack(ioctl(self.fd, FIONREAD, _NO_INT))[0]
+        except OSError:  # closed meanwhile
+            waiting = 0
+        pool = self.pool
+        if waiting > 0 and self.paused_since is None:
+            if self.behind_since is None:
+                self.behind_since = pool.loop.time()
+                pool.behind[self.id] = self.behind_since
+            pool.watch_behind()
+        elif self.behind_since is not None:
+            self.behind_since = None
+            pool.behind.pop(self.id, None)
+
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.pool.unregister(self)
@@ -177,6 +222,9 @@ class TcpConnection(asyncio.Protocol):
     def pause_writing(self) -> None:
         pool = self.pool
         self.paused_since = pool.loop.time()
+        if self.behind_since is not None:  # not read on purpose: no sign of overload
+            self.behind_since = None
+            pool.behind.pop(self.id, None)
         tr = self.transport
         if tr is not None and not tr.is_closing():
             tr.pause_reading()
@@ -257,6 +305,10 @@ class TcpPool:
         self.per_ip: dict[str, int] = {}
         self._connecting: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.TimerHandle | None = loop.call_later(SWEEP_S, self._tick)
+        # Connections whose reader is behind, by id: since when (see "reader behind").
+        self.behind: dict[int, float] = {}
+        self.watch: Callable[[], None] | None = None  # the overload check (set by the shell)
+        self._watched = 0.0  # loop time of the last check a reader behind asked for
 
     def event(self, kind: str, addr: tuple[str, int], n: int = 1) -> None:
         if self.on_event is not None:
@@ -284,8 +336,22 @@ class TcpPool:
         self.by_id[conn.id] = conn
         (self.tls_by_addr if conn.tls else self.by_addr)[conn.addr] = conn
 
+    def behind_for(self) -> float:
+        """Seconds the reader longest behind has been so (0.0: none is)."""
+        behind = self.behind
+        return self.loop.time() - min(behind.values()) if behind else 0.0
+
+    def watch_behind(self) -> None:
+        """A reader is behind: run the overload check, at most every BEHIND_WATCH_S."""
+        if self.watch is not None:
+            now = self.loop.time()
+            if now - self._watched >= BEHIND_WATCH_S:
+                self._watched = now
+                self.watch()
+
     def unregister(self, conn: TcpConnection) -> None:
         self.by_id.pop(conn.id, None)
+        self.behind.pop(conn.id, None)
         table = self.tls_by_addr if conn.tls else self.by_addr
         if table.get(conn.addr) is conn:
             del table[conn.addr]

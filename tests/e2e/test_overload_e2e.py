@@ -1,4 +1,5 @@
-"""Overload protection end to end: a full UDP receive queue turns new calls into 503s.
+"""Overload protection end to end: a full UDP receive queue, a long queue delay, or a TCP
+reader that stays behind turns new calls into 503s.
 
 sipguard is frozen (SIGSTOP) while a burst of new INVITEs fills its receive queue past the
 kernel's limit, then thawed: the queue is over ``sip.overload_shed_above``, so the INVITEs
@@ -13,6 +14,7 @@ import os
 import re
 import signal
 import socket
+import threading
 import time
 
 import pytest
@@ -154,4 +156,102 @@ def test_queue_delay_sheds_new_calls_long_before_the_queue_fills(
         caller.sendto(call.invite_bytes(), target)
         assert any(call.call_id.encode() in d and d.startswith(b"INVITE ")
                    for d in _drain(core, 2.0)), detail
+        assert guard.stop() == 0
+
+
+STREAM_BURST = 10000  # ~6 MB over one connection: a second or two of work for sipguard
+
+
+def _tcp_invites(local_port: int, target: tuple[str, int], n: int) -> tuple[bytes, list[str]]:
+    calls = [RawUdpCaller(local_port, target) for _ in range(n)]
+    data = b"".join(c.invite_bytes().replace(b"SIP/2.0/UDP", b"SIP/2.0/TCP", 1)
+                    .replace(b"transport=UDP", b"transport=TCP", 1) for c in calls)
+    return data, [c.call_id for c in calls]
+
+
+def _read_stream(sock: socket.socket, out: bytearray, idle: float, limit: float) -> None:
+    """Collect what sipguard answers on ``sock`` until it has been quiet for ``idle`` s."""
+    deadline = time.monotonic() + limit
+    sock.settimeout(idle)
+    while time.monotonic() < deadline:
+        try:
+            chunk = sock.recv(1 << 20)
+        except TimeoutError:
+            return
+        if not chunk:
+            return
+        out += chunk
+
+
+@pytest.mark.parametrize("delay_ms", [200, None], ids=["delay_mark", "delay_mark_off"])
+def test_a_tcp_reader_behind_sheds_new_calls(stack: E2EStack, delay_ms: int | None) -> None:
+    """One TCP connection writes INVITEs far faster than sipguard can take them: flow control
+    keeps the backlog in the sender's buffers, but the reader finds bytes waiting after every
+    read, and once that has lasted longer than ``sip.overload_delay_ms`` the INVITEs still
+    coming hear 503 + Retry-After instead of reaching the core seconds late; overload ends when
+    the reader has caught up, and a new call is proxied. With the mark off every INVITE is
+    forwarded."""
+    core = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    core.bind((HOST, 0))
+    core.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 << 20)
+    mark = "null" if delay_ms is None else str(delay_ms)
+    with core:
+        guard, port = stack.sipguard(
+            core_port=core.getsockname()[1], listen=("udp", "tcp"),  # UDP: to the core
+            config_extra=f"sip: {{overload_delay_ms: {mark}, overload_retry_after_s: 7}}\n",
+        )
+        target = (HOST, port)
+        forwarded: set[str] = set()
+        stop = threading.Event()
+
+        def count_core() -> None:  # the core's socket must not overflow while this runs
+            core.settimeout(0.2)
+            while not stop.is_set():
+                try:
+                    d = core.recv(65535)
+                except TimeoutError:
+                    continue
+                m = re.search(rb"\r\nCall-ID: *([^\r\n]+)", d, re.I)
+                if d.startswith(b"INVITE ") and m is not None:
+                    forwarded.add(m.group(1).decode())
+
+        counter = threading.Thread(target=count_core)
+        counter.start()
+        answers = bytearray()
+        try:
+            with socket.create_connection(target) as conn:
+                data, call_ids = _tcp_invites(conn.getsockname()[1], target, STREAM_BURST)
+                reader = threading.Thread(target=_read_stream, args=(conn, answers, 3.0, 60.0))
+                reader.start()
+                conn.sendall(data)
+                reader.join(70)
+            # Caught up: a new call on a new connection is proxied.
+            with socket.create_connection(target) as conn:
+                late, (late_id,) = _tcp_invites(conn.getsockname()[1], target, 1)
+                conn.sendall(late)
+                deadline = time.monotonic() + 5
+                while late_id not in forwarded and time.monotonic() < deadline:
+                    time.sleep(0.05)
+        finally:
+            stop.set()
+            counter.join(5)
+        detail = guard.diagnostics()
+        assert late_id in forwarded, detail
+        replies = [r for r in answers.split(b"\r\n\r\n") if r.startswith(b"SIP/2.0 ")]
+        shed = {m.group(1).decode() for r in replies if r.startswith(b"SIP/2.0 503")
+                and (m := re.search(rb"\r\nCall-ID: *([^\r\n]+)", r, re.I)) is not None}
+        burst = forwarded - {late_id}
+        assert not shed & burst and (shed | burst) <= set(call_ids), detail
+        if delay_ms is None:
+            assert len(burst) == STREAM_BURST and not shed, (len(burst), len(shed))
+            assert not [e for e in guard.events if e.get("event") == "overload_started"]
+        else:
+            assert len(burst) + len(shed) == STREAM_BURST, (len(burst), len(shed))
+            assert shed and len(burst) < STREAM_BURST, (len(burst), len(shed))
+            assert all(b"\r\nRetry-After: 7\r\n" in r for r in replies
+                       if r.startswith(b"SIP/2.0 503")), detail
+            started = [e for e in guard.events if e.get("event") == "overload_started"]
+            assert started and started[0]["cause"] == "stream_behind", started
+            assert started[0]["stream_behind_ms"] > delay_ms, started
+            guard.wait_event("overload_ended", 1, timeout=10)
         assert guard.stop() == 0

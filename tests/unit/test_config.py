@@ -154,7 +154,7 @@ def test_unreadable_file_is_a_config_error(tmp_path: Path) -> None:
 
 def test_tls_listener_needs_certificate_and_key() -> None:
     """A tls:// listener without tls.cert_file / tls.key_file is an error naming the fields."""
-    (issue,) = issues_of("listen: [tls://127.0.0.1:5061]\ncore: udp://127.0.0.1:5080\n")
+    (issue,) = issues_of("listen: [tls://127.0.0.1:5061]\ncore: tcp://127.0.0.1:5080\n")
     assert "tls.cert_file and tls.key_file are required" in issue.message
     assert "tls://127.0.0.1:5061" in issue.message
     assert Endpoint.parse("tls://127.0.0.1:5061") == Endpoint("tls", "127.0.0.1", 5061)
@@ -213,6 +213,15 @@ def test_core_must_not_be_a_listen_address() -> None:
     assert "loop" in issue.message
 
 
+def test_a_udp_core_needs_a_udp_listener() -> None:
+    """UDP to the core leaves from a udp:// listener's socket: without one every forward
+    would fail, so the config is refused, naming the core and its line."""
+    (issue,) = issues_of("listen: [tcp://127.0.0.1:5060]\ncore: udp://127.0.0.1:5080\n")
+    assert (issue.path, issue.line) == ("core", 2)
+    assert "no listen address is" in issue.message
+    parse_config("listen: [tcp://127.0.0.1:5060]\ncore: tcp://127.0.0.1:5080\n")
+
+
 def test_timer_order_checked() -> None:
     """t2_ms below t1_ms is rejected against the sip section."""
     (issue,) = issues_of(MINIMAL + "sip: {t1_ms: 5000, t2_ms: 4000}\n")
@@ -231,10 +240,10 @@ def test_overrides_replace_listen_and_core() -> None:
     """CLI overrides replace listen and core and keep everything else."""
     cfg = parse_config(MINIMAL + "mode: monitor\n")
     new = config_with_overrides(
-        cfg, [Endpoint.parse("tcp://[::1]:5062")], Endpoint.parse("udp://10.0.0.9:5060")
+        cfg, [Endpoint.parse("tcp://[::1]:5062")], Endpoint.parse("tcp://10.0.0.9:5060")
     )
     assert new.listen == (Endpoint("tcp", "::1", 5062),)
-    assert new.core == Endpoint("udp", "10.0.0.9", 5060)
+    assert new.core == Endpoint("tcp", "10.0.0.9", 5060)
     assert new.mode == "monitor"
     assert config_with_overrides(cfg, None, None) == cfg
     assert cfg.core == Endpoint("udp", "127.0.0.1", 5080)  # the original is untouched

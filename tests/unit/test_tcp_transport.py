@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import time
 from collections.abc import AsyncIterator, Callable
 
 import pytest
@@ -234,6 +235,49 @@ async def test_a_response_goes_back_on_the_connection_the_request_came_on(
         got = await reader.readexactly(len(b"SIP/2.0 200 OK\r\nby address\r\n"))
     assert got == b"SIP/2.0 200 OK\r\nby address\r\n"
     assert list(listening.pool.by_id) == [conn_id]
+
+
+async def test_a_reader_that_falls_behind_is_noted_until_it_catches_up(
+    listening: Listening,
+) -> None:
+    """Messages that take 100 µs each to handle, written as fast as the client can: after
+    every read bytes are still waiting, so the pool notes the connection as behind, for
+    longer and longer, and asks for the overload check at each read (at most every
+    BEHIND_WATCH_S); once everything is read it is behind no more. A client sending at ease
+    never is."""
+    pool = listening.pool
+    loop = asyncio.get_running_loop()
+    watched: list[float] = []
+    longest = 0.0
+
+    def watch() -> None:
+        nonlocal longest
+        watched.append(loop.time())
+        longest = max(longest, pool.behind_for())
+
+    def slow(data: bytes, addr: tuple[str, int], local: int, conn: int) -> None:
+        listening.rec.messages.append((data, addr, local, conn))
+        end = time.perf_counter() + 0.0001
+        while time.perf_counter() < end:  # the work sipguard does per message
+            pass
+
+    pool.watch = watch
+    pool.on_message = slow
+    _, writer = await listening.connect()
+    for n in range(20):  # at ease: one message per read
+        writer.write(msg(n))
+        await writer.drain()
+        await asyncio.sleep(0.002)
+    await until(lambda: len(listening.rec.messages) == 20)
+    assert not watched and pool.behind_for() == 0.0
+    burst = 6000  # ~2.4 MB, 0.6 s of handling
+    writer.write(b"".join(msg(n) for n in range(burst)))
+    await until(lambda: len(listening.rec.messages) == 20 + burst)
+    assert longest > 0.2, longest
+    assert len(watched) >= 3  # a read is up to 256 KiB: ~60 ms of this handling each
+    gaps = [b - a for a, b in zip(watched, watched[1:], strict=False)]
+    assert min(gaps) >= tcp.BEHIND_WATCH_S * 0.99, gaps
+    assert pool.behind_for() == 0.0 and not pool.behind
 
 
 async def test_sends_to_one_address_share_one_outbound_connection(listening: Listening) -> None:
@@ -463,6 +507,7 @@ async def test_a_full_write_buffer_pauses_reading_until_it_drains() -> None:
             await loop.sock_sendall(sock, msg(2))
             await asyncio.sleep(0.2)
             assert len(ends.rec.messages) == 1  # not read while paused
+            assert ends.pool.behind_for() == 0.0  # not read on purpose: no overload sign
             want = sent * 65536
             got = 0
             async with asyncio.timeout(TIMEOUT):
@@ -586,7 +631,7 @@ def test_the_shell_takes_the_limits_from_the_config_and_exempts_the_core() -> No
         connect_timeout_s=2,
         exempt=frozenset({"10.0.0.10"}),
     )
-    named = parse_config("listen: [tcp://127.0.0.1:5060]\ncore: udp://core.example:5060\n")
+    named = parse_config("listen: [tcp://127.0.0.1:5060]\ncore: tcp://core.example:5060\n")
     assert tcp_limits(named).exempt == frozenset()
     defaults = tcp_limits(parse_config("listen: [udp://127.0.0.1:5060]\ncore: udp://[::1]:5080\n"))
     assert defaults == TcpLimits(exempt=frozenset({"::1"}))  # the config's defaults are the pool's

@@ -114,3 +114,27 @@ def test_queue_delay_past_the_mark_starts_overload_and_an_empty_queue_ends_it(
         assert watcher.check([ep], 0.5, 0.1, mark) is False  # read empty: over
         assert watcher.queue_delay == 0.0
         assert watcher.counters["overload_started"] == (1 if mark is not None else 0)
+
+
+def test_a_stream_reader_behind_past_the_mark_starts_overload_until_it_catches_up() -> None:
+    """The watcher's TCP input: a reader behind for longer than the delay mark starts
+    overload (cause stream_behind) with every UDP queue empty; it ends only once that time is
+    under a quarter of the mark; with the mark off it counts for nothing."""
+    from structlog.testing import capture_logs
+
+    from sipguard.ops.overload import OverloadWatcher
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with sock, capture_logs() as logs:
+        sock.bind(("127.0.0.1", 0))
+        ep = UdpEndpoint(0, lambda data, addr, local: None, sock)
+        watcher = OverloadWatcher(Counter(), structlog.get_logger())
+        assert watcher.check([ep], 0.5, 0.1, 0.3, stream_behind=0.29) is False
+        assert watcher.check([ep], 0.5, 0.1, 0.3, stream_behind=0.31) is True
+        assert watcher.stream_behind == 0.31
+        started = [e for e in logs if e["event"] == "overload_started"]
+        assert started[0]["cause"] == "stream_behind" and started[0]["stream_behind_ms"] == 310
+        assert watcher.check([ep], 0.5, 0.1, 0.3, stream_behind=0.1) is True  # not caught up
+        assert watcher.check([ep], 0.5, 0.1, 0.3, stream_behind=0.0) is False
+        assert [e["event"] for e in logs].count("overload_ended") == 1
+        assert watcher.check([ep], 0.5, 0.1, None, stream_behind=5.0) is False
