@@ -23,6 +23,11 @@ phases, within 0.1 %), some calls shed in phase 1, none failed in phase 2, overl
 ``--recover-within`` s (default 5) of the load falling.
 
     .venv/bin/python loadtest/overload.py [--rate 1000] [--factor 2] [--duration 15]
+                                          [--transport tcp]
+
+``--transport tcp``: both legs over TCP (the callers on one SIPp connection, the core on
+another), so no UDP queue can show the overload: shedding starts on a TCP reader staying behind
+(``cause: stream_behind``).
 
 Bounded: each SIPp run by its call count (``-m``) and a hard time limit; every process started
 is stopped by its PID. The proxy is pinned to the last CPU like ``run.py`` does (``--no-pin``).
@@ -153,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--results-dir", type=Path, default=RESULTS)
     ap.add_argument("--proxy-cmd", help="command replacing `python -m sipguard`")
     ap.add_argument("--no-pin", dest="pin", action="store_false")
+    ap.add_argument("--transport", choices=("udp", "tcp"), default="udp",
+                    help="of both legs: callers to sipguard, sipguard to the core")
     args = ap.parse_args(argv)
     if sipp_binary() is None:
         print("sipp not on PATH: install SIPp (Debian package sip-tester, `make sipp`)",
@@ -173,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     limit = args.duration + args.recover_duration + hold_s + 40
     log_cap = ["-max_log_size", "2000000", "-ringbuffer_files", "1"]
     uas = SippProcess("uas", SCENARIOS / "uas_load.xml", workdir, local_port=free_port(),
+                      transport=args.transport,
                       calls=(calls1 + calls2) * 2 + 100, timeout=limit + 40, inf=None,
                       trace_msg=False, extra=log_cap)
     guard: SipguardProcess | None = None
@@ -183,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
         uas.wait_bound()
         port = free_port()
         guard = SipguardProcess(
-            workdir, listen=[f"udp://{HOST}:{port}"], core=f"udp://{HOST}:{uas.local_port}",
+            workdir, listen=[f"{args.transport}://{HOST}:{port}"],
+            core=f"{args.transport}://{HOST}:{uas.local_port}",
             config_path=args.config.resolve(), command=proxy_command(args, pin=True),
             stdout_events=False,
         )
@@ -198,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
             phase_dir = workdir / name  # SIPp names its counts file after the scenario
             phase_dir.mkdir(exist_ok=True)
             uac = SippProcess(name, SCENARIO, phase_dir, local_port=free_port(),
-                              remote=(HOST, port), calls=calls, rate=rate,
+                              remote=(HOST, port), transport=args.transport, calls=calls,
+                              rate=rate,
                               duration_ms=args.hold_ms, timeout=limit, inf=NUMBERS,
                               trace_msg=False, extra=[*log_cap, "-trace_counts"])
             uac.start()
@@ -232,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
         ),
     }
     print(f"sipguard overload run {run_id}: {high} calls/s for {args.duration:g} s, then "
-          f"{low} calls/s for {args.recover_duration:g} s; config {args.config.name}; "
+          f"{low} calls/s for {args.recover_duration:g} s over {args.transport}; config "
+          f"{args.config.name}; "
           f"proxy {'on CPU ' + str(args.proxy_cpu) if args.proxy_cpu is not None else 'unpinned'}")
     print(f"  {'phase':9} {'calls/s':>7} {'attempted':>9} {'accepted':>8} {'completed':>9} "
           f"{'shed 503':>8} {'failed':>6} {'lost':>4} {'retrans':>7}")
