@@ -36,7 +36,6 @@ Limits (:class:`TcpLimits`, the ``sip.tcp_*`` settings), each reported through
 - **outbound connect**: an outbound connection not open within ``connect_timeout_s``, or
   refused, is given up (``tcp_connect_failed``), and the messages that were waiting for it are
   dropped (``tcp_queued_dropped``, counted per message); the next send tries again.
-
 - **reader behind** (overload): after every read the connection asks the kernel how many
   bytes are still waiting on its socket (``FIONREAD``, one ioctl). More waiting after every
   read means sipguard reads that stream slower than it comes; the pool keeps since when each
