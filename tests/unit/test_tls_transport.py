@@ -74,6 +74,7 @@ async def test_tls_listener_delivers_framed_messages_and_answers_on_the_connecti
         assert (m1, m2, local) == (msg(1), msg(2), LOCAL)
         conn = pool.by_id[conn_id]
         assert conn.tls and conn.inbound and conn.peer_names == ()
+        assert conn.fd >= 0  # the raw socket's: a TLS reader behind is noted like a TCP one
         assert pool.tls_by_addr[addr] is conn and addr not in pool.by_addr
         pool.send(b"SIP/2.0 200 OK\r\nContent-Length: 0\r\n\r\n", addr, LOCAL, conn_id, tls=True)
         async with asyncio.timeout(TIMEOUT):
