@@ -129,7 +129,6 @@ class TcpConnection(asyncio.Protocol):
         self.partial_since: float | None = None  # a partial message is buffered since then
         self.paused_since: float | None = None  # reading paused for a full write buffer since
         self.fd = -1  # the socket's descriptor, for FIONREAD (-1: not asked)
-        self.behind_since: float | None = None  # bytes were left waiting after every read since
         self.closed_at = 0.0
         self.closed = False
 
@@ -206,12 +205,10 @@ class TcpConnection(asyncio.Protocol):
             waiting = 0
         pool = self.pool
         if waiting > 0 and self.paused_since is None:
-            if self.behind_since is None:
-                self.behind_since = pool.loop.time()
-                pool.behind[self.id] = self.behind_since
+            if self.id not in pool.behind:
+                pool.behind[self.id] = pool.loop.time()
             pool.watch_behind()
-        elif self.behind_since is not None:
-            self.behind_since = None
+        else:
             pool.behind.pop(self.id, None)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -221,9 +218,7 @@ class TcpConnection(asyncio.Protocol):
     def pause_writing(self) -> None:
         pool = self.pool
         self.paused_since = pool.loop.time()
-        if self.behind_since is not None:  # not read on purpose: no sign of overload
-            self.behind_since = None
-            pool.behind.pop(self.id, None)
+        pool.behind.pop(self.id, None)  # not read on purpose: no sign of overload
         tr = self.transport
         if tr is not None and not tr.is_closing():
             tr.pause_reading()
