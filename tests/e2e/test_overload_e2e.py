@@ -28,6 +28,15 @@ pytestmark = pytest.mark.e2e
 BURST = 3000  # far more than a 256 KiB receive buffer holds: the kernel drops the rest
 
 
+_CALL_ID = re.compile(rb"\r\nCall-ID: *([^\r\n]+)", re.I)
+
+
+def _call_id(message: bytes) -> str | None:
+    """The Call-ID of a raw SIP message, or None."""
+    m = _CALL_ID.search(message)
+    return m.group(1).decode() if m is not None else None
+
+
 def _drain(sock: socket.socket, seconds: float) -> list[bytes]:
     out: list[bytes] = []
     deadline = time.monotonic() + seconds
@@ -67,8 +76,8 @@ def test_full_receive_queue_answers_new_calls_503_then_recovers(stack: E2EStack)
         shed = list({h["call-id"][0]: h for status, h in finals if status == 503}.values())
         # One per call: the core never answers, so Timer A retransmits what was forwarded.
         forwarded = list({
-            m.group(1) for d in _drain(core, 0.5) if d.startswith(b"INVITE ")
-            and (m := re.search(rb"\r\nCall-ID: *([^\r\n]+)", d, re.I)) is not None
+            cid for d in _drain(core, 0.5)
+            if d.startswith(b"INVITE ") and (cid := _call_id(d)) is not None
         })
         detail = guard.diagnostics()
         assert all(h.get("retry-after") == ["7"] for h in shed), shed[:2]
@@ -133,8 +142,8 @@ def test_queue_delay_sheds_new_calls_long_before_the_queue_fills(
             guard.wait_event("overload_started", 1, timeout=10)
             guard.wait_event("overload_ended", 1, timeout=10)
         forwarded = {
-            m.group(1).decode() for d in _drain(core, 1.5) if d.startswith(b"INVITE ")
-            and (m := re.search(rb"\r\nCall-ID: *([^\r\n]+)", d, re.I)) is not None
+            cid for d in _drain(core, 1.5)
+            if d.startswith(b"INVITE ") and (cid := _call_id(d)) is not None
         }
         answers = [_parse_response(d) for d in _drain(caller, 0.5)]
         shed = {h["call-id"][0]: h for status, h in (a for a in answers if a is not None)
@@ -211,9 +220,8 @@ def test_a_tcp_reader_behind_sheds_new_calls(stack: E2EStack, delay_ms: int | No
                     d = core.recv(65535)
                 except TimeoutError:
                     continue
-                m = re.search(rb"\r\nCall-ID: *([^\r\n]+)", d, re.I)
-                if d.startswith(b"INVITE ") and m is not None:
-                    forwarded.add(m.group(1).decode())
+                if d.startswith(b"INVITE ") and (cid := _call_id(d)) is not None:
+                    forwarded.add(cid)
 
         counter = threading.Thread(target=count_core)
         counter.start()
@@ -238,8 +246,8 @@ def test_a_tcp_reader_behind_sheds_new_calls(stack: E2EStack, delay_ms: int | No
         detail = guard.diagnostics()
         assert late_id in forwarded, detail
         replies = [r for r in answers.split(b"\r\n\r\n") if r.startswith(b"SIP/2.0 ")]
-        shed = {m.group(1).decode() for r in replies if r.startswith(b"SIP/2.0 503")
-                and (m := re.search(rb"\r\nCall-ID: *([^\r\n]+)", r, re.I)) is not None}
+        shed = {cid for r in replies
+                if r.startswith(b"SIP/2.0 503") and (cid := _call_id(r)) is not None}
         burst = forwarded - {late_id}
         assert not shed & burst and (shed | burst) <= set(call_ids), detail
         if delay_ms is None:
