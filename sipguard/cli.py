@@ -231,10 +231,9 @@ async def _serve(path: str, args: argparse.Namespace, cfg: Config) -> int:
         print(f"sipguard: {exc}", file=sys.stderr)
         return EXIT_STARTUP
     # The proxy frees transactions and dialogs by reference counting (it breaks its own cycles;
-    # tests/unit/test_no_cycles.py keeps it so). The cyclic collector's automatic runs scanned
-    # every live transaction and were the 20-40 ms pauses behind the p99 latency; it now runs
-    # from the server's housekeeping once a minute instead, young generations only but every
-    # tenth time (Server.collect_garbage).
+    # tests/unit/test_no_cycles.py keeps it so). The cyclic collector's automatic runs are off:
+    # the server runs short young passes and freezes their survivors, and a full pass once an
+    # hour (sipguard/ops/collector.py). What startup made is frozen now.
     gc.collect()
     gc.freeze()
     gc.disable()

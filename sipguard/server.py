@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import gc
 import ipaddress
 import json
 import os
@@ -36,6 +35,7 @@ from sipguard import native
 from sipguard.contract import CallInfo, DecisionPending, Deferred, Flow, Local, Verdict
 from sipguard.edge import DECISION_FAILED, EdgeCore
 from sipguard.ops.admin import AdminEndpoint, read_token
+from sipguard.ops.collector import YOUNG_EVERY_S, Collector
 from sipguard.ops.config import Config, StateSettings
 from sipguard.ops.config_load import ConfigError
 from sipguard.ops.endpoints import split_hostport
@@ -62,8 +62,6 @@ from sipguard.transport.tcp import TcpLimits, TcpPool
 from sipguard.transport.tls import TlsContexts, build_contexts
 from sipguard.transport.udp import UdpEndpoint, open_udp
 
-GC_INTERVAL_S = 60.0  # how often the cyclic garbage collector runs (see cli.py)
-GC_FULL_EVERY = 10  # every 10th run (10 minutes) is a full collection, the others young only
 LOAD_WATCH_S = 0.05  # how often the UDP receive queues are read (overload protection)
 # Sends wait for the end of the event-loop pass, or for this many datagrams read in it, which
 # comes first: see Server._schedule_flush.
@@ -286,7 +284,7 @@ class Server:
         self._unflushed = 0  # datagrams read since the last flush
         self._housekeeping: asyncio.TimerHandle | None = None
         self._trim_peak = 0  # most calls + transactions held since the last malloc_trim
-        self._gc_runs = 0  # garbage collector runs so far (every GC_FULL_EVERY-th is full)
+        self.collector = Collector(self.counters, self.loop.time())  # see ops/collector.py
         self._log_flusher: asyncio.TimerHandle | None = None
         self._gc_timer: asyncio.TimerHandle | None = None
         self._load_watch: asyncio.TimerHandle | None = None
@@ -321,7 +319,7 @@ class Server:
             self.shared_store.start()
         self._housekeeping = self.loop.call_later(10.0, self._housekeep)
         self._log_flusher = self.loop.call_later(0.1, self._flush_logs)
-        self._gc_timer = self.loop.call_later(GC_INTERVAL_S, self.collect_garbage)
+        self._gc_timer = self.loop.call_later(YOUNG_EVERY_S, self.collect_garbage)
         self._load_watch = self.loop.call_later(LOAD_WATCH_S, self._watch_load)
         compiled, stale = native.status()
         self.log.info(
@@ -422,6 +420,8 @@ class Server:
             "udp_receive_queue_delay_seconds": self.overload.queue_delay,
             "tcp_reader_behind_seconds": self.overload.stream_behind,
             "overloaded": float(self.core.overloaded),
+            "gc_young_pause_max_seconds": self.collector.take_young_pause_max(),
+            "gc_full_pause_seconds": self.collector.full_pause,
             **(self.shared_store.stats() if self.shared_store is not None else {}),
         }
 
@@ -445,21 +445,22 @@ class Server:
         self._load_watch = self.loop.call_later(LOAD_WATCH_S, self._watch_load)
 
     def collect_garbage(self) -> None:
-        """Run the cyclic garbage collector (disabled for automatic runs by the CLI): only
-        leftovers of rare cycles (exceptions, tasks) are found; counted as ``gc_collected``.
-
-        Every minute only the young generations: the objects made since the last run, of
-        which the survivors (live calls, caches) then move to the old generation. Every
-        ``GC_FULL_EVERY``-th run a full collection, for cycles that became garbage after
-        they had moved. A full run scans every live object — ~100 ms with a few hundred
-        thousand, a stall that shows in the p99 — while a young one takes a millisecond or
-        two (measured: 107 ms against 1.3 ms with 300,000 old and 20,000 new containers)."""
-        self._gc_runs += 1
-        full = self._gc_runs % GC_FULL_EVERY == 0
-        found = gc.collect() if full else gc.collect(1)
-        if found:
-            self.counters["gc_collected"] += found
-        self._gc_timer = self.loop.call_later(GC_INTERVAL_S, self.collect_garbage)
+        """The cyclic garbage collector's pass (its automatic runs are off, see
+        :mod:`sipguard.ops.collector`): young every ``YOUNG_EVERY_S``, full once an hour
+        unless overloaded. Found objects are counted as ``gc_collected``."""
+        now = self.loop.time()
+        collector = self.collector
+        if not collector.full_due(now):
+            collector.young()
+        elif self.core.overloaded:
+            collector.put_off(now)
+        else:
+            ran = collector.full(now)
+            if ran is not None:
+                self.log.info("gc_full", found=ran[0], pause_ms=round(ran[1] * 1000, 1),
+                              live_dialogs=self.proxy.live_dialogs(),
+                              server_transactions=len(self.proxy.servers))
+        self._gc_timer = self.loop.call_later(YOUNG_EVERY_S, self.collect_garbage)
 
     def _flush_logs(self) -> None:
         try:

@@ -11,7 +11,8 @@ Exported (all prefixed ``sipguard_``):
 - ``decision_seconds`` — histogram of the time an INVITE spent in the rule pipeline.
 - ``dialogs_ended_total{reason,peer}`` — why calls ended (bye_caller, bye_callee, cancelled,
   failed, timeout, lifetime, session_expired).
-- ``live_dialogs``, ``server_transactions``, ``client_transactions`` — gauges.
+- ``live_dialogs``, ``server_transactions``, ``client_transactions`` — gauges; with the
+  other live gauges of ``Server._gauges`` (queues, overload, garbage-collector pauses).
 - ``events_total{event}`` — every other counter the shell keeps (parse errors by status,
   drops by kind, flood bans, rule findings, internal errors, reloads, ...).
 - ``config_loaded_timestamp_seconds`` — when the running config was loaded.

@@ -45,7 +45,9 @@ class ServerTxn:
     def __init__(self, key: str, method: str, msg: Message, flow: Flow, reply_to: Flow) -> None:
         self.key = key
         self.method = method
-        self.msg = msg
+        # The request; None once the transaction has its final answer (see Proxy._settle):
+        # from then on it only absorbs retransmissions, which takes key, flows and ``last``.
+        self.msg: Message | None = msg
         self.flow = flow  # where the request came from (TCP: the connection)
         self.reply_to = reply_to  # where responses go (RFC 3261 §18.2.2 / RFC 3581)
         self.state = PROCEEDING

@@ -1,8 +1,9 @@
 """The proxy frees every call by reference counting: no reference cycles are left behind.
 
 sipguard disables the cyclic garbage collector's automatic runs (their pauses were the tail
-latency) and collects once a minute; that is only safe while a whole call lifecycle creates no
-garbage cycles. This test keeps it that way.
+latency); its own young passes freeze what survives them and only an hourly full pass looks at
+frozen objects again (sipguard/ops/collector.py). That is only safe while a whole call
+lifecycle creates no garbage cycles. This test keeps it that way.
 """
 
 from __future__ import annotations

@@ -504,7 +504,7 @@ REJECTED = [
 
 def test_parse_errors_leave_no_reference_cycle() -> None:
     """A rejected message is freed at once: no exception is held by a frame of its own
-    traceback (sipguard runs the cyclic collector only once a minute)."""
+    traceback (a cycle that outlives a young pass waits for the hourly full one)."""
     gc.collect()
     gc.disable()
     try:

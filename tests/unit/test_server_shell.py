@@ -209,19 +209,20 @@ def test_observer_counts_and_logs_a_failure() -> None:
     assert lines and lines[0]["where"] == "decide" and lines[0]["source"] == "198.51.100.7"
 
 
-async def test_garbage_collection_is_young_every_minute_and_full_every_tenth(
+async def test_garbage_collection_young_passes_freeze_survivors_full_pass_reaches_them(
     peers: tuple[Peer, Peer],
 ) -> None:
-    """A cycle made since the last run goes at the next (young) run; a cycle that had already
-    moved to the old generation waits for the full run, every GC_FULL_EVERY-th."""
+    """A cycle made since the last pass goes at the next (young) pass; what survives a pass is
+    frozen, so a cycle that becomes garbage later waits for the full pass — which a due time
+    while overloaded puts off, and which then finds it and is counted."""
     import gc
 
-    from sipguard.server import GC_FULL_EVERY
+    from sipguard.ops.collector import FULL_PUT_OFF_S
 
     _, core = peers
     server, _ = await start(core)
     enabled = gc.isenabled()
-    gc.disable()
+    gc.disable()  # as the CLI leaves it: the passes are sipguard's own
     try:
         class Node:
             def __init__(self) -> None:
@@ -229,22 +230,60 @@ async def test_garbage_collection_is_young_every_minute_and_full_every_tenth(
 
         young = Node()
         del young
-        server.collect_garbage()  # run 1: young
+        server.collect_garbage()  # a young pass
         assert server.counters["gc_collected"] >= 1
         old = Node()
-        gc.collect()  # it survives a full collection: now in the oldest generation
+        server.collect_garbage()  # it survives a young pass: frozen now
+        assert gc.get_freeze_count() > 0 and gc.get_count()[0] < 10
         ref = [old]
         del old
-        ref.clear()  # garbage now, but old
+        ref.clear()  # garbage now, but frozen
         before = server.counters["gc_collected"]
-        for _ in range(GC_FULL_EVERY - 2):  # runs 2..9: young only
+        for _ in range(3):
             server.collect_garbage()
         assert server.counters["gc_collected"] == before
-        server.collect_garbage()  # run 10: full
+        now = server.loop.time()
+        server.collector.full_at = now  # due
+        server.core.overloaded = True
+        server.collect_garbage()  # put off: a pause now would only deepen the queue
+        assert server.counters["gc_full_runs"] == 0
+        assert server.collector.full_at >= now + FULL_PUT_OFF_S - 1
+        assert server.counters["gc_collected"] == before
+        server.core.overloaded = False
+        server.collector.full_at = now
+        server.collect_garbage()  # the full pass
+        assert server.counters["gc_full_runs"] == 1
         assert server.counters["gc_collected"] > before
+        assert gc.get_freeze_count() > 0  # what survived it is frozen again
+        gauges = server._gauges()
+        assert gauges["gc_full_pause_seconds"] > 0
+        assert gauges["gc_young_pause_max_seconds"] > 0
+        assert server._gauges()["gc_young_pause_max_seconds"] == 0  # taken by the scrape
     finally:
+        gc.unfreeze()  # give the test process its collector back
         if enabled:
             gc.enable()
+        await server.stop()
+
+
+async def test_garbage_collection_passes_leave_automatic_collection_alone(
+    peers: tuple[Peer, Peer],
+) -> None:
+    """With the collector's automatic runs on (sipguard embedded, the test process) the
+    passes do nothing: nothing of the host process is frozen."""
+    import gc
+
+    _, core = peers
+    server, _ = await start(core)
+    assert gc.isenabled()
+    frozen = gc.get_freeze_count()
+    try:
+        server.collect_garbage()
+        server.collector.full_at = 0.0
+        server.collect_garbage()
+        assert gc.get_freeze_count() == frozen
+        assert server.counters["gc_full_runs"] == 0
+    finally:
         await server.stop()
 
 
