@@ -446,11 +446,13 @@ class Server:
 
     def collect_garbage(self) -> None:
         """The cyclic garbage collector's pass (its automatic runs are off, see
-        :mod:`sipguard.ops.collector`): young every ``YOUNG_EVERY_S``, full once an hour
-        unless overloaded. Found objects are counted as ``gc_collected``."""
+        :mod:`sipguard.ops.collector`): young every ``YOUNG_EVERY_S``; full an hour after the
+        last one at the next lull, never while overloaded. Found objects: ``gc_collected``."""
         now = self.loop.time()
         collector = self.collector
-        if not collector.full_due(now):
+        proxy = self.proxy
+        held = len(proxy.servers) + len(proxy.clients) + len(proxy.dialogs)
+        if not collector.full_due(now, held):
             collector.young()
         elif self.core.overloaded:
             collector.put_off(now)
@@ -458,8 +460,7 @@ class Server:
             ran = collector.full(now)
             if ran is not None:
                 self.log.info("gc_full", found=ran[0], pause_ms=round(ran[1] * 1000, 1),
-                              live_dialogs=self.proxy.live_dialogs(),
-                              server_transactions=len(self.proxy.servers))
+                              live_dialogs=proxy.live_dialogs(), held=held)
         self._gc_timer = self.loop.call_later(YOUNG_EVERY_S, self.collect_garbage)
 
     def _flush_logs(self) -> None:
