@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -110,6 +111,11 @@ def test_metrics_endpoint_counts_decisions_and_dialogs(stack: E2EStack) -> None:
     assert 'sipguard_dialogs_ended_total{peer="",reason="bye_caller"} 10.0' in text
     assert "sipguard_decision_seconds_count 10.0" in text
     assert "sipguard_live_dialogs 0.0" in text
+    # The CLI turned the collector's automatic runs off and runs its own young passes (every
+    # 50 ms, sipguard/ops/collector.py): the longest since start is > 0, and the scrape took it.
+    young = re.search(r"^sipguard_gc_young_pause_max_seconds (\S+)$", text, re.M)
+    assert young is not None and 0 < float(young[1]) < 0.5, text
+    assert "sipguard_gc_full_pause_seconds 0.0" in text  # not due within the hour
 
 
 def _wait_ready(url: str, proc: subprocess.Popen[str], timeout: float = 15) -> None:
