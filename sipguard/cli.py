@@ -232,8 +232,8 @@ async def _serve(path: str, args: argparse.Namespace, cfg: Config) -> int:
         return EXIT_STARTUP
     # The proxy frees transactions and dialogs by reference counting (it breaks its own cycles;
     # tests/unit/test_no_cycles.py keeps it so). The cyclic collector's automatic runs are off:
-    # the server runs short young passes and freezes their survivors, and a full pass once an
-    # hour (sipguard/ops/collector.py). What startup made is frozen now.
+    # the server runs short young passes and freezes their survivors, and a full pass an hour
+    # after the last at a lull (sipguard/ops/collector.py). What startup made is frozen now.
     gc.collect()
     gc.freeze()
     gc.disable()

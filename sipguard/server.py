@@ -444,14 +444,18 @@ class Server:
         self._check_load()
         self._load_watch = self.loop.call_later(LOAD_WATCH_S, self._watch_load)
 
+    def _held(self) -> int:
+        """Transactions and dialogs the proxy holds: what the heap grows and shrinks with."""
+        proxy = self.proxy
+        return len(proxy.servers) + len(proxy.clients) + len(proxy.dialogs)
+
     def collect_garbage(self) -> None:
         """The cyclic garbage collector's pass (its automatic runs are off, see
         :mod:`sipguard.ops.collector`): young every ``YOUNG_EVERY_S``; full an hour after the
         last one at the next lull, never while overloaded. Found objects: ``gc_collected``."""
         now = self.loop.time()
         collector = self.collector
-        proxy = self.proxy
-        held = len(proxy.servers) + len(proxy.clients) + len(proxy.dialogs)
+        held = self._held()
         if not collector.full_due(now, held):
             collector.young()
         elif self.core.overloaded:
@@ -460,7 +464,7 @@ class Server:
             ran = collector.full(now)
             if ran is not None:
                 self.log.info("gc_full", found=ran[0], pause_ms=round(ran[1] * 1000, 1),
-                              live_dialogs=proxy.live_dialogs(), held=held)
+                              live_dialogs=self.proxy.live_dialogs(), held=held)
         self._gc_timer = self.loop.call_later(YOUNG_EVERY_S, self.collect_garbage)
 
     def _flush_logs(self) -> None:
@@ -947,8 +951,7 @@ class Server:
             self._expire_suspensions()
         self.state.wall_offset = time.time() - self.loop.time()  # follow NTP steps
         if _MALLOC_TRIM is not None:
-            proxy = self.proxy
-            held = len(proxy.servers) + len(proxy.clients) + len(proxy.dialogs)
+            held = self._held()
             self._trim_peak = max(self._trim_peak, held)
             if self._trim_peak >= 64 and held <= self._trim_peak // 2:
                 _MALLOC_TRIM(0)  # freed heap pages back to the OS (see _glibc_malloc_trim)

@@ -811,7 +811,7 @@ class Proxy:
         only absorbs retransmissions and resends ``last``, which takes its key, flows and
         answer. The request, the call and the dialog are let go now: at 1,000 calls/s that is
         some 30,000 parsed requests and ended calls fewer held, and objects the garbage
-        collector no longer has to trace (see ``sipguard.ops.gc``)."""
+        collector no longer has to trace (see ``sipguard.ops.collector``)."""
         call = st.call
         if call is not None:
             self.pending.pop(id(call), None)
