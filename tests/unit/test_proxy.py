@@ -357,3 +357,34 @@ def test_error_found_after_the_transaction_exists_is_answered_and_cleaned_up() -
     assert [m.status for m in _to(out, CORE)] == [100, 416]
     h.advance(100.0)
     assert h.proxy.servers == {}
+
+
+def test_an_answered_transaction_keeps_only_what_retransmissions_take() -> None:
+    """After its final answer a server transaction lets its request, call and dialog go (it
+    lives 64*T1 more): a retransmitted INVITE is still absorbed, a retransmitted 2xx still
+    goes upstream, and a call rejected with a 4xx still has its ACK built for a retransmitted
+    final — that client transaction keeps what it sent."""
+    h = Harness()
+    fwd = _to(h.send(invite()), CORE)[0]
+    h.send(answer(fwd, 180, "Ringing"), src=CORE)
+    ok = answer(fwd, 200, "OK")
+    assert [m.status for m in _to(h.send(ok, src=CORE), CALLER)] == [200]
+    st = h.proxy.servers[(next(iter(h.proxy.servers))[0], "INVITE")]
+    assert st.state == "accepted"
+    assert st.msg is None and st.call is None and st.dialog is None and st.next_hop is None
+    ct = st.client
+    assert ct is not None and ct.data == b"" and ct.sent is None
+    assert h.proxy.live_dialogs() == 1  # the dialog lives on in the dialog table
+    assert h.send(invite()) == []  # a retransmitted INVITE: absorbed
+    assert [m.status for m in _to(h.send(ok, src=CORE), CALLER)] == [200]  # 2xx again: upstream
+
+    h2 = Harness()
+    fwd = _to(h2.send(invite(call_id="busy-1")), CORE)[0]
+    busy = answer(fwd, 486, "Busy Here")
+    out = h2.send(busy, src=CORE)
+    assert [m.method for m in _to(out, CORE)] == ["ACK"]
+    st = next(iter(h2.proxy.servers.values()))
+    assert st.state == "completed" and st.msg is None and st.last is not None
+    assert [m.method for m in _to(h2.send(busy, src=CORE), CORE)] == ["ACK"]  # built again
+    assert [m.status for m in _to(h2.send(invite(call_id="busy-1"), src=CALLER), CALLER)] \
+        == [486]  # the INVITE retransmitted: the last answer resent
