@@ -28,7 +28,7 @@ work or memory is spent on what will be refused. A folded header is joined once,
 number of its continuation lines. A limit error is raised like any other, and no parse error
 leaves a reference cycle behind (an exception held by a local of a frame in its own traceback):
 the cyclic garbage collector's passes freeze what outlives them (``sipguard/ops/collector.py``),
-and a cycle would keep the message's bytes until the hourly full pass.
+and a cycle would keep the message's bytes until the next full pass, hours later.
 
 Speed: ``parse_message`` is on the hot path. Header names are looked up in a bounded cache keyed
 by the raw name (one dict lookup per line, seeded with the usual names; names up to 64 bytes);
@@ -276,9 +276,10 @@ def _fail(
             _attach(err, Message(start_line, names, lines, body, decode(parts[0]), uri, 0, "",
                                  None, limits))
     # A frame whose local holds the exception it raises is in that exception's traceback: a
-    # cycle, which only the cyclic collector (its hourly full pass) would free, message and all. So
-    # no local of this frame, nor of parse_message (which passes the error in, or holds it
-    # only as an ``except ... as`` name, cleared on the way out), holds it once it is raised.
+    # cycle, which only the cyclic collector's full pass (hours apart) would free, message
+    # and all. So no local of this frame, nor of parse_message (which passes the error in, or
+    # holds it only as an ``except ... as`` name, cleared on the way out), holds it once it is
+    # raised.
     try:
         raise err
     finally:

@@ -1,7 +1,7 @@
 """The proxy frees every call by reference counting: no reference cycles are left behind.
 
 sipguard disables the cyclic garbage collector's automatic runs (their pauses were the tail
-latency); its own young passes freeze what survives them and only an hourly full pass looks at
+latency); its own young passes freeze what survives them and only a full pass, hours apart, looks at
 frozen objects again (sipguard/ops/collector.py). That is only safe while a whole call
 lifecycle creates no garbage cycles. This test keeps it that way.
 """

@@ -504,7 +504,7 @@ REJECTED = [
 
 def test_parse_errors_leave_no_reference_cycle() -> None:
     """A rejected message is freed at once: no exception is held by a frame of its own
-    traceback (a cycle that outlives a young pass waits for the hourly full one)."""
+    traceback (a cycle that outlives a young pass waits hours for a full one)."""
     gc.collect()
     gc.disable()
     try:
