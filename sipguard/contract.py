@@ -39,7 +39,7 @@ P-Preferred-Identity and Remote-Party-ID are removed, and every Privacy line is 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
 from sipguard.sip.message import Message
@@ -99,8 +99,13 @@ class Anonymise:
     keep_pai: bool = False  # keep P-Asserted-Identity toward the core (with Privacy: id)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, init=False)
 class Verdict:
+    """A rule's answer about one call. Treat it as immutable: rules hand out shared instances
+    (``ACCEPT``, a rule's own pre-built verdicts). Not a frozen dataclass because a frozen one's
+    generated ``__init__`` runs as Python, one ``object.__setattr__`` per field, and verdicts are
+    made for every call: the hand-written ``__init__`` below is compiled (sipguard/native.py)."""
+
     action: Action
     rule: str = ""  # the rule that decided ("" for the default accept)
     reason: str = ""  # machine-readable reason code, e.g. "caller_not_owned"
@@ -115,10 +120,38 @@ class Verdict:
     anonymise: Anonymise | None = None
     monitored: bool = False  # decided as reject/drop by a rule in monitor mode, but forwarded
     # facts for the decision log line, e.g. {"limit": "per_caller", "number": ..., "count": 2}
-    detail: Mapping[str, str | int | None] | None = field(default=None, hash=False)
+    detail: Mapping[str, str | int | None] | None = None
     # log this decision sampled under this key (one line per key per log.parse_error_sample_s,
     # the rest counted): for verdicts that come in floods, e.g. "rate:per_caller:+1212..."
     sample: str = ""
+
+    def __init__(
+        self,
+        action: Action,
+        rule: str = "",
+        reason: str = "",
+        status: int = 0,
+        phrase: str = "",
+        headers: tuple[str, ...] = (),
+        forward_headers: tuple[str, ...] = (),
+        replace_headers: tuple[tuple[str, str | None], ...] = (),
+        anonymise: Anonymise | None = None,
+        monitored: bool = False,
+        detail: Mapping[str, str | int | None] | None = None,
+        sample: str = "",
+    ) -> None:
+        self.action = action
+        self.rule = rule
+        self.reason = reason
+        self.status = status
+        self.phrase = phrase
+        self.headers = headers
+        self.forward_headers = forward_headers
+        self.replace_headers = replace_headers
+        self.anonymise = anonymise
+        self.monitored = monitored
+        self.detail = detail
+        self.sample = sample
 
     @property
     def accepted(self) -> bool:

@@ -57,6 +57,7 @@ HOT_MODULES: tuple[str, ...] = (
     "sipguard.proxy.transactions",
     "sipguard.proxy.dialogs",
     "sipguard.proxy.routing",
+    "sipguard.proxy.keepalive",
     "sipguard.proxy.core",
     "sipguard.edge",
     "sipguard.state.expiry",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Iterable
+from typing import Final
 
 from sipguard.contract import Local
 from sipguard.sip.errors import REASONS
@@ -17,6 +18,7 @@ from sipguard.sip.via import Via
 
 MAGIC = "z9hG4bK"
 OUR_PREFIX = "z9hG4bKsg"  # every branch sipguard creates starts with this
+OUR_PREFIX_BYTES: Final = b"z9hG4bKsg"  # the same, as it appears in raw lines
 
 PHRASES: dict[int, str] = {
     100: "Trying",

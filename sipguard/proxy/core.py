@@ -922,7 +922,7 @@ class Proxy:
         for i in msg.indexes("record-route"):
             line = msg.lines[i]
             for local in self.settings.locals:
-                if local.hostport.encode() in line:
+                if line.find(local.hostport.encode()) >= 0:
                     return True
         return False
 
@@ -932,7 +932,7 @@ class Proxy:
         indexes = msg.indexes("via")
         idx = indexes[0]
         line = msg.lines[idx]
-        if b"," not in line:
+        if line.find(b",") < 0:
             return msg.without_line(idx) if len(indexes) > 1 else None
         rest = parse_via_list(msg.value_at(idx))[1:]
         if not rest and len(indexes) == 1:

@@ -22,7 +22,7 @@ import re
 from sipguard.contract import Dialog, Local
 from sipguard.proxy import build
 from sipguard.proxy.timers import TimerEntry
-from sipguard.sip.message import CRLF, Message
+from sipguard.sip.message import CRLF, Message, decode, raw_value
 
 # The URI inside a Contact value: "<uri>" or a bare addr-spec before any ";".
 _CONTACT_URI = re.compile(r"<([^>]*)>|^\s*([^;,\s]+)")
@@ -43,18 +43,22 @@ def contact_uri(value: str | None) -> str | None:
 class Probe:
     """What sipguard needs to send in-dialog requests for one answered call: both sides'
     tagged From/To, their Contacts, and the highest CSeq each side has used (a BYE sipguard
-    sends on a side's behalf uses the next one)."""
+    sends on a side's behalf uses the next one).
+
+    Made for every answered call, used for few (keep-alives are off by default; ending a call
+    at once is rare): it keeps the raw header lines, which the messages hold anyway, and reads
+    their values only when a request is built."""
 
     __slots__ = ("dialog", "caller_from", "callee_to", "caller_contact", "callee_contact",
                  "timer", "rounds", "caller_cseq", "callee_cseq")
 
-    def __init__(self, dialog: Dialog, caller_from: str, callee_to: str,
-                 caller_contact: str | None, callee_contact: str | None) -> None:
+    def __init__(self, dialog: Dialog, caller_from: bytes, callee_to: bytes,
+                 caller_contact: bytes | None, callee_contact: bytes | None) -> None:
         self.dialog = dialog
-        self.caller_from = caller_from  # From of the INVITE (caller's tag)
-        self.callee_to = callee_to  # To of the 2xx (callee's tag)
-        self.caller_contact = caller_contact
-        self.callee_contact = callee_contact
+        self.caller_from = caller_from  # From line of the INVITE (caller's tag)
+        self.callee_to = callee_to  # To line of the 2xx (callee's tag)
+        self.caller_contact = caller_contact  # Contact line of the INVITE
+        self.callee_contact = callee_contact  # Contact line of the 2xx
         self.timer: TimerEntry | None = None
         self.rounds = 0
         self.caller_cseq = 1  # the INVITE's
@@ -79,17 +83,18 @@ def request(method: str, cseq: int, probe: Probe, toward_caller: bool, local: Lo
             transport: str, branch: str, extra: bytes = b"") -> bytes | None:
     """An in-dialog request sipguard itself sends toward one side of the call."""
     if toward_caller:
-        uri, frm, to = probe.caller_contact, probe.callee_to, probe.caller_from
+        contact, frm, to = probe.caller_contact, probe.callee_to, probe.caller_from
     else:
-        uri, frm, to = probe.callee_contact, probe.caller_from, probe.callee_to
+        contact, frm, to = probe.callee_contact, probe.caller_from, probe.callee_to
+    uri = contact_uri(decode(raw_value(contact))) if contact is not None else None
     if uri is None:
         return None
     lines = [
-        f"{method} {uri} SIP/2.0".encode(),
+        f"{method} {uri} SIP/2.0".encode("utf-8", "surrogateescape"),
         build.our_via(local, transport, branch),
         b"Max-Forwards: 70",
-        f"From: {frm}".encode("utf-8", "surrogateescape"),
-        f"To: {to}".encode("utf-8", "surrogateescape"),
+        b"From: " + raw_value(frm),
+        b"To: " + raw_value(to),
         f"Call-ID: {probe.dialog.call_id}".encode("utf-8", "surrogateescape"),
         f"CSeq: {cseq} {method}".encode(),
     ]
@@ -99,16 +104,22 @@ def request(method: str, cseq: int, probe: Probe, toward_caller: bool, local: Lo
     return CRLF.join(lines)
 
 
+def _line(msg: Message, name: str) -> bytes | None:
+    """The first raw line of header ``name``, or None."""
+    idx = msg.indexes(name)
+    return msg.lines[idx[0]] if idx else None
+
+
 def probe_for(dialog: Dialog, invite: Message, answer: Message) -> Probe | None:
     """A probe for a call answered by ``answer`` (a 2xx to ``invite``), or None when the
     headers it needs are missing."""
-    caller_from = invite.get("from")
-    callee_to = answer.get("to")
-    if not caller_from or not callee_to or answer.to_tag is None:
+    caller_from = _line(invite, "from")
+    callee_to = _line(answer, "to")
+    if caller_from is None or callee_to is None or answer.to_tag is None:
         return None
     if dialog.anonymise is not None and not dialog.outbound:
         # the core knows the caller as anonymous: so do sipguard's own requests (tags match)
-        caller_from = f'"Anonymous" <sip:anonymous@anonymous.invalid>;tag={invite.from_tag}'
-
-    return Probe(dialog, caller_from, callee_to, contact_uri(invite.get("contact")),
-                 contact_uri(answer.get("contact")))
+        caller_from = (b'From: "Anonymous" <sip:anonymous@anonymous.invalid>;tag='
+                       + (invite.from_tag or "").encode("utf-8", "surrogateescape"))
+    return Probe(dialog, caller_from, callee_to, _line(invite, "contact"),
+                 _line(answer, "contact"))

@@ -20,6 +20,14 @@ from sipguard.sip.uri import Uri
 SUPPORTED_SCHEMES = frozenset({"sip", "sips", "tel"})
 
 
+def _has_our_via(msg: Message) -> bool:
+    """A Via line of the request carries a branch sipguard could have made (a quick test on
+    the raw lines, before any Via is parsed; ``find``, not ``in``: see sip/parser.py)."""
+    ours = build.OUR_PREFIX_BYTES
+    lines = msg.lines
+    return any(lines[i].find(ours) >= 0 for i in msg.indexes("via"))
+
+
 class Router:
     """Validation and next-hop choice for one proxy; ``configure`` on reload."""
 
@@ -114,7 +122,7 @@ class Router:
 
     def is_loop(self, msg: Message) -> bool:
         """RFC 3261 §16.3 step 4: our own Via with the same loop hash means a loop, not a spiral."""
-        if not any(build.OUR_PREFIX.encode() in msg.lines[i] for i in msg.indexes("via")):
+        if not _has_our_via(msg):
             return False
         loop = build.loop_hash(self.ids, msg)
         for via in msg.vias:
@@ -128,7 +136,7 @@ class Router:
     def is_spiral(self, msg: Message) -> bool:
         """The request carries a Via of a transaction sipguard itself sent: it has come back
         through us (a spiral, RFC 3261 §16.3 step 4), not a second call with the same id."""
-        if not any(build.OUR_PREFIX.encode() in msg.lines[i] for i in msg.indexes("via")):
+        if not _has_our_via(msg):
             return False
         for via in msg.vias:
             branch = via.branch or ""
