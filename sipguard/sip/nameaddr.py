@@ -127,7 +127,7 @@ def scan_name_addr(text: str, pos: int) -> tuple[NameAddr, int, bool]:
 
 # Memo caches, bounded in size and count (sipguard.sip.params, "Memo caches").
 _ONES: dict[str, tuple[NameAddr, bool]] = {}
-ONES_MAX = 2048
+ONES_MAX = 256  # small on purpose: see sipguard.sip.params, "Memo caches"
 _LISTS: dict[str, tuple[tuple[NameAddr, ...], bool]] = {}
 LISTS_MAX = 512
 

@@ -26,8 +26,20 @@ bounded twice, and checks both with a ``len()`` before it stores anything:
 
 An entry therefore costs at most about 5 KiB, and all the SIP caches together (these and the
 parser's header-name cache) about 19 MiB when every one is full of the costliest texts that
-still qualify (measured; real entries are a fifth of that). Before, the caches were bounded
+still qualify (measured with 2,048-entry Via and name-addr caches, smaller now; real entries
+are a fifth of that). Before, the caches were bounded
 by count only: 300 INVITEs with a 60 KB Via kept 300 MB.
+
+Counts follow what repeats. Texts that repeat across calls (URIs, hosts, Route and
+Record-Route lists) get large caches. Texts made for one transaction or one call (Via: its
+branch; From and To: their tags) repeat within moments — a Via parsed again while its request is
+forwarded, a To tag in the 180 and the 200 — so their caches are small (64 Vias, 256
+name-addrs): an entry that is still held when the garbage collector's next young pass comes
+(every 50 ms, ``sipguard/ops/collector.py``) is examined once, at about 0.75 µs per object under
+load, more than parsing it again costs. With 2,048 entries each, about 40 % of the objects
+those passes examined at 1,500 calls/s were these caches' (measured with a ``gc.callbacks``
+probe: ~3,700 young objects per pass, ~2,300 with the small caches; the in-process benchmark,
+garbage collector off, did not change).
 """
 
 from __future__ import annotations

@@ -170,7 +170,7 @@ def _check_received(value: str) -> None:
 
 # Memo cache, bounded in size and count (sipguard.sip.params, "Memo caches").
 _VIAS: dict[str, tuple[Via, ...]] = {}
-VIAS_MAX = 2048
+VIAS_MAX = 64  # small on purpose: see sipguard.sip.params, "Memo caches"
 
 
 def parse_via_list(text: str, stop: int = 0) -> list[Via]:
