@@ -224,6 +224,20 @@ class Proxy:
         self._sweep: TimerEntry | None = None
         self.probes: dict[tuple[str, str], keepalive.Probe] = {}  # dialogs kept alive
         self.router = Router(settings, self.ids, self.clients)
+        # Timer callbacks, bound once: ``self._timer_a`` makes a new bound method each time it
+        # is read — one more object per timer for the garbage collector's young passes
+        # (proxy/timers.py). The Proxy lives as long as the process, so the reference cycles
+        # these make (Proxy -> bound method -> Proxy) cost nothing.
+        self._on_timer_a = self._timer_a
+        self._on_timer_b = self._timer_b
+        self._on_timer_c = self._timer_c
+        self._on_timer_e = self._timer_e
+        self._on_timer_f = self._timer_f
+        self._on_timer_g = self._timer_g
+        self._on_timer_terminate_server = self._timer_terminate_server
+        self._on_timer_drop_client = self._timer_drop_client
+        self._on_keepalive = self._keepalive
+        self._on_sweep_dialogs = self._sweep_dialogs
 
     # ------------------------------------------------------------------ configuration
     def configure(self, settings: ProxySettings) -> None:
@@ -236,8 +250,8 @@ class Proxy:
         return self.timers.next_deadline()
 
     def handle_timer(self, now: float) -> None:
-        for callback, args in self.timers.pop_due(now):
-            callback(*args, now)
+        for callback, arg in self.timers.pop_due(now):
+            callback(arg, now)
 
     def receive(self, data: bytes, flow: Flow, now: float) -> None:
         """Process one received message (a UDP datagram or one framed TCP message)."""
@@ -582,8 +596,8 @@ class Proxy:
         if st.method == "INVITE":
             if target.transport == "udp":
                 ct.interval = s.t1
-                ct.timer = self.timers.add(now + s.t1, self._timer_a, ct)
-            ct.timeout = self.timers.add(now + 64 * s.t1, self._timer_b, ct)
+                ct.timer = self.timers.add(now + s.t1, self._on_timer_a, ct)
+            ct.timeout = self.timers.add(now + 64 * s.t1, self._on_timer_b, ct)
         else:
             self._arm_non_invite(ct, now)
 
@@ -593,8 +607,8 @@ class Proxy:
         s = self.settings
         if ct.flow.transport == "udp":
             ct.interval = s.t1
-            ct.timer = self.timers.add(now + s.t1, self._timer_e, ct)
-        ct.timeout = self.timers.add(now + 64 * s.t1, self._timer_f, ct)
+            ct.timer = self.timers.add(now + s.t1, self._on_timer_e, ct)
+        ct.timeout = self.timers.add(now + 64 * s.t1, self._on_timer_f, ct)
 
     def _forwarded_bytes(
         self,
@@ -746,7 +760,7 @@ class Proxy:
         TimerQueue.cancel(st.timeout)
         st.timer = None
         wait = self.settings.t4 if st.flow.transport == "udp" else 0.0
-        st.timeout = self.timers.add(now + wait, self._timer_terminate_server, st)
+        st.timeout = self.timers.add(now + wait, self._on_timer_terminate_server, st)
 
     # ------------------------------------------------------------------ responses
     def _respond(
@@ -791,19 +805,19 @@ class Proxy:
             if status < 300:
                 st.state = ACCEPTED  # RFC 6026: absorb INVITE retransmissions for 64*T1
                 st.last = None
-                st.timeout = self.timers.add(now + 64 * s.t1, self._timer_terminate_server, st)
+                st.timeout = self.timers.add(now + 64 * s.t1, self._on_timer_terminate_server, st)
             else:
                 st.state = COMPLETED
                 if udp:
                     st.interval = s.t1
-                    st.timer = self.timers.add(now + s.t1, self._timer_g, st)
-                st.timeout = self.timers.add(now + 64 * s.t1, self._timer_terminate_server, st)
+                    st.timer = self.timers.add(now + s.t1, self._on_timer_g, st)
+                st.timeout = self.timers.add(now + 64 * s.t1, self._on_timer_terminate_server, st)
                 if st.dialog is not None:
                     self._end_dialog(st.dialog, "cancelled" if status == 487 else "failed", now)
         else:
             st.state = COMPLETED
             wait = 64 * s.t1 if udp else 0.0
-            st.timeout = self.timers.add(now + wait, self._timer_terminate_server, st)
+            st.timeout = self.timers.add(now + wait, self._on_timer_terminate_server, st)
         self._settle(st, now)
 
     def _settle(self, st: ServerTxn, now: float) -> None:
@@ -853,14 +867,14 @@ class Proxy:
                 if not ct.provisional:
                     ct.provisional = True
                     TimerQueue.cancel(ct.timeout)
-                    ct.timeout = self.timers.add(now + self.settings.timer_c, self._timer_c, ct)
+                    ct.timeout = self.timers.add(now + self.settings.timer_c, self._on_timer_c, ct)
                 ct.state = PROCEEDING
                 if ct.cancel_wanted:
                     self._send_cancel(ct, now)
             elif ct.state == CALLING and flow.transport == "udp":
                 ct.state = PROCEEDING
                 ct.interval = self.settings.t2
-                ct.timer = self.timers.add(now + ct.interval, self._timer_e, ct)
+                ct.timer = self.timers.add(now + ct.interval, self._on_timer_e, ct)
             if status == 100 or ct.server is None:
                 return
             st = ct.server
@@ -877,7 +891,7 @@ class Proxy:
             if status < 300:
                 ct.state = ACCEPTED
                 ct.data, ct.sent = b"", None  # only 2xx retransmissions come now: no ACK to build
-                ct.timeout = self.timers.add(now + 64 * s.t1, self._timer_drop_client, ct)
+                ct.timeout = self.timers.add(now + 64 * s.t1, self._on_timer_drop_client, ct)
                 dialog = ct.server.dialog if ct.server is not None else None
                 if dialog is not None and dialog.state == "early":
                     dialog.state = CONFIRMED
@@ -896,12 +910,12 @@ class Proxy:
                 ct.state = COMPLETED
                 self.outbox.append((ct.flow, build.ack_for(ct.sent_msg(), msg)))
                 wait = 32.0 if ct.flow.transport == "udp" else 0.0
-                ct.timeout = self.timers.add(now + wait, self._timer_drop_client, ct)
+                ct.timeout = self.timers.add(now + wait, self._on_timer_drop_client, ct)
         else:
             ct.state = COMPLETED
             ct.data, ct.sent = b"", None  # only retransmitted finals come now, absorbed
             wait = s.t4 if ct.flow.transport == "udp" else 0.0
-            ct.timeout = self.timers.add(now + wait, self._timer_drop_client, ct)
+            ct.timeout = self.timers.add(now + wait, self._on_timer_drop_client, ct)
         if status < 300 and ct.method in ("INVITE", "UPDATE") and ct.server is not None:
             self._session_timer(ct.server, msg, now)
         if ct.probe is not None:
@@ -947,7 +961,7 @@ class Proxy:
             return
         self.outbox.append((ct.flow, ct.data))
         ct.interval *= 2
-        ct.timer = self.timers.add(now + ct.interval, self._timer_a, ct)
+        ct.timer = self.timers.add(now + ct.interval, self._on_timer_a, ct)
 
     def _timer_e(self, ct: ClientTxn, now: float) -> None:
         """Timer E: retransmit a non-INVITE request (capped at T2)."""
@@ -955,7 +969,7 @@ class Proxy:
             return
         self.outbox.append((ct.flow, ct.data))
         ct.interval = min(ct.interval * 2, self.settings.t2)
-        ct.timer = self.timers.add(now + ct.interval, self._timer_e, ct)
+        ct.timer = self.timers.add(now + ct.interval, self._on_timer_e, ct)
 
     def _timer_b(self, ct: ClientTxn, now: float) -> None:
         """Timer B: no answer to the INVITE at all — 408 upstream."""
@@ -966,7 +980,7 @@ class Proxy:
         if ct.state not in (CALLING, PROCEEDING):
             return
         self._send_cancel(ct, now)
-        ct.timeout = self.timers.add(now + 64 * self.settings.t1, self._timer_b, ct)
+        ct.timeout = self.timers.add(now + 64 * self.settings.t1, self._on_timer_b, ct)
 
     def _timer_f(self, ct: ClientTxn, now: float) -> None:
         """Timer F: a non-INVITE got no final answer (RFC 4320: no 408 upstream)."""
@@ -997,7 +1011,7 @@ class Proxy:
             return
         self.outbox.append((st.reply_to, st.last))
         st.interval = min(st.interval * 2, self.settings.t2)
-        st.timer = self.timers.add(now + st.interval, self._timer_g, st)
+        st.timer = self.timers.add(now + st.interval, self._on_timer_g, st)
 
     def _timer_terminate_server(self, st: ServerTxn, now: float) -> None:
         self._terminate_server(st, now)
@@ -1069,7 +1083,7 @@ class Proxy:
         self.probes[(dialog.call_id, dialog.caller_tag)] = probe
         interval = self.settings.dialog_keepalive
         if interval:
-            probe.timer = self.timers.add(now + interval, self._keepalive, probe)
+            probe.timer = self.timers.add(now + interval, self._on_keepalive, probe)
 
     def _keepalive(self, probe: keepalive.Probe, now: float) -> None:
         """Every interval: an in-dialog OPTIONS to each side (see proxy/keepalive.py)."""
@@ -1079,7 +1093,7 @@ class Proxy:
             return
         probe.rounds += 1
         self._send_both_ways(probe, "OPTIONS", f"ka{probe.rounds}", now)
-        probe.timer = self.timers.add(now + interval, self._keepalive, probe)
+        probe.timer = self.timers.add(now + interval, self._on_keepalive, probe)
 
     def _send_both_ways(self, probe: keepalive.Probe, method: str, tag: str,
                         now: float) -> None:
@@ -1142,10 +1156,11 @@ class Proxy:
 
     def _arm_sweep(self, now: float) -> None:
         if self._sweep is None:
-            self._sweep = self.timers.add(now + 1.0, self._sweep_dialogs)
+            self._sweep = self.timers.add(now + 1.0, self._on_sweep_dialogs)
 
-    def _sweep_dialogs(self, now: float) -> None:
-        """End dialogs whose session timer or maximum lifetime has passed."""
+    def _sweep_dialogs(self, _: object, now: float) -> None:
+        """End dialogs whose session timer or maximum lifetime has passed (a timer callback:
+        its argument is None)."""
         self._sweep = None
         for dialog in self.table.due(now):
             reason = "lifetime" if dialog.expires >= dialog.hard_expires else "session_expired"

@@ -30,19 +30,19 @@ from typing import Any
 class TimerEntry:
     """The handle :meth:`TimerQueue.add` returns; only :meth:`TimerQueue.cancel` uses it.
 
-    ``callback`` is None once the timer fired or was cancelled (``args`` is then empty).
+    ``callback`` is None once the timer fired or was cancelled (``arg`` is then None).
     ``bucket`` is the bucket list holding the entry, at position ``index``, while it waits in a
     bucket; None once it is in the heap, fired or cancelled.
     """
 
-    __slots__ = ("when", "seq", "callback", "args", "bucket", "index")
+    __slots__ = ("when", "seq", "callback", "arg", "bucket", "index")
 
-    def __init__(self, when: float, seq: int, callback: Callable[..., None],
-                 args: tuple[Any, ...]) -> None:
+    def __init__(self, when: float, seq: int, callback: Callable[[Any, float], None],
+                 arg: object) -> None:
         self.when = when
         self.seq = seq
-        self.callback: Callable[..., None] | None = callback
-        self.args = args
+        self.callback: Callable[[Any, float], None] | None = callback
+        self.arg = arg
         self.bucket: list[TimerEntry] | None = None
         self.index = 0
 
@@ -60,11 +60,17 @@ class TimerQueue:
         self._moved = _NEVER  # the last pop_due's second: every bucket up to it is in the heap
         self._seq = 0
 
-    def add(self, when: float, callback: Callable[..., None], *args: Any) -> TimerEntry:
-        """Schedule ``callback(*args, now)`` at ``when``; return a handle for :meth:`cancel`."""
+    def add(self, when: float, callback: Callable[[Any, float], None],
+            arg: object = None) -> TimerEntry:
+        """Schedule ``callback(arg, now)`` at ``when``; return a handle for :meth:`cancel`.
+
+        One argument, not ``*args``, and a callback the caller made once (a bound method kept
+        by its owner), not one per timer: under load every object a timer holds is one more
+        for the garbage collector's young passes (``sipguard/ops/collector.py``) to examine.
+        """
         seq = self._seq + 1
         self._seq = seq
-        entry = TimerEntry(when, seq, callback, args)
+        entry = TimerEntry(when, seq, callback, arg)
         key = math.floor(when)
         if key <= self._moved:
             heappush(self._heap, (when, seq, entry))
@@ -93,7 +99,7 @@ class TimerQueue:
                 last.index = index
             entry.bucket = None
         entry.callback = None
-        entry.args = ()  # drop the references, so no cycle outlives the timer
+        entry.arg = None  # drop the references, so no cycle outlives the timer
 
     def next_deadline(self) -> float | None:
         """The earliest live deadline, or an earlier bucket start; None when nothing is held."""
@@ -110,20 +116,21 @@ class TimerQueue:
                 return start
         return heap[0][0] if heap else None
 
-    def pop_due(self, now: float) -> list[tuple[Callable[..., None], tuple[Any, ...]]]:
-        """Remove and return the live callbacks whose deadline is at or before ``now``."""
+    def pop_due(self, now: float) -> list[tuple[Callable[[Any, float], None], object]]:
+        """Remove and return the live callbacks whose deadline is at or before ``now``, with
+        their arguments."""
         until = math.floor(now)
         if until > self._moved:
             self._move(until)
         heap = self._heap
-        due: list[tuple[Callable[..., None], tuple[Any, ...]]] = []
+        due: list[tuple[Callable[[Any, float], None], object]] = []
         while heap and heap[0][0] <= now:
             entry = heappop(heap)[2]
             callback = entry.callback
             if callback is not None:
-                due.append((callback, entry.args))
+                due.append((callback, entry.arg))
                 entry.callback = None  # fired: its owner may still hold the entry
-                entry.args = ()
+                entry.arg = None
         return due
 
     def _move(self, until: int) -> None:

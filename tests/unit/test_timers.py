@@ -17,13 +17,13 @@ BASE = 1_234_567.25  # a loop.time()-like clock value
 
 
 def run(q: TimerQueue, now: float) -> None:
-    """What the proxy does: call every due callback with its args and ``now``."""
-    for callback, args in q.pop_due(now):
-        callback(*args, now)
+    """What the proxy does: call every due callback with its argument and ``now``."""
+    for callback, arg in q.pop_due(now):
+        callback(arg, now)
 
 
-def names(due: list[tuple[Callable[..., None], tuple[Any, ...]]]) -> list[Any]:
-    return [args[0] for _, args in due]
+def names(due: list[tuple[Callable[[Any, float], None], object]]) -> list[Any]:
+    return [arg for _, arg in due]
 
 
 def noop(*args: Any) -> None:
@@ -108,13 +108,13 @@ def test_order_across_a_bucket_move() -> None:
                                       "next2"]
 
 
-def test_callback_gets_args_then_now() -> None:
+def test_callback_gets_its_argument_then_now() -> None:
     got: list[tuple[Any, ...]] = []
     q = TimerQueue()
-    q.add(5.0, lambda *a: got.append(a), 1, "two")
+    q.add(5.0, lambda *a: got.append(a), (1, "two"))
     q.add(5.0, lambda *a: got.append(a))
     run(q, 7.5)
-    assert got == [(1, "two", 7.5), (7.5,)]
+    assert got == [((1, "two"), 7.5), (None, 7.5)]
 
 
 # ------------------------------------------------------------------------------ cancel
@@ -171,7 +171,8 @@ def test_cancel_every_timer_of_a_bucket() -> None:
 
 
 def test_handles_drop_their_references(no_auto_gc: None) -> None:
-    """After firing or cancelling, in a bucket or in the heap, nothing keeps the args alive."""
+    """After firing or cancelling, in a bucket or in the heap, nothing keeps the argument
+    alive."""
 
     class Payload:
         pass
@@ -191,7 +192,7 @@ def test_handles_drop_their_references(no_auto_gc: None) -> None:
     q.pop_due(100.4)  # handles[2] fires
     q.pop_due(200.0)  # handles[3] fires from its bucket
     for h in handles:
-        assert h.callback is None and h.args == () and h.bucket is None
+        assert h.callback is None and h.arg is None and h.bucket is None
     assert [r() for r in refs] == [None, None, None, None]
     assert gc.collect() == 0
 
