@@ -804,8 +804,8 @@ class Server:
         await self.save_suspensions()
 
     # ------------------------------------------------------------------ input
-    def _on_datagram(self, data: bytes, addr: tuple[str, int], local: int) -> None:
-        self.core.receive(data, Flow("udp", addr, local), self.loop.time())
+    def _on_datagram(self, data: bytes, flow: Flow) -> None:
+        self.core.receive(data, flow, self.loop.time())
         self._unflushed += 1
         if self._unflushed >= FLUSH_EVERY:
             self._flush()  # a long pass: what the first ones answered goes out now

@@ -15,11 +15,17 @@ import struct
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
+
+from sipguard.contract import Flow
 
 if sys.platform == "linux":
     from fcntl import ioctl
 
-Handler = Callable[[bytes, tuple[str, int], int], None]
+Handler = Callable[[bytes, Flow], None]  # a datagram and where it came from
+
+# Sources whose Flow an endpoint keeps (see UdpEndpoint._flows); emptied when full.
+FLOWS_MAX = 4096
 
 # Besides its 50 ms timer, the overload watcher looks at the queues after every this many
 # datagrams read: a burst that fills the queue between two ticks is noticed within one read
@@ -62,6 +68,11 @@ class UdpEndpoint(asyncio.DatagramProtocol):
         self.delay = 0.0
         self._measured = False  # delay was measured for the check under way
         self.stamped = enable_arrival_stamps(sock)
+        # Source address -> its Flow, made once per source: a new Flow and address tuple per
+        # datagram would be two more objects per message, held by the transactions, for the
+        # garbage collector's young passes (sipguard/ops/collector.py) to examine; a peer sends
+        # from one address. Bounded by FLOWS_MAX: a scan from many ports empties it, at worst.
+        self._flows: dict[tuple[Any, ...], Flow] = {}
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
@@ -74,7 +85,13 @@ class UdpEndpoint(asyncio.DatagramProtocol):
                 self.delay = self.arrival_delay()
                 self._measured = True
             self.watch()
-        self.handler(data, (addr[0], addr[1]), self.index)
+        flow = self._flows.get(addr)
+        if flow is None:  # (IPv6 addresses come with flow info and scope: kept out of Flow)
+            flows = self._flows
+            if len(flows) >= FLOWS_MAX:
+                flows.clear()
+            flow = flows[addr] = Flow("udp", (addr[0], addr[1]), self.index)
+        self.handler(data, flow)
 
     def arrival_delay(self) -> float:
         """Seconds the datagram read last waited between its arrival in the kernel and now:

@@ -298,7 +298,7 @@ async def test_a_long_pass_sends_every_flush_every_datagrams(peers: tuple[Peer, 
         n = FLUSH_EVERY + 3
         for i in range(n):  # one pass of the loop: datagrams handed over back to back
             server._on_datagram(invite(caller, port, f"pass-{i}", f"+1212555{i:04d}"),
-                                ("127.0.0.1", caller.port), 0)
+                                Flow("udp", ("127.0.0.1", caller.port), 0))
             # the 100 Trying and the forwarded INVITE of every datagram since the last send
             assert len(server.core.outbox) == 2 * ((i + 1) % FLUSH_EVERY), i
         got = [await core.recv_until(b"INVITE ") for _ in range(FLUSH_EVERY)]

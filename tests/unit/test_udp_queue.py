@@ -22,7 +22,7 @@ def test_receive_queue_reports_fill_and_drops() -> None:
     with sock, sender:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
         sock.bind(("127.0.0.1", 0))
-        ep = UdpEndpoint(0, lambda data, addr, local: None, sock)
+        ep = UdpEndpoint(0, lambda data, flow: None, sock)
         assert ep.receive_queue() == (0.0, 0)
         for _ in range(500):
             sender.sendto(b"x" * 600, sock.getsockname())
@@ -47,7 +47,7 @@ def test_overload_check_runs_every_watch_every_datagrams_before_the_handler() ->
     order: list[str] = []
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     with sock:
-        ep = UdpEndpoint(0, lambda data, addr, local: order.append(data.decode()), sock)
+        ep = UdpEndpoint(0, lambda data, flow: order.append(data.decode()), sock)
         ep.datagram_received(b"unwatched", ("127.0.0.1", 5060))  # no watcher yet: handled only
         ep.watch = lambda: order.append("check")
         for i in range(2 * WATCH_EVERY):
@@ -66,7 +66,7 @@ def test_arrival_delay_is_the_wait_in_the_kernel_queue() -> None:
     sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     with sock, sender:
         sock.bind(("127.0.0.1", 0))
-        ep = UdpEndpoint(0, lambda data, addr, local: None, sock)
+        ep = UdpEndpoint(0, lambda data, flow: None, sock)
         assert ep.stamped and ep.delay == 0.0
         sender.sendto(b"old", sock.getsockname())
         time.sleep(0.25)
@@ -97,7 +97,7 @@ def test_queue_delay_past_the_mark_starts_overload_and_an_empty_queue_ends_it(
     with sock, sender, capture_logs() as logs:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
         sock.bind(("127.0.0.1", 0))
-        ep = UdpEndpoint(0, lambda data, addr, local: None, sock)
+        ep = UdpEndpoint(0, lambda data, flow: None, sock)
         watcher = OverloadWatcher(Counter(), structlog.get_logger())
         states: list[bool] = []
         ep.watch = lambda: states.append(watcher.check([ep], 0.5, 0.1, mark))
@@ -127,7 +127,7 @@ def test_a_stream_reader_behind_past_the_mark_starts_overload_until_it_catches_u
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     with sock, capture_logs() as logs:
         sock.bind(("127.0.0.1", 0))
-        ep = UdpEndpoint(0, lambda data, addr, local: None, sock)
+        ep = UdpEndpoint(0, lambda data, flow: None, sock)
         watcher = OverloadWatcher(Counter(), structlog.get_logger())
         assert watcher.check([ep], 0.5, 0.1, 0.3, stream_behind=0.29) is False
         assert watcher.check([ep], 0.5, 0.1, 0.3, stream_behind=0.31) is True
@@ -138,3 +138,46 @@ def test_a_stream_reader_behind_past_the_mark_starts_overload_until_it_catches_u
         assert watcher.check([ep], 0.5, 0.1, 0.3, stream_behind=0.0) is False
         assert [e["event"] for e in logs].count("overload_ended") == 1
         assert watcher.check([ep], 0.5, 0.1, None, stream_behind=5.0) is False
+
+
+def test_one_flow_per_source_and_the_flow_table_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Datagrams from one source share one Flow (no new objects per message); datagrams from
+    more sources than FLOWS_MAX empty the table instead of growing it; every datagram is still
+    handed over with its own source."""
+    import asyncio
+
+    import sipguard.transport.udp as udp
+    from sipguard.contract import Flow
+
+    monkeypatch.setattr(udp, "FLOWS_MAX", 8)
+    got: list[tuple[bytes, Flow]] = []
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        ep = await udp.open_udp(loop, "127.0.0.1", 0, 3, lambda d, f: got.append((d, f)), 65536)
+        port = ep.sock.getsockname()[1]
+        senders = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(20)]
+        try:
+            for i, s in enumerate(senders):
+                s.sendto(f"a{i}".encode(), ("127.0.0.1", port))
+                s.sendto(f"b{i}".encode(), ("127.0.0.1", port))
+            for _ in range(200):
+                if len(got) == 40:
+                    break
+                await asyncio.sleep(0.01)
+            assert len(ep._flows) <= 8
+        finally:
+            if ep.transport is not None:
+                ep.transport.close()
+            ports = {s.getsockname()[1] for s in senders}
+            for s in senders:
+                s.close()
+            assert {f.addr[1] for _, f in got} == ports
+
+    asyncio.run(run())
+    assert len(got) == 40
+    by_data = dict(got)
+    for i in range(20):
+        a, b = by_data[f"a{i}".encode()], by_data[f"b{i}".encode()]
+        assert a == Flow("udp", ("127.0.0.1", a.addr[1]), 3)
+        assert b is a  # sent back to back from one source: the one Flow object
