@@ -91,7 +91,7 @@ from sipguard.sip.errors import SipParseError
 from sipguard.sip.message import Message, header_line
 from sipguard.sip.nameaddr import NameAddr
 from sipguard.sip.parser import parse_message
-from sipguard.sip.via import parse_via_list
+from sipguard.sip.via import after_first_via, parse_via_list
 
 
 class Admission(Protocol):
@@ -948,10 +948,10 @@ class Proxy:
         line = msg.lines[idx]
         if line.find(b",") < 0:
             return msg.without_line(idx) if len(indexes) > 1 else None
-        rest = parse_via_list(msg.value_at(idx))[1:]
+        rest = after_first_via(msg.value_at(idx))  # the others go on as the core sent them
         if not rest and len(indexes) == 1:
             return None
-        new = header_line("Via", ", ".join(str(v) for v in rest)) if rest else None
+        new = header_line("Via", rest) if rest else None
         return msg.serialize(replace={idx: new})
 
     # ------------------------------------------------------------------ timers

@@ -191,6 +191,25 @@ def parse_via_list(text: str, stop: int = 0) -> list[Via]:
     return list(vias)
 
 
+def after_first_via(text: str) -> str:
+    """What follows the first via-parm of a Via header value and its comma, as written; ""
+    when there is none after it. Only the first is parsed (a SipParseError when it is
+    malformed): a proxy removing its own Via from a response passes the others on as they
+    came, unparsed."""
+    n = len(text)
+    pos = 0
+    while pos < n and text[pos] in " \t":
+        pos += 1
+    _, pos = _scan_via(text, pos)
+    while pos < n and text[pos] in " \t":
+        pos += 1
+    if pos >= n:
+        return ""
+    if text[pos] != ",":
+        raise SipParseError(400, f"malformed Via near {text[pos : pos + 30]!r}")
+    return text[pos + 1 :].strip(" \t")
+
+
 def _parse_vias(text: str, stop: int) -> tuple[Via, ...]:
     out: list[Via] = []
     n = len(text)

@@ -46,6 +46,21 @@ def test_invite_gets_100_and_is_forwarded_with_via_rr_and_max_forwards() -> None
     assert req.body.startswith(b"v=0")
 
 
+def test_response_with_vias_in_one_line_loses_ours_and_keeps_the_rest_as_sent() -> None:
+    """RFC 3261 §16.7 step 3: a core that puts every Via in one comma-separated line gets the
+    line back upstream without sipguard's value; the others byte for byte, spacing too."""
+    h = Harness()
+    req = _to(h.send(invite()), CORE)[0]
+    ours, caller = req.values("via")
+    line = f"Via: {ours} ,  {caller} , SIP/2.0/UDP 203.0.113.9;branch=z9hG4bK-x\r\n"
+    resp = answer(req, 180, "Ringing").replace(
+        f"Via: {ours}\r\nVia: {caller}\r\n".encode(), line.encode())
+    assert line.encode() in resp
+    up = _to(h.send(resp, src=CORE), CALLER)
+    assert [m.status for m in up] == [180]
+    assert up[0].values("via") == [f"{caller} , SIP/2.0/UDP 203.0.113.9;branch=z9hG4bK-x"]
+
+
 def test_retransmitted_invite_never_reaches_core_twice() -> None:
     """INVITE retransmissions are absorbed by the server transaction."""
     h = Harness()

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from sipguard.sip import via as via_module
 from sipguard.sip.errors import SipParseError
-from sipguard.sip.via import Via, parse_via_list
+from sipguard.sip.via import Via, after_first_via, parse_via_list
 
 
 def vias(text: str, parts: list[str]) -> list[Via]:
@@ -302,3 +302,20 @@ def test_fast_and_general_paths_agree(text: str) -> None:
     except SipParseError:
         general = None
     assert quick == general
+
+
+@pytest.mark.parametrize(("text", "rest"), [
+    ("SIP/2.0/UDP a.example;branch=z9hG4bK1", ""),
+    ("SIP/2.0/UDP a.example;branch=z9hG4bK1  ", ""),
+    ("SIP/2.0/UDP a.example;branch=z9hG4bK1, SIP/2.0/TCP b:5061", "SIP/2.0/TCP b:5061"),
+    ("SIP/2.0/UDP [2001:db8::1]:5060;branch=z9hG4bK1 ,\t x , y", "x , y"),  # rest unparsed
+    ("SIP/2.0/UDP a;x=\"p, q\";branch=z, b", "b"),  # a quoted comma is no separator
+])
+def test_after_first_via_is_the_rest_as_written(text: str, rest: str) -> None:
+    assert after_first_via(text) == rest
+
+
+@pytest.mark.parametrize("text", ["SIP/2.0/UDP a;branch=z junk", "SIP/2.0 a", ""])
+def test_after_first_via_refuses_a_malformed_first(text: str) -> None:
+    with pytest.raises(SipParseError):
+        after_first_via(text)
