@@ -18,7 +18,7 @@ from sipguard.sip.via import Via
 
 MAGIC = "z9hG4bK"
 OUR_PREFIX = "z9hG4bKsg"  # every branch sipguard creates starts with this
-OUR_PREFIX_BYTES: Final = b"z9hG4bKsg"  # the same, as it appears in raw lines
+OUR_PREFIX_BYTES: Final = OUR_PREFIX.encode()  # the same, as it appears in raw lines
 
 PHRASES: dict[int, str] = {
     100: "Trying",

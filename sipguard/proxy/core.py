@@ -148,7 +148,7 @@ class AcceptAll:
         return False
 
 # ";branch=z9hG4bKsg..." in a raw Via line: the first one is the top value's.
-_OUR_BRANCH = re.compile(rb";[ \t]*branch[ \t]*=[ \t]*(" + build.OUR_PREFIX.encode() + rb"[0-9a-z.]+)")
+_OUR_BRANCH = re.compile(rb";[ \t]*branch[ \t]*=[ \t]*(" + build.OUR_PREFIX_BYTES + rb"[0-9a-z.]+)")
 # A verstat parameter (3GPP TS 24.229 §7.2A.20) anywhere in a From or P-Asserted-Identity line.
 _VERSTAT = re.compile(rb";[ \t]*verstat[ \t]*=[ \t]*[^;>,\s]*", re.IGNORECASE)
 DIALOG_CREATING = frozenset({"INVITE", "SUBSCRIBE", "REFER"})
