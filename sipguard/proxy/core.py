@@ -350,11 +350,12 @@ class Proxy:
         if not from_core and msg.to_tag is None and not self._admitted(msg, flow, now):
             return  # refused before any transaction: nothing kept, nothing retransmitted
         s = self.settings
-        if len(self.servers) >= s.max_transactions or (
+        full = len(self.servers) >= s.max_transactions and not self._in_progress(msg, flow,
+                                                                                 from_core)
+        if full or (
             method == "INVITE" and msg.to_tag is None and len(self.dialogs) >= s.max_dialogs
         ):
-            self._busy(msg, flow, "transactions" if len(self.servers) >= s.max_transactions
-                       else "dialogs")
+            self._busy(msg, flow, "transactions" if full else "dialogs")
             return
         st = ServerTxn(key, method, msg, flow, self.router.reply_flow(msg, flow))
         self.servers[(key, method)] = st
@@ -474,6 +475,21 @@ class Proxy:
             self._stateless(msg, flow, verdict.status or 403, verdict.phrase or None,
                             verdict.headers)
         return False
+
+    def _in_progress(self, msg: Message, flow: Flow, from_core: bool) -> bool:
+        """True for a request within a live call from one of its sides while the transaction
+        table is full: up to ``max_dialogs`` transactions more, it goes on. A full table then
+        refuses new calls and out-of-dialog requests, and the calls in progress can still end
+        — a BYE refused would leave the call up at the core and its slots held. An answered
+        transaction is held 64*T1 (32 s), so a burst of calls fills the table well before
+        ``max_dialogs`` calls are up; the headroom fits one BYE for each of those."""
+        s = self.settings
+        if msg.to_tag is None or len(self.servers) >= s.max_transactions + s.max_dialogs:
+            return False
+        dialog, side = self.table.of(msg)
+        if dialog is None:
+            return False
+        return from_core or not self._not_party(dialog, side, flow)
 
     def _stateless(self, msg: Message, flow: Flow, status: int, phrase: str | None,
                    extra: tuple[str, ...] = ()) -> None:

@@ -403,3 +403,27 @@ def test_an_answered_transaction_keeps_only_what_retransmissions_take() -> None:
     assert [m.method for m in _to(h2.send(busy, src=CORE), CORE)] == ["ACK"]  # built again
     assert [m.status for m in _to(h2.send(invite(call_id="busy-1"), src=CALLER), CALLER)] \
         == [486]  # the INVITE retransmitted: the last answer resent
+
+
+def test_a_full_transaction_table_keeps_bounded_headroom_for_calls_in_progress() -> None:
+    """max_transactions 1, max_dialogs 2: with the table full (the call's answered INVITE),
+    in-dialog requests of the call up go on until the table holds 1 + 2; beyond, they hear
+    503 like a new call or an in-dialog request for no live call, and nothing reaches the
+    core. The headroom is bounded: a party cannot grow the table past it."""
+    from tests.unit.dialog_helpers import in_dialog
+
+    h = Harness(max_transactions=1, max_dialogs=2)
+    fwd = _to(h.send(invite()), CORE)[0]
+    h.send(answer(fwd, 200, "OK"), src=CORE)
+    assert len(h.proxy.servers) == 1
+
+    def info(n: int, call_id: str = "call-1@caller") -> list[int | str | None]:
+        out = h.send(in_dialog("INFO", call_id=call_id, cseq=1 + n, branch=f"z9hG4bK-i{n}"))
+        return [m.method or m.status for _, m in out]
+
+    assert info(1) == ["INFO"] and info(2) == ["INFO"]  # to the core: 1 + 2 held now
+    assert len(h.proxy.servers) == 3
+    assert info(3) == [503]  # the headroom is used up
+    assert info(4, call_id="no-such-call") == [503]
+    assert [m.status for _, m in h.send(invite(call_id="call-2", branch="z9hG4bK-c2"))] == [503]
+    assert len(h.proxy.servers) == 3

@@ -1,0 +1,100 @@
+"""The transaction and call tables are bounded (``sip.max_transactions``, ``sip.max_dialogs``),
+over real sockets with a scripted core on 127.0.0.1: beyond a limit a new call hears 503 +
+Retry-After and is counted, while the calls in progress still end with their BYE."""
+
+from __future__ import annotations
+
+import re
+import urllib.request
+
+import pytest
+
+from .harness import HOST, E2EStack, free_port
+from .scripted import Caller, Core, header
+
+pytestmark = pytest.mark.e2e
+
+TABLE = 100  # the smallest max_transactions the config takes
+
+
+def events_total(metrics_port: int) -> dict[str, float]:
+    """sipguard_events_total by event, from GET /metrics."""
+    with urllib.request.urlopen(f"http://{HOST}:{metrics_port}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    pattern = r'^sipguard_events_total\{event="([^"]+)"\} ([0-9.e+]+)$'
+    return {m.group(1): float(m.group(2)) for m in re.finditer(pattern, text, re.M)}
+
+
+def _call(caller: Caller, call_id: str) -> tuple[str, str]:
+    """Place a call the core answers; ACK it. Returns its To tag and Route line."""
+    caller.send(caller.request("INVITE", call_id))
+    [ok] = caller.finals(call_id=call_id)
+    assert ok.startswith(b"SIP/2.0 200 "), ok
+    to_tag = re.search(r"tag=([^;>\s]+)", header(ok, "To"))
+    assert to_tag is not None
+    route = f"Route: {header(ok, 'Record-Route')}\r\n"
+    caller.send(caller.request("ACK", call_id, to_tag=to_tag.group(1), extra=route))
+    return to_tag.group(1), route
+
+
+def test_a_full_transaction_table_refuses_new_calls_and_lets_calls_in_progress_end(
+    stack: E2EStack,
+) -> None:
+    """max_transactions 100, filled by one call and 99 OPTIONS (each answered transaction is
+    held 32 s): a new INVITE and an out-of-dialog OPTIONS hear 503 + Retry-After, counted as
+    dropped_limit_transactions, and reach no core; a BYE for no live call hears 503 too; the
+    call's own BYE still reaches the core and its 200 comes back."""
+    core = Core()
+    metrics_port = free_port()
+    _, port = stack.sipguard(
+        core_port=core.port, listen=("udp",),
+        config_extra=f"metrics: {{listen: {HOST}:{metrics_port}}}\n"
+        f"sip: {{max_transactions: {TABLE}}}\n",
+    )
+    caller = Caller(port)
+    try:
+        to_tag, route = _call(caller, "up-1")
+        for i in range(TABLE - 1):
+            caller.send(caller.request("OPTIONS", f"fill-{i}"))
+            assert caller.finals(call_id=f"fill-{i}"), f"OPTIONS {i} unanswered"
+        for method, call_id, tag in (("INVITE", "new-1", ""), ("OPTIONS", "new-2", ""),
+                                     ("BYE", "gone-1", "nobody")):
+            caller.send(caller.request(method, call_id, to_tag=tag, cseq=2 if tag else 1))
+            [busy] = caller.finals(call_id=call_id)
+            assert busy.startswith(b"SIP/2.0 503 "), busy
+            assert header(busy, "Retry-After").isdigit(), busy
+            assert core.methods(call_id) == [], f"{method} reached the core"
+        caller.send(caller.request("BYE", "up-1", cseq=2, to_tag=to_tag, extra=route))
+        [ok] = caller.finals(call_id="up-1")
+        assert ok.startswith(b"SIP/2.0 200 ") and b"CSeq: 2 BYE" in ok, ok
+        assert core.methods("up-1") == ["INVITE", "ACK", "BYE"]
+        assert events_total(metrics_port).get("dropped_limit_transactions") == 3
+    finally:
+        caller.close()
+        core.close()
+
+
+def test_the_call_table_limit_refuses_a_new_call_and_the_call_up_ends(stack: E2EStack) -> None:
+    """max_dialogs 1: with one call up a second INVITE hears 503 + Retry-After, counted as
+    dropped_limit_dialogs; once the first call's BYE is answered a new call goes through."""
+    core = Core()
+    metrics_port = free_port()
+    _, port = stack.sipguard(
+        core_port=core.port, listen=("udp",),
+        config_extra=f"metrics: {{listen: {HOST}:{metrics_port}}}\nsip: {{max_dialogs: 1}}\n",
+    )
+    caller = Caller(port)
+    try:
+        to_tag, route = _call(caller, "one-1")
+        caller.send(caller.request("INVITE", "two-1"))
+        [busy] = caller.finals(call_id="two-1")
+        assert busy.startswith(b"SIP/2.0 503 ") and header(busy, "Retry-After").isdigit(), busy
+        assert core.methods("two-1") == []
+        assert events_total(metrics_port).get("dropped_limit_dialogs") == 1
+        caller.send(caller.request("BYE", "one-1", cseq=2, to_tag=to_tag, extra=route))
+        [ok] = caller.finals(call_id="one-1")
+        assert ok.startswith(b"SIP/2.0 200 "), ok
+        _call(caller, "three-1")
+    finally:
+        caller.close()
+        core.close()
