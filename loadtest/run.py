@@ -271,6 +271,10 @@ async def run_probe(
         transport.close()
     calls = list(probe.calls.values())
     to200 = [(c.t_200 - c.t_invite) * 1000 for c in calls if c.t_200 is not None]
+    # The slowest calls and when they started (seconds into the step): a tail that comes at
+    # one moment (a stall) reads differently from one spread over the step (queueing).
+    slowest = sorted(((c.t_200 - c.t_invite) * 1000, c.t_invite - t0) for c in calls
+                     if c.t_200 is not None)[-10:]
     first = [(c.t_first - c.t_invite) * 1000 for c in calls if c.t_first is not None]
     ok = [c for c in calls if c.done and c.failed is None and c.t_200 is not None]
     failures: dict[str, int] = {}
@@ -290,6 +294,7 @@ async def run_probe(
             "p99": percentile(to200, 99),
             "max": max(to200, default=None),
             "n": len(to200),
+            "slowest": [{"ms": round(ms, 3), "at_s": round(at, 3)} for ms, at in reversed(slowest)],
         },
         "first_response_ms": {
             "p50": percentile(first, 50),
