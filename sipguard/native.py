@@ -38,8 +38,9 @@ GROUP = "sipguard._native"  # the shared library that holds all compiled modules
 # The per-message path: parser, grammars, proxy core, timers, expiry wheel, verdicts; and the
 # per-INVITE policy: the pipeline, every rule, their windows, leases and number lookups (with
 # them, the build takes about twice as long: ~2 min instead of ~70 s on 2 CPUs). Not here:
-# the rules' pydantic settings (policy/*_settings.py, schema.py), certificate and PASSporT
-# parsing (stircert.py, passport.py: cryptography does the work) and policy/state.py.
+# the rules' pydantic settings (policy/*_settings.py, schema.py), certificate parsing
+# (stircert.py: cryptography does the work, once per certificate) and policy/state.py.
+# passport.py is here: every call that carries Identity decodes a PASSporT.
 HOT_MODULES: tuple[str, ...] = (
     "sipguard.sip.errors",
     "sipguard.sip.params",
@@ -73,6 +74,7 @@ HOT_MODULES: tuple[str, ...] = (
     "sipguard.policy.dialer_state",
     "sipguard.policy.dialer",
     "sipguard.policy.flood",
+    "sipguard.policy.passport",
     "sipguard.policy.identity",
     "sipguard.policy.national_cli",
     "sipguard.policy.engine",

@@ -228,8 +228,8 @@ class IdentityRule:
             raise _Failure("dest_mismatch", "dest.tn does not hold the called number", passport)
         try:
             check_x5u(passport.x5u, self.limits.ports, self.limits.allow_private)
-        except X5uRefused as exc:
-            raise _Failure("x5u_refused", str(exc), passport) from None
+        except X5uRefused as refused:  # not ``exc``: mypyc gives one name one type per function
+            raise _Failure("x5u_refused", str(refused), passport) from None
         return passport
 
     async def _fetch_then_finish(

@@ -21,7 +21,6 @@ Telephone numbers are compared in the canonical form of RFC 8224 §8.3: visual s
 
 from __future__ import annotations
 
-import base64
 import binascii
 import json
 import re
@@ -39,6 +38,7 @@ ATTESTATIONS = ("A", "B", "C")  # strongest first
 _VISUAL = str.maketrans("", "", " -.()")
 _ORIGID = re.compile(r"[A-Za-z0-9._\-]{1,128}")
 _ECDSA_SHA256 = ec.ECDSA(hashes.SHA256())
+_URLSAFE = bytes.maketrans(b"-_", b"+/")
 
 
 class PassportError(Exception):
@@ -50,9 +50,11 @@ class PassportError(Exception):
         self.detail = detail
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, init=False)
 class Passport:
-    """A decoded SHAKEN PASSporT whose header and claims are well formed (not yet verified)."""
+    """A decoded SHAKEN PASSporT whose header and claims are well formed (not yet verified).
+    Treat it as immutable (not frozen: a frozen dataclass's ``__init__`` runs as Python, one
+    ``object.__setattr__`` per field, on every call that carries Identity)."""
 
     x5u: str
     attest: str  # "A" | "B" | "C"
@@ -62,6 +64,17 @@ class Passport:
     origid: str
     signing_input: bytes  # b"header.payload" as sent: what the signature covers
     signature: bytes  # raw r || s, 64 bytes
+
+    def __init__(self, x5u: str, attest: str, orig: str, dest: tuple[str, ...], iat: int,
+                 origid: str, signing_input: bytes, signature: bytes) -> None:
+        self.x5u = x5u
+        self.attest = attest
+        self.orig = orig
+        self.dest = dest
+        self.iat = iat
+        self.origid = origid
+        self.signing_input = signing_input
+        self.signature = signature
 
 
 def canonical_tn(text: str) -> str | None:
@@ -74,9 +87,12 @@ def canonical_tn(text: str) -> str | None:
 
 
 def _b64(part: str) -> bytes:
+    """base64url, padding optional: ``base64.urlsafe_b64decode`` without its three Python
+    frames (the same steps: ASCII only, ``-_`` read as ``+/``, non-alphabet bytes skipped)."""
     try:
-        return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
-    except (binascii.Error, ValueError):
+        data = (part + "=" * (-len(part) % 4)).encode("ascii")
+        return binascii.a2b_base64(data.translate(_URLSAFE))
+    except (binascii.Error, ValueError):  # UnicodeEncodeError is a ValueError
         raise PassportError("bad_passport", "invalid base64url") from None
 
 
