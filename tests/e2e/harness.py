@@ -24,6 +24,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -56,6 +57,14 @@ atexit.register(_kill_leftovers)
 def sipp_binary() -> str | None:
     """Path of the sipp executable, or None when SIPp is not installed."""
     return shutil.which("sipp")
+
+
+def events_total(metrics_port: int, host: str = HOST) -> dict[str, float]:
+    """sipguard_events_total by event, from GET /metrics on ``metrics_port``."""
+    with urllib.request.urlopen(f"http://{host}:{metrics_port}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    pattern = r'^sipguard_events_total\{event="([^"]+)"\} ([0-9.e+]+)$'
+    return {m.group(1): float(m.group(2)) for m in re.finditer(pattern, text, re.M)}
 
 
 def free_port(host: str = HOST) -> int:

@@ -5,24 +5,15 @@ Retry-After and is counted, while the calls in progress still end with their BYE
 from __future__ import annotations
 
 import re
-import urllib.request
 
 import pytest
 
-from .harness import HOST, E2EStack, free_port
+from .harness import HOST, E2EStack, events_total, free_port
 from .scripted import Caller, Core, header
 
 pytestmark = pytest.mark.e2e
 
 TABLE = 100  # the smallest max_transactions the config takes
-
-
-def events_total(metrics_port: int) -> dict[str, float]:
-    """sipguard_events_total by event, from GET /metrics."""
-    with urllib.request.urlopen(f"http://{HOST}:{metrics_port}/metrics", timeout=5) as resp:
-        text = resp.read().decode()
-    pattern = r'^sipguard_events_total\{event="([^"]+)"\} ([0-9.e+]+)$'
-    return {m.group(1): float(m.group(2)) for m in re.finditer(pattern, text, re.M)}
 
 
 def _call(caller: Caller, call_id: str) -> tuple[str, str]:

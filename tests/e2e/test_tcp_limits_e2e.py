@@ -14,12 +14,11 @@ import re
 import resource
 import socket
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from .harness import HOST, E2EStack, SipguardProcess, free_port
+from .harness import HOST, E2EStack, SipguardProcess, events_total, free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -37,15 +36,6 @@ def rss_kb(pid: int) -> int:
     match = re.search(r"^VmRSS:\s+(\d+) kB", status, re.M)
     assert match, status
     return int(match.group(1))
-
-
-def events_total(metrics_port: int) -> dict[str, float]:
-    """sipguard_events_total by event, from GET /metrics."""
-    url = f"http://{HOST}:{metrics_port}/metrics"
-    with urllib.request.urlopen(url, timeout=5) as resp:
-        text = resp.read().decode()
-    pattern = r'^sipguard_events_total\{event="([^"]+)"\} ([0-9.e+]+)$'
-    return {m.group(1): float(m.group(2)) for m in re.finditer(pattern, text, re.M)}
 
 
 def is_open(sock: socket.socket) -> bool:
