@@ -45,7 +45,7 @@ def connect(where: Where) -> Redis | RedisCluster:
         "decode_responses": False,
     }
     if where.sentinel_master is not None:
-        sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        sentinel = Sentinel(  # type: ignore[no-untyped-call, unused-ignore]  # typed from redis 8.2
             list(where.sentinel_nodes), sentinel_kwargs=dict(common), **common
         )
         master: Redis = sentinel.master_for(where.sentinel_master)
