@@ -355,7 +355,7 @@ class Proxy:
         if full or (
             method == "INVITE" and msg.to_tag is None and len(self.dialogs) >= s.max_dialogs
         ):
-            self._busy(msg, flow, "transactions" if full else "dialogs")
+            self._busy(msg, flow, "limit_transactions" if full else "limit_dialogs")
             return
         st = ServerTxn(key, method, msg, flow, self.router.reply_flow(msg, flow))
         self.servers[(key, method)] = st
@@ -498,9 +498,10 @@ class Proxy:
                               top_via=build.stamped_via(msg.top_via, flow.addr), extra=extra)
         self.outbox.append((self.router.reply_flow(msg, flow), data))
 
-    def _busy(self, msg: Message, flow: Flow, table: str) -> None:
-        """A table is full: the new request hears 503 + Retry-After; calls in progress go on."""
-        self.events.append(Dropped(f"limit_{table}", msg.call_id, flow))
+    def _busy(self, msg: Message, flow: Flow, kind: str) -> None:
+        """A table is full (``kind``: ``limit_transactions``, ``limit_dialogs``): the new
+        request hears 503 + Retry-After; calls in progress go on."""
+        self.events.append(Dropped(kind, msg.call_id, flow))
         self._stateless(msg, flow, 503, "Service Unavailable",
                         (f"Retry-After: {self.settings.busy_retry_after_s}",))
 
