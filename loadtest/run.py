@@ -270,11 +270,13 @@ async def run_probe(
     finally:
         transport.close()
     calls = list(probe.calls.values())
-    to200 = [(c.t_200 - c.t_invite) * 1000 for c in calls if c.t_200 is not None]
-    # The slowest calls and when they started (seconds into the step): a tail that comes at
-    # one moment (a stall) reads differently from one spread over the step (queueing).
-    slowest = sorted(((c.t_200 - c.t_invite) * 1000, c.t_invite - t0) for c in calls
-                     if c.t_200 is not None)[-10:]
+    # (INVITE -> 200 ms, seconds into the step) per answered call; the slowest ten and when
+    # they started: a tail that comes at one moment (a stall) reads differently from one
+    # spread over the step (queueing).
+    answered = [((c.t_200 - c.t_invite) * 1000, c.t_invite - t0) for c in calls
+                if c.t_200 is not None]
+    to200 = [ms for ms, _ in answered]
+    slowest = sorted(answered)[-10:]
     first = [(c.t_first - c.t_invite) * 1000 for c in calls if c.t_first is not None]
     ok = [c for c in calls if c.done and c.failed is None and c.t_200 is not None]
     failures: dict[str, int] = {}

@@ -11,6 +11,7 @@ from sipguard.contract import (
     InviteDecided,
     Verdict,
 )
+from tests.unit.dialog_helpers import in_dialog
 from tests.unit.proxy_helpers import (
     CALLER,
     CORE,
@@ -410,8 +411,6 @@ def test_a_full_transaction_table_keeps_bounded_headroom_for_calls_in_progress()
     in-dialog requests of the call up go on until the table holds 1 + 2; beyond, they hear
     503 like a new call or an in-dialog request for no live call, and nothing reaches the
     core. The headroom is bounded: a party cannot grow the table past it."""
-    from tests.unit.dialog_helpers import in_dialog
-
     h = Harness(max_transactions=1, max_dialogs=2)
     fwd = _to(h.send(invite()), CORE)[0]
     h.send(answer(fwd, 200, "OK"), src=CORE)
