@@ -20,7 +20,9 @@ share its core with the load generator, and a SIPp process scheduled onto sipgua
 measures the scheduler rather than the proxy.  The direct baseline runs on the same CPUs as
 SIPp does in the sipguard step.
 
-``--paths`` picks the systems measured at every rate, in one run: ``direct``, ``sipguard`` (the
+``--paths`` picks the systems measured at every rate, in one run: ``direct``, ``relay`` (what a
+Python process on uvloop pays per call before any SIP work: ``loadtest/relay.py``, pinned like
+sipguard), ``sipguard`` (the
 config as given, memory state), ``redis`` (the same config with ``state.backend: redis`` on a
 redis-server this runner starts on a free loopback port for the run, emptied before each step)
 and ``redis-workers`` (that, with ``--workers`` processes; unpinned — they share the CPUs).
@@ -79,7 +81,7 @@ SCENARIOS = HERE / "scenarios"
 NUMBERS = HERE / "numbers.csv"
 RESULTS = HERE / "results"
 ALL_RULES = HERE / "all_rules.yaml"
-PATHS = ("direct", "kamailio", "sipguard", "redis", "redis-workers")
+PATHS = ("direct", "relay", "kamailio", "sipguard", "redis", "redis-workers")
 
 
 # ============================================================================ probe
@@ -428,6 +430,26 @@ def proxy_command(args: argparse.Namespace, pin: bool) -> list[str] | None:
     return cmd
 
 
+def start_relay(args: argparse.Namespace, workdir: Path, port: int,
+                core_port: int) -> subprocess.Popen[bytes]:
+    """The ``relay`` path: ``loadtest/relay.py`` (the Python floor, no SIP work), pinned like
+    sipguard; returns once it is bound."""
+    cmd = [sys.executable, str(HERE / "relay.py"), "--listen", f"{HOST}:{port}",
+           "--core", f"{HOST}:{core_port}"]
+    if args.proxy_cpu is not None and shutil.which("taskset"):
+        cmd = ["taskset", "-c", str(args.proxy_cpu), *cmd]
+    with open(workdir / "relay_stderr.txt", "wb") as err:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=err)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()  # "relay ready", or b"" if it died
+    proc.stdout.close()
+    if not line.startswith(b"relay ready"):
+        stop_pid(proc, grace=1)
+        raise RuntimeError(f"relay did not start: see {workdir / 'relay_stderr.txt'}")
+    return proc
+
+
 def run_warmup(args: argparse.Namespace, workdir: Path, target: int, inf: Path,
                scenario: Path, extra: list[str]) -> None:
     """A few calls before the measured ones (compare mode): the certificate cache of the
@@ -473,6 +495,7 @@ def run_step(args: argparse.Namespace, rate: int, path: str, root: Path) -> Step
     kam: compare.KamailioProcess | None = None
     proxy_pid: int | None = None
     probe_proc: subprocess.Popen[bytes] | None = None
+    relay_proc: subprocess.Popen[bytes] | None = None
     redis = args.redis if path.startswith("redis") else None
     inf, scenario = NUMBERS, SCENARIOS / "uac_load.xml"
     uac_extra = list(log_cap)
@@ -497,6 +520,10 @@ def run_step(args: argparse.Namespace, rate: int, path: str, root: Path) -> Step
                 defines=args.kamailio_define,
             ).start()
             proxy_pid, target = kam.pid, port
+        elif path == "relay":
+            port = free_port()
+            relay_proc = start_relay(args, workdir, port, uas.local_port)
+            proxy_pid, target = relay_proc.pid, port
         elif path != "direct":
             port = free_port()
             config = args.sipguard_configs.get(path, args.config)
@@ -601,6 +628,9 @@ def run_step(args: argparse.Namespace, rate: int, path: str, root: Path) -> Step
             step.sipguard_returncode = step.proxy_returncode = guard.stop()
         if kam is not None:
             step.proxy_returncode = kam.stop()
+        if relay_proc is not None:
+            stop_pid(relay_proc, grace=3)
+            step.proxy_returncode = relay_proc.returncode
         if uas.proc is not None:
             ures = uas.stop(grace=5)
             step.uas_completed, step.uas_failed = ures.successful, ures.failed
@@ -682,8 +712,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--only", choices=["direct", "sipguard"], help="run one path only")
     ap.add_argument(
-        "--paths", help="systems to measure, comma-separated, in order: direct, kamailio, "
-        "sipguard, redis (state on a local redis-server), redis-workers (--workers processes "
+        "--paths", help="systems to measure, comma-separated, in order: direct, relay (the "
+        "Python floor: loadtest/relay.py, no SIP work), kamailio, sipguard, redis (state on a local redis-server), redis-workers (--workers processes "
         "on it); default direct,sipguard (compare: direct,kamailio,sipguard)",
     )
     ap.add_argument("--workers", type=int, default=2, help="processes of the redis-workers path")

@@ -22,21 +22,26 @@ RUNNER = Path(__file__).resolve().parents[2] / "loadtest" / "run.py"
 from loadtest import compare  # noqa: E402
 
 
-def test_runner_measures_both_paths(tmp_path: Path) -> None:
+def test_runner_measures_direct_floor_and_sipguard(tmp_path: Path) -> None:
+    """direct, the Python floor (loadtest/relay.py: forwards by Call-ID, no SIP work) and
+    sipguard: every call completes on each, and the two proxies' CPU is read."""
     done = subprocess.run(
         [sys.executable, str(RUNNER), "--rates", "20", "--duration", "2", "--hold-ms", "200",
-         "--probe-rate", "5", "--results-dir", str(tmp_path)],
+         "--probe-rate", "5", "--paths", "direct,relay,sipguard",
+         "--results-dir", str(tmp_path)],
         capture_output=True, text=True, timeout=180,
     )
     assert done.returncode == 0, done.stdout + done.stderr
     (report,) = tmp_path.glob("*.json")
     steps = json.loads(report.read_text())["steps"]
-    assert [s["path"] for s in steps] == ["direct", "sipguard"], done.stdout
+    assert [s["path"] for s in steps] == ["direct", "relay", "sipguard"], done.stdout
     for step in steps:
         assert step["attempted"] == 40 and step["success_pct"] == 100.0, step
         assert step["probe"]["completed"] == step["probe"]["calls"] > 0, step["probe"]
         assert 0 < step["p50_ms"] <= step["p99_ms"] < 1000, step
-    guard = steps[1]
+    relay = steps[1]
+    assert relay["cpu_ms_per_call"] > 0 and relay["proxy_returncode"] == 0, relay
+    guard = steps[2]
     assert guard["cpu_ms_per_call"] > 0 and guard["sipguard_returncode"] == 0, guard
     assert "sipguard" in done.stdout and "100.00" in done.stdout
 
