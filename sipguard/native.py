@@ -84,7 +84,15 @@ HOT_MODULES: tuple[str, ...] = (
 )
 
 
+# Hand-written C extensions, built with the mypyc modules: module -> its C source.
+C_MODULES: dict[str, str] = {
+    "sipguard.sip._scan": "sipguard/sip/_scan.c",  # the parser's fast path (sip/parser.py)
+}
+
+
 def _source(module: str) -> Path:
+    if module in C_MODULES:
+        return ROOT / C_MODULES[module]
     return ROOT / (module.replace(".", "/") + ".py")
 
 
@@ -100,8 +108,11 @@ def status() -> tuple[list[str], list[str]]:
     """(modules that run compiled, compiled modules older than their source)."""
     compiled: list[str] = []
     stale: list[str] = []
-    for name in HOT_MODULES:
-        module = sys.modules.get(name) or importlib.import_module(name)
+    for name in (*HOT_MODULES, *C_MODULES):
+        try:
+            module = sys.modules.get(name) or importlib.import_module(name)
+        except ImportError:  # a C extension not built: its Python counterpart runs
+            continue
         path = getattr(module, "__file__", None) or ""
         if path.endswith(".py"):
             continue
@@ -117,7 +128,7 @@ def status() -> tuple[list[str], list[str]]:
 def needs_build() -> bool:
     """True when a compiled module is missing or older than its source (or this file)."""
     own = Path(__file__).stat().st_mtime
-    for name in HOT_MODULES:
+    for name in (*HOT_MODULES, *C_MODULES):
         target = _compiled_path(name)
         if not target.exists():
             return True
@@ -129,7 +140,7 @@ def needs_build() -> bool:
 
 def clean() -> None:
     suffix = _ext_suffix()
-    for name in (*HOT_MODULES, GROUP + "__mypyc"):
+    for name in (*HOT_MODULES, *C_MODULES, GROUP + "__mypyc"):
         path = ROOT / (name.replace(".", "/") + suffix)
         path.unlink(missing_ok=True)
 
@@ -147,9 +158,12 @@ def build() -> int:
     script = (
         "import sys\n"
         "from setuptools import setup\n"
+        "from setuptools import Extension\n"
         "from mypyc.build import mypycify\n"
         f"setup(name='sipguard-native', ext_modules=mypycify({paths!r}, "
-        f"group_name={GROUP!r}, opt_level='3', verbose=False), "
+        f"group_name={GROUP!r}, opt_level='3', verbose=False) + "
+        f"[Extension(name, [src], extra_compile_args=['-O3']) for name, src in "
+        f"{sorted(C_MODULES.items())!r}], "
         "script_args=['-q', 'build_ext', '--inplace', '--build-temp', sys.argv[1], "
         "'--build-lib', sys.argv[1]])\n"
     )
@@ -168,7 +182,8 @@ def build() -> int:
         tail = (result.stderr or result.stdout).strip().splitlines()[-3:]
         print("sipguard.native: compiling failed, running as Python:", *tail, sep="\n  ")
         return 1
-    print(f"sipguard.native: {len(HOT_MODULES)} hot-path modules compiled with mypyc")
+    print(f"sipguard.native: {len(HOT_MODULES)} hot-path modules compiled with mypyc, "
+          f"{len(C_MODULES)} C extension(s) built")
     return 0
 
 
@@ -184,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if command == "status":
         compiled, stale = status()
-        print(f"compiled: {len(compiled)} of {len(HOT_MODULES)} hot-path modules")
+        print(f"compiled: {len(compiled)} of {len(HOT_MODULES) + len(C_MODULES)} hot-path "
+              "modules (mypyc and C)")
         for name in stale:
             print(f"stale (source newer than the build, run `make`): {name}")
         return 1 if stale else 0

@@ -329,7 +329,7 @@ class Server:
             mode=self.cfg.mode,
             peers=len(self.policy.peers.peers),
             rules=[r.name for r in self.policy.rules],
-            compiled=len(compiled) == len(native.HOT_MODULES),
+            compiled=len(compiled) == len(native.HOT_MODULES) + len(native.C_MODULES),
         )
         if stale:
             self.log.warning("compiled_modules_stale", modules=stale,

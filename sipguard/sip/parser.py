@@ -36,7 +36,10 @@ a line the cache does not know — folding, a new name, junk — or a block that
 sends the whole block through the general splitter. The limits cost the fast path two ``len()``
 comparisons. On bytes, ``x in data`` is avoided: CPython 3.11 first tries ``x`` as an integer
 and raises and clears a formatted TypeError before it searches (~0.3 µs); ``find()`` does not.
-The parser fills in the message's index and parsed-value cache itself (``Message._index``,
+Where it is built (``python -m sipguard.native``), the fast path runs in C
+(``sipguard/sip/_scan.c``: one pass splits, checks for bare CR/LF, looks the names up and
+indexes them, without a Python method call per line); a block it declines takes the Python
+path below, which is the reference. The parser fills in the message's index and parsed-value cache itself (``Message._index``,
 ``_cache``, ``_frame``) rather than going through accessors: the two modules are one unit, split
 for reading, and compiled together (``sipguard/native.py``).
 """
@@ -44,6 +47,7 @@ for reading, and compiled together (``sipguard/native.py``).
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import NoReturn
 
 from sipguard.sip.errors import SipParseError
@@ -114,6 +118,27 @@ _COMMON_NAMES = (
     "Proxy-Authorization", "WWW-Authenticate", "Proxy-Authenticate", "Warning", "Organization",
     "Subject", "Content-Disposition", "Content-Encoding", "Retry-After", "Call-Id", "Cseq",
 )
+
+
+# The fast path's header scan in C (sipguard/sip/_scan.c, built with the compiled modules):
+# scan(data, start, eol, end, _NAME_CACHE, max_headers, max_line) -> (lines, names, index),
+# or None for the general path. Without it the same fast path runs in Python (parse_message);
+# the tests check that both give the same messages and errors.
+Scan = Callable[
+    [bytes, int, int, int, dict[bytes, str], int, int],
+    "tuple[list[bytes], list[str], dict[str, list[int]]] | None",
+]
+
+
+def _load_scan() -> Scan | None:
+    try:
+        from sipguard.sip._scan import scan
+    except ImportError:
+        return None
+    return scan
+
+
+SCAN: Scan | None = _load_scan()
 
 
 def is_token(data: bytes) -> bool:
@@ -351,6 +376,13 @@ def parse_message(
     # checks; a line can only be too long when the block is). Anything else — folding, a new
     # name, junk, a block that may break a limit — takes _split_headers.
     body = data[end + 4 :]
+    scan = SCAN
+    if scan is not None and eol < end:  # the same fast path in C, CR/LF check included
+        scanned = scan(data, start, eol, end, _NAME_CACHE, limits.max_headers,
+                       limits.max_header_line)
+        if scanned is not None:
+            return _indexed(data, start, eol, end, start_line, scanned[0], scanned[1],
+                            scanned[2], body, method, uri_text, status, reason, limits, datagram)
     raw_lines = data[eol + 2 : end].split(CRLF) if eol < end else []
     crlfs = len(raw_lines) + 1 if eol < end else 1  # the line ends of data[start : end + 2]
     if data.count(b"\r", start, end + 2) != crlfs or data.count(b"\n", start, end + 2) != crlfs:
@@ -382,18 +414,8 @@ def parse_message(
             else:
                 slot.append(i)
         else:
-            msg = Message(start_line, names, raw_lines, body, method, uri_text, status, reason,
-                          index, limits)
-            if raw_lines and status:
-                # Responses only: they pass through at once, where a request is kept by its
-                # transaction (for 32 s), and keeping its whole datagram too would cost memory.
-                msg._frame = (data, start, eol + 2, end + 4)
-            try:
-                _validate(msg, datagram)
-            except SipParseError as err:
-                _attach(err, msg)
-                raise
-            return msg
+            return _indexed(data, start, eol, end, start_line, raw_lines, names, index, body,
+                            method, uri_text, status, reason, limits, datagram)
     names, lines, error = _split_headers(raw_lines, limits)
     msg = Message(start_line, names, lines, body, method, uri_text, status, reason, None, limits)
     if error is None:
@@ -408,6 +430,26 @@ def parse_message(
         raise error
     finally:
         error = None  # no cycle (see _fail)
+
+
+def _indexed(
+    data: bytes, start: int, eol: int, end: int, start_line: bytes, raw_lines: list[bytes],
+    names: list[str], index: dict[str, list[int]], body: bytes, method: str | None,
+    uri_text: str | None, status: int, reason: str, limits: ParseLimits, datagram: bool,
+) -> Message:
+    """The fast path's message, validated."""
+    msg = Message(start_line, names, raw_lines, body, method, uri_text, status, reason, index,
+                  limits)
+    if raw_lines and status:
+        # Responses only: they pass through at once, where a request is kept by its
+        # transaction (for 32 s), and keeping its whole datagram too would cost memory.
+        msg._frame = (data, start, eol + 2, end + 4)
+    try:
+        _validate(msg, datagram)
+    except SipParseError as err:
+        _attach(err, msg)
+        raise
+    return msg
 
 
 def _validate(msg: Message, datagram: bool) -> None:

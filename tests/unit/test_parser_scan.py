@@ -1,0 +1,134 @@
+"""The parser's fast path in C (sipguard/sip/_scan.c) against the same path in Python.
+
+``parse_message`` uses the C scan when it is built (``python -m sipguard.native build``, which
+``make test`` runs) and the Python loop otherwise; both must give the same message — start
+line, header names and lines, index, body, validated fields — or the same error, for every
+input: the RFC 4475 messages, messages with random damage, and random bytes. Without the build
+the comparison cannot be made and these tests are skipped; the scan's direct tests then still
+run on the Python side of each pair.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+from hypothesis import given
+
+from sipguard.sip import parser
+from sipguard.sip.errors import SipParseError
+from sipguard.sip.message import ParseLimits
+from sipguard.sip.parser import parse_message
+from tests.unit.test_robustness import SEEDS, SETTINGS, any_bytes, mutated
+
+BUILT = parser.SCAN
+needs_scan = pytest.mark.skipif(BUILT is None, reason="C scan not built (sipguard.native)")
+
+
+@contextmanager
+def python_path() -> Iterator[None]:
+    saved = parser.SCAN
+    parser.SCAN = None
+    try:
+        yield
+    finally:
+        parser.SCAN = saved
+
+
+def outcome(data: bytes, **kw: Any) -> tuple[Any, ...]:
+    """What parsing ``data`` gives, as comparable values."""
+    try:
+        msg = parse_message(data, **kw)
+    except SipParseError as err:
+        partial = err.partial
+        return ("error", err.status, err.detail,
+                None if partial is None else (partial.names, partial.lines))
+    return ("message", msg.start_line, msg.method, msg.uri_text, msg.status, msg.reason,
+            msg.names, msg.lines, msg._index, msg.body, dict(msg._cache), msg._frame)
+
+
+def same_both_ways(data: bytes, **kw: Any) -> None:
+    # A name seen for the first time is learnt by the general path (the header-name cache),
+    # and the next parse of the same bytes takes the fast path: parse once before comparing.
+    outcome(data, **kw)
+    fast = outcome(data, **kw)
+    with python_path():
+        slow = outcome(data, **kw)
+    assert fast == slow, data
+
+
+@needs_scan
+@pytest.mark.parametrize("seed", range(len(SEEDS)))
+def test_rfc4475_and_seed_messages_parse_the_same_in_c_and_python(seed: int) -> None:
+    for datagram in (True, False):
+        same_both_ways(SEEDS[seed], datagram=datagram)
+
+
+@needs_scan
+@SETTINGS
+@given(data=mutated())
+def test_damaged_messages_parse_the_same_in_c_and_python(data: bytes) -> None:
+    same_both_ways(data)
+
+
+@needs_scan
+@SETTINGS
+@given(data=any_bytes)
+def test_random_bytes_parse_the_same_in_c_and_python(data: bytes) -> None:
+    same_both_ways(data, datagram=False)
+
+
+BASE = (b"OPTIONS sip:a@example.com SIP/2.0\r\nVia: SIP/2.0/UDP h;branch=z9hG4bK1\r\n"
+        b"From: <sip:a@example.com>;tag=1\r\nTo: <sip:b@example.com>\r\nCall-ID: c1\r\n"
+        b"CSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n")
+
+
+@needs_scan
+@pytest.mark.parametrize("data", [
+    BASE,
+    BASE.replace(b"Call-ID: c1\r\n", b"Call-ID: c\r1\r\n"),  # a bare CR in a header
+    BASE.replace(b"Call-ID: c1\r\n", b"Call-ID: c\n1\r\n"),  # a bare LF in a header
+    BASE.replace(b"OPTIONS sip:a@", b"OPTIONS sip:\ra@"),  # a bare CR in the start line
+    BASE.replace(b"OPTIONS sip:a@", b"OPTIONS sip:\na@"),  # a bare LF in the start line
+    BASE.replace(b"Content-Length: 0\r\n", b"Content-Length: 0\r\n\r"),  # a CR before the end
+    BASE.replace(b"CSeq: 1 OPTIONS\r\n", b"CSeq: 1\r\n OPTIONS\r\n"),  # folded: Python path
+    BASE.replace(b"Call-ID: c1\r\n", b"Call-ID: c1\r\nX-New-Name-Here: 1\r\n"),  # unknown name
+    BASE.replace(b"Call-ID: c1\r\n", b"Call-ID: c1\r\nno colon here\r\n"),
+    BASE.replace(b"Call-ID: c1\r\n", b"Call-ID: c1\r\nv: SIP/2.0/UDP h2;branch=z9hG4bK2\r\n"),
+    b"\r\n\r\n" + BASE,  # CRLFs before the start line
+    BASE.replace(b"\r\n\r\n", b"\r\n\r\nbody\r\n\r\nmore"),
+])
+def test_edge_cases_parse_the_same_in_c_and_python(data: bytes) -> None:
+    same_both_ways(data)
+    same_both_ways(data, datagram=False)
+
+
+@needs_scan
+def test_limits_send_the_block_to_the_python_path_with_the_same_result() -> None:
+    """Over max_headers or max_header_line the C scan declines and the general path reports
+    the limit exactly as without the scan."""
+    for limits in (ParseLimits(max_headers=6), ParseLimits(max_header_line=30),
+                   ParseLimits(max_headers=7, max_header_line=40)):
+        same_both_ways(BASE, limits=limits)
+
+
+@needs_scan
+def test_the_scan_declines_what_only_the_general_path_handles() -> None:
+    """None (the general path) for a bare CR or LF, an unknown name, a line over the limit or
+    too many lines; the split and index otherwise."""
+    assert BUILT is not None
+    eol = BASE.find(b"\r\n")
+    end = BASE.find(b"\r\n\r\n")
+    lines, names, index = BUILT(BASE, 0, eol, end, parser._NAME_CACHE, 100, 1000) or ((), (), {})
+    assert lines == BASE[eol + 2 : end].split(b"\r\n")
+    assert names == ["via", "from", "to", "call-id", "cseq", "content-length"]
+    assert index == {name: [i] for i, name in enumerate(names)}
+    assert BUILT(BASE, 0, eol, end, parser._NAME_CACHE, 5, 1000) is None  # 6 lines
+    assert BUILT(BASE, 0, eol, end, parser._NAME_CACHE, 100, 20) is None  # a line of 30+
+    assert BUILT(BASE, 0, eol, end, {}, 100, 1000) is None  # no name known
+    bad = BASE.replace(b"c1", b"c\r")
+    assert BUILT(bad, 0, eol, bad.find(b"\r\n\r\n"), parser._NAME_CACHE, 100, 1000) is None
+    with pytest.raises(ValueError):
+        BUILT(BASE, 0, eol, len(BASE), parser._NAME_CACHE, 100, 1000)  # past the end
