@@ -6,6 +6,8 @@
  *     scan(data, start, eol, end, names_cache, max_headers, max_line)
  *         -> (lines, names, index) | None
  *
+ * and ``check`` (below) does parser._validate's checks on what it returned.
+ *
  * data[start:eol] is the start line, data[eol + 2:end] the header block (eol < end), and
  * data[end:end + 4] the empty line. It returns the block's lines (bytes, without their CRLF),
  * the canonical name of each (``names_cache[line[:colon]]``) and ``{name: [line numbers]}``,
@@ -141,11 +143,180 @@ error:
     return NULL;
 }
 
+/* ---------------------------------------------------------------- check */
+
+static int
+is_ws(char c)
+{
+    return c == ' ' || c == '\t';
+}
+
+/* The value of a header line (after the first colon) with SP/HT stripped: [*from, *to). */
+static void
+value_of(PyObject *line, const char **from, const char **to)
+{
+    const char *p = PyBytes_AS_STRING(line);
+    const char *e = p + PyBytes_GET_SIZE(line);
+    const char *colon = memchr(p, ':', (size_t)(e - p));
+    p = colon == NULL ? e : colon + 1;
+    while (p < e && is_ws(*p))
+        p++;
+    while (e > p && is_ws(e[-1]))
+        e--;
+    *from = p;
+    *to = e;
+}
+
+/* Digits only, 1..max of them: their value; -1 otherwise. */
+static long long
+digits(const char *p, const char *e, Py_ssize_t max)
+{
+    if (e <= p || e - p > max)
+        return -1;
+    long long n = 0;
+    for (; p < e; p++) {
+        if (*p < '0' || *p > '9')
+            return -1;
+        n = n * 10 + (*p - '0');
+    }
+    return n;
+}
+
+/* The one line of header ``name`` (borrowed), NULL when it is absent (*many = 0) or repeated
+ * (*many = 1). */
+static PyObject *
+only_line(PyObject *lines, PyObject *index, const char *name, int *many)
+{
+    PyObject *slot = PyDict_GetItemString(index, name);
+    *many = 0;
+    if (slot == NULL || !PyList_CheckExact(slot))
+        return NULL;
+    if (PyList_GET_SIZE(slot) != 1) {
+        *many = 1;
+        return NULL;
+    }
+    Py_ssize_t i = PyLong_AsSsize_t(PyList_GET_ITEM(slot, 0));
+    if (i < 0 || i >= PyList_GET_SIZE(lines)) {
+        PyErr_Clear();
+        *many = 1;
+        return NULL;
+    }
+    PyObject *line = PyList_GET_ITEM(lines, i);
+    return PyBytes_CheckExact(line) ? line : NULL;
+}
+
+static const char TOKEN[] =
+    "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.!%*_+`'~-";
+
+/* check(lines, index, methods, request, datagram, body_length)
+ *     -> ((cseq number, cseq method), max-forwards | None, content-length | None, call-id)
+ *      | None
+ * The checks of parser._validate for the usual message, from the fast path's unfolded lines:
+ * From, To, Call-ID and CSeq once each, a Via, Max-Forwards and Content-Length at most once,
+ * "CSeq: <1-10 digits> <token>" within range, Max-Forwards (requests) up to 255,
+ * Content-Length up to 2**31 with at least that many body bytes, a non-empty Call-ID.
+ * Anything else — an error to report, a longer body to cut — returns None and
+ * parser._validate, the reference, does the work. */
+static PyObject *
+check(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 6 || !PyList_CheckExact(args[0]) || !PyDict_CheckExact(args[1])
+        || !PyDict_CheckExact(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "check(list, dict, dict, bool, bool, int)");
+        return NULL;
+    }
+    PyObject *lines = args[0], *index = args[1], *methods = args[2];
+    int request = PyObject_IsTrue(args[3]);
+    int datagram = PyObject_IsTrue(args[4]);
+    Py_ssize_t body = PyLong_AsSsize_t(args[5]);
+    if (request < 0 || datagram < 0 || (body == -1 && PyErr_Occurred()))
+        return NULL;
+    int many;
+    if (only_line(lines, index, "from", &many) == NULL
+        || only_line(lines, index, "to", &many) == NULL
+        || PyDict_GetItemString(index, "via") == NULL)
+        Py_RETURN_NONE;
+    PyObject *cseq_line = only_line(lines, index, "cseq", &many);
+    PyObject *call_line = only_line(lines, index, "call-id", &many);
+    if (cseq_line == NULL || call_line == NULL)
+        Py_RETURN_NONE;
+    PyObject *mf_line = only_line(lines, index, "max-forwards", &many);
+    if (many)
+        Py_RETURN_NONE;
+    PyObject *cl_line = only_line(lines, index, "content-length", &many);
+    if (many || (cl_line == NULL && !datagram))
+        Py_RETURN_NONE;
+
+    /* CSeq: the whole value is digits, SP/HT, a token (trailing SP/HT stripped already). */
+    const char *p, *e;
+    value_of(cseq_line, &p, &e);
+    const char *num_end = p;
+    while (num_end < e && *num_end >= '0' && *num_end <= '9')
+        num_end++;
+    long long seq = digits(p, num_end, 10);
+    if (seq < 0 || seq > 2147483647LL || num_end == e || !is_ws(*num_end))
+        Py_RETURN_NONE;
+    const char *m = num_end;
+    while (m < e && is_ws(*m))
+        m++;
+    if (m == e)
+        Py_RETURN_NONE;
+    const char *m_end = e;
+    for (const char *q = m; q < m_end; q++)
+        if (*q == '\0' || strchr(TOKEN, *q) == NULL)
+            Py_RETURN_NONE;
+
+    long long hops = -1, length = -1;
+    if (mf_line != NULL && request) {
+        value_of(mf_line, &p, &e);
+        hops = digits(p, e, 3);
+        if (hops < 0 || hops > 255)
+            Py_RETURN_NONE;
+    }
+    if (cl_line != NULL) {
+        value_of(cl_line, &p, &e);
+        length = digits(p, e, 10);
+        if (length < 0 || length > 2147483648LL || body < length)
+            Py_RETURN_NONE;
+    }
+    value_of(call_line, &p, &e);
+    if (p == e || memchr(p, '\r', (size_t)(e - p)) != NULL)
+        Py_RETURN_NONE;
+
+    PyObject *call_id = PyUnicode_DecodeUTF8(p, e - p, "surrogateescape");
+    if (call_id == NULL)
+        return NULL;
+    PyObject *method_bytes = PyBytes_FromStringAndSize(m, m_end - m);
+    PyObject *method = NULL;
+    if (method_bytes != NULL) {
+        method = PyDict_GetItemWithError(methods, method_bytes);
+        if (method != NULL)
+            Py_INCREF(method);
+        else if (!PyErr_Occurred())
+            method = PyUnicode_DecodeASCII(m, m_end - m, "strict");
+        Py_DECREF(method_bytes);
+    }
+    if (method == NULL) {
+        Py_DECREF(call_id);
+        return NULL;
+    }
+    PyObject *result = Py_BuildValue(
+        "((LN)NNN)", seq, method,
+        hops < 0 ? Py_NewRef(Py_None) : PyLong_FromLongLong(hops),
+        length < 0 ? Py_NewRef(Py_None) : PyLong_FromLongLong(length),
+        call_id);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"scan", (PyCFunction)(void (*)(void))scan, METH_FASTCALL,
      "scan(data, start, eol, end, names_cache, max_headers, max_line) -> "
      "(lines, names, index) | None: the header block split and indexed, or None for the "
      "general path."},
+    {"check", (PyCFunction)(void (*)(void))check, METH_FASTCALL,
+     "check(lines, index, methods, request, datagram, body_length) -> "
+     "((cseq, method), max_forwards, content_length, call_id) | None: parser._validate's "
+     "checks for the usual message, or None for parser._validate."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -130,15 +130,24 @@ Scan = Callable[
 ]
 
 
-def _load_scan() -> Scan | None:
+# check(lines, index, METHODS, is a request, datagram, len(body)) ->
+# ((cseq number, method), max-forwards, content-length, call-id): _validate's checks for the
+# usual message, in C, or None for _validate.
+Check = Callable[
+    [list[bytes], dict[str, list[int]], dict[bytes, str], bool, bool, int],
+    "tuple[tuple[int, str], int | None, int | None, str] | None",
+]
+
+
+def _load_scan() -> tuple[Scan | None, Check | None]:
     try:
-        from sipguard.sip._scan import scan
+        from sipguard.sip._scan import check, scan
     except ImportError:
-        return None
-    return scan
+        return None, None
+    return scan, check
 
 
-SCAN: Scan | None = _load_scan()
+SCAN, CHECK = _load_scan()
 
 
 def is_token(data: bytes) -> bool:
@@ -444,6 +453,21 @@ def _indexed(
         # Responses only: they pass through at once, where a request is kept by its
         # transaction (for 32 s), and keeping its whole datagram too would cost memory.
         msg._frame = (data, start, eol + 2, end + 4)
+    check = CHECK
+    if check is not None:
+        checked = check(raw_lines, index, METHODS, method is not None, datagram, len(body))
+        if checked is not None and (method is None or checked[0][1] == method):
+            cache = msg._cache
+            cache["cseq"] = checked[0]
+            if checked[1] is not None:
+                cache["max-forwards"] = checked[1]
+            length = checked[2]
+            if length is not None:
+                cache["content-length"] = length
+                if len(body) != length:
+                    msg.body = body[:length]  # RFC 3261 §18.3: discard the excess (UDP)
+            cache["call-id"] = checked[3]
+            return msg
     try:
         _validate(msg, datagram)
     except SipParseError as err:

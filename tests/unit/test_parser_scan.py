@@ -1,6 +1,6 @@
 """The parser's fast path in C (sipguard/sip/_scan.c) against the same path in Python.
 
-``parse_message`` uses the C scan when it is built (``python -m sipguard.native build``, which
+``parse_message`` uses the C scan and check when they are built (``python -m sipguard.native build``, which
 ``make test`` runs) and the Python loop otherwise; both must give the same message — start
 line, header names and lines, index, body, validated fields — or the same error, for every
 input: the RFC 4475 messages, messages with random damage, and random bytes. Without the build
@@ -24,17 +24,18 @@ from sipguard.sip.parser import parse_message
 from tests.unit.test_robustness import SEEDS, SETTINGS, any_bytes, mutated
 
 BUILT = parser.SCAN
+CHECK = parser.CHECK
 needs_scan = pytest.mark.skipif(BUILT is None, reason="C scan not built (sipguard.native)")
 
 
 @contextmanager
 def python_path() -> Iterator[None]:
-    saved = parser.SCAN
-    parser.SCAN = None
+    saved = parser.SCAN, parser.CHECK
+    parser.SCAN = parser.CHECK = None
     try:
         yield
     finally:
-        parser.SCAN = saved
+        parser.SCAN, parser.CHECK = saved
 
 
 def outcome(data: bytes, **kw: Any) -> tuple[Any, ...]:
@@ -99,6 +100,32 @@ BASE = (b"OPTIONS sip:a@example.com SIP/2.0\r\nVia: SIP/2.0/UDP h;branch=z9hG4bK
     BASE.replace(b"Call-ID: c1\r\n", b"Call-ID: c1\r\nv: SIP/2.0/UDP h2;branch=z9hG4bK2\r\n"),
     b"\r\n\r\n" + BASE,  # CRLFs before the start line
     BASE.replace(b"\r\n\r\n", b"\r\n\r\nbody\r\n\r\nmore"),
+    BASE.replace(b"Content-Length: 0", b"Content-Length: 4") + b"body and more",  # cut
+    BASE.replace(b"Content-Length: 0", b"Content-Length: 40") + b"short",
+    BASE.replace(b"Content-Length: 0", b"Content-Length: 2147483648") + b"x",
+    BASE.replace(b"Content-Length: 0", b"Content-Length: 12345678901"),
+    BASE.replace(b"Content-Length: 0\r\n", b""),  # none: fine on UDP, an error on TCP
+    BASE.replace(b"Content-Length: 0", b"Content-Length: 0\r\nl: 0"),  # twice
+    BASE.replace(b"CSeq: 1 OPTIONS", b"CSeq: 2147483647 OPTIONS"),
+    BASE.replace(b"CSeq: 1 OPTIONS", b"CSeq: 2147483648 OPTIONS"),
+    BASE.replace(b"CSeq: 1 OPTIONS", b"CSeq: 12345678901 OPTIONS"),
+    BASE.replace(b"CSeq: 1 OPTIONS", b"CSeq: 1 INVITE"),  # not the request's method
+    BASE.replace(b"CSeq: 1 OPTIONS", b"CSeq:1\tOPTIONS \t"),
+    BASE.replace(b"CSeq: 1 OPTIONS", b"CSeq: 1OPTIONS"),
+    BASE.replace(b"CSeq: 1 OPTIONS", b"CSeq: 1 OPT/IONS"),
+    BASE.replace(b"CSeq: 1 OPTIONS", b"CSeq: 1 "),
+    BASE.replace(b"CSeq: 1 OPTIONS", b"CSeq: 1 OPTIONS\r\nCSeq: 2 OPTIONS"),
+    BASE.replace(b"Call-ID: c1", b"Call-ID:  \t"),  # empty
+    BASE.replace(b"Call-ID: c1", b"Call-ID: \xff\xfe@h"),  # kept as surrogates
+    BASE.replace(b"To: <sip:b@example.com>\r\n", b""),
+    BASE.replace(b"Via: SIP/2.0/UDP h;branch=z9hG4bK1\r\n", b""),
+    BASE.replace(b"Call-ID: c1", b"Call-ID: c1\r\nMax-Forwards: 70"),
+    BASE.replace(b"Call-ID: c1", b"Call-ID: c1\r\nMax-Forwards: 0070"),  # the Python path
+    BASE.replace(b"Call-ID: c1", b"Call-ID: c1\r\nMax-Forwards: 256"),
+    BASE.replace(b"Call-ID: c1", b"Call-ID: c1\r\nMax-Forwards: 7 0"),
+    BASE.replace(b"Call-ID: c1", b"Call-ID: c1\r\nMax-Forwards: 1\r\nMax-Forwards: 2"),
+    b"SIP/2.0 200 OK\r\n" + BASE.split(b"\r\n", 1)[1],  # a response
+    b"SIP/2.0 200 OK\r\nMax-Forwards: 999\r\n" + BASE.split(b"\r\n", 1)[1],
 ])
 def test_edge_cases_parse_the_same_in_c_and_python(data: bytes) -> None:
     same_both_ways(data)
@@ -132,3 +159,28 @@ def test_the_scan_declines_what_only_the_general_path_handles() -> None:
     assert BUILT(bad, 0, eol, bad.find(b"\r\n\r\n"), parser._NAME_CACHE, 100, 1000) is None
     with pytest.raises(ValueError):
         BUILT(BASE, 0, eol, len(BASE), parser._NAME_CACHE, 100, 1000)  # past the end
+
+
+@needs_scan
+def test_the_check_gives_the_validated_fields_or_declines() -> None:
+    """check() returns the CSeq, Max-Forwards (requests only), Content-Length and Call-ID of
+    the usual message, and None wherever parser._validate has an error to report."""
+    assert CHECK is not None
+    eol = BASE.find(b"\r\n")
+
+    def checked(data: bytes, request: bool = True, datagram: bool = True,
+                body: int = 0) -> Any:
+        scanned = BUILT(data, 0, eol, data.find(b"\r\n\r\n"), parser._NAME_CACHE, 100, 1000)
+        assert scanned is not None
+        return CHECK(scanned[0], scanned[2], parser.METHODS, request, datagram, body)
+
+    assert checked(BASE) == ((1, "OPTIONS"), None, 0, "c1")
+    with_mf = BASE.replace(b"Call-ID: c1", b"Call-ID: c1\r\nMax-Forwards: 69")
+    assert checked(with_mf) == ((1, "OPTIONS"), 69, 0, "c1")
+    assert checked(with_mf, request=False) == ((1, "OPTIONS"), None, 0, "c1")
+    assert checked(BASE.replace(b"CSeq: 1 OPTIONS", b"CSeq: 7 FOO")) == ((7, "FOO"), None, 0,
+                                                                          "c1")
+    assert checked(BASE.replace(b"Content-Length: 0", b"Content-Length: 3"), body=2) is None
+    assert checked(BASE.replace(b"Content-Length: 0\r\n", b""), datagram=False) is None
+    assert checked(BASE.replace(b"Call-ID: c1", b"Call-ID: ")) is None
+
