@@ -308,6 +308,74 @@ check(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     return result;
 }
 
+/* ---------------------------------------------------------------- value_text */
+
+/* value_text(line) -> str: message.decode(message.raw_value(line)) — the value of a raw header
+ * line after its first colon, folding CRLFs joined to one space with the SP/HT around each
+ * removed, stripped of SP/HT, as UTF-8 with undecodable bytes kept as surrogates. */
+static PyObject *
+value_text(PyObject *self, PyObject *line)
+{
+    if (!PyBytes_CheckExact(line)) {
+        PyErr_SetString(PyExc_TypeError, "value_text(bytes)");
+        return NULL;
+    }
+    const char *p = PyBytes_AS_STRING(line);
+    Py_ssize_t n = PyBytes_GET_SIZE(line);
+    const char *colon = memchr(p, ':', (size_t)n);
+    const char *v = colon == NULL ? p + n : colon + 1;
+    const char *e = p + n;
+    const char *fold = NULL;
+    for (const char *q = v; q + 1 < e; q++) {
+        if (q[0] == '\r' && q[1] == '\n') {
+            fold = q;
+            break;
+        }
+    }
+    if (fold == NULL) {
+        while (v < e && is_ws(*v))
+            v++;
+        while (e > v && is_ws(e[-1]))
+            e--;
+        return PyUnicode_DecodeUTF8(v, e - v, "surrogateescape");
+    }
+    /* b" ".join(part.strip(WS) for part in value.split(CRLF)).strip(WS) */
+    char *out = PyMem_Malloc((size_t)(e - v) + 1);
+    if (out == NULL)
+        return PyErr_NoMemory();
+    Py_ssize_t len = 0;
+    const char *part = v;
+    for (;;) {
+        const char *cut = NULL;
+        for (const char *q = part; q + 1 < e; q++) {
+            if (q[0] == '\r' && q[1] == '\n') {
+                cut = q;
+                break;
+            }
+        }
+        const char *a = part, *b = cut == NULL ? e : cut;
+        while (a < b && is_ws(*a))
+            a++;
+        while (b > a && is_ws(b[-1]))
+            b--;
+        if (part != v)
+            out[len++] = ' ';
+        memcpy(out + len, a, (size_t)(b - a));
+        len += b - a;
+        if (cut == NULL)
+            break;
+        part = cut + 2;
+    }
+    Py_ssize_t from = 0;
+    while (from < len && is_ws(out[from]))
+        from++;
+    while (len > from && is_ws(out[len - 1]))
+        len--;
+    PyObject *text = PyUnicode_DecodeUTF8(out + from, len - from, "surrogateescape");
+    PyMem_Free(out);
+    return text;
+}
+
 static PyMethodDef methods[] = {
     {"scan", (PyCFunction)(void (*)(void))scan, METH_FASTCALL,
      "scan(data, start, eol, end, names_cache, max_headers, max_line) -> "
@@ -317,6 +385,8 @@ static PyMethodDef methods[] = {
      "check(lines, index, methods, request, datagram, body_length) -> "
      "((cseq, method), max_forwards, content_length, call_id) | None: parser._validate's "
      "checks for the usual message, or None for parser._validate."},
+    {"value_text", (PyCFunction)value_text, METH_O,
+     "value_text(line) -> str: message.decode(message.raw_value(line)) in one pass."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -31,7 +31,7 @@ the parser shares them rather than keeping copies.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from sipguard.sip.errors import SipParseError
@@ -49,6 +49,19 @@ MAX_CSEQ = 2**31 - 1  # RFC 3261 §8.1.1.5: the sequence number MUST be less tha
 def decode(raw: bytes) -> str:
     """Bytes from the wire as text: UTF-8, with undecodable bytes kept as surrogates."""
     return raw.decode("utf-8", "surrogateescape")
+
+
+def _load_value_text() -> Callable[[bytes], str] | None:
+    """``decode(raw_value(line))`` in C (sipguard/sip/_scan.c), where it is built; the tests
+    check both agree."""
+    try:
+        from sipguard.sip._scan import value_text
+    except ImportError:
+        return None
+    return value_text
+
+
+VALUE_TEXT = _load_value_text()
 
 
 class ParseLimits:
@@ -249,6 +262,9 @@ class Message:
 
     def value_at(self, i: int) -> str:
         """The value of header line ``i``: after the colon, unfolded, stripped."""
+        text = VALUE_TEXT
+        if text is not None:
+            return text(self.lines[i])
         return decode(raw_value(self.lines[i]))
 
     def values(self, name: str) -> list[str]:

@@ -16,8 +16,9 @@ from typing import Any
 
 import pytest
 from hypothesis import given
+from hypothesis import strategies as st
 
-from sipguard.sip import parser
+from sipguard.sip import message, parser
 from sipguard.sip.errors import SipParseError
 from sipguard.sip.message import ParseLimits
 from sipguard.sip.parser import parse_message
@@ -25,17 +26,18 @@ from tests.unit.test_robustness import SEEDS, SETTINGS, any_bytes, mutated
 
 BUILT = parser.SCAN
 CHECK = parser.CHECK
+VALUE_TEXT = message.VALUE_TEXT
 needs_scan = pytest.mark.skipif(BUILT is None, reason="C scan not built (sipguard.native)")
 
 
 @contextmanager
 def python_path() -> Iterator[None]:
-    saved = parser.SCAN, parser.CHECK
-    parser.SCAN = parser.CHECK = None
+    saved = parser.SCAN, parser.CHECK, message.VALUE_TEXT
+    parser.SCAN = parser.CHECK = message.VALUE_TEXT = None
     try:
         yield
     finally:
-        parser.SCAN, parser.CHECK = saved
+        parser.SCAN, parser.CHECK, message.VALUE_TEXT = saved
 
 
 def outcome(data: bytes, **kw: Any) -> tuple[Any, ...]:
@@ -47,7 +49,8 @@ def outcome(data: bytes, **kw: Any) -> tuple[Any, ...]:
         return ("error", err.status, err.detail,
                 None if partial is None else (partial.names, partial.lines))
     return ("message", msg.start_line, msg.method, msg.uri_text, msg.status, msg.reason,
-            msg.names, msg.lines, msg._index, msg.body, dict(msg._cache), msg._frame)
+            msg.names, msg.lines, msg._index, msg.body, dict(msg._cache), msg._frame,
+            [msg.value_at(i) for i in range(len(msg.lines))])
 
 
 def same_both_ways(data: bytes, **kw: Any) -> None:
@@ -184,3 +187,32 @@ def test_the_check_gives_the_validated_fields_or_declines() -> None:
     assert checked(BASE.replace(b"Content-Length: 0\r\n", b""), datagram=False) is None
     assert checked(BASE.replace(b"Call-ID: c1", b"Call-ID: ")) is None
 
+
+
+# Header lines as they come: a name, a colon or not, values with SP/HT, folds (CRLF + SP/HT),
+# bare CRs and LFs, bytes that are not UTF-8.
+line_parts = st.lists(st.sampled_from([b"Subject", b":", b" ", b"\t", b"\r\n", b"\r\n ",
+                                       b"\r\n\t", b"\r", b"\n", b"a", b"b c", b"\xff", b"\xc3\xa9",
+                                       b";tag=1", b","]), max_size=12)
+
+
+@needs_scan
+@SETTINGS
+@given(parts=line_parts)
+def test_value_text_is_raw_value_decoded(parts: list[bytes]) -> None:
+    """value_text(line) is decode(raw_value(line)) for any line: folded or not, with or without
+    a colon, whitespace anywhere, bytes that are not UTF-8."""
+    assert VALUE_TEXT is not None
+    line = b"".join(parts)
+    assert VALUE_TEXT(line) == message.decode(message.raw_value(line)), line
+
+
+@needs_scan
+@pytest.mark.parametrize("line", [
+    b"", b":", b"Via", b"Via:", b"Via: ", b"Via:\t x \t", b"Subject: a\r\n b", b"Subject: a \r\n\t b ",
+    b"Subject: a\r\n \r\n b", b"Subject:\r\n x", b"Subject: x\r\n", b"Subject: a\r\r\n b",
+    b"Subject: a: b", b"Subject: \xff\xfe", b"X: \r\n",
+])
+def test_value_text_on_edge_cases(line: bytes) -> None:
+    assert VALUE_TEXT is not None
+    assert VALUE_TEXT(line) == message.decode(message.raw_value(line))
