@@ -24,6 +24,18 @@
 #include <Python.h>
 #include <string.h>
 
+/* A limit (a non-negative int of any size): beyond Py_ssize_t it limits nothing. */
+static Py_ssize_t
+as_limit(PyObject *value)
+{
+    Py_ssize_t n = PyLong_AsSsize_t(value);
+    if (n == -1 && PyErr_Occurred() && PyErr_ExceptionMatches(PyExc_OverflowError)) {
+        PyErr_Clear();
+        return PyLong_Check(value) && _PyLong_Sign(value) > 0 ? PY_SSIZE_T_MAX : -1;
+    }
+    return n;
+}
+
 static PyObject *
 scan(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -40,8 +52,8 @@ scan(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     Py_ssize_t start = PyLong_AsSsize_t(args[1]);
     Py_ssize_t eol = PyLong_AsSsize_t(args[2]);
     Py_ssize_t end = PyLong_AsSsize_t(args[3]);
-    Py_ssize_t max_headers = PyLong_AsSsize_t(args[5]);
-    Py_ssize_t max_line = PyLong_AsSsize_t(args[6]);
+    Py_ssize_t max_headers = as_limit(args[5]);
+    Py_ssize_t max_line = as_limit(args[6]);
     if (PyErr_Occurred())
         return NULL;
     const char *buf = PyBytes_AS_STRING(data);

@@ -140,7 +140,8 @@ def test_limits_send_the_block_to_the_python_path_with_the_same_result() -> None
     """Over max_headers or max_header_line the C scan declines and the general path reports
     the limit exactly as without the scan."""
     for limits in (ParseLimits(max_headers=6), ParseLimits(max_header_line=30),
-                   ParseLimits(max_headers=7, max_header_line=40)):
+                   ParseLimits(max_headers=7, max_header_line=40),
+                   ParseLimits(max_headers=10**30, max_header_line=2**64)):  # no bound
         same_both_ways(BASE, limits=limits)
 
 
