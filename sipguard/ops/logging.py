@@ -140,7 +140,25 @@ def flush_logs() -> None:
         stream.flush()
 
 
-_encode = json.JSONEncoder(default=repr, check_circular=False).encode
+def _json_encoder() -> Callable[[Any], str]:
+    """One JSON object per line: ``json.JSONEncoder(default=repr, check_circular=False).encode``
+    without the Python around its C encoder, which ``encode`` builds anew for every object
+    (~1 µs of the ~6.5 µs a call's log line costs)."""
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:  # a Python without the C accelerator
+        return json.JSONEncoder(default=repr, check_circular=False).encode
+    # markers (None: no circular check), default, string encoder, indent, separators,
+    # sort_keys, skipkeys, allow_nan: JSONEncoder's defaults
+    encoder = make(None, repr, json.encoder.encode_basestring_ascii, None, ": ", ", ", False,
+                   False, True)
+
+    def encode(obj: Any) -> str:
+        return "".join(encoder(obj, 0))
+
+    return encode
+
+
+_encode = _json_encoder()
 
 
 def render_json(_logger: Any, _name: str, event_dict: MutableMapping[str, Any]) -> str:

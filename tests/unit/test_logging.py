@@ -186,3 +186,22 @@ def test_a_line_the_stream_cannot_encode_is_escaped_and_the_writer_goes_on() -> 
     flush_logs()
     text = raw.getvalue().decode("utf-8")
     assert "bad\\udcff" in text and "after" in text
+
+
+def test_line_encoder_is_json_encoders_output() -> None:
+    """The log lines' encoder (the C encoder, built once) writes what
+    ``json.JSONEncoder(default=repr, check_circular=False).encode`` would: ASCII with escapes,
+    bytes kept from the wire as surrogates, floats, nested values, and repr() for the rest."""
+    from sipguard.ops.logging import _encode
+
+    reference = json.JSONEncoder(default=repr, check_circular=False).encode
+    samples: list[Any] = [
+        {"event": "invite_decided", "decision_us": 1.3, "n": 3, "ok": True, "none": None},
+        {"caller": "+12125550003", "detail": {"why": ["a", "b"], "x": 1e-7}},
+        {"call_id": "abc\udcff\udcfe@h", "text": "é \u2028 \" \\ \n \t"},
+        {"weird": object.__new__(type("Odd", (), {"__repr__": lambda self: "<odd>"}))},
+        {"nan": float("nan"), "inf": float("inf"), "big": 10**30},
+    ]
+    for sample in samples:
+        assert _encode(sample) == reference(sample)
+        assert json.loads(_encode(sample)) is not None
