@@ -428,12 +428,7 @@ def parse_message(
     names, lines, error = _split_headers(raw_lines, limits)
     msg = Message(start_line, names, lines, body, method, uri_text, status, reason, None, limits)
     if error is None:
-        try:
-            _validate(msg, datagram)
-        except SipParseError as err:
-            _attach(err, msg)
-            raise
-        return msg
+        return _validated(msg, datagram)
     _attach(error, msg)
     try:
         raise error
@@ -468,6 +463,11 @@ def _indexed(
                     msg.body = body[:length]  # RFC 3261 §18.3: discard the excess (UDP)
             cache["call-id"] = checked[3]
             return msg
+    return _validated(msg, datagram)
+
+
+def _validated(msg: Message, datagram: bool) -> Message:
+    """``msg`` once :func:`_validate` passed it; its error carries ``msg`` as the partial."""
     try:
         _validate(msg, datagram)
     except SipParseError as err:
