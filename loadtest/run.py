@@ -713,8 +713,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", choices=["direct", "sipguard"], help="run one path only")
     ap.add_argument(
         "--paths", help="systems to measure, comma-separated, in order: direct, relay (the "
-        "Python floor: loadtest/relay.py, no SIP work), kamailio, sipguard, redis (state on a local redis-server), redis-workers (--workers processes "
-        "on it); default direct,sipguard (compare: direct,kamailio,sipguard)",
+        "Python floor: loadtest/relay.py, no SIP work), kamailio, sipguard, redis (state on a "
+        "local redis-server), redis-workers (--workers processes on it); default "
+        "direct,sipguard (compare: direct,kamailio,sipguard)",
     )
     ap.add_argument("--workers", type=int, default=2, help="processes of the redis-workers path")
     ap.add_argument(
