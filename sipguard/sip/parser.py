@@ -39,9 +39,10 @@ and raises and clears a formatted TypeError before it searches (~0.3 µs); ``fin
 Where it is built (``python -m sipguard.native``), the fast path runs in C
 (``sipguard/sip/_scan.c``: one pass splits, checks for bare CR/LF, looks the names up and
 indexes them, without a Python method call per line); a block it declines takes the Python
-path below, which is the reference. The parser fills in the message's index and parsed-value cache itself (``Message._index``,
-``_cache``, ``_frame``) rather than going through accessors: the two modules are one unit, split
-for reading, and compiled together (``sipguard/native.py``).
+path below, which is the reference. The parser fills in the message's index and parsed-value
+cache itself (``Message._index``, ``_cache``, ``_frame``) rather than going through accessors:
+the two modules are one unit, split for reading, and compiled together
+(``sipguard/native.py``).
 """
 
 from __future__ import annotations
