@@ -40,7 +40,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass
-from typing import Literal, NamedTuple
+from typing import Final, Literal, NamedTuple
 
 from sipguard.sip.message import Message
 
@@ -158,7 +158,7 @@ class Verdict:
         return self.action == "accept"
 
 
-ACCEPT = Verdict("accept")
+ACCEPT: Final = Verdict("accept")
 
 
 # ---------------------------------------------------------------------- calls, dialogs, events

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import traceback
 from collections.abc import Awaitable, Callable, Iterable
+from typing import Final
 
 from sipguard.contract import (
     CallInfo,
@@ -70,8 +71,8 @@ def overload_verdict(retry_after_s: int) -> Verdict:
 
 
 # What a call hears when deciding it raised (a bug in a rule): fails closed.
-DECISION_FAILED = Verdict("reject", rule="internal", reason="decision_failed", status=500,
-                          phrase="Server Internal Error")
+DECISION_FAILED: Final = Verdict("reject", rule="internal", reason="decision_failed", status=500,
+                                 phrase="Server Internal Error")
 
 
 class EdgeCore:

@@ -56,7 +56,7 @@ for a caller number seen before (the number lookup is one cache hit, see
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from sipguard.contract import Verdict
 from sipguard.policy import numbers
@@ -74,15 +74,15 @@ if TYPE_CHECKING:
     from sipguard.sip.nameaddr import NameAddr
     from sipguard.sip.uri import Uri
 
-PASSED = "TN-Validation-Passed"
-FAILED = "TN-Validation-Failed"
-NO_VALIDATION = "No-TN-Validation"
-LABELS = {PASSED: "passed", FAILED: "failed", NO_VALIDATION: "none"}  # CallInfo.labels["verstat"]
+PASSED: Final = "TN-Validation-Passed"
+FAILED: Final = "TN-Validation-Failed"
+NO_VALIDATION: Final = "No-TN-Validation"
+LABELS: Final = {PASSED: "passed", FAILED: "failed", NO_VALIDATION: "none"}  # CallInfo.labels["verstat"]
 
-ANONYMOUS_USERS = frozenset(
+ANONYMOUS_USERS: Final = frozenset(
     {"anonymous", "restricted", "private", "unavailable", "unknown", "withheld"}
 )
-ANONYMOUS_PRIVACY = frozenset({"id", "user"})
+ANONYMOUS_PRIVACY: Final = frozenset({"id", "user"})
 
 
 # ------------------------------------------------------------------------------- the rule
@@ -281,8 +281,8 @@ def _is_anonymous(msg: Message, from_uri: Uri) -> bool:
     return user is not None and user.lower() in ANONYMOUS_USERS
 
 
-_PAI_LINES: dict[tuple[tuple[str, ...], str], str] = {}
-_PAI_LINES_MAX = 4096
+_PAI_LINES: Final[dict[tuple[tuple[str, ...], str], str]] = {}
+_PAI_LINES_MAX: Final = 4096
 
 
 def pai_with_verstat(msg: Message, verstat: str, caller: str | None) -> str | None:

@@ -71,7 +71,7 @@ Known limitations
 from __future__ import annotations
 
 from collections.abc import Awaitable, Iterable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from sipguard.contract import Verdict
 from sipguard.policy.concurrency_settings import Answers
@@ -89,13 +89,13 @@ if TYPE_CHECKING:
     from sipguard.policy.settings import Answer
     from sipguard.sip.message import Message
 
-KINDS = ("caller", "callee", "diverter", "peer")
+KINDS: Final = ("caller", "callee", "diverter", "peer")
 _Check = tuple[str, str, str, int]  # (limit, key, number, max)
-NO_PEER = "-"  # the peer key of traffic from no configured peer
-LEASE_GRACE = 60.0  # a lease outlives its dialog's maximum lifetime by this much (backstop)
+NO_PEER: Final = "-"  # the peer key of traffic from no configured peer
+LEASE_GRACE: Final = 60.0  # a lease outlives its dialog's maximum lifetime by this much (backstop)
 # A slot taken by a decision is handed to its dialog or given back within one decision; this
 # expiry is only a backstop for a decision that never finishes.
-DECISION_LEASE_S = 600.0
+DECISION_LEASE_S: Final = 600.0
 
 
 # ------------------------------------------------------------------------------- counting

@@ -58,7 +58,7 @@ Known limitations
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from sipguard.contract import Verdict
 from sipguard.policy.dialer_state import Block, CallerStats, OriginStats
@@ -88,8 +88,8 @@ def _as_int(number: str | None) -> int | None:
 # A finding: (analytic, scope, key, value, threshold)
 _Finding = tuple[str, str, str, str, str]
 # Analytics by the code a shared cooldown carries in Redis.
-ANALYTICS = ("distinct_callees", "sequential", "sequential_origin", "short_calls", "asr",
-             "caller_rotation", "pumping", "high_cost")
+ANALYTICS: Final = ("distinct_callees", "sequential", "sequential_origin", "short_calls", "asr",
+                    "caller_rotation", "pumping", "high_cost")
 
 
 class Dialer:

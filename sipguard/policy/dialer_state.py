@@ -25,7 +25,7 @@ A number forgotten because a table was full, or silent for a whole window, start
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from sipguard.policy.windows import Count, Generations, Pair
 
@@ -33,8 +33,8 @@ if TYPE_CHECKING:
     from sipguard.contract import Dialog
     from sipguard.policy.dialer import Dialer
 
-ORIGIN_RUNS = 8  # interleaved sequential runs tracked per peer/source
-SCOPES = ("caller", "origin", "callee", "high_cost")
+ORIGIN_RUNS: Final = 8  # interleaved sequential runs tracked per peer/source
+SCOPES: Final = ("caller", "origin", "callee", "high_cost")
 
 
 class CallerStats:

@@ -65,7 +65,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 if TYPE_CHECKING:
     from sipguard.policy.engine import BuildContext
@@ -73,13 +73,13 @@ if TYPE_CHECKING:
     from sipguard.policy.peers import Peer, PeerTable
 
 
-BANNED = "banned"
-FLOOD = "flood"
-SCANNER = "scanner"
+BANNED: Final = "banned"
+FLOOD: Final = "flood"
+SCANNER: Final = "scanner"
 # A configured peer over its density (ban_peers: false): dropped, never banned. The edge core
 # bans only on FLOOD (and SCANNER), so this is "drop, no new ban" (flood_dropped_peer_limited).
-PEER_LIMITED = "peer_limited"
-REGISTER_UNKNOWN = "register_unknown"
+PEER_LIMITED: Final = "peer_limited"
+REGISTER_UNKNOWN: Final = "register_unknown"
 
 Key = str | tuple[str, int]
 

@@ -72,7 +72,7 @@ not match an E.164 ``orig.tn`` unless the peer has ``default_region``.
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from sipguard.contract import Verdict
 from sipguard.policy import callerid
@@ -111,12 +111,12 @@ if TYPE_CHECKING:
     from sipguard.policy.settings import Answer
     from sipguard.policy.state import RuleState
 
-PASSED = "TN-Validation-Passed"
-FAILED = "TN-Validation-Failed"
-NO_VALIDATION = "No-TN-Validation"
+PASSED: Final = "TN-Validation-Passed"
+FAILED: Final = "TN-Validation-Failed"
+NO_VALIDATION: Final = "No-TN-Validation"
 
 # reason code -> answers.<key>
-ANSWER_OF = {
+ANSWER_OF: Final = {
     "missing": "missing",
     "malformed": "invalid",
     "compact_form": "invalid",
@@ -141,7 +141,7 @@ ANSWER_OF = {
 # A certificate that could not be fetched at all (the server unreachable or too slow, no fetch
 # slot, no fetcher): with on_fetch_error: no_validation the call goes on unvalidated. Anything
 # the server did answer (TLS, HTTP status, size) or the URL policy refused stays a failure.
-UNREACHABLE = frozenset({"fetch_timeout", "fetch_connect", "fetch_busy", "fetch_unavailable"})
+UNREACHABLE: Final = frozenset({"fetch_timeout", "fetch_connect", "fetch_busy", "fetch_unavailable"})
 
 
 # ------------------------------------------------------------------------------- the rule

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Final
 
 import phonenumbers
 from phonenumbers import COUNTRY_CODE_TO_REGION_CODE, NumberParseException, PhoneNumber
@@ -40,7 +41,7 @@ class NumberInfo:
     national: str = ""  # national significant number: "2125550100"
 
 
-NOT_A_NUMBER = NumberInfo(None, False)
+NOT_A_NUMBER: Final = NumberInfo(None, False)
 
 
 def lookup(number: str, region: str | None = None) -> NumberInfo:
@@ -154,7 +155,7 @@ def clear_cache() -> None:
 
 
 # phonenumbers' PhoneNumberType -> the kinds rule ``national_cli`` has an action for
-_KINDS = {
+_KINDS: Final = {
     phonenumbers.PhoneNumberType.FIXED_LINE: "fixed",
     phonenumbers.PhoneNumberType.MOBILE: "mobile",
     phonenumbers.PhoneNumberType.FIXED_LINE_OR_MOBILE: "fixed_or_mobile",

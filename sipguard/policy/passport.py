@@ -26,19 +26,19 @@ import json
 import re
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
+from typing import Any, Final
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
-ATTESTATIONS = ("A", "B", "C")  # strongest first
+ATTESTATIONS: Final = ("A", "B", "C")  # strongest first
 
-_VISUAL = str.maketrans("", "", " -.()")
-_ORIGID = re.compile(r"[A-Za-z0-9._\-]{1,128}")
-_ECDSA_SHA256 = ec.ECDSA(hashes.SHA256())
-_URLSAFE = bytes.maketrans(b"-_", b"+/")
+_VISUAL: Final = str.maketrans("", "", " -.()")
+_ORIGID: Final = re.compile(r"[A-Za-z0-9._\-]{1,128}")
+_ECDSA_SHA256: Final = ec.ECDSA(hashes.SHA256())
+_URLSAFE: Final = bytes.maketrans(b"-_", b"+/")
 
 
 class PassportError(Exception):

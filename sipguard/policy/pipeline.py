@@ -28,13 +28,13 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 from sipguard.contract import ACCEPT, Anonymise, CallInfo, Verdict
 from sipguard.state.base import Check, SharedCounts
 
 Decision = Verdict | None | Awaitable[Verdict | None]
-MEASURES = ("h", "n")  # check kinds that report a count and never refuse
+MEASURES: Final = ("h", "n")  # check kinds that report a count and never refuse
 
 
 class Rule(Protocol):

@@ -64,7 +64,7 @@ Known limitations
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from sipguard.contract import Verdict
 from sipguard.policy.windows import Generations
@@ -78,8 +78,8 @@ if TYPE_CHECKING:
 
 PER_CALLER, PER_CALLEE, PER_PEER, PER_SOURCE_IP = LIMITS = (
     "per_caller", "per_callee", "per_peer", "per_source_ip")
-NO_PEER = "-"  # the per_peer key of traffic from no configured peer
-EPSILON = 1e-9  # float slack: a call exactly on schedule always passes
+NO_PEER: Final = "-"  # the per_peer key of traffic from no configured peer
+EPSILON: Final = 1e-9  # float slack: a call exactly on schedule always passes
 
 
 class Buckets:

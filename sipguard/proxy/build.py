@@ -16,11 +16,11 @@ from sipguard.sip.errors import REASONS
 from sipguard.sip.message import CRLF, Message, header_line
 from sipguard.sip.via import Via
 
-MAGIC = "z9hG4bK"
-OUR_PREFIX = "z9hG4bKsg"  # every branch sipguard creates starts with this
+MAGIC: Final = "z9hG4bK"
+OUR_PREFIX: Final = "z9hG4bKsg"  # every branch sipguard creates starts with this
 OUR_PREFIX_BYTES: Final = OUR_PREFIX.encode()  # the same, as it appears in raw lines
 
-PHRASES: dict[int, str] = {
+PHRASES: Final[dict[int, str]] = {
     100: "Trying",
     200: "OK",
     400: "Bad Request",
@@ -51,7 +51,7 @@ PHRASES: dict[int, str] = {
 }
 PHRASES.update({k: v for k, v in REASONS.items() if k not in PHRASES})
 
-_RPORT_BARE = re.compile(r";[ \t]*rport(?=[ \t]*(?:;|$))", re.IGNORECASE)
+_RPORT_BARE: Final = re.compile(r";[ \t]*rport(?=[ \t]*(?:;|$))", re.IGNORECASE)
 
 
 class Ids:

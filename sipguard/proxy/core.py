@@ -53,7 +53,7 @@ times therefore move and come in any order: they live in a one-second
 from __future__ import annotations
 
 import re
-from typing import Protocol
+from typing import Final, Protocol
 
 from sipguard.contract import (
     ACCEPT,
@@ -148,20 +148,20 @@ class AcceptAll:
         return False
 
 # ";branch=z9hG4bKsg..." in a raw Via line: the first one is the top value's.
-_OUR_BRANCH = re.compile(rb";[ \t]*branch[ \t]*=[ \t]*(" + build.OUR_PREFIX_BYTES + rb"[0-9a-z.]+)")
+_OUR_BRANCH: Final = re.compile(rb";[ \t]*branch[ \t]*=[ \t]*(" + build.OUR_PREFIX_BYTES + rb"[0-9a-z.]+)")
 # A verstat parameter (3GPP TS 24.229 §7.2A.20) anywhere in a From or P-Asserted-Identity line.
-_VERSTAT = re.compile(rb";[ \t]*verstat[ \t]*=[ \t]*[^;>,\s]*", re.IGNORECASE)
-DIALOG_CREATING = frozenset({"INVITE", "SUBSCRIBE", "REFER"})
+_VERSTAT: Final = re.compile(rb";[ \t]*verstat[ \t]*=[ \t]*[^;>,\s]*", re.IGNORECASE)
+DIALOG_CREATING: Final = frozenset({"INVITE", "SUBSCRIBE", "REFER"})
 # Headers only the proxy edits; a verdict's replace_headers cannot touch them.
-PROXY_OWNED = frozenset(
+PROXY_OWNED: Final = frozenset(
     {"via", "route", "record-route", "max-forwards", "from", "to", "call-id", "cseq",
      "content-length"}
 )
 
 
-ANONYMOUS_FROM = 'From: "Anonymous" <sip:anonymous@anonymous.invalid>'
+ANONYMOUS_FROM: Final = 'From: "Anonymous" <sip:anonymous@anonymous.invalid>'
 # Headers that name the caller, removed when a verdict anonymises (PAI: unless keep_pai).
-_IDENTITY_HEADERS = ("p-preferred-identity", "remote-party-id")
+_IDENTITY_HEADERS: Final = ("p-preferred-identity", "remote-party-id")
 
 
 def _request(st: ServerTxn) -> Message:
@@ -869,8 +869,9 @@ class Proxy:
             if ct.method == "INVITE" and status >= 300 and ct.state == COMPLETED:
                 self.outbox.append((ct.flow, build.ack_for(ct.sent_msg(), msg)))
             return  # retransmitted final response: absorbed
-        upstream = self._strip_via(msg)
-        if upstream is None and ct.server is not None:
+        # A 100 is hop by hop (RFC 3261 §16.7 step 5): absorbed, so not rebuilt for upstream.
+        upstream = self._strip_via(msg) if status != 100 else None
+        if upstream is None and ct.server is not None and status != 100:
             # RFC 3261 §16.7 step 3: no Via left once ours is gone — nothing to send it to.
             self.events.append(Dropped("no_via_left", f"{status} {msg.call_id}", flow))
         if ct.state == ACCEPTED:

@@ -9,11 +9,13 @@ core's once-a-second sweep pops; a dialog that ends early leaves no entry behind
 
 from __future__ import annotations
 
+from typing import Final
+
 from sipguard.contract import Dialog
 from sipguard.sip.message import Message
 from sipguard.state.expiry import ExpiryWheel
 
-MIN_SESSION_EXPIRES = 90.0  # RFC 4028 §4: Min-SE is never below 90 s
+MIN_SESSION_EXPIRES: Final = 90.0  # RFC 4028 §4: Min-SE is never below 90 s
 
 DialogId = tuple[str, str]  # (Call-ID, caller's From tag)
 

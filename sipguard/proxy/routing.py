@@ -8,6 +8,8 @@ Route, else their Request-URI.
 
 from __future__ import annotations
 
+from typing import Final
+
 from sipguard.contract import Flow, Local
 from sipguard.proxy import build
 from sipguard.proxy.settings import NextHop, ProxySettings
@@ -17,7 +19,7 @@ from sipguard.sip.message import Message
 from sipguard.sip.nameaddr import NameAddr
 from sipguard.sip.uri import Uri
 
-SUPPORTED_SCHEMES = frozenset({"sip", "sips", "tel"})
+SUPPORTED_SCHEMES: Final = frozenset({"sip", "sips", "tel"})
 
 
 def _has_our_via(msg: Message) -> bool:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from heapq import heappop, heappush
-from typing import Any
+from typing import Any, Final
 
 
 class TimerEntry:
@@ -47,7 +47,7 @@ class TimerEntry:
         self.index = 0
 
 
-_NEVER = -(1 << 62)  # below every bucket: nothing has been moved yet
+_NEVER: Final = -(1 << 62)  # below every bucket: nothing has been moved yet
 
 
 class TimerQueue:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Final
 
 from sipguard.sip.errors import SipParseError
 from sipguard.sip.params import (
@@ -38,7 +39,7 @@ from sipguard.sip.params import (
 )
 
 # JWS compact serialisation: BASE64URL(header) "." [BASE64URL(payload)] "." BASE64URL(sig)
-_JWS = re.compile(r"[A-Za-z0-9_\-]++\.[A-Za-z0-9_\-]*+\.[A-Za-z0-9_\-]++")
+_JWS: Final = re.compile(r"[A-Za-z0-9_\-]++\.[A-Za-z0-9_\-]*+\.[A-Za-z0-9_\-]++")
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,9 +64,9 @@ class Identity:
 # Memo cache, bounded in size and count (sipguard.sip.params, "Memo caches"). An Identity
 # value is longer than other headers (a signed PASSporT: 400 to 900 characters), so it has its
 # own text cap, and few entries: each call signs its own.
-_IDENTITIES: dict[str, Identity] = {}
-IDENTITIES_MAX = 128
-IDENTITY_TEXT_MAX = 1024
+_IDENTITIES: Final[dict[str, Identity]] = {}
+IDENTITIES_MAX: Final = 128
+IDENTITY_TEXT_MAX: Final = 1024
 
 
 def parse_identity(text: str) -> Identity:

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Final
 
 from sipguard.sip.errors import SipParseError
 from sipguard.sip.history_info import HistoryInfoEntry, parse_history_info
@@ -41,9 +41,9 @@ from sipguard.sip.nameaddr import NameAddr, parse_name_addr, parse_name_addr_lis
 from sipguard.sip.uri import Uri, parse_uri
 from sipguard.sip.via import Via, parse_via_list
 
-WS = b" \t"
-CRLF = b"\r\n"
-MAX_CSEQ = 2**31 - 1  # RFC 3261 §8.1.1.5: the sequence number MUST be less than 2**31
+WS: Final = b" \t"
+CRLF: Final = b"\r\n"
+MAX_CSEQ: Final = 2**31 - 1  # RFC 3261 §8.1.1.5: the sequence number MUST be less than 2**31
 
 
 def decode(raw: bytes) -> str:
@@ -163,14 +163,14 @@ class ParseLimits:
         )
 
 
-DEFAULT_LIMITS = ParseLimits()
+DEFAULT_LIMITS: Final = ParseLimits()
 # For re-parsing what sipguard itself built (a forwarded INVITE, to make its CANCEL or ACK):
 # our own Via and Record-Route lines may take a message that was just within the limits past
 # them.
-UNLIMITED = ParseLimits(1 << 30, 1 << 30, 1 << 30, 1 << 30, 1 << 30)
+UNLIMITED: Final = ParseLimits(1 << 30, 1 << 30, 1 << 30, 1 << 30, 1 << 30)
 
 # Header names as written in details ("too many Via entries (max_list_entries 100)").
-_TITLES = {
+_TITLES: Final = {
     "via": "Via",
     "route": "Route",
     "record-route": "Record-Route",
@@ -542,11 +542,11 @@ class Message:
         return f"<Message {self.start_line[:80]!r}>"
 
 
-_MISSING = object()
+_MISSING: Final = object()
 
 
 # The usual methods, raw -> text: one dict lookup instead of a decode (start line, CSeq).
-METHODS = {
+METHODS: Final = {
     m.encode(): m
     for m in (
         "INVITE", "ACK", "BYE", "CANCEL", "OPTIONS", "REGISTER", "PRACK", "UPDATE", "INFO",
@@ -555,7 +555,7 @@ METHODS = {
 }
 
 # CSeq = "CSeq" HCOLON 1*DIGIT LWS Method (the value is unfolded and stripped first)
-_CSEQ = re.compile(rb"([0-9]++)[ \t]++([A-Za-z0-9.!%*_+`'~\-]++)")
+_CSEQ: Final = re.compile(rb"([0-9]++)[ \t]++([A-Za-z0-9.!%*_+`'~\-]++)")
 
 
 def raw_value(line: bytes) -> bytes:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Final
 
 from sipguard.sip.errors import SipParseError
 from sipguard.sip.params import (
@@ -42,9 +43,9 @@ from sipguard.sip.uri import Uri, parse_uri
 
 # display-name  =  *(token LWS) / quoted-string ; LAQUOT = SWS "<"
 # RFC 4475 lwsdisp: no whitespace is needed between the last token and "<".
-_DISPLAY_TOKENS = re.compile(rf"([{TOKEN_CHARS}]++(?:[ \t]++[{TOKEN_CHARS}]++)*+)[ \t]*+<")
+_DISPLAY_TOKENS: Final = re.compile(rf"([{TOKEN_CHARS}]++(?:[ \t]++[{TOKEN_CHARS}]++)*+)[ \t]*+<")
 # A bare addr-spec runs to the first ";", "," or whitespace (RFC 3261 §20.10).
-_BARE_URI = re.compile(r"[^;, \t]++")
+_BARE_URI: Final = re.compile(r"[^;, \t]++")
 
 
 @dataclass(slots=True, init=False, unsafe_hash=True)
@@ -126,10 +127,10 @@ def scan_name_addr(text: str, pos: int) -> tuple[NameAddr, int, bool]:
 
 
 # Memo caches, bounded in size and count (sipguard.sip.params, "Memo caches").
-_ONES: dict[str, tuple[NameAddr, bool]] = {}
-ONES_MAX = 256  # small on purpose: see sipguard.sip.params, "Memo caches"
-_LISTS: dict[str, tuple[tuple[NameAddr, ...], bool]] = {}
-LISTS_MAX = 512
+_ONES: Final[dict[str, tuple[NameAddr, bool]]] = {}
+ONES_MAX: Final = 256  # small on purpose: see sipguard.sip.params, "Memo caches"
+_LISTS: Final[dict[str, tuple[tuple[NameAddr, ...], bool]]] = {}
+LISTS_MAX: Final = 512
 
 
 def parts(na: NameAddr) -> int:

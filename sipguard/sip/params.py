@@ -45,7 +45,7 @@ garbage collector off, did not change).
 from __future__ import annotations
 
 import re
-from typing import TypeVar
+from typing import Final, TypeVar
 
 from sipguard.sip.errors import SipParseError
 
@@ -55,8 +55,8 @@ V = TypeVar("V")
 # Memo caches (see the module docstring): the longest text kept, the most parts its parse may
 # have. Real values are far below: a Via is about 100 characters with 3 parameters, a From
 # about 80 with 1, a Record-Route pair 120 with 4.
-CACHE_TEXT_MAX = 256
-CACHE_PARTS_MAX = 12
+CACHE_TEXT_MAX: Final = 256
+CACHE_PARTS_MAX: Final = 12
 
 
 def remember(cache: dict[str, V], key: str, value: V, max_entries: int) -> None:
@@ -85,23 +85,23 @@ VALUE_CHARS = TOKEN_CHARS + r"\[\]:"
 # quoted-pair    =  "\" (%x00-09 / %x0B-0C / %x0E-7F)
 _QDTEXT = r"[^\"\\\x00-\x08\x0a-\x1f\x7f]"
 QUOTED = rf'"{_QDTEXT}*+(?:\\[\x00-\x09\x0b\x0c\x0e-\x7f]{_QDTEXT}*+)*+"'
-QUOTED_RE = re.compile(QUOTED)
+QUOTED_RE: Final = re.compile(QUOTED)
 
 # SEMI           =  SWS ";" SWS
 # EQUAL          =  SWS "=" SWS
 # generic-param  =  token [ EQUAL gen-value ]
-_PARAM = re.compile(
+_PARAM: Final = re.compile(
     rf"[ \t]*+;[ \t]*+([{TOKEN_CHARS}]++)(?:[ \t]*+=[ \t]*+([{VALUE_CHARS}]++|{QUOTED}))?+"
 )
 # The same, where a value may also be an angle-bracketed URI (RFC 8224 ident-info-uri =
 # LAQUOT absoluteURI RAQUOT).
-_PARAM_ANGLE = re.compile(
+_PARAM_ANGLE: Final = re.compile(
     rf"[ \t]*+;[ \t]*+([{TOKEN_CHARS}]++)"
     rf"(?:[ \t]*+=[ \t]*+([{VALUE_CHARS}]++|{QUOTED}|<[^<>\"\x00-\x20\x7f]*+>))?+"
 )
-_RUN = re.compile(rf"(?:{_PARAM.pattern})*+")
-_RUN_ANGLE = re.compile(rf"(?:{_PARAM_ANGLE.pattern})*+")
-_QUOTED_PAIR = re.compile(r"\\(.)", re.DOTALL)
+_RUN: Final = re.compile(rf"(?:{_PARAM.pattern})*+")
+_RUN_ANGLE: Final = re.compile(rf"(?:{_PARAM_ANGLE.pattern})*+")
+_QUOTED_PAIR: Final = re.compile(r"\\(.)", re.DOTALL)
 
 
 def scan_params(text: str, pos: int, *, angle: bool = False) -> tuple[Params, int]:

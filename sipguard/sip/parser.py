@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from typing import NoReturn
+from typing import Final, NoReturn
 
 from sipguard.sip.errors import SipParseError
 from sipguard.sip.message import (
@@ -69,7 +69,7 @@ from sipguard.sip.message import (
 __all__ = ["DEFAULT_LIMITS", "UNLIMITED", "ParseLimits", "SipParseError", "parse_message"]
 
 # RFC 3261 §7.3.3 and the registry of compact forms (RFC 3262, 3515, 3840, 3841, 4028, 8224, ...)
-COMPACT: dict[str, str] = {
+COMPACT: Final[dict[str, str]] = {
     "a": "accept-contact",
     "b": "referred-by",
     "c": "content-type",
@@ -93,11 +93,11 @@ COMPACT: dict[str, str] = {
 
 # Headers that a request must carry exactly once (RFC 3261 §8.1.1, §20); Max-Forwards and
 # Content-Length may be absent but not repeated.
-REQUIRED_ONCE = ("from", "to", "call-id", "cseq")
-AT_MOST_ONCE = ("max-forwards", "content-length")
+REQUIRED_ONCE: Final = ("from", "to", "call-id", "cseq")
+AT_MOST_ONCE: Final = ("max-forwards", "content-length")
 
 # token = 1*(alphanum / "-" / "." / "!" / "%" / "*" / "_" / "+" / "`" / "'" / "~")
-_TOKEN_BYTES = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-.!%*_+`'~"
+_TOKEN_BYTES: Final = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-.!%*_+`'~"
 
 # Raw header name, everything before the colon (as it appeared, e.g. b"Via", b"v", b"CALL-ID "),
 # -> canonical name. Names repeat across messages, so a bounded cache turns validation and
@@ -105,9 +105,9 @@ _TOKEN_BYTES = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-
 # (a new name, a continuation line, junk) takes the slow path. Bounded in count and, since a
 # token may be as long as the line, in size: a name longer than _NAME_KEY_MAX is never stored
 # (the longest registered header name has 30 characters). At most 2048 * ~250 bytes.
-_NAME_CACHE: dict[bytes, str] = {}
-_NAME_CACHE_MAX = 2048
-_NAME_KEY_MAX = 64
+_NAME_CACHE: Final[dict[bytes, str]] = {}
+_NAME_CACHE_MAX: Final = 2048
+_NAME_KEY_MAX: Final = 64
 # Seeded with the usual spellings, so a flood of made-up names cannot keep them out.
 _COMMON_NAMES = (
     "Via", "From", "To", "Call-ID", "CSeq", "Contact", "Max-Forwards", "Content-Length",
@@ -210,7 +210,7 @@ def _parse_start_line(line: bytes) -> tuple[str | None, str | None, int, str]:
 
 # The CSeq grammar over a whole unfolded header line, in one regex call (the usual case);
 # sipguard.sip.message.parse_cseq is the general form.
-_CSEQ_LINE = re.compile(rb"[^:]++:[ \t]*+([0-9]{1,10}+)[ \t]++([A-Za-z0-9.!%*_+`'~\-]++)[ \t]*+")
+_CSEQ_LINE: Final = re.compile(rb"[^:]++:[ \t]*+([0-9]{1,10}+)[ \t]++([A-Za-z0-9.!%*_+`'~\-]++)[ \t]*+")
 
 
 def _digits(value: bytes, what: str, limit: int) -> int:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Final
 
 from sipguard.sip.errors import SipParseError
 from sipguard.sip.params import (
@@ -45,18 +46,18 @@ from sipguard.sip.uri import check_host, check_port
 
 # sent-protocol LWS sent-by, with SWS around "/" and ":" (RFC 4475 wsinv).
 _T = f"[{TOKEN_CHARS}]++"
-_VIA_HEAD = re.compile(
+_VIA_HEAD: Final = re.compile(
     rf"[ \t]*+({_T})[ \t]*+/[ \t]*+({_T})[ \t]*+/[ \t]*+({_T})[ \t]++"
     r"(\[[^\]]*+\]|[^ \t;,:\[\]]++)(?:[ \t]*+(:)[ \t]*+([0-9]*+))?"
 )
 # The usual shape, "SIP/2.0/" transport SP host [":" port] *(";" param), without LWS or
 # quoted-strings, followed by the end or a comma: one match, same result as the general path.
-_VIA_FAST = re.compile(
+_VIA_FAST: Final = re.compile(
     rf"SIP/2\.0/({_T}) ([A-Za-z0-9_.\-]++|\[[0-9A-Fa-f:.]++\])(?::([0-9]{{1,5}}+))?+"
     rf"((?:;{_T}(?:=[{VALUE_CHARS}]++)?+)*+)(?=[ \t]*+(?:,|\Z))"
 )
 # IPv4address  =  1*3DIGIT "." 1*3DIGIT "." 1*3DIGIT "." 1*3DIGIT
-_IPV4 = re.compile(r"[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}")
+_IPV4: Final = re.compile(r"[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}")
 
 
 @dataclass(slots=True, init=False, unsafe_hash=True)
@@ -169,8 +170,8 @@ def _check_received(value: str) -> None:
 
 
 # Memo cache, bounded in size and count (sipguard.sip.params, "Memo caches").
-_VIAS: dict[str, tuple[Via, ...]] = {}
-VIAS_MAX = 64  # small on purpose: see sipguard.sip.params, "Memo caches"
+_VIAS: Final[dict[str, tuple[Via, ...]]] = {}
+VIAS_MAX: Final = 64  # small on purpose: see sipguard.sip.params, "Memo caches"
 
 
 def parse_via_list(text: str, stop: int = 0) -> list[Via]:
