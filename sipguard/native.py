@@ -87,6 +87,8 @@ HOT_MODULES: tuple[str, ...] = (
 # Hand-written C extensions, built with the mypyc modules: module -> its C source.
 C_MODULES: dict[str, str] = {
     "sipguard.sip._scan": "sipguard/sip/_scan.c",  # the parser's fast path (sip/parser.py)
+    # the usual URI, name-addr and via-parm (sip/uri.py, nameaddr.py, via.py)
+    "sipguard.sip._grammar": "sipguard/sip/_grammar.c",
 }
 
 

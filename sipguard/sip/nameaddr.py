@@ -22,6 +22,7 @@ separating comma of a list).
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
@@ -83,6 +84,11 @@ class NameAddr:
 
 def scan_name_addr(text: str, pos: int) -> tuple[NameAddr, int, bool]:
     """Scan one value from ``pos``; return it, the end position and whether it had ``< >``."""
+    fast = FAST_NAME_ADDR
+    if fast is not None:
+        found = fast(text, pos)
+        if found is not None:
+            return found
     n = len(text)
     while pos < n and text[pos] in " \t":
         pos += 1
@@ -124,6 +130,20 @@ def scan_name_addr(text: str, pos: int) -> tuple[NameAddr, int, bool]:
     params, pos = scan_params(text, pos)
     raw = text[start:pos]
     return NameAddr(display, uri, params, raw), pos, bracketed
+
+
+def _load_fast() -> Callable[[str, int], tuple[NameAddr, int, bool] | None] | None:
+    """The usual name-addr scanned in C (sipguard/sip/_grammar.c), where it is built; None:
+    the Python code alone (tests/unit/test_grammar_fast.py checks both agree)."""
+    try:
+        from sipguard.sip import _grammar
+    except ImportError:
+        return None
+    _grammar.register("NameAddr", NameAddr)
+    return _grammar.scan_name_addr
+
+
+FAST_NAME_ADDR = _load_fast()
 
 
 # Memo caches, bounded in size and count (sipguard.sip.params, "Memo caches").

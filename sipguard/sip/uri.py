@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 from urllib.parse import unquote as _pct_unquote
@@ -155,6 +156,11 @@ def parse_uri(text: str) -> Uri:
 
 
 def _parse_uri(text: str) -> Uri:
+    fast = FAST_URI
+    if fast is not None:
+        uri = fast(text)
+        if uri is not None:
+            return uri
     m = _SIP_FAST.fullmatch(text)
     if m is not None:
         return _sip_from_match(text, m)
@@ -334,6 +340,22 @@ def _is_ipv6(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def _load_fast() -> Callable[[str], Uri | None] | None:
+    """The usual SIP URI parsed in C (sipguard/sip/_grammar.c), where it is built; None: the
+    Python code alone. The C code builds Uri objects and checks hosts with :func:`check_host`;
+    tests/unit/test_grammar_fast.py checks both paths agree."""
+    try:
+        from sipguard.sip import _grammar
+    except ImportError:
+        return None
+    _grammar.register("Uri", Uri)
+    _grammar.register("check_host", check_host)
+    return _grammar.sip_uri
+
+
+FAST_URI = _load_fast()
 
 
 def check_port(text: str) -> int:

@@ -26,6 +26,7 @@ for the caller to check. ``str(via)`` is the via-parm exactly as received.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
@@ -120,6 +121,10 @@ class Via:
 
 def _scan_via(text: str, pos: int, *, fast: bool = True) -> tuple[Via, int]:
     """Scan one via-parm starting at ``pos`` (not at whitespace)."""
+    if fast and FAST_VIA is not None:
+        found = FAST_VIA(text, pos)
+        if found is not None:
+            return found
     m = _VIA_FAST.match(text, pos) if fast else None
     if m is not None:
         transport, host_text, port_text, run = m.groups()
@@ -141,6 +146,20 @@ def _scan_via(text: str, pos: int, *, fast: bool = True) -> tuple[Via, int]:
     if params:
         _check_params(params)
     return Via(f"SIP/{version}", transport.upper(), host, port, params, text[pos:end]), end
+
+
+def _load_fast() -> Callable[[str, int], tuple[Via, int] | None] | None:
+    """The usual via-parm scanned in C (sipguard/sip/_grammar.c), where it is built; None: the
+    Python code alone (tests/unit/test_grammar_fast.py checks both agree)."""
+    try:
+        from sipguard.sip import _grammar
+    except ImportError:
+        return None
+    _grammar.register("Via", Via)
+    return _grammar.scan_via
+
+
+FAST_VIA = _load_fast()
 
 
 def _check_params(params: Params) -> None:
