@@ -156,6 +156,23 @@ class FloodState:
         return len(ended)
 
 
+def _scanner_line(scanner: re.Pattern[bytes], data: bytes) -> bool:
+    """A User-Agent line in the header block that names a scanner (``scanner`` matches from
+    the line's CRLF). Only a line that starts with "U" or "u" can be one, so the pattern is
+    tried only there: two ``find`` calls on a message without one, instead of a case-blind
+    search of the whole block (1.7 µs for an INVITE)."""
+    end = data.find(b"\r\n\r\n")
+    if end < 0:
+        end = len(data)
+    for start in (b"\nU", b"\nu"):
+        pos = data.find(start, 0, end)
+        while pos >= 0:
+            if scanner.match(data, pos, end) is not None:
+                return True
+            pos = data.find(start, pos + 2, end)
+    return False
+
+
 class FloodGuard:
     """The pre-parse check the shell runs on every message; built per config."""
 
@@ -245,14 +262,12 @@ class FloodGuard:
                     self._ban(key, now, FLOOD)
                     return FLOOD
         scanner = self.scanner
-        if scanner is not None:
-            end = data.find(b"\r\n\r\n")
-            if scanner.search(data, 0, end if end >= 0 else len(data)) is not None:
-                if self.scanner_ban:
-                    limit, peer = self.source(ip)
-                    if limit is not None and not peer:
-                        self._ban(key, now, SCANNER)
-                return SCANNER
+        if scanner is not None and _scanner_line(scanner, data):
+            if self.scanner_ban:
+                limit, peer = self.source(ip)
+                if limit is not None and not peer:
+                    self._ban(key, now, SCANNER)
+            return SCANNER
         if self.register_drop and data.startswith(b"REGISTER ") and not self.source(ip)[1]:
             return REGISTER_UNKNOWN
         return None
