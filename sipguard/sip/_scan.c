@@ -6,7 +6,8 @@
  *     scan(data, start, eol, end, names_cache, max_headers, max_line)
  *         -> (lines, names, index) | None
  *
- * and ``check`` (below) does parser._validate's checks on what it returned.
+ * and ``check`` (below) does parser._validate's checks on what it returned; ``start_line``
+ * reads the usual request or status line, ``value_text`` a header line's value.
  *
  * data[start:eol] is the start line, data[eol + 2:end] the header block (eol < end), and
  * data[end:end + 4] the empty line. It returns the block's lines (bytes, without their CRLF),
@@ -388,7 +389,75 @@ value_text(PyObject *self, PyObject *line)
     return text;
 }
 
+/* parser._parse_start_line for the usual line: "SIP/2.0 NNN reason" with an ASCII reason, or
+ * "METHOD uri SIP/2.0" with a method of `methods` (bytes -> str) and an ASCII URI without a
+ * TAB. Returns (method, uri, status, reason) as the Python code does, or None for anything
+ * else (a version written otherwise, an extension method, UTF-8, errors): the Python code. */
+static PyObject *
+start_line(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2 || !PyBytes_CheckExact(args[0]) || !PyDict_CheckExact(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "start_line(bytes, dict)");
+        return NULL;
+    }
+    const char *s = PyBytes_AS_STRING(args[0]);
+    Py_ssize_t n = PyBytes_GET_SIZE(args[0]);
+    for (Py_ssize_t i = 0; i < n; i++)
+        if ((unsigned char)s[i] >= 0x80)
+            Py_RETURN_NONE;
+    if (n >= 11 && memcmp(s, "SIP/2.0 ", 8) == 0) {
+        if (s[8] < '1' || s[8] > '6' || s[9] < '0' || s[9] > '9' || s[10] < '0' || s[10] > '9')
+            Py_RETURN_NONE;
+        if (n > 11 && s[11] != ' ')
+            Py_RETURN_NONE;
+        long status = (s[8] - '0') * 100 + (s[9] - '0') * 10 + (s[10] - '0');
+        Py_ssize_t r = n > 11 ? 12 : n;
+        PyObject *reason = PyUnicode_DecodeASCII(s + r, n - r, NULL);
+        if (reason == NULL)
+            return NULL;
+        PyObject *code = PyLong_FromLong(status);
+        if (code == NULL) {
+            Py_DECREF(reason);
+            return NULL;
+        }
+        PyObject *out = PyTuple_Pack(4, Py_None, Py_None, code, reason);
+        Py_DECREF(code);
+        Py_DECREF(reason);
+        return out;
+    }
+    const char *sp1 = memchr(s, ' ', (size_t)n);
+    if (sp1 == NULL || sp1 == s)
+        Py_RETURN_NONE;
+    const char *u = sp1 + 1;
+    const char *sp2 = memchr(u, ' ', (size_t)(n - (u - s)));
+    if (sp2 == NULL || sp2 == u || n - (sp2 + 1 - s) != 7 || memcmp(sp2 + 1, "SIP/2.0", 7) != 0 ||
+        memchr(u, '\t', (size_t)(sp2 - u)) != NULL)
+        Py_RETURN_NONE;
+    PyObject *key = PyBytes_FromStringAndSize(s, sp1 - s);
+    if (key == NULL)
+        return NULL;
+    PyObject *method = PyDict_GetItemWithError(args[1], key); /* borrowed */
+    Py_DECREF(key);
+    if (method == NULL) {
+        if (PyErr_Occurred())
+            return NULL;
+        Py_RETURN_NONE;
+    }
+    PyObject *uri = PyUnicode_DecodeASCII(u, sp2 - u, NULL);
+    if (uri == NULL)
+        return NULL;
+    PyObject *zero = PyLong_FromLong(0), *empty = PyUnicode_New(0, 0);
+    PyObject *out = (zero && empty) ? PyTuple_Pack(4, method, uri, zero, empty) : NULL;
+    Py_XDECREF(zero);
+    Py_XDECREF(empty);
+    Py_DECREF(uri);
+    return out;
+}
+
 static PyMethodDef methods[] = {
+    {"start_line", (PyCFunction)(void (*)(void))start_line, METH_FASTCALL,
+     "start_line(line, methods) -> (method, uri, status, reason) | None: "
+     "parser._parse_start_line for the usual line, or None for the Python code."},
     {"scan", (PyCFunction)(void (*)(void))scan, METH_FASTCALL,
      "scan(data, start, eol, end, names_cache, max_headers, max_line) -> "
      "(lines, names, index) | None: the header block split and indexed, or None for the "

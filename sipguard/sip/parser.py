@@ -140,15 +140,20 @@ Check = Callable[
 ]
 
 
-def _load_scan() -> tuple[Scan | None, Check | None]:
+# start_line(line, METHODS) -> (method, uri, status, reason): _parse_start_line for the usual
+# line, in C, or None for the Python code.
+StartLine = Callable[[bytes, dict[bytes, str]], "tuple[str | None, str | None, int, str] | None"]
+
+
+def _load_scan() -> tuple[Scan | None, Check | None, StartLine | None]:
     try:
-        from sipguard.sip._scan import check, scan
+        from sipguard.sip._scan import check, scan, start_line
     except ImportError:
-        return None, None
-    return scan, check
+        return None, None, None
+    return scan, check, start_line
 
 
-SCAN, CHECK = _load_scan()
+SCAN, CHECK, START_LINE = _load_scan()
 
 
 def is_token(data: bytes) -> bool:
@@ -175,6 +180,11 @@ for _name in (*_COMMON_NAMES, *(c.upper() for c in COMPACT), *COMPACT):
 
 def _parse_start_line(line: bytes) -> tuple[str | None, str | None, int, str]:
     """Parse the start line: (method, uri, 0, "") for requests, (None, None, code, reason)."""
+    fast = START_LINE
+    if fast is not None:
+        found = fast(line, METHODS)
+        if found is not None:
+            return found
     parts = line.split(b" ", 2)
     first = parts[0]
     # Status-Line = SIP-Version SP Status-Code SP Reason-Phrase CRLF  (a "/" never is in a method)

@@ -32,12 +32,12 @@ needs_scan = pytest.mark.skipif(BUILT is None, reason="C scan not built (sipguar
 
 @contextmanager
 def python_path() -> Iterator[None]:
-    saved = parser.SCAN, parser.CHECK, message.VALUE_TEXT
-    parser.SCAN = parser.CHECK = message.VALUE_TEXT = None
+    saved = parser.SCAN, parser.CHECK, parser.START_LINE, message.VALUE_TEXT
+    parser.SCAN = parser.CHECK = parser.START_LINE = message.VALUE_TEXT = None
     try:
         yield
     finally:
-        parser.SCAN, parser.CHECK, message.VALUE_TEXT = saved
+        parser.SCAN, parser.CHECK, parser.START_LINE, message.VALUE_TEXT = saved
 
 
 def outcome(data: bytes, **kw: Any) -> tuple[Any, ...]:
@@ -89,6 +89,39 @@ BASE = (b"OPTIONS sip:a@example.com SIP/2.0\r\nVia: SIP/2.0/UDP h;branch=z9hG4bK
         b"CSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n")
 
 
+# Start lines: the usual ones (the C start_line), and what it leaves to the Python code.
+START_LINES = [
+    b"SIP/2.0 180 Ringing", b"SIP/2.0 200", b"SIP/2.0 200 ", b"SIP/2.0 699 x", b"SIP/2.0 700 x",
+    b"SIP/2.0 099 x", b"SIP/2.0 20 OK", b"SIP/2.0 2000 OK", b"SIP/2.0 20x OK", b"SIP/2.0  200 OK",
+    b"sip/2.0 200 OK", b"SIP/3.0 200 OK", b"SIP/2.0 200 D\xc3\xa9j\xc3\xa0", b"SIP/2.0 200 \xff",
+    b"SIP/2.0 200 OK\tand more  words", b"SIP/2.0", b"SIP/2.0 ", b"SIP/",
+    b"OPTIONS sip:a@example.com sip/2.0", b"OPTIONS sip:a@example.com SIP/2.1",
+    b"OPTIONS sip:a@example.com SIP/2.0 ", b"OPTIONS  sip:a@example.com SIP/2.0",
+    b"OPTIONS sip:a@example.com  SIP/2.0", b"OPTIONS sip:a\t@example.com SIP/2.0",
+    b"OPTIONS sip:\xc3\xa9@example.com SIP/2.0", b"FOO sip:a@example.com SIP/2.0",
+    b"options sip:a@example.com SIP/2.0", b"OPT<IONS sip:a@example.com SIP/2.0",
+    b" OPTIONS sip:a@example.com SIP/2.0", b"OPTIONS", b"OPTIONS sip:a@example.com", b"",
+]
+
+
+@needs_scan
+@pytest.mark.parametrize("line", START_LINES)
+def test_start_line_in_c_is_the_python_one_or_declines(line: bytes) -> None:
+    from sipguard.sip import _scan
+
+    fast = _scan.start_line(line, message.METHODS)
+    with python_path():
+        try:
+            slow: Any = parser._parse_start_line(line)
+        except SipParseError as err:
+            slow = err
+    if fast is not None:
+        assert fast == slow, line
+    assert _scan.start_line(b"SIP/2.0 180 Ringing", message.METHODS) == (None, None, 180,
+                                                                          "Ringing")
+    assert _scan.start_line(b"ACK sip:a@h SIP/2.0", message.METHODS) == ("ACK", "sip:a@h", 0, "")
+
+
 @needs_scan
 @pytest.mark.parametrize("data", [
     BASE,
@@ -129,6 +162,7 @@ BASE = (b"OPTIONS sip:a@example.com SIP/2.0\r\nVia: SIP/2.0/UDP h;branch=z9hG4bK
     BASE.replace(b"Call-ID: c1", b"Call-ID: c1\r\nMax-Forwards: 1\r\nMax-Forwards: 2"),
     b"SIP/2.0 200 OK\r\n" + BASE.split(b"\r\n", 1)[1],  # a response
     b"SIP/2.0 200 OK\r\nMax-Forwards: 999\r\n" + BASE.split(b"\r\n", 1)[1],
+    *(line + b"\r\n" + BASE.split(b"\r\n", 1)[1] for line in START_LINES),
 ])
 def test_edge_cases_parse_the_same_in_c_and_python(data: bytes) -> None:
     same_both_ways(data)
