@@ -158,6 +158,42 @@ fail:
     return NULL;
 }
 
+/* hostport = ( [A-Za-z0-9_.\-]+ / "[" [0-9A-Fa-f:.]+ "]" ) [ ":" 1*5DIGIT ], from s[*j]: the
+ * host ends at *host_end, *port is -1 when absent, *j moves past it all. -1: not that shape, or
+ * a port above 65535 (the Python code reports it). */
+static int
+host_port(const char *s, Py_ssize_t n, Py_ssize_t *pos, Py_ssize_t *host_end, long *port)
+{
+    Py_ssize_t hp = *pos, j = hp;
+    if (j < n && s[j] == '[') {
+        j++;
+        while (j < n && IS(s[j], C_V6))
+            j++;
+        if (j == hp + 1 || j >= n || s[j] != ']')
+            return -1;
+        j++;
+    }
+    else {
+        while (j < n && IS(s[j], C_HOST))
+            j++;
+        if (j == hp)
+            return -1;
+    }
+    *host_end = j;
+    *port = -1;
+    if (j < n && s[j] == ':') {
+        Py_ssize_t d = ++j;
+        long value = 0;
+        while (j < n && s[j] >= '0' && s[j] <= '9' && j - d < 6)
+            value = value * 10 + (s[j++] - '0');
+        if (j == d || j - d > 5 || value > 65535)
+            return -1;
+        *port = value;
+    }
+    *pos = j;
+    return 0;
+}
+
 /* The value of the first parameter `name` in params (borrowed; Py_None when valueless), or
  * NULL when absent. */
 static PyObject *
@@ -212,31 +248,10 @@ uri_fast(PyObject *text, const char *base, Py_ssize_t a, Py_ssize_t b)
         user_b = e;
         hp = e + 1;
     }
-    Py_ssize_t j = hp;
-    if (j < n && s[j] == '[') {
-        j++;
-        while (j < n && IS(s[j], C_V6))
-            j++;
-        if (j == hp + 1 || j >= n || s[j] != ']')
-            return DECLINE;
-        j++;
-    }
-    else {
-        while (j < n && IS(s[j], C_HOST))
-            j++;
-        if (j == hp)
-            return DECLINE;
-    }
-    Py_ssize_t host_b = j;
-    long port = -1;
-    if (j < n && s[j] == ':') {
-        Py_ssize_t d = ++j;
-        port = 0;
-        while (j < n && s[j] >= '0' && s[j] <= '9' && j - d < 6)
-            port = port * 10 + (s[j++] - '0');
-        if (j == d || j - d > 5 || port > 65535)
-            return DECLINE;
-    }
+    Py_ssize_t j = hp, host_b;
+    long port;
+    if (host_port(s, n, &j, &host_b, &port) < 0)
+        return DECLINE;
     PyObject *params = plain_params(s, n, &j, C_PARAM, C_PARAM);
     if (params == NULL || params == DECLINE)
         return params;
@@ -501,31 +516,10 @@ scan_via(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         j++;
     if (j == t || j >= n || s[j] != ' ')
         Py_RETURN_NONE;
-    Py_ssize_t t_end = j, hp = ++j;
-    if (j < n && s[j] == '[') {
-        j++;
-        while (j < n && IS(s[j], C_V6))
-            j++;
-        if (j == hp + 1 || j >= n || s[j] != ']')
-            Py_RETURN_NONE;
-        j++;
-    }
-    else {
-        while (j < n && IS(s[j], C_HOST))
-            j++;
-        if (j == hp)
-            Py_RETURN_NONE;
-    }
-    Py_ssize_t host_b = j;
-    long port = -1;
-    if (j < n && s[j] == ':') {
-        Py_ssize_t d = ++j;
-        port = 0;
-        while (j < n && s[j] >= '0' && s[j] <= '9' && j - d < 6)
-            port = port * 10 + (s[j++] - '0');
-        if (j == d || j - d > 5 || port > 65535)
-            Py_RETURN_NONE;
-    }
+    Py_ssize_t t_end = j, hp = ++j, host_b;
+    long port;
+    if (host_port(s, n, &j, &host_b, &port) < 0)
+        Py_RETURN_NONE;
     PyObject *params = plain_params(s, n, &j, C_TOKEN, C_VALUE);
     if (params == NULL || params == DECLINE)
         return finish(params);
