@@ -343,6 +343,24 @@ ascii_text(PyObject *text, Py_ssize_t *n)
     return (const char *)PyUnicode_1BYTE_DATA(text);
 }
 
+/* The (text, pos) arguments of a scan: 1 with the text's ASCII bytes, its length and a pos
+ * within it; 0 when it is not for the C code (a non-ASCII text, a pos outside it); -1 with an
+ * exception set (wrong arguments). */
+static int
+text_at(PyObject *const *args, Py_ssize_t nargs, const char *signature, const char **s,
+        Py_ssize_t *n, Py_ssize_t *pos)
+{
+    if (nargs != 2) {
+        PyErr_Format(PyExc_TypeError, "%s", signature);
+        return -1;
+    }
+    *pos = PyLong_AsSsize_t(args[1]);
+    if (*pos == -1 && PyErr_Occurred())
+        return -1;
+    *s = ascii_text(args[0], n);
+    return *s != NULL && *pos >= 0 && *pos <= *n;
+}
+
 static PyObject *
 sip_uri(PyObject *self, PyObject *text)
 {
@@ -361,16 +379,13 @@ sip_uri(PyObject *self, PyObject *text)
 static PyObject *
 scan_name_addr(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "scan_name_addr(text, pos)");
-        return NULL;
-    }
-    Py_ssize_t n, pos = PyLong_AsSsize_t(args[1]);
-    if (pos == -1 && PyErr_Occurred())
+    const char *s;
+    Py_ssize_t n, pos;
+    int at = text_at(args, nargs, "scan_name_addr(text, pos)", &s, &n, &pos);
+    if (at < 0)
         return NULL;
     PyObject *text = args[0];
-    const char *s = ascii_text(text, &n);
-    if (s == NULL || NameAddr_type == NULL || pos < 0 || pos > n)
+    if (at == 0 || NameAddr_type == NULL)
         Py_RETURN_NONE;
     while (pos < n && (s[pos] == ' ' || s[pos] == '\t'))
         pos++;
@@ -499,16 +514,13 @@ done:
 static PyObject *
 scan_via(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "scan_via(text, pos)");
-        return NULL;
-    }
-    Py_ssize_t n, pos = PyLong_AsSsize_t(args[1]);
-    if (pos == -1 && PyErr_Occurred())
+    const char *s;
+    Py_ssize_t n, pos;
+    int at = text_at(args, nargs, "scan_via(text, pos)", &s, &n, &pos);
+    if (at < 0)
         return NULL;
     PyObject *text = args[0];
-    const char *s = ascii_text(text, &n);
-    if (s == NULL || Via_type == NULL || check_host_fn == NULL || pos < 0 || n - pos < 10 ||
+    if (at == 0 || Via_type == NULL || check_host_fn == NULL || n - pos < 10 ||
         memcmp(s + pos, "SIP/2.0/", 8) != 0)
         Py_RETURN_NONE;
     Py_ssize_t t = pos + 8, j = t;
