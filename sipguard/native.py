@@ -79,6 +79,7 @@ HOT_MODULES: tuple[str, ...] = (
     "sipguard.policy.national_cli",
     "sipguard.policy.engine",
     "sipguard.transport.udp",
+    "sipguard.ops.calllog",
     "sipguard.ops.observe",
     "sipguard.server",
 )

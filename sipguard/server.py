@@ -35,11 +35,12 @@ from sipguard import native
 from sipguard.contract import CallInfo, DecisionPending, Deferred, Flow, Local, Verdict
 from sipguard.edge import DECISION_FAILED, EdgeCore
 from sipguard.ops.admin import AdminEndpoint, read_token
+from sipguard.ops.calllog import CallLogger
 from sipguard.ops.collector import YOUNG_EVERY_S, Collector
 from sipguard.ops.config import Config, StateSettings
 from sipguard.ops.config_load import ConfigError
 from sipguard.ops.endpoints import split_hostport
-from sipguard.ops.logging import CallLogger, Level, SampledLogger, flush_logs, get_logger
+from sipguard.ops.logging import Level, SampledLogger, flush_logs, get_logger
 from sipguard.ops.metrics import Metrics
 from sipguard.ops.observe import Observer
 from sipguard.ops.overload import OverloadWatcher

@@ -31,10 +31,10 @@ from structlog.typing import FilteringBoundLogger, Processor
 from sipguard.ops.config import LogSettings
 
 __all__ = [
-    "CallLogger",
     "LineBatch",
     "LineWriter",
     "SampledLogger",
+    "call_line_sink",
     "configure_logging",
     "flush_logs",
     "get_logger",
@@ -261,49 +261,13 @@ class SampledLogger:
         return True
 
 
-class CallLogger:
-    """The per-call lines (``invite_decided``, ``dialog_ended``) at info, without structlog.
-
-    Every call writes two of these lines, so they skip structlog's processor chain (a context
-    copy, a level lookup, a ``datetime`` per line) and are encoded straight to JSON — the same
-    fields, ``logger_name``, ``event``, ``level`` and ``ts`` as any other line, in a fifth of
-    the time. The timestamp's date and time part is formatted once per second. With the console
-    format, or before :func:`configure_logging`, lines go through structlog as usual.
-    """
-
-    __slots__ = ("_fallback", "_name", "_add", "_enabled", "_second", "_prefix")
-
-    def __init__(self, name: str) -> None:
-        self._name = name
-        self._fallback = get_logger(name)
-        settings = _settings[0] if _settings else None
-        self._enabled = settings is None or _LEVELS[settings.level] <= logging.INFO
-        self._add: Callable[[str], None] | None = None
-        if settings is not None and settings.format == "json":
-            self._add = _batches[0].add if _batches else _line_writer(_streams[0])
-        self._second = -1
-        self._prefix = ""
-
-    def _ts(self) -> str:
-        now = time.time()
-        second = int(now)
-        if second != self._second:
-            self._second = second
-            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        return f"{self._prefix}.{int((now - second) * 1e6):06d}Z"
-
-    def info(self, event: str, /, **fields: Any) -> None:
-        if not self._enabled:
-            return
-        add = self._add
-        if add is None:
-            self._fallback.info(event, **fields)
-            return
-        line: dict[str, Any] = {"logger_name": self._name, **_fields}
-        for key, value in fields.items():
-            if value is not None:
-                line[key] = value
-        line["event"] = event
-        line["level"] = "info"
-        line["ts"] = self._ts()
-        add(_encode(line))
+def call_line_sink() -> tuple[Callable[[str], None] | None, bool, dict[str, Any]]:
+    """Where :class:`sipguard.ops.calllog.CallLogger` writes its lines, per the configuration in
+    force: (the line adder, None where lines go through structlog — console format, or not yet
+    configured; whether info lines are written; the fields every line carries)."""
+    settings = _settings[0] if _settings else None
+    enabled = settings is None or _LEVELS[settings.level] <= logging.INFO
+    add: Callable[[str], None] | None = None
+    if settings is not None and settings.format == "json":
+        add = _batches[0].add if _batches else _line_writer(_streams[0])
+    return add, enabled, _fields

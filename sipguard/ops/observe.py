@@ -28,7 +28,8 @@ from sipguard.contract import (
     Screened,
     SourceFlagged,
 )
-from sipguard.ops.logging import CallLogger, SampledLogger
+from sipguard.ops.calllog import CallLogger
+from sipguard.ops.logging import SampledLogger
 from sipguard.ops.metrics import Metrics
 from sipguard.ops.privacy import NumberPrivacy
 from sipguard.policy.flood import FloodGuard

@@ -12,9 +12,10 @@ import pytest
 import structlog
 
 from sipguard.contract import DialogEnded, InviteDecided, Verdict
+from sipguard.ops.calllog import CallLogger
 from sipguard.ops.config import LogSettings
 from sipguard.ops.config_load import ConfigError, parse_config
-from sipguard.ops.logging import CallLogger, SampledLogger, configure_logging, get_logger
+from sipguard.ops.logging import SampledLogger, configure_logging, get_logger
 from sipguard.ops.metrics import Metrics
 from sipguard.ops.observe import Observer
 from sipguard.ops.privacy import NumberPrivacy, number_privacy

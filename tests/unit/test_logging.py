@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 import structlog
 
+from sipguard.ops.calllog import CallLogger
 from sipguard.ops.config import LogSettings
 from sipguard.ops.logging import (
-    CallLogger,
     SampledLogger,
     configure_logging,
     flush_logs,
@@ -205,3 +205,35 @@ def test_line_encoder_is_json_encoders_output() -> None:
     for sample in samples:
         assert _encode(sample) == reference(sample)
         assert json.loads(_encode(sample)) is not None
+
+
+def test_call_logger_line_is_the_text_json_dumps_gives() -> None:
+    """The per-call line is built by hand (strings, numbers and booleans without the encoder):
+    its text is exactly json.dumps of the line's fields, for every kind of value."""
+    import enum
+
+    class Status(enum.IntEnum):
+        OK = 200
+
+    stream = io.StringIO()
+    configure_logging(LogSettings(format="json"), stream=stream, fields={"worker": 1})
+    values: dict[str, Any] = {
+        "plain": "abc", "quote": 'a"b\\c', "control": "a\r\nb\x00\x7f", "unicode": "Zoë ☎ 𝄞",
+        "surrogate": "bad\udcff", "int": -42, "big": 10**30, "enum": Status.OK, "true": True,
+        "false": False, "float": 123.456, "tiny": 1e-7, "huge": 1e300, "nan": float("nan"),
+        "inf": float("inf"), "ninf": float("-inf"), "list": ["+1", 2, None],
+        "dict": {"a": [1, {"b": "c"}], "n": None}, "tuple": ("x", 1), "none": None,
+        "object": object,
+    }
+    logger = CallLogger("sipguard")
+    logger.info("invite_decided", **values)
+    logger.info("dialog_ended", worker=2, call_id="c5")
+    first, second = stream.getvalue().splitlines()
+    ts = json.loads(first)["ts"]
+    expected = {"logger_name": "sipguard", "worker": 1,
+                **{k: v for k, v in values.items() if v is not None},
+                "event": "invite_decided", "level": "info", "ts": ts}
+    assert first == json.dumps(expected, default=repr)
+    ts = json.loads(second)["ts"]
+    assert second == json.dumps({"logger_name": "sipguard", "worker": 2, "call_id": "c5",
+                                 "event": "dialog_ended", "level": "info", "ts": ts})

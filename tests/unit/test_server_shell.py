@@ -15,9 +15,10 @@ import pytest
 import structlog
 
 from sipguard.contract import CallInfo, Failed, Flow, SourceFlagged, Verdict
+from sipguard.ops.calllog import CallLogger
 from sipguard.ops.config import LogSettings
 from sipguard.ops.config_load import parse_config
-from sipguard.ops.logging import CallLogger, SampledLogger, configure_logging, flush_logs
+from sipguard.ops.logging import SampledLogger, configure_logging, flush_logs
 from sipguard.ops.metrics import Metrics
 from sipguard.ops.observe import Observer
 from sipguard.policy.pipeline import Pipeline
