@@ -91,6 +91,9 @@ class Settings(RuleSettings):
         for item in value:
             if not item.strip():
                 raise ValueError("a scanner User-Agent substring must not be empty")
+            if any(ord(c) < 32 or ord(c) == 127 for c in item.strip()):
+                raise ValueError(f"a scanner User-Agent substring is one line of text, without "
+                                 f"control characters: {item!r}")
         return value
 
     @field_validator("exempt", mode="before")

@@ -7,7 +7,9 @@
  *         -> (lines, names, index) | None
  *
  * and ``check`` (below) does parser._validate's checks on what it returned; ``start_line``
- * reads the usual request or status line, ``value_text`` a header line's value.
+ * reads the usual request or status line, ``value_text`` a header line's value, and
+ * ``line_start`` finds header lines by their first byte in a message not yet parsed (the
+ * flood guard's User-Agent check).
  *
  * data[start:eol] is the start line, data[eol + 2:end] the header block (eol < end), and
  * data[end:end + 4] the empty line. It returns the block's lines (bytes, without their CRLF),
@@ -454,6 +456,50 @@ start_line(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     return out;
 }
 
+/* line_start(data, letters, pos) -> int: the index of the first LF at or after ``pos`` that
+ * is followed by one of ``letters`` (never CR or LF) and lies in the header block, before the
+ * first CRLF CRLF of ``data`` (all of it without one): the least of
+ * ``data.find(b"\n" + letter, pos, data.find(b"\r\n\r\n"))`` over the letters; -1 if
+ * there is none. ``pos`` is 0 or one past an index it returned, so the bytes before it are
+ * known to be in the block and the scan starts at ``pos``: linear over all the calls for one
+ * message. One memchr per line where the Python code searches the block once per letter. */
+static PyObject *
+line_start(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3 || !PyBytes_CheckExact(args[0]) || !PyBytes_CheckExact(args[1]) ||
+        !PyLong_CheckExact(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "line_start(bytes, bytes, int)");
+        return NULL;
+    }
+    const char *s = PyBytes_AS_STRING(args[0]);
+    Py_ssize_t n = PyBytes_GET_SIZE(args[0]);
+    const char *letters = PyBytes_AS_STRING(args[1]);
+    Py_ssize_t nl = PyBytes_GET_SIZE(args[1]);
+    Py_ssize_t pos = PyLong_AsSsize_t(args[2]);
+    if (pos == -1 && PyErr_Occurred()) {
+        if (!PyErr_ExceptionMatches(PyExc_OverflowError))
+            return NULL;
+        PyErr_Clear(); /* beyond any index: nothing to find, or everything from 0 */
+        pos = _PyLong_Sign(args[2]) > 0 ? PY_SSIZE_T_MAX : 0;
+    }
+    Py_ssize_t i = pos < 0 ? 0 : pos;
+    while (i < n) {
+        const char *p = memchr(s + i, '\n', (size_t)(n - i));
+        if (p == NULL)
+            break;
+        i = p - s;
+        if (i + 1 >= n)
+            break;
+        char c = s[i + 1];
+        if (c == '\r' && i >= 1 && s[i - 1] == '\r' && i + 2 < n && s[i + 2] == '\n')
+            break; /* CRLF CRLF: the header block ends here */
+        if (c != '\r' && c != '\n' && memchr(letters, c, (size_t)nl) != NULL)
+            return PyLong_FromSsize_t(i);
+        i++;
+    }
+    return PyLong_FromLong(-1);
+}
+
 static PyMethodDef methods[] = {
     {"start_line", (PyCFunction)(void (*)(void))start_line, METH_FASTCALL,
      "start_line(line, methods) -> (method, uri, status, reason) | None: "
@@ -466,6 +512,9 @@ static PyMethodDef methods[] = {
      "check(lines, index, methods, request, datagram, body_length) -> "
      "((cseq, method), max_forwards, content_length, call_id) | None: parser._validate's "
      "checks for the usual message, or None for parser._validate."},
+    {"line_start", (PyCFunction)(void (*)(void))line_start, METH_FASTCALL,
+     "line_start(data, letters, pos) -> int: the first LF at or after pos in the header "
+     "block followed by one of letters, or -1."},
     {"value_text", (PyCFunction)value_text, METH_O,
      "value_text(line) -> str: message.decode(message.raw_value(line)) in one pass."},
     {NULL, NULL, 0, NULL},

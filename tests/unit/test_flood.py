@@ -431,3 +431,101 @@ async def test_shell_limits_a_flooding_peer_without_banning_it() -> None:
             assert len(again) == 1 and again[0].startswith(b"SIP/2.0 200")
     finally:
         await server.stop()
+
+
+# --- the User-Agent line search in C (sipguard/sip/_scan.c: line_start) -------------------
+
+def _line_starts_reference(data: bytes, letters: bytes) -> list[int]:
+    """Every LF followed by one of ``letters`` before the first CRLF CRLF: what the flood
+    guard's Python code finds with bytes.find."""
+    end = data.find(b"\r\n\r\n")
+    end = len(data) if end < 0 else end
+    found = set()
+    for letter in letters:
+        pos = data.find(b"\n" + bytes([letter]), 0, end)
+        while pos >= 0:
+            found.add(pos)
+            pos = data.find(b"\n" + bytes([letter]), pos + 1, end)
+    return sorted(found)
+
+
+def _line_starts_c(data: bytes, letters: bytes) -> list[int]:
+    assert flood.LINE_START is not None
+    found, pos = [], flood.LINE_START(data, letters, 0)
+    while pos >= 0:
+        found.append(pos)
+        pos = flood.LINE_START(data, letters, pos + 1)
+    return found
+
+
+LINE_CASES = [
+    b"", b"\n", b"\nU", b"\nu", b"U", b"\r\n\r\n\nU", b"\nU\r\n\r\n\nu", b"x\r\n\r\nUser",
+    b"\r\n\r\n", b"\n\r\n\r\nUa\r\n\nU", b"A\r\nUser-Agent: x\r\n\r\nv=0\r\nUser-Agent: y",
+    b"A\nUser-Agent: x\n\nUser-Agent: y", b"\r\nU\r\nu\r\nV\r\n\r\n\r\nU", b"\n\r\n\r\n",
+    b"\r\r\n\r\n\nU", b"\nU\nU\nU", b"\n\nU", b"A\r\n\r\nB\r\n\r\n\nU", b"\r\nU\r\n\r",
+]
+
+
+@pytest.mark.skipif(flood.LINE_START is None, reason="the C extension is not built")
+def test_c_line_search_finds_what_find_finds() -> None:
+    """line_start finds exactly the LF + letter positions bytes.find finds in the header
+    block: edge cases, and every seed message (RFC 4475 included) cut at every length."""
+    from tests.unit.test_robustness import SEEDS
+
+    for data in LINE_CASES:
+        for letters in (b"Uu", b"U", b"v", b"\r", b"\n"):
+            expected = [p for p in _line_starts_reference(data, letters)
+                        if data[p + 1:p + 2] not in (b"\r", b"\n")]
+            assert _line_starts_c(data, letters) == expected, (data, letters)
+    for seed in SEEDS:
+        for cut in range(0, len(seed) + 1, max(1, len(seed) // 97)):
+            data = seed[:cut]
+            assert _line_starts_c(data, b"Uu") == _line_starts_reference(data, b"Uu"), data
+
+
+@pytest.mark.skipif(flood.LINE_START is None, reason="the C extension is not built")
+def test_scanner_check_is_the_same_in_c_and_python(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The guard's verdict on scanner User-Agents is the same with and without the C search,
+    for User-Agent lines anywhere: first, last, in the body, folded, lower case."""
+    g = make_guard("{}")
+    scanner = g.scanner
+    assert scanner is not None
+    messages = [
+        b"OPTIONS sip:a@b SIP/2.0\r\nUser-Agent: friendly-scanner\r\n\r\n",
+        b"OPTIONS sip:a@b SIP/2.0\r\nVia: x\r\nuser-agent:sipvicious\r\n\r\n",
+        b"OPTIONS sip:a@b SIP/2.0\r\nVia: x\r\nUser-Agent: pbx\r\n\r\nUser-Agent: sipvicious",
+        b"OPTIONS sip:a@b SIP/2.0\r\nUser-Agent: pbx\r\nUser-Agent: friendly-scanner",
+        b"OPTIONS sip:a@b SIP/2.0\r\nUser-Agent: pbx\r\n friendly-scanner\r\n\r\n",
+        b"OPTIONS sip:a@b SIP/2.0\nUser-Agent: friendly-scanner\n\n",
+        b"SIP/2.0 200 OK\r\nUnsupported: x\r\nUSER-AGENT:\tFriendly-Scanner 1\r\n\r\n",
+    ]
+    fast = [flood._scanner_line(scanner, m) for m in messages]
+    monkeypatch.setattr(flood, "LINE_START", None)
+    assert [flood._scanner_line(scanner, m) for m in messages] == fast
+    assert fast == [True, True, False, True, False, True, True]
+
+
+@pytest.mark.parametrize("c_search", [True, False])
+def test_many_user_agent_lines_cost_linear_time(c_search: bool,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A datagram of 16,000 lines starting with U (hostile) is checked in one pass, with or
+    without the C search: no rescan from the start per line (that would be 128 million
+    steps here)."""
+    import time
+
+    g = make_guard("{}")
+    scanner = g.scanner
+    assert scanner is not None
+    if not c_search:
+        monkeypatch.setattr(flood, "LINE_START", None)
+    data = b"OPTIONS sip:a@b SIP/2.0\r\n" + b"U: 1\r\n" * 16000 + b"\r\n"
+    start = time.process_time()
+    assert not flood._scanner_line(scanner, data)
+    assert time.process_time() - start < 0.5
+
+
+def test_scanner_names_with_control_characters_are_config_errors() -> None:
+    """A scanner name is matched within one header line: CR, LF or another control
+    character in it is a config error naming the field."""
+    with pytest.raises(ConfigError, match="scanners"):
+        make_guard('{scanners: ["evil\\r\\nbot"]}')
