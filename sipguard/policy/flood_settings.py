@@ -60,8 +60,8 @@ class Settings(RuleSettings):
     )
     scanners: tuple[str, ...] = Field(
         default=DEFAULT_SCANNERS,
-        description="User-Agent substrings of known scanners, any case. Only the header block "
-        "is read.",
+        description="User-Agent substrings of known scanners, any case, without control "
+        "characters. Only the header block is read, and each User-Agent line on its own.",
     )
     scanner_ban: bool = Field(
         default=True, description="Ban a scanner's source too (never a configured peer's)."
