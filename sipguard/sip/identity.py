@@ -42,9 +42,12 @@ from sipguard.sip.params import (
 _JWS: Final = re.compile(r"[A-Za-z0-9_\-]++\.[A-Za-z0-9_\-]*+\.[A-Za-z0-9_\-]++")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, init=False, unsafe_hash=True)
 class Identity:
-    """One Identity header value; ``str()`` gives back the original text."""
+    """One Identity header value; ``str()`` gives back the original text. Treat it as
+    immutable: parsed values are memoised and shared (not frozen: a frozen dataclass's
+    ``__init__`` runs as Python, one ``object.__setattr__`` per field, on every call that
+    carries Identity)."""
 
     token: str
     info: str | None
@@ -52,6 +55,16 @@ class Identity:
     ppt: str | None
     params: Params
     raw: str
+
+    # A hand-written __init__: mypyc compiles it, where a dataclass-made one runs as Python.
+    def __init__(self, token: str, info: str | None, alg: str | None, ppt: str | None,
+                 params: Params, raw: str) -> None:
+        self.token = token
+        self.info = info
+        self.alg = alg
+        self.ppt = ppt
+        self.params = params
+        self.raw = raw
 
     def param(self, name: str) -> str | None:
         """The value of parameter ``name`` as written; None when absent or valueless."""
