@@ -18,34 +18,16 @@ import time
 from collections.abc import Callable
 from typing import Any, Final
 
-from sipguard.ops.logging import call_line_sink, get_logger
+from sipguard.ops.logging import call_line_sink, encode_json, get_logger
 
-
-def _make_encoder() -> Callable[[Any, int], Any] | None:
-    """JSON's C encoder with ``json.dumps``'s defaults (and ``repr`` for what JSON cannot say),
-    called without the Python ``JSONEncoder.encode`` builds around it per object; None on a
-    Python without the C accelerator."""
-    make = getattr(json.encoder, "c_make_encoder", None)
-    if make is None:
-        return None
-    # markers (None: no circular check), default, string encoder, indent, separators,
-    # sort_keys, skipkeys, allow_nan
-    encoder: Callable[[Any, int], Any] = make(
-        None, repr, json.encoder.encode_basestring_ascii, None, ": ", ", ", False, False, True
-    )
-    return encoder
-
-
-_ENCODER: Final = _make_encoder()
-_FALLBACK_ENCODER: Final = json.JSONEncoder(default=repr, check_circular=False)
 _STRING: Final[Callable[[str], str]] = json.encoder.encode_basestring_ascii
 _INF: Final = float("inf")
 _KEYS_CACHED: Final = 512  # field names kept encoded (a line's keys come from a fixed set)
 
 
 def _value(value: Any) -> str:
-    """``value`` as the JSON encoder above writes it: strings, numbers and booleans here (they
-    are nearly every field), anything else through the encoder."""
+    """``value`` as ``encode_json`` writes it: strings, numbers and booleans here (they are
+    nearly every field), anything else through it."""
     if isinstance(value, str):
         return _STRING(value)
     if isinstance(value, bool):
@@ -61,9 +43,7 @@ def _value(value: Any) -> str:
         if number == -_INF:
             return "-Infinity"
         return repr(number)
-    if _ENCODER is not None:
-        return "".join(_ENCODER(value, 0))
-    return _FALLBACK_ENCODER.encode(value)
+    return encode_json(value)
 
 
 class CallLogger:

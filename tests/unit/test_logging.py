@@ -192,7 +192,7 @@ def test_line_encoder_is_json_encoders_output() -> None:
     """The log lines' encoder (the C encoder, built once) writes what
     ``json.JSONEncoder(default=repr, check_circular=False).encode`` would: ASCII with escapes,
     bytes kept from the wire as surrogates, floats, nested values, and repr() for the rest."""
-    from sipguard.ops.logging import _encode
+    from sipguard.ops.logging import encode_json
 
     reference = json.JSONEncoder(default=repr, check_circular=False).encode
     samples: list[Any] = [
@@ -203,8 +203,8 @@ def test_line_encoder_is_json_encoders_output() -> None:
         {"nan": float("nan"), "inf": float("inf"), "big": 10**30},
     ]
     for sample in samples:
-        assert _encode(sample) == reference(sample)
-        assert json.loads(_encode(sample)) is not None
+        assert encode_json(sample) == reference(sample)
+        assert json.loads(encode_json(sample)) is not None
 
 
 def test_call_logger_line_is_the_text_json_dumps_gives() -> None:
