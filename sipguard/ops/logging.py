@@ -54,9 +54,9 @@ _LEVELS: dict[str, int] = {
 class LineBatch:
     """Log lines waiting for the next :func:`flush_logs`: one write per flush, not per line.
 
-    Every line goes through here in order (structlog's and :class:`sipguard.ops.calllog.CallLogger`'s alike), so
-    batching never reorders them. More than ``limit`` waiting lines are written at once, so a
-    late flush cannot grow memory.
+    Every line goes through here in order (structlog's and the per-call lines of
+    :class:`sipguard.ops.calllog.CallLogger` alike), so batching never reorders them. More than
+    ``limit`` waiting lines are written at once, so a late flush cannot grow memory.
     """
 
     __slots__ = ("_stream", "_lines", "_limit")
