@@ -20,15 +20,17 @@ $(STAMP): pyproject.toml constraints.txt
 
 # The hot-path modules (parser, proxy core, policy rules) compiled to C with mypyc; see
 # sipguard/native.py.
-# Needs a C compiler and the Python headers (installed here when missing, Debian gcc and
-# python3-dev); if the build still fails, sipguard runs the same modules as Python.
+# Needs a C compiler, the Python headers and OpenSSL's (installed here when missing, Debian
+# gcc, python3-dev and libssl-dev); if the build still fails, sipguard runs the same modules
+# as Python.
 native: install
-	@command -v cc >/dev/null 2>&1 && $(PY) -c 'import os, sysconfig, sys; \
+	@command -v cc >/dev/null 2>&1 && test -f /usr/include/openssl/evp.h && \
+	  $(PY) -c 'import os, sysconfig, sys; \
 	  sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' || { \
-	  echo "installing a C compiler and the Python headers (Debian gcc python3-dev)"; \
+	  echo "installing a C compiler, the Python and OpenSSL headers (Debian gcc python3-dev libssl-dev)"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive \
-	    apt-get install -y -qq gcc python3-dev >/dev/null || true; }
+	    apt-get install -y -qq gcc python3-dev libssl-dev >/dev/null || true; }
 	@$(PY) -m sipguard.native ensure || true
 
 # Test tools (Debian packages): SIPp (sip-tester) for the end-to-end tests and the load kit;

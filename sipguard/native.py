@@ -90,7 +90,10 @@ C_MODULES: dict[str, str] = {
     "sipguard.sip._scan": "sipguard/sip/_scan.c",  # the parser's fast path (sip/parser.py)
     # the usual URI, name-addr and via-parm (sip/uri.py, nameaddr.py, via.py)
     "sipguard.sip._grammar": "sipguard/sip/_grammar.c",
+    # ES256 checks on threads without the GIL (verify_threads.py), against the system libcrypto
+    "sipguard._es256": "sipguard/_es256.c",
 }
+C_LIBRARIES: dict[str, list[str]] = {"sipguard._es256": ["crypto"]}
 
 
 def _source(module: str) -> Path:
@@ -165,7 +168,8 @@ def build() -> int:
         "from mypyc.build import mypycify\n"
         f"setup(name='sipguard-native', ext_modules=mypycify({paths!r}, "
         f"group_name={GROUP!r}, opt_level='3', verbose=False) + "
-        f"[Extension(name, [src], extra_compile_args=['-O3']) for name, src in "
+        f"[Extension(name, [src], extra_compile_args=['-O3'], "
+        f"libraries={C_LIBRARIES!r}.get(name, [])) for name, src in "
         f"{sorted(C_MODULES.items())!r}], "
         "script_args=['-q', 'build_ext', '--inplace', '--build-temp', sys.argv[1], "
         "'--build-lib', sys.argv[1]])\n"

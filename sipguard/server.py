@@ -62,6 +62,7 @@ from sipguard.transport.redis_state import SharedStore
 from sipguard.transport.tcp import TcpLimits, TcpPool
 from sipguard.transport.tls import TlsContexts, build_contexts
 from sipguard.transport.udp import UdpEndpoint, open_udp
+from sipguard.verify_threads import SignatureVerifier
 
 LOAD_WATCH_S = 0.05  # how often the UDP receive queues are read (overload protection)
 # Sends wait for the end of the event-loop pass, or for this many datagrams read in it, which
@@ -255,6 +256,9 @@ class Server:
             self.state.fetcher = HttpsFetcher(clock=self.loop.time)
         if self.state.http is None:  # national_cli: roaming lookups
             self.state.http = JsonGetter()
+        # identity: ES256 checks on threads beside the loop (sized when the policy activates)
+        self.verifier = SignatureVerifier(self.loop, self.counters)
+        self.state.verifier = self.verifier
         policy = policy or Policy(cfg, self.state, _trusted(cfg))
         self.core = EdgeCore(proxy_settings(cfg, worker), policy, os.urandom(32),
                              overload_retry_after_s=cfg.sip.overload_retry_after_s,
@@ -423,6 +427,7 @@ class Server:
             "overloaded": float(self.core.overloaded),
             "gc_young_pause_max_seconds": self.collector.take_young_pause_max(),
             "gc_full_pause_seconds": self.collector.full_pause,
+            "identity_verify_waiting": self.verifier.waiting,
             **(self.shared_store.stats() if self.shared_store is not None else {}),
         }
 
@@ -489,6 +494,7 @@ class Server:
             await fetcher.close()
         if isinstance(self.state.http, JsonGetter):
             await self.state.http.close()
+        self.verifier.close()
         await self._stop_shared_lists()
         if self.shared_store is not None:
             await self.shared_store.close()

@@ -249,7 +249,10 @@ class IdentityRule:
                                  now + s.negative_cache_s)
                 if exc.cacheable and s.negative_cache_s > 0:
                     self.cache.store(url, entry, now)
-            return self._finish(call, passport, entry, now, wall)
+            verdict = self._finish(call, passport, entry, now, wall)
+            if not isinstance(verdict, Verdict):
+                verdict = await verdict
+            return verdict
         entry = self.cache.lookup(url, now)
         if entry is None:
             trusted = False
@@ -268,12 +271,16 @@ class IdentityRule:
                 entry = UrlEntry(chain, "", "", now + ttl)
             if entry.expires > now:
                 self.cache.store(url, entry, now, trusted)
-        return self._finish(call, passport, entry, now, wall)
+        verdict = self._finish(call, passport, entry, now, wall)
+        if not isinstance(verdict, Verdict):  # the signature is checked on a thread
+            verdict = await verdict
+        return verdict
 
     def _finish(
         self, call: CallInfo, passport: Passport, entry: UrlEntry, now: float, wall: float
-    ) -> Verdict:
-        """Steps 6–9 with the certificate in hand: CPU only."""
+    ) -> Verdict | Awaitable[Verdict]:
+        """Steps 6–9 with the certificate in hand: CPU only. The signature check goes to the
+        shell's threads when it has some (``verify_threads``), the rest waits for it."""
         if entry.chain is None:
             failure = _Failure(entry.reason, entry.detail, passport)
             if self.s.on_fetch_error == "no_validation" and entry.reason in UNREACHABLE:
@@ -282,7 +289,21 @@ class IdentityRule:
         result = self.cache.verdict(self.anchors, entry.chain, wall, now, self.s.negative_cache_s)
         if not result.ok or result.key is None:
             return self._fail(call, _Failure(result.reason, result.detail, passport))
-        if not verify_signature(passport, result.key):
+        verifier = self.state.verifier
+        if verifier is not None:
+            checked = verifier.submit(passport, result.key)
+            if checked is not None:
+                return self._after_check(call, passport, checked)
+        return self._signed(call, passport, verify_signature(passport, result.key))
+
+    async def _after_check(
+        self, call: CallInfo, passport: Passport, checked: Awaitable[bool]
+    ) -> Verdict:
+        return self._signed(call, passport, await checked)
+
+    def _signed(self, call: CallInfo, passport: Passport, valid: bool) -> Verdict:
+        """Steps 8–9 once the signature has been checked."""
+        if not valid:
             return self._fail(call, _Failure("bad_signature", "ES256 signature", passport))
         if ATTESTATIONS.index(passport.attest) > self.min_rank:
             action = self.s.on_low_attestation or self.s.on_fail
@@ -405,9 +426,20 @@ def build(settings: Settings, ctx: BuildContext, peer: Peer | None) -> IdentityR
     failures = max((s.negative_cache_entries for s in sections),
                    default=settings.negative_cache_entries)
 
+    threads = max((s.verify_threads for s in sections if s.verify_threads != "auto"),
+                  default=0)
+    if any(s.verify_threads == "auto" for s in sections) and threads == 0:
+        threads_setting: int | str = "auto"
+    else:
+        threads_setting = threads
+    queued = max((s.verify_queue for s in sections), default=settings.verify_queue)
+
     def bound() -> None:
         cache.max_entries = entries
         cache.max_failures = failures
+        verifier = ctx.state.verifier
+        if verifier is not None:
+            verifier.configure(threads_setting, queued)
 
     ctx.on_activate(bound)
     rule = IdentityRule(settings, ctx.mode_of(settings), anchors, cache, ctx.state)

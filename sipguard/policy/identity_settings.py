@@ -7,7 +7,7 @@ what the caller hears for each kind of failure (:class:`Answers`). The rule itse
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
@@ -146,6 +146,20 @@ class Settings(RuleSettings):
         default=1000, ge=16,
         description="Failures kept at most (failed fetches, unreadable or untrusted chains), "
         "apart from the trusted chains; least recently used first out.",
+    )
+    verify_threads: Annotated[int, Field(ge=0, le=64)] | Literal["auto"] = Field(
+        default="auto",
+        description="Threads that check PASSporT signatures (ES256) beside the event loop, "
+        "which meanwhile goes on with other calls; 0: in the loop. `auto`: one per CPU this "
+        "process may run on beyond the first (its CPU affinity), at most 4 — 0 when pinned to "
+        "one CPU. One pool per process: the largest number among the identity sections (top "
+        "level and peers) is used, `auto` where none sets one above 0.",
+    )
+    verify_queue: int = Field(
+        default=1024, ge=1, le=1_000_000,
+        description="Signature checks waiting for a thread at most; beyond it a check is done "
+        "in the event loop (counter `identity_verify_queue_full`), never refused. The largest "
+        "among the identity sections is used.",
     )
     identity_header: str | None = Field(
         default="X-Sipguard-Identity",

@@ -25,10 +25,10 @@ import binascii
 import json
 import json.scanner
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
@@ -197,6 +197,20 @@ def decode_passport(token: str) -> Passport:
 def safe_origid(passport: Passport) -> str | None:
     """``origid`` when it is safe to copy into a header parameter (UUID-like), else None."""
     return passport.origid if _ORIGID.fullmatch(passport.origid) else None
+
+
+class SignatureChecks(Protocol):
+    """Signature checks off the event loop: the shell's threads
+    (:class:`sipguard.verify_threads.SignatureVerifier`)."""
+
+    def submit(self, passport: Passport, key: ec.EllipticCurvePublicKey) -> Awaitable[bool] | None:
+        """An awaitable for :func:`verify_signature` done elsewhere; None: verify here."""
+        ...
+
+    def configure(self, threads: int | str, max_pending: int) -> None:
+        """Run ``threads`` threads (``"auto"``: by this process's CPUs) and queue at most
+        ``max_pending`` checks."""
+        ...
 
 
 def verify_signature(passport: Passport, key: ec.EllipticCurvePublicKey) -> bool:

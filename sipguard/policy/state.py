@@ -18,6 +18,7 @@ from sipguard.policy.concurrency import Tracker
 from sipguard.policy.dialer_state import DialerState
 from sipguard.policy.flood import FloodState
 from sipguard.policy.national_cli import HttpGetter, RoamingCache
+from sipguard.policy.passport import SignatureChecks
 from sipguard.policy.peers import NumberSet
 from sipguard.policy.rate import Buckets
 from sipguard.policy.stircert import CertCache, CertFetcher
@@ -40,6 +41,8 @@ class RuleState:
     suspensions: SuspensionStore = field(default_factory=SuspensionStore)
     # identity: the shell's HTTPS fetcher (None: every uncached certificate fails, 436)
     fetcher: CertFetcher | None = None
+    # identity: the shell's signature-check threads (None: every check in the loop)
+    verifier: SignatureChecks | None = None
     # national_cli: the shell's HTTP client for roaming lookups (None: lookups fail, on_error)
     http: HttpGetter | None = None
     # national_cli: roaming answers per number (bounded, each kept cache_s)

@@ -17,7 +17,7 @@ import pytest
 
 from tests.unit.stir_pki import Pki, X5uServer, new_key, sign_passport, standard_routes
 
-from .harness import SCENARIOS, E2EStack, SippProcess, free_port
+from .harness import SCENARIOS, E2EStack, SippProcess, events_total, free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -123,3 +123,46 @@ def test_sipp_identity_failures_are_answered_by_sipguard(
     decided = [e for e in guard.events if e.get("event") == "invite_decided"][0]
     assert (decided["verdict"], decided["status"], decided["rule"]) == ("reject", status,
                                                                          "identity")
+
+
+@pytest.mark.parametrize("threads", [0, 2])
+def test_signature_checks_on_threads_or_in_the_loop(
+    stack: E2EStack, pki: Pki, x5u: X5uServer, threads: int
+) -> None:
+    """``verify_threads``: with threads the signatures are checked beside the loop (counted
+    ``identity_verify_threaded``), without in it; the outcomes are the same either way —
+    valid calls reach the core marked passed, a wrong key gets 438 from sipguard."""
+    calls = 30
+    url = x5u.url("/good.pem")
+    rows = [(CALLER, CALLEE, sign_passport(pki.leaf_key, url, orig=CALLER[1:], dest=(CALLEE[1:],),
+                                           origid=f"00000000-0000-4000-8000-{i:012d}"), url)
+            for i in range(calls)]
+    csv = write_csv(stack.workdir / "identity.csv", rows)
+    bad = write_csv(stack.workdir / "bad.csv", [(CALLER, CALLEE, sign_passport(
+        new_key(), url, orig=CALLER[1:], dest=(CALLEE[1:],)), url)])
+    reject = stack.workdir / "uac_identity_reject.xml"
+    reject.write_text((SCENARIOS / "uac_identity_reject.xml").read_text())
+    metrics_port = free_port()
+    uas = stack.uas("uas_basic.xml", calls=calls)
+    extra = identity_config(stack, pki, x5u, verify_threads=threads, verify_queue=8)
+    guard, port = stack.sipguard(core_port=uas.local_port,
+                                 config_extra=extra + f"metrics: {{listen: 127.0.0.1:{metrics_port}}}\n")
+    uac = run_uac(stack, "uac_identity.xml", port, csv, calls, rate=200).wait()
+    rejected = run_uac(stack, reject, port, bad, 1).wait()
+    uas_res = stack.finish_uas(uas)
+    detail = f"{uac.describe()}\n{rejected.describe()}\n{uas_res.describe()}\n{guard.diagnostics()}"
+    assert uac.successful == calls and uac.failed == 0, detail
+    assert rejected.successful == 1 and rejected.failed == 0, detail
+    assert uas_res.received("INVITE") == calls, detail
+    seen = uas_res.message_log.read_text(errors="replace")
+    assert seen.count("X-Sipguard-Identity: TN-Validation-Passed;attest=A;origid=") == calls
+    assert guard.settle("invite_decided") == calls + 1
+    events = events_total(metrics_port)
+    checked = events.get("identity_verify_threaded", 0) + events.get(
+        "identity_verify_queue_full", 0)
+    if threads:
+        # every check went to the threads, or (queue of 8 full) was done in the loop
+        assert checked == calls + 1, events
+        assert events.get("identity_verify_threaded", 0) >= 8, events
+    else:
+        assert checked == 0, events
