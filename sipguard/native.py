@@ -78,6 +78,7 @@ HOT_MODULES: tuple[str, ...] = (
     "sipguard.policy.identity",
     "sipguard.policy.national_cli",
     "sipguard.policy.engine",
+    "sipguard.verify_threads",
     "sipguard.transport.udp",
     "sipguard.ops.calllog",
     "sipguard.ops.observe",

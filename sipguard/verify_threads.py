@@ -29,19 +29,29 @@ not yet answered.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import os
 from collections import Counter
-from typing import Final
+from types import ModuleType
+from typing import TYPE_CHECKING, Final
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from sipguard.policy.passport import Passport
 
-try:
-    from sipguard import _es256
-except ImportError:  # not built: every check in the loop
-    _es256 = None  # type: ignore[assignment]
+if TYPE_CHECKING:
+    from sipguard._es256 import Key, Pool
+
+
+def _extension() -> ModuleType | None:
+    try:
+        return importlib.import_module("sipguard._es256")
+    except ImportError:  # not built: every check in the loop
+        return None
+
+
+_es256 = _extension()
 
 AUTO_MAX: Final = 4  # threads ``auto`` starts at most
 KEYS_MAX: Final = 256  # signer keys converted for the threads, kept at most
@@ -70,11 +80,12 @@ class SignatureVerifier:
         self.counters = counters
         self.max_pending = 1024
         self._threads = 0
-        self._pool = _es256.Pool(self.max_pending) if _es256 is not None else None
+        built = _es256
+        self._pool: Pool | None = built.Pool(self.max_pending) if built is not None else None
         self._waiting: dict[int, asyncio.Future[bool]] = {}  # token -> the rule's future
         self._next = 0
         # id(key) -> (key, its copy for the threads); the key is held so the id stays its own
-        self._keys: dict[int, tuple[ec.EllipticCurvePublicKey, _es256.Key]] = {}
+        self._keys: dict[int, tuple[ec.EllipticCurvePublicKey, Key]] = {}
         self._watching = False
         self._closed = False
 
@@ -140,15 +151,16 @@ class SignatureVerifier:
         self._waiting[token] = future
         return future
 
-    def _key(self, key: ec.EllipticCurvePublicKey) -> _es256.Key | None:
+    def _key(self, key: ec.EllipticCurvePublicKey) -> Key | None:
         entry = self._keys.get(id(key))
         if entry is not None and entry[0] is key:
             return entry[1]
-        if _es256 is None or not isinstance(key, ec.EllipticCurvePublicKey):
+        built = _es256
+        if built is None or not isinstance(key, ec.EllipticCurvePublicKey):
             return None
         try:
-            theirs = _es256.key(key.public_bytes(serialization.Encoding.DER,
-                                                 serialization.PublicFormat.SubjectPublicKeyInfo))
+            theirs: Key = built.key(key.public_bytes(
+                serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo))
         except ValueError:  # not P-256: verify_signature says False in the loop
             return None
         if len(self._keys) >= KEYS_MAX:
