@@ -863,7 +863,9 @@ class Server:
             self.log.exception("decision_failed", call_id=call.call_id)
             verdict = DECISION_FAILED
         self.core.resolve(call, verdict, self.loop.time())
-        self._flush()
+        # With the other decisions that came back in this pass (the signature checks' answers
+        # come in batches): one flush, not one per call, so the core is woken once for them.
+        self._schedule_flush()
 
     async def _settle(self, pending: Awaitable[None], what: str) -> None:
         try:
