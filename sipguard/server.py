@@ -335,6 +335,7 @@ class Server:
             peers=len(self.policy.peers.peers),
             rules=[r.name for r in self.policy.rules],
             compiled=len(compiled) == len(native.HOT_MODULES) + len(native.C_MODULES),
+            verify_threads=self.verifier.threads,  # rule identity's signature-check threads
         )
         if stale:
             self.log.warning("compiled_modules_stale", modules=stale,

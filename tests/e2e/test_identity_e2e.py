@@ -157,6 +157,8 @@ def test_signature_checks_on_threads_or_in_the_loop(
     seen = uas_res.message_log.read_text(errors="replace")
     assert seen.count("X-Sipguard-Identity: TN-Validation-Passed;attest=A;origid=") == calls
     assert guard.settle("invite_decided") == calls + 1
+    started = [e for e in guard.events if e.get("event") == "sipguard_started"]
+    assert started and started[0]["verify_threads"] == threads, started
     events = events_total(metrics_port)
     checked = events.get("identity_verify_threaded", 0) + events.get(
         "identity_verify_queue_full", 0)
