@@ -12,12 +12,14 @@ import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.unit.stir_pki import Pki, X5uServer, new_key, sign_passport, standard_routes
 
 from .harness import SCENARIOS, E2EStack, SippProcess, events_total, free_port
+from .scripted import Caller, Core, header
 
 pytestmark = pytest.mark.e2e
 
@@ -168,3 +170,49 @@ def test_signature_checks_on_threads_or_in_the_loop(
         assert events.get("identity_verify_threaded", 0) >= 8, events
     else:
         assert checked == 0, events
+
+
+def test_a_burst_past_verify_queue_is_checked_in_the_loop(
+    stack: E2EStack, pki: Pki, x5u: X5uServer
+) -> None:
+    """``verify_queue`` over real sockets: 24 INVITEs signed with a wrong key sent back to
+    back, one thread, a queue of 1. Every call gets 438 from sipguard, none reaches the core,
+    and every check is counted once — on the thread, or in the loop once the queue is full."""
+    core = Core()
+    metrics_port = free_port()
+    extra = identity_config(stack, pki, x5u, verify_threads=1, verify_queue=1)
+    _, port = stack.sipguard(core_port=core.port, listen=("udp",),
+                             config_extra=extra + f"metrics: {{listen: 127.0.0.1:{metrics_port}}}\n")
+    caller = Caller(port)
+    url = x5u.url("/good.pem")
+
+    def invite(i: int, key: Any) -> bytes:  # the Caller's numbers: +12125550100 -> +18005550199
+        token = sign_passport(key, url, orig="12125550100", dest=("18005550199",))
+        return caller.request("INVITE", f"burst-{i}",
+                              extra=f'Identity: {token};info=<{url}>;alg=ES256;ppt="shaken"\r\n')
+
+    try:
+        caller.send(invite(0, pki.leaf_key))  # a good one first: the certificate is cached
+        [ok] = caller.finals(5, call_id="burst-0")
+        assert ok.startswith(b"SIP/2.0 200"), ok
+        wrong = new_key()
+        burst = [invite(i, wrong) for i in range(1, 25)]
+        for data in burst:
+            caller.send(data)
+        answered: dict[str, bytes] = {}
+        end = time.monotonic() + 10
+        while len(answered) < 24 and time.monotonic() < end:
+            for final in caller.finals(0.5, want=24):
+                answered.setdefault(header(final, "Call-ID"), final)
+        assert sorted(answered) == sorted(f"burst-{i}" for i in range(1, 25)), answered.keys()
+        assert all(r.startswith(b"SIP/2.0 438") for r in answered.values())
+        assert [header(r, "Call-ID") for r in core.received
+                if r.startswith(b"INVITE")] == ["burst-0"]
+        events = events_total(metrics_port)
+        threaded = events.get("identity_verify_threaded", 0)
+        inline = events.get("identity_verify_queue_full", 0)
+        assert threaded + inline == 25, events
+        assert threaded >= 1 and inline >= 1, events
+    finally:
+        caller.close()
+        core.close()
