@@ -825,3 +825,60 @@ def b64_decode(part: str) -> bytes:
     import base64
 
     return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
+
+
+# ----------------------------------------------------------------------------- signature threads
+
+
+async def test_signature_threads_follow_the_config(stir: Stir) -> None:
+    """verify_threads / verify_queue size the shell's pool when the policy activates (as a
+    reload does); ``auto`` follows the CPU affinity; back to 0, checks are in the loop."""
+    from collections import Counter
+
+    from sipguard.verify_threads import SignatureVerifier, auto_threads, available
+
+    if not available():
+        pytest.skip("sipguard._es256 not built (sipguard.native)")
+    verifier = SignatureVerifier(asyncio.get_running_loop(), Counter())
+    stir.state.verifier = verifier
+    try:
+        stir.use(verify_threads=2, verify_queue=5)
+        assert (verifier.threads, verifier.max_pending) == (2, 5)
+        stir.use()
+        assert (verifier.threads, verifier.max_pending) == (auto_threads(), 1024)
+        stir.use(verify_threads=0)
+        assert verifier.threads == 0
+    finally:
+        verifier.close()
+
+
+async def test_signatures_checked_on_a_thread_decide_the_same(stir: Stir) -> None:
+    """With a thread the rule awaits the check (the decision is not synchronous) and the
+    outcomes are those of the loop's check: a good PASSporT passes, a wrong key and a
+    tampered payload are 438 bad_signature, a low attestation still follows its setting."""
+    from collections import Counter
+
+    from sipguard.verify_threads import SignatureVerifier, available
+
+    from .stir_pki import new_key
+
+    if not available():
+        pytest.skip("sipguard._es256 not built (sipguard.native)")
+    counters: Counter[str] = Counter()
+    verifier = SignatureVerifier(asyncio.get_running_loop(), counters)
+    stir.state.verifier = verifier
+    try:
+        stir.use(verify_threads=1, min_attestation="B", on_low_attestation="reject")
+        await stir.call(stir.header())  # the certificate is fetched and cached first
+        good = await stir.call(stir.header())
+        assert not good.sync and good.status is None and good.forwarded is not None
+        assert good.labels["identity"] == "passed"
+        wrong = await stir.call(identity_value(
+            sign_passport(new_key(), stir.url(), iat=int(stir.wall)), stir.url()))
+        assert (wrong.status, wrong.labels["identity_reason"]) == (438, "bad_signature")
+        low = await stir.call(stir.header(attest="C"))
+        assert (low.status, low.labels["identity_reason"]) == (403, "low_attestation")
+        assert counters["identity_verify_threaded"] == 4
+        assert verifier.waiting == 0
+    finally:
+        verifier.close()
