@@ -136,13 +136,11 @@ class SignatureVerifier:
         pool = self._pool
         if pool is None or not self._threads:
             return None
-        if len(self._waiting) >= self.max_pending:
-            self.counters["identity_verify_queue_full"] += 1
-            return None
         theirs = self._key(key)
         if theirs is None:
             return None
         token = self._next
+        # False: max_pending checks wait (the pool's capacity is the one bound)
         if not pool.submit(token, theirs, passport.signing_input, passport.signature):
             self.counters["identity_verify_queue_full"] += 1
             return None

@@ -235,10 +235,20 @@ class IdentityRule:
     async def _fetch_then_finish(
         self, call: CallInfo, passport: Passport, now: float, wall: float
     ) -> Verdict:
-        url = passport.x5u
         fetcher: CertFetcher | None = self.state.fetcher
         if fetcher is None:
             return self._fail(call, _Failure("fetch_unavailable", "no fetcher", passport))
+        entry = await self._fetch_entry(fetcher, passport.x5u, now, wall)
+        verdict = self._finish(call, passport, entry, now, wall)
+        if not isinstance(verdict, Verdict):  # the signature is checked on a thread
+            verdict = await verdict
+        return verdict
+
+    async def _fetch_entry(
+        self, fetcher: CertFetcher, url: str, now: float, wall: float
+    ) -> UrlEntry:
+        """The cache entry for ``url`` after fetching it: the chain, or why there is none
+        (stored as the cache settings say)."""
         s = self.s
         try:
             fetched = await fetcher.fetch(url, self.limits)
@@ -249,10 +259,7 @@ class IdentityRule:
                                  now + s.negative_cache_s)
                 if exc.cacheable and s.negative_cache_s > 0:
                     self.cache.store(url, entry, now)
-            verdict = self._finish(call, passport, entry, now, wall)
-            if not isinstance(verdict, Verdict):
-                verdict = await verdict
-            return verdict
+            return entry
         entry = self.cache.lookup(url, now)
         if entry is None:
             trusted = False
@@ -271,10 +278,7 @@ class IdentityRule:
                 entry = UrlEntry(chain, "", "", now + ttl)
             if entry.expires > now:
                 self.cache.store(url, entry, now, trusted)
-        verdict = self._finish(call, passport, entry, now, wall)
-        if not isinstance(verdict, Verdict):  # the signature is checked on a thread
-            verdict = await verdict
-        return verdict
+        return entry
 
     def _finish(
         self, call: CallInfo, passport: Passport, entry: UrlEntry, now: float, wall: float
