@@ -93,6 +93,8 @@ C_MODULES: dict[str, str] = {
     "sipguard.sip._grammar": "sipguard/sip/_grammar.c",
     # ES256 checks on threads without the GIL (verify_threads.py), against the system libcrypto
     "sipguard._es256": "sipguard/_es256.c",
+    # UDP sends on a thread without the GIL, in order, with sendmmsg (transport/udp.py)
+    "sipguard.transport._udp_send": "sipguard/transport/_udp_send.c",
 }
 C_LIBRARIES: dict[str, list[str]] = {"sipguard._es256": ["crypto"]}
 

@@ -61,7 +61,7 @@ from sipguard.transport.redis_pipe import RespPipe
 from sipguard.transport.redis_state import SharedStore
 from sipguard.transport.tcp import TcpLimits, TcpPool
 from sipguard.transport.tls import TlsContexts, build_contexts
-from sipguard.transport.udp import UdpEndpoint, open_udp
+from sipguard.transport.udp import SendThread, UdpEndpoint, open_udp
 from sipguard.verify_threads import SignatureVerifier
 
 LOAD_WATCH_S = 0.05  # how often the UDP receive queues are read (overload protection)
@@ -264,6 +264,7 @@ class Server:
                              overload_retry_after_s=cfg.sip.overload_retry_after_s,
                              perf=time.perf_counter)
         self.udp: dict[int, UdpEndpoint] = {}
+        self.sender = SendThread()  # sip.udp_send_thread: started once the sockets are bound
         self.tcp = TcpPool(self.loop, self._on_stream_message, self._on_stream_error,
                            cfg.sip.max_message_size, tcp_limits(cfg), self._on_tcp_event)
         self.tcp.watch = self._check_load
@@ -312,6 +313,7 @@ class Server:
         except (OSError, ValueError) as exc:
             raise StartupError(str(exc)) from None
         await self._listen()
+        self.sender.configure(self.cfg.sip.udp_send_thread, list(self.udp.values()))
         try:
             await self._load_suspensions()
             await self._start_shared_lists()
@@ -336,6 +338,7 @@ class Server:
             rules=[r.name for r in self.policy.rules],
             compiled=len(compiled) == len(native.HOT_MODULES) + len(native.C_MODULES),
             verify_threads=self.verifier.threads,  # rule identity's signature-check threads
+            udp_send_thread=self.sender.active,
         )
         if stale:
             self.log.warning("compiled_modules_stale", modules=stale,
@@ -429,6 +432,7 @@ class Server:
             "gc_young_pause_max_seconds": self.collector.take_young_pause_max(),
             "gc_full_pause_seconds": self.collector.full_pause,
             "identity_verify_waiting": self.verifier.waiting,
+            "udp_send_waiting": self.sender.waiting(),
             **(self.shared_store.stats() if self.shared_store is not None else {}),
         }
 
@@ -475,6 +479,7 @@ class Server:
         self._gc_timer = self.loop.call_later(YOUNG_EVERY_S, self.collect_garbage)
 
     def _flush_logs(self) -> None:
+        self.sender.sync(self.counters, list(self.udp.values()))  # its counts, every 0.1 s
         try:
             flush_logs()
         except Exception:  # a log line that cannot be written must not stop the flusher
@@ -496,6 +501,8 @@ class Server:
         if isinstance(self.state.http, JsonGetter):
             await self.state.http.close()
         self.verifier.close()
+        self.sender.close(list(self.udp.values()))  # what is queued leaves before the sockets close
+        self.sender.sync(self.counters, list(self.udp.values()))
         await self._stop_shared_lists()
         if self.shared_store is not None:
             await self.shared_store.close()
@@ -515,6 +522,8 @@ class Server:
         self.core.set_overload_retry_after(cfg.sip.overload_retry_after_s)
         self.core.reconfigure(proxy_settings(cfg, self.worker), policy, self.loop.time())
         self.observer.flood = policy.flood
+        if self.listening:
+            self.sender.configure(cfg.sip.udp_send_thread, list(self.udp.values()))
         # the key file was read by the config's validation moments ago
         self.observer.privacy = self.privacy = number_privacy(cfg.log.numbers,
                                                               cfg.log.hash_key_file)
@@ -888,6 +897,7 @@ class Server:
                 except Exception:  # one send that fails must not cost the others
                     self.counters["send_failed"] += 1
             outbox.clear()
+            self.sender.kick()  # the send thread: what this flush queued
         events = core.drain_events()
         if events:
             observe = self.observer.observe
@@ -952,7 +962,8 @@ class Server:
             return
         addr = str(infos[0][4][0])
         self._resolved[host] = addr
-        self._send(flow, data)  # resolved now; the name stays for a TLS server's certificate
+        self._send(flow, data)
+        self.sender.kick()  # resolved now; the name stays for a TLS server's certificate
 
     def _housekeep(self) -> None:
         self._resolved.clear()  # re-resolve names now and then (no TTLs from getaddrinfo)

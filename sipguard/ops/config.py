@@ -192,6 +192,15 @@ class SipSettings(BaseModel):
         "datagrams beyond it. It is SO_RCVBUF: the kernel caps it at `net.core.rmem_max` unless sipguard "
         "may force it (root / CAP_NET_ADMIN); `udp_receive_buffer_capped` is logged then.",
     )
+    udp_send_thread: bool | Literal["auto"] = Field(
+        default="auto",
+        description="Send UDP datagrams from a C thread beside the event loop: the loop queues "
+        "a copy and wakes the thread once per pass, which sends them in order with `sendmmsg`; "
+        "the kernel's share of a send (delivering the datagram, waking the receiver) then runs "
+        "on another CPU. `auto`: when this process may run on more than one CPU (its CPU "
+        "affinity). With the queue full (65,536 datagrams) the loop sends "
+        "(`udp_send_queue_full`). Reloadable.",
+    )
     overload_shed_above: float | None = Field(
         default=0.5,
         gt=0,
