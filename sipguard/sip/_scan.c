@@ -25,7 +25,69 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <stdint.h>
 #include <string.h>
+
+/* The names memo: a header name's raw spelling -> its canonical name, for the spellings the
+ * cache dict passed to scan() knows. A direct-mapped table looked up by the raw bytes, so the
+ * usual message makes no bytes object and no dict lookup per header line (~0.1 us each). It
+ * holds only what the dict said, and the dict only grows (parser._canonical_name never changes
+ * or removes an entry), so an answer from it is the dict's. It follows one dict: another one
+ * passed to scan() empties it. */
+#define MEMO_SLOTS 256
+#define MEMO_KEY 32
+typedef struct {
+    PyObject *name; /* a strong reference, or NULL: an empty slot */
+    Py_ssize_t len;
+    char raw[MEMO_KEY];
+} Memo;
+static Memo memo[MEMO_SLOTS];
+static PyObject *memo_owner; /* the dict the memo follows (a strong reference) */
+
+static unsigned int
+memo_slot(const char *raw, Py_ssize_t len)
+{
+    uint32_t h = 2166136261u; /* FNV-1a */
+    for (Py_ssize_t i = 0; i < len; i++)
+        h = (h ^ (unsigned char)raw[i]) * 16777619u;
+    return h & (MEMO_SLOTS - 1);
+}
+
+static void
+memo_follow(PyObject *cache)
+{
+    if (memo_owner == cache)
+        return;
+    for (int i = 0; i < MEMO_SLOTS; i++)
+        Py_CLEAR(memo[i].name);
+    Py_INCREF(cache);
+    Py_XSETREF(memo_owner, cache);
+}
+
+/* The canonical name of raw[:len] (borrowed), NULL when the cache does not know it (no error
+ * set) or on an error (set). */
+static PyObject *
+canonical(PyObject *cache, const char *raw, Py_ssize_t len)
+{
+    Memo *m = NULL;
+    if (len <= MEMO_KEY) {
+        m = &memo[memo_slot(raw, len)];
+        if (m->name != NULL && m->len == len && memcmp(m->raw, raw, (size_t)len) == 0)
+            return m->name;
+    }
+    PyObject *key = PyBytes_FromStringAndSize(raw, len);
+    if (key == NULL)
+        return NULL;
+    PyObject *name = PyDict_GetItemWithError(cache, key); /* borrowed */
+    Py_DECREF(key);
+    if (name != NULL && m != NULL) {
+        Py_INCREF(name);
+        Py_XSETREF(m->name, name);
+        m->len = len;
+        memcpy(m->raw, raw, (size_t)len);
+    }
+    return name;
+}
 
 /* A limit (a non-negative int of any size): beyond Py_ssize_t it limits nothing. */
 static Py_ssize_t
@@ -52,6 +114,7 @@ scan(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "scan(bytes, int, int, int, dict, int, int)");
         return NULL;
     }
+    memo_follow(cache);
     Py_ssize_t start = PyLong_AsSsize_t(args[1]);
     Py_ssize_t eol = PyLong_AsSsize_t(args[2]);
     Py_ssize_t end = PyLong_AsSsize_t(args[3]);
@@ -93,11 +156,7 @@ scan(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         const char *colon = memchr(line, ':', (size_t)len);
         if (colon == NULL)
             goto fallback;
-        PyObject *key = PyBytes_FromStringAndSize(line, colon - line);
-        if (key == NULL)
-            goto error;
-        PyObject *name = PyDict_GetItemWithError(cache, key); /* borrowed */
-        Py_DECREF(key);
+        PyObject *name = canonical(cache, line, colon - line); /* borrowed */
         if (name == NULL) {
             if (PyErr_Occurred())
                 goto error;
@@ -197,12 +256,15 @@ digits(const char *p, const char *e, Py_ssize_t max)
     return n;
 }
 
+/* The index keys check() looks up, made once (PyDict_GetItemString makes a str per call). */
+static PyObject *k_from, *k_to, *k_via, *k_cseq, *k_call_id, *k_max_forwards, *k_content_length;
+
 /* The one line of header ``name`` (borrowed), NULL when it is absent (*many = 0) or repeated
  * (*many = 1). */
 static PyObject *
-only_line(PyObject *lines, PyObject *index, const char *name, int *many)
+only_line(PyObject *lines, PyObject *index, PyObject *name, int *many)
 {
-    PyObject *slot = PyDict_GetItemString(index, name);
+    PyObject *slot = PyDict_GetItem(index, name); /* str keys: no error to report */
     *many = 0;
     if (slot == NULL || !PyList_CheckExact(slot))
         return NULL;
@@ -247,18 +309,18 @@ check(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     if (request < 0 || datagram < 0 || (body == -1 && PyErr_Occurred()))
         return NULL;
     int many;
-    if (only_line(lines, index, "from", &many) == NULL
-        || only_line(lines, index, "to", &many) == NULL
-        || PyDict_GetItemString(index, "via") == NULL)
+    if (only_line(lines, index, k_from, &many) == NULL
+        || only_line(lines, index, k_to, &many) == NULL
+        || PyDict_GetItem(index, k_via) == NULL)
         Py_RETURN_NONE;
-    PyObject *cseq_line = only_line(lines, index, "cseq", &many);
-    PyObject *call_line = only_line(lines, index, "call-id", &many);
+    PyObject *cseq_line = only_line(lines, index, k_cseq, &many);
+    PyObject *call_line = only_line(lines, index, k_call_id, &many);
     if (cseq_line == NULL || call_line == NULL)
         Py_RETURN_NONE;
-    PyObject *mf_line = only_line(lines, index, "max-forwards", &many);
+    PyObject *mf_line = only_line(lines, index, k_max_forwards, &many);
     if (many)
         Py_RETURN_NONE;
-    PyObject *cl_line = only_line(lines, index, "content-length", &many);
+    PyObject *cl_line = only_line(lines, index, k_content_length, &many);
     if (many || (cl_line == NULL && !datagram))
         Py_RETURN_NONE;
 
@@ -528,5 +590,13 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC
 PyInit__scan(void)
 {
+    if ((k_from = PyUnicode_InternFromString("from")) == NULL
+        || (k_to = PyUnicode_InternFromString("to")) == NULL
+        || (k_via = PyUnicode_InternFromString("via")) == NULL
+        || (k_cseq = PyUnicode_InternFromString("cseq")) == NULL
+        || (k_call_id = PyUnicode_InternFromString("call-id")) == NULL
+        || (k_max_forwards = PyUnicode_InternFromString("max-forwards")) == NULL
+        || (k_content_length = PyUnicode_InternFromString("content-length")) == NULL)
+        return NULL;
     return PyModule_Create(&module);
 }

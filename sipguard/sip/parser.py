@@ -104,7 +104,8 @@ _TOKEN_BYTES: Final = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123
 # lower-casing into one lookup. Only valid names are ever stored: a name that is not in the cache
 # (a new name, a continuation line, junk) takes the slow path. Bounded in count and, since a
 # token may be as long as the line, in size: a name longer than _NAME_KEY_MAX is never stored
-# (the longest registered header name has 30 characters). At most 2048 * ~250 bytes.
+# (the longest registered header name has 30 characters). At most 2048 * ~250 bytes. An entry
+# is never changed or removed: the C scan keeps a memo of the entries it looked up (_scan.c).
 _NAME_CACHE: Final[dict[bytes, str]] = {}
 _NAME_CACHE_MAX: Final = 2048
 _NAME_KEY_MAX: Final = 64

@@ -200,6 +200,33 @@ def test_the_scan_declines_what_only_the_general_path_handles() -> None:
 
 
 @needs_scan
+def test_the_names_memo_answers_what_the_dict_passed_says() -> None:
+    """The scan remembers raw spellings it looked up (sipguard/sip/_scan.c: the names memo);
+    a scan with another dict gets that dict's answers, never the memo's, and spellings that
+    share a memo slot each get their own name."""
+    assert BUILT is not None
+    eol = BASE.find(b"\r\n")
+    end = BASE.find(b"\r\n\r\n")
+    known = dict(parser._NAME_CACHE)
+    first = BUILT(BASE, 0, eol, end, parser._NAME_CACHE, 100, 1000)
+    assert first is not None and first[1][0] == "via"
+    renamed = {key: "x-" + name for key, name in known.items()}
+    other = BUILT(BASE, 0, eol, end, renamed, 100, 1000)
+    assert other is not None and other[1] == ["x-" + n for n in first[1]]
+    without_via = {key: name for key, name in known.items() if key != b"Via"}
+    assert BUILT(BASE, 0, eol, end, without_via, 100, 1000) is None
+    again = BUILT(BASE, 0, eol, end, parser._NAME_CACHE, 100, 1000)
+    assert again is not None and again[1] == first[1]
+    # 600 spellings (more than the memo's 256 slots), each its own name, twice over.
+    spellings = {f"X-H{i}".encode(): f"x-h{i}" for i in range(600)}
+    block = b"\r\n".join(key + b": v" for key in spellings)
+    data = b"OPTIONS sip:a@b SIP/2.0\r\n" + block + b"\r\n\r\n"
+    for _ in range(2):
+        got = BUILT(data, 0, data.find(b"\r\n"), data.find(b"\r\n\r\n"), spellings, 1000, 1000)
+        assert got is not None and got[1] == list(spellings.values())
+
+
+@needs_scan
 def test_the_check_gives_the_validated_fields_or_declines() -> None:
     """check() returns the CSeq, Max-Forwards (requests only), Content-Length and Call-ID of
     the usual message, and None wherever parser._validate has an error to report."""
