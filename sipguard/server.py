@@ -962,8 +962,8 @@ class Server:
             return
         addr = str(infos[0][4][0])
         self._resolved[host] = addr
-        self._send(flow, data)
-        self.sender.kick()  # resolved now; the name stays for a TLS server's certificate
+        self._send(flow, data)  # resolved now; the name stays for a TLS server's certificate
+        self.sender.kick()
 
     def _housekeep(self) -> None:
         self._resolved.clear()  # re-resolve names now and then (no TTLs from getaddrinfo)

@@ -19,7 +19,8 @@
  *     sender.queued, .sent, .errors, .running, .idle (waits for a kick), .capacity
  *
  * A send the kernel refuses for a full socket buffer (EAGAIN) waits on poll() for room, at
- * most 100 ms, then counts as an error; any other error (no route, a refused address) counts
+ * most 100 ms, then counts as an error (once stop() was called the event loop waits for the
+ * thread, so a wait is 10 ms at most and all of them 1 s at most); any other error (no route, a refused address) counts
  * as an error and the thread goes on with the next datagram. Before the loop closes a socket
  * it must stop() the sender: the thread holds file descriptors, not sockets.
  * Linux only (sendmmsg); built with the mypyc modules by ``python -m sipguard.native build``.
@@ -39,6 +40,8 @@
 
 #define BATCH 64       /* datagrams per sendmmsg() at most */
 #define FULL_WAIT_MS 100 /* longest wait for room in a full socket buffer, per datagram */
+#define STOP_WAIT_MS 10    /* the same while stop() waits */
+#define STOP_BUDGET_MS 1000 /* all the waits while stop() waits */
 
 typedef struct Out {
     struct Out *next;
@@ -75,9 +78,25 @@ free_list(Out *out)
     }
 }
 
+/* What a send may still wait for room while stop() waits (reset when the thread starts). */
+typedef struct {
+    const int *stopping;
+    int budget_ms;
+} Waits;
+
+static int
+wait_ms(Waits *w)
+{
+    if (!__atomic_load_n(w->stopping, __ATOMIC_RELAXED))
+        return FULL_WAIT_MS;
+    int ms = w->budget_ms < STOP_WAIT_MS ? w->budget_ms : STOP_WAIT_MS;
+    w->budget_ms -= ms;
+    return ms;
+}
+
 /* Send msgs[0..n) on fd; returns the number of errors. */
 static unsigned long long
-send_run(int fd, struct mmsghdr *msgs, unsigned int n)
+send_run(int fd, struct mmsghdr *msgs, unsigned int n, Waits *waits)
 {
     unsigned long long errors = 0;
     unsigned int off = 0;
@@ -91,7 +110,7 @@ send_run(int fd, struct mmsghdr *msgs, unsigned int n)
             continue;
         if (rc < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
             struct pollfd p = {.fd = fd, .events = POLLOUT};
-            int ready = poll(&p, 1, FULL_WAIT_MS);
+            int ready = poll(&p, 1, wait_ms(waits));
             if (ready > 0 && !(p.revents & (POLLERR | POLLNVAL)))
                 continue; /* room now: try the same datagram again */
         }
@@ -103,7 +122,7 @@ send_run(int fd, struct mmsghdr *msgs, unsigned int n)
 
 /* Send a list of datagrams in order, consecutive ones on the same socket in one syscall. */
 static unsigned long long
-send_all(Out *out, unsigned long long *errors)
+send_all(Out *out, unsigned long long *errors, Waits *waits)
 {
     struct mmsghdr msgs[BATCH];
     struct iovec iov[BATCH];
@@ -123,7 +142,7 @@ send_all(Out *out, unsigned long long *errors)
             n++;
             out = out->next;
         }
-        unsigned long long lost = send_run(fd, msgs, n);
+        unsigned long long lost = send_run(fd, msgs, n, waits);
         *errors += lost;
         sent += n - lost;
     }
@@ -134,6 +153,7 @@ static void *
 sender_thread(void *arg)
 {
     SenderObject *s = arg;
+    Waits waits = {.stopping = &s->stopping, .budget_ms = STOP_BUDGET_MS};
     pthread_mutex_lock(&s->mu);
     for (;;) {
         while (s->head == NULL && !s->stopping) {
@@ -149,7 +169,7 @@ sender_thread(void *arg)
         pthread_mutex_unlock(&s->mu);
 
         unsigned long long errors = 0;
-        unsigned long long sent = send_all(batch, &errors);
+        unsigned long long sent = send_all(batch, &errors, &waits);
         free_list(batch);
 
         pthread_mutex_lock(&s->mu);
@@ -189,7 +209,7 @@ sender_stop_thread(SenderObject *s)
     Py_BEGIN_ALLOW_THREADS
     pthread_mutex_lock(&s->mu);
     if (s->running) {
-        s->stopping = 1;
+        __atomic_store_n(&s->stopping, 1, __ATOMIC_RELAXED); /* read by send_run unlocked */
         pthread_cond_broadcast(&s->cv);
         while (s->running)
             pthread_cond_wait(&s->cv, &s->mu);
