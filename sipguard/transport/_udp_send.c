@@ -7,11 +7,12 @@
  * per run of datagrams for the same socket, in the order they were queued. The loop wakes
  * the thread once per flush (kick), not once per datagram.
  *
- *     Sender(capacity)                      no thread yet; at most capacity datagrams queued
+ *     Sender(capacity, max_bytes)           no thread yet; at most capacity datagrams and
+ *                                           max_bytes bytes of them queued
  *     sender.start()                        run the thread (again after stop())
  *     sender.push(fd, family, data, host, port) -> bool
  *                                           queue a copy; False when the thread is not
- *                                           running, capacity datagrams already wait, or host
+ *                                           running, the queue is full, or host
  *                                           is no address literal of that family (the caller
  *                                           then sends in the loop)
  *     sender.kick()                         wake the thread if datagrams wait
@@ -61,7 +62,9 @@ typedef struct {
     pthread_cond_t cv;     /* the thread waits here for datagrams; stop() for its end */
     Out *head, *tail;      /* FIFO: queued, not yet taken by the thread */
     Py_ssize_t queued;
+    Py_ssize_t queued_bytes;
     Py_ssize_t capacity;
+    Py_ssize_t max_bytes;
     unsigned long long sent, errors;
     int running;  /* the thread is alive */
     int stopping; /* stop() asked it to end once the queue is empty */
@@ -166,6 +169,7 @@ sender_thread(void *arg)
         Out *batch = s->head;
         s->head = s->tail = NULL;
         s->queued = 0;
+        s->queued_bytes = 0;
         pthread_mutex_unlock(&s->mu);
 
         unsigned long long errors = 0;
@@ -185,12 +189,12 @@ sender_thread(void *arg)
 static PyObject *
 sender_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"capacity", NULL};
-    Py_ssize_t capacity;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "n", kwlist, &capacity))
+    static char *kwlist[] = {"capacity", "max_bytes", NULL};
+    Py_ssize_t capacity, max_bytes;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "nn", kwlist, &capacity, &max_bytes))
         return NULL;
-    if (capacity < 1) {
-        PyErr_SetString(PyExc_ValueError, "capacity must be at least 1");
+    if (capacity < 1 || max_bytes < 1) {
+        PyErr_SetString(PyExc_ValueError, "capacity and max_bytes must be at least 1");
         return NULL;
     }
     SenderObject *s = (SenderObject *)type->tp_alloc(type, 0);
@@ -199,6 +203,7 @@ sender_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     pthread_mutex_init(&s->mu, NULL);
     pthread_cond_init(&s->cv, NULL);
     s->capacity = capacity;
+    s->max_bytes = max_bytes;
     return (PyObject *)s;
 }
 
@@ -307,7 +312,9 @@ sender_push(SenderObject *s, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_ValueError, "fd or port out of range");
         return NULL;
     }
-    if (!s->running || s->stopping || s->queued >= s->capacity)
+    Py_ssize_t size = PyBytes_GET_SIZE(args[2]);
+    if (!s->running || s->stopping || s->queued >= s->capacity
+            || s->queued_bytes > s->max_bytes - size)
         Py_RETURN_FALSE;
     Py_ssize_t hlen;
     const char *host = PyUnicode_AsUTF8AndSize(args[3], &hlen);
@@ -315,7 +322,7 @@ sender_push(SenderObject *s, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     if (hlen >= INET6_ADDRSTRLEN || (Py_ssize_t)strlen(host) != hlen)
         Py_RETURN_FALSE; /* a name, a scoped address or a NUL: not for the thread */
-    size_t len = (size_t)PyBytes_GET_SIZE(args[2]);
+    size_t len = (size_t)size;
     Out *out = PyMem_RawMalloc(sizeof(Out) + len);
     if (out == NULL)
         return PyErr_NoMemory();
@@ -334,6 +341,7 @@ sender_push(SenderObject *s, PyObject *const *args, Py_ssize_t nargs)
         s->head = out;
     s->tail = out;
     s->queued++;
+    s->queued_bytes += size;
     pthread_mutex_unlock(&s->mu);
     Py_RETURN_TRUE;
 }

@@ -51,9 +51,10 @@ _TIMEVAL = struct.Struct("@ll")  # time_t, suseconds_t: C longs
 _NO_STAMP = bytes(_TIMEVAL.size)
 
 
-# Datagrams queued for the send thread at most (~45 MiB of 700-byte INVITEs); beyond, the loop
-# sends them itself and counts ``udp_send_queue_full``.
+# Datagrams, and bytes of them, queued for the send thread at most (another queue's worth may be
+# in the thread's hands); beyond, the loop sends them itself and counts ``udp_send_queue_full``.
 SEND_QUEUE = 65536
+SEND_QUEUE_BYTES = 32 * 1024 * 1024
 
 
 def _send_extension() -> ModuleType | None:
@@ -83,13 +84,15 @@ class SendThread:
     the largest item of its profile). With the thread, the loop's part of a send is a copy
     into a queue; :meth:`kick`, once per flush, wakes the thread, which sends what is queued
     in order, one ``sendmmsg`` per run of datagrams for one socket. The queue holds
-    ``SEND_QUEUE`` datagrams at most: beyond, the loop sends (``udp_send_queue_full``).
+    ``SEND_QUEUE`` datagrams and ``SEND_QUEUE_BYTES`` bytes at most: beyond, the loop sends
+    (``udp_send_queue_full``).
     Counters, added by :meth:`sync`: ``udp_sent_threaded`` (datagrams the thread sent),
     ``udp_send_errors`` (datagrams lost to a send error, from the thread or the loop).
     """
 
     def __init__(self) -> None:
-        self.queue: Any = _udp_send.Sender(SEND_QUEUE) if _udp_send is not None else None
+        self.queue: Any = (_udp_send.Sender(SEND_QUEUE, SEND_QUEUE_BYTES) if _udp_send is not None
+                           else None)
         self.active = False
         self._sent = 0  # the thread's counts at the last sync
         self._errors = 0

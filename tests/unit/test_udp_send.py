@@ -48,9 +48,9 @@ def sender_sock() -> Iterator[socket.socket]:
     s.close()
 
 
-def _sender(capacity: int = 100_000) -> object:
+def _sender(capacity: int = 100_000, max_bytes: int = 1 << 30) -> object:
     assert udp._udp_send is not None
-    return udp._udp_send.Sender(capacity)
+    return udp._udp_send.Sender(capacity, max_bytes)
 
 
 def test_datagrams_leave_in_order_after_a_kick(receiver: socket.socket,
@@ -101,6 +101,23 @@ def test_queue_bound_and_stop_sends_what_is_queued(receiver: socket.socket,
     q.kick()
     assert receiver.recv(10) == b"again"
     q.stop()
+
+
+def test_queue_bound_in_bytes(receiver: socket.socket, sender_sock: socket.socket) -> None:
+    q = _sender(max_bytes=2500)
+    q.start()
+    _idle(q)
+    port = receiver.getsockname()[1]
+    fd = sender_sock.fileno()
+    assert [q.push(fd, socket.AF_INET, b"x" * 1000, HOST, port) for _ in range(3)] == [
+        True, True, False]  # 3,000 bytes would pass 2,500
+    assert q.push(fd, socket.AF_INET, b"y" * 500, HOST, port)  # exactly 2,500
+    assert not q.push(fd, socket.AF_INET, b"z", HOST, port)
+    q.kick()
+    assert [len(receiver.recv(2000)) for _ in range(3)] == [1000, 1000, 500]
+    q.stop()
+    with pytest.raises(ValueError):
+        _sender(max_bytes=0)
 
 
 def test_addresses_that_are_not_literals_of_the_family_are_refused(
