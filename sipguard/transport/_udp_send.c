@@ -34,6 +34,7 @@
 #include <errno.h>
 #include <netinet/in.h>
 #include <poll.h>
+#include <stddef.h>
 #include <pthread.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -365,20 +366,12 @@ get_queued(SenderObject *s, void *closure)
     return PyLong_FromSsize_t(n);
 }
 
+/* sent, errors: the closure is the count's offset in SenderObject */
 static PyObject *
-get_sent(SenderObject *s, void *closure)
+get_count(SenderObject *s, void *closure)
 {
     pthread_mutex_lock(&s->mu);
-    unsigned long long n = s->sent;
-    pthread_mutex_unlock(&s->mu);
-    return PyLong_FromUnsignedLongLong(n);
-}
-
-static PyObject *
-get_errors(SenderObject *s, void *closure)
-{
-    pthread_mutex_lock(&s->mu);
-    unsigned long long n = s->errors;
+    unsigned long long n = *(unsigned long long *)((char *)s + (size_t)closure);
     pthread_mutex_unlock(&s->mu);
     return PyLong_FromUnsignedLongLong(n);
 }
@@ -432,8 +425,10 @@ static PyMethodDef sender_methods[] = {
 
 static PyGetSetDef sender_getset[] = {
     {"queued", (getter)get_queued, NULL, "Datagrams queued, not yet taken by the thread.", NULL},
-    {"sent", (getter)get_sent, NULL, "Datagrams the thread sent.", NULL},
-    {"errors", (getter)get_errors, NULL, "Datagrams the thread could not send.", NULL},
+    {"sent", (getter)get_count, NULL, "Datagrams the thread sent.",
+     (void *)offsetof(SenderObject, sent)},
+    {"errors", (getter)get_count, NULL, "Datagrams the thread could not send.",
+     (void *)offsetof(SenderObject, errors)},
     {"running", (getter)get_running, NULL, "The thread runs and takes datagrams.", NULL},
     {"idle", (getter)get_idle, NULL, "The thread waits for a kick.", NULL},
     {"capacity", (getter)get_capacity, (setter)set_capacity,
