@@ -21,8 +21,8 @@
  *
  * A send the kernel refuses for a full socket buffer (EAGAIN) waits on poll() for room, at
  * most 100 ms, then counts as an error (once stop() was called the event loop waits for the
- * thread, so a wait is 10 ms at most and all of them 1 s at most); any other error (no route, a refused address) counts
- * as an error and the thread goes on with the next datagram. Before the loop closes a socket
+ * thread, so a wait is 10 ms at most and all of them 1 s at most); any other error (no
+ * route, a refused address) counts as an error and the thread goes on with the next datagram. Before the loop closes a socket
  * it must stop() the sender: the thread holds file descriptors, not sockets.
  * Linux only (sendmmsg); built with the mypyc modules by ``python -m sipguard.native build``.
  * Without it, every datagram is sent in the loop.
@@ -34,11 +34,10 @@
 #include <errno.h>
 #include <netinet/in.h>
 #include <poll.h>
-#include <stddef.h>
 #include <pthread.h>
+#include <stddef.h>
 #include <string.h>
 #include <sys/socket.h>
-#include <time.h>
 
 #define BATCH 64       /* datagrams per sendmmsg() at most */
 #define FULL_WAIT_MS 100 /* longest wait for room in a full socket buffer, per datagram */
@@ -314,8 +313,7 @@ sender_push(SenderObject *s, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     Py_ssize_t size = PyBytes_GET_SIZE(args[2]);
-    if (!s->running || s->stopping || s->queued >= s->capacity
-            || s->queued_bytes > s->max_bytes - size)
+    if (!s->running || s->stopping) /* set only by the loop's own start() and stop() */
         Py_RETURN_FALSE;
     Py_ssize_t hlen;
     const char *host = PyUnicode_AsUTF8AndSize(args[3], &hlen);
@@ -335,7 +333,12 @@ sender_push(SenderObject *s, PyObject *const *args, Py_ssize_t nargs)
     out->fd = (int)fd;
     out->len = len;
     memcpy(out->data, PyBytes_AS_STRING(args[2]), len);
-    pthread_mutex_lock(&s->mu);
+    pthread_mutex_lock(&s->mu); /* the bound with the counts the thread resets */
+    if (s->queued >= s->capacity || s->queued_bytes > s->max_bytes - size) {
+        pthread_mutex_unlock(&s->mu);
+        PyMem_RawFree(out);
+        Py_RETURN_FALSE;
+    }
     if (s->tail != NULL)
         s->tail->next = out;
     else
