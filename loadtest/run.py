@@ -25,7 +25,9 @@ Python process on uvloop pays per call before any SIP work: ``loadtest/relay.py`
 sipguard), ``sipguard`` (the
 config as given, memory state), ``redis`` (the same config with ``state.backend: redis`` on a
 redis-server this runner starts on a free loopback port for the run, emptied before each step)
-and ``redis-workers`` (that, with ``--workers`` processes; unpinned — they share the CPUs).
+and ``redis-workers`` (that, with ``--workers`` processes; unpinned — they share the CPUs);
+``shm-workers`` is ``--workers`` processes sharing their limits through shared memory
+(``state.backend: shared_memory``, ``worker_spread: caller``), no Redis, unpinned.
 sipguard's CPU is summed over its process tree (the supervisor and its workers); Redis's CPU is
 reported apart (``redis_cpu_ms/call``).  ``kamailio`` is Kamailio (``loadtest/kamailio/kamailio.cfg``)
 as the proxy, its CPU summed over its processes.
@@ -81,7 +83,8 @@ SCENARIOS = HERE / "scenarios"
 NUMBERS = HERE / "numbers.csv"
 RESULTS = HERE / "results"
 ALL_RULES = HERE / "all_rules.yaml"
-PATHS = ("direct", "relay", "kamailio", "sipguard", "redis", "redis-workers")
+PATHS = ("direct", "relay", "kamailio", "sipguard", "redis", "redis-workers", "shm-workers")
+WORKER_PATHS = ("redis-workers", "shm-workers")  # several processes, unpinned
 
 
 # ============================================================================ probe
@@ -405,15 +408,17 @@ def sipguard_configs(args: argparse.Namespace, root: Path, url: str | None) -> d
     base = base_config(args)
     folder = args.config.parent if args.config is not None else root
     out: dict[str, Path] = {}
-    for path in ("sipguard", "redis", "redis-workers"):
+    for path in ("sipguard", "redis", "redis-workers", "shm-workers"):
         if path == "sipguard" and args.identity is None:
             continue
-        if path != "sipguard" and url is None:
+        if path.startswith("redis") and url is None:
             continue
         cfg = dict(base)
-        if path != "sipguard":
+        if path.startswith("redis"):
             cfg["state"] = {"backend": "redis", "url": url}
-        if path == "redis-workers":
+        if path == "shm-workers":
+            cfg["state"] = {"backend": "shared_memory"}
+        if path in WORKER_PATHS:
             cfg["workers"] = args.workers
         file = folder / f".loadtest-{root.name}-{path}.yaml"
         file.write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -534,11 +539,11 @@ def run_step(args: argparse.Namespace, rate: int, path: str, root: Path) -> Step
                 listen=[f"{args.transport}://{HOST}:{port}"],
                 core=f"{args.transport}://{HOST}:{uas.local_port}",
                 config_path=config,
-                command=proxy_command(args, pin=path != "redis-workers"),
+                command=proxy_command(args, pin=path not in WORKER_PATHS),
                 stdout_events=False,
             )
             guard.start(ready_timeout=20)
-            if path == "redis-workers":
+            if path in WORKER_PATHS:
                 time.sleep(2.0)  # every worker up (the supervisor reports ready first)
             proxy_pid, target = guard.pid, port
         fetches0 = args.identity.fetches() if args.identity is not None else 0
@@ -714,10 +719,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--paths", help="systems to measure, comma-separated, in order: direct, relay (the "
         "Python floor: loadtest/relay.py, no SIP work), kamailio, sipguard, redis (state on a "
-        "local redis-server), redis-workers (--workers processes on it); default "
+        "local redis-server), redis-workers (--workers processes on it), shm-workers "
+        "(--workers processes sharing limits in shared memory); default "
         "direct,sipguard (compare: direct,kamailio,sipguard)",
     )
-    ap.add_argument("--workers", type=int, default=2, help="processes of the redis-workers path")
+    ap.add_argument("--workers", type=int, default=2,
+                    help="processes of the redis-workers and shm-workers paths")
     ap.add_argument(
         "--uac-sockets", choices=["one", "per-call"], default="one",
         help="the load UAC sends from one socket (default) or one per call (SIPp -t un: many "

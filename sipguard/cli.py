@@ -46,7 +46,8 @@ from sipguard.ops.config_load import ConfigError, config_with_overrides, load_co
 from sipguard.ops.endpoints import Endpoint
 from sipguard.ops.logging import configure_logging, flush_logs, get_logger
 from sipguard.server import Server, StartupError
-from sipguard.supervisor import SupervisorLink, supervise
+from sipguard.state.shared_memory import create_segment
+from sipguard.supervisor import SEGMENT_NAME, SupervisorLink, make_group, remove_group, supervise
 
 EXIT_CONFIG = 2
 EXIT_STARTUP = 1
@@ -69,10 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--core", type=_endpoint, metavar="URI", help="core URI (replaces the file's)")
     run.add_argument("--workers", type=int, metavar="N",
                      help="worker processes (replaces the file's `workers`; more than 1 "
-                          "needs state.backend: redis)")
+                          "needs state.backend: shared_memory or redis)")
     # set by the supervisor on the command lines of its workers (sipguard/supervisor.py)
     run.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
     run.add_argument("--supervisor-fd", type=int, help=argparse.SUPPRESS)
+    run.add_argument("--group-dir", help=argparse.SUPPRESS)
     check = sub.add_parser("check-config", help="validate a config file")
     check.add_argument("file")
     verbs = [
@@ -201,14 +203,16 @@ def _load(path: str, args: argparse.Namespace) -> Config:
     return cfg
 
 
-def _worker_command(args: argparse.Namespace, workers: int) -> Callable[[int, int], list[str]]:
-    """The command line of worker i: this one's, plus --workers N --worker-index i."""
+def _worker_command(args: argparse.Namespace, workers: int,
+                    group: str) -> Callable[[int, int], list[str]]:
+    """The command line of worker i: this one's, plus --workers N --worker-index i and the
+    workers' directory."""
     base = [sys.executable, "-m", "sipguard", "run", "--config", args.config]
     for ep in args.listen or ():
         base += ["--listen", str(ep)]
     if args.core is not None:
         base += ["--core", str(args.core)]
-    base += ["--workers", str(workers)]
+    base += ["--workers", str(workers), "--group-dir", group]
 
     def command(index: int, fd: int) -> list[str]:
         return [*base, "--worker-index", str(index), "--supervisor-fd", str(fd)]
@@ -220,7 +224,8 @@ async def _serve(path: str, args: argparse.Namespace, cfg: Config) -> int:
     loop = asyncio.get_running_loop()
     link = SupervisorLink(args.supervisor_fd) if args.supervisor_fd is not None else None
     try:
-        server = Server(cfg, load=lambda: _load(path, args), worker=args.worker_index)
+        server = Server(cfg, load=lambda: _load(path, args), worker=args.worker_index,
+                        group=args.group_dir)
     except (OSError, ValueError) as exc:  # a number list (numbers_file, dno_file) is unreadable
         print(f"sipguard: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -305,9 +310,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if worker is None and cfg.workers > 1:
         # the supervisor: starts the workers, passes signals on, restarts a worker that died
         configure_logging(cfg.log)
+        group = make_group()
         try:
-            return supervise(cfg.workers, _worker_command(args, cfg.workers))
+            if cfg.state.backend == "shared_memory":
+                st = cfg.state
+                create_segment(os.path.join(group, SEGMENT_NAME), st.max_keys, st.max_leases,
+                               st.max_sets)
+            return supervise(cfg.workers, _worker_command(args, cfg.workers, group))
+        except OSError as exc:
+            print(f"sipguard: cannot make the workers' shared state in {group}: {exc}",
+                  file=sys.stderr)
+            return EXIT_STARTUP
         finally:
+            remove_group(group)
             flush_logs()
     if worker is not None and not 0 <= worker < cfg.workers:
         print(f"sipguard: --worker-index {worker} is not below workers ({cfg.workers})",

@@ -118,15 +118,21 @@ class EdgeCore:
     def next_deadline(self) -> float | None:
         return self.proxy.next_deadline()
 
-    def receive(self, data: bytes, flow: Flow, now: float) -> None:
-        """One received message: flood guard, then the proxy (and through it the policy)."""
+    def flood_check(self, data: bytes, flow: Flow, now: float) -> bool:
+        """The flood guard alone: False when the message is to be dropped (reported)."""
         guard = self.policy.flood
         if guard is not None and (why := guard.check(flow.addr, data, now)) is not None:
             dropped = not guard.monitor
             new_ban = why == flood.FLOOD or (why == flood.SCANNER and guard.banned(flow.addr))
             self.proxy.events.append(SourceFlagged(why, flow.addr, new_ban, dropped))
-            if dropped:
-                return
+            return not dropped
+        return True
+
+    def receive(self, data: bytes, flow: Flow, now: float, screened: bool = False) -> None:
+        """One received message: flood guard (unless ``screened`` already, by the worker that
+        read it and handed it over), then the proxy (and through it the policy)."""
+        if not screened and self.policy.flood is not None and not self.flood_check(data, flow, now):
+            return
         if flow.transport == "udp" and len(data) <= 4 and not data.strip(b"\r\n"):
             return  # CRLF keep-alive over UDP (RFC 5626 §4.4.1): nothing to answer
         mark = len(self.proxy.outbox)

@@ -95,8 +95,12 @@ C_MODULES: dict[str, str] = {
     "sipguard._es256": "sipguard/_es256.c",
     # UDP sends on a thread without the GIL, in order, with sendmmsg (transport/udp.py)
     "sipguard.transport._udp_send": "sipguard/transport/_udp_send.c",
+    # limit counters shared by the workers of one host in shared memory (state/shared_memory.py)
+    "sipguard.state._shm": "sipguard/state/_shm.c",
 }
-C_LIBRARIES: dict[str, list[str]] = {"sipguard._es256": ["crypto"]}
+# pthread: for a glibc older than 2.34, where the process-shared mutex is not in libc
+C_LIBRARIES: dict[str, list[str]] = {"sipguard._es256": ["crypto"],
+                                     "sipguard.state._shm": ["pthread"]}
 
 
 def _source(module: str) -> Path:

@@ -49,11 +49,13 @@ from sipguard.ops.reload import RESTART_KEYS, ReloadResult, changed_keys, failur
 from sipguard.ops.shared_lists import SharedLists
 from sipguard.policy.engine import Policy
 from sipguard.policy.state import RuleState
-from sipguard.policy.suspensions import Suspension, SuspensionStore
+from sipguard.policy.suspensions import Suspension, SuspensionStore, suspension_key
 from sipguard.proxy.core import Proxy
 from sipguard.proxy.settings import ProxySettings
 from sipguard.sip.errors import SipParseError
 from sipguard.sip.parser import ParseLimits
+from sipguard.state.shared_memory import ShmCounts, create_segment
+from sipguard.supervisor import SEGMENT_NAME, group_base
 from sipguard.transport.http_get import JsonGetter
 from sipguard.transport.https_fetch import HttpsFetcher
 from sipguard.transport.redis_client import Where, connect
@@ -62,6 +64,7 @@ from sipguard.transport.redis_state import SharedStore
 from sipguard.transport.tcp import TcpLimits, TcpPool
 from sipguard.transport.tls import TlsContexts, build_contexts
 from sipguard.transport.udp import SendThread, UdpEndpoint, open_udp
+from sipguard.transport.worker_link import WorkerLink
 from sipguard.verify_threads import SignatureVerifier
 
 LOAD_WATCH_S = 0.05  # how often the UDP receive queues are read (overload protection)
@@ -230,8 +233,12 @@ class Server:
         policy: Policy | None = None,
         load: Callable[[], Config] | None = None,
         worker: int | None = None,
+        group: str | None = None,
     ) -> None:
         self.cfg = cfg
+        # the directory the supervisor made for this host's workers: the shared-memory state
+        # segment and each worker's hand-over socket (None: one process, no supervisor)
+        self.group = group
         # reads the config file anew for a reload (None: nothing to reload from)
         self.load = load
         # worker ``worker`` of ``cfg.workers`` (None: the only process): listener i is its
@@ -246,9 +253,14 @@ class Server:
         self.counters: Counter[str] = self.metrics.events  # every counter is exported too
         self.log = get_logger("sipguard")
         # state.backend redis: the counts every instance shares (None: all in this process)
-        self.shared_store: SharedStore | None = None
+        self.shared_store: SharedStore | ShmCounts | None = None
+        # the shared-memory segment this process made (one process, no supervisor)
+        self._own_segment: str | None = None
         if cfg.state.backend == "redis" and self.state.shared is None:
             self.shared_store = shared_store(cfg.state, self.counters, self.log)
+        elif cfg.state.backend == "shared_memory" and self.state.shared is None:
+            self.shared_store = self._shm_store(cfg.state)
+        if self.shared_store is not None:
             self.state.shared = self.shared_store
             self.state.tracker.share(self.shared_store)
         self.state.wall_offset = time.time() - self.loop.time()
@@ -264,6 +276,12 @@ class Server:
                              overload_retry_after_s=cfg.sip.overload_retry_after_s,
                              perf=time.perf_counter)
         self.udp: dict[int, UdpEndpoint] = {}
+        # several workers, worker_spread: caller — datagrams handed to the caller's worker
+        self.link: WorkerLink | None = None
+        if worker is not None and group is not None and cfg.worker_spread == "caller":
+            self.link = WorkerLink(group, worker, cfg.workers, self._on_handed_over,
+                                   self.counters)
+            self.link.control = self._on_worker_change
         self.sender = SendThread()  # sip.udp_send_thread: started once the sockets are bound
         self.tcp = TcpPool(self.loop, self._on_stream_message, self._on_stream_error,
                            cfg.sip.max_message_size, tcp_limits(cfg), self._on_tcp_event)
@@ -298,6 +316,27 @@ class Server:
         self._tasks: set[asyncio.Task[None]] = set()
         self._reloads = 0  # reloads started; only the newest one's result is swapped in
 
+    def _shm_store(self, settings: StateSettings) -> ShmCounts:
+        """``state.backend: shared_memory``: the segment the supervisor made for its workers,
+        or (one process) a segment of this process's own, removed at stop."""
+        if self.group is not None:
+            path = os.path.join(self.group, SEGMENT_NAME)
+        else:
+            path = os.path.join(group_base(), f"sipguard-{os.getpid()}.state")
+            create_segment(path, settings.max_keys, settings.max_leases, settings.max_sets)
+            self._own_segment = path
+        log = self.log
+
+        def note(event: str, **fields: Any) -> None:
+            log.warning(event, backend="shared_memory", **fields)
+
+        return ShmCounts(
+            path, create=False, lease_s=settings.lease_s, fail_open=settings.fail == "open",
+            retry_after_s=settings.retry_after_s, max_keys=settings.max_keys,
+            max_leases=settings.max_leases, max_sets=settings.max_sets,
+            counters=self.counters, log=note,
+        )
+
     @property
     def policy(self) -> Policy:
         return self.core.policy
@@ -313,6 +352,13 @@ class Server:
         except (OSError, ValueError) as exc:
             raise StartupError(str(exc)) from None
         await self._listen()
+        if self.link is not None:
+            try:
+                self.link.open(self.loop)
+            except OSError as exc:
+                await self.stop()
+                raise StartupError(f"cannot open the workers' hand-over socket in "
+                                   f"{self.group}: {exc.strerror or exc}") from None
         self.sender.configure(self.cfg.sip.udp_send_thread, list(self.udp.values()))
         try:
             await self._load_suspensions()
@@ -322,7 +368,9 @@ class Server:
             await self.stop()
             raise
         self.listening = True
-        if self.shared_store is not None:
+        if isinstance(self.shared_store, ShmCounts):
+            self.shared_store.start(self.loop.call_later)
+        elif self.shared_store is not None:
             self.shared_store.start()
         self._housekeeping = self.loop.call_later(10.0, self._housekeep)
         self._log_flusher = self.loop.call_later(0.1, self._flush_logs)
@@ -504,8 +552,13 @@ class Server:
         self.sender.close(list(self.udp.values()))  # what is queued leaves before the sockets close
         self.sender.sync(self.counters, list(self.udp.values()))
         await self._stop_shared_lists()
+        if self.link is not None:
+            self.link.close()
         if self.shared_store is not None:
             await self.shared_store.close()
+        if self._own_segment is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self._own_segment)
         await self.tcp.close()
         for ep in self.udp.values():
             if ep.transport is not None:
@@ -667,6 +720,8 @@ class Server:
             self.log.info("ban_lifted", source=source)
             if self.shared_lists is not None and key is not None:
                 self.shared_lists.ban_changed(key)
+        if self.link is not None:  # the ban may be on another worker (the one that read it)
+            self.link.broadcast({"op": "lift_ban", "source": source})
         return lifted
 
     def suspensions_view(self) -> list[dict[str, Any]]:
@@ -694,6 +749,9 @@ class Server:
         entry = self.state.suspensions.add(key, reason, by, now, ttl)
         if self.shared_lists is not None:
             self.shared_lists.suspension_changed(key)
+        if self.link is not None:
+            self.link.broadcast({"op": "suspend", "key": key, "reason": reason, "by": by,
+                                 "ttl": ttl, "end_calls": end_calls})
         ended = 0
         if end_calls:
             ended = self.core.end_calls(_matcher(key), "suspended", now)
@@ -711,6 +769,8 @@ class Server:
 
     async def unsuspend(self, key: str, by: str) -> dict[str, Any] | None:
         entry = self.state.suspensions.lift(key)
+        if self.link is not None:  # also when not here: another worker may hold it
+            self.link.broadcast({"op": "unsuspend", "key": key, "by": by})
         if entry is None:
             return None
         if self.shared_lists is not None:
@@ -767,7 +827,7 @@ class Server:
         supersedes the ``state_dir`` file, which is still written: it is what an instance
         starting while Redis cannot be reached goes by until Redis answers."""
         shared = self.shared_store
-        if shared is None:
+        if not isinstance(shared, SharedStore):
             return
         flood = self.state.flood
         lists = SharedLists(
@@ -806,6 +866,37 @@ class Server:
         if self.cfg.state_dir is not None:
             self._start(self._save_quietly())
 
+    def _on_worker_change(self, change: dict[str, Any]) -> None:
+        """An operator's change another worker applied (:mod:`sipguard.transport.worker_link`):
+        applied here too and logged with ``via=worker``; that worker wrote state_dir's file."""
+        op, now = change.get("op"), self.loop.time()
+        try:
+            if op == "suspend":
+                key, ttl = suspension_key(str(change["key"])), change.get("ttl")
+                entry = self.state.suspensions.add(
+                    key, str(change.get("reason", "")), str(change.get("by", "")), now,
+                    None if ttl is None else float(ttl))
+                ended = 0
+                if change.get("end_calls"):
+                    ended = self.core.end_calls(_matcher(key), "suspended", now)
+                    self._schedule_flush()
+                self.log.info("suspension_added",
+                              **{"prefix" if entry.prefix else "number": self._shown(key)},
+                              by=entry.by, reason=entry.reason, calls_ended=ended, via="worker")
+            elif op == "unsuspend":
+                key = suspension_key(str(change["key"]))
+                if self.state.suspensions.lift(key) is not None:
+                    self.log.info("suspension_lifted", by=str(change.get("by", "")),
+                                  **{"prefix" if key.endswith("*") else "number":
+                                     self._shown(key)}, via="worker")
+            elif op == "lift_ban":
+                if self.state.flood.lift(str(change["source"])):
+                    self.log.info("ban_lifted", source=str(change["source"]), via="worker")
+            else:
+                self.counters["worker_handover_bad"] += 1
+        except (KeyError, TypeError, ValueError):
+            self.counters["worker_handover_bad"] += 1
+
     def _expire_suspensions(self) -> None:
         ended = self.state.suspensions.sweep(self.loop.time())
         for entry in ended:
@@ -822,7 +913,26 @@ class Server:
 
     # ------------------------------------------------------------------ input
     def _on_datagram(self, data: bytes, flow: Flow) -> None:
-        self.core.receive(data, flow, self.loop.time())
+        link = self.link
+        if link is not None and flow.local >= self._shared_from:
+            # the public address, several workers: the caller's worker handles it
+            now = self.loop.time()
+            core = self.core
+            if core.flood_check(data, flow, now):
+                owner = link.owner(data)
+                if owner == link.index or not link.hand_over(owner, data, flow):
+                    core.receive(data, flow, now, screened=True)
+        else:
+            self.core.receive(data, flow, self.loop.time())
+        self._unflushed += 1
+        if self._unflushed >= FLUSH_EVERY:
+            self._flush()  # a long pass: what the first ones answered goes out now
+        else:
+            self._schedule_flush()
+
+    def _on_handed_over(self, data: bytes, flow: Flow) -> None:
+        """A datagram another worker read on the public address (flood guard passed there)."""
+        self.core.receive(data, flow, self.loop.time(), screened=True)
         self._unflushed += 1
         if self._unflushed >= FLUSH_EVERY:
             self._flush()  # a long pass: what the first ones answered goes out now

@@ -29,9 +29,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -39,6 +41,7 @@ from dataclasses import dataclass
 from sipguard.ops.logging import flush_logs, get_logger
 
 READY = b"ready\n"
+SEGMENT_NAME = "state"  # state.backend shared_memory: the segment, in the workers' directory
 RESTART_FIRST_S = 1.0  # a worker that died is started again after this
 RESTART_MAX_S = 30.0  # ... doubling while it keeps dying, up to this
 STABLE_S = 60.0  # a worker up this long that dies starts from RESTART_FIRST_S again
@@ -233,6 +236,26 @@ class Supervisor:
 def supervise(count: int, command: Command) -> int:
     """Run the supervisor of ``count`` workers to the end; the exit code."""
     return asyncio.run(Supervisor(count, command).run())
+
+
+# ---------------------------------------------------------------------- the workers' directory
+def group_base() -> str:
+    """Where the workers' directory goes: /dev/shm (memory, gone at reboot) when there is
+    one, else the temporary directory."""
+    shm = "/dev/shm"
+    if os.path.isdir(shm) and os.access(shm, os.W_OK | os.X_OK):
+        return shm
+    return tempfile.gettempdir()
+
+
+def make_group() -> str:
+    """A fresh directory, mode 0700, for this supervisor's workers: the shared-memory state
+    segment and their hand-over sockets (only this user's processes reach them)."""
+    return tempfile.mkdtemp(prefix=f"sipguard-{os.getpid()}-", dir=group_base())
+
+
+def remove_group(path: str) -> None:
+    shutil.rmtree(path, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------- the worker's side

@@ -35,6 +35,7 @@ from sipguard.ops.endpoints import Endpoint, ListenUri, format_host, split_hostp
 from sipguard.ops.privacy import read_hash_key
 from sipguard.policy.schema import PeerConfig, RulesConfig, merge_peer_rules
 from sipguard.policy.settings import ConfigPath
+from sipguard.state.shared_memory import SET_CAP
 
 __all__ = [
     "AdminSettings", "Config", "LogSettings", "MetricsSettings", "SentinelSettings", "SipSettings",
@@ -422,10 +423,12 @@ class StateSettings(BaseModel):
 
     model_config = _FROZEN
 
-    backend: Literal["memory", "redis"] = Field(
+    backend: Literal["memory", "redis", "shared_memory"] = Field(
         default="memory",
         description="`memory`: counters in this process (one instance, no server needed); "
-        "`redis`: shared through Redis / Valkey, so limits hold across instances.",
+        "`redis`: shared through Redis / Valkey, so limits hold across instances; "
+        "`shared_memory`: shared by the worker processes of one host (`workers`) through a "
+        "memory segment the supervisor makes, no server needed.",
     )
     url: str | None = Field(
         default=None,
@@ -476,6 +479,26 @@ class StateSettings(BaseModel):
         default=100_000, ge=0, le=10_000_000,
         description="Slot releases kept to retry when Redis is back; beyond it they lapse "
         "after `lease_s` instead.",
+    )
+
+    max_keys: int = Field(
+        default=262_144, ge=1024, le=16_777_216,
+        description="`shared_memory`: counters held at once (live-call counts, rate cells, "
+        "cooldowns, windowed counts), about 85 bytes each; a call that needs one more while the "
+        "table is full is decided as if the store were down (`fail`), counted "
+        "`state_shm_full`.",
+    )
+    max_leases: int = Field(
+        default=524_288, ge=1024, le=16_777_216,
+        description="`shared_memory`: live-call slots held at once (one per live call and "
+        "number it counts on), about 32 bytes each; full: as `max_keys`.",
+    )
+    max_sets: int = Field(
+        default=16_384, ge=16, le=1_048_576,
+        description="`shared_memory`: callers whose distinct called numbers are counted at "
+        "once (rule `dialer`, `distinct_callees`), about 1 KiB each; the count stops at 128 "
+        "(thresholds above it are refused); full: "
+        "as `max_keys`.",
     )
 
     @model_validator(mode="after")
@@ -545,7 +568,15 @@ class Config(BaseModel):
         "each binds every `listen` address with SO_REUSEPORT (the kernel spreads new callers "
         "over them) and a port of its own per listener that its Via and Record-Route name, so "
         "a call's later messages reach the worker holding it. More than 1 needs "
-        "`state.backend: redis`.",
+        "`state.backend: shared_memory` or `redis`.",
+    )
+    worker_spread: Literal["caller", "source"] = Field(
+        default="caller",
+        description="With several workers, who handles a message that reaches the public "
+        "address: `caller` = the worker chosen by the caller number (the From URI's user "
+        "part): whichever worker the kernel gave the datagram to hands it over, so one "
+        "trunk's calls spread over every worker and a caller's calls stay on one; `source` = "
+        "the worker the kernel chose by source address and port (one trunk, one worker).",
     )
     worker_port_base: int | None = Field(
         default=None, ge=1, le=65535, validate_default=True,
@@ -645,12 +676,32 @@ class Config(BaseModel):
             return value
         state = info.data.get("state")
         if isinstance(state, StateSettings) and state.backend == "memory":
-            raise ValueError("more than one worker needs state.backend: redis (each worker "
-                             "would count its own calls)")
+            raise ValueError("more than one worker needs state.backend: shared_memory or "
+                             "redis (each worker would count its own calls)")
         sip = info.data.get("sip")
         if isinstance(sip, SipSettings) and sip.advertise and _has_port(sip.advertise):
             raise ValueError("with more than one worker sip.advertise takes a host only: each "
                              "worker advertises a port of its own")
+        return value
+
+    @field_validator("rules")
+    @classmethod
+    def _distinct_counts_fit(cls, value: RulesConfig, info: ValidationInfo) -> RulesConfig:
+        state = info.data.get("state")
+        if not isinstance(state, StateSettings) or state.backend != "shared_memory":
+            return value
+        peers = info.data.get("peers") or ()
+        for where, rules in (("rules", value), *((f"peer {p.name}", p.rules) for p in peers)):
+            distinct = rules.dialer.distinct_callees if rules.dialer is not None else None
+            if distinct is None:
+                continue
+            for name in ("tag", "block"):
+                at = getattr(distinct, name)
+                if at is not None and at > SET_CAP:
+                    raise ValueError(
+                        f"{where}: dialer.distinct_callees.{name} is {at}, but with "
+                        f"state.backend shared_memory distinct called numbers are counted up "
+                        f"to {SET_CAP} (use {SET_CAP} or less, or the redis backend)")
         return value
 
     @field_validator("worker_port_base")

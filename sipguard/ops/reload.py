@@ -14,7 +14,8 @@ from sipguard.ops.config import Config
 from sipguard.ops.config_load import ConfigError, ConfigIssue
 
 # Top-level keys a running sipguard cannot take over: sockets and files opened at start.
-RESTART_KEYS = ("listen", "admin", "metrics", "state_dir", "state", "workers", "worker_port_base")
+RESTART_KEYS = ("listen", "admin", "metrics", "state_dir", "state", "workers", "worker_port_base",
+                "worker_spread")
 
 
 @dataclass(slots=True)

@@ -247,7 +247,7 @@ def test_redis_down_fail_closed_answers_503(stack: E2EStack) -> None:
 
 
 def test_limit_holds_across_two_worker_processes(stack: E2EStack, redis_url: str) -> None:
-    """`sipguard run --workers 2` (SO_REUSEPORT): twenty INVITEs of one caller, each from a
+    """`sipguard run --workers 2` (SO_REUSEPORT, ``worker_spread: source``): twenty INVITEs of one caller, each from a
     socket of its own so the kernel spreads them over both workers — exactly two reach the
     core, and both workers decided some."""
     from .test_workers_e2e import start_workers
@@ -255,7 +255,8 @@ def test_limit_holds_across_two_worker_processes(stack: E2EStack, redis_url: str
     core = CoreSocket()
     callers: list[Caller] = []
     try:
-        g, port, _, _ = start_workers(stack, redis_url, core.port, PER_CALLER_2)
+        g, port, _, _ = start_workers(stack, redis_url, core.port,
+                                      PER_CALLER_2 + "worker_spread: source\n")
         for i in range(20):
             c = Caller()
             callers.append(c)

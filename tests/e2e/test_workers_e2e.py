@@ -137,13 +137,15 @@ def _call(caller: Caller, call_id: str) -> tuple[str, str]:
 def test_in_dialog_requests_follow_record_route_to_the_worker_holding_the_call(
     stack: E2EStack, redis_url: str
 ) -> None:
-    """Callers (one peer) send ACK and BYE from another socket (another source port) to the
+    """(``worker_spread: source``: the kernel's choice by source port.) Callers (one peer)
+    send ACK and BYE from another socket (another source port) to the
     address in Record-Route: a worker's own port. Every BYE is answered 200 and reaches the core, from
     whichever worker took the call; calls went to both workers' ports."""
     core = Core()
     # one peer: its other source ports speak for its calls too (else: 403, another party)
     guard, port, base, _ = start_workers(
-        stack, redis_url, core.port, extra=f"peers:\n  - name: lab\n    networks: [{HOST}/32]\n")
+        stack, redis_url, core.port,
+        extra=f"peers:\n  - name: lab\n    networks: [{HOST}/32]\nworker_spread: source\n")
     own_ports: set[int] = set()
     try:
         for n in range(16):

@@ -29,14 +29,18 @@ def test_one_worker_is_the_default() -> None:
     assert {"workers", "worker_port_base"} <= set(RESTART_KEYS)
 
 
-def test_several_workers_need_the_redis_backend() -> None:
+def test_several_workers_need_a_shared_backend() -> None:
     """With the memory backend each worker would count its own calls: an error naming
-    `workers` at its line."""
+    `workers` at its line. shared_memory and redis are shared."""
     (issue,) = issues_of(TWO + "workers: 4\n")
     assert (issue.path, issue.line) == ("workers", 3)
-    assert issue.message == ("more than one worker needs state.backend: redis (each worker "
-                             "would count its own calls)")
+    assert issue.message == ("more than one worker needs state.backend: shared_memory or "
+                             "redis (each worker would count its own calls)")
     assert parse_config(TWO + REDIS + "workers: 4\n").workers == 4
+    cfg = parse_config(TWO + "state: {backend: shared_memory}\nworkers: 4\n")
+    assert (cfg.workers, cfg.worker_spread) == (4, "caller")
+    assert "worker_spread" in RESTART_KEYS
+    assert issues_of(TWO + "worker_spread: nobody\n")[0].path == "worker_spread"
 
 
 def test_workers_range() -> None:
@@ -50,7 +54,7 @@ def test_command_line_workers_override_is_validated() -> None:
     with pytest.raises(ConfigError) as caught:
         config_with_overrides(cfg, workers=2)
     (issue,) = caught.value.issues
-    assert issue.path == "workers" and "state.backend: redis" in issue.message
+    assert issue.path == "workers" and "state.backend: shared_memory or redis" in issue.message
     assert config_with_overrides(parse_config(TWO + REDIS), workers=3).workers == 3
 
 
@@ -61,7 +65,8 @@ def test_cli_refuses_workers_with_memory_state(tmp_path: object,
         fh.write(TWO)
     assert cli.main(["run", "--config", path, "--workers", "2"]) == cli.EXIT_CONFIG
     err = capsys.readouterr().err
-    assert "<command line>: workers: more than one worker needs state.backend: redis" in err
+    assert "<command line>: workers: more than one worker needs state.backend: " \
+        "shared_memory or redis" in err
 
 
 def test_worker_ports_default_and_explicit() -> None:
@@ -118,9 +123,27 @@ def test_a_worker_advertises_its_own_ports() -> None:
 
 def test_worker_command_line_repeats_the_supervisors() -> None:
     args = argparse.Namespace(config="/etc/sipguard.yaml", listen=None, core=None)
-    command = cli._worker_command(args, 4)
+    command = cli._worker_command(args, 4, "/dev/shm/sipguard-1-x")
     assert command(2, 9) == [sys.executable, "-m", "sipguard", "run", "--config",
-                             "/etc/sipguard.yaml", "--workers", "4", "--worker-index", "2",
+                             "/etc/sipguard.yaml", "--workers", "4", "--group-dir",
+                             "/dev/shm/sipguard-1-x", "--worker-index", "2",
                              "--supervisor-fd", "9"]
     parsed = cli.build_parser().parse_args(command(2, 9)[3:])
-    assert (parsed.workers, parsed.worker_index, parsed.supervisor_fd) == (4, 2, 9)
+    assert (parsed.workers, parsed.worker_index, parsed.supervisor_fd, parsed.group_dir) == \
+        (4, 2, 9, "/dev/shm/sipguard-1-x")
+
+
+def test_shared_memory_refuses_distinct_callee_thresholds_it_cannot_count() -> None:
+    """The shared-memory store counts distinct called numbers up to SET_CAP: a threshold
+    above it could never fire, so it is a config error naming the rule."""
+    from sipguard.state import _shm
+    from sipguard.state.shared_memory import SET_CAP
+
+    assert SET_CAP == _shm.SET_CAP
+    base = TWO + "state: {backend: shared_memory}\n"
+    ok = base + "rules:\n  dialer: {distinct_callees: {tag: 30, block: 128}}\n"
+    assert parse_config(ok).rules.dialer is not None
+    (issue,) = issues_of(base + "rules:\n  dialer: {distinct_callees: {tag: 30, block: 200}}\n")
+    assert issue.path == "rules" and "distinct_callees.block is 200" in issue.message
+    # the redis backend counts them with HyperLogLog: no such bound
+    assert parse_config(TWO + REDIS + "rules:\n  dialer: {distinct_callees: {block: 200}}\n")
