@@ -48,6 +48,7 @@ from sipguard.ops.logging import configure_logging, flush_logs, get_logger
 from sipguard.server import Server, StartupError
 from sipguard.state.shared_memory import create_segment
 from sipguard.supervisor import SEGMENT_NAME, SupervisorLink, make_group, remove_group, supervise
+from sipguard.transport.worker_link import make_token
 
 EXIT_CONFIG = 2
 EXIT_STARTUP = 1
@@ -312,6 +313,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         configure_logging(cfg.log)
         group = make_group()
         try:
+            make_token(group)  # the secret of the workers' hand-over (transport/worker_link.py)
             if cfg.state.backend == "shared_memory":
                 st = cfg.state
                 create_segment(os.path.join(group, SEGMENT_NAME), st.max_keys, st.max_leases,

@@ -316,6 +316,11 @@ class Server:
         self._tasks: set[asyncio.Task[None]] = set()
         self._reloads = 0  # reloads started; only the newest one's result is swapped in
 
+    def _point_link(self) -> None:
+        """The hand-over's envelopes go through the send thread too, when it runs."""
+        if self.link is not None:
+            self.link.sender = self.sender.queue if self.sender.active else None
+
     def _shm_store(self, settings: StateSettings) -> ShmCounts:
         """``state.backend: shared_memory``: the segment the supervisor made for its workers,
         or (one process) a segment of this process's own, removed at stop."""
@@ -359,7 +364,9 @@ class Server:
                 await self.stop()
                 raise StartupError(f"cannot open the workers' hand-over socket in "
                                    f"{self.group}: {exc.strerror or exc}") from None
-        self.sender.configure(self.cfg.sip.udp_send_thread, list(self.udp.values()))
+        self.sender.configure(self.cfg.sip.udp_send_thread, list(self.udp.values()),
+                             self.cfg.workers)
+        self._point_link()
         try:
             await self._load_suspensions()
             await self._start_shared_lists()
@@ -549,6 +556,8 @@ class Server:
         if isinstance(self.state.http, JsonGetter):
             await self.state.http.close()
         self.verifier.close()
+        if self.link is not None:
+            self.link.sender = None
         self.sender.close(list(self.udp.values()))  # what is queued leaves before the sockets close
         self.sender.sync(self.counters, list(self.udp.values()))
         await self._stop_shared_lists()
@@ -576,7 +585,9 @@ class Server:
         self.core.reconfigure(proxy_settings(cfg, self.worker), policy, self.loop.time())
         self.observer.flood = policy.flood
         if self.listening:
-            self.sender.configure(cfg.sip.udp_send_thread, list(self.udp.values()))
+            self.sender.configure(cfg.sip.udp_send_thread, list(self.udp.values()),
+                                 cfg.workers)
+            self._point_link()
         # the key file was read by the config's validation moments ago
         self.observer.privacy = self.privacy = number_privacy(cfg.log.numbers,
                                                               cfg.log.hash_key_file)
@@ -1007,7 +1018,7 @@ class Server:
                 except Exception:  # one send that fails must not cost the others
                     self.counters["send_failed"] += 1
             outbox.clear()
-            self.sender.kick()  # the send thread: what this flush queued
+        self.sender.kick()  # the send thread: what this flush queued (hand-overs included)
         events = core.drain_events()
         if events:
             observe = self.observer.observe

@@ -198,8 +198,8 @@ class SipSettings(BaseModel):
         description="Send UDP datagrams from a C thread beside the event loop: the loop queues "
         "a copy and wakes the thread once per pass, which sends them in order with `sendmmsg`; "
         "the kernel's share of a send (delivering the datagram, waking the receiver) then runs "
-        "on another CPU. `auto`: when this process may run on more than one CPU (its CPU "
-        "affinity). With the queue full (65,536 datagrams or 32 MiB) the loop sends "
+        "on another CPU. `auto`: when this process may run on more CPUs (its CPU affinity) "
+        "than there are `workers`. With the queue full (65,536 datagrams or 32 MiB) the loop sends "
         "(`udp_send_queue_full`). Reloadable.",
     )
     overload_shed_above: float | None = Field(

@@ -8,31 +8,43 @@ address runs the flood guard on it (the flood counts stay per source, as with on
 then picks the worker that owns it by its *caller*: the user part of the From URI, hashed with
 CRC-32, modulo the number of workers (the Call-ID when there is no From user). Every message
 of a call the caller's side sends to the public address — the INVITE, its retransmissions,
-its CANCEL, the ACK of a failure answer, responses — carries the same From, so they all reach
-the owner; everything later comes to the owner's own port anyway (its Via and Record-Route
-name it). A caller's calls stay on one worker, so the dialer's per-caller analytics
-(sequential runs, short calls) see all of them; the limits counted across workers live in the
-shared state store (``state.backend: shared_memory`` or ``redis``).
+its CANCEL, the ACK of a failure answer, an ACK or BYE sent to the public address rather than
+to the Record-Route port, responses — carries the same From, so they all reach the owner;
+what follows Via and Record-Route comes to the owner's own port anyway. A caller's calls stay
+on one worker, so the dialer's per-caller analytics (sequential runs, short calls) see all of
+them; the limits counted across workers live in the shared state store (``state.backend:
+shared_memory`` or ``redis``).
 
-The hand-over is a Unix datagram socket per worker, ``worker-<i>.sock`` in the directory the
-supervisor made for this host's workers (mode 0700: only this user's processes can send to
-it; the envelope is trusted, unlike anything on a UDP port). An envelope is::
+The hand-over is a UDP socket per worker on 127.0.0.1 (an ephemeral port, published as
+``worker-<i>.port`` in the directory the supervisor made for this host's workers, mode 0700).
+Not a Unix datagram socket: Linux queues at most ``net.unix.max_dgram_qlen`` (10 by default)
+datagrams on one, and a burst of a few dozen INVITEs overflowed it. Any local process can send
+to a loopback port, so every envelope carries the group's 16-byte secret (``token``, made by
+the supervisor, 0600), compared in constant time; an envelope without it is counted
+(``worker_handover_bad``) and dropped. An envelope is::
 
-    b"SGW1" | local socket index (1 byte) | port (2 bytes) | address length (1) | address | datagram
+    b"SGW1" | secret (16) | kind: b"D" datagram, b"C" change, b"H" hello | ...
+    D: local socket index (1 byte) | port (2 bytes) | address length (1) | address | datagram
+    C: a JSON object — an operator's change (below)
+    H: the sender's index (1 byte) and hand-over port (2 bytes), sent at its start
+
+A worker starting reads the others' port files after writing its own and says hello to each
+it found; one started later says hello to it in turn, so every pair learns the other's port
+however they start, and a restarted worker's new port replaces the old one at once.
 
 The same sockets carry the operator's changes that every worker must apply at once: a
 suspension added or lifted, a flood ban lifted, through the admin API of any one worker, is
-applied there and then sent to every other worker (``b"SGC1" | JSON``), which applies it too
-— without Redis, that is how ``sipguard suspend`` reaches the calls on every worker.
+applied there and then sent to every other worker, which applies it too — without Redis,
+that is how ``sipguard suspend`` reaches the calls on every worker.
 
-A datagram that cannot be handed over (the owner's queue is full, the owner is restarting)
-is handled here instead and counted (``worker_handover_failed``): the call still gets an
-answer, from the worker that read it.
+A datagram that cannot be handed over (the owner's port is not known: it is starting) is
+handled where it was read (``worker_handover_failed``): the call still gets an answer.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hmac
 import json
 import os
 import re
@@ -41,16 +53,19 @@ import struct
 import zlib
 from collections.abc import Callable, MutableMapping
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 from sipguard.contract import Flow
 
 MAGIC: Final = b"SGW1"
-CONTROL: Final = b"SGC1"
-_HEAD: Final = struct.Struct("!4sBHB")
+SECRET_BYTES: Final = 16
+TOKEN_FILE: Final = "token"
+_DATA: Final = struct.Struct("!BHB")
+_HELLO: Final = struct.Struct("!BH")
 READS_PER_WAKE: Final = 64  # envelopes read per wake-up before the loop runs other work
-RECEIVE_BUFFER: Final = 4 * 1024 * 1024
-MAX_ENVELOPE: Final = 65536 + 64
+RECEIVE_BUFFER: Final = 8 * 1024 * 1024
+MAX_ENVELOPE: Final = 65536 + 128
+SO_RCVBUFFORCE: Final = 33  # Linux: past net.core.rmem_max (CAP_NET_ADMIN)
 
 # The From header's URI user (or a tel: number): enough to pick an owner, not a parse.
 _FROM_USER = re.compile(
@@ -67,15 +82,23 @@ def owner_of(data: bytes, workers: int) -> int | None:
     return zlib.crc32(m.group(1)) % workers
 
 
-def socket_path(directory: str | Path, index: int) -> str:
-    return os.path.join(directory, f"worker-{index}.sock")
+def make_token(directory: str | Path) -> None:
+    """The group's secret (the supervisor's, before it starts the workers)."""
+    path = os.path.join(directory, TOKEN_FILE)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(os.urandom(SECRET_BYTES))
+
+
+def port_file(directory: str | Path, index: int) -> str:
+    return os.path.join(directory, f"worker-{index}.port")
 
 
 class WorkerLink:
-    """This worker's end of the hand-over: its own Unix socket, and the others' paths."""
+    """This worker's end of the hand-over: its own loopback socket and the others' ports."""
 
-    __slots__ = ("index", "count", "directory", "deliver", "counters", "sock", "_paths",
-                 "_loop", "control")
+    __slots__ = ("index", "count", "directory", "deliver", "control", "counters", "sock",
+                 "ports", "sender", "_head", "_secret", "_loop")
 
     def __init__(self, directory: str | Path, index: int, count: int,
                  deliver: Callable[[bytes, Flow], None],
@@ -85,105 +108,149 @@ class WorkerLink:
         self.directory = str(directory)
         self.deliver = deliver  # a handed-over datagram, as if read from its flow
         # an operator's change another worker applied (a JSON object), to apply here too
-        self.control: Callable[[dict[str, object]], None] | None = None
+        self.control: Callable[[dict[str, Any]], None] | None = None
         self.counters = counters
         self.sock: socket.socket | None = None
-        self._paths = [socket_path(directory, i) for i in range(count)]
-        self._loop: object = None
+        self.ports: list[int | None] = [None] * count  # each worker's hand-over port
+        # the UDP send thread's queue (transport/_udp_send.c) while it runs: sends leave the
+        # loop; the server kicks it once per flush
+        self.sender: Any = None
+        self._secret = b""
+        self._head = b""
+        self._loop: Any = None
 
-    def open(self, loop: object) -> None:
-        """Bind this worker's socket (replacing the one a previous run of this worker left)
-        and start reading it on ``loop``."""
-        path = self._paths[self.index]
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    # ------------------------------------------------------------------ start and stop
+    def open(self, loop: Any) -> None:
+        """Read the secret, bind the socket, publish its port, greet the workers already up,
+        and start reading on ``loop``. Raises OSError."""
+        with open(os.path.join(self.directory, TOKEN_FILE), "rb") as fh:
+            self._secret = fh.read()
+        if len(self._secret) != SECRET_BYTES:
+            raise OSError(f"{TOKEN_FILE} in {self.directory} is not a {SECRET_BYTES}-byte secret")
+        self._head = MAGIC + self._secret
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, RECEIVE_BUFFER)
-            sock.bind(path)
-            os.chmod(path, 0o600)
+            if sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) < RECEIVE_BUFFER:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RECEIVE_BUFFER)
+            sock.bind(("127.0.0.1", 0))
             sock.setblocking(False)
+            port = sock.getsockname()[1]
+            self.ports[self.index] = port
+            mine = port_file(self.directory, self.index)
+            with open(mine + ".tmp", "w", encoding="ascii") as fh:
+                fh.write(str(port))
+            os.replace(mine + ".tmp", mine)
         except OSError:
             sock.close()
             raise
         self.sock = sock
         self._loop = loop
-        loop.add_reader(sock.fileno(), self._readable)  # type: ignore[attr-defined]
+        loop.add_reader(sock.fileno(), self._readable)
+        hello = self._head + b"H" + _HELLO.pack(self.index, port)
+        for i in range(self.count):
+            if i == self.index:
+                continue
+            try:
+                with open(port_file(self.directory, i), encoding="ascii") as fh:
+                    self.ports[i] = int(fh.read().strip())
+            except (OSError, ValueError):
+                continue  # not up yet: it greets us when it is
+            self._send(hello, i)
 
     def close(self) -> None:
         sock, self.sock = self.sock, None
         if sock is None:
             return
         with contextlib.suppress(Exception):
-            self._loop.remove_reader(sock.fileno())  # type: ignore[attr-defined]
+            self._loop.remove_reader(sock.fileno())
         sock.close()
-        with contextlib.suppress(OSError):
-            os.unlink(self._paths[self.index])
 
+    # ------------------------------------------------------------------ sending
     def owner(self, data: bytes) -> int:
         found = owner_of(data, self.count)
         return self.index if found is None else found
 
+    def _send(self, envelope: bytes, to: int, queue: bool = False) -> bool:
+        """Send one envelope; ``queue``: through the send thread when it runs (the server
+        kicks it at its next flush; a hand-over is always followed by one)."""
+        port, sock = self.ports[to], self.sock
+        if port is None or sock is None:
+            return False
+        sender = self.sender
+        if queue and sender is not None and sender.push(sock.fileno(), socket.AF_INET, envelope,
+                                              "127.0.0.1", port):
+            return True
+        try:
+            sock.sendto(envelope, ("127.0.0.1", port))
+        except OSError:  # a full socket buffer, or the ICMP of a worker gone
+            return False
+        return True
+
     def hand_over(self, to: int, data: bytes, flow: Flow) -> bool:
         """Send ``data``, read from ``flow`` on the public address, to worker ``to``; False
         when it could not be (then handle it here)."""
-        sock = self.sock
-        if sock is None:
-            return False
         host = flow.addr[0].encode()
-        head = _HEAD.pack(MAGIC, flow.local, flow.addr[1], len(host))
-        try:
-            sock.sendto(head + host + data, self._paths[to])
-        except OSError:  # full queue (EAGAIN), a worker restarting (ENOENT, ECONNREFUSED)
+        envelope = b"".join((self._head, b"D", _DATA.pack(flow.local, flow.addr[1], len(host)),
+                             host, data))
+        if not self._send(envelope, to, queue=True):
             self.counters["worker_handover_failed"] += 1
             return False
         self.counters["worker_handed_over"] += 1
         return True
 
-    def broadcast(self, change: dict[str, object]) -> int:
+    def broadcast(self, change: dict[str, Any]) -> int:
         """Send an operator's change to every other worker; to how many it went."""
-        sock = self.sock
-        if sock is None:
-            return 0
-        envelope = CONTROL + json.dumps(change, separators=(",", ":")).encode()
+        envelope = self._head + b"C" + json.dumps(change, separators=(",", ":")).encode()
         sent = 0
-        for i, path in enumerate(self._paths):
+        for i in range(self.count):
             if i == self.index:
                 continue
-            try:
-                sock.sendto(envelope, path)
+            if self._send(envelope, i):
                 sent += 1
-            except OSError:  # a worker restarting: it reads state_dir's file at its start
+            else:  # a worker starting: it reads state_dir's file at its start
                 self.counters["worker_control_failed"] += 1
         return sent
 
+    # ------------------------------------------------------------------ receiving
     def _readable(self) -> None:
         sock = self.sock
         if sock is None:
             return
-        deliver = self.deliver
+        n = len(self._head)
+        secret_at = len(MAGIC)
         for _ in range(READS_PER_WAKE):
             try:
                 envelope = sock.recv(MAX_ENVELOPE)
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError:
-                self.counters["worker_handover_bad"] += 1
-                return
-            if envelope.startswith(CONTROL):
-                self._control(envelope)
+            except OSError:  # the ICMP of an earlier send to a worker gone
                 continue
-            parsed = unpack(envelope)
-            if parsed is None:
+            if len(envelope) <= n or not envelope.startswith(MAGIC) or not hmac.compare_digest(
+                    envelope[secret_at:n], self._secret):
                 self.counters["worker_handover_bad"] += 1
                 continue
-            self.counters["worker_received_over"] += 1
-            deliver(*parsed)
+            kind = envelope[n]
+            if kind == 0x44:  # D
+                parsed = unpack(envelope, n + 1)
+                if parsed is None:
+                    self.counters["worker_handover_bad"] += 1
+                    continue
+                self.counters["worker_received_over"] += 1
+                self.deliver(*parsed)
+            elif kind == 0x43:  # C
+                self._control(envelope[n + 1:])
+            elif kind == 0x48 and len(envelope) == n + 1 + _HELLO.size:  # H
+                index, port = _HELLO.unpack_from(envelope, n + 1)
+                if index < self.count and index != self.index:
+                    self.ports[index] = port
+            else:
+                self.counters["worker_handover_bad"] += 1
 
-    def _control(self, envelope: bytes) -> None:
+    def _control(self, body: bytes) -> None:
         try:
-            change = json.loads(envelope[len(CONTROL):])
+            change = json.loads(body)
         except ValueError:
             change = None
         if not isinstance(change, dict) or self.control is None:
@@ -193,16 +260,17 @@ class WorkerLink:
         self.control(change)
 
 
-def unpack(envelope: bytes) -> tuple[bytes, Flow] | None:
-    """An envelope's datagram and the flow it was read from; None when malformed."""
-    if len(envelope) < _HEAD.size or not envelope.startswith(MAGIC):
+def unpack(envelope: bytes, at: int) -> tuple[bytes, Flow] | None:
+    """The datagram of a ``D`` envelope whose fields start at ``at``, and the flow it was read
+    from; None when malformed."""
+    if len(envelope) < at + _DATA.size:
         return None
-    _, local, port, n = _HEAD.unpack_from(envelope)
-    start = _HEAD.size + n
+    local, port, n = _DATA.unpack_from(envelope, at)
+    start = at + _DATA.size + n
     if len(envelope) < start:
         return None
     try:
-        host = envelope[_HEAD.size:start].decode("ascii")
+        host = envelope[at + _DATA.size:start].decode("ascii")
     except UnicodeDecodeError:
         return None
     return envelope[start:], Flow("udp", (host, port), local)

@@ -197,6 +197,9 @@ def test_auto_follows_the_cpu_affinity() -> None:
         if len(original) > 1:
             os.sched_setaffinity(0, original)
             assert send_thread_wanted("auto")
+            # a worker per CPU: no CPU left for the threads
+            assert not send_thread_wanted("auto", workers=len(original))
+            assert send_thread_wanted(True, workers=len(original))
     finally:
         os.sched_setaffinity(0, original)
 

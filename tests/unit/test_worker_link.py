@@ -1,6 +1,7 @@
-"""The workers' hand-over (sipguard/transport/worker_link.py) over real Unix sockets: the
-owner of a datagram by its caller, the envelope both ways, a malformed envelope counted, and a
-hand-over to a worker that is not there refused (handled where it was read)."""
+"""The workers' hand-over (sipguard/transport/worker_link.py) over real loopback sockets: the
+owner of a datagram by its caller, the envelope both ways, hellos between workers started in
+either order, an envelope without the group's secret refused, a change broadcast, and a
+hand-over to a worker whose port is not known refused (handled where it was read)."""
 
 from __future__ import annotations
 
@@ -10,11 +11,20 @@ import socket
 import zlib
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from sipguard.contract import Flow
-from sipguard.transport.worker_link import WorkerLink, owner_of, socket_path, unpack
+from sipguard.transport.worker_link import (
+    MAGIC,
+    TOKEN_FILE,
+    WorkerLink,
+    make_token,
+    owner_of,
+    port_file,
+    unpack,
+)
 
 
 def _invite(caller: str, call_id: str = "abc@host") -> bytes:
@@ -42,42 +52,75 @@ def test_owner_is_the_callers_crc_and_the_same_for_cancel_and_compact_form() -> 
     assert owners == {0, 1}
 
 
-def test_envelope_round_trip_and_malformed() -> None:
-    assert unpack(b"nonsense") is None
-    assert unpack(b"SGW1\x00\x00\x05\x09abc") is None  # address longer than the envelope
+def test_malformed_datagram_envelopes() -> None:
+    assert unpack(b"D", 1) is None
+    assert unpack(b"D\x00\x00\x05\x09abc", 1) is None  # address longer than the envelope
+
+
+async def _until(check: Any) -> None:
+    for _ in range(200):
+        if check():
+            return
+        await asyncio.sleep(0.01)
 
 
 @pytest.mark.asyncio
-async def test_hand_over_between_two_workers(tmp_path: Path) -> None:
+async def test_hand_over_changes_and_hellos(tmp_path: Path) -> None:
     loop = asyncio.get_running_loop()
+    make_token(tmp_path)
+    assert oct(os.stat(tmp_path / TOKEN_FILE).st_mode & 0o777) == "0o600"
     got: list[tuple[bytes, Flow]] = []
+    changes: list[dict[str, Any]] = []
     counters: Counter[str] = Counter()
-    a = WorkerLink(tmp_path, 0, 2, lambda d, f: None, counters)
-    b = WorkerLink(tmp_path, 1, 2, lambda d, f: got.append((d, f)), counters)
-    a.open(loop)
+    a = WorkerLink(tmp_path, 0, 3, lambda d, f: None, counters)
+    b = WorkerLink(tmp_path, 1, 3, lambda d, f: got.append((d, f)), counters)
+    b.control = changes.append
+    a.open(loop)  # a first: it finds nobody, b greets it
     b.open(loop)
     try:
-        assert oct(os.stat(socket_path(tmp_path, 1)).st_mode & 0o777) == "0o600"
+        await _until(lambda: a.ports[1] is not None)
+        assert a.ports[1] == b.ports[1] == int((tmp_path / "worker-1.port").read_text())
         data = _invite("+12125550100")
         for flow in (Flow("udp", ("127.0.0.1", 5070), 1), Flow("udp", ("::1", 5071), 1)):
             assert a.hand_over(1, data, flow)
-        # a malformed envelope, from another socket of this user: counted, not delivered
-        raw = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        raw.sendto(b"garbage", socket_path(tmp_path, 1))
+        assert a.broadcast({"op": "suspend", "key": "+1212"}) == 1  # worker 2 is not up
+        assert counters["worker_control_failed"] == 1
+        assert not a.hand_over(2, data, Flow("udp", ("127.0.0.1", 5070), 1))
+        assert counters["worker_handover_failed"] == 1
+        # envelopes from a local process that does not know the secret: counted, dropped
+        raw = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        port = b.ports[1]
+        assert port is not None
+        for junk in (b"garbage", MAGIC + b"\x00" * 16 + b"D" + data, b"INVITE sip:x SIP/2.0"):
+            raw.sendto(junk, ("127.0.0.1", port))
         raw.close()
-        for _ in range(100):
-            if len(got) == 2 and counters["worker_handover_bad"] == 1:
-                break
-            await asyncio.sleep(0.01)
+        await _until(lambda: len(got) == 2 and changes and counters["worker_handover_bad"] == 3)
         assert got == [(data, Flow("udp", ("127.0.0.1", 5070), 1)),
                        (data, Flow("udp", ("::1", 5071), 1))]
+        assert changes == [{"op": "suspend", "key": "+1212"}]
         assert counters["worker_handed_over"] == counters["worker_received_over"] == 2
-        assert counters["worker_handover_bad"] == 1
+        assert counters["worker_handover_bad"] == 3
+        # b restarts on another port: its hello replaces the old one at a
         b.close()
-        assert not os.path.exists(socket_path(tmp_path, 1))
-        # worker 1 gone (restarting): refused, counted; the caller handles it itself
-        assert not a.hand_over(1, data, Flow("udp", ("127.0.0.1", 5070), 1))
-        assert counters["worker_handover_failed"] == 1
+        b2 = WorkerLink(tmp_path, 1, 3, lambda d, f: got.append((d, f)), counters)
+        b2.open(loop)
+        try:
+            await _until(lambda: a.ports[1] == b2.ports[1])
+            assert a.ports[1] == b2.ports[1] == int(Path(port_file(tmp_path, 1)).read_text())
+            assert a.hand_over(1, data, Flow("udp", ("127.0.0.1", 5072), 1))
+            await _until(lambda: len(got) == 3)
+            assert got[2][1].addr == ("127.0.0.1", 5072)
+        finally:
+            b2.close()
     finally:
         a.close()
         b.close()
+
+
+def test_a_worker_without_the_secret_does_not_start(tmp_path: Path) -> None:
+    link = WorkerLink(tmp_path, 0, 2, lambda d, f: None, Counter())
+    with pytest.raises(OSError):
+        link.open(None)
+    (tmp_path / TOKEN_FILE).write_bytes(b"short")
+    with pytest.raises(OSError):
+        link.open(None)
