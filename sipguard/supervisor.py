@@ -18,7 +18,10 @@ line, so the same config file and flags), and then only watches them:
 
 Each worker has one end of a socket pair with the supervisor (``--supervisor-fd``): it writes
 ``ready`` there once its listeners are up, and it drains and exits when the supervisor's end
-closes (the supervisor was killed), so no worker outlives it. The workers' stdout goes through
+closes (the supervisor was killed), so no worker outlives it. When the supervisor's stdout is
+a regular file (or /dev/null) the workers write to it themselves: the kernel appends each
+write() whole (one file position, updated atomically), and a worker writes whole lines only.
+Otherwise (a pipe, a socket, a terminal) the workers' stdout goes through
 the supervisor, which writes whole lines only: the log lines of N processes never interleave
 mid-line. Workers run in their own session, so a terminal's Ctrl-C reaches the supervisor only,
 which passes it on once.
@@ -32,6 +35,7 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import sys
 import tempfile
 import time
@@ -75,6 +79,9 @@ class Supervisor:
         self.failed_start: int | None = None  # exit code of a worker that could not start
         self._wake = asyncio.Event()  # a stop was asked for: restarts waiting give up
         self._out = sys.stdout.buffer
+        # the workers write to our stdout themselves (a file): no relay (~5 % of the CPU of
+        # 2 workers at 2,000 calls/s went to copying their log lines)
+        self.shared_stdout = stdout_is_shareable()
 
     # ------------------------------------------------------------------ logging
     def _note(self, level: str, event: str, **fields: object) -> None:
@@ -110,7 +117,8 @@ class Supervisor:
         try:
             proc = await asyncio.create_subprocess_exec(
                 *self.command(w.index, theirs.fileno()),
-                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=None if self.shared_stdout else asyncio.subprocess.PIPE,
                 pass_fds=(theirs.fileno(),), start_new_session=True,
             )
         except OSError as exc:
@@ -120,8 +128,10 @@ class Supervisor:
         finally:
             theirs.close()
         w.proc, w.link, w.started, w.ready = proc, ours, time.monotonic(), False
-        assert proc.stdout is not None
-        w.relay = asyncio.get_running_loop().create_task(self._relay(proc.stdout))
+        if proc.stdout is not None:
+            w.relay = asyncio.get_running_loop().create_task(self._relay(proc.stdout))
+        else:
+            sys.stdout.flush()  # our lines so far before theirs
         ours.setblocking(False)
         loop = asyncio.get_running_loop()
         line = b""
@@ -236,6 +246,21 @@ class Supervisor:
 def supervise(count: int, command: Command) -> int:
     """Run the supervisor of ``count`` workers to the end; the exit code."""
     return asyncio.run(Supervisor(count, command).run())
+
+
+def stdout_is_shareable() -> bool:
+    """Our stdout is a regular file or /dev/null: writes of whole lines from several processes
+    land whole, so the workers may write to it directly."""
+    try:
+        mode = os.fstat(sys.stdout.fileno()).st_mode
+    except (OSError, ValueError, AttributeError):
+        return False
+    if stat.S_ISREG(mode):
+        return True
+    try:
+        return os.path.samestat(os.fstat(sys.stdout.fileno()), os.stat(os.devnull))
+    except OSError:
+        return False
 
 
 # ---------------------------------------------------------------------- the workers' directory

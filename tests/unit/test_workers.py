@@ -4,7 +4,9 @@ the ports each worker advertises, and the command line of a worker."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -147,3 +149,21 @@ def test_shared_memory_refuses_distinct_callee_thresholds_it_cannot_count() -> N
     assert issue.path == "rules" and "distinct_callees.block is 200" in issue.message
     # the redis backend counts them with HyperLogLog: no such bound
     assert parse_config(TWO + REDIS + "rules:\n  dialer: {distinct_callees: {block: 200}}\n")
+
+
+def test_workers_share_a_file_stdout_but_not_a_pipe(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A regular file (or /dev/null) takes the workers' whole-line writes directly; a pipe
+    goes through the supervisor's relay."""
+    from sipguard.supervisor import stdout_is_shareable
+
+    with open(tmp_path / "log", "w", encoding="utf-8") as fh:
+        monkeypatch.setattr(sys, "stdout", fh)
+        assert stdout_is_shareable()
+    with open(os.devnull, "w", encoding="utf-8") as fh:
+        monkeypatch.setattr(sys, "stdout", fh)
+        assert stdout_is_shareable()
+    r, w = os.pipe()
+    with os.fdopen(r, "rb"), os.fdopen(w, "w", encoding="utf-8") as wf:
+        monkeypatch.setattr(sys, "stdout", wf)
+        assert not stdout_is_shareable()
