@@ -1009,6 +1009,8 @@ class Server:
     def _flush(self) -> None:
         self._flush_pending = False
         self._unflushed = 0
+        if self.link is not None:
+            self.link.flush()  # what this pass handed to other workers: one envelope each
         core = self.core
         outbox = core.outbox
         if outbox:

@@ -23,10 +23,15 @@ to a loopback port, so every envelope carries the group's 16-byte secret (``toke
 the supervisor, 0600), compared in constant time; an envelope without it is counted
 (``worker_handover_bad``) and dropped. An envelope is::
 
-    b"SGW1" | secret (16) | kind: b"D" datagram, b"C" change, b"H" hello | ...
-    D: local socket index (1 byte) | port (2 bytes) | address length (1) | address | datagram
+    b"SGW1" | secret (16) | kind: b"B" datagrams, b"C" change, b"H" hello | ...
+    B: records, each: local socket index (1 byte) | port (2 bytes) | address length (1) |
+       datagram length (2) | address | datagram
     C: a JSON object — an operator's change (below)
     H: the sender's index (1 byte) and hand-over port (2 bytes), sent at its start
+
+The datagrams handed to one worker during one pass of the event loop travel together, in one
+envelope per destination (up to ``BATCH_BYTES``), sent when the server flushes its answers at
+the end of the pass: one send and one receive per pass instead of per datagram.
 
 A worker starting reads the others' port files after writing its own and says hello to each
 it found; one started later says hello to it in turn, so every pair learns the other's port
@@ -60,7 +65,8 @@ from sipguard.contract import Flow
 MAGIC: Final = b"SGW1"
 SECRET_BYTES: Final = 16
 TOKEN_FILE: Final = "token"
-_DATA: Final = struct.Struct("!BHB")
+_RECORD: Final = struct.Struct("!BHBH")
+BATCH_BYTES: Final = 60_000  # an envelope's records at most (a UDP datagram holds 65,507)
 _HELLO: Final = struct.Struct("!BH")
 READS_PER_WAKE: Final = 64  # envelopes read per wake-up before the loop runs other work
 RECEIVE_BUFFER: Final = 8 * 1024 * 1024
@@ -98,7 +104,8 @@ class WorkerLink:
     """This worker's end of the hand-over: its own loopback socket and the others' ports."""
 
     __slots__ = ("index", "count", "directory", "deliver", "control", "counters", "sock",
-                 "ports", "sender", "_head", "_secret", "_loop")
+                 "ports", "sender", "_head", "_secret", "_loop", "_batches", "_sizes",
+                 "_pending")
 
     def __init__(self, directory: str | Path, index: int, count: int,
                  deliver: Callable[[bytes, Flow], None],
@@ -118,6 +125,10 @@ class WorkerLink:
         self._secret = b""
         self._head = b""
         self._loop: Any = None
+        # records waiting for flush(), per destination, and their bytes
+        self._batches: list[list[bytes]] = [[] for _ in range(count)]
+        self._sizes = [0] * count
+        self._pending = False
 
     # ------------------------------------------------------------------ start and stop
     def open(self, loop: Any) -> None:
@@ -189,16 +200,38 @@ class WorkerLink:
         return True
 
     def hand_over(self, to: int, data: bytes, flow: Flow) -> bool:
-        """Send ``data``, read from ``flow`` on the public address, to worker ``to``; False
-        when it could not be (then handle it here)."""
+        """Queue ``data``, read from ``flow`` on the public address, for worker ``to`` (sent
+        at the next :meth:`flush`); False when it cannot go (then handle it here)."""
         host = flow.addr[0].encode()
-        envelope = b"".join((self._head, b"D", _DATA.pack(flow.local, flow.addr[1], len(host)),
-                             host, data))
-        if not self._send(envelope, to, queue=True):
+        size = _RECORD.size + len(host) + len(data)
+        if self.ports[to] is None or self.sock is None or size > BATCH_BYTES:
             self.counters["worker_handover_failed"] += 1
             return False
+        if self._sizes[to] + size > BATCH_BYTES:
+            self._send_batch(to)
+        self._batches[to].append(
+            _RECORD.pack(flow.local, flow.addr[1], len(host), len(data)) + host + data)
+        self._sizes[to] += size
+        self._pending = True
         self.counters["worker_handed_over"] += 1
         return True
+
+    def flush(self) -> None:
+        """Send what this pass handed over: one envelope per destination."""
+        if not self._pending:
+            return
+        self._pending = False
+        for to in range(self.count):
+            if self._batches[to]:
+                self._send_batch(to)
+
+    def _send_batch(self, to: int) -> None:
+        records = self._batches[to]
+        envelope = self._head + b"B" + b"".join(records)
+        if not self._send(envelope, to, queue=True):  # lost like a datagram: resent by its sender
+            self.counters["worker_handover_lost"] += len(records)
+        self._batches[to] = []
+        self._sizes[to] = 0
 
     def broadcast(self, change: dict[str, Any]) -> int:
         """Send an operator's change to every other worker; to how many it went."""
@@ -232,13 +265,15 @@ class WorkerLink:
                 self.counters["worker_handover_bad"] += 1
                 continue
             kind = envelope[n]
-            if kind == 0x44:  # D
-                parsed = unpack(envelope, n + 1)
-                if parsed is None:
+            if kind == 0x42:  # B
+                got = 0
+                for data, flow in unpack(envelope, n + 1):
+                    got += 1
+                    self.deliver(data, flow)
+                if got:
+                    self.counters["worker_received_over"] += got
+                else:
                     self.counters["worker_handover_bad"] += 1
-                    continue
-                self.counters["worker_received_over"] += 1
-                self.deliver(*parsed)
             elif kind == 0x43:  # C
                 self._control(envelope[n + 1:])
             elif kind == 0x48 and len(envelope) == n + 1 + _HELLO.size:  # H
@@ -260,17 +295,22 @@ class WorkerLink:
         self.control(change)
 
 
-def unpack(envelope: bytes, at: int) -> tuple[bytes, Flow] | None:
-    """The datagram of a ``D`` envelope whose fields start at ``at``, and the flow it was read
-    from; None when malformed."""
-    if len(envelope) < at + _DATA.size:
-        return None
-    local, port, n = _DATA.unpack_from(envelope, at)
-    start = at + _DATA.size + n
-    if len(envelope) < start:
-        return None
-    try:
-        host = envelope[at + _DATA.size:start].decode("ascii")
-    except UnicodeDecodeError:
-        return None
-    return envelope[start:], Flow("udp", (host, port), local)
+def unpack(envelope: bytes, at: int) -> list[tuple[bytes, Flow]]:
+    """The datagrams of a ``B`` envelope whose records start at ``at``, each with the flow it
+    was read from. The envelope carried the secret, so it came from a worker; a record cut
+    short (which a worker never writes) ends the list."""
+    out: list[tuple[bytes, Flow]] = []
+    end = len(envelope)
+    while at + _RECORD.size <= end:
+        local, port, n, size = _RECORD.unpack_from(envelope, at)
+        at += _RECORD.size
+        if at + n + size > end:
+            break
+        try:
+            host = envelope[at:at + n].decode("ascii")
+        except UnicodeDecodeError:
+            break
+        at += n
+        out.append((envelope[at:at + size], Flow("udp", (host, port), local)))
+        at += size
+    return out

@@ -17,6 +17,8 @@ import pytest
 
 from sipguard.contract import Flow
 from sipguard.transport.worker_link import (
+    _RECORD,
+    BATCH_BYTES,
     MAGIC,
     TOKEN_FILE,
     WorkerLink,
@@ -52,9 +54,12 @@ def test_owner_is_the_callers_crc_and_the_same_for_cancel_and_compact_form() -> 
     assert owners == {0, 1}
 
 
-def test_malformed_datagram_envelopes() -> None:
-    assert unpack(b"D", 1) is None
-    assert unpack(b"D\x00\x00\x05\x09abc", 1) is None  # address longer than the envelope
+def test_batch_records_and_cut_short_ones() -> None:
+    flow = Flow("udp", ("192.0.2.1", 5070), 1)
+    one = _RECORD.pack(1, 5070, 9, 3) + b"192.0.2.1" + b"abc"
+    assert unpack(b"B" + one + one, 1) == [(b"abc", flow), (b"abc", flow)]
+    assert unpack(b"B" + one + one[:-1], 1) == [(b"abc", flow)]  # the cut record is dropped
+    assert unpack(b"B\x00\x00\x05\x09", 1) == []
 
 
 async def _until(check: Any) -> None:
@@ -83,6 +88,8 @@ async def test_hand_over_changes_and_hellos(tmp_path: Path) -> None:
         data = _invite("+12125550100")
         for flow in (Flow("udp", ("127.0.0.1", 5070), 1), Flow("udp", ("::1", 5071), 1)):
             assert a.hand_over(1, data, flow)
+        assert not got
+        a.flush()  # both in one envelope
         assert a.broadcast({"op": "suspend", "key": "+1212"}) == 1  # worker 2 is not up
         assert counters["worker_control_failed"] == 1
         assert not a.hand_over(2, data, Flow("udp", ("127.0.0.1", 5070), 1))
@@ -91,7 +98,7 @@ async def test_hand_over_changes_and_hellos(tmp_path: Path) -> None:
         raw = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         port = b.ports[1]
         assert port is not None
-        for junk in (b"garbage", MAGIC + b"\x00" * 16 + b"D" + data, b"INVITE sip:x SIP/2.0"):
+        for junk in (b"garbage", MAGIC + b"\x00" * 16 + b"B" + data, b"INVITE sip:x SIP/2.0"):
             raw.sendto(junk, ("127.0.0.1", port))
         raw.close()
         await _until(lambda: len(got) == 2 and changes and counters["worker_handover_bad"] == 3)
@@ -108,6 +115,7 @@ async def test_hand_over_changes_and_hellos(tmp_path: Path) -> None:
             await _until(lambda: a.ports[1] == b2.ports[1])
             assert a.ports[1] == b2.ports[1] == int(Path(port_file(tmp_path, 1)).read_text())
             assert a.hand_over(1, data, Flow("udp", ("127.0.0.1", 5072), 1))
+            a.flush()
             await _until(lambda: len(got) == 3)
             assert got[2][1].addr == ("127.0.0.1", 5072)
         finally:
@@ -124,3 +132,32 @@ def test_a_worker_without_the_secret_does_not_start(tmp_path: Path) -> None:
     (tmp_path / TOKEN_FILE).write_bytes(b"short")
     with pytest.raises(OSError):
         link.open(None)
+
+
+@pytest.mark.asyncio
+async def test_a_pass_larger_than_one_envelope_goes_in_several(tmp_path: Path) -> None:
+    """200 datagrams of 1 kB handed over in one pass: several envelopes under BATCH_BYTES,
+    every datagram delivered once, in order; one too large for any envelope is refused."""
+    loop = asyncio.get_running_loop()
+    make_token(tmp_path)
+    got: list[bytes] = []
+    counters: Counter[str] = Counter()
+    a = WorkerLink(tmp_path, 0, 2, lambda d, f: None, counters)
+    b = WorkerLink(tmp_path, 1, 2, lambda d, f: got.append(d), counters)
+    a.open(loop)
+    b.open(loop)
+    try:
+        await _until(lambda: a.ports[1] is not None)
+        sent = [b"%04d" % i + b"x" * 1000 for i in range(200)]
+        flow = Flow("udp", ("127.0.0.1", 5070), 1)
+        for d in sent:
+            assert a.hand_over(1, d, flow)
+        assert not a.hand_over(1, b"y" * BATCH_BYTES, flow)
+        a.flush()
+        await _until(lambda: len(got) == 200)
+        assert got == sent
+        assert counters["worker_handover_failed"] == 1
+        assert counters["worker_received_over"] == 200
+    finally:
+        a.close()
+        b.close()
