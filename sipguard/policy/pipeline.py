@@ -190,7 +190,8 @@ class Pipeline:
             if final is not None:
                 return final
         if plan is not None and plan.pending():
-            return await self._admit(run, plan, call, now)
+            answer = self._admit(run, plan, call, now)
+            return answer if isinstance(answer, Verdict) else await answer
         return run.result()
 
     @staticmethod
@@ -203,29 +204,66 @@ class Pipeline:
             return planner(call, now, plan)
         return rule.decide(call, now)
 
-    async def _admit(self, run: _Run, plan: Plan, call: CallInfo, now: float) -> Verdict:
-        """The plan's one round trip, its refusals folded back through their rules."""
+    def _admit(self, run: _Run, plan: Plan, call: CallInfo, now: float) -> \
+            Verdict | Awaitable[Verdict]:
+        """The plan's one step in the shared store, its refusals folded back through their
+        rules: at once with a store in this host's memory (``admit_now``: no coroutine, no
+        second pass of the event loop), else one awaited round trip."""
+        shared = self.shared
+        assert shared is not None
+        now_admit = getattr(shared.store, "admit_now", None)
+        if now_admit is None:
+            return self._admit_remote(run, plan, call, now)
+        result = now_admit(call.lease, plan.checks, plan.take) if plan.checks or plan.take \
+            else None
+        final, later, marks = self._fold(run, plan, call, now, result)
+        if later is None and not marks:
+            return final
+        return self._finish(final, later, marks)
+
+    async def _finish(self, final: Verdict, later: Awaitable[None] | None,
+                      marks: list[tuple[str, int, float]]) -> Verdict:
+        shared = self.shared
+        assert shared is not None
+        if later is not None:
+            await later
+        for mark in marks:
+            await shared.store.mark(*mark)  # a cooldown every instance honours
+        return final
+
+    async def _admit_remote(self, run: _Run, plan: Plan, call: CallInfo, now: float) -> Verdict:
+        shared = self.shared
+        assert shared is not None
+        result = None
+        if plan.checks or plan.take:
+            result = await shared.store.admit(call.lease, plan.checks, plan.take)
+        final, later, marks = self._fold(run, plan, call, now, result)
+        return await self._finish(final, later, marks)
+
+    def _fold(
+        self, run: _Run, plan: Plan, call: CallInfo, now: float, result: Any,
+    ) -> tuple[Verdict, Awaitable[None] | None, list[tuple[str, int, float]]]:
+        """The verdict from the store's answer (``result``; None: it could not answer, when
+        the plan asked), what to await first (a lease given back) and the cooldown marks to
+        set."""
         shared = self.shared
         assert shared is not None
         store = shared.store
-        result = None
-        if plan.checks or plan.take:
-            result = await store.admit(call.lease, plan.checks, plan.take)
-            if result is None:  # Redis cannot answer: state.fail decides
-                if store.fail_open and plan.take:
-                    shared.hold(call, plan.take)  # counted when Redis is back (refresh)
-                final = run.take(shared.rule, shared.verdict)
-                if final is not None:
-                    return final
+        later: Awaitable[None] | None = None
+        marks: list[tuple[str, int, float]] = []
+        if result is None and (plan.checks or plan.take):  # it cannot answer: state.fail
+            if store.fail_open and plan.take:
+                shared.hold(call, plan.take)  # counted when it is back (refresh)
+            final = run.take(shared.rule, shared.verdict)
+            if final is not None:
+                return final, None, marks
         measured: dict[int, int] = {}
         if result is not None:
             taken, refused, value, reported = result
             if taken and plan.take:
                 shared.hold(call, plan.take)
-                if call.settled:  # cancelled while Redis answered: give the slot back now
+                if call.settled:  # cancelled while the store answered: give the slot back
                     later = shared.give_back(call)
-                    if later is not None:
-                        await later
             checks = plan.checks
             for index, rvalue in reported:
                 rule, info = plan.owners[index]
@@ -237,14 +275,14 @@ class Pipeline:
                 rule, info = plan.owners[refused]
                 final = run.take(rule, rule.refused(info, value, call, now))
                 if final is not None:
-                    return final
+                    return final, later, marks
         for rule, found in plan.settlers:
             mine = [(plan.owners[i][1], v) for i, v in measured.items()
                     if plan.owners[i][0] is rule]
             verdict, mark = rule.settle(call, found, mine, now)
             if mark is not None and result is not None:
-                await store.mark(*mark)  # a cooldown every instance honours
+                marks.append(mark)
             final = run.take(rule, verdict)
             if final is not None:
-                return final
-        return run.result()
+                return final, later, marks
+        return run.result(), later, marks

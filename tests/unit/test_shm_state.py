@@ -615,6 +615,7 @@ class ShmHarness(PolicyHarness):
         state = RuleState(shared=shared, tracker=Tracker(shared=shared))
         super().__init__(rules, state=state)
         self.shm = shared
+        self.waited = 0  # decisions that came back as awaitables
 
     async def settle(self) -> list[tuple[Flow, Message]]:
         out = []
@@ -622,6 +623,7 @@ class ShmHarness(PolicyHarness):
             busy = False
             for event in self.core.drain_events():
                 if isinstance(event, DecisionPending):
+                    self.waited += 1
                     verdict = await event.pending
                     assert isinstance(verdict, Verdict)
                     self.core.resolve(event.call, verdict, self.now)
@@ -661,6 +663,8 @@ async def test_the_policy_limits_across_stores_of_one_segment(path: str) -> None
         assert a.verdicts[-1].detail == {"limit": "per_caller", "number": "+12125550100",
                                          "count": 2, "max": 2}
         assert await sa.counts(["caller:+12125550100", "callee:+18005550199"]) == [2, 2]
+        # the store is in this host's memory: every call decided in its receive, none waited
+        assert a.waited == b.waited == 0
     finally:
         await sa.close()
         await sb.close()
