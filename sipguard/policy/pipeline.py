@@ -14,12 +14,14 @@ A rule whose answer needs I/O (a certificate fetch) returns an awaitable instead
 verdict; the pipeline then returns an awaitable too, which resumes with the remaining rules.
 Rules that answer at once never pay for that.
 
-With a shared state store (``state.backend: redis``, :mod:`sipguard.transport.redis_state`) the rules
-that count across instances (``concurrency``, ``rate``) do not decide on their own: their
+With a shared state store (``state.backend: redis``, :mod:`sipguard.transport.redis_state`;
+``shared_memory``, :mod:`sipguard.state.shared_memory`) the rules that count across instances
+(``concurrency``, ``rate``, part of ``dialer``) do not decide on their own: their
 ``plan(call, now, plan)`` adds their checks to one :class:`Plan` for the call, and after the
-last rule the pipeline sends the whole plan to Redis in one round trip, then folds each
-refusal back through the rule that asked (``refused(info, value)``), in rule order. While Redis
-cannot answer, ``state.fail`` decides: ``open`` forwards the call tagged ``X-Sipguard-Verdict:
+last rule the pipeline sends the whole plan to the store in one step — one round trip to
+Redis (awaited), or one locked call into shared memory (``admit_now``: decided at once, no
+coroutine) — then folds each refusal back through the rule that asked (``refused(info,
+value)``), in rule order. While the store cannot answer, ``state.fail`` decides: ``open`` forwards the call tagged ``X-Sipguard-Verdict:
 state.unavailable`` (reported like a monitored rule, ``state:state_unavailable``), ``closed``
 answers ``503`` with Retry-After.
 """

@@ -11,6 +11,7 @@ from sipguard.contract import DecisionPending, Deferred, Flow, Verdict
 from sipguard.policy.concurrency import Tracker
 from sipguard.policy.state import RuleState
 from sipguard.sip.message import Message
+from sipguard.state.base import SharedCounts
 from sipguard.transport.redis_client import Where, connect
 from sipguard.transport.redis_pipe import RespPipe
 from sipguard.transport.redis_state import SharedStore
@@ -24,10 +25,11 @@ class SharedHarness(PolicyHarness):
     """PolicyHarness whose pending decisions and deferred updates are awaited (the shell's
     part), so a test sees what sipguard would send."""
 
-    def __init__(self, rules: str, store: SharedStore) -> None:
+    def __init__(self, rules: str, store: SharedCounts) -> None:
         state = RuleState(shared=store, tracker=Tracker(shared=store))
         super().__init__(rules, state=state)
         self.store = store
+        self.waited = 0  # decisions that came back as awaitables
 
     async def settle(self) -> list[tuple[Flow, Message]]:
         out = []
@@ -36,6 +38,7 @@ class SharedHarness(PolicyHarness):
             busy = False
             for event in events:
                 if isinstance(event, DecisionPending):
+                    self.waited += 1
                     verdict = await event.pending
                     assert isinstance(verdict, Verdict)
                     self.core.resolve(event.call, verdict, self.now)

@@ -19,15 +19,10 @@ from typing import Any
 
 import pytest
 
-from sipguard.contract import DecisionPending, Deferred, Flow, Verdict
-from sipguard.policy.concurrency import Tracker
-from sipguard.policy.state import RuleState
-from sipguard.sip.message import Message
 from sipguard.state import _shm
 from sipguard.state.base import Admitted, Check, SharedCounts
 from sipguard.state.shared_memory import SET_CAP, ShmCounts, create_segment
-from tests.unit.dialog_helpers import PolicyHarness, to
-from tests.unit.proxy_helpers import CORE, invite
+from tests.unit.test_shared_policy import SharedHarness
 
 CAPS = {"max_keys": 2048, "max_leases": 2048, "max_sets": 64}
 TAKE = ("peer:-", "caller:+12125550100", "callee:+18005550199")
@@ -607,53 +602,11 @@ def test_processes_killed_at_random_leave_consistent_tables(path: str) -> None:
 
 # --------------------------------------------------------------------------- the policy on it
 
-class ShmHarness(PolicyHarness):
-    """PolicyHarness whose pending decisions and deferred updates are awaited (the shell's
-    part), as in test_shared_policy.py."""
-
-    def __init__(self, rules: str, shared: ShmCounts) -> None:
-        state = RuleState(shared=shared, tracker=Tracker(shared=shared))
-        super().__init__(rules, state=state)
-        self.shm = shared
-        self.waited = 0  # decisions that came back as awaitables
-
-    async def settle(self) -> list[tuple[Flow, Message]]:
-        out = []
-        for _ in range(10):
-            busy = False
-            for event in self.core.drain_events():
-                if isinstance(event, DecisionPending):
-                    self.waited += 1
-                    verdict = await event.pending
-                    assert isinstance(verdict, Verdict)
-                    self.core.resolve(event.call, verdict, self.now)
-                    busy = True
-                elif isinstance(event, Deferred):
-                    await event.pending
-                    busy = True
-                else:
-                    self.events.append(event)
-                    if hasattr(event, "verdict"):
-                        self.verdicts.append(event.verdict)
-            out.extend(self._drain())
-            if not busy:
-                break
-        return out
-
-    async def invite(self, n: int, caller: str = "+12125550100",
-                     callee: str = "+18005550199") -> tuple[list[Message], Message | None]:
-        self.feed(invite(branch=f"z9hG4bK-c{n}", call_id=f"call-{n}", caller=caller,
-                         callee=callee))
-        out = await self.settle()
-        fwd = to(out, CORE)
-        return [m for f, m in out if f.addr != CORE], (fwd[0] if fwd else None)
-
-
 async def test_the_policy_limits_across_stores_of_one_segment(path: str) -> None:
     rules = ("rules:\n  rate: {per_caller: {rate: 100, burst: 100}}\n"
              "  concurrency: {per_caller: 2, per_callee: 5}\n")
     sa, sb = store(path, create=True), store(path)
-    a, b = ShmHarness(rules, sa), ShmHarness(rules, sb)
+    a, b = SharedHarness(rules, sa), SharedHarness(rules, sb)
     try:
         assert (await a.invite(1))[1] is not None
         assert (await b.invite(2))[1] is not None
@@ -676,7 +629,7 @@ async def test_the_dialer_counts_and_cools_down_across_stores(path: str) -> None
     callees = ["+16465550107", "+13035550142", "+17205550199", "+14155550123",
                "+12065550178"]
     sa, sb = store(path, create=True), store(path)
-    a, b = ShmHarness(rules, sa), ShmHarness(rules, sb)
+    a, b = SharedHarness(rules, sa), SharedHarness(rules, sb)
     try:
         forwarded = [(await (a if i % 2 == 0 else b).invite(i, callee=c))[1]
                      for i, c in enumerate(callees[:4])]
