@@ -237,7 +237,7 @@ class Server:
     ) -> None:
         self.cfg = cfg
         # the directory the supervisor made for this host's workers: the shared-memory state
-        # segment and each worker's hand-over socket (None: one process, no supervisor)
+        # segment, the hand-over's secret and port files (None: one process, no supervisor)
         self.group = group
         # reads the config file anew for a reload (None: nothing to reload from)
         self.load = load
@@ -252,7 +252,8 @@ class Server:
         self.metrics = Metrics()
         self.counters: Counter[str] = self.metrics.events  # every counter is exported too
         self.log = get_logger("sipguard")
-        # state.backend redis: the counts every instance shares (None: all in this process)
+        # state.backend redis / shared_memory: the counts every instance or worker shares
+        # (None: all in this process)
         self.shared_store: SharedStore | ShmCounts | None = None
         # the shared-memory segment this process made (one process, no supervisor)
         self._own_segment: str | None = None
@@ -757,26 +758,32 @@ class Server:
         """Suspend a number or prefix from the next INVITE on; with ``end_calls`` its answered
         calls are ended at once (BYE both ways, ``reason=suspended``)."""
         now = self.loop.time()
-        entry = self.state.suspensions.add(key, reason, by, now, ttl)
+        entry, ended = self._suspend_here(key, reason, by, ttl, end_calls, now)
         if self.shared_lists is not None:
             self.shared_lists.suspension_changed(key)
         if self.link is not None:
             self.link.broadcast({"op": "suspend", "key": key, "reason": reason, "by": by,
                                  "ttl": ttl, "end_calls": end_calls})
+        saved = await self.save_suspensions()
+        shown = entry.as_dict(now)
+        field = "prefix" if entry.prefix else "number"
+        shown[field] = self._shown(shown[field])
+        return {"suspension": shown, "calls_ended": ended, "saved": saved}
+
+    def _suspend_here(self, key: str, reason: str, by: str, ttl: float | None,
+                      end_calls: bool, now: float, **via: str) -> tuple[Suspension, int]:
+        """Suspend ``key`` in this process (and end its calls if asked), logged; the entry and
+        how many calls were ended. ``via``: where the change came from, for the log line."""
+        entry = self.state.suspensions.add(key, reason, by, now, ttl)
         ended = 0
         if end_calls:
             ended = self.core.end_calls(_matcher(key), "suspended", now)
             self._schedule_flush()
         self.log.info(
             "suspension_added", **{"prefix" if entry.prefix else "number": self._shown(key)},
-            by=by,
-            reason=reason, expires=ttl, end_calls=end_calls, calls_ended=ended,
+            by=by, reason=reason, expires=ttl, end_calls=end_calls, calls_ended=ended, **via,
         )
-        saved = await self.save_suspensions()
-        shown = entry.as_dict(now)
-        field = "prefix" if entry.prefix else "number"
-        shown[field] = self._shown(shown[field])
-        return {"suspension": shown, "calls_ended": ended, "saved": saved}
+        return entry, ended
 
     async def unsuspend(self, key: str, by: str) -> dict[str, Any] | None:
         entry = self.state.suspensions.lift(key)
@@ -883,17 +890,11 @@ class Server:
         op, now = change.get("op"), self.loop.time()
         try:
             if op == "suspend":
-                key, ttl = suspension_key(str(change["key"])), change.get("ttl")
-                entry = self.state.suspensions.add(
-                    key, str(change.get("reason", "")), str(change.get("by", "")), now,
-                    None if ttl is None else float(ttl))
-                ended = 0
-                if change.get("end_calls"):
-                    ended = self.core.end_calls(_matcher(key), "suspended", now)
-                    self._schedule_flush()
-                self.log.info("suspension_added",
-                              **{"prefix" if entry.prefix else "number": self._shown(key)},
-                              by=entry.by, reason=entry.reason, calls_ended=ended, via="worker")
+                ttl = change.get("ttl")
+                self._suspend_here(suspension_key(str(change["key"])),
+                                   str(change.get("reason", "")), str(change.get("by", "")),
+                                   None if ttl is None else float(ttl),
+                                   bool(change.get("end_calls")), now, via="worker")
             elif op == "unsuspend":
                 key = suspension_key(str(change["key"]))
                 if self.state.suspensions.lift(key) is not None:
@@ -935,15 +936,14 @@ class Server:
                     core.receive(data, flow, now, screened=True)
         else:
             self.core.receive(data, flow, self.loop.time())
-        self._unflushed += 1
-        if self._unflushed >= FLUSH_EVERY:
-            self._flush()  # a long pass: what the first ones answered goes out now
-        else:
-            self._schedule_flush()
+        self._datagram_done()
 
     def _on_handed_over(self, data: bytes, flow: Flow) -> None:
         """A datagram another worker read on the public address (flood guard passed there)."""
         self.core.receive(data, flow, self.loop.time(), screened=True)
+        self._datagram_done()
+
+    def _datagram_done(self) -> None:
         self._unflushed += 1
         if self._unflushed >= FLUSH_EVERY:
             self._flush()  # a long pass: what the first ones answered goes out now

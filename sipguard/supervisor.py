@@ -275,7 +275,7 @@ def group_base() -> str:
 
 def make_group() -> str:
     """A fresh directory, mode 0700, for this supervisor's workers: the shared-memory state
-    segment and their hand-over sockets (only this user's processes reach them)."""
+    segment, the hand-over's secret and port files (only this user's processes read them)."""
     return tempfile.mkdtemp(prefix=f"sipguard-{os.getpid()}-", dir=group_base())
 
 

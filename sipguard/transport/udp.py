@@ -258,7 +258,7 @@ class UdpEndpoint(asyncio.DatagramProtocol):
             self.send_errors += 1  # unreachable address, ICMP error: a datagram is lost
 
 
-def _set_buffer(sock: socket.socket, option: int, force: int, size: int) -> None:
+def set_buffer(sock: socket.socket, option: int, force: int, size: int) -> None:
     """Set a socket buffer; the kernel caps SO_RCVBUF/SO_SNDBUF at net.core.rmem_max /
     wmem_max, so when capped and allowed (root), force the configured size."""
     sock.setsockopt(socket.SOL_SOCKET, option, size)
@@ -280,8 +280,8 @@ async def open_udp(
     try:
         if reuse_port:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        _set_buffer(sock, socket.SO_RCVBUF, SO_RCVBUFFORCE, rcvbuf)
-        _set_buffer(sock, socket.SO_SNDBUF, SO_SNDBUFFORCE, rcvbuf)
+        set_buffer(sock, socket.SO_RCVBUF, SO_RCVBUFFORCE, rcvbuf)
+        set_buffer(sock, socket.SO_SNDBUF, SO_SNDBUFFORCE, rcvbuf)
         sock.bind((host, port))
     except OSError:
         sock.close()

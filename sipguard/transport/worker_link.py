@@ -61,6 +61,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from sipguard.contract import Flow
+from sipguard.transport.udp import SO_RCVBUFFORCE, set_buffer
 
 MAGIC: Final = b"SGW1"
 SECRET_BYTES: Final = 16
@@ -71,7 +72,6 @@ _HELLO: Final = struct.Struct("!BH")
 READS_PER_WAKE: Final = 64  # envelopes read per wake-up before the loop runs other work
 RECEIVE_BUFFER: Final = 8 * 1024 * 1024
 MAX_ENVELOPE: Final = 65536 + 128
-SO_RCVBUFFORCE: Final = 33  # Linux: past net.core.rmem_max (CAP_NET_ADMIN)
 
 # The From header's URI user (or a tel: number): enough to pick an owner, not a parse.
 _FROM_USER = re.compile(
@@ -141,10 +141,7 @@ class WorkerLink:
         self._head = MAGIC + self._secret
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
-            if sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) < RECEIVE_BUFFER:
-                with contextlib.suppress(OSError):
-                    sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RECEIVE_BUFFER)
+            set_buffer(sock, socket.SO_RCVBUF, SO_RCVBUFFORCE, RECEIVE_BUFFER)
             sock.bind(("127.0.0.1", 0))
             sock.setblocking(False)
             port = sock.getsockname()[1]
