@@ -280,8 +280,10 @@ class Server:
         # several workers, worker_spread: caller — datagrams handed to the caller's worker
         self.link: WorkerLink | None = None
         if worker is not None and group is not None and cfg.worker_spread == "caller":
+            own_ports = {cfg.worker_port(i, w): w for i, ep in enumerate(cfg.listen)
+                         if ep.transport == "udp" for w in range(cfg.workers)}
             self.link = WorkerLink(group, worker, cfg.workers, self._on_handed_over,
-                                   self.counters)
+                                   self.counters, own_ports)
             self.link.control = self._on_worker_change
         self.sender = SendThread()  # sip.udp_send_thread: started once the sockets are bound
         self.tcp = TcpPool(self.loop, self._on_stream_message, self._on_stream_error,

@@ -5,15 +5,24 @@ Every worker binds the public UDP address with SO_REUSEPORT, and the kernel pick
 by the datagram's source address and port: one trunk (one address, one port) would land on
 one worker whatever the number of workers. So the worker that reads a datagram on the public
 address runs the flood guard on it (the flood counts stay per source, as with one process),
-then picks the worker that owns it by its *caller*: the user part of the From URI, hashed with
-CRC-32, modulo the number of workers (the Call-ID when there is no From user). Every message
-of a call the caller's side sends to the public address — the INVITE, its retransmissions,
-its CANCEL, the ACK of a failure answer, an ACK or BYE sent to the public address rather than
-to the Record-Route port, responses — carries the same From, so they all reach the owner;
-what follows Via and Record-Route comes to the owner's own port anyway. A caller's calls stay
-on one worker, so the dialer's per-caller analytics (sequential runs, short calls) see all of
-them; the limits counted across workers live in the shared state store (``state.backend:
-shared_memory`` or ``redis``).
+then picks the worker that owns it:
+
+- a request whose top Route names a worker's own port (the Record-Route that worker wrote:
+  an in-dialog request from a party that sends every request to one outbound-proxy address,
+  the public one, with the route set in Route) goes to that worker, whichever side of the
+  call sends it — a BYE from the core carries the *callee* in From, and would otherwise hash
+  to a worker that does not hold the dialog (481); a response whose top Via names a worker's
+  own port likewise;
+- anything else by its *caller*: the user part of the From URI, hashed with CRC-32, modulo
+  the number of workers (the Call-ID when there is no From user). Every message of a call
+  the caller's side sends to the public address — the INVITE, its retransmissions, its
+  CANCEL, the ACK of a failure answer, an ACK or BYE without Route — carries the same From,
+  so they all reach the owner.
+
+What follows Via and Record-Route to the address they name comes to the owner's own port
+without a hand-over. A caller's calls stay on one worker, so the dialer's per-caller
+analytics (sequential runs, short calls) see all of them; the limits counted across workers
+live in the shared state store (``state.backend: shared_memory`` or ``redis``).
 
 The hand-over is a UDP socket per worker on 127.0.0.1 (an ephemeral port, published as
 ``worker-<i>.port`` in the directory the supervisor made for this host's workers, mode 0700).
@@ -79,9 +88,42 @@ _FROM_USER = re.compile(
 _CALL_ID = re.compile(rb"\n(?:call-id|i)[ \t]*:[ \t]*([^\r\n]+)", re.IGNORECASE)
 
 
-def owner_of(data: bytes, workers: int) -> int | None:
-    """The worker owning a datagram: by the From URI's user part, else by Call-ID; None when
-    the datagram has neither (it is handled where it was read)."""
+# The first Route line of a request, the first Via line of a response: their first value.
+_TOP_ROUTE = re.compile(rb"\nroute[ \t]*:[ \t]*([^\r\n]+)", re.IGNORECASE)
+_TOP_VIA = re.compile(rb"\n(?:via|v)[ \t]*:[ \t]*([^\r\n]+)", re.IGNORECASE)
+_ROUTE_PORT = re.compile(rb"sips?:(?:[^@>;,\s]*@)?(?:\[[^\]]*\]|[^:>;,\s]+):(\d{1,5})[;>,\s]?",
+                         re.IGNORECASE)
+_VIA_PORT = re.compile(rb"SIP[ \t]*/[ \t]*2\.0[ \t]*/[ \t]*\w+[ \t]+(?:\[[^\]]*\]|[^:;,\s]+)"
+                       rb"[ \t]*:[ \t]*(\d{1,5})", re.IGNORECASE)
+
+
+def named_port(data: bytes) -> int | None:
+    """The port sipguard's own entry would name: a request's top Route URI (the Record-Route
+    a worker wrote, sent back by a party that sends every request to one outbound-proxy
+    address), a response's top Via (the one a worker wrote on the request). Only the header
+    block's first such line is read; None when it names no port."""
+    end = data.find(b"\r\n\r\n", 0, 8192)
+    end = 8192 if end < 0 else end
+    if data.startswith(b"SIP/"):
+        m = _TOP_VIA.search(data, 0, end)
+        found = _VIA_PORT.match(m.group(1)) if m is not None else None
+    else:
+        m = _TOP_ROUTE.search(data, 0, end)
+        found = _ROUTE_PORT.search(m.group(1)) if m is not None else None
+    return int(found.group(1)) if found is not None else None
+
+
+def owner_of(data: bytes, workers: int, own_ports: dict[int, int] | None = None) -> int | None:
+    """The worker owning a datagram: the worker whose own port (``own_ports``: port -> worker)
+    its top Route (a request) or top Via (a response) names — the dialog's, whichever side
+    sends; else by the From URI's user part, else by Call-ID; None when the datagram has
+    none of them (it is handled where it was read)."""
+    if own_ports:
+        port = named_port(data)
+        if port is not None:
+            worker = own_ports.get(port)
+            if worker is not None:
+                return worker
     m = _FROM_USER.search(data, 0, 8192) or _CALL_ID.search(data, 0, 8192)
     if m is None:
         return None
@@ -104,14 +146,18 @@ class WorkerLink:
     """This worker's end of the hand-over: its own loopback socket and the others' ports."""
 
     __slots__ = ("index", "count", "directory", "deliver", "control", "counters", "sock",
-                 "ports", "sender", "_head", "_secret", "_loop", "_batches", "_sizes",
-                 "_pending")
+                 "ports", "own_ports", "sender", "_head", "_secret", "_loop", "_batches",
+                 "_sizes", "_pending")
 
     def __init__(self, directory: str | Path, index: int, count: int,
                  deliver: Callable[[bytes, Flow], None],
-                 counters: MutableMapping[str, int]) -> None:
+                 counters: MutableMapping[str, int],
+                 own_ports: dict[int, int] | None = None) -> None:
         self.index = index
         self.count = count
+        # every worker's own ports (Via, Record-Route) -> its index: a dialog's later requests
+        # name their worker in Route, whichever side sends them
+        self.own_ports = own_ports or {}
         self.directory = str(directory)
         self.deliver = deliver  # a handed-over datagram, as if read from its flow
         # an operator's change another worker applied (a JSON object), to apply here too
@@ -177,7 +223,7 @@ class WorkerLink:
 
     # ------------------------------------------------------------------ sending
     def owner(self, data: bytes) -> int:
-        found = owner_of(data, self.count)
+        found = owner_of(data, self.count, self.own_ports)
         return self.index if found is None else found
 
     def _send(self, envelope: bytes, to: int, queue: bool = False) -> bool:

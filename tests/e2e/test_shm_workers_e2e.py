@@ -7,7 +7,10 @@
 - twenty INVITEs from one socket, twenty callers, one called number with ``per_callee: 2``
   (callers hash to both workers): exactly two reach the core — the count is shared;
 - a rate limit per called number: exactly the burst passes, across both workers;
-- a CANCEL sent to the public address reaches the worker holding the INVITE.
+- a suspension made through one worker's admin API reaches a caller of the other;
+- a core that sends every request to the public address (its outbound proxy) with the route
+  set in Route: its BYE, with the callee in From, reaches the worker holding the call, as does
+  the caller's CANCEL of another call.
 
 Every process is stopped by its PID at the end; every wait is bounded.
 """
@@ -15,6 +18,7 @@ Every process is stopped by its PID at the end; every wait is bounded.
 from __future__ import annotations
 
 import glob
+import re
 import socket
 import time
 import zlib
@@ -165,4 +169,120 @@ def test_suspension_through_one_worker_reaches_the_other(stack: E2EStack) -> Non
         assert len(core.collect(1.0)) == 1
     finally:
         sock.close()
+        core.close()
+
+
+def _recv_until(sock: socket.socket, pattern: bytes, seconds: float,
+                from_: list[tuple[str, int]] | None = None) -> bytes:
+    """Datagrams read from ``sock`` until one matches ``pattern`` (a regex): that one (its
+    source address appended to ``from_``)."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        try:
+            data, addr = sock.recvfrom(65535)
+        except TimeoutError:
+            continue
+        if re.search(pattern, data, re.S):
+            if from_ is not None:
+                from_.append(addr)
+            return data
+    raise AssertionError(f"nothing matching {pattern!r} within {seconds} s")
+
+
+def _header(data: bytes, name: bytes) -> list[bytes]:
+    return re.findall(rb"^" + name + rb":[ \t]*([^\r\n]*)", data, re.M | re.I)
+
+
+def _answer(request: bytes, status: str, to_tag: str | None, extra: bytes = b"") -> bytes:
+    """A response to ``request``: its Via, From, To (with ``to_tag``), Call-ID and CSeq."""
+    lines = [b"SIP/2.0 " + status.encode()]
+    lines += [b"Via: " + v for v in _header(request, b"Via")]
+    lines += [b"Record-Route: " + v for v in _header(request, b"Record-Route")]
+    to = _header(request, b"To")[0]
+    if to_tag is not None and b";tag=" not in to:
+        to += b";tag=" + to_tag.encode()
+    lines += [b"From: " + _header(request, b"From")[0], b"To: " + to,
+              b"Call-ID: " + _header(request, b"Call-ID")[0],
+              b"CSeq: " + _header(request, b"CSeq")[0]]
+    return b"\r\n".join(lines) + b"\r\n" + extra + b"Content-Length: 0\r\n\r\n"
+
+
+def test_requests_to_the_public_address_reach_the_calls_worker(stack: E2EStack) -> None:
+    """The core answers a call and then ends it with a BYE sent to sipguard's public address
+    (its outbound proxy), the Record-Route in Route and the *callee* in From — a number that
+    hashes to the other worker: the BYE still reaches the worker holding the call (not 481),
+    the caller hears it, the 200 goes back, and the call ends there. The caller's CANCEL of a
+    second call, also to the public address, reaches the worker holding that INVITE."""
+    caller = next(f"+1212555{i:04d}" for i in range(100)
+                  if zlib.crc32(f"+1212555{i:04d}".encode()) % WORKERS == 0)
+    callee = next(f"+1800555{i:04d}" for i in range(100)
+                  if zlib.crc32(f"+1800555{i:04d}".encode()) % WORKERS == 1)
+    core = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    core.bind((HOST, 0))
+    core.settimeout(0.05)
+    uac = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    uac.bind((HOST, 0))
+    uac.settimeout(0.05)
+    local = uac.getsockname()[1]
+    try:
+        g, port = start_shm_workers(stack, core.getsockname()[1])
+        public = (HOST, port)
+        uac.sendto(invite(1, caller=caller, callee=callee, transport="udp", local_port=local,
+                          target_port=port, tag="pub"), public)
+        sources: list[tuple[str, int]] = []
+        inv = _recv_until(core, rb"^INVITE ", 5, sources)
+        worker_addr = sources[0]  # the worker's own port: requests leave from it
+        own = _header(inv, b"Record-Route")[0]
+        assert f":{worker_addr[1]};".encode() in own
+        assert f":{port};".encode() not in own  # the worker's own port, not the public one
+        core_contact = f"Contact: <sip:{callee}@{HOST}:{core.getsockname()[1]}>\r\n".encode()
+        core.sendto(_answer(inv, "200 OK", "core1", core_contact), worker_addr)
+        ok = _recv_until(uac, rb"^SIP/2\.0 200 .*CSeq: 1 INVITE", 5)
+        to = _header(ok, b"To")[0]
+        uac.sendto((f"ACK sip:{callee}@{HOST}:{core.getsockname()[1]} SIP/2.0\r\n"
+                    f"Via: SIP/2.0/UDP {HOST}:{local};branch=z9hG4bK-pub-ack;rport\r\n").encode()
+                   + b"Route: " + own + b"\r\nMax-Forwards: 70\r\nFrom: "
+                   + _header(ok, b"From")[0] + b"\r\nTo: " + to + b"\r\nCall-ID: "
+                   + _header(ok, b"Call-ID")[0] + b"\r\nCSeq: 1 ACK\r\nContent-Length: 0\r\n\r\n",
+                   public)
+        _recv_until(core, rb"^ACK ", 5)
+        # the core's BYE, to the public address, route set in Route, the callee in From
+        bye = (f"BYE sip:{caller}@{HOST}:{local} SIP/2.0\r\n"
+               f"Via: SIP/2.0/UDP {HOST}:{core.getsockname()[1]};branch=z9hG4bK-core-bye\r\n"
+               ).encode() + b"Route: " + own + b"\r\nMax-Forwards: 70\r\nFrom: " + to + \
+            b"\r\nTo: " + _header(ok, b"From")[0] + b"\r\nCall-ID: " + \
+            _header(ok, b"Call-ID")[0] + b"\r\nCSeq: 1 BYE\r\nContent-Length: 0\r\n\r\n"
+        core.sendto(bye, public)
+        got = _recv_until(uac, rb"^BYE ", 5)
+        uac.sendto(_answer(got, "200 OK", None), (HOST, port))
+        final = _recv_until(core, rb"^SIP/2\.0 \d{3} .*CSeq: 1 BYE", 5)
+        assert final.startswith(b"SIP/2.0 200 "), final[:80]
+        g.wait_event("dialog_ended", 1, timeout=5)
+        ended = [e for e in g.events if e.get("event") == "dialog_ended"]
+        decided = [e for e in g.events if e.get("event") == "invite_decided"]
+        assert [e.get("worker") for e in decided] == [0]
+        assert [(e.get("worker"), e.get("reason")) for e in ended] == [(0, "bye_callee")], ended
+        # a second call, cancelled by the caller through the public address
+        uac.sendto(invite(2, caller=caller, callee=callee, transport="udp", local_port=local,
+                          target_port=port, tag="pub"), public)
+        inv2 = _recv_until(core, rb"^INVITE .*CSeq: 1 INVITE", 5)
+        core.sendto(_answer(inv2, "180 Ringing", "core2"), worker_addr)
+        _recv_until(uac, rb"^SIP/2\.0 180 ", 5)
+        first = invite(2, caller=caller, callee=callee, transport="udp", local_port=local,
+                       target_port=port, tag="pub")
+        head = first.split(b"\r\nContact:")[0]
+        cancel = head.replace(b"INVITE sip:", b"CANCEL sip:", 1).replace(
+            b"CSeq: 1 INVITE", b"CSeq: 1 CANCEL") + b"\r\nContent-Length: 0\r\n\r\n"
+        uac.sendto(cancel, public)
+        answered = _recv_until(uac, rb"^SIP/2\.0 \d{3} .*CSeq: 1 CANCEL", 5)
+        assert answered.startswith(b"SIP/2.0 200 "), answered[:80]
+        _recv_until(core, rb"^CANCEL ", 5)
+        totals: Counter[str] = Counter()
+        g.stop()
+        for c in stopped_counters(g):
+            totals.update(c)
+        assert totals["worker_handed_over"] >= 1, totals  # the BYE, read by worker 1
+        assert totals["dropped_in_dialog_refused"] == 0, totals
+    finally:
+        uac.close()
         core.close()

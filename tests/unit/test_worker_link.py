@@ -23,6 +23,7 @@ from sipguard.transport.worker_link import (
     TOKEN_FILE,
     WorkerLink,
     make_token,
+    named_port,
     owner_of,
     port_file,
     unpack,
@@ -52,6 +53,54 @@ def test_owner_is_the_callers_crc_and_the_same_for_cancel_and_compact_form() -> 
     assert owner_of(b"\r\n\r\n", 4) is None
     owners = {owner_of(_invite(f"+1212555{i:04d}"), 2) for i in range(40)}
     assert owners == {0, 1}
+
+
+def _bye_from_core(route: str, callee: str = "+18005550199") -> bytes:
+    """The core's BYE for a call from +12125550100, sent to the public address with the
+    route set the worker recorded."""
+    return (f"BYE sip:+12125550100@127.0.0.1:5062 SIP/2.0\r\nVia: SIP/2.0/UDP 10.0.0.10:5080;"
+            f"branch=z9hG4bKcore1\r\nRoute: {route}\r\nMax-Forwards: 70\r\n"
+            f"From: <sip:{callee}@10.0.0.10>;tag=core1\r\n"
+            f"To: <sip:+12125550100@127.0.0.1>;tag=f1\r\nCall-ID: abc@host\r\n"
+            "CSeq: 2 BYE\r\nContent-Length: 0\r\n\r\n").encode()
+
+
+@pytest.mark.parametrize("route, port", [
+    ("<sip:127.0.0.1:40001;lr>", 40001),
+    ("<sip:sipguard@[::1]:40002;lr;transport=udp>", 40002),
+    ('"edge" <sips:edge.example.net:40003;lr>, <sip:10.0.0.1:5060;lr>', 40003),
+    ("sip:192.0.2.1:40004;lr", 40004),
+    ("<sip:127.0.0.1;lr>", None),  # no port named: not one of a worker's
+])
+def test_named_port_of_a_request_is_its_top_routes(route: str, port: int | None) -> None:
+    assert named_port(_bye_from_core(route)) == port
+
+
+def test_named_port_of_a_response_is_its_top_vias() -> None:
+    ok = (b"SIP/2.0 200 OK\r\nv: SIP/2.0/UDP 127.0.0.1:40001;branch=z9hG4bKsg1, "
+          b"SIP/2.0/UDP 10.0.0.10:5080;branch=z9hG4bKcore1\r\nVia: SIP/2.0/UDP 10.9.9.9:7\r\n"
+          b"From: <sip:+18005550199@10.0.0.10>;tag=core1\r\nCall-ID: abc@host\r\n"
+          b"CSeq: 2 BYE\r\nContent-Length: 0\r\n\r\n")
+    assert named_port(ok) == 40001
+    # a Route or Via only in the body is not read; nor a Route in a response
+    body = b"INVITE sip:x@h SIP/2.0\r\nContent-Length: 30\r\n\r\nRoute: <sip:127.0.0.1:40001>\r\n"
+    assert named_port(body) is None
+
+
+def test_owner_of_an_in_dialog_request_is_the_worker_its_route_names() -> None:
+    """A BYE from the core to the public address names the callee in From: it goes to the
+    worker whose own port is in its Route, not to the callee's hash."""
+    own_ports = {40000: 0, 40001: 1, 40002: 0, 40003: 1}  # two listeners, two workers
+    callee = next(f"+1800555{i:04d}" for i in range(100)
+                  if zlib.crc32(f"+1800555{i:04d}".encode()) % 2 == 0)
+    bye = _bye_from_core("<sip:127.0.0.1:40001;lr>", callee)
+    assert owner_of(bye, 2) == 0  # by From, as before: the wrong worker
+    assert owner_of(bye, 2, own_ports) == 1
+    assert owner_of(_bye_from_core("<sip:127.0.0.1:40002;lr>", callee), 2, own_ports) == 0
+    # a Route naming another port (the public one, a preloaded route): by the caller again
+    assert owner_of(_bye_from_core("<sip:127.0.0.1:5060;lr>", callee), 2, own_ports) == 0
+    invite = _invite("+12125550100")
+    assert owner_of(invite, 2, own_ports) == zlib.crc32(b"+12125550100") % 2
 
 
 def test_batch_records_and_cut_short_ones() -> None:
