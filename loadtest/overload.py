@@ -23,7 +23,11 @@ phases, within 0.1 %), some calls shed in phase 1, none failed in phase 2, overl
 ``--recover-within`` s (default 5) of the load falling.
 
     .venv/bin/python loadtest/overload.py [--rate 1000] [--factor 2] [--duration 15]
-                                          [--transport tcp]
+                                          [--transport tcp] [--workers 2]
+
+``--workers N``: N sipguard processes sharing their limits in shared memory (``state.backend:
+shared_memory``, ``worker_spread: caller``: the worker that reads a datagram hands it to the
+caller's), unpinned; each watches its own queues, the hand-over one included, and sheds on its own.
 
 ``--transport tcp``: both legs over TCP (the callers on one SIPp connection, the core on
 another), so no UDP queue can show the overload: shedding starts on a TCP reader staying behind
@@ -45,6 +49,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 if str(REPO) not in sys.path:
@@ -64,9 +70,10 @@ SCENARIO = SCENARIOS / "uac_overload.xml"
 
 
 def overload_windows(log: Path, t0: float) -> list[tuple[float, float | None]]:
-    """(on, off) seconds after ``t0`` (wall clock) of every overload episode in sipguard's log."""
+    """(on, off) seconds after ``t0`` (wall clock) of every overload episode in sipguard's log
+    (of every worker's, with several: each watches its own queues), in order of start."""
     spans: list[tuple[float, float | None]] = []
-    on: float | None = None
+    since: dict[Any, float] = {}  # worker -> when its episode under way started
     with log.open() as f:
         for line in f:
             if "overload_" not in line:
@@ -79,22 +86,24 @@ def overload_windows(log: Path, t0: float) -> list[tuple[float, float | None]]:
             if name not in ("overload_started", "overload_ended"):
                 continue
             ts = datetime.fromisoformat(event["ts"].replace("Z", "+00:00")).timestamp() - t0
+            worker = event.get("worker")
             if name == "overload_started":
-                on = ts
-            elif on is not None:
-                spans.append((on, ts))
-                on = None
-    if on is not None:
-        spans.append((on, None))
-    return spans
+                since[worker] = ts
+            elif worker in since:
+                spans.append((since.pop(worker), ts))
+    spans.extend((on, None) for on in since.values())
+    return sorted(spans, key=lambda span: span[0])
 
 
 def final_counters(log: Path) -> dict[str, Any]:
+    """sipguard's counters at its stop (summed over the workers, with several)."""
     counters: dict[str, Any] = {}
     with log.open() as f:
         for line in f:
             if '"sipguard_stopped"' in line:
-                counters = json.loads(line).get("counters", {})
+                for name, value in (json.loads(line).get("counters") or {}).items():
+                    if isinstance(value, (int, float)):
+                        counters[name] = counters.get(name, 0) + value
     return counters
 
 
@@ -160,7 +169,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-pin", dest="pin", action="store_false")
     ap.add_argument("--transport", choices=("udp", "tcp"), default="udp",
                     help="of both legs: callers to sipguard, sipguard to the core")
+    ap.add_argument("--workers", type=int, default=1,
+                    help="sipguard processes; above 1 they share their limits in shared memory "
+                    "(state.backend: shared_memory, as run.py's shm-workers path), unpinned")
     args = ap.parse_args(argv)
+    if args.workers > 1:
+        args.pin = False
     if sipp_binary() is None:
         print("sipp not on PATH: install SIPp (Debian package sip-tester, `make sipp`)",
               file=sys.stderr)
@@ -173,6 +187,13 @@ def main(argv: list[str] | None = None) -> int:
     run_id = time.strftime("%Y%m%d-%H%M%S") + "-overload"
     workdir = (args.results_dir / run_id).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
+    config = args.config.resolve()
+    if args.workers > 1:
+        cfg = yaml.safe_load(config.read_text()) or {}
+        cfg["state"] = {"backend": "shared_memory"}
+        cfg["workers"] = args.workers
+        config = workdir / "sipguard-workers.yaml"
+        config.write_text(yaml.safe_dump(cfg, sort_keys=False))
     high = int(args.rate * args.factor)
     low = max(args.rate // 2, 1)
     hold_s = args.hold_ms / 1000
@@ -193,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         guard = SipguardProcess(
             workdir, listen=[f"{args.transport}://{HOST}:{port}"],
             core=f"{args.transport}://{HOST}:{uas.local_port}",
-            config_path=args.config.resolve(), command=proxy_command(args, pin=True),
+            config_path=config, command=proxy_command(args, pin=True),
             stdout_events=False,
         )
         guard.start(ready_timeout=20)
@@ -244,7 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"sipguard overload run {run_id}: {high} calls/s for {args.duration:g} s, then "
           f"{low} calls/s for {args.recover_duration:g} s over {args.transport}; config "
           f"{args.config.name}; "
-          f"proxy {'on CPU ' + str(args.proxy_cpu) if args.proxy_cpu is not None else 'unpinned'}")
+          f"proxy {'on CPU ' + str(args.proxy_cpu) if args.proxy_cpu is not None else 'unpinned'}"
+          + (f", {args.workers} workers (shared memory)" if args.workers > 1 else ""))
     print(f"  {'phase':9} {'calls/s':>7} {'attempted':>9} {'accepted':>8} {'completed':>9} "
           f"{'shed 503':>8} {'failed':>6} {'lost':>4} {'retrans':>7}")
     for r in results:

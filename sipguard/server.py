@@ -43,7 +43,7 @@ from sipguard.ops.endpoints import split_hostport
 from sipguard.ops.logging import Level, SampledLogger, flush_logs, get_logger
 from sipguard.ops.metrics import Metrics
 from sipguard.ops.observe import Observer
-from sipguard.ops.overload import OverloadWatcher
+from sipguard.ops.overload import OverloadWatcher, ReceiveQueue
 from sipguard.ops.privacy import NumberPrivacy, number_privacy
 from sipguard.ops.reload import RESTART_KEYS, ReloadResult, changed_keys, failure
 from sipguard.ops.shared_lists import SharedLists
@@ -285,6 +285,7 @@ class Server:
             self.link = WorkerLink(group, worker, cfg.workers, self._on_handed_over,
                                    self.counters, own_ports)
             self.link.control = self._on_worker_change
+            self.link.watch = self._check_load
         self.sender = SendThread()  # sip.udp_send_thread: started once the sockets are bound
         self.tcp = TcpPool(self.loop, self._on_stream_message, self._on_stream_error,
                            cfg.sip.max_message_size, tcp_limits(cfg), self._on_tcp_event)
@@ -500,12 +501,17 @@ class Server:
 
     def _check_load(self) -> None:
         """Overload protection (see :mod:`sipguard.ops.overload`): every 50 ms, after every
-        ``WATCH_EVERY`` datagrams read (:class:`sipguard.transport.udp.UdpEndpoint`) and,
-        while a TCP/TLS reader is behind, every ``BEHIND_WATCH_S`` (``TcpPool.watch``)."""
+        ``WATCH_EVERY`` datagrams read (:class:`sipguard.transport.udp.UdpEndpoint`) or
+        handed over by another worker (:class:`WorkerLink`: its queue is this worker's backlog
+        too) and, while a TCP/TLS reader is behind, every ``BEHIND_WATCH_S``
+        (``TcpPool.watch``)."""
         sip = self.cfg.sip
         delay_ms = sip.overload_delay_ms
+        queues: list[ReceiveQueue] = list(self.udp.values())
+        if self.link is not None and self.link.sock is not None:
+            queues.append(self.link)
         self.core.overloaded = self.overload.check(
-            self.udp.values(), sip.overload_shed_above, sip.overload_resume_below,
+            queues, sip.overload_shed_above, sip.overload_resume_below,
             None if delay_ms is None else delay_ms / 1000, self.tcp.behind_for(),
         )
 

@@ -159,6 +159,28 @@ def enable_arrival_stamps(sock: socket.socket) -> bool:
     return True
 
 
+def arrival_delay(sock: socket.socket) -> float:
+    """Seconds the datagram read last from ``sock`` waited between its arrival in the kernel
+    and now (arrival stamps on: :func:`enable_arrival_stamps`); 0.0 if the kernel cannot
+    tell."""
+    try:
+        sec, usec = _TIMEVAL.unpack(ioctl(sock.fileno(), SIOCGSTAMP, _NO_STAMP))
+    except OSError:
+        return 0.0
+    return max(0.0, time.time() - (float(sec) + float(usec) * 1e-6))
+
+
+def queue_state(sock: socket.socket) -> tuple[int, int, int] | None:
+    """``sock``'s receive queue: (bytes in use, buffer size, datagrams the kernel dropped so
+    far), or None where the kernel cannot tell (not Linux)."""
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, SO_MEMINFO, _MEMINFO.size)
+    except OSError:
+        return None
+    used, size, *_, drops = _MEMINFO.unpack(raw)
+    return used, size, drops
+
+
 class UdpEndpoint(asyncio.DatagramProtocol):
     def __init__(self, index: int, handler: Handler, sock: socket.socket) -> None:
         self.index = index
@@ -206,11 +228,7 @@ class UdpEndpoint(asyncio.DatagramProtocol):
     def arrival_delay(self) -> float:
         """Seconds the datagram read last waited between its arrival in the kernel and now:
         the queue delay that new datagrams face too. 0.0 if the kernel cannot tell."""
-        try:
-            sec, usec = _TIMEVAL.unpack(ioctl(self.sock.fileno(), SIOCGSTAMP, _NO_STAMP))
-        except OSError:
-            return 0.0
-        return max(0.0, time.time() - (float(sec) + float(usec) * 1e-6))
+        return arrival_delay(self.sock)
 
     @property
     def receive_buffer(self) -> int:
@@ -221,11 +239,10 @@ class UdpEndpoint(asyncio.DatagramProtocol):
         """(share of the receive buffer in use, datagrams the kernel dropped so far), or None
         where the kernel cannot tell (not Linux). An empty queue, seen by a check that did not
         just measure :attr:`delay` (the 50 ms timer's), resets it: nothing is waiting."""
-        try:
-            raw = self.sock.getsockopt(socket.SOL_SOCKET, SO_MEMINFO, _MEMINFO.size)
-        except OSError:
+        state = queue_state(self.sock)
+        if state is None:
             return None
-        used, size, *_, drops = _MEMINFO.unpack(raw)
+        used, size, drops = state
         if not used and not self._measured:
             self.delay = 0.0
         self._measured = False

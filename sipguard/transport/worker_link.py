@@ -70,7 +70,14 @@ from pathlib import Path
 from typing import Any, Final
 
 from sipguard.contract import Flow
-from sipguard.transport.udp import SO_RCVBUFFORCE, set_buffer
+from sipguard.transport.udp import (
+    SO_RCVBUFFORCE,
+    WATCH_EVERY,
+    arrival_delay,
+    enable_arrival_stamps,
+    queue_state,
+    set_buffer,
+)
 
 MAGIC: Final = b"SGW1"
 SECRET_BYTES: Final = 16
@@ -146,8 +153,8 @@ class WorkerLink:
     """This worker's end of the hand-over: its own loopback socket and the others' ports."""
 
     __slots__ = ("index", "count", "directory", "deliver", "control", "counters", "sock",
-                 "ports", "own_ports", "sender", "_head", "_secret", "_loop", "_batches",
-                 "_sizes", "_pending")
+                 "ports", "own_ports", "sender", "watch", "delay", "_stamped", "_measured",
+                 "_unwatched", "_head", "_secret", "_loop", "_batches", "_sizes", "_pending")
 
     def __init__(self, directory: str | Path, index: int, count: int,
                  deliver: Callable[[bytes, Flow], None],
@@ -168,6 +175,14 @@ class WorkerLink:
         # the UDP send thread's queue (transport/_udp_send.c) while it runs: sends leave the
         # loop; the server kicks it once per flush
         self.sender: Any = None
+        # The overload check (the server's), run every WATCH_EVERY datagrams handed over to
+        # this worker, and the wait measured then, as for a public socket (UdpEndpoint): work
+        # queued here is this worker's backlog as much as what waits on its own sockets.
+        self.watch: Callable[[], None] | None = None
+        self.delay = 0.0
+        self._stamped = False
+        self._measured = False
+        self._unwatched = 0
         self._secret = b""
         self._head = b""
         self._loop: Any = None
@@ -190,6 +205,7 @@ class WorkerLink:
             set_buffer(sock, socket.SO_RCVBUF, SO_RCVBUFFORCE, RECEIVE_BUFFER)
             sock.bind(("127.0.0.1", 0))
             sock.setblocking(False)
+            self._stamped = enable_arrival_stamps(sock)
             port = sock.getsockname()[1]
             self.ports[self.index] = port
             mine = port_file(self.directory, self.index)
@@ -309,6 +325,13 @@ class WorkerLink:
                 continue
             kind = envelope[n]
             if kind == 0x42:  # B
+                self._unwatched += 1
+                if self._unwatched >= WATCH_EVERY and self.watch is not None:
+                    self._unwatched = 0
+                    if self._stamped:
+                        self.delay = arrival_delay(sock)
+                        self._measured = True
+                    self.watch()
                 got = 0
                 for data, flow in unpack(envelope, n + 1):
                     got += 1
@@ -325,6 +348,20 @@ class WorkerLink:
                     self.ports[index] = port
             else:
                 self.counters["worker_handover_bad"] += 1
+
+    def receive_queue(self) -> tuple[float, int] | None:
+        """The hand-over socket's receive queue as the overload watcher reads a public
+        socket's (:meth:`sipguard.transport.udp.UdpEndpoint.receive_queue`): (share of the
+        buffer in use, envelopes the kernel dropped so far), or None."""
+        sock = self.sock
+        state = queue_state(sock) if sock is not None else None
+        if state is None:
+            return None
+        used, size, drops = state
+        if not used and not self._measured:
+            self.delay = 0.0
+        self._measured = False
+        return (used / size if size else 0.0), drops
 
     def _control(self, body: bytes) -> None:
         try:

@@ -210,3 +210,41 @@ async def test_a_pass_larger_than_one_envelope_goes_in_several(tmp_path: Path) -
     finally:
         a.close()
         b.close()
+
+
+@pytest.mark.asyncio
+async def test_the_hand_over_queue_is_watched_like_a_public_socket(tmp_path: Path) -> None:
+    """Envelopes waiting for a busy worker: its hand-over socket's queue shows in
+    ``receive_queue`` (what the overload watcher reads), and once it reads again the overload
+    check runs every WATCH_EVERY envelopes with the wait they had in the queue."""
+    from sipguard.transport.udp import WATCH_EVERY
+
+    loop = asyncio.get_running_loop()
+    make_token(tmp_path)
+    counters: Counter[str] = Counter()
+    a = WorkerLink(tmp_path, 0, 2, lambda d, f: None, counters)
+    b = WorkerLink(tmp_path, 1, 2, lambda d, f: None, counters)
+    checks: list[float] = []
+    b.watch = lambda: checks.append(b.delay)
+    a.open(loop)
+    b.open(loop)
+    try:
+        await _until(lambda: a.ports[1] is not None)
+        assert b.receive_queue() == (0.0, 0)
+        loop.remove_reader(b.sock.fileno())  # b is busy: nothing read
+        flow = Flow("udp", ("127.0.0.1", 5070), 1)
+        for i in range(2 * WATCH_EVERY):
+            assert a.hand_over(1, b"INVITE %d" % i, flow)
+            a.flush()  # one envelope each
+        await asyncio.sleep(0.25)
+        fill, drops = b.receive_queue()
+        assert fill > 0 and drops == 0
+        loop.add_reader(b.sock.fileno(), b._readable)
+        await _until(lambda: counters["worker_received_over"] == 2 * WATCH_EVERY)
+        assert len(checks) == 2
+        assert 0.2 < checks[0] < 5.0  # the first watched envelope had waited ~0.25 s
+        state = b.receive_queue()
+        assert state == (0.0, 0)
+    finally:
+        a.close()
+        b.close()
