@@ -508,12 +508,20 @@ class Server:
         sip = self.cfg.sip
         delay_ms = sip.overload_delay_ms
         queues: list[ReceiveQueue] = list(self.udp.values())
-        if self.link is not None and self.link.sock is not None:
-            queues.append(self.link)
+        link = self.link
+        if link is not None and link.sock is not None:
+            queues.append(link)
         self.core.overloaded = self.overload.check(
             queues, sip.overload_shed_above, sip.overload_resume_below,
             None if delay_ms is None else delay_ms / 1000, self.tcp.behind_for(),
         )
+        proxy = self.proxy
+        proxy.lag = self.overload.queue_delay  # retransmission timers wait for the queue
+        if proxy.held_retransmissions:
+            self.counters["retransmissions_held"] += proxy.held_retransmissions
+            proxy.held_retransmissions = 0
+        if link is not None:  # what it hands over waited this long here first
+            link.lag = max((ep.delay for ep in self.udp.values()), default=0.0)
 
     def _watch_load(self) -> None:
         self._check_load()

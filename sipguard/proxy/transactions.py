@@ -39,8 +39,8 @@ TERMINATED: Final = "terminated"
 # dataclass-made ones would run as Python for every transaction.
 class ServerTxn:
     __slots__ = ("key", "method", "msg", "flow", "reply_to", "state", "last", "client", "call",
-                 "dialog", "to_tag", "timer", "timeout", "interval", "stamped", "next_hop",
-                 "ends", "end_reason")
+                 "dialog", "to_tag", "timer", "timeout", "interval", "held", "stamped",
+                 "next_hop", "ends", "end_reason")
 
     def __init__(self, key: str, method: str, msg: Message, flow: Flow, reply_to: Flow) -> None:
         self.key = key
@@ -59,6 +59,7 @@ class ServerTxn:
         self.timer: TimerEntry | None = None  # G (retransmit final)
         self.timeout: TimerEntry | None = None  # H / I / J / L
         self.interval = 0.0
+        self.held = 0.0  # seconds its retransmission timer has waited for the receive queue
         self.stamped = ""  # the top Via with received/rport, made once (see Proxy._stamped)
         # An initial INVITE's next hop, worked out before its decision and used when that
         # comes at once (a decision that waited for I/O works it out again: a reload may
@@ -74,7 +75,8 @@ class ServerTxn:
 
 class ClientTxn:
     __slots__ = ("branch", "method", "data", "flow", "server", "state", "provisional",
-                 "cancel_wanted", "cancel_sent", "timer", "timeout", "interval", "sent", "probe")
+                 "cancel_wanted", "cancel_sent", "timer", "timeout", "interval", "held", "sent",
+                 "probe")
 
     def __init__(
         self, branch: str, method: str, data: bytes, flow: Flow, server: ServerTxn | None
@@ -91,6 +93,7 @@ class ClientTxn:
         self.timer: TimerEntry | None = None  # A / E (retransmit)
         self.timeout: TimerEntry | None = None  # B / F / C / D / K / M
         self.interval = 0.0
+        self.held = 0.0  # seconds its retransmission timer has waited for the receive queue
         self.sent: Message | None = None  # ``data`` parsed, on demand (ACK and CANCEL building)
         self.probe: Probe | None = None  # a keep-alive OPTIONS of sipguard's own
 

@@ -33,8 +33,8 @@ the supervisor, 0600), compared in constant time; an envelope without it is coun
 (``worker_handover_bad``) and dropped. An envelope is::
 
     b"SGW1" | secret (16) | kind: b"B" datagrams, b"C" change, b"H" hello | ...
-    B: records, each: local socket index (1 byte) | port (2 bytes) | address length (1) |
-       datagram length (2) | address | datagram
+    B: the sender's lag (2 bytes, ms) | records, each: local socket index (1 byte) |
+       port (2 bytes) | address length (1) | datagram length (2) | address | datagram
     C: a JSON object — an operator's change (below)
     H: the sender's index (1 byte) and hand-over port (2 bytes), sent at its start
 
@@ -79,12 +79,13 @@ from sipguard.transport.udp import (
     set_buffer,
 )
 
-MAGIC: Final = b"SGW1"
+MAGIC: Final = b"SGW2"
 SECRET_BYTES: Final = 16
 TOKEN_FILE: Final = "token"
 _RECORD: Final = struct.Struct("!BHBH")
 BATCH_BYTES: Final = 60_000  # an envelope's records at most (a UDP datagram holds 65,507)
 _HELLO: Final = struct.Struct("!BH")
+_LAG: Final = struct.Struct("!H")
 READS_PER_WAKE: Final = 64  # envelopes read per wake-up before the loop runs other work
 RECEIVE_BUFFER: Final = 8 * 1024 * 1024
 MAX_ENVELOPE: Final = 65536 + 128
@@ -153,8 +154,9 @@ class WorkerLink:
     """This worker's end of the hand-over: its own loopback socket and the others' ports."""
 
     __slots__ = ("index", "count", "directory", "deliver", "control", "counters", "sock",
-                 "ports", "own_ports", "sender", "watch", "delay", "_stamped", "_measured",
-                 "_unwatched", "_head", "_secret", "_loop", "_batches", "_sizes", "_pending")
+                 "ports", "own_ports", "sender", "watch", "delay", "lag", "_stamped",
+                 "_measured", "_unwatched", "_head", "_secret", "_loop", "_batches", "_sizes",
+                 "_pending")
 
     def __init__(self, directory: str | Path, index: int, count: int,
                  deliver: Callable[[bytes, Flow], None],
@@ -180,6 +182,10 @@ class WorkerLink:
         # queued here is this worker's backlog as much as what waits on its own sockets.
         self.watch: Callable[[], None] | None = None
         self.delay = 0.0
+        # How far behind this worker's own sockets are (seconds; the server sets it at every
+        # overload check): sent with what it hands over, since those datagrams waited in its
+        # queue first, and the owner's wait is on top of that.
+        self.lag = 0.0
         self._stamped = False
         self._measured = False
         self._unwatched = 0
@@ -286,7 +292,8 @@ class WorkerLink:
 
     def _send_batch(self, to: int) -> None:
         records = self._batches[to]
-        envelope = self._head + b"B" + b"".join(records)
+        lag = _LAG.pack(min(int(self.lag * 1000), 65535))
+        envelope = self._head + b"B" + lag + b"".join(records)
         if not self._send(envelope, to, queue=True):  # lost like a datagram: resent by its sender
             self.counters["worker_handover_lost"] += len(records)
         self._batches[to] = []
@@ -325,16 +332,18 @@ class WorkerLink:
                 continue
             kind = envelope[n]
             if kind == 0x42:  # B
-                self._unwatched += 1
+                records = unpack(envelope, n + 1 + _LAG.size)
+                got = len(records)
+                self._unwatched += got  # datagrams, as a public socket counts them
                 if self._unwatched >= WATCH_EVERY and self.watch is not None:
                     self._unwatched = 0
-                    if self._stamped:
-                        self.delay = arrival_delay(sock)
+                    if self._stamped and got:
+                        # their wait: in this queue, and first in the sender's
+                        (lag_ms,) = _LAG.unpack_from(envelope, n + 1)
+                        self.delay = arrival_delay(sock) + lag_ms / 1000
                         self._measured = True
                     self.watch()
-                got = 0
-                for data, flow in unpack(envelope, n + 1):
-                    got += 1
+                for data, flow in records:
                     self.deliver(data, flow)
                 if got:
                     self.counters["worker_received_over"] += got

@@ -4,16 +4,16 @@ stop, of one process and of several workers whose lines interleave."""
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from loadtest.overload import final_counters, overload_windows
 
-T0 = datetime(2026, 1, 1, tzinfo=timezone.utc).timestamp()
+T0 = datetime(2026, 1, 1, tzinfo=UTC).timestamp()
 
 
 def _line(event: str, at: float, worker: int | None = None, **fields: object) -> str:
-    ts = datetime.fromtimestamp(T0 + at, tz=timezone.utc).isoformat().replace("+00:00", "Z")
+    ts = datetime.fromtimestamp(T0 + at, tz=UTC).isoformat().replace("+00:00", "Z")
     body: dict[str, object] = {"event": event, "ts": ts, **fields}
     if worker is not None:
         body["worker"] = worker

@@ -426,3 +426,51 @@ def test_a_full_transaction_table_keeps_bounded_headroom_for_calls_in_progress()
     assert info(4, call_id="no-such-call") == [503]
     assert [m.status for _, m in h.send(invite(call_id="call-2", branch="z9hG4bK-c2"))] == [503]
     assert len(h.proxy.servers) == 3
+
+
+def test_retransmission_timers_wait_for_a_receive_queue_that_is_behind() -> None:
+    """With the shell 0.3 s behind in reading (``lag``, the overload watcher's measured wait),
+    Timer A waits 0.3 s more before retransmitting the INVITE: the core's 100 read meanwhile
+    ends the retransmissions without any sent. Unanswered, the INVITE goes once the queue has
+    caught up, and the next interval is doubled as usual; while the lag lasts a timer waits T2
+    (4 s) at most; below HOLD_MIN_S of lag nothing changes."""
+    h = Harness()
+    h.proxy.lag = 0.3
+    req = _to(h.send(invite()), CORE)[0]
+    assert _to(h.advance(0.79), CORE) == []  # Timer A (0.5 s) held until 0.8 s
+    assert h.proxy.held_retransmissions == 1
+    h.send(answer(req, 100, "Trying"), src=CORE)  # it was in the queue all along
+    assert _to(h.advance(5.0), CORE) == []
+
+    h = Harness()
+    h.proxy.lag = 0.3
+    h.send(invite())
+    assert _to(h.advance(0.79), CORE) == []
+    h.proxy.lag = 0.0  # caught up, and no answer came: the INVITE goes at 0.8 s
+    assert [m.method for m in _to(h.advance(0.02), CORE)] == ["INVITE"]
+    assert _to(h.advance(0.98), CORE) == []  # the next interval is 1.0 s
+    assert [m.method for m in _to(h.advance(0.02), CORE)] == ["INVITE"]
+    assert h.proxy.held_retransmissions == 1
+
+    h = Harness()
+    h.proxy.lag = 0.3  # behind all along: held again and again, T2 (4 s) at most
+    h.send(invite())
+    assert _to(h.advance(4.49), CORE) == []
+    assert [m.method for m in _to(h.advance(0.02), CORE)] == ["INVITE"]
+    assert h.proxy.held_retransmissions == 1
+
+    h = Harness()
+    h.proxy.lag = 0.01  # normal running: the timers as RFC 3261 has them
+    h.send(invite())
+    assert [m.method for m in _to(h.advance(0.51), CORE)] == ["INVITE"]
+    assert h.proxy.held_retransmissions == 0
+
+
+def test_timer_g_waits_for_a_receive_queue_that_is_behind() -> None:
+    """A 603 sipguard answered waits for its ACK the lag longer before it is repeated."""
+    h = Harness(decide=reject_all(603))
+    h.proxy.lag = 0.4
+    assert [m.status for m in _to(h.send(invite()), CALLER)] == [100, 603]
+    assert _to(h.advance(0.89), CALLER) == []  # Timer G (0.5 s) held until 0.9 s
+    h.proxy.lag = 0.0
+    assert [m.status for m in _to(h.advance(0.02), CALLER)] == [603]

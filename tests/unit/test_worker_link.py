@@ -216,7 +216,8 @@ async def test_a_pass_larger_than_one_envelope_goes_in_several(tmp_path: Path) -
 async def test_the_hand_over_queue_is_watched_like_a_public_socket(tmp_path: Path) -> None:
     """Envelopes waiting for a busy worker: its hand-over socket's queue shows in
     ``receive_queue`` (what the overload watcher reads), and once it reads again the overload
-    check runs every WATCH_EVERY envelopes with the wait they had in the queue."""
+    check runs every WATCH_EVERY datagrams with the wait they had in the queue, plus the
+    sender's lag (how far behind its own sockets were)."""
     from sipguard.transport.udp import WATCH_EVERY
 
     loop = asyncio.get_running_loop()
@@ -245,6 +246,13 @@ async def test_the_hand_over_queue_is_watched_like_a_public_socket(tmp_path: Pat
         assert 0.2 < checks[0] < 5.0  # the first watched envelope had waited ~0.25 s
         state = b.receive_queue()
         assert state == (0.0, 0)
+        # what a sender hands over waited in its own queues first: its lag counts too
+        a.lag = 1.5
+        for i in range(WATCH_EVERY):
+            assert a.hand_over(1, b"BYE %d" % i, flow)
+        a.flush()  # one envelope of WATCH_EVERY datagrams: one check
+        await _until(lambda: len(checks) == 3)
+        assert 1.5 <= checks[2] < 2.5
     finally:
         a.close()
         b.close()
