@@ -277,11 +277,12 @@ def test_requests_to_the_public_address_reach_the_calls_worker(stack: E2EStack) 
         answered = _recv_until(uac, rb"^SIP/2\.0 \d{3} .*CSeq: 1 CANCEL", 5)
         assert answered.startswith(b"SIP/2.0 200 "), answered[:80]
         _recv_until(core, rb"^CANCEL ", 5)
+        # Whichever worker the kernel gave the BYE to, hashing its From (the callee) would
+        # have sent it to worker 1, which does not hold the call (481); its Route names 0.
         totals: Counter[str] = Counter()
         g.stop()
         for c in stopped_counters(g):
             totals.update(c)
-        assert totals["worker_handed_over"] >= 1, totals  # the BYE, read by worker 1
         assert totals["dropped_in_dialog_refused"] == 0, totals
     finally:
         uac.close()
