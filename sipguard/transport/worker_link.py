@@ -7,12 +7,14 @@ one worker whatever the number of workers. So the worker that reads a datagram o
 address runs the flood guard on it (the flood counts stay per source, as with one process),
 then picks the worker that owns it:
 
-- a request whose top Route names a worker's own port (the Record-Route that worker wrote:
-  an in-dialog request from a party that sends every request to one outbound-proxy address,
-  the public one, with the route set in Route) goes to that worker, whichever side of the
-  call sends it — a BYE from the core carries the *callee* in From, and would otherwise hash
-  to a worker that does not hold the dialog (481); a response whose top Via names a worker's
-  own port likewise;
+- an in-dialog request (a To tag) whose top Route names a worker's own port (the
+  Record-Route that worker wrote: a party that sends every request to one outbound-proxy
+  address, the public one, with the route set in Route) goes to that worker, whichever side
+  of the call sends it — a BYE from the core carries the *callee* in From, and would
+  otherwise hash to a worker that does not hold the dialog (481); a response whose top Via
+  names a worker's own port likewise. Never an initial request: a caller that wrote a worker's
+  port in its own Route would otherwise pick the worker that decides each of its calls, and
+  split its calls from the dialer analytics kept per worker;
 - anything else by its *caller*: the user part of the From URI, hashed with CRC-32, modulo
   the number of workers (the Call-ID when there is no From user). Every message of a call
   the caller's side sends to the public address — the INVITE, its retransmissions, its
@@ -32,7 +34,7 @@ to a loopback port, so every envelope carries the group's 16-byte secret (``toke
 the supervisor, 0600), compared in constant time; an envelope without it is counted
 (``worker_handover_bad``) and dropped. An envelope is::
 
-    b"SGW1" | secret (16) | kind: b"B" datagrams, b"C" change, b"H" hello | ...
+    b"SGW2" | secret (16) | kind: b"B" datagrams, b"C" change, b"H" hello | ...
     B: the sender's lag (2 bytes, ms) | records, each: local socket index (1 byte) |
        port (2 bytes) | address length (1) | datagram length (2) | address | datagram
     C: a JSON object — an operator's change (below)
@@ -99,6 +101,7 @@ _CALL_ID = re.compile(rb"\n(?:call-id|i)[ \t]*:[ \t]*([^\r\n]+)", re.IGNORECASE)
 # The first Route line of a request, the first Via line of a response: their first value.
 _TOP_ROUTE = re.compile(rb"\nroute[ \t]*:[ \t]*([^\r\n]+)", re.IGNORECASE)
 _TOP_VIA = re.compile(rb"\n(?:via|v)[ \t]*:[ \t]*([^\r\n]+)", re.IGNORECASE)
+_TO_TAG = re.compile(rb"\n(?:to|t)[ \t]*:[^\r\n]*;[ \t]*tag[ \t]*=", re.IGNORECASE)
 _ROUTE_PORT = re.compile(rb"sips?:(?:[^@>;,\s]*@)?(?:\[[^\]]*\]|[^:>;,\s]+):(\d{1,5})[;>,\s]?",
                          re.IGNORECASE)
 _VIA_PORT = re.compile(rb"SIP[ \t]*/[ \t]*2\.0[ \t]*/[ \t]*\w+[ \t]+(?:\[[^\]]*\]|[^:;,\s]+)"
@@ -106,15 +109,18 @@ _VIA_PORT = re.compile(rb"SIP[ \t]*/[ \t]*2\.0[ \t]*/[ \t]*\w+[ \t]+(?:\[[^\]]*\
 
 
 def named_port(data: bytes) -> int | None:
-    """The port sipguard's own entry would name: a request's top Route URI (the Record-Route
-    a worker wrote, sent back by a party that sends every request to one outbound-proxy
-    address), a response's top Via (the one a worker wrote on the request). Only the header
-    block's first such line is read; None when it names no port."""
+    """The port sipguard's own entry would name: an in-dialog request's top Route URI (the
+    Record-Route a worker wrote, sent back by a party that sends every request to one
+    outbound-proxy address), a response's top Via (the one a worker wrote on the request).
+    Only the header block's first such line is read; None when it names no port, and for a
+    request without a To tag (it opens a call: the caller's worker decides it)."""
     end = data.find(b"\r\n\r\n", 0, 8192)
     end = 8192 if end < 0 else end
     if data.startswith(b"SIP/"):
         m = _TOP_VIA.search(data, 0, end)
         found = _VIA_PORT.match(m.group(1)) if m is not None else None
+    elif _TO_TAG.search(data, 0, end) is None:
+        return None
     else:
         m = _TOP_ROUTE.search(data, 0, end)
         found = _ROUTE_PORT.search(m.group(1)) if m is not None else None

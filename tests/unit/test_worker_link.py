@@ -65,7 +65,7 @@ def _bye_from_core(route: str, callee: str = "+18005550199") -> bytes:
             "CSeq: 2 BYE\r\nContent-Length: 0\r\n\r\n").encode()
 
 
-@pytest.mark.parametrize("route, port", [
+@pytest.mark.parametrize("route, port", [  # (the BYE carries a To tag: in dialog)
     ("<sip:127.0.0.1:40001;lr>", 40001),
     ("<sip:sipguard@[::1]:40002;lr;transport=udp>", 40002),
     ('"edge" <sips:edge.example.net:40003;lr>, <sip:10.0.0.1:5060;lr>', 40003),
@@ -101,6 +101,13 @@ def test_owner_of_an_in_dialog_request_is_the_worker_its_route_names() -> None:
     assert owner_of(_bye_from_core("<sip:127.0.0.1:5060;lr>", callee), 2, own_ports) == 0
     invite = _invite("+12125550100")
     assert owner_of(invite, 2, own_ports) == zlib.crc32(b"+12125550100") % 2
+    # an initial request naming a worker's port in its own Route still goes by its caller:
+    # a caller does not pick the worker that decides its calls
+    for port in own_ports:
+        routed = invite.replace(b"\r\nFrom:", f"\r\nRoute: <sip:127.0.0.1:{port};lr>\r\nFrom:"
+                                .encode())
+        assert named_port(routed) is None
+        assert owner_of(routed, 2, own_ports) == zlib.crc32(b"+12125550100") % 2
 
 
 def test_batch_records_and_cut_short_ones() -> None:
