@@ -53,7 +53,8 @@ times therefore move and come in any order: they live in a one-second
 from __future__ import annotations
 
 import re
-from typing import Final, Protocol
+from collections.abc import Callable
+from typing import Any, Final, Protocol
 
 from sipguard.contract import (
     ACCEPT,
@@ -227,7 +228,7 @@ class Proxy:
         self.probes: dict[tuple[str, str], keepalive.Probe] = {}  # dialogs kept alive
         self.router = Router(settings, self.ids, self.clients)
         # How far behind the shell is in reading what arrived, seconds: the overload watcher's
-        # measured wait in the receive queues (0.0 when it saw none). See _hold.
+        # measured wait in the receive queues (0.0 when it saw none). See _wait_for_queue.
         self.lag = 0.0
         self.held_retransmissions = 0  # retransmissions that waited for the queue (a count)
         # Timer callbacks, bound once: ``self._timer_a`` makes a new bound method each time it
@@ -979,36 +980,38 @@ class Proxy:
         return msg.serialize(replace={idx: new})
 
     # ------------------------------------------------------------------ timers
-    def _hold(self, held: float) -> float:
-        """How long a retransmission timer (A, E, G) that fires now waits before it
-        retransmits, having waited ``held`` seconds so far; 0.0: retransmit now.
+    def _wait_for_queue(self, txn: ClientTxn | ServerTxn, now: float,
+                        fire: Callable[[Any, float], None]) -> bool:
+        """Whether a retransmission timer (A, E, G) that fires now for ``txn`` waits instead
+        of retransmitting: it is then armed again (``fire``) for the wait.
 
         RFC 3261's timers assume a transaction layer that has read what arrived. When the shell
         is ``lag`` seconds behind in reading its receive queues (overload: the watcher measures
         the wait), the answer (or ACK) whose absence fires the timer may be in the queue
         already, unread: retransmitting then only adds load at both ends, and a strict peer
         may take an INVITE repeated after its 200 for an error. So the timer waits the lag, and
-        again while the shell is still behind, T2 (4 s) at most in all; then, if the
-        transaction is still waiting, it retransmits as usual (Timer B / F still end it on
+        again while the shell is still behind, T2 (4 s) at most in all (``txn.held``); then, if
+        the transaction is still waiting, it retransmits as usual (Timer B / F still end it on
         time). Below ``HOLD_MIN_S`` of lag (normal running) nothing changes."""
         lag = self.lag
         cap = self.settings.t2
+        held = txn.held
         if lag < HOLD_MIN_S or held >= cap:
-            return 0.0
+            txn.held = 0.0
+            return False
         if not held:
             self.held_retransmissions += 1
-        return min(lag, cap - held)
+        wait = min(lag, cap - held)
+        txn.held = held + wait
+        txn.timer = self.timers.add(now + wait, fire, txn)
+        return True
 
     def _timer_a(self, ct: ClientTxn, now: float) -> None:
         """Timer A: retransmit the INVITE over UDP until a response arrives."""
         if ct.state != CALLING:
             return
-        wait = self._hold(ct.held)
-        if wait > 0.0:
-            ct.held += wait
-            ct.timer = self.timers.add(now + wait, self._on_timer_a, ct)
+        if self._wait_for_queue(ct, now, self._on_timer_a):
             return
-        ct.held = 0.0
         self.outbox.append((ct.flow, ct.data))
         ct.interval *= 2
         ct.timer = self.timers.add(now + ct.interval, self._on_timer_a, ct)
@@ -1017,12 +1020,8 @@ class Proxy:
         """Timer E: retransmit a non-INVITE request (capped at T2)."""
         if ct.state not in (CALLING, PROCEEDING):
             return
-        wait = self._hold(ct.held)
-        if wait > 0.0:
-            ct.held += wait
-            ct.timer = self.timers.add(now + wait, self._on_timer_e, ct)
+        if self._wait_for_queue(ct, now, self._on_timer_e):
             return
-        ct.held = 0.0
         self.outbox.append((ct.flow, ct.data))
         ct.interval = min(ct.interval * 2, self.settings.t2)
         ct.timer = self.timers.add(now + ct.interval, self._on_timer_e, ct)
@@ -1065,12 +1064,8 @@ class Proxy:
         """Timer G: retransmit our final non-2xx answer until the ACK arrives."""
         if st.state != COMPLETED or st.last is None:
             return
-        wait = self._hold(st.held)
-        if wait > 0.0:
-            st.held += wait
-            st.timer = self.timers.add(now + wait, self._on_timer_g, st)
+        if self._wait_for_queue(st, now, self._on_timer_g):
             return
-        st.held = 0.0
         self.outbox.append((st.reply_to, st.last))
         st.interval = min(st.interval * 2, self.settings.t2)
         st.timer = self.timers.add(now + st.interval, self._on_timer_g, st)
