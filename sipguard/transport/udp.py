@@ -170,15 +170,20 @@ def arrival_delay(sock: socket.socket) -> float:
     return max(0.0, time.time() - (float(sec) + float(usec) * 1e-6))
 
 
-def queue_state(sock: socket.socket) -> tuple[int, int, int] | None:
-    """``sock``'s receive queue: (bytes in use, buffer size, datagrams the kernel dropped so
-    far), or None where the kernel cannot tell (not Linux)."""
+def queue_reading(sock: socket.socket, delay: float,
+                  measured: bool) -> tuple[tuple[float, int] | None, float]:
+    """One look at ``sock``'s receive queue for the overload watcher: (share of the buffer in
+    use, datagrams the kernel dropped so far), or None where the kernel cannot tell (not
+    Linux); and the queue's wait ``delay`` as it stands after the look — an empty queue, seen
+    by a check that did not just measure the wait (``measured``), resets it: nothing waits."""
     try:
         raw = sock.getsockopt(socket.SOL_SOCKET, SO_MEMINFO, _MEMINFO.size)
     except OSError:
-        return None
+        return None, delay
     used, size, *_, drops = _MEMINFO.unpack(raw)
-    return used, size, drops
+    if not used and not measured:
+        delay = 0.0
+    return ((used / size if size else 0.0), drops), delay
 
 
 class UdpEndpoint(asyncio.DatagramProtocol):
@@ -239,14 +244,9 @@ class UdpEndpoint(asyncio.DatagramProtocol):
         """(share of the receive buffer in use, datagrams the kernel dropped so far), or None
         where the kernel cannot tell (not Linux). An empty queue, seen by a check that did not
         just measure :attr:`delay` (the 50 ms timer's), resets it: nothing is waiting."""
-        state = queue_state(self.sock)
-        if state is None:
-            return None
-        used, size, drops = state
-        if not used and not self._measured:
-            self.delay = 0.0
+        state, self.delay = queue_reading(self.sock, self.delay, self._measured)
         self._measured = False
-        return (used / size if size else 0.0), drops
+        return state
 
     def error_received(self, exc: Exception) -> None:
         # ICMP port unreachable and friends: nothing to do for a datagram proxy.

@@ -77,7 +77,7 @@ from sipguard.transport.udp import (
     WATCH_EVERY,
     arrival_delay,
     enable_arrival_stamps,
-    queue_state,
+    queue_reading,
     set_buffer,
 )
 
@@ -368,15 +368,11 @@ class WorkerLink:
         """The hand-over socket's receive queue as the overload watcher reads a public
         socket's (:meth:`sipguard.transport.udp.UdpEndpoint.receive_queue`): (share of the
         buffer in use, envelopes the kernel dropped so far), or None."""
-        sock = self.sock
-        state = queue_state(sock) if sock is not None else None
-        if state is None:
+        if self.sock is None:
             return None
-        used, size, drops = state
-        if not used and not self._measured:
-            self.delay = 0.0
+        state, self.delay = queue_reading(self.sock, self.delay, self._measured)
         self._measured = False
-        return (used / size if size else 0.0), drops
+        return state
 
     def _control(self, body: bytes) -> None:
         try:
