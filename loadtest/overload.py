@@ -188,12 +188,17 @@ def main(argv: list[str] | None = None) -> int:
     workdir = (args.results_dir / run_id).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     config = args.config.resolve()
+    derived: Path | None = None  # the workers' copy of the config, removed at the end
     if args.workers > 1:
         cfg = yaml.safe_load(config.read_text()) or {}
         cfg["state"] = {"backend": "shared_memory"}
         cfg["workers"] = args.workers
-        config = workdir / "sipguard-workers.yaml"
-        config.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        # next to the given config, as run.py writes its own, so its relative paths resolve
+        derived = config.parent / f".loadtest-{run_id}-workers.yaml"
+        text = yaml.safe_dump(cfg, sort_keys=False)
+        derived.write_text(text)
+        (workdir / "sipguard-workers.yaml").write_text(text)  # kept with the run's results
+        config = derived
     high = int(args.rate * args.factor)
     low = max(args.rate // 2, 1)
     hold_s = args.hold_ms / 1000
@@ -246,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
         code = guard.stop(drain=10) if guard is not None else None
         if uas.proc is not None:
             uas.stop(grace=5)
+        if derived is not None:
+            derived.unlink(missing_ok=True)
     log = workdir / "sipguard_stdout.jsonl"
     spans = overload_windows(log, t0)
     counters = final_counters(log)
