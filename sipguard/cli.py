@@ -230,6 +230,8 @@ async def _serve(path: str, args: argparse.Namespace, cfg: Config) -> int:
     except (OSError, ValueError) as exc:  # a number list (numbers_file, dno_file) is unreadable
         print(f"sipguard: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    if link is not None:  # an operator's reload through this worker reaches every worker
+        server.reload_others = link.reload_others
     log = get_logger("sipguard")
     try:
         await server.start()

@@ -303,6 +303,8 @@ class Server:
         self.http: AdminEndpoint | None = None
         self.listening = False  # every listener is up (GET /readyz)
         self._reload_lock = asyncio.Lock()  # one reload at a time, whoever asked
+        # several workers: asks the supervisor to reload the others (cli sets it)
+        self.reload_others: Callable[[], None] | None = None
         self._save_lock = asyncio.Lock()  # one suspensions file write at a time
         # state.backend redis: suspensions and flood bans kept equal on every instance
         self.shared_lists: SharedLists | None = None
@@ -623,11 +625,13 @@ class Server:
         self.reconfigure(cfg, policy, tls)
         return True
 
-    async def reload_config(self) -> ReloadResult:
+    async def reload_config(self, everywhere: bool = False) -> ReloadResult:
         """The one reload path (SIGHUP, ``sipguard reload``, ``POST /reload``): read the
         config file, build the policy off the loop and swap it in. Reloads run one at a time;
         keys that need a restart (``listen``, the admin endpoint, ``state_dir``) keep their
-        running values and are reported."""
+        running values and are reported. ``everywhere`` (an operator's request to this
+        worker's admin API): once applied here, the supervisor reloads the other workers
+        (``reload_others``), which read the same file."""
         async with self._reload_lock:
             if self.load is None:
                 return failure(ValueError("no config file to reload from"))
@@ -652,8 +656,13 @@ class Server:
             if restart:
                 self.log.warning("config_restart_needed", keys=restart,
                                  detail="these settings take effect at the next start")
-            self.log.info("config_reloaded", changed=changed, restart_needed=restart)
-            return ReloadResult(True, changed, restart)
+            others = None
+            if everywhere and self.reload_others is not None:
+                self.reload_others()
+                others = self.cfg.workers - 1
+            self.log.info("config_reloaded", changed=changed, restart_needed=restart,
+                          **({} if others is None else {"other_workers_reloading": others}))
+            return ReloadResult(True, changed, restart, others=others)
 
     def _tls_names(self, conn: int) -> tuple[str, ...]:
         """The verified client certificate names of TLS connection ``conn`` (empty: none)."""

@@ -18,7 +18,10 @@ line, so the same config file and flags), and then only watches them:
 
 Each worker has one end of a socket pair with the supervisor (``--supervisor-fd``): it writes
 ``ready`` there once its listeners are up, and it drains and exits when the supervisor's end
-closes (the supervisor was killed), so no worker outlives it. When the supervisor's stdout is
+closes (the supervisor was killed), so no worker outlives it. A worker that reloaded the config
+file on an operator's request (``sipguard reload``, ``POST /reload`` on its admin API) writes
+``reload`` there: the supervisor passes SIGHUP to every other worker, so no worker keeps
+deciding calls on the rules the operator just replaced. When the supervisor's stdout is
 a regular file (or /dev/null) the workers write to it themselves: the kernel appends each
 write() whole (one file position, updated atomically), and a worker writes whole lines only.
 Otherwise (a pipe, a socket, a terminal) the workers' stdout goes through
@@ -45,6 +48,7 @@ from dataclasses import dataclass
 from sipguard.ops.logging import flush_logs, get_logger
 
 READY = b"ready\n"
+RELOAD = b"reload\n"  # a worker reloaded on an operator's request: reload the others
 SEGMENT_NAME = "state"  # state.backend shared_memory: the segment, in the workers' directory
 RESTART_FIRST_S = 1.0  # a worker that died is started again after this
 RESTART_MAX_S = 30.0  # ... doubling while it keeps dying, up to this
@@ -64,6 +68,7 @@ class Worker:
     restarts: int = 0
     failures: int = 0  # exits in a row within STABLE_S of their start
     relay: asyncio.Task[None] | None = None
+    listen: asyncio.Task[None] | None = None  # what it asks once ready (``RELOAD``)
 
 
 class Supervisor:
@@ -144,7 +149,36 @@ class Supervisor:
         w.ready = line == READY
         if not w.ready:
             await proc.wait()  # it closed its end on its way out: let it finish
+        else:
+            w.listen = loop.create_task(self._listen(w, ours))
         return w.ready
+
+    async def _listen(self, w: Worker, sock: socket.socket) -> None:
+        """Worker ``w``'s requests, a line each, until its end closes; an unknown line is
+        logged and ignored. At most 64 bytes are held for a line."""
+        loop = asyncio.get_running_loop()
+        pending = b""
+        with contextlib.suppress(OSError):
+            while True:
+                got = await loop.sock_recv(sock, 64)
+                if not got:
+                    return
+                pending += got
+                while b"\n" in pending:
+                    line, pending = pending.split(b"\n", 1)
+                    if line + b"\n" == RELOAD:
+                        self._reload_others(w)
+                    else:
+                        self._note("warning", "worker_request_unknown", worker=w.index,
+                                   request=line[:32].decode("ascii", "replace"))
+                pending = pending[-64:]
+
+    def _reload_others(self, w: Worker) -> None:
+        # a worker still starting reads the file at its start (and a SIGHUP before its
+        # handler is in place would end it)
+        others = [o for o in self.workers if o is not w and o.ready]
+        self._note("info", "workers_reloading", workers=self.count, by_worker=w.index)
+        self._forward(signal.SIGHUP, others)
 
     async def _ended(self, w: Worker) -> int:
         """Wait for worker ``w`` to exit; its exit code (negative: killed by that signal)."""
@@ -153,6 +187,9 @@ class Supervisor:
         if w.relay is not None:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(w.relay, 5.0)
+        if w.listen is not None:
+            w.listen.cancel()
+            w.listen = None
         if w.link is not None:
             w.link.close()
             w.link = None
@@ -191,8 +228,8 @@ class Supervisor:
         return w.proc.pid if w.proc is not None else None
 
     # ------------------------------------------------------------------ signals
-    def _forward(self, sig: int) -> None:
-        for w in self.workers:
+    def _forward(self, sig: int, workers: Sequence[Worker] | None = None) -> None:
+        for w in self.workers if workers is None else workers:
             proc = w.proc
             if proc is not None and proc.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
@@ -295,6 +332,11 @@ class SupervisorLink:
     def ready(self) -> None:
         with contextlib.suppress(OSError):
             self.sock.send(READY)
+
+    def reload_others(self) -> None:
+        """This worker reloaded on an operator's request: the supervisor reloads the others."""
+        with contextlib.suppress(OSError):
+            self.sock.send(RELOAD)
 
     def on_gone(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` once the supervisor's end closes (it exited or was killed). Our

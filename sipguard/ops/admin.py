@@ -53,7 +53,7 @@ class Control(Protocol):
     @property
     def ready(self) -> bool: ...
 
-    async def reload_config(self) -> ReloadResult: ...
+    async def reload_config(self, everywhere: bool = False) -> ReloadResult: ...
 
     def config_view(self) -> dict[str, Any]: ...
 
@@ -224,7 +224,7 @@ class AdminEndpoint:
 
     # ------------------------------------------------------------------ operator endpoints
     async def _reload(self, request: web.Request) -> web.Response:
-        result = await self.control.reload_config()
+        result = await self.control.reload_config(everywhere=True)
         return _json(result.as_dict(), 422 if result.errors else 200)
 
     async def _config(self, request: web.Request) -> web.Response:

@@ -27,6 +27,8 @@ class ReloadResult:
     restart_needed: list[str] = field(default_factory=list)
     errors: list[ConfigIssue] = field(default_factory=list)
     superseded: bool = False  # a newer reload won (only when reloads bypass the lock)
+    # several workers: how many others the supervisor was asked to reload (None: one process)
+    others: int | None = None
 
     def as_dict(self) -> dict[str, Any]:
         if self.errors:
@@ -43,6 +45,8 @@ class ReloadResult:
         }
         if self.superseded:
             out["superseded"] = True
+        if self.others is not None:
+            out["other_workers_reloading"] = self.others
         return out
 
 

@@ -8,6 +8,8 @@
   (callers hash to both workers): exactly two reach the core — the count is shared;
 - a rate limit per called number: exactly the burst passes, across both workers;
 - a suspension made through one worker's admin API reaches a caller of the other;
+- `sipguard reload` through one worker's admin API reloads the other too: a number the new
+  file suspends is refused on the worker that did not take the request;
 - a core that sends every request to the public address (its outbound proxy) with the route
   set in Route: its BYE, with the callee in From, reaches the worker holding the call, as does
   the caller's CANCEL of another call.
@@ -167,6 +169,45 @@ def test_suspension_through_one_worker_reaches_the_other(stack: E2EStack) -> Non
         sock.sendto(invite(2, caller=caller, callee="+18005550199", transport="udp",
                            local_port=local, target_port=port, tag="susp"), (HOST, port))
         assert len(core.collect(1.0)) == 1
+    finally:
+        sock.close()
+        core.close()
+
+
+def test_reload_through_one_worker_reloads_the_other(stack: E2EStack) -> None:
+    """The config file gains `suspended: [caller]` (a caller worker 1 owns); `sipguard
+    reload` against worker 0's admin API: both workers reload (worker 1 on the supervisor's
+    SIGHUP), and the caller hears 403 from worker 1 without a second reload."""
+    from .test_cli_e2e import sipguard
+
+    caller = next(f"+1212555{i:04d}" for i in range(100)
+                  if zlib.crc32(f"+1212555{i:04d}".encode()) % WORKERS == 1)
+    admin = free_block(WORKERS)
+    core = CoreSocket()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind((HOST, 0))
+    sock.settimeout(0.05)
+    local = sock.getsockname()[1]
+    try:
+        g, port = start_shm_workers(stack, core.port, f"admin: {{listen: '{HOST}:{admin}'}}\n")
+        sock.sendto(invite(1, caller=caller, callee="+18005550199", transport="udp",
+                           local_port=local, target_port=port, tag="rl"), (HOST, port))
+        assert len(core.collect(1.0)) == 1  # before the reload: it reaches the core
+        g.config.write_text(g.config.read_text() + f"suspended: ['{caller}']\n")
+        res = sipguard("reload", "--admin", f"http://{HOST}:{admin}")  # worker 0's
+        assert res.returncode == 0, res.stderr
+        assert '"other_workers_reloading": 1' in res.stdout, res.stdout
+        g.wait_event("config_reloaded", 2, timeout=10)
+        assert sorted(e.get("worker") for e in g.events
+                      if e.get("event") == "config_reloaded") == [0, 1]
+        [asked] = [e for e in g.events if e.get("event") == "workers_reloading"]
+        assert asked.get("by_worker") == 0
+        sock.sendto(invite(2, caller=caller, callee="+18005550199", transport="udp",
+                           local_port=local, target_port=port, tag="rl"), (HOST, port))
+        assert set(_finals(sock, 1, 3.0).values()) == {403}  # call 1 is never answered
+        assert len(core.collect(0.3)) == 1  # call 2 did not reach the core
+        decided = [e for e in g.events if e.get("event") == "invite_decided"]
+        assert [e.get("worker") for e in decided] == [1, 1], decided
     finally:
         sock.close()
         core.close()

@@ -1,0 +1,63 @@
+"""The supervisor's side of a worker's socket: a worker that reloaded on an operator's
+request writes ``reload`` and the supervisor passes SIGHUP to every *other* worker; an unknown
+line is logged and ignored. Real child processes (a few lines of Python each) stand in for the
+workers, so the signals and the socket pair are the real ones."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from sipguard.supervisor import Supervisor
+
+WORKER = r"""
+import signal, socket, sys, time
+index, fd, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+def hup(*_):
+    with open(f"{out}/hup{index}", "a") as f:
+        f.write("x")
+signal.signal(signal.SIGHUP, hup)
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+sock = socket.socket(fileno=fd)
+sock.send(b"ready\n")
+if index == 0:
+    time.sleep(0.5)
+    sock.send(b"bogus\nrel")  # a line split over two writes still counts
+    time.sleep(0.05)
+    sock.send(b"oad\n")
+end = time.monotonic() + 20
+while time.monotonic() < end:
+    time.sleep(0.02)
+"""
+
+
+async def test_a_workers_reload_request_reaches_the_others_only(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    sup = Supervisor(3, lambda i, fd: [sys.executable, str(script), str(i), str(fd),
+                                       str(tmp_path)])
+    run = asyncio.get_running_loop().create_task(sup.run())
+    try:
+        end = time.monotonic() + 10
+        while time.monotonic() < end and not all(
+            (tmp_path / f"hup{i}").exists() for i in (1, 2)
+        ):
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.2)  # a SIGHUP to the asking worker would have landed by now
+        assert (tmp_path / "hup1").read_text() == "x"
+        assert (tmp_path / "hup2").read_text() == "x"
+        assert not (tmp_path / "hup0").exists()
+    finally:
+        sup._on_stop()
+        code = await asyncio.wait_for(run, 10)
+    assert code == 0
+    out = capfd.readouterr().out
+    assert re.search(r"worker_request_unknown.*request\W+bogus", out), out
+    assert re.search(r"workers_reloading.*by_worker\W+0", out), out
