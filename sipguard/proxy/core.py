@@ -92,7 +92,7 @@ from sipguard.sip.errors import SipParseError
 from sipguard.sip.message import Message, header_line
 from sipguard.sip.nameaddr import NameAddr
 from sipguard.sip.parser import parse_message
-from sipguard.sip.via import after_first_via, parse_via_list
+from sipguard.sip.via import REST_AFTER_FIRST_VIA, after_first_via, parse_via_list
 
 
 class Admission(Protocol):
@@ -342,7 +342,7 @@ class Proxy:
             if st is not None and st.state in (COMPLETED, CONFIRMED):
                 self._ack_absorbed(st, now)
                 return
-            self._route_ack(msg, flow, now)
+            self._route_ack(msg, flow, key)
             return
         st = self.servers.get((key, method))
         if st is not None:
@@ -715,7 +715,7 @@ class Proxy:
                 if new != line:
                     replace[i] = new
 
-    def _route_ack(self, msg: Message, flow: Flow, now: float) -> None:
+    def _route_ack(self, msg: Message, flow: Flow, key: str) -> None:
         """ACK for a 2xx: its own end-to-end transaction, forwarded statelessly (§16.11)."""
         if msg.max_forwards == 0:
             self.events.append(Dropped("ack_too_many_hops", msg.call_id, flow))
@@ -731,7 +731,6 @@ class Proxy:
             return
         if from_core and dialog is not None and dialog.party is not None:
             target = self._toward_party(dialog.party, target)
-        key = build.txn_id(msg)
         # An ACK gets no response, so a loop of ACKs is cut by Max-Forwards alone: its branch
         # needs no loop-detection part.
         branch = self.ids.branch(key + "|ACK", "ack")
@@ -866,6 +865,7 @@ class Proxy:
         # from the raw line (a response whose top Via is not ours is stray either way).
         m = _OUR_BRANCH.search(msg.lines[msg.indexes("via")[0]])
         branch = m.group(1).decode("ascii") if m is not None else ""
+        ours_end = m.end() if m is not None else 0
         method = msg.cseq[1]
         ct = self.clients.get((branch, method)) if branch.startswith(build.OUR_PREFIX) else None
         if ct is None:
@@ -877,7 +877,7 @@ class Proxy:
                 self.outbox.append((ct.flow, build.ack_for(ct.sent_msg(), msg)))
             return  # retransmitted final response: absorbed
         # A 100 is hop by hop (RFC 3261 §16.7 step 5): absorbed, so not rebuilt for upstream.
-        upstream = self._strip_via(msg) if status != 100 else None
+        upstream = self._strip_via(msg, ours_end) if status != 100 else None
         if upstream is None and ct.server is not None and status != 100:
             # RFC 3261 §16.7 step 3: no Via left once ours is gone — nothing to send it to.
             self.events.append(Dropped("no_via_left", f"{status} {msg.call_id}", flow))
@@ -965,14 +965,20 @@ class Proxy:
                     return True
         return False
 
-    def _strip_via(self, msg: Message) -> bytes | None:
+    def _strip_via(self, msg: Message, ours_end: int) -> bytes | None:
         """The response with our (top) Via value removed (RFC 3261 §16.7 step 3); None when
-        no Via would be left."""
+        no Via would be left. ``ours_end``: where our branch ends in the top Via line."""
         indexes = msg.indexes("via")
         idx = indexes[0]
         line = msg.lines[idx]
         if line.find(b",") < 0:
             return msg.without_line(idx) if len(indexes) > 1 else None
+        rest_at = REST_AFTER_FIRST_VIA(line) if REST_AFTER_FIRST_VIA is not None else -1
+        if rest_at > ours_end:
+            # the usual line of several values, our branch before the first comma: the others
+            # go on byte for byte, spliced into the received bytes (anything else: the Python
+            # scan below, which also checks the first value's syntax)
+            return msg.with_line(idx, b"Via: " + line[rest_at:])
         rest = after_first_via(msg.value_at(idx))  # the others go on as the core sent them
         if not rest and len(indexes) == 1:
             return None

@@ -562,6 +562,53 @@ line_start(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     return PyLong_FromLong(-1);
 }
 
+
+/* rest_after_first_via(line) -> int: in a raw Via header line (``Via: a, b`` or ``v: a,b``),
+ * the index where what follows the first via-parm's comma begins (SP / HT skipped), 0 when the
+ * value holds one via-parm, -1 when the line is not the plain shape this handles (a CR or LF:
+ * folded; no colon; an unclosed quote or bracket; nothing after the comma) and the Python
+ * code (via.after_first_via) must decide. The comma is the first one outside a quoted string
+ * (with its backslash escapes) and outside an IPv6 reference's brackets. */
+static PyObject *
+rest_after_first_via(PyObject *self, PyObject *arg)
+{
+    if (!PyBytes_CheckExact(arg)) {
+        PyErr_SetString(PyExc_TypeError, "rest_after_first_via(bytes)");
+        return NULL;
+    }
+    const char *s = PyBytes_AS_STRING(arg);
+    Py_ssize_t n = PyBytes_GET_SIZE(arg);
+    const char *colon = memchr(s, ':', (size_t)n);
+    if (colon == NULL || memchr(s, '\r', (size_t)n) != NULL || memchr(s, '\n', (size_t)n) != NULL)
+        return PyLong_FromLong(-1);
+    Py_ssize_t i = colon - s + 1;
+    int quoted = 0, bracket = 0;
+    for (; i < n; i++) {
+        char c = s[i];
+        if (quoted) {
+            if (c == '\\')
+                i++;
+            else if (c == '"')
+                quoted = 0;
+        } else if (c == '"') {
+            quoted = 1;
+        } else if (c == '[') {
+            bracket = 1;
+        } else if (c == ']') {
+            bracket = 0;
+        } else if (c == ',' && !bracket) {
+            break;
+        }
+    }
+    if (quoted || bracket)
+        return PyLong_FromLong(-1);
+    if (i >= n)
+        return PyLong_FromLong(0);
+    for (i++; i < n && (s[i] == ' ' || s[i] == '\t'); i++)
+        ;
+    return PyLong_FromSsize_t(i < n ? i : -1);
+}
+
 static PyMethodDef methods[] = {
     {"start_line", (PyCFunction)(void (*)(void))start_line, METH_FASTCALL,
      "start_line(line, methods) -> (method, uri, status, reason) | None: "
@@ -577,6 +624,9 @@ static PyMethodDef methods[] = {
     {"line_start", (PyCFunction)(void (*)(void))line_start, METH_FASTCALL,
      "line_start(data, letters, pos) -> int: the first LF at or after pos in the header "
      "block followed by one of letters, or -1."},
+    {"rest_after_first_via", (PyCFunction)rest_after_first_via, METH_O,
+     "rest_after_first_via(line) -> int: where the Via values after the first begin in a raw "
+     "Via line, 0 with one value, -1 for the Python code."},
     {"value_text", (PyCFunction)value_text, METH_O,
      "value_text(line) -> str: message.decode(message.raw_value(line)) in one pass."},
     {NULL, NULL, 0, NULL},

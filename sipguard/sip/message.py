@@ -525,6 +525,12 @@ class Message:
         Cut straight out of the received bytes when they are intact (a response losing our
         Via, the case this is for); rebuilt with :meth:`serialize` otherwise (requests too).
         """
+        return self.with_line(i, None)
+
+    def with_line(self, i: int, new: bytes | None) -> bytes:
+        """The message with header line ``i`` replaced by ``new`` (a whole raw line without
+        its CRLF; None: removed), everything else byte for byte; spliced into the received
+        bytes as :meth:`without_line` is."""
         frame = self._frame
         if frame is not None:
             data, start, pos, body_at = frame
@@ -532,8 +538,11 @@ class Message:
                 lines = self.lines
                 for k in range(i):
                     pos += len(lines[k]) + 2
-                return data[start:pos] + data[pos + len(lines[i]) + 2 :]
-        return self.serialize(replace={i: None})
+                after = data[pos + len(lines[i]) + 2 :]
+                if new is None:
+                    return data[start:pos] + after
+                return b"".join((data[start:pos], new, b"\r\n", after))
+        return self.serialize(replace={i: new})
 
     def __bytes__(self) -> bytes:
         return self.serialize()

@@ -162,6 +162,20 @@ def _load_fast() -> Callable[[str, int], tuple[Via, int] | None] | None:
 FAST_VIA = _load_fast()
 
 
+def _load_rest() -> Callable[[bytes], int] | None:
+    """Where the values after the first begin in a raw Via line, in C (sipguard/sip/_scan.c,
+    ``rest_after_first_via``); None: only :func:`after_first_via` (tests/unit/test_via.py
+    checks both agree)."""
+    try:
+        from sipguard.sip._scan import rest_after_first_via
+    except ImportError:
+        return None
+    return rest_after_first_via
+
+
+REST_AFTER_FIRST_VIA = _load_rest()
+
+
 def _check_params(params: Params) -> None:
     for key, value in params:
         if key == "branch" or key == "received" or key == "maddr":

@@ -60,6 +60,8 @@ def test_response_with_vias_in_one_line_loses_ours_and_keeps_the_rest_as_sent() 
     up = _to(h.send(resp, src=CORE), CALLER)
     assert [m.status for m in up] == [180]
     assert up[0].values("via") == [f"{caller} , SIP/2.0/UDP 203.0.113.9;branch=z9hG4bK-x"]
+    rest = f"Via: {caller} , SIP/2.0/UDP 203.0.113.9;branch=z9hG4bK-x\r\n"
+    assert h.raw[0] == resp.replace(line.encode(), rest.encode())  # the rest byte for byte
 
 
 def test_retransmitted_invite_never_reaches_core_twice() -> None:

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from sipguard.sip import via as via_module
 from sipguard.sip.errors import SipParseError
-from sipguard.sip.via import Via, after_first_via, parse_via_list
+from sipguard.sip.via import REST_AFTER_FIRST_VIA, Via, after_first_via, parse_via_list
 
 
 def vias(text: str, parts: list[str]) -> list[Via]:
@@ -313,6 +313,24 @@ def test_fast_and_general_paths_agree(text: str) -> None:
 ])
 def test_after_first_via_is_the_rest_as_written(text: str, rest: str) -> None:
     assert after_first_via(text) == rest
+    if REST_AFTER_FIRST_VIA is not None:  # the C scan of the raw line agrees
+        for name in ("Via: ", "v:"):
+            line = (name + text).encode()
+            at = REST_AFTER_FIRST_VIA(line)
+            assert (line[at:].decode() if at > 0 else "") == rest
+
+
+@pytest.mark.skipif(REST_AFTER_FIRST_VIA is None, reason="the C extensions are not built")
+@pytest.mark.parametrize("line", [
+    b"Via: SIP/2.0/UDP a;x=\"p, q;branch=z, b",  # an unclosed quote
+    b"Via: SIP/2.0/UDP [2001:db8::1;branch=z, b",  # an unclosed bracket
+    b"Via: SIP/2.0/UDP a;branch=z,  ",  # nothing after the comma
+    b"Via: SIP/2.0/UDP a;branch=z,\r\n b",  # folded
+    b"SIP/2.0/UDP a;branch=z, b",  # no colon
+])
+def test_rest_after_first_via_leaves_the_unusual_to_python(line: bytes) -> None:
+    assert REST_AFTER_FIRST_VIA is not None
+    assert REST_AFTER_FIRST_VIA(line) == -1
 
 
 @pytest.mark.parametrize("text", ["SIP/2.0/UDP a;branch=z junk", "SIP/2.0 a", ""])
