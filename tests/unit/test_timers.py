@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import math
 import random
 import time
 import weakref
@@ -11,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from sipguard.proxy.timers import TimerEntry, TimerQueue
+from sipguard.proxy.timers import SLOT_S, SLOTS_PER_S, TimerEntry, TimerQueue
 
 BASE = 1_234_567.25  # a loop.time()-like clock value
 
@@ -148,12 +149,12 @@ def test_cancel_before_the_bucket_moves_frees_it_at_once() -> None:
 
 def test_cancel_after_the_bucket_moved() -> None:
     q = TimerQueue()
-    a = q.add(20.5, noop, "a")
-    b = q.add(20.7, noop, "b")
-    q.pop_due(20.0)  # bucket 20 is in the heap now
+    a = q.add(20.02, noop, "a")
+    b = q.add(20.07, noop, "b")
+    q.pop_due(20.0)  # their bucket (20.0 to 20.1) is in the heap now
     TimerQueue.cancel(a)
     assert len(q) == 2  # a is dead but still held until skipped
-    assert names(q.pop_due(20.6)) == []
+    assert names(q.pop_due(20.05)) == []
     assert len(q) == 1
     TimerQueue.cancel(b)
     assert q.next_deadline() is None
@@ -219,28 +220,59 @@ def test_next_deadline_only_far() -> None:
     """Far timers: the next bucket's start, a wake-up that moves it, then the exact deadline."""
     q = TimerQueue()
     q.pop_due(BASE)
-    q.add(BASE + 32.5, noop, "a")  # bucket floor(BASE) + 32
-    start = float(int(BASE) + 32)
+    q.add(BASE + 32.57, noop, "a")  # its bucket starts SLOT_S or less before it
+    start = math.floor((BASE + 32.57) * SLOTS_PER_S) / SLOTS_PER_S
+    assert BASE + 32.57 - SLOT_S < start < BASE + 32.57
     assert q.next_deadline() == start
     assert names(q.pop_due(start)) == []
-    assert q.next_deadline() == BASE + 32.5
-    assert names(q.pop_due(BASE + 32.5)) == ["a"]
+    assert q.next_deadline() == BASE + 32.57
+    assert names(q.pop_due(BASE + 32.57)) == ["a"]
     assert q.next_deadline() is None
 
 
 def test_next_deadline_mixed() -> None:
     q = TimerQueue()
     q.pop_due(10.0)
-    q.add(10.75, noop, "near")
-    q.add(42.5, noop, "far")
-    assert q.next_deadline() == 10.75
-    assert names(q.pop_due(10.75)) == ["near"]
-    assert q.next_deadline() == 42.0
-    q.add(10.9, noop, "near2")
-    assert q.next_deadline() == 10.9
-    q.add(41.5, noop, "far2")  # earlier bucket
-    assert names(q.pop_due(10.9)) == ["near2"]
-    assert q.next_deadline() == 41.0
+    q.add(10.05, noop, "near")  # the slot reached: straight into the heap
+    q.add(42.55, noop, "far")
+    assert q.next_deadline() == 10.05
+    assert names(q.pop_due(10.05)) == ["near"]
+    assert q.next_deadline() == 42.5  # its bucket's start
+    q.add(10.09, noop, "near2")
+    assert q.next_deadline() == 10.09
+    q.add(41.55, noop, "far2")  # earlier bucket
+    assert names(q.pop_due(10.09)) == ["near2"]
+    assert q.next_deadline() == 41.5
+
+
+def test_a_wake_up_at_a_bucket_start_always_moves_it() -> None:
+    """next_deadline's bucket start, computed back from the slot number, may round a hair
+    below the slot: the wake-up there still moves the bucket, so the next deadline is the
+    timer's own (never the same start again: a shell would spin on it)."""
+    rng = random.Random(11)
+    for _ in range(2000):
+        q = TimerQueue()
+        now = rng.uniform(0, 1e7)
+        q.pop_due(now)
+        when = now + rng.uniform(1, 60)
+        q.add(when, noop, "t")
+        start = q.next_deadline()
+        assert start is not None and start <= when
+        assert names(q.pop_due(start)) == ([] if start < when else ["t"])
+        if start < when:
+            assert q.next_deadline() == when
+
+
+def test_a_bucket_move_is_one_slot_of_timers() -> None:
+    """10,000 timers due over one second, added long before: reaching any instant moves only
+    the slots up to it, so no event-loop pass pushes the whole second into the heap."""
+    q = TimerQueue()
+    q.pop_due(100.0)
+    for i in range(10_000):
+        q.add(200.0 + i / 10_000, noop, i)
+    fired = names(q.pop_due(200.0 + SLOT_S / 2))
+    assert fired == list(range(501))  # 200.05 included
+    assert len(q._heap) <= 10_000 * SLOT_S  # the rest of the first slot only
 
 
 def test_next_deadline_only_dead() -> None:
