@@ -469,7 +469,13 @@ class Server:
         admin = AdminEndpoint(self.metrics, self._gauges, self, token)
         host, port = http.host_port
         if port and self.worker is not None:
+            base = port
             port += self.worker  # worker i: the admin port + i
+            # GET /calls answers for every worker: the others asked on their ports
+            near = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+            admin.worker = self.worker
+            admin.peers = {i: f"http://{_bracketed(near)}:{base + i}"
+                           for i in range(self.cfg.workers) if i != self.worker}
         try:
             await admin.start(host, port)
         except OSError as exc:

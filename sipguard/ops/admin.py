@@ -15,7 +15,8 @@ with ``{"error": "..."}``, never a traceback.
                          or 422 ``{"applied": false, "errors": [{"line", "field", "message"}]}``
 ``GET /config``          the effective config, file paths of secrets redacted
 ``GET /calls?number=N``  live calls of a number (or ``prefix*``) and its live-call counts (this
-                         instance; with Redis also ``counts_all_instances``)
+                         instance; with Redis also ``counts_all_instances``); with several
+                         workers the calls of every worker (each asked with ``scope=worker``)
 ``GET /bans``            flood bans in force; ``DELETE /bans/{source}`` lifts one
 ``GET /suspensions``     suspended numbers (API and config); ``POST`` adds, ``DELETE
                          /suspensions/{number}`` lifts
@@ -27,12 +28,14 @@ this module is HTTP only: routing, authentication, JSON and request validation.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
-from urllib.parse import unquote
+from urllib.parse import quote, unquote
 
+import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
@@ -44,6 +47,7 @@ __all__ = ["AdminEndpoint", "Control", "read_token"]
 
 MAX_BODY = 64 * 1024
 OPEN_PATHS = frozenset({"/metrics", "/healthz", "/readyz"})
+PEER_TIMEOUT_S = 2.0  # GET /calls with several workers: how long one other worker may take
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -150,6 +154,10 @@ class AdminEndpoint:
         self.control = control
         self.token = token.encode() if token else None
         self._runner: web.AppRunner | None = None
+        # several workers: this one's index and the base URLs of the others' admin APIs
+        # (GET /calls answers for every worker)
+        self.worker: int | None = None
+        self.peers: dict[int, str] = {}
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._guard], client_max_size=MAX_BODY)
@@ -233,10 +241,52 @@ class AdminEndpoint:
     async def _calls(self, request: web.Request) -> web.Response:
         key = _key(_query_number(request))
         view = self.control.calls_view(key)
+        if self.worker is not None:
+            for call in view["calls"]:
+                call["worker"] = self.worker
+        if self.peers and request.query.get("scope") != "worker":
+            view["calls"] += await self._peer_calls(key, request.headers.get("Authorization"),
+                                                    view)
         shared = getattr(self.control, "shared_counts", None)
         if shared is not None:  # Redis backend: the counts every instance shares
             view["counts_all_instances"] = await shared(key)
         return _json(view)
+
+    async def _peer_calls(self, key: str, auth: str | None,
+                          view: dict[str, Any]) -> list[dict[str, Any]]:
+        """The other workers' calls of ``key`` (their ``scope=worker`` answers, asked at once,
+        PEER_TIMEOUT_S each); a worker that does not answer is named in
+        ``view["workers_unanswered"]``."""
+        headers = {"Accept": "application/json"}
+        if auth:
+            headers["Authorization"] = auth
+        path = f"/calls?number={quote(key, safe='')}&scope=worker"
+        timeout = aiohttp.ClientTimeout(total=PEER_TIMEOUT_S)
+        async with aiohttp.ClientSession(trust_env=False, timeout=timeout,
+                                         headers=headers) as session:
+
+            async def ask(url: str) -> list[dict[str, Any]] | None:
+                try:
+                    async with session.get(url + path, allow_redirects=False) as resp:
+                        if resp.status != 200:
+                            return None
+                        calls = (await resp.json()).get("calls")
+                        return calls if isinstance(calls, list) else None
+                except (TimeoutError, aiohttp.ClientError, ValueError):
+                    return None
+
+            order = sorted(self.peers)
+            answers = await asyncio.gather(*(ask(self.peers[i]) for i in order))
+        calls: list[dict[str, Any]] = []
+        missing = []
+        for i, got in zip(order, answers, strict=True):
+            if got is None:
+                missing.append(i)
+            else:
+                calls += got
+        if missing:
+            view["workers_unanswered"] = missing
+        return calls
 
     async def _bans(self, request: web.Request) -> web.Response:
         return _json({"bans": self.control.bans_view()})

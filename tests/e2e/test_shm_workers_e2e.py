@@ -10,6 +10,7 @@
 - a suspension made through one worker's admin API reaches a caller of the other;
 - `sipguard reload` through one worker's admin API reloads the other too: a number the new
   file suspends is refused on the worker that did not take the request;
+- `sipguard calls` through one worker's admin API lists the number's calls on both workers;
 - a core that sends every request to the public address (its outbound proxy) with the route
   set in Route: its BYE, with the callee in From, reaches the worker holding the call, as does
   the caller's CANCEL of another call.
@@ -20,6 +21,7 @@ Every process is stopped by its PID at the end; every wait is bounded.
 from __future__ import annotations
 
 import glob
+import json
 import re
 import socket
 import time
@@ -208,6 +210,41 @@ def test_reload_through_one_worker_reloads_the_other(stack: E2EStack) -> None:
         assert len(core.collect(0.3)) == 1  # call 2 did not reach the core
         decided = [e for e in g.events if e.get("event") == "invite_decided"]
         assert [e.get("worker") for e in decided] == [1, 1], decided
+    finally:
+        sock.close()
+        core.close()
+
+
+def test_calls_through_one_worker_list_both_workers_calls(stack: E2EStack) -> None:
+    """Two callers, one on each worker, call one number (the core does not answer: both
+    calls stay up, early): `sipguard calls NUMBER` against worker 0 lists both, each with the
+    worker that holds it."""
+    from .test_cli_e2e import sipguard
+
+    callers = [next(f"+1212555{i:04d}" for i in range(100)
+                    if zlib.crc32(f"+1212555{i:04d}".encode()) % WORKERS == w)
+               for w in range(WORKERS)]
+    callee = "+18005550123"
+    admin = free_block(WORKERS)
+    core = CoreSocket()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind((HOST, 0))
+    local = sock.getsockname()[1]
+    try:
+        g, port = start_shm_workers(stack, core.port, f"admin: {{listen: '{HOST}:{admin}'}}\n")
+        for i, caller in enumerate(callers):
+            sock.sendto(invite(i, caller=caller, callee=callee, transport="udp",
+                               local_port=local, target_port=port, tag="cl"), (HOST, port))
+        end = time.monotonic() + 5
+        while len(core.collect(0.2)) < len(callers) and time.monotonic() < end:
+            pass
+        assert len(core.collect(0.1)) == len(callers)
+        res = sipguard("calls", callee, "--admin", f"http://{HOST}:{admin}")
+        assert res.returncode == 0, res.stderr
+        view = json.loads(res.stdout)
+        assert sorted((c["worker"], c["caller"]) for c in view["calls"]) == [
+            (w, callers[w]) for w in range(WORKERS)]
+        assert "workers_unanswered" not in view
     finally:
         sock.close()
         core.close()

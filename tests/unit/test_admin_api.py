@@ -333,6 +333,30 @@ async def test_reload_reports_errors_and_applies_a_valid_file(
 # --------------------------------------------------------------------------- views
 
 
+async def test_calls_name_the_worker_and_a_worker_that_does_not_answer(
+    tmp_path: Path, peers: tuple[Peer, Peer]
+) -> None:
+    """As worker 0 of two: each call carries `worker`; the other worker is asked (here its
+    port is closed) and named in `workers_unanswered`; with `scope=worker` it is not asked."""
+    caller, core = peers
+    guard = await start_guard(tmp_path, core)
+    try:
+        await answered_call(guard, caller, core, "w-1", "+31201234567")
+        admin = guard.server.http
+        assert admin is not None
+        admin.worker = 0
+        admin.peers = {1: f"http://127.0.0.1:{_free_tcp_port()}"}  # nothing listens there
+        status, body = await request("GET", guard.url + "/calls?number=+31201234567")
+        assert status == 200 and body["workers_unanswered"] == [1]
+        (call,) = body["calls"]
+        assert call["worker"] == 0 and call["caller"] == "+31201234567"
+        status, body = await request("GET",
+                                     guard.url + "/calls?number=+31201234567&scope=worker")
+        assert status == 200 and "workers_unanswered" not in body and len(body["calls"]) == 1
+    finally:
+        await guard.server.stop()
+
+
 async def test_calls_and_bans_shapes(tmp_path: Path, peers: tuple[Peer, Peer]) -> None:
     """GET /calls lists a live call with its fields and counts; GET /bans lists bans with the
     flood rule on, DELETE /bans/{source} lifts one."""
