@@ -51,6 +51,7 @@ from sipguard.policy.engine import Policy
 from sipguard.policy.state import RuleState
 from sipguard.policy.suspensions import Suspension, SuspensionStore, suspension_key
 from sipguard.proxy.core import Proxy
+from sipguard.proxy.routing import flow_is_core
 from sipguard.proxy.settings import ProxySettings
 from sipguard.sip.errors import SipParseError
 from sipguard.sip.parser import ParseLimits
@@ -962,7 +963,8 @@ class Server:
             now = self.loop.time()
             core = self.core
             if core.flood_check(data, flow, now):
-                owner = link.owner(data)
+                # the core's requests hash their To (the outside party), as the call's INVITE
+                owner = link.owner(data, flow_is_core(flow, core.proxy.settings.core))
                 if owner == link.index or not link.hand_over(owner, data, flow):
                     core.receive(data, flow, now, screened=True)
         else:

@@ -92,9 +92,11 @@ READS_PER_WAKE: Final = 64  # envelopes read per wake-up before the loop runs ot
 RECEIVE_BUFFER: Final = 8 * 1024 * 1024
 MAX_ENVELOPE: Final = 65536 + 128
 
-# The From header's URI user (or a tel: number): enough to pick an owner, not a parse.
+# The From (To) header's URI user (or a tel: number): enough to pick an owner, not a parse.
 _FROM_USER = re.compile(
     rb"\n(?:from|f)[ \t]*:[^\r\n]*?(?:sips?:|tel:)([^@;>?\s]+)", re.IGNORECASE)
+_TO_USER = re.compile(
+    rb"\n(?:to|t)[ \t]*:[^\r\n]*?(?:sips?:|tel:)([^@;>?\s]+)", re.IGNORECASE)
 _CALL_ID = re.compile(rb"\n(?:call-id|i)[ \t]*:[ \t]*([^\r\n]+)", re.IGNORECASE)
 
 
@@ -127,18 +129,25 @@ def named_port(data: bytes) -> int | None:
     return int(found.group(1)) if found is not None else None
 
 
-def owner_of(data: bytes, workers: int, own_ports: dict[int, int] | None = None) -> int | None:
+def owner_of(data: bytes, workers: int, own_ports: dict[int, int] | None = None,
+             from_core: bool = False) -> int | None:
     """The worker owning a datagram: the worker whose own port (``own_ports``: port -> worker)
     its top Route (a request) or top Via (a response) names — the dialog's, whichever side
-    sends; else by the From URI's user part, else by Call-ID; None when the datagram has
-    none of them (it is handled where it was read)."""
+    sends; else by the user part of the party outside the core — the From URI's, or for a
+    request from the core (``from_core``) the To URI's — else by Call-ID; None when the
+    datagram has none of them (it is handled where it was read).
+
+    Hashing the outside party keeps a call on one worker whoever sends: a caller's INVITE and
+    the core's requests in that call (To: the caller) meet, and so do a call the core places
+    (To: the number it calls) and that party's requests in it (From: that number)."""
     if own_ports:
         port = named_port(data)
         if port is not None:
             worker = own_ports.get(port)
             if worker is not None:
                 return worker
-    m = _FROM_USER.search(data, 0, 8192) or _CALL_ID.search(data, 0, 8192)
+    party = _TO_USER if from_core and not data.startswith(b"SIP/2.0 ") else _FROM_USER
+    m = party.search(data, 0, 8192) or _CALL_ID.search(data, 0, 8192)
     if m is None:
         return None
     return zlib.crc32(m.group(1)) % workers
@@ -250,8 +259,8 @@ class WorkerLink:
         sock.close()
 
     # ------------------------------------------------------------------ sending
-    def owner(self, data: bytes) -> int:
-        found = owner_of(data, self.count, self.own_ports)
+    def owner(self, data: bytes, from_core: bool = False) -> int:
+        found = owner_of(data, self.count, self.own_ports, from_core)
         return self.index if found is None else found
 
     def _send(self, envelope: bytes, to: int, queue: bool = False) -> bool:

@@ -11,9 +11,9 @@
 - `sipguard reload` through one worker's admin API reloads the other too: a number the new
   file suspends is refused on the worker that did not take the request;
 - `sipguard calls` through one worker's admin API lists the number's calls on both workers;
-- a core that sends every request to the public address (its outbound proxy) with the route
-  set in Route: its BYE, with the callee in From, reaches the worker holding the call, as does
-  the caller's CANCEL of another call.
+- a core that sends every request to the public address (its outbound proxy), with the route
+  set in Route or without it: its BYE, with the callee in From, reaches the worker holding
+  the call, as does the caller's CANCEL of another call.
 
 Every process is stopped by its PID at the end; every wait is bounded.
 """
@@ -285,12 +285,16 @@ def _answer(request: bytes, status: str, to_tag: str | None, extra: bytes = b"")
     return b"\r\n".join(lines) + b"\r\n" + extra + b"Content-Length: 0\r\n\r\n"
 
 
-def test_requests_to_the_public_address_reach_the_calls_worker(stack: E2EStack) -> None:
+@pytest.mark.parametrize("routed", [True, False], ids=["route-set", "no-route"])
+def test_requests_to_the_public_address_reach_the_calls_worker(stack: E2EStack,
+                                                               routed: bool) -> None:
     """The core answers a call and then ends it with a BYE sent to sipguard's public address
-    (its outbound proxy), the Record-Route in Route and the *callee* in From — a number that
-    hashes to the other worker: the BYE still reaches the worker holding the call (not 481),
-    the caller hears it, the 200 goes back, and the call ends there. The caller's CANCEL of a
-    second call, also to the public address, reaches the worker holding that INVITE."""
+    (its outbound proxy), the Record-Route in Route (or, from a core that drops the route set,
+    no Route at all) and the *callee* in From — a number that hashes to the other worker: the
+    BYE still reaches the worker holding the call (not 481) — by the worker's port in Route,
+    or by its To (the caller) — the caller hears it, the 200 goes back, and the call ends
+    there. The caller's CANCEL of a second call, also to the public address, reaches the
+    worker holding that INVITE."""
     caller = next(f"+1212555{i:04d}" for i in range(100)
                   if zlib.crc32(f"+1212555{i:04d}".encode()) % WORKERS == 0)
     callee = next(f"+1800555{i:04d}" for i in range(100)
@@ -327,7 +331,8 @@ def test_requests_to_the_public_address_reach_the_calls_worker(stack: E2EStack) 
         # the core's BYE, to the public address, route set in Route, the callee in From
         bye = (f"BYE sip:{caller}@{HOST}:{local} SIP/2.0\r\n"
                f"Via: SIP/2.0/UDP {HOST}:{core.getsockname()[1]};branch=z9hG4bK-core-bye\r\n"
-               ).encode() + b"Route: " + own + b"\r\nMax-Forwards: 70\r\nFrom: " + to + \
+               ).encode() + (b"Route: " + own + b"\r\n" if routed else b"") + \
+            b"Max-Forwards: 70\r\nFrom: " + to + \
             b"\r\nTo: " + _header(ok, b"From")[0] + b"\r\nCall-ID: " + \
             _header(ok, b"Call-ID")[0] + b"\r\nCSeq: 1 BYE\r\nContent-Length: 0\r\n\r\n"
         core.sendto(bye, public)
@@ -356,7 +361,8 @@ def test_requests_to_the_public_address_reach_the_calls_worker(stack: E2EStack) 
         assert answered.startswith(b"SIP/2.0 200 "), answered[:80]
         _recv_until(core, rb"^CANCEL ", 5)
         # Whichever worker the kernel gave the BYE to, hashing its From (the callee) would
-        # have sent it to worker 1, which does not hold the call (481); its Route names 0.
+        # have sent it to worker 1, which does not hold the call (481); its Route names 0,
+        # and without one its To (the caller) hashes to 0.
         totals: Counter[str] = Counter()
         g.stop()
         for c in stopped_counters(g):

@@ -110,6 +110,35 @@ def test_owner_of_an_in_dialog_request_is_the_worker_its_route_names() -> None:
         assert owner_of(routed, 2, own_ports) == zlib.crc32(b"+12125550100") % 2
 
 
+def test_a_request_from_the_core_goes_by_the_party_outside_it() -> None:
+    """Without a worker's port in its Route, a request from the core goes by its To: the core's
+    BYE of a caller's call (the callee in From, the caller in To) meets the caller's worker,
+    and a call the core places (its INVITE and CANCEL, To: the number called) meets that
+    party's own requests (From: that number). Responses still go by From (and by the worker's
+    port in their top Via first)."""
+    caller, external = "+12125550100", "+18005550199"
+    want = zlib.crc32(caller.encode()) % 4
+    callee = next(f"+1800555{i:04d}" for i in range(100)
+                  if zlib.crc32(f"+1800555{i:04d}".encode()) % 4 != want)
+    bye = _bye_from_core("<sip:127.0.0.1;lr>", callee)  # names no worker's port
+    assert owner_of(bye, 4) == zlib.crc32(callee.encode()) % 4  # by From: another worker
+    assert owner_of(bye, 4, from_core=True) == want
+    placed = _invite("+31201234567")  # the core's call to `external` (To)
+    outside = zlib.crc32(external.encode()) % 4
+    assert owner_of(placed, 4, from_core=True) == outside
+    cancel = placed.replace(b"INVITE sip", b"CANCEL sip").replace(b"1 INVITE", b"1 CANCEL")
+    assert owner_of(cancel, 4, from_core=True) == outside
+    theirs = (f"BYE sip:+31201234567@10.0.0.10 SIP/2.0\r\nVia: SIP/2.0/UDP 192.0.2.9:5060;"
+              f"branch=z9hG4bKx\r\nFrom: <sip:{external}@192.0.2.9>;tag=9\r\n"
+              f"t: <sip:+31201234567@10.0.0.10>;tag=1\r\nCall-ID: abc@host\r\n"
+              "CSeq: 5 BYE\r\nContent-Length: 0\r\n\r\n").encode()
+    assert owner_of(theirs, 4) == outside
+    ringing = (f"SIP/2.0 180 Ringing\r\nVia: SIP/2.0/UDP 127.0.0.1;branch=z9hG4bKsg1\r\n"
+               f"From: <sip:{caller}@127.0.0.1>;tag=1\r\nTo: <sip:{callee}@10.0.0.10>;tag=2\r\n"
+               "Call-ID: abc@host\r\nCSeq: 1 INVITE\r\nContent-Length: 0\r\n\r\n").encode()
+    assert owner_of(ringing, 4, from_core=True) == want
+
+
 def test_batch_records_and_cut_short_ones() -> None:
     flow = Flow("udp", ("192.0.2.1", 5070), 1)
     one = _RECORD.pack(1, 5070, 9, 3) + b"192.0.2.1" + b"abc"
