@@ -58,6 +58,20 @@ def start_shm_workers(stack: E2EStack, core_port: int,
     return g, port
 
 
+def number_of(worker: int, prefix: str = "+1212555") -> str:
+    """The first number ``prefix`` + 4 digits whose CRC-32 picks ``worker``."""
+    return next(f"{prefix}{i:04d}" for i in range(100)
+                if zlib.crc32(f"{prefix}{i:04d}".encode()) % WORKERS == worker)
+
+
+def uac_socket() -> tuple[socket.socket, int]:
+    """A UDP socket on 127.0.0.1 (short read timeout) and its port: a caller's or the core's."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind((HOST, 0))
+    sock.settimeout(0.05)
+    return sock, sock.getsockname()[1]
+
+
 def stopped_counters(g: SipguardProcess) -> list[dict[str, Any]]:
     with g._cv:
         return [e.get("counters") or {} for e in g.events if e.get("event") == "sipguard_stopped"]
@@ -145,14 +159,10 @@ def test_suspension_through_one_worker_reaches_the_other(stack: E2EStack) -> Non
     at once; unsuspended the same way, its next call reaches the core."""
     from .test_cli_e2e import sipguard
 
-    caller = next(f"+1212555{i:04d}" for i in range(100)
-                  if zlib.crc32(f"+1212555{i:04d}".encode()) % WORKERS == 1)
+    caller = number_of(1)
     admin = free_block(WORKERS)
     core = CoreSocket()
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind((HOST, 0))
-    sock.settimeout(0.05)
-    local = sock.getsockname()[1]
+    sock, local = uac_socket()
     url = f"http://{HOST}:{admin}"  # worker 0's
     try:
         g, port = start_shm_workers(stack, core.port, f"admin: {{listen: '{HOST}:{admin}'}}\n")
@@ -182,14 +192,10 @@ def test_reload_through_one_worker_reloads_the_other(stack: E2EStack) -> None:
     SIGHUP), and the caller hears 403 from worker 1 without a second reload."""
     from .test_cli_e2e import sipguard
 
-    caller = next(f"+1212555{i:04d}" for i in range(100)
-                  if zlib.crc32(f"+1212555{i:04d}".encode()) % WORKERS == 1)
+    caller = number_of(1)
     admin = free_block(WORKERS)
     core = CoreSocket()
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind((HOST, 0))
-    sock.settimeout(0.05)
-    local = sock.getsockname()[1]
+    sock, local = uac_socket()
     try:
         g, port = start_shm_workers(stack, core.port, f"admin: {{listen: '{HOST}:{admin}'}}\n")
         sock.sendto(invite(1, caller=caller, callee="+18005550199", transport="udp",
@@ -221,15 +227,11 @@ def test_calls_through_one_worker_list_both_workers_calls(stack: E2EStack) -> No
     worker that holds it."""
     from .test_cli_e2e import sipguard
 
-    callers = [next(f"+1212555{i:04d}" for i in range(100)
-                    if zlib.crc32(f"+1212555{i:04d}".encode()) % WORKERS == w)
-               for w in range(WORKERS)]
+    callers = [number_of(w) for w in range(WORKERS)]
     callee = "+18005550123"
     admin = free_block(WORKERS)
     core = CoreSocket()
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind((HOST, 0))
-    local = sock.getsockname()[1]
+    sock, local = uac_socket()
     try:
         g, port = start_shm_workers(stack, core.port, f"admin: {{listen: '{HOST}:{admin}'}}\n")
         for i, caller in enumerate(callers):
@@ -295,17 +297,9 @@ def test_requests_to_the_public_address_reach_the_calls_worker(stack: E2EStack,
     or by its To (the caller) — the caller hears it, the 200 goes back, and the call ends
     there. The caller's CANCEL of a second call, also to the public address, reaches the
     worker holding that INVITE."""
-    caller = next(f"+1212555{i:04d}" for i in range(100)
-                  if zlib.crc32(f"+1212555{i:04d}".encode()) % WORKERS == 0)
-    callee = next(f"+1800555{i:04d}" for i in range(100)
-                  if zlib.crc32(f"+1800555{i:04d}".encode()) % WORKERS == 1)
-    core = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    core.bind((HOST, 0))
-    core.settimeout(0.05)
-    uac = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    uac.bind((HOST, 0))
-    uac.settimeout(0.05)
-    local = uac.getsockname()[1]
+    caller, callee = number_of(0), number_of(1, "+1800555")
+    core, _ = uac_socket()  # the core's socket: the same kind
+    uac, local = uac_socket()
     try:
         g, port = start_shm_workers(stack, core.getsockname()[1])
         public = (HOST, port)
