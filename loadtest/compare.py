@@ -3,7 +3,9 @@ the STIR/SHAKEN material for sipguard's identity rule, pass/fail and the summary
 
 - :func:`ensure_kamailio` / :class:`KamailioProcess`: Kamailio (Debian package ``kamailio``)
   started in the foreground with ``loadtest/kamailio/kamailio.cfg`` on a free loopback port,
-  relaying to the SIPp UAS, its process tree pinned as sipguard's is;
+  relaying to the SIPp UAS, its process tree pinned as sipguard's is; for the
+  ``kamailio-identity`` system with the secsipid module too (``kamailio-secsipid-modules``),
+  checking the Identity headers sipguard checks;
 - :class:`IdentityKit`: a test STI-CA, an SP certificate served over HTTPS on 127.0.0.1 (x5u),
   and per step a SIPp injection file whose lines carry a signed PASSporT on a share of the calls;
 - :func:`passed`, :func:`summary`, :func:`markdown`: the verdict per step and per system.
@@ -21,7 +23,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from tests.e2e.harness import HOST, free_port, wait_port_bound
 
@@ -43,25 +45,44 @@ def kamailio_binary() -> str | None:
     )
 
 
-def ensure_kamailio(install: bool = True) -> str | None:
-    """The kamailio binary; installed with apt (Debian package ``kamailio``) when missing and
-    ``install``. The service the package may start is stopped and disabled: the runner starts
-    its own instance per step."""
-    found = kamailio_binary()
-    if found or not install:
-        return found
+SECSIPID_MODULE: Final = "secsipid.so"  # Debian kamailio-secsipid-modules
+
+
+def secsipid_installed() -> bool:
+    """Kamailio's STIR/SHAKEN module is there (the ``kamailio-identity`` system needs it)."""
+    binary = kamailio_binary()
+    if binary is None:
+        return False
+    libdirs = [Path("/usr/lib/x86_64-linux-gnu/kamailio/modules"),
+               Path("/usr/lib/kamailio/modules"), Path("/usr/local/lib64/kamailio/modules")]
+    libdirs += list(Path("/usr/lib").glob("*/kamailio/modules"))
+    return any((d / SECSIPID_MODULE).exists() for d in libdirs)
+
+
+def ensure_kamailio(install: bool = True, identity: bool = False) -> str | None:
+    """The kamailio binary; installed with apt (Debian package ``kamailio``, and
+    ``kamailio-secsipid-modules`` with ``identity``) when missing and ``install``. The service
+    the package may start is stopped and disabled: the runner starts its own instance per
+    step. None when it (or, with ``identity``, its secsipid module) is missing."""
+    packages = [] if kamailio_binary() else ["kamailio"]
+    if identity and not secsipid_installed():
+        packages.append("kamailio-secsipid-modules")
+    if not packages or not install:
+        return kamailio_binary() if not packages else None
     sudo = [] if os.geteuid() == 0 else ["sudo"]
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    print("installing Kamailio (Debian package kamailio)", flush=True)
+    print(f"installing Debian packages {' '.join(packages)}", flush=True)
     try:
         subprocess.run(sudo + ["apt-get", "update", "-qq"], check=True, env=env, timeout=300,
                        stdout=subprocess.DEVNULL)
-        subprocess.run(sudo + ["apt-get", "install", "-y", "-qq", "kamailio"], check=True,
+        subprocess.run(sudo + ["apt-get", "install", "-y", "-qq", *packages], check=True,
                        env=env, timeout=600, stdout=subprocess.DEVNULL)
     except (OSError, subprocess.SubprocessError) as exc:
-        print(f"could not install kamailio: {exc}", flush=True)
+        print(f"could not install {' '.join(packages)}: {exc}", flush=True)
         return None
     stop_kamailio_service()
+    if identity and not secsipid_installed():
+        return None
     return kamailio_binary()
 
 
@@ -227,13 +248,17 @@ class IdentityKit:
     config of sipguard's identity rule that trusts both."""
 
     def __init__(self, folder: Path, share: float) -> None:
-        from tests.unit.stir_pki import Pki, X5uServer, standard_routes
+        from tests.unit.stir_pki import Pki, X5uServer, pem, standard_routes
 
         self.share = share
         self.folder = folder
         folder.mkdir(parents=True, exist_ok=True)
         self.pki = Pki()
         self.anchors, self.bundle = self.pki.write(folder)
+        # the signing certificate, for the kamailio-identity system (secsipid reads the key
+        # from a file: the warm cache sipguard's identity rule builds from the x5u fetch)
+        self.cert_file = folder / "signer.pem"
+        self.cert_file.write_bytes(pem(self.pki.leaf))
         self.server = X5uServer(self.pki.server_context(), standard_routes(self.pki)).start()
         self.url = self.server.url("/good.pem")
 
@@ -245,6 +270,12 @@ class IdentityKit:
             "x5u_ports": [self.server.port],
             "freshness_s": int(min(max(freshness_s, 60), 3600)),
         }
+
+    def kamailio_defines(self, freshness_s: float) -> list[str]:
+        """kamailio.cfg's defines that turn its Identity check on, as strict about age as
+        :meth:`settings` makes sipguard."""
+        return ["WITH_IDENTITY", f'IDENTITY_CERT="{self.cert_file}"',
+                f"IDENTITY_EXPIRE={int(min(max(freshness_s, 60), 3600))}"]
 
     def fetches(self) -> int:
         return int(self.server.hits["/good.pem"])
@@ -285,8 +316,12 @@ def passed(step: dict[str, Any]) -> bool:
             and step["retrans_pct"] < PASS_RETRANS_PCT)
 
 
+KAMAILIOS: Final = ("kamailio", "kamailio-identity")  # the systems others are compared with
+
+
 def summary(steps: list[dict[str, Any]], paths: list[str]) -> dict[str, Any]:
-    """Per system the highest passing rate; sipguard (and redis-workers) against Kamailio:
+    """Per system the highest passing rate; every other proxy against Kamailio (``vs_kamailio``)
+    and, when measured, against Kamailio checking Identity too (``vs_kamailio_identity``):
     highest passing rates, and CPU per call at the highest rate both passed."""
     by: dict[str, dict[int, dict[str, Any]]] = {}
     for s in steps:
@@ -296,29 +331,32 @@ def summary(steps: list[dict[str, Any]], paths: list[str]) -> dict[str, Any]:
         ok = [r for r, s in by.get(p, {}).items() if s["passed"]]
         best[p] = max(ok) if ok else None
     out: dict[str, Any] = {"highest_passing_rate": best, "vs_kamailio": {}}
-    kam = by.get("kamailio")
-    if kam is None:
-        return out
-    for p in paths:
-        if p in ("direct", "kamailio"):
+    for ref in KAMAILIOS:
+        kam = by.get(ref)
+        if kam is None:
             continue
-        mine = by.get(p, {})
-        both = [r for r in mine if r in kam and mine[r]["passed"] and kam[r]["passed"]]
-        cmp: dict[str, Any] = {
-            "highest_passing_rate_ratio": (
-                best[p] / best["kamailio"] if best.get(p) and best.get("kamailio") else None
-            ),
-        }
-        if both:
-            r = max(both)
-            a, b = mine[r].get("cpu_ms_per_call"), kam[r].get("cpu_ms_per_call")
-            cmp.update({
-                "cpu_rate": r,
-                "cpu_ms_per_call": a,
-                "kamailio_cpu_ms_per_call": b,
-                "cpu_per_call_ratio": a / b if a is not None and b else None,
-            })
-        out["vs_kamailio"][p] = cmp
+        versus: dict[str, Any] = {}
+        for p in paths:
+            if p == "direct" or p in KAMAILIOS:
+                continue
+            mine = by.get(p, {})
+            both = [r for r in mine if r in kam and mine[r]["passed"] and kam[r]["passed"]]
+            cmp: dict[str, Any] = {
+                "highest_passing_rate_ratio": (
+                    best[p] / best[ref] if best.get(p) and best.get(ref) else None
+                ),
+            }
+            if both:
+                r = max(both)
+                a, b = mine[r].get("cpu_ms_per_call"), kam[r].get("cpu_ms_per_call")
+                cmp.update({
+                    "cpu_rate": r,
+                    "cpu_ms_per_call": a,
+                    "kamailio_cpu_ms_per_call": b,
+                    "cpu_per_call_ratio": a / b if a is not None and b else None,
+                })
+            versus[p] = cmp
+        out["vs_" + ref.replace("-", "_")] = versus
     return out
 
 
@@ -348,7 +386,17 @@ def markdown(steps: list[dict[str, Any]], paths: list[str], summ: dict[str, Any]
     lines.append("")
     lines.append("Highest passing rate: " + ", ".join(
         f"{p} {best[p]:,}" if best.get(p) else f"{p} none" for p in paths) + ".")
-    for p, c in summ.get("vs_kamailio", {}).items():
+    for ref, label in (("vs_kamailio", "Kamailio"),
+                       ("vs_kamailio_identity", "Kamailio checking Identity")):
+        lines += _versus_lines(summ.get(ref, {}), label)
+    if note:
+        lines.append(note)
+    return "\n".join(lines)
+
+
+def _versus_lines(versus: dict[str, Any], label: str) -> list[str]:
+    lines = []
+    for p, c in versus.items():
         parts = []
         if c.get("highest_passing_rate_ratio") is not None:
             parts.append(f"highest passing rate {c['highest_passing_rate_ratio']:.2f}×")
@@ -357,7 +405,5 @@ def markdown(steps: list[dict[str, Any]], paths: list[str], summ: dict[str, Any]
                          f"calls/s ({c['cpu_ms_per_call']:.3f} vs "
                          f"{c['kamailio_cpu_ms_per_call']:.3f} ms)")
         if parts:
-            lines.append(f"{p} / Kamailio: " + "; ".join(parts) + ".")
-    if note:
-        lines.append(note)
-    return "\n".join(lines)
+            lines.append(f"{p} / {label}: " + "; ".join(parts) + ".")
+    return lines

@@ -30,7 +30,9 @@ and ``redis-workers`` (that, with ``--workers`` processes; unpinned — they sha
 (``state.backend: shared_memory``, ``worker_spread: caller``), no Redis, unpinned.
 sipguard's CPU is summed over its process tree (the supervisor and its workers); Redis's CPU is
 reported apart (``redis_cpu_ms/call``).  ``kamailio`` is Kamailio (``loadtest/kamailio/kamailio.cfg``)
-as the proxy, its CPU summed over its processes.
+as the proxy, its CPU summed over its processes; ``kamailio-identity`` the same with its
+STIR/SHAKEN check on (the secsipid module verifies the Identity headers sipguard verifies,
+against the signing certificate in a file), for a like-for-like figure.
 
 ``--compare`` is the comparison mode: direct, Kamailio and sipguard with every rule on
 (``loadtest/all_rules.yaml``, plus STIR/SHAKEN verification of the Identity header a share of
@@ -83,7 +85,8 @@ SCENARIOS = HERE / "scenarios"
 NUMBERS = HERE / "numbers.csv"
 RESULTS = HERE / "results"
 ALL_RULES = HERE / "all_rules.yaml"
-PATHS = ("direct", "relay", "kamailio", "sipguard", "redis", "redis-workers", "shm-workers")
+PATHS = ("direct", "relay", "kamailio", "kamailio-identity", "sipguard", "redis", "redis-workers",
+         "shm-workers")
 WORKER_PATHS = ("redis-workers", "shm-workers")  # several processes, unpinned
 
 
@@ -391,11 +394,16 @@ def base_config(args: argparse.Namespace) -> dict[str, Any]:
         else {"listen": [f"udp://{HOST}:5060"], "core": f"udp://{HOST}:5080"}
     )
     if args.identity is not None:
-        freshness = args.duration + args.hold_ms / 1000 + 60
         rules = dict(base.get("rules") or {})
         rules.pop("identity", None)
-        base["rules"] = {"identity": args.identity.settings(freshness), **rules}
+        base["rules"] = {"identity": args.identity.settings(identity_freshness(args)), **rules}
     return base
+
+
+def identity_freshness(args: argparse.Namespace) -> float:
+    """How old a PASSporT may be (s): the injection file's are signed once per step, so a
+    step's length and a call's, and a minute's margin."""
+    return args.duration + args.hold_ms / 1000 + 60
 
 
 def sipguard_configs(args: argparse.Namespace, root: Path, url: str | None) -> dict[str, Path]:
@@ -517,12 +525,14 @@ def run_step(args: argparse.Namespace, rate: int, path: str, root: Path) -> Step
         uas.start()
         uas.wait_bound()
         target = uas.local_port
-        if path == "kamailio":
+        if path in compare.KAMAILIOS:
             port = free_port()
+            defines = list(args.kamailio_define)
+            if path == "kamailio-identity" and args.identity is not None:
+                defines += args.identity.kamailio_defines(identity_freshness(args))
             kam = compare.KamailioProcess(
                 workdir, port=port, core=(HOST, uas.local_port), transport=args.transport,
-                cpu=args.proxy_cpu, children=args.kamailio_children,
-                defines=args.kamailio_define,
+                cpu=args.proxy_cpu, children=args.kamailio_children, defines=defines,
             ).start()
             proxy_pid, target = kam.pid, port
         elif path == "relay":
@@ -718,7 +728,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", choices=["direct", "sipguard"], help="run one path only")
     ap.add_argument(
         "--paths", help="systems to measure, comma-separated, in order: direct, relay (the "
-        "Python floor: loadtest/relay.py, no SIP work), kamailio, sipguard, redis (state on a "
+        "Python floor: loadtest/relay.py, no SIP work), kamailio, kamailio-identity (Kamailio "
+        "checking the Identity headers too: secsipid), sipguard, redis (state on a "
         "local redis-server), redis-workers (--workers processes on it), shm-workers "
         "(--workers processes sharing limits in shared memory); default "
         "direct,sipguard (compare: direct,kamailio,sipguard)",
@@ -793,9 +804,16 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             print(f"unknown --paths: {sorted(unknown)}", file=sys.stderr)
             return 2
-    if "kamailio" in paths and compare.ensure_kamailio(args.install) is None:
-        print("kamailio not installed (Debian package kamailio): drop it from --paths or "
-              "allow the install", file=sys.stderr)
+    if "kamailio-identity" in paths and args.identity_share <= 0:
+        print("kamailio-identity checks Identity headers: it needs --identity-share > 0",
+              file=sys.stderr)
+        return 2
+    kamailios = [p for p in paths if p in compare.KAMAILIOS]
+    if kamailios and compare.ensure_kamailio(
+            args.install, identity="kamailio-identity" in kamailios) is None:
+        print("kamailio not installed (Debian packages kamailio, and kamailio-secsipid-modules "
+              "for kamailio-identity): drop it from --paths or allow the install",
+              file=sys.stderr)
         return 2
     run_id = time.strftime("%Y%m%d-%H%M%S")
     root = args.results_dir / run_id
@@ -858,7 +876,7 @@ def report(
         [sipp_binary() or "sipp", "-v"], capture_output=True, text=True, timeout=10
     ).stdout
     kam_ver = ""
-    if "kamailio" in paths and compare.kamailio_binary():
+    if any(p in compare.KAMAILIOS for p in paths) and compare.kamailio_binary():
         kam_ver = subprocess.run(
             [compare.kamailio_binary() or "kamailio", "-v"], capture_output=True, text=True,
             timeout=10,
@@ -872,7 +890,8 @@ def report(
                  if k not in skip},
         "proxy_cmd": args.proxy_desc,
         "sipguard_configs": {k: str(v) for k, v in args.sipguard_configs.items()},
-        "kamailio_cfg": str(compare.KAMAILIO_CFG) if "kamailio" in paths else None,
+        "kamailio_cfg": (str(compare.KAMAILIO_CFG)
+                         if any(p in compare.KAMAILIOS for p in paths) else None),
         "host": {
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
@@ -900,11 +919,12 @@ def report(
     best = summ["highest_passing_rate"]
     print("highest passing rate: " + ", ".join(
         f"{p} {best[p] if best.get(p) else 'none'}" for p in paths))
-    for p, c in summ["vs_kamailio"].items():
-        hr, cr = c.get("highest_passing_rate_ratio"), c.get("cpu_per_call_ratio")
-        print(f"{p} / kamailio: highest passing rate {fmt(hr)}x, CPU per call {fmt(cr)}x"
-              + (f" at {c['cpu_rate']} calls/s" if cr is not None else ""))
-    if args.compare or "kamailio" in paths:
+    for ref in compare.KAMAILIOS:
+        for p, c in summ.get("vs_" + ref.replace("-", "_"), {}).items():
+            hr, cr = c.get("highest_passing_rate_ratio"), c.get("cpu_per_call_ratio")
+            print(f"{p} / {ref}: highest passing rate {fmt(hr)}x, CPU per call {fmt(cr)}x"
+                  + (f" at {c['cpu_rate']} calls/s" if cr is not None else ""))
+    if args.compare or any(p in compare.KAMAILIOS for p in paths):
         pin = (f"proxy pinned to CPU {args.proxy_cpu}, load on the others" if args.proxy_cpu
                is not None else "unpinned")
         note = (f"({run_id}: {args.duration:g} s per step, {args.hold_ms} ms calls, "

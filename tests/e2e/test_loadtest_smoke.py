@@ -1,5 +1,6 @@
 """The load kit itself runs: loadtest/run.py at a small rate, direct and through sipguard, and
-its comparison mode with Kamailio (when kamailio is installed).
+its comparison mode with Kamailio (when kamailio is installed), and with Kamailio checking
+STIR/SHAKEN too (when its secsipid module is).
 
 Not a performance test (that is loadtest/, by hand): it checks that the runner, its SIPp
 scenarios, the latency probe and the CPU accounting work end to end, so the figures in the
@@ -9,8 +10,10 @@ README can be reproduced with the command given there.
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -128,3 +131,103 @@ def test_core_benchmark_runs_calls_one_after_another_and_overlapping() -> None:
         per_call = [ln for ln in done.stdout.splitlines() if ln.startswith("core µs per call")]
         assert len(per_call) == 1 and "(7 messages in)" in per_call[0], done.stdout
         assert float(per_call[0].split()[4]) > 0, per_call
+
+
+_SECSIPID = pytest.mark.skipif(
+    not compare.secsipid_installed(),
+    reason="Kamailio's secsipid module not installed (Debian kamailio-secsipid-modules)",
+)
+
+
+def _answers(sock: socket.socket, request: bytes, to: tuple[str, int]) -> list[int]:
+    """The status codes a request gets, up to the first final one."""
+    sock.sendto(request, to)
+    codes: list[int] = []
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        sock.settimeout(max(deadline - time.monotonic(), 0.01))
+        try:
+            data = sock.recv(65535)
+        except TimeoutError:
+            break
+        code = int(data.split(b" ", 2)[1])
+        codes.append(code)
+        if code >= 200:
+            break
+    return codes
+
+
+@_SECSIPID
+def test_kamailio_identity_system_really_checks_identity(tmp_path: Path) -> None:
+    """The like-for-like Kamailio (kamailio.cfg with WITH_IDENTITY) verifies what sipguard
+    verifies: a good PASSporT passes to the core, a forged signature and a stale one get 438,
+    a call without Identity passes."""
+    from tests.e2e.harness import HOST, free_port, sipp_binary, stop_pid, wait_port_bound
+    from tests.unit.stir_pki import sign_passport
+
+    kit = compare.IdentityKit(tmp_path / "identity", 0.5)
+    core_port, kam_port = free_port(), free_port()
+    uas = subprocess.Popen(
+        [sipp_binary() or "sipp", "-sn", "uas", "-i", HOST, "-p", str(core_port), "-nostdin",
+         "-timeout", "60", "-trace_err", "-error_file", str(tmp_path / "uas_errors.log")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path,
+    )
+    kam = None
+    try:
+        wait_port_bound(core_port, "udp")
+        kam = compare.KamailioProcess(tmp_path, port=kam_port, core=(HOST, core_port),
+                                      defines=kit.kamailio_defines(300)).start()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind((HOST, 0))
+        me = sock.getsockname()[1]
+
+        def invite(n: int, identity: str | None) -> bytes:
+            hdr = (f'Identity: {identity};info=<{kit.url}>;alg=ES256;ppt="shaken"\r\n'
+                   if identity else "")
+            return (
+                f"INVITE sip:+16465550001@{HOST}:{kam_port} SIP/2.0\r\n"
+                f"Via: SIP/2.0/UDP {HOST}:{me};branch=z9hG4bK-kid-{n}\r\nMax-Forwards: 70\r\n"
+                f"From: <sip:+12125550001@{HOST}>;tag=k{n}\r\nTo: <sip:+16465550001@{HOST}>\r\n"
+                f"Call-ID: kid-{n}@{HOST}\r\nCSeq: 1 INVITE\r\n"
+                f"Contact: <sip:+12125550001@{HOST}:{me}>\r\n{hdr}Content-Length: 0\r\n\r\n"
+            ).encode()
+
+        good = sign_passport(kit.pki.leaf_key, kit.url, orig="12125550001",
+                             dest=("16465550001",))
+        head, _, signature = good.rpartition(".")
+        forged = f"{head}.{signature[:10]}{'A' if signature[10] != 'A' else 'B'}{signature[11:]}"
+        stale = sign_passport(kit.pki.leaf_key, kit.url, orig="12125550001",
+                              dest=("16465550001",), iat=int(time.time()) - 3600)
+        target = (HOST, kam_port)
+        assert _answers(sock, invite(1, good), target)[-1] == 200
+        assert _answers(sock, invite(2, forged), target) == [438]
+        assert _answers(sock, invite(3, stale), target) == [438]
+        assert _answers(sock, invite(4, None), target)[-1] == 200
+        sock.close()
+    finally:
+        if kam is not None:
+            kam.stop()
+        stop_pid(uas)
+        kit.stop()
+
+
+@_SECSIPID
+def test_compare_mode_measures_kamailio_checking_identity(tmp_path: Path) -> None:
+    """--paths kamailio-identity,sipguard: both complete every call, and sipguard is compared
+    with Kamailio checking Identity too (vs_kamailio_identity)."""
+    done = subprocess.run(
+        [sys.executable, str(RUNNER), "--compare", "--paths", "kamailio-identity,sipguard",
+         "--rates", "20", "--duration", "2", "--hold-ms", "200", "--probe-rate", "5",
+         "--warmup-calls", "4", "--no-install", "--results-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    (report,) = tmp_path.glob("*.json")
+    result = json.loads(report.read_text())
+    steps = result["steps"]
+    assert [s["path"] for s in steps] == ["kamailio-identity", "sipguard"], done.stdout
+    for step in steps:
+        assert step["success_pct"] == 100.0 and step["passed"], step
+    versus = result["summary"]["vs_kamailio_identity"]["sipguard"]
+    assert versus["cpu_per_call_ratio"] > 0, versus
+    assert "sipguard / Kamailio checking Identity" in result["markdown"], result["markdown"]

@@ -156,19 +156,17 @@ class Pki:
 
     def server_context(self) -> ssl.SSLContext:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        folder = Path(_tmpdir())
-        cert, key = folder / "tls.pem", folder / "tls.key"
-        cert.write_bytes(pem(self.tls_cert, self.tls_ca))
-        key.write_bytes(self.tls_key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        ))
-        ctx.load_cert_chain(cert, key)
+        # ssl loads a chain from files only; the context keeps it, so the files (a private
+        # key among them) go as soon as it is loaded.
+        with tempfile.TemporaryDirectory(prefix="sipguard-x5u-") as tmp:
+            cert, key = Path(tmp) / "tls.pem", Path(tmp) / "tls.key"
+            cert.write_bytes(pem(self.tls_cert, self.tls_ca))
+            key.write_bytes(self.tls_key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            ))
+            ctx.load_cert_chain(cert, key)
         return ctx
-
-
-def _tmpdir() -> str:
-    return tempfile.mkdtemp(prefix="sipguard-x5u-")
 
 
 def b64(data: bytes) -> str:
