@@ -2,7 +2,9 @@
 
 One aiohttp site on the event loop (``admin: {listen: 127.0.0.1:9090, token_file: ...}``;
 ``metrics:`` is the section's old name). ``GET /metrics`` (Prometheus), ``GET /healthz`` and
-``GET /readyz`` are open; every other endpoint — everything that changes state or shows
+``GET /readyz`` are open (with several workers, ``/metrics`` on any worker is every
+worker's, each sample labelled ``worker``; ``?scope=worker``: that worker's alone); every
+other endpoint — everything that changes state or shows
 numbers — asks for ``Authorization: Bearer <token>`` when a token file is configured
 (compared with :func:`hmac.compare_digest`). Bodies are JSON both ways; a bad request is a 4xx
 with ``{"error": "..."}``, never a traceback.
@@ -38,8 +40,15 @@ from urllib.parse import quote, unquote
 import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily
 
-from sipguard.ops.metrics import Metrics, MetricsCollector
+from sipguard.ops.metrics import (
+    Metrics,
+    MetricsCollector,
+    Snapshot,
+    SnapshotCollector,
+    families,
+)
 from sipguard.ops.reload import ReloadResult
 from sipguard.policy.suspensions import suspension_key
 
@@ -47,7 +56,8 @@ __all__ = ["AdminEndpoint", "Control", "read_token"]
 
 MAX_BODY = 64 * 1024
 OPEN_PATHS = frozenset({"/metrics", "/healthz", "/readyz"})
-PEER_TIMEOUT_S = 2.0  # GET /calls with several workers: how long one other worker may take
+# GET /calls and GET /metrics with several workers: how long one other worker may take
+PEER_TIMEOUT_S = 2.0
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -149,8 +159,9 @@ class AdminEndpoint:
         control: Control,
         token: str | None = None,
     ) -> None:
+        self.collector = MetricsCollector(metrics, gauges)
         self.registry = CollectorRegistry()
-        self.registry.register(MetricsCollector(metrics, gauges))
+        self.registry.register(self.collector)
         self.control = control
         self.token = token.encode() if token else None
         self._runner: web.AppRunner | None = None
@@ -216,8 +227,38 @@ class AdminEndpoint:
 
     # ------------------------------------------------------------------ open endpoints
     async def _metrics(self, request: web.Request) -> web.Response:
-        body = generate_latest(self.registry)
+        if request.query.get("format") == "json":  # this worker's, for the one serving all
+            return _json(self.collector.snapshot())
+        if self.peers and request.query.get("scope") != "worker":
+            body = await self._host_metrics()
+        else:
+            body = generate_latest(self.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def _host_metrics(self) -> bytes:
+        """Every worker's metrics in one exposition: this one's and the others' (their
+        ``scope=worker&format=json`` answers, asked at once), each sample labelled with its
+        ``worker``; ``sipguard_worker_up{worker}`` is 0 for one that did not answer (its
+        samples are missing from this scrape, as a target that is down)."""
+        answers = await self._ask_peers("/metrics?scope=worker&format=json", None)
+        snaps: list[tuple[str | None, Snapshot]] = [(str(self.worker), self.collector.snapshot())]
+        up = GaugeMetricFamily("sipguard_worker_up",
+                               "1: the worker answered for this scrape; 0: it did not.",
+                               labels=["worker"])
+        up.add_metric([str(self.worker)], 1.0)
+        for i, got in answers.items():
+            ok = isinstance(got, dict)
+            if ok:
+                try:  # a malformed answer counts as none
+                    list(families([(str(i), got)]))
+                except (AttributeError, KeyError, TypeError, ValueError):
+                    ok = False
+            if ok:
+                snaps.append((str(i), got))
+            up.add_metric([str(i)], 1.0 if ok else 0.0)
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(SnapshotCollector(snaps, [up]))
+        return generate_latest(registry)
 
     async def _healthz(self, request: web.Request) -> web.Response:
         return web.Response(text="ok\n")
@@ -257,36 +298,42 @@ class AdminEndpoint:
         """The other workers' calls of ``key`` (their ``scope=worker`` answers, asked at once,
         PEER_TIMEOUT_S each); a worker that does not answer is named in
         ``view["workers_unanswered"]``."""
+        answers = await self._ask_peers(
+            f"/calls?number={quote(key, safe='')}&scope=worker", auth)
+        calls: list[dict[str, Any]] = []
+        missing = []
+        for i, got in answers.items():
+            found = got.get("calls") if isinstance(got, dict) else None
+            if isinstance(found, list):
+                calls += found
+            else:
+                missing.append(i)
+        if missing:
+            view["workers_unanswered"] = missing
+        return calls
+
+    async def _ask_peers(self, path: str, auth: str | None) -> dict[int, Any]:
+        """GET ``path`` (JSON) from every other worker at once, PEER_TIMEOUT_S each: worker ->
+        its answer, None for one that did not answer 200 with JSON."""
         headers = {"Accept": "application/json"}
         if auth:
             headers["Authorization"] = auth
-        path = f"/calls?number={quote(key, safe='')}&scope=worker"
         timeout = aiohttp.ClientTimeout(total=PEER_TIMEOUT_S)
         async with aiohttp.ClientSession(trust_env=False, timeout=timeout,
                                          headers=headers) as session:
 
-            async def ask(url: str) -> list[dict[str, Any]] | None:
+            async def ask(url: str) -> Any:
                 try:
                     async with session.get(url + path, allow_redirects=False) as resp:
                         if resp.status != 200:
                             return None
-                        calls = (await resp.json()).get("calls")
-                        return calls if isinstance(calls, list) else None
+                        return await resp.json()
                 except (TimeoutError, aiohttp.ClientError, ValueError):
                     return None
 
             order = sorted(self.peers)
             answers = await asyncio.gather(*(ask(self.peers[i]) for i in order))
-        calls: list[dict[str, Any]] = []
-        missing = []
-        for i, got in zip(order, answers, strict=True):
-            if got is None:
-                missing.append(i)
-            else:
-                calls += got
-        if missing:
-            view["workers_unanswered"] = missing
-        return calls
+        return dict(zip(order, answers, strict=True))
 
     async def _bans(self, request: web.Request) -> web.Response:
         return _json({"bans": self.control.bans_view()})

@@ -25,6 +25,7 @@ from __future__ import annotations
 import bisect
 from collections import Counter
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -62,6 +63,71 @@ class Metrics:
         return buckets, self._decision_sum
 
 
+Snapshot = dict[str, Any]  # what one process counted, as JSON (see snapshot())
+
+
+def snapshot(metrics: Metrics, gauges: dict[str, float]) -> Snapshot:
+    """Everything :func:`families` exports, as plain JSON: what a worker answers to
+    ``GET /metrics?scope=worker&format=json`` for the worker that serves the whole host."""
+    buckets, total = metrics.histogram()
+    return {
+        "invites": [[*key, n] for key, n in sorted(metrics.invites.items())],
+        "ended": [[*key, n] for key, n in sorted(metrics.ended.items())],
+        "events": sorted(metrics.events.items()),
+        "decision_buckets": buckets,
+        "decision_sum": total,
+        "gauges": gauges,
+        "config_loaded": metrics.config_loaded,
+    }
+
+
+def families(snaps: list[tuple[str | None, Snapshot]]) -> Iterator[Metric]:
+    """The metric families of one process (``[(None, snap)]``), or of several worker
+    processes, each sample labelled with its ``worker``: one family per name, as the
+    exposition format wants."""
+    labelled = any(worker is not None for worker, _ in snaps)
+    extra = ["worker"] if labelled else []
+
+    def lv(worker: str | None, *values: str) -> list[str]:
+        return [*values, worker or ""] if labelled else list(values)
+
+    invites = CounterMetricFamily(
+        "sipguard_invites", "Initial INVITE decisions.", labels=["verdict", "rule", "peer", *extra]
+    )
+    ended = CounterMetricFamily(
+        "sipguard_dialogs_ended", "Calls ended, by reason.", labels=["reason", "peer", *extra]
+    )
+    events = CounterMetricFamily(
+        "sipguard_events", "Other events the proxy counts.", labels=["event", *extra]
+    )
+    decision = HistogramMetricFamily(
+        "sipguard_decision_seconds", "Time an initial INVITE spent in the rule pipeline.",
+        labels=extra,
+    )
+    loaded = GaugeMetricFamily(
+        "sipguard_config_loaded_timestamp_seconds", "Unix time the running config was loaded.",
+        labels=extra,
+    )
+    gauges: dict[str, GaugeMetricFamily] = {}
+    for worker, snap in snaps:
+        for verdict, rule, peer, n in snap["invites"]:
+            invites.add_metric(lv(worker, verdict, rule, peer), n)
+        for reason, peer, n in snap["ended"]:
+            ended.add_metric(lv(worker, reason, peer), n)
+        for name, n in snap["events"]:
+            events.add_metric(lv(worker, name), n)
+        decision.add_metric(lv(worker), [(str(b), float(c)) for b, c in snap["decision_buckets"]],
+                            float(snap["decision_sum"]))
+        for name, value in snap["gauges"].items():
+            family = gauges.get(name)
+            if family is None:
+                family = gauges[name] = GaugeMetricFamily(
+                    f"sipguard_{name}", name.replace("_", " ") + ".", labels=extra)
+            family.add_metric(lv(worker), float(value))
+        loaded.add_metric(lv(worker), float(snap["config_loaded"]))
+    yield from (invites, ended, events, decision, *gauges.values(), loaded)
+
+
 class MetricsCollector(Collector):
     """Adapts :class:`Metrics` plus live gauges to a Prometheus registry."""
 
@@ -69,37 +135,21 @@ class MetricsCollector(Collector):
         self.metrics = metrics
         self.gauges = gauges
 
+    def snapshot(self) -> Snapshot:
+        return snapshot(self.metrics, self.gauges())
+
     def collect(self) -> Iterator[Metric]:
-        m = self.metrics
-        invites = CounterMetricFamily(
-            "sipguard_invites", "Initial INVITE decisions.", labels=["verdict", "rule", "peer"]
-        )
-        for (verdict, rule, peer), n in sorted(m.invites.items()):
-            invites.add_metric([verdict, rule, peer], n)
-        yield invites
-        ended = CounterMetricFamily(
-            "sipguard_dialogs_ended", "Calls ended, by reason.", labels=["reason", "peer"]
-        )
-        for (reason, peer), n in sorted(m.ended.items()):
-            ended.add_metric([reason, peer], n)
-        yield ended
-        events = CounterMetricFamily(
-            "sipguard_events", "Other events the proxy counts.", labels=["event"]
-        )
-        for name, n in sorted(m.events.items()):
-            events.add_metric([name], n)
-        yield events
-        buckets, total = m.histogram()
-        yield HistogramMetricFamily(
-            "sipguard_decision_seconds",
-            "Time an initial INVITE spent in the rule pipeline.",
-            buckets=buckets,
-            sum_value=total,
-        )
-        for name, value in self.gauges().items():
-            yield GaugeMetricFamily(f"sipguard_{name}", name.replace("_", " ") + ".", value)
-        yield GaugeMetricFamily(
-            "sipguard_config_loaded_timestamp_seconds",
-            "Unix time the running config was loaded.",
-            m.config_loaded,
-        )
+        return families([(None, self.snapshot())])
+
+
+class SnapshotCollector(Collector):
+    """Fixed snapshots (several workers', gathered for one scrape) as a registry's collector."""
+
+    def __init__(self, snaps: list[tuple[str | None, Snapshot]],
+                 more: list[Metric] | None = None) -> None:
+        self.snaps = snaps
+        self.more = more or []
+
+    def collect(self) -> Iterator[Metric]:
+        yield from families(self.snaps)
+        yield from self.more

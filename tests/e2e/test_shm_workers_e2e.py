@@ -25,11 +25,13 @@ import json
 import re
 import socket
 import time
+import urllib.request
 import zlib
 from collections import Counter
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from .harness import HOST, E2EStack, SipguardProcess, SippProcess, free_port
 from .test_burst_e2e import CoreSocket, final_statuses, invite
@@ -247,6 +249,15 @@ def test_calls_through_one_worker_list_both_workers_calls(stack: E2EStack) -> No
         assert sorted((c["worker"], c["caller"]) for c in view["calls"]) == [
             (w, callers[w]) for w in range(WORKERS)]
         assert "workers_unanswered" not in view
+        # one scrape of worker 0 holds both workers' metrics, each labelled with its worker
+        with urllib.request.urlopen(f"http://{HOST}:{admin}/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+        fams = {f.name: f for f in text_string_to_metric_families(text)}
+        held = {s.labels["worker"]: s.value
+                for s in fams["sipguard_server_transactions"].samples}
+        assert held == {str(w): 1.0 for w in range(WORKERS)}, text
+        up = {s.labels["worker"]: s.value for s in fams["sipguard_worker_up"].samples}
+        assert up == {str(w): 1.0 for w in range(WORKERS)}
     finally:
         sock.close()
         core.close()

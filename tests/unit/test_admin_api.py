@@ -357,6 +357,57 @@ async def test_calls_name_the_worker_and_a_worker_that_does_not_answer(
         await guard.server.stop()
 
 
+async def test_metrics_of_every_worker_in_one_scrape(
+    tmp_path: Path, peers: tuple[Peer, Peer]
+) -> None:
+    """As worker 0 of three: /metrics holds its own samples and worker 1's (asked on its admin
+    port), each labelled `worker`, one family per name; worker 2 does not answer and is
+    `sipguard_worker_up 0`. `scope=worker` is this worker's alone, without the label."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    caller, core = peers
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first = await start_guard(tmp_path / "a", core)
+    second = await start_guard(tmp_path / "b", core)
+    try:
+        await answered_call(first, caller, core, "m-1", "+31201234567")
+        await answered_call(second, caller, core, "m-2", "+31201234568")
+        await answered_call(second, caller, core, "m-3", "+31201234569")
+        admin = first.server.http
+        assert admin is not None
+        admin.worker = 0
+        admin.peers = {1: second.url, 2: f"http://127.0.0.1:{_free_tcp_port()}"}
+        status, text = await request("GET", first.url + "/metrics")
+        assert status == 200
+        fams = {f.name: f for f in text_string_to_metric_families(text)}
+        assert len(fams) == len(list(text_string_to_metric_families(text))), "one per name"
+        accepted = {s.labels["worker"]: s.value for s in fams["sipguard_invites"].samples
+                    if s.name == "sipguard_invites_total" and s.labels["verdict"] == "accept"}
+        assert accepted == {"0": 1.0, "1": 2.0}
+        live = {s.labels["worker"]: s.value for s in fams["sipguard_live_dialogs"].samples}
+        assert live == {"0": 1.0, "1": 2.0}
+        up = {s.labels["worker"]: s.value for s in fams["sipguard_worker_up"].samples}
+        assert up == {"0": 1.0, "1": 1.0, "2": 0.0}
+        counts = [s for s in fams["sipguard_decision_seconds"].samples
+                  if s.name == "sipguard_decision_seconds_count"]
+        assert {s.labels["worker"]: s.value for s in counts} == {"0": 1.0, "1": 2.0}
+
+        status, text = await request("GET", first.url + "/metrics?scope=worker")
+        fams = {f.name: f for f in text_string_to_metric_families(text)}
+        (sample,) = [s for s in fams["sipguard_invites"].samples
+                     if s.name == "sipguard_invites_total"]
+        assert sample.value == 1.0 and "worker" not in sample.labels
+        assert "sipguard_worker_up" not in fams
+
+        status, snap = await request("GET", second.url + "/metrics?scope=worker&format=json")
+        assert status == 200 and snap["gauges"]["live_dialogs"] == 2
+        assert snap["invites"] == [["accept", "", "", 2]]
+    finally:
+        await first.server.stop()
+        await second.server.stop()
+
+
 async def test_calls_and_bans_shapes(tmp_path: Path, peers: tuple[Peer, Peer]) -> None:
     """GET /calls lists a live call with its fields and counts; GET /bans lists bans with the
     flood rule on, DELETE /bans/{source} lifts one."""
