@@ -44,7 +44,7 @@ from typing import Any
 from sipguard.ops.config import Config
 from sipguard.ops.config_load import ConfigError, config_with_overrides, load_config
 from sipguard.ops.endpoints import Endpoint
-from sipguard.ops.logging import configure_logging, flush_logs, get_logger
+from sipguard.ops.logging import close_logs, configure_logging, flush_logs, get_logger
 from sipguard.server import Server, StartupError
 from sipguard.state.shared_memory import create_segment
 from sipguard.supervisor import SEGMENT_NAME, SupervisorLink, make_group, remove_group, supervise
@@ -348,7 +348,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     finally:
         try:
-            flush_logs()  # lines still waiting in the batch (start-up errors included)
+            close_logs()  # lines still waiting (start-up errors included), 2 s at most
         except BrokenPipeError:  # stdout's reader is gone (a worker whose supervisor died)
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 

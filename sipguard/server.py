@@ -40,7 +40,7 @@ from sipguard.ops.collector import YOUNG_EVERY_S, Collector
 from sipguard.ops.config import Config, StateSettings
 from sipguard.ops.config_load import ConfigError
 from sipguard.ops.endpoints import split_hostport
-from sipguard.ops.logging import Level, SampledLogger, flush_logs, get_logger
+from sipguard.ops.logging import Level, SampledLogger, flush_logs, get_logger, log_writer
 from sipguard.ops.metrics import Metrics
 from sipguard.ops.observe import Observer
 from sipguard.ops.overload import OverloadWatcher, ReceiveQueue
@@ -317,6 +317,7 @@ class Server:
         self._trim_peak = 0  # most calls + transactions held since the last malloc_trim
         self.collector = Collector(self.counters, self.loop.time())  # see ops/collector.py
         self._log_flusher: asyncio.TimerHandle | None = None
+        self._log_drops_untold = 0  # log lines dropped (a stuck reader) not yet warned about
         self._gc_timer: asyncio.TimerHandle | None = None
         self._load_watch: asyncio.TimerHandle | None = None
         self._resolved: dict[str, str] = {}
@@ -488,6 +489,7 @@ class Server:
 
     def _gauges(self) -> dict[str, float]:
         proxy = self.proxy
+        writer = log_writer()
         return {
             "live_dialogs": proxy.live_dialogs(),
             "server_transactions": len(proxy.servers),
@@ -501,6 +503,7 @@ class Server:
             "gc_full_pause_seconds": self.collector.full_pause,
             "identity_verify_waiting": self.verifier.waiting,
             "udp_send_waiting": self.sender.waiting(),
+            "log_queue_bytes": float(writer.queued_bytes) if writer is not None else 0.0,
             **(self.shared_store.stats() if self.shared_store is not None else {}),
         }
 
@@ -561,6 +564,18 @@ class Server:
 
     def _flush_logs(self) -> None:
         self.sender.sync(self.counters, list(self.udp.values()))  # its counts, every 0.1 s
+        writer = log_writer()
+        if writer is not None:
+            dropped = writer.take_dropped()
+            if dropped:
+                self.counters["log_lines_dropped"] += dropped
+                self._log_drops_untold += dropped
+            if self._log_drops_untold and writer.queued_bytes <= writer.max_bytes // 2:
+                # the log's reader is catching up: say what it missed (the counter is exact;
+                # this line may be lost too if the reader stops again)
+                self.log.warning("log_lines_dropped", count=self._log_drops_untold,
+                                 queue_bytes=writer.max_bytes)
+                self._log_drops_untold = 0
         try:
             flush_logs()
         except Exception:  # a log line that cannot be written must not stop the flusher

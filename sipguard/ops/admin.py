@@ -40,7 +40,6 @@ from urllib.parse import quote, unquote
 import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.core import GaugeMetricFamily
 
 from sipguard.ops.metrics import (
     Metrics,
@@ -242,10 +241,7 @@ class AdminEndpoint:
         samples are missing from this scrape, as a target that is down)."""
         answers = await self._ask_peers("/metrics?scope=worker&format=json", None)
         snaps: list[tuple[str | None, Snapshot]] = [(str(self.worker), self.collector.snapshot())]
-        up = GaugeMetricFamily("sipguard_worker_up",
-                               "1: the worker answered for this scrape; 0: it did not.",
-                               labels=["worker"])
-        up.add_metric([str(self.worker)], 1.0)
+        up = {str(self.worker): True}
         for i, got in answers.items():
             ok = isinstance(got, dict)
             if ok:
@@ -255,9 +251,9 @@ class AdminEndpoint:
                     ok = False
             if ok:
                 snaps.append((str(i), got))
-            up.add_metric([str(i)], 1.0 if ok else 0.0)
+            up[str(i)] = ok
         registry = CollectorRegistry(auto_describe=False)
-        registry.register(SnapshotCollector(snaps, [up]))
+        registry.register(SnapshotCollector(snaps, up))
         return generate_latest(registry)
 
     async def _healthz(self, request: web.Request) -> web.Response:

@@ -322,6 +322,13 @@ class LogSettings(BaseModel):
         default="json",
         description="json = one JSON object a line (for collectors); console = for people.",
     )
+    queue_bytes: int = Field(
+        default=16 * 1024 * 1024, ge=65536, le=1024 * 1024 * 1024,
+        description="Log text waiting for the reader of stdout at most, bytes. Lines leave "
+        "from a thread, so a reader that falls behind or stops (journald, a container "
+        "runtime, a log shipper) never stops calls; beyond this, lines are dropped and "
+        "counted (`log_lines_dropped`, and a warning once the reader catches up).",
+    )
     parse_error_sample_s: float = Field(
         default=1.0, ge=0,
         description="At most one sampled log line per kind and source per this many seconds; "

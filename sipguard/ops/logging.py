@@ -13,15 +13,23 @@ before logging; a changed ``log:`` section takes effect on restart.
 
 :class:`SampledLogger` keeps a flood of one kind of event (parse errors from one source, say)
 down to one line per interval, counting what it drops.
+
+With ``batch=True`` (``sipguard run``) the lines leave from a thread (:class:`LogWriter`): the
+event loop never waits for the reader of its log, and a reader that stops costs dropped,
+counted lines instead of stopped calls.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import os
+import select
 import sys
+import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable, Mapping, MutableMapping
 from typing import Any, Literal, TextIO, cast
 
@@ -33,12 +41,15 @@ from sipguard.ops.config import LogSettings
 __all__ = [
     "LineBatch",
     "LineWriter",
+    "LogWriter",
+    "close_logs",
     "SampledLogger",
     "call_line_sink",
     "configure_logging",
     "encode_json",
     "flush_logs",
     "get_logger",
+    "log_writer",
 ]
 
 Level = Literal["debug", "info", "warning", "error"]
@@ -51,20 +62,119 @@ _LEVELS: dict[str, int] = {
 }
 
 
+class LogWriter:
+    """Log text written to a file descriptor (stdout's) by a thread beside the event loop.
+
+    A write to a pipe blocks once the pipe's 64 KiB are full: a reader of sipguard's log —
+    journald, a container runtime, a log shipper — that falls behind or stops would otherwise
+    stop the event loop at its next flush, and with it every call. Here the loop only queues
+    the encoded text; the thread writes it (the GIL is released while it waits). The queue
+    holds ``max_bytes`` at most (``log.queue_bytes``): a batch of lines that does not fit is
+    dropped whole and counted, as are lines a write fails on (the reader gone). The server
+    collects the count (:meth:`take_dropped`) into ``log_lines_dropped`` and says so in a
+    warning line once the queue has room again. :meth:`close` waits for the queue to drain,
+    ``timeout`` seconds at most.
+    """
+
+    def __init__(self, fd: int, max_bytes: int, encoding: str = "utf-8") -> None:
+        self.fd = fd
+        self.max_bytes = max_bytes
+        self._encoding = encoding
+        self._cond = threading.Condition(threading.Lock())
+        self._queue: deque[tuple[bytes, int]] = deque()  # (text, its lines)
+        self._queued = 0  # bytes in _queue and in the thread's hands
+        self._dropped = 0  # lines dropped since the last take_dropped()
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name="sipguard-log", daemon=True)
+        self._thread.start()
+
+    @property
+    def queued_bytes(self) -> int:
+        return self._queued
+
+    def put(self, text: str, lines: int) -> bool:
+        """Queue ``text`` (``lines`` lines) for the thread; False when it did not fit (dropped,
+        counted)."""
+        data = text.encode(self._encoding, "backslashreplace")
+        with self._cond:
+            if self._queued + len(data) > self.max_bytes or self._closing:
+                self._dropped += lines
+                return False
+            self._queue.append((data, lines))
+            self._queued += len(data)
+            self._cond.notify()
+        return True
+
+    def take_dropped(self) -> int:
+        """Lines dropped since the last call."""
+        with self._cond:
+            n, self._dropped = self._dropped, 0
+        return n
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Write out what is queued (``timeout`` seconds at most: a reader that does not read
+        cannot hold up the exit), then end the thread."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._closing:
+                    self._cond.wait()
+                if not self._queue:
+                    return  # closing, everything written
+                batch = list(self._queue)
+                self._queue.clear()
+            for data, lines in batch:
+                written = self._write_all(data)
+                with self._cond:
+                    self._queued -= len(data)
+                    if not written:
+                        self._dropped += lines
+
+    def _write_all(self, data: bytes) -> bool:
+        view = memoryview(data)
+        while view:
+            try:
+                n = os.write(self.fd, view)
+            except InterruptedError:
+                continue
+            except BlockingIOError:  # a non-blocking descriptor (another process set it)
+                select.select([], [self.fd], [], 1.0)
+                continue
+            except OSError:  # EPIPE (the reader is gone), EBADF: these lines are lost
+                return False
+            view = view[n:]
+        return True
+
+
+def _fileno(stream: TextIO) -> int | None:
+    try:
+        return stream.fileno()
+    except (AttributeError, OSError, io.UnsupportedOperation):  # StringIO and the like
+        return None
+
+
 class LineBatch:
     """Log lines waiting for the next :func:`flush_logs`: one write per flush, not per line.
 
     Every line goes through here in order (structlog's and the per-call lines of
     :class:`sipguard.ops.calllog.CallLogger` alike), so batching never reorders them. More than
-    ``limit`` waiting lines are written at once, so a late flush cannot grow memory.
+    ``limit`` waiting lines are written at once, so a late flush cannot grow memory. With a
+    ``writer`` the lines go to its thread; without, straight to ``stream``.
     """
 
-    __slots__ = ("_stream", "_lines", "_limit")
+    __slots__ = ("_stream", "_lines", "_limit", "writer")
 
-    def __init__(self, stream: TextIO, limit: int = 1024) -> None:
+    def __init__(self, stream: TextIO, limit: int = 1024,
+                 writer: LogWriter | None = None) -> None:
         self._stream = stream
         self._lines: list[str] = []
         self._limit = limit
+        self.writer = writer
 
     def add(self, line: str) -> None:
         lines = self._lines
@@ -75,8 +185,12 @@ class LineBatch:
     def write_out(self) -> None:
         if self._lines:
             text = "\n".join(self._lines) + "\n"
+            n = len(self._lines)
             self._lines.clear()  # first: a line that cannot be written is never retried
-            _write(self._stream, text)
+            if self.writer is not None:
+                self.writer.put(text, n)
+            else:
+                _write(self._stream, text)
 
 
 class LineWriter:
@@ -134,11 +248,24 @@ def _add_fields(
 
 
 def flush_logs() -> None:
-    """Write out waiting and buffered log lines."""
+    """Write out waiting and buffered log lines (to the writer thread's queue, with one)."""
     for batch in _batches:
         batch.write_out()
     for stream in _streams:
         stream.flush()
+
+
+def log_writer() -> LogWriter | None:
+    """The thread writing the log (``sipguard run``), or None (lines written in place)."""
+    return _batches[0].writer if _batches else None
+
+
+def close_logs(timeout: float = 2.0) -> None:
+    """At exit: flush, and give the writer thread ``timeout`` seconds to write out its queue."""
+    flush_logs()
+    writer = log_writer()
+    if writer is not None:
+        writer.close(timeout)
 
 
 def _json_encoder() -> Callable[[Any], str]:
@@ -174,11 +301,23 @@ def configure_logging(
     """Send log lines to ``stream`` (default: ``sys.stdout`` at call time) per ``settings``.
 
     ``batch=True`` keeps lines in a :class:`LineBatch` until :func:`flush_logs` (the server
-    flushes every 100 ms); otherwise each line goes to the stream's buffer at once.
-    ``fields`` go on every line (``worker=i`` in a worker process).
+    flushes every 100 ms), which hands them to a :class:`LogWriter` thread when the stream has
+    a file descriptor (``settings.queue_bytes`` queued at most); otherwise each line goes to
+    the stream's buffer at once. ``fields`` go on every line (``worker=i`` in a worker process).
     """
     out = sys.stdout if stream is None else stream
-    lines = LineBatch(out) if batch else None
+    for old in _batches:  # configured again (tests): the old thread ends
+        if old.writer is not None:
+            old.writer.close(0.5)
+    lines = None
+    if batch:
+        fd = _fileno(out)
+        writer = None
+        if fd is not None:
+            out.flush()  # what was written before goes first
+            writer = LogWriter(fd, settings.queue_bytes,
+                               getattr(out, "encoding", None) or "utf-8")
+        lines = LineBatch(out, writer=writer)
     _streams[:] = [out]
     _batches[:] = [lines] if lines is not None else []
     _settings[:] = [settings]

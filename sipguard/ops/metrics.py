@@ -16,6 +16,8 @@ Exported (all prefixed ``sipguard_``):
 - ``events_total{event}`` — every other counter the shell keeps (parse errors by status,
   drops by kind, flood bans, rule findings, internal errors, reloads, ...).
 - ``config_loaded_timestamp_seconds`` — when the running config was loaded.
+- with several workers (``GET /metrics`` on any one of them): every worker's samples, each
+  labelled ``worker``, and ``worker_up{worker}`` (0: that worker did not answer the scrape).
 
 No number appears as a label: per-number figures stay out of the metrics (cardinality).
 """
@@ -143,13 +145,19 @@ class MetricsCollector(Collector):
 
 
 class SnapshotCollector(Collector):
-    """Fixed snapshots (several workers', gathered for one scrape) as a registry's collector."""
+    """Several workers' snapshots, gathered for one scrape, as a registry's collector; with
+    ``sipguard_worker_up{worker}``: 1 for a worker whose snapshot is here, 0 for one that did
+    not answer (``up`` maps every worker to whether it did)."""
 
-    def __init__(self, snaps: list[tuple[str | None, Snapshot]],
-                 more: list[Metric] | None = None) -> None:
+    def __init__(self, snaps: list[tuple[str | None, Snapshot]], up: dict[str, bool]) -> None:
         self.snaps = snaps
-        self.more = more or []
+        self.up = up
 
     def collect(self) -> Iterator[Metric]:
         yield from families(self.snaps)
-        yield from self.more
+        family = GaugeMetricFamily(
+            "sipguard_worker_up", "1: the worker answered for this scrape; 0: it did not.",
+            labels=["worker"])
+        for worker, answered in self.up.items():
+            family.add_metric([worker], 1.0 if answered else 0.0)
+        yield family

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import select
+import time
 from collections.abc import Iterator
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,10 +18,13 @@ import structlog
 from sipguard.ops.calllog import CallLogger
 from sipguard.ops.config import LogSettings
 from sipguard.ops.logging import (
+    LogWriter,
     SampledLogger,
+    close_logs,
     configure_logging,
     flush_logs,
     get_logger,
+    log_writer,
 )
 
 
@@ -237,3 +244,108 @@ def test_call_logger_line_is_the_text_json_dumps_gives() -> None:
     ts = json.loads(second)["ts"]
     assert second == json.dumps({"logger_name": "sipguard", "worker": 2, "call_id": "c5",
                                  "event": "dialog_ended", "level": "info", "ts": ts})
+
+
+# --------------------------------------------------------------------------- the writer thread
+
+
+def _read_all(fd: int, until: bytes, seconds: float = 5.0) -> bytes:
+    """What the read end of a pipe gets, until ``until`` is in it (or ``seconds`` pass)."""
+    got = b""
+    deadline = time.monotonic() + seconds
+    while until not in got and time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], 0.1)
+        if ready:
+            got += os.read(fd, 1 << 16)
+    return got
+
+
+def test_writer_thread_writes_batches_in_order_to_a_pipe() -> None:
+    r, w = os.pipe()
+    writer = LogWriter(w, 1 << 20)
+    try:
+        for i in range(50):
+            assert writer.put(f"line {i}\n", 1)
+        got = _read_all(r, b"line 49\n")
+        assert got.decode().splitlines() == [f"line {i}" for i in range(50)]
+        assert writer.take_dropped() == 0
+    finally:
+        writer.close(1.0)
+        os.close(r)
+        os.close(w)
+
+
+def test_a_reader_that_stops_costs_counted_lines_never_a_blocked_caller() -> None:
+    """Nobody reads the pipe: once it (64 KiB) and the queue (max_bytes) are full, put()
+    drops whole batches and counts their lines, at once; when the reader comes back, what was
+    queued arrives, in order."""
+    r, w = os.pipe()
+    writer = LogWriter(w, 65536)
+    line = "x" * 99 + "\n"  # 100 bytes
+    try:
+        start = time.monotonic()
+        taken = sum(writer.put(line * 10, 10) for _ in range(400))  # 400 KB offered
+        assert time.monotonic() - start < 1.0, "put() never waits for the reader"
+        dropped = writer.take_dropped()
+        assert dropped > 0 and dropped == (400 - taken) * 10
+        assert writer.queued_bytes <= 65536
+        got = b""
+        deadline = time.monotonic() + 5
+        while len(got) < taken * 1000 and time.monotonic() < deadline:
+            ready, _, _ = select.select([r], [], [], 0.1)
+            if ready:
+                got += os.read(r, 1 << 16)
+        assert len(got) == taken * 1000 and got == line.encode() * (taken * 10)
+        assert writer.take_dropped() == 0
+    finally:
+        writer.close(1.0)
+        os.close(r)
+        os.close(w)
+
+
+def test_a_reader_gone_counts_the_lines_and_close_does_not_hang() -> None:
+    r, w = os.pipe()
+    writer = LogWriter(w, 1 << 20)
+    os.close(r)  # the reader is gone: EPIPE (Python ignores SIGPIPE)
+    try:
+        assert writer.put("a\nb\nc\n", 3)
+        deadline = time.monotonic() + 5
+        dropped = 0
+        while dropped < 3 and time.monotonic() < deadline:
+            dropped += writer.take_dropped()
+            time.sleep(0.01)
+        assert dropped == 3
+    finally:
+        start = time.monotonic()
+        writer.close(1.0)
+        assert time.monotonic() - start < 1.5
+        os.close(w)
+
+
+def test_close_gives_up_on_a_reader_that_never_reads() -> None:
+    r, w = os.pipe()
+    writer = LogWriter(w, 1 << 20)
+    try:
+        writer.put("y" * 200_000, 1)  # more than the pipe holds: the thread waits in write
+        start = time.monotonic()
+        writer.close(0.3)
+        assert time.monotonic() - start < 1.0
+    finally:
+        os.close(r)  # the thread's write fails now, and it ends
+        os.close(w)
+
+
+def test_run_mode_logging_goes_through_the_writer_thread(tmp_path: Path) -> None:
+    """configure_logging(batch=True) on a stream with a descriptor: lines reach the file
+    through the thread, in order, once flushed."""
+    path = tmp_path / "out.log"
+    with open(path, "w", encoding="utf-8") as out:
+        configure_logging(LogSettings(), stream=out, batch=True)
+        writer = log_writer()
+        assert writer is not None
+        log = get_logger("t")
+        for i in range(5):
+            log.info("numbered", i=i)
+        close_logs(2.0)
+    lines = [json.loads(x) for x in path.read_text().splitlines()]
+    assert [x["i"] for x in lines] == list(range(5))

@@ -20,7 +20,7 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry, generate_latest
 
-from sipguard.ops.metrics import Metrics, MetricsCollector
+from sipguard.ops.metrics import Metrics, MetricsCollector, SnapshotCollector
 
 REPO = Path(__file__).resolve().parents[2]
 DASHBOARD = REPO / "config" / "grafana" / "sipguard.json"
@@ -61,6 +61,15 @@ def exported_names() -> set[str]:
         if line and not line.startswith("#")
     }
     assert "sipguard_invites_total" in names and "sipguard_decision_seconds_bucket" in names
+    # several workers: a scrape of one holds every worker's, and whether each answered
+    hosts = CollectorRegistry()
+    snap = MetricsCollector(metrics, lambda: dict.fromkeys(_gauge_names(), 0.0)).snapshot()
+    hosts.register(SnapshotCollector([("0", snap), ("1", snap)], {"0": True, "1": True}))
+    names |= {
+        line.split("{")[0].split(" ")[0]
+        for line in generate_latest(hosts).decode().splitlines()
+        if line and not line.startswith("#")
+    }
     return names
 
 

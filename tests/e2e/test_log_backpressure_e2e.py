@@ -1,0 +1,120 @@
+"""A reader of sipguard's log that stops reading must not stop the calls.
+
+sipguard runs with its stdout a real pipe that nobody reads (a stuck journald, container
+runtime or log shipper): the pipe's 64 KiB and then ``log.queue_bytes`` fill up with
+``invite_decided`` lines. SIP over real sockets must still be answered at once; the lines that
+did not fit are counted (``log_lines_dropped``), and once the pipe is read again a warning line
+says how many were lost.
+"""
+
+from __future__ import annotations
+
+import json
+import select
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from .harness import HOST, REPO, events_total, free_port, sipguard_command, stop_pid
+
+pytestmark = pytest.mark.e2e
+
+
+def _request(method: str, port: int, local: int, call_id: str) -> bytes:
+    """An INVITE to a number, or an OPTIONS to sipguard itself (no user part: answered)."""
+    user = "" if method == "OPTIONS" else "+18005550100@"
+    return (
+        f"{method} sip:{user}{HOST}:{port} SIP/2.0\r\n"
+        f"Via: SIP/2.0/UDP {HOST}:{local};branch=z9hG4bK-{call_id}\r\n"
+        f"Max-Forwards: 70\r\nFrom: <sip:+12125550100@{HOST}>;tag=lb{call_id[:8]}\r\n"
+        f"To: <sip:+18005550100@{HOST}>\r\nCall-ID: {call_id}@{HOST}\r\n"
+        f"CSeq: 1 {method}\r\nContact: <sip:+12125550100@{HOST}:{local}>\r\n"
+        f"Content-Length: 0\r\n\r\n"
+    ).encode()
+
+
+def _status(sock: socket.socket, seconds: float) -> int | None:
+    sock.settimeout(seconds)
+    try:
+        data = sock.recv(65535)
+    except TimeoutError:
+        return None
+    return int(data.split(b" ", 2)[1])
+
+
+def _ready(admin: int, seconds: float = 10.0) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            events_total(admin)
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise AssertionError("sipguard's admin API did not come up")
+
+
+def test_a_log_reader_that_stops_does_not_stop_the_calls(tmp_path: Path) -> None:
+    port, admin = free_port(), free_port()
+    core = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # takes INVITEs, never answers
+    core.bind((HOST, 0))
+    config = tmp_path / "sipguard.yaml"
+    config.write_text(
+        f"listen: [udp://{HOST}:{port}]\ncore: udp://{HOST}:{core.getsockname()[1]}\n"
+        f"admin: {{listen: '{HOST}:{admin}'}}\nlog: {{queue_bytes: 65536}}\n"
+    )
+    proc = subprocess.Popen(sipguard_command() + ["run", "--config", str(config)],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, cwd=REPO)
+    uac = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    uac.bind((HOST, 0))
+    local = uac.getsockname()[1]
+    try:
+        assert proc.stdout is not None
+        _ready(admin)
+        # ~1,600 calls, one invite_decided line (~350 bytes) each: far more than the pipe and
+        # the queue hold, since nobody reads the pipe. Every INVITE is answered 100 Trying.
+        for burst in range(16):
+            for _ in range(100):
+                uac.sendto(_request("INVITE", port, local, uuid.uuid4().hex), (HOST, port))
+            answered = 0
+            while answered < 100 and _status(uac, 2.0) == 100:
+                answered += 1
+            assert answered == 100, f"burst {burst}: {answered} of 100 INVITEs answered"
+        time.sleep(0.3)  # a flush (every 0.1 s) hands the last lines to the writer
+        # the event loop still answers at once
+        start = time.monotonic()
+        uac.sendto(_request("OPTIONS", port, local, uuid.uuid4().hex), (HOST, port))
+        assert _status(uac, 2.0) == 200
+        assert time.monotonic() - start < 0.5
+        events = events_total(admin)
+        assert events.get("log_lines_dropped", 0) > 0, events
+        # the reader comes back: what was queued arrives, then the warning with the count
+        got = b""
+        deadline = time.monotonic() + 10
+        while b'"log_lines_dropped"' not in got and time.monotonic() < deadline:
+            ready, _, _ = select.select([proc.stdout], [], [], 0.2)
+            if ready:
+                got += proc.stdout.read1(1 << 16)
+        lines = [json.loads(x) for x in got.splitlines() if x.startswith(b"{")]
+        warned = [x for x in lines if x["event"] == "log_lines_dropped"]
+        assert warned and warned[0]["level"] == "warning" and warned[0]["count"] > 0, lines[-3:]
+        decided = sum(1 for x in lines if x["event"] == "invite_decided")
+        assert 0 < decided < 1600
+        # stop: a first SIGTERM drains (the unanswered INVITEs would hold it), a second stops
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        rest = proc.stdout.read()  # to the end: the last lines, then EOF at its exit
+        assert b'"sipguard_stopped"' in rest
+        assert proc.wait(10) == 0
+    finally:
+        uac.close()
+        core.close()
+        stop_pid(proc)
+        if proc.stdout is not None:
+            proc.stdout.close()
