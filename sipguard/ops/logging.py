@@ -69,8 +69,9 @@ class LogWriter:
     journald, a container runtime, a log shipper — that falls behind or stops would otherwise
     stop the event loop at its next flush, and with it every call. Here the loop only queues
     the encoded text; the thread writes it (the GIL is released while it waits). The queue
-    holds ``max_bytes`` at most (``log.queue_bytes``): a batch of lines that does not fit is
-    dropped whole and counted, as are lines a write fails on (the reader gone). The server
+    holds ``max_bytes`` at most (``log.queue_bytes``): of a batch that does not fit, the first
+    lines that do are queued and the others dropped and counted, as are lines a write fails
+    on (the reader gone). The server
     collects the count (:meth:`take_dropped`) into ``log_lines_dropped`` and says so in a
     warning line once the queue has room again. :meth:`close` waits for the queue to drain,
     ``timeout`` seconds at most.
@@ -93,17 +94,22 @@ class LogWriter:
         return self._queued
 
     def put(self, text: str, lines: int) -> bool:
-        """Queue ``text`` (``lines`` lines) for the thread; False when it did not fit (dropped,
-        counted)."""
+        """Queue ``text`` (``lines`` whole lines) for the thread; False when not all of it
+        fit: the first lines that fit are queued, the others dropped and counted."""
         data = text.encode(self._encoding, "backslashreplace")
         with self._cond:
-            if self._queued + len(data) > self.max_bytes or self._closing:
-                self._dropped += lines
-                return False
-            self._queue.append((data, lines))
-            self._queued += len(data)
-            self._cond.notify()
-        return True
+            room = 0 if self._closing else self.max_bytes - self._queued
+            fits = len(data) <= room
+            if not fits:
+                cut = data.rfind(b"\n", 0, max(room, 0)) + 1  # whole lines only
+                kept = data.count(b"\n", 0, cut)
+                self._dropped += lines - kept
+                data, lines = data[:cut], kept
+            if data:
+                self._queue.append((data, lines))
+                self._queued += len(data)
+                self._cond.notify()
+        return fits
 
     def take_dropped(self) -> int:
         """Lines dropped since the last call."""

@@ -105,6 +105,7 @@ def test_a_log_reader_that_stops_does_not_stop_the_calls(tmp_path: Path) -> None
         assert warned and warned[0]["level"] == "warning" and warned[0]["count"] > 0, lines[-3:]
         decided = sum(1 for x in lines if x["event"] == "invite_decided")
         assert 0 < decided < 1600
+        assert lines[0]["event"] == "sipguard_started"  # the first lines are kept
         # stop: a first SIGTERM drains (the unanswered INVITEs would hold it), a second stops
         proc.send_signal(signal.SIGTERM)
         time.sleep(0.2)
