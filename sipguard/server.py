@@ -65,7 +65,7 @@ from sipguard.transport.redis_state import SharedStore
 from sipguard.transport.tcp import TcpLimits, TcpPool
 from sipguard.transport.tls import TlsContexts, build_contexts
 from sipguard.transport.udp import SendThread, UdpEndpoint, open_udp
-from sipguard.transport.worker_link import WorkerLink
+from sipguard.transport.worker_link import WorkerLink, opens_call
 from sipguard.verify_threads import SignatureVerifier
 
 LOAD_WATCH_S = 0.05  # how often the UDP receive queues are read (overload protection)
@@ -979,8 +979,14 @@ class Server:
             core = self.core
             if core.flood_check(data, flow, now):
                 # the core's requests hash their To (the outside party), as the call's INVITE
-                owner = link.owner(data, flow_is_core(flow, core.proxy.settings.core))
-                if owner == link.index or not link.hand_over(owner, data, flow):
+                from_core = flow_is_core(flow, core.proxy.settings.core)
+                owner = link.owner(data, from_core)
+                if owner == link.index or (
+                    # Behind in reading: a new call read now waited in this worker's queue, so
+                    # it is shed here (503) like the calls this worker owns, not handed over
+                    # late to add to another worker's load.
+                    core.overloaded and not from_core and opens_call(data)
+                ) or not link.hand_over(owner, data, flow):
                     core.receive(data, flow, now, screened=True)
         else:
             self.core.receive(data, flow, self.loop.time())

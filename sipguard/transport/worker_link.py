@@ -54,7 +54,10 @@ applied there and then sent to every other worker, which applies it too — with
 that is how ``sipguard suspend`` reaches the calls on every worker.
 
 A datagram that cannot be handed over (the owner's port is not known: it is starting) is
-handled where it was read (``worker_handover_failed``): the call still gets an answer.
+handled where it was read (``worker_handover_failed``): the call still gets an answer. While
+the reading worker is overloaded (behind in reading its queues), a new call it reads is not
+handed over but shed where it was read, 503 + Retry-After, like the calls it owns: it has
+waited in this worker's queue, and handed over late it would only add to the owner's load.
 """
 
 from __future__ import annotations
@@ -127,6 +130,14 @@ def named_port(data: bytes) -> int | None:
         m = _TOP_ROUTE.search(data, 0, end)
         found = _ROUTE_PORT.search(m.group(1)) if m is not None else None
     return int(found.group(1)) if found is not None else None
+
+
+def opens_call(data: bytes) -> bool:
+    """An INVITE without a To tag: a new call (what overload protection sheds)."""
+    if not data.startswith(b"INVITE "):
+        return False
+    end = data.find(b"\r\n\r\n", 0, 8192)
+    return _TO_TAG.search(data, 0, 8192 if end < 0 else end) is None
 
 
 def owner_of(data: bytes, workers: int, own_ports: dict[int, int] | None = None,

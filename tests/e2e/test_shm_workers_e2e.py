@@ -22,16 +22,21 @@ from __future__ import annotations
 
 import glob
 import json
+import os
 import re
+import signal
 import socket
 import time
 import urllib.request
 import zlib
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+
+from sipguard.transport.udp import WATCH_EVERY
 
 from .harness import HOST, E2EStack, SipguardProcess, SippProcess, free_port
 from .test_burst_e2e import CoreSocket, final_statuses, invite
@@ -375,4 +380,63 @@ def test_requests_to_the_public_address_reach_the_calls_worker(stack: E2EStack,
         assert totals["dropped_in_dialog_refused"] == 0, totals
     finally:
         uac.close()
+        core.close()
+
+
+def test_a_worker_behind_sheds_the_new_calls_it_reads_whoever_owns_them(
+    stack: E2EStack,
+) -> None:
+    """Both workers frozen while 200 new calls from one socket (so one worker reads them all)
+    wait 0.6 s in the queue; half of the callers belong to each worker. Thawed, the reading
+    worker is behind (overload_delay_ms 200): it sheds every new call it reads with 503 +
+    Retry-After, its own and the other worker's alike, instead of handing the other's over
+    late — at most the reads before its first check (WATCH_EVERY) go on."""
+    admin = free_block(WORKERS)
+    core = CoreSocket()
+    sock, local = uac_socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    owners = [number_of(w) for w in range(WORKERS)]
+    burst = 200
+    try:
+        g, port = start_shm_workers(
+            stack, core.port,
+            f"admin: {{listen: '{HOST}:{admin}'}}\n"
+            "sip: {overload_delay_ms: 200, overload_retry_after_s: 7}\n")
+        children = Path(f"/proc/{g.pid}/task/{g.pid}/children").read_text()
+        workers = [int(p) for p in children.split()]
+        assert len(workers) == WORKERS
+        for pid in workers:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            for i in range(burst):
+                sock.sendto(invite(i, caller=owners[i % WORKERS], callee="+18005550199",
+                                   transport="udp", local_port=local, target_port=port,
+                                   tag="ov"), (HOST, port))
+            time.sleep(0.6)
+        finally:
+            for pid in workers:
+                os.kill(pid, signal.SIGCONT)
+        shed: set[str] = set()
+        end = time.monotonic() + 3
+        while time.monotonic() < end:
+            try:
+                data = sock.recv(65535)
+            except TimeoutError:
+                continue
+            if data.startswith(b"SIP/2.0 503 "):
+                assert b"\r\nRetry-After: 7" in data
+                shed.add(re.search(rb"Call-ID: (\S+)", data).group(1).decode())  # type: ignore[union-attr]
+        forwarded = core.collect(0.5)
+        assert len(shed) + len(forwarded) == burst, (len(shed), len(forwarded))
+        assert len(forwarded) <= WATCH_EVERY, len(forwarded)
+        with urllib.request.urlopen(f"http://{HOST}:{admin}/metrics", timeout=5) as resp:
+            fams = {f.name: f for f in text_string_to_metric_families(resp.read().decode())}
+        events = Counter[str]()
+        for s in fams["sipguard_events"].samples:
+            events[s.labels["event"]] += int(s.value)
+        # only what was read before the first check went to the other worker
+        assert events["worker_handed_over"] <= WATCH_EVERY, events
+        assert events["overload_rejected"] == len(shed), events
+    finally:
+        sock.close()
         core.close()
