@@ -312,7 +312,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     worker = args.worker_index
     if worker is None and cfg.workers > 1:
         # the supervisor: starts the workers, passes signals on, restarts a worker that died
-        configure_logging(cfg.log)
+        configure_logging(cfg.log, batch=True)  # a writer thread: a stuck reader never blocks it
         group = make_group()
         try:
             make_token(group)  # the secret of the workers' hand-over (transport/worker_link.py)
@@ -327,7 +327,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_STARTUP
         finally:
             remove_group(group)
-            flush_logs()
+            close_logs()
     if worker is not None and not 0 <= worker < cfg.workers:
         print(f"sipguard: --worker-index {worker} is not below workers ({cfg.workers})",
               file=sys.stderr)

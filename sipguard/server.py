@@ -620,6 +620,7 @@ class Server:
         given: new TLS connections use the new certificates); transactions, dialogs and the
         rules' state carry on."""
         self.cfg = cfg
+        self.metrics.config_loaded = time.time()  # sipguard_config_loaded_timestamp_seconds
         self.tcp.limits = tcp_limits(cfg)
         self.tcp.tls = tls if tls is not None else tls_contexts(cfg)
         self.core.set_overload_retry_after(cfg.sip.overload_retry_after_s)

@@ -26,7 +26,10 @@ a regular file (or /dev/null) the workers write to it themselves: the kernel app
 write() whole (one file position, updated atomically), and a worker writes whole lines only.
 Otherwise (a pipe, a socket, a terminal) the workers' stdout goes through
 the supervisor, which writes whole lines only: the log lines of N processes never interleave
-mid-line. Workers run in their own session, so a terminal's Ctrl-C reaches the supervisor only,
+mid-line. Its writes, like every process's log, leave from a thread
+(:class:`sipguard.ops.logging.LogWriter`): a reader of its stdout that stops costs dropped
+lines (``log.queue_bytes``; a ``log_lines_dropped`` warning once it catches up), never the
+supervisor's loop — signals, restarts and reloads passed on go on. Workers run in their own session, so a terminal's Ctrl-C reaches the supervisor only,
 which passes it on once.
 """
 
@@ -45,7 +48,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from sipguard.ops.logging import flush_logs, get_logger
+from sipguard.ops.logging import flush_logs, get_logger, log_writer
 
 READY = b"ready\n"
 RELOAD = b"reload\n"  # a worker reloaded on an operator's request: reload the others
@@ -87,6 +90,7 @@ class Supervisor:
         # the workers write to our stdout themselves (a file): no relay (~5 % of the CPU of
         # 2 workers at 2,000 calls/s went to copying their log lines)
         self.shared_stdout = stdout_is_shareable()
+        self._dropped = 0  # the workers' log lines dropped (our stdout's reader stuck), untold
 
     # ------------------------------------------------------------------ logging
     def _note(self, level: str, event: str, **fields: object) -> None:
@@ -95,10 +99,23 @@ class Supervisor:
             flush_logs()
 
     def _write(self, data: bytes) -> None:
-        with contextlib.suppress(OSError, ValueError):
-            sys.stdout.flush()  # our own lines first, in order
-            self._out.write(data)
-            self._out.flush()
+        writer = log_writer()
+        if writer is None:
+            with contextlib.suppress(OSError, ValueError):
+                sys.stdout.flush()  # our own lines first, in order
+                self._out.write(data)
+                self._out.flush()
+            return
+        # Through the log writer's thread, like our own lines: a reader of our stdout that
+        # stops costs dropped lines, never the supervisor's loop (signals, restarts, reloads
+        # passed on), and the workers' pipes keep draining.
+        flush_logs()  # our own lines first, in order
+        writer.put(data, data.count(b"\n"))
+        self._dropped += writer.take_dropped()
+        if self._dropped and writer.queued_bytes <= writer.max_bytes // 2:
+            dropped, self._dropped = self._dropped, 0
+            self._note("warning", "log_lines_dropped", count=dropped,
+                       queue_bytes=writer.max_bytes)
 
     async def _relay(self, stream: asyncio.StreamReader) -> None:
         """Copy a worker's stdout to ours, whole lines only."""

@@ -93,10 +93,11 @@ class LogWriter:
     def queued_bytes(self) -> int:
         return self._queued
 
-    def put(self, text: str, lines: int) -> bool:
-        """Queue ``text`` (``lines`` whole lines) for the thread; False when not all of it
-        fit: the first lines that fit are queued, the others dropped and counted."""
-        data = text.encode(self._encoding, "backslashreplace")
+    def put(self, text: str | bytes, lines: int) -> bool:
+        """Queue ``text`` (``lines`` whole lines; bytes are written as they are) for the
+        thread; False when not all of it fit: the first lines that fit are queued, the others
+        dropped and counted."""
+        data = text if isinstance(text, bytes) else text.encode(self._encoding, "backslashreplace")
         with self._cond:
             room = 0 if self._closing else self.max_bytes - self._queued
             fits = len(data) <= room

@@ -10,11 +10,13 @@ says how many were lost.
 from __future__ import annotations
 
 import json
+import re
 import select
 import signal
 import socket
 import subprocess
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -113,6 +115,72 @@ def test_a_log_reader_that_stops_does_not_stop_the_calls(tmp_path: Path) -> None
         rest = proc.stdout.read()  # to the end: the last lines, then EOF at its exit
         assert b'"sipguard_stopped"' in rest
         assert proc.wait(10) == 0
+    finally:
+        uac.close()
+        core.close()
+        stop_pid(proc)
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+def _loaded_at(admin: int) -> float:
+    """When that worker loaded its config (its own metrics: ``scope=worker``)."""
+    url = f"http://{HOST}:{admin}/metrics?scope=worker"
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        text = resp.read().decode()
+    m = re.search(r"^sipguard_config_loaded_timestamp_seconds ([0-9.e+]+)$", text, re.M)
+    assert m is not None, text
+    return float(m.group(1))
+
+
+def test_workers_and_their_supervisor_carry_on_when_the_log_reader_stops(
+    tmp_path: Path,
+) -> None:
+    """Two workers, their log relayed by the supervisor to its stdout, a pipe nobody reads:
+    the calls are answered, a reload through worker 0 still reaches worker 1 (the supervisor
+    passes it on: its loop is not stuck in a write), and a stop ends every process at once."""
+    from .test_workers_e2e import free_block
+
+    port, admin = free_port(), free_block(2)
+    core = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    core.bind((HOST, 0))
+    config = tmp_path / "sipguard.yaml"
+    config.write_text(
+        f"listen: [udp://{HOST}:{port}]\ncore: udp://{HOST}:{core.getsockname()[1]}\n"
+        f"admin: {{listen: '{HOST}:{admin}'}}\nlog: {{queue_bytes: 65536}}\n"
+        f"workers: 2\nworker_port_base: {free_block(2)}\nstate: {{backend: shared_memory}}\n"
+    )
+    proc = subprocess.Popen(sipguard_command() + ["run", "--config", str(config)],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, cwd=REPO)
+    uac = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    uac.bind((HOST, 0))
+    local = uac.getsockname()[1]
+    try:
+        _ready(admin)
+        _ready(admin + 1)
+        for burst in range(16):
+            for _ in range(100):
+                uac.sendto(_request("INVITE", port, local, uuid.uuid4().hex), (HOST, port))
+            answered = 0
+            while answered < 100 and _status(uac, 2.0) == 100:
+                answered += 1
+            assert answered == 100, f"burst {burst}: {answered} of 100 INVITEs answered"
+        time.sleep(0.5)
+        before = _loaded_at(admin + 1)
+        request = urllib.request.Request(f"http://{HOST}:{admin}/reload", method="POST")
+        with urllib.request.urlopen(request, timeout=10) as resp:
+            assert json.loads(resp.read())["other_workers_reloading"] == 1
+        deadline = time.monotonic() + 5
+        while _loaded_at(admin + 1) == before and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _loaded_at(admin + 1) > before, "worker 1 never reloaded"
+        start = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+        assert time.monotonic() - start < 10
     finally:
         uac.close()
         core.close()

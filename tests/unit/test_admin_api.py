@@ -307,15 +307,19 @@ async def test_reload_reports_errors_and_applies_a_valid_file(
     guard = await start_guard(tmp_path, core)
     good = guard.config.read_text()
     try:
+        loaded = guard.server.metrics.config_loaded
         guard.config.write_text(good + "sip:\n  max_message_size: 10\n")
         status, body = await request("POST", guard.url + "/reload")
         assert status == 422 and body["applied"] is False
         (error,) = body["errors"]
         assert error["field"] == "sip.max_message_size" and error["line"] == 5
+        assert guard.server.metrics.config_loaded == loaded  # the old config still runs
         guard.config.write_text(good + "rules:\n  concurrency: {per_caller: 1}\n")
         status, body = await request("POST", guard.url + "/reload")
         assert status == 200
         assert body == {"applied": True, "changed": ["rules"], "restart_needed": []}
+        # sipguard_config_loaded_timestamp_seconds: when the running config was loaded
+        assert guard.server.metrics.config_loaded > loaded
         caller.sock.sendto(invite(caller, guard.port, "l-1"), ("127.0.0.1", guard.port))
         await core.recv_until(b"INVITE ")
         caller.sock.sendto(invite(caller, guard.port, "l-2"), ("127.0.0.1", guard.port))
