@@ -8,6 +8,7 @@ import os
 import select
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -249,26 +250,13 @@ def test_call_logger_line_is_the_text_json_dumps_gives() -> None:
 # --------------------------------------------------------------------------- the writer thread
 
 
-def _read_all(fd: int, until: bytes, seconds: float = 5.0) -> bytes:
-    """What the read end of a pipe gets, until ``until`` is in it (or ``seconds`` pass)."""
-    got = b""
-    deadline = time.monotonic() + seconds
-    while until not in got and time.monotonic() < deadline:
-        ready, _, _ = select.select([fd], [], [], 0.1)
-        if ready:
-            got += os.read(fd, 1 << 16)
-    return got
-
-
-def test_writer_thread_writes_batches_in_order_to_a_pipe() -> None:
+@contextmanager
+def piped_writer(max_bytes: int) -> Iterator[tuple[int, LogWriter]]:
+    """A LogWriter on a real pipe: (the read end, the writer); both closed afterwards."""
     r, w = os.pipe()
-    writer = LogWriter(w, 1 << 20)
+    writer = LogWriter(w, max_bytes)
     try:
-        for i in range(50):
-            assert writer.put(f"line {i}\n", 1)
-        got = _read_all(r, b"line 49\n")
-        assert got.decode().splitlines() == [f"line {i}" for i in range(50)]
-        assert writer.take_dropped() == 0
+        yield r, writer
     finally:
         writer.close(1.0)
         os.close(r)
@@ -289,14 +277,21 @@ def _drain(fd: int, writer: LogWriter, seconds: float = 5.0) -> bytes:
     return got
 
 
+def test_writer_thread_writes_batches_in_order_to_a_pipe() -> None:
+    with piped_writer(1 << 20) as (r, writer):
+        for i in range(50):
+            assert writer.put(f"line {i}\n", 1)
+        got = _drain(r, writer)
+        assert got.decode().splitlines() == [f"line {i}" for i in range(50)]
+        assert writer.take_dropped() == 0
+
+
 def test_a_reader_that_stops_costs_counted_lines_never_a_blocked_caller() -> None:
     """Nobody reads the pipe: once it (64 KiB) and the queue (max_bytes) are full, put()
     drops lines and counts them, at once; when the reader comes back, every line not counted
     arrives, whole and in order."""
-    r, w = os.pipe()
-    writer = LogWriter(w, 65536)
     line = "x" * 99 + "\n"  # 100 bytes
-    try:
+    with piped_writer(65536) as (r, writer):
         start = time.monotonic()
         fitted = [writer.put(line * 10, 10) for _ in range(400)]  # 400 KB offered
         assert time.monotonic() - start < 1.0, "put() never waits for the reader"
@@ -307,25 +302,15 @@ def test_a_reader_that_stops_costs_counted_lines_never_a_blocked_caller() -> Non
         assert got == line.encode() * (len(got) // 100)
         assert dropped > 0 and len(got) // 100 + dropped == 4000
         assert writer.take_dropped() == 0
-    finally:
-        writer.close(1.0)
-        os.close(r)
-        os.close(w)
 
 
 def test_a_batch_larger_than_the_queue_keeps_its_first_lines() -> None:
-    r, w = os.pipe()
-    writer = LogWriter(w, 65536)
-    try:
+    with piped_writer(65536) as (r, writer):
         text = "".join(f"{i:09d}\n" for i in range(20_000))  # 200 KB, one batch
         assert not writer.put(text, 20_000)
         got = _drain(r, writer).decode().splitlines()
         assert got == [f"{i:09d}" for i in range(len(got))] and 6000 <= len(got) <= 6554
         assert writer.take_dropped() == 20_000 - len(got)
-    finally:
-        writer.close(1.0)
-        os.close(r)
-        os.close(w)
 
 
 def test_a_reader_gone_counts_the_lines_and_close_does_not_hang() -> None:
