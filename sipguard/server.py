@@ -317,7 +317,6 @@ class Server:
         self._trim_peak = 0  # most calls + transactions held since the last malloc_trim
         self.collector = Collector(self.counters, self.loop.time())  # see ops/collector.py
         self._log_flusher: asyncio.TimerHandle | None = None
-        self._log_drops_untold = 0  # log lines dropped (a stuck reader) not yet warned about
         self._gc_timer: asyncio.TimerHandle | None = None
         self._load_watch: asyncio.TimerHandle | None = None
         self._resolved: dict[str, str] = {}
@@ -569,13 +568,11 @@ class Server:
             dropped = writer.take_dropped()
             if dropped:
                 self.counters["log_lines_dropped"] += dropped
-                self._log_drops_untold += dropped
-            if self._log_drops_untold and writer.queued_bytes <= writer.max_bytes // 2:
+            untold = writer.report_due()
+            if untold:
                 # the log's reader is catching up: say what it missed (the counter is exact;
                 # this line may be lost too if the reader stops again)
-                self.log.warning("log_lines_dropped", count=self._log_drops_untold,
-                                 queue_bytes=writer.max_bytes)
-                self._log_drops_untold = 0
+                self.log.warning("log_lines_dropped", count=untold, queue_bytes=writer.max_bytes)
         try:
             flush_logs()
         except Exception:  # a log line that cannot be written must not stop the flusher

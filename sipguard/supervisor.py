@@ -29,8 +29,8 @@ the supervisor, which writes whole lines only: the log lines of N processes neve
 mid-line. Its writes, like every process's log, leave from a thread
 (:class:`sipguard.ops.logging.LogWriter`): a reader of its stdout that stops costs dropped
 lines (``log.queue_bytes``; a ``log_lines_dropped`` warning once it catches up), never the
-supervisor's loop — signals, restarts and reloads passed on go on. Workers run in their own session, so a terminal's Ctrl-C reaches the supervisor only,
-which passes it on once.
+supervisor's loop — signals, restarts and reloads passed on go on. Workers run in their own
+session, so a terminal's Ctrl-C reaches the supervisor only, which passes it on once.
 """
 
 from __future__ import annotations
@@ -90,7 +90,6 @@ class Supervisor:
         # the workers write to our stdout themselves (a file): no relay (~5 % of the CPU of
         # 2 workers at 2,000 calls/s went to copying their log lines)
         self.shared_stdout = stdout_is_shareable()
-        self._dropped = 0  # the workers' log lines dropped (our stdout's reader stuck), untold
 
     # ------------------------------------------------------------------ logging
     def _note(self, level: str, event: str, **fields: object) -> None:
@@ -111,11 +110,10 @@ class Supervisor:
         # passed on), and the workers' pipes keep draining.
         flush_logs()  # our own lines first, in order
         writer.put(data, data.count(b"\n"))
-        self._dropped += writer.take_dropped()
-        if self._dropped and writer.queued_bytes <= writer.max_bytes // 2:
-            dropped, self._dropped = self._dropped, 0
-            self._note("warning", "log_lines_dropped", count=dropped,
-                       queue_bytes=writer.max_bytes)
+        writer.take_dropped()
+        untold = writer.report_due()
+        if untold:
+            self._note("warning", "log_lines_dropped", count=untold, queue_bytes=writer.max_bytes)
 
     async def _relay(self, stream: asyncio.StreamReader) -> None:
         """Copy a worker's stdout to ours, whole lines only."""

@@ -85,6 +85,7 @@ class LogWriter:
         self._queue: deque[tuple[bytes, int]] = deque()  # (text, its lines)
         self._queued = 0  # bytes in _queue and in the thread's hands
         self._dropped = 0  # lines dropped since the last take_dropped()
+        self._untold = 0  # lines taken by take_dropped() no warning has told of (report_due)
         self._closing = False
         self._thread = threading.Thread(target=self._run, name="sipguard-log", daemon=True)
         self._thread.start()
@@ -113,9 +114,19 @@ class LogWriter:
         return fits
 
     def take_dropped(self) -> int:
-        """Lines dropped since the last call."""
+        """Lines dropped since the last call (they also wait for :meth:`report_due`)."""
         with self._cond:
             n, self._dropped = self._dropped, 0
+        self._untold += n
+        return n
+
+    def report_due(self) -> int:
+        """Lines dropped (as :meth:`take_dropped` found them) that no warning has told of yet,
+        once the queue has room again (half empty) — the reader is catching up, so a warning
+        now is likely read; 0 before that, or when there is nothing to tell."""
+        if not self._untold or self._queued > self.max_bytes // 2:
+            return 0
+        n, self._untold = self._untold, 0
         return n
 
     def close(self, timeout: float = 2.0) -> None:

@@ -113,14 +113,19 @@ _VIA_PORT = re.compile(rb"SIP[ \t]*/[ \t]*2\.0[ \t]*/[ \t]*\w+[ \t]+(?:\[[^\]]*\
                        rb"[ \t]*:[ \t]*(\d{1,5})", re.IGNORECASE)
 
 
+def _head_end(data: bytes) -> int:
+    """Where the header block ends (its empty line), or 8192: what the scans below read."""
+    end = data.find(b"\r\n\r\n", 0, 8192)
+    return 8192 if end < 0 else end
+
+
 def named_port(data: bytes) -> int | None:
     """The port sipguard's own entry would name: an in-dialog request's top Route URI (the
     Record-Route a worker wrote, sent back by a party that sends every request to one
     outbound-proxy address), a response's top Via (the one a worker wrote on the request).
     Only the header block's first such line is read; None when it names no port, and for a
     request without a To tag (it opens a call: the caller's worker decides it)."""
-    end = data.find(b"\r\n\r\n", 0, 8192)
-    end = 8192 if end < 0 else end
+    end = _head_end(data)
     if data.startswith(b"SIP/"):
         m = _TOP_VIA.search(data, 0, end)
         found = _VIA_PORT.match(m.group(1)) if m is not None else None
@@ -136,8 +141,7 @@ def opens_call(data: bytes) -> bool:
     """An INVITE without a To tag: a new call (what overload protection sheds)."""
     if not data.startswith(b"INVITE "):
         return False
-    end = data.find(b"\r\n\r\n", 0, 8192)
-    return _TO_TAG.search(data, 0, 8192 if end < 0 else end) is None
+    return _TO_TAG.search(data, 0, _head_end(data)) is None
 
 
 def owner_of(data: bytes, workers: int, own_ports: dict[int, int] | None = None,

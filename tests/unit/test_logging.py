@@ -302,6 +302,8 @@ def test_a_reader_that_stops_costs_counted_lines_never_a_blocked_caller() -> Non
         assert got == line.encode() * (len(got) // 100)
         assert dropped > 0 and len(got) // 100 + dropped == 4000
         assert writer.take_dropped() == 0
+        assert writer.report_due() == dropped  # the queue has room again: time to tell
+        assert writer.report_due() == 0  # told once
 
 
 def test_a_batch_larger_than_the_queue_keeps_its_first_lines() -> None:
