@@ -11,10 +11,8 @@ this module's.
 
 from __future__ import annotations
 
-import functools
 from collections import Counter
-from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
 from sipguard.contract import (
     DialogEnded,
@@ -28,11 +26,18 @@ from sipguard.contract import (
     Screened,
     SourceFlagged,
 )
-from sipguard.ops.calllog import CallLogger
+from sipguard.ops.calllog import CallLogger, LineKeys
 from sipguard.ops.logging import SampledLogger
 from sipguard.ops.metrics import Metrics
 from sipguard.ops.privacy import NumberPrivacy
 from sipguard.policy.flood import FloodGuard
+
+# The fields of the two lines every call writes, in the order their values are passed.
+DECIDED: Final = LineKeys("call_id", "source", "transport", "peer", "caller", "callee",
+                          "diverters", "verdict", "monitored", "rule", "reason", "status",
+                          "detail", "decision_us")
+ENDED: Final = LineKeys("call_id", "caller", "callee", "peer", "reason", "duration_s",
+                        "lifetime_s")
 
 
 class Observer:
@@ -65,16 +70,10 @@ class Observer:
             caller, callee, p = d.caller, d.callee, self.privacy
             if p is not None:
                 caller, callee = p(caller), p(callee)
-            self.call_log.info(
-                "dialog_ended",
-                call_id=d.call_id,
-                caller=caller,
-                callee=callee,
-                peer=d.peer,
-                reason=event.reason,
-                duration_s=round(end - (d.confirmed_at or end), 3),
-                lifetime_s=round(end - d.started, 3),
-            )
+            self.call_log.line("dialog_ended", ENDED, (
+                d.call_id, caller, callee, d.peer, event.reason,
+                round(end - (d.confirmed_at or end), 3), round(end - d.started, 3),
+            ))
         elif isinstance(event, ParseFailed):
             c["parse_errors"] += 1
             self.sampled.log(
@@ -131,27 +130,17 @@ class Observer:
             caller, callee = p(caller), p(callee)
             diverters = p.many(diverters) if diverters else None
             detail = p.detail(detail) if detail else None
-        emit: Callable[..., Any] = self.call_log.info
-        if v.sample:  # a verdict that comes in floods: one line per key and interval
-            emit = functools.partial(self.sampled.log, "info", key=v.sample)
-        emit(
-            "invite_decided",
-            call_id=call.call_id,
-            source=f"{call.flow.addr[0]}:{call.flow.addr[1]}",
-            transport=call.flow.transport,
-            peer=call.peer,
-            caller=caller,
-            callee=callee,
-            diverters=diverters,
-            verdict=v.action,
-            monitored=v.monitored or None,
-            rule=v.rule or None,
-            reason=v.reason or None,
-            status=v.status or None,
-            detail=detail,
-            decision_us=round(call.decision_us, 1),
-            **call.labels,
+        values: tuple[Any, ...] = (
+            call.call_id, f"{call.flow.addr[0]}:{call.flow.addr[1]}", call.flow.transport,
+            call.peer, caller, callee, diverters, v.action, v.monitored or None,
+            v.rule or None, v.reason or None, v.status or None, detail,
+            round(call.decision_us, 1),
         )
+        if v.sample:  # a verdict that comes in floods: one line per key and interval
+            self.sampled.log("info", "invite_decided", key=v.sample,
+                             **dict(zip(DECIDED.names, values, strict=True)), **call.labels)
+            return
+        self.call_log.line("invite_decided", DECIDED, values, call.labels or None)
 
     def _screened(self, event: Screened) -> None:
         """An out-of-dialog request refused (or, monitored, let through) before it got a
