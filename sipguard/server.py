@@ -608,8 +608,7 @@ class Server:
                 os.unlink(self._own_segment)
         await self.tcp.close()
         for ep in self.udp.values():
-            if ep.transport is not None:
-                ep.transport.close()
+            ep.close()
         self.udp.clear()
 
     def reconfigure(self, cfg: Config, policy: Policy, tls: TlsContexts | None = None) -> None:
