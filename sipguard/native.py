@@ -95,8 +95,6 @@ C_MODULES: dict[str, str] = {
     "sipguard._es256": "sipguard/_es256.c",
     # UDP sends on a thread without the GIL, in order, with sendmmsg (transport/udp.py)
     "sipguard.transport._udp_send": "sipguard/transport/_udp_send.c",
-    # UDP receives in batches with recvmmsg, a cheap key per source (transport/udp.py)
-    "sipguard.transport._udp_recv": "sipguard/transport/_udp_recv.c",
     # the per-call log lines' fields as JSON text in one pass (ops/calllog.py)
     "sipguard.ops._jsonline": "sipguard/ops/_jsonline.c",
     # limit counters shared by the workers of one host in shared memory (state/shared_memory.py)

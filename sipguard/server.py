@@ -608,7 +608,8 @@ class Server:
                 os.unlink(self._own_segment)
         await self.tcp.close()
         for ep in self.udp.values():
-            ep.close()
+            if ep.transport is not None:
+                ep.transport.close()
         self.udp.clear()
 
     def reconfigure(self, cfg: Config, policy: Policy, tls: TlsContexts | None = None) -> None:

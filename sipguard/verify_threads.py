@@ -33,7 +33,7 @@ import importlib
 import os
 from collections import Counter
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Final
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -125,9 +125,7 @@ class SignatureVerifier:
         pool.close()
         self._deliver()
         if self._watching:
-            # Any: typed bool, and uvloop's returns None (the compiled module checks the type)
-            loop: Any = self.loop
-            loop.remove_reader(pool.fd)
+            self.loop.remove_reader(pool.fd)
             self._watching = False
 
     def submit(self, passport: Passport, key: ec.EllipticCurvePublicKey) -> \

@@ -1,15 +1,9 @@
 """UDP endpoint: datagrams in, straight to the proxy; datagrams out on the same socket.
 
-Each datagram is processed inline as it is read — no per-datagram task or queue. The kernel's
-receive buffer (``sip.udp_receive_buffer``) is the bounded queue: under overload the kernel
-drops and counts datagrams, which is the cheapest place to shed load, and the proxy never holds
-more than one read's datagrams (``READ_BATCH``) at a time.
-
-The endpoint reads its socket itself when the event loop says it is readable: up to
-``READ_BATCH`` datagrams with one ``recvmmsg`` (``sipguard/transport/_udp_recv.c``), each
-handed on with a key for its source that maps to its :class:`Flow` — no address tuple, no
-address text per datagram, as the loop's own UDP transport makes (without the extension, a
-``recvfrom`` loop does the same work).
+Each datagram is processed inline in ``datagram_received`` — no per-datagram task or queue.
+The kernel's receive buffer (``sip.udp_receive_buffer``) is the bounded queue: under overload
+the kernel drops and counts datagrams, which is the cheapest place to shed load, and the proxy
+never holds more than one datagram at a time.
 
 Datagrams out leave either from the loop (one ``sendto`` each) or, with a send thread
 (:class:`SendThread`, ``sip.udp_send_thread``), from a C thread beside it: the loop queues a
@@ -19,7 +13,6 @@ copy and wakes the thread once per flush; the thread sends them in order with ``
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import importlib
 import os
@@ -64,20 +57,14 @@ SEND_QUEUE = 65536
 SEND_QUEUE_BYTES = 32 * 1024 * 1024
 
 
-# Datagrams read per readiness of a socket at most (as many as the loop's transport read).
-READ_BATCH = 32
-RECV_SIZE = 65536  # the largest UDP datagram fits (IPv6 jumbograms aside)
-
-
-def _extension(name: str) -> ModuleType | None:
+def _send_extension() -> ModuleType | None:
     try:
-        return importlib.import_module(f"sipguard.transport.{name}")
-    except ImportError:  # not built (no C compiler at build time): the same work in Python
+        return importlib.import_module("sipguard.transport._udp_send")
+    except ImportError:  # not built (no C compiler at build time): every send in the loop
         return None
 
 
-_udp_send = _extension("_udp_send")
-_udp_recv = _extension("_udp_recv")
+_udp_send = _send_extension()
 
 
 def send_thread_wanted(mode: bool | str, workers: int = 1) -> bool:
@@ -199,12 +186,12 @@ def queue_reading(sock: socket.socket, delay: float,
     return ((used / size if size else 0.0), drops), delay
 
 
-class UdpEndpoint:
+class UdpEndpoint(asyncio.DatagramProtocol):
     def __init__(self, index: int, handler: Handler, sock: socket.socket) -> None:
         self.index = index
         self.handler = handler
         self.sock = sock
-        self.loop: asyncio.AbstractEventLoop | None = None  # set by start()
+        self.transport: asyncio.DatagramTransport | None = None
         self.send_errors = 0  # datagrams the loop could not send (since the last sync)
         self.queue_full = 0  # datagrams the loop sent because the send thread's queue was full
         # The send thread's queue (SendThread), or None: every datagram leaves from the loop.
@@ -218,65 +205,16 @@ class UdpEndpoint:
         self.delay = 0.0
         self._measured = False  # delay was measured for the check under way
         self.stamped = enable_arrival_stamps(sock)
-        # Source -> its Flow, made once per source: a new Flow and address tuple per datagram
-        # would be two more objects per message, held by the transactions, for the garbage
-        # collector's young passes (sipguard/ops/collector.py) to examine; a peer sends from one
-        # address. Keyed by the receiver's source key (an int for IPv4, 18 bytes for IPv6) or,
-        # read in Python, by the address tuple. Bounded by FLOWS_MAX: a scan from many ports
-        # empties it, at worst.
-        self._flows: dict[Any, Flow] = {}
-        self._receiver: Any = (_udp_recv.Receiver(self._fd, self._family, READ_BATCH, RECV_SIZE)
-                               if _udp_recv is not None else None)
-        # Datagrams the kernel had no room for (a full send buffer), sent in order once it
-        # has: at most the socket's send buffer's size of them (SO_SNDBUF); beyond, dropped
-        # and counted as send errors.
-        self._backlog: collections.deque[tuple[bytes, tuple[str, int]]] = collections.deque()
-        self._backlog_bytes = 0
-        self._backlog_max = int(sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF))
+        # Source address -> its Flow, made once per source: a new Flow and address tuple per
+        # datagram would be two more objects per message, held by the transactions, for the
+        # garbage collector's young passes (sipguard/ops/collector.py) to examine; a peer sends
+        # from one address. Bounded by FLOWS_MAX: a scan from many ports empties it, at worst.
+        self._flows: dict[tuple[Any, ...], Flow] = {}
 
-    def start(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Read the socket whenever the loop finds it readable (the socket is non-blocking)."""
-        self.loop = loop
-        loop.add_reader(self._fd, self._readable)
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
 
-    def close(self) -> None:
-        # Any: remove_reader/remove_writer are typed bool, and uvloop's return None (the
-        # compiled module would check the type)
-        loop: Any = self.loop
-        if loop is not None:
-            loop.remove_reader(self._fd)
-            if self._backlog:
-                loop.remove_writer(self._fd)
-        self._backlog.clear()
-        self.sock.close()
-
-    def _readable(self) -> None:
-        receiver = self._receiver
-        if receiver is None:
-            self._read_in_python()
-            return
-        try:
-            receiver.read(self._received)
-        except OSError:
-            pass  # an ICMP error reported on the socket (port unreachable ...): nothing to do
-        finally:
-            if receiver.pending and self.loop is not None:
-                # the handler raised (the error goes to the loop's handler): the datagrams read
-                # after that one are handed over on the next pass, not when more arrive
-                self.loop.call_soon(self._readable)
-
-    def _read_in_python(self) -> None:
-        sock = self.sock
-        for _ in range(READ_BATCH):
-            try:
-                data, addr = sock.recvfrom(RECV_SIZE)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                return  # an ICMP error reported on the socket: the next read goes on
-            self.datagram_received(data, addr)
-
-    def _count(self) -> None:
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         self._unwatched += 1
         if self._unwatched >= WATCH_EVERY and self.watch is not None:
             self._unwatched = 0
@@ -284,22 +222,6 @@ class UdpEndpoint:
                 self.delay = self.arrival_delay()
                 self._measured = True
             self.watch()
-
-    def _received(self, data: bytes, key: object) -> None:
-        """A datagram from the receiver: ``key`` names its source."""
-        self._count()
-        flow = self._flows.get(key)
-        if flow is None:
-            flows = self._flows
-            if len(flows) >= FLOWS_MAX:
-                flows.clear()
-            host, port = _udp_recv.address(self._family, key)  # type: ignore[union-attr]
-            flow = flows[key] = Flow("udp", (host, port), self.index)
-        self.handler(data, flow)
-
-    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
-        """A datagram from ``addr`` (read in Python: (host, port[, flowinfo, scope]))."""
-        self._count()
         flow = self._flows.get(addr)
         if flow is None:  # (IPv6 addresses come with flow info and scope: kept out of Flow)
             flows = self._flows
@@ -318,11 +240,6 @@ class UdpEndpoint:
         """The receive buffer the kernel granted, bytes (Linux: twice the size set)."""
         return int(self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF))
 
-    @property
-    def truncated(self) -> int:
-        """Datagrams dropped for being longer than ``RECV_SIZE`` (IPv6 jumbograms)."""
-        return int(self._receiver.truncated) if self._receiver is not None else 0
-
     def receive_queue(self) -> tuple[float, int] | None:
         """(share of the receive buffer in use, datagrams the kernel dropped so far), or None
         where the kernel cannot tell (not Linux). An empty queue, seen by a check that did not
@@ -331,12 +248,19 @@ class UdpEndpoint:
         self._measured = False
         return state
 
+    def error_received(self, exc: Exception) -> None:
+        # ICMP port unreachable and friends: nothing to do for a datagram proxy.
+        pass
+
     def send(self, data: bytes, addr: tuple[str, int]) -> None:
         """Queue it for the send thread; without one (or with its queue full), send at once
-        with one syscall; when the socket buffer is full, keep it in the backlog (sent, in
-        order, when the socket has room again)."""
-        if self._backlog:
-            self._hold(data, addr)  # keep order behind what already waits
+        with one syscall; when the socket buffer is full, let the transport queue it (it then
+        drains on writability, in order)."""
+        transport = self.transport
+        if transport is None:
+            return
+        if transport.get_write_buffer_size():  # type: ignore[attr-defined]
+            transport.sendto(data, addr)  # keep order behind what is already queued
             return
         sender = self.sender
         if sender is not None:
@@ -345,41 +269,10 @@ class UdpEndpoint:
             self.queue_full += 1  # (or an address that is no literal: not from _send)
         try:
             self.sock.sendto(data, addr)
-        except (BlockingIOError, InterruptedError):
-            self._hold(data, addr)
+        except BlockingIOError:
+            transport.sendto(data, addr)
         except OSError:
             self.send_errors += 1  # unreachable address, ICMP error: a datagram is lost
-
-    def _hold(self, data: bytes, addr: tuple[str, int]) -> None:
-        if self._backlog_bytes + len(data) > self._backlog_max:
-            self.send_errors += 1  # the backlog is full too: lost
-            return
-        if not self._backlog and self.loop is not None:
-            self.loop.add_writer(self._fd, self._writable)
-        self._backlog.append((data, addr))
-        self._backlog_bytes += len(data)
-
-    def _writable(self) -> None:
-        backlog = self._backlog
-        sock = self.sock
-        while backlog:
-            data, addr = backlog[0]
-            try:
-                sock.sendto(data, addr)
-            except (BlockingIOError, InterruptedError):
-                return  # still full: the loop calls again when there is room
-            except OSError:
-                self.send_errors += 1
-            backlog.popleft()
-            self._backlog_bytes -= len(data)
-        loop: Any = self.loop  # (see close)
-        if loop is not None:
-            loop.remove_writer(self._fd)
-
-    @property
-    def backlog(self) -> int:
-        """Datagrams waiting for room in the socket's send buffer."""
-        return len(self._backlog)
 
 
 def set_buffer(sock: socket.socket, option: int, force: int, size: int) -> None:
@@ -411,6 +304,5 @@ async def open_udp(
         sock.close()
         raise
     sock.setblocking(False)
-    endpoint = UdpEndpoint(index, handler, sock)
-    endpoint.start(loop)
-    return endpoint
+    _, protocol = await loop.create_datagram_endpoint(lambda: UdpEndpoint(index, handler, sock), sock=sock)
+    return protocol

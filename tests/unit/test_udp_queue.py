@@ -170,7 +170,8 @@ def test_one_flow_per_source_and_the_flow_table_is_bounded(monkeypatch: pytest.M
                 await asyncio.sleep(0.01)
             assert len(ep._flows) <= 8
         finally:
-            ep.close()
+            if ep.transport is not None:
+                ep.transport.close()
             ports = {s.getsockname()[1] for s in senders}
             for s in senders:
                 s.close()

@@ -237,7 +237,8 @@ def test_endpoints_send_through_the_thread_and_fall_back_in_the_loop(
             assert counters["udp_sent_threaded"] == 3 and counters["udp_send_errors"] == 0
         finally:
             threads.close([ep])
-            ep.close()
+            assert ep.transport is not None
+            ep.transport.close()
 
     asyncio.run(run())
 
@@ -258,6 +259,7 @@ def test_without_the_extension_every_send_is_in_the_loop(
             assert await asyncio.to_thread(receiver.recv, 10) == b"inline"
         finally:
             threads.close([ep])
-            ep.close()
+            assert ep.transport is not None
+            ep.transport.close()
 
     asyncio.run(run())
