@@ -156,13 +156,17 @@ class CallLogger:
             for key, value in extra.items():
                 if value is not None:
                     text += self._key(key) + _value(value)
+        add(text + self._tail(event))
+
+    def _tail(self, event: str) -> str:
+        """``, "event": ..., "level": "info", "ts": ...}``: the end of every line."""
         tails = self._tails
         tail = tails.get(event)
         if tail is None:
             tail = ', "event": ' + _STRING(event) + ', "level": "info", "ts": "'
             if len(tails) < _KEYS_CACHED:
                 tails[event] = tail
-        add(text + tail + self._ts() + '"}')
+        return tail + self._ts() + '"}'
 
     def _line_of_dict(self, event: str, fields: dict[str, Any], add: Callable[[str], None]) -> None:
         parts = ["{", '"logger_name": ', _STRING(self._name)]
@@ -170,8 +174,7 @@ class CallLogger:
             if value is not None and key not in ("logger_name", "event", "level", "ts"):
                 parts.append(self._key(key))
                 parts.append(_value(value))
-        parts.append(', "event": ' + _STRING(event) + ', "level": "info", "ts": "')
-        parts.append(self._ts() + '"}')
+        parts.append(self._tail(event))
         add("".join(parts))
 
     def info(self, event: str, **fields: Any) -> None:
