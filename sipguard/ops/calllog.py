@@ -93,6 +93,14 @@ def fields_text(texts: tuple[str, ...], values: tuple[Any, ...]) -> str:
     return "".join(parts)
 
 
+def _as_dict(keys: LineKeys, values: tuple[Any, ...], extra: dict[str, Any] | None) -> dict[str, Any]:
+    """A line's fields as one dict (for the paths that take keywords or merge dicts)."""
+    fields = dict(zip(keys.names, values, strict=True))
+    if extra:
+        fields.update(extra)
+    return fields
+
+
 class CallLogger:
     """Writes per-call lines at info: :meth:`line` (names made once, values in a tuple) or
     :meth:`info` (keywords, as a structlog logger takes them); fields that are None are left
@@ -132,10 +140,7 @@ class CallLogger:
             return
         add = self._add
         if add is None:
-            fields = dict(zip(keys.names, values, strict=True))
-            if extra:
-                fields.update(extra)
-            self._fallback.info(event, **fields)
+            self._fallback.info(event, **_as_dict(keys, values, extra))
             return
         configured = self._fields
         if configured:
@@ -146,10 +151,7 @@ class CallLogger:
                     self._clash[keys] = clash
             if clash or (extra and not configured.keys().isdisjoint(extra)):
                 # a field of the line's own replaces the configured one in place, as in a dict
-                line = dict(zip(keys.names, values, strict=True))
-                if extra:
-                    line.update(extra)
-                self._line_of_dict(event, {**configured, **line}, add)
+                self._line_of_dict(event, {**configured, **_as_dict(keys, values, extra)}, add)
                 return
         text = self._head + _fields(keys.texts, values)
         if extra:
