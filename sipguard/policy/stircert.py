@@ -88,6 +88,10 @@ def is_public_address(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool
             embedded = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
         if embedded is not None and not is_public_address(embedded):
             return False
+        if ip.sixtofour is not None:
+            # 6to4 (2002::/16) reaches the IPv4 address in it, which decides: Python's own
+            # table counts the whole prefix as private in 3.11.2 (Debian 12), global in 3.11.7
+            return True
     return ip.is_global and not ip.is_multicast
 
 

@@ -26,11 +26,11 @@ that is not three digits is ignored (None), not an error: it is informational.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from urllib.parse import unquote as _pct_unquote
 
+from sipguard.sip import regex
 from sipguard.sip.errors import SipParseError
 from sipguard.sip.nameaddr import NameAddr, parse_name_addr_list, parts
 from sipguard.sip.params import (
@@ -44,10 +44,10 @@ from sipguard.sip.params import (
 from sipguard.sip.uri import Uri
 
 # index-val = number *("." number)   (leading zeros tolerated, RFC 4244)
-_INDEX_VAL = re.compile(r"[0-9]++(?:\.[0-9]++)*+")
+_INDEX_VAL = regex.compile(r"[0-9]++(?:\.[0-9]++)*+")
 # reason-value = protocol *(SEMI reason-params)       (RFC 3326)
 # protocol     = "SIP" / "Q.850" / token
-_PROTOCOL = re.compile(rf"[ \t]*+([{TOKEN_CHARS}]++)")
+_PROTOCOL = regex.compile(rf"[ \t]*+([{TOKEN_CHARS}]++)")
 
 # RFC 4458 cause values for call forwarding: 404 unknown / not available, 486 user busy,
 # 408 no reply, 302 unconditional, 487 deflection during alerting, 480 deflection immediate

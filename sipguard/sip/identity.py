@@ -23,10 +23,10 @@ its angle brackets (or quotes).
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Final
 
+from sipguard.sip import regex
 from sipguard.sip.errors import SipParseError
 from sipguard.sip.params import (
     CACHE_PARTS_MAX,
@@ -39,7 +39,7 @@ from sipguard.sip.params import (
 )
 
 # JWS compact serialisation: BASE64URL(header) "." [BASE64URL(payload)] "." BASE64URL(sig)
-_JWS: Final = re.compile(r"[A-Za-z0-9_\-]++\.[A-Za-z0-9_\-]*+\.[A-Za-z0-9_\-]++")
+_JWS: Final = regex.compile(r"[A-Za-z0-9_\-]++\.[A-Za-z0-9_\-]*+\.[A-Za-z0-9_\-]++")
 
 
 @dataclass(slots=True, init=False, unsafe_hash=True)

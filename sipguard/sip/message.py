@@ -30,10 +30,10 @@ the parser shares them rather than keeping copies.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Iterable
 from typing import Any, Final
 
+from sipguard.sip import regex
 from sipguard.sip.errors import SipParseError
 from sipguard.sip.history_info import HistoryInfoEntry, parse_history_info
 from sipguard.sip.identity import Identity, parse_identity
@@ -564,7 +564,7 @@ METHODS: Final = {
 }
 
 # CSeq = "CSeq" HCOLON 1*DIGIT LWS Method (the value is unfolded and stripped first)
-_CSEQ: Final = re.compile(rb"([0-9]++)[ \t]++([A-Za-z0-9.!%*_+`'~\-]++)")
+_CSEQ: Final = regex.compile(rb"([0-9]++)[ \t]++([A-Za-z0-9.!%*_+`'~\-]++)")
 
 
 def raw_value(line: bytes) -> bytes:

@@ -21,11 +21,11 @@ separating comma of a list).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
+from sipguard.sip import regex
 from sipguard.sip.errors import SipParseError
 from sipguard.sip.params import (
     CACHE_PARTS_MAX,
@@ -44,9 +44,9 @@ from sipguard.sip.uri import Uri, parse_uri
 
 # display-name  =  *(token LWS) / quoted-string ; LAQUOT = SWS "<"
 # RFC 4475 lwsdisp: no whitespace is needed between the last token and "<".
-_DISPLAY_TOKENS: Final = re.compile(rf"([{TOKEN_CHARS}]++(?:[ \t]++[{TOKEN_CHARS}]++)*+)[ \t]*+<")
+_DISPLAY_TOKENS: Final = regex.compile(rf"([{TOKEN_CHARS}]++(?:[ \t]++[{TOKEN_CHARS}]++)*+)[ \t]*+<")
 # A bare addr-spec runs to the first ";", "," or whitespace (RFC 3261 §20.10).
-_BARE_URI: Final = re.compile(r"[^;, \t]++")
+_BARE_URI: Final = regex.compile(r"[^;, \t]++")
 
 
 @dataclass(slots=True, init=False, unsafe_hash=True)

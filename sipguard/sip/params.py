@@ -47,6 +47,7 @@ from __future__ import annotations
 import re
 from typing import Final, TypeVar
 
+from sipguard.sip import regex
 from sipguard.sip.errors import SipParseError
 
 Params = tuple[tuple[str, str | None], ...]
@@ -85,23 +86,23 @@ VALUE_CHARS = TOKEN_CHARS + r"\[\]:"
 # quoted-pair    =  "\" (%x00-09 / %x0B-0C / %x0E-7F)
 _QDTEXT = r"[^\"\\\x00-\x08\x0a-\x1f\x7f]"
 QUOTED = rf'"{_QDTEXT}*+(?:\\[\x00-\x09\x0b\x0c\x0e-\x7f]{_QDTEXT}*+)*+"'
-QUOTED_RE: Final = re.compile(QUOTED)
+QUOTED_RE: Final = regex.compile(QUOTED)
 
 # SEMI           =  SWS ";" SWS
 # EQUAL          =  SWS "=" SWS
 # generic-param  =  token [ EQUAL gen-value ]
-_PARAM: Final = re.compile(
+_PARAM: Final = regex.compile(
     rf"[ \t]*+;[ \t]*+([{TOKEN_CHARS}]++)(?:[ \t]*+=[ \t]*+([{VALUE_CHARS}]++|{QUOTED}))?+"
 )
 # The same, where a value may also be an angle-bracketed URI (RFC 8224 ident-info-uri =
 # LAQUOT absoluteURI RAQUOT).
-_PARAM_ANGLE: Final = re.compile(
+_PARAM_ANGLE: Final = regex.compile(
     rf"[ \t]*+;[ \t]*+([{TOKEN_CHARS}]++)"
     rf"(?:[ \t]*+=[ \t]*+([{VALUE_CHARS}]++|{QUOTED}|<[^<>\"\x00-\x20\x7f]*+>))?+"
 )
-_RUN: Final = re.compile(rf"(?:{_PARAM.pattern})*+")
-_RUN_ANGLE: Final = re.compile(rf"(?:{_PARAM_ANGLE.pattern})*+")
-_QUOTED_PAIR: Final = re.compile(r"\\(.)", re.DOTALL)
+_RUN: Final = regex.compile(rf"(?:{_PARAM.pattern})*+")
+_RUN_ANGLE: Final = regex.compile(rf"(?:{_PARAM_ANGLE.pattern})*+")
+_QUOTED_PAIR: Final = regex.compile(r"\\(.)", re.DOTALL)
 
 
 def scan_params(text: str, pos: int, *, angle: bool = False) -> tuple[Params, int]:

@@ -47,10 +47,10 @@ the two modules are one unit, split for reading, and compiled together
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from typing import Final, NoReturn
 
+from sipguard.sip import regex
 from sipguard.sip.errors import SipParseError
 from sipguard.sip.message import (
     CRLF,
@@ -221,7 +221,7 @@ def _parse_start_line(line: bytes) -> tuple[str | None, str | None, int, str]:
 
 # The CSeq grammar over a whole unfolded header line, in one regex call (the usual case);
 # sipguard.sip.message.parse_cseq is the general form.
-_CSEQ_LINE: Final = re.compile(rb"[^:]++:[ \t]*+([0-9]{1,10}+)[ \t]++([A-Za-z0-9.!%*_+`'~\-]++)[ \t]*+")
+_CSEQ_LINE: Final = regex.compile(rb"[^:]++:[ \t]*+([0-9]{1,10}+)[ \t]++([A-Za-z0-9.!%*_+`'~\-]++)[ \t]*+")
 
 
 def _digits(value: bytes, what: str, limit: int) -> int:

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Final
 from urllib.parse import unquote as _pct_unquote
 
+from sipguard.sip import regex
 from sipguard.sip.errors import SipParseError
 from sipguard.sip.params import (
     CACHE_PARTS_MAX,
@@ -39,7 +40,7 @@ from sipguard.sip.params import (
 )
 
 # scheme = ALPHA *( ALPHA / DIGIT / "+" / "-" / "." )
-_SCHEME: Final = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*+")
+_SCHEME: Final = regex.compile(r"[A-Za-z][A-Za-z0-9+.\-]*+")
 
 # Every character a URI may hold: reserved / unreserved / escaped (RFC 3261 §25.1), plus "[" "]"
 # for IPv6 references and "#" (unescaped in dial strings by many devices).
@@ -47,16 +48,16 @@ _SCHEME: Final = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*+")
 #   unreserved  =  alphanum / mark
 #   mark        =  "-" / "_" / "." / "!" / "~" / "*" / "'" / "(" / ")"
 #   escaped     =  "%" HEXDIG HEXDIG
-_BAD_CHAR: Final = re.compile(r"[^!#-;=?-\[\]_a-z~]")
+_BAD_CHAR: Final = regex.compile(r"[^!#-;=?-\[\]_a-z~]")
 
 # hostname     =  *( domainlabel "." ) toplabel [ "." ]
 # domainlabel  =  alphanum / alphanum *( alphanum / "-" ) alphanum
 # toplabel     =  ALPHA / ALPHA *( alphanum / "-" ) alphanum
 # IPv4address  =  1*3DIGIT "." 1*3DIGIT "." 1*3DIGIT "." 1*3DIGIT
 # (checked loosely: labels of alphanum, "-" and "_", which also covers IPv4 addresses)
-_HOSTNAME: Final = re.compile(r"(?:[a-z0-9_\-]+\.)*[a-z0-9_\-]+\.?")
+_HOSTNAME: Final = regex.compile(r"(?:[a-z0-9_\-]+\.)*[a-z0-9_\-]+\.?")
 # IPv6reference  =  "[" IPv6address "]"
-_IPV6_CHARS: Final = re.compile(r"[0-9a-f:.]++")
+_IPV6_CHARS: Final = regex.compile(r"[0-9a-f:.]++")
 
 # uri-parameters    =  *( ";" uri-parameter)
 # uri-parameter     =  transport-param / user-param / method-param / ttl-param / maddr-param
@@ -68,7 +69,7 @@ _IPV6_CHARS: Final = re.compile(r"[0-9a-f:.]++")
 # param-unreserved  =  "[" / "]" / "/" / ":" / "&" / "+" / "$"
 # (RFC 3966 tel parameters, ";" pname [ "=" pvalue ], use the same characters)
 _PARAMCHAR = r"[A-Za-z0-9\-_.!~*'()\[\]/:&+$%]"
-_URI_PARAMS: Final = re.compile(rf"(?:;{_PARAMCHAR}++(?:={_PARAMCHAR}++)?+)*+")
+_URI_PARAMS: Final = regex.compile(rf"(?:;{_PARAMCHAR}++(?:={_PARAMCHAR}++)?+)*+")
 
 # telephone-subscriber  = global-number / local-number
 # global-number-digits  = "+" *phonedigit DIGIT *phonedigit
@@ -76,7 +77,7 @@ _URI_PARAMS: Final = re.compile(rf"(?:;{_PARAMCHAR}++(?:={_PARAMCHAR}++)?+)*+")
 # phonedigit            = DIGIT / [ visual-separator ]
 # phonedigit-hex        = HEXDIG / "*" / "#" / [ visual-separator ]
 # visual-separator      = "-" / "." / "(" / ")"
-_TEL_SUBSCRIBER: Final = re.compile(r"\+[0-9().\-]*+|[0-9A-Fa-f*#().\-]++")
+_TEL_SUBSCRIBER: Final = regex.compile(r"\+[0-9().\-]*+|[0-9A-Fa-f*#().\-]++")
 
 _DROP_SEPARATORS: Final = str.maketrans("", "", "-.() ")
 _DROP_DIALCHARS: Final = str.maketrans("", "", "0123456789*#")
@@ -188,7 +189,7 @@ def _parse_uri(text: str) -> Uri:
 # with the same results): scheme, [user [":" password] "@"], host, [":" port], params, [headers].
 # No "@" may appear but the one ending the userinfo, as in _parse_sip where the first "@" ends
 # it. Anything else goes the long way, which also produces the precise error.
-_SIP_FAST: Final = re.compile(
+_SIP_FAST: Final = regex.compile(
     r"((?i:sips?)):"
     r"(?:([!#-9;=?A-Z_a-z~]++)(?::([!#-;=?A-Z_a-z~]*+))?+@)?+"
     r"([A-Za-z0-9_.\-]++|\[[0-9A-Fa-f:.]++\])"

@@ -25,11 +25,11 @@ for the caller to check. ``str(via)`` is the via-parm exactly as received.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
+from sipguard.sip import regex
 from sipguard.sip.errors import SipParseError
 from sipguard.sip.params import (
     CACHE_PARTS_MAX,
@@ -47,18 +47,18 @@ from sipguard.sip.uri import check_host, check_port
 
 # sent-protocol LWS sent-by, with SWS around "/" and ":" (RFC 4475 wsinv).
 _T = f"[{TOKEN_CHARS}]++"
-_VIA_HEAD: Final = re.compile(
+_VIA_HEAD: Final = regex.compile(
     rf"[ \t]*+({_T})[ \t]*+/[ \t]*+({_T})[ \t]*+/[ \t]*+({_T})[ \t]++"
     r"(\[[^\]]*+\]|[^ \t;,:\[\]]++)(?:[ \t]*+(:)[ \t]*+([0-9]*+))?"
 )
 # The usual shape, "SIP/2.0/" transport SP host [":" port] *(";" param), without LWS or
 # quoted-strings, followed by the end or a comma: one match, same result as the general path.
-_VIA_FAST: Final = re.compile(
+_VIA_FAST: Final = regex.compile(
     rf"SIP/2\.0/({_T}) ([A-Za-z0-9_.\-]++|\[[0-9A-Fa-f:.]++\])(?::([0-9]{{1,5}}+))?+"
     rf"((?:;{_T}(?:=[{VALUE_CHARS}]++)?+)*+)(?=[ \t]*+(?:,|\Z))"
 )
 # IPv4address  =  1*3DIGIT "." 1*3DIGIT "." 1*3DIGIT "." 1*3DIGIT
-_IPV4: Final = re.compile(r"[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}")
+_IPV4: Final = regex.compile(r"[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}")
 
 
 @dataclass(slots=True, init=False, unsafe_hash=True)
