@@ -1,8 +1,16 @@
 # sipguard — set-up, run and test. `make run` and `make test` work on a fresh Debian 12.
-PYTHON ?= python3
+# The interpreter the venv is made from: the distribution's own /usr/bin/python3 when it is
+# 3.11 or newer, else the first python3 on PATH (`make PYTHON=... install` picks another).
+# Debian builds its python3 with profile-guided and link-time optimisation and links the
+# interpreter statically; a Python built from source with the defaults (pyenv: neither, and a
+# shared libpython) measured ~30 % more CPU per call in sipguard's hot path
+# (loadtest/README.md, "Which Python runs it").
+SYSTEM_PYTHON_OK := $(shell /usr/bin/python3 -c 'import sys; print(sys.version_info >= (3, 11))' 2>/dev/null)
+PYTHON ?= $(if $(filter True,$(SYSTEM_PYTHON_OK)),/usr/bin/python3,python3)
 VENV   := .venv
 PY     := $(VENV)/bin/python
-STAMP  := $(VENV)/.installed
+# the venv is made again when PYTHON names another interpreter
+STAMP  := $(VENV)/.installed-$(subst /,_,$(PYTHON))
 CONFIG ?= config/sipguard.yaml
 
 .PHONY: install native run test lint typecheck loadtest clean tools sipp docs demo
@@ -10,10 +18,10 @@ CONFIG ?= config/sipguard.yaml
 install: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
-	$(PYTHON) -m venv $(VENV) || { \
+	$(PYTHON) -m venv --clear $(VENV) || { \
 	  echo "installing python3-venv (Debian)"; SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive \
-	    apt-get install -y -qq python3-venv >/dev/null && $(PYTHON) -m venv $(VENV); }
+	    apt-get install -y -qq python3-venv >/dev/null && $(PYTHON) -m venv --clear $(VENV); }
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
 	touch $(STAMP)

@@ -140,8 +140,25 @@ def status() -> tuple[list[str], list[str]]:
     return compiled, stale
 
 
+# What the last build was made for: the interpreter's version and installation. A build is
+# tied to the CPython it was compiled against; another one (a venv made again from another
+# python3) gets its own build.
+BUILT_FOR = ROOT / "sipguard" / ".native-built-for"
+
+
+def interpreter() -> str:
+    """The running interpreter, as :data:`BUILT_FOR` records it."""
+    return f"{sys.version.split()[0]} {sys.base_prefix}"
+
+
 def needs_build() -> bool:
-    """True when a compiled module is missing or older than its source (or this file)."""
+    """True when a compiled module is missing or older than its source (or this file), or the
+    build was made for another interpreter."""
+    try:
+        if BUILT_FOR.read_text().strip() != interpreter():
+            return True
+    except OSError:
+        return True
     own = Path(__file__).stat().st_mtime
     for name in (*HOT_MODULES, *C_MODULES):
         target = _compiled_path(name)
@@ -158,6 +175,7 @@ def clean() -> None:
     for name in (*HOT_MODULES, *C_MODULES, GROUP + "__mypyc"):
         path = ROOT / (name.replace(".", "/") + suffix)
         path.unlink(missing_ok=True)
+    BUILT_FOR.unlink(missing_ok=True)
 
 
 def build() -> int:
@@ -198,6 +216,7 @@ def build() -> int:
         tail = (result.stderr or result.stdout).strip().splitlines()[-3:]
         print("sipguard.native: compiling failed, running as Python:", *tail, sep="\n  ")
         return 1
+    BUILT_FOR.write_text(interpreter() + "\n")
     print(f"sipguard.native: {len(HOT_MODULES)} hot-path modules compiled with mypyc, "
           f"{len(C_MODULES)} C extension(s) built")
     return 0
@@ -219,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
               "modules (mypyc and C)")
         for name in stale:
             print(f"stale (source newer than the build, run `make`): {name}")
+        print(f"interpreter: Python {interpreter()}")
         return 1 if stale else 0
     print("usage: python -m sipguard.native [build|ensure|status|clean]", file=sys.stderr)
     return 2

@@ -52,3 +52,20 @@ def test_an_edited_source_makes_its_compiled_module_stale() -> None:
     finally:
         os.utime(source, ns=(before.st_atime_ns, before.st_mtime_ns))
     assert name not in native.status()[1]
+
+
+def test_a_build_for_another_interpreter_is_made_again(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """needs_build() asks for a rebuild when the build was made for another interpreter (a
+    venv made again from another python3) or when the record of it is missing."""
+    record = tmp_path / "built-for"
+    monkeypatch.setattr(native, "BUILT_FOR", record)
+    assert native.needs_build()  # no record: built by an older sipguard, or not at all
+    record.write_text("3.11.0 /somewhere/else\n")
+    assert native.needs_build()
+    record.write_text(native.interpreter() + "\n")
+    compiled, stale = native.status()
+    if len(compiled) == len(native.HOT_MODULES) + len(native.C_MODULES) and not stale:
+        assert not native.needs_build()  # the same interpreter, every module built and fresh
+    assert native.interpreter() == f"{sys.version.split()[0]} {sys.base_prefix}"
