@@ -399,6 +399,7 @@ class Server:
             peers=len(self.policy.peers.peers),
             rules=[r.name for r in self.policy.rules],
             compiled=len(compiled) == len(native.HOT_MODULES) + len(native.C_MODULES),
+            python=native.interpreter(),  # its version and installation (speed differs by build)
             verify_threads=self.verifier.threads,  # rule identity's signature-check threads
             udp_send_thread=self.sender.active,
         )

@@ -10,6 +10,7 @@ import urllib.request
 
 import pytest
 
+from sipguard import native
 from sipguard.transport.udp import SendThread
 
 from .harness import HOST, E2EStack, SippProcess, events_total, free_port
@@ -51,6 +52,7 @@ def test_calls_with_sends_on_the_thread_or_in_the_loop(stack: E2EStack, thread: 
     assert uas_res.received("INVITE") == calls and uas_res.received("BYE") == calls, detail
     started = [e for e in guard.events if e.get("event") == "sipguard_started"]
     assert started and started[0]["udp_send_thread"] is thread, started
+    assert started[0]["python"] == native.interpreter(), started  # the venv's, as the tests'
     events = _threaded(metrics_port, calls * SENT_PER_CALL if thread else 0)
     if thread:
         assert events.get("udp_sent_threaded", 0) >= calls * SENT_PER_CALL, events
