@@ -919,6 +919,8 @@ def report(
     best = summ["highest_passing_rate"]
     print("highest passing rate: " + ", ".join(
         f"{p} {best[p] if best.get(p) else 'none'}" for p in paths))
+    for p, rates in summ["passed_above_a_failure"].items():
+        print(f"{p} also passed {rates} above a failed step (not counted)")
     for ref in compare.KAMAILIOS:
         for p, c in summ.get("vs_" + ref.replace("-", "_"), {}).items():
             hr, cr = c.get("highest_passing_rate_ratio"), c.get("cpu_per_call_ratio")

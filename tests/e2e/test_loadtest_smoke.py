@@ -231,3 +231,24 @@ def test_compare_mode_measures_kamailio_checking_identity(tmp_path: Path) -> Non
     versus = result["summary"]["vs_kamailio_identity"]["sipguard"]
     assert versus["cpu_per_call_ratio"] > 0, versus
     assert "sipguard / Kamailio checking Identity" in result["markdown"], result["markdown"]
+
+
+def test_a_pass_above_a_failed_step_is_not_the_highest_passing_rate() -> None:
+    """The highest passing rate is the last step of an unbroken run of passes from the lowest
+    rate; a step that passed above a failed one is reported apart."""
+    def step(path: str, rate: int, ok: bool) -> dict[str, object]:
+        return {"path": path, "rate": rate, "passed": ok, "cpu_ms_per_call": 0.3,
+                "success_pct": 100.0 if ok else 98.0, "retrans_total": 0, "retrans_pct": 0.0}
+
+    steps = [step("kamailio", r, True) for r in (1000, 2000, 2500, 3000)] + [
+        step("sipguard", 1000, True), step("sipguard", 2000, True),
+        step("sipguard", 2500, False), step("sipguard", 3000, True),
+        step("shm-workers", 1000, False), step("shm-workers", 2000, True),
+    ]
+    summ = compare.summary(steps, ["kamailio", "sipguard", "shm-workers"])
+    assert summ["highest_passing_rate"] == {"kamailio": 3000, "sipguard": 2000,
+                                            "shm-workers": None}
+    assert summ["passed_above_a_failure"] == {"sipguard": [3000], "shm-workers": [2000]}
+    assert summ["vs_kamailio"]["sipguard"]["highest_passing_rate_ratio"] == 2000 / 3000
+    text = compare.markdown(steps, ["kamailio", "sipguard", "shm-workers"], summ, "")
+    assert "sipguard also passed 3,000, above a step it failed" in text
