@@ -73,7 +73,7 @@ from sipguard.contract import (
     Verdict,
 )
 from sipguard.proxy import build, keepalive
-from sipguard.proxy.dialogs import DialogTable, session_interval
+from sipguard.proxy.dialogs import DialogTable, dialog_key, session_interval
 from sipguard.proxy.routing import Router, flow_is_core
 from sipguard.proxy.settings import ProxySettings
 from sipguard.proxy.timers import TimerEntry, TimerQueue
@@ -87,6 +87,7 @@ from sipguard.proxy.transactions import (
     TERMINATED,
     ClientTxn,
     ServerTxn,
+    table_key,
 )
 from sipguard.sip.errors import SipParseError
 from sipguard.sip.message import Message, header_line
@@ -216,16 +217,16 @@ class Proxy:
         self.timers = TimerQueue()
         self.outbox: list[tuple[Flow, bytes]] = []
         self.events: list[Event] = []
-        self.servers: dict[tuple[str, str], ServerTxn] = {}
-        self.clients: dict[tuple[str, str], ClientTxn] = {}
+        self.servers: dict[str, ServerTxn] = {}  # by table_key()
+        self.clients: dict[str, ClientTxn] = {}  # by table_key()
         self.table = DialogTable()
-        self.dialogs = self.table.by_id  # (Call-ID, caller tag) -> live dialog
+        self.dialogs = self.table.by_id  # dialog_key(Call-ID, caller tag) -> live dialog
         self.pending: dict[int, ServerTxn] = {}
         # (Call-ID, From tag) of every initial INVITE being decided: a second one with the same
         # dialog id is a merged request (482), never a second slot under one lease
-        self.deciding: set[tuple[str, str]] = set()
+        self.deciding: set[str] = set()  # dialog_key()s of the INVITEs being decided
         self._sweep: TimerEntry | None = None
-        self.probes: dict[tuple[str, str], keepalive.Probe] = {}  # dialogs kept alive
+        self.probes: dict[str, keepalive.Probe] = {}  # dialogs kept alive
         self.router = Router(settings, self.ids, self.clients)
         # How far behind the shell is in reading what arrived, seconds: the overload watcher's
         # measured wait in the receive queues (0.0 when it saw none). See _wait_for_queue.
@@ -290,7 +291,7 @@ class Proxy:
     def _abandon(self, call: CallInfo, now: float) -> None:
         """A decided (or deciding) call that will not become a dialog: give back what its
         decision took, exactly once."""
-        self.deciding.discard((call.call_id, call.msg.from_tag or ""))
+        self.deciding.discard(dialog_key(call.call_id, call.msg.from_tag or ""))
         if call.settled:
             return
         call.settled = True
@@ -338,13 +339,13 @@ class Proxy:
         method = msg.method or ""
         key = build.txn_id(msg)
         if method == "ACK":
-            st = self.servers.get((key, "INVITE"))
+            st = self.servers.get(table_key(key, "INVITE"))
             if st is not None and st.state in (COMPLETED, CONFIRMED):
                 self._ack_absorbed(st, now)
                 return
             self._route_ack(msg, flow, key)
             return
-        st = self.servers.get((key, method))
+        st = self.servers.get(table_key(key, method))
         if st is not None:
             if st.last is not None:
                 self.outbox.append((st.reply_to, st.last))
@@ -365,7 +366,7 @@ class Proxy:
             self._busy(msg, flow, "limit_transactions" if full else "limit_dialogs")
             return
         st = ServerTxn(key, method, msg, flow, self.router.reply_flow(msg, flow))
-        self.servers[(key, method)] = st
+        self.servers[table_key(key, method)] = st
         if method == "INVITE":
             self._respond(st, 100, now)
         try:
@@ -420,7 +421,7 @@ class Proxy:
             self._forward(st, target, start_line, route_line, now, record_route=True)
             return
         if method == "INVITE" and initial:
-            dialog_id = (msg.call_id, msg.from_tag or "")
+            dialog_id = dialog_key(msg.call_id, msg.from_tag or "")
             if (dialog_id in self.dialogs or dialog_id in self.deciding) and not (
                 self.router.is_spiral(msg)
             ):
@@ -430,7 +431,7 @@ class Proxy:
                 self.events.append(Dropped("merged_request", msg.call_id, flow))
                 return
             st.next_hop = (target, start_line, route_line)
-            call = CallInfo(msg, flow, now, f"{dialog_id[0]}\n{dialog_id[1]}\n{st.key}")
+            call = CallInfo(msg, flow, now, f"{dialog_id}\n{st.key}")
             st.call = call
             st.state = DECIDING
             self.pending[id(call)] = st
@@ -560,7 +561,7 @@ class Proxy:
             self._respond(st, 404, now)
             return
         st.state = PROCEEDING
-        self.deciding.discard((call.call_id, msg.from_tag or ""))
+        self.deciding.discard(dialog_key(call.call_id, msg.from_tag or ""))
         call.settled = True
         self._start_dialog(st, call, now, st.flow, outbound=False)
         if st.dialog is not None:
@@ -614,7 +615,7 @@ class Proxy:
                                      routes, record_route, extra, edits, anonymise)
         ct = ClientTxn(branch, st.method, data, target, st)
         st.client = ct
-        self.clients[(branch, st.method)] = ct
+        self.clients[table_key(branch, st.method)] = ct
         self.outbox.append((target, data))
         s = self.settings
         if st.method == "INVITE":
@@ -742,13 +743,13 @@ class Proxy:
     # ------------------------------------------------------------------ CANCEL and ACK
     def _on_cancel(self, msg: Message, flow: Flow, key: str, now: float) -> None:
         cst = ServerTxn(key, "CANCEL", msg, flow, self.router.reply_flow(msg, flow))
-        invite = self.servers.get((key, "INVITE"))
+        invite = self.servers.get(table_key(key, "INVITE"))
         if invite is not None and not (
             flow.addr == invite.flow.addr
             or (flow.transport != "udp" and flow.addr[0] == invite.flow.addr[0])
         ):
             invite = None  # RFC 3261 §9.2: a CANCEL comes from the INVITE's sender
-        self.servers[(key, "CANCEL")] = cst
+        self.servers[table_key(key, "CANCEL")] = cst
         if invite is None:
             self._respond(cst, 481, now)
             return
@@ -771,7 +772,7 @@ class Proxy:
         ct.cancel_sent = True
         data = build.cancel_for(ct.sent_msg())
         cancel = ClientTxn(ct.branch, "CANCEL", data, ct.flow, None)
-        self.clients[(ct.branch, "CANCEL")] = cancel
+        self.clients[table_key(ct.branch, "CANCEL")] = cancel
         self.outbox.append((ct.flow, data))
         self._arm_non_invite(cancel, now)
 
@@ -867,7 +868,7 @@ class Proxy:
         branch = m.group(1).decode("ascii") if m is not None else ""
         ours_end = m.end() if m is not None else 0
         method = msg.cseq[1]
-        ct = self.clients.get((branch, method)) if branch.startswith(build.OUR_PREFIX) else None
+        ct = self.clients.get(table_key(branch, method)) if branch.startswith(build.OUR_PREFIX) else None
         if ct is None:
             self.events.append(Dropped("stray_response", f"{msg.status} {msg.call_id}", flow))
             return
@@ -1090,8 +1091,9 @@ class Proxy:
         if st.client is not None:  # break the server <-> client cycle: freed by refcount
             st.client.server = None
             st.client = None
-        if self.servers.get((st.key, st.method)) is st:
-            del self.servers[(st.key, st.method)]
+        key = table_key(st.key, st.method)
+        if self.servers.get(key) is st:
+            del self.servers[key]
         self._settle(st, now)  # (a no-op for one that had its final answer)
 
     def _drop_client(self, ct: ClientTxn) -> None:
@@ -1100,8 +1102,9 @@ class Proxy:
         if ct.server is not None and ct.server.state == TERMINATED:
             ct.server.client = None
             ct.server = None
-        if self.clients.get((ct.branch, ct.method)) is ct:
-            del self.clients[(ct.branch, ct.method)]
+        key = table_key(ct.branch, ct.method)
+        if self.clients.get(key) is ct:
+            del self.clients[key]
 
     # ------------------------------------------------------------------ dialogs
     def _session_timer(self, st: ServerTxn, response: Message, now: float) -> None:
@@ -1129,7 +1132,7 @@ class Proxy:
         dialog.ended_at = now
         dialog.end_reason = reason
         self.table.remove(dialog)
-        probe = self.probes.pop((dialog.call_id, dialog.caller_tag), None)
+        probe = self.probes.pop(dialog_key(dialog.call_id, dialog.caller_tag), None)
         if probe is not None:
             TimerQueue.cancel(probe.timer)
         self.admission.dialog_ended(dialog, now)
@@ -1143,7 +1146,7 @@ class Proxy:
         probe = keepalive.probe_for(dialog, invite, answer)
         if probe is None:
             return
-        self.probes[(dialog.call_id, dialog.caller_tag)] = probe
+        self.probes[dialog_key(dialog.call_id, dialog.caller_tag)] = probe
         interval = self.settings.dialog_keepalive
         if interval:
             probe.timer = self.timers.add(now + interval, self._on_keepalive, probe)
@@ -1185,13 +1188,13 @@ class Proxy:
             ct = ClientTxn(branch, method, data, flow, None)
             if method == "OPTIONS":
                 ct.probe = probe
-            self.clients[(branch, method)] = ct
+            self.clients[table_key(branch, method)] = ct
             self.outbox.append((flow, data))
             self._arm_non_invite(ct, now)
 
     def _saw_cseq(self, dialog: Dialog, side: str, msg: Message) -> None:
         """Remember the highest CSeq each side used: a BYE sipguard sends for it goes above."""
-        probe = self.probes.get((dialog.call_id, dialog.caller_tag))
+        probe = self.probes.get(dialog_key(dialog.call_id, dialog.caller_tag))
         if probe is None:
             return
         n = msg.cseq[0]
@@ -1204,7 +1207,7 @@ class Proxy:
         """End an answered call at once (a suspended number): a BYE to each side, then the
         dialog ends (``reason``) and its slots are freed. False for a call not answered yet
         (a ringing call goes on; the suspension stops the next INVITE)."""
-        probe = self.probes.get((dialog.call_id, dialog.caller_tag))
+        probe = self.probes.get(dialog_key(dialog.call_id, dialog.caller_tag))
         if probe is None or dialog.state == TERMINATED:
             return False
         self._send_both_ways(probe, "BYE", "end", now)

@@ -1,4 +1,4 @@
-"""The dialog table: live calls by (Call-ID, caller tag), and when each one expires.
+"""The dialog table: live calls by Call-ID and caller tag, and when each one expires.
 
 A dialog is added when an initial INVITE is accepted and removed exactly once, whatever ends
 it (the proxy core decides that and tells the policy). Expiry times (maximum lifetime, or an
@@ -17,7 +17,14 @@ from sipguard.state.expiry import ExpiryWheel
 
 MIN_SESSION_EXPIRES: Final = 90.0  # RFC 4028 §4: Min-SE is never below 90 s
 
-DialogId = tuple[str, str]  # (Call-ID, caller's From tag)
+DialogId = str  # dialog_key(Call-ID, caller's From tag)
+
+
+def dialog_key(call_id: str, caller_tag: str) -> DialogId:
+    """A dialog's key in the tables: Call-ID and caller tag joined by a line feed, which
+    neither can hold (a header value has no bare LF), so distinct pairs give distinct keys. A
+    string, not a (Call-ID, tag) tuple: a tuple is an object the cyclic collector examines."""
+    return call_id + "\n" + caller_tag
 
 
 class DialogTable:
@@ -36,26 +43,26 @@ class DialogTable:
         """The live dialog an in-dialog request belongs to, and who sent it (``caller`` when
         its From tag is the caller's, else ``callee``)."""
         call_id = msg.call_id
-        dialog = self.by_id.get((call_id, msg.from_tag or ""))
+        dialog = self.by_id.get(dialog_key(call_id, msg.from_tag or ""))
         if dialog is not None:
             return dialog, "caller"
-        return self.by_id.get((call_id, msg.to_tag or "")), "callee"
+        return self.by_id.get(dialog_key(call_id, msg.to_tag or "")), "callee"
 
     def add(self, dialog: Dialog) -> None:
-        key = (dialog.call_id, dialog.caller_tag)
+        key = dialog_key(dialog.call_id, dialog.caller_tag)
         self.by_id[key] = dialog
         self._expiry.set(key, dialog.expires)
 
     def remove(self, dialog: Dialog) -> None:
         """Take ``dialog`` out of the table (a no-op when another dialog holds its id)."""
-        key = (dialog.call_id, dialog.caller_tag)
+        key = dialog_key(dialog.call_id, dialog.caller_tag)
         if self.by_id.get(key) is dialog:
             del self.by_id[key]
             self._expiry.discard(key)
 
     def expire_at(self, dialog: Dialog, expires: float) -> None:
         dialog.expires = expires
-        self._expiry.set((dialog.call_id, dialog.caller_tag), expires)
+        self._expiry.set(dialog_key(dialog.call_id, dialog.caller_tag), expires)
 
     def expiries(self) -> int:
         """Expiry entries held (equals the live dialogs: an ended dialog leaves none)."""

@@ -13,7 +13,7 @@ from typing import Final
 from sipguard.contract import Flow, Local
 from sipguard.proxy import build
 from sipguard.proxy.settings import NextHop, ProxySettings
-from sipguard.proxy.transactions import ClientTxn
+from sipguard.proxy.transactions import ClientTxn, table_key
 from sipguard.sip.errors import SipParseError
 from sipguard.sip.message import Message
 from sipguard.sip.nameaddr import NameAddr
@@ -37,7 +37,7 @@ class Router:
         self,
         settings: ProxySettings,
         ids: build.Ids,
-        clients: dict[tuple[str, str], ClientTxn],
+        clients: dict[str, ClientTxn],
     ) -> None:
         self.ids = ids
         self.clients = clients  # the proxy's client transactions (spiral detection)
@@ -142,7 +142,7 @@ class Router:
             return False
         for via in msg.vias:
             branch = via.branch or ""
-            if branch.startswith(build.OUR_PREFIX) and (branch, "INVITE") in self.clients:
+            if branch.startswith(build.OUR_PREFIX) and table_key(branch, "INVITE") in self.clients:
                 return True
         return False
 

@@ -26,6 +26,15 @@ from sipguard.proxy.timers import TimerEntry
 from sipguard.sip.message import Message
 from sipguard.sip.parser import UNLIMITED, parse_message
 
+
+def table_key(key: str, method: str) -> str:
+    """A transaction's key in the proxy's tables: the method, a space, then the transaction's
+    id (RFC 3261 §17.2.3) or our branch. A method is a token, so it has no space: distinct
+    (id, method) pairs give distinct keys. A string, not an (id, method) tuple: a tuple is
+    an object the cyclic collector examines (~6 per call, ~0.75 µs each under load)."""
+    return method + " " + key
+
+
 CALLING: Final = "calling"
 PROCEEDING: Final = "proceeding"
 DECIDING: Final = "deciding"

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from sipguard.contract import Dialog, Flow, ParseFailed
+from sipguard.proxy.dialogs import dialog_key
 from sipguard.sip.errors import SipParseError
 from sipguard.sip.message import Message
 from sipguard.sip.parser import parse_message
@@ -121,7 +122,7 @@ def _known_dialog(h: Harness, data: bytes) -> None:
         caller_tag = msg.from_tag or ""
     except SipParseError:
         return  # malformed: the proxy answers it before any dialog matters
-    if (msg.call_id, caller_tag) in h.proxy.dialogs:
+    if dialog_key(msg.call_id, caller_tag) in h.proxy.dialogs:
         return
     h.proxy.table.add(Dialog(msg.call_id, caller_tag, msg.to_tag, None, None, (), None, CALLER,
                              h.now, h.now + 3600, party=Flow("udp", CALLER, 0)))
