@@ -198,6 +198,17 @@ scan(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     }
     /* The empty line: its LF was checked with the last header's CRLF above, its CR is at
      * end + 2 (the find that located it saw "\r\n\r\n"). */
+    /* The lines (bytes), the names (str), the index and its lists (line numbers) hold no
+     * object that could be part of a reference cycle, and the message that keeps them never
+     * changes them: the cyclic collector need not examine them. A request kept by its
+     * transaction would otherwise cost each young pass ~15 objects (~0.75 us each under load). */
+    PyObject *key, *numbers;
+    Py_ssize_t at = 0;
+    while (PyDict_Next(index, &at, &key, &numbers))
+        PyObject_GC_UnTrack(numbers);
+    PyObject_GC_UnTrack(index);
+    PyObject_GC_UnTrack(lines);
+    PyObject_GC_UnTrack(names);
     PyObject *result = PyTuple_Pack(3, lines, names, index);
     Py_DECREF(lines);
     Py_DECREF(names);

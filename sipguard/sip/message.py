@@ -277,6 +277,9 @@ class Message:
         return self.value_at(idx[0]) if idx else None
 
     def indexes(self, name: str) -> list[int]:
+        """The line numbers of header ``name``: the message's own list, never to be changed
+        (as ``lines``, ``names`` and the index: the parser's C scan leaves them untracked by
+        the cyclic collector, since they hold only numbers, bytes and text)."""
         return self._index.get(name, [])
 
     # ----------------------------------------------------------------- typed accessors
