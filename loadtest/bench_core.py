@@ -196,6 +196,15 @@ def run_interleaved(calls: int, rules: str = "", lag: int = 1000,
     return spent, parse_seconds(inputs), len(inputs)
 
 
+def config_rules(path: Path | None) -> str:
+    """The rules (and peers) of the sipguard config at ``path`` for :func:`new_core`: the file
+    without its ``listen:`` and ``core:`` lines (the benchmark's own are used); "" for none."""
+    if path is None:
+        return ""
+    return "\n".join(ln for ln in path.read_text().splitlines()
+                     if not ln.startswith(("listen:", "core:")))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--calls", type=int, default=20000)
@@ -205,11 +214,7 @@ def main() -> None:
     ap.add_argument("--interleave", type=int, default=0, metavar="N",
                     help="overlap the calls, N up at once (as under load: see run_interleaved)")
     args = ap.parse_args()
-    rules = ""
-    if args.config is not None:
-        text = args.config.read_text()
-        rules = "\n".join(ln for ln in text.splitlines()
-                          if not ln.startswith(("listen:", "core:")))
+    rules = config_rules(args.config)
     best: tuple[float, float, int] | None = None
     best_kinds: dict[str, float] = {}
     for _ in range(args.repeat):

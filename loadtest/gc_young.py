@@ -39,10 +39,7 @@ def main() -> None:
                     help="a sipguard config whose rules: / peers: to run (listen/core ignored)")
     ap.add_argument("--top", type=int, default=20, help="types to list")
     args = ap.parse_args()
-    rules = ""
-    if args.config is not None:
-        rules = "\n".join(ln for ln in args.config.read_text().splitlines()
-                          if not ln.startswith(("listen:", "core:")))
+    rules = bench_core.config_rules(args.config)
     by_type: collections.Counter[str] = collections.Counter()
     counted = {"steps": 0, "passes": 0, "objects": 0}
     handle_timer = EdgeCore.handle_timer
