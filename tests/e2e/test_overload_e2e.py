@@ -260,6 +260,8 @@ def test_a_tcp_reader_behind_sheds_new_calls(stack: E2EStack, delay_ms: int | No
                        if r.startswith(b"SIP/2.0 503")), detail
             started = [e for e in guard.events if e.get("event") == "overload_started"]
             assert started and started[0]["cause"] == "stream_behind", started
-            assert started[0]["stream_behind_ms"] > delay_ms, started
+            # Overload starts once the reader is behind by more than the mark; the log line
+            # rounds to 0.1 ms, so 200.04 ms is logged as 200.0.
+            assert started[0]["stream_behind_ms"] >= delay_ms, started
             guard.wait_event("overload_ended", 1, timeout=10)
         assert guard.stop() == 0
