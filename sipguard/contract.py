@@ -42,7 +42,6 @@ from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass
 from typing import Final, Literal, NamedTuple
 
-from sipguard.later import Later
 from sipguard.sip.message import Message
 
 # ---------------------------------------------------------------------- flows
@@ -394,15 +393,13 @@ class Noticed:
 
 @dataclass(slots=True, init=False)
 class DecisionPending:
-    """A decision that waits: on a thread (a signature check: ``pending`` is a
-    :class:`~sipguard.later.Later`, continued when it is delivered) or on I/O (a certificate
-    fetch, a remote store: the shell awaits ``pending``). Either way the shell hands the
-    verdict to the edge core's ``resolve`` (an exception too)."""
+    """A decision that needs I/O (a certificate fetch, a remote store): the shell awaits
+    ``pending`` and hands the verdict to the edge core's ``resolve`` (an exception too)."""
 
     call: CallInfo
-    pending: Later[Verdict] | Awaitable[Verdict]
+    pending: Awaitable[Verdict]
 
-    def __init__(self, call: CallInfo, pending: Later[Verdict] | Awaitable[Verdict]) -> None:
+    def __init__(self, call: CallInfo, pending: Awaitable[Verdict]) -> None:
         self.call = call
         self.pending = pending
 

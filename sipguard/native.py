@@ -51,7 +51,6 @@ HOT_MODULES: tuple[str, ...] = (
     "sipguard.sip.identity",
     "sipguard.sip.message",
     "sipguard.sip.parser",
-    "sipguard.later",
     "sipguard.contract",
     "sipguard.proxy.timers",
     "sipguard.proxy.settings",

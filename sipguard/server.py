@@ -34,7 +34,6 @@ from typing import Any
 from sipguard import native
 from sipguard.contract import CallInfo, DecisionPending, Deferred, Flow, Local, Verdict
 from sipguard.edge import DECISION_FAILED, EdgeCore
-from sipguard.later import Later
 from sipguard.ops.admin import AdminEndpoint, read_token
 from sipguard.ops.calllog import CallLogger
 from sipguard.ops.collector import YOUNG_EVERY_S, Collector
@@ -1052,25 +1051,6 @@ class Server:
         # come in batches): one flush, not one per call, so the core is woken once for them.
         self._schedule_flush()
 
-    def _when_decided(self, call: CallInfo, pending: Later[Verdict]) -> None:
-        """A decision that a verify thread's answer completes: resolved in the callback that
-        delivers it (no task, no second pass of the loop), flushed with that pass's answers."""
-
-        def decided(src: Later[Verdict]) -> None:
-            self._decided(call, src)
-
-        pending.then(decided)
-
-    def _decided(self, call: CallInfo, src: Later[Verdict]) -> None:
-        try:
-            verdict = src.result()
-        except Exception:
-            self.counters["internal_errors"] += 1
-            self.log.exception("decision_failed", call_id=call.call_id)
-            verdict = DECISION_FAILED
-        self.core.resolve(call, verdict, self.loop.time())
-        self._schedule_flush()
-
     async def _settle(self, pending: Awaitable[None], what: str) -> None:
         try:
             await pending
@@ -1099,11 +1079,7 @@ class Server:
             observe = self.observer.observe
             for event in events:
                 if isinstance(event, DecisionPending):
-                    pending = event.pending
-                    if isinstance(pending, Later):
-                        self._when_decided(event.call, pending)
-                    else:
-                        self._start(self._decide_later(event.call, pending))
+                    self._start(self._decide_later(event.call, event.pending))
                 elif isinstance(event, Deferred):
                     self._start(self._settle(event.pending, event.what))
                 else:

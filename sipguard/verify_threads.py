@@ -9,10 +9,8 @@ moves it to other CPUs while the event loop goes on with the other calls' messag
   pool of Python threads was tried first: each check took and gave back the GIL twice, and
   the hand-overs stalled the loop — CPU per call rose by 15 % and the highest passing rate
   fell; see loadtest/README.md.)
-* :meth:`SignatureVerifier.submit` hands a check over and gives back a
-  :class:`~sipguard.later.Later` the rule continues from (the INVITE waits in its server
-  transaction, as for a certificate fetch): the answer, read on the loop, runs the rest of the
-  call's decision at once, with no task or coroutine in between. It gives back
+* :meth:`SignatureVerifier.submit` hands a check over and gives back a future the rule awaits
+  (the INVITE waits in its server transaction, as for a certificate fetch). It gives back
   ``None`` — the rule then verifies in the loop, as without threads — when there are no
   threads or ``max_pending`` checks already wait. Nothing is refused or lost.
 * :meth:`SignatureVerifier.configure` sets the number of threads and the queue bound from
@@ -40,7 +38,6 @@ from typing import TYPE_CHECKING, Final
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from sipguard.later import Later
 from sipguard.policy.passport import Passport
 
 if TYPE_CHECKING:
@@ -85,7 +82,7 @@ class SignatureVerifier:
         self._threads = 0
         built = _es256
         self._pool: Pool | None = built.Pool(self.max_pending) if built is not None else None
-        self._waiting: dict[int, Later[bool]] = {}  # token -> the rule's answer to come
+        self._waiting: dict[int, asyncio.Future[bool]] = {}  # token -> the rule's future
         self._next = 0
         # id(key) -> (key, its copy for the threads); the key is held so the id stays its own
         self._keys: dict[int, tuple[ec.EllipticCurvePublicKey, Key]] = {}
@@ -131,8 +128,9 @@ class SignatureVerifier:
             self.loop.remove_reader(pool.fd)
             self._watching = False
 
-    def submit(self, passport: Passport, key: ec.EllipticCurvePublicKey) -> Later[bool] | None:
-        """The answer to come (delivered on the loop) for the check of ``passport``'s signature with ``key`` on a thread; None
+    def submit(self, passport: Passport, key: ec.EllipticCurvePublicKey) -> \
+            asyncio.Future[bool] | None:
+        """A future for the check of ``passport``'s signature with ``key`` on a thread; None
         when the caller must verify in the loop (no threads, the queue full, not a P-256
         key)."""
         pool = self._pool
@@ -147,9 +145,9 @@ class SignatureVerifier:
             self.counters["identity_verify_queue_full"] += 1
             return None
         self._next = token + 1
-        answer: Later[bool] = Later()
-        self._waiting[token] = answer
-        return answer
+        future: asyncio.Future[bool] = self.loop.create_future()
+        self._waiting[token] = future
+        return future
 
     def _key(self, key: ec.EllipticCurvePublicKey) -> Key | None:
         entry = self._keys.get(id(key))
@@ -177,15 +175,10 @@ class SignatureVerifier:
         self.counters["identity_verify_threaded"] += len(answers)
         waiting = self._waiting
         for token, valid in answers:
-            answer = waiting.pop(token, None)
-            if answer is None:
+            future = waiting.pop(token, None)
+            if future is None or future.done():  # cancelled: the call went away meanwhile
                 continue
-            # The rest of the call's decision runs inside deliver(); one that raises (a bug:
-            # continuations catch what they call) must not cost the other answers.
-            try:
-                if valid < 0:
-                    answer.fail(MemoryError("ES256 check could not be set up"))
-                else:
-                    answer.deliver(valid == 1)
-            except Exception:
-                self.counters["internal_errors"] += 1
+            if valid < 0:
+                future.set_exception(MemoryError("ES256 check could not be set up"))
+            else:
+                future.set_result(valid == 1)

@@ -35,7 +35,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sipguard.contract import CallInfo, Dialog, Flow, Verdict
-from sipguard.later import Later
 from sipguard.policy import callerid, concurrency, dialer, flood, identity, national_cli, rate
 from sipguard.policy.numbers import to_e164
 from sipguard.policy.peers import NumberSet, Peer, PeerTable, read_number_file
@@ -226,7 +225,7 @@ class Policy:
             headers=(f'Reason: SIP;cause=403;text="{which.title()} number suspended"',),
         )
 
-    def decide(self, call: CallInfo, now: float) -> Verdict | Later[Verdict] | Awaitable[Verdict]:
+    def decide(self, call: CallInfo, now: float) -> Verdict | Awaitable[Verdict]:
         pipeline = self.default
         if self.peers:
             peer = self._peer_of(call.flow)

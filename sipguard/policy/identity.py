@@ -47,9 +47,7 @@ The value is the 3GPP ``verstat`` (TS 24.229 §7.2A.20). The decision log line a
 get ``identity`` (``passed``/``failed``/``none``), ``identity_attest`` and ``identity_reason``
 through ``CallInfo.labels``, where a later rule (callerid's verstat) can read them too.
 
-I/O. On a certificate cache hit the rule answers at once (no await), or, when the signature
-check goes to a verify thread (``verify_threads``), with a :class:`~sipguard.later.Later` of
-the verdict that the thread's answer completes on the loop. On a miss it returns an
+I/O. On a certificate cache hit the rule answers at once (no await). On a miss it returns an
 awaitable that fetches through the shell's :class:`~sipguard.policy.stircert.CertFetcher`
 (``RuleState.fetcher``; one request per URL however many INVITEs wait) while the INVITE
 waits in its server transaction. At most ``max_concurrent_fetches`` URLs are fetched at once,
@@ -77,7 +75,6 @@ import contextlib
 from typing import TYPE_CHECKING, Final
 
 from sipguard.contract import Verdict
-from sipguard.later import Later
 from sipguard.policy import callerid
 from sipguard.policy.passport import (
     ATTESTATIONS,
@@ -190,7 +187,7 @@ class IdentityRule:
         self.pai_verstat = True  # put verstat on P-Asserted-Identity (see build())
 
     # ------------------------------------------------------------------ decide
-    def decide(self, call: CallInfo, now: float) -> Verdict | Later[Verdict] | Awaitable[Verdict]:
+    def decide(self, call: CallInfo, now: float) -> Verdict | Awaitable[Verdict]:
         wall = now + self.state.wall_offset
         msg = call.msg
         if not msg.has("identity"):
@@ -285,7 +282,7 @@ class IdentityRule:
 
     def _finish(
         self, call: CallInfo, passport: Passport, entry: UrlEntry, now: float, wall: float
-    ) -> Verdict | Later[Verdict]:
+    ) -> Verdict | Awaitable[Verdict]:
         """Steps 6–9 with the certificate in hand: CPU only. The signature check goes to the
         shell's threads when it has some (``verify_threads``), the rest waits for it."""
         if entry.chain is None:
@@ -300,8 +297,13 @@ class IdentityRule:
         if verifier is not None:
             checked = verifier.submit(passport, result.key)
             if checked is not None:
-                return checked.map(lambda valid: self._signed(call, passport, valid))
+                return self._after_check(call, passport, checked)
         return self._signed(call, passport, verify_signature(passport, result.key))
+
+    async def _after_check(
+        self, call: CallInfo, passport: Passport, checked: Awaitable[bool]
+    ) -> Verdict:
+        return self._signed(call, passport, await checked)
 
     def _signed(self, call: CallInfo, passport: Passport, valid: bool) -> Verdict:
         """Steps 8–9 once the signature has been checked."""

@@ -25,7 +25,7 @@ import binascii
 import json
 import json.scanner
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Final, Protocol
@@ -34,8 +34,6 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
-
-from sipguard.later import Later
 
 ATTESTATIONS: Final = ("A", "B", "C")  # strongest first
 
@@ -205,9 +203,8 @@ class SignatureChecks(Protocol):
     """Signature checks off the event loop: the shell's threads
     (:class:`sipguard.verify_threads.SignatureVerifier`)."""
 
-    def submit(self, passport: Passport, key: ec.EllipticCurvePublicKey) -> Later[bool] | None:
-        """:func:`verify_signature` done elsewhere, delivered later on the loop; None: verify
-        here."""
+    def submit(self, passport: Passport, key: ec.EllipticCurvePublicKey) -> Awaitable[bool] | None:
+        """An awaitable for :func:`verify_signature` done elsewhere; None: verify here."""
         ...
 
     def configure(self, threads: int | str, max_pending: int) -> None:

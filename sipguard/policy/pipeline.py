@@ -12,10 +12,7 @@ no rules, every call is accepted.
 
 A rule whose answer needs I/O (a certificate fetch) returns an awaitable instead of a
 verdict; the pipeline then returns an awaitable too, which resumes with the remaining rules.
-A rule whose answer comes from a thread (a signature check) returns a
-:class:`~sipguard.later.Later`; so does the pipeline then, and the remaining rules run in the
-callback that delivers the answer, with no coroutine or task. Rules that answer at once never
-pay for either.
+Rules that answer at once never pay for that.
 
 With a shared state store (``state.backend: redis``, :mod:`sipguard.transport.redis_state`;
 ``shared_memory``, :mod:`sipguard.state.shared_memory`) the rules that count across instances
@@ -31,14 +28,14 @@ answers ``503`` with Retry-After.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final, Protocol
 
 from sipguard.contract import ACCEPT, Anonymise, CallInfo, Verdict
-from sipguard.later import Later
 from sipguard.state.base import Check, SharedCounts
 
-Decision = Verdict | None | Later[Verdict | None] | Awaitable[Verdict | None]
+Decision = Verdict | None | Awaitable[Verdict | None]
 MEASURES: Final = ("h", "n")  # check kinds that report a count and never refuse
 
 
@@ -164,50 +161,20 @@ class Pipeline:
             tuple(getattr(r, "plan", None) if shared is not None else None for r in self.rules)
         )
 
-    def decide(self, call: CallInfo, now: float) -> Verdict | Later[Verdict] | Awaitable[Verdict]:
-        return self._from(_Run(), 0, call, now, Plan() if self.shared is not None else None)
-
-    def _from(
-        self, run: _Run, start: int, call: CallInfo, now: float, plan: Plan | None,
-    ) -> Verdict | Later[Verdict] | Awaitable[Verdict]:
-        """The rules from ``start`` on, then the shared plan: a verdict when every answer came
-        at once; else what the first waiting rule's answer continues into (below)."""
-        rules = self.rules
+    def decide(self, call: CallInfo, now: float) -> Verdict | Awaitable[Verdict]:
+        run = _Run()
+        plan = Plan() if self.shared is not None else None
         planners = self.planners
-        for i in range(start, len(rules)):
-            rule = rules[i]
+        for i, rule in enumerate(self.rules):
             answer = self._ask(rule, planners[i], call, now, plan)
-            if answer is not None and not isinstance(answer, Verdict):
-                if isinstance(answer, Later):  # a signature on a verify thread: no coroutine
-                    return self._continued(run, i, answer, call, now, plan)
-                return self._resume(run, i, answer, call, now, plan)  # I/O: a coroutine
+            if answer is not None and not isinstance(answer, Verdict):  # awaitable: I/O
+                return self._resume(run, i, answer, call, now, plan)
             final = run.take(rule, answer)
             if final is not None:
                 return final
         if plan is not None and plan.pending():
             return self._admit(run, plan, call, now)
         return run.result()
-
-    def _continued(
-        self, run: _Run, i: int, pending: Later[Verdict | None], call: CallInfo, now: float,
-        plan: Plan | None,
-    ) -> Later[Verdict]:
-        """Rule ``i`` answers later: when it does, the remaining rules run in the same
-        callback, and the verdict (or what they wait for in turn) completes the Later given
-        back. ``now`` stays the INVITE's arrival, as in the coroutine below."""
-        out: Later[Verdict] = Later()
-
-        def step(src: Later[Verdict | None]) -> None:
-            try:
-                final = run.take(self.rules[i], src.result())
-                rest = final if final is not None else self._from(run, i + 1, call, now, plan)
-            except Exception as exc:
-                out.fail(exc)
-                return
-            out.follow(rest)
-
-        pending.then(step)
-        return out
 
     async def _resume(
         self, run: _Run, i: int, pending: Awaitable[Verdict | None], call: CallInfo, now: float,
@@ -216,8 +183,18 @@ class Pipeline:
         final = run.take(self.rules[i], await pending)
         if final is not None:
             return final
-        rest = self._from(run, i + 1, call, now, plan)
-        return rest if isinstance(rest, Verdict) else await rest
+        for j in range(i + 1, len(self.rules)):
+            rule = self.rules[j]
+            answer = self._ask(rule, self.planners[j], call, now, plan)
+            if inspect.isawaitable(answer):
+                answer = await answer
+            final = run.take(rule, answer)
+            if final is not None:
+                return final
+        if plan is not None and plan.pending():
+            answer = self._admit(run, plan, call, now)
+            return answer if isinstance(answer, Verdict) else await answer
+        return run.result()
 
     @staticmethod
     def _ask(

@@ -160,29 +160,23 @@ def test_resize_and_close_end_threads() -> None:
 
 
 @needs_c
-def test_a_continuation_that_raises_costs_only_its_own_answer() -> None:
-    """The answers run their calls' continuations on the loop, inside the delivery: one that
-    raises is counted (``internal_errors``) and the other answers are still delivered."""
+def test_a_cancelled_wait_is_skipped() -> None:
+    """A call that went away while its check waited: its answer is dropped, the rest are
+    delivered."""
 
-    async def run() -> tuple[bool, Counter[str]]:
-        counters: Counter[str] = Counter()
-        verifier = SignatureVerifier(asyncio.get_running_loop(), counters)
+    async def run() -> bool:
+        verifier = SignatureVerifier(asyncio.get_running_loop(), Counter())
         verifier.configure(1, 10)
-        broken = verifier.submit(passport(1), KEY.public_key())
+        gone = verifier.submit(passport(1), KEY.public_key())
         kept = verifier.submit(passport(2), KEY.public_key())
-        assert broken is not None and kept is not None
-
-        def bug(_: object) -> None:
-            raise RuntimeError("a continuation's bug")
-
-        broken.then(bug)
+        assert gone is not None and kept is not None
+        gone.cancel()
         ok = await asyncio.wait_for(kept, 10)
-        assert verifier.waiting == 0 and broken.done() and broken.result()
+        assert verifier.waiting == 0
         verifier.close()
-        return ok, counters
+        return ok
 
-    ok, counters = asyncio.run(run())
-    assert ok and counters["internal_errors"] == 1
+    assert asyncio.run(run())
 
 
 @needs_c
