@@ -511,7 +511,8 @@ def run_step(args: argparse.Namespace, rate: int, path: str, root: Path) -> Step
     relay_proc: subprocess.Popen[bytes] | None = None
     redis = args.redis if path.startswith("redis") else None
     inf, scenario = NUMBERS, SCENARIOS / "uac_load.xml"
-    uac_extra = list(log_cap)
+    # a 180 forwarded after its 200 (a proxy's parallel UDP workers) is logged and ignored
+    uac_extra = [*log_cap, "-default_behaviors", "all,-abortunexp"]
     if args.uac_sockets == "per-call":
         # one UDP socket per call (SIPp -t un): many source ports, as many callers would send
         # from; the kernel's SO_REUSEPORT spreading over workers needs that to spread at all
@@ -520,8 +521,6 @@ def run_step(args: argparse.Namespace, rate: int, path: str, root: Path) -> Step
         if args.identity is not None:
             inf = args.identity.write_csv(workdir / "numbers_identity.csv")
             scenario = SCENARIOS / "uac_load_identity.xml"
-            # a 180 forwarded after its 200 (Kamailio's parallel UDP workers) is ignored
-            uac_extra += ["-default_behaviors", "all,-abortunexp"]
         uas.start()
         uas.wait_bound()
         target = uas.local_port
