@@ -88,6 +88,10 @@ ALL_RULES = HERE / "all_rules.yaml"
 PATHS = ("direct", "relay", "kamailio", "kamailio-identity", "sipguard", "redis", "redis-workers",
          "shm-workers")
 WORKER_PATHS = ("redis-workers", "shm-workers")  # several processes, unpinned
+# The load caller's SIPp flags for what the scenario does not wait for: a 180 forwarded after
+# its 200 (a proxy's parallel UDP workers) is logged and ignored, not a reason to abort the call
+# (the scenarios take provisional responses as optional="true").
+UAC_BEHAVIOURS = ("-default_behaviors", "all,-abortunexp")
 
 
 # ============================================================================ probe
@@ -511,8 +515,7 @@ def run_step(args: argparse.Namespace, rate: int, path: str, root: Path) -> Step
     relay_proc: subprocess.Popen[bytes] | None = None
     redis = args.redis if path.startswith("redis") else None
     inf, scenario = NUMBERS, SCENARIOS / "uac_load.xml"
-    # a 180 forwarded after its 200 (a proxy's parallel UDP workers) is logged and ignored
-    uac_extra = [*log_cap, "-default_behaviors", "all,-abortunexp"]
+    uac_extra = [*log_cap, *UAC_BEHAVIOURS]
     if args.uac_sockets == "per-call":
         # one UDP socket per call (SIPp -t un): many source ports, as many callers would send
         # from; the kernel's SO_REUSEPORT spreading over workers needs that to spread at all
