@@ -121,32 +121,19 @@ def test_the_load_caller_completes_calls_whose_180_comes_after_the_200(tmp_path:
     provisional responses optional="global" a late 180 sent SIPp back to waiting for a 200,
     and the call timed out (0.1-0.8 % of Kamailio's calls at every rate)."""
     from loadtest import run
-    from tests.e2e.harness import HOST, free_port, sipp_binary, stop_pid, wait_port_bound
+    from tests.e2e.harness import HOST, SippProcess, free_port
 
-    sipp = sipp_binary() or "sipp"
-    uas_port = free_port()
-    uas_scenario = Path(__file__).resolve().parent / "scenarios" / "uas_late_180.xml"
-    uas = subprocess.Popen(
-        [sipp, "-sf", str(uas_scenario), "-i", HOST, "-p", str(uas_port), "-m", "5",
-         "-nostdin", "-timeout", "60s", "-trace_err",
-         "-error_file", str(tmp_path / "uas_errors.log")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path,
-    )
+    uas = SippProcess("uas", "uas_late_180.xml", tmp_path, local_port=free_port(), calls=5,
+                      inf=None).start()
     try:
-        wait_port_bound(uas_port, "udp", proc=uas)
-        uac = subprocess.run(
-            [sipp, f"{HOST}:{uas_port}", "-sf", str(run.SCENARIOS / "uac_load.xml"),
-             "-inf", str(run.NUMBERS), "-i", HOST, "-p", str(free_port()), "-r", "10",
-             "-m", "5", "-d", "200", "-recv_timeout", "3000", "-nostdin", "-timeout", "60s",
-             "-trace_err", "-error_file", str(tmp_path / "uac_errors.log"),
-             *run.UAC_BEHAVIOURS],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path, timeout=90,
-        )
+        uas.wait_bound()
+        uac = SippProcess("uac", run.SCENARIOS / "uac_load.xml", tmp_path,
+                          local_port=free_port(), remote=(HOST, uas.local_port), calls=5,
+                          rate=10, duration_ms=200, inf=run.NUMBERS,
+                          extra=run.UAC_BEHAVIOURS).start().wait()
     finally:
-        stop_pid(uas)
-    errors = tmp_path / "uac_errors.log"
-    detail = errors.read_text(errors="replace")[-2000:] if errors.exists() else ""
-    assert uac.returncode == 0, detail  # SIPp: 0 = every call succeeded
+        uas.stop()
+    assert uac.returncode == 0 and uac.successful == 5 and uac.failed == 0, uac.describe()
 
 
 def test_core_benchmark_runs_calls_one_after_another_and_overlapping() -> None:
