@@ -52,6 +52,7 @@ times therefore move and come in any order: they live in a one-second
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Callable
 from typing import Any, Final, Protocol
@@ -73,7 +74,7 @@ from sipguard.contract import (
     Verdict,
 )
 from sipguard.proxy import build, keepalive
-from sipguard.proxy.dialogs import DialogTable, dialog_key, session_interval
+from sipguard.proxy.dialogs import DialogTable, dialog_key, key_of, session_interval
 from sipguard.proxy.routing import Router, flow_is_core
 from sipguard.proxy.settings import ProxySettings
 from sipguard.proxy.timers import TimerEntry, TimerQueue
@@ -168,6 +169,15 @@ _IDENTITY_HEADERS: Final = ("p-preferred-identity", "remote-party-id")
 HOLD_MIN_S: Final = 0.02
 
 
+def _is_ip(host: str) -> bool:
+    """True for an IPv4 or IPv6 address literal, False for a host name."""
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    return True
+
+
 def _request(st: ServerTxn) -> Message:
     """The request of a transaction still being worked on (not yet answered finally)."""
     msg = st.msg
@@ -227,7 +237,7 @@ class Proxy:
         self.deciding: set[str] = set()  # dialog_key()s of the INVITEs being decided
         self._sweep: TimerEntry | None = None
         self.probes: dict[str, keepalive.Probe] = {}  # dialogs kept alive
-        self.router = Router(settings, self.ids, self.clients)
+        self.router = Router(settings, self.ids)
         # How far behind the shell is in reading what arrived, seconds: the overload watcher's
         # measured wait in the receive queues (0.0 when it saw none). See _wait_for_queue.
         self.lag = 0.0
@@ -351,11 +361,14 @@ class Proxy:
                 self.outbox.append((st.reply_to, st.last))
             return  # retransmission: answered again or absorbed
         msg.check_request()  # a malformed R-URI, From or To: 400 before any state exists
-        if method == "CANCEL":
-            self._on_cancel(msg, flow, key, now)
-            return
         from_core = flow_is_core(flow, self.settings.core)
-        if not from_core and msg.to_tag is None and not self._admitted(msg, flow, now):
+        if method == "CANCEL":
+            self._on_cancel(msg, flow, key, now, from_core)
+            return
+        if not from_core and not (
+            self._admitted(msg, flow, now) if msg.to_tag is None
+            else self._in_dialog_admitted(msg, flow, now)
+        ):
             return  # refused before any transaction: nothing kept, nothing retransmitted
         s = self.settings
         full = len(self.servers) >= s.max_transactions and not self._in_progress(msg, flow,
@@ -398,16 +411,10 @@ class Proxy:
         dialog: Dialog | None = None
         side = ""
         if not initial:
-            dialog, side = self.table.of(msg)
+            # from outside, _in_dialog_admitted has checked it is the call's outside party's
+            dialog, side = self.table.of(msg, from_core)
             if dialog is not None:
                 self._saw_cseq(dialog, side, msg)
-            if not from_core:
-                refusal = self._not_party(dialog, side, flow)
-                if refusal:
-                    self._respond(st, refusal, now)
-                    self.events.append(Dropped("in_dialog_refused", f"{refusal} {msg.call_id}",
-                                               flow))
-                    return
         target, start_line, route_line = self.router.preprocess_route(msg, flow, initial)
         if target is None:
             self._respond(st, 404, now)
@@ -416,17 +423,24 @@ class Proxy:
             target = self._toward_party(dialog.party, target)
         if method == "INVITE" and initial and from_core:
             # A call the core places: no policy, no limits; the dialog is kept so that the
-            # outside party's in-dialog requests are recognised.
+            # outside party's in-dialog requests are recognised. A proxy core may send a call
+            # that came in back out, with its Call-ID and From tag: a dialog of its own
+            # (dialog_key's outbound), beside the first. Twice while that one is up: merged.
+            if dialog_key(msg.call_id, msg.from_tag or "", True) in self.dialogs:
+                self._respond(st, 482, now, "Loop Detected")
+                self.events.append(Dropped("merged_request", msg.call_id, flow))
+                return
             self._start_dialog(st, CallInfo(msg, flow, now), now, target, outbound=True)
             self._forward(st, target, start_line, route_line, now, record_route=True)
             return
         if method == "INVITE" and initial:
             dialog_id = dialog_key(msg.call_id, msg.from_tag or "")
-            if (dialog_id in self.dialogs or dialog_id in self.deciding) and not (
-                self.router.is_spiral(msg)
-            ):
-                # RFC 3261 §8.2.2.2: the same Call-ID and From tag as a call in progress, on
-                # another transaction — a merged request, not a second call.
+            if dialog_id in self.dialogs or dialog_id in self.deciding:
+                # RFC 3261 §8.2.2.2: the same Call-ID and From tag as a call that came in and
+                # is in progress, on another transaction — a merged request, not a second
+                # call; also when it carries a Via of sipguard's (a spiral back in from
+                # outside would be a second dialog under the same key, whose in-dialog
+                # requests could not be told from the first's).
                 self._respond(st, 482, now, "Loop Detected")
                 self.events.append(Dropped("merged_request", msg.call_id, flow))
                 return
@@ -461,15 +475,16 @@ class Proxy:
             return None
         return dialog.anonymise if side == ("callee" if dialog.outbound else "caller") else None
 
-    def _admitted(self, msg: Message, flow: Flow, now: float) -> bool:
+    def _admitted(self, msg: Message, flow: Flow, now: float, methods: bool = True) -> bool:
         """Screen an out-of-dialog request from outside before it gets a transaction: the
-        policy first (unknown source, suspended number), then the allowed methods. A refusal
+        policy first (unknown source, suspended number), then the allowed methods (unless
+        ``methods`` is False: a CANCEL or an in-dialog request that matched nothing). A refusal
         is one stateless answer (or none), never retransmitted: a spoofed source gets at
         most one message back, about the size of the one it sent."""
         method = msg.method or ""
         verdict = self.admission.screen(msg, flow, now)
         allowed = self.settings.allow_methods
-        if verdict is None and method not in allowed and "*" not in allowed:
+        if verdict is None and methods and method not in allowed and "*" not in allowed:
             allow = ", ".join(sorted({*self.settings.allow_methods, "ACK", "CANCEL"}))
             verdict = Verdict("reject", rule="methods", reason="method_not_allowed",
                               status=405, phrase="Method Not Allowed",
@@ -484,6 +499,22 @@ class Proxy:
                             verdict.headers)
         return False
 
+    def _in_dialog_admitted(self, msg: Message, flow: Flow, now: float) -> bool:
+        """A request from outside with a To tag may open a transaction only when it belongs
+        to a live call and comes from that call's outside party. Else it is refused like an
+        out-of-dialog request: screened (an unknown source hears what the policy says, or
+        nothing), then one stateless 481 (no such call) or 403 (not its party) — no
+        transaction, so a stream of made-up dialogs fills no table."""
+        dialog, side = self.table.of(msg, False)
+        refusal = self._not_party(dialog, side, flow)
+        if not refusal:
+            return True
+        if dialog is None and not self._admitted(msg, flow, now, methods=False):
+            return False
+        self._stateless(msg, flow, refusal, None)
+        self.events.append(Dropped("in_dialog_refused", f"{refusal} {msg.call_id}", flow))
+        return False
+
     def _in_progress(self, msg: Message, flow: Flow, from_core: bool) -> bool:
         """True for a request within a live call from one of its sides while the transaction
         table is full: up to ``max_dialogs`` transactions more, it goes on. A full table then
@@ -494,7 +525,7 @@ class Proxy:
         s = self.settings
         if msg.to_tag is None or len(self.servers) >= s.max_transactions + s.max_dialogs:
             return False
-        dialog, side = self.table.of(msg)
+        dialog, side = self.table.of(msg, from_core)
         if dialog is None:
             return False
         return from_core or not self._not_party(dialog, side, flow)
@@ -560,8 +591,13 @@ class Proxy:
             self._abandon(call, now)
             self._respond(st, 404, now)
             return
+        key = dialog_key(call.call_id, msg.from_tag or "")
+        if key in self.dialogs:  # kept out by the merged-request check; a call never replaces one
+            self._abandon(call, now)
+            self._respond(st, 482, now, "Loop Detected")
+            return
         st.state = PROCEEDING
-        self.deciding.discard(dialog_key(call.call_id, msg.from_tag or ""))
+        self.deciding.discard(key)
         call.settled = True
         self._start_dialog(st, call, now, st.flow, outbound=False)
         if st.dialog is not None:
@@ -588,8 +624,9 @@ class Proxy:
             party=party,
             outbound=outbound,
         )
+        if not self.table.add(dialog):
+            return  # not reached: the callers refuse a request whose dialog is live (482)
         st.dialog = dialog
-        self.table.add(dialog)
         if not outbound:
             self.admission.dialog_started(dialog, now)
         self.events.append(DialogStarted(dialog))
@@ -721,8 +758,8 @@ class Proxy:
         if msg.max_forwards == 0:
             self.events.append(Dropped("ack_too_many_hops", msg.call_id, flow))
             return
-        dialog, side = self.table.of(msg)
         from_core = flow_is_core(flow, self.settings.core)
+        dialog, side = self.table.of(msg, from_core)
         if not from_core and self._not_party(dialog, side, flow):
             self.events.append(Dropped("ack_refused", msg.call_id, flow))
             return
@@ -741,18 +778,24 @@ class Proxy:
         self.outbox.append((target, data))
 
     # ------------------------------------------------------------------ CANCEL and ACK
-    def _on_cancel(self, msg: Message, flow: Flow, key: str, now: float) -> None:
-        cst = ServerTxn(key, "CANCEL", msg, flow, self.router.reply_flow(msg, flow))
+    def _on_cancel(self, msg: Message, flow: Flow, key: str, now: float,
+                   from_core: bool) -> None:
         invite = self.servers.get(table_key(key, "INVITE"))
         if invite is not None and not (
             flow.addr == invite.flow.addr
             or (flow.transport != "udp" and flow.addr[0] == invite.flow.addr[0])
         ):
             invite = None  # RFC 3261 §9.2: a CANCEL comes from the INVITE's sender
-        self.servers[table_key(key, "CANCEL")] = cst
         if invite is None:
-            self._respond(cst, 481, now)
+            # Nothing to cancel: one stateless 481 (after the screen, for an outside source),
+            # no transaction — a CANCEL gets one only beside the INVITE transaction it ends,
+            # so CANCELs can never hold more of the table than the INVITEs do.
+            if from_core or self._admitted(msg, flow, now, methods=False):
+                self._stateless(msg, flow, 481, None)
+                self.events.append(Dropped("cancel_unmatched", msg.call_id, flow))
             return
+        cst = ServerTxn(key, "CANCEL", msg, flow, self.router.reply_flow(msg, flow))
+        self.servers[table_key(key, "CANCEL")] = cst
         self._respond(cst, 200, now)
         if invite.state == DECIDING:
             self._forget_pending(invite, now)
@@ -923,6 +966,11 @@ class Proxy:
                     dialog.state = CONFIRMED
                     dialog.confirmed_at = now
                     dialog.callee_tag = msg.to_tag or dialog.callee_tag
+                    party = dialog.party
+                    if party is not None and not _is_ip(party.addr[0]):
+                        # A call the core placed to a host name: its party's requests come
+                        # from an address, the one that answered (see _not_party).
+                        dialog.party = Flow(party.transport, flow.addr, party.local, party.conn)
                     invite = ct.server.msg if ct.server is not None else None
                     if invite is not None:
                         self._start_keepalive(dialog, invite, msg, now)
@@ -1114,7 +1162,7 @@ class Proxy:
             request = st.msg
             if request is None or request.to_tag is None:
                 return  # answered already, or an initial request that is not a call of ours
-            dialog = self.table.of(request)[0]
+            dialog = self.table.of(request, flow_is_core(st.flow, self.settings.core))[0]
         if dialog is None or dialog.state == TERMINATED:
             return
         interval = session_interval(response)
@@ -1132,7 +1180,7 @@ class Proxy:
         dialog.ended_at = now
         dialog.end_reason = reason
         self.table.remove(dialog)
-        probe = self.probes.pop(dialog_key(dialog.call_id, dialog.caller_tag), None)
+        probe = self.probes.pop(key_of(dialog), None)
         if probe is not None:
             TimerQueue.cancel(probe.timer)
         self.admission.dialog_ended(dialog, now)
@@ -1146,7 +1194,7 @@ class Proxy:
         probe = keepalive.probe_for(dialog, invite, answer)
         if probe is None:
             return
-        self.probes[dialog_key(dialog.call_id, dialog.caller_tag)] = probe
+        self.probes[key_of(dialog)] = probe
         interval = self.settings.dialog_keepalive
         if interval:
             probe.timer = self.timers.add(now + interval, self._on_keepalive, probe)
@@ -1194,7 +1242,7 @@ class Proxy:
 
     def _saw_cseq(self, dialog: Dialog, side: str, msg: Message) -> None:
         """Remember the highest CSeq each side used: a BYE sipguard sends for it goes above."""
-        probe = self.probes.get(dialog_key(dialog.call_id, dialog.caller_tag))
+        probe = self.probes.get(key_of(dialog))
         if probe is None:
             return
         n = msg.cseq[0]
@@ -1207,7 +1255,7 @@ class Proxy:
         """End an answered call at once (a suspended number): a BYE to each side, then the
         dialog ends (``reason``) and its slots are freed. False for a call not answered yet
         (a ringing call goes on; the suspension stops the next INVITE)."""
-        probe = self.probes.get(dialog_key(dialog.call_id, dialog.caller_tag))
+        probe = self.probes.get(key_of(dialog))
         if probe is None or dialog.state == TERMINATED:
             return False
         self._send_both_ways(probe, "BYE", "end", now)

@@ -1,9 +1,9 @@
 """Where a request goes: RFC 3261 §16.3–16.5 validation, Route pre-processing, next hop.
 
 :class:`Router` knows sipguard's own addresses (the listeners) and the core, tells a loop from
-a spiral, and picks the next hop. From the outside sipguard is no open relay: every request
-goes to the core whatever Route or Request-URI it carries. Requests from the core follow their
-Route, else their Request-URI.
+a spiral by the loop hash of sipguard's Via (RFC 3261 §16.3 step 4), and picks the next hop.
+From the outside sipguard is no open relay: every request goes to the core whatever Route or
+Request-URI it carries. Requests from the core follow their Route, else their Request-URI.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from typing import Final
 from sipguard.contract import Flow, Local
 from sipguard.proxy import build
 from sipguard.proxy.settings import NextHop, ProxySettings
-from sipguard.proxy.transactions import ClientTxn, table_key
 from sipguard.sip.errors import SipParseError
 from sipguard.sip.message import Message
 from sipguard.sip.nameaddr import NameAddr
@@ -37,10 +36,8 @@ class Router:
         self,
         settings: ProxySettings,
         ids: build.Ids,
-        clients: dict[str, ClientTxn],
     ) -> None:
         self.ids = ids
-        self.clients = clients  # the proxy's client transactions (spiral detection)
         self.settings = settings
         self._ours: set[str] = set()
         self.configure(settings)
@@ -133,17 +130,6 @@ class Router:
                 host = via.host.strip("[]").lower()
                 if f"{host}:{via.port or 5060}" in self._ours:
                     return True
-        return False
-
-    def is_spiral(self, msg: Message) -> bool:
-        """The request carries a Via of a transaction sipguard itself sent: it has come back
-        through us (a spiral, RFC 3261 §16.3 step 4), not a second call with the same id."""
-        if not _has_our_via(msg):
-            return False
-        for via in msg.vias:
-            branch = via.branch or ""
-            if branch.startswith(build.OUR_PREFIX) and table_key(branch, "INVITE") in self.clients:
-                return True
         return False
 
     def preprocess_route(self, msg: Message, flow: Flow, initial: bool) -> NextHop:

@@ -33,8 +33,8 @@ def test_a_full_transaction_table_refuses_new_calls_and_lets_calls_in_progress_e
 ) -> None:
     """max_transactions 100, filled by one call and 99 OPTIONS (each answered transaction is
     held 32 s): a new INVITE and an out-of-dialog OPTIONS hear 503 + Retry-After, counted as
-    dropped_limit_transactions, and reach no core; a BYE for no live call hears 503 too; the
-    call's own BYE still reaches the core and its 200 comes back."""
+    dropped_limit_transactions, and reach no core; a BYE for no live call hears its 481 (it
+    needs no transaction); the call's own BYE still reaches the core and its 200 comes back."""
     core = Core()
     metrics_port = free_port()
     _, port = stack.sipguard(
@@ -52,14 +52,17 @@ def test_a_full_transaction_table_refuses_new_calls_and_lets_calls_in_progress_e
                                      ("BYE", "gone-1", "nobody")):
             caller.send(caller.request(method, call_id, to_tag=tag, cseq=2 if tag else 1))
             [busy] = caller.finals(call_id=call_id)
-            assert busy.startswith(b"SIP/2.0 503 "), busy
-            assert header(busy, "Retry-After").isdigit(), busy
+            if tag:
+                assert busy.startswith(b"SIP/2.0 481 "), busy
+            else:
+                assert busy.startswith(b"SIP/2.0 503 "), busy
+                assert header(busy, "Retry-After").isdigit(), busy
             assert core.methods(call_id) == [], f"{method} reached the core"
         caller.send(caller.request("BYE", "up-1", cseq=2, to_tag=to_tag, extra=route))
         [ok] = caller.finals(call_id="up-1")
         assert ok.startswith(b"SIP/2.0 200 ") and b"CSeq: 2 BYE" in ok, ok
         assert core.methods("up-1") == ["INVITE", "ACK", "BYE"]
-        assert events_total(metrics_port).get("dropped_limit_transactions") == 3
+        assert events_total(metrics_port).get("dropped_limit_transactions") == 2
     finally:
         caller.close()
         core.close()
@@ -86,6 +89,38 @@ def test_the_call_table_limit_refuses_a_new_call_and_the_call_up_ends(stack: E2E
         [ok] = caller.finals(call_id="one-1")
         assert ok.startswith(b"SIP/2.0 200 "), ok
         _call(caller, "three-1")
+    finally:
+        caller.close()
+        core.close()
+
+
+def test_made_up_dialogs_and_cancels_cannot_fill_the_transaction_table(stack: E2EStack) -> None:
+    """max_transactions 100: 150 in-dialog requests for calls that do not exist and 150
+    CANCELs for INVITEs that do not exist each hear one 481, counted as
+    dropped_in_dialog_refused / dropped_cancel_unmatched, reach no core and keep no
+    transaction — the next call still goes through, not 503."""
+    core = Core()
+    metrics_port = free_port()
+    _, port = stack.sipguard(
+        core_port=core.port, listen=("udp",),
+        config_extra=f"metrics: {{listen: {HOST}:{metrics_port}}}\n"
+        f"sip: {{max_transactions: {TABLE}}}\n",
+    )
+    caller = Caller(port)
+    made_up = TABLE + TABLE // 2
+    try:
+        for i in range(made_up):
+            for method, tag in (("MESSAGE", "made-up"), ("CANCEL", "")):
+                call_id = f"{method.lower()}-{i}"
+                caller.send(caller.request(method, call_id, to_tag=tag))
+                [refused] = caller.finals(call_id=call_id)
+                assert refused.startswith(b"SIP/2.0 481 "), refused
+        assert core.methods() == []
+        _call(caller, "real-1")
+        counts = events_total(metrics_port)
+        assert counts.get("dropped_in_dialog_refused") == made_up, counts
+        assert counts.get("dropped_cancel_unmatched") == made_up, counts
+        assert counts.get("dropped_limit_transactions") is None, counts
     finally:
         caller.close()
         core.close()

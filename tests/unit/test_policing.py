@@ -310,3 +310,116 @@ def test_end_calls_sends_bye_to_both_sides_and_frees_the_slot() -> None:
     assert byes[CALLER].to_tag == "ftag1" and byes[CALLER].from_tag == "ttag9"
     assert h.ended() == ["suspended"] and h.count("caller", "+12125550100") == 0
     assert h.core.end_calls(lambda number: True, "suspended", h.now) == 0
+
+
+REMOTE = ("203.0.113.50", 5060)
+
+
+def test_a_call_the_core_sends_back_out_is_a_second_leg_and_both_end() -> None:
+    """A proxy core sends a call that came in back out through sipguard, with its Call-ID and
+    From tag (a spiral, RFC 3261 §16.3): a leg of its own, beside the first, which it does
+    not replace — the caller's BYE still ends the first leg and frees its slot, the core's
+    BYE goes out on the second."""
+    h = PolicyHarness("rules:\n  concurrency: {per_caller: 1}\n")
+    _, fwd = h.call(1)
+    assert fwd is not None
+    out_again = bytes(fwd.serialize(prepend=[b"Via: SIP/2.0/UDP 10.0.0.10:5080;branch=z9hG4bK-p1"]))
+    out_again = out_again.replace(b"INVITE sip:+18005550199@192.0.2.1:5060;user=phone",
+                                  b"INVITE sip:+18005550199@203.0.113.50:5060", 1)
+    out = h.send(out_again, src=CORE)
+    [leg2] = [m for m in to(out, REMOTE) if m.method == "INVITE"]
+    assert len(h.proxy.dialogs) == 2
+    h.send(answer(leg2, 200, "OK", to_tag="rt1"), src=REMOTE)
+    h.answer(fwd, 200, "OK")
+    h.send(in_dialog("ACK", call_id="call-1", cseq=1, branch="z9hG4bK-a1"))
+    assert h.count("caller", "+12125550100") == 1
+    out = h.bye(1)
+    assert [m.method for m in to(out, CORE)] == ["BYE"]
+    assert h.count("caller", "+12125550100") == 0
+    bye_out = in_dialog("BYE", call_id="call-1", cseq=2, branch="z9hG4bK-pb",
+                        to_tag="rt1").replace(b"Via: SIP/2.0/UDP 198.51.100.7:5062",
+                                              b"Via: SIP/2.0/UDP 10.0.0.10:5080")
+    bye_out = bye_out.replace(b"BYE sip:core@10.0.0.10:5080", b"BYE sip:callee@203.0.113.50:5060")
+    out = h.send(bye_out, src=CORE)
+    assert [m.method for m in to(out, REMOTE)] == ["BYE"]
+    assert len(h.proxy.dialogs) == 0
+    assert h.ended() == ["bye_caller", "bye_caller"]  # each leg ended by its own caller
+
+
+def test_an_invite_with_a_live_calls_id_and_sipguards_via_replaces_nothing() -> None:
+    """A caller that copies sipguard's Via from a request the core sent it (a re-INVITE) into
+    a new INVITE with its live call's Call-ID and From tag gets 482 (a merged request); its
+    call is not replaced, so its BYE still ends it and frees the slot."""
+    h = PolicyHarness("rules:\n  concurrency: {per_caller: 1}\n")
+    up(h)
+    out = h.send(in_dialog("INVITE", call_id="call-1", cseq=7, branch="z9hG4bK-cre",
+                           from_callee=True), src=CORE)
+    [reinvite] = [m for m in to(out, CALLER) if m.method == "INVITE"]
+    ours = reinvite.values("via")[0]
+    for n in range(3):
+        forged = invite(branch=f"z9hG4bK-x{n}", call_id="call-1", cseq=100 + n,
+                        callee=f"+1800555020{n}", extra=f"Via: {ours}\r\n")
+        out = h.send(forged)
+        assert to(out, CORE) == [] and statuses(out) == [100, 482]
+    assert len(h.proxy.dialogs) == 1 and h.count("caller", "+12125550100") == 1
+    out = h.bye(1)
+    assert [m.method for m in to(out, CORE)] == ["BYE"]
+    assert h.count("caller", "+12125550100") == 0 and len(h.proxy.dialogs) == 0
+
+
+def test_made_up_dialogs_and_cancels_get_one_stateless_answer_and_hold_no_transaction() -> None:
+    """In-dialog requests for no live call and CANCELs for no INVITE get one 481 each, sent
+    once, and keep nothing: a stream of them cannot fill the transaction table, and the next
+    call still goes through."""
+    h = PolicyHarness(max_transactions=5)
+    for i in range(20):
+        made_up = in_dialog("MESSAGE", call_id=f"nope-{i}", cseq=1, branch=f"z9hG4bK-m{i}")
+        out = h.send(made_up)
+        assert to(out, CORE) == [] and statuses(out) == [481]
+        out = h.send(invite(branch=f"z9hG4bK-k{i}", call_id=f"gone-{i}").replace(
+            b"INVITE sip:", b"CANCEL sip:", 1).replace(b"1 INVITE", b"1 CANCEL", 1))
+        assert to(out, CORE) == [] and statuses(out) == [481]
+    assert h.proxy.servers == {}
+    assert to(h.advance(10.0), CALLER) == []
+    _, fwd = h.call(1)
+    assert fwd is not None
+    dropped = [e.kind for e in h.events if isinstance(e, Dropped)]
+    assert dropped.count("in_dialog_refused") == 20 and dropped.count("cancel_unmatched") == 20
+
+
+def test_an_unknown_source_hears_nothing_for_made_up_dialogs_and_cancels() -> None:
+    """With peers and unknown_source: drop, a stranger's To-tagged request and CANCEL get no
+    answer at all (they are screened like any out-of-dialog request) and keep nothing."""
+    h = PolicyHarness(extra_yaml=PEERS + "unknown_source: drop\n")
+    bye = in_dialog("BYE", call_id="x-1", cseq=2, branch="z9hG4bK-sb")
+    assert h.send(bye, src=STRANGER) == []
+    cancel = invite(branch="z9hG4bK-sc", call_id="x-2").replace(
+        b"INVITE sip:", b"CANCEL sip:", 1).replace(b"1 INVITE", b"1 CANCEL", 1)
+    assert h.send(cancel, src=STRANGER) == []
+    assert h.proxy.servers == {}
+    assert [e.verdict.reason for e in h.events if isinstance(e, Screened)] == [
+        "unknown_source", "unknown_source"]
+
+
+def test_the_party_of_a_call_the_core_places_to_a_host_name_is_the_address_that_answered() -> None:
+    """The core calls sip:...@gw.carrier.example: the INVITE leaves for the name (the shell
+    resolves it); the 200 comes from an address, and the party's BYE from that address is
+    routed to the core, while the same BYE from elsewhere is refused."""
+    h = PolicyHarness()
+    inv = invite(branch="z9hG4bK-outh", call_id="out-h",
+                 uri="sip:+447700900123@gw.carrier.example:5060", via_host="10.0.0.10:5080")
+    out = h.send(inv, src=CORE)
+    [req] = [m for f, m in out if m.method == "INVITE" and f.addr == ("gw.carrier.example", 5060)]
+    h.send(answer(req, 200, "OK", to_tag="rh1"), src=REMOTE)
+    bye = (
+        b"BYE sip:+12125550100@10.0.0.10:5080 SIP/2.0\r\n"
+        b"Via: SIP/2.0/UDP 203.0.113.50:5060;branch=z9hG4bK-hb\r\n"
+        b"Route: <sip:192.0.2.1:5060;lr>\r\nMax-Forwards: 70\r\n"
+        b"From: <sip:+447700900123@gw.carrier.example>;tag=rh1\r\n"
+        b"To: <sip:+12125550100@198.51.100.7>;tag=ftag1\r\n"
+        b"Call-ID: out-h\r\nCSeq: 5 BYE\r\nContent-Length: 0\r\n\r\n"
+    )
+    out = h.send(bye, src=THIRD)
+    assert to(out, CORE) == [] and statuses(out) == [403]
+    out = h.send(bye.replace(b"branch=z9hG4bK-hb", b"branch=z9hG4bK-hb2"), src=REMOTE)
+    assert [m.method for m in to(out, CORE)] == ["BYE"]

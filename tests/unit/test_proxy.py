@@ -267,23 +267,26 @@ def test_validation_statuses() -> None:
     assert _to(out, CALLER)[0].top_via.rport == CALLER[1]
 
 
-def test_loop_is_detected_but_spiral_is_not() -> None:
-    """A request carrying our own Via with the same loop hash gets 482."""
+def test_a_loop_and_a_call_coming_back_in_get_482() -> None:
+    """A request carrying our own Via with the same loop hash gets 482 (RFC 3261 §16.3 step
+    4); so does one that comes back in from outside with the Call-ID and From tag of the call
+    in progress (a merged request, §8.2.2.2): a second dialog under the same key could not be
+    told from the first."""
     h = Harness()
     h.send(invite())
     fwd_raw = h.raw[1]
     # The core sends the very same request back to us: a loop.
     out = h.send(fwd_raw, src=CORE)
     assert [m.status for m in _to(out, CORE)] == [100, 482]
-    # Retargeted (new Request-URI) and sent back by another hop (its Via on top of ours): a
-    # spiral — forwarded, not a loop and not a merged request (same Call-ID and From tag).
-    spiral = fwd_raw.replace(b"INVITE sip:+18005550199@192.0.2.1:5060;user=phone",
-                             b"INVITE sip:+18005550100@192.0.2.1:5060;user=phone", 1)
-    spiral = spiral.replace(b"\r\nVia: ", b"\r\nVia: SIP/2.0/UDP 203.0.113.5:5060;branch=z9hG4bK-hop1"
-                            b"\r\nVia: ", 1)
-    out = h.send(spiral, src=("203.0.113.5", 5060))
-    assert [m.status for m in _to(out, ("203.0.113.5", 5060))] == [100]
-    assert [m.method for m in _to(out, CORE)] == ["INVITE"]
+    # Retargeted (new Request-URI) and sent back by another hop (its Via on top of ours).
+    back_in = fwd_raw.replace(b"INVITE sip:+18005550199@192.0.2.1:5060;user=phone",
+                              b"INVITE sip:+18005550100@192.0.2.1:5060;user=phone", 1)
+    back_in = back_in.replace(b"\r\nVia: ", b"\r\nVia: SIP/2.0/UDP 203.0.113.5:5060;branch=z9hG4bK-hop1"
+                              b"\r\nVia: ", 1)
+    out = h.send(back_in, src=("203.0.113.5", 5060))
+    assert [m.status for m in _to(out, ("203.0.113.5", 5060))] == [100, 482]
+    assert [m.method for m in _to(out, CORE)] == []
+    assert len(h.proxy.dialogs) == 1
 
 
 def test_timer_b_answers_408_when_core_is_silent() -> None:
@@ -411,8 +414,9 @@ def test_an_answered_transaction_keeps_only_what_retransmissions_take() -> None:
 def test_a_full_transaction_table_keeps_bounded_headroom_for_calls_in_progress() -> None:
     """max_transactions 1, max_dialogs 2: with the table full (the call's answered INVITE),
     in-dialog requests of the call up go on until the table holds 1 + 2; beyond, they hear
-    503 like a new call or an in-dialog request for no live call, and nothing reaches the
-    core. The headroom is bounded: a party cannot grow the table past it."""
+    503 like a new call, and nothing reaches the core; an in-dialog request for no live call
+    hears its stateless 481, full table or not. The headroom is bounded: a party cannot grow
+    the table past it."""
     h = Harness(max_transactions=1, max_dialogs=2)
     fwd = _to(h.send(invite()), CORE)[0]
     h.send(answer(fwd, 200, "OK"), src=CORE)
@@ -425,7 +429,7 @@ def test_a_full_transaction_table_keeps_bounded_headroom_for_calls_in_progress()
     assert info(1) == ["INFO"] and info(2) == ["INFO"]  # to the core: 1 + 2 held now
     assert len(h.proxy.servers) == 3
     assert info(3) == [503]  # the headroom is used up
-    assert info(4, call_id="no-such-call") == [503]
+    assert info(4, call_id="no-such-call") == [481]
     assert [m.status for _, m in h.send(invite(call_id="call-2", branch="z9hG4bK-c2"))] == [503]
     assert len(h.proxy.servers) == 3
 

@@ -240,7 +240,7 @@ def test_sips_and_transport_tls_route_over_tls_only_with_a_tls_listener() -> Non
     plain = ProxySettings(locals=(Local(0, "udp", "10.0.0.1", 5060),
                                   Local(1, "tcp", "10.0.0.1", 5060)), core=core)
     tls = ProxySettings(locals=(*plain.locals, Local(2, "tls", "10.0.0.1", 5061)), core=core)
-    router = Router(plain, build.Ids(b"k"), {})
+    router = Router(plain, build.Ids(b"k"))
     assert router.flow_for_uri(parse_uri("sips:bob@192.0.2.5")) == Flow(
         "tcp", ("192.0.2.5", 5060), 1)
     router.configure(tls)
