@@ -390,7 +390,8 @@ def tree_pids(pid: int) -> list[int]:
 
 def base_config(args: argparse.Namespace) -> dict[str, Any]:
     """The sipguard config of the run (the given file, or a minimal one), with rules.identity
-    added first when the run verifies STIR/SHAKEN (--identity-share > 0)."""
+    added first when the run verifies STIR/SHAKEN (--identity-share > 0): the load kit's trust
+    anchors, x5u and freshness over the file's own rules.identity keys, if any."""
     import yaml
 
     base: dict[str, Any] = (
@@ -399,8 +400,9 @@ def base_config(args: argparse.Namespace) -> dict[str, Any]:
     )
     if args.identity is not None:
         rules = dict(base.get("rules") or {})
-        rules.pop("identity", None)
-        base["rules"] = {"identity": args.identity.settings(identity_freshness(args)), **rules}
+        own = rules.pop("identity", None) or {}  # its other keys (verify_threads, ...) stay
+        base["rules"] = {"identity": {**own, **args.identity.settings(identity_freshness(args))},
+                         **rules}
     return base
 
 
