@@ -200,9 +200,15 @@ class CallInfo:
         self.msg = msg
         self.flow = flow
         self.call_id = msg.call_id
-        pais = msg.p_asserted_identities if msg.has("p-asserted-identity") else []
-        caller_uri = pais[0].uri if pais else msg.from_.uri
-        self.caller: str | None = caller_uri.number
+        # the number of the first P-Asserted-Identity that carries one, else From's: a first
+        # value without a number (sip:gw@carrier) must not leave the call without a caller
+        caller: str | None = None
+        if msg.has("p-asserted-identity"):
+            for na in msg.p_asserted_identities:
+                caller = na.uri.number
+                if caller is not None:
+                    break
+        self.caller: str | None = caller if caller is not None else msg.from_.uri.number
         self.callee: str | None = msg.request_uri.number or msg.to.uri.number
         self.diverters: tuple[str, ...] = _diverters(msg)
         self.peer: str | None = None

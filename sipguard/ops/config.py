@@ -602,7 +602,8 @@ class Config(BaseModel):
     )
     suspended: tuple[str, ...] = Field(
         default=(),
-        description="Numbers suspended at once: INVITEs from or to them get 403 Forbidden.",
+        description="Numbers suspended at once: INVITEs from or to them get 403 Forbidden "
+        "(\"from\": the caller, or the number From shows when it is another).",
     )
     rules: RulesConfig = Field(default=RulesConfig(), description="Rules, in evaluation order.")
 

@@ -15,7 +15,8 @@ answer from ``answers.<key>``):
    to E.164 (``invalid``);
 3. ``caller_invalid`` — ``reject_invalid`` and phonenumbers says the number is not valid
    (``invalid``);
-4. ``caller_dno`` — the number is on the Do-Not-Originate list ``dno`` / ``dno_file`` (``dno``);
+4. ``caller_dno`` — the number, or the one From shows when it is another, is on the
+   Do-Not-Originate list ``dno`` / ``dno_file`` (``dno``);
 5. ``caller_not_owned`` — ``ownership``, the peer has ``numbers`` and this is not one of them
    (``not_owned``);
 6. ``pai_mismatch`` — P-Asserted-Identity and From carry different numbers (``spoofed``);
@@ -143,8 +144,12 @@ class CallerId:
             return self._fail(call, "caller_not_e164", "invalid", e164, FAILED, ())
         if s.reject_invalid and not info.valid:
             return self._fail(call, "caller_invalid", "invalid", e164, FAILED, ())
-        if (self.dno is not None and _listed(self.dno, e164, raw)) or (
-            self.dno_file is not None and _listed(self.dno_file, e164, raw)
+        if (self.dno is not None or self.dno_file is not None) and (
+            self._on_dno(e164, raw) or (
+                # a DNO number shown in From, behind another asserted identity
+                from_number is not None and from_number != raw
+                and self._on_dno(numbers.lookup(from_number, region).e164, from_number)
+            )
         ):
             return self._fail(call, "caller_dno", "dno", e164, FAILED, ())
         verstat = NO_VALIDATION
@@ -176,6 +181,10 @@ class CallerId:
                     return self._fail(call, "neighbor_spoofing", "spoofed", e164, FAILED, tags)
                 tags.append("callerid.neighbor_spoofing")
         return self._pass(call, e164, verstat, tags)
+
+    def _on_dno(self, e164: str | None, raw: str) -> bool:
+        return (self.dno is not None and _listed(self.dno, e164, raw)) or (
+            self.dno_file is not None and _listed(self.dno_file, e164, raw))
 
     # ------------------------------------------------------------------ verdicts
     def _pass(
@@ -285,25 +294,33 @@ _PAI_LINES: Final[dict[tuple[tuple[str, ...], str], str]] = {}
 _PAI_LINES_MAX: Final = 4096
 
 
-def pai_with_verstat(msg: Message, verstat: str, caller: str | None) -> str | None:
-    """The P-Asserted-Identity line that carries ``verstat``: the received values with it set,
-    or, when the INVITE has none, ``<tel:caller>`` for an E.164 caller; None otherwise. Used by
-    rule ``identity`` when rule ``callerid`` does not put verstat on."""
-    if msg.has("p-asserted-identity"):
+def pai_with_verstat(msg: Message, verstat: str, caller: str | None, trusted: bool) -> str | None:
+    """The P-Asserted-Identity line that carries ``verstat``, for rule ``identity`` when rule
+    ``callerid`` does not put verstat on: the received values with it set on the caller's
+    (``trusted``: the peer asserts identities), else ``<tel:caller>`` for an E.164 caller; ""
+    when an untrusted PAI is to be removed with nothing in its place (RFC 3325 §5); None when
+    nothing changes."""
+    has_pai = msg.has("p-asserted-identity")
+    if has_pai and trusted:
         return _pai_line(msg, verstat)
     if caller is not None and caller.startswith("+") and caller[1:].isdigit():
         return f"P-Asserted-Identity: <tel:{caller};verstat={verstat}>"
-    return None
+    return "" if has_pai else None
 
 
 def _pai_line(msg: Message, verstat: str) -> str:
-    """The P-Asserted-Identity line for the received values with ``verstat`` set, memoised by
-    the received text (a caller's PAI comes back call after call); the memo is emptied when
-    full."""
+    """The P-Asserted-Identity line for the received values with ``verstat`` set on those
+    holding the caller's number (the first number among them: the one checked) and any other
+    ``verstat`` removed — a second identity nobody checked is not vouched for (TS 24.229
+    §7.2A.20). Memoised by the received text (a caller's PAI comes back call after call); the
+    memo is emptied when full."""
     key = (tuple(msg.values("p-asserted-identity")), verstat)
     line = _PAI_LINES.get(key)
     if line is None:
-        values = [_with_verstat(na, verstat) for na in msg.p_asserted_identities]
+        pais = msg.p_asserted_identities
+        checked = _first_number(pais)
+        values = [_with_verstat(na, verstat if na.uri.number == checked else None)
+                  for na in pais]
         line = "P-Asserted-Identity: " + ", ".join(values)
         if len(_PAI_LINES) >= _PAI_LINES_MAX:
             _PAI_LINES.clear()
@@ -311,9 +328,10 @@ def _pai_line(msg: Message, verstat: str) -> str:
     return line
 
 
-def _with_verstat(na: NameAddr, verstat: str) -> str:
-    """One P-Asserted-Identity value with ``verstat`` set (TS 24.229 §7.2A.20) and any
-    ``verstat`` the peer put there (in the URI or as a header parameter) removed."""
+def _with_verstat(na: NameAddr, verstat: str | None) -> str:
+    """One P-Asserted-Identity value with ``verstat`` set (TS 24.229 §7.2A.20; None: none
+    set) and any ``verstat`` the peer put there (in the URI or as a header parameter)
+    removed."""
     uri_text = _uri_with_verstat(na.uri, verstat)
     raw = na.raw
     params = [(k, v) for k, v in na.params if k != "verstat"]
@@ -326,17 +344,18 @@ def _with_verstat(na: NameAddr, verstat: str) -> str:
     return f"{display}<{uri_text or na.uri.raw}>{tail}"
 
 
-def _uri_with_verstat(uri: Uri, verstat: str) -> str | None:
-    """The URI text with ``;verstat=`` set: a tel URI parameter, or in the user part of a SIP
-    URI (with ``user=phone`` added when the URI has no ``user`` parameter). None when the URI
-    carries no telephone number."""
+def _uri_with_verstat(uri: Uri, verstat: str | None) -> str | None:
+    """The URI text with ``;verstat=`` set (None: only any verstat removed): a tel URI
+    parameter, or in the user part of a SIP URI (with ``user=phone`` added when the URI has
+    no ``user`` parameter). None when the URI carries no telephone number."""
     if uri.number is None:
         return None
     raw = uri.raw
+    add = [] if verstat is None else [f"verstat={verstat}"]
     if uri.scheme == "tel":
         head, *params = raw.split(";")
         kept = [p for p in params if p.split("=", 1)[0].lower() != "verstat"]
-        return ";".join([head, *kept, f"verstat={verstat}"])
+        return ";".join([head, *kept, *add])
     if uri.scheme not in ("sip", "sips") or uri.user is None:
         return None
     start = raw.index(":") + 1
@@ -344,9 +363,9 @@ def _uri_with_verstat(uri: Uri, verstat: str) -> str | None:
     user, colon, password = raw[start:at].partition(":")
     head, *params = user.split(";")
     kept = [p for p in params if p.split("=", 1)[0].lower() != "verstat"]
-    user = ";".join([head, *kept, f"verstat={verstat}"])
+    user = ";".join([head, *kept, *add])
     out = raw[:start] + user + colon + password + raw[at:]
-    if not uri.has_param("user"):
+    if verstat is not None and not uri.has_param("user"):
         query = out.find("?", start + len(user))
         out = out + ";user=phone" if query < 0 else out[:query] + ";user=phone" + out[query:]
     return out

@@ -96,7 +96,7 @@ class Dialer:
     """The built rule for one peer (or for traffic from no configured peer)."""
 
     __slots__ = (
-        "_settings",
+        "_settings", "max_numbers", "max_origins",
         "name", "mode", "monitor", "state", "block_s", "short_call_s", "short_w", "asr_w",
         "distinct", "distinct_w", "seq", "seq_w", "short", "asr", "rotation", "rotation_w",
         "pumping", "pumping_w", "exempt", "high_cost", "status", "phrase", "headers",
@@ -181,18 +181,21 @@ class Dialer:
         self.b_callee = state.blocks["callee"]
         self.b_high_cost = state.blocks["high_cost"]
         self._settings = s
+        self.max_numbers = s.max_numbers  # build() sets the largest among peers
+        self.max_origins = s.max_origins
 
     def claim(self) -> None:
         """When the policy is activated: make the shared tables keep entries as long as this
         rule's windows need and cap them at its ``max_*`` (not at build: a build that is
         never swapped in must change nothing)."""
         s, state = self._settings, self.state
+        max_numbers, max_origins = self.max_numbers, self.max_origins
         caller_h = max(self.distinct_w, self.seq_w, self.short_w, self.asr_w)
-        state.callers.need(caller_h, s.max_numbers)
-        state.origins.need(max(self.seq_w, self.rotation_w, self.pumping_w), s.max_origins)
-        state.callees.need(self.pumping_w, s.max_numbers)
+        state.callers.need(caller_h, max_numbers)
+        state.origins.need(max(self.seq_w, self.rotation_w, self.pumping_w), max_origins)
+        state.callees.need(self.pumping_w, max_numbers)
         for table in state.blocks.values():
-            table.need(s.block_s, s.max_numbers)
+            table.need(s.block_s, max_numbers)
 
     # ------------------------------------------------------------------ decide
     def decide(self, call: CallInfo, now: float) -> Verdict | None:
@@ -449,5 +452,8 @@ def build(settings: Settings, ctx: BuildContext, peer: Peer | None) -> Dialer:
     state = ctx.state.dialer
     ctx.observe(state)
     rule = Dialer(settings, ctx.mode_of(settings), state)
+    # the tables are shared by every peer: sized for the largest cap among them
+    rule.max_numbers = ctx.largest("dialer", "max_numbers", settings.max_numbers)
+    rule.max_origins = ctx.largest("dialer", "max_origins", settings.max_origins)
     ctx.on_activate(rule.claim)
     return rule

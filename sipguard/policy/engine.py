@@ -79,6 +79,15 @@ class BuildContext:
     def mode_of(self, settings: Any) -> str:
         return str(getattr(settings, "mode", None) or self.cfg.mode)
 
+    def largest(self, rule: str, field: str, default: int) -> int:
+        """The largest ``field`` among the enabled sections of ``rule`` (the top level's and
+        every peer's override): a table all of them share is sized for the largest, never
+        shrunk by one peer's smaller cap."""
+        sections = [getattr(self.cfg.rules, rule),
+                    *(getattr(p.rules, rule) for p in self.cfg.peers)]
+        return max((int(getattr(s, field)) for s in sections
+                    if s is not None and s.enabled), default=default)
+
     def observe(self, observer: Any) -> None:
         """Register an object for dialog start/end events (once, however many peers use it)."""
         if all(o is not observer for o in self.observers):
@@ -175,15 +184,15 @@ class Policy:
                 return self._global(self._unknown_source)
         if (self.suspended or self.state.suspensions) and msg.method != "INVITE":
             caller: str | None = None
-            if peer is None or peer.trust_pai:
-                pais = msg.p_asserted_identities if msg.has("p-asserted-identity") else []
-                caller = pais[0].uri.number if pais else None
-            caller = caller or msg.from_.uri.number
+            if (peer is None or peer.trust_pai) and msg.has("p-asserted-identity"):
+                caller = next((n for na in msg.p_asserted_identities
+                               if (n := na.uri.number) is not None), None)
+            shown = msg.from_.uri.number
+            caller = caller or shown
             callee = msg.request_uri.number or msg.to.uri.number
-            if peer is not None and peer.default_region is not None:
-                caller = to_e164(caller, peer.default_region)
-                callee = to_e164(callee, peer.default_region)
-            verdict = self._suspension(caller, callee, now)
+            region = peer.default_region if peer is not None else None
+            verdict = self._suspended(to_e164(caller, region), to_e164(callee, region),
+                                      to_e164(shown, region), now)
             if verdict is not None:
                 return self._global(verdict)
         return None
@@ -206,6 +215,16 @@ class Policy:
         if flow.transport != "tls" or flow.conn is None or names is None:
             return None
         return peer if peer.tls_subject in names(flow.conn) else None
+
+    def _suspended(self, caller: str | None, callee: str | None, shown: str | None,
+                   now: float) -> Verdict | None:
+        """The suspension of a call's caller or callee, or of the number its From shows when
+        that is another than the caller (a suspended number behind another asserted
+        identity)."""
+        verdict = self._suspension(caller, callee, now)
+        if verdict is None and shown is not None and shown != caller:
+            verdict = self._suspension(shown, None, now)
+        return verdict
 
     def _suspension(self, caller: str | None, callee: str | None, now: float) -> Verdict | None:
         """The config's ``suspended:`` list and the admin API's store, caller first."""
@@ -234,12 +253,19 @@ class Policy:
             call.peer = peer.name
             if not peer.trust_pai:
                 call.caller = call.msg.from_.uri.number
-            if peer.default_region is not None:
-                call.caller = to_e164(call.caller, peer.default_region)
-                call.callee = to_e164(call.callee, peer.default_region)
+            region = peer.default_region
+            if region is not None:
+                call.caller = to_e164(call.caller, region)
+                call.callee = to_e164(call.callee, region)
+                if call.diverters:  # one diverter in two spellings is one diverter
+                    call.diverters = tuple(dict.fromkeys(
+                        n for d in call.diverters if (n := to_e164(d, region)) is not None))
             pipeline = self.by_peer[peer.name]
+        else:
+            region = None
         if self.suspended or self.state.suspensions:
-            verdict = self._suspension(call.caller, call.callee, now)
+            verdict = self._suspended(call.caller, call.callee,
+                                      to_e164(call.msg.from_.uri.number, region), now)
             if verdict is not None:
                 return self._global(verdict)
         return pipeline.decide(call, now)

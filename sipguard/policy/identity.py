@@ -185,6 +185,7 @@ class IdentityRule:
         header = settings.identity_header
         self.header_key = header.lower() if header else None
         self.pai_verstat = True  # put verstat on P-Asserted-Identity (see build())
+        self.trust_pai = True  # the peer's P-Asserted-Identity is an identity (see build())
 
     # ------------------------------------------------------------------ decide
     def decide(self, call: CallInfo, now: float) -> Verdict | Awaitable[Verdict]:
@@ -326,9 +327,10 @@ class IdentityRule:
             line = None if value is None else f"{self.s.identity_header}: {value}"
             edits = ((self.header_key, line),)
         if self.pai_verstat and call is not None and value is not None:
-            pai = callerid.pai_with_verstat(call.msg, value.split(";", 1)[0], call.caller)
+            pai = callerid.pai_with_verstat(call.msg, value.split(";", 1)[0], call.caller,
+                                            self.trust_pai)
             if pai is not None:
-                edits = (*edits, ("p-asserted-identity", pai))
+                edits = (*edits, ("p-asserted-identity", pai or None))
         return edits
 
     def _absent(self, call: CallInfo) -> Verdict:
@@ -450,4 +452,5 @@ def build(settings: Settings, ctx: BuildContext, peer: Peer | None) -> IdentityR
     # verstat on P-Asserted-Identity is callerid's job when it is on with verstat; else ours
     cid = ctx.rules.callerid if ctx.rules is not None else None
     rule.pai_verstat = not (cid is not None and cid.enabled and cid.verstat)
+    rule.trust_pai = peer is None or peer.trust_pai
     return rule

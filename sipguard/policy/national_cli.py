@@ -9,7 +9,8 @@ When it applies
     Only to calls from a peer with ``interconnect: international`` (for other peers, and for
     traffic from no configured peer, the rule is not even built), and only when the caller
     number — as the peer's view of it: P-Asserted-Identity unless ``trust_pai: false``, national
-    format read with ``default_region`` — is E.164 and starts with one of ``home_countries``
+    format read with ``default_region``; else the number From shows, when it is another — is
+    E.164 and starts with one of ``home_countries``
     (country codes such as ``31`` or longer prefixes such as ``+3120``). A caller that cannot
     be read as E.164 is not a home number (rule ``callerid`` deals with unreadable callers).
 
@@ -144,11 +145,16 @@ class NationalCli:
 
     def decide(self, call: CallInfo, now: float) -> Verdict | None | Awaitable[Verdict | None]:
         caller = call.caller
-        if caller is None:
-            return None
-        e164 = numbers.lookup(caller, self.peer.default_region).e164
-        if e164 is None or e164 not in self.home:
-            return None
+        e164 = self._home(caller)
+        if e164 is None:
+            # the number From shows, when it is another: a home number presented there behind
+            # a foreign asserted identity is as much a national CLI from abroad
+            caller = call.msg.from_.uri.number
+            if caller is None or caller == call.caller:
+                return None
+            e164 = self._home(caller)
+            if e164 is None:
+                return None
         kind = numbers.number_kind(e164)
         action = self.actions[kind]
         if action == "allow":
@@ -173,6 +179,13 @@ class NationalCli:
         if cache.inflight >= lookup.max_concurrent:
             return self._act(call, lookup.on_error, kind, "roaming_lookup_busy")
         return self._ask(getter, lookup, call, e164, action, kind, now)
+
+    def _home(self, number: str | None) -> str | None:
+        """``number`` in E.164 when it is a home-country number, else None."""
+        if number is None:
+            return None
+        e164 = numbers.lookup(number, self.peer.default_region).e164
+        return e164 if e164 is not None and e164 in self.home else None
 
     async def _ask(
         self, getter: HttpGetter, lookup: RoamingLookup, call: CallInfo, e164: str,

@@ -39,6 +39,9 @@ ATTESTATIONS: Final = ("A", "B", "C")  # strongest first
 
 _VISUAL: Final = str.maketrans("", "", " -.()")
 _ORIGID: Final = re.compile(r"[A-Za-z0-9._\-]{1,128}")
+# The latest iat taken (seconds since the epoch, 2**40: year ~36,800): a larger integer is no
+# time, and one past a float's range would make the freshness arithmetic raise.
+IAT_MAX: Final = 1 << 40
 _ECDSA_SHA256: Final = ec.ECDSA(hashes.SHA256())
 _URLSAFE: Final = bytes.maketrans(b"-_", b"+/")
 
@@ -176,6 +179,8 @@ def decode_passport(token: str) -> Passport:
     iat = claims.get("iat")
     if not isinstance(iat, int) or isinstance(iat, bool) or iat < 0:
         raise PassportError("bad_passport", "iat missing or not an integer")
+    if iat > IAT_MAX:
+        raise PassportError("bad_passport", "iat out of range")
     origid = claims.get("origid")
     if not isinstance(origid, str) or not origid:
         raise PassportError("bad_passport", "origid missing")

@@ -197,5 +197,6 @@ def build(settings: Settings, ctx: BuildContext, peer: Peer | None) -> Rate | No
     if not any(getattr(settings, name) is not None for name in LIMITS):
         return None
     rule = Rate(settings, ctx.mode_of(settings), ctx.state.buckets)
+    rule.max_keys = ctx.largest("rate", "max_keys", settings.max_keys)  # the tables are shared
     ctx.on_activate(rule.claim)
     return rule

@@ -353,6 +353,38 @@ def test_forged_verstat_and_verdict_header_from_a_peer_are_replaced() -> None:
     assert not call.core.has("x-sipguard-verdict")
 
 
+def test_verstat_goes_only_on_the_checked_number_not_on_a_second_pai() -> None:
+    """Two P-Asserted-Identity values with different numbers: the first number is the caller
+    checked, so only its value gets verstat; the other gets none, and its forged one is
+    removed (TS 24.229 §7.2A.20: verstat vouches for the number verified)."""
+    h = harness(PEERS + "rules: {callerid: {pai_mismatch: ignore}}\n")
+    call = Call(h, caller="+12125550100", extra=pai(
+        "<sip:+12125550100@carrier.example;user=phone>, "
+        "<tel:+13125550111;verstat=TN-Validation-Passed>"))
+    assert call.status == 0
+    assert call.core.values("p-asserted-identity") == [
+        "<sip:+12125550100;verstat=TN-Validation-Passed@carrier.example;user=phone>, "
+        "<tel:+13125550111>"
+    ]
+
+
+def test_a_first_pai_without_a_number_does_not_hide_the_caller() -> None:
+    """PAI <sip:gw@carrier>, <tel:+1212...>: the caller is the second value's number for
+    every rule — concurrency and the suspended list included — as for rule callerid."""
+    h = harness(PEERS + "suspended: ['+12125550199']\n"
+                "rules: {callerid: {}, concurrency: {per_caller: 1}}\n")
+    extra = pai("<sip:gw@carrier.example>, <tel:+12125550100>")
+    first = Call(h, caller="+12125550100", extra=extra)
+    assert first.status == 0 and first.decision.call.caller == "+12125550100"
+    second = Call(h, caller="+12125550100", extra=extra)
+    assert second.status != 0 and second.decision.verdict.rule == "concurrency"
+    suspended = Call(h, caller="+12125550199",
+                     extra=pai("<sip:gw@carrier.example>, <tel:+12125550199>"))
+    assert (suspended.status, suspended.decision.verdict.reason) == (403, "caller_suspended")
+    no_number = Call(h, caller="+12125550199", extra=pai("<sip:gw@carrier.example>"))
+    assert no_number.decision.call.caller == "+12125550199" and no_number.status == 403
+
+
 def test_verstat_off_leaves_the_pai_alone() -> None:
     """verstat: false forwards a trusted PAI byte for byte and adds none."""
     h = harness(PEERS + "rules: {callerid: {verstat: false}}\n")

@@ -104,6 +104,20 @@ def test_per_diverter_counts_diversion_and_history_info_together() -> None:
     assert h.call(4, caller="+12125550103")[1] is not None  # not forwarded: not limited
 
 
+def test_one_diverter_in_several_spellings_is_one_diverter() -> None:
+    """With the peer's default_region, a diverter written +1312..., 1312... or 312... is
+    one number for per_diverter, as callers and callees are."""
+    peers = ("peers:\n  - name: carrier-a\n    networks: [198.51.100.0/24]\n"
+             "    default_region: US\n")
+    h = PolicyHarness(rules("{per_diverter: 1}"), extra_yaml=peers)
+    spellings = (f"tel:{DIV}", "sip:13125550000@pbx.example.com", "sip:3125550000@pbx.example.com")
+    assert h.call(1, caller=A, extra=f"Diversion: <{spellings[0]}>\r\n")[1] is not None
+    for n, spelling in enumerate(spellings[1:], start=2):
+        got, fwd = h.call(n, caller=f"+1212555020{n}", extra=f"Diversion: <{spelling}>\r\n")
+        assert fwd is None and statuses(got) == [100, 403], spelling
+    assert h.count("diverter", DIV) == 1
+
+
 @pytest.mark.parametrize(
     ("extra", "hops"),
     [

@@ -777,6 +777,19 @@ async def test_monitor_mode_forwards_failures_with_the_outcome(stir: Stir) -> No
     assert res.identity_header == "TN-Validation-Failed;reason=untrusted;attest=A"
 
 
+async def test_an_iat_past_any_time_is_a_bad_passport_and_monitor_mode_forwards_it(
+    stir: Stir,
+) -> None:
+    """iat 10**400 (past a float: the age computed from it would overflow) is refused as
+    bad_passport (438), not an internal error (500), and a monitored rule lets the call on."""
+    res = await stir.call(stir.header(iat=10**400))
+    assert (res.status, res.forwarded) == (438, None)
+    stir.use(mode="monitor")
+    res = await stir.call(stir.header(iat=10**400))
+    assert res.status is None and res.forwarded is not None
+    assert res.identity_header == "TN-Validation-Failed;reason=bad_passport"
+
+
 async def test_cache_survives_a_reload(stir: Stir) -> None:
     """A policy rebuilt from the same RuleState keeps the fetched certificates."""
     await stir.call(stir.header())

@@ -9,12 +9,13 @@ from collections.abc import AsyncIterator
 import pytest
 from aiohttp import web
 
-from sipguard.contract import CallInfo, Verdict
+from sipguard.contract import CallInfo, Flow, Verdict
 from sipguard.policy.engine import Policy
 from sipguard.policy.state import RuleState
+from sipguard.sip.parser import parse_message
 from sipguard.transport.http_get import JsonGetter
 from tests.unit.proxy_helpers import CORE, Harness, invite
-from tests.unit.rule_calls import decide, make_call, policy
+from tests.unit.rule_calls import SOURCE, decide, make_call, policy
 
 DUTCH_FIXED = "+31201234567"
 DUTCH_MOBILE = "+31612345678"
@@ -68,6 +69,17 @@ def test_domestic_peer_and_foreign_numbers_pass() -> None:
     p = policy(rules(), extra=peers())
     assert decide(p, make_call("+4930123456"), 0.0).accepted
     assert decide(p, make_call(None), 0.0).accepted
+
+
+def test_a_home_number_shown_in_from_behind_a_foreign_pai_is_caught() -> None:
+    """From shows a Dutch fixed number, P-Asserted-Identity a British one: the caller is the
+    British number, but the national number presented from abroad is blocked all the same."""
+    msg = parse_message(invite(caller=DUTCH_FIXED,
+                               extra="P-Asserted-Identity: <tel:+442071838750>\r\n"))
+    call = CallInfo(msg, Flow("udp", SOURCE, 0), 0.0)
+    v = decide(policy(rules(), extra=peers()), call, 0.0)
+    assert call.caller == "+442071838750"
+    assert (v.action, v.reason) == ("reject", "national_cli_fixed")
 
 
 def test_fixed_or_mobile_takes_the_stricter_action() -> None:

@@ -57,6 +57,8 @@ def test_decode_and_verify_a_signed_passport() -> None:
         (None, {"iat": "1700000000"}, "bad_passport"),
         (None, {"iat": True}, "bad_passport"),
         (None, {"iat": 1.5}, "bad_passport"),
+        (None, {"iat": 1 << 41}, "bad_passport"),  # past IAT_MAX: no time
+        (None, {"iat": 10**400}, "bad_passport"),  # past a float: the age would overflow
         (None, {"origid": ""}, "bad_passport"),
     ],
 )

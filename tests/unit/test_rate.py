@@ -192,6 +192,25 @@ def test_table_is_capped() -> None:
     assert len(table) <= 1000 and table.dropped >= 19_000 - 1000
 
 
+def test_a_peers_smaller_cap_does_not_shrink_the_shared_table() -> None:
+    """The rate tables are shared by every peer: a peer override with max_keys 100 leaves
+    them at the top level's 10,000, so 210 callers from elsewhere do not push a limited
+    caller out and let it call again (the tables hold what the largest section asks)."""
+    peers = ("peers:\n  - name: big\n    networks: [198.51.100.0/24]\n"
+             "  - name: small\n    networks: [203.0.113.0/24]\n"
+             "    rules: {rate: {max_keys: 100}}\n")
+    p = policy("rules:\n  rate: {per_caller: {rate: 1, burst: 1}, max_keys: 10000}\n",
+               extra=peers)
+    buckets = p.state.buckets
+    assert isinstance(buckets, Buckets)
+    assert buckets.tables["per_caller"].max_keys == 10000
+    assert decide(p, make_call("+12125550100"), 5.0).accepted
+    assert not decide(p, make_call("+12125550100"), 5.0).accepted
+    for i in range(210):
+        decide(p, make_call(f"+1646555{i:04d}", source=("203.0.113.5", 5060)), 5.0)
+    assert not decide(p, make_call("+12125550100"), 5.0).accepted
+
+
 @pytest.mark.parametrize(
     "snippet",
     ["{per_caller: {rate: 0}}", "{per_caller: {rate: 1, burst: 0}}", "{per_calller: {rate: 1}}",
