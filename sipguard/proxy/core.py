@@ -1020,6 +1020,15 @@ class Proxy:
         indexes = msg.indexes("via")
         idx = indexes[0]
         line = msg.lines[idx]
+        if msg.content_length is None:
+            # A datagram may leave Content-Length out (RFC 3261 §18.3: its body is the rest of
+            # it); the next hop may be a stream, where a message without one would end at its
+            # header and its body read as the next message. So it is said.
+            rest = after_first_via(msg.value_at(idx)) if line.find(b",") >= 0 else ""
+            if not rest and len(indexes) == 1:
+                return None
+            return msg.serialize(replace={idx: header_line("Via", rest) if rest else None},
+                                 append=(f"Content-Length: {len(msg.body)}".encode(),))
         if line.find(b",") < 0:
             return msg.without_line(idx) if len(indexes) > 1 else None
         rest_at = REST_AFTER_FIRST_VIA(line) if REST_AFTER_FIRST_VIA is not None else -1

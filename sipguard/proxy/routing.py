@@ -87,10 +87,14 @@ class Router:
         return Flow(transport, (host, port), self.local_for(transport).index)
 
     def reply_flow(self, msg: Message, flow: Flow) -> Flow:
-        """Where responses to ``msg`` go: the connection, or RFC 3261 §18.2.2 + RFC 3581."""
-        if flow.transport != "udp":
-            return flow
+        """Where responses to ``msg`` go (RFC 3261 §18.2.2 + RFC 3581): over TCP/TLS the
+        connection it came on; when that has closed, a connection to the source address and
+        the Via's sent-by port (not the closed connection's own, temporary port)."""
         via = msg.top_via
+        if flow.transport != "udp":
+            port = via.port or (5061 if flow.transport == "tls" else 5060)
+            return flow if port == flow.addr[1] else Flow(
+                flow.transport, (flow.addr[0], port), flow.local, flow.conn)
         if via.has_rport:
             return flow
         return Flow("udp", (flow.addr[0], via.port or 5060), flow.local)

@@ -3,7 +3,9 @@
 Bytes from a connection go in with :meth:`StreamFramer.feed`; whole messages (header block plus
 exactly Content-Length body bytes) come out, ready for ``parse_message(..., datagram=False)``.
 CRLF keep-alives between messages (RFC 5626 §3.5.1: a client sends CRLFCRLF "ping", the server
-answers CRLF "pong") are reported so the shell can answer them.
+answers CRLF "pong") are reported so the shell can answer them — once per run of pings in a
+read, however long: a stream of nothing but pings costs a scan per read, not a loop pass and
+a pong per four bytes.
 
 A stream that cannot be framed — a header block larger than the maximum message size, a
 missing or malformed Content-Length, a body above the limit — sets :attr:`StreamFramer.error`
@@ -23,9 +25,13 @@ each framed message; the framer needs none, since what it holds is bounded by ``
 
 from __future__ import annotations
 
+import re
+from typing import Final
+
 from sipguard.sip.errors import SipParseError
 
 PING = object()  # marker yielded for a CRLFCRLF keep-alive
+_PINGS: Final = re.compile(rb"(?:\r\n\r\n)+")  # a run of keep-alives, matched in C
 
 
 def _content_length(head: bytes) -> int:
@@ -99,16 +105,16 @@ class StreamFramer:
         while buf:
             total = self._total
             if not total:
-                # Leading CRLFs: keep-alive ping (CRLFCRLF) or stray line ends before a message.
+                # Leading CRLFs: keep-alive pings (CRLFCRLF) or stray line ends before a message.
                 if buf[0] in b"\r\n":
-                    if buf.startswith(b"\r\n\r\n"):
-                        del buf[:4]
-                        out.append(PING)
+                    pings = _PINGS.match(buf)
+                    if pings is not None:
+                        del buf[:pings.end()]
+                        out.append(PING)  # one pong answers a run of pings
                         continue
                     if buf == b"\r\n" or buf == b"\r" or buf == b"\r\n\r":
                         break  # maybe the start of a ping; wait for more
-                    while buf and buf[0] in b"\r\n":
-                        del buf[:1]
+                    del buf[:len(buf) - len(buf.lstrip(b"\r\n"))]
                     continue
                 end = buf.find(b"\r\n\r\n", max(self._scanned - 3, 0))
                 if end < 0:

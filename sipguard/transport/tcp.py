@@ -9,12 +9,14 @@ keep-alive is answered with CRLF (RFC 5626 §3.5.1). A stream that cannot be fra
 Limits (:class:`TcpLimits`, the ``sip.tcp_*`` settings), each reported through
 ``on_event(kind, addr, n)`` when it bites — the shell counts ``kind`` and logs it sampled:
 
-- **connections**: at most ``max_connections`` inbound connections in all and
-  ``max_connections_per_ip`` from one IP address. Beyond, the new connection is accepted and
-  closed at once (``tcp_refused_total``, ``tcp_refused_per_ip``): the kernel has finished the
-  handshake already, and a connection left in the backlog would hold its place there. The
-  ``exempt`` addresses (the core's) are neither capped nor counted, nor are sipguard's own
-  outbound connections.
+- **connections**: at most ``max_connections`` connections in all and
+  ``max_connections_per_ip`` with one IP address, whichever side opened them. Beyond, a new
+  inbound connection is accepted and closed at once (``tcp_refused_total``,
+  ``tcp_refused_per_ip``): the kernel has finished the handshake already, and a connection
+  left in the backlog would hold its place there; a connection sipguard would open (to a
+  party, for an answer whose connection has closed, or a request from the core) is not opened
+  and the message dropped, counted the same. The ``exempt`` addresses (the core's) are
+  neither capped nor counted.
 - **slow messages**: a connection holding a partial message (bytes buffered, no complete
   message) for longer than ``message_timeout_s`` is closed (``tcp_message_timeout``; slowloris).
   Up to three buffered bytes do not count: they may be the start of a CRLFCRLF ping.
@@ -295,7 +297,7 @@ class TcpPool:
         self.tls_by_addr: dict[tuple[str, int], TcpConnection] = {}
         self.tls: TlsContexts | None = None  # set by the shell; replaced on reload
         self.servers: list[asyncio.Server] = []
-        self.inbound = 0  # inbound connections holding a place (exempt ones not included)
+        self.inbound = 0  # connections holding a place (exempt ones not included)
         self.per_ip: dict[str, int] = {}
         self._connecting: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.TimerHandle | None = loop.call_later(SWEEP_S, self._tick)
@@ -309,7 +311,10 @@ class TcpPool:
             self.on_event(kind, addr, n)
 
     def admit(self, conn: TcpConnection) -> bool:
-        """Take a place for a new inbound connection, or report why there is none."""
+        """Take a place for a new connection with ``conn.addr`` — one accepted, or one
+        sipguard opens (an answer whose connection has closed goes to the party's Via port:
+        a party must not make sipguard hold more connections to it than it may open) — or
+        report why there is none."""
         ip = conn.addr[0]
         limits = self.limits
         if ip in limits.exempt:
@@ -349,6 +354,10 @@ class TcpPool:
         table = self.tls_by_addr if conn.tls else self.by_addr
         if table.get(conn.addr) is conn:
             del table[conn.addr]
+        self._release(conn)
+
+    def _release(self, conn: TcpConnection) -> None:
+        """Give back the place ``conn`` held in the connection counts, once."""
         if conn.counted:
             conn.counted = False
             self.inbound -= 1
@@ -419,6 +428,8 @@ class TcpPool:
         if conn is None or conn.closed:
             conn = TcpConnection(self, local, self.max_size, inbound=False, tls=tls)
             conn.addr = addr
+            if not self.admit(conn):  # the caps hold for sipguard's own connections too
+                return
             table[addr] = conn
             conn.write(data)
             task = self.loop.create_task(self._connect(conn, addr, host))
@@ -447,6 +458,7 @@ class TcpPool:
             conn.closed = True
             if table.get(addr) is conn:
                 del table[addr]
+            self._release(conn)
             self.event("tcp_connect_failed", addr)
             if conn.pending:
                 self.event("tcp_queued_dropped", addr, len(conn.pending))

@@ -95,20 +95,18 @@ READS_PER_WAKE: Final = 64  # envelopes read per wake-up before the loop runs ot
 RECEIVE_BUFFER: Final = 8 * 1024 * 1024
 MAX_ENVELOPE: Final = 65536 + 128
 
-# The From (To) header's URI user (or a tel: number): enough to pick an owner, not a parse.
-_FROM_USER = re.compile(
-    rb"\n(?:from|f)[ \t]*:[^\r\n]*?(?:sips?:|tel:)([^@;>?\s]+)", re.IGNORECASE)
-_TO_USER = re.compile(
-    rb"\n(?:to|t)[ \t]*:[^\r\n]*?(?:sips?:|tel:)([^@;>?\s]+)", re.IGNORECASE)
+# Where a header line starts (the name, then its value up to the line's end): the scans below
+# read the first such line of the header block, its folds joined. Enough to pick an owner, not
+# a parse — but read as the parser reads it where that picks the worker: the URI inside <>
+# (not a quoted display name), a tag among the header's own parameters (not the URI's).
+_FROM: Final = re.compile(rb"\n(?:from|f)[ \t]*:([^\r\n]*)", re.IGNORECASE)
+_TO: Final = re.compile(rb"\n(?:to|t)[ \t]*:([^\r\n]*)", re.IGNORECASE)
 _CALL_ID = re.compile(rb"\n(?:call-id|i)[ \t]*:[ \t]*([^\r\n]+)", re.IGNORECASE)
-
+_TAG_PARAM: Final = re.compile(rb";[ \t]*tag[ \t]*=", re.IGNORECASE)
 
 # The first Route line of a request, the first Via line of a response: their first value.
 _TOP_ROUTE = re.compile(rb"\nroute[ \t]*:[ \t]*([^\r\n]+)", re.IGNORECASE)
 _TOP_VIA = re.compile(rb"\n(?:via|v)[ \t]*:[ \t]*([^\r\n]+)", re.IGNORECASE)
-_TO_TAG = re.compile(rb"\n(?:to|t)[ \t]*:[^\r\n]*;[ \t]*tag[ \t]*=", re.IGNORECASE)
-_ROUTE_PORT = re.compile(rb"sips?:(?:[^@>;,\s]*@)?(?:\[[^\]]*\]|[^:>;,\s]+):(\d{1,5})[;>,\s]?",
-                         re.IGNORECASE)
 _VIA_PORT = re.compile(rb"SIP[ \t]*/[ \t]*2\.0[ \t]*/[ \t]*\w+[ \t]+(?:\[[^\]]*\]|[^:;,\s]+)"
                        rb"[ \t]*:[ \t]*(\d{1,5})", re.IGNORECASE)
 
@@ -117,6 +115,102 @@ def _head_end(data: bytes) -> int:
     """Where the header block ends (its empty line), or 8192: what the scans below read."""
     end = data.find(b"\r\n\r\n", 0, 8192)
     return 8192 if end < 0 else end
+
+
+def _header(data: bytes, line: re.Pattern[bytes], end: int) -> bytes | None:
+    """The value of the first header ``line`` matches before ``end``, its folds (lines that
+    start with a space or tab, RFC 3261 §7.3.1) joined; None when there is none."""
+    m = line.search(data, 0, end)
+    if m is None:
+        return None
+    value = m.group(1)
+    at = m.end()
+    while at + 2 < end and data[at:at + 2] == b"\r\n" and data[at + 2] in b" \t":
+        nl = data.find(b"\r\n", at + 2, end)
+        stop = end if nl < 0 else nl
+        value += b" " + data[at + 2:stop].strip()
+        at = stop
+    return value
+
+
+def _addr_parts(value: bytes) -> tuple[bytes, bytes]:
+    """A From / To value as (its URI, its header parameters): the URI between < and > after
+    any quoted display name, else (addr-spec, RFC 3261 §20) the whole value, whose
+    parameters are then the header's."""
+    rest = value.lstrip()
+    if rest.startswith(b'"'):
+        i = 1
+        while i < len(rest) and rest[i] != 0x22:  # the closing quote; \" is escaped
+            i += 2 if rest[i] == 0x5C else 1
+        rest = rest[i + 1:]
+    lt = rest.find(b"<")
+    if lt < 0:
+        return rest, rest
+    gt = rest.find(b">", lt)
+    if gt < 0:
+        return rest[lt + 1:], b""
+    return rest[lt + 1:gt], rest[gt + 1:]
+
+
+def _cut(text: bytes, stops: bytes) -> bytes:
+    """``text`` up to the first of the bytes in ``stops``."""
+    for stop in stops:
+        at = text.find(bytes((stop,)))
+        if at >= 0:
+            text = text[:at]
+    return text
+
+
+def _uri_user(uri: bytes) -> bytes | None:
+    """The user part of a sip/sips URI (None without one) or a tel URI's number."""
+    uri = uri.strip()
+    head = uri[:5].lower()
+    if head.startswith(b"tel:"):
+        user = _cut(uri[4:], b";>? \t")
+    elif head.startswith(b"sips:") or head.startswith(b"sip:"):
+        rest = uri[5:] if head.startswith(b"sips:") else uri[4:]
+        at = rest.find(b"@")
+        user = _cut(rest[:at], b";:") if at >= 0 else b""
+    else:
+        return None
+    return user or None
+
+
+def _has_to_tag(data: bytes, end: int) -> bool:
+    value = _header(data, _TO, end)
+    return value is not None and _TAG_PARAM.search(_addr_parts(value)[1]) is not None
+
+
+def _route_port(line: bytes) -> int | None:
+    """The port the first URI of a Route line names (None: none), read in linear time."""
+    lt = line.find(b"<")
+    if lt >= 0:
+        gt = line.find(b">", lt)
+        uri = line[lt + 1:gt] if gt >= 0 else line[lt + 1:]
+    else:
+        uri = line.split(b",", 1)[0].strip()
+    head = uri[:5].lower()
+    if head.startswith(b"sips:"):
+        rest = uri[5:]
+    elif head.startswith(b"sip:"):
+        rest = uri[4:]
+    else:
+        return None
+    rest = rest[rest.rfind(b"@") + 1:]
+    for stop in (b";", b"?", b">", b" ", b"\t"):
+        cut = rest.find(stop)
+        if cut >= 0:
+            rest = rest[:cut]
+    if rest.startswith(b"["):
+        close = rest.find(b"]")
+        tail = rest[close + 1:] if close >= 0 else b""
+    else:
+        colon = rest.rfind(b":")
+        tail = rest[colon:] if colon >= 0 else b""
+    digits = tail[1:]
+    if tail[:1] != b":" or not 0 < len(digits) <= 5 or not digits.isdigit():
+        return None
+    return int(digits)
 
 
 def named_port(data: bytes) -> int | None:
@@ -129,19 +223,18 @@ def named_port(data: bytes) -> int | None:
     if data.startswith(b"SIP/"):
         m = _TOP_VIA.search(data, 0, end)
         found = _VIA_PORT.match(m.group(1)) if m is not None else None
-    elif _TO_TAG.search(data, 0, end) is None:
+        return int(found.group(1)) if found is not None else None
+    if not _has_to_tag(data, end):
         return None
-    else:
-        m = _TOP_ROUTE.search(data, 0, end)
-        found = _ROUTE_PORT.search(m.group(1)) if m is not None else None
-    return int(found.group(1)) if found is not None else None
+    m = _TOP_ROUTE.search(data, 0, end)
+    return _route_port(m.group(1)) if m is not None else None
 
 
 def opens_call(data: bytes) -> bool:
     """An INVITE without a To tag: a new call (what overload protection sheds)."""
     if not data.startswith(b"INVITE "):
         return False
-    return _TO_TAG.search(data, 0, _head_end(data)) is None
+    return not _has_to_tag(data, _head_end(data))
 
 
 def owner_of(data: bytes, workers: int, own_ports: dict[int, int] | None = None,
@@ -161,11 +254,16 @@ def owner_of(data: bytes, workers: int, own_ports: dict[int, int] | None = None,
             worker = own_ports.get(port)
             if worker is not None:
                 return worker
-    party = _TO_USER if from_core and not data.startswith(b"SIP/2.0 ") else _FROM_USER
-    m = party.search(data, 0, 8192) or _CALL_ID.search(data, 0, 8192)
-    if m is None:
-        return None
-    return zlib.crc32(m.group(1)) % workers
+    end = _head_end(data)
+    value = _header(data, _TO if from_core and not data.startswith(b"SIP/2.0 ") else _FROM,
+                    end)
+    key = _uri_user(_addr_parts(value)[0]) if value is not None else None
+    if key is None:
+        m = _CALL_ID.search(data, 0, end)
+        if m is None:
+            return None
+        key = m.group(1)
+    return zlib.crc32(key) % workers
 
 
 def make_token(directory: str | Path) -> None:

@@ -52,6 +52,15 @@ def test_message_split_in_the_middle_of_the_crlfcrlf_and_body() -> None:
         assert f.feed(data[:cut]) + f.feed(data[cut:]) == [msg(1), msg(2)], cut
 
 
+def test_a_read_full_of_pings_is_one_ping() -> None:
+    """16,384 pings in one read, then a message: one PING (one pong answers the run), then
+    the message — a ping flood costs a scan per read, not a pong per four bytes."""
+    f = StreamFramer()
+    assert f.feed(b"\r\n\r\n" * 16384 + msg(1)) == [PING, msg(1)]
+    assert f.feed(b"\r\n\r\n" * 3 + b"\r\n") == [PING]  # the last CRLF may start another
+    assert f.feed(b"\r\n") == [PING]
+
+
 def test_crlfcrlf_ping_is_reported_and_a_lone_crlf_is_skipped() -> None:
     """RFC 5626 §3.5.1: CRLFCRLF between messages is a ping; a stray CRLF is ignored."""
     f = StreamFramer()

@@ -122,6 +122,33 @@ def test_full_call_flows_both_ways_and_dialog_ends_on_bye() -> None:
     assert len([e for e in h.events if isinstance(e, DialogEnded)]) == 1
 
 
+def test_a_response_without_content_length_is_forwarded_with_one() -> None:
+    """A party answers over UDP with no Content-Length (allowed on a datagram) and a body that
+    is a whole SIP request: forwarded, the answer says its Content-Length, so on a stream to
+    the core the body stays a body and is never read as a request of its own."""
+    h = Harness()
+    req = _to(h.send(bye_from_core(), src=CORE), CALLER)[0]
+    smuggled = (b"INVITE sip:+19005550000@10.0.0.10 SIP/2.0\r\nVia: SIP/2.0/TCP x;branch=z9hG4bK-s"
+                b"\r\nContent-Length: 0\r\n\r\n")
+    ok = answer(req, 200, "OK").replace(b"Content-Length: 0\r\n\r\n", b"\r\n" + smuggled)
+    assert b"Content-Length" not in ok.split(b"\r\n\r\n", 1)[0]
+    [fwd] = _to(h.send(ok, src=CALLER), CORE)
+    assert fwd.status == 200 and fwd.content_length == len(smuggled)
+    assert fwd.body == smuggled
+    assert fwd.values("via") == req.values("via")[1:]
+
+
+def bye_from_core() -> bytes:
+    return (
+        b"BYE sip:+12125550100@198.51.100.7:5062 SIP/2.0\r\n"
+        b"Via: SIP/2.0/UDP 10.0.0.10:5080;branch=z9hG4bK-core-bye\r\n"
+        b"Max-Forwards: 70\r\n"
+        b"From: <sip:+18005550199@192.0.2.1>;tag=ttag9\r\n"
+        b"To: <sip:+12125550100@198.51.100.7>;tag=ftag1\r\nCall-ID: call-1@caller\r\n"
+        b"CSeq: 7 BYE\r\nContent-Length: 0\r\n\r\n"
+    )
+
+
 def test_bye_from_core_reaches_caller_contact() -> None:
     """A BYE sent by the core (Route: us) goes to the caller's Contact and ends the dialog."""
     h = Harness()

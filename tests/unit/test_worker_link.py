@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import time
 import zlib
 from collections import Counter
 from pathlib import Path
@@ -292,3 +293,45 @@ async def test_the_hand_over_queue_is_watched_like_a_public_socket(tmp_path: Pat
     finally:
         a.close()
         b.close()
+
+
+def test_a_tag_inside_the_uri_or_the_display_name_is_no_to_tag() -> None:
+    """Only a tag among To's own parameters makes a request in-dialog for the hand-over, as
+    for the parser: one in the URI (<sip:x@h;tag=1>) or in a quoted display name does not let
+    a caller's INVITE pick a worker through its Route."""
+    own_ports = {40000: 0, 40001: 1}
+    invite = _invite("+12125550100")
+    want = zlib.crc32(b"+12125550100") % 2
+    for to in (b"To: <sip:+18005550199@127.0.0.1;tag=1>", b'To: "a;tag=b" <sip:x@127.0.0.1>'):
+        for port in own_ports:
+            forged = invite.replace(b"To: <sip:+18005550199@127.0.0.1>", to).replace(
+                b"\r\nFrom:", f"\r\nRoute: <sip:127.0.0.1:{port};lr>\r\nFrom:".encode())
+            assert named_port(forged) is None, to
+            assert owner_of(forged, 2, own_ports) == want
+    in_dialog = invite.replace(b"To: <sip:+18005550199@127.0.0.1>",
+                               b'To: "a" <sip:x@127.0.0.1>;tag=b').replace(
+        b"\r\nFrom:", b"\r\nRoute: <sip:127.0.0.1:40001;lr>\r\nFrom:")
+    assert named_port(in_dialog) == 40001
+
+
+def test_the_owner_is_the_from_uris_user_whatever_the_display_name_or_folding() -> None:
+    """A display name holding "sip:..." or a From folded onto a second line hashes like the
+    plain From: a caller cannot spread its calls over the workers by how it writes From."""
+    invite = _invite("+12125550100")
+    want = zlib.crc32(b"+12125550100") % 4
+    for variant in (invite.replace(b'From: "X" <', b'From: "sip:rnd1" <'),
+                    invite.replace(b'From: "X" <', b'From: "\\"sip:rnd2" <'),
+                    invite.replace(b'From: "X" <', b'From:\r\n  "X" <'),
+                    invite.replace(b'From: "X" <sip:', b'From: "X"\r\n\t<sip:')):
+        assert owner_of(variant, 4) == want, variant
+
+
+def test_a_route_line_built_to_make_a_pattern_backtrack_costs_linear_time() -> None:
+    """An in-dialog request whose first Route line is ~8 KB of "sip:sip:sip:..." (quadratic
+    work for a backtracking pattern: ~60 ms each): named_port reads it in linear time — 200 of
+    them well within a second — and finds no port."""
+    bye = _bye_from_core("<" + "sip:" * 2000 + ">")
+    started = time.process_time()
+    for _ in range(200):
+        assert named_port(bye) is None
+    assert time.process_time() - started < 1.0
