@@ -385,6 +385,18 @@ def test_a_first_pai_without_a_number_does_not_hide_the_caller() -> None:
     assert no_number.decision.call.caller == "+12125550199" and no_number.status == 403
 
 
+def test_a_dno_or_suspended_number_shown_in_from_is_refused_behind_another_pai() -> None:
+    """From shows a Do-Not-Originate number and P-Asserted-Identity another: 603 caller_dno;
+    From shows a suspended number behind another PAI: 403 caller_suspended."""
+    h = harness(PEERS + "suspended: ['+12125550177']\n"
+                "rules: {callerid: {dno: ['+18005550123'], pai_mismatch: ignore}}\n")
+    dno = Call(h, caller="+18005550123", extra=pai("<tel:+12125550100>"))
+    assert (dno.status, dno.decision.verdict.reason) == (603, "caller_dno")
+    suspended = Call(h, caller="+12125550177", extra=pai("<tel:+12125550100>"))
+    assert (suspended.status, suspended.decision.verdict.reason) == (403, "caller_suspended")
+    assert Call(h, caller="+12125550100", extra=pai("<tel:+12125550100>")).status == 0
+
+
 def test_verstat_off_leaves_the_pai_alone() -> None:
     """verstat: false forwards a trusted PAI byte for byte and adds none."""
     h = harness(PEERS + "rules: {callerid: {verstat: false}}\n")

@@ -144,15 +144,18 @@ class Stir:
         base.update(over)
         return base
 
-    def use(self, mode: str = "enforce", **over: Any) -> Policy:
-        """Build the policy with rules.identity = test defaults + ``over`` on the same
-        RuleState, and swap it in (activate) as a reload does."""
-        cfg = {
+    def use(self, mode: str = "enforce", *, peers: list[dict[str, Any]] | None = None,
+            **over: Any) -> Policy:
+        """Build the policy with rules.identity = test defaults + ``over`` (and ``peers``) on
+        the same RuleState, and swap it in (activate) as a reload does."""
+        cfg: dict[str, Any] = {
             "listen": ["udp://192.0.2.1:5060"],
             "core": "udp://10.0.0.10:5080",
             "mode": mode,
             "rules": {"identity": self.settings(**over)},
         }
+        if peers is not None:
+            cfg["peers"] = peers
         self.policy = Policy(parse_config(json.dumps(cfg), base_dir=self.tmp), self.state)
         self.policy.activate()
         return self.policy
@@ -775,6 +778,23 @@ async def test_monitor_mode_forwards_failures_with_the_outcome(stir: Stir) -> No
     res = await stir.call(stir.header("/rogue.pem"))
     assert res.status is None
     assert res.identity_header == "TN-Validation-Failed;reason=untrusted;attest=A"
+
+
+async def test_verstat_goes_on_the_verified_number_only(stir: Stir) -> None:
+    """Rule identity putting verstat on P-Asserted-Identity (callerid off): with two PAI
+    values only the signed caller's gets TN-Validation-Passed; from a peer with trust_pai:
+    false the peer's PAI (a number nobody checked) is replaced by the verified From number."""
+    second = "<tel:+13125550111;verstat=TN-Validation-Passed>"
+    res = await stir.call(stir.header(), extra=f"P-Asserted-Identity: <tel:{CALLER_NUMBER}>, "
+                                               f"{second}\r\n")
+    assert res.forwarded is not None
+    assert res.forwarded.values("p-asserted-identity") == [
+        f"<tel:{CALLER_NUMBER};verstat=TN-Validation-Passed>, <tel:+13125550111>"]
+    stir.use(peers=[{"name": "carrier", "networks": ["198.51.100.0/24"], "trust_pai": False}])
+    res = await stir.call(stir.header(), extra="P-Asserted-Identity: <tel:+13125550111>\r\n")
+    assert res.forwarded is not None
+    assert res.forwarded.values("p-asserted-identity") == [
+        f"<tel:{CALLER_NUMBER};verstat=TN-Validation-Passed>"]
 
 
 async def test_an_iat_past_any_time_is_a_bad_passport_and_monitor_mode_forwards_it(
