@@ -45,6 +45,8 @@ from sipguard.ops.config import Config
 from sipguard.ops.config_load import ConfigError, config_with_overrides, load_config
 from sipguard.ops.endpoints import Endpoint
 from sipguard.ops.logging import close_logs, configure_logging, flush_logs, get_logger
+from sipguard.policy.engine import Policy
+from sipguard.policy.state import RuleState
 from sipguard.server import Server, StartupError
 from sipguard.state.shared_memory import create_segment
 from sipguard.supervisor import SEGMENT_NAME, SupervisorLink, make_group, remove_group, supervise
@@ -298,9 +300,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return exc.code
     if args.command == "check-config":
         try:
-            load_config(args.file)
+            cfg = load_config(args.file)
+            # the rules built as `run` builds them: number lists, trust anchors, patterns
+            Policy(cfg, RuleState())
         except ConfigError as exc:
             print(str(exc), file=sys.stderr)
+            return EXIT_CONFIG
+        except (OSError, ValueError) as exc:  # a number list unreadable or with a bad line
+            print(f"sipguard: {exc}", file=sys.stderr)
             return EXIT_CONFIG
         print(f"{args.file}: OK")
         return 0

@@ -45,7 +45,7 @@ from sipguard.ops.metrics import Metrics
 from sipguard.ops.observe import Observer
 from sipguard.ops.overload import OverloadWatcher, ReceiveQueue
 from sipguard.ops.privacy import NumberPrivacy, number_privacy
-from sipguard.ops.reload import RESTART_KEYS, ReloadResult, changed_keys, failure
+from sipguard.ops.reload import ReloadResult, changed_keys, failure, held_back
 from sipguard.ops.shared_lists import SharedLists
 from sipguard.policy.engine import Policy
 from sipguard.policy.state import RuleState
@@ -659,9 +659,7 @@ class Server:
             try:
                 new = await asyncio.to_thread(self.load)
                 changed = changed_keys(self.cfg, new)
-                restart = [k for k in RESTART_KEYS if k in changed]
-                if restart:
-                    new = new.model_copy(update={k: getattr(self.cfg, k) for k in restart})
+                new, restart = held_back(self.cfg, new, changed)
                 applied = await self.reload(new)
             except (ConfigError, OSError, ValueError) as exc:  # OSError: e.g. a dno_file
                 result = failure(exc)

@@ -260,7 +260,9 @@ class Supervisor:
 
     def _on_hup(self) -> None:
         self._note("info", "workers_reloading", workers=self.count)
-        self._forward(signal.SIGHUP)
+        # only to workers that are up: one still starting reads the file at its start, and a
+        # SIGHUP before its handler is in place would end it (and, at the first start, all)
+        self._forward(signal.SIGHUP, [w for w in self.workers if w.ready])
 
     # ------------------------------------------------------------------ the whole
     _all_started = False

@@ -54,6 +54,7 @@ from sipguard.policy.suspensions import suspension_key
 __all__ = ["AdminEndpoint", "Control", "read_token"]
 
 MAX_BODY = 64 * 1024
+MAX_EXPIRES_S = 10 * 366 * 86400  # a suspension that lifts itself: ten years at most
 OPEN_PATHS = frozenset({"/metrics", "/healthz", "/readyz"})
 # GET /calls and GET /metrics with several workers: how long one other worker may take
 PEER_TIMEOUT_S = 2.0
@@ -116,7 +117,7 @@ async def _body(request: web.Request) -> dict[str, Any]:
     raw = await request.read()
     try:
         data = json.loads(raw or b"{}")
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than Python goes
         raise HttpError(400, "body is not valid JSON") from None
     if not isinstance(data, dict):
         raise HttpError(400, "body must be a JSON object")
@@ -361,9 +362,11 @@ class AdminEndpoint:
         key = _key(text)
         expires = data.get("expires")
         if expires is not None and (
-            isinstance(expires, bool) or not isinstance(expires, int | float) or expires <= 0
+            isinstance(expires, bool) or not isinstance(expires, int | float)
+            or not 0 < expires <= MAX_EXPIRES_S  # NaN and Infinity fail this too
         ):
-            raise HttpError(400, "expires must be null or a positive number of seconds")
+            raise HttpError(400, "expires must be null or a positive number of seconds "
+                                 f"(at most {MAX_EXPIRES_S})")
         end_calls = data.get("end_calls", False)
         if not isinstance(end_calls, bool):
             raise HttpError(400, "end_calls must be true or false")

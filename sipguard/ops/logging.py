@@ -25,13 +25,14 @@ import io
 import json
 import logging
 import os
+import re
 import select
 import sys
 import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable, Mapping, MutableMapping
-from typing import Any, Literal, TextIO, cast
+from typing import Any, Final, Literal, TextIO, cast
 
 import structlog
 from structlog.typing import FilteringBoundLogger, Processor
@@ -351,13 +352,32 @@ def configure_logging(
         processors += [structlog.processors.format_exc_info, render_json]
     else:
         colors = bool(getattr(out, "isatty", lambda: False)())
-        processors.append(structlog.dev.ConsoleRenderer(colors=colors, timestamp_key="ts"))
+        processors += [_escape_controls,
+                       structlog.dev.ConsoleRenderer(colors=colors, timestamp_key="ts")]
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[settings.level]),
         logger_factory=lambda *args: LineWriter(out, lines),
         cache_logger_on_first_use=True,
     )
+
+
+# Control characters (C0, DEL, C1) and the Unicode line and paragraph separators: what a
+# terminal acts on or a line-splitting reader takes for a new line.
+_CONTROLS: Final = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _escape_controls(_logger: Any, _method: str,
+                     event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """The console format's guard (JSON escapes them itself): every control character in a
+    string value written as an escape, so a Call-ID or header a peer chose can neither drive
+    the operator's terminal (ESC sequences) nor start a line of its own."""
+    for key, value in event.items():
+        if isinstance(value, str) and _CONTROLS.search(value) is not None:
+            event[key] = _CONTROLS.sub(lambda m: f"\\x{ord(m.group()):02x}"
+                                       if ord(m.group()) < 0x100
+                                       else f"\\u{ord(m.group()):04x}", value)
+    return event
 
 
 def get_logger(name: str) -> FilteringBoundLogger:
@@ -378,7 +398,9 @@ class SampledLogger:
     key's previous line. ``clock`` returns seconds (``time.monotonic`` by default; tests pass a
     fake). At most ``max_keys`` keys are remembered, so a flood of distinct keys (spoofed
     sources) cannot grow memory; the longest-quiet key is forgotten first, and its pending count
-    then appears only in :attr:`suppressed_total`.
+    then appears only in :attr:`suppressed_total`. Nor can it grow the log: one event writes at
+    most ``max_per_event`` lines per interval whatever its keys, and its next line says how
+    many it held back (``over_budget=N``).
     """
 
     def __init__(
@@ -387,13 +409,18 @@ class SampledLogger:
         interval_s: float,
         clock: Callable[[], float] = time.monotonic,
         max_keys: int = 4096,
+        max_per_event: int = 100,
     ) -> None:
         self._logger = logger
         self._interval = interval_s
         self._clock = clock
         self._max_keys = max_keys
+        self._max_per_event = max_per_event
         # key -> (last logged, dropped since), least recently logged first
         self._keys: OrderedDict[Hashable, tuple[float, int]] = OrderedDict()
+        # event name -> (start of its interval, lines in it, dropped over the budget since its
+        # last line): the names are the code's, a fixed few
+        self._budget: dict[str, tuple[float, int, int]] = {}
         self.suppressed_total = 0
         """Events dropped by sampling since this logger was made."""
 
@@ -409,11 +436,24 @@ class SampledLogger:
             self._keys[key] = (last[0], last[1] + 1)
             self.suppressed_total += 1
             return False
+        # Every key new (spoofed sources: one key each) would still be a line per message: at
+        # most max_per_event lines of one event per interval, the rest counted and reported
+        # on its next line (over_budget=N).
+        start, lines, over = self._budget.get(event, (now, 0, 0))
+        if now - start >= self._interval:
+            start, lines = now, 0
+        if lines >= self._max_per_event:
+            self._budget[event] = (start, lines, over + 1)
+            self.suppressed_total += 1
+            return False
+        self._budget[event] = (start, lines + 1, 0)
         keys = self._keys
         keys[key] = (now, 0)
         keys.move_to_end(key)  # least recently logged first
         if len(keys) > self._max_keys:
             keys.popitem(last=False)  # O(1), unlike a dict's first key after deletions
+        if over:
+            fields["over_budget"] = over
         getattr(self._logger, level)(event, suppressed=0 if last is None else last[1], **fields)
         return True
 

@@ -16,6 +16,21 @@ from sipguard.ops.config_load import ConfigError, ConfigIssue
 # Top-level keys a running sipguard cannot take over: sockets and files opened at start.
 RESTART_KEYS = ("listen", "admin", "metrics", "state_dir", "state", "workers", "worker_port_base",
                 "worker_spread")
+# Keys of ``log`` set up with the logger at start (a reload applies ``numbers`` and
+# ``hash_key_file`` only): reported as ``log.<key>`` and kept at their running values.
+LOG_RESTART_KEYS = ("level", "format", "queue_bytes", "parse_error_sample_s")
+
+
+def held_back(old: Config, new: Config, changed: list[str]) -> tuple[Config, list[str]]:
+    """``new`` with the keys a reload cannot take over set back to their running values in
+    ``old``, and those keys (``log.level`` and the like for the log's)."""
+    restart = [k for k in RESTART_KEYS if k in changed]
+    logs = [k for k in LOG_RESTART_KEYS if getattr(old.log, k) != getattr(new.log, k)]
+    update: dict[str, Any] = {k: getattr(old, k) for k in restart}
+    if logs:
+        update["log"] = new.log.model_copy(update={k: getattr(old.log, k) for k in logs})
+    return (new.model_copy(update=update) if update else new), [*restart,
+                                                                  *(f"log.{k}" for k in logs)]
 
 
 @dataclass(slots=True)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import bisect
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 from sipguard.policy.peers import NUMBER_PATTERN, normalise_pattern
 
@@ -52,6 +52,9 @@ class Suspension:
         }
 
 
+MAX_KEY_DIGITS: Final = 32  # E.164 has 15; room for national plans and extensions
+
+
 def suspension_key(text: str) -> str:
     """The store key for a number or ``prefix*`` as given (separators dropped). Raises
     ValueError for anything else (a lone ``*`` is refused: it would suspend every number)."""
@@ -60,6 +63,8 @@ def suspension_key(text: str) -> str:
         raise ValueError(f"{text[:40]!r} is not a number or a prefix pattern like '+3120*'")
     prefix = raw.endswith("*")
     key = normalise_pattern(raw[:-1] if prefix else raw)
+    if len(key) > MAX_KEY_DIGITS + 1:
+        raise ValueError(f"{text[:40]!r}: more than {MAX_KEY_DIGITS} digits is no number")
     return key + "*" if prefix else key
 
 

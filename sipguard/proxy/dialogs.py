@@ -57,15 +57,16 @@ class DialogTable:
         call_id = msg.call_id
         by_id = self.by_id
         by_from = call_id + "\n" + (msg.from_tag or "")
-        by_to = call_id + "\n" + (msg.to_tag or "")
-        order: tuple[tuple[str, str], ...]
-        if from_core:
-            order = ((by_from + "\n", "caller"), (by_to, "callee"), (by_from, "caller"),
-                     (by_to + "\n", "callee"))
-        else:
+        if not from_core:
             dialog = by_id.get(by_from)  # the common case first: the caller's ACK and BYE
             if dialog is not None:
                 return dialog, "caller"
+        by_to = call_id + "\n" + (msg.to_tag or "")
+        order: tuple[tuple[str, str], ...]
+        if from_core:
+            order = ((by_to, "callee"), (by_from + "\n", "caller"), (by_from, "caller"),
+                     (by_to + "\n", "callee"))
+        else:
             order = ((by_to + "\n", "callee"), (by_from + "\n", "caller"), (by_to, "callee"))
         for key, side in order:
             dialog = by_id.get(key)

@@ -167,7 +167,12 @@ return n
 REFRESH_CHUNK = 256  # leases per refresh script
 PROBE_MIN_S, PROBE_MAX_S = 0.2, 5.0
 
-_FAILURES = (RedisError, OSError, asyncio.TimeoutError, ConnectionError)
+class BadReply(ValueError):
+    """Redis (or something in its place) answered a script with what the script never
+    returns: treated as a failed round trip (the breaker counts it, ``state.fail`` decides)."""
+
+
+_FAILURES = (RedisError, OSError, asyncio.TimeoutError, ConnectionError, BadReply)
 _FAILED = object()  # what _guarded returns for a round trip that failed
 
 
@@ -266,11 +271,16 @@ class SharedStore:
                 "admit", self._admit_cluster(lease, keys, checks, cidx, tidx), self.timeout_s)
         else:
             result = await self._guarded(
-                "admit", self._admit_group(lease, keys, checks, cidx, tidx, None),
-                self.timeout_s)
-            if result is not _FAILED:
-                result = _admitted(result, None)
+                "admit", self._admit_one(lease, keys, checks, cidx, tidx), self.timeout_s)
         return None if result is _FAILED else result
+
+    async def _admit_one(
+        self, lease: str, keys: list[str], checks: Sequence[Check], cidx: list[int],
+        tidx: list[int],
+    ) -> Admitted:
+        """The script over every key at once, its reply read (BadReply: a failed trip)."""
+        return _admitted(await self._admit_group(lease, keys, checks, cidx, tidx, None), None,
+                         len(checks))
 
     async def _guarded(self, what: str, work: Awaitable[Any], timeout: float) -> Any:
         """``work`` within ``timeout``, through the breaker: its result, or ``_FAILED``."""
@@ -416,7 +426,7 @@ class SharedStore:
         )
         taken_any, refused, value, monitored = False, -1, 0, []
         for answer, order in zip(answers, orders, strict=True):
-            part = _admitted(answer, order)
+            part = _admitted(answer, order, len(order))
             taken_any = taken_any or part[0]
             if part[1] >= 0 and (refused < 0 or part[1] < refused):
                 refused, value = part[1], part[2]
@@ -572,6 +582,8 @@ class SharedStore:
 
     def _failed(self, what: str, exc: BaseException) -> None:
         self.counters["state_failures"] += 1
+        if isinstance(exc, BadReply):
+            self.counters["state_bad_replies"] += 1
         if isinstance(exc, asyncio.TimeoutError | TimeoutError):
             self.counters["state_timeouts"] += 1
         self.failures += 1
@@ -635,10 +647,18 @@ class SharedStore:
                 "state_pending_releases": float(len(self.pending))}
 
 
-def _admitted(answer: Any, order: list[int] | None) -> Admitted:
+def _admitted(answer: Any, order: list[int] | None, checks: int) -> Admitted:
     """The script's reply as (taken, refused, value, monitored), check indices mapped through
-    ``order`` (a cluster group's checks in the global order)."""
-    items = [int(x) for x in answer]
+    ``order`` (a cluster group's checks in the global order); ``checks``: how many checks it
+    was given. BadReply for anything the script never returns."""
+    try:
+        items = [int(x) for x in answer]
+    except (TypeError, ValueError):
+        raise BadReply(f"admit answered {str(answer)[:60]!r}") from None
+    if len(items) < 3 or (len(items) - 3) % 2 or not -1 <= items[1] < checks or any(
+        not 0 <= items[i] < checks for i in range(3, len(items), 2)
+    ):
+        raise BadReply(f"admit answered {items[:8]!r}")
     refused = items[1]
     monitored = [(items[i], items[i + 1]) for i in range(3, len(items) - 1, 2)]
     if order is not None:

@@ -53,6 +53,20 @@ def test_check_config_names_field_and_line(tmp_path: Path) -> None:
     assert "Traceback" not in res.stderr
 
 
+def test_check_config_reads_number_lists_as_run_does(tmp_path: Path) -> None:
+    """A dno_file with a bad line passes the schema but not the rules' build: check-config
+    exits 2 naming the file and the line, as `run` would, instead of saying OK."""
+    numbers = tmp_path / "dno.txt"
+    numbers.write_text("+18005550100\n+3120abc\n")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("listen: [udp://127.0.0.1:5060]\ncore: udp://127.0.0.1:5080\n"
+                   f"rules:\n  callerid: {{dno_file: {numbers}}}\n")
+    res = sipguard("check-config", str(cfg))
+    assert res.returncode == 2, res.stdout
+    assert f"{numbers}:2:" in res.stderr and "Traceback" not in res.stderr
+    assert "OK" not in res.stdout
+
+
 def test_port_in_use_is_one_clear_line(tmp_path: Path) -> None:
     """A listen port already taken stops start-up with exit 1 and one line, no traceback."""
     port = free_port()

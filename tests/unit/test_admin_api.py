@@ -183,9 +183,16 @@ async def test_bad_requests_are_json_4xx(tmp_path: Path, peers: tuple[Peer, Peer
         assert status == 400 and "exactly one of number, prefix" in body["error"]
         status, body = await request("POST", url + "/suspensions", {"number": "bob"})
         assert status == 400 and "not a number" in body["error"]
-        status, body = await request("POST", url + "/suspensions",
-                                     {"number": "+31201234567", "expires": -1})
-        assert status == 400 and "expires" in body["error"]
+        for bad in (b"-1", b"NaN", b"Infinity", b"1e300"):
+            raw = b'{"number": "+31201234567", "expires": ' + bad + b"}"
+            status, body = await request("POST", url + "/suspensions", raw=raw)
+            assert status == 400 and "expires" in body["error"], bad
+        status, body = await request("POST", url + "/suspensions", {"number": "+1" + "2" * 40})
+        assert status == 400 and "digits" in body["error"]
+        deep = b"[" * 30000 + b"]" * 30000  # deeper than Python's recursion: 400, no traceback
+        status, body = await request("POST", url + "/suspensions", raw=deep)
+        assert status == 400 and body == {"error": "body is not valid JSON"}
+        assert guard.server.suspensions_view() == []
         status, body = await request("DELETE", url + "/suspensions/%2B31209999999")
         assert status == 404 and "not suspended" in body["error"]
         status, body = await request("GET", url + "/nope")
@@ -330,6 +337,13 @@ async def test_reload_reports_errors_and_applies_a_valid_file(
         status, body = await request("POST", guard.url + "/reload")
         assert body["applied"] is True and body["restart_needed"] == ["listen"]
         assert guard.server.cfg.listen[0].port == guard.port
+        # the log's level and format are set up at start: reported, kept as they run
+        level = guard.server.cfg.log.level
+        other = "debug" if level != "debug" else "error"
+        guard.config.write_text(moved + f"log: {{level: {other}, numbers: masked}}\n")
+        status, body = await request("POST", guard.url + "/reload")
+        assert body["applied"] is True and "log.level" in body["restart_needed"], body
+        assert guard.server.cfg.log.level == level and guard.server.cfg.log.numbers == "masked"
     finally:
         await guard.server.stop()
 

@@ -96,6 +96,19 @@ def test_console_format_is_not_json() -> None:
         json.loads(text)
 
 
+def test_console_format_escapes_control_characters_a_peer_chose() -> None:
+    """A Call-ID with ESC sequences, BEL, VT, NEL and a line separator is written escaped in
+    the console format: it can neither drive the operator's terminal nor start a line."""
+    stream = io.StringIO()
+    configure_logging(LogSettings(format="console"), stream=stream)
+    hostile = "abc\x1b[2J\x1b]0;pwned\x07\x0bFAKE\x85x\u2028y"
+    get_logger("t").info("dialog_ended", call_id=hostile)
+    text = stream.getvalue()
+    assert len(text.splitlines()) == 1
+    assert not any(c in text for c in "\x1b\x07\x0b\x85\u2028")
+    assert "abc\\x1b[2J" in text and "\\u2028y" in text
+
+
 def test_sampled_logger_suppresses_and_reports_count() -> None:
     """Within the interval only the first event logs; the next line reports suppressed=N."""
     stream = io.StringIO()
@@ -136,6 +149,24 @@ def test_sampled_logger_memory_is_bounded() -> None:
         assert sampled.log("info", "parse_error", key=key)
     assert not sampled.log("info", "parse_error", key="c")
     assert sampled.log("info", "parse_error", key="a")
+
+
+def test_sampled_logger_caps_the_lines_of_an_event_whatever_its_keys() -> None:
+    """20,000 spoofed sources (a key each) in one interval write max_per_event lines of the
+    event, not 20,000; the next interval's first line says how many were held back; another
+    event has its own budget."""
+    stream = io.StringIO()
+    configure_logging(LogSettings(), stream=stream)
+    clock = FakeClock()
+    sampled = SampledLogger(get_logger("t"), interval_s=1.0, clock=clock, max_per_event=100)
+    written = sum(sampled.log("warning", "parse_error", key=f"10.{i >> 8}.{i & 255}.1")
+                  for i in range(20_000))
+    assert written == 100 and sampled.suppressed_total == 19_900
+    assert sampled.log("info", "message_dropped", key="x")
+    clock.now += 1.0
+    assert sampled.log("warning", "parse_error", key="10.200.0.1")
+    lines = json_lines(stream)
+    assert len(lines) == 102 and lines[-1]["over_budget"] == 19_900
 
 
 def test_call_logger_writes_the_same_line_as_structlog() -> None:

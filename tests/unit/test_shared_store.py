@@ -11,7 +11,7 @@ import pytest
 
 from sipguard.transport.redis_client import Where, connect
 from sipguard.transport.redis_pipe import RespPipe
-from sipguard.transport.redis_state import SharedStore
+from sipguard.transport.redis_state import BadReply, SharedStore, _admitted
 from tests.redis_server import RedisServer
 
 
@@ -325,5 +325,34 @@ async def test_commands_queued_while_connecting_keep_their_replies(redis_url: st
         assert all(r is not None and len(r) == 4 for r in results)
         assert sum(1 for r in results if r and r[0]) == 4
         assert a.counters["state_failures"] == 0
+    finally:
+        await a.close()
+
+
+@pytest.mark.parametrize("reply", [None, b"OK", [b"x"], [1], [1, 5, 0], [0, -1, 0, 9, 1],
+                                   [0, -1, 0, 0]])
+def test_a_reply_the_admit_script_never_gives_is_a_bad_reply(reply: object) -> None:
+    """Not a list of integers, too short, a refused or monitored check index out of range, an
+    odd tail: BadReply (a failed round trip), never an IndexError deep in a decision."""
+    with pytest.raises(BadReply):
+        _admitted(reply, None, 2)
+    assert _admitted([1, -1, 0, 1, 3], None, 2) == (True, -1, 0, [(1, 3)])
+
+
+async def test_a_garbage_reply_fails_like_an_unreachable_redis(redis_url: str) -> None:
+    """Something in Redis's place answers the admit script with garbage (the script's reply is
+    stood in for: a real Redis never gives it): admit answers None — the caller applies
+    state.fail — and the failure counts toward the breaker, as a timeout would."""
+    a = store(redis_url, breaker_failures=2)
+
+    async def garbage(*_: object) -> object:
+        return [b"not", b"numbers"]
+
+    a._admit_group = garbage  # type: ignore[method-assign]
+    try:
+        assert await a.admit("L1", [caller_limit(2)], TAKE) is None
+        assert a.counters["state_bad_replies"] == 1 and not a.open
+        assert await a.admit("L2", [caller_limit(2)], TAKE) is None
+        assert a.open  # two failures: the breaker opened
     finally:
         await a.close()

@@ -61,3 +61,50 @@ async def test_a_workers_reload_request_reaches_the_others_only(
     out = capfd.readouterr().out
     assert re.search(r"worker_request_unknown.*request\W+bogus", out), out
     assert re.search(r"workers_reloading.*by_worker\W+0", out), out
+
+
+SLOW_WORKER = r"""
+import signal, socket, sys, time
+index, fd, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+if index == 1:
+    time.sleep(1.0)  # still starting: no SIGHUP handler yet (the default action ends it)
+def hup(*_):
+    with open(f"{out}/hup{index}", "a") as f:
+        f.write("x")
+signal.signal(signal.SIGHUP, hup)
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+sock = socket.socket(fileno=fd)
+sock.send(b"ready\n")
+end = time.monotonic() + 20
+while time.monotonic() < end:
+    time.sleep(0.02)
+"""
+
+
+async def test_a_sighup_while_a_worker_starts_reloads_the_ready_ones_and_kills_none(
+    tmp_path: Path,
+) -> None:
+    """SIGHUP (an operator's reload) reaches the supervisor while worker 1 is still starting:
+    worker 0, up, reloads; worker 1 is left alone (it reads the file at its start) instead of
+    being killed by a signal it has no handler for yet — which made the whole group fail its
+    start."""
+    script = tmp_path / "worker.py"
+    script.write_text(SLOW_WORKER)
+    sup = Supervisor(2, lambda i, fd: [sys.executable, str(script), str(i), str(fd),
+                                       str(tmp_path)])
+    run = asyncio.get_running_loop().create_task(sup.run())
+    try:
+        end = time.monotonic() + 10
+        while time.monotonic() < end and not sup.workers[0].ready:
+            await asyncio.sleep(0.02)
+        assert sup.workers[0].ready and not sup.workers[1].ready
+        sup._on_hup()
+        while time.monotonic() < end and not sup.workers[1].ready:
+            await asyncio.sleep(0.02)
+        assert sup.workers[1].ready and sup._all_started
+        assert (tmp_path / "hup0").read_text() == "x"
+        assert not (tmp_path / "hup1").exists()
+    finally:
+        sup._on_stop()
+        code = await asyncio.wait_for(run, 10)
+    assert code == 0
