@@ -144,10 +144,11 @@ class SipSettings(BaseModel):
         description="RFC 3261 T4: longest time a message stays in the network, ms.",
     )
     timer_c_s: float = Field(
-        default=180,
+        default=185,
         gt=0,
         description="RFC 3261 §16.6 Timer C: give up on an unanswered INVITE after this many "
-        "seconds. More than 180 is advised; sipguard then sends CANCEL toward the core.",
+        "seconds without a provisional response (each one starts it again); sipguard then "
+        "sends CANCEL toward the core. The RFC asks for more than 180.",
     )
     tcp_idle_timeout_s: float = Field(
         default=600, gt=0,

@@ -129,8 +129,9 @@ def stamped_via(via: Via, src: tuple[str, int]) -> str:
     text = str(via)
     if via.has_rport and via.rport is None:
         text = _RPORT_BARE.sub(f";rport={src[1]}", text, count=1)
-    host = via.host.strip("[]")
-    if host != src[0] and via.received is None:
+    # received: when sent-by is not the source, and always with rport (RFC 3581 §4: "even if
+    # it is identical to the value of the sent-by component")
+    if via.received is None and (via.has_rport or via.host.strip("[]") != src[0]):
         text += f";received={src[0]}"
     return text
 
@@ -173,6 +174,9 @@ def response(
             first_via = False
         elif name in ("from", "call-id", "cseq"):
             lines.append(msg.lines[i])
+            copied.add(name)
+        elif name == "timestamp" and status == 100:
+            lines.append(msg.lines[i])  # RFC 3261 §8.2.6.1: a 100 Trying copies it
             copied.add(name)
         elif name == "to":
             copied.add(name)

@@ -237,6 +237,9 @@ class Proxy:
         self.deciding: set[str] = set()  # dialog_key()s of the INVITEs being decided
         self._sweep: TimerEntry | None = None
         self.probes: dict[str, keepalive.Probe] = {}  # dialogs kept alive
+        # before the 2xx (no probe yet): the highest CSeq each side used (PRACK, UPDATE), so a
+        # BYE sipguard sends later goes above them; one entry per early dialog at most
+        self.early_cseqs: dict[str, tuple[int, int]] = {}
         self.router = Router(settings, self.ids)
         # How far behind the shell is in reading what arrived, seconds: the overload watcher's
         # measured wait in the receive queues (0.0 when it saw none). See _wait_for_queue.
@@ -398,8 +401,8 @@ class Proxy:
         method = st.method
         status = self.router.validate(msg)
         if status:
-            if status == 200:
-                self._respond(st, 200, now, extra=("Accept: application/sdp",))
+            if status == 200:  # OPTIONS to sipguard itself (RFC 3261 §11.2)
+                self._respond(st, 200, now, extra=("Accept: application/sdp", self._allow))
             else:
                 extra: tuple[str, ...] = ()
                 if status == 420:
@@ -485,10 +488,9 @@ class Proxy:
         verdict = self.admission.screen(msg, flow, now)
         allowed = self.settings.allow_methods
         if verdict is None and methods and method not in allowed and "*" not in allowed:
-            allow = ", ".join(sorted({*self.settings.allow_methods, "ACK", "CANCEL"}))
             verdict = Verdict("reject", rule="methods", reason="method_not_allowed",
                               status=405, phrase="Method Not Allowed",
-                              headers=(f"Allow: {allow}",), sample=f"methods:{flow.addr[0]}")
+                              headers=(self._allow,), sample=f"methods:{flow.addr[0]}")
         if verdict is None or verdict.action == "accept":
             if verdict is not None:
                 self.events.append(Screened(method, flow, verdict))  # monitored
@@ -498,6 +500,15 @@ class Proxy:
             self._stateless(msg, flow, verdict.status or 403, verdict.phrase or None,
                             verdict.headers)
         return False
+
+    @property
+    def _allow(self) -> str:
+        """The Allow header of sipguard's own answers: what it takes out of dialog."""
+        allowed = self.settings.allow_methods
+        if "*" in allowed:
+            return "Allow: ACK, BYE, CANCEL, INFO, INVITE, MESSAGE, NOTIFY, OPTIONS, PRACK, " \
+                   "REFER, SUBSCRIBE, UPDATE"
+        return "Allow: " + ", ".join(sorted({*allowed, "ACK", "CANCEL"}))
 
     def _in_dialog_admitted(self, msg: Message, flow: Flow, now: float) -> bool:
         """A request from outside with a To tag may open a transaction only when it belongs
@@ -933,7 +944,10 @@ class Proxy:
         ct.timer = None
         if status < 200:
             if ct.method == "INVITE":
-                if not ct.provisional:
+                if status > 100 or not ct.provisional:
+                    # Timer C starts at the first provisional and starts again at every
+                    # 101-199 (RFC 3261 §16.7 step 2): a call held ringing or in early media
+                    # (a queue) lives while the core keeps saying so
                     ct.provisional = True
                     TimerQueue.cancel(ct.timeout)
                     ct.timeout = self.timers.add(now + self.settings.timer_c, self._on_timer_c, ct)
@@ -1189,7 +1203,9 @@ class Proxy:
         dialog.ended_at = now
         dialog.end_reason = reason
         self.table.remove(dialog)
-        probe = self.probes.pop(key_of(dialog), None)
+        key = key_of(dialog)
+        self.early_cseqs.pop(key, None)
+        probe = self.probes.pop(key, None)
         if probe is not None:
             TimerQueue.cancel(probe.timer)
         self.admission.dialog_ended(dialog, now)
@@ -1200,10 +1216,15 @@ class Proxy:
                          now: float) -> None:
         """Remember what sipguard needs to speak in this answered call (keep-alives, ending it
         at once), and arm the keep-alive when on."""
+        key = key_of(dialog)
+        early = self.early_cseqs.pop(key, None)
         probe = keepalive.probe_for(dialog, invite, answer)
         if probe is None:
             return
-        self.probes[key_of(dialog)] = probe
+        if early is not None:
+            probe.caller_cseq = max(probe.caller_cseq, early[0])
+            probe.callee_cseq = max(probe.callee_cseq, early[1])
+        self.probes[key] = probe
         interval = self.settings.dialog_keepalive
         if interval:
             probe.timer = self.timers.add(now + interval, self._on_keepalive, probe)
@@ -1252,9 +1273,14 @@ class Proxy:
     def _saw_cseq(self, dialog: Dialog, side: str, msg: Message) -> None:
         """Remember the highest CSeq each side used: a BYE sipguard sends for it goes above."""
         probe = self.probes.get(key_of(dialog))
-        if probe is None:
-            return
         n = msg.cseq[0]
+        if probe is None:
+            if dialog.state == "early":
+                key = key_of(dialog)
+                caller, callee = self.early_cseqs.get(key, (0, 0))
+                self.early_cseqs[key] = (max(caller, n), callee) if side == "caller" \
+                    else (caller, max(callee, n))
+            return
         if side == "caller":
             probe.caller_cseq = max(probe.caller_cseq, n)
         else:

@@ -61,7 +61,7 @@ class Probe:
         self.callee_contact = callee_contact  # Contact line of the 2xx
         self.timer: TimerEntry | None = None
         self.rounds = 0
-        self.caller_cseq = 1  # the INVITE's
+        self.caller_cseq = 1  # the INVITE's (set by probe_for)
         self.callee_cseq = 0
 
 
@@ -121,5 +121,7 @@ def probe_for(dialog: Dialog, invite: Message, answer: Message) -> Probe | None:
         # the core knows the caller as anonymous: so do sipguard's own requests (tags match)
         caller_from = (b'From: "Anonymous" <sip:anonymous@anonymous.invalid>;tag='
                        + (invite.from_tag or "").encode("utf-8", "surrogateescape"))
-    return Probe(dialog, caller_from, callee_to, _line(invite, "contact"),
-                 _line(answer, "contact"))
+    probe = Probe(dialog, caller_from, callee_to, _line(invite, "contact"),
+                  _line(answer, "contact"))
+    probe.caller_cseq = invite.cseq[0]  # a BYE on the caller's behalf goes above it
+    return probe

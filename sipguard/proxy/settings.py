@@ -27,7 +27,7 @@ class ProxySettings:
     t1: float = 0.5
     t2: float = 4.0
     t4: float = 5.0
-    timer_c: float = 180.0
+    timer_c: float = 185.0
     # Out-of-dialog methods accepted from outside (ACK and CANCEL that match always are);
     # others are answered 405 with Allow. "*": every method (a general-purpose proxy).
     allow_methods: frozenset[str] = frozenset({"INVITE", "OPTIONS"})

@@ -36,7 +36,7 @@ def test_minimal_text_takes_defaults() -> None:
     assert cfg.core == Endpoint("udp", "127.0.0.1", 5080)
     assert cfg.mode == "enforce"
     assert cfg.sip == SipSettings()
-    assert cfg.sip.max_message_size == 65535 and cfg.sip.timer_c_s == 180
+    assert cfg.sip.max_message_size == 65535 and cfg.sip.timer_c_s == 185
     assert cfg.log == LogSettings(level="info", format="json", parse_error_sample_s=1.0)
 
 

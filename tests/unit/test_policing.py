@@ -312,6 +312,22 @@ def test_end_calls_sends_bye_to_both_sides_and_frees_the_slot() -> None:
     assert h.core.end_calls(lambda number: True, "suspended", h.now) == 0
 
 
+def test_the_bye_sipguard_sends_goes_above_the_invites_and_early_cseqs() -> None:
+    """The INVITE had CSeq 102 and a PRACK before the 2xx CSeq 104: the BYE sipguard sends to
+    the core when it ends the call has CSeq 105 (RFC 3261 §12.2.2: a lower one is 500)."""
+    h = PolicyHarness()
+    out = h.send(invite(branch="z9hG4bK-c1", call_id="call-1", cseq=102))
+    [fwd] = to(out, CORE)
+    h.answer(fwd, 183, "Session Progress")
+    h.send(in_dialog("PRACK", call_id="call-1", cseq=104, branch="z9hG4bK-pr"))
+    h.answer(fwd, 200, "OK")
+    h.send(in_dialog("ACK", call_id="call-1", cseq=102, branch="z9hG4bK-a1"))
+    assert h.core.end_calls(lambda number: number == "+12125550100", "suspended", h.now) == 1
+    byes = {f.addr: m for f, m in h._drain() if m.method == "BYE"}
+    assert byes[CORE].cseq[0] == 105
+    assert h.proxy.early_cseqs == {}
+
+
 REMOTE = ("203.0.113.50", 5060)
 
 

@@ -149,6 +149,40 @@ def bye_from_core() -> bytes:
     )
 
 
+def test_timer_c_starts_again_at_every_provisional() -> None:
+    """RFC 3261 §16.7 step 2: a 183 at 0 s and a 180 at 150 s — no CANCEL at 185 s (Timer C
+    started again at 150 s); one at 335 s, 185 s after the last provisional."""
+    h = Harness()
+    req = _to(h.send(invite()), CORE)[0]
+    h.send(answer(req, 183, "Session Progress"), src=CORE)
+    h.advance(150.0)
+    h.send(answer(req, 180, "Ringing"), src=CORE)
+    assert [m.method for m in _to(h.advance(100.0), CORE)] == []
+    cancels = [m.method for m in _to(h.advance(90.0), CORE)]  # sent, and retransmitted
+    assert cancels and set(cancels) == {"CANCEL"}
+
+
+def test_own_answers_follow_rfc_3581_and_8_2_6_1() -> None:
+    """received is added with rport even when sent-by is the source address (RFC 3581 §4);
+    100 Trying copies Timestamp (RFC 3261 §8.2.6.1); a local OPTIONS 200 says Allow."""
+    h = Harness()
+    out = h.send(invite(extra="Timestamp: 54\r\n").replace(
+        b"branch=z9hG4bK-caller-1", b"branch=z9hG4bK-caller-1;rport"))
+    [trying] = _to(out, CALLER)
+    assert trying.status == 100 and trying.get("timestamp") == "54"
+    assert trying.values("via")[0].endswith(";rport=5062;received=198.51.100.7")
+    [fwd] = _to(out, CORE)
+    assert fwd.values("via")[1].endswith(";rport=5062;received=198.51.100.7")
+    options = (
+        b"OPTIONS sip:192.0.2.1:5060 SIP/2.0\r\n"
+        b"Via: SIP/2.0/UDP 198.51.100.7:5062;branch=z9hG4bK-opt2\r\n"
+        b"Max-Forwards: 70\r\nFrom: <sip:ping@198.51.100.7>;tag=a\r\nTo: <sip:192.0.2.1>\r\n"
+        b"Call-ID: opt-2\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n"
+    )
+    [ok] = _to(h.send(options), CALLER)
+    assert ok.status == 200 and "INVITE" in (ok.get("allow") or "")
+
+
 def test_bye_from_core_reaches_caller_contact() -> None:
     """A BYE sent by the core (Route: us) goes to the caller's Contact and ends the dialog."""
     h = Harness()
