@@ -502,6 +502,11 @@ class Proxy:
         return False
 
     @property
+    def _hostports(self) -> tuple[str, ...]:
+        """sipguard's own host:port, as its Record-Route entries name them."""
+        return tuple(local.hostport for local in self.settings.locals)
+
+    @property
     def _allow(self) -> str:
         """The Allow header of sipguard's own answers: what it takes out of dialog."""
         allowed = self.settings.allow_methods
@@ -1218,7 +1223,7 @@ class Proxy:
         at once), and arm the keep-alive when on."""
         key = key_of(dialog)
         early = self.early_cseqs.pop(key, None)
-        probe = keepalive.probe_for(dialog, invite, answer)
+        probe = keepalive.probe_for(dialog, invite, answer, self._hostports)
         if probe is None:
             return
         if early is not None:

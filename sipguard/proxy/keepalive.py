@@ -22,7 +22,9 @@ import re
 from sipguard.contract import Dialog, Local
 from sipguard.proxy import build
 from sipguard.proxy.timers import TimerEntry
+from sipguard.sip.errors import SipParseError
 from sipguard.sip.message import CRLF, Message, decode, raw_value
+from sipguard.sip.nameaddr import parse_name_addr_list
 
 # The URI inside a Contact value: "<uri>" or a bare addr-spec before any ";".
 _CONTACT_URI = re.compile(r"<([^>]*)>|^\s*([^;,\s]+)")
@@ -50,7 +52,8 @@ class Probe:
     their values only when a request is built."""
 
     __slots__ = ("dialog", "caller_from", "callee_to", "caller_contact", "callee_contact",
-                 "timer", "rounds", "caller_cseq", "callee_cseq")
+                 "timer", "rounds", "caller_cseq", "callee_cseq", "invite_rr", "answer_rr",
+                 "ours")
 
     def __init__(self, dialog: Dialog, caller_from: bytes, callee_to: bytes,
                  caller_contact: bytes | None, callee_contact: bytes | None) -> None:
@@ -63,6 +66,31 @@ class Probe:
         self.rounds = 0
         self.caller_cseq = 1  # the INVITE's (set by probe_for)
         self.callee_cseq = 0
+        # Record-Route values of the INVITE and of the 2xx (read into route sets only when a
+        # request is built: see route()), and sipguard's own host:ports among them
+        self.invite_rr: tuple[str, ...] = ()
+        self.answer_rr: tuple[str, ...] = ()
+        self.ours: tuple[str, ...] = ()
+
+    def route(self, toward_caller: bool) -> bytes | None:
+        """The Route line toward one side: its route set as that side's own requests carry it
+        (RFC 3261 §12.1.1, §12.1.2) — toward the caller, the Record-Route entries the INVITE
+        brought (its side's proxies), in order; toward the callee, the 2xx's entries above
+        sipguard's own (the callee's side), reversed. None without one. A request without it
+        would pass a record-routing proxy by."""
+        try:
+            rrs = self.invite_rr if toward_caller else self.answer_rr
+            entries = [str(na) for v in rrs for na in parse_name_addr_list(v)]
+        except SipParseError:  # a Record-Route nobody read before: sent without a route set
+            return None
+        if not toward_caller:
+            ours = self.ours
+            mine = next((i for i, e in enumerate(entries) if any(h in e for h in ours)),
+                        len(entries))
+            entries = entries[:mine][::-1]
+        if not entries:
+            return None
+        return ("Route: " + ", ".join(entries)).encode("utf-8", "surrogateescape")
 
 
 def options(probe: Probe, toward_caller: bool, local: Local, transport: str,
@@ -86,6 +114,7 @@ def request(method: str, cseq: int, probe: Probe, toward_caller: bool, local: Lo
         contact, frm, to = probe.caller_contact, probe.callee_to, probe.caller_from
     else:
         contact, frm, to = probe.callee_contact, probe.caller_from, probe.callee_to
+    route = probe.route(toward_caller)
     uri = contact_uri(decode(raw_value(contact))) if contact is not None else None
     if uri is None:
         return None
@@ -98,6 +127,8 @@ def request(method: str, cseq: int, probe: Probe, toward_caller: bool, local: Lo
         f"Call-ID: {probe.dialog.call_id}".encode("utf-8", "surrogateescape"),
         f"CSeq: {cseq} {method}".encode(),
     ]
+    if route is not None:
+        lines.append(route)
     if extra:
         lines.append(extra)
     lines += [b"Content-Length: 0", b"", b""]
@@ -110,9 +141,11 @@ def _line(msg: Message, name: str) -> bytes | None:
     return msg.lines[idx[0]] if idx else None
 
 
-def probe_for(dialog: Dialog, invite: Message, answer: Message) -> Probe | None:
+def probe_for(dialog: Dialog, invite: Message, answer: Message,
+              ours: tuple[str, ...] = ()) -> Probe | None:
     """A probe for a call answered by ``answer`` (a 2xx to ``invite``), or None when the
-    headers it needs are missing."""
+    headers it needs are missing. ``ours``: sipguard's own host:port, to tell its
+    Record-Route entries from the others'."""
     caller_from = _line(invite, "from")
     callee_to = _line(answer, "to")
     if caller_from is None or callee_to is None or answer.to_tag is None:
@@ -124,4 +157,9 @@ def probe_for(dialog: Dialog, invite: Message, answer: Message) -> Probe | None:
     probe = Probe(dialog, caller_from, callee_to, _line(invite, "contact"),
                   _line(answer, "contact"))
     probe.caller_cseq = invite.cseq[0]  # a BYE on the caller's behalf goes above it
+    if invite.has("record-route"):
+        probe.invite_rr = tuple(invite.value_at(i) for i in invite.indexes("record-route"))
+    if answer.has("record-route"):
+        probe.answer_rr = tuple(answer.value_at(i) for i in answer.indexes("record-route"))
+        probe.ours = ours
     return probe

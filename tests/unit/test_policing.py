@@ -328,6 +328,24 @@ def test_the_bye_sipguard_sends_goes_above_the_invites_and_early_cseqs() -> None
     assert h.proxy.early_cseqs == {}
 
 
+def test_the_byes_sipguard_sends_carry_each_sides_route_set() -> None:
+    """The caller's carrier SBC and a proxy in front of the core both record-route: the BYE
+    sipguard sends toward the core carries Route: the core-side proxy; toward the caller,
+    Route: the SBC (RFC 3261 §12.2.1.1) — so neither proxy is passed by."""
+    h = PolicyHarness()
+    out = h.send(invite(branch="z9hG4bK-c1", call_id="call-1",
+                        extra="Record-Route: <sip:sbc.carrier.example;lr>\r\n"))
+    [fwd] = to(out, CORE)
+    ok = answer(fwd, 200, "OK").replace(
+        b"Record-Route:", b"Record-Route: <sip:core-proxy.example;lr>\r\nRecord-Route:", 1)
+    h.send(ok, src=CORE)
+    h.send(in_dialog("ACK", call_id="call-1", cseq=1, branch="z9hG4bK-a1"))
+    assert h.core.end_calls(lambda number: number == "+12125550100", "suspended", h.now) == 1
+    byes = {f.addr: m for f, m in h._drain() if m.method == "BYE"}
+    assert byes[CORE].values("route") == ["<sip:core-proxy.example;lr>"]
+    assert byes[CALLER].values("route") == ["<sip:sbc.carrier.example;lr>"]
+
+
 REMOTE = ("203.0.113.50", 5060)
 
 
