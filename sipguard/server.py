@@ -51,7 +51,6 @@ from sipguard.policy.engine import Policy
 from sipguard.policy.state import RuleState
 from sipguard.policy.suspensions import Suspension, SuspensionStore, suspension_key
 from sipguard.proxy.core import Proxy
-from sipguard.proxy.routing import flow_is_core
 from sipguard.proxy.settings import ProxySettings
 from sipguard.sip.errors import SipParseError
 from sipguard.sip.parser import ParseLimits
@@ -176,6 +175,7 @@ def proxy_settings(cfg: Config, worker: int | None = None) -> ProxySettings:
         max_dialogs=sip.max_dialogs,
         busy_retry_after_s=sip.overload_retry_after_s,
         dialog_keepalive=sip.dialog_keepalive_s,
+        core_tcp_any_port=sip.core_tcp_any_port,
     )
 
 
@@ -976,7 +976,7 @@ class Server:
             core = self.core
             if core.flood_check(data, flow, now):
                 # the core's requests hash their To (the outside party), as the call's INVITE
-                from_core = flow_is_core(flow, core.proxy.settings.core)
+                from_core = core.proxy.router.is_core(flow)
                 owner = link.owner(data, from_core)
                 if owner == link.index or (
                     # Behind in reading: a new call read now waited in this worker's queue, so

@@ -91,6 +91,13 @@ class SipSettings(BaseModel):
         description="Forget a dialog after this many seconds even without a BYE (4 h): a lost "
         "BYE never leaks a call.",
     )
+    core_tcp_any_port: bool = Field(
+        default=False,
+        description="With a tcp:// or tls:// core: take any connection from the core's "
+        "address as the core's, also one the core opens itself for its own requests (its "
+        "BYE, a call it places). A stream cannot be spoofed, but every process on the "
+        "core's host then speaks as the core. Off: only the connection sipguard opened.",
+    )
     answer_options: bool = Field(
         default=True,
         description="Answer out-of-dialog OPTIONS to sipguard itself with 200 (peer "

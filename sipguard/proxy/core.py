@@ -75,7 +75,7 @@ from sipguard.contract import (
 )
 from sipguard.proxy import build, keepalive
 from sipguard.proxy.dialogs import DialogTable, dialog_key, key_of, session_interval
-from sipguard.proxy.routing import Router, flow_is_core
+from sipguard.proxy.routing import Router
 from sipguard.proxy.settings import ProxySettings
 from sipguard.proxy.timers import TimerEntry, TimerQueue
 from sipguard.proxy.transactions import (
@@ -364,7 +364,7 @@ class Proxy:
                 self.outbox.append((st.reply_to, st.last))
             return  # retransmission: answered again or absorbed
         msg.check_request()  # a malformed R-URI, From or To: 400 before any state exists
-        from_core = flow_is_core(flow, self.settings.core)
+        from_core = self.router.is_core(flow)
         if method == "CANCEL":
             self._on_cancel(msg, flow, key, now, from_core)
             return
@@ -410,7 +410,7 @@ class Proxy:
                 self._respond(st, status, now, extra=extra)
             return
         initial = msg.to_tag is None
-        from_core = flow_is_core(flow, self.settings.core)
+        from_core = self.router.is_core(flow)
         dialog: Dialog | None = None
         side = ""
         if not initial:
@@ -738,7 +738,7 @@ class Proxy:
             )
         if msg.content_length is None:
             append.append(f"Content-Length: {len(msg.body)}".encode())
-        if not flow_is_core(source, self.settings.core):
+        if not self.router.is_core(source):
             self._strip_owned(msg, replace)
         for name, line in edits:
             if name in PROXY_OWNED and (anonymise is None or name != "from"):
@@ -774,7 +774,7 @@ class Proxy:
         if msg.max_forwards == 0:
             self.events.append(Dropped("ack_too_many_hops", msg.call_id, flow))
             return
-        from_core = flow_is_core(flow, self.settings.core)
+        from_core = self.router.is_core(flow)
         dialog, side = self.table.of(msg, from_core)
         if not from_core and self._not_party(dialog, side, flow):
             self.events.append(Dropped("ack_refused", msg.call_id, flow))
@@ -1190,7 +1190,7 @@ class Proxy:
             request = st.msg
             if request is None or request.to_tag is None:
                 return  # answered already, or an initial request that is not a call of ours
-            dialog = self.table.of(request, flow_is_core(st.flow, self.settings.core))[0]
+            dialog = self.table.of(request, self.router.is_core(st.flow))[0]
         if dialog is None or dialog.state == TERMINATED:
             return
         interval = session_interval(response)

@@ -99,6 +99,11 @@ class Router:
             return flow
         return Flow("udp", (flow.addr[0], via.port or 5060), flow.local)
 
+    def is_core(self, flow: Flow) -> bool:
+        """``flow`` comes from the core (see :func:`flow_is_core`)."""
+        s = self.settings
+        return flow_is_core(flow, s.core, s.core_tcp_any_port)
+
     def validate(self, msg: Message) -> int:
         """RFC 3261 §16.3: the status to answer with, 200 for a local OPTIONS, or 0 to go on."""
         uri = msg.request_uri
@@ -158,7 +163,7 @@ class Router:
             if not popped and start_line is None:
                 routes = None  # untouched
         remaining = routes if routes is not None else (msg.routes if msg.has("route") else [])
-        if flow_is_core(flow, self.settings.core):
+        if self.is_core(flow):
             if remaining:
                 return self.flow_for_uri(remaining[0].uri), start_line, routes
             if self.is_ours(uri):
@@ -171,11 +176,16 @@ class Router:
         return self.settings.core, start_line, routes
 
 
-def flow_is_core(flow: Flow, core: Flow) -> bool:
+def flow_is_core(flow: Flow, core: Flow, any_port: bool = False) -> bool:
     """True when ``flow`` comes from the configured core address.
 
     Over TCP this holds for the connection sipguard opened to the core (which the core reuses
     for its own requests, RFC 5923 style) — a connection the core opens from an ephemeral port
-    counts as an outside source.
+    counts as an outside source, unless ``any_port`` (``sip.core_tcp_any_port``): then any
+    TCP/TLS connection from the core's address is the core's (a stream cannot be spoofed).
     """
-    return flow.addr == core.addr and flow.transport == core.transport
+    if flow.transport != core.transport:
+        return False
+    if flow.addr == core.addr:
+        return True
+    return any_port and flow.transport != "udp" and flow.addr[0] == core.addr[0]

@@ -39,6 +39,8 @@ class ProxySettings:
     max_dialogs: int = 100_000  # live dialogs; beyond, new INVITEs get 503
     busy_retry_after_s: int = 5  # Retry-After on those 503s
     dialog_keepalive: float | None = None  # in-dialog OPTIONS every this many s (None: off)
+    # over TCP/TLS, any connection from the core's address is the core's (sip.core_tcp_any_port)
+    core_tcp_any_port: bool = False
 
 
 # (next hop, rewritten start line or None, remaining Route entries or None when unchanged)

@@ -1,0 +1,102 @@
+"""A core over TCP that opens its own connection for its requests, end to end.
+
+The caller is a UDP socket on 127.0.0.1; the core a TCP listener on 127.0.0.3 that answers
+the INVITE on sipguard's connection, then sends its BYE over a connection it opens itself
+(as Asterisk and FreeSWITCH do). With ``sip.core_tcp_any_port`` that BYE is the core's and
+reaches the caller; without, the connection counts as an outside source and hears 403.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import socket
+
+import pytest
+
+from .harness import HOST, E2EStack, SipguardProcess, free_port
+from .scripted import Caller, header
+
+pytestmark = pytest.mark.e2e
+
+CORE_HOST = "127.0.0.3"
+
+
+def _read(conn: socket.socket, seconds: float = 5.0) -> bytes:
+    """One message (no body) from a stream."""
+    conn.settimeout(seconds)
+    data = b""
+    with contextlib.suppress(TimeoutError):
+        while b"\r\n\r\n" not in data:
+            chunk = conn.recv(65535)
+            if not chunk:
+                break
+            data += chunk
+    return data
+
+
+def _answer(req: bytes) -> bytes:
+    head = req.split(b"\r\n\r\n", 1)[0].decode().split("\r\n")[1:]
+    keep = [ln for ln in head if re.match(r"(?i)(via|record-route|from|call-id|cseq|to)\s*:", ln)]
+    keep = [ln + ";tag=core1" if ln.lower().startswith("to:") else ln for ln in keep]
+    return ("SIP/2.0 200 OK\r\n" + "\r\n".join(keep)
+            + f"\r\nContact: <sip:core@{CORE_HOST};transport=tcp>\r\nContent-Length: 0\r\n\r\n"
+            ).encode()
+
+
+@pytest.mark.parametrize("any_port", [True, False])
+def test_the_cores_bye_on_a_connection_of_its_own(stack: E2EStack, any_port: bool) -> None:
+    """The core's BYE over a connection the core opened: forwarded to the caller with
+    sip.core_tcp_any_port, refused (403, nothing forwarded) without it."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind((CORE_HOST, 0))
+    listener.listen(4)
+    core_port = listener.getsockname()[1]
+    port = free_port()
+    guard = SipguardProcess(
+        stack.workdir, listen=[f"udp://{HOST}:{port}", f"tcp://{HOST}:{port}"],
+        core=f"tcp://{CORE_HOST}:{core_port}",
+        config_extra=f"sip: {{core_tcp_any_port: {'true' if any_port else 'false'}}}\n",
+    )
+    stack.guards.append(guard)  # stopped by the fixture
+    guard.start(10.0)
+    caller = Caller(port)
+    conns: list[socket.socket] = []
+    try:
+        caller.send(caller.request("INVITE", "tcp-core-1"))
+        listener.settimeout(5)
+        conn, _ = listener.accept()
+        conns.append(conn)
+        invite = _read(conn)
+        assert invite.startswith(b"INVITE "), invite
+        conn.sendall(_answer(invite))
+        [ok] = caller.finals(call_id="tcp-core-1")
+        assert ok.startswith(b"SIP/2.0 200 "), ok
+        # the core's BYE, along the route set the INVITE recorded, on a connection of its own
+        routes = [ln.split(":", 1)[1].strip() for ln in invite.decode().split("\r\n")
+                  if ln.lower().startswith("record-route:")]
+        own = socket.create_connection((HOST, port), timeout=5, source_address=(CORE_HOST, 0))
+        conns.append(own)
+        bye = (
+            f"BYE sip:+12125550100@{caller.host}:{caller.port} SIP/2.0\r\n"
+            f"Via: SIP/2.0/TCP {CORE_HOST}:{core_port};branch=z9hG4bK-corebye\r\n"
+            f"Route: {', '.join(routes)}\r\nMax-Forwards: 70\r\n"
+            f"From: <sip:+18005550199@{HOST}>;tag=core1\r\n"
+            f"To: {header(invite, 'From')}\r\nCall-ID: tcp-core-1\r\nCSeq: 9 BYE\r\n"
+            "Content-Length: 0\r\n\r\n"
+        ).encode()
+        own.sendall(bye)
+        if any_port:
+            caller.sock.settimeout(3)
+            got = caller.sock.recv(65535)
+            assert got.startswith(b"BYE "), got
+        else:
+            refused = _read(own)
+            assert refused.startswith(b"SIP/2.0 403 "), refused
+            caller.sock.settimeout(1)
+            with contextlib.suppress(TimeoutError):
+                assert not caller.sock.recv(65535).startswith(b"BYE ")
+    finally:
+        caller.close()
+        for sock in (*conns, listener):
+            sock.close()
