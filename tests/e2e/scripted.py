@@ -20,6 +20,20 @@ def header(data: bytes, name: str) -> str:
     return m.group(1).decode() if m else ""
 
 
+def read_head(conn: socket.socket, seconds: float = 5.0) -> bytes:
+    """What a stream brings until the end of a header block (a message without a body), or
+    until it closes or ``seconds`` pass."""
+    conn.settimeout(seconds)
+    data = b""
+    with contextlib.suppress(TimeoutError, OSError):
+        while b"\r\n\r\n" not in data:
+            chunk = conn.recv(65535)
+            if not chunk:
+                break
+            data += chunk
+    return data
+
+
 class Core:
     """A UDP core that answers INVITE, BYE, INFO, MESSAGE, SUBSCRIBE and OPTIONS with 200 OK
     (copying what a UAS copies, Record-Route included) and records every request it gets.

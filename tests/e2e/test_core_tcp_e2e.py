@@ -15,24 +15,11 @@ import socket
 import pytest
 
 from .harness import HOST, E2EStack, SipguardProcess, free_port
-from .scripted import Caller, header
+from .scripted import Caller, header, read_head
 
 pytestmark = pytest.mark.e2e
 
 CORE_HOST = "127.0.0.3"
-
-
-def _read(conn: socket.socket, seconds: float = 5.0) -> bytes:
-    """One message (no body) from a stream."""
-    conn.settimeout(seconds)
-    data = b""
-    with contextlib.suppress(TimeoutError):
-        while b"\r\n\r\n" not in data:
-            chunk = conn.recv(65535)
-            if not chunk:
-                break
-            data += chunk
-    return data
 
 
 def _answer(req: bytes) -> bytes:
@@ -67,7 +54,7 @@ def test_the_cores_bye_on_a_connection_of_its_own(stack: E2EStack, any_port: boo
         listener.settimeout(5)
         conn, _ = listener.accept()
         conns.append(conn)
-        invite = _read(conn)
+        invite = read_head(conn)
         assert invite.startswith(b"INVITE "), invite
         conn.sendall(_answer(invite))
         [ok] = caller.finals(call_id="tcp-core-1")
@@ -91,7 +78,7 @@ def test_the_cores_bye_on_a_connection_of_its_own(stack: E2EStack, any_port: boo
             got = caller.sock.recv(65535)
             assert got.startswith(b"BYE "), got
         else:
-            refused = _read(own)
+            refused = read_head(own)
             assert refused.startswith(b"SIP/2.0 403 "), refused
             caller.sock.settimeout(1)
             with contextlib.suppress(TimeoutError):

@@ -17,7 +17,7 @@ import uuid
 import pytest
 
 from .harness import HOST, E2EStack, events_total, free_port
-from .scripted import Caller, Core
+from .scripted import Caller, Core, read_head
 
 pytestmark = pytest.mark.e2e
 
@@ -43,18 +43,6 @@ def _answer(req: bytes, status: int) -> bytes:
     keep = [ln + b";tag=core1" if ln.lower().startswith(b"to:") else ln for ln in keep]
     return (f"SIP/2.0 {status} OK\r\n".encode() + b"\r\n".join(keep)
             + f"\r\nContact: <sip:core@{HOST}>\r\nContent-Length: 0\r\n\r\n".encode())
-
-
-def _read_message(conn: socket.socket, seconds: float) -> bytes:
-    conn.settimeout(seconds)
-    data = b""
-    with contextlib.suppress(TimeoutError, OSError):
-        while b"\r\n\r\n" not in data:
-            chunk = conn.recv(65535)
-            if not chunk:
-                break
-            data += chunk
-    return data
 
 
 def test_an_answer_whose_connection_closed_goes_to_the_via_port_and_is_capped(
@@ -86,7 +74,7 @@ def test_an_answer_whose_connection_closed_goes_to_the_via_port_and_is_capped(
             client = socket.create_connection((HOST, port), timeout=5,
                                               source_address=(CLIENT_HOST, 0))
             client.sendall(_invite(port, via_port, f"closed-{n}"))
-            trying = _read_message(client, 5)
+            trying = read_head(client, 5)
             assert trying.startswith(b"SIP/2.0 100 "), trying
             client.close()
             forwarded, sipguard_addr = core.recvfrom(65535)
@@ -96,7 +84,7 @@ def test_an_answer_whose_connection_closed_goes_to_the_via_port_and_is_capped(
             listener.settimeout(5)
             conn, _ = listener.accept()
             accepted.append(conn)  # kept open: sipguard's connection holds its place
-            ok = _read_message(conn, 5)
+            ok = read_head(conn, 5)
             assert ok.startswith(b"SIP/2.0 200 ") and f"closed-{n}".encode() in ok, ok
         refused = socket.create_connection((HOST, port), timeout=5,
                                            source_address=(CLIENT_HOST, 0))
