@@ -196,11 +196,7 @@ def _route_port(line: bytes) -> int | None:
         rest = uri[4:]
     else:
         return None
-    rest = rest[rest.rfind(b"@") + 1:]
-    for stop in (b";", b"?", b">", b" ", b"\t"):
-        cut = rest.find(stop)
-        if cut >= 0:
-            rest = rest[:cut]
+    rest = _cut(rest[rest.rfind(b"@") + 1:], b";?> \t")
     if rest.startswith(b"["):
         close = rest.find(b"]")
         tail = rest[close + 1:] if close >= 0 else b""

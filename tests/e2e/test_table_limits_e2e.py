@@ -16,6 +16,15 @@ pytestmark = pytest.mark.e2e
 TABLE = 100  # the smallest max_transactions the config takes
 
 
+def _guard(stack: E2EStack, core: Core, sip: str) -> tuple[int, int]:
+    """sipguard on UDP in front of ``core`` with its metrics endpoint and the ``sip:``
+    settings given: its SIP port and its metrics port."""
+    metrics_port = free_port()
+    _, port = stack.sipguard(core_port=core.port, listen=("udp",),
+                             config_extra=f"metrics: {{listen: {HOST}:{metrics_port}}}\n{sip}")
+    return port, metrics_port
+
+
 def _call(caller: Caller, call_id: str) -> tuple[str, str]:
     """Place a call the core answers; ACK it. Returns its To tag and Route line."""
     caller.send(caller.request("INVITE", call_id))
@@ -36,12 +45,7 @@ def test_a_full_transaction_table_refuses_new_calls_and_lets_calls_in_progress_e
     dropped_limit_transactions, and reach no core; a BYE for no live call hears its 481 (it
     needs no transaction); the call's own BYE still reaches the core and its 200 comes back."""
     core = Core()
-    metrics_port = free_port()
-    _, port = stack.sipguard(
-        core_port=core.port, listen=("udp",),
-        config_extra=f"metrics: {{listen: {HOST}:{metrics_port}}}\n"
-        f"sip: {{max_transactions: {TABLE}}}\n",
-    )
+    port, metrics_port = _guard(stack, core, f"sip: {{max_transactions: {TABLE}}}\n")
     caller = Caller(port)
     try:
         to_tag, route = _call(caller, "up-1")
@@ -72,11 +76,7 @@ def test_the_call_table_limit_refuses_a_new_call_and_the_call_up_ends(stack: E2E
     """max_dialogs 1: with one call up a second INVITE hears 503 + Retry-After, counted as
     dropped_limit_dialogs; once the first call's BYE is answered a new call goes through."""
     core = Core()
-    metrics_port = free_port()
-    _, port = stack.sipguard(
-        core_port=core.port, listen=("udp",),
-        config_extra=f"metrics: {{listen: {HOST}:{metrics_port}}}\nsip: {{max_dialogs: 1}}\n",
-    )
+    port, metrics_port = _guard(stack, core, "sip: {max_dialogs: 1}\n")
     caller = Caller(port)
     try:
         to_tag, route = _call(caller, "one-1")
@@ -100,12 +100,7 @@ def test_made_up_dialogs_and_cancels_cannot_fill_the_transaction_table(stack: E2
     dropped_in_dialog_refused / dropped_cancel_unmatched, reach no core and keep no
     transaction — the next call still goes through, not 503."""
     core = Core()
-    metrics_port = free_port()
-    _, port = stack.sipguard(
-        core_port=core.port, listen=("udp",),
-        config_extra=f"metrics: {{listen: {HOST}:{metrics_port}}}\n"
-        f"sip: {{max_transactions: {TABLE}}}\n",
-    )
+    port, metrics_port = _guard(stack, core, f"sip: {{max_transactions: {TABLE}}}\n")
     caller = Caller(port)
     made_up = TABLE + TABLE // 2
     try:

@@ -15,25 +15,35 @@ import pytest
 
 from sipguard.supervisor import Supervisor
 
-WORKER = r"""
-import signal, socket, sys, time
-index, fd, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-def hup(*_):
-    with open(f"{out}/hup{index}", "a") as f:
-        f.write("x")
-signal.signal(signal.SIGHUP, hup)
-signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-sock = socket.socket(fileno=fd)
-sock.send(b"ready\n")
-if index == 0:
-    time.sleep(0.5)
-    sock.send(b"bogus\nrel")  # a line split over two writes still counts
-    time.sleep(0.05)
-    sock.send(b"oad\n")
-end = time.monotonic() + 20
-while time.monotonic() < end:
-    time.sleep(0.02)
-"""
+
+def worker_script(before_handlers: str = "", after_ready: str = "") -> str:
+    """A stand-in worker: installs its SIGHUP handler (which marks a file per SIGHUP) and
+    reports ready on the supervisor's socket, then idles; ``before_handlers`` and
+    ``after_ready`` are lines run at those points (``index``, ``sock`` in scope)."""
+    return (
+        "import signal, socket, sys, time\n"
+        "index, fd, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]\n"
+        f"{before_handlers}"
+        "def hup(*_):\n"
+        "    with open(f'{out}/hup{index}', 'a') as f:\n"
+        "        f.write('x')\n"
+        "signal.signal(signal.SIGHUP, hup)\n"
+        "signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))\n"
+        "sock = socket.socket(fileno=fd)\n"
+        "sock.send(b'ready\\n')\n"
+        f"{after_ready}"
+        "end = time.monotonic() + 20\n"
+        "while time.monotonic() < end:\n"
+        "    time.sleep(0.02)\n"
+    )
+
+
+WORKER = worker_script(after_ready=(
+    "if index == 0:\n"
+    "    time.sleep(0.5)\n"
+    "    sock.send(b'bogus\\nrel')  # a line split over two writes still counts\n"
+    "    time.sleep(0.05)\n"
+    "    sock.send(b'oad\\n')\n"))
 
 
 async def test_a_workers_reload_request_reaches_the_others_only(
@@ -63,22 +73,8 @@ async def test_a_workers_reload_request_reaches_the_others_only(
     assert re.search(r"workers_reloading.*by_worker\W+0", out), out
 
 
-SLOW_WORKER = r"""
-import signal, socket, sys, time
-index, fd, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-if index == 1:
-    time.sleep(1.0)  # still starting: no SIGHUP handler yet (the default action ends it)
-def hup(*_):
-    with open(f"{out}/hup{index}", "a") as f:
-        f.write("x")
-signal.signal(signal.SIGHUP, hup)
-signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-sock = socket.socket(fileno=fd)
-sock.send(b"ready\n")
-end = time.monotonic() + 20
-while time.monotonic() < end:
-    time.sleep(0.02)
-"""
+# worker 1 is still starting: no SIGHUP handler yet (the default action ends it)
+SLOW_WORKER = worker_script(before_handlers="if index == 1:\n    time.sleep(1.0)\n")
 
 
 async def test_a_sighup_while_a_worker_starts_reloads_the_ready_ones_and_kills_none(
