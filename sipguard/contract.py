@@ -209,7 +209,11 @@ class CallInfo:
                 if caller is not None:
                     break
         self.caller: str | None = caller if caller is not None else msg.from_.uri.number
-        self.callee: str | None = msg.request_uri.number or msg.to.uri.number
+        # the Request-URI's number: what the core routes on. To's only when the Request-URI
+        # has no user part at all; a user part that is no number (sip:+1900…#@, sip:*67…@)
+        # is no number to check, not a reason to check To's, which the caller writes freely
+        uri = msg.request_uri
+        self.callee: str | None = uri.number if uri.user else msg.to.uri.number
         self.diverters: tuple[str, ...] = _diverters(msg)
         self.peer: str | None = None
         self.decision_us: float = 0.0

@@ -34,7 +34,7 @@ from typing import Any
 from sipguard import native
 from sipguard.contract import CallInfo, DecisionPending, Deferred, Flow, Local, Verdict
 from sipguard.edge import DECISION_FAILED, EdgeCore
-from sipguard.ops.admin import AdminEndpoint, read_token
+from sipguard.ops.admin import MAX_CALLS_SHOWN, AdminEndpoint, read_token
 from sipguard.ops.calllog import CallLogger
 from sipguard.ops.collector import YOUNG_EVERY_S, Collector
 from sipguard.ops.config import Config, StateSettings
@@ -185,8 +185,9 @@ def owned_headers(cfg: Config) -> frozenset[str]:
     overrides included) and ``sip.strip_headers``. Removed from every request from outside."""
     names = {"x-sipguard-verdict", "x-sipguard-identity"}
     for rules in (cfg.rules, *(pc.rules for pc in cfg.peers)):
-        if rules.callerid is not None and rules.callerid.verdict_header:
-            names.add(rules.callerid.verdict_header.lower())
+        for rule in (rules.callerid, rules.dialer, rules.national_cli):
+            if rule is not None and rule.verdict_header:
+                names.add(rule.verdict_header.lower())
         if rules.identity is not None and rules.identity.identity_header:
             names.add(rules.identity.identity_header.lower())
     names.update(h.lower() for h in cfg.sip.strip_headers)
@@ -743,9 +744,13 @@ class Server:
         now = self.loop.time()
         matches = _matcher(key)
         p = self.privacy  # log.numbers: the answer shows numbers as the log lines do
-        calls = []
+        calls: list[dict[str, Any]] = []
+        truncated = False
         for d in self.proxy.dialogs.values():
             if any(matches(n) for n in (d.caller, d.callee, *d.diverters)):
+                if len(calls) >= MAX_CALLS_SHOWN:  # a prefix as wide as "+*": a bounded answer
+                    truncated = True
+                    break
                 calls.append({
                     "call_id": d.call_id,
                     "caller": d.caller if p is None else p(d.caller),
@@ -762,7 +767,10 @@ class Server:
         tracker = self.state.tracker
         if not key.endswith("*") and tracker.sync is not None:
             counts = {kind: tracker.counts(kind, key) for kind in ("caller", "callee", "diverter")}
-        return {"number": self._shown(key), "calls": calls, "counts": counts}
+        view: dict[str, Any] = {"number": self._shown(key), "calls": calls, "counts": counts}
+        if truncated:
+            view["truncated"] = True
+        return view
 
     def bans_view(self) -> list[dict[str, Any]]:
         if self.policy.flood is None:
@@ -1177,6 +1185,7 @@ def tcp_limits(cfg: Config) -> TcpLimits:
         write_stall_timeout_s=sip.tcp_write_stall_timeout_s,
         connect_timeout_s=sip.tcp_connect_timeout_s,
         exempt=frozenset((cfg.core.host,)) if _is_ip(cfg.core.host) else frozenset(),
+        ipv6_prefix=sip.ipv6_prefix,
     )
 
 

@@ -18,7 +18,8 @@ with ``{"error": "..."}``, never a traceback.
 ``GET /config``          the effective config, file paths of secrets redacted
 ``GET /calls?number=N``  live calls of a number (or ``prefix*``) and its live-call counts (this
                          instance; with Redis also ``counts_all_instances``); with several
-                         workers the calls of every worker (each asked with ``scope=worker``)
+                         workers the calls of every worker (each asked with ``scope=worker``);
+                         at most MAX_CALLS_SHOWN calls, then ``"truncated": true``
 ``GET /bans``            flood bans in force; ``DELETE /bans/{source}`` lifts one
 ``GET /suspensions``     suspended numbers (API and config); ``POST`` adds, ``DELETE
                          /suspensions/{number}`` lifts
@@ -56,6 +57,12 @@ __all__ = ["AdminEndpoint", "Control", "read_token"]
 MAX_BODY = 64 * 1024
 MAX_EXPIRES_S = 10 * 366 * 86400  # a suspension that lifts itself: ten years at most
 OPEN_PATHS = frozenset({"/metrics", "/healthz", "/readyz"})
+# GET /calls lists at most this many calls (then says "truncated": true): a prefix as wide as
+# "+*" with 100,000 calls up must not build a 30 MB answer on the event loop
+MAX_CALLS_SHOWN = 1000
+# GET /metrics with several workers: an exposition of every worker's metrics made less than
+# this many seconds ago is served again (the others are asked at most this often)
+SCRAPE_REUSE_S = 0.25
 # GET /calls and GET /metrics with several workers: how long one other worker may take
 PEER_TIMEOUT_S = 2.0
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -169,6 +176,10 @@ class AdminEndpoint:
         # (GET /calls answers for every worker)
         self.worker: int | None = None
         self.peers: dict[int, str] = {}
+        # several workers: the last exposition of every worker's metrics, and when it was made
+        # (loop time); one fan-out to the others at a time
+        self._scraped: tuple[float, bytes] | None = None
+        self._host_scrape = asyncio.Lock()
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._guard], client_max_size=MAX_BODY)
@@ -180,7 +191,7 @@ class AdminEndpoint:
         r.add_get("/config", self._config)
         r.add_get("/calls", self._calls)
         r.add_get("/bans", self._bans)
-        r.add_delete("/bans/{source}", self._lift_ban)
+        r.add_delete("/bans/{source:.+}", self._lift_ban)  # an IPv6 network has a "/"
         r.add_get("/suspensions", self._suspensions)
         r.add_post("/suspensions", self._suspend)
         r.add_delete("/suspensions/{number}", self._unsuspend)
@@ -230,10 +241,23 @@ class AdminEndpoint:
         if request.query.get("format") == "json":  # this worker's, for the one serving all
             return _json(self.collector.snapshot())
         if self.peers and request.query.get("scope") != "worker":
-            body = await self._host_metrics()
+            body = await self._host_scrape_once()
         else:
             body = generate_latest(self.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def _host_scrape_once(self) -> bytes:
+        """Every worker's metrics, asked of the others at most once per SCRAPE_REUSE_S:
+        /metrics needs no token, and a scrape flood must not turn into a flood of questions
+        to every worker. Scrapes that come while the others are being asked wait for that
+        answer; one that comes less than SCRAPE_REUSE_S after it gets it too."""
+        async with self._host_scrape:
+            now = asyncio.get_running_loop().time()
+            if self._scraped is not None and now - self._scraped[0] < SCRAPE_REUSE_S:
+                return self._scraped[1]
+            body = await self._host_metrics()
+            self._scraped = (asyncio.get_running_loop().time(), body)
+            return body
 
     async def _host_metrics(self) -> bytes:
         """Every worker's metrics in one exposition: this one's and the others' (their
@@ -285,6 +309,9 @@ class AdminEndpoint:
         if self.peers and request.query.get("scope") != "worker":
             view["calls"] += await self._peer_calls(key, request.headers.get("Authorization"),
                                                     view)
+            if len(view["calls"]) > MAX_CALLS_SHOWN:
+                del view["calls"][MAX_CALLS_SHOWN:]
+                view["truncated"] = True
         shared = getattr(self.control, "shared_counts", None)
         if shared is not None:  # Redis backend: the counts every instance shares
             view["counts_all_instances"] = await shared(key)
@@ -303,6 +330,8 @@ class AdminEndpoint:
             found = got.get("calls") if isinstance(got, dict) else None
             if isinstance(found, list):
                 calls += found
+                if got.get("truncated"):
+                    view["truncated"] = True
             else:
                 missing.append(i)
         if missing:

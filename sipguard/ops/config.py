@@ -164,13 +164,24 @@ class SipSettings(BaseModel):
     )
     tcp_max_connections: int = Field(
         default=4096, ge=1,
-        description="Inbound TCP connections at most; a new one beyond is closed at once "
-        "(`tcp_refused_total`). The core's and sipguard's own outbound ones do not count.",
+        description="TCP connections with parties at most; a new inbound one beyond is closed "
+        "at once, and one sipguard would open to a party (an answer whose connection closed) "
+        "is not opened (`tcp_refused_total`). Connections with the core do not count.",
     )
     tcp_max_connections_per_ip: int = Field(
         default=64, ge=1,
-        description="Inbound TCP connections from one IP address at most; a new one beyond is "
-        "closed at once (`tcp_refused_per_ip`). The core's address is exempt.",
+        description="TCP connections with one IP address (an IPv6 one: its `ipv6_prefix` "
+        "network) at most, whichever side opened them; a new one beyond is closed at once or "
+        "not opened (`tcp_refused_per_ip`). The core's address is exempt.",
+    )
+    ipv6_prefix: int = Field(
+        default=64, ge=16, le=128,
+        description="IPv6 sources are counted per network of this many bits by the "
+        "per-address limits: the flood guard (`rules.flood` with `key: ip`), "
+        "`rules.rate.per_source_ip` and `tcp_max_connections_per_ip`. One holder of a /64 "
+        "has 2^64 addresses; counted per address it would stay under every limit. A ban or "
+        "a count then names the network (`2001:db8:1:2::/64`). 128: every address on its "
+        "own. IPv4 addresses are always counted on their own.",
     )
     tcp_message_timeout_s: float = Field(
         default=10, gt=0,
@@ -638,6 +649,11 @@ class Config(BaseModel):
             if not re.fullmatch(r"\+?[0-9 ().-]+", item.strip()):
                 raise ValueError(f"{item!r} is not a telephone number")
         return value
+
+    @property
+    def ipv6_prefix(self) -> int:
+        """``sip.ipv6_prefix``, as the policy reads it (``PolicyConfig``)."""
+        return self.sip.ipv6_prefix
 
     @property
     def http(self) -> AdminSettings:

@@ -19,18 +19,23 @@ RESTART_KEYS = ("listen", "admin", "metrics", "state_dir", "state", "workers", "
 # Keys of ``log`` set up with the logger at start (a reload applies ``numbers`` and
 # ``hash_key_file`` only): reported as ``log.<key>`` and kept at their running values.
 LOG_RESTART_KEYS = ("level", "format", "queue_bytes", "parse_error_sample_s")
+# Keys of ``sip`` read when the sockets are opened (the receive buffer; the TCP framers' size
+# limit): reported as ``sip.<key>`` and kept at their running values, as the log's.
+SIP_RESTART_KEYS = ("udp_receive_buffer", "max_message_size")
 
 
 def held_back(old: Config, new: Config, changed: list[str]) -> tuple[Config, list[str]]:
     """``new`` with the keys a reload cannot take over set back to their running values in
-    ``old``, and those keys (``log.level`` and the like for the log's)."""
+    ``old``, and those keys (``log.level`` and the like for the log's and the sip section's)."""
     restart = [k for k in RESTART_KEYS if k in changed]
-    logs = [k for k in LOG_RESTART_KEYS if getattr(old.log, k) != getattr(new.log, k)]
     update: dict[str, Any] = {k: getattr(old, k) for k in restart}
-    if logs:
-        update["log"] = new.log.model_copy(update={k: getattr(old.log, k) for k in logs})
-    return (new.model_copy(update=update) if update else new), [*restart,
-                                                                  *(f"log.{k}" for k in logs)]
+    for section, keys in (("log", LOG_RESTART_KEYS), ("sip", SIP_RESTART_KEYS)):
+        was, now = getattr(old, section), getattr(new, section)
+        held = [k for k in keys if getattr(was, k) != getattr(now, k)]
+        if held:
+            update[section] = now.model_copy(update={k: getattr(was, k) for k in held})
+            restart += [f"{section}.{k}" for k in held]
+    return (new.model_copy(update=update) if update else new), restart
 
 
 @dataclass(slots=True)

@@ -58,6 +58,7 @@ for a caller number seen before (the number lookup is one cache hit, see
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Final
+from urllib.parse import unquote
 
 from sipguard.contract import Verdict
 from sipguard.policy import numbers
@@ -292,6 +293,7 @@ def _is_anonymous(msg: Message, from_uri: Uri) -> bool:
 
 _PAI_LINES: Final[dict[tuple[tuple[str, ...], str], str]] = {}
 _PAI_LINES_MAX: Final = 4096
+_PAI_MEMO_CHARS: Final = 512  # the longest received PAI text memoised
 
 
 def pai_with_verstat(msg: Message, verstat: str, caller: str | None, trusted: bool) -> str | None:
@@ -313,18 +315,20 @@ def _pai_line(msg: Message, verstat: str) -> str:
     holding the caller's number (the first number among them: the one checked) and any other
     ``verstat`` removed — a second identity nobody checked is not vouched for (TS 24.229
     §7.2A.20). Memoised by the received text (a caller's PAI comes back call after call); the
-    memo is emptied when full."""
-    key = (tuple(msg.values("p-asserted-identity")), verstat)
+    memo is emptied when full; long values are not memoised (a memo of 4096 entries of 64 KB
+    would hold 256 MB)."""
+    values = tuple(msg.values("p-asserted-identity"))
+    key = (values, verstat)
     line = _PAI_LINES.get(key)
     if line is None:
         pais = msg.p_asserted_identities
         checked = _first_number(pais)
-        values = [_with_verstat(na, verstat if na.uri.number == checked else None)
-                  for na in pais]
-        line = "P-Asserted-Identity: " + ", ".join(values)
-        if len(_PAI_LINES) >= _PAI_LINES_MAX:
-            _PAI_LINES.clear()
-        _PAI_LINES[key] = line
+        line = "P-Asserted-Identity: " + ", ".join(
+            _with_verstat(na, verstat if na.uri.number == checked else None) for na in pais)
+        if sum(map(len, values)) <= _PAI_MEMO_CHARS:
+            if len(_PAI_LINES) >= _PAI_LINES_MAX:
+                _PAI_LINES.clear()
+            _PAI_LINES[key] = line
     return line
 
 
@@ -344,6 +348,15 @@ def _with_verstat(na: NameAddr, verstat: str | None) -> str:
     return f"{display}<{uri_text or na.uri.raw}>{tail}"
 
 
+def _is_verstat(param: str) -> bool:
+    """Whether a raw URI parameter (``name=value``) is a verstat, however its name is written
+    (any case, %-escaped letters: the URI grammar reads ``ver%73tat`` as ``verstat``)."""
+    name = param.split("=", 1)[0].strip()
+    if "%" in name:
+        name = unquote(name, encoding="latin-1")
+    return name.lower() == "verstat"
+
+
 def _uri_with_verstat(uri: Uri, verstat: str | None) -> str | None:
     """The URI text with ``;verstat=`` set (None: only any verstat removed): a tel URI
     parameter, or in the user part of a SIP URI (with ``user=phone`` added when the URI has
@@ -354,7 +367,7 @@ def _uri_with_verstat(uri: Uri, verstat: str | None) -> str | None:
     add = [] if verstat is None else [f"verstat={verstat}"]
     if uri.scheme == "tel":
         head, *params = raw.split(";")
-        kept = [p for p in params if p.split("=", 1)[0].lower() != "verstat"]
+        kept = [p for p in params if not _is_verstat(p)]
         return ";".join([head, *kept, *add])
     if uri.scheme not in ("sip", "sips") or uri.user is None:
         return None
@@ -362,7 +375,7 @@ def _uri_with_verstat(uri: Uri, verstat: str | None) -> str | None:
     at = raw.index("@", start)
     user, colon, password = raw[start:at].partition(":")
     head, *params = user.split(";")
-    kept = [p for p in params if p.split("=", 1)[0].lower() != "verstat"]
+    kept = [p for p in params if not _is_verstat(p)]
     user = ";".join([head, *kept, *add])
     out = raw[:start] + user + colon + password + raw[at:]
     if verstat is not None and not uri.has_param("user"):

@@ -6,7 +6,7 @@ confirmed). Parameters (``rules.concurrency``; each optional — absent or ``nul
 and each overridable per peer):
 
 - ``per_caller``: live calls with the same caller number (P-Asserted-Identity, else From).
-- ``per_callee``: live calls to the same called number (Request-URI, else To): a DID used as a
+- ``per_callee``: live calls to the same called number (the Request-URI's; To's only when the Request-URI has no user part): a DID used as a
   trunk.
 - ``per_diverter``: live calls forwarded by the same number, read from Diversion (RFC 5806)
   and History-Info (RFC 7044 entries marked by ``mp`` or an RFC 4458 forwarding ``cause``); a

@@ -59,7 +59,8 @@ class Settings(RuleSettings):
     per_callee: int | None = Field(
         default=None, ge=1,
         description="Live calls to one called number (a DID used as a trunk); null: no limit. "
-        "The called number is the Request-URI's, else To's.",
+        "The called number is the Request-URI's (To's only when the Request-URI has no user "
+        "part).",
     )
     per_diverter: int | None = Field(
         default=None, ge=1,

@@ -157,7 +157,7 @@ class Policy:
         self.flood = flood.guard(
             cfg.rules.flood, cfg.mode, self.state.flood, self.peers,
             [(self.peers.peers[pc.name], pc.rules.flood) for pc in cfg.peers],
-            trusted=tuple(trusted),
+            trusted=tuple(trusted), ipv6_prefix=cfg.ipv6_prefix,
         )
 
     def activate(self) -> None:

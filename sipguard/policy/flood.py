@@ -37,7 +37,8 @@ Who is never dropped
 
 Parameters (``rules.flood``): ``sampling_s`` (2), ``density`` (300), ``ban_s`` (300),
 ``ban_peers`` (false: configured peers are rate-limited, never banned, for a flood),
-``key`` (``ip``: ban addresses; ``ip_port``: address and port, for many parties behind one
+``key`` (``ip``: ban addresses, an IPv6 one with its network of ``sip.ipv6_prefix`` bits,
+:mod:`sipguard.addresses`; ``ip_port``: address and port, for many parties behind one
 address — a lab on 127.0.0.1 — at the price of letting a scanner that changes ports
 through), ``scanners``, ``scanner_ban`` (true), ``register_from_unknown`` (``drop``),
 ``exempt`` (``[]``), ``max_sources`` (100000: sources counted per sampling unit; beyond it new
@@ -66,6 +67,8 @@ import ipaddress
 import re
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Final
+
+from sipguard.addresses import source_key
 
 if TYPE_CHECKING:
     from sipguard.policy.engine import BuildContext
@@ -97,7 +100,7 @@ class Ban:
 class FloodState:
     """Counts and bans, kept over reloads; the ban operations of the admin API."""
 
-    __slots__ = ("bans", "cur", "prev", "epoch", "unit", "on_ban")
+    __slots__ = ("bans", "cur", "prev", "epoch", "unit", "on_ban", "ipv6_prefix")
 
     def __init__(self) -> None:
         self.bans: dict[Key, Ban] = {}
@@ -108,6 +111,7 @@ class FloodState:
         # told of every new ban in enforce mode (the shell shares bans between instances);
         # must be O(1)
         self.on_ban: Callable[[Key, Ban], None] | None = None
+        self.ipv6_prefix = 64  # the running guard's (sip.ipv6_prefix): how key_of reads an address
 
     def list_bans(self, now: float) -> list[dict[str, Any]]:
         """Bans in force: address, reason, since, seconds left, messages dropped."""
@@ -130,12 +134,19 @@ class FloodState:
         if key is None:
             return False
         del self.bans[key]
+        # a fresh start: the messages that crossed the density do not ban it again at once
+        self.cur.pop(key, None)
+        self.prev.pop(key, None)
         return True
 
     def key_of(self, source: str) -> Key | None:
-        """The key of the ban ``source`` names (as :meth:`lift` takes it); None: not banned."""
+        """The key of the ban ``source`` names (as :meth:`lift` takes it: the key as listed,
+        or an IPv6 address inside a banned network); None: not banned."""
         if source in self.bans:
             return source
+        network = source_key(source.strip("[]"), self.ipv6_prefix)
+        if network in self.bans:
+            return network
         host, sep, port = source.rpartition(":")
         if sep and port.isdigit():
             key = (host.strip("[]"), int(port))
@@ -146,6 +157,7 @@ class FloodState:
     def lift_all(self) -> int:
         n = len(self.bans)
         self.bans.clear()
+        self.cur, self.prev = {}, {}
         return n
 
     def sweep(self, now: float) -> int:
@@ -207,7 +219,7 @@ class FloodGuard:
     __slots__ = (
         "state", "monitor", "unit", "density", "half", "ban_s", "ban_peers", "by_ip",
         "scanner", "scanner_ban", "register_drop", "trusted", "exempt", "peers", "peer_limits",
-        "max_sources", "max_bans", "_sources",
+        "max_sources", "max_bans", "_sources", "ipv6_prefix",
     )
 
     def __init__(
@@ -218,8 +230,10 @@ class FloodGuard:
         peers: PeerTable | None = None,
         peer_settings: Iterable[tuple[Peer, Settings | None]] = (),
         trusted: Iterable[tuple[str, int]] = (),
+        ipv6_prefix: int = 64,
     ) -> None:
         self.state = state
+        self.ipv6_prefix = ipv6_prefix
         self.monitor = mode == "monitor"
         self.unit = settings.sampling_s
         self.density = settings.density
@@ -255,6 +269,8 @@ class FloodGuard:
         key: Key = ip if self.by_ip else addr
         if key in self.trusted:
             return None
+        if ":" in ip and self.by_ip:
+            key = source_key(ip, self.ipv6_prefix)  # an IPv6 source: its network
         state = self.state
         bans = state.bans
         if bans:
@@ -304,12 +320,13 @@ class FloodGuard:
         """When the policy that built this guard is swapped in: a new sampling unit starts
         counting afresh (bans are kept)."""
         state = self.state
+        state.ipv6_prefix = self.ipv6_prefix
         if state.unit != self.unit:
             state.cur, state.prev, state.epoch, state.unit = {}, {}, 0, self.unit
 
     def banned(self, addr: tuple[str, int]) -> bool:
         """Whether the source of ``addr`` is banned now (whatever the time)."""
-        return (addr[0] if self.by_ip else addr) in self.state.bans
+        return (source_key(addr[0], self.ipv6_prefix) if self.by_ip else addr) in self.state.bans
 
     def peer_of(self, ip: str) -> Peer | None:
         return self.peers.lookup(ip) if self.peers is not None else None
@@ -357,16 +374,18 @@ def guard(
     peers: PeerTable | None = None,
     peer_settings: Iterable[tuple[Peer, Settings | None]] = (),
     trusted: Iterable[tuple[str, int]] = (),
+    ipv6_prefix: int = 64,
 ) -> FloodGuard | None:
     """The edge core's guard for the top-level ``rules.flood`` (None when absent or disabled).
 
     ``peer_settings`` pairs each configured peer with its merged ``rules.flood``; ``trusted``
-    lists (address, port) pairs never checked (the core).
+    lists (address, port) pairs never checked (the core); ``ipv6_prefix`` (``sip.ipv6_prefix``)
+    how many bits of an IPv6 source make its key with ``key: ip``.
     """
     if settings is None or not settings.enabled:
         return None
     return FloodGuard(settings, settings.mode or mode, state, peers, peer_settings,
-                      trusted)
+                      trusted, ipv6_prefix)
 
 
 def build(settings: Settings, ctx: BuildContext, peer: Peer | None) -> None:

@@ -54,7 +54,8 @@ class Settings(RuleSettings):
     )
     key: Literal["ip", "ip_port"] = Field(
         default="ip",
-        description="Count and ban per address (ip) or per address and port (ip_port). "
+        description="Count and ban per address (ip; an IPv6 address with its network of "
+        "`sip.ipv6_prefix` bits) or per address and port (ip_port). "
         "Per address and port suits many parties behind one address or a lab on 127.0.0.1, but a scanner "
         "that changes ports then gets through.",
     )

@@ -73,7 +73,8 @@ class Settings(RuleSettings):
     )
     check_dest: bool = Field(
         default=True,
-        description="`dest.tn` must hold the called number (Request-URI, else To).",
+        description="`dest.tn` must hold the called number (the Request-URI's; To's only "
+        "when the Request-URI has no user part).",
     )
     trust_anchors: ConfigPath | None = Field(
         default=None,

@@ -9,7 +9,8 @@ overridable per peer, key by key):
   service).
 - ``per_peer``: initial INVITEs per peer (with no peers configured, all traffic is one peer,
   ``-``).
-- ``per_source_ip``: initial INVITEs per source IP address.
+- ``per_source_ip``: initial INVITEs per source IP address; an IPv6 one is counted with its
+  network of ``sip.ipv6_prefix`` bits (64), :mod:`sipguard.addresses`.
 
   Each limit is ``{rate: R, burst: B, per_s: P}``: on average R calls every P seconds (``per_s``
   default 1, so ``rate`` is calls per second), and up to B calls at once after a quiet spell
@@ -66,6 +67,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Final
 
+from sipguard.addresses import source_key
 from sipguard.contract import Verdict
 from sipguard.policy.windows import Generations
 
@@ -99,7 +101,8 @@ class Buckets:
 class Rate:
     """The built rule for one peer (or for traffic from no configured peer)."""
 
-    __slots__ = ("name", "mode", "limits", "answer", "retry_after", "headers", "max_keys")
+    __slots__ = ("name", "mode", "limits", "answer", "retry_after", "headers", "max_keys",
+                 "ipv6_prefix")
 
     def __init__(self, settings: Settings, mode: str, buckets: Buckets) -> None:
         self.name = "rate"
@@ -116,6 +119,7 @@ class Rate:
         self.answer = settings.answer
         self.retry_after = settings.retry_after_s
         self.headers = settings.answer.headers
+        self.ipv6_prefix = 64  # sip.ipv6_prefix: an IPv6 source is counted with its network
 
     def claim(self) -> None:
         """When the policy is activated (not at build): a bucket drains completely within
@@ -129,7 +133,7 @@ class Rate:
         worst = 0.0
         limited: tuple[str, str] | None = None
         for name, table, interval, tau in self.limits:
-            key = _key_of(name, call)
+            key = _key_of(name, call, self.ipv6_prefix)
             if key is None:
                 continue
             tat = table.cur.get(key)
@@ -152,7 +156,7 @@ class Rate:
         """The shared-store form of :meth:`decide` (see :mod:`sipguard.policy.pipeline`)."""
         monitor = self.mode == "monitor"
         for name, _, interval, tau in self.limits:
-            key = _key_of(name, call)
+            key = _key_of(name, call, self.ipv6_prefix)
             if key is None:
                 continue
             plan.add(("r", f"rate.{name}:{key}", interval, tau, monitor, ""), self, (name, key))
@@ -181,15 +185,17 @@ class Rate:
         )
 
 
-def _key_of(name: str, call: CallInfo) -> str | None:
-    """What limit ``name`` counts the call under (None: not counted, e.g. no caller number)."""
+def _key_of(name: str, call: CallInfo, ipv6_prefix: int) -> str | None:
+    """What limit ``name`` counts the call under (None: not counted, e.g. no caller number);
+    an IPv6 source address with its network of ``ipv6_prefix`` bits."""
     if name is PER_CALLER:
         return call.caller
     if name is PER_CALLEE:
         return call.callee
     if name is PER_PEER:
         return call.peer or NO_PEER
-    return call.flow.addr[0]
+    ip = call.flow.addr[0]
+    return source_key(ip, ipv6_prefix) if ":" in ip else ip
 
 
 def build(settings: Settings, ctx: BuildContext, peer: Peer | None) -> Rate | None:
@@ -198,5 +204,6 @@ def build(settings: Settings, ctx: BuildContext, peer: Peer | None) -> Rate | No
         return None
     rule = Rate(settings, ctx.mode_of(settings), ctx.state.buckets)
     rule.max_keys = ctx.largest("rate", "max_keys", settings.max_keys)  # the tables are shared
+    rule.ipv6_prefix = ctx.cfg.ipv6_prefix
     ctx.on_activate(rule.claim)
     return rule

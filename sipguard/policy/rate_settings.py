@@ -50,7 +50,7 @@ class Settings(RuleSettings):
     per_callee: Limit | None = Field(
         default=None,
         description="INVITEs per called number (a flooded DID); null: no limit. The called "
-        "number is the Request-URI's, else To's.",
+        "number is the Request-URI's (To's only when the Request-URI has no user part).",
     )
     per_peer: Limit | None = Field(
         default=None,
@@ -59,7 +59,8 @@ class Settings(RuleSettings):
     )
     per_source_ip: Limit | None = Field(
         default=None,
-        description="INVITEs per source IP address; null: no limit.",
+        description="INVITEs per source IP address (an IPv6 one: its network of "
+        "`sip.ipv6_prefix` bits); null: no limit.",
     )
     answer: Answer = Field(
         default=Answer(status=503, phrase="Service Unavailable"),

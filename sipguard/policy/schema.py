@@ -217,3 +217,9 @@ class PolicyConfig(Protocol):
 
     @property
     def rules(self) -> RulesConfig: ...
+
+    @property
+    def ipv6_prefix(self) -> int:
+        """``sip.ipv6_prefix``: an IPv6 source is counted with its network of this many bits
+        by the per-address limits (:mod:`sipguard.addresses`)."""
+        ...

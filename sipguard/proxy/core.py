@@ -152,8 +152,13 @@ class AcceptAll:
 
 # ";branch=z9hG4bKsg..." in a raw Via line: the first one is the top value's.
 _OUR_BRANCH: Final = re.compile(rb";[ \t]*branch[ \t]*=[ \t]*(" + build.OUR_PREFIX_BYTES + rb"[0-9a-z.]+)")
-# A verstat parameter (3GPP TS 24.229 §7.2A.20) anywhere in a From or P-Asserted-Identity line.
-_VERSTAT: Final = re.compile(rb";[ \t]*verstat[ \t]*=[ \t]*[^;>,\s]*", re.IGNORECASE)
+# A verstat parameter (3GPP TS 24.229 §7.2A.20) anywhere in a From or P-Asserted-Identity line,
+# however written: any case, %-escaped letters (the parser reads ver%73tat as verstat), folded
+# onto the next line.
+_VERSTAT: Final = re.compile(
+    rb";\s*" + b"".join(b"(?:%c|%%%02x|%%%02x)" % (c, c, c - 32) for c in b"verstat")
+    + rb"\s*=\s*[^;>,\s]*",
+    re.IGNORECASE)
 DIALOG_CREATING: Final = frozenset({"INVITE", "SUBSCRIBE", "REFER"})
 # Headers only the proxy edits; a verdict's replace_headers cannot touch them.
 PROXY_OWNED: Final = frozenset(
@@ -299,7 +304,10 @@ class Proxy:
             self._abandon(call, now)  # cancelled or failed meanwhile (a no-op when done)
             return
         st.next_hop = None  # worked out again, under the settings in force now
-        self._apply_verdict(st, call, verdict, now)
+        try:
+            self._apply_verdict(st, call, verdict, now)
+        except SipParseError as err:
+            self._found_bad(st, err, now)
 
     def _abandon(self, call: CallInfo, now: float) -> None:
         """A decided (or deciding) call that will not become a dialog: give back what its
@@ -388,13 +396,20 @@ class Proxy:
         try:
             self._on_new_request(st, msg, flow, now)
         except SipParseError as err:
-            # Found bad only now (a Route, Diversion, ...): answer on the transaction, so its
-            # timers clean it up like any other.
-            if st.state in (PROCEEDING, DECIDING):
-                if st.call is not None and st.dialog is None:
-                    self._forget_pending(st, now)
-                self._respond(st, err.status, now, err.reason)
-            self.events.append(ParseFailed(err.status, err.detail, flow, True))
+            self._found_bad(st, err, now)
+
+    def _found_bad(self, st: ServerTxn, err: SipParseError, now: float) -> None:
+        """A request found bad only while it was decided or forwarded (a Route, a Diversion,
+        a Contact to anonymise, ...), at once or when a decision that waited comes back:
+        answer on the transaction, so its timers clean it up like any other, and end the
+        call it had started (its slots freed), or give back what its decision took."""
+        if st.state in (PROCEEDING, DECIDING) and st.client is None:
+            if st.dialog is not None:
+                self._end_dialog(st.dialog, "failed", now)
+            elif st.call is not None:
+                self._forget_pending(st, now)
+            self._respond(st, err.status, now, err.reason)
+        self.events.append(ParseFailed(err.status, err.detail, st.flow, True))
 
     def _on_new_request(self, st: ServerTxn, msg: Message, flow: Flow, now: float) -> None:
         """A request that opened a new server transaction: validate, route, decide, forward."""
@@ -421,6 +436,13 @@ class Proxy:
         target, start_line, route_line = self.router.preprocess_route(msg, flow, initial)
         if target is None:
             self._respond(st, 404, now)
+            return
+        if initial and start_line is not None and not from_core:
+            # sipguard's own (Record-Route) URI as the target of a new request, the real one
+            # in the last Route: only a dialog's strict routing does that (RFC 3261 §16.4). A
+            # new call would steer the core to a number the policy never saw as the callee.
+            self._respond(st, 400, now, "Strict-Routed Initial Request")
+            self.events.append(Dropped("strict_routed_initial", msg.call_id, flow))
             return
         if from_core and dialog is not None and dialog.party is not None:
             target = self._toward_party(dialog.party, target)
@@ -931,6 +953,10 @@ class Proxy:
         if ct is None:
             self.events.append(Dropped("stray_response", f"{msg.status} {msg.call_id}", flow))
             return
+        # A To that does not parse fails the response here, before any state changes (a
+        # client transaction accepted, its server transaction never answered) and before it
+        # is passed on: a parse error, dropped.
+        _ = msg.to_tag
         status = msg.status
         if ct.state in (COMPLETED, TERMINATED):
             if ct.method == "INVITE" and status >= 300 and ct.state == COMPLETED:

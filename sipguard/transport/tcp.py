@@ -10,7 +10,8 @@ Limits (:class:`TcpLimits`, the ``sip.tcp_*`` settings), each reported through
 ``on_event(kind, addr, n)`` when it bites — the shell counts ``kind`` and logs it sampled:
 
 - **connections**: at most ``max_connections`` connections in all and
-  ``max_connections_per_ip`` with one IP address, whichever side opened them. Beyond, a new
+  ``max_connections_per_ip`` with one IP address (an IPv6 one with its network of
+  ``ipv6_prefix`` bits, :mod:`sipguard.addresses`), whichever side opened them. Beyond, a new
   inbound connection is accepted and closed at once (``tcp_refused_total``,
   ``tcp_refused_per_ip``): the kernel has finished the handshake already, and a connection
   left in the backlog would hold its place there; a connection sipguard would open (to a
@@ -72,6 +73,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from sipguard.addresses import source_key
 from sipguard.sip.errors import SipParseError
 from sipguard.sip.framing import PING, StreamFramer
 from sipguard.transport.tls import TlsContexts, peer_names
@@ -108,6 +110,7 @@ class TcpLimits:
     write_stall_timeout_s: float = 30.0
     connect_timeout_s: float = 5.0
     exempt: frozenset[str] = frozenset()  # remote IPs neither capped nor counted (the core)
+    ipv6_prefix: int = 64  # an IPv6 source is capped with its network of this many bits
 
 
 class TcpConnection(asyncio.Protocol):
@@ -125,6 +128,7 @@ class TcpConnection(asyncio.Protocol):
         self.peer_names: tuple[str, ...] = ()  # a verified TLS peer certificate's CN, SAN DNS
         self.raw: asyncio.BaseTransport | None = None  # the TCP transport of a TLS handshake
         self.counted = False  # holds a place in the pool's inbound counts
+        self.count_key = ""  # ... under this key of ``per_ip`` (sipguard.addresses)
         self.pending: list[bytes] = []
         self.pending_bytes = 0
         self.last_message = 0.0  # loop time of the last complete message either way, or connect
@@ -322,13 +326,15 @@ class TcpPool:
         if self.inbound >= limits.max_connections:
             self.event("tcp_refused_total", conn.addr)
             return False
-        n = self.per_ip.get(ip, 0)
+        key = source_key(ip, limits.ipv6_prefix)
+        n = self.per_ip.get(key, 0)
         if n >= limits.max_connections_per_ip:
             self.event("tcp_refused_per_ip", conn.addr)
             return False
-        self.per_ip[ip] = n + 1
+        self.per_ip[key] = n + 1
         self.inbound += 1
         conn.counted = True
+        conn.count_key = key
         return True
 
     def register(self, conn: TcpConnection) -> None:
@@ -361,12 +367,12 @@ class TcpPool:
         if conn.counted:
             conn.counted = False
             self.inbound -= 1
-            ip = conn.addr[0]
-            left = self.per_ip.get(ip, 1) - 1
+            key = conn.count_key
+            left = self.per_ip.get(key, 1) - 1
             if left > 0:
-                self.per_ip[ip] = left
+                self.per_ip[key] = left
             else:
-                self.per_ip.pop(ip, None)
+                self.per_ip.pop(key, None)
 
     async def listen(
         self, host: str, port: int, local: int, tls: bool = False, reuse_port: bool = False

@@ -214,7 +214,8 @@ class UdpEndpoint(asyncio.DatagramProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
 
-    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        # (an IPv6 source is a 4-tuple: the compiled module checks the declared type)
         self._unwatched += 1
         if self._unwatched >= WATCH_EVERY and self.watch is not None:
             self._unwatched = 0

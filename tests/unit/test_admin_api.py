@@ -14,6 +14,7 @@ import aiohttp
 import pytest
 import structlog
 
+from sipguard.ops.admin import MAX_CALLS_SHOWN, SCRAPE_REUSE_S
 from sipguard.ops.config_load import ConfigError, load_config, parse_config
 from sipguard.policy.flood import Ban
 from sipguard.policy.suspensions import SuspensionStore, suspension_key
@@ -344,6 +345,15 @@ async def test_reload_reports_errors_and_applies_a_valid_file(
         status, body = await request("POST", guard.url + "/reload")
         assert body["applied"] is True and "log.level" in body["restart_needed"], body
         assert guard.server.cfg.log.level == level and guard.server.cfg.log.numbers == "masked"
+        # the UDP receive buffer is set when the socket opens: reported, kept; the rest of
+        # the sip section is applied
+        buffer = guard.server.cfg.sip.udp_receive_buffer
+        guard.config.write_text(moved + f"log: {{level: {other}, numbers: masked}}\n"
+                                f"sip: {{udp_receive_buffer: {buffer * 2}, t1_ms: 400}}\n")
+        status, body = await request("POST", guard.url + "/reload")
+        assert body["applied"] is True and "sip.udp_receive_buffer" in body["restart_needed"]
+        assert guard.server.cfg.sip.udp_receive_buffer == buffer
+        assert guard.server.cfg.sip.t1_ms == 400
     finally:
         await guard.server.stop()
 
@@ -411,6 +421,24 @@ async def test_metrics_of_every_worker_in_one_scrape(
                   if s.name == "sipguard_decision_seconds_count"]
         assert {s.labels["worker"]: s.value for s in counts} == {"0": 1.0, "1": 2.0}
 
+        # a burst of scrapes (no token needed) asks the other workers once, not once each
+        other = second.server.http
+        assert other is not None
+        asked: list[int] = []
+        snapshot = other.collector.snapshot
+
+        def counted() -> Any:
+            asked.append(1)
+            return snapshot()
+
+        other.collector.snapshot = counted  # type: ignore[method-assign]
+        await asyncio.sleep(SCRAPE_REUSE_S + 0.05)  # the scrape above is too old to serve
+        answers = await asyncio.gather(*(request("GET", first.url + "/metrics")
+                                         for _ in range(20)))
+        assert [status for status, _ in answers] == [200] * 20 and len(asked) == 1
+        assert len({text for _, text in answers}) == 1
+        other.collector.snapshot = snapshot  # type: ignore[method-assign]
+
         status, text = await request("GET", first.url + "/metrics?scope=worker")
         fams = {f.name: f for f in text_string_to_metric_families(text)}
         (sample,) = [s for s in fams["sipguard_invites"].samples
@@ -442,7 +470,18 @@ async def test_calls_and_bans_shapes(tmp_path: Path, peers: tuple[Peer, Peer]) -
         assert call["caller"] == "+31201234567" and call["callee"] == "+18005550199"
         assert body["counts"] == {"caller": 1, "callee": 0, "diverter": 0}
         status, body = await request("GET", guard.url + "/calls?number=%2B3120*")
-        assert len(body["calls"]) == 1 and body["counts"] is None
+        assert len(body["calls"]) == 1 and body["counts"] is None and "truncated" not in body
+        # a prefix matching more calls than MAX_CALLS_SHOWN: a bounded answer that says so
+        dialogs = guard.server.proxy.dialogs
+        live = next(iter(dialogs.values()))
+        for i in range(MAX_CALLS_SHOWN + 5):
+            dialogs[f"made-up-{i}"] = live
+        try:
+            status, body = await request("GET", guard.url + "/calls?number=%2B31*")
+            assert len(body["calls"]) == MAX_CALLS_SHOWN and body["truncated"] is True
+        finally:
+            for i in range(MAX_CALLS_SHOWN + 5):
+                del dialogs[f"made-up-{i}"]
         status, body = await request("GET", guard.url + "/bans")
         assert status == 200 and body == {"bans": []}
         guard.server.state.flood.bans.clear()

@@ -1,0 +1,133 @@
+"""Requests and answers crafted to slip past the policy or to leave state behind: a strict
+route that changes the called number, a Request-URI the policy cannot read as a number, a
+decision that waited and then meets a bad header, a callee's 2xx with a To that does not
+parse, verstat written so that the plain text does not say "verstat", and the verdict headers
+of rules a peer's traffic never runs."""
+
+from __future__ import annotations
+
+from sipguard.contract import Anonymise, CallInfo, DialogEnded, Dropped, InviteDecided, Verdict
+from sipguard.ops.config_load import parse_config
+from sipguard.policy import callerid
+from sipguard.server import owned_headers
+from sipguard.sip.parser import parse_message
+from tests.unit.dialog_helpers import PolicyHarness, to
+from tests.unit.proxy_helpers import CORE, Harness, answer, invite
+from tests.unit.rule_calls import MINIMAL
+
+REMOTE = ("203.0.113.50", 5060)
+
+
+def statuses(out: list) -> list[int]:  # type: ignore[type-arg]
+    return [m.status for _, m in out if m.status is not None]
+
+
+def test_a_strict_routed_initial_invite_from_outside_is_refused() -> None:
+    """Request-URI = sipguard's own address with lr, the real target in the last Route: the
+    policy would check the To / Request-URI number while the core got the Route's. 400, and
+    nothing reaches the core; the same number dialled directly is refused by the policy."""
+    h = PolicyHarness(extra_yaml='suspended: ["+19005550000"]\n')
+    strict = invite(uri="sip:192.0.2.1:5060;lr", callee="+18005550123",
+                    extra="Route: <sip:+19005550000@10.0.0.10:5080;user=phone>\r\n")
+    out = h.send(strict)
+    assert to(out, CORE) == [] and statuses(out) == [100, 400]
+    assert any(isinstance(e, Dropped) and e.kind == "strict_routed_initial" for e in h.events)
+    out = h.send(invite(branch="z9hG4bK-direct", call_id="direct", callee="+19005550000"))
+    assert to(out, CORE) == [] and statuses(out) == [100, 403]
+
+
+def test_the_callee_is_the_request_uris_number_never_tos_instead() -> None:
+    """A Request-URI user that is no number (a '#' after it, a *67 before it) leaves the call
+    with no called number — not To's, which the caller writes freely; a Request-URI without a
+    user part still takes To's number."""
+    h = PolicyHarness()
+    for i, uri in enumerate(["sip:+19005550000#@192.0.2.1:5060", "sip:*67+19005550000@192.0.2.1",
+                             "sip:192.0.2.1:5060", "sip:+19005550000@192.0.2.1"]):
+        h.send(invite(branch=f"z9hG4bK-u{i}", call_id=f"u{i}", uri=uri, callee="+18005550123"))
+    callees = [e.call.callee for e in h.events if isinstance(e, InviteDecided)]
+    assert callees == [None, None, "+18005550123", "+19005550000"]
+
+
+def test_a_decision_that_waited_then_meets_a_bad_contact_ends_the_call_it_started() -> None:
+    """The verdict of a decision that waited for I/O anonymises the caller; the Contact to
+    edit does not parse. The caller hears 400 on its transaction, the dialog it started ends
+    and its slots go back (before: 100 Trying, then nothing, the transaction, dialog and slot
+    kept for hours)."""
+    calls: list[CallInfo] = []
+
+    def later(call: CallInfo, now: float) -> Verdict | None:
+        calls.append(call)
+        return None
+
+    h = Harness(decide=later)
+    bad = invite().replace(b"Contact: <sip:+12125550100@198.51.100.7:5062>",
+                           b"Contact: <sip:a@198.51.100.7>;;")
+    assert statuses(h.send(bad)) == [100]
+    h.proxy.resolve(calls[0], Verdict("accept", anonymise=Anonymise()), h.now)
+    out = h._drain()
+    assert to(out, CORE) == [] and statuses(out) == [400]
+    assert h.admission is not None and len(h.admission.ended) == 1
+    assert any(isinstance(e, DialogEnded) and e.reason == "failed" for e in h.events)
+    assert not h.proxy.dialogs
+    h.advance(40)  # the 400's timers end the transaction
+    assert not h.proxy.servers
+
+
+def test_a_2xx_with_a_to_that_does_not_parse_changes_nothing() -> None:
+    """The core places a call; the callee answers 200 with a To that does not parse. The
+    answer is dropped before any state changes: the proper 200 that follows still reaches
+    the core, and the core's transaction ends."""
+    h = PolicyHarness()
+    inv = invite(branch="z9hG4bK-out", call_id="out-1", uri="sip:+447700900123@203.0.113.50",
+                 via_host="10.0.0.10:5080")
+    [req] = to(h.send(inv, src=CORE), REMOTE)
+    bad = answer(req, 200, "OK", to_tag="x;;")
+    assert to(h.send(bad, src=REMOTE), CORE) == []
+    good = [m for m in to(h.send(answer(req, 200, "OK", to_tag="r1"), src=REMOTE), CORE)]
+    assert [m.status for m in good] == [200]
+    h.advance(40)
+    assert not h.proxy.servers
+
+
+def test_verstat_folded_or_escaped_is_removed_too() -> None:
+    """verstat on a folded line, or with %-escaped letters (which the URI grammar reads as
+    verstat), never reaches the core from outside."""
+    h = PolicyHarness()
+    forged = ("P-Asserted-Identity: <tel:+12125550100;ver%73tat=TN-Validation-Passed>\r\n"
+              "P-Asserted-Identity: <tel:+12125550100;%56ERSTAT=TN-Validation-Passed>\r\n")
+    data = invite(extra=forged).replace(
+        b"From: <sip:+12125550100@198.51.100.7>;tag=ftag1",
+        b"From: <sip:+12125550100@198.51.100.7;user=phone>;tag=ftag1;\r\n verstat=TN-Validation-Passed")
+    [fwd] = [m for m in to(h.send(data), CORE) if m.method == "INVITE"]
+    for name in ("from", "p-asserted-identity"):
+        for value in fwd.values(name):
+            assert "validation" not in value.lower(), value
+
+
+def test_a_rules_own_verstat_replaces_an_escaped_one() -> None:
+    """Rule callerid puts its verstat on the PAI; a %-escaped one the peer sent goes."""
+    msg = parse_message(invite(extra="P-Asserted-Identity: <tel:+12125550100;ver%73tat=TN-Validation-Passed>\r\n"))
+    line = callerid.pai_with_verstat(msg, "No-TN-Validation", "+12125550100", True)
+    assert line == "P-Asserted-Identity: <tel:+12125550100;verstat=No-TN-Validation>"
+
+
+def test_long_p_asserted_identities_are_not_memoised() -> None:
+    callerid._PAI_LINES.clear()
+    long = '"' + "a" * 2000 + '" <tel:+12125550100>'
+    msg = parse_message(invite(extra=f"P-Asserted-Identity: {long}\r\n"))
+    assert callerid.pai_with_verstat(msg, "No-TN-Validation", "+12125550100", True)
+    assert not callerid._PAI_LINES
+    msg = parse_message(invite(extra="P-Asserted-Identity: <tel:+12125550100>\r\n"))
+    callerid.pai_with_verstat(msg, "No-TN-Validation", "+12125550100", True)
+    assert len(callerid._PAI_LINES) == 1
+
+
+def test_every_rules_verdict_header_is_stripped_from_outside_even_where_the_rule_is_off() -> None:
+    """A custom verdict header of rule national_cli or dialer is sipguard's, also on traffic
+    from a peer for which that rule is never built."""
+    cfg = parse_config(MINIMAL + "rules:\n  national_cli: {home_countries: ['31'], "
+                       "verdict_header: X-NatCli}\n  dialer: {verdict_header: X-Dialer}\n")
+    assert {"x-natcli", "x-dialer"} <= owned_headers(cfg)
+    h = PolicyHarness(strip_headers=owned_headers(cfg))
+    _, fwd = h.call(1, extra="X-NatCli: national_cli.anonymised;mobile\r\nX-Dialer: ok\r\n")
+    assert fwd is not None and not fwd.has("x-natcli") and not fwd.has("x-dialer")
