@@ -174,8 +174,9 @@ def _verb(args: argparse.Namespace) -> int:
         if status == 422 and isinstance(answer, dict):
             for err in answer.get("errors", []):
                 line = err.get("line") or "-"
-                print(f"sipguard: reload refused: {line}: {err.get('field')}: "
-                      f"{err.get('message')}", file=sys.stderr)
+                field = f" {err['field']}:" if err.get("field") else ""
+                print(f"sipguard: reload refused: {line}:{field} {err.get('message')}",
+                      file=sys.stderr)
             return EXIT_CONFIG
         result: Any = _ok(status, answer)
     elif cmd == "suspend":
@@ -259,8 +260,11 @@ async def _serve(path: str, args: argparse.Namespace, cfg: Config) -> int:
         stop.set()
 
     def on_stop() -> None:
-        # First signal: drain (new calls 503, calls up finish); a second one: stop at once.
+        # First signal: drain (new calls 503, calls up finish); a second one: stop at once
+        # (the calls still up are ended as the stop does at the drain's end).
         if drains:
+            if not stop.is_set():
+                log.warning("drain_cut", live_calls=len(server.proxy.dialogs))
             stop.set()
             return
         drains.append(loop.create_task(drain_then_stop()))

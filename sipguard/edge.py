@@ -179,6 +179,15 @@ class EdgeCore:
                 ended += 1
         return ended
 
+    def end_all(self, reason: str, now: float) -> None:
+        """Shutting down: every call ends now (see :meth:`Proxy.end_all`)."""
+        mark = len(self.proxy.outbox)
+        try:
+            self.proxy.end_all(reason, now)
+        except Exception:
+            del self.proxy.outbox[mark:]
+            self.proxy.events.append(Failed("end_all", traceback.format_exc(limit=8), None))
+
     def housekeep(self, now: float) -> None:
         """Every few seconds: forget flood bans that have run out."""
         guard = self.policy.flood
@@ -218,16 +227,20 @@ class EdgeCore:
         self._defer(self.policy.abandoned(call, now), "abandoned")
 
     def screen(self, msg: Message, flow: Flow, now: float) -> Verdict | None:
-        if self.overloaded and msg.method == "INVITE":
+        try:
+            verdict = self.policy.screen(msg, flow, now)  # an unknown source first: silence
+        except Exception:  # fails closed, like a rule that raises
+            self.proxy.events.append(Failed("screen", traceback.format_exc(limit=8), flow))
+            return DECISION_FAILED
+        if verdict is None and self.overloaded and msg.method == "INVITE":
             # Shed before the proxy keeps anything: a stateless 503 (no transaction, no 100,
             # no timers, not retransmitted — a retransmitted INVITE is answered again), the
             # cheapest answer there is, while sipguard is behind.
             return self._overload
-        try:
-            return self.policy.screen(msg, flow, now)
-        except Exception:  # fails closed, like a rule that raises
-            self.proxy.events.append(Failed("screen", traceback.format_exc(limit=8), flow))
-            return DECISION_FAILED
+        return verdict
+
+    def silent_to(self, flow: Flow) -> bool:
+        return self.policy.silent_to(flow)
 
     def same_party(self, dialog: Dialog, flow: Flow) -> bool:
         return self.policy.same_party(dialog, flow)

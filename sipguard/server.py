@@ -292,6 +292,7 @@ class Server:
         self.tcp = TcpPool(self.loop, self._on_stream_message, self._on_stream_error,
                            cfg.sip.max_message_size, tcp_limits(cfg), self._on_tcp_event)
         self.tcp.watch = self._check_load
+        self.tcp.is_peer = self._is_peer_address  # connections kept for the trunks
         self.state.tls_names = self._tls_names  # peers matched by their TLS certificate
         self.metrics.config_loaded = time.time()
         sample = cfg.log.parse_error_sample_s
@@ -392,13 +393,16 @@ class Server:
         self._gc_timer = self.loop.call_later(YOUNG_EVERY_S, self.collect_garbage)
         self._load_watch = self.loop.call_later(LOAD_WATCH_S, self._watch_load)
         compiled, stale = native.status()
+        rules = [r.name for r in self.policy.rules]
+        if self.policy.flood is not None:
+            rules.append("flood")  # the guard before the pipeline
         self.log.info(
             "sipguard_started",
             listen=[str(ep) for ep in self.cfg.listen],
             core=str(self.cfg.core),
             mode=self.cfg.mode,
             peers=len(self.policy.peers.peers),
-            rules=[r.name for r in self.policy.rules],
+            rules=rules,
             compiled=len(compiled) == len(native.HOT_MODULES) + len(native.C_MODULES),
             python=native.interpreter(),  # its version and installation (speed differs by build)
             verify_threads=self.verifier.threads,  # rule identity's signature-check threads
@@ -541,9 +545,10 @@ class Server:
         self._load_watch = self.loop.call_later(LOAD_WATCH_S, self._watch_load)
 
     def _held(self) -> int:
-        """Transactions and dialogs the proxy holds: what the heap grows and shrinks with."""
+        """Transactions, dialogs and TCP connections held: what the heap grows and shrinks
+        with (a connection may buffer a message of up to sip.max_message_size)."""
         proxy = self.proxy
-        return len(proxy.servers) + len(proxy.clients) + len(proxy.dialogs)
+        return len(proxy.servers) + len(proxy.clients) + len(proxy.dialogs) + len(self.tcp.by_id)
 
     def collect_garbage(self) -> None:
         """The cyclic garbage collector's pass (its automatic runs are off, see
@@ -582,6 +587,7 @@ class Server:
         self._log_flusher = self.loop.call_later(0.1, self._flush_logs)
 
     async def stop(self) -> None:
+        self.end_all_calls("shutdown")
         self.listening = False
         for handle in (self._gc_timer, self._load_watch, self._log_flusher, self._timer,
                        self._housekeeping):
@@ -667,7 +673,8 @@ class Server:
                 self.counters["config_reload_failed"] += 1
                 self.log.error(
                     "config_reload_failed",
-                    errors=[f"{e.line or '-'}: {e.path}: {e.message}" for e in result.errors],
+                    errors=[f"{e.line or '-'}:{f' {e.path}:' if e.path else ''} {e.message}"
+                            for e in result.errors],
                 )
                 return result
             if not applied:
@@ -722,6 +729,24 @@ class Server:
         await asyncio.sleep(0.05)  # the last answers of the pass go out
         left = len(proxy.dialogs)
         self.log.info("drain_ended", live_calls=left)
+        return left
+
+    def _is_peer_address(self, ip: str) -> bool | None:
+        """Whether ``ip`` is in a configured peer's networks (the running config's); None when
+        no peers are configured."""
+        peers = self.policy.peers
+        return peers.lookup(ip) is not None if peers else None
+
+    def end_all_calls(self, reason: str) -> int:
+        """Stopping with calls still up (the drain ran out, or a second signal): each ends
+        now — an answered one with a BYE to both sides, one still ringing in the records
+        only — and gets its ``dialog_ended`` line (``reason``), rather than vanishing with the
+        process and leaving both sides up (after a restart their BYEs would hear 481). How
+        many were up."""
+        left = len(self.proxy.dialogs)
+        if left:
+            self.core.end_all(reason, self.loop.time())
+            self._flush()  # the BYEs queued and the lines written before the sockets close
         return left
 
     def config_view(self) -> dict[str, Any]:
@@ -813,14 +838,24 @@ class Server:
         entry, ended = self._suspend_here(key, reason, by, ttl, end_calls, now)
         if self.shared_lists is not None:
             self.shared_lists.suspension_changed(key)
+        told = 0
         if self.link is not None:
-            self.link.broadcast({"op": "suspend", "key": key, "reason": reason, "by": by,
-                                 "ttl": ttl, "end_calls": end_calls})
+            told = self.link.broadcast({"op": "suspend", "key": key, "reason": reason, "by": by,
+                                        "ttl": ttl, "end_calls": end_calls})
         saved = await self.save_suspensions()
         shown = entry.as_dict(now)
         field = "prefix" if entry.prefix else "number"
         shown[field] = self._shown(shown[field])
-        return {"suspension": shown, "calls_ended": ended, "saved": saved}
+        answer: dict[str, Any] = {"suspension": shown, "calls_ended": ended, "saved": saved}
+        if self.link is not None:
+            # calls_ended counts this worker's; each other worker ends its own calls and
+            # counts them in its suspension_added line
+            answer["other_workers_told"] = told
+        if not key.startswith("+"):
+            answer["warning"] = (
+                "no leading +: matches only numbers a peer sends without a country code and "
+                "without a default_region; a call from the E.164 form is not stopped")
+        return answer
 
     def _suspend_here(self, key: str, reason: str, by: str, ttl: float | None,
                       end_calls: bool, now: float, **via: str) -> tuple[Suspension, int]:
@@ -833,7 +868,8 @@ class Server:
             self._schedule_flush()
         self.log.info(
             "suspension_added", **{"prefix" if entry.prefix else "number": self._shown(key)},
-            by=by, reason=reason, expires=ttl, end_calls=end_calls, calls_ended=ended, **via,
+            by=entry.by, reason=entry.reason, expires=ttl, end_calls=end_calls,
+            calls_ended=ended, **via,
         )
         return entry, ended
 
@@ -978,8 +1014,10 @@ class Server:
     # ------------------------------------------------------------------ input
     def _on_datagram(self, data: bytes, flow: Flow) -> None:
         link = self.link
-        if link is not None and flow.local >= self._shared_from:
-            # the public address, several workers: the caller's worker handles it
+        if link is not None and (flow.local >= self._shared_from or opens_call(data)):
+            # the public address, several workers: the caller's worker handles it; and a new
+            # call sent straight to a worker's own port too — else a dialer could spread its
+            # calls over the workers' ports, out of sight of each one's dialer analytics
             now = self.loop.time()
             core = self.core
             if core.flood_check(data, flow, now):
@@ -989,8 +1027,9 @@ class Server:
                 if owner == link.index or (
                     # Behind in reading: a new call read now waited in this worker's queue, so
                     # it is shed here (503) like the calls this worker owns, not handed over
-                    # late to add to another worker's load.
-                    core.overloaded and not from_core and opens_call(data)
+                    # late to add to another worker's load. Draining: it hears 503 here too,
+                    # not from its worker, which may have finished its drain and gone.
+                    (core.overloaded or core.draining) and not from_core and opens_call(data)
                 ) or not link.hand_over(owner, data, flow):
                     core.receive(data, flow, now, screened=True)
         else:

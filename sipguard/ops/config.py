@@ -166,7 +166,10 @@ class SipSettings(BaseModel):
         default=4096, ge=1,
         description="TCP connections with parties at most; a new inbound one beyond is closed "
         "at once, and one sipguard would open to a party (an answer whose connection closed) "
-        "is not opened (`tcp_refused_total`). Connections with the core do not count.",
+        "is not opened (`tcp_refused_total`). Connections with the core do not count. With "
+        "peers configured, a peer's connection is admitted beyond it (its per-address cap "
+        "still holds), and one from an unknown source that brings no complete message within "
+        "`tcp_message_timeout_s` is closed: unknown sources cannot lock the trunks out.",
     )
     tcp_max_connections_per_ip: int = Field(
         default=64, ge=1,

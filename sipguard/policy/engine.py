@@ -189,13 +189,18 @@ class Policy:
                                if (n := na.uri.number) is not None), None)
             shown = msg.from_.uri.number
             caller = caller or shown
-            callee = msg.request_uri.number or msg.to.uri.number
+            uri = msg.request_uri  # as CallInfo: To's only without a user part
+            callee = uri.number if uri.user else msg.to.uri.number
             region = peer.default_region if peer is not None else None
             verdict = self._suspended(to_e164(caller, region), to_e164(callee, region),
                                       to_e164(shown, region), now)
             if verdict is not None:
                 return self._global(verdict)
         return None
+
+    def silent_to(self, flow: Flow) -> bool:
+        """An unknown source with ``unknown_source: drop``: it hears nothing at all."""
+        return self.unknown_drop and bool(self.peers) and self._peer_of(flow) is None
 
     def same_party(self, dialog: Dialog, flow: Flow) -> bool:
         """An in-dialog request from another address of the peer the call came from (a

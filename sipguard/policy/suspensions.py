@@ -113,8 +113,14 @@ class SuspensionStore:
     def add(
         self, key: str, reason: str, by: str, now: float, ttl: float | None = None
     ) -> Suspension:
-        """Suspend ``key`` (from :func:`suspension_key`); replaces an entry for the same key."""
-        entry = Suspension(key, reason, by, now, None if ttl is None else now + ttl)
+        """Suspend ``key`` (from :func:`suspension_key`); replaces an entry for the same key,
+        keeping its age, and its reason and author where the new one gives none (suspend
+        again to end the calls, or to change the expiry, and the ticket stays)."""
+        old = self.prefixes.get(key[:-1]) if key.endswith("*") else self.exact.get(key)
+        created = now
+        if old is not None and old.live(now):
+            reason, by, created = reason or old.reason, by or old.by, old.created
+        entry = Suspension(key, reason, by, created, None if ttl is None else now + ttl)
         self._put(entry)
         return entry
 

@@ -128,6 +128,11 @@ class Admission(Protocol):
         exact address the call came from (e.g. another address of the same peer)."""
         ...
 
+    def silent_to(self, flow: Flow) -> bool:
+        """Whether ``flow``'s source hears nothing from sipguard (an unknown source with
+        ``unknown_source: drop``): not even the answer to a request that does not parse."""
+        ...
+
 
 class AcceptAll:
     """An :class:`Admission` with no policy: every call is accepted, nothing is counted."""
@@ -148,6 +153,9 @@ class AcceptAll:
         return None
 
     def same_party(self, dialog: Dialog, flow: Flow) -> bool:
+        return False
+
+    def silent_to(self, flow: Flow) -> bool:
         return False
 
 # ";branch=z9hG4bKsg..." in a raw Via line: the first one is the top value's.
@@ -327,7 +335,9 @@ class Proxy:
     # ------------------------------------------------------------------ errors
     def _parse_failed(self, err: SipParseError, msg: Message | None, flow: Flow) -> None:
         answered = False
-        if msg is not None and msg.method not in (None, "ACK") and msg.has("via"):
+        if msg is not None and msg.method not in (None, "ACK") and msg.has("via") and not (
+            self.admission.silent_to(flow)  # a silent sipguard is not found out by a bad request
+        ):
             # Answer what can be answered (RFC 4475 §3.1.2): a From or To that does not parse is
             # echoed without a tag added; a top Via that does not parse is echoed and the answer
             # goes to the source address.
@@ -547,8 +557,8 @@ class Proxy:
         refusal = self._not_party(dialog, side, flow)
         if not refusal:
             return True
-        if dialog is None and not self._admitted(msg, flow, now, methods=False):
-            return False
+        if not self._admitted(msg, flow, now, methods=False):
+            return False  # an unknown source learns nothing, not even that the call exists
         self._stateless(msg, flow, refusal, None)
         self.events.append(Dropped("in_dialog_refused", f"{refusal} {msg.call_id}", flow))
         return False
@@ -1327,6 +1337,14 @@ class Proxy:
         self._send_both_ways(probe, "BYE", "end", now)
         self._end_dialog(dialog, reason, now)
         return True
+
+    def end_all(self, reason: str, now: float) -> None:
+        """Shutting down: every call ends now — an answered one with a BYE to each side (as
+        :meth:`end_call`), one not answered yet only here (its INVITE transaction ends with
+        the process) — each with its DialogEnded (``reason``) and its slots freed."""
+        for dialog in list(self.dialogs.values()):
+            if not self.end_call(dialog, reason, now):
+                self._end_dialog(dialog, reason, now)
 
     def _probe_answered(self, probe: keepalive.Probe, status: int, now: float) -> None:
         """A keep-alive's final answer: 481 or 408 (or none) ends the call; anything else is

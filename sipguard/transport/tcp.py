@@ -17,7 +17,12 @@ Limits (:class:`TcpLimits`, the ``sip.tcp_*`` settings), each reported through
   left in the backlog would hold its place there; a connection sipguard would open (to a
   party, for an answer whose connection has closed, or a request from the core) is not opened
   and the message dropped, counted the same. The ``exempt`` addresses (the core's) are
-  neither capped nor counted.
+  neither capped nor counted. With peers configured (``is_peer``), a connection from a peer's
+  networks is admitted beyond ``max_connections`` (its per-address cap still holds), so
+  connections from unknown sources cannot lock the trunks out.
+- **first message**: with peers configured, a connection from an unknown source that brings
+  no complete message within ``message_timeout_s`` of its accept is closed
+  (``tcp_message_timeout``): an idle one must not hold its place for ``idle_timeout_s``.
 - **slow messages**: a connection holding a partial message (bytes buffered, no complete
   message) for longer than ``message_timeout_s`` is closed (``tcp_message_timeout``; slowloris).
   Up to three buffered bytes do not count: they may be the start of a CRLFCRLF ping.
@@ -128,6 +133,9 @@ class TcpConnection(asyncio.Protocol):
         self.peer_names: tuple[str, ...] = ()  # a verified TLS peer certificate's CN, SAN DNS
         self.raw: asyncio.BaseTransport | None = None  # the TCP transport of a TLS handshake
         self.counted = False  # holds a place in the pool's inbound counts
+        # from no configured peer, and no complete message yet: closed when none comes
+        # within the message timeout (an idle connection must not hold a place for 10 min)
+        self.awaiting_first = False
         self.count_key = ""  # ... under this key of ``per_ip`` (sipguard.addresses)
         self.pending: list[bytes] = []
         self.pending_bytes = 0
@@ -192,6 +200,7 @@ class TcpConnection(asyncio.Protocol):
                 assert isinstance(item, bytes)
                 if now < 0:
                     now = self.last_message = pool.loop.time()
+                    self.awaiting_first = False
                 pool.on_message(item, self.addr, self.local, self.id)
         if framer.error is not None:  # what came before it is delivered; the rest is lost
             pool.on_error(framer.error, self.addr, self.local)
@@ -308,6 +317,12 @@ class TcpPool:
         # Connections whose reader is behind, by id: since when (see "reader behind").
         self.behind: dict[int, float] = {}
         self.watch: Callable[[], None] | None = None  # the overload check (set by the shell)
+        # Whether an address is in a configured peer's networks (set by the shell; it answers
+        # None when no peers are configured: every source is served alike). A peer's
+        # connection is admitted beyond max_connections (its per-address cap still holds):
+        # connections from unknown sources must not lock the trunks out. An unknown source's
+        # connection must bring a complete message within message_timeout_s.
+        self.is_peer: Callable[[str], bool | None] | None = None
         self._watched = 0.0  # loop time of the last check a reader behind asked for
 
     def event(self, kind: str, addr: tuple[str, int], n: int = 1) -> None:
@@ -323,7 +338,8 @@ class TcpPool:
         limits = self.limits
         if ip in limits.exempt:
             return True
-        if self.inbound >= limits.max_connections:
+        peer = self.is_peer(ip) if self.is_peer is not None else None
+        if self.inbound >= limits.max_connections and not peer:
             self.event("tcp_refused_total", conn.addr)
             return False
         key = source_key(ip, limits.ipv6_prefix)
@@ -335,6 +351,7 @@ class TcpPool:
         self.inbound += 1
         conn.counted = True
         conn.count_key = key
+        conn.awaiting_first = conn.inbound and peer is False
         return True
 
     def register(self, conn: TcpConnection) -> None:
@@ -491,7 +508,9 @@ class TcpPool:
                 if conn.paused_since < stall_cut:
                     self.event("tcp_write_stalled", conn.addr)
                     conn.abort()
-            elif conn.partial_since is not None and conn.partial_since < message_cut:
+            elif (conn.partial_since is not None and conn.partial_since < message_cut) or (
+                conn.awaiting_first and conn.last_message < message_cut
+            ):
                 self.event("tcp_message_timeout", conn.addr)
                 conn.close()
             elif conn.last_message < idle_cut:

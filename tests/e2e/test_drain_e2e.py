@@ -48,3 +48,42 @@ def test_sigterm_drains_calls_up_and_refuses_new_ones(stack: E2EStack) -> None:
     finally:
         caller.close()
         core.close()
+
+
+def test_calls_still_up_when_the_drain_ends_get_a_bye_and_a_line(stack: E2EStack) -> None:
+    """drain_timeout_s runs out with a call up: sipguard sends BYE to both sides, logs its
+    dialog_ended with reason shutdown, and exits 0 — the call does not vanish unrecorded with
+    both sides left up (after a restart their BYEs would hear 481)."""
+    core = Core()
+    guard, port = stack.sipguard(core_port=core.port, listen=("udp",),
+                                 config_extra="drain_timeout_s: 1\n")
+    caller = Caller(port)
+    try:
+        caller.send(caller.request("INVITE", "drain-2"))
+        [ok] = caller.finals(call_id="drain-2")
+        m = re.search(r"tag=([^;>\s]+)", header(ok, "To"))
+        assert m is not None
+        route = f"Route: {header(ok, 'Record-Route')}\r\n"
+        caller.send(caller.request("ACK", "drain-2", to_tag=m.group(1), extra=route))
+        time.sleep(0.2)
+        os.kill(guard.pid, signal.SIGTERM)
+        heard: list[bytes] = []
+        end = time.monotonic() + 5
+        while time.monotonic() < end and not any(d.startswith(b"BYE ") for d in heard):
+            try:
+                heard.append(caller.sock.recv(65535))
+            except TimeoutError:
+                continue
+        assert any(d.startswith(b"BYE ") for d in heard), heard
+        assert guard.proc is not None
+        deadline = time.monotonic() + 10
+        while guard.proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert guard.proc.returncode == 0
+        assert "BYE" in core.methods("drain-2")
+        with guard._cv:
+            reasons = [e.get("reason") for e in guard.events if e.get("event") == "dialog_ended"]
+        assert reasons == ["shutdown"]
+    finally:
+        caller.close()
+        core.close()

@@ -148,6 +148,9 @@ def inside() -> None:
                 text = resp.read().decode()
             out["metrics"] = [line for line in text.splitlines()
                               if line.startswith("sipguard_events_total")]
+            with guard._cv:
+                out["rules"] = [e["rules"] for e in guard.events
+                                if e.get("event") == "sipguard_started"]
         finally:
             guard.stop()
     print(json.dumps(out))
@@ -173,6 +176,7 @@ def test_ipv6_sources_are_counted_per_network() -> None:
     assert [(b["source"], b["reason"]) for b in out["bans"]] == [
         ("2001:db8:7:1::/64", "flood")], out["bans"]
     assert out["lifted"] == {"lifted": "2001:db8:7:1::/64"} and out["flood_after_lift"]
+    assert out["rules"] == [["rate", "flood"]], "the start-up line names the flood guard too"
     metrics = "\n".join(out["metrics"])
     assert 'event="tcp_refused_per_ip"} 1.0' in metrics, metrics
 

@@ -440,3 +440,65 @@ def test_a_worker_behind_sheds_the_new_calls_it_reads_whoever_owns_them(
     finally:
         sock.close()
         core.close()
+
+
+def test_a_draining_worker_answers_every_new_call_it_reads(stack: E2EStack) -> None:
+    """SIGTERM while worker 0 holds a call in progress: worker 1, with none, ends its drain at
+    once and exits. The new calls worker 0 then reads — its own callers' and the gone
+    worker's — hear the drain's 503 from it; none is handed to the worker that is gone (which
+    left those callers retransmitting into silence)."""
+    core = CoreSocket()
+    sock, local = uac_socket()
+    try:
+        g, port = start_shm_workers(stack, core.port, "drain_timeout_s: 15\n")
+        sock.sendto(invite(0, caller=number_of(0), callee="+18005550199", transport="udp",
+                           local_port=local, target_port=port, tag="dr"), (HOST, port))
+        assert core.collect(1.0), "the call reached the core (unanswered: it stays in progress)"
+        os.kill(g.pid, signal.SIGTERM)
+        g.wait_event("drain_ended", 1, timeout=10)
+        with g._cv:
+            [ended] = [e for e in g.events if e.get("event") == "drain_ended"]
+        assert ended.get("worker") == 1 and ended.get("live_calls") == 0, ended
+        time.sleep(0.5)  # worker 1 exits; its socket leaves the group
+        for i, worker in enumerate((1, 0, 1)):
+            sock.sendto(invite(10 + i, caller=number_of(worker), callee="+18005550199",
+                               transport="udp", local_port=local, target_port=port, tag="dr"),
+                        (HOST, port))
+        got = b""
+        end = time.monotonic() + 3
+        while time.monotonic() < end and len(final_statuses(got)) < 3:
+            try:
+                got += sock.recv(65535)
+            except TimeoutError:
+                continue
+        statuses = final_statuses(got)
+        assert statuses == {f"burst-dr-{10 + i}@{HOST}": 503 for i in range(3)}, statuses
+    finally:
+        sock.close()
+        core.close()
+
+
+def test_a_new_call_sent_to_a_workers_own_port_is_decided_by_its_callers_worker(
+    stack: E2EStack,
+) -> None:
+    """A caller that sends its INVITEs straight to the workers' own ports, in turn, cannot
+    pick the worker that decides (and split a dialer's calls out of sight of each worker's
+    dialer analytics): every call is decided by its caller's worker, as on the public
+    address."""
+    core = CoreSocket()
+    sock, local = uac_socket()
+    try:
+        g, _ = start_shm_workers(stack, core.port)
+        m = re.search(r"worker_port_base: (\d+)", g.config.read_text())
+        assert m is not None
+        base = int(m.group(1))
+        for i in range(4):
+            own = base + i % WORKERS
+            sock.sendto(invite(30 + i, caller=number_of(0), callee=f"+1800555{i:04d}",
+                               transport="udp", local_port=local, target_port=own, tag="own"),
+                        (HOST, own))
+        assert len(core.collect(1.5)) == 4
+        assert per_worker(g, "invite_decided") == Counter({0: 4})
+    finally:
+        sock.close()
+        core.close()

@@ -49,6 +49,9 @@ class DecideOnly:
     def same_party(self, dialog: Dialog, flow: Flow) -> bool:
         return False
 
+    def silent_to(self, flow: Flow) -> bool:
+        return False
+
 
 class Harness:
     """A proxy plus a clock; ``send`` feeds bytes and returns what the proxy sent."""

@@ -513,6 +513,36 @@ def test_store_matches_exact_and_prefix_and_expires() -> None:
         suspension_key("*")
 
 
+def test_suspending_again_keeps_the_reason_author_and_age_unless_given() -> None:
+    """The documented sequence — suspend with a reason, then again with --end-calls — keeps
+    the ticket; a new reason or author replaces the old; an expired entry starts afresh."""
+    store = SuspensionStore()
+    store.add("+12125550199", "fraud ticket 4711", "noc", 10.0)
+    again = store.add("+12125550199", "", "", 20.0, ttl=60)
+    assert (again.reason, again.by, again.created, again.expires) == (
+        "fraud ticket 4711", "noc", 10.0, 80.0)
+    assert store.add("+12125550199", "ticket 4712", "", 30.0).reason == "ticket 4712"
+    store.add("+3120*", "p", "a", 0.0, ttl=5)
+    fresh = store.add("+3120*", "", "", 50.0)
+    assert (fresh.reason, fresh.created) == ("", 50.0)
+
+
+async def test_a_number_without_a_plus_is_suspended_with_a_warning(
+    tmp_path: Path, peers: tuple[Peer, Peer]
+) -> None:
+    caller, core = peers
+    guard = await start_guard(tmp_path, core)
+    try:
+        status, body = await request("POST", guard.url + "/suspensions",
+                                     {"number": "2125550199", "reason": "x"})
+        assert status == 201 and body["warning"].startswith("no leading +"), body
+        status, body = await request("POST", guard.url + "/suspensions",
+                                     {"number": "+12125550199", "reason": "x"})
+        assert status == 201 and "warning" not in body
+    finally:
+        await guard.server.stop()
+
+
 # --------------------------------------------------------------------------- shared state
 
 

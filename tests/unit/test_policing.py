@@ -127,6 +127,27 @@ def test_unknown_source_drop_sends_nothing_at_all() -> None:
     assert out == []
 
 
+def test_unknown_source_drop_stays_silent_to_bad_requests_live_calls_and_while_shedding() -> None:
+    """unknown_source: drop — an unknown source hears nothing for a request that does not
+    parse, for an in-dialog request naming a live call (no 403 telling the call exists), and
+    for an INVITE while sipguard sheds load (no 503 reflected to a spoofed address); a peer
+    still hears them (and with reject, an unknown source its 403)."""
+    h = PolicyHarness(extra_yaml=PEERS + "unknown_source: drop\n")
+    up(h)
+    bad = out_of_dialog("OPTIONS").replace(b"Max-Forwards: 70", b"Max-Forwards: many")
+    assert h.send(bad, src=STRANGER) == []
+    assert statuses(h.send(bad.replace(b"203.0.113.5", b"198.51.100.7"))) == [400]
+    bye = in_dialog("BYE", call_id="call-1", cseq=5, branch="z9hG4bK-forged")
+    assert h.send(bye, src=STRANGER) == []
+    rejecting = PolicyHarness(extra_yaml=PEERS)
+    up(rejecting)
+    assert statuses(rejecting.send(bye, src=STRANGER)) == [403]
+    h.core.overloaded = True
+    assert h.send(out_of_dialog("INVITE", call_id="shed-1"), src=STRANGER) == []
+    shed = h.send(invite(branch="z9hG4bK-shed", call_id="shed-2"))
+    assert statuses(shed) == [503]
+
+
 def test_methods_a_trunk_does_not_use_get_405_with_allow() -> None:
     """A peer's out-of-dialog MESSAGE is answered 405 with Allow; OPTIONS and INVITE pass."""
     h = PolicyHarness(extra_yaml=PEERS)

@@ -400,6 +400,35 @@ async def test_connections_beyond_the_total_cap_are_closed_but_the_exempt_addres
 
 
 @pytest.mark.usefixtures("fast_sweep")
+async def test_unknown_sources_cannot_lock_the_peers_out_with_idle_connections() -> None:
+    """Peers configured (127.0.0.2 is one): two silent connections from an unknown source fill
+    the total cap of 2, a third from it is refused, the peer's connection is still admitted.
+    The unknown source's connections that brought no message are closed after the message
+    timeout; the peer's silent one, and an unknown one that sent a message, stay open."""
+    limits = TcpLimits(max_connections=2, message_timeout_s=0.3)
+    async with listening_with(limits) as ends:
+        ends.pool.is_peer = lambda ip: ip == "127.0.0.2"
+        silent = [await ends.connect("127.0.0.3") for _ in range(2)]
+        await until(lambda: ends.pool.inbound == 2)
+        refused, _ = await ends.connect("127.0.0.3")
+        assert await closed_by_peer(refused)
+        assert ends.rec.count("tcp_refused_total") == 1
+        peer_reader, peer_writer = await ends.connect("127.0.0.2")
+        await until(lambda: ends.pool.inbound == 3)
+        for reader, _ in silent:
+            assert await closed_by_peer(reader)
+        assert ends.rec.count("tcp_message_timeout") == 2
+        talker_reader, talker_writer = await ends.connect("127.0.0.4")
+        talker_writer.write(msg(1))
+        await until(lambda: len(ends.rec.messages) == 1)
+        await asyncio.sleep(0.6)
+        peer_writer.write(msg(2))
+        talker_writer.write(msg(3))
+        await until(lambda: len(ends.rec.messages) == 3)
+        assert ends.rec.count("tcp_message_timeout") == 2
+
+
+@pytest.mark.usefixtures("fast_sweep")
 async def test_a_slow_sender_is_closed_after_the_message_timeout() -> None:
     """A client trickling a header block a few bytes at a time is closed once its partial
     message is older than the message timeout (tcp_message_timeout), though bytes keep
