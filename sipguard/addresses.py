@@ -10,7 +10,10 @@ written ``network/prefix`` (``2001:db8:1:2::/64``), which is also how a ban show
 
 An IPv4-mapped IPv6 address (``::ffff:192.0.2.1``, a dual-stack socket's view of an IPv4
 source) keeps its whole address, and a prefix of 128 counts every IPv6 address on its own. A
-link-local scope id (``%eth0``) is not part of the key.
+link-local scope id (``%eth0``) is not part of the key. The callers keep an address in a
+configured peer's (or the flood guard's exempt) networks on its own: a peer listed by its
+address must not share a ban or a count with its neighbours in the /64. A reload that changes
+the prefix moves each ban on a network to the new network of its first address.
 """
 
 from __future__ import annotations

@@ -44,7 +44,13 @@ from typing import Any
 from sipguard.ops.config import Config
 from sipguard.ops.config_load import ConfigError, config_with_overrides, load_config
 from sipguard.ops.endpoints import Endpoint
-from sipguard.ops.logging import close_logs, configure_logging, flush_logs, get_logger
+from sipguard.ops.logging import (
+    close_logs,
+    configure_logging,
+    flush_logs,
+    get_logger,
+    log_writer,
+)
 from sipguard.policy.engine import Policy
 from sipguard.policy.state import RuleState
 from sipguard.server import Server, StartupError
@@ -289,6 +295,11 @@ async def _serve(path: str, args: argparse.Namespace, cfg: Config) -> int:
         if link is not None:
             link.close()
         await server.stop()
+        flush_logs()
+        writer = log_writer()
+        if writer is not None:  # the lines of the calls ended at the stop may fill its queue:
+            # the last line waits for room (2 s at most: a reader that stopped cannot hold us)
+            await asyncio.to_thread(writer.wait_room, 2.0)
         log.info("sipguard_stopped", counters=dict(server.counters))
         flush_logs()
     return 0

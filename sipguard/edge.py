@@ -232,7 +232,9 @@ class EdgeCore:
         except Exception:  # fails closed, like a rule that raises
             self.proxy.events.append(Failed("screen", traceback.format_exc(limit=8), flow))
             return DECISION_FAILED
-        if verdict is None and self.overloaded and msg.method == "INVITE":
+        if self.overloaded and msg.method == "INVITE" and (
+            verdict is None or verdict.action == "accept"  # (monitored: shed all the same)
+        ):
             # Shed before the proxy keeps anything: a stateless 503 (no transaction, no 100,
             # no timers, not retransmitted — a retransmitted INVITE is answered again), the
             # cheapest answer there is, while sipguard is behind.

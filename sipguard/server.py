@@ -1014,16 +1014,19 @@ class Server:
     # ------------------------------------------------------------------ input
     def _on_datagram(self, data: bytes, flow: Flow) -> None:
         link = self.link
-        if link is not None and (flow.local >= self._shared_from or opens_call(data)):
+        if link is not None and (flow.local >= self._shared_from or _call_setup(data)):
             # the public address, several workers: the caller's worker handles it; and a new
-            # call sent straight to a worker's own port too — else a dialer could spread its
-            # calls over the workers' ports, out of sight of each one's dialer analytics
+            # call sent straight to a worker's own port too (with its CANCEL and ACK) — else a
+            # dialer could spread its calls over the workers' ports, out of sight of each
+            # one's dialer analytics
             now = self.loop.time()
             core = self.core
             if core.flood_check(data, flow, now):
                 # the core's requests hash their To (the outside party), as the call's INVITE
                 from_core = core.proxy.router.is_core(flow)
-                owner = link.owner(data, from_core)
+                # (what the core sends to a worker's own port stays with that worker)
+                owner = link.index if from_core and flow.local < self._shared_from else \
+                    link.owner(data, from_core)
                 if owner == link.index or (
                     # Behind in reading: a new call read now waited in this worker's queue, so
                     # it is shed here (503) like the calls this worker owns, not handed over
@@ -1286,6 +1289,12 @@ def _read_state(path: Path) -> str | None:
 
 def _bracketed(host: str) -> str:
     return f"[{host}]" if ":" in host else host
+
+
+def _call_setup(data: bytes) -> bool:
+    """A new call's INVITE, or a CANCEL or ACK (which go where their INVITE went): on a
+    worker's own port these go to the caller's worker, as on the public address."""
+    return opens_call(data) or data.startswith((b"CANCEL ", b"ACK "))
 
 
 def _is_ip(host: str) -> bool:

@@ -183,8 +183,9 @@ class SipSettings(BaseModel):
         "per-address limits: the flood guard (`rules.flood` with `key: ip`), "
         "`rules.rate.per_source_ip` and `tcp_max_connections_per_ip`. One holder of a /64 "
         "has 2^64 addresses; counted per address it would stay under every limit. A ban or "
-        "a count then names the network (`2001:db8:1:2::/64`). 128: every address on its "
-        "own. IPv4 addresses are always counted on their own.",
+        "a count then names the network (`2001:db8:1:2::/64`). An address in a configured "
+        "peer's networks is counted on its own. 128: every address on its own. IPv4 "
+        "addresses are always counted on their own.",
     )
     tcp_message_timeout_s: float = Field(
         default=10, gt=0,

@@ -130,6 +130,18 @@ class LogWriter:
         n, self._untold = self._untold, 0
         return n
 
+    def wait_room(self, timeout: float) -> bool:
+        """Wait (``timeout`` seconds at most) until the queue is half empty: before a line that
+        must not be dropped for a full queue (the last one, at exit). True when there is room."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._queued > self.max_bytes // 2:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+        return True
+
     def close(self, timeout: float = 2.0) -> None:
         """Write out what is queued (``timeout`` seconds at most: a reader that does not read
         cannot hold up the exit), then end the thread."""
@@ -153,6 +165,7 @@ class LogWriter:
                     self._queued -= len(data)
                     if not written:
                         self._dropped += lines
+                    self._cond.notify_all()  # (wait_room)
 
     def _write_all(self, data: bytes) -> bool:
         view = memoryview(data)

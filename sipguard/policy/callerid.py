@@ -374,6 +374,10 @@ def _uri_with_verstat(uri: Uri, verstat: str | None) -> str | None:
     start = raw.index(":") + 1
     at = raw.index("@", start)
     user, colon, password = raw[start:at].partition(":")
+    if "%" in user:  # an escaped ";" or "=" (the number reader un-escapes them) written out,
+        # so that a verstat hidden behind them is found (";" and "=" are allowed in a user)
+        user = user.replace("%3B", ";").replace("%3b", ";").replace("%3D", "=").replace(
+            "%3d", "=")
     head, *params = user.split(";")
     kept = [p for p in params if not _is_verstat(p)]
     user = ";".join([head, *kept, *add])

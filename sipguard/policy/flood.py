@@ -154,6 +154,25 @@ class FloodState:
                 return key
         return None
 
+    def rekey(self, ipv6_prefix: int) -> None:
+        """``sip.ipv6_prefix`` changed (a reload): the bans on IPv6 networks are kept under
+        the new networks (merged where several fall into one, the longest kept), and the
+        counts start afresh."""
+        old = self.ipv6_prefix
+        self.ipv6_prefix = ipv6_prefix
+        for key in [k for k in self.bans if isinstance(k, str) and ":" in k]:
+            if "/" in key:  # a network: the new network of its first address
+                new = source_key(key.partition("/")[0], ipv6_prefix)
+            elif old >= 128:  # an address counted on its own until now: its network
+                new = source_key(key, ipv6_prefix)
+            else:
+                continue  # a peer's or an exempt address: counted on its own either way
+            ban = self.bans.pop(key)
+            held = self.bans.get(new)
+            if held is None or held.until < ban.until:
+                self.bans[new] = ban
+        self.cur, self.prev = {}, {}
+
     def lift_all(self) -> int:
         n = len(self.bans)
         self.bans.clear()
@@ -219,7 +238,7 @@ class FloodGuard:
     __slots__ = (
         "state", "monitor", "unit", "density", "half", "ban_s", "ban_peers", "by_ip",
         "scanner", "scanner_ban", "register_drop", "trusted", "exempt", "peers", "peer_limits",
-        "max_sources", "max_bans", "_sources", "ipv6_prefix",
+        "max_sources", "max_bans", "_sources", "ipv6_prefix", "_v6_keys",
     )
 
     def __init__(
@@ -262,6 +281,7 @@ class FloodGuard:
         self.max_bans = settings.max_bans
         # address -> (density that applies or None when exempt, in a peer's networks): cache
         self._sources: dict[str, tuple[int | None, bool]] = {}
+        self._v6_keys: dict[str, str] = {}  # IPv6 address -> the key it is counted under
 
     def check(self, addr: tuple[str, int], data: bytes, now: float) -> str | None:
         """None to let the message through, else why it is dropped (a reason constant)."""
@@ -270,7 +290,7 @@ class FloodGuard:
         if key in self.trusted:
             return None
         if ":" in ip and self.by_ip:
-            key = source_key(ip, self.ipv6_prefix)  # an IPv6 source: its network
+            key = self._v6_key(ip)
         state = self.state
         bans = state.bans
         if bans:
@@ -320,13 +340,32 @@ class FloodGuard:
         """When the policy that built this guard is swapped in: a new sampling unit starts
         counting afresh (bans are kept)."""
         state = self.state
-        state.ipv6_prefix = self.ipv6_prefix
+        if state.ipv6_prefix != self.ipv6_prefix:
+            state.rekey(self.ipv6_prefix)
         if state.unit != self.unit:
             state.cur, state.prev, state.epoch, state.unit = {}, {}, 0, self.unit
 
     def banned(self, addr: tuple[str, int]) -> bool:
         """Whether the source of ``addr`` is banned now (whatever the time)."""
-        return (source_key(addr[0], self.ipv6_prefix) if self.by_ip else addr) in self.state.bans
+        ip = addr[0]
+        if not self.by_ip:
+            return addr in self.state.bans
+        return (self._v6_key(ip) if ":" in ip else ip) in self.state.bans
+
+    def _v6_key(self, ip: str) -> str:
+        """What an IPv6 source is counted and banned under: its network of ``ipv6_prefix``
+        bits — unless it is in a configured peer's or an exempt network, which keeps its own
+        address (a peer listed by address must not share a ban or a count with its
+        neighbours in the /64). Remembered per address (up to 10,000, then afresh)."""
+        keys = self._v6_keys
+        key = keys.get(ip)
+        if key is None:
+            limit, peer = self.source(ip)
+            key = ip if peer or limit is None else source_key(ip, self.ipv6_prefix)
+            if len(keys) >= 10_000:
+                keys.clear()
+            keys[ip] = key
+        return key
 
     def peer_of(self, ip: str) -> Peer | None:
         return self.peers.lookup(ip) if self.peers is not None else None

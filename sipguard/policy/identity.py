@@ -71,7 +71,6 @@ not match an E.164 ``orig.tn`` unless the peer has ``default_region``.
 
 from __future__ import annotations
 
-import contextlib
 from typing import TYPE_CHECKING, Final
 
 from sipguard.contract import Verdict
@@ -404,15 +403,11 @@ def _select(values: list[str]) -> Identity | None:
 
 
 def _dest_matches(call: CallInfo, passport: Passport) -> bool:
-    """dest.tn holds the called number: the Request-URI's (as CallInfo has it), else To's."""
+    """dest.tn holds the called number as CallInfo has it: the Request-URI's (To's only when
+    the Request-URI has no user part). Not To's beside it: a PASSporT captured from one call
+    would otherwise pass for a call to any Request-URI that keeps the old To."""
     callee = canonical_tn(call.callee) if call.callee else None
-    if callee is not None and callee in passport.dest:
-        return True
-    to_number = None
-    with contextlib.suppress(SipParseError):
-        to_number = call.msg.to.uri.number
-    tn = canonical_tn(to_number) if to_number else None
-    return tn is not None and tn in passport.dest
+    return callee is not None and callee in passport.dest
 
 
 # ------------------------------------------------------------------------------- build

@@ -9,8 +9,8 @@ overridable per peer, key by key):
   service).
 - ``per_peer``: initial INVITEs per peer (with no peers configured, all traffic is one peer,
   ``-``).
-- ``per_source_ip``: initial INVITEs per source IP address; an IPv6 one is counted with its
-  network of ``sip.ipv6_prefix`` bits (64), :mod:`sipguard.addresses`.
+- ``per_source_ip``: initial INVITEs per source IP address; an IPv6 one from no configured
+  peer is counted with its network of ``sip.ipv6_prefix`` bits (64), :mod:`sipguard.addresses`.
 
   Each limit is ``{rate: R, burst: B, per_s: P}``: on average R calls every P seconds (``per_s``
   default 1, so ``rate`` is calls per second), and up to B calls at once after a quiet spell
@@ -195,7 +195,8 @@ def _key_of(name: str, call: CallInfo, ipv6_prefix: int) -> str | None:
     if name is PER_PEER:
         return call.peer or NO_PEER
     ip = call.flow.addr[0]
-    return source_key(ip, ipv6_prefix) if ":" in ip else ip
+    # a configured peer's address on its own: it must not share its rate with its neighbours
+    return source_key(ip, ipv6_prefix) if ":" in ip and call.peer is None else ip
 
 
 def build(settings: Settings, ctx: BuildContext, peer: Peer | None) -> Rate | None:

@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import traceback
 from collections.abc import Callable
 from typing import Any, Final, Protocol
 
@@ -66,6 +67,7 @@ from sipguard.contract import (
     DialogStarted,
     Dropped,
     Event,
+    Failed,
     Flow,
     InviteDecided,
     Noticed,
@@ -161,11 +163,12 @@ class AcceptAll:
 # ";branch=z9hG4bKsg..." in a raw Via line: the first one is the top value's.
 _OUR_BRANCH: Final = re.compile(rb";[ \t]*branch[ \t]*=[ \t]*(" + build.OUR_PREFIX_BYTES + rb"[0-9a-z.]+)")
 # A verstat parameter (3GPP TS 24.229 §7.2A.20) anywhere in a From or P-Asserted-Identity line,
-# however written: any case, %-escaped letters (the parser reads ver%73tat as verstat), folded
-# onto the next line.
+# however written: any case, %-escaped letters (the parser reads ver%73tat as verstat), an
+# escaped ";" or "=" in a user part (which the number reader un-escapes), folded onto the
+# next line.
 _VERSTAT: Final = re.compile(
-    rb";\s*" + b"".join(b"(?:%c|%%%02x|%%%02x)" % (c, c, c - 32) for c in b"verstat")
-    + rb"\s*=\s*[^;>,\s]*",
+    rb"(?:;|%3b)\s*" + b"".join(b"(?:%c|%%%02x|%%%02x)" % (c, c, c - 32) for c in b"verstat")
+    + rb"\s*(?:=|%3d)\s*(?:[^;>,\s%]|%(?!3b))*",
     re.IGNORECASE)
 DIALOG_CREATING: Final = frozenset({"INVITE", "SUBSCRIBE", "REFER"})
 # Headers only the proxy edits; a verdict's replace_headers cannot touch them.
@@ -1343,8 +1346,14 @@ class Proxy:
         :meth:`end_call`), one not answered yet only here (its INVITE transaction ends with
         the process) — each with its DialogEnded (``reason``) and its slots freed."""
         for dialog in list(self.dialogs.values()):
-            if not self.end_call(dialog, reason, now):
+            mark = len(self.outbox)
+            try:
+                if not self.end_call(dialog, reason, now):
+                    self._end_dialog(dialog, reason, now)
+            except Exception:  # a bug costs this call's BYEs, not the others'
+                del self.outbox[mark:]
                 self._end_dialog(dialog, reason, now)
+                self.events.append(Failed("end_all", traceback.format_exc(limit=8), None))
 
     def _probe_answered(self, probe: keepalive.Probe, status: int, now: float) -> None:
         """A keep-alive's final answer: 481 or 408 (or none) ends the call; anything else is

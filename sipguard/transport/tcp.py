@@ -342,7 +342,9 @@ class TcpPool:
         if self.inbound >= limits.max_connections and not peer:
             self.event("tcp_refused_total", conn.addr)
             return False
-        key = source_key(ip, limits.ipv6_prefix)
+        # a peer's address on its own: a peer listed by address must not share its cap with
+        # its neighbours in the /64
+        key = ip if peer else source_key(ip, limits.ipv6_prefix)
         n = self.per_ip.get(key, 0)
         if n >= limits.max_connections_per_ip:
             self.event("tcp_refused_per_ip", conn.addr)

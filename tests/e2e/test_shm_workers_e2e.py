@@ -499,6 +499,22 @@ def test_a_new_call_sent_to_a_workers_own_port_is_decided_by_its_callers_worker(
                         (HOST, own))
         assert len(core.collect(1.5)) == 4
         assert per_worker(g, "invite_decided") == Counter({0: 4})
+        # the CANCEL of the call sent to worker 1's port goes where its INVITE went: 200
+        own = base + 1
+        via = f"SIP/2.0/UDP {HOST}:{local};branch=z9hG4bK-burst-own-31;rport"
+        sock.sendto((
+            f"CANCEL sip:+18005550001@{HOST}:{own} SIP/2.0\r\nVia: {via}\r\n"
+            f"Max-Forwards: 70\r\nFrom: <sip:{number_of(0)}@{HOST}:{local}>;tag=fown31\r\n"
+            f"To: <sip:+18005550001@{HOST}:{own}>\r\nCall-ID: burst-own-31@{HOST}\r\n"
+            f"CSeq: 1 CANCEL\r\nContent-Length: 0\r\n\r\n").encode(), (HOST, own))
+        got = b""
+        end = time.monotonic() + 2
+        while time.monotonic() < end and b"CANCEL\r\n" not in got:
+            try:
+                got += sock.recv(65535)
+            except TimeoutError:
+                continue
+        assert re.search(rb"SIP/2\.0 200 [^\r]*\r\n(?:[^\r]+\r\n)*CSeq: 1 CANCEL", got), got
     finally:
         sock.close()
         core.close()

@@ -43,6 +43,32 @@ def test_a_flood_from_many_addresses_of_one_network_bans_the_network() -> None:
     assert g.state.lift("2001:db8:1:2::1234") and not g.state.bans
 
 
+def test_a_peer_listed_by_address_keeps_its_own_counts_in_a_shared_64() -> None:
+    """A peer at 2001:db8:1:2::10/128: a scanner next to it in the /64 bans the rest of the
+    /64, never the peer, whose own density (100) still holds for it alone."""
+    peers = ("peers:\n  - name: sbc\n    networks: ['2001:db8:1:2::10/128']\n"
+             "    rules: {flood: {density: 100}}\n")
+    g = make_guard(peers=peers)
+    scan = OPTIONS.replace(b"User-Agent: Acme PBX 1.0", b"User-Agent: friendly-scanner")
+    assert g.check(("2001:db8:1:2::66", 5060), scan, 100.0) == flood.SCANNER
+    assert g.banned(("2001:db8:1:2::77", 5060))
+    assert not g.banned(("2001:db8:1:2::10", 5060))
+    assert all(g.check(("2001:db8:1:2::10", 5060), OPTIONS, 101.0 + i * 0.001) is None
+               for i in range(50))
+
+
+def test_a_prefix_change_by_reload_rekeys_the_bans() -> None:
+    """sip.ipv6_prefix 64 -> 56 by reload: a /64 ban becomes its /56's, still in force."""
+    from sipguard.policy.state import RuleState
+    state = RuleState()
+    g = make_guard(state=state)
+    scan = OPTIONS.replace(b"User-Agent: Acme PBX 1.0", b"User-Agent: friendly-scanner")
+    g.check(("2001:db8:1:2::66", 5060), scan, 100.0)
+    g2 = make_guard(peers="sip: {ipv6_prefix: 56}\n", state=state)
+    assert [b["source"] for b in state.flood.list_bans(101.0)] == ["2001:db8:1::/56"]
+    assert g2.check(("2001:db8:1:ff::1", 5060), OPTIONS, 101.0) == flood.BANNED
+
+
 def test_ipv6_prefix_128_counts_every_address_on_its_own() -> None:
     g = make_guard()
     cfg_guard = make_guard(peers="sip: {ipv6_prefix: 128}\n")

@@ -104,6 +104,19 @@ def test_verstat_folded_or_escaped_is_removed_too() -> None:
             assert "validation" not in value.lower(), value
 
 
+def test_verstat_behind_an_escaped_semicolon_in_a_user_part_is_removed() -> None:
+    """<sip:+1212…%3Bverstat%3DTN-Validation-Passed@…>: the number reader un-escapes the user
+    part, so such a verstat goes too, from outside and when a rule rewrites the PAI."""
+    h = PolicyHarness()
+    forged = ("P-Asserted-Identity: <sip:+12125550100%3Bverstat%3DTN-Validation-Passed"
+              "@198.51.100.7;user=phone>\r\n")
+    [fwd] = [m for m in to(h.send(invite(extra=forged)), CORE) if m.method == "INVITE"]
+    assert "validation" not in (fwd.get("p-asserted-identity") or "").lower()
+    msg = parse_message(invite(extra=forged))
+    line = callerid.pai_with_verstat(msg, "No-TN-Validation", "+12125550100", True)
+    assert "Passed" not in line and "verstat=No-TN-Validation" in line
+
+
 def test_a_rules_own_verstat_replaces_an_escaped_one() -> None:
     """Rule callerid puts its verstat on the PAI; a %-escaped one the peer sent goes."""
     msg = parse_message(invite(extra="P-Asserted-Identity: <tel:+12125550100;ver%73tat=TN-Validation-Passed>\r\n"))

@@ -178,11 +178,12 @@ class Stir:
         caller: str = CALLER_NUMBER,
         callee: str = CALLEE_NUMBER,
         extra: str = "",
+        uri: str | None = None,
     ) -> Outcome:
         h = PolicyHarness(self.policy)
         values = [identity] if isinstance(identity, str) else identity or []
         lines = "".join(f"Identity: {v}\r\n" for v in values) + extra
-        out = h.send(invite(caller=caller, callee=callee, extra=lines))
+        out = h.send(invite(caller=caller, callee=callee, extra=lines, uri=uri))
         sync = h.sync_decisions == 1
         out += await h.settle()
         return outcome(out, h, sync)
@@ -275,6 +276,14 @@ async def test_orig_not_the_caller_is_438(stir: Stir) -> None:
 async def test_dest_not_the_callee_is_438(stir: Stir) -> None:
     """dest.tn without the called number is 438."""
     res = await stir.call(stir.header(dest=("18005550100",)))
+    assert (res.status, res.labels["identity_reason"]) == (438, "dest_mismatch")
+
+
+async def test_a_passport_for_tos_number_does_not_pass_for_another_request_uri(
+        stir: Stir) -> None:
+    """dest.tn holds To's number, the Request-URI names another: 438 — a PASSporT captured
+    from one call, replayed to another Request-URI with the old To, is not the callee's."""
+    res = await stir.call(stir.header(), uri="sip:+19005551234@192.0.2.1:5060;user=phone")
     assert (res.status, res.labels["identity_reason"]) == (438, "dest_mismatch")
 
 

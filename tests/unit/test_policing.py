@@ -148,6 +148,16 @@ def test_unknown_source_drop_stays_silent_to_bad_requests_live_calls_and_while_s
     assert statuses(shed) == [503]
 
 
+def test_monitor_mode_still_sheds_unknown_sources_while_overloaded() -> None:
+    """mode: monitor lets an unknown source's INVITE through, tagged — but not while sipguard
+    sheds load: then it hears the stateless 503 like everyone else, nothing is kept."""
+    h = PolicyHarness(extra_yaml=PEERS + "mode: monitor\n")
+    h.core.overloaded = True
+    out = h.send(out_of_dialog("INVITE", call_id="mon-1"), src=STRANGER)
+    assert statuses(out) == [503] and to(out, CORE) == []
+    assert not h.proxy.servers and not h.proxy.dialogs
+
+
 def test_methods_a_trunk_does_not_use_get_405_with_allow() -> None:
     """A peer's out-of-dialog MESSAGE is answered 405 with Allow; OPTIONS and INVITE pass."""
     h = PolicyHarness(extra_yaml=PEERS)
