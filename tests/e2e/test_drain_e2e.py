@@ -16,6 +16,17 @@ from .scripted import Caller, Core, header
 pytestmark = pytest.mark.e2e
 
 
+def answered(caller: Caller, call_id: str) -> tuple[str, str]:
+    """A call from ``caller`` answered by the core and ACKed: (its To tag, its Route line)."""
+    caller.send(caller.request("INVITE", call_id))
+    [ok] = caller.finals(call_id=call_id)
+    m = re.search(r"tag=([^;>\s]+)", header(ok, "To"))
+    assert m is not None
+    to_tag, route = m.group(1), f"Route: {header(ok, 'Record-Route')}\r\n"
+    caller.send(caller.request("ACK", call_id, to_tag=to_tag, extra=route))
+    return to_tag, route
+
+
 def test_sigterm_drains_calls_up_and_refuses_new_ones(stack: E2EStack) -> None:
     """A call up at SIGTERM completes its BYE (the core gets it, the caller its 200); a new
     INVITE meanwhile hears 503 with Retry-After; sipguard exits 0 once the call has ended."""
@@ -24,12 +35,7 @@ def test_sigterm_drains_calls_up_and_refuses_new_ones(stack: E2EStack) -> None:
                                  config_extra="drain_timeout_s: 20\n")
     caller = Caller(port)
     try:
-        caller.send(caller.request("INVITE", "drain-1"))
-        [ok] = caller.finals(call_id="drain-1")
-        m = re.search(r"tag=([^;>\s]+)", header(ok, "To"))
-        assert m is not None
-        to_tag, route = m.group(1), f"Route: {header(ok, 'Record-Route')}\r\n"
-        caller.send(caller.request("ACK", "drain-1", to_tag=to_tag, extra=route))
+        to_tag, route = answered(caller, "drain-1")
         os.kill(guard.pid, signal.SIGTERM)
         guard.wait_event("drain_started", 1, timeout=5)
         caller.send(caller.request("INVITE", "drain-new"))
@@ -59,12 +65,7 @@ def test_calls_still_up_when_the_drain_ends_get_a_bye_and_a_line(stack: E2EStack
                                  config_extra="drain_timeout_s: 1\n")
     caller = Caller(port)
     try:
-        caller.send(caller.request("INVITE", "drain-2"))
-        [ok] = caller.finals(call_id="drain-2")
-        m = re.search(r"tag=([^;>\s]+)", header(ok, "To"))
-        assert m is not None
-        route = f"Route: {header(ok, 'Record-Route')}\r\n"
-        caller.send(caller.request("ACK", "drain-2", to_tag=m.group(1), extra=route))
+        answered(caller, "drain-2")
         time.sleep(0.2)
         os.kill(guard.pid, signal.SIGTERM)
         heard: list[bytes] = []
