@@ -39,7 +39,8 @@ from sipguard.ops.observe import Observer  # noqa: E402
 # runs against older builds too, from another checkout)
 DECIDED = ("call_id", "source", "transport", "peer", "caller", "callee", "diverters", "verdict",
            "monitored", "rule", "reason", "status", "detail", "decision_us")
-ENDED = ("call_id", "caller", "callee", "peer", "reason", "duration_s", "lifetime_s")
+ENDED = ("call_id", "caller", "callee", "peer", "reason", "status", "duration_s",
+         "lifetime_s")
 
 
 def call_events(calls: int, rules: str) -> list[Event]:
@@ -78,7 +79,7 @@ def line_dicts(events: list[Event]) -> list[dict[str, Any]]:
                         "event": "invite_decided", "level": "info", "ts": "2026-01-01T00:00:00Z"})
         elif isinstance(e, DialogEnded):
             d = e.dialog
-            values = (d.call_id, d.caller, d.callee, d.peer, e.reason, 1.0, 1.0)
+            values = (d.call_id, d.caller, d.callee, d.peer, e.reason, d.status or None, 1.0, 1.0)
             out.append({"logger_name": "sipguard",
                         **{k: x for k, x in zip(ENDED, values, strict=True)
                            if x is not None},

@@ -259,6 +259,9 @@ class Dialog:
     confirmed_at: float | None
     ended_at: float | None
     end_reason: str
+    # the final answer its INVITE got (the 2xx that confirmed it, or what the caller heard
+    # when it failed: the core's 486, a 407 challenge, sipguard's own 408 ...); 0 until then
+    status: int
     labels: dict[str, str]
     hard_expires: float  # started + maximum lifetime: no refresh goes past it
     session_interval: float | None  # RFC 4028 Session-Expires of the last 2xx, seconds
@@ -305,6 +308,7 @@ class Dialog:
         self.confirmed_at = None
         self.ended_at = None
         self.end_reason = ""
+        self.status = 0
         self.labels = {}
         self.hard_expires = hard_expires or expires
         self.session_interval = None

@@ -36,8 +36,8 @@ from sipguard.policy.flood import FloodGuard
 DECIDED: Final = LineKeys("call_id", "source", "transport", "peer", "caller", "callee",
                           "diverters", "verdict", "monitored", "rule", "reason", "status",
                           "detail", "decision_us")
-ENDED: Final = LineKeys("call_id", "caller", "callee", "peer", "reason", "duration_s",
-                        "lifetime_s")
+ENDED: Final = LineKeys("call_id", "caller", "callee", "peer", "reason", "status",
+                        "duration_s", "lifetime_s")
 
 
 class Observer:
@@ -71,7 +71,7 @@ class Observer:
             if p is not None:
                 caller, callee = p(caller), p(callee)
             self.call_log.line("dialog_ended", ENDED, (
-                d.call_id, caller, callee, d.peer, event.reason,
+                d.call_id, caller, callee, d.peer, event.reason, d.status or None,
                 round(end - (d.confirmed_at or end), 3), round(end - d.started, 3),
             ))
         elif isinstance(event, ParseFailed):

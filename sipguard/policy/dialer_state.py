@@ -35,6 +35,16 @@ if TYPE_CHECKING:
 
 ORIGIN_RUNS: Final = 8  # interleaved sequential runs tracked per peer/source
 SCOPES: Final = ("caller", "origin", "callee", "high_cost")
+# Final answers after which the caller sends the INVITE again: with credentials (401, 407:
+# RFC 3261 §22), without or with an extension (420, 421: §8.1.3.5), with a longer session
+# interval (422: RFC 4028 §7.4), after a security agreement (494: RFC 3329), or to another
+# target (3xx). The call is not over, so such an attempt is no seizure for the ASR.
+RETRIED: Final = frozenset({401, 407, 420, 421, 422, 494})
+
+
+def retried(status: int) -> bool:
+    """Whether an INVITE that ended with ``status`` is normally sent again (see RETRIED)."""
+    return 300 <= status < 400 or status in RETRIED
 
 
 class CallerStats:
@@ -188,7 +198,7 @@ class DialerState:
             if stats.short is None:
                 stats.short = Pair()
             stats.short.add(now, rule.short_w, 1 if duration < rule.short_call_s else 0, 1)
-        if rule.asr_w:
+        if rule.asr_w and not retried(dialog.status):
             if stats.asr is None:
                 stats.asr = Pair()
             stats.asr.add(now, rule.asr_w, 1 if answered else 0, 1)

@@ -419,6 +419,7 @@ class Proxy:
         call it had started (its slots freed), or give back what its decision took."""
         if st.state in (PROCEEDING, DECIDING) and st.client is None:
             if st.dialog is not None:
+                st.dialog.status = err.status
                 self._end_dialog(st.dialog, "failed", now)
             elif st.call is not None:
                 self._forget_pending(st, now)
@@ -934,6 +935,7 @@ class Proxy:
                     st.timer = self.timers.add(now + s.t1, self._on_timer_g, st)
                 st.timeout = self.timers.add(now + 64 * s.t1, self._on_timer_terminate_server, st)
                 if st.dialog is not None:
+                    st.dialog.status = status
                     self._end_dialog(st.dialog, "cancelled" if status == 487 else "failed", now)
         else:
             st.state = COMPLETED
@@ -1027,6 +1029,7 @@ class Proxy:
                 if dialog is not None and dialog.state == "early":
                     dialog.state = CONFIRMED
                     dialog.confirmed_at = now
+                    dialog.status = status
                     dialog.callee_tag = msg.to_tag or dialog.callee_tag
                     party = dialog.party
                     if party is not None and not _is_ip(party.addr[0]):
@@ -1183,6 +1186,7 @@ class Proxy:
         st = ct.server
         if st is not None and st.state == PROCEEDING:
             if st.dialog is not None:
+                st.dialog.status = 408
                 self._end_dialog(st.dialog, "timeout", now)
             self._respond(st, 408, now)
 

@@ -57,8 +57,10 @@ def dialog(
     answered: float | None,
     ended: float,
     peer: str | None = None,
+    status: int = 0,
 ) -> Dialog:
-    """A finished dialog: answered at ``answered`` (None: never), ended at ``ended``."""
+    """A finished dialog: answered at ``answered`` (None: never), ended at ``ended`` with
+    ``status`` (0: 200 when answered, else 480)."""
     d = Dialog(
         call_id=f"d-{caller}-{callee}-{started}",
         caller_tag="t",
@@ -72,6 +74,7 @@ def dialog(
         expires=started + 14400,
     )
     d.confirmed_at = answered
+    d.status = status or (200 if answered is not None else 480)
     d.ended_at = ended
     d.state = "terminated"
     return d

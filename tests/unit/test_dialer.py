@@ -147,6 +147,24 @@ def test_asr_floor_blocks_low_answer_ratio() -> None:
     assert decide(p, make_call(), 29.0).reason == "asr"  # 4 of 25 answered
 
 
+@pytest.mark.parametrize("status", [401, 407, 420, 421, 422, 494, 302])
+def test_asr_does_not_count_attempts_the_caller_sends_again(status: int) -> None:
+    """A challenge (401/407), an extension or session-interval answer, a redirect: the
+    caller sends the INVITE again, so that attempt is no seizure. 10 calls each answered
+    after one such attempt keep an ASR of 100 %; the same 10 attempts ending 480 block."""
+    p = policy(only("asr: {tag: 0.6, block: 0.6, min_calls: 10}"))
+    decide(p, make_call(), 0.0)
+    for i in range(10):
+        p.dialog_ended(dialog("+12125550100", "+18005550199", started=i, answered=None,
+                              ended=i + 0.1, status=status), i + 0.1)
+        end(p, "+12125550100", at=i + 1.0, talk=0.5)
+    v = decide(p, make_call(), 12.0)
+    assert v.accepted and v.forward_headers == ()
+    for i in range(10):
+        end(p, "+12125550100", at=13.0 + i, talk=None)
+    assert decide(p, make_call(), 24.0).reason == "asr"  # 10 of 20 answered
+
+
 def test_dialog_ends_of_unseen_callers_are_ignored() -> None:
     """Dialog ends for numbers the rule never saw create nothing (other peers' calls)."""
     p = policy(only("asr: {min_calls: 1}"))
