@@ -23,7 +23,12 @@ FLOWS = {
     "cancel": ("uas_ring_no_answer.xml", "uac_cancel.xml"),
     "busy": ("uas_busy.xml", "uac_expect_486.xml"),
     "prack": ("uas_prack.xml", "uac_prack.xml"),
+    "midcall": ("uas_midcall.xml", "uac_midcall.xml"),
+    "late_offer": ("uas_late_offer.xml", "uac_late_offer.xml"),
+    "cancel_crosses_200": ("uas_answer_at_once.xml", "uac_cancel_at_once.xml"),
 }
+# flows that need a proxy between the two: directly, the UAS would get the CANCEL
+PROXY_ONLY = {"cancel_crosses_200"}
 
 
 def assert_all_ok(res: SippResult, calls: int, *others: SippResult) -> None:
@@ -73,7 +78,7 @@ def run_flow(
 
 
 @pytest.mark.parametrize("transport", ["udp", "tcp"])
-@pytest.mark.parametrize("flow", sorted(FLOWS))
+@pytest.mark.parametrize("flow", sorted(set(FLOWS) - PROXY_ONLY))
 def test_direct_scenario_pairs(stack: E2EStack, flow: str, transport: str) -> None:
     """Each UAC/UAS scenario pair completes every call directly, without sipguard."""
     run_flow(stack, flow, transport=transport, via_sipguard=False, calls=20, rate=50)
@@ -125,6 +130,32 @@ def test_reliable_provisional_prack_in_the_early_dialog(stack: E2EStack, transpo
     the caller's PRACK is routed through sipguard in the early dialog, and the call completes
     (PRACK's 200 and the INVITE's 200 apart) — carriers' SBCs dial this way."""
     run_flow(stack, "prack", transport=transport, via_sipguard=True)
+
+
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+def test_requests_within_the_call_pass_both_ways(stack: E2EStack, transport: str) -> None:
+    """While a call is up, the caller's re-INVITE (hold), INFO (DTMF: its body arrives),
+    UPDATE and the core's own re-INVITE (a session refresh, toward the caller along the
+    Record-Route) all pass through sipguard and are answered, then the BYE ends the call."""
+    run_flow(stack, "midcall", transport=transport, via_sipguard=True, calls=50, rate=50)
+
+
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+def test_late_offer_with_early_media(stack: E2EStack, transport: str) -> None:
+    """An INVITE without SDP (late offer): the core's 183 with early media and its 200 with
+    the offer reach the caller with their bodies, and the caller's answer in the ACK reaches
+    the core."""
+    run_flow(stack, "late_offer", transport=transport, via_sipguard=True, calls=50, rate=50)
+
+
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+def test_a_cancel_that_crosses_the_answer(stack: E2EStack, transport: str) -> None:
+    """The caller cancels as soon as it rings, and the core's 200 crosses the CANCEL
+    (the core answers the INVITE after the CANCEL came, as if it had left before): the
+    caller hears 200 for its CANCEL, then the INVITE's 200 (RFC 3261 §16.7: a 2xx is always
+    forwarded), ACKs and hangs up, and the core gets that ACK and BYE."""
+    run_flow(stack, "cancel_crosses_200", transport=transport, via_sipguard=True, calls=50,
+             rate=50)
 
 
 def test_slow_uas_sipp_client_one_invite_per_call(stack: E2EStack) -> None:
