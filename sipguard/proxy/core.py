@@ -1237,8 +1237,11 @@ class Proxy:
             request = st.msg
             if request is None or request.to_tag is None:
                 return  # answered already, or an initial request that is not a call of ours
-            dialog = self.table.of(request, self.router.is_core(st.flow))[0]
-        if dialog is None or dialog.state == TERMINATED:
+            dialog, side = self.table.of(request, self.router.is_core(st.flow))
+            if dialog is None or dialog.state == TERMINATED:
+                return
+            self._refresh_targets(dialog, side, request, response)
+        if dialog.state == TERMINATED:
             return
         interval = session_interval(response)
         dialog.session_interval = interval
@@ -1246,6 +1249,24 @@ class Proxy:
         if interval is not None:
             expires = min(now + interval, expires)
         self.table.expire_at(dialog, expires)
+
+    def _refresh_targets(self, dialog: Dialog, side: str, request: Message,
+                         response: Message) -> None:
+        """A re-INVITE or UPDATE answered 2xx is a target refresh (RFC 3261 §12.2.1.2,
+        RFC 3311 §5.1): the Contact of the request is its sender's new target, the 2xx's
+        the other side's. The in-dialog requests sipguard sends itself (the BYE that ends a
+        suspended number's call, keep-alives) go there from now on. Only the Request-URI
+        follows: where such a request is sent does not (the outside party's flow, the core)."""
+        probe = self.probes.get(key_of(dialog))
+        if probe is None:
+            return
+        sent, answered = keepalive.contact_line(request), keepalive.contact_line(response)
+        if side == "caller":
+            probe.caller_contact = sent or probe.caller_contact
+            probe.callee_contact = answered or probe.callee_contact
+        else:
+            probe.callee_contact = sent or probe.callee_contact
+            probe.caller_contact = answered or probe.caller_contact
 
     def _end_dialog(self, dialog: Dialog, reason: str, now: float) -> None:
         """End a dialog exactly once, whatever ends it."""

@@ -60,8 +60,8 @@ class Probe:
         self.dialog = dialog
         self.caller_from = caller_from  # From line of the INVITE (caller's tag)
         self.callee_to = callee_to  # To line of the 2xx (callee's tag)
-        self.caller_contact = caller_contact  # Contact line of the INVITE
-        self.callee_contact = callee_contact  # Contact line of the 2xx
+        self.caller_contact = caller_contact  # Contact line of the INVITE (or a refresh)
+        self.callee_contact = callee_contact  # Contact line of the 2xx (or a refresh)
         self.timer: TimerEntry | None = None
         self.rounds = 0
         self.caller_cseq = 1  # the INVITE's (set by probe_for)
@@ -141,6 +141,11 @@ def _line(msg: Message, name: str) -> bytes | None:
     return msg.lines[idx[0]] if idx else None
 
 
+def contact_line(msg: Message) -> bytes | None:
+    """The first raw Contact line of ``msg`` (a target), or None."""
+    return _line(msg, "contact")
+
+
 def probe_for(dialog: Dialog, invite: Message, answer: Message,
               ours: tuple[str, ...] = ()) -> Probe | None:
     """A probe for a call answered by ``answer`` (a 2xx to ``invite``), or None when the
@@ -154,8 +159,7 @@ def probe_for(dialog: Dialog, invite: Message, answer: Message,
         # the core knows the caller as anonymous: so do sipguard's own requests (tags match)
         caller_from = (b'From: "Anonymous" <sip:anonymous@anonymous.invalid>;tag='
                        + (invite.from_tag or "").encode("utf-8", "surrogateescape"))
-    probe = Probe(dialog, caller_from, callee_to, _line(invite, "contact"),
-                  _line(answer, "contact"))
+    probe = Probe(dialog, caller_from, callee_to, contact_line(invite), contact_line(answer))
     probe.caller_cseq = invite.cseq[0]  # a BYE on the caller's behalf goes above it
     if invite.has("record-route"):
         probe.invite_rr = tuple(invite.value_at(i) for i in invite.indexes("record-route"))

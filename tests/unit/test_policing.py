@@ -488,3 +488,46 @@ def test_the_party_of_a_call_the_core_places_to_a_host_name_is_the_address_that_
     assert to(out, CORE) == [] and statuses(out) == [403]
     out = h.send(bye.replace(b"branch=z9hG4bK-hb", b"branch=z9hG4bK-hb2"), src=REMOTE)
     assert [m.method for m in to(out, CORE)] == ["BYE"]
+
+
+def test_the_byes_sipguard_sends_follow_a_target_refresh() -> None:
+    """A re-INVITE answered 2xx moves each side's target (RFC 3261 §12.2.1.2): the caller's
+    re-INVITE gives its new Contact, the core's 2xx its own; later the core's re-INVITE and
+    the caller's 2xx move them again. The BYEs of end_calls go to the targets of the last
+    refresh; a refresh that failed (488) moved nothing."""
+    h = PolicyHarness()
+    up(h)
+    moved = "Contact: <sip:+12125550100@198.51.100.7:6000>\r\n"
+    out = h.send(in_dialog("INVITE", call_id="call-1", cseq=2, branch="z9hG4bK-r1", extra=moved))
+    [fwd] = [m for m in to(out, CORE) if m.method == "INVITE"]
+    h.send(answer(fwd, 200, "OK").replace(b"sip:core@10.0.0.10:5080", b"sip:core-b@10.0.0.10:5080"),
+           src=CORE)
+    h.send(in_dialog("ACK", call_id="call-1", cseq=2, branch="z9hG4bK-r1a"))
+    # the core's refresh fails at the caller: nothing moves
+    out = h.send(in_dialog("INVITE", call_id="call-1", cseq=5, branch="z9hG4bK-c1", from_callee=True,
+                           extra="Contact: <sip:core-x@10.0.0.10:5080>\r\n"), src=CORE)
+    [reinvite] = [m for m in to(out, CALLER) if m.method == "INVITE"]
+    h.send(answer(reinvite, 488, "Not Acceptable Here", to_tag=None).replace(
+        b"sip:core@10.0.0.10:5080", b"sip:+12125550100@198.51.100.7:7777"))
+    byes = _end_and_collect(h)
+    assert byes[CALLER].start_line.split()[1] == b"sip:+12125550100@198.51.100.7:6000"
+    assert byes[CORE].start_line.split()[1] == b"sip:core-b@10.0.0.10:5080"
+
+
+def test_the_core_s_refresh_moves_the_targets_too() -> None:
+    """The core's re-INVITE (its new Contact) answered 2xx by the caller (its new Contact)."""
+    h = PolicyHarness()
+    up(h)
+    out = h.send(in_dialog("INVITE", call_id="call-1", cseq=5, branch="z9hG4bK-c2", from_callee=True,
+                           extra="Contact: <sip:core-c@10.0.0.10:5080>\r\n"), src=CORE)
+    [reinvite] = [m for m in to(out, CALLER) if m.method == "INVITE"]
+    h.send(answer(reinvite, 200, "OK", to_tag=None).replace(
+        b"sip:core@10.0.0.10:5080", b"sip:+12125550100@198.51.100.7:7000"))
+    byes = _end_and_collect(h)
+    assert byes[CALLER].start_line.split()[1] == b"sip:+12125550100@198.51.100.7:7000"
+    assert byes[CORE].start_line.split()[1] == b"sip:core-c@10.0.0.10:5080"
+
+
+def _end_and_collect(h: PolicyHarness) -> dict[tuple[str, int], Message]:
+    assert h.core.end_calls(lambda number: number == "+12125550100", "suspended", h.now) == 1
+    return {f.addr: m for f, m in h._drain() if m.method == "BYE"}
