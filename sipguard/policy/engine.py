@@ -204,11 +204,18 @@ class Policy:
 
     def same_party(self, dialog: Dialog, flow: Flow) -> bool:
         """An in-dialog request from another address of the peer the call came from (a
-        carrier's second SBC) speaks for the call's outside party."""
-        if dialog.peer is None or not self.peers:
+        carrier's second SBC) speaks for the call's outside party; for a call the core
+        placed, another address of the peer it was placed to (the address that answered)."""
+        if not self.peers:
+            return False
+        name = dialog.peer
+        if name is None and dialog.outbound and dialog.party is not None:
+            owner = self.peers.lookup(dialog.party.addr[0])
+            name = owner.name if owner is not None else None
+        if name is None:
             return False
         peer = self._peer_of(flow)
-        return peer is not None and peer.name == dialog.peer
+        return peer is not None and peer.name == name
 
     def _peer_of(self, flow: Flow) -> Peer | None:
         """The peer a message comes from: by source address, and — for a peer with

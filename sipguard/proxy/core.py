@@ -171,7 +171,6 @@ _VERSTAT: Final = re.compile(
     rb"(?:;|%3b)\s*" + b"".join(b"(?:%c|%%%02x|%%%02x)" % (c, c, c - 32) for c in b"verstat")
     + rb"\s*(?:=|%3d)\s*(?:[^;>,\s%]|%(?!3b))*",
     re.IGNORECASE)
-DIALOG_CREATING: Final = frozenset({"INVITE", "SUBSCRIBE", "REFER"})
 # Headers only the proxy edits; a verdict's replace_headers cannot touch them.
 PROXY_OWNED: Final = frozenset(
     {"via", "route", "record-route", "max-forwards", "from", "to", "call-id", "cseq",
@@ -193,6 +192,18 @@ def _is_ip(host: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def _names(dialog: Dialog, side: str, msg: Message) -> bool:
+    """A BYE names the answered call itself: its tags are the dialog's own pair. A BYE with a
+    To tag made up (or another fork's, RFC 3261 §13.2.2.4: the caller hangs up the extra
+    dialogs of a forking core) is still passed on, but does not end the call nor free its
+    slots; neither does one before the answer (the INVITE's own final answer ends the call
+    then)."""
+    if dialog.state != CONFIRMED:
+        return False
+    tags = (msg.from_tag, msg.to_tag) if side == "caller" else (msg.to_tag, msg.from_tag)
+    return tags == (dialog.caller_tag, dialog.callee_tag)
 
 
 def _request(st: ServerTxn) -> Message:
@@ -495,7 +506,7 @@ class Proxy:
                 self.pending.pop(id(call), None)
                 self._apply_verdict(st, call, verdict, now)
             return
-        if method == "BYE" and dialog is not None:
+        if method == "BYE" and dialog is not None and _names(dialog, side, msg):
             reason = f"bye_{side}"
             if from_core:
                 self._end_dialog(dialog, reason, now)  # the core has ended its side already
@@ -503,8 +514,11 @@ class Proxy:
                 # The outside party's BYE ends the call once the core has answered it: a BYE
                 # the core never takes frees no slot while the call is still up there.
                 st.ends, st.end_reason = dialog, reason
+        # Only an INVITE is record-routed: sipguard keeps dialogs for calls alone, so the
+        # in-dialog requests of a subscription (SUBSCRIBE, REFER out of a call) would find
+        # none here and be refused; without our Record-Route they go between the parties.
         self._forward(st, target, start_line, route_line, now, record_route=initial
-                      and method in DIALOG_CREATING,
+                      and method == "INVITE",
                       anonymise=self._withheld(dialog, side, from_core))
 
     @staticmethod
@@ -1032,7 +1046,7 @@ class Proxy:
                     dialog.status = status
                     dialog.callee_tag = msg.to_tag or dialog.callee_tag
                     party = dialog.party
-                    if party is not None and not _is_ip(party.addr[0]):
+                    if party is not None and dialog.outbound and not _is_ip(party.addr[0]):
                         # A call the core placed to a host name: its party's requests come
                         # from an address, the one that answered (see _not_party).
                         dialog.party = Flow(party.transport, flow.addr, party.local, party.conn)

@@ -7,7 +7,8 @@ sipguard (or was lost) ends and frees its slots within minutes, not hours.
 Off by default (``sip.dialog_keepalive_s``). Once a call is answered, every interval sipguard
 sends an OPTIONS inside the dialog to the core (Request-URI: the core's Contact from the 2xx)
 and to the outside party (its Contact from the INVITE, on the flow the call came from), each as
-its own client transaction. Any final answer means the dialog is alive there — most user
+its own client transaction. A re-INVITE or UPDATE answered 2xx (a target refresh) moves those
+Contacts (``Proxy._refresh_targets``). Any final answer means the dialog is alive there — most user
 agents answer an in-dialog OPTIONS ``200``, some ``405`` or ``500`` (the CSeq sipguard uses is
 below the dialog's): all count as alive. ``481 Call/Transaction Does Not Exist``, ``408``, or
 no answer at all (Timer F) means that side has forgotten the call: the dialog ends with reason

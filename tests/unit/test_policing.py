@@ -531,3 +531,74 @@ def test_the_core_s_refresh_moves_the_targets_too() -> None:
 def _end_and_collect(h: PolicyHarness) -> dict[tuple[str, int], Message]:
     assert h.core.end_calls(lambda number: number == "+12125550100", "suspended", h.now) == 1
     return {f.addr: m for f, m in h._drain() if m.method == "BYE"}
+
+
+def test_a_bye_with_a_made_up_to_tag_frees_no_slot() -> None:
+    """The caller's BYE with the call's Call-ID and From tag but a To tag of its own making is
+    passed on (the core answers 481), yet the call stays up and keeps its slot: a second call
+    still hears 403, and the real BYE then reaches the core and frees the slot."""
+    h = PolicyHarness("rules:\n  concurrency: {per_caller: 1}\n")
+    up(h)
+    out = h.send(in_dialog("BYE", call_id="call-1", cseq=2, branch="z9hG4bK-bogus",
+                           to_tag="bogus"))
+    [bye] = [m for m in to(out, CORE) if m.method == "BYE"]
+    h.send(answer(bye, 481, "Call/Transaction Does Not Exist", to_tag=None), src=CORE)
+    assert h.count("caller", "+12125550100") == 1 and len(h.proxy.dialogs) == 1
+    assert h.ended() == []
+    replies, fwd = h.call(2)
+    assert fwd is None and [m.status for m in replies if m.status >= 200] == [403]
+    out = h.bye(1)
+    assert [m.method for m in to(out, CORE)] == ["BYE"]
+    assert h.count("caller", "+12125550100") == 0 and h.ended() == ["bye_caller"]
+
+
+def test_a_bye_for_another_fork_of_a_forking_core_ends_nothing() -> None:
+    """A forking core answers twice (tags ttag9, then fork2); both 200s reach the caller,
+    which keeps the first and hangs up the second (RFC 3261 §13.2.2.4): that BYE goes to the
+    core, the call and its slot stay, and the first dialog's BYE ends them."""
+    h = PolicyHarness("rules:\n  concurrency: {per_caller: 1}\n")
+    fwd = up(h)
+    out = h.send(answer(fwd, 200, "OK", to_tag="fork2"), src=CORE)
+    assert [m.status for m in to(out, CALLER)] == [200]
+    out = h.send(in_dialog("BYE", call_id="call-1", cseq=2, branch="z9hG4bK-f2",
+                           to_tag="fork2"))
+    [bye] = [m for m in to(out, CORE) if m.method == "BYE"]
+    h.send(answer(bye, 200, "OK", to_tag=None), src=CORE)
+    assert h.count("caller", "+12125550100") == 1 and h.ended() == []
+    h.bye(1, cseq=3)
+    assert h.count("caller", "+12125550100") == 0 and h.ended() == ["bye_caller"]
+
+
+def test_a_subscription_is_not_record_routed() -> None:
+    """An allowed SUBSCRIBE reaches the core without sipguard's Record-Route: sipguard keeps
+    dialogs for calls only, so the subscription's refreshes go between the parties instead
+    of being refused here."""
+    h = PolicyHarness(allow_methods=frozenset({"INVITE", "OPTIONS", "SUBSCRIBE"}))
+    out = h.send(out_of_dialog("SUBSCRIBE", extra="Event: dialog\r\nExpires: 600\r\n"))
+    [sub] = [m for m in to(out, CORE) if m.method == "SUBSCRIBE"]
+    assert sub.values("record-route") == []
+    _, fwd = h.call(1)
+    assert fwd is not None and fwd.values("record-route") != []
+
+
+def test_a_call_the_core_placed_hears_another_address_of_the_peer_it_went_to() -> None:
+    """The core places a call to a carrier (peer networks 203.0.113.50/31), answered from
+    .50; the carrier's BYE from its other SBC (.51) speaks for the call, a stranger's does
+    not."""
+    h = PolicyHarness(extra_yaml="peers:\n  - name: carrier-b\n    networks: [203.0.113.50/31]\n")
+    out_call = invite(branch="z9hG4bK-oc1", call_id="out-1", via_host="10.0.0.10:5080",
+                      uri="sip:+12125550100@203.0.113.50:5060")
+    out = h.send(out_call, src=CORE)
+    [leg] = [m for m in to(out, REMOTE) if m.method == "INVITE"]
+    h.send(answer(leg, 200, "OK", to_tag="rt1"), src=REMOTE)
+    assert len(h.proxy.dialogs) == 1
+    bye = (
+        b"BYE sip:+18005550199@10.0.0.10:5080 SIP/2.0\r\n"
+        b"Via: SIP/2.0/UDP 203.0.113.51:5060;branch=z9hG4bK-ob1\r\nMax-Forwards: 70\r\n"
+        b"From: <sip:+12125550100@203.0.113.50>;tag=rt1\r\n"
+        b"To: <sip:+18005550199@198.51.100.7>;tag=ftag1\r\n"
+        b"Call-ID: out-1\r\nCSeq: 1 BYE\r\nContent-Length: 0\r\n\r\n")
+    stranger = h.send(bye.replace(b"z9hG4bK-ob1", b"z9hG4bK-ob0"), src=STRANGER)
+    assert to(stranger, CORE) == [] and statuses(stranger) == [403]
+    out = h.send(bye, src=("203.0.113.51", 5060))
+    assert [m.method for m in to(out, CORE)] == ["BYE"]
