@@ -201,7 +201,10 @@ def _verb(args: argparse.Namespace) -> int:
             result = _ok(*_call(args, "DELETE", f"/bans/{_number_path(args.lift)}"))
         else:
             result = _ok(*_call(args, "GET", "/bans"))
-    print(json.dumps(result, indent=2))
+    try:
+        print(json.dumps(result, indent=2), flush=True)
+    except BrokenPipeError:  # `sipguard calls ... | head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 

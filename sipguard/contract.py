@@ -124,6 +124,9 @@ class Verdict:
     # log this decision sampled under this key (one line per key per log.parse_error_sample_s,
     # the rest counted): for verdicts that come in floods, e.g. "rate:per_caller:+1212..."
     sample: str = ""
+    # what the other rules in monitor mode said of the same call (each would have refused it),
+    # beside the one this verdict names: counted and logged too (at most one per rule)
+    also: tuple[Verdict, ...] = ()
 
     def __init__(
         self,
@@ -139,6 +142,7 @@ class Verdict:
         monitored: bool = False,
         detail: Mapping[str, str | int | None] | None = None,
         sample: str = "",
+        also: tuple[Verdict, ...] = (),
     ) -> None:
         self.action = action
         self.rule = rule
@@ -152,10 +156,18 @@ class Verdict:
         self.monitored = monitored
         self.detail = detail
         self.sample = sample
+        self.also = also
 
     @property
     def accepted(self) -> bool:
         return self.action == "accept"
+
+    def with_also(self, also: tuple[Verdict, ...]) -> Verdict:
+        """This verdict with what rules in monitor mode said before it (a copy: verdicts are
+        shared)."""
+        return Verdict(self.action, self.rule, self.reason, self.status, self.phrase,
+                       self.headers, self.forward_headers, self.replace_headers,
+                       self.anonymise, self.monitored, self.detail, self.sample, also)
 
 
 ACCEPT: Final = Verdict("accept")

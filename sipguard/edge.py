@@ -170,13 +170,20 @@ class EdgeCore:
         self._defer(policy.adopt(previous, list(self.proxy.dialogs.values()), now), "resync")
 
     def end_calls(self, matches: Callable[[str | None], bool], reason: str, now: float) -> int:
-        """End at once every answered call whose caller, called or diverting number
-        ``matches`` (a BYE to both sides, slots freed); how many were ended."""
+        """End at once every call whose caller or called number ``matches`` — as a
+        suspension refuses new calls from or to it: an answered one with a BYE to both
+        sides, a ringing one with a CANCEL toward the core (slots freed as each ends); how
+        many."""
         ended = 0
+        early: list[Dialog] = []
         for dialog in list(self.proxy.dialogs.values()):
-            numbers = (dialog.caller, dialog.callee, *dialog.diverters)
-            if any(matches(n) for n in numbers) and self.proxy.end_call(dialog, reason, now):
-                ended += 1
+            if matches(dialog.caller) or matches(dialog.callee):
+                if self.proxy.end_call(dialog, reason, now):
+                    ended += 1
+                elif dialog.state == "early":
+                    early.append(dialog)
+        if early:
+            ended += self.proxy.cancel_early(early, reason, now)
         return ended
 
     def end_all(self, reason: str, now: float) -> None:

@@ -38,7 +38,7 @@ from sipguard.ops.admin import MAX_CALLS_SHOWN, AdminEndpoint, read_token
 from sipguard.ops.calllog import CallLogger
 from sipguard.ops.collector import YOUNG_EVERY_S, Collector
 from sipguard.ops.config import Config, StateSettings
-from sipguard.ops.config_load import ConfigError
+from sipguard.ops.config_load import ConfigError, ConfigIssue
 from sipguard.ops.endpoints import split_hostport
 from sipguard.ops.logging import Level, SampledLogger, flush_logs, get_logger, log_writer
 from sipguard.ops.metrics import Metrics
@@ -667,6 +667,7 @@ class Server:
                 new = await asyncio.to_thread(self.load)
                 changed = changed_keys(self.cfg, new)
                 new, restart = held_back(self.cfg, new, changed)
+                token = await self._admin_token(new)
                 applied = await self.reload(new)
             except (ConfigError, OSError, ValueError) as exc:  # OSError: e.g. a dno_file
                 result = failure(exc)
@@ -680,6 +681,9 @@ class Server:
             if not applied:
                 self.log.info("config_reload_superseded", detail="a newer reload won")
                 return ReloadResult(False, changed, restart, superseded=True)
+            if token is not None and self.http is not None and self.http.token != token:
+                self.http.token = token  # a rotated token: the old one stops working now
+                changed.append("admin.token_file")
             if restart:
                 self.log.warning("config_restart_needed", keys=restart,
                                  detail="these settings take effect at the next start")
@@ -690,6 +694,21 @@ class Server:
             self.log.info("config_reloaded", changed=changed, restart_needed=restart,
                           **({} if others is None else {"other_workers_reloading": others}))
             return ReloadResult(True, changed, restart, others=others)
+
+    async def _admin_token(self, new: Config) -> bytes | None:
+        """The admin token file read again on reload (its path is a restart key, its content
+        is not: rotating a leaked token takes a reload); None without one. A file that cannot
+        be read refuses the reload, naming the field, and the running token stays."""
+        path = new.http.token_file
+        if self.http is None or path is None:
+            return None
+        try:
+            token = await asyncio.to_thread(read_token, str(path))
+        except (OSError, ValueError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise ConfigError(str(path), [ConfigIssue("admin.token_file", None,
+                                                      f"cannot read {path}: {why}")]) from None
+        return token.encode()
 
     def _tls_names(self, conn: int) -> tuple[str, ...]:
         """The verified client certificate names of TLS connection ``conn`` (empty: none)."""

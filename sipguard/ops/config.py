@@ -29,12 +29,12 @@ import ipaddress
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from sipguard.ops.endpoints import Endpoint, ListenUri, format_host, split_hostport
 from sipguard.ops.privacy import read_hash_key
 from sipguard.policy.schema import PeerConfig, RulesConfig, merge_peer_rules
-from sipguard.policy.settings import ConfigPath
+from sipguard.policy.settings import ConfigModel, ConfigPath
 from sipguard.state.shared_memory import SET_CAP
 
 __all__ = [
@@ -48,7 +48,7 @@ MAX_WORKERS = 64
 WORKER_PORT_OFFSET = 100  # default worker_port_base: the highest listen port + this
 
 
-class SipSettings(BaseModel):
+class SipSettings(ConfigModel):
     """SIP protocol behaviour and limits (the ``sip:`` section)."""
 
     model_config = _FROZEN
@@ -286,7 +286,7 @@ class SipSettings(BaseModel):
         return self
 
 
-class AdminSettings(BaseModel):
+class AdminSettings(ConfigModel):
     """The HTTP admin API (the ``admin:`` section; ``metrics:`` is its old name)."""
 
     model_config = _FROZEN
@@ -334,7 +334,7 @@ class AdminSettings(BaseModel):
 MetricsSettings = AdminSettings  # the section's old name
 
 
-class LogSettings(BaseModel):
+class LogSettings(ConfigModel):
     """Logging (the ``log:`` section)."""
 
     model_config = _FROZEN
@@ -383,7 +383,7 @@ class LogSettings(BaseModel):
         return self
 
 
-class TlsSettings(BaseModel):
+class TlsSettings(ConfigModel):
     """TLS (the ``tls:`` section): certificates for ``tls://`` listeners and toward a
     ``tls://`` core (RFC 3261 §26, RFC 5630). Read at start and again on every reload: new
     connections use the new files, open ones keep theirs."""
@@ -430,7 +430,7 @@ class TlsSettings(BaseModel):
         return self
 
 
-class SentinelSettings(BaseModel):
+class SentinelSettings(ConfigModel):
     """Redis Sentinel: where the sentinels are and the name of the master they watch."""
 
     model_config = _FROZEN
@@ -448,7 +448,7 @@ class SentinelSettings(BaseModel):
         return value
 
 
-class StateSettings(BaseModel):
+class StateSettings(ConfigModel):
     """Where the limits' counters live: this process (``memory``) or a Redis / Valkey shared by
     every sipguard instance (``redis``). Read at start-up; a reload that changes it is refused."""
 
@@ -546,7 +546,7 @@ class StateSettings(BaseModel):
         return self
 
 
-class Config(BaseModel):
+class Config(ConfigModel):
     """The whole configuration file.
 
     - ``listen`` (required): one or more ``udp://HOST:PORT`` / ``tcp://HOST:PORT`` /

@@ -122,6 +122,12 @@ class Observer:
             c["invites_monitored"] += 1
         if v.reason:
             c[f"rule_{v.rule}_{v.reason}"] += 1
+        labels = call.labels or None
+        if v.also:  # the other rules in monitor mode that would have refused the call
+            for a in v.also:
+                c[f"rule_{a.rule}_{a.reason}"] += 1
+            labels = {**call.labels,
+                      "also_monitored": ",".join(f"{a.rule}:{a.reason}" for a in v.also)}
         caller, callee = call.caller, call.callee
         diverters: list[str] | None = list(call.diverters) or None
         detail = dict(v.detail) if v.detail else None
@@ -138,9 +144,9 @@ class Observer:
         )
         if v.sample:  # a verdict that comes in floods: one line per key and interval
             self.sampled.log("info", "invite_decided", key=v.sample,
-                             **dict(zip(DECIDED.names, values, strict=True)), **call.labels)
+                             **dict(zip(DECIDED.names, values, strict=True)), **(labels or {}))
             return
-        self.call_log.line("invite_decided", DECIDED, values, call.labels or None)
+        self.call_log.line("invite_decided", DECIDED, values, labels)
 
     def _screened(self, event: Screened) -> None:
         """An out-of-dialog request refused (or, monitored, let through) before it got a

@@ -401,7 +401,10 @@ def load_list(ctx: BuildContext, path: Path) -> NumberSet:
     hit = ctx.pending_lists.get(key) or ctx.state.list_files.get(key)
     if hit is not None and hit[0] == stamp:
         return hit[1]
-    numbers_set = NumberSet(read_number_file(path))
+    try:
+        numbers_set = NumberSet(read_number_file(path))
+    except ValueError as exc:
+        raise ValueError(f"callerid dno_file: {exc}") from None
     ctx.pending_lists[key] = (stamp, numbers_set)
     return numbers_set
 

@@ -11,10 +11,10 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import Field, field_validator
 
 from sipguard.policy.peers import NUMBER_PATTERN
-from sipguard.policy.settings import FROZEN, Answer, ConfigPath, RuleSettings
+from sipguard.policy.settings import FROZEN, Answer, ConfigModel, ConfigPath, RuleSettings
 
 # RFC 8606 isup-location-value (U, LPN, LN, TN, RLN, RPN, INTL, BI)
 Location = Literal["U", "LPN", "LN", "TN", "RLN", "RPN", "INTL", "BI"]
@@ -23,7 +23,7 @@ Location = Literal["U", "LPN", "LN", "TN", "RLN", "RPN", "INTL", "BI"]
 _AVP_BAD = re.compile(r'[\x00-\x20";\\\x7f]')
 
 
-class Answers(BaseModel):
+class Answers(ConfigModel):
     """What the caller hears for each kind of failure."""
 
     model_config = FROZEN
@@ -54,7 +54,7 @@ class Answers(BaseModel):
     )
 
 
-class Redress(BaseModel):
+class Redress(ConfigModel):
     """The ATIS-1000099 ("603+") Reason header added to every ``603 Network Blocked`` answer:
     ``Reason: SIP;cause=603;text="v=analytics1;url=...;tel=...;email=...";location=RPN``.
     ATIS-1000099 wants at least one of url, tel, email: set one in production."""
@@ -108,7 +108,7 @@ class Redress(BaseModel):
         return f'Reason: SIP;cause=603;text="{";".join(avps)}";location={self.location}'
 
 
-class NeighborSpoofing(BaseModel):
+class NeighborSpoofing(ConfigModel):
     """Caller and callee share the first ``digits`` digits of their national numbers."""
 
     model_config = FROZEN
@@ -205,5 +205,6 @@ class Settings(RuleSettings):
     @classmethod
     def _file_exists(cls, value: Path | None) -> Path | None:
         if value is not None and not value.is_file():
-            raise ValueError(f"file not found: {value}")
+            raise ValueError(f"{'a directory, not a file' if value.is_dir() else 'file not found'}"
+                             f": {value}")
         return value

@@ -6,16 +6,16 @@ and what the caller hears when a limit is reached (:class:`Answers`). The rule i
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
+from pydantic import Field
 
-from sipguard.policy.settings import FROZEN, Answer, RuleSettings
+from sipguard.policy.settings import FROZEN, Answer, ConfigModel, RuleSettings
 
 
 def _reason(limit: str, text: str) -> tuple[str, ...]:
     return (f'Reason: SIP;cause=403;text="{text} ({limit})"',)
 
 
-class Answers(BaseModel):
+class Answers(ConfigModel):
     """What the caller hears when a limit is reached."""
 
     model_config = FROZEN

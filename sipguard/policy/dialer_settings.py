@@ -44,14 +44,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import Field, model_validator
 
 from sipguard.policy.callerid_settings import Redress
 from sipguard.policy.peers import NUMBER_PATTERN
-from sipguard.policy.settings import FROZEN, Answer, RuleSettings
+from sipguard.policy.settings import FROZEN, Answer, ConfigModel, RuleSettings
 
 
-class _Counted(BaseModel):
+class _Counted(ConfigModel):
     model_config = FROZEN
 
     window_s: float | None = Field(
@@ -108,7 +108,7 @@ class ShortCalls(_Counted):
     )
 
 
-class Asr(BaseModel):
+class Asr(ConfigModel):
     """Answer-seizure ratio floors (answered / ended calls)."""
 
     model_config = FROZEN
@@ -151,7 +151,7 @@ class CallerRotation(_Counted):
     )
 
 
-class Threshold(BaseModel):
+class Threshold(ConfigModel):
     model_config = FROZEN
 
     tag: int | None = Field(default=None, ge=1, le=10_000_000, description="Tag at this many.")
@@ -171,7 +171,7 @@ def _patterns(value: tuple[str, ...]) -> tuple[str, ...]:
     return value
 
 
-class Pumping(BaseModel):
+class Pumping(ConfigModel):
     """Calls concentrated on one called number, or on high-cost prefixes."""
 
     model_config = FROZEN

@@ -99,7 +99,11 @@ def build_peer(pc: PeerConfig) -> Peer:
     if pc.numbers or pc.numbers_file is not None:
         numbers = NumberSet(pc.numbers)
         if pc.numbers_file is not None:
-            for pattern in read_number_file(pc.numbers_file):
+            try:
+                patterns = read_number_file(pc.numbers_file)
+            except ValueError as exc:
+                raise ValueError(f"peer {pc.name}: numbers_file: {exc}") from None
+            for pattern in patterns:
                 numbers.add(pattern)
     return Peer(pc.name, pc.networks, numbers, pc.default_region, pc.trust_pai, pc.interconnect,
                 pc.tls_subject.lower() if pc.tls_subject else None)

@@ -43,7 +43,10 @@ address — a lab on 127.0.0.1 — at the price of letting a scanner that change
 through), ``scanners``, ``scanner_ban`` (true), ``register_from_unknown`` (``drop``),
 ``exempt`` (``[]``), ``max_sources`` (100000: sources counted per sampling unit; beyond it new
 sources go uncounted until the next unit), ``max_bans`` (100000: the oldest ban is lifted when
-full). ``mode: monitor`` decides, bans and counts the same way, but nothing is dropped.
+full). ``mode: monitor`` decides, bans and counts the same way, but nothing is dropped; a
+ban made in monitor mode is not honoured once a reload turns the rule to enforce (the
+source is counted afresh), so switching a tuned rule on does not black out the sources it
+flagged while being tried.
 
 State (counts and bans) lives in ``RuleState.flood`` (:mod:`sipguard.policy.state`), so a
 reload keeps the bans.
@@ -88,13 +91,16 @@ Key = str | tuple[str, int]
 
 
 class Ban:
-    __slots__ = ("since", "until", "reason", "dropped")
+    __slots__ = ("since", "until", "reason", "dropped", "monitor")
 
-    def __init__(self, since: float, until: float, reason: str) -> None:
+    def __init__(self, since: float, until: float, reason: str, monitor: bool = False) -> None:
         self.since = since
         self.until = until
         self.reason = reason
-        self.dropped = 0  # messages dropped under this ban
+        self.dropped = 0  # messages dropped under this ban (monitor: that would have been)
+        # made in monitor mode: honoured (as "would drop") only while the rule stays in
+        # monitor mode, never by an enforcing guard — as the dialer's monitored cooldowns
+        self.monitor = monitor
 
 
 class FloodState:
@@ -114,7 +120,9 @@ class FloodState:
         self.ipv6_prefix = 64  # the running guard's (sip.ipv6_prefix): how key_of reads an address
 
     def list_bans(self, now: float) -> list[dict[str, Any]]:
-        """Bans in force: address, reason, since, seconds left, messages dropped."""
+        """Bans in force: address, reason, since, seconds left, messages dropped (for a ban
+        made in monitor mode: ``monitor`` and the messages that would have been,
+        ``monitored``)."""
         out = []
         for key, ban in self.bans.items():
             if ban.until > now:
@@ -123,7 +131,8 @@ class FloodState:
                     "reason": ban.reason,
                     "banned_s": round(now - ban.since, 1),
                     "left_s": round(ban.until - now, 1),
-                    "dropped": ban.dropped,
+                    ("monitored" if ban.monitor else "dropped"): ban.dropped,
+                    **({"monitor": True} if ban.monitor else {}),
                 })
         return out
 
@@ -296,10 +305,12 @@ class FloodGuard:
         if bans:
             ban = bans.get(key)
             if ban is not None:
-                if ban.until > now:
+                if ban.until <= now:
+                    del bans[key]
+                elif self.monitor or not ban.monitor:
                     ban.dropped += 1
                     return BANNED
-                del bans[key]
+                # else a ban made in monitor mode, now enforcing: counted afresh below
         position = now / self.unit
         epoch = int(position)
         if epoch != state.epoch:
@@ -400,7 +411,7 @@ class FloodGuard:
         bans = self.state.bans
         if len(bans) >= self.max_bans and not self.state.sweep(now):
             del bans[next(iter(bans))]
-        ban = bans[key] = Ban(now, now + self.ban_s, reason)
+        ban = bans[key] = Ban(now, now + self.ban_s, reason, self.monitor)
         on_ban = self.state.on_ban
         if on_ban is not None and not self.monitor:  # a monitor-mode ban stays here
             on_ban(key, ban)

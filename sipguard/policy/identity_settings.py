@@ -9,15 +9,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from sipguard.policy.settings import FROZEN, Answer, ConfigPath, RuleSettings
+from sipguard.policy.settings import FROZEN, Answer, ConfigModel, ConfigPath, RuleSettings
 from sipguard.policy.stircert import load_trust_anchors
 
 _TOKEN = r"^[A-Za-z0-9][A-Za-z0-9.!%*_+`'~-]*$"
 
 
-class Answers(BaseModel):
+class Answers(ConfigModel):
     """What the caller hears for each kind of failure (defaults per RFC 8224, ATIS-1000074)."""
 
     model_config = FROZEN
@@ -184,7 +184,8 @@ class Settings(RuleSettings):
     @classmethod
     def _bundle(cls, value: Path | None) -> Path | None:
         if value is not None and not value.is_file():
-            raise ValueError(f"file not found: {value}")
+            raise ValueError(f"{'a directory, not a file' if value.is_dir() else 'file not found'}"
+                             f": {value}")
         return value
 
     @model_validator(mode="after")

@@ -8,16 +8,16 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import Field, field_validator
 
 from sipguard.policy.callerid_settings import Redress
 from sipguard.policy.peers import NUMBER_PATTERN
-from sipguard.policy.settings import FROZEN, Answer, RuleSettings
+from sipguard.policy.settings import FROZEN, Answer, ConfigModel, RuleSettings
 
 Action = Literal["block", "anonymise", "allow"]
 
 
-class RoamingLookup(BaseModel):
+class RoamingLookup(ConfigModel):
     """An HTTP endpoint that tells whether a number is a subscriber roaming abroad."""
 
     model_config = FROZEN

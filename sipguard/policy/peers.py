@@ -92,16 +92,24 @@ def read_number_file(path: Path) -> list[str]:
     in a block list must not pass unnoticed), OSError when the file cannot be read.
     """
     out = []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            text = line.split("#", 1)[0].strip()
-            if text:
-                if NUMBER_PATTERN.fullmatch(text) is None:
-                    raise ValueError(
-                        f"{path}:{lineno}: {text[:40]!r} is not a number or a prefix pattern "
-                        "like '+1212555*'"
-                    )
-                out.append(text)
+    try:
+        with path.open("rb") as fh:
+            for lineno, raw in enumerate(fh, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise ValueError(f"{path}:{lineno}: not UTF-8 text (a number list is one "
+                                     "number or prefix* per line)") from None
+                text = line.split("#", 1)[0].strip()
+                if text:
+                    if NUMBER_PATTERN.fullmatch(text) is None:
+                        raise ValueError(
+                            f"{path}:{lineno}: {text[:40]!r} is not a number or a prefix "
+                            "pattern like '+1212555*'"
+                        )
+                    out.append(text)
+    except IsADirectoryError:
+        raise ValueError(f"{path}: is a directory, not a number list file") from None
     return out
 
 

@@ -4,7 +4,8 @@ Each rule is an object with a ``name``, a ``mode`` (``enforce`` or ``monitor``) 
 ``decide(call, now) -> Verdict | None`` (None: no objection). The first rule that rejects or
 drops in enforce mode decides; a rule in monitor mode is evaluated and reported the same way,
 but the call goes on (the final verdict is an accept marked ``monitored``, naming the first
-monitored rule that objected). Headers that rules want on the forwarded INVITE
+monitored rule that objected; the others that objected ride along in its ``also``, as they do
+on a refusal by a later rule in enforce mode, so each is counted and logged). Headers that rules want on the forwarded INVITE
 (``forward_headers`` to append, ``replace_headers`` to replace or strip) are collected from every
 rule that ran, rejecting ones included, so a monitored rule's findings reach the core; so is
 the first ``anonymise`` (rule ``national_cli``), which the proxy applies after every edit. With
@@ -115,7 +116,7 @@ class _Run:
     __slots__ = ("monitored", "forward", "replace", "anonymise")
 
     def __init__(self) -> None:
-        self.monitored: Verdict | None = None
+        self.monitored: list[Verdict] = []  # every rule in monitor mode that would refuse
         self.forward: list[str] = []
         self.replace: dict[str, str | None] = {}
         self.anonymise: Anonymise | None = None
@@ -132,18 +133,21 @@ class _Run:
         if verdict.action == "accept":
             return None
         if rule.mode == "monitor":
-            self.monitored = self.monitored or verdict
+            self.monitored.append(verdict)
             return None
+        if self.monitored:  # rules in monitor mode objected before this one refused
+            return verdict.with_also(tuple(self.monitored))
         return verdict
 
     def result(self) -> Verdict:
-        m = self.monitored
         replace = tuple(self.replace.items())
-        if m is not None:
+        if self.monitored:
+            m = self.monitored[0]
             return Verdict("accept", rule=m.rule, reason=m.reason, status=m.status,
                            phrase=m.phrase, forward_headers=tuple(self.forward),
                            replace_headers=replace, monitored=True, detail=m.detail,
-                           sample=m.sample, anonymise=self.anonymise)
+                           sample=m.sample, anonymise=self.anonymise,
+                           also=tuple(self.monitored[1:]))
         if self.forward or replace or self.anonymise is not None:
             return Verdict("accept", forward_headers=tuple(self.forward), replace_headers=replace,
                            anonymise=self.anonymise)

@@ -6,12 +6,12 @@ Its parameters live apart from the rule because the rule is compiled
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
+from pydantic import Field
 
-from sipguard.policy.settings import FROZEN, Answer, RuleSettings
+from sipguard.policy.settings import FROZEN, Answer, ConfigModel, RuleSettings
 
 
-class Limit(BaseModel):
+class Limit(ConfigModel):
     """A rate and a burst: ``rate`` calls every ``per_s`` seconds, ``burst`` at once."""
 
     model_config = FROZEN

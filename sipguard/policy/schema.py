@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from pydantic import BaseModel, Field, PrivateAttr, field_validator, model_validator
+from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from sipguard.policy.callerid_settings import Settings as CallerIdSettings
 from sipguard.policy.concurrency_settings import Settings as ConcurrencySettings
@@ -29,12 +29,12 @@ from sipguard.policy.flood_settings import Settings as FloodSettings
 from sipguard.policy.identity_settings import Settings as IdentitySettings
 from sipguard.policy.national_cli_settings import Settings as NationalCliSettings
 from sipguard.policy.rate_settings import Settings as RateSettings
-from sipguard.policy.settings import FROZEN, ConfigPath, networks
+from sipguard.policy.settings import FROZEN, ConfigModel, ConfigPath, networks
 
 __all__ = ["PeerConfig", "PolicyConfig", "RulesConfig", "merge_peer_rules"]
 
 
-class RulesConfig(BaseModel):
+class RulesConfig(ConfigModel):
     """The ``rules:`` section: one key per rule, evaluated in the order the file lists them.
 
     A rule that is absent is off. Each rule's parameters, with defaults, are documented in its
@@ -106,7 +106,7 @@ def merge_peer_rules(data: Any) -> Any:
     return {**data, "peers": peers}
 
 
-class PeerConfig(BaseModel):
+class PeerConfig(ConfigModel):
     """One peer (``peers:`` list item): who it is and what caller numbers it may present.
 
     - ``name`` (required): a label used in logs, metrics and the admin API.
@@ -194,7 +194,8 @@ class PeerConfig(BaseModel):
     @classmethod
     def _file_exists(cls, value: Path | None) -> Path | None:
         if value is not None and not value.is_file():
-            raise ValueError(f"file not found: {value}")
+            raise ValueError(f"{'a directory, not a file' if value.is_dir() else 'file not found'}"
+                             f": {value}")
         return value
 
 

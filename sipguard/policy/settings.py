@@ -10,12 +10,45 @@ Every rule section in the config (``rules.<name>``) accepts these keys besides i
 from __future__ import annotations
 
 import ipaddress
+import types
+import typing
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 FROZEN = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+def _numeric(annotation: Any) -> bool:
+    """An int or float setting (possibly optional), not a bool one."""
+    if annotation is bool:
+        return False
+    if annotation in (int, float):
+        return True
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = typing.get_args(annotation)
+        return bool not in args and any(_numeric(a) for a in args)
+    return False
+
+
+class ConfigModel(BaseModel):
+    """Base of every config section: frozen, unknown keys refused, and a YAML boolean
+    (``yes``, ``no``, ``on``, ``off``, ``true``, ``false``) refused where a number is wanted
+    — pydantic would take it as 1 or 0, so ``max_diversions: off`` meant "none allowed"."""
+
+    model_config = FROZEN
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_boolean_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, bool) and info.field_name is not None:
+            field = cls.model_fields.get(info.field_name)
+            if field is not None and _numeric(field.annotation):
+                raise ValueError(f"a number is wanted, not the boolean {str(value).lower()} "
+                                 "(yes/no/on/off/true/false); null switches a limit off "
+                                 "where the setting allows it")
+        return value
 
 
 def _resolve_path(value: Path, info: ValidationInfo) -> Path:
@@ -33,7 +66,7 @@ context (the config file's folder; the working directory when there is none). De
 settings as ``dno_file: ConfigPath | None = None``."""
 
 
-class RuleSettings(BaseModel):
+class RuleSettings(ConfigModel):
     model_config = FROZEN
 
     enabled: bool = Field(
@@ -44,7 +77,7 @@ class RuleSettings(BaseModel):
     )
 
 
-class Answer(BaseModel):
+class Answer(ConfigModel):
     """The SIP answer a rule gives when it rejects: status, reason phrase, extra headers."""
 
     model_config = FROZEN

@@ -950,7 +950,8 @@ class Proxy:
                 st.timeout = self.timers.add(now + 64 * s.t1, self._on_timer_terminate_server, st)
                 if st.dialog is not None:
                     st.dialog.status = status
-                    self._end_dialog(st.dialog, "cancelled" if status == 487 else "failed", now)
+                    self._end_dialog(st.dialog, st.end_reason
+                                     or ("cancelled" if status == 487 else "failed"), now)
         else:
             st.state = COMPLETED
             wait = 64 * s.t1 if udp else 0.0
@@ -1082,7 +1083,13 @@ class Proxy:
         if upstream is None:
             self._respond(server, 502, now, "Bad Gateway")
             return
+        # a call sipguard cancelled (its number suspended) that the core answered meanwhile:
+        # the 2xx goes to the caller, then a BYE each way ends it
+        doomed = server.dialog if server.end_reason and status < 300 and \
+            server.method == "INVITE" else None
         self._send_upstream(server, status, upstream, now)
+        if doomed is not None:
+            self.end_call(doomed, server.end_reason, now)
 
     def _recorded(self, msg: Message) -> bool:
         """The response carries a Record-Route naming one of sipguard's own addresses."""
@@ -1383,6 +1390,30 @@ class Proxy:
         self._send_both_ways(probe, "BYE", "end", now)
         self._end_dialog(dialog, reason, now)
         return True
+
+    def cancel_early(self, dialogs: list[Dialog], reason: str, now: float) -> int:
+        """End calls not answered yet (a suspended number's ringing calls, with
+        ``end_calls``): each INVITE is CANCELled toward the core as its caller would
+        (RFC 3261 §16.10: at once after a provisional, else when one comes), the caller
+        hears the core's 487, and the call ends with ``reason``; one the core answers
+        meanwhile gets its 2xx through, then a BYE each way. How many were cancelled. One
+        pass over the transactions per call of ``end_calls`` (an operator's action)."""
+        wanted = {id(d) for d in dialogs}
+        cancelled = 0
+        for st in list(self.servers.values()):
+            d = st.dialog
+            if d is None or id(d) not in wanted or st.method != "INVITE" \
+                    or st.state != PROCEEDING:
+                continue
+            st.end_reason = reason
+            ct = st.client
+            if ct is not None and ct.state in (CALLING, PROCEEDING):
+                if ct.provisional:
+                    self._send_cancel(ct, now)
+                else:
+                    ct.cancel_wanted = True
+            cancelled += 1
+        return cancelled
 
     def end_all(self, reason: str, now: float) -> None:
         """Shutting down: every call ends now — an answered one with a BYE to each side (as

@@ -76,6 +76,8 @@ class ServerTxn:
         self.next_hop: NextHop | None = None
         # A BYE from outside: the dialog it ends once the core has answered it (2xx or 481)
         self.ends: Dialog | None = None
+        # that BYE's reason; on an INVITE, the reason sipguard cancelled it for (a suspended
+        # number's ringing call: see Proxy.cancel_early)
         self.end_reason = ""
 
     def __repr__(self) -> str:

@@ -145,6 +145,36 @@ async def test_token_is_required_when_configured(
         await server.stop()
 
 
+async def test_a_reload_rotates_the_token(tmp_path: Path, peers: tuple[Peer, Peer]) -> None:
+    """The token file written anew and a reload: the new token works, the old one is 401,
+    and `changed` says so; an empty token file refuses the reload naming the field, and the
+    running token stays."""
+    _, core = peers
+    (tmp_path / "token").write_text("old-secret\n")
+    path = tmp_path / "sipguard.yaml"
+    path.write_text(
+        f"listen: [udp://127.0.0.1:{_free_udp_port()}]\ncore: udp://127.0.0.1:{core.port}\n"
+        f"admin: {{listen: 127.0.0.1:{_free_tcp_port()}, token_file: token}}\n"
+    )
+    cfg = load_config(path)
+    server = Server(cfg, load=lambda: load_config(path))
+    await server.start()
+    assert cfg.http.host_port is not None
+    url = f"http://127.0.0.1:{cfg.http.host_port[1]}"
+    try:
+        (tmp_path / "token").write_text("new-secret\n")
+        status, body = await request("POST", url + "/reload", token="old-secret")
+        assert status == 200 and body["changed"] == ["admin.token_file"], body
+        assert (await request("GET", url + "/suspensions", token="old-secret"))[0] == 401
+        assert (await request("GET", url + "/suspensions", token="new-secret"))[0] == 200
+        (tmp_path / "token").write_text("")
+        status, body = await request("POST", url + "/reload", token="new-secret")
+        assert status == 422 and body["errors"][0]["field"] == "admin.token_file", body
+        assert (await request("GET", url + "/suspensions", token="new-secret"))[0] == 200
+    finally:
+        await server.stop()
+
+
 async def test_non_loopback_admin_without_token_refuses_to_start(
     peers: tuple[Peer, Peer],
 ) -> None:

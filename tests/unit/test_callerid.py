@@ -597,3 +597,19 @@ def test_global_number_reading_agrees_with_phonenumbers_parse() -> None:
 def test_lookup_normalises_or_refuses(number: str, region: str | None, e164: str | None) -> None:
     """lookup reads global numbers, national numbers with a region, and refuses bad shapes."""
     assert numbers.lookup(number, region).e164 == e164
+
+
+def test_a_number_list_that_is_not_utf8_or_a_directory_names_the_setting_and_file(
+        tmp_path: Path) -> None:
+    """A dno_file with bytes that are not UTF-8 (or a folder given as one), and a peer's
+    numbers_file with such bytes: each error names the setting, the file and the line."""
+    (tmp_path / "dno.txt").write_bytes(b"+18005550100\n+1800\xff5550101\n")
+    with pytest.raises(ValueError, match=r"callerid dno_file: .*dno.txt:2: not UTF-8"):
+        make_policy("rules: {callerid: {dno_file: dno.txt}}\n", base_dir=tmp_path)
+    (tmp_path / "lists").mkdir()
+    with pytest.raises(ConfigError, match=r"rules.callerid.dno_file: a directory, not a file"):
+        make_policy("rules: {callerid: {dno_file: lists}}\n", base_dir=tmp_path)
+    (tmp_path / "a.txt").write_bytes(b"\xfe\xff+1212\n")
+    with pytest.raises(ValueError, match=r"peer carrier-a: numbers_file: .*a.txt:1: not UTF-8"):
+        make_policy("peers:\n  - name: carrier-a\n    networks: [198.51.100.0/24]\n"
+                    "    numbers_file: a.txt\n", base_dir=tmp_path)

@@ -298,3 +298,26 @@ def test_overload_thresholds_checked() -> None:
     (issue,) = issues_of(MINIMAL + "sip: {overload_shed_above: 1.5}\n")
     assert issue.path == "sip.overload_shed_above"
     assert parse_config(MINIMAL + "sip: {overload_shed_above: null}\n").sip.overload_shed_above is None
+
+
+@pytest.mark.parametrize(("extra", "path", "line"), [
+    ("rules:\n  concurrency: {per_caller: yes}\n", "rules.concurrency.per_caller", 5),
+    ("rules:\n  concurrency:\n    max_diversions: off\n", "rules.concurrency.max_diversions", 6),
+    ("rules:\n  dialer: {window_s: on}\n", "rules.dialer.window_s", 5),
+    ("sip:\n  t1_ms: true\n", "sip.t1_ms", 5),
+    ("rules:\n  rate: {per_caller: {rate: yes, burst: 5}}\n", "rules.rate.per_caller.rate", 5),
+])
+def test_a_yaml_boolean_is_no_number(extra: str, path: str, line: int) -> None:
+    """YAML's yes/no/on/off/true/false where a number is wanted is an error naming the field
+    and the line: pydantic alone took `max_diversions: off` as 0 (every forwarded call
+    refused) and `per_caller: yes` as 1."""
+    found = [i for i in issues_of(MINIMAL + extra) if i.path == path]
+    assert found and found[0].line == line, issues_of(MINIMAL + extra)
+    assert "boolean" in found[0].message
+
+
+def test_booleans_stay_booleans() -> None:
+    """Boolean settings still take yes/no/on/off."""
+    cfg = parse_config(MINIMAL + "rules:\n  callerid: {require_e164: off, enabled: yes}\n"
+                       "sip: {udp_send_thread: no}\n")
+    assert cfg.sip.udp_send_thread is False

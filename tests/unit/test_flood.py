@@ -529,3 +529,23 @@ def test_scanner_names_with_control_characters_are_config_errors() -> None:
     character in it is a config error naming the field."""
     with pytest.raises(ConfigError, match="scanners"):
         make_guard('{scanners: ["evil\\r\\nbot"]}')
+
+
+def test_a_ban_made_in_monitor_mode_is_not_honoured_once_enforcing() -> None:
+    """A source flagged while the rule is on trial (monitor) is listed as a monitor ban with
+    what it would have dropped; after a reload to enforce with a higher density, its next
+    messages pass (counted afresh) instead of being dropped for the rest of the ban."""
+    state = RuleState()
+    trial = make_guard("{sampling_s: 1, density: 10, ban_s: 300, mode: monitor}", state=state)
+    got = [trial.check(SRC, OPTIONS, 100.0 + i * 0.01) for i in range(13)]
+    assert got[10:] == [flood.FLOOD, flood.BANNED, flood.BANNED]  # decided, not dropped
+    [listed] = state.flood.list_bans(100.5)
+    assert listed["monitor"] is True and listed["monitored"] == 2 and "dropped" not in listed
+    enforcing = make_guard("{sampling_s: 1, density: 5000, ban_s: 300}", state=state)
+    assert [enforcing.check(SRC, OPTIONS, 110.0 + i * 0.01) for i in range(5)] == [None] * 5
+    # an enforce-mode flood from it still bans it for real
+    tight = make_guard("{sampling_s: 1, density: 10, ban_s: 300}", state=state)
+    got = [tight.check(SRC, OPTIONS, 120.0 + i * 0.01) for i in range(12)]
+    assert got[10:] == [flood.FLOOD, flood.BANNED]
+    [listed] = state.flood.list_bans(120.5)
+    assert "monitor" not in listed and listed["dropped"] == 1

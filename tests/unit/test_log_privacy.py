@@ -115,3 +115,43 @@ def test_masking_short_numbers_and_prefixes_hides_them() -> None:
     assert m.text("+3120*") == "+31***"
     assert m.text("carrier-a") == "carrier-a"
     assert m(None) is None
+
+
+def test_every_rule_in_monitor_mode_that_objects_is_counted_and_logged() -> None:
+    """dialer (distinct callees, block at 2) and rate (1 call) both in monitor mode: the 2nd
+    call is named by the first monitored rule, the other in also_monitored, both counted.
+    With callerid enforcing after them (a DNO caller), its refusal still lists and counts
+    the monitored hits before it."""
+    from sipguard.policy.engine import Policy
+    from tests.unit.rule_calls import decide
+
+    monitored = ("rules:\n"
+                 "  dialer: {mode: monitor, distinct_callees: {tag: 2, block: 2}, "
+                 "short_calls: null, asr: null, sequential: null}\n"
+                 "  rate: {mode: monitor, per_caller: {rate: 1, burst: 1}}\n")
+    stream = io.StringIO()
+    configure_logging(LogSettings(format="json"), stream=stream)
+    log = get_logger("sipguard")
+    observer = Observer(Metrics(), log, CallLogger("sipguard"), SampledLogger(log, 0.0))
+    for extra in ("", "  callerid: {dno: ['+12125550100']}\n"):
+        p = Policy(parse_config(MINIMAL + monitored + extra))
+        verdicts = []
+        for i in range(2):
+            call = make_call("+12125550100", f"+1800555{i:04d}")
+            verdicts.append(decide(p, call, 0.0))
+            observer.observe(InviteDecided(call, verdicts[-1]))
+        v = verdicts[1]
+        if not extra:
+            assert v.monitored and (v.rule, v.reason) == ("dialer", "distinct_callees")
+            assert [(a.rule, a.reason) for a in v.also] == [("rate", "per_caller")]
+        else:
+            assert (v.action, v.rule, v.reason) == ("reject", "callerid", "caller_dno")
+            assert [(a.rule, a.reason) for a in v.also] == [
+                ("dialer", "distinct_callees"), ("rate", "per_caller")]
+    c = observer.counters
+    assert c["rule_rate_per_caller"] == 2 and c["rule_dialer_distinct_callees"] == 2, c
+    assert c["rule_callerid_caller_dno"] == 2, c
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    decided = [x for x in lines if x.get("event") == "invite_decided" and "also_monitored" in x]
+    assert [x["also_monitored"] for x in decided] == [
+        "rate:per_caller", "dialer:distinct_callees,rate:per_caller"], decided

@@ -602,3 +602,27 @@ def test_a_call_the_core_placed_hears_another_address_of_the_peer_it_went_to() -
     assert to(stranger, CORE) == [] and statuses(stranger) == [403]
     out = h.send(bye, src=("203.0.113.51", 5060))
     assert [m.method for m in to(out, CORE)] == ["BYE"]
+
+
+def test_end_calls_cancels_a_suspended_numbers_ringing_calls() -> None:
+    """end_calls while a call of the number rings: a CANCEL goes to the core, whose 487
+    reaches the caller, and the call ends (reason suspended, slot freed). A second ringing
+    call whose 200 crosses that CANCEL gets its 200 through, then a BYE each way."""
+    h = PolicyHarness("rules:\n  concurrency: {per_caller: 5}\n")
+    _, fwd1 = h.call(1)
+    _, fwd2 = h.call(2)
+    assert fwd1 is not None and fwd2 is not None
+    h.answer(fwd1, 180, "Ringing")
+    h.answer(fwd2, 180, "Ringing")
+    assert h.core.end_calls(lambda number: number == "+12125550100", "suspended", h.now) == 2
+    cancels = {m.call_id: m for f, m in h._drain() if f.addr == CORE and m.method == "CANCEL"}
+    assert set(cancels) == {"call-1", "call-2"}
+    h.send(answer(cancels["call-1"], 200, "OK", to_tag=None), src=CORE)
+    assert [m.status for m in h.answer(fwd1, 487, "Request Terminated")] == [487]
+    h.send(answer(cancels["call-2"], 200, "OK", to_tag=None), src=CORE)
+    out = h.send(answer(fwd2, 200, "OK"), src=CORE)
+    assert [(f.addr, m.status or m.method) for f, m in out] == [
+        (CALLER, 200), (CALLER, "BYE"), (CORE, "BYE")] or sorted(
+        str(m.status or m.method) for _, m in out) == ["200", "BYE", "BYE"]
+    assert h.ended() == ["suspended", "suspended"]
+    assert h.count("caller", "+12125550100") == 0
