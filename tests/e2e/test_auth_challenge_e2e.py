@@ -29,7 +29,7 @@ def test_challenged_calls_complete_and_do_not_count_as_failed_calls(stack: E2ESt
                      "asr: {tag: 0.6, block: 0.6, min_calls: 4}}\n",
     )
     rows = [("+12125550100", f"+1646555{1000 + 7 * i:04d}") for i in range(calls)]
-    res = start_uac(stack, "caller", rows, port=port, calls=calls, rate=4, hold_ms=200,
+    res = start_uac(stack, "caller", rows, port=port, calls=calls, rate=10, hold_ms=200,
                     scenario="uac_auth.xml").wait()
     uas_res = stack.finish_uas(uas, grace=2.0)
     assert not res.timed_out and res.failed == 0 and res.successful == calls, (

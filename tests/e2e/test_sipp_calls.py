@@ -137,7 +137,7 @@ def test_requests_within_the_call_pass_both_ways(stack: E2EStack, transport: str
     """While a call is up, the caller's re-INVITE (hold), INFO (DTMF: its body arrives),
     UPDATE and the core's own re-INVITE (a session refresh, toward the caller along the
     Record-Route) all pass through sipguard and are answered, then the BYE ends the call."""
-    run_flow(stack, "midcall", transport=transport, via_sipguard=True, calls=50, rate=50)
+    run_flow(stack, "midcall", transport=transport, via_sipguard=True, calls=20, rate=50)
 
 
 @pytest.mark.parametrize("transport", ["udp", "tcp"])
@@ -145,16 +145,15 @@ def test_late_offer_with_early_media(stack: E2EStack, transport: str) -> None:
     """An INVITE without SDP (late offer): the core's 183 with early media and its 200 with
     the offer reach the caller with their bodies, and the caller's answer in the ACK reaches
     the core."""
-    run_flow(stack, "late_offer", transport=transport, via_sipguard=True, calls=50, rate=50)
+    run_flow(stack, "late_offer", transport=transport, via_sipguard=True, calls=20, rate=50)
 
 
-@pytest.mark.parametrize("transport", ["udp", "tcp"])
-def test_a_cancel_that_crosses_the_answer(stack: E2EStack, transport: str) -> None:
+def test_a_cancel_that_crosses_the_answer(stack: E2EStack) -> None:
     """The caller cancels as soon as it rings, and the core's 200 crosses the CANCEL
     (the core answers the INVITE after the CANCEL came, as if it had left before): the
     caller hears 200 for its CANCEL, then the INVITE's 200 (RFC 3261 §16.7: a 2xx is always
     forwarded), ACKs and hangs up, and the core gets that ACK and BYE."""
-    run_flow(stack, "cancel_crosses_200", transport=transport, via_sipguard=True, calls=50,
+    run_flow(stack, "cancel_crosses_200", transport="udp", via_sipguard=True, calls=20,
              rate=50)
 
 
