@@ -26,6 +26,8 @@ def _numeric(annotation: Any) -> bool:
         return False
     if annotation in (int, float):
         return True
+    if typing.get_origin(annotation) is Annotated:
+        return _numeric(typing.get_args(annotation)[0])
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         args = typing.get_args(annotation)
         return bool not in args and any(_numeric(a) for a in args)

@@ -306,6 +306,7 @@ def test_overload_thresholds_checked() -> None:
     ("rules:\n  dialer: {window_s: on}\n", "rules.dialer.window_s", 5),
     ("sip:\n  t1_ms: true\n", "sip.t1_ms", 5),
     ("rules:\n  rate: {per_caller: {rate: yes, burst: 5}}\n", "rules.rate.per_caller.rate", 5),
+    ("log:\n  queue_bytes: yes\n", "log.queue_bytes", 5),
 ])
 def test_a_yaml_boolean_is_no_number(extra: str, path: str, line: int) -> None:
     """YAML's yes/no/on/off/true/false where a number is wanted is an error naming the field
@@ -321,3 +322,13 @@ def test_booleans_stay_booleans() -> None:
     cfg = parse_config(MINIMAL + "rules:\n  callerid: {require_e164: off, enabled: yes}\n"
                        "sip: {udp_send_thread: no}\n")
     assert cfg.sip.udp_send_thread is False
+
+
+def test_a_yaml_boolean_is_no_number_in_a_union_with_a_word() -> None:
+    """verify_threads takes a number or `auto`: `yes` is neither (pydantic alone made it 1)."""
+    from sipguard.policy.identity_settings import Settings
+
+    with pytest.raises(pydantic.ValidationError, match="boolean") as caught:
+        Settings.model_validate({"verify_threads": True})
+    assert [e["loc"] for e in caught.value.errors() if "boolean" in e["msg"]] == [
+        ("verify_threads",)]
