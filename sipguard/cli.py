@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     suspend.add_argument("--reason", default="", help="why (logged and listed)")
     suspend.add_argument("--by", default=os.environ.get("USER", "cli"), help="who (logged)")
     suspend.add_argument("--expires", type=float, metavar="S", help="lift after S seconds")
-    suspend.add_argument("--end-calls", action="store_true", help="end its answered calls now")
+    suspend.add_argument("--end-calls", action="store_true", help="end its calls now: BYE the answered ones, CANCEL the ringing ones")
     unsuspend.add_argument("number")
     calls.add_argument("number")
     bans.add_argument("--lift", metavar="SOURCE", help="lift the ban on SOURCE (ip or ip:port)")

@@ -125,7 +125,7 @@ class Verdict:
     # the rest counted): for verdicts that come in floods, e.g. "rate:per_caller:+1212..."
     sample: str = ""
     # what the other rules in monitor mode said of the same call (each would have refused it),
-    # beside the one this verdict names: counted and logged too (at most one per rule)
+    # beside the one this verdict names: counted and logged too (one per rule: the first)
     also: tuple[Verdict, ...] = ()
 
     def __init__(

@@ -851,8 +851,9 @@ class Server:
     async def suspend(
         self, key: str, reason: str, by: str, ttl: float | None, end_calls: bool
     ) -> dict[str, Any]:
-        """Suspend a number or prefix from the next INVITE on; with ``end_calls`` its answered
-        calls are ended at once (BYE both ways, ``reason=suspended``)."""
+        """Suspend a number or prefix from the next INVITE on; with ``end_calls`` its calls
+        are ended at once (answered: BYE both ways; ringing: CANCEL toward the called side;
+        ``reason=suspended``)."""
         now = self.loop.time()
         entry, ended = self._suspend_here(key, reason, by, ttl, end_calls, now)
         if self.shared_lists is not None:

@@ -112,8 +112,8 @@ class SipSettings(ConfigModel):
         default=("INVITE", "OPTIONS"),
         min_length=1,
         description="Out-of-dialog methods accepted from peers (ACK and CANCEL that match a "
-        "call always are); others are answered 405 with Allow. `[\"*\"]`: every method. Only "
-        "INVITE is record-routed: a subscription's own requests go between the parties.",
+        "call always are); others are answered 405 with Allow. `[\"*\"]`: every method. Dialogs "
+        "are kept for calls only: a SUBSCRIBE's refreshes from outside hear 481.",
     )
     strip_headers: tuple[str, ...] = Field(
         default=(),

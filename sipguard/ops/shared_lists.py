@@ -329,7 +329,7 @@ class SharedLists:
             ban = self.flood.bans.get(ban_key(field))
         except ValueError:
             return None
-        if ban is None or ban.until <= now:
+        if ban is None or ban.until <= now or ban.monitor:  # a monitor-mode ban stays here
             return None
         return json.dumps({"since": ban.since + offset, "until": ban.until + offset,
                            "reason": ban.reason}, separators=(",", ":"))
@@ -617,8 +617,8 @@ class SharedLists:
                     expired.append((self.key_bans, field, raw))
             flood_bans = self.flood.bans
             for key in [k for k in flood_bans if k not in in_force]:
-                if (BAN, ban_field(key)) not in self.dirty:
-                    del flood_bans[key]
+                if (BAN, ban_field(key)) not in self.dirty and not flood_bans[key].monitor:
+                    del flood_bans[key]  # (monitor-mode bans are this instance's own)
             self.counters["shared_lists_resyncs"] += 1
             self._report(added, lifted)
             if expired:

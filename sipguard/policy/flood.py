@@ -359,9 +359,9 @@ class FloodGuard:
     def banned(self, addr: tuple[str, int]) -> bool:
         """Whether the source of ``addr`` is banned now (whatever the time)."""
         ip = addr[0]
-        if not self.by_ip:
-            return addr in self.state.bans
-        return (self._v6_key(ip) if ":" in ip else ip) in self.state.bans
+        key: Key = addr if not self.by_ip else (self._v6_key(ip) if ":" in ip else ip)
+        ban = self.state.bans.get(key)
+        return ban is not None and (self.monitor or not ban.monitor)
 
     def _v6_key(self, ip: str) -> str:
         """What an IPv6 source is counted and banned under: its network of ``ipv6_prefix``

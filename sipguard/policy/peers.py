@@ -86,30 +86,34 @@ NUMBER_PATTERN = re.compile(r"\+?[0-9 ().-]*[0-9][0-9 ().-]*\*?|\*")
 
 
 def read_number_file(path: Path) -> list[str]:
-    """One number or ``prefix*`` per line; ``#`` starts a comment; blank lines ignored.
+    """One number or ``prefix*`` per line (any line ending); ``#`` starts a comment; blank
+    lines ignored.
 
     Raises ValueError naming ``FILE:LINE`` for a line that is not a number or pattern (a typo
     in a block list must not pass unnoticed), OSError when the file cannot be read.
     """
-    out = []
     try:
-        with path.open("rb") as fh:
-            for lineno, raw in enumerate(fh, 1):
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError:
-                    raise ValueError(f"{path}:{lineno}: not UTF-8 text (a number list is one "
-                                     "number or prefix* per line)") from None
-                text = line.split("#", 1)[0].strip()
-                if text:
-                    if NUMBER_PATTERN.fullmatch(text) is None:
-                        raise ValueError(
-                            f"{path}:{lineno}: {text[:40]!r} is not a number or a prefix "
-                            "pattern like '+1212555*'"
-                        )
-                    out.append(text)
+        data = path.read_bytes()
     except IsADirectoryError:
         raise ValueError(f"{path}: is a directory, not a number list file") from None
+    try:
+        content = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        before = data[:exc.start]
+        lines = before.splitlines()
+        bad = len(lines) + 1 if not lines or before.endswith((b"\n", b"\r")) else len(lines)
+        raise ValueError(f"{path}:{bad}: not UTF-8 text (a number list is one number or "
+                         "prefix* per line)") from None
+    out = []
+    for lineno, line in enumerate(content.splitlines(), 1):
+        text = line.split("#", 1)[0].strip()
+        if text:
+            if NUMBER_PATTERN.fullmatch(text) is None:
+                raise ValueError(
+                    f"{path}:{lineno}: {text[:40]!r} is not a number or a prefix pattern "
+                    "like '+1212555*'"
+                )
+            out.append(text)
     return out
 
 

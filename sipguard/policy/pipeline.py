@@ -133,7 +133,9 @@ class _Run:
         if verdict.action == "accept":
             return None
         if rule.mode == "monitor":
-            self.monitored.append(verdict)
+            # one per rule: a rule counting in the shared store may report two limits over
+            if all(m.rule != verdict.rule for m in self.monitored):
+                self.monitored.append(verdict)
             return None
         if self.monitored:  # rules in monitor mode objected before this one refused
             return verdict.with_also(tuple(self.monitored))

@@ -34,6 +34,16 @@ def _numeric(annotation: Any) -> bool:
     return False
 
 
+def _numeric_items(annotation: Any) -> bool:
+    """A list or tuple of ints or floats (possibly optional)."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_numeric_items(a) for a in typing.get_args(annotation))
+    if origin in (list, tuple, frozenset, set):
+        return any(_numeric(a) for a in typing.get_args(annotation) if a is not Ellipsis)
+    return False
+
+
 class ConfigModel(BaseModel):
     """Base of every config section: frozen, unknown keys refused, and a YAML boolean
     (``yes``, ``no``, ``on``, ``off``, ``true``, ``false``) refused where a number is wanted
@@ -44,12 +54,18 @@ class ConfigModel(BaseModel):
     @field_validator("*", mode="before")
     @classmethod
     def _no_boolean_numbers(cls, value: Any, info: ValidationInfo) -> Any:
-        if isinstance(value, bool) and info.field_name is not None:
-            field = cls.model_fields.get(info.field_name)
-            if field is not None and _numeric(field.annotation):
-                raise ValueError(f"a number is wanted, not the boolean {str(value).lower()} "
-                                 "(yes/no/on/off/true/false); null switches a limit off "
-                                 "where the setting allows it")
+        if info.field_name is None:
+            return value
+        field = cls.model_fields.get(info.field_name)
+        if field is None:
+            return value
+        if isinstance(value, bool) and _numeric(field.annotation):
+            raise ValueError(f"a number is wanted, not the boolean {str(value).lower()} "
+                             "(yes/no/on/off/true/false); null switches a limit off "
+                             "where the setting allows it")
+        if isinstance(value, (list, tuple)) and any(isinstance(v, bool) for v in value) \
+                and _numeric_items(field.annotation):
+            raise ValueError("a list of numbers cannot hold a boolean (yes/no/on/off/true/false)")
         return value
 
 

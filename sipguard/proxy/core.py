@@ -194,16 +194,23 @@ def _is_ip(host: str) -> bool:
     return True
 
 
+# Record-routed: the core's requests within them (a NOTIFY) reach a party behind NAT through
+# sipguard. Dialogs are kept for calls only, so a subscription's own refreshes from outside
+# are refused (481) and its subscriber subscribes anew (RFC 6665 §4.1.2.2).
+DIALOG_CREATING: Final = frozenset({"INVITE", "SUBSCRIBE", "REFER"})
+
+
 def _names(dialog: Dialog, side: str, msg: Message) -> bool:
-    """A BYE names the answered call itself: its tags are the dialog's own pair. A BYE with a
-    To tag made up (or another fork's, RFC 3261 §13.2.2.4: the caller hangs up the extra
-    dialogs of a forking core) is still passed on, but does not end the call nor free its
-    slots; neither does one before the answer (the INVITE's own final answer ends the call
-    then)."""
+    """An in-dialog request names the answered call itself: its tags are the dialog's own
+    pair. A BYE with a To tag made up (or another fork's, RFC 3261 §13.2.2.4: the caller
+    hangs up the extra dialogs of a forking core) is still passed on, but does not end the
+    call nor free its slots; neither does one before the answer (the INVITE's own final
+    answer ends the call then); nor does another fork's re-INVITE move the call's targets."""
     if dialog.state != CONFIRMED:
         return False
-    tags = (msg.from_tag, msg.to_tag) if side == "caller" else (msg.to_tag, msg.from_tag)
-    return tags == (dialog.caller_tag, dialog.callee_tag)
+    sent, got = msg.from_tag or "", msg.to_tag or ""  # no tag: "" (RFC 2543), as dialogs keep it
+    tags = (sent, got) if side == "caller" else (got, sent)
+    return tags == (dialog.caller_tag, dialog.callee_tag or "")
 
 
 def _request(st: ServerTxn) -> Message:
@@ -268,6 +275,9 @@ class Proxy:
         # before the 2xx (no probe yet): the highest CSeq each side used (PRACK, UPDATE), so a
         # BYE sipguard sends later goes above them; one entry per early dialog at most
         self.early_cseqs: dict[str, tuple[int, int]] = {}
+        # answered calls to end at their ACK (a CANCEL of sipguard's crossed the core's 2xx):
+        # dialog key -> reason; one entry per such call, gone when it ends
+        self.doomed: dict[str, str] = {}
         self.router = Router(settings, self.ids)
         # How far behind the shell is in reading what arrived, seconds: the overload watcher's
         # measured wait in the receive queues (0.0 when it saw none). See _wait_for_queue.
@@ -389,7 +399,7 @@ class Proxy:
             if st is not None and st.state in (COMPLETED, CONFIRMED):
                 self._ack_absorbed(st, now)
                 return
-            self._route_ack(msg, flow, key)
+            self._route_ack(msg, flow, key, now)
             return
         st = self.servers.get(table_key(key, method))
         if st is not None:
@@ -514,11 +524,8 @@ class Proxy:
                 # The outside party's BYE ends the call once the core has answered it: a BYE
                 # the core never takes frees no slot while the call is still up there.
                 st.ends, st.end_reason = dialog, reason
-        # Only an INVITE is record-routed: sipguard keeps dialogs for calls alone, so the
-        # in-dialog requests of a subscription (SUBSCRIBE, REFER out of a call) would find
-        # none here and be refused; without our Record-Route they go between the parties.
         self._forward(st, target, start_line, route_line, now, record_route=initial
-                      and method == "INVITE",
+                      and method in DIALOG_CREATING,
                       anonymise=self._withheld(dialog, side, from_core))
 
     @staticmethod
@@ -822,7 +829,7 @@ class Proxy:
                 if new != line:
                     replace[i] = new
 
-    def _route_ack(self, msg: Message, flow: Flow, key: str) -> None:
+    def _route_ack(self, msg: Message, flow: Flow, key: str, now: float) -> None:
         """ACK for a 2xx: its own end-to-end transaction, forwarded statelessly (§16.11)."""
         if msg.max_forwards == 0:
             self.events.append(Dropped("ack_too_many_hops", msg.call_id, flow))
@@ -845,6 +852,10 @@ class Proxy:
         data = self._forwarded_bytes(msg, flow, stamped, target, branch, start_line, routes, False,
                                      (), anonymise=self._withheld(dialog, side, from_core))
         self.outbox.append((target, data))
+        if self.doomed and dialog is not None and not from_core:
+            reason = self.doomed.pop(key_of(dialog), None)
+            if reason is not None:
+                self.end_call(dialog, reason, now)
 
     # ------------------------------------------------------------------ CANCEL and ACK
     def _on_cancel(self, msg: Message, flow: Flow, key: str, now: float,
@@ -1073,7 +1084,7 @@ class Proxy:
         if status < 300 and ct.method in ("INVITE", "UPDATE") and ct.server is not None:
             self._session_timer(ct.server, msg, now)
         if ct.probe is not None:
-            self._probe_answered(ct.probe, status, now)
+            self._probe_answered(ct.probe, status, now, self.router.is_core(ct.flow))
         server = ct.server
         if server is not None and server.ends is not None and (status < 300 or status == 481):
             self._end_dialog(server.ends, server.end_reason, now)
@@ -1084,12 +1095,12 @@ class Proxy:
             self._respond(server, 502, now, "Bad Gateway")
             return
         # a call sipguard cancelled (its number suspended) that the core answered meanwhile:
-        # the 2xx goes to the caller, then a BYE each way ends it
-        doomed = server.dialog if server.end_reason and status < 300 and \
-            server.method == "INVITE" else None
+        # the 2xx goes to the caller, and once the caller's ACK has passed to the core, a BYE
+        # each way ends it (a caller that never ACKs hears the core's own BYE, §13.3.1.4)
+        if server.end_reason and status < 300 and server.method == "INVITE" and \
+                server.dialog is not None:
+            self.doomed[key_of(server.dialog)] = server.end_reason
         self._send_upstream(server, status, upstream, now)
-        if doomed is not None:
-            self.end_call(doomed, server.end_reason, now)
 
     def _recorded(self, msg: Message) -> bool:
         """The response carries a Record-Route naming one of sipguard's own addresses."""
@@ -1196,7 +1207,8 @@ class Proxy:
             if ct.server is not None:
                 self._terminate_server(ct.server, now)
             if ct.probe is not None:
-                self._probe_answered(ct.probe, 408, now)  # no answer at all
+                # no answer at all
+                self._probe_answered(ct.probe, 408, now, self.router.is_core(ct.flow))
 
     def _client_timed_out(self, ct: ClientTxn, now: float) -> None:
         if ct.state not in (CALLING, PROCEEDING):
@@ -1261,7 +1273,8 @@ class Proxy:
             dialog, side = self.table.of(request, self.router.is_core(st.flow))
             if dialog is None or dialog.state == TERMINATED:
                 return
-            self._refresh_targets(dialog, side, request, response)
+            if _names(dialog, side, request):  # not another fork's re-INVITE
+                self._refresh_targets(dialog, side, request, response)
         if dialog.state == TERMINATED:
             return
         interval = session_interval(response)
@@ -1299,6 +1312,8 @@ class Proxy:
         self.table.remove(dialog)
         key = key_of(dialog)
         self.early_cseqs.pop(key, None)
+        if self.doomed:
+            self.doomed.pop(key, None)
         probe = self.probes.pop(key, None)
         if probe is not None:
             TimerQueue.cancel(probe.timer)
@@ -1429,10 +1444,14 @@ class Proxy:
                 self._end_dialog(dialog, reason, now)
                 self.events.append(Failed("end_all", traceback.format_exc(limit=8), None))
 
-    def _probe_answered(self, probe: keepalive.Probe, status: int, now: float) -> None:
+    def _probe_answered(self, probe: keepalive.Probe, status: int, now: float,
+                        toward_core: bool) -> None:
         """A keep-alive's final answer: 481 or 408 (or none) ends the call; anything else is
-        a side that still knows it."""
-        if status in (408, 481):
+        a side that still knows it. When the outside party is the side that says it does not
+        know the call, the core gets a BYE too (``end_call``): the outside party cannot
+        free its slots with a 481 while its call goes on at the core."""
+        if status in (408, 481) and (
+                toward_core or not self.end_call(probe.dialog, "keepalive_failed", now)):
             self._end_dialog(probe.dialog, "keepalive_failed", now)
 
     def _arm_sweep(self, now: float) -> None:

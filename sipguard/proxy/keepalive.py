@@ -12,8 +12,10 @@ Contacts (``Proxy._refresh_targets``). Any final answer means the dialog is aliv
 agents answer an in-dialog OPTIONS ``200``, some ``405`` or ``500`` (the CSeq sipguard uses is
 below the dialog's): all count as alive. ``481 Call/Transaction Does Not Exist``, ``408``, or
 no answer at all (Timer F) means that side has forgotten the call: the dialog ends with reason
-``keepalive_failed`` and its slots are freed. No BYE is sent — the side that still knows the
-call keeps its own timers. This is the approach of Kamailio's dialog keep-alive.
+``keepalive_failed`` and its slots are freed. When the core is the side that forgot, no BYE
+is sent — the outside party keeps its own timers (the approach of Kamailio's dialog
+keep-alive). When the outside party is, the core gets a BYE (and the party one too): a party
+that answers ``481`` cannot free its slots while its call goes on at the core.
 """
 
 from __future__ import annotations

@@ -613,3 +613,13 @@ def test_a_number_list_that_is_not_utf8_or_a_directory_names_the_setting_and_fil
     with pytest.raises(ValueError, match=r"peer carrier-a: numbers_file: .*a.txt:1: not UTF-8"):
         make_policy("peers:\n  - name: carrier-a\n    networks: [198.51.100.0/24]\n"
                     "    numbers_file: a.txt\n", base_dir=tmp_path)
+
+
+def test_a_number_list_with_any_line_ending_reads_the_same(tmp_path: Path) -> None:
+    """CR LF, LF and old-Mac CR line endings: the same numbers."""
+    for ending in ("\r\n", "\n", "\r"):
+        (tmp_path / "dno.txt").write_bytes(ending.join(
+            ["# blocked", "+18005550100", "+1900*"]).encode())
+        from sipguard.policy.peers import read_number_file
+
+        assert read_number_file(tmp_path / "dno.txt") == ["+18005550100", "+1900*"], ending

@@ -332,3 +332,6 @@ def test_a_yaml_boolean_is_no_number_in_a_union_with_a_word() -> None:
         Settings.model_validate({"verify_threads": True})
     assert [e["loc"] for e in caught.value.errors() if "boolean" in e["msg"]] == [
         ("verify_threads",)]
+    with pytest.raises(pydantic.ValidationError, match="boolean") as caught:
+        Settings.model_validate({"x5u_ports": [443, True]})  # `yes` in a list of ports
+    assert ("x5u_ports",) in [e["loc"] for e in caught.value.errors()]

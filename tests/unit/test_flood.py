@@ -541,7 +541,9 @@ def test_a_ban_made_in_monitor_mode_is_not_honoured_once_enforcing() -> None:
     assert got[10:] == [flood.FLOOD, flood.BANNED, flood.BANNED]  # decided, not dropped
     [listed] = state.flood.list_bans(100.5)
     assert listed["monitor"] is True and listed["monitored"] == 2 and "dropped" not in listed
+    assert trial.banned(SRC)
     enforcing = make_guard("{sampling_s: 1, density: 5000, ban_s: 300}", state=state)
+    assert not enforcing.banned(SRC)  # no spurious new_ban for it either
     assert [enforcing.check(SRC, OPTIONS, 110.0 + i * 0.01) for i in range(5)] == [None] * 5
     # an enforce-mode flood from it still bans it for real
     tight = make_guard("{sampling_s: 1, density: 10, ban_s: 300}", state=state)

@@ -155,3 +155,18 @@ def test_every_rule_in_monitor_mode_that_objects_is_counted_and_logged() -> None
     decided = [x for x in lines if x.get("event") == "invite_decided" and "also_monitored" in x]
     assert [x["also_monitored"] for x in decided] == [
         "rate:per_caller", "dialer:distinct_callees,rate:per_caller"], decided
+
+
+def test_a_rule_is_listed_once_however_many_of_its_limits_are_over() -> None:
+    """With the shared store a rule in monitor mode may report two limits over (per_caller
+    and per_callee): only its first is kept, as the memory backend reports one."""
+    from types import SimpleNamespace
+
+    from sipguard.policy.pipeline import _Run
+
+    run, rule = _Run(), SimpleNamespace(mode="monitor", name="concurrency")
+    for reason in ("per_caller_exceeded", "per_callee_exceeded"):
+        assert run.take(rule, Verdict("reject", rule="concurrency", reason=reason,
+                                      status=403)) is None
+    v = run.result()
+    assert (v.rule, v.reason, v.also) == ("concurrency", "per_caller_exceeded", ())

@@ -569,16 +569,18 @@ def test_a_bye_for_another_fork_of_a_forking_core_ends_nothing() -> None:
     assert h.count("caller", "+12125550100") == 0 and h.ended() == ["bye_caller"]
 
 
-def test_a_subscription_is_not_record_routed() -> None:
-    """An allowed SUBSCRIBE reaches the core without sipguard's Record-Route: sipguard keeps
-    dialogs for calls only, so the subscription's refreshes go between the parties instead
-    of being refused here."""
+def test_a_subscription_is_record_routed_and_its_refresh_hears_481() -> None:
+    """An allowed SUBSCRIBE reaches the core with sipguard's Record-Route (the core's NOTIFYs
+    come back through sipguard to a party behind NAT); sipguard keeps dialogs for calls only,
+    so the subscriber's in-dialog refresh hears 481 and reaches nothing."""
     h = PolicyHarness(allow_methods=frozenset({"INVITE", "OPTIONS", "SUBSCRIBE"}))
     out = h.send(out_of_dialog("SUBSCRIBE", extra="Event: dialog\r\nExpires: 600\r\n"))
     [sub] = [m for m in to(out, CORE) if m.method == "SUBSCRIBE"]
-    assert sub.values("record-route") == []
-    _, fwd = h.call(1)
-    assert fwd is not None and fwd.values("record-route") != []
+    assert sub.values("record-route") != []
+    refresh = in_dialog("SUBSCRIBE", call_id="ood-1", cseq=2, branch="z9hG4bK-sr",
+                        extra="Event: dialog\r\nExpires: 600\r\n")
+    out = h.send(refresh)
+    assert to(out, CORE) == [] and statuses(out) == [481]
 
 
 def test_a_call_the_core_placed_hears_another_address_of_the_peer_it_went_to() -> None:
@@ -607,7 +609,8 @@ def test_a_call_the_core_placed_hears_another_address_of_the_peer_it_went_to() -
 def test_end_calls_cancels_a_suspended_numbers_ringing_calls() -> None:
     """end_calls while a call of the number rings: a CANCEL goes to the core, whose 487
     reaches the caller, and the call ends (reason suspended, slot freed). A second ringing
-    call whose 200 crosses that CANCEL gets its 200 through, then a BYE each way."""
+    call whose 200 crosses that CANCEL gets its 200 through, and once the caller's ACK has
+    reached the core, a BYE each way."""
     h = PolicyHarness("rules:\n  concurrency: {per_caller: 5}\n")
     _, fwd1 = h.call(1)
     _, fwd2 = h.call(2)
@@ -621,8 +624,61 @@ def test_end_calls_cancels_a_suspended_numbers_ringing_calls() -> None:
     assert [m.status for m in h.answer(fwd1, 487, "Request Terminated")] == [487]
     h.send(answer(cancels["call-2"], 200, "OK", to_tag=None), src=CORE)
     out = h.send(answer(fwd2, 200, "OK"), src=CORE)
-    assert [(f.addr, m.status or m.method) for f, m in out] == [
-        (CALLER, 200), (CALLER, "BYE"), (CORE, "BYE")] or sorted(
-        str(m.status or m.method) for _, m in out) == ["200", "BYE", "BYE"]
+    assert [(f.addr, m.status) for f, m in out] == [(CALLER, 200)]  # the 2xx goes through
+    assert h.ended() == ["suspended"]
+    out = h.send(in_dialog("ACK", call_id="call-2", cseq=1, branch="z9hG4bK-a2"))
+    assert [(f.addr, m.method) for f, m in out] == [(CORE, "ACK"), (CORE, "BYE"),
+                                                    (CALLER, "BYE")] or \
+        sorted((f.addr, m.method) for f, m in out) == sorted(
+            [(CORE, "ACK"), (CORE, "BYE"), (CALLER, "BYE")])
+    assert [m.method for f, m in out][0] == "ACK"  # the core gets its ACK before the BYE
     assert h.ended() == ["suspended", "suspended"]
-    assert h.count("caller", "+12125550100") == 0
+    assert h.count("caller", "+12125550100") == 0 and h.proxy.doomed == {}
+
+
+def test_a_bye_of_a_call_without_from_tag_ends_it() -> None:
+    """An RFC 2543 caller sends no From tag: its dialog keeps "" as the caller's tag, and its
+    BYE (no From tag either) still names the call, ends it and frees the slot."""
+    h = PolicyHarness("rules:\n  concurrency: {per_caller: 1}\n")
+    out = h.send(invite(branch="z9hG4bK-nt", call_id="call-1").replace(b";tag=ftag1", b""))
+    [fwd] = to(out, CORE)
+    h.answer(fwd, 200, "OK")
+    h.send(in_dialog("ACK", call_id="call-1", cseq=1, branch="z9hG4bK-nta").replace(
+        b";tag=ftag1", b""))
+    assert h.count("caller", "+12125550100") == 1
+    out = h.send(in_dialog("BYE", call_id="call-1", cseq=2, branch="z9hG4bK-ntb").replace(
+        b";tag=ftag1", b""))
+    [bye] = [m for m in to(out, CORE) if m.method == "BYE"]
+    h.send(answer(bye, 200, "OK", to_tag=None), src=CORE)
+    assert h.ended() == ["bye_caller"] and h.count("caller", "+12125550100") == 0
+
+
+def test_another_forks_refresh_moves_no_target() -> None:
+    """A forking core answered twice; a re-INVITE on the second fork (To tag fork2) with a new
+    Contact, answered 2xx, moves neither target of the call sipguard keeps (the first)."""
+    h = PolicyHarness()
+    fwd = up(h)
+    h.send(answer(fwd, 200, "OK", to_tag="fork2"), src=CORE)
+    out = h.send(in_dialog("INVITE", call_id="call-1", cseq=2, branch="z9hG4bK-f2r",
+                           to_tag="fork2",
+                           extra="Contact: <sip:+12125550100@198.51.100.7:6001>\r\n"))
+    [reinvite] = [m for m in to(out, CORE) if m.method == "INVITE"]
+    h.send(answer(reinvite, 200, "OK", to_tag=None).replace(b"sip:core@10.0.0.10:5080",
+                                                           b"sip:fork2@10.0.0.10:5080"),
+           src=CORE)
+    byes = _end_and_collect(h)
+    assert byes[CALLER].start_line.split()[1] == b"sip:+12125550100@198.51.100.7:5062"
+    assert byes[CORE].start_line.split()[1] == b"sip:core@10.0.0.10:5080"
+
+
+def test_an_outside_party_that_answers_a_keepalive_481_ends_the_call_at_the_core() -> None:
+    """dialog_keepalive 30 s: the caller answers sipguard's OPTIONS 481 (it claims not to
+    know the call): the core gets a BYE, so the caller cannot free its slot with a 481 while
+    its call goes on there."""
+    h = PolicyHarness("rules:\n  concurrency: {per_caller: 1}\n", dialog_keepalive=30.0)
+    up(h)
+    out = h.advance(30.0)
+    [to_caller] = [m for f, m in out if m.method == "OPTIONS" and f.addr == CALLER]
+    out = h.send(answer(to_caller, 481, "Call/Transaction Does Not Exist", to_tag=None))
+    assert [m.method for m in to(out, CORE) if m.method] == ["BYE"]
+    assert h.ended() == ["keepalive_failed"] and h.count("caller", "+12125550100") == 0
