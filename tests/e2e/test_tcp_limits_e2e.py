@@ -68,7 +68,8 @@ def test_a_tcp_connection_flood_is_capped_and_calls_from_elsewhere_complete(
         core=f"udp://{CORE_HOST}:{uas.local_port}",
         config_extra=(
             f"metrics: {{listen: {HOST}:{metrics_port}}}\n"
-            f"sip: {{tcp_max_connections_per_ip: {PER_IP}}}\n"
+            # the message timeout shorter than its 10 s default: the same cut, sooner
+            f"sip: {{tcp_max_connections_per_ip: {PER_IP}, tcp_message_timeout_s: 3}}\n"
         ),
     )
     stack.guards.append(guard)
