@@ -67,6 +67,22 @@ def events_total(metrics_port: int, host: str = HOST) -> dict[str, float]:
     return {m.group(1): float(m.group(2)) for m in re.finditer(pattern, text, re.M)}
 
 
+def suspend_number(admin_port: int, number: str, **fields: Any) -> dict[str, Any]:
+    """POST /suspensions on a running sipguard's admin API; its JSON answer."""
+    req = urllib.request.Request(
+        f"http://{HOST}:{admin_port}/suspensions",
+        data=json.dumps({"number": number, **fields}).encode(),
+        headers={"Content-Type": "application/json"}, method="POST")
+    with urllib.request.urlopen(req, timeout=5) as answer:
+        return dict(json.loads(answer.read()))
+
+
+def one_caller_csv(path: Path, caller: str, callees: Iterable[str]) -> Path:
+    """A SIPp -inf file: one caller number calling each of ``callees`` in turn."""
+    path.write_text("SEQUENTIAL\n" + "".join(f"{caller};{callee};\n" for callee in callees))
+    return path
+
+
 def free_port(host: str = HOST) -> int:
     """A port that is free for both UDP and TCP on host (bound to 0, closed, then used)."""
     for _ in range(200):

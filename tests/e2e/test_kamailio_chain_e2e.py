@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +18,15 @@ import pytest
 
 from loadtest.compare import KamailioProcess, kamailio_binary
 
-from .harness import HOST, E2EStack, SipguardProcess, SippProcess, free_port
+from .harness import (
+    HOST,
+    E2EStack,
+    SipguardProcess,
+    SippProcess,
+    free_port,
+    one_caller_csv,
+    suspend_number,
+)
 
 pytestmark = [
     pytest.mark.e2e,
@@ -89,21 +96,14 @@ def test_a_suspension_ends_the_calls_through_both_proxies(
     uas = stack.uas("uas_basic.xml", calls=calls, timeout=40)
     guard, port = chain(stack, kamailios, tmp_path, uas.local_port,
                         config_extra=f"admin: {{listen: {HOST}:{admin}}}\n")
-    csv = tmp_path / "one_caller.csv"
-    csv.write_text("SEQUENTIAL\n" + "".join(
-        f"+12125550142;+1646555{2000 + 7 * i:04d};\n" for i in range(calls)))
+    csv = one_caller_csv(tmp_path / "one_caller.csv", "+12125550142",
+                         (f"+1646555{2000 + 7 * i:04d}" for i in range(calls)))
     uac = SippProcess("uac", "uac_wait_bye.xml", stack.workdir, local_port=free_port(),
                       remote=(HOST, port), calls=calls, rate=10, timeout=40, inf=csv).start()
     stack.sipps.append(uac)
     guard.wait_event("invite_decided", calls, timeout=10)
     time.sleep(1.0)  # every call answered and ACKed (1 s of 10 calls/s; a hold of 40 s)
-    req = urllib.request.Request(
-        f"http://{HOST}:{admin}/suspensions",
-        data=json.dumps({"number": "+12125550142", "end_calls": True,
-                         "reason": "e2e"}).encode(),
-        headers={"Content-Type": "application/json"}, method="POST")
-    with urllib.request.urlopen(req, timeout=5) as answer:
-        body = json.loads(answer.read())
+    body = suspend_number(admin, "+12125550142", end_calls=True, reason="e2e")
     res = uac.wait()
     uas_res = stack.finish_uas(uas)
     detail = "\n\n".join([json.dumps(body), res.describe(), uas_res.describe(),

@@ -10,7 +10,7 @@ import urllib.request
 
 import pytest
 
-from .harness import HOST, E2EStack, SippProcess, free_port
+from .harness import HOST, E2EStack, SippProcess, free_port, one_caller_csv, suspend_number
 
 pytestmark = pytest.mark.e2e
 
@@ -26,20 +26,14 @@ def test_end_calls_cancels_the_ringing_calls_of_a_suspended_number(stack: E2ESta
         core_port=uas.local_port, listen=("udp",),
         config_extra=(f"admin: {{listen: {HOST}:{admin}}}\n"
                       "rules:\n  concurrency: {per_caller: 10}\n"))
-    csv = stack.workdir / "one_caller.csv"
-    csv.write_text("SEQUENTIAL\n" + "".join(
-        f"+12125550177;+1646555{3000 + 7 * i:04d};\n" for i in range(calls)))
+    csv = one_caller_csv(stack.workdir / "one_caller.csv", "+12125550177",
+                         (f"+1646555{3000 + 7 * i:04d}" for i in range(calls)))
     uac = SippProcess("uac", "uac_ring_until_ended.xml", stack.workdir, local_port=free_port(),
                       remote=(HOST, port), calls=calls, rate=10, timeout=40, inf=csv).start()
     stack.sipps.append(uac)
     guard.wait_event("invite_decided", calls, timeout=10)
     time.sleep(1.0)  # every call ringing
-    req = urllib.request.Request(
-        f"http://{HOST}:{admin}/suspensions",
-        data=json.dumps({"number": "+12125550177", "end_calls": True}).encode(),
-        headers={"Content-Type": "application/json"}, method="POST")
-    with urllib.request.urlopen(req, timeout=5) as answer:
-        body = json.loads(answer.read())
+    body = suspend_number(admin, "+12125550177", end_calls=True)
     res = uac.wait()
     uas_res = stack.finish_uas(uas)
     detail = "\n\n".join([json.dumps(body), res.describe(), uas_res.describe(),
