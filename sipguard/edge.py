@@ -172,8 +172,8 @@ class EdgeCore:
     def end_calls(self, matches: Callable[[str | None], bool], reason: str, now: float) -> int:
         """End at once every call whose caller or called number ``matches`` — as a
         suspension refuses new calls from or to it: an answered one with a BYE to both
-        sides, a ringing one with a CANCEL toward the core (slots freed as each ends); how
-        many."""
+        sides, a ringing one with a CANCEL toward its called side (slots freed as each
+        ends); how many."""
         ended = 0
         early: list[Dialog] = []
         for dialog in list(self.proxy.dialogs.values()):

@@ -122,6 +122,15 @@ def _primary_address(toward: str) -> str:
             return "127.0.0.1" if family == socket.AF_INET else "::1"
 
 
+async def _read_token(path: str) -> str:
+    """The admin token in ``path``, read off the loop; ValueError saying why it cannot be
+    (an OSError's own words: "No such file or directory")."""
+    try:
+        return await asyncio.to_thread(read_token, path)
+    except OSError as exc:
+        raise ValueError(exc.strerror or str(exc)) from None
+
+
 def proxy_settings(cfg: Config, worker: int | None = None) -> ProxySettings:
     """Translate the config file into what the sans-I/O core needs.
 
@@ -464,10 +473,9 @@ class Server:
         token: str | None = None
         if http.token_file is not None:
             try:
-                token = await asyncio.to_thread(read_token, str(http.token_file))
-            except (OSError, ValueError) as exc:
-                why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-                raise StartupError(f"cannot read admin token_file {http.token_file}: {why}") \
+                token = await _read_token(str(http.token_file))
+            except ValueError as exc:
+                raise StartupError(f"cannot read admin token_file {http.token_file}: {exc}") \
                     from None
         elif not http.loopback:
             raise StartupError(
@@ -703,11 +711,10 @@ class Server:
         if self.http is None or path is None:
             return None
         try:
-            token = await asyncio.to_thread(read_token, str(path))
-        except (OSError, ValueError) as exc:
-            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            token = await _read_token(str(path))
+        except ValueError as exc:
             raise ConfigError(str(path), [ConfigIssue("admin.token_file", None,
-                                                      f"cannot read {path}: {why}")]) from None
+                                                      f"cannot read {path}: {exc}")]) from None
         return token.encode()
 
     def _tls_names(self, conn: int) -> tuple[str, ...]:

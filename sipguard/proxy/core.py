@@ -1408,10 +1408,11 @@ class Proxy:
 
     def cancel_early(self, dialogs: list[Dialog], reason: str, now: float) -> int:
         """End calls not answered yet (a suspended number's ringing calls, with
-        ``end_calls``): each INVITE is CANCELled toward the core as its caller would
-        (RFC 3261 §16.10: at once after a provisional, else when one comes), the caller
-        hears the core's 487, and the call ends with ``reason``; one the core answers
-        meanwhile gets its 2xx through, then a BYE each way. How many were cancelled. One
+        ``end_calls``): each INVITE is CANCELled toward its called side (the core, for a
+        call that came in) as its caller would (RFC 3261 §16.10: at once after a
+        provisional, else when one comes), the caller hears the 487, and the call ends with
+        ``reason``; one answered meanwhile gets its 2xx through, then, once the caller's ACK
+        has passed, a BYE each way. How many were cancelled. One
         pass over the transactions per call of ``end_calls`` (an operator's action)."""
         wanted = {id(d) for d in dialogs}
         cancelled = 0
