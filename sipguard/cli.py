@@ -105,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     suspend.add_argument("--expires", type=float, metavar="S", help="lift after S seconds")
     suspend.add_argument("--end-calls", action="store_true", help="end its calls now: BYE the answered ones, CANCEL the ringing ones")
     unsuspend.add_argument("number")
+    unsuspend.add_argument("--by", default=os.environ.get("USER", "cli"), help="who (logged)")
     calls.add_argument("number")
     bans.add_argument("--lift", metavar="SOURCE", help="lift the ban on SOURCE (ip or ip:port)")
     return parser
@@ -191,7 +192,9 @@ def _verb(args: argparse.Namespace) -> int:
                 "by": args.by, "expires": args.expires, "end_calls": args.end_calls}
         result = _ok(*_call(args, "POST", "/suspensions", body))
     elif cmd == "unsuspend":
-        result = _ok(*_call(args, "DELETE", f"/suspensions/{_number_path(args.number)}"))
+        by = urllib.parse.quote(args.by, safe="")
+        result = _ok(*_call(args, "DELETE",
+                            f"/suspensions/{_number_path(args.number)}?by={by}"))
     elif cmd == "suspensions":
         result = _ok(*_call(args, "GET", "/suspensions"))
     elif cmd == "calls":

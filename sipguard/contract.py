@@ -196,6 +196,7 @@ class CallInfo:
         "flow",
         "call_id",
         "caller",
+        "shown",
         "callee",
         "diverters",
         "peer",
@@ -220,7 +221,16 @@ class CallInfo:
                 caller = na.uri.number
                 if caller is not None:
                     break
-        self.caller: str | None = caller if caller is not None else msg.from_.uri.number
+        # From's number when the caller is an asserted one that differs: a suspension of the
+        # number the caller's From shows holds too (Policy._suspended, EdgeCore.end_calls)
+        self.shown: str | None = None
+        if caller is None:
+            caller = msg.from_.uri.number
+        else:
+            shown = msg.from_.uri.number
+            if shown != caller:
+                self.shown = shown
+        self.caller: str | None = caller
         # the Request-URI's number: what the core routes on. To's only when the Request-URI
         # has no user part at all; a user part that is no number (sip:+1900…#@, sip:*67…@)
         # is no number to check, not a reason to check To's, which the caller writes freely
@@ -261,6 +271,7 @@ class Dialog:
     caller_tag: str
     callee_tag: str | None
     caller: str | None
+    shown: str | None  # From's number where the caller is another, asserted one (CallInfo)
     callee: str | None
     diverters: tuple[str, ...]
     peer: str | None
@@ -305,11 +316,13 @@ class Dialog:
         lease: str = "",
         party: Flow | None = None,
         outbound: bool = False,
+        shown: str | None = None,
     ) -> None:
         self.call_id = call_id
         self.caller_tag = caller_tag
         self.callee_tag = callee_tag
         self.caller = caller
+        self.shown = shown
         self.callee = callee
         self.diverters = diverters
         self.peer = peer

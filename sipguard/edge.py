@@ -156,6 +156,12 @@ class EdgeCore:
             call.decision_us = (self.perf() - call.started_perf) * 1e6
         mark = len(self.proxy.outbox)
         try:
+            if verdict.action == "accept":
+                # a suspension that landed while the decision waited (a certificate fetch, a
+                # Redis round trip) holds for this call too: it is no call of the past yet
+                suspended = self.policy.suspension_of(call, now)
+                if suspended is not None:
+                    verdict = suspended
             self.proxy.resolve(call, verdict, now)
         except Exception:
             del self.proxy.outbox[mark:]
@@ -170,14 +176,16 @@ class EdgeCore:
         self._defer(policy.adopt(previous, list(self.proxy.dialogs.values()), now), "resync")
 
     def end_calls(self, matches: Callable[[str | None], bool], reason: str, now: float) -> int:
-        """End at once every call whose caller or called number ``matches`` — as a
-        suspension refuses new calls from or to it: an answered one with a BYE to both
-        sides, a ringing one with a CANCEL toward its called side (slots freed as each
-        ends); how many."""
+        """End at once every call whose caller or called number ``matches`` (or the number
+        its From shows, where the caller is another, asserted one) — as a suspension refuses
+        new calls from or to it: an answered one with a BYE to both sides, a ringing one with
+        a CANCEL toward its called side (slots freed as each ends); how many."""
         ended = 0
         early: list[Dialog] = []
         for dialog in list(self.proxy.dialogs.values()):
-            if matches(dialog.caller) or matches(dialog.callee):
+            if matches(dialog.caller) or matches(dialog.callee) or (
+                dialog.shown is not None and matches(dialog.shown)
+            ):
                 if self.proxy.end_call(dialog, reason, now):
                     ended += 1
                 elif dialog.state == "early":

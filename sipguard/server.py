@@ -791,20 +791,22 @@ class Server:
 
     def calls_view(self, key: str) -> dict[str, Any]:
         """Live calls whose caller, called or diverting number is ``key`` (or in the prefix
-        ``key``), and the number's live-call counts (exact numbers, local state backend)."""
+        ``key``) — or the number their From shows, where the caller is another, asserted
+        one — and the number's live-call counts (exact numbers, local state backend)."""
         now = self.loop.time()
         matches = _matcher(key)
         p = self.privacy  # log.numbers: the answer shows numbers as the log lines do
         calls: list[dict[str, Any]] = []
         truncated = False
         for d in self.proxy.dialogs.values():
-            if any(matches(n) for n in (d.caller, d.callee, *d.diverters)):
+            if any(matches(n) for n in (d.caller, d.callee, d.shown, *d.diverters)):
                 if len(calls) >= MAX_CALLS_SHOWN:  # a prefix as wide as "+*": a bounded answer
                     truncated = True
                     break
                 calls.append({
                     "call_id": d.call_id,
                     "caller": d.caller if p is None else p(d.caller),
+                    "from_shows": d.shown if p is None else p(d.shown),
                     "callee": d.callee if p is None else p(d.callee),
                     "diverters": list(d.diverters) if p is None else p.many(d.diverters),
                     "peer": d.peer,

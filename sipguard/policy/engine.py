@@ -269,22 +269,31 @@ class Policy:
             call.peer = peer.name
             if not peer.trust_pai:
                 call.caller = call.msg.from_.uri.number
+                call.shown = None
             region = peer.default_region
             if region is not None:
                 call.caller = to_e164(call.caller, region)
                 call.callee = to_e164(call.callee, region)
+                if call.shown is not None:
+                    shown = to_e164(call.shown, region)
+                    call.shown = shown if shown != call.caller else None
                 if call.diverters:  # one diverter in two spellings is one diverter
                     call.diverters = tuple(dict.fromkeys(
                         n for d in call.diverters if (n := to_e164(d, region)) is not None))
             pipeline = self.by_peer[peer.name]
-        else:
-            region = None
         if self.suspended or self.state.suspensions:
-            verdict = self._suspended(call.caller, call.callee,
-                                      to_e164(call.msg.from_.uri.number, region), now)
+            verdict = self._suspended(call.caller, call.callee, call.shown, now)
             if verdict is not None:
                 return self._global(verdict)
         return pipeline.decide(call, now)
+
+    def suspension_of(self, call: CallInfo, now: float) -> Verdict | None:
+        """The refusal of a call whose decision waited for I/O, when its caller or callee (or
+        the number its From shows) was suspended meanwhile; None when not, and in ``mode:
+        monitor`` (the verdict in hand, with its headers, stands)."""
+        if self.monitor or not (self.suspended or self.state.suspensions):
+            return None
+        return self._suspended(call.caller, call.callee, call.shown, now)
 
     def _global(self, verdict: Verdict) -> Verdict:
         if not self.monitor:

@@ -697,6 +697,7 @@ class Proxy:
             lease=call.lease,
             party=party,
             outbound=outbound,
+            shown=None if outbound else call.shown,
         )
         if not self.table.add(dialog):
             return  # not reached: the callers refuse a request whose dialog is live (482)
@@ -898,6 +899,11 @@ class Proxy:
         self.clients[table_key(ct.branch, "CANCEL")] = cancel
         self.outbox.append((ct.flow, data))
         self._arm_non_invite(cancel, now)
+        # A called side that answers neither the CANCEL nor the INVITE: the INVITE is given
+        # up 64*T1 later (RFC 3261 §9.1), not at a Timer C minutes away (no provisional
+        # starts Timer C again once the CANCEL has gone)
+        TimerQueue.cancel(ct.timeout)
+        ct.timeout = self.timers.add(now + 64 * self.settings.t1, self._on_timer_b, ct)
 
     def _ack_absorbed(self, st: ServerTxn, now: float) -> None:
         if st.state == CONFIRMED:
@@ -1020,7 +1026,7 @@ class Proxy:
         ct.timer = None
         if status < 200:
             if ct.method == "INVITE":
-                if status > 100 or not ct.provisional:
+                if (status > 100 or not ct.provisional) and not ct.cancel_sent:
                     # Timer C starts at the first provisional and starts again at every
                     # 101-199 (RFC 3261 §16.7 step 2): a call held ringing or in early media
                     # (a queue) lives while the core keeps saying so
@@ -1195,8 +1201,10 @@ class Proxy:
         """Timer C (RFC 3261 §16.8): ringing too long — CANCEL, then give up after 64*T1."""
         if ct.state not in (CALLING, PROCEEDING):
             return
-        self._send_cancel(ct, now)
-        ct.timeout = self.timers.add(now + 64 * self.settings.t1, self._on_timer_b, ct)
+        sent = ct.cancel_sent
+        self._send_cancel(ct, now)  # and Timer B, 64*T1 on
+        if sent:  # sent before (that CANCEL armed Timer B, which ends it sooner): a safe net
+            ct.timeout = self.timers.add(now + 64 * self.settings.t1, self._on_timer_b, ct)
 
     def _timer_f(self, ct: ClientTxn, now: float) -> None:
         """Timer F: a non-INVITE got no final answer (RFC 4320: no 408 upstream)."""
@@ -1220,7 +1228,8 @@ class Proxy:
         if st is not None and st.state == PROCEEDING:
             if st.dialog is not None:
                 st.dialog.status = 408
-                self._end_dialog(st.dialog, "timeout", now)
+                # a call end_calls CANCELled whose called side never answered: still its reason
+                self._end_dialog(st.dialog, st.end_reason or "timeout", now)
             self._respond(st, 408, now)
 
     def _timer_g(self, st: ServerTxn, now: float) -> None:

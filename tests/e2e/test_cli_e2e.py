@@ -171,7 +171,7 @@ def test_operator_verbs_against_a_running_sipguard(tmp_path: Path) -> None:
         res = sipguard("suspensions", "--admin", url)
         listed = json.loads(res.stdout)["suspensions"]
         assert {s.get("number") or s.get("prefix") for s in listed} == {"+31201234567", "+3130*"}
-        res = sipguard("unsuspend", "+31201234567", "--admin", url)
+        res = sipguard("unsuspend", "+31201234567", "--by", "bob & co", "--admin", url)
         assert res.returncode == 0 and json.loads(res.stdout) == {
             "lifted": "+31201234567", "saved": True}
         res = sipguard("unsuspend", "+31201234567", "--admin", url)
@@ -189,8 +189,10 @@ def test_operator_verbs_against_a_running_sipguard(tmp_path: Path) -> None:
         assert "sip.max_message_size" in res.stderr and "Traceback" not in res.stderr
     finally:
         proc.send_signal(signal.SIGTERM)
-        proc.communicate(timeout=15)
+        out, _ = proc.communicate(timeout=15)
     assert (tmp_path / "state" / "suspensions.json").exists()
+    lifted = [json.loads(line) for line in out.splitlines() if '"suspension_lifted"' in line]
+    assert [(e["number"], e["by"]) for e in lifted] == [("+31201234567", "bob & co")]
     res = sipguard("suspensions", "--admin", url)
     assert res.returncode == 1
     (line,) = res.stderr.strip().splitlines()

@@ -495,7 +495,7 @@ async def test_calls_and_bans_shapes(tmp_path: Path, peers: tuple[Peer, Peer]) -
         status, body = await request("GET", guard.url + "/calls?number=+31201234567")
         assert status == 200 and body["number"] == "+31201234567"
         (call,) = body["calls"]
-        assert set(call) == {"call_id", "caller", "callee", "diverters", "peer", "source",
+        assert set(call) == {"call_id", "caller", "from_shows", "callee", "diverters", "peer", "source",
                              "state", "age_s", "confirmed_s"}
         assert call["caller"] == "+31201234567" and call["callee"] == "+18005550199"
         assert body["counts"] == {"caller": 1, "callee": 0, "diverter": 0}

@@ -19,15 +19,17 @@ from typing import Any
 
 import pytest
 
-from sipguard.contract import CallInfo, Flow, InviteDecided, Verdict
+from sipguard.contract import CallInfo, DecisionPending, Flow, InviteDecided, Verdict
+from sipguard.edge import EdgeCore
 from sipguard.ops.config_load import ConfigError, parse_config
 from sipguard.policy.engine import Policy
 from sipguard.policy.state import RuleState
 from sipguard.policy.stircert import FetchError, FetchLimits, parse_chain
 from sipguard.sip.message import Message
+from sipguard.sip.parser import parse_message
 from sipguard.transport.https_fetch import HttpsFetcher
 
-from .proxy_helpers import CALLER, CORE, Harness, invite
+from .proxy_helpers import CALLER, CORE, Harness, invite, settings
 from .stir_pki import (
     DEST,
     ORIG,
@@ -924,3 +926,34 @@ async def test_signatures_checked_on_a_thread_decide_the_same(stir: Stir) -> Non
         assert verifier.waiting == 0
     finally:
         verifier.close()
+
+
+async def test_a_suspension_that_lands_while_the_decision_waits_holds(stir: Stir) -> None:
+    """The caller is suspended while its INVITE waits for the certificate fetch: when the
+    fetch has passed the signature, the caller hears 403 (caller_suspended), the core gets
+    nothing and the call holds nothing. A call of another number decided in the same wait
+    goes through."""
+    core = EdgeCore(settings(), stir.policy, b"k" * 32)
+    other = "+12125550111"
+    for n, caller in enumerate((CALLER_NUMBER, other)):
+        value = stir.header("/slowish.pem", orig=caller[1:])
+        core.receive(invite(caller=caller, callee=CALLEE_NUMBER, call_id=f"late-{n}@x",
+                            branch=f"z9hG4bK-late-{n}", extra=f"Identity: {value}\r\n"),
+                     Flow("udp", CALLER, 0), 1000.0)
+    events = core.drain_events()
+    pending = [e for e in events if isinstance(e, DecisionPending)]
+    assert len(pending) == 2, events
+    stir.state.suspensions.add(CALLER_NUMBER, "ticket 7", "noc", 1000.5)
+    verdicts = await asyncio.gather(*(e.pending for e in pending))
+    assert [v.action for v in verdicts] == ["accept", "accept"]  # the rule passed both
+    for event, verdict in zip(pending, verdicts, strict=True):
+        core.resolve(event.call, verdict, 1001.0)
+    out = [(f, parse_message(d)) for f, d in core.proxy.outbox]
+    finals = [(m.call_id, m.status, m.get("reason")) for f, m in out
+              if f.addr == CALLER and (m.status or 0) >= 200]
+    assert finals == [("late-0@x", 403, 'SIP;cause=403;text="Caller number suspended"')]
+    assert [m.call_id for f, m in out if f.addr == CORE and m.method == "INVITE"] == ["late-1@x"]
+    decided = [e for e in core.drain_events() if isinstance(e, InviteDecided)]
+    assert [(e.call.call_id, e.verdict.rule, e.verdict.reason) for e in decided] == [
+        ("late-0@x", "suspended", "caller_suspended"), ("late-1@x", "", "")]
+    assert len(core.proxy.dialogs) == 1 and not core.proxy.pending

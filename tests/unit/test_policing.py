@@ -636,6 +636,45 @@ def test_end_calls_cancels_a_suspended_numbers_ringing_calls() -> None:
     assert h.count("caller", "+12125550100") == 0 and h.proxy.doomed == {}
 
 
+def test_end_calls_matches_the_number_from_shows_behind_an_asserted_caller() -> None:
+    """A call whose P-Asserted-Identity names another caller than its From: a suspension of
+    the number From shows refuses such calls, so end_calls of that number ends them too (and
+    /calls lists them); the asserted caller's own other calls stay up."""
+    h = PolicyHarness("rules:\n  concurrency: {per_caller: 5}\n")
+    pai = "P-Asserted-Identity: <sip:+19175550100@198.51.100.7>\r\n"
+    _, fwd1 = h.call(1, extra=pai)
+    _, fwd2 = h.call(2, caller="+19175550100")
+    assert fwd1 is not None and fwd2 is not None
+    for n, fwd in ((1, fwd1), (2, fwd2)):
+        h.answer(fwd, 200, "OK")
+        h.send(in_dialog("ACK", call_id=f"call-{n}", cseq=1, branch=f"z9hG4bK-ack{n}"))
+    dialogs = {d.call_id: d for d in h.proxy.dialogs.values()}
+    assert (dialogs["call-1"].caller, dialogs["call-1"].shown) == ("+19175550100",
+                                                                   "+12125550100")
+    assert dialogs["call-2"].shown is None  # From and the caller agree
+    assert h.core.end_calls(lambda number: number == "+12125550100", "suspended", h.now) == 1
+    byes = [(f.addr, m.call_id) for f, m in h._drain() if m.method == "BYE"]
+    assert sorted(byes) == sorted([(CORE, "call-1"), (CALLER, "call-1")])
+    assert [d.call_id for d in h.proxy.dialogs.values()] == ["call-2"]
+
+
+def test_a_cancelled_ringing_call_whose_core_stays_silent_ends_after_64_t1() -> None:
+    """end_calls CANCELs a ringing call; the core answers neither the CANCEL nor the INVITE,
+    and a 180 after the CANCEL starts no Timer C again: 32 s (64*T1) later the caller hears
+    408, the call ends with reason suspended and its slot is free."""
+    h = PolicyHarness("rules:\n  concurrency: {per_caller: 5}\n")
+    _, fwd = h.call(1)
+    assert fwd is not None
+    h.answer(fwd, 180, "Ringing")
+    assert h.core.end_calls(lambda number: number == "+12125550100", "suspended", h.now) == 1
+    assert [m.method for f, m in h._drain() if f.addr == CORE] == ["CANCEL"]
+    h.advance(20)
+    h.answer(fwd, 180, "Ringing")  # the core goes on ringing, deaf to the CANCEL
+    out = h.advance(12.5)
+    assert {m.status for f, m in out if f.addr == CALLER and m.status} == {408}  # (and again)
+    assert h.ended() == ["suspended"] and h.count("caller", "+12125550100") == 0
+
+
 def test_a_bye_of_a_call_without_from_tag_ends_it() -> None:
     """An RFC 2543 caller sends no From tag: its dialog keeps "" as the caller's tag, and its
     BYE (no From tag either) still names the call, ends it and frees the slot."""
