@@ -41,6 +41,7 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from sipguard.ops.admin import read_token
 from sipguard.ops.config import Config
 from sipguard.ops.config_load import ConfigError, config_with_overrides, load_config
 from sipguard.ops.endpoints import Endpoint
@@ -53,7 +54,7 @@ from sipguard.ops.logging import (
 )
 from sipguard.policy.engine import Policy
 from sipguard.policy.state import RuleState
-from sipguard.server import Server, StartupError
+from sipguard.server import Server, StartupError, tls_contexts
 from sipguard.state.shared_memory import create_segment
 from sipguard.supervisor import SEGMENT_NAME, SupervisorLink, make_group, remove_group, supervise
 from sipguard.transport.worker_link import make_token
@@ -311,6 +312,24 @@ async def _serve(path: str, args: argparse.Namespace, cfg: Config) -> int:
     return 0
 
 
+def _check_files(cfg: Config) -> None:
+    """What `run` reads besides the rules, read as it reads them: the TLS certificate, key
+    and CA files, and the admin token file (an admin API off loopback needs one). OSError or
+    ValueError naming the field."""
+    tls_contexts(cfg)
+    http = cfg.http
+    if http.token_file is not None:
+        try:
+            read_token(str(http.token_file))
+        except (OSError, ValueError) as exc:
+            detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise ValueError(f"cannot read admin token_file {http.token_file}: {detail}") \
+                from None
+    elif http.host_port is not None and not http.loopback:
+        raise ValueError(f"admin API on {http.listen} is not loopback-only: set "
+                         "admin.token_file")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command not in ("run", "check-config"):
@@ -324,6 +343,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             cfg = load_config(args.file)
             # the rules built as `run` builds them: number lists, trust anchors, patterns
             Policy(cfg, RuleState())
+            _check_files(cfg)
         except ConfigError as exc:
             print(str(exc), file=sys.stderr)
             return EXIT_CONFIG

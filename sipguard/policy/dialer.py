@@ -61,6 +61,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Final
 
 from sipguard.contract import Verdict
+from sipguard.policy.callerid_settings import Redress
 from sipguard.policy.dialer_state import Block, CallerStats, OriginStats
 from sipguard.policy.peers import NumberSet
 from sipguard.policy.windows import Count
@@ -106,7 +107,8 @@ class Dialer:
         "h_block", "h_lo", "b_caller", "b_origin", "b_callee", "b_high_cost",
     )
 
-    def __init__(self, settings: Settings, mode: str, state: DialerState) -> None:
+    def __init__(self, settings: Settings, mode: str, state: DialerState,
+                 redress: Redress) -> None:
         s = settings
         self.name = "dialer"
         self.mode = mode
@@ -141,7 +143,7 @@ class Dialer:
             and self.phrase.lower() == "network blocked"
             and not any(h.split(":", 1)[0].strip().lower() == "reason" for h in headers)
         ):
-            headers = (*headers, s.redress.reason_header())
+            headers = (*headers, redress.reason_header())
         self.headers = headers
         self.header = s.verdict_header
         self.strip: tuple[tuple[str, str | None], ...] = (
@@ -451,7 +453,11 @@ def build(settings: Settings, ctx: BuildContext, peer: Peer | None) -> Dialer:
     """The rule for ``peer`` (None: traffic from no configured peer); one state for all."""
     state = ctx.state.dialer
     ctx.observe(state)
-    rule = Dialer(settings, ctx.mode_of(settings), state)
+    redress = settings.redress
+    if redress is None:  # rule callerid's, where it is configured (as rule national_cli)
+        cid = ctx.rules.callerid if ctx.rules is not None else None
+        redress = cid.redress if cid is not None else Redress()
+    rule = Dialer(settings, ctx.mode_of(settings), state, redress)
     # the tables are shared by every peer: sized for the largest cap among them
     rule.max_numbers = ctx.largest("dialer", "max_numbers", settings.max_numbers)
     rule.max_origins = ctx.largest("dialer", "max_origins", settings.max_origins)

@@ -256,9 +256,10 @@ class Settings(RuleSettings):
         description="What a blocked call hears; 603 Network Blocked is sent as 603+. The 603+ "
         "Reason is added unless the answer brings its own Reason.",
     )
-    redress: Redress = Field(
-        default=Redress(),
-        description="The 603+ redress contact, as in rule `callerid`: set `url`, `tel` or "
+    redress: Redress | None = Field(
+        default=None,
+        description="The 603+ redress contact, as in rule `callerid`; null: rule `callerid`'s "
+        "`redress` when that rule is configured, else its defaults. Set `url`, `tel` or "
         "`email` in production.",
     )
     verdict_header: str | None = Field(

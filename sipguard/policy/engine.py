@@ -153,8 +153,8 @@ class Policy:
             "drop" if self.unknown_drop else "reject",
             rule="peers",
             reason="unknown_source",
-            status=403,
-            phrase="Forbidden",
+            status=0 if self.unknown_drop else 403,  # dropped: the source hears nothing
+            phrase="" if self.unknown_drop else "Forbidden",
             sample="peers:unknown_source",
         )
         # the pre-parse flood and scanner check (rule ``flood``), run by the edge core
@@ -262,10 +262,16 @@ class Policy:
 
     def decide(self, call: CallInfo, now: float) -> Verdict | Awaitable[Verdict]:
         pipeline = self.default
-        if self.peers:
-            peer = self._peer_of(call.flow)
-            if peer is None:
-                return self._global(self._unknown_source)
+        # In mode: monitor an unknown source or a suspended number is reported as a rule in
+        # monitor mode would be, and the rules still run: the top-level ones for an unknown
+        # source (any of them in mode: enforce refuses), and the verdict carries their headers
+        monitored: tuple[Verdict, ...] = ()
+        peer = self._peer_of(call.flow) if self.peers else None
+        if self.peers and peer is None:
+            if not self.monitor:
+                return self._unknown_source
+            monitored = (self._unknown_source,)
+        elif peer is not None:
             call.peer = peer.name
             if not peer.trust_pai:
                 call.caller = call.msg.from_.uri.number
@@ -284,8 +290,10 @@ class Policy:
         if self.suspended or self.state.suspensions:
             verdict = self._suspended(call.caller, call.callee, call.shown, now)
             if verdict is not None:
-                return self._global(verdict)
-        return pipeline.decide(call, now)
+                if not self.monitor:
+                    return verdict
+                monitored = (*monitored, verdict)
+        return pipeline.decide(call, now, monitored)
 
     def suspension_of(self, call: CallInfo, now: float) -> Verdict | None:
         """The refusal of a call whose decision waited for I/O, when its caller or callee (or

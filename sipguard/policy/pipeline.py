@@ -167,8 +167,13 @@ class Pipeline:
             tuple(getattr(r, "plan", None) if shared is not None else None for r in self.rules)
         )
 
-    def decide(self, call: CallInfo, now: float) -> Verdict | Awaitable[Verdict]:
+    def decide(self, call: CallInfo, now: float, monitored: tuple[Verdict, ...] = ()) -> \
+            Verdict | Awaitable[Verdict]:
+        """The call's verdict; ``monitored``: refusals already made in monitor mode (the
+        policy's own: an unknown source, a suspended number), reported first."""
         run = _Run()
+        if monitored:
+            run.monitored.extend(monitored)
         plan = Plan() if self.shared is not None else None
         planners = self.planners
         for i, rule in enumerate(self.rules):

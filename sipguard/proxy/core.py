@@ -550,8 +550,8 @@ class Proxy:
                               status=405, phrase="Method Not Allowed",
                               headers=(self._allow,), sample=f"methods:{flow.addr[0]}")
         if verdict is None or verdict.action == "accept":
-            if verdict is not None:
-                self.events.append(Screened(method, flow, verdict))  # monitored
+            if verdict is not None and method != "INVITE":  # monitored; an INVITE's is
+                self.events.append(Screened(method, flow, verdict))  # reported decided
             return True
         self.events.append(Screened(method, flow, verdict))
         if verdict.action == "reject":

@@ -67,6 +67,22 @@ def test_check_config_reads_number_lists_as_run_does(tmp_path: Path) -> None:
     assert "OK" not in res.stdout
 
 
+@pytest.mark.parametrize(("extra", "words"), [
+    ("tls: {cert_file: missing.pem, key_file: missing.key}\n", "cannot load tls.cert_file"),
+    ("admin: {listen: 127.0.0.1:9999, token_file: no-token.txt}\n",
+     "cannot read admin token_file"),
+    ("admin: {listen: 0.0.0.0:9999}\n", "not loopback-only: set admin.token_file"),
+])
+def test_check_config_reads_the_files_run_reads(tmp_path: Path, extra: str, words: str) -> None:
+    """The TLS certificate and key, the admin token file, and the admin API's need of one
+    off loopback: check-config refuses (exit 2, naming the field) what `run` would refuse."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("listen: [udp://127.0.0.1:5060]\ncore: udp://127.0.0.1:5080\n" + extra)
+    res = sipguard("check-config", str(cfg))
+    assert res.returncode == 2, res.stdout
+    assert words in res.stderr and "Traceback" not in res.stderr and "OK" not in res.stdout
+
+
 def test_port_in_use_is_one_clear_line(tmp_path: Path) -> None:
     """A listen port already taken stops start-up with exit 1 and one line, no traceback."""
     port = free_port()

@@ -26,6 +26,23 @@ def only(analytic: str, block_s: float = 300) -> str:
     return f"rules:\n  dialer: {{{off}, block_s: {block_s}, {analytic}}}\n"
 
 
+@pytest.mark.parametrize(("own", "url"), [
+    ("", "https://example.com/cid"),  # none of its own: rule callerid's
+    (", redress: {url: 'https://example.com/dialer'}", "https://example.com/dialer"),
+])
+def test_a_block_carries_the_redress_of_rule_callerid_unless_it_has_its_own(
+        own: str, url: str) -> None:
+    """The 603+ Reason of a dialer block names rule callerid's redress contact when the
+    dialer sets none, as rule national_cli does; its own when it sets one."""
+    rules = only("distinct_callees: {tag: 3, block: 5}" + own)
+    rules += "  callerid: {redress: {url: 'https://example.com/cid'}}\n"
+    p = policy(rules)
+    verdicts = [decide(p, make_call("+12125550100", f"+1646555{7 * i:04d}"), float(i))
+                for i in range(5)]
+    assert verdicts[4].headers == (
+        f'Reason: SIP;cause=603;text="v=analytics1;url={url}";location=RPN',)
+
+
 def state(p: Policy) -> DialerState:
     s = p.state.dialer
     assert isinstance(s, DialerState)

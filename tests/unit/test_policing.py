@@ -3,7 +3,7 @@ headers, responses — through the in-memory edge core with a real Policy."""
 
 from __future__ import annotations
 
-from sipguard.contract import DialogEnded, Dropped, Flow, Noticed, Screened
+from sipguard.contract import DialogEnded, Dropped, Flow, InviteDecided, Noticed, Screened
 from sipguard.sip.message import Message
 from tests.unit.dialog_helpers import PolicyHarness, in_dialog, to
 from tests.unit.proxy_helpers import CALLER, CORE, answer, invite
@@ -721,3 +721,37 @@ def test_an_outside_party_that_answers_a_keepalive_481_ends_the_call_at_the_core
     out = h.send(answer(to_caller, 481, "Call/Transaction Does Not Exist", to_tag=None))
     assert [m.method for m in to(out, CORE) if m.method] == ["BYE"]
     assert h.ended() == ["keepalive_failed"] and h.count("caller", "+12125550100") == 0
+
+
+def test_monitor_mode_runs_the_rules_for_an_unknown_source_and_a_suspended_number() -> None:
+    """Top-level mode: monitor, a rate rule in mode: enforce and concurrency monitored. An
+    unknown source's INVITE and a suspended caller's are forwarded (monitored) but the rules
+    still run: the rate rule refuses the second call of the caller (503), concurrency's
+    objection rides along in also; each INVITE is reported once (no Screened beside its
+    decision)."""
+    h = PolicyHarness(
+        "rules:\n  concurrency: {per_caller: 1}\n"
+        "  rate: {mode: enforce, per_caller: {rate: 0.01, burst: 1}}\n",
+        extra_yaml="mode: monitor\nsuspended: ['+12125550177']\n" + PEERS)
+    _, fwd = h.call(1, src=STRANGER)
+    assert fwd is not None
+    out, fwd = h.call(2, src=STRANGER)
+    assert fwd is None and [m.status for m in out][-1] == 503
+    _, fwd = h.call(3, caller="+12125550177")
+    assert fwd is not None
+    decided = [e.verdict for e in h.events if isinstance(e, InviteDecided)]
+    assert [(v.rule, v.reason, v.monitored, [a.rule for a in v.also]) for v in decided] == [
+        ("peers", "unknown_source", True, []),
+        ("rate", "per_caller", False, ["peers", "concurrency"]),
+        ("suspended", "caller_suspended", True, []),
+    ]
+    assert not [e for e in h.events if isinstance(e, Screened)]
+
+
+def test_a_dropped_unknown_source_is_logged_without_a_status() -> None:
+    """unknown_source: drop sends nothing, so its verdict carries no status to log."""
+    h = PolicyHarness(extra_yaml="unknown_source: drop\n" + PEERS)
+    out, fwd = h.call(1, src=STRANGER)
+    assert fwd is None and out == []
+    (screened,) = [e for e in h.events if isinstance(e, Screened)]
+    assert screened.verdict.action == "drop" and screened.verdict.status == 0
