@@ -318,6 +318,8 @@ def _check_files(cfg: Config) -> None:
     ValueError naming the field."""
     tls_contexts(cfg)
     http = cfg.http
+    if http.host_port is None:  # no admin API: its token file is never read
+        return
     if http.token_file is not None:
         try:
             read_token(str(http.token_file))
@@ -325,7 +327,7 @@ def _check_files(cfg: Config) -> None:
             detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             raise ValueError(f"cannot read admin token_file {http.token_file}: {detail}") \
                 from None
-    elif http.host_port is not None and not http.loopback:
+    elif not http.loopback:
         raise ValueError(f"admin API on {http.listen} is not loopback-only: set "
                          "admin.token_file")
 

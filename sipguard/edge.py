@@ -154,14 +154,21 @@ class EdgeCore:
         """Apply a decision that waited for I/O (or the verdict for its failure)."""
         if call.started_perf:
             call.decision_us = (self.perf() - call.started_perf) * 1e6
+        if verdict.action == "accept":
+            # a suspension that landed while the decision waited (a certificate fetch, a Redis
+            # round trip) holds for this call too: it is no call of the past yet
+            try:
+                suspended = self.policy.suspension_of(call, now)
+            except Exception:  # refused (500) rather than let through unchecked
+                self.proxy.events.append(Failed("resolve", traceback.format_exc(limit=8),
+                                                call.flow))
+                suspended = DECISION_FAILED
+            if suspended is not None:
+                # what rules in monitor mode said stays counted and logged beside it
+                verdict = suspended.with_also((verdict, *verdict.also)) if verdict.monitored \
+                    else suspended
         mark = len(self.proxy.outbox)
         try:
-            if verdict.action == "accept":
-                # a suspension that landed while the decision waited (a certificate fetch, a
-                # Redis round trip) holds for this call too: it is no call of the past yet
-                suspended = self.policy.suspension_of(call, now)
-                if suspended is not None:
-                    verdict = suspended
             self.proxy.resolve(call, verdict, now)
         except Exception:
             del self.proxy.outbox[mark:]

@@ -253,8 +253,9 @@ def _default_md(param: _Param, sub: type[BaseModel] | None) -> str:
     if param.required:
         return "— (required)"
     value = param.default
-    if value is None:
-        return "null (off)" if sub is not None else "null"
+    if value is None:  # a section that is off, unless the description says what null means
+        described = "null:" in (param.field.description or "")
+        return "null (off)" if sub is not None and not described else "null"
     if sub is not None:
         return "on, see below" if _optional(param.field.annotation)[1] else "see below"
     if type(value).__name__ == "Answer":

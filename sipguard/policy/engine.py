@@ -157,6 +157,11 @@ class Policy:
             phrase="" if self.unknown_drop else "Forbidden",
             sample="peers:unknown_source",
         )
+        # the same, reported with a call's decision in mode: monitor: each call its own line
+        self._unknown_monitored = Verdict(
+            self._unknown_source.action, rule="peers", reason="unknown_source",
+            status=self._unknown_source.status, phrase=self._unknown_source.phrase,
+        )
         # the pre-parse flood and scanner check (rule ``flood``), run by the edge core
         self.flood = flood.guard(
             cfg.rules.flood, cfg.mode, self.state.flood, self.peers,
@@ -270,7 +275,7 @@ class Policy:
         if self.peers and peer is None:
             if not self.monitor:
                 return self._unknown_source
-            monitored = (self._unknown_source,)
+            monitored = (self._unknown_monitored,)
         elif peer is not None:
             call.peer = peer.name
             if not peer.trust_pai:

@@ -278,6 +278,9 @@ class Proxy:
         # answered calls to end at their ACK (a CANCEL of sipguard's crossed the core's 2xx):
         # dialog key -> reason; one entry per such call, gone when it ends
         self.doomed: dict[str, str] = {}
+        # an INVITE from an unknown source let through in mode: monitor: reported with its
+        # decision (the policy names it there), or — refused before one — when receive ends
+        self.screen_note: Screened | None = None
         self.router = Router(settings, self.ids)
         # How far behind the shell is in reading what arrived, seconds: the overload watcher's
         # measured wait in the receive queues (0.0 when it saw none). See _wait_for_queue.
@@ -324,11 +327,16 @@ class Proxy:
             return
         try:
             if msg.method is not None:
+                self.screen_note = None
                 self._on_request(msg, flow, now)
             else:
                 self._on_response(msg, flow, now)
         except SipParseError as err:
             self._parse_failed(err, msg, flow)
+        note = self.screen_note
+        if note is not None:  # an INVITE answered before its decision (481, 482, 503 ...)
+            self.screen_note = None
+            self.events.append(note)
 
     def resolve(self, call: CallInfo, verdict: Verdict, now: float) -> None:
         """Deliver a policy decision that ``decide`` left pending (returned None)."""
@@ -511,6 +519,7 @@ class Proxy:
             st.state = DECIDING
             self.pending[id(call)] = st
             self.deciding.add(dialog_id)
+            self.screen_note = None  # the decision reports it
             verdict = self.admission.decide(call, now)
             if verdict is not None:
                 self.pending.pop(id(call), None)
@@ -550,8 +559,11 @@ class Proxy:
                               status=405, phrase="Method Not Allowed",
                               headers=(self._allow,), sample=f"methods:{flow.addr[0]}")
         if verdict is None or verdict.action == "accept":
-            if verdict is not None and method != "INVITE":  # monitored; an INVITE's is
-                self.events.append(Screened(method, flow, verdict))  # reported decided
+            if verdict is not None:  # monitored
+                if method == "INVITE":
+                    self.screen_note = Screened(method, flow, verdict)  # see receive
+                else:
+                    self.events.append(Screened(method, flow, verdict))
             return True
         self.events.append(Screened(method, flow, verdict))
         if verdict.action == "reject":

@@ -946,6 +946,9 @@ async def test_a_suspension_that_lands_while_the_decision_waits_holds(stir: Stir
     stir.state.suspensions.add(CALLER_NUMBER, "ticket 7", "noc", 1000.5)
     verdicts = await asyncio.gather(*(e.pending for e in pending))
     assert [v.action for v in verdicts] == ["accept", "accept"]  # the rule passed both
+    # as if a rule in monitor mode had objected to the first: still counted beside the 403
+    verdicts[0] = Verdict("accept", rule="rate", reason="per_caller", status=503,
+                          monitored=True)
     for event, verdict in zip(pending, verdicts, strict=True):
         core.resolve(event.call, verdict, 1001.0)
     out = [(f, parse_message(d)) for f, d in core.proxy.outbox]
@@ -956,4 +959,5 @@ async def test_a_suspension_that_lands_while_the_decision_waits_holds(stir: Stir
     decided = [e for e in core.drain_events() if isinstance(e, InviteDecided)]
     assert [(e.call.call_id, e.verdict.rule, e.verdict.reason) for e in decided] == [
         ("late-0@x", "suspended", "caller_suspended"), ("late-1@x", "", "")]
+    assert [(a.rule, a.reason) for a in decided[0].verdict.also] == [("rate", "per_caller")]
     assert len(core.proxy.dialogs) == 1 and not core.proxy.pending

@@ -745,7 +745,14 @@ def test_monitor_mode_runs_the_rules_for_an_unknown_source_and_a_suspended_numbe
         ("rate", "per_caller", False, ["peers", "concurrency"]),
         ("suspended", "caller_suspended", True, []),
     ]
+    assert decided[0].sample == ""  # each such call its own invite_decided line
     assert not [e for e in h.events if isinstance(e, Screened)]
+    # refused before any decision (483): reported by the screen, once
+    h.send(invite(branch="z9hG4bK-mf0", call_id="call-mf0", max_forwards=0), src=STRANGER)
+    screened = [e.verdict for e in h.events if isinstance(e, Screened)]
+    assert [(v.rule, v.reason, v.monitored) for v in screened] == [
+        ("peers", "unknown_source", True)]
+    assert len([e for e in h.events if isinstance(e, InviteDecided)]) == 3
 
 
 def test_a_dropped_unknown_source_is_logged_without_a_status() -> None:
