@@ -1104,7 +1104,8 @@ class Proxy:
         if ct.probe is not None:
             self._probe_answered(ct.probe, status, now, self.router.is_core(ct.flow))
         server = ct.server
-        if server is not None and server.ends is not None and (status < 300 or status == 481):
+        if server is not None and server.ends is not None and (
+                status < 300 or status in (408, 481)):  # §15.1.1: the dialog is over
             self._end_dialog(server.ends, server.end_reason, now)
             server.ends = None
         if server is None or server.state not in (PROCEEDING, DECIDING):
@@ -1223,9 +1224,15 @@ class Proxy:
         if ct.state in (CALLING, PROCEEDING):
             TimerQueue.cancel(ct.timer)
             ct.state = TERMINATED
+            # the call the outside party's BYE would end (let go when the server ends)
+            ends = ct.server.ends if ct.server is not None else None
             self._drop_client(ct)
             if ct.server is not None:
                 self._terminate_server(ct.server, now)
+            if ends is not None:
+                # that BYE got no answer: its sender takes the call as over (§15.1.1);
+                # whether the core still has it, an OPTIONS of sipguard's asks
+                self._ask_core(ends, now)
             if ct.probe is not None:
                 # no answer at all
                 self._probe_answered(ct.probe, 408, now, self.router.is_core(ct.flow))
@@ -1369,11 +1376,23 @@ class Proxy:
         self._send_both_ways(probe, "OPTIONS", f"ka{probe.rounds}", now)
         probe.timer = self.timers.add(now + interval, self._on_keepalive, probe)
 
+    def _ask_core(self, dialog: Dialog, now: float) -> None:
+        """The outside party's BYE got no answer at all: one in-dialog OPTIONS to the core.
+        An answer means the core still has the call (its slots stay held: a BYE the core
+        drops must not free them); 481, 408 or silence ends it (``bye_unanswered``). A call
+        sipguard cannot speak in (no Probe) stays until its lifetime or keep-alive ends it."""
+        probe = self.probes.get(key_of(dialog))
+        if probe is None or dialog.state == TERMINATED:
+            return
+        probe.after_bye = True
+        probe.rounds += 1
+        self._send_both_ways(probe, "OPTIONS", f"ka{probe.rounds}", now, core_only=True)
+
     def _send_both_ways(self, probe: keepalive.Probe, method: str, tag: str,
-                        now: float) -> None:
-        """An in-dialog request of sipguard's own toward each side of the call, each its
-        own client transaction (OPTIONS answers feed the keep-alive; BYE answers are only
-        absorbed)."""
+                        now: float, core_only: bool = False) -> None:
+        """An in-dialog request of sipguard's own toward each side of the call (or the core's
+        only), each its own client transaction (OPTIONS answers feed the keep-alive; BYE
+        answers are only absorbed)."""
         dialog = probe.dialog
         core = self.settings.core
         outside = dialog.party
@@ -1381,7 +1400,7 @@ class Proxy:
         sides = ((True, outside), (False, core)) if not dialog.outbound else (
             (False, outside), (True, core))
         for toward_caller, flow in sides:
-            if flow is None:
+            if flow is None or (core_only and flow is not core):
                 continue
             local = self.settings.locals[flow.local] if flow.local < len(
                 self.settings.locals) else self.router.local_for(flow.transport)
@@ -1472,9 +1491,12 @@ class Proxy:
         a side that still knows it. When the outside party is the side that says it does not
         know the call, the core gets a BYE too (``end_call``): the outside party cannot
         free its slots with a 481 while its call goes on at the core."""
+        reason = "bye_unanswered" if probe.after_bye and toward_core else "keepalive_failed"
         if status in (408, 481) and (
-                toward_core or not self.end_call(probe.dialog, "keepalive_failed", now)):
-            self._end_dialog(probe.dialog, "keepalive_failed", now)
+                toward_core or not self.end_call(probe.dialog, reason, now)):
+            self._end_dialog(probe.dialog, reason, now)
+        elif toward_core:
+            probe.after_bye = False  # the core still has the call
 
     def _arm_sweep(self, now: float) -> None:
         if self._sweep is None:

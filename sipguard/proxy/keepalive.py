@@ -56,7 +56,7 @@ class Probe:
 
     __slots__ = ("dialog", "caller_from", "callee_to", "caller_contact", "callee_contact",
                  "timer", "rounds", "caller_cseq", "callee_cseq", "invite_rr", "answer_rr",
-                 "ours")
+                 "ours", "after_bye")
 
     def __init__(self, dialog: Dialog, caller_from: bytes, callee_to: bytes,
                  caller_contact: bytes | None, callee_contact: bytes | None) -> None:
@@ -74,6 +74,8 @@ class Probe:
         self.invite_rr: tuple[str, ...] = ()
         self.answer_rr: tuple[str, ...] = ()
         self.ours: tuple[str, ...] = ()
+        # an OPTIONS asking the core after the outside party's BYE went unanswered is out
+        self.after_bye = False
 
     def route(self, toward_caller: bool) -> bytes | None:
         """The Route line toward one side: its route set as that side's own requests carry it

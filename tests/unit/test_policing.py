@@ -762,3 +762,55 @@ def test_a_dropped_unknown_source_is_logged_without_a_status() -> None:
     assert fwd is None and out == []
     (screened,) = [e for e in h.events if isinstance(e, Screened)]
     assert screened.verdict.action == "drop" and screened.verdict.status == 0
+
+
+def _bye_sent_unanswered(h: PolicyHarness) -> Message:
+    """Call 1 answered; the caller's BYE reaches the core, which never answers it: 32 s
+    later (Timer F) sipguard asks the core with an in-dialog OPTIONS; returns it."""
+    up(h)
+    out = h.send(in_dialog("BYE", call_id="call-1", cseq=2, branch="z9hG4bK-byeu"))
+    assert [m.method for m in to(out, CORE)] == ["BYE"]
+    out = h.advance(33)
+    asks = [m for m in to(out, CORE) if m.method == "OPTIONS"]
+    # one OPTIONS (and its retransmission), in the call
+    assert asks and len({m.get("via") for m in asks}) == 1 and asks[0].call_id == "call-1"
+    assert h.ended() == []
+    assert h.count("caller", "+12125550100") == 1  # not yet: the core may still have it
+    return asks[0]
+
+
+def test_a_bye_the_core_never_answers_ends_the_call_when_the_core_does_not_know_it() -> None:
+    """The core's 200 for the caller's BYE is lost and it never answers again (RFC 3261
+    §15.1.1: for the caller the call is over): sipguard's OPTIONS hears 481 and the call
+    ends, reason bye_unanswered, its slot freed."""
+    h = PolicyHarness("rules:\n  concurrency: {per_caller: 1}\n")
+    ask = _bye_sent_unanswered(h)
+    h.send(answer(ask, 481, "Call/Transaction Does Not Exist", to_tag=None), src=CORE)
+    assert h.ended() == ["bye_unanswered"] and h.count("caller", "+12125550100") == 0
+
+
+def test_a_bye_the_core_drops_frees_no_slot_while_the_core_still_has_the_call() -> None:
+    """A BYE the core drops without a word: its OPTIONS answer (200) says the call is up
+    there, so the slot stays held (a caller cannot free it with BYEs the core ignores); a
+    core that answers nothing at all ends it 32 s later."""
+    h = PolicyHarness("rules:\n  concurrency: {per_caller: 1}\n")
+    ask = _bye_sent_unanswered(h)
+    h.send(answer(ask, 200, "OK", to_tag=None), src=CORE)
+    assert h.ended() == [] and h.count("caller", "+12125550100") == 1
+    assert h.call(2)[1] is None  # still at its limit
+    h2 = PolicyHarness("rules:\n  concurrency: {per_caller: 1}\n")
+    _bye_sent_unanswered(h2)
+    h2.advance(33)  # the OPTIONS unanswered too: the core is gone
+    assert h2.ended() == ["bye_unanswered"] and h2.count("caller", "+12125550100") == 0
+
+
+def test_a_bye_answered_408_ends_the_call() -> None:
+    """RFC 3261 §15.1.1: a BYE answered 408 ends the dialog for its sender; sipguard ends
+    the call too (reason bye_caller) and frees the slot."""
+    h = PolicyHarness("rules:\n  concurrency: {per_caller: 1}\n")
+    up(h)
+    out = h.send(in_dialog("BYE", call_id="call-1", cseq=2, branch="z9hG4bK-bye408"))
+    [bye] = to(out, CORE)
+    out = h.send(answer(bye, 408, "Request Timeout", to_tag=None), src=CORE)
+    assert [m.status for m in to(out, CALLER)] == [408]
+    assert h.ended() == ["bye_caller"] and h.count("caller", "+12125550100") == 0
