@@ -59,9 +59,10 @@ class Namespace:
     def loss(self, permille: int) -> None:
         rules = "table inet loss\ndelete table inet loss\n"
         if permille:
-            rules += ("table inet loss { chain in { type filter hook input priority 0; "
-                      "policy accept; meta l4proto udp numgen random mod 1000 < "
-                      f"{permille} drop }} }}\n")
+            rules += ("table inet loss {\n  chain in {\n"
+                      "    type filter hook input priority 0; policy accept;\n"
+                      f"    meta l4proto udp numgen random mod 1000 < {permille} drop\n"
+                      "  }\n}\n")
         subprocess.run(self.cmd(["nft", "-f", "-"]), input=rules.encode(), check=True)
 
     def close(self) -> None:
