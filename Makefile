@@ -48,14 +48,16 @@ native: install
 # package's own service is stopped and disabled: the tests run their own servers);
 # kamailio, the proxy the load kit's comparison mode (loadtest/run.py --compare) measures
 # sipguard against (its service too is stopped and disabled: the kit starts its own), and
-# kamailio-secsipid-modules, its STIR/SHAKEN check (the kit's kamailio-identity system).
-TOOL_PACKAGES := sip-tester sipvicious sipsak socat redis-server kamailio kamailio-secsipid-modules
+# kamailio-secsipid-modules, its STIR/SHAKEN check (the kit's kamailio-identity system);
+# nftables, the packet loss of the load kit's lossy-link run (loadtest/lossy.py).
+TOOL_PACKAGES := sip-tester sipvicious sipsak socat redis-server kamailio kamailio-secsipid-modules nftables
 tools:
 	@command -v sipp >/dev/null 2>&1 && command -v svmap >/dev/null 2>&1 && \
 	  command -v svwar >/dev/null 2>&1 && command -v sipsak >/dev/null 2>&1 && \
 	  command -v socat >/dev/null 2>&1 && \
 	  { command -v kamailio >/dev/null 2>&1 || test -x /usr/sbin/kamailio; } && \
 	  ls /usr/lib/*/kamailio/modules/secsipid.so >/dev/null 2>&1 && \
+	  { command -v nft >/dev/null 2>&1 || test -x /usr/sbin/nft; } && \
 	  { command -v redis-server >/dev/null 2>&1 || command -v valkey-server >/dev/null 2>&1; } || { \
 	  echo "installing test tools (Debian packages $(TOOL_PACKAGES))"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
