@@ -41,7 +41,7 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from sipguard.ops.admin import read_token
+from sipguard.ops.admin import admin_token
 from sipguard.ops.config import Config
 from sipguard.ops.config_load import ConfigError, config_with_overrides, load_config
 from sipguard.ops.endpoints import Endpoint
@@ -317,19 +317,7 @@ def _check_files(cfg: Config) -> None:
     and CA files, and the admin token file (an admin API off loopback needs one). OSError or
     ValueError naming the field."""
     tls_contexts(cfg)
-    http = cfg.http
-    if http.host_port is None:  # no admin API: its token file is never read
-        return
-    if http.token_file is not None:
-        try:
-            read_token(str(http.token_file))
-        except (OSError, ValueError) as exc:
-            detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-            raise ValueError(f"cannot read admin token_file {http.token_file}: {detail}") \
-                from None
-    elif not http.loopback:
-        raise ValueError(f"admin API on {http.listen} is not loopback-only: set "
-                         "admin.token_file")
+    admin_token(cfg.http)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -34,7 +34,7 @@ from typing import Any
 from sipguard import native
 from sipguard.contract import CallInfo, DecisionPending, Deferred, Flow, Local, Verdict
 from sipguard.edge import DECISION_FAILED, EdgeCore
-from sipguard.ops.admin import MAX_CALLS_SHOWN, AdminEndpoint, read_token
+from sipguard.ops.admin import MAX_CALLS_SHOWN, AdminEndpoint, admin_token, read_token
 from sipguard.ops.calllog import CallLogger
 from sipguard.ops.collector import YOUNG_EVERY_S, Collector
 from sipguard.ops.config import Config, StateSettings
@@ -470,17 +470,10 @@ class Server:
         http = self.cfg.http
         if http.host_port is None:
             return
-        token: str | None = None
-        if http.token_file is not None:
-            try:
-                token = await _read_token(str(http.token_file))
-            except ValueError as exc:
-                raise StartupError(f"cannot read admin token_file {http.token_file}: {exc}") \
-                    from None
-        elif not http.loopback:
-            raise StartupError(
-                f"admin API on {http.listen} is not loopback-only: set admin.token_file"
-            )
+        try:
+            token = await asyncio.to_thread(admin_token, http)  # read off the loop
+        except ValueError as exc:
+            raise StartupError(str(exc)) from None
         admin = AdminEndpoint(self.metrics, self._gauges, self, token)
         host, port = http.host_port
         if port and self.worker is not None:

@@ -42,6 +42,7 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from sipguard.ops.config import AdminSettings
 from sipguard.ops.metrics import (
     Metrics,
     MetricsCollector,
@@ -108,6 +109,25 @@ def read_token(path: str) -> str:
     if not token:
         raise ValueError(f"token file {path} is empty")
     return token
+
+
+def admin_token(http: AdminSettings) -> str | None:
+    """The admin API's token as start-up reads it (``run`` and ``check-config`` alike): None
+    without an admin API, or without a token file on a loopback-only one; ValueError saying
+    what is wrong (an unreadable or empty file, an API off loopback without one)."""
+    if http.host_port is None:
+        return None
+    if http.token_file is None:
+        if not http.loopback:
+            raise ValueError(f"admin API on {http.listen} is not loopback-only: set "
+                             "admin.token_file")
+        return None
+    try:
+        return read_token(str(http.token_file))
+    except (OSError, ValueError) as exc:
+        detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ValueError(f"cannot read admin token_file {http.token_file}: {detail}") \
+            from None
 
 
 def _json(data: Any, status: int = 200) -> web.Response:

@@ -1214,10 +1214,8 @@ class Proxy:
         """Timer C (RFC 3261 §16.8): ringing too long — CANCEL, then give up after 64*T1."""
         if ct.state not in (CALLING, PROCEEDING):
             return
-        sent = ct.cancel_sent
+        # (never after a CANCEL: sending one cancels Timer C and arms Timer B in its place)
         self._send_cancel(ct, now)  # and Timer B, 64*T1 on
-        if sent:  # sent before (that CANCEL armed Timer B, which ends it sooner): a safe net
-            ct.timeout = self.timers.add(now + 64 * self.settings.t1, self._on_timer_b, ct)
 
     def _timer_f(self, ct: ClientTxn, now: float) -> None:
         """Timer F: a non-INVITE got no final answer (RFC 4320: no 408 upstream)."""
