@@ -145,19 +145,19 @@ def test_caller_id_rotation_is_blocked(stack: E2EStack) -> None:
 
 def test_short_calls_blocked_while_agents_beside_them_are_untouched(stack: E2EStack) -> None:
     """A robocaller hanging up after 1 s is blocked once 5 of its answered calls ended, while
-    agents calling varied numbers for 7 s at the same time, with every analytic and a rate
-    limit on, all complete untouched."""
+    agents calling varied numbers for 4 s at the same time (short: under 3 s), with every
+    analytic and a rate limit on, all complete untouched."""
     uas = stack.uas("uas_basic.xml", calls=1000)
     guard, port = stack.sipguard(
         core_port=uas.local_port,
         config_extra="rules:\n  rate: {per_caller: {rate: 5, burst: 5}}\n"
-                     "  dialer: {block_s: 60, short_calls: {tag: 0.3, block: 0.5, "
+                     "  dialer: {block_s: 60, short_call_s: 3, short_calls: {tag: 0.3, block: 0.5, "
                      "min_calls: 5}}\n",
     )
     robo = [("+12125550100", n) for n in numbers("+1646555", 24, 4)]
     agents = [(f"+130355510{i % 10}", n) for i, n in enumerate(numbers("+1720555", 20, 5))]
     a = start_uac(stack, "robocaller", robo, port=port, calls=24, rate=4, hold_ms=1000)
-    b = start_uac(stack, "agents", agents, port=port, calls=20, rate=4, hold_ms=7000,
+    b = start_uac(stack, "agents", agents, port=port, calls=20, rate=4, hold_ms=4000,
                   scenario="uac_basic.xml")
     res_a, res_b = a.wait(), b.wait()
     uas_res = stack.finish_uas(uas, grace=1.0)
