@@ -53,25 +53,28 @@ def test_runner_measures_direct_floor_and_sipguard(tmp_path: Path) -> None:
     compare.kamailio_binary() is None, reason="kamailio not installed (Debian package kamailio)"
 )
 def test_compare_mode_runs_kamailio_and_sipguard_with_every_rule(tmp_path: Path) -> None:
-    """--compare at a low rate: direct, Kamailio (loadtest/kamailio/kamailio.cfg) and sipguard
-    with loadtest/all_rules.yaml and STIR/SHAKEN on half the calls; every call completes and
-    passes, the summary and the markdown table are there."""
+    """--compare at a low rate: direct, Kamailio (loadtest/kamailio/kamailio.cfg), Kamailio
+    checking Identity too and sipguard with loadtest/all_rules.yaml, STIR/SHAKEN on half the
+    calls; every call completes and passes, the summary (against both Kamailios) and the
+    markdown table are there."""
     done = subprocess.run(
         [sys.executable, str(RUNNER), "--compare", "--rates", "20", "--duration", "2",
+         "--paths", "direct,kamailio,kamailio-identity,sipguard",
          "--hold-ms", "200", "--probe-rate", "5", "--warmup-calls", "4", "--no-install",
          "--results-dir", str(tmp_path)],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True, text=True, timeout=150,
     )
     assert done.returncode == 0, done.stdout + done.stderr
     (report,) = tmp_path.glob("*.json")
     result = json.loads(report.read_text())
     steps = result["steps"]
-    assert [s["path"] for s in steps] == ["direct", "kamailio", "sipguard"], done.stdout
+    assert [s["path"] for s in steps] == [
+        "direct", "kamailio", "kamailio-identity", "sipguard"], done.stdout
     for step in steps:
         assert step["attempted"] == 40 and step["success_pct"] == 100.0, step
         assert step["passed"] and step["retrans_pct"] == 0.0, step
         assert step["probe"]["completed"] == step["probe"]["calls"] > 0, step["probe"]
-    kam, guard = steps[1], steps[2]
+    kam, guard = steps[1], steps[3]
     assert kam["proxy_processes"] > 2 and kam["cpu_ms_per_call"] > 0, kam
     assert kam["proxy_returncode"] is not None, kam
     assert guard["sipguard_returncode"] == 0 and guard["cpu_ms_per_call"] > 0, guard
@@ -79,9 +82,12 @@ def test_compare_mode_runs_kamailio_and_sipguard_with_every_rule(tmp_path: Path)
     assert log.count('"identity": "passed"') >= 20, "half of the 44 calls carry an Identity"
     assert '"verdict": "reject"' not in log
     summary = result["summary"]
-    assert summary["highest_passing_rate"] == {"direct": 20, "kamailio": 20, "sipguard": 20}
+    assert summary["highest_passing_rate"] == {
+        "direct": 20, "kamailio": 20, "kamailio-identity": 20, "sipguard": 20}
     assert summary["vs_kamailio"]["sipguard"]["cpu_per_call_ratio"] > 0
+    assert summary["vs_kamailio_identity"]["sipguard"]["cpu_per_call_ratio"] > 0
     assert "| 20 | kamailio | 100.00 % |" in result["markdown"], result["markdown"]
+    assert "sipguard / Kamailio checking Identity" in result["markdown"], result["markdown"]
     assert "sipguard / Kamailio" in done.stdout
 
 
@@ -233,27 +239,6 @@ def test_kamailio_identity_system_really_checks_identity(tmp_path: Path) -> None
 
 
 @_SECSIPID
-def test_compare_mode_measures_kamailio_checking_identity(tmp_path: Path) -> None:
-    """--paths kamailio-identity,sipguard: both complete every call, and sipguard is compared
-    with Kamailio checking Identity too (vs_kamailio_identity)."""
-    done = subprocess.run(
-        [sys.executable, str(RUNNER), "--compare", "--paths", "kamailio-identity,sipguard",
-         "--rates", "20", "--duration", "2", "--hold-ms", "200", "--probe-rate", "5",
-         "--warmup-calls", "4", "--no-install", "--results-dir", str(tmp_path)],
-        capture_output=True, text=True, timeout=120,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    (report,) = tmp_path.glob("*.json")
-    result = json.loads(report.read_text())
-    steps = result["steps"]
-    assert [s["path"] for s in steps] == ["kamailio-identity", "sipguard"], done.stdout
-    for step in steps:
-        assert step["success_pct"] == 100.0 and step["passed"], step
-    versus = result["summary"]["vs_kamailio_identity"]["sipguard"]
-    assert versus["cpu_per_call_ratio"] > 0, versus
-    assert "sipguard / Kamailio checking Identity" in result["markdown"], result["markdown"]
-
-
 def test_a_pass_above_a_failed_step_is_not_the_highest_passing_rate() -> None:
     """The highest passing rate is the last step of an unbroken run of passes from the lowest
     rate; a step that passed above a failed one is reported apart."""
