@@ -296,6 +296,9 @@ class Dialog:
     outbound: bool  # the core placed the call: no policy, no limits
     # the caller's identity is withheld from the core for the whole call (rule national_cli)
     anonymise: Anonymise | None
+    # a UDP caller whose Contact is not where it sends from (behind NAT, or RFC 5626 ``ob``):
+    # the core's requests toward it go to the address and port it sends from
+    behind_nat: bool
 
     # Hand-written __init__s in this module: mypyc compiles them, where dataclass-made ones run
     # as Python (these objects are made for every call).
@@ -341,6 +344,7 @@ class Dialog:
         self.party = party
         self.outbound = outbound
         self.anonymise: Anonymise | None = None
+        self.behind_nat = False
 
 
 @dataclass(slots=True, init=False)

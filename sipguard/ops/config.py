@@ -88,8 +88,9 @@ class SipSettings(ConfigModel):
     max_dialog_lifetime_s: float = Field(
         default=14400,
         gt=0,
-        description="Forget a dialog after this many seconds even without a BYE (4 h): a lost "
-        "BYE never leaks a call.",
+        description="A call ends this many seconds after its INVITE whatever else happens (4 h), "
+        "an answered one with a BYE to each side (`lifetime`): a lost BYE never leaks a call, "
+        "and no call stays up that sipguard has forgotten.",
     )
     core_tcp_any_port: bool = Field(
         default=False,

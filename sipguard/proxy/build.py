@@ -218,14 +218,17 @@ def ack_for(inv: Message, resp: Message) -> bytes:
     return CRLF.join(lines)
 
 
-def cancel_for(inv: Message) -> bytes:
-    """A CANCEL for an INVITE we forwarded (RFC 3261 §9.1): same top Via, R-URI, Route."""
+def cancel_for(inv: Message, reason: tuple[bytes, ...] = ()) -> bytes:
+    """A CANCEL for an INVITE we forwarded (RFC 3261 §9.1): same top Via, R-URI, Route; with
+    ``reason``, the Reason lines of the CANCEL it relays (RFC 3326: why the caller gave up,
+    such as a call completed elsewhere)."""
     uri = inv.uri_text or ""
     lines = [f"CANCEL {uri} SIP/2.0".encode()]
     lines.append(inv.lines[inv.indexes("via")[0]])
     for i, name in enumerate(inv.names):
         if name in ("from", "to", "call-id", "route", "max-forwards"):
             lines.append(inv.lines[i])
+    lines.extend(reason)
     lines.append(f"CSeq: {inv.cseq[0]} CANCEL".encode())
     lines.append(b"Content-Length: 0")
     lines.append(b"")

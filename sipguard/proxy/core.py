@@ -194,6 +194,39 @@ def _is_ip(host: str) -> bool:
     return True
 
 
+_SHARED_NAT = ipaddress.ip_network("100.64.0.0/10")  # RFC 6598, carrier-grade NAT
+
+
+def _behind_nat(msg: Message, flow: Flow) -> bool:
+    """A UDP caller that cannot be reached at its Contact: the Contact is an RFC 5626 outbound
+    URI (``ob``: "send to the flow I registered over"), or names a private, loopback,
+    link-local or carrier-grade-NAT address other than the one it sent from (the test of
+    Kamailio's nathelper). A Contact with a public address or a host name is taken as it is,
+    as is a different port alone (SBCs that send from one port and listen on another), and
+    a call whose INVITE carries a Record-Route (a proxy before sipguard: the core's requests
+    follow the route set to it)."""
+    if flow.transport != "udp" or not msg.has("contact") or msg.has("record-route"):
+        return False
+    try:
+        contacts = msg.contacts
+    except SipParseError:
+        return False
+    if not contacts:
+        return False
+    uri = contacts[0].uri
+    if any(name.lower() == "ob" for name, _ in uri.params):
+        return True
+    host = uri.host.strip("[]")
+    if host == flow.addr[0]:
+        return False
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return ip.is_private or ip.is_loopback or ip.is_link_local or (
+        ip.version == 4 and ip in _SHARED_NAT)
+
+
 # Record-routed: the core's requests within them (a NOTIFY) reach a party behind NAT through
 # sipguard. Dialogs are kept for calls only, so a subscription's own refreshes from outside
 # are refused (481) and its subscriber subscribes anew (RFC 6665 §4.1.2.2).
@@ -489,7 +522,7 @@ class Proxy:
             self.events.append(Dropped("strict_routed_initial", msg.call_id, flow))
             return
         if from_core and dialog is not None and dialog.party is not None:
-            target = self._toward_party(dialog.party, target)
+            target = self._toward_party(dialog, dialog.party, target)
         if method == "INVITE" and initial and from_core:
             # A call the core places: no policy, no limits; the dialog is kept so that the
             # outside party's in-dialog requests are recognised. A proxy core may send a call
@@ -633,7 +666,10 @@ class Proxy:
     def _not_party(self, dialog: Dialog | None, side: str, flow: Flow) -> int:
         """0 when an in-dialog request from outside may go on; else the status to refuse it
         with: 481 for a dialog sipguard did not set up, 403 when it does not come from that
-        dialog's outside party (its address; over TCP its host, as connections are renewed)."""
+        dialog's outside party (its address and port over UDP; over TCP or TLS its host,
+        whatever transport the call came in on — connections are renewed, and a UA sends a
+        request too big for UDP over TCP, RFC 3261 §18.1.1 — but a call that came over TLS
+        only over TLS)."""
         if dialog is None:
             return 481
         outside = "callee" if dialog.outbound else "caller"
@@ -642,18 +678,25 @@ class Proxy:
         party = dialog.party
         if party is None:
             return 0
-        if flow.transport == party.transport and (
-            flow.addr == party.addr or (flow.transport != "udp" and flow.addr[0] == party.addr[0])
+        if (flow.addr == party.addr and flow.transport == party.transport) or (
+            flow.transport != "udp" and flow.addr[0] == party.addr[0]
+            and (party.transport != "tls" or flow.transport == "tls")
         ):
             return 0
         return 0 if self.admission.same_party(dialog, flow) else 403
 
     @staticmethod
-    def _toward_party(party: Flow, target: Flow) -> Flow:
+    def _toward_party(dialog: Dialog, party: Flow, target: Flow) -> Flow:
         """A request from the core to a party that came in over TCP reuses that party's own
         connection while it is open (a phone or PBX behind NAT accepts nothing else); the
-        pool falls back to ``target`` when it has closed."""
-        if party.transport == "udp" or party.conn is None:
+        pool falls back to ``target`` when it has closed. Over UDP, a party behind NAT
+        (``Dialog.behind_nat``) gets it at the address and port it sends from, through the
+        socket it sent to; any other at its Contact (``target``)."""
+        if party.transport == "udp":
+            if dialog.behind_nat:
+                return Flow("udp", party.addr, party.local, None)
+            return target
+        if party.conn is None:
             return target
         return Flow(party.transport, target.addr, party.local, party.conn)
 
@@ -711,6 +754,8 @@ class Proxy:
             outbound=outbound,
             shown=None if outbound else call.shown,
         )
+        if not outbound and party.transport == "udp":
+            dialog.behind_nat = _behind_nat(msg, party)
         if not self.table.add(dialog):
             return  # not reached: the callers refuse a request whose dialog is live (482)
         st.dialog = dialog
@@ -857,7 +902,7 @@ class Proxy:
             self.events.append(Dropped("ack_unroutable", msg.call_id, flow))
             return
         if from_core and dialog is not None and dialog.party is not None:
-            target = self._toward_party(dialog.party, target)
+            target = self._toward_party(dialog, dialog.party, target)
         # An ACK gets no response, so a loop of ACKs is cut by Max-Forwards alone: its branch
         # needs no loop-detection part.
         branch = self.ids.branch(key + "|ACK", "ack")
@@ -897,6 +942,10 @@ class Proxy:
         ct = invite.client
         if invite.state != PROCEEDING or ct is None or ct.state not in (CALLING, PROCEEDING):
             return  # already answered: nothing to cancel
+        reasons = msg.indexes("reason")
+        if reasons:
+            lines = msg.lines
+            ct.cancel_reason = tuple(lines[i] for i in reasons)
         if ct.provisional:
             self._send_cancel(ct, now)
         else:
@@ -906,7 +955,7 @@ class Proxy:
         if ct.cancel_sent:
             return
         ct.cancel_sent = True
-        data = build.cancel_for(ct.sent_msg())
+        data = build.cancel_for(ct.sent_msg(), ct.cancel_reason)
         cancel = ClientTxn(ct.branch, "CANCEL", data, ct.flow, None)
         self.clients[table_key(ct.branch, "CANCEL")] = cancel
         self.outbox.append((ct.flow, data))
@@ -1434,9 +1483,9 @@ class Proxy:
             probe.callee_cseq = max(probe.callee_cseq, n)
 
     def end_call(self, dialog: Dialog, reason: str, now: float) -> bool:
-        """End an answered call at once (a suspended number): a BYE to each side, then the
-        dialog ends (``reason``) and its slots are freed. False for a call not answered yet
-        (a ringing call goes on; the suspension stops the next INVITE)."""
+        """End an answered call at once (a suspended number, an expiry): a BYE to each side,
+        then the dialog ends (``reason``) and its slots are freed. False for a call not
+        answered yet (a ringing call goes on; the suspension stops the next INVITE)."""
         probe = self.probes.get(key_of(dialog))
         if probe is None or dialog.state == TERMINATED:
             return False
@@ -1502,11 +1551,14 @@ class Proxy:
 
     def _sweep_dialogs(self, _: object, now: float) -> None:
         """End dialogs whose session timer or maximum lifetime has passed (a timer callback:
-        its argument is None)."""
+        its argument is None). An answered call is ended with a BYE to each side, as
+        ``end_call`` does: forgetting it alone would leave both ends up, and the caller's own
+        BYE or refresh later would hear 481 and never reach the core."""
         self._sweep = None
         for dialog in self.table.due(now):
             reason = "lifetime" if dialog.expires >= dialog.hard_expires else "session_expired"
-            self._end_dialog(dialog, reason, now)
+            if not self.end_call(dialog, reason, now):
+                self._end_dialog(dialog, reason, now)
         if self.dialogs:
             self._arm_sweep(now)
 

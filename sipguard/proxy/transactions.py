@@ -87,7 +87,7 @@ class ServerTxn:
 class ClientTxn:
     __slots__ = ("branch", "method", "data", "flow", "server", "state", "provisional",
                  "cancel_wanted", "cancel_sent", "timer", "timeout", "interval", "held", "sent",
-                 "probe")
+                 "probe", "cancel_reason")
 
     def __init__(
         self, branch: str, method: str, data: bytes, flow: Flow, server: ServerTxn | None
@@ -107,6 +107,8 @@ class ClientTxn:
         self.held = 0.0  # seconds its retransmission timer has waited for the receive queue
         self.sent: Message | None = None  # ``data`` parsed, on demand (ACK and CANCEL building)
         self.probe: Probe | None = None  # a keep-alive OPTIONS of sipguard's own
+        # the Reason lines of the caller's CANCEL, relayed in ours (RFC 3326)
+        self.cancel_reason: tuple[bytes, ...] = ()
 
     def sent_msg(self) -> Message:
         if self.sent is None:

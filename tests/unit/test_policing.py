@@ -3,7 +3,7 @@ headers, responses — through the in-memory edge core with a real Policy."""
 
 from __future__ import annotations
 
-from sipguard.contract import DialogEnded, Dropped, Flow, InviteDecided, Noticed, Screened
+from sipguard.contract import DialogEnded, Dropped, Flow, InviteDecided, Local, Noticed, Screened
 from sipguard.sip.message import Message
 from tests.unit.dialog_helpers import PolicyHarness, in_dialog, to
 from tests.unit.proxy_helpers import CALLER, CORE, answer, invite
@@ -50,6 +50,26 @@ def test_bye_from_another_port_naming_a_third_party_is_refused() -> None:
     assert h.ended() == [] and h.count("caller", "+12125550100") == 1
     resp, fwd = h.call(2)
     assert fwd is None and [m.status for m in resp if m.status and m.status >= 200] == [403]
+
+
+def test_a_request_too_big_for_udp_may_come_over_tcp_from_the_callers_host() -> None:
+    """A caller that came in over UDP sends a big in-dialog request over TCP (RFC 3261
+    §18.1.1: over 1,300 bytes, a congestion-controlled transport) from its own host: it goes
+    to the core. Over TCP from another host, or over UDP from another port, it is refused."""
+    h = PolicyHarness()
+    up(h)
+    reinvite = in_dialog("INVITE", call_id="call-1", cseq=2, branch="z9hG4bK-big",
+                         extra="X-Pad: " + "p" * 1400 + "\r\n")
+    out = h.send(reinvite.replace(b"SIP/2.0/UDP", b"SIP/2.0/TCP", 1),
+                 src=(CALLER[0], 40123), transport="tcp", conn=7)
+    assert [(f.addr, m.method) for f, m in out if m.method] == [(CORE, "INVITE")]
+    stranger = in_dialog("INFO", call_id="call-1", cseq=3, branch="z9hG4bK-tcp3")
+    out = h.send(stranger.replace(b"SIP/2.0/UDP", b"SIP/2.0/TCP", 1),
+                 src=("198.51.100.8", 40124), transport="tcp", conn=8)
+    assert to(out, CORE) == [] and statuses(out) == [403]
+    out = h.send(in_dialog("INFO", call_id="call-1", cseq=4, branch="z9hG4bK-u4"),
+                 src=OTHER_PORT)
+    assert to(out, CORE) == [] and statuses(out) == [403]
 
 
 def test_in_dialog_requests_from_the_caller_go_to_the_core_whatever_their_route() -> None:
@@ -814,3 +834,73 @@ def test_a_bye_answered_408_ends_the_call() -> None:
     out = h.send(answer(bye, 408, "Request Timeout", to_tag=None), src=CORE)
     assert [m.status for m in to(out, CALLER)] == [408]
     assert h.ended() == ["bye_caller"] and h.count("caller", "+12125550100") == 0
+
+
+def _core_bye_goes_to(contact: str, n: int) -> list[tuple[str, int]]:
+    """Call ``n`` from CALLER over UDP with ``contact`` as its Contact, answered; then the
+    core's BYE to that Contact: where sipguard sends it."""
+    h = PolicyHarness()
+    data = invite(branch=f"z9hG4bK-c{n}", call_id=f"call-{n}").replace(
+        b"Contact: <sip:+12125550100@198.51.100.7:5062>", f"Contact: {contact}".encode())
+    fwd = to(h.send(data), CORE)
+    assert fwd, "INVITE not forwarded"
+    h.answer(fwd[0], 200, "OK")
+    h.send(in_dialog("ACK", call_id=f"call-{n}", cseq=1, branch=f"z9hG4bK-a{n}"))
+    target = contact.strip("<>").split(";")[0]
+    bye = in_dialog("BYE", call_id=f"call-{n}", cseq=5, branch=f"z9hG4bK-cb{n}",
+                    from_callee=True).replace(b"BYE sip:+12125550100@198.51.100.7:5062 ",
+                                              f"BYE {target} ".encode())
+    out = h.send(bye, src=CORE)
+    return [f.addr for f, m in out if m.method == "BYE"]
+
+
+def test_the_cores_requests_reach_a_udp_caller_behind_nat_where_it_sends_from() -> None:
+    """A UDP caller whose Contact is a private address (behind NAT) or an RFC 5626 ``ob`` URI
+    gets the core's BYE at the address and port it sent from; one whose Contact is a public
+    address, or its own, at that Contact."""
+    assert _core_bye_goes_to("<sip:+12125550100@192.168.1.20:5060>", 1) == [CALLER]
+    assert _core_bye_goes_to("<sip:+12125550100@10.1.2.3:5099;transport=udp>", 2) == [CALLER]
+    assert _core_bye_goes_to("<sip:+12125550100@44.1.2.3:5070;ob>", 3) == [CALLER]
+    assert _core_bye_goes_to("<sip:+12125550100@44.1.2.3:5070>", 4) == [
+        ("44.1.2.3", 5070)]
+    assert _core_bye_goes_to("<sip:+12125550100@198.51.100.7:5060>", 5) == [
+        ("198.51.100.7", 5060)]
+
+
+def test_a_caller_behind_a_record_routing_proxy_is_reached_through_its_route() -> None:
+    """A private Contact behind a proxy that record-routes (the INVITE carries its
+    Record-Route): the core's BYE follows the route set, whatever the Contact says."""
+    h = PolicyHarness()
+    data = invite(branch="z9hG4bK-rr1", call_id="call-rr").replace(
+        b"Contact: <sip:+12125550100@198.51.100.7:5062>",
+        b"Record-Route: <sip:44.1.2.9:5060;lr>\r\nContact: <sip:+12125550100@192.168.1.20>")
+    fwd = to(h.send(data), CORE)
+    assert fwd
+    h.answer(fwd[0], 200, "OK")
+    bye = in_dialog("BYE", call_id="call-rr", cseq=5, branch="z9hG4bK-rrb", from_callee=True)
+    bye = bye.replace(b"BYE sip:+12125550100@198.51.100.7:5062 ",
+                      b"BYE sip:+12125550100@192.168.1.20 ")
+    bye = bye.replace(b"Max-Forwards: 70\r\n", b"Max-Forwards: 70\r\nRoute: <sip:44.1.2.9:5060;lr>\r\n")
+    out = h.send(bye, src=CORE)
+    assert [f.addr for f, m in out if m.method == "BYE"] == [("44.1.2.9", 5060)]
+
+
+def test_a_call_that_came_over_tls_takes_its_requests_over_tls_only() -> None:
+    """A caller on TLS: an in-dialog request from its host over plain TCP is refused (no
+    downgrade of the transport the call was set up on); over TLS it passes."""
+    h = PolicyHarness(locals=(Local(0, "udp", "192.0.2.1", 5060),
+                              Local(1, "tls", "192.0.2.1", 5061),
+                              Local(2, "tcp", "192.0.2.1", 5060)))
+    data = invite(branch="z9hG4bK-t1", call_id="call-tls").replace(
+        b"SIP/2.0/UDP", b"SIP/2.0/TLS", 1)
+    fwd = to(h.send(data, transport="tls", conn=3), CORE)
+    assert fwd
+    h.answer(fwd[0], 200, "OK")
+    info = in_dialog("INFO", call_id="call-tls", cseq=2, branch="z9hG4bK-t2").replace(
+        b"SIP/2.0/UDP", b"SIP/2.0/TCP", 1)
+    out = h.send(info, src=(CALLER[0], 40200), transport="tcp", conn=4)
+    assert to(out, CORE) == [] and statuses(out) == [403]
+    info = in_dialog("INFO", call_id="call-tls", cseq=3, branch="z9hG4bK-t3").replace(
+        b"SIP/2.0/UDP", b"SIP/2.0/TLS", 1)
+    out = h.send(info, src=(CALLER[0], 40201), transport="tls", conn=5)
+    assert [m.method for m in to(out, CORE)] == ["INFO"]

@@ -234,7 +234,8 @@ def test_cancel_waits_for_provisional_then_487_flows_back() -> None:
         b"Via: SIP/2.0/UDP 198.51.100.7:5062;branch=z9hG4bK-caller-1\r\n"
         b"Max-Forwards: 70\r\nFrom: <sip:+12125550100@198.51.100.7>;tag=ftag1\r\n"
         b"To: <sip:+18005550199@192.0.2.1>\r\nCall-ID: call-1@caller\r\n"
-        b"CSeq: 1 CANCEL\r\nContent-Length: 0\r\n\r\n"
+        b"CSeq: 1 CANCEL\r\nReason: SIP;cause=200;text=\"Call completed elsewhere\"\r\n"
+        b"Content-Length: 0\r\n\r\n"
     )
     out = h.send(cancel)
     assert [(m.status, m.cseq[1]) for m in _to(out, CALLER)] == [(200, "CANCEL")]
@@ -242,6 +243,8 @@ def test_cancel_waits_for_provisional_then_487_flows_back() -> None:
     out = h.send(answer(req, 180, "Ringing"), src=CORE)
     fwd_cancel = [m for m in _to(out, CORE) if m.method == "CANCEL"]
     assert len(fwd_cancel) == 1 and fwd_cancel[0].top_via.branch == req.top_via.branch
+    # the caller's Reason goes with it (RFC 3326): the core's ACD keeps the clearing cause
+    assert fwd_cancel[0].get("reason") == 'SIP;cause=200;text="Call completed elsewhere"'
     h.send(answer(fwd_cancel[0], 200, "OK"), src=CORE)
     out = h.send(answer(req, 487, "Request Terminated"), src=CORE)
     assert [m.status for m in _to(out, CALLER)] == [487]
@@ -362,15 +365,18 @@ def test_timer_b_answers_408_when_core_is_silent() -> None:
 
 
 def test_dialog_lifetime_frees_a_lost_call() -> None:
-    """A confirmed dialog whose BYE is lost ends at its maximum lifetime."""
+    """A confirmed dialog whose BYE is lost ends at its maximum lifetime, with a BYE to each
+    side: were it only forgotten, a call still up would stay up at both ends and its own BYE
+    would later hear 481 from sipguard instead of reaching the core."""
     h = Harness(max_dialog_lifetime=60.0)
     req = _to(h.send(invite()), CORE)[0]
     h.send(answer(req, 200, "OK"), src=CORE)
     h.advance(59.0)
     assert not [e for e in h.events if isinstance(e, DialogEnded)]
-    h.advance(2.0)
+    out = h.advance(2.0)
     assert [e.reason for e in h.events if isinstance(e, DialogEnded)] == ["lifetime"]
     assert h.proxy.live_dialogs() == 0
+    assert {m.method for m in _to(out, CORE)} == {m.method for m in _to(out, CALLER)} == {"BYE"}
 
 
 def test_stray_response_is_dropped_and_reported() -> None:

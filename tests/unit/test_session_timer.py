@@ -43,9 +43,11 @@ def test_dialog_without_refresh_ends_when_session_expires() -> None:
     start(h)
     h.advance(119)
     assert ended(h) == []
-    h.advance(2)
+    out = h.advance(2)
     assert ended(h) == [("call-1", "session_expired")]
     assert h.proxy.live_dialogs() == 0
+    # both ends hear a BYE (RFC 4028 §10: a session whose refresh never came is over)
+    assert {(f.addr, m.method) for f, m in out if m.method} == {(CALLER, "BYE"), (CORE, "BYE")}
 
 
 @pytest.mark.parametrize(("method", "from_callee"),
