@@ -299,6 +299,7 @@ class Dialog:
     # a UDP caller whose Contact is not where it sends from (behind NAT, or RFC 5626 ``ob``):
     # the core's requests toward it go to the address and port it sends from
     behind_nat: bool
+    acked: bool  # an ACK for the 2xx has passed (a call whose 2xx is never ACKed is ended)
 
     # Hand-written __init__s in this module: mypyc compiles them, where dataclass-made ones run
     # as Python (these objects are made for every call).
@@ -345,6 +346,7 @@ class Dialog:
         self.outbound = outbound
         self.anonymise: Anonymise | None = None
         self.behind_nat = False
+        self.acked = False
 
 
 @dataclass(slots=True, init=False)

@@ -10,7 +10,8 @@ Exported (all prefixed ``sipguard_``):
   reject, drop or monitored (a rule in monitor mode objected, the call went on).
 - ``decision_seconds`` — histogram of the time an INVITE spent in the rule pipeline.
 - ``dialogs_ended_total{reason,peer}`` — why calls ended (bye_caller, bye_callee, cancelled,
-  failed, timeout, lifetime, session_expired).
+  failed, timeout, lifetime, session_expired, keepalive_failed, bye_unanswered, ack_timeout,
+  suspended, shutdown).
 - ``live_dialogs``, ``server_transactions``, ``client_transactions`` — gauges; with the
   other live gauges of ``Server._gauges`` (queues, overload, garbage-collector pauses).
 - ``events_total{event}`` — every other counter the shell keeps (parse errors by status,

@@ -86,6 +86,10 @@ SCANNER: Final = "scanner"
 # bans only on FLOOD (and SCANNER), so this is "drop, no new ban" (flood_dropped_peer_limited).
 PEER_LIMITED: Final = "peer_limited"
 REGISTER_UNKNOWN: Final = "register_unknown"
+# What a peer over its density still gets through: the requests that complete or end a call
+# and every response (a peer's ACK or BYE dropped for a burst keeps the call, and its slots,
+# up until sip.max_dialog_lifetime_s). They stay counted; from others a flood is a flood.
+_ENDS_CALLS: Final = (b"ACK ", b"BYE ", b"CANCEL ", b"SIP/2.0 ")
 
 Key = str | tuple[str, int]
 
@@ -326,7 +330,10 @@ class FloodGuard:
             if estimate > self.density:
                 limit, peer = self.source(ip)
                 if limit is not None and estimate > limit:
-                    if peer and not self.ban_peers:
+                    if not (peer and not self.ban_peers):
+                        self._ban(key, now, FLOOD)
+                        return FLOOD
+                    if not data.startswith(_ENDS_CALLS):
                         # rate-limited: only what passes counts, so a peer flooded without
                         # end still gets `limit` messages per sampling unit through
                         if n > 1:
@@ -334,8 +341,8 @@ class FloodGuard:
                         else:
                             cur.pop(key, None)
                         return PEER_LIMITED
-                    self._ban(key, now, FLOOD)
-                    return FLOOD
+                    # a peer's ACK, BYE, CANCEL or answer goes on over its density: dropped,
+                    # a call it ended would stay up (and hold its slots) for hours
         scanner = self.scanner
         if scanner is not None and _scanner_line(scanner, data):
             if self.scanner_ban:

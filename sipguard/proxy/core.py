@@ -910,6 +910,8 @@ class Proxy:
         data = self._forwarded_bytes(msg, flow, stamped, target, branch, start_line, routes, False,
                                      (), anonymise=self._withheld(dialog, side, from_core))
         self.outbox.append((target, data))
+        if dialog is not None and not dialog.acked:
+            self._acked(dialog)
         if self.doomed and dialog is not None and not from_core:
             reason = self.doomed.pop(key_of(dialog), None)
             if reason is not None:
@@ -1357,6 +1359,24 @@ class Proxy:
         expires = dialog.hard_expires
         if interval is not None:
             expires = min(now + interval, expires)
+        if not dialog.acked and st.dialog is dialog:
+            # the call's own 2xx: until its ACK passes the call ends 64*T1 on (ack_timeout).
+            # The called side gives up retransmitting an un-ACKed 2xx then and SHOULD end the
+            # session (RFC 3261 §13.3.1.4); a core that does not — or a caller that never
+            # ACKs, to hold a number's slots — would keep the call counted for hours.
+            expires = min(expires, now + 64 * self.settings.t1)
+        self.table.expire_at(dialog, expires)
+
+    def _acked(self, dialog: Dialog) -> None:
+        """The first ACK of a call has passed: its expiry is the session timer's or the
+        maximum lifetime again (see ``_session_timer``)."""
+        dialog.acked = True
+        if dialog.state != CONFIRMED:
+            return
+        expires = dialog.hard_expires
+        interval = dialog.session_interval
+        if interval is not None and dialog.confirmed_at is not None:
+            expires = min(dialog.confirmed_at + interval, expires)
         self.table.expire_at(dialog, expires)
 
     def _refresh_targets(self, dialog: Dialog, side: str, request: Message,
@@ -1556,7 +1576,12 @@ class Proxy:
         BYE or refresh later would hear 481 and never reach the core."""
         self._sweep = None
         for dialog in self.table.due(now):
-            reason = "lifetime" if dialog.expires >= dialog.hard_expires else "session_expired"
+            if not dialog.acked and dialog.state == CONFIRMED:
+                reason = "ack_timeout"
+            elif dialog.expires >= dialog.hard_expires:
+                reason = "lifetime"
+            else:
+                reason = "session_expired"
             if not self.end_call(dialog, reason, now):
                 self._end_dialog(dialog, reason, now)
         if self.dialogs:

@@ -185,6 +185,9 @@ _TITLES: Final = {
 }
 
 
+_FORWARDED_LISTS: Final = ("via", "contact", "route", "record-route")
+
+
 def _too_many(name: str, limit: int) -> SipParseError:
     return SipParseError(
         400, f"too many {_TITLES.get(name, name)} entries (max_list_entries {limit})"
@@ -479,8 +482,17 @@ class Message:
         """Parse the Request-URI, From and To now; raises :class:`SipParseError` if one is bad.
 
         The proxy calls this before it creates any state for a request, so a malformed request
-        gets one error response and leaves nothing behind (RFC 4475 §3.1.2).
+        gets one error response and leaves nothing behind (RFC 4475 §3.1.2). Also the lists
+        sipguard forwards without reading them all: more Via, Contact, Route or Record-Route
+        lines than ``max_list_entries`` are refused here (entries within one line are counted
+        when the list is read).
         """
+        limit = self.limits.max_list_entries
+        index = self._index
+        for name in _FORWARDED_LISTS:
+            at = index.get(name)
+            if at is not None and len(at) > limit:
+                raise _too_many(name, limit)
         self._request_uri()
         self._name_addr("from")
         self._name_addr("to")

@@ -397,6 +397,15 @@ def parse_message(
     # checks; a line can only be too long when the block is). Anything else — folding, a new
     # name, junk, a block that may break a limit — takes _split_headers.
     body = data[end + 4 :]
+    nul = data.find(b"\x00", start, end)
+    while nul >= 0:
+        # RFC 3261 §25.1: a NUL in the header part only as a quoted-pair ("\" NUL, RFC 4475
+        # intmeth); anywhere else a core written in C that stops at it would read another
+        # message than the one sipguard checked.
+        if data[nul - 1] != 0x5C:
+            _fail(SipParseError(400, "NUL in the header part"), start_line,
+                  data[eol + 2 : end].split(CRLF) if eol < end else [], body, limits)
+        nul = data.find(b"\x00", nul + 1, end)
     scan = SCAN
     if scan is not None and eol < end:  # the same fast path in C, CR/LF check included
         scanned = scan(data, start, eol, end, _NAME_CACHE, limits.max_headers,

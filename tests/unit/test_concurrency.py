@@ -188,6 +188,7 @@ def _answered(h: PolicyHarness, n: int = 1) -> None:
     assert fwd is not None
     h.answer(fwd, 180, "Ringing")
     h.answer(fwd, 200, "OK")
+    h.send(in_dialog("ACK", call_id=f"call-{n}", cseq=1, branch=f"z9hG4bK-a{n}"))
 
 
 def _bye_caller(h: PolicyHarness) -> None:
@@ -237,6 +238,7 @@ def _session_expired(h: PolicyHarness) -> None:
     _, fwd = h.call(1)
     assert fwd is not None
     h.answer(fwd, 200, "OK", extra="Session-Expires: 120;refresher=uac\r\n")
+    h.send(in_dialog("ACK", call_id="call-1", cseq=1, branch="z9hG4bK-a1"))
     h.advance(122)
 
 

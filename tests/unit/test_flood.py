@@ -115,6 +115,27 @@ def test_peer_over_the_density_is_limited_never_banned() -> None:
     assert got[10:] == [flood.FLOOD, flood.BANNED] and g.banned(stranger)
 
 
+def test_a_peer_over_its_density_still_gets_its_acks_byes_cancels_and_answers_through() -> None:
+    """Over its density a peer's new requests are dropped, but its ACK, BYE, CANCEL and
+    responses pass (a dropped BYE would keep the call and its slots up for hours); a stranger
+    sending BYEs over the density is banned like any flood."""
+    g = make_guard(peers=CARRIER)
+    for i in range(10):
+        assert g.check(SRC, OPTIONS, 100.0 + i * 0.001) is None
+    assert g.check(SRC, OPTIONS, 100.02) == flood.PEER_LIMITED
+    bye = OPTIONS.replace(b"OPTIONS sip:", b"BYE sip:").replace(b"1 OPTIONS", b"2 BYE")
+    ack = OPTIONS.replace(b"OPTIONS sip:", b"ACK sip:").replace(b"1 OPTIONS", b"1 ACK")
+    cancel = OPTIONS.replace(b"OPTIONS sip:", b"CANCEL sip:").replace(b"1 OPTIONS", b"1 CANCEL")
+    answer = b"SIP/2.0 200 OK\r\n" + OPTIONS.split(b"\r\n", 1)[1]
+    for i, data in enumerate((bye, ack, cancel, answer) * 5):
+        assert g.check(SRC, data, 100.03 + i * 0.001) is None, data[:10]
+    assert g.check(SRC, OPTIONS, 100.06) == flood.PEER_LIMITED
+    assert g.state.bans == {}
+    stranger = ("192.0.2.77", 5060)
+    got = [g.check(stranger, bye, 100.0 + i * 0.001) for i in range(12)]
+    assert got[10:] == [flood.FLOOD, flood.BANNED]
+
+
 def test_endless_flood_on_a_peer_still_lets_density_per_unit_through() -> None:
     """Dropped messages are not counted: a peer flooded at 10x its density for 10 units
     still gets about density messages per unit through (a rate limit, not a blackout), and

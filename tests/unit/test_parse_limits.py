@@ -206,6 +206,23 @@ def test_list_entries_at_and_over(name: str, entry: str,
         400, f"too many {name} entries (max_list_entries 100)")
 
 
+@pytest.mark.parametrize("name", ["Via", "Contact", "Route", "Record-Route"])
+def test_a_request_with_more_list_lines_than_the_limit_is_refused_before_it_is_read(
+        name: str) -> None:
+    """Lists sipguard forwards without reading every entry (a request's Via below the top,
+    its Contact, Record-Route) are refused by ``check_request`` when they have more lines than
+    ``max_list_entries``: the core never gets 101 of them."""
+    entry = "SIP/2.0/UDP h{i}.example.com;branch=z9hG4bKx{i}" if name == "Via" else \
+        "<sip:p{i}.example.com;lr>"
+    lines = [f"{name}: {entry.format(i=i)}" for i in range(101)]
+    msg = parse_message(request(*lines))
+    with pytest.raises(SipParseError) as caught:
+        msg.check_request()
+    assert (caught.value.status, caught.value.detail) == (
+        400, f"too many {name} entries (max_list_entries 100)")
+    parse_message(request(*lines[:99])).check_request()  # 99 more: within the limit
+
+
 def _params(n: int) -> str:
     return "".join(f";p{i}" for i in range(n))
 

@@ -371,6 +371,7 @@ def test_dialog_lifetime_frees_a_lost_call() -> None:
     h = Harness(max_dialog_lifetime=60.0)
     req = _to(h.send(invite()), CORE)[0]
     h.send(answer(req, 200, "OK"), src=CORE)
+    h.send(in_dialog("ACK", call_id="call-1@caller", cseq=1, branch="z9hG4bK-ack1"))
     h.advance(59.0)
     assert not [e for e in h.events if isinstance(e, DialogEnded)]
     out = h.advance(2.0)
@@ -547,3 +548,25 @@ def test_timer_g_waits_for_a_receive_queue_that_is_behind() -> None:
     assert _to(h.advance(0.89), CALLER) == []  # Timer G (0.5 s) held until 0.9 s
     h.proxy.lag = 0.0
     assert [m.status for m in _to(h.advance(0.02), CALLER)] == [603]
+
+
+def test_a_2xx_never_acked_ends_the_call_64_t1_later() -> None:
+    """The caller never ACKs the 2xx (gone, or holding a number's slots on purpose), and the
+    core never sends the BYE RFC 3261 §13.3.1.4 asks of it: 64*T1 (32 s) after the 2xx the
+    call ends (``ack_timeout``) with a BYE to each side. An ACKed call stays."""
+    h = Harness()
+    req = _to(h.send(invite()), CORE)[0]
+    h.send(answer(req, 200, "OK"), src=CORE)
+    h.advance(31.0)
+    assert not [e for e in h.events if isinstance(e, DialogEnded)]
+    out = h.advance(2.0)
+    assert [e.reason for e in h.events if isinstance(e, DialogEnded)] == ["ack_timeout"]
+    assert {m.method for m in _to(out, CORE)} == {m.method for m in _to(out, CALLER)} == {"BYE"}
+    acked = Harness()
+    req = _to(acked.send(invite(call_id="call-2@caller", branch="z9hG4bK-c2")), CORE)[0]
+    acked.send(answer(req, 200, "OK"), src=CORE)
+    acked.advance(20.0)  # a late ACK still counts
+    acked.send(in_dialog("ACK", call_id="call-2@caller", cseq=1, branch="z9hG4bK-ack2"))
+    acked.advance(600.0)
+    assert not [e for e in acked.events if isinstance(e, DialogEnded)]
+    assert acked.proxy.live_dialogs() == 1

@@ -22,6 +22,7 @@ def start(h: Harness, n: int = 1, se: str | None = "Session-Expires: 120;refresh
     extra = f"{se}\r\n" if se else ""
     assert [m.status for m in to(h.send(answer(req, 200, "OK", extra=extra), src=CORE), CALLER)] \
         == [200]
+    h.send(in_dialog("ACK", call_id=f"call-{n}", cseq=1, branch=f"z9hG4bK-a{n}"))
     return req
 
 
