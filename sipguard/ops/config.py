@@ -122,11 +122,13 @@ class SipSettings(ConfigModel):
         "sipguard's own verdict headers (which always are).",
     )
     max_transactions: int = Field(
-        default=250000, ge=100,
+        default=500000, ge=100,
         description="Live server transactions at most; a new request beyond is answered 503 "
         "+ Retry-After (`dropped_limit_transactions`). Requests within a call in progress go "
         "on, up to `max_dialogs` transactions more. An answered transaction is held 64*T1 "
-        "(32 s), a call holds two (INVITE, BYE; ~2.5 KB): the default holds ~3,900 calls/s.",
+        "(32 s), a call holds two (INVITE, BYE; with their client sides ~2.5-3.5 KB): the "
+        "default holds ~7,800 calls/s sustained, or a burst above that for a while (some "
+        "0.6-0.9 GB when full).",
     )
     dialog_keepalive_s: float | None = Field(
         default=None, ge=10,

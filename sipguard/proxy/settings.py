@@ -34,7 +34,7 @@ class ProxySettings:
     # Header names (lower case) removed from every request from outside: sipguard's own
     # verdict headers and whatever the operator adds (sip.strip_headers).
     strip_headers: frozenset[str] = frozenset({"x-sipguard-verdict", "x-sipguard-identity"})
-    max_transactions: int = 250_000  # live server transactions; beyond, new requests get 503
+    max_transactions: int = 500_000  # live server transactions; beyond, new requests get 503
     # (a request within a live call: up to max_dialogs more, see Proxy._in_progress)
     max_dialogs: int = 100_000  # live dialogs; beyond, new INVITEs get 503
     busy_retry_after_s: int = 5  # Retry-After on those 503s
