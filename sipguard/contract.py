@@ -300,6 +300,9 @@ class Dialog:
     # the core's requests toward it go to the address and port it sends from
     behind_nat: bool
     acked: bool  # an ACK for the 2xx has passed (a call whose 2xx is never ACKed is ended)
+    # sipguard is on the call's path (its Record-Route in the 2xx): only then do its end by
+    # expiry and a missing ACK mean anything, and only then does it send BYEs to end it
+    routed: bool
 
     # Hand-written __init__s in this module: mypyc compiles them, where dataclass-made ones run
     # as Python (these objects are made for every call).
@@ -347,6 +350,7 @@ class Dialog:
         self.anonymise: Anonymise | None = None
         self.behind_nat = False
         self.acked = False
+        self.routed = False
 
 
 @dataclass(slots=True, init=False)

@@ -128,7 +128,7 @@ class SipSettings(ConfigModel):
         "on, up to `max_dialogs` transactions more. An answered transaction is held 64*T1 "
         "(32 s), a call holds two (INVITE, BYE; with their client sides ~2.5-3.5 KB): the "
         "default holds ~7,800 calls/s sustained, or a burst above that for a while (some "
-        "0.6-0.9 GB when full).",
+        "0.6-0.9 GB when full; per process: each worker has its own table).",
     )
     dialog_keepalive_s: float | None = Field(
         default=None, ge=10,

@@ -90,6 +90,9 @@ REGISTER_UNKNOWN: Final = "register_unknown"
 # and every response (a peer's ACK or BYE dropped for a burst keeps the call, and its slots,
 # up until sip.max_dialog_lifetime_s). They stay counted; from others a flood is a flood.
 _ENDS_CALLS: Final = (b"ACK ", b"BYE ", b"CANCEL ", b"SIP/2.0 ")
+# ... up to this many times its density: beyond, a flood of them (spoofed, or a peer gone
+# wrong) is limited like the rest.
+EXEMPT_FACTOR: Final = 4
 
 Key = str | tuple[str, int]
 
@@ -333,7 +336,7 @@ class FloodGuard:
                     if not (peer and not self.ban_peers):
                         self._ban(key, now, FLOOD)
                         return FLOOD
-                    if not data.startswith(_ENDS_CALLS):
+                    if not data.startswith(_ENDS_CALLS) or estimate > EXEMPT_FACTOR * limit:
                         # rate-limited: only what passes counts, so a peer flooded without
                         # end still gets `limit` messages per sampling unit through
                         if n > 1:

@@ -44,8 +44,9 @@ exactly once.
 Session timers (RFC 4028): a 2xx to the initial INVITE, or to a re-INVITE / UPDATE in the
 dialog (a refresh), that carries ``Session-Expires`` sets the dialog's expiry to that many
 seconds later (at least 90, the RFC's floor for Min-SE); a 2xx refresh without it turns the
-timer off. A dialog whose session interval passes with no refresh ends (``session_expired``,
-no BYE is sent). The maximum lifetime, counted from the INVITE, caps every expiry. Expiry
+timer off. A dialog whose session interval passes with no refresh ends (``session_expired``;
+a call sipguard is on the path of gets a BYE to each side). The maximum lifetime, counted from
+the INVITE, caps every expiry; so does, until the first ACK, 64*T1 after the 2xx. Expiry
 times therefore move and come in any order: they live in a one-second
 :class:`~sipguard.state.expiry.ExpiryWheel`, swept once a second while dialogs exist.
 """
@@ -200,8 +201,10 @@ _SHARED_NAT = ipaddress.ip_network("100.64.0.0/10")  # RFC 6598, carrier-grade N
 def _behind_nat(msg: Message, flow: Flow) -> bool:
     """A UDP caller that cannot be reached at its Contact: the Contact is an RFC 5626 outbound
     URI (``ob``: "send to the flow I registered over"), or names a private, loopback,
-    link-local or carrier-grade-NAT address other than the one it sent from (the test of
-    Kamailio's nathelper). A Contact with a public address or a host name is taken as it is,
+    link-local or carrier-grade-NAT address while it sends from a public one (the test of
+    Kamailio's nathelper; a peer on a private network, an SBC pair whose Contact names the
+    pair's shared address, is not behind NAT). A Contact with a public address or a host name
+    is taken as it is,
     as is a different port alone (SBCs that send from one port and listen on another), and
     a call whose INVITE carries a Record-Route (a proxy before sipguard: the core's requests
     follow the route set to it)."""
@@ -221,8 +224,14 @@ def _behind_nat(msg: Message, flow: Flow) -> bool:
         return False
     try:
         ip = ipaddress.ip_address(host)
+        source = ipaddress.ip_address(flow.addr[0])
     except ValueError:
         return False
+    return ip != source and _inside(ip) and not _inside(source)
+
+
+def _inside(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """A private, loopback, link-local or carrier-grade-NAT address."""
     return ip.is_private or ip.is_loopback or ip.is_link_local or (
         ip.version == 4 and ip in _SHARED_NAT)
 
@@ -678,9 +687,10 @@ class Proxy:
         party = dialog.party
         if party is None:
             return 0
+        if party.transport == "tls" and flow.transport != "tls":
+            return 403  # no downgrade, not even from another address of the same peer
         if (flow.addr == party.addr and flow.transport == party.transport) or (
             flow.transport != "udp" and flow.addr[0] == party.addr[0]
-            and (party.transport != "tls" or flow.transport == "tls")
         ):
             return 0
         return 0 if self.admission.same_party(dialog, flow) else 403
@@ -910,7 +920,9 @@ class Proxy:
         data = self._forwarded_bytes(msg, flow, stamped, target, branch, start_line, routes, False,
                                      (), anonymise=self._withheld(dialog, side, from_core))
         self.outbox.append((target, data))
-        if dialog is not None and not dialog.acked:
+        if dialog is not None and not dialog.acked and from_core == dialog.outbound \
+                and _names(dialog, side, msg):
+            # the ACK of the answered call itself: its tags, from the side that sent the INVITE
             self._acked(dialog)
         if self.doomed and dialog is not None and not from_core:
             reason = self.doomed.pop(key_of(dialog), None)
@@ -945,7 +957,7 @@ class Proxy:
         if invite.state != PROCEEDING or ct is None or ct.state not in (CALLING, PROCEEDING):
             return  # already answered: nothing to cancel
         reasons = msg.indexes("reason")
-        if reasons:
+        if reasons and "reason" not in self.settings.strip_headers:
             lines = msg.lines
             ct.cancel_reason = tuple(lines[i] for i in reasons)
         if ct.provisional:
@@ -1359,12 +1371,15 @@ class Proxy:
         expires = dialog.hard_expires
         if interval is not None:
             expires = min(now + interval, expires)
-        if not dialog.acked and st.dialog is dialog:
-            # the call's own 2xx: until its ACK passes the call ends 64*T1 on (ack_timeout).
-            # The called side gives up retransmitting an un-ACKed 2xx then and SHOULD end the
-            # session (RFC 3261 §13.3.1.4); a core that does not — or a caller that never
-            # ACKs, to hold a number's slots — would keep the call counted for hours.
-            expires = min(expires, now + 64 * self.settings.t1)
+        if st.dialog is dialog:  # the call's own 2xx
+            dialog.routed = self.settings.record_route and self._recorded(response)
+            if not dialog.acked and dialog.routed:
+                # until its ACK passes the call ends 64*T1 on (ack_timeout). The called side
+                # gives up retransmitting an un-ACKed 2xx then and SHOULD end the session
+                # (RFC 3261 §13.3.1.4); a core that does not — or a caller that never ACKs,
+                # to hold a number's slots — would keep the call counted for hours. (Not
+                # armed when the ACK does not come through sipguard: no Record-Route.)
+                expires = min(expires, now + 64 * self.settings.t1)
         self.table.expire_at(dialog, expires)
 
     def _acked(self, dialog: Dialog) -> None:
@@ -1576,13 +1591,18 @@ class Proxy:
         BYE or refresh later would hear 481 and never reach the core."""
         self._sweep = None
         for dialog in self.table.due(now):
-            if not dialog.acked and dialog.state == CONFIRMED:
-                reason = "ack_timeout"
-            elif dialog.expires >= dialog.hard_expires:
+            if dialog.expires >= dialog.hard_expires:
                 reason = "lifetime"
+            elif not dialog.acked and dialog.routed and dialog.state == CONFIRMED:
+                reason = "ack_timeout"
             else:
                 reason = "session_expired"
-            if not self.end_call(dialog, reason, now):
+            try:
+                ended = dialog.routed and self.end_call(dialog, reason, now)
+            except Exception:  # noqa: BLE001 - the other due calls must still end
+                self.events.append(Failed("sweep", traceback.format_exc(limit=8), None))
+                ended = False
+            if not ended:
                 self._end_dialog(dialog, reason, now)
         if self.dialogs:
             self._arm_sweep(now)

@@ -305,6 +305,27 @@ def _split_headers(
     return names, lines, error
 
 
+def _nuls_quoted(data: bytes, nul: int, end: int) -> bool:
+    """Every NUL from ``nul`` up to ``end`` is the second byte of a quoted-pair inside a
+    quoted string of its own line (read from the line's start: quotes and backslashes in
+    order). Only called for a header part that holds a NUL at all."""
+    while nul >= 0:
+        line = data.rfind(b"\r\n", 0, nul) + 2
+        quoted = escaped = False
+        for i in range(line, nul):
+            c = data[i]
+            if escaped:
+                escaped = False
+            elif quoted and c == 0x5C:
+                escaped = True
+            elif c == 0x22:
+                quoted = not quoted
+        if not (quoted and escaped):
+            return False
+        nul = data.find(b"\x00", nul + 1, end)
+    return True
+
+
 def _fail(
     err: SipParseError, start_line: bytes, raw_lines: list[bytes], body: bytes,
     limits: ParseLimits,
@@ -398,14 +419,12 @@ def parse_message(
     # name, junk, a block that may break a limit — takes _split_headers.
     body = data[end + 4 :]
     nul = data.find(b"\x00", start, end)
-    while nul >= 0:
-        # RFC 3261 §25.1: a NUL in the header part only as a quoted-pair ("\" NUL, RFC 4475
-        # intmeth); anywhere else a core written in C that stops at it would read another
-        # message than the one sipguard checked.
-        if data[nul - 1] != 0x5C:
-            _fail(SipParseError(400, "NUL in the header part"), start_line,
-                  data[eol + 2 : end].split(CRLF) if eol < end else [], body, limits)
-        nul = data.find(b"\x00", nul + 1, end)
+    if nul >= 0 and not _nuls_quoted(data, nul, end):
+        # RFC 3261 §25.1: a NUL in the header part only as a quoted-pair inside a quoted
+        # string ("\" NUL, RFC 4475 intmeth); anywhere else a core written in C that stops at
+        # it would read another message than the one sipguard checked.
+        _fail(SipParseError(400, "NUL in the header part"), start_line,
+              data[eol + 2 : end].split(CRLF) if eol < end else [], body, limits)
     scan = SCAN
     if scan is not None and eol < end:  # the same fast path in C, CR/LF check included
         scanned = scan(data, start, eol, end, _NAME_CACHE, limits.max_headers,

@@ -130,6 +130,9 @@ def test_a_peer_over_its_density_still_gets_its_acks_byes_cancels_and_answers_th
     for i, data in enumerate((bye, ack, cancel, answer) * 5):
         assert g.check(SRC, data, 100.03 + i * 0.001) is None, data[:10]
     assert g.check(SRC, OPTIONS, 100.06) == flood.PEER_LIMITED
+    # up to four times the density: a flood of them is limited too
+    got = [g.check(SRC, bye, 100.1 + i * 0.001) for i in range(40)]
+    assert None in got and got[-1] == flood.PEER_LIMITED
     assert g.state.bans == {}
     stranger = ("192.0.2.77", 5060)
     got = [g.check(stranger, bye, 100.0 + i * 0.001) for i in range(12)]

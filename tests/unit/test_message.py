@@ -211,12 +211,14 @@ def test_bare_cr_or_lf_in_the_headers_is_400(junk: bytes) -> None:
 
 
 @pytest.mark.parametrize("junk", [b"X-A: a\x00b", b"From: <sip:a\x00@192.0.2.7>;tag=9",
-                                  b"X-B: \x00"])
+                                  b"X-B: \x00", b"X-C: a\\\x00b", b'X-D: "a\\\\\x00b"'])
 def test_a_nul_in_the_headers_is_400(junk: bytes) -> None:
     """RFC 3261 §25.1: no NUL in a header value; a core in C that stops at it would read a
     message other than the one checked. (A NUL in the body is the body's business.)"""
     assert status_of(request(extra=junk + b"\r\n")) == 400
     assert parse_message(request(body=b"v=0\x00\r\n")).body == b"v=0\x00\r\n"
+    quoted = parse_message(request(extra=b'X-E: "a\\\x00b" x\r\n'))  # a quoted-pair
+    assert quoted.get("x-e") is not None
 
 
 def test_several_values_in_one_header_line() -> None:

@@ -836,16 +836,20 @@ def test_a_bye_answered_408_ends_the_call() -> None:
     assert h.ended() == ["bye_caller"] and h.count("caller", "+12125550100") == 0
 
 
-def _core_bye_goes_to(contact: str, n: int) -> list[tuple[str, int]]:
-    """Call ``n`` from CALLER over UDP with ``contact`` as its Contact, answered; then the
+PUBLIC = ("44.1.2.5", 5062)  # a caller at a public address (198.51.100/24 is documentation's)
+
+
+def _core_bye_goes_to(contact: str, n: int,
+                      src: tuple[str, int] = PUBLIC) -> list[tuple[str, int]]:
+    """Call ``n`` from ``src`` over UDP with ``contact`` as its Contact, answered; then the
     core's BYE to that Contact: where sipguard sends it."""
     h = PolicyHarness()
     data = invite(branch=f"z9hG4bK-c{n}", call_id=f"call-{n}").replace(
         b"Contact: <sip:+12125550100@198.51.100.7:5062>", f"Contact: {contact}".encode())
-    fwd = to(h.send(data), CORE)
+    fwd = to(h.send(data, src=src), CORE)
     assert fwd, "INVITE not forwarded"
     h.answer(fwd[0], 200, "OK")
-    h.send(in_dialog("ACK", call_id=f"call-{n}", cseq=1, branch=f"z9hG4bK-a{n}"))
+    h.send(in_dialog("ACK", call_id=f"call-{n}", cseq=1, branch=f"z9hG4bK-a{n}"), src=src)
     target = contact.strip("<>").split(";")[0]
     bye = in_dialog("BYE", call_id=f"call-{n}", cseq=5, branch=f"z9hG4bK-cb{n}",
                     from_callee=True).replace(b"BYE sip:+12125550100@198.51.100.7:5062 ",
@@ -857,14 +861,16 @@ def _core_bye_goes_to(contact: str, n: int) -> list[tuple[str, int]]:
 def test_the_cores_requests_reach_a_udp_caller_behind_nat_where_it_sends_from() -> None:
     """A UDP caller whose Contact is a private address (behind NAT) or an RFC 5626 ``ob`` URI
     gets the core's BYE at the address and port it sent from; one whose Contact is a public
-    address, or its own, at that Contact."""
-    assert _core_bye_goes_to("<sip:+12125550100@192.168.1.20:5060>", 1) == [CALLER]
-    assert _core_bye_goes_to("<sip:+12125550100@10.1.2.3:5099;transport=udp>", 2) == [CALLER]
-    assert _core_bye_goes_to("<sip:+12125550100@44.1.2.3:5070;ob>", 3) == [CALLER]
+    address, or its own, at that Contact; one on a private network itself (an SBC pair whose
+    Contact names the pair's shared address) at its Contact too."""
+    assert _core_bye_goes_to("<sip:+12125550100@192.168.1.20:5060>", 1) == [PUBLIC]
+    assert _core_bye_goes_to("<sip:+12125550100@10.1.2.3:5099;transport=udp>", 2) == [PUBLIC]
+    assert _core_bye_goes_to("<sip:+12125550100@44.1.2.3:5070;ob>", 3) == [PUBLIC]
     assert _core_bye_goes_to("<sip:+12125550100@44.1.2.3:5070>", 4) == [
         ("44.1.2.3", 5070)]
-    assert _core_bye_goes_to("<sip:+12125550100@198.51.100.7:5060>", 5) == [
-        ("198.51.100.7", 5060)]
+    assert _core_bye_goes_to("<sip:+12125550100@44.1.2.5:5060>", 5) == [("44.1.2.5", 5060)]
+    assert _core_bye_goes_to("<sip:+12125550100@10.0.0.10:5060>", 6,
+                             src=("10.0.0.11", 40000)) == [("10.0.0.10", 5060)]
 
 
 def test_a_caller_behind_a_record_routing_proxy_is_reached_through_its_route() -> None:
@@ -904,3 +910,13 @@ def test_a_call_that_came_over_tls_takes_its_requests_over_tls_only() -> None:
         b"SIP/2.0/UDP", b"SIP/2.0/TLS", 1)
     out = h.send(info, src=(CALLER[0], 40201), transport="tls", conn=5)
     assert [m.method for m in to(out, CORE)] == ["INFO"]
+    # with the caller's peer configured: another address of the peer may speak in the call,
+    # but over TLS only, as the call came
+    h = PolicyHarness(extra_yaml=PEERS, locals=(Local(0, "udp", "192.0.2.1", 5060),
+                                                Local(1, "tls", "192.0.2.1", 5061)))
+    fwd = to(h.send(data, transport="tls", conn=3), CORE)
+    assert fwd
+    h.answer(fwd[0], 200, "OK")
+    info = in_dialog("INFO", call_id="call-tls", cseq=2, branch="z9hG4bK-p2")
+    out = h.send(info, src=("198.51.100.8", 5060))
+    assert to(out, CORE) == [] and statuses(out) == [403]

@@ -570,3 +570,31 @@ def test_a_2xx_never_acked_ends_the_call_64_t1_later() -> None:
     acked.advance(600.0)
     assert not [e for e in acked.events if isinstance(e, DialogEnded)]
     assert acked.proxy.live_dialogs() == 1
+
+
+def test_only_the_calls_own_ack_lifts_the_ack_timeout() -> None:
+    """An ACK sent before the answer, or one with another To tag, is no ACK of the 2xx: the
+    call still ends 64*T1 after it."""
+    h = Harness()
+    req = _to(h.send(invite()), CORE)[0]
+    h.send(answer(req, 180, "Ringing"), src=CORE)
+    h.send(in_dialog("ACK", call_id="call-1@caller", cseq=1, branch="z9hG4bK-early"))
+    h.send(answer(req, 200, "OK"), src=CORE)
+    h.send(in_dialog("ACK", call_id="call-1@caller", cseq=1, branch="z9hG4bK-other",
+                     to_tag="not-the-callee"))
+    h.advance(33.0)
+    assert [e.reason for e in h.events if isinstance(e, DialogEnded)] == ["ack_timeout"]
+
+
+def test_no_ack_timeout_when_the_ack_does_not_come_through_sipguard() -> None:
+    """record_route off (or a core that drops sipguard's Record-Route): the ACK and the
+    BYE go around sipguard, so a missing ACK means nothing and no BYE is sent when the call's
+    lifetime ends: it is only forgotten."""
+    h = Harness(record_route=False, max_dialog_lifetime=120.0)
+    req = _to(h.send(invite()), CORE)[0]
+    h.send(answer(req, 200, "OK"), src=CORE)
+    h.advance(60.0)
+    assert not [e for e in h.events if isinstance(e, DialogEnded)]
+    out = h.advance(61.0)
+    assert [e.reason for e in h.events if isinstance(e, DialogEnded)] == ["lifetime"]
+    assert [m for _, m in out if m.method == "BYE"] == []
