@@ -1146,7 +1146,8 @@ class Proxy:
                     invite = ct.server.msg if ct.server is not None else None
                     if invite is not None:
                         self._start_keepalive(dialog, invite, msg, now)
-                    if self.settings.record_route and not self._recorded(msg):
+                    dialog.routed = self.settings.record_route and self._recorded(msg)
+                    if self.settings.record_route and not dialog.routed:
                         # The core dropped our Record-Route: its in-dialog requests (the BYE)
                         # will go around sipguard and the call's slots stay held until a
                         # timer frees them. A deployment error worth a warning.
@@ -1371,15 +1372,14 @@ class Proxy:
         expires = dialog.hard_expires
         if interval is not None:
             expires = min(now + interval, expires)
-        if st.dialog is dialog:  # the call's own 2xx
-            dialog.routed = self.settings.record_route and self._recorded(response)
-            if not dialog.acked and dialog.routed:
-                # until its ACK passes the call ends 64*T1 on (ack_timeout). The called side
-                # gives up retransmitting an un-ACKed 2xx then and SHOULD end the session
-                # (RFC 3261 §13.3.1.4); a core that does not — or a caller that never ACKs,
-                # to hold a number's slots — would keep the call counted for hours. (Not
-                # armed when the ACK does not come through sipguard: no Record-Route.)
-                expires = min(expires, now + 64 * self.settings.t1)
+        if st.dialog is dialog and dialog.routed and not dialog.acked:
+            # The call's own 2xx (``routed``: set as it confirmed the call): until its ACK
+            # passes the call ends 64*T1 on (ack_timeout). The called side gives up
+            # retransmitting an un-ACKed 2xx then and SHOULD end the session (RFC 3261
+            # §13.3.1.4); a core that does not — or a caller that never ACKs, to hold a
+            # number's slots — would keep the call counted for hours. (Not armed when the ACK
+            # does not come through sipguard: no Record-Route.)
+            expires = min(expires, now + 64 * self.settings.t1)
         self.table.expire_at(dialog, expires)
 
     def _acked(self, dialog: Dialog) -> None:
