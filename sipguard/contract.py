@@ -303,6 +303,9 @@ class Dialog:
     # sipguard is on the call's path (its Record-Route in the 2xx): only then do its end by
     # expiry and a missing ACK mean anything, and only then does it send BYEs to end it
     routed: bool
+    # when the session timer or the lifetime ends the call: ``expires`` but for the cap of a
+    # missing ACK, which the call's ACK lifts again
+    session_ends: float
 
     # Hand-written __init__s in this module: mypyc compiles them, where dataclass-made ones run
     # as Python (these objects are made for every call).
@@ -351,6 +354,7 @@ class Dialog:
         self.behind_nat = False
         self.acked = False
         self.routed = False
+        self.session_ends = self.expires
 
 
 @dataclass(slots=True, init=False)

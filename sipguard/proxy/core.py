@@ -1372,6 +1372,7 @@ class Proxy:
         expires = dialog.hard_expires
         if interval is not None:
             expires = min(now + interval, expires)
+        dialog.session_ends = expires
         if st.dialog is dialog and dialog.routed and not dialog.acked:
             # The call's own 2xx (``routed``: set as it confirmed the call): until its ACK
             # passes the call ends 64*T1 on (ack_timeout). The called side gives up
@@ -1384,15 +1385,10 @@ class Proxy:
 
     def _acked(self, dialog: Dialog) -> None:
         """The first ACK of a call has passed: its expiry is the session timer's or the
-        maximum lifetime again (see ``_session_timer``)."""
+        maximum lifetime again (``session_ends``, see ``_session_timer``)."""
         dialog.acked = True
-        if dialog.state != CONFIRMED:
-            return
-        expires = dialog.hard_expires
-        interval = dialog.session_interval
-        if interval is not None and dialog.confirmed_at is not None:
-            expires = min(dialog.confirmed_at + interval, expires)
-        self.table.expire_at(dialog, expires)
+        if dialog.state == CONFIRMED and dialog.expires != dialog.session_ends:
+            self.table.expire_at(dialog, dialog.session_ends)
 
     def _refresh_targets(self, dialog: Dialog, side: str, request: Message,
                          response: Message) -> None:

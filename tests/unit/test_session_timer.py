@@ -152,3 +152,19 @@ def test_session_interval_reads_delta_seconds(header: str | None, interval: floa
          "Content-Length: 0\r\n\r\n").encode()
     )
     assert session_interval(msg) == interval
+
+
+def test_a_late_ack_restores_the_expiry_of_a_refresh_that_came_before_it() -> None:
+    """A 200 with Session-Expires 120 and no ACK yet; an UPDATE refresh answered at 20 s; the
+    ACK at 25 s: the session then ends 120 s after the refresh (140 s), not after the answer."""
+    h = Harness()
+    req = to(h.send(invite(branch="z9hG4bK-c1", call_id="call-1")), CORE)[0]
+    h.send(answer(req, 200, "OK", extra="Session-Expires: 120;refresher=uac\r\n"), src=CORE)
+    h.advance(20)
+    refresh(h, 1, 2, "UPDATE")
+    h.advance(5)
+    h.send(in_dialog("ACK", call_id="call-1", cseq=1, branch="z9hG4bK-a1"))
+    h.advance(110)  # 135 s: past the answer's 120 s
+    assert ended(h) == []
+    h.advance(7)
+    assert ended(h) == [("call-1", "session_expired")]
