@@ -43,7 +43,10 @@ def test_runner_measures_direct_floor_and_sipguard(tmp_path: Path) -> None:
         assert step["probe"]["completed"] == step["probe"]["calls"] > 0, step["probe"]
         assert 0 < step["p50_ms"] <= step["p99_ms"] < 1000, step
     relay = steps[1]
-    assert relay["cpu_ms_per_call"] > 0 and relay["proxy_returncode"] == 0, relay
+    # its CPU was read from its process; 40 calls of a relay that does no SIP work can take less
+    # than one clock tick (10 ms) on a fast host, so 0.0 ms per call is a valid reading there
+    assert relay["proxy_processes"] >= 1 and relay["cpu_ms_per_call"] >= 0, relay
+    assert relay["proxy_returncode"] == 0, relay
     guard = steps[2]
     assert guard["cpu_ms_per_call"] > 0 and guard["sipguard_returncode"] == 0, guard
     assert "sipguard" in done.stdout and "100.00" in done.stdout
