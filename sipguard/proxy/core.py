@@ -634,8 +634,9 @@ class Proxy:
         nothing), then one stateless 481 (no such call) or 403 (not its party) — no
         transaction, so a stream of made-up dialogs fills no table."""
         dialog, side = self.table.of(msg, False)
-        refusal = self._not_party(dialog, side, flow)
+        refusal = self._not_party(dialog, side, flow, msg)
         if not refusal:
+            self._follow_nat(dialog, side, msg, flow)
             return True
         if not self._admitted(msg, flow, now, methods=False):
             return False  # an unknown source learns nothing, not even that the call exists
@@ -656,7 +657,7 @@ class Proxy:
         dialog, side = self.table.of(msg, from_core)
         if dialog is None:
             return False
-        return from_core or not self._not_party(dialog, side, flow)
+        return from_core or not self._not_party(dialog, side, flow, msg)
 
     def _stateless(self, msg: Message, flow: Flow, status: int, phrase: str | None,
                    extra: tuple[str, ...] = ()) -> None:
@@ -672,13 +673,15 @@ class Proxy:
         self._stateless(msg, flow, 503, "Service Unavailable",
                         (f"Retry-After: {self.settings.busy_retry_after_s}",))
 
-    def _not_party(self, dialog: Dialog | None, side: str, flow: Flow) -> int:
+    def _not_party(self, dialog: Dialog | None, side: str, flow: Flow, msg: Message) -> int:
         """0 when an in-dialog request from outside may go on; else the status to refuse it
         with: 481 for a dialog sipguard did not set up, 403 when it does not come from that
         dialog's outside party (its address and port over UDP; over TCP or TLS its host,
         whatever transport the call came in on — connections are renewed, and a UA sends a
         request too big for UDP over TCP, RFC 3261 §18.1.1 — but a call that came over TLS
-        only over TLS)."""
+        only over TLS). A UDP party behind NAT (``Dialog.behind_nat``) may also send from
+        another port of its address — its NAT re-mapped it — with the call's own tags (see
+        :meth:`_follow_nat`)."""
         if dialog is None:
             return 481
         outside = "callee" if dialog.outbound else "caller"
@@ -693,7 +696,25 @@ class Proxy:
             flow.transport != "udp" and flow.addr[0] == party.addr[0]
         ):
             return 0
+        if dialog.behind_nat and flow.transport == "udp" and flow.addr[0] == party.addr[0] \
+                and _names(dialog, side, msg):
+            return 0
         return 0 if self.admission.same_party(dialog, flow) else 403
+
+    def _follow_nat(self, dialog: Dialog | None, side: str, msg: Message, flow: Flow) -> None:
+        """A UDP party behind NAT that now sends from another port of its address, with the
+        call's own tags: its NAT re-mapped the call's flow (a binding that timed out during
+        a long call). The core's requests follow it there, as they followed the first one
+        (:meth:`_toward_party`); a request with other tags moves nothing."""
+        if dialog is None or not dialog.behind_nat or flow.transport != "udp":
+            return
+        party = dialog.party
+        if party is None or party.transport != "udp" or flow.addr == party.addr \
+                or flow.addr[0] != party.addr[0] or not _names(dialog, side, msg):
+            return
+        dialog.party = Flow("udp", flow.addr, flow.local, None)
+        self.events.append(Noticed("nat_rebound", f"{msg.call_id} from port {party.addr[1]}",
+                                   flow))
 
     @staticmethod
     def _toward_party(dialog: Dialog, party: Flow, target: Flow) -> Flow:
@@ -904,9 +925,11 @@ class Proxy:
             return
         from_core = self.router.is_core(flow)
         dialog, side = self.table.of(msg, from_core)
-        if not from_core and self._not_party(dialog, side, flow):
-            self.events.append(Dropped("ack_refused", msg.call_id, flow))
-            return
+        if not from_core:
+            if self._not_party(dialog, side, flow, msg):
+                self.events.append(Dropped("ack_refused", msg.call_id, flow))
+                return
+            self._follow_nat(dialog, side, msg, flow)
         target, start_line, routes = self.router.preprocess_route(msg, flow, False)
         if target is None:
             self.events.append(Dropped("ack_unroutable", msg.call_id, flow))

@@ -873,6 +873,37 @@ def test_the_cores_requests_reach_a_udp_caller_behind_nat_where_it_sends_from() 
                              src=("10.0.0.11", 40000)) == [("10.0.0.10", 5060)]
 
 
+def test_a_caller_behind_nat_whose_port_is_remapped_mid_call_is_followed() -> None:
+    """A UDP caller behind NAT whose NAT re-maps the call's flow to another port (a binding
+    that timed out during a long call): its in-dialog requests with the call's own tags pass
+    from the new port, and the core's requests follow it there. Made-up tags from another
+    port, or a caller that is not behind NAT sending from another port, are still refused."""
+    h = PolicyHarness()
+    data = invite(branch="z9hG4bK-n1", call_id="call-nat").replace(
+        b"Contact: <sip:+12125550100@198.51.100.7:5062>",
+        b"Contact: <sip:+12125550100@192.168.1.20:5060>")
+    fwd = to(h.send(data, src=PUBLIC), CORE)
+    assert fwd
+    h.answer(fwd[0], 200, "OK")
+    h.send(in_dialog("ACK", call_id="call-nat", cseq=1, branch="z9hG4bK-na"), src=PUBLIC)
+    remapped = (PUBLIC[0], 61001)
+    made_up = in_dialog("INFO", call_id="call-nat", cseq=2, branch="z9hG4bK-n2",
+                        to_tag="other")
+    out = h.send(made_up, src=remapped)
+    assert to(out, CORE) == [] and statuses(out) == [403]
+    out = h.send(in_dialog("INFO", call_id="call-nat", cseq=3, branch="z9hG4bK-n3"),
+                 src=remapped)
+    assert [m.method for m in to(out, CORE)] == ["INFO"]
+    assert [e.kind for e in h.events if isinstance(e, Noticed)] == ["nat_rebound"]
+    bye = in_dialog("BYE", call_id="call-nat", cseq=5, branch="z9hG4bK-nb",
+                    from_callee=True).replace(b"BYE sip:+12125550100@198.51.100.7:5062 ",
+                                              b"BYE sip:+12125550100@192.168.1.20:5060 ")
+    out = h.send(bye, src=CORE)
+    assert [f.addr for f, m in out if m.method == "BYE"] == [remapped]
+    # a caller with a public Contact (not behind NAT) from another port: refused as before
+    assert _core_bye_goes_to("<sip:+12125550100@44.1.2.3:5070>", 7) == [("44.1.2.3", 5070)]
+
+
 def test_a_caller_behind_a_record_routing_proxy_is_reached_through_its_route() -> None:
     """A private Contact behind a proxy that record-routes (the INVITE carries its
     Record-Route): the core's BYE follows the route set, whatever the Contact says."""
