@@ -183,6 +183,27 @@ def test_own_answers_follow_rfc_3581_and_8_2_6_1() -> None:
     assert ok.status == 200 and "INVITE" in (ok.get("allow") or "")
 
 
+def test_received_and_rport_the_sender_wrote_are_replaced_by_its_source() -> None:
+    """A sender's own ``received`` / ``rport`` values name an address it chose: the Via the
+    core gets (and the one sipguard answers with) names the real source instead (RFC 3261
+    §18.2.1, RFC 3581 §4). Values that already name the source are kept as they are."""
+    h = Harness()
+    cases = [
+        (b";rport=5555;received=6.6.6.6", ";rport=5062;received=198.51.100.7"),
+        (b";received=6.6.6.6;RECEIVED=7.7.7.7", ""),  # sent-by is the source: none needed
+        (b";rport = 5555 ;x=1", ";x=1;rport=5062;received=198.51.100.7"),
+        (b";rport=5062;received=198.51.100.7", ";rport=5062;received=198.51.100.7"),
+    ]
+    for n, (params, stamped) in enumerate(cases):
+        data = invite(call_id=f"rcv-{n}", branch=f"z9hG4bK-rcv-{n}").replace(
+            f"branch=z9hG4bK-rcv-{n}".encode(), f"branch=z9hG4bK-rcv-{n}".encode() + params)
+        out = h.send(data)
+        [trying] = _to(out, CALLER)
+        [fwd] = _to(out, CORE)
+        for via in (trying.values("via")[0], fwd.values("via")[1]):
+            assert via == f"SIP/2.0/UDP 198.51.100.7:5062;branch=z9hG4bK-rcv-{n}" + stamped, via
+
+
 def test_bye_from_core_reaches_caller_contact() -> None:
     """A BYE sent by the core (Route: us) goes to the caller's Contact and ends the dialog."""
     h = Harness()
