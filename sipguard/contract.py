@@ -55,12 +55,15 @@ class Local:
     host: str  # address written into Via and Record-Route (advertised)
     port: int
     hostport: str  # "host:port" as written in Via and Record-Route (IPv6 in brackets)
+    family: int  # 4 or 6: the addresses its socket reaches (of the address it is bound to)
 
-    def __init__(self, index: int, transport: str, host: str, port: int) -> None:
+    def __init__(self, index: int, transport: str, host: str, port: int,
+                 family: int = 0) -> None:
         self.index = index
         self.transport = transport
         self.host = host
         self.port = port
+        self.family = family or (6 if ":" in host else 4)
         bracketed = ":" in host and not host.startswith("[")
         self.hostport = f"[{host}]:{port}" if bracketed else f"{host}:{port}"
 

@@ -51,6 +51,7 @@ from sipguard.policy.engine import Policy
 from sipguard.policy.state import RuleState
 from sipguard.policy.suspensions import Suspension, SuspensionStore, suspension_key
 from sipguard.proxy.core import Proxy
+from sipguard.proxy.routing import local_for
 from sipguard.proxy.settings import ProxySettings
 from sipguard.sip.errors import SipParseError
 from sipguard.sip.parser import ParseLimits
@@ -155,11 +156,12 @@ def proxy_settings(cfg: Config, worker: int | None = None) -> ProxySettings:
     for i, ep in enumerate(cfg.listen):
         host = adv_host or (_primary_address(cfg.core.host) if _unspecified(ep.host) else ep.host)
         own = adv_port or ep.port if worker is None else cfg.worker_port(i, worker)
-        locals_.append(Local(i, ep.transport, host, own))
+        locals_.append(Local(i, ep.transport, host, own, 6 if ":" in ep.host else 4))
     if worker is not None:
-        locals_ += [Local(loc.index, loc.transport, loc.host, loc.port) for loc in locals_]
+        locals_ += [Local(loc.index, loc.transport, loc.host, loc.port, loc.family)
+                    for loc in locals_]
     core = cfg.core
-    core_local = next((loc.index for loc in locals_ if loc.transport == core.transport), 0)
+    core_local = local_for(locals_, core.transport, core.host).index
     return ProxySettings(
         locals=tuple(locals_),
         core=Flow(core.transport, (core.host, core.port), core_local),

@@ -855,7 +855,10 @@ class Proxy:
         ``stamped`` is the top Via with received/rport filled in."""
         if anonymise is not None:
             edits = _anonymised_edits(msg, edits, anonymise)
-        out_local = self.router.local_for(target.transport)
+        locals_ = self.settings.locals
+        out_local = locals_[target.local] if target.local < len(locals_) else locals_[0]
+        if out_local.transport != target.transport:
+            out_local = self.router.local_for(target.transport, target.addr[0])
         prepend = [build.our_via(out_local, target.transport, branch)]
         if record_route and self.settings.record_route:
             in_local = self.settings.locals[source.local]
@@ -1504,7 +1507,7 @@ class Proxy:
             if flow is None or (core_only and flow is not core):
                 continue
             local = self.settings.locals[flow.local] if flow.local < len(
-                self.settings.locals) else self.router.local_for(flow.transport)
+                self.settings.locals) else self.router.local_for(flow.transport, flow.addr[0])
             branch = self.ids.branch(
                 f"{dialog.call_id}|{dialog.caller_tag}|{tag}|{int(toward_caller)}", tag)
             if method == "BYE":

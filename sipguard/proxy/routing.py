@@ -29,6 +29,24 @@ def _has_our_via(msg: Message) -> bool:
     return any(lines[i].find(ours) >= 0 for i in msg.indexes("via"))
 
 
+def local_for(locals_: tuple[Local, ...] | list[Local], transport: str, host: str = "") -> Local:
+    """The listener to send to ``host`` over ``transport`` from: the first of that transport
+    whose socket reaches the host's address family (an IPv6 literal from an IPv6 listener,
+    an IPv4 one from an IPv4 listener: a socket of one family cannot send to the other);
+    for a host name, or when no listener has the family, the first of that transport."""
+    family = 0
+    if host:
+        family = 6 if ":" in host else (4 if host[-1:].isdigit() else 0)
+    first: Local | None = None
+    for loc in locals_:
+        if loc.transport == transport:
+            if not family or loc.family == family:
+                return loc
+            if first is None:
+                first = loc
+    return first if first is not None else locals_[0]
+
+
 class Router:
     """Validation and next-hop choice for one proxy; ``configure`` on reload."""
 
@@ -58,11 +76,9 @@ class Router:
         port = uri.port or (5061 if uri.scheme == "sips" else 5060)
         return f"{host}:{port}" in self._ours
 
-    def local_for(self, transport: str) -> Local:
-        for loc in self.settings.locals:
-            if loc.transport == transport:
-                return loc
-        return self.settings.locals[0]
+    def local_for(self, transport: str, host: str = "") -> Local:
+        """The listener to send to ``host`` over ``transport`` from: see :func:`local_for`."""
+        return local_for(self.settings.locals, transport, host)
 
     def has_tls(self) -> bool:
         return any(loc.transport == "tls" for loc in self.settings.locals)
@@ -84,7 +100,7 @@ class Router:
         if not host:
             raise SipParseError(416, "URI without a host cannot be routed")
         port = uri.port or default_port
-        return Flow(transport, (host, port), self.local_for(transport).index)
+        return Flow(transport, (host, port), self.local_for(transport, host).index)
 
     def reply_flow(self, msg: Message, flow: Flow) -> Flow:
         """Where responses to ``msg`` go (RFC 3261 §18.2.2 + RFC 3581): over TCP/TLS the
