@@ -476,7 +476,7 @@ class Server:
             token = await asyncio.to_thread(admin_token, http)  # read off the loop
         except ValueError as exc:
             raise StartupError(str(exc)) from None
-        admin = AdminEndpoint(self.metrics, self._gauges, self, token)
+        admin = AdminEndpoint(self.metrics, self._gauges, self, token, self.counters)
         host, port = http.host_port
         if port and self.worker is not None:
             base = port
@@ -487,7 +487,7 @@ class Server:
             admin.peers = {i: f"http://{_bracketed(near)}:{base + i}"
                            for i in range(self.cfg.workers) if i != self.worker}
         try:
-            await admin.start(host, port)
+            await admin.start(host, port, http.max_connections, http.idle_timeout_s)
         except OSError as exc:
             raise StartupError(
                 f"cannot serve the admin API on {_bracketed(host)}:{port}: "

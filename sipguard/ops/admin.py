@@ -33,7 +33,9 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
 import json
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 from urllib.parse import quote, unquote
@@ -176,6 +178,122 @@ def _query_number(request: web.Request) -> str:
     raise HttpError(400, "give ?number=+E164 (or a prefix ending in *)")
 
 
+def _loopback_host(host: str) -> bool:
+    """A Host header naming this machine's loopback: ``localhost``, ``127.x.x.x`` or ``::1``
+    (with or without a port). A web page that re-binds its own name to 127.0.0.1 (DNS
+    rebinding) still sends its own name."""
+    if host.startswith("["):
+        name = host[1:].partition("]")[0]
+    else:
+        name = host.rpartition(":")[0] if host.count(":") == 1 else host
+    if name.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+class _Gate:
+    """The admin listener's bounds: at most ``limit`` connections open, each closed after
+    ``idle_s`` without a byte from its client. aiohttp has neither (no limit on connections,
+    no timeout for a request's head), so a client that opens connections and sends half a
+    request could hold every file descriptor of the process — SIP's too. Called as the
+    listener's protocol factory; each connection gets a :class:`_Guarded` around aiohttp's
+    own protocol."""
+
+    def __init__(self, factory: Callable[[], asyncio.Protocol], limit: int, idle_s: float,
+                 counters: Counter[str]) -> None:
+        self.factory = factory
+        self.limit = limit
+        self.idle_s = idle_s
+        self.counters = counters
+        self.open = 0
+
+    def __call__(self) -> asyncio.Protocol:
+        return _Guarded(self)
+
+
+class _Guarded(asyncio.Protocol):
+    """One admin connection: refused over the gate's limit, closed when idle, otherwise
+    every event handed to aiohttp's protocol."""
+
+    def __init__(self, gate: _Gate) -> None:
+        self.gate = gate
+        self.inner: asyncio.Protocol | None = None
+        self.transport: asyncio.BaseTransport | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.last = 0.0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        gate = self.gate
+        if gate.open >= gate.limit:
+            gate.counters["admin_connections_refused"] += 1
+            transport.abort()  # type: ignore[attr-defined]
+            return
+        gate.open += 1
+        self.transport = transport
+        loop = asyncio.get_running_loop()
+        self.last = loop.time()
+        self.timer = loop.call_later(gate.idle_s, self._check)
+        self.inner = gate.factory()
+        self.inner.connection_made(transport)
+
+    def _check(self) -> None:
+        self.timer = None
+        if self.inner is None or self.transport is None:
+            return
+        loop = asyncio.get_running_loop()
+        idle = loop.time() - self.last
+        if idle >= self.gate.idle_s:
+            self.gate.counters["admin_connections_idle_closed"] += 1
+            self.transport.abort()  # type: ignore[attr-defined]  # connection_lost follows
+        else:
+            self.timer = loop.call_later(self.gate.idle_s - idle, self._check)
+
+    def data_received(self, data: bytes) -> None:
+        if self.inner is not None:
+            self.last = asyncio.get_running_loop().time()
+            self.inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self.inner.eof_received() if self.inner is not None else None
+
+    def pause_writing(self) -> None:
+        if self.inner is not None:
+            self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self.inner is not None:
+            self.inner.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        inner, self.inner = self.inner, None
+        if inner is None:
+            return
+        self.gate.open -= 1
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        inner.connection_lost(exc)
+
+
+class _GatedSite(web.TCPSite):
+    """aiohttp's TCP site with the listener's protocol factory behind a :class:`_Gate`."""
+
+    def __init__(self, runner: web.AppRunner, host: str, port: int, gate: _Gate) -> None:
+        super().__init__(runner, host, port, reuse_address=True)
+        self.gate = gate
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)
+        server = self._runner.server
+        assert server is not None
+        self.gate.factory = server
+        self._server = await asyncio.get_running_loop().create_server(
+            self.gate, self._host, self._port, backlog=self._backlog, reuse_address=True)
+
+
 class AdminEndpoint:
     """One aiohttp site; :meth:`start` binds it (raises OSError), :meth:`stop` closes it."""
 
@@ -185,12 +303,14 @@ class AdminEndpoint:
         gauges: Callable[[], dict[str, float]],
         control: Control,
         token: str | None = None,
+        counters: Counter[str] | None = None,
     ) -> None:
         self.collector = MetricsCollector(metrics, gauges)
         self.registry = CollectorRegistry()
         self.registry.register(self.collector)
         self.control = control
         self.token = token.encode() if token else None
+        self.counters: Counter[str] = Counter() if counters is None else counters
         self._runner: web.AppRunner | None = None
         # several workers: this one's index and the base URLs of the others' admin APIs
         # (GET /calls answers for every worker)
@@ -217,11 +337,17 @@ class AdminEndpoint:
         r.add_delete("/suspensions/{number}", self._unsuspend)
         return app
 
-    async def start(self, host: str, port: int) -> None:
-        runner = web.AppRunner(self.app(), access_log=None)
+    async def start(self, host: str, port: int, max_connections: int = 64,
+                    idle_timeout_s: float = 30.0) -> None:
+        """Bind ``host:port``: at most ``max_connections`` connections, each closed after
+        ``idle_timeout_s`` without a byte from its client (see :class:`_Gate`)."""
+        runner = web.AppRunner(self.app(), access_log=None,
+                               keepalive_timeout=min(idle_timeout_s, 15.0))
         await runner.setup()
+        gate = _Gate(lambda: asyncio.Protocol(), max_connections, idle_timeout_s,
+                     self.counters)
         try:
-            await web.TCPSite(runner, host, port, reuse_address=True).start()
+            await _GatedSite(runner, host, port, gate).start()
         except OSError:
             await runner.cleanup()
             raise
@@ -243,10 +369,12 @@ class AdminEndpoint:
 
     @web.middleware
     async def _guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path not in OPEN_PATHS and not self.authorized(
-            request.headers.get("Authorization")
-        ):
-            return _error(401, "missing or wrong token (Authorization: Bearer ...)")
+        if request.path not in OPEN_PATHS:
+            refusal = self._from_a_web_page(request)
+            if refusal:
+                return _error(403, refusal)
+            if not self.authorized(request.headers.get("Authorization")):
+                return _error(401, "missing or wrong token (Authorization: Bearer ...)")
         try:
             return await handler(request)
         except HttpError as exc:
@@ -255,6 +383,24 @@ class AdminEndpoint:
             if exc.status < 400:
                 raise
             return _error(exc.status, exc.reason)
+
+    def _from_a_web_page(self, request: web.Request) -> str:
+        """Why an operator endpoint refuses a request a web browser made (empty: it does
+        not). A page on any site can make a browser send a POST to 127.0.0.1 (a "simple"
+        request: text/plain, no preflight) — suspending a prefix, ending every call — and,
+        re-binding its own name to 127.0.0.1, read the answers of GETs too. Browsers name the
+        page in ``Origin`` on such POSTs, and its name in ``Host``; the operator's tools
+        (curl, ``sipguard``, scripts) send neither. So: no ``Origin`` at all, and without a
+        token (the endpoint is then on loopback only) a ``Host`` naming loopback."""
+        if request.headers.get("Origin") is not None:
+            self.counters["admin_refused_origin"] += 1
+            return "requests from web pages (with an Origin header) are refused"
+        host = request.headers.get("Host")
+        if self.token is None and host is not None and not _loopback_host(host):
+            self.counters["admin_refused_host"] += 1
+            return ("without admin.token_file the Host header must name loopback "
+                    "(localhost, 127.0.0.1, [::1])")
+        return ""
 
     # ------------------------------------------------------------------ open endpoints
     async def _metrics(self, request: web.Request) -> web.Response:

@@ -304,6 +304,18 @@ class AdminSettings(ConfigModel):
         description="File holding the bearer token the admin API asks for (not /healthz, "
         "/readyz, /metrics); null: no token (loopback only).",
     )
+    max_connections: int = Field(
+        default=64, ge=1, le=100_000,
+        description="Open HTTP connections the endpoint holds at most; one more is closed at "
+        "once (counted admin_connections_refused): idle or half-sent requests cannot use up "
+        "the file descriptors SIP needs.",
+    )
+    idle_timeout_s: float = Field(
+        default=30.0, gt=0, le=3600,
+        description="An HTTP connection that sends nothing for this long is closed (counted "
+        "admin_connections_idle_closed): a half-sent request, or a kept-alive connection "
+        "between scrapes.",
+    )
 
     @field_validator("listen")
     @classmethod

@@ -20,8 +20,10 @@ RESTART_KEYS = ("listen", "admin", "metrics", "state_dir", "state", "workers", "
 # ``hash_key_file`` only): reported as ``log.<key>`` and kept at their running values.
 LOG_RESTART_KEYS = ("level", "format", "queue_bytes", "parse_error_sample_s")
 # Keys of ``sip`` read when the sockets are opened (the receive buffer; the TCP framers' size
-# limit): reported as ``sip.<key>`` and kept at their running values, as the log's.
-SIP_RESTART_KEYS = ("udp_receive_buffer", "max_message_size")
+# limit) or written into live calls (``advertise``: the Record-Route of every call up, whose
+# in-dialog requests name it in their Route — sipguard must keep recognising it): reported as
+# ``sip.<key>`` and kept at their running values, as the log's.
+SIP_RESTART_KEYS = ("udp_receive_buffer", "max_message_size", "advertise")
 
 
 def held_back(old: Config, new: Config, changed: list[str]) -> tuple[Config, list[str]]:

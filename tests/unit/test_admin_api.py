@@ -145,6 +145,79 @@ async def test_token_is_required_when_configured(
         await server.stop()
 
 
+async def test_requests_a_web_page_makes_are_refused(
+    tmp_path: Path, peers: tuple[Peer, Peer]
+) -> None:
+    """A browser's cross-site POST (text/plain, an Origin header) and a DNS-rebinding GET (a
+    Host that names the page's site, not loopback) are refused with 403 and counted; the
+    same requests from a tool (no Origin, Host 127.0.0.1 or localhost) pass. /metrics
+    stays open to any Host (a scraper names the machine as it knows it)."""
+    _, core = peers
+    guard = await start_guard(tmp_path, core)
+    url = guard.url
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with session.post(url + "/suspensions", data=b'{"prefix": "+1*"}', headers={
+                    "Origin": "http://attacker.example", "Content-Type": "text/plain"}) as r:
+                assert r.status == 403 and "Origin" in (await r.json())["error"]
+            async with session.post(url + "/reload", headers={
+                    "Origin": "http://attacker.example"}) as r:
+                assert r.status == 403
+            async with session.get(url + "/calls?number=%2B1*",
+                                   headers={"Host": "rebind.attacker.example:80"}) as r:
+                assert r.status == 403 and "Host" in (await r.json())["error"]
+            async with session.get(url + "/suspensions",
+                                   headers={"Host": f"localhost:{guard.admin_port}"}) as r:
+                assert r.status == 200
+            async with session.get(url + "/metrics", headers={"Host": "sipguard-1:9090"}) as r:
+                assert r.status == 200
+        assert guard.server.state.suspensions.match("+12125550100", 0.0) is None
+        counters = guard.server.counters
+        assert counters["admin_refused_origin"] == 2 and counters["admin_refused_host"] == 1
+    finally:
+        await guard.server.stop()
+
+
+async def test_admin_connections_are_bounded_and_idle_ones_closed(
+    tmp_path: Path, peers: tuple[Peer, Peer]
+) -> None:
+    """``admin.max_connections`` open connections at most (one more is closed at once), and
+    a connection that sends nothing for ``admin.idle_timeout_s`` (a half-sent request) is
+    closed: half-sent requests cannot hold the process's file descriptors."""
+    _, core = peers
+    sip_port, admin_port = _free_udp_port(), _free_tcp_port()
+    path = tmp_path / "bounded.yaml"
+    path.write_text(
+        f"listen: [udp://127.0.0.1:{sip_port}]\ncore: udp://127.0.0.1:{core.port}\n"
+        f"admin: {{listen: 127.0.0.1:{admin_port}, max_connections: 3, idle_timeout_s: 1.5}}\n")
+    server = Server(load_config(path))
+    await server.start()
+    url = f"http://127.0.0.1:{admin_port}"
+    writers: list[asyncio.StreamWriter] = []
+    try:
+        readers = []
+        for _ in range(3):  # three half-sent requests: the limit
+            reader, writer = await asyncio.open_connection("127.0.0.1", admin_port)
+            writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+            await writer.drain()
+            readers.append(reader)
+            writers.append(writer)
+        await asyncio.sleep(0.05)
+        reader, writer = await asyncio.open_connection("127.0.0.1", admin_port)
+        writers.append(writer)
+        assert await asyncio.wait_for(reader.read(), 2) == b""  # the fourth: closed at once
+        assert server.counters["admin_connections_refused"] == 1
+        for r in readers:  # the idle ones are closed after 1.5 s without a byte
+            assert await asyncio.wait_for(r.read(), 3) == b""
+        assert server.counters["admin_connections_idle_closed"] == 3
+        status, _ = await request("GET", url + "/healthz")  # room again
+        assert status == 200
+    finally:
+        for w in writers:
+            w.close()
+        await server.stop()
+
+
 async def test_a_reload_rotates_the_token(tmp_path: Path, peers: tuple[Peer, Peer]) -> None:
     """The token file written anew and a reload: the new token works, the old one is 401,
     and `changed` says so; an empty token file refuses the reload naming the field, and the
@@ -384,6 +457,13 @@ async def test_reload_reports_errors_and_applies_a_valid_file(
         assert body["applied"] is True and "sip.udp_receive_buffer" in body["restart_needed"]
         assert guard.server.cfg.sip.udp_receive_buffer == buffer
         assert guard.server.cfg.sip.t1_ms == 400
+        # the advertised address is in every live call's Record-Route: kept until a restart
+        guard.config.write_text(moved + f"log: {{level: {other}, numbers: masked}}\n"
+                                f"sip: {{udp_receive_buffer: {buffer * 2}, t1_ms: 400, "
+                                "advertise: 'sg.example.net:5060'}\n")
+        status, body = await request("POST", guard.url + "/reload")
+        assert body["applied"] is True and "sip.advertise" in body["restart_needed"], body
+        assert guard.server.cfg.sip.advertise is None
     finally:
         await guard.server.stop()
 
