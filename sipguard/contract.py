@@ -252,8 +252,14 @@ class CallInfo:
         self.started_perf = 0.0
 
 
+# Distinct diverting numbers a call is counted under (per_diverter): one INVITE must take a
+# bounded number of counters (a key each; the shared-memory backend takes at most 64 per call)
+MAX_DIVERTERS: Final = 16
+
+
 def _diverters(msg: Message) -> tuple[str, ...]:
-    """Numbers that forwarded this call: Diversion (RFC 5806) and History-Info (RFC 7044)."""
+    """Numbers that forwarded this call: Diversion (RFC 5806) and History-Info (RFC 7044);
+    the first :data:`MAX_DIVERTERS` distinct ones."""
     out: list[str] = []
     if msg.has("diversion"):
         out.extend(n for na in msg.diversions if (n := na.uri.number))
@@ -263,7 +269,8 @@ def _diverters(msg: Message) -> tuple[str, ...]:
         out.extend(
             n for e in diverting_entries(msg.history_info) if (n := e.name_addr.uri.number)
         )
-    return tuple(dict.fromkeys(out))
+    distinct = tuple(dict.fromkeys(out))
+    return distinct[:MAX_DIVERTERS] if len(distinct) > MAX_DIVERTERS else distinct
 
 
 @dataclass(slots=True, init=False)

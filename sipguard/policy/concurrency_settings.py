@@ -67,7 +67,9 @@ class Settings(RuleSettings):
         description="Live calls forwarded by one number (PBX forwarding); null: no limit. "
         "Every number in Diversion (RFC 5806) counts, and every diverting History-Info "
         "entry (RFC 7044: the entry an `mp` tag names, or the one before an entry with an "
-        "RFC 4458 forwarding `cause`).",
+        "RFC 4458 forwarding `cause`) — the first 16 distinct numbers of a call (Diversion "
+        "first: its top entry is the latest), so one INVITE takes a bounded number of "
+        "counters; refuse longer chains with `max_diversions`.",
     )
     max_diversions: int | None = Field(
         default=None, ge=0,

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from sipguard.contract import MAX_DIVERTERS
 from sipguard.state import _shm
 from sipguard.state.base import Admitted, Check, SharedCounts
 from sipguard.state.shared_memory import SET_CAP, ShmCounts, create_segment
@@ -659,3 +660,22 @@ async def test_stats(path: str) -> None:
         assert stats["state_shm_sets_max"] == CAPS["max_sets"]
     finally:
         await a.close()
+
+
+async def test_a_call_forwarded_by_a_hundred_numbers_is_decided(path: str) -> None:
+    """An INVITE naming 100 distinct diverting numbers (Diversion and History-Info) is
+    counted under the first ``MAX_DIVERTERS`` of them: it is decided like any other call
+    (the segment takes at most 64 keys per call; 100 would have been an internal error)."""
+    shm = store(path, create=True)
+    try:
+        h = SharedHarness("rules:\n  concurrency: {per_caller: 5, per_diverter: 2}\n", shm)
+        diversion = "".join(f"Diversion: <sip:+1212555{i:04d}@198.51.100.7>;reason=unconditional"
+                            f"\r\n" for i in range(100))
+        resp, fwd = await h.invite(1, extra=diversion)
+        assert fwd is not None, [m.status for m in resp]
+        assert len(fwd.values("diversion")) == 100  # passed on as it came
+        counts = await shm.counts(tuple(f"diverter:+1212555{i:04d}" for i in (0, 15, 16, 99)))
+        assert counts == [1, 1, 0, 0]
+        assert MAX_DIVERTERS == 16
+    finally:
+        await shm.close()
