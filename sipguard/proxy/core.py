@@ -556,7 +556,11 @@ class Proxy:
                 self.events.append(Dropped("merged_request", msg.call_id, flow))
                 return
             st.next_hop = (target, start_line, route_line)
-            call = CallInfo(msg, flow, now, f"{dialog_id}\n{st.key}")
+            # The id its limits are held under (with state.backend redis / shared_memory, in
+            # every counter key it takes): of fixed size, however long the Call-ID, tag and
+            # branch the caller chose, and keyed by this process's secret, so the same INVITE
+            # sent to two instances (or two workers) is two calls there, never one slot.
+            call = CallInfo(msg, flow, now, self.ids.digest("lease", dialog_id, st.key))
             st.call = call
             st.state = DECIDING
             self.pending[id(call)] = st

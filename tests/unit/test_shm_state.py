@@ -20,9 +20,12 @@ from typing import Any
 import pytest
 
 from sipguard.contract import MAX_DIVERTERS
+from sipguard.proxy import build
 from sipguard.state import _shm
 from sipguard.state.base import Admitted, Check, SharedCounts
 from sipguard.state.shared_memory import SET_CAP, ShmCounts, create_segment
+from tests.unit.dialog_helpers import to
+from tests.unit.proxy_helpers import CORE, invite
 from tests.unit.test_shared_policy import SharedHarness
 
 CAPS = {"max_keys": 2048, "max_leases": 2048, "max_sets": 64}
@@ -679,3 +682,26 @@ async def test_a_call_forwarded_by_a_hundred_numbers_is_decided(path: str) -> No
         assert MAX_DIVERTERS == 16
     finally:
         await shm.close()
+
+
+async def test_one_invite_sent_to_two_instances_is_two_calls_in_the_shared_counts(
+        path: str) -> None:
+    """The same INVITE (Call-ID, tags, branch, all the caller's choice) sent to two instances
+    sharing their counts is two calls at the core: it takes two slots, so two instances never
+    let through twice a limit. Its lease id is of fixed size whatever the caller wrote."""
+    a_store, b_store = store(path, create=True), store(path)
+    try:
+        rules = "rules:\n  concurrency: {per_caller: 5}\n"
+        a, b = SharedHarness(rules, a_store), SharedHarness(rules, b_store)
+        b.proxy.ids = build.Ids(os.urandom(32))  # another process: its own secret
+        long_id = "x" * 12000
+        data = invite(branch="z9hG4bK-dup", call_id=long_id)
+        for h in (a, b):
+            h.feed(data)
+            assert to(await h.settle(), CORE)
+        assert await a_store.counts(("caller:+12125550100",)) == [2]
+        leases = {d.lease for h in (a, b) for d in h.proxy.dialogs.values()}
+        assert len(leases) == 2 and all(len(lease) <= 32 for lease in leases)
+    finally:
+        await a_store.close()
+        await b_store.close()
