@@ -215,6 +215,7 @@ class SharedStore:
         self._release = client.register_script(RELEASE)
         self._keys: dict[str, str] = {}  # "kind:ident" -> Redis key (bounded cache)
         self.failures = 0  # failed round trips in a row
+        self.last_failure: BaseException | None = None  # the last failed round trip's error
         self.open = False  # the breaker: no call waits for Redis while open
         self.pending: deque[tuple[str, tuple[str, ...]]] = deque(maxlen=max_pending or None)
         self.max_pending = max_pending
@@ -272,7 +273,21 @@ class SharedStore:
         else:
             result = await self._guarded(
                 "admit", self._admit_one(lease, keys, checks, cidx, tidx), self.timeout_s)
-        return None if result is _FAILED else result
+        if result is _FAILED:
+            if take and isinstance(self.last_failure, TimeoutError):
+                # The script was sent: a Redis that stalled past the timeout runs it when it
+                # wakes, and the call — refused (fail closed) or counted at the next refresh
+                # (fail open) — would hold a phantom slot for lease_s. Give it back: queued
+                # behind the take on the same connection when it is open, else at the next
+                # refresh.
+                self._give_back(lease, take)
+            return None
+        admitted: Admitted = result
+        return admitted
+
+    def _give_back(self, lease: str, take: Sequence[str]) -> None:
+        if not self.release_soon(lease, take):
+            self._keep(lease, tuple(take))
 
     async def _admit_one(
         self, lease: str, keys: list[str], checks: Sequence[Check], cidx: list[int],
@@ -581,6 +596,7 @@ class SharedStore:
         self.failures = 0
 
     def _failed(self, what: str, exc: BaseException) -> None:
+        self.last_failure = exc
         self.counters["state_failures"] += 1
         if isinstance(exc, BadReply):
             self.counters["state_bad_replies"] += 1

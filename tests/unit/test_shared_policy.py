@@ -5,7 +5,10 @@ cancelled while Redis answered)."""
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
+
+import pytest
 
 from sipguard.contract import DecisionPending, Deferred, Flow, Verdict
 from sipguard.policy.concurrency import Tracker
@@ -183,6 +186,43 @@ async def test_fail_closed_answers_503_with_retry_after(redis_url: str) -> None:
     finally:
         await store.close()
 
+
+
+# Redis busy for ARGV[1] microseconds: one script holds its single thread (a stalled Redis)
+BUSY = ("local t = redis.call('TIME') local start = t[1] * 1000000 + t[2] "
+        "while true do local n = redis.call('TIME') "
+        "if n[1] * 1000000 + n[2] - start > tonumber(ARGV[1]) then break end end return 1")
+
+
+@pytest.mark.parametrize("fail_open", [False, True], ids=["fail-closed", "fail-open"])
+async def test_a_redis_that_answers_too_late_leaves_no_phantom_slot(
+        redis_url: str, fail_open: bool) -> None:
+    """Redis stalls past the timeout while an INVITE is decided: the call is refused (fail
+    closed: 503) or passed (fail open), and when Redis wakes and runs the late admission,
+    the slot is given back — the caller's next call is not refused for a call it does not
+    have (with fail open, the passed call's slot comes back at the next refresh)."""
+    import redis.asyncio as aioredis
+
+    store = new_store(redis_url, timeout_s=0.05, fail_open=fail_open)
+    h = SharedHarness("rules:\n  concurrency: {per_caller: 1}\n", store)
+    busy = aioredis.from_url(redis_url)
+    try:
+        _, fwd = await h.invite(9, caller="+12125550999")  # the connection up, scripts loaded
+        assert fwd is not None
+        stall = asyncio.ensure_future(busy.eval(BUSY, 0, 400_000))
+        await asyncio.sleep(0.05)
+        got, fwd = await h.invite(1)
+        assert (fwd is not None) is fail_open, [m.status for m in got]
+        await stall
+        if fail_open:  # the passed call ends: its slot must not stay behind
+            h.feed(h_answer(fwd, 486))
+            await h.settle()
+        assert await members(store, f"caller:{CALLER_NO}") == []
+        got, fwd = await h.invite(2)
+        assert fwd is not None, [m.status for m in got]
+    finally:
+        await busy.aclose()
+        await store.close()
 
 
 DIALER = ("rules:\n  dialer:\n    distinct_callees: {tag: 3, block: 5}\n"
