@@ -32,6 +32,14 @@ When Redis cannot be reached
     counts converge: a lease id is a set member, so a call re-added after the outage is
     counted once, and a call that ended meanwhile is removed (its release was kept) or lapses.
 
+When Redis loses its data
+    A restart without persistence, a FLUSHALL or a failover to a replica that lacks the sets
+    empties the counts while calls are up, often with no failed round trip at all. Every
+    second each instance reads ``<prefix>counts:epoch`` (a random value, no expiry, set by
+    whoever finds it missing); when it is gone or changed, the instance re-scores its live
+    leases at once (``state_data_lost``), so the limits count the calls that are up within a
+    second instead of ``lease_s / 3``.
+
 Nothing here reads the event loop's clock for the data (Redis's ``TIME`` scores everything);
 ``clock`` only paces the probe.
 """
@@ -40,6 +48,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping, Sequence
 from typing import Any
@@ -165,6 +174,7 @@ return n
 """
 
 REFRESH_CHUNK = 256  # leases per refresh script
+WATCH_S = 1.0  # how often the epoch key is read: a Redis that lost its data is noticed
 PROBE_MIN_S, PROBE_MAX_S = 0.2, 5.0
 
 class BadReply(ValueError):
@@ -215,6 +225,7 @@ class SharedStore:
         self._release = client.register_script(RELEASE)
         self._keys: dict[str, str] = {}  # "kind:ident" -> Redis key (bounded cache)
         self.failures = 0  # failed round trips in a row
+        self.epoch: Any = None  # the counts' epoch key as last read (see _data_lost)
         self.last_failure: BaseException | None = None  # the last failed round trip's error
         self.open = False  # the breaker: no call waits for Redis while open
         self.pending: deque[tuple[str, tuple[str, ...]]] = deque(maxlen=max_pending or None)
@@ -572,12 +583,49 @@ class SharedStore:
             self._refresher = asyncio.get_running_loop().create_task(self._refresh_loop())
 
     async def _refresh_loop(self) -> None:
+        """Every ``lease_s / 3`` a refresh; every :data:`WATCH_S` a look at the epoch key, and
+        a refresh at once when Redis lost its data (see :meth:`_data_lost`)."""
+        loop = asyncio.get_running_loop()
+        due = loop.time() + self.lease_s / 3
         while not self.closed:
-            await asyncio.sleep(self.lease_s / 3)
+            await asyncio.sleep(min(WATCH_S, self.lease_s / 3))
             try:
-                await self.refresh()
+                lost = await self._data_lost()
+                if lost or loop.time() >= due:
+                    due = loop.time() + self.lease_s / 3
+                    done = await self.refresh()
+                    if lost:
+                        self._note("state_data_lost", leases_restored=done)
             except Exception as exc:  # never let the loop die
                 self._note("state_refresh_failed", error=repr(exc))
+
+    async def _data_lost(self) -> bool:
+        """True when Redis lost the counts since the last look: the epoch key (a random
+        value this or another instance set, no expiry) is gone — Redis restarted empty, was
+        flushed, or failed over to a replica without it — or another instance set a new one
+        since. The live calls' leases are then re-scored at once, not up to ``lease_s / 3``
+        later: until then the limits would count none of the calls that are up."""
+        if self.open:
+            return False
+        key = self.prefix + "counts:epoch"
+        epoch = await self._guarded("watch", self.client.get(key), self.timeout_s * 4)
+        if epoch is _FAILED:
+            return False
+        if epoch is None:
+            mine = os.urandom(8).hex().encode()
+            done = await self._guarded("watch", self.client.set(key, mine, nx=True),
+                                       self.timeout_s * 4)
+            if done is _FAILED:
+                return False
+            epoch = mine if done else await self._guarded(
+                "watch", self.client.get(key), self.timeout_s * 4)
+            if epoch is _FAILED:
+                return False
+        lost = self.epoch is not None and epoch != self.epoch
+        self.epoch = epoch
+        if lost:
+            self.counters["state_data_lost"] += 1
+        return lost
 
     async def close(self) -> None:
         self.closed = True

@@ -356,3 +356,34 @@ async def test_a_garbage_reply_fails_like_an_unreachable_redis(redis_url: str) -
         assert a.open  # two failures: the breaker opened
     finally:
         await a.close()
+
+
+async def test_counts_lost_by_redis_are_restored_within_a_second(
+    redis_server: RedisServer,
+) -> None:
+    """Redis flushed (or restarted empty) while calls are up, with no failed round trip: the
+    instance notices the missing epoch key within a second and re-scores its live leases, so
+    the limits count the calls that are up long before the next lease_s / 3 refresh."""
+    redis_server.flush()
+    counters: Counter[str] = Counter()
+    a = store(redis_server.url, counters=counters, lease_s=600.0)  # refresh: 200 s away
+    mirror = {"up1": TAKE, "up2": TAKE}
+    a.live = lambda: list(mirror.items())
+    a.held = lambda lease: lease in mirror
+    try:
+        for lease in mirror:
+            assert (await a.admit(lease, [caller_limit(5)], TAKE))[0]
+        a.start()
+        await asyncio.sleep(1.3)  # the first look sets the epoch
+        await a.client.flushall()
+        key = a.rkey("caller:+12125550100")
+        members: list[bytes] = []
+        for _ in range(40):
+            members = sorted(await a.client.zrange(key, 0, -1))
+            if members:
+                break
+            await asyncio.sleep(0.1)
+        assert members == [b"up1", b"up2"] and counters["state_data_lost"] == 1
+        assert await a.client.get("sipguard:counts:epoch") is not None
+    finally:
+        await a.close()
