@@ -38,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -329,8 +330,42 @@ def group_base() -> str:
 
 def make_group() -> str:
     """A fresh directory, mode 0700, for this supervisor's workers: the shared-memory state
-    segment, the hand-over's secret and port files (only this user's processes read them)."""
-    return tempfile.mkdtemp(prefix=f"sipguard-{os.getpid()}-", dir=group_base())
+    segment, the hand-over's secret and port files (only this user's processes read them).
+    The directories of supervisors that died without removing theirs (SIGKILL, a crash; the
+    segment alone is tens of MB of memory in /dev/shm) are removed first."""
+    base = group_base()
+    remove_stale_groups(base)
+    return tempfile.mkdtemp(prefix=f"sipguard-{os.getpid()}-", dir=base)
+
+
+_GROUP = re.compile(r"sipguard-(\d+)-[A-Za-z0-9_]+")
+
+
+def remove_stale_groups(base: str) -> list[str]:
+    """Remove this user's workers' directories in ``base`` whose supervisor (the pid in the
+    name) is no longer running; the paths removed. A worker of that supervisor still
+    draining keeps its mapping of the segment (an unlinked file stays mapped)."""
+    removed: list[str] = []
+    uid = os.getuid()
+    try:
+        names = os.listdir(base)
+    except OSError:
+        return removed
+    for name in names:
+        m = _GROUP.fullmatch(name)
+        if m is None:
+            continue
+        path = os.path.join(base, name)
+        try:
+            if os.stat(path).st_uid != uid or not os.path.isdir(path):
+                continue
+            os.kill(int(m.group(1)), 0)
+        except ProcessLookupError:
+            remove_group(path)
+            removed.append(path)
+        except OSError:  # another user's process (EPERM), or the entry vanished: leave it
+            continue
+    return removed
 
 
 def remove_group(path: str) -> None:

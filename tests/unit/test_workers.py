@@ -167,3 +167,24 @@ def test_workers_share_a_file_stdout_but_not_a_pipe(tmp_path: Path,
     with os.fdopen(r, "rb"), os.fdopen(w, "w", encoding="utf-8") as wf:
         monkeypatch.setattr(sys, "stdout", wf)
         assert not stdout_is_shareable()
+
+
+def test_directories_of_dead_supervisors_are_removed(tmp_path: Path) -> None:
+    """A supervisor killed with SIGKILL leaves its workers' directory (with a shared-memory
+    segment of tens of MB) behind; the next supervisor removes those whose pid is gone, and
+    keeps those of running ones and anything else."""
+    import subprocess
+
+    from sipguard.supervisor import remove_stale_groups
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = tmp_path / f"sipguard-{dead.pid}-abc123"
+    (stale / "sub").mkdir(parents=True)
+    (stale / "state.shm").write_bytes(b"x" * 1024)
+    alive = tmp_path / f"sipguard-{os.getpid()}-def456"
+    alive.mkdir()
+    other = tmp_path / "sipguard-test-0123"
+    other.mkdir()
+    assert remove_stale_groups(str(tmp_path)) == [str(stale)]
+    assert not stale.exists() and alive.exists() and other.exists()
