@@ -316,6 +316,9 @@ class Dialog:
     # when the session timer or the lifetime ends the call: ``expires`` but for the cap of a
     # missing ACK, which the call's ACK lifts again
     session_ends: float
+    # the core the call went to (or came from): its in-dialog requests go on to, and come
+    # from, that core even after a reload named another (None: the configured one)
+    core: Flow | None
 
     # Hand-written __init__s in this module: mypyc compiles them, where dataclass-made ones run
     # as Python (these objects are made for every call).
@@ -360,6 +363,7 @@ class Dialog:
         self.lease = lease or f"{call_id}\n{caller_tag}"
         self.party = party
         self.outbound = outbound
+        self.core = None
         self.anonymise: Anonymise | None = None
         self.behind_nat = False
         self.acked = False

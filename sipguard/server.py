@@ -50,7 +50,7 @@ from sipguard.ops.shared_lists import SharedLists
 from sipguard.policy.engine import Policy
 from sipguard.policy.state import RuleState
 from sipguard.policy.suspensions import Suspension, SuspensionStore, suspension_key
-from sipguard.proxy.core import Proxy
+from sipguard.proxy.core import MAX_FORMER_CORES, Proxy
 from sipguard.proxy.routing import local_for
 from sipguard.proxy.settings import ProxySettings
 from sipguard.sip.errors import SipParseError
@@ -335,6 +335,8 @@ class Server:
         self._resolved: dict[str, str] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._reloads = 0  # reloads started; only the newest one's result is swapped in
+        # the cores reloads replaced (at most MAX_FORMER_CORES): still trusted by the flood guard
+        self._former_cores: dict[tuple[str, int], None] = {}
 
     def _point_link(self) -> None:
         """The hand-over's envelopes go through the send thread too, when it runs."""
@@ -649,7 +651,17 @@ class Server:
         self._reloads += 1
         mine = self._reloads
         tls = await asyncio.to_thread(tls_contexts, cfg)  # a bad certificate fails the reload
-        policy = await asyncio.to_thread(Policy, cfg, self.state, _trusted(cfg))
+        former = self._former_cores
+        old = (self.cfg.core.host, self.cfg.core.port)
+        if (cfg.core.host, cfg.core.port) != old:
+            # the replaced core still sends the BYEs of its calls up: the flood guard keeps
+            # trusting it (as the proxy keeps routing them, Dialog.core)
+            former.pop(old, None)
+            former[old] = None
+            while len(former) > MAX_FORMER_CORES:
+                del former[next(iter(former))]
+        trusted = _trusted(cfg) + tuple(c for c in former if c != (cfg.core.host, cfg.core.port))
+        policy = await asyncio.to_thread(Policy, cfg, self.state, trusted)
         if mine != self._reloads:
             self.counters["reloads_superseded"] += 1
             return False

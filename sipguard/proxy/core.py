@@ -78,7 +78,7 @@ from sipguard.contract import (
 )
 from sipguard.proxy import build, keepalive
 from sipguard.proxy.dialogs import DialogTable, dialog_key, key_of, session_interval
-from sipguard.proxy.routing import Router
+from sipguard.proxy.routing import Router, flow_is_core
 from sipguard.proxy.settings import ProxySettings
 from sipguard.proxy.timers import TimerEntry, TimerQueue
 from sipguard.proxy.transactions import (
@@ -184,6 +184,8 @@ ANONYMOUS_FROM: Final = 'From: "Anonymous" <sip:anonymous@anonymous.invalid>'
 _IDENTITY_HEADERS: Final = ("p-preferred-identity", "remote-party-id")
 # A retransmission timer waits for the receive queue only when it is at least this far behind
 HOLD_MIN_S: Final = 0.02
+# Addresses of cores a reload replaced, whose calls may still be up (see Proxy._is_core)
+MAX_FORMER_CORES: Final = 16
 
 
 def _is_ip(host: str) -> bool:
@@ -314,6 +316,9 @@ class Proxy:
         self.deciding: set[str] = set()  # dialog_key()s of the INVITEs being decided
         self._sweep: TimerEntry | None = None
         self.probes: dict[str, keepalive.Probe] = {}  # dialogs kept alive
+        # the addresses of the cores reloads replaced (insertion-ordered, at most
+        # MAX_FORMER_CORES): their in-dialog requests may still belong to calls up
+        self.former_cores: dict[str, None] = {}
         # before the 2xx (no probe yet): the highest CSeq each side used (PRACK, UPDATE), so a
         # BYE sipguard sends later goes above them; one entry per early dialog at most
         self.early_cseqs: dict[str, tuple[int, int]] = {}
@@ -345,9 +350,29 @@ class Proxy:
 
     # ------------------------------------------------------------------ configuration
     def configure(self, settings: ProxySettings) -> None:
-        """Apply new settings (reload): transactions and dialogs carry on untouched."""
+        """Apply new settings (reload): transactions and dialogs carry on untouched — a call
+        up keeps the core it went to (``Dialog.core``) when the reload names another."""
+        old = self.settings.core
+        if settings.core != old:
+            former = self.former_cores
+            former.pop(settings.core.addr[0], None)
+            former[old.addr[0]] = None
+            while len(former) > MAX_FORMER_CORES:
+                del former[next(iter(former))]
         self.settings = settings
         self.router.configure(settings)
+
+    def _is_core(self, msg: Message, flow: Flow) -> bool:
+        """``flow`` is the core's: the configured one, or — for an in-dialog request — the
+        core the call went to before a reload named another (``Dialog.core``). The second
+        test costs a dialog lookup only for a request from an address a former core had."""
+        if self.router.is_core(flow):
+            return True
+        if flow.addr[0] not in self.former_cores or msg.to_tag is None:
+            return False
+        dialog, _ = self.table.of(msg, True)
+        core = dialog.core if dialog is not None else None
+        return core is not None and flow_is_core(flow, core, self.settings.core_tcp_any_port)
 
     # ------------------------------------------------------------------ entry points
     def next_deadline(self) -> float | None:
@@ -457,7 +482,7 @@ class Proxy:
                 self.outbox.append((st.reply_to, st.last))
             return  # retransmission: answered again or absorbed
         msg.check_request()  # a malformed R-URI, From or To: 400 before any state exists
-        from_core = self.router.is_core(flow)
+        from_core = self._is_core(msg, flow)
         if method == "CANCEL":
             self._on_cancel(msg, flow, key, now, from_core)
             return
@@ -511,7 +536,7 @@ class Proxy:
                 self._respond(st, status, now, extra=extra)
             return
         initial = msg.to_tag is None
-        from_core = self.router.is_core(flow)
+        from_core = self._is_core(msg, flow)
         dialog: Dialog | None = None
         side = ""
         if not initial:
@@ -519,10 +544,13 @@ class Proxy:
             dialog, side = self.table.of(msg, from_core)
             if dialog is not None:
                 self._saw_cseq(dialog, side, msg)
-        target, start_line, route_line = self.router.preprocess_route(msg, flow, initial)
+        target, start_line, route_line = self.router.preprocess_route(msg, flow, initial,
+                                                                      from_core)
         if target is None:
             self._respond(st, 404, now)
             return
+        if dialog is not None and dialog.core is not None and target is self.settings.core:
+            target = dialog.core  # the core the call went to, whatever a reload says now
         if initial and start_line is not None and not from_core:
             # sipguard's own (Record-Route) URI as the target of a new request, the real one
             # in the last Route: only a dialog's strict routing does that (RFC 3261 §16.4). A
@@ -770,6 +798,12 @@ class Proxy:
                       extra=verdict.forward_headers, edits=verdict.replace_headers,
                       anonymise=verdict.anonymise)
 
+    def _core_side(self, ct: ClientTxn) -> bool:
+        """A keep-alive's client transaction went to the call's core (not its outside party)."""
+        probe = ct.probe
+        core = probe.dialog.core if probe is not None else None
+        return flow_is_core(ct.flow, core or self.settings.core)
+
     def _start_dialog(self, st: ServerTxn, call: CallInfo, now: float, party: Flow,
                       outbound: bool) -> None:
         msg = _request(st)
@@ -789,6 +823,7 @@ class Proxy:
             outbound=outbound,
             shown=None if outbound else call.shown,
         )
+        dialog.core = self.settings.core
         if not outbound and party.transport == "udp":
             dialog.behind_nat = _behind_nat(msg, party)
         if not self.table.add(dialog):
@@ -930,19 +965,21 @@ class Proxy:
         if msg.max_forwards == 0:
             self.events.append(Dropped("ack_too_many_hops", msg.call_id, flow))
             return
-        from_core = self.router.is_core(flow)
+        from_core = self._is_core(msg, flow)
         dialog, side = self.table.of(msg, from_core)
         if not from_core:
             if self._not_party(dialog, side, flow, msg):
                 self.events.append(Dropped("ack_refused", msg.call_id, flow))
                 return
             self._follow_nat(dialog, side, msg, flow)
-        target, start_line, routes = self.router.preprocess_route(msg, flow, False)
+        target, start_line, routes = self.router.preprocess_route(msg, flow, False, from_core)
         if target is None:
             self.events.append(Dropped("ack_unroutable", msg.call_id, flow))
             return
         if from_core and dialog is not None and dialog.party is not None:
             target = self._toward_party(dialog, dialog.party, target)
+        elif dialog is not None and dialog.core is not None and target is self.settings.core:
+            target = dialog.core
         # An ACK gets no response, so a loop of ACKs is cut by Max-Forwards alone: its branch
         # needs no loop-detection part.
         branch = self.ids.branch(key + "|ACK", "ack")
@@ -1196,7 +1233,7 @@ class Proxy:
         if status < 300 and ct.method in ("INVITE", "UPDATE") and ct.server is not None:
             self._session_timer(ct.server, msg, now)
         if ct.probe is not None:
-            self._probe_answered(ct.probe, status, now, self.router.is_core(ct.flow))
+            self._probe_answered(ct.probe, status, now, self._core_side(ct))
         server = ct.server
         if server is not None and server.ends is not None and (
                 status < 300 or status in (408, 481)):  # §15.1.1: the dialog is over
@@ -1327,7 +1364,7 @@ class Proxy:
                 self._ask_core(ends, now)
             if ct.probe is not None:
                 # no answer at all
-                self._probe_answered(ct.probe, 408, now, self.router.is_core(ct.flow))
+                self._probe_answered(ct.probe, 408, now, self._core_side(ct))
 
     def _client_timed_out(self, ct: ClientTxn, now: float) -> None:
         if ct.state not in (CALLING, PROCEEDING):
@@ -1390,7 +1427,7 @@ class Proxy:
             request = st.msg
             if request is None or request.to_tag is None:
                 return  # answered already, or an initial request that is not a call of ours
-            dialog, side = self.table.of(request, self.router.is_core(st.flow))
+            dialog, side = self.table.of(request, self._is_core(request, st.flow))
             if dialog is None or dialog.state == TERMINATED:
                 return
             if _names(dialog, side, request):  # not another fork's re-INVITE
@@ -1502,7 +1539,7 @@ class Proxy:
         only), each its own client transaction (OPTIONS answers feed the keep-alive; BYE
         answers are only absorbed)."""
         dialog = probe.dialog
-        core = self.settings.core
+        core = dialog.core or self.settings.core
         outside = dialog.party
         # (toward the caller?, where it goes): the core's side and the outside party's side
         sides = ((True, outside), (False, core)) if not dialog.outbound else (

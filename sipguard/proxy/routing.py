@@ -157,8 +157,11 @@ class Router:
                     return True
         return False
 
-    def preprocess_route(self, msg: Message, flow: Flow, initial: bool) -> NextHop:
+    def preprocess_route(self, msg: Message, flow: Flow, initial: bool,
+                         from_core: bool | None = None) -> NextHop:
         """RFC 3261 §16.4 and §16.5: drop our own Route entries, pick the next hop.
+        ``from_core``: the request is the core's (None: ``flow`` is the configured core's;
+        the proxy also counts the core a call went to before a reload).
 
         Returns (target, new start line or None, remaining routes or None when unchanged).
         """
@@ -179,7 +182,7 @@ class Router:
             if not popped and start_line is None:
                 routes = None  # untouched
         remaining = routes if routes is not None else (msg.routes if msg.has("route") else [])
-        if self.is_core(flow):
+        if self.is_core(flow) if from_core is None else from_core:
             if remaining:
                 return self.flow_for_uri(remaining[0].uri), start_line, routes
             if self.is_ours(uri):

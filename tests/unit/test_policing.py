@@ -6,7 +6,7 @@ from __future__ import annotations
 from sipguard.contract import DialogEnded, Dropped, Flow, InviteDecided, Local, Noticed, Screened
 from sipguard.sip.message import Message
 from tests.unit.dialog_helpers import PolicyHarness, in_dialog, to
-from tests.unit.proxy_helpers import CALLER, CORE, answer, invite
+from tests.unit.proxy_helpers import CALLER, CORE, answer, invite, settings
 
 PEERS = "peers:\n  - name: carrier-a\n    networks: [198.51.100.0/24]\n"
 STRANGER = ("203.0.113.5", 5060)
@@ -951,3 +951,31 @@ def test_a_call_that_came_over_tls_takes_its_requests_over_tls_only() -> None:
     info = in_dialog("INFO", call_id="call-tls", cseq=2, branch="z9hG4bK-p2")
     out = h.send(info, src=("198.51.100.8", 5060))
     assert to(out, CORE) == [] and statuses(out) == [403]
+
+
+def test_calls_up_keep_their_core_when_a_reload_names_another() -> None:
+    """A reload moves ``core`` from A to B with calls up: the caller's in-dialog requests of
+    a call set up through A still go to A (its ACK and BYE included), A's own BYE for its
+    call is taken as the core's (not refused as an outside source), and new calls go to B."""
+    h = PolicyHarness("rules:\n  concurrency: {per_caller: 5}\n")
+    up(h, 1)
+    up(h, 2)
+    core_b = ("10.0.0.20", 5080)
+    h.core.proxy.configure(settings(core=Flow("udp", core_b, 0)))
+    # call 1, set up through A: the caller's INFO and BYE go to A, the call ends on A's 200
+    out = h.send(in_dialog("INFO", call_id="call-1", cseq=2, branch="z9hG4bK-i1"))
+    assert [(f.addr, m.method) for f, m in out if m.method] == [(CORE, "INFO")]
+    out = h.bye(1, cseq=3)
+    assert [(f.addr, m.method) for f, m in out if m.method] == [(CORE, "BYE")]
+    assert h.ended() == ["bye_caller"]
+    # call 2: core A hangs up; its BYE reaches the caller
+    out = h.bye(2, from_callee=True)
+    assert [m.method for m in to(out, CALLER) if m.method] == ["BYE"]
+    assert [m.status for _, m in out if m.status] == []  # no 403 to core A
+    assert h.ended() == ["bye_caller", "bye_callee"]
+    # a new call goes to B; a request from A naming no call of A's is an outside source's
+    out = h.send(invite(branch="z9hG4bK-c3", call_id="call-3"))
+    assert [(f.addr, m.method) for f, m in out if m.method] == [(core_b, "INVITE")]
+    stray = in_dialog("BYE", call_id="call-9", cseq=2, branch="z9hG4bK-s9", from_callee=True)
+    out = h.send(stray, src=CORE)
+    assert to(out, CALLER) == []
