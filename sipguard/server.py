@@ -303,6 +303,7 @@ class Server:
         self.tcp = TcpPool(self.loop, self._on_stream_message, self._on_stream_error,
                            cfg.sip.max_message_size, tcp_limits(cfg), self._on_tcp_event)
         self.tcp.watch = self._check_load
+        self.tcp.undelivered = self._undelivered
         self.tcp.is_peer = self._is_peer_address  # connections kept for the trunks
         self.state.tls_names = self._tls_names  # peers matched by their TLS certificate
         self.metrics.config_loaded = time.time()
@@ -1097,6 +1098,12 @@ class Server:
         self.counters["parse_errors"] += 1
         self.sampled.log("warning", "stream_closed", key=f"stream:{addr[0]}", source=addr[0],
                          status=err.status, detail=err.detail)
+
+    def _undelivered(self, dropped: list[bytes]) -> None:
+        """Messages a failed outbound TCP/TLS connect dropped: the requests among them are
+        answered at once (RFC 3261 §16.9: a transport error is a 503)."""
+        if self.core.proxy.undelivered(dropped, self.loop.time()):
+            self._schedule_flush()
 
     def _on_tcp_event(self, kind: str, addr: tuple[str, int], n: int) -> None:
         # A TCP limit bit, or an outbound connect failed (transport/tcp.py): counted, and

@@ -1366,6 +1366,41 @@ class Proxy:
                 # no answer at all
                 self._probe_answered(ct.probe, 408, now, self._core_side(ct))
 
+    def undelivered(self, dropped: list[bytes], now: float) -> int:
+        """Messages the transport could not deliver at all (an outbound TCP/TLS connect that
+        failed): each request of sipguard's that has had no answer yet is treated as if the
+        next hop had answered ``503`` (RFC 3261 §16.9, §18.4) — its sender hears ``503`` now,
+        not ``408`` after Timer B's 32 s. How many were answered."""
+        answered = 0
+        for data in dropped:
+            if data.startswith(b"SIP/2.0 "):
+                continue  # a response: nothing waits for it
+            m = _OUR_BRANCH.search(data, 0, data.find(b"\r\n\r\n"))
+            if m is None:
+                continue
+            method = data[:data.find(b" ")].decode("ascii", "replace")
+            ct = self.clients.get(table_key(m.group(1).decode("ascii"), method))
+            if ct is not None and ct.state == CALLING and ct.probe is None:
+                self._client_failed(ct, 503, now)
+                answered += 1
+        return answered
+
+    def _client_failed(self, ct: ClientTxn, status: int, now: float) -> None:
+        """A request that will get no answer from its next hop: ``status`` upstream at once,
+        and what its answer would have ended ends (the call it set up, the call a BYE ends)."""
+        ct.state = TERMINATED
+        self._drop_client(ct)
+        st = ct.server
+        if st is None or st.state != PROCEEDING:
+            return
+        if st.dialog is not None and ct.method == "INVITE":
+            st.dialog.status = status
+            self._end_dialog(st.dialog, st.end_reason or "failed", now)
+        ends = st.ends
+        self._respond(st, status, now)
+        if ends is not None:
+            self._ask_core(ends, now)  # the BYE never reached the core: does it still have it?
+
     def _client_timed_out(self, ct: ClientTxn, now: float) -> None:
         if ct.state not in (CALLING, PROCEEDING):
             return

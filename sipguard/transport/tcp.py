@@ -43,7 +43,8 @@ Limits (:class:`TcpLimits`, the ``sip.tcp_*`` settings), each reported through
   (``tcp_send_dropped``).
 - **outbound connect**: an outbound connection not open within ``connect_timeout_s``, or
   refused, is given up (``tcp_connect_failed``), and the messages that were waiting for it are
-  dropped (``tcp_queued_dropped``, counted per message); the next send tries again.
+  dropped (``tcp_queued_dropped``, counted per message) and handed to ``undelivered`` (the
+  proxy answers their requests at once, RFC 3261 §16.9); the next send tries again.
 - **reader behind** (overload): after every read the connection asks the kernel how many
   bytes are still waiting on its socket (``FIONREAD``, one ioctl). More waiting after every
   read means sipguard reads that stream slower than it comes; the pool keeps since when each
@@ -317,6 +318,9 @@ class TcpPool:
         # Connections whose reader is behind, by id: since when (see "reader behind").
         self.behind: dict[int, float] = {}
         self.watch: Callable[[], None] | None = None  # the overload check (set by the shell)
+        # the messages a failed outbound connect dropped (set by the shell: the proxy answers
+        # their requests as RFC 3261 §16.9 asks, as if the next hop had said 503)
+        self.undelivered: Callable[[list[bytes]], None] | None = None
         # Whether an address is in a configured peer's networks (set by the shell; it answers
         # None when no peers are configured: every source is served alike). A peer's
         # connection is admitted beyond max_connections (its per-address cap still holds):
@@ -487,8 +491,11 @@ class TcpPool:
             self.event("tcp_connect_failed", addr)
             if conn.pending:
                 self.event("tcp_queued_dropped", addr, len(conn.pending))
-                conn.pending.clear()
+                dropped = conn.pending
+                conn.pending = []
                 conn.pending_bytes = 0
+                if self.undelivered is not None:
+                    self.undelivered(dropped)
 
     def _tick(self) -> None:
         self.sweep()

@@ -87,3 +87,34 @@ def test_the_cores_bye_on_a_connection_of_its_own(stack: E2EStack, any_port: boo
         caller.close()
         for sock in (*conns, listener):
             sock.close()
+
+
+def test_a_tcp_core_that_refuses_the_connection_is_a_503_at_once(stack: E2EStack) -> None:
+    """The core's TCP port refuses the connection: the caller hears 503 at once (RFC 3261
+    §16.9: a transport error is as if the next hop said 503), not 408 after Timer B's 32 s,
+    and the call's slot is free again (the next call from the same number is decided)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((CORE_HOST, 0))  # a port nobody listens on
+        dead = probe.getsockname()[1]
+    port = free_port()
+    guard = SipguardProcess(
+        stack.workdir, listen=[f"udp://{HOST}:{port}"], core=f"tcp://{CORE_HOST}:{dead}",
+        config_extra="rules:\n  concurrency: {per_caller: 1}\n",
+    )
+    stack.guards.append(guard)
+    guard.start(10.0)
+    caller = Caller(port)
+    try:
+        for n in (1, 2):
+            call_id = f"tcp-dead-{n}"
+            caller.send(caller.request("INVITE", call_id))
+            finals = caller.finals(seconds=3.0, call_id=call_id)
+            assert [f.split(b" ", 2)[1] for f in finals] == [b"503"], finals
+            caller.send(caller.request("ACK", call_id, to_tag=_to_tag(finals[0])))
+    finally:
+        caller.close()
+
+
+def _to_tag(response: bytes) -> str:
+    m = re.search(r";tag=([^;>\s]+)", header(response, "To"))
+    return m.group(1) if m else ""
