@@ -184,6 +184,8 @@ ANONYMOUS_FROM: Final = 'From: "Anonymous" <sip:anonymous@anonymous.invalid>'
 _IDENTITY_HEADERS: Final = ("p-preferred-identity", "remote-party-id")
 # A retransmission timer waits for the receive queue only when it is at least this far behind
 HOLD_MIN_S: Final = 0.02
+# The largest UDP payload over IPv4 (65,535 less the IP and UDP headers)
+MAX_DATAGRAM: Final = 65_507
 # Addresses of cores a reload replaced, whose calls may still be up (see Proxy._is_core)
 MAX_FORMER_CORES: Final = 16
 
@@ -852,6 +854,11 @@ class Proxy:
         branch = self.ids.branch(st.key + "|" + st.method, build.loop_hash(self.ids, msg))
         data = self._forwarded_bytes(msg, st.flow, self._stamped(st), target, branch, start_line,
                                      routes, record_route, extra, edits, anonymise)
+        if len(data) > MAX_DATAGRAM and target.transport == "udp":
+            # grown past one datagram by sipguard's Via and Record-Route (a request near the
+            # size limit): no UDP send can carry it (RFC 3261 §18.1.1's switch to TCP is not
+            # made: the core's transport is configured)
+            raise SipParseError(513, f"{len(data)} bytes once forwarded: too large for UDP")
         ct = ClientTxn(branch, st.method, data, target, st)
         st.client = ct
         self.clients[table_key(branch, st.method)] = ct

@@ -228,6 +228,7 @@ def _digits(value: bytes, what: str, limit: int) -> int:
     # bytes.isdigit() is ASCII-only and False for b"".
     if not value.isdigit():
         raise SipParseError(400, f"malformed {what}")
+    value = value.lstrip(b"0") or b"0"  # 1*DIGIT: leading zeros are allowed ("0070" is 70)
     if len(value) > 10 or (n := int(value)) > limit:
         raise SipParseError(400, f"{what} out of range")
     return n

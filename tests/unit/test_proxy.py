@@ -413,6 +413,31 @@ def test_stray_response_is_dropped_and_reported() -> None:
     assert [e.kind for e in h.events if isinstance(e, Dropped)] == ["stray_response"]
 
 
+def test_a_request_too_large_for_udp_once_forwarded_gets_513() -> None:
+    """An INVITE just under the size limit that sipguard's Via and Record-Route would push
+    past what one UDP datagram carries: 513 to the caller at once (not 408 after Timer B),
+    nothing to the core; one a little smaller passes."""
+    h = Harness()
+    for n, (size, forwarded) in enumerate(((65_500, False), (65_000, True))):
+        ids = {"branch": f"z9hG4bK-big{n}", "call_id": f"big-{n}"}
+        lines = "".join(f"X-Pad-{i}: {'p' * 15000}\r\n" for i in range(4))  # each under a line's limit
+        base = len(invite(extra=lines + "X-Pad: \r\n", **ids))
+        data = invite(extra=lines + "X-Pad: " + "p" * (size - base) + "\r\n", **ids)
+        assert len(data) == size
+        out = h.send(data)
+        assert (len(_to(out, CORE)) == 1) is forwarded
+        finals = [m.status for m in _to(out, CALLER) if m.status >= 200]
+        assert finals == ([] if forwarded else [513])
+
+
+def test_max_forwards_with_leading_zeros_is_read_as_its_number() -> None:
+    """Max-Forwards is 1*DIGIT: "00000000000070" is 70 — forwarded with 69, not refused."""
+    h = Harness()
+    data = invite(max_forwards=None, extra="Max-Forwards: 00000000000070\r\n")
+    [fwd] = _to(h.send(data), CORE)
+    assert fwd.get("max-forwards") == "69"
+
+
 def test_malformed_request_gets_400_and_is_not_forwarded() -> None:
     """A request with two CSeq headers is answered 400 statelessly and never forwarded."""
     h = Harness()
