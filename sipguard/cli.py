@@ -103,7 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
     suspend.add_argument("number", help="+E164 number, or a prefix like '+3120*'")
     suspend.add_argument("--reason", default="", help="why (logged and listed)")
     suspend.add_argument("--by", default=os.environ.get("USER", "cli"), help="who (logged)")
-    suspend.add_argument("--expires", type=float, metavar="S", help="lift after S seconds")
+    suspend.add_argument("--expires", type=float, metavar="S",
+                         help="lift after S seconds (default: a new suspension never lifts "
+                              "itself; one in force keeps its expiry)")
+    suspend.add_argument("--no-expiry", action="store_true",
+                         help="never lift itself (makes a suspension in force permanent)")
     suspend.add_argument("--end-calls", action="store_true", help="end its calls now: BYE the answered ones, CANCEL the ringing ones")
     unsuspend.add_argument("number")
     unsuspend.add_argument("--by", default=os.environ.get("USER", "cli"), help="who (logged)")
@@ -190,7 +194,9 @@ def _verb(args: argparse.Namespace) -> int:
     elif cmd == "suspend":
         text = args.number.strip()
         body = {("prefix" if text.endswith("*") else "number"): text, "reason": args.reason,
-                "by": args.by, "expires": args.expires, "end_calls": args.end_calls}
+                "by": args.by, "end_calls": args.end_calls}
+        if args.expires is not None or args.no_expiry:
+            body["expires"] = None if args.no_expiry else args.expires
         result = _ok(*_call(args, "POST", "/suspensions", body))
     elif cmd == "unsuspend":
         by = urllib.parse.quote(args.by, safe="")

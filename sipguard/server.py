@@ -866,19 +866,22 @@ class Server:
         return key if self.privacy is None else self.privacy.text(key)
 
     async def suspend(
-        self, key: str, reason: str, by: str, ttl: float | None, end_calls: bool
+        self, key: str, reason: str, by: str, ttl: float | None, end_calls: bool,
+        keep_expiry: bool = False,
     ) -> dict[str, Any]:
         """Suspend a number or prefix from the next INVITE on; with ``end_calls`` its calls
         are ended at once (answered: BYE both ways; ringing: CANCEL toward the called side;
         ``reason=suspended``)."""
         now = self.loop.time()
-        entry, ended = self._suspend_here(key, reason, by, ttl, end_calls, now)
+        entry, ended = self._suspend_here(key, reason, by, ttl, end_calls, now,
+                                          keep_expiry=keep_expiry)
         if self.shared_lists is not None:
             self.shared_lists.suspension_changed(key)
         told = 0
         if self.link is not None:
             told = self.link.broadcast({"op": "suspend", "key": key, "reason": reason, "by": by,
-                                        "ttl": ttl, "end_calls": end_calls})
+                                        "ttl": ttl, "end_calls": end_calls,
+                                        "keep_expiry": keep_expiry})
         saved = await self.save_suspensions()
         shown = entry.as_dict(now)
         field = "prefix" if entry.prefix else "number"
@@ -895,17 +898,20 @@ class Server:
         return answer
 
     def _suspend_here(self, key: str, reason: str, by: str, ttl: float | None,
-                      end_calls: bool, now: float, **via: str) -> tuple[Suspension, int]:
+                      end_calls: bool, now: float, keep_expiry: bool = False,
+                      **via: str) -> tuple[Suspension, int]:
         """Suspend ``key`` in this process (and end its calls if asked), logged; the entry and
         how many calls were ended. ``via``: where the change came from, for the log line."""
-        entry = self.state.suspensions.add(key, reason, by, now, ttl)
+        entry = self.state.suspensions.add(key, reason, by, now, ttl, keep_expiry, "admin-api")
         ended = 0
         if end_calls:
             ended = self.core.end_calls(_matcher(key), "suspended", now)
             self._schedule_flush()
         self.log.info(
             "suspension_added", **{"prefix" if entry.prefix else "number": self._shown(key)},
-            by=entry.by, reason=entry.reason, expires=ttl, end_calls=end_calls,
+            by=entry.by, reason=entry.reason,
+            expires=None if entry.expires is None else round(entry.expires - now, 3),
+            end_calls=end_calls,
             calls_ended=ended, **via,
         )
         return entry, ended
@@ -1019,7 +1025,8 @@ class Server:
                 self._suspend_here(suspension_key(str(change["key"])),
                                    str(change.get("reason", "")), str(change.get("by", "")),
                                    None if ttl is None else float(ttl),
-                                   bool(change.get("end_calls")), now, via="worker")
+                                   bool(change.get("end_calls")), now,
+                                   keep_expiry=bool(change.get("keep_expiry")), via="worker")
             elif op == "unsuspend":
                 key = suspension_key(str(change["key"]))
                 if self.state.suspensions.lift(key) is not None:

@@ -90,7 +90,8 @@ class Control(Protocol):
     def suspensions_view(self) -> list[dict[str, Any]]: ...
 
     async def suspend(
-        self, key: str, reason: str, by: str, ttl: float | None, end_calls: bool
+        self, key: str, reason: str, by: str, ttl: float | None, end_calls: bool,
+        keep_expiry: bool = False,
     ) -> dict[str, Any]: ...
 
     async def unsuspend(self, key: str, by: str) -> dict[str, Any] | None: ...
@@ -566,9 +567,12 @@ class AdminEndpoint:
         if not isinstance(end_calls, bool):
             raise HttpError(400, "end_calls must be true or false")
         reason = _text(data, "reason", "")
-        by = _text(data, "by", "admin-api")
+        by = _text(data, "by", "")  # none: the entry's author stays (a new one: admin-api)
+        # no "expires" at all: a suspension in force keeps its expiry (suspending again to end
+        # the calls); "expires": null makes it permanent
         result = await self.control.suspend(
-            key, reason, by, None if expires is None else float(expires), end_calls
+            key, reason, by, None if expires is None else float(expires), end_calls,
+            keep_expiry="expires" not in data,
         )
         return _json(result, 201)
 

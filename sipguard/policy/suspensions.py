@@ -111,16 +111,24 @@ class SuspensionStore:
         return None
 
     def add(
-        self, key: str, reason: str, by: str, now: float, ttl: float | None = None
+        self, key: str, reason: str, by: str, now: float, ttl: float | None = None,
+        keep_expiry: bool = False, default_by: str = "",
     ) -> Suspension:
         """Suspend ``key`` (from :func:`suspension_key`); replaces an entry for the same key,
         keeping its age, and its reason and author where the new one gives none (suspend
-        again to end the calls, or to change the expiry, and the ticket stays)."""
+        again to end the calls, or to change the expiry, and the ticket stays). ``ttl``:
+        seconds until it lifts itself (None: never) — or, with ``keep_expiry``, None keeps
+        the expiry of the entry it replaces (suspending again to end the calls does not make
+        a suspension of an hour permanent). ``default_by``: the author of a new entry given
+        none."""
         old = self.prefixes.get(key[:-1]) if key.endswith("*") else self.exact.get(key)
         created = now
+        expires = None if ttl is None else now + ttl
         if old is not None and old.live(now):
             reason, by, created = reason or old.reason, by or old.by, old.created
-        entry = Suspension(key, reason, by, created, None if ttl is None else now + ttl)
+            if keep_expiry and ttl is None:
+                expires = old.expires
+        entry = Suspension(key, reason, by or default_by, created, expires)
         self._put(entry)
         return entry
 

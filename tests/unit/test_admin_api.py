@@ -635,6 +635,34 @@ def test_suspending_again_keeps_the_reason_author_and_age_unless_given() -> None
     store.add("+3120*", "p", "a", 0.0, ttl=5)
     fresh = store.add("+3120*", "", "", 50.0)
     assert (fresh.reason, fresh.created) == ("", 50.0)
+    # keep_expiry (no expiry given): a suspension for an hour stays one for an hour
+    store.add("+4420*", "t", "a", 0.0, ttl=3600)
+    assert store.add("+4420*", "", "", 10.0, keep_expiry=True).expires == 3600.0
+    assert store.add("+4420*", "", "", 20.0, ttl=60, keep_expiry=True).expires == 80.0
+    assert store.add("+4420*", "", "", 30.0).expires is None  # null given: permanent
+
+
+async def test_suspending_again_over_the_api_keeps_the_expiry_unless_given(
+    tmp_path: Path, peers: tuple[Peer, Peer]
+) -> None:
+    """POST a suspension for an hour, then again with only end_calls (how the docs say to end
+    its calls): still an hour, same author; "expires": null makes it permanent."""
+    _, core = peers
+    guard = await start_guard(tmp_path, core)
+    url = guard.url + "/suspensions"
+    try:
+        status, body = await request("POST", url, {"number": "+12125559301", "reason": "t1",
+                                                  "by": "alice", "expires": 3600})
+        assert status == 201
+        status, body = await request("POST", url, {"number": "+12125559301",
+                                                  "end_calls": True})
+        shown = body["suspension"]
+        assert status == 201 and shown["by"] == "alice" and shown["reason"] == "t1"
+        assert 3590 < shown["expires_in_s"] <= 3600
+        status, body = await request("POST", url, {"number": "+12125559301", "expires": None})
+        assert body["suspension"]["expires_in_s"] is None
+    finally:
+        await guard.server.stop()
 
 
 async def test_a_number_without_a_plus_is_suspended_with_a_warning(
