@@ -979,3 +979,23 @@ def test_calls_up_keep_their_core_when_a_reload_names_another() -> None:
     stray = in_dialog("BYE", call_id="call-9", cseq=2, branch="z9hG4bK-s9", from_callee=True)
     out = h.send(stray, src=CORE)
     assert to(out, CALLER) == []
+
+
+def test_the_ack_of_a_stateless_refusal_is_absorbed_quietly() -> None:
+    """An unknown source's INVITE hears a stateless 403; the ACK for it (RFC 3261 §17.1.1.3,
+    the 403's To tag) is absorbed without a 'dropped' report — every refused call would
+    otherwise count one. An ACK with a made-up To tag is still reported."""
+    h = PolicyHarness(extra_yaml=PEERS)
+    data = invite(branch="z9hG4bK-st1", call_id="stateless-1").replace(
+        b"198.51.100.7:5062", b"203.0.113.5:5060")
+    [refusal] = [m for _, m in h.send(data, src=STRANGER) if m.status]
+    assert refusal.status == 403
+    ack = (f"ACK sip:+18005550199@192.0.2.1:5060;user=phone SIP/2.0\r\n"
+           f"Via: SIP/2.0/UDP 203.0.113.5:5060;branch=z9hG4bK-st1\r\nMax-Forwards: 70\r\n"
+           f"From: <sip:+12125550100@198.51.100.7>;tag=ftag1\r\n"
+           f"To: <sip:+18005550199@192.0.2.1>;tag={refusal.to_tag}\r\n"
+           f"Call-ID: stateless-1\r\nCSeq: 1 ACK\r\nContent-Length: 0\r\n\r\n").encode()
+    assert h.send(ack, src=STRANGER) == []
+    assert not [e for e in h.events if isinstance(e, Dropped)]
+    h.send(ack.replace(refusal.to_tag.encode(), b"made-up"), src=STRANGER)
+    assert [e.kind for e in h.events if isinstance(e, Dropped)] == ["ack_refused"]
