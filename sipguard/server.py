@@ -516,6 +516,7 @@ class Server:
             "udp_send_waiting": self.sender.waiting(),
             "log_queue_bytes": float(writer.queued_bytes) if writer is not None else 0.0,
             **(self.shared_store.stats() if self.shared_store is not None else {}),
+            **(self.shared_lists.stats() if self.shared_lists is not None else {}),
         }
 
     @property

@@ -701,6 +701,9 @@ async def test_readyz_and_calls_report_the_shared_state(
         assert status == 200 and body["counts_all_instances"]["caller"] == 1
         status, body = await request("GET", f"{guard.url}/readyz")
         assert (status, body) == (200, {"ready": True, "state": "ok"})
+        status, text = await request("GET", f"{guard.url}/metrics")
+        assert re.search(r"^sipguard_state_available 1\.0$", text, re.M), text
+        assert re.search(r"^sipguard_shared_lists_pending 0\.0$", text, re.M), text
     finally:
         await guard.server.stop()
     dead = _free_tcp_port()
