@@ -103,11 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
     suspend.add_argument("number", help="+E164 number, or a prefix like '+3120*'")
     suspend.add_argument("--reason", default="", help="why (logged and listed)")
     suspend.add_argument("--by", default=os.environ.get("USER", "cli"), help="who (logged)")
-    suspend.add_argument("--expires", type=float, metavar="S",
-                         help="lift after S seconds (default: a new suspension never lifts "
-                              "itself; one in force keeps its expiry)")
-    suspend.add_argument("--no-expiry", action="store_true",
-                         help="never lift itself (makes a suspension in force permanent)")
+    expiry = suspend.add_mutually_exclusive_group()
+    expiry.add_argument("--expires", type=float, metavar="S",
+                        help="lift after S seconds (default: a new suspension never lifts "
+                             "itself; one in force keeps its expiry)")
+    expiry.add_argument("--no-expiry", action="store_true",
+                        help="never lift itself (makes a suspension in force permanent)")
     suspend.add_argument("--end-calls", action="store_true", help="end its calls now: BYE the answered ones, CANCEL the ringing ones")
     unsuspend.add_argument("number")
     unsuspend.add_argument("--by", default=os.environ.get("USER", "cli"), help="who (logged)")

@@ -130,24 +130,25 @@ def record_route(local: Local, transport: str) -> bytes:
 def stamped_via(via: Via, src: tuple[str, int]) -> str:
     """The top Via with RFC 3261 §18.2.1 ``received`` and RFC 3581 ``rport`` filled in.
 
-    They name the address and port the request came from, never what the sender wrote: a
-    ``received`` or an ``rport`` value of its own that is not its source is replaced (a core
-    that reads the Via for NAT handling, access lists or call records is not told an address
-    the sender chose)."""
+    They name the address and port the request came from, never what the sender wrote: any
+    ``received`` or ``rport`` value of its own (every one of them, a repeated parameter
+    included) is replaced (a core that reads the Via for NAT handling, access lists or call
+    records is not told an address the sender chose)."""
     text = str(via)
-    received = via.received
-    if received is not None and received.strip("[]").lower() != src[0].lower():
-        text = _RECEIVED.sub("", text)
-        received = None
-    if via.has_rport:
-        rport = via.param("rport")
-        if rport is None:
-            text = _RPORT_BARE.sub(f";rport={src[1]}", text, count=1)
-        elif rport != str(src[1]):
-            text = _RPORT_ANY.sub("", text) + f";rport={src[1]}"
+    written = [name for name, _ in via.params if name == "received" or name == "rport"]
+    if not written:  # the usual request: received only where sent-by is not the source
+        if via.host.strip("[]") != src[0]:
+            text += f";received={src[0]}"
+        return text
+    if written == ["rport"] and via.param("rport") is None:  # a bare rport (RFC 3581)
+        return _RPORT_BARE.sub(f";rport={src[1]}", text, count=1) + f";received={src[0]}"
+    rport = "rport" in written
+    text = _RPORT_ANY.sub("", _RECEIVED.sub("", text))
+    if rport:
+        text += f";rport={src[1]}"
     # received: when sent-by is not the source, and always with rport (RFC 3581 §4: "even if
     # it is identical to the value of the sent-by component")
-    if received is None and (via.has_rport or via.host.strip("[]") != src[0]):
+    if rport or via.host.strip("[]") != src[0]:
         text += f";received={src[0]}"
     return text
 

@@ -546,6 +546,8 @@ class Proxy:
             dialog, side = self.table.of(msg, from_core)
             if dialog is not None:
                 self._saw_cseq(dialog, side, msg)
+                if not from_core:
+                    self._follow_nat(dialog, side, msg, flow)
         target, start_line, route_line = self.router.preprocess_route(msg, flow, initial,
                                                                       from_core)
         if target is None:
@@ -670,7 +672,6 @@ class Proxy:
         dialog, side = self.table.of(msg, False)
         refusal = self._not_party(dialog, side, flow, msg)
         if not refusal:
-            self._follow_nat(dialog, side, msg, flow)
             return True
         if not self._admitted(msg, flow, now, methods=False):
             return False  # an unknown source learns nothing, not even that the call exists
@@ -934,7 +935,7 @@ class Proxy:
             )
         if msg.content_length is None:
             append.append(f"Content-Length: {len(msg.body)}".encode())
-        if not self.router.is_core(source):
+        if not self._is_core(msg, source):
             self._strip_owned(msg, replace)
         for name, line in edits:
             if name in PROXY_OWNED and (anonymise is None or name != "from"):
@@ -1378,19 +1379,27 @@ class Proxy:
     def undelivered(self, dropped: list[bytes], now: float) -> int:
         """Messages the transport could not deliver at all (an outbound TCP/TLS connect that
         failed): each request of sipguard's that has had no answer yet is treated as if the
-        next hop had answered ``503`` (RFC 3261 §16.9, §18.4) — its sender hears ``503`` now,
-        not ``408`` after Timer B's 32 s. How many were answered."""
+        next hop had answered ``503`` (RFC 3261 §16.9, §18.4) — its sender hears now what
+        that means, not ``408`` after Timer B's 32 s: ``503`` when the core is unreachable
+        (sipguard can serve no call: RFC 3261 §16.7 step 6 lets that 503 through), ``500``
+        when an outside party is (a 503 would tell the core that sipguard is down). How many
+        were answered."""
         answered = 0
         for data in dropped:
             if data.startswith(b"SIP/2.0 "):
                 continue  # a response: nothing waits for it
-            m = _OUR_BRANCH.search(data, 0, data.find(b"\r\n\r\n"))
+            # sipguard's branch in the top Via: past the start line (a Request-URI may carry
+            # any text), within the header block
+            m = _OUR_BRANCH.search(data, data.find(b"\n") + 1, data.find(b"\r\n\r\n"))
             if m is None:
                 continue
             method = data[:data.find(b" ")].decode("ascii", "replace")
             ct = self.clients.get(table_key(m.group(1).decode("ascii"), method))
             if ct is not None and ct.state == CALLING and ct.probe is None:
-                self._client_failed(ct, 503, now)
+                core = ct.server.dialog.core if ct.server is not None and \
+                    ct.server.dialog is not None else None
+                to_core = flow_is_core(ct.flow, core or self.settings.core)
+                self._client_failed(ct, 503 if to_core else 500, now)
                 answered += 1
         return answered
 

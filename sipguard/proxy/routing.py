@@ -35,8 +35,10 @@ def local_for(locals_: tuple[Local, ...] | list[Local], transport: str, host: st
     an IPv4 one from an IPv4 listener: a socket of one family cannot send to the other);
     for a host name, or when no listener has the family, the first of that transport."""
     family = 0
-    if host:
-        family = 6 if ":" in host else (4 if host[-1:].isdigit() else 0)
+    if ":" in host:
+        family = 6
+    elif host.count(".") == 3 and host.replace(".", "").isdigit():
+        family = 4  # an IPv4 literal (a host name may end in a digit too: core1)
     first: Local | None = None
     for loc in locals_:
         if loc.transport == transport:

@@ -285,12 +285,12 @@ class SharedStore:
             result = await self._guarded(
                 "admit", self._admit_one(lease, keys, checks, cidx, tidx), self.timeout_s)
         if result is _FAILED:
-            if take and isinstance(self.last_failure, TimeoutError):
+            if take and not self.fail_open and isinstance(self.last_failure, TimeoutError):
                 # The script was sent: a Redis that stalled past the timeout runs it when it
-                # wakes, and the call — refused (fail closed) or counted at the next refresh
-                # (fail open) — would hold a phantom slot for lease_s. Give it back: queued
-                # behind the take on the same connection when it is open, else at the next
-                # refresh.
+                # wakes, and the call, refused (fail closed), would hold a phantom slot for
+                # lease_s. Give it back: queued behind the take on the same connection when it
+                # is open, else at the next refresh. (Fail open passes the call: the late
+                # take counts a call that is up, and its end releases it.)
                 self._give_back(lease, take)
             return None
         admitted: Admitted = result

@@ -900,8 +900,12 @@ def test_a_caller_behind_nat_whose_port_is_remapped_mid_call_is_followed() -> No
                                               b"BYE sip:+12125550100@192.168.1.20:5060 ")
     out = h.send(bye, src=CORE)
     assert [f.addr for f, m in out if m.method == "BYE"] == [remapped]
-    # a caller with a public Contact (not behind NAT) from another port: refused as before
-    assert _core_bye_goes_to("<sip:+12125550100@44.1.2.3:5070>", 7) == [("44.1.2.3", 5070)]
+    # a caller not behind NAT (its Contact its own address) from another port: refused
+    h = PolicyHarness()
+    up(h)
+    out = h.send(in_dialog("INFO", call_id="call-1", cseq=2, branch="z9hG4bK-n4"),
+                 src=OTHER_PORT)
+    assert to(out, CORE) == [] and statuses(out) == [403]
 
 
 def test_a_caller_behind_a_record_routing_proxy_is_reached_through_its_route() -> None:
@@ -999,3 +1003,30 @@ def test_the_ack_of_a_stateless_refusal_is_absorbed_quietly() -> None:
     assert not [e for e in h.events if isinstance(e, Dropped)]
     h.send(ack.replace(refusal.to_tag.encode(), b"made-up"), src=STRANGER)
     assert [e.kind for e in h.events if isinstance(e, Dropped)] == ["ack_refused"]
+
+
+def test_a_request_the_transport_cannot_deliver_is_answered_at_once() -> None:
+    """A TCP next hop that cannot be connected to (the pool hands back what waited for the
+    connection): the core's BYE toward a TCP caller whose connection has closed is answered
+    500 to the core at once (a 503 would say sipguard is down); a request toward the core
+    itself hears 503 (sipguard can serve no call then)."""
+    h = PolicyHarness()
+    data = invite(branch="z9hG4bK-tc1", call_id="call-tcp").replace(
+        b"SIP/2.0/UDP", b"SIP/2.0/TCP", 1)
+    fwd = to(h.send(data, transport="tcp", conn=7), CORE)
+    assert fwd
+    h.answer(fwd[0], 200, "OK")
+    bye = in_dialog("BYE", call_id="call-tcp", cseq=5, branch="z9hG4bK-tcb", from_callee=True)
+    out = h.send(bye, src=CORE)
+    sent = [raw for (f, m), raw in zip(out, h.raw, strict=True) if m.method == "BYE"]
+    assert sent and [f.transport for f, m in out if m.method == "BYE"] == ["tcp"]
+    assert h.proxy.undelivered(sent, h.now) == 1
+    out = h._drain()
+    assert [(f.addr, m.status) for f, m in out if m.status] == [(CORE, 500)]
+    assert h.proxy.undelivered(sent, h.now) == 0  # answered once
+    # toward the core: 503
+    h2 = PolicyHarness()
+    h2.feed(invite(branch="z9hG4bK-tc2", call_id="call-tcp2"))
+    sent = [d for _, d in h2.proxy.outbox if d.startswith(b"INVITE ")]
+    assert h2.proxy.undelivered(sent, h2.now) == 1
+    assert [m.status for f, m in h2._drain() if f.addr == CALLER and m.status >= 200] == [503]

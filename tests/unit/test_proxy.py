@@ -193,6 +193,10 @@ def test_received_and_rport_the_sender_wrote_are_replaced_by_its_source() -> Non
         (b";received=6.6.6.6;RECEIVED=7.7.7.7", ""),  # sent-by is the source: none needed
         (b";rport = 5555 ;x=1", ";x=1;rport=5062;received=198.51.100.7"),
         (b";rport=5062;received=198.51.100.7", ";rport=5062;received=198.51.100.7"),
+        # a second value behind one that names the source is the sender's choice too
+        (b";received=198.51.100.7;received=10.9.9.9", ""),
+        (b";rport=5062;rport=1234", ";rport=5062;received=198.51.100.7"),
+        (b";rport;rport=1234", ";rport=5062;received=198.51.100.7"),
     ]
     for n, (params, stamped) in enumerate(cases):
         data = invite(call_id=f"rcv-{n}", branch=f"z9hG4bK-rcv-{n}").replace(

@@ -197,10 +197,11 @@ BUSY = ("local t = redis.call('TIME') local start = t[1] * 1000000 + t[2] "
 @pytest.mark.parametrize("fail_open", [False, True], ids=["fail-closed", "fail-open"])
 async def test_a_redis_that_answers_too_late_leaves_no_phantom_slot(
         redis_url: str, fail_open: bool) -> None:
-    """Redis stalls past the timeout while an INVITE is decided: the call is refused (fail
-    closed: 503) or passed (fail open), and when Redis wakes and runs the late admission,
-    the slot is given back — the caller's next call is not refused for a call it does not
-    have (with fail open, the passed call's slot comes back at the next refresh)."""
+    """Redis stalls past the timeout while an INVITE is decided. Fail closed: the call is
+    refused (503), and when Redis wakes and runs the late admission the slot is given back —
+    the caller's next call is not refused for a call it does not have. Fail open: the call
+    passes, and the late admission counts it while it is up (a second call is refused by
+    per_caller 1); its end frees the slot."""
     import redis.asyncio as aioredis
 
     store = new_store(redis_url, timeout_s=0.05, fail_open=fail_open)
@@ -214,8 +215,12 @@ async def test_a_redis_that_answers_too_late_leaves_no_phantom_slot(
         got, fwd = await h.invite(1)
         assert (fwd is not None) is fail_open, [m.status for m in got]
         await stall
-        if fail_open:  # the passed call ends: its slot must not stay behind
-            h.feed(h_answer(fwd, 486))
+        if fail_open:  # the passed call is up and counted: no second call beside it
+            assert fwd is not None
+            assert len(await members(store, f"caller:{CALLER_NO}")) == 1
+            got, second = await h.invite(3)
+            assert second is None and [m.status for m in got][-1] == 403
+            h.feed(h_answer(fwd, 486))  # it ends: its slot comes back
             await h.settle()
         assert await members(store, f"caller:{CALLER_NO}") == []
         got, fwd = await h.invite(2)
