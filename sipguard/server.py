@@ -490,7 +490,8 @@ class Server:
             admin.peers = {i: f"http://{_bracketed(near)}:{base + i}"
                            for i in range(self.cfg.workers) if i != self.worker}
         try:
-            await admin.start(host, port, http.max_connections, http.idle_timeout_s)
+            await admin.start(host, port, http.max_connections, http.idle_timeout_s,
+                              http.max_connections_per_ip)
         except OSError as exc:
             raise StartupError(
                 f"cannot serve the admin API on {_bracketed(host)}:{port}: "

@@ -196,20 +196,22 @@ def _loopback_host(host: str) -> bool:
 
 
 class _Gate:
-    """The admin listener's bounds: at most ``limit`` connections open, each closed after
-    ``idle_s`` without a byte from its client. aiohttp has neither (no limit on connections,
-    no timeout for a request's head), so a client that opens connections and sends half a
-    request could hold every file descriptor of the process — SIP's too. Called as the
-    listener's protocol factory; each connection gets a :class:`_Guarded` around aiohttp's
-    own protocol."""
+    """The admin listener's bounds: at most ``limit`` connections open, ``per_ip`` from one
+    address, each closed after ``idle_s`` without a byte from its client. aiohttp bounds
+    neither the connections nor how slowly a request's body may come, so a client that
+    opens connections and sends half a request could hold every file descriptor of the
+    process — SIP's too. Called as the listener's protocol factory; each connection gets a
+    :class:`_Guarded` around aiohttp's own protocol."""
 
-    def __init__(self, factory: Callable[[], asyncio.Protocol], limit: int, idle_s: float,
-                 counters: Counter[str]) -> None:
+    def __init__(self, factory: Callable[[], asyncio.Protocol], limit: int, per_ip: int,
+                 idle_s: float, counters: Counter[str]) -> None:
         self.factory = factory
         self.limit = limit
+        self.per_ip = per_ip
         self.idle_s = idle_s
         self.counters = counters
         self.open = 0
+        self.by_ip: dict[str, int] = {}  # open connections per address (only those with one)
 
     def __call__(self) -> asyncio.Protocol:
         return _Guarded(self)
@@ -225,14 +227,19 @@ class _Guarded(asyncio.Protocol):
         self.transport: asyncio.BaseTransport | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.last = 0.0
+        self.ip = ""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         gate = self.gate
-        if gate.open >= gate.limit:
+        peer = transport.get_extra_info("peername")
+        ip = str(peer[0]) if peer else ""
+        if gate.open >= gate.limit or gate.by_ip.get(ip, 0) >= gate.per_ip:
             gate.counters["admin_connections_refused"] += 1
             transport.abort()  # type: ignore[attr-defined]
             return
         gate.open += 1
+        gate.by_ip[ip] = gate.by_ip.get(ip, 0) + 1
+        self.ip = ip
         self.transport = transport
         loop = asyncio.get_running_loop()
         self.last = loop.time()
@@ -272,7 +279,11 @@ class _Guarded(asyncio.Protocol):
         inner, self.inner = self.inner, None
         if inner is None:
             return
-        self.gate.open -= 1
+        gate = self.gate
+        gate.open -= 1
+        left = gate.by_ip.pop(self.ip, 1) - 1
+        if left:
+            gate.by_ip[self.ip] = left
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -339,14 +350,15 @@ class AdminEndpoint:
         return app
 
     async def start(self, host: str, port: int, max_connections: int = 64,
-                    idle_timeout_s: float = 30.0) -> None:
-        """Bind ``host:port``: at most ``max_connections`` connections, each closed after
-        ``idle_timeout_s`` without a byte from its client (see :class:`_Gate`)."""
+                    idle_timeout_s: float = 30.0, max_connections_per_ip: int = 8) -> None:
+        """Bind ``host:port``: at most ``max_connections`` connections
+        (``max_connections_per_ip`` from one address), each closed after ``idle_timeout_s``
+        without a byte from its client (see :class:`_Gate`)."""
         runner = web.AppRunner(self.app(), access_log=None,
                                keepalive_timeout=min(idle_timeout_s, 15.0))
         await runner.setup()
-        gate = _Gate(lambda: asyncio.Protocol(), max_connections, idle_timeout_s,
-                     self.counters)
+        gate = _Gate(lambda: asyncio.Protocol(), max_connections, max_connections_per_ip,
+                     idle_timeout_s, self.counters)
         try:
             await _GatedSite(runner, host, port, gate).start()
         except OSError:

@@ -310,6 +310,11 @@ class AdminSettings(ConfigModel):
         "once (counted admin_connections_refused): idle or half-sent requests cannot use up "
         "the file descriptors SIP needs.",
     )
+    max_connections_per_ip: int = Field(
+        default=8, ge=1, le=100_000,
+        description="Open HTTP connections from one address at most (counted "
+        "admin_connections_refused): one client cannot take all of max_connections.",
+    )
     idle_timeout_s: float = Field(
         default=30.0, gt=0, le=3600,
         description="An HTTP connection that sends nothing for this long is closed (counted "

@@ -19,6 +19,7 @@ from sipguard.sip.nameaddr import NameAddr
 from sipguard.sip.uri import Uri
 
 SUPPORTED_SCHEMES: Final = frozenset({"sip", "sips", "tel"})
+MAX_FORMER_NAMES: Final = 16  # host:port sipguard advertised before reloads, still its own
 
 
 def _has_our_via(msg: Message) -> bool:
@@ -60,16 +61,26 @@ class Router:
         self.ids = ids
         self.settings = settings
         self._ours: set[str] = set()
+        self._former: dict[str, None] = {}  # host:port advertised before a reload, oldest first
         self.configure(settings)
 
     def configure(self, settings: ProxySettings) -> None:
-        """Apply new settings (reload)."""
+        """Apply new settings (reload). The host:port sipguard wrote into Record-Route before
+        stay its own too (at most :data:`MAX_FORMER_NAMES`): a wildcard listener advertises
+        its address toward the core, which a reload of ``core`` can change, and the calls up
+        name the old one in their Route."""
         self.settings = settings
         names: set[str] = set()
         for loc in settings.locals:
             host = loc.host.strip("[]").lower()
             names.add(f"{host}:{loc.port}")
-        self._ours = names
+        former = self._former
+        for name in self._ours - names:
+            former.pop(name, None)
+            former[name] = None
+        while len(former) > MAX_FORMER_NAMES:
+            del former[next(iter(former))]
+        self._ours = names | set(former)
 
     def is_ours(self, uri: Uri) -> bool:
         if uri.scheme not in ("sip", "sips"):

@@ -181,32 +181,40 @@ async def test_requests_a_web_page_makes_are_refused(
 async def test_admin_connections_are_bounded_and_idle_ones_closed(
     tmp_path: Path, peers: tuple[Peer, Peer]
 ) -> None:
-    """``admin.max_connections`` open connections at most (one more is closed at once), and
-    a connection that sends nothing for ``admin.idle_timeout_s`` (a half-sent request) is
-    closed: half-sent requests cannot hold the process's file descriptors."""
+    """``admin.max_connections`` open connections at most, ``max_connections_per_ip`` from
+    one address (one more is closed at once), and a connection that sends nothing for
+    ``admin.idle_timeout_s`` (a half-sent request) is closed: half-sent requests cannot hold
+    the process's file descriptors."""
     _, core = peers
     sip_port, admin_port = _free_udp_port(), _free_tcp_port()
     path = tmp_path / "bounded.yaml"
     path.write_text(
         f"listen: [udp://127.0.0.1:{sip_port}]\ncore: udp://127.0.0.1:{core.port}\n"
-        f"admin: {{listen: 127.0.0.1:{admin_port}, max_connections: 3, idle_timeout_s: 1.5}}\n")
+        f"admin: {{listen: 0.0.0.0:{admin_port}, max_connections: 3, "
+        "max_connections_per_ip: 2, idle_timeout_s: 1.5, token_file: token}\n")
+    (tmp_path / "token").write_text("t0ken\n")
     server = Server(load_config(path))
     await server.start()
     url = f"http://127.0.0.1:{admin_port}"
     writers: list[asyncio.StreamWriter] = []
-    try:
-        readers = []
-        for _ in range(3):  # three half-sent requests: the limit
-            reader, writer = await asyncio.open_connection("127.0.0.1", admin_port)
-            writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
-            await writer.drain()
-            readers.append(reader)
-            writers.append(writer)
-        await asyncio.sleep(0.05)
-        reader, writer = await asyncio.open_connection("127.0.0.1", admin_port)
+
+    async def half_sent(source: str) -> asyncio.StreamReader:
+        reader, writer = await asyncio.open_connection("127.0.0.1", admin_port,
+                                                       local_addr=(source, 0))
+        writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+        await writer.drain()
         writers.append(writer)
-        assert await asyncio.wait_for(reader.read(), 2) == b""  # the fourth: closed at once
-        assert server.counters["admin_connections_refused"] == 1
+        return reader
+
+    try:
+        # two half-sent requests from one address (its share), one from another (the limit)
+        readers = [await half_sent(ip) for ip in ("127.0.0.1", "127.0.0.1", "127.0.0.2")]
+        await asyncio.sleep(0.05)
+        # a third from the first address, then one from a fresh address: closed at once
+        for ip in ("127.0.0.1", "127.0.0.4"):
+            reader = await half_sent(ip)
+            assert await asyncio.wait_for(reader.read(), 2) == b""
+        assert server.counters["admin_connections_refused"] == 2
         for r in readers:  # the idle ones are closed after 1.5 s without a byte
             assert await asyncio.wait_for(r.read(), 3) == b""
         assert server.counters["admin_connections_idle_closed"] == 3

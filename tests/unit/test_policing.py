@@ -1030,3 +1030,18 @@ def test_a_request_the_transport_cannot_deliver_is_answered_at_once() -> None:
     sent = [d for _, d in h2.proxy.outbox if d.startswith(b"INVITE ")]
     assert h2.proxy.undelivered(sent, h2.now) == 1
     assert [m.status for f, m in h2._drain() if f.addr == CALLER and m.status >= 200] == [503]
+
+
+def test_the_address_sipguard_advertised_before_a_reload_stays_its_own() -> None:
+    """A reload that changes the address sipguard writes into Record-Route (a wildcard
+    listener advertises its route toward the core, which a new core can change): the calls
+    up still name the old one in their Route, which sipguard still takes for its own."""
+    h = PolicyHarness()
+    up(h)
+    moved = (Local(0, "udp", "192.0.2.77", 5060), Local(1, "tcp", "192.0.2.77", 5060))
+    h.core.proxy.configure(settings(locals=moved))
+    out = h.send(in_dialog("INFO", call_id="call-1", cseq=2, branch="z9hG4bK-adv"))
+    [info] = to(out, CORE)
+    assert info.get("route") is None  # its own old entry popped, not passed on
+    bye = in_dialog("BYE", call_id="call-1", cseq=5, branch="z9hG4bK-advb", from_callee=True)
+    assert [m.method for m in to(h.send(bye, src=CORE), CALLER)] == ["BYE"]
