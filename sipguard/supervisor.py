@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import os
 import re
 import shutil
@@ -333,18 +334,51 @@ def make_group() -> str:
     segment, the hand-over's secret and port files (only this user's processes read them).
     The directories of supervisors that died without removing theirs (SIGKILL, a crash; the
     segment alone is tens of MB of memory in /dev/shm) are removed first."""
+    global _group_lock
     base = group_base()
     remove_stale_groups(base)
-    return tempfile.mkdtemp(prefix=f"sipguard-{os.getpid()}-", dir=base)
+    group = tempfile.mkdtemp(prefix=f"sipguard-{os.getpid()}-", dir=base)
+    # held for this process's life (not inherited by the workers): the sign it is alive,
+    # which a pid cannot give across PID namespaces sharing one /dev/shm
+    lock = os.open(os.path.join(group, LOCK_NAME), os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    _group_lock = lock
+    return group
+
+
+LOCK_NAME = "supervisor.lock"
+_group_lock: int | None = None  # the lock file of this supervisor's group, held while it runs
 
 
 _GROUP = re.compile(r"sipguard-(\d+)-[A-Za-z0-9_]+")
 
 
+def _supervisor_alive(path: str, pid: int) -> bool:
+    """The group's supervisor still runs: it holds the lock on the group's lock file (or,
+    for a group without one, a process with its pid exists)."""
+    try:
+        fd = os.open(os.path.join(path, LOCK_NAME), os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except OSError:
+            return True  # another user's process (EPERM)
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # (releases a lock taken here)
+    return False
+
+
 def remove_stale_groups(base: str) -> list[str]:
-    """Remove this user's workers' directories in ``base`` whose supervisor (the pid in the
-    name) is no longer running; the paths removed. A worker of that supervisor still
-    draining keeps its mapping of the segment (an unlinked file stays mapped)."""
+    """Remove this user's workers' directories in ``base`` whose supervisor is no longer
+    running (see :func:`_supervisor_alive`); the paths removed. A worker of that supervisor
+    still draining keeps its mapping of the segment (an unlinked file stays mapped)."""
     removed: list[str] = []
     uid = os.getuid()
     try:
@@ -359,12 +393,12 @@ def remove_stale_groups(base: str) -> list[str]:
         try:
             if os.stat(path).st_uid != uid or not os.path.isdir(path):
                 continue
-            os.kill(int(m.group(1)), 0)
-        except ProcessLookupError:
-            remove_group(path)
-            removed.append(path)
-        except OSError:  # another user's process (EPERM), or the entry vanished: leave it
+            if _supervisor_alive(path, int(m.group(1))):
+                continue
+        except OSError:  # the entry vanished, or cannot be read: leave it
             continue
+        remove_group(path)
+        removed.append(path)
     return removed
 
 

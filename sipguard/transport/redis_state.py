@@ -38,7 +38,8 @@ When Redis loses its data
     second each instance reads ``<prefix>counts:epoch`` (a random value, no expiry, set by
     whoever finds it missing); when it is gone or changed, the instance re-scores its live
     leases at once (``state_data_lost``), so the limits count the calls that are up within a
-    second instead of ``lease_s / 3``.
+    second (and the re-scoring's round trips) instead of ``lease_s / 3``. With Redis Cluster
+    the key lives on one shard: another shard losing its data alone waits for the refresh.
 
 Nothing here reads the event loop's clock for the data (Redis's ``TIME`` scores everything);
 ``clock`` only paces the probe.

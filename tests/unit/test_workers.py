@@ -188,3 +188,21 @@ def test_directories_of_dead_supervisors_are_removed(tmp_path: Path) -> None:
     other.mkdir()
     assert remove_stale_groups(str(tmp_path)) == [str(stale)]
     assert not stale.exists() and alive.exists() and other.exists()
+    # with a lock file, the lock decides, not the pid (PID namespaces sharing /dev/shm): a
+    # held lock keeps the group of a pid this namespace does not see; a free one does not
+    # keep the group of a pid that happens to be running here
+    import fcntl
+
+    from sipguard.supervisor import LOCK_NAME
+
+    held = tmp_path / f"sipguard-{dead.pid}-held1"
+    held.mkdir()
+    fd = os.open(held / LOCK_NAME, os.O_CREAT | os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    (alive / LOCK_NAME).write_text("")  # nobody holds it: its supervisor is gone
+    try:
+        assert remove_stale_groups(str(tmp_path)) == [str(alive)]
+        assert held.exists()
+    finally:
+        os.close(fd)
+    assert remove_stale_groups(str(tmp_path)) == [str(held)]
