@@ -350,7 +350,7 @@ class AdminEndpoint:
         return app
 
     async def start(self, host: str, port: int, max_connections: int = 64,
-                    idle_timeout_s: float = 30.0, max_connections_per_ip: int = 8) -> None:
+                    idle_timeout_s: float = 30.0, max_connections_per_ip: int = 32) -> None:
         """Bind ``host:port``: at most ``max_connections`` connections
         (``max_connections_per_ip`` from one address), each closed after ``idle_timeout_s``
         without a byte from its client (see :class:`_Gate`)."""

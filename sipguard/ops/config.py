@@ -311,7 +311,7 @@ class AdminSettings(ConfigModel):
         "the file descriptors SIP needs.",
     )
     max_connections_per_ip: int = Field(
-        default=8, ge=1, le=100_000,
+        default=32, ge=1, le=100_000,
         description="Open HTTP connections from one address at most (counted "
         "admin_connections_refused): one client cannot take all of max_connections.",
     )
