@@ -975,10 +975,10 @@ class Proxy:
             return
         from_core = self._is_core(msg, flow)
         dialog, side = self.table.of(msg, from_core)
+        if dialog is None and msg.to_tag == self.ids.to_tag(msg):
+            return  # the ACK of a stateless answer of sipguard's (403, 503): done
         if not from_core:
             if self._not_party(dialog, side, flow, msg):
-                if dialog is None and msg.to_tag == self.ids.to_tag(msg):
-                    return  # the ACK of a stateless answer of sipguard's (403, 503): done
                 self.events.append(Dropped("ack_refused", msg.call_id, flow))
                 return
             self._follow_nat(dialog, side, msg, flow)

@@ -60,6 +60,8 @@ def _content_length(head: bytes) -> int:
         if i > first:  # folded value: one join
             value = b" ".join([value, *lines[first:i]])
         value = value.strip(b" \t")
+        if value.isdigit():
+            value = value.lstrip(b"0") or b"0"  # 1*DIGIT: "0042" is 42, as over UDP
         if not value.isdigit() or len(value) > 10:
             raise SipParseError(400, "malformed Content-Length on a stream")
         if found is not None and found != int(value):

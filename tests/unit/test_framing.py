@@ -181,3 +181,12 @@ def test_trickled_large_message_takes_linear_time() -> None:
         out.extend(f.feed(data[i : i + 7]))
     assert out == [data]
     assert time.perf_counter() - start < 2.0
+
+
+def test_content_length_with_leading_zeros_frames_as_its_number() -> None:
+    """Content-Length is 1*DIGIT: "000000000005" on a stream frames five bytes of body, as
+    the same message over UDP parses."""
+    f = StreamFramer()
+    m = msg(1, b"hello", cl=b"000000000005")
+    assert f.feed(m + msg(2)) == [m, msg(2)]
+    assert parse_message(m, datagram=False).content_length == 5

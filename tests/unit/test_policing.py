@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from sipguard.contract import DialogEnded, Dropped, Flow, InviteDecided, Local, Noticed, Screened
 from sipguard.sip.message import Message
+from sipguard.sip.parser import parse_message
 from tests.unit.dialog_helpers import PolicyHarness, in_dialog, to
 from tests.unit.proxy_helpers import CALLER, CORE, answer, invite, settings
 
@@ -1003,6 +1004,12 @@ def test_the_ack_of_a_stateless_refusal_is_absorbed_quietly() -> None:
     assert not [e for e in h.events if isinstance(e, Dropped)]
     h.send(ack.replace(refusal.to_tag.encode(), b"made-up"), src=STRANGER)
     assert [e.kind for e in h.events if isinstance(e, Dropped)] == ["ack_refused"]
+    # the core's ACK for a stateless answer of sipguard's (a 503 when a table is full) is
+    # absorbed too, not sent on to its Request-URI
+    core_ack = in_dialog("ACK", call_id="busy-1", cseq=1, branch="z9hG4bK-busy",
+                         from_callee=True, to_tag="x")
+    tag = h.core.proxy.ids.to_tag(parse_message(core_ack))
+    assert h.send(core_ack.replace(b";tag=ftag1", f";tag={tag}".encode()), src=CORE) == []
 
 
 def test_a_request_the_transport_cannot_deliver_is_answered_at_once() -> None:
