@@ -357,8 +357,8 @@ class Proxy:
         old = self.settings.core
         if settings.core != old:
             former = self.former_cores
-            former.pop(settings.core.addr[0], None)
-            former[old.addr[0]] = None
+            former.pop(old.addr[0], None)  # (kept when the new core shares the old one's
+            former[old.addr[0]] = None     # address: its calls come from the old port)
             while len(former) > MAX_FORMER_CORES:
                 del former[next(iter(former))]
         self.settings = settings

@@ -984,6 +984,12 @@ def test_calls_up_keep_their_core_when_a_reload_names_another() -> None:
     stray = in_dialog("BYE", call_id="call-9", cseq=2, branch="z9hG4bK-s9", from_callee=True)
     out = h.send(stray, src=CORE)
     assert to(out, CALLER) == []
+    # the core moves to another port of the same host: the calls up still come from the old
+    h = PolicyHarness()
+    up(h, 1)
+    h.core.proxy.configure(settings(core=Flow("udp", (CORE[0], CORE[1] + 1), 0)))
+    out = h.bye(1, from_callee=True)
+    assert [m.method for m in to(out, CALLER) if m.method] == ["BYE"]
 
 
 def test_the_ack_of_a_stateless_refusal_is_absorbed_quietly() -> None:
