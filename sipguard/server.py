@@ -51,7 +51,7 @@ from sipguard.policy.engine import Policy
 from sipguard.policy.state import RuleState
 from sipguard.policy.suspensions import Suspension, SuspensionStore, suspension_key
 from sipguard.proxy.core import MAX_FORMER_CORES, Proxy
-from sipguard.proxy.routing import local_for
+from sipguard.proxy.routing import local_for, remember
 from sipguard.proxy.settings import ProxySettings
 from sipguard.sip.errors import SipParseError
 from sipguard.sip.parser import ParseLimits
@@ -659,10 +659,7 @@ class Server:
         if (cfg.core.host, cfg.core.port) != old:
             # the replaced core still sends the BYEs of its calls up: the flood guard keeps
             # trusting it (as the proxy keeps routing them, Dialog.core)
-            former.pop(old, None)
-            former[old] = None
-            while len(former) > MAX_FORMER_CORES:
-                del former[next(iter(former))]
+            remember(former, old, MAX_FORMER_CORES)
         trusted = _trusted(cfg) + tuple(c for c in former if c != (cfg.core.host, cfg.core.port))
         policy = await asyncio.to_thread(Policy, cfg, self.state, trusted)
         if mine != self._reloads:

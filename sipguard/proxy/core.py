@@ -78,7 +78,7 @@ from sipguard.contract import (
 )
 from sipguard.proxy import build, keepalive
 from sipguard.proxy.dialogs import DialogTable, dialog_key, key_of, session_interval
-from sipguard.proxy.routing import Router, flow_is_core
+from sipguard.proxy.routing import Router, flow_is_core, remember
 from sipguard.proxy.settings import ProxySettings
 from sipguard.proxy.timers import TimerEntry, TimerQueue
 from sipguard.proxy.transactions import (
@@ -356,11 +356,9 @@ class Proxy:
         up keeps the core it went to (``Dialog.core``) when the reload names another."""
         old = self.settings.core
         if settings.core != old:
-            former = self.former_cores
-            former.pop(old.addr[0], None)  # (kept when the new core shares the old one's
-            former[old.addr[0]] = None     # address: its calls come from the old port)
-            while len(former) > MAX_FORMER_CORES:
-                del former[next(iter(former))]
+            # (kept when the new core shares the old one's address: its calls come from the
+            # old port)
+            remember(self.former_cores, old.addr[0], MAX_FORMER_CORES)
         self.settings = settings
         self.router.configure(settings)
 

@@ -8,7 +8,7 @@ Request-URI it carries. Requests from the core follow their Route, else their Re
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Final, TypeVar
 
 from sipguard.contract import Flow, Local
 from sipguard.proxy import build
@@ -20,6 +20,7 @@ from sipguard.sip.uri import Uri
 
 SUPPORTED_SCHEMES: Final = frozenset({"sip", "sips", "tel"})
 MAX_FORMER_NAMES: Final = 16  # host:port sipguard advertised before reloads, still its own
+_K = TypeVar("_K")
 
 
 def _has_our_via(msg: Message) -> bool:
@@ -28,6 +29,15 @@ def _has_our_via(msg: Message) -> bool:
     ours = build.OUR_PREFIX_BYTES
     lines = msg.lines
     return any(lines[i].find(ours) >= 0 for i in msg.indexes("via"))
+
+
+def remember(recent: dict[_K, None], key: _K, most: int) -> None:
+    """Put ``key`` last in ``recent`` (an insertion-ordered set, oldest first) and forget the
+    oldest beyond ``most``: what reloads replaced and calls up may still name."""
+    recent.pop(key, None)
+    recent[key] = None
+    while len(recent) > most:
+        del recent[next(iter(recent))]
 
 
 def local_for(locals_: tuple[Local, ...] | list[Local], transport: str, host: str = "") -> Local:
@@ -74,13 +84,9 @@ class Router:
         for loc in settings.locals:
             host = loc.host.strip("[]").lower()
             names.add(f"{host}:{loc.port}")
-        former = self._former
         for name in self._ours - names:
-            former.pop(name, None)
-            former[name] = None
-        while len(former) > MAX_FORMER_NAMES:
-            del former[next(iter(former))]
-        self._ours = names | set(former)
+            remember(self._former, name, MAX_FORMER_NAMES)
+        self._ours = names | set(self._former)
 
     def is_ours(self, uri: Uri) -> bool:
         if uri.scheme not in ("sip", "sips"):
