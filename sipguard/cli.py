@@ -301,6 +301,7 @@ async def _serve(path: str, args: argparse.Namespace, cfg: Config) -> int:
     loop.add_signal_handler(signal.SIGHUP, on_hup)
     if link is not None:
         link.ready()  # the supervisor counts the worker started (signals are handled now)
+        link.heartbeat()  # from the loop: a worker whose loop stops is killed and restarted
         # the supervisor is gone (killed): drain and exit rather than outlive it
         link.on_gone(lambda: None if drains else on_stop())
     try:
@@ -365,7 +366,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 st = cfg.state
                 create_segment(os.path.join(group, SEGMENT_NAME), st.max_keys, st.max_leases,
                                st.max_sets)
-            return supervise(cfg.workers, _worker_command(args, cfg.workers, group))
+            return supervise(cfg.workers, _worker_command(args, cfg.workers, group),
+                             hang_timeout_s=cfg.worker_hang_timeout_s)
         except OSError as exc:
             print(f"sipguard: cannot make the workers' shared state in {group}: {exc}",
                   file=sys.stderr)

@@ -12,6 +12,10 @@ line, so the same config file and flags), and then only watches them:
 - a worker that exits while no stop was asked for is started again, after 1 s, doubling up
   to 30 s while it keeps failing within a minute of its start (``worker_exited``,
   ``worker_restarted``, counted in ``restarts``);
+- a worker sends ``alive`` on its link every second from its event loop; one silent for
+  ``worker_hang_timeout_s`` (10 s; stopped with SIGSTOP, stuck in a loop, swapped out: its
+  share of the calls would go unanswered while it looks alive) is killed with SIGKILL
+  (``worker_hung``) and started again as one that died;
 - the supervisor exits once every worker has exited after a stop: 0 when all exited 0. When a
   worker cannot start at first (a port in use, a bad config), the others are stopped and the
   supervisor exits with that worker's code (1 or 2), as a single process would.
@@ -54,6 +58,8 @@ from sipguard.ops.logging import flush_logs, get_logger, log_writer
 
 READY = b"ready\n"
 RELOAD = b"reload\n"  # a worker reloaded on an operator's request: reload the others
+ALIVE = b"alive\n"  # a worker's heartbeat, sent from its event loop
+HEARTBEAT_S = 1.0  # ... this often
 SEGMENT_NAME = "state"  # state.backend shared_memory: the segment, in the workers' directory
 RESTART_FIRST_S = 1.0  # a worker that died is started again after this
 RESTART_MAX_S = 30.0  # ... doubling while it keeps dying, up to this
@@ -74,14 +80,18 @@ class Worker:
     failures: int = 0  # exits in a row within STABLE_S of their start
     relay: asyncio.Task[None] | None = None
     listen: asyncio.Task[None] | None = None  # what it asks once ready (``RELOAD``)
+    seen: float = 0.0  # when its last line (a heartbeat) came
+    watched: bool = False  # ready and its link open: its heartbeats are expected
+    hung: int = 0  # times it was killed for silence
 
 
 class Supervisor:
     """Starts ``count`` workers with ``command`` and keeps them running until told to stop."""
 
-    def __init__(self, count: int, command: Command) -> None:
+    def __init__(self, count: int, command: Command, hang_timeout_s: float = 10.0) -> None:
         self.count = count
         self.command = command
+        self.hang_timeout_s = hang_timeout_s  # 0: never
         self.workers = [Worker(i) for i in range(count)]
         self.log = get_logger("sipguard.supervisor")
         self.stopping = False
@@ -158,37 +168,48 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         line = b""
         with contextlib.suppress(OSError):
-            while not line.endswith(b"\n"):
+            while b"\n" not in line and len(line) < 64:
                 got = await loop.sock_recv(ours, 64)
                 if not got:
                     break
                 line += got
-        w.ready = line == READY
+        first, _, rest = line.partition(b"\n")  # a heartbeat may come in the same read
+        w.ready = first + b"\n" == READY
         if not w.ready:
             await proc.wait()  # it closed its end on its way out: let it finish
         else:
-            w.listen = loop.create_task(self._listen(w, ours))
+            w.seen, w.watched = time.monotonic(), True
+            w.listen = loop.create_task(self._listen(w, ours, rest))
         return w.ready
 
-    async def _listen(self, w: Worker, sock: socket.socket) -> None:
-        """Worker ``w``'s requests, a line each, until its end closes; an unknown line is
-        logged and ignored. At most 64 bytes are held for a line."""
+    async def _listen(self, w: Worker, sock: socket.socket, got: bytes = b"") -> None:
+        """Worker ``w``'s heartbeats and requests, a line each, until its end closes (``got``:
+        what came in the read of its ready line); an unknown line is logged and ignored. At
+        most 64 bytes are held for a line."""
         loop = asyncio.get_running_loop()
         pending = b""
-        with contextlib.suppress(OSError):
+        try:
             while True:
+                if got:
+                    w.seen = time.monotonic()
+                    pending += got
+                    while b"\n" in pending:
+                        line, pending = pending.split(b"\n", 1)
+                        if line + b"\n" == ALIVE:
+                            continue
+                        if line + b"\n" == RELOAD:
+                            self._reload_others(w)
+                        else:
+                            self._note("warning", "worker_request_unknown", worker=w.index,
+                                       request=line[:32].decode("ascii", "replace"))
+                    pending = pending[-64:]
                 got = await loop.sock_recv(sock, 64)
                 if not got:
                     return
-                pending += got
-                while b"\n" in pending:
-                    line, pending = pending.split(b"\n", 1)
-                    if line + b"\n" == RELOAD:
-                        self._reload_others(w)
-                    else:
-                        self._note("warning", "worker_request_unknown", worker=w.index,
-                                   request=line[:32].decode("ascii", "replace"))
-                pending = pending[-64:]
+        except OSError:
+            return
+        finally:
+            w.watched = False  # its end closed: it is stopping (or gone), heartbeats end
 
     def _reload_others(self, w: Worker) -> None:
         # a worker still starting reads the file at its start (and a SIGHUP before its
@@ -201,6 +222,7 @@ class Supervisor:
         """Wait for worker ``w`` to exit; its exit code (negative: killed by that signal)."""
         assert w.proc is not None
         code = await w.proc.wait()
+        w.watched = False
         if w.relay is not None:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(w.relay, 5.0)
@@ -240,6 +262,33 @@ class Supervisor:
             if self.stopping:
                 return
 
+    async def _watch(self) -> None:
+        """Kill a worker whose heartbeats stopped for ``hang_timeout_s``; _keep starts it
+        again. A pass of our own that came late (we were stopped or starved) first counts
+        every worker seen: their heartbeats wait unread in our sockets."""
+        step = min(HEARTBEAT_S, self.hang_timeout_s / 2)
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(step)
+            now = time.monotonic()
+            if now - last > 2 * step + 1.0:
+                for w in self.workers:
+                    w.seen = max(w.seen, now)
+            last = now
+            for w in self.workers:
+                proc = w.proc
+                if not w.watched or proc is None or proc.returncode is not None:
+                    continue
+                silent = now - w.seen
+                if silent < self.hang_timeout_s:
+                    continue
+                w.watched = False
+                w.hung += 1
+                self._note("error", "worker_hung", worker=w.index, pid=proc.pid,
+                           silent_s=round(silent, 1), hung=w.hung)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, signal.SIGKILL)
+
     @staticmethod
     def _pid(w: Worker) -> int | None:
         return w.proc.pid if w.proc is not None else None
@@ -277,6 +326,7 @@ class Supervisor:
         firsts = [loop.create_future() for _ in self.workers]
         keepers = [loop.create_task(self._keep(w, f)) for w, f in zip(self.workers, firsts,
                                                                        strict=True)]
+        watch = loop.create_task(self._watch()) if self.hang_timeout_s > 0 else None
         started = await asyncio.gather(*firsts)
         if all(started):
             self._all_started = True
@@ -291,6 +341,8 @@ class Supervisor:
                 await asyncio.sleep(0.2)
                 self._forward(signal.SIGTERM)
         await asyncio.gather(*keepers)
+        if watch is not None:
+            watch.cancel()
         codes = [w.proc.returncode for w in self.workers if w.proc is not None]
         self._note("info", "workers_stopped", workers=self.count, codes=codes,
                    restarts=sum(w.restarts for w in self.workers))
@@ -299,9 +351,9 @@ class Supervisor:
         return 0 if all(c == 0 for c in codes) else 1
 
 
-def supervise(count: int, command: Command) -> int:
+def supervise(count: int, command: Command, hang_timeout_s: float = 10.0) -> int:
     """Run the supervisor of ``count`` workers to the end; the exit code."""
-    return asyncio.run(Supervisor(count, command).run())
+    return asyncio.run(Supervisor(count, command, hang_timeout_s).run())
 
 
 def stdout_is_shareable() -> bool:
@@ -414,10 +466,18 @@ class SupervisorLink:
         self.sock = socket.socket(fileno=fd)
         self.sock.setblocking(False)
         self._watch: asyncio.Task[None] | None = None
+        self._beat: asyncio.TimerHandle | None = None
 
     def ready(self) -> None:
         with contextlib.suppress(OSError):
             self.sock.send(READY)
+
+    def heartbeat(self) -> None:
+        """Send ``alive`` now and every HEARTBEAT_S from the event loop: while the loop
+        turns, the supervisor hears it (a full socket buffer skips a beat, never blocks)."""
+        with contextlib.suppress(OSError):
+            self.sock.send(ALIVE)
+        self._beat = asyncio.get_running_loop().call_later(HEARTBEAT_S, self.heartbeat)
 
     def reload_others(self) -> None:
         """This worker reloaded on an operator's request: the supervisor reloads the others."""
@@ -444,4 +504,6 @@ class SupervisorLink:
     def close(self) -> None:
         if self._watch is not None:
             self._watch.cancel()
+        if self._beat is not None:
+            self._beat.cancel()
         self.sock.close()

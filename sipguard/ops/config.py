@@ -629,6 +629,13 @@ class Config(ConfigModel):
         "trunk's calls spread over every worker and a caller's calls stay on one; `source` = "
         "the worker the kernel chose by source address and port (one trunk, one worker).",
     )
+    worker_hang_timeout_s: float = Field(
+        default=10, ge=0,
+        description="With several workers, a worker whose event loop has not answered the "
+        "supervisor for this many seconds (it sends a heartbeat every second from its loop: "
+        "stopped, stuck in a busy loop, swapped out) is killed (SIGKILL) and started again, "
+        "as one that died (`worker_hung`); 0: never. Read at start.",
+    )
     worker_port_base: int | None = Field(
         default=None, ge=1, le=65535, validate_default=True,
         description="With several workers, worker i's own port on the listener at position "

@@ -15,7 +15,7 @@ from sipguard.ops.config_load import ConfigError, ConfigIssue
 
 # Top-level keys a running sipguard cannot take over: sockets and files opened at start.
 RESTART_KEYS = ("listen", "admin", "metrics", "state_dir", "state", "workers", "worker_port_base",
-                "worker_spread")
+                "worker_spread", "worker_hang_timeout_s")
 # Keys of ``log`` set up with the logger at start (a reload applies ``numbers`` and
 # ``hash_key_file`` only): reported as ``log.<key>`` and kept at their running values.
 LOG_RESTART_KEYS = ("level", "format", "queue_bytes", "parse_error_sample_s")

@@ -7,7 +7,9 @@ Redis state backend in front of a UAS, on 127.0.0.1.
 - a caller that sends its ACK and BYE from another port, to the Record-Route address: the
   worker's own port brings them to the worker holding the call;
 - SIGHUP to the supervisor reloads every worker; a worker killed with SIGKILL is started
-  again and takes calls; SIGTERM stops every worker and the supervisor exits 0.
+  again and takes calls; SIGTERM stops every worker and the supervisor exits 0;
+- a worker whose loop stops (SIGSTOP) is killed after ``worker_hang_timeout_s`` and started
+  again.
 
 Every process is stopped by its PID at the end; every wait is bounded.
 """
@@ -236,4 +238,49 @@ def test_supervisor_reloads_restarts_and_stops_every_worker(
             time.sleep(0.05)
         assert not any(pid_alive(p) for p in workers_now)
     finally:
+        core.close()
+
+
+def test_a_worker_that_stops_answering_is_killed_and_started_again(
+    stack: E2EStack, redis_url: str
+) -> None:
+    """A worker stopped with SIGSTOP looks alive to waitpid() while its share of the calls go
+    unanswered: its heartbeats stop, and after ``worker_hang_timeout_s`` the supervisor kills
+    it and starts it again; the new worker takes calls on its own port. The other worker,
+    which kept sending its heartbeats, is left alone."""
+    core = Core()
+    guard, port, base, admin = start_workers(stack, redis_url, core.port,
+                                             extra="worker_hang_timeout_s: 2\n")
+    stopped = 0
+    try:
+        [started] = [e for e in guard.events if e.get("event") == "workers_started"]
+        pids = started["pids"]
+        time.sleep(3)  # longer than the timeout: heartbeats keep both workers
+        assert guard.count("worker_hung") == 0
+        stopped = pids[1]
+        os.kill(stopped, signal.SIGSTOP)
+        t0 = time.monotonic()
+        guard.wait_event("worker_hung", 1, timeout=10)
+        noticed = time.monotonic() - t0
+        [hung] = [e for e in guard.events if e.get("event") == "worker_hung"]
+        assert hung["worker"] == 1 and hung["pid"] == stopped and hung["silent_s"] >= 2
+        assert 1.0 <= noticed <= 6.0, noticed
+        guard.wait_event("worker_exited", 1, timeout=10)
+        [exited] = [e for e in guard.events if e.get("event") == "worker_exited"]
+        assert exited["worker"] == 1 and exited["code"] == -signal.SIGKILL
+        guard.wait_event("worker_restarted", 1, timeout=15)
+        guard.wait_event("sipguard_started", WORKERS + 1, timeout=10)
+        [restarted] = [e for e in guard.events if e.get("event") == "worker_restarted"]
+        assert restarted["worker"] == 1 and restarted["pid"] != stopped
+        assert not pid_alive(stopped) and pid_alive(pids[0])
+        caller = Caller(base + 1)
+        try:
+            to_tag, rr = _call(caller, "after-hang")
+            assert f"127.0.0.1:{base + 1};lr" in rr, rr
+        finally:
+            caller.close()
+        assert guard.count("worker_hung") == 1  # the running workers are left alone
+    finally:
+        if stopped and pid_alive(stopped):
+            os.kill(stopped, signal.SIGCONT)
         core.close()
