@@ -660,6 +660,12 @@ class Server:
             # the replaced core still sends the BYEs of its calls up: the flood guard keeps
             # trusting it (as the proxy keeps routing them, Dialog.core)
             remember(former, old, MAX_FORMER_CORES)
+        if former:
+            # ... while calls it took are up: a core taken out of service (its address then
+            # anyone's) is not left out of the flood guard once its calls have ended
+            up = {d.core.addr for d in self.proxy.dialogs.values() if d.core is not None}
+            for gone in [c for c in former if c not in up]:
+                del former[gone]
         trusted = _trusted(cfg) + tuple(c for c in former if c != (cfg.core.host, cfg.core.port))
         policy = await asyncio.to_thread(Policy, cfg, self.state, trusted)
         if mine != self._reloads:

@@ -172,6 +172,63 @@ async def test_reload_keeps_live_calls_counted(peers: tuple[Peer, Peer]) -> None
         await server.stop()
 
 
+async def test_a_former_core_is_trusted_by_the_flood_guard_while_its_calls_are_up(
+    peers: tuple[Peer, Peer],
+) -> None:
+    """A reload moves ``core`` from A to B with a call up on A: the flood guard keeps trusting
+    A (its BYE must not be rate-limited). Once A's calls have ended, the next reload no
+    longer trusts it — a core taken out of service keeps no exemption for its address."""
+    caller, core = peers
+    server, port = await start(core, "rules:\n  flood: {key: ip_port}\n")
+    other = Peer()
+    try:
+        caller.sock.sendto(invite(caller, port, "f-1"), ("127.0.0.1", port))
+        got = await core.recv_until(b"INVITE ")
+        head = got.split(b"\r\n\r\n", 1)[0].split(b"\r\n")
+        vias = [h for h in head if h.startswith(b"Via:")]
+        keep = [h for h in head if h.split(b":", 1)[0] in (b"From", b"Call-ID", b"CSeq",
+                                                          b"Record-Route")]
+        ok = b"\r\n".join([b"SIP/2.0 200 OK", *vias, *keep,
+                            b"To: <sip:+18005550199@127.0.0.1>;tag=core1",
+                            f"Contact: <sip:agent@127.0.0.1:{core.port}>".encode(),
+                            b"Content-Length: 0", b"", b""])
+        core.sock.sendto(ok, ("127.0.0.1", port))
+        answered = await caller.recv_until(b"SIP/2.0 200 ")
+        assert len(server.proxy.dialogs) == 1
+        [rr] = [h for h in answered.split(b"\r\n") if h.startswith(b"Record-Route:")]
+        a = ("127.0.0.1", core.port)
+        base = f"listen: [udp://127.0.0.1:{port}]\nrules:\n  flood: {{key: ip_port}}\n"
+        moved = parse_config(base + f"core: udp://127.0.0.1:{other.port}\n")
+        assert await server.reload(moved)
+        flood = server.policy.flood
+        assert flood is not None and a in flood.trusted
+        assert ("127.0.0.1", other.port) in flood.trusted
+        # the caller hangs up: its BYE goes on to A, A's 200 ends the call; then a reload
+        bye = b"\r\n".join([
+            f"BYE sip:agent@127.0.0.1:{core.port} SIP/2.0".encode(),
+            f"Via: SIP/2.0/UDP 127.0.0.1:{caller.port};branch=z9hG4bK-f-1-bye;rport".encode(),
+            b"Max-Forwards: 70", b"Route:" + rr.split(b":", 1)[1],
+            b"From: <sip:+12125550100@127.0.0.1>;tag=tf-1",
+            b"To: <sip:+18005550199@127.0.0.1>;tag=core1", b"Call-ID: f-1",
+            b"CSeq: 2 BYE", b"Content-Length: 0", b"", b""])
+        caller.sock.sendto(bye, ("127.0.0.1", port))
+        got = await core.recv_until(b"BYE ")
+        head = got.split(b"\r\n\r\n", 1)[0].split(b"\r\n")
+        answer = b"\r\n".join([b"SIP/2.0 200 OK", *[h for h in head if h.split(b":", 1)[0] in
+                                                     (b"Via", b"From", b"To", b"Call-ID",
+                                                      b"CSeq")], b"Content-Length: 0", b"", b""])
+        core.sock.sendto(answer, ("127.0.0.1", port))
+        await caller.recv_until(b"SIP/2.0 200 ")
+        assert not server.proxy.dialogs
+        assert await server.reload(moved)
+        flood = server.policy.flood
+        assert flood is not None and a not in flood.trusted
+        assert ("127.0.0.1", other.port) in flood.trusted
+    finally:
+        other.sock.close()
+        await server.stop()
+
+
 def _observer() -> tuple[Observer, io.StringIO]:
     out = io.StringIO()
     configure_logging(LogSettings(), out)
