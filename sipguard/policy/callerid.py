@@ -357,6 +357,21 @@ def _is_verstat(param: str) -> bool:
     return name.lower() == "verstat"
 
 
+def _without_verstat(rest: str) -> str:
+    """``@host;params?headers`` of a SIP URI without any ``verstat`` URI parameter or URI
+    header a peer put there (receivers read it there too)."""
+    if "verstat" not in rest.lower() and "%" not in rest:
+        return rest
+    hostparams, question, headers = rest.partition("?")
+    host, *params = hostparams.split(";")
+    out = ";".join([host, *(p for p in params if not _is_verstat(p))])
+    if question:
+        kept = [h for h in headers.split("&") if not _is_verstat(h)]
+        if kept:
+            out += "?" + "&".join(kept)
+    return out
+
+
 def _uri_with_verstat(uri: Uri, verstat: str | None) -> str | None:
     """The URI text with ``;verstat=`` set (None: only any verstat removed): a tel URI
     parameter, or in the user part of a SIP URI (with ``user=phone`` added when the URI has
@@ -381,7 +396,7 @@ def _uri_with_verstat(uri: Uri, verstat: str | None) -> str | None:
     head, *params = user.split(";")
     kept = [p for p in params if not _is_verstat(p)]
     user = ";".join([head, *kept, *add])
-    out = raw[:start] + user + colon + password + raw[at:]
+    out = raw[:start] + user + colon + password + _without_verstat(raw[at:])
     if verstat is not None and not uri.has_param("user"):
         query = out.find("?", start + len(user))
         out = out + ";user=phone" if query < 0 else out[:query] + ";user=phone" + out[query:]

@@ -25,9 +25,11 @@ answer from ``answers.<key>``):
    no_validation`` a fetch that could not be made — ``fetch_timeout``, ``fetch_connect``,
    ``fetch_busy`` (no fetch slot), ``fetch_unavailable`` — is not a failure: the call goes on
    as ``No-TN-Validation`` with that reason;
-7. the chain leads to a ``trust_anchors`` root at the current time and the leaf carries
-   TNAuthList with a service provider code — ``untrusted`` / ``expired`` / ``no_tnauthlist`` /
-   ``unsupported_key`` (``untrusted``, 437);
+7. the chain leads to a ``trust_anchors`` root at the current time, the leaf's key is P-256
+   with a Key Usage allowing digitalSignature, and the leaf carries TNAuthList with a service
+   provider code, or (a delegate certificate, RFC 9060) numbers that hold ``orig.tn`` —
+   ``untrusted`` / ``expired`` / ``no_tnauthlist`` / ``unsupported_key`` /
+   ``tn_not_authorized`` (``untrusted``, 437);
 8. the ES256 signature verifies with the leaf's key — ``bad_signature`` (``invalid``, 438);
 9. ``attest`` is at least ``min_attestation`` — ``low_attestation`` (``low_attestation``, 403),
    handled by ``on_low_attestation`` (default: as ``on_fail``).
@@ -96,6 +98,7 @@ from sipguard.policy.stircert import (
     check_x5u,
     load_trust_anchors,
     parse_chain,
+    tn_covered,
 )
 from sipguard.sip.errors import SipParseError
 from sipguard.sip.identity import Identity, parse_identity
@@ -134,6 +137,7 @@ ANSWER_OF: Final = {
     "expired": "untrusted",
     "no_tnauthlist": "untrusted",
     "unsupported_key": "untrusted",
+    "tn_not_authorized": "untrusted",
     "low_attestation": "low_attestation",
 }  # and fetch_* -> bad_info
 
@@ -239,20 +243,24 @@ class IdentityRule:
         if fetcher is None:
             return self._fail(call, _Failure("fetch_unavailable", "no fetcher", passport))
         entry = await self._fetch_entry(fetcher, passport.x5u, now, wall)
+        assert entry is not None
         verdict = self._finish(call, passport, entry, now, wall)
         if not isinstance(verdict, Verdict):  # the signature is checked on a thread
             verdict = await verdict
         return verdict
 
     async def _fetch_entry(
-        self, fetcher: CertFetcher, url: str, now: float, wall: float
-    ) -> UrlEntry:
+        self, fetcher: CertFetcher, url: str, now: float, wall: float, anew: bool = False
+    ) -> UrlEntry | None:
         """The cache entry for ``url`` after fetching it: the chain, or why there is none
-        (stored as the cache settings say)."""
+        (stored as the cache settings say). ``anew``: the cached chain is being replaced
+        (renewed at the same URL?): a failed fetch is None and leaves the cache alone."""
         s = self.s
         try:
             fetched = await fetcher.fetch(url, self.limits)
         except FetchError as exc:
+            if anew:
+                return None
             entry = self.cache.lookup(url, now)  # another call may have stored it meanwhile
             if entry is None:
                 entry = UrlEntry(None, f"fetch_{exc.reason}", exc.detail,
@@ -260,7 +268,7 @@ class IdentityRule:
                 if exc.cacheable and s.negative_cache_s > 0:
                     self.cache.store(url, entry, now)
             return entry
-        entry = self.cache.lookup(url, now)
+        entry = None if anew else self.cache.lookup(url, now)
         if entry is None:
             trusted = False
             try:
@@ -275,16 +283,20 @@ class IdentityRule:
                                              s.negative_cache_s).ok
                 if not trusted:
                     ttl = min(ttl, s.negative_cache_s)
-                entry = UrlEntry(chain, "", "", now + ttl)
+                entry = UrlEntry(chain, "", "", now + ttl, now)
             if entry.expires > now:
-                self.cache.store(url, entry, now, trusted)
+                # with the failures until a signature verifies with it (CertCache.promote)
+                self.cache.store(url, entry, now, False)
         return entry
 
     def _finish(
-        self, call: CallInfo, passport: Passport, entry: UrlEntry, now: float, wall: float
+        self, call: CallInfo, passport: Passport, entry: UrlEntry, now: float, wall: float,
+        renew: bool = True,
     ) -> Verdict | Awaitable[Verdict]:
         """Steps 6–9 with the certificate in hand: CPU only. The signature check goes to the
-        shell's threads when it has some (``verify_threads``), the rest waits for it."""
+        shell's threads when it has some (``verify_threads``), the rest waits for it. A
+        signature that fails with a chain fetched more than ``cache_min_s`` ago fetches the
+        URL once more (``renew``): a provider that renewed its certificate at the same URL."""
         if entry.chain is None:
             failure = _Failure(entry.reason, entry.detail, passport)
             if self.s.on_fetch_error == "no_validation" and entry.reason in UNREACHABLE:
@@ -293,22 +305,52 @@ class IdentityRule:
         result = self.cache.verdict(self.anchors, entry.chain, wall, now, self.s.negative_cache_s)
         if not result.ok or result.key is None:
             return self._fail(call, _Failure(result.reason, result.detail, passport))
+        if result.numbers and not tn_covered(result.numbers, passport.orig):
+            return self._fail(call, _Failure(
+                "tn_not_authorized", "orig.tn is not among the delegate certificate's numbers",
+                passport))
+        renew = renew and now - entry.fetched > self.s.cache_min_s
         verifier = self.state.verifier
         if verifier is not None:
             checked = verifier.submit(passport, result.key)
             if checked is not None:
-                return self._after_check(call, passport, checked)
-        return self._signed(call, passport, verify_signature(passport, result.key))
+                return self._after_check(call, passport, checked, now, wall, renew)
+        valid = verify_signature(passport, result.key)
+        if not valid and renew and self.state.fetcher is not None:
+            return self._renew_then_finish(call, passport, now, wall)
+        return self._signed(call, passport, valid, now)
 
     async def _after_check(
-        self, call: CallInfo, passport: Passport, checked: Awaitable[bool]
+        self, call: CallInfo, passport: Passport, checked: Awaitable[bool], now: float,
+        wall: float, renew: bool,
     ) -> Verdict:
-        return self._signed(call, passport, await checked)
+        valid = await checked
+        if not valid and renew and self.state.fetcher is not None:
+            return await self._renew_then_finish(call, passport, now, wall)
+        return self._signed(call, passport, valid, now)
 
-    def _signed(self, call: CallInfo, passport: Passport, valid: bool) -> Verdict:
+    async def _renew_then_finish(
+        self, call: CallInfo, passport: Passport, now: float, wall: float
+    ) -> Verdict:
+        """The signature failed with a chain cached for a while: fetch the URL again (one
+        fetch however many calls ask at once; then not again for ``cache_min_s``, so forged
+        signatures naming a provider's URL cost it one fetch a minute at most) and check with
+        what it serves now. A failed fetch keeps the cached chain: ``bad_signature``."""
+        fetcher = self.state.fetcher
+        assert fetcher is not None
+        entry = await self._fetch_entry(fetcher, passport.x5u, now, wall, anew=True)
+        if entry is None:
+            return self._signed(call, passport, False, now)
+        verdict = self._finish(call, passport, entry, now, wall, renew=False)
+        if not isinstance(verdict, Verdict):
+            verdict = await verdict
+        return verdict
+
+    def _signed(self, call: CallInfo, passport: Passport, valid: bool, now: float) -> Verdict:
         """Steps 8–9 once the signature has been checked."""
         if not valid:
             return self._fail(call, _Failure("bad_signature", "ES256 signature", passport))
+        self.cache.promote(passport.x5u, now)
         if ATTESTATIONS.index(passport.attest) > self.min_rank:
             action = self.s.on_low_attestation or self.s.on_fail
             failure = _Failure("low_attestation", f"attest {passport.attest}", passport)

@@ -140,13 +140,15 @@ class Settings(RuleSettings):
     )
     cache_entries: int = Field(
         default=10000, ge=16,
-        description="URLs with a trusted chain (and chain verdicts) kept at most; least "
-        "recently used first out. Failures never take their place.",
+        description="URLs with a chain a signature has verified with (and chain verdicts) "
+        "kept at most; least recently used first out. Failures and chains no signature has "
+        "verified with yet never take their place.",
     )
     negative_cache_entries: int = Field(
         default=1000, ge=16,
-        description="Failures kept at most (failed fetches, unreadable or untrusted chains), "
-        "apart from the trusted chains; least recently used first out.",
+        description="Failures kept at most (failed fetches, unreadable or untrusted chains, "
+        "chains no signature has verified with yet), apart from the trusted chains; least "
+        "recently used first out.",
     )
     verify_threads: Annotated[int, Field(ge=0, le=64)] | Literal["auto"] = Field(
         default="auto",

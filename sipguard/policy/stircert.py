@@ -38,7 +38,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -78,13 +78,18 @@ class X5u:
     path: str
 
 
+# IPv4-compatible IPv6 addresses (::a.b.c.d, RFC 4291 §2.5.5.1, deprecated; routed over
+# automatic tunnels where a host still has them): the IPv4 address in them decides
+_IPV4_COMPATIBLE: Final = ipaddress.IPv6Network("::/96")
+
+
 def is_public_address(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     """True for a globally routable unicast address; False for loopback, private, link-local,
     shared (CGN), multicast, reserved and other special-purpose space, also when embedded in an
     IPv6 address (IPv4-mapped, 6to4, Teredo, NAT64)."""
     if isinstance(ip, ipaddress.IPv6Address):
         embedded = ip.ipv4_mapped or ip.sixtofour or (ip.teredo[1] if ip.teredo else None)
-        if embedded is None and ip in _NAT64:
+        if embedded is None and (ip in _NAT64 or ip in _IPV4_COMPATIBLE):
             embedded = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
         if embedded is not None and not is_public_address(embedded):
             return False
@@ -332,32 +337,75 @@ def _der_items(data: bytes, start: int, end: int) -> list[tuple[int, int, int]]:
 
 
 def service_provider_codes(der: bytes) -> tuple[str, ...]:
-    """The SPC entries of a TNAuthList extension value (RFC 8226 §9, ATIS-1000080)::
+    """The SPC entries of a TNAuthList extension value (see :func:`tn_auth_list`)."""
+    return tn_auth_list(der)[0]
+
+
+def tn_auth_list(der: bytes) -> tuple[tuple[str, ...], tuple[tuple[str, int], ...]]:
+    """The entries of a TNAuthList extension value (RFC 8226 §9, ATIS-1000080): its service
+    provider codes, and its telephone numbers as (first number, count) ranges — a delegate
+    certificate's (RFC 9060, ATIS-1000092) holds numbers instead of a code::
 
         TNAuthorizationList ::= SEQUENCE SIZE (1..MAX) OF TNEntry
         TNEntry ::= CHOICE { spc [0] ServiceProviderCode, range [1] TelephoneNumberRange,
                              one [2] TelephoneNumber }
         ServiceProviderCode ::= IA5String
+        TelephoneNumberRange ::= SEQUENCE { start TelephoneNumber, count INTEGER (2..MAX) }
+        TelephoneNumber ::= IA5String (SIZE (1..15)) (FROM ("0123456789#*"))
 
-    The module uses EXPLICIT tags (``A0 len 16 len SPC``); the implicit form (``80 len SPC``)
-    seen from some CAs is read too. Raises ValueError when the value is not a TNAuthList.
+    The module uses EXPLICIT tags (``A0 len 16 len SPC``); the implicit forms (``80 len SPC``,
+    ``A1`` holding the range's members, ``82 len TN``) seen from some CAs are read too. Raises
+    ValueError when the value is not a TNAuthList.
     """
     top = _der_items(der, 0, len(der))
     if len(top) != 1 or top[0][0] != 0x30:
         raise ValueError("TNAuthList is not a SEQUENCE")
-    codes = []
+    codes: list[str] = []
+    numbers: list[tuple[str, int]] = []
     for tag, s, e in _der_items(der, top[0][1], top[0][2]):
-        if tag == 0xA0:
+        if tag in (0xA0, 0xA2):
             inner = _der_items(der, s, e)
             if len(inner) != 1 or inner[0][0] != 0x16:
-                raise ValueError("TNAuthList spc is not an IA5String")
+                raise ValueError("TNAuthList entry is not an IA5String")
             s, e = inner[0][1], inner[0][2]
-        elif tag != 0x80:
-            continue  # a TN or TN range entry
-        code = der[s:e].decode("ascii", "replace")
-        if code:
-            codes.append(code)
-    return tuple(codes)
+        if tag in (0xA0, 0x80):
+            code = der[s:e].decode("ascii", "replace")
+            if code:
+                codes.append(code)
+        elif tag in (0xA2, 0x82):
+            numbers.append((_tn(der[s:e]), 1))
+        elif tag == 0xA1:
+            inner = _der_items(der, s, e)
+            if len(inner) == 1 and inner[0][0] == 0x30:  # explicit: the SEQUENCE inside
+                inner = _der_items(der, inner[0][1], inner[0][2])
+            if len(inner) != 2 or inner[0][0] != 0x16 or inner[1][0] != 0x02:
+                raise ValueError("TNAuthList range is not (start, count)")
+            raw = der[inner[1][1]:inner[1][2]]
+            count = int.from_bytes(raw, "big", signed=True) if 0 < len(raw) <= 8 else 0
+            if count < 1:
+                raise ValueError("TNAuthList range count out of range")
+            numbers.append((_tn(der[inner[0][1]:inner[0][2]]), count))
+    return tuple(codes), tuple(numbers)
+
+
+def _tn(raw: bytes) -> str:
+    if not 1 <= len(raw) <= 15 or raw.strip(b"0123456789#*"):
+        raise ValueError("TNAuthList telephone number is not 1-15 of 0-9 # *")
+    return raw.decode("ascii")
+
+
+def tn_covered(numbers: tuple[tuple[str, int], ...], tn: str) -> bool:
+    """Whether ``tn`` (digits) is one of the numbers, or in one of the ranges (a range counts
+    up from its first number, the numbers of its length: RFC 8226 §9)."""
+    for start, count in numbers:
+        if len(start) != len(tn):
+            continue
+        if count == 1:
+            if tn == start:
+                return True
+        elif start.isdigit() and tn.isdigit() and 0 <= int(tn) - int(start) < count:
+            return True
+    return False
 
 
 @dataclass(frozen=True, slots=True)
@@ -368,9 +416,11 @@ class ChainResult:
     reason: str  # "" when ok; else untrusted, expired, no_tnauthlist, unsupported_key
     detail: str
     key: ec.EllipticCurvePublicKey | None = None
-    spc: str | None = None  # the leaf's service provider code
+    spc: str | None = None  # the leaf's service provider code (None: a delegate certificate)
     not_before: float = 0.0  # Unix time from which every certificate in the chain is valid
     not_after: float = 0.0  # ... and until which
+    # a delegate certificate's numbers (first, count): the only callers it may sign for
+    numbers: tuple[tuple[str, int], ...] = ()
 
 
 def _window(certs: Iterable[x509.Certificate]) -> tuple[float, float]:
@@ -405,19 +455,29 @@ def verify_chain(chain: CertChain, anchors: TrustAnchors, wall: float) -> ChainR
         reason = "expired" if "expired" in text or "not yet valid" in text else "untrusted"
         return ChainResult(False, reason, text[:200])
     try:
+        usage = leaf.extensions.get_extension_for_class(x509.KeyUsage).value
+        signs = usage.digital_signature
+    except x509.ExtensionNotFound:
+        signs = False
+    if not signs:  # RFC 5280 §4.2.1.3; ATIS-1000080 asks for a critical Key Usage with it
+        return ChainResult(False, "unsupported_key",
+                           "leaf Key Usage does not allow digitalSignature")
+    try:
         ext = leaf.extensions.get_extension_for_oid(TNAUTHLIST_OID)
     except x509.ExtensionNotFound:
         return ChainResult(False, "no_tnauthlist", "leaf certificate has no TNAuthList")
     value = ext.value
     try:
         raw = value.value if isinstance(value, x509.UnrecognizedExtension) else b""
-        codes = service_provider_codes(raw)
+        codes, numbers = tn_auth_list(raw)
     except ValueError as exc:
         return ChainResult(False, "no_tnauthlist", f"TNAuthList unreadable: {exc}")
-    if not codes:
-        return ChainResult(False, "no_tnauthlist", "TNAuthList holds no service provider code")
+    if not codes and not numbers:
+        return ChainResult(False, "no_tnauthlist", "TNAuthList is empty")
     nb, na = _window(verified.chain)
-    return ChainResult(True, "", "", key, codes[0], nb, na)
+    # a code authorises every number of its provider; numbers alone only themselves
+    return ChainResult(True, "", "", key, codes[0] if codes else None, nb, na,
+                       () if codes else numbers)
 
 
 # ----------------------------------------------------------------------------- the cache
@@ -431,6 +491,7 @@ class UrlEntry:
     reason: str
     detail: str
     expires: float  # on the caller's clock (``now``)
+    fetched: float = 0.0  # when it was fetched (``now``)
 
 
 class CertCache:
@@ -477,6 +538,15 @@ class CertCache:
         table[url] = entry
         if len(table) > limit:
             _trim(table, limit, lambda e: e.expires <= now)
+
+    def promote(self, url: str, now: float) -> None:
+        """A signature verified with the chain ``url`` gave: it joins the trusted chains. A
+        chain fetched for a call waits with the failures until then — anyone can name an
+        x5u serving a copy of a real provider's chain, and such URLs (their calls all fail
+        the signature) must not push the providers' own out of the trusted table."""
+        entry = self.failures.get(url)
+        if entry is not None and entry.chain is not None:
+            self.store(url, entry, now, True)
 
     def verdict(
         self, anchors: TrustAnchors, chain: CertChain, wall: float, now: float, retry_s: float

@@ -164,14 +164,25 @@ class AcceptAll:
 # ";branch=z9hG4bKsg..." in a raw Via line: the first one is the top value's.
 _OUR_BRANCH: Final = re.compile(rb";[ \t]*branch[ \t]*=[ \t]*(" + build.OUR_PREFIX_BYTES + rb"[0-9a-z.]+)")
 # A verstat parameter (3GPP TS 24.229 §7.2A.20) anywhere in a From or P-Asserted-Identity line,
-# however written: any case, %-escaped letters (the parser reads ver%73tat as verstat), an
-# escaped ";" or "=" in a user part (which the number reader un-escapes), folded onto the
-# next line.
-_VERSTAT_PLAIN: Final = re.compile(rb";[ \t]*verstat[ \t]*=[ \t]*[^;>,\s]*", re.IGNORECASE)
+# however written: in the user part, as a URI parameter after the host, as a URI header
+# (?verstat= / &verstat=), as a header parameter; any case, %-escaped letters (the parser
+# reads ver%73tat as verstat), an escaped ";" or "=" in a user part (which the number reader
+# un-escapes), folded onto the next line. Its value ends at the "@" of a user part: the host
+# stays. A "?verstat=" followed by another URI header keeps the "?" (group 1).
+_VERSTAT_PLAIN: Final = re.compile(
+    rb"(?:[;&]|(\?))[ \t]*verstat[ \t]*=[ \t]*[^;>,\s@?&]*(?(1)&?)", re.IGNORECASE)
 _VERSTAT: Final = re.compile(
-    rb"(?:;|%3b)\s*" + b"".join(b"(?:%c|%%%02x|%%%02x)" % (c, c, c - 32) for c in b"verstat")
-    + rb"\s*(?:=|%3d)\s*(?:[^;>,\s%]|%(?!3b))*",
+    rb"(?:;|%3b|&|(\?))\s*"
+    + b"".join(b"(?:%c|%%%02x|%%%02x)" % (c, c, c - 32) for c in b"verstat")
+    + rb"\s*(?:=|%3d)\s*(?:[^;>,\s%@?&]|%(?!3b))*(?(1)&?)",
     re.IGNORECASE)
+
+
+def _keep_question_mark(m: re.Match[bytes]) -> bytes:
+    """A verstat removed: "?verstat=X&a=b" leaves "?a=b"; any other form leaves nothing."""
+    return b"?" if m.group(1) and m.group(0).endswith(b"&") else b""
+
+
 # Headers only the proxy edits; a verdict's replace_headers cannot touch them.
 PROXY_OWNED: Final = frozenset(
     {"via", "route", "record-route", "max-forwards", "from", "to", "call-id", "cseq",
@@ -962,7 +973,7 @@ class Proxy:
                 line = msg.lines[i]
                 # the plain form's pattern is three times faster; escapes and folds are rare
                 full = b"%" in line or b"\n" in line
-                new = (_VERSTAT if full else _VERSTAT_PLAIN).sub(b"", line)
+                new = (_VERSTAT if full else _VERSTAT_PLAIN).sub(_keep_question_mark, line)
                 if new != line:
                     replace[i] = new
 
@@ -1354,6 +1365,9 @@ class Proxy:
         if ct.state not in (CALLING, PROCEEDING):
             return
         # (never after a CANCEL: sending one cancels Timer C and arms Timer B in its place)
+        st = ct.server
+        if st is not None and not st.end_reason:
+            st.end_reason = "timeout"  # the core's 487 ends it so, not as "cancelled"
         self._send_cancel(ct, now)  # and Timer B, 64*T1 on
 
     def _timer_f(self, ct: ClientTxn, now: float) -> None:

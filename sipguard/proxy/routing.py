@@ -194,9 +194,16 @@ class Router:
                 last = routes.pop()
                 uri = last.uri
                 start_line = f"{msg.method} {last.uri} SIP/2.0".encode()
+            # Ours first: one entry, or the pair one pass wrote when it changed transport or
+            # listener (RFC 5658) — two different URIs. The same URI again is another pass
+            # through sipguard (a spiral through a core that does not record-route): that
+            # one is for the next pass (RFC 3261 §16.4: the first value only).
             popped = 0
+            first = ""
             while routes and popped < 2 and self.is_ours(routes[0].uri):
-                routes.pop(0)
+                if popped and routes[0].uri.raw == first:
+                    break
+                first = routes.pop(0).uri.raw
                 popped += 1
             if not popped and start_line is None:
                 routes = None  # untouched

@@ -55,6 +55,7 @@ def make_cert(
     not_before: dt.datetime | None = None,
     not_after: dt.datetime | None = None,
     san: list[x509.GeneralName] | None = None,
+    key_usage: str = "standard",
 ) -> x509.Certificate:
     """One certificate shaped like ATIS-1000080's: CA certs with basicConstraints and
     keyCertSign, SP leaves with digitalSignature and TNAuthList."""
@@ -68,16 +69,18 @@ def make_cert(
         .not_valid_before(not_before or now - dt.timedelta(days=1))
         .not_valid_after(not_after or now + dt.timedelta(days=365))
         .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-        .add_extension(
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
+    )
+    if key_usage != "none":  # "standard"; "agreement": keyAgreement only; "none": left out
+        signs = not ca and key_usage == "standard"
+        b = b.add_extension(
             x509.KeyUsage(
-                digital_signature=not ca, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=False, key_cert_sign=ca, crl_sign=ca,
-                encipher_only=False, decipher_only=False,
+                digital_signature=signs, content_commitment=False, key_encipherment=False,
+                data_encipherment=False, key_agreement=key_usage == "agreement",
+                key_cert_sign=ca, crl_sign=ca, encipher_only=False, decipher_only=False,
             ),
             critical=True,
         )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
-    )
     if issuer != subject or issuer_key is not key:
         b = b.add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()), False

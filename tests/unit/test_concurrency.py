@@ -21,7 +21,7 @@ from sipguard.policy.pipeline import Pipeline
 from sipguard.sip.parser import parse_message
 from sipguard.state.memory import MemoryLeases
 from tests.unit.dialog_helpers import PolicyHarness, cancel, in_dialog, to
-from tests.unit.proxy_helpers import CALLER, CORE, invite
+from tests.unit.proxy_helpers import CALLER, CORE, answer, invite
 
 A = "+12125550100"
 B = "+12125550101"
@@ -229,6 +229,20 @@ def _timer_c(h: PolicyHarness) -> None:
     h.advance(250)
 
 
+def _timer_c_cancel_answered(h: PolicyHarness) -> None:
+    """Timer C's CANCEL answered by the core (200, then 487 for the INVITE): still a timeout,
+    not a caller that hung up (an ACD counts those as abandoned calls)."""
+    _, fwd = h.call(1)
+    assert fwd is not None
+    h.answer(fwd, 180, "Ringing")
+    out = h.advance(186)
+    cancel = [m for f, m in out if f.addr == CORE and m.method == "CANCEL"][0]
+    h.send(answer(cancel, 200, "OK"), src=CORE)
+    heard = h.answer(fwd, 487, "Request Terminated")
+    assert [m.status for m in heard] == [487]
+    h.advance(40)
+
+
 def _lifetime(h: PolicyHarness) -> None:
     _answered(h)
     h.advance(3700)
@@ -251,6 +265,7 @@ def _session_expired(h: PolicyHarness) -> None:
         (_failed, "failed"),
         (_timer_b, "timeout"),
         (_timer_c, "timeout"),
+        (_timer_c_cancel_answered, "timeout"),
         (_lifetime, "lifetime"),
         (_session_expired, "session_expired"),
     ],

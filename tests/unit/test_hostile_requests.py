@@ -117,6 +117,51 @@ def test_verstat_behind_an_escaped_semicolon_in_a_user_part_is_removed() -> None
     assert "Passed" not in line and "verstat=No-TN-Validation" in line
 
 
+FORGED_URIS = [
+    # a URI parameter after the host (where many receivers read it), a URI header, both
+    "<sip:+12125550100@198.51.100.7;user=phone;verstat=TN-Validation-Passed>",
+    "<sip:+12125550100@198.51.100.7;verstat=TN-Validation-Passed;user=phone>",
+    "<sip:+12125550100@198.51.100.7;user=phone?verstat=TN-Validation-Passed>",
+    "<sip:+12125550100@198.51.100.7;user=phone?x=1&Verstat=TN-Validation-Passed&y=2>",
+    "<sip:+12125550100@198.51.100.7;user=phone?verstat=TN-Validation-Passed&x=1>",
+]
+
+
+def test_verstat_as_a_uri_parameter_or_uri_header_is_removed() -> None:
+    """A forged verstat after the host or in the URI's headers never reaches the core: not
+    through the plain proxy, not when a rule rewrites the P-Asserted-Identity with its own
+    verstat (the rewrite cleaned the user part only, and the peer's value reached the core
+    beside sipguard's)."""
+    for i, uri in enumerate(FORGED_URIS):
+        h = PolicyHarness()
+        data = invite(branch=f"z9hG4bK-v{i}", call_id=f"v{i}",
+                      extra=f"P-Asserted-Identity: {uri}\r\n")
+        [fwd] = [m for m in to(h.send(data), CORE) if m.method == "INVITE"]
+        pai = fwd.get("p-asserted-identity") or ""
+        assert "validation" not in pai.lower() and "@198.51.100.7" in pai, pai
+        msg = parse_message(data)
+        line = callerid.pai_with_verstat(msg, "No-TN-Validation", "+12125550100", True)
+        assert line is not None and "Passed" not in line, line
+        assert line.count("verstat") == 1 and "@198.51.100.7" in line, line
+        assert "?x=1" in line if "x=1" in uri else "?" not in line, line
+        assert "&y=2" in line if "y=2" in uri else True, line
+
+
+def test_verstat_in_a_user_part_is_removed_and_the_host_kept() -> None:
+    """The 3GPP form <sip:+1…;verstat=…@host;user=phone> from outside: the verstat goes, the
+    host stays (the value's pattern ran on through the "@" and took the host with it)."""
+    h = PolicyHarness()
+    data = invite().replace(
+        b"From: <sip:+12125550100@198.51.100.7>",
+        b"From: <sip:+12125550100;verstat=TN-Validation-Passed@198.51.100.7;user=phone>")
+    data = data.replace(b"\r\n\r\n", b"\r\nP-Asserted-Identity: <sip:+12125550100;"
+                        b"verstat=TN-Validation-Passed@carrier.example;user=phone>\r\n\r\n", 1)
+    [fwd] = [m for m in to(h.send(data), CORE) if m.method == "INVITE"]
+    assert fwd.get("from").startswith("<sip:+12125550100@198.51.100.7;user=phone>;tag="), \
+        fwd.get("from")
+    assert fwd.get("p-asserted-identity") == "<sip:+12125550100@carrier.example;user=phone>"
+
+
 def test_a_rules_own_verstat_replaces_an_escaped_one() -> None:
     """Rule callerid puts its verstat on the PAI; a %-escaped one the peer sent goes."""
     msg = parse_message(invite(extra="P-Asserted-Identity: <tel:+12125550100;ver%73tat=TN-Validation-Passed>\r\n"))

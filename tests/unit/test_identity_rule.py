@@ -38,6 +38,8 @@ from .stir_pki import (
     X5uServer,
     b64,
     identity_value,
+    make_cert,
+    new_key,
     pem,
     sign_passport,
     standard_routes,
@@ -181,13 +183,20 @@ class Stir:
         callee: str = CALLEE_NUMBER,
         extra: str = "",
         uri: str | None = None,
+        later_s: float = 0.0,
     ) -> Outcome:
         h = PolicyHarness(self.policy)
-        values = [identity] if isinstance(identity, str) else identity or []
-        lines = "".join(f"Identity: {v}\r\n" for v in values) + extra
-        out = h.send(invite(caller=caller, callee=callee, extra=lines, uri=uri))
-        sync = h.sync_decisions == 1
-        out += await h.settle()
+        h.now += later_s  # the loop clock moves on; the wall clock (iat) stays
+        offset = self.state.wall_offset
+        self.state.wall_offset = offset - later_s
+        try:
+            values = [identity] if isinstance(identity, str) else identity or []
+            lines = "".join(f"Identity: {v}\r\n" for v in values) + extra
+            out = h.send(invite(caller=caller, callee=callee, extra=lines, uri=uri))
+            sync = h.sync_decisions == 1
+            out += await h.settle()
+        finally:
+            self.state.wall_offset = offset
         return outcome(out, h, sync)
 
 
@@ -961,3 +970,102 @@ async def test_a_suspension_that_lands_while_the_decision_waits_holds(stir: Stir
         ("late-0@x", "suspended", "caller_suspended"), ("late-1@x", "", "")]
     assert [(a.rule, a.reason) for a in decided[0].verdict.also] == [("rate", "per_caller")]
     assert len(core.proxy.dialogs) == 1 and not core.proxy.pending
+
+
+# ----------------------------------------------------------------------------- certificates
+
+
+def _delegate(pki: Pki, tnauthlist: bytes) -> bytes:
+    leaf = make_cert("SHAKEN delegate", pki.leaf_key, "STI-CA Test Intermediate", pki.inter_key,
+                     ca=False, tnauthlist=tnauthlist)
+    return pem(leaf, pki.inter)
+
+
+async def test_a_delegate_certificate_signs_for_its_own_numbers_only(stir: Stir) -> None:
+    """A delegate certificate (RFC 9060: TNAuthList holding telephone numbers or ranges, no
+    service provider code) passes for a caller among its numbers; for any other caller it is
+    ``tn_not_authorized`` (437) — it was refused whole before (``no_tnauthlist``)."""
+    # SEQUENCE { [1] SEQUENCE { "12125550100", 100 } }: +1 212 555 0100 … 0199
+    covering = bytes.fromhex("3014a1123010160b3132313235353530313030020164")
+    # SEQUENCE { [2] "12125550999" }
+    other = bytes.fromhex("300fa20d160b3132313235353530393939")
+    stir.server.routes["/delegate-ok.pem"] = Route(body=_delegate(stir.pki, covering))
+    stir.server.routes["/delegate-other.pem"] = Route(body=_delegate(stir.pki, other))
+    res = await stir.call(stir.header("/delegate-ok.pem"))
+    assert res.status is None and res.labels["identity"] == "passed"
+    res = await stir.call(stir.header("/delegate-other.pem"))
+    assert (res.status, res.labels["identity_reason"]) == (437, "tn_not_authorized")
+    assert res.forwarded is None
+
+
+async def test_a_leaf_without_digital_signature_key_usage_is_437(stir: Stir) -> None:
+    leaf = make_cert("SHAKEN agreement", stir.pki.leaf_key, "STI-CA Test Intermediate",
+                     stir.pki.inter_key, ca=False, key_usage="agreement")
+    stir.server.routes["/agreement.pem"] = Route(body=pem(leaf, stir.pki.inter))
+    res = await stir.call(stir.header("/agreement.pem"))
+    assert (res.status, res.labels["identity_reason"]) == (437, "unsupported_key")
+
+
+async def test_a_certificate_renewed_at_the_same_url_is_fetched_again(stir: Stir) -> None:
+    """The provider renews its certificate (a new key) at the same x5u: the cached chain
+    fails the new signatures, so once it is older than cache_min_s the URL is fetched again
+    and the call passes — it heard 438 for up to cache_max_s (a day) before. Forged
+    signatures naming the URL make it fetched at most once per cache_min_s."""
+    stir.fetcher.linger_s = 0  # the fetcher's own short reuse window is real time
+    path = "/renewed.pem"
+    stir.server.routes[path] = Route(body=pem(stir.pki.leaf, stir.pki.inter))
+    assert (await stir.call(stir.header(path))).labels["identity"] == "passed"
+    assert stir.hits(path) == 1
+    new_key_ = new_key()
+    renewed = make_cert("SHAKEN 709J renewed", new_key_, "STI-CA Test Intermediate",
+                        stir.pki.inter_key, ca=False)
+    stir.server.routes[path] = Route(body=pem(renewed, stir.pki.inter))
+    new_header = identity_value(sign_passport(new_key_, stir.url(path), iat=int(stir.wall)),
+                                stir.url(path))
+    # within cache_min_s (60 s) of the fetch: the cached chain decides, no fetch
+    res = await stir.call(new_header, later_s=30)
+    assert (res.status, res.labels["identity_reason"]) == (438, "bad_signature")
+    assert stir.hits(path) == 1
+    # later: fetched once more, and the new signature verifies
+    res = await stir.call(new_header, later_s=120)
+    assert res.status is None and res.labels["identity"] == "passed"
+    assert stir.hits(path) == 2
+    # forged signatures naming it: no fetch within cache_min_s of the last one ...
+    forged = identity_value(sign_passport(new_key(), stir.url(path), iat=int(stir.wall)),
+                            stir.url(path))
+    for later in (130, 150, 170):
+        assert (await stir.call(forged, later_s=later)).status == 438
+    assert stir.hits(path) == 2
+    # ... then one, and the chain it serves stays cached (the old calls' key still fails)
+    assert (await stir.call(forged, later_s=200)).status == 438
+    assert stir.hits(path) == 3
+    res = await stir.call(new_header, later_s=201)
+    assert res.labels["identity"] == "passed" and res.sync
+
+
+async def test_urls_whose_signatures_fail_never_push_a_providers_chain_out(stir: Stir) -> None:
+    """Anyone can serve a copy of a real provider's chain at x5u URLs of their own; their
+    forged PASSporTs all fail the signature. Such a chain waits with the failures and joins
+    the trusted chains only once a signature verifies with it: with cache_entries 16, twenty
+    such URLs leave the provider's chain cached (they evicted it before)."""
+    stir.use(cache_entries=16, negative_cache_entries=16)
+    certs = stir.state.certs
+    assert (await stir.call(stir.header())).labels["identity"] == "passed"
+    assert stir.url() in certs.urls
+    body = pem(stir.pki.leaf, stir.pki.inter)
+    forger = new_key()
+    for i in range(20):
+        path = f"/copy-{i}.pem"
+        stir.server.routes[path] = Route(body=body)
+        forged = identity_value(sign_passport(forger, stir.url(path), iat=int(stir.wall)),
+                                stir.url(path))
+        assert (await stir.call(forged)).labels["identity_reason"] == "bad_signature"
+        assert stir.url(path) not in certs.urls
+    assert stir.url() in certs.urls
+    hits = stir.hits("/good.pem")
+    res = await stir.call(stir.header())
+    assert res.sync and res.labels["identity"] == "passed" and stir.hits("/good.pem") == hits
+    # a chain that verified a signature is promoted at once
+    stir.server.routes["/fresh.pem"] = Route(body=body)
+    await stir.call(stir.header("/fresh.pem"))
+    assert stir.url("/fresh.pem") in certs.urls

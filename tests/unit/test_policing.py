@@ -1058,3 +1058,28 @@ def test_the_address_sipguard_advertised_before_a_reload_stays_its_own() -> None
     assert info.get("route") is None  # its own old entry popped, not passed on
     bye = in_dialog("BYE", call_id="call-1", cseq=5, branch="z9hG4bK-advb", from_callee=True)
     assert [m.method for m in to(h.send(bye, src=CORE), CALLER)] == ["BYE"]
+
+
+def test_a_route_set_naming_sipguard_twice_alike_loses_one_entry_per_pass() -> None:
+    """A call that spirals: in from the caller, out again through sipguard to another party
+    by a core that does not record-route. The caller's route set names sipguard twice, the
+    same URI (two passes), and each pass through sipguard takes off one: the core gets the
+    other and sends the request back through sipguard (RFC 3261 §16.4: the first value only).
+    Both were taken at once before, and the core sent the caller's ACK and BYE straight to
+    the other party: that leg never saw its ACK and was ended after 32 s. Two different URIs
+    of sipguard's own (the pair one pass writes when it changes transport, RFC 5658) still go
+    together."""
+    h = PolicyHarness()
+    _, fwd = h.call(1)
+    assert fwd is not None
+    h.answer(fwd, 200, "OK")
+    twice = "Route: <sip:192.0.2.1:5060;lr>, <sip:192.0.2.1:5060;lr>\r\n"
+    info = in_dialog("INFO", call_id="call-1", cseq=2, branch="z9hG4bK-twice").replace(
+        b"Route: <sip:192.0.2.1:5060;lr>\r\n", twice.encode())
+    [sent] = [m for m in to(h.send(info), CORE) if m.method == "INFO"]
+    assert sent.values("route") == ["<sip:192.0.2.1:5060;lr>"]
+    pair = "Route: <sip:192.0.2.1:5060;lr>, <sip:192.0.2.1:5060;transport=tcp;lr>\r\n"
+    info = in_dialog("INFO", call_id="call-1", cseq=3, branch="z9hG4bK-pair").replace(
+        b"Route: <sip:192.0.2.1:5060;lr>\r\n", pair.encode())
+    [sent] = [m for m in to(h.send(info), CORE) if m.method == "INFO"]
+    assert sent.get("route") is None

@@ -19,10 +19,12 @@ from sipguard.policy.stircert import (
     load_trust_anchors,
     parse_chain,
     service_provider_codes,
+    tn_auth_list,
+    tn_covered,
     verify_chain,
 )
 
-from .stir_pki import Pki, pem
+from .stir_pki import Pki, make_cert, pem
 
 PORTS = (443, 8443)
 
@@ -226,3 +228,51 @@ def test_untrusted_verdicts_do_not_evict_a_trusted_one(pki: Pki, anchors: TrustA
     assert len(cache.bad_verdicts) <= 16 and len(cache.verdicts) == 1
     assert cache.verdict(anchors, good, now, 2.0, 30.0) is first
 
+
+
+def test_a_leaf_whose_key_usage_does_not_allow_signatures_is_refused(
+    pki: Pki, anchors: TrustAnchors
+) -> None:
+    """RFC 5280 §4.2.1.3, ATIS-1000080: the leaf's Key Usage must allow digitalSignature; a
+    leaf with keyAgreement only, or with no Key Usage, signs no PASSporT."""
+    now = time.time()
+    for usage in ("agreement", "none"):
+        leaf = make_cert(f"SHAKEN {usage}", pki.leaf_key, "STI-CA Test Intermediate",
+                         pki.inter_key, ca=False, key_usage=usage)
+        result = verify_chain(parse_chain(pem(leaf, pki.inter)), anchors, now)
+        assert (result.ok, result.reason) == (False, "unsupported_key"), usage
+        assert "digitalSignature" in result.detail
+
+
+# SEQUENCE { [1] SEQUENCE { IA5String "12125550100", INTEGER 100 }, [2] IA5String "18005550199" }
+DELEGATE_DER = bytes.fromhex("3023a1123010160b3132313235353530313030020164a20d160b3138303035353530313939")
+
+
+def test_tnauthlist_numbers_of_a_delegate_certificate() -> None:
+    """Telephone numbers and ranges (RFC 8226 §9), explicit and implicit tags; coverage counts
+    up from a range's first number among numbers of its length."""
+    codes, numbers = tn_auth_list(DELEGATE_DER)
+    assert codes == () and numbers == (("12125550100", 100), ("18005550199", 1))
+    implicit = bytes.fromhex("301fa110160b3132313235353530313030020102820b3138303035353530313939")
+    assert tn_auth_list(implicit) == ((), (("12125550100", 2), ("18005550199", 1)))
+    assert tn_covered(numbers, "12125550100") and tn_covered(numbers, "12125550199")
+    assert not tn_covered(numbers, "12125550200") and not tn_covered(numbers, "2125550150")
+    assert tn_covered(numbers, "18005550199") and not tn_covered(numbers, "18005550198")
+    with pytest.raises(ValueError):
+        tn_auth_list(bytes.fromhex("3007a1053003160131"))  # a range without its count
+
+
+def test_a_delegate_certificate_verifies_with_its_numbers(pki: Pki, anchors: TrustAnchors) -> None:
+    leaf = make_cert("SHAKEN delegate", pki.leaf_key, "STI-CA Test Intermediate", pki.inter_key,
+                     ca=False, tnauthlist=DELEGATE_DER)
+    result = verify_chain(parse_chain(pem(leaf, pki.inter)), anchors, time.time())
+    assert result.ok and result.spc is None
+    assert result.numbers == (("12125550100", 100), ("18005550199", 1))
+    good = verify_chain(parse_chain(pem(pki.leaf, pki.inter)), anchors, time.time())
+    assert good.ok and good.spc == "709J" and good.numbers == ()
+
+
+def test_ipv4_compatible_ipv6_addresses_are_judged_by_their_ipv4_address() -> None:
+    assert not is_public_address(ipaddress.ip_address("::7f00:1"))  # ::127.0.0.1
+    assert not is_public_address(ipaddress.ip_address("::a00:1"))  # ::10.0.0.1
+    assert is_public_address(ipaddress.ip_address("::808:808"))  # ::8.8.8.8
