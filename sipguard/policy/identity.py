@@ -6,8 +6,9 @@ answer from ``answers.<key>``):
 
 1. an Identity header is present — else ``missing`` with ``require: true`` (``missing``, 428);
    without ``require`` the call goes on as ``No-TN-Validation``;
-2. header syntax (RFC 8224 §4.1 with errata 6499): several Identity headers may come, the one
-   with ``ppt=shaken`` (or without ppt) is used — ``malformed`` / ``compact_form`` /
+2. header syntax (RFC 8224 §4.1 with errata 6499): several Identity headers may come, those
+   with ``ppt=shaken`` (or without ppt) are taken in order and the first that passes 3–6 is
+   verified (none: the first one's failure) — ``malformed`` / ``compact_form`` /
    ``bad_header`` / ``bad_passport`` (``invalid``, 438); no ``info`` — ``no_info`` (``bad_info``,
    436);
 3. PASSporT header ``alg`` ES256, ``ppt`` shaken, ``typ`` passport, ``x5u`` equal to ``info``
@@ -16,8 +17,9 @@ answer from ``answers.<key>``):
 4. freshness: ``|now - iat| <= freshness_s`` — ``stale`` (too old) or ``future`` (``stale``,
    403 Stale Date);
 5. numbers: ``orig.tn`` is the caller (P-Asserted-Identity, else From; digits only) —
-   ``orig_mismatch``; ``dest.tn`` holds the called number (Request-URI or To) —
-   ``dest_mismatch`` (``invalid``, 438);
+   ``orig_mismatch``; ``dest.tn`` holds the called number (Request-URI or To), or ``ppt=div``
+   PASSporTs (RFC 8946) lead from it to the called number, each then verified as 6–8 say —
+   ``dest_mismatch`` / ``div_invalid`` (``invalid``, 438);
 6. the certificate at ``x5u``: the URL passes the fetch policy (https, ``x5u_ports``, no
    userinfo/query/fragment, public address unless ``allow_private_x5u``) — ``x5u_refused``;
    fetched (cached per URL) — ``fetch_<why>`` (timeout, too_large, connect, tls, http_status,
@@ -82,6 +84,7 @@ from sipguard.policy.passport import (
     Passport,
     PassportError,
     canonical_tn,
+    decode_div,
     decode_passport,
     safe_origid,
     verify_signature,
@@ -127,6 +130,7 @@ ANSWER_OF: Final = {
     "x5u_mismatch": "invalid",
     "orig_mismatch": "invalid",
     "dest_mismatch": "invalid",
+    "div_invalid": "invalid",
     "bad_signature": "invalid",
     "stale": "stale",
     "future": "stale",
@@ -145,6 +149,8 @@ ANSWER_OF: Final = {
 # slot, no fetcher): with on_fetch_error: no_validation the call goes on unvalidated. Anything
 # the server did answer (TLS, HTTP status, size) or the URL policy refused stays a failure.
 UNREACHABLE: Final = frozenset({"fetch_timeout", "fetch_connect", "fetch_busy", "fetch_unavailable"})
+# div PASSporTs followed from a SHAKEN PASSporT's dest to the callee (RFC 8946), at most
+MAX_DIV_HOPS: Final = 4
 
 
 # ------------------------------------------------------------------------------- the rule
@@ -197,12 +203,24 @@ class IdentityRule:
         if not msg.has("identity"):
             return self._absent(call)
         try:
-            identity = _select(msg.values("identity"))
-            if identity is None:
-                return self._absent(call)
-            passport = self._check_token(identity, call, wall)
+            candidates = _select(msg.values("identity"))
         except _Failure as f:
             return self._fail(call, f)
+        if not candidates:
+            return self._absent(call)
+        failure: _Failure | None = None
+        passport: Passport | None = None
+        for identity in candidates:  # the first that passes the checks before the fetch
+            try:
+                passport = self._check_token(identity, call, wall)
+                break
+            except _Failure as f:
+                failure = failure or f
+        if passport is None:
+            assert failure is not None
+            return self._fail(call, failure)
+        if passport.diverted:
+            return self._with_divs(call, passport, now, wall)
         entry = self.cache.lookup(passport.x5u, now)
         if entry is None:
             return self._fetch_then_finish(call, passport, now, wall)
@@ -229,12 +247,94 @@ class IdentityRule:
         if caller is None or caller != passport.orig:
             raise _Failure("orig_mismatch", "orig.tn is not the caller", passport)
         if self.s.check_dest and not _dest_matches(call, passport):
-            raise _Failure("dest_mismatch", "dest.tn does not hold the called number", passport)
+            # retargeted (RFC 8946): div PASSporTs lead from dest to the callee, or it fails
+            passport.diverted = self._div_chain(call, passport, wall)
+            if not passport.diverted:
+                raise _Failure("dest_mismatch", "dest.tn does not hold the called number",
+                               passport)
         try:
             check_x5u(passport.x5u, self.limits.ports, self.limits.allow_private)
         except X5uRefused as refused:  # not ``exc``: mypyc gives one name one type per function
             raise _Failure("x5u_refused", str(refused), passport) from None
         return passport
+
+    def _div_chain(self, call: CallInfo, passport: Passport, wall: float) -> tuple[
+        Passport, ...
+    ]:
+        """The div PASSporTs (RFC 8946) among the call's Identity headers that lead from
+        ``passport``'s dest to the callee — each of the same ``orig``, fresh, diverting a
+        number the one before was for — or () when they do not (their signatures are checked
+        later, by :meth:`_with_divs`). At most MAX_DIV_HOPS, the headers read once."""
+        callee = canonical_tn(call.callee) if call.callee else None
+        if callee is None:
+            return ()
+        divs: list[Passport] = []
+        for text in call.msg.values("identity")[:16]:
+            try:
+                identity = parse_identity(text)
+                if identity.ppt is None or identity.ppt.lower() != "div":
+                    continue
+                div = decode_div(identity.token)
+            except (SipParseError, PassportError):
+                continue
+            if identity.info == div.x5u and div.orig == passport.orig \
+                    and abs(wall - div.iat) <= self.s.freshness_s:
+                divs.append(div)
+        chain: list[Passport] = []
+        reached = passport.dest
+        while len(chain) < MAX_DIV_HOPS:
+            step = next((d for d in divs if d.div in reached
+                         and not any(d is c for c in chain)), None)
+            if step is None:
+                return ()
+            chain.append(step)
+            if callee in step.dest:
+                return tuple(chain)
+            reached = step.dest
+        return ()
+
+    async def _with_divs(
+        self, call: CallInfo, passport: Passport, now: float, wall: float
+    ) -> Verdict:
+        """A retargeted call: the SHAKEN PASSporT as any, then each div PASSporT of its chain
+        verified as well (x5u policy, certificate chain, a delegate certificate holding the
+        diverting number, signature) — ``div_invalid`` when one is not."""
+        entry = self.cache.lookup(passport.x5u, now)
+        verdict: Verdict | Awaitable[Verdict] = (
+            self._fetch_then_finish(call, passport, now, wall) if entry is None
+            else self._finish(call, passport, entry, now, wall))
+        if not isinstance(verdict, Verdict):
+            verdict = await verdict
+        if call.labels.get("identity") != "passed":
+            return verdict
+        for div in passport.diverted:
+            why = await self._div_failure(div, now, wall)
+            if why is not None:
+                return self._fail(call, _Failure("div_invalid", why, passport))
+        return verdict
+
+    async def _div_failure(self, div: Passport, now: float, wall: float) -> str | None:
+        """Why the div PASSporT ``div`` does not verify; None when it does."""
+        try:
+            check_x5u(div.x5u, self.limits.ports, self.limits.allow_private)
+        except X5uRefused as refused:
+            return f"div x5u: {refused}"
+        entry = self.cache.lookup(div.x5u, now)
+        fetcher: CertFetcher | None = self.state.fetcher
+        if entry is None and fetcher is not None:
+            entry = await self._fetch_entry(fetcher, div.x5u, now, wall)
+        if entry is None or entry.chain is None:
+            return f"div certificate: {entry.detail if entry is not None else 'no fetcher'}"
+        result = self.cache.verdict(self.anchors, entry.chain, wall, now,
+                                    self.s.negative_cache_s)
+        if not result.ok or result.key is None:
+            return f"div certificate: {result.detail}"
+        if result.numbers and not tn_covered(result.numbers, div.div):
+            return "div.tn is not among the delegate certificate's numbers"
+        if not verify_signature(div, result.key):
+            return "div PASSporT signature"
+        self.cache.promote(div.x5u, now)
+        return None
 
     async def _fetch_then_finish(
         self, call: CallInfo, passport: Passport, now: float, wall: float
@@ -423,25 +523,23 @@ class IdentityRule:
         )
 
 
-def _select(values: list[str]) -> Identity | None:
-    """The SHAKEN Identity among several: ``ppt=shaken`` first, else one without ppt. None
-    when only other PASSporT types came; ``malformed`` when none parses."""
+def _select(values: list[str]) -> list[Identity]:
+    """The SHAKEN Identity headers among several, in order: the ``ppt=shaken`` ones, else
+    those without ppt (at most 8). Empty when only other PASSporT types came; ``malformed``
+    when none parses."""
     parsed: list[Identity] = []
     error: str | None = None
-    for text in values:
+    for text in values[:16]:
         try:
             parsed.append(parse_identity(text))
         except SipParseError as exc:
             error = exc.detail
-    for identity in parsed:
-        if identity.ppt is not None and identity.ppt.lower() == "shaken":
-            return identity
-    for identity in parsed:
-        if identity.ppt is None:
-            return identity
-    if error is not None:
+    shaken = [i for i in parsed if i.ppt is not None and i.ppt.lower() == "shaken"]
+    if not shaken:
+        shaken = [i for i in parsed if i.ppt is None]
+    if not shaken and error is not None:
         raise _Failure("malformed", error)
-    return None
+    return shaken[:8]
 
 
 def _dest_matches(call: CallInfo, passport: Passport) -> bool:

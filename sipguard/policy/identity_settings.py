@@ -74,7 +74,8 @@ class Settings(RuleSettings):
     check_dest: bool = Field(
         default=True,
         description="`dest.tn` must hold the called number (the Request-URI's; To's only "
-        "when the Request-URI has no user part).",
+        "when the Request-URI has no user part) — or verified `ppt=div` PASSporTs (RFC 8946) "
+        "must lead from it to the called number (a retargeted call).",
     )
     trust_anchors: ConfigPath | None = Field(
         default=None,

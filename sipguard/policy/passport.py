@@ -57,9 +57,10 @@ class PassportError(Exception):
 
 @dataclass(slots=True, init=False)
 class Passport:
-    """A decoded SHAKEN PASSporT whose header and claims are well formed (not yet verified).
-    Treat it as immutable (not frozen: a frozen dataclass's ``__init__`` runs as Python, one
-    ``object.__setattr__`` per field, on every call that carries Identity)."""
+    """A decoded SHAKEN (or div) PASSporT whose header and claims are well formed (not yet
+    verified). Treat it as immutable once the rule has set ``diverted`` (not frozen: a frozen
+    dataclass's ``__init__`` runs as Python, one ``object.__setattr__`` per field, on every
+    call that carries Identity)."""
 
     x5u: str
     attest: str  # "A" | "B" | "C"
@@ -69,9 +70,15 @@ class Passport:
     origid: str
     signing_input: bytes  # b"header.payload" as sent: what the signature covers
     signature: bytes  # raw r || s, 64 bytes
+    # a div PASSporT (RFC 8946; ``attest`` and ``origid`` empty): the number the call was
+    # diverted from; "" for a SHAKEN one
+    div: str
+    # a SHAKEN PASSporT whose dest is not the callee: the div PASSporTs that lead from its
+    # dest to the callee (RFC 8946), each to be verified as it is
+    diverted: tuple[Passport, ...]
 
     def __init__(self, x5u: str, attest: str, orig: str, dest: tuple[str, ...], iat: int,
-                 origid: str, signing_input: bytes, signature: bytes) -> None:
+                 origid: str, signing_input: bytes, signature: bytes, div: str = "") -> None:
         self.x5u = x5u
         self.attest = attest
         self.orig = orig
@@ -80,6 +87,8 @@ class Passport:
         self.origid = origid
         self.signing_input = signing_input
         self.signature = signature
+        self.div = div
+        self.diverted = ()
 
 
 def canonical_tn(text: str) -> str | None:
@@ -129,16 +138,16 @@ def _json(part: str, what: str) -> dict[str, Any]:
 
 
 @lru_cache(maxsize=256)
-def _header(part: str) -> str:
-    """The x5u of a checked SHAKEN PASSporT header (memoised: one originating carrier sends the
-    same protected header on every call)."""
+def _header(part: str, ppt: str = "shaken") -> str:
+    """The x5u of a checked SHAKEN (or ``ppt``) PASSporT header (memoised: one originating
+    carrier sends the same protected header on every call)."""
     header = _json(part, "header")
     if header.get("alg") != "ES256":
         raise PassportError("bad_header", f"alg {header.get('alg')!r}, expected ES256")
     if header.get("typ") != "passport":
         raise PassportError("bad_header", f"typ {header.get('typ')!r}, expected passport")
-    if header.get("ppt") != "shaken":
-        raise PassportError("bad_header", f"ppt {header.get('ppt')!r}, expected shaken")
+    if header.get("ppt") != ppt:
+        raise PassportError("bad_header", f"ppt {header.get('ppt')!r}, expected {ppt}")
     x5u = header.get("x5u")
     if not isinstance(x5u, str) or not x5u:
         raise PassportError("bad_header", "x5u missing")
@@ -197,6 +206,33 @@ def decode_passport(token: str) -> Passport:
         signing_input=f"{parts[0]}.{parts[1]}".encode("ascii"),
         signature=signature,
     )
+
+
+def decode_div(token: str) -> Passport:
+    """Decode a div PASSporT (RFC 8946 §3: a call retargeted from ``div.tn`` to ``dest``),
+    checking its header and claims like :func:`decode_passport`; raise
+    :class:`PassportError`."""
+    parts = token.split(".")
+    if len(parts) != 3 or not parts[0] or not parts[1] or not parts[2]:
+        raise PassportError("bad_passport", "not a full JWS compact serialisation")
+    x5u = _header(parts[0], "div")
+    claims = _json(parts[1], "payload")
+    orig, dest, div = claims.get("orig"), claims.get("dest"), claims.get("div")
+    dest_tns = dest.get("tn") if isinstance(dest, dict) else None
+    if not isinstance(orig, dict) or not isinstance(div, dict):
+        raise PassportError("bad_passport", "orig or div missing")
+    if not isinstance(dest_tns, list) or not dest_tns:
+        raise PassportError("bad_passport", "dest.tn missing or not a list")
+    iat = claims.get("iat")
+    if not isinstance(iat, int) or isinstance(iat, bool) or not 0 <= iat <= IAT_MAX:
+        raise PassportError("bad_passport", "iat missing or not an integer")
+    signature = _b64(parts[2])
+    if len(signature) != 64:
+        raise PassportError("bad_passport", f"ES256 signature of {len(signature)} bytes, not 64")
+    return Passport(x5u, "", _tn(orig.get("tn"), "orig.tn"),
+                    tuple(_tn(tn, "dest.tn") for tn in dest_tns), iat, "",
+                    f"{parts[0]}.{parts[1]}".encode("ascii"), signature,
+                    _tn(div.get("tn"), "div.tn"))
 
 
 def safe_origid(passport: Passport) -> str | None:

@@ -18,6 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
 from sipguard.contract import CallInfo, DecisionPending, Flow, InviteDecided, Verdict
 from sipguard.edge import EdgeCore
@@ -1069,3 +1072,76 @@ async def test_urls_whose_signatures_fail_never_push_a_providers_chain_out(stir:
     stir.server.routes["/fresh.pem"] = Route(body=body)
     await stir.call(stir.header("/fresh.pem"))
     assert stir.url("/fresh.pem") in certs.urls
+
+
+# ----------------------------------------------------------------------------- diverted calls
+
+NEW_TARGET = "18005550123"
+
+
+def sign_div(stir: Stir, *, key: Any = None, path: str = "/good.pem", orig: str = ORIG,
+             div: str = DEST, dest: str = NEW_TARGET) -> str:
+    """An Identity header with a div PASSporT (RFC 8946 §3): the call for ``div`` retargeted
+    to ``dest``, signed ES256 by the retargeting party."""
+    hdr = {"alg": "ES256", "ppt": "div", "typ": "passport", "x5u": stir.url(path)}
+    claims = {"dest": {"tn": [dest]}, "div": {"tn": div}, "iat": int(stir.wall),
+              "orig": {"tn": orig}}
+    signing_input = f"{b64(json.dumps(hdr).encode())}.{b64(json.dumps(claims).encode())}"
+    der = (key or stir.pki.leaf_key).sign(signing_input.encode(), ec.ECDSA(hashes.SHA256()))
+    r, s = decode_dss_signature(der)
+    token = f"{signing_input}.{b64(r.to_bytes(32, 'big') + s.to_bytes(32, 'big'))}"
+    return identity_value(token, stir.url(path), ppt='"div"')
+
+
+async def test_a_call_retargeted_with_a_div_passport_passes(stir: Stir) -> None:
+    """The SHAKEN PASSporT names the number first called; the call was forwarded to another
+    (Request-URI), and the forwarding party added a div PASSporT (RFC 8946) from the first to
+    the second. Verified as a chain, the call passes — it heard 438 dest_mismatch before."""
+    shaken = stir.header()  # dest: DEST
+    res = await stir.call([shaken, sign_div(stir)], callee="+" + NEW_TARGET,
+                          extra=f"Diversion: <sip:+{DEST}@192.0.2.9>;reason=unconditional\r\n")
+    assert res.status is None and res.labels["identity"] == "passed", res
+    # two hops: DEST -> 18005550150 -> NEW_TARGET, headers in any order
+    first = sign_div(stir, dest="18005550150")
+    second = sign_div(stir, div="18005550150")
+    res = await stir.call([second, shaken, first], callee="+" + NEW_TARGET)
+    assert res.labels["identity"] == "passed", res
+
+
+async def test_a_div_passport_that_does_not_verify_or_lead_to_the_callee_fails(
+    stir: Stir,
+) -> None:
+    shaken = stir.header()
+    # no div: as before
+    res = await stir.call(shaken, callee="+" + NEW_TARGET)
+    assert (res.status, res.labels["identity_reason"]) == (438, "dest_mismatch")
+    # a forged div (signed by a key no certificate holds)
+    res = await stir.call([shaken, sign_div(stir, key=new_key())], callee="+" + NEW_TARGET)
+    assert (res.status, res.labels["identity_reason"]) == (438, "div_invalid")
+    assert res.forwarded is None
+    # a div for another caller, or from a number the SHAKEN PASSporT was not for
+    for div in (sign_div(stir, orig="12125550999"), sign_div(stir, div="18005550777")):
+        res = await stir.call([shaken, div], callee="+" + NEW_TARGET)
+        assert (res.status, res.labels["identity_reason"]) == (438, "dest_mismatch")
+    # a div to another target than the call's
+    res = await stir.call([shaken, sign_div(stir, dest="18005550888")], callee="+" + NEW_TARGET)
+    assert (res.status, res.labels["identity_reason"]) == (438, "dest_mismatch")
+    # a div whose certificate is untrusted
+    res = await stir.call([shaken, sign_div(stir, path="/rogue.pem")], callee="+" + NEW_TARGET)
+    assert (res.status, res.labels["identity_reason"]) == (438, "div_invalid")
+
+
+async def test_of_several_shaken_headers_the_first_that_passes_the_early_checks_is_used(
+    stir: Stir,
+) -> None:
+    """Two SHAKEN Identity headers (one added by a transit carrier, RFC 8224 §6.2.2): the
+    order does not decide the outcome — a stale or mismatched one before a valid one no
+    longer fails the call; when none passes, the first one's failure is the answer."""
+    good = stir.header()
+    stale = stir.header(age=3600)
+    other = stir.header(orig="12125550999")
+    for values in ([stale, good], [good, stale], [other, good]):
+        res = await stir.call(values)
+        assert res.status is None and res.labels["identity"] == "passed", values
+    res = await stir.call([stale, other])
+    assert (res.status, res.labels["identity_reason"]) == (403, "stale")
