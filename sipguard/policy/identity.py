@@ -190,6 +190,7 @@ class IdentityRule:
             ca_bundle=str(settings.fetch_ca_bundle) if settings.fetch_ca_bundle else None,
             max_inflight=settings.max_concurrent_fetches,
             max_per_host=settings.max_fetches_per_host,
+            max_waiting_per_host=settings.max_fetches_waiting_per_host,
         )
         header = settings.identity_header
         self.header_key = header.lower() if header else None

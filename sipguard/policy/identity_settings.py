@@ -115,9 +115,16 @@ class Settings(RuleSettings):
     )
     max_fetches_per_host: int = Field(
         default=2, ge=1, le=10000,
-        description="Distinct URLs fetched at once from one x5u host (name or IP literal); "
-        "beyond it a call fails at once as `fetch_busy`, so one slow host cannot hold every "
-        "fetch slot.",
+        description="Distinct URLs fetched at once from one x5u host (name or IP literal), "
+        "so one slow host cannot hold every fetch slot; beyond it a fetch waits for one of "
+        "the host's slots (`max_fetches_waiting_per_host`).",
+    )
+    max_fetches_waiting_per_host: int = Field(
+        default=16, ge=0, le=10000,
+        description="Fetches that may wait for a slot of their x5u host (a repository "
+        "serving several providers' certificates, a cold cache), first come first served, "
+        "each up to `fetch_timeout_s`; one more, or one that waited that long, fails as "
+        "`fetch_busy`. 0: fail at once.",
     )
     on_fetch_error: Literal["reject", "no_validation"] = Field(
         default="reject",

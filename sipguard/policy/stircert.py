@@ -173,7 +173,8 @@ class FetchLimits:
     timeout_s: float
     ca_bundle: str | None  # PEM file trusted for the HTTPS connection, besides the system CAs
     max_inflight: int  # distinct URLs fetched at once; beyond it a fetch fails at once
-    max_per_host: int = 2  # ... of them from one x5u host; beyond it a fetch fails at once
+    max_per_host: int = 2  # ... of them from one x5u host; beyond it a fetch waits for one
+    max_waiting_per_host: int = 0  # fetches that may wait for a host's slot (0: none wait)
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,8 +15,11 @@
   answering for ``LINGER_S``); at most ``max_inflight`` distinct URLs are fetched at once, and
   at most ``max_per_host`` of them from one x5u host (the URL's host name or IP literal), so
   a slow host — an attacker's, answering nothing — holds a few slots, never all of them. A
-  fetch beyond either limit fails at once as ``busy`` (logged ``x5u_fetch_busy``, sampled per
-  host).
+  fetch beyond the host's slots waits for one (first come, first served) up to ``timeout_s``,
+  at most ``max_waiting_per_host`` of them per host: a repository host serving several
+  providers' certificates takes a cold cache's burst. A fetch beyond the global limit, or one
+  that finds the host's queue full or waited ``timeout_s``, fails as ``busy`` (logged
+  ``x5u_fetch_busy``, sampled per host).
 
 Failures raise :class:`~sipguard.policy.stircert.FetchError` and are logged here
 (``x5u_fetch_failed``, sampled per host); successes are logged as ``x5u_fetched``.
@@ -25,6 +28,7 @@ Failures raise :class:`~sipguard.policy.stircert.FetchError` and are logged here
 from __future__ import annotations
 
 import asyncio
+import collections
 import ipaddress
 import socket
 import ssl
@@ -86,6 +90,8 @@ class HttpsFetcher:
         self._sessions: dict[tuple[str | None, bool], aiohttp.ClientSession] = {}
         self._inflight: dict[tuple[str, FetchLimits], asyncio.Task[Fetched]] = {}
         self._per_host: dict[str, int] = {}  # x5u host -> fetches not finished yet
+        # x5u host -> fetches waiting for one of its slots, first come first
+        self._waiting: dict[str, collections.deque[asyncio.Future[None]]] = {}
         self.log = get_logger("sipguard.certfetch")
         self.sampled = SampledLogger(self.log, 10.0, clock=clock)
         self.requests = 0  # HTTP requests made (tests and metrics)
@@ -101,7 +107,11 @@ class HttpsFetcher:
                 host = ""  # refused by _fetch at once, without a request
             on_host = self._per_host.get(host, 0)
             if host and on_host >= limits.max_per_host:
-                self._busy(url, host, f"{on_host} fetches in flight to {host}")
+                await self._slot(url, host, limits)
+                task = self._inflight.get(key)  # fetched meanwhile by another waiter?
+                if task is not None:
+                    return await asyncio.shield(task)
+                on_host = self._per_host.get(host, 0)
             if self.running >= limits.max_inflight:
                 self._busy(url, host, f"{self.running} fetches in flight")
             loop = asyncio.get_running_loop()
@@ -117,6 +127,7 @@ class HttpsFetcher:
                     self._per_host[host] = left
                 else:
                     self._per_host.pop(host, None)
+                self._wake(host)
                 if not t.cancelled():
                     t.exception()  # retrieved: the waiters get it; no "never retrieved" noise
                 loop.call_later(self.linger_s, self._forget, key, t)
@@ -124,6 +135,41 @@ class HttpsFetcher:
             task.add_done_callback(finished)
         # shield: a waiter that goes away (CANCEL) must not cancel the others' fetch
         return await asyncio.shield(task)
+
+    async def _slot(self, url: str, host: str, limits: FetchLimits) -> None:
+        """Wait until ``host`` has a free fetch slot (its fetches at ``max_per_host``), up to
+        ``timeout_s``; ``busy`` when ``max_waiting_per_host`` already wait or time runs out."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + limits.timeout_s
+        while self._per_host.get(host, 0) >= limits.max_per_host:
+            queue = self._waiting.setdefault(host, collections.deque())
+            if len(queue) >= limits.max_waiting_per_host:
+                if not queue:
+                    del self._waiting[host]
+                self._busy(url, host, f"{self._per_host.get(host, 0)} fetches in flight to "
+                                      f"{host}, {len(queue)} waiting")
+            woken: asyncio.Future[None] = loop.create_future()
+            queue.append(woken)
+            try:
+                await asyncio.wait_for(woken, max(0.0, deadline - loop.time()))
+            except TimeoutError:
+                self._busy(url, host, f"no fetch slot on {host} within {limits.timeout_s:g} s")
+            finally:
+                if woken in queue:
+                    queue.remove(woken)
+                elif woken.done() and self._per_host.get(host, 0) < limits.max_per_host:
+                    self._wake(host)  # woken but leaving (cancelled): the next one goes
+                if not queue and self._waiting.get(host) is queue:
+                    del self._waiting[host]
+
+    def _wake(self, host: str) -> None:
+        """A slot of ``host`` is free: the first fetch waiting for one goes on."""
+        queue = self._waiting.get(host)
+        while queue:
+            woken = queue.popleft()
+            if not woken.done():
+                woken.set_result(None)
+                return
 
     def in_flight(self, host: str) -> int:
         """Fetches from ``host`` not finished yet (tests and metrics)."""

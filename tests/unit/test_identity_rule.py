@@ -572,11 +572,13 @@ def slow_routes(stir: Stir, *names: str, delay_s: float) -> None:
 
 
 async def test_slow_host_holding_its_slots_does_not_stop_another_host(stir: Stir) -> None:
-    """max_concurrent_fetches 3, max_fetches_per_host 2: three slow x5u URLs on 127.0.0.1 get
-    two fetch slots (the third fails at once, fetch_busy), and a call whose certificate is
-    on another host (localhost) is fetched and passes while the slow ones still hang. Before
-    per-host slots the slow host took all three slots and that call failed fetch_busy."""
-    stir.use(max_concurrent_fetches=3, max_fetches_per_host=2, fetch_timeout_s=5)
+    """max_concurrent_fetches 3, max_fetches_per_host 2, none waiting: three slow x5u URLs on
+    127.0.0.1 get two fetch slots (the third fails at once, fetch_busy), and a call whose
+    certificate is on another host (localhost) is fetched and passes while the slow ones
+    still hang. Before per-host slots the slow host took all three slots and that call
+    failed fetch_busy."""
+    stir.use(max_concurrent_fetches=3, max_fetches_per_host=2, fetch_timeout_s=5,
+             max_fetches_waiting_per_host=0)
     slow_routes(stir, "a", "b", "c", delay_s=1.5)
     urls = [stir.url(f"/slow-{n}.pem") for n in "abc"]
     urls.append(stir.server.url("/good.pem", host="localhost"))
@@ -1145,3 +1147,41 @@ async def test_of_several_shaken_headers_the_first_that_passes_the_early_checks_
         assert res.status is None and res.labels["identity"] == "passed", values
     res = await stir.call([stale, other])
     assert (res.status, res.labels["identity_reason"]) == (403, "stale")
+
+
+async def test_a_cold_cache_burst_on_one_repository_host_waits_for_its_slots(stir: Stir) -> None:
+    """Six providers' certificates on one repository host, each answered in 0.3 s, a cold
+    cache: with two slots per host the other four fetches wait for a slot (first come,
+    first served) and every call passes — four of six heard 436 fetch_busy before. With one
+    waiting place the burst's fourth and later calls are busy at once; a wait longer than
+    fetch_timeout_s is busy too."""
+    slow_routes(stir, *"uvwxyz", delay_s=0.3)
+
+    async def burst(names: str) -> list[CallInfo]:
+        h = PolicyHarness(stir.policy)
+        for i, name in enumerate(names):
+            url = stir.url(f"/slow-{name}.pem")
+            h.send(invite(caller=CALLER_NUMBER, callee=CALLEE_NUMBER, call_id=f"{names}{i}@x",
+                          branch=f"z9hG4bK-{names}-{i}",
+                          extra=f"Identity: {header_at(stir, url)}\r\n"))
+        calls = [call for call, _ in h.pending]
+        await asyncio.gather(*(aw for _, aw in h.pending))
+        return calls
+
+    stir.fetcher.linger_s = 0
+    calls = await burst("uvwxyz")
+    assert [c.labels["identity"] for c in calls] == ["passed"] * 6
+    assert stir.fetcher.in_flight("127.0.0.1") == 0 and not stir.fetcher._waiting
+    stir.state.certs.urls.clear()
+    stir.state.certs.failures.clear()
+    stir.use(max_fetches_waiting_per_host=1)
+    calls = await burst("uvwxyz")
+    reasons = [c.labels.get("identity_reason", c.labels["identity"]) for c in calls]
+    assert reasons == ["passed"] * 3 + ["fetch_busy"] * 3
+    stir.state.certs.urls.clear()
+    stir.state.certs.failures.clear()
+    stir.use(fetch_timeout_s=0.2)  # slower than the timeout: every fetch times out anyway
+    calls = await burst("uvw")
+    assert [c.labels.get("identity_reason") for c in calls] == ["fetch_timeout"] * 2 + [
+        "fetch_busy"]
+    assert not stir.fetcher._waiting
