@@ -197,7 +197,8 @@ def _loopback_host(host: str) -> bool:
 
 class _Gate:
     """The admin listener's bounds: at most ``limit`` connections open, ``per_ip`` from one
-    address, each closed after ``idle_s`` without a byte from its client. aiohttp bounds
+    address, each closed after ``idle_s`` without a byte from its client while no request of
+    its is being answered (a reload may take longer than that). aiohttp bounds
     neither the connections nor how slowly a request's body may come, so a client that
     opens connections and sends half a request could hold every file descriptor of the
     process — SIP's too. Called as the listener's protocol factory; each connection gets a
@@ -212,6 +213,7 @@ class _Gate:
         self.counters = counters
         self.open = 0
         self.by_ip: dict[str, int] = {}  # open connections per address (only those with one)
+        self.conns: dict[int, _Guarded] = {}  # id(transport) -> its connection
 
     def __call__(self) -> asyncio.Protocol:
         return _Guarded(self)
@@ -228,6 +230,7 @@ class _Guarded(asyncio.Protocol):
         self.timer: asyncio.TimerHandle | None = None
         self.last = 0.0
         self.ip = ""
+        self.busy = 0  # its requests being answered (AdminEndpoint._guard counts them)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         gate = self.gate
@@ -241,6 +244,7 @@ class _Guarded(asyncio.Protocol):
         gate.by_ip[ip] = gate.by_ip.get(ip, 0) + 1
         self.ip = ip
         self.transport = transport
+        gate.conns[id(transport)] = self
         loop = asyncio.get_running_loop()
         self.last = loop.time()
         self.timer = loop.call_later(gate.idle_s, self._check)
@@ -252,7 +256,7 @@ class _Guarded(asyncio.Protocol):
         if self.inner is None or self.transport is None:
             return
         loop = asyncio.get_running_loop()
-        idle = loop.time() - self.last
+        idle = 0.0 if self.busy else loop.time() - self.last
         if idle >= self.gate.idle_s:
             self.gate.counters["admin_connections_idle_closed"] += 1
             self.transport.abort()  # type: ignore[attr-defined]  # connection_lost follows
@@ -281,6 +285,7 @@ class _Guarded(asyncio.Protocol):
             return
         gate = self.gate
         gate.open -= 1
+        gate.conns.pop(id(self.transport), None)
         left = gate.by_ip.pop(self.ip, 1) - 1
         if left:
             gate.by_ip[self.ip] = left
@@ -332,6 +337,7 @@ class AdminEndpoint:
         # (loop time); one fan-out to the others at a time
         self._scraped: tuple[float, bytes] | None = None
         self._host_scrape = asyncio.Lock()
+        self._gate: _Gate | None = None
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._guard], client_max_size=MAX_BODY)
@@ -354,8 +360,10 @@ class AdminEndpoint:
         """Bind ``host:port``: at most ``max_connections`` connections
         (``max_connections_per_ip`` from one address), each closed after ``idle_timeout_s``
         without a byte from its client (see :class:`_Gate`)."""
+        # aiohttp's own keep-alive timer after ours: an idle connection is closed (and
+        # counted) by the gate, not by whichever of two equal timers fires first
         runner = web.AppRunner(self.app(), access_log=None,
-                               keepalive_timeout=min(idle_timeout_s, 15.0))
+                               keepalive_timeout=idle_timeout_s + 1.0)
         await runner.setup()
         gate = _Gate(lambda: asyncio.Protocol(), max_connections, max_connections_per_ip,
                      idle_timeout_s, self.counters)
@@ -365,6 +373,7 @@ class AdminEndpoint:
             await runner.cleanup()
             raise
         self._runner = runner
+        self._gate = gate
 
     async def stop(self) -> None:
         if self._runner is not None:
@@ -382,6 +391,18 @@ class AdminEndpoint:
 
     @web.middleware
     async def _guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        # a request being answered keeps its connection from counting as idle
+        conn = self._gate.conns.get(id(request.transport)) if self._gate is not None else None
+        if conn is None:
+            return await self._answer(request, handler)
+        conn.busy += 1
+        try:
+            return await self._answer(request, handler)
+        finally:
+            conn.busy -= 1
+            conn.last = asyncio.get_running_loop().time()
+
+    async def _answer(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path not in OPEN_PATHS:
             refusal = self._from_a_web_page(request)
             if refusal:

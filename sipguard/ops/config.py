@@ -317,9 +317,10 @@ class AdminSettings(ConfigModel):
     )
     idle_timeout_s: float = Field(
         default=30.0, gt=0, le=3600,
-        description="An HTTP connection that sends nothing for this long is closed (counted "
-        "admin_connections_idle_closed): a half-sent request, or a kept-alive connection "
-        "between scrapes.",
+        description="An HTTP connection that sends nothing for this long while none of its "
+        "requests is being answered is closed (counted admin_connections_idle_closed): a "
+        "half-sent request, or a kept-alive connection between scrapes. A slow answer (a "
+        "reload) is not cut.",
     )
 
     @field_validator("listen")

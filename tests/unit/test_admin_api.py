@@ -226,6 +226,42 @@ async def test_admin_connections_are_bounded_and_idle_ones_closed(
         await server.stop()
 
 
+async def test_a_request_answered_more_slowly_than_the_idle_timeout_is_not_cut(
+    tmp_path: Path, peers: tuple[Peer, Peer]
+) -> None:
+    """A reload that takes longer than ``admin.idle_timeout_s`` (waiting for another, big
+    number lists): its connection sends nothing meanwhile, but it is being answered — the
+    answer comes, the connection is not closed as idle."""
+    _, core = peers
+    sip_port, admin_port = _free_udp_port(), _free_tcp_port()
+    path = tmp_path / "slow.yaml"
+    path.write_text(
+        f"listen: [udp://127.0.0.1:{sip_port}]\ncore: udp://127.0.0.1:{core.port}\n"
+        f"admin: {{listen: 127.0.0.1:{admin_port}, idle_timeout_s: 0.5}}\n")
+    server = Server(load_config(path), load=lambda: load_config(path))
+
+    class Slow:
+        """The server as the admin API's control, its reload 1.5 s slower (three idle
+        timeouts)."""
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(server, name)
+
+        async def reload_config(self, everywhere: bool = False) -> Any:
+            await asyncio.sleep(1.5)
+            return await server.reload_config(everywhere)
+
+    await server.start()
+    assert server.http is not None
+    server.http.control = Slow()  # type: ignore[assignment]
+    try:
+        status, body = await request("POST", f"http://127.0.0.1:{admin_port}/reload")
+        assert status == 200, body
+        assert server.counters["admin_connections_idle_closed"] == 0
+    finally:
+        await server.stop()
+
+
 async def test_a_reload_rotates_the_token(tmp_path: Path, peers: tuple[Peer, Peer]) -> None:
     """The token file written anew and a reload: the new token works, the old one is 401,
     and `changed` says so; an empty token file refuses the reload naming the field, and the
