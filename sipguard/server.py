@@ -184,6 +184,7 @@ def proxy_settings(cfg: Config, worker: int | None = None) -> ProxySettings:
         strip_headers=owned_headers(cfg),
         max_transactions=sip.max_transactions,
         max_dialogs=sip.max_dialogs,
+        max_subscriptions=sip.max_subscriptions,
         busy_retry_after_s=sip.overload_retry_after_s,
         dialog_keepalive=sip.dialog_keepalive_s,
         core_tcp_any_port=sip.core_tcp_any_port,
@@ -504,6 +505,7 @@ class Server:
         writer = log_writer()
         return {
             "live_dialogs": proxy.live_dialogs(),
+            "subscriptions": len(proxy.subscriptions),
             "server_transactions": len(proxy.servers),
             "client_transactions": len(proxy.clients),
             "tcp_connections": len(self.tcp.by_id),

@@ -141,6 +141,13 @@ class SipSettings(ConfigModel):
         description="Live calls at most; a new INVITE beyond is answered 503 + Retry-After "
         "(`dropped_limit_dialogs`), calls in progress go on.",
     )
+    max_subscriptions: int = Field(
+        default=10000, ge=1,
+        description="Subscriptions (SUBSCRIBE, REFER) through sipguard kept at most, so "
+        "that their later requests from outside — the NOTIFYs for the core's, a party's "
+        "refreshes — are let through while they last; the oldest is forgotten first "
+        "(`noticed_subscription_forgotten`; its next NOTIFY then hears 481).",
+    )
     t1_ms: int = Field(
         default=500, ge=1,
         description="RFC 3261 T1: round-trip estimate and first retransmit interval, ms.",

@@ -80,6 +80,7 @@ from sipguard.proxy import build, keepalive
 from sipguard.proxy.dialogs import DialogTable, dialog_key, key_of, session_interval
 from sipguard.proxy.routing import Router, flow_is_core, remember
 from sipguard.proxy.settings import ProxySettings
+from sipguard.proxy.subscriptions import Subscriptions, lasts
 from sipguard.proxy.timers import TimerEntry, TimerQueue
 from sipguard.proxy.transactions import (
     ACCEPTED,
@@ -255,6 +256,7 @@ def _inside(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
 # sipguard. Dialogs are kept for calls only, so a subscription's own refreshes from outside
 # are refused (481) and its subscriber subscribes anew (RFC 6665 §4.1.2.2).
 DIALOG_CREATING: Final = frozenset({"INVITE", "SUBSCRIBE", "REFER"})
+SUBSCRIPTION_METHODS: Final = frozenset({"SUBSCRIBE", "REFER", "NOTIFY"})
 
 
 def _names(dialog: Dialog, side: str, msg: Message) -> bool:
@@ -323,6 +325,9 @@ class Proxy:
         self.clients: dict[str, ClientTxn] = {}  # by table_key()
         self.table = DialogTable()
         self.dialogs = self.table.by_id  # dialog_key(Call-ID, caller tag) -> live dialog
+        # subscriptions (SUBSCRIBE, REFER) through sipguard: their in-dialog requests from
+        # outside are let through while they last
+        self.subscriptions = Subscriptions(settings.max_subscriptions)
         self.pending: dict[int, ServerTxn] = {}
         # (Call-ID, From tag) of every initial INVITE being decided: a second one with the same
         # dialog id is a merged request (482), never a second slot under one lease
@@ -372,6 +377,7 @@ class Proxy:
             remember(self.former_cores, old.addr[0], MAX_FORMER_CORES)
         self.settings = settings
         self.router.configure(settings)
+        self.subscriptions.most = settings.max_subscriptions
 
     def _is_core(self, msg: Message, flow: Flow) -> bool:
         """``flow`` is the core's: the configured one, or — for an in-dialog request — the
@@ -620,6 +626,8 @@ class Proxy:
                 # The outside party's BYE ends the call once the core has answered it: a BYE
                 # the core never takes frees no slot while the call is still up there.
                 st.ends, st.end_reason = dialog, reason
+        if method in SUBSCRIPTION_METHODS and (dialog is None or method == "REFER"):
+            self._note_subscription(msg, initial, from_core, target, flow, now)
         self._forward(st, target, start_line, route_line, now, record_route=initial
                       and method in DIALOG_CREATING,
                       anonymise=self._withheld(dialog, side, from_core))
@@ -682,11 +690,47 @@ class Proxy:
         refusal = self._not_party(dialog, side, flow, msg)
         if not refusal:
             return True
+        if dialog is None and self.subscriptions.table and self._in_subscription(msg, flow, now):
+            return self._admitted(msg, flow, now, methods=False)
         if not self._admitted(msg, flow, now, methods=False):
             return False  # an unknown source learns nothing, not even that the call exists
         self._stateless(msg, flow, refusal, None)
         self.events.append(Dropped("in_dialog_refused", f"{refusal} {msg.call_id}", flow))
         return False
+
+    def _in_subscription(self, msg: Message, flow: Flow, now: float) -> bool:
+        """An in-dialog request from outside of a subscription sipguard forwarded, from its
+        outside party's host: a NOTIFY for the core's, a refresh of a party's own."""
+        if msg.method == "NOTIFY":
+            key = ("core", msg.call_id, msg.to_tag or "")
+        elif msg.method == "SUBSCRIBE":
+            key = ("party", msg.call_id, msg.from_tag or "")
+        else:
+            return False
+        return self.subscriptions.match(key, flow.addr[0], now) is not None
+
+    def _note_subscription(self, msg: Message, initial: bool, from_core: bool, target: Flow,
+                           flow: Flow, now: float) -> None:
+        """A SUBSCRIBE, REFER or NOTIFY forwarded: a new subscription (the outside party's
+        host: where the core's request goes, or where a party's comes from; a REFER within
+        a call too, whose NOTIFYs may outlive the call, RFC 3515 §2.4.4), or one's time moved
+        (a refresh, a NOTIFY's Subscription-State)."""
+        subs = self.subscriptions
+        method = msg.method
+        if initial or method == "REFER":
+            if method == "NOTIFY":
+                return
+            forgotten = subs.forgotten
+            who, host = ("core", target.addr[0]) if from_core else ("party", flow.addr[0])
+            subs.add((who, msg.call_id, msg.from_tag or ""), host, lasts(msg, now), now)
+            if subs.forgotten != forgotten:
+                self.events.append(Noticed("subscription_forgotten",
+                                           f"{len(subs)} subscriptions", flow))
+        elif method == "SUBSCRIBE":
+            subs.extend(("core" if from_core else "party", msg.call_id, msg.from_tag or ""),
+                        lasts(msg, now))
+        elif method == "NOTIFY" and not from_core:
+            subs.extend(("core", msg.call_id, msg.to_tag or ""), lasts(msg, now))
 
     def _in_progress(self, msg: Message, flow: Flow, from_core: bool) -> bool:
         """True for a request within a live call from one of its sides while the transaction

@@ -367,3 +367,48 @@ async def test_a_long_pass_sends_every_flush_every_datagrams(peers: tuple[Peer, 
         assert len(rest) == n - FLUSH_EVERY
     finally:
         await server.stop()
+
+
+async def test_notifies_for_the_cores_subscription_reach_it_over_udp(
+    peers: tuple[Peer, Peer],
+) -> None:
+    """Real sockets: the core subscribes to a party outside through sipguard (BLF); the
+    party's NOTIFY, routed back by sipguard's Record-Route, reaches the core, and one beyond
+    ``sip.max_subscriptions`` is forgotten (counted; its NOTIFY hears 481)."""
+    party, core = peers
+    server, port = await start(core, "sip: {max_subscriptions: 1}\n")
+    try:
+        async def subscribe(call_id: str) -> bytes:
+            core.sock.sendto((
+                f"SUBSCRIBE sip:ext100@127.0.0.1:{party.port} SIP/2.0\r\n"
+                f"Via: SIP/2.0/UDP 127.0.0.1:{core.port};branch=z9hG4bK-{call_id};rport\r\n"
+                f"Max-Forwards: 70\r\nFrom: <sip:agent@127.0.0.1>;tag=core-{call_id}\r\n"
+                f"To: <sip:ext100@127.0.0.1>\r\nCall-ID: {call_id}\r\nCSeq: 1 SUBSCRIBE\r\n"
+                f"Event: dialog\r\nExpires: 600\r\nContact: <sip:agent@127.0.0.1:{core.port}>\r\n"
+                f"Content-Length: 0\r\n\r\n").encode(), ("127.0.0.1", port))
+            return await party.recv_until(b"SUBSCRIBE ")
+
+        async def notify(call_id: str, cseq: int = 1) -> None:
+            party.sock.sendto((
+                f"NOTIFY sip:agent@127.0.0.1:{core.port} SIP/2.0\r\n"
+                f"Via: SIP/2.0/UDP 127.0.0.1:{party.port};branch=z9hG4bK-{call_id}-{cseq};"
+                f"rport\r\n"
+                f"Route: <sip:127.0.0.1:{port};lr>\r\nMax-Forwards: 70\r\n"
+                f"From: <sip:ext100@127.0.0.1>;tag=pbx\r\n"
+                f"To: <sip:agent@127.0.0.1>;tag=core-{call_id}\r\nCall-ID: {call_id}\r\n"
+                f"CSeq: {cseq} NOTIFY\r\nEvent: dialog\r\n"
+                f"Subscription-State: active;expires=600\r\n"
+                f"Content-Length: 0\r\n\r\n").encode(), ("127.0.0.1", port))
+
+        got = await subscribe("blf-a")
+        assert f"127.0.0.1:{port};lr".encode() in got  # record-routed
+        await notify("blf-a")
+        assert b"Call-ID: blf-a" in await core.recv_until(b"NOTIFY ")
+        await subscribe("blf-b")  # the table holds one: blf-a is forgotten
+        await notify("blf-a", 2)
+        assert (await party.recv_until(b"SIP/2.0 ")).startswith(b"SIP/2.0 481 ")
+        await notify("blf-b")
+        assert b"Call-ID: blf-b" in await core.recv_until(b"NOTIFY ")
+        assert server.counters["noticed_subscription_forgotten"] == 1
+    finally:
+        await server.stop()

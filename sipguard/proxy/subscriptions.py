@@ -1,0 +1,101 @@
+"""Subscriptions across sipguard: the dialogs a SUBSCRIBE (RFC 6665) or a REFER (its implicit
+subscription, RFC 3515) sets up, which the dialog table — calls only — does not keep.
+
+sipguard record-routes an initial SUBSCRIBE or REFER, so the subscription's later requests
+pass through it; from outside, an in-dialog request is refused (481) unless it belongs to a
+dialog sipguard knows. This table is what makes a subscription known:
+
+- the core subscribes to a party outside (BLF, presence; a click-to-dial REFER): the
+  party's NOTIFYs (To tag: the core's) are let through to the core while the subscription
+  lasts, from the host the SUBSCRIBE went to;
+- a party outside subscribes to the core: its refreshes and un-SUBSCRIBEs (From tag: its
+  own) are let through, from the host it subscribed from.
+
+An entry lasts what the subscription says: the SUBSCRIBE's ``Expires`` (1 hour when absent;
+for a REFER, 1 hour), moved by every refresh and by the ``expires`` of a NOTIFY's
+``Subscription-State``; ``terminated`` or ``Expires: 0`` leaves it 32 s (64*T1) for the
+last messages. At most ``most`` entries: the oldest one goes first when full (counted by the
+proxy as ``subscription_forgotten``); entries past their time go as they are met or when the
+table is full. Only the core and admitted parties' requests create entries.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final
+
+from sipguard.sip.message import Message
+
+DEFAULT_S: Final = 3600.0  # a subscription without Expires (and a REFER's) lasts this long
+GRACE_S: Final = 32.0  # beyond its end: the last NOTIFY and its retransmissions (64*T1)
+MAX_S: Final = 86400.0  # the longest an Expires is taken for
+
+# (who subscribed: "core" or "party", Call-ID, the subscriber's tag)
+Key = tuple[str, str, str]
+
+
+@dataclass(slots=True)
+class Subscription:
+    host: str  # the outside party's address: its requests must come from there
+    until: float  # loop time
+
+
+class Subscriptions:
+    """The subscriptions sipguard forwarded the initial request of; bounded."""
+
+    def __init__(self, most: int) -> None:
+        self.most = most
+        self.table: dict[Key, Subscription] = {}
+        self.forgotten = 0  # entries dropped to make room
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def add(self, key: Key, host: str, until: float, now: float) -> None:
+        table = self.table
+        table.pop(key, None)
+        if len(table) >= self.most:
+            for k in [k for k, sub in table.items() if sub.until <= now]:
+                del table[k]
+            while len(table) >= self.most:
+                del table[next(iter(table))]
+                self.forgotten += 1
+        table[key] = Subscription(host, until)
+
+    def match(self, key: Key, host: str, now: float) -> Subscription | None:
+        """The live subscription ``key`` when ``host`` is its outside party's."""
+        sub = self.table.get(key)
+        if sub is None:
+            return None
+        if sub.until <= now:
+            del self.table[key]
+            return None
+        return sub if sub.host == host else None
+
+    def extend(self, key: Key, until: float) -> None:
+        sub = self.table.get(key)
+        if sub is not None:
+            sub.until = until
+
+
+def lasts(msg: Message, now: float) -> float:
+    """Until when the subscription a SUBSCRIBE or REFER (or a NOTIFY's Subscription-State)
+    asks for lasts, grace included."""
+    if msg.method == "NOTIFY":
+        state = (msg.get("subscription-state") or "").lower()
+        if state.startswith("terminated"):
+            return now + GRACE_S
+        for param in state.split(";")[1:]:
+            name, _, value = param.partition("=")
+            if name.strip() == "expires":
+                return now + _seconds(value) + GRACE_S
+        return now + DEFAULT_S + GRACE_S
+    if msg.method == "REFER":
+        return now + DEFAULT_S + GRACE_S
+    expires = msg.get("expires")
+    return now + (DEFAULT_S if expires is None else _seconds(expires)) + GRACE_S
+
+
+def _seconds(text: str) -> float:
+    text = text.strip()
+    return min(float(text), MAX_S) if text.isdigit() and len(text) <= 10 else DEFAULT_S

@@ -1,0 +1,149 @@
+"""Subscriptions across sipguard (RFC 6665, RFC 3515): the in-dialog requests of a
+SUBSCRIBE's or REFER's dialog from outside are let through while the subscription lasts, from
+its outside party's host only; anything else stays a 481 (sipguard/proxy/subscriptions.py)."""
+
+from __future__ import annotations
+
+from sipguard.contract import Noticed
+from sipguard.proxy.subscriptions import Subscriptions
+from tests.unit.dialog_helpers import PolicyHarness, in_dialog, to
+from tests.unit.proxy_helpers import CALLER, CORE, answer
+
+REMOTE = ("203.0.113.50", 5060)  # a PBX peer whose extension the core watches (BLF)
+OTHER = ("203.0.113.77", 5060)
+
+
+def core_subscribe(call_id: str = "blf-1", expires: int = 600) -> bytes:
+    return (
+        f"SUBSCRIBE sip:ext100@203.0.113.50:5060 SIP/2.0\r\n"
+        f"Via: SIP/2.0/UDP 10.0.0.10:5080;branch=z9hG4bK-{call_id}\r\nMax-Forwards: 70\r\n"
+        f"From: <sip:agent7@10.0.0.10>;tag=coretag\r\nTo: <sip:ext100@203.0.113.50>\r\n"
+        f"Call-ID: {call_id}\r\nCSeq: 1 SUBSCRIBE\r\nEvent: dialog\r\nExpires: {expires}\r\n"
+        f"Contact: <sip:agent7@10.0.0.10:5080>\r\nContent-Length: 0\r\n\r\n"
+    ).encode()
+
+
+def notify(call_id: str = "blf-1", cseq: int = 1, state: str = "active;expires=600",
+           to_tag: str = "coretag") -> bytes:
+    return (
+        f"NOTIFY sip:agent7@10.0.0.10:5080 SIP/2.0\r\n"
+        f"Via: SIP/2.0/UDP 203.0.113.50:5060;branch=z9hG4bK-n-{call_id}-{cseq}\r\n"
+        f"Route: <sip:192.0.2.1:5060;lr>\r\nMax-Forwards: 70\r\n"
+        f"From: <sip:ext100@203.0.113.50>;tag=pbxtag\r\nTo: <sip:agent7@10.0.0.10>;tag={to_tag}\r\n"
+        f"Call-ID: {call_id}\r\nCSeq: {cseq} NOTIFY\r\nEvent: dialog\r\n"
+        f"Subscription-State: {state}\r\nContact: <sip:ext100@203.0.113.50:5060>\r\n"
+        f"Content-Length: 0\r\n\r\n"
+    ).encode()
+
+
+def statuses(out: list, addr: tuple[str, int]) -> list[int]:  # type: ignore[type-arg]
+    return [m.status for m in to(out, addr) if m.status is not None]
+
+
+def test_the_cores_subscription_gets_its_notifies() -> None:
+    """The core subscribes to an extension of a PBX outside (BLF): sipguard record-routes the
+    SUBSCRIBE, and the PBX's NOTIFYs reach the core — they heard 481 before, so the PBX ended
+    the subscription (RFC 6665 §4.2.2). A NOTIFY from another host, or for a subscription
+    nobody made, still hears 481 and goes nowhere."""
+    h = PolicyHarness()
+    [sub] = [m for m in to(h.send(core_subscribe(), src=CORE), REMOTE) if m.method == "SUBSCRIBE"]
+    assert "192.0.2.1:5060;lr" in (sub.get("record-route") or "")
+    h.send(answer(sub, 200, "OK", to_tag="pbxtag"), src=REMOTE)
+    out = h.send(notify(), src=REMOTE)
+    assert [m.method for m in to(out, CORE)] == ["NOTIFY"]
+    for stranger, data in ((OTHER, notify(cseq=2)), (REMOTE, notify("nobody", cseq=3))):
+        out = h.send(data, src=stranger)
+        assert to(out, CORE) == [] and statuses(out, stranger) == [481]
+    assert len(h.proxy.subscriptions) == 1
+
+
+def test_a_subscription_ends_with_its_time_or_a_terminated_notify() -> None:
+    """The subscription's time moves with the NOTIFYs' Subscription-State; `terminated`
+    leaves it 32 s for the last messages, then its NOTIFYs hear 481. An unanswered one ends
+    when its Expires (plus 32 s) has passed."""
+    h = PolicyHarness()
+    h.send(core_subscribe(), src=CORE)
+    h.advance(500)
+    assert to(h.send(notify(cseq=2, state="active;expires=3600"), src=REMOTE), CORE)
+    h.advance(1000)  # past the SUBSCRIBE's 600 s, within the NOTIFY's 3,600
+    assert to(h.send(notify(cseq=3), src=REMOTE), CORE)
+    assert to(h.send(notify(cseq=4, state="terminated;reason=timeout"), src=REMOTE), CORE)
+    h.advance(40)
+    out = h.send(notify(cseq=5), src=REMOTE)
+    assert to(out, CORE) == [] and statuses(out, REMOTE) == [481]
+    h.send(core_subscribe("blf-2", expires=60), src=CORE)
+    h.advance(100)
+    out = h.send(notify("blf-2"), src=REMOTE)
+    assert to(out, CORE) == [] and statuses(out, REMOTE) == [481]
+
+
+def test_a_partys_own_subscription_can_be_refreshed() -> None:
+    """A party outside subscribes to the core (SUBSCRIBE allowed): its refresh and its
+    un-SUBSCRIBE reach the core — they heard 481, and the subscriber had to subscribe anew.
+    Another host's refresh in that dialog still hears 481."""
+    h = PolicyHarness(allow_methods=frozenset({"INVITE", "OPTIONS", "SUBSCRIBE"}))
+    first = (
+        b"SUBSCRIBE sip:+18005550199@192.0.2.1:5060 SIP/2.0\r\n"
+        b"Via: SIP/2.0/UDP 198.51.100.7:5062;branch=z9hG4bK-ps1\r\nMax-Forwards: 70\r\n"
+        b"From: <sip:+12125550100@198.51.100.7>;tag=ftag1\r\nTo: <sip:+18005550199@192.0.2.1>\r\n"
+        b"Call-ID: presence-1\r\nCSeq: 1 SUBSCRIBE\r\nEvent: presence\r\nExpires: 300\r\n"
+        b"Contact: <sip:+12125550100@198.51.100.7:5062>\r\nContent-Length: 0\r\n\r\n"
+    )
+    [sub] = [m for m in to(h.send(first), CORE) if m.method == "SUBSCRIBE"]
+    h.send(answer(sub, 200, "OK"), src=CORE)
+    refresh = in_dialog("SUBSCRIBE", call_id="presence-1", cseq=2, branch="z9hG4bK-ps2",
+                        extra="Event: presence\r\nExpires: 300\r\n")
+    assert [m.method for m in to(h.send(refresh), CORE)] == ["SUBSCRIBE"]
+    out = h.send(refresh.replace(b"z9hG4bK-ps2", b"z9hG4bK-ps3").replace(b"2 SUBSCRIBE",
+                                                                         b"3 SUBSCRIBE"),
+                 src=OTHER)
+    assert to(out, CORE) == [] and [m.status for _, m in out] == [481]
+    h.advance(200)
+    gone = in_dialog("SUBSCRIBE", call_id="presence-1", cseq=4, branch="z9hG4bK-ps4",
+                     extra="Event: presence\r\nExpires: 0\r\n")
+    assert [m.method for m in to(h.send(gone), CORE)] == ["SUBSCRIBE"]
+    h.advance(40)  # Expires: 0 leaves 32 s
+    late = in_dialog("SUBSCRIBE", call_id="presence-1", cseq=5, branch="z9hG4bK-ps5",
+                     extra="Event: presence\r\nExpires: 300\r\n")
+    out = h.send(late)
+    assert to(out, CORE) == [] and statuses(out, CALLER) == [481]
+
+
+def test_notifies_of_a_refer_in_a_call_pass_after_the_call_ends() -> None:
+    """The core transfers a caller (REFER in the call); the caller hangs up, then reports
+    the transfer's progress (NOTIFY, its implicit subscription outliving the call, RFC 3515
+    §2.4.4): the NOTIFY reaches the core — it heard 481 before."""
+    h = PolicyHarness()
+    _, fwd = h.call(1)
+    assert fwd is not None
+    h.answer(fwd, 200, "OK")
+    h.send(in_dialog("ACK", call_id="call-1", cseq=1, branch="z9hG4bK-ack1"))
+    refer = in_dialog("REFER", call_id="call-1", cseq=1, branch="z9hG4bK-ref1",
+                      from_callee=True, extra="Refer-To: <sip:+18005550123@10.0.0.10>\r\n")
+    assert [m.method for m in to(h.send(refer, src=CORE), CALLER)] == ["REFER"]
+    h.bye(1, cseq=2)
+    assert not h.proxy.dialogs
+    sipfrag = in_dialog("NOTIFY", call_id="call-1", cseq=3, branch="z9hG4bK-nt1",
+                        extra="Event: refer\r\nSubscription-State: terminated;reason=noresource\r\n")
+    assert [m.method for m in to(h.send(sipfrag), CORE)] == ["NOTIFY"]
+
+
+def test_the_table_is_bounded_oldest_first() -> None:
+    h = PolicyHarness(max_subscriptions=3)
+    for i in range(5):
+        h.send(core_subscribe(f"b{i}"), src=CORE)
+    subs = h.proxy.subscriptions
+    assert len(subs) == 3 and [k[1] for k in subs.table] == ["b2", "b3", "b4"]
+    assert sum(1 for e in h.events if isinstance(e, Noticed)
+               and e.kind == "subscription_forgotten") == 2
+    out = h.send(notify("b0"), src=REMOTE)
+    assert statuses(out, REMOTE) == [481]
+    assert to(h.send(notify("b4"), src=REMOTE), CORE)
+
+
+def test_expired_entries_make_room_before_live_ones_go() -> None:
+    subs = Subscriptions(2)
+    subs.add(("core", "a", "t"), "h", 10.0, 0.0)
+    subs.add(("core", "b", "t"), "h", 100.0, 0.0)
+    subs.add(("core", "c", "t"), "h", 100.0, 50.0)  # "a" has expired: it goes, "b" stays
+    assert set(subs.table) == {("core", "b", "t"), ("core", "c", "t")} and subs.forgotten == 0
