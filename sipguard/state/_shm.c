@@ -81,7 +81,7 @@
 #include <unistd.h>
 
 #define MAGIC 0x314d485344524753ULL /* "SGRDSHM1" */
-#define VERSION 1
+#define VERSION 2
 #define HEADER_SIZE 256
 #define SET_CAP 128
 #define WINDOW 5         /* measure buckets: 4 and the current one */
@@ -107,6 +107,7 @@ typedef struct {
     uint64_t key_cursor, lease_cursor;
     uint64_t full, recovered; /* events: a table full; a holder died */
     uint32_t free_set;
+    uint64_t unmeasured; /* events: a distinct count left out, no set free */
 } Header;
 _Static_assert(sizeof(Header) <= HEADER_SIZE, "header too big");
 
@@ -327,8 +328,10 @@ static int64_t
 key_new(Seg *s, uint64_t hash, uint32_t kind)
 {
     Header *h = s->h;
-    if (h->keys >= h->max_keys || (kind == 'h' && h->free_set == NO_SET))
+    if (h->keys >= h->max_keys)
         return -1;
+    if (kind == 'h' && h->free_set == NO_SET)
+        return -2; /* no set free: that distinct count is left out, the rest goes on */
     Key k = {.hash = hash, .kind = kind, .set = NO_SET};
     if (kind == 'h') {
         k.set = h->free_set;
@@ -468,8 +471,8 @@ room(Seg *s, uint64_t lease, const Check *c, int n, const uint64_t *take, int m,
         }
     }
     Header *h = s->h;
-    return h->keys + keys <= h->max_keys && h->leases + leases <= h->max_leases &&
-           h->sets + sets <= h->max_sets;
+    (void)sets; /* a set short is one distinct count left out (measure), not a full table */
+    return h->keys + keys <= h->max_keys && h->leases + leases <= h->max_leases;
 }
 
 static void
@@ -722,7 +725,7 @@ measure(Seg *s, const Check *c, int64_t now)
     int64_t width = c->a / 4 > 1 ? c->a / 4 : 1, bucket = now / 1000 / width;
     int64_t i = key_find(s, c->key, c->kind, now);
     if (i < 0 && (i = key_new(s, c->key, c->kind)) < 0)
-        return -1;
+        return i; /* -1: keys full; -2: no set free */
     Key *k = &s->keys[i];
     if (k->width != (uint32_t)width) { /* new, or the window changed: start over */
         k->width = (uint32_t)width;
@@ -821,6 +824,11 @@ seg_admit(Seg *s, PyObject *const *args, Py_ssize_t nargs)
                 v = (s->keys[k].expires - now + 999) / 1000 * 16 + s->keys[k].value;
         } else {
             int64_t count = measure(s, &c[i], now);
+            if (count == -2) { /* every set in use: this distinct count is left out, the
+                                  limits and the other measures go on (never "full") */
+                s->h->unmeasured++;
+                continue;
+            }
             full = count < 0; /* not after room() */
             out[nout++] = i;
             out[nout++] = count;
@@ -980,10 +988,11 @@ seg_stats(Seg *s, PyObject *Py_UNUSED(ignored))
     unlock(s);
     typedef unsigned long long u;
     return Py_BuildValue(
-        "{sKsKsKsKsKsKsKsKsKsKsK}", "keys", (u)h.keys, "max_keys", (u)h.max_keys, "key_slots",
-        (u)h.key_slots, "leases", (u)h.leases, "max_leases", (u)h.max_leases, "lease_slots",
-        (u)h.lease_slots, "sets", (u)h.sets, "max_sets", (u)h.max_sets, "full", (u)h.full,
-        "recovered", (u)h.recovered, "bytes", (u)h.size);
+        "{sKsKsKsKsKsKsKsKsKsKsKsK}", "keys", (u)h.keys, "max_keys", (u)h.max_keys,
+        "key_slots", (u)h.key_slots, "leases", (u)h.leases, "max_leases", (u)h.max_leases,
+        "lease_slots", (u)h.lease_slots, "sets", (u)h.sets, "max_sets", (u)h.max_sets, "full",
+        (u)h.full, "recovered", (u)h.recovered, "unmeasured", (u)h.unmeasured, "bytes",
+        (u)h.size);
 }
 
 /* For tests: the invariants, "" when they hold, else what does not. */

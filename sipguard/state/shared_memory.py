@@ -300,4 +300,6 @@ class ShmCounts:
             out[f"state_shm_{name}"] = float(s[name])
             out[f"state_shm_{name}_max"] = float(s[f"max_{name}"])
         out["state_shm_recovered"] = float(s["recovered"])  # holders that died with the lock
+        # distinct counts left out because every set was in use (the limits went on)
+        out["state_shm_unmeasured"] = float(s["unmeasured"])
         return out

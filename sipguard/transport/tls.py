@@ -9,12 +9,22 @@ names, which the pool records per connection.
 
 from __future__ import annotations
 
+import asyncio.sslproto
 import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 __all__ = ["TlsContexts", "build_contexts", "peer_names"]
+
+# asyncio's TLS layer (``loop.start_tls``, which the pool's TLS connections use) gives every
+# connection a read buffer of ``SSLProtocol.max_size``: 256 KiB in CPython 3.11 — about 1 GiB
+# for ``sip.tcp_max_connections`` (4,096) idle TLS connections that anyone may open. A TLS
+# record holds 16 KiB at most and a SIP message is read across reads, so 32 KiB loses
+# nothing (the HTTPS certificate fetcher reads through it too).
+TLS_READ_BUFFER = 32 * 1024
+if getattr(asyncio.sslproto.SSLProtocol, "max_size", 0) > TLS_READ_BUFFER:
+    asyncio.sslproto.SSLProtocol.max_size = TLS_READ_BUFFER
 
 
 @dataclass(frozen=True, slots=True)

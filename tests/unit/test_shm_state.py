@@ -294,20 +294,45 @@ async def test_a_full_table_answers_none_changes_nothing_and_is_counted(path: st
         assert a.segment.stats()["leases"] == 2 and await a.counts(["caller:+1"]) == [1]
         # the lease already on a key needs no room: re-admitting it works
         assert took(await a.admit("L1", [], ("caller:+1", "callee:+2")))
-        # keys: 2 used of 4; a rate cell and an h measure fit, a second h has no set block
+        # keys: 2 used of 4; a rate cell and an h measure fit; a second h has no set block:
+        # that distinct count is left out (counted), the step is no "full" table
         h1 = ("h", "dialer.callees:+1", 60_000, 0, False, "+1")
         h2 = ("h", "dialer.callees:+2", 60_000, 0, False, "+1")
         assert took(await a.admit("x", [h1], ()))
-        assert await a.admit("y", [h2], ()) is None
+        assert await a.admit("y", [h2], ()) == (True, -1, 0, [])
+        assert a.stats()["state_shm_unmeasured"] == 1.0
         assert took(await a.admit("z", [("r", "rate:+1", 1.0, 5.0, False, "")], ()))
         await a.mark("dialer.block.caller:+1", 1, 60)  # a fifth key: full
         await a.add("L3", ("peer:x",))
-        assert a.counters["state_shm_full"] == 4
-        assert a.segment.stats()["full"] == 4 and a.segment._verify() == ""
+        assert a.counters["state_shm_full"] == 3
+        assert a.segment.stats()["full"] == 3 and a.segment._verify() == ""
         # an existing key needs no room; the refused h2 left no key behind
         h1b = ("h", "dialer.callees:+1", 60_000, 0, False, "+2")
         assert measured(await a.admit("x2", [h1b], ())) == [(0, 2)]
         assert a.stats()["state_shm_keys"] == 4.0
+    finally:
+        await a.close()
+
+
+async def test_every_set_in_use_leaves_the_limits_on(path: str) -> None:
+    """The sets (distinct-callee counts) all in use — a burst of new callers — leave that
+    count out for a new caller, not every limit: its concurrency limit still refuses, its
+    rate still counts (before, the whole step answered "full" and `state.fail: open`
+    admitted every call, every limit off)."""
+    a = store(path, create=True, max_sets=2)
+    try:
+        for n in range(2):
+            h = ("h", f"dialer.callees:+{n}", 60_000, 0, False, "+18005550199")
+            assert took(await a.admit(f"f{n}", [h], ()))
+        assert a.segment.stats()["sets"] == 2
+        fresh = ("h", "dialer.callees:+12125550100", 60_000, 0, False, "+18005550199")
+        assert took(await a.admit("L1", [fresh, caller_limit(1)], TAKE))
+        assert await a.admit("L2", [fresh, caller_limit(1)], TAKE) == (False, 1, 1, [])
+        rate = ("r", "rate:+12125550100", 10_000_000.0, 0.0, False, "")
+        assert took(await a.admit("L3", [fresh, rate], ()))
+        refused = await a.admit("L4", [fresh, rate], ())
+        assert refused is not None and refused[:2] == (False, 1)
+        assert a.stats()["state_shm_unmeasured"] == 4.0 and a.counters["state_shm_full"] == 0
     finally:
         await a.close()
 
