@@ -72,6 +72,11 @@ LOAD_WATCH_S = 0.05  # how often the UDP receive queues are read (overload prote
 # Sends wait for the end of the event-loop pass, or for this many datagrams read in it, which
 # comes first: see Server._schedule_flush.
 FLUSH_EVERY = 8
+# Sends to a host name wait for one lookup per name: at most this many names at once, this
+# many messages per name; a name that did not resolve is not looked up again for this long.
+MAX_RESOLVING = 256
+MAX_WAITING_PER_NAME = 64
+UNRESOLVED_S = 30.0
 SUSPENSIONS_FILE = "suspensions.json"  # in state_dir
 REDACTED = "<redacted>"
 
@@ -335,6 +340,8 @@ class Server:
         self._gc_timer: asyncio.TimerHandle | None = None
         self._load_watch: asyncio.TimerHandle | None = None
         self._resolved: dict[str, str] = {}
+        self._resolving: dict[str, list[tuple[Flow, bytes]]] = {}  # name -> sends waiting
+        self._unresolved: dict[str, float] = {}  # name -> until when it is not looked up
         self._tasks: set[asyncio.Task[None]] = set()
         self._reloads = 0  # reloads started; only the newest one's result is swapped in
         # the cores reloads replaced (at most MAX_FORMER_CORES): still trusted by the flood guard
@@ -1210,7 +1217,7 @@ class Server:
         ip = self._resolved.get(host)
         if ip is None:
             if not _is_ip(host):
-                self.loop.create_task(self._resolve_and_send(flow, data))
+                self._resolve_then_send(flow, data)
                 return
             if len(self._resolved) > 65536:
                 self._resolved.clear()
@@ -1232,22 +1239,57 @@ class Server:
             self.tcp.send(data, flow.addr, flow.local, flow.conn, tls=flow.transport == "tls",
                           host=host)
 
-    async def _resolve_and_send(self, flow: Flow, data: bytes) -> None:
+    def _resolve_then_send(self, flow: Flow, data: bytes) -> None:
+        """A send to a host name not resolved yet: it waits for the name's one lookup (a slow
+        resolver holds a bounded queue, not a task and a resolver thread's job per
+        message); a name that just failed is not asked again for UNRESOLVED_S."""
         host = flow.addr[0]
-        try:
-            infos = await self.loop.getaddrinfo(host, flow.addr[1], type=socket.SOCK_DGRAM)
-        except OSError as exc:
-            self.counters["send_failed"] += 1
-            self.sampled.log("warning", "resolve_failed", key=f"dns:{host}", host=host,
-                             error=str(exc))
+        waiting = self._resolving.get(host)
+        if waiting is not None:
+            if len(waiting) < MAX_WAITING_PER_NAME:
+                waiting.append((flow, data))
+            else:
+                self.counters["send_failed"] += 1
             return
-        addr = str(infos[0][4][0])
-        self._resolved[host] = addr
-        self._send(flow, data)  # resolved now; the name stays for a TLS server's certificate
+        until = self._unresolved.get(host)
+        if until is not None and until > self.loop.time() or \
+                len(self._resolving) >= MAX_RESOLVING:
+            self.counters["send_failed"] += 1
+            return
+        self._resolving[host] = [(flow, data)]
+        family = 0  # over UDP, an address the listener's socket can send to
+        if flow.transport == "udp":
+            local = flow.local
+            if local >= self._shared_from:
+                local -= self._shared_from  # a worker's own port: as _send picks it
+            ep = self.udp.get(local) or next(iter(self.udp.values()), None)
+            family = int(ep.sock.family) if ep is not None else 0
+        self.loop.create_task(self._resolve_and_send(host, flow.addr[1], family))
+
+    async def _resolve_and_send(self, host: str, port: int, family: int = 0) -> None:
+        try:
+            infos = await self.loop.getaddrinfo(host, port, family=family,
+                                                type=socket.SOCK_DGRAM)
+        except OSError as exc:
+            waiting = self._resolving.pop(host, [])
+            self.counters["send_failed"] += len(waiting)
+            self.counters["resolve_failed"] += 1
+            if len(self._unresolved) >= 4096:
+                self._unresolved.clear()
+            self._unresolved[host] = self.loop.time() + UNRESOLVED_S
+            self.sampled.log("warning", "resolve_failed", key=f"dns:{host}", host=host,
+                             error=str(exc), dropped=len(waiting))
+            return
+        self._resolved[host] = str(infos[0][4][0])
+        for flow, data in self._resolving.pop(host, []):
+            self._send(flow, data)  # resolved now; the name stays for a TLS certificate
         self.sender.kick()
 
     def _housekeep(self) -> None:
         self._resolved.clear()  # re-resolve names now and then (no TTLs from getaddrinfo)
+        now = self.loop.time()
+        for name in [n for n, until in self._unresolved.items() if until <= now]:
+            del self._unresolved[name]
         self.core.housekeep(self.loop.time())
         if self.state.suspensions:
             self._expire_suspensions()

@@ -412,3 +412,27 @@ async def test_notifies_for_the_cores_subscription_reach_it_over_udp(
         assert server.counters["noticed_subscription_forgotten"] == 1
     finally:
         await server.stop()
+
+
+async def test_sends_to_a_host_name_wait_for_one_lookup(peers: tuple[Peer, Peer]) -> None:
+    """A core named by a host name: INVITEs sent before the name is resolved wait for one
+    lookup of it (not a task and a resolver job each) and all reach the core; a name that
+    does not resolve is not asked again for a while, its messages counted as send_failed."""
+    caller, core = peers
+    port = _free_udp_port()
+    cfg = parse_config(f"listen: [udp://127.0.0.1:{port}]\ncore: udp://localhost:{core.port}\n")
+    server = Server(cfg)
+    await server.start()
+    try:
+        for i in range(3):
+            caller.sock.sendto(invite(caller, port, f"dns-{i}"), ("127.0.0.1", port))
+        got = {(await core.recv_until(b"INVITE ")).split(b"Call-ID: ")[1][:5] for _ in range(3)}
+        assert got == {b"dns-0", b"dns-1", b"dns-2"}
+        assert server.counters["resolve_failed"] == 0 and not server._resolving
+        # a name that failed: its sends are dropped at once until UNRESOLVED_S has passed
+        server._unresolved["nowhere.invalid"] = server.loop.time() + 30
+        before = server.counters["send_failed"]
+        server._send(Flow("udp", ("nowhere.invalid", 5060), 0), b"OPTIONS x SIP/2.0\r\n\r\n")
+        assert server.counters["send_failed"] == before + 1 and not server._resolving
+    finally:
+        await server.stop()
