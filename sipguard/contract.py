@@ -42,6 +42,7 @@ from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass
 from typing import Final, Literal, NamedTuple
 
+from sipguard.sip.errors import SipParseError
 from sipguard.sip.message import Message
 
 # ---------------------------------------------------------------------- flows
@@ -210,6 +211,7 @@ class CallInfo:
         "held",
         "settled",
         "started_perf",
+        "pai_untrusted",
     )
 
     def __init__(self, msg: Message, flow: Flow, now: float, lease: str = "") -> None:
@@ -250,6 +252,40 @@ class CallInfo:
         self.held = False
         self.settled = False
         self.started_perf = 0.0
+        # from a peer whose P-Asserted-Identity is no identity (trust_pai: false): it is not
+        # forwarded, whatever rules run (RFC 3325 §5), unless a rule puts its own
+        self.pai_untrusted = False
+
+
+def one_identity(msg: Message) -> str | None:
+    """The P-Asserted-Identity line with only the values of the caller's number — the first
+    number among them, the one every rule checks — and values without a number; None when
+    nothing is to go (or the values do not parse: left to the rules). Another spelling of
+    the number (national and international) is the same number."""
+    try:
+        values = msg.p_asserted_identities
+    except SipParseError:
+        return None
+    numbers = [na.uri.number for na in values]
+    first = next((n for n in numbers if n), None)
+    if first is None:
+        return None
+    kept = [na.raw for na, n in zip(values, numbers, strict=True)
+            if n is None or same_number(n, first)]
+    if len(kept) == len(values):
+        return None
+    return "P-Asserted-Identity: " + ", ".join(kept)
+
+
+def same_number(a: str, b: str) -> bool:
+    """One number in two spellings: the same digits, or one's the end of the other's
+    (+4930123456 and 030123456 — 0 trunk prefix — or 4930123456)."""
+    da, db = "".join(c for c in a if c.isdigit()), "".join(c for c in b if c.isdigit())
+    if da == db:
+        return True
+    short, long_ = (da, db) if len(da) < len(db) else (db, da)
+    short = short.lstrip("0")
+    return len(short) >= 6 and long_.endswith(short)
 
 
 # Distinct diverting numbers a call is counted under (per_diverter): one INVITE must take a

@@ -1267,21 +1267,26 @@ class Server:
         self.loop.create_task(self._resolve_and_send(host, flow.addr[1], family))
 
     async def _resolve_and_send(self, host: str, port: int, family: int = 0) -> None:
+        waiting: list[tuple[Flow, bytes]] = []
         try:
-            infos = await self.loop.getaddrinfo(host, port, family=family,
-                                                type=socket.SOCK_DGRAM)
-        except OSError as exc:
-            waiting = self._resolving.pop(host, [])
-            self.counters["send_failed"] += len(waiting)
-            self.counters["resolve_failed"] += 1
+            try:
+                infos = await self.loop.getaddrinfo(host, port, family=family,
+                                                    type=socket.SOCK_DGRAM)
+                addr = str(infos[0][4][0])
+            finally:
+                waiting = self._resolving.pop(host, [])  # whatever happens: the name is free
+        except (OSError, UnicodeError, ValueError, IndexError) as exc:  # (UnicodeError: a
+            # label of 64+ characters)
             if len(self._unresolved) >= 4096:
                 self._unresolved.clear()
             self._unresolved[host] = self.loop.time() + UNRESOLVED_S
+            self.counters["resolve_failed"] += 1
+            self.counters["send_failed"] += len(waiting)
             self.sampled.log("warning", "resolve_failed", key=f"dns:{host}", host=host,
                              error=str(exc), dropped=len(waiting))
             return
-        self._resolved[host] = str(infos[0][4][0])
-        for flow, data in self._resolving.pop(host, []):
+        self._resolved[host] = addr
+        for flow, data in waiting:
             self._send(flow, data)  # resolved now; the name stays for a TLS certificate
         self.sender.kick()
 

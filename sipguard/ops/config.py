@@ -642,7 +642,7 @@ class Config(ConfigModel):
         description="With several workers, a worker whose event loop has not answered the "
         "supervisor for this many seconds (it sends a heartbeat every second from its loop: "
         "stopped, stuck in a busy loop, swapped out) is killed (SIGKILL) and started again, "
-        "as one that died (`worker_hung`); 0: never. Read at start.",
+        "as one that died (`worker_hung`); 0: never, else at least 3. Read at start.",
     )
     worker_port_base: int | None = Field(
         default=None, ge=1, le=65535, validate_default=True,
@@ -739,6 +739,14 @@ class Config(ConfigModel):
             raise ValueError(f"core {value} is UDP but no listen address is: sipguard sends "
                              "UDP from a udp:// listener's socket (add one, or reach the core "
                              "over tcp://)")
+        return value
+
+    @field_validator("worker_hang_timeout_s")
+    @classmethod
+    def _hang_timeout_outlasts_heartbeats(cls, value: float) -> float:
+        if 0 < value < 3:
+            raise ValueError("must be 0 (off) or at least 3 seconds: a worker's heartbeat "
+                             "comes every second, and a busy second must not kill it")
         return value
 
     @field_validator("workers")

@@ -60,7 +60,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Final
 from urllib.parse import unquote
 
-from sipguard.contract import Verdict
+from sipguard.contract import Verdict, same_number
 from sipguard.policy import numbers
 from sipguard.policy.callerid_settings import Answers
 from sipguard.policy.peers import NumberSet, Peer, read_number_file
@@ -323,8 +323,10 @@ def _pai_line(msg: Message, verstat: str) -> str:
     if line is None:
         pais = msg.p_asserted_identities
         checked = _first_number(pais)
+        # values of another number are not forwarded at all (the proxy drops them too)
         line = "P-Asserted-Identity: " + ", ".join(
-            _with_verstat(na, verstat if na.uri.number == checked else None) for na in pais)
+            _with_verstat(na, verstat if na.uri.number == checked else None) for na in pais
+            if na.uri.number is None or checked is None or same_number(na.uri.number, checked))
         if sum(map(len, values)) <= _PAI_MEMO_CHARS:
             if len(_PAI_LINES) >= _PAI_LINES_MAX:
                 _PAI_LINES.clear()

@@ -281,6 +281,7 @@ class Policy:
             if not peer.trust_pai:
                 call.caller = call.msg.from_.uri.number
                 call.shown = None
+                call.pai_untrusted = True
             region = peer.default_region
             if region is not None:
                 call.caller = to_e164(call.caller, region)

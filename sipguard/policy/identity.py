@@ -306,8 +306,9 @@ class IdentityRule:
             else self._finish(call, passport, entry, now, wall))
         if not isinstance(verdict, Verdict):
             verdict = await verdict
-        if call.labels.get("identity") != "passed":
-            return verdict
+        if call.labels.get("identity") != "passed" and \
+                call.labels.get("identity_reason") != "low_attestation":
+            return verdict  # not verified: its dest is moot (a low attestation verified)
         for div in passport.diverted:
             why = await self._div_failure(div, now, wall)
             if why is not None:
@@ -354,8 +355,9 @@ class IdentityRule:
         self, fetcher: CertFetcher, url: str, now: float, wall: float, anew: bool = False
     ) -> UrlEntry | None:
         """The cache entry for ``url`` after fetching it: the chain, or why there is none
-        (stored as the cache settings say). ``anew``: the cached chain is being replaced
-        (renewed at the same URL?): a failed fetch is None and leaves the cache alone."""
+        (stored as the cache settings say). ``anew``: the cached chain may have been renewed
+        at the same URL: nothing is stored (the caller stores what verifies), a failed fetch
+        is None."""
         s = self.s
         try:
             fetched = await fetcher.fetch(url, self.limits)
@@ -385,7 +387,7 @@ class IdentityRule:
                 if not trusted:
                     ttl = min(ttl, s.negative_cache_s)
                 entry = UrlEntry(chain, "", "", now + ttl, now)
-            if entry.expires > now:
+            if entry.expires > now and not anew:
                 # with the failures until a signature verifies with it (CertCache.promote)
                 self.cache.store(url, entry, now, False)
         return entry
@@ -410,7 +412,8 @@ class IdentityRule:
             return self._fail(call, _Failure(
                 "tn_not_authorized", "orig.tn is not among the delegate certificate's numbers",
                 passport))
-        renew = renew and now - entry.fetched > self.s.cache_min_s
+        renew = renew and now - max(entry.fetched, self.cache.renewed.get(passport.x5u, 0.0)) \
+            > self.s.cache_min_s
         verifier = self.state.verifier
         if verifier is not None:
             checked = verifier.submit(passport, result.key)
@@ -433,19 +436,25 @@ class IdentityRule:
     async def _renew_then_finish(
         self, call: CallInfo, passport: Passport, now: float, wall: float
     ) -> Verdict:
-        """The signature failed with a chain cached for a while: fetch the URL again (one
-        fetch however many calls ask at once; then not again for ``cache_min_s``, so forged
-        signatures naming a provider's URL cost it one fetch a minute at most) and check with
-        what it serves now. A failed fetch keeps the cached chain: ``bad_signature``."""
+        """The signature failed with a chain cached for a while: fetch the URL again (the
+        attempt remembered: none again for ``cache_min_s``, so forged signatures naming a
+        provider's URL cost it one fetch a minute at most) and check with what it serves now.
+        What it serves replaces the cached chain only when this signature verifies with it:
+        a failed fetch, junk or another chain that does not verify leave the provider's
+        chain where it is (``bad_signature``)."""
         fetcher = self.state.fetcher
         assert fetcher is not None
-        entry = await self._fetch_entry(fetcher, passport.x5u, now, wall, anew=True)
-        if entry is None:
-            return self._signed(call, passport, False, now)
-        verdict = self._finish(call, passport, entry, now, wall, renew=False)
-        if not isinstance(verdict, Verdict):
-            verdict = await verdict
-        return verdict
+        url = passport.x5u
+        self.cache.renewing(url, now)
+        entry = await self._fetch_entry(fetcher, url, now, wall, anew=True)
+        if entry is not None and entry.chain is not None:
+            result = self.cache.verdict(self.anchors, entry.chain, wall, now,
+                                        self.s.negative_cache_s)
+            if result.ok and result.key is not None and verify_signature(passport, result.key) \
+                    and not (result.numbers and not tn_covered(result.numbers, passport.orig)):
+                self.cache.store(url, entry, now, True)  # the renewed chain
+                return self._signed(call, passport, True, now)
+        return self._signed(call, passport, False, now)
 
     def _signed(self, call: CallInfo, passport: Passport, valid: bool, now: float) -> Verdict:
         """Steps 8–9 once the signature has been checked."""

@@ -512,6 +512,8 @@ class CertCache:
         self.bad_verdicts: OrderedDict[tuple[bytes, bytes], tuple[ChainResult, float]] = (
             OrderedDict()
         )
+        # URL -> when a chain cached for it was last fetched again (a signature it failed)
+        self.renewed: OrderedDict[str, float] = OrderedDict()
 
     def lookup(self, url: str, now: float) -> UrlEntry | None:
         """The entry for ``url`` until it expires (a hit makes it the most recently used)."""
@@ -539,6 +541,14 @@ class CertCache:
         table[url] = entry
         if len(table) > limit:
             _trim(table, limit, lambda e: e.expires <= now)
+
+    def renewing(self, url: str, now: float) -> None:
+        """``url`` is being fetched again: not again before ``cache_min_s`` (bounded like the
+        trusted chains)."""
+        self.renewed.pop(url, None)
+        self.renewed[url] = now
+        while len(self.renewed) > self.max_entries:
+            self.renewed.popitem(last=False)
 
     def promote(self, url: str, now: float) -> None:
         """A signature verified with the chain ``url`` gave: it joins the trusted chains. A

@@ -75,6 +75,7 @@ from sipguard.contract import (
     ParseFailed,
     Screened,
     Verdict,
+    one_identity,
 )
 from sipguard.proxy import build, keepalive
 from sipguard.proxy.dialogs import DialogTable, dialog_key, key_of, session_interval
@@ -256,7 +257,7 @@ def _inside(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
 # sipguard. Dialogs are kept for calls only, so a subscription's own refreshes from outside
 # are refused (481) and its subscriber subscribes anew (RFC 6665 §4.1.2.2).
 DIALOG_CREATING: Final = frozenset({"INVITE", "SUBSCRIBE", "REFER"})
-SUBSCRIPTION_METHODS: Final = frozenset({"SUBSCRIBE", "REFER", "NOTIFY"})
+SUBSCRIPTION_CREATING: Final = frozenset({"SUBSCRIBE", "REFER"})
 
 
 def _names(dialog: Dialog, side: str, msg: Message) -> bool:
@@ -626,8 +627,9 @@ class Proxy:
                 # The outside party's BYE ends the call once the core has answered it: a BYE
                 # the core never takes frees no slot while the call is still up there.
                 st.ends, st.end_reason = dialog, reason
-        if method in SUBSCRIPTION_METHODS and (dialog is None or method == "REFER"):
-            self._note_subscription(msg, initial, from_core, target, flow, now)
+        if method == "NOTIFY" and not from_core and not initial and self.subscriptions.table:
+            # a NOTIFY of the core's subscription: its Subscription-State moves its end
+            self.subscriptions.extend(("core", msg.call_id, msg.to_tag or ""), lasts(msg, now))
         self._forward(st, target, start_line, route_line, now, record_route=initial
                       and method in DIALOG_CREATING,
                       anonymise=self._withheld(dialog, side, from_core))
@@ -703,34 +705,32 @@ class Proxy:
         outside party's host: a NOTIFY for the core's, a refresh of a party's own."""
         if msg.method == "NOTIFY":
             key = ("core", msg.call_id, msg.to_tag or "")
-        elif msg.method == "SUBSCRIBE":
+        elif msg.method == "SUBSCRIBE" and ({"SUBSCRIBE", "*"} & self.settings.allow_methods):
             key = ("party", msg.call_id, msg.from_tag or "")
         else:
             return False
         return self.subscriptions.match(key, flow.addr[0], now) is not None
 
-    def _note_subscription(self, msg: Message, initial: bool, from_core: bool, target: Flow,
-                           flow: Flow, now: float) -> None:
-        """A SUBSCRIBE, REFER or NOTIFY forwarded: a new subscription (the outside party's
-        host: where the core's request goes, or where a party's comes from; a REFER within
-        a call too, whose NOTIFYs may outlive the call, RFC 3515 §2.4.4), or one's time moved
-        (a refresh, a NOTIFY's Subscription-State)."""
+    def _subscribed(self, st: ServerTxn, now: float) -> None:
+        """A SUBSCRIBE or REFER answered 2xx (the far end took it): a new subscription —
+        the outside party's host is where the core's request went, or where a party's came
+        from; a REFER within a call too, whose NOTIFYs may outlive the call (RFC 3515
+        §2.4.4) — or a refresh moving one's end. Nothing for a request the far end refused."""
+        msg, ct = st.msg, st.client
+        if msg is None or ct is None:
+            return
+        from_core = self._is_core(msg, st.flow)
         subs = self.subscriptions
-        method = msg.method
-        if initial or method == "REFER":
-            if method == "NOTIFY":
-                return
+        if msg.to_tag is None or msg.method == "REFER":
             forgotten = subs.forgotten
-            who, host = ("core", target.addr[0]) if from_core else ("party", flow.addr[0])
+            who, host = ("core", ct.flow.addr[0]) if from_core else ("party", st.flow.addr[0])
             subs.add((who, msg.call_id, msg.from_tag or ""), host, lasts(msg, now), now)
             if subs.forgotten != forgotten:
                 self.events.append(Noticed("subscription_forgotten",
-                                           f"{len(subs)} subscriptions", flow))
-        elif method == "SUBSCRIBE":
+                                           f"{len(subs)} subscriptions", st.flow))
+        else:  # a refresh (Expires: 0 — an un-SUBSCRIBE — leaves GRACE_S)
             subs.extend(("core" if from_core else "party", msg.call_id, msg.from_tag or ""),
                         lasts(msg, now))
-        elif method == "NOTIFY" and not from_core:
-            subs.extend(("core", msg.call_id, msg.to_tag or ""), lasts(msg, now))
 
     def _in_progress(self, msg: Message, flow: Flow, from_core: bool) -> bool:
         """True for a request within a live call from one of its sides while the transaction
@@ -850,8 +850,12 @@ class Proxy:
         self._start_dialog(st, call, now, st.flow, outbound=False)
         if st.dialog is not None:
             st.dialog.anonymise = verdict.anonymise  # every later request of the caller too
+        edits = verdict.replace_headers
+        if call.pai_untrusted and msg.has("p-asserted-identity") and \
+                all(name != "p-asserted-identity" for name, _ in edits):
+            edits = (*edits, ("p-asserted-identity", None))  # RFC 3325 §5, whatever rules run
         self._forward(st, target, start_line, routes, now, record_route=True,
-                      extra=verdict.forward_headers, edits=verdict.replace_headers,
+                      extra=verdict.forward_headers, edits=edits,
                       anonymise=verdict.anonymise)
 
     def _core_side(self, ct: ClientTxn) -> bool:
@@ -964,9 +968,12 @@ class Proxy:
             in_local = self.settings.locals[source.local]
             # RFC 5658 double Record-Route when the call changes listener or transport: the
             # entry on top faces the callee, the one below faces the caller.
+            inward = build.record_route(in_local, source.transport)
             if (out_local.index, target.transport) != (in_local.index, source.transport):
-                prepend.append(build.record_route(out_local, target.transport))
-            prepend.append(build.record_route(in_local, source.transport))
+                outward = build.record_route(out_local, target.transport)
+                if outward != inward:  # (one sip.advertise name for both: one entry)
+                    prepend.append(outward)
+            prepend.append(inward)
         replace: dict[int, bytes | None] = {}
         append: list[bytes] = []
         # Top Via: received / rport (RFC 3261 §18.2.1, RFC 3581 §4).
@@ -1007,17 +1014,34 @@ class Proxy:
 
     def _strip_owned(self, msg: Message, replace: dict[int, bytes | None]) -> None:
         """What only sipguard may say, removed from a request from outside whatever rules are
-        on: its verdict headers (and ``sip.strip_headers``), and any ``verstat`` parameter
-        in From or P-Asserted-Identity (a rule that vouches for the caller puts its own)."""
+        on: its verdict headers (and ``sip.strip_headers``), any ``verstat`` parameter in
+        From or P-Asserted-Identity (a rule that vouches for the caller puts its own), and
+        P-Asserted-Identity values asserting another number than the first (the caller the
+        rules check; RFC 3325 §9.1: two values are one identity, a SIP and a tel URI)."""
         for name in self.settings.strip_headers:
             for i in msg.indexes(name):
                 replace[i] = None
+        pai = msg.indexes("p-asserted-identity")
+        if pai and (len(pai) > 1 or b"," in msg.lines[pai[0]]):
+            one = one_identity(msg)
+            if one is not None:
+                replace[pai[0]] = one.encode("utf-8", "surrogateescape")
+                for i in pai[1:]:
+                    replace[i] = None
         for name in ("from", "p-asserted-identity"):
             for i in msg.indexes(name):
-                line = msg.lines[i]
+                line = replace.get(i, msg.lines[i])
+                if line is None:
+                    continue
                 # the plain form's pattern is three times faster; escapes and folds are rare
                 full = b"%" in line or b"\n" in line
-                new = (_VERSTAT if full else _VERSTAT_PLAIN).sub(_keep_question_mark, line)
+                pattern = _VERSTAT if full else _VERSTAT_PLAIN
+                new = pattern.sub(_keep_question_mark, line)
+                for _ in range(8):  # "?verstat=a&verstat=b": one pass takes the first only
+                    again = pattern.sub(_keep_question_mark, new)
+                    if again == new:
+                        break
+                    new = again
                 if new != line:
                     replace[i] = new
 
@@ -1178,6 +1202,8 @@ class Proxy:
             st.state = COMPLETED
             wait = 64 * s.t1 if udp else 0.0
             st.timeout = self.timers.add(now + wait, self._on_timer_terminate_server, st)
+            if status < 300 and st.method in SUBSCRIPTION_CREATING:
+                self._subscribed(st, now)
         self._settle(st, now)
 
     def _settle(self, st: ServerTxn, now: float) -> None:

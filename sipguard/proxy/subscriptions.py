@@ -47,6 +47,7 @@ class Subscriptions:
         self.most = most
         self.table: dict[Key, Subscription] = {}
         self.forgotten = 0  # entries dropped to make room
+        self._swept = -1.0  # when the full table was last searched for entries past their time
 
     def __len__(self) -> int:
         return len(self.table)
@@ -55,8 +56,10 @@ class Subscriptions:
         table = self.table
         table.pop(key, None)
         if len(table) >= self.most:
-            for k in [k for k, sub in table.items() if sub.until <= now]:
-                del table[k]
+            if now - self._swept >= 1.0:  # (a whole pass: once a second at most)
+                self._swept = now
+                for k in [k for k, sub in table.items() if sub.until <= now]:
+                    del table[k]
             while len(table) >= self.most:
                 del table[next(iter(table))]
                 self.forgotten += 1

@@ -105,29 +105,27 @@ class HttpsFetcher:
                 host = check_x5u(url, limits.ports, limits.allow_private).host
             except X5uRefused:
                 host = ""  # refused by _fetch at once, without a request
-            on_host = self._per_host.get(host, 0)
-            if host and on_host >= limits.max_per_host:
-                await self._slot(url, host, limits)
+            if host and (self._per_host.get(host, 0) >= limits.max_per_host
+                         or self._waiting.get(host)):
+                await self._slot(url, host, limits)  # returns holding one of host's slots
                 task = self._inflight.get(key)  # fetched meanwhile by another waiter?
-                if task is not None:
+                if task is not None or self.running >= limits.max_inflight:
+                    self._release(host)
+                    if task is None:
+                        self._busy(url, host, f"{self.running} fetches in flight")
                     return await asyncio.shield(task)
-                on_host = self._per_host.get(host, 0)
-            if self.running >= limits.max_inflight:
-                self._busy(url, host, f"{self.running} fetches in flight")
+            else:
+                if self.running >= limits.max_inflight:
+                    self._busy(url, host, f"{self.running} fetches in flight")
+                self._per_host[host] = self._per_host.get(host, 0) + 1
             loop = asyncio.get_running_loop()
             task = loop.create_task(self._fetch(url, limits))
             self._inflight[key] = task
             self.running += 1
-            self._per_host[host] = on_host + 1
 
             def finished(t: asyncio.Task[Fetched]) -> None:
                 self.running -= 1
-                left = self._per_host.get(host, 1) - 1
-                if left > 0:
-                    self._per_host[host] = left
-                else:
-                    self._per_host.pop(host, None)
-                self._wake(host)
+                self._release(host)
                 if not t.cancelled():
                     t.exception()  # retrieved: the waiters get it; no "never retrieved" noise
                 loop.call_later(self.linger_s, self._forget, key, t)
@@ -137,39 +135,49 @@ class HttpsFetcher:
         return await asyncio.shield(task)
 
     async def _slot(self, url: str, host: str, limits: FetchLimits) -> None:
-        """Wait until ``host`` has a free fetch slot (its fetches at ``max_per_host``), up to
-        ``timeout_s``; ``busy`` when ``max_waiting_per_host`` already wait or time runs out."""
+        """Wait, first come first served, for one of ``host``'s fetch slots (its fetches at
+        ``max_per_host``), up to ``timeout_s``; return holding it (a finished fetch hands its
+        slot to the first waiter). ``busy`` when ``max_waiting_per_host`` already wait or
+        time runs out."""
+        queue = self._waiting.setdefault(host, collections.deque())
+        if len(queue) >= limits.max_waiting_per_host:
+            if not queue:
+                del self._waiting[host]
+            self._busy(url, host, f"{self._per_host.get(host, 0)} fetches in flight to "
+                                  f"{host}, {len(queue)} waiting")
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + limits.timeout_s
-        while self._per_host.get(host, 0) >= limits.max_per_host:
-            queue = self._waiting.setdefault(host, collections.deque())
-            if len(queue) >= limits.max_waiting_per_host:
-                if not queue:
-                    del self._waiting[host]
-                self._busy(url, host, f"{self._per_host.get(host, 0)} fetches in flight to "
-                                      f"{host}, {len(queue)} waiting")
-            woken: asyncio.Future[None] = loop.create_future()
-            queue.append(woken)
-            try:
-                await asyncio.wait_for(woken, max(0.0, deadline - loop.time()))
-            except TimeoutError:
+        handed: asyncio.Future[None] = loop.create_future()
+        queue.append(handed)
+        try:
+            await asyncio.wait_for(asyncio.shield(handed), limits.timeout_s)
+        except BaseException as exc:
+            if handed.done() and not handed.cancelled():
+                self._release(host)  # handed a slot just as it gave up: pass it on
+            else:
+                handed.cancel()
+            if isinstance(exc, TimeoutError):
                 self._busy(url, host, f"no fetch slot on {host} within {limits.timeout_s:g} s")
-            finally:
-                if woken in queue:
-                    queue.remove(woken)
-                elif woken.done() and self._per_host.get(host, 0) < limits.max_per_host:
-                    self._wake(host)  # woken but leaving (cancelled): the next one goes
-                if not queue and self._waiting.get(host) is queue:
-                    del self._waiting[host]
+            raise
+        finally:
+            if handed in queue:
+                queue.remove(handed)
+            if not queue and self._waiting.get(host) is queue:
+                del self._waiting[host]
 
-    def _wake(self, host: str) -> None:
-        """A slot of ``host`` is free: the first fetch waiting for one goes on."""
+    def _release(self, host: str) -> None:
+        """One of ``host``'s slots is free: handed to the first fetch waiting for one, if
+        any (it holds it on waking: nobody can take it meanwhile), else given back."""
         queue = self._waiting.get(host)
         while queue:
-            woken = queue.popleft()
-            if not woken.done():
-                woken.set_result(None)
+            handed = queue.popleft()
+            if not handed.done():
+                handed.set_result(None)  # the slot passes to it: the count stays
                 return
+        left = self._per_host.get(host, 1) - 1
+        if left > 0:
+            self._per_host[host] = left
+        else:
+            self._per_host.pop(host, None)
 
     def in_flight(self, host: str) -> int:
         """Fetches from ``host`` not finished yet (tests and metrics)."""

@@ -353,19 +353,51 @@ def test_forged_verstat_and_verdict_header_from_a_peer_are_replaced() -> None:
     assert not call.core.has("x-sipguard-verdict")
 
 
-def test_verstat_goes_only_on_the_checked_number_not_on_a_second_pai() -> None:
+def test_verstat_goes_only_on_the_checked_number_and_a_second_number_is_not_forwarded() -> None:
     """Two P-Asserted-Identity values with different numbers: the first number is the caller
-    checked, so only its value gets verstat; the other gets none, and its forged one is
-    removed (TS 24.229 §7.2A.20: verstat vouches for the number verified)."""
+    checked and gets verstat; the other is not forwarded at all — nobody checked it (it went
+    on to the core without verstat before; RFC 3325 §9.1: two values are one identity). The
+    same number as a SIP and a tel URI, or in another spelling, stays."""
     h = harness(PEERS + "rules: {callerid: {pai_mismatch: ignore}}\n")
     call = Call(h, caller="+12125550100", extra=pai(
         "<sip:+12125550100@carrier.example;user=phone>, "
         "<tel:+13125550111;verstat=TN-Validation-Passed>"))
     assert call.status == 0
     assert call.core.values("p-asserted-identity") == [
-        "<sip:+12125550100;verstat=TN-Validation-Passed@carrier.example;user=phone>, "
-        "<tel:+13125550111>"
+        "<sip:+12125550100;verstat=TN-Validation-Passed@carrier.example;user=phone>"
     ]
+    pair = Call(h, caller="+12125550100", extra=pai(
+        "<sip:+1-212-555-0100@carrier.example;user=phone>, <tel:12125550100>"))
+    assert len(pair.core.values("p-asserted-identity")[0].split(", ")) == 2
+
+
+def test_a_second_number_in_p_asserted_identity_never_reaches_the_core() -> None:
+    """Whatever rules run (none here, or only national_cli), a P-Asserted-Identity value of
+    another number than the first — the one checked — is removed from what reaches the core;
+    a value without a number (sip:gw@carrier) stays."""
+    h = harness(PEERS)
+    call = Call(h, caller="+12125550100", extra=pai(
+        "<sip:gw@carrier.example>, <tel:+442071838750>, <sip:+31201234567@x.example;user=phone>"))
+    assert call.core.values("p-asserted-identity") == [
+        "<sip:gw@carrier.example>, <tel:+442071838750>"]
+    two_lines = Call(h, caller="+12125550100",
+                     extra=pai("<tel:+442071838750>") + pai("<tel:+31201234567>"))
+    assert two_lines.core.values("p-asserted-identity") == ["<tel:+442071838750>"]
+
+
+def test_an_untrusted_peers_p_asserted_identity_never_reaches_the_core() -> None:
+    """A peer with trust_pai: false: its P-Asserted-Identity is removed whatever rules run
+    (RFC 3325 §5) — it reached the core when rule callerid was not on."""
+    h = harness("""
+        peers:
+          - name: intl
+            networks: [198.51.100.0/24]
+            trust_pai: false
+        rules: {concurrency: {per_caller: 5}}
+        """)
+    call = Call(h, caller="+12125550100", extra=pai("<sip:+31201234567@intl.example;user=phone>"))
+    assert call.status == 0 and not call.core.has("p-asserted-identity")
+    assert call.decision.call.caller == "+12125550100"
 
 
 def test_a_first_pai_without_a_number_does_not_hide_the_caller() -> None:

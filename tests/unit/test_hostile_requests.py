@@ -124,6 +124,9 @@ FORGED_URIS = [
     "<sip:+12125550100@198.51.100.7;user=phone?verstat=TN-Validation-Passed>",
     "<sip:+12125550100@198.51.100.7;user=phone?x=1&Verstat=TN-Validation-Passed&y=2>",
     "<sip:+12125550100@198.51.100.7;user=phone?verstat=TN-Validation-Passed&x=1>",
+    # two in a row: one pass of the pattern took the first only
+    "<sip:+12125550100@198.51.100.7;user=phone?verstat=x&verstat=TN-Validation-Passed>",
+    "<sip:+12125550100@198.51.100.7;user=phone?VERSTAT=a&Verstat=TN-Validation-Passed&x=1>",
 ]
 
 

@@ -807,14 +807,15 @@ async def test_monitor_mode_forwards_failures_with_the_outcome(stir: Stir) -> No
 
 async def test_verstat_goes_on_the_verified_number_only(stir: Stir) -> None:
     """Rule identity putting verstat on P-Asserted-Identity (callerid off): with two PAI
-    values only the signed caller's gets TN-Validation-Passed; from a peer with trust_pai:
-    false the peer's PAI (a number nobody checked) is replaced by the verified From number."""
+    values only the signed caller's gets TN-Validation-Passed, and the other number's value
+    is not forwarded; from a peer with trust_pai: false the peer's PAI (a number nobody
+    checked) is replaced by the verified From number."""
     second = "<tel:+13125550111;verstat=TN-Validation-Passed>"
     res = await stir.call(stir.header(), extra=f"P-Asserted-Identity: <tel:{CALLER_NUMBER}>, "
                                                f"{second}\r\n")
     assert res.forwarded is not None
     assert res.forwarded.values("p-asserted-identity") == [
-        f"<tel:{CALLER_NUMBER};verstat=TN-Validation-Passed>, <tel:+13125550111>"]
+        f"<tel:{CALLER_NUMBER};verstat=TN-Validation-Passed>"]
     stir.use(peers=[{"name": "carrier", "networks": ["198.51.100.0/24"], "trust_pai": False}])
     res = await stir.call(stir.header(), extra="P-Asserted-Identity: <tel:+13125550111>\r\n")
     assert res.forwarded is not None
@@ -1041,11 +1042,23 @@ async def test_a_certificate_renewed_at_the_same_url_is_fetched_again(stir: Stir
     for later in (130, 150, 170):
         assert (await stir.call(forged, later_s=later)).status == 438
     assert stir.hits(path) == 2
-    # ... then one, and the chain it serves stays cached (the old calls' key still fails)
+    # ... then one, and the provider's chain stays where it is, trusted
     assert (await stir.call(forged, later_s=200)).status == 438
     assert stir.hits(path) == 3
+    certs = stir.state.certs
+    assert stir.url(path) in certs.urls
     res = await stir.call(new_header, later_s=201)
     assert res.labels["identity"] == "passed" and res.sync
+    # a URL that serves junk, or fails, when fetched again: the chain in use stays, and the
+    # failed attempt counts as one (no fetch per forged call)
+    stir.server.routes[path] = Route(body=b"not a certificate")
+    assert (await stir.call(forged, later_s=300)).status == 438
+    stir.server.routes[path] = Route(status=500, body=b"oops")
+    for later in (400, 420, 440):
+        assert (await stir.call(forged, later_s=later)).status == 438
+    assert stir.hits(path) == 5
+    res = await stir.call(new_header, later_s=441)
+    assert res.labels["identity"] == "passed" and res.sync and stir.url(path) in certs.urls
 
 
 async def test_urls_whose_signatures_fail_never_push_a_providers_chain_out(stir: Stir) -> None:
@@ -1185,3 +1198,43 @@ async def test_a_cold_cache_burst_on_one_repository_host_waits_for_its_slots(sti
     assert [c.labels.get("identity_reason") for c in calls] == ["fetch_timeout"] * 2 + [
         "fetch_busy"]
     assert not stir.fetcher._waiting
+
+
+async def test_a_low_attestation_call_still_needs_its_div_chain(stir: Stir) -> None:
+    """A verified PASSporT below min_attestation, tagged and forwarded (on_low_attestation:
+    tag), naming another callee: its div chain is checked as for a passed one — a forged div
+    does not turn a replayed PASSporT's dest_mismatch into a low_attestation tag."""
+    stir.use(min_attestation="A", on_low_attestation="tag")
+    shaken = stir.header(attest="B")
+    res = await stir.call([shaken, sign_div(stir, key=new_key())], callee="+" + NEW_TARGET)
+    assert (res.status, res.labels["identity_reason"]) == (438, "div_invalid")
+    res = await stir.call([shaken, sign_div(stir)], callee="+" + NEW_TARGET)
+    assert res.status is None and res.labels["identity_reason"] == "low_attestation"
+
+
+async def test_fetches_waiting_for_a_host_go_first_come_first_served(stir: Stir) -> None:
+    """HttpsFetcher alone, one slot per host, three waiting places: fetches queued behind a
+    slow one start in the order they came, each handed the slot the one before frees (none
+    re-queued, none overtaken by a newcomer); one more than the places is busy at once."""
+    slow_routes(stir, "q1", "q2", "q3", "q4", "q5", delay_s=0.2)
+    limits = FetchLimits(ports=frozenset({stir.server.port}), allow_private=True,
+                         max_bytes=65536, timeout_s=5.0, ca_bundle=str(stir.bundle),
+                         max_inflight=64, max_per_host=1, max_waiting_per_host=3)
+    f = stir.fetcher
+    done: list[str] = []
+
+    async def one(name: str) -> None:
+        await f.fetch(stir.url(f"/slow-{name}.pem"), limits)
+        done.append(name)
+
+    tasks = [asyncio.ensure_future(one("q1"))]
+    for name in ("q2", "q3", "q4"):
+        await asyncio.sleep(0.02)
+        tasks.append(asyncio.ensure_future(one(name)))
+    await asyncio.sleep(0.02)
+    with pytest.raises(FetchError) as caught:
+        await f.fetch(stir.url("/slow-q5.pem"), limits)
+    assert caught.value.reason == "busy" and "3 waiting" in caught.value.detail
+    await asyncio.gather(*tasks)
+    assert done == ["q1", "q2", "q3", "q4"]
+    assert f.in_flight("127.0.0.1") == 0 and not f._waiting and f.running == 0

@@ -9,6 +9,7 @@ from sipguard.contract import (
     Dropped,
     Flow,
     InviteDecided,
+    Local,
     Verdict,
 )
 from tests.unit.dialog_helpers import in_dialog
@@ -648,3 +649,22 @@ def test_no_ack_timeout_when_the_ack_does_not_come_through_sipguard() -> None:
     out = h.advance(61.0)
     assert [e.reason for e in h.events if isinstance(e, DialogEnded)] == ["lifetime"]
     assert [m for _, m in out if m.method == "BYE"] == []
+
+
+def test_two_listeners_advertised_alike_write_one_record_route() -> None:
+    """Public and internal UDP listeners both advertised as sg.example.net:5060
+    (``sip.advertise``): a call in on one and out on the other wrote the RFC 5658 pair as two
+    identical entries — and the core's in-dialog requests, whose route set then named
+    sipguard twice alike, had one taken off per pass and came back to sipguard. One entry:
+    the core's BYE reaches the caller."""
+    locals_ = (Local(0, "udp", "sg.example.net", 5060), Local(1, "udp", "sg.example.net", 5060))
+    h = Harness(locals=locals_)
+    h.proxy.receive(invite(), Flow("udp", CALLER, 1), h.now)
+    [req] = [m for m in _to(h._drain(), CORE) if m.method == "INVITE"]
+    assert req.values("record-route") == ["<sip:sg.example.net:5060;lr>"]
+    h.send(answer(req, 200, "OK"), src=CORE)
+    route = ("Route: " + ", ".join(req.values("record-route"))).encode()  # the core's set
+    bye = in_dialog("BYE", call_id=req.call_id, cseq=2, branch="z9hG4bK-adv-bye",
+                    from_callee=True).replace(b"Route: <sip:192.0.2.1:5060;lr>", route)
+    out = h.send(bye, src=CORE)
+    assert [m.method for m in _to(out, CALLER)] == ["BYE"]

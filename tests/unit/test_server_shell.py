@@ -386,7 +386,16 @@ async def test_notifies_for_the_cores_subscription_reach_it_over_udp(
                 f"To: <sip:ext100@127.0.0.1>\r\nCall-ID: {call_id}\r\nCSeq: 1 SUBSCRIBE\r\n"
                 f"Event: dialog\r\nExpires: 600\r\nContact: <sip:agent@127.0.0.1:{core.port}>\r\n"
                 f"Content-Length: 0\r\n\r\n").encode(), ("127.0.0.1", port))
-            return await party.recv_until(b"SUBSCRIBE ")
+            got = await party.recv_until(b"SUBSCRIBE ")
+            head = got.split(b"\r\n\r\n", 1)[0].split(b"\r\n")
+            ok = [h for h in head[1:] if h.split(b":", 1)[0] in
+                  (b"Via", b"From", b"Call-ID", b"CSeq", b"Record-Route")]
+            party.sock.sendto(b"\r\n".join([
+                b"SIP/2.0 200 OK", *ok, b"To: <sip:ext100@127.0.0.1>;tag=pbx",
+                f"Contact: <sip:ext100@127.0.0.1:{party.port}>".encode(), b"Expires: 600",
+                b"Content-Length: 0", b"", b""]), ("127.0.0.1", port))
+            await core.recv_until(b"SIP/2.0 200 ")
+            return got
 
         async def notify(call_id: str, cseq: int = 1) -> None:
             party.sock.sendto((
@@ -434,5 +443,12 @@ async def test_sends_to_a_host_name_wait_for_one_lookup(peers: tuple[Peer, Peer]
         before = server.counters["send_failed"]
         server._send(Flow("udp", ("nowhere.invalid", 5060), 0), b"OPTIONS x SIP/2.0\r\n\r\n")
         assert server.counters["send_failed"] == before + 1 and not server._resolving
+        # a name the resolver refuses before asking (a label of 64+ characters: UnicodeError)
+        server._send(Flow("udp", ("a" * 70 + ".example", 5060), 0), b"OPTIONS x SIP/2.0\r\n\r\n")
+        for _ in range(50):
+            await asyncio.sleep(0.01)
+            if not server._resolving:
+                break
+        assert not server._resolving and server.counters["resolve_failed"] == 1
     finally:
         await server.stop()

@@ -36,6 +36,14 @@ def notify(call_id: str = "blf-1", cseq: int = 1, state: str = "active;expires=6
     ).encode()
 
 
+def subscribed(h: PolicyHarness, call_id: str = "blf-1", expires: int = 600,
+               status: int = 200) -> None:
+    """The core's SUBSCRIBE, forwarded, and the PBX's answer to it."""
+    [sub] = [m for m in to(h.send(core_subscribe(call_id, expires), src=CORE), REMOTE)
+             if m.method == "SUBSCRIBE"]
+    h.send(answer(sub, status, "OK" if status < 300 else "No", to_tag="pbxtag"), src=REMOTE)
+
+
 def statuses(out: list, addr: tuple[str, int]) -> list[int]:  # type: ignore[type-arg]
     return [m.status for m in to(out, addr) if m.status is not None]
 
@@ -62,7 +70,7 @@ def test_a_subscription_ends_with_its_time_or_a_terminated_notify() -> None:
     leaves it 32 s for the last messages, then its NOTIFYs hear 481. An unanswered one ends
     when its Expires (plus 32 s) has passed."""
     h = PolicyHarness()
-    h.send(core_subscribe(), src=CORE)
+    subscribed(h)
     h.advance(500)
     assert to(h.send(notify(cseq=2, state="active;expires=3600"), src=REMOTE), CORE)
     h.advance(1000)  # past the SUBSCRIBE's 600 s, within the NOTIFY's 3,600
@@ -71,7 +79,7 @@ def test_a_subscription_ends_with_its_time_or_a_terminated_notify() -> None:
     h.advance(40)
     out = h.send(notify(cseq=5), src=REMOTE)
     assert to(out, CORE) == [] and statuses(out, REMOTE) == [481]
-    h.send(core_subscribe("blf-2", expires=60), src=CORE)
+    subscribed(h, "blf-2", expires=60)
     h.advance(100)
     out = h.send(notify("blf-2"), src=REMOTE)
     assert to(out, CORE) == [] and statuses(out, REMOTE) == [481]
@@ -101,8 +109,9 @@ def test_a_partys_own_subscription_can_be_refreshed() -> None:
     h.advance(200)
     gone = in_dialog("SUBSCRIBE", call_id="presence-1", cseq=4, branch="z9hG4bK-ps4",
                      extra="Event: presence\r\nExpires: 0\r\n")
-    assert [m.method for m in to(h.send(gone), CORE)] == ["SUBSCRIBE"]
-    h.advance(40)  # Expires: 0 leaves 32 s
+    [unsub] = [m for m in to(h.send(gone), CORE) if m.method == "SUBSCRIBE"]
+    h.send(answer(unsub, 200, "OK"), src=CORE)
+    h.advance(40)  # Expires: 0, answered 200, leaves 32 s
     late = in_dialog("SUBSCRIBE", call_id="presence-1", cseq=5, branch="z9hG4bK-ps5",
                      extra="Event: presence\r\nExpires: 300\r\n")
     out = h.send(late)
@@ -120,7 +129,8 @@ def test_notifies_of_a_refer_in_a_call_pass_after_the_call_ends() -> None:
     h.send(in_dialog("ACK", call_id="call-1", cseq=1, branch="z9hG4bK-ack1"))
     refer = in_dialog("REFER", call_id="call-1", cseq=1, branch="z9hG4bK-ref1",
                       from_callee=True, extra="Refer-To: <sip:+18005550123@10.0.0.10>\r\n")
-    assert [m.method for m in to(h.send(refer, src=CORE), CALLER)] == ["REFER"]
+    [sent] = [m for m in to(h.send(refer, src=CORE), CALLER) if m.method == "REFER"]
+    h.send(answer(sent, 202, "Accepted", to_tag=None), src=CALLER)
     h.bye(1, cseq=2)
     assert not h.proxy.dialogs
     sipfrag = in_dialog("NOTIFY", call_id="call-1", cseq=3, branch="z9hG4bK-nt1",
@@ -131,7 +141,7 @@ def test_notifies_of_a_refer_in_a_call_pass_after_the_call_ends() -> None:
 def test_the_table_is_bounded_oldest_first() -> None:
     h = PolicyHarness(max_subscriptions=3)
     for i in range(5):
-        h.send(core_subscribe(f"b{i}"), src=CORE)
+        subscribed(h, f"b{i}")
     subs = h.proxy.subscriptions
     assert len(subs) == 3 and [k[1] for k in subs.table] == ["b2", "b3", "b4"]
     assert sum(1 for e in h.events if isinstance(e, Noticed)
@@ -147,3 +157,22 @@ def test_expired_entries_make_room_before_live_ones_go() -> None:
     subs.add(("core", "b", "t"), "h", 100.0, 0.0)
     subs.add(("core", "c", "t"), "h", 100.0, 50.0)  # "a" has expired: it goes, "b" stays
     assert set(subs.table) == {("core", "b", "t"), ("core", "c", "t")} and subs.forgotten == 0
+
+
+def test_a_refused_subscribe_or_refer_makes_no_subscription() -> None:
+    """Only a 2xx makes a subscription: the PBX refusing the core's SUBSCRIBE (489), or the
+    core refusing a party's (405), or a SUBSCRIBE not in sip.allow_methods, lets no NOTIFY
+    or refresh through afterwards."""
+    h = PolicyHarness()
+    subscribed(h, "refused", status=489)
+    out = h.send(notify("refused"), src=REMOTE)
+    assert to(out, CORE) == [] and statuses(out, REMOTE) == [481]
+    assert len(h.proxy.subscriptions) == 0
+    # a party's SUBSCRIBE the core refuses
+    p = PolicyHarness(allow_methods=frozenset({"INVITE", "OPTIONS", "SUBSCRIBE"}))
+    first = in_dialog("SUBSCRIBE", call_id="p-2", cseq=1, branch="z9hG4bK-p2a",
+                      extra="Event: presence\r\nExpires: 300\r\n").replace(
+                          b";tag=ttag9", b"").replace(b"Route: <sip:192.0.2.1:5060;lr>\r\n", b"")
+    [sub] = [m for m in to(p.send(first), CORE) if m.method == "SUBSCRIBE"]
+    p.send(answer(sub, 405, "Method Not Allowed", to_tag="c1"), src=CORE)
+    assert len(p.proxy.subscriptions) == 0

@@ -206,3 +206,11 @@ def test_directories_of_dead_supervisors_are_removed(tmp_path: Path) -> None:
     finally:
         os.close(fd)
     assert remove_stale_groups(str(tmp_path)) == [str(held)]
+
+
+def test_the_hang_timeout_outlasts_the_heartbeats() -> None:
+    """worker_hang_timeout_s: 0 (off) or at least 3 s — a heartbeat comes every second."""
+    assert parse_config(TWO + "worker_hang_timeout_s: 0\n").worker_hang_timeout_s == 0
+    assert parse_config(TWO + "worker_hang_timeout_s: 3\n").worker_hang_timeout_s == 3
+    with pytest.raises(ConfigError, match="worker_hang_timeout_s"):
+        parse_config(TWO + "worker_hang_timeout_s: 1\n")
