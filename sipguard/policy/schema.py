@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+import phonenumbers
 from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from sipguard.policy.callerid_settings import Settings as CallerIdSettings
@@ -181,6 +182,16 @@ class PeerConfig(ConfigModel):
     @classmethod
     def _strict_networks(cls, value: object) -> object:
         return networks(value)
+
+    @field_validator("default_region")
+    @classmethod
+    def _known_region(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if value not in phonenumbers.SUPPORTED_REGIONS:
+            hint = {"UK": " (the United Kingdom is GB)", "EL": " (Greece is GR)"}.get(value, "")
+            raise ValueError(f"{value!r} is no region of the numbering plans{hint}")
+        return value
 
     @field_validator("numbers")
     @classmethod

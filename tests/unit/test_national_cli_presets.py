@@ -8,10 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from sipguard.contract import Verdict
+from sipguard.contract import CallInfo, Flow, Verdict
 from sipguard.ops.config_load import load_config
 from sipguard.policy.engine import Policy
 from sipguard.policy.state import RuleState
+from sipguard.sip.parser import parse_message
+from tests.unit.proxy_helpers import invite
 from tests.unit.rule_calls import make_call
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "config" / "examples"
@@ -50,3 +52,17 @@ def test_presets_act_on_their_number_types() -> None:
     assert _verdict(fixed_only, "+33612345678").accepted
     anonymise = _verdict(EXAMPLES / "national_cli_anonymise.yaml", "+31201234567")
     assert anonymise.accepted and anonymise.anonymise is not None
+
+
+@pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.stem)
+def test_a_home_number_the_preset_cannot_read_as_e164_is_refused(path: Path) -> None:
+    """0031…, 31… or a national 020… from the international peer: national_cli cannot tell
+    it is a home number, so rule callerid refuses it (603 caller_not_e164) rather than let
+    it through unchecked."""
+    policy = Policy(load_config(path), RuleState())
+    policy.activate()
+    for caller in ("0031201234567", "0201234567"):
+        msg = parse_message(invite(caller=caller))
+        verdict = policy.decide(CallInfo(msg, Flow("udp", INTL, 0), 0.0), 0.0)
+        assert isinstance(verdict, Verdict)
+        assert (verdict.status, verdict.reason) == (603, "caller_not_e164"), (caller, verdict)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from sipguard.contract import InviteDecided
-from sipguard.ops.config_load import parse_config
+from sipguard.ops.config_load import ConfigError, parse_config
 from sipguard.policy.engine import Policy
 from sipguard.policy.peers import NumberSet, Peer, PeerTable, read_number_file
 from tests.unit.proxy_helpers import CALLER, CORE, Harness, invite
@@ -195,3 +195,17 @@ def test_a_peer_with_tls_subject_is_matched_only_by_its_certificate() -> None:
     for flow in (Flow("tls", src, 1, 2), Flow("tcp", src, 1, 1), Flow("udp", src, 0)):
         verdict = policy.screen(msg, flow, 0.0)
         assert verdict is not None and verdict.reason == "unknown_source", flow
+
+
+def test_a_default_region_the_numbering_plans_do_not_know_is_refused() -> None:
+    """`UK` (the UK is GB), `EL` (the EU's code for Greece) or `XX` loaded and made every
+    national caller of the peer `caller_not_e164`: now a config error naming the field."""
+    base = "listen: [udp://192.0.2.1:5060]\ncore: udp://10.0.0.10:5080\npeers:\n"
+    for region, hint in (("UK", "GB"), ("EL", "GR"), ("XX", "")):
+        with pytest.raises(ConfigError) as caught:
+            parse_config(base + f"  - {{name: p, networks: [198.51.100.0/24], "
+                                f"default_region: {region}}}\n")
+        text = str(caught.value)
+        assert "default_region" in text and region in text and hint in text, text
+    cfg = parse_config(base + "  - {name: p, networks: [198.51.100.0/24], default_region: GB}\n")
+    assert cfg.peers[0].default_region == "GB"
