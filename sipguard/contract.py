@@ -278,14 +278,18 @@ def one_identity(msg: Message) -> str | None:
 
 
 def same_number(a: str, b: str) -> bool:
-    """One number in two spellings: the same digits, or one's the end of the other's
-    (+4930123456 and 030123456 — 0 trunk prefix — or 4930123456)."""
+    """One number in two spellings: the same digits; or, when one is not international
+    (no ``+``), the other's ending with it after its trunk zeros, a country code (1–3
+    digits) the only difference: +4930123456 and 030123456 or 4930123456. Two international
+    numbers must be equal."""
     da, db = "".join(c for c in a if c.isdigit()), "".join(c for c in b if c.isdigit())
     if da == db:
         return True
+    if a.startswith("+") and b.startswith("+"):
+        return False
     short, long_ = (da, db) if len(da) < len(db) else (db, da)
     short = short.lstrip("0")
-    return len(short) >= 6 and long_.endswith(short)
+    return len(short) >= 7 and long_.endswith(short) and len(long_) - len(short) <= 3
 
 
 # Distinct diverting numbers a call is counted under (per_diverter): one INVITE must take a
@@ -355,6 +359,9 @@ class Dialog:
     # the core the call went to (or came from): its in-dialog requests go on to, and come
     # from, that core even after a reload named another (None: the configured one)
     core: Flow | None
+    # the caller's peer asserts no identity (trust_pai: false): P-Asserted-Identity in its
+    # in-dialog requests is not forwarded either
+    pai_untrusted: bool
 
     # Hand-written __init__s in this module: mypyc compiles them, where dataclass-made ones run
     # as Python (these objects are made for every call).
@@ -405,6 +412,7 @@ class Dialog:
         self.acked = False
         self.routed = False
         self.session_ends = self.expires
+        self.pai_untrusted = False
 
 
 @dataclass(slots=True, init=False)

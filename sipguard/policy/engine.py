@@ -36,7 +36,7 @@ from typing import Any
 
 from sipguard.contract import CallInfo, Dialog, Flow, Verdict
 from sipguard.policy import callerid, concurrency, dialer, flood, identity, national_cli, rate
-from sipguard.policy.numbers import to_e164
+from sipguard.policy.numbers import e164_pattern, to_e164
 from sipguard.policy.peers import NumberSet, Peer, PeerTable, read_number_file
 from sipguard.policy.pipeline import Pipeline, Rule, Shared
 from sipguard.policy.schema import PeerConfig, RulesConfig
@@ -96,6 +96,7 @@ class BuildContext:
 
 def build_peer(pc: PeerConfig) -> Peer:
     numbers: NumberSet | None = None
+    patterns: list[str] = []
     if pc.numbers or pc.numbers_file is not None:
         numbers = NumberSet(pc.numbers)
         if pc.numbers_file is not None:
@@ -105,6 +106,14 @@ def build_peer(pc: PeerConfig) -> Peer:
                 raise ValueError(f"peer {pc.name}: numbers_file: {exc}") from None
             for pattern in patterns:
                 numbers.add(pattern)
+        region = pc.default_region
+        if region is not None:
+            # a national entry also as E.164: a caller written either way is the same number
+            national = [p for p in (*pc.numbers, *patterns) if not p.strip().startswith("+")]
+            for pattern in national:
+                e164 = e164_pattern(pattern, region)
+                if e164 is not None:
+                    numbers.add(e164)
     return Peer(pc.name, pc.networks, numbers, pc.default_region, pc.trust_pai, pc.interconnect,
                 pc.tls_subject.lower() if pc.tls_subject else None)
 

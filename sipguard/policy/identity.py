@@ -306,9 +306,10 @@ class IdentityRule:
             else self._finish(call, passport, entry, now, wall))
         if not isinstance(verdict, Verdict):
             verdict = await verdict
-        if call.labels.get("identity") != "passed" and \
-                call.labels.get("identity_reason") != "low_attestation":
-            return verdict  # not verified: its dest is moot (a low attestation verified)
+        if verdict.action == "reject" or (
+                call.labels.get("identity") != "passed"
+                and call.labels.get("identity_reason") != "low_attestation"):
+            return verdict  # refused already, or not verified: its dest is moot
         for div in passport.diverted:
             why = await self._div_failure(div, now, wall)
             if why is not None:
@@ -439,22 +440,30 @@ class IdentityRule:
         """The signature failed with a chain cached for a while: fetch the URL again (the
         attempt remembered: none again for ``cache_min_s``, so forged signatures naming a
         provider's URL cost it one fetch a minute at most) and check with what it serves now.
-        What it serves replaces the cached chain only when this signature verifies with it:
-        a failed fetch, junk or another chain that does not verify leave the provider's
-        chain where it is (``bad_signature``)."""
+        What it serves replaces the cached chain when it verifies to the trust anchors
+        (whatever this call's signature does); a failed fetch, junk or an untrusted chain
+        leave the provider's chain where it is (``bad_signature``)."""
         fetcher = self.state.fetcher
         assert fetcher is not None
         url = passport.x5u
-        self.cache.renewing(url, now)
+        # (calls meanwhile share this fetch: the fetcher fetches one URL once at a time)
         entry = await self._fetch_entry(fetcher, url, now, wall, anew=True)
-        if entry is not None and entry.chain is not None:
-            result = self.cache.verdict(self.anchors, entry.chain, wall, now,
-                                        self.s.negative_cache_s)
-            if result.ok and result.key is not None and verify_signature(passport, result.key) \
-                    and not (result.numbers and not tn_covered(result.numbers, passport.orig)):
-                self.cache.store(url, entry, now, True)  # the renewed chain
-                return self._signed(call, passport, True, now)
-        return self._signed(call, passport, False, now)
+        self.cache.renewing(url, now)
+        if entry is None or entry.chain is None:
+            return self._signed(call, passport, False, now)  # the cached chain stays
+        result = self.cache.verdict(self.anchors, entry.chain, wall, now,
+                                    self.s.negative_cache_s)
+        if not result.ok or result.key is None:
+            return self._signed(call, passport, False, now)  # junk or untrusted: it stays
+        # what the provider's URL serves now and the trust anchors vouch for replaces the
+        # cached chain, whatever this call's signature does (a forged one must not keep
+        # the renewed chain out)
+        self.cache.store(url, entry, now, True)
+        if result.numbers and not tn_covered(result.numbers, passport.orig):
+            return self._fail(call, _Failure(
+                "tn_not_authorized", "orig.tn is not among the delegate certificate's numbers",
+                passport))
+        return self._signed(call, passport, verify_signature(passport, result.key), now)
 
     def _signed(self, call: CallInfo, passport: Passport, valid: bool, now: float) -> Verdict:
         """Steps 8–9 once the signature has been checked."""

@@ -95,6 +95,30 @@ def to_e164(number: str | None, region: str | None) -> str | None:
     return lookup(number, region).e164 or number
 
 
+def e164_pattern(pattern: str, region: str) -> str | None:
+    """A national-format number or ``prefix*`` of ``region`` in E.164 (``030123*`` in DE:
+    ``+4930123*``; ``2125550100`` in US: ``+12125550100``): its country code before it, the
+    national (trunk) prefix taken off; None for an E.164 one, ``*`` or a region without
+    metadata. A whole number is read by the numbering plan, a prefix by its digits."""
+    text = pattern.strip()
+    if not text or text.startswith("+") or text == "*":
+        return None
+    star = text.endswith("*")
+    digits = "".join(c for c in (text[:-1] if star else text) if c.isdigit())
+    if not digits:
+        return None
+    if not star:
+        e164 = lookup(digits, region).e164
+        return e164
+    meta = phonenumbers.PhoneMetadata.metadata_for_region(region)
+    if meta is None or meta.country_code is None:
+        return None
+    trunk = meta.national_prefix or ""
+    if trunk and digits.startswith(trunk):
+        digits = digits[len(trunk):]
+    return f"+{meta.country_code}{digits}*"
+
+
 @lru_cache(maxsize=CACHE_SIZE)
 def _lookup(number: str, region: str | None) -> NumberInfo:
     if region is None:
@@ -123,6 +147,8 @@ def _global(number: str) -> PhoneNumber | None:
     makes the number invalid instead of being dropped — the E.164 text is taken as written.
     """
     digits = number[1:]
+    if not digits.isdigit() or not digits.isascii():
+        return None  # (not "+" and digits: int() below would raise)
     for size in (1, 2, 3):
         cc = int(digits[:size])
         if cc in COUNTRY_CODE_TO_REGION_CODE:

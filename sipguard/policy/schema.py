@@ -139,7 +139,8 @@ class PeerConfig(ConfigModel):
         default=(),
         description="Caller numbers the peer may present: numbers or `prefix*` (rule `callerid`, "
         "`ownership`). With neither `numbers` nor `numbers_file`, any number; visual separators "
-        "are dropped (`+1 (212) 555-*`); a lone `*` is every number.",
+        "are dropped (`+1 (212) 555-*`); a lone `*` is every number. With `default_region` a "
+        "national entry (`030123*`) counts in E.164 too (`+4930123*`).",
     )
     numbers_file: ConfigPath | None = Field(
         default=None,

@@ -81,7 +81,7 @@ from sipguard.proxy import build, keepalive
 from sipguard.proxy.dialogs import DialogTable, dialog_key, key_of, session_interval
 from sipguard.proxy.routing import Router, flow_is_core, remember
 from sipguard.proxy.settings import ProxySettings
-from sipguard.proxy.subscriptions import Subscriptions, lasts
+from sipguard.proxy.subscriptions import GRACE_S, Subscriptions, lasts
 from sipguard.proxy.timers import TimerEntry, TimerQueue
 from sipguard.proxy.transactions import (
     ACCEPTED,
@@ -630,8 +630,13 @@ class Proxy:
         if method == "NOTIFY" and not from_core and not initial and self.subscriptions.table:
             # a NOTIFY of the core's subscription: its Subscription-State moves its end
             self.subscriptions.extend(("core", msg.call_id, msg.to_tag or ""), lasts(msg, now))
+        if initial and method in SUBSCRIPTION_CREATING or method == "REFER":
+            self._subscribing(msg, from_core, target, flow, now)
+        untrusted = dialog is not None and dialog.pai_untrusted and not from_core and \
+            msg.has("p-asserted-identity")
         self._forward(st, target, start_line, route_line, now, record_route=initial
                       and method in DIALOG_CREATING,
+                      edits=(("p-asserted-identity", None),) if untrusted else (),
                       anonymise=self._withheld(dialog, side, from_core))
 
     @staticmethod
@@ -711,6 +716,33 @@ class Proxy:
             return False
         return self.subscriptions.match(key, flow.addr[0], now) is not None
 
+    def _subscribing(self, msg: Message, from_core: bool, target: Flow, flow: Flow,
+                     now: float) -> None:
+        """A SUBSCRIBE or REFER forwarded: a subscription for GRACE_S until its answer — a
+        notifier may send its first NOTIFY before its 2xx (RFC 6665 §4.1.2.4), and a lost
+        2xx comes again later; its 2xx makes it last (:meth:`_subscribed`), a refusal ends
+        it. An existing one (a refresh) is left as it is."""
+        subs = self.subscriptions
+        who, host = ("core", target.addr[0]) if from_core else ("party", flow.addr[0])
+        key = (who, msg.call_id, msg.from_tag or "")
+        if key in subs.table:
+            return
+        forgotten = subs.forgotten
+        subs.add(key, host, now + GRACE_S, now)
+        if subs.forgotten != forgotten:
+            self.events.append(Noticed("subscription_forgotten", f"{len(subs)} subscriptions",
+                                       flow))
+
+    def _refused_subscription(self, st: ServerTxn) -> None:
+        """A new SUBSCRIBE or REFER refused: its provisional subscription goes."""
+        msg = st.msg
+        if msg is None or (msg.to_tag is not None and msg.method != "REFER"):
+            return
+        who = "core" if self._is_core(msg, st.flow) else "party"
+        sub = self.subscriptions.table.get((who, msg.call_id, msg.from_tag or ""))
+        if sub is not None and sub.provisional:
+            del self.subscriptions.table[(who, msg.call_id, msg.from_tag or "")]
+
     def _subscribed(self, st: ServerTxn, now: float) -> None:
         """A SUBSCRIBE or REFER answered 2xx (the far end took it): a new subscription —
         the outside party's host is where the core's request went, or where a party's came
@@ -724,7 +756,7 @@ class Proxy:
         if msg.to_tag is None or msg.method == "REFER":
             forgotten = subs.forgotten
             who, host = ("core", ct.flow.addr[0]) if from_core else ("party", st.flow.addr[0])
-            subs.add((who, msg.call_id, msg.from_tag or ""), host, lasts(msg, now), now)
+            subs.add((who, msg.call_id, msg.from_tag or ""), host, lasts(msg, now), now, False)
             if subs.forgotten != forgotten:
                 self.events.append(Noticed("subscription_forgotten",
                                            f"{len(subs)} subscriptions", st.flow))
@@ -884,6 +916,7 @@ class Proxy:
             shown=None if outbound else call.shown,
         )
         dialog.core = self.settings.core
+        dialog.pai_untrusted = call.pai_untrusted
         if not outbound and party.transport == "udp":
             dialog.behind_nat = _behind_nat(msg, party)
         if not self.table.add(dialog):
@@ -1022,7 +1055,8 @@ class Proxy:
             for i in msg.indexes(name):
                 replace[i] = None
         pai = msg.indexes("p-asserted-identity")
-        if pai and (len(pai) > 1 or b"," in msg.lines[pai[0]]):
+        if pai and replace.get(pai[0], b"") is not None and (
+                len(pai) > 1 or b"," in msg.lines[pai[0]]):  # (not when strip_headers has it)
             one = one_identity(msg)
             if one is not None:
                 replace[pai[0]] = one.encode("utf-8", "surrogateescape")
@@ -1037,8 +1071,8 @@ class Proxy:
                 full = b"%" in line or b"\n" in line
                 pattern = _VERSTAT if full else _VERSTAT_PLAIN
                 new = pattern.sub(_keep_question_mark, line)
-                for _ in range(8):  # "?verstat=a&verstat=b": one pass takes the first only
-                    again = pattern.sub(_keep_question_mark, new)
+                for _ in range(8 if new != line else 0):  # "?verstat=a&verstat=b": one pass
+                    again = pattern.sub(_keep_question_mark, new)  # takes the first only
                     if again == new:
                         break
                     new = again
@@ -1202,8 +1236,11 @@ class Proxy:
             st.state = COMPLETED
             wait = 64 * s.t1 if udp else 0.0
             st.timeout = self.timers.add(now + wait, self._on_timer_terminate_server, st)
-            if status < 300 and st.method in SUBSCRIPTION_CREATING:
-                self._subscribed(st, now)
+            if st.method in SUBSCRIPTION_CREATING:
+                if status < 300:
+                    self._subscribed(st, now)
+                else:
+                    self._refused_subscription(st)
         self._settle(st, now)
 
     def _settle(self, st: ServerTxn, now: float) -> None:

@@ -38,6 +38,7 @@ Key = tuple[str, str, str]
 class Subscription:
     host: str  # the outside party's address: its requests must come from there
     until: float  # loop time
+    provisional: bool = True  # its SUBSCRIBE / REFER not answered 2xx yet
 
 
 class Subscriptions:
@@ -52,7 +53,8 @@ class Subscriptions:
     def __len__(self) -> int:
         return len(self.table)
 
-    def add(self, key: Key, host: str, until: float, now: float) -> None:
+    def add(self, key: Key, host: str, until: float, now: float,
+            provisional: bool = True) -> None:
         table = self.table
         table.pop(key, None)
         if len(table) >= self.most:
@@ -63,7 +65,7 @@ class Subscriptions:
             while len(table) >= self.most:
                 del table[next(iter(table))]
                 self.forgotten += 1
-        table[key] = Subscription(host, until)
+        table[key] = Subscription(host, until, provisional)
 
     def match(self, key: Key, host: str, now: float) -> Subscription | None:
         """The live subscription ``key`` when ``host`` is its outside party's."""

@@ -16,7 +16,8 @@ from sipguard.policy.engine import Policy
 from sipguard.policy.state import RuleState
 from sipguard.sip.message import Message
 from sipguard.sip.parser import parse_message
-from tests.unit.proxy_helpers import CALLER, CORE, Harness, invite
+from tests.unit.dialog_helpers import in_dialog, to
+from tests.unit.proxy_helpers import CALLER, CORE, Harness, answer, invite
 
 BASE = "listen: [udp://192.0.2.1:5060]\ncore: udp://10.0.0.10:5080\n"
 PEERS = """
@@ -398,6 +399,23 @@ def test_an_untrusted_peers_p_asserted_identity_never_reaches_the_core() -> None
     call = Call(h, caller="+12125550100", extra=pai("<sip:+31201234567@intl.example;user=phone>"))
     assert call.status == 0 and not call.core.has("p-asserted-identity")
     assert call.decision.call.caller == "+12125550100"
+    # nor in the call's later requests (an UPDATE)
+    h.send(answer(call.core, 200, "OK"), src=CORE)
+    update = in_dialog("UPDATE", call_id=call.core.call_id, cseq=2, branch="z9hG4bK-upd",
+                       extra=pai("<tel:+31201234567>")).replace(
+                           b";tag=ftag1", f";tag={call.core.from_tag}".encode())
+    [sent] = [m for m in to(h.send(update), CORE) if m.method == "UPDATE"]
+    assert not sent.has("p-asserted-identity")
+
+
+def test_strip_headers_p_asserted_identity_removes_every_value() -> None:
+    """sip.strip_headers naming P-Asserted-Identity removes it, also when it holds two
+    numbers (the one-identity rewrite put the first back)."""
+    h = Harness(make_policy(PEERS).decide,  # type: ignore[arg-type]
+                strip_headers=frozenset({"p-asserted-identity", "x-sipguard-verdict"}))
+    call = Call(h, caller="+12125550100",
+                extra=pai("<tel:+12125550100>, <tel:+442071838750>") + pai("<tel:+1>"))
+    assert not call.core.has("p-asserted-identity")
 
 
 def test_a_first_pai_without_a_number_does_not_hide_the_caller() -> None:
@@ -610,6 +628,12 @@ def test_global_number_reading_agrees_with_phonenumbers_parse() -> None:
             assert (info.e164, info.valid) == (text, phonenumbers.is_valid_number(example)), text
             checked += 1
     assert checked > 400
+
+
+def test_the_kind_of_a_malformed_number_is_other() -> None:
+    """Text that is no "+" and digits (a stray "+" inside) is "other", not a ValueError."""
+    assert numbers.number_kind("+6+5075291") == "other"
+    assert numbers.number_kind("+33612345678") == "mobile"
 
 
 @pytest.mark.parametrize(

@@ -1238,3 +1238,38 @@ async def test_fetches_waiting_for_a_host_go_first_come_first_served(stir: Stir)
     await asyncio.gather(*tasks)
     assert done == ["q1", "q2", "q3", "q4"]
     assert f.in_flight("127.0.0.1") == 0 and not f._waiting and f.running == 0
+
+
+async def test_a_low_attestation_reject_stays_a_reject_whatever_its_div(stir: Stir) -> None:
+    """on_low_attestation: reject with on_fail: tag: a C call is refused 403, with a bad div
+    PASSporT too (its div failure, tagged by on_fail, turned the refusal into a forward)."""
+    stir.use(min_attestation="A", on_low_attestation="reject", on_fail="tag")
+    shaken = stir.header(attest="C")
+    for divs in ([], [sign_div(stir)], [sign_div(stir, key=new_key())]):
+        res = await stir.call([shaken, *divs], callee="+" + NEW_TARGET if divs else
+                              CALLEE_NUMBER)
+        assert (res.status, res.labels["identity_reason"]) == (403, "low_attestation"), divs
+
+
+async def test_a_forged_call_fetching_a_renewed_chain_keeps_it_for_the_real_calls(
+    stir: Stir,
+) -> None:
+    """A forged signature naming a provider's URL after it renewed its key: the re-fetch
+    brings the renewed chain, which the trust anchors vouch for — it replaces the cached one
+    although the forged call still fails, and the provider's real call a second later
+    passes (it heard 438 until cache_min_s had passed again)."""
+    stir.fetcher.linger_s = 0
+    path = "/renewed-2.pem"
+    stir.server.routes[path] = Route(body=pem(stir.pki.leaf, stir.pki.inter))
+    assert (await stir.call(stir.header(path))).labels["identity"] == "passed"
+    key2 = new_key()
+    renewed = make_cert("SHAKEN renewed 2", key2, "STI-CA Test Intermediate",
+                        stir.pki.inter_key, ca=False)
+    stir.server.routes[path] = Route(body=pem(renewed, stir.pki.inter))
+    forged = identity_value(sign_passport(new_key(), stir.url(path), iat=int(stir.wall)),
+                            stir.url(path))
+    assert (await stir.call(forged, later_s=120)).labels["identity_reason"] == "bad_signature"
+    real = identity_value(sign_passport(key2, stir.url(path), iat=int(stir.wall)),
+                          stir.url(path))
+    res = await stir.call(real, later_s=121)
+    assert res.labels["identity"] == "passed" and res.sync and stir.hits(path) == 2

@@ -66,3 +66,8 @@ def test_a_home_number_the_preset_cannot_read_as_e164_is_refused(path: Path) -> 
         verdict = policy.decide(CallInfo(msg, Flow("udp", INTL, 0), 0.0), 0.0)
         assert isinstance(verdict, Verdict)
         assert (verdict.status, verdict.reason) == (603, "caller_not_e164"), (caller, verdict)
+    if "national-carrier" in path.read_text(encoding="utf-8"):  # a domestic peer: unchanged
+        msg = parse_message(invite(caller="0201234567"))
+        verdict = policy.decide(CallInfo(msg, Flow("udp", ("198.51.100.7", 5060), 0), 0.0),
+                                0.0)
+        assert isinstance(verdict, Verdict) and verdict.accepted, verdict

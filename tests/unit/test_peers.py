@@ -11,6 +11,7 @@ import pytest
 from sipguard.contract import InviteDecided
 from sipguard.ops.config_load import ConfigError, parse_config
 from sipguard.policy.engine import Policy
+from sipguard.policy.numbers import e164_pattern
 from sipguard.policy.peers import NumberSet, Peer, PeerTable, read_number_file
 from tests.unit.proxy_helpers import CALLER, CORE, Harness, invite
 
@@ -209,3 +210,24 @@ def test_a_default_region_the_numbering_plans_do_not_know_is_refused() -> None:
         assert "default_region" in text and region in text and hint in text, text
     cfg = parse_config(base + "  - {name: p, networks: [198.51.100.0/24], default_region: GB}\n")
     assert cfg.peers[0].default_region == "GB"
+
+
+def test_a_peers_national_numbers_match_the_same_numbers_written_in_e164() -> None:
+    """A peer with default_region DE owning `030123*`: its caller +4930123456 is its own (it
+    was refused `caller_not_owned` while 030123456 passed); `2125550100` for a US peer."""
+    assert e164_pattern("030123*", "DE") == "+4930123*"
+    assert e164_pattern("030 123 456", "DE") == "+4930123456"
+    assert e164_pattern("2125550100", "US") == "+12125550100"
+    assert e164_pattern("2125550*", "US") == "+12125550*"
+    assert e164_pattern("06123*", "IT") == "+3906123*"  # the Italian 0 stays
+    assert e164_pattern("+4930*", "DE") is None and e164_pattern("*", "DE") is None
+    cfg = parse_config("listen: [udp://192.0.2.1:5060]\ncore: udp://10.0.0.10:5080\npeers:\n"
+                       "  - {name: de, networks: [198.51.100.0/24], default_region: DE, "
+                       "numbers: ['030123*']}\nrules: {callerid: {}}\n")
+    policy = Policy(cfg)
+    policy.activate()
+    h = Harness(policy.decide)  # type: ignore[arg-type]
+    for i, caller in enumerate(("+4930123456", "030123456", "+4930999999")):
+        out = h.send(invite(branch=f"z9hG4bK-de{i}", call_id=f"de{i}", caller=caller))
+        finals = [m.status for f, m in out if f.addr != CORE and m.status >= 200]
+        assert finals == ([] if i < 2 else [603]), (caller, finals)

@@ -176,3 +176,21 @@ def test_a_refused_subscribe_or_refer_makes_no_subscription() -> None:
     [sub] = [m for m in to(p.send(first), CORE) if m.method == "SUBSCRIBE"]
     p.send(answer(sub, 405, "Method Not Allowed", to_tag="c1"), src=CORE)
     assert len(p.proxy.subscriptions) == 0
+
+
+def test_a_notify_that_overtakes_the_2xx_of_its_subscribe_reaches_the_core() -> None:
+    """The PBX sends its first NOTIFY before (or instead of a lost) 200 for the SUBSCRIBE
+    (RFC 6665 §4.1.2.4): it reaches the core while the SUBSCRIBE waits for its answer;
+    a refusal that follows ends that."""
+    h = PolicyHarness()
+    [sub] = [m for m in to(h.send(core_subscribe("early"), src=CORE), REMOTE)
+             if m.method == "SUBSCRIBE"]
+    assert to(h.send(notify("early"), src=REMOTE), CORE)
+    h.send(answer(sub, 489, "Bad Event", to_tag="pbxtag"), src=REMOTE)
+    out = h.send(notify("early", cseq=2), src=REMOTE)
+    assert to(out, CORE) == [] and statuses(out, REMOTE) == [481]
+    # unanswered, it lasts 32 s
+    h.send(core_subscribe("silent"), src=CORE)
+    h.advance(40)
+    out = h.send(notify("silent"), src=REMOTE)
+    assert to(out, CORE) == [] and statuses(out, REMOTE) == [481]
