@@ -260,8 +260,8 @@ class CallInfo:
 def one_identity(msg: Message) -> str | None:
     """The P-Asserted-Identity line with only the values of the caller's number — the first
     number among them, the one every rule checks — and values without a number; None when
-    nothing is to go (or the values do not parse: left to the rules). Another spelling of
-    the number (national and international) is the same number."""
+    nothing is to go (or the values do not parse: left to the rules). The same digits with
+    another international spelling (``+``, ``00``, separators) are the same number."""
     try:
         values = msg.p_asserted_identities
     except SipParseError:
@@ -278,18 +278,16 @@ def one_identity(msg: Message) -> str | None:
 
 
 def same_number(a: str, b: str) -> bool:
-    """One number in two spellings: the same digits; or, when one is not international
-    (no ``+``), the other's ending with it after its trunk zeros, a country code (1–3
-    digits) the only difference: +4930123456 and 030123456 or 4930123456. Two international
-    numbers must be equal."""
+    """One number in two spellings: the same digits once separators, a leading ``+`` and
+    an international ``00`` are dropped (+4930123456, 004930123456, 4930123456). A national
+    spelling (030123456) is not taken for the international one: without the peer's plan a
+    country code cannot be told apart (0301234567 and +33301234567)."""
     da, db = "".join(c for c in a if c.isdigit()), "".join(c for c in b if c.isdigit())
-    if da == db:
-        return True
-    if a.startswith("+") and b.startswith("+"):
-        return False
-    short, long_ = (da, db) if len(da) < len(db) else (db, da)
-    short = short.lstrip("0")
-    return len(short) >= 7 and long_.endswith(short) and len(long_) - len(short) <= 3
+    if da.startswith("00"):
+        da = da[2:]
+    if db.startswith("00"):
+        db = db[2:]
+    return da == db
 
 
 # Distinct diverting numbers a call is counted under (per_diverter): one INVITE must take a

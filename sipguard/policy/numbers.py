@@ -113,10 +113,24 @@ def e164_pattern(pattern: str, region: str) -> str | None:
     meta = phonenumbers.PhoneMetadata.metadata_for_region(region)
     if meta is None or meta.country_code is None:
         return None
-    trunk = meta.national_prefix or ""
-    if trunk and digits.startswith(trunk):
-        digits = digits[len(trunk):]
-    return f"+{meta.country_code}{digits}*"
+    cc = meta.country_code
+    # A prefix cannot be read by the plan: only the plain cases, else None (the entry then
+    # matches national spellings only, as written). Only the country code's main region
+    # (GB, not Jersey; US, not the Bahamas, whose local numbers get an area code put before
+    # them); a trunk prefix "0" taken off; none to take off (IT, ES: the number as written);
+    # NANP's optional "1". Other trunk prefixes (RU, BY "8") are digits of numbers too.
+    if phonenumbers.region_code_for_country_code(cc) != region:
+        return None
+    trunk = meta.national_prefix
+    if trunk == "0":
+        if not digits.startswith("0") or digits.startswith("00"):
+            return None
+        digits = digits[1:]
+    elif trunk == "1" and cc == 1:
+        digits = digits[1:] if digits.startswith("1") else digits
+    elif trunk:
+        return None
+    return f"+{cc}{digits}*" if digits else None
 
 
 @lru_cache(maxsize=CACHE_SIZE)

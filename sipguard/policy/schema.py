@@ -140,7 +140,9 @@ class PeerConfig(ConfigModel):
         description="Caller numbers the peer may present: numbers or `prefix*` (rule `callerid`, "
         "`ownership`). With neither `numbers` nor `numbers_file`, any number; visual separators "
         "are dropped (`+1 (212) 555-*`); a lone `*` is every number. With `default_region` a "
-        "national entry (`030123*`) counts in E.164 too (`+4930123*`).",
+        "national entry counts in E.164 too: a whole number as the plan reads it, a prefix "
+        "with a trunk 0 (`030123*`: `+4930123*`), without one where the plan has none (IT), "
+        "NANP's with or without 1 — in the country code's main region only.",
     )
     numbers_file: ConfigPath | None = Field(
         default=None,

@@ -630,7 +630,7 @@ class Proxy:
         if method == "NOTIFY" and not from_core and not initial and self.subscriptions.table:
             # a NOTIFY of the core's subscription: its Subscription-State moves its end
             self.subscriptions.extend(("core", msg.call_id, msg.to_tag or ""), lasts(msg, now))
-        if initial and method in SUBSCRIPTION_CREATING or method == "REFER":
+        if (initial and method in SUBSCRIPTION_CREATING) or method == "REFER":
             self._subscribing(msg, from_core, target, flow, now)
         untrusted = dialog is not None and dialog.pai_untrusted and not from_core and \
             msg.has("p-asserted-identity")
@@ -1484,6 +1484,8 @@ class Proxy:
             ct.state = TERMINATED
             # the call the outside party's BYE would end (let go when the server ends)
             ends = ct.server.ends if ct.server is not None else None
+            if ct.method in SUBSCRIPTION_CREATING and ct.server is not None:
+                self._refused_subscription(ct.server)  # never answered: as refused
             self._drop_client(ct)
             if ct.server is not None:
                 self._terminate_server(ct.server, now)

@@ -372,6 +372,7 @@ def test_verstat_goes_only_on_the_checked_number_and_a_second_number_is_not_forw
     assert len(pair.core.values("p-asserted-identity")[0].split(", ")) == 2
 
 
+
 def test_a_second_number_in_p_asserted_identity_never_reaches_the_core() -> None:
     """Whatever rules run (none here, or only national_cli), a P-Asserted-Identity value of
     another number than the first — the one checked — is removed from what reaches the core;
@@ -384,6 +385,10 @@ def test_a_second_number_in_p_asserted_identity_never_reaches_the_core() -> None
     two_lines = Call(h, caller="+12125550100",
                      extra=pai("<tel:+442071838750>") + pai("<tel:+31201234567>"))
     assert two_lines.core.values("p-asserted-identity") == ["<tel:+442071838750>"]
+    # a national spelling is another number here: its country code cannot be told
+    forged = Call(h, caller="+12125550100", extra=pai(
+        "<sip:0301234567@p.example;user=phone>, <tel:+33301234567>"))
+    assert forged.core.values("p-asserted-identity") == ["<sip:0301234567@p.example;user=phone>"]
 
 
 def test_an_untrusted_peers_p_asserted_identity_never_reaches_the_core() -> None:

@@ -219,8 +219,14 @@ def test_a_peers_national_numbers_match_the_same_numbers_written_in_e164() -> No
     assert e164_pattern("030 123 456", "DE") == "+4930123456"
     assert e164_pattern("2125550100", "US") == "+12125550100"
     assert e164_pattern("2125550*", "US") == "+12125550*"
+    assert e164_pattern("12125550*", "US") == "+12125550*"
     assert e164_pattern("06123*", "IT") == "+3906123*"  # the Italian 0 stays
     assert e164_pattern("+4930*", "DE") is None and e164_pattern("*", "DE") is None
+    # prefixes the plan would read otherwise stay as written (no E.164 twin)
+    assert e164_pattern("352*", "BS") is None  # the Bahamas: +1 242 352…, not Florida's 352
+    assert e164_pattern("7*", "JE") is None  # Jersey: not every UK mobile
+    assert e164_pattern("812*", "RU") is None  # 8 is a trunk prefix and a digit
+    assert e164_pattern("30123*", "DE") is None  # no trunk 0: not a national spelling
     cfg = parse_config("listen: [udp://192.0.2.1:5060]\ncore: udp://10.0.0.10:5080\npeers:\n"
                        "  - {name: de, networks: [198.51.100.0/24], default_region: DE, "
                        "numbers: ['030123*']}\nrules: {callerid: {}}\n")

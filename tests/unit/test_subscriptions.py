@@ -194,3 +194,15 @@ def test_a_notify_that_overtakes_the_2xx_of_its_subscribe_reaches_the_core() -> 
     h.advance(40)
     out = h.send(notify("silent"), src=REMOTE)
     assert to(out, CORE) == [] and statuses(out, REMOTE) == [481]
+
+
+def test_a_subscribe_never_answered_ends_its_subscription_whatever_notifies_came() -> None:
+    """The PBX sends a NOTIFY (expires=3600) but never answers the SUBSCRIBE: when the
+    SUBSCRIBE's transaction times out (Timer F, 32 s) its provisional subscription ends —
+    the NOTIFY's expires no longer keeps it for an hour."""
+    h = PolicyHarness()
+    h.send(core_subscribe("unanswered"), src=CORE)
+    assert to(h.send(notify("unanswered", state="active;expires=3600"), src=REMOTE), CORE)
+    h.advance(40)
+    out = h.send(notify("unanswered", cseq=2), src=REMOTE)
+    assert to(out, CORE) == [] and statuses(out, REMOTE) == [481]
