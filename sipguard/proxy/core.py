@@ -81,7 +81,7 @@ from sipguard.proxy import build, keepalive
 from sipguard.proxy.dialogs import DialogTable, dialog_key, key_of, session_interval
 from sipguard.proxy.routing import Router, flow_is_core, remember
 from sipguard.proxy.settings import ProxySettings
-from sipguard.proxy.subscriptions import GRACE_S, Subscriptions, lasts
+from sipguard.proxy.subscriptions import GRACE_S, Subscriptions, lasts, subscriber
 from sipguard.proxy.timers import TimerEntry, TimerQueue
 from sipguard.proxy.transactions import (
     ACCEPTED,
@@ -723,12 +723,11 @@ class Proxy:
         2xx comes again later; its 2xx makes it last (:meth:`_subscribed`), a refusal ends
         it. An existing one (a refresh) is left as it is."""
         subs = self.subscriptions
-        who, host = ("core", target.addr[0]) if from_core else ("party", flow.addr[0])
-        key = (who, msg.call_id, msg.from_tag or "")
+        key = subscriber(msg, from_core)
         if key in subs.table:
             return
         forgotten = subs.forgotten
-        subs.add(key, host, now + GRACE_S, now)
+        subs.add(key, (target if from_core else flow).addr[0], now + GRACE_S, now)
         if subs.forgotten != forgotten:
             self.events.append(Noticed("subscription_forgotten", f"{len(subs)} subscriptions",
                                        flow))
@@ -738,10 +737,7 @@ class Proxy:
         msg = st.msg
         if msg is None or (msg.to_tag is not None and msg.method != "REFER"):
             return
-        who = "core" if self._is_core(msg, st.flow) else "party"
-        sub = self.subscriptions.table.get((who, msg.call_id, msg.from_tag or ""))
-        if sub is not None and sub.provisional:
-            del self.subscriptions.table[(who, msg.call_id, msg.from_tag or "")]
+        self.subscriptions.drop_provisional(subscriber(msg, self._is_core(msg, st.flow)))
 
     def _subscribed(self, st: ServerTxn, now: float) -> None:
         """A SUBSCRIBE or REFER answered 2xx (the far end took it): a new subscription —
@@ -753,16 +749,16 @@ class Proxy:
             return
         from_core = self._is_core(msg, st.flow)
         subs = self.subscriptions
+        key = subscriber(msg, from_core)
         if msg.to_tag is None or msg.method == "REFER":
             forgotten = subs.forgotten
-            who, host = ("core", ct.flow.addr[0]) if from_core else ("party", st.flow.addr[0])
-            subs.add((who, msg.call_id, msg.from_tag or ""), host, lasts(msg, now), now, False)
+            host = (ct.flow if from_core else st.flow).addr[0]
+            subs.add(key, host, lasts(msg, now), now, False)
             if subs.forgotten != forgotten:
                 self.events.append(Noticed("subscription_forgotten",
                                            f"{len(subs)} subscriptions", st.flow))
         else:  # a refresh (Expires: 0 — an un-SUBSCRIBE — leaves GRACE_S)
-            subs.extend(("core" if from_core else "party", msg.call_id, msg.from_tag or ""),
-                        lasts(msg, now))
+            subs.extend(key, lasts(msg, now))
 
     def _in_progress(self, msg: Message, flow: Flow, from_core: bool) -> bool:
         """True for a request within a live call from one of its sides while the transaction

@@ -77,10 +77,22 @@ class Subscriptions:
             return None
         return sub if sub.host == host else None
 
+    def drop_provisional(self, key: Key) -> None:
+        """``key``'s subscription, when its SUBSCRIBE / REFER was never answered 2xx, ends."""
+        sub = self.table.get(key)
+        if sub is not None and sub.provisional:
+            del self.table[key]
+
     def extend(self, key: Key, until: float) -> None:
         sub = self.table.get(key)
         if sub is not None:
             sub.until = until
+
+
+def subscriber(msg: Message, core: bool) -> Key:
+    """The key of the subscription ``msg`` (a SUBSCRIBE or REFER) makes or refreshes: who
+    subscribed (``core``: the core), its Call-ID and its From tag."""
+    return ("core" if core else "party", msg.call_id, msg.from_tag or "")
 
 
 def lasts(msg: Message, now: float) -> float:
