@@ -101,7 +101,6 @@ from sipguard.policy.stircert import (
     check_x5u,
     load_trust_anchors,
     parse_chain,
-    tn_covered,
 )
 from sipguard.sip.errors import SipParseError
 from sipguard.sip.identity import Identity, parse_identity
@@ -332,7 +331,7 @@ class IdentityRule:
                                     self.s.negative_cache_s)
         if not result.ok or result.key is None:
             return f"div certificate: {result.detail}"
-        if result.numbers and not tn_covered(result.numbers, div.div):
+        if not result.covers(div.div):
             return "div.tn is not among the delegate certificate's numbers"
         if not verify_signature(div, result.key):
             return "div PASSporT signature"
@@ -409,10 +408,8 @@ class IdentityRule:
         result = self.cache.verdict(self.anchors, entry.chain, wall, now, self.s.negative_cache_s)
         if not result.ok or result.key is None:
             return self._fail(call, _Failure(result.reason, result.detail, passport))
-        if result.numbers and not tn_covered(result.numbers, passport.orig):
-            return self._fail(call, _Failure(
-                "tn_not_authorized", "orig.tn is not among the delegate certificate's numbers",
-                passport))
+        if not result.covers(passport.orig):
+            return self._fail(call, _not_authorized(passport))
         renew = renew and now - max(entry.fetched, self.cache.renewed.get(passport.x5u, 0.0)) \
             > self.s.cache_min_s
         verifier = self.state.verifier
@@ -459,10 +456,8 @@ class IdentityRule:
         # cached chain, whatever this call's signature does (a forged one must not keep
         # the renewed chain out)
         self.cache.store(url, entry, now, True)
-        if result.numbers and not tn_covered(result.numbers, passport.orig):
-            return self._fail(call, _Failure(
-                "tn_not_authorized", "orig.tn is not among the delegate certificate's numbers",
-                passport))
+        if not result.covers(passport.orig):
+            return self._fail(call, _not_authorized(passport))
         return self._signed(call, passport, verify_signature(passport, result.key), now)
 
     def _signed(self, call: CallInfo, passport: Passport, valid: bool, now: float) -> Verdict:
@@ -540,6 +535,11 @@ class IdentityRule:
             replace_headers=edits,  # reaches the core when the rule is monitored
             detail={"identity_detail": failure.detail},
         )
+
+
+def _not_authorized(passport: Passport) -> _Failure:
+    return _Failure("tn_not_authorized",
+                    "orig.tn is not among the delegate certificate's numbers", passport)
 
 
 def _select(values: list[str]) -> list[Identity]:

@@ -423,6 +423,10 @@ class ChainResult:
     # a delegate certificate's numbers (first, count): the only callers it may sign for
     numbers: tuple[tuple[str, int], ...] = ()
 
+    def covers(self, tn: str) -> bool:
+        """The leaf may sign for ``tn``: a code covers every number, numbers themselves."""
+        return not self.numbers or tn_covered(self.numbers, tn)
+
 
 def _window(certs: Iterable[x509.Certificate]) -> tuple[float, float]:
     certs = list(certs)

@@ -81,7 +81,7 @@ from sipguard.proxy import build, keepalive
 from sipguard.proxy.dialogs import DialogTable, dialog_key, key_of, session_interval
 from sipguard.proxy.routing import Router, flow_is_core, remember
 from sipguard.proxy.settings import ProxySettings
-from sipguard.proxy.subscriptions import GRACE_S, Subscriptions, lasts, subscriber
+from sipguard.proxy.subscriptions import GRACE_S, Subscriptions, lasts, notified, subscriber
 from sipguard.proxy.timers import TimerEntry, TimerQueue
 from sipguard.proxy.transactions import (
     ACCEPTED,
@@ -629,7 +629,7 @@ class Proxy:
                 st.ends, st.end_reason = dialog, reason
         if method == "NOTIFY" and not from_core and not initial and self.subscriptions.table:
             # a NOTIFY of the core's subscription: its Subscription-State moves its end
-            self.subscriptions.extend(("core", msg.call_id, msg.to_tag or ""), lasts(msg, now))
+            self.subscriptions.extend(notified(msg), lasts(msg, now))
         if (initial and method in SUBSCRIPTION_CREATING) or method == "REFER":
             self._subscribing(msg, from_core, target, flow, now)
         untrusted = dialog is not None and dialog.pai_untrusted and not from_core and \
@@ -709,7 +709,7 @@ class Proxy:
         """An in-dialog request from outside of a subscription sipguard forwarded, from its
         outside party's host: a NOTIFY for the core's, a refresh of a party's own."""
         if msg.method == "NOTIFY":
-            key = ("core", msg.call_id, msg.to_tag or "")
+            key = notified(msg)
         elif msg.method == "SUBSCRIBE" and ({"SUBSCRIBE", "*"} & self.settings.allow_methods):
             key = ("party", msg.call_id, msg.from_tag or "")
         else:
@@ -726,9 +726,7 @@ class Proxy:
         key = subscriber(msg, from_core)
         if key in subs.table:
             return
-        forgotten = subs.forgotten
-        subs.add(key, (target if from_core else flow).addr[0], now + GRACE_S, now)
-        if subs.forgotten != forgotten:
+        if subs.add(key, (target if from_core else flow).addr[0], now + GRACE_S, now):
             self.events.append(Noticed("subscription_forgotten", f"{len(subs)} subscriptions",
                                        flow))
 
@@ -751,10 +749,8 @@ class Proxy:
         subs = self.subscriptions
         key = subscriber(msg, from_core)
         if msg.to_tag is None or msg.method == "REFER":
-            forgotten = subs.forgotten
             host = (ct.flow if from_core else st.flow).addr[0]
-            subs.add(key, host, lasts(msg, now), now, False)
-            if subs.forgotten != forgotten:
+            if subs.add(key, host, lasts(msg, now), now, False):
                 self.events.append(Noticed("subscription_forgotten",
                                            f"{len(subs)} subscriptions", st.flow))
         else:  # a refresh (Expires: 0 — an un-SUBSCRIBE — leaves GRACE_S)

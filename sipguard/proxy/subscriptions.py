@@ -54,8 +54,11 @@ class Subscriptions:
         return len(self.table)
 
     def add(self, key: Key, host: str, until: float, now: float,
-            provisional: bool = True) -> None:
+            provisional: bool = True) -> bool:
+        """Keep ``key``'s subscription; True when the table was full and its oldest one was
+        forgotten to make room."""
         table = self.table
+        forgot = False
         table.pop(key, None)
         if len(table) >= self.most:
             if now - self._swept >= 1.0:  # (a whole pass: once a second at most)
@@ -65,7 +68,9 @@ class Subscriptions:
             while len(table) >= self.most:
                 del table[next(iter(table))]
                 self.forgotten += 1
+                forgot = True
         table[key] = Subscription(host, until, provisional)
+        return forgot
 
     def match(self, key: Key, host: str, now: float) -> Subscription | None:
         """The live subscription ``key`` when ``host`` is its outside party's."""
@@ -87,6 +92,12 @@ class Subscriptions:
         sub = self.table.get(key)
         if sub is not None:
             sub.until = until
+
+
+def notified(msg: Message) -> Key:
+    """The key of the core's subscription a NOTIFY from outside belongs to (its To tag: the
+    core's From tag on the SUBSCRIBE)."""
+    return ("core", msg.call_id, msg.to_tag or "")
 
 
 def subscriber(msg: Message, core: bool) -> Key:
