@@ -269,6 +269,9 @@ class EdgeCore:
     def same_party(self, dialog: Dialog, flow: Flow) -> bool:
         return self.policy.same_party(dialog, flow)
 
+    def asserts_identity(self, flow: Flow) -> bool:
+        return self.policy.asserts_identity(flow)
+
     def _defer(self, pending: Iterable[Awaitable[None]], what: str) -> None:
         for aw in pending:
             self.proxy.events.append(Deferred(aw, what))

@@ -220,6 +220,14 @@ class Policy:
         """An unknown source with ``unknown_source: drop``: it hears nothing at all."""
         return self.unknown_drop and bool(self.peers) and self._peer_of(flow) is None
 
+    def asserts_identity(self, flow: Flow) -> bool:
+        """A P-Asserted-Identity from ``flow`` is an identity (RFC 3325 §5): it comes from a
+        peer with ``trust_pai: true`` — or no peers are configured (every source is one)."""
+        if not self.peers:
+            return True
+        peer = self._peer_of(flow)
+        return peer is not None and peer.trust_pai
+
     def same_party(self, dialog: Dialog, flow: Flow) -> bool:
         """An in-dialog request from another address of the peer the call came from (a
         carrier's second SBC) speaks for the call's outside party; for a call the core

@@ -157,8 +157,10 @@ class PeerConfig(ConfigModel):
     )
     trust_pai: bool = Field(
         default=True,
-        description="The caller is P-Asserted-Identity when present; `false`: From. With "
-        "`false`, rule `callerid` replaces the peer's PAI (RFC 3325 §5).",
+        description="The caller is P-Asserted-Identity when present; `false`: From, and the "
+        "peer's PAI never reaches the core — removed from every request and response it sends "
+        "(RFC 3325 §5; rule `callerid` puts its own on the INVITE). An unknown source's is removed "
+        "too.",
     )
     interconnect: Literal["domestic", "international"] = Field(
         default="domestic",

@@ -138,6 +138,11 @@ class Admission(Protocol):
         ``unknown_source: drop``): not even the answer to a request that does not parse."""
         ...
 
+    def asserts_identity(self, flow: Flow) -> bool:
+        """Whether a P-Asserted-Identity from ``flow`` (not the core) is an identity: it comes
+        from a peer with ``trust_pai: true``, or no peers are configured (RFC 3325 §5)."""
+        ...
+
 
 class AcceptAll:
     """An :class:`Admission` with no policy: every call is accepted, nothing is counted."""
@@ -162,6 +167,9 @@ class AcceptAll:
 
     def silent_to(self, flow: Flow) -> bool:
         return False
+
+    def asserts_identity(self, flow: Flow) -> bool:
+        return True
 
 # ";branch=z9hG4bKsg..." in a raw Via line: the first one is the top value's.
 _OUR_BRANCH: Final = re.compile(rb";[ \t]*branch[ \t]*=[ \t]*(" + build.OUR_PREFIX_BYTES + rb"[0-9a-z.]+)")
@@ -195,6 +203,7 @@ PROXY_OWNED: Final = frozenset(
 ANONYMOUS_FROM: Final = 'From: "Anonymous" <sip:anonymous@anonymous.invalid>'
 # Headers that name the caller, removed when a verdict anonymises (PAI: unless keep_pai).
 _IDENTITY_HEADERS: Final = ("p-preferred-identity", "remote-party-id")
+_NO_PAI: Final[tuple[tuple[str, str | None], ...]] = (("p-asserted-identity", None),)
 # A retransmission timer waits for the receive queue only when it is at least this far behind
 HOLD_MIN_S: Final = 0.02
 # The largest UDP payload over IPv4 (65,535 less the IP and UDP headers)
@@ -632,12 +641,30 @@ class Proxy:
             self.subscriptions.extend(notified(msg), lasts(msg, now))
         if (initial and method in SUBSCRIPTION_CREATING) or method == "REFER":
             self._subscribing(msg, from_core, target, flow, now)
-        untrusted = dialog is not None and dialog.pai_untrusted and not from_core and \
-            msg.has("p-asserted-identity")
         self._forward(st, target, start_line, route_line, now, record_route=initial
                       and method in DIALOG_CREATING,
-                      edits=(("p-asserted-identity", None),) if untrusted else (),
+                      edits=self._pai_edits(msg, flow, dialog, from_core),
                       anonymise=self._withheld(dialog, side, from_core))
+
+    def _pai_edits(self, msg: Message, flow: Flow, dialog: Dialog | None,
+                   from_core: bool) -> tuple[tuple[str, str | None], ...]:
+        """RFC 3325 §5: a P-Asserted-Identity from outside the trust domain — a peer with
+        ``trust_pai: false``, an unknown source, a call whose caller's peer was one — is
+        removed from a request before it goes on (an INVITE's own: see _apply_verdict)."""
+        if from_core or not msg.has("p-asserted-identity"):
+            return ()
+        if (dialog is not None and dialog.pai_untrusted) or \
+                not self.admission.asserts_identity(flow):
+            return _NO_PAI
+        return ()
+
+    def _untrusted_pai(self, msg: Message, flow: Flow) -> tuple[int, ...]:
+        """The P-Asserted-Identity lines of a response to remove: from an outside source whose
+        assertions are no identity (RFC 3325 §5), answering a request sipguard sent out."""
+        if not msg.has("p-asserted-identity") or self.router.is_core(flow) or \
+                flow.addr[0] in self.former_cores or self.admission.asserts_identity(flow):
+            return ()
+        return tuple(msg.indexes("p-asserted-identity"))
 
     @staticmethod
     def _withheld(dialog: Dialog | None, side: str, from_core: bool) -> Anonymise | None:
@@ -726,7 +753,10 @@ class Proxy:
         key = subscriber(msg, from_core)
         if key in subs.table:
             return
-        if subs.add(key, (target if from_core else flow).addr[0], now + GRACE_S, now):
+        host = (target if from_core else flow).addr[0]
+        if not _is_ip(host):
+            host = ""  # a host name: any address until one answers (a NOTIFY may overtake it)
+        if subs.add(key, host, now + GRACE_S, now):
             self.events.append(Noticed("subscription_forgotten", f"{len(subs)} subscriptions",
                                        flow))
 
@@ -875,9 +905,9 @@ class Proxy:
         if st.dialog is not None:
             st.dialog.anonymise = verdict.anonymise  # every later request of the caller too
         edits = verdict.replace_headers
-        if call.pai_untrusted and msg.has("p-asserted-identity") and \
-                all(name != "p-asserted-identity" for name, _ in edits):
-            edits = (*edits, ("p-asserted-identity", None))  # RFC 3325 §5, whatever rules run
+        if msg.has("p-asserted-identity") and all(name != "p-asserted-identity" for name, _ in edits) \
+                and (call.pai_untrusted or not self.admission.asserts_identity(st.flow)):
+            edits = (*edits, *_NO_PAI)  # RFC 3325 §5, whatever rules run (monitored ones too)
         self._forward(st, target, start_line, routes, now, record_route=True,
                       extra=verdict.forward_headers, edits=edits,
                       anonymise=verdict.anonymise)
@@ -1098,7 +1128,8 @@ class Proxy:
         branch = self.ids.branch(key + "|ACK", "ack")
         stamped = build.stamped_via(msg.top_via, flow.addr)
         data = self._forwarded_bytes(msg, flow, stamped, target, branch, start_line, routes, False,
-                                     (), anonymise=self._withheld(dialog, side, from_core))
+                                     (), self._pai_edits(msg, flow, dialog, from_core),
+                                     anonymise=self._withheld(dialog, side, from_core))
         self.outbox.append((target, data))
         if dialog is not None and not dialog.acked and from_core == dialog.outbound \
                 and _names(dialog, side, msg):
@@ -1263,6 +1294,10 @@ class Proxy:
         if ct is None:
             self.events.append(Dropped("stray_response", f"{msg.status} {msg.call_id}", flow))
             return
+        if ct.method in SUBSCRIPTION_CREATING and not _is_ip(ct.flow.addr[0]):
+            # a SUBSCRIBE / REFER the core sent to a host name (the shell resolved it): its
+            # party is the address that answers, where its NOTIFYs come from (_subscribed)
+            ct.flow = Flow(ct.flow.transport, flow.addr, ct.flow.local, ct.flow.conn)
         # A To that does not parse fails an INVITE's answer here, before any state changes (a
         # client transaction accepted, its server transaction never answered) and before it
         # is passed on: a parse error, dropped. (Its 1xx and 2xx read the tag anyway.)
@@ -1274,7 +1309,8 @@ class Proxy:
                 self.outbox.append((ct.flow, build.ack_for(ct.sent_msg(), msg)))
             return  # retransmitted final response: absorbed
         # A 100 is hop by hop (RFC 3261 §16.7 step 5): absorbed, so not rebuilt for upstream.
-        upstream = self._strip_via(msg, ours_end) if status != 100 else None
+        drop = self._untrusted_pai(msg, flow) if status != 100 else ()
+        upstream = self._strip_via(msg, ours_end, drop) if status != 100 else None
         if upstream is None and ct.server is not None and status != 100:
             # RFC 3261 §16.7 step 3: no Via left once ours is gone — nothing to send it to.
             self.events.append(Dropped("no_via_left", f"{status} {msg.call_id}", flow))
@@ -1379,12 +1415,22 @@ class Proxy:
                     return True
         return False
 
-    def _strip_via(self, msg: Message, ours_end: int) -> bytes | None:
+    def _strip_via(self, msg: Message, ours_end: int, drop: tuple[int, ...] = ()) -> bytes | None:
         """The response with our (top) Via value removed (RFC 3261 §16.7 step 3); None when
-        no Via would be left. ``ours_end``: where our branch ends in the top Via line."""
+        no Via would be left. ``ours_end``: where our branch ends in the top Via line;
+        ``drop``: header lines removed too (an untrusted P-Asserted-Identity)."""
         indexes = msg.indexes("via")
         idx = indexes[0]
         line = msg.lines[idx]
+        if drop:
+            rest = after_first_via(msg.value_at(idx))
+            if not rest and len(indexes) == 1:
+                return None
+            replace: dict[int, bytes | None] = dict.fromkeys(drop)
+            replace[idx] = header_line("Via", rest) if rest else None
+            length = () if msg.content_length is not None else \
+                (f"Content-Length: {len(msg.body)}".encode(),)
+            return msg.serialize(replace=replace, append=length)
         if msg.content_length is None:
             # A datagram may leave Content-Length out (RFC 3261 §18.3: its body is the rest of
             # it); the next hop may be a stream, where a message without one would end at its

@@ -36,7 +36,8 @@ Key = tuple[str, str, str]
 
 @dataclass(slots=True)
 class Subscription:
-    host: str  # the outside party's address: its requests must come from there
+    host: str  # the outside party's address: its requests must come from there ("": any,
+    # while provisional — sent to a host name, not answered yet)
     until: float  # loop time
     provisional: bool = True  # its SUBSCRIBE / REFER not answered 2xx yet
 
@@ -80,7 +81,7 @@ class Subscriptions:
         if sub.until <= now:
             del self.table[key]
             return None
-        return sub if sub.host == host else None
+        return sub if sub.host == host or (sub.provisional and not sub.host) else None
 
     def drop_provisional(self, key: Key) -> None:
         """``key``'s subscription, when its SUBSCRIBE / REFER was never answered 2xx, ends."""

@@ -52,6 +52,9 @@ class DecideOnly:
     def silent_to(self, flow: Flow) -> bool:
         return False
 
+    def asserts_identity(self, flow: Flow) -> bool:
+        return True
+
 
 class Harness:
     """A proxy plus a clock; ``send`` feeds bytes and returns what the proxy sent."""

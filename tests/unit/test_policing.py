@@ -1083,3 +1083,58 @@ def test_a_route_set_naming_sipguard_twice_alike_loses_one_entry_per_pass() -> N
         b"Route: <sip:192.0.2.1:5060;lr>\r\n", pair.encode())
     [sent] = [m for m in to(h.send(info), CORE) if m.method == "INFO"]
     assert sent.get("route") is None
+
+
+def test_an_untrusted_peers_p_asserted_identity_is_removed_from_every_message() -> None:
+    """RFC 3325 §5: a peer with trust_pai: false (or an unknown source) asserts no identity —
+    its P-Asserted-Identity never reaches the core: not on an out-of-dialog MESSAGE, not on
+    the answers and requests of a call the core placed to it, not on its ACK. A trusted
+    peer's stays."""
+    h = PolicyHarness(extra_yaml=(
+        "peers:\n  - name: intl\n    networks: [198.51.100.0/24]\n    trust_pai: false\n"
+        "  - name: home\n    networks: [203.0.113.0/24]\n"), allow_methods=frozenset({"INVITE", "MESSAGE"}))
+    pai = "P-Asserted-Identity: <tel:+442071838750>\r\n"
+
+    def message(src: tuple[str, int], branch: str) -> bytes:
+        return (
+            f"MESSAGE sip:+18005550199@192.0.2.1 SIP/2.0\r\n"
+            f"Via: SIP/2.0/UDP {src[0]}:{src[1]};branch={branch}\r\nMax-Forwards: 70\r\n"
+            f"From: <sip:+12125550100@{src[0]}>;tag=m1\r\nTo: <sip:+18005550199@192.0.2.1>\r\n"
+            f"Call-ID: {branch}\r\nCSeq: 1 MESSAGE\r\n{pai}Content-Length: 0\r\n\r\n").encode()
+
+    [untrusted] = to(h.send(message(CALLER, "z9hG4bK-m1")), CORE)
+    assert untrusted.method == "MESSAGE" and not untrusted.has("p-asserted-identity")
+    [trusted] = to(h.send(message(("203.0.113.9", 5060), "z9hG4bK-m2"), ("203.0.113.9", 5060)),
+                   CORE)
+    assert trusted.values("p-asserted-identity") == ["<tel:+442071838750>"]
+    unknown = ("192.0.2.77", 5060)  # an answer from a source that is no peer
+    for remote, tag in ((CALLER, "rt1"), (unknown, "rt2")):
+        inv = invite(branch=f"z9hG4bK-o{tag}", call_id=f"out-{tag}", via_host="10.0.0.10:5080",
+                     uri=f"sip:+12125550100@{remote[0]}:{remote[1]}")
+        [sent] = [m for m in to(h.send(inv, src=CORE), remote) if m.method == "INVITE"]
+        ringing = to(h.send(answer(sent, 180, "Ringing", to_tag=tag, extra=pai), src=remote), CORE)
+        ok = to(h.send(answer(sent, 200, "OK", to_tag=tag, extra=pai), src=remote), CORE)
+        assert [m.status for m in ringing + ok] == [180, 200]
+        assert not any(m.has("p-asserted-identity") for m in ringing + ok)
+        bye = (
+            f"BYE sip:x@10.0.0.10:5080 SIP/2.0\r\n"
+            f"Via: SIP/2.0/UDP {remote[0]}:{remote[1]};branch=z9hG4bK-b{tag}\r\n"
+            f"Route: <sip:192.0.2.1:5060;lr>\r\nMax-Forwards: 70\r\n"
+            f"From: <sip:+12125550100@{remote[0]}>;tag={tag}\r\n"
+            f"To: <sip:+18005550199@10.0.0.10>;tag=ftag1\r\n"
+            f"Call-ID: out-{tag}\r\nCSeq: 2 BYE\r\n{pai}Content-Length: 0\r\n\r\n").encode()
+        [fwd] = [m for m in to(h.send(bye, src=remote), CORE) if m.method == "BYE"]
+        assert not fwd.has("p-asserted-identity")
+    # the ACK of a call from the untrusted peer
+    inbound = [m for m in to(h.send(invite(call_id="in-1", branch="z9hG4bK-i1")), CORE)
+               if m.method == "INVITE"][0]
+    h.send(answer(inbound, 200, "OK"), src=CORE)
+    [ack] = to(h.send(in_dialog("ACK", call_id="in-1", cseq=1, branch="z9hG4bK-a1", extra=pai)),
+               CORE)
+    assert ack.method == "ACK" and not ack.has("p-asserted-identity")
+    # mode: monitor lets an unknown source's call through, but not its assertion
+    watching = PolicyHarness(extra_yaml="mode: monitor\n" + PEERS)
+    stranger = ("192.0.2.77", 5062)
+    out = watching.send(invite(via_host="192.0.2.77:5062", extra=pai), src=stranger)
+    [fwd] = [m for m in to(out, CORE) if m.method == "INVITE"]
+    assert not fwd.has("p-asserted-identity")

@@ -206,3 +206,20 @@ def test_a_subscribe_never_answered_ends_its_subscription_whatever_notifies_came
     h.advance(40)
     out = h.send(notify("unanswered", cseq=2), src=REMOTE)
     assert to(out, CORE) == [] and statuses(out, REMOTE) == [481]
+
+
+def test_a_subscription_the_core_sends_to_a_host_name_gets_its_notifies() -> None:
+    """The core subscribes to sip:ext100@pbx.example.net: the SUBSCRIBE leaves for the name
+    (the shell resolves it); the PBX's answer and NOTIFYs come from an address, and that
+    address's NOTIFYs reach the core — another's do not, once it has answered."""
+    h = PolicyHarness()
+    data = core_subscribe().replace(b"SUBSCRIBE sip:ext100@203.0.113.50:5060",
+                                    b"SUBSCRIBE sip:ext100@pbx.example.net:5060")
+    out = h.send(data, src=CORE)
+    [sub] = [m for f, m in out if m.method == "SUBSCRIBE" and f.addr == ("pbx.example.net", 5060)]
+    # a NOTIFY before the answer: no address is known yet (RFC 6665 §4.1.2.4)
+    assert [m.method for m in to(h.send(notify(cseq=7), src=OTHER), CORE)] == ["NOTIFY"]
+    h.send(answer(sub, 200, "OK", to_tag="pbxtag"), src=REMOTE)
+    assert [m.method for m in to(h.send(notify(), src=REMOTE), CORE)] == ["NOTIFY"]
+    out = h.send(notify(cseq=2), src=OTHER)
+    assert to(out, CORE) == [] and statuses(out, OTHER) == [481]
