@@ -44,6 +44,7 @@ from typing import Final, Literal, NamedTuple
 
 from sipguard.sip.errors import SipParseError
 from sipguard.sip.message import Message
+from sipguard.sip.uri import number_like
 
 # ---------------------------------------------------------------------- flows
 
@@ -259,22 +260,24 @@ class CallInfo:
 
 def one_identity(msg: Message) -> str | None:
     """The P-Asserted-Identity line with only the values of the caller's number — the first
-    number among them, the one every rule checks — and values without a number; None when
-    nothing is to go (or the values do not parse: left to the rules). The same digits with
-    another international spelling (``+``, ``00``, separators) are the same number."""
+    number among them, the one every rule checks — put first (a receiver reads the first
+    value), then values without a number; a value whose user a receiver may read as a number
+    though none is read here (``*67+1312…``) goes. "": none is left; None when nothing
+    changes (or the values do not parse: left to the rules). The same digits with another
+    international spelling (``+``, ``00``, separators) are the same number."""
     try:
         values = msg.p_asserted_identities
     except SipParseError:
         return None
     numbers = [na.uri.number for na in values]
     first = next((n for n in numbers if n), None)
-    if first is None:
-        return None
     kept = [na.raw for na, n in zip(values, numbers, strict=True)
-            if n is None or same_number(n, first)]
-    if len(kept) == len(values):
+            if n is not None and first is not None and same_number(n, first)]
+    kept += [na.raw for na, n in zip(values, numbers, strict=True)
+             if n is None and not number_like(na.uri)]
+    if kept == [na.raw for na in values]:
         return None
-    return "P-Asserted-Identity: " + ", ".join(kept)
+    return "P-Asserted-Identity: " + ", ".join(kept) if kept else ""
 
 
 def same_number(a: str, b: str) -> bool:

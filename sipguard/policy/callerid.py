@@ -64,6 +64,7 @@ from sipguard.contract import Verdict, same_number
 from sipguard.policy import numbers
 from sipguard.policy.callerid_settings import Answers
 from sipguard.policy.peers import NumberSet, Peer, read_number_file
+from sipguard.sip.uri import number_like
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -159,11 +160,11 @@ class CallerId:
                 return self._fail(call, "caller_not_owned", "not_owned", e164, FAILED, ())
             verstat = PASSED
         tags: list[str] = []
-        if (
-            s.pai_mismatch != "ignore"
-            and pai_number is not None
-            and from_number is not None
-            and not _same_number(pai_number, from_number, region)
+        if s.pai_mismatch != "ignore" and pai_number is not None and (
+            (from_number is not None and not _same_number(pai_number, from_number, region))
+            # a From that shows a number sipguard cannot read (*67+1312…, +1312…#): not the
+            # asserted one, as far as anyone can tell
+            or (from_number is None and number_like(from_uri))
         ):
             if s.pai_mismatch == "reject":
                 return self._fail(call, "pai_mismatch", "spoofed", e164, FAILED, ())
@@ -323,10 +324,14 @@ def _pai_line(msg: Message, verstat: str) -> str:
     if line is None:
         pais = msg.p_asserted_identities
         checked = _first_number(pais)
-        # values of another number are not forwarded at all (the proxy drops them too)
+        # the checked number's values first (a receiver reads the first), then those without
+        # a number; values of another number, or one not read here (*67+1312…), not at all
+        # (as the proxy does: contract.one_identity)
+        kept = [na for na in pais if na.uri.number is not None and checked is not None
+                and same_number(na.uri.number, checked)]
+        kept += [na for na in pais if na.uri.number is None and not number_like(na.uri)]
         line = "P-Asserted-Identity: " + ", ".join(
-            _with_verstat(na, verstat if na.uri.number == checked else None) for na in pais
-            if na.uri.number is None or checked is None or same_number(na.uri.number, checked))
+            _with_verstat(na, verstat if na.uri.number == checked else None) for na in kept)
         if sum(map(len, values)) <= _PAI_MEMO_CHARS:
             if len(_PAI_LINES) >= _PAI_LINES_MAX:
                 _PAI_LINES.clear()
@@ -377,17 +382,20 @@ def _without_verstat(rest: str) -> str:
 def _uri_with_verstat(uri: Uri, verstat: str | None) -> str | None:
     """The URI text with ``;verstat=`` set (None: only any verstat removed): a tel URI
     parameter, or in the user part of a SIP URI (with ``user=phone`` added when the URI has
-    no ``user`` parameter). None when the URI carries no telephone number."""
-    if uri.number is None:
-        return None
+    no ``user`` parameter). Without a telephone number none is set, any the peer wrote
+    removed. None for another scheme."""
     raw = uri.raw
+    if uri.number is None:
+        verstat = None  # none set; one the peer put there still goes (a sip:gw@carrier)
     add = [] if verstat is None else [f"verstat={verstat}"]
     if uri.scheme == "tel":
         head, *params = raw.split(";")
         kept = [p for p in params if not _is_verstat(p)]
         return ";".join([head, *kept, *add])
-    if uri.scheme not in ("sip", "sips") or uri.user is None:
+    if uri.scheme not in ("sip", "sips"):
         return None
+    if uri.user is None:
+        return raw[: raw.index(":") + 1] + _without_verstat(raw[raw.index(":") + 1 :])
     start = raw.index(":") + 1
     at = raw.index("@", start)
     user, colon, password = raw[start:at].partition(":")

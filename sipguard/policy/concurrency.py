@@ -357,9 +357,11 @@ def diversion_hops(msg: Message) -> int:
     if msg.has("diversion"):
         for na in msg.diversions:
             counter = get_param(na.params, "counter")
-            # diversion-counter = "counter" EQUAL 1*2DIGIT
+            # diversion-counter = "counter" EQUAL 1*2DIGIT; a longer one counts as many
+            # (counter=100 is no way around max_diversions), 0 or junk as one entry
             ok = counter is not None and counter.isascii() and counter.isdigit()
-            div += int(counter) if ok and counter and len(counter) <= 2 and int(counter) else 1
+            div += (int(counter) if len(counter) <= 3 else 999) if ok and counter and \
+                counter.strip("0") else 1
     hi = 0
     if msg.has("history-info"):
         hi = len(diverting_entries(msg.history_info))

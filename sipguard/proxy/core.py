@@ -1072,16 +1072,16 @@ class Proxy:
         on: its verdict headers (and ``sip.strip_headers``), any ``verstat`` parameter in
         From or P-Asserted-Identity (a rule that vouches for the caller puts its own), and
         P-Asserted-Identity values asserting another number than the first (the caller the
-        rules check; RFC 3325 §9.1: two values are one identity, a SIP and a tel URI)."""
+        rules check; RFC 3325 §9.1: two values are one identity, a SIP and a tel URI) or one
+        it cannot read (see :func:`one_identity`), the checked one put first."""
         for name in self.settings.strip_headers:
             for i in msg.indexes(name):
                 replace[i] = None
         pai = msg.indexes("p-asserted-identity")
-        if pai and replace.get(pai[0], b"") is not None and (
-                len(pai) > 1 or b"," in msg.lines[pai[0]]):  # (not when strip_headers has it)
+        if pai and replace.get(pai[0], b"") is not None:  # (not when strip_headers has it)
             one = one_identity(msg)
             if one is not None:
-                replace[pai[0]] = one.encode("utf-8", "surrogateescape")
+                replace[pai[0]] = one.encode("utf-8", "surrogateescape") if one else None
                 for i in pai[1:]:
                     replace[i] = None
         for name in ("from", "p-asserted-identity"):

@@ -217,7 +217,11 @@ class Router:
         # From the outside sipguard is no open relay: every request goes to the core, whatever
         # Route or Request-URI it carries (the core routes in-dialog requests on by them).
         # Whether an in-dialog request may come from this source at all is the proxy core's
-        # check (the dialog's outside party).
+        # check (the dialog's outside party). A new request's Route entries beyond sipguard's
+        # own are the sender's pre-loaded route: a core that routes on them would carry an
+        # accepted call on to wherever the peer chose — removed.
+        if initial and msg.has("route"):
+            return self.settings.core, start_line, []
         return self.settings.core, start_line, routes
 
 

@@ -82,6 +82,9 @@ _TEL_SUBSCRIBER: Final = regex.compile(r"\+[0-9().\-]*+|[0-9A-Fa-f*#().\-]++")
 _DROP_SEPARATORS: Final = str.maketrans("", "", "-.() ")
 _DROP_DIALCHARS: Final = str.maketrans("", "", "0123456789*#")
 _NUMBER_START: Final = frozenset("+0123456789-.() ")
+_CONTROL: Final = re.compile("[\x00-\x1f\x7f]")
+# what a receiver may skip around the digits of a number: dial and visual characters, a pause
+_DROP_NUMBERISH: Final = str.maketrans("", "", "+*#,-.() ")
 
 
 @dataclass(slots=True, init=False, unsafe_hash=True)
@@ -379,6 +382,12 @@ def _number(user: str, phone: bool) -> str | None:
     """
     if "%" in user:
         user = _pct_unquote(user, encoding="latin-1")
+        head = user.partition(";")[0]
+        if _CONTROL.search(head) is not None and _CONTROL.sub("", head).translate(
+                _DROP_NUMBERISH).isdigit():
+            # "+1212…%00": a receiver reading C strings sees a number this one does not (RFC
+            # 4475's "null-%00-null" is no number: it passes)
+            raise SipParseError(400, "escaped control character in a telephone number")
     elif user[0] not in _NUMBER_START:
         if not phone:
             return None  # fast exit for the usual "alice"
@@ -393,3 +402,16 @@ def _number(user: str, phone: bool) -> str | None:
     if phone and not body.translate(_DROP_DIALCHARS) and any(c.isdigit() for c in body):
         return digits
     return None
+
+
+def number_like(uri: Uri) -> bool:
+    """A user part without a number as read here that a receiver may still read as one: only
+    digits around dial and visual characters (``*67+12125550100``, ``+12125550100#`` without
+    ``user=phone``, ``+12125550100,``). Whatever number it shows, none was checked."""
+    user = uri.user
+    if uri.number is not None or not user:
+        return False
+    if "%" in user:
+        user = _pct_unquote(user, encoding="latin-1")
+    body = user.partition(";")[0].translate(_DROP_NUMBERISH)
+    return body.isascii() and body.isdigit()

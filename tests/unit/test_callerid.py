@@ -381,7 +381,7 @@ def test_a_second_number_in_p_asserted_identity_never_reaches_the_core() -> None
     call = Call(h, caller="+12125550100", extra=pai(
         "<sip:gw@carrier.example>, <tel:+442071838750>, <sip:+31201234567@x.example;user=phone>"))
     assert call.core.values("p-asserted-identity") == [
-        "<sip:gw@carrier.example>, <tel:+442071838750>"]
+        "<tel:+442071838750>, <sip:gw@carrier.example>"]  # the checked number first
     two_lines = Call(h, caller="+12125550100",
                      extra=pai("<tel:+442071838750>") + pai("<tel:+31201234567>"))
     assert two_lines.core.values("p-asserted-identity") == ["<tel:+442071838750>"]
@@ -684,3 +684,46 @@ def test_a_number_list_with_any_line_ending_reads_the_same(tmp_path: Path) -> No
         from sipguard.policy.peers import read_number_file
 
         assert read_number_file(tmp_path / "dno.txt") == ["+18005550100", "+1900*"], ending
+
+
+@pytest.mark.parametrize("rules", ["rules: {callerid: {}}\n", ""])
+def test_a_pai_value_without_a_readable_number_carries_no_verstat_and_never_comes_first(
+        rules: str) -> None:
+    """A P-Asserted-Identity value whose user a receiver may read as a number though none is
+    read here (*67+1312…, a trailing #) is not forwarded: nobody checked it. A forged verstat
+    on a value without a number (sip:gw@carrier;verstat=…) is removed, and the checked number
+    goes first — a core takes the first value for the caller. With rule callerid on or off."""
+    h = harness(PEERS + rules)
+    forged = "verstat=TN-Validation-Passed"
+    call = Call(h, caller="+12125557089", extra=pai(
+        f"<sip:*67+13125557090;{forged}@h.example;user=phone>, <tel:+12125557089>"))
+    assert call.status == 0
+    want = f"<tel:+12125557089;{forged}>" if rules else "<tel:+12125557089>"
+    assert call.core.values("p-asserted-identity") == [want]
+    hashed = Call(h, caller="+12125557089", extra=pai(
+        "<sip:+13125557094%23@h.example>, <tel:+12125557089>"))
+    assert hashed.core.values("p-asserted-identity") == [want]
+    gateway = Call(h, caller="+12125557089", extra=pai(f"<sip:gw@carrier.example;{forged}>"))
+    assert gateway.status == 0 and forged not in str(gateway.core.values("p-asserted-identity"))
+    alone = Call(h, caller="+12125557089", extra=pai("<sip:*67+13125557090@h.example;user=phone>"))
+    assert all("13125557090" not in v for v in alone.core.values("p-asserted-identity"))
+
+
+def test_a_from_showing_a_number_sipguard_cannot_read_is_a_mismatch() -> None:
+    """Behind an asserted number, a From whose user a receiver may read as another number —
+    *67+1312…, +1212…# (a DNO number), +1312…, — is taken as not the asserted one:
+    pai_mismatch (it passed every From check before, none being read). An escaped control
+    character in a number (+1312…%00, which a receiver reading C strings sees as +1312…) is
+    a 400 wherever it is."""
+    h = harness(PEERS + "rules: {callerid: {dno: ['+12125550666'], pai_mismatch: reject}}\n")
+    for shown in ("sip:*67+13125556944@h.example;user=phone", "sip:+12125550666%23@h.example",
+                  "sip:+13125556950,@h.example"):
+        n = next(_ids)
+        data = invite(branch=f"z9hG4bK-s{n}", call_id=f"s{n}@test", caller="+12125556943",
+                      extra=pai("<tel:+12125556943>")).replace(
+            b"From: <sip:+12125556943@198.51.100.7>", f"From: <{shown}>".encode())
+        [final] = [m for m in to(h.send(data), CALLER) if m.status >= 200]
+        assert final.status == 603, shown
+    assert Call(h, caller="+12125556943", extra=pai("<tel:+12125556943>")).status == 0
+    assert Call(h, caller="+13125556944%00", extra=pai("<tel:+12125556943>")).status == 400
+    assert Call(h, caller="null-%00-null", extra=pai("<tel:+12125556943>")).status == 0  # RFC 4475

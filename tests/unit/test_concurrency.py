@@ -125,6 +125,11 @@ def test_one_diverter_in_several_spellings_is_one_diverter() -> None:
         ("Diversion: <sip:+13125550001@a.example>\r\n", 1),
         ("Diversion: <sip:+13125550001@a.example>, <sip:+13125550002@b.example>\r\n", 2),
         ("Diversion: <sip:+13125550001@a.example>;counter=3\r\n", 3),
+        # RFC 5806 allows two digits: more count as many, never as one; 0 or junk as one
+        ("Diversion: <sip:+13125550001@a.example>;counter=100\r\n", 100),
+        ("Diversion: <sip:+13125550001@a.example>;counter=" + "9" * 5000 + "\r\n", 999),
+        ("Diversion: <sip:+13125550001@a.example>;counter=0\r\n", 1),
+        ("Diversion: <sip:+13125550001@a.example>;counter=x\r\n", 1),
         ("History-Info: <sip:+13125550001@a.example>;index=1, "
          "<sip:+13125550002@b.example;cause=302>;index=1.1, "
          "<sip:+18005550199@c.example;cause=486>;index=1.1.1\r\n", 2),

@@ -469,12 +469,18 @@ def test_tcp_responses_go_back_on_the_same_connection() -> None:
 
 
 def test_outside_requests_never_relay_through_a_foreign_route() -> None:
-    """A preloaded Route goes to the core only; a request for a dialog sipguard did not set
-    up is refused (481) and goes nowhere."""
+    """A preloaded Route goes to the core only, and not in the request either: a core that
+    follows it would carry the call on to where the peer chose (also behind sipguard's own
+    entry); a request for a dialog sipguard did not set up is refused (481) and goes
+    nowhere."""
     h = Harness()
-    out = h.send(invite(extra="Route: <sip:203.0.113.99:5060;lr>\r\n"))
-    assert [m.method for m in _to(out, CORE)] == ["INVITE"]
-    assert _to(out, ("203.0.113.99", 5060)) == []
+    for n, route in enumerate(("<sip:203.0.113.99:5060;lr>",
+                               "<sip:192.0.2.1:5060;lr>, <sip:203.0.113.99:5060;lr>")):
+        out = h.send(invite(extra=f"Route: {route}\r\nRoute: <sip:10.0.0.10;lr>\r\n",
+                            call_id=f"pre-{n}", branch=f"z9hG4bK-pre{n}"))
+        [fwd] = [m for m in _to(out, CORE) if m.method == "INVITE"]
+        assert not fwd.has("route")
+        assert _to(out, ("203.0.113.99", 5060)) == []
     bye = (
         b"BYE sip:victim@203.0.113.99:5060 SIP/2.0\r\n"
         b"Via: SIP/2.0/UDP 198.51.100.7:5062;branch=z9hG4bK-fake-bye\r\n"
