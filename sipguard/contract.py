@@ -44,7 +44,7 @@ from typing import Final, Literal, NamedTuple
 
 from sipguard.sip.errors import SipParseError
 from sipguard.sip.message import Message
-from sipguard.sip.uri import number_like
+from sipguard.sip.uri import no_digits
 
 # ---------------------------------------------------------------------- flows
 
@@ -261,8 +261,9 @@ class CallInfo:
 def one_identity(msg: Message) -> str | None:
     """The P-Asserted-Identity line with only the values of the caller's number — the first
     number among them, the one every rule checks — put first (a receiver reads the first
-    value), then values without a number; a value whose user a receiver may read as a number
-    though none is read here (``*67+1312…``) goes. "": none is left; None when nothing
+    value), then SIP URIs without a digit in their user part (``sip:gw@carrier``); any other
+    value (``*67+1312…``, ``skp:+1312…``, ``sip:+13125=50123@…``: a receiver may read a number
+    there that none was read as here) goes. "": none is left; None when nothing
     changes (or the values do not parse: left to the rules). The same digits with another
     international spelling (``+``, ``00``, separators) are the same number."""
     try:
@@ -274,7 +275,7 @@ def one_identity(msg: Message) -> str | None:
     kept = [na.raw for na, n in zip(values, numbers, strict=True)
             if n is not None and first is not None and same_number(n, first)]
     kept += [na.raw for na, n in zip(values, numbers, strict=True)
-             if n is None and not number_like(na.uri)]
+             if n is None and no_digits(na.uri)]
     if kept == [na.raw for na in values]:
         return None
     return "P-Asserted-Identity: " + ", ".join(kept) if kept else ""

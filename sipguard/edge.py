@@ -53,6 +53,7 @@ from sipguard.policy import flood
 from sipguard.policy.engine import Policy
 from sipguard.proxy.core import Proxy
 from sipguard.proxy.settings import ProxySettings
+from sipguard.sip.errors import SipParseError
 from sipguard.sip.message import Message
 
 
@@ -251,6 +252,8 @@ class EdgeCore:
     def screen(self, msg: Message, flow: Flow, now: float) -> Verdict | None:
         try:
             verdict = self.policy.screen(msg, flow, now)  # an unknown source first: silence
+        except SipParseError:
+            raise  # a From / PAI / URI the suspended-number check reads is malformed: a 400
         except Exception:  # fails closed, like a rule that raises
             self.proxy.events.append(Failed("screen", traceback.format_exc(limit=8), flow))
             return DECISION_FAILED

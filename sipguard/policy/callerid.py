@@ -57,6 +57,7 @@ for a caller number seen before (the number lookup is one cache hit, see
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING, Final
 from urllib.parse import unquote
 
@@ -64,7 +65,7 @@ from sipguard.contract import Verdict, same_number
 from sipguard.policy import numbers
 from sipguard.policy.callerid_settings import Answers
 from sipguard.policy.peers import NumberSet, Peer, read_number_file
-from sipguard.sip.uri import number_like
+from sipguard.sip.uri import no_digits, number_like
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -169,6 +170,11 @@ class CallerId:
             if s.pai_mismatch == "reject":
                 return self._fail(call, "pai_mismatch", "spoofed", e164, FAILED, ())
             tags.append("callerid.pai_mismatch")
+        if s.display_mismatch != "ignore" and _display_mismatch(
+                msg, has_pai and trusted, raw, from_number, region):
+            if s.display_mismatch == "reject":
+                return self._fail(call, "display_mismatch", "spoofed", e164, FAILED, tags)
+            tags.append("callerid.display_mismatch")
         ns = s.neighbor_spoofing
         if ns.enabled and e164 is not None and call.callee is not None:
             callee = numbers.parts(call.callee, region)  # compared, not judged: no validity
@@ -267,6 +273,38 @@ def _first_number(values: list[NameAddr]) -> str | None:
     return None
 
 
+_DISPLAY_NUMBER: Final = re.compile(r"\+?[0-9]{6,15}")
+_DISPLAY_SEPARATORS: Final = str.maketrans("", "", "-.() \t")
+
+
+def _display_mismatch(msg: Message, pai: bool, caller: str, from_number: str | None,
+                      region: str | None) -> bool:
+    """The display name of From (or of the first P-Asserted-Identity, ``pai``) is a telephone
+    number that is neither ``caller`` nor From's number."""
+    names = [msg.from_.display]
+    if pai:
+        names.append(msg.p_asserted_identities[0].display)
+    for name in names:
+        if not name or not any(c.isdigit() for c in name):
+            continue
+        digits = name.translate(_DISPLAY_SEPARATORS)
+        if _DISPLAY_NUMBER.fullmatch(digits) is None:
+            continue
+        if not _shows(digits, caller, region) and (
+                from_number is None or not _shows(digits, from_number, region)):
+            return True
+    return False
+
+
+def _shows(digits: str, number: str, region: str | None) -> bool:
+    """A display name's ``digits`` are ``number``: the same in E.164, or its national
+    spelling — the number's last digits, a trunk 0 aside (read without a region too)."""
+    if _same_number(digits, number, region):
+        return True
+    national = digits.lstrip("+").lstrip("0")
+    return len(national) >= 6 and "".join(c for c in number if c.isdigit()).endswith(national)
+
+
 def _listed(ns: NumberSet, e164: str | None, raw: str) -> bool:
     return (e164 is not None and e164 in ns) or raw in ns
 
@@ -324,12 +362,12 @@ def _pai_line(msg: Message, verstat: str) -> str:
     if line is None:
         pais = msg.p_asserted_identities
         checked = _first_number(pais)
-        # the checked number's values first (a receiver reads the first), then those without
-        # a number; values of another number, or one not read here (*67+1312…), not at all
-        # (as the proxy does: contract.one_identity)
+        # the checked number's values first (a receiver reads the first), then SIP URIs with
+        # no digit; values of another number, or digits not read as one here (*67+1312…), not
+        # at all (as the proxy does: contract.one_identity)
         kept = [na for na in pais if na.uri.number is not None and checked is not None
                 and same_number(na.uri.number, checked)]
-        kept += [na for na in pais if na.uri.number is None and not number_like(na.uri)]
+        kept += [na for na in pais if na.uri.number is None and no_digits(na.uri)]
         line = "P-Asserted-Identity: " + ", ".join(
             _with_verstat(na, verstat if na.uri.number == checked else None) for na in kept)
         if sum(map(len, values)) <= _PAI_MEMO_CHARS:

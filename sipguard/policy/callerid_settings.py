@@ -162,6 +162,14 @@ class Settings(RuleSettings):
         "ignore. Not `reject` by default: PAI ≠ From is legitimate for forwarded calls and for "
         "contact centers presenting a main number.",
     )
+    display_mismatch: Literal["reject", "tag", "ignore"] = Field(
+        default="tag",
+        description="The display name of From or of P-Asserted-Identity is a telephone number "
+        "(6–15 digits, `+` and separators allowed) that is neither the caller's nor From's "
+        "(compared in E.164): reject (`answers.spoofed`, 603+), tag "
+        "(`callerid.display_mismatch`) or ignore. A phone or agent screen showing the display "
+        "name shows that unchecked number.",
+    )
     anonymous: Literal["allow", "reject"] = Field(
         default="allow",
         description="Withheld callers (Privacy: id, anonymous@anonymous.invalid): allow, or "

@@ -415,3 +415,11 @@ def number_like(uri: Uri) -> bool:
         user = _pct_unquote(user, encoding="latin-1")
     body = user.partition(";")[0].translate(_DROP_NUMBERISH)
     return body.isascii() and body.isdigit()
+
+
+def no_digits(uri: Uri) -> bool:
+    """A SIP URI whose user part (if any) has no digit, escaped or not (``sip:gw@carrier``):
+    nobody reads a telephone number in it."""
+    user = uri.user or ""
+    return uri.scheme in ("sip", "sips") and "%" not in user and not any(
+        c.isdigit() for c in user)

@@ -112,9 +112,10 @@ _VIA_PORT = re.compile(rb"SIP[ \t]*/[ \t]*2\.0[ \t]*/[ \t]*\w+[ \t]+(?:\[[^\]]*\
 
 
 def _head_end(data: bytes) -> int:
-    """Where the header block ends (its empty line), or 8192: what the scans below read."""
+    """Where the header block ends (its empty line), or what the scans below read: the first
+    8192 bytes, or the whole datagram when shorter (a header block without its empty line)."""
     end = data.find(b"\r\n\r\n", 0, 8192)
-    return 8192 if end < 0 else end
+    return min(8192, len(data)) if end < 0 else end
 
 
 def _header(data: bytes, line: re.Pattern[bytes], end: int) -> bytes | None:
@@ -369,7 +370,10 @@ class WorkerLink:
 
     # ------------------------------------------------------------------ sending
     def owner(self, data: bytes, from_core: bool = False) -> int:
-        found = owner_of(data, self.count, self.own_ports, from_core)
+        try:
+            found = owner_of(data, self.count, self.own_ports, from_core)
+        except Exception:  # noqa: BLE001 — bytes the scans did not foresee: parsed (and
+            found = None  # answered 400, or dropped) here, as on one process
         return self.index if found is None else found
 
     def _send(self, envelope: bytes, to: int, queue: bool = False) -> bool:

@@ -727,3 +727,41 @@ def test_a_from_showing_a_number_sipguard_cannot_read_is_a_mismatch() -> None:
     assert Call(h, caller="+12125556943", extra=pai("<tel:+12125556943>")).status == 0
     assert Call(h, caller="+13125556944%00", extra=pai("<tel:+12125556943>")).status == 400
     assert Call(h, caller="null-%00-null", extra=pai("<tel:+12125556943>")).status == 0  # RFC 4475
+
+
+def test_a_display_name_showing_another_number_is_a_display_mismatch() -> None:
+    """From's (or PAI's) display name is a telephone number that is neither the caller's nor
+    From's: tagged callerid.display_mismatch by default, 603 with display_mismatch: reject.
+    The caller's own number there, in another spelling, or a name, is no mismatch."""
+    def call(h: Harness, display: str) -> None:
+        n = next(_ids)
+        h.send(invite(branch=f"z9hG4bK-d{n}", call_id=f"d{n}@test", caller="+12125556920")
+               .replace(b"From: <sip:", f"From: {display} <sip:".encode()))
+
+    h = harness(PEERS + "rules: {callerid: {}}\n")
+    for display, mismatch in (('"+1 (312) 555-6921"', True), ("+13125556921", True),
+                              ('"212-555-6920"', False), ('"+12125556920"', False),
+                              ('"Acme Support 24/7"', False), ('"Agent 1234"', False)):
+        call(h, display)
+        decided = [e for e in h.events if isinstance(e, InviteDecided)][-1]
+        assert ("callerid.display_mismatch" in str(decided.verdict.forward_headers)) == mismatch, \
+            display
+    pai_named = Call(h, caller="+12125556920", extra=pai('"+13125550123" <sip:x@carrier.example>'))
+    assert "callerid.display_mismatch" in str(pai_named.core.values("x-sipguard-verdict"))
+    strict = harness(PEERS + "rules: {callerid: {display_mismatch: reject}}\n")
+    call(strict, '"+13125556921"')
+    decided = [e for e in strict.events if isinstance(e, InviteDecided)][-1]
+    assert (decided.verdict.status, decided.verdict.reason) == (603, "display_mismatch")
+
+
+def test_pai_values_with_digits_but_no_number_or_of_another_scheme_are_not_forwarded() -> None:
+    """Values a receiver may read a number in that none was read as here — another scheme
+    (skp:), a user with digits around other characters — do not reach the core; a SIP URI
+    without a digit (sip:gw@carrier) does."""
+    h = harness(PEERS)
+    for value in ("<skp:+13125550123@x.example>", "<sip:+13125=50123@x.example>",
+                  "<sip:gw7@carrier.example>"):
+        call = Call(h, caller="+12125550100", extra=pai(f"{value}, <tel:+12125550100>"))
+        assert call.core.values("p-asserted-identity") == ["<tel:+12125550100>"], value
+    kept = Call(h, caller="+12125550100", extra=pai("<sip:gw@carrier.example>, <tel:+12125550100>"))
+    assert kept.core.values("p-asserted-identity") == ["<tel:+12125550100>, <sip:gw@carrier.example>"]

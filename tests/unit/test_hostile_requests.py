@@ -192,3 +192,19 @@ def test_every_rules_verdict_header_is_stripped_from_outside_even_where_the_rule
     h = PolicyHarness(strip_headers=owned_headers(cfg))
     _, fwd = h.call(1, extra="X-NatCli: national_cli.anonymised;mobile\r\nX-Dialer: ok\r\n")
     assert fwd is not None and not fwd.has("x-natcli") and not fwd.has("x-dialer")
+
+
+def test_a_malformed_identity_on_a_request_screened_for_suspensions_is_a_400() -> None:
+    """With a suspended list, an OPTIONS / MESSAGE is screened for a suspended caller before it
+    gets a transaction; a P-Asserted-Identity there that does not parse is a stateless 400 —
+    it was a 500 and an internal error (a bug report) per message."""
+    h = PolicyHarness(extra_yaml='suspended: ["+19005550000"]\n')
+    for n, value in enumerate(("<sip:+13125550000@x.example", "<\x1csip:+13125550000@x>")):
+        data = (f"OPTIONS sip:192.0.2.1 SIP/2.0\r\n"
+                f"Via: SIP/2.0/UDP 198.51.100.7:5062;branch=z9hG4bK-bad{n}\r\nMax-Forwards: 70\r\n"
+                f"From: <sip:+12125550100@198.51.100.7>;tag=a\r\nTo: <sip:192.0.2.1>\r\n"
+                f"Call-ID: bad-{n}\r\nCSeq: 1 OPTIONS\r\nP-Asserted-Identity: {value}\r\n"
+                f"Content-Length: 0\r\n\r\n").encode()
+        out = h.send(data)
+        assert to(out, CORE) == [] and statuses(out) == [400]
+    assert not [e for e in h.events if type(e).__name__ == "Failed"]

@@ -335,3 +335,14 @@ def test_a_route_line_built_to_make_a_pattern_backtrack_costs_linear_time() -> N
     for _ in range(200):
         assert named_port(bye) is None
     assert time.process_time() - started < 1.0
+
+
+def test_a_header_block_cut_short_after_a_line_is_owned_without_an_error() -> None:
+    """A datagram whose header block ends right after From's CRLF (no To, no empty line):
+    the scans stop at its end (they read past it and raised IndexError in the loop's
+    callback, the datagram unanswered)."""
+    data = (b"INVITE sip:+18005550199@192.0.2.1 SIP/2.0\r\n"
+            b"Via: SIP/2.0/UDP 198.51.100.7:5062;branch=z9hG4bK-cut\r\n"
+            b"From: <sip:+12125550100@198.51.100.7>;tag=a\r\n")
+    assert owner_of(data, 4) == owner_of(data + b"To: <sip:b@x>\r\n\r\n", 4)
+    assert owner_of(data[:-1], 4) is not None
