@@ -1064,6 +1064,9 @@ class Proxy:
             elif new is not None:
                 append.append(new)
         append.extend(e.encode("utf-8", "surrogateescape") for e in extra)
+        if start_line is None and not msg.start_line.endswith(b" SIP/2.0"):
+            # "sip/2.0" is read (any case) but sent upper-case only (RFC 3261 §7.1)
+            start_line = msg.start_line[: msg.start_line.rfind(b" ") + 1] + b"SIP/2.0"
         return msg.serialize(prepend=prepend, replace=replace, append=append,
                              start_line=start_line)
 

@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 A :class:`Message` keeps the start line and the header lines exactly as they arrived:
-``lines[i]`` is a raw header line (folded continuation lines attached, byte for byte) and
+``lines[i]`` is a raw header line (byte for byte; a folded one unfolded, each fold one space) and
 ``names[i]`` its canonical lower-case name, indexed by name; the body is kept as bytes.
 :func:`sipguard.sip.parser.parse_message` builds it and checks only what every message needs;
 everything else — Via, From, To, Route, Identity, History-Info and the rest — is parsed here on
@@ -204,8 +204,7 @@ class Message:
     """A parsed SIP request or response over its original bytes.
 
     ``names[i]`` is the canonical lower-case name of header line ``lines[i]``; ``lines[i]`` is
-    the raw header line (folded continuation lines included, CRLF between them, no trailing
-    CRLF). Typed accessors parse on first use and cache the result; ``limits`` are those it
+    the raw header line (a folded one joined, one space for each fold; no trailing CRLF). Typed accessors parse on first use and cache the result; ``limits`` are those it
     was parsed under (the list accessors check ``max_list_entries``).
     """
 

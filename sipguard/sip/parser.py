@@ -3,8 +3,8 @@
 Theory of operation
 -------------------
 ``parse_message(data)`` does the minimum every message needs and nothing more: it splits the
-start line and the header block into raw lines (folded continuation lines stay attached to their
-header, byte for byte), maps each header name to its canonical lower-case long form (compact
+start line and the header block into raw lines (a folded header joined into one line, each
+fold one space: RFC 3261 §7.3.1; every other line byte for byte), maps each header name to its canonical lower-case long form (compact
 forms expanded), indexes them by name, checks the handful of things a proxy must check on every
 message (start line, version, mandatory single-instance headers, Content-Length, CSeq) and
 slices the body, cut to Content-Length over UDP. Everything else is left to the message's typed
@@ -285,6 +285,7 @@ def _split_headers(
                     error = SipParseError(400, f"malformed header name {bad!r}")
                 continue
         folds = i - start - 1
+        size = len(line)
         if folds:
             if folds > max_folds:
                 if error is None:
@@ -294,11 +295,17 @@ def _split_headers(
                         f"(max_continuation_lines {max_folds})",
                     )
                 continue
-            line = CRLF.join(raw_lines[start:i])
-        if len(line) > max_line:
+            # unfolded: each CRLF and the whitespace around it one space (RFC 3261 §7.3.1).
+            # Forwarded folded, a line is read by the next hop's own stream framer, which may
+            # take " Content-Length: 0" under another header for the message's length and
+            # the body for a second request nobody checked.
+            parts = raw_lines[start:i]
+            size = sum(map(len, parts)) + 2 * folds  # as received: CRLFs included
+            line = b" ".join([parts[0].rstrip(WS), *(part.strip(WS) for part in parts[1:])])
+        if size > max_line:
             if error is None:
                 error = SipParseError(
-                    513, f"{name} line of {len(line)} bytes (max_header_line {max_line})"
+                    513, f"{name} line of {size} bytes (max_header_line {max_line})"
                 )
             continue
         names.append(name)

@@ -118,3 +118,54 @@ def test_a_tcp_core_that_refuses_the_connection_is_a_503_at_once(stack: E2EStack
 def _to_tag(response: bytes) -> str:
     m = re.search(r";tag=([^;>\s]+)", header(response, "To"))
     return m.group(1) if m else ""
+
+
+def test_a_folded_header_reaches_a_tcp_core_unfolded(stack: E2EStack) -> None:
+    """A fold that reads ` Content-Length: 0` under another header, and a body that is a
+    second INVITE: a core's stream framer that takes the folded line for the length would read
+    the body as a request nobody checked (with sipguard's own headers forged in it). sipguard
+    sends every header line unfolded (RFC 3261 §7.3.1): one message, one Content-Length."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind((CORE_HOST, 0))
+    listener.listen(4)
+    port = free_port()
+    guard = SipguardProcess(stack.workdir, listen=[f"udp://{HOST}:{port}"],
+                            core=f"tcp://{CORE_HOST}:{listener.getsockname()[1]}")
+    stack.guards.append(guard)
+    guard.start(10.0)
+    caller = Caller(port)
+    smuggled = (f"INVITE sip:+19005550100@{CORE_HOST} SIP/2.0\r\n"
+                f"Via: SIP/2.0/TCP {HOST}:{port};branch=z9hG4bK-smuggled\r\n"
+                "From: <sip:+13125550000@evil.example>;tag=s\r\nTo: <sip:+19005550100@x>\r\n"
+                "Call-ID: smuggled\r\nCSeq: 1 INVITE\r\nMax-Forwards: 70\r\n"
+                "X-Sipguard-Identity: TN-Validation-Passed;attest=A\r\n"
+                "Content-Length: 0\r\n\r\n").encode()
+    conns: list[socket.socket] = []
+    try:
+        for fold in (b" ", b"\t"):
+            call_id = f"folded-{fold[0]}"
+            req = caller.request("INVITE", call_id, extra="Subject: hello\r\n" + fold.decode()
+                                 + "Content-Length: 0\r\n").replace(
+                b"Content-Length: 0\r\n\r\n", b"Content-Length: %d\r\n\r\n" % len(smuggled)
+                + smuggled)
+            caller.send(req)
+            listener.settimeout(5)
+            if not conns:
+                conns.append(listener.accept()[0])
+            conn = conns[0]
+            data = read_head(conn)
+            with contextlib.suppress(TimeoutError, OSError):
+                conn.settimeout(0.5)
+                while chunk := conn.recv(65535):
+                    data += chunk
+            head, _, body = data.partition(b"\r\n\r\n")
+            assert head.startswith(b"INVITE ") and call_id.encode() in head, head
+            assert b"\r\n " not in head and b"\r\n\t" not in head, head
+            lengths = [ln for ln in head.split(b"\r\n") if ln.lower().startswith(b"content-length")]
+            assert lengths == [b"Content-Length: %d" % len(smuggled)]
+            assert body == smuggled  # the whole rest of the stream is that one body
+    finally:
+        caller.close()
+        for conn in conns:
+            conn.close()
+        listener.close()

@@ -674,3 +674,11 @@ def test_two_listeners_advertised_alike_write_one_record_route() -> None:
                     from_callee=True).replace(b"Route: <sip:192.0.2.1:5060;lr>", route)
     out = h.send(bye, src=CORE)
     assert [m.method for m in _to(out, CALLER)] == ["BYE"]
+
+
+def test_a_request_line_version_in_lower_case_leaves_in_upper_case() -> None:
+    """RFC 3261 §7.1: the version is read in any case and sent upper-case."""
+    h = Harness()
+    out = h.send(invite().replace(b";user=phone SIP/2.0\r\n", b";user=phone sip/2.0\r\n", 1))
+    [fwd] = [m for m in _to(out, CORE) if m.method == "INVITE"]
+    assert fwd.start_line == b"INVITE sip:+18005550199@192.0.2.1:5060;user=phone SIP/2.0"
