@@ -212,10 +212,11 @@ class EdgeCore:
             self.proxy.events.append(Failed("end_all", traceback.format_exc(limit=8), None))
 
     def housekeep(self, now: float) -> None:
-        """Every few seconds: forget flood bans that have run out."""
+        """Every few seconds: forget flood bans and subscriptions that have run out."""
         guard = self.policy.flood
         if guard is not None:
             guard.state.sweep(now)
+        self.proxy.subscriptions.sweep(now)
 
     def set_overload_retry_after(self, retry_after_s: int) -> None:
         self._overload = overload_verdict(retry_after_s)

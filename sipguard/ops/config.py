@@ -94,10 +94,12 @@ class SipSettings(ConfigModel):
     )
     core_tcp_any_port: bool = Field(
         default=False,
-        description="With a tcp:// or tls:// core: take any connection from the core's "
-        "address as the core's, also one the core opens itself for its own requests (its "
-        "BYE, a call it places). A stream cannot be spoofed, but every process on the "
-        "core's host then speaks as the core. Off: only the connection sipguard opened.",
+        description="Take any TCP/TLS connection from the core's address as the core's, also "
+        "one the core opens itself for its own requests (its BYE, a call it places) — and, "
+        "with a udp:// core, the TCP a core switches to for a message over 1,300 bytes (RFC "
+        "3261 §18.1.1: listen on TCP too). A stream cannot be spoofed, but every process on "
+        "the core's host then speaks as the core. Off: only the connection sipguard opened "
+        "to a tcp:// or tls:// core.",
     )
     answer_options: bool = Field(
         default=True,
@@ -430,7 +432,9 @@ class TlsSettings(ConfigModel):
     ca_file: ConfigPath | None = Field(
         default=None,
         description="PEM CA certificates client certificates are verified against; set: a "
-        "client that presents a certificate must chain to one of them (null: none asked for).",
+        "client that presents a certificate must chain to one of them (null: none asked for). "
+        "Trusted too, beside the system's CAs, for the servers of peers sipguard connects to "
+        "(calls the core places to `sips:` / `transport=tls` parties).",
     )
     verify_clients: bool = Field(
         default=False,

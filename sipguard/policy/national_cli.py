@@ -181,11 +181,23 @@ class NationalCli:
         return self._ask(getter, lookup, call, e164, action, kind, now)
 
     def _home(self, number: str | None) -> str | None:
-        """``number`` in E.164 when it is a home-country number, else None."""
+        """``number`` in E.164 when it is a home-country number, else None — also written as
+        a receiver still reads it as one: ``00`` for ``+`` (with no region to say so), a
+        trunk 0 left after the country code (``+32(0)2…``, which phonenumbers reads)."""
         if number is None:
             return None
-        e164 = numbers.lookup(number, self.peer.default_region).e164
-        return e164 if e164 is not None and e164 in self.home else None
+        home = self.home
+        spellings = (number, "+" + number[2:]) if number.startswith("00") else (number,)
+        for spelling in spellings:
+            info = numbers.lookup(spelling, self.peer.default_region)
+            e164 = info.e164
+            if not info.valid and info.national.startswith("0") and spelling[0] == "+":
+                repaired = numbers.lookup(f"+{info.country_code}{info.national.lstrip('0')}")
+                if repaired.valid:
+                    e164 = repaired.e164
+            if e164 is not None and e164 in home:
+                return e164
+        return None
 
     async def _ask(
         self, getter: HttpGetter, lookup: RoamingLookup, call: CallInfo, e164: str,

@@ -203,6 +203,8 @@ PROXY_OWNED: Final = frozenset(
 ANONYMOUS_FROM: Final = 'From: "Anonymous" <sip:anonymous@anonymous.invalid>'
 # Headers that name the caller, removed when a verdict anonymises (PAI: unless keep_pai).
 _IDENTITY_HEADERS: Final = ("p-preferred-identity", "remote-party-id")
+# what sipguard passes within a call whatever sip.allow_methods says (OPTIONS' Allow)
+_IN_CALLS: Final = ("ACK", "BYE", "CANCEL", "INFO", "INVITE", "NOTIFY", "PRACK", "REFER", "UPDATE")
 _NO_PAI: Final[tuple[tuple[str, str | None], ...]] = (("p-asserted-identity", None),)
 # A retransmission timer waits for the receive queue only when it is at least this far behind
 HOLD_MIN_S: Final = 0.02
@@ -555,7 +557,8 @@ class Proxy:
         status = self.router.validate(msg)
         if status:
             if status == 200:  # OPTIONS to sipguard itself (RFC 3261 §11.2)
-                self._respond(st, 200, now, extra=("Accept: application/sdp", self._allow))
+                self._respond(st, 200, now,
+                              extra=("Accept: application/sdp", self._allow_in_calls))
             else:
                 extra: tuple[str, ...] = ()
                 if status == 420:
@@ -636,9 +639,10 @@ class Proxy:
                 # The outside party's BYE ends the call once the core has answered it: a BYE
                 # the core never takes frees no slot while the call is still up there.
                 st.ends, st.end_reason = dialog, reason
-        if method == "NOTIFY" and not from_core and not initial and self.subscriptions.table:
-            # a NOTIFY of the core's subscription: its Subscription-State moves its end
-            self.subscriptions.extend(notified(msg), lasts(msg, now))
+        if method == "NOTIFY" and not initial and self.subscriptions.table:
+            # a NOTIFY of the core's subscription, or the core's of a party's: its
+            # Subscription-State moves its end
+            self.subscriptions.extend(notified(msg, from_core), lasts(msg, now))
         if (initial and method in SUBSCRIPTION_CREATING) or method == "REFER":
             self._subscribing(msg, from_core, target, flow, now)
         self._forward(st, target, start_line, route_line, now, record_route=initial
@@ -713,6 +717,16 @@ class Proxy:
             return "Allow: ACK, BYE, CANCEL, INFO, INVITE, MESSAGE, NOTIFY, OPTIONS, PRACK, " \
                    "REFER, SUBSCRIBE, UPDATE"
         return "Allow: " + ", ".join(sorted({*allowed, "ACK", "CANCEL"}))
+
+    @property
+    def _allow_in_calls(self) -> str:
+        """The Allow header of the answer to an OPTIONS for sipguard itself: what it takes out
+        of dialog, and the requests it passes within a call (a trunk's capability probe reads
+        UPDATE and PRACK there)."""
+        allowed = self.settings.allow_methods
+        if "*" in allowed:
+            return self._allow
+        return "Allow: " + ", ".join(sorted({*allowed, *_IN_CALLS}))
 
     def _in_dialog_admitted(self, msg: Message, flow: Flow, now: float) -> bool:
         """A request from outside with a To tag may open a transaction only when it belongs

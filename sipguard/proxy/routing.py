@@ -231,10 +231,12 @@ def flow_is_core(flow: Flow, core: Flow, any_port: bool = False) -> bool:
     Over TCP this holds for the connection sipguard opened to the core (which the core reuses
     for its own requests, RFC 5923 style) — a connection the core opens from an ephemeral port
     counts as an outside source, unless ``any_port`` (``sip.core_tcp_any_port``): then any
-    TCP/TLS connection from the core's address is the core's (a stream cannot be spoofed).
+    TCP/TLS connection from the core's address is the core's (a stream cannot be spoofed) —
+    also with a UDP core, which sends a message too large for a datagram over TCP (RFC 3261
+    §18.1.1).
     """
     if flow.transport != core.transport:
-        return False
+        return any_port and flow.transport != "udp" and flow.addr[0] == core.addr[0]
     if flow.addr == core.addr:
         return True
     return any_port and flow.transport != "udp" and flow.addr[0] == core.addr[0]

@@ -15,8 +15,8 @@ An entry lasts what the subscription says: the SUBSCRIBE's ``Expires`` (1 hour w
 for a REFER, 1 hour), moved by every refresh and by the ``expires`` of a NOTIFY's
 ``Subscription-State``; ``terminated`` or ``Expires: 0`` leaves it 32 s (64*T1) for the
 last messages. At most ``most`` entries: the oldest one goes first when full (counted by the
-proxy as ``subscription_forgotten``); entries past their time go as they are met or when the
-table is full. Only the core and admitted parties' requests create entries.
+proxy as ``subscription_forgotten``); entries past their time go as they are met, when the
+table is full, and at the edge core's housekeeping (every few seconds). Only the core and admitted parties' requests create entries.
 """
 
 from __future__ import annotations
@@ -83,6 +83,13 @@ class Subscriptions:
             return None
         return sub if sub.host == host or (sub.provisional and not sub.host) else None
 
+    def sweep(self, now: float) -> int:
+        """Forget the subscriptions past their time (the gauge says what is live); how many."""
+        gone = [k for k, sub in self.table.items() if sub.until <= now]
+        for k in gone:
+            del self.table[k]
+        return len(gone)
+
     def drop_provisional(self, key: Key) -> None:
         """``key``'s subscription, when its SUBSCRIBE / REFER was never answered 2xx, ends."""
         sub = self.table.get(key)
@@ -95,10 +102,10 @@ class Subscriptions:
             sub.until = until
 
 
-def notified(msg: Message) -> Key:
-    """The key of the core's subscription a NOTIFY from outside belongs to (its To tag: the
-    core's From tag on the SUBSCRIBE)."""
-    return ("core", msg.call_id, msg.to_tag or "")
+def notified(msg: Message, from_core: bool = False) -> Key:
+    """The key of the subscription a NOTIFY belongs to: from outside, the core's; from the
+    core, a party's (its To tag: the subscriber's From tag on the SUBSCRIBE / REFER)."""
+    return ("party" if from_core else "core", msg.call_id, msg.to_tag or "")
 
 
 def subscriber(msg: Message, core: bool) -> Key:

@@ -483,12 +483,15 @@ class TcpPool:
                     )
                 else:
                     await self.loop.create_connection(lambda: conn, addr[0], addr[1])
-        except OSError:  # refused, unreachable, a TLS failure, or TimeoutError (a subclass)
+        except OSError as exc:  # refused, unreachable, a TLS failure, TimeoutError (a subclass)
             conn.closed = True
             if table.get(addr) is conn:
                 del table[addr]
             self._release(conn)
             self.event("tcp_connect_failed", addr)
+            if isinstance(exc, ssl.SSLCertVerificationError):
+                # the far end's certificate (chain or name): tls.ca_file / tls.core_ca_file
+                self.event("tls_verify_failed", addr)
             if conn.pending:
                 self.event("tcp_queued_dropped", addr, len(conn.pending))
                 dropped = conn.pending

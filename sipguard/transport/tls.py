@@ -49,9 +49,13 @@ class TlsContexts:
 
 
 def _client_context(
-    ca_file: Path | None, cert_file: Path | None, key_file: Path | None
+    ca_file: Path | None, cert_file: Path | None, key_file: Path | None,
+    also: Path | None = None,
 ) -> ssl.SSLContext:
+    """Verifies servers against ``ca_file`` (None: the system's CAs), and ``also``."""
     ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca_file)
+    if also is not None:
+        ctx.load_verify_locations(cafile=also)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     if cert_file is not None and key_file is not None:
         ctx.load_cert_chain(cert_file, key_file)  # offered when the far end asks for one
@@ -90,7 +94,12 @@ def build_contexts(
         core = _client_context(core_ca_file, cert_file, key_file)
     except (OSError, ValueError) as exc:
         raise _named(exc, f"tls.core_ca_file {core_ca_file}") from None
-    client = _client_context(None, cert_file, key_file) if core_ca_file is not None else core
+    # toward peers: the system's CAs, and the peers' own (tls.ca_file: a PBX's private CA)
+    try:
+        client = _client_context(None, cert_file, key_file, ca_file) if (
+            core_ca_file is not None or ca_file is not None) else core
+    except (OSError, ValueError) as exc:
+        raise _named(exc, f"tls.ca_file {ca_file}") from None
     names = {core_addr: core_server_name} if core_addr and core_server_name else {}
     return TlsContexts(server, core, client, core_addr, names)
 

@@ -82,6 +82,20 @@ def test_a_home_number_shown_in_from_behind_a_foreign_pai_is_caught() -> None:
     assert (v.action, v.reason) == ("reject", "national_cli_fixed")
 
 
+@pytest.mark.parametrize("shown", ["sip:0031201234567@h.example",
+                                   "sip:+31(0)201234567@h.example;user=phone",
+                                   "sip:+31-0-20-1234567@h.example;user=phone"])
+def test_a_home_number_shown_in_from_in_another_spelling_is_caught(shown: str) -> None:
+    """From shows the Dutch fixed number as 0031… (no region to read 00 by) or with its
+    trunk 0 left after the country code (+31(0)20…, which phonenumbers reads as the Dutch
+    number): blocked as the plain +3120… is — it passed as a foreign or unknown number."""
+    msg = parse_message(invite(caller=DUTCH_FIXED, extra="P-Asserted-Identity: <tel:+442071838750>\r\n")
+                        .replace(f"<sip:{DUTCH_FIXED}@198.51.100.7>".encode(), f"<{shown}>".encode()))
+    call = CallInfo(msg, Flow("udp", SOURCE, 0), 0.0)
+    v = decide(policy(rules(), extra=peers()), call, 0.0)
+    assert (v.action, v.reason) == ("reject", "national_cli_fixed")
+
+
 def test_fixed_or_mobile_takes_the_stricter_action() -> None:
     """A number whose plan does not tell fixed from mobile (NANP) gets the stricter action."""
     rule = rules().replace("['31']", "['1']").replace("fixed: block", "fixed: allow")

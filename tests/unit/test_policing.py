@@ -1138,3 +1138,19 @@ def test_an_untrusted_peers_p_asserted_identity_is_removed_from_every_message() 
     out = watching.send(invite(via_host="192.0.2.77:5062", extra=pai), src=stranger)
     [fwd] = [m for m in to(out, CORE) if m.method == "INVITE"]
     assert not fwd.has("p-asserted-identity")
+
+
+def test_a_udp_core_switching_to_tcp_for_a_large_message_is_the_core_with_any_port() -> None:
+    """RFC 3261 §18.1.1: a UDP core sends a request over 1,300 bytes over TCP, from a port of
+    its own. With sip.core_tcp_any_port it is the core's (a call it places goes out); without,
+    an outside source (with peers configured: unknown, 403). UDP from the core's address on
+    another port stays an outside source either way (a datagram's source can be forged)."""
+    big = invite(branch="z9hG4bK-big", call_id="big-1", via_host="10.0.0.10:5080",
+                 uri="sip:+447700900123@203.0.113.50:5060", extra="X-Pad: " + "p" * 1400 + "\r\n")
+    for any_port, expected in ((True, ["INVITE"]), (False, [])):
+        h = PolicyHarness(extra_yaml=PEERS, core_tcp_any_port=any_port)
+        out = h.send(big, src=("10.0.0.10", 40123), transport="tcp", conn=7)
+        assert [m.method for f, m in out if f.addr == ("203.0.113.50", 5060)] == expected
+        out = h.send(big.replace(b"big-1", b"big-2").replace(b"z9hG4bK-big", b"z9hG4bK-big2"),
+                     src=("10.0.0.10", 40124))
+        assert [m.method for f, m in out if f.addr == ("203.0.113.50", 5060)] == []

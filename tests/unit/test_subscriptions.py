@@ -223,3 +223,29 @@ def test_a_subscription_the_core_sends_to_a_host_name_gets_its_notifies() -> Non
     assert [m.method for m in to(h.send(notify(), src=REMOTE), CORE)] == ["NOTIFY"]
     out = h.send(notify(cseq=2), src=OTHER)
     assert to(out, CORE) == [] and statuses(out, OTHER) == [481]
+
+
+def test_ended_subscriptions_leave_the_table_and_the_cores_notify_ends_a_partys() -> None:
+    """A party's subscription (its SUBSCRIBE to the core) ends with the core's `terminated`
+    NOTIFY, 32 s later — it stayed the hour its Expires said; and the housekeeping forgets
+    subscriptions past their time, so the gauge is what is live (an entry went only when
+    met again or when the table was full)."""
+    h = PolicyHarness(allow_methods=frozenset({"INVITE", "OPTIONS", "SUBSCRIBE"}))
+    first = (
+        b"SUBSCRIBE sip:+18005550199@192.0.2.1:5060 SIP/2.0\r\n"
+        b"Via: SIP/2.0/UDP 198.51.100.7:5062;branch=z9hG4bK-pt1\r\nMax-Forwards: 70\r\n"
+        b"From: <sip:+12125550100@198.51.100.7>;tag=ftag1\r\nTo: <sip:+18005550199@192.0.2.1>\r\n"
+        b"Call-ID: presence-9\r\nCSeq: 1 SUBSCRIBE\r\nEvent: presence\r\nExpires: 3600\r\n"
+        b"Contact: <sip:+12125550100@198.51.100.7:5062>\r\nContent-Length: 0\r\n\r\n"
+    )
+    [sub] = [m for m in to(h.send(first), CORE) if m.method == "SUBSCRIBE"]
+    h.send(answer(sub, 200, "OK"), src=CORE)
+    subscribed(h, "blf-9", expires=60)  # the core's, ends by its time
+    assert len(h.proxy.subscriptions) == 2
+    ended = in_dialog("NOTIFY", call_id="presence-9", cseq=1, branch="z9hG4bK-ptn",
+                      from_callee=True, extra="Event: presence\r\n"
+                      "Subscription-State: terminated;reason=noresource\r\n")
+    assert [m.method for m in to(h.send(ended, src=CORE), CALLER)] == ["NOTIFY"]
+    h.advance(100)
+    h.core.housekeep(h.now)
+    assert len(h.proxy.subscriptions) == 0

@@ -205,6 +205,31 @@ async def test_outbound_tls_verifies_the_server_certificate(pki: TlsFiles) -> No
         await server.wait_closed()
 
 
+async def test_outbound_tls_to_a_peer_trusts_the_peers_ca_file(pki: TlsFiles) -> None:
+    """A call the core places to a party over TLS: its server certificate, from a private CA
+    (a PBX's), is verified against tls.ca_file beside the system's CAs — with the system's
+    alone the connection failed and the core heard 500."""
+    got: list[bytes] = []
+    server = await _tls_server(pki, got)
+    peer = ("127.0.0.1", server.sockets[0].getsockname()[1])
+    rec = Recorder()
+    pool = TcpPool(asyncio.get_running_loop(), rec.on_message, rec.on_error, MAX_SIZE,
+                   TcpLimits(connect_timeout_s=2.0), rec.on_event)
+    try:
+        pool.tls = build_contexts()
+        pool.send(msg(1), peer, LOCAL, None, tls=True)
+        await until(lambda: rec.count("tcp_connect_failed") == 1)
+        assert rec.count("tls_verify_failed") == 1  # said as such
+        pool.tls = build_contexts(ca_file=pki.ca)
+        pool.send(msg(2), peer, LOCAL, None, tls=True)
+        await until(lambda: len(rec.messages) == 1)
+        assert got == [msg(2).split(b"\r\n\r\n")[0] + b"\r\n\r\n"]
+    finally:
+        await pool.close()
+        server.close()
+        await server.wait_closed()
+
+
 def test_a_tls_listener_needs_a_server_certificate() -> None:
     """build_contexts without cert/key has no server context; listen(tls=True) refuses."""
     tls = build_contexts()
