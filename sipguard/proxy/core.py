@@ -76,6 +76,7 @@ from sipguard.contract import (
     Screened,
     Verdict,
     one_identity,
+    same_number,
 )
 from sipguard.proxy import build, keepalive
 from sipguard.proxy.dialogs import DialogTable, dialog_key, key_of, session_interval
@@ -212,6 +213,19 @@ HOLD_MIN_S: Final = 0.02
 MAX_DATAGRAM: Final = 65_507
 # Addresses of cores a reload replaced, whose calls may still be up (see Proxy._is_core)
 MAX_FORMER_CORES: Final = 16
+
+
+def _same_caller(number: str, caller: str | None) -> bool:
+    """``number`` is the call's checked ``caller``: the same international number, or its
+    national spelling (its last six or more digits, a trunk 0 aside). None: no caller was
+    checked (a withheld one), so no number is it."""
+    if caller is None:
+        return False
+    if same_number(number, caller):
+        return True
+    national = number.lstrip("+").lstrip("0")
+    return len(national) >= 6 and national.isdigit() and \
+        caller.lstrip("+").endswith(national)
 
 
 def _is_ip(host: str) -> bool:
@@ -647,19 +661,29 @@ class Proxy:
             self._subscribing(msg, from_core, target, flow, now)
         self._forward(st, target, start_line, route_line, now, record_route=initial
                       and method in DIALOG_CREATING,
-                      edits=self._pai_edits(msg, flow, dialog, from_core),
+                      edits=self._pai_edits(msg, flow, dialog, from_core, side),
                       anonymise=self._withheld(dialog, side, from_core))
 
     def _pai_edits(self, msg: Message, flow: Flow, dialog: Dialog | None,
-                   from_core: bool) -> tuple[tuple[str, str | None], ...]:
+                   from_core: bool, side: str) -> tuple[tuple[str, str | None], ...]:
         """RFC 3325 §5: a P-Asserted-Identity from outside the trust domain — a peer with
         ``trust_pai: false``, an unknown source, a call whose caller's peer was one — is
-        removed from a request before it goes on (an INVITE's own: see _apply_verdict)."""
+        removed from a request before it goes on (an INVITE's own: see _apply_verdict); and
+        from the caller's later requests in a call (a re-INVITE, an UPDATE) one that asserts
+        another number than the caller its INVITE was checked as — nobody checked that one."""
         if from_core or not msg.has("p-asserted-identity"):
             return ()
         if (dialog is not None and dialog.pai_untrusted) or \
                 not self.admission.asserts_identity(flow):
             return _NO_PAI
+        if dialog is not None and not dialog.outbound and side == "caller":
+            try:
+                number = next((n for na in msg.p_asserted_identities
+                               if (n := na.uri.number) is not None), None)
+            except SipParseError:
+                return _NO_PAI
+            if number is not None and not _same_caller(number, dialog.caller):
+                return _NO_PAI
         return ()
 
     def _untrusted_pai(self, msg: Message, flow: Flow) -> tuple[int, ...]:
@@ -1145,7 +1169,7 @@ class Proxy:
         branch = self.ids.branch(key + "|ACK", "ack")
         stamped = build.stamped_via(msg.top_via, flow.addr)
         data = self._forwarded_bytes(msg, flow, stamped, target, branch, start_line, routes, False,
-                                     (), self._pai_edits(msg, flow, dialog, from_core),
+                                     (), self._pai_edits(msg, flow, dialog, from_core, side),
                                      anonymise=self._withheld(dialog, side, from_core))
         self.outbox.append((target, data))
         if dialog is not None and not dialog.acked and from_core == dialog.outbound \

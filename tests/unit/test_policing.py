@@ -1154,3 +1154,21 @@ def test_a_udp_core_switching_to_tcp_for_a_large_message_is_the_core_with_any_po
         out = h.send(big.replace(b"big-1", b"big-2").replace(b"z9hG4bK-big", b"z9hG4bK-big2"),
                      src=("10.0.0.10", 40124))
         assert [m.method for f, m in out if f.addr == ("203.0.113.50", 5060)] == []
+
+
+def test_a_callers_later_request_asserting_another_number_loses_its_pai() -> None:
+    """A call checked as +12125550100: the caller's re-INVITE / UPDATE asserting another
+    number (a core may take it for the caller's new identity) goes on without its
+    P-Asserted-Identity; the checked number, in E.164 or its national spelling, stays."""
+    h = PolicyHarness(extra_yaml=PEERS)
+    [fwd] = [m for m in to(h.send(invite(call_id="re-1", branch="z9hG4bK-re1")), CORE)
+             if m.method == "INVITE"]
+    h.send(answer(fwd, 200, "OK"), src=CORE)
+    for n, (value, kept) in enumerate((("<tel:+13125550111>", False),
+                                       ('"Bank" <sip:+13125550111@x.example>', False),
+                                       ("<tel:+12125550100>", True),
+                                       ("<sip:2125550100@x.example;user=phone>", True))):
+        update = in_dialog("UPDATE", call_id="re-1", cseq=2 + n, branch=f"z9hG4bK-up{n}",
+                           extra=f"P-Asserted-Identity: {value}\r\n")
+        [sent] = [m for m in to(h.send(update), CORE) if m.method == "UPDATE"]
+        assert sent.has("p-asserted-identity") == kept, value
