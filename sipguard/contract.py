@@ -44,7 +44,7 @@ from typing import Final, Literal, NamedTuple
 
 from sipguard.sip.errors import SipParseError
 from sipguard.sip.message import Message
-from sipguard.sip.uri import no_digits
+from sipguard.sip.uri import plain_identity
 
 # ---------------------------------------------------------------------- flows
 
@@ -261,8 +261,8 @@ class CallInfo:
 def one_identity(msg: Message) -> str | None:
     """The P-Asserted-Identity line with only the values of the caller's number — the first
     number among them, the one every rule checks — put first (a receiver reads the first
-    value), then SIP URIs without a digit in their user part (``sip:gw@carrier``); any other
-    value (``*67+1312…``, ``skp:+1312…``, ``sip:+13125=50123@…``: a receiver may read a number
+    value), then SIP URIs whose user is a name (``sip:gw1@carrier``); any other value
+    (``*67+1312…``, ``skp:+1312…``, ``sip:+13125=50123@…``: a receiver may read a number
     there that none was read as here) goes. "": none is left; None when nothing
     changes (or the values do not parse: left to the rules). The same digits with another
     international spelling (``+``, ``00``, separators) are the same number."""
@@ -270,12 +270,15 @@ def one_identity(msg: Message) -> str | None:
         values = msg.p_asserted_identities
     except SipParseError:
         return None
+    if len(values) == 1:  # the usual case, at once
+        uri = values[0].uri
+        return None if uri.number is not None or plain_identity(uri) else ""
     numbers = [na.uri.number for na in values]
     first = next((n for n in numbers if n), None)
     kept = [na.raw for na, n in zip(values, numbers, strict=True)
             if n is not None and first is not None and same_number(n, first)]
     kept += [na.raw for na, n in zip(values, numbers, strict=True)
-             if n is None and no_digits(na.uri)]
+             if n is None and plain_identity(na.uri)]
     if kept == [na.raw for na in values]:
         return None
     return "P-Asserted-Identity: " + ", ".join(kept) if kept else ""

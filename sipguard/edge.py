@@ -276,6 +276,9 @@ class EdgeCore:
     def asserts_identity(self, flow: Flow) -> bool:
         return self.policy.asserts_identity(flow)
 
+    def asserts_caller(self, dialog: Dialog, msg: Message) -> bool:
+        return self.policy.asserts_caller(dialog, msg)
+
     def _defer(self, pending: Iterable[Awaitable[None]], what: str) -> None:
         for aw in pending:
             self.proxy.events.append(Deferred(aw, what))

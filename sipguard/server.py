@@ -1316,6 +1316,7 @@ def tls_contexts(cfg: Config) -> TlsContexts:
         cert_file=tls.cert_file, key_file=tls.key_file, ca_file=tls.ca_file,
         verify_clients=tls.verify_clients, core_ca_file=tls.core_ca_file,
         core_server_name=tls.core_server_name, core_addr=(cfg.core.host, cfg.core.port),
+        peers_ca_file=tls.peers_ca_file,
     )
 
 

@@ -432,9 +432,14 @@ class TlsSettings(ConfigModel):
     ca_file: ConfigPath | None = Field(
         default=None,
         description="PEM CA certificates client certificates are verified against; set: a "
-        "client that presents a certificate must chain to one of them (null: none asked for). "
-        "Trusted too, beside the system's CAs, for the servers of peers sipguard connects to "
-        "(calls the core places to `sips:` / `transport=tls` parties).",
+        "client that presents a certificate must chain to one of them (null: none asked for).",
+    )
+    peers_ca_file: ConfigPath | None = Field(
+        default=None,
+        description="PEM CA certificates trusted, beside the system's CAs, for the servers of "
+        "parties sipguard connects to (calls the core places to `sips:` / `transport=tls` "
+        "parties: a PBX with a private CA); null: the system's CAs only. Not the core's "
+        "(`core_ca_file`).",
     )
     verify_clients: bool = Field(
         default=False,

@@ -65,7 +65,8 @@ from sipguard.contract import Verdict, same_number
 from sipguard.policy import numbers
 from sipguard.policy.callerid_settings import Answers
 from sipguard.policy.peers import NumberSet, Peer, read_number_file
-from sipguard.sip.uri import no_digits, number_like
+from sipguard.sip.errors import SipParseError
+from sipguard.sip.uri import number_like, plain_identity
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -237,13 +238,14 @@ class CallerId:
         trusted = self.peer is None or self.peer.trust_pai
         has_pai = msg.has("p-asserted-identity")
         pai: _Edit | None = None
-        if has_pai and trusted:
-            if self.settings.verstat:
-                pai = ("p-asserted-identity", _pai_line(msg, verstat))
-        elif self.settings.verstat and e164 is not None:
-            # None there, or not trusted (RFC 3325 §5: removed): assert the checked caller.
-            line = f"P-Asserted-Identity: <tel:{e164};verstat={verstat}>"
+        if has_pai and trusted and not self.settings.verstat:
+            pass  # as received, to the proxy's one-identity rule (contract.one_identity)
+        elif line := (_pai_line(msg, verstat) if has_pai and trusted else ""):
             pai = ("p-asserted-identity", line)
+        elif self.settings.verstat and e164 is not None:
+            # None there (or no value left), or not trusted (RFC 3325 §5: removed): assert
+            # the checked caller.
+            pai = ("p-asserted-identity", f"P-Asserted-Identity: <tel:{e164};verstat={verstat}>")
         elif has_pai:
             pai = ("p-asserted-identity", None)
         return self.strip if pai is None else (*self.strip, pai)
@@ -298,11 +300,39 @@ def _display_mismatch(msg: Message, pai: bool, caller: str, from_number: str | N
 
 def _shows(digits: str, number: str, region: str | None) -> bool:
     """A display name's ``digits`` are ``number``: the same in E.164, or its national
-    spelling — the number's last digits, a trunk 0 aside (read without a region too)."""
+    spelling — the number's last digits but at most a country code's three, a trunk 0 aside
+    (read without a region too). An international spelling (``+``, ``00``) must be the same
+    number: ``+2015552201`` is Egypt's, not ``+12015552201``."""
     if _same_number(digits, number, region):
         return True
-    national = digits.lstrip("+").lstrip("0")
-    return len(national) >= 6 and "".join(c for c in number if c.isdigit()).endswith(national)
+    if digits.startswith(("+", "00")):
+        return False
+    national = digits.lstrip("0")
+    full = "".join(c for c in number if c.isdigit())
+    return len(national) >= 6 and len(full) - len(national) <= 3 and full.endswith(national)
+
+
+def asserts_caller(msg: Message, caller: str | None, region: str | None) -> bool:
+    """A caller's later request (or answer) in a call checked as ``caller``: its
+    P-Asserted-Identity — the first number there, and a number a display name there shows —
+    is that caller (the same in E.164, read with the peer's ``region``; a display name in its
+    national spelling too). A withheld caller (None) asserts no number later."""
+    try:
+        values = msg.p_asserted_identities
+    except SipParseError:
+        return False
+    number = _first_number(values)
+    if number is not None and (caller is None or not (
+            same_number(number, caller) or _same_number(number, caller, region))):
+        return False
+    for na in values:
+        name = na.display
+        if name and any(c.isdigit() for c in name):
+            digits = name.translate(_DISPLAY_SEPARATORS)
+            if _DISPLAY_NUMBER.fullmatch(digits) is not None and (
+                    caller is None or not _shows(digits, caller, region)):
+                return False
+    return True
 
 
 def _listed(ns: NumberSet, e164: str | None, raw: str) -> bool:
@@ -343,7 +373,9 @@ def pai_with_verstat(msg: Message, verstat: str, caller: str | None, trusted: bo
     nothing changes."""
     has_pai = msg.has("p-asserted-identity")
     if has_pai and trusted:
-        return _pai_line(msg, verstat)
+        line = _pai_line(msg, verstat)
+        if line:
+            return line
     if caller is not None and caller.startswith("+") and caller[1:].isdigit():
         return f"P-Asserted-Identity: <tel:{caller};verstat={verstat}>"
     return "" if has_pai else None
@@ -362,14 +394,15 @@ def _pai_line(msg: Message, verstat: str) -> str:
     if line is None:
         pais = msg.p_asserted_identities
         checked = _first_number(pais)
-        # the checked number's values first (a receiver reads the first), then SIP URIs with
-        # no digit; values of another number, or digits not read as one here (*67+1312…), not
-        # at all (as the proxy does: contract.one_identity)
+        # the checked number's values first (a receiver reads the first), then SIP URIs
+        # whose user is a name; values of another number, or digits not read as one here
+        # (*67+1312…), not at all (as the proxy does: contract.one_identity)
         kept = [na for na in pais if na.uri.number is not None and checked is not None
                 and same_number(na.uri.number, checked)]
-        kept += [na for na in pais if na.uri.number is None and no_digits(na.uri)]
+        kept += [na for na in pais if na.uri.number is None and plain_identity(na.uri)]
         line = "P-Asserted-Identity: " + ", ".join(
-            _with_verstat(na, verstat if na.uri.number == checked else None) for na in kept)
+            _with_verstat(na, verstat if na.uri.number == checked else None) for na in kept
+        ) if kept else ""  # none left: the header goes (RFC 3325 §9.1: never empty)
         if sum(map(len, values)) <= _PAI_MEMO_CHARS:
             if len(_PAI_LINES) >= _PAI_LINES_MAX:
                 _PAI_LINES.clear()

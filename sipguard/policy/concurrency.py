@@ -360,8 +360,8 @@ def diversion_hops(msg: Message) -> int:
             # diversion-counter = "counter" EQUAL 1*2DIGIT; a longer one counts as many
             # (counter=100 is no way around max_diversions), 0 or junk as one entry
             ok = counter is not None and counter.isascii() and counter.isdigit()
-            div += (int(counter) if len(counter) <= 3 else 999) if ok and counter and \
-                counter.strip("0") else 1
+            value = counter.lstrip("0") if ok and counter else ""
+            div += (int(value) if len(value) <= 3 else 999) if value else 1
     hi = 0
     if msg.has("history-info"):
         hi = len(diverting_entries(msg.history_info))

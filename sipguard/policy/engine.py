@@ -220,6 +220,13 @@ class Policy:
         """An unknown source with ``unknown_source: drop``: it hears nothing at all."""
         return self.unknown_drop and bool(self.peers) and self._peer_of(flow) is None
 
+    def asserts_caller(self, dialog: Dialog, msg: Message) -> bool:
+        """The P-Asserted-Identity of a caller's later request or answer in ``dialog`` is the
+        caller the call was checked as (read with its peer's ``default_region``)."""
+        peer = self.peers.peers.get(dialog.peer) if dialog.peer is not None else None
+        return callerid.asserts_caller(msg, dialog.caller,
+                                       peer.default_region if peer is not None else None)
+
     def asserts_identity(self, flow: Flow) -> bool:
         """A P-Asserted-Identity from ``flow`` is an identity (RFC 3325 §5): it comes from a
         peer with ``trust_pai: true`` — or no peers are configured (every source is one)."""

@@ -76,7 +76,6 @@ from sipguard.contract import (
     Screened,
     Verdict,
     one_identity,
-    same_number,
 )
 from sipguard.proxy import build, keepalive
 from sipguard.proxy.dialogs import DialogTable, dialog_key, key_of, session_interval
@@ -144,6 +143,11 @@ class Admission(Protocol):
         from a peer with ``trust_pai: true``, or no peers are configured (RFC 3325 §5)."""
         ...
 
+    def asserts_caller(self, dialog: Dialog, msg: Message) -> bool:
+        """Whether the P-Asserted-Identity of the caller's later request or answer in
+        ``dialog`` (a call that came in) asserts the caller the call was checked as."""
+        ...
+
 
 class AcceptAll:
     """An :class:`Admission` with no policy: every call is accepted, nothing is counted."""
@@ -170,6 +174,9 @@ class AcceptAll:
         return False
 
     def asserts_identity(self, flow: Flow) -> bool:
+        return True
+
+    def asserts_caller(self, dialog: Dialog, msg: Message) -> bool:
         return True
 
 # ";branch=z9hG4bKsg..." in a raw Via line: the first one is the top value's.
@@ -213,19 +220,6 @@ HOLD_MIN_S: Final = 0.02
 MAX_DATAGRAM: Final = 65_507
 # Addresses of cores a reload replaced, whose calls may still be up (see Proxy._is_core)
 MAX_FORMER_CORES: Final = 16
-
-
-def _same_caller(number: str, caller: str | None) -> bool:
-    """``number`` is the call's checked ``caller``: the same international number, or its
-    national spelling (its last six or more digits, a trunk 0 aside). None: no caller was
-    checked (a withheld one), so no number is it."""
-    if caller is None:
-        return False
-    if same_number(number, caller):
-        return True
-    national = number.lstrip("+").lstrip("0")
-    return len(national) >= 6 and national.isdigit() and \
-        caller.lstrip("+").endswith(national)
 
 
 def _is_ip(host: str) -> bool:
@@ -676,22 +670,24 @@ class Proxy:
         if (dialog is not None and dialog.pai_untrusted) or \
                 not self.admission.asserts_identity(flow):
             return _NO_PAI
-        if dialog is not None and not dialog.outbound and side == "caller":
-            try:
-                number = next((n for na in msg.p_asserted_identities
-                               if (n := na.uri.number) is not None), None)
-            except SipParseError:
-                return _NO_PAI
-            if number is not None and not _same_caller(number, dialog.caller):
-                return _NO_PAI
+        if dialog is not None and not dialog.outbound and side == "caller" and \
+                not self.admission.asserts_caller(dialog, msg):
+            return _NO_PAI
         return ()
 
     def _untrusted_pai(self, msg: Message, flow: Flow) -> tuple[int, ...]:
         """The P-Asserted-Identity lines of a response to remove: from an outside source whose
-        assertions are no identity (RFC 3325 §5), answering a request sipguard sent out."""
+        assertions are no identity (RFC 3325 §5), or from the caller of a call that came in
+        asserting another number than the one the call was checked as (its answer to the
+        core's re-INVITE or UPDATE, which a core may show as the caller's new identity)."""
         if not msg.has("p-asserted-identity") or self.router.is_core(flow) or \
-                flow.addr[0] in self.former_cores or self.admission.asserts_identity(flow):
+                flow.addr[0] in self.former_cores:
             return ()
+        if self.admission.asserts_identity(flow):
+            dialog, side = self.table.of(msg, True)  # (the request's side: the core's)
+            if dialog is None or dialog.outbound or side != "callee" or \
+                    self.admission.asserts_caller(dialog, msg):
+                return ()
         return tuple(msg.indexes("p-asserted-identity"))
 
     @staticmethod

@@ -219,9 +219,12 @@ class Router:
         # Whether an in-dialog request may come from this source at all is the proxy core's
         # check (the dialog's outside party). A new request's Route entries beyond sipguard's
         # own are the sender's pre-loaded route: a core that routes on them would carry an
-        # accepted call on to wherever the peer chose — removed.
+        # accepted call on to wherever the peer chose — removed, but for the core's own.
         if initial and msg.has("route"):
-            return self.settings.core, start_line, []
+            # (entries naming the core itself stay: a Service-Route, RFC 3608)
+            core = self.settings.core.addr
+            return self.settings.core, start_line, [
+                r for r in remaining if (r.uri.host, r.uri.port or 5060) == core]
         return self.settings.core, start_line, routes
 
 
@@ -235,8 +238,9 @@ def flow_is_core(flow: Flow, core: Flow, any_port: bool = False) -> bool:
     also with a UDP core, which sends a message too large for a datagram over TCP (RFC 3261
     §18.1.1).
     """
-    if flow.transport != core.transport:
-        return any_port and flow.transport != "udp" and flow.addr[0] == core.addr[0]
+    if flow.transport != core.transport:  # (a TLS core is never plain TCP)
+        return any_port and core.transport == "udp" and flow.transport != "udp" and \
+            flow.addr[0] == core.addr[0]
     if flow.addr == core.addr:
         return True
     return any_port and flow.transport != "udp" and flow.addr[0] == core.addr[0]

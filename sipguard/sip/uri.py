@@ -405,21 +405,21 @@ def _number(user: str, phone: bool) -> str | None:
 
 
 def number_like(uri: Uri) -> bool:
-    """A user part without a number as read here that a receiver may still read as one: only
-    digits around dial and visual characters (``*67+12125550100``, ``+12125550100#`` without
-    ``user=phone``, ``+12125550100,``). Whatever number it shows, none was checked."""
+    """A user part without a number as read here that a receiver may still read as one:
+    digits and no letter (``*67+12125550100``, ``+12125550100#`` without ``user=phone``,
+    ``+13125=50123``, ``+1312%00``). Whatever number it shows, none was checked; a user with
+    a letter (``gw1``, ``agent7``) is a name."""
     user = uri.user
     if uri.number is not None or not user:
         return False
     if "%" in user:
         user = _pct_unquote(user, encoding="latin-1")
-    body = user.partition(";")[0].translate(_DROP_NUMBERISH)
-    return body.isascii() and body.isdigit()
+    head = user.partition(";")[0]
+    return any(c.isdigit() for c in head) and not any(c.isalpha() for c in head)
 
 
-def no_digits(uri: Uri) -> bool:
-    """A SIP URI whose user part (if any) has no digit, escaped or not (``sip:gw@carrier``):
-    nobody reads a telephone number in it."""
-    user = uri.user or ""
-    return uri.scheme in ("sip", "sips") and "%" not in user and not any(
-        c.isdigit() for c in user)
+def plain_identity(uri: Uri) -> bool:
+    """A P-Asserted-Identity value without a number that may go on as it is: a SIP URI (RFC
+    3325 §9.1 allows sip, sips and tel) whose user is no number in disguise (``sip:gw1@carrier``,
+    ``sip:carrier.example``) — not ``*67+1312…@…``, not ``skp:+1312…``."""
+    return uri.scheme in ("sip", "sips") and not number_like(uri)

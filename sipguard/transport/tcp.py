@@ -490,7 +490,7 @@ class TcpPool:
             self._release(conn)
             self.event("tcp_connect_failed", addr)
             if isinstance(exc, ssl.SSLCertVerificationError):
-                # the far end's certificate (chain or name): tls.ca_file / tls.core_ca_file
+                # the far end's certificate (chain or name): tls.peers_ca_file / core_ca_file
                 self.event("tls_verify_failed", addr)
             if conn.pending:
                 self.event("tcp_queued_dropped", addr, len(conn.pending))

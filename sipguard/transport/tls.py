@@ -71,6 +71,7 @@ def build_contexts(
     core_ca_file: Path | None = None,
     core_server_name: str | None = None,
     core_addr: tuple[str, int] | None = None,
+    peers_ca_file: Path | None = None,
 ) -> TlsContexts:
     """Read the files and make the contexts; OSError / ssl.SSLError (an OSError) / ValueError
     name what could not be loaded."""
@@ -94,12 +95,13 @@ def build_contexts(
         core = _client_context(core_ca_file, cert_file, key_file)
     except (OSError, ValueError) as exc:
         raise _named(exc, f"tls.core_ca_file {core_ca_file}") from None
-    # toward peers: the system's CAs, and the peers' own (tls.ca_file: a PBX's private CA)
+    # toward peers: the system's CAs, and tls.peers_ca_file (a PBX's private CA) — not
+    # tls.ca_file, whose holder would then vouch for every server sipguard calls
     try:
-        client = _client_context(None, cert_file, key_file, ca_file) if (
-            core_ca_file is not None or ca_file is not None) else core
+        client = _client_context(None, cert_file, key_file, peers_ca_file) if (
+            core_ca_file is not None or peers_ca_file is not None) else core
     except (OSError, ValueError) as exc:
-        raise _named(exc, f"tls.ca_file {ca_file}") from None
+        raise _named(exc, f"tls.peers_ca_file {peers_ca_file}") from None
     names = {core_addr: core_server_name} if core_addr and core_server_name else {}
     return TlsContexts(server, core, client, core_addr, names)
 

@@ -55,6 +55,9 @@ class DecideOnly:
     def asserts_identity(self, flow: Flow) -> bool:
         return True
 
+    def asserts_caller(self, dialog: Dialog, msg: Message) -> bool:
+        return True
+
 
 class Harness:
     """A proxy plus a clock; ``send`` feeds bytes and returns what the proxy sent."""

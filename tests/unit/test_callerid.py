@@ -756,12 +756,22 @@ def test_a_display_name_showing_another_number_is_a_display_mismatch() -> None:
 
 def test_pai_values_with_digits_but_no_number_or_of_another_scheme_are_not_forwarded() -> None:
     """Values a receiver may read a number in that none was read as here — another scheme
-    (skp:), a user with digits around other characters — do not reach the core; a SIP URI
-    without a digit (sip:gw@carrier) does."""
+    (skp:), a user of digits around other characters — do not reach the core; a SIP URI
+    whose user is a name (sip:gw7@carrier, sip:agent7@pbx) does. With rule callerid, a PAI
+    left with no value is replaced by the checked caller's, never sent empty."""
     h = harness(PEERS)
-    for value in ("<skp:+13125550123@x.example>", "<sip:+13125=50123@x.example>",
-                  "<sip:gw7@carrier.example>"):
+    for value in ("<skp:+13125550123@x.example>", "<sip:+13125=50123@x.example>"):
         call = Call(h, caller="+12125550100", extra=pai(f"{value}, <tel:+12125550100>"))
         assert call.core.values("p-asserted-identity") == ["<tel:+12125550100>"], value
-    kept = Call(h, caller="+12125550100", extra=pai("<sip:gw@carrier.example>, <tel:+12125550100>"))
-    assert kept.core.values("p-asserted-identity") == ["<tel:+12125550100>, <sip:gw@carrier.example>"]
+    for name in ("sip:gw7@carrier.example", "sip:agent7@pbx.example"):
+        kept = Call(h, caller="+12125550100", extra=pai(f"<{name}>, <tel:+12125550100>"))
+        assert kept.core.values("p-asserted-identity") == [f"<tel:+12125550100>, <{name}>"]
+        alone = Call(h, caller="+12125550100", extra=pai(f"<{name}>"))
+        assert alone.core.values("p-asserted-identity") == [f"<{name}>"]
+    checked = harness(PEERS + "rules: {callerid: {}}\n")
+    for value in ("<sip:*67+13125550100@x.example>", "<skp:+13125550123@x.example>"):
+        call = Call(checked, caller="+12125550100", extra=pai(value))
+        assert call.core.values("p-asserted-identity") == [
+            "<tel:+12125550100;verstat=TN-Validation-Passed>"], value
+    bare = Call(h, caller="+12125550100", extra=pai("<sip:*67+13125550100@x.example>"))
+    assert not bare.core.has("p-asserted-identity")  # without a rule: removed, not emptied

@@ -129,6 +129,7 @@ def test_one_diverter_in_several_spellings_is_one_diverter() -> None:
         ("Diversion: <sip:+13125550001@a.example>;counter=100\r\n", 100),
         ("Diversion: <sip:+13125550001@a.example>;counter=" + "9" * 5000 + "\r\n", 999),
         ("Diversion: <sip:+13125550001@a.example>;counter=0\r\n", 1),
+        ("Diversion: <sip:+13125550001@a.example>;counter=0100\r\n", 100),
         ("Diversion: <sip:+13125550001@a.example>;counter=x\r\n", 1),
         ("History-Info: <sip:+13125550001@a.example>;index=1, "
          "<sip:+13125550002@b.example;cause=302>;index=1.1, "

@@ -4,6 +4,7 @@ headers, responses — through the in-memory edge core with a real Policy."""
 from __future__ import annotations
 
 from sipguard.contract import DialogEnded, Dropped, Flow, InviteDecided, Local, Noticed, Screened
+from sipguard.proxy.routing import flow_is_core
 from sipguard.sip.message import Message
 from sipguard.sip.parser import parse_message
 from tests.unit.dialog_helpers import PolicyHarness, in_dialog, to
@@ -1158,17 +1159,64 @@ def test_a_udp_core_switching_to_tcp_for_a_large_message_is_the_core_with_any_po
 
 def test_a_callers_later_request_asserting_another_number_loses_its_pai() -> None:
     """A call checked as +12125550100: the caller's re-INVITE / UPDATE asserting another
-    number (a core may take it for the caller's new identity) goes on without its
-    P-Asserted-Identity; the checked number, in E.164 or its national spelling, stays."""
+    number (a core may take it for the caller's new identity) — or a display name showing
+    one — goes on without its P-Asserted-Identity; the checked number stays, in E.164, with
+    00, or in the national spelling its peer's default_region reads (US here, RU's 8…)."""
+    for region, caller, values in (
+        (None, "+12125550100", (("<tel:+13125550111>", False),
+                                ('"Bank" <sip:+13125550111@x.example>', False),
+                                ("<tel:+2125550100>", False),  # Morocco's, not the caller
+                                ("<sip:+25550100@x.example;user=phone>", False),
+                                ('"+1 900 555 0199" <sip:+12125550100@x.example>', False),
+                                ("<tel:+12125550100>", True),
+                                ("<sip:0012125550100@x.example>", True),
+                                ('"212-555-0100" <sip:+12125550100@x.example>', True),
+                                ("<sip:2125550100@x.example;user=phone>", False))),
+        ("US", "+12125550100", (("<sip:2125550100@x.example;user=phone>", True),
+                                ("<sip:3125550111@x.example;user=phone>", False))),
+        ("RU", "+74951234567", (("<sip:84951234567@x.example;user=phone>", True),
+                                ("<sip:84951234568@x.example;user=phone>", False))),
+    ):
+        peers = PEERS + (f"    default_region: {region}\n" if region else "")
+        h = PolicyHarness(extra_yaml=peers)
+        [fwd] = [m for m in to(h.send(invite(call_id="re-1", branch="z9hG4bK-re1", caller=caller)),
+                               CORE) if m.method == "INVITE"]
+        h.send(answer(fwd, 200, "OK"), src=CORE)
+        for n, (value, kept) in enumerate(values):
+            update = in_dialog("UPDATE", call_id="re-1", cseq=2 + n, branch=f"z9hG4bK-up{n}",
+                               caller=caller, extra=f"P-Asserted-Identity: {value}\r\n")
+            [sent] = [m for m in to(h.send(update), CORE) if m.method == "UPDATE"]
+            assert sent.has("p-asserted-identity") == kept, (region, value)
+
+
+def test_a_callers_answer_asserting_another_number_loses_its_pai() -> None:
+    """The core's re-INVITE to the caller of a call that came in: the caller's 200 asserting
+    another number goes to the core without its P-Asserted-Identity (a core may update the
+    connected identity from it); the checked number stays."""
     h = PolicyHarness(extra_yaml=PEERS)
-    [fwd] = [m for m in to(h.send(invite(call_id="re-1", branch="z9hG4bK-re1")), CORE)
+    [fwd] = [m for m in to(h.send(invite(call_id="ans-1", branch="z9hG4bK-an1")), CORE)
              if m.method == "INVITE"]
     h.send(answer(fwd, 200, "OK"), src=CORE)
-    for n, (value, kept) in enumerate((("<tel:+13125550111>", False),
-                                       ('"Bank" <sip:+13125550111@x.example>', False),
-                                       ("<tel:+12125550100>", True),
-                                       ("<sip:2125550100@x.example;user=phone>", True))):
-        update = in_dialog("UPDATE", call_id="re-1", cseq=2 + n, branch=f"z9hG4bK-up{n}",
-                           extra=f"P-Asserted-Identity: {value}\r\n")
-        [sent] = [m for m in to(h.send(update), CORE) if m.method == "UPDATE"]
-        assert sent.has("p-asserted-identity") == kept, value
+    for n, (value, kept) in enumerate((('"FBI" <sip:+19005550199@x.example;user=phone>', False),
+                                       ("<tel:+12125550100>", True))):
+        reinvite = in_dialog("INVITE", call_id="ans-1", cseq=10 + n, branch=f"z9hG4bK-cr{n}",
+                             from_callee=True)
+        [sent] = [m for m in to(h.send(reinvite, src=CORE), CALLER) if m.method == "INVITE"]
+        ok = answer(sent, 200, "OK", extra=f"P-Asserted-Identity: {value}\r\n").replace(
+            b"Contact: <sip:core@10.0.0.10:5080>", b"Contact: <sip:+12125550100@198.51.100.7:5062>")
+        [back] = [m for m in to(h.send(ok), CORE) if m.status == 200]
+        assert back.has("p-asserted-identity") == kept, value
+
+
+def test_a_tls_core_is_never_plain_tcp_whatever_any_port_says() -> None:
+    """sip.core_tcp_any_port takes a stream from the core's address as the core's — over the
+    core's own transport, or TCP/TLS beside a UDP core; a tls:// core's plain TCP is not it
+    (that would let a downgraded connection speak as the core)."""
+
+    tls_core, udp_core = Flow("tls", CORE, 1), Flow("udp", CORE, 0)
+    other_port = ("10.0.0.10", 40000)
+    assert flow_is_core(Flow("tls", other_port, 1, 3), tls_core, True)
+    assert not flow_is_core(Flow("tcp", other_port, 1, 3), tls_core, True)
+    assert flow_is_core(Flow("tcp", other_port, 1, 3), udp_core, True)
+    assert not flow_is_core(Flow("tcp", other_port, 1, 3), udp_core, False)
+    assert not flow_is_core(Flow("udp", other_port, 0), udp_core, True)

@@ -483,6 +483,11 @@ def test_outside_requests_never_relay_through_a_foreign_route() -> None:
         [fwd] = [m for m in _to(out, CORE) if m.method == "INVITE"]
         assert not fwd.has("route")
         assert _to(out, ("203.0.113.99", 5060)) == []
+    # an entry naming the core itself (a Service-Route, RFC 3608) stays
+    out = h.send(invite(extra="Route: <sip:203.0.113.99:5060;lr>, <sip:10.0.0.10:5080;lr>\r\n",
+                        call_id="pre-core", branch="z9hG4bK-precore"))
+    [fwd] = [m for m in _to(out, CORE) if m.method == "INVITE"]
+    assert fwd.values("route") == ["<sip:10.0.0.10:5080;lr>"]
     bye = (
         b"BYE sip:victim@203.0.113.99:5060 SIP/2.0\r\n"
         b"Via: SIP/2.0/UDP 198.51.100.7:5062;branch=z9hG4bK-fake-bye\r\n"

@@ -207,8 +207,9 @@ async def test_outbound_tls_verifies_the_server_certificate(pki: TlsFiles) -> No
 
 async def test_outbound_tls_to_a_peer_trusts_the_peers_ca_file(pki: TlsFiles) -> None:
     """A call the core places to a party over TLS: its server certificate, from a private CA
-    (a PBX's), is verified against tls.ca_file beside the system's CAs — with the system's
-    alone the connection failed and the core heard 500."""
+    (a PBX's), is verified against tls.peers_ca_file beside the system's CAs — with the
+    system's alone the connection failed and the core heard 500. tls.ca_file (the CA of
+    client certificates) vouches for no server."""
     got: list[bytes] = []
     server = await _tls_server(pki, got)
     peer = ("127.0.0.1", server.sockets[0].getsockname()[1])
@@ -221,6 +222,9 @@ async def test_outbound_tls_to_a_peer_trusts_the_peers_ca_file(pki: TlsFiles) ->
         await until(lambda: rec.count("tcp_connect_failed") == 1)
         assert rec.count("tls_verify_failed") == 1  # said as such
         pool.tls = build_contexts(ca_file=pki.ca)
+        pool.send(msg(2), peer, LOCAL, None, tls=True)
+        await until(lambda: rec.count("tcp_connect_failed") == 2)
+        pool.tls = build_contexts(peers_ca_file=pki.ca)
         pool.send(msg(2), peer, LOCAL, None, tls=True)
         await until(lambda: len(rec.messages) == 1)
         assert got == [msg(2).split(b"\r\n\r\n")[0] + b"\r\n\r\n"]
