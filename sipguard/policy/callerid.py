@@ -276,7 +276,7 @@ def _first_number(values: list[NameAddr]) -> str | None:
 
 
 _DISPLAY_NUMBER: Final = re.compile(r"\+?[0-9]{6,15}")
-_DISPLAY_SEPARATORS: Final = str.maketrans("", "", "-.() \t")
+_DISPLAY_SEPARATORS: Final = str.maketrans("", "", "-.()/ \t\u00a0\u2009\u2010\u2011\u2013\u2014")
 
 
 def _display_mismatch(msg: Message, pai: bool, caller: str, from_number: str | None,
@@ -285,7 +285,7 @@ def _display_mismatch(msg: Message, pai: bool, caller: str, from_number: str | N
     number that is neither ``caller`` nor From's number."""
     names = [msg.from_.display]
     if pai:
-        names.append(msg.p_asserted_identities[0].display)
+        names.extend(na.display for na in msg.p_asserted_identities)
     for name in names:
         if not name or not any(c.isdigit() for c in name):
             continue
@@ -303,9 +303,13 @@ def _shows(digits: str, number: str, region: str | None) -> bool:
     spelling — the number's last digits but at most a country code's three, a trunk 0 aside
     (read without a region too). An international spelling (``+``, ``00``) must be the same
     number: ``+2015552201`` is Egypt's, not ``+12015552201``."""
-    if _same_number(digits, number, region):
+    if _same_number(digits, number, region) or same_number(digits, number):
         return True
-    if digits.startswith(("+", "00")):
+    if digits.startswith("+"):  # a trunk 0 left after the country code: "+44 (0)20 …"
+        info = numbers.lookup(digits)
+        return bool(info.country_code) and info.national.startswith("0") and same_number(
+            f"+{info.country_code}{info.national.lstrip('0')}", number)
+    if digits.startswith("00"):
         return False
     national = digits.lstrip("0")
     full = "".join(c for c in number if c.isdigit())

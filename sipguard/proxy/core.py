@@ -657,6 +657,8 @@ class Proxy:
                       and method in DIALOG_CREATING,
                       edits=self._pai_edits(msg, flow, dialog, from_core, side),
                       anonymise=self._withheld(dialog, side, from_core))
+        if from_core and dialog is not None and not dialog.outbound and st.client is not None:
+            st.client.answered_by = dialog  # the caller answers it: see _answer_edits
 
     def _pai_edits(self, msg: Message, flow: Flow, dialog: Dialog | None,
                    from_core: bool, side: str) -> tuple[tuple[str, str | None], ...]:
@@ -675,20 +677,45 @@ class Proxy:
             return _NO_PAI
         return ()
 
-    def _untrusted_pai(self, msg: Message, flow: Flow) -> tuple[int, ...]:
-        """The P-Asserted-Identity lines of a response to remove: from an outside source whose
-        assertions are no identity (RFC 3325 §5), or from the caller of a call that came in
-        asserting another number than the one the call was checked as (its answer to the
-        core's re-INVITE or UPDATE, which a core may show as the caller's new identity)."""
-        if not msg.has("p-asserted-identity") or self.router.is_core(flow) or \
-                flow.addr[0] in self.former_cores:
-            return ()
-        if self.admission.asserts_identity(flow):
-            dialog, side = self.table.of(msg, True)  # (the request's side: the core's)
-            if dialog is None or dialog.outbound or side != "callee" or \
-                    self.admission.asserts_caller(dialog, msg):
-                return ()
-        return tuple(msg.indexes("p-asserted-identity"))
+    def _answer_edits(self, msg: Message, flow: Flow, ct: ClientTxn
+                      ) -> dict[int, bytes | None] | None:
+        """The header lines of a response from outside to replace or remove before it goes
+        on: a P-Asserted-Identity whose source asserts no identity (RFC 3325 §5), or — from
+        the caller of a call that came in, answering the core's re-INVITE, UPDATE, BYE … —
+        one that is not the caller the call was checked as, whatever tags the answer carries
+        (a core may update the caller's shown identity from it); values of another number
+        or none readable, as on requests (contract.one_identity); and for a call whose
+        caller is withheld, its identity (Contact, PAI, RPID) as on its requests."""
+        dialog = ct.answered_by
+        anonymise = dialog.anonymise if dialog is not None else None
+        if not msg.has("p-asserted-identity") and anonymise is None:
+            return None
+        if self.router.is_core(flow) or flow.addr[0] in self.former_cores:
+            return None
+        out: dict[int, bytes | None] = {}
+        pai = msg.indexes("p-asserted-identity")
+        if anonymise is not None:
+            for name, line in _anonymised_edits(msg, (), anonymise):
+                if name in ("from", "privacy"):
+                    continue  # a response's From is the core's side; To is what the core sent
+                idx = msg.indexes(name)
+                for i in idx:
+                    out[i] = None
+                if idx and line is not None:
+                    out[idx[0]] = line.encode("utf-8", "surrogateescape")
+            if not anonymise.keep_pai:
+                return out
+        if not pai:
+            return out
+        if not self.admission.asserts_identity(flow) or (
+                dialog is not None and not self.admission.asserts_caller(dialog, msg)):
+            out.update(dict.fromkeys(pai))
+            return out
+        one = one_identity(msg)
+        if one is not None:
+            out.update(dict.fromkeys(pai[1:]))
+            out[pai[0]] = one.encode("utf-8", "surrogateescape") if one else None
+        return out
 
     @staticmethod
     def _withheld(dialog: Dialog | None, side: str, from_core: bool) -> Anonymise | None:
@@ -1346,8 +1373,10 @@ class Proxy:
                 self.outbox.append((ct.flow, build.ack_for(ct.sent_msg(), msg)))
             return  # retransmitted final response: absorbed
         # A 100 is hop by hop (RFC 3261 §16.7 step 5): absorbed, so not rebuilt for upstream.
-        drop = self._untrusted_pai(msg, flow) if status != 100 else ()
-        upstream = self._strip_via(msg, ours_end, drop) if status != 100 else None
+        upstream = self._strip_via(msg, ours_end, self._answer_edits(msg, flow, ct)) \
+            if status != 100 else None
+        if upstream is not None and not upstream.startswith(b"SIP/2.0 "):
+            upstream = b"SIP/2.0" + upstream[7:]  # "sip/2.0" read, sent upper-case (§7.1)
         if upstream is None and ct.server is not None and status != 100:
             # RFC 3261 §16.7 step 3: no Via left once ours is gone — nothing to send it to.
             self.events.append(Dropped("no_via_left", f"{status} {msg.call_id}", flow))
@@ -1452,18 +1481,19 @@ class Proxy:
                     return True
         return False
 
-    def _strip_via(self, msg: Message, ours_end: int, drop: tuple[int, ...] = ()) -> bytes | None:
+    def _strip_via(self, msg: Message, ours_end: int,
+                   edits: dict[int, bytes | None] | None = None) -> bytes | None:
         """The response with our (top) Via value removed (RFC 3261 §16.7 step 3); None when
         no Via would be left. ``ours_end``: where our branch ends in the top Via line;
-        ``drop``: header lines removed too (an untrusted P-Asserted-Identity)."""
+        ``edits``: header lines replaced or removed too (see _answer_edits)."""
         indexes = msg.indexes("via")
         idx = indexes[0]
         line = msg.lines[idx]
-        if drop:
+        if edits:
             rest = after_first_via(msg.value_at(idx))
             if not rest and len(indexes) == 1:
                 return None
-            replace: dict[int, bytes | None] = dict.fromkeys(drop)
+            replace = dict(edits)
             replace[idx] = header_line("Via", rest) if rest else None
             length = () if msg.content_length is not None else \
                 (f"Content-Length: {len(msg.body)}".encode(),)

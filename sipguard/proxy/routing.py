@@ -95,6 +95,16 @@ class Router:
         port = uri.port or (5061 if uri.scheme == "sips" else 5060)
         return f"{host}:{port}" in self._ours
 
+    def _names_core(self, uri: Uri) -> bool:
+        """A Route entry naming the configured core by its address and port (5061 unsaid
+        for sips: / transport=tls, else 5060)."""
+        if uri.scheme not in ("sip", "sips"):
+            return False
+        tls = uri.scheme == "sips" or (uri.param("transport") or "").lower() == "tls"
+        host, port = self.settings.core.addr
+        return uri.host.strip("[]").lower() == host.lower() and \
+            (uri.port or (5061 if tls else 5060)) == port
+
     def local_for(self, transport: str, host: str = "") -> Local:
         """The listener to send to ``host`` over ``transport`` from: see :func:`local_for`."""
         return local_for(self.settings.locals, transport, host)
@@ -222,9 +232,8 @@ class Router:
         # accepted call on to wherever the peer chose — removed, but for the core's own.
         if initial and msg.has("route"):
             # (entries naming the core itself stay: a Service-Route, RFC 3608)
-            core = self.settings.core.addr
             return self.settings.core, start_line, [
-                r for r in remaining if (r.uri.host, r.uri.port or 5060) == core]
+                r for r in remaining if self._names_core(r.uri)]
         return self.settings.core, start_line, routes
 
 

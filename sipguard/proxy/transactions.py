@@ -87,7 +87,7 @@ class ServerTxn:
 class ClientTxn:
     __slots__ = ("branch", "method", "data", "flow", "server", "state", "provisional",
                  "cancel_wanted", "cancel_sent", "timer", "timeout", "interval", "held", "sent",
-                 "probe", "cancel_reason")
+                 "probe", "cancel_reason", "answered_by")
 
     def __init__(
         self, branch: str, method: str, data: bytes, flow: Flow, server: ServerTxn | None
@@ -109,6 +109,9 @@ class ClientTxn:
         self.probe: Probe | None = None  # a keep-alive OPTIONS of sipguard's own
         # the Reason lines of the caller's CANCEL, relayed in ours (RFC 3326)
         self.cancel_reason: tuple[bytes, ...] = ()
+        # the call that came in whose caller answers this request (the core's re-INVITE,
+        # UPDATE, BYE …): its answers' identity is checked against it (Proxy._answer_edits)
+        self.answered_by: Dialog | None = None
 
     def sent_msg(self) -> Message:
         if self.sent is None:

@@ -406,16 +406,21 @@ def _number(user: str, phone: bool) -> str | None:
 
 def number_like(uri: Uri) -> bool:
     """A user part without a number as read here that a receiver may still read as one:
-    digits and no letter (``*67+12125550100``, ``+12125550100#`` without ``user=phone``,
-    ``+13125=50123``, ``+1312%00``). Whatever number it shows, none was checked; a user with
-    a letter (``gw1``, ``agent7``) is a name."""
+    digits and no (ASCII) letter (``*67+12125550100``, ``+12125550100#`` without
+    ``user=phone``, ``+13125=50123``, ``+1900…%E2%80%8B``), or one that starts as a number
+    does (``+19005550199p1``). Whatever number it shows, none was checked; a user that starts
+    with a letter (``gw1``, ``agent7``) is a name."""
     user = uri.user
     if uri.number is not None or not user:
         return False
     if "%" in user:
-        user = _pct_unquote(user, encoding="latin-1")
+        user = _pct_unquote(user, errors="replace")
     head = user.partition(";")[0]
-    return any(c.isdigit() for c in head) and not any(c.isalpha() for c in head)
+    if any(c.isdigit() for c in head) and not any(c.isascii() and c.isalpha() for c in head):
+        return True  # digits, and no letter (zero-width and no-break spaces are none)
+    # or it starts as a number does, whatever follows: "+19005550199p1", "+1900…x12"
+    first = next((c for c in head if c.isascii() and (c.isalnum() or c in "+*#")), "")
+    return first != "" and first in "+*#0123456789"
 
 
 def plain_identity(uri: Uri) -> bool:

@@ -775,3 +775,37 @@ def test_pai_values_with_digits_but_no_number_or_of_another_scheme_are_not_forwa
             "<tel:+12125550100;verstat=TN-Validation-Passed>"], value
     bare = Call(h, caller="+12125550100", extra=pai("<sip:*67+13125550100@x.example>"))
     assert not bare.core.has("p-asserted-identity")  # without a rule: removed, not emptied
+
+
+def test_display_names_of_every_pai_value_and_in_the_usual_spellings() -> None:
+    """display_mismatch reads every P-Asserted-Identity value's display name (a second value's
+    went first to the core once the checked number is put first), counts no-break spaces and
+    dashes as separators, and takes "+44 (0)20 …" and "0044 20 …" for the caller's own number."""
+    h = harness(PEERS + "rules: {callerid: {display_mismatch: reject}}\n")
+    second = Call(h, caller="+12125550100", extra=pai(
+        '<sip:gw1@carrier.example>, "+1 900 555 0199" <sip:+12125550100@carrier.example>'))
+    assert (second.status, second.decision.verdict.reason) == (603, "display_mismatch")
+    nbsp = Call(h, caller="+12125550100", extra=pai('"+1\u00a0900\u00a0555\u00a00199" <tel:+12125550100>'))
+    assert nbsp.status == 603
+    uk = harness("""
+        peers:
+          - name: uk
+            networks: [198.51.100.0/24]
+        rules: {callerid: {display_mismatch: reject}}
+        """)
+    for display in ('"+44 (0)20 7183 8750"', '"0044 20 7183 8750"', '"020 7183 8750"'):
+        call = Call(uk, caller="+442071838750", extra=pai(f'{display} <tel:+442071838750>'))
+        assert call.status == 0, display
+
+
+def test_a_pai_number_hidden_behind_an_invisible_character_or_a_suffix_is_not_forwarded() -> None:
+    """+1900…%E2%80%8B (a zero-width space) or +1900…p1 is no number here and no name either:
+    the value is removed, and the caller is From's number, checked (it passed unchecked to
+    the core with a DNO number behind it)."""
+    h = harness(PEERS + "rules: {callerid: {dno: ['+19005550199']}}\n")
+    for value in ("<sip:+19005550199%E2%80%8B@carrier.example;user=phone>",
+                  "<sip:+19005550199%C2%A0@carrier.example;user=phone>",
+                  "<sip:+19005550199p1@carrier.example>"):
+        call = Call(h, caller="+12125550100", extra=pai(value))
+        assert call.status == 0 and all("1900" not in v for v in
+                                        call.core.values("p-asserted-identity")), value

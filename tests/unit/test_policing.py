@@ -1192,21 +1192,49 @@ def test_a_callers_later_request_asserting_another_number_loses_its_pai() -> Non
 def test_a_callers_answer_asserting_another_number_loses_its_pai() -> None:
     """The core's re-INVITE to the caller of a call that came in: the caller's 200 asserting
     another number goes to the core without its P-Asserted-Identity (a core may update the
-    connected identity from it); the checked number stays."""
+    connected identity from it) — also with its To tag changed so that it names no dialog,
+    and a second value of another number or a number-like one is dropped; the checked number
+    stays. A status line in lower case leaves upper-case."""
     h = PolicyHarness(extra_yaml=PEERS)
     [fwd] = [m for m in to(h.send(invite(call_id="ans-1", branch="z9hG4bK-an1")), CORE)
              if m.method == "INVITE"]
     h.send(answer(fwd, 200, "OK"), src=CORE)
-    for n, (value, kept) in enumerate((('"FBI" <sip:+19005550199@x.example;user=phone>', False),
-                                       ("<tel:+12125550100>", True))):
+    cases = (('"FBI" <sip:+19005550199@x.example;user=phone>', "ftag1", None),
+             ('"FBI" <sip:+19005550199@x.example;user=phone>', "other", None),
+             ('<tel:+12125550100>, "FBI" <tel:+19005550199>', "ftag1", "<tel:+12125550100>"),
+             ("<sip:+19005550199#@x.example>, <tel:+12125550100>", "ftag1", "<tel:+12125550100>"),
+             ("<tel:+12125550100>", "ftag1", "<tel:+12125550100>"))
+    for n, (value, tag, kept) in enumerate(cases):
         reinvite = in_dialog("INVITE", call_id="ans-1", cseq=10 + n, branch=f"z9hG4bK-cr{n}",
                              from_callee=True)
         [sent] = [m for m in to(h.send(reinvite, src=CORE), CALLER) if m.method == "INVITE"]
         ok = answer(sent, 200, "OK", extra=f"P-Asserted-Identity: {value}\r\n").replace(
-            b"Contact: <sip:core@10.0.0.10:5080>", b"Contact: <sip:+12125550100@198.51.100.7:5062>")
+            b"Contact: <sip:core@10.0.0.10:5080>", b"Contact: <sip:+12125550100@198.51.100.7:5062>"
+        ).replace(b";tag=ftag1", f";tag={tag}".encode()).replace(b"SIP/2.0 200", b"sip/2.0 200")
         [back] = [m for m in to(h.send(ok), CORE) if m.status == 200]
-        assert back.has("p-asserted-identity") == kept, value
+        assert back.values("p-asserted-identity") == ([kept] if kept else []), value
+        assert back.start_line.startswith(b"SIP/2.0 200")
 
+
+def test_a_withheld_callers_answers_are_anonymised_too() -> None:
+    """national_cli anonymised the call (its caller withheld from the core): the caller's
+    answer to the core's UPDATE loses its PAI and Remote-Party-ID, and its Contact names
+    no number — as its own requests do."""
+    h = PolicyHarness("rules:\n  national_cli: {home_countries: ['1'], fixed: anonymise, "
+                      "mobile: anonymise}\n",
+                      extra_yaml=PEERS + "    interconnect: international\n")
+    [fwd] = [m for m in to(h.send(invite(call_id="anon-1", branch="z9hG4bK-ano")), CORE)
+             if m.method == "INVITE"]
+    assert "anonymous" in (fwd.get("from") or "")
+    h.send(answer(fwd, 200, "OK"), src=CORE)
+    update = in_dialog("UPDATE", call_id="anon-1", cseq=7, branch="z9hG4bK-cu", from_callee=True)
+    [sent] = [m for m in to(h.send(update, src=CORE), CALLER) if m.method == "UPDATE"]
+    ok = answer(sent, 200, "OK", extra="P-Asserted-Identity: <tel:+12125550100>\r\n"
+                "Remote-Party-ID: <sip:+12125550100@198.51.100.7>;party=calling\r\n").replace(
+        b"Contact: <sip:core@10.0.0.10:5080>", b"Contact: <sip:+12125550100@198.51.100.7:5062>")
+    [back] = [m for m in to(h.send(ok), CORE) if m.status == 200]
+    assert not back.has("p-asserted-identity") and not back.has("remote-party-id")
+    assert "12125550100" not in (back.get("contact") or "")
 
 def test_a_tls_core_is_never_plain_tcp_whatever_any_port_says() -> None:
     """sip.core_tcp_any_port takes a stream from the core's address as the core's — over the
