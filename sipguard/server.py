@@ -193,6 +193,7 @@ def proxy_settings(cfg: Config, worker: int | None = None) -> ProxySettings:
         busy_retry_after_s=sip.overload_retry_after_s,
         dialog_keepalive=sip.dialog_keepalive_s,
         core_tcp_any_port=sip.core_tcp_any_port,
+        relay_core_503=sip.relay_core_503,
     )
 
 

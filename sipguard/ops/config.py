@@ -101,6 +101,13 @@ class SipSettings(ConfigModel):
         "the core's host then speaks as the core. Off: only the connection sipguard opened "
         "to a tcp:// or tls:// core.",
     )
+    relay_core_503: bool = Field(
+        default=True,
+        description="A `503` from the core goes to the caller as it is: a carrier fails over to "
+        "another site on it (RFC 3263), and may hold the whole trunk for its Retry-After. "
+        "`false`: sent as `500 Server Internal Error` (RFC 3261 §16.7 step 6: a 503 from a "
+        "proxy says it can serve no request, where the core refused one).",
+    )
     answer_options: bool = Field(
         default=True,
         description="Answer out-of-dialog OPTIONS to sipguard itself with 200 (peer "

@@ -1470,6 +1470,11 @@ class Proxy:
         if server.end_reason and status < 300 and server.method == "INVITE" and \
                 server.dialog is not None:
             self.doomed[key_of(server.dialog)] = server.end_reason
+        if status == 503 and not self.settings.relay_core_503 and self._core_side(ct):
+            # RFC 3261 §16.7 step 6: a 503 upstream says sipguard serves no request at all; the
+            # core's refused only this one (sip.relay_core_503: pass it as it is)
+            upstream = b"SIP/2.0 500 Server Internal Error" + upstream[upstream.find(b"\r\n"):]
+            status = 500
         self._send_upstream(server, status, upstream, now)
 
     def _recorded(self, msg: Message) -> bool:

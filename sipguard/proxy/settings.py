@@ -42,6 +42,8 @@ class ProxySettings:
     dialog_keepalive: float | None = None  # in-dialog OPTIONS every this many s (None: off)
     # over TCP/TLS, any connection from the core's address is the core's (sip.core_tcp_any_port)
     core_tcp_any_port: bool = False
+    # a 503 from the core goes upstream as it is (else as a 500: sip.relay_core_503)
+    relay_core_503: bool = True
 
 
 # (next hop, rewritten start line or None, remaining Route entries or None when unchanged)

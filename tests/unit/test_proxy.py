@@ -689,3 +689,16 @@ def test_a_request_line_version_in_lower_case_leaves_in_upper_case() -> None:
     out = h.send(invite().replace(b";user=phone SIP/2.0\r\n", b";user=phone sip/2.0\r\n", 1))
     [fwd] = [m for m in _to(out, CORE) if m.method == "INVITE"]
     assert fwd.start_line == b"INVITE sip:+18005550199@192.0.2.1:5060;user=phone SIP/2.0"
+
+
+def test_a_cores_503_goes_upstream_as_it_is_or_as_a_500() -> None:
+    """The core answers 503: passed to the caller as it is by default (a carrier fails over
+    on it), as 500 with sip.relay_core_503 false (RFC 3261 §16.7 step 6); the core gets its ACK
+    either way."""
+    for relay, status in ((True, 503), (False, 500)):
+        h = Harness(relay_core_503=relay)
+        [fwd] = [m for m in _to(h.send(invite()), CORE) if m.method == "INVITE"]
+        out = h.send(answer(fwd, 503, "Service Unavailable", extra="Retry-After: 30\r\n"), src=CORE)
+        [final] = [m for m in _to(out, CALLER) if m.status >= 200]
+        assert final.status == status and final.get("retry-after") == "30"
+        assert [m.method for m in _to(out, CORE)] == ["ACK"]
