@@ -57,7 +57,7 @@ for a caller number seen before (the number lookup is one cache hit, see
 
 from __future__ import annotations
 
-import re
+import unicodedata
 from typing import TYPE_CHECKING, Final
 from urllib.parse import unquote
 
@@ -66,7 +66,7 @@ from sipguard.policy import numbers
 from sipguard.policy.callerid_settings import Answers
 from sipguard.policy.peers import NumberSet, Peer, read_number_file
 from sipguard.sip.errors import SipParseError
-from sipguard.sip.uri import number_like, plain_identity
+from sipguard.sip.uri import hidden_number, plain_identity
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -135,6 +135,9 @@ class CallerId:
         from_uri = msg.from_.uri
         from_number = from_uri.number
         raw = pai_number if trusted and pai_number is not None else from_number
+        # what From shows: its number, or one a receiver may read where sipguard reads none
+        # (*67+1312…, +1312…x12, x1900…)
+        shown = from_number if from_number is not None else hidden_number(from_uri)
         if s.anonymous == "reject" and _is_anonymous(msg, from_uri):
             return self._fail(call, "caller_anonymous", "anonymous", None, NO_VALIDATION, ())
         if raw is None:
@@ -151,8 +154,8 @@ class CallerId:
         if (self.dno is not None or self.dno_file is not None) and (
             self._on_dno(e164, raw) or (
                 # a DNO number shown in From, behind another asserted identity
-                from_number is not None and from_number != raw
-                and self._on_dno(numbers.lookup(from_number, region).e164, from_number)
+                shown is not None and shown != raw
+                and self._on_dno(numbers.lookup(shown, region).e164, shown)
             )
         ):
             return self._fail(call, "caller_dno", "dno", e164, FAILED, ())
@@ -162,12 +165,10 @@ class CallerId:
                 return self._fail(call, "caller_not_owned", "not_owned", e164, FAILED, ())
             verstat = PASSED
         tags: list[str] = []
-        if s.pai_mismatch != "ignore" and pai_number is not None and (
-            (from_number is not None and not _same_number(pai_number, from_number, region))
-            # a From that shows a number sipguard cannot read (*67+1312…, +1312…#): not the
-            # asserted one, as far as anyone can tell
-            or (from_number is None and number_like(from_uri))
-        ):
+        if s.pai_mismatch != "ignore" and pai_number is not None and shown is not None and (
+            # a telephone number (an extension, From sip:1000@pbx, is none) that is another
+            shown.startswith("+") or sum(c.isdigit() for c in shown) >= 6
+        ) and not (same_number(pai_number, shown) or _same_number(pai_number, shown, region)):
             if s.pai_mismatch == "reject":
                 return self._fail(call, "pai_mismatch", "spoofed", e164, FAILED, ())
             tags.append("callerid.pai_mismatch")
@@ -275,8 +276,20 @@ def _first_number(values: list[NameAddr]) -> str | None:
     return None
 
 
-_DISPLAY_NUMBER: Final = re.compile(r"\+?[0-9]{6,15}")
-_DISPLAY_SEPARATORS: Final = str.maketrans("", "", "-.()/ \t\u00a0\u2009\u2010\u2011\u2013\u2014")
+def _display_digits(name: str | None) -> str | None:
+    """The telephone number a display name shows: a name without a letter holding 6–15
+    digits, read as its digits (and a leading ``+``) whatever separates them — spaces of any
+    width, dashes, dots, brackets, marks — once compatibility forms are folded (full-width
+    digits). None for a name (``Support 0800 123 456``) or too few or many digits."""
+    if not name or not any(c.isdigit() for c in name):
+        return None
+    text = name if name.isascii() else unicodedata.normalize("NFKC", name)
+    if any(c.isalpha() for c in text):
+        return None
+    digits = "".join(c for c in text if c.isdigit() and c.isascii())
+    if not 6 <= len(digits) <= 15:
+        return None
+    return "+" + digits if text.lstrip(" \t*#").startswith("+") else digits
 
 
 def _display_mismatch(msg: Message, pai: bool, caller: str, from_number: str | None,
@@ -287,10 +300,8 @@ def _display_mismatch(msg: Message, pai: bool, caller: str, from_number: str | N
     if pai:
         names.extend(na.display for na in msg.p_asserted_identities)
     for name in names:
-        if not name or not any(c.isdigit() for c in name):
-            continue
-        digits = name.translate(_DISPLAY_SEPARATORS)
-        if _DISPLAY_NUMBER.fullmatch(digits) is None:
+        digits = _display_digits(name)
+        if digits is None:
             continue
         if not _shows(digits, caller, region) and (
                 from_number is None or not _shows(digits, from_number, region)):
@@ -306,9 +317,9 @@ def _shows(digits: str, number: str, region: str | None) -> bool:
     if _same_number(digits, number, region) or same_number(digits, number):
         return True
     if digits.startswith("+"):  # a trunk 0 left after the country code: "+44 (0)20 …"
-        info = numbers.lookup(digits)
-        return bool(info.country_code) and info.national.startswith("0") and same_number(
-            f"+{info.country_code}{info.national.lstrip('0')}", number)
+        info = numbers.lookup(digits)  # (not when +CC0… is a number itself: Italy's 0…)
+        return bool(info.country_code) and not info.valid and info.national.startswith("0") \
+            and same_number(f"+{info.country_code}{info.national.lstrip('0')}", number)
     if digits.startswith("00"):
         return False
     national = digits.lstrip("0")
@@ -330,12 +341,9 @@ def asserts_caller(msg: Message, caller: str | None, region: str | None) -> bool
             same_number(number, caller) or _same_number(number, caller, region))):
         return False
     for na in values:
-        name = na.display
-        if name and any(c.isdigit() for c in name):
-            digits = name.translate(_DISPLAY_SEPARATORS)
-            if _DISPLAY_NUMBER.fullmatch(digits) is not None and (
-                    caller is None or not _shows(digits, caller, region)):
-                return False
+        digits = _display_digits(na.display)
+        if digits is not None and (caller is None or not _shows(digits, caller, region)):
+            return False
     return True
 
 

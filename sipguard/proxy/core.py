@@ -684,15 +684,19 @@ class Proxy:
         the caller of a call that came in, answering the core's re-INVITE, UPDATE, BYE … —
         one that is not the caller the call was checked as, whatever tags the answer carries
         (a core may update the caller's shown identity from it); values of another number
-        or none readable, as on requests (contract.one_identity); and for a call whose
-        caller is withheld, its identity (Contact, PAI, RPID) as on its requests."""
-        dialog = ct.answered_by
-        anonymise = dialog.anonymise if dialog is not None else None
-        if not msg.has("p-asserted-identity") and anonymise is None:
-            return None
+        or none readable, as on requests (contract.one_identity); for a call whose caller is
+        withheld, its identity (Contact, PAI, RPID) as on its requests; and, as on requests,
+        sipguard's own headers and ``sip.strip_headers`` (RPID, P-Preferred-Identity …)."""
         if self.router.is_core(flow) or flow.addr[0] in self.former_cores:
             return None
+        dialog = ct.answered_by
+        anonymise = dialog.anonymise if dialog is not None else None
         out: dict[int, bytes | None] = {}
+        for name in self.settings.strip_headers:  # sipguard's own headers, sip.strip_headers
+            for i in msg.indexes(name):
+                out[i] = None
+        if not msg.has("p-asserted-identity") and anonymise is None:
+            return out
         pai = msg.indexes("p-asserted-identity")
         if anonymise is not None:
             for name, line in _anonymised_edits(msg, (), anonymise):

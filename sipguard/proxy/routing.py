@@ -98,8 +98,8 @@ class Router:
     def _names_core(self, uri: Uri) -> bool:
         """A Route entry naming the configured core by its address and port (5061 unsaid
         for sips: / transport=tls, else 5060)."""
-        if uri.scheme not in ("sip", "sips"):
-            return False
+        if uri.scheme not in ("sip", "sips") or uri.user is not None or uri.has_param("maddr"):
+            return False  # (a maddr or a user part would send the core elsewhere)
         tls = uri.scheme == "sips" or (uri.param("transport") or "").lower() == "tls"
         host, port = self.settings.core.addr
         return uri.host.strip("[]").lower() == host.lower() and \

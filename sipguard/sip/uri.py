@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
@@ -83,6 +84,7 @@ _DROP_SEPARATORS: Final = str.maketrans("", "", "-.() ")
 _DROP_DIALCHARS: Final = str.maketrans("", "", "0123456789*#")
 _NUMBER_START: Final = frozenset("+0123456789-.() ")
 _CONTROL: Final = re.compile("[\x00-\x1f\x7f]")
+_HIDDEN: Final = re.compile(r"\+?[0-9]{6,15}")
 # what a receiver may skip around the digits of a number: dial and visual characters, a pause
 _DROP_NUMBERISH: Final = str.maketrans("", "", "+*#,-.() ")
 
@@ -404,27 +406,27 @@ def _number(user: str, phone: bool) -> str | None:
     return None
 
 
-def number_like(uri: Uri) -> bool:
-    """A user part without a number as read here that a receiver may still read as one:
-    digits and no (ASCII) letter (``*67+12125550100``, ``+12125550100#`` without
-    ``user=phone``, ``+13125=50123``, ``+1900…%E2%80%8B``), or one that starts as a number
-    does (``+19005550199p1``). Whatever number it shows, none was checked; a user that starts
-    with a letter (``gw1``, ``agent7``) is a name."""
+def hidden_number(uri: Uri) -> str | None:
+    """The telephone number a receiver may read in a user part that holds none as read here:
+    its first run of 6–15 digits, ``+`` kept, once escapes are decoded, compatibility forms
+    folded (full-width digits) and everything but letters, digits and ``+`` dropped —
+    ``*67+13125557090``, ``+12125550100x12``, ``x19005550199``, ``+1900…%E2%80%8B``. None for
+    a name (``gw1``, ``3cx``, ``1000_agent``) or a URI with a number."""
     user = uri.user
     if uri.number is not None or not user:
-        return False
+        return None
     if "%" in user:
         user = _pct_unquote(user, errors="replace")
     head = user.partition(";")[0]
-    if any(c.isdigit() for c in head) and not any(c.isascii() and c.isalpha() for c in head):
-        return True  # digits, and no letter (zero-width and no-break spaces are none)
-    # or it starts as a number does, whatever follows: "+19005550199p1", "+1900…x12"
-    first = next((c for c in head if c.isascii() and (c.isalnum() or c in "+*#")), "")
-    return first != "" and first in "+*#0123456789"
+    if not head.isascii():
+        head = unicodedata.normalize("NFKC", head)
+    kept = "".join(c for c in head if (c.isascii() and c.isalnum()) or c == "+")
+    m = _HIDDEN.search(kept)
+    return m.group() if m is not None else None
 
 
 def plain_identity(uri: Uri) -> bool:
     """A P-Asserted-Identity value without a number that may go on as it is: a SIP URI (RFC
     3325 §9.1 allows sip, sips and tel) whose user is no number in disguise (``sip:gw1@carrier``,
     ``sip:carrier.example``) — not ``*67+1312…@…``, not ``skp:+1312…``."""
-    return uri.scheme in ("sip", "sips") and not number_like(uri)
+    return uri.scheme in ("sip", "sips") and hidden_number(uri) is None

@@ -809,3 +809,56 @@ def test_a_pai_number_hidden_behind_an_invisible_character_or_a_suffix_is_not_fo
         call = Call(h, caller="+12125550100", extra=pai(value))
         assert call.status == 0 and all("1900" not in v for v in
                                         call.core.values("p-asserted-identity")), value
+
+
+def test_a_from_showing_the_asserted_number_with_a_suffix_or_an_extension_is_no_mismatch() -> None:
+    """Behind PAI +12125550100 (pai_mismatch: reject): a From of the same number with an
+    extension or pause suffix, an extension (sip:1000@pbx), a name starting with digits
+    (3cx, 1000_agent) or the number in its 00 spelling is no mismatch — only a From that
+    shows another telephone number is."""
+    h = harness(PEERS + "rules: {callerid: {pai_mismatch: reject}}\n")
+    for user, refused in (("+12125550100x12", False), ("+12125550100p1", False),
+                          ("1000", False), ("1000a", False), ("3cx", False),
+                          ("1000_agent", False), ("0012125550100", False),
+                          ("x13125550111", True), ("+13125550111x12", True)):
+        n = next(_ids)
+        data = invite(branch=f"z9hG4bK-x{n}", call_id=f"x{n}@test", caller="+12125550100",
+                      extra=pai("<tel:+12125550100>")).replace(
+            b"From: <sip:+12125550100@198.51.100.7>", f"From: <sip:{user}@pbx.example>".encode())
+        finals = [m.status for m in to(h.send(data), CALLER) if m.status >= 200]
+        assert (finals == [603]) == refused, user
+    named = Call(h, caller="+12125550100", extra=pai("<sip:3cx@pbx.example>, <tel:+12125550100>"))
+    assert "<sip:3cx@pbx.example>" in call_values(named)
+
+
+def call_values(call: Call) -> str:
+    return ", ".join(call.core.values("p-asserted-identity"))
+
+
+def test_display_numbers_in_any_spelling_and_a_real_trunk_0() -> None:
+    """A display name's digits are read whatever separates them (a narrow no-break space, a
+    word joiner, an underscore) and in full-width form; "+39 035 …" is Bergamo's number, not
+    the Italian mobile +39 351 … (a 0 after the country code is a digit there)."""
+    h = harness(PEERS + "rules: {callerid: {display_mismatch: reject}}\n")
+    for display in ('"+1\u202f900\u202f555\u202f0199"', '"+1\u2060900\u20605550199"',
+                    '"+1_900_555_0199"', '"\uff0b\uff11\uff19\uff10\uff10\uff15\uff15\uff15\uff10\uff11\uff19\uff19"'):
+        call = Call(h, caller="+12125550100", extra=pai(f"{display} <tel:+12125550100>"))
+        assert call.status == 603, display
+    italy = harness("""
+        peers:
+          - name: it
+            networks: [198.51.100.0/24]
+        rules: {callerid: {display_mismatch: reject}}
+        """)
+    assert Call(italy, caller="+393512345678",
+                extra=pai('"+39 035 1234 5678" <tel:+393512345678>')).status == 603
+    assert Call(italy, caller="+393512345678",
+                extra=pai('"+39 351 234 5678" <tel:+393512345678>')).status == 0
+
+
+def test_a_pai_number_behind_a_leading_letter_is_no_name() -> None:
+    """sip:x19005550199@… holds a number a receiver may read (a DNO number here): the value is
+    not forwarded and the checked caller is asserted instead."""
+    h = harness(PEERS + "rules: {callerid: {dno: ['+19005550199']}}\n")
+    call = Call(h, caller="+12125550100", extra=pai("<sip:x19005550199@carrier.example>"))
+    assert call.status == 0 and call_values(call) == "<tel:+12125550100;verstat=TN-Validation-Passed>"

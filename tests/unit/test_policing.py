@@ -1248,3 +1248,22 @@ def test_a_tls_core_is_never_plain_tcp_whatever_any_port_says() -> None:
     assert flow_is_core(Flow("tcp", other_port, 1, 3), udp_core, True)
     assert not flow_is_core(Flow("tcp", other_port, 1, 3), udp_core, False)
     assert not flow_is_core(Flow("udp", other_port, 0), udp_core, True)
+
+
+def test_an_answer_from_outside_loses_sipguards_headers_and_strip_headers() -> None:
+    """As on requests: the caller's answer to the core's UPDATE loses sipguard's own headers
+    and those of sip.strip_headers (Remote-Party-ID, P-Preferred-Identity: the documented way
+    to keep them from the core)."""
+    h = PolicyHarness(extra_yaml=PEERS, strip_headers=frozenset(
+        {"x-sipguard-verdict", "x-sipguard-identity", "remote-party-id", "p-preferred-identity"}))
+    [fwd] = [m for m in to(h.send(invite(call_id="st-1", branch="z9hG4bK-st1")), CORE)
+             if m.method == "INVITE"]
+    h.send(answer(fwd, 200, "OK"), src=CORE)
+    update = in_dialog("UPDATE", call_id="st-1", cseq=7, branch="z9hG4bK-su", from_callee=True)
+    [sent] = [m for m in to(h.send(update, src=CORE), CALLER) if m.method == "UPDATE"]
+    ok = answer(sent, 200, "OK", extra="Remote-Party-ID: <sip:+19005550199@x>;party=calling\r\n"
+                "P-Preferred-Identity: <sip:+19005550199@x>\r\nX-Sipguard-Verdict: callerid.ok\r\n"
+                "X-Sipguard-Identity: TN-Validation-Passed;attest=A\r\n")
+    [back] = [m for m in to(h.send(ok), CORE) if m.status == 200]
+    assert not any(back.has(n) for n in ("remote-party-id", "p-preferred-identity",
+                                         "x-sipguard-verdict", "x-sipguard-identity"))

@@ -483,8 +483,10 @@ def test_outside_requests_never_relay_through_a_foreign_route() -> None:
         [fwd] = [m for m in _to(out, CORE) if m.method == "INVITE"]
         assert not fwd.has("route")
         assert _to(out, ("203.0.113.99", 5060)) == []
-    # an entry naming the core itself (a Service-Route, RFC 3608) stays
-    out = h.send(invite(extra="Route: <sip:203.0.113.99:5060;lr>, <sip:10.0.0.10:5080;lr>\r\n",
+    # an entry naming the core itself (a Service-Route, RFC 3608) stays — not one whose maddr
+    # or user part would send the core elsewhere
+    out = h.send(invite(extra="Route: <sip:203.0.113.99:5060;lr>, <sip:10.0.0.10:5080;lr>, "
+                        "<sip:10.0.0.10:5080;lr;maddr=203.0.113.66>, <sip:x@10.0.0.10:5080;lr>\r\n",
                         call_id="pre-core", branch="z9hG4bK-precore"))
     [fwd] = [m for m in _to(out, CORE) if m.method == "INVITE"]
     assert fwd.values("route") == ["<sip:10.0.0.10:5080;lr>"]
