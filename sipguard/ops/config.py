@@ -127,8 +127,8 @@ class SipSettings(ConfigModel):
     )
     strip_headers: tuple[str, ...] = Field(
         default=(),
-        description="More header names removed from every request from outside, besides "
-        "sipguard's own verdict headers (which always are).",
+        description="More header names removed from every request and answer from outside, "
+        "besides sipguard's own verdict headers (which always are).",
     )
     max_transactions: int = Field(
         default=500000, ge=100,

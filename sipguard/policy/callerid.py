@@ -57,6 +57,7 @@ for a caller number seen before (the number lookup is one cache hit, see
 
 from __future__ import annotations
 
+import re
 import unicodedata
 from typing import TYPE_CHECKING, Final
 from urllib.parse import unquote
@@ -277,19 +278,28 @@ def _first_number(values: list[NameAddr]) -> str | None:
 
 
 def _display_digits(name: str | None) -> str | None:
-    """The telephone number a display name shows: a name without a letter holding 6–15
-    digits, read as its digits (and a leading ``+``) whatever separates them — spaces of any
-    width, dashes, dots, brackets, marks — once compatibility forms are folded (full-width
-    digits). None for a name (``Support 0800 123 456``) or too few or many digits."""
+    """The telephone number a display name shows: a name without a (visible) letter, read
+    part by part — ``#``, ``,``, ``;``, ``/``, ``:`` end a part — as the first part's digits
+    (any script's, compatibility forms folded) with a leading ``+``, 6–15 of them, whatever
+    separates them: ``"+1 212 555 0100 #12"`` shows +12125550100. None for a name
+    (``Support 0800 123 456``) or a part of too few or many digits."""
     if not name or not any(c.isdigit() for c in name):
         return None
-    text = name if name.isascii() else unicodedata.normalize("NFKC", name)
+    text = name if name.isascii() else "".join(
+        c for c in unicodedata.normalize("NFKC", name) if c not in _INVISIBLE
+        and unicodedata.category(c) != "Cf")
     if any(c.isalpha() for c in text):
         return None
-    digits = "".join(c for c in text if c.isdigit() and c.isascii())
-    if not 6 <= len(digits) <= 15:
-        return None
-    return "+" + digits if text.lstrip(" \t*#").startswith("+") else digits
+    for part in _DISPLAY_PARTS.split(text):
+        digits = "".join(str(unicodedata.decimal(c)) for c in part if c.isdecimal())
+        if 6 <= len(digits) <= 15:
+            return "+" + digits if part.lstrip(" \t*").startswith("+") else digits
+    return None
+
+
+# shown as blank, yet letters to str.isalpha (Hangul fillers)
+_INVISIBLE: Final = frozenset("\u115f\u1160\u3164\uffa0")
+_DISPLAY_PARTS: Final = re.compile("[#,;/:]")
 
 
 def _display_mismatch(msg: Message, pai: bool, caller: str, from_number: str | None,

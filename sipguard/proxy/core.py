@@ -683,18 +683,17 @@ class Proxy:
         on: a P-Asserted-Identity whose source asserts no identity (RFC 3325 §5), or — from
         the caller of a call that came in, answering the core's re-INVITE, UPDATE, BYE … —
         one that is not the caller the call was checked as, whatever tags the answer carries
-        (a core may update the caller's shown identity from it); values of another number
-        or none readable, as on requests (contract.one_identity); for a call whose caller is
-        withheld, its identity (Contact, PAI, RPID) as on its requests; and, as on requests,
-        sipguard's own headers and ``sip.strip_headers`` (RPID, P-Preferred-Identity …)."""
+        (a core may update the caller's shown identity from it); for a call whose caller is
+        withheld, its identity (Contact, PAI, RPID) as on its requests; and all that is taken
+        off every request from outside (_strip_owned: sipguard's own headers,
+        ``sip.strip_headers``, PAI values of another number or none readable, verstat)."""
         if self.router.is_core(flow) or flow.addr[0] in self.former_cores:
             return None
         dialog = ct.answered_by
         anonymise = dialog.anonymise if dialog is not None else None
         out: dict[int, bytes | None] = {}
-        for name in self.settings.strip_headers:  # sipguard's own headers, sip.strip_headers
-            for i in msg.indexes(name):
-                out[i] = None
+        # as on requests: sipguard's own headers, sip.strip_headers, one identity, no verstat
+        self._strip_owned(msg, out)
         if not msg.has("p-asserted-identity") and anonymise is None:
             return out
         pai = msg.indexes("p-asserted-identity")
@@ -709,16 +708,11 @@ class Proxy:
                     out[idx[0]] = line.encode("utf-8", "surrogateescape")
             if not anonymise.keep_pai:
                 return out
-        if not pai:
-            return out
+        if not pai or out.get(pai[0], b"") is None:
+            return out  # none, or removed already (sip.strip_headers names it)
         if not self.admission.asserts_identity(flow) or (
                 dialog is not None and not self.admission.asserts_caller(dialog, msg)):
             out.update(dict.fromkeys(pai))
-            return out
-        one = one_identity(msg)
-        if one is not None:
-            out.update(dict.fromkeys(pai[1:]))
-            out[pai[0]] = one.encode("utf-8", "surrogateescape") if one else None
         return out
 
     @staticmethod

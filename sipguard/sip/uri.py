@@ -85,6 +85,7 @@ _DROP_DIALCHARS: Final = str.maketrans("", "", "0123456789*#")
 _NUMBER_START: Final = frozenset("+0123456789-.() ")
 _CONTROL: Final = re.compile("[\x00-\x1f\x7f]")
 _HIDDEN: Final = re.compile(r"\+?[0-9]{6,15}")
+_HIDDEN_IN_NAME: Final = re.compile(r"\+?[0-9]{7,15}")
 # what a receiver may skip around the digits of a number: dial and visual characters, a pause
 _DROP_NUMBERISH: Final = str.maketrans("", "", "+*#,-.() ")
 
@@ -407,11 +408,13 @@ def _number(user: str, phone: bool) -> str | None:
 
 
 def hidden_number(uri: Uri) -> str | None:
-    """The telephone number a receiver may read in a user part that holds none as read here:
-    its first run of 6–15 digits, ``+`` kept, once escapes are decoded, compatibility forms
-    folded (full-width digits) and everything but letters, digits and ``+`` dropped —
-    ``*67+13125557090``, ``+12125550100x12``, ``x19005550199``, ``+1900…%E2%80%8B``. None for
-    a name (``gw1``, ``3cx``, ``1000_agent``) or a URI with a number."""
+    """The telephone number a receiver may read in a user part that holds none as read here,
+    once escapes are decoded, compatibility forms folded and invisible characters dropped:
+    where the user starts with a digit, ``+``, ``*`` or ``#``, its first run of 6–15 digits
+    across the separators a number is written with (``*67+13125557090``,
+    ``+1 212-555-0100x12``); where it starts with a letter, a run of 7–15 digits written
+    together (``x19005550199``). None for a name (``gw1``, ``3cx``, ``queue_123456``,
+    ``agent-100-200``) or a URI with a number."""
     user = uri.user
     if uri.number is not None or not user:
         return None
@@ -419,9 +422,13 @@ def hidden_number(uri: Uri) -> str | None:
         user = _pct_unquote(user, errors="replace")
     head = user.partition(";")[0]
     if not head.isascii():
-        head = unicodedata.normalize("NFKC", head)
-    kept = "".join(c for c in head if (c.isascii() and c.isalnum()) or c == "+")
-    m = _HIDDEN.search(kept)
+        head = "".join(c for c in unicodedata.normalize("NFKC", head)
+                       if unicodedata.category(c) not in ("Cf", "Zs", "Cc"))
+    first = next((c for c in head if c.isascii() and (c.isalnum() or c in "+*#")), "")
+    if first.isalpha():
+        m = _HIDDEN_IN_NAME.search(head)
+    else:
+        m = _HIDDEN.search("".join(c for c in head if (c.isascii() and c.isalnum()) or c == "+"))
     return m.group() if m is not None else None
 
 

@@ -820,6 +820,8 @@ def test_a_from_showing_the_asserted_number_with_a_suffix_or_an_extension_is_no_
     for user, refused in (("+12125550100x12", False), ("+12125550100p1", False),
                           ("1000", False), ("1000a", False), ("3cx", False),
                           ("1000_agent", False), ("0012125550100", False),
+                          ("queue_123456", False), ("agent-100-200", False),
+                          ("ext.1000.2001", False),
                           ("x13125550111", True), ("+13125550111x12", True)):
         n = next(_ids)
         data = invite(branch=f"z9hG4bK-x{n}", call_id=f"x{n}@test", caller="+12125550100",
@@ -840,10 +842,16 @@ def test_display_numbers_in_any_spelling_and_a_real_trunk_0() -> None:
     word joiner, an underscore) and in full-width form; "+39 035 …" is Bergamo's number, not
     the Italian mobile +39 351 … (a 0 after the country code is a digit there)."""
     h = harness(PEERS + "rules: {callerid: {display_mismatch: reject}}\n")
-    for display in ('"+1\u202f900\u202f555\u202f0199"', '"+1\u2060900\u20605550199"',
+    for display in ('"+1 900 555 0199\u3164"', '"\uffa0+1 900 555 0199"',
+                    '"+\u0661\u0669\u0660\u0660\u0665\u0665\u0665\u0660\u0661\u0669\u0669"',
+                    '"+1 900 555 0199 #12345"', '"+1 900 555 0199 / +1 212 555 0100"',
+                    '"+1\u202f900\u202f555\u202f0199"', '"+1\u2060900\u20605550199"',
                     '"+1_900_555_0199"', '"\uff0b\uff11\uff19\uff10\uff10\uff15\uff15\uff15\uff10\uff11\uff19\uff19"'):
         call = Call(h, caller="+12125550100", extra=pai(f"{display} <tel:+12125550100>"))
         assert call.status == 603, display
+    for display in ('"+1 212 555 0100 #12"', '"212-555-0100, 0101"', '"Agent 007"'):
+        assert Call(h, caller="+12125550100",
+                    extra=pai(f"{display} <tel:+12125550100>")).status == 0, display
     italy = harness("""
         peers:
           - name: it

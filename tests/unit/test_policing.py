@@ -1267,3 +1267,21 @@ def test_an_answer_from_outside_loses_sipguards_headers_and_strip_headers() -> N
     [back] = [m for m in to(h.send(ok), CORE) if m.status == 200]
     assert not any(back.has(n) for n in ("remote-party-id", "p-preferred-identity",
                                          "x-sipguard-verdict", "x-sipguard-identity"))
+    # a verstat the caller wrote goes, as on its requests; strip_headers naming PAI holds
+    # for two values too
+    for n, (strip, value, kept) in enumerate((
+            (False, "<tel:+12125550100;verstat=TN-Validation-Passed>", ["<tel:+12125550100>"]),
+            (True, "<tel:+12125550100>, <tel:+19005550199>", []))):
+        names = {"x-sipguard-verdict", "x-sipguard-identity"} | (
+            {"p-asserted-identity"} if strip else set())
+        h2 = PolicyHarness(extra_yaml=PEERS, strip_headers=frozenset(names))
+        [fwd] = [m for m in to(h2.send(invite(call_id=f"vs-{n}", branch=f"z9hG4bK-vs{n}")), CORE)
+                 if m.method == "INVITE"]
+        h2.send(answer(fwd, 200, "OK"), src=CORE)
+        update = in_dialog("UPDATE", call_id=f"vs-{n}", cseq=7, branch=f"z9hG4bK-vu{n}",
+                           from_callee=True)
+        [sent] = [m for m in to(h2.send(update, src=CORE), CALLER) if m.method == "UPDATE"]
+        [back] = [m for m in to(h2.send(answer(sent, 200, "OK",
+                                               extra=f"P-Asserted-Identity: {value}\r\n")), CORE)
+                  if m.status == 200]
+        assert back.values("p-asserted-identity") == kept, value

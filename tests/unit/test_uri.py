@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from sipguard.sip import uri as uri_module
 from sipguard.sip.errors import SipParseError
-from sipguard.sip.uri import Uri, parse_uri
+from sipguard.sip.uri import Uri, hidden_number, parse_uri
 
 
 def parsed(text: str) -> Uri:
@@ -435,3 +435,18 @@ def test_fast_and_general_sip_paths_agree(text: str) -> None:
     assert quick == general
     if quick is not None:
         assert str(quick) == text
+
+
+@pytest.mark.parametrize(("user", "hidden"), [
+    ("*67+13125557090", "+13125557090"), ("+12125550100x12", "+12125550100"),
+    ("+1-212-555-0100p1", "+12125550100"), ("x19005550199", "19005550199"),
+    ("%E2%80%8Bx+19005550199", "+19005550199"), ("+13125556952#", "+13125556952"),
+    ("123456_sales", "123456"), ("user2024060110", "2024060110"),
+    ("gw1", None), ("3cx", None), ("queue_123456", None), ("agent-100-200", None),
+    ("ext.1000.2001", None), ("1000_agent", None), ("alice", None), ("+12125550100", None),
+])
+def test_the_number_a_receiver_may_read_in_a_user_part(user: str, hidden: str | None) -> None:
+    """hidden_number: a run of digits read as a number where sipguard reads none — across a
+    number's separators when the user starts as a number does, written together (7+) after a
+    letter; a user with a number read has none hidden."""
+    assert hidden_number(parse_uri(f"sip:{user}@h.example")) == hidden
