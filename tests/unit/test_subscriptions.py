@@ -44,6 +44,19 @@ def subscribed(h: PolicyHarness, call_id: str = "blf-1", expires: int = 600,
     h.send(answer(sub, status, "OK" if status < 300 else "No", to_tag="pbxtag"), src=REMOTE)
 
 
+def party_subscribed(h: PolicyHarness, call_id: str, expires: int) -> None:
+    """A party outside subscribes to the core (presence), and the core takes it."""
+    first = (
+        f"SUBSCRIBE sip:+18005550199@192.0.2.1:5060 SIP/2.0\r\n"
+        f"Via: SIP/2.0/UDP 198.51.100.7:5062;branch=z9hG4bK-{call_id}\r\nMax-Forwards: 70\r\n"
+        f"From: <sip:+12125550100@198.51.100.7>;tag=ftag1\r\nTo: <sip:+18005550199@192.0.2.1>\r\n"
+        f"Call-ID: {call_id}\r\nCSeq: 1 SUBSCRIBE\r\nEvent: presence\r\nExpires: {expires}\r\n"
+        f"Contact: <sip:+12125550100@198.51.100.7:5062>\r\nContent-Length: 0\r\n\r\n"
+    ).encode()
+    [sub] = [m for m in to(h.send(first), CORE) if m.method == "SUBSCRIBE"]
+    h.send(answer(sub, 200, "OK"), src=CORE)
+
+
 def statuses(out: list, addr: tuple[str, int]) -> list[int]:  # type: ignore[type-arg]
     return [m.status for m in to(out, addr) if m.status is not None]
 
@@ -90,15 +103,7 @@ def test_a_partys_own_subscription_can_be_refreshed() -> None:
     un-SUBSCRIBE reach the core — they heard 481, and the subscriber had to subscribe anew.
     Another host's refresh in that dialog still hears 481."""
     h = PolicyHarness(allow_methods=frozenset({"INVITE", "OPTIONS", "SUBSCRIBE"}))
-    first = (
-        b"SUBSCRIBE sip:+18005550199@192.0.2.1:5060 SIP/2.0\r\n"
-        b"Via: SIP/2.0/UDP 198.51.100.7:5062;branch=z9hG4bK-ps1\r\nMax-Forwards: 70\r\n"
-        b"From: <sip:+12125550100@198.51.100.7>;tag=ftag1\r\nTo: <sip:+18005550199@192.0.2.1>\r\n"
-        b"Call-ID: presence-1\r\nCSeq: 1 SUBSCRIBE\r\nEvent: presence\r\nExpires: 300\r\n"
-        b"Contact: <sip:+12125550100@198.51.100.7:5062>\r\nContent-Length: 0\r\n\r\n"
-    )
-    [sub] = [m for m in to(h.send(first), CORE) if m.method == "SUBSCRIBE"]
-    h.send(answer(sub, 200, "OK"), src=CORE)
+    party_subscribed(h, "presence-1", 300)
     refresh = in_dialog("SUBSCRIBE", call_id="presence-1", cseq=2, branch="z9hG4bK-ps2",
                         extra="Event: presence\r\nExpires: 300\r\n")
     assert [m.method for m in to(h.send(refresh), CORE)] == ["SUBSCRIBE"]
@@ -231,15 +236,7 @@ def test_ended_subscriptions_leave_the_table_and_the_cores_notify_ends_a_partys(
     subscriptions past their time, so the gauge is what is live (an entry went only when
     met again or when the table was full)."""
     h = PolicyHarness(allow_methods=frozenset({"INVITE", "OPTIONS", "SUBSCRIBE"}))
-    first = (
-        b"SUBSCRIBE sip:+18005550199@192.0.2.1:5060 SIP/2.0\r\n"
-        b"Via: SIP/2.0/UDP 198.51.100.7:5062;branch=z9hG4bK-pt1\r\nMax-Forwards: 70\r\n"
-        b"From: <sip:+12125550100@198.51.100.7>;tag=ftag1\r\nTo: <sip:+18005550199@192.0.2.1>\r\n"
-        b"Call-ID: presence-9\r\nCSeq: 1 SUBSCRIBE\r\nEvent: presence\r\nExpires: 3600\r\n"
-        b"Contact: <sip:+12125550100@198.51.100.7:5062>\r\nContent-Length: 0\r\n\r\n"
-    )
-    [sub] = [m for m in to(h.send(first), CORE) if m.method == "SUBSCRIBE"]
-    h.send(answer(sub, 200, "OK"), src=CORE)
+    party_subscribed(h, "presence-9", 3600)
     subscribed(h, "blf-9", expires=60)  # the core's, ends by its time
     assert len(h.proxy.subscriptions) == 2
     ended = in_dialog("NOTIFY", call_id="presence-9", cseq=1, branch="z9hG4bK-ptn",
