@@ -44,6 +44,7 @@ from typing import Final, Literal, NamedTuple
 
 from sipguard.sip.errors import SipParseError
 from sipguard.sip.message import Message
+from sipguard.sip.nameaddr import NameAddr
 from sipguard.sip.uri import plain_identity
 
 # ---------------------------------------------------------------------- flows
@@ -273,15 +274,20 @@ def one_identity(msg: Message) -> str | None:
     if len(values) == 1:  # the usual case, at once
         uri = values[0].uri
         return None if uri.number is not None or plain_identity(uri) else ""
-    numbers = [na.uri.number for na in values]
-    first = next((n for n in numbers if n), None)
-    kept = [na.raw for na, n in zip(values, numbers, strict=True)
-            if n is not None and first is not None and same_number(n, first)]
-    kept += [na.raw for na, n in zip(values, numbers, strict=True)
-             if n is None and plain_identity(na.uri)]
-    if kept == [na.raw for na in values]:
+    kept = identity_values(values)
+    if kept == values:
         return None
-    return "P-Asserted-Identity: " + ", ".join(kept) if kept else ""
+    return "P-Asserted-Identity: " + ", ".join(na.raw for na in kept) if kept else ""
+
+
+def identity_values(values: list[NameAddr]) -> list[NameAddr]:
+    """The P-Asserted-Identity values that go on (see :func:`one_identity`): those of the
+    first number, first, then SIP URIs whose user is a name."""
+    first = next((n for na in values if (n := na.uri.number) is not None), None)
+    kept = [na for na in values if (n := na.uri.number) is not None and first is not None
+            and same_number(n, first)]
+    kept += [na for na in values if na.uri.number is None and plain_identity(na.uri)]
+    return kept
 
 
 def same_number(a: str, b: str) -> bool:

@@ -62,12 +62,12 @@ import unicodedata
 from typing import TYPE_CHECKING, Final
 from urllib.parse import unquote
 
-from sipguard.contract import Verdict, same_number
+from sipguard.contract import Verdict, identity_values, same_number
 from sipguard.policy import numbers
 from sipguard.policy.callerid_settings import Answers
 from sipguard.policy.peers import NumberSet, Peer, read_number_file
 from sipguard.sip.errors import SipParseError
-from sipguard.sip.uri import hidden_number, plain_identity
+from sipguard.sip.uri import hidden_number
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -169,7 +169,7 @@ class CallerId:
         if s.pai_mismatch != "ignore" and pai_number is not None and shown is not None and (
             # a telephone number (an extension, From sip:1000@pbx, is none) that is another
             shown.startswith("+") or sum(c.isdigit() for c in shown) >= 6
-        ) and not (same_number(pai_number, shown) or _same_number(pai_number, shown, region)):
+        ) and not _same_number(pai_number, shown, region):
             if s.pai_mismatch == "reject":
                 return self._fail(call, "pai_mismatch", "spoofed", e164, FAILED, ())
             tags.append("callerid.pai_mismatch")
@@ -304,8 +304,8 @@ _DISPLAY_PARTS: Final = re.compile("[#,;/:]")
 
 def _display_mismatch(msg: Message, pai: bool, caller: str, from_number: str | None,
                       region: str | None) -> bool:
-    """The display name of From (or of the first P-Asserted-Identity, ``pai``) is a telephone
-    number that is neither ``caller`` nor From's number."""
+    """The display name of From (or of any P-Asserted-Identity value, ``pai``) is a
+    telephone number that is neither ``caller`` nor From's number."""
     names = [msg.from_.display]
     if pai:
         names.extend(na.display for na in msg.p_asserted_identities)
@@ -324,7 +324,7 @@ def _shows(digits: str, number: str, region: str | None) -> bool:
     spelling — the number's last digits but at most a country code's three, a trunk 0 aside
     (read without a region too). An international spelling (``+``, ``00``) must be the same
     number: ``+2015552201`` is Egypt's, not ``+12015552201``."""
-    if _same_number(digits, number, region) or same_number(digits, number):
+    if _same_number(digits, number, region):
         return True
     if digits.startswith("+"):  # a trunk 0 left after the country code: "+44 (0)20 …"
         info = numbers.lookup(digits)  # (not when +CC0… is a number itself: Italy's 0…)
@@ -347,8 +347,7 @@ def asserts_caller(msg: Message, caller: str | None, region: str | None) -> bool
     except SipParseError:
         return False
     number = _first_number(values)
-    if number is not None and (caller is None or not (
-            same_number(number, caller) or _same_number(number, caller, region))):
+    if number is not None and (caller is None or not _same_number(number, caller, region)):
         return False
     for na in values:
         digits = _display_digits(na.display)
@@ -362,7 +361,9 @@ def _listed(ns: NumberSet, e164: str | None, raw: str) -> bool:
 
 
 def _same_number(a: str, b: str, region: str | None) -> bool:
-    if a == b:
+    """One number: the same digits in another international spelling (contract.same_number),
+    or the same E.164 number once each is read with ``region``."""
+    if a == b or same_number(a, b):
         return True
     ea = numbers.lookup(a, region).e164
     return ea is not None and ea == numbers.lookup(b, region).e164
@@ -416,12 +417,7 @@ def _pai_line(msg: Message, verstat: str) -> str:
     if line is None:
         pais = msg.p_asserted_identities
         checked = _first_number(pais)
-        # the checked number's values first (a receiver reads the first), then SIP URIs
-        # whose user is a name; values of another number, or digits not read as one here
-        # (*67+1312…), not at all (as the proxy does: contract.one_identity)
-        kept = [na for na in pais if na.uri.number is not None and checked is not None
-                and same_number(na.uri.number, checked)]
-        kept += [na for na in pais if na.uri.number is None and plain_identity(na.uri)]
+        kept = identity_values(pais)  # as the proxy keeps them (contract.one_identity)
         line = "P-Asserted-Identity: " + ", ".join(
             _with_verstat(na, verstat if na.uri.number == checked else None) for na in kept
         ) if kept else ""  # none left: the header goes (RFC 3325 §9.1: never empty)
