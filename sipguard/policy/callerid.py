@@ -67,7 +67,7 @@ from sipguard.policy import numbers
 from sipguard.policy.callerid_settings import Answers
 from sipguard.policy.peers import NumberSet, Peer, read_number_file
 from sipguard.sip.errors import SipParseError
-from sipguard.sip.uri import hidden_number
+from sipguard.sip.uri import hidden_number, hidden_numbers
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -153,10 +153,12 @@ class CallerId:
         if s.reject_invalid and not info.valid:
             return self._fail(call, "caller_invalid", "invalid", e164, FAILED, ())
         if (self.dno is not None or self.dno_file is not None) and (
-            self._on_dno(e164, raw) or (
-                # a DNO number shown in From, behind another asserted identity
-                shown is not None and shown != raw
-                and self._on_dno(numbers.lookup(shown, region).e164, shown)
+            self._on_dno(e164, raw) or any(
+                # a DNO number shown in From, behind another asserted identity or a decoy
+                # run of digits (sip:123456x+1900…@)
+                other != raw and self._on_dno(numbers.lookup(other, region).e164, other)
+                for other in (
+                    (from_number,) if from_number is not None else hidden_numbers(from_uri))
             )
         ):
             return self._fail(call, "caller_dno", "dno", e164, FAILED, ())

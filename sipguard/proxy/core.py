@@ -58,6 +58,7 @@ import re
 import traceback
 from collections.abc import Callable
 from typing import Any, Final, Protocol
+from urllib.parse import unquote
 
 from sipguard.contract import (
     ACCEPT,
@@ -99,6 +100,7 @@ from sipguard.sip.errors import SipParseError
 from sipguard.sip.message import Message, header_line
 from sipguard.sip.nameaddr import NameAddr
 from sipguard.sip.parser import parse_message
+from sipguard.sip.uri import hidden_number
 from sipguard.sip.via import REST_AFTER_FIRST_VIA, after_first_via, parse_via_list
 
 
@@ -310,7 +312,9 @@ def _anonymised_edits(
     tag = msg.from_tag
     out["from"] = ANONYMOUS_FROM + (f";tag={tag}" if tag else "")
     if msg.has("contact"):
-        out["contact"] = "Contact: " + ", ".join(_anonymous_contact(na) for na in msg.contacts)
+        digits = _caller_digits(msg)
+        out["contact"] = "Contact: " + ", ".join(
+            _anonymous_contact(na, digits) for na in msg.contacts)
     if not anonymise.keep_pai:
         out["p-asserted-identity"] = None
     for name in _IDENTITY_HEADERS:
@@ -319,16 +323,54 @@ def _anonymised_edits(
     return tuple(out.items())
 
 
-def _anonymous_contact(na: NameAddr) -> str:
+def _anonymous_contact(na: NameAddr, digits: tuple[str, ...]) -> str:
     """A Contact value with no display name and ``anonymous`` as the URI's user part (host,
-    port and parameters kept, so requests still reach the caller)."""
+    port and parameters kept, so requests still reach the caller), without URI headers (not
+    allowed in a dialog's Contact, RFC 3261 §19.1.1; ``?P-Asserted-Identity=…``) nor a URI or
+    header parameter whose value holds one of the caller's numbers (``digits``: the last seven
+    digits of each)."""
     raw = na.uri.raw
     start = raw.find(":") + 1
     at = raw.find("@", start)
     if na.uri.scheme in ("sip", "sips") and at > 0:
         raw = raw[:start] + "anonymous" + raw[at:]
-    params = "".join(f";{k}" if v is None else f";{k}={v}" for k, v in na.params)
+    raw = raw.partition("?")[0]
+    if digits and ";" in raw:
+        base, *uparams = raw.split(";")
+        raw = ";".join([base] + [p for p in uparams if not _names_number(p, digits)])
+    params = "".join(f";{k}" if v is None else f";{k}={v}" for k, v in na.params
+                     if v is None or not _names_number(v, digits))
     return f"<{raw}>{params}"
+
+
+def _names_number(value: str, digits: tuple[str, ...]) -> bool:
+    """A parameter's value holds one of ``digits`` once separators and escapes are gone."""
+    if "%" in value:
+        value = unquote(value, errors="replace")
+    run = "".join(c for c in value if c.isdigit())
+    return any(d in run for d in digits)
+
+
+def _caller_digits(msg: Message) -> tuple[str, ...]:
+    """The last seven digits of each number a withheld caller's message names (From, To,
+    P-Asserted-Identity), for :func:`_anonymous_contact`."""
+    found: list[str] = []
+    try:
+        uris = [msg.from_.uri, msg.to.uri]
+        if msg.has("p-asserted-identity"):
+            uris.extend(na.uri for na in msg.p_asserted_identities)
+    except SipParseError:
+        return ()  # screened before: nothing to read here is no reason to fail the message
+    for uri in uris:
+        try:
+            number = uri.number or hidden_number(uri)
+        except SipParseError:
+            continue
+        if number is not None:
+            run = "".join(c for c in number if c.isdigit())
+            if len(run) >= 7 and run[-7:] not in found:
+                found.append(run[-7:])
+    return tuple(found)
 
 
 class Proxy:

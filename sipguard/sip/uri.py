@@ -415,9 +415,16 @@ def hidden_number(uri: Uri) -> str | None:
     ``+1 212-555-0100x12``); where it starts with a letter, a run of 7–15 digits written
     together (``x19005550199``). None for a name (``gw1``, ``3cx``, ``queue_123456``,
     ``agent-100-200``) or a URI with a number."""
+    found = hidden_numbers(uri)
+    return found[0] if found else None
+
+
+def hidden_numbers(uri: Uri) -> list[str]:
+    """Every run :func:`hidden_number` may find, in order: a receiver that skips a decoy
+    (``123456x+19005550199``) reads the second."""
     user = uri.user
     if uri.number is not None or not user:
-        return None
+        return []
     if "%" in user:
         user = _pct_unquote(user, errors="replace")
     head = user.partition(";")[0]
@@ -426,10 +433,8 @@ def hidden_number(uri: Uri) -> str | None:
                        if unicodedata.category(c) not in ("Cf", "Zs", "Cc"))
     first = next((c for c in head if c.isascii() and (c.isalnum() or c in "+*#")), "")
     if first.isalpha():
-        m = _HIDDEN_IN_NAME.search(head)
-    else:
-        m = _HIDDEN.search("".join(c for c in head if (c.isascii() and c.isalnum()) or c == "+"))
-    return m.group() if m is not None else None
+        return _HIDDEN_IN_NAME.findall(head)
+    return _HIDDEN.findall("".join(c for c in head if (c.isascii() and c.isalnum()) or c == "+"))
 
 
 def plain_identity(uri: Uri) -> bool:

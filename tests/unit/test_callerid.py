@@ -441,8 +441,8 @@ def test_a_first_pai_without_a_number_does_not_hide_the_caller() -> None:
 
 
 def test_a_dno_or_suspended_number_shown_in_from_is_refused_behind_another_pai() -> None:
-    """From shows a Do-Not-Originate number and P-Asserted-Identity another: 603 caller_dno;
-    From shows a suspended number behind another PAI: 403 caller_suspended."""
+    """From shows a Do-Not-Originate number (first or after a decoy run of digits) and
+    P-Asserted-Identity another: 603 caller_dno; From shows a suspended number behind another PAI: 403 caller_suspended."""
     h = harness(PEERS + "suspended: ['+12125550177']\n"
                 "rules: {callerid: {dno: ['+18005550123'], pai_mismatch: ignore}}\n")
     dno = Call(h, caller="+18005550123", extra=pai("<tel:+12125550100>"))
@@ -450,6 +450,9 @@ def test_a_dno_or_suspended_number_shown_in_from_is_refused_behind_another_pai()
     suspended = Call(h, caller="+12125550177", extra=pai("<tel:+12125550100>"))
     assert (suspended.status, suspended.decision.verdict.reason) == (403, "caller_suspended")
     assert Call(h, caller="+12125550100", extra=pai("<tel:+12125550100>")).status == 0
+    # a decoy run of digits before the DNO number: a receiver skipping it reads the second
+    decoy = Call(h, caller="123456x+18005550123", extra=pai("<tel:+12125550100>"))
+    assert (decoy.status, decoy.decision.verdict.reason) == (603, "caller_dno")
 
 
 def test_verstat_off_leaves_the_pai_alone() -> None:

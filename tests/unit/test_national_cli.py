@@ -249,6 +249,29 @@ def test_anonymised_invite_reaches_the_core_without_the_number() -> None:
     assert DUTCH_MOBILE.encode() not in data and DUTCH_MOBILE[1:].encode() not in data
 
 
+def test_an_anonymised_contact_keeps_no_uri_headers_nor_parameters_naming_the_number() -> None:
+    """The anonymous Contact keeps what routes (transport, ob, +sip.instance) and loses URI
+    headers (``?P-Asserted-Identity=…``) and any parameter whose value holds the number."""
+    p = policy(rules("    keep_pai_to_core: false\n"), extra=peers())
+
+    def decide_call(call: CallInfo, now: float) -> Verdict:
+        return decide(p, call, now)
+
+    h = Harness(decide_call)
+    contact = (f"Contact: <sip:{DUTCH_MOBILE}@198.51.100.7:5062;transport=udp;ob;"
+               "line=0612-345-678?P-Asserted-Identity=%3Csip:%2B31612345678%40h%3E>"
+               ';+sip.instance="<urn:uuid:f81d4fae-7dec-11d0-a765-00a0c91e6bf6>"'
+               f";pub-gruu=\"sip:{DUTCH_MOBILE}@h;gr\"\r\n")
+    msg = invite(caller=DUTCH_MOBILE).replace(
+        f"Contact: <sip:{DUTCH_MOBILE}@198.51.100.7:5062>\r\n".encode(), contact.encode())
+    out = h.send(msg)
+    (data,) = [raw for (flow, _), raw in zip(out, h.raw, strict=True) if flow.addr == CORE]
+    (line,) = [ln for ln in data.split(b"\r\n") if ln.startswith(b"Contact:")]
+    assert line == (b"Contact: <sip:anonymous@198.51.100.7:5062;transport=udp;ob>"
+                    b';+sip.instance="<urn:uuid:f81d4fae-7dec-11d0-a765-00a0c91e6bf6>"')
+    assert DUTCH_MOBILE[3:].encode() not in data
+
+
 def test_the_callers_later_requests_are_anonymised_too() -> None:
     """ACK, re-INVITE and BYE of an anonymised call reach the core with the anonymous From
     (tag kept) and Privacy: id; the number is in none of them."""

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from sipguard.sip import uri as uri_module
 from sipguard.sip.errors import SipParseError
-from sipguard.sip.uri import Uri, hidden_number, parse_uri
+from sipguard.sip.uri import Uri, hidden_number, hidden_numbers, parse_uri
 
 
 def parsed(text: str) -> Uri:
@@ -450,3 +450,12 @@ def test_the_number_a_receiver_may_read_in_a_user_part(user: str, hidden: str | 
     number's separators when the user starts as a number does, written together (7+) after a
     letter; a user with a number read has none hidden."""
     assert hidden_number(parse_uri(f"sip:{user}@h.example")) == hidden
+
+
+def test_every_number_a_receiver_may_read_in_a_user_part() -> None:
+    """hidden_numbers: every run, a decoy first; none for a name or a number read."""
+    assert hidden_numbers(parse_uri("sip:123456x+19005550199@h")) == ["123456", "+19005550199"]
+    assert hidden_numbers(parse_uri("sip:x2125550100y19005550199@h")) == [
+        "2125550100", "19005550199"]
+    assert hidden_numbers(parse_uri("sip:gw1@h")) == []
+    assert hidden_numbers(parse_uri("sip:+12125550100@h")) == []
