@@ -373,6 +373,13 @@ class Dialog:
     # the caller's peer asserts no identity (trust_pai: false): P-Asserted-Identity in its
     # in-dialog requests is not forwarded either
     pai_untrusted: bool
+    # Where the outside party's in-dialog requests go, by the core side's tag they name (its
+    # To tag: the core's answers with a tag, forks included; for a call the core placed, the
+    # core's From tag): the core side's target (its Contact, moved by target refreshes) and
+    # route set (its Record-Route entries), RFC 3261 §12.1.2, §12.2.1.1. Its requests leave
+    # with those, whatever Request-URI and Route they carry; another tag is no dialog (481).
+    # None until the core side has answered with a tag.
+    pins: dict[str, tuple[str | None, list[NameAddr]]] | None
 
     # Hand-written __init__s in this module: mypyc compiles them, where dataclass-made ones run
     # as Python (these objects are made for every call).
@@ -424,6 +431,7 @@ class Dialog:
         self.routed = False
         self.session_ends = self.expires
         self.pai_untrusted = False
+        self.pins = None
 
 
 @dataclass(slots=True, init=False)

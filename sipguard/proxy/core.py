@@ -97,8 +97,8 @@ from sipguard.proxy.transactions import (
     table_key,
 )
 from sipguard.sip.errors import SipParseError
-from sipguard.sip.message import Message, header_line
-from sipguard.sip.nameaddr import NameAddr
+from sipguard.sip.message import Message, decode, header_line, raw_value
+from sipguard.sip.nameaddr import NameAddr, parse_name_addr_list
 from sipguard.sip.parser import parse_message
 from sipguard.sip.uri import hidden_number
 from sipguard.sip.via import REST_AFTER_FIRST_VIA, after_first_via, parse_via_list
@@ -215,6 +215,13 @@ ANONYMOUS_FROM: Final = 'From: "Anonymous" <sip:anonymous@anonymous.invalid>'
 _IDENTITY_HEADERS: Final = ("p-preferred-identity", "remote-party-id")
 # what sipguard passes within a call whatever sip.allow_methods says (OPTIONS' Allow)
 _IN_CALLS: Final = ("ACK", "BYE", "CANCEL", "INFO", "INVITE", "NOTIFY", "PRACK", "REFER", "UPDATE")
+# what an in-dialog request from outside may be: a call's methods, and what a call carries
+# besides (RFC 3428 MESSAGE, an OPTIONS probe, RFC 6665 SUBSCRIBE in a REFER's dialog); any
+# method sip.allow_methods lets in out of dialog too, but for these two, never in a dialog
+_IN_DIALOG: Final = frozenset((*_IN_CALLS, "MESSAGE", "OPTIONS", "SUBSCRIBE"))
+_NEVER_IN_DIALOG: Final = frozenset(("REGISTER", "PUBLISH"))
+# the core side's answers with distinct To tags a call keeps (forks of a forking core)
+MAX_PINS: Final = 8
 _NO_PAI: Final[tuple[tuple[str, str | None], ...]] = (("p-asserted-identity", None),)
 # A retransmission timer waits for the receive queue only when it is at least this far behind
 HOLD_MIN_S: Final = 0.02
@@ -283,9 +290,9 @@ SUBSCRIPTION_CREATING: Final = frozenset({"SUBSCRIBE", "REFER"})
 
 def _names(dialog: Dialog, side: str, msg: Message) -> bool:
     """An in-dialog request names the answered call itself: its tags are the dialog's own
-    pair. A BYE with a To tag made up (or another fork's, RFC 3261 §13.2.2.4: the caller
-    hangs up the extra dialogs of a forking core) is still passed on, but does not end the
-    call nor free its slots; neither does one before the answer (the INVITE's own final
+    pair. A BYE with another fork's To tag (RFC 3261 §13.2.2.4: the caller hangs up the extra
+    dialogs of a forking core) is still passed on, but does not end the call nor free its
+    slots (a To tag the core side never answered with is refused before: ``_not_party``); neither does one before the answer (the INVITE's own final
     answer ends the call then); nor does another fork's re-INVITE move the call's targets."""
     if dialog.state != CONFIRMED:
         return False
@@ -300,6 +307,12 @@ def _request(st: ServerTxn) -> Message:
     if msg is None:
         raise RuntimeError(f"{st!r} has its final answer: its request is gone")
     return msg
+
+
+def _contact_target(msg: Message) -> str | None:
+    """The URI of ``msg``'s first Contact (a remote target), or None."""
+    line = keepalive.contact_line(msg)
+    return keepalive.contact_uri(decode(raw_value(line))) if line is not None else None
 
 
 def _anonymised_edits(
@@ -626,8 +639,15 @@ class Proxy:
                 self._saw_cseq(dialog, side, msg)
                 if not from_core:
                     self._follow_nat(dialog, side, msg, flow)
+                elif method == "BYE" and _names(dialog, side, msg):
+                    # the core has ended its side already: so does sipguard, before routing
+                    # the BYE on (a party's Contact that cannot be reached holds no slot)
+                    self._end_dialog(dialog, f"bye_{side}", now)
         target, start_line, route_line = self.router.preprocess_route(msg, flow, initial,
                                                                       from_core)
+        if dialog is not None and not from_core:
+            start_line, route_line = self._pinned_route(dialog, msg, start_line, route_line,
+                                                        flow)
         if target is None:
             self._respond(st, 404, now)
             return
@@ -652,6 +672,8 @@ class Proxy:
                 self.events.append(Dropped("merged_request", msg.call_id, flow))
                 return
             self._start_dialog(st, CallInfo(msg, flow, now), now, target, outbound=True)
+            if st.dialog is not None:  # the party's requests go to the core's Contact
+                self._pin(st.dialog, msg.from_tag or "", msg, True)
             self._forward(st, target, start_line, route_line, now, record_route=True)
             return
         if method == "INVITE" and initial:
@@ -681,14 +703,11 @@ class Proxy:
                 self.pending.pop(id(call), None)
                 self._apply_verdict(st, call, verdict, now)
             return
-        if method == "BYE" and dialog is not None and _names(dialog, side, msg):
-            reason = f"bye_{side}"
-            if from_core:
-                self._end_dialog(dialog, reason, now)  # the core has ended its side already
-            else:
-                # The outside party's BYE ends the call once the core has answered it: a BYE
-                # the core never takes frees no slot while the call is still up there.
-                st.ends, st.end_reason = dialog, reason
+        if method == "BYE" and dialog is not None and not from_core and \
+                _names(dialog, side, msg):
+            # The outside party's BYE ends the call once the core has answered it: a BYE
+            # the core never takes frees no slot while the call is still up there.
+            st.ends, st.end_reason = dialog, f"bye_{side}"
         if method == "NOTIFY" and not initial and self.subscriptions.table:
             # a NOTIFY of the core's subscription, or the core's of a party's: its
             # Subscription-State moves its end
@@ -824,7 +843,16 @@ class Proxy:
         dialog, side = self.table.of(msg, False)
         refusal = self._not_party(dialog, side, flow, msg)
         if not refusal:
-            return True
+            method = msg.method or ""
+            allowed = self.settings.allow_methods
+            if method in _IN_DIALOG or "*" in allowed or (
+                    method in allowed and method not in _NEVER_IN_DIALOG):
+                return True
+            # a REGISTER, PUBLISH or unknown method riding a call's tags (RFC 3261 §10,
+            # RFC 3903): no method of a call, refused as out of dialog
+            self._stateless(msg, flow, 405, "Method Not Allowed", (self._allow_in_calls,))
+            self.events.append(Dropped("in_dialog_method", f"{method} {msg.call_id}", flow))
+            return False
         if dialog is None and self.subscriptions.table and self._in_subscription(msg, flow, now):
             return self._admitted(msg, flow, now, methods=False)
         if not self._admitted(msg, flow, now, methods=False):
@@ -927,6 +955,15 @@ class Proxy:
         :meth:`_follow_nat`)."""
         if dialog is None:
             return 481
+        refusal = self._not_from_party(dialog, side, flow, msg)
+        if refusal:
+            return refusal
+        pins = dialog.pins
+        # tags the core side never answered with (made up, or before any answer): no dialog
+        return 0 if pins is not None and (msg.to_tag or "") in pins else 481
+
+    def _not_from_party(self, dialog: Dialog, side: str, flow: Flow, msg: Message) -> int:
+        """:meth:`_not_party`'s check of the sender: 0, or 403."""
         outside = "callee" if dialog.outbound else "caller"
         if side != outside:
             return 403  # speaks as the core's side, but from outside
@@ -1144,11 +1181,13 @@ class Proxy:
             replace[msg.indexes("max-forwards")[0]] = f"Max-Forwards: {mf - 1}".encode()
         if routes is not None:
             route_idx = msg.indexes("route")
+            route = header_line("Route", ", ".join(str(r) for r in routes)) if routes else None
             for i in route_idx[1:]:
                 replace[i] = None
-            replace[route_idx[0]] = (
-                header_line("Route", ", ".join(str(r) for r in routes)) if routes else None
-            )
+            if route_idx:
+                replace[route_idx[0]] = route
+            elif route is not None:
+                append.append(route)  # a route set the request left out (Dialog.pins)
         if msg.content_length is None:
             append.append(f"Content-Length: {len(msg.body)}".encode())
         if not self._is_core(msg, source):
@@ -1223,6 +1262,8 @@ class Proxy:
         if target is None:
             self.events.append(Dropped("ack_unroutable", msg.call_id, flow))
             return
+        if dialog is not None and not from_core:
+            start_line, routes = self._pinned_route(dialog, msg, start_line, routes, flow)
         if from_core and dialog is not None and dialog.party is not None:
             target = self._toward_party(dialog, dialog.party, target)
         elif dialog is not None and dialog.core is not None and target is self.settings.core:
@@ -1423,6 +1464,10 @@ class Proxy:
         if ct.state == ACCEPTED:
             if 200 <= status < 300 and ct.server is not None and upstream is not None:
                 self.outbox.append((ct.server.reply_to, upstream))
+                # another fork's 2xx (the transaction has let its dialog go: see _settle)
+                dialog = self.dialogs.get(dialog_key(msg.call_id, msg.from_tag or ""))
+                if dialog is not None and dialog.state == CONFIRMED:
+                    self._pin(dialog, msg.to_tag or "", msg, True)
             return
         TimerQueue.cancel(ct.timer)
         ct.timer = None
@@ -1445,8 +1490,12 @@ class Proxy:
             if status == 100 or ct.server is None:
                 return
             st = ct.server
-            if st.dialog is not None and st.dialog.callee_tag is None and msg.to_tag:
-                st.dialog.callee_tag = msg.to_tag
+            tag = msg.to_tag
+            if st.dialog is not None and tag:
+                if st.dialog.callee_tag is None:
+                    st.dialog.callee_tag = tag
+                if not st.dialog.outbound:
+                    self._pin(st.dialog, tag, msg, False)  # an early dialog (RFC 3261 §12.1)
             if upstream is not None:
                 self.outbox.append((st.reply_to, upstream))
                 st.last = upstream
@@ -1460,6 +1509,8 @@ class Proxy:
                 ct.data, ct.sent = b"", None  # only 2xx retransmissions come now: no ACK to build
                 ct.timeout = self.timers.add(now + 64 * s.t1, self._on_timer_drop_client, ct)
                 dialog = ct.server.dialog if ct.server is not None else None
+                if dialog is not None and not dialog.outbound:
+                    self._pin(dialog, msg.to_tag or "", msg, True)  # the 2xx's route set
                 if dialog is not None and dialog.state == "early":
                     dialog.state = CONFIRMED
                     dialog.confirmed_at = now
@@ -1781,13 +1832,87 @@ class Proxy:
         if dialog.state == CONFIRMED and dialog.expires != dialog.session_ends:
             self.table.expire_at(dialog, dialog.session_ends)
 
+    def _pin(self, dialog: Dialog, tag: str, msg: Message, final: bool) -> None:
+        """Remember where the outside party's in-dialog requests naming the core side's
+        ``tag`` go (``Dialog.pins``): ``msg``'s Contact and its Record-Route entries of the core
+        side — an answer's above sipguard's own, reversed; the core's INVITE's all, in order
+        (RFC 3261 §12.1.1, §12.1.2). A 1xx records a tag once, a 2xx over it (its route set
+        is the dialog's); at most MAX_PINS tags."""
+        pins = dialog.pins
+        if pins is None:
+            pins = dialog.pins = {}
+        elif tag in pins:
+            if not final:
+                return
+        elif len(pins) >= MAX_PINS:
+            return
+        routes: list[NameAddr] = []
+        if msg.has("record-route"):
+            try:
+                routes = [na for i in msg.indexes("record-route")
+                          for na in parse_name_addr_list(msg.value_at(i))]
+            except SipParseError:
+                routes = []  # the core's own header: nothing to keep of it
+            if msg.status:  # an answer: the outside party's route set, past sipguard
+                routes = self._past_ours(routes[::-1])
+        pins[tag] = (_contact_target(msg), routes)
+
+    def _past_ours(self, routes: list[NameAddr]) -> list[NameAddr]:
+        """What is left of a route set once the proxies before sipguard and sipguard itself
+        have taken their entries, as :meth:`Router.preprocess_route` takes its own: one, or
+        the pair of two different URIs one pass writes (RFC 5658); the same URI again is
+        another pass's (a spiral)."""
+        is_ours = self.router.is_ours
+        i = next((i for i, na in enumerate(routes) if is_ours(na.uri)), -1)
+        if i < 0:
+            return routes  # none of sipguard's: nothing taken (preprocess_route takes none)
+        first = routes[i].uri.raw
+        i += 1
+        if i < len(routes) and is_ours(routes[i].uri) and routes[i].uri.raw != first:
+            i += 1
+        return routes[i:]
+
+    def _pinned_route(self, dialog: Dialog, msg: Message, start_line: bytes | None,
+                      routes: list[NameAddr] | None, flow: Flow
+                      ) -> tuple[bytes | None, list[NameAddr] | None]:
+        """An in-dialog request from outside leaves with the Request-URI and route set the
+        core side gave its dialog (``Dialog.pins``), whatever it carries: a core that routes
+        in-dialog requests on by them would relay it wherever the party chose (RFC 3261
+        §12.2.1.1 has the UA use the dialog's). Counted when it carried others."""
+        pins = dialog.pins
+        pin = pins.get(msg.to_tag or "") if pins is not None else None
+        if pin is None:
+            return start_line, routes
+        target, route_set = pin
+        moved = ""
+        if target is not None and (start_line is not None or msg.request_uri.raw != target):
+            start_line = f"{msg.method} {target} SIP/2.0".encode("utf-8", "surrogateescape")
+            moved = "request_uri"
+        remaining = routes if routes is not None else (msg.routes if msg.has("route") else [])
+        if len(remaining) != len(route_set) or any(
+                a.uri.raw != b.uri.raw for a, b in zip(remaining, route_set, strict=True)):
+            routes = route_set
+            moved = moved or "route"
+        if moved:
+            self.events.append(Noticed("in_dialog_rerouted", f"{moved} {msg.call_id}", flow))
+        return start_line, routes
+
     def _refresh_targets(self, dialog: Dialog, side: str, request: Message,
                          response: Message) -> None:
         """A re-INVITE or UPDATE answered 2xx is a target refresh (RFC 3261 §12.2.1.2,
         RFC 3311 §5.1): the Contact of the request is its sender's new target, the 2xx's
         the other side's. The in-dialog requests sipguard sends itself (the BYE that ends a
         suspended number's call, keep-alives) go there from now on. Only the Request-URI
-        follows: where such a request is sent does not (the outside party's flow, the core)."""
+        follows: where such a request is sent does not (the outside party's flow, the core).
+        The outside party's own in-dialog requests follow the core side's new target too
+        (``Dialog.pins``)."""
+        pins = dialog.pins
+        tag = dialog.caller_tag if dialog.outbound else (dialog.callee_tag or "")
+        if pins is not None and tag in pins:
+            from_party = side == ("callee" if dialog.outbound else "caller")
+            moved = _contact_target(response if from_party else request)
+            if moved is not None:
+                pins[tag] = (moved, pins[tag][1])
         probe = self.probes.get(key_of(dialog))
         if probe is None:
             return

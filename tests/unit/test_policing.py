@@ -3,6 +3,8 @@ headers, responses — through the in-memory edge core with a real Policy."""
 
 from __future__ import annotations
 
+import pytest
+
 from sipguard.contract import DialogEnded, Dropped, Flow, InviteDecided, Local, Noticed, Screened
 from sipguard.proxy.routing import flow_is_core
 from sipguard.sip.message import Message
@@ -556,15 +558,14 @@ def _end_and_collect(h: PolicyHarness) -> dict[tuple[str, int], Message]:
 
 
 def test_a_bye_with_a_made_up_to_tag_frees_no_slot() -> None:
-    """The caller's BYE with the call's Call-ID and From tag but a To tag of its own making is
-    passed on (the core answers 481), yet the call stays up and keeps its slot: a second call
-    still hears 403, and the real BYE then reaches the core and frees the slot."""
+    """The caller's BYE with the call's Call-ID and From tag but a To tag the core never
+    answered with hears 481 from sipguard and reaches nothing; the call stays up and keeps its
+    slot: a second call still hears 403, and the real BYE then reaches the core and frees it."""
     h = PolicyHarness("rules:\n  concurrency: {per_caller: 1}\n")
     up(h)
     out = h.send(in_dialog("BYE", call_id="call-1", cseq=2, branch="z9hG4bK-bogus",
                            to_tag="bogus"))
-    [bye] = [m for m in to(out, CORE) if m.method == "BYE"]
-    h.send(answer(bye, 481, "Call/Transaction Does Not Exist", to_tag=None), src=CORE)
+    assert to(out, CORE) == [] and [m.status for m in to(out, CALLER)] == [481]
     assert h.count("caller", "+12125550100") == 1 and len(h.proxy.dialogs) == 1
     assert h.ended() == []
     replies, fwd = h.call(2)
@@ -572,6 +573,92 @@ def test_a_bye_with_a_made_up_to_tag_frees_no_slot() -> None:
     out = h.bye(1)
     assert [m.method for m in to(out, CORE)] == ["BYE"]
     assert h.count("caller", "+12125550100") == 0 and h.ended() == ["bye_caller"]
+
+
+def test_a_callers_in_dialog_requests_leave_with_the_cores_target_and_route_set() -> None:
+    """RFC 3261 §12.2.1.1: the caller's in-dialog requests go where the core's answer said —
+    its Contact as Request-URI, its route set — whatever Request-URI and Route they carry: a
+    core that routes them on by those would relay a party's re-INVITE, INFO or ACK to a host
+    of its choosing. A target refresh (the core's re-INVITE with a new Contact, answered 2xx)
+    moves the target; the caller's own requests that name it need no change."""
+    h = PolicyHarness()
+    up(h)
+    evil = "Route: <sip:192.0.2.1:5060;lr>, <sip:203.0.113.99;lr>\r\n"
+    for method, cseq in (("INFO", 2), ("INVITE", 3), ("ACK", 3)):
+        data = in_dialog(method, call_id="call-1", cseq=cseq, branch=f"z9hG4bK-e{cseq}{method}")
+        data = data.replace(b"INFO sip:core@10.0.0.10:5080", b"INFO sip:x@203.0.113.99:5060")
+        data = data.replace(b"Route: <sip:192.0.2.1:5060;lr>\r\n", evil.encode())
+        [sent] = [m for m in to(h.send(data), CORE) if m.method == method]
+        assert sent.start_line == f"{method} sip:core@10.0.0.10:5080 SIP/2.0".encode()
+        assert sent.get("route") is None and not [ln for ln in sent.lines if b"203.0.113" in ln]
+    assert len([e for e in h.events if getattr(e, "kind", "") == "in_dialog_rerouted"]) == 3
+    # the core moves its target (re-INVITE, new Contact, answered 2xx by the caller)
+    out = h.send(in_dialog("INVITE", call_id="call-1", cseq=5, branch="z9hG4bK-cr",
+                           from_callee=True, extra="Contact: <sip:moved@10.0.0.11:5080>\r\n"),
+                 src=CORE)
+    [reinvite] = [m for m in to(out, CALLER) if m.method == "INVITE"]
+    h.send(answer(reinvite, 200, "OK", to_tag=None), src=CORE)  # (the harness's caller)
+    h.send(answer(reinvite, 200, "OK", to_tag=None))
+    data = in_dialog("INFO", call_id="call-1", cseq=6, branch="z9hG4bK-mv").replace(
+        b"sip:core@10.0.0.10:5080", b"sip:moved@10.0.0.11:5080")
+    before = len(h.events)
+    [sent] = [m for m in to(h.send(data), CORE) if m.method == "INFO"]
+    assert sent.start_line == b"INFO sip:moved@10.0.0.11:5080 SIP/2.0"
+    assert not [e for e in h.events[before:] if getattr(e, "kind", "") == "in_dialog_rerouted"]
+
+
+def test_a_core_side_route_set_is_put_back_on_the_callers_requests() -> None:
+    """A record-routing core (its entry above sipguard's in the 2xx): the caller's requests
+    reach it with that entry as their Route, also when the caller left it out or put another
+    there."""
+    h = PolicyHarness()
+    _, fwd = h.call(1)
+    assert fwd is not None
+    ours = b"Record-Route: <sip:192.0.2.1:5060;lr>\r\n"
+    h.send(answer(fwd, 200, "OK").replace(
+        ours, b"Record-Route: <sip:10.0.0.10:5080;lr;ftag=x>, <sip:192.0.2.1:5060;lr>\r\n"),
+        src=CORE)
+    for n, route in enumerate(("", ", <sip:10.0.0.10:5080;lr;ftag=x>",
+                               ", <sip:203.0.113.99;lr>")):
+        data = in_dialog("INFO", call_id="call-1", cseq=2 + n, branch=f"z9hG4bK-r{n}").replace(
+            b"Route: <sip:192.0.2.1:5060;lr>\r\n",
+            f"Route: <sip:192.0.2.1:5060;lr>{route}\r\n".encode())
+        [sent] = [m for m in to(h.send(data), CORE) if m.method == "INFO"]
+        assert sent.values("route") == ["<sip:10.0.0.10:5080;lr;ftag=x>"]
+
+
+@pytest.mark.parametrize("method", ["REGISTER", "PUBLISH", "FOO"])
+def test_methods_of_no_call_do_not_ride_a_calls_tags(method: str) -> None:
+    """A REGISTER, PUBLISH or unknown method with a live call's Call-ID and tags is no
+    request of that call: 405 with the Allow of calls, nothing reaches the core."""
+    h = PolicyHarness()
+    up(h)
+    out = h.send(in_dialog(method, call_id="call-1", cseq=2, branch="z9hG4bK-m",
+                           extra="Contact: <sip:agent1001@203.0.113.99>\r\n"))
+    assert to(out, CORE) == []
+    [refusal] = to(out, CALLER)
+    assert refusal.status == 405 and "UPDATE" in (refusal.get("allow") or "")
+    assert [m.method for m in to(h.send(in_dialog(
+        "MESSAGE", call_id="call-1", cseq=3, branch="z9hG4bK-msg")), CORE)] == ["MESSAGE"]
+
+
+def test_the_cores_bye_ends_the_call_even_when_the_callers_contact_is_unreachable() -> None:
+    """The caller's Contact names sipguard itself (or a transport it has no listener for): the
+    core's BYE cannot be routed on (404 / 416 to the core), yet the core has ended the call —
+    so does sipguard, and the caller's slot is free at once, not 4 hours later."""
+    for contact in ("sip:+12125550100@192.0.2.1:5060", "sip:+12125550100@198.51.100.7;transport=ws"):
+        h = PolicyHarness("rules:\n  concurrency: {per_caller: 1}\n")
+        inv = invite(branch="z9hG4bK-u", call_id="call-1").replace(
+            b"<sip:+12125550100@198.51.100.7:5062>", f"<{contact}>".encode())
+        [fwd] = [m for m in to(h.send(inv), CORE) if m.method == "INVITE"]
+        h.answer(fwd, 200, "OK")
+        h.send(in_dialog("ACK", call_id="call-1", cseq=1, branch="z9hG4bK-ua"))
+        assert h.count("caller", "+12125550100") == 1
+        bye = in_dialog("BYE", call_id="call-1", cseq=7, branch="z9hG4bK-ub", from_callee=True)
+        out = h.send(bye.replace(b"sip:+12125550100@198.51.100.7:5062", contact.encode()),
+                     src=CORE)
+        assert [m.status for m in to(out, CORE)] in ([404], [416])
+        assert h.count("caller", "+12125550100") == 0 and h.ended() == ["bye_callee"]
 
 
 def test_a_bye_for_another_fork_of_a_forking_core_ends_nothing() -> None:
@@ -1071,19 +1158,25 @@ def test_a_route_set_naming_sipguard_twice_alike_loses_one_entry_per_pass() -> N
     of sipguard's own (the pair one pass writes when it changes transport, RFC 5658) still go
     together."""
     h = PolicyHarness()
-    _, fwd = h.call(1)
-    assert fwd is not None
-    h.answer(fwd, 200, "OK")
-    twice = "Route: <sip:192.0.2.1:5060;lr>, <sip:192.0.2.1:5060;lr>\r\n"
+    ours = b"Record-Route: <sip:192.0.2.1:5060;lr>\r\n"
+    twice = "<sip:192.0.2.1:5060;lr>, <sip:192.0.2.1:5060;lr>"
+    pair = "<sip:192.0.2.1:5060;transport=tcp;lr>, <sip:192.0.2.1:5060;lr>"
+    for n, rr in ((1, twice), (2, pair)):
+        _, fwd = h.call(n)
+        assert fwd is not None  # the core's 2xx records the route set of the spiral
+        h.send(answer(fwd, 200, "OK").replace(ours, f"Record-Route: {rr}\r\n".encode()),
+               src=CORE)
+    route = f"Route: {twice}\r\n"
     info = in_dialog("INFO", call_id="call-1", cseq=2, branch="z9hG4bK-twice").replace(
-        b"Route: <sip:192.0.2.1:5060;lr>\r\n", twice.encode())
+        b"Route: <sip:192.0.2.1:5060;lr>\r\n", route.encode())
     [sent] = [m for m in to(h.send(info), CORE) if m.method == "INFO"]
     assert sent.values("route") == ["<sip:192.0.2.1:5060;lr>"]
-    pair = "Route: <sip:192.0.2.1:5060;lr>, <sip:192.0.2.1:5060;transport=tcp;lr>\r\n"
-    info = in_dialog("INFO", call_id="call-1", cseq=3, branch="z9hG4bK-pair").replace(
-        b"Route: <sip:192.0.2.1:5060;lr>\r\n", pair.encode())
+    route = "Route: <sip:192.0.2.1:5060;lr>, <sip:192.0.2.1:5060;transport=tcp;lr>\r\n"
+    info = in_dialog("INFO", call_id="call-2", cseq=3, branch="z9hG4bK-pair").replace(
+        b"Route: <sip:192.0.2.1:5060;lr>\r\n", route.encode())
     [sent] = [m for m in to(h.send(info), CORE) if m.method == "INFO"]
     assert sent.get("route") is None
+    assert not [e for e in h.events if getattr(e, "kind", "") == "in_dialog_rerouted"]
 
 
 def test_an_untrusted_peers_p_asserted_identity_is_removed_from_every_message() -> None:

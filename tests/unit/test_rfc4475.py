@@ -120,7 +120,7 @@ def _dest(flow: Any) -> tuple[str, int]:
 
 def _known_dialog(h: Harness, data: bytes) -> None:
     """An in-dialog torture request (a To tag) is fed as part of a call sipguard set up with
-    CALLER — from outside, sipguard refuses in-dialog requests for dialogs it does not know."""
+    CALLER, whose core side answered with its To tag, target and route set — from outside, sipguard refuses in-dialog requests for dialogs it does not know."""
     try:
         msg = parse_message(data)
         if msg.method is None or msg.to_tag is None or msg.method == "ACK":
@@ -130,8 +130,12 @@ def _known_dialog(h: Harness, data: bytes) -> None:
         return  # malformed: the proxy answers it before any dialog matters
     if dialog_key(msg.call_id, caller_tag) in h.proxy.dialogs:
         return
-    h.proxy.table.add(Dialog(msg.call_id, caller_tag, msg.to_tag, None, None, (), None, CALLER,
-                             h.now, h.now + 3600, party=Flow("udp", CALLER, 0)))
+    dialog = Dialog(msg.call_id, caller_tag, msg.to_tag, None, None, (), None, CALLER, h.now,
+                    h.now + 3600, party=Flow("udp", CALLER, 0))
+    # the core side answered with this tag, its target and route set what the request names
+    routes = h.proxy._past_ours(list(msg.routes)) if msg.has("route") else []
+    dialog.pins = {msg.to_tag: (msg.request_uri.raw, routes)}
+    h.proxy.table.add(dialog)
 
 
 def _run(data: bytes, h: Harness | None = None) -> tuple[Harness, list[tuple[Flow, bytes]]]:
