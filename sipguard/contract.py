@@ -380,6 +380,7 @@ class Dialog:
     # with those, whatever Request-URI and Route they carry; another tag is no dialog (481).
     # None until the core side has answered with a tag.
     pins: dict[str, tuple[str | None, list[NameAddr]]] | None
+    size: int  # its INVITE's bytes, counted against sip.max_dialog_bytes
 
     # Hand-written __init__s in this module: mypyc compiles them, where dataclass-made ones run
     # as Python (these objects are made for every call).
@@ -432,6 +433,7 @@ class Dialog:
         self.session_ends = self.expires
         self.pai_untrusted = False
         self.pins = None
+        self.size = 0
 
 
 @dataclass(slots=True, init=False)

@@ -137,7 +137,9 @@ class SipSettings(ConfigModel):
         "on, up to `max_dialogs` transactions more. An answered transaction is held 64*T1 "
         "(32 s), a call holds two (INVITE, BYE; with their client sides ~2.5-3.5 KB): the "
         "default holds ~7,800 calls/s sustained, or a burst above that for a while (some "
-        "0.6-0.9 GB when full; per process: each worker has its own table).",
+        "0.6-0.9 GB when full of ordinary calls, and bounded in bytes by "
+        "`max_transaction_bytes_mib` whatever the messages' size; per process: each worker "
+        "has its own table).",
     )
     dialog_keepalive_s: float | None = Field(
         default=None, ge=10,
@@ -149,6 +151,21 @@ class SipSettings(ConfigModel):
         default=100000, ge=1,
         description="Live calls at most; a new INVITE beyond is answered 503 + Retry-After "
         "(`dropped_limit_dialogs`), calls in progress go on.",
+    )
+    max_transaction_bytes_mib: int = Field(
+        default=512, ge=1,
+        description="The bytes of the requests the live server transactions hold at most, "
+        "MiB (a sender chooses a message's size up to `max_message_size`: 500,000 requests of "
+        "60 KB would be 30 GB; a call's two are ~2 KB); a new request beyond is answered 503 + "
+        "Retry-After (`dropped_limit_transaction_bytes`), requests within a call in progress "
+        "go on. The process holds up to ~3x this (each request's answer and forwarded copy).",
+    )
+    max_dialog_bytes_mib: int = Field(
+        default=256, ge=1,
+        description="The bytes of the INVITEs of the live calls at most, MiB (a call keeps its "
+        "From, To, Contact, Call-ID and Record-Route for its whole life: a caller choosing "
+        "15 KB tags would hold ~170 KB a call for hours); a new INVITE beyond is answered 503 "
+        "+ Retry-After (`dropped_limit_dialog_bytes`).",
     )
     max_subscriptions: int = Field(
         default=10000, ge=1,

@@ -404,6 +404,11 @@ class Proxy:
         # outside are let through while they last
         self.subscriptions = Subscriptions(settings.max_subscriptions)
         self.pending: dict[int, ServerTxn] = {}
+        # the bytes of the requests the transaction table and the live calls hold (see
+        # sip.max_transaction_bytes, sip.max_dialog_bytes), and of the message in hand
+        self.held_bytes = 0
+        self.dialog_bytes = 0
+        self.received = 0
         # (Call-ID, From tag) of every initial INVITE being decided: a second one with the same
         # dialog id is a merged request (482), never a second slot under one lease
         self.deciding: set[str] = set()  # dialog_key()s of the INVITEs being decided
@@ -476,6 +481,7 @@ class Proxy:
 
     def receive(self, data: bytes, flow: Flow, now: float) -> None:
         """Process one received message (a UDP datagram or one framed TCP message)."""
+        self.received = len(data)
         try:
             msg = parse_message(
                 data, max_size=self.settings.max_message_size, datagram=flow.transport == "udp",
@@ -584,14 +590,24 @@ class Proxy:
         ):
             return  # refused before any transaction: nothing kept, nothing retransmitted
         s = self.settings
-        full = len(self.servers) >= s.max_transactions and not self._in_progress(msg, flow,
-                                                                                 from_core)
-        if full or (
-            method == "INVITE" and msg.to_tag is None and len(self.dialogs) >= s.max_dialogs
-        ):
-            self._busy(msg, flow, "limit_transactions" if full else "limit_dialogs")
+        size = self.received
+        kind = ""
+        if (len(self.servers) >= s.max_transactions or
+                self.held_bytes + size > s.max_transaction_bytes) and \
+                not self._in_progress(msg, flow, from_core):
+            kind = "limit_transactions" if len(self.servers) >= s.max_transactions \
+                else "limit_transaction_bytes"
+        elif method == "INVITE" and msg.to_tag is None:
+            if len(self.dialogs) >= s.max_dialogs:
+                kind = "limit_dialogs"
+            elif self.dialog_bytes + size > s.max_dialog_bytes:
+                kind = "limit_dialog_bytes"
+        if kind:
+            self._busy(msg, flow, kind)
             return
         st = ServerTxn(key, method, msg, flow, self.router.reply_flow(msg, flow))
+        st.size = size
+        self.held_bytes += size
         self.servers[table_key(key, method)] = st
         if method == "INVITE":
             self._respond(st, 100, now)
@@ -1081,6 +1097,8 @@ class Proxy:
             dialog.behind_nat = _behind_nat(msg, party)
         if not self.table.add(dialog):
             return  # not reached: the callers refuse a request whose dialog is live (482)
+        dialog.size = st.size
+        self.dialog_bytes += st.size
         st.dialog = dialog
         if not outbound:
             self.admission.dialog_started(dialog, now)
@@ -1782,6 +1800,7 @@ class Proxy:
         key = table_key(st.key, st.method)
         if self.servers.get(key) is st:
             del self.servers[key]
+            self.held_bytes -= st.size
         self._settle(st, now)  # (a no-op for one that had its final answer)
 
     def _drop_client(self, ct: ClientTxn) -> None:
@@ -1932,6 +1951,7 @@ class Proxy:
         dialog.ended_at = now
         dialog.end_reason = reason
         self.table.remove(dialog)
+        self.dialog_bytes -= dialog.size
         key = key_of(dialog)
         self.early_cseqs.pop(key, None)
         if self.doomed:

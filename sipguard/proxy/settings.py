@@ -37,6 +37,10 @@ class ProxySettings:
     max_transactions: int = 500_000  # live server transactions; beyond, new requests get 503
     # (a request within a live call: up to max_dialogs more, see Proxy._in_progress)
     max_dialogs: int = 100_000  # live dialogs; beyond, new INVITEs get 503
+    # the bytes of the requests those tables hold (a sender chooses a message's size, up to
+    # max_message_size: a count alone bounds no memory); beyond, as above
+    max_transaction_bytes: int = 512 << 20
+    max_dialog_bytes: int = 256 << 20
     max_subscriptions: int = 10_000  # subscriptions kept (proxy/subscriptions.py)
     busy_retry_after_s: int = 5  # Retry-After on those 503s
     dialog_keepalive: float | None = None  # in-dialog OPTIONS every this many s (None: off)

@@ -287,7 +287,7 @@ uri_fast(PyObject *text, const char *base, Py_ssize_t a, Py_ssize_t b)
             for (; i < un; i++)
                 if (u[i] < '0' || u[i] > '9')
                     digits_only = 0;
-            if (!digits_only) {
+            if (!digits_only || un > 32) { /* (uri.MAX_NUMBER_DIGITS: the Python path decides) */
                 Py_DECREF(params);
                 return DECLINE;
             }

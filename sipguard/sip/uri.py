@@ -84,6 +84,10 @@ _DROP_SEPARATORS: Final = str.maketrans("", "", "-.() ")
 _DROP_DIALCHARS: Final = str.maketrans("", "", "0123456789*#")
 _NUMBER_START: Final = frozenset("+0123456789-.() ")
 _CONTROL: Final = re.compile("[\x00-\x1f\x7f]")
+# a number's digits at most, dial prefixes and routing digits included (E.164: 15)
+MAX_NUMBER_DIGITS: Final = 32
+# the runs of digits hidden_numbers reads at most (a decoy or two, then the number)
+MAX_HIDDEN: Final = 4
 _HIDDEN: Final = re.compile(r"\+?[0-9]{6,15}")
 _HIDDEN_IN_NAME: Final = re.compile(r"\+?[0-9]{7,15}")
 # what a receiver may skip around the digits of a number: dial and visual characters, a pause
@@ -394,12 +398,17 @@ def _number(user: str, phone: bool) -> str | None:
     elif user[0] not in _NUMBER_START:
         if not phone:
             return None  # fast exit for the usual "alice"
-    elif (user[1:] if user[0] == "+" else user).isdigit() and user.isascii():
+    elif (user[1:] if user[0] == "+" else user).isdigit() and user.isascii() and \
+            len(user) <= MAX_NUMBER_DIGITS:
         return user  # fast exit for an already normal number
     digits = user.partition(";")[0].translate(_DROP_SEPARATORS)
     body = digits[1:] if digits.startswith("+") else digits
     if not body:
         return None
+    if len(body) > MAX_NUMBER_DIGITS and sum(c.isdigit() for c in body) > MAX_NUMBER_DIGITS:
+        # no telephone number is that long (E.164: 15 digits): keyed by it, every rule's
+        # table would hold what the sender chose
+        raise SipParseError(400, f"telephone number of more than {MAX_NUMBER_DIGITS} digits")
     if body.isascii() and body.isdigit():
         return digits
     if phone and not body.translate(_DROP_DIALCHARS) and any(c.isdigit() for c in body):
@@ -420,8 +429,8 @@ def hidden_number(uri: Uri) -> str | None:
 
 
 def hidden_numbers(uri: Uri) -> list[str]:
-    """Every run :func:`hidden_number` may find, in order: a receiver that skips a decoy
-    (``123456x+19005550199``) reads the second."""
+    """Every run :func:`hidden_number` may find, in order (the first MAX_HIDDEN): a receiver
+    that skips a decoy (``123456x+19005550199``) reads the second."""
     user = uri.user
     if uri.number is not None or not user:
         return []
@@ -433,8 +442,11 @@ def hidden_numbers(uri: Uri) -> list[str]:
                        if unicodedata.category(c) not in ("Cf", "Zs", "Cc"))
     first = next((c for c in head if c.isascii() and (c.isalnum() or c in "+*#")), "")
     if first.isalpha():
-        return _HIDDEN_IN_NAME.findall(head)
-    return _HIDDEN.findall("".join(c for c in head if (c.isascii() and c.isalnum()) or c == "+"))
+        found = _HIDDEN_IN_NAME.finditer(head)
+    else:
+        found = _HIDDEN.finditer("".join(c for c in head if (c.isascii() and c.isalnum())
+                                         or c == "+"))
+    return [m.group() for _, m in zip(range(MAX_HIDDEN), found, strict=False)]
 
 
 def plain_identity(uri: Uri) -> bool:

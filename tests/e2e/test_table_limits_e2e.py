@@ -119,3 +119,58 @@ def test_made_up_dialogs_and_cancels_cannot_fill_the_transaction_table(stack: E2
     finally:
         caller.close()
         core.close()
+
+
+PAD = "".join(f"X-Pad-{i}: {'p' * 14000}\r\n" for i in range(4))  # ~56 KB, lines < 16 KB
+
+
+def test_the_bytes_the_tables_hold_are_bounded_however_large_each_message(
+    stack: E2EStack,
+) -> None:
+    """sip.max_transaction_bytes_mib 1: requests of ~56 KB (each line under the line limit)
+    fill it after 18, whatever max_transactions says — the next hears 503 + Retry-After,
+    counted dropped_limit_transaction_bytes, and reaches no core; ordinary requests were
+    never near it. sip.max_dialog_bytes_mib 1 (another instance): calls whose INVITEs are that
+    large fill it after 18; the next call hears 503 (dropped_limit_dialog_bytes); once one
+    call has ended, a new one goes through."""
+    core = Core()
+    port, metrics_port = _guard(stack, core, "sip: {max_transaction_bytes_mib: 1}\n")
+    caller = Caller(port)
+    try:
+        statuses = []
+        for i in range(20):
+            caller.send(caller.request("OPTIONS", f"big-{i}", extra=PAD))
+            [final] = caller.finals(call_id=f"big-{i}")
+            statuses.append(int(final.split(b" ", 2)[1]))
+        assert statuses == [200] * 18 + [503] * 2, statuses
+        assert core.methods("big-19") == []
+        assert events_total(metrics_port).get("dropped_limit_transaction_bytes") == 2
+    finally:
+        caller.close()
+        core.close()
+    core = Core()
+    port, metrics_port = _guard(stack, core, "sip: {max_dialog_bytes_mib: 1}\n")
+    caller = Caller(port)
+    try:
+        calls = []
+        for i in range(18):
+            caller.send(caller.request("INVITE", f"call-{i}", extra=PAD))
+            [ok] = caller.finals(call_id=f"call-{i}")
+            assert ok.startswith(b"SIP/2.0 200 "), (i, ok[:40])
+            tag = re.search(r"tag=([^;>\s]+)", header(ok, "To"))
+            assert tag is not None
+            calls.append((tag.group(1), f"Route: {header(ok, 'Record-Route')}\r\n"))
+        caller.send(caller.request("INVITE", "call-18", extra=PAD))
+        [busy] = caller.finals(call_id="call-18")
+        assert busy.startswith(b"SIP/2.0 503 ") and core.methods("call-18") == [], busy[:40]
+        assert events_total(metrics_port).get("dropped_limit_dialog_bytes") == 1
+        to_tag, route = calls[0]
+        caller.send(caller.request("BYE", "call-0", cseq=2, to_tag=to_tag, extra=route))
+        [ok] = caller.finals(call_id="call-0")
+        assert ok.startswith(b"SIP/2.0 200 "), ok[:40]
+        caller.send(caller.request("INVITE", "call-19", extra=PAD))
+        [ok] = caller.finals(call_id="call-19")
+        assert ok.startswith(b"SIP/2.0 200 "), ok[:40]
+    finally:
+        caller.close()
+        core.close()
