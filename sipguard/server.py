@@ -704,8 +704,11 @@ class Server:
                 new, restart = held_back(self.cfg, new, changed)
                 token = await self._admin_token(new)
                 applied = await self.reload(new)
-            except (ConfigError, OSError, ValueError) as exc:  # OSError: e.g. a dno_file
-                result = failure(exc)
+            except Exception as exc:  # ConfigError; OSError: a dno_file; ValueError
+                # (anything else is a bug, but the running config stays and the operator is
+                # told, not left with a reload that silently did nothing)
+                result = failure(exc if isinstance(exc, (ConfigError, OSError, ValueError))
+                                 else ValueError(f"internal error: {exc!r}"))
                 self.counters["config_reload_failed"] += 1
                 self.log.error(
                     "config_reload_failed",

@@ -81,7 +81,12 @@ def load_config(path: str | Path) -> Config:
 def parse_config(text: str, source: str = "<string>", base_dir: Path | None = None) -> Config:
     """Validate YAML ``text``; ``source`` names it in errors, ``base_dir`` anchors relative
     paths (default: the working directory). Raises :class:`ConfigError`."""
-    loader = yaml.SafeLoader(text)
+    try:
+        # (the reader checks every character as it is made: a control character pasted
+        # from a terminal raises here)
+        loader = yaml.SafeLoader(text)
+    except yaml.reader.ReaderError as exc:
+        raise ConfigError(source, [_reader_issue(text, exc)]) from None
     try:
         root = loader.get_single_node()
         if root is None:
@@ -92,6 +97,8 @@ def parse_config(text: str, source: str = "<string>", base_dir: Path | None = No
         if duplicates:
             raise ConfigError(source, duplicates)
         data = loader.construct_document(root)
+    except yaml.reader.ReaderError as exc:
+        raise ConfigError(source, [_reader_issue(text, exc)]) from None
     except yaml.YAMLError as exc:
         raise ConfigError(source, [_yaml_issue(exc)]) from None
     finally:
@@ -125,6 +132,14 @@ def config_with_overrides(
 
 def _line(node: yaml.Node) -> int:
     return int(node.start_mark.line) + 1
+
+
+def _reader_issue(text: str, exc: yaml.reader.ReaderError) -> ConfigIssue:
+    """A character YAML does not take (a control character, a NUL), with its line."""
+    line = text.count("\n", 0, exc.position) + 1
+    char = exc.character if isinstance(exc.character, str) else chr(exc.character)
+    return ConfigIssue("", line, f"YAML syntax: unacceptable character {char!r} "
+                       f"(#x{ord(char):04x}): remove it")
 
 
 def _yaml_issue(exc: yaml.YAMLError) -> ConfigIssue:

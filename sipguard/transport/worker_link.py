@@ -16,7 +16,9 @@ then picks the worker that owns it:
   port in its own Route would otherwise pick the worker that decides each of its calls, and
   split its calls from the dialer analytics kept per worker;
 - anything else by its *caller*: the user part of the From URI, hashed with CRC-32, modulo
-  the number of workers (the Call-ID when there is no From user). Every message of a call
+  the number of workers (the Call-ID when there is no From user) — of a number (a user
+  starting with ``+``, a digit, ``(`` or ``%``), its last eight digits, so the spellings the
+  rules read as one caller (``+12125551402``, ``2125551402``) have one owner. Every message of a call
   the caller's side sends to the public address — the INVITE, its retransmissions, its
   CANCEL, the ACK of a failure answer, an ACK or BYE without Route — carries the same From,
   so they all reach the owner.
@@ -162,6 +164,10 @@ def _cut(text: bytes, stops: bytes) -> bytes:
     return text
 
 
+_NUMBER_START = frozenset(b"+0123456789(%")
+_NOT_DIGITS = bytes(c for c in range(256) if not 48 <= c <= 57)
+
+
 def _uri_user(uri: bytes) -> bytes | None:
     """The user part of a sip/sips URI (None without one) or a tel URI's number."""
     uri = uri.strip()
@@ -255,6 +261,13 @@ def owner_of(data: bytes, workers: int, own_ports: dict[int, int] | None = None,
     value = _header(data, _TO if from_core and not data.startswith(b"SIP/2.0 ") else _FROM,
                     end)
     key = _uri_user(_addr_parts(value)[0]) if value is not None else None
+    if key is not None and key[0] in _NUMBER_START:
+        # a number in any spelling the rules read as one (+12125551402, 2125551402,
+        # %2B1-212-555-1402): its last digits, so a caller cannot spread its calls over the
+        # workers — out of sight of each one's dialer analytics — by writing From otherwise
+        digits = key.translate(None, _NOT_DIGITS)
+        if len(digits) >= 6:
+            key = digits[-8:]
     if key is None:
         m = _CALL_ID.search(data, 0, end)
         if m is None:

@@ -66,9 +66,10 @@ def start_shm_workers(stack: E2EStack, core_port: int,
 
 
 def number_of(worker: int, prefix: str = "+1212555") -> str:
-    """The first number ``prefix`` + 4 digits whose CRC-32 picks ``worker``."""
+    """The first number ``prefix`` + 4 digits whose CRC-32 (of its last eight digits, as
+    the hand-over reads a number) picks ``worker``."""
     return next(f"{prefix}{i:04d}" for i in range(100)
-                if zlib.crc32(f"{prefix}{i:04d}".encode()) % WORKERS == worker)
+                if zlib.crc32(f"{prefix}{i:04d}"[-8:].encode()) % WORKERS == worker)
 
 
 def uac_socket() -> tuple[socket.socket, int]:

@@ -132,6 +132,15 @@ def test_yaml_syntax_error_reports_line() -> None:
     assert issue.message.startswith("YAML syntax:")
 
 
+@pytest.mark.parametrize("char", ["\x1b", "\x00", "\x07"])
+def test_a_control_character_is_a_yaml_error_with_its_line(char: str) -> None:
+    """A control character (a colour code pasted from a terminal, a NUL) is a config error
+    naming its line, like any other YAML syntax error — not an exception."""
+    (issue,) = issues_of(MINIMAL + f"# pasted: {char}[0m\n")
+    assert issue.line == MINIMAL.count("\n") + 1
+    assert issue.message.startswith("YAML syntax: unacceptable character")
+
+
 def test_duplicate_key_is_an_error_with_both_lines() -> None:
     """A key given twice in one mapping is reported at the second, naming the first."""
     text = MINIMAL + "sip:\n  t1_ms: 400\n  t1_ms: 600\n"

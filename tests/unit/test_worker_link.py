@@ -31,6 +31,11 @@ from sipguard.transport.worker_link import (
 )
 
 
+def _crc(number: str) -> int:
+    """The hash a number is handed over by: of its last eight digits."""
+    return zlib.crc32(number.lstrip("+")[-8:].encode())
+
+
 def _invite(caller: str, call_id: str = "abc@host") -> bytes:
     return (f"INVITE sip:+18005550199@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:5;"
             f"branch=z9hG4bK1\r\nFrom: \"X\" <sip:{caller}@127.0.0.1>;tag=1\r\n"
@@ -40,7 +45,7 @@ def _invite(caller: str, call_id: str = "abc@host") -> bytes:
 
 def test_owner_is_the_callers_crc_and_the_same_for_cancel_and_compact_form() -> None:
     invite = _invite("+12125550100")
-    want = zlib.crc32(b"+12125550100") % 4
+    want = _crc("+12125550100") % 4  # a number: its last eight digits
     assert owner_of(invite, 4) == want
     cancel = invite.replace(b"INVITE sip", b"CANCEL sip").replace(b"1 INVITE", b"1 CANCEL")
     assert owner_of(cancel, 4) == want
@@ -93,7 +98,7 @@ def test_owner_of_an_in_dialog_request_is_the_worker_its_route_names() -> None:
     worker whose own port is in its Route, not to the callee's hash."""
     own_ports = {40000: 0, 40001: 1, 40002: 0, 40003: 1}  # two listeners, two workers
     callee = next(f"+1800555{i:04d}" for i in range(100)
-                  if zlib.crc32(f"+1800555{i:04d}".encode()) % 2 == 0)
+                  if _crc(f"+1800555{i:04d}") % 2 == 0)
     bye = _bye_from_core("<sip:127.0.0.1:40001;lr>", callee)
     assert owner_of(bye, 2) == 0  # by From, as before: the wrong worker
     assert owner_of(bye, 2, own_ports) == 1
@@ -101,14 +106,14 @@ def test_owner_of_an_in_dialog_request_is_the_worker_its_route_names() -> None:
     # a Route naming another port (the public one, a preloaded route): by the caller again
     assert owner_of(_bye_from_core("<sip:127.0.0.1:5060;lr>", callee), 2, own_ports) == 0
     invite = _invite("+12125550100")
-    assert owner_of(invite, 2, own_ports) == zlib.crc32(b"+12125550100") % 2
+    assert owner_of(invite, 2, own_ports) == _crc("+12125550100") % 2
     # an initial request naming a worker's port in its own Route still goes by its caller:
     # a caller does not pick the worker that decides its calls
     for port in own_ports:
         routed = invite.replace(b"\r\nFrom:", f"\r\nRoute: <sip:127.0.0.1:{port};lr>\r\nFrom:"
                                 .encode())
         assert named_port(routed) is None
-        assert owner_of(routed, 2, own_ports) == zlib.crc32(b"+12125550100") % 2
+        assert owner_of(routed, 2, own_ports) == _crc("+12125550100") % 2
 
 
 def test_a_request_from_the_core_goes_by_the_party_outside_it() -> None:
@@ -118,14 +123,14 @@ def test_a_request_from_the_core_goes_by_the_party_outside_it() -> None:
     party's own requests (From: that number). Responses still go by From (and by the worker's
     port in their top Via first)."""
     caller, external = "+12125550100", "+18005550199"
-    want = zlib.crc32(caller.encode()) % 4
+    want = _crc(caller) % 4
     callee = next(f"+1800555{i:04d}" for i in range(100)
-                  if zlib.crc32(f"+1800555{i:04d}".encode()) % 4 != want)
+                  if _crc(f"+1800555{i:04d}") % 4 != want)
     bye = _bye_from_core("<sip:127.0.0.1;lr>", callee)  # names no worker's port
-    assert owner_of(bye, 4) == zlib.crc32(callee.encode()) % 4  # by From: another worker
+    assert owner_of(bye, 4) == _crc(callee) % 4  # by From: another worker
     assert owner_of(bye, 4, from_core=True) == want
     placed = _invite("+31201234567")  # the core's call to `external` (To)
-    outside = zlib.crc32(external.encode()) % 4
+    outside = _crc(external) % 4
     assert owner_of(placed, 4, from_core=True) == outside
     cancel = placed.replace(b"INVITE sip", b"CANCEL sip").replace(b"1 INVITE", b"1 CANCEL")
     assert owner_of(cancel, 4, from_core=True) == outside
@@ -301,7 +306,7 @@ def test_a_tag_inside_the_uri_or_the_display_name_is_no_to_tag() -> None:
     a caller's INVITE pick a worker through its Route."""
     own_ports = {40000: 0, 40001: 1}
     invite = _invite("+12125550100")
-    want = zlib.crc32(b"+12125550100") % 2
+    want = _crc("+12125550100") % 2
     for to in (b"To: <sip:+18005550199@127.0.0.1;tag=1>", b'To: "a;tag=b" <sip:x@127.0.0.1>'):
         for port in own_ports:
             forged = invite.replace(b"To: <sip:+18005550199@127.0.0.1>", to).replace(
@@ -318,12 +323,27 @@ def test_the_owner_is_the_from_uris_user_whatever_the_display_name_or_folding() 
     """A display name holding "sip:..." or a From folded onto a second line hashes like the
     plain From: a caller cannot spread its calls over the workers by how it writes From."""
     invite = _invite("+12125550100")
-    want = zlib.crc32(b"+12125550100") % 4
+    want = _crc("+12125550100") % 4
     for variant in (invite.replace(b'From: "X" <', b'From: "sip:rnd1" <'),
                     invite.replace(b'From: "X" <', b'From: "\\"sip:rnd2" <'),
                     invite.replace(b'From: "X" <', b'From:\r\n  "X" <'),
                     invite.replace(b'From: "X" <sip:', b'From: "X"\r\n\t<sip:')):
         assert owner_of(variant, 4) == want, variant
+
+
+def test_a_number_in_any_spelling_has_one_owner() -> None:
+    """The rules read +12125550100, 2125550100, %2B1-212-555-0100 and tel:+1(212)5550100 as
+    one caller: so does the hand-over — a dialer writing From otherwise each call does not
+    spread its calls over the workers, out of sight of each one's dialer analytics. Names
+    keep their own hash."""
+    want = owner_of(_invite("+12125550100"), 7)
+    for spelling in ("2125550100", "12125550100", "%2B1-212-555-0100", "(212)555.0100",
+                     "+12125550100;user=phone"):
+        assert owner_of(_invite(spelling), 7) == want, spelling
+    tel = _invite("+12125550100").replace(b"<sip:+12125550100@127.0.0.1>",
+                                          b"<tel:+1-212-555-0100>")
+    assert owner_of(tel, 7) == want
+    assert owner_of(_invite("agenta"), 7) == zlib.crc32(b"agenta") % 7
 
 
 def test_a_route_line_built_to_make_a_pattern_backtrack_costs_linear_time() -> None:
