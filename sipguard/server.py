@@ -909,6 +909,8 @@ class Server:
         field = "prefix" if entry.prefix else "number"
         shown[field] = self._shown(shown[field])
         answer: dict[str, Any] = {"suspension": shown, "calls_ended": ended, "saved": saved}
+        if not saved and self.cfg.state_dir is not None:
+            answer["save_failed"] = True  # in force, but gone at the next restart (the log)
         if self.link is not None:
             # calls_ended counts this worker's; each other worker ends its own calls and
             # counts them in its suspension_added line
@@ -952,7 +954,10 @@ class Server:
             reason=entry.reason, expires=None, end_calls=False, calls_ended=0,
         )
         saved = await self.save_suspensions()
-        return {"lifted": self._shown(key), "saved": saved}
+        lifted: dict[str, Any] = {"lifted": self._shown(key), "saved": saved}
+        if not saved and self.cfg.state_dir is not None:
+            lifted["save_failed"] = True
+        return lifted
 
     def _suspensions_path(self) -> Path | None:
         state_dir = self.cfg.state_dir
@@ -1392,8 +1397,11 @@ def _write_atomic(path: Path, data: Any) -> None:
 
 
 def _read_state(path: Path) -> str | None:
-    """The state file's text, None when there is none yet (the folder is made)."""
+    """The state file's text, None when there is none yet (the folder is made). A folder
+    sipguard cannot write to is an OSError now, not a suspension lost at the next restart."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise PermissionError(13, "not writable by this user", str(path.parent))
     try:
         return path.read_text(encoding="utf-8")
     except FileNotFoundError:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
@@ -602,8 +603,22 @@ class StateSettings(ConfigModel):
                 raise ValueError("give `url` or `sentinel`, not both")
             if self.cluster and self.sentinel is not None:
                 raise ValueError("`cluster` works with `url`, not with `sentinel`")
-        if self.url is not None and not re.match(r"(rediss?|unix|valkeys?)://", self.url):
-            raise ValueError(f"url {self.url[:60]!r} is not redis://, rediss:// or unix://")
+        if self.url is not None:
+            shown = re.sub(r"(//[^/@]*:)[^/@]*@", r"\1<redacted>@", self.url)[:60]
+            if not re.match(r"(rediss?|unix|valkeys?)://", self.url):
+                raise ValueError(f"url {shown!r} is not redis://, rediss:// or unix://")
+            try:  # what the client would refuse at start, refused here (check-config too)
+                parts = urlsplit(self.url)
+                _ = parts.port
+                if parts.scheme == "unix":
+                    if not parts.path:
+                        raise ValueError("no socket path")
+                elif not parts.hostname:
+                    raise ValueError("no host")
+                elif parts.path.strip("/") and not parts.path.strip("/").isdigit():
+                    raise ValueError(f"database {parts.path.strip('/')!r} is not a number")
+            except ValueError as exc:
+                raise ValueError(f"url {shown!r}: {exc}") from None
         return self
 
 
@@ -709,10 +724,17 @@ class Config(ConfigModel):
     @classmethod
     def _unique_peers(cls, value: tuple[PeerConfig, ...]) -> tuple[PeerConfig, ...]:
         seen: set[str] = set()
+        nets: dict[object, str] = {}
         for peer in value:
             if peer.name in seen:
                 raise ValueError(f"peer name {peer.name!r} is used twice")
             seen.add(peer.name)
+            for net in peer.networks:
+                other = nets.setdefault(net, peer.name)
+                if other != peer.name:
+                    # the most specific network wins; of two alike, one would be dead config
+                    raise ValueError(f"network {net} is both peer {other!r}'s and peer "
+                                     f"{peer.name!r}'s: an address belongs to one peer")
         return value
 
     @field_validator("suspended")

@@ -97,6 +97,15 @@ class Settings(RuleSettings):
         description="Header telling the core why a call was anonymised; null: none.",
     )
 
+    @field_validator("home_countries", mode="before")
+    @classmethod
+    def _codes_as_written(cls, value: object) -> object:
+        """``[31, 44]`` as YAML reads it unquoted: country codes, taken as written (a bool or
+        a float is no country code: left for the check below to refuse)."""
+        if isinstance(value, list | tuple):
+            return [str(v) if type(v) is int else v for v in value]
+        return value
+
     @field_validator("home_countries")
     @classmethod
     def _check_home(cls, value: tuple[str, ...]) -> tuple[str, ...]:

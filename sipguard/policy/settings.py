@@ -107,15 +107,25 @@ class Answer(ConfigModel):
 
 def networks(value: object) -> object:
     """A "before" validator for CIDR lists: one string or a list of them, each turned into an
-    ``ip_network`` (host bits allowed) with an error naming the bad item; else left for pydantic."""
+    ``ip_network`` with an error naming the bad item; else left for pydantic. A prefix with
+    host bits set is an error: ``203.0.113.5/24`` is a typo for ``/32`` as often as for
+    ``203.0.113.0/24``, and read as the network it would trust 255 more addresses."""
     if isinstance(value, str):
         value = [value]
     if isinstance(value, list | tuple):
         out = []
         for item in value:
+            text = str(item)
             try:
-                out.append(ipaddress.ip_network(str(item), strict=False))
+                net = ipaddress.ip_network(text, strict=False)
             except ValueError as exc:
                 raise ValueError(f"{item!r} is not an IP network: {exc}") from None
+            if "/" in text and net.network_address != ipaddress.ip_address(
+                    text.partition("/")[0].strip("[] ")):
+                host = text.partition("/")[0]
+                raise ValueError(
+                    f"{item!r} has host bits set: write {net} for the network, or "
+                    f"{host}/{net.max_prefixlen} for the one address")
+            out.append(net)
         return tuple(out)
     return value

@@ -164,7 +164,8 @@ def _wait_ready(url: str, proc: subprocess.Popen[str], timeout: float = 15) -> N
 
 def test_operator_verbs_against_a_running_sipguard(tmp_path: Path) -> None:
     """suspend / suspensions / unsuspend / reload work against a running sipguard through its
-    admin API; an unreachable admin API is exit 1 and one line."""
+    admin API; a suspension that could not be saved is exit 1 and says so; an unreachable
+    admin API is exit 1 and one line."""
     admin_port = free_port()
     cfg = tmp_path / "c.yaml"
     cfg.write_text(
@@ -203,6 +204,18 @@ def test_operator_verbs_against_a_running_sipguard(tmp_path: Path) -> None:
         res = sipguard("reload", "--admin", url)
         assert res.returncode == 2
         assert "sip.max_message_size" in res.stderr and "Traceback" not in res.stderr
+        # the state file cannot be written any more (a directory in its place): in force,
+        # but the operator hears it will not survive a restart
+        state = tmp_path / "state" / "suspensions.json"
+        state.unlink()
+        (state / "x").mkdir(parents=True)
+        res = sipguard("suspend", "+31401234567", "--admin", url)
+        assert res.returncode == 1 and json.loads(res.stdout)["save_failed"] is True
+        assert "not saved to state_dir" in res.stderr
+        (state / "x").rmdir()
+        state.rmdir()
+        res = sipguard("suspend", "+31401234567", "--admin", url)  # saved again
+        assert res.returncode == 0 and json.loads(res.stdout)["saved"] is True, res.stderr
     finally:
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=15)

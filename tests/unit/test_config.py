@@ -344,3 +344,41 @@ def test_a_yaml_boolean_is_no_number_in_a_union_with_a_word() -> None:
     with pytest.raises(pydantic.ValidationError, match="boolean") as caught:
         Settings.model_validate({"x5u_ports": [443, True]})  # `yes` in a list of ports
     assert ("x5u_ports",) in [e["loc"] for e in caught.value.errors()]
+
+
+def test_a_peer_network_with_host_bits_set_is_an_error_naming_both_readings() -> None:
+    """203.0.113.5/24 may mean the /24 or the one address: an error with the line, naming
+    both spellings, rather than trusting 255 more addresses."""
+    text = MINIMAL + "peers:\n  - name: a\n    networks: [203.0.113.0/24, 203.0.113.5/24]\n"
+    (issue,) = issues_of(text)
+    assert issue.path.startswith("peers") and issue.line == 6
+    assert "host bits set" in issue.message and "203.0.113.0/24" in issue.message
+    assert "203.0.113.5/32" in issue.message
+    assert parse_config(MINIMAL + "peers:\n  - name: a\n    networks: [203.0.113.5]\n")
+
+
+def test_two_peers_with_one_network_is_an_error() -> None:
+    """An address belongs to one peer: the same network under two names (one of them would
+    never match) is an error naming both; nested networks are fine (the most specific wins)."""
+    text = (MINIMAL + "peers:\n  - name: a\n    networks: [10.0.0.0/8]\n"
+            "  - name: b\n    networks: ['10.0.0.0/8']\n")
+    (issue,) = issues_of(text)
+    assert "'a'" in issue.message and "'b'" in issue.message and issue.path == "peers"
+    assert parse_config(MINIMAL + "peers:\n  - name: a\n    networks: [10.0.0.0/8]\n"
+                        "  - name: b\n    networks: [10.1.0.0/16]\n")
+
+
+@pytest.mark.parametrize(("url", "says"), [
+    ("redis://127.0.0.1:99999/0", "out of range"),
+    ("redis://127.0.0.1:abc/0", "abc"),
+    ("redis://:s3cret@[bad/0", "IPv6"),
+    ("redis:///0", "no host"),
+    ("redis://127.0.0.1:6379/x", "not a number"),
+    ("http://127.0.0.1:6379/0", "is not redis://"),
+])
+def test_a_redis_url_the_client_would_refuse_is_a_config_error(url: str, says: str) -> None:
+    """check-config refuses what the Redis client would refuse at start, naming the line,
+    and never shows the password."""
+    (issue,) = issues_of(MINIMAL + f"state:\n  backend: redis\n  url: '{url}'\n")
+    assert issue.path.startswith("state") and says in issue.message, issue
+    assert "s3cret" not in issue.message

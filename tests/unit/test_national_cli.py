@@ -122,9 +122,14 @@ def test_monitor_mode_reports_but_forwards() -> None:
 
 
 def test_config_rejects_bad_home_countries() -> None:
-    """A home country that is not digits is a config error."""
-    with pytest.raises(Exception, match="home_countries"):
-        policy(rules().replace("['31']", "['NL']"), extra=peers())
+    """A home country that is not digits is a config error (a YAML boolean or float too);
+    written unquoted, as the docs show it (`[31, 44]`), it is the country code."""
+    for bad in ("['NL']", "[true]", "[31.5]"):
+        with pytest.raises(Exception, match="home_countries"):
+            policy(rules().replace("['31']", bad), extra=peers())
+    p = policy(rules().replace("['31']", "[31, 44]"), extra=peers())
+    v = decide(p, make_call(DUTCH_MOBILE), 0.0)
+    assert v.accepted and v.anonymise is not None
 
 
 # ------------------------------------------------------------------ roaming lookup, real HTTP
