@@ -709,8 +709,10 @@ class Config(ConfigModel):
     )
     suspended: tuple[str, ...] = Field(
         default=(),
-        description="Numbers suspended at once: INVITEs from or to them get 403 Forbidden "
-        "(\"from\": the caller, or the number From shows when it is another).",
+        description="Numbers suspended at once: INVITEs from outside from or to them get 403 "
+        "Forbidden (\"from\": the caller, or the number From shows when it is another). Calls "
+        "the core places pass without policy, so does a REFER's Refer-To: the core's own "
+        "dial plan must keep them from a suspended number.",
     )
     rules: RulesConfig = Field(default=RulesConfig(), description="Rules, in evaluation order.")
 

@@ -78,13 +78,39 @@ def load_config(path: str | Path) -> Config:
     return parse_config(text, source=str(path), base_dir=path.resolve().parent)
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's integers: ``10``, ``-3``, ``0x1F``, ``0o17``.
+    YAML 1.1 read ``010`` as 8, ``1_0`` as 10 and ``4:00`` as 240 (base 60): a lifetime
+    written ``4:00`` would have been four minutes. Those are strings now, so a number field
+    refuses them with the line."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:int"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:int", re.compile(r"^(?:[-+]?[0-9]+|0x[0-9a-fA-F]+|0o[0-7]+)$"),
+    list("-+0123456789"))
+
+
+def _yaml12_int(loader: yaml.SafeLoader, node: yaml.Node) -> int:
+    text = str(loader.construct_scalar(node))  # type: ignore[arg-type]
+    if text.startswith(("0x", "0o")):
+        return int(text, 0)
+    return int(text, 10)
+
+
+_Loader.add_constructor("tag:yaml.org,2002:int", _yaml12_int)
+
+
 def parse_config(text: str, source: str = "<string>", base_dir: Path | None = None) -> Config:
     """Validate YAML ``text``; ``source`` names it in errors, ``base_dir`` anchors relative
     paths (default: the working directory). Raises :class:`ConfigError`."""
     try:
         # (the reader checks every character as it is made: a control character pasted
         # from a terminal raises here)
-        loader = yaml.SafeLoader(text)
+        loader = _Loader(text)
     except yaml.reader.ReaderError as exc:
         raise ConfigError(source, [_reader_issue(text, exc)]) from None
     try:

@@ -382,3 +382,16 @@ def test_a_redis_url_the_client_would_refuse_is_a_config_error(url: str, says: s
     (issue,) = issues_of(MINIMAL + f"state:\n  backend: redis\n  url: '{url}'\n")
     assert issue.path.startswith("state") and says in issue.message, issue
     assert "s3cret" not in issue.message
+
+
+def test_numbers_read_as_yaml_1_2_does() -> None:
+    """010 is ten (YAML 1.1: eight), 0x10 and 0o17 keep their bases, and 4:00 (YAML 1.1: 240,
+    base 60 — a lifetime of four minutes where four hours were meant) is an error naming the
+    field and the line."""
+    def lifetime(value: str) -> float:
+        return parse_config(MINIMAL + f"sip: {{max_dialog_lifetime_s: {value}}}\n"
+                            ).sip.max_dialog_lifetime_s
+    assert (lifetime("010"), lifetime("0x10"), lifetime("0o17"), lifetime("7200")) == (
+        10, 16, 15, 7200)
+    (issue,) = issues_of(MINIMAL + "sip:\n  max_dialog_lifetime_s: 4:00\n")
+    assert (issue.path, issue.line) == ("sip.max_dialog_lifetime_s", 5)
