@@ -378,9 +378,21 @@ class Dialog:
     # core's From tag): the core side's target (its Contact, moved by target refreshes) and
     # route set (its Record-Route entries), RFC 3261 §12.1.2, §12.2.1.1. Its requests leave
     # with those, whatever Request-URI and Route they carry; another tag is no dialog (481).
-    # None until the core side has answered with a tag.
-    pins: dict[str, tuple[str | None, list[NameAddr]]] | None
+    # The first tag in fields of its own (no object made for it: a call has one), ``pin_tag``
+    # None until the core side has answered with a tag; more tags (forks) in ``forks``, each
+    # (target, route set, from a 2xx).
+    pin_tag: str | None
+    pin_target: str
+    pin_routes: tuple[NameAddr, ...]
+    pin_final: bool  # pinned by a 2xx: its route set is the dialog's for good
+    forks: dict[str, tuple[str, tuple[NameAddr, ...], bool]] | None
+    # Record-Route entries its INVITE brought from the caller's side: in the core's answers,
+    # the bottom ones (the core side's are above sipguard's own)
+    caller_rr: int
     size: int  # its INVITE's bytes, counted against sip.max_dialog_bytes
+    # the user part of its INVITE's From (a call that came in): the caller's later requests
+    # show that one, or are refused (RFC 3261 §12.2.1.1: From does not change in a dialog)
+    from_user: str | None
 
     # Hand-written __init__s in this module: mypyc compiles them, where dataclass-made ones run
     # as Python (these objects are made for every call).
@@ -432,8 +444,14 @@ class Dialog:
         self.routed = False
         self.session_ends = self.expires
         self.pai_untrusted = False
-        self.pins = None
+        self.pin_tag = None
+        self.pin_target = ""
+        self.pin_routes = ()
+        self.pin_final = False
+        self.forks = None
+        self.caller_rr = 0
         self.size = 0
+        self.from_user = None
 
 
 @dataclass(slots=True, init=False)

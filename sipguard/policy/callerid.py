@@ -67,7 +67,7 @@ from sipguard.policy import numbers
 from sipguard.policy.callerid_settings import Answers
 from sipguard.policy.peers import NumberSet, Peer, read_number_file
 from sipguard.sip.errors import SipParseError
-from sipguard.sip.uri import hidden_number, hidden_numbers
+from sipguard.sip.uri import MAX_HIDDEN, hidden_numbers
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -138,9 +138,13 @@ class CallerId:
         raw = pai_number if trusted and pai_number is not None else from_number
         # what From shows: its number, or one a receiver may read where sipguard reads none
         # (*67+1312…, +1312…x12, x1900…)
-        shown = from_number if from_number is not None else hidden_number(from_uri)
+        hidden = hidden_numbers(from_uri) if from_number is None else []
+        shown = from_number if from_number is not None else (hidden[0] if hidden else None)
         if s.anonymous == "reject" and _is_anonymous(msg, from_uri):
             return self._fail(call, "caller_anonymous", "anonymous", None, NO_VALIDATION, ())
+        if len(hidden) > MAX_HIDDEN:
+            # decoy after decoy (x1234567x1234567x…+1900…): no identity a rule can check
+            return self._fail(call, "caller_invalid", "invalid", None, FAILED, ())
         if raw is None:
             if s.require_e164 and not _is_anonymous(msg, from_uri):
                 return self._fail(call, "caller_not_e164", "invalid", None, FAILED, ())
@@ -157,8 +161,7 @@ class CallerId:
                 # a DNO number shown in From, behind another asserted identity or a decoy
                 # run of digits (sip:123456x+1900…@)
                 other != raw and self._on_dno(numbers.lookup(other, region).e164, other)
-                for other in (
-                    (from_number,) if from_number is not None else hidden_numbers(from_uri))
+                for other in ((from_number,) if from_number is not None else hidden)
             )
         ):
             return self._fail(call, "caller_dno", "dno", e164, FAILED, ())

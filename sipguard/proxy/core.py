@@ -100,7 +100,7 @@ from sipguard.sip.errors import SipParseError
 from sipguard.sip.message import Message, decode, header_line, raw_value
 from sipguard.sip.nameaddr import NameAddr, parse_name_addr_list
 from sipguard.sip.parser import parse_message
-from sipguard.sip.uri import hidden_number
+from sipguard.sip.uri import hidden_number, parse_uri
 from sipguard.sip.via import REST_AFTER_FIRST_VIA, after_first_via, parse_via_list
 
 
@@ -222,6 +222,8 @@ _IN_DIALOG: Final = frozenset((*_IN_CALLS, "MESSAGE", "OPTIONS", "SUBSCRIBE"))
 _NEVER_IN_DIALOG: Final = frozenset(("REGISTER", "PUBLISH"))
 # the core side's answers with distinct To tags a call keeps (forks of a forking core)
 MAX_PINS: Final = 8
+# a Contact URI with nothing to check: scheme, user@host:port, plain parameters
+_PLAIN_URI: Final = re.compile(r"sips?:[A-Za-z0-9+._~!$&'()*,;=:%@\[\]-]+")
 _NO_PAI: Final[tuple[tuple[str, str | None], ...]] = (("p-asserted-identity", None),)
 # A retransmission timer waits for the receive queue only when it is at least this far behind
 HOLD_MIN_S: Final = 0.02
@@ -310,9 +312,35 @@ def _request(st: ServerTxn) -> Message:
 
 
 def _contact_target(msg: Message) -> str | None:
-    """The URI of ``msg``'s first Contact (a remote target), or None."""
+    """The URI of ``msg``'s first Contact (a remote target), or None without one that parses
+    as a sip, sips or tel URI (``*``, ``sip:a@b c``)."""
     line = keepalive.contact_line(msg)
-    return keepalive.contact_uri(decode(raw_value(line))) if line is not None else None
+    uri = keepalive.contact_uri(decode(raw_value(line))) if line is not None else None
+    if uri is None:
+        return None
+    if uri.startswith(("sip:", "sips:")) and _PLAIN_URI.fullmatch(uri) is not None:
+        return uri  # the usual sip:user@host:port;params, read as it is
+    try:
+        parsed = parse_uri(uri)
+    except SipParseError:
+        return None
+    return uri if parsed.scheme in ("sip", "sips", "tel") else None
+
+
+def _core_uri(core: Flow) -> str:
+    """A URI naming the core's address, the target of a call whose 2xx named none."""
+    host, port = core.addr[0], core.addr[1]
+    host = f"[{host}]" if ":" in host else host
+    return f"sip:{host}:{port}" + ("" if core.transport == "udp" else
+                                   f";transport={core.transport}")
+
+
+def _rr_entries(msg: Message) -> int:
+    """How many Record-Route entries ``msg`` carries (SipParseError for one that does not
+    parse)."""
+    if not msg.has("record-route"):
+        return 0
+    return sum(len(parse_name_addr_list(msg.value_at(i))) for i in msg.indexes("record-route"))
 
 
 def _anonymised_edits(
@@ -352,7 +380,7 @@ def _anonymous_contact(na: NameAddr, digits: tuple[str, ...]) -> str:
         base, *uparams = raw.split(";")
         raw = ";".join([base] + [p for p in uparams if not _names_number(p, digits)])
     params = "".join(f";{k}" if v is None else f";{k}={v}" for k, v in na.params
-                     if v is None or not _names_number(v, digits))
+                     if not _names_number(k if v is None else f"{k}={v}", digits))
     return f"<{raw}>{params}"
 
 
@@ -592,9 +620,11 @@ class Proxy:
         s = self.settings
         size = self.received
         kind = ""
-        if (len(self.servers) >= s.max_transactions or
-                self.held_bytes + size > s.max_transaction_bytes) and \
-                not self._in_progress(msg, flow, from_core):
+        held = self.held_bytes + size
+        if (len(self.servers) >= s.max_transactions or held > s.max_transaction_bytes) and (
+                # a request within a call in progress goes on, up to a quarter more bytes
+                held > s.max_transaction_bytes + (s.max_transaction_bytes >> 2)
+                or not self._in_progress(msg, flow, from_core)):
             kind = "limit_transactions" if len(self.servers) >= s.max_transactions \
                 else "limit_transaction_bytes"
         elif method == "INVITE" and msg.to_tag is None:
@@ -704,6 +734,7 @@ class Proxy:
                 self.events.append(Dropped("merged_request", msg.call_id, flow))
                 return
             st.next_hop = (target, start_line, route_line)
+            _rr_entries(msg)  # a Record-Route that does not parse: 400 before any decision
             # The id its limits are held under (with state.backend redis / shared_memory, in
             # every counter key it takes): of fixed size, however long the Call-ID, tag and
             # branch the caller chose, and keyed by this process's secret, so the same INVITE
@@ -974,9 +1005,15 @@ class Proxy:
         refusal = self._not_from_party(dialog, side, flow, msg)
         if refusal:
             return refusal
-        pins = dialog.pins
+        if not dialog.outbound and msg.from_.uri.user != dialog.from_user:
+            # a caller showing another user (number) in From than the one its INVITE was
+            # checked with: From does not change within a dialog (RFC 3261 §12.2.1.1; RFC
+            # 4916 lets the called side's change), and a core may read the caller from it
+            return 403
         # tags the core side never answered with (made up, or before any answer): no dialog
-        return 0 if pins is not None and (msg.to_tag or "") in pins else 481
+        tag = msg.to_tag or ""
+        forks = dialog.forks
+        return 0 if tag == dialog.pin_tag or (forks is not None and tag in forks) else 481
 
     def _not_from_party(self, dialog: Dialog, side: str, flow: Flow, msg: Message) -> int:
         """:meth:`_not_party`'s check of the sender: 0, or 403."""
@@ -1099,6 +1136,9 @@ class Proxy:
             return  # not reached: the callers refuse a request whose dialog is live (482)
         dialog.size = st.size
         self.dialog_bytes += st.size
+        if not outbound:
+            dialog.from_user = msg.from_.uri.user
+            dialog.caller_rr = _rr_entries(msg)  # (read before: see _on_new_request)
         st.dialog = dialog
         if not outbound:
             self.admission.dialog_started(dialog, now)
@@ -1205,7 +1245,7 @@ class Proxy:
             if route_idx:
                 replace[route_idx[0]] = route
             elif route is not None:
-                append.append(route)  # a route set the request left out (Dialog.pins)
+                append.append(route)  # a route set the request left out (Dialog.pin_routes)
         if msg.content_length is None:
             append.append(f"Content-Length: {len(msg.body)}".encode())
         if not self._is_core(msg, source):
@@ -1482,9 +1522,11 @@ class Proxy:
         if ct.state == ACCEPTED:
             if 200 <= status < 300 and ct.server is not None and upstream is not None:
                 self.outbox.append((ct.server.reply_to, upstream))
-                # another fork's 2xx (the transaction has let its dialog go: see _settle)
-                dialog = self.dialogs.get(dialog_key(msg.call_id, msg.from_tag or ""))
-                if dialog is not None and dialog.state == CONFIRMED:
+                # another fork's 2xx to the call's own INVITE, from the core it went to
+                dialog = ct.pins_for
+                if dialog is not None and dialog.state == CONFIRMED and \
+                        flow.addr == ct.flow.addr and msg.call_id == dialog.call_id and \
+                        (msg.from_tag or "") == dialog.caller_tag:
                     self._pin(dialog, msg.to_tag or "", msg, True)
             return
         TimerQueue.cancel(ct.timer)
@@ -1512,7 +1554,7 @@ class Proxy:
             if st.dialog is not None and tag:
                 if st.dialog.callee_tag is None:
                     st.dialog.callee_tag = tag
-                if not st.dialog.outbound:
+                if not st.dialog.outbound and flow.addr == ct.flow.addr:
                     self._pin(st.dialog, tag, msg, False)  # an early dialog (RFC 3261 §12.1)
             if upstream is not None:
                 self.outbox.append((st.reply_to, upstream))
@@ -1527,8 +1569,9 @@ class Proxy:
                 ct.data, ct.sent = b"", None  # only 2xx retransmissions come now: no ACK to build
                 ct.timeout = self.timers.add(now + 64 * s.t1, self._on_timer_drop_client, ct)
                 dialog = ct.server.dialog if ct.server is not None else None
-                if dialog is not None and not dialog.outbound:
+                if dialog is not None and not dialog.outbound and flow.addr == ct.flow.addr:
                     self._pin(dialog, msg.to_tag or "", msg, True)  # the 2xx's route set
+                    ct.pins_for = dialog
                 if dialog is not None and dialog.state == "early":
                     dialog.state = CONFIRMED
                     dialog.confirmed_at = now
@@ -1826,6 +1869,9 @@ class Proxy:
                 return
             if _names(dialog, side, request):  # not another fork's re-INVITE
                 self._refresh_targets(dialog, side, request, response)
+            elif dialog.state == "early" and request.method == "UPDATE":
+                # an early dialog's UPDATE is a target refresh too (RFC 3311 §5.1)
+                self._refresh_targets(dialog, side, request, response)
         if dialog.state == TERMINATED:
             return
         interval = session_interval(response)
@@ -1853,64 +1899,95 @@ class Proxy:
 
     def _pin(self, dialog: Dialog, tag: str, msg: Message, final: bool) -> None:
         """Remember where the outside party's in-dialog requests naming the core side's
-        ``tag`` go (``Dialog.pins``): ``msg``'s Contact and its Record-Route entries of the core
-        side — an answer's above sipguard's own, reversed; the core's INVITE's all, in order
-        (RFC 3261 §12.1.1, §12.1.2). A 1xx records a tag once, a 2xx over it (its route set
-        is the dialog's); at most MAX_PINS tags."""
-        pins = dialog.pins
-        if pins is None:
-            pins = dialog.pins = {}
-        elif tag in pins:
-            if not final:
-                return
-        elif len(pins) >= MAX_PINS:
+        ``tag`` go (``Dialog.pin_tag`` …, ``forks``): ``msg``'s Contact and its Record-Route
+        entries of the core side — an answer's above sipguard's own, reversed; the core's
+        INVITE's all, in order (RFC 3261 §12.1.1, §12.1.2). A later 1xx of a tag moves its
+        target; a 2xx pins over a 1xx and its route set is the dialog's for good
+        (§12.2.1.2); at most MAX_PINS tags besides the first."""
+        first = dialog.pin_tag is None or dialog.pin_tag == tag
+        forks = dialog.forks
+        old = None if first or forks is None else forks.get(tag)
+        if (first and dialog.pin_final) or (old is not None and old[2]):
             return
-        routes: list[NameAddr] = []
+        target = _contact_target(msg)
+        if not final and (dialog.pin_tag == tag or old is not None):
+            if target is not None:  # a later 1xx of one early dialog: its Contact is followed
+                if old is None:
+                    dialog.pin_target = target
+                elif forks is not None:
+                    forks[tag] = (target, old[1], False)
+            return
+        if target is None:
+            if not final:
+                return  # a 1xx naming no target sets up no dialog (§12.1.1: Contact, a MUST)
+            target = _core_uri(dialog.core or self.settings.core)
+        if not first:
+            if forks is None:
+                forks = dialog.forks = {}
+            elif old is None and len(forks) >= MAX_PINS:
+                if not final:
+                    return
+                # a 2xx always gets its tag: a ringing fork's pin makes room
+                early = next((t for t, p in forks.items() if not p[2]), None)
+                if early is None:
+                    return  # MAX_PINS forks answered already
+                del forks[early]
+        routes: tuple[NameAddr, ...] = ()
         if msg.has("record-route"):
             try:
-                routes = [na for i in msg.indexes("record-route")
-                          for na in parse_name_addr_list(msg.value_at(i))]
+                entries = [na for i in msg.indexes("record-route")
+                           for na in parse_name_addr_list(msg.value_at(i))]
             except SipParseError:
-                routes = []  # the core's own header: nothing to keep of it
-            if msg.status:  # an answer: the outside party's route set, past sipguard
-                routes = self._past_ours(routes[::-1])
-        pins[tag] = (_contact_target(msg), routes)
+                entries = []  # the core's own header: nothing to keep of it
+            if msg.status:  # an answer: the core side's entries, as the caller's requests name them
+                entries = self._core_side_routes(entries, dialog.caller_rr)
+            routes = tuple(entries) if entries else ()
+        if first:
+            dialog.pin_tag, dialog.pin_target = tag, target
+            dialog.pin_routes, dialog.pin_final = routes, final
+        elif forks is not None:
+            forks[tag] = (target, routes, final)
 
-    def _past_ours(self, routes: list[NameAddr]) -> list[NameAddr]:
-        """What is left of a route set once the proxies before sipguard and sipguard itself
-        have taken their entries, as :meth:`Router.preprocess_route` takes its own: one, or
-        the pair of two different URIs one pass writes (RFC 5658); the same URI again is
-        another pass's (a spiral)."""
+    def _core_side_routes(self, routes: list[NameAddr], caller_rr: int) -> list[NameAddr]:
+        """Of an answer's Record-Route entries (top first), the core side's, reversed: what is
+        left of the caller's route set once its side's proxies and sipguard have taken theirs.
+        Counted from the bottom — the ``caller_rr`` entries the INVITE brought, then
+        sipguard's own (one, or RFC 5658's pair of two different URIs; the same URI again is
+        another pass's, a spiral) — so an entry the caller wrote to look like sipguard's is
+        never taken for it."""
+        end = max(len(routes) - caller_rr, 0)
         is_ours = self.router.is_ours
-        i = next((i for i, na in enumerate(routes) if is_ours(na.uri)), -1)
-        if i < 0:
-            return routes  # none of sipguard's: nothing taken (preprocess_route takes none)
-        first = routes[i].uri.raw
-        i += 1
-        if i < len(routes) and is_ours(routes[i].uri) and routes[i].uri.raw != first:
-            i += 1
-        return routes[i:]
+        if end and is_ours(routes[end - 1].uri):
+            first = routes[end - 1].uri.raw
+            end -= 1
+            if end and is_ours(routes[end - 1].uri) and routes[end - 1].uri.raw != first:
+                end -= 1
+        return routes[:end][::-1]
 
     def _pinned_route(self, dialog: Dialog, msg: Message, start_line: bytes | None,
                       routes: list[NameAddr] | None, flow: Flow
                       ) -> tuple[bytes | None, list[NameAddr] | None]:
         """An in-dialog request from outside leaves with the Request-URI and route set the
-        core side gave its dialog (``Dialog.pins``), whatever it carries: a core that routes
+        core side gave its dialog (``Dialog.pin_tag``), whatever it carries: a core that routes
         in-dialog requests on by them would relay it wherever the party chose (RFC 3261
         §12.2.1.1 has the UA use the dialog's). Counted when it carried others."""
-        pins = dialog.pins
-        pin = pins.get(msg.to_tag or "") if pins is not None else None
-        if pin is None:
-            return start_line, routes
-        target, route_set = pin
+        tag = msg.to_tag or ""
+        if tag == dialog.pin_tag:
+            target, route_set = dialog.pin_target, dialog.pin_routes
+        else:
+            forks = dialog.forks
+            pin = forks.get(tag) if forks is not None else None
+            if pin is None:
+                return start_line, routes
+            target, route_set = pin[0], pin[1]
         moved = ""
-        if target is not None and (start_line is not None or msg.request_uri.raw != target):
+        if start_line is not None or msg.request_uri.raw != target:
             start_line = f"{msg.method} {target} SIP/2.0".encode("utf-8", "surrogateescape")
             moved = "request_uri"
         remaining = routes if routes is not None else (msg.routes if msg.has("route") else [])
         if len(remaining) != len(route_set) or any(
                 a.uri.raw != b.uri.raw for a, b in zip(remaining, route_set, strict=True)):
-            routes = route_set
+            routes = list(route_set)
             moved = moved or "route"
         if moved:
             self.events.append(Noticed("in_dialog_rerouted", f"{moved} {msg.call_id}", flow))
@@ -1924,14 +2001,20 @@ class Proxy:
         suspended number's call, keep-alives) go there from now on. Only the Request-URI
         follows: where such a request is sent does not (the outside party's flow, the core).
         The outside party's own in-dialog requests follow the core side's new target too
-        (``Dialog.pins``)."""
-        pins = dialog.pins
-        tag = dialog.caller_tag if dialog.outbound else (dialog.callee_tag or "")
-        if pins is not None and tag in pins:
+        (``Dialog.pin_tag``)."""
+        # the core side's tag: for a call that came in, the To tag of the caller's requests
+        # (the From tag of the core's); for a call the core placed, the caller's own
+        tag = dialog.caller_tag if dialog.outbound else (
+            (request.to_tag if side == "caller" else request.from_tag) or "")
+        forks = dialog.forks
+        if tag == dialog.pin_tag or (forks is not None and tag in forks):
             from_party = side == ("callee" if dialog.outbound else "caller")
             moved = _contact_target(response if from_party else request)
             if moved is not None:
-                pins[tag] = (moved, pins[tag][1])
+                if tag == dialog.pin_tag:
+                    dialog.pin_target = moved
+                elif forks is not None:
+                    forks[tag] = (moved, forks[tag][1], forks[tag][2])
         probe = self.probes.get(key_of(dialog))
         if probe is None:
             return

@@ -30,15 +30,22 @@ from sipguard.sip.message import CRLF, Message, decode, raw_value
 from sipguard.sip.nameaddr import parse_name_addr_list
 
 # The URI inside a Contact value: "<uri>" or a bare addr-spec before any ";".
-_CONTACT_URI = re.compile(r"<([^>]*)>|^\s*([^;,\s]+)")
+_CONTACT_URI = re.compile(r"<([^>]*)>|^([^;,\s<]+)(?=\s*(?:[;,]|$))")
 PROBE_CSEQ = 1  # below the dialog's own CSeqs on purpose: a UAS that checks answers 500
 
 
 def contact_uri(value: str | None) -> str | None:
-    """The URI of the first Contact value, or None."""
+    """The URI of the first Contact value, or None: ``<uri>``, ``"Sales Queue" <uri>``,
+    ``Agent <uri>`` or a bare addr-spec (RFC 3261 §20.10)."""
     if not value:
         return None
-    m = _CONTACT_URI.search(value)
+    text = value.lstrip()
+    if not text.startswith("<") and '"' in text:
+        try:  # a quoted display name may hold "<" itself: the grammar decides
+            return parse_name_addr_list(value)[0].uri.raw or None
+        except (SipParseError, IndexError):
+            return None
+    m = _CONTACT_URI.search(text)
     if m is None:
         return None
     uri = (m.group(1) or m.group(2) or "").strip()

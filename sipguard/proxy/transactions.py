@@ -88,7 +88,7 @@ class ServerTxn:
 class ClientTxn:
     __slots__ = ("branch", "method", "data", "flow", "server", "state", "provisional",
                  "cancel_wanted", "cancel_sent", "timer", "timeout", "interval", "held", "sent",
-                 "probe", "cancel_reason", "answered_by")
+                 "probe", "cancel_reason", "answered_by", "pins_for")
 
     def __init__(
         self, branch: str, method: str, data: bytes, flow: Flow, server: ServerTxn | None
@@ -113,6 +113,9 @@ class ClientTxn:
         # the call that came in whose caller answers this request (the core's re-INVITE,
         # UPDATE, BYE …): its answers' identity is checked against it (Proxy._answer_edits)
         self.answered_by: Dialog | None = None
+        # the call whose answers this INVITE's are (its first 2xx confirmed it): another
+        # fork's 2xx pins its tag there (Proxy._on_response)
+        self.pins_for: Dialog | None = None
 
     def sent_msg(self) -> Message:
         if self.sent is None:

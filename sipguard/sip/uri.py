@@ -405,13 +405,13 @@ def _number(user: str, phone: bool) -> str | None:
     body = digits[1:] if digits.startswith("+") else digits
     if not body:
         return None
-    if len(body) > MAX_NUMBER_DIGITS and sum(c.isdigit() for c in body) > MAX_NUMBER_DIGITS:
-        # no telephone number is that long (E.164: 15 digits): keyed by it, every rule's
-        # table would hold what the sender chose
-        raise SipParseError(400, f"telephone number of more than {MAX_NUMBER_DIGITS} digits")
-    if body.isascii() and body.isdigit():
-        return digits
-    if phone and not body.translate(_DROP_DIALCHARS) and any(c.isdigit() for c in body):
+    if (body.isascii() and body.isdigit()) or (
+            phone and not body.translate(_DROP_DIALCHARS) and any(c.isdigit() for c in body)):
+        if len(body) > MAX_NUMBER_DIGITS and \
+                sum(c.isdigit() for c in body) > MAX_NUMBER_DIGITS:
+            # no telephone number is that long (E.164: 15 digits): keyed by it, every
+            # rule's table would hold what the sender chose
+            raise SipParseError(400, f"telephone number of more than {MAX_NUMBER_DIGITS} digits")
         return digits
     return None
 
@@ -429,8 +429,9 @@ def hidden_number(uri: Uri) -> str | None:
 
 
 def hidden_numbers(uri: Uri) -> list[str]:
-    """Every run :func:`hidden_number` may find, in order (the first MAX_HIDDEN): a receiver
-    that skips a decoy (``123456x+19005550199``) reads the second."""
+    """Every run :func:`hidden_number` may find, in order: a receiver that skips a decoy
+    (``123456x+19005550199``) reads the second. At most MAX_HIDDEN + 1: more than MAX_HIDDEN
+    is no identity a rule can check (rule callerid refuses it)."""
     user = uri.user
     if uri.number is not None or not user:
         return []
@@ -446,7 +447,7 @@ def hidden_numbers(uri: Uri) -> list[str]:
     else:
         found = _HIDDEN.finditer("".join(c for c in head if (c.isascii() and c.isalnum())
                                          or c == "+"))
-    return [m.group() for _, m in zip(range(MAX_HIDDEN), found, strict=False)]
+    return [m.group() for _, m in zip(range(MAX_HIDDEN + 1), found, strict=False)]
 
 
 def plain_identity(uri: Uri) -> bool:

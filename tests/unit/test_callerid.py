@@ -453,6 +453,10 @@ def test_a_dno_or_suspended_number_shown_in_from_is_refused_behind_another_pai()
     # a decoy run of digits before the DNO number: a receiver skipping it reads the second
     decoy = Call(h, caller="123456x+18005550123", extra=pai("<tel:+12125550100>"))
     assert (decoy.status, decoy.decision.verdict.reason) == (603, "caller_dno")
+    # decoy after decoy: more runs than a rule reads is no identity at all
+    decoys = Call(h, caller="x1234567x1234567x1234567x1234567x+18005550123",
+                  extra=pai("<tel:+12125550100>"))
+    assert (decoys.status, decoys.decision.verdict.reason) == (603, "caller_invalid")
 
 
 def test_verstat_off_leaves_the_pai_alone() -> None:

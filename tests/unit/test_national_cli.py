@@ -266,7 +266,7 @@ def test_an_anonymised_contact_keeps_no_uri_headers_nor_parameters_naming_the_nu
     contact = (f"Contact: <sip:{DUTCH_MOBILE}@198.51.100.7:5062;transport=udp;ob;"
                "line=0612-345-678?P-Asserted-Identity=%3Csip:%2B31612345678%40h%3E>"
                ';+sip.instance="<urn:uuid:f81d4fae-7dec-11d0-a765-00a0c91e6bf6>"'
-               f";pub-gruu=\"sip:{DUTCH_MOBILE}@h;gr\"\r\n")
+               f";pub-gruu=\"sip:{DUTCH_MOBILE}@h;gr\";n{DUTCH_MOBILE[1:]}\r\n")
     msg = invite(caller=DUTCH_MOBILE).replace(
         f"Contact: <sip:{DUTCH_MOBILE}@198.51.100.7:5062>\r\n".encode(), contact.encode())
     out = h.send(msg)

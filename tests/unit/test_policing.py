@@ -3,6 +3,8 @@ headers, responses — through the in-memory edge core with a real Policy."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from sipguard.contract import DialogEnded, Dropped, Flow, InviteDecided, Local, Noticed, Screened
@@ -659,6 +661,144 @@ def test_the_cores_bye_ends_the_call_even_when_the_callers_contact_is_unreachabl
                      src=CORE)
         assert [m.status for m in to(out, CORE)] in ([404], [416])
         assert h.count("caller", "+12125550100") == 0 and h.ended() == ["bye_callee"]
+
+
+def test_a_callers_later_request_showing_another_from_is_refused() -> None:
+    """From does not change within a dialog (RFC 3261 §12.2.1.1): a caller's re-INVITE or
+    INFO whose From shows another number (an unowned or Do-Not-Originate one) than the INVITE
+    was checked with hears 403 and reaches nothing — a core may read the caller from it; a
+    new display name is no change; the call's own BYE still ends it."""
+    h = PolicyHarness("rules:\n  concurrency: {per_caller: 1}\n")
+    up(h)
+    for n, (method, shown) in enumerate((("INVITE", "+19005550199"), ("INFO", "+12125550100x"))):
+        data = in_dialog(method, call_id="call-1", cseq=2 + n, branch=f"z9hG4bK-fc{n}",
+                         caller=shown).replace(b"To: <sip:" + shown.encode(), b"To: <sip:")
+        out = h.send(data)
+        assert to(out, CORE) == [] and [m.status for m in to(out, CALLER)] == [403]
+    renamed = in_dialog("INFO", call_id="call-1", cseq=4, branch="z9hG4bK-dn").replace(
+        b"From: <sip:", b'From: "Agent 7" <sip:')
+    assert [m.method for m in to(h.send(renamed), CORE)] == ["INFO"]
+    h.bye(1, cseq=5)
+    assert h.count("caller", "+12125550100") == 0
+
+
+def test_only_the_calls_own_answers_from_its_core_pin_its_route() -> None:
+    """The pins come from the answers to the call's own INVITE, from the core it went to: a
+    2xx sent again (a late ACK) or forged — to the core's re-INVITE, on the branch the caller
+    saw, naming the call's Call-ID and tags, from the caller or another host — moves neither
+    target nor route set; the caller's own Record-Route entries, one made to look like
+    sipguard's, never join the core side's."""
+    h = PolicyHarness()
+    ours = b"Record-Route: <sip:192.0.2.1:5060;lr>\r\n"
+    decoy = b"Record-Route: <sip:203.0.113.99;lr>, <sip:192.0.2.1:5060;lr;decoy>\r\n"
+    out = h.send(invite(branch="z9hG4bK-c1", call_id="call-1").replace(
+        b"Max-Forwards:", decoy + b"Max-Forwards:"))
+    [fwd] = to(out, CORE)
+    assert fwd.values("record-route") == [
+        "<sip:192.0.2.1:5060;lr>", "<sip:203.0.113.99;lr>, <sip:192.0.2.1:5060;lr;decoy>"]
+    h.send(answer(fwd, 200, "OK").replace(
+        ours, b"Record-Route: <sip:10.0.0.10:5080;lr>\r\n" + ours, 1), src=CORE)
+    out = h.send(in_dialog("INVITE", call_id="call-1", cseq=5, branch="z9hG4bK-cr",
+                           from_callee=True), src=CORE)
+    [reinvite] = [m for m in to(out, CALLER) if m.method == "INVITE"]
+    forged = answer(reinvite, 200, "OK", to_tag=None).replace(
+        b"Contact: <sip:core@10.0.0.10:5080>", b"Contact: <sip:x@203.0.113.99>")
+    for src in (CALLER, CALLER, ("203.0.113.99", 5060)):
+        h.send(forged.replace(b"SIP/2.0 200 OK\r\n",
+                              b"SIP/2.0 200 OK\r\nRecord-Route: <sip:203.0.113.99;lr>\r\n"),
+               src=src)
+    h.send(answer(fwd, 200, "OK").replace(b"Contact: <sip:core@10.0.0.10:5080>",
+                                          b"Contact: <sip:y@203.0.113.99>"), src=CORE)
+    [info] = [m for m in to(h.send(in_dialog("INFO", call_id="call-1", cseq=2,
+                                              branch="z9hG4bK-i")), CORE) if m.method == "INFO"]
+    assert info.start_line == b"INFO sip:core@10.0.0.10:5080 SIP/2.0"
+    assert info.values("route") == ["<sip:10.0.0.10:5080;lr>"]
+
+
+def test_a_ringing_fork_without_a_target_pins_nothing_and_an_answering_one_always_does() -> None:
+    """A 183 with a tag but no Contact sets up no dialog (RFC 3261 §12.1.1): the caller's
+    requests naming its tag hear 481 until one with a Contact comes. With nine forks
+    ringing, the ninth answering still gets its pin (a ringing one makes room)."""
+    h = PolicyHarness()
+    _, fwd = h.call(1)
+    assert fwd is not None
+    no_contact = answer(fwd, 183, "Session Progress", to_tag="e1").replace(
+        b"Contact: <sip:core@10.0.0.10:5080>\r\n", b"")
+    h.send(no_contact, src=CORE)
+    info = in_dialog("INFO", call_id="call-1", cseq=2, branch="z9hG4bK-e1", to_tag="e1")
+    info = info.replace(b"INFO sip:core@10.0.0.10:5080", b"INFO sip:x@203.0.113.99")
+    assert [m.status for m in to(h.send(info), CALLER)] == [481]
+    h.send(answer(fwd, 183, "Session Progress", to_tag="e1"), src=CORE)
+    [sent] = [m for m in to(h.send(info.replace(b"z9hG4bK-e1", b"z9hG4bK-e2")), CORE)
+              if m.method == "INFO"]
+    assert sent.start_line == b"INFO sip:core@10.0.0.10:5080 SIP/2.0"
+    for n in range(2, 10):
+        h.send(answer(fwd, 180, "Ringing", to_tag=f"e{n}"), src=CORE)
+    h.send(answer(fwd, 200, "OK", to_tag="e9"), src=CORE)
+    ack = in_dialog("ACK", call_id="call-1", cseq=1, branch="z9hG4bK-a9", to_tag="e9")
+    assert [m.method for m in to(h.send(ack), CORE)] == ["ACK"]
+    assert [m.method for m in to(h.bye(1, to_tag="e9"), CORE)] == ["BYE"]
+
+
+def test_in_dialog_requests_of_a_call_go_on_past_the_byte_budget_only_a_quarter() -> None:
+    """sip.max_transaction_bytes full: a request within a call in progress still goes on, up
+    to a quarter more bytes; beyond, it hears 503 too — one call cannot hold unbounded bytes."""
+    h = PolicyHarness()
+    up(h)
+    h.proxy.settings = dataclasses.replace(h.proxy.settings, max_transaction_bytes=40_000)
+    pad = "X-Pad: " + "p" * 9000 + "\r\n"
+    statuses = []
+    for n in range(8):
+        out = h.send(in_dialog("INFO", call_id="call-1", cseq=2 + n, branch=f"z9hG4bK-p{n}",
+                               extra=pad))
+        statuses.append("core" if to(out, CORE) else to(out, CALLER)[0].status)
+    assert statuses[:4] == ["core"] * 4 and statuses[-1] == 503, statuses
+    assert h.proxy.held_bytes <= 50_000
+
+
+@pytest.mark.parametrize("contact", ['"Sales Queue" <sip:core@10.0.0.10:5080>',
+                                     "Agent <sip:core@10.0.0.10:5080>",
+                                     '"A <1>" <sip:core@10.0.0.10:5080>;expires=60'])
+def test_a_display_name_in_the_cores_contact_is_no_target(contact: str) -> None:
+    """The core's 2xx names its Contact with a display name (RFC 3261 §20.10): the target is
+    the URI inside the brackets — the caller's requests naming it go on untouched."""
+    h = PolicyHarness()
+    _, fwd = h.call(1)
+    assert fwd is not None
+    h.send(answer(fwd, 200, "OK").replace(b"Contact: <sip:core@10.0.0.10:5080>",
+                                          f"Contact: {contact}".encode()), src=CORE)
+    before = len(h.events)
+    for method, cseq in (("ACK", 1), ("INFO", 2)):
+        [sent] = [m for m in to(h.send(in_dialog(method, call_id="call-1", cseq=cseq,
+                                                 branch=f"z9hG4bK-d{cseq}")), CORE)
+                  if m.method == method]
+        assert sent.start_line == f"{method} sip:core@10.0.0.10:5080 SIP/2.0".encode()
+    assert not [e for e in h.events[before:] if getattr(e, "kind", "") == "in_dialog_rerouted"]
+
+
+def test_early_dialogs_follow_a_later_1xx_and_an_update_that_moves_the_target() -> None:
+    """In an early dialog the caller's PRACK goes to the Contact of the latest 1xx of that
+    tag, and an UPDATE answered 2xx (either side's, RFC 3311 §5.1) moves the target on."""
+    h = PolicyHarness()
+    _, fwd = h.call(1)
+    assert fwd is not None
+    h.send(answer(fwd, 180, "Ringing", to_tag="e1"), src=CORE)
+    h.send(answer(fwd, 183, "Session Progress", to_tag="e1").replace(
+        b"sip:core@10.0.0.10:5080", b"sip:media@10.0.0.10:5080"), src=CORE)
+
+    def target_of(method: str, cseq: int) -> bytes:
+        data = in_dialog(method, call_id="call-1", cseq=cseq, branch=f"z9hG4bK-u{cseq}",
+                         to_tag="e1")
+        [sent] = [m for m in to(h.send(data), CORE) if m.method == method]
+        return sent.start_line.split()[1]
+
+    assert target_of("PRACK", 2) == b"sip:media@10.0.0.10:5080"
+    out = h.send(in_dialog("UPDATE", call_id="call-1", cseq=7, branch="z9hG4bK-cu",
+                           from_callee=True, to_tag="e1",
+                           extra="Contact: <sip:moved@10.0.0.11:5080>\r\n"), src=CORE)
+    [update] = [m for m in to(out, CALLER) if m.method == "UPDATE"]
+    h.send(answer(update, 200, "OK", to_tag=None))
+    assert target_of("UPDATE", 3) == b"sip:moved@10.0.0.11:5080"
 
 
 def test_a_bye_for_another_fork_of_a_forking_core_ends_nothing() -> None:

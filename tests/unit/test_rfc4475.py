@@ -133,8 +133,11 @@ def _known_dialog(h: Harness, data: bytes) -> None:
     dialog = Dialog(msg.call_id, caller_tag, msg.to_tag, None, None, (), None, CALLER, h.now,
                     h.now + 3600, party=Flow("udp", CALLER, 0))
     # the core side answered with this tag, its target and route set what the request names
-    routes = h.proxy._past_ours(list(msg.routes)) if msg.has("route") else []
-    dialog.pins = {msg.to_tag: (msg.request_uri.raw, routes)}
+    routes = tuple(r for r in msg.routes if not h.proxy.router.is_ours(r.uri)) \
+        if msg.has("route") else ()
+    dialog.pin_tag, dialog.pin_target, dialog.pin_routes = msg.to_tag, msg.request_uri.raw, routes
+    dialog.pin_final = True
+    dialog.from_user = msg.from_.uri.user
     h.proxy.table.add(dialog)
 
 
