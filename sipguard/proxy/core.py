@@ -1933,7 +1933,7 @@ class Proxy:
                     return  # MAX_PINS forks answered already
                 del forks[early]
         routes: tuple[NameAddr, ...] = ()
-        if msg.has("record-route"):
+        if msg.has("record-route") and not (msg.status and self._only_ours(msg, dialog)):
             try:
                 entries = [na for i in msg.indexes("record-route")
                            for na in parse_name_addr_list(msg.value_at(i))]
@@ -1947,6 +1947,15 @@ class Proxy:
             dialog.pin_routes, dialog.pin_final = routes, final
         elif forks is not None:
             forks[tag] = (target, routes, final)
+
+    def _only_ours(self, msg: Message, dialog: Dialog) -> bool:
+        """The usual answer: one Record-Route value, sipguard's own, and none from the caller's
+        side — no core-side route set, read without parsing a URI."""
+        idx = msg.indexes("record-route")
+        if len(idx) != 1 or dialog.caller_rr:
+            return False
+        line = msg.lines[idx[0]]
+        return line.find(b",") < 0 and self._recorded(msg)
 
     def _core_side_routes(self, routes: list[NameAddr], caller_rr: int) -> list[NameAddr]:
         """Of an answer's Record-Route entries (top first), the core side's, reversed: what is
