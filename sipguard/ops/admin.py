@@ -198,7 +198,8 @@ def _loopback_host(host: str) -> bool:
 class _Gate:
     """The admin listener's bounds: at most ``limit`` connections open, ``per_ip`` from one
     address, each closed after ``idle_s`` without a byte from its client while no request of
-    its is being answered (a reload may take longer than that). aiohttp bounds
+    its is being answered (a reload may take longer than that); when full, the oldest
+    connection with no request being answered is closed for a new one. aiohttp bounds
     neither the connections nor how slowly a request's body may come, so a client that
     opens connections and sends half a request could hold every file descriptor of the
     process — SIP's too. Called as the listener's protocol factory; each connection gets a
@@ -231,22 +232,36 @@ class _Guarded(asyncio.Protocol):
         self.last = 0.0
         self.ip = ""
         self.busy = 0  # its requests being answered (AdminEndpoint._guard counts them)
+        self.opened = 0.0
+        self.evicted = False  # closed to make room for a newer one (its close is under way)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         gate = self.gate
         peer = transport.get_extra_info("peername")
         ip = str(peer[0]) if peer else ""
-        if gate.open >= gate.limit or gate.by_ip.get(ip, 0) >= gate.per_ip:
-            gate.counters["admin_connections_refused"] += 1
-            transport.abort()  # type: ignore[attr-defined]
-            return
+        loop = asyncio.get_running_loop()
+        full_ip = gate.by_ip.get(ip, 0) >= gate.per_ip
+        if gate.open >= gate.limit or full_ip:
+            # Full: the oldest connection (of this address, when that is what is full) with
+            # no request being answered makes room — a client holding every slot with
+            # half-sent requests would otherwise lock the operator out for as long as it
+            # likes; then the new one is refused.
+            victim = min((c for c in gate.conns.values() if not c.busy and not c.evicted
+                          and (not full_ip or c.ip == ip)),
+                         key=lambda c: c.opened, default=None)
+            if victim is None or victim.transport is None:
+                gate.counters["admin_connections_refused"] += 1
+                transport.abort()  # type: ignore[attr-defined]
+                return
+            victim.evicted = True
+            gate.counters["admin_connections_evicted"] += 1
+            victim.transport.abort()  # type: ignore[attr-defined]  # connection_lost follows
         gate.open += 1
         gate.by_ip[ip] = gate.by_ip.get(ip, 0) + 1
         self.ip = ip
         self.transport = transport
         gate.conns[id(transport)] = self
-        loop = asyncio.get_running_loop()
-        self.last = loop.time()
+        self.last = self.opened = loop.time()
         self.timer = loop.call_later(gate.idle_s, self._check)
         self.inner = gate.factory()
         self.inner.connection_made(transport)

@@ -340,14 +340,17 @@ class AdminSettings(ConfigModel):
     )
     max_connections: int = Field(
         default=64, ge=1, le=100_000,
-        description="Open HTTP connections the endpoint holds at most; one more is closed at "
-        "once (counted admin_connections_refused): idle or half-sent requests cannot use up "
-        "the file descriptors SIP needs.",
+        description="Open HTTP connections the endpoint holds at most; for one more, the "
+        "oldest with no request being answered is closed (counted admin_connections_evicted: "
+        "half-sent requests cannot lock the operator out), or, with none, the new one "
+        "(admin_connections_refused): idle or half-sent requests cannot use up the file "
+        "descriptors SIP needs.",
     )
     max_connections_per_ip: int = Field(
         default=32, ge=1, le=100_000,
-        description="Open HTTP connections from one address at most (counted "
-        "admin_connections_refused): one client cannot take all of max_connections.",
+        description="Open HTTP connections from one address at most (beyond: as "
+        "max_connections, among that address's): one client cannot take all of "
+        "max_connections.",
     )
     idle_timeout_s: float = Field(
         default=30.0, gt=0, le=3600,

@@ -182,7 +182,9 @@ async def test_admin_connections_are_bounded_and_idle_ones_closed(
     tmp_path: Path, peers: tuple[Peer, Peer]
 ) -> None:
     """``admin.max_connections`` open connections at most, ``max_connections_per_ip`` from
-    one address (one more is closed at once), and a connection that sends nothing for
+    one address: when full, the oldest connection with no request being answered (of that
+    address, when it is the address that is full) is closed for the new one — half-sent
+    requests cannot lock the operator out; a connection that sends nothing for
     ``admin.idle_timeout_s`` (a half-sent request) is closed: half-sent requests cannot hold
     the process's file descriptors."""
     _, core = peers
@@ -204,22 +206,27 @@ async def test_admin_connections_are_bounded_and_idle_ones_closed(
         writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
         await writer.drain()
         writers.append(writer)
+        await asyncio.sleep(0.05)
         return reader
 
     try:
         # two half-sent requests from one address (its share), one from another (the limit)
-        readers = [await half_sent(ip) for ip in ("127.0.0.1", "127.0.0.1", "127.0.0.2")]
-        await asyncio.sleep(0.05)
-        # a third from the first address, then one from a fresh address: closed at once
-        for ip in ("127.0.0.1", "127.0.0.4"):
-            reader = await half_sent(ip)
-            assert await asyncio.wait_for(reader.read(), 2) == b""
-        assert server.counters["admin_connections_refused"] == 2
-        for r in readers:  # the idle ones are closed after 1.5 s without a byte
-            assert await asyncio.wait_for(r.read(), 3) == b""
-        assert server.counters["admin_connections_idle_closed"] == 3
-        status, _ = await request("GET", url + "/healthz")  # room again
+        first, second, other = [await half_sent(ip)
+                                for ip in ("127.0.0.1", "127.0.0.1", "127.0.0.2")]
+        # a third from the first address closes that address's oldest; one from a fresh
+        # address closes the oldest of all
+        third = await half_sent("127.0.0.1")
+        assert await asyncio.wait_for(first.read(), 2) == b""
+        fresh = await half_sent("127.0.0.4")
+        assert await asyncio.wait_for(second.read(), 2) == b""
+        assert server.counters["admin_connections_evicted"] == 2
+        assert server.counters["admin_connections_refused"] == 0
+        status, _ = await request("GET", url + "/healthz")  # the operator gets in at once
         assert status == 200
+        assert await asyncio.wait_for(other.read(), 2) == b""
+        for r in (third, fresh):  # the idle ones are closed after 1.5 s without a byte
+            assert await asyncio.wait_for(r.read(), 3) == b""
+        assert server.counters["admin_connections_idle_closed"] == 2
     finally:
         for w in writers:
             w.close()
