@@ -390,8 +390,9 @@ class Dialog:
     # the bottom ones (the core side's are above sipguard's own)
     caller_rr: int
     size: int  # its INVITE's bytes, counted against sip.max_dialog_bytes
-    # the user part of its INVITE's From (a call that came in): the caller's later requests
-    # show that one, or are refused (RFC 3261 §12.2.1.1: From does not change in a dialog)
+    # what its INVITE's From showed (a call that came in: the last eight digits of its number,
+    # else its user): the caller's later requests show the same or are refused (RFC 3261
+    # §12.2.1.1: From does not change in a dialog), but for its ACK and BYE
     from_user: str | None
 
     # Hand-written __init__s in this module: mypyc compiles them, where dataclass-made ones run

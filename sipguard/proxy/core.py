@@ -100,7 +100,7 @@ from sipguard.sip.errors import SipParseError
 from sipguard.sip.message import Message, decode, header_line, raw_value
 from sipguard.sip.nameaddr import NameAddr, parse_name_addr_list
 from sipguard.sip.parser import parse_message
-from sipguard.sip.uri import hidden_number, parse_uri
+from sipguard.sip.uri import Uri, hidden_number, parse_uri
 from sipguard.sip.via import REST_AFTER_FIRST_VIA, after_first_via, parse_via_list
 
 
@@ -309,6 +309,37 @@ def _request(st: ServerTxn) -> Message:
     if msg is None:
         raise RuntimeError(f"{st!r} has its final answer: its request is gone")
     return msg
+
+
+def _sent_there(flow: Flow, sent: Flow) -> bool:
+    """An answer comes from where its request went: the address and port — over TCP or TLS
+    its host (a core may answer over a connection of its own, RFC 3261 §18.2.2)."""
+    return flow.addr == sent.addr or (flow.transport != "udp" and flow.addr[0] == sent.addr[0])
+
+
+def _from_key(uri: Uri) -> str:
+    """What a caller's From must keep within a call: ``#`` and the digits of its number
+    without leading zeros (``+1212…``, ``1212…``, ``%2B1-212…;user=phone``, ``tel:``,
+    ``0201…`` for ``+31201…``), else its user."""
+    try:
+        number = uri.number or hidden_number(uri)
+    except SipParseError:
+        number = None
+    if number is not None:
+        return "#" + "".join(c for c in number if c.isdigit()).lstrip("0")
+    user = uri.user or ""
+    return unquote(user).lower() if "%" in user else user.lower()
+
+
+def _same_from(shown: str, checked: str) -> bool:
+    """Two keys of :func:`_from_key` are one caller: the same user, or numbers one of which ends
+    the other (a country code or a trunk prefix more or less), of six digits or more."""
+    if shown == checked:
+        return True
+    if not (shown.startswith("#") and checked.startswith("#")):
+        return False
+    short, long_ = sorted((shown[1:], checked[1:]), key=len)
+    return len(short) >= 6 and long_.endswith(short)
 
 
 def _contact_target(msg: Message) -> str | None:
@@ -694,6 +725,9 @@ class Proxy:
         if dialog is not None and not from_core:
             start_line, route_line = self._pinned_route(dialog, msg, start_line, route_line,
                                                         flow)
+        elif not initial and not from_core:  # a subscription's (see _in_dialog_admitted)
+            start_line, route_line = self._subscription_route(msg, start_line, route_line,
+                                                              flow)
         if target is None:
             self._respond(st, 404, now)
             return
@@ -760,7 +794,7 @@ class Proxy:
             # Subscription-State moves its end
             self.subscriptions.extend(notified(msg, from_core), lasts(msg, now))
         if (initial and method in SUBSCRIPTION_CREATING) or method == "REFER":
-            self._subscribing(msg, from_core, target, flow, now)
+            self._subscribing(msg, from_core, target, flow, now, dialog)
         self._forward(st, target, start_line, route_line, now, record_route=initial
                       and method in DIALOG_CREATING,
                       edits=self._pai_edits(msg, flow, dialog, from_core, side),
@@ -920,7 +954,7 @@ class Proxy:
         return self.subscriptions.match(key, flow.addr[0], now) is not None
 
     def _subscribing(self, msg: Message, from_core: bool, target: Flow, flow: Flow,
-                     now: float) -> None:
+                     now: float, dialog: Dialog | None) -> None:
         """A SUBSCRIBE or REFER forwarded: a subscription for GRACE_S until its answer — a
         notifier may send its first NOTIFY before its 2xx (RFC 6665 §4.1.2.4), and a lost
         2xx comes again later; its 2xx makes it last (:meth:`_subscribed`), a refusal ends
@@ -932,9 +966,34 @@ class Proxy:
         host = (target if from_core else flow).addr[0]
         if not _is_ip(host):
             host = ""  # a host name: any address until one answers (a NOTIFY may overtake it)
-        if subs.add(key, host, now + GRACE_S, now):
+        pin_target, pin_routes = self._sub_pin(msg, from_core, dialog)
+        if subs.add(key, host, now + GRACE_S, now, True, pin_target, pin_routes):
             self.events.append(Noticed("subscription_forgotten", f"{len(subs)} subscriptions",
                                        flow))
+
+    def _sub_pin(self, msg: Message, from_core: bool, dialog: Dialog | None
+                 ) -> tuple[str, tuple[NameAddr, ...]]:
+        """Where the party's NOTIFYs of the core's SUBSCRIBE or REFER go: the request's Contact
+        and the call's route set (a REFER within a call) or the request's Record-Route
+        entries (a new one: all of them are the core side's); ("", ()) for a party's."""
+        if not from_core:
+            return "", ()
+        target = _contact_target(msg)
+        if dialog is not None:
+            tag = msg.from_tag or ""
+            if tag == dialog.pin_tag:
+                return target or dialog.pin_target, dialog.pin_routes
+            pin = dialog.forks.get(tag) if dialog.forks is not None else None
+            if pin is not None:
+                return target or pin[0], pin[1]
+        routes: tuple[NameAddr, ...] = ()
+        if msg.has("record-route"):
+            try:
+                routes = tuple(na for i in msg.indexes("record-route")
+                               for na in parse_name_addr_list(msg.value_at(i)))
+            except SipParseError:
+                routes = ()
+        return target or _core_uri(self.settings.core), routes
 
     def _refused_subscription(self, st: ServerTxn) -> None:
         """A new SUBSCRIBE or REFER refused: its provisional subscription goes."""
@@ -956,7 +1015,9 @@ class Proxy:
         key = subscriber(msg, from_core)
         if msg.to_tag is None or msg.method == "REFER":
             host = (ct.flow if from_core else st.flow).addr[0]
-            if subs.add(key, host, lasts(msg, now), now, False):
+            dialog = self.table.of(msg, from_core)[0] if msg.to_tag is not None else None
+            pin_target, pin_routes = self._sub_pin(msg, from_core, dialog)
+            if subs.add(key, host, lasts(msg, now), now, False, pin_target, pin_routes):
                 self.events.append(Noticed("subscription_forgotten",
                                            f"{len(subs)} subscriptions", st.flow))
         else:  # a refresh (Expires: 0 — an un-SUBSCRIBE — leaves GRACE_S)
@@ -1005,10 +1066,12 @@ class Proxy:
         refusal = self._not_from_party(dialog, side, flow, msg)
         if refusal:
             return refusal
-        if not dialog.outbound and msg.from_.uri.user != dialog.from_user:
-            # a caller showing another user (number) in From than the one its INVITE was
-            # checked with: From does not change within a dialog (RFC 3261 §12.2.1.1; RFC
-            # 4916 lets the called side's change), and a core may read the caller from it
+        if not dialog.outbound and msg.method not in ("ACK", "BYE") and \
+                not _same_from(_from_key(msg.from_.uri), dialog.from_user or ""):
+            # a caller showing another number (or user) in From than its INVITE was checked
+            # with — From does not change within a dialog (RFC 3261 §12.2.1.1; RFC 4916's
+            # change is the called side's), and a core may read the caller from a re-INVITE;
+            # the call's ACK and BYE pass whatever they show (refused, the call stays up)
             return 403
         # tags the core side never answered with (made up, or before any answer): no dialog
         tag = msg.to_tag or ""
@@ -1137,7 +1200,7 @@ class Proxy:
         dialog.size = st.size
         self.dialog_bytes += st.size
         if not outbound:
-            dialog.from_user = msg.from_.uri.user
+            dialog.from_user = _from_key(msg.from_.uri)
             dialog.caller_rr = _rr_entries(msg)  # (read before: see _on_new_request)
         st.dialog = dialog
         if not outbound:
@@ -1525,7 +1588,7 @@ class Proxy:
                 # another fork's 2xx to the call's own INVITE, from the core it went to
                 dialog = ct.pins_for
                 if dialog is not None and dialog.state == CONFIRMED and \
-                        flow.addr == ct.flow.addr and msg.call_id == dialog.call_id and \
+                        _sent_there(flow, ct.flow) and msg.call_id == dialog.call_id and \
                         (msg.from_tag or "") == dialog.caller_tag:
                     self._pin(dialog, msg.to_tag or "", msg, True)
             return
@@ -1554,7 +1617,7 @@ class Proxy:
             if st.dialog is not None and tag:
                 if st.dialog.callee_tag is None:
                     st.dialog.callee_tag = tag
-                if not st.dialog.outbound and flow.addr == ct.flow.addr:
+                if not st.dialog.outbound and _sent_there(flow, ct.flow):
                     self._pin(st.dialog, tag, msg, False)  # an early dialog (RFC 3261 §12.1)
             if upstream is not None:
                 self.outbox.append((st.reply_to, upstream))
@@ -1569,7 +1632,7 @@ class Proxy:
                 ct.data, ct.sent = b"", None  # only 2xx retransmissions come now: no ACK to build
                 ct.timeout = self.timers.add(now + 64 * s.t1, self._on_timer_drop_client, ct)
                 dialog = ct.server.dialog if ct.server is not None else None
-                if dialog is not None and not dialog.outbound and flow.addr == ct.flow.addr:
+                if dialog is not None and not dialog.outbound and _sent_there(flow, ct.flow):
                     self._pin(dialog, msg.to_tag or "", msg, True)  # the 2xx's route set
                     ct.pins_for = dialog
                 if dialog is not None and dialog.state == "early":
@@ -1989,6 +2052,28 @@ class Proxy:
             if pin is None:
                 return start_line, routes
             target, route_set = pin[0], pin[1]
+        return self._repin(msg, start_line, routes, target, route_set, flow)
+
+    def _subscription_route(self, msg: Message, start_line: bytes | None,
+                            routes: list[NameAddr] | None, flow: Flow
+                            ) -> tuple[bytes | None, list[NameAddr] | None]:
+        """An in-dialog request from outside of a subscription (a NOTIFY of the core's, a
+        party's refresh): the core's subscription's target and route set, as a call's are
+        pinned; a party's keeps only the Route entries naming the core."""
+        key = notified(msg) if msg.method == "NOTIFY" else \
+            ("party", msg.call_id, msg.from_tag or "")
+        sub = self.subscriptions.table.get(key)
+        if sub is not None and sub.target:
+            return self._repin(msg, start_line, routes, sub.target, sub.routes, flow)
+        remaining = routes if routes is not None else (msg.routes if msg.has("route") else [])
+        kept = [r for r in remaining if self.router.names_core(r.uri)]
+        return start_line, (kept if len(kept) != len(remaining) else routes)
+
+    def _repin(self, msg: Message, start_line: bytes | None, routes: list[NameAddr] | None,
+               target: str, route_set: tuple[NameAddr, ...], flow: Flow
+               ) -> tuple[bytes | None, list[NameAddr] | None]:
+        """``msg`` with ``target`` as Request-URI and ``route_set`` past sipguard's own
+        entries (counted when it carried others)."""
         moved = ""
         if start_line is not None or msg.request_uri.raw != target:
             start_line = f"{msg.method} {target} SIP/2.0".encode("utf-8", "surrogateescape")

@@ -95,7 +95,7 @@ class Router:
         port = uri.port or (5061 if uri.scheme == "sips" else 5060)
         return f"{host}:{port}" in self._ours
 
-    def _names_core(self, uri: Uri) -> bool:
+    def names_core(self, uri: Uri) -> bool:
         """A Route entry naming the configured core by its address and port (5061 unsaid
         for sips: / transport=tls, else 5060)."""
         if uri.scheme not in ("sip", "sips") or uri.user is not None or uri.has_param("maddr"):
@@ -233,7 +233,7 @@ class Router:
         if initial and msg.has("route"):
             # (entries naming the core itself stay: a Service-Route, RFC 3608)
             return self.settings.core, start_line, [
-                r for r in remaining if self._names_core(r.uri)]
+                r for r in remaining if self.names_core(r.uri)]
         return self.settings.core, start_line, routes
 
 

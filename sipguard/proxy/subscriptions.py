@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from sipguard.sip.message import Message
+from sipguard.sip.nameaddr import NameAddr
 
 DEFAULT_S: Final = 3600.0  # a subscription without Expires (and a REFER's) lasts this long
 GRACE_S: Final = 32.0  # beyond its end: the last NOTIFY and its retransmissions (64*T1)
@@ -40,6 +41,10 @@ class Subscription:
     # while provisional — sent to a host name, not answered yet)
     until: float  # loop time
     provisional: bool = True  # its SUBSCRIBE / REFER not answered 2xx yet
+    # the core's subscription: where the party's NOTIFYs go — the core's Contact and route
+    # set (those of the call a REFER came in), whatever Request-URI and Route they carry
+    target: str = ""
+    routes: tuple[NameAddr, ...] = ()
 
 
 class Subscriptions:
@@ -55,7 +60,8 @@ class Subscriptions:
         return len(self.table)
 
     def add(self, key: Key, host: str, until: float, now: float,
-            provisional: bool = True) -> bool:
+            provisional: bool = True, target: str = "",
+            routes: tuple[NameAddr, ...] = ()) -> bool:
         """Keep ``key``'s subscription; True when the table was full and its oldest one was
         forgotten to make room."""
         table = self.table
@@ -70,7 +76,7 @@ class Subscriptions:
                 del table[next(iter(table))]
                 self.forgotten += 1
                 forgot = True
-        table[key] = Subscription(host, until, provisional)
+        table[key] = Subscription(host, until, provisional, target, routes)
         return forgot
 
     def match(self, key: Key, host: str, now: float) -> Subscription | None:

@@ -665,20 +665,27 @@ def test_the_cores_bye_ends_the_call_even_when_the_callers_contact_is_unreachabl
 
 def test_a_callers_later_request_showing_another_from_is_refused() -> None:
     """From does not change within a dialog (RFC 3261 §12.2.1.1): a caller's re-INVITE or
-    INFO whose From shows another number (an unowned or Do-Not-Originate one) than the INVITE
-    was checked with hears 403 and reaches nothing — a core may read the caller from it; a
-    new display name is no change; the call's own BYE still ends it."""
+    INFO whose From shows another number than the INVITE was checked with hears 403 and
+    reaches nothing — a core may read the caller from it; the same number in another
+    spelling (an SBC normalising only INVITEs, escapes, user=phone) or a new display name is
+    no change; the call's ACK and BYE pass whatever From shows (refused, the call would stay
+    up at the core)."""
     h = PolicyHarness("rules:\n  concurrency: {per_caller: 1}\n")
     up(h)
-    for n, (method, shown) in enumerate((("INVITE", "+19005550199"), ("INFO", "+12125550100x"))):
+    for n, (method, shown) in enumerate((("INVITE", "+19005550199"), ("INFO", "+13125550100"))):
         data = in_dialog(method, call_id="call-1", cseq=2 + n, branch=f"z9hG4bK-fc{n}",
                          caller=shown).replace(b"To: <sip:" + shown.encode(), b"To: <sip:")
         out = h.send(data)
         assert to(out, CORE) == [] and [m.status for m in to(out, CALLER)] == [403]
-    renamed = in_dialog("INFO", call_id="call-1", cseq=4, branch="z9hG4bK-dn").replace(
+    for n, spelling in enumerate(("12125550100", "%2B1-212-555-0100;user=phone",
+                                  "+%312125550100")):
+        data = in_dialog("INFO", call_id="call-1", cseq=4 + n, branch=f"z9hG4bK-sp{n}",
+                         caller=spelling).replace(b"To: <sip:" + spelling.encode(), b"To: <sip:")
+        assert [m.method for m in to(h.send(data), CORE)] == ["INFO"], spelling
+    renamed = in_dialog("INFO", call_id="call-1", cseq=8, branch="z9hG4bK-dn").replace(
         b"From: <sip:", b'From: "Agent 7" <sip:')
     assert [m.method for m in to(h.send(renamed), CORE)] == ["INFO"]
-    h.bye(1, cseq=5)
+    h.bye(1, cseq=9, caller="+19005550199")
     assert h.count("caller", "+12125550100") == 0
 
 

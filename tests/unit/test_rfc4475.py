@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from sipguard.contract import Dialog, Flow, ParseFailed
+from sipguard.proxy.core import _from_key
 from sipguard.proxy.dialogs import dialog_key
 from sipguard.sip.errors import SipParseError
 from sipguard.sip.message import Message
@@ -137,7 +138,7 @@ def _known_dialog(h: Harness, data: bytes) -> None:
         if msg.has("route") else ()
     dialog.pin_tag, dialog.pin_target, dialog.pin_routes = msg.to_tag, msg.request_uri.raw, routes
     dialog.pin_final = True
-    dialog.from_user = msg.from_.uri.user
+    dialog.from_user = _from_key(msg.from_.uri)
     h.proxy.table.add(dialog)
 
 

@@ -246,3 +246,36 @@ def test_ended_subscriptions_leave_the_table_and_the_cores_notify_ends_a_partys(
     h.advance(100)
     h.core.housekeep(h.now)
     assert len(h.proxy.subscriptions) == 0
+
+
+def test_notifies_from_outside_go_where_the_core_subscribed_from() -> None:
+    """A NOTIFY of the core's subscription leaves with the core's Contact as Request-URI and
+    no Route of the party's: the PBX's NOTIFY aimed at a third host, and a transferred
+    caller's NOTIFY after the call (a made-up From tag, or the call's own once it ended) with
+    the call's target — a core routing on them would relay them where the party chose."""
+    h = PolicyHarness()
+    subscribed(h)
+    evil = notify(cseq=2).replace(b"NOTIFY sip:agent7@10.0.0.10:5080",
+                                  b"NOTIFY sip:x@203.0.113.99:5060").replace(
+        b"Route: <sip:192.0.2.1:5060;lr>", b"Route: <sip:192.0.2.1:5060;lr>, <sip:203.0.113.99;lr>")
+    [sent] = [m for m in to(h.send(evil, src=REMOTE), CORE) if m.method == "NOTIFY"]
+    assert sent.start_line == b"NOTIFY sip:agent7@10.0.0.10:5080 SIP/2.0"
+    assert sent.get("route") is None
+    _, fwd = h.call(1)
+    assert fwd is not None
+    h.answer(fwd, 200, "OK")
+    refer = in_dialog("REFER", call_id="call-1", cseq=1, branch="z9hG4bK-ref1",
+                      from_callee=True, extra="Refer-To: <sip:+18005550123@10.0.0.10>\r\n")
+    [sent] = [m for m in to(h.send(refer, src=CORE), CALLER) if m.method == "REFER"]
+    h.send(answer(sent, 202, "Accepted", to_tag=None), src=CALLER)
+    for n, tag in enumerate((b"madeup", b"ftag1")):
+        if tag == b"ftag1":
+            h.bye(1, cseq=2)
+        data = in_dialog("NOTIFY", call_id="call-1", cseq=3 + n, branch=f"z9hG4bK-nx{n}",
+                         extra="Event: refer\r\nSubscription-State: active\r\n")
+        data = data.replace(b"NOTIFY sip:core@10.0.0.10:5080", b"NOTIFY sip:x@203.0.113.99")
+        data = data.replace(b";tag=ftag1", b";tag=" + tag).replace(
+            b"Route: <sip:192.0.2.1:5060;lr>", b"Route: <sip:192.0.2.1:5060;lr>, <sip:203.0.113.99;lr>")
+        [sent] = [m for m in to(h.send(data), CORE) if m.method == "NOTIFY"]
+        assert sent.start_line == b"NOTIFY sip:core@10.0.0.10:5080 SIP/2.0", tag
+        assert sent.get("route") is None
