@@ -220,7 +220,8 @@ _IN_CALLS: Final = ("ACK", "BYE", "CANCEL", "INFO", "INVITE", "NOTIFY", "PRACK",
 # method sip.allow_methods lets in out of dialog too, but for these two, never in a dialog
 _IN_DIALOG: Final = frozenset((*_IN_CALLS, "MESSAGE", "OPTIONS", "SUBSCRIBE"))
 _NEVER_IN_DIALOG: Final = frozenset(("REGISTER", "PUBLISH"))
-# the core side's answers with distinct To tags a call keeps (forks of a forking core)
+# the core side's answers with distinct To tags a call keeps (forks of a forking core): of
+# ringing ones this many, of answered ones four times as many
 MAX_PINS: Final = 8
 # a Contact URI with nothing to check: scheme, user@host:port, plain parameters
 _PLAIN_URI: Final = re.compile(r"sips?:[A-Za-z0-9+._~!$&'()*,;=:%@\[\]-]+")
@@ -1966,7 +1967,7 @@ class Proxy:
         entries of the core side — an answer's above sipguard's own, reversed; the core's
         INVITE's all, in order (RFC 3261 §12.1.1, §12.1.2). A later 1xx of a tag moves its
         target; a 2xx pins over a 1xx and its route set is the dialog's for good
-        (§12.2.1.2); at most MAX_PINS tags besides the first."""
+        (§12.2.1.2); at most MAX_PINS ringing tags besides the first, 4*MAX_PINS answered."""
         first = dialog.pin_tag is None or dialog.pin_tag == tag
         forks = dialog.forks
         old = None if first or forks is None else forks.get(tag)
@@ -1990,11 +1991,12 @@ class Proxy:
             elif old is None and len(forks) >= MAX_PINS:
                 if not final:
                     return
-                # a 2xx always gets its tag: a ringing fork's pin makes room
+                # a 2xx gets its tag: a ringing fork's pin makes room, or up to 4*MAX_PINS
                 early = next((t for t, p in forks.items() if not p[2]), None)
-                if early is None:
-                    return  # MAX_PINS forks answered already
-                del forks[early]
+                if early is not None:
+                    del forks[early]
+                elif len(forks) >= 4 * MAX_PINS:
+                    return  # answered by more forks than any ring group has
         routes: tuple[NameAddr, ...] = ()
         if msg.has("record-route") and not (msg.status and self._only_ours(msg, dialog)):
             try:

@@ -725,7 +725,8 @@ def test_only_the_calls_own_answers_from_its_core_pin_its_route() -> None:
 def test_a_ringing_fork_without_a_target_pins_nothing_and_an_answering_one_always_does() -> None:
     """A 183 with a tag but no Contact sets up no dialog (RFC 3261 §12.1.1): the caller's
     requests naming its tag hear 481 until one with a Contact comes. With nine forks
-    ringing, the ninth answering still gets its pin (a ringing one makes room)."""
+    ringing, every one answering gets its pin (a ringing one makes room), and so do answers
+    of forks that never rang."""
     h = PolicyHarness()
     _, fwd = h.call(1)
     assert fwd is not None
@@ -741,9 +742,14 @@ def test_a_ringing_fork_without_a_target_pins_nothing_and_an_answering_one_alway
     assert sent.start_line == b"INFO sip:core@10.0.0.10:5080 SIP/2.0"
     for n in range(2, 10):
         h.send(answer(fwd, 180, "Ringing", to_tag=f"e{n}"), src=CORE)
-    h.send(answer(fwd, 200, "OK", to_tag="e9"), src=CORE)
-    ack = in_dialog("ACK", call_id="call-1", cseq=1, branch="z9hG4bK-a9", to_tag="e9")
-    assert [m.method for m in to(h.send(ack), CORE)] == ["ACK"]
+    for n in range(9, 1, -1):  # ringing forks answer, the last ringing one first
+        h.send(answer(fwd, 200, "OK", to_tag=f"e{n}"), src=CORE)
+    for n in range(13, 20):  # and more than ever rang
+        h.send(answer(fwd, 200, "OK", to_tag=f"e{n}"), src=CORE)
+    for n in (*range(2, 10), *range(13, 20)):
+        ack = in_dialog("ACK", call_id="call-1", cseq=1, branch=f"z9hG4bK-a{n}",
+                        to_tag=f"e{n}")
+        assert [m.method for m in to(h.send(ack), CORE)] == ["ACK"], n
     assert [m.method for m in to(h.bye(1, to_tag="e9"), CORE)] == ["BYE"]
 
 
