@@ -370,9 +370,12 @@ def _core_uri(core: Flow) -> str:
 def _rr_entries(msg: Message) -> int:
     """How many Record-Route entries ``msg`` carries (SipParseError for one that does not
     parse)."""
-    if not msg.has("record-route"):
-        return 0
-    return sum(len(parse_name_addr_list(msg.value_at(i))) for i in msg.indexes("record-route"))
+    return len(_record_routes(msg)) if msg.has("record-route") else 0
+
+
+def _record_routes(msg: Message) -> list[NameAddr]:
+    """``msg``'s Record-Route entries, top first (SipParseError for one that does not parse)."""
+    return [na for i in msg.indexes("record-route") for na in parse_name_addr_list(msg.value_at(i))]
 
 
 def _anonymised_edits(
@@ -990,8 +993,7 @@ class Proxy:
         routes: tuple[NameAddr, ...] = ()
         if msg.has("record-route"):
             try:
-                routes = tuple(na for i in msg.indexes("record-route")
-                               for na in parse_name_addr_list(msg.value_at(i)))
+                routes = tuple(_record_routes(msg))
             except SipParseError:
                 routes = ()
         return target or _core_uri(self.settings.core), routes
@@ -2000,8 +2002,7 @@ class Proxy:
         routes: tuple[NameAddr, ...] = ()
         if msg.has("record-route") and not (msg.status and self._only_ours(msg, dialog)):
             try:
-                entries = [na for i in msg.indexes("record-route")
-                           for na in parse_name_addr_list(msg.value_at(i))]
+                entries = _record_routes(msg)
             except SipParseError:
                 entries = []  # the core's own header: nothing to keep of it
             if msg.status:  # an answer: the core side's entries, as the caller's requests name them
