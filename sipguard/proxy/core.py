@@ -318,14 +318,20 @@ def _sent_there(flow: Flow, sent: Flow) -> bool:
     return flow.addr == sent.addr or (flow.transport != "udp" and flow.addr[0] == sent.addr[0])
 
 
+def _shown_number(uri: Uri) -> str | None:
+    """The number ``uri`` shows — read, or hidden where a receiver may read one — or None
+    (also for one that does not parse: the request was screened before)."""
+    try:
+        return uri.number or hidden_number(uri)
+    except SipParseError:
+        return None
+
+
 def _from_key(uri: Uri) -> str:
     """What a caller's From must keep within a call: ``#`` and the digits of its number
     without leading zeros (``+1212…``, ``1212…``, ``%2B1-212…;user=phone``, ``tel:``,
     ``0201…`` for ``+31201…``), else its user."""
-    try:
-        number = uri.number or hidden_number(uri)
-    except SipParseError:
-        number = None
+    number = _shown_number(uri)
     if number is not None:
         return "#" + "".join(c for c in number if c.isdigit()).lstrip("0")
     user = uri.user or ""
@@ -438,10 +444,7 @@ def _caller_digits(msg: Message) -> tuple[str, ...]:
     except SipParseError:
         return ()  # screened before: nothing to read here is no reason to fail the message
     for uri in uris:
-        try:
-            number = uri.number or hidden_number(uri)
-        except SipParseError:
-            continue
+        number = _shown_number(uri)
         if number is not None:
             run = "".join(c for c in number if c.isdigit())
             if len(run) >= 7 and run[-7:] not in found:
