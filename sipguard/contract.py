@@ -390,6 +390,9 @@ class Dialog:
     # the bottom ones (the core side's are above sipguard's own)
     caller_rr: int
     size: int  # its INVITE's bytes, counted against sip.max_dialog_bytes
+    # the bytes its outside party's requests in live transactions hold (their ServerTxn.charged),
+    # counted against sip.max_call_request_bytes
+    request_bytes: int
     # what its INVITE's From showed (a call that came in: the last eight digits of its number,
     # else its user): the caller's later requests show the same or are refused (RFC 3261
     # §12.2.1.1: From does not change in a dialog), but for its ACK and BYE
@@ -452,6 +455,7 @@ class Dialog:
         self.forks = None
         self.caller_rr = 0
         self.size = 0
+        self.request_bytes = 0
         self.from_user = None
 
 

@@ -191,6 +191,7 @@ def proxy_settings(cfg: Config, worker: int | None = None) -> ProxySettings:
         max_dialogs=sip.max_dialogs,
         max_transaction_bytes=sip.max_transaction_bytes_mib << 20,
         max_dialog_bytes=sip.max_dialog_bytes_mib << 20,
+        max_call_request_bytes=sip.max_call_request_kib << 10,
         max_subscriptions=sip.max_subscriptions,
         busy_retry_after_s=sip.overload_retry_after_s,
         dialog_keepalive=sip.dialog_keepalive_s,

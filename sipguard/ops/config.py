@@ -168,6 +168,15 @@ class SipSettings(ConfigModel):
         "15 KB tags would hold ~170 KB a call for hours); a new INVITE beyond is answered 503 "
         "+ Retry-After (`dropped_limit_dialog_bytes`).",
     )
+    max_call_request_kib: int = Field(
+        default=256, ge=64,
+        description="The bytes of one call's requests from outside that its live transactions "
+        "hold at most, KiB (re-INVITEs, UPDATEs, INFOs, MESSAGEs ...: each is held 32 s after "
+        "its answer; a DTMF INFO is ~0.7 KB), so that one call cannot use up "
+        "`max_transaction_bytes_mib` and keep new calls out; a request beyond is answered 503 "
+        "+ Retry-After (`dropped_limit_call_bytes`) and the call goes on. Its BYE always goes "
+        "on.",
+    )
     max_subscriptions: int = Field(
         default=10000, ge=1,
         description="Subscriptions (SUBSCRIBE, REFER) through sipguard kept at most, so "

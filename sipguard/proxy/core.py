@@ -658,6 +658,7 @@ class Proxy:
         s = self.settings
         size = self.received
         kind = ""
+        charged: Dialog | None = None
         held = self.held_bytes + size
         if (len(self.servers) >= s.max_transactions or held > s.max_transaction_bytes) and (
                 # a request within a call in progress goes on, up to a quarter more bytes
@@ -665,16 +666,27 @@ class Proxy:
                 or not self._in_progress(msg, flow, from_core)):
             kind = "limit_transactions" if len(self.servers) >= s.max_transactions \
                 else "limit_transaction_bytes"
-        elif method == "INVITE" and msg.to_tag is None:
-            if len(self.dialogs) >= s.max_dialogs:
-                kind = "limit_dialogs"
-            elif self.dialog_bytes + size > s.max_dialog_bytes:
-                kind = "limit_dialog_bytes"
+        elif msg.to_tag is None:
+            if method == "INVITE":
+                if len(self.dialogs) >= s.max_dialogs:
+                    kind = "limit_dialogs"
+                elif self.dialog_bytes + size > s.max_dialog_bytes:
+                    kind = "limit_dialog_bytes"
+        elif not from_core and method != "BYE":
+            # a request within a call from its outside party: the call's own allowance, so
+            # that one call's large re-INVITEs or INFOs cannot fill the table for all calls
+            charged = self.table.of(msg, False)[0]
+            if charged is not None:
+                if charged.request_bytes + size > s.max_call_request_bytes:
+                    kind = "limit_call_bytes"
+                else:
+                    charged.request_bytes += size
         if kind:
             self._busy(msg, flow, kind)
             return
         st = ServerTxn(key, method, msg, flow, self.router.reply_flow(msg, flow))
         st.size = size
+        st.charged = charged
         self.held_bytes += size
         self.servers[table_key(key, method)] = st
         if method == "INVITE":
@@ -1913,6 +1925,9 @@ class Proxy:
         if self.servers.get(key) is st:
             del self.servers[key]
             self.held_bytes -= st.size
+            if st.charged is not None:
+                st.charged.request_bytes -= st.size
+                st.charged = None
         self._settle(st, now)  # (a no-op for one that had its final answer)
 
     def _drop_client(self, ct: ClientTxn) -> None:

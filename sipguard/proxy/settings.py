@@ -41,6 +41,8 @@ class ProxySettings:
     # max_message_size: a count alone bounds no memory); beyond, as above
     max_transaction_bytes: int = 512 << 20
     max_dialog_bytes: int = 256 << 20
+    # of those, the bytes one call's requests from outside hold (its BYE is never refused)
+    max_call_request_bytes: int = 256 << 10
     max_subscriptions: int = 10_000  # subscriptions kept (proxy/subscriptions.py)
     busy_retry_after_s: int = 5  # Retry-After on those 503s
     dialog_keepalive: float | None = None  # in-dialog OPTIONS every this many s (None: off)

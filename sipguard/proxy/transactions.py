@@ -49,11 +49,14 @@ TERMINATED: Final = "terminated"
 class ServerTxn:
     __slots__ = ("key", "method", "msg", "flow", "reply_to", "state", "last", "client", "call",
                  "dialog", "to_tag", "timer", "timeout", "interval", "held", "stamped",
-                 "next_hop", "ends", "end_reason", "size")
+                 "next_hop", "ends", "end_reason", "size", "charged")
 
     def __init__(self, key: str, method: str, msg: Message, flow: Flow, reply_to: Flow) -> None:
         self.key = key
         self.size = 0  # the request's bytes, counted against sip.max_transaction_bytes
+        # the call whose Dialog.request_bytes counts them too (a request from its outside
+        # party within it, see Proxy._on_request), until the transaction ends
+        self.charged: Dialog | None = None
         self.method = method
         # The request; None once the transaction has its final answer (see Proxy._settle):
         # from then on it only absorbs retransmissions, which takes key, flows and ``last``.

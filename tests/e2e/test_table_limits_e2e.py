@@ -132,8 +132,9 @@ def test_the_bytes_the_tables_hold_are_bounded_however_large_each_message(
     fill it after 18, whatever max_transactions says — the next hears 503 + Retry-After,
     counted dropped_limit_transaction_bytes, and reaches no core; ordinary requests were
     never near it. sip.max_dialog_bytes_mib 1 (another instance): calls whose INVITEs are that
-    large fill it after 18; the next call hears 503 (dropped_limit_dialog_bytes); once one
-    call has ended, a new one goes through."""
+    large fill it after 18; the next call hears 503 (dropped_limit_dialog_bytes); one call's
+    INFOs that large pass its sip.max_call_request_kib (128) at the third, which hears 503
+    (dropped_limit_call_bytes); once one call has ended, a new one goes through."""
     core = Core()
     port, metrics_port = _guard(stack, core, "sip: {max_transaction_bytes_mib: 1}\n")
     caller = Caller(port)
@@ -150,16 +151,27 @@ def test_the_bytes_the_tables_hold_are_bounded_however_large_each_message(
         caller.close()
         core.close()
     core = Core()
-    port, metrics_port = _guard(stack, core, "sip: {max_dialog_bytes_mib: 1}\n")
+    port, metrics_port = _guard(stack, core,
+                                "sip: {max_dialog_bytes_mib: 1, max_call_request_kib: 128}\n")
     caller = Caller(port)
     try:
         calls = [_call(caller, f"call-{i}", PAD) for i in range(18)]
         caller.send(caller.request("INVITE", "call-18", extra=PAD))
         [busy] = caller.finals(call_id="call-18")
         assert busy.startswith(b"SIP/2.0 503 ") and core.methods("call-18") == [], busy[:40]
-        assert events_total(metrics_port).get("dropped_limit_dialog_bytes") == 1
         to_tag, route = calls[0]
-        caller.send(caller.request("BYE", "call-0", cseq=2, to_tag=to_tag, extra=route))
+        statuses = []
+        for cseq in (2, 3, 4):  # one call's INFOs: two fit its 128 KiB, the third does not
+            caller.send(caller.request("INFO", "call-0", cseq=cseq, to_tag=to_tag,
+                                       extra=route + PAD))
+            [final] = caller.finals(call_id="call-0")
+            statuses.append(int(final.split(b" ", 2)[1]))
+        assert statuses == [200, 200, 503], statuses
+        assert core.methods("call-0").count("INFO") == 2
+        counts = events_total(metrics_port)
+        assert counts.get("dropped_limit_dialog_bytes") == 1, counts
+        assert counts.get("dropped_limit_call_bytes") == 1, counts
+        caller.send(caller.request("BYE", "call-0", cseq=5, to_tag=to_tag, extra=route))
         [ok] = caller.finals(call_id="call-0")
         assert ok.startswith(b"SIP/2.0 200 "), ok[:40]
         _call(caller, "call-19", PAD)

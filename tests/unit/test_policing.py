@@ -769,6 +769,43 @@ def test_in_dialog_requests_of_a_call_go_on_past_the_byte_budget_only_a_quarter(
     assert h.proxy.held_bytes <= 50_000
 
 
+def test_one_calls_requests_hold_no_more_than_the_calls_own_allowance() -> None:
+    """sip.max_call_request_bytes: a caller's large INFOs within its call go on until the
+    bytes their live transactions hold would pass it; the next hears 503 + Retry-After
+    (dropped limit_call_bytes) and reaches no core, the call's BYE still goes on, another
+    call's requests are not held back, and once those transactions end (32 s after their
+    answers) the call's allowance is back."""
+    h = PolicyHarness()
+    up(h, 1)
+    up(h, 2)
+    h.proxy.settings = dataclasses.replace(h.proxy.settings, max_call_request_bytes=30_000)
+    pad = "X-Pad: " + "p" * 9000 + "\r\n"
+
+    def info(n: int, cseq: int) -> list[tuple[Flow, Message]]:
+        out = h.send(in_dialog("INFO", call_id=f"call-{n}", cseq=cseq,
+                               branch=f"z9hG4bK-i{n}-{cseq}", extra=pad))
+        for m in to(out, CORE):
+            out += h.send(answer(m, 200, "OK"), src=CORE)
+        return out
+
+    statuses = []
+    for cseq in range(2, 6):
+        out = info(1, cseq)
+        statuses.append(to(out, CALLER)[-1].status)
+        if to(out, CALLER)[-1].status == 503:
+            assert not to(out, CORE)
+            assert to(out, CALLER)[-1].get("retry-after")
+    assert statuses == [200, 200, 200, 503], statuses
+    dropped = [e for e in h.events if isinstance(e, Dropped)]
+    assert [e.kind for e in dropped] == ["limit_call_bytes"], dropped
+    assert to(info(2, 2), CALLER)[-1].status == 200  # another call: its own allowance
+    [bye] = [m for m in to(h.bye(1, cseq=9, extra=pad), CORE) if m.method == "BYE"]
+    assert bye.method == "BYE"
+    h.advance(33.0)
+    assert [to(info(2, c), CALLER)[-1].status for c in range(3, 6)] == [200] * 3
+    assert h.proxy.held_bytes < 40_000
+
+
 @pytest.mark.parametrize("contact", ['"Sales Queue" <sip:core@10.0.0.10:5080>',
                                      "Agent <sip:core@10.0.0.10:5080>",
                                      '"A <1>" <sip:core@10.0.0.10:5080>;expires=60'])
