@@ -304,6 +304,30 @@ def _names(dialog: Dialog, side: str, msg: Message) -> bool:
     return tags == (dialog.caller_tag, dialog.callee_tag or "")
 
 
+def _answered_leg(dialog: Dialog, side: str, msg: Message) -> str | None:
+    """The core side's tag when an in-dialog request names one of the answered legs of a
+    confirmed call: the call's own (its tags are the dialog's pair, as :func:`_names`), or,
+    for a call that came in, another fork a 2xx pinned (a forking core's ring group with more
+    than one answer: the caller ACKs each and hangs up the ones it does not keep, RFC 3261
+    §13.2.2.4). None for anything else (before the answer, the INVITE's final answer ends
+    the call; a ringing fork has no leg to end)."""
+    if dialog.state != CONFIRMED:
+        return None
+    sent, got = msg.from_tag or "", msg.to_tag or ""
+    caller, leg = (sent, got) if side == "caller" else (got, sent)
+    if caller != dialog.caller_tag:
+        return None
+    if leg == (dialog.callee_tag or ""):
+        return leg
+    forks = dialog.forks
+    if forks is None or dialog.outbound:
+        return None
+    if leg == dialog.pin_tag:
+        return leg if dialog.pin_final else None
+    pin = forks.get(leg)
+    return leg if pin is not None and pin[2] else None
+
+
 def _request(st: ServerTxn) -> Message:
     """The request of a transaction still being worked on (not yet answered finally)."""
     msg = st.msg
@@ -735,10 +759,13 @@ class Proxy:
                 self._saw_cseq(dialog, side, msg)
                 if not from_core:
                     self._follow_nat(dialog, side, msg, flow)
-                elif method == "BYE" and _names(dialog, side, msg):
-                    # the core has ended its side already: so does sipguard, before routing
-                    # the BYE on (a party's Contact that cannot be reached holds no slot)
-                    self._end_dialog(dialog, f"bye_{side}", now)
+                elif method == "BYE":
+                    leg = _answered_leg(dialog, side, msg)
+                    if leg is not None:
+                        # the core has ended its side already: so does sipguard, before
+                        # routing the BYE on (a party's Contact that cannot be reached holds
+                        # no slot)
+                        self._leg_ended(dialog, leg, f"bye_{side}", now)
         target, start_line, route_line = self.router.preprocess_route(msg, flow, initial,
                                                                       from_core)
         if dialog is not None and not from_core:
@@ -804,9 +831,10 @@ class Proxy:
                 self._apply_verdict(st, call, verdict, now)
             return
         if method == "BYE" and dialog is not None and not from_core and \
-                _names(dialog, side, msg):
-            # The outside party's BYE ends the call once the core has answered it: a BYE
-            # the core never takes frees no slot while the call is still up there.
+                _answered_leg(dialog, side, msg) is not None:
+            # The outside party's BYE ends the call (or one leg of a forked one) once the
+            # core has answered it: a BYE the core never takes frees no slot while the call
+            # is still up there.
             st.ends, st.end_reason = dialog, f"bye_{side}"
         if method == "NOTIFY" and not initial and self.subscriptions.table:
             # a NOTIFY of the core's subscription, or the core's of a party's: its
@@ -1690,7 +1718,9 @@ class Proxy:
         server = ct.server
         if server is not None and server.ends is not None and (
                 status < 300 or status in (408, 481)):  # §15.1.1: the dialog is over
-            self._end_dialog(server.ends, server.end_reason, now)
+            bye = server.msg
+            self._leg_ended(server.ends, bye.to_tag or "" if bye is not None else "",
+                            server.end_reason, now)
             server.ends = None
         if server is None or server.state not in (PROCEEDING, DECIDING):
             return  # CANCEL's own answer, or the upstream side already has a final answer
@@ -2140,6 +2170,38 @@ class Proxy:
         else:
             probe.callee_contact = sent or probe.callee_contact
             probe.caller_contact = answered or probe.caller_contact
+
+    def _leg_ended(self, dialog: Dialog, leg: str, reason: str, now: float) -> None:
+        """A BYE for the answered leg ``leg`` of a call has been answered (the caller's) or has
+        come (the core's): the call ends — unless a forking core had more than one of its
+        legs answer and another is still up. Then only the ended leg's pin goes and the call
+        carries on, its slots held, as that other leg (its tag the call's own from now on: a
+        caller that hung up the first answer and kept a later one frees nothing while it
+        talks). The keep-alive, which speaks with the first leg's tags, stops then."""
+        forks = dialog.forks
+        if not forks or dialog.outbound or dialog.state != CONFIRMED:
+            self._end_dialog(dialog, reason, now)
+            return
+        if leg == dialog.pin_tag:  # its fields take another leg's pin, an answered one first
+            other = next((t for t, p in forks.items() if p[2]), None) or next(iter(forks))
+            target, routes, final = forks.pop(other)
+            dialog.pin_tag, dialog.pin_target = other, target
+            dialog.pin_routes, dialog.pin_final = routes, final
+        else:
+            forks.pop(leg, None)
+        if leg != dialog.callee_tag:
+            return  # another leg than the call's own: the call is as it was
+        kept = dialog.pin_tag if dialog.pin_final and dialog.pin_tag != leg else next(
+            (t for t, p in forks.items() if p[2]), None)
+        if kept is None:
+            self._end_dialog(dialog, reason, now)
+            return
+        dialog.callee_tag = kept
+        probe = self.probes.pop(key_of(dialog), None)
+        if probe is not None:
+            TimerQueue.cancel(probe.timer)
+        self.events.append(Noticed("call_kept_on_fork", f"{dialog.call_id} tag {kept}",
+                                   dialog.party or dialog.core or self.settings.core))
 
     def _end_dialog(self, dialog: Dialog, reason: str, now: float) -> None:
         """End a dialog exactly once, whatever ends it."""

@@ -753,6 +753,45 @@ def test_a_ringing_fork_without_a_target_pins_nothing_and_an_answering_one_alway
     assert [m.method for m in to(h.bye(1, to_tag="e9"), CORE)] == ["BYE"]
 
 
+def _answered_twice(h: PolicyHarness) -> None:
+    """Call 1 answered by two forks of the core (tags e1, then e2), each 200 ACKed."""
+    _, fwd = h.call(1)
+    assert fwd is not None
+    for n in (1, 2):
+        h.send(answer(fwd, 200, "OK", to_tag=f"e{n}"), src=CORE)
+        ack = in_dialog("ACK", call_id="call-1", cseq=1, branch=f"z9hG4bK-a{n}", to_tag=f"e{n}")
+        assert [m.method for m in to(h.send(ack), CORE)] == ["ACK"], n
+
+
+def test_a_call_answered_by_two_forks_lasts_while_either_leg_does() -> None:
+    """A forking core's ring group answers twice (RFC 3261 §13.2.2.4: the caller ACKs both and
+    hangs up the one it does not keep). Hanging up the first answer keeps the call, its slot
+    held, on the second leg: that leg's INFO and BYE go on (not 481), and its BYE ends the
+    call. Hanging up the second leg first leaves the call as it was; the core's BYE of a leg
+    counts the same."""
+    h = PolicyHarness("rules:\n  concurrency: {per_caller: 1}\n")
+    _answered_twice(h)
+    h.bye(1, to_tag="e1")
+    assert h.ended() == [] and h.count("caller", "+12125550100") == 1
+    assert [e for e in h.events if getattr(e, "kind", "") == "call_kept_on_fork"]
+    assert h.call(2)[1] is None  # the slot is still held: per_caller 1
+    info = in_dialog("INFO", call_id="call-1", cseq=3, branch="z9hG4bK-i2", to_tag="e2")
+    assert [m.method for m in to(h.send(info), CORE)] == ["INFO"]
+    stale = in_dialog("INFO", call_id="call-1", cseq=4, branch="z9hG4bK-i1", to_tag="e1")
+    assert [m.status for m in to(h.send(stale), CALLER)] == [481]  # the leg that ended
+    h.bye(1, cseq=5, to_tag="e2")
+    assert h.ended() == ["bye_caller"] and h.count("caller", "+12125550100") == 0
+
+    h = PolicyHarness("rules:\n  concurrency: {per_caller: 1}\n")
+    _answered_twice(h)
+    h.bye(1, to_tag="e2")  # the extra answer hung up: the call is the first leg's
+    assert h.ended() == [] and h.count("caller", "+12125550100") == 1
+    core_bye = in_dialog("BYE", call_id="call-1", cseq=7, branch="z9hG4bK-cb", to_tag="e1",
+                         from_callee=True)
+    h.send(core_bye, src=CORE)
+    assert h.ended() == ["bye_callee"] and h.count("caller", "+12125550100") == 0
+
+
 def test_in_dialog_requests_of_a_call_go_on_past_the_byte_budget_only_a_quarter() -> None:
     """sip.max_transaction_bytes full: a request within a call in progress still goes on, up
     to a quarter more bytes; beyond, it hears 503 too — one call cannot hold unbounded bytes."""
