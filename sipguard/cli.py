@@ -43,7 +43,12 @@ from typing import Any
 
 from sipguard.ops.admin import admin_token
 from sipguard.ops.config import Config
-from sipguard.ops.config_load import ConfigError, config_with_overrides, load_config
+from sipguard.ops.config_load import (
+    ConfigError,
+    config_with_overrides,
+    load_config,
+    region_advice,
+)
 from sipguard.ops.endpoints import Endpoint
 from sipguard.ops.logging import (
     close_logs,
@@ -352,6 +357,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (OSError, ValueError) as exc:  # a number list unreadable or with a bad line
             print(f"sipguard: {exc}", file=sys.stderr)
             return EXIT_CONFIG
+        for advice in region_advice(cfg):
+            print(f"{args.file}: note: {advice}", file=sys.stderr)
         print(f"{args.file}: OK")
         return 0
     try:

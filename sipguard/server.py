@@ -38,7 +38,7 @@ from sipguard.ops.admin import MAX_CALLS_SHOWN, AdminEndpoint, admin_token, read
 from sipguard.ops.calllog import CallLogger
 from sipguard.ops.collector import YOUNG_EVERY_S, Collector
 from sipguard.ops.config import Config, StateSettings
-from sipguard.ops.config_load import ConfigError, ConfigIssue
+from sipguard.ops.config_load import ConfigError, ConfigIssue, region_advice
 from sipguard.ops.endpoints import split_hostport
 from sipguard.ops.logging import Level, SampledLogger, flush_logs, get_logger, log_writer
 from sipguard.ops.metrics import Metrics
@@ -434,6 +434,8 @@ class Server:
             verify_threads=self.verifier.threads,  # rule identity's signature-check threads
             udp_send_thread=self.sender.active,
         )
+        for advice in region_advice(self.cfg):
+            self.log.warning("config_note", detail=advice)
         if stale:
             self.log.warning("compiled_modules_stale", modules=stale,
                              fix="run `make` or `python -m sipguard.native build`")
@@ -730,6 +732,8 @@ class Server:
             if everywhere and self.reload_others is not None:
                 self.reload_others()
                 others = self.cfg.workers - 1
+            for advice in region_advice(new):
+                self.log.warning("config_note", detail=advice)
             self.log.info("config_reloaded", changed=changed, restart_needed=restart,
                           **({} if others is None else {"other_workers_reloading": others}))
             return ReloadResult(True, changed, restart, others=others)

@@ -156,6 +156,31 @@ def config_with_overrides(
         raise ConfigError("<command line>", _issues(exc, None)) from None
 
 
+def region_advice(cfg: Config) -> list[str]:
+    """Peers without ``default_region`` whose calls a limit on the called number applies to
+    (``concurrency.per_callee``, ``rate.per_callee``, ``dialer.pumping``), one line each: a
+    called number they send in national form (``16465558800``, ``6465558800``, ``011…``)
+    cannot be read as E.164 and is another key than ``+16465558800`` — the same number
+    counted apart. Not an error (a peer may send E.164 only); said by ``check-config``, at
+    start and on reload."""
+    out = []
+    for peer in cfg.peers:
+        if peer.default_region is not None:
+            continue
+        rules = peer.rules  # the top-level rules with the peer's overrides merged in
+        keys = [key for key, on in (
+            ("concurrency.per_callee",
+             rules.concurrency is not None and rules.concurrency.per_callee is not None),
+            ("rate.per_callee", rules.rate is not None and rules.rate.per_callee is not None),
+            ("dialer.pumping", rules.dialer is not None and rules.dialer.pumping is not None),
+        ) if on]
+        if keys:
+            out.append(f"peer {peer.name!r} has no default_region: a called number it sends "
+                       f"in national form is not read as E.164 and is counted apart from its "
+                       f"+ form by {', '.join(keys)}")
+    return out
+
+
 def _line(node: yaml.Node) -> int:
     return int(node.start_mark.line) + 1
 

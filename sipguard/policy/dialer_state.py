@@ -192,7 +192,9 @@ class DialerState:
         if stats is None or stats.rule is None:
             return None
         rule = stats.rule
-        answered = dialog.confirmed_at is not None
+        # a 2xx the caller never ACKed (ended ack_timeout, 64*T1 on) set up no session: no
+        # answered call of that length, or a dialer could pad both ratios with them
+        answered = dialog.confirmed_at is not None and dialog.end_reason != "ack_timeout"
         if rule.short_w and answered and dialog.confirmed_at is not None:
             duration = (dialog.ended_at or now) - dialog.confirmed_at
             if stats.short is None:

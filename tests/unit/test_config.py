@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pydantic
@@ -15,6 +17,7 @@ from sipguard.ops.config_load import (
     config_with_overrides,
     load_config,
     parse_config,
+    region_advice,
 )
 from sipguard.ops.endpoints import Endpoint
 from sipguard.policy.settings import ConfigPath
@@ -395,3 +398,26 @@ def test_numbers_read_as_yaml_1_2_does() -> None:
         10, 16, 15, 7200)
     (issue,) = issues_of(MINIMAL + "sip:\n  max_dialog_lifetime_s: 4:00\n")
     assert (issue.path, issue.line) == ("sip.max_dialog_lifetime_s", 5)
+
+
+def test_peers_without_a_region_under_called_number_limits_are_noted(tmp_path: Path) -> None:
+    """A peer without default_region under a limit on the called number: its national
+    spellings of one number (16465558800, 6465558800) are counted apart, so check-config says
+    so (stderr, still OK, exit 0) — and not for a peer with a region, or one whose own rules
+    turn those limits off."""
+    text = MINIMAL + (
+        "rules:\n  concurrency: {per_callee: 2}\n  rate: {per_callee: {rate: 3, burst: 3}}\n"
+        "peers:\n"
+        "  - {name: pa, networks: [127.0.0.2/32], default_region: US}\n"
+        "  - {name: pb, networks: [127.0.0.4/32]}\n"
+        "  - {name: pc, networks: [127.0.0.5/32],\n"
+        "     rules: {concurrency: {per_callee: null}, rate: {per_callee: null}}}\n"
+    )
+    (advice,) = region_advice(parse_config(text))
+    assert "'pb'" in advice and "concurrency.per_callee, rate.per_callee" in advice
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    done = subprocess.run([sys.executable, "-m", "sipguard", "check-config", str(path)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip().endswith(": OK"), done
+    assert "note: peer 'pb' has no default_region" in done.stderr, done.stderr

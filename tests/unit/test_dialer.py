@@ -164,6 +164,20 @@ def test_asr_floor_blocks_low_answer_ratio() -> None:
     assert decide(p, make_call(), 29.0).reason == "asr"  # 4 of 25 answered
 
 
+def test_a_2xx_the_caller_never_acked_is_no_answered_call() -> None:
+    """Calls whose 200 the caller never ACKs (sipguard ends them ack_timeout after 64*T1):
+    each is a seizure that set up nothing — counted unanswered for the ASR (and not as a
+    long answered call for the short-call ratio)."""
+    p = policy(only("asr: {tag: 0.6, block: 0.6, min_calls: 10}"))
+    decide(p, make_call(), 0.0)
+    for i in range(10):
+        d = dialog("+12125550100", "+18005550199", started=i, answered=i + 1.0,
+                   ended=i + 33.0)
+        d.end_reason = "ack_timeout"
+        p.dialog_ended(d, i + 33.0)
+    assert decide(p, make_call(), 50.0).reason == "asr"  # 0 of 10 answered
+
+
 @pytest.mark.parametrize("status", [401, 407, 420, 421, 422, 494, 302])
 def test_asr_does_not_count_attempts_the_caller_sends_again(status: int) -> None:
     """A challenge (401/407), an extension or session-interval answer, a redirect: the
