@@ -434,19 +434,23 @@ def _anonymous_contact(na: NameAddr, digits: tuple[str, ...]) -> str:
     port and parameters kept, so requests still reach the caller), without URI headers (not
     allowed in a dialog's Contact, RFC 3261 §19.1.1; ``?P-Asserted-Identity=…``) nor a URI or
     header parameter whose value holds one of the caller's numbers (``digits``: the last seven
-    digits of each)."""
+    digits of each) — nor, when the parameters together spell one, any with a digit."""
     raw = na.uri.raw
     start = raw.find(":") + 1
     at = raw.find("@", start)
     if na.uri.scheme in ("sip", "sips") and at > 0:
         raw = raw[:start] + "anonymous" + raw[at:]
     raw = raw.partition("?")[0]
-    if digits and ";" in raw:
-        base, *uparams = raw.split(";")
-        raw = ";".join([base] + [p for p in uparams if not _names_number(p, digits)])
-    params = "".join(f";{k}" if v is None else f";{k}={v}" for k, v in na.params
-                     if not _names_number(k if v is None else f"{k}={v}", digits))
-    return f"<{raw}>{params}"
+    base, *uparams = raw.split(";")
+    params = [k if v is None else f"{k}={v}" for k, v in na.params]
+    if digits:
+        uparams = [p for p in uparams if not _names_number(p, digits)]
+        params = [p for p in params if not _names_number(p, digits)]
+        if _names_number("".join(uparams + params), digits):
+            # the number split over parameters (;a=212555;b=0100): none with a digit stays
+            uparams = [p for p in uparams if not any(c.isdigit() for c in p)]
+            params = [p for p in params if not any(c.isdigit() for c in p)]
+    return "<" + ";".join([base, *uparams]) + ">" + "".join(";" + p for p in params)
 
 
 def _names_number(value: str, digits: tuple[str, ...]) -> bool:

@@ -275,6 +275,14 @@ def test_an_anonymised_contact_keeps_no_uri_headers_nor_parameters_naming_the_nu
     assert line == (b"Contact: <sip:anonymous@198.51.100.7:5062;transport=udp;ob>"
                     b';+sip.instance="<urn:uuid:f81d4fae-7dec-11d0-a765-00a0c91e6bf6>"')
     assert DUTCH_MOBILE[3:].encode() not in data
+    split = (f"Contact: <sip:{DUTCH_MOBILE}@198.51.100.7:5062;transport=udp;a=0612;b=3-4"
+             ";c=5678>;q=0.5;x=abc\r\n")  # the number in pieces, none naming it alone
+    out = h.send(invite(caller=DUTCH_MOBILE, call_id="call-2@caller", branch="z9hG4bK-c2").replace(
+        f"Contact: <sip:{DUTCH_MOBILE}@198.51.100.7:5062>\r\n".encode(), split.encode()))
+    (data,) = [raw for (flow, _), raw in zip(out, h.raw, strict=True)
+               if flow.addr == CORE]
+    (line,) = [ln for ln in data.split(b"\r\n") if ln.startswith(b"Contact:")]
+    assert line == b"Contact: <sip:anonymous@198.51.100.7:5062;transport=udp>;x=abc", line
 
 
 def test_the_callers_later_requests_are_anonymised_too() -> None:
