@@ -2187,7 +2187,9 @@ class Proxy:
             self._end_dialog(dialog, reason, now)
             return
         if leg == dialog.pin_tag:  # its fields take another leg's pin, an answered one first
-            other = next((t for t, p in forks.items() if p[2]), None) or next(iter(forks))
+            other = next((t for t, p in forks.items() if p[2]), None)
+            if other is None:
+                other = next(iter(forks))
             target, routes, final = forks.pop(other)
             dialog.pin_tag, dialog.pin_target = other, target
             dialog.pin_routes, dialog.pin_final = routes, final
