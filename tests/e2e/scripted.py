@@ -40,9 +40,12 @@ class Core:
 
     ``lose_byes``: BYEs are dropped unanswered and their call forgotten, so a later in-dialog
     OPTIONS for it is answered 481. ``only_top_via``: answers carry only the top Via (a broken
-    core). ``invite_from`` is where the last INVITE came from (sipguard), for :meth:`send`."""
+    core). ``forks``: an INVITE is answered 200 that many times, as a forking core whose ring
+    group answers more than once (To tags ``core1``, ``core2`` …, Contacts ``agent1``, …).
+    ``invite_from`` is where the last INVITE came from (sipguard), for :meth:`send`."""
 
-    def __init__(self, *, lose_byes: bool = False, only_top_via: bool = False) -> None:
+    def __init__(self, *, lose_byes: bool = False, only_top_via: bool = False,
+                 forks: int = 1) -> None:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.bind((HOST, 0))
         self.sock.settimeout(0.05)
@@ -50,6 +53,7 @@ class Core:
         self.received: list[bytes] = []
         self.lose_byes = lose_byes
         self.only_top_via = only_top_via
+        self.forks = forks
         self.forgotten: set[str] = set()
         self.invite_from: tuple[str, int] | None = None
         self._stop = threading.Event()
@@ -75,10 +79,13 @@ class Core:
             if method == b"OPTIONS" and call_id in self.forgotten:
                 self.sock.sendto(self.response(data, 481, "Call/Transaction Does Not Exist"),
                                  addr)
+            elif method == b"INVITE" and self.forks > 1:
+                for leg in range(1, self.forks + 1):
+                    self.sock.sendto(self.response(data, 200, "OK", leg), addr)
             elif method in (b"INVITE", b"BYE", b"INFO", b"MESSAGE", b"SUBSCRIBE", b"OPTIONS"):
                 self.sock.sendto(self.response(data, 200, "OK"), addr)
 
-    def response(self, req: bytes, status: int, phrase: str) -> bytes:
+    def response(self, req: bytes, status: int, phrase: str, leg: int = 1) -> bytes:
         head = req.split(b"\r\n\r\n", 1)[0].decode(errors="replace").split("\r\n")
         keep = [ln for ln in head[1:] if re.match(
             r"(?i)(via|record-route|from|call-id|cseq|to)\s*:", ln)]
@@ -92,9 +99,10 @@ class Core:
                 if self.only_top_via:
                     ln = ln.split(",", 1)[0]
             if re.match(r"(?i)to\s*:", ln) and ";tag=" not in ln:
-                ln += ";tag=core1"
+                ln += f";tag=core{leg}"
             out.append(ln)
-        out.append(f"Contact: <sip:core@{HOST}:{self.port}>")
+        user = "core" if self.forks == 1 else f"agent{leg}"
+        out.append(f"Contact: <sip:{user}@{HOST}:{self.port}>")
         return (f"SIP/2.0 {status} {phrase}\r\n" + "\r\n".join(out)
                 + "\r\nContent-Length: 0\r\n\r\n").encode()
 

@@ -11,7 +11,7 @@ import uuid
 
 import pytest
 
-from .harness import HOST, E2EStack, free_port
+from .harness import HOST, E2EStack, events_total, free_port
 from .scripted import Caller, Core, header
 
 pytestmark = pytest.mark.e2e
@@ -115,6 +115,46 @@ def test_a_core_answer_with_no_via_left_is_not_forwarded(stack: E2EStack) -> Non
         caller.send(caller.request("INVITE", "novia-1"))
         [final] = caller.finals()
         assert final.startswith(b"SIP/2.0 502 ")
+    finally:
+        caller.close()
+        core.close()
+
+
+def test_a_call_two_agents_answer_lasts_while_either_does(stack: E2EStack) -> None:
+    """A forking core whose ring group answers twice (To tags core1, core2), per_caller 1: the
+    caller ACKs both and hangs up the first answer, keeping the second (RFC 3261 §13.2.2.4).
+    The call stays up on that leg — its slot held (a second call hears 403), its INFO reaches
+    the second agent's Contact, counted noticed_call_kept_on_fork — and its BYE frees the
+    slot (a new call goes through)."""
+    core = Core(forks=2)
+    metrics_port = free_port()
+    _, port = stack.sipguard(
+        core_port=core.port, listen=("udp",),
+        config_extra=f"metrics: {{listen: {HOST}:{metrics_port}}}\n"
+                     "rules:\n  concurrency: {per_caller: 1}\n",
+    )
+    caller = Caller(port)
+    try:
+        caller.send(caller.request("INVITE", "fork-1"))
+        answers = caller.finals(want=2, call_id="fork-1")
+        legs = sorted(_tag(header(ok, "To")) for ok in answers)
+        assert legs == ["core1", "core2"], answers
+        route = f"Route: {header(answers[0], 'Record-Route')}\r\n"
+        for leg in legs:
+            caller.send(caller.request("ACK", "fork-1", to_tag=leg, extra=route))
+        caller.send(caller.request("BYE", "fork-1", cseq=2, to_tag="core1", extra=route))
+        assert caller.finals(call_id="fork-1")[0].startswith(b"SIP/2.0 200 ")
+        caller.send(caller.request("INVITE", "fork-2"))
+        assert caller.finals(call_id="fork-2")[0].startswith(b"SIP/2.0 403 ")
+        caller.send(caller.request("INFO", "fork-1", cseq=3, to_tag="core2", extra=route))
+        assert caller.finals(call_id="fork-1")[0].startswith(b"SIP/2.0 200 ")
+        [info] = [d for d in core.received if d.startswith(b"INFO ")]
+        assert info.startswith(f"INFO sip:agent2@{HOST}:{core.port} ".encode()), info[:60]
+        caller.send(caller.request("BYE", "fork-1", cseq=4, to_tag="core2", extra=route))
+        assert caller.finals(call_id="fork-1")[0].startswith(b"SIP/2.0 200 ")
+        caller.send(caller.request("INVITE", "fork-3"))
+        assert caller.finals(call_id="fork-3")[0].startswith(b"SIP/2.0 200 ")
+        assert events_total(metrics_port).get("noticed_call_kept_on_fork") == 1
     finally:
         caller.close()
         core.close()
