@@ -328,6 +328,13 @@ def _answered_leg(dialog: Dialog, side: str, msg: Message) -> str | None:
     return leg if pin is not None and pin[2] else None
 
 
+def _bye_leg(st: ServerTxn | None) -> str:
+    """The leg an outside party's BYE (a transaction with ``ends``) names: its To tag, the
+    core side's (a call that came in; ``_leg_ended`` reads no leg of one the core placed)."""
+    msg = st.msg if st is not None else None
+    return (msg.to_tag or "") if msg is not None else ""
+
+
 def _request(st: ServerTxn) -> Message:
     """The request of a transaction still being worked on (not yet answered finally)."""
     msg = st.msg
@@ -508,6 +515,9 @@ class Proxy:
         self.deciding: set[str] = set()  # dialog_key()s of the INVITEs being decided
         self._sweep: TimerEntry | None = None
         self.probes: dict[str, keepalive.Probe] = {}  # dialogs kept alive
+        # a forking core's call answered more than once: the probes of its other answered
+        # legs (at most 4*MAX_PINS a call), so that sipguard can end every leg
+        self.leg_probes: dict[str, list[keepalive.Probe]] = {}
         # the addresses of the cores reloads replaced (insertion-ordered, at most
         # MAX_FORMER_CORES): their in-dialog requests may still belong to calls up
         self.former_cores: dict[str, None] = {}
@@ -1448,7 +1458,7 @@ class Proxy:
                                      anonymise=self._withheld(dialog, side, from_core))
         self.outbox.append((target, data))
         if dialog is not None and not dialog.acked and from_core == dialog.outbound \
-                and _names(dialog, side, msg):
+                and _answered_leg(dialog, side, msg) is not None:
             # the ACK of the answered call itself: its tags, from the side that sent the INVITE
             self._acked(dialog)
         if self.doomed and dialog is not None and not from_core:
@@ -1641,6 +1651,7 @@ class Proxy:
                         _sent_there(flow, ct.flow) and msg.call_id == dialog.call_id and \
                         (msg.from_tag or "") == dialog.caller_tag:
                     self._pin(dialog, msg.to_tag or "", msg, True)
+                    self._add_leg(dialog, msg)
             return
         TimerQueue.cancel(ct.timer)
         ct.timer = None
@@ -1722,9 +1733,7 @@ class Proxy:
         server = ct.server
         if server is not None and server.ends is not None and (
                 status < 300 or status in (408, 481)):  # §15.1.1: the dialog is over
-            bye = server.msg
-            self._leg_ended(server.ends, bye.to_tag or "" if bye is not None else "",
-                            server.end_reason, now)
+            self._leg_ended(server.ends, _bye_leg(server), server.end_reason, now)
             server.ends = None
         if server is None or server.state not in (PROCEEDING, DECIDING):
             return  # CANCEL's own answer, or the upstream side already has a final answer
@@ -1861,6 +1870,7 @@ class Proxy:
             ct.state = TERMINATED
             # the call the outside party's BYE would end (let go when the server ends)
             ends = ct.server.ends if ct.server is not None else None
+            leg = _bye_leg(ct.server) if ends is not None else ""
             if ct.method in SUBSCRIPTION_CREATING and ct.server is not None:
                 self._refused_subscription(ct.server)  # never answered: as refused
             self._drop_client(ct)
@@ -1869,7 +1879,7 @@ class Proxy:
             if ends is not None:
                 # that BYE got no answer: its sender takes the call as over (§15.1.1);
                 # whether the core still has it, an OPTIONS of sipguard's asks
-                self._ask_core(ends, now)
+                self._ask_core(ends, leg, now)
             if ct.probe is not None:
                 # no answer at all
                 self._probe_answered(ct.probe, 408, now, self._core_side(ct))
@@ -1913,9 +1923,10 @@ class Proxy:
             st.dialog.status = status
             self._end_dialog(st.dialog, st.end_reason or "failed", now)
         ends = st.ends
+        leg = _bye_leg(st) if ends is not None else ""
         self._respond(st, status, now)
         if ends is not None:
-            self._ask_core(ends, now)  # the BYE never reached the core: does it still have it?
+            self._ask_core(ends, leg, now)  # the BYE never reached the core: has it the call?
 
     def _client_timed_out(self, ct: ClientTxn, now: float) -> None:
         if ct.state not in (CALLING, PROCEEDING):
@@ -1985,7 +1996,7 @@ class Proxy:
             dialog, side = self.table.of(request, self._is_core(request, st.flow))
             if dialog is None or dialog.state == TERMINATED:
                 return
-            if _names(dialog, side, request):  # not another fork's re-INVITE
+            if _answered_leg(dialog, side, request) is not None:  # a leg's own re-INVITE
                 self._refresh_targets(dialog, side, request, response)
             elif dialog.state == "early" and request.method == "UPDATE":
                 # an early dialog's UPDATE is a target refresh too (RFC 3311 §5.1)
@@ -2164,7 +2175,7 @@ class Proxy:
                     dialog.pin_target = moved
                 elif forks is not None:
                     forks[tag] = (moved, forks[tag][1], forks[tag][2])
-        probe = self.probes.get(key_of(dialog))
+        probe = self._probe_of(dialog, tag)
         if probe is None:
             return
         sent, answered = keepalive.contact_line(request), keepalive.contact_line(response)
@@ -2186,6 +2197,10 @@ class Proxy:
         if not forks or dialog.outbound or dialog.state != CONFIRMED:
             self._end_dialog(dialog, reason, now)
             return
+        key = key_of(dialog)
+        legs = self.leg_probes.get(key)
+        if legs is not None:  # the ended leg's probe goes: nothing sipguard sends names it
+            legs[:] = [p for p in legs if p.leg != leg]
         if leg == dialog.pin_tag:  # its fields take another leg's pin, an answered one first
             other = next((t for t, p in forks.items() if p[2]), None)
             if other is None:
@@ -2203,11 +2218,52 @@ class Proxy:
             self._end_dialog(dialog, reason, now)
             return
         dialog.callee_tag = kept
-        probe = self.probes.pop(key_of(dialog), None)
-        if probe is not None:
-            TimerQueue.cancel(probe.timer)
+        # the kept leg's probe is the call's now (keep-alives, its BYEs, asking the core)
+        main = self.probes.pop(key, None)
+        new = next((p for p in legs if p.leg == kept), None) if legs else None
+        if main is not None:
+            TimerQueue.cancel(main.timer)
+        if new is not None and legs is not None:
+            legs.remove(new)
+            if main is not None:  # its branches go on from the old one's (no clash)
+                new.rounds = main.rounds
+                new.caller_cseq = max(new.caller_cseq, main.caller_cseq)
+                new.callee_cseq = max(new.callee_cseq, main.callee_cseq)
+            self.probes[key] = new
+            interval = self.settings.dialog_keepalive
+            if interval:
+                new.timer = self.timers.add(now + interval, self._on_keepalive, new)
         self.events.append(Noticed("call_kept_on_fork", f"{dialog.call_id} tag {kept}",
                                    dialog.party or dialog.core or self.settings.core))
+
+    def _add_leg(self, dialog: Dialog, answer: Message) -> None:
+        """Another fork's 2xx to a call answered already (from the core its INVITE went to):
+        a probe for that leg, so that sipguard can end it too when it ends the call at once,
+        and speak in it once the call is kept on it (:meth:`_leg_ended`)."""
+        key = key_of(dialog)
+        main = self.probes.get(key)
+        tag = answer.to_tag
+        if main is None or tag is None or tag == main.leg:
+            return
+        legs = self.leg_probes.get(key)
+        if legs is None:
+            legs = self.leg_probes[key] = []
+        elif len(legs) >= 4 * MAX_PINS or any(p.leg == tag for p in legs):
+            return  # a retransmission, or more legs than any ring group answers with
+        probe = keepalive.leg_probe(main, answer, self._hostports)
+        if probe is not None:
+            legs.append(probe)
+
+    def _probe_of(self, dialog: Dialog, leg: str) -> keepalive.Probe | None:
+        """The probe of ``leg`` of the call (a forked call's other answered legs have their
+        own), else the call's own."""
+        key = key_of(dialog)
+        legs = self.leg_probes.get(key) if self.leg_probes else None
+        if legs:
+            for probe in legs:
+                if probe.leg == leg:
+                    return probe
+        return self.probes.get(key)
 
     def _end_dialog(self, dialog: Dialog, reason: str, now: float) -> None:
         """End a dialog exactly once, whatever ends it."""
@@ -2225,6 +2281,8 @@ class Proxy:
         probe = self.probes.pop(key, None)
         if probe is not None:
             TimerQueue.cancel(probe.timer)
+        if self.leg_probes:
+            self.leg_probes.pop(key, None)
         self.admission.dialog_ended(dialog, now)
         self.events.append(DialogEnded(dialog, reason))
 
@@ -2256,12 +2314,13 @@ class Proxy:
         self._send_both_ways(probe, "OPTIONS", f"ka{probe.rounds}", now)
         probe.timer = self.timers.add(now + interval, self._on_keepalive, probe)
 
-    def _ask_core(self, dialog: Dialog, now: float) -> None:
-        """The outside party's BYE got no answer at all: one in-dialog OPTIONS to the core.
-        An answer means the core still has the call (its slots stay held: a BYE the core
-        drops must not free them); 481, 408 or silence ends it (``bye_unanswered``). A call
-        sipguard cannot speak in (no Probe) stays until its lifetime or keep-alive ends it."""
-        probe = self.probes.get(key_of(dialog))
+    def _ask_core(self, dialog: Dialog, leg: str, now: float) -> None:
+        """The outside party's BYE (of ``leg``) got no answer at all: one in-dialog OPTIONS to
+        the core in that leg. An answer means the core still has the call (its slots stay
+        held: a BYE the core drops must not free them); 481, 408 or silence ends it
+        (``bye_unanswered``; a forked call's leg only, while another is up). A call sipguard
+        cannot speak in (no Probe) stays until its lifetime or keep-alive ends it."""
+        probe = self._probe_of(dialog, leg)
         if probe is None or dialog.state == TERMINATED:
             return
         probe.after_bye = True
@@ -2319,10 +2378,16 @@ class Proxy:
         """End an answered call at once (a suspended number, an expiry): a BYE to each side,
         then the dialog ends (``reason``) and its slots are freed. False for a call not
         answered yet (a ringing call goes on; the suspension stops the next INVITE)."""
-        probe = self.probes.get(key_of(dialog))
+        key = key_of(dialog)
+        probe = self.probes.get(key)
         if probe is None or dialog.state == TERMINATED:
             return False
         self._send_both_ways(probe, "BYE", "end", now)
+        legs = self.leg_probes.get(key) if self.leg_probes else None
+        for n, leg in enumerate(legs or ()):  # a forked call's other answered legs
+            leg.caller_cseq = max(leg.caller_cseq, probe.caller_cseq)
+            leg.callee_cseq = max(leg.callee_cseq, probe.callee_cseq)
+            self._send_both_ways(leg, "BYE", f"end{n + 1}", now)
         self._end_dialog(dialog, reason, now)
         return True
 
@@ -2372,11 +2437,30 @@ class Proxy:
         know the call, the core gets a BYE too (``end_call``): the outside party cannot
         free its slots with a 481 while its call goes on at the core."""
         reason = "bye_unanswered" if probe.after_bye and toward_core else "keepalive_failed"
+        dialog = probe.dialog
+        if status in (408, 481) and dialog.state != TERMINATED and self._other_legs(probe):
+            # one leg of a forked call that another answered leg keeps up: that leg ends
+            # (the core's side of it too when the outside party has forgotten it)
+            if not toward_core:
+                probe.rounds += 1
+                self._send_both_ways(probe, "BYE", f"leg{probe.rounds}", now, core_only=True)
+            self._leg_ended(dialog, probe.leg, reason, now)
+            return
         if status in (408, 481) and (
                 toward_core or not self.end_call(probe.dialog, reason, now)):
             self._end_dialog(probe.dialog, reason, now)
         elif toward_core:
             probe.after_bye = False  # the core still has the call
+
+    def _other_legs(self, probe: keepalive.Probe) -> bool:
+        """The call of ``probe`` has another answered leg with a probe than ``probe``'s."""
+        if not self.leg_probes:
+            return False
+        key = key_of(probe.dialog)
+        legs = self.leg_probes.get(key)
+        if not legs:
+            return False
+        return any(p is not probe for p in legs) or self.probes.get(key) is not probe
 
     def _arm_sweep(self, now: float) -> None:
         if self._sweep is None:

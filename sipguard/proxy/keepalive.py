@@ -63,7 +63,7 @@ class Probe:
 
     __slots__ = ("dialog", "caller_from", "callee_to", "caller_contact", "callee_contact",
                  "timer", "rounds", "caller_cseq", "callee_cseq", "invite_rr", "answer_rr",
-                 "ours", "after_bye")
+                 "ours", "after_bye", "leg")
 
     def __init__(self, dialog: Dialog, caller_from: bytes, callee_to: bytes,
                  caller_contact: bytes | None, callee_contact: bytes | None) -> None:
@@ -83,6 +83,9 @@ class Probe:
         self.ours: tuple[str, ...] = ()
         # an OPTIONS asking the core after the outside party's BYE went unanswered is out
         self.after_bye = False
+        # the To tag of the 2xx: which answered leg this is (a forking core's call has one
+        # probe per answered leg, see leg_probe)
+        self.leg = ""
 
     def route(self, toward_caller: bool) -> bytes | None:
         """The Route line toward one side: its route set as that side's own requests carry it
@@ -172,9 +175,28 @@ def probe_for(dialog: Dialog, invite: Message, answer: Message,
         caller_from = (b'From: "Anonymous" <sip:anonymous@anonymous.invalid>;tag='
                        + (invite.from_tag or "").encode("utf-8", "surrogateescape"))
     probe = Probe(dialog, caller_from, callee_to, contact_line(invite), contact_line(answer))
+    probe.leg = answer.to_tag
     probe.caller_cseq = invite.cseq[0]  # a BYE on the caller's behalf goes above it
     if invite.has("record-route"):
         probe.invite_rr = tuple(invite.value_at(i) for i in invite.indexes("record-route"))
+    if answer.has("record-route"):
+        probe.answer_rr = tuple(answer.value_at(i) for i in answer.indexes("record-route"))
+        probe.ours = ours
+    return probe
+
+
+def leg_probe(main: Probe, answer: Message, ours: tuple[str, ...] = ()) -> Probe | None:
+    """A probe for another answered leg of ``main``'s call: a forking core's later 2xx to the
+    same INVITE (RFC 3261 §13.2.2.4), with its own To tag, Contact and route set, and the
+    caller's side of ``main``. None when the 2xx lacks a tagged To."""
+    callee_to = _line(answer, "to")
+    if callee_to is None or answer.to_tag is None:
+        return None
+    probe = Probe(main.dialog, main.caller_from, callee_to, main.caller_contact,
+                  contact_line(answer))
+    probe.leg = answer.to_tag
+    probe.caller_cseq, probe.callee_cseq = main.caller_cseq, main.callee_cseq
+    probe.invite_rr = main.invite_rr
     if answer.has("record-route"):
         probe.answer_rr = tuple(answer.value_at(i) for i in answer.indexes("record-route"))
         probe.ours = ours

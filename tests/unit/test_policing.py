@@ -792,6 +792,74 @@ def test_a_call_answered_by_two_forks_lasts_while_either_leg_does() -> None:
     assert h.ended() == ["bye_callee"] and h.count("caller", "+12125550100") == 0
 
 
+def _leg_byes(out: list[tuple[Flow, Message]]) -> list[tuple[str, str]]:
+    """(where, the core side's tag) of each BYE sipguard sent: to the core (To tag) or to
+    the caller (From tag)."""
+    return sorted(("core", m.to_tag or "") if f.addr == CORE else ("caller", m.from_tag or "")
+                  for f, m in out if m.method == "BYE")
+
+
+def test_ending_a_forked_call_at_once_ends_every_answered_leg() -> None:
+    """end_calls (and so the lifetime, a drain) on a call two forks answered: a BYE each way
+    in each leg — and, once the call is kept on the second leg, in that leg."""
+    h = PolicyHarness("rules:\n  concurrency: {per_caller: 1}\n")
+    _answered_twice(h)
+    n = h.core.end_calls(lambda number: number == "+12125550100", "suspended", h.now)
+    assert n == 1 and _leg_byes(h._drain()) == [("caller", "e1"), ("caller", "e2"),
+                                                 ("core", "e1"), ("core", "e2")]
+    assert h.count("caller", "+12125550100") == 0
+    h = PolicyHarness("rules:\n  concurrency: {per_caller: 1}\n")
+    _answered_twice(h)
+    h.bye(1, to_tag="e1")
+    n = h.core.end_calls(lambda number: number == "+12125550100", "suspended", h.now)
+    assert n == 1 and _leg_byes(h._drain()) == [("caller", "e2"), ("core", "e2")]
+
+
+def test_a_forked_call_kept_on_a_leg_acked_only_there_lives_on() -> None:
+    """The caller's ACK of the first answer is lost, the second leg's passes; it hangs up the
+    first and keeps the second: no ack_timeout 64*T1 on (an ACK of any answered leg counts)."""
+    h = PolicyHarness("rules:\n  concurrency: {per_caller: 1}\n")
+    _, fwd = h.call(1)
+    assert fwd is not None
+    for n in (1, 2):
+        h.send(answer(fwd, 200, "OK", to_tag=f"e{n}"), src=CORE)
+    h.send(in_dialog("ACK", call_id="call-1", cseq=1, branch="z9hG4bK-a2", to_tag="e2"))
+    h.bye(1, to_tag="e1")
+    h.advance(40.0)
+    assert h.ended() == [] and h.count("caller", "+12125550100") == 1
+
+
+def test_one_legs_unanswered_bye_or_failed_keepalive_ends_that_leg_only() -> None:
+    """The caller's BYE of the first leg gets no answer: after Timer F sipguard asks the core
+    in that leg, and its 481 ends that leg, not the call kept up by the second. With
+    keep-alives on, the caller answering 481 in the first leg (it hung it up; the core has
+    not answered the BYE yet) ends that leg — a BYE to the core in it — not the call."""
+    h = PolicyHarness("rules:\n  concurrency: {per_caller: 1}\n")
+    _answered_twice(h)
+    h.bye(1, to_tag="e1", answered=False)
+    asked = [m for f, m in h.advance(33.0) if m.method == "OPTIONS" and f.addr == CORE]
+    assert {m.to_tag for m in asked} == {"e1"}, asked  # (and its retransmissions)
+    h.send(answer(asked[0], 481, "Call/Transaction Does Not Exist"), src=CORE)
+    assert h.ended() == [] and h.count("caller", "+12125550100") == 1
+    h.bye(1, cseq=3, to_tag="e2")
+    assert h.ended() == ["bye_caller"]
+
+    h = PolicyHarness("rules:\n  concurrency: {per_caller: 1}\n", dialog_keepalive=30.0)
+    _answered_twice(h)
+    h.bye(1, to_tag="e1", answered=False)
+    out = h.advance(30.0)
+    [to_caller] = [m for f, m in out if m.method == "OPTIONS" and f.addr == CALLER]
+    [to_core] = [m for f, m in out if m.method == "OPTIONS" and f.addr == CORE]
+    assert to_caller.from_tag == "e1" and to_core.to_tag == "e1"
+    h.send(answer(to_core, 200, "OK"), src=CORE)  # the core's BYE answer is what is slow
+    out = h.send(answer(to_caller, 481, "Call/Transaction Does Not Exist"), src=CALLER)
+    assert _leg_byes(out) == [("core", "e1")]
+    assert h.ended() == [] and h.count("caller", "+12125550100") == 1
+    out = h.advance(30.0)  # the keep-alive goes on, in the kept leg
+    assert {(f.addr == CORE, m.to_tag if f.addr == CORE else m.from_tag)
+            for f, m in out if m.method == "OPTIONS"} == {(False, "e2"), (True, "e2")}
+
+
 def test_in_dialog_requests_of_a_call_go_on_past_the_byte_budget_only_a_quarter() -> None:
     """sip.max_transaction_bytes full: a request within a call in progress still goes on, up
     to a quarter more bytes; beyond, it hears 503 too — one call cannot hold unbounded bytes."""
@@ -1030,9 +1098,10 @@ def test_a_bye_of_a_call_without_from_tag_ends_it() -> None:
     assert h.ended() == ["bye_caller"] and h.count("caller", "+12125550100") == 0
 
 
-def test_another_forks_refresh_moves_no_target() -> None:
+def test_another_forks_refresh_moves_that_legs_targets_only() -> None:
     """A forking core answered twice; a re-INVITE on the second fork (To tag fork2) with a new
-    Contact, answered 2xx, moves neither target of the call sipguard keeps (the first)."""
+    Contact, answered 2xx, moves neither target of the first leg: ending the call, the first
+    leg's BYEs go to its own targets, the second leg's to the refreshed ones."""
     h = PolicyHarness()
     fwd = up(h)
     h.send(answer(fwd, 200, "OK", to_tag="fork2"), src=CORE)
@@ -1043,9 +1112,13 @@ def test_another_forks_refresh_moves_no_target() -> None:
     h.send(answer(reinvite, 200, "OK", to_tag=None).replace(b"sip:core@10.0.0.10:5080",
                                                            b"sip:fork2@10.0.0.10:5080"),
            src=CORE)
-    byes = _end_and_collect(h)
-    assert byes[CALLER].start_line.split()[1] == b"sip:+12125550100@198.51.100.7:5062"
-    assert byes[CORE].start_line.split()[1] == b"sip:core@10.0.0.10:5080"
+    assert h.core.end_calls(lambda number: number == "+12125550100", "suspended", h.now) == 1
+    byes = {(f.addr, m.from_tag if f.addr == CALLER else m.to_tag): m.start_line.split()[1]
+            for f, m in h._drain() if m.method == "BYE"}
+    assert byes == {(CALLER, "ttag9"): b"sip:+12125550100@198.51.100.7:5062",
+                    (CORE, "ttag9"): b"sip:core@10.0.0.10:5080",
+                    (CALLER, "fork2"): b"sip:+12125550100@198.51.100.7:6001",
+                    (CORE, "fork2"): b"sip:fork2@10.0.0.10:5080"}, byes
 
 
 def test_an_outside_party_that_answers_a_keepalive_481_ends_the_call_at_the_core() -> None:
