@@ -2194,26 +2194,30 @@ class Proxy:
         caller that hung up the first answer and kept a later one frees nothing while it
         talks). The keep-alive, which speaks with the first leg's tags, stops then."""
         forks = dialog.forks
-        if not forks or dialog.outbound or dialog.state != CONFIRMED:
-            self._end_dialog(dialog, reason, now)
+        own = leg == (dialog.callee_tag or "")
+        if (own and forks is None) or dialog.outbound or dialog.state != CONFIRMED:
+            self._end_dialog(dialog, reason, now)  # the usual call: one leg
             return
         key = key_of(dialog)
         legs = self.leg_probes.get(key)
         if legs is not None:  # the ended leg's probe goes: nothing sipguard sends names it
             legs[:] = [p for p in legs if p.leg != leg]
-        if leg == dialog.pin_tag:  # its fields take another leg's pin, an answered one first
-            other = next((t for t, p in forks.items() if p[2]), None)
-            if other is None:
-                other = next(iter(forks))
-            target, routes, final = forks.pop(other)
-            dialog.pin_tag, dialog.pin_target = other, target
-            dialog.pin_routes, dialog.pin_final = routes, final
-        else:
-            forks.pop(leg, None)
-        if leg != dialog.callee_tag:
-            return  # another leg than the call's own: the call is as it was
+        if forks:
+            if leg == dialog.pin_tag:  # its fields take another leg's pin, answered first
+                other = next((t for t, p in forks.items() if p[2]), None)
+                if other is None:
+                    other = next(iter(forks))
+                target, routes, final = forks.pop(other)
+                dialog.pin_tag, dialog.pin_target = other, target
+                dialog.pin_routes, dialog.pin_final = routes, final
+            else:
+                forks.pop(leg, None)
+        if not own:
+            # another leg than the call's own (or one a keep-alive ended before its BYE was
+            # answered): the call is as it was
+            return
         kept = dialog.pin_tag if dialog.pin_final and dialog.pin_tag != leg else next(
-            (t for t, p in forks.items() if p[2]), None)
+            (t for t, p in forks.items() if p[2]), None) if forks else None
         if kept is None:
             self._end_dialog(dialog, reason, now)
             return
