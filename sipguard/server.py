@@ -48,6 +48,7 @@ from sipguard.ops.privacy import NumberPrivacy, number_privacy
 from sipguard.ops.reload import ReloadResult, changed_keys, failure, held_back
 from sipguard.ops.shared_lists import SharedLists
 from sipguard.policy.engine import Policy
+from sipguard.policy.peers import NumberSet
 from sipguard.policy.state import RuleState
 from sipguard.policy.suspensions import Suspension, SuspensionStore, suspension_key
 from sipguard.proxy.core import MAX_FORMER_CORES, Proxy
@@ -78,6 +79,8 @@ MAX_RESOLVING = 256
 MAX_WAITING_PER_NAME = 64
 UNRESOLVED_S = 30.0
 SUSPENSIONS_FILE = "suspensions.json"  # in state_dir
+# number lists a reload replaced are emptied (off the loop) this long after it
+RETIRED_LISTS_AFTER_S = 60.0
 REDACTED = "<redacted>"
 
 
@@ -288,6 +291,7 @@ class Server:
             self.state.shared = self.shared_store
             self.state.tracker.share(self.shared_store)
         self.state.wall_offset = time.time() - self.loop.time()
+        self.state.pause = let_loop_run  # reloads build number lists in a thread
         if self.state.fetcher is None:
             self.state.fetcher = HttpsFetcher(clock=self.loop.time)
         if self.state.http is None:  # national_cli: roaming lookups
@@ -655,6 +659,9 @@ class Server:
         self.tcp.tls = tls if tls is not None else tls_contexts(cfg)
         self.core.set_overload_retry_after(cfg.sip.overload_retry_after_s)
         self.core.reconfigure(proxy_settings(cfg, self.worker), policy, self.loop.time())
+        if policy.retired_lists:  # number lists no rule uses any more: emptied off the loop
+            retired, policy.retired_lists = policy.retired_lists, []
+            self.loop.call_later(RETIRED_LISTS_AFTER_S, self._drain_lists, retired)
         self.observer.flood = policy.flood
         if self.listening:
             self.sender.configure(cfg.sip.udp_send_thread, list(self.udp.values()),
@@ -664,6 +671,13 @@ class Server:
         self.observer.privacy = self.privacy = number_privacy(cfg.log.numbers,
                                                               cfg.log.hash_key_file)
         self._schedule_flush()
+
+    def _drain_lists(self, lists: list[NumberSet]) -> None:
+        """Empty number lists a reload replaced, in a thread that lets the loop run every few
+        thousand entries (freed at once on the loop, a million-line list held it ~50 ms).
+        Called ``RETIRED_LISTS_AFTER_S`` after the reload: a decision the policy before
+        started (an Identity check, a Redis round trip) has long finished reading them."""
+        self._start(asyncio.to_thread(_drain_all, lists))
 
     async def reload(self, cfg: Config) -> bool:
         """Build the new policy off the event loop (big number lists), then swap it in —
@@ -1364,6 +1378,18 @@ def _matcher(key: str) -> Callable[[str | None], bool]:
     store = SuspensionStore()
     store.add(key, "", "", 0.0)
     return lambda number: store.match(number, 0.0) is not None
+
+
+def _drain_all(lists: list[NumberSet]) -> None:
+    for numbers in lists:
+        numbers.drain(let_loop_run)
+
+
+def let_loop_run() -> None:
+    """``RuleState.pause``: let go of the GIL for a moment — the event loop, waiting for it
+    while a thread builds or empties a large number list, runs (a thread that has waited its
+    switch interval gets the GIL before this one takes it back)."""
+    time.sleep(0)
 
 
 _SECRET_WORDS = ("token", "password", "secret", "key_file")

@@ -519,12 +519,13 @@ def load_list(ctx: BuildContext, path: Path) -> NumberSet:
     key = str(path)
     hit = ctx.pending_lists.get(key) or ctx.state.list_files.get(key)
     if hit is not None and hit[0] == stamp:
+        ctx.used_lists[key] = hit
         return hit[1]
     try:
-        numbers_set = NumberSet(read_number_file(path))
+        numbers_set = NumberSet(read_number_file(path, ctx.state.pause), ctx.state.pause)
     except ValueError as exc:
         raise ValueError(f"callerid dno_file: {exc}") from None
-    ctx.pending_lists[key] = (stamp, numbers_set)
+    ctx.pending_lists[key] = ctx.used_lists[key] = (stamp, numbers_set)
     return numbers_set
 
 

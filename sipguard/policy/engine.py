@@ -37,7 +37,14 @@ from typing import Any
 from sipguard.contract import CallInfo, Dialog, Flow, Verdict
 from sipguard.policy import callerid, concurrency, dialer, flood, identity, national_cli, rate
 from sipguard.policy.numbers import e164_pattern, to_e164
-from sipguard.policy.peers import NumberSet, Peer, PeerTable, read_number_file
+from sipguard.policy.peers import (
+    YIELD_EVERY,
+    NumberSet,
+    Pause,
+    Peer,
+    PeerTable,
+    read_number_file,
+)
 from sipguard.policy.pipeline import Pipeline, Rule, Shared
 from sipguard.policy.schema import PeerConfig, RulesConfig
 from sipguard.policy.schema import PolicyConfig as Config
@@ -68,6 +75,9 @@ class BuildContext:
     activations: list[Callable[[], None]] = field(default_factory=list)
     # number list files read by this build: path -> ((mtime_ns, size), numbers)
     pending_lists: dict[str, tuple[tuple[int, int], NumberSet]] = field(default_factory=dict)
+    # every number list file this build uses, read anew or reused (RuleState.list_files once
+    # the policy is activated: the lists no policy uses any more go)
+    used_lists: dict[str, tuple[tuple[int, int], NumberSet]] = field(default_factory=dict)
 
     # the rules of the pipeline being built (a rule may depend on which others are on)
     rules: RulesConfig | None = None
@@ -94,28 +104,55 @@ class BuildContext:
             self.observers.append(observer)
 
 
-def build_peer(pc: PeerConfig) -> Peer:
+def build_peer(pc: PeerConfig, ctx: BuildContext | None = None) -> Peer:
+    """The peer of ``pc``; its caller numbers from ``numbers`` and ``numbers_file`` — with a
+    ``ctx``, reused from the last build while the file is unchanged (same mtime and size) and
+    ``numbers`` and ``default_region`` are the same: a reload of a config with a million-line
+    list reads it again only when it has changed."""
     numbers: NumberSet | None = None
-    patterns: list[str] = []
     if pc.numbers or pc.numbers_file is not None:
-        numbers = NumberSet(pc.numbers)
-        if pc.numbers_file is not None:
-            try:
-                patterns = read_number_file(pc.numbers_file)
-            except ValueError as exc:
-                raise ValueError(f"peer {pc.name}: numbers_file: {exc}") from None
-            for pattern in patterns:
-                numbers.add(pattern)
-        region = pc.default_region
-        if region is not None:
-            # a national entry also as E.164: a caller written either way is the same number
-            national = [p for p in (*pc.numbers, *patterns) if not p.strip().startswith("+")]
-            for pattern in national:
-                e164 = e164_pattern(pattern, region)
-                if e164 is not None:
-                    numbers.add(e164)
+        key = stamp = None
+        if pc.numbers_file is not None and ctx is not None:
+            st = pc.numbers_file.stat()
+            stamp = (st.st_mtime_ns, st.st_size)
+            key = "\n".join(("peer", str(pc.numbers_file), pc.default_region or "",
+                             *pc.numbers))
+            hit = ctx.pending_lists.get(key) or ctx.state.list_files.get(key)
+            if hit is not None and hit[0] == stamp:
+                numbers = hit[1]
+                ctx.used_lists[key] = hit
+        if numbers is None:
+            numbers = _peer_numbers(pc, ctx.state.pause if ctx is not None else None)
+            if key is not None and stamp is not None and ctx is not None:
+                ctx.pending_lists[key] = ctx.used_lists[key] = (stamp, numbers)
     return Peer(pc.name, pc.networks, numbers, pc.default_region, pc.trust_pai, pc.interconnect,
                 pc.tls_subject.lower() if pc.tls_subject else None)
+
+
+def _peer_numbers(pc: PeerConfig, pause: Pause) -> NumberSet:
+    """``numbers`` and the lines of ``numbers_file``; with ``default_region`` each national
+    entry also as E.164 (a caller written either way is the same number)."""
+    numbers = NumberSet(pc.numbers)
+    patterns: list[str] = []
+    if pc.numbers_file is not None:
+        try:
+            patterns = read_number_file(pc.numbers_file, pause)
+        except ValueError as exc:
+            raise ValueError(f"peer {pc.name}: numbers_file: {exc}") from None
+        for n, pattern in enumerate(patterns, 1):
+            numbers.add(pattern)
+            if pause is not None and n % YIELD_EVERY == 0:
+                pause()
+    region = pc.default_region
+    if region is not None:
+        national = [p for p in (*pc.numbers, *patterns) if not p.strip().startswith("+")]
+        for n, pattern in enumerate(national, 1):
+            e164 = e164_pattern(pattern, region)
+            if e164 is not None:
+                numbers.add(e164)
+            if pause is not None and n % 256 == 0:  # a number parsed each: slower than a line
+                pause()
+    return numbers
 
 
 def build_pipeline(rules: RulesConfig, ctx: BuildContext, peer: Peer | None) -> Pipeline:
@@ -152,11 +189,12 @@ class Policy:
         self.monitor = cfg.mode == "monitor"
         self.state = state if state is not None else RuleState()
         self.ctx = BuildContext(cfg, self.state)
-        peers = [(pc, build_peer(pc)) for pc in cfg.peers]
+        self.retired_lists: list[NumberSet] = []  # see activate
+        peers = [(pc, build_peer(pc, self.ctx)) for pc in cfg.peers]
         self.peers = PeerTable(p for _, p in peers)
         self.default = build_pipeline(cfg.rules, self.ctx, None)
         self.by_peer = {p.name: build_pipeline(pc.rules, self.ctx, p) for pc, p in peers}
-        self.suspended = NumberSet(cfg.suspended)
+        self.suspended = NumberSet(cfg.suspended, self.state.pause)
         self.unknown_drop = cfg.unknown_source == "drop"
         self._unknown_source = Verdict(
             "drop" if self.unknown_drop else "reject",
@@ -180,8 +218,13 @@ class Policy:
 
     def activate(self) -> None:
         """This policy is being swapped in: apply the changes its build queued for the live
-        state (grown caches, number lists read anew). Called once, by the edge core."""
-        self.state.list_files.update(self.ctx.pending_lists)
+        state (grown caches, number lists read anew). Called once, by the edge core. The
+        number lists the policy before used and this one does not are left in
+        ``retired_lists``, for the shell to empty off the loop (:meth:`NumberSet.drain`)."""
+        used = self.ctx.used_lists
+        self.retired_lists = [entry[1] for key, entry in self.state.list_files.items()
+                              if key not in used or used[key][1] is not entry[1]]
+        self.state.list_files = dict(used)
         for change in self.ctx.activations:
             change()
         if self.flood is not None:

@@ -7,7 +7,12 @@ number): exact numbers live in a set, ``+1212555*`` prefix patterns in a set of 
 number is checked against each of its own prefixes.
 
 Both are built once per config load (off the event loop for large ``numbers_file`` lists) and
-never change afterwards: a reload builds new ones and swaps the reference.
+never change afterwards: a reload builds new ones and swaps the reference. Compiled code never
+lets go of the GIL on its own, so a build in a thread would hold the event loop for its whole
+length (~0.5 s for a million lines): the loops over a list's lines call the shell's ``pause``
+(``RuleState.pause``: it lets go of the GIL) every ``YIELD_EVERY`` entries, and a list that is
+replaced is emptied the same way (:meth:`NumberSet.drain`) instead of being freed at once on
+the loop.
 """
 
 from __future__ import annotations
@@ -15,12 +20,16 @@ from __future__ import annotations
 import bisect
 import ipaddress
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Final
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+# entries of a number list handled between two calls of ``pause`` (~1 ms of work)
+YIELD_EVERY: Final = 4096
+Pause = Callable[[], None] | None  # see RuleState.pause
 
 
 class NumberSet:
@@ -28,13 +37,15 @@ class NumberSet:
 
     __slots__ = ("exact", "prefixes", "_lengths", "match_all")
 
-    def __init__(self, patterns: Iterable[str] = ()) -> None:
+    def __init__(self, patterns: Iterable[str] = (), pause: Pause = None) -> None:
         self.exact: set[str] = set()
         self.prefixes: set[str] = set()
         self.match_all = False
         self._lengths: list[int] = []  # distinct prefix lengths, ascending
-        for raw in patterns:
+        for n, raw in enumerate(patterns, 1):
             self.add(raw)
+            if pause is not None and n % YIELD_EVERY == 0:
+                pause()
 
     def add(self, raw: str) -> None:
         """Add one number or ``prefix*``; a pattern without a digit is ignored (never a
@@ -55,6 +66,19 @@ class NumberSet:
         self.prefixes.add(text)
         if len(text) not in self._lengths:
             bisect.insort(self._lengths, len(text))
+
+    def drain(self, pause: Pause = None) -> None:
+        """Empty the set a few thousand entries at a time, calling ``pause`` between (from a
+        thread, once nothing reads the set any more): a million numbers freed at once would
+        hold the GIL ~50 ms."""
+        for entries in (self.exact, self.prefixes):
+            while entries:
+                for _ in range(YIELD_EVERY):
+                    if not entries:
+                        break
+                    entries.pop()
+                if pause is not None:
+                    pause()
 
     def __contains__(self, number: object) -> bool:
         if not isinstance(number, str):
@@ -85,9 +109,9 @@ def normalise_pattern(text: str) -> str:
 NUMBER_PATTERN = re.compile(r"\+?[0-9 ().-]*[0-9][0-9 ().-]*\*?|\*")
 
 
-def read_number_file(path: Path) -> list[str]:
+def read_number_file(path: Path, pause: Pause = None) -> list[str]:
     """One number or ``prefix*`` per line (any line ending); ``#`` starts a comment; blank
-    lines ignored.
+    lines ignored; ``pause`` called every ``YIELD_EVERY`` lines.
 
     Raises ValueError naming ``FILE:LINE`` for a line that is not a number or pattern (a typo
     in a block list must not pass unnoticed), OSError when the file cannot be read.
@@ -106,6 +130,8 @@ def read_number_file(path: Path) -> list[str]:
                          "prefix* per line)") from None
     out = []
     for lineno, line in enumerate(content.splitlines(), 1):
+        if pause is not None and lineno % YIELD_EVERY == 0:
+            pause()
         text = line.split("#", 1)[0].strip()
         if text:
             if NUMBER_PATTERN.fullmatch(text) is None:

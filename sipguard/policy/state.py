@@ -54,3 +54,7 @@ class RuleState:
     wall_offset: float = 0.0
     # callerid / peers: number list files already read, path -> ((mtime_ns, size), numbers)
     list_files: dict[str, tuple[tuple[int, int], NumberSet]] = field(default_factory=dict)
+    # the shell's way to let the event loop run while a thread builds (or empties) a large
+    # number list: called every few thousand entries; it lets go of the GIL, which compiled
+    # code otherwise holds for the whole build (None: builds run through, as in check-config)
+    pause: Callable[[], None] | None = None
