@@ -132,7 +132,7 @@ def build_peer(pc: PeerConfig, ctx: BuildContext | None = None) -> Peer:
 def _peer_numbers(pc: PeerConfig, pause: Pause) -> NumberSet:
     """``numbers`` and the lines of ``numbers_file``; with ``default_region`` each national
     entry also as E.164 (a caller written either way is the same number)."""
-    numbers = NumberSet(pc.numbers)
+    numbers = NumberSet(pc.numbers, pause)
     patterns: list[str] = []
     if pc.numbers_file is not None:
         try:
