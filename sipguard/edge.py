@@ -184,20 +184,28 @@ class EdgeCore:
         self._defer(policy.adopt(previous, list(self.proxy.dialogs.values()), now), "resync")
 
     def end_calls(self, matches: Callable[[str | None], bool], reason: str, now: float) -> int:
-        """End at once every call whose caller or called number ``matches`` (or the number
-        its From shows, where the caller is another, asserted one) — as a suspension refuses
-        new calls from or to it: an answered one with a BYE to both sides, a ringing one with
-        a CANCEL toward its called side (slots freed as each ends); how many."""
+        """End at once every call whose caller or called number ``matches`` (see
+        :meth:`calls_of`, :meth:`end_these`); how many."""
+        return self.end_these(self.calls_of(matches), reason, now)
+
+    def calls_of(self, matches: Callable[[str | None], bool]) -> list[Dialog]:
+        """The live calls whose caller or called number ``matches`` (or the number its From
+        shows, where the caller is another, asserted one): a suspension's."""
+        return [dialog for dialog in self.proxy.dialogs.values()
+                if matches(dialog.caller) or matches(dialog.callee) or (
+                    dialog.shown is not None and matches(dialog.shown))]
+
+    def end_these(self, dialogs: list[Dialog], reason: str, now: float) -> int:
+        """End ``dialogs`` now — as a suspension refuses new calls from or to them: an
+        answered one with a BYE to both sides, a ringing one with a CANCEL toward its called
+        side (slots freed as each ends; one that ended meanwhile is passed over); how many."""
         ended = 0
         early: list[Dialog] = []
-        for dialog in list(self.proxy.dialogs.values()):
-            if matches(dialog.caller) or matches(dialog.callee) or (
-                dialog.shown is not None and matches(dialog.shown)
-            ):
-                if self.proxy.end_call(dialog, reason, now):
-                    ended += 1
-                elif dialog.state == "early":
-                    early.append(dialog)
+        for dialog in dialogs:
+            if self.proxy.end_call(dialog, reason, now):
+                ended += 1
+            elif dialog.state == "early":
+                early.append(dialog)
         if early:
             ended += self.proxy.cancel_early(early, reason, now)
         return ended

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from sipguard import native
-from sipguard.contract import CallInfo, DecisionPending, Deferred, Flow, Local, Verdict
+from sipguard.contract import CallInfo, DecisionPending, Deferred, Dialog, Flow, Local, Verdict
 from sipguard.edge import DECISION_FAILED, EdgeCore
 from sipguard.ops.admin import MAX_CALLS_SHOWN, AdminEndpoint, admin_token, read_token
 from sipguard.ops.calllog import CallLogger
@@ -81,6 +81,9 @@ UNRESOLVED_S = 30.0
 SUSPENSIONS_FILE = "suspensions.json"  # in state_dir
 # number lists a reload replaced are emptied (off the loop) this long after it
 RETIRED_LISTS_AFTER_S = 60.0
+# a suspension's end_calls: this many calls ended per pass of the loop, the passes this far apart
+END_CALLS_BATCH = 500
+END_CALLS_PAUSE_S = 0.01
 REDACTED = "<redacted>"
 
 
@@ -948,7 +951,15 @@ class Server:
         entry = self.state.suspensions.add(key, reason, by, now, ttl, keep_expiry, "admin-api")
         ended = 0
         if end_calls:
-            ended = self.core.end_calls(_matcher(key), "suspended", now)
+            # a few hundred calls a pass, the passes 10 ms apart: ending tens of thousands in
+            # one would hold the loop for most of a second, and their BYEs' retransmissions
+            # would all come due together
+            calls = self.core.calls_of(_matcher(key))
+            ended = self.core.end_these(calls[:END_CALLS_BATCH], "suspended", now)
+            if len(calls) > END_CALLS_BATCH:
+                ended += len(calls) - END_CALLS_BATCH
+                self.loop.call_later(END_CALLS_PAUSE_S, self._end_calls_later,
+                                     calls[END_CALLS_BATCH:])
             self._schedule_flush()
         self.log.info(
             "suspension_added", **{"prefix" if entry.prefix else "number": self._shown(key)},
@@ -958,6 +969,14 @@ class Server:
             calls_ended=ended, **via,
         )
         return entry, ended
+
+    def _end_calls_later(self, calls: list[Dialog]) -> None:
+        """The next batch of a suspension's calls to end (see :meth:`_suspend_here`)."""
+        self.core.end_these(calls[:END_CALLS_BATCH], "suspended", self.loop.time())
+        if len(calls) > END_CALLS_BATCH:
+            self.loop.call_later(END_CALLS_PAUSE_S, self._end_calls_later,
+                                 calls[END_CALLS_BATCH:])
+        self._schedule_flush()
 
     async def unsuspend(self, key: str, by: str) -> dict[str, Any] | None:
         entry = self.state.suspensions.lift(key)

@@ -14,6 +14,7 @@ import aiohttp
 import pytest
 import structlog
 
+from sipguard import server as server_module
 from sipguard.ops.admin import MAX_CALLS_SHOWN, SCRAPE_REUSE_S
 from sipguard.ops.config_load import ConfigError, load_config, parse_config
 from sipguard.policy.flood import Ban
@@ -421,6 +422,38 @@ async def test_end_calls_sends_bye_to_both_sides(
         assert status == 201 and body["calls_ended"] == 1
         assert b"Call-ID: e-1" in await core.recv_until(b"BYE ")
         assert b"Call-ID: e-1" in await caller.recv_until(b"BYE ")
+        status, body = await request("GET", guard.url + "/calls?number=+31201234567")
+        assert body["calls"] == []
+    finally:
+        await guard.server.stop()
+
+
+async def test_end_calls_ends_many_calls_a_batch_a_pass(
+    tmp_path: Path, peers: tuple[Peer, Peer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A suspension with end_calls ends its calls END_CALLS_BATCH a pass, the passes
+    END_CALLS_PAUSE_S apart (here one a pass, 0.3 s apart: three calls): the answer counts
+    all three, the first has ended as it comes, the others follow, and all three end."""
+    monkeypatch.setattr(server_module, "END_CALLS_BATCH", 1)
+    monkeypatch.setattr(server_module, "END_CALLS_PAUSE_S", 0.3)
+    caller, core = peers
+    guard = await start_guard(tmp_path, core)
+    try:
+        for n in range(3):
+            await answered_call(guard, caller, core, f"b-{n}", "+31201234567")
+        status, body = await request("POST", guard.url + "/suspensions", {
+            "number": "+31201234567", "end_calls": True, "reason": "fraud",
+        })
+        assert status == 201 and body["calls_ended"] == 3
+        status, body = await request("GET", guard.url + "/calls?number=+31201234567")
+        assert len(body["calls"]) == 2, body  # one a pass
+        ended = set()
+        for _ in range(12):  # (unanswered, sipguard's BYEs come again)
+            bye = await core.recv_until(b"BYE ")
+            ended.add(bye.split(b"Call-ID: ", 1)[1].split(b"\r\n", 1)[0])
+            if len(ended) == 3:
+                break
+        assert ended == {b"b-0", b"b-1", b"b-2"}
         status, body = await request("GET", guard.url + "/calls?number=+31201234567")
         assert body["calls"] == []
     finally:
