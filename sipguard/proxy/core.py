@@ -2259,15 +2259,19 @@ class Proxy:
             legs.append(probe)
 
     def _probe_of(self, dialog: Dialog, leg: str) -> keepalive.Probe | None:
-        """The probe of ``leg`` of the call (a forked call's other answered legs have their
-        own), else the call's own."""
+        """The probe of the answered leg ``leg`` (the core side's tag) of a call that came in:
+        the call's own, or another answered leg's of a forked call; None for a leg without
+        one. A call the core placed has one (its outside party's forks are not followed)."""
         key = key_of(dialog)
+        main = self.probes.get(key)
+        if dialog.outbound or (main is not None and main.leg == leg):
+            return main
         legs = self.leg_probes.get(key) if self.leg_probes else None
         if legs:
             for probe in legs:
                 if probe.leg == leg:
                     return probe
-        return self.probes.get(key)
+        return None
 
     def _end_dialog(self, dialog: Dialog, reason: str, now: float) -> None:
         """End a dialog exactly once, whatever ends it."""
