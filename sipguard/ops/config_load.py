@@ -168,11 +168,12 @@ def region_advice(cfg: Config) -> list[str]:
         if peer.default_region is not None:
             continue
         rules = peer.rules  # the top-level rules with the peer's overrides merged in
+        con, rate, dialer = rules.concurrency, rules.rate, rules.dialer
         keys = [key for key, on in (
             ("concurrency.per_callee",
-             rules.concurrency is not None and rules.concurrency.per_callee is not None),
-            ("rate.per_callee", rules.rate is not None and rules.rate.per_callee is not None),
-            ("dialer.pumping", rules.dialer is not None and rules.dialer.pumping is not None),
+             con is not None and con.enabled and con.per_callee is not None),
+            ("rate.per_callee", rate is not None and rate.enabled and rate.per_callee is not None),
+            ("dialer.pumping", dialer is not None and dialer.enabled and dialer.pumping is not None),
         ) if on]
         if keys:
             out.append(f"peer {peer.name!r} has no default_region: a called number it sends "

@@ -514,9 +514,12 @@ def load_list(ctx: BuildContext, path: Path) -> NumberSet:
     """A number list file as a NumberSet, reused across peers and reloads while the file is
     unchanged (same mtime and size): a million-line DNO list is read once, not per peer. A
     list read anew is remembered when the policy that read it is activated."""
+    key = str(path)
+    same = ctx.used_lists.get(key)
+    if same is not None:  # one list per file in one build, even if it changes meanwhile
+        return same[1]
     st = path.stat()
     stamp = (st.st_mtime_ns, st.st_size)
-    key = str(path)
     hit = ctx.pending_lists.get(key) or ctx.state.list_files.get(key)
     if hit is not None and hit[0] == stamp:
         ctx.used_lists[key] = hit

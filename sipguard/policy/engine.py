@@ -113,12 +113,15 @@ def build_peer(pc: PeerConfig, ctx: BuildContext | None = None) -> Peer:
     if pc.numbers or pc.numbers_file is not None:
         key = stamp = None
         if pc.numbers_file is not None and ctx is not None:
-            st = pc.numbers_file.stat()
-            stamp = (st.st_mtime_ns, st.st_size)
             key = "\n".join(("peer", str(pc.numbers_file), pc.default_region or "",
                              *pc.numbers))
-            hit = ctx.pending_lists.get(key) or ctx.state.list_files.get(key)
-            if hit is not None and hit[0] == stamp:
+            st = pc.numbers_file.stat()
+            stamp = (st.st_mtime_ns, st.st_size)
+            # one list per file in one build, even if the file changes meanwhile (a list
+            # this build uses is never retired by it)
+            hit = ctx.used_lists.get(key) or ctx.pending_lists.get(key) \
+                or ctx.state.list_files.get(key)
+            if hit is not None and (hit[0] == stamp or key in ctx.used_lists):
                 numbers = hit[1]
                 ctx.used_lists[key] = hit
         if numbers is None:

@@ -518,6 +518,9 @@ class Proxy:
         # a forking core's call answered more than once: the probes of its other answered
         # legs (at most 4*MAX_PINS a call), so that sipguard can end every leg
         self.leg_probes: dict[str, list[keepalive.Probe]] = {}
+        # ... and the core side's tags of its legs that have ended: a 2xx of one resent (its
+        # ACK lost) does not bring it back (at most 8*MAX_PINS a call)
+        self.ended_legs: dict[str, set[str]] = {}
         # the addresses of the cores reloads replaced (insertion-ordered, at most
         # MAX_FORMER_CORES): their in-dialog requests may still belong to calls up
         self.former_cores: dict[str, None] = {}
@@ -1649,7 +1652,9 @@ class Proxy:
                 dialog = ct.pins_for
                 if dialog is not None and dialog.state == CONFIRMED and \
                         _sent_there(flow, ct.flow) and msg.call_id == dialog.call_id and \
-                        (msg.from_tag or "") == dialog.caller_tag:
+                        (msg.from_tag or "") == dialog.caller_tag and not (
+                            self.ended_legs and (msg.to_tag or "") in
+                            self.ended_legs.get(key_of(dialog), ())):
                     self._pin(dialog, msg.to_tag or "", msg, True)
                     self._add_leg(dialog, msg)
             return
@@ -2202,6 +2207,11 @@ class Proxy:
         legs = self.leg_probes.get(key)
         if legs is not None:  # the ended leg's probe goes: nothing sipguard sends names it
             legs[:] = [p for p in legs if p.leg != leg]
+        ended = self.ended_legs.get(key)
+        if ended is None:
+            ended = self.ended_legs[key] = set()
+        if len(ended) < 8 * MAX_PINS:
+            ended.add(leg)
         if forks:
             if leg == dialog.pin_tag:  # its fields take another leg's pin, answered first
                 other = next((t for t, p in forks.items() if p[2]), None)
@@ -2291,6 +2301,8 @@ class Proxy:
             TimerQueue.cancel(probe.timer)
         if self.leg_probes:
             self.leg_probes.pop(key, None)
+        if self.ended_legs:
+            self.ended_legs.pop(key, None)
         self.admission.dialog_ended(dialog, now)
         self.events.append(DialogEnded(dialog, reason))
 
@@ -2446,6 +2458,10 @@ class Proxy:
         free its slots with a 481 while its call goes on at the core."""
         reason = "bye_unanswered" if probe.after_bye and toward_core else "keepalive_failed"
         dialog = probe.dialog
+        key = key_of(dialog)
+        if self.probes.get(key) is not probe and (
+                not self.leg_probes or probe not in self.leg_probes.get(key, ())):
+            return  # a leg that has ended meanwhile (or the call): its answer ends nothing
         if status in (408, 481) and dialog.state != TERMINATED and self._other_legs(probe):
             # one leg of a forked call that another answered leg keeps up: that leg ends
             # (the core's side of it too when the outside party has forgotten it)

@@ -404,7 +404,7 @@ def test_peers_without_a_region_under_called_number_limits_are_noted(tmp_path: P
     """A peer without default_region under a limit on the called number: its national
     spellings of one number (16465558800, 6465558800) are counted apart, so check-config says
     so (stderr, still OK, exit 0) — and not for a peer with a region, or one whose own rules
-    turn those limits off."""
+    turn those limits (or the rules) off."""
     text = MINIMAL + (
         "rules:\n  concurrency: {per_callee: 2}\n  rate: {per_callee: {rate: 3, burst: 3}}\n"
         "peers:\n"
@@ -412,6 +412,8 @@ def test_peers_without_a_region_under_called_number_limits_are_noted(tmp_path: P
         "  - {name: pb, networks: [127.0.0.4/32]}\n"
         "  - {name: pc, networks: [127.0.0.5/32],\n"
         "     rules: {concurrency: {per_callee: null}, rate: {per_callee: null}}}\n"
+        "  - {name: pd, networks: [127.0.0.6/32],\n"
+        "     rules: {concurrency: {enabled: false}, rate: {enabled: false}}}\n"
     )
     (advice,) = region_advice(parse_config(text))
     assert "'pb'" in advice and "concurrency.per_callee, rate.per_callee" in advice

@@ -306,3 +306,19 @@ def test_building_a_large_number_list_lets_another_thread_run(tmp_path: Path) ->
         last = now
     worker.join()
     assert max(gaps) < took[0] / 4, (max(gaps), took[0])
+
+
+def test_one_build_reads_a_list_file_once_even_if_it_changes_meanwhile(tmp_path: Path) -> None:
+    """Two rules of one build load the same dno_file, which changes between them (a sync job
+    rewriting it during a reload): both get the same list, and activating the policy retires
+    none it uses (an emptied list would let its numbers through)."""
+    from sipguard.policy.callerid import load_list
+    from sipguard.policy.engine import BuildContext
+    path = tmp_path / "dno.txt"
+    path.write_text("+18005550000\n")
+    state = RuleState()
+    first = Policy(parse_config(BASE), state)
+    ctx = BuildContext(first.cfg, state)
+    one = load_list(ctx, path)
+    path.write_text("+18005550000\n+18005550001\n")
+    assert load_list(ctx, path) is one

@@ -862,6 +862,36 @@ def test_one_legs_unanswered_bye_or_failed_keepalive_ends_that_leg_only() -> Non
             for f, m in out if m.method == "OPTIONS"} == {(False, "e2"), (True, "e2")}
 
 
+def test_a_resent_2xx_of_an_ended_leg_brings_it_not_back() -> None:
+    """The caller hangs up the second leg; the core resends that leg's 200 (its ACK lost):
+    the leg stays ended — the first leg's BYE then ends the call and frees its slot."""
+    h = PolicyHarness("rules:\n  concurrency: {per_caller: 1}\n")
+    _, fwd = h.call(1)
+    assert fwd is not None
+    for n in (1, 2):
+        h.send(answer(fwd, 200, "OK", to_tag=f"e{n}"), src=CORE)
+        h.send(in_dialog("ACK", call_id="call-1", cseq=1, branch=f"z9hG4bK-a{n}",
+                         to_tag=f"e{n}"))
+    h.bye(1, to_tag="e2")
+    h.send(answer(fwd, 200, "OK", to_tag="e2"), src=CORE)  # resent
+    h.bye(1, cseq=3, to_tag="e1")
+    assert h.ended() == ["bye_caller"] and h.count("caller", "+12125550100") == 0
+
+
+def test_a_late_answer_to_a_keepalive_in_an_ended_leg_ends_nothing() -> None:
+    """Keep-alives on: sipguard's OPTIONS in the first leg crosses the caller's BYE of that
+    leg; the call is kept on the second; the caller's 481 to that OPTIONS comes after — it
+    ends nothing (no BYE in the second leg, the slot held)."""
+    h = PolicyHarness("rules:\n  concurrency: {per_caller: 1}\n", dialog_keepalive=30.0)
+    _answered_twice(h)
+    out = h.advance(30.0)
+    [to_caller] = [m for f, m in out if m.method == "OPTIONS" and f.addr == CALLER]
+    h.bye(1, to_tag="e1")
+    out = h.send(answer(to_caller, 481, "Call/Transaction Does Not Exist"), src=CALLER)
+    assert _leg_byes(out) == []
+    assert h.ended() == [] and h.count("caller", "+12125550100") == 1
+
+
 def test_in_dialog_requests_of_a_call_go_on_past_the_byte_budget_only_a_quarter() -> None:
     """sip.max_transaction_bytes full: a request within a call in progress still goes on, up
     to a quarter more bytes; beyond, it hears 503 too — one call cannot hold unbounded bytes."""
