@@ -281,9 +281,9 @@ def test_a_reload_reuses_unchanged_number_lists_and_retires_the_others(tmp_path:
 
 def test_building_a_large_number_list_lets_another_thread_run(tmp_path: Path) -> None:
     """Reading, building and emptying a 300,000-line list in a thread (as a reload does, with
-    the shell's pause) lets go of the GIL every few thousand entries: the longest the main
-    thread waits is a small share of the build, not all of it (compiled code would otherwise
-    hold the GIL throughout)."""
+    the shell's pause) lets go of the GIL every few thousand entries: the main thread gets
+    through many times, its usual wait a small share of the build (without the pause: 6
+    times, a median wait of 30 of 170 ms — compiled code holds the GIL throughout)."""
     path = tmp_path / "big.txt"
     path.write_text("".join(f"+1212{i:07d}\n" for i in range(300_000)))
     done = threading.Event()
@@ -305,7 +305,10 @@ def test_building_a_large_number_list_lets_another_thread_run(tmp_path: Path) ->
         gaps.append(now - last)
         last = now
     worker.join()
-    assert max(gaps) < took[0] / 4, (max(gaps), took[0])
+    # held throughout, the main thread would get through once or twice; a sporadic delay of
+    # the OS (a busy machine) moves one gap, not the count
+    assert len(gaps) >= 10 and sorted(gaps)[len(gaps) // 2] < took[0] / 10, (
+        len(gaps), max(gaps), took[0])
 
 
 def test_one_build_reads_a_list_file_once_even_if_it_changes_meanwhile(tmp_path: Path) -> None:
