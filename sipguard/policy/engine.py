@@ -37,14 +37,7 @@ from typing import Any
 from sipguard.contract import CallInfo, Dialog, Flow, Verdict
 from sipguard.policy import callerid, concurrency, dialer, flood, identity, national_cli, rate
 from sipguard.policy.numbers import e164_pattern, to_e164
-from sipguard.policy.peers import (
-    YIELD_EVERY,
-    NumberSet,
-    Pause,
-    Peer,
-    PeerTable,
-    read_number_file,
-)
+from sipguard.policy.peers import NumberSet, Pause, Peer, PeerTable, read_number_file
 from sipguard.policy.pipeline import Pipeline, Rule, Shared
 from sipguard.policy.schema import PeerConfig, RulesConfig
 from sipguard.policy.schema import PolicyConfig as Config
@@ -142,10 +135,7 @@ def _peer_numbers(pc: PeerConfig, pause: Pause) -> NumberSet:
             patterns = read_number_file(pc.numbers_file, pause)
         except ValueError as exc:
             raise ValueError(f"peer {pc.name}: numbers_file: {exc}") from None
-        for n, pattern in enumerate(patterns, 1):
-            numbers.add(pattern)
-            if pause is not None and n % YIELD_EVERY == 0:
-                pause()
+        numbers.extend(patterns, pause)
     region = pc.default_region
     if region is not None:
         national = [p for p in (*pc.numbers, *patterns) if not p.strip().startswith("+")]

@@ -43,6 +43,10 @@ class NumberSet:
         self.prefixes: set[str] = set()
         self.match_all = False
         self._lengths: list[int] = []  # distinct prefix lengths, ascending
+        self.extend(patterns, pause)
+
+    def extend(self, patterns: Iterable[str], pause: Pause = None) -> None:
+        """:meth:`add` each of ``patterns``, calling ``pause`` every ``YIELD_EVERY``."""
         for n, raw in enumerate(patterns, 1):
             self.add(raw)
             if pause is not None and n % YIELD_EVERY == 0:
