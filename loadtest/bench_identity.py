@@ -18,7 +18,9 @@ and, once per certificate (cache miss), ``chain``: PEM parse + chain validation 
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -87,6 +89,7 @@ def main() -> None:
     n = args.n
     pki = Pki()
     tmp = Path(tempfile.mkdtemp(prefix="bench-identity-"))
+    atexit.register(shutil.rmtree, tmp, True)  # the test PKI goes with the run
     anchors_dir, _ = pki.write(tmp)
     wall = float(int(time.time()))
     tokens = [sign_passport(pki.leaf_key, URL, iat=int(wall), origid=f"00000000-0000-0000-0000-{i:012d}")
