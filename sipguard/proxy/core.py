@@ -2459,10 +2459,11 @@ class Proxy:
         reason = "bye_unanswered" if probe.after_bye and toward_core else "keepalive_failed"
         dialog = probe.dialog
         key = key_of(dialog)
-        if self.probes.get(key) is not probe and (
-                not self.leg_probes or probe not in self.leg_probes.get(key, ())):
+        legs = self.leg_probes.get(key) if self.leg_probes else None
+        if self.probes.get(key) is not probe and (legs is None or probe not in legs):
             return  # a leg that has ended meanwhile (or the call): its answer ends nothing
-        if status in (408, 481) and dialog.state != TERMINATED and self._other_legs(probe):
+        # the probe is the call's own or one of ``legs``: another leg is up when ``legs`` has one
+        if status in (408, 481) and dialog.state != TERMINATED and legs:
             # one leg of a forked call that another answered leg keeps up: that leg ends
             # (the core's side of it too when the outside party has forgotten it)
             if not toward_core:
@@ -2475,16 +2476,6 @@ class Proxy:
             self._end_dialog(probe.dialog, reason, now)
         elif toward_core:
             probe.after_bye = False  # the core still has the call
-
-    def _other_legs(self, probe: keepalive.Probe) -> bool:
-        """The call of ``probe`` has another answered leg with a probe than ``probe``'s."""
-        if not self.leg_probes:
-            return False
-        key = key_of(probe.dialog)
-        legs = self.leg_probes.get(key)
-        if not legs:
-            return False
-        return any(p is not probe for p in legs) or self.probes.get(key) is not probe
 
     def _arm_sweep(self, now: float) -> None:
         if self._sweep is None:
