@@ -917,8 +917,8 @@ class Server:
         are ended at once (answered: BYE both ways; ringing: CANCEL toward the called side;
         ``reason=suspended``)."""
         now = self.loop.time()
-        entry, ended = self._suspend_here(key, reason, by, ttl, end_calls, now,
-                                          keep_expiry=keep_expiry)
+        entry, ending = self._suspend_here(key, reason, by, ttl, end_calls, now,
+                                           keep_expiry=keep_expiry)
         if self.shared_lists is not None:
             self.shared_lists.suspension_changed(key)
         told = 0
@@ -927,6 +927,7 @@ class Server:
                                         "ttl": ttl, "end_calls": end_calls,
                                         "keep_expiry": keep_expiry})
         saved = await self.save_suspensions()
+        ended = await ending  # the calls ended, the last batch too (see _suspend_here)
         shown = entry.as_dict(now)
         field = "prefix" if entry.prefix else "number"
         shown[field] = self._shown(shown[field])
@@ -945,38 +946,56 @@ class Server:
 
     def _suspend_here(self, key: str, reason: str, by: str, ttl: float | None,
                       end_calls: bool, now: float, keep_expiry: bool = False,
-                      **via: str) -> tuple[Suspension, int]:
+                      **via: str) -> tuple[Suspension, asyncio.Future[int]]:
         """Suspend ``key`` in this process (and end its calls if asked), logged; the entry and
-        how many calls were ended. ``via``: where the change came from, for the log line."""
+        a future of how many calls were ended (done at once unless there are more than a
+        batch). ``via``: where the change came from, for the log line."""
         entry = self.state.suspensions.add(key, reason, by, now, ttl, keep_expiry, "admin-api")
-        ended = 0
-        if end_calls:
-            # a few hundred calls a pass, the passes 10 ms apart: ending tens of thousands in
-            # one would hold the loop for most of a second, and their BYEs' retransmissions
-            # would all come due together
-            calls = self.core.calls_of(_matcher(key))
-            ended = self.core.end_these(calls[:END_CALLS_BATCH], "suspended", now)
-            if len(calls) > END_CALLS_BATCH:
-                ended += len(calls) - END_CALLS_BATCH
-                self.loop.call_later(END_CALLS_PAUSE_S, self._end_calls_later,
-                                     calls[END_CALLS_BATCH:])
+        calls = self.core.calls_of(_matcher(key)) if end_calls else []
+        # a few hundred calls a pass, the passes 10 ms apart: ending tens of thousands in
+        # one would hold the loop for most of a second, and their BYEs' retransmissions
+        # would all come due together
+        ended = self.core.end_these(calls[:END_CALLS_BATCH], "suspended", now) if calls else 0
+        if calls:
             self._schedule_flush()
+        ending: asyncio.Future[int] = self.loop.create_future()
+        if len(calls) > END_CALLS_BATCH:
+            self._start(self._end_in_batches(entry, calls[END_CALLS_BATCH:], ended, ending,
+                                             via))
+        else:
+            self._log_suspended(entry, end_calls, ended, now, via)
+            ending.set_result(ended)
+        return entry, ending
+
+    async def _end_in_batches(self, entry: Suspension, calls: list[Dialog], ended: int,
+                              ending: asyncio.Future[int], via: dict[str, str]) -> None:
+        """The rest of a suspension's calls, END_CALLS_BATCH a pass, END_CALLS_PAUSE_S apart,
+        for as long as the key stays suspended (a lift, or its expiry, stops it); then its
+        ``suspension_added`` line with the calls ended."""
+        try:
+            while calls:
+                await asyncio.sleep(END_CALLS_PAUSE_S)
+                held = self.state.suspensions.get(entry.key)
+                if held is None or not held.live(self.loop.time()):
+                    break
+                batch, calls = calls[:END_CALLS_BATCH], calls[END_CALLS_BATCH:]
+                ended += self.core.end_these(batch, "suspended", self.loop.time())
+                self._schedule_flush()
+        finally:
+            self._log_suspended(entry, True, ended, self.loop.time(), via)
+            if not ending.done():
+                ending.set_result(ended)
+
+    def _log_suspended(self, entry: Suspension, end_calls: bool, ended: int, now: float,
+                       via: dict[str, str]) -> None:
         self.log.info(
-            "suspension_added", **{"prefix" if entry.prefix else "number": self._shown(key)},
+            "suspension_added",
+            **{"prefix" if entry.prefix else "number": self._shown(entry.key)},
             by=entry.by, reason=entry.reason,
             expires=None if entry.expires is None else round(entry.expires - now, 3),
             end_calls=end_calls,
             calls_ended=ended, **via,
         )
-        return entry, ended
-
-    def _end_calls_later(self, calls: list[Dialog]) -> None:
-        """The next batch of a suspension's calls to end (see :meth:`_suspend_here`)."""
-        self.core.end_these(calls[:END_CALLS_BATCH], "suspended", self.loop.time())
-        if len(calls) > END_CALLS_BATCH:
-            self.loop.call_later(END_CALLS_PAUSE_S, self._end_calls_later,
-                                 calls[END_CALLS_BATCH:])
-        self._schedule_flush()
 
     async def unsuspend(self, key: str, by: str) -> dict[str, Any] | None:
         entry = self.state.suspensions.lift(key)

@@ -230,6 +230,11 @@ _NO_PAI: Final[tuple[tuple[str, str | None], ...]] = (("p-asserted-identity", No
 HOLD_MIN_S: Final = 0.02
 # The largest UDP payload over IPv4 (65,535 less the IP and UDP headers)
 MAX_DATAGRAM: Final = 65_507
+# calls the once-a-second sweep ends a pass when many fall due in one second (a burst of
+# calls reaching its maximum lifetime together): the rest go in passes SWEEP_PAUSE_S apart,
+# so ending them neither holds the loop nor sends every BYE (and its retransmissions) at once
+SWEEP_BATCH: Final = 500
+SWEEP_PAUSE_S: Final = 0.01
 # Addresses of cores a reload replaced, whose calls may still be up (see Proxy._is_core)
 MAX_FORMER_CORES: Final = 16
 
@@ -514,6 +519,7 @@ class Proxy:
         # dialog id is a merged request (482), never a second slot under one lease
         self.deciding: set[str] = set()  # dialog_key()s of the INVITEs being decided
         self._sweep: TimerEntry | None = None
+        self._sweep_backlog: list[Dialog] = []  # due, not yet ended (SWEEP_BATCH)
         self.probes: dict[str, keepalive.Probe] = {}  # dialogs kept alive
         # a forking core's call answered more than once: the probes of its other answered
         # legs (at most 4*MAX_PINS a call), so that sipguard can end every leg
@@ -2482,12 +2488,18 @@ class Proxy:
             self._sweep = self.timers.add(now + 1.0, self._on_sweep_dialogs)
 
     def _sweep_dialogs(self, _: object, now: float) -> None:
-        """End dialogs whose session timer or maximum lifetime has passed (a timer callback:
-        its argument is None). An answered call is ended with a BYE to each side, as
+        """End dialogs whose session timer or maximum lifetime has passed, SWEEP_BATCH a pass
+        (a timer callback: its argument is None). An answered call is ended with a BYE to each side, as
         ``end_call`` does: forgetting it alone would leave both ends up, and the caller's own
         BYE or refresh later would hear 481 and never reach the core."""
         self._sweep = None
-        for dialog in self.table.due(now):
+        backlog = self._sweep_backlog
+        backlog.extend(self.table.due(now))
+        batch = backlog[:SWEEP_BATCH]
+        del backlog[:SWEEP_BATCH]
+        for dialog in batch:
+            if dialog.state == TERMINATED or dialog.expires > now:
+                continue  # ended, or its session refreshed, while it waited in the backlog
             if dialog.expires >= dialog.hard_expires:
                 reason = "lifetime"
             elif not dialog.acked and dialog.routed and dialog.state == CONFIRMED:
@@ -2501,7 +2513,9 @@ class Proxy:
                 ended = False
             if not ended:
                 self._end_dialog(dialog, reason, now)
-        if self.dialogs:
+        if backlog:
+            self._sweep = self.timers.add(now + SWEEP_PAUSE_S, self._on_sweep_dialogs)
+        elif self.dialogs:
             self._arm_sweep(now)
 
     def live_dialogs(self) -> int:

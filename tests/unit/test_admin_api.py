@@ -432,8 +432,9 @@ async def test_end_calls_ends_many_calls_a_batch_a_pass(
     tmp_path: Path, peers: tuple[Peer, Peer], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A suspension with end_calls ends its calls END_CALLS_BATCH a pass, the passes
-    END_CALLS_PAUSE_S apart (here one a pass, 0.3 s apart: three calls): the answer counts
-    all three, the first has ended as it comes, the others follow, and all three end."""
+    END_CALLS_PAUSE_S apart (here one a pass, 0.3 s apart: three calls): while the batches
+    go the first call has ended and the others are up; the answer comes after the last
+    batch and counts all three."""
     monkeypatch.setattr(server_module, "END_CALLS_BATCH", 1)
     monkeypatch.setattr(server_module, "END_CALLS_PAUSE_S", 0.3)
     caller, core = peers
@@ -441,12 +442,14 @@ async def test_end_calls_ends_many_calls_a_batch_a_pass(
     try:
         for n in range(3):
             await answered_call(guard, caller, core, f"b-{n}", "+31201234567")
-        status, body = await request("POST", guard.url + "/suspensions", {
+        suspending = asyncio.ensure_future(request("POST", guard.url + "/suspensions", {
             "number": "+31201234567", "end_calls": True, "reason": "fraud",
-        })
-        assert status == 201 and body["calls_ended"] == 3
+        }))
+        await asyncio.sleep(0.15)
         status, body = await request("GET", guard.url + "/calls?number=+31201234567")
         assert len(body["calls"]) == 2, body  # one a pass
+        status, body = await suspending
+        assert status == 201 and body["calls_ended"] == 3
         ended = set()
         for _ in range(12):  # (unanswered, sipguard's BYEs come again)
             bye = await core.recv_until(b"BYE ")
@@ -456,6 +459,33 @@ async def test_end_calls_ends_many_calls_a_batch_a_pass(
         assert ended == {b"b-0", b"b-1", b"b-2"}
         status, body = await request("GET", guard.url + "/calls?number=+31201234567")
         assert body["calls"] == []
+    finally:
+        await guard.server.stop()
+
+
+async def test_lifting_a_suspension_stops_its_batches_of_calls_to_end(
+    tmp_path: Path, peers: tuple[Peer, Peer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A suspension lifted while its calls are being ended a batch at a time ends no more:
+    the calls of later batches stay up, and calls_ended counts only the calls it ended."""
+    monkeypatch.setattr(server_module, "END_CALLS_BATCH", 1)
+    monkeypatch.setattr(server_module, "END_CALLS_PAUSE_S", 0.3)
+    caller, core = peers
+    guard = await start_guard(tmp_path, core)
+    try:
+        for n in range(3):
+            await answered_call(guard, caller, core, f"l-{n}", "+31201234567")
+        suspending = asyncio.ensure_future(request("POST", guard.url + "/suspensions", {
+            "number": "+31201234567", "end_calls": True, "reason": "mistake",
+        }))
+        await asyncio.sleep(0.15)
+        status, _ = await request("DELETE", guard.url + "/suspensions/%2B31201234567")
+        assert status == 200
+        status, body = await suspending
+        assert status == 201 and body["calls_ended"] == 1
+        await asyncio.sleep(0.4)
+        status, body = await request("GET", guard.url + "/calls?number=+31201234567")
+        assert len(body["calls"]) == 2, body
     finally:
         await guard.server.stop()
 

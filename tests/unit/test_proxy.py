@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from sipguard.contract import (
     CallInfo,
     DialogEnded,
@@ -406,6 +408,50 @@ def test_dialog_lifetime_frees_a_lost_call() -> None:
     assert [e.reason for e in h.events if isinstance(e, DialogEnded)] == ["lifetime"]
     assert h.proxy.live_dialogs() == 0
     assert {m.method for m in _to(out, CORE)} == {m.method for m in _to(out, CALLER)} == {"BYE"}
+
+
+def test_calls_reaching_their_lifetime_together_end_a_batch_a_pass() -> None:
+    """1,200 calls set up in one second reach their maximum lifetime in one second: the
+    sweep ends SWEEP_BATCH of them a pass, the next passes SWEEP_PAUSE_S apart, until all
+    have ended with a BYE to each side; a call whose caller hangs up while it waits is
+    passed over (one end, one BYE pair)."""
+    from sipguard.proxy.core import SWEEP_BATCH, SWEEP_PAUSE_S
+
+    h = Harness(max_dialog_lifetime=60.0)
+    calls = 1_200
+    for n in range(calls):
+        ids = {"call_id": f"burst-{n}@caller", "branch": f"z9hG4bK-b{n}"}
+        req = _to(h.send(invite(**ids)), CORE)[0]
+        h.send(answer(req, 200, "OK"), src=CORE)
+        h.send(in_dialog("ACK", call_id=ids["call_id"], cseq=1, branch=f"z9hG4bK-a{n}"))
+    assert h.proxy.live_dialogs() == calls
+    h.take_events()
+    h.advance(59.0)
+    deadline = h.proxy.next_deadline()
+    assert deadline is not None
+    h.now = max(h.now, deadline)
+    h.fire_timers()  # the first pass at the lifetime's second
+    h._drain()
+    ended = [e for e in h.events if isinstance(e, DialogEnded)]
+    assert len(ended) == SWEEP_BATCH and {e.reason for e in ended} == {"lifetime"}
+    assert h.proxy.live_dialogs() == calls - SWEEP_BATCH
+    assert h.proxy.next_deadline() == pytest.approx(h.now + SWEEP_PAUSE_S)
+    # the caller of a call still waiting hangs up meanwhile: that call ends by its BYE
+    waiting = next(n for n in range(calls) if f"burst-{n}@caller" not in
+                   {e.dialog.call_id for e in ended})
+    bye = _to(h.send(in_dialog("BYE", call_id=f"burst-{waiting}@caller", cseq=2,
+                               branch="z9hG4bK-bye")), CORE)[0]
+    h.send(answer(bye, 200, "OK"), src=CORE)
+    out = h.advance(1.0)
+    ended = [e for e in h.events if isinstance(e, DialogEnded)]
+    assert len(ended) == calls and h.proxy.live_dialogs() == 0
+    assert len({e.dialog.call_id for e in ended}) == calls
+    first = {e.dialog.call_id for e in ended[:SWEEP_BATCH]}
+    rest = {f"burst-{n}@caller" for n in range(calls)} - first - {f"burst-{waiting}@caller"}
+    to_caller = {m.call_id for m in _to(out, CALLER) if m.method == "BYE" and not m.status}
+    to_core = {m.call_id for m in _to(out, CORE) if m.method == "BYE" and not m.status}
+    assert rest <= to_caller and f"burst-{waiting}@caller" not in to_caller
+    assert rest <= to_core and f"burst-{waiting}@caller" not in to_core
 
 
 def test_stray_response_is_dropped_and_reported() -> None:
