@@ -21,10 +21,8 @@ import asyncio
 import contextlib
 import ctypes
 import ipaddress
-import json
 import os
 import socket
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine
@@ -47,10 +45,16 @@ from sipguard.ops.overload import OverloadWatcher, ReceiveQueue
 from sipguard.ops.privacy import NumberPrivacy, number_privacy
 from sipguard.ops.reload import ReloadResult, changed_keys, failure, held_back
 from sipguard.ops.shared_lists import SharedLists
+from sipguard.ops.suspension_file import StateFileError, SuspensionFile
 from sipguard.policy.engine import Policy
 from sipguard.policy.peers import NumberSet
 from sipguard.policy.state import RuleState
-from sipguard.policy.suspensions import Suspension, SuspensionStore, suspension_key
+from sipguard.policy.suspensions import (
+    Suspension,
+    SuspensionStore,
+    dump_entry,
+    suspension_key,
+)
 from sipguard.proxy.core import MAX_FORMER_CORES, Proxy
 from sipguard.proxy.routing import local_for, remember
 from sipguard.proxy.settings import ProxySettings
@@ -78,7 +82,6 @@ FLUSH_EVERY = 8
 MAX_RESOLVING = 256
 MAX_WAITING_PER_NAME = 64
 UNRESOLVED_S = 30.0
-SUSPENSIONS_FILE = "suspensions.json"  # in state_dir
 # number lists a reload replaced are emptied (off the loop) this long after it
 RETIRED_LISTS_AFTER_S = 60.0
 # a suspension's end_calls: this many calls ended per pass of the loop, the passes this far apart
@@ -338,6 +341,12 @@ class Server:
         # several workers: asks the supervisor to reload the others (cli sets it)
         self.reload_others: Callable[[], None] | None = None
         self._save_lock = asyncio.Lock()  # one suspensions file write at a time
+        state_dir = self.cfg.state_dir  # (a restart key: a reload never changes it)
+        self._suspension_file = None if state_dir is None else SuspensionFile(Path(state_dir))
+        self._journal_pending: list[dict[str, Any]] = []  # changes not yet written
+        self._save_asked = 0  # save_suspensions calls so far
+        self._saved_upto = 0  # the calls the last write covered, and its result
+        self._save_ok = True
         # state.backend redis: suspensions and flood bans kept equal on every instance
         self.shared_lists: SharedLists | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -926,6 +935,7 @@ class Server:
             told = self.link.broadcast({"op": "suspend", "key": key, "reason": reason, "by": by,
                                         "ttl": ttl, "end_calls": end_calls,
                                         "keep_expiry": keep_expiry})
+        self._journal({"add": dump_entry(entry, self.state.wall_offset)})
         saved = await self.save_suspensions()
         ended = await ending  # the calls ended, the last batch too (see _suspend_here)
         shown = entry.as_dict(now)
@@ -1010,49 +1020,66 @@ class Server:
             by=by,
             reason=entry.reason, expires=None, end_calls=False, calls_ended=0,
         )
+        self._journal({"lift": key})
         saved = await self.save_suspensions()
         lifted: dict[str, Any] = {"lifted": self._shown(key), "saved": saved}
         if not saved and self.cfg.state_dir is not None:
             lifted["save_failed"] = True
         return lifted
 
-    def _suspensions_path(self) -> Path | None:
-        state_dir = self.cfg.state_dir
-        return None if state_dir is None else Path(state_dir) / SUSPENSIONS_FILE
+    def _journal(self, change: dict[str, Any]) -> None:
+        """A change for state_dir's journal, written by the next :meth:`save_suspensions`."""
+        if self._suspension_file is not None:
+            self._journal_pending.append(change)
 
     async def save_suspensions(self) -> bool:
-        """Write the API's suspensions to ``state_dir`` (atomically, off the loop); False when
-        there is no state_dir or the write failed (logged)."""
-        path = self._suspensions_path()
-        if path is None:
+        """Append the changes made so far to ``state_dir``'s journal, synced, off the loop;
+        False when there is no state_dir or the write failed (logged; the changes are kept
+        for the next write). Changes made while a write is under way go in one next write
+        together, and every caller waiting on them hears its result."""
+        file = self._suspension_file
+        if file is None:
             return False
-        data = self.state.suspensions.dump(self.state.wall_offset)
+        self._save_asked += 1
+        asked = self._save_asked
         async with self._save_lock:
+            if self._saved_upto >= asked:
+                return self._save_ok  # a write that started after this change took it
+            changes, self._journal_pending = self._journal_pending, []
+            upto = self._save_asked
             try:
-                await asyncio.to_thread(_write_atomic, path, {"suspensions": data})
+                if changes:
+                    await asyncio.to_thread(file.append, changes)
+                ok = True
             except OSError as exc:
+                self._journal_pending[:0] = changes
                 self.counters["state_save_failed"] += 1
-                self.log.error("suspensions_save_failed", file=str(path), error=str(exc))
-                return False
-        return True
+                self.log.error("suspensions_save_failed", file=str(file.journal),
+                               error=str(exc))
+                ok = False
+            self._saved_upto, self._save_ok = upto, ok
+            return ok
 
     async def _load_suspensions(self) -> None:
-        path = self._suspensions_path()
-        if path is None:
+        """The suspensions of ``state_dir`` (snapshot and journal), then a compaction: the
+        journal starts empty and lifted numbers leave the disk."""
+        file = self._suspension_file
+        if file is None:
             return
         try:
-            text = await asyncio.to_thread(_read_state, path)
-        except OSError as exc:
-            raise StartupError(f"cannot use state_dir {path.parent}: {exc.strerror or exc}") \
-                from None
-        if text is None:
-            return
-        try:
-            items = json.loads(text)["suspensions"]
+            items, skipped = await asyncio.to_thread(file.read)
             loaded = self.state.suspensions.load(items, self.state.wall_offset, self.loop.time())
-        except (ValueError, KeyError, TypeError) as exc:
-            raise StartupError(f"cannot read suspensions from {path}: {exc}") from None
-        self.log.info("suspensions_loaded", file=str(path), count=loaded)
+            await asyncio.to_thread(file.compact)
+        except OSError as exc:
+            raise StartupError(f"cannot use state_dir {file.snapshot.parent}: "
+                               f"{exc.strerror or exc}") from None
+        except (ValueError, KeyError, TypeError) as exc:  # StateFileError among them
+            raise StartupError(str(exc) if isinstance(exc, StateFileError) else
+                               f"cannot read suspensions from {file.snapshot}: {exc}") from None
+        if skipped:
+            self.log.warning("suspensions_journal_skipped", file=str(file.journal),
+                             lines=skipped[:20], count=len(skipped))
+        self.log.info("suspensions_loaded", file=str(file.snapshot), count=loaded)
 
     async def _start_shared_lists(self) -> None:
         """With ``state.backend: redis``: share the suspensions and flood bans with every other
@@ -1089,19 +1116,24 @@ class Server:
 
     def _shared_suspensions(self, added: list[Suspension], lifted: list[Suspension]) -> None:
         """Suspensions changed on another instance (or found changed in Redis): logged like
-        local ones, and the state_dir file rewritten."""
+        local ones, and written to state_dir's journal."""
         for entry, event in [(e, "suspension_added") for e in added] + \
                 [(e, "suspension_lifted") for e in lifted]:
             self.log.info(
                 event, **{"prefix" if entry.prefix else "number": self._shown(entry.key)},
                 by=entry.by, reason=entry.reason, via="shared",
             )
-        if self.cfg.state_dir is not None:
+        offset = self.state.wall_offset
+        for entry in added:
+            self._journal({"add": dump_entry(entry, offset)})
+        for entry in lifted:
+            self._journal({"lift": entry.key})
+        if self._suspension_file is not None:
             self._start(self._save_quietly())
 
     def _on_worker_change(self, change: dict[str, Any]) -> None:
         """An operator's change another worker applied (:mod:`sipguard.transport.worker_link`):
-        applied here too and logged with ``via=worker``; that worker wrote state_dir's file."""
+        applied here too and logged with ``via=worker``; that worker wrote state_dir's journal."""
         op, now = change.get("op"), self.loop.time()
         try:
             if op == "suspend":
@@ -1133,8 +1165,7 @@ class Server:
                 **{"prefix" if entry.prefix else "number": self._shown(entry.key)},
                 by="expiry", reason=entry.reason, expires=None, end_calls=False, calls_ended=0,
             )
-        if ended:
-            self._start(self._save_quietly())
+        # (nothing to write: an entry that ran out is dropped when the file is read)
 
     async def _save_quietly(self) -> None:
         await self.save_suspensions()
@@ -1447,34 +1478,6 @@ def _redact(value: Any, name: str = "") -> Any:
         userinfo, _, host = rest.rpartition("@")
         return f"{scheme}://{userinfo.split(':', 1)[0]}:{REDACTED}@{host}"
     return value
-
-
-def _write_atomic(path: Path, data: Any) -> None:
-    """Write JSON to ``path`` through a temporary file in its folder and os.replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=1)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def _read_state(path: Path) -> str | None:
-    """The state file's text, None when there is none yet (the folder is made). A folder
-    sipguard cannot write to is an OSError now, not a suspension lost at the next restart."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not os.access(path.parent, os.W_OK | os.X_OK):
-        raise PermissionError(13, "not writable by this user", str(path.parent))
-    try:
-        return path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return None
 
 
 def _bracketed(host: str) -> str:

@@ -161,16 +161,7 @@ class SuspensionStore:
     # ------------------------------------------------------------------ persistence (data only)
     def dump(self, wall_offset: float) -> list[dict[str, Any]]:
         """Every entry as plain data with Unix times (``wall_offset`` = Unix time − loop time)."""
-        return [
-            {
-                "key": e.key,
-                "reason": e.reason,
-                "by": e.by,
-                "created": e.created + wall_offset,
-                "expires": None if e.expires is None else e.expires + wall_offset,
-            }
-            for e in self.entries()
-        ]
+        return [dump_entry(e, wall_offset) for e in self.entries()]
 
     def load(self, items: Iterable[dict[str, Any]], wall_offset: float, now: float) -> int:
         """Add the entries of a :meth:`dump` that have not run out; how many. Raises ValueError
@@ -189,3 +180,14 @@ class SuspensionStore:
                 self._put(entry)
                 added += 1
         return added
+
+
+def dump_entry(entry: Suspension, wall_offset: float) -> dict[str, Any]:
+    """One entry as :meth:`SuspensionStore.dump` gives it."""
+    return {
+        "key": entry.key,
+        "reason": entry.reason,
+        "by": entry.by,
+        "created": entry.created + wall_offset,
+        "expires": None if entry.expires is None else entry.expires + wall_offset,
+    }

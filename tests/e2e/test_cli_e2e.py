@@ -206,7 +206,7 @@ def test_operator_verbs_against_a_running_sipguard(tmp_path: Path) -> None:
         assert "sip.max_message_size" in res.stderr and "Traceback" not in res.stderr
         # the state file cannot be written any more (a directory in its place): in force,
         # but the operator hears it will not survive a restart
-        state = tmp_path / "state" / "suspensions.json"
+        state = tmp_path / "state" / "suspensions.journal"
         state.unlink()
         (state / "x").mkdir(parents=True)
         res = sipguard("suspend", "+31401234567", "--admin", url)

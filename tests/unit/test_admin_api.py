@@ -490,6 +490,47 @@ async def test_lifting_a_suspension_stops_its_batches_of_calls_to_end(
         await guard.server.stop()
 
 
+async def test_suspensions_one_by_one_append_a_line_each_and_all_survive_a_restart(
+    tmp_path: Path, peers: tuple[Peer, Peer]
+) -> None:
+    """With state_dir, each API change appends one line to the journal (the snapshot is
+    not rewritten per change), 30 suspensions sent at once (the admin API takes 32 connections from one address) all answer saved, a lift is a
+    line too, and a restart loads them all and folds the journal into the snapshot."""
+    caller, core = peers
+    extra = f"state_dir: {tmp_path / 'state'}\n"
+    guard = await start_guard(tmp_path, core, extra)
+    snapshot = tmp_path / "state" / "suspensions.json"
+    journal = tmp_path / "state" / "suspensions.journal"
+    try:
+        before = snapshot.stat()
+        for n in range(20):
+            status, body = await request("POST", guard.url + "/suspensions",
+                                         {"number": f"+312012{n:05d}", "reason": "fraud"})
+            assert status == 201 and body["saved"] is True
+        assert len(journal.read_bytes().splitlines()) == 20
+        answers = await asyncio.gather(*(
+            request("POST", guard.url + "/suspensions", {"number": f"+312013{n:05d}"})
+            for n in range(30)))
+        assert all(status == 201 and body["saved"] is True for status, body in answers)
+        status, body = await request("DELETE", guard.url + "/suspensions/%2B31201200000")
+        assert status == 200 and body["saved"] is True
+        assert len(journal.read_bytes().splitlines()) == 51
+        after = snapshot.stat()
+        assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    finally:
+        await guard.server.stop()
+    guard = await start_guard(tmp_path, core, extra)
+    try:
+        status, body = await request("GET", guard.url + "/suspensions")
+        assert len(body["suspensions"]) == 49
+        assert journal.stat().st_size == 0  # folded in at the start
+        caller.sock.sendto(invite(caller, guard.port, "j-1", caller="+31201300029"),
+                           ("127.0.0.1", guard.port))
+        assert (await caller.recv_until(b"SIP/2.0 4")).startswith(b"SIP/2.0 403 ")
+    finally:
+        await guard.server.stop()
+
+
 async def test_suspension_survives_a_restart(tmp_path: Path, peers: tuple[Peer, Peer]) -> None:
     """With state_dir set, an API suspension is saved and is in force after a restart; an
     expired one is dropped on load."""

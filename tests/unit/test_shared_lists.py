@@ -366,7 +366,7 @@ async def test_two_servers_share_suspensions_and_bans(tmp_path: Path, redis_url:
             break
         status, body = await request("GET", guard_b.url + "/suspensions")
         assert [s.get("number") for s in body["suspensions"]] == ["+31201234567"]
-        saved = tmp_path / "b" / "state" / "suspensions.json"  # B's file follows too
+        saved = tmp_path / "b" / "state" / "suspensions.journal"  # B's files follow too
         await eventually(lambda: saved.exists() and "+31201234567" in saved.read_text())
         status, _ = await request("DELETE", guard_b.url + "/suspensions/%2B31201234567")
         assert status == 200
