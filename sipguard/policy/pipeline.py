@@ -267,9 +267,11 @@ class Pipeline:
         if result is None and (plan.checks or plan.take):  # it cannot answer: state.fail
             if store.fail_open and plan.take:
                 shared.hold(call, plan.take)  # counted when it is back (refresh)
+                if call.settled:  # cancelled while the store was silent: give it back
+                    later = shared.give_back(call)
             final = run.take(shared.rule, shared.verdict)
             if final is not None:
-                return final, None, marks
+                return final, later, marks
         measured: dict[int, int] = {}
         if result is not None:
             taken, refused, value, reported = result

@@ -230,6 +230,40 @@ async def test_a_redis_that_answers_too_late_leaves_no_phantom_slot(
         await store.close()
 
 
+async def test_a_call_cancelled_while_redis_stalls_fail_open_keeps_no_slot(
+        redis_url: str) -> None:
+    """Fail open: an INVITE cancelled while Redis stalls past the timeout is passed over
+    (its 487), and the slot the late admission took in Redis — and the local copy's — is
+    given back: the caller's next call passes, nothing is held."""
+    import redis.asyncio as aioredis
+
+    store = new_store(redis_url, timeout_s=0.05, fail_open=True)
+    h = SharedHarness("rules:\n  concurrency: {per_caller: 1}\n", store)
+    busy = aioredis.from_url(redis_url)
+    try:
+        _, fwd = await h.invite(9, caller="+12125550999")  # the connection up, scripts loaded
+        assert fwd is not None
+        stall = asyncio.ensure_future(busy.eval(BUSY, 0, 400_000))
+        await asyncio.sleep(0.05)
+        h.feed(invite(branch="z9hG4bK-c1", call_id="call-1", caller=CALLER_NO,
+                      callee="+18005550199"))
+        events = h.core.drain_events()
+        h.feed(cancel(call_id="call-1", branch="z9hG4bK-c1"))
+        for event in events + h.core.drain_events():
+            if isinstance(event, DecisionPending):
+                h.core.resolve(event.call, await event.pending, h.now)
+        await h.settle()
+        await stall
+        await asyncio.sleep(0.05)
+        assert await members(store, f"caller:{CALLER_NO}") == []
+        assert len(h.tracker.mirror) == 1  # call 9's only
+        got, fwd = await h.invite(2)
+        assert fwd is not None, [m.status for m in got]
+    finally:
+        await busy.aclose()
+        await store.close()
+
+
 DIALER = ("rules:\n  dialer:\n    distinct_callees: {tag: 3, block: 5}\n"
           "    pumping: {per_callee: {tag: 2, block: 4}}\n")
 CALLEES = ["+16465550107", "+13035550142", "+17205550199", "+14155550123", "+12065550178",
