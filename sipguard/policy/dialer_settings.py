@@ -16,10 +16,12 @@ Per caller number (P-Asserted-Identity, else From):
 - ``asr`` ({tag: 0.2, block: 0.1, min_calls: 30}): answer-seizure ratio — answered calls over
   calls that ended in the window — *below* the floors, once ``min_calls`` ended. Blocks the
   caller.
-- ``sequential`` ({tag: 5, block: 10, per_origin: true}): a run of called numbers each one
+- ``sequential`` ({tag: 5, block: 10, per_origin: false}): a run of called numbers each one
   higher than the last (+12125550100, …0101, …0102: number scanning). Runs are tracked per
   caller and, with ``per_origin``, per peer/source as well (a scan that rotates caller numbers;
-  up to 8 interleaved runs per peer). Blocks the caller, or the peer/source.
+  up to 8 interleaved runs per peer). Blocks the caller, or the peer/source. ``per_origin`` is
+  off by default: callers of the public reaching a contact center's consecutive DIDs through
+  one carrier make such a run, and its block would cool down the whole carrier.
 
 Per peer (with no peers configured: per source IP address), off unless configured:
 
@@ -87,9 +89,11 @@ class Sequential(_Counted):
         default=10, ge=2, le=100_000, description="Block at a run this long; null: no block."
     )
     per_origin: bool = Field(
-        default=True,
+        default=False,
         description="Also track runs per peer/source: a scan that rotates caller numbers. Up "
-        "to 8 interleaved runs per peer/source."
+        "to 8 interleaved runs per peer/source; its block cools down the whole peer/source. "
+        "Off by default: the public calling a contact center's consecutive DIDs through one "
+        "carrier makes such runs. Enable it for dialer / PBX peers (a peer override)."
     )
 
 

@@ -112,7 +112,7 @@ def test_sequential_run_broken_by_a_jump() -> None:
 def test_sequential_per_origin_sees_a_scan_with_rotating_callers_interleaved() -> None:
     """A scan that changes caller number every call, interleaved with other traffic from the
     same source, is caught per source and the whole source is blocked."""
-    p = policy(only("sequential: {tag: 5, block: 8}"))
+    p = policy(only("sequential: {tag: 5, block: 8, per_origin: true}"))
     rng = random.Random(5)
     results = []
     for i in range(8):
