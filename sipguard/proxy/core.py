@@ -1606,7 +1606,17 @@ class Proxy:
         only absorbs retransmissions and resends ``last``, which takes its key, flows and
         answer. The request, the call and the dialog are let go now: at 1,000 calls/s that is
         some 30,000 parsed requests and ended calls fewer held, and objects the garbage
-        collector no longer has to trace (see ``sipguard.ops.collector``)."""
+        collector no longer has to trace (see ``sipguard.ops.collector``). One that forwarded
+        nothing (refused, answered by sipguard) is charged from now on for its answer only:
+        refused INVITEs, however large, then hold the byte budgets for what they keep."""
+        if st.client is None and st.state != TERMINATED:
+            kept = len(st.last) if st.last is not None else 0
+            if kept < st.size:
+                freed = st.size - kept
+                self.held_bytes -= freed
+                if st.charged is not None:
+                    st.charged.request_bytes -= freed
+                st.size = kept
         call = st.call
         if call is not None:
             self.pending.pop(id(call), None)

@@ -454,6 +454,26 @@ def test_calls_reaching_their_lifetime_together_end_a_batch_a_pass() -> None:
     assert rest <= to_core and f"burst-{waiting}@caller" not in to_core
 
 
+def test_a_refused_invite_holds_the_byte_budget_for_its_answer_only() -> None:
+    """An INVITE sipguard refuses itself keeps its server transaction 32 s (to resend the
+    answer until the ACK) but lets the request go: from the answer on, the transaction-byte
+    budget is charged the answer's size, not the request's — one peer's large refused
+    INVITEs cannot fill the budget every peer's calls share. A forwarded INVITE keeps its
+    charge (its request is still held for the core)."""
+    pad = "".join(f"X-Pad-{i}: {'p' * 14_000}\r\n" for i in range(3))
+    h = Harness(decide=reject_all(603))
+    out = h.send(invite(extra=pad))
+    final = [m for f, m in out if f.addr == CALLER and m.status >= 200]
+    assert [m.status for m in final] == [603]
+    assert 0 < h.proxy.held_bytes == len(h.raw[-1]) < 1_000
+    h.advance(40.0)
+    assert h.proxy.held_bytes == 0
+    h = Harness()
+    req = _to(h.send(invite(extra=pad)), CORE)[0]
+    h.send(answer(req, 486, "Busy Here"), src=CORE)
+    assert h.proxy.held_bytes > 40_000
+
+
 def test_stray_response_is_dropped_and_reported() -> None:
     """A response for no transaction of ours is dropped and reported."""
     h = Harness()
