@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import glob
 import json
 import os
 import tempfile
@@ -127,6 +128,11 @@ class SuspensionFile:
 
     def _compact(self, fd: int) -> None:
         entries, _ = self._replayed()
+        # a temporary file left by a writer killed mid-write (they are made under the lock
+        # held here, so none is in use): it holds numbers, and nothing else removes it
+        for stale in self.snapshot.parent.glob(glob.escape(SNAPSHOT) + "*.tmp"):
+            with contextlib.suppress(OSError):
+                stale.unlink()
         write_atomic(self.snapshot, {"suspensions": entries})
         os.ftruncate(fd, 0)
         os.fsync(fd)

@@ -106,3 +106,14 @@ def test_writers_appending_and_compacting_at_once_lose_nothing(
     assert not errors
     assert keys(SuspensionFile(tmp_path)) == {
         f"+31{w}{n:08d}" for w in range(4) for n in range(150)}
+
+
+def test_a_compaction_removes_what_a_writer_killed_mid_write_left(tmp_path: Path) -> None:
+    """A writer killed between making its temporary snapshot and renaming it leaves the
+    file behind (numbers in it): the next compaction removes it."""
+    file = SuspensionFile(tmp_path)
+    file.append([{"add": entry("+31201234567")}])
+    stale = tmp_path / "suspensions.jsonab12cd.tmp"
+    stale.write_text('{"suspensions": [')
+    file.compact()
+    assert not stale.exists() and keys(file) == {"+31201234567"}
