@@ -31,17 +31,26 @@ METRIC = re.compile(r"\bsipguard_[a-z_]+")
 EVENT = re.compile(r'event\s*(=~|=|!=|!~)\s*"([^"]*)"')
 
 
+def _returned_keys(path: Path, function: str) -> list[str]:
+    """The constant keys of the dict literals in ``function`` in ``path`` (what it returns)."""
+    keys: list[str] = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.FunctionDef) and node.name == function:
+            for lit in ast.walk(node):
+                if isinstance(lit, ast.Dict):
+                    keys += [str(k.value) for k in lit.keys if isinstance(k, ast.Constant)]
+    assert keys, f"{function} not found in {path}"
+    return keys
+
+
 def _gauge_names() -> list[str]:
-    """The keys of the dict ``Server._gauges`` returns, read from sipguard/server.py."""
-    tree = ast.parse((SOURCE / "server.py").read_text())
-    for node in ast.walk(tree):
-        if isinstance(node, ast.FunctionDef) and node.name == "_gauges":
-            for ret in ast.walk(node):
-                if isinstance(ret, ast.Return) and isinstance(ret.value, ast.Dict):
-                    keys = [k.value for k in ret.value.keys if isinstance(k, ast.Constant)]
-                    assert keys
-                    return [str(k) for k in keys]
-    raise AssertionError("Server._gauges not found in sipguard/server.py")
+    """The keys of the dict ``Server._gauges`` returns, read from sipguard/server.py, and
+    those of the shared stores' ``stats`` it merges in (state.backend redis / shared_memory,
+    the shared lists)."""
+    return [*_returned_keys(SOURCE / "server.py", "_gauges"),
+            *_returned_keys(SOURCE / "transport" / "redis_state.py", "stats"),
+            *_returned_keys(SOURCE / "state" / "shared_memory.py", "stats"),
+            *_returned_keys(SOURCE / "ops" / "shared_lists.py", "stats")]
 
 
 def exported_names() -> set[str]:
