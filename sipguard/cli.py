@@ -34,11 +34,13 @@ import gc
 import json
 import os
 import signal
+import socket
 import sys
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from sipguard.ops.admin import admin_token
@@ -47,6 +49,8 @@ from sipguard.ops.config_load import (
     ConfigError,
     config_with_overrides,
     load_config,
+    parse_config_as,
+    read_config,
     region_advice,
 )
 from sipguard.ops.endpoints import Endpoint
@@ -57,15 +61,31 @@ from sipguard.ops.logging import (
     get_logger,
     log_writer,
 )
+from sipguard.ops.reload import changed_keys, held_back
 from sipguard.policy.engine import Policy
 from sipguard.policy.state import RuleState
 from sipguard.server import Server, StartupError, tls_contexts
 from sipguard.state.shared_memory import create_segment
-from sipguard.supervisor import SEGMENT_NAME, SupervisorLink, make_group, remove_group, supervise
+from sipguard.supervisor import (
+    CONFIG_APPLIED,
+    CONFIG_START,
+    SEGMENT_NAME,
+    STATE_DIR_NAME,
+    PortTaken,
+    SupervisorLink,
+    check_ports_free,
+    hold_ports,
+    make_group,
+    remove_group,
+    supervise,
+    write_text_atomic,
+)
 from sipguard.transport.worker_link import make_token
 
 EXIT_CONFIG = 2
 EXIT_STARTUP = 1
+# worker 0, drained, waits for the others at most this long after its own drain_timeout_s
+OTHERS_GRACE_S = 10.0
 
 
 def _endpoint(text: str) -> Endpoint:
@@ -229,11 +249,74 @@ def _verb(args: argparse.Namespace) -> int:
 
 
 def _load(path: str, args: argparse.Namespace) -> Config:
-    cfg = load_config(path)
-    if args.listen or args.core or args.workers is not None:
-        cfg = config_with_overrides(cfg, listen=args.listen, core=args.core,
-                                    workers=args.workers)
-    return cfg
+    return ConfigSource(path, args).load()
+
+
+class ConfigSource:
+    """The config file of ``run``, with the command line's overrides, as each load reads it.
+
+    A worker (``--group-dir``) also keeps what its siblings run: it starts from the config
+    the supervisor loaded at the start (``CONFIG_START`` in the workers' directory), with the
+    last reload that applied anywhere in the group over it (``CONFIG_APPLIED``, written by
+    :meth:`applied`; its keys that need a restart keep the start's values, as in a reload)
+    — never from the file as it is on disk now, which may hold an edit nobody reloaded (or a
+    broken one). Both texts are read as the config file itself: named after it in errors,
+    with relative paths resolved against its folder. Without ``state_dir`` its workers keep
+    their suspensions in the workers' directory (``STATE_DIR_NAME``): a worker started again
+    loads what its siblings hold."""
+
+    def __init__(self, path: str, args: argparse.Namespace) -> None:
+        self.path = path
+        self.args = args
+        group = getattr(args, "group_dir", None)
+        self.group: str | None = group if getattr(args, "worker_index", None) is not None \
+            else None
+        self.text: str | None = None  # the text the last load read
+
+    def _finish(self, cfg: Config) -> Config:
+        args = self.args
+        if args.listen or args.core or args.workers is not None:
+            cfg = config_with_overrides(cfg, listen=args.listen, core=args.core,
+                                        workers=args.workers)
+        if self.group is not None and cfg.workers > 1 and cfg.state_dir is None:
+            cfg = cfg.model_copy(update={"state_dir": Path(self.group) / STATE_DIR_NAME})
+        return cfg
+
+    def load(self) -> Config:
+        """The file as it is now (the start of ``run``, every reload). Raises ConfigError."""
+        self.text, cfg = read_config(self.path)
+        return self._finish(cfg)
+
+    def running(self) -> Config:
+        """A worker's start: what its siblings run (see the class). Raises ConfigError."""
+        if self.group is None:
+            return self.load()
+        try:
+            with open(os.path.join(self.group, CONFIG_START), encoding="utf-8") as fh:
+                start = fh.read()
+        except FileNotFoundError:  # (no copy: the file, as a single process reads it)
+            return self.load()
+        cfg = self._finish(parse_config_as(start, self.path))
+        try:
+            with open(os.path.join(self.group, CONFIG_APPLIED), encoding="utf-8") as fh:
+                reloaded: str | None = fh.read()
+        except FileNotFoundError:
+            reloaded = None
+        if reloaded is not None:
+            new = self._finish(parse_config_as(reloaded, self.path))
+            cfg = held_back(cfg, new, changed_keys(cfg, new))[0]
+        return cfg
+
+    def applied(self) -> None:
+        """The last load was applied by a reload: what a worker started from now on runs."""
+        if self.group is None or self.text is None:
+            return
+        try:
+            write_text_atomic(Path(self.group) / CONFIG_APPLIED, self.text)
+        except OSError as exc:
+            get_logger("sipguard").error("config_copy_failed", error=str(exc),
+                                         detail="a worker started again runs the config "
+                                                "before this reload")
 
 
 def _worker_command(args: argparse.Namespace, workers: int,
@@ -253,17 +336,21 @@ def _worker_command(args: argparse.Namespace, workers: int,
     return command
 
 
-async def _serve(path: str, args: argparse.Namespace, cfg: Config) -> int:
+async def _serve(source: ConfigSource, args: argparse.Namespace, cfg: Config) -> int:
     loop = asyncio.get_running_loop()
     link = SupervisorLink(args.supervisor_fd) if args.supervisor_fd is not None else None
     try:
-        server = Server(cfg, load=lambda: _load(path, args), worker=args.worker_index,
+        server = Server(cfg, load=source.load, worker=args.worker_index,
                         group=args.group_dir)
     except (OSError, ValueError) as exc:  # a number list (numbers_file, dno_file) is unreadable
         print(f"sipguard: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     if link is not None:  # an operator's reload through this worker reaches every worker
-        server.reload_others = link.reload_others
+        def reload_others() -> None:
+            source.applied()  # (before the others hear of it)
+            link.reload_others()
+
+        server.reload_others = reload_others
     log = get_logger("sipguard")
     try:
         await server.start()
@@ -280,12 +367,24 @@ async def _serve(path: str, args: argparse.Namespace, cfg: Config) -> int:
     stop = asyncio.Event()
 
     async def reload() -> None:
-        await server.reload_config()  # the one reload path; it logs what it did
+        result = await server.reload_config()  # the one reload path; it logs what it did
+        if result.applied:
+            source.applied()
 
     drains: list[asyncio.Task[None]] = []
 
     async def drain_then_stop() -> None:
+        started = loop.time()
         await server.drain()
+        if link is not None and args.worker_index == 0 and cfg.workers > 1 \
+                and not link.others_drained.is_set() and not stop.is_set():
+            # worker 0 serves the documented admin port: it stays up, drained (/readyz 503,
+            # new INVITEs 503, /metrics), until the other workers have exited too — bounded,
+            # should the supervisor never say so
+            log.info("drain_waiting_for_workers", workers=cfg.workers)
+            limit = max(0.0, started + cfg.drain_timeout_s + OTHERS_GRACE_S - loop.time())
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(link.others_drained.wait(), limit)
         stop.set()
 
     def on_stop() -> None:
@@ -361,8 +460,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{args.file}: note: {advice}", file=sys.stderr)
         print(f"{args.file}: OK")
         return 0
+    source = ConfigSource(args.config, args)
     try:
-        cfg = _load(args.config, args)
+        cfg = source.running()
     except ConfigError as exc:
         print(str(exc), file=sys.stderr)
         return EXIT_CONFIG
@@ -371,19 +471,38 @@ def main(argv: Sequence[str] | None = None) -> int:
         # the supervisor: starts the workers, passes signals on, restarts a worker that died
         configure_logging(cfg.log, batch=True)  # a writer thread: a stuck reader never blocks it
         group = make_group()
+        held: list[socket.socket] = []
+
+        def release() -> None:
+            for sock in held:
+                sock.close()
+            held.clear()
+
         try:
+            # the public addresses: no other process may hold them (SO_REUSEPORT would let
+            # another sipguard's workers join ours)
+            public = [(ep.transport, ep.host, ep.port, str(ep)) for ep in cfg.listen]
+            held += hold_ports(public)
+            try:
+                check_ports_free(public)
+            except PortTaken as exc:
+                print(f"sipguard: {exc}", file=sys.stderr)
+                return EXIT_STARTUP
             make_token(group)  # the secret of the workers' hand-over (transport/worker_link.py)
+            # what every worker starts from, a restarted one included (ConfigSource.running)
+            write_text_atomic(Path(group) / CONFIG_START, source.text or "")
             if cfg.state.backend == "shared_memory":
                 st = cfg.state
                 create_segment(os.path.join(group, SEGMENT_NAME), st.max_keys, st.max_leases,
                                st.max_sets)
             return supervise(cfg.workers, _worker_command(args, cfg.workers, group),
-                             hang_timeout_s=cfg.worker_hang_timeout_s)
+                             hang_timeout_s=cfg.worker_hang_timeout_s, on_started=release)
         except OSError as exc:
             print(f"sipguard: cannot make the workers' shared state in {group}: {exc}",
                   file=sys.stderr)
             return EXIT_STARTUP
         finally:
+            release()
             remove_group(group)
             close_logs()
     if worker is not None and not 0 <= worker < cfg.workers:
@@ -401,7 +520,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             run = uvloop.run
     try:
-        return run(_serve(args.config, args, cfg))
+        return run(_serve(source, args, cfg))
     except KeyboardInterrupt:
         return 0
     finally:

@@ -1,14 +1,19 @@
 """Several worker processes on one host: ``sipguard run`` with ``workers: N`` (N > 1).
 
-The process started by the operator is the supervisor. It handles no SIP itself: it starts N
+The process started by the operator is the supervisor. It handles no SIP itself: it checks
+that no other process holds a public listen address (:func:`check_ports_free`), starts N
 workers, each ``python -m sipguard run ... --workers N --worker-index i`` (the same command
-line, so the same config file and flags), and then only watches them:
+line, so the same config file and flags; a worker starts from the config the group runs,
+:data:`CONFIG_START` and :data:`CONFIG_APPLIED` in the workers' directory — see
+``cli.ConfigSource``), and then only watches them:
 
 - every worker binds the public ``listen`` addresses with SO_REUSEPORT and a port of its own
   per listener (``Config.worker_port``; see ``server.proxy_settings`` and
   docs/architecture.md, "Several worker processes on one host");
 - SIGTERM / SIGINT are passed to every worker (graceful drain; a second one, passed on too,
-  stops them at once); SIGHUP is passed to every worker (each reloads the config file);
+  stops them at once); once every other worker has exited, worker 0 (the documented admin
+  port, which waits for it once drained) hears ``drained``; SIGHUP is passed to every worker
+  (each reloads the config file; one still starting gets it once ready);
 - a worker that exits while no stop was asked for is started again, after 1 s, doubling up
   to 30 s while it keeps failing within a minute of its start (``worker_exited``,
   ``worker_restarted``, counted in ``restarts``);
@@ -41,6 +46,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import os
 import re
@@ -58,9 +64,19 @@ from sipguard.ops.logging import flush_logs, get_logger, log_writer
 
 READY = b"ready\n"
 RELOAD = b"reload\n"  # a worker reloaded on an operator's request: reload the others
+# to worker 0, during a stop: every other worker has exited (it drained meanwhile, its admin
+# API up, answering /readyz 503 and /metrics for the whole group)
+DRAINED = b"drained\n"
 ALIVE = b"alive\n"  # a worker's heartbeat, sent from its event loop
 HEARTBEAT_S = 1.0  # ... this often
 SEGMENT_NAME = "state"  # state.backend shared_memory: the segment, in the workers' directory
+# the config the workers run, in the workers' directory (a restarted worker starts from these,
+# not from the file as it is on disk now): the text loaded at the start, and the text of the
+# last reload that applied (its keys that need a restart keep the start's values)
+CONFIG_START = "config.yaml"
+CONFIG_APPLIED = "config.reloaded.yaml"
+# the workers' suspensions folder when state_dir is unset (see docs/architecture.md)
+STATE_DIR_NAME = "suspensions"
 RESTART_FIRST_S = 1.0  # a worker that died is started again after this
 RESTART_MAX_S = 30.0  # ... doubling while it keeps dying, up to this
 STABLE_S = 60.0  # a worker up this long that dies starts from RESTART_FIRST_S again
@@ -83,13 +99,16 @@ class Worker:
     seen: float = 0.0  # when its last line (a heartbeat) came
     watched: bool = False  # ready and its link open: its heartbeats are expected
     hung: int = 0  # times it was killed for silence
+    hup_due: bool = False  # a reload was asked while it was starting: SIGHUP once it is ready
 
 
 class Supervisor:
     """Starts ``count`` workers with ``command`` and keeps them running until told to stop."""
 
-    def __init__(self, count: int, command: Command, hang_timeout_s: float = 10.0) -> None:
+    def __init__(self, count: int, command: Command, hang_timeout_s: float = 10.0,
+                 on_started: Callable[[], None] | None = None) -> None:
         self.count = count
+        self.on_started = on_started  # called once every worker is up (or the start failed)
         self.command = command
         self.hang_timeout_s = hang_timeout_s  # 0: never
         self.workers = [Worker(i) for i in range(count)]
@@ -180,6 +199,11 @@ class Supervisor:
         else:
             w.seen, w.watched = time.monotonic(), True
             w.listen = loop.create_task(self._listen(w, ours, rest))
+            if w.hup_due and not self.stopping:
+                # a reload the others took while it started (it may have started from the
+                # config before that reload): it reads the file as they did
+                w.hup_due = False
+                self._forward(signal.SIGHUP, [w])
         return w.ready
 
     async def _listen(self, w: Worker, sock: socket.socket, got: bytes = b"") -> None:
@@ -214,9 +238,17 @@ class Supervisor:
     def _reload_others(self, w: Worker) -> None:
         # a worker still starting reads the file at its start (and a SIGHUP before its
         # handler is in place would end it)
-        others = [o for o in self.workers if o is not w and o.ready]
+        others = [o for o in self.workers if o is not w]
         self._note("info", "workers_reloading", workers=self.count, by_worker=w.index)
-        self._forward(signal.SIGHUP, others)
+        self._hup(others)
+
+    def _hup(self, workers: Sequence[Worker]) -> None:
+        """SIGHUP to those of ``workers`` that are up; one still starting gets it once ready
+        (a SIGHUP before its handler is in place would end it, and, at the first start, all)."""
+        for w in workers:
+            if not w.ready and w.proc is not None and w.proc.returncode is None:
+                w.hup_due = True
+        self._forward(signal.SIGHUP, [w for w in workers if w.ready])
 
     async def _ended(self, w: Worker) -> int:
         """Wait for worker ``w`` to exit; its exit code (negative: killed by that signal)."""
@@ -245,6 +277,7 @@ class Supervisor:
                            restarts=w.restarts)
             code = await self._ended(w) if w.proc is not None else 1
             if self.stopping:
+                self._release_first()
                 return
             if not ready and w.restarts == 0 and not self._all_started:
                 self.failed_start = code if code > 0 else 1
@@ -260,6 +293,7 @@ class Supervisor:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), delay)
             if self.stopping:
+                self._release_first()
                 return
 
     async def _watch(self) -> None:
@@ -311,9 +345,18 @@ class Supervisor:
 
     def _on_hup(self) -> None:
         self._note("info", "workers_reloading", workers=self.count)
-        # only to workers that are up: one still starting reads the file at its start, and a
-        # SIGHUP before its handler is in place would end it (and, at the first start, all)
-        self._forward(signal.SIGHUP, [w for w in self.workers if w.ready])
+        self._hup(self.workers)
+
+    def _release_first(self) -> None:
+        """During a stop: once every worker but worker 0 has exited, tell worker 0 (which
+        serves the documented admin port and, drained, waits for this) that it may exit."""
+        first = self.workers[0]
+        if first.link is None or any(
+            w.proc is not None and w.proc.returncode is None for w in self.workers[1:]
+        ):
+            return
+        with contextlib.suppress(OSError):
+            first.link.send(DRAINED)
 
     # ------------------------------------------------------------------ the whole
     _all_started = False
@@ -328,6 +371,8 @@ class Supervisor:
                                                                        strict=True)]
         watch = loop.create_task(self._watch()) if self.hang_timeout_s > 0 else None
         started = await asyncio.gather(*firsts)
+        if self.on_started is not None:
+            self.on_started()
         if all(started):
             self._all_started = True
             self._note("info", "workers_started", workers=self.count,
@@ -351,9 +396,11 @@ class Supervisor:
         return 0 if all(c == 0 for c in codes) else 1
 
 
-def supervise(count: int, command: Command, hang_timeout_s: float = 10.0) -> int:
-    """Run the supervisor of ``count`` workers to the end; the exit code."""
-    return asyncio.run(Supervisor(count, command, hang_timeout_s).run())
+def supervise(count: int, command: Command, hang_timeout_s: float = 10.0,
+              on_started: Callable[[], None] | None = None) -> int:
+    """Run the supervisor of ``count`` workers to the end; the exit code. ``on_started``:
+    called once the workers are up (or one could not start)."""
+    return asyncio.run(Supervisor(count, command, hang_timeout_s, on_started).run())
 
 
 def stdout_is_shareable() -> bool:
@@ -458,6 +505,96 @@ def remove_group(path: str) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
+    """Write ``text`` through a temporary file beside ``path`` and os.replace: a reader (a
+    worker starting) sees the old text or the new, never part of one. Raises OSError."""
+    folder, name = os.path.split(os.fspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=name, suffix=".tmp", dir=folder or ".")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+# ---------------------------------------------------------------------- the public ports
+# Every worker binds the public listen addresses with SO_REUSEPORT, which lets any process of
+# the same user join: a second sipguard with the same `listen` (another worker_port_base and
+# admin port, e.g. a staging copy of the config) would share the port silently, and the
+# kernel would split the callers, and so the limits and suspensions, between two groups. So
+# before starting its workers the supervisor binds each public address once *without*
+# SO_REUSEPORT and closes it at once: a port anyone holds (SO_REUSEPORT or not) fails with
+# EADDRINUSE and the start is refused, as a single process's would be.
+START_HOLD_WAIT_S = 30.0  # how long a start waits for another supervisor's start on its ports
+
+Public = tuple[str, str, int, str]  # a public listen address: transport, host, port, its URI
+
+
+class PortTaken(Exception):
+    """A public listen address cannot be had: the line to print."""
+
+
+def check_ports_free(listen: Sequence[Public]) -> None:
+    """Bind each public address once, without SO_REUSEPORT, and close it: PortTaken naming
+    the first one another process holds (or that cannot be bound at all)."""
+    for transport, host, port, uri in listen:
+        try:
+            _test_bind(transport, host, port)
+        except OSError as exc:
+            line = f"cannot listen on {uri}: {exc.strerror or exc}"
+            if exc.errno == errno.EADDRINUSE:
+                line += (" (another process holds it: the workers of one sipguard share a "
+                         "listen port, two sipguards do not)")
+            raise PortTaken(line) from None
+
+
+def _test_bind(transport: str, host: str, port: int) -> None:
+    if transport == "udp":  # as transport/udp.open_udp binds it
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_DGRAM) as sock:
+            sock.bind((host, port))
+        return
+    # tcp, tls: as asyncio's create_server binds it (SO_REUSEADDR: connections of an earlier
+    # run in TIME_WAIT do not count; a listening socket does; IPv6 only on an IPv6 address)
+    for family, kind, proto, _, address in socket.getaddrinfo(
+        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    ):
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+
+
+def hold_ports(listen: Sequence[Public], wait_s: float = START_HOLD_WAIT_S
+               ) -> list[socket.socket]:
+    """Between the check and the workers' binds, another supervisor starting at the same
+    moment could pass the same check: each supervisor holds, while it starts, an abstract
+    Unix socket named after each public port (per network namespace, like the ports; gone
+    with the process, no file left behind), waiting up to ``wait_s`` for one another holds.
+    The sockets to close once the workers are up."""
+    held: list[socket.socket] = []
+    for kind, port in sorted({("udp" if t == "udp" else "tcp", p) for t, _, p, _ in listen}):
+        name = f"\0sipguard-starting-{kind}-{port}"
+        deadline = time.monotonic() + wait_s
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.bind(name)
+            except OSError as exc:
+                sock.close()
+                if exc.errno == errno.EADDRINUSE and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                    continue
+                break  # (the check still runs: only the race stays open)
+            held.append(sock)
+            break
+    return held
+
+
 # ---------------------------------------------------------------------- the worker's side
 class SupervisorLink:
     """A worker's end of the socket pair: report ready; notice the supervisor is gone."""
@@ -467,6 +604,8 @@ class SupervisorLink:
         self.sock.setblocking(False)
         self._watch: asyncio.Task[None] | None = None
         self._beat: asyncio.TimerHandle | None = None
+        # set once the supervisor says the other workers have exited (``DRAINED``), or is gone
+        self.others_drained = asyncio.Event()
 
     def ready(self) -> None:
         with contextlib.suppress(OSError):
@@ -486,13 +625,21 @@ class SupervisorLink:
 
     def on_gone(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` once the supervisor's end closes (it exited or was killed). Our
-        stdout went through it: from then on it goes to /dev/null, not to a broken pipe."""
+        stdout went through it: from then on it goes to /dev/null, not to a broken pipe.
+        What the supervisor sends meanwhile (``DRAINED``) sets :attr:`others_drained`."""
         loop = asyncio.get_running_loop()
 
         async def watch() -> None:
+            pending = b""
             with contextlib.suppress(OSError):
-                while await loop.sock_recv(self.sock, 64):
-                    pass
+                while got := await loop.sock_recv(self.sock, 64):
+                    pending += got
+                    while b"\n" in pending:
+                        line, pending = pending.split(b"\n", 1)
+                        if line + b"\n" == DRAINED:
+                            self.others_drained.set()
+                    pending = pending[-64:]
+            self.others_drained.set()
             with contextlib.suppress(OSError, ValueError):
                 null = os.open(os.devnull, os.O_WRONLY)
                 os.dup2(null, sys.stdout.fileno())

@@ -31,6 +31,8 @@ __all__ = [
     "config_with_overrides",
     "load_config",
     "parse_config",
+    "parse_config_as",
+    "read_config",
 ]
 
 # --------------------------------------------------------------------------- errors
@@ -69,13 +71,25 @@ class ConfigError(Exception):
 def load_config(path: str | Path) -> Config:
     """Read and validate the config file at ``path``; relative paths in it resolve against
     its folder. Raises :class:`ConfigError`."""
+    return read_config(path)[1]
+
+
+def read_config(path: str | Path) -> tuple[str, Config]:
+    """:func:`load_config`, with the text it read: (text, config)."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise ConfigError(str(path), [ConfigIssue("", None, f"cannot read: {reason}")]) from None
-    return parse_config(text, source=str(path), base_dir=path.resolve().parent)
+    return text, parse_config_as(text, path)
+
+
+def parse_config_as(text: str, path: str | Path) -> Config:
+    """Validate ``text`` as if it were the file at ``path``: named ``path`` in errors, and
+    relative paths in it resolved against that file's folder (not the working directory) —
+    the text a file held earlier, read again as that file. Raises :class:`ConfigError`."""
+    return parse_config(text, source=str(path), base_dir=Path(path).resolve().parent)
 
 
 class _Loader(yaml.SafeLoader):

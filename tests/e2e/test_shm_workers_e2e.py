@@ -26,7 +26,9 @@ import os
 import re
 import signal
 import socket
+import subprocess
 import time
+import urllib.error
 import urllib.request
 import zlib
 from collections import Counter
@@ -38,9 +40,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from sipguard.transport.udp import WATCH_EVERY
 
-from .harness import HOST, E2EStack, SipguardProcess, SippProcess, free_port
+from .harness import HOST, REPO, E2EStack, SipguardProcess, SippProcess, free_port, suspend_number
+from .scripted import Caller, Core
 from .test_burst_e2e import CoreSocket, final_statuses, invite
-from .test_workers_e2e import free_block, per_worker
+from .test_workers_e2e import _call, free_block, per_worker
 
 pytestmark = pytest.mark.e2e
 
@@ -518,4 +521,104 @@ def test_a_new_call_sent_to_a_workers_own_port_is_decided_by_its_callers_worker(
         assert re.search(rb"SIP/2\.0 200 [^\r]*\r\n(?:[^\r]+\r\n)*CSeq: 1 CANCEL", got), got
     finally:
         sock.close()
+        core.close()
+
+
+def _get(port: int, path: str) -> tuple[int, Any]:
+    """GET on a worker's admin API: (status, JSON answer or text)."""
+    try:
+        with urllib.request.urlopen(f"http://{HOST}:{port}{path}", timeout=5) as resp:
+            status, raw = resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        status, raw = exc.code, exc.read()
+    try:
+        return status, json.loads(raw)
+    except ValueError:
+        return status, raw.decode("utf-8", "replace")
+
+
+def test_a_second_sipguard_on_the_same_public_port_is_refused(stack: E2EStack) -> None:
+    """A second `workers: 2` sipguard with the same `listen` but its own worker_port_base
+    (a copy of the config): its workers would join the first's public port through
+    SO_REUSEPORT and split the callers; it refuses to start, naming the port, exit 1, and
+    leaves no workers' directory behind."""
+    guard, port = start_shm_workers(stack, free_port())
+    second = stack.workdir / "second"
+    second.mkdir()
+    g2 = SipguardProcess(second, listen=[f"udp://{HOST}:{port}"], core=guard.core,
+                         config_extra="state: {backend: shared_memory}\n"
+                                      f"worker_port_base: {free_block(WORKERS)}\n")
+    g2.cmd += ["--workers", str(WORKERS)]
+    proc = subprocess.Popen(g2.cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        out, err_bytes = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 1, (out, err_bytes)
+    err = err_bytes.decode()
+    assert f"sipguard: cannot listen on udp://{HOST}:{port}: Address already in use " \
+        "(another process holds it" in err, err
+    assert b"sipguard_started" not in out  # no worker of it ever started
+    assert not glob.glob(f"/dev/shm/sipguard-{proc.pid}-*")
+    assert guard.proc is not None and guard.proc.poll() is None  # the first runs on
+    assert glob.glob(f"/dev/shm/sipguard-{guard.pid}-*")
+
+
+def test_a_restarted_worker_keeps_the_groups_suspensions_and_config(stack: E2EStack) -> None:
+    """No state_dir: a suspension made through worker 0's admin API, then the config file's
+    `suspended:` list edited but not reloaded, then worker 1 killed (SIGKILL). The restarted
+    worker 1 lists the API's suspension (loaded from the workers' directory) and runs the
+    group's config (the list before the edit), as worker 0 does."""
+    admin = free_block(WORKERS)
+    guard, _ = start_shm_workers(stack, free_port(), extra=(
+        f"admin: {{listen: '{HOST}:{admin}'}}\nsuspended: ['+12125550111']\n"))
+    suspend_number(admin, "+12125550122", reason="fraud")
+    guard.config.write_text(guard.config.read_text().replace("+12125550111", "+12125550133"))
+    [started] = [e for e in guard.events if e.get("event") == "workers_started"]
+    os.kill(started["pids"][1], signal.SIGKILL)
+    guard.wait_event("worker_restarted", 1, timeout=10)
+    guard.wait_event("sipguard_started", WORKERS + 1, timeout=10)
+    views = []
+    for worker in range(WORKERS):
+        status, answer = _get(admin + worker, "/suspensions")
+        assert status == 200, answer
+        views.append(sorted((s.get("source") == "config", s.get("number"))
+                            for s in answer["suspensions"]))
+    assert views[1] == views[0] == [(False, "+12125550122"), (True, "+12125550111")], views
+
+
+def test_worker_0_answers_through_the_whole_drain(stack: E2EStack) -> None:
+    """SIGTERM with a call up on worker 1 only: worker 0, drained at once, keeps its admin
+    port (the documented one) answering — /readyz 503, /metrics — until worker 1 has drained
+    (here its drain_timeout_s ends the call); then both exit and the supervisor exits 0."""
+    core = Core()
+    admin = free_block(WORKERS)
+    try:
+        guard, _ = start_shm_workers(stack, core.port, extra=(
+            f"admin: {{listen: '{HOST}:{admin}'}}\ndrain_timeout_s: 2\n"))
+        m = re.search(r"worker_port_base: (\d+)", guard.config.read_text())
+        assert m is not None
+        caller = Caller(int(m.group(1)) + 1)  # worker 1's own port: the call is worker 1's
+        try:
+            _, rr = _call(caller, "drain-hold")
+            assert f"{HOST}:{int(m.group(1)) + 1};lr" in rr, rr
+            assert guard.proc is not None
+            os.kill(guard.pid, signal.SIGTERM)
+            guard.wait_event("drain_waiting_for_workers", 1, timeout=5)
+            assert _get(admin, "/readyz")[0] == 503
+            status, text = _get(admin, "/metrics")
+            assert status == 200 and "sipguard_" in text
+            code = guard.proc.wait(10)
+        finally:
+            caller.close()
+        assert code == 0
+        with guard._cv:
+            order = [e.get("worker") for e in guard.events
+                     if e.get("event") == "sipguard_stopped"]
+        assert order == [1, 0], order
+        [waiting] = [e for e in guard.events if e.get("event") == "drain_waiting_for_workers"]
+        assert waiting.get("worker") == 0
+    finally:
         core.close()

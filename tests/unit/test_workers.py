@@ -214,3 +214,81 @@ def test_the_hang_timeout_outlasts_the_heartbeats() -> None:
     assert parse_config(TWO + "worker_hang_timeout_s: 3\n").worker_hang_timeout_s == 3
     with pytest.raises(ConfigError, match="worker_hang_timeout_s"):
         parse_config(TWO + "worker_hang_timeout_s: 1\n")
+
+
+def _worker_source(path: Path, group: Path, *extra: str) -> cli.ConfigSource:
+    args = cli.build_parser().parse_args(["run", "--config", str(path), *extra, "--workers",
+                                          "2", "--group-dir", str(group), "--worker-index",
+                                          "1", "--supervisor-fd", "9"])
+    return cli.ConfigSource(str(path), args)
+
+
+SHM = "state: {backend: shared_memory}\n"
+
+
+def test_a_restarted_worker_runs_what_its_siblings_run(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker starts from the text the supervisor loaded, with the last reload that applied
+    over it — not from the file as it is on disk now: an edit nobody reloaded, a changed
+    `listen` (a restart key: it keeps the start's value, as in a reload) or a broken file.
+    Relative paths in the copies resolve against the config file's folder, as the file's
+    own do, wherever the worker is started from."""
+    from sipguard.supervisor import CONFIG_START, write_text_atomic
+
+    conf, group = tmp_path / "etc", tmp_path / "group"
+    conf.mkdir()
+    group.mkdir()
+    path = conf / "sipguard.yaml"
+    monkeypatch.chdir(tmp_path)
+    start = TWO + SHM + "state_dir: data\nsuspended: ['+12125550100']\n"
+    path.write_text(start)
+    supervisor_args = cli.build_parser().parse_args(["run", "--config", str(path)])
+    supervisor = cli.ConfigSource(str(path), supervisor_args)
+    assert supervisor.running().workers == 1 and supervisor.text == start
+    write_text_atomic(group / CONFIG_START, supervisor.text)
+
+    # the file edited, not reloaded: a new number, a new listen port
+    path.write_text(TWO.replace("5060", "5070") + SHM + "state_dir: data\n"
+                    "suspended: ['+12125550100', '+12125550101']\n")
+    cfg = _worker_source(path, group).running()
+    assert cfg.suspended == ("+12125550100",)
+    assert [ep.port for ep in cfg.listen] == [5060, 5060]
+    assert cfg.state_dir == conf / "data"  # the file's folder, not the working directory
+    path.write_text("listen: [\n")  # broken: the worker starts all the same
+    assert _worker_source(path, group).running().suspended == ("+12125550100",)
+
+    # a reload that applied (by any worker): what a worker started from now on runs, but
+    # listen keeps the start's ports
+    path.write_text(TWO.replace("5060", "5070") + SHM + "state_dir: data\n"
+                    "suspended: ['+12125550101']\n")
+    reloading = _worker_source(path, group)
+    reloading.load()
+    reloading.applied()
+    path.write_text(TWO + SHM + "suspended: ['+12125550199']\n")  # edited again, not reloaded
+    cfg = _worker_source(path, group).running()
+    assert cfg.suspended == ("+12125550101",)
+    assert [ep.port for ep in cfg.listen] == [5060, 5060]
+    assert cfg.state_dir == conf / "data"
+    # the command line's overrides apply to the copies as to the file
+    cfg = _worker_source(path, group, "--core", "udp://127.0.0.1:5999").running()
+    assert cfg.core.port == 5999
+
+
+def test_workers_keep_api_suspensions_in_their_directory_without_state_dir(
+        tmp_path: Path) -> None:
+    """Without state_dir, a worker keeps the API's suspensions in the workers' directory (so
+    one started again loads what its siblings hold); a reload sees no change there; one
+    process, or a configured state_dir, is left as it is."""
+    from sipguard.supervisor import STATE_DIR_NAME
+
+    path = tmp_path / "sipguard.yaml"
+    path.write_text(TWO + SHM)
+    source = _worker_source(path, tmp_path)
+    cfg = source.running()
+    assert cfg.state_dir == tmp_path / STATE_DIR_NAME
+    assert source.load().state_dir == cfg.state_dir  # a reload changes nothing there
+    single = cli.ConfigSource(str(path), cli.build_parser().parse_args(
+        ["run", "--config", str(path)]))
+    assert single.running().state_dir is None
+    path.write_text(TWO + SHM + "state_dir: /var/lib/sipguard\n")
+    assert _worker_source(path, tmp_path).running().state_dir == Path("/var/lib/sipguard")
