@@ -436,6 +436,29 @@ def _check_files(cfg: Config) -> None:
     admin_token(cfg.http)
 
 
+def _process_hygiene() -> None:
+    """Before `run` opens anything: a standard stream the caller left closed (``>&-``) is
+    opened on /dev/null — the event loop's own file descriptors would otherwise take its
+    number, and log lines written to "stdout" would go to them — and SIGUSR1 / SIGUSR2,
+    whose default is to kill the process (calls up and all, no BYE), are ignored: sipguard
+    has no use for them (it logs to stdout, with nothing to reopen)."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+    # (Python made no stream for a descriptor closed at its start)
+    if sys.stdout is None:
+        sys.stdout = open(1, "w", encoding="utf-8", closefd=False)  # noqa: SIM115
+    if sys.stderr is None:
+        sys.stderr = open(2, "w", encoding="utf-8", closefd=False)  # noqa: SIM115
+    for sig in (signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command not in ("run", "check-config"):
@@ -460,6 +483,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{args.file}: note: {advice}", file=sys.stderr)
         print(f"{args.file}: OK")
         return 0
+    _process_hygiene()
     source = ConfigSource(args.config, args)
     try:
         cfg = source.running()

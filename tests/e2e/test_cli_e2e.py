@@ -162,6 +162,37 @@ def _wait_ready(url: str, proc: subprocess.Popen[str], timeout: float = 15) -> N
     raise AssertionError("sipguard's admin API never became ready")
 
 
+def test_run_with_stdout_closed_and_stray_user_signals_stops_cleanly(tmp_path: Path) -> None:
+    """Started with its stdout closed (``>&-``), sipguard opens it on /dev/null rather than
+    let the event loop's descriptors take its number; SIGUSR1 / SIGUSR2 (whose default would
+    kill it with calls up) are ignored; SIGTERM then stops it with exit 0."""
+    admin_port = free_port()
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        f"listen: [udp://{HOST}:{free_port()}]\ncore: udp://{HOST}:{free_port()}\n"
+        f"admin: {{listen: {HOST}:{admin_port}}}\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sipguard", "run", "--config", str(cfg)],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: os.close(1),  # noqa: PLW1509 - the child's stdout, closed
+    )
+    try:
+        _wait_ready(f"http://{HOST}:{admin_port}", proc)
+        for sig in (signal.SIGUSR1, signal.SIGUSR2):
+            proc.send_signal(sig)
+        time.sleep(0.3)
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=20)
+        assert proc.returncode == 0, err
+        assert "Traceback" not in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def test_operator_verbs_against_a_running_sipguard(tmp_path: Path) -> None:
     """suspend / suspensions / unsuspend / reload work against a running sipguard through its
     admin API; a suspension that could not be saved is exit 1 and says so; an unreachable
