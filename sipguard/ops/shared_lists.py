@@ -69,7 +69,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, MutableMapping
 from typing import Any
 
-from redis.exceptions import RedisError
+from redis.exceptions import AuthenticationError, RedisError
 
 from sipguard.ops.logging import SampledLogger
 from sipguard.policy.flood import Ban, FloodState, Key
@@ -86,6 +86,14 @@ RETRY_MIN_S, RETRY_MAX_S = 0.2, 5.0
 MAX_SUSPENSIONS = 100_000
 
 _FAILURES = (RedisError, OSError, asyncio.TimeoutError, ConnectionError)
+
+
+def refused_login(exc: BaseException) -> bool:
+    """Redis answered, and refused sipguard's credentials (a wrong or missing password or
+    user): not a Redis that did not answer."""
+    text = str(exc)
+    return isinstance(exc, AuthenticationError) or any(
+        code in text for code in ("WRONGPASS", "NOAUTH", "without any password configured"))
 
 # Delete a hash field only when it still holds the value read (an entry that ran out, unless
 # another instance wrote it anew meanwhile).
@@ -180,6 +188,8 @@ class SharedLists:
         self._lock = asyncio.Lock()  # a write and a resync never interleave
         self._wake = asyncio.Event()
         self._synced = asyncio.Event()
+        self._refused = asyncio.Event()  # Redis refused the login (before the first load)
+        self.refusal: BaseException | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._pubsub: Any = None
         self._watched: Any = None  # the pub/sub connection whose reconnects mean a resync
@@ -219,14 +229,27 @@ class SharedLists:
     # ------------------------------------------------------------------ lifecycle
     async def start(self, wait_s: float = 2.0) -> bool:
         """Start the listener and the writer; wait up to ``wait_s`` for the first full load.
-        False when Redis could not be read by then (it goes on trying in the background)."""
+        False when Redis did not answer by then (it goes on trying in the background). A
+        Redis that answered by refusing the login is not that: it is logged here as what it
+        is (``shared_lists_not_loaded``, ``reason: authentication failed``), at once, and the
+        answer is True; the listener goes on trying too."""
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._listen()), loop.create_task(self._write())]
+        waits = [loop.create_task(self._synced.wait()), loop.create_task(self._refused.wait())]
         try:
-            async with asyncio.timeout(wait_s):
-                await self._synced.wait()
-        except TimeoutError:
+            await asyncio.wait(waits, timeout=wait_s, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in waits:
+                task.cancel()
+        if self._synced.is_set():
+            return True
+        if self.refusal is None:
             return False
+        if self.log is not None:
+            self.log.warning("shared_lists_not_loaded", reason="authentication failed",
+                             error=f"{type(self.refusal).__name__}: {self.refusal}",
+                             detail="Redis refused the login (the password or user in "
+                                    "state.url): local lists until it accepts it")
         return True
 
     async def stop(self) -> None:
@@ -412,6 +435,9 @@ class SharedLists:
                        error=repr(exc) or type(exc).__name__, pending=len(self.dirty))
         else:
             self.counters["shared_lists_retries"] += 1
+            if not self._synced.is_set() and refused_login(exc):
+                self.refusal = exc
+                self._refused.set()
 
     # ------------------------------------------------------------------ messages
     async def _apply_messages(self, batch: list[Any]) -> None:

@@ -24,22 +24,37 @@ One INVITE, one round trip
     group refuses, what the others took is released again (rate cells they advanced stay
     advanced).
 
-When Redis cannot be reached
+When Redis cannot be reached, or refuses to write
     Every call has ``timeout_ms``; ``breaker_failures`` failures in a row open the breaker:
     no call waits for Redis any more, :meth:`admit` answers ``None`` at once and the policy
-    applies ``fail: open | closed``. A background probe (backoff 0.2 s doubling to 5 s) closes
-    the breaker when a PING comes back, then releases retried and leases re-scored make the
-    counts converge: a lease id is a set member, so a call re-added after the outage is
-    counted once, and a call that ended meanwhile is removed (its release was kept) or lapses.
+    applies ``fail: open | closed``. A Redis that answers but refuses writes — over
+    ``maxmemory`` (``OOM``), a read-only replica (``READONLY``), a failed save (``MISCONF``)
+    — is a failure like a timeout: every script starts with a ``#!lua`` line without flags
+    (Redis 7 or Valkey), so Redis refuses it *as a whole* before it runs, never half-way (a
+    flag-less script of the old kind is stopped at its first write that may grow memory,
+    after the writes before it), and the epoch read below is such a script too. A re-scoring
+    Redis refuses opens the breaker at once (the live calls' leases would lapse while the
+    admissions went on), and so does a refused login (``authentication failed``). The breaker
+    is logged ``state_unreachable`` once per outage, with a ``reason`` when Redis named one.
+    A background probe (backoff 0.2 s doubling to 5 s) runs the epoch script — a Redis that
+    answers PING but refuses writes keeps the breaker open — then sends the kept releases and
+    re-scores every live lease, and only then closes the breaker: a lease id is a set member,
+    so a call re-added after the outage is counted once, a call that ended meanwhile is
+    removed (its release was kept) or lapses, and no admission runs against counts that miss
+    a call that is up. Until Redis has answered once after start the store is not
+    :attr:`available` (``/readyz`` with ``fail: closed``), though calls are still tried.
 
 When Redis loses its data
     A restart without persistence, a FLUSHALL or a failover to a replica that lacks the sets
-    empties the counts while calls are up, often with no failed round trip at all. Every
-    second each instance reads ``<prefix>counts:epoch`` (a random value, no expiry, set by
-    whoever finds it missing); when it is gone or changed, the instance re-scores its live
-    leases at once (``state_data_lost``), so the limits count the calls that are up within a
-    second (and the re-scoring's round trips) instead of ``lease_s / 3``. With Redis Cluster
-    the key lives on one shard: another shard losing its data alone waits for the refresh.
+    empties the counts while calls are up, often with no failed round trip at all. At start
+    and then every second each instance reads ``<prefix>counts:epoch`` (a random value, no
+    expiry, set by whoever finds it missing); when it is gone or changed, the instance
+    re-scores its live leases at once (``state_data_lost``), so the limits count the calls that
+    are up within a second (and the re-scoring's round trips) instead of ``lease_s / 3``. The
+    first read that succeeds is followed by a re-scoring too, so calls admitted before it
+    (while the instance was starting) are back even when Redis lost them just before. With
+    Redis Cluster the key lives on one shard: another shard losing its data alone waits for
+    the refresh.
 
 Nothing here reads the event loop's clock for the data (Redis's ``TIME`` scores everything);
 ``clock`` only paces the probe.
@@ -50,12 +65,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping, Sequence
 from typing import Any
 
 import hiredis
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import AuthenticationError, NoScriptError, RedisError, ResponseError
 
 from sipguard.state.base import Admitted, Check
 from sipguard.transport.redis_client import by_slot, key
@@ -71,7 +87,10 @@ from sipguard.transport.redis_pipe import PipeError, RespPipe
 #        current one, this call included; they only measure.
 # Returns {taken 1|0, refused check (0-based) or -1, value, then (check, value) pairs for failed
 # monitored checks and for measures}; value: a count, or the microseconds a rate cell is ahead.
-ADMIT = """
+# Every script starts with "#!lua" and no flags: Redis 7 then refuses it as a whole, before it
+# runs, whenever it refuses writes (OOM over maxmemory, READONLY replica, MISCONF, NOREPLICAS),
+# instead of stopping it at its first write that may grow memory, after the ones before it.
+ADMIT = """#!lua
 local t = redis.call('TIME')
 local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local now_ms = math.floor(now_us / 1000)
@@ -155,7 +174,7 @@ return out
 """
 
 # KEYS: keys; ARGV: lease_ms, then the member for each key. Adds or re-scores each member.
-REFRESH = """
+REFRESH = """#!lua
 local t = redis.call('TIME')
 local expires = math.floor((tonumber(t[1]) * 1000000 + tonumber(t[2])) / 1000) + tonumber(ARGV[1])
 for i, k in ipairs(KEYS) do
@@ -166,12 +185,24 @@ return #KEYS
 """
 
 # KEYS: keys; ARGV: the member for each key. Removes each; how many were there.
-RELEASE = """
+RELEASE = """#!lua
 local n = 0
 for i, k in ipairs(KEYS) do
   n = n + redis.call('ZREM', k, ARGV[i])
 end
 return n
+"""
+
+# KEYS: the epoch key; ARGV: a new random value, set when the key is missing. Returns
+# {the epoch, 1 when this call set it}. A script (not GET): refused wherever ADMIT is, so the
+# watch and the breaker's probe fail exactly when calls would.
+WATCH = """#!lua
+local epoch = redis.call('GET', KEYS[1])
+if epoch then
+  return {epoch, 0}
+end
+redis.call('SET', KEYS[1], ARGV[1])
+return {ARGV[1], 1}
 """
 
 REFRESH_CHUNK = 256  # leases per refresh script
@@ -185,6 +216,33 @@ class BadReply(ValueError):
 
 _FAILURES = (RedisError, OSError, asyncio.TimeoutError, ConnectionError, BadReply)
 _FAILED = object()  # what _guarded returns for a round trip that failed
+
+# The codes of the error replies by which Redis refuses what a call needs, as logged (reason).
+_REFUSALS = {
+    "WRONGPASS": "authentication failed", "NOAUTH": "authentication failed",
+    "OOM": "out of memory (maxmemory)", "READONLY": "read-only replica",
+    "MISCONF": "cannot save (MISCONF)", "NOREPLICAS": "not enough replicas",
+    "LOADING": "loading its data", "MASTERDOWN": "replica without its master",
+}
+_REFUSAL = re.compile(r"\b(" + "|".join(_REFUSALS) + r")\b")
+
+
+def failure_reason(exc: BaseException) -> str | None:
+    """Why Redis refused, when its error says so (``authentication failed``, ``out of memory
+    (maxmemory)``, ``read-only replica`` …); None for a timeout, a lost connection or
+    anything else."""
+    text = str(exc)
+    if isinstance(exc, AuthenticationError) or "without any password configured" in text:
+        return "authentication failed"
+    found = _REFUSAL.search(text)
+    return _REFUSALS[found.group(1)] if found else None
+
+
+def _describe(exc: BaseException) -> str:
+    """An error for the log: redis-py's own repr drops the message (``server:ResponseError``)."""
+    if isinstance(exc, RedisError):
+        return f"{type(exc).__name__}({str(exc)!r})"
+    return repr(exc) or type(exc).__name__
 
 
 class SharedStore:
@@ -210,7 +268,7 @@ class SharedStore:
         # the INVITE path's own pipelined connection (a single server); None: redis-py's
         self.pipe = pipe
         if pipe is not None:
-            pipe.scripts = (ADMIT, RELEASE, REFRESH)
+            pipe.scripts = (ADMIT, RELEASE, REFRESH, WATCH)
         self.prefix = prefix
         self.cluster = cluster
         self.timeout_s = timeout_s
@@ -224,11 +282,13 @@ class SharedStore:
         self._admit = client.register_script(ADMIT)
         self._refresh = client.register_script(REFRESH)
         self._release = client.register_script(RELEASE)
+        self._watch = client.register_script(WATCH)
         self._keys: dict[str, str] = {}  # "kind:ident" -> Redis key (bounded cache)
         self.failures = 0  # failed round trips in a row
         self.epoch: Any = None  # the counts' epoch key as last read (see _data_lost)
         self.last_failure: BaseException | None = None  # the last failed round trip's error
         self.open = False  # the breaker: no call waits for Redis while open
+        self.answered = False  # Redis ran something for this process since it started
         self.pending: deque[tuple[str, tuple[str, ...]]] = deque(maxlen=max_pending or None)
         self.max_pending = max_pending
         # the leases this process holds, for re-scoring (set by the concurrency tracker)
@@ -257,7 +317,8 @@ class SharedStore:
 
     @property
     def available(self) -> bool:
-        return not self.open
+        """Redis answered since start and the breaker is closed (``/readyz``, the gauge)."""
+        return self.answered and not self.open
 
     # ------------------------------------------------------------------ the INVITE path
     async def admit(self, lease: str, checks: Sequence[Check], take: Sequence[str]) -> \
@@ -378,11 +439,11 @@ class SharedStore:
         reply = await pipe.call("EVALSHA", sha, len(keys), *keys, *args)
         if isinstance(reply, hiredis.ReplyError):
             if not str(reply).startswith("NOSCRIPT"):
-                raise RedisError(str(reply))
+                raise ResponseError(str(reply))
             await pipe.call("SCRIPT", "LOAD", script)  # a Redis restarted empty
             reply = await pipe.call("EVALSHA", sha, len(keys), *keys, *args)
             if isinstance(reply, hiredis.ReplyError):
-                raise RedisError(str(reply))
+                raise ResponseError(str(reply))
         return reply
 
     # ------------------------------------------------------------------ batching
@@ -485,7 +546,7 @@ class SharedStore:
             return
         reply = await self.pipe.call("SET", key_, value, "PX", px)
         if isinstance(reply, hiredis.ReplyError):
-            raise RedisError(str(reply))
+            raise ResponseError(str(reply))
 
     def release_soon(self, lease: str, take: Sequence[str]) -> bool:
         """Send the release of ``lease`` on the open pipelined connection without waiting
@@ -554,47 +615,71 @@ class SharedStore:
         a refresh can never bring back an ended call."""
         if self.open:
             return 0
-        await self._flush_pending()
+        done, _ = await self._refresh_all()
+        return done
+
+    async def _refresh_all(self) -> tuple[int, bool]:
+        """:meth:`refresh` whether or not the breaker is open (the probe re-scores before it
+        closes it): how many leases were re-scored, and whether all of them were."""
+        if not await self._flush_pending():
+            return 0, False
         leases = list(self.live())
         done = 0
         for start in range(0, len(leases), REFRESH_CHUNK):
             chunk = leases[start:start + REFRESH_CHUNK]
             if await self._guarded("refresh", self._rescore(chunk),
                                    max(1.0, self.timeout_s * 10)) is _FAILED:
-                return done
+                self.counters["state_leases_refreshed"] += done
+                return done, False
             done += len(chunk)
             for lease, take in chunk:
                 if not self.held(lease):  # ended while its refresh was on the way
-                    await self.release(lease, take)
+                    await self._release_or_keep(lease, take)
         self.counters["state_leases_refreshed"] += done
-        return done
+        return done, True
 
-    async def _flush_pending(self) -> None:
-        while self.pending and not self.open:
+    async def _release_or_keep(self, lease: str, take: tuple[str, ...]) -> None:
+        if await self._guarded("release", self._release_now(
+                lease, [self.rkey(t) for t in take]), self.timeout_s * 4) is _FAILED:
+            self._keep(lease, take)
+
+    async def _flush_pending(self) -> bool:
+        """The kept releases, oldest first; False when Redis failed one (it stays kept)."""
+        while self.pending:
             lease, take = self.pending.popleft()
             if await self._guarded("release", self._release_now(
                     lease, [self.rkey(t) for t in take]), self.timeout_s * 4) is _FAILED:
                 self.pending.appendleft((lease, take))
-                return
+                return False
             self.counters["state_releases_retried"] += 1
+        return True
 
     def start(self) -> None:
-        """Start re-scoring the live leases every ``lease_s / 3``."""
+        """Read the epoch key now, then re-score the live leases every ``lease_s / 3``."""
         if self._refresher is None:
             self._refresher = asyncio.get_running_loop().create_task(self._refresh_loop())
 
     async def _refresh_loop(self) -> None:
-        """Every ``lease_s / 3`` a refresh; every :data:`WATCH_S` a look at the epoch key, and
-        a refresh at once when Redis lost its data (see :meth:`_data_lost`)."""
+        """At once and then every :data:`WATCH_S` a look at the epoch key; a refresh every
+        ``lease_s / 3``, at once when Redis lost its data (see :meth:`_data_lost`) or the
+        first look succeeded, and again at the next look when one did not complete (a lease
+        has two thirds of ``lease_s`` left when its refresh is due)."""
         loop = asyncio.get_running_loop()
         due = loop.time() + self.lease_s / 3
+        first = True
         while not self.closed:
-            await asyncio.sleep(min(WATCH_S, self.lease_s / 3))
+            if not first:
+                await asyncio.sleep(min(WATCH_S, self.lease_s / 3))
+            first = False
             try:
+                baseline = self.epoch is None  # no epoch read yet: this one sets it
                 lost = await self._data_lost()
-                if lost or loop.time() >= due:
-                    due = loop.time() + self.lease_s / 3
-                    done = await self.refresh()
+                if self.open:
+                    continue
+                if lost or loop.time() >= due or (baseline and self.epoch is not None):
+                    done, complete = await self._refresh_all()
+                    if complete:
+                        due = loop.time() + self.lease_s / 3
                     if lost:
                         self._note("state_data_lost", leases_restored=done)
             except Exception as exc:  # never let the loop die
@@ -608,25 +693,35 @@ class SharedStore:
         later: until then the limits would count none of the calls that are up."""
         if self.open:
             return False
-        key = self.prefix + "counts:epoch"
-        epoch = await self._guarded("watch", self.client.get(key), self.timeout_s * 4)
+        epoch = await self._guarded("watch", self._read_epoch(), self.timeout_s * 4)
         if epoch is _FAILED:
             return False
-        if epoch is None:
-            mine = os.urandom(8).hex().encode()
-            done = await self._guarded("watch", self.client.set(key, mine, nx=True),
-                                       self.timeout_s * 4)
-            if done is _FAILED:
-                return False
-            epoch = mine if done else await self._guarded(
-                "watch", self.client.get(key), self.timeout_s * 4)
-            if epoch is _FAILED:
-                return False
+        return self._epoch_seen(epoch)
+
+    def _epoch_seen(self, epoch: bytes) -> bool:
         lost = self.epoch is not None and epoch != self.epoch
         self.epoch = epoch
         if lost:
             self.counters["state_data_lost"] += 1
         return lost
+
+    async def _read_epoch(self) -> bytes:
+        """The epoch (set first when missing), by the WATCH script: refused like ADMIT."""
+        key = self.prefix + "counts:epoch"
+        mine = os.urandom(8).hex()
+        if self.pipe is not None and not self.cluster:
+            reply = await self._piped(self.pipe, self._watch.sha, WATCH, [key], [mine])
+        else:
+            reply = await self._watch(keys=[key], args=[mine])
+        try:
+            epoch, _ = reply
+        except (TypeError, ValueError):
+            raise BadReply(f"watch answered {str(reply)[:60]!r}") from None
+        if isinstance(epoch, str):
+            epoch = epoch.encode()
+        if not isinstance(epoch, bytes):
+            raise BadReply(f"watch answered {str(reply)[:60]!r}")
+        return epoch
 
     async def close(self) -> None:
         self.closed = True
@@ -643,6 +738,7 @@ class SharedStore:
     # ------------------------------------------------------------------ the breaker
     def _ok(self) -> None:
         self.failures = 0
+        self.answered = True
 
     def _failed(self, what: str, exc: BaseException) -> None:
         self.last_failure = exc
@@ -652,35 +748,53 @@ class SharedStore:
         if isinstance(exc, asyncio.TimeoutError | TimeoutError):
             self.counters["state_timeouts"] += 1
         self.failures += 1
-        if not self.open and self.failures >= self.breaker_failures:
+        reason = failure_reason(exc)
+        # a refused re-scoring or login trips at once: the live calls' leases would lapse
+        # while admissions went on, and a wrong password does not heal by retrying
+        trip = (what == "refresh" and (reason is not None or isinstance(exc, ResponseError))) \
+            or reason == "authentication failed"
+        if not self.open and (trip or self.failures >= self.breaker_failures):
             self.open = True
             if self.pipe is not None:
                 self.pipe.close()  # what is in flight fails now; a new connection later
             self.counters["state_breaker_opened"] += 1
-            self._note("state_unreachable", what=what, error=repr(exc) or type(exc).__name__,
-                       failures=self.failures)
+            fields: dict[str, Any] = {"what": what, "error": _describe(exc),
+                                      "failures": self.failures}
+            if reason is not None:
+                fields["reason"] = reason
+            self._note("state_unreachable", **fields)
             if self._probe is None or self._probe.done():
                 with contextlib.suppress(RuntimeError):
                     self._probe = asyncio.get_running_loop().create_task(self._probe_loop())
 
     async def _probe_loop(self) -> None:
+        """While the breaker is open: the epoch script (refused wherever calls would be — a
+        PING is answered by a replica or a full Redis too), then the kept releases and every
+        live lease re-scored; only when all of that went through does the breaker close."""
         wait = PROBE_MIN_S
         while self.open and not self.closed:
             await asyncio.sleep(wait)
+            wait = min(PROBE_MAX_S, wait * 2)
             try:
                 async with asyncio.timeout(max(0.25, self.timeout_s * 4)):
-                    await self.client.ping()
-            except _FAILURES:
-                wait = min(PROBE_MAX_S, wait * 2)
+                    epoch = await self._read_epoch()
+            except _FAILURES as exc:
+                self.last_failure = exc
                 continue
-            self.open = False
-            self.failures = 0
-            self.counters["state_reconnected"] += 1
-            self._note("state_reachable", pending_releases=len(self.pending))
             try:
-                await self.refresh()  # kept releases, then every live lease re-scored
+                lost = self._epoch_seen(epoch)
+                done, complete = await self._refresh_all()
             except Exception as exc:
                 self._note("state_refresh_failed", error=repr(exc))
+                continue
+            if not complete:
+                continue
+            self.open = False
+            self._ok()
+            self.counters["state_reconnected"] += 1
+            self._note("state_reachable", pending_releases=len(self.pending))
+            if lost:
+                self._note("state_data_lost", leases_restored=done)
 
     async def counts(self, counters: Sequence[str]) -> list[int] | None:
         """Live leases on each counter across every instance (for the admin API); None when
@@ -708,7 +822,7 @@ class SharedStore:
             self._log(event, **fields)
 
     def stats(self) -> dict[str, float]:
-        return {"state_available": 0.0 if self.open else 1.0,
+        return {"state_available": 1.0 if self.available else 0.0,
                 "state_pending_releases": float(len(self.pending))}
 
 

@@ -839,6 +839,56 @@ async def test_a_number_without_a_plus_is_suspended_with_a_warning(
 # --------------------------------------------------------------------------- shared state
 
 
+async def test_readyz_is_unready_from_the_start_until_redis_answers(
+    tmp_path: Path, peers: tuple[Peer, Peer], capfd: pytest.CaptureFixture[str],
+) -> None:
+    """fail: closed and Redis down at start: /readyz is unready before any call failed, and
+    ready once Redis answers. A refused password is logged as what it is, not as a Redis
+    that did not answer, and keeps the instance unready."""
+    from tests.redis_server import RedisServer
+
+    _, core = peers
+    server = RedisServer(tmp_path / "redis", None, "--requirepass", "s3cret")
+    (tmp_path / "a").mkdir()
+    guard = await start_guard(
+        tmp_path / "a", core,
+        f"state: {{backend: redis, url: 'redis://:s3cret@127.0.0.1:{server.port}/0', "
+        "fail: closed, timeout_ms: 100, breaker_failures: 1}\n",
+    )
+    try:
+        status, body = await request("GET", f"{guard.url}/readyz")
+        assert (status, body) == (503, {"ready": False, "state": "unreachable"})
+        server.start()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        while (await request("GET", f"{guard.url}/readyz"))[0] != 200:
+            assert loop.time() - started < 1.5, "not ready after Redis came up"
+            await asyncio.sleep(0.05)
+    finally:
+        await guard.server.stop()
+    (tmp_path / "b").mkdir()
+    capfd.readouterr()
+    guard = await start_guard(
+        tmp_path / "b", core,
+        f"state: {{backend: redis, url: 'redis://:wrong@127.0.0.1:{server.port}/0', "
+        "fail: closed, timeout_ms: 100}\n",
+    )
+    try:
+        await asyncio.sleep(0.1)
+        status, body = await request("GET", f"{guard.url}/readyz")
+        assert (status, body) == (503, {"ready": False, "state": "unreachable"})
+    finally:
+        await guard.server.stop()
+        server.stop()
+    out = capfd.readouterr()
+    text = out.out + out.err
+    assert "did not answer" not in text, text
+    refused = [line for line in text.splitlines() if "authentication failed" in line]
+    assert len(refused) == 2, text
+    assert "shared_lists_not_loaded" in refused[0] and "state_unreachable" in refused[1]
+    assert "wrong" not in text
+
+
 async def test_readyz_and_calls_report_the_shared_state(
     tmp_path: Path, peers: tuple[Peer, Peer], redis_url: str
 ) -> None:

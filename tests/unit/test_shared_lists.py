@@ -278,6 +278,37 @@ async def test_start_without_redis_keeps_local_lists(
         await a.close()
 
 
+async def test_a_refused_password_is_logged_as_such_at_once(tmp_path: Path) -> None:
+    """Redis answers, refusing the password: start() does not wait its bound out and report
+    a Redis that "did not answer" — it logs an authentication failure, at once."""
+    server = RedisServer(tmp_path, None, "--requirepass", "s3cret").start()
+    a = Node(f"redis://:wrong@127.0.0.1:{server.port}/0", "a")
+    lines: list[tuple[str, str, dict[str, object]]] = []
+
+    class Log:
+        def info(self, event: str, **fields: object) -> None:
+            lines.append(("info", event, fields))
+
+        def warning(self, event: str, **fields: object) -> None:
+            lines.append(("warning", event, fields))
+
+    a.lists.log = Log()
+    try:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        assert await a.lists.start(wait_s=2.0)  # Redis answered
+        assert loop.time() - started < 1.0
+        [(level, event, fields)] = lines
+        assert (level, event, fields["reason"]) == (
+            "warning", "shared_lists_not_loaded", "authentication failed")
+        assert "invalid username-password" in str(fields["error"])
+        assert "wrong" not in str(fields["error"])
+        assert not a.lists.connected
+    finally:
+        await a.close()
+        server.stop()
+
+
 # --------------------------------------------------------------------------- bad data
 
 

@@ -387,3 +387,156 @@ async def test_counts_lost_by_redis_are_restored_within_a_second(
         assert await a.client.get("sipguard:counts:epoch") is not None
     finally:
         await a.close()
+
+
+class Events(list[tuple[str, dict[str, object]]]):
+    """The store's log lines (its ``log`` callback), in order."""
+
+    def __call__(self, event: str, **fields: object) -> None:
+        self.append((event, fields))
+
+    def named(self, event: str) -> list[dict[str, object]]:
+        return [fields for name, fields in self if name == event]
+
+
+async def until(check: object, timeout: float) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not check():  # type: ignore[operator]
+        assert loop.time() < deadline, "not within the time"
+        await asyncio.sleep(0.02)
+
+
+async def test_redis_over_maxmemory_refuses_whole_scripts_and_the_limit_stays_exact(
+    redis_server: RedisServer,
+) -> None:
+    """Redis over maxmemory (noeviction): the admission script is refused as a whole (it
+    takes nothing), a refused re-scoring opens the breaker at once with one log line naming
+    the cause, the store is unavailable; once Redis has room again the probe re-scores the
+    lease that lapsed meanwhile *before* it closes the breaker, so a second call of a caller
+    limited to one is refused, not let through."""
+    redis_server.flush()
+    events = Events()
+    a = store(redis_server.url, timeout_s=0.2, lease_s=0.9, log=events)
+    mirror = {"up": TAKE}
+    a.live = lambda: list(mirror.items())
+    a.held = lambda lease: lease in mirror
+    key = a.rkey("caller:+12125550100")
+    try:
+        assert (await a.admit("up", [caller_limit(1)], TAKE))[0]
+        a.start()
+        await until(lambda: a.available, 0.5)
+        redis_server.command("CONFIG", "SET", "maxmemory", "1")
+        assert await a.admit("other", [caller_limit(5)], ("caller:+12125550100",)) is None
+        assert await a.client.zcard(key) == 1  # nothing taken, not even half of it
+        await until(lambda: a.open, 0.6)  # the next refresh (lease_s / 3) is refused
+        assert not a.available and a.stats()["state_available"] == 0.0
+        [opened] = events.named("state_unreachable")
+        assert opened["reason"] == "out of memory (maxmemory)", opened
+        await asyncio.sleep(1.0)  # the lease lapses meanwhile (lease_s 0.9)
+        now_ms = (await a._now_ms())
+        assert await a.client.zcount(key, now_ms + 1, "+inf") == 0
+        assert await a.admit("second", [caller_limit(1)], TAKE) is None  # breaker open
+        redis_server.command("CONFIG", "SET", "maxmemory", "0")
+        await until(lambda: not a.open, 2.0)
+        # re-scored before the breaker closed: the limit holds at once
+        assert await a.admit("second", [caller_limit(1)], TAKE) == (False, 0, 1, [])
+        assert len(events.named("state_unreachable")) == 1
+        assert len(events.named("state_reachable")) == 1
+    finally:
+        redis_server.command("CONFIG", "SET", "maxmemory", "0")
+        await a.close()
+
+
+async def test_a_read_only_replica_keeps_the_breaker_open_without_flapping(
+    tmp_path: Path, redis_server: RedisServer,
+) -> None:
+    """state.url names a replica: it answers PING but refuses the scripts (READONLY). The
+    breaker opens once, is logged once with the reason, and stays open — the probe runs what
+    calls run, not PING — and the store stays unavailable from the start (``/readyz``)."""
+    replica = RedisServer(tmp_path).start()
+    events = Events()
+    a = store(replica.url, timeout_s=0.1, log=events)
+    try:
+        replica.command("REPLICAOF", "127.0.0.1", str(redis_server.port))
+        a.start()
+        assert not a.available
+        samples = []
+        for _ in range(60):  # 1.8 s: several probes (0.2, 0.4, 0.8 s apart)
+            await a.admit("x", [caller_limit(1)], TAKE)
+            samples.append(a.available)
+            await asyncio.sleep(0.03)
+        assert not any(samples) and a.open
+        [opened] = events.named("state_unreachable")
+        assert opened["reason"] == "read-only replica", opened
+        assert not events.named("state_reachable")
+        assert a.counters["state_breaker_opened"] == 1
+    finally:
+        await a.close()
+        replica.stop()
+
+
+async def test_counts_lost_in_the_first_second_are_restored(redis_server: RedisServer) -> None:
+    """The epoch is read at start, not a second later: a call admitted while the instance was
+    starting and lost before that first read is re-scored at once, and a loss just after it
+    is noticed by the next look (state_data_lost) — not at the refresh lease_s / 3 later."""
+    redis_server.flush()
+    events = Events()
+    a = store(redis_server.url, lease_s=600.0, log=events)  # refresh: 200 s away
+    mirror = {"early": TAKE}
+    a.live = lambda: list(mirror.items())
+    a.held = lambda lease: lease in mirror
+    key = a.rkey("caller:+12125550100")
+
+    async def members() -> list[bytes]:
+        return sorted(await a.client.zrange(key, 0, -1))
+
+    try:
+        assert (await a.admit("early", [caller_limit(5)], TAKE))[0]
+        await a.client.flushall()  # lost before the instance ever read the epoch
+        a.start()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        while await members() != [b"early"]:
+            assert loop.time() - started < 0.3
+            await asyncio.sleep(0.01)
+        mirror["late"] = TAKE
+        assert (await a.admit("late", [caller_limit(5)], TAKE))[0]
+        await a.client.flushall()  # well within the first second
+        while await members() != [b"early", b"late"]:
+            assert loop.time() - started < 1.5
+            await asyncio.sleep(0.02)
+        assert a.counters["state_data_lost"] == 1
+        assert events.named("state_data_lost") == [{"leases_restored": 2}]
+    finally:
+        await a.close()
+
+
+async def test_unavailable_until_redis_answers_and_a_wrong_password_says_so(
+    tmp_path: Path,
+) -> None:
+    """Nothing answered yet: not available (``/readyz`` with fail: closed) even before a
+    call failed; available as soon as Redis answers, with no call needed. A refused password
+    opens the breaker at once, logged as an authentication failure."""
+    server = RedisServer(tmp_path, None, "--requirepass", "s3cret")
+    port = server.port
+    events = Events()
+    a = store(f"redis://:s3cret@127.0.0.1:{port}/0", timeout_s=0.1, fail_open=False)
+    bad = store(f"redis://:wrong@127.0.0.1:{port}/0", timeout_s=0.1, log=events)
+    try:
+        a.start()
+        assert not a.available and a.stats()["state_available"] == 0.0
+        await asyncio.sleep(0.1)  # the first look failed: still not available
+        assert not a.available and a.failures == 1 and not a.open
+        server.start()
+        await until(lambda: a.available, 1.5)  # the next look, with no call at all
+        bad.start()
+        await until(lambda: bad.open, 0.5)
+        [opened] = events.named("state_unreachable")
+        assert opened["reason"] == "authentication failed" and opened["failures"] == 1
+        assert "s3cret" not in repr(events) and "wrong" not in repr(opened["reason"])
+        assert not bad.available
+    finally:
+        await a.close()
+        await bad.close()
+        server.stop()
