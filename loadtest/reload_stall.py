@@ -44,6 +44,19 @@ def _get(url: str, method: str = "GET", timeout: float = 120.0) -> float:
     return time.perf_counter() - start
 
 
+def wait_ready(admin: str, proc: subprocess.Popen[bytes], limit_s: float = 120.0) -> bool:
+    """Wait until sipguard's admin API answers /readyz; False if it exits or takes longer."""
+    deadline = time.monotonic() + limit_s
+    while True:
+        try:
+            _get(admin + "/readyz", timeout=1.0)
+            return True
+        except OSError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                return False
+            time.sleep(0.2)
+
+
 class Poller:
     """GET /healthz every 20 ms in a thread, each answer's start and latency kept."""
 
@@ -86,16 +99,9 @@ def main() -> int:
     proc = subprocess.Popen([sys.executable, "-m", "sipguard", "run", "--config", str(config)],
                             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                _get(admin + "/readyz", timeout=1.0)
-                break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    print("sipguard did not start", file=sys.stderr)
-                    return 1
-                time.sleep(0.2)
+        if not wait_ready(admin, proc):
+            print("sipguard did not start", file=sys.stderr)
+            return 1
         poller = Poller(admin + "/healthz")
         time.sleep(1.0)
         took = []

@@ -31,7 +31,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 from demo import HOST, free_port  # noqa: E402
-from reload_stall import Poller, _get  # noqa: E402
+from reload_stall import Poller, wait_ready  # noqa: E402
 
 
 def _suspend(admin: str, number: str) -> float:
@@ -62,16 +62,9 @@ def main() -> int:
                              str(config)], cwd=args.source, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                _get(admin + "/readyz", timeout=1.0)
-                break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    print("sipguard did not start", file=sys.stderr)
-                    return 1
-                time.sleep(0.2)
+        if not wait_ready(admin, proc):
+            print("sipguard did not start", file=sys.stderr)
+            return 1
         poller = Poller(admin + "/healthz")
         time.sleep(1.0)
         began = time.perf_counter()
