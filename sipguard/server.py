@@ -359,6 +359,11 @@ class Server:
         self._log_flusher: asyncio.TimerHandle | None = None
         self._gc_timer: asyncio.TimerHandle | None = None
         self._load_watch: asyncio.TimerHandle | None = None
+        # the event loop's busy share: its thread's CPU time over the wall time, per
+        # LOAD_WATCH_S (gauge event_loop_busy_ratio; where rule identity checks signatures)
+        self.loop_busy = 0.0
+        self._busy_at = self.loop.time()
+        self._busy_cpu = time.thread_time()
         self._resolved: dict[str, str] = {}
         self._resolving: dict[str, list[tuple[Flow, bytes]]] = {}  # name -> sends waiting
         self._unresolved: dict[str, float] = {}  # name -> until when it is not looked up
@@ -547,6 +552,7 @@ class Server:
             "gc_young_pause_max_seconds": self.collector.take_young_pause_max(),
             "gc_full_pause_seconds": self.collector.full_pause,
             "identity_verify_waiting": self.verifier.waiting,
+            "event_loop_busy_ratio": self.loop_busy,
             "udp_send_waiting": self.sender.waiting(),
             "log_queue_bytes": float(writer.queued_bytes) if writer is not None else 0.0,
             **(self.shared_store.stats() if self.shared_store is not None else {}),
@@ -583,6 +589,14 @@ class Server:
 
     def _watch_load(self) -> None:
         self._check_load()
+        now = self.loop.time()
+        cpu = time.thread_time()  # this thread's: the event loop's
+        span = now - self._busy_at
+        if span > 0:
+            self.loop_busy = min(1.0, max(0.0, (cpu - self._busy_cpu) / span))
+            self._busy_at = now
+            self._busy_cpu = cpu
+            self.verifier.note_load(self.loop_busy)
         self._load_watch = self.loop.call_later(LOAD_WATCH_S, self._watch_load)
 
     def _held(self) -> int:

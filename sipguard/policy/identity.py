@@ -417,7 +417,9 @@ class IdentityRule:
             checked = verifier.submit(passport, result.key)
             if checked is not None:
                 return self._after_check(call, passport, checked, now, wall, renew)
-        valid = verify_signature(passport, result.key)
+            valid = verifier.check_here(passport, result.key)
+        else:
+            valid = verify_signature(passport, result.key)
         if not valid and renew and self.state.fetcher is not None:
             return self._renew_then_finish(call, passport, now, wall)
         return self._signed(call, passport, valid, now)

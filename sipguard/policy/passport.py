@@ -248,6 +248,10 @@ class SignatureChecks(Protocol):
         """An awaitable for :func:`verify_signature` done elsewhere; None: verify here."""
         ...
 
+    def check_here(self, passport: Passport, key: ec.EllipticCurvePublicKey) -> bool:
+        """:func:`verify_signature` in this thread (where :meth:`submit` said None)."""
+        ...
+
     def configure(self, threads: int | str, max_pending: int) -> None:
         """Run ``threads`` threads (``"auto"``: by this process's CPUs) and queue at most
         ``max_pending`` checks."""

@@ -8,6 +8,7 @@ import asyncio
 import io
 import json
 import socket
+import time
 from collections.abc import AsyncIterator, Awaitable, Iterator
 from typing import Any
 
@@ -450,5 +451,29 @@ async def test_sends_to_a_host_name_wait_for_one_lookup(peers: tuple[Peer, Peer]
             if not server._resolving:
                 break
         assert not server._resolving and server.counters["resolve_failed"] == 1
+    finally:
+        await server.stop()
+
+
+async def test_the_loops_busy_share_is_measured_and_moves_auto_signature_checks(
+    peers: tuple[Peer, Peer],
+) -> None:
+    """Every load report (50 ms) the server measures its event loop's busy share (gauge
+    ``event_loop_busy_ratio``): an idle loop reads near 0, a loop kept busy reads near 1, and
+    ``verify_threads: auto`` then sends signature checks to the threads."""
+    _, core = peers
+    server, _ = await start(core)
+    try:
+        await asyncio.sleep(0.12)  # idle: two reports
+        idle = server._gauges()["event_loop_busy_ratio"]
+        assert 0.0 <= idle < 0.3, idle
+        assert not server.verifier.offload
+        end = time.monotonic() + 0.15
+        while time.monotonic() < end:  # the loop's thread busy, then one report
+            sum(range(1000))
+        server._watch_load()
+        busy = server._gauges()["event_loop_busy_ratio"]
+        assert 0.5 <= busy <= 1.0, busy
+        assert server.verifier.offload
     finally:
         await server.stop()
