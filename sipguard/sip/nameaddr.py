@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, cast
 
 from sipguard.sip import regex
 from sipguard.sip.errors import SipParseError
@@ -39,6 +39,7 @@ from sipguard.sip.params import (
     remember,
     scan_params,
     unquote,
+    untrack,
 )
 from sipguard.sip.uri import Uri, parse_uri
 
@@ -147,9 +148,12 @@ FAST_NAME_ADDR = _load_fast()
 
 
 # Memo caches, bounded in size and count (sipguard.sip.params, "Memo caches").
-_ONES: Final[dict[str, tuple[NameAddr, bool]]] = {}
+# Their entries are (value(s), bracketed) tuples, held as objects: the tuple the cache holds
+# is made once and taken out of the cyclic collector's view (params.untrack). (Typed as
+# tuples, compiled code would keep them unboxed and make a new tuple for each store.)
+_ONES: Final[dict[str, object]] = {}  # text -> tuple[NameAddr, bool]
 ONES_MAX: Final = 256  # small on purpose: see sipguard.sip.params, "Memo caches"
-_LISTS: Final[dict[str, tuple[tuple[NameAddr, ...], bool]]] = {}
+_LISTS: Final[dict[str, object]] = {}  # text -> tuple[tuple[NameAddr, ...], bool]
 LISTS_MAX: Final = 512
 
 
@@ -173,9 +177,11 @@ def parse_name_addr(text: str, *, name_addr_only: bool = False) -> NameAddr:
         if cached is None:
             one = _parse_one(text)
             if parts(one[0]) <= CACHE_PARTS_MAX:
-                remember(_ONES, text, one, ONES_MAX)
+                entry: object = one
+                untrack(entry)  # a value and a bool
+                remember(_ONES, text, entry, ONES_MAX)
         else:
-            one = cached
+            one = cast("tuple[NameAddr, bool]", cached)
     if name_addr_only and not one[1]:
         raise SipParseError(400, "URI must be enclosed in <>")
     return one[0]
@@ -203,10 +209,15 @@ def parse_name_addr_list(
     else:
         cached = _LISTS.get(text)
         if cached is None:
-            cached = _parse_list(text, 0)
-            if sum([parts(na) for na in cached[0]]) <= CACHE_PARTS_MAX:
-                remember(_LISTS, text, cached, LISTS_MAX)
-        items, all_bracketed = cached
+            listed = _parse_list(text, 0)
+            if sum([parts(na) for na in listed[0]]) <= CACHE_PARTS_MAX:
+                untrack(listed[0])  # values
+                entry: object = listed
+                untrack(entry)  # values and a bool
+                remember(_LISTS, text, entry, LISTS_MAX)
+        else:
+            listed = cast("tuple[tuple[NameAddr, ...], bool]", cached)
+        items, all_bracketed = listed
     if name_addr_only and not all_bracketed:
         raise SipParseError(400, "URI must be enclosed in <>")
     return list(items)
@@ -221,11 +232,9 @@ def _parse_list(text: str, stop: int) -> tuple[tuple[NameAddr, ...], bool]:
         na, pos, bracketed = scan_name_addr(text, pos)
         all_bracketed = all_bracketed and bracketed
         out.append(na)
-        if len(out) == stop:
-            return tuple(out), all_bracketed
         while pos < n and text[pos] in " \t":
             pos += 1
-        if pos >= n:
+        if len(out) == stop or pos >= n:
             return tuple(out), all_bracketed
         if text[pos] != ",":
             raise SipParseError(400, f"malformed name-addr list near {text[pos : pos + 20]!r}")

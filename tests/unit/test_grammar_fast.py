@@ -288,3 +288,26 @@ def test_built_and_damaged_values_parse_the_same_in_c_and_python(text: str) -> N
 @given(text=st.text(max_size=80))
 def test_random_text_parses_the_same_in_c_and_python(text: str) -> None:
     same_both_ways(text)
+
+
+@needs_grammar
+def test_values_and_memo_entries_are_out_of_the_collectors_view() -> None:
+    """A Uri, NameAddr and Via made in C, and the name-addr memo caches' entries, are
+    untracked where they are made (they can be in no reference cycle): no young pass of the
+    cyclic collector examines them (reference counting frees them as before)."""
+    import gc
+
+    nameaddr._ONES.clear()
+    nameaddr._LISTS.clear()
+    u = uri.parse_uri("sip:+12125550100@192.0.2.1:5060;user=phone")
+    na = nameaddr.parse_name_addr('"A" <sip:+12125550100@192.0.2.1>;tag=abc')
+    listed = nameaddr.parse_name_addr_list("<sip:a@192.0.2.1;lr>, <sip:b@192.0.2.2;lr>")
+    v, _ = via._scan_via("SIP/2.0/UDP 192.0.2.1:5060;branch=z9hG4bK-1;rport", 0)
+    for obj in (u, na, na.uri, *listed, v):
+        assert not gc.is_tracked(obj), obj
+    entries = [*nameaddr._ONES.values(), *nameaddr._LISTS.values()]
+    assert entries and not any(gc.is_tracked(e) for e in entries)
+    assert not any(gc.is_tracked(e[0]) for e in nameaddr._LISTS.values())  # type: ignore[index]
+    assert nameaddr.parse_name_addr('"A" <sip:+12125550100@192.0.2.1>;tag=abc') is na  # memo
+    with python_path():  # the Python path's values stay in view (rare shapes only)
+        assert gc.is_tracked(uri._parse_uri("sip:a@192.0.2.1;x=%41"))
