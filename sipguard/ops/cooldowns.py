@@ -23,9 +23,11 @@ Lifting ``key`` (every scope, or the one asked) therefore
     2. ends the cooldown in this process and forgets what the scope counted for the key
        (:meth:`DialerState.lift`): its next call starts afresh, where it would otherwise cross
        the threshold again at once;
-    3. with several workers, the admin API asks every other worker the same (their own
-       tables, ``?local=1``; the scopes found in the shared store go along, so each forgets
-       its counts there too) and gathers what each lifted;
+    3. with several workers, the admin API asks every other worker the same on its admin
+       port (``DELETE ...?local=1&reset=<scopes>``: its own tables only, the scopes found in
+       the shared store going along so each forgets its counts there too) and gathers what
+       each lifted — whatever ``worker_spread``, and with an answer, where the hand-over's
+       broadcast (suspensions, ban lifts) gives none;
     4. with Redis, announces the lift on the shared lists' channel: the other instances drop
        their copies within milliseconds (:mod:`sipguard.ops.shared_lists`).
 
