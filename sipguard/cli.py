@@ -20,6 +20,8 @@ The operator verbs talk to a running sipguard's admin API (``--admin URL``, defa
     sipguard suspensions
     sipguard calls +31201234567
     sipguard bans [--lift SOURCE]
+    sipguard cooldowns [--key KEY] [--scope SCOPE]         # rule dialer's cooldowns
+    sipguard cooldowns --lift KEY [--scope SCOPE] [--by WHO]
 
 They print JSON and exit 0; on failure one ``sipguard: ...`` line and exit 1 (2 for a reload
 the file's errors refused, one ``LINE: FIELD: message`` line each).
@@ -119,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_parser("suspensions", help="list suspended numbers"),
         calls := sub.add_parser("calls", help="live calls of a number"),
         bans := sub.add_parser("bans", help="list flood bans, or lift one"),
+        cooldowns := sub.add_parser("cooldowns",
+                                    help="list rule dialer's cooldowns, or lift one"),
     ]
     for verb in verbs:
         verb.add_argument("--admin", default=DEFAULT_ADMIN, metavar="URL",
@@ -139,6 +143,14 @@ def build_parser() -> argparse.ArgumentParser:
     unsuspend.add_argument("--by", default=os.environ.get("USER", "cli"), help="who (logged)")
     calls.add_argument("number")
     bans.add_argument("--lift", metavar="SOURCE", help="lift the ban on SOURCE (ip or ip:port)")
+    cooldowns.add_argument("--lift", metavar="KEY",
+                           help="lift the cooldowns of KEY: a number, a peer name or a source "
+                                "address")
+    cooldowns.add_argument("--key", help="list only the cooldowns of KEY")
+    cooldowns.add_argument("--scope", choices=("caller", "origin", "callee", "high_cost"),
+                           help="only this scope (default: every scope)")
+    cooldowns.add_argument("--by", default=os.environ.get("USER", "cli"),
+                           help="who lifts (logged)")
     return parser
 
 
@@ -232,6 +244,17 @@ def _verb(args: argparse.Namespace) -> int:
         result = _ok(*_call(args, "GET", "/suspensions"))
     elif cmd == "calls":
         result = _ok(*_call(args, "GET", f"/calls?number={_number_path(args.number)}"))
+    elif cmd == "cooldowns":
+        query = f"scope={args.scope}" if args.scope else ""
+        if args.lift:
+            by = urllib.parse.quote(args.by, safe="")
+            result = _ok(*_call(args, "DELETE", f"/dialer/cooldowns/{_number_path(args.lift)}"
+                                f"?by={by}" + (f"&{query}" if query else "")))
+        else:
+            if args.key:
+                query += ("&" if query else "") + f"key={_number_path(args.key)}"
+            result = _ok(*_call(args, "GET", "/dialer/cooldowns" + (f"?{query}" if query
+                                                                     else "")))
     else:  # bans
         if args.lift:
             result = _ok(*_call(args, "DELETE", f"/bans/{_number_path(args.lift)}"))

@@ -37,6 +37,7 @@ from sipguard.ops.calllog import CallLogger
 from sipguard.ops.collector import YOUNG_EVERY_S, Collector
 from sipguard.ops.config import Config, StateSettings
 from sipguard.ops.config_load import ConfigError, ConfigIssue, region_advice
+from sipguard.ops.cooldowns import DialerCooldowns, dialer_windows
 from sipguard.ops.endpoints import split_hostport
 from sipguard.ops.logging import Level, SampledLogger, flush_logs, get_logger, log_writer
 from sipguard.ops.metrics import Metrics
@@ -334,6 +335,9 @@ class Server:
         self.privacy: NumberPrivacy | None = number_privacy(cfg.log.numbers,
                                                             cfg.log.hash_key_file)
         self.observer.privacy = self.privacy
+        # the dialer's cooldowns for the admin API (GET / DELETE /dialer/cooldowns)
+        self.cooldowns = DialerCooldowns(lambda: self.state.dialer, self.loop.time,
+                                         lambda: self.state.wall_offset, self._shown, self.log)
         self.overload = OverloadWatcher(self.counters, self.log)
         self.http: AdminEndpoint | None = None
         self.listening = False  # every listener is up (GET /readyz)
@@ -928,6 +932,18 @@ class Server:
                         item[name] = p.text(item[name])
         return out
 
+    def cooldowns_view(self, scope: str | None, key: str | None) -> dict[str, Any]:
+        return self.cooldowns.view(scope, key)
+
+    async def lift_cooldown(self, key: str, scope: str | None, by: str, local: bool = False,
+                            reset: tuple[str, ...] = ()) -> dict[str, Any]:
+        """Lift the dialer cooldowns of ``key`` (:mod:`sipguard.ops.cooldowns`)."""
+        policy = self.policy
+        rules = [r for p in (policy.default, *policy.by_peer.values()) for r in p.rules]
+        return await self.cooldowns.lift(key, scope, by, store=self.shared_store,
+                                         windows=dialer_windows(rules), lists=self.shared_lists,
+                                         local=local, reset=reset)
+
     def _shown(self, key: str) -> str:
         """A number or prefix as log lines and API answers show it (``log.numbers``)."""
         return key if self.privacy is None else self.privacy.text(key)
@@ -1110,6 +1126,7 @@ class Server:
             max_bans=lambda: self.policy.flood.max_bans if self.policy.flood else 100_000,
             counters=self.counters, log=self.log, sampled=self.sampled,
             on_suspensions=self._shared_suspensions,
+            on_cooldown_lift=self.cooldowns.lifted_elsewhere,
         )
         self.shared_lists = lists
         flood.on_ban = lists.ban_added

@@ -1,4 +1,5 @@
-"""The HTTP admin API: metrics, health, readiness, reload, config, calls, bans, suspensions.
+"""The HTTP admin API: metrics, health, readiness, reload, config, calls, bans, suspensions,
+dialer cooldowns.
 
 One aiohttp site on the event loop (``admin: {listen: 127.0.0.1:9090, token_file: ...}``;
 ``metrics:`` is the section's old name). ``GET /metrics`` (Prometheus), ``GET /healthz`` and
@@ -23,6 +24,11 @@ with ``{"error": "..."}``, never a traceback.
 ``GET /bans``            flood bans in force; ``DELETE /bans/{source}`` lifts one
 ``GET /suspensions``     suspended numbers (API and config); ``POST`` adds, ``DELETE
                          /suspensions/{number}`` lifts
+``/dialer/cooldowns``    ``GET``: rule dialer's cooldowns in force (``?scope=``, ``?key=``;
+                         with several workers every worker's, each entry with its ``worker``);
+                         at most MAX_COOLDOWNS_SHOWN, then ``"truncated": true``; ``DELETE
+                         /dialer/cooldowns/{key}`` lifts one (``?scope=``, ``?by=``; 404 when
+                         none): :mod:`sipguard.ops.cooldowns`
 =======================  ==================================================================
 
 What the endpoints do is the shell's (:class:`Control`, implemented by ``sipguard.server``);
@@ -45,6 +51,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from sipguard.ops.config import AdminSettings
+from sipguard.ops.cooldowns import MAX_COOLDOWNS_SHOWN, cooldown_key, scope_of, scopes_of
 from sipguard.ops.metrics import (
     Metrics,
     MetricsCollector,
@@ -95,6 +102,11 @@ class Control(Protocol):
     ) -> dict[str, Any]: ...
 
     async def unsuspend(self, key: str, by: str) -> dict[str, Any] | None: ...
+
+    def cooldowns_view(self, scope: str | None, key: str | None) -> dict[str, Any]: ...
+
+    async def lift_cooldown(self, key: str, scope: str | None, by: str, local: bool = False,
+                            reset: tuple[str, ...] = ()) -> dict[str, Any]: ...
 
 
 class HttpError(Exception):
@@ -172,11 +184,10 @@ def _text(data: dict[str, Any], name: str, default: str) -> str:
 
 def _query_number(request: web.Request) -> str:
     """``number`` from the raw query: a literal ``+`` stays a plus (not a space)."""
-    for part in request.rel_url.raw_query_string.split("&"):
-        name, _, value = part.partition("=")
-        if name == "number" and value:
-            return unquote(value)
-    raise HttpError(400, "give ?number=+E164 (or a prefix ending in *)")
+    number = _query_value(request, "number")
+    if number is None:
+        raise HttpError(400, "give ?number=+E164 (or a prefix ending in *)")
+    return number
 
 
 def _loopback_host(host: str) -> bool:
@@ -368,6 +379,8 @@ class AdminEndpoint:
         r.add_get("/suspensions", self._suspensions)
         r.add_post("/suspensions", self._suspend)
         r.add_delete("/suspensions/{number}", self._unsuspend)
+        r.add_get("/dialer/cooldowns", self._cooldowns)
+        r.add_delete("/dialer/cooldowns/{key}", self._lift_cooldown)
         return app
 
     async def start(self, host: str, port: int, max_connections: int = 64,
@@ -553,9 +566,11 @@ class AdminEndpoint:
             view["workers_unanswered"] = missing
         return calls
 
-    async def _ask_peers(self, path: str, auth: str | None) -> dict[int, Any]:
-        """GET ``path`` (JSON) from every other worker at once, PEER_TIMEOUT_S each: worker ->
-        its answer, None for one that did not answer 200 with JSON."""
+    async def _ask_peers(self, path: str, auth: str | None,
+                         method: str = "GET") -> dict[int, Any]:
+        """GET (or ``method``) ``path`` (JSON) from every other worker at once,
+        PEER_TIMEOUT_S each: worker -> its answer, None for one that did not answer 200 with
+        JSON."""
         headers = {"Accept": "application/json"}
         if auth:
             headers["Authorization"] = auth
@@ -565,7 +580,8 @@ class AdminEndpoint:
 
             async def ask(url: str) -> Any:
                 try:
-                    async with session.get(url + path, allow_redirects=False) as resp:
+                    async with session.request(method, url + path,
+                                               allow_redirects=False) as resp:
                         if resp.status != 200:
                             return None
                         return await resp.json()
@@ -631,3 +647,108 @@ class AdminEndpoint:
         if result is None:
             raise HttpError(404, f"{key} is not suspended through the API")
         return _json(result)
+
+    # ------------------------------------------------------------------ dialer cooldowns
+    async def _cooldowns(self, request: web.Request) -> web.Response:
+        scope = _scope(request.query.get("scope"))
+        key = _query_value(request, "key")
+        if key is not None:
+            key = _cooldown_key(key)
+        view = self.control.cooldowns_view(scope, key)
+        if self.worker is not None:
+            for entry in view["cooldowns"]:
+                entry["worker"] = self.worker
+        if self.peers and request.query.get("local") != "1":
+            query = "".join(f"&{name}={quote(value, safe='')}" for name, value in
+                            (("scope", scope), ("key", key)) if value is not None)
+            answers = await self._ask_peers(f"/dialer/cooldowns?local=1{query}",
+                                            request.headers.get("Authorization"))
+            missing = []
+            for i, got in answers.items():
+                found = got.get("cooldowns") if isinstance(got, dict) else None
+                if isinstance(found, list):
+                    view["cooldowns"] += found
+                    if got.get("truncated"):
+                        view["truncated"] = True
+                else:
+                    missing.append(i)
+            if missing:
+                view["workers_unanswered"] = missing
+            if len(view["cooldowns"]) > MAX_COOLDOWNS_SHOWN:
+                del view["cooldowns"][MAX_COOLDOWNS_SHOWN:]
+                view["truncated"] = True
+        return _json(view)
+
+    async def _lift_cooldown(self, request: web.Request) -> web.Response:
+        key = _cooldown_key(request.match_info["key"])
+        scope = _scope(request.query.get("scope"))
+        by = request.query.get("by", "admin-api")[:200]
+        local = request.query.get("local") == "1"  # asked by the worker whose API took it
+        try:
+            reset = scopes_of(request.query.get("reset", ""))
+        except ValueError as exc:
+            raise HttpError(400, str(exc)) from None
+        result = await self.control.lift_cooldown(key, scope, by, local, reset)
+        shared = result.pop("shared_scopes", [])
+        if self.worker is not None:
+            for entry in result["lifted"]:
+                if entry.get("where") == "local":
+                    entry["worker"] = self.worker
+        if local:
+            return _json(result)
+        if self.peers:
+            query = f"?local=1&by={quote(by, safe='')}"
+            if scope is not None:
+                query += f"&scope={scope}"
+            if shared:
+                query += f"&reset={','.join(shared)}"
+            answers = await self._ask_peers(
+                f"/dialer/cooldowns/{quote(key, safe='')}{query}",
+                request.headers.get("Authorization"), "DELETE")
+            missing = []
+            for i, got in answers.items():
+                found = got.get("lifted") if isinstance(got, dict) else None
+                if isinstance(found, list):
+                    result["lifted"] += found
+                    reset_there = got.get("windows_reset")
+                    if isinstance(reset_there, list):
+                        result["windows_reset"] = sorted(
+                            {*result["windows_reset"], *map(str, reset_there)})
+                else:
+                    missing.append(i)
+            if missing:
+                result["workers_unanswered"] = missing
+        self.counters["dialer_cooldowns_lifted"] += len({e["scope"] for e in result["lifted"]})
+        if not result["lifted"]:
+            if result.get("shared_store") == "unreachable":
+                raise HttpError(503, "the shared state store did not answer: cooldowns kept "
+                                     "there were not lifted; try again")
+            where = f" in scope {scope}" if scope is not None else ""
+            unanswered = result.get("workers_unanswered")
+            raise HttpError(404, f"{key} has no dialer cooldown{where}" + (
+                f" (workers {unanswered} did not answer)" if unanswered else ""))
+        return _json(result)
+
+
+def _scope(text: str | None) -> str | None:
+    try:
+        return scope_of(text)
+    except ValueError as exc:
+        raise HttpError(400, str(exc)) from None
+
+
+def _cooldown_key(text: str) -> str:
+    try:
+        return cooldown_key(text)
+    except ValueError as exc:
+        raise HttpError(400, str(exc)) from None
+
+
+def _query_value(request: web.Request, name: str) -> str | None:
+    """Query parameter ``name`` from the raw query: a literal ``+`` stays a plus (not a
+    space); None when absent."""
+    for part in request.rel_url.raw_query_string.split("&"):
+        given, _, value = part.partition("=")
+        if given == name and value:
+            return unquote(value)
+    return None

@@ -15,7 +15,11 @@ What lives in Redis
       means the Redis lost its data (a restart without persistence), see below.
     * Channel ``<prefix>events``: one small JSON message per change, ``{"kind": "suspension" |
       "ban", "op": "add" | "lift" | "lift_all" | "sync", "key", "origin"}``. ``origin`` is
-      the instance's id; an instance ignores its own messages.
+      the instance's id; an instance ignores its own messages. ``{"kind": "cooldown", "op":
+      "lift", "key": "<scope>:<key>"}``: an operator lifted a dialer cooldown (its mark in
+      Redis is gone already); every other instance drops its local copy at once
+      (``on_cooldown_lift``). Nothing is stored for it: an instance that misses the message
+      keeps its copy until the copy runs out (``block_s`` at most).
 
 A change made here
     (the admin API's suspend / lift, a new flood ban, a ban lifted) marks its key *dirty* —
@@ -77,6 +81,8 @@ from sipguard.policy.suspensions import Suspension, SuspensionStore, suspension_
 
 SUSPENSION = "suspension"
 BAN = "ban"
+COOLDOWN = "cooldown"
+COOLDOWN_SCOPES = frozenset({"caller", "origin", "callee", "high_cost"})  # the dialer's
 OPS = frozenset({"add", "lift", "lift_all", "sync"})
 MAX_MESSAGE = 2048  # bytes; a longer payload is not one of ours
 MAX_BATCH = 512  # messages read (and keys written) per round trip
@@ -156,6 +162,7 @@ class SharedLists:
         log: Any = None,
         sampled: SampledLogger | None = None,
         on_suspensions: Callable[[list[Suspension], list[Suspension]], None] | None = None,
+        on_cooldown_lift: Callable[[str, str], None] | None = None,
     ) -> None:
         self.client = client
         self.suspensions = suspensions
@@ -173,6 +180,8 @@ class SharedLists:
         # remote changes to the suspensions (added or replaced, lifted): the shell logs them
         # (numbers as log.numbers says) and saves the state_dir file
         self.on_suspensions = on_suspensions
+        # a dialer cooldown lifted on another instance: (scope, key), to drop the local copy
+        self.on_cooldown_lift = on_cooldown_lift
         self.key_suspensions = f"{prefix}suspensions"
         self.key_bans = f"{prefix}bans"
         self.key_epoch = f"{prefix}lists:epoch"
@@ -215,6 +224,19 @@ class SharedLists:
             del self.dirty[item]
         self._lift_all_bans = True
         self._wake.set()
+
+    async def cooldown_lifted(self, scope: str, key: str, timeout_s: float = 1.0) -> bool:
+        """Tell every other instance that the dialer cooldown of ``key`` in ``scope`` was
+        lifted here (they drop their local copies); False when Redis did not take the
+        message (those copies then run out by themselves)."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._publish([(COOLDOWN, "lift", f"{scope}:{key}")])
+        except _FAILURES as exc:
+            self._warn("shared_lists_publish_failed", "shared_lists:publish", what="cooldown",
+                       error=repr(exc) or type(exc).__name__)
+            return False
+        return True
 
     def _mark(self, kind: str, field: str) -> None:
         item = (kind, field)
@@ -447,7 +469,11 @@ class SharedLists:
             if item is None:
                 continue
             kind, op, field = item
-            if op in ("lift_all", "sync"):
+            if kind == COOLDOWN:
+                if self.on_cooldown_lift is not None:
+                    scope, _, key = field.partition(":")
+                    self.on_cooldown_lift(scope, key)
+            elif op in ("lift_all", "sync"):
                 self._resync_due = True  # read the whole hash: the truth after a wipe
             else:
                 wanted[(kind, field)] = None
@@ -483,13 +509,18 @@ class SharedLists:
             if not isinstance(body, dict):
                 raise ValueError("not an object")
             kind, op, field, origin = body["kind"], body["op"], body["key"], body["origin"]
-            if kind not in (SUSPENSION, BAN) or op not in OPS:
+            if kind not in (SUSPENSION, BAN, COOLDOWN) or op not in OPS or (
+                    kind == COOLDOWN and op != "lift"):
                 raise ValueError("unknown kind or op")
             if not isinstance(field, str) or not isinstance(origin, str):
                 raise ValueError("key and origin must be strings")
             if origin == self.origin:
                 return None
-            if op in ("add", "lift"):
+            if kind == COOLDOWN:
+                scope, _, key = field.partition(":")
+                if scope not in COOLDOWN_SCOPES or not key:
+                    raise ValueError("not a cooldown's scope:key")
+            elif op in ("add", "lift"):
                 if kind == SUSPENSION:
                     if suspension_key(field) != field:
                         raise ValueError("key is not normalised")

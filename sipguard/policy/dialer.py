@@ -16,7 +16,9 @@ threshold answers ``603 Network Blocked`` with the ATIS-1000099 ("603+") Reason 
 ``callerid`` rule (``redress``) and puts the number, peer/source or called number on a cooldown
 of ``block_s`` seconds, during which its INVITEs are answered at once without being evaluated
 again. Like OpenSIPS fraud_detection's warning / critical pairs, and the traffic patterns the
-FCC lists as reasonable analytics.
+FCC lists as reasonable analytics. An operator lists and lifts cooldowns through the admin API
+(``GET /dialer/cooldowns``, ``DELETE /dialer/cooldowns/{key}``:
+:meth:`~sipguard.policy.dialer_state.DialerState.lift`).
 
 Decision log reasons: the analytic (``distinct_callees``, ``short_calls``, ``asr``,
 ``sequential``, ``sequential_origin``, ``caller_rotation``, ``pumping``, ``high_cost``) for the
@@ -355,8 +357,9 @@ class Dialer:
         scope, key = info
         left_ms, code = divmod(value, 16)
         analytic = ANALYTICS[code] if code < len(ANALYTICS) else "dialer"
-        self.state.blocks[scope].put(key, Block(now, now + left_ms / 1000, analytic, False),
-                                     now)
+        until = now + left_ms / 1000
+        self.state.blocks[scope].put(
+            key, Block(min(now, until - self.block_s), until, analytic, False, True), now)
         return self._blocked(call, analytic + "_cooldown", scope, key, None)
 
     def settle(

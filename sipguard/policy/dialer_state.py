@@ -20,12 +20,17 @@ How it stays O(1) and bounded
     it survives reloads.
 
 A number forgotten because a table was full, or silent for a whole window, starts from zero.
+
+Lifting a cooldown (the admin API's ``DELETE /dialer/cooldowns/{key}``: :meth:`DialerState.lift`)
+ends it and forgets what was counted for the key in its scope — a caller's called numbers, run,
+short calls and ASR; a called number's calls; a peer/source's runs and caller rotation, or its
+high-cost calls — so its next call starts afresh instead of crossing the threshold again.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Final
 
 from sipguard.policy.windows import Count, Generations, Pair
 
@@ -159,13 +164,20 @@ class OriginStats:
 
 
 class Block:
-    __slots__ = ("until", "reason", "monitor", "since")
+    """One cooldown: from ``since`` to ``until`` (loop time), started by the analytic
+    ``reason``; ``monitor``: started in monitor mode; ``copy``: a local copy of a cooldown
+    another instance or worker started (found in the shared store; ``since`` estimated from
+    this rule's ``block_s``)."""
 
-    def __init__(self, since: float, until: float, reason: str, monitor: bool) -> None:
+    __slots__ = ("until", "reason", "monitor", "since", "copy")
+
+    def __init__(self, since: float, until: float, reason: str, monitor: bool,
+                 copy: bool = False) -> None:
         self.since = since
         self.until = until
         self.reason = reason
         self.monitor = monitor
+        self.copy = copy
 
 
 class DialerState:
@@ -207,28 +219,53 @@ class DialerState:
         return None
 
     # -------------------------------------------------------------- operations
-    def list_blocks(self, now: float) -> list[dict[str, Any]]:
-        """Cooldowns in force: scope, key, reason, seconds left (for the admin API)."""
-        out = []
-        for scope, table in self.blocks.items():
-            for key, block in table.items():
-                if block.until > now:
-                    out.append({"scope": scope, "key": key, "reason": block.reason,
-                                "monitor": block.monitor, "left_s": round(block.until - now, 1)})
-        return out
+    def cooldowns(self, now: float, scope: str | None = None, key: str | None = None,
+                  limit: int = 1000) -> tuple[list[tuple[str, str, Block]], int]:
+        """Cooldowns in force (for the admin API): up to ``limit`` of them as (scope, key,
+        block), and how many there are in all; only ``scope`` and / or ``key`` when given
+        (a key is looked up, not searched for)."""
+        out: list[tuple[str, str, Block]] = []
+        total = 0
+        for name, table in self.blocks.items():
+            if scope is not None and name != scope:
+                continue
+            if key is not None:
+                block = table.peek(key)
+                found = [] if block is None else [(key, block)]
+            else:
+                found = list(table.items())
+            for k, b in found:
+                if b.until > now:
+                    total += 1
+                    if len(out) < limit:
+                        out.append((name, k, b))
+        return out, total
 
-    def lift(self, scope: str, key: str) -> bool:
-        """End a cooldown early and forget what was counted for ``key`` (a fresh start, or the
-        next call would block again); False when there was no cooldown."""
+    def lift(self, scope: str, key: str, now: float, reset: bool = False) -> Block | None:
+        """End the cooldown of ``key`` in ``scope`` early (the cooldown, or None when there was
+        none in force) and forget what was counted for it in that scope — the analytics that
+        trip there start afresh, or the next call would block again at once. ``reset``: forget
+        the counts even without a cooldown here (one found in the shared store, or on
+        another worker)."""
         table = self.blocks.get(scope)
-        if table is None or table.pop(key) is None:
-            return False
-        stats: Generations[Any] = (
-            self.callers if scope == "caller" else self.callees if scope == "callee"
-            else self.origins
-        )
-        stats.pop(key)
-        return True
+        if table is None:
+            return None
+        block = table.pop(key)
+        if block is not None and block.until <= now:  # it ran out: none in force
+            block = None
+        if block is None and not reset:
+            return None
+        if scope == "caller":  # distinct callees, sequential run, short calls, ASR
+            self.callers.pop(key)
+        elif scope == "callee":  # calls to it (pumping)
+            self.callees.pop(key)
+        elif scope == "origin":  # its sequential runs and caller rotation
+            self.origins.pop(key)
+        else:  # high_cost: its calls to the high-cost prefixes only
+            origin = self.origins.peek(key)
+            if origin is not None:
+                origin.high_cost = None
+        return block
 
 
 def _expire_front(d: OrderedDict[str, float], horizon: float) -> None:

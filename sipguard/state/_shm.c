@@ -16,6 +16,8 @@
  *                          how many keys; None: a table is full, and nothing changed
  *     seg.release(lease, keys) -> int      memberships removed (idempotent)
  *     seg.mark(key, value, ms) -> bool     a cooldown mark (checks of kind b); False: full
+ *     seg.forget(key, kind) -> int | None  drop a mark (b) or a measure (n, h) at once; a
+ *                          mark's ms left * 16 + value, 0 for a measure, None: there was none
  *     seg.count(key) -> int                live leases on key
  *     seg.sweep(n) -> int                  visit n slots of each table, drop what expired
  *     seg.stats() -> dict                  fills, capacities, events
@@ -956,6 +958,36 @@ seg_mark(Seg *s, PyObject *const *args, Py_ssize_t nargs)
     return PyBool_FromLong(k >= 0);
 }
 
+/* Drop the slot of (key, kind) — a cooldown mark, a measure's window — at once. */
+static PyObject *
+seg_forget(Seg *s, PyObject *const *args, Py_ssize_t nargs)
+{
+    uint64_t key;
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "forget(key, kind)");
+        return NULL;
+    }
+    PyObject *kind = args[1];
+    Py_UCS4 k = PyUnicode_Check(kind) && PyUnicode_GET_LENGTH(kind) == 1
+                    ? PyUnicode_READ_CHAR(kind, 0) : 0;
+    if (k != 'b' && k != 'n' && k != 'h') {
+        PyErr_Format(PyExc_ValueError, "kind %R is none of b n h", kind);
+        return NULL;
+    }
+    if (opened(s) < 0 || (key = name_hash(s, args[0], "key")) == 0 || lock(s) < 0)
+        return NULL;
+    int64_t now = now_us(), i = key_find(s, key, (uint32_t)k, now), value = -1;
+    if (i >= 0) {
+        /* a mark: what a check of kind b reports (ms left * 16 + its value) */
+        value = k == 'b' ? (s->keys[i].expires - now + 999) / 1000 * 16 + s->keys[i].value : 0;
+        key_drop(s, (uint64_t)i);
+    }
+    unlock(s);
+    if (value < 0)
+        Py_RETURN_NONE;
+    return PyLong_FromLongLong((long long)value);
+}
+
 static PyObject *
 seg_count(Seg *s, PyObject *key_o)
 {
@@ -1239,6 +1271,9 @@ static PyMethodDef seg_methods[] = {
      "release(lease, keys) -> int: memberships removed."},
     {"mark", (PyCFunction)(void (*)(void))seg_mark, METH_FASTCALL,
      "mark(key, value, ms) -> bool: a cooldown mark; False: the table is full."},
+    {"forget", (PyCFunction)(void (*)(void))seg_forget, METH_FASTCALL,
+     "forget(key, kind) -> int | None: drop a mark (b) or a measure (n, h); a mark's ms "
+     "left * 16 + value (0 for a measure), None when there was none."},
     {"count", (PyCFunction)seg_count, METH_O, "count(key) -> int: live leases on key."},
     {"sweep", (PyCFunction)seg_sweep, METH_O,
      "sweep(n) -> int: visit n slots of each table, drop what expired."},

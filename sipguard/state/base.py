@@ -157,3 +157,10 @@ class SharedCounts(Protocol):
         """Set ``counter`` to ``value`` for ``seconds`` (a cooldown every instance honours);
         best effort."""
         ...
+
+    async def unmark(self, mark: str,
+                     measures: Sequence[tuple[str, str, Sequence[float]]] = ()) -> int | None:
+        """Remove the cooldown mark ``mark`` and forget the measures ``(kind, counter, windows
+        in ms)`` named (an operator lifting a cooldown): the mark's value (ms left * 16 + its
+        code), -1 when there was none, None when the store could not answer."""
+        ...

@@ -170,6 +170,23 @@ class ShmCounts:
         if not done:
             self._full("mark")
 
+    async def unmark(self, mark: str,
+                     measures: Sequence[tuple[str, str, Sequence[float]]] = ()) -> int | None:
+        """Remove the cooldown mark ``mark`` and forget the measures ``(kind, counter,
+        windows ms)`` (every window of the counter: the windows are not needed here) — an
+        operator lifting a dialer cooldown. The mark's value (ms left * 16 + its code), -1
+        when there was none, None when the lock could not be had."""
+        if self.closed:
+            return None
+        try:
+            value = self.segment.forget(mark, "b")
+            for kind, counter, _ in measures:
+                self.segment.forget(counter, kind)
+        except TimeoutError as exc:
+            self._timed_out("unmark", exc)
+            return None
+        return -1 if value is None else value
+
     async def counts(self, counters: Sequence[str]) -> list[int] | None:
         """Live leases on each counter across every worker (for the admin API); None when the
         lock could not be had."""

@@ -205,6 +205,26 @@ redis.call('SET', KEYS[1], ARGV[1])
 return {ARGV[1], 1}
 """
 
+# KEYS: a cooldown mark, then the measures to forget; ARGV: for each measure, its window ms.
+# Deletes the mark and the window's buckets of each measure (the five ADMIT reads and the one
+# after); returns the mark's value as a b check reports it (ms left * 16 + code), or -1.
+LIFT = """#!lua
+local t = redis.call('TIME')
+local now_ms = math.floor((tonumber(t[1]) * 1000000 + tonumber(t[2])) / 1000)
+local value = -1
+local code = redis.call('GET', KEYS[1])
+if code then
+  value = math.max(0, redis.call('PTTL', KEYS[1])) * 16 + (tonumber(code) or 0)
+  redis.call('DEL', KEYS[1])
+end
+for i = 2, #KEYS do
+  local width = math.max(1, math.floor(tonumber(ARGV[i - 1]) / 4))
+  local bucket = math.floor(now_ms / width)
+  for j = -1, 5 do redis.call('DEL', KEYS[i] .. ':' .. (bucket - j)) end
+end
+return value
+"""
+
 REFRESH_CHUNK = 256  # leases per refresh script
 WATCH_S = 1.0  # how often the epoch key is read: a Redis that lost its data is noticed
 PROBE_MIN_S, PROBE_MAX_S = 0.2, 5.0
@@ -283,6 +303,7 @@ class SharedStore:
         self._refresh = client.register_script(REFRESH)
         self._release = client.register_script(RELEASE)
         self._watch = client.register_script(WATCH)
+        self._lift = client.register_script(LIFT)
         self._keys: dict[str, str] = {}  # "kind:ident" -> Redis key (bounded cache)
         self.failures = 0  # failed round trips in a row
         self.epoch: Any = None  # the counts' epoch key as last read (see _data_lost)
@@ -539,6 +560,29 @@ class SharedStore:
             return
         await self._guarded("mark", self._set(self.rkey(counter), value,
                                               max(1, int(seconds * 1000))), self.timeout_s * 4)
+
+    async def unmark(self, mark: str,
+                     measures: Sequence[tuple[str, str, Sequence[float]]] = ()) -> int | None:
+        """Delete the cooldown mark ``mark`` and the buckets of the measures ``(kind, counter,
+        windows ms)`` (each window a rule counts it over), in one script (the keys share the
+        number's hash slot) — an operator lifting a dialer cooldown. The mark's value (ms
+        left * 16 + its code), -1 when there was none, None when Redis cannot answer."""
+        if self.open:
+            return None
+        keys, args = [self.rkey(mark)], []
+        for _, counter, windows in measures:
+            for window in windows:
+                keys.append(self.rkey(counter))
+                args.append(int(window))
+        value = await self._guarded("unmark", self._lift(keys=keys, args=args),
+                                    max(0.5, self.timeout_s * 10))
+        if value is _FAILED:
+            return None
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            self._failed("unmark", BadReply(f"LIFT answered {value!r}"))
+            return None
 
     async def _set(self, key_: str, value: int, px: int) -> None:
         if self.pipe is None:

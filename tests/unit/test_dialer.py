@@ -303,17 +303,42 @@ def test_reload_keeps_windows_and_cooldowns() -> None:
 
 
 def test_lift_and_list_blocks() -> None:
-    """Cooldowns are listable and liftable (for the admin API); lifting starts the number
-    afresh."""
+    """Cooldowns are listable (bounded, by scope or key) and liftable (for the admin API);
+    lifting starts the number afresh: the call that would have crossed the threshold again
+    passes."""
     p = policy(only("distinct_callees: {tag: 1, block: 2}"))
     for i in range(2):
         decide(p, make_call(callee=f"+1646555{i:04d}"), float(i))
-    listed = state(p).list_blocks(2.0)
-    assert listed == [{"scope": "caller", "key": "+12125550100", "reason": "distinct_callees",
-                       "monitor": False, "left_s": 299.0}]
-    assert state(p).lift("caller", "+12125550100")
-    assert not state(p).lift("caller", "+12125550100")
-    assert decide(p, make_call(callee="+16465550000"), 3.0).accepted
+    listed, total = state(p).cooldowns(2.0)
+    assert total == 1 and [(s, k, b.reason, b.monitor, b.until) for s, k, b in listed] == [
+        ("caller", "+12125550100", "distinct_callees", False, 301.0)]
+    assert state(p).cooldowns(2.0, scope="origin") == ([], 0)
+    assert state(p).cooldowns(2.0, key="+12125550100")[1] == 1
+    assert state(p).cooldowns(302.0) == ([], 0)  # ran out
+    block = state(p).lift("caller", "+12125550100", 3.0)
+    assert block is not None and block.reason == "distinct_callees"
+    assert state(p).lift("caller", "+12125550100", 3.0) is None
+    assert decide(p, make_call(callee="+16465550002"), 3.0).accepted  # a third callee: 1
+    assert decide(p, make_call(callee="+16465550003"), 3.5).action == "reject"  # two again
+
+
+def test_lift_resets_only_the_scope_of_the_cooldown() -> None:
+    """Lifting a peer/source's high-cost cooldown forgets its high-cost calls, not its caller
+    rotation; a reset without a cooldown (found in the shared store) forgets the counts."""
+    p = policy("rules:\n  dialer: {distinct_callees: null, short_calls: null, asr: null, "
+               "sequential: null, caller_rotation: {tag: null, block: 50}, "
+               "pumping: {per_callee: null, high_cost_prefixes: ['+1900*'], "
+               "high_cost: {tag: null, block: 2}}}\n")
+    for i in range(2):
+        decide(p, make_call(f"+1212555{i:04d}", "+19005550100"), float(i))
+    origin = next(k for k, _ in state(p).origins.items())
+    assert state(p).lift("high_cost", origin, 2.0) is not None
+    stats = state(p).origins.peek(origin)
+    assert stats is not None and stats.high_cost is None and stats.one_offs == 2
+    assert state(p).lift("origin", origin, 2.0) is None  # no cooldown, no reset asked
+    assert state(p).origins.peek(origin) is not None
+    assert state(p).lift("origin", origin, 2.0, reset=True) is None
+    assert state(p).origins.peek(origin) is None
 
 
 def test_legitimate_agents_are_never_touched() -> None:

@@ -347,6 +347,30 @@ async def test_malformed_messages_and_entries_are_counted_and_ignored(
         await raw.aclose()
 
 
+async def test_a_dialer_cooldown_lift_reaches_the_other_instance(
+    redis_url: str, nodes: tuple[Node, Node]
+) -> None:
+    """A cooldown lifted on one instance is announced: the other is told (scope, key) — the
+    sender is not; a cooldown message with an unknown scope or op is counted and ignored."""
+    a, b = nodes
+    got_a: list[tuple[str, str]] = []
+    got_b: list[tuple[str, str]] = []
+    a.lists.on_cooldown_lift = lambda scope, key: got_a.append((scope, key))
+    b.lists.on_cooldown_lift = lambda scope, key: got_b.append((scope, key))
+    raw = _raw(redis_url)
+    try:
+        for bad in ({"kind": "cooldown", "op": "lift", "key": "peer:carrier-a"},
+                    {"kind": "cooldown", "op": "add", "key": "caller:+12125550100"},
+                    {"kind": "cooldown", "op": "lift", "key": "caller:"}):
+            await raw.publish(PREFIX + "events", json.dumps({**bad, "origin": "z"}))
+        assert await a.lists.cooldown_lifted("origin", "2001:db8::7")
+        await eventually(lambda: got_b == [("origin", "2001:db8::7")]
+                         and b.counters["shared_lists_bad_message"] == 3)
+        assert got_a == []
+    finally:
+        await raw.aclose()
+
+
 async def test_own_messages_are_ignored_and_dirty_keys_win(nodes: tuple[Node, Node]) -> None:
     """An instance skips its own messages; a key changed here and not yet written is not
     overwritten by a resync."""

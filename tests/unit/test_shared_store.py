@@ -291,6 +291,13 @@ async def test_measures_and_cooldown_marks(redis_url: str) -> None:
         assert refused is not None and refused[:2] == (False, 0)
         left_ms, code = divmod(refused[2], 16)
         assert code == 6 and 299_000 < left_ms <= 300_000
+        # an operator's lift: the mark and the measures named go, in every bucket
+        measures = [("h", "dialer.callees:+1", [60_000.0]), ("n", "dialer.calls:+1", [60_000.0])]
+        value = await a.unmark("dialer.block.caller:+1", measures)
+        assert value is not None and value % 16 == 6 and 299_000 < value // 16 <= 300_000
+        assert await a.unmark("dialer.block.caller:+1", measures) == -1
+        result = await a.admit("after", [block, distinct, calls], ())
+        assert result is not None and result[0] and result[3] == [(1, 1), (2, 1)]
     finally:
         await a.close()
 

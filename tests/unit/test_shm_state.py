@@ -236,6 +236,16 @@ async def test_measures_and_cooldown_marks(path: str) -> None:
         await a.mark("dialer.block.caller:+2", 1, 0.03)
         await asyncio.sleep(0.05)  # the mark lapsed
         assert took(await a.admit("w", [("b", "dialer.block.caller:+2", 0, 0, False, "")], ()))
+        # an operator's lift: the mark and the measures named go at once (a set freed)
+        sets = a.segment.stats()["sets"]
+        measures = [("h", "dialer.callees:+1", [60_000.0]), ("n", "dialer.calls:+1", [60_000.0])]
+        value = await a.unmark("dialer.block.caller:+1", measures)
+        assert value is not None and value % 16 == 6 and 299_000 < value // 16 <= 300_000
+        assert await a.unmark("dialer.block.caller:+1", measures) == -1
+        assert a.segment.stats()["sets"] == sets - 1 and a.segment._verify() == ""
+        assert measured(await a.admit("after", [block, distinct, calls], ())) == [(1, 1), (2, 1)]
+        with pytest.raises(ValueError, match="none of b n h"):
+            a.segment.forget("dialer.calls:+1", "c")
     finally:
         await a.close()
 
