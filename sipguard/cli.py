@@ -56,6 +56,9 @@ from sipguard.ops.config_load import (
     region_advice,
 )
 from sipguard.ops.endpoints import Endpoint
+from sipguard.ops.fdlimit import FIX as FD_FIX
+from sipguard.ops.fdlimit import FdLimit
+from sipguard.ops.fdlimit import apply as fit_fd_limit
 from sipguard.ops.logging import (
     close_logs,
     configure_logging,
@@ -359,7 +362,31 @@ def _worker_command(args: argparse.Namespace, workers: int,
     return command
 
 
-async def _serve(source: ConfigSource, args: argparse.Namespace, cfg: Config) -> int:
+def fd_limit(cfg: Config, worker: bool) -> FdLimit:
+    """Raise the open-files soft limit toward what ``cfg`` needs and fit the TCP cap to it
+    (:mod:`sipguard.ops.fdlimit`); log ``fd_limit_raised``, and ``fd_limit_low`` (a
+    warning, with what to do) when it is still below."""
+    fds = fit_fd_limit(cfg, worker)
+    log = get_logger("sipguard")
+    fields = fds.fields()
+    if fds.low:
+        log.warning("fd_limit_low", **fields, fix=FD_FIX)
+    elif "raised_from" in fields:
+        log.info("fd_limit_raised", soft=fds.soft, hard=fds.hard, needed=fds.need.needed,
+                 raised_from=fds.before)
+    return fds
+
+
+def attach_fd_limit(server: Server, fds: FdLimit) -> None:
+    """The TCP pool bounded by the limit, and its gauges on /metrics."""
+    server.tcp.fd_room = fds.room
+    server.tcp.fd_cap = fds.fd_cap
+    worker = server.worker is not None
+    server.metrics.gauge_sources.append(lambda: fds.gauges(server.cfg, worker))
+
+
+async def _serve(source: ConfigSource, args: argparse.Namespace, cfg: Config,
+                 fds: FdLimit | None = None) -> int:
     loop = asyncio.get_running_loop()
     link = SupervisorLink(args.supervisor_fd) if args.supervisor_fd is not None else None
     try:
@@ -368,6 +395,8 @@ async def _serve(source: ConfigSource, args: argparse.Namespace, cfg: Config) ->
     except (OSError, ValueError) as exc:  # a number list (numbers_file, dno_file) is unreadable
         print(f"sipguard: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    if fds is not None:
+        attach_fd_limit(server, fds)
     if link is not None:  # an operator's reload through this worker reaches every worker
         def reload_others() -> None:
             source.applied()  # (before the others hear of it)
@@ -557,6 +586,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr)
         return EXIT_CONFIG
     configure_logging(cfg.log, batch=True, fields=None if worker is None else {"worker": worker})
+    fds = fd_limit(cfg, worker is not None)  # before anything is opened
     run = asyncio.run
     # uvloop is the faster loop (a dependency). With a tls:// listener sipguard runs asyncio's
     # own loop: uvloop's server-side start_tls hands the client's first TLS record to the
@@ -567,7 +597,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             run = uvloop.run
     try:
-        return run(_serve(source, args, cfg))
+        return run(_serve(source, args, cfg, fds))
     except KeyboardInterrupt:
         return 0
     finally:

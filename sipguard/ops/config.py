@@ -216,7 +216,11 @@ class SipSettings(ConfigModel):
         "is not opened (`tcp_refused_total`). Connections with the core do not count. With "
         "peers configured, a peer's connection is admitted beyond it (its per-address cap "
         "still holds), and one from an unknown source that brings no complete message within "
-        "`tcp_message_timeout_s` is closed: unknown sources cannot lock the trunks out.",
+        "`tcp_message_timeout_s` is closed: unknown sources cannot lock the trunks out. Per "
+        "process (each worker its own). sipguard raises its open-files soft limit to what this "
+        "needs (about this + 256 + 64 + listeners + `admin.max_connections`); a hard limit "
+        "below lowers the cap to fit (`fd_limit_low` at start, gauge "
+        "`tcp_connections_limit`).",
     )
     tcp_max_connections_per_ip: int = Field(
         default=64, ge=1,

@@ -17,6 +17,9 @@ Exported (all prefixed ``sipguard_``):
 - ``events_total{event}`` — every other counter the shell keeps (parse errors by status,
   drops by kind, flood bans, rule findings, internal errors, reloads, ...).
 - ``config_loaded_timestamp_seconds`` — when the running config was loaded.
+- ``fd_limit``, ``fd_needed``, ``fd_open``, ``tcp_connections_limit`` — gauges: the
+  open-files soft limit, what the running config needs, descriptors open now, the cap on TCP
+  connections from parties (:mod:`sipguard.ops.fdlimit`; ``Metrics.gauge_sources``).
 - with several workers (``GET /metrics`` on any one of them): every worker's samples, each
   labelled ``worker``, and ``worker_up{worker}`` (0: that worker did not answer the scrape).
 
@@ -53,6 +56,9 @@ class Metrics:
         self._bucket_counts = [0] * (len(BUCKETS) + 1)
         self._decision_sum = 0.0
         self.config_loaded = 0.0
+        # gauges of the process besides the shell's (the open-files limit: sipguard.cli),
+        # each read when scraped
+        self.gauge_sources: list[Callable[[], dict[str, float]]] = []
 
     def decision(self, seconds: float) -> None:
         self._bucket_counts[bisect.bisect_left(BUCKETS, seconds)] += 1
@@ -73,6 +79,10 @@ def snapshot(metrics: Metrics, gauges: dict[str, float]) -> Snapshot:
     """Everything :func:`families` exports, as plain JSON: what a worker answers to
     ``GET /metrics?scope=worker&format=json`` for the worker that serves the whole host."""
     buckets, total = metrics.histogram()
+    if metrics.gauge_sources:
+        gauges = dict(gauges)
+        for source in metrics.gauge_sources:
+            gauges.update(source())
     return {
         "invites": [[*key, n] for key, n in sorted(metrics.invites.items())],
         "ended": [[*key, n] for key, n in sorted(metrics.ended.items())],

@@ -20,6 +20,16 @@ Limits (:class:`TcpLimits`, the ``sip.tcp_*`` settings), each reported through
   neither capped nor counted. With peers configured (``is_peer``), a connection from a peer's
   networks is admitted beyond ``max_connections`` (its per-address cap still holds), so
   connections from unknown sources cannot lock the trunks out.
+- **file descriptors**: the shell fits the pool to the process's open-files limit
+  (:mod:`sipguard.ops.fdlimit`): ``fd_cap`` lowers ``max_connections`` when the limit is
+  below what the config needs, and ``fd_room`` bounds every connection, the core's and
+  peers' included; beyond either a connection is refused as above (``tcp_refused_total``), so
+  the admin API and the rest of the process keep their descriptors. The pool accepts on its
+  listeners itself (:class:`Listener`): when ``accept()`` still fails for lack of
+  descriptors (EMFILE, ENFILE) or kernel memory, it closes the one descriptor it holds in
+  reserve, accepts and closes the connections waiting, and takes it again
+  (``tcp_accept_failed``, per connection): a client is refused, not left in the backlog, and
+  the listener accepts again as soon as descriptors are free.
 - **first message**: with peers configured, a connection from an unknown source that brings
   no complete message within ``message_timeout_s`` of its accept is closed
   (``tcp_message_timeout``): an idle one must not hold its place for ``idle_timeout_s``.
@@ -72,12 +82,17 @@ certificate's subject CN and SAN DNS names are kept in ``TcpConnection.peer_name
 from __future__ import annotations
 
 import asyncio
+import errno
 import itertools
+import os
+import socket
 import ssl
 import struct
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
+from typing import Any
 
 from sipguard.addresses import source_key
 from sipguard.sip.errors import SipParseError
@@ -100,6 +115,18 @@ _INT = struct.Struct("i")
 _NO_INT = bytes(_INT.size)
 PARTIAL_MIN = 3  # buffered bytes that may be a ping's first half, not a partial message
 HARD_CAP_FACTOR = 4  # abort a paused connection whose buffer passes this × write_buffer_max
+BACKLOG = 100  # a listener's accept queue (asyncio's and uvloop's default)
+ACCEPT_BATCH = 64  # connections accepted per wake-up of a listener; then the loop runs on
+ACCEPT_RETRY_S = 0.5  # accepting paused this long when accept() failed and none could be shed
+# accept() failing for lack of descriptors (EMFILE: the process's, ENFILE: the system's) or of
+# kernel memory: the connection stays in the backlog, and the listener stays readable
+_NO_ROOM = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+# accept() reporting an error of the connection it was to return (accept(2), "Error handling"):
+# that connection is gone, the next one is taken
+_GONE = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.ENOPROTOOPT, errno.EHOSTDOWN,
+                   getattr(errno, "ENONET", errno.ENETDOWN), errno.EHOSTUNREACH,
+                   errno.EOPNOTSUPP, errno.ENETUNREACH, errno.ENETDOWN, errno.EPERM,
+                   errno.EINTR})
 
 _ids = itertools.count(1)
 
@@ -134,6 +161,7 @@ class TcpConnection(asyncio.Protocol):
         self.peer_names: tuple[str, ...] = ()  # a verified TLS peer certificate's CN, SAN DNS
         self.raw: asyncio.BaseTransport | None = None  # the TCP transport of a TLS handshake
         self.counted = False  # holds a place in the pool's inbound counts
+        self.admitted = False  # let in by the pool's accept (TcpPool.accepted)
         # from no configured peer, and no complete message yet: closed when none comes
         # within the message timeout (an idle connection must not hold a place for 10 min)
         self.awaiting_first = False
@@ -152,7 +180,7 @@ class TcpConnection(asyncio.Protocol):
         self.addr = (peer[0], peer[1])
         pool = self.pool
         self.last_message = pool.loop.time()
-        if self.inbound and not pool.admit(self):
+        if self.inbound and not self.admitted and not pool.admit(self):
             self.closed = True
             self.closed_at = self.last_message
             transport.close()
@@ -310,10 +338,23 @@ class TcpPool:
         self.by_addr: dict[tuple[str, int], TcpConnection] = {}
         self.tls_by_addr: dict[tuple[str, int], TcpConnection] = {}
         self.tls: TlsContexts | None = None  # set by the shell; replaced on reload
-        self.servers: list[asyncio.Server] = []
+        self.servers: list[Listener] = []
+        # The file-descriptor limit's share (sipguard.ops.fdlimit, set by the shell; None: no
+        # bound): ``fd_room`` connections in all, whoever they are with — the core's and
+        # peers' too —, and ``fd_cap`` connections from parties (below max_connections when
+        # the limit is lower than the config needs), so that the admin API, the listeners
+        # and the rest keep their descriptors.
+        self.fd_room: int | None = None
+        self.fd_cap: int | None = None
+        # connections with a descriptor that are not in by_id yet: accepted ones being set
+        # up, outbound ones connecting
+        self.opening: dict[int, TcpConnection] = {}
+        # one descriptor held in reserve: closed to accept and close the connections waiting
+        # when accept() fails with EMFILE, so they are refused rather than left waiting
+        self._spare = -1
         self.inbound = 0  # connections holding a place (exempt ones not included)
         self.per_ip: dict[str, int] = {}
-        self._connecting: set[asyncio.Task[None]] = set()
+        self._connecting: set[asyncio.Task[Any]] = set()
         self._sweeper: asyncio.TimerHandle | None = loop.call_later(SWEEP_S, self._tick)
         # Connections whose reader is behind, by id: since when (see "reader behind").
         self.behind: dict[int, float] = {}
@@ -340,10 +381,17 @@ class TcpPool:
         report why there is none."""
         ip = conn.addr[0]
         limits = self.limits
+        room = self.fd_room
+        if room is not None and len(self.by_id) + len(self.opening) >= room:
+            self.event("tcp_refused_total", conn.addr)  # no descriptor left for it
+            return False
         if ip in limits.exempt:
             return True
         peer = self.is_peer(ip) if self.is_peer is not None else None
-        if self.inbound >= limits.max_connections and not peer:
+        cap = limits.max_connections
+        if self.fd_cap is not None and self.fd_cap < cap:
+            cap = self.fd_cap
+        if self.inbound >= cap and not peer:
             self.event("tcp_refused_total", conn.addr)
             return False
         # a peer's address on its own: a peer listed by address must not share its cap with
@@ -362,6 +410,7 @@ class TcpPool:
 
     def register(self, conn: TcpConnection) -> None:
         self.by_id[conn.id] = conn
+        self.opening.pop(conn.id, None)
         (self.tls_by_addr if conn.tls else self.by_addr)[conn.addr] = conn
 
     def behind_for(self) -> float:
@@ -379,6 +428,7 @@ class TcpPool:
 
     def unregister(self, conn: TcpConnection) -> None:
         self.by_id.pop(conn.id, None)
+        self.opening.pop(conn.id, None)
         self.behind.pop(conn.id, None)
         table = self.tls_by_addr if conn.tls else self.by_addr
         if table.get(conn.addr) is conn:
@@ -402,14 +452,63 @@ class TcpPool:
     ) -> None:
         """Listen for TCP (``tls``: TCP, then a TLS handshake with ``self.tls.server``).
         ``reuse_port``: SO_REUSEPORT, the address shared by the worker processes (the kernel
-        spreads new connections over them)."""
+        spreads new connections over them). Raises OSError (the address in use, not local)."""
         if tls and (self.tls is None or self.tls.server is None):
             raise ValueError("a tls listener needs a server certificate (tls.cert_file)")
-        server = await self.loop.create_server(
-            lambda: TcpConnection(self, local, self.max_size, tls=tls), host, port,
-            reuse_address=True, reuse_port=reuse_port or None,
-        )
-        self.servers.append(server)
+        socks = await bind_stream(self.loop, host, port, reuse_port)
+        if self._spare < 0:
+            self._spare = _open_spare()
+        for sock in socks:
+            self.servers.append(Listener(self, sock, local, tls))
+
+    def accepted(self, listener: Listener, sock: socket.socket, addr: tuple[str, int]) -> None:
+        """A connection ``listener`` accepted: admitted (else closed at once, counted by
+        :meth:`admit`) and handed to the event loop as a transport of a new
+        :class:`TcpConnection`."""
+        conn = TcpConnection(self, listener.local, self.max_size, tls=listener.tls)
+        conn.addr = (addr[0], addr[1])
+        if not self.admit(conn):
+            sock.close()
+            return
+        conn.admitted = True
+        self.opening[conn.id] = conn
+        sock.setblocking(False)
+        task = self.loop.create_task(self.loop.connect_accepted_socket(lambda: conn, sock))
+        self._connecting.add(task)
+        task.add_done_callback(partial(self._set_up, conn, sock))
+
+    def _set_up(self, conn: TcpConnection, sock: socket.socket,
+                task: asyncio.Task[tuple[asyncio.BaseTransport, asyncio.BaseProtocol]]) -> None:
+        self._connecting.discard(task)
+        if task.cancelled() or task.exception() is not None:  # (closed first: a stop)
+            sock.close()
+            conn.closed = True
+            self.opening.pop(conn.id, None)
+            self._release(conn)
+
+    def no_room(self, listener: Listener) -> None:
+        """accept() failed for lack of descriptors (or of kernel memory): the spare descriptor
+        is closed for as long as it takes to accept and close the connections waiting (each
+        counted as ``tcp_accept_failed``: refused, not left hanging in the backlog), then
+        taken again. With none to close (or accept() failing still), accepting pauses for
+        ACCEPT_RETRY_S, counted once: a listener left readable would spin the loop."""
+        shed = 0
+        last = listener.addr
+        if self._spare >= 0:
+            os.close(self._spare)
+            self._spare = -1
+            for _ in range(ACCEPT_BATCH):
+                try:
+                    sock, addr = listener.sock.accept()
+                except OSError:  # none left (EAGAIN), or no room even so
+                    break
+                sock.close()
+                shed += 1
+                last = (addr[0], addr[1])
+            self._spare = _open_spare()
+        self.event("tcp_accept_failed", last, max(shed, 1))
+        if not shed:
+            listener.pause(ACCEPT_RETRY_S)
 
     def start_handshake(self, conn: TcpConnection, raw: asyncio.BaseTransport) -> None:
         task = self.loop.create_task(self._handshake(conn, raw))
@@ -460,6 +559,7 @@ class TcpPool:
             if not self.admit(conn):  # the caps hold for sipguard's own connections too
                 return
             table[addr] = conn
+            self.opening[conn.id] = conn
             conn.write(data)
             task = self.loop.create_task(self._connect(conn, addr, host))
             self._connecting.add(task)
@@ -487,6 +587,7 @@ class TcpPool:
             conn.closed = True
             if table.get(addr) is conn:
                 del table[addr]
+            self.opening.pop(conn.id, None)
             self._release(conn)
             self.event("tcp_connect_failed", addr)
             if isinstance(exc, ssl.SSLCertVerificationError):
@@ -502,6 +603,8 @@ class TcpPool:
 
     def _tick(self) -> None:
         self.sweep()
+        if self._spare < 0 and self.servers:  # lost to a thread that took its number
+            self._spare = _open_spare()
         self._sweeper = self.loop.call_later(SWEEP_S, self._tick)
 
     def sweep(self) -> None:
@@ -549,5 +652,111 @@ class TcpPool:
             server.close()
         for conn in list(self.by_id.values()):
             conn.close()
-        for server in self.servers:
-            await server.wait_closed()
+        if self._spare >= 0:
+            os.close(self._spare)
+            self._spare = -1
+
+
+class Listener:
+    """One listening socket, accepted from by the pool itself rather than by the event loop's
+    server: a failed accept() is seen, counted and answered (:meth:`TcpPool.no_room`), and
+    the listener goes on. asyncio's server stops reading a listener for a second on EMFILE
+    and leaves the connections waiting; uvloop's (libuv) accepts and closes them unseen
+    through a spare descriptor of its own, and without that spare (none could be opened when
+    its first stream was made) retries accept() on every pass of the loop: thousands of
+    failed calls a second, a CPU spent, the connections waiting all the same."""
+
+    def __init__(self, pool: TcpPool, sock: socket.socket, local: int, tls: bool) -> None:
+        self.pool = pool
+        self.sock = sock
+        self.local = local
+        self.tls = tls
+        name = sock.getsockname()
+        self.addr: tuple[str, int] = (name[0], name[1])
+        self._resume: asyncio.TimerHandle | None = None
+        self.closed = False
+        pool.loop.add_reader(sock.fileno(), self._ready)
+
+    @property
+    def sockets(self) -> list[socket.socket]:
+        return [self.sock]
+
+    def _ready(self) -> None:
+        pool = self.pool
+        for _ in range(ACCEPT_BATCH):
+            try:
+                sock, addr = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in _GONE:
+                    continue
+                if exc.errno in _NO_ROOM:
+                    pool.no_room(self)
+                else:  # not seen on Linux; paused as asyncio's server does
+                    pool.event("tcp_accept_failed", self.addr)
+                    self.pause(ACCEPT_RETRY_S)
+                return
+            pool.accepted(self, sock, addr)
+
+    def pause(self, seconds: float) -> None:
+        """Stop accepting for ``seconds``."""
+        if self._resume is None and not self.closed:
+            self.pool.loop.remove_reader(self.sock.fileno())
+            self._resume = self.pool.loop.call_later(seconds, self._restart)
+
+    def _restart(self) -> None:
+        self._resume = None
+        if not self.closed:
+            self.pool.loop.add_reader(self.sock.fileno(), self._ready)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self._resume is not None:
+            self._resume.cancel()
+            self._resume = None
+        else:
+            self.pool.loop.remove_reader(self.sock.fileno())
+        self.sock.close()
+
+
+async def bind_stream(
+    loop: asyncio.AbstractEventLoop, host: str, port: int, reuse_port: bool = False
+) -> list[socket.socket]:
+    """Listening TCP sockets on ``host:port``, as ``loop.create_server`` binds them: one per
+    address ``host`` resolves to (SO_REUSEADDR; IPV6_V6ONLY on IPv6; SO_REUSEPORT when
+    ``reuse_port``), non-blocking. Raises OSError (every socket made closed)."""
+    infos = await loop.getaddrinfo(host or None, port, family=socket.AF_UNSPEC,
+                                   type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    socks: list[socket.socket] = []
+    seen: set[tuple[int, object]] = set()
+    try:
+        for family, kind, proto, _, address in infos:
+            if (family, address) in seen:
+                continue
+            seen.add((family, address))
+            sock = socket.socket(family, kind, proto)
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.listen(BACKLOG)
+            sock.setblocking(False)
+    except OSError:
+        for sock in socks:
+            sock.close()
+        raise
+    return socks
+
+
+def _open_spare() -> int:
+    """A descriptor to hold in reserve (-1: none could be opened)."""
+    try:
+        return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return -1

@@ -44,10 +44,11 @@ def _returned_keys(path: Path, function: str) -> list[str]:
 
 
 def _gauge_names() -> list[str]:
-    """The keys of the dict ``Server._gauges`` returns, read from sipguard/server.py, and
-    those of the shared stores' ``stats`` it merges in (state.backend redis / shared_memory,
-    the shared lists)."""
+    """The keys of the dict ``Server._gauges`` returns, read from sipguard/server.py, those
+    of the shared stores' ``stats`` it merges in (state.backend redis / shared_memory, the
+    shared lists), and the open-files limit's gauges (``FdLimit.gauges``, added by the CLI)."""
     return [*_returned_keys(SOURCE / "server.py", "_gauges"),
+            *_returned_keys(SOURCE / "ops" / "fdlimit.py", "gauges"),
             *_returned_keys(SOURCE / "transport" / "redis_state.py", "stats"),
             *_returned_keys(SOURCE / "state" / "shared_memory.py", "stats"),
             *_returned_keys(SOURCE / "ops" / "shared_lists.py", "stats")]

@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import os
+import resource
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
@@ -664,3 +667,167 @@ def test_the_shell_takes_the_limits_from_the_config_and_exempts_the_core() -> No
     assert tcp_limits(named).exempt == frozenset()
     defaults = tcp_limits(parse_config("listen: [udp://127.0.0.1:5060]\ncore: udp://[::1]:5080\n"))
     assert defaults == TcpLimits(exempt=frozenset({"::1"}))  # the config's defaults are the pool's
+
+
+# ------------------------------------------------------------------ file descriptors
+
+
+async def test_the_fd_cap_lowers_the_total_cap_and_the_fd_room_bounds_every_connection(
+) -> None:
+    """The open-files limit's share (sipguard.ops.fdlimit): ``fd_cap`` 2 below
+    max_connections 100 refuses a third connection from a party at once (tcp_refused_total);
+    a peer's is let in beyond it, and the exempt core's too, until ``fd_room`` 4 connections
+    are open: then even the core's is refused. One closed, the core connects again."""
+    limits = TcpLimits(max_connections=100, exempt=frozenset({"127.0.0.4"}))
+    async with listening_with(limits) as ends:
+        ends.pool.fd_cap, ends.pool.fd_room = 2, 4
+        ends.pool.is_peer = lambda ip: ip == "127.0.0.2"
+        first = [await ends.connect("127.0.0.3") for _ in range(2)]
+        await until(lambda: ends.pool.inbound == 2)
+        refused, _ = await ends.connect("127.0.0.3")
+        assert await closed_by_peer(refused)
+        assert ends.rec.count("tcp_refused_total") == 1
+        await ends.connect("127.0.0.2")  # a peer: beyond the cap
+        await ends.connect("127.0.0.4")  # the core: exempt from the cap
+        await until(lambda: len(ends.pool.by_id) == 4)
+        for source in ("127.0.0.2", "127.0.0.4"):  # the room is full: nobody gets in
+            reader, _ = await ends.connect(source)
+            assert await closed_by_peer(reader)
+        assert ends.rec.count("tcp_refused_total") == 3
+        # sipguard's own connections count against the room too: none is opened
+        ends.pool.send(msg(9), ("127.0.0.5", 9), LOCAL, None)
+        assert ends.rec.count("tcp_refused_total") == 4 and not ends.pool.opening
+        first[0][1].close()
+        await until(lambda: len(ends.pool.by_id) == 3)
+        reader, writer = await ends.connect("127.0.0.4")
+        writer.write(msg(1))
+        await until(lambda: len(ends.rec.messages) == 1)
+        assert ends.rec.messages[0][1][0] == "127.0.0.4"
+        # an outbound connection counts from its connect on, and once open in by_id only
+        first[1][1].close()
+        await until(lambda: len(ends.pool.by_id) == 3)
+        got: asyncio.Queue[bytes] = asyncio.Queue()
+
+        async def far_end(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            got.put_nowait(await r.readuntil(b"hello"))
+            w.close()
+
+        party = await asyncio.start_server(far_end, "127.0.0.6", 0)
+        try:
+            ends.pool.send(msg(2), ("127.0.0.6", party.sockets[0].getsockname()[1]), LOCAL, None)
+            assert len(ends.pool.opening) == 1
+            async with asyncio.timeout(TIMEOUT):
+                assert (await got.get()).startswith(b"MESSAGE ")
+            assert not ends.pool.opening
+            assert ends.rec.count("tcp_refused_total") == 4
+        finally:
+            party.close()
+
+
+def _open_now() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def _accept_without_descriptors(spare: bool) -> tuple[list[str], float, int]:
+    """A pool listening while every descriptor of the process is taken (``spare``: the pool
+    holds its spare descriptor, else not): how the connections that arrive then end, the
+    accept failures counted (per second of that time, without the spare), and how many
+    messages were served once descriptors are free again (one from each of those clients
+    still open, one on a new connection)."""
+    rec = Recorder()
+    loop = asyncio.get_running_loop()
+    pool = TcpPool(loop, rec.on_message, rec.on_error, MAX_SIZE, TcpLimits(), rec.on_event)
+    await pool.listen("127.0.0.1", 0, LOCAL)
+    if not spare:
+        os.close(pool._spare)
+        pool._spare = -1
+    port = pool.servers[0].sockets[0].getsockname()[1]
+    clients = [socket.socket() for _ in range(4)]
+    filler: list[int] = []
+    try:
+        with contextlib.suppress(OSError):  # take every descriptor left
+            while True:
+                filler.append(os.open(os.devnull, os.O_RDONLY))
+        full = loop.time()
+        for client in clients:  # the kernel completes the handshakes; accept() cannot
+            client.setblocking(False)
+            assert client.connect_ex(("127.0.0.1", port)) in (0, errno.EINPROGRESS)
+        await until(lambda: rec.count("tcp_accept_failed") >= (4 if spare else 1))
+        await asyncio.sleep(0.3)
+        states = []
+        for client in clients:
+            try:
+                async with asyncio.timeout(0.01):
+                    data = await loop.sock_recv(client, 10)
+                states.append("closed" if data == b"" else "data")
+            except ConnectionResetError:
+                states.append("closed")
+            except TimeoutError:
+                states.append("waiting")
+        failed: float = rec.count("tcp_accept_failed")
+        if not spare:
+            failed /= loop.time() - full
+        for fd in filler[:20]:
+            os.close(fd)
+        del filler[:20]
+        for n, (client, state) in enumerate(zip(clients, states, strict=True)):
+            if state == "waiting":
+                await loop.sock_sendall(client, msg(n))
+        async with asyncio.timeout(TIMEOUT):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(msg(9))
+        expected = 1 + states.count("waiting")
+        await until(lambda: len(rec.messages) == expected)
+        writer.close()
+        return states, failed, len(rec.messages)
+    finally:
+        for fd in filler:
+            os.close(fd)
+        for client in clients:
+            client.close()
+        await pool.close()
+
+
+def _run_short_of_descriptors(loop_kind: str, spare: bool) -> tuple[list[str], float, int]:
+    """_accept_without_descriptors on ``loop_kind``, the process's open-files soft limit
+    lowered for it to what is open now plus 64 (and restored)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (_open_now() + 64, hard))
+    try:
+        if loop_kind == "uvloop":
+            uvloop = pytest.importorskip("uvloop")
+            return uvloop.run(_accept_without_descriptors(spare))
+        return asyncio.run(_accept_without_descriptors(spare))
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+def test_accept_failing_for_lack_of_descriptors_refuses_the_waiting_and_recovers(
+    loop_kind: str,
+) -> None:
+    """With no descriptor left (the process's open-files limit, lowered for the test, all
+    taken), accept() fails with EMFILE: the pool closes its spare descriptor, accepts and
+    closes each waiting connection and counts it (tcp_accept_failed) — the clients see their
+    connection closed at once, not left in the backlog (asyncio's server would pause a second
+    and retry; uvloop's would close them uncounted) — and the listener accepts again as soon
+    as descriptors are free. Under asyncio's loop and under uvloop alike."""
+    states, failed, served = _run_short_of_descriptors(loop_kind, spare=True)
+    assert states == ["closed"] * 4
+    assert failed == 4
+    assert served == 1
+
+
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+def test_without_its_spare_descriptor_the_listener_pauses_and_serves_the_waiting_later(
+    loop_kind: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without a spare descriptor to close (lost, or none could be opened) a failed accept()
+    is counted and accepting pauses for ACCEPT_RETRY_S (the listener stays readable: a loop
+    retrying at once would spin — uvloop's own server does, thousands of failed accept()
+    calls a second); the waiting clients are accepted and served once descriptors are free."""
+    monkeypatch.setattr(tcp, "ACCEPT_RETRY_S", 0.1)
+    states, per_second, served = _run_short_of_descriptors(loop_kind, spare=False)
+    assert states == ["waiting"] * 4
+    assert 0 < per_second <= 12  # one per pause of 0.1 s: no spin
+    assert served == 5
