@@ -75,6 +75,13 @@ from sipguard.transport.worker_link import WorkerLink, opens_call
 from sipguard.verify_threads import SignatureVerifier
 
 LOAD_WATCH_S = 0.05  # how often the UDP receive queues are read (overload protection)
+# The event loop's busy share (its thread's CPU time over the wall time, per LOAD_WATCH_S) from
+# which the work a thread can take off it — signature checks (rules.identity.verify_threads
+# auto), UDP sends (sip.udp_send_thread auto) — goes to those threads, and below which it comes
+# back. A hand-over costs CPU of its own (waking a thread, and its answer waking the loop),
+# worth paying only when the loop's time is what limits the rate.
+OFFLOAD_ABOVE = 0.5
+OFFLOAD_BELOW = 0.3
 # Sends wait for the end of the event-loop pass, or for this many datagrams read in it, which
 # comes first: see Server._schedule_flush.
 FLUSH_EVERY = 8
@@ -364,8 +371,10 @@ class Server:
         self._gc_timer: asyncio.TimerHandle | None = None
         self._load_watch: asyncio.TimerHandle | None = None
         # the event loop's busy share: its thread's CPU time over the wall time, per
-        # LOAD_WATCH_S (gauge event_loop_busy_ratio; where rule identity checks signatures)
+        # LOAD_WATCH_S (gauge event_loop_busy_ratio), and whether the threads take what they
+        # can off it (OFFLOAD_ABOVE / OFFLOAD_BELOW)
         self.loop_busy = 0.0
+        self.offload = False
         self._busy_at = self.loop.time()
         self._busy_cpu = time.thread_time()
         self._resolved: dict[str, str] = {}
@@ -597,10 +606,15 @@ class Server:
         cpu = time.thread_time()  # this thread's: the event loop's
         span = now - self._busy_at
         if span > 0:
-            self.loop_busy = min(1.0, max(0.0, (cpu - self._busy_cpu) / span))
+            busy = min(1.0, max(0.0, (cpu - self._busy_cpu) / span))
+            self.loop_busy = busy
             self._busy_at = now
             self._busy_cpu = cpu
-            self.verifier.note_load(self.loop_busy)
+            if busy >= OFFLOAD_ABOVE:
+                self.offload = True
+            elif busy < OFFLOAD_BELOW:
+                self.offload = False
+            self.verifier.note_load(self.offload)
         self._load_watch = self.loop.call_later(LOAD_WATCH_S, self._watch_load)
 
     def _held(self) -> int:
@@ -1317,7 +1331,9 @@ class Server:
                 except Exception:  # one send that fails must not cost the others
                     self.counters["send_failed"] += 1
             outbox.clear()
-        self.sender.kick()  # the send thread: what this flush queued (hand-overs included)
+        # the send thread: what this flush queued (hand-overs included); with auto, sent from
+        # here while the loop is not busy
+        self.sender.kick(self.offload)
         events = core.drain_events()
         if events:
             observe = self.observer.observe

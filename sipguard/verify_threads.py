@@ -22,9 +22,10 @@ moves it to other CPUs while the event loop goes on with the other calls' messag
   costs CPU of its own (a futex wake of the thread, an eventfd wake of the loop, the rule's
   coroutine suspended and resumed): ~7 % more CPU per call at 1,000 calls/s than the same check
   in the loop. What it buys is the loop's time, which matters only when the loop is what limits
-  the rate. So the server reports the loop's busy share every 50 ms (:meth:`note_load`: its
-  thread's CPU time over the wall time); the checks move to the threads once it reaches
-  :data:`OFFLOAD_ABOVE` and come back below :data:`OFFLOAD_BELOW`. Even then the loop does at
+  the rate. So the server measures the loop's busy share every 50 ms (its thread's CPU time
+  over the wall time) and says whether the loop is busy (:meth:`note_load`): the checks move to
+  the threads from ``sipguard.server.OFFLOAD_ABOVE`` (0.5) on and come back below
+  ``OFFLOAD_BELOW`` (0.3). Even then the loop does at
   most :data:`HERE_PER_WINDOW` checks itself between two reports (~3 ms of its time): a burst
   of signed INVITEs in one pass goes to the threads past that, never stalls the loop. A number
   of threads set explicitly takes every check, as before.
@@ -65,8 +66,6 @@ def _extension() -> ModuleType | None:
 _es256 = _extension()
 
 AUTO_MAX: Final = 4  # threads ``auto`` starts at most
-OFFLOAD_ABOVE: Final = 0.5  # ``auto``: the loop this busy (share of a CPU) -> checks to the threads
-OFFLOAD_BELOW: Final = 0.3  # ... and back to the loop once it is less busy than this
 HERE_PER_WINDOW: Final = 64  # checks ``auto`` does in the loop between two load reports at most
 KEYS_MAX: Final = 256  # signer keys converted for the threads, kept at most
 
@@ -146,13 +145,10 @@ class SignatureVerifier:
             self.loop.remove_reader(pool.fd)
             self._watching = False
 
-    def note_load(self, busy: float) -> None:
-        """The event loop's busy share (its thread's CPU time over the wall time) since the
-        last report, every ~50 ms: where ``auto``'s checks go until the next one."""
-        if busy >= OFFLOAD_ABOVE:
-            self.offload = True
-        elif busy < OFFLOAD_BELOW:
-            self.offload = False
+    def note_load(self, offload: bool) -> None:
+        """The server's report, every ~50 ms: the loop is busy (``offload``: ``auto``'s
+        checks go to the threads) or not, until the next one."""
+        self.offload = offload
         self._here = HERE_PER_WINDOW
 
     def submit(self, passport: Passport, key: ec.EllipticCurvePublicKey) -> \

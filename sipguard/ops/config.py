@@ -273,8 +273,10 @@ class SipSettings(ConfigModel):
         "a copy and wakes the thread once per pass, which sends them in order with `sendmmsg`; "
         "the kernel's share of a send (delivering the datagram, waking the receiver) then runs "
         "on another CPU. `auto`: when this process may run on more CPUs (its CPU affinity) "
-        "than there are `workers`. With the queue full (65,536 datagrams or 32 MiB) the loop sends "
-        "(`udp_send_queue_full`). Reloadable.",
+        "than there are `workers`, and the loop sends a pass's datagrams itself while it is not "
+        "busy (below half its time; waking the thread costs CPU too: `udp_sent_in_loop`); "
+        "`true`: the thread sends everything. With the queue full (65,536 datagrams or 32 MiB) "
+        "the loop sends (`udp_send_queue_full`). Reloadable.",
     )
     overload_shed_above: float | None = Field(
         default=0.5,

@@ -5,7 +5,10 @@
  * were ~11 % of the event loop's time under load. Here the loop only queues a copy of each
  * datagram (a malloc and a memcpy); one plain pthread sends them with sendmmsg(), one syscall
  * per run of datagrams for the same socket, in the order they were queued. The loop wakes
- * the thread once per flush (kick), not once per datagram.
+ * the thread once per flush (kick), not once per datagram. Waking a sleeping thread costs CPU
+ * too (a futex wake, an inter-processor interrupt, the thread's own switch in and out): while
+ * the loop has time to spare, kick(True) sends the flush in the loop's thread itself, with the
+ * same sendmmsg() (sipguard/transport/udp.py: SendThread, "auto").
  *
  *     Sender(capacity, max_bytes)           no thread yet; at most capacity datagrams and
  *                                           max_bytes bytes of them queued
@@ -15,9 +18,12 @@
  *                                           running, the queue is full, or host
  *                                           is no address literal of that family (the caller
  *                                           then sends in the loop)
- *     sender.kick()                         wake the thread if datagrams wait
+ *     sender.kick(here=False)               wake the thread if datagrams wait; here: while
+ *                                           the thread sleeps, send them in this thread
+ *                                           instead, without waiting (see sender_kick)
  *     sender.stop()                         send what is queued, then end the thread (waits)
- *     sender.queued, .sent, .errors, .running, .idle (waits for a kick), .capacity
+ *     sender.queued, .sent, .sent_here, .errors, .running, .idle (waits for a kick),
+ *     .capacity
  *
  * A send the kernel refuses for a full socket buffer (EAGAIN) waits on poll() for room, at
  * most 100 ms, then counts as an error (once stop() was called the event loop waits for the
@@ -66,6 +72,7 @@ typedef struct {
     Py_ssize_t capacity;
     Py_ssize_t max_bytes;
     unsigned long long sent, errors;
+    unsigned long long here; /* of sent: by kick(True) in the pushing thread */
     int running;  /* the thread is alive */
     int stopping; /* stop() asked it to end once the queue is empty */
     int sleeping; /* it waits on cv */
@@ -150,6 +157,55 @@ send_all(Out *out, unsigned long long *errors, Waits *waits)
         sent += n - lost;
     }
     return sent;
+}
+
+/* Send in the calling thread (the event loop's) without waiting: as send_all, with
+ * MSG_DONTWAIT. Stops at the first datagram a full socket buffer refuses and returns it with
+ * the rest of the list, unsent and in order (for the thread, which waits for room); the ones
+ * sent, or lost to another error, are freed. */
+static Out *
+send_now(Out *out, unsigned long long *sent, unsigned long long *errors)
+{
+    struct mmsghdr msgs[BATCH];
+    struct iovec iov[BATCH];
+    Out *nodes[BATCH];
+    while (out != NULL) {
+        int fd = out->fd;
+        unsigned int n = 0;
+        while (out != NULL && out->fd == fd && n < BATCH) {
+            iov[n].iov_base = out->data;
+            iov[n].iov_len = out->len;
+            memset(&msgs[n].msg_hdr, 0, sizeof msgs[n].msg_hdr);
+            msgs[n].msg_hdr.msg_name = &out->addr;
+            msgs[n].msg_hdr.msg_namelen = out->alen;
+            msgs[n].msg_hdr.msg_iov = &iov[n];
+            msgs[n].msg_hdr.msg_iovlen = 1;
+            msgs[n].msg_len = 0;
+            nodes[n++] = out;
+            out = out->next;
+        }
+        unsigned int off = 0;
+        while (off < n) {
+            int rc = sendmmsg(fd, msgs + off, n - off, MSG_DONTWAIT);
+            if (rc > 0) {
+                *sent += (unsigned int)rc;
+                off += (unsigned int)rc;
+                continue;
+            }
+            if (rc < 0 && errno == EINTR)
+                continue;
+            if (rc < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+                for (unsigned int i = 0; i < off; i++)
+                    PyMem_RawFree(nodes[i]);
+                return nodes[off]; /* its ->next chain is the rest, untouched */
+            }
+            (*errors)++; /* this datagram is lost; go on with the next */
+            off++;
+        }
+        for (unsigned int i = 0; i < n; i++)
+            PyMem_RawFree(nodes[i]);
+    }
+    return NULL;
 }
 
 static void *
@@ -350,12 +406,57 @@ sender_push(SenderObject *s, PyObject *const *args, Py_ssize_t nargs)
     Py_RETURN_TRUE;
 }
 
+/* kick(here=False): wake the thread for what is queued. kick(True): while the thread
+ * sleeps (nothing of its in flight), send the queue in this thread instead, without waiting
+ * (send_now); what a full socket buffer refuses goes back to the head of the queue, for the
+ * thread. Only the thread that pushes may kick: nothing is pushed meanwhile, so the order
+ * holds. */
 static PyObject *
-sender_kick(SenderObject *s, PyObject *Py_UNUSED(ignored))
+sender_kick(SenderObject *s, PyObject *const *args, Py_ssize_t nargs)
 {
+    int here = nargs > 0 ? PyObject_IsTrue(args[0]) : 0;
+    if (here < 0)
+        return NULL;
     pthread_mutex_lock(&s->mu);
-    if (s->sleeping && s->head != NULL)
+    if (s->head == NULL || !s->sleeping) { /* nothing queued, or the thread takes it next */
+        pthread_mutex_unlock(&s->mu);
+        Py_RETURN_NONE;
+    }
+    if (!here || s->stopping) {
         pthread_cond_signal(&s->cv);
+        pthread_mutex_unlock(&s->mu);
+        Py_RETURN_NONE;
+    }
+    Out *batch = s->head;
+    s->head = s->tail = NULL;
+    s->queued = 0;
+    s->queued_bytes = 0;
+    pthread_mutex_unlock(&s->mu);
+
+    unsigned long long sent = 0, errors = 0;
+    Out *rest = send_now(batch, &sent, &errors);
+
+    pthread_mutex_lock(&s->mu);
+    s->sent += sent;
+    s->here += sent;
+    s->errors += errors;
+    if (rest != NULL) {
+        Out *last = rest;
+        Py_ssize_t n = 1, bytes = (Py_ssize_t)rest->len;
+        while (last->next != NULL) {
+            last = last->next;
+            n++;
+            bytes += (Py_ssize_t)last->len;
+        }
+        last->next = s->head;
+        if (s->head == NULL)
+            s->tail = last;
+        s->head = rest;
+        s->queued += n;
+        s->queued_bytes += bytes;
+        if (s->sleeping)
+            pthread_cond_signal(&s->cv);
+    }
     pthread_mutex_unlock(&s->mu);
     Py_RETURN_NONE;
 }
@@ -421,15 +522,19 @@ static PyMethodDef sender_methods[] = {
     {"start", (PyCFunction)sender_start, METH_NOARGS, "Run the thread."},
     {"push", (PyCFunction)(void (*)(void))sender_push, METH_FASTCALL,
      "push(fd, family, data, host, port) -> bool: queue a copy of a datagram."},
-    {"kick", (PyCFunction)sender_kick, METH_NOARGS, "Wake the thread if datagrams wait."},
+    {"kick", (PyCFunction)(void (*)(void))sender_kick, METH_FASTCALL,
+     "kick(here=False): wake the thread for the datagrams queued; here: while it sleeps, "
+     "send them in this thread, without waiting."},
     {"stop", (PyCFunction)sender_stop, METH_NOARGS, "Send what is queued, end the thread."},
     {NULL},
 };
 
 static PyGetSetDef sender_getset[] = {
     {"queued", (getter)get_queued, NULL, "Datagrams queued, not yet taken by the thread.", NULL},
-    {"sent", (getter)get_count, NULL, "Datagrams the thread sent.",
+    {"sent", (getter)get_count, NULL, "Datagrams sent (by the thread, or by kick(True)).",
      (void *)offsetof(SenderObject, sent)},
+    {"sent_here", (getter)get_count, NULL, "Of sent: by kick(True), in the pushing thread.",
+     (void *)offsetof(SenderObject, here)},
     {"errors", (getter)get_count, NULL, "Datagrams the thread could not send.",
      (void *)offsetof(SenderObject, errors)},
     {"running", (getter)get_running, NULL, "The thread runs and takes datagrams.", NULL},

@@ -235,6 +235,19 @@ def test_endpoints_send_through_the_thread_and_fall_back_in_the_loop(
             assert await asyncio.to_thread(receiver.recv, 10) == b"inline"
             threads.sync(counters, [ep])
             assert counters["udp_sent_threaded"] == 3 and counters["udp_send_errors"] == 0
+            if send_thread_wanted("auto"):  # auto: the loop sends a flush itself unless busy
+                assert threads.configure("auto", [ep]) and threads.adaptive
+                _idle(threads.queue)
+                ep.send(b"quiet", dest)
+                threads.kick(busy=False)
+                assert threads.waiting() == 0  # sent before kick returned
+                assert await asyncio.to_thread(receiver.recv, 10) == b"quiet"
+                ep.send(b"busy", dest)
+                threads.kick(busy=True)  # the thread's
+                assert await asyncio.to_thread(receiver.recv, 10) == b"busy"
+                threads.close([ep])
+                threads.sync(counters, [ep])
+                assert counters["udp_sent_in_loop"] == 1 and counters["udp_sent_threaded"] == 4
         finally:
             threads.close([ep])
             assert ep.transport is not None
@@ -263,3 +276,37 @@ def test_without_the_extension_every_send_is_in_the_loop(
             ep.transport.close()
 
     asyncio.run(run())
+
+
+def test_a_kick_here_sends_in_this_thread_in_order_with_the_threads_sends(
+        receiver: socket.socket, sender_sock: socket.socket) -> None:
+    """``kick(True)`` while the thread sleeps sends the queue in the calling thread (done when
+    it returns, counted ``sent_here``); with the thread busy, or ``kick()``, the thread sends.
+    Either way the datagrams leave in the order pushed."""
+    q = _sender()
+    q.start()
+    port = receiver.getsockname()[1]
+    fd = sender_sock.fileno()
+    try:
+        first = [b"thread %d" % i for i in range(500)]
+        for data in first:
+            assert q.push(fd, socket.AF_INET, data, HOST, port)
+        q.kick()  # the thread's
+        end = time.monotonic() + 5
+        while q.sent < 500:
+            assert time.monotonic() < end
+            time.sleep(0.001)
+        _idle(q)
+        assert (q.sent, q.sent_here) == (500, 0)
+        second = [b"here %d " % i + b"x" * (i % 700) for i in range(1000)]
+        for data in second:
+            assert q.push(fd, socket.AF_INET, data, HOST, port)
+        q.kick(True)  # the thread asleep: sent here, before kick returns
+        assert (q.sent, q.sent_here, q.queued) == (1500, 1000, 0)
+        got = [receiver.recv(2048) for _ in range(1500)]
+        assert got == first + second
+        q.kick(True)  # nothing queued: nothing to do
+        assert (q.sent, q.errors) == (1500, 0)
+    finally:
+        q.stop()
+
