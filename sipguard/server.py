@@ -80,8 +80,8 @@ LOAD_WATCH_S = 0.05  # how often the UDP receive queues are read (overload prote
 # auto), UDP sends (sip.udp_send_thread auto) — goes to those threads, and below which it comes
 # back. A hand-over costs CPU of its own (waking a thread, and its answer waking the loop),
 # worth paying only when the loop's time is what limits the rate.
-OFFLOAD_ABOVE = 0.5
-OFFLOAD_BELOW = 0.3
+OFFLOAD_ABOVE = 0.7
+OFFLOAD_BELOW = 0.5
 # Sends wait for the end of the event-loop pass, or for this many datagrams read in it, which
 # comes first: see Server._schedule_flush.
 FLUSH_EVERY = 8

@@ -24,8 +24,8 @@ moves it to other CPUs while the event loop goes on with the other calls' messag
   in the loop. What it buys is the loop's time, which matters only when the loop is what limits
   the rate. So the server measures the loop's busy share every 50 ms (its thread's CPU time
   over the wall time) and says whether the loop is busy (:meth:`note_load`): the checks move to
-  the threads from ``sipguard.server.OFFLOAD_ABOVE`` (0.5) on and come back below
-  ``OFFLOAD_BELOW`` (0.3). Even then the loop does at
+  the threads from ``sipguard.server.OFFLOAD_ABOVE`` (0.7) on and come back below
+  ``OFFLOAD_BELOW`` (0.5). While the loop is not busy it does at
   most :data:`HERE_PER_WINDOW` checks itself between two reports (~3 ms of its time): a burst
   of signed INVITEs in one pass goes to the threads past that, never stalls the loop. A number
   of threads set explicitly takes every check, as before.

@@ -274,7 +274,7 @@ class SipSettings(ConfigModel):
         "the kernel's share of a send (delivering the datagram, waking the receiver) then runs "
         "on another CPU. `auto`: when this process may run on more CPUs (its CPU affinity) "
         "than there are `workers`, and the loop sends a pass's datagrams itself while it is not "
-        "busy (below half its time; waking the thread costs CPU too: `udp_sent_in_loop`); "
+        "busy (below 70 % of its time; waking the thread costs CPU too: `udp_sent_in_loop`); "
         "`true`: the thread sends everything. With the queue full (65,536 datagrams or 32 MiB) "
         "the loop sends (`udp_send_queue_full`). Reloadable.",
     )

@@ -163,8 +163,8 @@ class Settings(RuleSettings):
         description="Threads that check PASSporT signatures (ES256) beside the event loop, "
         "which meanwhile goes on with other calls; 0: in the loop. `auto`: one per CPU this "
         "process may run on beyond the first (its CPU affinity), at most 4 — 0 when pinned to "
-        "one CPU — and they take the checks only while the event loop is busy (from half its "
-        "time on; a check in the loop costs less CPU than a hand-over); a number: every check "
+        "one CPU — and they take the checks only while the event loop is busy (from 70 % of "
+        "its time on; a check in the loop costs less CPU than a hand-over); a number: every check "
         "goes to the threads. One pool per process: the largest number among the identity "
         "sections (top level and peers) is used, `auto` where none sets one above 0.",
     )
