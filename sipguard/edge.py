@@ -211,10 +211,11 @@ class EdgeCore:
         return ended
 
     def end_all(self, reason: str, now: float) -> None:
-        """Shutting down: every call ends now (see :meth:`Proxy.end_all`)."""
+        """Shutting down: every call ends now (see :meth:`Proxy.end_all`); a ringing one's
+        caller hears the draining answer, 503 with Retry-After."""
         mark = len(self.proxy.outbox)
         try:
-            self.proxy.end_all(reason, now)
+            self.proxy.end_all(reason, now, self._draining.headers)
         except Exception:
             del self.proxy.outbox[mark:]
             self.proxy.events.append(Failed("end_all", traceback.format_exc(limit=8), None))

@@ -858,10 +858,10 @@ class Server:
 
     def end_all_calls(self, reason: str) -> int:
         """Stopping with calls still up (the drain ran out, or a second signal): each ends
-        now — an answered one with a BYE to both sides, one still ringing in the records
-        only — and gets its ``dialog_ended`` line (``reason``), rather than vanishing with the
-        process and leaving both sides up (after a restart their BYEs would hear 481). How
-        many were up."""
+        now — an answered one with a BYE to both sides, one still ringing with a CANCEL toward
+        the called side and 503 + Retry-After to its caller — and gets its ``dialog_ended``
+        line (``reason``), rather than vanishing with the process and leaving both sides up
+        (after a restart their BYEs would hear 481). How many were up."""
         left = len(self.proxy.dialogs)
         if left:
             self.core.end_all(reason, self.loop.time())

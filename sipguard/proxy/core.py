@@ -2452,10 +2452,28 @@ class Proxy:
             cancelled += 1
         return cancelled
 
-    def end_all(self, reason: str, now: float) -> None:
-        """Shutting down: every call ends now — an answered one with a BYE to each side (as
-        :meth:`end_call`), one not answered yet only here (its INVITE transaction ends with
-        the process) — each with its DialogEnded (``reason``) and its slots freed."""
+    def end_all(self, reason: str, now: float, headers: tuple[str, ...] = ()) -> None:
+        """Shutting down: every call ends now, each with its DialogEnded (``reason``) and its
+        slots freed. An answered one with a BYE to each side (as :meth:`end_call`). One still
+        ringing: its INVITE is CANCELled toward the called side once a provisional has come
+        (RFC 3261 §9.1: none may go before one, and this process will not be there when it
+        comes), and its sender hears ``503`` with ``headers`` (``Retry-After``) from sipguard
+        itself — the call did not fail, this instance is going away: a caller or a load
+        balancer may place it elsewhere (RFC 3261 §21.5.4) — rather than nothing, ringing on
+        until its own timer gives up."""
+        for st in list(self.servers.values()):
+            if st.method != "INVITE" or st.state != PROCEEDING or st.dialog is None:
+                continue
+            mark = len(self.outbox)
+            try:
+                st.end_reason = reason
+                ct = st.client
+                if ct is not None and ct.state in (CALLING, PROCEEDING) and ct.provisional:
+                    self._send_cancel(ct, now)
+                self._respond(st, 503, now, extra=headers)  # ends its dialog (``reason``)
+            except Exception:  # a bug costs this call's answers, not the others'
+                del self.outbox[mark:]
+                self.events.append(Failed("end_all", traceback.format_exc(limit=8), None))
         for dialog in list(self.dialogs.values()):
             mark = len(self.outbox)
             try:

@@ -42,10 +42,11 @@ class Core:
     OPTIONS for it is answered 481. ``only_top_via``: answers carry only the top Via (a broken
     core). ``forks``: an INVITE is answered 200 that many times, as a forking core whose ring
     group answers more than once (To tags ``core1``, ``core2`` …, Contacts ``agent1``, …).
-    ``invite_from`` is where the last INVITE came from (sipguard), for :meth:`send`."""
+    ``invite_from`` is where the last INVITE came from (sipguard), for :meth:`send`.
+    ``ring``: Call-IDs whose INVITE is answered 180 only (a call that rings on)."""
 
     def __init__(self, *, lose_byes: bool = False, only_top_via: bool = False,
-                 forks: int = 1) -> None:
+                 forks: int = 1, ring: frozenset[str] = frozenset()) -> None:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.bind((HOST, 0))
         self.sock.settimeout(0.05)
@@ -54,6 +55,7 @@ class Core:
         self.lose_byes = lose_byes
         self.only_top_via = only_top_via
         self.forks = forks
+        self.ring = ring
         self.forgotten: set[str] = set()
         self.invite_from: tuple[str, int] | None = None
         self._stop = threading.Event()
@@ -79,6 +81,8 @@ class Core:
             if method == b"OPTIONS" and call_id in self.forgotten:
                 self.sock.sendto(self.response(data, 481, "Call/Transaction Does Not Exist"),
                                  addr)
+            elif method == b"INVITE" and call_id in self.ring:
+                self.sock.sendto(self.response(data, 180, "Ringing"), addr)
             elif method == b"INVITE" and self.forks > 1:
                 for leg in range(1, self.forks + 1):
                     self.sock.sendto(self.response(data, 200, "OK", leg), addr)

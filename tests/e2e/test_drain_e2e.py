@@ -57,34 +57,48 @@ def test_sigterm_drains_calls_up_and_refuses_new_ones(stack: E2EStack) -> None:
 
 
 def test_calls_still_up_when_the_drain_ends_get_a_bye_and_a_line(stack: E2EStack) -> None:
-    """drain_timeout_s runs out with a call up: sipguard sends BYE to both sides, logs its
-    dialog_ended with reason shutdown, and exits 0 — the call does not vanish unrecorded with
-    both sides left up (after a restart their BYEs would hear 481)."""
-    core = Core()
+    """drain_timeout_s runs out with a call up and one still ringing: sipguard sends BYE to
+    both sides of the answered one, CANCELs the ringing one toward the core and answers its
+    caller 503 with Retry-After, logs a dialog_ended with reason shutdown for each, and exits
+    0 — no call vanishes unrecorded with a side left up or ringing (after a restart their
+    BYEs would hear 481, and a ringing caller would hear nothing)."""
+    core = Core(ring=frozenset({"drain-3"}))
     guard, port = stack.sipguard(core_port=core.port, listen=("udp",),
                                  config_extra="drain_timeout_s: 1\n")
     caller = Caller(port)
     try:
         answered(caller, "drain-2")
+        caller.send(caller.request("INVITE", "drain-3"))
         time.sleep(0.2)
         os.kill(guard.pid, signal.SIGTERM)
         heard: list[bytes] = []
         end = time.monotonic() + 5
-        while time.monotonic() < end and not any(d.startswith(b"BYE ") for d in heard):
+
+        def final_503() -> bool:
+            return any(d.startswith(b"SIP/2.0 503") and header(d, "Call-ID") == "drain-3"
+                       for d in heard)
+
+        while time.monotonic() < end and not (
+                any(d.startswith(b"BYE ") for d in heard) and final_503()):
             try:
                 heard.append(caller.sock.recv(65535))
             except TimeoutError:
                 continue
         assert any(d.startswith(b"BYE ") for d in heard), heard
+        assert final_503(), heard
+        [refused] = [d for d in heard if d.startswith(b"SIP/2.0 503")]
+        assert header(refused, "Retry-After"), refused
+        assert b"SIP/2.0 180" in b"".join(heard)  # it was ringing
         assert guard.proc is not None
         deadline = time.monotonic() + 10
         while guard.proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.1)
         assert guard.proc.returncode == 0
         assert "BYE" in core.methods("drain-2")
+        assert core.methods("drain-3") == ["INVITE", "CANCEL"]
         with guard._cv:
             reasons = [e.get("reason") for e in guard.events if e.get("event") == "dialog_ended"]
-        assert reasons == ["shutdown"]
+        assert reasons == ["shutdown", "shutdown"]
     finally:
         caller.close()
         core.close()
