@@ -1424,6 +1424,8 @@ class Proxy:
                     continue
                 # the plain form's pattern is three times faster; escapes and folds are rare
                 full = b"%" in line or b"\n" in line
+                if not full and b"verstat" not in line.lower():
+                    continue  # what the plain pattern needs (ASCII case-insensitive) is absent
                 pattern = _VERSTAT if full else _VERSTAT_PLAIN
                 new = pattern.sub(_keep_question_mark, line)
                 for _ in range(8 if new != line else 0):  # "?verstat=a&verstat=b": one pass
