@@ -568,8 +568,9 @@ class StateSettings(ConfigModel):
     )
     fail: Literal["open", "closed"] = Field(
         default="open",
-        description="While Redis cannot be reached: `open` = calls pass unlimited by the shared "
-        "limits (counted `rule_state_state_unavailable`, logged, tagged `X-Sipguard-Verdict: "
+        description="While the shared store cannot be used (Redis unreachable; `shared_memory`: "
+        "a table full, or its lock held by a stopped process): `open` = calls pass unlimited by "
+        "the shared limits (counted `rule_state_state_unavailable`, logged, tagged `X-Sipguard-Verdict: "
         "state.unavailable` to the core); `closed` = they hear `503` + Retry-After.",
     )
     retry_after_s: int = Field(
@@ -584,7 +585,8 @@ class StateSettings(ConfigModel):
     breaker_failures: int = Field(
         default=3, ge=1, le=1000,
         description="Failed or late round trips in a row that open the circuit breaker: then "
-        "no call waits for Redis until a background probe reaches it again.",
+        "no call waits for Redis until a background probe reaches it again. (`shared_memory`: "
+        "one call that waited 100 ms for the lock opens it; a probe every second.)",
     )
     max_pending_releases: int = Field(
         default=100_000, ge=0, le=10_000_000,

@@ -21,9 +21,14 @@
  *     seg.count(key) -> int                live leases on key
  *     seg.sweep(n) -> int                  visit n slots of each table, drop what expired
  *     seg.stats() -> dict                  fills, capacities, events
+ *     seg.probe(wait_ms) -> bool           the lock had within wait_ms (0: one try) and
+ *                          given back at once (a dead holder's repair done on the way)
+ *     seg.holder                           the pid that holds the lock, 0: none (read
+ *                          without it: for the log of a lock that could not be had)
  *     seg.close()
  *     SET_CAP                              the most distinct members a window counts (h)
  *     MAX_ITEMS                            checks, and take keys, per call at most
+ *     LOCK_WAIT_MS                         how long a call waits for the lock
  *
  * The segment: a header (capacities, a random SipHash key, a process-shared robust mutex,
  * fills, sweep cursors) and three tables.
@@ -59,7 +64,9 @@
  *
  * Every call takes the mutex and keeps the GIL (each is a few µs; only create, the repair
  * below and sweep(n) with a large n touch more than a few slots). When the mutex cannot be had
- * within LOCK_WAIT_MS (a process stopped while holding it), the call raises TimeoutError. A
+ * within LOCK_WAIT_MS (a process stopped while holding it), the call raises TimeoutError naming
+ * the holder's pid, which every locker writes in the header while it holds the mutex
+ * (ShmCounts then stops asking for LOCK_WAIT_MS on every call: its breaker, with probe()). A
  * process that died holding it (EOWNERDEAD): the next one makes the mutex consistent and
  * repairs the tables — both rebuilt from their entries (a backward shift cut short leaves a
  * hole or an entry twice), every c count recounted from the memberships, the set pool
@@ -110,6 +117,7 @@ typedef struct {
     uint64_t full, recovered; /* events: a table full; a holder died */
     uint32_t free_set;
     uint64_t unmeasured; /* events: a distinct count left out, no set free */
+    int32_t holder; /* the pid holding mu, 0: none; written under mu, read without it */
 } Header;
 _Static_assert(sizeof(Header) <= HEADER_SIZE, "header too big");
 
@@ -574,16 +582,27 @@ opened(Seg *s)
     return 0;
 }
 
-static int
-lock(Seg *s)
+static pid_t self_pid; /* this process's pid (again in a forked child), for the header */
+
+static void
+after_fork(void)
 {
-    if (opened(s) < 0)
-        return -1;
+    self_pid = getpid();
+}
+
+/* The mutex within wait_ms (0: one try); 0 when held, else ETIMEDOUT or an error number. The
+   holder's pid goes in the header; a dead holder's tables are repaired first. */
+static int
+lock_within(Seg *s, long wait_ms)
+{
     int rc = pthread_mutex_trylock(&s->h->mu);
-    if (rc == EBUSY) {
+    if (rc == EBUSY && wait_ms <= 0)
+        rc = ETIMEDOUT;
+    else if (rc == EBUSY) {
         struct timespec t;
         clock_gettime(CLOCK_MONOTONIC, &t);
-        t.tv_nsec += LOCK_WAIT_MS * 1000000L;
+        t.tv_sec += wait_ms / 1000;
+        t.tv_nsec += wait_ms % 1000 * 1000000L;
         if (t.tv_nsec >= 1000000000L) {
             t.tv_sec++;
             t.tv_nsec -= 1000000000L;
@@ -594,14 +613,30 @@ lock(Seg *s)
         pthread_mutex_consistent(&s->h->mu);
         repair(s);
         s->h->recovered++;
-        return 0;
+        rc = 0;
     }
     if (rc == 0)
+        __atomic_store_n(&s->h->holder, (int32_t)self_pid, __ATOMIC_RELAXED);
+    return rc;
+}
+
+static int
+lock(Seg *s)
+{
+    if (opened(s) < 0)
+        return -1;
+    int rc = lock_within(s, LOCK_WAIT_MS);
+    if (rc == 0)
         return 0;
-    if (rc == ETIMEDOUT)
-        PyErr_Format(PyExc_TimeoutError, "%R: the lock was held for over %d ms", s->path,
-                     LOCK_WAIT_MS);
-    else {
+    if (rc == ETIMEDOUT) {
+        int holder = (int)__atomic_load_n(&s->h->holder, __ATOMIC_RELAXED);
+        if (holder)
+            PyErr_Format(PyExc_TimeoutError, "%R: the lock was held for over %d ms (by pid %d)",
+                         s->path, LOCK_WAIT_MS, holder);
+        else
+            PyErr_Format(PyExc_TimeoutError, "%R: the lock was held for over %d ms", s->path,
+                         LOCK_WAIT_MS);
+    } else {
         errno = rc;
         PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, s->path);
     }
@@ -611,6 +646,7 @@ lock(Seg *s)
 static void
 unlock(Seg *s)
 {
+    __atomic_store_n(&s->h->holder, 0, __ATOMIC_RELAXED);
     pthread_mutex_unlock(&s->h->mu);
 }
 
@@ -1080,12 +1116,45 @@ seg_verify(Seg *s, PyObject *Py_UNUSED(ignored))
     return PyUnicode_FromString(bad ? bad : "");
 }
 
-/* For tests: take the mutex and keep it (the process is to die holding it). */
+/* Whether the mutex can be had within wait_ms (0: one try, no wait): taken and given back at
+   once (a dead holder's tables repaired on the way). The breaker's probe (ShmCounts). */
+static PyObject *
+seg_probe(Seg *s, PyObject *wait_o)
+{
+    long long wait_ms;
+    if (opened(s) < 0 || int_arg(wait_o, "wait_ms", 0, LOCK_WAIT_MS, &wait_ms) < 0)
+        return NULL;
+    int rc = lock_within(s, (long)wait_ms);
+    if (rc == 0) {
+        unlock(s);
+        Py_RETURN_TRUE;
+    }
+    if (rc == ETIMEDOUT)
+        Py_RETURN_FALSE;
+    errno = rc;
+    return PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, s->path);
+}
+
+/* For tests: take the mutex and keep it (the process is to stop or die holding it). */
 static PyObject *
 seg_hold(Seg *s, PyObject *Py_UNUSED(ignored))
 {
     if (lock(s) < 0)
         return NULL;
+    Py_RETURN_NONE;
+}
+
+/* For tests: give back the mutex _hold took. */
+static PyObject *
+seg_unhold(Seg *s, PyObject *Py_UNUSED(ignored))
+{
+    if (opened(s) < 0)
+        return NULL;
+    if (__atomic_load_n(&s->h->holder, __ATOMIC_RELAXED) != (int32_t)self_pid) {
+        PyErr_SetString(PyExc_ValueError, "this process does not hold the lock");
+        return NULL;
+    }
+    unlock(s);
     Py_RETURN_NONE;
 }
 
@@ -1262,6 +1331,14 @@ get_path(Seg *s, void *Py_UNUSED(closure))
     return Py_NewRef(s->path ? s->path : Py_None);
 }
 
+static PyObject *
+get_holder(Seg *s, void *Py_UNUSED(closure))
+{
+    if (opened(s) < 0)
+        return NULL;
+    return PyLong_FromLong(__atomic_load_n(&s->h->holder, __ATOMIC_RELAXED));
+}
+
 static PyMethodDef seg_methods[] = {
     {"admit", (PyCFunction)(void (*)(void))seg_admit, METH_FASTCALL,
      "admit(lease, checks, take, lease_ms) -> (taken, refused, value, monitored) | None"},
@@ -1278,14 +1355,18 @@ static PyMethodDef seg_methods[] = {
     {"sweep", (PyCFunction)seg_sweep, METH_O,
      "sweep(n) -> int: visit n slots of each table, drop what expired."},
     {"stats", (PyCFunction)seg_stats, METH_NOARGS, "Fills, capacities and events."},
+    {"probe", (PyCFunction)seg_probe, METH_O,
+     "probe(wait_ms) -> bool: the lock had within wait_ms (0: one try) and given back."},
     {"close", (PyCFunction)seg_close, METH_NOARGS, "Unmap the segment."},
     {"_verify", (PyCFunction)seg_verify, METH_NOARGS, "For tests: broken invariants."},
     {"_hold", (PyCFunction)seg_hold, METH_NOARGS, "For tests: take the lock and keep it."},
+    {"_unhold", (PyCFunction)seg_unhold, METH_NOARGS, "For tests: give back _hold's lock."},
     {NULL},
 };
 
 static PyGetSetDef seg_getset[] = {
     {"path", (getter)get_path, NULL, "The segment's file.", NULL},
+    {"holder", (getter)get_holder, NULL, "The pid that holds the lock; 0: none.", NULL},
     {NULL},
 };
 
@@ -1319,12 +1400,18 @@ PyInit__shm(void)
 {
     if (PyType_Ready(&SegType) < 0)
         return NULL;
+    self_pid = getpid();
+    if (pthread_atfork(NULL, NULL, after_fork) != 0) {
+        PyErr_SetString(PyExc_OSError, "pthread_atfork failed");
+        return NULL;
+    }
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)
         return NULL;
     if (PyModule_AddObjectRef(m, "Segment", (PyObject *)&SegType) < 0 ||
         PyModule_AddIntConstant(m, "SET_CAP", SET_CAP) < 0 ||
-        PyModule_AddIntConstant(m, "MAX_ITEMS", MAX_ITEMS) < 0) {
+        PyModule_AddIntConstant(m, "MAX_ITEMS", MAX_ITEMS) < 0 ||
+        PyModule_AddIntConstant(m, "LOCK_WAIT_MS", LOCK_WAIT_MS) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -9,6 +9,7 @@ import asyncio
 import multiprocessing as mp
 import os
 import random
+import signal
 import time
 import uuid
 from collections import Counter
@@ -26,7 +27,7 @@ from sipguard.state.base import Admitted, Check, SharedCounts
 from sipguard.state.shared_memory import SET_CAP, ShmCounts, create_segment
 from tests.unit.dialog_helpers import to
 from tests.unit.proxy_helpers import CORE, invite
-from tests.unit.test_shared_policy import SharedHarness
+from tests.unit.test_shared_policy import SharedHarness, h_answer
 
 CAPS = {"max_keys": 2048, "max_leases": 2048, "max_sets": 64}
 TAKE = ("peer:-", "caller:+12125550100", "callee:+18005550199")
@@ -596,7 +597,7 @@ def _churn(path: str, started: Any) -> None:
 
 
 async def test_a_process_killed_holding_the_lock_blocks_nobody(path: str) -> None:
-    a = store(path, create=True)
+    a = store(path, create=True, probe_s=0.05)
     ctx = mp.get_context("spawn")
     held = ctx.Event()
     proc = ctx.Process(target=_hold, args=(path, held))
@@ -606,18 +607,151 @@ async def test_a_process_killed_holding_the_lock_blocks_nobody(path: str) -> Non
         started = time.monotonic()
         assert await a.admit("L1", [caller_limit(5)], TAKE) is None  # the lock is held
         assert 0.09 < time.monotonic() - started < 1.0
-        assert a.counters["state_shm_timeouts"] == 1
+        assert a.counters["state_shm_timeouts"] == 1 and a.open and a.holder == proc.pid
         assert a.release_soon("L0", TAKE) and len(a.pending) == 1  # kept for later
     finally:
         proc.kill()  # SIGKILL
         proc.join(5)
+    assert await a.admit("L1", [caller_limit(5)], TAKE) is None  # the breaker: no probe yet
+    a.start(asyncio.get_running_loop().call_later)  # the probe: owner dead, repaired
+    for _ in range(100):
+        if a.available:
+            break
+        await asyncio.sleep(0.01)
+    assert a.available and a.counters["state_reconnected"] == 1
+    assert not a.pending and a.counters["state_releases_retried"] == 1  # the kept release
     assert await a.admit("L1", [caller_limit(5)], TAKE) == (True, -1, 0, [])
     stats = a.segment.stats()
     assert stats["recovered"] == 1 and a.segment._verify() == ""
     assert await a.counts(["caller:+12125550100", "caller:+1"]) == [1, 1]  # "holder" kept
-    assert await a.refresh() == 0 and not a.pending  # the kept release went
-    assert a.counters["state_releases_retried"] == 1
+    assert a.counters["state_shm_timeouts"] == 1
     await a.close()
+
+
+def _hold_until(path: str, held: Any, go: Any) -> None:
+    """Take the lock and keep it until ``go`` (meanwhile the test stops this process)."""
+    seg = _shm.Segment(path, CAPS["max_keys"], CAPS["max_leases"], CAPS["max_sets"])
+    seg._hold()
+    held.set()
+    go.wait(30)
+    seg._unhold()
+    seg.close()
+
+
+@pytest.mark.parametrize("fail_open", [True, False], ids=["fail-open", "fail-closed"])
+async def test_a_stopped_lock_holder_opens_the_breaker_until_it_lets_go(
+        path: str, fail_open: bool) -> None:
+    """A process holds the segment's lock and is stopped (SIGSTOP). The first INVITE waits
+    the lock's 100 ms and opens the breaker (logged once, with the holder's pid); the next
+    ones are decided at once by state.fail — passed and tagged (open) or 503 (closed) — and
+    nothing else waits for the lock (timer, stats). Calls that end meanwhile keep their
+    release. Once the holder lets go, the next probe has the lock, sends the kept releases,
+    re-scores the calls admitted meanwhile, and closes the breaker: the counts are exactly
+    the calls up."""
+    seen: list[tuple[str, dict[str, Any]]] = []
+    shm = store(path, create=True, fail_open=fail_open, retry_after_s=7, probe_s=0.1,
+                log=lambda event, **fields: seen.append((event, fields)))
+    h = SharedHarness("rules:\n  concurrency: {per_caller: 4}\n", shm)
+    shm.tick_s = 0.05  # the timer ticks while it is open too (and asks for no lock)
+    shm.start(asyncio.get_running_loop().call_later)
+    caller = "caller:+12125550100"
+    ctx = mp.get_context("spawn")
+    held, go = ctx.Event(), ctx.Event()
+    proc = ctx.Process(target=_hold_until, args=(path, held, go))
+    try:
+        _, up = await h.invite(1)  # a call up before: counted in the segment
+        assert up is not None and shm.segment.count(caller) == 1
+        per_call = shm.segment.stats()["leases"]  # memberships of one call
+        proc.start()
+        assert held.wait(20)
+        assert proc.pid is not None
+        os.kill(proc.pid, signal.SIGSTOP)
+        assert shm.segment.holder == proc.pid and shm.segment.probe(0) is False
+        waits, answers = [], []
+        for n in range(2, 8):
+            started = time.perf_counter()
+            answers.append(await h.invite(n))
+            waits.append(time.perf_counter() - started)
+        assert 0.09 < waits[0] < 0.5, waits  # the lock's wait, once
+        assert max(waits[1:]) < 0.03 and sorted(waits[1:])[2] < 0.005, waits  # then at once
+        for got, fwd in answers:
+            if fail_open:
+                assert fwd is not None and fwd.get("x-sipguard-verdict") == "state.unavailable"
+            else:
+                assert fwd is None and [m.status for m in got if m.status >= 200] == [503]
+                assert got[-1].get("retry-after") == "7"
+        assert {v.reason for v in h.verdicts[1:]} == {"state_unavailable"}
+        assert not shm.available and shm.stats() == {"state_available": 0.0,
+                                                     "state_pending_releases": 0.0}
+        [(event, fields)] = seen
+        assert event == "state_unreachable" and fields["reason"] == "lock_timeout"
+        assert fields["holder_pid"] == proc.pid and f"pid {proc.pid}" in fields["error"]
+        assert fields["what"] == "admit"
+        # calls end while it is open: their releases are kept, nobody waits
+        started = time.perf_counter()
+        h.feed(h_answer(up, 486))  # the call up before
+        if fail_open:
+            first = answers[0][1]
+            assert first is not None
+            h.feed(h_answer(first, 486))  # one admitted meanwhile
+        await h.settle()
+        assert await shm.counts([caller]) is None and await shm.refresh() == 0
+        assert time.perf_counter() - started < 0.05
+        assert len(shm.pending) == (2 if fail_open else 1)
+        await asyncio.sleep(0.25)  # probes and ticks while it is still held
+        assert shm.open and shm.probes >= 1
+        assert shm.counters["state_shm_timeouts"] == 1  # neither waited 100 ms
+        os.kill(proc.pid, signal.SIGCONT)
+        go.set()
+        proc.join(5)
+        assert proc.exitcode == 0  # it let go (no owner-dead repair)
+        for _ in range(100):
+            if shm.available:
+                break
+            await asyncio.sleep(0.01)
+        assert shm.available and shm.counters["state_reconnected"] == 1
+        assert [e for e, _ in seen] == ["state_unreachable", "state_reachable"]
+        reachable = seen[1][1]
+        assert reachable["holder_pid"] == proc.pid and reachable["pending_releases"] == 0
+        up_now = 5 if fail_open else 0  # calls 3..7 passed and are up
+        assert reachable["leases_restored"] == up_now
+        assert not shm.pending and shm.counters["state_releases_retried"] == (
+            2 if fail_open else 1)
+        stats = shm.segment.stats()
+        assert shm.segment.count(caller) == up_now and stats["leases"] == per_call * up_now
+        assert stats["recovered"] == 0 and shm.segment._verify() == ""
+        assert shm.segment.holder == 0
+        # decided by the counts again: over per_caller 4 with five up (open), else passed
+        got, fwd = await h.invite(8)
+        if fail_open:
+            assert fwd is None and h.verdicts[-1].reason == "per_caller_exceeded"
+        else:
+            assert fwd is not None and shm.segment.count(caller) == 1
+        assert shm.counters["state_shm_timeouts"] == 1
+        assert shm.counters["state_breaker_opened"] == 1
+    finally:
+        if proc.pid is not None and proc.exitcode is None:
+            proc.kill()
+            proc.join(5)
+        await shm.close()
+
+
+def test_the_lock_holder_is_recorded_and_probed(path: str) -> None:
+    create_segment(path, **CAPS)
+    seg = segment(path)
+    assert seg.holder == 0 and seg.probe(0) is True and seg.probe(10) is True
+    seg._hold()
+    assert seg.holder == os.getpid()
+    seg._unhold()
+    assert seg.holder == 0 and seg.count("k") == 0
+    with pytest.raises(ValueError, match="does not hold"):
+        seg._unhold()
+    with pytest.raises(ValueError, match="wait_ms"):
+        seg.probe(_shm.LOCK_WAIT_MS + 1)
+    assert _shm.LOCK_WAIT_MS == 100
+    seg.close()
+    with pytest.raises(ValueError, match="closed"):
+        seg.probe(0)
 
 
 def test_processes_killed_at_random_leave_consistent_tables(path: str) -> None:
