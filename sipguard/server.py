@@ -318,15 +318,20 @@ class Server:
                              overload_retry_after_s=cfg.sip.overload_retry_after_s,
                              perf=time.perf_counter)
         self.udp: dict[int, UdpEndpoint] = {}
-        # several workers, worker_spread: caller — datagrams handed to the caller's worker
+        # several workers: the link between them — the operator's changes (either spread),
+        # and with worker_spread: caller the datagrams handed to the caller's worker
+        # (``handover``: the same link then, else None)
         self.link: WorkerLink | None = None
-        if worker is not None and group is not None and cfg.worker_spread == "caller":
+        self.handover: WorkerLink | None = None
+        if worker is not None and group is not None:
             own_ports = {cfg.worker_port(i, w): w for i, ep in enumerate(cfg.listen)
                          if ep.transport == "udp" for w in range(cfg.workers)}
+            by_caller = cfg.worker_spread == "caller"
             self.link = WorkerLink(group, worker, cfg.workers, self._on_handed_over,
-                                   self.counters, own_ports)
-            self.link.control = self._on_worker_change
-            self.link.watch = self._check_load
+                                   self.counters, own_ports, handover=by_caller)
+            if by_caller:
+                self.link.watch = self._check_load
+                self.handover = self.link
         self.sender = SendThread()  # sip.udp_send_thread: started once the sockets are bound
         self.tcp = TcpPool(self.loop, self._on_stream_message, self._on_stream_error,
                            cfg.sip.max_message_size, tcp_limits(cfg), self._on_tcp_event)
@@ -438,6 +443,8 @@ class Server:
         self._point_link()
         try:
             await self._load_suspensions()
+            if self.link is not None:  # what the others changed meanwhile, over the file
+                self.link.start_control(self._on_worker_change)
             await self._start_shared_lists()
             await self._start_admin()
         except StartupError:
@@ -585,7 +592,7 @@ class Server:
         sip = self.cfg.sip
         delay_ms = sip.overload_delay_ms
         queues: list[ReceiveQueue] = list(self.udp.values())
-        link = self.link
+        link = self.handover
         if link is not None and link.sock is not None:
             queues.append(link)
         self.core.overloaded = self.overload.check(
@@ -1217,7 +1224,7 @@ class Server:
 
     # ------------------------------------------------------------------ input
     def _on_datagram(self, data: bytes, flow: Flow) -> None:
-        link = self.link
+        link = self.handover
         if link is not None and (flow.local >= self._shared_from or _call_setup(data)):
             # the public address, several workers: the caller's worker handles it; and a new
             # call sent straight to a worker's own port too (with its CANCEL and ACK) — else a
@@ -1320,8 +1327,8 @@ class Server:
     def _flush(self) -> None:
         self._flush_pending = False
         self._unflushed = 0
-        if self.link is not None:
-            self.link.flush()  # what this pass handed to other workers: one envelope each
+        if self.handover is not None:
+            self.handover.flush()  # what this pass handed to other workers: one envelope each
         core = self.core
         outbox = core.outbox
         if outbox:

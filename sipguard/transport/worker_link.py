@@ -1,5 +1,6 @@
-"""Datagrams handed from one worker to another on one host (``workers`` > 1,
-``worker_spread: caller``).
+"""The link between the workers on one host (``workers`` > 1): the operator's changes every
+worker applies (either ``worker_spread``), and with ``worker_spread: caller`` the datagrams
+handed from one worker to another.
 
 Every worker binds the public UDP address with SO_REUSEPORT, and the kernel picks the socket
 by the datagram's source address and port: one trunk (one address, one port) would land on
@@ -53,7 +54,23 @@ however they start, and a restarted worker's new port replaces the old one at on
 The same sockets carry the operator's changes that every worker must apply at once: a
 suspension added or lifted, a flood ban lifted, through the admin API of any one worker, is
 applied there and then sent to every other worker, which applies it too — without Redis,
-that is how ``sipguard suspend`` reaches the calls on every worker.
+that is how ``sipguard suspend`` reaches the calls on every worker. With ``worker_spread:
+source`` the sockets are opened for these changes alone (``handover=False``): the kernel's
+choice is kept, nothing is handed over, and a ``B`` envelope is refused
+(``worker_handover_bad``).
+
+A worker (re)started, or not up yet, when a change is sent misses it: the change went to its
+old port, or to none. It reads the suspensions from the workers' directory at its start, but
+a change sent just before may not be written there yet (the sender writes it after sending).
+So every worker keeps the changes it sent in the last ``REPLAY_S`` seconds (at most
+``REPLAY_MAX``) and sends them again to a worker whose hello brings a new port; and a
+starting worker holds the changes it receives (at most ``HELD_MAX``) until it has read the
+directory (:meth:`WorkerLink.start_control`), then applies them in the order they were
+made (each change carries ``at``, the host's monotonic clock when it was sent: one clock for
+every worker) — a lift that arrived first is not undone by the file read after it, and one
+worker's change sent again is not applied after a later change another worker made. Beyond
+``HELD_MAX`` a change is dropped (``worker_control_dropped``). A suspension sent again
+carries what is left of its ``ttl``.
 
 A datagram that cannot be handed over (the owner's port is not known: it is starting) is
 handled where it was read (``worker_handover_failed``): the call still gets an answer. While
@@ -71,7 +88,9 @@ import os
 import re
 import socket
 import struct
+import time
 import zlib
+from collections import deque
 from collections.abc import Callable, MutableMapping
 from pathlib import Path
 from typing import Any, Final
@@ -96,6 +115,9 @@ _LAG: Final = struct.Struct("!H")
 READS_PER_WAKE: Final = 64  # envelopes read per wake-up before the loop runs other work
 RECEIVE_BUFFER: Final = 8 * 1024 * 1024
 MAX_ENVELOPE: Final = 65536 + 128
+REPLAY_S: Final = 30.0  # the changes sent this recently are sent again to a worker (re)started
+REPLAY_MAX: Final = 256  # ... at most this many (the older ones are in the directory by then)
+HELD_MAX: Final = 1024  # changes a starting worker holds until it has read the directory
 
 # Where a header line starts (the name, then its value up to the line's end): the scans below
 # read the first such line of the header block, its folds joined. Enough to pick an owner, not
@@ -294,20 +316,30 @@ class WorkerLink:
     __slots__ = ("index", "count", "directory", "deliver", "control", "counters", "sock",
                  "ports", "own_ports", "sender", "watch", "delay", "lag", "_stamped",
                  "_measured", "_unwatched", "_head", "_secret", "_loop", "_batches", "_sizes",
-                 "_pending")
+                 "_pending", "handover", "clock", "_sent", "_held")
 
     def __init__(self, directory: str | Path, index: int, count: int,
                  deliver: Callable[[bytes, Flow], None],
                  counters: MutableMapping[str, int],
-                 own_ports: dict[int, int] | None = None) -> None:
+                 own_ports: dict[int, int] | None = None, handover: bool = True,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.index = index
         self.count = count
+        # False (worker_spread: source): the operator's changes only, no datagram handed over
+        self.handover = handover
+        self.clock = clock
+        # the changes this worker sent (when, the change): sent again to a worker
+        # (re)started within REPLAY_S
+        self._sent: deque[tuple[float, dict[str, Any]]] = deque(maxlen=REPLAY_MAX)
+        # the changes received before start_control (None once it ran)
+        self._held: list[dict[str, Any]] | None = []
         # every worker's own ports (Via, Record-Route) -> its index: a dialog's later requests
         # name their worker in Route, whichever side sends them
         self.own_ports = own_ports or {}
         self.directory = str(directory)
         self.deliver = deliver  # a handed-over datagram, as if read from its flow
         # an operator's change another worker applied (a JSON object), to apply here too
+        # (set by start_control, once this worker has read the workers' directory)
         self.control: Callable[[dict[str, Any]], None] | None = None
         self.counters = counters
         self.sock: socket.socket | None = None
@@ -346,7 +378,8 @@ class WorkerLink:
         self._head = MAGIC + self._secret
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         try:
-            set_buffer(sock, socket.SO_RCVBUF, SO_RCVBUFFORCE, RECEIVE_BUFFER)
+            if self.handover:  # (a few changes need no room for bursts of datagrams)
+                set_buffer(sock, socket.SO_RCVBUF, SO_RCVBUFFORCE, RECEIVE_BUFFER)
             sock.bind(("127.0.0.1", 0))
             sock.setblocking(False)
             self._stamped = enable_arrival_stamps(sock)
@@ -410,7 +443,8 @@ class WorkerLink:
         at the next :meth:`flush`); False when it cannot go (then handle it here)."""
         host = flow.addr[0].encode()
         size = _RECORD.size + len(host) + len(data)
-        if self.ports[to] is None or self.sock is None or size > BATCH_BYTES:
+        if self.ports[to] is None or self.sock is None or size > BATCH_BYTES or \
+                not self.handover:
             self.counters["worker_handover_failed"] += 1
             return False
         if self._sizes[to] + size > BATCH_BYTES:
@@ -441,17 +475,57 @@ class WorkerLink:
         self._sizes[to] = 0
 
     def broadcast(self, change: dict[str, Any]) -> int:
-        """Send an operator's change to every other worker; to how many it went."""
-        envelope = self._head + b"C" + json.dumps(change, separators=(",", ":")).encode()
+        """Send an operator's change to every other worker; to how many it went. Kept
+        REPLAY_S for a worker that (re)starts meanwhile (:meth:`_replay`)."""
+        now = self.clock()
+        # when (the host's monotonic clock, one for every worker): a starting worker applies
+        # what it held in this order, whichever worker sent it
+        change = {**change, "at": now}
+        envelope = self._envelope(change)
+        sent_before = self._sent
+        while sent_before and sent_before[0][0] < now - REPLAY_S:
+            sent_before.popleft()
+        sent_before.append((now, change))
         sent = 0
         for i in range(self.count):
             if i == self.index:
                 continue
             if self._send(envelope, i):
                 sent += 1
-            else:  # a worker starting: it reads state_dir's file at its start
+            else:  # a worker starting: its hello brings the change again (_replay)
                 self.counters["worker_control_failed"] += 1
         return sent
+
+    def _envelope(self, change: dict[str, Any]) -> bytes:
+        return self._head + b"C" + json.dumps(change, separators=(",", ":")).encode()
+
+    def _replay(self, to: int) -> None:
+        """The changes sent in the last REPLAY_S, again, to worker ``to`` (its hello brought a
+        new port: it (re)started, and may have missed them); a suspension with what is left
+        of its ttl, one run out meanwhile left out."""
+        now = self.clock()
+        for at, change in self._sent:
+            if at < now - REPLAY_S:
+                continue
+            ttl = change.get("ttl") if change.get("op") == "suspend" else None
+            if isinstance(ttl, (int, float)):
+                left = ttl - (now - at)
+                if left <= 0:
+                    continue
+                change = {**change, "ttl": left}
+            if self._send(self._envelope(change), to):
+                self.counters["worker_control_replayed"] += 1
+
+    def start_control(self, control: Callable[[dict[str, Any]], None]) -> None:
+        """From now on apply the changes received with ``control``; first those held since
+        the link opened (this worker has read the workers' directory meanwhile), in the order
+        they were made (``at``: several workers may have sent them again)."""
+        held, self._held = self._held or [], None
+        held.sort(key=_made_at)
+        self.control = control
+        for change in held:
+            self.counters["worker_control_received"] += 1
+            control(change)
 
     # ------------------------------------------------------------------ receiving
     def _readable(self) -> None:
@@ -472,7 +546,7 @@ class WorkerLink:
                 self.counters["worker_handover_bad"] += 1
                 continue
             kind = envelope[n]
-            if kind == 0x42:  # B
+            if kind == 0x42 and self.handover:  # B
                 records = unpack(envelope, n + 1 + _LAG.size)
                 got = len(records)
                 self._unwatched += got  # datagrams, as a public socket counts them
@@ -495,7 +569,9 @@ class WorkerLink:
             elif kind == 0x48 and len(envelope) == n + 1 + _HELLO.size:  # H
                 index, port = _HELLO.unpack_from(envelope, n + 1)
                 if index < self.count and index != self.index:
-                    self.ports[index] = port
+                    known, self.ports[index] = self.ports[index], port
+                    if known != port:  # (re)started: what it may have missed
+                        self._replay(index)
             else:
                 self.counters["worker_handover_bad"] += 1
 
@@ -514,11 +590,26 @@ class WorkerLink:
             change = json.loads(body)
         except ValueError:
             change = None
-        if not isinstance(change, dict) or self.control is None:
+        if not isinstance(change, dict):
+            self.counters["worker_handover_bad"] += 1
+            return
+        held = self._held
+        if held is not None:  # still starting: applied by start_control
+            if len(held) < HELD_MAX:
+                held.append(change)
+            else:
+                self.counters["worker_control_dropped"] += 1
+            return
+        if self.control is None:
             self.counters["worker_handover_bad"] += 1
             return
         self.counters["worker_control_received"] += 1
         self.control(change)
+
+
+def _made_at(change: dict[str, Any]) -> float:
+    at = change.get("at")
+    return float(at) if isinstance(at, (int, float)) and not isinstance(at, bool) else 0.0
 
 
 def unpack(envelope: bytes, at: int) -> list[tuple[bytes, Flow]]:

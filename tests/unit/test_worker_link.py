@@ -1,7 +1,9 @@
 """The workers' hand-over (sipguard/transport/worker_link.py) over real loopback sockets: the
 owner of a datagram by its caller, the envelope both ways, hellos between workers started in
 either order, an envelope without the group's secret refused, a change broadcast, and a
-hand-over to a worker whose port is not known refused (handled where it was read)."""
+hand-over to a worker whose port is not known refused (handled where it was read); a link
+for changes only (worker_spread: source); the recent changes sent again to a worker
+restarted, held until it has read its suspensions."""
 
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from sipguard.transport.worker_link import (
     _RECORD,
     BATCH_BYTES,
     MAGIC,
+    REPLAY_S,
     TOKEN_FILE,
     WorkerLink,
     make_token,
@@ -170,7 +173,7 @@ async def test_hand_over_changes_and_hellos(tmp_path: Path) -> None:
     counters: Counter[str] = Counter()
     a = WorkerLink(tmp_path, 0, 3, lambda d, f: None, counters)
     b = WorkerLink(tmp_path, 1, 3, lambda d, f: got.append((d, f)), counters)
-    b.control = changes.append
+    b.start_control(changes.append)
     a.open(loop)  # a first: it finds nobody, b greets it
     b.open(loop)
     try:
@@ -195,7 +198,7 @@ async def test_hand_over_changes_and_hellos(tmp_path: Path) -> None:
         await _until(lambda: len(got) == 2 and changes and counters["worker_handover_bad"] == 3)
         assert got == [(data, Flow("udp", ("127.0.0.1", 5070), 1)),
                        (data, Flow("udp", ("::1", 5071), 1))]
-        assert changes == [{"op": "suspend", "key": "+1212"}]
+        assert [(c["op"], c["key"]) for c in changes] == [("suspend", "+1212")]
         assert counters["worker_handed_over"] == counters["worker_received_over"] == 2
         assert counters["worker_handover_bad"] == 3
         # b restarts on another port: its hello replaces the old one at a
@@ -252,6 +255,90 @@ async def test_a_pass_larger_than_one_envelope_goes_in_several(tmp_path: Path) -
     finally:
         a.close()
         b.close()
+
+
+@pytest.mark.asyncio
+async def test_a_control_only_link_carries_changes_and_refuses_datagrams(tmp_path: Path) -> None:
+    """``handover=False`` (worker_spread: source): hellos and changes go both ways, a
+    hand-over is refused where it would be made, and a ``B`` envelope sent to it anyway is
+    dropped as bad, never delivered."""
+    loop = asyncio.get_running_loop()
+    make_token(tmp_path)
+    got: list[bytes] = []
+    changes: list[dict[str, Any]] = []
+    counters: Counter[str] = Counter()
+    a = WorkerLink(tmp_path, 0, 2, lambda d, f: got.append(d), counters, handover=False)
+    b = WorkerLink(tmp_path, 1, 2, lambda d, f: got.append(d), counters, handover=False)
+    a.start_control(changes.append)
+    b.start_control(changes.append)
+    a.open(loop)
+    b.open(loop)
+    try:
+        await _until(lambda: a.ports[1] is not None)
+        assert b.broadcast({"op": "lift_ban", "source": "192.0.2.7"}) == 1
+        assert not a.hand_over(1, _invite("+12125550100"), Flow("udp", ("127.0.0.1", 5070), 1))
+        assert counters["worker_handover_failed"] == 1 and counters["worker_handed_over"] == 0
+        record = _RECORD.pack(1, 5070, 9, 3) + b"192.0.2.1" + b"abc"
+        secret = (tmp_path / TOKEN_FILE).read_bytes()
+        raw = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        port = b.ports[1]
+        assert port is not None
+        raw.sendto(MAGIC + secret + b"B\x00\x00" + record, ("127.0.0.1", port))
+        raw.close()
+        await _until(lambda: changes and counters["worker_handover_bad"] == 1)
+        assert [(c["op"], c["source"]) for c in changes] == [("lift_ban", "192.0.2.7")]
+        assert not got and counters["worker_received_over"] == 0
+    finally:
+        a.close()
+        b.close()
+
+
+@pytest.mark.asyncio
+async def test_a_restarted_worker_is_sent_the_recent_changes_and_holds_them(
+        tmp_path: Path) -> None:
+    """Worker 1 down while workers 0 and 2 send changes (to its old port: lost); started
+    again, its hello brings them back from both — a suspension with what is left of its ttl
+    — and it holds them until start_control (it has read the suspensions file by then), then
+    applies them in the order they were made, whichever worker sent them first: worker 2's
+    suspension, then worker 0's lift of it. A change older than REPLAY_S is not sent again."""
+    loop = asyncio.get_running_loop()
+    make_token(tmp_path)
+    counters: Counter[str] = Counter()
+    now = [1000.0]
+    a = WorkerLink(tmp_path, 0, 3, lambda d, f: None, counters, clock=lambda: now[0])
+    b = WorkerLink(tmp_path, 1, 3, lambda d, f: None, counters)
+    c = WorkerLink(tmp_path, 2, 3, lambda d, f: None, counters, clock=lambda: now[0])
+    for link in (a, b, c):
+        link.open(loop)
+    try:
+        await _until(lambda: a.ports[1] is not None and c.ports[1] is not None)
+        b.close()
+        a.broadcast({"op": "suspend", "key": "+1303", "ttl": None})  # too old, below
+        now[0] += REPLAY_S - 5
+        c.broadcast({"op": "suspend", "key": "+1212", "ttl": 60.0})
+        now[0] += 4
+        a.broadcast({"op": "unsuspend", "key": "+1212"})
+        now[0] += 2  # the first is now REPLAY_S + 1 old
+        changes: list[dict[str, Any]] = []
+        b2 = WorkerLink(tmp_path, 1, 3, lambda d, f: None, counters)
+        b2.open(loop)
+        try:
+            await _until(lambda: counters["worker_control_replayed"] == 2)
+            await asyncio.sleep(0.05)  # (arrived, held)
+            assert counters["worker_control_replayed"] == 2
+            assert not changes and counters["worker_control_received"] == 0
+            b2.start_control(changes.append)
+            assert changes == [{"op": "suspend", "key": "+1212", "ttl": 54.0, "at": 1025.0},
+                               {"op": "unsuspend", "key": "+1212", "at": 1029.0}]
+            assert counters["worker_control_received"] == 2
+            assert a.broadcast({"op": "lift_ban", "source": "192.0.2.7"}) == 2  # at once
+            await _until(lambda: len(changes) == 3)
+            assert changes[2]["op"] == "lift_ban"
+        finally:
+            b2.close()
+    finally:
+        for link in (a, b, c):
+            link.close()
 
 
 @pytest.mark.asyncio
