@@ -556,16 +556,16 @@ def test_processes_racing_take_exactly_the_limit(path: str) -> None:
     seg = segment(path)
     limit: Check = ("c", "caller:+1", 10, 0, False, "")
     rate: Check = ("r", "rate.per_caller:+2", 100.0, 900.0, False, "")  # burst 10, no refill
-    # 4 processes x 5000 admits: exactly the limit taken, on every key of the take
-    results = _race_processes(path, [limit], ("caller:+1", "peer:-"), 5000)
+    # 4 processes x 2000 admits: exactly the limit taken, on every key of the take
+    results = _race_processes(path, [limit], ("caller:+1", "peer:-"), 2000)
     assert sum(t for t, _ in results) == 10
     assert seg.count("caller:+1") == 10 == seg.count("peer:-")
     # the rate cell: exactly its burst
-    assert sum(t for t, _ in _race_processes(path, [rate], (), 5000)) == 10
+    assert sum(t for t, _ in _race_processes(path, [rate], (), 2000)) == 10
     # takes and releases racing: the count is what the processes still hold, never more
     # than the limit, and slots were reused many times
     other: Check = ("c", "callee:+3", 10, 0, False, "")
-    results = _race_processes(path, [other], ("callee:+3",), 5000, churn=True)
+    results = _race_processes(path, [other], ("callee:+3",), 2000, churn=True)
     assert sum(t for t, _ in results) > 100
     assert seg.count("callee:+3") == sum(h for _, h in results) <= 10
     assert seg._verify() == ""
