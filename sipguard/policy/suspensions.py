@@ -72,19 +72,19 @@ class SuspensionStore:
     """Suspended numbers and prefixes, matched in O(len(number)); listed in key order, a page
     at a time (:meth:`page`)."""
 
-    __slots__ = ("exact", "prefixes", "_lengths", "_order", "_added", "_lifted")
+    __slots__ = ("exact", "prefixes", "_lengths", "_order", "_added", "_gone")
 
     def __init__(self) -> None:
         self.exact: dict[str, Suspension] = {}
         self.prefixes: dict[str, Suspension] = {}  # keyed without the trailing "*"
         self._lengths: list[int] = []  # distinct prefix lengths, ascending
         # every key in order, made by the first page asked for (None until then); kept up to
-        # date lazily: keys added since go to _added, lifts are counted, and the next page
-        # folds both in (a sort of a sorted list and a few new keys: O(n), no O(n) insert per
-        # change, so 100,000 suspensions loaded or lifted one by one stay O(1) each)
+        # date lazily: keys added since go to _added, keys lifted since (still in _order) to
+        # _gone, and the next page folds both in — no O(n) list insert or delete per change,
+        # so 100,000 suspensions loaded or lifted one by one stay O(1) each
         self._order: list[str] | None = None
         self._added: set[str] = set()
-        self._lifted = 0
+        self._gone: set[str] = set()
 
     def __bool__(self) -> bool:
         return bool(self.exact) or bool(self.prefixes)
@@ -144,13 +144,13 @@ class SuspensionStore:
         if entry.prefix:
             text = entry.key[:-1]
             if self._order is not None and text not in self.prefixes:
-                self._added.add(entry.key)
+                self._note_added(entry.key)
             self.prefixes[text] = entry
             if len(text) not in self._lengths:
                 bisect.insort(self._lengths, len(text))
         else:
             if self._order is not None and entry.key not in self.exact:
-                self._added.add(entry.key)
+                self._note_added(entry.key)
             self.exact[entry.key] = entry
 
     def lift(self, key: str) -> Suspension | None:
@@ -163,9 +163,17 @@ class SuspensionStore:
             if found is not None and all(len(p) != len(text) for p in self.prefixes):
                 self._lengths.remove(len(text))
         if found is not None and self._order is not None:
-            self._added.discard(key)
-            self._lifted += 1
+            if key in self._added:
+                self._added.discard(key)
+            else:
+                self._gone.add(key)
         return found
+
+    def _note_added(self, key: str) -> None:
+        if key in self._gone:
+            self._gone.discard(key)  # lifted and added again: still in _order
+        else:
+            self._added.add(key)
 
     def _sorted(self) -> list[str]:
         """Every key, in order (see ``_order``)."""
@@ -173,17 +181,19 @@ class SuspensionStore:
         if order is None:
             order = [*self.exact, *(p + "*" for p in self.prefixes)]
             order.sort()
-        elif self._lifted:
-            added = self._added
-            order = [k for k in order if k not in added and self.get(k) is not None]
-            order.extend(added)
-            order.sort()
-        elif self._added:
-            order.extend(self._added)
-            order.sort()
+        else:
+            if self._gone:
+                gone = self._gone
+                order = [k for k in order if k not in gone]
+            if len(self._added) <= 64:
+                for key in self._added:
+                    bisect.insort(order, key)
+            else:
+                order.extend(self._added)
+                order.sort()
         self._order = order
         self._added = set()
-        self._lifted = 0
+        self._gone = set()
         return order
 
     def page(self, after: str | None, limit: int, prefix: str, now: float
