@@ -221,7 +221,9 @@ def _number_path(number: str) -> str:
     return urllib.parse.quote(number, safe="")
 
 
-LIST_PAGE = 10_000  # GET /suspensions?limit= (the admin API's most)
+# GET /suspensions?limit=: a page of 1,000 holds sipguard's event loop ~2 ms, one of 10,000
+# (the most) ~20 ms; 100,000 suspensions in pages of 1,000 take ~0.35 s all told
+LIST_PAGE = 1000
 
 
 def _suspensions(args: argparse.Namespace) -> dict[str, Any]:

@@ -714,12 +714,11 @@ async def test_suspension_cursors_are_sealed_when_numbers_are_hidden(
 
 async def test_cli_suspensions_lists_every_page(
     tmp_path: Path, peers: tuple[Peer, Peer], capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """`sipguard suspensions` follows `next` to the last page (pages of 1,000 here): every
-    one of 2,500 once, in order; `--prefix` filters."""
+    """`sipguard suspensions` follows `next` to the last page (pages of 1,000): every one
+    of 2,500 once, in order; `--prefix` filters."""
+    assert cli.LIST_PAGE == 1000
     structlog.configure(logger_factory=structlog.ReturnLoggerFactory())  # stdout: the CLI's
-    monkeypatch.setattr(cli, "LIST_PAGE", 1000)
     _, core = peers
     guard = await start_guard(tmp_path, core)
     keys = [f"+4930{n:06d}" for n in range(2500)]
