@@ -17,7 +17,7 @@ The operator verbs talk to a running sipguard's admin API (``--admin URL``, defa
     sipguard suspend +31201234567 --reason fraud --end-calls --expires 3600 --by alice
     sipguard suspend '+3120*'            # a prefix
     sipguard unsuspend +31201234567
-    sipguard suspensions
+    sipguard suspensions [--prefix +1212]                  # every page of GET /suspensions
     sipguard calls +31201234567
     sipguard bans [--lift SOURCE]
     sipguard cooldowns [--key KEY] [--scope SCOPE]         # rule dialer's cooldowns
@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_parser("reload", help="reload the running sipguard's config file"),
         suspend := sub.add_parser("suspend", help="suspend a number or prefix (ending in *)"),
         unsuspend := sub.add_parser("unsuspend", help="lift a suspension"),
-        sub.add_parser("suspensions", help="list suspended numbers"),
+        listing := sub.add_parser("suspensions", help="list suspended numbers (every page)"),
         calls := sub.add_parser("calls", help="live calls of a number"),
         bans := sub.add_parser("bans", help="list flood bans, or lift one"),
         cooldowns := sub.add_parser("cooldowns",
@@ -144,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     suspend.add_argument("--end-calls", action="store_true", help="end its calls now: BYE the answered ones, CANCEL the ringing ones")
     unsuspend.add_argument("number")
     unsuspend.add_argument("--by", default=os.environ.get("USER", "cli"), help="who (logged)")
+    listing.add_argument("--prefix", help="only the keys starting with PREFIX (e.g. +1212)")
     calls.add_argument("number")
     bans.add_argument("--lift", metavar="SOURCE", help="lift the ban on SOURCE (ip or ip:port)")
     cooldowns.add_argument("--lift", metavar="KEY",
@@ -220,6 +221,39 @@ def _number_path(number: str) -> str:
     return urllib.parse.quote(number, safe="")
 
 
+# GET /suspensions?limit=: a page of 1,000 holds sipguard's event loop ~2 ms, one of 10,000
+# (the most) ~20 ms; 100,000 suspensions in pages of 1,000 take ~0.35 s all told
+LIST_PAGE = 1000
+
+
+def _suspensions(args: argparse.Namespace) -> dict[str, Any]:
+    """Every suspension: GET /suspensions a page at a time, each after the ``next`` of the
+    one before, until a page has none (an admin API from before paging answers everything
+    in one page, without ``next``)."""
+    query = f"limit={LIST_PAGE}"
+    if args.prefix:
+        query += f"&prefix={_number_path(args.prefix)}"
+    listed: list[Any] = []
+    after: str | None = None
+    seen: set[str] = set()
+    while True:
+        page = _ok(*_call(args, "GET", "/suspensions?" + query + (
+            f"&after={_number_path(after)}" if after is not None else "")))
+        if not isinstance(page, dict) or not isinstance(page.get("suspensions"), list):
+            raise AdminError(f"admin API answered no list of suspensions: {page!r:.200}")
+        listed += page["suspensions"]
+        after = page.get("next")
+        if after is None:
+            break
+        if not isinstance(after, str) or after in seen:
+            raise AdminError(f"admin API answered a bad next cursor: {after!r:.200}")
+        seen.add(after)
+    result: dict[str, Any] = {"suspensions": listed}
+    if "total" in page:
+        result["total"] = page["total"]
+    return result
+
+
 def _verb(args: argparse.Namespace) -> int:
     cmd = args.command
     if cmd == "reload":
@@ -244,7 +278,7 @@ def _verb(args: argparse.Namespace) -> int:
         result = _ok(*_call(args, "DELETE",
                             f"/suspensions/{_number_path(args.number)}?by={by}"))
     elif cmd == "suspensions":
-        result = _ok(*_call(args, "GET", "/suspensions"))
+        result = _suspensions(args)
     elif cmd == "calls":
         result = _ok(*_call(args, "GET", f"/calls?number={_number_path(args.number)}"))
     elif cmd == "cooldowns":

@@ -953,6 +953,40 @@ class Server:
                         item[name] = p.text(item[name])
         return out
 
+    def suspensions_page(self, after: str | None, limit: int, prefix: str) -> dict[str, Any]:
+        """A page of :meth:`suspensions_view` in key order: up to ``limit`` entries (API and
+        config ones; a number in both lists: the API's entry first, and both on one page,
+        one over ``limit``) whose keys come after ``after`` and start with ``prefix``;
+        ``total``: how many start with ``prefix``; ``next``: the last key shown when more
+        follow, else None (the key itself, also with ``log.numbers``: the API seals it)."""
+        now = self.loop.time()
+        api, total, more = self.state.suspensions.page(after, limit, prefix, now)
+        config = sorted(pair for pair in ((_config_key(n), n) for n in self.cfg.suspended)
+                        if pair[0].startswith(prefix))
+        total += len(config)
+        rows: list[tuple[str, int, dict[str, Any]]] = [(e.key, 0, e.as_dict(now)) for e in api]
+        rows += [(key, 1, {"number": n, "source": "config"}) for key, n in config
+                 if after is None or key > after]
+        rows.sort(key=lambda row: (row[0], row[1]))
+        cut = min(limit, len(rows))
+        while 0 < cut < len(rows) and rows[cut][0] == rows[cut - 1][0]:
+            cut += 1  # a number in both lists: both on this page (the cursor is the key)
+        more = more or cut < len(rows)
+        out = [row[2] for row in rows[:cut]]
+        p = self.privacy
+        if p is not None:
+            for item in out:
+                for name in ("number", "prefix"):
+                    if name in item:
+                        item[name] = p.text(item[name])
+        return {"suspensions": out, "total": total,
+                "next": rows[cut - 1][0] if more and cut else None}
+
+    @property
+    def numbers_hidden(self) -> bool:
+        """``log.numbers`` is not ``full``: API answers show no number as it is."""
+        return self.privacy is not None
+
     def cooldowns_view(self, scope: str | None, key: str | None) -> dict[str, Any]:
         return self.cooldowns.view(scope, key)
 
@@ -1516,6 +1550,15 @@ def let_loop_run() -> None:
 
 
 _SECRET_WORDS = ("token", "password", "secret", "key_file")
+
+
+def _config_key(number: str) -> str:
+    """A number of the config's ``suspended:`` list as a suspension key (for the order of
+    ``GET /suspensions``): separators dropped."""
+    try:
+        return suspension_key(number)
+    except ValueError:
+        return number.strip()
 
 
 def _redact(value: Any, name: str = "") -> Any:

@@ -69,14 +69,22 @@ def suspension_key(text: str) -> str:
 
 
 class SuspensionStore:
-    """Suspended numbers and prefixes, matched in O(len(number))."""
+    """Suspended numbers and prefixes, matched in O(len(number)); listed in key order, a page
+    at a time (:meth:`page`)."""
 
-    __slots__ = ("exact", "prefixes", "_lengths")
+    __slots__ = ("exact", "prefixes", "_lengths", "_order", "_added", "_gone")
 
     def __init__(self) -> None:
         self.exact: dict[str, Suspension] = {}
         self.prefixes: dict[str, Suspension] = {}  # keyed without the trailing "*"
         self._lengths: list[int] = []  # distinct prefix lengths, ascending
+        # every key in order, made by the first page asked for (None until then); kept up to
+        # date lazily: keys added since go to _added, keys lifted since (still in _order) to
+        # _gone, and the next page folds both in — no O(n) list insert or delete per change,
+        # so 100,000 suspensions loaded or lifted one by one stay O(1) each
+        self._order: list[str] | None = None
+        self._added: set[str] = set()
+        self._gone: set[str] = set()
 
     def __bool__(self) -> bool:
         return bool(self.exact) or bool(self.prefixes)
@@ -135,21 +143,78 @@ class SuspensionStore:
     def _put(self, entry: Suspension) -> None:
         if entry.prefix:
             text = entry.key[:-1]
+            if self._order is not None and text not in self.prefixes:
+                self._note_added(entry.key)
             self.prefixes[text] = entry
             if len(text) not in self._lengths:
                 bisect.insort(self._lengths, len(text))
         else:
+            if self._order is not None and entry.key not in self.exact:
+                self._note_added(entry.key)
             self.exact[entry.key] = entry
 
     def lift(self, key: str) -> Suspension | None:
         """Remove ``key``; the entry removed, or None when it was not suspended."""
         if not key.endswith("*"):
-            return self.exact.pop(key, None)
-        text = key[:-1]
-        entry = self.prefixes.pop(text, None)
-        if entry is not None and all(len(p) != len(text) for p in self.prefixes):
-            self._lengths.remove(len(text))
-        return entry
+            found = self.exact.pop(key, None)
+        else:
+            text = key[:-1]
+            found = self.prefixes.pop(text, None)
+            if found is not None and all(len(p) != len(text) for p in self.prefixes):
+                self._lengths.remove(len(text))
+        if found is not None and self._order is not None:
+            if key in self._added:
+                self._added.discard(key)
+            else:
+                self._gone.add(key)
+        return found
+
+    def _note_added(self, key: str) -> None:
+        if key in self._gone:
+            self._gone.discard(key)  # lifted and added again: still in _order
+        else:
+            self._added.add(key)
+
+    def _sorted(self) -> list[str]:
+        """Every key, in order (see ``_order``)."""
+        order = self._order
+        if order is None:
+            order = [*self.exact, *(p + "*" for p in self.prefixes)]
+            order.sort()
+        else:
+            if self._gone:
+                gone = self._gone
+                order = [k for k in order if k not in gone]
+            if len(self._added) <= 64:
+                for key in self._added:
+                    bisect.insort(order, key)
+            else:
+                order.extend(self._added)
+                order.sort()
+        self._order = order
+        self._added = set()
+        self._gone = set()
+        return order
+
+    def page(self, after: str | None, limit: int, prefix: str, now: float
+             ) -> tuple[list[Suspension], int, bool]:
+        """Up to ``limit`` live entries in key order, their keys after ``after`` (None: from
+        the first) and starting with ``prefix`` (``""``: every one); how many keys start
+        with ``prefix`` (expired ones not yet swept included); whether more follow."""
+        order = self._sorted()
+        start = bisect.bisect_left(order, prefix)
+        end = bisect.bisect_left(order, prefix + "\U0010ffff", start) if prefix else len(order)
+        total = end - start
+        if after is not None:
+            start = max(start, bisect.bisect_right(order, after, 0, end))
+        out: list[Suspension] = []
+        i = start
+        while i < end and len(out) < limit:
+            entry = self.get(order[i])
+            if entry is not None and entry.live(now):
+                out.append(entry)
+            i += 1
+        return out, total, i < end
 
     def sweep(self, now: float) -> list[Suspension]:
         """Remove the suspensions that have run out; the ones removed."""

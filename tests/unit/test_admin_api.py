@@ -4,16 +4,19 @@ aiohttp client requests and plain UDP sockets for the SIP side."""
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import socket
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 import pytest
 import structlog
 
+from sipguard import cli
 from sipguard import server as server_module
 from sipguard.ops.admin import MAX_CALLS_SHOWN, SCRAPE_REUSE_S
 from sipguard.ops.config_load import ConfigError, load_config, parse_config
@@ -135,7 +138,7 @@ async def test_token_is_required_when_configured(
         status, _ = await request("GET", url + "/suspensions", token="wrong")
         assert status == 401
         status, body = await request("GET", url + "/suspensions", token="s3cret")
-        assert status == 200 and body == {"suspensions": []}
+        assert status == 200 and body == {"suspensions": [], "total": 0, "next": None}
         assert (await request("GET", url + "/healthz"))[0] == 200
         assert (await request("GET", url + "/metrics"))[0] == 200
         status, body = await request("GET", url + "/readyz")
@@ -557,6 +560,179 @@ async def test_suspension_survives_a_restart(tmp_path: Path, peers: tuple[Peer, 
         caller.sock.sendto(invite(caller, guard.port, "r-1", caller="+31201234567"),
                            ("127.0.0.1", guard.port))
         assert (await caller.recv_until(b"SIP/2.0 4")).startswith(b"SIP/2.0 403 ")
+    finally:
+        await guard.server.stop()
+
+
+def _bulk(guard: Guard, keys: list[str]) -> None:
+    """Suspensions straight into the running server's store (thousands through POST would
+    take seconds); the API then lists what the store holds."""
+    now = guard.server.loop.time()
+    for key in keys:
+        guard.server.state.suspensions.add(key, "bulk", "test", now)
+
+
+def _listed_key(item: dict[str, Any]) -> str:
+    return suspension_key(item.get("number") or item["prefix"])
+
+
+async def _every_page(url: str, query: str, start: str | None = None
+                      ) -> tuple[list[dict[str, Any]], list[Any]]:
+    """Every page of GET /suspensions?query (after ``start``), following ``next``: the
+    entries, the answers."""
+    items: list[dict[str, Any]] = []
+    pages: list[Any] = []
+    after = "" if start is None else "&after=" + quote(start, safe="")
+    while len(pages) < 100:
+        status, body = await request("GET", f"{url}/suspensions?{query}{after}")
+        assert status == 200, body
+        pages.append(body)
+        items += body["suspensions"]
+        if body["next"] is None:
+            return items, pages
+        after = "&after=" + quote(body["next"], safe="")
+    raise AssertionError(f"no last page: {pages[-1]['next']!r} again and again")
+
+
+async def test_suspensions_are_listed_a_page_at_a_time_each_once_in_key_order(
+    tmp_path: Path, peers: tuple[Peer, Peer]
+) -> None:
+    """2,500 API suspensions (numbers and prefixes, added out of order) and two config ones
+    (one also an API one): pages of 1,000 list every entry once, in key order, with
+    `total`, and `next` on all but the last; no ?limit gives 1,000. A suspension lifted
+    before its page comes is not listed, one added after the cursor is."""
+    _, core = peers
+    guard = await start_guard(tmp_path, core, "suspended: ['+1 212 555 0000', '+4420000']\n")
+    numbers = [f"+1212555{n:04d}" for n in range(2490)]
+    prefixes = [f"+3120{n}*" for n in range(10)]
+    keys = numbers[1::2] + prefixes + numbers[::2]
+    _bulk(guard, keys)
+    try:
+        status, first = await request("GET", guard.url + "/suspensions")
+        assert status == 200 and len(first["suspensions"]) == 1000
+        assert first["total"] == 2502 and first["next"] == _listed_key(first["suspensions"][-1])
+        items, pages = await _every_page(guard.url, "limit=1000")
+        assert [len(p["suspensions"]) for p in pages] == [1000, 1000, 502]
+        assert all(p["total"] == 2502 for p in pages)
+        listed = [(_listed_key(i), i["source"]) for i in items]
+        expected = sorted([(k, "api") for k in keys]
+                          + [("+12125550000", "config"), ("+4420000", "config")])
+        assert listed == expected
+        assert items[0]["number"] == "+12125550000" and items[1]["number"] == "+1 212 555 0000"
+        # the index follows changes between pages
+        status, page = await request("GET", guard.url + "/suspensions?limit=1000")
+        await request("DELETE", guard.url + "/suspensions/%2B12125552000")
+        await request("POST", guard.url + "/suspensions", {"number": "+12125551500"})
+        await request("DELETE", guard.url + "/suspensions/%2B12125552100")  # and back
+        await request("POST", guard.url + "/suspensions", {"number": "+12125552100"})
+        _bulk(guard, ["+12125559999"])
+        rest, _ = await _every_page(guard.url, "limit=700", page["next"])
+        rest_keys = [_listed_key(i) for i in rest]
+        assert "+12125552000" not in rest_keys
+        assert rest_keys.count("+12125551500") == rest_keys.count("+12125552100") == 1
+        assert "+12125559999" in rest_keys
+        assert rest_keys == sorted(rest_keys) and rest_keys[0] > page["next"]
+    finally:
+        await guard.server.stop()
+
+
+async def test_suspensions_page_bounds_and_bad_cursors(
+    tmp_path: Path, peers: tuple[Peer, Peer]
+) -> None:
+    """?limit from 1 to 10,000 (else 400 naming the range); ?after and ?prefix must be a
+    number or a prefix (else 400)."""
+    _, core = peers
+    guard = await start_guard(tmp_path, core)
+    _bulk(guard, [f"+3161{n:07d}" for n in range(12)])
+    try:
+        for bad in ("0", "10001", "-1", "abc", "", "1.5"):
+            status, body = await request("GET", guard.url + f"/suspensions?limit={bad}")
+            assert status == 400 and "limit must be a whole number from 1 to 10000" \
+                in body["error"], (bad, body)
+        status, body = await request("GET", guard.url + "/suspensions?limit=10000")
+        assert status == 200 and len(body["suspensions"]) == 12 and body["next"] is None
+        status, body = await request("GET", guard.url + "/suspensions?limit=1")
+        assert [i["number"] for i in body["suspensions"]] == ["+31610000000"]
+        assert body["next"] == "+31610000000" and body["total"] == 12
+        for bad in ("bob", "*", "%2B31x"):
+            status, body = await request("GET", guard.url + f"/suspensions?after={bad}")
+            assert status == 400 and "after must be" in body["error"], (bad, body)
+        status, body = await request("GET", guard.url + "/suspensions?prefix=bob")
+        assert status == 400 and "not a number" in body["error"]
+        # a cursor past the end: an empty last page
+        status, body = await request("GET", guard.url + "/suspensions?after=%2B9")
+        assert status == 200 and body["suspensions"] == [] and body["next"] is None
+    finally:
+        await guard.server.stop()
+
+
+async def test_suspensions_filtered_by_key_prefix(
+    tmp_path: Path, peers: tuple[Peer, Peer]
+) -> None:
+    """?prefix=+1212 lists the keys starting with it — numbers and narrower prefixes, not
+    +12* nor +1213…; `total` counts them; it pages like the whole list; `+1212*` and
+    separators mean the same."""
+    _, core = peers
+    guard = await start_guard(tmp_path, core, "suspended: ['+1 212 000 0001']\n")
+    _bulk(guard, [f"+1212555{n:04d}" for n in range(30)] + [f"+1213555{n:04d}" for n in range(5)]
+          + ["+12*", "+1212*", "+12125*"])
+    try:
+        items, pages = await _every_page(guard.url, "prefix=%2B1212&limit=7")
+        keys = [_listed_key(i) for i in items]
+        assert keys == sorted(["+1212*", "+12125*", "+12120000001",
+                               *(f"+1212555{n:04d}" for n in range(30))])
+        assert len(pages) == 5 and pages[0]["total"] == 33
+        for spelled in ("%2B1212*", "%2B1%20212", "+1212"):  # a raw + stays a plus
+            status, body = await request("GET", guard.url + f"/suspensions?prefix={spelled}")
+            assert status == 200 and body["total"] == 33, spelled
+    finally:
+        await guard.server.stop()
+
+
+async def test_suspension_cursors_are_sealed_when_numbers_are_hidden(
+    tmp_path: Path, peers: tuple[Peer, Peer]
+) -> None:
+    """log.numbers: masked — the entries show masked numbers and `next` is sealed (no digits
+    of the key it stands for); it pages through all; a plain key or an altered cursor is
+    refused (400)."""
+    _, core = peers
+    guard = await start_guard(tmp_path, core, "log: {numbers: masked}\n")
+    _bulk(guard, [f"+3161{n:07d}" for n in range(25)])
+    try:
+        items, pages = await _every_page(guard.url, "limit=10")
+        assert len(items) == 25 and len(pages) == 3
+        cursor = pages[0]["next"]
+        assert cursor.startswith("c.") and "3161" not in cursor
+        assert all("*" in i["number"] for i in items)
+        for bad in ("%2B31610000009", cursor[:-2] + ("AA" if cursor[-2:] != "AA" else "BB"),
+                    "c.", "c.%25%25"):
+            status, body = await request("GET", guard.url + f"/suspensions?after={bad}")
+            assert status == 400 and "after must be" in body["error"], (bad, body)
+    finally:
+        await guard.server.stop()
+
+
+async def test_cli_suspensions_lists_every_page(
+    tmp_path: Path, peers: tuple[Peer, Peer], capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`sipguard suspensions` follows `next` to the last page (pages of 1,000): every one
+    of 2,500 once, in order; `--prefix` filters."""
+    assert cli.LIST_PAGE == 1000
+    structlog.configure(logger_factory=structlog.ReturnLoggerFactory())  # stdout: the CLI's
+    _, core = peers
+    guard = await start_guard(tmp_path, core)
+    keys = [f"+4930{n:06d}" for n in range(2500)]
+    _bulk(guard, keys[::-1])
+    try:
+        capsys.readouterr()
+        assert await asyncio.to_thread(cli.main, ["suspensions", "--admin", guard.url]) == 0
+        listed = json.loads(capsys.readouterr().out)
+        assert [i["number"] for i in listed["suspensions"]] == keys
+        assert listed["total"] == 2500
+        assert await asyncio.to_thread(
+            cli.main, ["suspensions", "--prefix", "+4930001", "--admin", guard.url]) == 0
+        listed = json.loads(capsys.readouterr().out)
+        assert [i["number"] for i in listed["suspensions"]] == keys[1000:2000]
     finally:
         await guard.server.stop()
 
