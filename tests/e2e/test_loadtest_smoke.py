@@ -29,7 +29,7 @@ def test_runner_measures_direct_floor_and_sipguard(tmp_path: Path) -> None:
     """direct, the Python floor (loadtest/relay.py: forwards by Call-ID, no SIP work) and
     sipguard: every call completes on each, and the two proxies' CPU is read."""
     done = subprocess.run(
-        [sys.executable, str(RUNNER), "--rates", "20", "--duration", "2", "--hold-ms", "200",
+        [sys.executable, str(RUNNER), "--rates", "40", "--duration", "1", "--hold-ms", "200",
          "--probe-rate", "5", "--paths", "direct,relay,sipguard",
          "--results-dir", str(tmp_path)],
         capture_output=True, text=True, timeout=180,
@@ -61,7 +61,7 @@ def test_compare_mode_runs_kamailio_and_sipguard_with_every_rule(tmp_path: Path)
     calls; every call completes and passes, the summary (against both Kamailios) and the
     markdown table are there."""
     done = subprocess.run(
-        [sys.executable, str(RUNNER), "--compare", "--rates", "20", "--duration", "2",
+        [sys.executable, str(RUNNER), "--compare", "--rates", "40", "--duration", "1",
          "--paths", "direct,kamailio,kamailio-identity,sipguard",
          "--hold-ms", "200", "--probe-rate", "5", "--warmup-calls", "4", "--no-install",
          "--results-dir", str(tmp_path)],
@@ -86,10 +86,10 @@ def test_compare_mode_runs_kamailio_and_sipguard_with_every_rule(tmp_path: Path)
     assert '"verdict": "reject"' not in log
     summary = result["summary"]
     assert summary["highest_passing_rate"] == {
-        "direct": 20, "kamailio": 20, "kamailio-identity": 20, "sipguard": 20}
+        "direct": 40, "kamailio": 40, "kamailio-identity": 40, "sipguard": 40}
     assert summary["vs_kamailio"]["sipguard"]["cpu_per_call_ratio"] > 0
     assert summary["vs_kamailio_identity"]["sipguard"]["cpu_per_call_ratio"] > 0
-    assert "| 20 | kamailio | 100.00 % |" in result["markdown"], result["markdown"]
+    assert "| 40 | kamailio | 100.00 % |" in result["markdown"], result["markdown"]
     assert "sipguard / Kamailio checking Identity" in result["markdown"], result["markdown"]
     assert "sipguard / Kamailio" in done.stdout
 

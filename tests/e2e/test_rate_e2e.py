@@ -157,7 +157,7 @@ def test_short_calls_blocked_while_agents_beside_them_are_untouched(stack: E2ESt
     robo = [("+12125550100", n) for n in numbers("+1646555", 24, 4)]
     agents = [(f"+130355510{i % 10}", n) for i, n in enumerate(numbers("+1720555", 20, 5))]
     a = start_uac(stack, "robocaller", robo, port=port, calls=24, rate=4, hold_ms=1000)
-    b = start_uac(stack, "agents", agents, port=port, calls=20, rate=4, hold_ms=4000,
+    b = start_uac(stack, "agents", agents, port=port, calls=20, rate=8, hold_ms=4000,
                   scenario="uac_basic.xml")
     res_a, res_b = a.wait(), b.wait()
     uas_res = stack.finish_uas(uas, grace=1.0)
