@@ -945,13 +945,17 @@ class Server:
         now = self.loop.time()
         out = [e.as_dict(now) for e in self.state.suspensions.entries() if e.live(now)]
         out += [{"number": n, "source": "config"} for n in self.cfg.suspended]
+        self._hide_numbers(out)
+        return out
+
+    def _hide_numbers(self, items: list[dict[str, Any]]) -> None:
+        """Suspension entries' ``number`` / ``prefix`` as log lines show them (``log.numbers``)."""
         p = self.privacy
         if p is not None:
-            for item in out:
+            for item in items:
                 for name in ("number", "prefix"):
                     if name in item:
                         item[name] = p.text(item[name])
-        return out
 
     def suspensions_page(self, after: str | None, limit: int, prefix: str) -> dict[str, Any]:
         """A page of :meth:`suspensions_view` in key order: up to ``limit`` entries (API and
@@ -973,12 +977,7 @@ class Server:
             cut += 1  # a number in both lists: both on this page (the cursor is the key)
         more = more or cut < len(rows)
         out = [row[2] for row in rows[:cut]]
-        p = self.privacy
-        if p is not None:
-            for item in out:
-                for name in ("number", "prefix"):
-                    if name in item:
-                        item[name] = p.text(item[name])
+        self._hide_numbers(out)
         return {"suspensions": out, "total": total,
                 "next": rows[cut - 1][0] if more and cut else None}
 

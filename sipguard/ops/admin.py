@@ -570,19 +570,7 @@ class AdminEndpoint:
         ``view["workers_unanswered"]``."""
         answers = await self._ask_peers(
             f"/calls?number={quote(key, safe='')}&scope=worker", auth)
-        calls: list[dict[str, Any]] = []
-        missing = []
-        for i, got in answers.items():
-            found = got.get("calls") if isinstance(got, dict) else None
-            if isinstance(found, list):
-                calls += found
-                if got.get("truncated"):
-                    view["truncated"] = True
-            else:
-                missing.append(i)
-        if missing:
-            view["workers_unanswered"] = missing
-        return calls
+        return _gathered(answers, "calls", view)
 
     async def _ask_peers(self, path: str, auth: str | None,
                          method: str = "GET") -> dict[int, Any]:
@@ -703,17 +691,7 @@ class AdminEndpoint:
                             (("scope", scope), ("key", key)) if value is not None)
             answers = await self._ask_peers(f"/dialer/cooldowns?local=1{query}",
                                             request.headers.get("Authorization"))
-            missing = []
-            for i, got in answers.items():
-                found = got.get("cooldowns") if isinstance(got, dict) else None
-                if isinstance(found, list):
-                    view["cooldowns"] += found
-                    if got.get("truncated"):
-                        view["truncated"] = True
-                else:
-                    missing.append(i)
-            if missing:
-                view["workers_unanswered"] = missing
+            view["cooldowns"] += _gathered(answers, "cooldowns", view)
             if len(view["cooldowns"]) > MAX_COOLDOWNS_SHOWN:
                 del view["cooldowns"][MAX_COOLDOWNS_SHOWN:]
                 view["truncated"] = True
@@ -804,6 +782,25 @@ class _Cursors:
             return self._aead.decrypt(raw[:12], raw[12:], b"suspensions-cursor").decode()
         except (ValueError, InvalidTag):  # not base64, too short, forged, not UTF-8
             raise refused from None
+
+
+def _gathered(answers: dict[int, Any], field: str, view: dict[str, Any]) -> list[Any]:
+    """The ``field`` lists of the other workers' answers (:meth:`AdminEndpoint._ask_peers`),
+    joined; ``view`` gets ``truncated`` when one was, and ``workers_unanswered`` naming those
+    that gave no such list."""
+    out: list[Any] = []
+    missing = []
+    for i, got in answers.items():
+        found = got.get(field) if isinstance(got, dict) else None
+        if isinstance(found, list):
+            out += found
+            if got.get("truncated"):
+                view["truncated"] = True
+        else:
+            missing.append(i)
+    if missing:
+        view["workers_unanswered"] = missing
+    return out
 
 
 def _scope(text: str | None) -> str | None:

@@ -131,6 +131,32 @@ send_run(int fd, struct mmsghdr *msgs, unsigned int n, Waits *waits)
 }
 
 /* Send a list of datagrams in order, consecutive ones on the same socket in one syscall. */
+/* The next run of datagrams for one socket, from *out: at most BATCH, in msgs / iov (nodes,
+ * when given: the Out of each); *out moves past them. Returns how many. */
+static unsigned int
+fill_run(Out **out, struct mmsghdr *msgs, struct iovec *iov, Out **nodes)
+{
+    Out *o = *out;
+    int fd = o->fd;
+    unsigned int n = 0;
+    while (o != NULL && o->fd == fd && n < BATCH) {
+        iov[n].iov_base = o->data;
+        iov[n].iov_len = o->len;
+        memset(&msgs[n].msg_hdr, 0, sizeof msgs[n].msg_hdr);
+        msgs[n].msg_hdr.msg_name = &o->addr;
+        msgs[n].msg_hdr.msg_namelen = o->alen;
+        msgs[n].msg_hdr.msg_iov = &iov[n];
+        msgs[n].msg_hdr.msg_iovlen = 1;
+        msgs[n].msg_len = 0;
+        if (nodes != NULL)
+            nodes[n] = o;
+        n++;
+        o = o->next;
+    }
+    *out = o;
+    return n;
+}
+
 static unsigned long long
 send_all(Out *out, unsigned long long *errors, Waits *waits)
 {
@@ -139,19 +165,7 @@ send_all(Out *out, unsigned long long *errors, Waits *waits)
     unsigned long long sent = 0;
     while (out != NULL) {
         int fd = out->fd;
-        unsigned int n = 0;
-        while (out != NULL && out->fd == fd && n < BATCH) {
-            iov[n].iov_base = out->data;
-            iov[n].iov_len = out->len;
-            memset(&msgs[n].msg_hdr, 0, sizeof msgs[n].msg_hdr);
-            msgs[n].msg_hdr.msg_name = &out->addr;
-            msgs[n].msg_hdr.msg_namelen = out->alen;
-            msgs[n].msg_hdr.msg_iov = &iov[n];
-            msgs[n].msg_hdr.msg_iovlen = 1;
-            msgs[n].msg_len = 0;
-            n++;
-            out = out->next;
-        }
+        unsigned int n = fill_run(&out, msgs, iov, NULL);
         unsigned long long lost = send_run(fd, msgs, n, waits);
         *errors += lost;
         sent += n - lost;
@@ -171,19 +185,7 @@ send_now(Out *out, unsigned long long *sent, unsigned long long *errors)
     Out *nodes[BATCH];
     while (out != NULL) {
         int fd = out->fd;
-        unsigned int n = 0;
-        while (out != NULL && out->fd == fd && n < BATCH) {
-            iov[n].iov_base = out->data;
-            iov[n].iov_len = out->len;
-            memset(&msgs[n].msg_hdr, 0, sizeof msgs[n].msg_hdr);
-            msgs[n].msg_hdr.msg_name = &out->addr;
-            msgs[n].msg_hdr.msg_namelen = out->alen;
-            msgs[n].msg_hdr.msg_iov = &iov[n];
-            msgs[n].msg_hdr.msg_iovlen = 1;
-            msgs[n].msg_len = 0;
-            nodes[n++] = out;
-            out = out->next;
-        }
+        unsigned int n = fill_run(&out, msgs, iov, nodes);
         unsigned int off = 0;
         while (off < n) {
             int rc = sendmmsg(fd, msgs + off, n - off, MSG_DONTWAIT);
