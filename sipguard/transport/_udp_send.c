@@ -104,14 +104,16 @@ wait_ms(Waits *w)
     return ms;
 }
 
-/* Send msgs[0..n) on fd; returns the number of errors. */
-static unsigned long long
-send_run(int fd, struct mmsghdr *msgs, unsigned int n, Waits *waits)
+/* Send msgs[0..n) on fd; returns how many were dealt with (sent, or lost to an error counted
+ * in *errors). With ``waits`` a full socket buffer (EAGAIN) is waited for (poll) and that is
+ * all of them; without (NULL: the event loop's thread, MSG_DONTWAIT) it stops at the first
+ * datagram the buffer refuses, which is not counted. */
+static unsigned int
+send_run(int fd, struct mmsghdr *msgs, unsigned int n, Waits *waits, unsigned long long *errors)
 {
-    unsigned long long errors = 0;
     unsigned int off = 0;
     while (off < n) {
-        int rc = sendmmsg(fd, msgs + off, n - off, 0);
+        int rc = sendmmsg(fd, msgs + off, n - off, waits == NULL ? MSG_DONTWAIT : 0);
         if (rc > 0) {
             off += (unsigned int)rc;
             continue;
@@ -119,18 +121,19 @@ send_run(int fd, struct mmsghdr *msgs, unsigned int n, Waits *waits)
         if (rc < 0 && errno == EINTR)
             continue;
         if (rc < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+            if (waits == NULL)
+                return off; /* no room: the rest is left to the thread */
             struct pollfd p = {.fd = fd, .events = POLLOUT};
             int ready = poll(&p, 1, wait_ms(waits));
             if (ready > 0 && !(p.revents & (POLLERR | POLLNVAL)))
                 continue; /* room now: try the same datagram again */
         }
-        errors++; /* this datagram is lost; go on with the next */
+        (*errors)++; /* this datagram is lost; go on with the next */
         off++;
     }
-    return errors;
+    return off;
 }
 
-/* Send a list of datagrams in order, consecutive ones on the same socket in one syscall. */
 /* The next run of datagrams for one socket, from *out: at most BATCH, in msgs / iov (nodes,
  * when given: the Out of each); *out moves past them. Returns how many. */
 static unsigned int
@@ -157,6 +160,7 @@ fill_run(Out **out, struct mmsghdr *msgs, struct iovec *iov, Out **nodes)
     return n;
 }
 
+/* Send a list of datagrams in order, consecutive ones on the same socket in one syscall. */
 static unsigned long long
 send_all(Out *out, unsigned long long *errors, Waits *waits)
 {
@@ -166,9 +170,9 @@ send_all(Out *out, unsigned long long *errors, Waits *waits)
     while (out != NULL) {
         int fd = out->fd;
         unsigned int n = fill_run(&out, msgs, iov, NULL);
-        unsigned long long lost = send_run(fd, msgs, n, waits);
-        *errors += lost;
-        sent += n - lost;
+        unsigned long long before = *errors;
+        send_run(fd, msgs, n, waits, errors); /* waits: every one dealt with */
+        sent += n - (*errors - before);
     }
     return sent;
 }
@@ -186,26 +190,13 @@ send_now(Out *out, unsigned long long *sent, unsigned long long *errors)
     while (out != NULL) {
         int fd = out->fd;
         unsigned int n = fill_run(&out, msgs, iov, nodes);
-        unsigned int off = 0;
-        while (off < n) {
-            int rc = sendmmsg(fd, msgs + off, n - off, MSG_DONTWAIT);
-            if (rc > 0) {
-                *sent += (unsigned int)rc;
-                off += (unsigned int)rc;
-                continue;
-            }
-            if (rc < 0 && errno == EINTR)
-                continue;
-            if (rc < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
-                for (unsigned int i = 0; i < off; i++)
-                    PyMem_RawFree(nodes[i]);
-                return nodes[off]; /* its ->next chain is the rest, untouched */
-            }
-            (*errors)++; /* this datagram is lost; go on with the next */
-            off++;
-        }
-        for (unsigned int i = 0; i < n; i++)
+        unsigned long long before = *errors;
+        unsigned int off = send_run(fd, msgs, n, NULL, errors);
+        *sent += off - (*errors - before);
+        for (unsigned int i = 0; i < off; i++)
             PyMem_RawFree(nodes[i]);
+        if (off < n)
+            return nodes[off]; /* refused for room: it and its ->next chain, untouched */
     }
     return NULL;
 }
@@ -272,7 +263,7 @@ sender_stop_thread(SenderObject *s)
     Py_BEGIN_ALLOW_THREADS
     pthread_mutex_lock(&s->mu);
     if (s->running) {
-        __atomic_store_n(&s->stopping, 1, __ATOMIC_RELAXED); /* read by send_run unlocked */
+        __atomic_store_n(&s->stopping, 1, __ATOMIC_RELAXED); /* read by send_run (wait_ms) unlocked */
         pthread_cond_broadcast(&s->cv);
         while (s->running)
             pthread_cond_wait(&s->cv, &s->mu);
