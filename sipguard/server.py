@@ -930,14 +930,17 @@ class Server:
             return []
         return self.state.flood.list_bans(self.loop.time())
 
-    def lift_ban(self, source: str) -> bool:
+    def lift_ban(self, source: str, tell_others: bool = True) -> bool:
+        """Lift the flood ban of ``source`` here (and in the shared store); with
+        ``tell_others``, over the worker link too (the ban may be on the worker that read the
+        flood)."""
         key = self.state.flood.key_of(source)
         lifted = self.state.flood.lift(source)
         if lifted:
             self.log.info("ban_lifted", source=source)
             if self.shared_lists is not None and key is not None:
                 self.shared_lists.ban_changed(key)
-        if self.link is not None:  # the ban may be on another worker (the one that read it)
+        if tell_others and self.link is not None:
             self.link.broadcast({"op": "lift_ban", "source": source})
         return lifted
 

@@ -21,7 +21,8 @@ with ``{"error": "..."}``, never a traceback.
                          instance; with Redis also ``counts_all_instances``); with several
                          workers the calls of every worker (each asked with ``scope=worker``);
                          at most MAX_CALLS_SHOWN calls, then ``"truncated": true``
-``GET /bans``            flood bans in force; ``DELETE /bans/{source}`` lifts one
+``GET /bans``            flood bans in force (every worker's); ``DELETE /bans/{source}``
+                         lifts one, wherever it is held
 ``GET /suspensions``     suspended numbers (API and config) in key order, a page at a time:
                          ``?limit=`` (SUSPENSIONS_PAGE, at most SUSPENSIONS_PAGE_MAX),
                          ``?after=`` (the ``next`` of the page before), ``?prefix=``; with
@@ -103,7 +104,7 @@ class Control(Protocol):
 
     def bans_view(self) -> list[dict[str, Any]]: ...
 
-    def lift_ban(self, source: str) -> bool: ...
+    def lift_ban(self, source: str, tell_others: bool = True) -> bool: ...
 
     def suspensions_view(self) -> list[dict[str, Any]]: ...
 
@@ -599,13 +600,50 @@ class AdminEndpoint:
         return dict(zip(order, answers, strict=True))
 
     async def _bans(self, request: web.Request) -> web.Response:
-        return _json({"bans": self.control.bans_view()})
+        """The flood bans in force: with workers, every worker's (each bans what it reads),
+        each entry naming its ``worker``; ``?local=1`` (how the workers ask each other): this
+        worker's only."""
+        view: dict[str, Any] = {"bans": self.control.bans_view()}
+        if self.worker is not None:
+            for entry in view["bans"]:
+                entry["worker"] = self.worker
+        if self.peers and request.query.get("local") != "1":
+            answers = await self._ask_peers("/bans?local=1", request.headers.get("Authorization"))
+            view["bans"] += _gathered(answers, "bans", view)
+        return _json(view)
 
     async def _lift_ban(self, request: web.Request) -> web.Response:
+        """Lift a flood ban wherever it is held. With workers, the others are asked first
+        (``?local=1``: lift yours, say whether you held it); this worker's own lift then also
+        goes over the worker link, which reaches a worker that did not answer. 404 when no
+        worker held it."""
         source = request.match_info["source"]
-        if not self.control.lift_ban(source):
-            raise HttpError(404, f"{source} is not banned")
-        return _json({"lifted": source})
+        if request.query.get("local") == "1":
+            return _json({"held": self.control.lift_ban(source, tell_others=False)})
+        view: dict[str, Any] = {"lifted": source}
+        held: list[int] = []
+        if self.peers:
+            answers = await self._ask_peers(f"/bans/{quote(source, safe='/:[]')}?local=1",
+                                            request.headers.get("Authorization"), "DELETE")
+            missing = []
+            for i, got in answers.items():
+                there = got.get("held") if isinstance(got, dict) else None
+                if there is True:
+                    held.append(i)
+                elif there is not False:
+                    missing.append(i)
+            if missing:
+                view["workers_unanswered"] = missing
+        if self.control.lift_ban(source):
+            held.append(self.worker or 0)
+        if not held:
+            unanswered = view.get("workers_unanswered")
+            raise HttpError(404, f"{source} is not banned" + (
+                f" (workers {unanswered} did not answer; the lift was sent to them)"
+                if unanswered else ""))
+        if self.worker is not None:
+            view["workers"] = sorted(held)
+        return _json(view)
 
     async def _suspensions(self, request: web.Request) -> web.Response:
         """One page of the suspensions in key order (this process's: every worker holds

@@ -137,8 +137,9 @@ async def test_a_suspension_and_a_ban_lift_through_one_worker_reach_the_other(
         peers: tuple[Peer, Peer], make_group: object, spread: str) -> None:
     """Suspended through worker 0: worker 1 answers its caller's INVITE 403 and the core sees
     nothing; lifted through worker 0: the next one reaches the core. Worker 1 bans the
-    caller's address for a flood of OPTIONS; lifted through worker 0 (which held no ban:
-    404), the caller's next INVITE to worker 1 reaches the core."""
+    caller's address for a flood of OPTIONS: worker 0 lists it (as worker 1's) and lifts it
+    (200, naming worker 1; again: 404), and the caller's next INVITE to worker 1 reaches the
+    core."""
     caller, core = peers
     g = make_group(core, spread)  # type: ignore[operator]
     for i in range(WORKERS):
@@ -165,9 +166,14 @@ async def test_a_suspension_and_a_ban_lift_through_one_worker_reach_the_other(
     source = f"127.0.0.1:{caller.port}"
     assert [b["source"] for b in w1.bans_view()] == [source]
     await silent(caller, core, one, "b-1")
+    status, body = await request("GET", g.url(0) + "/bans")  # worker 0 lists worker 1's too
+    assert status == 200 and [(b["source"], b["worker"]) for b in body["bans"]] == [
+        (source, 1)], body
     status, body = await request("DELETE", g.url(0) + f"/bans/{source}")
-    assert status == 404, body  # not banned on worker 0; lifted on worker 1
-    await _until(lambda: w1.bans_view() == [])
+    assert status == 200 and body == {"lifted": source, "workers": [1]}, body
+    assert w1.bans_view() == []  # lifted before the answer
+    status, body = await request("DELETE", g.url(0) + f"/bans/{source}")
+    assert status == 404, body  # held nowhere now
     await reaches_core(caller, core, one, "b-2", "+18005550199")
     for i in range(WORKERS):
         assert g.workers[i].counters["worker_handover_bad"] == 0
