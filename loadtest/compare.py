@@ -380,8 +380,9 @@ def markdown(steps: list[dict[str, Any]], paths: list[str], summ: dict[str, Any]
              note: str = "") -> str:
     """A table for the README: one row per rate and system, then the summary lines."""
     lines = [
-        "| calls/s | system | completed | retrans. | INVITE→200 p50 / p99 | CPU per call | pass |",
-        "|---|---|---|---|---|---|---|",
+        "| calls/s | system | completed | retrans. | INVITE→200 p50 / p99 | CPU per call | pass "
+        "| host steal |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for s in steps:
         if s["path"] not in paths:
@@ -392,7 +393,7 @@ def markdown(steps: list[dict[str, Any]], paths: list[str], summ: dict[str, Any]
         lines.append(
             f"| {s['rate']:,} | {s['path']} | {s['success_pct']:.2f} % | "
             f"{s['retrans_total']} ({s['retrans_pct']:.2f} %) | {lat} | {cpu} | "
-            f"{'yes' if s['passed'] else '**no**'} |"
+            f"{'yes' if s['passed'] else '**no**'} | {_f(s.get('steal_pct'), '.1f')} % |"
         )
     best = summ["highest_passing_rate"]
     lines.append("")

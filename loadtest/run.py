@@ -365,11 +365,31 @@ class Step:
     proxy_processes: int = 0
     cpu_ms_per_call: float | None = None
     redis_cpu_ms_per_call: float | None = None
+    steal_pct: float | None = None  # the host's CPU time the hypervisor gave elsewhere
     sipguard_returncode: int | None = None
     proxy_returncode: int | None = None
     identity_fetches: int | None = None  # x5u fetches during the step (compare mode)
     error: str | None = None
     workdir: str = ""
+
+
+def host_ticks() -> tuple[int, int] | None:
+    """(steal, all) CPU ticks of the whole machine so far (/proc/stat); None where not Linux.
+    Steal is time a virtual machine's CPUs were ready to run but the hypervisor ran something
+    else: on a shared host it moves every figure of a step, whichever system is measured."""
+    try:
+        with open("/proc/stat", encoding="ascii") as f:
+            fields = [int(v) for v in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    return (fields[7], sum(fields)) if len(fields) == 8 else None
+
+
+def steal_pct(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float | None:
+    """Steal as a share (%) of all CPU time between two :func:`host_ticks` readings."""
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    return 100.0 * (after[0] - before[0]) / (after[1] - before[1])
 
 
 def tree_cpu_seconds(pid: int) -> float:
@@ -604,9 +624,11 @@ def run_step(args: argparse.Namespace, rate: int, path: str, root: Path) -> Step
             extra=uac_extra,
         )
         t0 = time.monotonic()
+        ticks0 = host_ticks()
         uac.start()
         res = uac.wait()
         step.uac_elapsed_s = time.monotonic() - t0
+        step.steal_pct = steal_pct(ticks0, host_ticks())
         if probe_proc is not None:
             try:
                 probe_proc.wait(max(args.duration + 25 - step.uac_elapsed_s, 5))
@@ -676,7 +698,7 @@ def ratio(a: float | None, b: float | None) -> float | None:
 HEADER = (
     f"{'rate':>6} {'path':<13} {'attempted':>9} {'completed':>9} {'failed':>6} {'ok%':>7} "
     f"{'calls/s':>8} {'retrans':>7} {'retr%':>6} {'probe':>9} {'p50ms':>8} {'p99ms':>8} "
-    f"{'cpu_ms/call':>11} {'x_cps':>6} {'x_p50':>6} {'x_p99':>6} {'pass':>4}"
+    f"{'cpu_ms/call':>11} {'x_cps':>6} {'x_p50':>6} {'x_p99':>6} {'pass':>4} {'steal%':>6}"
 )
 
 
@@ -696,7 +718,8 @@ def row(s: Step, base: Step | None) -> str:
         f"{s.success_pct:>7.2f} {s.achieved_cps:>8.1f} {s.retrans_total:>7} "
         f"{s.retrans_pct:>6.2f} {probe:>9} {fmt(s.p50_ms, '.3f'):>8} "
         f"{fmt(s.p99_ms, '.3f'):>8} {fmt(s.cpu_ms_per_call, '.3f'):>11} "
-        f"{fmt(xs[0]):>6} {fmt(xs[1]):>6} {fmt(xs[2]):>6} {'yes' if s.passed else 'NO':>4}"
+        f"{fmt(xs[0]):>6} {fmt(xs[1]):>6} {fmt(xs[2]):>6} {'yes' if s.passed else 'NO':>4} "
+        f"{fmt(s.steal_pct, '.1f'):>6}"
     )
     if s.redis_cpu_ms_per_call is not None:
         line += f"  redis {s.redis_cpu_ms_per_call:.3f} ms/call"
@@ -912,6 +935,8 @@ def report(
             "p50ms/p99ms": "probe INVITE->200 latency",
             "cpu_ms/call": "proxy process tree utime+stime / (load + probe calls)",
             "redis_cpu_ms_per_call": "redis-server utime+stime / load calls (redis paths)",
+            "steal_pct": "the host's steal time (/proc/stat) as a % of all its CPU time "
+                         "during the step's calls: a virtual machine's CPUs kept waiting",
             "x_*": "system / direct, same rate, same run",
             "pass": f">= {compare.PASS_COMPLETED_PCT} % completed and retransmissions "
                     f"< {compare.PASS_RETRANS_PCT} % of the calls",
