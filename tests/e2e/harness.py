@@ -531,8 +531,10 @@ class SipguardProcess:
                     )
                 self._cv.wait(min(left, 0.2))
 
-    def settle(self, event: str, quiet: float = 0.5, timeout: float = 5.0) -> int:
-        """Count of `event` once no new one arrived for `quiet` seconds."""
+    def settle(self, event: str, quiet: float = 0.5, timeout: float = 5.0,
+               expect: int | None = None) -> int:
+        """Count of `event` once no new one arrived for `quiet` seconds — or, with `expect`,
+        0.1 s after the count reached it (time for one too many to show)."""
         deadline = time.monotonic() + timeout
         last = self.count(event)
         since = time.monotonic()
@@ -541,7 +543,8 @@ class SipguardProcess:
             now = self.count(event)
             if now != last:
                 last, since = now, time.monotonic()
-            elif time.monotonic() - since >= quiet:
+            elif time.monotonic() - since >= (
+                    0.1 if expect is not None and now >= expect else quiet):
                 break
         return last
 

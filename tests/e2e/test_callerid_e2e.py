@@ -95,7 +95,7 @@ def test_callerid_rules_end_to_end(stack: E2EStack) -> None:
         'SIP/2.0 403 Forbidden | Reason: SIP;cause=403;text="Caller number suspended"'}, detail
 
     total = len(OWNED) + len(SPOOFED) + len(DNO) + len(SUSPENDED)
-    assert guard.settle("invite_decided") == total, detail
+    assert guard.settle("invite_decided", expect=total) == total, detail
     decided = Counter(
         (e.get("rule"), e.get("reason"), e.get("status"))
         for e in guard.events if e.get("event") == "invite_decided"
@@ -126,7 +126,7 @@ def test_monitor_mode_forwards_everything_and_logs_what_would_have_happened(
     assert f"P-Asserted-Identity: <tel:{SPOOFED[0]};verstat=TN-Validation-Failed>" in core_log
     assert "X-Sipguard-Verdict: callerid.caller_not_owned;monitored" in core_log
     assert "X-Sipguard-Verdict: callerid.caller_dno;monitored" in core_log
-    assert guard.settle("invite_decided") == len(callers), detail
+    assert guard.settle("invite_decided", expect=len(callers)) == len(callers), detail
     decided = Counter(
         (e.get("rule"), e.get("reason"), e.get("verdict"), e.get("monitored"))
         for e in guard.events if e.get("event") == "invite_decided"

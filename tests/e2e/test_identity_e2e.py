@@ -84,7 +84,7 @@ def test_sipp_calls_with_valid_identity_pass(stack: E2EStack, pki: Pki, x5u: X5u
     assert uas_res.received("INVITE") == calls, detail
     seen = uas_res.message_log.read_text(errors="replace")
     assert seen.count("X-Sipguard-Identity: TN-Validation-Passed;attest=A;origid=") == calls
-    assert guard.settle("invite_decided") == calls
+    assert guard.settle("invite_decided", expect=calls) == calls
     decided = [e for e in guard.events if e.get("event") == "invite_decided"]
     assert all(e.get("identity") == "passed" and e.get("identity_attest") == "A"
                for e in decided), decided[:3]
@@ -158,7 +158,7 @@ def test_signature_checks_on_threads_or_in_the_loop(
     assert uas_res.received("INVITE") == calls, detail
     seen = uas_res.message_log.read_text(errors="replace")
     assert seen.count("X-Sipguard-Identity: TN-Validation-Passed;attest=A;origid=") == calls
-    assert guard.settle("invite_decided") == calls + 1
+    assert guard.settle("invite_decided", expect=calls + 1) == calls + 1
     started = [e for e in guard.events if e.get("event") == "sipguard_started"]
     assert started and started[0]["verify_threads"] == threads, started
     events = events_total(metrics_port)

@@ -79,8 +79,8 @@ def test_calls_in_progress_cross_three_record_routing_proxies(
                           *(k.log_tail() for k in kamailios)])
     assert res.successful == calls and res.failed == 0, detail
     assert uas_res.successful == calls and uas_res.failed == 0, detail
-    assert guard.settle("invite_decided") == calls, detail
-    assert guard.settle("dialog_ended") == calls, detail
+    assert guard.settle("invite_decided", expect=calls) == calls, detail
+    assert guard.settle("dialog_ended", expect=calls) == calls, detail
     ended = [e for e in guard.events if e.get("event") == "dialog_ended"]
     assert {(e["reason"], e.get("status")) for e in ended} == {("bye_caller", 200)}, ended
 
@@ -111,6 +111,6 @@ def test_a_suspension_ends_the_calls_through_both_proxies(
     assert body.get("calls_ended") == calls, detail
     assert res.successful == calls and res.failed == 0, detail
     assert uas_res.successful == calls and uas_res.failed == 0, detail
-    assert guard.settle("dialog_ended") == calls, detail
+    assert guard.settle("dialog_ended", expect=calls) == calls, detail
     ended = [e for e in guard.events if e.get("event") == "dialog_ended"]
     assert {e["reason"] for e in ended} == {"suspended"}, ended

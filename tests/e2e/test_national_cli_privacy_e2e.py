@@ -74,7 +74,7 @@ def test_masked_log_of_a_run_with_every_rule_on_has_no_full_number(stack: E2ESta
     assert checked >= 3 * len(DUTCH_MOBILE), detail  # INVITE, ACK, BYE at least
 
     total = len(accepted) + len(DUTCH_FIXED)
-    assert guard.settle("invite_decided") == total, detail
+    assert guard.settle("invite_decided", expect=total) == total, detail
     assert guard.settle("dialog_ended") >= len(accepted), detail
     labels = Counter(e.get("national_cli") for e in guard.events
                      if e.get("event") == "invite_decided")

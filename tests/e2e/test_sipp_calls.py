@@ -67,7 +67,7 @@ def run_flow(
     assert_all_ok(uac, calls, uas_res)
     assert uas_res.successful == calls and uas_res.failed == 0, uas_res.describe()
     if guard is not None:
-        decided = guard.settle("invite_decided")
+        decided = guard.settle("invite_decided", expect=calls)
         assert decided == calls, (
             f"{decided} invite_decided lines for {calls} INVITEs\n{guard.diagnostics()}"
         )
@@ -166,7 +166,7 @@ def test_slow_uas_sipp_client_one_invite_per_call(stack: E2EStack) -> None:
     uas_res = stack.finish_uas(uas)
     assert_all_ok(uac, calls, uas_res)
     assert uas_res.received("INVITE") == calls, uas_res.describe()
-    assert guard.settle("invite_decided") == calls, guard.diagnostics()
+    assert guard.settle("invite_decided", expect=calls) == calls, guard.diagnostics()
 
 
 def test_slow_uas_raw_retransmissions_one_invite(stack: E2EStack) -> None:
@@ -181,4 +181,4 @@ def test_slow_uas_raw_retransmissions_one_invite(stack: E2EStack) -> None:
         uas_res.describe(),
     )
     assert uas_res.received("INVITE") == 1, uas_res.describe()
-    assert guard.settle("invite_decided") == 1, guard.diagnostics()
+    assert guard.settle("invite_decided", expect=1) == 1, guard.diagnostics()

@@ -41,7 +41,7 @@ def test_end_calls_cancels_the_ringing_calls_of_a_suspended_number(stack: E2ESta
     assert body.get("calls_ended") == calls, detail
     assert res.successful == calls and res.failed == 0, detail
     assert uas_res.successful == calls and uas_res.failed == 0, detail
-    assert guard.settle("dialog_ended") == calls, detail
+    assert guard.settle("dialog_ended", expect=calls) == calls, detail
     ended = [e for e in guard.events if e.get("event") == "dialog_ended"]
     assert {(e["reason"], e.get("status")) for e in ended} == {("suspended", 487)}, ended
     with urllib.request.urlopen(f"http://{HOST}:{admin}/calls?number=%2B12125550177",

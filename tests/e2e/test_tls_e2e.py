@@ -227,7 +227,7 @@ def test_sipp_calls_over_tls_via_socat(stack: E2EStack, tmp_path: Path) -> None:
     assert uac.returncode == 0, detail
     assert uas_res.successful == SIPP_CALLS and uas_res.failed == 0, detail
 
-    decided = guard.settle("invite_decided", timeout=5.0)
+    decided = guard.settle("invite_decided", timeout=5.0, expect=SIPP_CALLS)
     assert decided == SIPP_CALLS, guard.diagnostics()
     events = [e for e in list(guard.events) if e.get("event") == "invite_decided"]
     transports = [e.get("transport") for e in events]
