@@ -77,6 +77,7 @@ def test_compare_mode_runs_kamailio_and_sipguard_with_every_rule(tmp_path: Path)
         assert step["attempted"] == 40 and step["success_pct"] == 100.0, step
         assert step["passed"] and step["retrans_pct"] == 0.0, step
         assert step["probe"]["completed"] == step["probe"]["calls"] > 0, step["probe"]
+        assert 0.0 <= step["steal_pct"] <= 100.0, step  # the host's steal, from /proc/stat
     kam, guard = steps[1], steps[3]
     assert kam["proxy_processes"] > 2 and kam["cpu_ms_per_call"] > 0, kam
     assert kam["proxy_returncode"] is not None, kam
@@ -90,6 +91,7 @@ def test_compare_mode_runs_kamailio_and_sipguard_with_every_rule(tmp_path: Path)
     assert summary["vs_kamailio"]["sipguard"]["cpu_per_call_ratio"] > 0
     assert summary["vs_kamailio_identity"]["sipguard"]["cpu_per_call_ratio"] > 0
     assert "| 40 | kamailio | 100.00 % |" in result["markdown"], result["markdown"]
+    assert "| host steal |" in result["markdown"], result["markdown"]
     assert "sipguard / Kamailio checking Identity" in result["markdown"], result["markdown"]
     assert "sipguard / Kamailio" in done.stdout
 
