@@ -7,7 +7,6 @@ import asyncio
 import json
 import re
 import socket
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -24,13 +23,10 @@ from sipguard.policy.flood import Ban
 from sipguard.policy.suspensions import SuspensionStore, suspension_key
 from sipguard.server import Server, StartupError
 
-from .test_server_shell import Peer, _free_udp_port, invite
+from .test_server_shell import _free_udp_port, invite
+from .udp_peer import Peer
 
-
-@pytest.fixture(autouse=True)
-def _reset_structlog() -> Iterator[None]:
-    yield
-    structlog.reset_defaults()
+pytestmark = pytest.mark.usefixtures("reset_structlog")
 
 
 def _free_tcp_port() -> int:
@@ -67,13 +63,6 @@ async def start_guard(
     await server.start()
     return Guard(server, path, sip_port, admin_port)
 
-
-@pytest.fixture
-async def peers() -> AsyncIterator[tuple[Peer, Peer]]:
-    caller, core = Peer(), Peer()
-    yield caller, core
-    caller.sock.close()
-    core.sock.close()
 
 
 async def request(

@@ -11,7 +11,6 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-import structlog
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -46,10 +45,7 @@ def expected(names: tuple[str, ...], values: tuple[Any, ...]) -> str:
                    for n, v in zip(names, values, strict=True) if v is not None)
 
 
-@pytest.fixture(autouse=True)
-def _reset_structlog() -> Any:
-    yield
-    structlog.reset_defaults()
+pytestmark = pytest.mark.usefixtures("reset_structlog")
 
 
 @pytest.mark.parametrize("encode", ENCODERS, ids=["python", "c"][: len(ENCODERS)])

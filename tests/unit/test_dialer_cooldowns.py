@@ -11,7 +11,6 @@ import os
 import re
 import socket
 import zlib
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -27,7 +26,8 @@ from sipguard.supervisor import SEGMENT_NAME
 from sipguard.transport.worker_link import make_token
 
 from .test_admin_api import Guard, _free_tcp_port, request, start_guard
-from .test_server_shell import Peer, _free_udp_port
+from .test_server_shell import _free_udp_port
+from .udp_peer import Peer
 
 CALLER = "+12125550100"
 # only the per-caller sequential run, blocking at its third step (the first two pass)
@@ -38,18 +38,8 @@ DISTINCT = ("rules:\n  dialer: {sequential: null, short_calls: null, asr: null, 
             "distinct_callees: {tag: null, block: 3}}\n")
 
 
-@pytest.fixture(autouse=True)
-def _reset_structlog() -> Iterator[None]:
-    yield
-    structlog.reset_defaults()
+pytestmark = pytest.mark.usefixtures("reset_structlog")
 
-
-@pytest.fixture
-async def peers() -> AsyncIterator[tuple[Peer, Peer]]:
-    caller, core = Peer(), Peer()
-    yield caller, core
-    caller.sock.close()
-    core.sock.close()
 
 
 def invite(peer: Peer, port: int, call_id: str, callee: str, caller: str = CALLER) -> bytes:

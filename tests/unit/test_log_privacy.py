@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import structlog
 
 from sipguard.contract import DialogEnded, InviteDecided, Verdict
 from sipguard.ops.calllog import CallLogger
@@ -25,10 +23,7 @@ CALLER, CALLEE, DIVERTER = "+31201234567", "+18005550199", "+4930123456789"
 NUMBERS = (CALLER, CALLEE, DIVERTER)
 
 
-@pytest.fixture(autouse=True)
-def _reset_structlog() -> Iterator[None]:
-    yield
-    structlog.reset_defaults()
+pytestmark = pytest.mark.usefixtures("reset_structlog")
 
 
 def logged(privacy: NumberPrivacy | None) -> list[dict[str, Any]]:

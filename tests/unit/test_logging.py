@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import structlog
 
 from sipguard.ops.calllog import CallLogger
 from sipguard.ops.config import LogSettings
@@ -28,11 +27,7 @@ from sipguard.ops.logging import (
     log_writer,
 )
 
-
-@pytest.fixture(autouse=True)
-def _reset_structlog() -> Iterator[None]:
-    yield
-    structlog.reset_defaults()
+pytestmark = pytest.mark.usefixtures("reset_structlog")
 
 
 def json_lines(stream: io.StringIO) -> list[dict[str, Any]]:

@@ -9,11 +9,10 @@ import io
 import json
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Iterator
+from collections.abc import Awaitable
 from typing import Any
 
 import pytest
-import structlog
 
 from sipguard.contract import CallInfo, Failed, Flow, SourceFlagged, Verdict
 from sipguard.ops.calllog import CallLogger
@@ -25,11 +24,9 @@ from sipguard.ops.observe import Observer
 from sipguard.policy.pipeline import Pipeline
 from sipguard.server import Server
 
+from .udp_peer import Peer
 
-@pytest.fixture(autouse=True)
-def _reset_structlog() -> Iterator[None]:
-    yield
-    structlog.reset_defaults()
+pytestmark = pytest.mark.usefixtures("reset_structlog")
 
 
 def _free_udp_port() -> int:
@@ -38,27 +35,6 @@ def _free_udp_port() -> int:
         return int(s.getsockname()[1])
 
 
-class Peer:
-    """A non-blocking UDP socket on 127.0.0.1 read through the event loop."""
-
-    def __init__(self) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.setblocking(False)
-        self.port = int(self.sock.getsockname()[1])
-
-    async def recv(self, timeout: float = 2.0) -> bytes:
-        loop = asyncio.get_running_loop()
-        return await asyncio.wait_for(loop.sock_recv(self.sock, 65535), timeout)
-
-    async def recv_until(self, prefix: bytes, timeout: float = 2.0) -> bytes:
-        """The first datagram starting with ``prefix`` (others are skipped)."""
-        loop = asyncio.get_running_loop()
-        end = loop.time() + timeout
-        while True:
-            data = await self.recv(max(0.01, end - loop.time()))
-            if data.startswith(prefix):
-                return data
 
 
 def invite(peer: Peer, target: int, call_id: str, caller: str = "+12125550100") -> bytes:
@@ -70,13 +46,6 @@ def invite(peer: Peer, target: int, call_id: str, caller: str = "+12125550100") 
         f"Contact: <sip:{caller}@127.0.0.1:{peer.port}>\r\nContent-Length: 0\r\n\r\n"
     ).encode()
 
-
-@pytest.fixture
-async def peers() -> AsyncIterator[tuple[Peer, Peer]]:
-    caller, core = Peer(), Peer()
-    yield caller, core
-    caller.sock.close()
-    core.sock.close()
 
 
 async def start(core: Peer, rules: str = "") -> tuple[Server, int]:

@@ -20,7 +20,8 @@ from sipguard.policy.suspensions import SuspensionStore
 
 from ..redis_server import RedisServer
 from .test_admin_api import request, start_guard
-from .test_server_shell import Peer, invite
+from .test_server_shell import invite
+from .udp_peer import Peer
 
 PREFIX = "t:"
 

@@ -12,11 +12,10 @@ import asyncio
 import os
 import socket
 import zlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-import structlog
 
 from sipguard.ops.config_load import load_config
 from sipguard.server import Server
@@ -26,7 +25,8 @@ from sipguard.transport.worker_link import make_token
 
 from .test_admin_api import request
 from .test_dialer_cooldowns import _free_pair, invite, reaches_core
-from .test_server_shell import Peer, _free_udp_port
+from .test_server_shell import _free_udp_port
+from .udp_peer import Peer
 
 WORKERS = 2
 # a number worker 1 owns (the hand-over's choice with worker_spread: caller)
@@ -34,18 +34,8 @@ CALLER = next(f"+1212555{i:04d}" for i in range(100)
               if zlib.crc32(f"1212555{i:04d}"[-8:].encode()) % WORKERS == 1)
 
 
-@pytest.fixture(autouse=True)
-def _reset_structlog() -> Iterator[None]:
-    yield
-    structlog.reset_defaults()
+pytestmark = pytest.mark.usefixtures("reset_structlog")
 
-
-@pytest.fixture
-async def peers() -> AsyncIterator[tuple[Peer, Peer]]:
-    caller, core = Peer(), Peer()
-    yield caller, core
-    caller.sock.close()
-    core.sock.close()
 
 
 class Group:
