@@ -992,6 +992,16 @@ class Server:
     def cooldowns_view(self, scope: str | None, key: str | None) -> dict[str, Any]:
         return self.cooldowns.view(scope, key)
 
+    async def shared_cooldowns(self, scope: str | None, key: str | None
+                               ) -> dict[str, Any] | None:
+        """With ``state.backend: redis``: the cooldowns marked in Redis that this process does
+        not hold (another instance's), or ``unreachable``; None without Redis."""
+        store = self.shared_store
+        if not isinstance(store, SharedStore):
+            return None
+        found = await self.cooldowns.shared_view(store, scope, key)
+        return {"cooldowns": [], "unreachable": True} if found is None else found
+
     async def lift_cooldown(self, key: str, scope: str | None, by: str, local: bool = False,
                             reset: tuple[str, ...] = ()) -> dict[str, Any]:
         """Lift the dialer cooldowns of ``key`` (:mod:`sipguard.ops.cooldowns`)."""

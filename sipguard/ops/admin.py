@@ -724,6 +724,16 @@ class AdminEndpoint:
         if self.worker is not None:
             for entry in view["cooldowns"]:
                 entry["worker"] = self.worker
+        shared = getattr(self.control, "shared_cooldowns", None)
+        if shared is not None and request.query.get("local") != "1":
+            # with Redis: the marks of other instances this process has not met
+            found = await shared(scope, key)
+            if found is not None:
+                view["cooldowns"] += found["cooldowns"]
+                if found.get("truncated"):
+                    view["truncated"] = True
+                if found.get("unreachable"):
+                    view["shared_store"] = "unreachable"
         if self.peers and request.query.get("local") != "1":
             query = "".join(f"&{name}={quote(value, safe='')}" for name, value in
                             (("scope", scope), ("key", key)) if value is not None)

@@ -17,6 +17,11 @@ Where a cooldown lives
       (``dialer.callees``), a called number's calls (``dialer.calls``), a peer's high-cost calls
       (``dialer.high_cost``). A cooldown started in monitor mode stays in its process.
 
+Listing them therefore shows this process's cooldowns (every worker's, through the admin API)
+and, with Redis, the marks other instances set that this process has not met: a SCAN of the
+keyspace, bounded in entries and to ~1 s (``SharedStore.cooldown_marks``). Shared memory keeps
+only the hashes of names, so its marks cannot be listed: the workers' own lists cover them.
+
 Lifting ``key`` (every scope, or the one asked) therefore
     1. deletes the mark and those measures in the shared store (one script / one locked
        step per scope);
@@ -56,6 +61,15 @@ class Unmarks(Protocol):
 
     async def unmark(self, mark: str,
                      measures: Sequence[tuple[str, str, Sequence[float]]] = ()) -> int | None:
+        ...
+
+
+class ListsMarks(Protocol):
+    """The Redis store, as far as listing the cooldowns of every instance needs it."""
+
+    async def cooldown_marks(self, scopes: Sequence[str], key: str | None, limit: int,
+                             budget_s: float = 1.0) -> tuple[list[tuple[str, str, int, int]],
+                                                             bool] | None:
         ...
 
 
@@ -168,6 +182,47 @@ class DialerCooldowns:
             total += n
         view: dict[str, Any] = {"cooldowns": [self._entry(s, k, b, now) for s, k, b in found]}
         if total > len(found):
+            view["truncated"] = True
+        return view
+
+    async def shared_view(self, store: ListsMarks, scope: str | None = None,
+                          key: str | None = None,
+                          limit: int = MAX_COOLDOWNS_SHOWN) -> dict[str, Any] | None:
+        """The cooldowns marked in Redis that this process does not hold — started by another
+        instance or worker and not yet met here — at most ``limit`` (``scope`` / ``key``: only
+        those), each ``"where": "shared"`` with its reason and time left; ``truncated`` when
+        there were more or the walk of the keyspace ran out of time. None when Redis cannot
+        answer."""
+        scopes = SCOPES if scope is None else (scope,)
+        now = self.clock()
+        state = self.state()
+        if key is None:
+            got = await store.cooldown_marks(scopes, None, limit)
+        else:  # per scope, the key as that scope stores it
+            got = ([], False)
+            for s in scopes:
+                one = await store.cooldown_marks((s,), key_in(s, key), limit)
+                if one is None:
+                    return None
+                got[0].extend(one[0])
+        if got is None:
+            return None
+        marks, more = got
+        offset = self.wall_offset()
+        entries = []
+        for s, k, code, ms in marks:
+            if state.cooldowns(now, s, k, 1)[1]:
+                continue  # this process holds it (or a copy): listed with its own
+            entries.append({
+                "scope": s,
+                "key": self._key_shown(s, k),
+                "reason": ANALYTICS[code] if 0 <= code < len(ANALYTICS) else "dialer",
+                "until": _iso(now + ms / 1000 + offset),
+                "left_s": round(ms / 1000, 1),
+                "where": "shared",
+            })
+        view: dict[str, Any] = {"cooldowns": entries}
+        if more:
             view["truncated"] = True
         return view
 

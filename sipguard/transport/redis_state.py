@@ -258,6 +258,11 @@ def failure_reason(exc: BaseException) -> str | None:
     return _REFUSALS[found.group(1)] if found else None
 
 
+def _glob_escaped(text: str) -> str:
+    """``text`` matched literally in a Redis glob pattern (SCAN MATCH)."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+
+
 def _describe(exc: BaseException) -> str:
     """An error for the log: redis-py's own repr drops the message (``server:ResponseError``)."""
     if isinstance(exc, RedisError):
@@ -856,6 +861,68 @@ class SharedStore:
             self._failed("counts", exc)
             return None
         return out
+
+    async def cooldown_marks(self, scopes: Sequence[str], key: str | None, limit: int,
+                             budget_s: float = 1.0) -> tuple[list[tuple[str, str, int, int]],
+                                                             bool] | None:
+        """The dialer cooldowns in force across every instance (for the admin API): the marks
+        ``dialer.block.<scope>:<key>`` of ``scopes`` in Redis, as (scope, key, code, ms left),
+        at most ``limit``; True when there were more, or the keyspace was not walked to its end
+        within ``budget_s`` (SCAN, on every primary of a cluster). With ``key`` (as the rules
+        store it) only its marks, read at once. None when Redis cannot answer."""
+        if self.open:
+            return None
+        found: list[tuple[str, str, int, int]] = []
+        try:
+            async with asyncio.timeout(budget_s + max(0.5, self.timeout_s * 10)):
+                if key is not None:
+                    names = [(s, key, self.rkey(f"dialer.block.{s}:{key}")) for s in scopes]
+                    return await self._marks_read(names, found), False
+                pattern = _glob_escaped(self.prefix) + "{*}:dialer.block.*"
+                deadline = asyncio.get_running_loop().time() + budget_s
+                batch: list[tuple[str, str, str]] = []
+                more = False
+                async for raw in self.client.scan_iter(match=pattern, count=1000):
+                    name = raw.decode() if isinstance(raw, bytes) else str(raw)
+                    ident, _, kind = name[len(self.prefix) + 1:].rpartition("}:")
+                    scope = kind.removeprefix("dialer.block.")
+                    if scope in scopes and ident:
+                        batch.append((scope, ident, name))
+                    if len(batch) >= 200:
+                        await self._marks_read(batch, found)
+                        batch = []
+                    if len(found) >= limit or asyncio.get_running_loop().time() > deadline:
+                        more = True
+                        break
+                await self._marks_read(batch, found)
+        except _FAILURES as exc:
+            self._failed("cooldown_marks", exc)
+            return None
+        more = more or len(found) > limit
+        return found[:limit], more
+
+    async def _marks_read(self, names: Sequence[tuple[str, str, str]],
+                          into: list[tuple[str, str, int, int]]) -> list[tuple[str, str, int,
+                                                                                int]]:
+        """GET and PTTL of the marks ``(scope, key, redis key)``; those still set go
+        ``into``."""
+        if not names:
+            return into
+        pipe = self.client.pipeline(transaction=False)
+        for _, _, name in names:
+            pipe.get(name)
+            pipe.pttl(name)
+        replies = await pipe.execute()
+        self.counters["state_round_trips"] += 1
+        for i, (scope, ident, _) in enumerate(names):
+            value, left = replies[2 * i], replies[2 * i + 1]
+            try:
+                code, ms = int(value), int(left)
+            except (TypeError, ValueError):  # gone since the scan, or not a mark
+                continue
+            if ms > 0:
+                into.append((scope, ident, code, ms))
+        return into
 
     async def _now_ms(self) -> int:
         seconds, micros = await self.client.time()

@@ -234,7 +234,8 @@ async def test_redis_a_lift_through_one_instance_reaches_every_instance(
     tmp_path: Path, peers: tuple[Peer, Peer], redis_url: str
 ) -> None:
     """Two instances on one Redis: three distinct called numbers through both block the caller
-    on one; the other honours the mark and keeps a copy. Lifted through the first, the mark
+    on one; the other lists the mark (from Redis) before it meets the caller, then honours the
+    mark and keeps a copy. Lifted through the first, the mark
     and the shared count of called numbers go from Redis, the other instance drops its copy,
     and the caller's next calls — to further numbers — reach the core through either."""
     caller, core = peers
@@ -247,9 +248,22 @@ async def test_redis_a_lift_through_one_instance_reaches_every_instance(
         await reaches_core(caller, core, a.port, "r-0", "+18005550100")
         await reaches_core(caller, core, b.port, "r-1", "+13035550142")
         await refused_603(caller, a.port, "r-2", "+17205550199")
+        # b has not met the caller since: it lists a's mark, read from Redis
+        for query in ("", f"?key={CALLER}", "?scope=caller"):
+            status, body = await request("GET", b.url + "/dialer/cooldowns" + query)
+            assert status == 200, body
+            (mark,) = body["cooldowns"]
+            assert {k: mark[k] for k in ("scope", "key", "reason", "where")} == {
+                "scope": "caller", "key": CALLER, "reason": "distinct_callees",
+                "where": "shared"}, body
+            assert 290 < mark["left_s"] <= 300, mark
+        status, body = await request("GET", b.url + "/dialer/cooldowns?scope=callee")
+        assert body == {"cooldowns": []}
+        status, body = await request("GET", a.url + "/dialer/cooldowns")  # a's own, once
+        assert [(e["key"], "where" in e) for e in body["cooldowns"]] == [(CALLER, False)]
         await refused_603(caller, b.port, "r-3", "+18005550100")  # the mark, from Redis
         status, body = await request("GET", b.url + "/dialer/cooldowns")
-        (copy,) = body["cooldowns"]
+        (copy,) = body["cooldowns"]  # b's copy now, not the mark again
         assert (copy["reason"], copy["copy"]) == ("distinct_callees", True)
         status, body = await request("DELETE", a.url + f"/dialer/cooldowns/{CALLER}?by=bob")
         assert status == 200, body

@@ -547,3 +547,41 @@ async def test_unavailable_until_redis_answers_and_a_wrong_password_says_so(
         await a.close()
         await bad.close()
         server.stop()
+
+
+async def test_cooldown_marks_are_listed_across_the_keyspace_and_bounded(redis_url: str) -> None:
+    """The marks of every instance, found by SCAN among other keys (a prefix with glob
+    characters matched literally); at most the limit, then truncated; one key read at once;
+    an unreachable Redis gives None."""
+    a = store(redis_url, prefix="sg*1:")
+    other = store(redis_url)  # another deployment's prefix on the same server: not listed
+    try:
+        for i in range(30):
+            await a.mark(f"dialer.block.caller:+1212555{i:04d}", 3, 300)
+            assert (await a.admit(f"L{i}", [("c", f"caller:+1212555{i:04d}", 5, 0, False,
+                                             "")], (f"caller:+1212555{i:04d}",)))[0]
+        await a.mark("dialer.block.origin:198.51.100.7", 0, 60)
+        await other.mark("dialer.block.caller:+12125550000", 3, 300)
+        got = await a.cooldown_marks(("caller", "origin", "callee"), None, 100)
+        assert got is not None
+        marks, more = got
+        assert not more and len(marks) == 31
+        assert sorted(marks)[0][:3] == ("caller", "+12125550000", 3)
+        assert 290_000 < sorted(marks)[0][3] <= 300_000
+        assert [m[:3] for m in marks if m[0] == "origin"] == [("origin", "198.51.100.7", 0)]
+        marks, more = await a.cooldown_marks(("caller",), None, 10) or ([], False)
+        assert len(marks) == 10 and more
+        assert await a.cooldown_marks(("caller",), "+12125550007", 10) == (
+            [("caller", "+12125550007", 3, pytest.approx(300_000, abs=10_000))], False)
+        assert await a.cooldown_marks(("callee",), "+12125550007", 10) == ([], False)
+    finally:
+        await a.close()
+        await other.close()
+    with __import__("socket").socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    gone = store(f"redis://127.0.0.1:{port}/0", timeout_s=0.05)
+    try:
+        assert await gone.cooldown_marks(("caller",), None, 10) is None
+    finally:
+        await gone.close()
