@@ -19,7 +19,7 @@ The operator verbs talk to a running sipguard's admin API (``--admin URL``, defa
     sipguard unsuspend +31201234567
     sipguard suspensions [--prefix +1212]                  # every page of GET /suspensions
     sipguard calls +31201234567
-    sipguard bans [--lift SOURCE]
+    sipguard bans [--source SOURCE | --lift SOURCE]        # at most 1,000, with the total
     sipguard cooldowns [--key KEY] [--scope SCOPE]         # rule dialer's cooldowns
     sipguard cooldowns --lift KEY [--scope SCOPE] [--by WHO]
 
@@ -146,7 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     unsuspend.add_argument("--by", default=os.environ.get("USER", "cli"), help="who (logged)")
     listing.add_argument("--prefix", help="only the keys starting with PREFIX (e.g. +1212)")
     calls.add_argument("number")
-    bans.add_argument("--lift", metavar="SOURCE", help="lift the ban on SOURCE (ip or ip:port)")
+    which = bans.add_mutually_exclusive_group()
+    which.add_argument("--lift", metavar="SOURCE", help="lift the ban on SOURCE (ip or ip:port)")
+    which.add_argument("--source", metavar="SOURCE", help="only the ban on SOURCE, if any")
     cooldowns.add_argument("--lift", metavar="KEY",
                            help="lift the cooldowns of KEY: a number, a peer name or a source "
                                 "address")
@@ -296,7 +298,8 @@ def _verb(args: argparse.Namespace) -> int:
         if args.lift:
             result = _ok(*_call(args, "DELETE", f"/bans/{_number_path(args.lift)}"))
         else:
-            result = _ok(*_call(args, "GET", "/bans"))
+            query = f"?source={_number_path(args.source)}" if args.source else ""
+            result = _ok(*_call(args, "GET", "/bans" + query))
     try:
         print(json.dumps(result, indent=2), flush=True)
     except BrokenPipeError:  # `sipguard calls ... | head`: the reader has all it wanted

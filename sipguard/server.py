@@ -32,7 +32,13 @@ from typing import Any
 from sipguard import native
 from sipguard.contract import CallInfo, DecisionPending, Deferred, Dialog, Flow, Local, Verdict
 from sipguard.edge import DECISION_FAILED, EdgeCore
-from sipguard.ops.admin import MAX_CALLS_SHOWN, AdminEndpoint, admin_token, read_token
+from sipguard.ops.admin import (
+    MAX_BANS_SHOWN,
+    MAX_CALLS_SHOWN,
+    AdminEndpoint,
+    admin_token,
+    read_token,
+)
 from sipguard.ops.calllog import CallLogger
 from sipguard.ops.collector import YOUNG_EVERY_S, Collector
 from sipguard.ops.config import Config, StateSettings
@@ -925,10 +931,21 @@ class Server:
             view["truncated"] = True
         return view
 
-    def bans_view(self) -> list[dict[str, Any]]:
+    def bans_view(self, source: str | None = None,
+                  limit: int = MAX_BANS_SHOWN) -> dict[str, Any]:
+        """The flood bans in force here: at most ``limit`` (then ``truncated``), with
+        ``total``; ``source``: that one's only."""
         if self.policy.flood is None:
-            return []
-        return self.state.flood.list_bans(self.loop.time())
+            return {"bans": [], "total": 0}
+        now = self.loop.time()
+        flood = self.state.flood
+        bans = flood.list_bans(now, limit, source)
+        view: dict[str, Any] = {"bans": bans, "total": len(bans)}
+        if source is None and len(bans) == limit:
+            view["total"] = flood.bans_in_force(now)
+            if view["total"] > limit:
+                view["truncated"] = True
+        return view
 
     def lift_ban(self, source: str, tell_others: bool = True) -> bool:
         """Lift the flood ban of ``source`` here (and in the shared store); with

@@ -21,8 +21,9 @@ with ``{"error": "..."}``, never a traceback.
                          instance; with Redis also ``counts_all_instances``); with several
                          workers the calls of every worker (each asked with ``scope=worker``);
                          at most MAX_CALLS_SHOWN calls, then ``"truncated": true``
-``GET /bans``            flood bans in force (every worker's); ``DELETE /bans/{source}``
-                         lifts one, wherever it is held
+``GET /bans``            flood bans in force (every worker's), at most MAX_BANS_SHOWN, with
+                         ``total``; ``?source=`` one; ``DELETE /bans/{source}`` lifts one,
+                         wherever it is held
 ``GET /suspensions``     suspended numbers (API and config) in key order, a page at a time:
                          ``?limit=`` (SUSPENSIONS_PAGE, at most SUSPENSIONS_PAGE_MAX),
                          ``?after=`` (the ``next`` of the page before), ``?prefix=``; with
@@ -78,6 +79,9 @@ OPEN_PATHS = frozenset({"/metrics", "/healthz", "/readyz"})
 # GET /calls lists at most this many calls (then says "truncated": true): a prefix as wide as
 # "+*" with 100,000 calls up must not build a 30 MB answer on the event loop
 MAX_CALLS_SHOWN = 1000
+# GET /bans: at most this many (each worker's, and in all), then "truncated": true; a flood
+# from a botnet can hold flood.max_bans (100,000 by default) bans on every worker
+MAX_BANS_SHOWN = 1000
 # GET /suspensions: entries a page by default, and at most (?limit=): 100,000 suspensions in
 # one answer were ~5 MB built on the event loop (~0.1 s of no SIP)
 SUSPENSIONS_PAGE = 1000
@@ -102,7 +106,8 @@ class Control(Protocol):
 
     def calls_view(self, key: str) -> dict[str, Any]: ...
 
-    def bans_view(self) -> list[dict[str, Any]]: ...
+    def bans_view(self, source: str | None = None,
+                  limit: int = MAX_BANS_SHOWN) -> dict[str, Any]: ...
 
     def lift_ban(self, source: str, tell_others: bool = True) -> bool: ...
 
@@ -600,16 +605,25 @@ class AdminEndpoint:
         return dict(zip(order, answers, strict=True))
 
     async def _bans(self, request: web.Request) -> web.Response:
-        """The flood bans in force: with workers, every worker's (each bans what it reads),
-        each entry naming its ``worker``; ``?local=1`` (how the workers ask each other): this
-        worker's only."""
-        view: dict[str, Any] = {"bans": self.control.bans_view()}
+        """The flood bans in force, at most MAX_BANS_SHOWN (then ``truncated``; ``total`` is
+        how many there are), ``?source=`` that one only: with workers, every worker's (each
+        bans what it reads), each entry naming its ``worker``; ``?local=1`` (how the workers
+        ask each other): this worker's only."""
+        source = _query_value(request, "source")
+        view = self.control.bans_view(source)
         if self.worker is not None:
             for entry in view["bans"]:
                 entry["worker"] = self.worker
         if self.peers and request.query.get("local") != "1":
-            answers = await self._ask_peers("/bans?local=1", request.headers.get("Authorization"))
+            query = "" if source is None else f"&source={quote(source, safe='')}"
+            answers = await self._ask_peers(f"/bans?local=1{query}",
+                                            request.headers.get("Authorization"))
             view["bans"] += _gathered(answers, "bans", view)
+            view["total"] += sum(int(got.get("total", 0)) for got in answers.values()
+                                 if isinstance(got, dict))
+            if len(view["bans"]) > MAX_BANS_SHOWN:
+                del view["bans"][MAX_BANS_SHOWN:]
+                view["truncated"] = True
         return _json(view)
 
     async def _lift_ban(self, request: web.Request) -> web.Response:

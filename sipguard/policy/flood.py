@@ -126,22 +126,26 @@ class FloodState:
         self.on_ban: Callable[[Key, Ban], None] | None = None
         self.ipv6_prefix = 64  # the running guard's (sip.ipv6_prefix): how key_of reads an address
 
-    def list_bans(self, now: float) -> list[dict[str, Any]]:
+    def list_bans(self, now: float, limit: int = 0,
+                  source: str | None = None) -> list[dict[str, Any]]:
         """Bans in force: address, reason, since, seconds left, messages dropped (for a ban
         made in monitor mode: ``monitor`` and the messages that would have been,
-        ``monitored``)."""
+        ``monitored``); the first ``limit`` (0: all); ``source``: that one's ban only (looked
+        up, as :meth:`lift` finds it)."""
+        if source is not None:
+            key = self.key_of(source)
+            ban = self.bans.get(key) if key is not None else None
+            return [_ban_entry(key, ban, now)] if ban is not None and ban.until > now else []
         out = []
         for key, ban in self.bans.items():
             if ban.until > now:
-                out.append({
-                    "source": key if isinstance(key, str) else f"{key[0]}:{key[1]}",
-                    "reason": ban.reason,
-                    "banned_s": round(now - ban.since, 1),
-                    "left_s": round(ban.until - now, 1),
-                    ("monitored" if ban.monitor else "dropped"): ban.dropped,
-                    **({"monitor": True} if ban.monitor else {}),
-                })
+                out.append(_ban_entry(key, ban, now))
+                if len(out) == limit:
+                    break
         return out
+
+    def bans_in_force(self, now: float) -> int:
+        return sum([1 for ban in self.bans.values() if ban.until > now])
 
     def lift(self, source: str) -> bool:
         """Lift the ban on ``source`` (``ip``, or ``ip:port`` / ``[v6]:port`` for ``key:
@@ -452,3 +456,14 @@ def build(settings: Settings, ctx: BuildContext, peer: Peer | None) -> None:
     """Not an INVITE pipeline rule: the edge core runs the :class:`FloodGuard` on every
     message before it is parsed (``Policy.flood``)."""
     return None
+
+
+def _ban_entry(key: Any, ban: Ban, now: float) -> dict[str, Any]:
+    return {
+        "source": key if isinstance(key, str) else f"{key[0]}:{key[1]}",
+        "reason": ban.reason,
+        "banned_s": round(now - ban.since, 1),
+        "left_s": round(ban.until - now, 1),
+        ("monitored" if ban.monitor else "dropped"): ban.dropped,
+        **({"monitor": True} if ban.monitor else {}),
+    }

@@ -194,7 +194,7 @@ def test_run_with_stdout_closed_and_stray_user_signals_stops_cleanly(tmp_path: P
 
 
 def test_operator_verbs_against_a_running_sipguard(tmp_path: Path) -> None:
-    """suspend / suspensions / unsuspend / reload work against a running sipguard through its
+    """suspend / suspensions / unsuspend / bans / reload work against a running sipguard through its
     admin API; a suspension that could not be saved is exit 1 and says so; an unreachable
     admin API is exit 1 and one line."""
     admin_port = free_port()
@@ -227,6 +227,10 @@ def test_operator_verbs_against_a_running_sipguard(tmp_path: Path) -> None:
         assert res.stderr.strip().splitlines() == [
             "sipguard: admin API answered 404: +31201234567 is not suspended through the API"
         ]
+        res = sipguard("bans", "--source", "192.0.2.1", "--admin", url)
+        assert res.returncode == 0 and json.loads(res.stdout) == {"bans": [], "total": 0}
+        res = sipguard("bans", "--lift", "192.0.2.1", "--admin", url)
+        assert res.returncode == 1 and "192.0.2.1 is not banned" in res.stderr
         cfg.write_text(cfg.read_text() + "rules:\n  concurrency: {per_caller: 2}\n")
         res = sipguard("reload", "--admin", url)
         assert res.returncode == 0, res.stderr

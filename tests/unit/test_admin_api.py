@@ -17,7 +17,7 @@ import structlog
 
 from sipguard import cli
 from sipguard import server as server_module
-from sipguard.ops.admin import MAX_CALLS_SHOWN, SCRAPE_REUSE_S
+from sipguard.ops.admin import MAX_BANS_SHOWN, MAX_CALLS_SHOWN, SCRAPE_REUSE_S
 from sipguard.ops.config_load import ConfigError, load_config, parse_config
 from sipguard.policy.flood import Ban
 from sipguard.policy.suspensions import SuspensionStore, suspension_key
@@ -886,7 +886,8 @@ async def test_metrics_of_every_worker_in_one_scrape(
 
 async def test_calls_and_bans_shapes(tmp_path: Path, peers: tuple[Peer, Peer]) -> None:
     """GET /calls lists a live call with its fields and counts; GET /bans lists bans with the
-    flood rule on, DELETE /bans/{source} lifts one."""
+    flood rule on (at most MAX_BANS_SHOWN, with their total; ?source= one), DELETE
+    /bans/{source} lifts one."""
     caller, core = peers
     guard = await start_guard(tmp_path, core,
                               "rules:\n  concurrency: {per_caller: 5}\n  flood: {}\n")
@@ -913,13 +914,27 @@ async def test_calls_and_bans_shapes(tmp_path: Path, peers: tuple[Peer, Peer]) -
             for i in range(MAX_CALLS_SHOWN + 5):
                 del dialogs[f"made-up-{i}"]
         status, body = await request("GET", guard.url + "/bans")
-        assert status == 200 and body == {"bans": []}
-        guard.server.state.flood.bans.clear()
+        assert status == 200 and body == {"bans": [], "total": 0}
+        bans = guard.server.state.flood.bans
+        bans.clear()
         now = guard.server.loop.time()
-        guard.server.state.flood.bans["192.0.2.7"] = Ban(now, now + 60, "flood")
+        bans["192.0.2.7"] = Ban(now, now + 60, "flood")
         status, body = await request("GET", guard.url + "/bans")
         (ban,) = body["bans"]
-        assert ban["source"] == "192.0.2.7" and ban["reason"] == "flood"
+        assert ban["source"] == "192.0.2.7" and ban["reason"] == "flood" and body["total"] == 1
+        # a botnet's worth of bans: a bounded answer that says so, and one found by ?source=
+        for i in range(MAX_BANS_SHOWN + 50):
+            bans[f"198.18.{i // 256}.{i % 256}"] = Ban(now, now + 60, "flood")
+        bans["198.18.200.1"] = Ban(now - 120, now - 60, "flood")  # ended: not listed
+        status, body = await request("GET", guard.url + "/bans")
+        assert len(body["bans"]) == MAX_BANS_SHOWN and body["truncated"] is True
+        assert body["total"] == MAX_BANS_SHOWN + 51
+        status, body = await request("GET", guard.url + "/bans?source=198.18.3.250")
+        assert [b["source"] for b in body["bans"]] == ["198.18.3.250"] and body["total"] == 1
+        status, body = await request("GET", guard.url + "/bans?source=198.18.200.1")
+        assert body == {"bans": [], "total": 0}
+        for i in range(MAX_BANS_SHOWN + 50):
+            del bans[f"198.18.{i // 256}.{i % 256}"]
         status, body = await request("DELETE", guard.url + "/bans/192.0.2.7")
         assert status == 200 and body == {"lifted": "192.0.2.7"}
         assert (await request("DELETE", guard.url + "/bans/192.0.2.7"))[0] == 404
