@@ -712,7 +712,10 @@ class Server:
         rules' state carry on."""
         self.cfg = cfg
         self.metrics.config_loaded = time.time()  # sipguard_config_loaded_timestamp_seconds
+        backlog = self.tcp.limits.listen_backlog
         self.tcp.limits = tcp_limits(cfg)
+        if self.tcp.limits.listen_backlog != backlog:
+            self.tcp.relisten()
         self.tcp.tls = tls if tls is not None else tls_contexts(cfg)
         self.core.set_overload_retry_after(cfg.sip.overload_retry_after_s)
         self.core.reconfigure(proxy_settings(cfg, self.worker), policy, self.loop.time())
@@ -1551,6 +1554,7 @@ def tcp_limits(cfg: Config) -> TcpLimits:
         connect_timeout_s=sip.tcp_connect_timeout_s,
         exempt=frozenset((cfg.core.host,)) if _is_ip(cfg.core.host) else frozenset(),
         ipv6_prefix=sip.ipv6_prefix,
+        listen_backlog=sip.tcp_listen_backlog,
     )
 
 

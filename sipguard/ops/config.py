@@ -222,6 +222,13 @@ class SipSettings(ConfigModel):
         "below lowers the cap to fit (`fd_limit_low` at start, gauge "
         "`tcp_connections_limit`).",
     )
+    tcp_listen_backlog: int = Field(
+        default=1024, ge=1, le=65535,
+        description="TCP and TLS connections the kernel completes and holds for sipguard to "
+        "accept, per listener (listen(2) backlog; the kernel caps it at "
+        "`net.core.somaxconn`). A burst of connects beyond it (trunks and phones reconnecting "
+        "at once after an outage) has its SYNs dropped and retried 1 s, 3 s, 7 s later.",
+    )
     tcp_max_connections_per_ip: int = Field(
         default=64, ge=1,
         description="TCP connections with one IP address (an IPv6 one: its `ipv6_prefix` "

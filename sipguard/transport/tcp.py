@@ -82,6 +82,7 @@ certificate's subject CN and SAN DNS names are kept in ``TcpConnection.peer_name
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import itertools
 import os
@@ -115,7 +116,6 @@ _INT = struct.Struct("i")
 _NO_INT = bytes(_INT.size)
 PARTIAL_MIN = 3  # buffered bytes that may be a ping's first half, not a partial message
 HARD_CAP_FACTOR = 4  # abort a paused connection whose buffer passes this × write_buffer_max
-BACKLOG = 100  # a listener's accept queue (asyncio's and uvloop's default)
 ACCEPT_BATCH = 64  # connections accepted per wake-up of a listener; then the loop runs on
 ACCEPT_RETRY_S = 0.5  # accepting paused this long when accept() failed and none could be shed
 # accept() failing for lack of descriptors (EMFILE: the process's, ENFILE: the system's) or of
@@ -144,6 +144,7 @@ class TcpLimits:
     connect_timeout_s: float = 5.0
     exempt: frozenset[str] = frozenset()  # remote IPs neither capped nor counted (the core)
     ipv6_prefix: int = 64  # an IPv6 source is capped with its network of this many bits
+    listen_backlog: int = 1024  # a listener's accept queue (listen(2); somaxconn caps it)
 
 
 class TcpConnection(asyncio.Protocol):
@@ -455,11 +456,18 @@ class TcpPool:
         spreads new connections over them). Raises OSError (the address in use, not local)."""
         if tls and (self.tls is None or self.tls.server is None):
             raise ValueError("a tls listener needs a server certificate (tls.cert_file)")
-        socks = await bind_stream(self.loop, host, port, reuse_port)
+        socks = await bind_stream(self.loop, host, port, reuse_port, self.limits.listen_backlog)
         if self._spare < 0:
             self._spare = _open_spare()
         for sock in socks:
             self.servers.append(Listener(self, sock, local, tls))
+
+    def relisten(self) -> None:
+        """Every listener's accept queue resized to ``limits.listen_backlog`` (a reload):
+        listen(2) again on a listening socket only changes its backlog."""
+        for listener in self.servers:
+            with contextlib.suppress(OSError):  # (a listener closed meanwhile)
+                listener.sock.listen(self.limits.listen_backlog)
 
     def accepted(self, listener: Listener, sock: socket.socket, addr: tuple[str, int]) -> None:
         """A connection ``listener`` accepted: admitted (else closed at once, counted by
@@ -723,11 +731,13 @@ class Listener:
 
 
 async def bind_stream(
-    loop: asyncio.AbstractEventLoop, host: str, port: int, reuse_port: bool = False
+    loop: asyncio.AbstractEventLoop, host: str, port: int, reuse_port: bool = False,
+    backlog: int = 1024,
 ) -> list[socket.socket]:
     """Listening TCP sockets on ``host:port``, as ``loop.create_server`` binds them: one per
     address ``host`` resolves to (SO_REUSEADDR; IPV6_V6ONLY on IPv6; SO_REUSEPORT when
-    ``reuse_port``), non-blocking. Raises OSError (every socket made closed)."""
+    ``reuse_port``), non-blocking, each accepting ``backlog`` connections ahead. Raises
+    OSError (every socket made closed)."""
     infos = await loop.getaddrinfo(host or None, port, family=socket.AF_UNSPEC,
                                    type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     socks: list[socket.socket] = []
@@ -745,7 +755,7 @@ async def bind_stream(
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             sock.bind(address)
-            sock.listen(BACKLOG)
+            sock.listen(backlog)
             sock.setblocking(False)
     except OSError:
         for sock in socks:

@@ -7,6 +7,7 @@ import asyncio
 import json
 import re
 import socket
+import subprocess
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -1105,3 +1106,34 @@ async def test_readyz_and_calls_report_the_shared_state(
         assert (status, body) == (503, {"ready": False, "state": "unreachable"})
     finally:
         await guard.server.stop()
+
+
+def _backlogs(port: int) -> list[int]:
+    """The accept-queue size of each socket listening on TCP ``port`` (`ss`: a listening
+    socket's Send-Q is its backlog)."""
+    out = subprocess.run(["ss", "-Hltn", "sport", "=", f":{port}"], capture_output=True,
+                         text=True, check=True).stdout
+    return [int(line.split()[2]) for line in out.splitlines()]
+
+
+async def test_the_tcp_accept_queue_is_the_configured_backlog_and_a_reload_resizes_it(
+        tmp_path: Path, peers: tuple[Peer, Peer]) -> None:
+    """sip.tcp_listen_backlog is each TCP listener's accept queue; a reload resizes it on
+    the listening socket (no new socket, no connection refused meanwhile)."""
+    _, core = peers
+    sip_port, admin_port = _free_tcp_port(), _free_tcp_port()
+    path = tmp_path / "sipguard.yaml"
+    base = (f"listen: [udp://127.0.0.1:{_free_udp_port()}, tcp://127.0.0.1:{sip_port}]\n"
+            f"core: udp://127.0.0.1:{core.port}\n"
+            f"admin: {{listen: 127.0.0.1:{admin_port}}}\n")
+    path.write_text(base + "sip: {tcp_listen_backlog: 37}\n")
+    server = Server(load_config(path), load=lambda: load_config(path))
+    await server.start()
+    try:
+        assert _backlogs(sip_port) == [37]
+        path.write_text(base + "sip: {tcp_listen_backlog: 600}\n")
+        status, body = await request("POST", f"http://127.0.0.1:{admin_port}/reload")
+        assert status == 200 and body["applied"] and body["changed"] == ["sip"], body
+        assert _backlogs(sip_port) == [600]
+    finally:
+        await server.stop()
