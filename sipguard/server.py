@@ -74,7 +74,7 @@ from sipguard.transport.https_fetch import HttpsFetcher
 from sipguard.transport.redis_client import Where, connect
 from sipguard.transport.redis_pipe import RespPipe
 from sipguard.transport.redis_state import SharedStore
-from sipguard.transport.tcp import TcpLimits, TcpPool
+from sipguard.transport.tcp import TcpLimits, TcpPool, listen_overflows
 from sipguard.transport.tls import TlsContexts, build_contexts
 from sipguard.transport.udp import SendThread, UdpEndpoint, open_udp
 from sipguard.transport.worker_link import WorkerLink, opens_call
@@ -571,6 +571,8 @@ class Server:
             "live_dialog_bytes": float(proxy.dialog_bytes),
             "client_transactions": len(proxy.clients),
             "tcp_connections": len(self.tcp.by_id),
+            "tcp_accept_queue_ratio": self.tcp.accept_queue_fill(),
+            "kernel_tcp_listen_overflows": listen_overflows() or 0.0,
             "udp_receive_queue_ratio": self.overload.queue_fill,
             "udp_receive_queue_delay_seconds": self.overload.queue_delay,
             "tcp_reader_behind_seconds": self.overload.stream_behind,

@@ -129,6 +129,36 @@ _GONE = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.ENOPROTOOPT, errno.EH
                    errno.EINTR})
 
 _ids = itertools.count(1)
+# struct tcp_info's tcpi_unacked and tcpi_sacked (bytes 24-31): on a listening socket, Linux
+# reports there the accept queue's length and its size
+_TCP_INFO_QUEUE = struct.Struct("II")
+
+
+def accept_queue(sock: socket.socket) -> tuple[int, int] | None:
+    """(connections waiting to be accepted, the queue's size) of a listening socket; None
+    where the kernel does not say (not Linux)."""
+    try:
+        raw = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 32)
+    except (OSError, AttributeError):
+        return None
+    if len(raw) < 32:
+        return None
+    waiting, size = _TCP_INFO_QUEUE.unpack_from(raw, 24)
+    return waiting, size
+
+
+def listen_overflows() -> float | None:
+    """The kernel's count of connections a full accept queue turned away (TcpExt
+    ListenOverflows in /proc/net/netstat: this network namespace, every listener, since boot);
+    None where it cannot be read."""
+    try:
+        with open("/proc/net/netstat", encoding="ascii") as f:
+            lines = [line.split() for line in f if line.startswith("TcpExt:")]
+    except OSError:
+        return None
+    if len(lines) != 2 or "ListenOverflows" not in lines[0]:
+        return None
+    return float(lines[1][lines[0].index("ListenOverflows")])
 
 
 @dataclass(frozen=True, slots=True)
@@ -461,6 +491,17 @@ class TcpPool:
             self._spare = _open_spare()
         for sock in socks:
             self.servers.append(Listener(self, sock, local, tls))
+
+    def accept_queue_fill(self) -> float:
+        """The fullest listener's accept queue, as a share of its size (0.0: no listener, or
+        the kernel does not say)."""
+        fill = 0.0
+        for listener in self.servers:
+            if not listener.closed:
+                got = accept_queue(listener.sock)
+                if got is not None and got[1] > 0:
+                    fill = max(fill, got[0] / got[1])
+        return fill
 
     def relisten(self) -> None:
         """Every listener's accept queue resized to ``limits.listen_backlog`` (a reload):

@@ -1119,7 +1119,8 @@ def _backlogs(port: int) -> list[int]:
 async def test_the_tcp_accept_queue_is_the_configured_backlog_and_a_reload_resizes_it(
         tmp_path: Path, peers: tuple[Peer, Peer]) -> None:
     """sip.tcp_listen_backlog is each TCP listener's accept queue; a reload resizes it on
-    the listening socket (no new socket, no connection refused meanwhile)."""
+    the listening socket (no new socket, no connection refused meanwhile). /metrics shows the
+    fullest queue's fill and the kernel's count of connections full queues turned away."""
     _, core = peers
     sip_port, admin_port = _free_tcp_port(), _free_tcp_port()
     path = tmp_path / "sipguard.yaml"
@@ -1135,5 +1136,8 @@ async def test_the_tcp_accept_queue_is_the_configured_backlog_and_a_reload_resiz
         status, body = await request("POST", f"http://127.0.0.1:{admin_port}/reload")
         assert status == 200 and body["applied"] and body["changed"] == ["sip"], body
         assert _backlogs(sip_port) == [600]
+        status, text = await request("GET", f"http://127.0.0.1:{admin_port}/metrics")
+        assert re.search(r"^sipguard_tcp_accept_queue_ratio 0\.0$", text, re.M), text
+        assert re.search(r"^sipguard_kernel_tcp_listen_overflows \d+\.0$", text, re.M), text
     finally:
         await server.stop()

@@ -23,7 +23,7 @@ import pytest
 
 from sipguard.sip.errors import SipParseError
 from sipguard.transport import tcp
-from sipguard.transport.tcp import TcpLimits, TcpPool
+from sipguard.transport.tcp import TcpLimits, TcpPool, accept_queue, listen_overflows
 
 LOCAL = 3  # the listener's index, as the shell numbers its endpoints
 MAX_SIZE = 2048
@@ -831,3 +831,21 @@ def test_without_its_spare_descriptor_the_listener_pauses_and_serves_the_waiting
     assert states == ["waiting"] * 4
     assert 0 < per_second <= 12  # one per pause of 0.1 s: no spin
     assert served == 5
+
+
+def test_the_accept_queue_of_a_listener_is_read_from_the_kernel() -> None:
+    """accept_queue() reads a listening socket's waiting connections and its queue size
+    (TCP_INFO); listen_overflows() the kernel's count of connections a full queue turned
+    away."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        assert accept_queue(listener) == (0, 8)
+        clients = [socket.create_connection(listener.getsockname(), timeout=2) for _ in range(5)]
+        try:
+            assert accept_queue(listener) == (5, 8)
+        finally:
+            for c in clients:
+                c.close()
+    overflows = listen_overflows()
+    assert overflows is not None and overflows >= 0
