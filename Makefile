@@ -73,7 +73,8 @@ run: install native
 test: install native tools
 	$(VENV)/bin/ruff check sipguard tests loadtest
 	$(VENV)/bin/mypy
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q tests/e2e
+	$(PY) -m pytest -q -n 2 tests/unit
 
 lint: install
 	$(VENV)/bin/ruff check sipguard tests loadtest
