@@ -891,7 +891,7 @@ class SharedStore:
                     if len(batch) >= 200:
                         await self._marks_read(batch, found)
                         batch = []
-                    if len(found) >= limit or asyncio.get_running_loop().time() > deadline:
+                    if len(found) > limit or asyncio.get_running_loop().time() > deadline:
                         more = True
                         break
                 await self._marks_read(batch, found)

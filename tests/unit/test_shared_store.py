@@ -571,6 +571,12 @@ async def test_cooldown_marks_are_listed_across_the_keyspace_and_bounded(redis_u
         assert [m[:3] for m in marks if m[0] == "origin"] == [("origin", "198.51.100.7", 0)]
         marks, more = await a.cooldown_marks(("caller",), None, 10) or ([], False)
         assert len(marks) == 10 and more
+        marks, more = await a.cooldown_marks(("caller",), None, 30) or ([], True)
+        assert len(marks) == 30 and not more  # exactly the limit: nothing left out
+        for i in range(170):  # 200 in all: one full batch of reads
+            await a.mark(f"dialer.block.callee:+1303555{i:04d}", 3, 300)
+        marks, more = await a.cooldown_marks(("caller", "callee"), None, 200) or ([], True)
+        assert len(marks) == 200 and not more
         assert await a.cooldown_marks(("caller",), "+12125550007", 10) == (
             [("caller", "+12125550007", 3, pytest.approx(300_000, abs=10_000))], False)
         assert await a.cooldown_marks(("callee",), "+12125550007", 10) == ([], False)
