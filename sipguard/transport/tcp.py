@@ -772,8 +772,7 @@ class Listener:
 
 
 async def bind_stream(
-    loop: asyncio.AbstractEventLoop, host: str, port: int, reuse_port: bool = False,
-    backlog: int = 1024,
+    loop: asyncio.AbstractEventLoop, host: str, port: int, reuse_port: bool, backlog: int,
 ) -> list[socket.socket]:
     """Listening TCP sockets on ``host:port``, as ``loop.create_server`` binds them: one per
     address ``host`` resolves to (SO_REUSEADDR; IPV6_V6ONLY on IPv6; SO_REUSEPORT when
