@@ -356,23 +356,25 @@ def _operations(fn: Callable[[], object]) -> int:
 
 
 def test_history_info_dedup_is_linear() -> None:
-    """Finding the diverting entries of 4,000 History-Info entries costs 4x 1,000, not 16x
-    (each entry forwarded the call on, so every one is listed; before, each was searched for
-    among those listed: 15.9x as many operations). Counted in operations when the module runs
-    as Python, timed when it is compiled."""
+    """Finding the diverting entries of 8,000 History-Info entries costs about 8x 1,000, not
+    64x (each entry forwarded the call on, so every one is listed; before, each was searched
+    for among those listed: 15.9x as many operations at 4x the entries). Counted in operations
+    when the module runs as Python, timed when it is compiled: the sizes 8x apart keep a
+    linear cost (8x, up to ~12x with another process on the CPU's caches) far from a
+    quadratic one (64x)."""
     def chain(n: int) -> list[history_info.HistoryInfoEntry]:
         parts = [f"<sip:+1{i:010d}@example.com>;index=1.{i}" + (f";mp=1.{i - 1}" if i else "")
                  for i in range(n)]
         return parse_history_info(", ".join(parts))
 
-    small, big = chain(1000), chain(4000)
-    assert len(diverting_entries(big)) == 3999
+    small, big = chain(1000), chain(8000)
+    assert len(diverting_entries(big)) == 7999
     if history_info.__file__.endswith(".py"):
         ratio = (_operations(lambda: diverting_entries(big))
                  / _operations(lambda: diverting_entries(small)))
     else:
         ratio = _cpu(lambda: diverting_entries(big)) / _cpu(lambda: diverting_entries(small))
-    assert ratio < 8, ratio
+    assert ratio < 24, ratio
 
 
 def test_history_info_dedup_lists_each_diverting_entry_once() -> None:
