@@ -282,6 +282,9 @@ class EdgeCore:
     def same_party(self, dialog: Dialog, flow: Flow) -> bool:
         return self.policy.same_party(dialog, flow)
 
+    def same_peer(self, sent: Flow, flow: Flow) -> bool:
+        return self.policy.same_peer(sent, flow)
+
     def asserts_identity(self, flow: Flow) -> bool:
         return self.policy.asserts_identity(flow)
 

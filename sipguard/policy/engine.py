@@ -286,6 +286,17 @@ class Policy:
         peer = self._peer_of(flow)
         return peer is not None and peer.name == name
 
+    def same_peer(self, sent: Flow, flow: Flow) -> bool:
+        """An answer from another address of the peer its request was sent to (a carrier's
+        second SBC answering for the first)."""
+        if not self.peers:
+            return False
+        owner = self.peers.lookup(sent.addr[0])
+        if owner is None:
+            return False
+        peer = self._peer_of(flow)
+        return peer is not None and peer.name == owner.name
+
     def _peer_of(self, flow: Flow) -> Peer | None:
         """The peer a message comes from: by source address, and — for a peer with
         ``tls_subject`` — only over TLS with a verified client certificate naming it."""

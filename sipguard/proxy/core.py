@@ -135,6 +135,11 @@ class Admission(Protocol):
         exact address the call came from (e.g. another address of the same peer)."""
         ...
 
+    def same_peer(self, sent: Flow, flow: Flow) -> bool:
+        """Whether an answer from ``flow`` may come for a request sent to ``sent``, another
+        address: both are addresses of one configured peer (a carrier's second SBC)."""
+        ...
+
     def silent_to(self, flow: Flow) -> bool:
         """Whether ``flow``'s source hears nothing from sipguard (an unknown source with
         ``unknown_source: drop``): not even the answer to a request that does not parse."""
@@ -172,6 +177,9 @@ class AcceptAll:
     def same_party(self, dialog: Dialog, flow: Flow) -> bool:
         return False
 
+    def same_peer(self, sent: Flow, flow: Flow) -> bool:
+        return False
+
     def silent_to(self, flow: Flow) -> bool:
         return False
 
@@ -183,6 +191,31 @@ class AcceptAll:
 
 # ";branch=z9hG4bKsg..." in a raw Via line: the first one is the top value's.
 _OUR_BRANCH: Final = re.compile(rb";[ \t]*branch[ \t]*=[ \t]*(" + build.OUR_PREFIX_BYTES + rb"[0-9a-z.]+)")
+
+
+def _via_sent(line: bytes, branch_at: int) -> bytes:
+    """The protocol and sent-by of the Via value that ends at ``branch_at`` (its ";branch")
+    in a raw Via line: lower-case, without the header name, parameters or whitespace (LWS may
+    stand around "/" and ":", RFC 3261 §25.1). b"" when a comma comes first: then the branch
+    is a later value's, and the line's top value is someone else's."""
+    value = line[line.find(b":") + 1:branch_at]
+    if b"," in value:
+        return b""
+    semi = value.find(b";")
+    if semi >= 0:
+        value = value[:semi]  # parameters before the branch (a next hop that reordered them)
+    return b"".join(value.split()).lower()
+
+
+def _our_via_sent(data: bytes) -> bytes:
+    """What :func:`_via_sent` reads from the Via sipguard put on its own request ``data``."""
+    m = _OUR_BRANCH.search(data, data.find(b"\n") + 1)
+    if m is None:
+        return b"-"  # equal to no response's
+    start = data.rfind(b"\n", 0, m.start()) + 1
+    return _via_sent(data[start:m.start()], m.start() - start)
+
+
 # A verstat parameter (3GPP TS 24.229 §7.2A.20) anywhere in a From or P-Asserted-Identity line,
 # however written: in the user part, as a URI parameter after the host, as a URI header
 # (?verstat= / &verstat=), as a header parameter; any case, %-escaped letters (the parser
@@ -237,6 +270,22 @@ SWEEP_BATCH: Final = 500
 SWEEP_PAUSE_S: Final = 0.01
 # Addresses of cores a reload replaced, whose calls may still be up (see Proxy._is_core)
 MAX_FORMER_CORES: Final = 16
+
+
+def _same_host(a: str, b: str) -> bool:
+    """Two address literals of one host: equal text, or the same address written another
+    way (IPv6 spelling, brackets, an IPv4-mapped IPv6 address); host names only as equal."""
+    if a == b:
+        return True
+    try:
+        x, y = ipaddress.ip_address(a.strip("[]")), ipaddress.ip_address(b.strip("[]"))
+    except ValueError:
+        return False
+    if isinstance(x, ipaddress.IPv6Address) and x.ipv4_mapped is not None:
+        x = x.ipv4_mapped
+    if isinstance(y, ipaddress.IPv6Address) and y.ipv4_mapped is not None:
+        y = y.ipv4_mapped
+    return x == y
 
 
 def _is_ip(host: str) -> bool:
@@ -1633,13 +1682,31 @@ class Proxy:
     def _on_response(self, msg: Message, flow: Flow, now: float) -> None:
         # The top Via of a response for us is the one sipguard wrote: read its branch straight
         # from the raw line (a response whose top Via is not ours is stray either way).
-        m = _OUR_BRANCH.search(msg.lines[msg.indexes("via")[0]])
+        line = msg.lines[msg.indexes("via")[0]]
+        m = _OUR_BRANCH.search(line)
         branch = m.group(1).decode("ascii") if m is not None else ""
         ours_end = m.end() if m is not None else 0
         method = msg.cseq[1]
         ct = self.clients.get(table_key(branch, method)) if branch.startswith(build.OUR_PREFIX) else None
+        if ct is not None and m is not None:
+            ours = ct.sent_by
+            if not ours:
+                ours = ct.sent_by = _our_via_sent(ct.data)
+            if _via_sent(line, m.start()) != ours:
+                ct = None
         if ct is None:
+            # RFC 3261 §18.1.2: a top Via whose sent-by sipguard did not write — our branch
+            # under another address — is discarded, however its branch matches
             self.events.append(Dropped("stray_response", f"{msg.status} {msg.call_id}", flow))
+            return
+        sent = ct.flow
+        if not _same_host(flow.addr[0], sent.addr[0]) and _is_ip(sent.addr[0]) and \
+                not self.admission.same_peer(sent, flow):
+            # an answer comes from the host its request went to (or another address of that
+            # peer): one from elsewhere with the right branch saw the request on its way —
+            # a 200 with its own Contact would take the call (RFC 3261 §18.2.2 sends answers
+            # from where the request was taken)
+            self.events.append(Dropped("response_source", f"{msg.status} {msg.call_id}", flow))
             return
         if ct.method in SUBSCRIPTION_CREATING and not _is_ip(ct.flow.addr[0]):
             # a SUBSCRIBE / REFER the core sent to a host name (the shell resolved it): its

@@ -91,7 +91,7 @@ class ServerTxn:
 class ClientTxn:
     __slots__ = ("branch", "method", "data", "flow", "server", "state", "provisional",
                  "cancel_wanted", "cancel_sent", "timer", "timeout", "interval", "held", "sent",
-                 "probe", "cancel_reason", "answered_by", "pins_for")
+                 "probe", "cancel_reason", "answered_by", "pins_for", "sent_by")
 
     def __init__(
         self, branch: str, method: str, data: bytes, flow: Flow, server: ServerTxn | None
@@ -119,6 +119,9 @@ class ClientTxn:
         # the call whose answers this INVITE's are (its first 2xx confirmed it): another
         # fork's 2xx pins its tag there (Proxy._on_response)
         self.pins_for: Dialog | None = None
+        # the protocol and sent-by of sipguard's Via in ``data``, as core._via_sent reads
+        # them (b"" until the first answer needs them): an answer's top Via must show them
+        self.sent_by = b""
 
     def sent_msg(self) -> Message:
         if self.sent is None:

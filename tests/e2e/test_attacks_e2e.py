@@ -175,3 +175,39 @@ def test_an_unknown_source_is_not_a_reflector(stack: E2EStack, core: Core) -> No
             sender.close()
             victim.close()
         assert core.received == []
+
+
+def test_an_answer_is_taken_only_from_where_its_request_went_with_our_via(
+    stack: E2EStack, core: Core
+) -> None:
+    """A call rings at the core. A 200 for it with sipguard's branch — the core's own answer
+    as sipguard would get it — sent from another address, and one from the core with the
+    branch under another sent-by (RFC 3261 §18.1.2), both carrying an attacker's Contact:
+    the caller hears neither; the core's real 200 then reaches it."""
+    _, port = stack.sipguard(core_port=core.port, listen=("udp",))
+    caller = Caller(port)
+    injector = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    injector.bind((STRANGER, 0))
+    core.ring = frozenset({"inj-1"})
+    try:
+        caller.send(caller.request("INVITE", "inj-1"))
+        deadline = time.monotonic() + 3.0
+        while "INVITE" not in core.methods("inj-1") and time.monotonic() < deadline:
+            time.sleep(0.02)
+        [invite] = [d for d in core.received if d.startswith(b"INVITE") and b"inj-1" in d]
+        assert core.invite_from is not None
+        real = core.response(invite, 200, "OK")
+        evil = real.replace(f"<sip:core@{HOST}:{core.port}>".encode(),
+                            f"<sip:evil@{STRANGER}:5099>".encode())
+        assert evil != real
+        injector.sendto(evil, core.invite_from)
+        ours = header(invite, "Via").split(";", 1)[0]  # "SIP/2.0/UDP 127.0.0.1:port"
+        core.sock.sendto(evil.replace(ours.encode(), b"SIP/2.0/UDP 127.0.0.2:5099"),
+                         core.invite_from)
+        assert caller.finals(1.0) == []
+        core.sock.sendto(real, core.invite_from)
+        [ok] = caller.finals()
+        assert _status(ok) == 200 and b"evil@" not in ok
+    finally:
+        injector.close()
+        caller.close()

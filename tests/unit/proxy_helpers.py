@@ -49,6 +49,9 @@ class DecideOnly:
     def same_party(self, dialog: Dialog, flow: Flow) -> bool:
         return False
 
+    def same_peer(self, sent: Flow, flow: Flow) -> bool:
+        return False
+
     def silent_to(self, flow: Flow) -> bool:
         return False
 

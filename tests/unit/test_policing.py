@@ -1044,6 +1044,26 @@ def test_a_call_the_core_placed_hears_another_address_of_the_peer_it_went_to() -
     assert [m.method for m in to(out, CORE)] == ["BYE"]
 
 
+def test_a_call_the_core_placed_is_answered_by_the_peer_not_by_a_stranger() -> None:
+    """The core's INVITE to a carrier (peer networks 203.0.113.50/31) went to .50: a 200 with
+    its branch from an unknown source, or from another peer, is dropped (``response_source``)
+    and never reaches the core; the carrier's other SBC (.51) may answer for .50."""
+    h = PolicyHarness(extra_yaml="peers:\n  - name: carrier-b\n    networks: [203.0.113.50/31]\n"
+                      "  - name: carrier-c\n    networks: [203.0.113.60/32]\n")
+    out_call = invite(branch="z9hG4bK-oc2", call_id="out-2", via_host="10.0.0.10:5080",
+                      uri="sip:+12125550100@203.0.113.50:5060")
+    [leg] = [m for m in to(h.send(out_call, src=CORE), REMOTE) if m.method == "INVITE"]
+    forged = answer(leg, 200, "OK", to_tag="evil")
+    for src in (STRANGER, ("203.0.113.60", 5060)):
+        assert to(h.send(forged, src=src), CORE) == []
+    assert [e.kind for e in h.events if isinstance(e, Dropped)
+            and e.kind == "response_source"] == ["response_source"] * 2
+    [dialog] = h.proxy.dialogs.values()
+    assert dialog.callee_tag is None  # no answer taken
+    out = h.send(answer(leg, 200, "OK", to_tag="rt2"), src=("203.0.113.51", 5060))
+    assert [m.status for m in to(out, CORE)] == [200] and dialog.callee_tag == "rt2"
+
+
 def test_end_calls_cancels_a_suspended_numbers_ringing_calls() -> None:
     """end_calls while a call of the number rings: a CANCEL goes to the core, whose 487
     reaches the caller, and the call ends (reason suspended, slot freed). A second ringing

@@ -486,6 +486,48 @@ def test_stray_response_is_dropped_and_reported() -> None:
     assert [e.kind for e in h.events if isinstance(e, Dropped)] == ["stray_response"]
 
 
+def test_a_response_with_our_branch_under_another_sent_by_is_discarded() -> None:
+    """RFC 3261 §18.1.2: a response whose top Via sent-by is not what sipguard wrote is
+    discarded, even with its branch; the same Via written with other spacing, case, a compact
+    name or a parameter moved before the branch is still ours."""
+    h = Harness()
+    req = _to(h.send(invite()), CORE)[0]
+    ours = req.values("via")[0]
+    assert ours.startswith("SIP/2.0/UDP 192.0.2.1:5060;branch=")
+    branch = ours[ours.index(";branch="):]
+    ring = answer(req, 180, "Ringing")
+    for forged in ("SIP/2.0/UDP 10.9.9.9:5060", "SIP/2.0/UDP 192.0.2.1:5061",
+                   "SIP/2.0/TCP 192.0.2.1:5060", "SIP/2.0/UDP 192.0.2.11:5060"):
+        stray = ring.replace(f"Via: {ours}".encode(), f"Via: {forged}{branch}".encode())
+        assert stray != ring
+        assert h.send(stray, src=CORE) == []
+    # our branch in the second value of the top line: the top value is someone else's
+    second = ring.replace(f"Via: {ours}".encode(),
+                          f"Via: SIP/2.0/UDP 10.9.9.9;branch=z9hG4bK-x, {ours}".encode())
+    assert h.send(second, src=CORE) == []
+    assert [e.kind for e in h.events if isinstance(e, Dropped)] == ["stray_response"] * 5
+    respaced = ring.replace(f"Via: {ours}".encode(),
+                            f"v: sip / 2.0 / udp  192.0.2.1 : 5060 ;x=1{branch}".encode())
+    assert [m.status for m in _to(h.send(respaced, src=CORE), CALLER)] == [180]
+    assert [m.status for m in _to(h.send(answer(req, 200, "OK"), src=CORE), CALLER)] == [200]
+
+
+def test_an_answer_from_another_host_than_its_request_went_to_is_dropped() -> None:
+    """An answer with the right branch and Via from a host the INVITE was not sent to (one
+    that saw the request on its way and answers with its own Contact) is dropped as
+    ``response_source``; the host it went to may answer from another port."""
+    h = Harness()
+    req = _to(h.send(invite()), CORE)[0]
+    forged = answer(req, 200, "OK").replace(b"\r\nContent-Length",
+                                             b"\r\nContact: <sip:evil@203.0.113.66>\r\nContent-Length")
+    assert h.send(forged, src=("203.0.113.66", 5080)) == []
+    assert h.send(forged, src=CALLER) == []
+    assert [e.kind for e in h.events if isinstance(e, Dropped)] == ["response_source"] * 2
+    ring = _to(h.send(answer(req, 180, "Ringing"), src=(CORE[0], 6000)), CALLER)
+    assert [m.status for m in ring] == [180]
+    assert [m.status for m in _to(h.send(answer(req, 200, "OK"), src=CORE), CALLER)] == [200]
+
+
 def test_a_request_too_large_for_udp_once_forwarded_gets_513() -> None:
     """An INVITE just under the size limit that sipguard's Via and Record-Route would push
     past what one UDP datagram carries: 513 to the caller at once (not 408 after Timer B),

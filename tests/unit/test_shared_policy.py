@@ -113,7 +113,7 @@ async def test_rejected_and_cancelled_calls_give_their_slot_back(redis_url: str)
         # the core refuses the call: the slot comes back
         _, fwd = await h.invite(1)
         assert fwd is not None
-        h.feed(h_answer(fwd, 486))
+        h.feed(h_answer(fwd, 486), src=CORE)
         await h.settle()
         assert await members(store, f"caller:{CALLER_NO}") == []
         # cancelled while Redis was answering: given back when the answer comes
@@ -220,7 +220,7 @@ async def test_a_redis_that_answers_too_late_leaves_no_phantom_slot(
             assert len(await members(store, f"caller:{CALLER_NO}")) == 1
             got, second = await h.invite(3)
             assert second is None and [m.status for m in got][-1] == 403
-            h.feed(h_answer(fwd, 486))  # it ends: its slot comes back
+            h.feed(h_answer(fwd, 486), src=CORE)  # it ends: its slot comes back
             await h.settle()
         assert await members(store, f"caller:{CALLER_NO}") == []
         got, fwd = await h.invite(2)

@@ -689,11 +689,11 @@ async def test_a_stopped_lock_holder_opens_the_breaker_until_it_lets_go(
         assert fields["what"] == "admit"
         # calls end while it is open: their releases are kept, nobody waits
         started = time.perf_counter()
-        h.feed(h_answer(up, 486))  # the call up before
+        h.feed(h_answer(up, 486), src=CORE)  # the call up before
         if fail_open:
             first = answers[0][1]
             assert first is not None
-            h.feed(h_answer(first, 486))  # one admitted meanwhile
+            h.feed(h_answer(first, 486), src=CORE)  # one admitted meanwhile
         await h.settle()
         assert await shm.counts([caller]) is None and await shm.refresh() == 0
         assert time.perf_counter() - started < 0.05
