@@ -51,6 +51,7 @@ from sipguard.ops.config_load import (
     ConfigError,
     config_with_overrides,
     load_config,
+    located,
     parse_config_as,
     read_config,
     region_advice,
@@ -68,6 +69,7 @@ from sipguard.ops.logging import (
 )
 from sipguard.ops.reload import changed_keys, held_back
 from sipguard.policy.engine import Policy
+from sipguard.policy.settings import ListFileError
 from sipguard.policy.state import RuleState
 from sipguard.server import Server, StartupError, tls_contexts
 from sipguard.state.shared_memory import create_segment
@@ -207,8 +209,13 @@ def _call(args: argparse.Namespace, method: str, path: str, body: Any = None) ->
     except ValueError:
         answer = {"error": raw.decode("utf-8", "replace").strip()[:200]}
     if status == 401:
-        raise AdminError("admin API refused the request (401): give --token-file or "
-                         "$SIPGUARD_TOKEN")
+        if not token:
+            raise AdminError("admin API refused the request (401): it needs a token: give "
+                             "--token-file or $SIPGUARD_TOKEN")
+        where = f"--token-file {args.token_file}" if getattr(args, "token_file", None) \
+            else "$SIPGUARD_TOKEN"
+        raise AdminError(f"admin API refused the request (401): the token from {where} is "
+                         "not the one in its admin.token_file (changed there and reloaded?)")
     return status, answer
 
 
@@ -262,9 +269,11 @@ def _verb(args: argparse.Namespace) -> int:
         status, answer = _call(args, "POST", "/reload")
         if status == 422 and isinstance(answer, dict):
             for err in answer.get("errors", []):
-                line = err.get("line") or "-"
+                where = err.get("file") or "-"
+                if err.get("line"):
+                    where += f":{err['line']}"
                 field = f" {err['field']}:" if err.get("field") else ""
-                print(f"sipguard: reload refused: {line}:{field} {err.get('message')}",
+                print(f"sipguard: reload refused: {where}:{field} {err.get('message')}",
                       file=sys.stderr)
             return EXIT_CONFIG
         result: Any = _ok(status, answer)
@@ -428,8 +437,11 @@ async def _serve(source: ConfigSource, args: argparse.Namespace, cfg: Config,
     link = SupervisorLink(args.supervisor_fd) if args.supervisor_fd is not None else None
     try:
         server = Server(cfg, load=source.load, worker=args.worker_index,
-                        group=args.group_dir)
-    except (OSError, ValueError) as exc:  # a number list (numbers_file, dno_file) is unreadable
+                        group=args.group_dir, config_file=source.path)
+    except ListFileError as exc:  # a number list (numbers_file, dno_file): unreadable, bad lines
+        print(str(located(exc, source.path)), file=sys.stderr)
+        return EXIT_CONFIG
+    except (OSError, ValueError) as exc:
         print(f"sipguard: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     if fds is not None:
@@ -559,14 +571,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "check-config":
         try:
             cfg = load_config(args.file)
-            # the rules built as `run` builds them: number lists, trust anchors, patterns
-            Policy(cfg, RuleState())
-            _check_files(cfg)
         except ConfigError as exc:
             print(str(exc), file=sys.stderr)
             return EXIT_CONFIG
-        except (OSError, ValueError) as exc:  # a number list unreadable or with a bad line
-            print(f"sipguard: {exc}", file=sys.stderr)
+        # the rules built as `run` builds them (number lists, trust anchors, patterns), then
+        # the other files it reads: every problem of the two said in one run
+        problems = []
+        for check in (lambda: Policy(cfg, RuleState()), lambda: _check_files(cfg)):
+            try:
+                check()
+            except ListFileError as exc:
+                problems.append(str(located(exc, args.file)))
+            except (OSError, ValueError) as exc:
+                problems.append(f"{args.file}: {exc}")
+        if problems:
+            print("\n".join(problems), file=sys.stderr)
             return EXIT_CONFIG
         for advice in region_advice(cfg):
             print(f"{args.file}: note: {advice}", file=sys.stderr)

@@ -280,8 +280,11 @@ class Server:
         load: Callable[[], Config] | None = None,
         worker: int | None = None,
         group: str | None = None,
+        config_file: str = "",
     ) -> None:
         self.cfg = cfg
+        # the file ``load`` reads, named in a refused reload's errors ("" when none)
+        self.config_file = config_file
         # the directory the supervisor made for this host's workers: the shared-memory state
         # segment, the hand-over's secret and port files (None: one process, no supervisor)
         self.group = group
@@ -776,7 +779,7 @@ class Server:
         (``reload_others``), which read the same file."""
         async with self._reload_lock:
             if self.load is None:
-                return failure(ValueError("no config file to reload from"))
+                return failure(ValueError("no config file to reload from"), "")
             try:
                 new = await asyncio.to_thread(self.load)
                 changed = changed_keys(self.cfg, new)
@@ -787,13 +790,9 @@ class Server:
                 # (anything else is a bug, but the running config stays and the operator is
                 # told, not left with a reload that silently did nothing)
                 result = failure(exc if isinstance(exc, (ConfigError, OSError, ValueError))
-                                 else ValueError(f"internal error: {exc!r}"))
+                                 else ValueError(f"internal error: {exc!r}"), self.config_file)
                 self.counters["config_reload_failed"] += 1
-                self.log.error(
-                    "config_reload_failed",
-                    errors=[f"{e.line or '-'}:{f' {e.path}:' if e.path else ''} {e.message}"
-                            for e in result.errors],
-                )
+                self.log.error("config_reload_failed", errors=result.error_lines())
                 return result
             if not applied:
                 self.log.info("config_reload_superseded", detail="a newer reload won")

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ValidationError
 
 from sipguard.ops.config import Config
 from sipguard.ops.endpoints import Endpoint
+from sipguard.policy.settings import ListFileError
 
 __all__ = [
     "ConfigError",
@@ -90,6 +91,44 @@ def parse_config_as(text: str, path: str | Path) -> Config:
     relative paths in it resolved against that file's folder (not the working directory) —
     the text a file held earlier, read again as that file. Raises :class:`ConfigError`."""
     return parse_config(text, source=str(path), base_dir=Path(path).resolve().parent)
+
+
+def located(exc: ListFileError, source: str | Path) -> ConfigError:
+    """A number list's error as a :class:`ConfigError` naming the config file, the line of the
+    key that names the list (``peers[2].numbers_file``) and the list's own bad lines. The
+    file is read again for the line; if it cannot be, the error still names the key."""
+    path, line = _key_path(exc.key), None
+    try:
+        node = yaml.compose(Path(source).read_text(encoding="utf-8"), Loader=_Loader)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        node = None
+    if isinstance(node, yaml.MappingNode):
+        loc = list(exc.key)
+        if len(loc) > 1 and loc[0] == "peers" and isinstance(loc[1], str):
+            loc[1] = _peer_index(node, loc[1])
+        path, line = _key_path(tuple(loc)), _line_of(node, tuple(loc))
+    return ConfigError(str(source), [ConfigIssue(path, line, str(exc))])
+
+
+def _peer_index(root: yaml.MappingNode, name: str) -> int | str:
+    """The index of the peer called ``name`` in the ``peers`` list (or ``name`` itself)."""
+    for key, value in root.value:
+        if isinstance(key, yaml.ScalarNode) and key.value == "peers" and \
+                isinstance(value, yaml.SequenceNode):
+            for i, item in enumerate(value.value):
+                if isinstance(item, yaml.MappingNode) and any(
+                        isinstance(k, yaml.ScalarNode) and k.value == "name" and
+                        isinstance(v, yaml.ScalarNode) and v.value == name
+                        for k, v in item.value):
+                    return i
+    return name
+
+
+def _key_path(loc: tuple[str | int, ...]) -> str:
+    path = ""
+    for part in loc:
+        path = _join(path, part)
+    return path
 
 
 class _Loader(yaml.SafeLoader):

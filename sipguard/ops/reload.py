@@ -10,8 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydantic import BaseModel
+
 from sipguard.ops.config import Config
-from sipguard.ops.config_load import ConfigError, ConfigIssue
+from sipguard.ops.config_load import ConfigError, ConfigIssue, located
+from sipguard.policy.schema import PeerConfig
+from sipguard.policy.settings import ListFileError
 
 # Top-level keys a running sipguard cannot take over: sockets and files opened at start.
 RESTART_KEYS = ("listen", "admin", "metrics", "state_dir", "state", "workers", "worker_port_base",
@@ -51,13 +55,19 @@ class ReloadResult:
     superseded: bool = False  # a newer reload won (only when reloads bypass the lock)
     # several workers: how many others the supervisor was asked to reload (None: one process)
     others: int | None = None
+    source: str = ""  # the file the errors are in ("" when there is none)
+
+    def error_lines(self) -> list[str]:
+        """Each error as ``FILE:LINE: FIELD: message`` (as ``check-config`` prints them)."""
+        return [str(ConfigError(self.source or "-", [e])) for e in self.errors]
 
     def as_dict(self) -> dict[str, Any]:
         if self.errors:
             return {
                 "applied": False,
                 "errors": [
-                    {"line": e.line, "field": e.path, "message": e.message} for e in self.errors
+                    {"file": self.source or None, "line": e.line, "field": e.path,
+                     "message": e.message} for e in self.errors
                 ],
             }
         out: dict[str, Any] = {
@@ -73,12 +83,55 @@ class ReloadResult:
 
 
 def changed_keys(old: Config, new: Config) -> list[str]:
-    """Top-level keys whose value differs between two configs, in schema order."""
-    return [name for name in Config.model_fields if getattr(old, name) != getattr(new, name)]
+    """Top-level keys whose value differs between two configs, in schema order.
+
+    A peer's ``rules`` are the top-level rules with its overrides merged in, so a change of
+    the top-level rules changes every peer's: ``peers`` is then listed only when a peer's own
+    part changed — its other fields, the peers themselves, or an override of its own (a value
+    set or changed where the peer differs from the top level)."""
+    changed = []
+    for name in Config.model_fields:
+        before, after = getattr(old, name), getattr(new, name)
+        if before == after:
+            continue
+        if name == "peers" and old.rules != new.rules and not _peers_changed(old, new):
+            continue
+        changed.append(name)
+    return changed
 
 
-def failure(exc: ConfigError | OSError | ValueError) -> ReloadResult:
-    """A reload that could not build a config (a bad file, an unreadable number list)."""
+def _peers_changed(old: Config, new: Config) -> bool:
+    """Whether the peers differ in more than what the top-level rules' change explains."""
+    if len(old.peers) != len(new.peers):
+        return True
+    fields = [f for f in PeerConfig.model_fields if f != "rules"]
+    for a, b in zip(old.peers, new.peers, strict=True):
+        if any(getattr(a, f) != getattr(b, f) for f in fields):
+            return True
+        if _own_change(old.rules, new.rules, a.rules, b.rules):
+            return True
+    return False
+
+
+def _own_change(top_old: Any, top_new: Any, peer_old: Any, peer_new: Any) -> bool:
+    """Whether a peer's merged setting changed other than by following the top level's."""
+    if peer_old == peer_new and top_old == top_new:
+        return False
+    models = (top_old, top_new, peer_old, peer_new)
+    if all(isinstance(m, BaseModel) for m in models) and \
+            len({type(m) for m in models}) == 1:
+        return any(_own_change(*(getattr(m, f) for m in models))
+                   for f in type(peer_old).model_fields)
+    if peer_old == top_old and peer_new == top_new:
+        return False  # no override: it follows the top level
+    return bool(peer_old != peer_new or (peer_old == top_old) != (peer_new == top_new))
+
+
+def failure(exc: ConfigError | OSError | ValueError, source: str) -> ReloadResult:
+    """A reload that could not build a config (a bad file, an unreadable number list) from
+    the config file ``source``."""
+    if isinstance(exc, ListFileError) and source:
+        exc = located(exc, source)
     if isinstance(exc, ConfigError):
-        return ReloadResult(False, errors=list(exc.issues))
-    return ReloadResult(False, errors=[ConfigIssue("", None, str(exc))])
+        return ReloadResult(False, errors=list(exc.issues), source=exc.source)
+    return ReloadResult(False, errors=[ConfigIssue("", None, str(exc))], source=source)

@@ -66,6 +66,7 @@ from sipguard.contract import Verdict, identity_values, same_number
 from sipguard.policy import numbers
 from sipguard.policy.callerid_settings import Answers
 from sipguard.policy.peers import NumberSet, Peer, read_number_file
+from sipguard.policy.settings import ListFileError
 from sipguard.sip.errors import SipParseError
 from sipguard.sip.uri import MAX_HIDDEN, hidden_numbers
 
@@ -518,7 +519,12 @@ def load_list(ctx: BuildContext, path: Path) -> NumberSet:
     same = ctx.used_lists.get(key)
     if same is not None:  # one list per file in one build, even if it changes meanwhile
         return same[1]
-    st = path.stat()
+    try:
+        st = path.stat()
+    except OSError as exc:
+        raise ListFileError(("rules", "callerid", "dno_file"),
+                            f"callerid dno_file: cannot read {path}: {exc.strerror or exc}") \
+            from None
     stamp = (st.st_mtime_ns, st.st_size)
     hit = ctx.pending_lists.get(key) or ctx.state.list_files.get(key)
     if hit is not None and hit[0] == stamp:
@@ -527,7 +533,12 @@ def load_list(ctx: BuildContext, path: Path) -> NumberSet:
     try:
         numbers_set = NumberSet(read_number_file(path, ctx.state.pause), ctx.state.pause)
     except ValueError as exc:
-        raise ValueError(f"callerid dno_file: {exc}") from None
+        raise ListFileError(("rules", "callerid", "dno_file"),
+                            f"callerid dno_file: {exc}") from None
+    except OSError as exc:
+        raise ListFileError(("rules", "callerid", "dno_file"),
+                            f"callerid dno_file: cannot read {path}: {exc.strerror or exc}") \
+            from None
     ctx.pending_lists[key] = ctx.used_lists[key] = (stamp, numbers_set)
     return numbers_set
 

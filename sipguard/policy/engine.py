@@ -41,6 +41,7 @@ from sipguard.policy.peers import NumberSet, Pause, Peer, PeerTable, read_number
 from sipguard.policy.pipeline import Pipeline, Rule, Shared
 from sipguard.policy.schema import PeerConfig, RulesConfig
 from sipguard.policy.schema import PolicyConfig as Config
+from sipguard.policy.settings import ListFileError
 from sipguard.policy.state import RuleState
 from sipguard.sip.message import Message
 
@@ -108,7 +109,12 @@ def build_peer(pc: PeerConfig, ctx: BuildContext | None = None) -> Peer:
         if pc.numbers_file is not None and ctx is not None:
             key = "\n".join(("peer", str(pc.numbers_file), pc.default_region or "",
                              *pc.numbers))
-            st = pc.numbers_file.stat()
+            try:
+                st = pc.numbers_file.stat()
+            except OSError as exc:
+                raise ListFileError(("peers", pc.name, "numbers_file"),
+                                    f"peer {pc.name}: numbers_file: cannot read "
+                                    f"{pc.numbers_file}: {exc.strerror or exc}") from None
             stamp = (st.st_mtime_ns, st.st_size)
             # one list per file in one build, even if the file changes meanwhile (a list
             # this build uses is never retired by it)
@@ -134,7 +140,12 @@ def _peer_numbers(pc: PeerConfig, pause: Pause) -> NumberSet:
         try:
             patterns = read_number_file(pc.numbers_file, pause)
         except ValueError as exc:
-            raise ValueError(f"peer {pc.name}: numbers_file: {exc}") from None
+            raise ListFileError(("peers", pc.name, "numbers_file"),
+                                f"peer {pc.name}: numbers_file: {exc}") from None
+        except OSError as exc:
+            raise ListFileError(("peers", pc.name, "numbers_file"),
+                                f"peer {pc.name}: numbers_file: cannot read {pc.numbers_file}: "
+                                f"{exc.strerror or exc}") from None
         numbers.extend(patterns, pause)
     region = pc.default_region
     if region is not None:

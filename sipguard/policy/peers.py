@@ -29,6 +29,7 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 # entries of a number list handled between two calls of ``pause`` (~1 ms of work)
 YIELD_EVERY: Final = 4096
+BAD_LINES_SHOWN: Final = 20  # a number list's bad lines named in its error, at most
 CHUNK_CHARS: Final = 1 << 18  # of a list's text split into lines between two calls
 Pause = Callable[[], None] | None  # see RuleState.pause
 
@@ -118,8 +119,9 @@ def read_number_file(path: Path, pause: Pause = None) -> list[str]:
     """One number or ``prefix*`` per line (any line ending); ``#`` starts a comment; blank
     lines ignored; ``pause`` called every ``YIELD_EVERY`` lines.
 
-    Raises ValueError naming ``FILE:LINE`` for a line that is not a number or pattern (a typo
-    in a block list must not pass unnoticed), OSError when the file cannot be read.
+    Raises ValueError naming ``FILE:LINE`` for each line that is not a number or pattern (a
+    typo in a block list must not pass unnoticed; the first :data:`BAD_LINES_SHOWN`, then how
+    many more), OSError when the file cannot be read.
     """
     try:
         data = path.read_bytes()
@@ -130,21 +132,28 @@ def read_number_file(path: Path, pause: Pause = None) -> list[str]:
     except UnicodeDecodeError as exc:
         before = data[:exc.start]
         lines = before.splitlines()
-        bad = len(lines) + 1 if not lines or before.endswith((b"\n", b"\r")) else len(lines)
-        raise ValueError(f"{path}:{bad}: not UTF-8 text (a number list is one number or "
+        at = len(lines) + 1 if not lines or before.endswith((b"\n", b"\r")) else len(lines)
+        raise ValueError(f"{path}:{at}: not UTF-8 text (a number list is one number or "
                          "prefix* per line)") from None
     out = []
+    bad: list[str] = []  # the first bad lines, said
+    bad_count = 0
     for lineno, line in enumerate(_lines(content, pause), 1):
         if pause is not None and lineno % YIELD_EVERY == 0:
             pause()
         text = line.split("#", 1)[0].strip()
         if text:
             if NUMBER_PATTERN.fullmatch(text) is None:
-                raise ValueError(
-                    f"{path}:{lineno}: {text[:40]!r} is not a number or a prefix pattern "
-                    "like '+1212555*'"
-                )
+                bad_count += 1
+                if len(bad) < BAD_LINES_SHOWN:
+                    bad.append(f"{path}:{lineno}: {text[:40]!r} is not a number or a prefix "
+                               "pattern like '+1212555*'")
+                continue
             out.append(text)
+    if bad:
+        if bad_count > len(bad):
+            bad.append(f"{path}: and {bad_count - len(bad)} more such lines")
+        raise ValueError("\n".join(bad))
     return out
 
 

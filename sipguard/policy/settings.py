@@ -129,3 +129,14 @@ def networks(value: object) -> object:
             out.append(net)
         return tuple(out)
     return value
+
+
+class ListFileError(ValueError):
+    """A number list a config key names cannot be used (unreadable, bad lines). ``key`` is
+    that key's place in the config — ``("peers", "carrier-a", "numbers_file")`` (a peer by
+    its name), ``("rules", "callerid", "dno_file")`` — so that the error can name the
+    config file's line too (:func:`sipguard.ops.config_load.located`)."""
+
+    def __init__(self, key: tuple[str | int, ...], message: str) -> None:
+        super().__init__(message)
+        self.key = key

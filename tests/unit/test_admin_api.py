@@ -60,7 +60,7 @@ async def start_guard(
     sip_port, admin_port = ports or (_free_udp_port(), _free_tcp_port())
     path = tmp_path / "sipguard.yaml"
     path.write_text(_config_text(core, sip_port, admin_port, extra))
-    server = Server(load_config(path), load=lambda: load_config(path))
+    server = Server(load_config(path), load=lambda: load_config(path), config_file=str(path))
     await server.start()
     return Guard(server, path, sip_port, admin_port)
 
@@ -108,9 +108,10 @@ async def answered_call(guard: Guard, caller: Peer, core: Peer, call_id: str,
 
 
 async def test_token_is_required_when_configured(
-    tmp_path: Path, peers: tuple[Peer, Peer]
+    tmp_path: Path, peers: tuple[Peer, Peer], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """With a token file, operator endpoints answer 401 without the token, metrics stay open."""
+    monkeypatch.delenv("SIPGUARD_TOKEN", raising=False)
     _, core = peers
     (tmp_path / "token").write_text("s3cret\n")
     sip_port, admin_port = _free_udp_port(), _free_tcp_port()
@@ -135,6 +136,14 @@ async def test_token_is_required_when_configured(
         assert status == 200 and body == {"ready": True}
         status, body = await request("GET", url + "/config", token="s3cret")
         assert body["admin"]["token_file"] == "<redacted>"
+        # the CLI says which it is: no token given, or a token that is not the one
+        (tmp_path / "stale").write_text("0ld\n")
+        for extra, hint in (([], "it needs a token: give --token-file or $SIPGUARD_TOKEN"),
+                            (["--token-file", str(tmp_path / "stale")],
+                             f"the token from --token-file {tmp_path / 'stale'} is not the one")):
+            with pytest.raises(cli.AdminError, match=re.escape(hint)):
+                await asyncio.to_thread(cli._call, cli.build_parser().parse_args(
+                    ["suspensions", "--admin", url, *extra]), "GET", "/suspensions")
     finally:
         await server.stop()
 
@@ -745,7 +754,19 @@ async def test_reload_reports_errors_and_applies_a_valid_file(
         assert status == 422 and body["applied"] is False
         (error,) = body["errors"]
         assert error["field"] == "sip.max_message_size" and error["line"] == 5
+        assert error["file"] == str(guard.config)
         assert guard.server.metrics.config_loaded == loaded  # the old config still runs
+        # a number list with bad lines: the key's line in the config file, every bad line
+        (tmp_path / "nums.txt").write_text("+1212555*\nnot-a-number\n+1646\n12a\n")
+        guard.config.write_text(good + "peers:\n  - name: lab\n    networks: [127.0.0.9/32]\n"
+                                "    numbers_file: nums.txt\n")
+        status, body = await request("POST", guard.url + "/reload")
+        assert status == 422 and body["applied"] is False
+        (error,) = body["errors"]
+        assert (error["file"], error["line"], error["field"]) == \
+            (str(guard.config), 7, "peers[0].numbers_file"), error
+        assert "nums.txt:2: 'not-a-number'" in error["message"]
+        assert "nums.txt:4: '12a'" in error["message"], error
         guard.config.write_text(good + "rules:\n  concurrency: {per_caller: 1}\n")
         status, body = await request("POST", guard.url + "/reload")
         assert status == 200

@@ -423,3 +423,38 @@ def test_peers_without_a_region_under_called_number_limits_are_noted(tmp_path: P
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and done.stdout.strip().endswith(": OK"), done
     assert "note: peer 'pb' has no default_region" in done.stderr, done.stderr
+
+
+def test_check_config_says_every_number_list_line_and_file_problem_in_one_run(
+        tmp_path: Path) -> None:
+    """A peer's numbers_file with two bad lines and an admin API off loopback without a
+    token: one run of check-config names both bad lines at the key's line of the config, and
+    the admin problem; exit 2."""
+    (tmp_path / "nums.txt").write_text("+1212555*\nnot-a-number\n+1646\n12a\n")
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "listen: [udp://127.0.0.1:5060]\ncore: udp://127.0.0.1:5080\n"
+        "admin: {listen: 0.0.0.0:9099}\n"
+        "peers:\n  - name: lab\n    networks: [127.0.0.9/32]\n    numbers_file: nums.txt\n")
+    done = subprocess.run([sys.executable, "-m", "sipguard", "check-config", str(path)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done
+    assert f"{path}:7: peers[0].numbers_file: peer lab: numbers_file: " in done.stderr
+    assert "nums.txt:2: 'not-a-number' is not a number" in done.stderr
+    assert "nums.txt:4: '12a' is not a number" in done.stderr
+    assert "not loopback-only: set admin.token_file" in done.stderr, done.stderr
+
+
+def test_a_number_list_names_its_first_bad_lines_and_counts_the_rest(tmp_path: Path) -> None:
+    """25 bad lines: the first 20 named with FILE:LINE, then how many more."""
+    from sipguard.policy.peers import BAD_LINES_SHOWN, read_number_file
+
+    (tmp_path / "l.txt").write_text("+1212555*\n" + "".join(f"x{i}\n" for i in range(25)))
+    with pytest.raises(ValueError) as info:
+        read_number_file(tmp_path / "l.txt")
+    lines = str(info.value).splitlines()
+    assert len(lines) == BAD_LINES_SHOWN + 1 == 21
+    assert lines[0] == f"{tmp_path / 'l.txt'}:2: 'x0' is not a number or a prefix pattern " \
+        "like '+1212555*'"
+    assert lines[-1] == f"{tmp_path / 'l.txt'}: and 5 more such lines"
+
