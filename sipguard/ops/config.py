@@ -35,7 +35,7 @@ from pydantic import ConfigDict, Field, ValidationInfo, field_validator, model_v
 from sipguard.ops.endpoints import Endpoint, ListenUri, format_host, split_hostport
 from sipguard.ops.privacy import read_hash_key
 from sipguard.policy.schema import PeerConfig, RulesConfig, merge_peer_rules
-from sipguard.policy.settings import ConfigModel, ConfigPath
+from sipguard.policy.settings import ConfigModel, ConfigPath, number_list
 from sipguard.state.shared_memory import SET_CAP
 
 __all__ = [
@@ -766,13 +766,11 @@ class Config(ConfigModel):
                                      f"{peer.name!r}'s: an address belongs to one peer")
         return value
 
-    @field_validator("suspended")
+    @field_validator("suspended", mode="before")
     @classmethod
-    def _check_suspended(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        for item in value:
-            if not re.fullmatch(r"\+?[0-9 ().-]+", item.strip()):
-                raise ValueError(f"{item!r} is not a telephone number")
-        return value
+    def _check_suspended(cls, value: Any) -> Any:
+        return number_list(value, lambda t: re.fullmatch(r"\+?[0-9 ().-]+", t) is not None,
+                           "a telephone number")
 
     @property
     def ipv6_prefix(self) -> int:

@@ -9,12 +9,19 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
 from sipguard.policy.peers import NUMBER_PATTERN
-from sipguard.policy.settings import FROZEN, Answer, ConfigModel, ConfigPath, RuleSettings
+from sipguard.policy.settings import (
+    FROZEN,
+    Answer,
+    ConfigModel,
+    ConfigPath,
+    RuleSettings,
+    number_list,
+)
 
 # RFC 8606 isup-location-value (U, LPN, LN, TN, RLN, RPN, INTL, BI)
 Location = Literal["U", "LPN", "LN", "TN", "RLN", "RPN", "INTL", "BI"]
@@ -201,13 +208,11 @@ class Settings(RuleSettings):
         "`email` in production.",
     )
 
-    @field_validator("dno")
+    @field_validator("dno", mode="before")
     @classmethod
-    def _check_dno(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        for item in value:
-            if NUMBER_PATTERN.fullmatch(item.strip()) is None:
-                raise ValueError(f"{item!r} is not a number or a prefix pattern like '+1212555*'")
-        return value
+    def _check_dno(cls, value: Any) -> Any:
+        return number_list(value, lambda t: NUMBER_PATTERN.fullmatch(t) is not None,
+                           "a number or a prefix pattern like '+1212555*'")
 
     @field_validator("dno_file")
     @classmethod

@@ -6,13 +6,13 @@ and the roaming lookup's (:class:`RoamingLookup`). The rule itself is
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
 from sipguard.policy.callerid_settings import Redress
 from sipguard.policy.peers import NUMBER_PATTERN
-from sipguard.policy.settings import FROZEN, Answer, ConfigModel, RuleSettings
+from sipguard.policy.settings import FROZEN, Answer, ConfigModel, RuleSettings, number_list
 
 Action = Literal["block", "anonymise", "allow"]
 
@@ -119,10 +119,8 @@ class Settings(RuleSettings):
             out.append(digits)
         return tuple(out)
 
-    @field_validator("roaming_allow")
+    @field_validator("roaming_allow", mode="before")
     @classmethod
-    def _check_roaming(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        for item in value:
-            if NUMBER_PATTERN.fullmatch(item.strip()) is None:
-                raise ValueError(f"{item!r} is not a number or a prefix pattern like '+316*'")
-        return value
+    def _check_roaming(cls, value: Any) -> Any:
+        return number_list(value, lambda t: NUMBER_PATTERN.fullmatch(t) is not None,
+                           "a number or a prefix pattern like '+316*'")

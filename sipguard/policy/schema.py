@@ -30,7 +30,7 @@ from sipguard.policy.flood_settings import Settings as FloodSettings
 from sipguard.policy.identity_settings import Settings as IdentitySettings
 from sipguard.policy.national_cli_settings import Settings as NationalCliSettings
 from sipguard.policy.rate_settings import Settings as RateSettings
-from sipguard.policy.settings import FROZEN, ConfigModel, ConfigPath, networks
+from sipguard.policy.settings import FROZEN, ConfigModel, ConfigPath, networks, number_list
 
 __all__ = ["PeerConfig", "PolicyConfig", "RulesConfig", "merge_peer_rules"]
 
@@ -198,13 +198,11 @@ class PeerConfig(ConfigModel):
             raise ValueError(f"{value!r} is no region of the numbering plans{hint}")
         return value
 
-    @field_validator("numbers")
+    @field_validator("numbers", mode="before")
     @classmethod
-    def _check_numbers(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        for item in value:
-            if not re.fullmatch(r"\+?[0-9 ().-]+\*?|\*", item.strip()):
-                raise ValueError(f"{item!r} is not a number or a prefix pattern like '+1212555*'")
-        return value
+    def _check_numbers(cls, value: Any) -> Any:
+        return number_list(value, lambda t: re.fullmatch(r"\+?[0-9 ().-]+\*?|\*", t) is not None,
+                           "a number or a prefix pattern like '+1212555*'")
 
     @field_validator("numbers_file")
     @classmethod

@@ -140,3 +140,26 @@ class ListFileError(ValueError):
     def __init__(self, key: tuple[str | int, ...], message: str) -> None:
         super().__init__(message)
         self.key = key
+
+
+def number_list(value: Any, ok: typing.Callable[[str], bool], what: str) -> Any:
+    """A list of configured numbers checked before its type: every item that is not text (an
+    unquoted YAML number, which loses its ``+`` and leading zeros) or that ``ok`` refuses is
+    named in one error, with its place in the list — not only the first. ``what`` says what
+    an item must be ("a number or a prefix pattern like '+1212555*'")."""
+    if not isinstance(value, (list, tuple)):
+        return value
+    problems = []
+    for i, item in enumerate(value):
+        if isinstance(item, str):
+            if not ok(item.strip()):
+                problems.append(f"[{i}] {item[:40]!r} is not {what}")
+        elif isinstance(item, int) and not isinstance(item, bool):
+            problems.append(f"[{i}] {item} is a YAML number, not text: quote it, as "
+                            f"'+{item}' or '{item}'")
+        else:
+            problems.append(f"[{i}] {item!r} is not text: {what}")
+    if problems:
+        raise ValueError("; ".join(problems))
+    return value
+

@@ -458,3 +458,25 @@ def test_a_number_list_names_its_first_bad_lines_and_counts_the_rest(tmp_path: P
         "like '+1212555*'"
     assert lines[-1] == f"{tmp_path / 'l.txt'}: and 5 more such lines"
 
+
+
+def test_every_bad_item_of_a_number_list_is_said_at_once() -> None:
+    """A peer's numbers, a DNO list and the suspended list, each with a bad text and an
+    unquoted YAML number: one error per list, at its line, naming every bad item by its place
+    (before, the type error came first and the bad text only after it was fixed)."""
+    text = (
+        "listen: [udp://127.0.0.1:5060]\ncore: udp://127.0.0.1:5080\n"
+        "peers:\n  - name: a\n    networks: [127.0.0.2/32]\n"
+        "    numbers: ['+1212555*', abc, '+1-212', 12125550100]\n"
+        "rules:\n  callerid: {dno: ['+1800', x1, 18005550100]}\n"
+        "suspended: ['+1 212', 'abc*']\n")
+    with pytest.raises(ConfigError) as info:
+        parse_config(text)
+    assert [(i.line, i.path) for i in info.value.issues] == [
+        (6, "peers[0].numbers"), (8, "rules.callerid.dno"), (9, "suspended")]
+    numbers, dno, suspended = (i.message for i in info.value.issues)
+    assert numbers == ("[1] 'abc' is not a number or a prefix pattern like '+1212555*'; "
+                       "[3] 12125550100 is a YAML number, not text: quote it, as "
+                       "'+12125550100' or '12125550100'")
+    assert "[1] 'x1' is not" in dno and "[2] 18005550100 is a YAML number" in dno
+    assert suspended == "[1] 'abc*' is not a telephone number"
