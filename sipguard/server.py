@@ -789,8 +789,10 @@ class Server:
             except Exception as exc:  # ConfigError; OSError: a dno_file; ValueError
                 # (anything else is a bug, but the running config stays and the operator is
                 # told, not left with a reload that silently did nothing)
-                result = failure(exc if isinstance(exc, (ConfigError, OSError, ValueError))
-                                 else ValueError(f"internal error: {exc!r}"), self.config_file)
+                # (off the loop: a number list's error reads the config file for its line)
+                result = await asyncio.to_thread(
+                    failure, exc if isinstance(exc, (ConfigError, OSError, ValueError))
+                    else ValueError(f"internal error: {exc!r}"), self.config_file)
                 self.counters["config_reload_failed"] += 1
                 self.log.error("config_reload_failed", errors=result.error_lines())
                 return result
@@ -1335,10 +1337,21 @@ class Server:
         self.core.receive(data, Flow(transport, addr, local, conn), self.loop.time())
         self._schedule_flush()
 
-    def _on_stream_error(self, err: SipParseError, addr: tuple[str, int], local: int) -> None:
-        self.counters["parse_errors"] += 1
+    def _on_stream_error(self, err: SipParseError, addr: tuple[str, int], local: int,
+                         head: bytes | None, conn: int) -> None:
+        """A TCP/TLS stream that cannot be framed any further: its connection closes. A
+        message whose header block came whole (too large, its Content-Length missing or bad)
+        is answered first, as a datagram that does not parse is (513, 400): written now,
+        before the close."""
         self.sampled.log("warning", "stream_closed", key=f"stream:{addr[0]}", source=addr[0],
                          status=err.status, detail=err.detail)
+        if head is None:
+            self.counters["parse_errors"] += 1
+            return
+        c = self.tcp.by_id.get(conn)
+        transport = "tls" if c is not None and c.tls else "tcp"
+        self.core.proxy.stream_failed(err, head, Flow(transport, addr, local, conn))
+        self._flush()
 
     def _undelivered(self, dropped: list[bytes]) -> None:
         """Messages a failed outbound TCP/TLS connect dropped: the requests among them are

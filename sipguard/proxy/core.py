@@ -693,6 +693,19 @@ class Proxy:
             self._abandon(st.call, now)
 
     # ------------------------------------------------------------------ errors
+    def stream_failed(self, err: SipParseError, head: bytes, flow: Flow) -> None:
+        """A message on a TCP/TLS stream that could not be framed (larger than
+        ``max_message_size``, its Content-Length missing or bad) and whose header block
+        ``head`` came whole: answered ``err`` as a message that does not parse is; the
+        connection closes after it (the rest of the stream cannot be read)."""
+        msg: Message | None
+        try:
+            msg = parse_message(head + b"\r\n\r\n", max_size=len(head) + 4, datagram=True,
+                                limits=self.settings.parse_limits)
+        except SipParseError as bad:
+            msg = bad.partial
+        self._parse_failed(err, msg, flow)
+
     def _parse_failed(self, err: SipParseError, msg: Message | None, flow: Flow) -> None:
         answered = False
         if msg is not None and msg.method not in (None, "ACK") and msg.has("via") and not (

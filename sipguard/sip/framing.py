@@ -75,7 +75,7 @@ def _content_length(head: bytes) -> int:
 class StreamFramer:
     """Cuts a byte stream into SIP messages; one instance per connection."""
 
-    __slots__ = ("_buf", "_scanned", "_total", "error", "max_size")
+    __slots__ = ("_buf", "_scanned", "_total", "error", "error_head", "max_size")
 
     def __init__(self, max_size: int = 65535) -> None:
         self._buf = bytearray()
@@ -84,6 +84,9 @@ class StreamFramer:
         self.max_size = max_size
         # Set once the stream cannot be framed; from then on nothing is buffered or returned.
         self.error: SipParseError | None = None
+        # with it, the header block of the message that could not be framed when it came
+        # whole (too large, its Content-Length missing or bad): what its answer is built from
+        self.error_head: bytes | None = None
 
     def feed(self, data: bytes) -> list[bytes | object]:
         """Add received bytes; return complete messages (bytes) and PING markers, in order.
@@ -125,9 +128,15 @@ class StreamFramer:
                     self._scanned = len(buf)
                     break
                 self._scanned = 0
-                total = end + 4 + _content_length(bytes(buf[:end]))
-                if total > self.max_size:
-                    raise SipParseError(513, f"message of {total} bytes exceeds {self.max_size}")
+                head = bytes(buf[:end])
+                try:
+                    total = end + 4 + _content_length(head)
+                    if total > self.max_size:
+                        raise SipParseError(513, f"message of {total} bytes exceeds "
+                                                 f"{self.max_size}")
+                except SipParseError:
+                    self.error_head = head
+                    raise
                 self._total = total
             if len(buf) < total:
                 break

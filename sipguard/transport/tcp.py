@@ -101,7 +101,9 @@ from sipguard.sip.framing import PING, StreamFramer
 from sipguard.transport.tls import TlsContexts, peer_names
 
 MessageHandler = Callable[[bytes, tuple[str, int], int, int], None]  # data, addr, local, conn
-ErrorHandler = Callable[[SipParseError, tuple[str, int], int], None]
+# (the error, the source, the listener, the header block of the message it is about when that
+# came whole — see StreamFramer.error_head — and the connection's id)
+ErrorHandler = Callable[[SipParseError, tuple[str, int], int, bytes | None, int], None]
 EventHandler = Callable[[str, tuple[str, int], int], None]  # kind, remote address, count
 
 if sys.platform == "linux":
@@ -263,7 +265,9 @@ class TcpConnection(asyncio.Protocol):
                     self.awaiting_first = False
                 pool.on_message(item, self.addr, self.local, self.id)
         if framer.error is not None:  # what came before it is delivered; the rest is lost
-            pool.on_error(framer.error, self.addr, self.local)
+            # (its answer, if it gets one, is written before the close: close() sends what
+            # is buffered first)
+            pool.on_error(framer.error, self.addr, self.local, framer.error_head, self.id)
             self.close()
             return
         if framer.buffered <= PARTIAL_MIN:

@@ -157,3 +157,40 @@ def test_a_stream_of_keepalives_neither_stalls_sipguard_nor_sheds_calls(
         caller.close()
         flood.close()
         core.close()
+
+
+def test_a_message_a_stream_cannot_frame_is_answered_before_the_connection_closes(
+    stack: E2EStack,
+) -> None:
+    """Over TCP, an INVITE whose Content-Length is past sip.max_message_size hears 513, one
+    with two different Content-Lengths or none 400, each before sipguard closes the connection
+    (the rest of the stream cannot be read); the core gets none of them."""
+    core = Core()
+    _, port = stack.sipguard(core_port=core.port, listen=("udp", "tcp"))
+    cases = (
+        (b"Content-Length: 0", b"Content-Length: 70000", 513),
+        (b"Content-Length: 0", b"Content-Length: 0\r\nContent-Length: 5", 400),
+        (b"Content-Length: 0\r\n", b"", 400),
+    )
+    try:
+        for n, (old, new, status) in enumerate(cases):
+            conn = socket.create_connection((HOST, port), timeout=5,
+                                            source_address=(CLIENT_HOST, 0))
+            try:
+                via_port = conn.getsockname()[1]
+                data = _invite(port, via_port, f"unframed-{n}").replace(old, new)
+                assert data != _invite(port, via_port, f"unframed-{n}")
+                conn.sendall(data)
+                answer = read_head(conn)
+                assert answer.startswith(f"SIP/2.0 {status} ".encode()), (n, answer)
+                assert f"Call-ID: unframed-{n}".encode() in answer
+                conn.settimeout(5)
+                # then closed: nothing more, the end of the stream (or a reset) within 5 s
+                with contextlib.suppress(ConnectionResetError):
+                    assert conn.recv(65536) == b"", n
+            finally:
+                conn.close()
+        time.sleep(0.2)
+        assert core.received == []
+    finally:
+        core.close()

@@ -48,6 +48,7 @@ class Recorder:
     def __init__(self) -> None:
         self.messages: list[tuple[bytes, tuple[str, int], int, int]] = []
         self.errors: list[tuple[SipParseError, tuple[str, int], int]] = []
+        self.heads: list[bytes | None] = []  # the header block each error is about, if whole
         self.events: list[tuple[str, tuple[str, int], int]] = []
 
     def on_event(self, kind: str, addr: tuple[str, int], n: int) -> None:
@@ -59,8 +60,10 @@ class Recorder:
     def on_message(self, data: bytes, addr: tuple[str, int], local: int, conn: int) -> None:
         self.messages.append((data, addr, local, conn))
 
-    def on_error(self, err: SipParseError, addr: tuple[str, int], local: int) -> None:
+    def on_error(self, err: SipParseError, addr: tuple[str, int], local: int,
+                 head: bytes | None, conn: int) -> None:
         self.errors.append((err, addr, local))
+        self.heads.append(head)
 
 
 class Listening:
@@ -176,6 +179,7 @@ async def test_an_oversized_message_closes_the_connection_and_reports_513(
         (513, (client[0], client[1]), LOCAL)
     ]
     assert listening.rec.messages == []
+    assert listening.rec.heads == [msg(1, b"x" * (MAX_SIZE + 1)).split(b"\r\n\r\n")[0]]
     await until(lambda: not listening.pool.by_id and not listening.pool.by_addr)
 
 
@@ -186,6 +190,7 @@ async def test_an_endless_header_block_closes_the_connection(listening: Listenin
     writer.write(b"x" * (MAX_SIZE + 10))
     assert await closed_by_peer(reader)
     assert [e.status for e, _, _ in listening.rec.errors] == [513]
+    assert listening.rec.heads == [None]  # no header block to answer from
 
 
 async def test_garbage_without_content_length_closes_the_connection_with_400(
