@@ -82,7 +82,14 @@ from sipguard.proxy import build, keepalive
 from sipguard.proxy.dialogs import DialogTable, dialog_key, key_of, session_interval
 from sipguard.proxy.routing import Router, flow_is_core, remember
 from sipguard.proxy.settings import ProxySettings
-from sipguard.proxy.subscriptions import GRACE_S, Subscriptions, lasts, notified, subscriber
+from sipguard.proxy.subscriptions import (
+    GRACE_S,
+    Subscriptions,
+    granted,
+    lasts,
+    notified,
+    subscriber,
+)
 from sipguard.proxy.timers import TimerEntry, TimerQueue
 from sipguard.proxy.transactions import (
     ACCEPTED,
@@ -1133,11 +1140,12 @@ class Proxy:
             return
         self.subscriptions.drop_provisional(subscriber(msg, self._is_core(msg, st.flow)))
 
-    def _subscribed(self, st: ServerTxn, now: float) -> None:
-        """A SUBSCRIBE or REFER answered 2xx (the far end took it): a new subscription —
-        the outside party's host is where the core's request went, or where a party's came
-        from; a REFER within a call too, whose NOTIFYs may outlive the call (RFC 3515
-        §2.4.4) — or a refresh moving one's end. Nothing for a request the far end refused."""
+    def _subscribed(self, st: ServerTxn, now: float, answer: bytes) -> None:
+        """A SUBSCRIBE or REFER answered 2xx (``answer``: the far end took it): a new
+        subscription — the outside party's host is where the core's request went, or where a
+        party's came from; a REFER within a call too, whose NOTIFYs may outlive the call (RFC
+        3515 §2.4.4) — or a refresh moving one's end, for as long as the 2xx granted. Nothing
+        for a request the far end refused."""
         msg, ct = st.msg, st.client
         if msg is None or ct is None:
             return
@@ -1148,11 +1156,12 @@ class Proxy:
             host = (ct.flow if from_core else st.flow).addr[0]
             dialog = self.table.of(msg, from_core)[0] if msg.to_tag is not None else None
             pin_target, pin_routes = self._sub_pin(msg, from_core, dialog)
-            if subs.add(key, host, lasts(msg, now), now, False, pin_target, pin_routes):
+            if subs.add(key, host, granted(answer, lasts(msg, now), now), now, False,
+                        pin_target, pin_routes):
                 self.events.append(Noticed("subscription_forgotten",
                                            f"{len(subs)} subscriptions", st.flow))
         else:  # a refresh (Expires: 0 — an un-SUBSCRIBE — leaves GRACE_S)
-            subs.extend(key, lasts(msg, now))
+            subs.extend(key, granted(answer, lasts(msg, now), now))
 
     def _in_progress(self, msg: Message, flow: Flow, from_core: bool) -> bool:
         """True for a request within a live call from one of its sides while the transaction
@@ -1660,7 +1669,7 @@ class Proxy:
             st.timeout = self.timers.add(now + wait, self._on_timer_terminate_server, st)
             if st.method in SUBSCRIPTION_CREATING:
                 if status < 300:
-                    self._subscribed(st, now)
+                    self._subscribed(st, now, data)
                 else:
                     self._refused_subscription(st)
         self._settle(st, now)

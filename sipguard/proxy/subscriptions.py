@@ -21,6 +21,7 @@ table is full, and at the edge core's housekeeping (every few seconds). Only the
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Final
 
@@ -136,6 +137,21 @@ def lasts(msg: Message, now: float) -> float:
         return now + DEFAULT_S + GRACE_S
     expires = msg.get("expires")
     return now + (DEFAULT_S if expires is None else _seconds(expires)) + GRACE_S
+
+
+# An Expires header line in a raw header block (no compact form; RFC 3261 §20.19)
+_EXPIRES: Final = re.compile(rb"\r\nexpires[ \t]*:[ \t]*([0-9]{1,10})[ \t]*\r\n", re.IGNORECASE)
+
+
+def granted(answer: bytes, until: float, now: float) -> float:
+    """``until`` (what the SUBSCRIBE asked for, grace included) shortened to the Expires its
+    2xx ``answer`` granted: the notifier may shorten a subscription there, never lengthen it
+    (RFC 6665 §4.1.2.1)."""
+    end = answer.find(b"\r\n\r\n")
+    m = _EXPIRES.search(answer, 0, end + 2 if end >= 0 else len(answer))
+    if m is None:
+        return until
+    return min(until, now + min(float(m.group(1)), MAX_S) + GRACE_S)
 
 
 def _seconds(text: str) -> float:

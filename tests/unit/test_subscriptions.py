@@ -98,6 +98,25 @@ def test_a_subscription_ends_with_its_time_or_a_terminated_notify() -> None:
     assert to(out, CORE) == [] and statuses(out, REMOTE) == [481]
 
 
+def test_a_subscription_lasts_what_its_2xx_granted_not_what_was_asked() -> None:
+    """The core asks for 3,600 s; the PBX's 200 grants 120 (RFC 6665 §4.1.2.1: a notifier
+    may shorten it there): with no NOTIFY since, its NOTIFYs hear 481 once 120 s and the 32 s
+    grace have passed. A 2xx granting more than was asked does not lengthen it."""
+    for asked, grant, ends in ((3600, 120, 152), (60, 600, 92)):
+        h = PolicyHarness()
+        call_id = f"blf-g{grant}"
+        [sub] = [m for m in to(h.send(core_subscribe(call_id, asked), src=CORE), REMOTE)
+                 if m.method == "SUBSCRIBE"]
+        h.send(answer(sub, 200, "OK", to_tag="pbxtag").replace(
+            b"\r\nContent-Length", f"\r\nExpires: {grant}\r\nContent-Length".encode()),
+            src=REMOTE)
+        [entry] = h.proxy.subscriptions.table.values()
+        assert entry.until == h.now + ends, (asked, grant, entry.until - h.now)
+        h.advance(ends + 1)
+        out = h.send(notify(call_id), src=REMOTE)
+        assert to(out, CORE) == [] and statuses(out, REMOTE) == [481]
+
+
 def test_a_partys_own_subscription_can_be_refreshed() -> None:
     """A party outside subscribes to the core (SUBSCRIBE allowed): its refresh and its
     un-SUBSCRIBE reach the core — they heard 481, and the subscriber had to subscribe anew.
