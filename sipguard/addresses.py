@@ -18,6 +18,7 @@ the prefix moves each ban on a network to the new network of its first address.
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 
 _V4_MAPPED = bytes(10) + b"\xff\xff"
@@ -37,3 +38,13 @@ def source_key(ip: str, ipv6_prefix: int) -> str:
     drop = 128 - max(ipv6_prefix, 0)
     network = (int.from_bytes(packed, "big") >> drop) << drop
     return f"{socket.inet_ntop(socket.AF_INET6, network.to_bytes(16, 'big'))}/{128 - drop}"
+
+
+def unmapped(ip: ipaddress.IPv4Address | ipaddress.IPv6Address
+             ) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """The IPv4 address an IPv4-mapped IPv6 one (``::ffff:192.0.2.1``, a dual-stack socket's
+    view of an IPv4 source) stands for; any other address as it is."""
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+

@@ -125,6 +125,7 @@ def _peer_index(root: yaml.MappingNode, name: str) -> int | str:
 
 
 def _key_path(loc: tuple[str | int, ...]) -> str:
+    """``("peers", 0, "numbers")`` as the errors write it: ``peers[0].numbers``."""
     path = ""
     for part in loc:
         path = _join(path, part)
@@ -296,11 +297,8 @@ def _issues(exc: ValidationError, root: yaml.Node | None) -> list[ConfigIssue]:
         loc = tuple(error["loc"])
         if error["type"] == "too_short" and loc in bad_items:
             continue  # "no items left" only because an item was rejected: say that instead
-        path = ""
-        for part in loc:
-            path = _join(path, part)
         line = None if root is None else _line_of(root, loc)
-        issues.append(ConfigIssue(path, line, _message(error, loc)))
+        issues.append(ConfigIssue(_key_path(loc), line, _message(error, loc)))
     # A peer's rules are the top-level rules with its overrides merged in: a problem in the
     # top-level rules shows up once per peer too. Report it once, where it is written.
     top = {(i.path, i.message) for i in issues if i.path.startswith("rules.")}

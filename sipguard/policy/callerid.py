@@ -511,6 +511,9 @@ def _uri_with_verstat(uri: Uri, verstat: str | None) -> str | None:
 # ------------------------------------------------------------------------------- build
 
 
+DNO_FILE_KEY: Final = ("rules", "callerid", "dno_file")  # where it is set (ListFileError)
+
+
 def load_list(ctx: BuildContext, path: Path) -> NumberSet:
     """A number list file as a NumberSet, reused across peers and reloads while the file is
     unchanged (same mtime and size): a million-line DNO list is read once, not per peer. A
@@ -522,9 +525,7 @@ def load_list(ctx: BuildContext, path: Path) -> NumberSet:
     try:
         st = path.stat()
     except OSError as exc:
-        raise ListFileError(("rules", "callerid", "dno_file"),
-                            f"callerid dno_file: cannot read {path}: {exc.strerror or exc}") \
-            from None
+        raise ListFileError.unreadable(DNO_FILE_KEY, "callerid dno_file", path, exc) from None
     stamp = (st.st_mtime_ns, st.st_size)
     hit = ctx.pending_lists.get(key) or ctx.state.list_files.get(key)
     if hit is not None and hit[0] == stamp:
@@ -533,12 +534,9 @@ def load_list(ctx: BuildContext, path: Path) -> NumberSet:
     try:
         numbers_set = NumberSet(read_number_file(path, ctx.state.pause), ctx.state.pause)
     except ValueError as exc:
-        raise ListFileError(("rules", "callerid", "dno_file"),
-                            f"callerid dno_file: {exc}") from None
+        raise ListFileError(DNO_FILE_KEY, f"callerid dno_file: {exc}") from None
     except OSError as exc:
-        raise ListFileError(("rules", "callerid", "dno_file"),
-                            f"callerid dno_file: cannot read {path}: {exc.strerror or exc}") \
-            from None
+        raise ListFileError.unreadable(DNO_FILE_KEY, "callerid dno_file", path, exc) from None
     ctx.pending_lists[key] = ctx.used_lists[key] = (stamp, numbers_set)
     return numbers_set
 

@@ -112,9 +112,8 @@ def build_peer(pc: PeerConfig, ctx: BuildContext | None = None) -> Peer:
             try:
                 st = pc.numbers_file.stat()
             except OSError as exc:
-                raise ListFileError(("peers", pc.name, "numbers_file"),
-                                    f"peer {pc.name}: numbers_file: cannot read "
-                                    f"{pc.numbers_file}: {exc.strerror or exc}") from None
+                raise ListFileError.unreadable(_list_key(pc), f"peer {pc.name}: numbers_file",
+                                               pc.numbers_file, exc) from None
             stamp = (st.st_mtime_ns, st.st_size)
             # one list per file in one build, even if the file changes meanwhile (a list
             # this build uses is never retired by it)
@@ -131,6 +130,11 @@ def build_peer(pc: PeerConfig, ctx: BuildContext | None = None) -> Peer:
                 pc.tls_subject.lower() if pc.tls_subject else None)
 
 
+def _list_key(pc: PeerConfig) -> tuple[str, ...]:
+    """Where a peer's ``numbers_file`` is set, for an error about it (ListFileError)."""
+    return ("peers", pc.name, "numbers_file")
+
+
 def _peer_numbers(pc: PeerConfig, pause: Pause) -> NumberSet:
     """``numbers`` and the lines of ``numbers_file``; with ``default_region`` each national
     entry also as E.164 (a caller written either way is the same number)."""
@@ -140,12 +144,10 @@ def _peer_numbers(pc: PeerConfig, pause: Pause) -> NumberSet:
         try:
             patterns = read_number_file(pc.numbers_file, pause)
         except ValueError as exc:
-            raise ListFileError(("peers", pc.name, "numbers_file"),
-                                f"peer {pc.name}: numbers_file: {exc}") from None
+            raise ListFileError(_list_key(pc), f"peer {pc.name}: numbers_file: {exc}") from None
         except OSError as exc:
-            raise ListFileError(("peers", pc.name, "numbers_file"),
-                                f"peer {pc.name}: numbers_file: cannot read {pc.numbers_file}: "
-                                f"{exc.strerror or exc}") from None
+            raise ListFileError.unreadable(_list_key(pc), f"peer {pc.name}: numbers_file",
+                                           pc.numbers_file, exc) from None
         numbers.extend(patterns, pause)
     region = pc.default_region
     if region is not None:

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Final
 
+from sipguard.addresses import unmapped
+
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 # entries of a number list handled between two calls of ``pause`` (~1 ms of work)
@@ -222,11 +224,9 @@ class PeerTable:
 
     def _lookup(self, address: str) -> Peer | None:
         try:
-            ip = ipaddress.ip_address(address)
+            ip = unmapped(ipaddress.ip_address(address))
         except ValueError:
             return None
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
         value = int(ip)
         bits = 32 if ip.version == 4 else 128
         for (version, length), table in self._by_len:

@@ -141,6 +141,13 @@ class ListFileError(ValueError):
         super().__init__(message)
         self.key = key
 
+    @classmethod
+    def unreadable(cls, key: tuple[str | int, ...], what: str, path: Path,
+                   exc: OSError) -> ListFileError:
+        """The list file ``path`` (``what``: the setting, as the message names it) cannot be
+        read: missing, a permission, an I/O error."""
+        return cls(key, f"{what}: cannot read {path}: {exc.strerror or exc}")
+
 
 def number_list(value: Any, ok: typing.Callable[[str], bool], what: str) -> Any:
     """A list of configured numbers checked before its type: every item that is not text (an

@@ -60,6 +60,7 @@ from collections.abc import Callable
 from typing import Any, Final, Protocol
 from urllib.parse import unquote
 
+from sipguard.addresses import unmapped
 from sipguard.contract import (
     ACCEPT,
     Anonymise,
@@ -285,14 +286,10 @@ def _same_host(a: str, b: str) -> bool:
     if a == b:
         return True
     try:
-        x, y = ipaddress.ip_address(a.strip("[]")), ipaddress.ip_address(b.strip("[]"))
+        return unmapped(ipaddress.ip_address(a.strip("[]"))) == \
+            unmapped(ipaddress.ip_address(b.strip("[]")))
     except ValueError:
         return False
-    if isinstance(x, ipaddress.IPv6Address) and x.ipv4_mapped is not None:
-        x = x.ipv4_mapped
-    if isinstance(y, ipaddress.IPv6Address) and y.ipv4_mapped is not None:
-        y = y.ipv4_mapped
-    return x == y
 
 
 def _is_ip(host: str) -> bool:
