@@ -74,8 +74,13 @@ async def test_a_workers_reload_request_reaches_the_others_only(
     assert re.search(r"workers_reloading.*by_worker\W+0", out), out
 
 
-# worker 1 is still starting: no SIGHUP handler yet (the default action ends it)
-SLOW_WORKER = worker_script(before_handlers="if index == 1:\n    time.sleep(1.0)\n")
+# worker 1 is still starting: no SIGHUP handler yet (the default action ends it) until the
+# test lets it go on (the file "go"; a fixed sleep raced a slow start of worker 0 under load)
+SLOW_WORKER = worker_script(before_handlers=(
+    "import os\n"
+    "end = time.monotonic() + 10\n"
+    "while index == 1 and not os.path.exists(f'{out}/go') and time.monotonic() < end:\n"
+    "    time.sleep(0.01)\n"))
 
 
 async def test_a_sighup_while_a_worker_starts_reloads_the_ready_ones_and_kills_none(
@@ -96,6 +101,7 @@ async def test_a_sighup_while_a_worker_starts_reloads_the_ready_ones_and_kills_n
             await asyncio.sleep(0.02)
         assert sup.workers[0].ready and not sup.workers[1].ready
         sup._on_hup()
+        (tmp_path / "go").touch()
         while time.monotonic() < end and not sup.workers[1].ready:
             await asyncio.sleep(0.02)
         assert sup.workers[1].ready and sup._all_started
