@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import gc
 import json
 import os
@@ -68,7 +69,7 @@ from sipguard.ops.logging import (
     log_writer,
 )
 from sipguard.ops.reload import changed_keys, held_back
-from sipguard.policy.engine import Policy
+from sipguard.policy.engine import Policy, build_peer
 from sipguard.policy.settings import ListFileError
 from sipguard.policy.state import RuleState
 from sipguard.server import Server, StartupError, tls_contexts
@@ -574,14 +575,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ConfigError as exc:
             print(str(exc), file=sys.stderr)
             return EXIT_CONFIG
-        # the rules built as `run` builds them (number lists, trust anchors, patterns), then
-        # the other files it reads: every problem of the two said in one run
-        problems = []
-        for check in (lambda: Policy(cfg, RuleState()), lambda: _check_files(cfg)):
+        # each peer's number list, the rules built as `run` builds them (number lists, trust
+        # anchors, patterns), then the other files it reads: every problem said in one run
+        # (building the rules stops at the first peer whose list is bad: the lists are read
+        # one by one first, and a problem said twice is said once)
+        checks: list[Callable[[], object]] = [
+            functools.partial(build_peer, pc) for pc in cfg.peers if pc.numbers_file is not None]
+        checks += [lambda: Policy(cfg, RuleState()), lambda: _check_files(cfg)]
+        problems: list[str] = []
+        for check in checks:
             try:
                 check()
             except ListFileError as exc:
-                problems.append(str(located(exc, args.file)))
+                problem = str(located(exc, args.file))
+                if problem not in problems:
+                    problems.append(problem)
             except (OSError, ValueError) as exc:
                 problems.append(f"{args.file}: {exc}")
         if problems:
