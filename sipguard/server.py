@@ -1331,10 +1331,12 @@ class Server:
         else:
             self._schedule_flush()
 
-    def _on_stream_message(self, data: bytes, addr: tuple[str, int], local: int, conn: int) -> None:
+    def _stream_flow(self, addr: tuple[str, int], local: int, conn: int) -> Flow:
         c = self.tcp.by_id.get(conn)
-        transport = "tls" if c is not None and c.tls else "tcp"
-        self.core.receive(data, Flow(transport, addr, local, conn), self.loop.time())
+        return Flow("tls" if c is not None and c.tls else "tcp", addr, local, conn)
+
+    def _on_stream_message(self, data: bytes, addr: tuple[str, int], local: int, conn: int) -> None:
+        self.core.receive(data, self._stream_flow(addr, local, conn), self.loop.time())
         self._schedule_flush()
 
     def _on_stream_error(self, err: SipParseError, addr: tuple[str, int], local: int,
@@ -1348,9 +1350,7 @@ class Server:
         if head is None:
             self.counters["parse_errors"] += 1
             return
-        c = self.tcp.by_id.get(conn)
-        transport = "tls" if c is not None and c.tls else "tcp"
-        self.core.proxy.stream_failed(err, head, Flow(transport, addr, local, conn))
+        self.core.proxy.stream_failed(err, head, self._stream_flow(addr, local, conn))
         self._flush()
 
     def _undelivered(self, dropped: list[bytes]) -> None:

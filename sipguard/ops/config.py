@@ -38,6 +38,9 @@ from sipguard.policy.schema import PeerConfig, RulesConfig, merge_peer_rules
 from sipguard.policy.settings import ConfigModel, ConfigPath, number_list
 from sipguard.state.shared_memory import SET_CAP
 
+# an entry of `suspended`: a whole number, visual separators allowed
+_TELEPHONE_NUMBER = re.compile(r"\+?[0-9 ().-]+")
+
 __all__ = [
     "AdminSettings", "Config", "LogSettings", "MetricsSettings", "SentinelSettings", "SipSettings",
     "StateSettings", "TlsSettings",
@@ -769,8 +772,7 @@ class Config(ConfigModel):
     @field_validator("suspended", mode="before")
     @classmethod
     def _check_suspended(cls, value: Any) -> Any:
-        return number_list(value, lambda t: re.fullmatch(r"\+?[0-9 ().-]+", t) is not None,
-                           "a telephone number")
+        return number_list(value, _TELEPHONE_NUMBER, "a telephone number")
 
     @property
     def ipv6_prefix(self) -> int:

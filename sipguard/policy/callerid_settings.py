@@ -211,8 +211,7 @@ class Settings(RuleSettings):
     @field_validator("dno", mode="before")
     @classmethod
     def _check_dno(cls, value: Any) -> Any:
-        return number_list(value, lambda t: NUMBER_PATTERN.fullmatch(t) is not None,
-                           "a number or a prefix pattern like '+1212555*'")
+        return number_list(value, NUMBER_PATTERN, "a number or a prefix pattern like '+1212555*'")
 
     @field_validator("dno_file")
     @classmethod

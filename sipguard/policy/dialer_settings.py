@@ -50,7 +50,7 @@ from pydantic import Field, model_validator
 
 from sipguard.policy.callerid_settings import Redress
 from sipguard.policy.peers import NUMBER_PATTERN
-from sipguard.policy.settings import FROZEN, Answer, ConfigModel, RuleSettings
+from sipguard.policy.settings import FROZEN, Answer, ConfigModel, RuleSettings, number_list
 
 
 class _Counted(ConfigModel):
@@ -169,10 +169,9 @@ class Threshold(ConfigModel):
 
 
 def _patterns(value: tuple[str, ...]) -> tuple[str, ...]:
-    for item in value:
-        if NUMBER_PATTERN.fullmatch(item.strip()) is None:
-            raise ValueError(f"{item!r} is not a number or a prefix pattern like '+1900*'")
-    return value
+    checked: tuple[str, ...] = number_list(value, NUMBER_PATTERN,
+                                           "a number or a prefix pattern like '+1900*'")
+    return checked
 
 
 class Pumping(ConfigModel):

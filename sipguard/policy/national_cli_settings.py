@@ -122,5 +122,4 @@ class Settings(RuleSettings):
     @field_validator("roaming_allow", mode="before")
     @classmethod
     def _check_roaming(cls, value: Any) -> Any:
-        return number_list(value, lambda t: NUMBER_PATTERN.fullmatch(t) is not None,
-                           "a number or a prefix pattern like '+316*'")
+        return number_list(value, NUMBER_PATTERN, "a number or a prefix pattern like '+316*'")

@@ -35,6 +35,10 @@ from sipguard.policy.settings import FROZEN, ConfigModel, ConfigPath, networks, 
 __all__ = ["PeerConfig", "PolicyConfig", "RulesConfig", "merge_peer_rules"]
 
 
+# an entry of a peer's `numbers`: a number or prefix*, separators allowed, or "*"
+_PEER_NUMBER = re.compile(r"\+?[0-9 ().-]+\*?|\*")
+
+
 class RulesConfig(ConfigModel):
     """The ``rules:`` section: one key per rule, evaluated in the order the file lists them.
 
@@ -201,8 +205,7 @@ class PeerConfig(ConfigModel):
     @field_validator("numbers", mode="before")
     @classmethod
     def _check_numbers(cls, value: Any) -> Any:
-        return number_list(value, lambda t: re.fullmatch(r"\+?[0-9 ().-]+\*?|\*", t) is not None,
-                           "a number or a prefix pattern like '+1212555*'")
+        return number_list(value, _PEER_NUMBER, "a number or a prefix pattern like '+1212555*'")
 
     @field_validator("numbers_file")
     @classmethod

@@ -10,6 +10,7 @@ Every rule section in the config (``rules.<name>``) accepts these keys besides i
 from __future__ import annotations
 
 import ipaddress
+import re
 import types
 import typing
 from pathlib import Path
@@ -149,17 +150,18 @@ class ListFileError(ValueError):
         return cls(key, f"{what}: cannot read {path}: {exc.strerror or exc}")
 
 
-def number_list(value: Any, ok: typing.Callable[[str], bool], what: str) -> Any:
+def number_list(value: Any, pattern: re.Pattern[str], what: str) -> Any:
     """A list of configured numbers checked before its type: every item that is not text (an
-    unquoted YAML number, which loses its ``+`` and leading zeros) or that ``ok`` refuses is
-    named in one error, with its place in the list — not only the first. ``what`` says what
-    an item must be ("a number or a prefix pattern like '+1212555*'")."""
+    unquoted YAML number, which loses its ``+`` and leading zeros) or that ``pattern`` does not
+    match whole (spaces around it aside) is named in one error, with its place in the list —
+    not only the first. ``what`` says what an item must be ("a number or a prefix pattern like
+    '+1212555*'")."""
     if not isinstance(value, (list, tuple)):
         return value
     problems = []
     for i, item in enumerate(value):
         if isinstance(item, str):
-            if not ok(item.strip()):
+            if pattern.fullmatch(item.strip()) is None:
                 problems.append(f"[{i}] {item[:40]!r} is not {what}")
         elif isinstance(item, int) and not isinstance(item, bool):
             problems.append(f"[{i}] {item} is a YAML number, not text: quote it, as "

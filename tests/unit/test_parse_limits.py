@@ -381,7 +381,9 @@ def test_history_info_dedup_is_linear() -> None:
         ratio = (_operations(lambda: diverting_entries(big))
                  / _operations(lambda: diverting_entries(small)))
     else:
-        ratio = _cpu(lambda: diverting_entries(big)) / _cpu(lambda: diverting_entries(small))
+        # the least of three rounds: another process can only make a round look worse
+        ratio = min(_cpu(lambda: diverting_entries(big)) / _cpu(lambda: diverting_entries(small))
+                    for _ in range(3))
     assert ratio < 24, ratio
 
 
