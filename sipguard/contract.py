@@ -393,10 +393,12 @@ class Dialog:
     # the bytes its outside party's requests in live transactions hold (their ServerTxn.charged),
     # counted against sip.max_call_request_bytes
     request_bytes: int
-    # what its INVITE's From showed (a call that came in: the last eight digits of its number,
-    # else its user): the caller's later requests show the same or are refused (RFC 3261
-    # §12.2.1.1: From does not change in a dialog), but for its ACK and BYE
+    # what its INVITE's From showed (a call that came in: its number as the rules read it,
+    # else its user; and the number its display name showed, if any): the caller's later
+    # requests show the same or are refused (RFC 3261 §12.2.1.1: From does not change in a
+    # dialog), but for its ACK and BYE (proxy/core.py, _shows_another)
     from_user: str | None
+    from_display: str | None
 
     # Hand-written __init__s in this module: mypyc compiles them, where dataclass-made ones run
     # as Python (these objects are made for every call).
@@ -457,6 +459,7 @@ class Dialog:
         self.size = 0
         self.request_bytes = 0
         self.from_user = None
+        self.from_display = None
 
 
 @dataclass(slots=True, init=False)

@@ -57,8 +57,6 @@ for a caller number seen before (the number lookup is one cache hit, see
 
 from __future__ import annotations
 
-import re
-import unicodedata
 from typing import TYPE_CHECKING, Final
 from urllib.parse import unquote
 
@@ -68,7 +66,7 @@ from sipguard.policy.callerid_settings import Answers
 from sipguard.policy.peers import NumberSet, Peer, read_number_file
 from sipguard.policy.settings import ListFileError
 from sipguard.sip.errors import SipParseError
-from sipguard.sip.uri import MAX_HIDDEN, hidden_numbers
+from sipguard.sip.uri import MAX_HIDDEN, display_number, hidden_numbers
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -283,31 +281,6 @@ def _first_number(values: list[NameAddr]) -> str | None:
     return None
 
 
-def _display_digits(name: str | None) -> str | None:
-    """The telephone number a display name shows: a name without a (visible) letter, read
-    part by part — ``#``, ``,``, ``;``, ``/``, ``:`` end a part — as the first part's digits
-    (any script's, compatibility forms folded) with a leading ``+``, 6–15 of them, whatever
-    separates them: ``"+1 212 555 0100 #12"`` shows +12125550100. None for a name
-    (``Support 0800 123 456``) or a part of too few or many digits."""
-    if not name or not any(c.isdigit() for c in name):
-        return None
-    text = name if name.isascii() else "".join(
-        c for c in unicodedata.normalize("NFKC", name) if c not in _INVISIBLE
-        and unicodedata.category(c) != "Cf")
-    if any(c.isalpha() for c in text):
-        return None
-    for part in _DISPLAY_PARTS.split(text):
-        digits = "".join(str(unicodedata.decimal(c)) for c in part if c.isdecimal())
-        if 6 <= len(digits) <= 15:
-            return "+" + digits if part.lstrip(" \t*").startswith("+") else digits
-    return None
-
-
-# shown as blank, yet letters to str.isalpha (Hangul fillers)
-_INVISIBLE: Final = frozenset("\u115f\u1160\u3164\uffa0")
-_DISPLAY_PARTS: Final = re.compile("[#,;/:]")
-
-
 def _display_mismatch(msg: Message, pai: bool, caller: str, from_number: str | None,
                       region: str | None) -> bool:
     """The display name of From (or of any P-Asserted-Identity value, ``pai``) is a
@@ -316,7 +289,7 @@ def _display_mismatch(msg: Message, pai: bool, caller: str, from_number: str | N
     if pai:
         names.extend(na.display for na in msg.p_asserted_identities)
     for name in names:
-        digits = _display_digits(name)
+        digits = display_number(name)
         if digits is None:
             continue
         if not _shows(digits, caller, region) and (
@@ -356,7 +329,7 @@ def asserts_caller(msg: Message, caller: str | None, region: str | None) -> bool
     if number is not None and (caller is None or not _same_number(number, caller, region)):
         return False
     for na in values:
-        digits = _display_digits(na.display)
+        digits = display_number(na.display)
         if digits is not None and (caller is None or not _shows(digits, caller, region)):
             return False
     return True
@@ -441,11 +414,16 @@ def _with_verstat(na: NameAddr, verstat: str | None) -> str:
     uri_text = _uri_with_verstat(na.uri, verstat)
     raw = na.raw
     params = [(k, v) for k, v in na.params if k != "verstat"]
-    if uri_text is None and len(params) == len(na.params):
-        return raw
     old = "<" + na.uri.raw + ">"
     at = raw.find(old)
     display = raw[:at] if at >= 0 else ""
+    # a display name that spells a verstat ('"x;verstat=TN-Validation-Passed"') is left out:
+    # a receiver that looks for "verstat=" in the text would read it before ours
+    forged = "verstat" in display.lower()
+    if uri_text is None and len(params) == len(na.params) and not forged:
+        return raw
+    if forged:
+        display = ""
     tail = "".join(f";{k}" if v is None else f";{k}={v}" for k, v in params)
     return f"{display}<{uri_text or na.uri.raw}>{tail}"
 

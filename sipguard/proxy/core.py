@@ -108,7 +108,7 @@ from sipguard.sip.errors import SipParseError
 from sipguard.sip.message import Message, decode, header_line, raw_value
 from sipguard.sip.nameaddr import NameAddr, parse_name_addr_list
 from sipguard.sip.parser import parse_message
-from sipguard.sip.uri import Uri, hidden_number, parse_uri
+from sipguard.sip.uri import Uri, display_number, hidden_number, hidden_numbers, parse_uri
 from sipguard.sip.via import REST_AFTER_FIRST_VIA, after_first_via, parse_via_list
 
 
@@ -231,17 +231,58 @@ def _our_via_sent(data: bytes) -> bytes:
 # un-escapes), folded onto the next line. Its value ends at the "@" of a user part: the host
 # stays. A "?verstat=" followed by another URI header keeps the "?" (group 1).
 _VERSTAT_PLAIN: Final = re.compile(
-    rb"(?:[;&]|(\?))[ \t]*verstat[ \t]*=[ \t]*[^;>,\s@?&]*(?(1)&?)", re.IGNORECASE)
+    rb"(?:[;&]|(\?))[ \t]*verstat[ \t]*=[ \t]*[^;>,\s@?&\"]*(?(1)&?)", re.IGNORECASE)
 _VERSTAT: Final = re.compile(
     rb"(?:;|%3b|&|(\?))\s*"
     + b"".join(b"(?:%c|%%%02x|%%%02x)" % (c, c, c - 32) for c in b"verstat")
-    + rb"\s*(?:=|%3d)\s*(?:[^;>,\s%@?&]|%(?!3b))*(?(1)&?)",
+    + rb"\s*(?:=|%3d)\s*(?:[^;>,\s%@?&\"]|%(?!3b))*(?(1)&?)",
     re.IGNORECASE)
 
 
 def _keep_question_mark(m: re.Match[bytes]) -> bytes:
     """A verstat removed: "?verstat=X&a=b" leaves "?a=b"; any other form leaves nothing."""
     return b"?" if m.group(1) and m.group(0).endswith(b"&") else b""
+
+
+def _quoted_spans(line: bytes) -> list[tuple[int, int]]:
+    """Where ``line``'s quoted strings are (display names, quoted parameter values): (start
+    of the opening quote, end after the closing one, or the line's end), escapes read."""
+    spans: list[tuple[int, int]] = []
+    i = line.find(b'"', line.find(b":") + 1)
+    n = len(line)
+    while i >= 0:
+        j = i + 1
+        while j < n and line[j] != 0x22:  # '"'
+            j += 2 if line[j] == 0x5C else 1  # a backslash escapes the next byte
+        spans.append((i, min(j + 1, n)))
+        i = line.find(b'"', j + 1) if j + 1 < n else -1
+    return spans
+
+
+def _without_verstat(line: bytes, pattern: re.Pattern[bytes]) -> bytes:
+    """``line`` with each ``verstat`` parameter ``pattern`` finds removed, quotes kept whole:
+    one inside a quoted string (a display name, a quoted value) loses its text up to the
+    closing quote, never the quote; one outside whose value is a quoted string loses that
+    value with it. So the header keeps the structure sipguard read it with (a display name
+    ``"a;verstat="`` cannot take its closing quote along and turn what followed it into the
+    URI a receiver reads)."""
+    m = pattern.search(line)
+    if m is None:
+        return line
+    spans = _quoted_spans(line) if b'"' in line else []
+    parts: list[bytes] = []
+    at = 0
+    while m is not None:
+        start, end = m.span()
+        inside = any(a < start < b for a, b in spans)
+        if not inside and line[end:end + 1] == b'"':
+            end = next((b for a, b in spans if a == end), len(line))
+        parts.append(line[at:start])
+        parts.append(_keep_question_mark(m))
+        at = end
+        m = pattern.search(line, end)
+    parts.append(line[at:])
+    return b"".join(parts)
 
 
 # Headers only the proxy edits; a verdict's replace_headers cannot touch them.
@@ -416,26 +457,87 @@ def _shown_number(uri: Uri) -> str | None:
         return None
 
 
+def _number_key(number: str) -> str:
+    """A number as :func:`_from_key` keeps it: ``#+`` and its digits when it is written
+    internationally (``+``, or ``00`` ahead), else ``#`` and its digits without a trunk 0."""
+    digits = "".join(c for c in number if c.isdigit())
+    if number.startswith("+"):
+        return "#+" + digits
+    if digits.startswith("00"):
+        return "#+" + digits[2:]
+    return "#" + digits.lstrip("0")
+
+
 def _from_key(uri: Uri) -> str:
-    """What a caller's From must keep within a call: ``#`` and the digits of its number
-    without leading zeros (``+1212…``, ``1212…``, ``%2B1-212…;user=phone``, ``tel:``,
-    ``0201…`` for ``+31201…``), else its user."""
-    number = _shown_number(uri)
+    """What a caller's From must keep within a call: its number (:func:`_number_key`:
+    ``+1212…``, ``%2B1-212…;user=phone`` and ``tel:+1-212…`` are one), or the numbers a
+    receiver may read in its user (``~`` and each of them: a decoy and what follows it must
+    stay as they were), else its user."""
+    try:
+        number = uri.number
+        hidden = hidden_numbers(uri) if number is None else []
+    except SipParseError:  # (screened before: not reached)
+        number, hidden = None, []
     if number is not None:
-        return "#" + "".join(c for c in number if c.isdigit()).lstrip("0")
+        return _number_key(number)
+    if hidden:
+        return "~" + ",".join(hidden)
     user = uri.user or ""
     return unquote(user).lower() if "%" in user else user.lower()
 
 
 def _same_from(shown: str, checked: str) -> bool:
-    """Two keys of :func:`_from_key` are one caller: the same user, or numbers one of which ends
-    the other (a country code or a trunk prefix more or less), of six digits or more."""
+    """Two keys of :func:`_from_key` are one caller: the same, or one number written
+    internationally and the other nationally — the national one the international one's last
+    six digits or more, with at most a country code's three ahead of them (``2125550100`` for
+    ``+12125550100``, ``0201234567`` for ``+31201234567``). Two international spellings are
+    one number only when equal: ``+4412125550100`` is not ``+12125550100``."""
     if shown == checked:
         return True
     if not (shown.startswith("#") and checked.startswith("#")):
         return False
-    short, long_ = sorted((shown[1:], checked[1:]), key=len)
-    return len(short) >= 6 and long_.endswith(short)
+    shown_intl = shown.startswith("#+")
+    if shown_intl == checked.startswith("#+"):
+        return False
+    intl, national = (shown[2:], checked[1:]) if shown_intl else (checked[2:], shown[1:])
+    return len(national) >= 6 and len(intl) - len(national) <= 3 and intl.endswith(national)
+
+
+def _checked_from(msg: Message, dialog: Dialog) -> str:
+    """The key of the From an INVITE was checked with (:func:`_from_key`): a national number
+    there is kept as the international one the rules read it as (the call's caller, or the
+    number its From showed beside an asserted caller), so that a later request cannot show
+    another country's number ending the same way."""
+    key = _from_key(msg.from_.uri)
+    if key.startswith("#") and not key.startswith("#+"):
+        for e164 in (dialog.shown, dialog.caller):
+            if e164 is not None and e164.startswith("+"):
+                full = _number_key(e164)
+                if _same_from(key, full):
+                    return full
+    return key
+
+
+def _display_key(name: str | None) -> str | None:
+    """The number a display name shows, as :func:`_number_key` keeps it; None for a name."""
+    number = display_number(name)
+    return None if number is None else _number_key(number)
+
+
+def _shows_another(msg: Message, dialog: Dialog) -> bool:
+    """A caller's later request whose From shows another caller than its INVITE was checked
+    with: another number (or user) in the URI, or a display name showing a number that is
+    neither the INVITE's display number, nor From's, nor the checked caller's (a new name is
+    fine: RFC 3261 §12.2.1.1 fixes the URI only)."""
+    checked = dialog.from_user or ""
+    if not _same_from(_from_key(msg.from_.uri), checked):
+        return True
+    shown = _display_key(msg.from_.display)
+    if shown is None or shown == dialog.from_display or _same_from(shown, checked):
+        return False
+    caller = dialog.caller
+    return caller is None or not caller.startswith("+") or \
+        not _same_from(shown, _number_key(caller))
 
 
 def _contact_target(msg: Message) -> str | None:
@@ -1204,7 +1306,7 @@ class Proxy:
         if refusal:
             return refusal
         if not dialog.outbound and msg.method not in ("ACK", "BYE") and \
-                not _same_from(_from_key(msg.from_.uri), dialog.from_user or ""):
+                _shows_another(msg, dialog):
             # a caller showing another number (or user) in From than its INVITE was checked
             # with — From does not change within a dialog (RFC 3261 §12.2.1.1; RFC 4916's
             # change is the called side's), and a core may read the caller from a re-INVITE;
@@ -1337,7 +1439,8 @@ class Proxy:
         dialog.size = st.size
         self.dialog_bytes += st.size
         if not outbound:
-            dialog.from_user = _from_key(msg.from_.uri)
+            dialog.from_user = _checked_from(msg, dialog)
+            dialog.from_display = _display_key(msg.from_.display)
             dialog.caller_rr = _rr_entries(msg)  # (read before: see _on_new_request)
         st.dialog = dialog
         if not outbound:
@@ -1495,9 +1598,9 @@ class Proxy:
                 if not full and b"verstat" not in line.lower():
                     continue  # what the plain pattern needs (ASCII case-insensitive) is absent
                 pattern = _VERSTAT if full else _VERSTAT_PLAIN
-                new = pattern.sub(_keep_question_mark, line)
+                new = _without_verstat(line, pattern)
                 for _ in range(8 if new != line else 0):  # "?verstat=a&verstat=b": one pass
-                    again = pattern.sub(_keep_question_mark, new)  # takes the first only
+                    again = _without_verstat(new, pattern)  # takes the first only
                     if again == new:
                         break
                     new = again

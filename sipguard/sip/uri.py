@@ -450,6 +450,31 @@ def hidden_numbers(uri: Uri) -> list[str]:
     return [m.group() for _, m in zip(range(MAX_HIDDEN + 1), found, strict=False)]
 
 
+def display_number(name: str | None) -> str | None:
+    """The telephone number a display name shows: a name without a (visible) letter, read
+    part by part — ``#``, ``,``, ``;``, ``/``, ``:`` end a part — as the first part's digits
+    (any script's, compatibility forms folded) with a leading ``+``, 6–15 of them, whatever
+    separates them: ``"+1 212 555 0100 #12"`` shows +12125550100. None for a name
+    (``Support 0800 123 456``) or a part of too few or many digits."""
+    if not name or not any(c.isdigit() for c in name):
+        return None
+    text = name if name.isascii() else "".join(
+        c for c in unicodedata.normalize("NFKC", name) if c not in _INVISIBLE
+        and unicodedata.category(c) != "Cf")
+    if any(c.isalpha() for c in text):
+        return None
+    for part in _DISPLAY_PARTS.split(text):
+        digits = "".join(str(unicodedata.decimal(c)) for c in part if c.isdecimal())
+        if 6 <= len(digits) <= 15:
+            return "+" + digits if part.lstrip(" \t*").startswith("+") else digits
+    return None
+
+
+# shown as blank, yet letters to str.isalpha (Hangul fillers)
+_INVISIBLE: Final = frozenset("\u115f\u1160\u3164\uffa0")
+_DISPLAY_PARTS: Final = re.compile("[#,;/:]")
+
+
 def plain_identity(uri: Uri) -> bool:
     """A P-Asserted-Identity value without a number that may go on as it is: a SIP URI (RFC
     3325 §9.1 allows sip, sips and tel) whose user is no number in disguise (``sip:gw1@carrier``,

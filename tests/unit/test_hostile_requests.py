@@ -208,3 +208,41 @@ def test_a_malformed_identity_on_a_request_screened_for_suspensions_is_a_400() -
         out = h.send(data)
         assert to(out, CORE) == [] and statuses(out) == [400]
     assert not [e for e in h.events if type(e).__name__ == "Failed"]
+
+
+def test_a_verstat_inside_quotes_never_takes_the_closing_quote_along() -> None:
+    """A ';verstat=' spelled inside a quoted display name loses its text up to the closing
+    quote, never the quote: the header reaches the core with the structure sipguard checked
+    (before, '"a;verstat=" <sip:A>;p=" <sip:B>"' reached it as '"a <sip:A>;p=" <sip:B>"', whose
+    only URI outside quotes is B, a number nobody checked). A verstat outside quotes whose
+    value is a quoted string goes whole."""
+    h = PolicyHarness()
+    cases = {
+        b'From: "a;verstat=" <sip:+12125550100@198.51.100.7>;p=" <sip:+19005550199@evil>";'
+        b'tag=ftag1': '"a" <sip:+12125550100@198.51.100.7>;p=" <sip:+19005550199@evil>";tag=ftag1',
+        b'From: "x;verstat=TN-Validation-Passed" <sip:+12125550100@198.51.100.7>;tag=ftag1':
+            '"x" <sip:+12125550100@198.51.100.7>;tag=ftag1',
+        b'From: <sip:+12125550100@198.51.100.7>;verstat="TN-Validation-Passed";tag=ftag1':
+            "<sip:+12125550100@198.51.100.7>;tag=ftag1",
+        b'From: "q\\"x;verstat=y" <sip:+12125550100@198.51.100.7>;tag=ftag1':
+            '"q\\"x" <sip:+12125550100@198.51.100.7>;tag=ftag1',
+    }
+    for i, (line, expected) in enumerate(cases.items()):
+        data = invite(branch=f"z9hG4bK-q{i}", call_id=f"q{i}").replace(
+            b"From: <sip:+12125550100@198.51.100.7>;tag=ftag1", line)
+        [fwd] = [m for m in to(h.send(data), CORE) if m.method == "INVITE"]
+        assert fwd.get("from") == expected, line
+        assert fwd.from_.uri.number == "+12125550100"
+
+
+def test_a_rewritten_pai_leaves_out_a_display_name_that_spells_verstat() -> None:
+    """Rule callerid rewrites P-Asserted-Identity with its own verstat: a display name
+    '"x;verstat=TN-Validation-Passed"' is left out (a receiver searching the text for
+    'verstat=' would read it before sipguard's); an ordinary display name stays."""
+    msg = parse_message(invite(extra='P-Asserted-Identity: "x;verstat=TN-Validation-Passed" '
+                                     "<tel:+12125550100>\r\n"))
+    line = callerid.pai_with_verstat(msg, "No-TN-Validation", "+12125550100", True)
+    assert line == "P-Asserted-Identity: <tel:+12125550100;verstat=No-TN-Validation>"
+    msg = parse_message(invite(extra='P-Asserted-Identity: "Alice" <tel:+12125550100>\r\n'))
+    line = callerid.pai_with_verstat(msg, "No-TN-Validation", "+12125550100", True)
+    assert line == 'P-Asserted-Identity: "Alice" <tel:+12125550100;verstat=No-TN-Validation>'

@@ -689,6 +689,35 @@ def test_a_callers_later_request_showing_another_from_is_refused() -> None:
     assert h.count("caller", "+12125550100") == 0
 
 
+def test_a_callers_later_from_is_one_number_not_one_that_ends_the_same_way() -> None:
+    """Another country's number ending with the caller's digits, the caller's number behind a
+    DNO prefix, a shorter run of its digits, a decoy added after it, or a display name showing
+    another number: each is another caller, 403 on a re-INVITE or UPDATE, nothing reaches the
+    core (each passed before: numbers were one when either one's digits ended the other's).
+    The national spelling of the checked number, the display number the INVITE showed and one
+    showing the caller itself still pass."""
+    h = PolicyHarness("rules:\n  concurrency: {per_caller: 1}\n")
+    out = h.send(invite(branch="z9hG4bK-d0", call_id="call-1").replace(
+        b"From: <sip:", b'From: "+1 212 555 0100" <sip:'))
+    [fwd] = [m for m in to(out, CORE) if m.method == "INVITE"]
+    h.answer(fwd, 200, "OK")
+    refused = ["+4412125550100", "+190012125550100", "550100", "+12125550100x19005550199"]
+    for n, shown in enumerate(refused):
+        for k, method in enumerate(("INVITE", "UPDATE")):
+            out = h.send(in_dialog(method, call_id="call-1", cseq=2 + 2 * n + k,
+                                   branch=f"z9hG4bK-r{n}{k}", caller=shown))
+            assert to(out, CORE) == [] and [m.status for m in to(out, CALLER)] == [403], shown
+    display = in_dialog("INFO", call_id="call-1", cseq=20, branch="z9hG4bK-dd").replace(
+        b"From: <sip:", b'From: "+1 900 555 0199" <sip:')
+    out = h.send(display)
+    assert to(out, CORE) == [] and [m.status for m in to(out, CALLER)] == [403]
+    for n, (name, user) in enumerate((("+1 212 555 0100", "+12125550100"),
+                                      ("(212) 555-0100", "2125550100"), ("Agent 7", "+12125550100"))):
+        data = in_dialog("INFO", call_id="call-1", cseq=21 + n, branch=f"z9hG4bK-ok{n}",
+                         caller=user).replace(b"From: <sip:", f'From: "{name}" <sip:'.encode())
+        assert [m.method for m in to(h.send(data), CORE)] == ["INFO"], (name, user)
+
+
 def test_only_the_calls_own_answers_from_its_core_pin_its_route() -> None:
     """The pins come from the answers to the call's own INVITE, from the core it went to: a
     2xx sent again (a late ACK) or forged — to the core's re-INVITE, on the branch the caller
