@@ -149,6 +149,41 @@ def test_forged_verdicts_are_stripped_whatever_rules_are_on(
         caller.close()
 
 
+def test_a_callers_later_from_shows_the_checked_number_and_keeps_its_quotes(
+    stack: E2EStack, core: Core
+) -> None:
+    """Over real sockets: a call's re-INVITE whose From shows another country's number ending
+    with the caller's digits hears 403 and the core gets no second INVITE; an INVITE whose
+    display name spells ';verstat=' before a quoted parameter naming another number reaches
+    the core with its quotes whole (the URI outside quotes still the checked one)."""
+    _, port = stack.sipguard(core_port=core.port, listen=("udp",))
+    caller = Caller(port)
+    ours = f"From: <sip:+12125550100@{HOST}>".encode()
+    try:
+        caller.send(caller.request("INVITE", "from-1"))
+        [ok] = caller.finals()
+        to_tag = re.search(r"tag=([^;>\s]+)", header(ok, "To")).group(1)  # type: ignore[union-attr]
+        route = f"Route: {header(ok, 'Record-Route')}\r\n"
+        other = caller.request("INVITE", "from-1", cseq=2, to_tag=to_tag, extra=route).replace(
+            ours, f"From: <sip:+4412125550100@{HOST}>".encode())
+        caller.send(other)
+        [refused] = caller.finals()
+        assert refused.startswith(b"SIP/2.0 403 ")
+        quoted = caller.request("INVITE", "from-2").replace(
+            ours, f'From: "a;verstat=" <sip:+12125550100@{HOST}>;p=" <sip:+19005550199@x>"'
+                  .encode())
+        caller.send(quoted)
+        [answered] = caller.finals(call_id="from-2")
+        assert answered.startswith(b"SIP/2.0 200 ")
+        time.sleep(0.2)
+        assert len([d for d in core.received if d.startswith(b"INVITE") and b"from-1" in d]) == 1
+        [got] = [d for d in core.received if d.startswith(b"INVITE") and b"from-2" in d]
+        assert f'From: "a" <sip:+12125550100@{HOST}>;p=" <sip:+19005550199@x>";tag=c1'.encode() \
+            in got
+    finally:
+        caller.close()
+
+
 def test_an_unknown_source_is_not_a_reflector(stack: E2EStack, core: Core) -> None:
     """An INVITE from an unknown address whose Via names a victim port: the victim gets one
     403 no larger than the INVITE plus a little, no 100 Trying and no retransmission; with
