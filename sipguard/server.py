@@ -226,7 +226,8 @@ def proxy_settings(cfg: Config, worker: int | None = None) -> ProxySettings:
 def owned_headers(cfg: Config) -> frozenset[str]:
     """Header names (lower case) only sipguard may put on a request: the default verdict
     headers, every verdict / identity header name the rules are configured with (peer
-    overrides included) and ``sip.strip_headers``. Removed from every request from outside."""
+    overrides included), ``sip.strip_headers`` and, with ``sip.unchecked_identity: strip``,
+    Remote-Party-ID and P-Preferred-Identity. Removed from every request from outside."""
     names = {"x-sipguard-verdict", "x-sipguard-identity"}
     for rules in (cfg.rules, *(pc.rules for pc in cfg.peers)):
         for rule in (rules.callerid, rules.dialer, rules.national_cli):
@@ -235,6 +236,8 @@ def owned_headers(cfg: Config) -> frozenset[str]:
         if rules.identity is not None and rules.identity.identity_header:
             names.add(rules.identity.identity_header.lower())
     names.update(h.lower() for h in cfg.sip.strip_headers)
+    if cfg.sip.unchecked_identity == "strip":
+        names.update(("remote-party-id", "p-preferred-identity"))
     return frozenset(names)
 
 

@@ -134,6 +134,14 @@ class SipSettings(ConfigModel):
         description="More header names removed from every request and answer from outside, "
         "besides sipguard's own verdict headers (which always are).",
     )
+    unchecked_identity: Literal["strip", "pass"] = Field(
+        default="strip",
+        description="Remote-Party-ID and P-Preferred-Identity from outside: removed from every "
+        "request and answer (`strip`), or passed on (`pass`). No rule checks them (rule "
+        "`callerid` checks From and P-Asserted-Identity): passed on, a core that reads the "
+        "caller from them sees a number no rule looked at — a DNO number behind an anonymous "
+        "From, say.",
+    )
     max_transactions: int = Field(
         default=500000, ge=100,
         description="Live server transactions at most; a new request beyond is answered 503 "

@@ -124,13 +124,16 @@ def test_out_of_dialog_requests_from_unknown_sources_never_reach_the_core(
 def test_forged_verdicts_are_stripped_whatever_rules_are_on(
     stack: E2EStack, core: Core
 ) -> None:
-    """With no rule on, sipguard's own headers and verstat sent by a peer never reach the
-    core, on the initial INVITE and on a re-INVITE."""
+    """With no rule on, sipguard's own headers, verstat and the identity headers no rule
+    checks (Remote-Party-ID, P-Preferred-Identity) sent by a peer never reach the core, on
+    the initial INVITE and on a re-INVITE."""
     _, port = stack.sipguard(core_port=core.port, listen=("udp",))
     caller = Caller(port)
     forged = ("X-Sipguard-Identity: TN-Validation-Passed;attest=A\r\n"
               "X-Sipguard-Verdict: passed\r\n"
-              f"P-Asserted-Identity: <sip:+12125550100;verstat=TN-Validation-Passed@{HOST}>\r\n")
+              f"P-Asserted-Identity: <sip:+12125550100;verstat=TN-Validation-Passed@{HOST}>\r\n"
+              "Remote-Party-ID: <sip:+19005550199@x>;party=calling\r\n"
+              "P-Preferred-Identity: <sip:+19005550199@x>\r\n")
     try:
         caller.send(caller.request("INVITE", "forge-1", extra=forged))
         [ok] = caller.finals()
@@ -145,6 +148,7 @@ def test_forged_verdicts_are_stripped_whatever_rules_are_on(
             low = data.lower()
             assert b"x-sipguard-identity" not in low and b"x-sipguard-verdict" not in low
             assert b"verstat" not in low
+            assert b"remote-party-id" not in low and b"p-preferred-identity" not in low
     finally:
         caller.close()
 

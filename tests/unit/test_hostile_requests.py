@@ -194,6 +194,21 @@ def test_every_rules_verdict_header_is_stripped_from_outside_even_where_the_rule
     assert fwd is not None and not fwd.has("x-natcli") and not fwd.has("x-dialer")
 
 
+def test_identity_headers_no_rule_checks_are_removed_unless_the_config_passes_them() -> None:
+    """Remote-Party-ID and P-Preferred-Identity name a caller no rule looked at (a DNO number
+    behind an anonymous From reached the core): removed from outside by default
+    (sip.unchecked_identity: strip), passed on with pass."""
+    extra = ("Remote-Party-ID: <sip:+19005550199@x>;party=calling\r\n"
+             "P-Preferred-Identity: <sip:+19005550199@x>\r\n")
+    for setting, kept in (("", False), ("sip: {unchecked_identity: strip}\n", False),
+                          ("sip: {unchecked_identity: pass}\n", True)):
+        cfg = parse_config(MINIMAL + setting)
+        h = PolicyHarness(strip_headers=owned_headers(cfg))
+        _, fwd = h.call(1, extra=extra)
+        assert fwd is not None
+        assert fwd.has("remote-party-id") is kept and fwd.has("p-preferred-identity") is kept
+
+
 def test_a_malformed_identity_on_a_request_screened_for_suspensions_is_a_400() -> None:
     """With a suspended list, an OPTIONS / MESSAGE is screened for a suspended caller before it
     gets a transaction; a P-Asserted-Identity there that does not parse is a stateless 400 —
