@@ -589,6 +589,7 @@ class Server:
             "event_loop_busy_ratio": self.loop_busy,
             "udp_send_waiting": self.sender.waiting(),
             "log_queue_bytes": float(writer.queued_bytes) if writer is not None else 0.0,
+            **self.core.policy.state.tracker.leaks(),
             **(self.shared_store.stats() if self.shared_store is not None else {}),
             **(self.shared_lists.stats() if self.shared_lists is not None else {}),
         }

@@ -334,6 +334,18 @@ class Tracker:
             stats["live_calls"] = sum(1 for _ in store.lease_ids_now())
         return stats
 
+    def leaks(self) -> dict[str, float]:
+        """The counters that must stay at zero, for every scrape (O(1), unlike :meth:`stats`):
+        dialog ends that found no lease; with the in-memory store, leases that lapsed on their
+        own (the backstop after a dialog's lifetime) and counts that would have gone below
+        zero."""
+        out = {"concurrency_unmatched_ends": float(self.unmatched_ends)}
+        store = self.mirror if self.shared is not None else self.store  # this process's
+        if isinstance(store, MemoryLeases):
+            out["concurrency_leases_expired"] = float(store.expired)
+            out["concurrency_underflows"] = float(store.underflows)
+        return out
+
     def _sync(self) -> SyncLeaseStore:
         if self.shared is not None:
             return self.mirror  # this process's calls (the shared counts are in Redis)

@@ -682,6 +682,9 @@ class Proxy:
         # ... and the core side's tags of its legs that have ended: a 2xx of one resent (its
         # ACK lost) does not bring it back (at most 8*MAX_PINS a call)
         self.ended_legs: dict[str, set[str]] = {}
+        # ... and the tags of its answered legs whose 2xx the caller has ACKed (at most
+        # 8*MAX_PINS a call): a call kept on a leg never ACKed ends 64*T1 on (ack_timeout)
+        self.acked_legs: dict[str, set[str]] = {}
         # the addresses of the cores reloads replaced (insertion-ordered, at most
         # MAX_FORMER_CORES): their in-dialog requests may still belong to calls up
         self.former_cores: dict[str, None] = {}
@@ -1639,10 +1642,16 @@ class Proxy:
                                      (), self._pai_edits(msg, flow, dialog, from_core, side),
                                      anonymise=self._withheld(dialog, side, from_core))
         self.outbox.append((target, data))
-        if dialog is not None and not dialog.acked and from_core == dialog.outbound \
-                and _answered_leg(dialog, side, msg) is not None:
-            # the ACK of the answered call itself: its tags, from the side that sent the INVITE
-            self._acked(dialog)
+        if dialog is not None and from_core == dialog.outbound and (
+                not dialog.acked or dialog.forks is not None):
+            leg = _answered_leg(dialog, side, msg)
+            if leg is not None:
+                # the ACK of an answered leg of the call: its tags, from the side that sent
+                # the INVITE (of a forked call: which legs, see _leg_ended)
+                if dialog.forks is not None:
+                    self._acked_leg(dialog, leg)
+                if not dialog.acked:
+                    self._acked(dialog)
         if self.doomed and dialog is not None and not from_core:
             reason = self.doomed.pop(key_of(dialog), None)
             if reason is not None:
@@ -2231,6 +2240,15 @@ class Proxy:
             expires = min(expires, now + 64 * self.settings.t1)
         self.table.expire_at(dialog, expires)
 
+    def _acked_leg(self, dialog: Dialog, leg: str) -> None:
+        """A forked call's answered leg ``leg`` has had its ACK (see ``acked_legs``)."""
+        key = key_of(dialog)
+        acked = self.acked_legs.get(key)
+        if acked is None:
+            acked = self.acked_legs[key] = set()
+        if len(acked) < 8 * MAX_PINS:
+            acked.add(leg)
+
     def _acked(self, dialog: Dialog) -> None:
         """The first ACK of a call has passed: its expiry is the session timer's or the
         maximum lifetime again (``session_ends``, see ``_session_timer``)."""
@@ -2439,6 +2457,12 @@ class Proxy:
             self._end_dialog(dialog, reason, now)
             return
         dialog.callee_tag = kept
+        if kept not in self.acked_legs.get(key, ()):
+            # kept on a leg whose 2xx the caller never ACKed: as for the call's own 2xx, it
+            # ends 64*T1 on unless that ACK comes (a caller that took one answer and hung it
+            # up frees its slots though the core never ends the other)
+            dialog.acked = False
+            self.table.expire_at(dialog, min(dialog.session_ends, now + 64 * self.settings.t1))
         # the kept leg's probe is the call's now (keep-alives, its BYEs, asking the core)
         main = self.probes.pop(key, None)
         new = next((p for p in legs if p.leg == kept), None) if legs else None
@@ -2462,6 +2486,9 @@ class Proxy:
         a probe for that leg, so that sipguard can end it too when it ends the call at once,
         and speak in it once the call is kept on it (:meth:`_leg_ended`)."""
         key = key_of(dialog)
+        if dialog.acked and key not in self.acked_legs and dialog.callee_tag is not None:
+            # its own leg's ACK passed before the call forked: that leg's
+            self._acked_leg(dialog, dialog.callee_tag)
         main = self.probes.get(key)
         tag = answer.to_tag
         if main is None or tag is None or tag == main.leg:
@@ -2510,6 +2537,8 @@ class Proxy:
             self.leg_probes.pop(key, None)
         if self.ended_legs:
             self.ended_legs.pop(key, None)
+        if self.acked_legs:
+            self.acked_legs.pop(key, None)
         self.admission.dialog_ended(dialog, now)
         self.events.append(DialogEnded(dialog, reason))
 

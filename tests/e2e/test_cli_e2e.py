@@ -141,6 +141,9 @@ def test_metrics_endpoint_counts_decisions_and_dialogs(stack: E2EStack) -> None:
     assert 'sipguard_dialogs_ended_total{peer="",reason="bye_caller"} 10.0' in text
     assert "sipguard_decision_seconds_count 10.0" in text
     assert "sipguard_live_dialogs 0.0" in text
+    # the concurrency tracker's counts that must stay at zero, after 10 ordinary calls
+    for name in ("unmatched_ends", "leases_expired", "underflows"):
+        assert f"sipguard_concurrency_{name} 0.0" in text, name
     # The CLI turned the collector's automatic runs off and runs its own young passes (every
     # 50 ms, sipguard/ops/collector.py): the longest since start is > 0, and the scrape took it.
     young = re.search(r"^sipguard_gc_young_pause_max_seconds (\S+)$", text, re.M)

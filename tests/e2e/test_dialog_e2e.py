@@ -158,3 +158,37 @@ def test_a_call_two_agents_answer_lasts_while_either_does(stack: E2EStack) -> No
     finally:
         caller.close()
         core.close()
+
+
+def test_a_call_kept_on_a_leg_the_caller_never_acked_frees_its_slot(stack: E2EStack) -> None:
+    """The forking core answers twice; the caller ACKs the first answer only and hangs it up,
+    and the core never ends the second leg. The call kept on that un-ACKed leg ends 64*T1 on
+    (T1 50 ms here: 3.2 s) with a BYE to the core in that leg, and the caller's slot is free
+    again — it was held for the call's whole lifetime (4 h)."""
+    core = Core(forks=2)
+    _, port = stack.sipguard(
+        core_port=core.port, listen=("udp",),
+        config_extra="sip: {t1_ms: 50, t2_ms: 400}\nrules:\n  concurrency: {per_caller: 1}\n",
+    )
+    caller = Caller(port)
+    try:
+        caller.send(caller.request("INVITE", "unacked-1"))
+        answers = caller.finals(want=2, call_id="unacked-1")
+        assert sorted(_tag(header(ok, "To")) for ok in answers) == ["core1", "core2"], answers
+        route = f"Route: {header(answers[0], 'Record-Route')}\r\n"
+        caller.send(caller.request("ACK", "unacked-1", to_tag="core1", extra=route))
+        caller.send(caller.request("BYE", "unacked-1", cseq=2, to_tag="core1", extra=route))
+        assert caller.finals(call_id="unacked-1")[0].startswith(b"SIP/2.0 200 ")
+        caller.send(caller.request("INVITE", "unacked-2"))
+        assert caller.finals(call_id="unacked-2")[0].startswith(b"SIP/2.0 403 ")
+        deadline = time.monotonic() + 8.0
+        while time.monotonic() < deadline and not any(
+                d.startswith(b"BYE ") and b"tag=core2" in d for d in core.received):
+            time.sleep(0.1)
+        assert any(d.startswith(b"BYE ") and b"tag=core2" in d for d in core.received)
+        caller.send(caller.request("INVITE", "unacked-3"))
+        assert caller.finals(call_id="unacked-3")[0].startswith(b"SIP/2.0 200 ")
+    finally:
+        caller.close()
+        core.close()
+

@@ -858,6 +858,30 @@ def test_a_forked_call_kept_on_a_leg_acked_only_there_lives_on() -> None:
     assert h.ended() == [] and h.count("caller", "+12125550100") == 1
 
 
+def test_a_forked_call_kept_on_a_leg_never_acked_ends_64_t1_on() -> None:
+    """The caller ACKs the first answer only, then hangs it up; the core never ends the
+    second leg. The call kept on that leg, whose 2xx nobody ACKed, ends as an un-ACKed call
+    does: 64*T1 on, a BYE each way in that leg, the slot free (it was held for the call's
+    whole lifetime, 4 h). An ACK of the second leg coming late keeps the call."""
+    for late_ack in (False, True):
+        h = PolicyHarness("rules:\n  concurrency: {per_caller: 1}\n")
+        _, fwd = h.call(1)
+        assert fwd is not None
+        h.send(answer(fwd, 200, "OK", to_tag="e1"), src=CORE)
+        h.send(in_dialog("ACK", call_id="call-1", cseq=1, branch="z9hG4bK-a1", to_tag="e1"))
+        h.send(answer(fwd, 200, "OK", to_tag="e2"), src=CORE)
+        h.bye(1, to_tag="e1")
+        assert h.ended() == [] and h.count("caller", "+12125550100") == 1
+        if late_ack:
+            h.send(in_dialog("ACK", call_id="call-1", cseq=1, branch="z9hG4bK-a2", to_tag="e2"))
+        out = h.advance(40.0)
+        if late_ack:
+            assert h.ended() == [] and h.count("caller", "+12125550100") == 1
+            continue
+        assert h.ended() == ["ack_timeout"] and h.count("caller", "+12125550100") == 0
+        assert sorted(set(_leg_byes(out))) == [("caller", "e2"), ("core", "e2")]  # (and resent)
+
+
 def test_one_legs_unanswered_bye_or_failed_keepalive_ends_that_leg_only() -> None:
     """The caller's BYE of the first leg gets no answer: after Timer F sipguard asks the core
     in that leg, and its 481 ends that leg, not the call kept up by the second. With
