@@ -100,7 +100,7 @@ class CallerId:
 
     __slots__ = (
         "name", "mode", "settings", "peer", "region", "dno", "dno_file", "answers",
-        "header", "strip", "monitored",
+        "header", "strip", "monitored", "region_cc", "national_dno",
     )
 
     def __init__(
@@ -113,6 +113,11 @@ class CallerId:
         self.region = peer.default_region if peer is not None else None
         self.dno = NumberSet(settings.dno) if settings.dno else None
         self.dno_file = dno_file
+        self.region_cc = numbers.country_code_of(self.region)
+        # a DNO list with national entries (an industry list of 10-digit NANP numbers):
+        # an E.164 caller is looked up in its national spellings too (see _on_dno)
+        self.national_dno = (self.dno is not None and self.dno.national) or (
+            dno_file is not None and dno_file.national)
         blocked = settings.redress.reason_header()
         self.answers = {
             key: _answer(getattr(settings.answers, key), blocked)
@@ -147,6 +152,12 @@ class CallerId:
         if raw is None:
             if s.require_e164 and not _is_anonymous(msg, from_uri):
                 return self._fail(call, "caller_not_e164", "invalid", None, FAILED, ())
+            if s.display_mismatch != "ignore" and display_number(msg.from_.display) is not None:
+                # a withheld caller whose display name is a number: a number no rule
+                # checked, on the agent's screen ("+1 800 …" <sip:anonymous@anonymous.invalid>)
+                if s.display_mismatch == "reject":
+                    return self._fail(call, "display_mismatch", "spoofed", None, FAILED, ())
+                return self._pass(call, None, NO_VALIDATION, ["callerid.display_mismatch"])
             return self._pass(call, None, NO_VALIDATION, ())
         region = self.region
         info = numbers.lookup(raw, region)
@@ -168,9 +179,11 @@ class CallerId:
         if s.ownership and peer is not None and peer.numbers is not None:
             if not _listed(peer.numbers, e164, raw):
                 return self._fail(call, "caller_not_owned", "not_owned", e164, FAILED, ())
-            verstat = PASSED
+            if not peer.numbers.match_all:  # "*" vouches for no number in particular
+                verstat = PASSED
         tags: list[str] = []
-        if s.pai_mismatch != "ignore" and pai_number is not None and shown is not None and (
+        if s.pai_mismatch != "ignore" and pai_number is not None and trusted and \
+                shown is not None and (
             # a telephone number (an extension, From sip:1000@pbx, is none) that is another
             shown.startswith("+") or sum(c.isdigit() for c in shown) >= 6
         ) and not _same_number(pai_number, shown, region):
@@ -198,8 +211,18 @@ class CallerId:
         return self._pass(call, e164, verstat, tags)
 
     def _on_dno(self, e164: str | None, raw: str) -> bool:
-        return (self.dno is not None and _listed(self.dno, e164, raw)) or (
-            self.dno_file is not None and _listed(self.dno_file, e164, raw))
+        dno, dno_file = self.dno, self.dno_file
+        if (dno is not None and _listed(dno, e164, raw)) or (
+                dno_file is not None and _listed(dno_file, e164, raw)):
+            return True
+        if e164 is None or not self.national_dno:
+            return False
+        # national entries: the number's national spellings, when it is of the peer's
+        # country (any country without a default_region: a DNO list only ever blocks)
+        if self.region_cc and numbers.parts(e164).country_code != self.region_cc:
+            return False
+        return any((dno is not None and n in dno) or (dno_file is not None and n in dno_file)
+                   for n in numbers.national_forms(e164))
 
     # ------------------------------------------------------------------ verdicts
     def _pass(
@@ -211,6 +234,8 @@ class CallerId:
         elif identity == "passed":
             verstat = PASSED
         call.labels["verstat"] = LABELS[verstat]
+        if tags:  # the first, as rule dialer's: the decision line's field, a counter
+            call.labels["callerid"] = tags[0].removeprefix("callerid.")
         forward = (f"{self.header}: {', '.join(tags)}",) if tags and self.header else ()
         return Verdict(
             "accept",

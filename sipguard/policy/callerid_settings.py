@@ -155,7 +155,10 @@ class Settings(RuleSettings):
         default=(),
         description="Do-Not-Originate numbers or `prefix*`, never accepted as caller "
         "(`caller_dno`). E.g. the contact center's own inbound-only numbers; matched in E.164 "
-        "or as received.",
+        "or as received, and a national entry (no `+`: `2125550111`, `0201234*`) in the "
+        "caller's national spellings too — its national significant number, with a trunk 0, "
+        "for NANP with the 1 — when the caller is of the peer's `default_region` country (of "
+        "any country for a peer without one: a DNO list only ever blocks).",
     )
     dno_file: ConfigPath | None = Field(
         default=None,
@@ -167,15 +170,18 @@ class Settings(RuleSettings):
         default="tag",
         description="PAI and From carry different numbers (compared in E.164): reject, tag or "
         "ignore. Not `reject` by default: PAI ≠ From is legitimate for forwarded calls and for "
-        "contact centers presenting a main number.",
+        "contact centers presenting a main number. Only a PAI the peer is trusted for "
+        "(`trust_pai`): an untrusted one is removed, not compared.",
     )
     display_mismatch: Literal["reject", "tag", "ignore"] = Field(
         default="tag",
         description="The display name of From or of P-Asserted-Identity is a telephone number "
         "(6–15 digits, `+` and separators allowed) that is neither the caller's nor From's "
         "(compared in E.164): reject (`answers.spoofed`, 603+), tag "
-        "(`callerid.display_mismatch`) or ignore. A phone or agent screen showing the display "
-        "name shows that unchecked number.",
+        "(`callerid.display_mismatch`) or ignore — and a withheld caller's display name that "
+        "is a number (`\"+1 800 …\" <sip:anonymous@anonymous.invalid>`): no number was "
+        "checked. A phone or agent screen showing the display name shows that unchecked "
+        "number.",
     )
     anonymous: Literal["allow", "reject"] = Field(
         default="allow",
@@ -190,7 +196,7 @@ class Settings(RuleSettings):
     verstat: bool = Field(
         default=True,
         description="Put verstat (TN-Validation-Passed/-Failed, No-TN-Validation) on PAI for "
-        "the core.",
+        "the core. Off, rule `identity` (when on) still puts its outcome there.",
     )
     verdict_header: str | None = Field(
         default="X-Sipguard-Verdict",

@@ -95,6 +95,22 @@ def to_e164(number: str | None, region: str | None) -> str | None:
     return lookup(number, region).e164 or number
 
 
+def country_code_of(region: str | None) -> int:
+    """The country code of ``region`` (``US``: 1, ``NL``: 31); 0 for None or one unknown."""
+    return int(phonenumbers.country_code_for_region(region)) if region else 0
+
+
+def national_forms(e164: str) -> tuple[str, ...]:
+    """How ``e164`` is written nationally in a list: its national significant number, with a
+    trunk 0 before it, and for NANP with the 1 (``+12125550100``: ``2125550100``,
+    ``02125550100``, ``12125550100``); () for a number that cannot be read."""
+    info = parts(e164)
+    n = info.national
+    if not n:
+        return ()
+    return (n, "0" + n, "1" + n) if info.country_code == 1 else (n, "0" + n)
+
+
 def e164_pattern(pattern: str, region: str) -> str | None:
     """A national-format number or ``prefix*`` of ``region`` in E.164 (``030123*`` in DE:
     ``+4930123*``; ``2125550100`` in US: ``+12125550100``): its country code before it, the

@@ -39,12 +39,13 @@ Pause = Callable[[], None] | None  # see RuleState.pause
 class NumberSet:
     """Exact numbers and prefix patterns (``+1555200*``), matched in O(len(number))."""
 
-    __slots__ = ("exact", "prefixes", "_lengths", "match_all")
+    __slots__ = ("exact", "prefixes", "_lengths", "match_all", "national")
 
     def __init__(self, patterns: Iterable[str] = (), pause: Pause = None) -> None:
         self.exact: set[str] = set()
         self.prefixes: set[str] = set()
         self.match_all = False
+        self.national = False  # an entry not written in E.164 (2125550100, 0201234*)
         self._lengths: list[int] = []  # distinct prefix lengths, ascending
         self.extend(patterns, pause)
 
@@ -68,6 +69,8 @@ class NumberSet:
         text = normalise_pattern(pattern[:-1] if prefix else pattern)
         if not text.lstrip("+"):
             return
+        if not text.startswith("+"):
+            self.national = True
         if not prefix:
             self.exact.add(text)
             return

@@ -590,6 +590,7 @@ def _anonymised_edits(
             _anonymous_contact(na, digits) for na in msg.contacts)
     if not anonymise.keep_pai:
         out["p-asserted-identity"] = None
+        out["identity"] = None  # a STIR/SHAKEN PASSporT names the caller (orig.tn) in clear
     for name in _IDENTITY_HEADERS:
         out[name] = None
     out["privacy"] = "Privacy: id"

@@ -880,3 +880,84 @@ def test_a_pai_number_behind_a_leading_letter_is_no_name() -> None:
     h = harness(PEERS + "rules: {callerid: {dno: ['+19005550199']}}\n")
     call = Call(h, caller="+12125550100", extra=pai("<sip:x19005550199@carrier.example>"))
     assert call.status == 0 and call_values(call) == "<tel:+12125550100;verstat=TN-Validation-Passed>"
+
+
+# ------------------------------------------------------------------ audit: national DNO, withheld display, "*"
+
+
+def _decide(h: Harness, data: bytes, src: tuple[str, int] = CALLER) -> tuple[list[Message], list[Message], InviteDecided]:
+    out = h.send(data, src=src)
+    decided = [e for e in h.events if isinstance(e, InviteDecided)][-1]
+    return [m for f, m in out if f.addr != CORE], [m for f, m in out if f.addr == CORE], decided
+
+
+def test_a_national_dno_entry_blocks_the_e164_caller_of_that_country() -> None:
+    """An industry DNO list holds 10-digit NANP numbers: '2125550111' blocks +12125550111 and
+    12125550111 from a peer with default_region US, and from one without a region; it does
+    not block +44 20 7946 0111 for an entry '2079460111' from the US peer (another country's
+    number) but does from a peer without a region; a trunk-0 prefix matches too."""
+    h = harness(PEERS.replace("    numbers: [\"+1212555*\"]\n", "    default_region: US\n")
+                + "rules:\n  callerid: {dno: ['2125550111', '2079460111', '0201234*']}\n")
+    def reason(src: tuple[str, int], caller: str) -> str:
+        return Call(h, src=src, caller=caller).decision.verdict.reason
+
+    for caller in ("+12125550111", "12125550111", "2125550111"):
+        assert reason(CALLER, caller) == "caller_dno", caller
+    assert reason(PBX, "+12125550111") == "caller_dno"  # (national spellings: not E.164 there)
+    assert reason(CALLER, "+12125550122") == reason(PBX, "+12125550122") == ""
+    assert reason(CALLER, "+442079460111") == ""  # another country than the peer's
+    assert reason(PBX, "+442079460111") == "caller_dno"  # no region: any country
+    assert reason(PBX, "+31201234567") == "caller_dno"  # a trunk-0 prefix
+
+
+def test_a_withheld_callers_display_name_that_is_a_number_is_a_display_mismatch() -> None:
+    """'"+1 800 275 2273" <sip:anonymous@anonymous.invalid>' put an unchecked number on the
+    agent's screen untagged: now display_mismatch, tagged (and a decision label and counter
+    callerid_display_mismatch) or refused; a withheld caller with a name passes."""
+    for mode, status in (("tag", 0), ("reject", 603)):
+        h = harness(f"rules:\n  callerid: {{display_mismatch: {mode}}}\n")
+        data = invite(call_id=f"w-{mode}@t").replace(
+            b"From: <sip:+12125550100@198.51.100.7>",
+            b'From: "+1 800 275 2273" <sip:anonymous@anonymous.invalid>')
+        answers, core, decided = _decide(h, data)
+        finals = [m.status for m in answers if m.status >= 200]
+        assert (finals[-1] if finals else 0) == status, mode
+        if mode == "tag":
+            assert core[0].get("x-sipguard-verdict") == "callerid.display_mismatch"
+            assert decided.call.labels.get("callerid") == "display_mismatch"
+        named = invite(call_id=f"n-{mode}@t", branch=f"z9hG4bK-n{mode}").replace(
+            b"From: <sip:+12125550100@198.51.100.7>",
+            b'From: "Anonymous" <sip:anonymous@anonymous.invalid>')
+        answers, core, _ = _decide(h, named)
+        assert len(core) == 1 and not core[0].has("x-sipguard-verdict")
+
+
+def test_a_lone_star_numbers_list_vouches_for_no_caller() -> None:
+    """numbers: ["*"] lets any number through, as no list does, and so gives the core the
+    same No-TN-Validation: it vouches for no number in particular (it gave every caller in
+    the world TN-Validation-Passed)."""
+    h = harness(PEERS.replace('numbers: ["+1212555*"]', 'numbers: ["*"]')
+                + "rules:\n  callerid: {}\n")
+    call = Call(h, caller="+442079460000")
+    assert call.status == 0
+    assert "verstat=No-TN-Validation" in (call.core.get("p-asserted-identity") or "")
+
+
+def test_an_untrusted_pai_is_not_compared_with_from() -> None:
+    """With trust_pai: false the peer's PAI is removed and From is the caller: a PAI with
+    another number is no pai_mismatch (the tag spoke of a header the core never sees, and
+    pai_mismatch: reject refused such a peer's calls for it)."""
+    h = harness(PEERS.replace("  - name: pbx-b\n", "  - name: pbx-b\n    trust_pai: false\n")
+                + "rules:\n  callerid: {pai_mismatch: reject}\n")
+    call = Call(h, src=PBX, caller="+12125550100", extra=pai("<tel:+13125550100>"))
+    assert call.status == 0
+    assert call.core.get("p-asserted-identity") == "<tel:+12125550100;verstat=No-TN-Validation>"
+    assert call.decision.call.labels.get("callerid") is None
+
+
+def test_a_tag_is_the_decision_lines_callerid_label() -> None:
+    """A tagged call's first callerid tag is its decision label (the invite_decided field
+    and counter callerid_<tag>), as rule dialer's are."""
+    h = harness("rules:\n  callerid: {}\n")
+    call = Call(h, caller="+12125550100", extra=pai("<tel:+13125550100>"))
+    assert call.status == 0 and call.decision.call.labels.get("callerid") == "pai_mismatch"

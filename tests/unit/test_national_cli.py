@@ -233,7 +233,8 @@ async def test_lookup_without_a_server_applies_on_error(getter: JsonGetter) -> N
 
 
 def test_anonymised_invite_reaches_the_core_without_the_number() -> None:
-    """The core gets the anonymous From with the tag kept, Privacy: id, no PAI, no number."""
+    """The core gets the anonymous From with the tag kept, Privacy: id, no PAI, no Identity
+    (its PASSporT's orig.tn), no number."""
     p = policy(rules("    keep_pai_to_core: false\n"), extra=peers())
 
     def decide_call(call: CallInfo, now: float) -> Verdict:
@@ -242,6 +243,9 @@ def test_anonymised_invite_reaches_the_core_without_the_number() -> None:
     h = Harness(decide_call)
     extra = (f"P-Asserted-Identity: <sip:{DUTCH_MOBILE}@198.51.100.7;user=phone>\r\n"
              f'Remote-Party-ID: "{DUTCH_MOBILE}" <sip:{DUTCH_MOBILE}@198.51.100.7>\r\n'
+             # a PASSporT names the caller in clear base64 (orig.tn): it goes too
+             "Identity: eyJhbGciOiJFUzI1NiJ9.eyJvcmlnIjp7InRuIjoiMzE2MTIzNDU2NzgifX0.c2ln;"
+             "info=<https://cert.example.org/a.pem>;alg=ES256;ppt=shaken\r\n"
              "Privacy: none\r\n")
     out = h.send(invite(caller=DUTCH_MOBILE, extra=extra))
     (data,) = [raw for (flow, _), raw in zip(out, h.raw, strict=True) if flow.addr == CORE]
@@ -249,6 +253,7 @@ def test_anonymised_invite_reaches_the_core_without_the_number() -> None:
     assert b'From: "Anonymous" <sip:anonymous@anonymous.invalid>;tag=ftag1' in head
     assert b"Privacy: id" in head and b"Privacy: none" not in head
     assert not [ln for ln in head if ln.lower().startswith(b"p-asserted-identity")]
+    assert not [ln for ln in head if ln.lower().startswith(b"identity")]
     assert b"Contact: <sip:anonymous@198.51.100.7:5062>" in head
     assert b"X-Sipguard-Verdict: national_cli.anonymised;mobile" in head
     assert DUTCH_MOBILE.encode() not in data and DUTCH_MOBILE[1:].encode() not in data
