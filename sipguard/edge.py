@@ -181,7 +181,9 @@ class EdgeCore:
         previous, self.policy = self.policy, policy
         policy.activate()
         self.proxy.configure(settings)
-        self._defer(policy.adopt(previous, list(self.proxy.dialogs.values()), now), "resync")
+        # the calls that came in (a call the core places passes no rule and takes no slot)
+        inbound = [d for d in self.proxy.dialogs.values() if not d.outbound]
+        self._defer(policy.adopt(previous, inbound, now), "resync")
 
     def end_calls(self, matches: Callable[[str | None], bool], reason: str, now: float) -> int:
         """End at once every call whose caller or called number ``matches`` (see

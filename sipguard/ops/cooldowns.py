@@ -84,6 +84,9 @@ def cooldown_key(text: str) -> str:
     """A key as the operator gave it, checked: ValueError for an empty, overlong or
     unprintable one."""
     key = text.strip()
+    if key[:1].isdigit() or key[:2].lstrip("+")[:1].isdigit():
+        # a number written with visual separators ("+1 (212) 555-0101"): key_in reads it
+        key = "".join(c for c in key if c not in " \t()")
     if not key or len(key) > MAX_KEY or not key.isprintable() or any(c.isspace() for c in key):
         raise ValueError(f"{text[:40]!r} is not a cooldown key (a number, a peer name or an "
                          f"address, at most {MAX_KEY} characters, no spaces)")

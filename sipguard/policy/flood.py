@@ -276,7 +276,6 @@ class FloodGuard:
         self.monitor = mode == "monitor"
         self.unit = settings.sampling_s
         self.density = settings.density
-        self.half = settings.density // 2
         self.ban_s = settings.ban_s
         self.ban_peers = settings.ban_peers
         self.by_ip = settings.key == "ip"
@@ -299,6 +298,10 @@ class FloodGuard:
             self.peer_limits[peer.name] = None if own is None or not own.enabled else own.density
         self.max_sources = settings.max_sources
         self.max_bans = settings.max_bans
+        # a source is looked at once it holds half the smallest density that may apply to it
+        # (a peer's own may be below the default)
+        self.half = min([settings.density, *(d for d in self.peer_limits.values()
+                                              if d is not None)]) // 2
         # address -> (density that applies or None when exempt, in a peer's networks): cache
         self._sources: dict[str, tuple[int | None, bool]] = {}
         self._v6_keys: dict[str, str] = {}  # IPv6 address -> the key it is counted under
@@ -332,9 +335,11 @@ class FloodGuard:
         n = cur.get(key, 0) + 1
         if n > 1 or len(cur) < self.max_sources:
             cur[key] = n
-        if n > self.half:
-            estimate = n + int(state.prev.get(key, 0) * (1.0 - (position - epoch)))
-            if estimate > self.density:
+        prev = state.prev
+        before = prev.get(key, 0) if prev else 0  # a burst across the boundary counts whole
+        if n > self.half or before:
+            estimate = n + int(before * (1.0 - (position - epoch)))
+            if estimate > self.half:
                 limit, peer = self.source(ip)
                 if limit is not None and estimate > limit:
                     if not (peer and not self.ban_peers):
@@ -352,13 +357,16 @@ class FloodGuard:
                     # a call it ended would stay up (and hold its slots) for hours
         scanner = self.scanner
         if scanner is not None and _scanner_line(scanner, data):
-            if self.scanner_ban:
-                limit, peer = self.source(ip)
-                if limit is not None and not peer:
-                    self._ban(key, now, SCANNER)
+            limit, peer = self.source(ip)
+            if limit is None:
+                return None  # exempt (or a peer with the rule off): never dropped
+            if self.scanner_ban and not peer:
+                self._ban(key, now, SCANNER)
             return SCANNER
-        if self.register_drop and data.startswith(b"REGISTER ") and not self.source(ip)[1]:
-            return REGISTER_UNKNOWN
+        if self.register_drop and data.startswith(b"REGISTER "):
+            limit, peer = self.source(ip)
+            if not peer and limit is not None:
+                return REGISTER_UNKNOWN
         return None
 
     def activate(self) -> None:

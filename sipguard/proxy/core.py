@@ -2540,7 +2540,8 @@ class Proxy:
             self.ended_legs.pop(key, None)
         if self.acked_legs:
             self.acked_legs.pop(key, None)
-        self.admission.dialog_ended(dialog, now)
+        if not dialog.outbound:  # as dialog_started: a call the core placed took no slot
+            self.admission.dialog_ended(dialog, now)
         self.events.append(DialogEnded(dialog, reason))
 
     # ------------------------------------------------------------------ keep-alives

@@ -113,11 +113,11 @@ async def test_a_cooldown_is_listed_lifted_and_the_next_invite_reaches_the_core(
         status, body = await request("GET", guard.url + "/dialer/cooldowns?scope=origin")
         assert body == {"cooldowns": []}
 
+        status, body = await request("DELETE", guard.url + "/dialer/cooldowns/a%20b?by=alice")
+        assert status == 400  # a space in a name: not a key
+        # a number with the separators it is written with (spaces, brackets, dashes)
         status, body = await request(
-            "DELETE", guard.url + "/dialer/cooldowns/%2B1%20212-555-0100?by=alice")
-        assert status == 400  # a space: not a key
-        status, body = await request("DELETE", guard.url + "/dialer/cooldowns/+1-212-555-0100"
-                                     "?by=alice")
+            "DELETE", guard.url + "/dialer/cooldowns/%2B1%20(212)%20555-0100?by=alice")
         assert status == 200, body
         (lifted,) = body["lifted"]
         assert {k: lifted[k] for k in ("scope", "key", "reason", "where")} == {

@@ -98,6 +98,41 @@ def test_exempt_peer_and_peer_with_own_density() -> None:
     assert got[:100] == [None] * 100 and got[100] == flood.FLOOD
 
 
+def test_a_peers_own_density_below_the_default_applies() -> None:
+    """A peer's own density replaces the default also when it is lower: density 5 for the
+    peer under a default of 20 limits it after 5 (it was looked up only past the default's
+    half, so the peer got 19 of a burst of 19 through)."""
+    peers = "peers:\n  - {name: pbx, networks: [203.0.113.0/24], rules: {flood: {density: 5}}}\n"
+    g = make_guard(peers=peers, rules="{sampling_s: 1, density: 20, ban_s: 30}")
+    got = [g.check(SRC, OPTIONS, 100.0 + i * 0.001) for i in range(19)]
+    assert got[:5] == [None] * 5 and set(got[5:]) == {flood.PEER_LIMITED}
+    other = ("198.51.100.9", 5060)  # the default's 20 for everyone else
+    got = [g.check(other, OPTIONS, 100.0 + i * 0.001) for i in range(21)]
+    assert got == [None] * 20 + [flood.FLOOD]
+
+
+def test_a_burst_across_the_boundary_gets_density_through_not_half_again() -> None:
+    """20 messages just before a unit's end and 15 just after, density 20: the previous
+    unit counts from the first message of the next (half the density more got through)."""
+    g = make_guard(rules="{sampling_s: 1, density: 20, ban_s: 30}")
+    got = [g.check(SRC, OPTIONS, 100.98 + i * 0.0005) for i in range(20)]
+    got += [g.check(SRC, OPTIONS, 101.0 + i * 0.0005) for i in range(15)]
+    assert got[:20] == [None] * 20
+    assert sum(1 for r in got if r is None) <= 21 and flood.FLOOD in got
+
+
+def test_exempt_networks_and_peers_with_the_rule_off_are_never_dropped() -> None:
+    """exempt and a peer with flood off: never counted, dropped or banned — a scanner's
+    User-Agent (a monitoring probe's 'sipcli') or a REGISTER from there too."""
+    peers = "peers:\n  - {name: mon, networks: [198.51.100.0/24], rules: {flood: {enabled: false}}}\n"
+    g = make_guard(peers=peers,
+                   rules="{sampling_s: 1, density: 10, ban_s: 30, exempt: [192.0.2.0/28]}")
+    for src in (("192.0.2.5", 5060), ("198.51.100.1", 5060)):
+        assert g.check(src, SCAN, 100.0) is None and g.check(src, REGISTER, 100.0) is None
+    assert g.check(SRC, SCAN, 100.0) == flood.SCANNER  # anyone else's scan
+    assert g.check(("203.0.113.77", 5060), REGISTER, 100.0) == flood.REGISTER_UNKNOWN
+
+
 CARRIER = "peers:\n  - {name: carrier, networks: [203.0.113.0/24]}\n"
 
 
