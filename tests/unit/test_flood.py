@@ -439,17 +439,20 @@ async def test_shell_drops_scanner_and_flood_before_parsing() -> None:
         await server.stop()
 
 
-async def test_shell_limits_a_flooding_peer_without_banning_it() -> None:
+@pytest.mark.parametrize("own, limit", [("", 20), (", rules: {flood: {density: 8}}", 8)],
+                         ids=["default-density", "own-lower-density"])
+async def test_shell_limits_a_flooding_peer_without_banning_it(own: str, limit: int) -> None:
     """A running sipguard with 127.0.0.1 as a configured peer: a flood of 60 OPTIONS from one
-    peer port (density 20) is answered about 20 times, the rest dropped silently and counted
-    flood_dropped_peer_limited; nothing is banned, and the same port is answered again once
-    the sampling unit has passed (a ban would hold it for ban_s, 300 s)."""
+    peer port (density 20, or the peer's own 8) is answered about that many times, the rest
+    dropped silently and counted flood_dropped_peer_limited; nothing is banned, and the same
+    port is answered again once the sampling unit has passed (a ban would hold it for ban_s,
+    300 s)."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     cfg = parse_config(
         f"listen: [udp://127.0.0.1:{port}]\ncore: udp://127.0.0.1:9\n"
-        "peers:\n  - {name: lab, networks: [127.0.0.1/32]}\n"
+        f"peers:\n  - {{name: lab, networks: [127.0.0.1/32]{own}}}\n"
         "rules:\n  flood: {sampling_s: 0.5, density: 20, key: ip_port}\n"
     )
     server = Server(cfg)
@@ -477,7 +480,7 @@ async def test_shell_limits_a_flooding_peer_without_banning_it() -> None:
             for _ in range(60):
                 flooder.sendto(ping, ("127.0.0.1", port))
             answered = await answers(flooder)
-            assert 18 <= len(answered) <= 24, len(answered)
+            assert limit - 2 <= len(answered) <= limit + 4, len(answered)
             assert all(a.startswith(b"SIP/2.0 200") for a in answered)
             c = server.counters
             assert c["flood_dropped_peer_limited"] == 60 - len(answered)
