@@ -192,6 +192,12 @@ class PeerConfig(ConfigModel):
     def _strict_networks(cls, value: object) -> object:
         return networks(value)
 
+    @field_validator("default_region", mode="before")
+    @classmethod
+    def _upper_region(cls, value: object) -> object:
+        """``us`` is ``US``: the code's case says nothing."""
+        return value.strip().upper() if isinstance(value, str) else value
+
     @field_validator("default_region")
     @classmethod
     def _known_region(cls, value: str | None) -> str | None:

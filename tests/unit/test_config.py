@@ -480,3 +480,13 @@ def test_every_bad_item_of_a_number_list_is_said_at_once() -> None:
                        "'+12125550100' or '12125550100'")
     assert "[1] 'x1' is not" in dno and "[2] 18005550100 is a YAML number" in dno
     assert suspended == "[1] 'abc*' is not a telephone number"
+
+
+def test_a_peers_region_is_read_in_any_case_and_an_unknown_one_named() -> None:
+    """default_region 'us' is US (it was refused with the raw pattern); 'uk' is no region,
+    and the error names the field, its line and GB."""
+    text = MINIMAL + "peers:\n  - name: a\n    networks: [10.0.0.0/8]\n    default_region: {}\n"
+    assert parse_config(text.format("us")).peers[0].default_region == "US"
+    with pytest.raises(ConfigError) as err:
+        parse_config(text.format("uk"))
+    assert ":7: peers[0].default_region" in str(err.value) and "GB" in str(err.value)
