@@ -34,7 +34,13 @@ from pydantic import ConfigDict, Field, ValidationInfo, field_validator, model_v
 
 from sipguard.ops.endpoints import Endpoint, ListenUri, format_host, split_hostport
 from sipguard.ops.privacy import read_hash_key
-from sipguard.policy.schema import PeerConfig, RulesConfig, merge_peer_rules
+from sipguard.policy.schema import (
+    PeerConfig,
+    RulesConfig,
+    known_region,
+    merge_peer_rules,
+    region_upper,
+)
 from sipguard.policy.settings import ConfigModel, ConfigPath, number_list
 from sipguard.state.shared_memory import SET_CAP
 
@@ -745,6 +751,12 @@ class Config(ConfigModel):
         "`reject` = one stateless 403 Forbidden, `drop` = no answer at all (not even 100 "
         "Trying); for every method.",
     )
+    default_region: str | None = Field(
+        default=None, pattern=r"^[A-Z]{2}$",
+        description="ISO 3166 country code (e.g. `US`) to read national-format numbers in for "
+        "every peer that sets none and, without peers, for every source; null: none "
+        "(`2125550100` and `+12125550100` are then two numbers to the limits and lists).",
+    )
     suspended: tuple[str, ...] = Field(
         default=(),
         description="Numbers suspended at once: INVITEs from outside from or to them get 403 "
@@ -759,6 +771,30 @@ class Config(ConfigModel):
     def _merge_peer_rules(cls, data: Any) -> Any:
         """Each peer's ``rules`` become the top-level rules with the peer's overrides merged in."""
         return merge_peer_rules(data)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _peers_inherit_region(cls, data: Any) -> Any:
+        """A peer without ``default_region`` takes the top-level one."""
+        if not isinstance(data, dict) or not data.get("default_region"):
+            return data
+        peers = data.get("peers")
+        if not isinstance(peers, (list, tuple)):
+            return data
+        region = data["default_region"]
+        return {**data, "peers": [
+            {**p, "default_region": region}
+            if isinstance(p, dict) and p.get("default_region") is None else p for p in peers]}
+
+    @field_validator("default_region", mode="before")
+    @classmethod
+    def _upper_region(cls, value: object) -> object:
+        return region_upper(value)
+
+    @field_validator("default_region")
+    @classmethod
+    def _known_region(cls, value: str | None) -> str | None:
+        return known_region(value)
 
     @field_validator("peers")
     @classmethod

@@ -400,8 +400,8 @@ def _rules_md_blocks() -> list[Block]:
     peer = _peer_model()
     rows = list(_md_rows(peer, "peers[].", "peers[].", None))
     rows += _md_rows(Config, "", "", None,
-                     skip=[n for n in Config.model_fields if n not in ("unknown_source",
-                                                                        "suspended")])
+                     skip=[n for n in Config.model_fields if n not in (
+                         "default_region", "unknown_source", "suspended")])
     blocks.append(Block(RULES_MD, "peers", _MD_HEAD + "".join(rows)))
     for rule, model in _rule_models().items():
         rows = list(_md_rows(model, f"rules.{rule}.", "", None, skip=_COMMON_RULE_KEYS))

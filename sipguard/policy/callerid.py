@@ -104,13 +104,14 @@ class CallerId:
     )
 
     def __init__(
-        self, settings: Settings, mode: str, peer: Peer | None, dno_file: NumberSet | None
+        self, settings: Settings, mode: str, peer: Peer | None, dno_file: NumberSet | None,
+        region: str | None = None,
     ) -> None:
         self.name = "callerid"
         self.mode = mode
         self.settings = settings
         self.peer = peer
-        self.region = peer.default_region if peer is not None else None
+        self.region = peer.default_region if peer is not None else region
         self.dno = NumberSet(settings.dno) if settings.dno else None
         self.dno_file = dno_file
         self.region_cc = numbers.country_code_of(self.region)
@@ -547,4 +548,4 @@ def load_list(ctx: BuildContext, path: Path) -> NumberSet:
 def build(settings: Settings, ctx: BuildContext, peer: Peer | None) -> CallerId:
     """The rule for ``peer`` (None: traffic from no configured peer)."""
     dno_file = load_list(ctx, settings.dno_file) if settings.dno_file else None
-    return CallerId(settings, ctx.mode_of(settings), peer, dno_file)
+    return CallerId(settings, ctx.mode_of(settings), peer, dno_file, ctx.cfg.default_region)

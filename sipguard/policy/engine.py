@@ -180,6 +180,18 @@ def build_pipeline(rules: RulesConfig, ctx: BuildContext, peer: Peer | None) -> 
     return Pipeline(built, shared)
 
 
+def _in_e164(call: CallInfo, region: str) -> None:
+    """The call's numbers in national format brought to E.164 with ``region``."""
+    call.caller = to_e164(call.caller, region)
+    call.callee = to_e164(call.callee, region)
+    if call.shown is not None:
+        shown = to_e164(call.shown, region)
+        call.shown = shown if shown != call.caller else None
+    if call.diverters:  # one diverter in two spellings is one diverter
+        call.diverters = tuple(dict.fromkeys(
+            n for d in call.diverters if (n := to_e164(d, region)) is not None))
+
+
 class Policy:
     """Decides initial INVITEs; receives dialog starts and ends for the stateful rules.
 
@@ -201,6 +213,8 @@ class Policy:
         self.default = build_pipeline(cfg.rules, self.ctx, None)
         self.by_peer = {p.name: build_pipeline(pc.rules, self.ctx, p) for pc, p in peers}
         self.suspended = NumberSet(cfg.suspended, self.state.pause)
+        # national numbers from sources of no peer (no peers configured) are read with it
+        self.default_region = cfg.default_region
         self.unknown_drop = cfg.unknown_source == "drop"
         self._unknown_source = Verdict(
             "drop" if self.unknown_drop else "reject",
@@ -258,7 +272,7 @@ class Policy:
             caller = caller or shown
             uri = msg.request_uri  # as CallInfo: To's only without a user part
             callee = uri.number if uri.user else msg.to.uri.number
-            region = peer.default_region if peer is not None else None
+            region = peer.default_region if peer is not None else self.default_region
             verdict = self._suspended(to_e164(caller, region), to_e164(callee, region),
                                       to_e164(shown, region), now)
             if verdict is not None:
@@ -273,8 +287,8 @@ class Policy:
         """The P-Asserted-Identity of a caller's later request or answer in ``dialog`` is the
         caller the call was checked as (read with its peer's ``default_region``)."""
         peer = self.peers.peers.get(dialog.peer) if dialog.peer is not None else None
-        return callerid.asserts_caller(msg, dialog.caller,
-                                       peer.default_region if peer is not None else None)
+        return callerid.asserts_caller(
+            msg, dialog.caller, peer.default_region if peer is not None else self.default_region)
 
     def asserts_identity(self, flow: Flow) -> bool:
         """A P-Asserted-Identity from ``flow`` is an identity (RFC 3325 §5): it comes from a
@@ -366,17 +380,11 @@ class Policy:
                 call.caller = call.msg.from_.uri.number
                 call.shown = None
                 call.pai_untrusted = True
-            region = peer.default_region
-            if region is not None:
-                call.caller = to_e164(call.caller, region)
-                call.callee = to_e164(call.callee, region)
-                if call.shown is not None:
-                    shown = to_e164(call.shown, region)
-                    call.shown = shown if shown != call.caller else None
-                if call.diverters:  # one diverter in two spellings is one diverter
-                    call.diverters = tuple(dict.fromkeys(
-                        n for d in call.diverters if (n := to_e164(d, region)) is not None))
+            if peer.default_region is not None:
+                _in_e164(call, peer.default_region)
             pipeline = self.by_peer[peer.name]
+        elif self.default_region is not None:  # no peers: every source reads with it
+            _in_e164(call, self.default_region)
         if self.suspended or self.state.suspensions:
             verdict = self._suspended(call.caller, call.callee, call.shown, now)
             if verdict is not None:

@@ -111,6 +111,21 @@ def merge_peer_rules(data: Any) -> Any:
     return {**data, "peers": peers}
 
 
+def region_upper(value: object) -> object:
+    """A ``default_region`` as written: ``us`` is ``US`` (the code's case says nothing)."""
+    return value.strip().upper() if isinstance(value, str) else value
+
+
+def known_region(value: str | None) -> str | None:
+    """A ``default_region`` that is a region of the numbering plans; ValueError else."""
+    if value is None:
+        return None
+    if value not in phonenumbers.SUPPORTED_REGIONS:
+        hint = {"UK": " (the United Kingdom is GB)", "EL": " (Greece is GR)"}.get(value, "")
+        raise ValueError(f"{value!r} is no region of the numbering plans{hint}")
+    return value
+
+
 class PeerConfig(ConfigModel):
     """One peer (``peers:`` list item): who it is and what caller numbers it may present.
 
@@ -195,18 +210,12 @@ class PeerConfig(ConfigModel):
     @field_validator("default_region", mode="before")
     @classmethod
     def _upper_region(cls, value: object) -> object:
-        """``us`` is ``US``: the code's case says nothing."""
-        return value.strip().upper() if isinstance(value, str) else value
+        return region_upper(value)
 
     @field_validator("default_region")
     @classmethod
     def _known_region(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        if value not in phonenumbers.SUPPORTED_REGIONS:
-            hint = {"UK": " (the United Kingdom is GB)", "EL": " (Greece is GR)"}.get(value, "")
-            raise ValueError(f"{value!r} is no region of the numbering plans{hint}")
-        return value
+        return known_region(value)
 
     @field_validator("numbers", mode="before")
     @classmethod
@@ -238,6 +247,11 @@ class PolicyConfig(Protocol):
 
     @property
     def suspended(self) -> Sequence[str]: ...
+
+    @property
+    def default_region(self) -> str | None:
+        """National numbers of sources of no peer (no peers configured) read in it."""
+        ...
 
     @property
     def rules(self) -> RulesConfig: ...

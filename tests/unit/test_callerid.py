@@ -961,3 +961,19 @@ def test_a_tag_is_the_decision_lines_callerid_label() -> None:
     h = harness("rules:\n  callerid: {}\n")
     call = Call(h, caller="+12125550100", extra=pai("<tel:+13125550100>"))
     assert call.status == 0 and call.decision.call.labels.get("callerid") == "pai_mismatch"
+
+
+def test_a_top_level_default_region_serves_a_config_without_peers_and_peers_without_one() -> None:
+    """default_region at the top: without peers a national caller reads as E.164 (it was
+    refused caller_not_e164, no region to read it with) and a national DNO entry or
+    suspension blocks it in any spelling; a peer without a region of its own inherits it,
+    one with its own keeps that."""
+    h = harness("default_region: US\nsuspended: ['+12125550177']\n"
+                "rules:\n  callerid: {dno: ['2125550111']}\n")
+    call = Call(h, caller="2125550100")
+    assert call.status == 0 and call.decision.call.caller == "+12125550100"
+    assert Call(h, caller="12125550111").decision.verdict.reason == "caller_dno"
+    assert Call(h, caller="2125550177").decision.verdict.reason == "caller_suspended"
+    cfg = parse_config(BASE + "default_region: us\n" + PEERS.replace(
+        "  - name: pbx-b\n", "  - name: pbx-b\n    default_region: GB\n"))
+    assert [p.default_region for p in cfg.peers] == ["US", "GB"]
