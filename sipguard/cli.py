@@ -107,7 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sipguard", description="Inline SIP edge filter.")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the proxy")
-    run.add_argument("--config", "-c", default="config/sipguard.yaml", help="config file (YAML)")
+    run.add_argument("--config", "-c", default="config/sipguard.yaml",
+                     help="config file (YAML); default: config/sipguard.yaml in the current "
+                     "directory")
     run.add_argument("--listen", action="append", type=_endpoint, metavar="URI",
                      help="listen URI, e.g. udp://0.0.0.0:5060 (repeatable; replaces the file's)")
     run.add_argument("--core", type=_endpoint, metavar="URI", help="core URI (replaces the file's)")
