@@ -69,6 +69,7 @@ from sipguard.ops.logging import (
     log_writer,
 )
 from sipguard.ops.reload import changed_keys, held_back
+from sipguard.ops.suspension_file import SuspensionFile
 from sipguard.policy.engine import Policy, build_peer
 from sipguard.policy.settings import ListFileError
 from sipguard.policy.state import RuleState
@@ -534,10 +535,19 @@ async def _serve(source: ConfigSource, args: argparse.Namespace, cfg: Config,
 
 def _check_files(cfg: Config) -> None:
     """What `run` reads besides the rules, read as it reads them: the TLS certificate, key
-    and CA files, and the admin token file (an admin API off loopback needs one). OSError or
+    and CA files, the admin token file (an admin API off loopback needs one) and
+    ``state_dir`` (a writable folder, its suspensions file sipguard's). OSError or
     ValueError naming the field."""
     tls_contexts(cfg)
     admin_token(cfg.http)
+    if cfg.state_dir is not None:
+        try:
+            SuspensionFile(Path(cfg.state_dir)).check()
+        except OSError as exc:
+            raise OSError(f"state_dir: cannot use {exc.filename or cfg.state_dir}: "
+                          f"{exc.strerror or exc}") from None
+        except ValueError as exc:
+            raise ValueError(f"state_dir: {exc}") from None
 
 
 def _process_hygiene() -> None:

@@ -62,6 +62,22 @@ class SuspensionFile:
         with self._locked():
             return self._replayed()
 
+    def check(self) -> None:
+        """What :meth:`read` would refuse, found without making, locking or changing
+        anything (``check-config``): OSError when the folder is no folder, or it (or, while
+        missing, the folder it would be made in) is not writable; StateFileError for a
+        snapshot that is not sipguard's."""
+        folder = self.snapshot.parent
+        existing = folder
+        while not existing.exists() and existing.parent != existing:
+            existing = existing.parent
+        if not existing.is_dir():
+            raise NotADirectoryError(20, "not a folder", str(existing))
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise PermissionError(13, "not writable by this user", str(existing))
+        if folder.exists():
+            self._replayed()
+
     def _replayed(self) -> tuple[list[dict[str, Any]], list[int]]:
         entries: dict[str, dict[str, Any]] = {}
         try:

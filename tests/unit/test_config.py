@@ -490,3 +490,25 @@ def test_a_peers_region_is_read_in_any_case_and_an_unknown_one_named() -> None:
     with pytest.raises(ConfigError) as err:
         parse_config(text.format("uk"))
     assert ":7: peers[0].default_region" in str(err.value) and "GB" in str(err.value)
+
+
+def test_check_config_refuses_a_state_dir_run_would_refuse(tmp_path: Path) -> None:
+    """state_dir that is a file, or whose suspensions file is not sipguard's: check-config
+    says so (exit 2) as `run` would at start — it said OK; a folder still to be made under a
+    writable one is fine, and check-config makes nothing."""
+    (tmp_path / "file").write_text("x")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "suspensions.json").write_text("not json")
+    for state_dir, says in ((tmp_path / "file", "not a folder"),
+                            (broken, "cannot read suspensions"), (tmp_path / "new" / "dir", "")):
+        path = tmp_path / "c.yaml"
+        path.write_text(MINIMAL + f"state_dir: {state_dir}\n")
+        done = subprocess.run([sys.executable, "-m", "sipguard", "check-config", str(path)],
+                              capture_output=True, text=True, timeout=60)
+        if says:
+            assert done.returncode == 2 and says in done.stderr + done.stdout, done
+            assert "state_dir" in done.stderr + done.stdout, done
+        else:
+            assert done.returncode == 0, done
+            assert not (tmp_path / "new").exists()
