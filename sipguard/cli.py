@@ -441,7 +441,9 @@ async def _serve(source: ConfigSource, args: argparse.Namespace, cfg: Config,
     link = SupervisorLink(args.supervisor_fd) if args.supervisor_fd is not None else None
     try:
         server = Server(cfg, load=source.load, worker=args.worker_index,
-                        group=args.group_dir, config_file=source.path)
+                        group=args.group_dir,
+                        # absolute: a reload's errors name it to whoever asks, from anywhere
+                        config_file=os.path.abspath(source.path))
     except ListFileError as exc:  # a number list (numbers_file, dno_file): unreadable, bad lines
         print(str(located(exc, source.path)), file=sys.stderr)
         return EXIT_CONFIG

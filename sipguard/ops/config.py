@@ -899,7 +899,8 @@ class Config(ConfigModel):
         if not isinstance(state, StateSettings) or state.backend != "shared_memory":
             return value
         peers = info.data.get("peers") or ()
-        for where, rules in (("rules", value), *((f"peer {p.name}", p.rules) for p in peers)):
+        # (the top-level rules' error is said at `rules:` already: no second "rules:")
+        for where, rules in (("", value), *((f"peer {p.name}: ", p.rules) for p in peers)):
             distinct = rules.dialer.distinct_callees if rules.dialer is not None else None
             if distinct is None:
                 continue
@@ -907,7 +908,7 @@ class Config(ConfigModel):
                 at = getattr(distinct, name)
                 if at is not None and at > SET_CAP:
                     raise ValueError(
-                        f"{where}: dialer.distinct_callees.{name} is {at}, but with "
+                        f"{where}dialer.distinct_callees.{name} is {at}, but with "
                         f"state.backend shared_memory distinct called numbers are counted up "
                         f"to {SET_CAP} (use {SET_CAP} or less, or the redis backend)")
         return value

@@ -94,6 +94,36 @@ def snapshot(metrics: Metrics, gauges: dict[str, float]) -> Snapshot:
     }
 
 
+# HELP texts of the gauges (README "Metrics" says more); a gauge not named here is described by
+# its name
+GAUGE_HELP: dict[str, str] = {
+    "live_dialogs": "Calls up (dialogs held).",
+    "subscriptions": "SUBSCRIBE / REFER dialogs held.",
+    "server_transactions": "Server transactions held.",
+    "server_transaction_bytes": "Bytes the held requests take (sip.max_transaction_bytes_mib).",
+    "live_dialog_bytes": "Bytes the live calls' INVITEs take (sip.max_dialog_bytes_mib).",
+    "client_transactions": "Client transactions held.",
+    "tcp_connections": "TCP/TLS connections open.",
+    "tcp_accept_queue_ratio": "Fullest TCP accept queue, share of its backlog.",
+    "kernel_tcp_listen_overflows": "The kernel's TCP listen queue overflows (host-wide).",
+    "udp_receive_queue_ratio": "Fullest UDP receive queue, share of its buffer.",
+    "udp_receive_queue_delay_seconds": "Longest wait measured in a UDP receive queue.",
+    "tcp_reader_behind_seconds": "Longest a TCP/TLS connection has had bytes waiting.",
+    "overloaded": "1 while overload protection sheds new calls with 503.",
+    "gc_young_pause_max_seconds": "Longest young collector pass since the last scrape.",
+    "gc_full_pause_seconds": "The last full collector pass's pause.",
+    "identity_verify_waiting": "Signature checks handed to the threads, not yet answered.",
+    "event_loop_busy_ratio": "The event loop's busy share over the last 50 ms (1: the limit).",
+    "udp_send_waiting": "Datagrams queued for the send thread.",
+    "log_queue_bytes": "Bytes of log lines waiting for the log writer.",
+    "concurrency_unmatched_ends": "Call ends that found no slot to free (must stay 0).",
+    "concurrency_leases_expired": "Slots that lapsed on their own (must stay 0).",
+    "concurrency_underflows": "Counts that would have gone below zero (must stay 0).",
+    "state_available": "1 while the shared state (Redis) answers.",
+    "state_pending_releases": "Slot releases waiting for the shared state.",
+}
+
+
 def families(snaps: list[tuple[str | None, Snapshot]]) -> Iterator[Metric]:
     """The metric families of one process (``[(None, snap)]``), or of several worker
     processes, each sample labelled with its ``worker``: one family per name, as the
@@ -135,7 +165,8 @@ def families(snaps: list[tuple[str | None, Snapshot]]) -> Iterator[Metric]:
             family = gauges.get(name)
             if family is None:
                 family = gauges[name] = GaugeMetricFamily(
-                    f"sipguard_{name}", name.replace("_", " ") + ".", labels=extra)
+                    f"sipguard_{name}", GAUGE_HELP.get(name) or name.replace("_", " ") + ".",
+                    labels=extra)
             family.add_metric(lv(worker), float(value))
         loaded.add_metric(lv(worker), float(snap["config_loaded"]))
     yield from (invites, ended, events, decision, *gauges.values(), loaded)

@@ -2096,8 +2096,14 @@ class Proxy:
             if ct.method in SUBSCRIPTION_CREATING and ct.server is not None:
                 self._refused_subscription(ct.server)  # never answered: as refused
             self._drop_client(ct)
-            if ct.server is not None:
-                self._terminate_server(ct.server, now)
+            server = ct.server
+            if server is not None:
+                # said and counted (noticed_no_answer): the sender hears nothing (RFC 4320),
+                # so a next hop that never answers a method (OPTIONS pings) shows here only
+                request = server.msg
+                detail = f"{ct.method} {request.call_id}" if request is not None else ct.method
+                self._terminate_server(server, now)
+                self.events.append(Noticed("no_answer", detail, ct.flow))
             if ends is not None:
                 # that BYE got no answer: its sender takes the call as over (§15.1.1);
                 # whether the core still has it, an OPTIONS of sipguard's asks

@@ -1790,3 +1790,17 @@ def test_an_answer_from_outside_loses_sipguards_headers_and_strip_headers() -> N
                                                extra=f"P-Asserted-Identity: {value}\r\n")), CORE)
                   if m.status == 200]
         assert back.values("p-asserted-identity") == kept, value
+
+
+def test_a_request_the_core_never_answers_is_noticed() -> None:
+    """An OPTIONS (a trunk's ping with a user part) the core never answers: no 408 upstream
+    (RFC 4320), but at Timer F a Noticed no_answer (counted, logged) — before, nothing said
+    that the core was silent while the pinging trunk heard nothing."""
+    h = PolicyHarness()
+    ping = out_of_dialog("OPTIONS", call_id="ping-1").replace(
+        b"203.0.113.5", CALLER[0].encode())
+    out = h.send(ping)
+    assert [m.method for m in to(out, CORE)] == ["OPTIONS"]
+    h.advance(33.0)
+    assert [(e.kind, e.detail) for e in h.events if isinstance(e, Noticed)] == [
+        ("no_answer", "OPTIONS ping-1")]
