@@ -34,13 +34,7 @@ from pydantic import ConfigDict, Field, ValidationInfo, field_validator, model_v
 
 from sipguard.ops.endpoints import Endpoint, ListenUri, format_host, split_hostport
 from sipguard.ops.privacy import read_hash_key
-from sipguard.policy.schema import (
-    PeerConfig,
-    RulesConfig,
-    known_region,
-    merge_peer_rules,
-    region_upper,
-)
+from sipguard.policy.schema import PeerConfig, Region, RulesConfig, merge_peer_rules
 from sipguard.policy.settings import ConfigModel, ConfigPath, number_list
 from sipguard.state.shared_memory import SET_CAP
 
@@ -751,7 +745,7 @@ class Config(ConfigModel):
         "`reject` = one stateless 403 Forbidden, `drop` = no answer at all (not even 100 "
         "Trying); for every method.",
     )
-    default_region: str | None = Field(
+    default_region: Region = Field(
         default=None, pattern=r"^[A-Z]{2}$",
         description="ISO 3166 country code (e.g. `US`) to read national-format numbers in for "
         "every peer that sets none and, without peers, for every source; null: none "
@@ -785,16 +779,6 @@ class Config(ConfigModel):
         return {**data, "peers": [
             {**p, "default_region": region}
             if isinstance(p, dict) and p.get("default_region") is None else p for p in peers]}
-
-    @field_validator("default_region", mode="before")
-    @classmethod
-    def _upper_region(cls, value: object) -> object:
-        return region_upper(value)
-
-    @field_validator("default_region")
-    @classmethod
-    def _known_region(cls, value: str | None) -> str | None:
-        return known_region(value)
 
     @field_validator("peers")
     @classmethod

@@ -18,10 +18,17 @@ import ipaddress
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Annotated, Any, Literal, Protocol
 
 import phonenumbers
-from pydantic import Field, PrivateAttr, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BeforeValidator,
+    Field,
+    PrivateAttr,
+    field_validator,
+    model_validator,
+)
 
 from sipguard.policy.callerid_settings import Settings as CallerIdSettings
 from sipguard.policy.concurrency_settings import Settings as ConcurrencySettings
@@ -126,6 +133,10 @@ def known_region(value: str | None) -> str | None:
     return value
 
 
+# A ``default_region`` field (a peer's, the config's): any case, a region of the numbering plans
+Region = Annotated[str | None, BeforeValidator(region_upper), AfterValidator(known_region)]
+
+
 class PeerConfig(ConfigModel):
     """One peer (``peers:`` list item): who it is and what caller numbers it may present.
 
@@ -168,7 +179,7 @@ class PeerConfig(ConfigModel):
         description="The same, one a line, `#` comments; relative to the config file. A line "
         "that is not a number is an error naming `FILE:LINE`.",
     )
-    default_region: str | None = Field(
+    default_region: Region = Field(
         default=None, pattern=r"^[A-Z]{2}$",
         description="ISO 3166 country code (e.g. `US`) to read national-format numbers in; "
         "null: none. Applies to every rule, the suspended list and the log "
@@ -206,16 +217,6 @@ class PeerConfig(ConfigModel):
     @classmethod
     def _strict_networks(cls, value: object) -> object:
         return networks(value)
-
-    @field_validator("default_region", mode="before")
-    @classmethod
-    def _upper_region(cls, value: object) -> object:
-        return region_upper(value)
-
-    @field_validator("default_region")
-    @classmethod
-    def _known_region(cls, value: str | None) -> str | None:
-        return known_region(value)
 
     @field_validator("numbers", mode="before")
     @classmethod
