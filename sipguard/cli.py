@@ -617,8 +617,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     source = ConfigSource(args.config, args)
     try:
         cfg = source.running()
+        admin_token(cfg.http)  # a config error (as check-config says it), not a start-up one
     except ConfigError as exc:
         print(str(exc), file=sys.stderr)
+        return EXIT_CONFIG
+    except ValueError as exc:
+        print(f"sipguard: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     worker = args.worker_index
     if worker is None and cfg.workers > 1:

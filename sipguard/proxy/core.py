@@ -104,6 +104,7 @@ from sipguard.proxy.transactions import (
     ServerTxn,
     table_key,
 )
+from sipguard.sip import uri_headers
 from sipguard.sip.errors import SipParseError
 from sipguard.sip.message import Message, decode, header_line, raw_value
 from sipguard.sip.nameaddr import NameAddr, parse_name_addr_list
@@ -1077,7 +1078,7 @@ class Proxy:
         anonymise = dialog.anonymise if dialog is not None else None
         out: dict[int, bytes | None] = {}
         # as on requests: sipguard's own headers, sip.strip_headers, one identity, no verstat
-        self._strip_owned(msg, out)
+        self._strip_owned(msg, out, flow)
         if not msg.has("p-asserted-identity") and anonymise is None:
             return out
         pai = msg.indexes("p-asserted-identity")
@@ -1556,7 +1557,7 @@ class Proxy:
         if msg.content_length is None:
             append.append(f"Content-Length: {len(msg.body)}".encode())
         if not self._is_core(msg, source):
-            self._strip_owned(msg, replace)
+            self._strip_owned(msg, replace, source)
         for name, line in edits:
             if name in PROXY_OWNED and (anonymise is None or name != "from"):
                 continue
@@ -1575,9 +1576,11 @@ class Proxy:
         return msg.serialize(prepend=prepend, replace=replace, append=append,
                              start_line=start_line)
 
-    def _strip_owned(self, msg: Message, replace: dict[int, bytes | None]) -> None:
+    def _strip_owned(self, msg: Message, replace: dict[int, bytes | None], flow: Flow) -> None:
         """What only sipguard may say, removed from a request from outside whatever rules are
-        on: its verdict headers (and ``sip.strip_headers``), any ``verstat`` parameter in
+        on: its verdict headers (and ``sip.strip_headers``), the same and what else a receiver
+        must not take from outside embedded as headers in the URIs of Refer-To, Contact ...
+        (:mod:`sipguard.sip.uri_headers`), any ``verstat`` parameter in
         From or P-Asserted-Identity (a rule that vouches for the caller puts its own), and
         P-Asserted-Identity values asserting another number than the first (the caller the
         rules check; RFC 3325 §9.1: two values are one identity, a SIP and a tel URI) or one
@@ -1610,6 +1613,16 @@ class Proxy:
                     new = again
                 if new != line:
                     replace[i] = new
+        for name in uri_headers.CARRIERS if msg.is_request else uri_headers.ANSWER_CARRIERS:
+            for i in msg.indexes(name):
+                line = replace.get(i, msg.lines[i])
+                if line is None or b"?" not in line:
+                    continue
+                new, removed = uri_headers.without_unsafe_headers(line, self.settings.strip_headers)
+                if removed:
+                    replace[i] = new
+                    self.events.append(Noticed("uri_headers_removed",
+                                               f"{removed} from {name} {msg.call_id}", flow))
 
     def _route_ack(self, msg: Message, flow: Flow, key: str, now: float) -> None:
         """ACK for a 2xx: its own end-to-end transaction, forwarded statelessly (§16.11)."""

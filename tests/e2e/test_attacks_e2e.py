@@ -153,6 +153,39 @@ def test_forged_verdicts_are_stripped_whatever_rules_are_on(
         caller.close()
 
 
+def test_headers_embedded_in_a_refer_to_cannot_assert_an_identity_for_the_core(
+    stack: E2EStack, core: Core
+) -> None:
+    """Over real sockets: the caller's in-dialog REFER whose Refer-To and Referred-By URIs
+    embed P-Asserted-Identity, From (percent-encoded name, compact form), sipguard's verdict
+    header and a Subject whose value decodes to a second header line reaches the core with
+    those taken out and its Replaces kept byte for byte."""
+    _, port = stack.sipguard(core_port=core.port, listen=("udp",))
+    caller = Caller(port)
+    replaces = "Replaces=abc%40h%3Bto-tag%3D1%3Bfrom-tag%3D2"
+    refer_to = (f"Refer-To: <sip:+18005550111@{HOST}?{replaces}"
+                "&P-Asserted-Identity=%3Csip:%2B19005550199@x%3E&P%2DAsserted-Identity=x"
+                "&f=sip:%2B19005550199@x&X-Sipguard-Verdict=passed"
+                "&Subject=hi%0D%0AIdentity:%20forged>\r\n"
+                f"Referred-By: <sip:+12125550100@{HOST}?From=sip:%2B19005550199@x>\r\n")
+    try:
+        to_tag, route = _call_up(caller, "refer-1")
+        caller.send(caller.request("REFER", "refer-1", cseq=2, to_tag=to_tag,
+                                   extra=route + refer_to))
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline and not any(
+                d.startswith(b"REFER") for d in core.received):
+            time.sleep(0.05)
+        [got] = [d for d in core.received if d.startswith(b"REFER")]
+        assert f"Refer-To: <sip:+18005550111@{HOST}?{replaces}>\r\n".encode() in got
+        assert f"Referred-By: <sip:+12125550100@{HOST}>\r\n".encode() in got
+        low = got.lower()
+        for gone in (b"asserted", b"%2dasserted", b"19005550199", b"x-sipguard", b"forged"):
+            assert gone not in low, gone
+    finally:
+        caller.close()
+
+
 def test_a_callers_later_from_shows_the_checked_number_and_keeps_its_quotes(
     stack: E2EStack, core: Core
 ) -> None:

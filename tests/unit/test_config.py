@@ -512,3 +512,18 @@ def test_check_config_refuses_a_state_dir_run_would_refuse(tmp_path: Path) -> No
         else:
             assert done.returncode == 0, done
             assert not (tmp_path / "new").exists()
+
+
+def test_an_admin_api_off_loopback_without_a_token_is_a_config_error_to_run_too(
+        tmp_path: Path) -> None:
+    """An admin API on a public address without admin.token_file: `run` refuses it with the
+    same words and the same exit code (2) as check-config, before it binds anything."""
+    path = tmp_path / "c.yaml"
+    path.write_text(MINIMAL + "admin: {listen: 0.0.0.0:9}\n")
+    codes = []
+    for verb in (["check-config", str(path)], ["run", "--config", str(path)]):
+        done = subprocess.run([sys.executable, "-m", "sipguard", *verb],
+                              capture_output=True, text=True, timeout=60)
+        assert "admin.token_file" in done.stderr, done
+        codes.append(done.returncode)
+    assert codes == [2, 2]

@@ -6,7 +6,15 @@ of rules a peer's traffic never runs."""
 
 from __future__ import annotations
 
-from sipguard.contract import Anonymise, CallInfo, DialogEnded, Dropped, InviteDecided, Verdict
+from sipguard.contract import (
+    Anonymise,
+    CallInfo,
+    DialogEnded,
+    Dropped,
+    InviteDecided,
+    Noticed,
+    Verdict,
+)
 from sipguard.ops.config_load import parse_config
 from sipguard.policy import callerid
 from sipguard.server import owned_headers
@@ -261,3 +269,30 @@ def test_a_rewritten_pai_leaves_out_a_display_name_that_spells_verstat() -> None
     msg = parse_message(invite(extra='P-Asserted-Identity: "Alice" <tel:+12125550100>\r\n'))
     line = callerid.pai_with_verstat(msg, "No-TN-Validation", "+12125550100", True)
     assert line == 'P-Asserted-Identity: "Alice" <tel:+12125550100;verstat=No-TN-Validation>'
+
+
+def test_headers_embedded_in_an_answers_contact_never_reach_the_core() -> None:
+    """The core places a call; the party outside redirects it (302) to a Contact whose URI
+    embeds a P-Asserted-Identity, a From and a Subject whose value decodes to a header line:
+    the core, which may recurse on it with those copied into its new INVITE, gets the 302 with
+    only the harmless Subject left; the caller's own INVITE keeps its Contact as sent."""
+    h = Harness()
+    party = ("198.51.100.7", 5062)
+    out = h.send(invite(via_host="10.0.0.10:5080", call_id="out-1", caller="+18005550199",
+                        callee="+12125550100", uri="sip:+12125550100@198.51.100.7:5062"),
+                 src=CORE)
+    [fwd] = to(out, party)
+    moved = answer(fwd, 302, "Moved Temporarily", extra=(
+        "Contact: <sip:+19005550199@203.0.113.9?P-Asserted-Identity=%3Csip:%2B18005550100"
+        "@x%3E&f=sip:a@b&Subject=hi&Subject=x%0D%0AIdentity:%20y>;q=0.5\r\n"))
+    [back] = to(h.send(moved, src=party), CORE)
+    assert back.status == 302
+    assert back.values("contact") == ["<sip:core@10.0.0.10:5080>",
+                                      "<sip:+19005550199@203.0.113.9?Subject=hi>;q=0.5"]
+    assert [e.detail for e in h.events if isinstance(e, Noticed)
+            and e.kind == "uri_headers_removed"] == ["3 from contact out-1"]
+    h2 = Harness()
+    contact = "Contact: <sip:+12125550100@198.51.100.7:5062?Subject=a&From=b>"
+    [fwd2] = to(h2.send(invite(call_id="in-1").replace(
+        b"Contact: <sip:+12125550100@198.51.100.7:5062>", contact.encode())), CORE)
+    assert contact.encode() in fwd2.serialize()
