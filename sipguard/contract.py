@@ -303,6 +303,16 @@ def same_number(a: str, b: str) -> bool:
     return da == db
 
 
+def national_tail(national: str, international: str) -> bool:
+    """A number written nationally is the one written internationally — both as digits, the
+    national one without its trunk 0: it is the international one's last six digits or more,
+    with at most a country code's three ahead of them (``2125550100`` and ``12125550100``,
+    ``201234567`` and ``31201234567``). Without the numbering plan this cannot be exact; the
+    within-a-call From check and rule callerid's display-name check both read it so."""
+    return len(national) >= 6 and len(international) - len(national) <= 3 \
+        and international.endswith(national)
+
+
 # Distinct diverting numbers a call is counted under (per_diverter): one INVITE must take a
 # bounded number of counters (a key each; the shared-memory backend takes at most 64 per call)
 MAX_DIVERTERS: Final = 16

@@ -278,6 +278,9 @@ class EdgeCore:
             return self._overload
         return verdict
 
+    def screen_transfer(self, msg: Message, flow: Flow, now: float) -> Verdict | None:
+        return self.policy.screen_transfer(msg, flow, now)
+
     def silent_to(self, flow: Flow) -> bool:
         return self.policy.silent_to(flow)
 

@@ -754,9 +754,11 @@ class Config(ConfigModel):
     suspended: tuple[str, ...] = Field(
         default=(),
         description="Numbers suspended at once: INVITEs from outside from or to them get 403 "
-        "Forbidden (\"from\": the caller, or the number From shows when it is another). Calls "
-        "the core places pass without policy, so does a REFER's Refer-To: the core's own "
-        "dial plan must keep them from a suspended number.",
+        "Forbidden (\"from\": the caller, or the number From shows when it is another); so "
+        "does a REFER from outside whose Refer-To is one (the core would call it on the "
+        "party's word). Calls the core places pass without policy, so does a 3xx's Contact "
+        "the core recurses on: the core's own dial plan must keep them from a suspended "
+        "number.",
     )
     rules: RulesConfig = Field(default=RulesConfig(), description="Rules, in evaluation order.")
 

@@ -60,7 +60,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Final
 from urllib.parse import unquote
 
-from sipguard.contract import Verdict, identity_values, same_number
+from sipguard.contract import Verdict, identity_values, national_tail, same_number
 from sipguard.policy import numbers
 from sipguard.policy.callerid_settings import Answers
 from sipguard.policy.peers import NumberSet, Peer, read_number_file
@@ -337,9 +337,7 @@ def _shows(digits: str, number: str, region: str | None) -> bool:
             and same_number(f"+{info.country_code}{info.national.lstrip('0')}", number)
     if digits.startswith("00"):
         return False
-    national = digits.lstrip("0")
-    full = "".join(c for c in number if c.isdigit())
-    return len(national) >= 6 and len(full) - len(national) <= 3 and full.endswith(national)
+    return national_tail(digits.lstrip("0"), "".join(c for c in number if c.isdigit()))
 
 
 def asserts_caller(msg: Message, caller: str | None, region: str | None) -> bool:

@@ -43,7 +43,9 @@ from sipguard.policy.schema import PeerConfig, RulesConfig
 from sipguard.policy.schema import PolicyConfig as Config
 from sipguard.policy.settings import ListFileError
 from sipguard.policy.state import RuleState
+from sipguard.sip.errors import SipParseError
 from sipguard.sip.message import Message
+from sipguard.sip.nameaddr import parse_name_addr
 
 # rule name -> build(settings, ctx, peer) -> Rule | None
 RuleBuilder = Callable[[Any, "BuildContext", Peer | None], Rule | None]
@@ -278,6 +280,22 @@ class Policy:
             if verdict is not None:
                 return self._global(verdict)
         return None
+
+    def screen_transfer(self, msg: Message, flow: Flow, now: float) -> Verdict | None:
+        """A REFER from outside (in a call or not): its ``Refer-To`` target — the number the
+        core would call on the party's word — must not be a suspended one (``callee_suspended``,
+        as an INVITE to it). The rules' other checks are for calls that come in; a call the
+        core places passes none. None: go on."""
+        if not (self.suspended or self.state.suspensions):
+            return None
+        try:
+            target = parse_name_addr(msg.get("refer-to") or "").uri.number
+        except SipParseError:
+            return None  # (the core's to refuse: no number sipguard could suspend)
+        peer = self._peer_of(flow) if self.peers else None
+        region = peer.default_region if peer is not None else self.default_region
+        verdict = self._suspension(None, to_e164(target, region), now)
+        return self._global(verdict) if verdict is not None else None
 
     def silent_to(self, flow: Flow) -> bool:
         """An unknown source with ``unknown_source: drop``: it hears nothing at all."""

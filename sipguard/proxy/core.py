@@ -77,6 +77,7 @@ from sipguard.contract import (
     ParseFailed,
     Screened,
     Verdict,
+    national_tail,
     one_identity,
 )
 from sipguard.proxy import build, keepalive
@@ -85,6 +86,7 @@ from sipguard.proxy.routing import Router, flow_is_core, remember
 from sipguard.proxy.settings import ProxySettings
 from sipguard.proxy.subscriptions import (
     GRACE_S,
+    Subscription,
     Subscriptions,
     granted,
     lasts,
@@ -139,6 +141,11 @@ class Admission(Protocol):
         on, or the verdict (reject: one stateless answer; drop: silence)."""
         ...
 
+    def screen_transfer(self, msg: Message, flow: Flow, now: float) -> Verdict | None:
+        """A REFER from outside: None to go on, or the verdict on its ``Refer-To`` target
+        (reject: answered on its transaction; accept: monitored, logged)."""
+        ...
+
     def same_party(self, dialog: Dialog, flow: Flow) -> bool:
         """Whether ``flow`` may speak for ``dialog``'s outside party although it is not the
         exact address the call came from (e.g. another address of the same peer)."""
@@ -181,6 +188,9 @@ class AcceptAll:
         return None
 
     def screen(self, msg: Message, flow: Flow, now: float) -> Verdict | None:
+        return None
+
+    def screen_transfer(self, msg: Message, flow: Flow, now: float) -> Verdict | None:
         return None
 
     def same_party(self, dialog: Dialog, flow: Flow) -> bool:
@@ -286,6 +296,9 @@ def _without_verstat(line: bytes, pattern: re.Pattern[bytes]) -> bytes:
     return b"".join(parts)
 
 
+# The key of an answer's edits (Proxy._answer_edits) whose line is added after its headers.
+APPEND: Final = -1
+
 # Headers only the proxy edits; a verdict's replace_headers cannot touch them.
 PROXY_OWNED: Final = frozenset(
     {"via", "route", "record-route", "max-forwards", "from", "to", "call-id", "cseq",
@@ -295,7 +308,7 @@ PROXY_OWNED: Final = frozenset(
 
 ANONYMOUS_FROM: Final = 'From: "Anonymous" <sip:anonymous@anonymous.invalid>'
 # Headers that name the caller, removed when a verdict anonymises (PAI: unless keep_pai).
-_IDENTITY_HEADERS: Final = ("p-preferred-identity", "remote-party-id")
+_IDENTITY_HEADERS: Final = ("p-preferred-identity", "remote-party-id", "referred-by")
 # what sipguard passes within a call whatever sip.allow_methods says (OPTIONS' Allow)
 _IN_CALLS: Final = ("ACK", "BYE", "CANCEL", "INFO", "INVITE", "NOTIFY", "PRACK", "REFER", "UPDATE")
 # what an in-dialog request from outside may be: a call's methods, and what a call carries
@@ -501,7 +514,7 @@ def _same_from(shown: str, checked: str) -> bool:
     if shown_intl == checked.startswith("#+"):
         return False
     intl, national = (shown[2:], checked[1:]) if shown_intl else (checked[2:], shown[1:])
-    return len(national) >= 6 and len(intl) - len(national) <= 3 and intl.endswith(national)
+    return national_tail(national, intl)
 
 
 def _checked_from(msg: Message, dialog: Dialog) -> str:
@@ -539,6 +552,21 @@ def _shows_another(msg: Message, dialog: Dialog) -> bool:
     caller = dialog.caller
     return caller is None or not caller.startswith("+") or \
         not _same_from(shown, _number_key(caller))
+
+
+def _checked_identity(dialog: Dialog | None) -> Dialog | None:
+    """Of a call that came in, only who its caller was checked as — the number, From's key
+    and display number, its peer, whether its PAI counts, its anonymisation — in a new
+    Dialog holding nothing else (none of the INVITE's strings, routes or state), to be kept
+    beyond the call's end; None for a call the core placed, or no call."""
+    if dialog is None or dialog.outbound:
+        return None
+    kept = Dialog("", "", None, dialog.caller, None, (), dialog.peer, dialog.source,
+                  dialog.started, dialog.started, shown=dialog.shown)
+    kept.from_user, kept.from_display = dialog.from_user, dialog.from_display
+    kept.anonymise, kept.pai_untrusted = dialog.anonymise, dialog.pai_untrusted
+    kept.state = TERMINATED
+    return kept
 
 
 def _contact_target(msg: Message) -> str | None:
@@ -1035,9 +1063,23 @@ class Proxy:
         if method == "NOTIFY" and not initial and self.subscriptions.table:
             # a NOTIFY of the core's subscription, or the core's of a party's: its
             # Subscription-State moves its end
-            self.subscriptions.extend(notified(msg, from_core), lasts(msg, now))
+            self.subscriptions.extend(notified(msg, from_core), lasts(msg, now),
+                                      longer=from_core)
+        if method == "REFER" and not from_core:
+            # the core would call its Refer-To target on the party's word: not a suspended one
+            verdict = self.admission.screen_transfer(msg, flow, now)
+            if verdict is not None:
+                self.events.append(Screened(method, flow, verdict))
+                if verdict.action != "accept":
+                    self._respond(st, verdict.status or 403, now, verdict.phrase,
+                                  extra=verdict.headers)
+                    return
         if (initial and method in SUBSCRIPTION_CREATING) or method == "REFER":
             self._subscribing(msg, from_core, target, flow, now, dialog)
+        if dialog is None and not initial and not from_core:
+            # a NOTIFY of the core's subscription made within a call, maybe after the call
+            # ended: the caller as that call checked it (_in_dialog_admitted refused another)
+            dialog, side = self._subscription_call(msg), "caller"
         self._forward(st, target, start_line, route_line, now, record_route=initial
                       and method in DIALOG_CREATING,
                       edits=self._pai_edits(msg, flow, dialog, from_core, side),
@@ -1079,6 +1121,8 @@ class Proxy:
         out: dict[int, bytes | None] = {}
         # as on requests: sipguard's own headers, sip.strip_headers, one identity, no verstat
         self._strip_owned(msg, out, flow)
+        if ct.route_tail is not None and 100 < msg.status < 300:
+            self._route_tail(msg, ct.route_tail, out, flow)
         if not msg.has("p-asserted-identity") and anonymise is None:
             return out
         pai = msg.indexes("p-asserted-identity")
@@ -1099,6 +1143,37 @@ class Proxy:
                 dialog is not None and not self.admission.asserts_caller(dialog, msg)):
             out.update(dict.fromkeys(pai))
         return out
+
+    def _route_tail(self, msg: Message, tail: tuple[str, ...], out: dict[int, bytes | None],
+                    flow: Flow) -> None:
+        """An answer from outside that makes a dialog for a request of the core's: its
+        Record-Route must end with the entries that request left with (``tail``: sipguard's
+        own, then the core side's; RFC 3261 §16.6 step 4, §12.1.2). The core's route set is
+        that list reversed, so an entry written below sipguard's — or sipguard's left out —
+        would send the core's ACK, re-INVITE and BYE of the call to a host the outside party
+        chose, around sipguard. Otherwise the list is rewritten: what the outside side put
+        above sipguard's first entry, then ``tail`` (counted ``noticed_record_route_repaired``)."""
+        try:
+            entries = msg.record_routes
+        except SipParseError:
+            entries = []
+        raws = [na.raw.strip() for na in entries]
+        n = len(tail)
+        if len(raws) >= n and tuple(raws[len(raws) - n:]) == tail:
+            return
+        is_ours = self.router.is_ours
+        top = next((i for i, na in enumerate(entries) if is_ours(na.uri)), None)
+        above = raws[:top] if top is not None else \
+            [raw for na, raw in zip(entries, raws, strict=True) if not is_ours(na.uri)]
+        line = header_line("Record-Route", ", ".join([*above, *tail]))
+        indexes = msg.indexes("record-route")
+        for i in indexes:
+            out[i] = None
+        if indexes:
+            out[indexes[0]] = line
+        else:
+            out[APPEND] = line
+        self.events.append(Noticed("record_route_repaired", msg.call_id, flow))
 
     @staticmethod
     def _withheld(dialog: Dialog | None, side: str, from_core: bool) -> Anonymise | None:
@@ -1177,24 +1252,38 @@ class Proxy:
             self._stateless(msg, flow, 405, "Method Not Allowed", (self._allow_in_calls,))
             self.events.append(Dropped("in_dialog_method", f"{method} {msg.call_id}", flow))
             return False
-        if dialog is None and self.subscriptions.table and self._in_subscription(msg, flow, now):
-            return self._admitted(msg, flow, now, methods=False)
+        sub = self._in_subscription(msg, flow, now) if dialog is None and \
+            self.subscriptions.table else None
+        if sub is not None:
+            if sub.call is None or not _shows_another(msg, sub.call):
+                return self._admitted(msg, flow, now, methods=False)
+            refusal = 403  # the call's caller showing another number, after the call too
         if not self._admitted(msg, flow, now, methods=False):
             return False  # an unknown source learns nothing, not even that the call exists
         self._stateless(msg, flow, refusal, None)
         self.events.append(Dropped("in_dialog_refused", f"{refusal} {msg.call_id}", flow))
         return False
 
-    def _in_subscription(self, msg: Message, flow: Flow, now: float) -> bool:
-        """An in-dialog request from outside of a subscription sipguard forwarded, from its
-        outside party's host: a NOTIFY for the core's, a refresh of a party's own."""
+    def _in_subscription(self, msg: Message, flow: Flow, now: float) -> Subscription | None:
+        """The subscription sipguard forwarded the initial request of that an in-dialog
+        request from outside belongs to, from its outside party's host: a NOTIFY for the
+        core's, a refresh of a party's own; None for none."""
         if msg.method == "NOTIFY":
             key = notified(msg)
         elif msg.method == "SUBSCRIBE" and ({"SUBSCRIBE", "*"} & self.settings.allow_methods):
             key = ("party", msg.call_id, msg.from_tag or "")
         else:
-            return False
-        return self.subscriptions.match(key, flow.addr[0], now) is not None
+            return None
+        return self.subscriptions.match(key, flow.addr[0], now)
+
+    def _subscription_call(self, msg: Message) -> Dialog | None:
+        """For a NOTIFY from outside of the core's subscription made within a call that came
+        in: who that call's caller was checked as (Subscription.call), for its identity
+        edits; else None."""
+        if msg.method != "NOTIFY" or not self.subscriptions.table:
+            return None
+        sub = self.subscriptions.table.get(notified(msg))
+        return sub.call if sub is not None else None
 
     def _subscribing(self, msg: Message, from_core: bool, target: Flow, flow: Flow,
                      now: float, dialog: Dialog | None) -> None:
@@ -1210,7 +1299,8 @@ class Proxy:
         if not _is_ip(host):
             host = ""  # a host name: any address until one answers (a NOTIFY may overtake it)
         pin_target, pin_routes = self._sub_pin(msg, from_core, dialog)
-        if subs.add(key, host, now + GRACE_S, now, True, pin_target, pin_routes):
+        if subs.add(key, host, now + GRACE_S, now, True, pin_target, pin_routes,
+                    _checked_identity(dialog) if from_core else None):
             self.events.append(Noticed("subscription_forgotten", f"{len(subs)} subscriptions",
                                        flow))
 
@@ -1261,7 +1351,7 @@ class Proxy:
             dialog = self.table.of(msg, from_core)[0] if msg.to_tag is not None else None
             pin_target, pin_routes = self._sub_pin(msg, from_core, dialog)
             if subs.add(key, host, granted(answer, lasts(msg, now), now), now, False,
-                        pin_target, pin_routes):
+                        pin_target, pin_routes, _checked_identity(dialog) if from_core else None):
                 self.events.append(Noticed("subscription_forgotten",
                                            f"{len(subs)} subscriptions", st.flow))
         else:  # a refresh (Expires: 0 — an un-SUBSCRIBE — leaves GRACE_S)
@@ -1481,6 +1571,10 @@ class Proxy:
         self.clients[table_key(branch, st.method)] = ct
         self.outbox.append((target, data))
         s = self.settings
+        if record_route and s.record_route and msg.to_tag is None and \
+                (st.method == "INVITE" or st.method in SUBSCRIPTION_CREATING) and \
+                self._is_core(msg, st.flow):
+            ct.route_tail = tuple(na.raw.strip() for na in ct.sent_msg().record_routes)
         if st.method == "INVITE":
             if target.transport == "udp":
                 ct.interval = s.t1
@@ -1613,7 +1707,9 @@ class Proxy:
                     new = again
                 if new != line:
                     replace[i] = new
-        for name in uri_headers.CARRIERS if msg.is_request else uri_headers.ANSWER_CARRIERS:
+        carriers = uri_headers.CARRIERS if msg.method == "REGISTER" else \
+            uri_headers.WITH_CONTACT
+        for name in carriers:
             for i in msg.indexes(name):
                 line = replace.get(i, msg.lines[i])
                 if line is None or b"?" not in line:
@@ -1944,7 +2040,10 @@ class Proxy:
                     invite = ct.server.msg if ct.server is not None else None
                     if invite is not None:
                         self._start_keepalive(dialog, invite, msg, now)
-                    dialog.routed = self.settings.record_route and self._recorded(msg)
+                    # (an answer from outside to the core's INVITE carries sipguard's entry
+                    # as it reaches the core, whatever it carried: _route_tail)
+                    dialog.routed = self.settings.record_route and (
+                        ct.route_tail is not None or self._recorded(msg))
                     if self.settings.record_route and not dialog.routed:
                         # The core dropped our Record-Route: its in-dialog requests (the BYE)
                         # will go around sipguard and the call's slots stay held until a
@@ -2011,8 +2110,11 @@ class Proxy:
                 return None
             replace = dict(edits)
             replace[idx] = header_line("Via", rest) if rest else None
-            length = () if msg.content_length is not None else \
-                (f"Content-Length: {len(msg.body)}".encode(),)
+            added = replace.pop(APPEND, None)
+            length = [] if msg.content_length is not None else \
+                [f"Content-Length: {len(msg.body)}".encode()]
+            if added is not None:
+                length.insert(0, added)
             return msg.serialize(replace=replace, append=length)
         if msg.content_length is None:
             # A datagram may leave Content-Length out (RFC 3261 §18.3: its body is the rest of

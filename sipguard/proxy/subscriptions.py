@@ -25,6 +25,7 @@ import re
 from dataclasses import dataclass
 from typing import Final
 
+from sipguard.contract import Dialog
 from sipguard.sip.message import Message
 from sipguard.sip.nameaddr import NameAddr
 
@@ -46,6 +47,10 @@ class Subscription:
     # set (those of the call a REFER came in), whatever Request-URI and Route they carry
     target: str = ""
     routes: tuple[NameAddr, ...] = ()
+    # the core's REFER or SUBSCRIBE within a call that came in: who its caller was checked as
+    # (a slim copy: core._checked_identity), so that the party's NOTIFYs — which may outlive
+    # the call (RFC 3515 §2.4.4) — show that caller, and are anonymised as the call was
+    call: Dialog | None = None
 
 
 class Subscriptions:
@@ -62,7 +67,7 @@ class Subscriptions:
 
     def add(self, key: Key, host: str, until: float, now: float,
             provisional: bool = True, target: str = "",
-            routes: tuple[NameAddr, ...] = ()) -> bool:
+            routes: tuple[NameAddr, ...] = (), call: Dialog | None = None) -> bool:
         """Keep ``key``'s subscription; True when the table was full and its oldest one was
         forgotten to make room."""
         table = self.table
@@ -77,7 +82,7 @@ class Subscriptions:
                 del table[next(iter(table))]
                 self.forgotten += 1
                 forgot = True
-        table[key] = Subscription(host, until, provisional, target, routes)
+        table[key] = Subscription(host, until, provisional, target, routes, call)
         return forgot
 
     def match(self, key: Key, host: str, now: float) -> Subscription | None:
@@ -103,10 +108,13 @@ class Subscriptions:
         if sub is not None and sub.provisional:
             del self.table[key]
 
-    def extend(self, key: Key, until: float) -> None:
+    def extend(self, key: Key, until: float, *, longer: bool = True) -> None:
+        """Move ``key``'s end to ``until``; with ``longer`` False never later than it was (a
+        NOTIFY from outside: the notifier may end a subscription, not keep it open longer
+        than its subscriber — the core — asked or was granted, RFC 6665 §4.2.2)."""
         sub = self.table.get(key)
         if sub is not None:
-            sub.until = until
+            sub.until = until if longer else min(until, sub.until)
 
 
 def notified(msg: Message, from_core: bool = False) -> Key:

@@ -91,7 +91,7 @@ class ServerTxn:
 class ClientTxn:
     __slots__ = ("branch", "method", "data", "flow", "server", "state", "provisional",
                  "cancel_wanted", "cancel_sent", "timer", "timeout", "interval", "held", "sent",
-                 "probe", "cancel_reason", "answered_by", "pins_for", "sent_by")
+                 "probe", "cancel_reason", "answered_by", "pins_for", "sent_by", "route_tail")
 
     def __init__(
         self, branch: str, method: str, data: bytes, flow: Flow, server: ServerTxn | None
@@ -122,6 +122,10 @@ class ClientTxn:
         # the protocol and sent-by of sipguard's Via in ``data``, as core._via_sent reads
         # them (b"" until the first answer needs them): an answer's top Via must show them
         self.sent_by = b""
+        # a request of the core's that makes a dialog (an initial INVITE, SUBSCRIBE, REFER):
+        # its Record-Route entries as it left, sipguard's own on top — an answer from outside
+        # must carry them, in this order, below whatever its side added (Proxy._route_tail)
+        self.route_tail: tuple[str, ...] | None = None
 
     def sent_msg(self) -> Message:
         if self.sent is None:

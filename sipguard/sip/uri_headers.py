@@ -33,11 +33,14 @@ UNSAFE: Final = frozenset({
 })
 
 # Headers whose URIs sipguard reads for embedded headers, on every request and answer from
-# outside: the URIs a receiver may turn into a request of its own. Contact only in answers (a
-# 3xx's targets, RFC 3261 §8.1.3.4): in a request it is the sender's own address, and in a
-# REGISTER one the party may register what it likes for calls to itself (RFC 4475 §3.1.2.8).
-CARRIERS: Final = ("refer-to", "referred-by", "reply-to")
-ANSWER_CARRIERS: Final = (*CARRIERS, "contact")
+# outside: the URIs a receiver may turn into a request of its own (a REFER's target, a 3xx's
+# Contacts, RFC 3261 §8.1.3.4), and those RFC 3261 §19.1.1 allows none in at all, which a core
+# may still build a request from (a callback to From, a transfer's Referred-By, the remote
+# target). Contact is left alone in a REGISTER only: the party may register what it likes for
+# calls to itself (RFC 4475 §3.1.2.8 has one that must pass as it is).
+CARRIERS: Final = ("refer-to", "referred-by", "reply-to", "from", "to", "p-asserted-identity",
+                   "route")
+WITH_CONTACT: Final = (*CARRIERS, "contact")
 
 _TOKEN: Final = re.compile(rb"[A-Za-z0-9\-.!%*_+`'~]+")
 _CONTROL: Final = re.compile(rb"[\x00-\x1f\x7f]")
@@ -73,6 +76,7 @@ def without_unsafe_headers(line: bytes, owned: frozenset[str] = frozenset()) -> 
     out: list[bytes] = []
     at, i, n, removed = 0, line.find(b":") + 1, len(line), 0
     in_quote = in_angle = False
+    uri_start = i  # where the URI being read starts (a '?' before its first '@' is userinfo)
     while i < n:
         c = line[i]
         if in_quote:
@@ -83,11 +87,17 @@ def without_unsafe_headers(line: bytes, owned: frozenset[str] = frozenset()) -> 
         elif c == 0x22:  # '"'
             in_quote = True
         elif c == 0x3C:  # '<'
-            in_angle = True
+            in_angle, uri_start = True, i + 1
         elif c == 0x3E:  # '>'
             in_angle = False
+        elif c == 0x2C and not in_angle:  # ',': the next entry of a list
+            uri_start = i + 1
         elif c == 0x3F:  # '?'
             end = _section_end(line, i + 1, in_angle)
+            first_at = line.find(b"@", uri_start, end)
+            if first_at > i:  # (as sipguard's URI parser reads it: the first '@' ends the user)
+                i += 1
+                continue
             items = line[i + 1:end].split(b"&")
             kept = [item for item in items if not _unsafe(item, owned)]
             if len(kept) != len(items):

@@ -52,6 +52,9 @@ class DecideOnly:
     def same_peer(self, sent: Flow, flow: Flow) -> bool:
         return False
 
+    def screen_transfer(self, msg: Message, flow: Flow, now: float) -> Verdict | None:
+        return None
+
     def silent_to(self, flow: Flow) -> bool:
         return False
 

@@ -275,7 +275,8 @@ def test_headers_embedded_in_an_answers_contact_never_reach_the_core() -> None:
     """The core places a call; the party outside redirects it (302) to a Contact whose URI
     embeds a P-Asserted-Identity, a From and a Subject whose value decodes to a header line:
     the core, which may recurse on it with those copied into its new INVITE, gets the 302 with
-    only the harmless Subject left; the caller's own INVITE keeps its Contact as sent."""
+    only the harmless Subject left; so does the caller's own INVITE's Contact (the remote
+    target a core may build a callback from)."""
     h = Harness()
     party = ("198.51.100.7", 5062)
     out = h.send(invite(via_host="10.0.0.10:5080", call_id="out-1", caller="+18005550199",
@@ -295,4 +296,44 @@ def test_headers_embedded_in_an_answers_contact_never_reach_the_core() -> None:
     contact = "Contact: <sip:+12125550100@198.51.100.7:5062?Subject=a&From=b>"
     [fwd2] = to(h2.send(invite(call_id="in-1").replace(
         b"Contact: <sip:+12125550100@198.51.100.7:5062>", contact.encode())), CORE)
-    assert contact.encode() in fwd2.serialize()
+    assert b"Contact: <sip:+12125550100@198.51.100.7:5062?Subject=a>\r\n" in fwd2.serialize()
+
+
+def test_an_outside_answer_cannot_rewrite_the_cores_route_set() -> None:
+    """The core places a call (its INVITE carries its own Record-Route); the party outside
+    answers with a Record-Route list of its own making — an entry below sipguard's (on the
+    core's side), sipguard's left out, none at all. The core, whose route set is that list
+    reversed, always gets the entries its INVITE left with at the bottom (sipguard's, then
+    its own): its ACK and BYE go through sipguard, never first to a host the party chose. An
+    answer as it should be passes untouched; each rewrite is counted."""
+    core_rr = "<sip:front@10.0.0.10:5080;lr>"
+    ours = "<sip:192.0.2.1:5060;lr>"
+    far = "<sip:proxy.carrier.example;lr>"
+    for i, (answered, expected) in enumerate((
+        (f"{far}, {ours}, {core_rr}", f"{far}, {ours}, {core_rr}"),
+        (f"{far}, {ours}, <sip:10.0.0.5:5060;lr>, {core_rr}", f"{far}, {ours}, {core_rr}"),
+        (f"{far}, <sip:10.0.0.5:5060;lr>", f"{far}, <sip:10.0.0.5:5060;lr>, {ours}, {core_rr}"),
+        (None, f"{ours}, {core_rr}"),
+    )):
+        h = Harness()
+        party = ("198.51.100.7", 5062)
+        out = h.send(invite(via_host="10.0.0.10:5080", call_id=f"rr-{i}",
+                            caller="+18005550199", callee="+12125550100",
+                            uri="sip:+12125550100@198.51.100.7:5062",
+                            extra=f"Record-Route: {core_rr}\r\n"), src=CORE)
+        [fwd] = to(out, party)
+        assert fwd.values("record-route") == [ours, core_rr]
+        vias = "".join(f"Via: {v}\r\n" for v in fwd.values("via"))
+        rr = f"Record-Route: {answered}\r\n" if answered is not None else ""
+        for status in (183, 200):
+            reply = (f"SIP/2.0 {status} X\r\n{vias}{rr}From: {fwd.get('from')}\r\n"
+                     f"To: {fwd.get('to')};tag=far1\r\nCall-ID: rr-{i}\r\nCSeq: 1 INVITE\r\n"
+                     f"Contact: <sip:+12125550100@198.51.100.7:5062>\r\n"
+                     f"Content-Length: 0\r\n\r\n").encode()
+            [back] = to(h.send(reply, src=party), CORE)
+            assert ", ".join(back.values("record-route")) == expected, (i, status)
+        repaired = [e for e in h.events if isinstance(e, Noticed)
+                    and e.kind == "record_route_repaired"]
+        assert len(repaired) == (0 if i == 0 else 2), i
+        assert not [e for e in h.events if isinstance(e, Noticed)
+                    and e.kind == "core_without_record_route"]

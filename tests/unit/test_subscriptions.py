@@ -79,18 +79,31 @@ def test_the_cores_subscription_gets_its_notifies() -> None:
 
 
 def test_a_subscription_ends_with_its_time_or_a_terminated_notify() -> None:
-    """The subscription's time moves with the NOTIFYs' Subscription-State; `terminated`
-    leaves it 32 s for the last messages, then its NOTIFYs hear 481. An unanswered one ends
-    when its Expires (plus 32 s) has passed."""
+    """The notifier outside may end the core's subscription early, never keep it longer than
+    the core asked or was granted (RFC 6665 §4.1.2.1): a NOTIFY's `active;expires=3600` does
+    not carry it past the SUBSCRIBE's 600 s — the core's refresh does; `terminated` leaves it
+    32 s for the last messages, then its NOTIFYs hear 481. An unanswered one ends when its
+    Expires (plus 32 s) has passed."""
     h = PolicyHarness()
     subscribed(h)
     h.advance(500)
     assert to(h.send(notify(cseq=2, state="active;expires=3600"), src=REMOTE), CORE)
-    h.advance(1000)  # past the SUBSCRIBE's 600 s, within the NOTIFY's 3,600
-    assert to(h.send(notify(cseq=3), src=REMOTE), CORE)
-    assert to(h.send(notify(cseq=4, state="terminated;reason=timeout"), src=REMOTE), CORE)
+    h.advance(140)  # past the SUBSCRIBE's 600 s and the grace: the NOTIFY did not lengthen it
+    out = h.send(notify(cseq=3), src=REMOTE)
+    assert to(out, CORE) == [] and statuses(out, REMOTE) == [481]
+    subscribed(h, "blf-r")
+    h.advance(500)
+    [refresh] = [m for m in to(h.send(core_subscribe("blf-r", 600).replace(
+        b"CSeq: 1 SUBSCRIBE", b"CSeq: 2 SUBSCRIBE").replace(
+        b"To: <sip:ext100@203.0.113.50>", b"To: <sip:ext100@203.0.113.50>;tag=pbxtag").replace(
+        b"z9hG4bK-blf-r", b"z9hG4bK-blf-r2"), src=CORE), REMOTE) if m.method == "SUBSCRIBE"]
+    h.send(answer(refresh, 200, "OK", to_tag=None), src=REMOTE)
+    h.advance(500)  # 1,000 s: within the refresh's 600
+    assert to(h.send(notify("blf-r", cseq=3), src=REMOTE), CORE)
+    assert to(h.send(notify("blf-r", cseq=4, state="terminated;reason=timeout"), src=REMOTE),
+              CORE)
     h.advance(40)
-    out = h.send(notify(cseq=5), src=REMOTE)
+    out = h.send(notify("blf-r", cseq=5), src=REMOTE)
     assert to(out, CORE) == [] and statuses(out, REMOTE) == [481]
     subscribed(h, "blf-2", expires=60)
     h.advance(100)
@@ -298,3 +311,65 @@ def test_notifies_from_outside_go_where_the_core_subscribed_from() -> None:
         [sent] = [m for m in to(h.send(data), CORE) if m.method == "NOTIFY"]
         assert sent.start_line == b"NOTIFY sip:core@10.0.0.10:5080 SIP/2.0", tag
         assert sent.get("route") is None
+
+
+def test_notifies_after_the_call_show_the_caller_the_call_was_checked_as() -> None:
+    """The core transfers a caller (REFER in the call) and the call ends; the caller's
+    NOTIFYs of the transfer still pass, as that caller: one asserting another number in
+    P-Asserted-Identity loses it, one whose From shows another number hears 403, and one
+    saying `active;expires=86400` does not keep the subscription open past its hour."""
+    h = PolicyHarness()
+    _, fwd = h.call(1)
+    assert fwd is not None
+    h.answer(fwd, 200, "OK")
+    h.send(in_dialog("ACK", call_id="call-1", cseq=1, branch="z9hG4bK-ack1"))
+    refer = in_dialog("REFER", call_id="call-1", cseq=1, branch="z9hG4bK-ref1",
+                      from_callee=True, extra="Refer-To: <sip:+18005550123@10.0.0.10>\r\n")
+    [sent] = [m for m in to(h.send(refer, src=CORE), CALLER) if m.method == "REFER"]
+    h.send(answer(sent, 202, "Accepted", to_tag=None), src=CALLER)
+    h.bye(1, cseq=2)
+    assert not h.proxy.dialogs
+    forged = in_dialog("NOTIFY", call_id="call-1", cseq=3, branch="z9hG4bK-nt1",
+                       extra="Event: refer\r\nSubscription-State: active;expires=86400\r\n"
+                             "P-Asserted-Identity: <sip:+19005550199@198.51.100.7>\r\n")
+    [got] = [m for m in to(h.send(forged), CORE) if m.method == "NOTIFY"]
+    assert not got.has("p-asserted-identity")
+    own = forged.replace(b"+19005550199", b"+12125550100").replace(b"nt1", b"nt2").replace(
+        b"CSeq: 3", b"CSeq: 4")
+    [got] = [m for m in to(h.send(own), CORE) if m.method == "NOTIFY"]
+    assert got.get("p-asserted-identity") == "<sip:+12125550100@198.51.100.7>"
+    other = in_dialog("NOTIFY", call_id="call-1", cseq=5, branch="z9hG4bK-nt3",
+                      extra="Event: refer\r\nSubscription-State: active\r\n").replace(
+        b"From: <sip:+12125550100@", b"From: <sip:+19005550199@")
+    out = h.send(other)
+    assert to(out, CORE) == [] and statuses(out, CALLER) == [403]
+    h.advance(3700)  # the REFER's hour and its grace: the NOTIFY's day was not taken
+    late = in_dialog("NOTIFY", call_id="call-1", cseq=6, branch="z9hG4bK-nt4",
+                     extra="Event: refer\r\nSubscription-State: active\r\n")
+    out = h.send(late)
+    assert to(out, CORE) == [] and statuses(out, CALLER) == [481]
+
+
+def test_a_refer_to_a_suspended_number_is_refused() -> None:
+    """A caller in a call asks the core (REFER) to call a suspended number — which an INVITE
+    of its own could not reach: 403 as for that INVITE, the core never hears of it; another
+    target goes on. In monitor mode the REFER goes on, reported."""
+    for mode, refused in (("enforce", True), ("monitor", False)):
+        h = PolicyHarness(extra_yaml=f'mode: {mode}\nsuspended: ["+19005550199"]\n')
+        _, fwd = h.call(1)
+        assert fwd is not None
+        h.answer(fwd, 200, "OK")
+        for n, target in enumerate(("+19005550199", "+18005550123")):
+            refer = in_dialog("REFER", call_id="call-1", cseq=2 + n, branch=f"z9hG4bK-r{n}",
+                              extra=f"Refer-To: <sip:{target}@192.0.2.1>\r\n")
+            out = h.send(refer)
+            reached = [m for m in to(out, CORE) if m.method == "REFER"]
+            if n == 0 and refused:
+                assert reached == [] and statuses(out, CALLER) == [403]
+                [final] = [m for m in to(out, CALLER) if m.status == 403]
+                assert "Callee number suspended" in (final.get("reason") or "")
+            else:
+                assert len(reached) == 1, (mode, target)
+        screened = [e for e in h.events if type(e).__name__ == "Screened"]
+        assert [(e.verdict.reason, e.verdict.action) for e in screened] == \
+            [("callee_suspended", "reject" if refused else "accept")]

@@ -46,3 +46,13 @@ def test_unsafe_embedded_headers_are_removed(line: bytes, expected: bytes, remov
 def test_a_line_without_change_is_the_same_object() -> None:
     line = b"Refer-To: <sip:a@b?Replaces=x>"
     assert without_unsafe_headers(line)[0] is line
+
+
+def test_a_question_mark_in_the_user_part_is_not_a_header() -> None:
+    """sipguard's URI parser ends the userinfo at the first '@': a '?' before it is part of
+    the user (invalid, but read leniently), not the start of headers."""
+    for line in (b"From: <sip:us?er@example.com>;tag=1", b"From: sip:us?er@example.com;tag=1",
+                 b"Contact: <sip:a@b>, sip:us?er@h"):
+        assert without_unsafe_headers(line) == (line, 0)
+    assert without_unsafe_headers(b"From: <sip:us?er@h?From=x>;tag=1") == \
+        (b"From: <sip:us?er@h>;tag=1", 1)
