@@ -46,10 +46,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from sipguard.ops.admin import admin_token
+from sipguard.ops.admin import check_admin
 from sipguard.ops.config import Config
 from sipguard.ops.config_load import (
     ConfigError,
+    FieldError,
     config_with_overrides,
     load_config,
     located,
@@ -359,9 +360,13 @@ class ConfigSource:
         return cfg
 
     def load(self) -> Config:
-        """The file as it is now (the start of ``run``, every reload). Raises ConfigError."""
+        """The file as it is now (the start of ``run``, every reload). Raises ConfigError, or
+        FieldError for an admin section the process could not start with (a reload of it is
+        refused, as ``check-config`` refuses the file)."""
         self.text, cfg = read_config(self.path)
-        return self._finish(cfg)
+        cfg = self._finish(cfg)
+        check_admin(cfg)
+        return cfg
 
     def running(self) -> Config:
         """A worker's start: what its siblings run (see the class). Raises ConfigError."""
@@ -539,17 +544,18 @@ def _check_files(cfg: Config) -> None:
     """What `run` reads besides the rules, read as it reads them: the TLS certificate, key
     and CA files, the admin token file (an admin API off loopback needs one) and
     ``state_dir`` (a writable folder, its suspensions file sipguard's). OSError or
-    ValueError naming the field."""
+    ValueError naming the field (a FieldError for the admin section and ``state_dir``: its
+    key, for the line)."""
     tls_contexts(cfg)
-    admin_token(cfg.http)
+    check_admin(cfg)
     if cfg.state_dir is not None:
         try:
             SuspensionFile(Path(cfg.state_dir)).check()
         except OSError as exc:
-            raise OSError(f"state_dir: cannot use {exc.filename or cfg.state_dir}: "
-                          f"{exc.strerror or exc}") from None
+            raise FieldError(("state_dir",), f"cannot use {exc.filename or cfg.state_dir}: "
+                             f"{exc.strerror or exc}") from None
         except ValueError as exc:
-            raise ValueError(f"state_dir: {exc}") from None
+            raise FieldError(("state_dir",), str(exc)) from None
 
 
 def _process_hygiene() -> None:
@@ -600,7 +606,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for check in checks:
             try:
                 check()
-            except ListFileError as exc:
+            except (ListFileError, FieldError) as exc:  # with the line of the key
                 problem = str(located(exc, args.file))
                 if problem not in problems:
                     problems.append(problem)
@@ -617,9 +623,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     source = ConfigSource(args.config, args)
     try:
         cfg = source.running()
-        admin_token(cfg.http)  # a config error (as check-config says it), not a start-up one
+        check_admin(cfg)  # a config error (as check-config says it), not a start-up one
     except ConfigError as exc:
         print(str(exc), file=sys.stderr)
+        return EXIT_CONFIG
+    except (ListFileError, FieldError) as exc:
+        print(str(located(exc, args.config)), file=sys.stderr)
         return EXIT_CONFIG
     except ValueError as exc:
         print(f"sipguard: {exc}", file=sys.stderr)

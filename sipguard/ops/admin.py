@@ -59,7 +59,8 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from sipguard.ops.config import AdminSettings
+from sipguard.ops.config import AdminSettings, Config
+from sipguard.ops.config_load import FieldError
 from sipguard.ops.cooldowns import MAX_COOLDOWNS_SHOWN, cooldown_key, scope_of, scopes_of
 from sipguard.ops.metrics import (
     Metrics,
@@ -149,23 +150,33 @@ def read_token(path: str) -> str:
     return token
 
 
-def admin_token(http: AdminSettings) -> str | None:
+def admin_token(http: AdminSettings, section: str = "admin") -> str | None:
     """The admin API's token as start-up reads it (``run`` and ``check-config`` alike): None
-    without an admin API, or without a token file on a loopback-only one; ValueError saying
-    what is wrong (an unreadable or empty file, an API off loopback without one)."""
+    without an admin API, or without a token file on a loopback-only one; a
+    :class:`~sipguard.ops.config_load.FieldError` (a ValueError) naming the setting and
+    saying what is wrong (an unreadable or empty file, an API off loopback without one).
+    ``section``: the key the settings are under (``admin``, or its old name ``metrics``)."""
     if http.host_port is None:
         return None
     if http.token_file is None:
         if not http.loopback:
-            raise ValueError(f"admin API on {http.listen} is not loopback-only: set "
-                             "admin.token_file")
+            raise FieldError((section, "listen"), f"admin API on {http.listen} is not "
+                             "loopback-only: set admin.token_file")
         return None
     try:
         return read_token(str(http.token_file))
     except (OSError, ValueError) as exc:
         detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise ValueError(f"cannot read admin token_file {http.token_file}: {detail}") \
-            from None
+        raise FieldError((section, "token_file"),
+                         f"cannot read admin token_file {http.token_file}: {detail}") from None
+
+
+def check_admin(cfg: Config) -> None:
+    """The checks start-up makes on the admin section (:func:`admin_token`), for a config
+    about to be run, checked or reloaded: a reload of a file the process could not start
+    with is refused (FieldError), not found out at the next restart."""
+    admin_token(cfg.http, "metrics" if cfg.admin is None and cfg.metrics is not None
+                else "admin")
 
 
 def _json(data: Any, status: int = 200) -> web.Response:

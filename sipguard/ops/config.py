@@ -364,7 +364,8 @@ class AdminSettings(ConfigModel):
     listen: str | None = Field(
         default=None,
         description="host:port of the HTTP endpoint: /metrics, /healthz, /readyz and the admin "
-        "API; null: no endpoint. Off loopback a token_file is required.",
+        "API; null: no endpoint. Off loopback a token_file is required (a start or a reload "
+        "without one is refused).",
     )
     token_file: ConfigPath | None = Field(
         default=None,

@@ -29,6 +29,7 @@ from sipguard.policy.settings import ListFileError
 __all__ = [
     "ConfigError",
     "ConfigIssue",
+    "FieldError",
     "config_with_overrides",
     "load_config",
     "parse_config",
@@ -66,6 +67,17 @@ class ConfigError(Exception):
         return "\n".join(lines)
 
 
+class FieldError(ValueError):
+    """A setting that validates but cannot be used as it stands: a file it names cannot be
+    read, an admin API off loopback has no token. ``key`` is the setting's place in the config
+    (``("admin", "token_file")``), so that the error names the config file's line too
+    (:func:`located`), as every other config error does."""
+
+    def __init__(self, key: tuple[str | int, ...], message: str) -> None:
+        super().__init__(message)
+        self.key = key
+
+
 # --------------------------------------------------------------------------- loading
 
 
@@ -93,10 +105,11 @@ def parse_config_as(text: str, path: str | Path) -> Config:
     return parse_config(text, source=str(path), base_dir=Path(path).resolve().parent)
 
 
-def located(exc: ListFileError, source: str | Path) -> ConfigError:
+def located(exc: ListFileError | FieldError, source: str | Path) -> ConfigError:
     """A number list's error as a :class:`ConfigError` naming the config file, the line of the
-    key that names the list (``peers[2].numbers_file``) and the list's own bad lines. The
-    file is read again for the line; if it cannot be, the error still names the key."""
+    key that names the list (``peers[2].numbers_file``) and the list's own bad lines; a
+    :class:`FieldError` the same way, at its key's line. The file is read again for the
+    line; if it cannot be, the error still names the key."""
     path, line = _key_path(exc.key), None
     try:
         node = yaml.compose(Path(source).read_text(encoding="utf-8"), Loader=_Loader)

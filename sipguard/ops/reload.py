@@ -13,7 +13,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from sipguard.ops.config import Config
-from sipguard.ops.config_load import ConfigError, ConfigIssue, located
+from sipguard.ops.config_load import ConfigError, ConfigIssue, FieldError, located
 from sipguard.policy.schema import PeerConfig
 from sipguard.policy.settings import ListFileError
 
@@ -128,9 +128,9 @@ def _own_change(top_old: Any, top_new: Any, peer_old: Any, peer_new: Any) -> boo
 
 
 def failure(exc: ConfigError | OSError | ValueError, source: str) -> ReloadResult:
-    """A reload that could not build a config (a bad file, an unreadable number list) from
-    the config file ``source``."""
-    if isinstance(exc, ListFileError) and source:
+    """A reload that could not build a config (a bad file, an unreadable number list, an
+    admin section the process could not start with) from the config file ``source``."""
+    if isinstance(exc, (ListFileError, FieldError)) and source:
         exc = located(exc, source)
     if isinstance(exc, ConfigError):
         return ReloadResult(False, errors=list(exc.issues), source=exc.source)

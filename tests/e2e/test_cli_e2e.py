@@ -70,17 +70,24 @@ def test_check_config_reads_number_lists_as_run_does(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("extra", "words"), [
     ("tls: {cert_file: missing.pem, key_file: missing.key}\n", "cannot load tls.cert_file"),
     ("admin: {listen: 127.0.0.1:9999, token_file: no-token.txt}\n",
-     "cannot read admin token_file"),
-    ("admin: {listen: 0.0.0.0:9999}\n", "not loopback-only: set admin.token_file"),
+     ":3: admin.token_file: cannot read admin token_file"),
+    ("admin:\n  listen: 0.0.0.0:9999\n",
+     ":4: admin.listen: admin API on 0.0.0.0:9999 is not loopback-only: set admin.token_file"),
+    ("metrics: {listen: 0.0.0.0:9999}\n", ":3: metrics.listen: admin API on 0.0.0.0:9999"),
 ])
 def test_check_config_reads_the_files_run_reads(tmp_path: Path, extra: str, words: str) -> None:
     """The TLS certificate and key, the admin token file, and the admin API's need of one
-    off loopback: check-config refuses (exit 2, naming the field) what `run` would refuse."""
+    off loopback: check-config refuses (exit 2, naming the field) what `run` would refuse;
+    the admin section's problems as FILE:LINE: FIELD: message, and `run` says the same."""
     cfg = tmp_path / "c.yaml"
     cfg.write_text("listen: [udp://127.0.0.1:5060]\ncore: udp://127.0.0.1:5080\n" + extra)
     res = sipguard("check-config", str(cfg))
     assert res.returncode == 2, res.stdout
     assert words in res.stderr and "Traceback" not in res.stderr and "OK" not in res.stdout
+    if "admin" in words:
+        assert res.stderr.startswith(f"{cfg}{words}"), res.stderr
+        ran = sipguard("run", "--config", str(cfg))
+        assert ran.returncode == 2 and ran.stderr.startswith(f"{cfg}{words}"), ran.stderr
 
 
 def test_port_in_use_is_one_clear_line(tmp_path: Path) -> None:

@@ -302,6 +302,50 @@ async def test_a_reload_rotates_the_token(tmp_path: Path, peers: tuple[Peer, Pee
         await server.stop()
 
 
+async def test_a_reload_refuses_an_admin_section_the_process_could_not_start_with(
+    tmp_path: Path, peers: tuple[Peer, Peer]
+) -> None:
+    """A reload (through the loader `run` gives the server) of a file whose admin section
+    `check-config` and the next start would refuse — a token file that cannot be read, an
+    API off loopback without one — is refused naming the field and its line, counted and
+    logged as any refused reload; the running config and token stay."""
+    _, core = peers
+    (tmp_path / "token").write_text("s3cret\n")
+    path = tmp_path / "sipguard.yaml"
+    admin_port = _free_tcp_port()
+    head = (f"listen: [udp://127.0.0.1:{_free_udp_port()}]\n"
+            f"core: udp://127.0.0.1:{core.port}\n")
+    path.write_text(head + f"admin:\n  listen: 127.0.0.1:{admin_port}\n  token_file: token\n")
+    args = cli.build_parser().parse_args(["run", "--config", str(path)])
+    source = cli.ConfigSource(str(path), args)
+    server = Server(source.load(), load=source.load, config_file=str(path))
+    await server.start()
+    url = f"http://127.0.0.1:{admin_port}"
+    try:
+        with structlog.testing.capture_logs() as logs:
+            for admin, field, line, words in (
+                (f"admin:\n  listen: 127.0.0.1:{admin_port}\n  token_file: /nonexistent/t\n",
+                 "admin.token_file", 5, "cannot read admin token_file /nonexistent/t"),
+                (f"admin:\n  listen: 0.0.0.0:{admin_port}\n", "admin.listen", 4,
+                 "is not loopback-only: set admin.token_file"),
+            ):
+                path.write_text(head + admin + "rules:\n  concurrency: {per_caller: 1}\n")
+                failed = server.counters["config_reload_failed"]
+                status, body = await request("POST", url + "/reload", token="s3cret")
+                assert status == 422 and body["applied"] is False, body
+                (error,) = body["errors"]
+                assert (error["file"], error["line"], error["field"]) == (str(path), line, field)
+                assert words in error["message"], error
+                assert server.counters["config_reload_failed"] == failed + 1
+                assert server.cfg.rules.concurrency is None  # the old config stays
+                assert (await request("GET", url + "/suspensions", token="s3cret"))[0] == 200
+        refused = [e for e in logs if e["event"] == "config_reload_failed"]
+        assert len(refused) == 2 and not [e for e in logs if e["event"] == "config_reloaded"]
+        assert f"{path}:5: admin.token_file: cannot read" in refused[0]["errors"][0]
+    finally:
+        await server.stop()
+
+
 async def test_non_loopback_admin_without_token_refuses_to_start(
     peers: tuple[Peer, Peer],
 ) -> None:
