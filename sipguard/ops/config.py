@@ -27,10 +27,19 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from sipguard.ops.endpoints import Endpoint, ListenUri, format_host, split_hostport
 from sipguard.ops.privacy import read_hash_key
@@ -763,6 +772,22 @@ class Config(ConfigModel):
     )
     rules: RulesConfig = Field(default=RulesConfig(), description="Rules, in evaluation order.")
 
+    # the files the settings name, as they were when this config was loaded: the setting's
+    # place (``peers[0].numbers_file``) -> (the file, its (mtime_ns, size); None: no such
+    # file); a reload compares them to report a list edited in place (``file_stamps``)
+    _files: dict[str, tuple[str, tuple[int, int] | None]] = PrivateAttr(default_factory=dict)
+
+    def model_post_init(self, context: Any, /) -> None:
+        self._files = _file_stamps(self)
+
+    @property
+    def file_stamps(self) -> dict[str, tuple[str, tuple[int, int] | None]]:
+        """The files this config's settings name (number lists, ``dno_file``, certificates,
+        the log's hash key; not the admin token file nor ``state_dir``), each at its first
+        setting (the top-level ``rules`` before the peers that inherit them), with its mtime
+        and size when the config was loaded."""
+        return self._files
+
     @model_validator(mode="before")
     @classmethod
     def _merge_peer_rules(cls, data: Any) -> Any:
@@ -957,3 +982,52 @@ def _worker_base(base: int | None, listen: tuple[Endpoint, ...]) -> int:
 
 def _has_port(hostport: str) -> bool:
     return split_hostport(hostport, port_required=False)[1] is not None
+
+
+# settings naming a file whose edits ``Config.file_stamps`` does not follow: the admin section
+# (its token file's content is compared on reload, ``admin.token_file``) and state_dir (a folder)
+_UNSTAMPED = frozenset({"admin", "metrics", "state_dir"})
+
+
+def _file_stamps(cfg: Config) -> dict[str, tuple[str, tuple[int, int] | None]]:
+    """``Config.file_stamps`` of ``cfg``: each file once, at its first setting."""
+    out: dict[str, tuple[str, tuple[int, int] | None]] = {}
+    # (module-level helpers, not closures: a recursive closure is a reference cycle, left to
+    # the cyclic collector sipguard runs rarely — tests/unit/test_no_cycles.py)
+    seen: set[str] = set()
+    _stamp_model(cfg.rules, "rules", out, seen)  # before the peers that inherit them
+    _stamp_model(cfg, "", out, seen)
+    return out
+
+
+def _stamp_model(model: BaseModel, where: str,
+                 out: dict[str, tuple[str, tuple[int, int] | None]], seen: set[str]) -> None:
+    for name in type(model).model_fields:
+        if not where and name in _UNSTAMPED:
+            continue
+        value = getattr(model, name)
+        here = f"{where}.{name}" if where else name
+        if isinstance(value, Path):
+            _stamp_file(value, here, out, seen)
+        elif isinstance(value, BaseModel):
+            _stamp_model(value, here, out, seen)
+        elif isinstance(value, tuple) and value and isinstance(value[0], (BaseModel, Path)):
+            for i, item in enumerate(value):
+                if isinstance(item, Path):
+                    _stamp_file(item, f"{here}[{i}]", out, seen)
+                elif isinstance(item, BaseModel):
+                    _stamp_model(item, f"{here}[{i}]", out, seen)
+
+
+def _stamp_file(path: Path, where: str, out: dict[str, tuple[str, tuple[int, int] | None]],
+                seen: set[str]) -> None:
+    name = str(path)
+    if name in seen:
+        return
+    seen.add(name)
+    try:
+        st = path.stat()
+    except OSError:
+        out[where] = (name, None)
+    else:
+        out[where] = (name, (st.st_mtime_ns, st.st_size))

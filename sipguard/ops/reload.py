@@ -83,7 +83,8 @@ class ReloadResult:
 
 
 def changed_keys(old: Config, new: Config) -> list[str]:
-    """Top-level keys whose value differs between two configs, in schema order.
+    """Top-level keys whose value differs between two configs, in schema order; then the
+    settings whose file was edited in place (:func:`changed_files`).
 
     A peer's ``rules`` are the top-level rules with its overrides merged in, so a change of
     the top-level rules changes every peer's: ``peers`` is then listed only when a peer's own
@@ -97,7 +98,17 @@ def changed_keys(old: Config, new: Config) -> list[str]:
         if name == "peers" and old.rules != new.rules and not _peers_changed(old, new):
             continue
         changed.append(name)
-    return changed
+    return changed + changed_files(old, new)
+
+
+def changed_files(old: Config, new: Config) -> list[str]:
+    """The settings whose file was edited in place between the two configs' loads (the same
+    file, another mtime or size): a number list, ``dno_file``, a certificate. The reload
+    reads them again, so it reports them — ``peers[0].numbers_file``,
+    ``rules.callerid.dno_file`` — although the config itself did not change."""
+    before = old.file_stamps
+    return [where for where, (path, stamp) in new.file_stamps.items()
+            if where in before and before[where][0] == path and before[where][1] != stamp]
 
 
 def _peers_changed(old: Config, new: Config) -> bool:

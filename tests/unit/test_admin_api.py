@@ -854,6 +854,28 @@ async def test_reload_reports_errors_and_applies_a_valid_file(
         await guard.server.stop()
 
 
+async def test_a_reload_after_a_number_list_edit_says_so(
+    tmp_path: Path, peers: tuple[Peer, Peer]
+) -> None:
+    """The config the same, its peer's numbers_file edited: the reload reads the list again
+    and `changed` names the setting (not `[]`), in the answer and the log line."""
+    _, core = peers
+    (tmp_path / "nums.txt").write_text("+1212555*\n")
+    guard = await start_guard(tmp_path, core, "peers:\n  - name: lab\n    networks: "
+                              "[127.0.0.9/32]\n    numbers_file: nums.txt\n")
+    try:
+        status, body = await request("POST", guard.url + "/reload")
+        assert status == 200 and body["changed"] == [], body
+        (tmp_path / "nums.txt").write_text("+1212555*\n+1312555*\n")
+        with structlog.testing.capture_logs() as logs:
+            status, body = await request("POST", guard.url + "/reload")
+        assert status == 200 and body["changed"] == ["peers[0].numbers_file"], body
+        (line,) = [e for e in logs if e["event"] == "config_reloaded"]
+        assert line["changed"] == ["peers[0].numbers_file"]
+    finally:
+        await guard.server.stop()
+
+
 # --------------------------------------------------------------------------- views
 
 

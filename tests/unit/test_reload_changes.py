@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from sipguard.ops.config_load import parse_config
@@ -44,3 +46,30 @@ def test_a_top_level_rules_change_is_not_reported_as_a_peers_change(
     before: str, after: str, changed: list[str]
 ) -> None:
     assert changed_keys(parse_config(before), parse_config(after)) == changed
+
+
+def test_a_list_file_edited_in_place_is_reported_at_its_setting(tmp_path: Path) -> None:
+    """A reload after a number list or dno_file was edited (the config itself the same)
+    reports the setting that names it — a file the top-level rules name once, at the top
+    level, not again for each peer inheriting it; the held-back copy a reload runs keeps the
+    stamps, so the next reload of unchanged files reports nothing."""
+    nums, dno = tmp_path / "nums.txt", tmp_path / "dno.txt"
+    nums.write_text("+1212555*\n")
+    dno.write_text("+18005550100\n")
+    text = (BASE + "peers:\n  - name: a\n    networks: [192.0.2.1/32]\n"
+            f"    numbers_file: {nums}\n  - name: b\n    networks: [192.0.2.2/32]\n"
+            f"rules:\n  callerid: {{dno_file: {dno}}}\n")
+    first = parse_config(text)
+    assert changed_keys(first, parse_config(text)) == []
+    nums.write_text("+1212555*\n+1312555*\n")
+    second = parse_config(text)
+    assert changed_keys(first, second) == ["peers[0].numbers_file"]
+    dno.write_text("+18005550100\n+18005550101\n")
+    running = second.model_copy(update={"listen": second.listen})  # as held_back makes it
+    third = parse_config(text)
+    assert changed_keys(running, third) == ["rules.callerid.dno_file"]
+    assert changed_keys(third, parse_config(text)) == []
+    # a file named anew is the setting's change (``peers``), not an edit
+    other = tmp_path / "other.txt"
+    other.write_text("+1646*\n")
+    assert changed_keys(third, parse_config(text.replace(str(nums), str(other)))) == ["peers"]
