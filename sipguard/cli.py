@@ -519,6 +519,18 @@ async def _serve(source: ConfigSource, args: argparse.Namespace, cfg: Config,
         task.add_done_callback(reloads.discard)
 
     loop.add_signal_handler(signal.SIGHUP, on_hup)
+
+    async def flush_sampled() -> None:
+        # the sampled lines' counts no later line reports (a number's refusals after its
+        # last line): written once the number has gone quiet, not only at the stop
+        while True:
+            await asyncio.sleep(max(server.sampled.interval_s, 0.5))
+            try:
+                server.sampled.flush()
+            except Exception:  # a line that cannot be written must not stop the flusher
+                server.counters["log_write_failed"] += 1
+
+    flusher = loop.create_task(flush_sampled())
     if link is not None:
         link.ready()  # the supervisor counts the worker started (signals are handled now)
         link.heartbeat()  # from the loop: a worker whose loop stops is killed and restarted
@@ -529,7 +541,10 @@ async def _serve(source: ConfigSource, args: argparse.Namespace, cfg: Config,
     finally:
         if link is not None:
             link.close()
+        flusher.cancel()
         await server.stop()
+        with contextlib.suppress(Exception):  # every sampled count still untold, in the log
+            server.sampled.flush(final=True)
         flush_logs()
         writer = log_writer()
         if writer is not None:  # the lines of the calls ended at the stop may fill its queue:

@@ -410,10 +410,16 @@ class SampledLogger:
     The line that does get logged carries ``suppressed=N``: events of that key dropped since the
     key's previous line. ``clock`` returns seconds (``time.monotonic`` by default; tests pass a
     fake). At most ``max_keys`` keys are remembered, so a flood of distinct keys (spoofed
-    sources) cannot grow memory; the longest-quiet key is forgotten first, and its pending count
-    then appears only in :attr:`suppressed_total`. Nor can it grow the log: one event writes at
-    most ``max_per_event`` lines per interval whatever its keys, and its next line says how
-    many it held back (``over_budget=N``).
+    sources) cannot grow memory; the longest-quiet key is forgotten first. Nor can it grow the
+    log: one event writes at most ``max_per_event`` lines per interval whatever its keys, and
+    its next line says how many it held back (``over_budget=N``).
+
+    What no later line of its own reports — a key's events after its last line, an event's
+    over-budget count with no line of it since, the pending count of a forgotten key — is
+    reported by :meth:`flush` (the server calls it every interval, and with ``final`` at the
+    stop) as a ``sampled_suppressed`` line: ``of`` (the event), ``suppressed=N`` and the fields
+    of the last one held back for a key; ``over_budget=N`` / ``forgotten=N`` for an event.
+    So every event is in the log: a line of its own, or counted in a later one.
     """
 
     def __init__(
@@ -429,13 +435,25 @@ class SampledLogger:
         self._clock = clock
         self._max_keys = max_keys
         self._max_per_event = max_per_event
-        # key -> (last logged, dropped since), least recently logged first
-        self._keys: OrderedDict[Hashable, tuple[float, int]] = OrderedDict()
+        # key -> (last logged, dropped since, the last dropped: its level, event and fields;
+        # None while none is), least recently logged first
+        self._keys: OrderedDict[
+            Hashable, tuple[float, int, tuple[Level, str, dict[str, Any]] | None]
+        ] = OrderedDict()
+        # the keys with events dropped since their last line (a subset of _keys)
+        self._pending: dict[Hashable, None] = {}
         # event name -> (start of its interval, lines in it, dropped over the budget since its
         # last line): the names are the code's, a fixed few
         self._budget: dict[str, tuple[float, int, int]] = {}
+        # event name -> (level, dropped events of the keys forgotten with a pending count)
+        self._forgotten: dict[str, tuple[Level, int]] = {}
+        self._levels: dict[str, Level] = {}  # event name -> the level it was last logged at
         self.suppressed_total = 0
         """Events dropped by sampling since this logger was made."""
+
+    @property
+    def interval_s(self) -> float:
+        return self._interval
 
     def log(self, level: Level, event: str, /, key: Hashable = None, **fields: Any) -> bool:
         """Log ``event`` unless ``key`` (default: the event name) logged within the interval.
@@ -446,12 +464,14 @@ class SampledLogger:
         now = self._clock()
         last = self._keys.get(key)
         if last is not None and now - last[0] < self._interval:
-            self._keys[key] = (last[0], last[1] + 1)
+            self._keys[key] = (last[0], last[1] + 1, (level, event, fields))
+            self._pending[key] = None
             self.suppressed_total += 1
             return False
         # Every key new (spoofed sources: one key each) would still be a line per message: at
         # most max_per_event lines of one event per interval, the rest counted and reported
         # on its next line (over_budget=N).
+        self._levels[event] = level
         start, lines, over = self._budget.get(event, (now, 0, 0))
         if now - start >= self._interval:
             start, lines = now, 0
@@ -461,14 +481,57 @@ class SampledLogger:
             return False
         self._budget[event] = (start, lines + 1, 0)
         keys = self._keys
-        keys[key] = (now, 0)
+        keys[key] = (now, 0, None)
         keys.move_to_end(key)  # least recently logged first
+        self._pending.pop(key, None)
         if len(keys) > self._max_keys:
-            keys.popitem(last=False)  # O(1), unlike a dict's first key after deletions
+            gone, (_, dropped, held) = keys.popitem(last=False)  # O(1), unlike a dict's first
+            if dropped and held is not None:
+                # its count would be lost with it: reported by the next flush, per event
+                self._pending.pop(gone, None)
+                was = self._forgotten.get(held[1], (held[0], 0))[1]
+                self._forgotten[held[1]] = (held[0], was + dropped)
         if over:
             fields["over_budget"] = over
         getattr(self._logger, level)(event, suppressed=0 if last is None else last[1], **fields)
         return True
+
+    def flush(self, final: bool = False) -> int:
+        """Write a ``sampled_suppressed`` line for each count no later line of its own has
+        reported (see the class): a key's, once it has had no line for two intervals (a key
+        still flooding gets its next line with ``suppressed=N`` instead); an event's
+        over-budget count once its interval is over; the forgotten keys' counts. ``final``
+        (at the stop): every count now. The lines written."""
+        now = self._clock()
+        wait = 2 * self._interval
+        written = 0
+        keys = self._keys
+        for key in list(self._pending):
+            last, dropped, held = keys[key]
+            if not final and now - last < wait:
+                continue
+            del self._pending[key]
+            keys[key] = (last, 0, None)
+            if dropped and held is not None:
+                level, event, fields = held
+                getattr(self._logger, level)("sampled_suppressed", of=event, suppressed=dropped,
+                                             **fields)
+                written += 1
+        events = sorted(set(self._forgotten) | {e for e, b in self._budget.items() if b[2]})
+        for event in events:
+            extra: dict[str, int] = {}
+            start, lines, over = self._budget.get(event, (now, 0, 0))
+            if over and (final or now - start >= self._interval):
+                extra["over_budget"] = over
+                self._budget[event] = (start, lines, 0)
+            level, forgotten = self._forgotten.pop(event, (self._levels.get(event, "info"), 0))
+            if forgotten:
+                extra["forgotten"] = forgotten
+            if extra:
+                getattr(self._logger, self._levels.get(event, level))(
+                    "sampled_suppressed", of=event, **extra)
+                written += 1
+        return written
 
 
 def call_line_sink() -> tuple[Callable[[str], None] | None, bool, dict[str, Any]]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 import shutil
+import socket
 import subprocess
 import time
 from collections.abc import Sequence
@@ -19,7 +20,15 @@ from typing import Any
 
 import pytest
 
-from .harness import HOST, E2EStack, SipguardProcess, SippProcess, SippResult, free_port
+from .harness import (
+    HOST,
+    E2EStack,
+    RawUdpCaller,
+    SipguardProcess,
+    SippProcess,
+    SippResult,
+    free_port,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -241,3 +250,38 @@ def test_attack_tools_are_banned_and_legitimate_load_completes(stack: E2EStack) 
     # dropped silently, sipguard is invisible to the scanners
     for tool in ("svmap", "svwar"):
         assert "found nothing" in (stack.workdir / f"{tool}.txt").read_text(), tool
+
+
+def test_sampled_refusals_are_all_in_the_log(stack: E2EStack) -> None:
+    """A burst of refusals from one number logs one line; the ones held back after it are
+    written (sampled_suppressed, with the count) once the number has gone quiet, and those of
+    a last burst at the stop: the log's lines and counts add up to the refusals counted."""
+    guard, port = stack.sipguard(
+        core_port=free_port(),
+        config_extra="rules:\n  rate: {per_caller: {rate: 1, burst: 1, per_s: 10}}\n",
+    )
+
+    def burst(n: int) -> None:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            local = free_port()
+            sock.bind((HOST, local))
+            for _ in range(n):
+                caller = RawUdpCaller(local, (HOST, port), caller="+12125550100")
+                sock.sendto(caller.invite_bytes(), (HOST, port))
+
+    def logged() -> int:
+        total = 0
+        for e in guard.events:
+            if e.get("event") == "invite_decided" and e.get("rule") == "rate":
+                total += 1 + int(e.get("suppressed") or 0)
+            elif e.get("event") == "sampled_suppressed" and e.get("of") == "invite_decided":
+                total += int(e.get("suppressed") or 0)
+        return total
+
+    burst(10)
+    guard.wait_event("sampled_suppressed", 1, timeout=6)  # quiet for two intervals
+    assert logged() == 9, guard.diagnostics()
+    burst(3)
+    guard.wait_event("invite_decided", 2, timeout=5)
+    refused = sum(v for k, v in counters(guard).items() if k.startswith("rule_rate_"))
+    assert refused >= 10 and logged() == refused, guard.diagnostics()

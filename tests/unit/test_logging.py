@@ -164,6 +164,63 @@ def test_sampled_logger_caps_the_lines_of_an_event_whatever_its_keys() -> None:
     assert len(lines) == 102 and lines[-1]["over_budget"] == 19_900
 
 
+def test_sampled_logger_flush_reports_what_no_later_line_does() -> None:
+    """A key's refusals after its last line are written by the flush once the key has been
+    quiet for two intervals (with the fields of the last one), not while it still floods;
+    the final flush writes every count at once; nothing is reported twice."""
+    stream = io.StringIO()
+    configure_logging(LogSettings(), stream=stream)
+    clock = FakeClock()
+    sampled = SampledLogger(get_logger("t"), interval_s=1.0, clock=clock)
+    for i in range(10):
+        sampled.log("info", "invite_decided", key="rate:+12125550100", call_id=f"c{i}",
+                    caller="+12125550100", rule="rate")
+    clock.now += 1.5
+    assert sampled.flush() == 0  # the key may still log its next line with suppressed=9
+    clock.now += 1.0
+    assert sampled.flush() == 1 and sampled.flush() == 0
+    summary = json_lines(stream)[-1]
+    assert (summary["event"], summary["of"], summary["suppressed"], summary["call_id"]) == \
+        ("sampled_suppressed", "invite_decided", 9, "c9")
+    assert summary["caller"] == "+12125550100" and summary["level"] == "info"
+    for i in range(3):  # logged (the interval is over), then two held back
+        sampled.log("info", "invite_decided", key="rate:+12125550100", call_id=f"d{i}")
+    assert sampled.flush() == 0
+    assert sampled.flush(final=True) == 1 and sampled.flush(final=True) == 0
+    lines = json_lines(stream)
+    assert [(x["event"], x.get("call_id"), x["suppressed"]) for x in lines] == [
+        ("invite_decided", "c0", 0), ("sampled_suppressed", "c9", 9),
+        ("invite_decided", "d0", 0), ("sampled_suppressed", "d2", 2)]
+
+
+def test_sampled_logger_accounts_for_every_event_after_a_final_flush() -> None:
+    """Many keys, a small table and a small per-event budget: the event's lines, their
+    suppressed / over_budget and the sampled_suppressed lines' counts add up to every event
+    given, forgotten keys and over-budget ones included; the pending table stays bounded."""
+    stream = io.StringIO()
+    configure_logging(LogSettings(), stream=stream)
+    clock = FakeClock()
+    sampled = SampledLogger(get_logger("t"), interval_s=1.0, clock=clock, max_keys=8,
+                            max_per_event=5)
+    given = 0
+    for step in range(400):
+        for key in (step % 13, step % 29, "hot"):
+            sampled.log("info", "invite_decided", key=f"k{key}")
+            given += 1
+        clock.now += 0.05
+        if step % 40 == 0:
+            sampled.flush()
+        assert len(sampled._pending) <= 8 and len(sampled._keys) <= 8
+    sampled.flush(final=True)
+    counted = 0
+    for line in json_lines(stream):
+        counted += (line["event"] == "invite_decided") + line.get("suppressed", 0) \
+            + line.get("over_budget", 0) + line.get("forgotten", 0)
+    assert counted == given
+    assert any(x.get("forgotten") for x in json_lines(stream))
+    assert any(x.get("over_budget") for x in json_lines(stream))
+
+
 def test_call_logger_writes_the_same_line_as_structlog() -> None:
     """The per-call fast path writes the fields, logger_name, event, level and ts structlog
     would, with None fields left out, and a timestamp in the same format."""
