@@ -48,13 +48,14 @@ import hmac
 import ipaddress
 import json
 import os
+import traceback
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 from urllib.parse import quote, unquote
 
 import aiohttp
-from aiohttp import web
+from aiohttp import http_exceptions, web, web_protocol
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -62,6 +63,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from sipguard.ops.config import AdminSettings, Config
 from sipguard.ops.config_load import FieldError
 from sipguard.ops.cooldowns import MAX_COOLDOWNS_SHOWN, cooldown_key, scope_of, scopes_of
+from sipguard.ops.logging import SampledLogger, get_logger
 from sipguard.ops.metrics import (
     Metrics,
     MetricsCollector,
@@ -355,18 +357,85 @@ class _Guarded(asyncio.Protocol):
         inner.connection_lost(exc)
 
 
-class _GatedSite(web.TCPSite):
-    """aiohttp's TCP site with the listener's protocol factory behind a :class:`_Gate`."""
+# (source address, status, what was wrong, the traceback of an internal error or None)
+BadRequestReport = Callable[[str, int, str, str | None], None]
 
-    def __init__(self, runner: web.AppRunner, host: str, port: int, gate: _Gate) -> None:
+
+def _traceback(exc: BaseException | None) -> str | None:
+    """An internal error's traceback (a bug: worth the whole of it); None for a bad request."""
+    if exc is None or isinstance(exc, http_exceptions.HttpProcessingError):
+        return None
+    return "".join(traceback.format_exception(exc))
+
+
+def _bad_request_text(status: int, exc: BaseException | None) -> str:
+    """What was wrong with a request aiohttp could not read, in a few words — never the
+    request's own bytes (aiohttp's message quotes them)."""
+    if isinstance(exc, http_exceptions.LineTooLong):
+        return f"request line or header longer than {exc.args[1]} bytes"
+    if isinstance(exc, http_exceptions.BadHttpMethod):
+        return "not an HTTP request"
+    if status >= 500:
+        return "internal error"
+    return "malformed HTTP request"
+
+
+class _AdminHandler(web_protocol.RequestHandler):
+    """aiohttp's protocol for one connection, with the admin API's answer to a request it
+    cannot read (an over-long header, garbage): ``{"error": ...}`` like every other error,
+    reported as one sampled line — not aiohttp's text/plain answer and a traceback on stderr
+    per request, which anyone reaching the port could send before the token is checked."""
+
+    __slots__ = ("_report",)
+
+    def __init__(self, report: BadRequestReport, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._report = report
+
+    def handle_error(self, request: Any, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        if isinstance(exc, http_exceptions.HttpProcessingError) and exc.code >= 400:
+            status = exc.code
+        what = _bad_request_text(status, exc)
+        self._report(str(request.remote or ""), status, what,
+                     _traceback(exc) if status >= 500 else None)
+        if request.writer.output_size > 0:  # (as aiohttp: an answer is on its way already)
+            raise ConnectionError("response is sent already, cannot send an error")
+        response = _error(status, what)
+        response.force_close()
+        return response
+
+    def log_exception(self, *args: Any, **kwargs: Any) -> None:
+        # aiohttp's other "error handling request" tracebacks: one sampled line too
+        exc = kwargs.get("exc_info")
+        error = exc if isinstance(exc, BaseException) else None
+        self._report("", 500, f"{args[0] if args else 'error'}: {type(error).__name__}"
+                     if error is not None else str(args[0] if args else "error"),
+                     _traceback(error))
+
+
+class _GatedSite(web.TCPSite):
+    """aiohttp's TCP site with the listener's protocol factory behind a :class:`_Gate`, each
+    connection's protocol an :class:`_AdminHandler`."""
+
+    def __init__(self, runner: web.AppRunner, host: str, port: int, gate: _Gate,
+                 report: BadRequestReport) -> None:
         super().__init__(runner, host, port, reuse_address=True)
         self.gate = gate
+        self.report = report
 
     async def start(self) -> None:
         await web.BaseSite.start(self)
         server = self._runner.server
         assert server is not None
-        self.gate.factory = server
+        report = self.report
+        # (web.Server() makes a RequestHandler with these; ours is that with handle_error)
+        loop, kwargs = server._loop, server._kwargs  # noqa: SLF001
+
+        def factory() -> asyncio.Protocol:
+            return _AdminHandler(report, server, loop=loop, **kwargs)
+
+        self.gate.factory = factory
         self._server = await asyncio.get_running_loop().create_server(
             self.gate, self._host, self._port, backlog=self._backlog, reuse_address=True)
 
@@ -399,6 +468,8 @@ class AdminEndpoint:
         self._host_scrape = asyncio.Lock()
         self._gate: _Gate | None = None
         self._cursors = _Cursors()
+        # requests aiohttp cannot read: one line per source per 10 s, the rest counted
+        self._bad = SampledLogger(get_logger("sipguard"), 10.0)
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._guard], client_max_size=MAX_BODY)
@@ -431,7 +502,7 @@ class AdminEndpoint:
         gate = _Gate(lambda: asyncio.Protocol(), max_connections, max_connections_per_ip,
                      idle_timeout_s, self.counters)
         try:
-            await _GatedSite(runner, host, port, gate).start()
+            await _GatedSite(runner, host, port, gate, self._bad_request).start()
         except OSError:
             await runner.cleanup()
             raise
@@ -442,6 +513,20 @@ class AdminEndpoint:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        self._bad.flush(final=True)
+
+    def _bad_request(self, source: str, status: int, what: str, trace: str | None) -> None:
+        """A request aiohttp could not read (answered ``{"error": ...}``): counted
+        ``admin_bad_requests``, logged ``admin_bad_request`` sampled per source; an error of
+        aiohttp's or of a handler (a bug) as ``admin_error`` with its traceback, sampled."""
+        if trace is None:
+            self.counters["admin_bad_requests"] += 1
+            self._bad.log("warning", "admin_bad_request", key=f"bad:{source}",
+                          source=source or None, status=status, error=what)
+            return
+        self.counters["admin_errors"] += 1
+        self._bad.log("error", "admin_error", key=f"error:{what}", source=source or None,
+                      status=status, error=what, traceback=trace)
 
     # ------------------------------------------------------------------ auth and errors
     def authorized(self, header: str | None) -> bool:

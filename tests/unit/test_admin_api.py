@@ -373,6 +373,71 @@ def test_metrics_is_the_old_name_of_admin_and_both_is_an_error() -> None:
     assert issue.path == "metrics" and issue.line == 4 and "admin" in issue.message
 
 
+async def test_requests_aiohttp_cannot_read_are_json_400s_and_one_sampled_line(
+    tmp_path: Path, peers: tuple[Peer, Peer], capfd: pytest.CaptureFixture[str]
+) -> None:
+    """An over-long header or a garbage request line, before any token check: a JSON 400
+    that does not echo the request, counted admin_bad_requests, one admin_bad_request line per
+    source per interval, no traceback on stderr; the API answers as before after them."""
+    _, core = peers
+    (tmp_path / "token").write_text("s3cret\n")
+    guard = await start_guard(tmp_path, core, ports=None)
+    guard.server.http.token = b"s3cret"  # type: ignore[union-attr]
+
+    async def raw(data: bytes) -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", guard.admin_port)
+        writer.write(data)
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        return answer
+
+    try:
+        with structlog.testing.capture_logs() as logs:
+            answers = [await raw(b"GET /suspensions HTTP/1.1\r\nHost: 127.0.0.1\r\nX-A: "
+                                 + b"a" * 9000 + b"\r\n\r\n") for _ in range(5)]
+            answers.append(await raw(b"\x16\x03\x01 garbage\r\n\r\n"))
+        for answer in answers:
+            head, _, body = answer.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.") and b" 400 " in head.split(b"\r\n")[0], answer
+            assert b"application/json" in head.lower(), head
+            error = json.loads(body)["error"]
+            assert error in ("request line or header longer than 8190 bytes",
+                             "not an HTTP request", "malformed HTTP request"), error
+            assert b"aaaa" not in body
+        assert guard.server.counters["admin_bad_requests"] == 6
+        lines = [e for e in logs if e["event"] == "admin_bad_request"]
+        assert len(lines) == 1 and lines[0]["source"] == "127.0.0.1", lines
+        assert lines[0]["status"] == 400
+        assert (await request("GET", guard.url + "/suspensions", token="s3cret"))[0] == 200
+        server = guard.server
+
+        class Broken:
+            """The server as the admin API's control, its config view a bug."""
+
+            def __getattr__(self, name: str) -> Any:
+                return getattr(server, name)
+
+            def config_view(self) -> Any:
+                raise RuntimeError("a bug")
+
+        assert server.http is not None
+        server.http.control = Broken()  # type: ignore[assignment]
+        with structlog.testing.capture_logs() as logs:
+            status, body = await request("GET", guard.url + "/config", token="s3cret")
+        assert (status, body) == (500, {"error": "internal error"})
+        (line,) = [e for e in logs if e["event"] == "admin_error"]
+        assert "RuntimeError: a bug" in line["traceback"]
+        assert server.counters["admin_errors"] == 1
+    finally:
+        with structlog.testing.capture_logs() as logs:
+            await guard.server.stop()
+    (flushed,) = [e for e in logs if e["event"] == "sampled_suppressed"]
+    assert (flushed["of"], flushed["suppressed"]) == ("admin_bad_request", 5)
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "Error handling request" not in err, err
+
+
 async def test_bad_requests_are_json_4xx(tmp_path: Path, peers: tuple[Peer, Peer]) -> None:
     """Bad JSON, missing or bad fields and unknown paths are 4xx with {"error": ...}."""
     _, core = peers
