@@ -318,6 +318,8 @@ def _verb(args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=2), flush=True)
     except BrokenPipeError:  # `sipguard calls ... | head`: the reader has all it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    if isinstance(result, dict) and result.get("monitored") and result.get("warning"):
+        print(f"sipguard: warning: {result['warning']}", file=sys.stderr)
     if isinstance(result, dict) and result.get("save_failed"):
         print("sipguard: in force now, but not saved to state_dir: it will not survive a "
               "restart (the log has suspensions_save_failed)", file=sys.stderr)

@@ -103,6 +103,9 @@ class Control(Protocol):
     @property
     def ready(self) -> bool: ...
 
+    @property
+    def cfg(self) -> Config: ...  # the running config
+
     async def reload_config(self, everywhere: bool = False) -> ReloadResult: ...
 
     def config_view(self) -> dict[str, Any]: ...
@@ -814,6 +817,15 @@ class AdminEndpoint:
             key, reason, by, None if expires is None else float(expires), end_calls,
             keep_expiry="expires" not in data,
         )
+        if self.control.cfg.mode == "monitor":
+            # the suspension check follows the top-level mode: its next INVITEs are logged
+            # (rule suspended, monitored) and forwarded; end_calls ends its calls regardless
+            result["monitored"] = True
+            note = ("mode: monitor: its next INVITEs are only logged (rule suspended, "
+                    "monitored: true) and forwarded, not refused"
+                    + ("; its calls up were ended all the same" if end_calls else ""))
+            result["warning"] = f"{result['warning']}; {note}" if result.get("warning") \
+                else note
         return _json(result, 201)
 
     async def _unsuspend(self, request: web.Request) -> web.Response:

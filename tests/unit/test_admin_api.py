@@ -539,6 +539,42 @@ async def test_end_calls_sends_bye_to_both_sides(
         await guard.server.stop()
 
 
+async def test_a_suspension_under_mode_monitor_says_it_is_only_monitored(
+    tmp_path: Path, peers: tuple[Peer, Peer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With a top-level mode: monitor, POST /suspensions with end_calls ends the number's call
+    but its next INVITE is forwarded (monitored): the answer says so (`monitored: true` and a
+    warning), and so does the CLI, on stderr; in enforce mode neither is there."""
+    caller, core = peers
+    guard = await start_guard(tmp_path, core, "mode: monitor\n")
+    try:
+        await answered_call(guard, caller, core, "m-1", "+31201234567")
+        status, body = await request("POST", guard.url + "/suspensions", {
+            "number": "+31201234567", "end_calls": True, "reason": "fraud",
+        })
+        assert status == 201 and body["calls_ended"] == 1 and body["monitored"] is True, body
+        assert body["warning"].startswith("mode: monitor: its next INVITEs are only logged")
+        assert "calls up were ended all the same" in body["warning"]
+        assert b"Call-ID: m-1" in await core.recv_until(b"BYE ")
+        caller.sock.sendto(invite(caller, guard.port, "m-2", caller="+31201234567"),
+                           ("127.0.0.1", guard.port))
+        assert b"Call-ID: m-2" in await core.recv_until(b"INVITE ")  # forwarded, monitored
+        code = await asyncio.to_thread(cli.main, ["suspend", "+31201234568", "--admin",
+                                                  guard.url])
+        out = capsys.readouterr()
+        printed = json.JSONDecoder().raw_decode(out.out[out.out.index("{\n"):])[0]
+        assert code == 0 and printed["monitored"] is True, out.out
+        assert "sipguard: warning: mode: monitor: its next INVITEs are only logged" in out.err
+        assert "ended all the same" not in out.err
+        guard.config.write_text(guard.config.read_text().replace("mode: monitor\n", ""))
+        assert (await request("POST", guard.url + "/reload"))[1]["changed"] == ["mode"]
+        status, body = await request("POST", guard.url + "/suspensions",
+                                     {"number": "+31201234569"})
+        assert status == 201 and "monitored" not in body and "warning" not in body
+    finally:
+        await guard.server.stop()
+
+
 async def test_end_calls_ends_many_calls_a_batch_a_pass(
     tmp_path: Path, peers: tuple[Peer, Peer], monkeypatch: pytest.MonkeyPatch
 ) -> None:
