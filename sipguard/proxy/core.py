@@ -1093,12 +1093,10 @@ class Proxy:
         ``trust_pai: false``, an unknown source, a call whose caller's peer was one — is
         removed from a request before it goes on (an INVITE's own: see _apply_verdict); and
         from the caller's later requests in a call (a re-INVITE, an UPDATE) one that asserts
-        another number than the caller its INVITE was checked as — nobody checked that one;
-        and from a new request other than INVITE (OPTIONS, a MESSAGE or SUBSCRIBE an operator
-        allows): no rule checks who it asserts, so it asserts nobody."""
+        another number than the caller its INVITE was checked as — nobody checked that one."""
         if from_core or not msg.has("p-asserted-identity"):
             return ()
-        if (dialog is not None and dialog.pai_untrusted) or msg.to_tag is None or \
+        if (dialog is not None and dialog.pai_untrusted) or \
                 not self.admission.asserts_identity(flow):
             return _NO_PAI
         if dialog is not None and not dialog.outbound and side == "caller" and \

@@ -337,19 +337,3 @@ def test_an_outside_answer_cannot_rewrite_the_cores_route_set() -> None:
         assert len(repaired) == (0 if i == 0 else 2), i
         assert not [e for e in h.events if isinstance(e, Noticed)
                     and e.kind == "core_without_record_route"]
-
-
-def test_a_new_request_other_than_invite_asserts_nobody() -> None:
-    """An OPTIONS from a peer that asserts a number it does not own: no rule checks a new
-    request other than INVITE, so its P-Asserted-Identity never reaches the core."""
-    h = PolicyHarness(extra_yaml="peers:\n  - name: carrier\n    networks: [198.51.100.0/24]\n"
-                                 "    numbers: ['+1212555*']\n")
-    options = (
-        "OPTIONS sip:+18005550199@192.0.2.1:5060 SIP/2.0\r\n"
-        "Via: SIP/2.0/UDP 198.51.100.7:5062;branch=z9hG4bK-opt1\r\nMax-Forwards: 70\r\n"
-        "From: <sip:+12125550100@198.51.100.7>;tag=o1\r\nTo: <sip:+18005550199@192.0.2.1>\r\n"
-        "Call-ID: opt-1\r\nCSeq: 1 OPTIONS\r\n"
-        "P-Asserted-Identity: <sip:+19005550199@198.51.100.7>\r\nContent-Length: 0\r\n\r\n"
-    ).encode()
-    [got] = to(h.send(options), CORE)
-    assert got.method == "OPTIONS" and not got.has("p-asserted-identity")
