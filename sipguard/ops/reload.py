@@ -32,9 +32,13 @@ SIP_RESTART_KEYS = ("udp_receive_buffer", "max_message_size", "advertise")
 
 def held_back(old: Config, new: Config, changed: list[str]) -> tuple[Config, list[str]]:
     """``new`` with the keys a reload cannot take over set back to their running values in
-    ``old``, and those keys (``log.level`` and the like for the log's and the sip section's)."""
+    ``old``, and those keys (``log.level`` and the like for the log's and the sip section's;
+    ``default_region`` and ``peers[NAME].default_region``: see :func:`_held_regions`)."""
     restart = [k for k in RESTART_KEYS if k in changed]
     update: dict[str, Any] = {k: getattr(old, k) for k in restart}
+    update_regions, held_regions = _held_regions(old, new)
+    update.update(update_regions)
+    restart += held_regions
     for section, keys in (("log", LOG_RESTART_KEYS), ("sip", SIP_RESTART_KEYS)):
         was, now = getattr(old, section), getattr(new, section)
         held = [k for k in keys if getattr(was, k) != getattr(now, k)]
@@ -42,6 +46,31 @@ def held_back(old: Config, new: Config, changed: list[str]) -> tuple[Config, lis
             update[section] = now.model_copy(update={k: getattr(was, k) for k in held})
             restart += [f"{section}.{k}" for k in held]
     return (new.model_copy(update=update) if update else new), restart
+
+
+def _held_regions(old: Config, new: Config) -> tuple[dict[str, Any], list[str]]:
+    """The numbering region national numbers are read in (top-level ``default_region``, a
+    peer's, which a peer without its own inherits) keeps its running value: the live calls'
+    numbers were read with it, and their concurrency slots are held under those spellings — a
+    new region would count the same caller under another key (``2125550100`` against
+    ``+12125550100``) and let it past ``per_caller`` while the old calls are up, and a
+    suspension's ``end_calls`` would miss them. A peer new in this reload takes its region."""
+    update: dict[str, Any] = {}
+    held: list[str] = []
+    if old.default_region != new.default_region:
+        update["default_region"] = old.default_region
+        held.append("default_region")
+    running = {p.name: p for p in old.peers}
+    peers = []
+    for peer in new.peers:
+        was = running.get(peer.name)
+        if was is not None and was.default_region != peer.default_region:
+            peer = peer.model_copy(update={"default_region": was.default_region})
+            held.append(f"peers[{peer.name}].default_region")
+        peers.append(peer)
+    if len(held) > ("default_region" in held):
+        update["peers"] = tuple(peers)
+    return update, held
 
 
 @dataclass(slots=True)

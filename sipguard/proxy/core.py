@@ -1066,6 +1066,18 @@ class Proxy:
             self.subscriptions.extend(notified(msg, from_core), lasts(msg, now),
                                       longer=from_core)
         if method == "REFER" and not from_core:
+            # RFC 3515 §2.4.1: exactly one Refer-To value, or 400 — a second one (or one that
+            # does not parse) would be a target the check below never read
+            lines = msg.indexes("refer-to")
+            try:
+                targets = len(parse_name_addr_list(msg.value_at(lines[0]))) \
+                    if len(lines) == 1 else 0
+            except SipParseError:
+                targets = 0
+            if targets != 1:
+                self._respond(st, 400, now, "Bad Refer-To")
+                self.events.append(Dropped("bad_refer_to", msg.call_id, flow))
+                return
             # the core would call its Refer-To target on the party's word: not a suspended one
             verdict = self.admission.screen_transfer(msg, flow, now)
             if verdict is not None:
@@ -1650,12 +1662,17 @@ class Proxy:
                 append.append(route)  # a route set the request left out (Dialog.pin_routes)
         if msg.content_length is None:
             append.append(f"Content-Length: {len(msg.body)}".encode())
-        if not self._is_core(msg, source):
+        outside = not self._is_core(msg, source)
+        if outside:
             self._strip_owned(msg, replace, source)
         for name, line in edits:
             if name in PROXY_OWNED and (anonymise is None or name != "from"):
                 continue
             new = None if line is None else line.encode("utf-8", "surrogateescape")
+            if outside and new is not None and b"?" in new and name in uri_headers.WITH_CONTACT:
+                # a rule's rewrite (verstat on P-Asserted-Identity) is made from the URI as
+                # the party wrote it: what _strip_owned took off that header must stay off
+                new = uri_headers.without_unsafe_headers(new, self.settings.strip_headers)[0]
             idx = msg.indexes(name)
             if idx:
                 replace[idx[0]] = new

@@ -25,11 +25,14 @@ from urllib.parse import unquote_to_bytes
 from sipguard.sip.parser import COMPACT
 
 # RFC 3261 §19.1.5's "obviously dangerous" headers and Route, the dialog Contact, what frames or
-# counts a message, and every header that asserts who calls or who diverted the call.
+# counts a message, and every header that asserts who calls, who was called, who diverted or
+# referred the call, or whether the caller is shown (the referee takes Referred-By from the
+# REFER itself, RFC 3892 §3: one from the party's URI would name whom it likes).
 UNSAFE: Final = frozenset({
     "from", "call-id", "cseq", "via", "record-route", "route", "contact", "max-forwards",
     "content-length", "p-asserted-identity", "p-preferred-identity", "remote-party-id",
     "identity", "identity-info", "diversion", "history-info", "p-charge-info",
+    "p-called-party-id", "privacy", "referred-by",
 })
 
 # Headers whose URIs sipguard reads for embedded headers, on every request and answer from

@@ -1329,3 +1329,31 @@ async def test_the_tcp_accept_queue_is_the_configured_backlog_and_a_reload_resiz
         assert re.search(r"^sipguard_kernel_tcp_listen_overflows \d+\.0$", text, re.M), text
     finally:
         await server.stop()
+
+
+async def test_a_reload_keeps_the_running_numbering_region_while_calls_are_counted_by_it(
+    tmp_path: Path, peers: tuple[Peer, Peer]
+) -> None:
+    """per_caller 1, no default_region, a call up from 2125550100 (national). A reload that
+    sets `default_region: US` (and a peer's) keeps the running region, reported as
+    restart_needed — with it, the same caller's next call would have been counted under
+    +12125550100 and let past its limit while the first is up; it still hears 403, and a
+    suspension with end_calls of the number as it was counted ends the call."""
+    caller, core = peers
+    guard = await start_guard(tmp_path, core, "rules:\n  concurrency: {per_caller: 1}\n")
+    good = guard.config.read_text()
+    try:
+        await answered_call(guard, caller, core, "reg-1", "2125550100")
+        guard.config.write_text(good + "default_region: US\n")
+        status, body = await request("POST", guard.url + "/reload")
+        assert status == 200 and body["applied"] is True, body
+        assert body["restart_needed"] == ["default_region"], body
+        assert guard.server.cfg.default_region is None
+        caller.sock.sendto(invite(caller, guard.port, "reg-2", caller="2125550100"),
+                           ("127.0.0.1", guard.port))
+        assert (await caller.recv_until(b"SIP/2.0 4")).startswith(b"SIP/2.0 403 ")
+        status, body = await request("POST", guard.url + "/suspensions",
+                                     {"number": "2125550100", "end_calls": True})
+        assert status == 201 and body["calls_ended"] == 1, body
+    finally:
+        await guard.server.stop()

@@ -337,3 +337,15 @@ def test_an_outside_answer_cannot_rewrite_the_cores_route_set() -> None:
         assert len(repaired) == (0 if i == 0 else 2), i
         assert not [e for e in h.events if isinstance(e, Noticed)
                     and e.kind == "core_without_record_route"]
+
+
+def test_a_rules_rewritten_p_asserted_identity_keeps_no_embedded_header() -> None:
+    """Rule callerid puts verstat on the INVITE's P-Asserted-Identity, rebuilt from the URI the
+    caller wrote: the headers embedded there (sipguard's own verdict, a From) stay off it."""
+    h = PolicyHarness("rules:\n  callerid: {verstat: true}\n")
+    pai = ("P-Asserted-Identity: <sip:+12125550100@198.51.100.7?X-Sipguard-Verdict=callerid."
+           "passed&From=%3Csip:%2B19005550199@x%3E&Subject=hi>\r\n")
+    [got] = to(h.send(invite(extra=pai)), CORE)
+    [value] = got.values("p-asserted-identity")
+    assert "verstat=" in value and "Sipguard" not in value and "19005550199" not in value, value
+    assert value.endswith("?Subject=hi>"), value

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from sipguard.ops.config_load import parse_config
-from sipguard.ops.reload import changed_keys
+from sipguard.ops.reload import changed_keys, held_back
 
 BASE = "listen: [udp://127.0.0.1:5060]\ncore: udp://127.0.0.1:5080\n"
 
@@ -73,3 +73,20 @@ def test_a_list_file_edited_in_place_is_reported_at_its_setting(tmp_path: Path) 
     other = tmp_path / "other.txt"
     other.write_text("+1646*\n")
     assert changed_keys(third, parse_config(text.replace(str(nums), str(other)))) == ["peers"]
+
+
+def test_a_reload_holds_back_the_numbering_regions_of_the_running_config() -> None:
+    """default_region and a peer's keep their running values (the live calls' numbers were
+    read with them), each reported; a peer new in the reload takes its own."""
+    base = ("listen: [udp://127.0.0.1:5060]\ncore: udp://127.0.0.1:5080\n{top}"
+            "peers:\n  - name: a\n    networks: [10.0.0.0/8]\n{a}"
+            "{b}")
+    old = parse_config(base.format(top="", a="", b=""))
+    new = parse_config(base.format(top="default_region: US\n", a="    default_region: GB\n",
+                                   b="  - name: b\n    networks: [11.0.0.0/8]\n"))
+    kept, restart = held_back(old, new, changed_keys(old, new))
+    assert restart == ["default_region", "peers[a].default_region"]
+    assert kept.default_region is None
+    assert [(p.name, p.default_region) for p in kept.peers] == [("a", None), ("b", "US")]
+    same, nothing = held_back(old, old, [])
+    assert nothing == [] and same is old

@@ -373,3 +373,23 @@ def test_a_refer_to_a_suspended_number_is_refused() -> None:
         screened = [e for e in h.events if type(e).__name__ == "Screened"]
         assert [(e.verdict.reason, e.verdict.action) for e in screened] == \
             [("callee_suspended", "reject" if refused else "accept")]
+
+
+def test_a_refer_needs_exactly_one_refer_to() -> None:
+    """RFC 3515 §2.4.1: a REFER with two Refer-To lines, two values in one, one that does not
+    parse or none hears 400 — a target the suspension check never read cannot reach the core."""
+    h = PolicyHarness(extra_yaml='suspended: ["+19005550199"]\n')
+    _, fwd = h.call(1)
+    assert fwd is not None
+    h.answer(fwd, 200, "OK")
+    for n, extra in enumerate((
+        "Refer-To: <sip:+18005550123@192.0.2.1>\r\nRefer-To: <sip:+19005550199@192.0.2.1>\r\n",
+        "Refer-To: <sip:+18005550123@192.0.2.1>, <sip:+19005550199@192.0.2.1>\r\n",
+        'Refer-To: <sip:+19005550199@192.0.2.1>;x="unterminated\r\n',
+        "",
+    )):
+        refer = in_dialog("REFER", call_id="call-1", cseq=2 + n, branch=f"z9hG4bK-b{n}",
+                          extra=extra)
+        out = h.send(refer)
+        assert [m for m in to(out, CORE) if m.method == "REFER"] == [], n
+        assert statuses(out, CALLER) == [400], (n, statuses(out, CALLER))
