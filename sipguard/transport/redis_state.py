@@ -229,6 +229,12 @@ REFRESH_CHUNK = 256  # leases per refresh script
 WATCH_S = 1.0  # how often the epoch key is read: a Redis that lost its data is noticed
 PROBE_MIN_S, PROBE_MAX_S = 0.2, 5.0
 
+def _quietly(f: asyncio.Future[Any]) -> None:
+    """A reply nobody waits for: its error read (the next refresh makes up for it)."""
+    if not f.cancelled():
+        f.exception()
+
+
 class BadReply(ValueError):
     """Redis (or something in its place) answered a script with what the script never
     returns: treated as a failed round trip (the breaker counts it, ``state.fail`` decides)."""
@@ -373,16 +379,38 @@ class SharedStore:
             result = await self._guarded(
                 "admit", self._admit_one(lease, keys, checks, cidx, tidx), self.timeout_s)
         if result is _FAILED:
-            if take and not self.fail_open and isinstance(self.last_failure, TimeoutError):
+            if take and isinstance(self.last_failure, TimeoutError):
                 # The script was sent: a Redis that stalled past the timeout runs it when it
-                # wakes, and the call, refused (fail closed), would hold a phantom slot for
-                # lease_s. Give it back: queued behind the take on the same connection when it
-                # is open, else at the next refresh. (Fail open passes the call: the late
-                # take counts a call that is up, and its end releases it.)
-                self._give_back(lease, take)
+                # wakes. Fail closed refuses the call, which would hold a phantom slot for
+                # lease_s: give it back, queued behind the take on the same connection when it
+                # is open, else at the next refresh. Fail open passes the call — but the late
+                # script checks the limits too and, with the calls up then, may take nothing:
+                # the call would hold no slot there, and others would be let past it until
+                # the next refresh. So its slot is taken whatever the counts, queued behind the
+                # script (the same member again when the script took it: no change).
+                if self.fail_open:
+                    self._take_soon(lease, take)
+                else:
+                    self._give_back(lease, take)
             return None
         admitted: Admitted = result
         return admitted
+
+    def _take_soon(self, lease: str, take: Sequence[str]) -> None:
+        """Take ``lease`` on ``take`` whatever the counts (the REFRESH script: ZADD), sent on the
+        pipelined connection without waiting; when that is not possible, or it fails, the
+        next refresh re-scores the lease (every live one is)."""
+        pipe = self.pipe
+        if pipe is None or self.cluster or not pipe.connected:
+            return
+        keys = [self.rkey(t) for t in take]
+        try:
+            fut = pipe.send("EVALSHA", self._refresh.sha, len(keys), *keys, self.lease_ms,
+                            *([lease] * len(keys)))
+        except PipeError:
+            return
+        self.counters["state_round_trips"] += 1
+        fut.add_done_callback(_quietly)
 
     def _give_back(self, lease: str, take: Sequence[str]) -> None:
         if not self.release_soon(lease, take):

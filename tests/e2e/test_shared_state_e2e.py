@@ -300,3 +300,38 @@ def test_redis_outage_under_load_fail_closed(stack: E2EStack) -> None:
         assert c.get("state_reconnected", 0) >= 1, c
     finally:
         redis.stop()
+
+
+def test_calls_passed_in_a_short_redis_stall_hold_their_slots(stack: E2EStack) -> None:
+    """fail: open, per_caller 2, two calls up; Redis stalls 400 ms (SIGSTOP; timeout_ms 200, the
+    two timeouts short of the breaker) while two more INVITEs of that caller come — both pass, as fail open says. Their
+    admission scripts run when Redis wakes, with the limit then reached: the calls must hold
+    their slots there all the same (4 members for the caller), or once the first two end a
+    third and fourth call would be let past the two still up until the next refresh."""
+    redis = _isolated_redis(stack.workdir)
+    core = CoreSocket()
+    caller = Caller()
+    try:
+        _, port = guard(stack, "stall", core.port, redis.url, PER_CALLER_2,
+                        ", fail: open, breaker_failures: 3")
+        for i in range(2):
+            caller.send(i, port)
+        assert len(core.collect(1.0)) == 2
+        assert redis.proc is not None
+        redis.proc.send_signal(signal.SIGSTOP)
+        try:
+            for i in range(2, 4):
+                caller.send(i, port)
+            time.sleep(0.4)
+        finally:
+            redis.proc.send_signal(signal.SIGCONT)
+        assert len(core.collect(1.5)) == 4  # passed: fail open
+        key = "sipguard:{+12125550100}:caller"
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline and redis.command("ZCARD", key) != b":4\r\n":
+            time.sleep(0.1)
+        assert redis.command("ZCARD", key) == b":4\r\n"
+    finally:
+        caller.close()
+        core.close()
+        redis.stop()
