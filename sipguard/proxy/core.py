@@ -1437,6 +1437,11 @@ class Proxy:
         if (flow.addr == party.addr and flow.transport == party.transport) or (
             flow.transport != "udp" and flow.addr[0] == party.addr[0]
         ):
+            if party.transport == "tls" and flow.conn != party.conn and \
+                    dialog.peer is not None and not self.admission.same_party(dialog, flow):
+                # another TLS connection of the host, which is not its peer's — a peer bound
+                # to its certificate (tls_subject) is that peer only with it
+                return 403
             return 0
         if dialog.behind_nat and flow.transport == "udp" and flow.addr[0] == party.addr[0] \
                 and _names(dialog, side, msg):

@@ -63,7 +63,10 @@ Limits (:class:`TcpLimits`, the ``sip.tcp_*`` settings), each reported through
   ``sip.overload_delay_ms`` — the stream's counterpart of a UDP queue's delay. TCP flow
   control keeps the backlog in the sender's buffers, where no fill share can be read, so
   time behind is what is measured. A connection paused for its own write back-pressure is not
-  behind: a peer that does not read its answers cannot set off overload for everyone.
+  behind: a peer that does not read its answers cannot set off overload for everyone; nor is
+  one from an unknown source (peers configured): a client sending faster than it is read
+  (a stream of CRLF keep-alives) is read in turn with the others, and cannot make sipguard
+  shed every trunk's calls.
 
 The time-based limits are checked by :meth:`TcpPool.sweep`, which the pool runs every
 :data:`SWEEP_S` seconds on its own.
@@ -198,6 +201,10 @@ class TcpConnection(asyncio.Protocol):
         # from no configured peer, and no complete message yet: closed when none comes
         # within the message timeout (an idle connection must not hold a place for 10 min)
         self.awaiting_first = False
+        # from no configured peer (peers configured): its reader falling behind says nothing
+        # of sipguard's load — one client sending faster than it is read would otherwise shed
+        # every trunk's new calls ("reader behind" above)
+        self.unknown = False
         self.count_key = ""  # ... under this key of ``per_ip`` (sipguard.addresses)
         self.pending: list[bytes] = []
         self.pending_bytes = 0
@@ -210,8 +217,16 @@ class TcpConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         peer = transport.get_extra_info("peername")
-        self.addr = (peer[0], peer[1])
         pool = self.pool
+        if peer is None:
+            # reset by the other side before the loop got to it (no peer address left):
+            # nothing to serve; its place, if it took one, goes back in connection_lost
+            self.closed = True
+            self.closed_at = pool.loop.time()
+            pool.event("tcp_reset_at_connect", self.addr)
+            transport.close()
+            return
+        self.addr = (peer[0], peer[1])
         self.last_message = pool.loop.time()
         if self.inbound and not self.admitted and not pool.admit(self):
             self.closed = True
@@ -283,7 +298,7 @@ class TcpConnection(asyncio.Protocol):
         except OSError:  # closed meanwhile
             waiting = 0
         pool = self.pool
-        if waiting > 0 and self.paused_since is None:
+        if waiting > 0 and self.paused_since is None and not self.unknown:
             if self.id not in pool.behind:
                 pool.behind[self.id] = pool.loop.time()
             pool.watch_behind()
@@ -441,6 +456,7 @@ class TcpPool:
         conn.counted = True
         conn.count_key = key
         conn.awaiting_first = conn.inbound and peer is False
+        conn.unknown = peer is False
         return True
 
     def register(self, conn: TcpConnection) -> None:

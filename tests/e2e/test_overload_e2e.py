@@ -271,3 +271,61 @@ def test_a_tcp_reader_behind_sheds_new_calls(stack: E2EStack, delay_ms: int | No
             assert started[0]["stream_behind_ms"] >= delay_ms, started
             guard.wait_event("overload_ended", 1, timeout=10)
         assert guard.stop() == 0
+
+
+def test_an_unknown_sources_fast_stream_does_not_shed_the_peers_calls(stack: E2EStack) -> None:
+    """Peers configured (127.0.0.1): one TCP connection from an unknown source (127.0.0.2)
+    writes pipelined requests as fast as it can for 3 s, reading its 403s, so sipguard always
+    finds more waiting on it. That says nothing of sipguard's load — it reads that stream in
+    turn with the rest — so the peer's INVITEs meanwhile all reach the core, none hears 503,
+    and no overload starts."""
+    core = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    core.bind((HOST, 0))
+    with core:
+        guard, port = stack.sipguard(
+            core_port=core.getsockname()[1], listen=("udp", "tcp"),
+            config_extra="peers:\n  - name: carrier\n    networks: [127.0.0.1/32]\n",
+        )
+        target = (HOST, port)
+        one = (b"OPTIONS sip:x@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/TCP 127.0.0.2:5060;"
+               b"branch=z9hG4bK-f1\r\nFrom: <sip:a@b>;tag=1\r\nTo: <sip:x@y>\r\nCall-ID: f1\r\n"
+               b"CSeq: 1 OPTIONS\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n")
+        blob = one * 500
+        stop = threading.Event()
+        answers = bytearray()
+
+        def flood() -> None:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                s.bind(("127.0.0.2", 0))
+                s.connect(target)
+                reader = threading.Thread(target=_read_stream, args=(s, answers, 1.0, 10.0))
+                reader.start()
+                s.settimeout(0.5)
+                end = time.monotonic() + 3.0
+                while time.monotonic() < end and not stop.is_set():
+                    try:
+                        s.sendall(blob)
+                    except (TimeoutError, OSError):
+                        break
+                reader.join(12)
+
+        flooder = threading.Thread(target=flood)
+        flooder.start()
+        heard: list[bytes] = []
+        forwarded: list[bytes] = []
+        try:
+            time.sleep(0.5)
+            for _ in range(10):
+                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+                    udp.bind((HOST, 0))
+                    udp.sendto(RawUdpCaller(udp.getsockname()[1], target).invite_bytes(), target)
+                    heard += _drain(udp, 0.15)
+                time.sleep(0.05)
+            forwarded = [d for d in _drain(core, 0.5) if d.startswith(b"INVITE ")]
+        finally:
+            stop.set()
+            flooder.join(15)
+        assert answers.count(b"SIP/2.0 403") > 500, len(answers)  # it was read, and refused
+        assert not [h for h in heard if h.startswith(b"SIP/2.0 503")]
+        assert len(forwarded) >= 10, (len(forwarded), guard.diagnostics())
+        assert not [e for e in guard.events if e.get("event") == "overload_started"]

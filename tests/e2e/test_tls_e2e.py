@@ -48,6 +48,7 @@ class TlsUac:
         self.local_port = self.sock.getsockname()[1]
         self.port = port
         self.buf = b""
+        self.status = 0  # (see call's intruder)
 
     def close(self) -> None:
         self.sock.close()
@@ -84,9 +85,10 @@ class TlsUac:
     def via(self) -> str:
         return f"SIP/2.0/TLS {HOST}:{self.local_port};branch=z9hG4bK-tls-{uuid.uuid4().hex[:16]}"
 
-    def call(self) -> tuple[int, int, list[str]]:
+    def call(self, intruder: TlsUac | None = None) -> tuple[int, int, list[str]]:
         """One call: INVITE, then ACK and BYE by the route set. (INVITE, BYE status,
-        Record-Route entries)."""
+        Record-Route entries.) With ``intruder`` (another connection), it sends the call's BYE
+        first, its answer's status kept in ``intruder.status``."""
         call_id = f"tls-{uuid.uuid4().hex}@{HOST}"
         tag = uuid.uuid4().hex[:10]
         frm = f"<sip:+12125550199@{HOST}>;tag={tag}"
@@ -121,7 +123,12 @@ class TlsUac:
             ).encode()
 
         self.send(request("ACK", 1))
-        self.send(request("BYE", 2))
+        if intruder is not None:
+            intruder.send(request("BYE", 2).replace(
+                f"SIP/2.0/TLS {HOST}:{self.local_port};".encode(),
+                f"SIP/2.0/TLS {HOST}:{intruder.local_port};".encode()))
+            intruder.status, _ = intruder.response("BYE")
+        self.send(request("BYE", 3))
         bye, _ = self.response("BYE")
         return code, bye, rr
 

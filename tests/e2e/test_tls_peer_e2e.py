@@ -40,3 +40,30 @@ def test_a_tls_peer_is_known_by_its_certificate(
     finally:
         uac.close()
     assert invite_status == expected
+
+
+def test_another_tls_connection_of_the_host_without_the_certificate_cannot_end_the_call(
+    stack: E2EStack, tmp_path: Path
+) -> None:
+    """A call set up over TLS by the peer bound to its certificate; a second TLS connection
+    from the same host without a client certificate (verify_clients off) sends the call's
+    BYE: 403 — it is not the peer — and the peer's own BYE then ends the call."""
+    pki = write_pki(tmp_path / "pki", client_cn="peer-a.test")
+    uas = stack.uas("uas_basic.xml", transport="udp", calls=1, duration_ms=50)
+    _, port = stack.sipguard(
+        core_port=uas.local_port,
+        listen=("udp", "tls"),
+        config_extra=(
+            f"tls: {{cert_file: {pki.server_cert}, key_file: {pki.server_key}, "
+            f"ca_file: {pki.ca}}}\n"
+            "peers:\n  - name: sbc\n    networks: [127.0.0.1/32]\n    tls_subject: peer-a.test\n"
+        ),
+    )
+    uac = TlsUac(port, _context(pki, with_cert=True))
+    intruder = TlsUac(port, _context(pki, with_cert=False))
+    try:
+        invite_status, bye_status, _ = uac.call(intruder)
+    finally:
+        uac.close()
+        intruder.close()
+    assert (invite_status, intruder.status, bye_status) == (200, 403, 200)

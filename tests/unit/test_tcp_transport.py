@@ -854,3 +854,34 @@ def test_the_accept_queue_of_a_listener_is_read_from_the_kernel() -> None:
                 c.close()
     overflows = listen_overflows()
     assert overflows is not None and overflows >= 0
+
+
+async def test_a_connection_reset_before_the_loop_sets_it_up_is_closed_quietly(
+    listening: Listening,
+) -> None:
+    """A client that resets its connection right after the handshake can leave the loop a
+    transport with no peer address by the time the protocol hears of it (a race no test can
+    make happen on purpose, so a transport that says so stands in): the connection is closed
+    and counted, nothing raised into the event loop, and its place given back."""
+    pool = listening.pool
+
+    class Reset(asyncio.Transport):
+        closed = False
+
+        def get_extra_info(self, name: str, default: object = None) -> object:
+            return None
+
+        def close(self) -> None:
+            self.closed = True
+
+    conn = tcp.TcpConnection(pool, LOCAL, MAX_SIZE)
+    conn.addr = ("127.0.0.1", 40000)
+    assert pool.admit(conn)
+    conn.admitted = True
+    held = pool.inbound
+    reset = Reset()
+    conn.connection_made(reset)  # raised TypeError before
+    assert reset.closed and conn.closed
+    assert listening.rec.count("tcp_reset_at_connect") == 1
+    conn.connection_lost(ConnectionResetError())
+    assert pool.inbound == held - 1
