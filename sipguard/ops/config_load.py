@@ -310,17 +310,52 @@ def _issues(exc: ValidationError, root: yaml.Node | None) -> list[ConfigIssue]:
         loc = tuple(error["loc"])
         if error["type"] == "too_short" and loc in bad_items:
             continue  # "no items left" only because an item was rejected: say that instead
+        message = _message(error, loc)
+        if error["type"] == "value_error" and root is not None:
+            loc = _named_key(root, loc, message)
         line = None if root is None else _line_of(root, loc)
-        issues.append(ConfigIssue(_key_path(loc), line, _message(error, loc)))
+        issues.append(ConfigIssue(_key_path(loc), line, message))
     # A peer's rules are the top-level rules with its overrides merged in: a problem in the
     # top-level rules shows up once per peer too. Report it once, where it is written.
-    top = {(i.path, i.message) for i in issues if i.path.startswith("rules.")}
-    issues = [
-        i for i in issues
-        if not (i.path.startswith("peers[") and (re.sub(r"^peers\[\d+\]\.", "", i.path),
-                                                 i.message) in top)
-    ]
+    # (A check of a whole section may point at one of its keys at the top level — written
+    # there — and at the section in a peer: the same problem.)
+    top = [(i.path, i.message) for i in issues if i.path.startswith("rules.")]
+
+    def said_at_top(issue: ConfigIssue) -> bool:
+        path = re.sub(r"^peers\[\d+\]\.", "", issue.path)
+        return any(message == issue.message and (where == path or where.startswith(path + "."))
+                   for where, message in top)
+
+    issues = [i for i in issues if not (i.path.startswith("peers[") and said_at_top(i))]
     return sorted(issues, key=lambda issue: issue.line or 0)
+
+
+_FIRST_WORD = re.compile(r"[a-z_][a-z0-9_]*")
+
+
+def _named_key(root: yaml.Node, loc: tuple[int | str, ...], message: str
+               ) -> tuple[int | str, ...]:
+    """A check of a whole section whose message starts with one of its keys written in the
+    file (``cache_min_s must not exceed cache_max_s``): that key's place, so the error points
+    at its line, not at the section's; else ``loc``."""
+    m = _FIRST_WORD.match(message)
+    if m is None:
+        return loc
+    node: yaml.Node | None = root
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            node = next((v for k, v in node.value
+                         if isinstance(k, yaml.ScalarNode) and k.value == str(part)), None)
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int):
+            node = node.value[part] if 0 <= part < len(node.value) else None
+        else:
+            node = None
+        if node is None:
+            return loc
+    if isinstance(node, yaml.MappingNode) and any(
+            isinstance(k, yaml.ScalarNode) and k.value == m.group(0) for k, _ in node.value):
+        return (*loc, m.group(0))
+    return loc
 
 
 def _line_of(node: yaml.Node, loc: tuple[int | str, ...]) -> int:

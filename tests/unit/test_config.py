@@ -235,9 +235,12 @@ def test_a_udp_core_needs_a_udp_listener() -> None:
 
 
 def test_timer_order_checked() -> None:
-    """t2_ms below t1_ms is rejected against the sip section."""
+    """t2_ms below t1_ms is rejected, pointing at t2_ms (the check of the section names it);
+    written on lines of their own, at t2_ms's line."""
     (issue,) = issues_of(MINIMAL + "sip: {t1_ms: 5000, t2_ms: 4000}\n")
-    assert (issue.path, issue.line) == ("sip", 4)
+    assert (issue.path, issue.line) == ("sip.t2_ms", 4)
+    (issue,) = issues_of(MINIMAL + "sip:\n  t2_ms: 4000\n  t1_ms: 5000\n")
+    assert (issue.path, issue.line) == ("sip.t2_ms", 5)
 
 
 def test_advertise_normalised_and_ipv6_needs_brackets() -> None:
@@ -306,7 +309,7 @@ def test_overload_thresholds_checked() -> None:
     """Overload protection is on by default; resume must sit below shed; null turns it off."""
     assert parse_config(MINIMAL).sip.overload_shed_above == 0.5
     (issue,) = issues_of(MINIMAL + "sip: {overload_shed_above: 0.3, overload_resume_below: 0.4}\n")
-    assert (issue.path, issue.line) == ("sip", 4) and "overload_resume_below" in issue.message
+    assert (issue.path, issue.line) == ("sip.overload_resume_below", 4)
     (issue,) = issues_of(MINIMAL + "sip: {overload_shed_above: 1.5}\n")
     assert issue.path == "sip.overload_shed_above"
     assert parse_config(MINIMAL + "sip: {overload_shed_above: null}\n").sip.overload_shed_above is None
@@ -527,3 +530,16 @@ def test_an_admin_api_off_loopback_without_a_token_is_a_config_error_to_run_too(
         assert "admin.token_file" in done.stderr, done
         codes.append(done.returncode)
     assert codes == [2, 2]
+
+
+def test_a_section_check_points_at_the_key_it_names() -> None:
+    """A check of a whole section whose message starts with one of its keys points at that
+    key's line (rules.identity's cache_min_s, a peer's dialer tag), said once for the top
+    level though every peer's rules inherit it."""
+    text = (MINIMAL + "rules:\n  identity:\n    enabled: true\n    cache_min_s: 100\n"
+            "    cache_max_s: 10\npeers:\n  - name: a\n    networks: [10.0.0.0/8]\n"
+            "    rules:\n      dialer:\n        short_calls:\n          block: 0.5\n"
+            "          tag: 0.9\n")
+    issues = issues_of(text)
+    assert [(i.path, i.line) for i in issues] == [
+        ("rules.identity.cache_min_s", 7), ("peers[0].rules.dialer.short_calls.tag", 16)]

@@ -146,7 +146,7 @@ def test_shared_memory_refuses_distinct_callee_thresholds_it_cannot_count() -> N
     ok = base + "rules:\n  dialer: {distinct_callees: {tag: 30, block: 128}}\n"
     assert parse_config(ok).rules.dialer is not None
     (issue,) = issues_of(base + "rules:\n  dialer: {distinct_callees: {tag: 30, block: 200}}\n")
-    assert issue.path == "rules" and "distinct_callees.block is 200" in issue.message
+    assert issue.path == "rules.dialer" and "distinct_callees.block is 200" in issue.message
     # the redis backend counts them with HyperLogLog: no such bound
     assert parse_config(TWO + REDIS + "rules:\n  dialer: {distinct_callees: {block: 200}}\n")
 
