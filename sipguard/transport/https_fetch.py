@@ -55,6 +55,13 @@ USER_AGENT = "sipguard-stir/1"
 LINGER_S = 5.0
 
 
+def _fetched(outcome: Fetched | FetchError) -> Fetched:
+    """A shared fetch's outcome for one waiter: the chain, or its failure raised anew."""
+    if isinstance(outcome, FetchError):
+        raise FetchError(outcome.reason, outcome.detail, cacheable=outcome.cacheable)
+    return outcome
+
+
 class AddressRefused(OSError):
     """Every address a host name resolved to is one we do not fetch from."""
 
@@ -88,7 +95,7 @@ class HttpsFetcher:
     def __init__(self, clock: Any = time.monotonic, linger_s: float = LINGER_S) -> None:
         self.linger_s = linger_s
         self._sessions: dict[tuple[str | None, bool], aiohttp.ClientSession] = {}
-        self._inflight: dict[tuple[str, FetchLimits], asyncio.Task[Fetched]] = {}
+        self._inflight: dict[tuple[str, FetchLimits], asyncio.Task[Fetched | FetchError]] = {}
         self._per_host: dict[str, int] = {}  # x5u host -> fetches not finished yet
         # x5u host -> fetches waiting for one of its slots, first come first
         self._waiting: dict[str, collections.deque[asyncio.Future[None]]] = {}
@@ -113,17 +120,17 @@ class HttpsFetcher:
                     self._release(host)
                     if task is None:
                         self._busy(url, host, f"{self.running} fetches in flight")
-                    return await asyncio.shield(task)
+                    return _fetched(await asyncio.shield(task))
             else:
                 if self.running >= limits.max_inflight:
                     self._busy(url, host, f"{self.running} fetches in flight")
                 self._per_host[host] = self._per_host.get(host, 0) + 1
             loop = asyncio.get_running_loop()
-            task = loop.create_task(self._fetch(url, limits))
+            task = loop.create_task(self._outcome(url, limits))
             self._inflight[key] = task
             self.running += 1
 
-            def finished(t: asyncio.Task[Fetched]) -> None:
+            def finished(t: asyncio.Task[Fetched | FetchError]) -> None:
                 self.running -= 1
                 self._release(host)
                 if not t.cancelled():
@@ -132,7 +139,18 @@ class HttpsFetcher:
 
             task.add_done_callback(finished)
         # shield: a waiter that goes away (CANCEL) must not cancel the others' fetch
-        return await asyncio.shield(task)
+        return _fetched(await asyncio.shield(task))
+
+    async def _outcome(self, url: str, limits: FetchLimits) -> Fetched | FetchError:
+        """:meth:`_fetch`'s result, or its failure as a FetchError never raised: no traceback
+        and no context, so the task that keeps it for ``linger_s`` holds no frame of the fetch
+        — a raised one's traceback held the response and its buffers in a cycle the young
+        collections freeze, until a full one (an hour on): one failed fetch named by a caller
+        held ~230 KB that long, and one caller could name a new URL with every INVITE."""
+        try:
+            return await self._fetch(url, limits)
+        except FetchError as exc:
+            return FetchError(exc.reason, exc.detail, cacheable=exc.cacheable)
 
     async def _slot(self, url: str, host: str, limits: FetchLimits) -> None:
         """Wait, first come first served, for one of ``host``'s fetch slots (its fetches at
@@ -188,7 +206,7 @@ class HttpsFetcher:
                          host=host, detail=detail)
         raise FetchError("busy", detail, cacheable=False)
 
-    def _forget(self, key: tuple[str, FetchLimits], task: asyncio.Task[Fetched]) -> None:
+    def _forget(self, key: tuple[str, FetchLimits], task: asyncio.Task[Fetched | FetchError]) -> None:
         if self._inflight.get(key) is task:
             del self._inflight[key]
 

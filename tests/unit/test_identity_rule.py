@@ -1273,3 +1273,24 @@ async def test_a_forged_call_fetching_a_renewed_chain_keeps_it_for_the_real_call
                           stir.url(path))
     res = await stir.call(real, later_s=121)
     assert res.labels["identity"] == "passed" and res.sync and stir.hits(path) == 2
+
+
+async def test_a_failed_fetch_keeps_no_frame_of_the_fetch(stir: Stir) -> None:
+    """A fetch that fails (404 from the real x5u server): its waiter gets the FetchError, and
+    the shared task that answers further requests for ``linger_s`` keeps the failure without
+    a traceback or context — a raised one held the fetch's frames, its response and buffers in
+    a cycle only a full collection freed (an hour on), ~230 KB per failed fetch a caller could
+    name with every INVITE."""
+    limits = FetchLimits(ports=frozenset({stir.server.port}), allow_private=True,
+                         max_bytes=65536, timeout_s=5.0, ca_bundle=str(stir.bundle),
+                         max_inflight=64, max_per_host=2)
+    f = stir.fetcher
+    url = stir.url("/no-such-chain.pem")
+    with pytest.raises(FetchError) as caught:
+        await f.fetch(url, limits)
+    assert caught.value.reason == "http_status"
+    kept = f._inflight[(url, limits)].result()
+    assert isinstance(kept, FetchError) and kept.reason == "http_status"
+    assert kept.__traceback__ is None and kept.__context__ is None and kept.__cause__ is None
+    with pytest.raises(FetchError):  # a second request within linger_s: the same failure
+        await f.fetch(url, limits)
