@@ -115,9 +115,10 @@ class Settings(RuleSettings):
     )
     max_fetches_per_host: int = Field(
         default=2, ge=1, le=10000,
-        description="Distinct URLs fetched at once from one x5u host (name or IP literal), "
-        "so one slow host cannot hold every fetch slot; beyond it a fetch waits for one of "
-        "the host's slots (`max_fetches_waiting_per_host`).",
+        description="Distinct URLs fetched at once from one x5u host and port (name or IP "
+        "literal), so one slow host cannot hold every fetch slot, nor a port of it that never "
+        "answers its other ports' (a caller naming a repository on another allowed port); "
+        "beyond it a fetch waits for one of the host's slots (`max_fetches_waiting_per_host`).",
     )
     max_fetches_waiting_per_host: int = Field(
         default=16, ge=0, le=10000,

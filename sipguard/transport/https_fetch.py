@@ -13,7 +13,8 @@
   a larger Content-Length is refused before reading);
 - concurrent fetches of one URL share one request (single flight; a finished fetch keeps
   answering for ``LINGER_S``); at most ``max_inflight`` distinct URLs are fetched at once, and
-  at most ``max_per_host`` of them from one x5u host (the URL's host name or IP literal), so
+  at most ``max_per_host`` of them from one x5u host and port (the URL's host name or IP
+  literal; :func:`slot_key`), so
   a slow host — an attacker's, answering nothing — holds a few slots, never all of them. A
   fetch beyond the host's slots waits for one (first come, first served) up to ``timeout_s``,
   at most ``max_waiting_per_host`` of them per host: a repository host serving several
@@ -44,6 +45,7 @@ from sipguard.policy.stircert import (
     Fetched,
     FetchError,
     FetchLimits,
+    X5u,
     X5uRefused,
     check_x5u,
     is_public_address,
@@ -53,6 +55,16 @@ USER_AGENT = "sipguard-stir/1"
 # A finished fetch answers further requests for its URL this long: a call that arrives between
 # the fetch finishing and its waiters storing the result in the rule's cache reuses it.
 LINGER_S = 5.0
+
+
+def slot_key(x5u: X5u) -> str:
+    """What fetch slots are counted per: the x5u host and port (443 unsaid). By host alone, a
+    caller naming a repository's host on another allowed port that never answers (8443 on
+    one that drops it) took that host's slots and queue, and the repository's real
+    certificates, on 443, could not be fetched (``busy``)."""
+    if x5u.port == 443:
+        return x5u.host
+    return f"[{x5u.host}]:{x5u.port}" if ":" in x5u.host else f"{x5u.host}:{x5u.port}"
 
 
 def _fetched(outcome: Fetched | FetchError) -> Fetched:
@@ -109,7 +121,7 @@ class HttpsFetcher:
         task = self._inflight.get(key)
         if task is None:
             try:
-                host = check_x5u(url, limits.ports, limits.allow_private).host
+                host = slot_key(check_x5u(url, limits.ports, limits.allow_private))
             except X5uRefused:
                 host = ""  # refused by _fetch at once, without a request
             if host and (self._per_host.get(host, 0) >= limits.max_per_host
@@ -198,7 +210,7 @@ class HttpsFetcher:
             self._per_host.pop(host, None)
 
     def in_flight(self, host: str) -> int:
-        """Fetches from ``host`` not finished yet (tests and metrics)."""
+        """Fetches from ``host`` (a :func:`slot_key`) not finished yet (tests and metrics)."""
         return self._per_host.get(host, 0)
 
     def _busy(self, url: str, host: str, detail: str) -> NoReturn:

@@ -594,12 +594,12 @@ async def test_slow_host_holding_its_slots_does_not_stop_another_host(stir: Stir
     other = await asyncio.wait_for(asyncio.shield(tasks[3]), 1.0)
     assert other.action == "accept" and calls[3].labels["identity"] == "passed"
     assert time.monotonic() - started < 1.0
-    assert stir.fetcher.in_flight("127.0.0.1") == 2 and not tasks[0].done()
+    assert stir.fetcher.in_flight(f"127.0.0.1:{stir.server.port}") == 2 and not tasks[0].done()
     assert tasks[2].done() and tasks[2].result().status == 436
     assert calls[2].labels["identity_reason"] == "fetch_busy"
     verdicts = await asyncio.gather(*tasks)
     assert [v.action for v in verdicts] == ["accept", "accept", "reject", "accept"]
-    assert stir.hits("/slow-c.pem") == 0 and stir.fetcher.in_flight("127.0.0.1") == 0
+    assert stir.hits("/slow-c.pem") == 0 and stir.fetcher.in_flight(f"127.0.0.1:{stir.server.port}") == 0
 
 
 async def test_fetcher_per_host_slots_over_https(stir: Stir) -> None:
@@ -614,7 +614,7 @@ async def test_fetcher_per_host_slots_over_https(stir: Stir) -> None:
     f = stir.fetcher
     slow = [asyncio.ensure_future(f.fetch(stir.url(f"/slow-{n}.pem"), limits)) for n in "de"]
     await asyncio.sleep(0)
-    assert f.in_flight("127.0.0.1") == 2
+    assert f.in_flight(f"127.0.0.1:{stir.server.port}") == 2
     with pytest.raises(FetchError) as caught:
         await f.fetch(stir.url("/good.pem"), limits)
     assert caught.value.reason == "busy" and not caught.value.cacheable
@@ -628,9 +628,9 @@ async def test_fetcher_per_host_slots_over_https(stir: Stir) -> None:
     started = time.monotonic()
     fetched = await f.fetch(other, limits)
     assert parse_chain(fetched.body).leaf == stir.pki.leaf
-    assert time.monotonic() - started < 0.8 and f.in_flight("127.0.0.1") == 2
+    assert time.monotonic() - started < 0.8 and f.in_flight(f"127.0.0.1:{stir.server.port}") == 2
     await asyncio.gather(*slow)
-    assert f.in_flight("127.0.0.1") == 0 and f.running == 0
+    assert f.in_flight(f"127.0.0.1:{stir.server.port}") == 0 and f.running == 0
     assert (await f.fetch(stir.url("/crit.pem"), limits)).body
 
 
@@ -1184,7 +1184,7 @@ async def test_a_cold_cache_burst_on_one_repository_host_waits_for_its_slots(sti
     stir.fetcher.linger_s = 0
     calls = await burst("uvwxyz")
     assert [c.labels["identity"] for c in calls] == ["passed"] * 6
-    assert stir.fetcher.in_flight("127.0.0.1") == 0 and not stir.fetcher._waiting
+    assert stir.fetcher.in_flight(f"127.0.0.1:{stir.server.port}") == 0 and not stir.fetcher._waiting
     stir.state.certs.urls.clear()
     stir.state.certs.failures.clear()
     stir.use(max_fetches_waiting_per_host=1)
@@ -1237,7 +1237,7 @@ async def test_fetches_waiting_for_a_host_go_first_come_first_served(stir: Stir)
     assert caught.value.reason == "busy" and "3 waiting" in caught.value.detail
     await asyncio.gather(*tasks)
     assert done == ["q1", "q2", "q3", "q4"]
-    assert f.in_flight("127.0.0.1") == 0 and not f._waiting and f.running == 0
+    assert f.in_flight(f"127.0.0.1:{stir.server.port}") == 0 and not f._waiting and f.running == 0
 
 
 async def test_a_low_attestation_reject_stays_a_reject_whatever_its_div(stir: Stir) -> None:
@@ -1294,3 +1294,29 @@ async def test_a_failed_fetch_keeps_no_frame_of_the_fetch(stir: Stir) -> None:
     assert kept.__traceback__ is None and kept.__context__ is None and kept.__cause__ is None
     with pytest.raises(FetchError):  # a second request within linger_s: the same failure
         await f.fetch(url, limits)
+
+
+async def test_a_hanging_port_of_a_host_does_not_take_the_slots_of_its_other_port(
+        stir: Stir) -> None:
+    """A caller names the x5u server's host on another allowed port that never answers (a
+    socket that listens and accepts nothing): those fetches hold that port's two slots, and
+    the real repository on the same host's own port is still fetched at once — slots are
+    counted per host and port (by host alone it waited, then failed busy)."""
+    with socket.socket() as hang:
+        hang.bind(("127.0.0.1", 0))
+        hang.listen(8)
+        dead = hang.getsockname()[1]
+        limits = FetchLimits(ports=frozenset({stir.server.port, dead}), allow_private=True,
+                             max_bytes=65536, timeout_s=1.5, ca_bundle=str(stir.bundle),
+                             max_inflight=64, max_per_host=2)
+        f = stir.fetcher
+        stuck = [asyncio.ensure_future(f.fetch(f"https://127.0.0.1:{dead}/x{n}.pem", limits))
+                 for n in range(2)]
+        await asyncio.sleep(0)
+        assert f.in_flight(f"127.0.0.1:{dead}") == 2
+        started = time.monotonic()
+        fetched = await f.fetch(stir.url("/good.pem"), limits)
+        assert fetched.body and time.monotonic() - started < 1.0
+        for task in stuck:
+            with pytest.raises(FetchError):
+                await task
