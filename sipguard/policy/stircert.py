@@ -302,10 +302,20 @@ class CertChain:
     fingerprint: bytes  # SHA-256 over every DER, in order
 
 
+# Certificates one x5u chain may hold: a SHAKEN chain is the leaf and one or two
+# intermediates (ATIS-1000080); the path builder's work grows with them, and a chain padded
+# with self-issued "CA" certificates sharing one name and key took ~25 times a real chain's
+# validation, in the event loop.
+MAX_CHAIN_CERTS: Final = 8
+
+
 def parse_chain(body: bytes) -> CertChain:
     """A PEM chain (leaf first; ``application/pem-certificate-chain``) or one DER
-    certificate; raise ValueError when it holds none."""
+    certificate; raise ValueError when it holds none, or more than
+    :data:`MAX_CHAIN_CERTS`."""
     if b"-----BEGIN" in body:
+        if body.count(b"-----BEGIN CERTIFICATE-----") > MAX_CHAIN_CERTS:
+            raise ValueError(f"more than {MAX_CHAIN_CERTS} certificates in the chain")
         certs = list(x509.load_pem_x509_certificates(body))
     else:
         certs = [x509.load_der_x509_certificate(body)]

@@ -276,3 +276,11 @@ def test_ipv4_compatible_ipv6_addresses_are_judged_by_their_ipv4_address() -> No
     assert not is_public_address(ipaddress.ip_address("::7f00:1"))  # ::127.0.0.1
     assert not is_public_address(ipaddress.ip_address("::a00:1"))  # ::10.0.0.1
     assert is_public_address(ipaddress.ip_address("::808:808"))  # ::8.8.8.8
+
+
+def test_a_chain_of_more_certificates_than_a_shaken_chain_needs_is_refused(pki: Pki) -> None:
+    """The leaf and up to seven more parse; a ninth certificate makes the body no chain
+    (bad_certificate): a padded chain's path building ran in the event loop."""
+    assert len(parse_chain(pem(pki.leaf, *[pki.inter] * 7)).intermediates) == 7
+    with pytest.raises(ValueError, match="more than 8 certificates"):
+        parse_chain(pem(pki.leaf, *[pki.inter] * 8))
