@@ -57,6 +57,23 @@ def party_subscribed(h: PolicyHarness, call_id: str, expires: int) -> None:
     h.send(answer(sub, 200, "OK"), src=CORE)
 
 
+def transferred_then_ended() -> PolicyHarness:
+    """A call up (call-1), which the core transfers (its REFER, 202 from the caller), then
+    the caller's BYE: the REFER's implicit subscription outlives the call."""
+    h = PolicyHarness()
+    _, fwd = h.call(1)
+    assert fwd is not None
+    h.answer(fwd, 200, "OK")
+    h.send(in_dialog("ACK", call_id="call-1", cseq=1, branch="z9hG4bK-ack1"))
+    refer = in_dialog("REFER", call_id="call-1", cseq=1, branch="z9hG4bK-ref1",
+                      from_callee=True, extra="Refer-To: <sip:+18005550123@10.0.0.10>\r\n")
+    [sent] = [m for m in to(h.send(refer, src=CORE), CALLER) if m.method == "REFER"]
+    h.send(answer(sent, 202, "Accepted", to_tag=None), src=CALLER)
+    h.bye(1, cseq=2)
+    assert not h.proxy.dialogs
+    return h
+
+
 def statuses(out: list, addr: tuple[str, int]) -> list[int]:  # type: ignore[type-arg]
     return [m.status for m in to(out, addr) if m.status is not None]
 
@@ -159,17 +176,7 @@ def test_notifies_of_a_refer_in_a_call_pass_after_the_call_ends() -> None:
     """The core transfers a caller (REFER in the call); the caller hangs up, then reports
     the transfer's progress (NOTIFY, its implicit subscription outliving the call, RFC 3515
     §2.4.4): the NOTIFY reaches the core — it heard 481 before."""
-    h = PolicyHarness()
-    _, fwd = h.call(1)
-    assert fwd is not None
-    h.answer(fwd, 200, "OK")
-    h.send(in_dialog("ACK", call_id="call-1", cseq=1, branch="z9hG4bK-ack1"))
-    refer = in_dialog("REFER", call_id="call-1", cseq=1, branch="z9hG4bK-ref1",
-                      from_callee=True, extra="Refer-To: <sip:+18005550123@10.0.0.10>\r\n")
-    [sent] = [m for m in to(h.send(refer, src=CORE), CALLER) if m.method == "REFER"]
-    h.send(answer(sent, 202, "Accepted", to_tag=None), src=CALLER)
-    h.bye(1, cseq=2)
-    assert not h.proxy.dialogs
+    h = transferred_then_ended()
     sipfrag = in_dialog("NOTIFY", call_id="call-1", cseq=3, branch="z9hG4bK-nt1",
                         extra="Event: refer\r\nSubscription-State: terminated;reason=noresource\r\n")
     assert [m.method for m in to(h.send(sipfrag), CORE)] == ["NOTIFY"]
@@ -318,17 +325,7 @@ def test_notifies_after_the_call_show_the_caller_the_call_was_checked_as() -> No
     NOTIFYs of the transfer still pass, as that caller: one asserting another number in
     P-Asserted-Identity loses it, one whose From shows another number hears 403, and one
     saying `active;expires=86400` does not keep the subscription open past its hour."""
-    h = PolicyHarness()
-    _, fwd = h.call(1)
-    assert fwd is not None
-    h.answer(fwd, 200, "OK")
-    h.send(in_dialog("ACK", call_id="call-1", cseq=1, branch="z9hG4bK-ack1"))
-    refer = in_dialog("REFER", call_id="call-1", cseq=1, branch="z9hG4bK-ref1",
-                      from_callee=True, extra="Refer-To: <sip:+18005550123@10.0.0.10>\r\n")
-    [sent] = [m for m in to(h.send(refer, src=CORE), CALLER) if m.method == "REFER"]
-    h.send(answer(sent, 202, "Accepted", to_tag=None), src=CALLER)
-    h.bye(1, cseq=2)
-    assert not h.proxy.dialogs
+    h = transferred_then_ended()
     forged = in_dialog("NOTIFY", call_id="call-1", cseq=3, branch="z9hG4bK-nt1",
                        extra="Event: refer\r\nSubscription-State: active;expires=86400\r\n"
                              "P-Asserted-Identity: <sip:+19005550199@198.51.100.7>\r\n")
