@@ -274,7 +274,7 @@ class Policy:
             caller = caller or shown
             uri = msg.request_uri  # as CallInfo: To's only without a user part
             callee = uri.number if uri.user else msg.to.uri.number
-            region = peer.default_region if peer is not None else self.default_region
+            region = self._region(peer)
             verdict = self._suspended(to_e164(caller, region), to_e164(callee, region),
                                       to_e164(shown, region), now)
             if verdict is not None:
@@ -292,10 +292,14 @@ class Policy:
             target = parse_name_addr(msg.get("refer-to") or "").uri.number
         except SipParseError:
             return None  # (the core's to refuse: no number sipguard could suspend)
-        peer = self._peer_of(flow) if self.peers else None
-        region = peer.default_region if peer is not None else self.default_region
+        region = self._region(self._peer_of(flow) if self.peers else None)
         verdict = self._suspension(None, to_e164(target, region), now)
         return self._global(verdict) if verdict is not None else None
+
+    def _region(self, peer: Peer | None) -> str | None:
+        """The region national numbers from ``peer`` are read in: its own (or the top-level
+        one it inherited); from no peer, the top-level ``default_region``."""
+        return peer.default_region if peer is not None else self.default_region
 
     def silent_to(self, flow: Flow) -> bool:
         """An unknown source with ``unknown_source: drop``: it hears nothing at all."""
@@ -305,8 +309,7 @@ class Policy:
         """The P-Asserted-Identity of a caller's later request or answer in ``dialog`` is the
         caller the call was checked as (read with its peer's ``default_region``)."""
         peer = self.peers.peers.get(dialog.peer) if dialog.peer is not None else None
-        return callerid.asserts_caller(
-            msg, dialog.caller, peer.default_region if peer is not None else self.default_region)
+        return callerid.asserts_caller(msg, dialog.caller, self._region(peer))
 
     def asserts_identity(self, flow: Flow) -> bool:
         """A P-Asserted-Identity from ``flow`` is an identity (RFC 3325 §5): it comes from a
