@@ -8,12 +8,28 @@ from pathlib import Path
 
 import pytest
 
-from tests.unit.tls_pki import write_pki
+from tests.unit.tls_pki import TlsFiles, write_pki
 
 from .harness import E2EStack
 from .test_tls_e2e import TlsUac, _context
 
 pytestmark = pytest.mark.e2e
+
+
+def _peer_bound_guard(stack: E2EStack, pki: TlsFiles, subject: str, verify_clients: bool) -> int:
+    """A sipguard on UDP and TLS with one peer, 127.0.0.1/32 bound to ``subject`` by its TLS
+    client certificate, in front of a SIPp UAS taking one call; its port."""
+    uas = stack.uas("uas_basic.xml", transport="udp", calls=1, duration_ms=50)
+    _, port = stack.sipguard(
+        core_port=uas.local_port,
+        listen=("udp", "tls"),
+        config_extra=(
+            f"tls: {{cert_file: {pki.server_cert}, key_file: {pki.server_key}, "
+            f"ca_file: {pki.ca}, verify_clients: {str(verify_clients).lower()}}}\n"
+            f"peers:\n  - name: sbc\n    networks: [127.0.0.1/32]\n    tls_subject: {subject}\n"
+        ),
+    )
+    return port
 
 
 @pytest.mark.parametrize(("subject", "expected"), [("peer-a.test", 200), ("peer-b.test", 403)])
@@ -24,16 +40,7 @@ def test_a_tls_peer_is_known_by_its_certificate(
     peer-a.test: S = peer-a.test lets the call through to the core; S = peer-b.test makes the
     same client an unknown source (403)."""
     pki = write_pki(tmp_path / "pki", client_cn="peer-a.test")
-    uas = stack.uas("uas_basic.xml", transport="udp", calls=1, duration_ms=50)
-    _, port = stack.sipguard(
-        core_port=uas.local_port,
-        listen=("udp", "tls"),
-        config_extra=(
-            f"tls: {{cert_file: {pki.server_cert}, key_file: {pki.server_key}, "
-            f"ca_file: {pki.ca}, verify_clients: true}}\n"
-            f"peers:\n  - name: sbc\n    networks: [127.0.0.1/32]\n    tls_subject: {subject}\n"
-        ),
-    )
+    port = _peer_bound_guard(stack, pki, subject, verify_clients=True)
     uac = TlsUac(port, _context(pki, with_cert=True))
     try:
         invite_status, _, _ = uac.call()
@@ -49,16 +56,7 @@ def test_another_tls_connection_of_the_host_without_the_certificate_cannot_end_t
     from the same host without a client certificate (verify_clients off) sends the call's
     BYE: 403 — it is not the peer — and the peer's own BYE then ends the call."""
     pki = write_pki(tmp_path / "pki", client_cn="peer-a.test")
-    uas = stack.uas("uas_basic.xml", transport="udp", calls=1, duration_ms=50)
-    _, port = stack.sipguard(
-        core_port=uas.local_port,
-        listen=("udp", "tls"),
-        config_extra=(
-            f"tls: {{cert_file: {pki.server_cert}, key_file: {pki.server_key}, "
-            f"ca_file: {pki.ca}}}\n"
-            "peers:\n  - name: sbc\n    networks: [127.0.0.1/32]\n    tls_subject: peer-a.test\n"
-        ),
-    )
+    port = _peer_bound_guard(stack, pki, "peer-a.test", verify_clients=False)
     uac = TlsUac(port, _context(pki, with_cert=True))
     intruder = TlsUac(port, _context(pki, with_cert=False))
     try:
